@@ -1,0 +1,132 @@
+"""The one error hierarchy of the daemon, and the stable codes clients see.
+
+Every error the daemon raises derives from ``KynaraError``. Errors a request
+can cause carry a stable ``code`` from the ``ErrorCode`` catalogue in
+``protos/kynara/v1/decision.proto`` and a hint for the gRPC status; the
+server maps them to statuses in one place (``kynara_sidecar.server.status``).
+The two sides are kept apart: ``RequestError`` means the caller sent
+something bad, ``ServiceError`` means the daemon could not do its part.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+__all__ = [
+    "AuditUnavailable",
+    "ConfigError",
+    "ErrorCode",
+    "IdentityInvalid",
+    "InvalidRequest",
+    "KynaraError",
+    "PolicyError",
+    "PolicyNotReady",
+    "ReasonCode",
+    "RequestError",
+    "ServiceError",
+    "ShuttingDown",
+]
+
+
+class ErrorCode(enum.StrEnum):
+    """Why no answer was given; mirrors ``ErrorCode`` in the protos."""
+
+    INVALID_REQUEST = "invalid_request"
+    POLICY_NOT_READY = "policy_not_ready"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
+    IDENTITY_INVALID = "identity_invalid"
+    REQUEST_TOO_LARGE = "request_too_large"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class ReasonCode(enum.StrEnum):
+    """Why an answer is what it is; mirrors ``ReasonCode`` in the protos."""
+
+    RULE_ALLOWED = "rule_allowed"
+    APPROVAL_REQUIRED = "approval_required"
+    NO_RULE_ALLOWS = "no_rule_allows"
+    RULE_DENIED = "rule_denied"
+    CONDITION_ERROR = "condition_error"
+    UNKNOWN_PRINCIPAL = "unknown_principal"
+    INACTIVE_PRINCIPAL = "inactive_principal"
+
+
+class KynaraError(Exception):
+    """Base of every error the daemon raises."""
+
+
+class ConfigError(KynaraError):
+    """The daemon configuration is invalid; the message names the key."""
+
+
+class PolicyError(KynaraError):
+    """A policy or directory file was refused.
+
+    ``path`` is the file, ``location`` the path into the document (such as
+    ``$.rules[2].condition``) and the message says what was expected. The
+    previously active policy set stays active.
+    """
+
+    def __init__(self, message: str, *, path: str = "", location: str = ""):
+        self.path = path
+        self.location = location
+        where = ":".join(part for part in (path, location) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class RequestError(KynaraError):
+    """The caller sent something the daemon cannot answer."""
+
+    code: ErrorCode = ErrorCode.INVALID_REQUEST
+    status: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str = ""):
+        self.field = field
+        super().__init__(message)
+
+
+class InvalidRequest(RequestError):
+    """A request field is missing or malformed; ``field`` names it."""
+
+
+class IdentityInvalid(RequestError):
+    """The subject's identity could not be established."""
+
+    code = ErrorCode.IDENTITY_INVALID
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ServiceError(KynaraError):
+    """The daemon could not do its part; the request may succeed later."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    field = ""
+
+
+class PolicyNotReady(ServiceError):
+    """No policy set is active yet."""
+
+    code = ErrorCode.POLICY_NOT_READY
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class AuditUnavailable(ServiceError):
+    """The audit record could not be committed, so no answer is given.
+
+    After a fatal storage error the log refuses every later append with this
+    error too, rather than limp on.
+    """
+
+    code = ErrorCode.AUDIT_UNAVAILABLE
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class ShuttingDown(ServiceError):
+    """The daemon is draining and takes no new requests."""
+
+    code = ErrorCode.SHUTTING_DOWN
+    status = grpc.StatusCode.UNAVAILABLE
