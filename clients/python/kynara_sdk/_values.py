@@ -1,0 +1,169 @@
+"""Python values to the wire's typed ``Value``, exactly.
+
+The daemon keeps integers exact end to end and a timestamp a timestamp, so
+the conversion here refuses anything it would have to guess at: a naive
+``datetime`` (which instant?), an integer beyond uint64, a key that is not a
+string. Every error names the key path, such as ``context.items[2].when``, so
+the caller can find the bad value in a nested structure.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from kynara.v1 import decision_pb2
+
+__all__ = ["UInt64", "to_value", "to_value_map"]
+
+MIN_INT64 = -(2**63)
+MAX_INT64 = 2**63 - 1
+MAX_UINT64 = 2**64 - 1
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+_MICROS_PER_SECOND = 1_000_000
+_NANOS_PER_MICRO = 1_000
+
+
+class UInt64(int):
+    """Marks an integer as unsigned 64-bit (CEL ``uint``).
+
+    A plain ``int`` travels as int64 when it fits and as uint64 only when it
+    is too large for int64; wrap it in ``UInt64`` to make a small value
+    unsigned too, e.g. ``UInt64(7)`` for a policy comparing against ``7u``.
+    """
+
+    __slots__ = ()
+
+
+def to_value(value: Any, path: str = "value") -> decision_pb2.Value:
+    """Convert one Python value to a wire ``Value``.
+
+    Args:
+        value: bool, int, ``UInt64``, float, str, bytes, aware ``datetime``,
+            ``timedelta``, list or tuple of values, or dict of str to values.
+        path: where the value sits, used in error messages.
+
+    Returns:
+        The ``kynara.v1.Value`` holding the value.
+
+    Raises:
+        TypeError: the value, or a value or key nested in it, has a type with
+            no wire form; the message names its key path and type.
+        ValueError: an integer is out of range, or a ``datetime`` is naive;
+            the message names its key path.
+    """
+    out = decision_pb2.Value()
+    _fill(out, value, path)
+    return out
+
+
+def to_value_map(values: Mapping[str, Any] | None, path: str) -> dict[str, Any]:
+    """Convert a dict of str to values into a dict of wire ``Value``.
+
+    Args:
+        values: the mapping to convert; ``None`` is an empty mapping.
+        path: where the mapping sits, e.g. ``resource.attributes``.
+
+    Returns:
+        A new dict of str to ``kynara.v1.Value``.
+
+    Raises:
+        TypeError, ValueError: as ``to_value``.
+    """
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"{path}: expected a dict of str to values, got {type(values).__name__}"
+        )
+    return {
+        _key(key, path): to_value(item, f"{path}.{key}") for key, item in values.items()
+    }
+
+
+def _key(key: Any, path: str) -> str:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"{path}: expected str keys, got {type(key).__name__} key {key!r}"
+        )
+    return key
+
+
+def _fill(out: decision_pb2.Value, value: Any, path: str) -> None:
+    # Order matters: bool is an int subclass and UInt64 an int subclass, and
+    # datetime must be checked before anything that would accept a date.
+    if isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, UInt64):
+        _fill_uint(out, int(value), path)
+    elif isinstance(value, int):
+        _fill_int(out, value, path)
+    elif isinstance(value, float):
+        out.double_value = value
+    elif isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, bytes | bytearray | memoryview):
+        out.bytes_value = bytes(value)
+    elif isinstance(value, datetime.datetime):
+        _fill_timestamp(out, value, path)
+    elif isinstance(value, datetime.timedelta):
+        _fill_duration(out, value)
+    elif isinstance(value, list | tuple):
+        out.list_value.SetInParent()
+        for index, item in enumerate(value):
+            _fill(out.list_value.values.add(), item, f"{path}[{index}]")
+    elif isinstance(value, Mapping):
+        out.map_value.SetInParent()
+        for key, item in value.items():
+            _fill(out.map_value.entries[_key(key, path)], item, f"{path}.{key}")
+    else:
+        raise TypeError(
+            f"{path}: expected bool, int, float, str, bytes, datetime, timedelta,"
+            f" list or dict, got {type(value).__name__}"
+        )
+
+
+def _fill_int(out: decision_pb2.Value, value: int, path: str) -> None:
+    if MIN_INT64 <= value <= MAX_INT64:
+        out.int_value = value
+    elif MAX_INT64 < value <= MAX_UINT64:
+        # Too large for int64 but exact as uint64: keep it exact rather than
+        # fail a caller who never thought about signedness.
+        out.uint_value = value
+    else:
+        raise ValueError(
+            f"{path}: expected an integer within int64 or uint64"
+            f" [-2**63, 2**64-1], got {value}"
+        )
+
+
+def _fill_uint(out: decision_pb2.Value, value: int, path: str) -> None:
+    if not 0 <= value <= MAX_UINT64:
+        raise ValueError(f"{path}: expected a UInt64 within [0, 2**64-1], got {value}")
+    out.uint_value = value
+
+
+def _fill_timestamp(
+    out: decision_pb2.Value, value: datetime.datetime, path: str
+) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{path}: expected an aware datetime, got a naive one ({value});"
+            " a naive datetime is an ambiguous instant, attach a tzinfo"
+        )
+    micros = (value - _EPOCH) // _MICROSECOND
+    seconds, rest = divmod(micros, _MICROS_PER_SECOND)
+    out.timestamp_value.seconds = seconds
+    out.timestamp_value.nanos = rest * _NANOS_PER_MICRO
+
+
+def _fill_duration(out: decision_pb2.Value, value: datetime.timedelta) -> None:
+    # A protobuf Duration's seconds and nanos share the sign, while divmod
+    # floors; split the magnitude and put the sign back on both.
+    micros = value // _MICROSECOND
+    sign = -1 if micros < 0 else 1
+    seconds, rest = divmod(abs(micros), _MICROS_PER_SECOND)
+    out.duration_value.seconds = sign * seconds
+    out.duration_value.nanos = sign * rest * _NANOS_PER_MICRO

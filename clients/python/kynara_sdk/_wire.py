@@ -1,0 +1,194 @@
+"""Translation between the SDK's values and the ``kynara.v1`` messages.
+
+Pure functions, shared by the sync and async clients: building a request,
+reading an answer, and turning a failed call into a ``KynaraError`` with a
+stable code.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grpc
+from kynara.v1 import decision_pb2
+
+from kynara_sdk._values import to_value_map
+from kynara_sdk.decision import (
+    Approval,
+    ConditionError,
+    Decision,
+    DecisionRequest,
+    MatchedRule,
+)
+from kynara_sdk.errors import (
+    INTERNAL,
+    REQUEST_TOO_LARGE,
+    KynaraError,
+    KynaraUnavailable,
+)
+from kynara_sdk.subject import current_subject, resolve_subject
+
+__all__ = [
+    "ERROR_CODE_KEY",
+    "ERROR_FIELD_KEY",
+    "build_request",
+    "decision_from_proto",
+    "error_from_rpc",
+    "outcome_from_item",
+]
+
+ERROR_CODE_KEY = "kynara-error-code"
+ERROR_FIELD_KEY = "kynara-error-field"
+
+_EFFECTS = {
+    decision_pb2.DECISION_ALLOW: "allow",
+    decision_pb2.DECISION_DENY: "deny",
+    decision_pb2.DECISION_REQUIRE_APPROVAL: "require_approval",
+}
+
+# Statuses a call ends with when no daemon answered it at all. A deadline
+# counts: from the caller's side a daemon too slow to answer is unreachable.
+_UNREACHABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+def build_request(item: DecisionRequest) -> decision_pb2.DecideRequest:
+    """Build a ``DecideRequest``, taking the subject from ``acting_for`` when
+    the item names none.
+
+    Raises:
+        TypeError, ValueError: a value has no wire form, or the subject is
+            malformed; the message names the key path or argument.
+    """
+    subject = resolve_subject(user=item.user, chain=item.chain, token=item.token)
+    if subject is None:
+        subject = current_subject()
+    request = decision_pb2.DecideRequest(
+        request_id=item.request_id or "",
+        action=item.action,
+        resource=decision_pb2.Resource(
+            kind=item.resource_kind,
+            id=item.resource_id,
+            attributes=to_value_map(item.attributes, "resource.attributes"),
+        ),
+        context=to_value_map(item.context, "context"),
+    )
+    if subject is not None:
+        request.asserted_chain.extend(subject.chain)
+        request.delegation_token = subject.token
+    return request
+
+
+def decision_from_proto(response: decision_pb2.DecideResponse) -> Decision:
+    """Read a ``DecideResponse``.
+
+    Raises:
+        KynaraError: code ``INTERNAL`` when the answer carries no decision; a
+            caller must never read a missing decision as allow or deny.
+    """
+    effect = _EFFECTS.get(response.decision)
+    if effect is None:
+        raise KynaraError(
+            INTERNAL,
+            "expected a decision of allow, deny or require_approval,"
+            f" got {_enum_name(response.decision)}",
+            "decision",
+        )
+    return Decision(
+        decision=effect,
+        decision_id=response.decision_id,
+        reason_code=response.reason_code,
+        reason=response.reason,
+        matched_rules=tuple(_matched_rule(rule) for rule in response.matched_rules),
+        policy_revision=response.policy_revision,
+        directory_revision=response.directory_revision,
+        audit_sequence=response.audit_sequence,
+        record_hash=response.record_hash,
+        approval=_approval(response) if response.HasField("approval") else None,
+        chain=tuple(response.chain),
+        condition_errors=tuple(
+            ConditionError(e.policy, e.rule, e.principal, e.message)
+            for e in response.condition_errors
+        ),
+        request_id=response.request_id,
+    )
+
+
+def outcome_from_item(item: decision_pb2.DecideBatchItem) -> Decision | KynaraError:
+    """Read one batch item: its decision, or its error as a ``KynaraError``."""
+    which = item.WhichOneof("outcome")
+    if which == "decision":
+        try:
+            return decision_from_proto(item.decision)
+        except KynaraError as err:
+            return err
+    if which == "error":
+        return KynaraError(
+            item.error.code or INTERNAL, item.error.message, item.error.field
+        )
+    return KynaraError(INTERNAL, "expected a decision or an error, got neither", "")
+
+
+def error_from_rpc(err: grpc.RpcError, target: str) -> KynaraError:
+    """Map a failed call to a ``KynaraError`` with a stable code.
+
+    The daemon's ``kynara-error-code`` metadata wins. Without it the status
+    decides: UNAVAILABLE or DEADLINE_EXCEEDED is ``KynaraUnavailable``
+    (``daemon_unreachable``), RESOURCE_EXHAUSTED (gRPC's own message size
+    limit) is ``request_too_large``, anything else ``internal``.
+    """
+    status = err.code() if callable(getattr(err, "code", None)) else None
+    details = (err.details() if callable(getattr(err, "details", None)) else "") or ""
+    metadata = _metadata(err)
+    code = metadata.get(ERROR_CODE_KEY, "")
+    field = metadata.get(ERROR_FIELD_KEY, "")
+    status_name = status.name if status is not None else "UNKNOWN"
+    if code:
+        return KynaraError(code, details or f"daemon answered {status_name}", field)
+    if status in _UNREACHABLE:
+        return KynaraUnavailable(
+            f"no answer from the Kynara daemon at {target} ({status_name}: {details})"
+        )
+    if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return KynaraError(REQUEST_TOO_LARGE, details or status_name, field)
+    return KynaraError(INTERNAL, f"{status_name}: {details}", field)
+
+
+def _metadata(err: grpc.RpcError) -> Mapping[str, str]:
+    trailing = getattr(err, "trailing_metadata", None)
+    pairs: Iterable[tuple[str, Any]] = (
+        trailing() if callable(trailing) else None
+    ) or ()
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        out.setdefault(key, value)
+    return out
+
+
+def _enum_name(value: int) -> str:
+    if value in decision_pb2.Decision.values():
+        return decision_pb2.Decision.Name(value)
+    return f"enum value {value}"
+
+
+def _matched_rule(rule: decision_pb2.MatchedRule) -> MatchedRule:
+    return MatchedRule(
+        policy=rule.policy,
+        rule=rule.rule,
+        effect=_EFFECTS.get(rule.effect, "unspecified"),
+        principal=rule.principal,
+        shadow=rule.shadow,
+    )
+
+
+def _approval(response: decision_pb2.DecideResponse) -> Approval:
+    approval = response.approval
+    expires_at = None
+    if approval.HasField("expires_at"):
+        expires_at = approval.expires_at.ToDatetime(tzinfo=datetime.UTC)
+    return Approval(id=approval.id, url=approval.url, expires_at=expires_at)

@@ -1,0 +1,258 @@
+"""``@permission_required``: ask the daemon before a tool's body runs.
+
+The decorated function's arguments are bound to its signature (defaults
+applied) and mapped into the request: one argument is the resource id, some
+become resource attributes, some caller context. The body runs only on
+allow. Everything else raises before the body, so a tool fails closed: deny
+raises ``PermissionDenied``, require_approval ``ApprovalRequired``, and no
+answer at all (daemon down, bad value, any error) raises that error.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from kynara_sdk.client import AsyncClient, Client, resolve_target
+from kynara_sdk.decision import ALLOW, DENY, Decision
+from kynara_sdk.errors import ApprovalRequired, PermissionDenied
+
+__all__ = [
+    "close_default_clients",
+    "current_decision",
+    "default_async_client",
+    "default_client",
+    "permission_required",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+ArgumentMap = Sequence[str] | Mapping[str, str] | None
+
+_lock = threading.Lock()
+_clients: dict[str, Client] = {}
+_async_clients: dict[str, AsyncClient] = {}
+_decision: contextvars.ContextVar[Decision | None] = contextvars.ContextVar(
+    "kynara_decision", default=None
+)
+
+
+def current_decision() -> Decision | None:
+    """The allow that let the running decorated body start, or ``None``.
+
+    A tool can log its ``decision_id`` to tie its own records to the audit
+    log. Inside nested decorated calls it is the innermost one's.
+    """
+    return _decision.get()
+
+
+def default_client() -> Client:
+    """The shared ``Client`` for ``$KYNARA_TARGET``, created on first use."""
+    target = resolve_target()
+    with _lock:
+        if target not in _clients:
+            _clients[target] = Client(target)
+        return _clients[target]
+
+
+def default_async_client() -> AsyncClient:
+    """The shared ``AsyncClient`` for ``$KYNARA_TARGET``, created on first use."""
+    target = resolve_target()
+    with _lock:
+        if target not in _async_clients:
+            _async_clients[target] = AsyncClient(target)
+        return _async_clients[target]
+
+
+def close_default_clients() -> None:
+    """Close the shared sync clients and forget the shared async ones.
+
+    Async clients are dropped, not awaited: their channels belong to event
+    loops that may be gone. The next decorated call creates fresh clients.
+    """
+    with _lock:
+        clients = list(_clients.values())
+        _clients.clear()
+        _async_clients.clear()
+    for client in clients:
+        client.close()
+
+
+def permission_required(
+    action: str,
+    *,
+    resource_kind: str,
+    resource_arg: str | None = None,
+    attrs: ArgumentMap = None,
+    context: ArgumentMap = None,
+    client: Client | AsyncClient | None = None,
+) -> Callable[[F], F]:
+    """Decorate a sync or async function so it runs only when allowed.
+
+    Args:
+        action: dotted action name, e.g. ``payments.refund.issue``.
+        resource_kind: dotted resource kind, e.g. ``payments.refund``.
+        resource_arg: the argument holding the resource id (a str, int or
+            UUID), or ``None`` for no id.
+        attrs: arguments sent as resource attributes: a list of argument
+            names (attribute named like the argument), or a dict of
+            attribute name to argument name.
+        context: arguments sent as caller context, in the same forms.
+        client: the ``Client`` (sync function) or ``AsyncClient`` (async
+            function) to ask; default the shared one for ``$KYNARA_TARGET``.
+
+    Returns:
+        The decorator. The wrapped function keeps its name and signature,
+        and raises before its body runs:
+
+        - ``PermissionDenied`` on deny;
+        - ``ApprovalRequired`` on require_approval;
+        - ``KynaraUnavailable`` / ``KynaraError`` when no answer came;
+        - ``TypeError`` / ``ValueError`` when an argument has no wire form.
+
+    Raises:
+        ValueError: a mapped argument is not a parameter of the function.
+        TypeError: ``client`` does not suit the function (an ``AsyncClient``
+            for a sync function, or the reverse).
+    """
+    attr_map = _argument_map(attrs, "attrs")
+    context_map = _argument_map(context, "context")
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        names = [name for name in (resource_arg,) if name is not None]
+        names += [*attr_map.values(), *context_map.values()]
+        _check_parameters(fn, signature, names)
+        is_async = inspect.iscoroutinefunction(fn)
+        _check_client(fn, client, is_async)
+
+        def request_of(args: tuple, kwargs: dict) -> dict[str, Any]:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = _flatten(signature, bound.arguments)
+            return {
+                "resource_kind": resource_kind,
+                "resource_id": _resource_id(arguments, resource_arg),
+                "attributes": _pick(arguments, attr_map),
+                "context": _pick(arguments, context_map),
+            }
+
+        if is_async:
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                asker = client if client is not None else default_async_client()
+                decision = await asker.decide(action, **request_of(args, kwargs))
+                _enforce(decision)
+                reset = _decision.set(decision)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    _decision.reset(reset)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            asker = client if client is not None else default_client()
+            decision = asker.decide(action, **request_of(args, kwargs))
+            _enforce(decision)
+            reset = _decision.set(decision)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _decision.reset(reset)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _enforce(decision: Decision) -> None:
+    if decision.decision == ALLOW:
+        return
+    if decision.decision == DENY:
+        raise PermissionDenied(decision)
+    # TODO(#7): wait on the approval (poll or stream the daemon's approval
+    # service until approved, rejected or expired) when asked to, instead of
+    # always raising; the daemon does not serve approvals yet.
+    raise ApprovalRequired(decision)
+
+
+def _argument_map(spec: ArgumentMap, where: str) -> dict[str, str]:
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    elif isinstance(spec, str) or not isinstance(spec, Sequence):
+        raise TypeError(
+            f"{where}: expected a list of argument names or a dict of"
+            f" attribute name to argument name, got {type(spec).__name__}"
+        )
+    else:
+        pairs = [(name, name) for name in spec]
+    for key, name in pairs:
+        if not isinstance(key, str) or not isinstance(name, str):
+            raise TypeError(f"{where}: expected str names, got {key!r} -> {name!r}")
+    return dict(pairs)
+
+
+def _check_parameters(
+    fn: Callable, signature: inspect.Signature, names: list[str]
+) -> None:
+    takes_kwargs = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+    for name in names:
+        if name not in signature.parameters and not takes_kwargs:
+            raise ValueError(
+                f"permission_required on {fn.__qualname__}: expected {name!r} to"
+                f" be a parameter, got parameters {list(signature.parameters)}"
+            )
+
+
+def _check_client(fn: Callable, client: object, is_async: bool) -> None:
+    wanted = AsyncClient if is_async else Client
+    if client is not None and not isinstance(client, wanted):
+        kind = "an async" if is_async else "a sync"
+        raise TypeError(
+            f"permission_required on {fn.__qualname__}: {kind} function needs"
+            f" client={wanted.__name__}, got {type(client).__name__}"
+        )
+
+
+def _flatten(
+    signature: inspect.Signature, arguments: Mapping[str, Any]
+) -> dict[str, Any]:
+    # Arguments caught by **kwargs are addressable by their own names.
+    flat = dict(arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(flat.pop(name, {}))
+    return flat
+
+
+def _pick(arguments: Mapping[str, Any], mapping: Mapping[str, str]) -> dict:
+    # Only a name left out of **kwargs can be missing; it stays absent so a
+    # policy's has() sees it absent, rather than an invented null.
+    return {key: arguments[name] for key, name in mapping.items() if name in arguments}
+
+
+def _resource_id(arguments: Mapping[str, Any], resource_arg: str | None) -> str:
+    if resource_arg is None:
+        return ""
+    value = arguments.get(resource_arg)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | uuid.UUID) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(
+        f"argument {resource_arg!r} (the resource id): expected str, int or UUID,"
+        f" got {type(value).__name__}"
+    )

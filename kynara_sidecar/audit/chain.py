@@ -1,0 +1,239 @@
+"""Canonical record bytes, the hash chain over them, and the walk that checks it.
+
+Theory of operation
+-------------------
+A record is encoded exactly once, when it is appended: canonical JSON
+(object keys sorted, UTF-8, no insignificant whitespace, fields equal to
+their defaults left out). Those bytes are what is stored and what is hashed;
+nothing ever decodes a record and re-encodes it to check it, so a reader
+that does not know a later field still verifies the record byte for byte.
+
+Each record's chain hash covers the previous record's chain hash and its own
+bytes::
+
+    hash(1) = SHA-256(GENESIS_HASH || bytes(1))      GENESIS_HASH = 32 zeros
+    hash(n) = SHA-256(hash(n-1)    || bytes(n))
+
+so the hash of the last record (the head) commits to every record before it:
+changing, dropping or reordering any record changes every hash after it.
+The store keeps, per sequence number, the record bytes and the chain hash,
+and separately the head (last sequence number and its chain hash).
+
+Verification walks the records in key order with the previous hash in hand
+and stops at the first problem:
+
+1. The key must be the next sequence number (1, 2, 3, ...); a gap means a
+   record is ``missing``.
+2. The bytes must parse as a JSON object whose ``seq`` equals the key;
+   otherwise the record was ``edited`` (unparseable) or ``reordered`` (it
+   belongs elsewhere).
+3. SHA-256(previous hash || bytes) must equal the stored chain hash;
+   otherwise the record (or its stored hash) was ``edited``.
+4. After the last record, the stored head must name it and its hash;
+   otherwise ``head_mismatch`` (a truncated tail or a rewritten head).
+
+The walk needs only SHA-256 and a JSON parser, so a verifier in another
+language can repeat it. This module is pure: bytes in, values out.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable
+
+import msgspec
+
+from kynara_sidecar.audit.record import AuditRecordV1
+
+__all__ = [
+    "GENESIS_HASH",
+    "HASH_SIZE",
+    "ChainProblem",
+    "ProblemKind",
+    "VerifyReport",
+    "chain_hash",
+    "decode_record",
+    "encode_record",
+    "verify_chain",
+]
+
+HASH_SIZE = 32
+# The "previous hash" of record 1: no record comes before it.
+GENESIS_HASH = bytes(HASH_SIZE)
+
+_DECODER = msgspec.json.Decoder(AuditRecordV1)
+
+
+def encode_record(record: AuditRecordV1) -> bytes:
+    """Encode a record into its canonical bytes, the bytes that are hashed.
+
+    Raises:
+        msgspec.EncodeError: a field holds something JSON cannot hold.
+    """
+    return msgspec.json.encode(record, order="sorted")
+
+
+def decode_record(data: bytes) -> AuditRecordV1:
+    """Decode stored record bytes; keys this version does not know are ignored.
+
+    Raises:
+        msgspec.ValidationError: the bytes are not a v1 record (the message
+            gives the path, such as ``$.chain[0].id``).
+        msgspec.DecodeError: the bytes are not JSON.
+    """
+    return _DECODER.decode(data)
+
+
+def chain_hash(prev_hash: bytes, record_bytes: bytes) -> bytes:
+    """Return SHA-256(prev_hash || record_bytes), the record's chain hash.
+
+    Raises:
+        ValueError: ``prev_hash`` is not 32 bytes.
+    """
+    if len(prev_hash) != HASH_SIZE:
+        raise ValueError(
+            f"previous chain hash must be {HASH_SIZE} bytes, got {len(prev_hash)}"
+        )
+    return hashlib.sha256(prev_hash + record_bytes).digest()
+
+
+class ProblemKind(enum.StrEnum):
+    """What is wrong with the first bad record of a log."""
+
+    EDITED = "edited"
+    MISSING = "missing"
+    REORDERED = "reordered"
+    HEAD_MISMATCH = "head_mismatch"
+
+
+class ChainProblem(msgspec.Struct, frozen=True):
+    """The first problem found: the record it is at, its kind, and why."""
+
+    seq: int
+    kind: ProblemKind
+    message: str
+
+
+class VerifyReport(msgspec.Struct, frozen=True):
+    """The outcome of a verification walk.
+
+    ``records`` counts the records that verified before the first problem
+    (all of them when ``ok``). ``head_seq`` and ``head_hash`` are the stored
+    head (0 and ``GENESIS_HASH`` when none is stored).
+    """
+
+    records: int
+    head_seq: int
+    head_hash: bytes
+    problem: ChainProblem | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def verify_chain(
+    entries: Iterable[tuple[int, bytes, bytes]],
+    head: tuple[int, bytes] | None,
+) -> VerifyReport:
+    """Walk a log in key order and report its first problem, if any.
+
+    Args:
+        entries: ``(key_seq, record_bytes, stored_chain_hash)`` in ascending
+            key order; an absent chain hash is passed as ``b""``.
+        head: the stored ``(seq, chain_hash)`` head, or ``None`` if absent.
+
+    Returns:
+        A report; ``problem`` names the first bad record and what is wrong.
+    """
+    head_seq, head_hash = head if head is not None else (0, GENESIS_HASH)
+    prev_seq, prev_hash = 0, GENESIS_HASH
+    for key_seq, data, stored in entries:
+        problem = _check_record(prev_seq, prev_hash, key_seq, data, stored)
+        if problem is not None:
+            return VerifyReport(prev_seq, head_seq, head_hash, problem)
+        prev_seq, prev_hash = key_seq, stored
+    problem = _check_head(prev_seq, prev_hash, head)
+    return VerifyReport(prev_seq, head_seq, head_hash, problem)
+
+
+def _check_record(
+    prev_seq: int, prev_hash: bytes, key_seq: int, data: bytes, stored: bytes
+) -> ChainProblem | None:
+    expected = prev_seq + 1
+    if key_seq > expected:
+        gap = f"{expected}" if key_seq == expected + 1 else f"{expected}..{key_seq - 1}"
+        return ChainProblem(
+            expected,
+            ProblemKind.MISSING,
+            f"record {gap} missing: after record {prev_seq} comes {key_seq}",
+        )
+    if key_seq < expected:
+        return ChainProblem(
+            expected,
+            ProblemKind.REORDERED,
+            f"record keys out of order: after record {prev_seq} comes {key_seq}",
+        )
+    own_seq = _own_seq(data)
+    if own_seq is None:
+        return ChainProblem(
+            key_seq,
+            ProblemKind.EDITED,
+            "stored bytes do not parse as a JSON record with an integer seq",
+        )
+    if own_seq != key_seq:
+        return ChainProblem(
+            key_seq,
+            ProblemKind.REORDERED,
+            f"record stored at {key_seq} says it is record {own_seq}",
+        )
+    computed = hashlib.sha256(prev_hash + data).digest()
+    if computed != stored:
+        return ChainProblem(
+            key_seq,
+            ProblemKind.EDITED,
+            f"chain hash mismatch: stored {stored.hex() or '<none>'}, "
+            f"recomputed {computed.hex()}",
+        )
+    return None
+
+
+def _own_seq(data: bytes) -> int | None:
+    # A generic parse, as a verifier in another language would do it: the
+    # typed decoder would also reject records written by a later version.
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    seq = obj.get("seq") if isinstance(obj, dict) else None
+    return seq if type(seq) is int else None
+
+
+def _check_head(
+    last_seq: int, last_hash: bytes, head: tuple[int, bytes] | None
+) -> ChainProblem | None:
+    if head is None:
+        if last_seq == 0:
+            return None
+        return ChainProblem(
+            last_seq,
+            ProblemKind.HEAD_MISMATCH,
+            f"no head is stored, but the log ends at record {last_seq}",
+        )
+    head_seq, head_hash = head
+    if (head_seq, head_hash) == (last_seq, last_hash):
+        return None
+    if head_seq != last_seq:
+        ends = f"ends at record {last_seq}" if last_seq else "is empty"
+        return ChainProblem(
+            head_seq,
+            ProblemKind.HEAD_MISMATCH,
+            f"head names record {head_seq}, but the log {ends}",
+        )
+    return ChainProblem(
+        head_seq,
+        ProblemKind.HEAD_MISMATCH,
+        f"head hash {head_hash.hex()} differs from record {last_seq}'s chain "
+        f"hash {last_hash.hex()}",
+    )

@@ -1,0 +1,534 @@
+"""The audit log on disk: an LMDB environment holding records and chain hashes.
+
+Layout (named databases of one LMDB environment in the ``audit.path``
+directory; sequence numbers are 8-byte big-endian, starting at 1):
+
+    records    seq -> canonical record bytes, exactly as hashed
+    chain      seq -> 32-byte chain hash
+    decisions  decision_id (UTF-8) -> seq of its decision record
+    meta       b"format_version" -> b"1"
+               b"head" -> 8-byte seq + 32-byte chain hash of the last record
+
+plus the caller's ``extra_dbs`` (approval state, say), which change in the
+same write transaction as the records that account for them.
+
+One process writes: opening for writing takes an exclusive ``flock`` on
+``writer.lock`` in the directory, so a second daemon on the same path is
+refused instead of interleaving its chain. Read-only opens (``verify``) take
+no such lock and use LMDB's reader table, so they see a consistent snapshot
+of a log that a running daemon is appending to.
+
+This is the IO shell around ``chain``: every LMDB failure on the write path
+becomes ``AuditUnavailable`` naming the problem and the setting to change,
+with the transaction aborted, so nothing is ever half-written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal, NamedTuple
+
+import lmdb
+import msgspec
+
+from kynara_sidecar.audit.chain import GENESIS_HASH, chain_hash, encode_record
+from kynara_sidecar.audit.record import AuditRecordV1, RecordKind
+from kynara_sidecar.errors import AuditUnavailable
+
+__all__ = [
+    "DEFAULT_MAP_SIZE",
+    "FORMAT_VERSION",
+    "LOCK_FILE",
+    "Appended",
+    "AuditStore",
+    "Durability",
+    "Head",
+    "StateChange",
+    "StoredRecord",
+    "is_log_full",
+]
+
+# The on-disk layout this code reads and writes (meta "format_version").
+FORMAT_VERSION = b"1"
+# 1 GiB: about two million 450-byte records. LMDB maps the file sparsely,
+# so an unused map costs address space, not disk.
+DEFAULT_MAP_SIZE = 1 << 30
+LOCK_FILE = "writer.lock"
+
+_SEQ_SIZE = 8
+_CORE_DBS = (b"records", b"chain", b"decisions", b"meta")
+_KEY_FORMAT = b"format_version"
+_KEY_HEAD = b"head"
+
+Durability = Literal["durable", "deferred"]
+# (db name, key, value); a value of None deletes the key.
+StateChange = tuple[bytes, bytes, bytes | None]
+
+
+class Head(NamedTuple):
+    """The last record's sequence number and chain hash (0 and genesis when
+    the log is empty)."""
+
+    seq: int
+    chain_hash: bytes
+
+
+class Appended(NamedTuple):
+    """Where a record landed: its seq, its chain hash and its stored bytes."""
+
+    seq: int
+    chain_hash: bytes
+    record_bytes: bytes
+
+
+class StoredRecord(NamedTuple):
+    """A record as read back; the shape ``chain.verify_chain`` walks.
+
+    ``chain_hash`` is ``b""`` when the chain database has no entry for it.
+    """
+
+    seq: int
+    record_bytes: bytes
+    chain_hash: bytes
+
+
+def _seq_key(seq: int) -> bytes:
+    return seq.to_bytes(_SEQ_SIZE, "big")
+
+
+def _decode_head(raw: bytes) -> Head:
+    # A malformed head keeps its wrong length, so verification reports it
+    # as a head mismatch rather than failing here.
+    return Head(int.from_bytes(raw[:_SEQ_SIZE], "big"), bytes(raw[_SEQ_SIZE:]))
+
+
+def is_log_full(error: BaseException) -> bool:
+    """Tell whether an ``AuditUnavailable`` came from a full map.
+
+    A full log is the one storage failure the writer survives: the failed
+    batch is refused, and later batches may fit once space is freed.
+    """
+    return isinstance(error.__cause__, lmdb.MapFullError)
+
+
+class AuditStore:
+    """The LMDB audit log. Create with ``AuditStore.open``.
+
+    All methods may be called from any thread, but only one thread may
+    append at a time (the writer thread, in the daemon).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        env: lmdb.Environment,
+        dbs: dict[bytes, lmdb._Database],
+        *,
+        durability: Durability,
+        readonly: bool,
+        lock_fd: int | None,
+    ):
+        self._path = path
+        self._env = env
+        self._dbs = dbs
+        self._durability: Durability = durability
+        self._readonly = readonly
+        self._lock_fd = lock_fd
+        self._extra = frozenset(dbs) - frozenset(_CORE_DBS)
+        self._max_key = env.max_key_size()
+        self._head = self.head()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = DEFAULT_MAP_SIZE,
+        durability: Durability = "durable",
+        readonly: bool = False,
+        extra_dbs: Iterable[bytes] = (),
+    ) -> AuditStore:
+        """Open (or create) the audit log in the directory ``path``.
+
+        Args:
+            path: the log's directory; created when opening for writing.
+            map_size: the most bytes the log may hold (``audit.map_size``).
+            durability: "durable" syncs every commit; "deferred" leaves
+                syncing to ``sync()``, which the writer calls within a window.
+            readonly: open for reading only (``verify``); takes no writer
+                lock, creates nothing, and works beside a running daemon.
+            extra_dbs: names of state databases ``append_batch`` may change.
+
+        Returns:
+            The open store; call ``close()`` when done.
+
+        Raises:
+            AuditUnavailable: another process holds the log, the directory
+                cannot be created or written, it is not an audit log, or its
+                format version is unknown. Nothing is left open.
+            ValueError: ``durability`` is not "durable" or "deferred", or an
+                extra database name is reserved.
+        """
+        path = os.fspath(path)
+        extra = tuple(extra_dbs)
+        _check_options(durability, extra)
+        lock_fd = None if readonly else _lock_directory(path)
+        try:
+            env = _open_env(path, map_size, durability, readonly, len(extra))
+            try:
+                dbs = _open_dbs(env, path, readonly, extra)
+                return cls(
+                    path,
+                    env,
+                    dbs,
+                    durability=durability,
+                    readonly=readonly,
+                    lock_fd=lock_fd,
+                )
+            except BaseException:
+                env.close()
+                raise
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+
+    # ------------------------------------------------------------- properties
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def durability(self) -> Durability:
+        return self._durability
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def extra_dbs(self) -> frozenset[bytes]:
+        return self._extra
+
+    # ----------------------------------------------------------------- writes
+
+    def check_state_changes(self, changes: Iterable[StateChange]) -> None:
+        """Check state changes without writing them.
+
+        The writer calls this before queueing, so that a bad change fails
+        only its own caller rather than a whole batch.
+
+        Raises:
+            ValueError: a database is not among ``extra_dbs``, a key is empty
+                or longer than LMDB allows, or a value is not bytes or None.
+        """
+        max_key = self._max_key
+        for index, (db, key, value) in enumerate(changes):
+            where = f"state change {index} ({db!r}, {key[:32]!r})"
+            if db not in self._extra:
+                known = ", ".join(repr(name) for name in sorted(self._extra))
+                raise ValueError(
+                    f"{where}: database must be one of the extra_dbs "
+                    f"({known or 'none opened'}), got {db!r}"
+                )
+            if not isinstance(key, bytes) or not 0 < len(key) <= max_key:
+                raise ValueError(
+                    f"{where}: key must be 1..{max_key} bytes, got {len(key)}"
+                )
+            if value is not None and not isinstance(value, bytes):
+                raise ValueError(
+                    f"{where}: value must be bytes or None, got {type(value).__name__}"
+                )
+
+    def append_batch(
+        self,
+        records: Sequence[AuditRecordV1],
+        state_changes: Iterable[StateChange] = (),
+    ) -> list[Appended]:
+        """Append records and apply state changes in one write transaction.
+
+        Each record gets the next sequence number (its ``seq`` field is
+        replaced), is encoded once, chained, and indexed by ``decision_id``
+        when it is a decision record. In "durable" mode the commit is synced
+        before this returns.
+
+        Args:
+            records: the records, in the order they are to be chained.
+            state_changes: ``(db, key, value)``; ``value=None`` deletes.
+
+        Returns:
+            Where each record landed, in order.
+
+        Raises:
+            AuditUnavailable: the log is full, read-only, or LMDB failed;
+                nothing was written and the head is unchanged.
+            ValueError: a state change is malformed (see
+                ``check_state_changes``); nothing was written.
+            msgspec.EncodeError: a record cannot be encoded; nothing was
+                written.
+        """
+        if self._readonly:
+            raise AuditUnavailable(
+                f"audit log {self._path} is open read-only: cannot append"
+            )
+        changes = list(state_changes)
+        self.check_state_changes(changes)
+        try:
+            txn = self._env.begin(write=True)
+        except lmdb.Error as err:
+            raise self._write_error(err) from err
+        try:
+            appended = self._write(txn, records, changes)
+            txn.commit()
+        except BaseException as err:
+            txn.abort()
+            if isinstance(err, lmdb.Error):
+                raise self._write_error(err) from err
+            raise
+        if appended:
+            self._head = Head(appended[-1].seq, appended[-1].chain_hash)
+        return appended
+
+    def _write(
+        self,
+        txn: lmdb.Transaction,
+        records: Sequence[AuditRecordV1],
+        changes: list[StateChange],
+    ) -> list[Appended]:
+        # TODO(#3): appends trust the stored head; the daemon should verify the
+        # log's tail at start and write a chain_break record when it is broken.
+        seq, prev = self._head
+        out = []
+        for record in records:
+            seq += 1
+            data = encode_record(msgspec.structs.replace(record, seq=seq))
+            prev = chain_hash(prev, data)
+            key = _seq_key(seq)
+            if not txn.put(key, data, db=self._dbs[b"records"], overwrite=False):
+                raise AuditUnavailable(
+                    f"audit log {self._path} already holds record {seq} beyond "
+                    f"its head: run `kynara-sidecar verify {self._path}`"
+                )
+            txn.put(key, prev, db=self._dbs[b"chain"])
+            if record.kind == RecordKind.DECISION and record.decision_id:
+                # The first record of a decision id wins; ids are unique.
+                txn.put(
+                    record.decision_id.encode(),
+                    key,
+                    db=self._dbs[b"decisions"],
+                    overwrite=False,
+                )
+            out.append(Appended(seq, prev, data))
+        if out:
+            txn.put(_KEY_HEAD, _seq_key(seq) + prev, db=self._dbs[b"meta"])
+        for db, key, value in changes:
+            if value is None:
+                txn.delete(key, db=self._dbs[db])
+            else:
+                txn.put(key, value, db=self._dbs[db])
+        return out
+
+    def _write_error(self, err: lmdb.Error) -> AuditUnavailable:
+        if isinstance(err, lmdb.MapFullError):
+            map_size = self._env.info()["map_size"]
+            return AuditUnavailable(
+                f"audit log {self._path} is full (map_size={map_size} bytes): "
+                "raise audit.map_size"
+            )
+        if isinstance(err, lmdb.ReadonlyError | lmdb.DiskError):
+            return AuditUnavailable(
+                f"audit log {self._path} cannot be written ({err}): check the "
+                "volume behind audit.path"
+            )
+        return AuditUnavailable(f"audit log {self._path}: write failed: {err}")
+
+    def sync(self) -> None:
+        """Flush committed transactions to disk (for "deferred" mode).
+
+        Raises:
+            AuditUnavailable: the flush failed; what was committed since the
+                last sync may not survive a system crash.
+        """
+        if self._readonly:
+            return
+        try:
+            self._env.sync(True)
+        except lmdb.Error as err:
+            raise AuditUnavailable(
+                f"audit log {self._path}: sync failed: {err}"
+            ) from err
+
+    # ------------------------------------------------------------------ reads
+
+    def head(self) -> Head:
+        """The last record's seq and chain hash; ``Head(0, GENESIS_HASH)``
+        when the log is empty."""
+        return self.stored_head() or Head(0, GENESIS_HASH)
+
+    def stored_head(self) -> Head | None:
+        """The head exactly as stored, or ``None`` when none is stored."""
+        with self._env.begin() as txn:
+            raw = txn.get(_KEY_HEAD, db=self._dbs[b"meta"])
+        return None if raw is None else _decode_head(raw)
+
+    def get(self, seq: int) -> StoredRecord | None:
+        """The record ``seq``, or ``None`` if there is none."""
+        key = _seq_key(seq)
+        with self._env.begin() as txn:
+            data = txn.get(key, db=self._dbs[b"records"])
+            if data is None:
+                return None
+            stored = txn.get(key, default=b"", db=self._dbs[b"chain"])
+        return StoredRecord(seq, bytes(data), bytes(stored))
+
+    def find_decision(self, decision_id: str) -> int | None:
+        """The seq of the decision record with this id, or ``None``."""
+        with self._env.begin() as txn:
+            raw = txn.get(decision_id.encode(), db=self._dbs[b"decisions"])
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    def get_state(self, db: bytes, key: bytes) -> bytes | None:
+        """The value of ``key`` in the extra database ``db``, or ``None``.
+
+        Raises:
+            ValueError: ``db`` is not among ``extra_dbs``.
+        """
+        if db not in self._extra:
+            raise ValueError(f"expected one of the extra_dbs, got {db!r}")
+        with self._env.begin() as txn:
+            value = txn.get(key, db=self._dbs[db])
+        return None if value is None else bytes(value)
+
+    def iter_records(self, start: int = 1) -> Iterator[StoredRecord]:
+        """Yield records from ``start`` on, in seq order, from one snapshot.
+
+        The read transaction stays open until the iterator is exhausted or
+        closed; a long-lived one keeps LMDB from reusing freed pages.
+        """
+        records, chain = self._dbs[b"records"], self._dbs[b"chain"]
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=records)
+            if not cursor.set_range(_seq_key(start)):
+                return
+            for key, data in cursor:
+                stored = txn.get(key, default=b"", db=chain)
+                yield StoredRecord(
+                    int.from_bytes(key, "big"), bytes(data), bytes(stored)
+                )
+
+    def usage(self) -> tuple[int, int]:
+        """Return ``(used_bytes, map_size)``: pages in use and the map limit."""
+        info = self._env.info()
+        page_size = self._env.stat()["psize"]
+        return (info["last_pgno"] + 1) * page_size, info["map_size"]
+
+    def close(self) -> None:
+        """Close the environment and release the writer lock. Idempotent."""
+        self._env.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+# ----------------------------------------------------------------- opening
+
+
+def _check_options(durability: str, extra: tuple[bytes, ...]) -> None:
+    if durability not in ("durable", "deferred"):
+        raise ValueError(
+            f"audit.durability must be 'durable' or 'deferred', got {durability!r}"
+        )
+    for name in extra:
+        if name in _CORE_DBS:
+            raise ValueError(f"extra database name {name!r} is reserved")
+
+
+def _lock_directory(path: str) -> int:
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise AuditUnavailable(
+            f"cannot open audit log {path} for writing ({err.strerror}): "
+            "check audit.path and its permissions"
+        ) from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditUnavailable(
+            f"audit log {path} is in use by another process"
+        ) from None
+    return fd
+
+
+def _open_env(
+    path: str, map_size: int, durability: str, readonly: bool, extra: int
+) -> lmdb.Environment:
+    if readonly and not os.path.exists(os.path.join(path, "data.mdb")):
+        raise AuditUnavailable(f"no audit log at {path}: data.mdb not found")
+    try:
+        return lmdb.open(
+            path,
+            map_size=map_size,
+            max_dbs=len(_CORE_DBS) + extra,
+            readonly=readonly,
+            # Read-only opens still use the reader table in lock.mdb: with
+            # lock=False a running writer could reuse pages being read.
+            lock=True,
+            create=not readonly,
+            sync=durability == "durable",
+            subdir=True,
+        )
+    except lmdb.Error as err:
+        if "already open in this process" in str(err):
+            # LMDB forbids a second environment on one file per process: its
+            # locks are per process, and closing one would drop the other's.
+            raise AuditUnavailable(
+                f"audit log {path} is already open in this process: read "
+                "through that AuditStore instead of opening another"
+            ) from err
+        raise AuditUnavailable(
+            f"cannot open audit log {path}: {err}: check audit.path"
+        ) from err
+
+
+def _open_dbs(
+    env: lmdb.Environment, path: str, readonly: bool, extra: tuple[bytes, ...]
+) -> dict[bytes, lmdb._Database]:
+    try:
+        dbs = {name: env.open_db(name, create=not readonly) for name in _CORE_DBS}
+        dbs.update({name: env.open_db(name, create=True) for name in extra})
+        _check_format(env, dbs, path, readonly)
+    except lmdb.NotFoundError as err:
+        raise AuditUnavailable(
+            f"{path} is not a Kynara audit log (a database is missing)"
+        ) from err
+    except lmdb.Error as err:
+        raise AuditUnavailable(f"cannot open audit log {path}: {err}") from err
+    return dbs
+
+
+def _check_format(
+    env: lmdb.Environment, dbs: dict[bytes, lmdb._Database], path: str, readonly: bool
+) -> None:
+    meta, records = dbs[b"meta"], dbs[b"records"]
+    with env.begin(write=not readonly) as txn:
+        version = txn.get(_KEY_FORMAT, db=meta)
+        if version is None and txn.stat(records)["entries"] == 0 and not readonly:
+            txn.put(_KEY_FORMAT, FORMAT_VERSION, db=meta)
+            return
+    if version is None:
+        raise AuditUnavailable(
+            f"{path} is not a Kynara audit log (no format_version) "
+            + ("or is empty" if readonly else "but holds records")
+        )
+    if bytes(version) != FORMAT_VERSION:
+        raise AuditUnavailable(
+            f"audit log {path} has format version {bytes(version)!r}, this "
+            f"daemon reads {FORMAT_VERSION!r}: point audit.path elsewhere or "
+            "upgrade the daemon"
+        )

@@ -1,0 +1,310 @@
+"""The daemon's configuration: one YAML file, one typed section per component.
+
+Every section is a ``msgspec.Struct`` with its defaults in the type and a
+``validate()`` for ranges and cross-field rules, so a bad file is refused
+with the key path, what was expected and what was found. The file path may
+come from ``--config`` or the ``KYNARA_CONFIG`` environment variable, and any
+key may be overridden with ``--set section.key=value`` (the value is parsed as
+YAML, so ``--set audit.map_size=1048576`` is an integer).
+
+Relative paths are taken relative to the working directory of the daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pathlib
+from typing import Any
+
+import msgspec
+import yaml
+
+from kynara_sidecar.errors import ConfigError
+
+__all__ = [
+    "AgentListenerConfig",
+    "AuditConfig",
+    "Config",
+    "DEFAULT_CONFIG_ENV",
+    "Durability",
+    "EnvConfig",
+    "HealthListenerConfig",
+    "HttpListenerConfig",
+    "IdentityConfig",
+    "IdentityMode",
+    "PolicyConfig",
+    "load_config",
+]
+
+DEFAULT_CONFIG_ENV = "KYNARA_CONFIG"
+# gRPC's own default receive limit is 4 MiB; a decision request is a few KiB,
+# so 1 MiB leaves room for large contexts and refuses abuse early.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+# 1 GiB of address space costs nothing until used; LMDB needs it reserved.
+DEFAULT_MAP_SIZE = 1 << 30
+# An LMDB commit syncs in ~0.3-0.6 ms here; 256 records a batch keeps one
+# transaction well under a millisecond while amortising the sync.
+DEFAULT_MAX_BATCH = 256
+# Unix socket paths are limited to 107 bytes by sockaddr_un.
+MAX_SOCKET_PATH_BYTES = 107
+MIN_MAP_SIZE = 64 * 1024
+
+
+class IdentityMode(enum.StrEnum):
+    """How the subject of a request is established."""
+
+    # The request's asserted chain is trusted. For development only: the
+    # daemon warns at start and marks every audit record.
+    DEVELOPMENT = "development"
+    # Delegation tokens verified against configured issuers.
+    VERIFIED = "verified"
+
+
+class Durability(enum.StrEnum):
+    # Answer only after the audit record is synced to disk.
+    DURABLE = "durable"
+    # Answer after the record is committed but before it is synced; a crash
+    # can lose up to `audit.deferred_window_ms` of answered decisions.
+    DEFERRED = "deferred"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    def validate(self, section: str) -> None:
+        """Check ranges and cross-field rules; raise ConfigError naming the key."""
+
+
+def _check_port(section: str, key: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{section}.{key}: expected a port in 0..65535, got {port}")
+
+
+def _check_loopback(section: str, key: str, host: str) -> None:
+    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+        raise ConfigError(
+            f"{section}.{key}: expected a loopback address (127.0.0.0/8 or ::1), "
+            f"got {host!r}; this listener carries no credentials"
+        )
+
+
+class AgentListenerConfig(_Section):
+    """Where agents reach the decision service."""
+
+    # Unix socket for gRPC, e.g. "var/run/agent.sock"; empty disables it.
+    socket: str = "var/run/agent.sock"
+    # Loopback TCP host for gRPC, e.g. "127.0.0.1".
+    host: str = "127.0.0.1"
+    # Loopback TCP port for gRPC, e.g. 50151; 0 picks a free port; -1 disables.
+    port: int = 50151
+    # Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def validate(self, section: str) -> None:
+        if self.port != -1:
+            _check_port(section, "port", self.port)
+            _check_loopback(section, "host", self.host)
+        if not self.socket and self.port == -1:
+            raise ConfigError(f"{section}: expected a socket or a port, got neither")
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH_BYTES:
+            raise ConfigError(
+                f"{section}.socket: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
+                f"got {len(os.fsencode(self.socket))}"
+            )
+        if self.max_message_bytes < 1024:
+            raise ConfigError(
+                f"{section}.max_message_bytes: expected at least 1024, "
+                f"got {self.max_message_bytes}"
+            )
+
+
+class HttpListenerConfig(_Section):
+    """The one HTTP stack: /metrics now, review pages later."""
+
+    # Bind address, e.g. "127.0.0.1" (or the pod address for Prometheus).
+    host: str = "127.0.0.1"
+    # Port, e.g. 9464; 0 picks a free port; -1 disables HTTP.
+    port: int = 9464
+
+    def validate(self, section: str) -> None:
+        if self.port != -1:
+            _check_port(section, "port", self.port)
+
+
+class HealthListenerConfig(_Section):
+    """A port that serves only gRPC health, without credentials (kubelet)."""
+
+    # Bind address, e.g. "127.0.0.1" (the pod address in Kubernetes).
+    host: str = "127.0.0.1"
+    # Port, e.g. 50152; 0 picks a free port; -1 disables it.
+    port: int = 50152
+
+    def validate(self, section: str) -> None:
+        if self.port != -1:
+            _check_port(section, "port", self.port)
+
+
+class IdentityConfig(_Section):
+    """Who is asking."""
+
+    # "development" trusts asserted chains (warns, marks records);
+    # "verified" needs delegation tokens (TODO(#4): not served yet).
+    mode: IdentityMode = IdentityMode.DEVELOPMENT
+    # This daemon's agent: its principal id in the directory, e.g. "support-bot".
+    agent_id: str = ""
+    # This daemon's own log origin, unique per running instance,
+    # e.g. "support-bot-7d9f" (in Kubernetes, the pod name). Defaults to
+    # "<agent_id>@<hostname>".
+    daemon_id: str = ""
+
+    def validate(self, section: str) -> None:
+        if not self.agent_id:
+            raise ConfigError(f"{section}.agent_id: expected a principal id, got none")
+        if self.mode is IdentityMode.VERIFIED:
+            raise ConfigError(
+                f"{section}.mode: 'verified' is not available yet; use 'development'"
+            )
+
+
+class PolicyConfig(_Section):
+    """Where policies and the directory come from."""
+
+    # Local files, e.g. "config/policies" or "file://config/policies"
+    # (unsigned: the daemon warns at start).
+    source: str = "config/policies"
+
+    def validate(self, section: str) -> None:
+        if "://" in self.source and not self.source.startswith("file://"):
+            scheme = self.source.split("://", 1)[0]
+            raise ConfigError(
+                f"{section}.source: expected a local directory or file:// URL, "
+                f"got scheme {scheme!r}"
+            )
+
+    @property
+    def path(self) -> pathlib.Path:
+        return pathlib.Path(self.source.removeprefix("file://"))
+
+
+class AuditConfig(_Section):
+    """The tamper-evident decision log."""
+
+    # LMDB environment directory, e.g. "var/audit".
+    path: str = "var/audit"
+    # LMDB map size in bytes, e.g. 1073741824 (1 GiB); the log fails closed
+    # with audit_unavailable when full.
+    map_size: int = DEFAULT_MAP_SIZE
+    # "durable" (answer after sync) or "deferred" (answer after commit,
+    # sync within deferred_window_ms).
+    durability: Durability = Durability.DURABLE
+    # Deferred mode's bound on unsynced answers, in milliseconds, e.g. 50.
+    deferred_window_ms: int = 50
+    # Most records committed in one transaction, e.g. 256.
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def validate(self, section: str) -> None:
+        if self.map_size < MIN_MAP_SIZE:
+            raise ConfigError(
+                f"{section}.map_size: expected at least {MIN_MAP_SIZE} bytes, "
+                f"got {self.map_size}"
+            )
+        if not 1 <= self.deferred_window_ms <= 10_000:
+            raise ConfigError(
+                f"{section}.deferred_window_ms: expected 1..10000, "
+                f"got {self.deferred_window_ms}"
+            )
+        if not 1 <= self.max_batch <= 65_536:
+            raise ConfigError(
+                f"{section}.max_batch: expected 1..65536, got {self.max_batch}"
+            )
+
+
+class EnvConfig(_Section):
+    """What the daemon knows about where it runs; policies see it as `env`."""
+
+    # Deployment environment, e.g. "production".
+    environment: str = ""
+    # Region, e.g. "eu-central-1".
+    region: str = ""
+    # Free-form labels, e.g. {team: payments}.
+    labels: dict[str, str] = {}
+
+
+class Config(_Section):
+    """The whole daemon configuration."""
+
+    agent: AgentListenerConfig = msgspec.field(default_factory=AgentListenerConfig)
+    http: HttpListenerConfig = msgspec.field(default_factory=HttpListenerConfig)
+    health: HealthListenerConfig = msgspec.field(default_factory=HealthListenerConfig)
+    identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    env: EnvConfig = msgspec.field(default_factory=EnvConfig)
+    # Drain period on SIGTERM, in seconds, e.g. 10.
+    shutdown_grace_seconds: float = 10.0
+
+    def validate(self, section: str = "") -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, _Section):
+                value.validate(name)
+        if not 0 < self.shutdown_grace_seconds <= 600:
+            raise ConfigError(
+                "shutdown_grace_seconds: expected 0 < seconds <= 600, "
+                f"got {self.shutdown_grace_seconds}"
+            )
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from err
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] = ()
+) -> Config:
+    """Read, override and validate the configuration.
+
+    Args:
+        path: the YAML file; ``None`` uses ``$KYNARA_CONFIG`` or defaults only.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Returns:
+        The validated ``Config``.
+
+    Raises:
+        ConfigError: naming the file, key and what was expected.
+    """
+    path = path or os.environ.get(DEFAULT_CONFIG_ENV)
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            text = pathlib.Path(path).read_text(encoding="utf-8")
+            raw = yaml.safe_load(text) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        config = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+    return config

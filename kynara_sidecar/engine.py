@@ -1,0 +1,366 @@
+"""The decision engine: a request, a policy set and a directory in; a decision out.
+
+Theory of operation
+-------------------
+
+1. Resolve the delegation chain. Each principal id is looked up in the
+   directory. A missing principal denies with ``unknown_principal`` and an
+   inactive one with ``inactive_principal`` (the first in chain order
+   decides), before any rule is evaluated. An empty chain is denied as
+   ``unknown_principal`` too: with nobody to ask, nobody allowed it.
+
+2. Evaluate each principal on its own (non-escalation). A principal's
+   candidate rules are those whose resource-kind and action patterns match
+   the request (read from the policy set's index) and whose roles meet the
+   principal's own effective roles (or are ``*``). Each candidate's
+   condition is evaluated once, giving HELD, NOT_HELD or ERRORED (a rule
+   without a condition holds). The principal's outcome is the first row of
+   ``_COMBINING`` that some enforced candidate satisfies:
+
+   ================  =======  ================  ===================
+   rule effect        verdict  outcome           reason code
+   ================  =======  ================  ===================
+   deny               held     deny              rule_denied
+   deny               errored  deny              condition_error
+   require_approval   held     require_approval  approval_required
+   require_approval   errored  require_approval  approval_required
+   allow              held     allow             rule_allowed
+   allow              errored  deny              condition_error
+   ================  =======  ================  ===================
+
+   and deny with ``no_rule_allows`` when no row applies. So an explicit deny
+   beats require_approval, which beats allow, and a condition that errors
+   fails closed: it never satisfies an allow, and it does trigger a deny or
+   a require_approval.
+
+3. Combine the chain as an intersection: any principal denied denies; else
+   any principal needing approval requires approval; else allow. The first
+   principal (in chain order) with the strictest outcome gives the reason.
+
+4. Shadow-mode rules are evaluated alongside and reported in
+   ``matched_rules`` with ``shadow=True``, but only enforced rules decide.
+   Steps 2 and 3 are run a second time with shadow rules enforced, giving
+   ``shadow_effect``; it is None when no shadow rule was a candidate.
+
+``matched_rules`` lists, per principal and in rule order, every deny and
+require_approval rule that held or errored and every allow rule that held;
+``condition_errors`` lists every condition that errored. The engine reads
+no clock and does no I/O: ``env.now`` is the instant of the request.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from kynara_sidecar.decision import (
+    ConditionError,
+    Decision,
+    DecisionRequest,
+    Effect,
+    Env,
+    MatchedRule,
+    PrincipalRef,
+)
+from kynara_sidecar.errors import ReasonCode
+from kynara_sidecar.policy.compiler import CompiledRule, Directory, PolicySet
+from kynara_sidecar.policy.conditions import ConditionFailure, to_cel_value
+
+__all__ = ["evaluate"]
+
+
+class _Verdict(enum.Enum):
+    HELD = "held"
+    NOT_HELD = "not_held"
+    ERRORED = "errored"
+
+
+# (rule effect, verdict) -> (outcome, reason code), strongest row first.
+_COMBINING: tuple[tuple[Effect, _Verdict, Effect, ReasonCode], ...] = (
+    (Effect.DENY, _Verdict.HELD, Effect.DENY, ReasonCode.RULE_DENIED),
+    (Effect.DENY, _Verdict.ERRORED, Effect.DENY, ReasonCode.CONDITION_ERROR),
+    (
+        Effect.REQUIRE_APPROVAL,
+        _Verdict.HELD,
+        Effect.REQUIRE_APPROVAL,
+        ReasonCode.APPROVAL_REQUIRED,
+    ),
+    (
+        Effect.REQUIRE_APPROVAL,
+        _Verdict.ERRORED,
+        Effect.REQUIRE_APPROVAL,
+        ReasonCode.APPROVAL_REQUIRED,
+    ),
+    (Effect.ALLOW, _Verdict.HELD, Effect.ALLOW, ReasonCode.RULE_ALLOWED),
+    (Effect.ALLOW, _Verdict.ERRORED, Effect.DENY, ReasonCode.CONDITION_ERROR),
+)
+
+# What a deciding rule does, for the reason sentence; an allow rule decides
+# alone only when its condition failed, so it "cannot allow".
+_VERBS = {
+    Effect.DENY: "denies",
+    Effect.REQUIRE_APPROVAL: "requires approval of",
+    Effect.ALLOW: "cannot allow",
+}
+
+# How strict each outcome is when the chain is combined.
+_STRICTNESS = {Effect.ALLOW: 0, Effect.REQUIRE_APPROVAL: 1, Effect.DENY: 2}
+
+
+class _Evaluated(msgspec.Struct, frozen=True):
+    rule: CompiledRule
+    verdict: _Verdict
+    error: str = ""
+
+
+class _Outcome(msgspec.Struct, frozen=True):
+    """One principal's answer; ``evaluated`` is None when no rule decided."""
+
+    principal: str
+    effect: Effect
+    reason_code: ReasonCode
+    evaluated: _Evaluated | None = None
+
+
+class _Resolved(msgspec.Struct, frozen=True):
+    ref: PrincipalRef
+    cel: dict[str, Any]
+
+
+def evaluate(
+    policy_set: PolicySet, directory: Directory, request: DecisionRequest, env: Env
+) -> Decision:
+    """Decide a request against a policy set and a directory.
+
+    Args:
+        policy_set: The compiled policies.
+        directory: The principals the chain's ids are resolved in.
+        request: A validated request; ``chain`` is user first, agent last.
+        env: What the daemon knows, with the request's instant as ``now``.
+
+    Returns:
+        The decision, with the resolved chain, matched rules, condition
+        errors and both revisions. Never raises for a policy outcome:
+        unknown principals and failing conditions are answers.
+    """
+    resolved = tuple(_resolve(policy_set, directory, pid) for pid in request.chain)
+    chain = tuple(item.ref for item in resolved)
+    revisions = {
+        "policy_revision": policy_set.revision,
+        "directory_revision": directory.revision,
+    }
+    refusal = _refuse_chain(chain)
+    if refusal:
+        reason_code, reason = refusal
+        return Decision(Effect.DENY, reason_code, reason, chain, **revisions)
+
+    candidates = policy_set.candidate_rules(request.resource.kind, request.action)
+    shared = _shared_activation(request, env, resolved)
+    evaluations = tuple(
+        _evaluate_principal(item, candidates, shared) for item in resolved
+    )
+    enforced = tuple(
+        _combine(ref.id, [e for e in evaluated if not e.rule.shadow])
+        for ref, evaluated in zip(chain, evaluations, strict=True)
+    )
+    decided = _strictest(enforced)
+    return Decision(
+        effect=decided.effect,
+        reason_code=decided.reason_code,
+        reason=_reason(decided, enforced, request),
+        chain=chain,
+        matched_rules=_matched_rules(chain, evaluations),
+        condition_errors=_condition_errors(chain, evaluations),
+        shadow_effect=_shadow_effect(chain, evaluations),
+        **revisions,
+    )
+
+
+# --- the chain -----------------------------------------------------------------
+
+
+def _resolve(
+    policy_set: PolicySet, directory: Directory, principal_id: str
+) -> _Resolved:
+    principal = directory.lookup(principal_id)
+    if principal is None:
+        return _Resolved(PrincipalRef(principal_id, known=False, active=False), {})
+    roles = tuple(sorted(policy_set.effective_roles(principal.roles)))
+    ref = PrincipalRef(principal.id, principal.kind, roles, active=principal.active)
+    cel = {
+        "id": principal.id,
+        "kind": principal.kind,
+        "roles": list(roles),
+        "attr": to_cel_value(principal.attributes),
+    }
+    return _Resolved(ref, cel)
+
+
+def _refuse_chain(chain: Sequence[PrincipalRef]) -> tuple[ReasonCode, str] | None:
+    if not chain:
+        return (
+            ReasonCode.UNKNOWN_PRINCIPAL,
+            "expected at least one principal in the delegation chain, got none",
+        )
+    for ref in chain:
+        if not ref.known:
+            return (
+                ReasonCode.UNKNOWN_PRINCIPAL,
+                f"principal {ref.id!r} is not in the directory",
+            )
+        if not ref.active:
+            return ReasonCode.INACTIVE_PRINCIPAL, f"principal {ref.id!r} is inactive"
+    return None
+
+
+def _shared_activation(
+    request: DecisionRequest, env: Env, resolved: Sequence[_Resolved]
+) -> dict[str, Any] | ConditionFailure:
+    """The variables every principal shares; a failure when the request's
+    values cannot be handed to CEL, so that every condition fails closed."""
+    # The gRPC front door refuses map keys holding NUL as invalid_request;
+    # a door that lets one through still fails closed here.
+    try:
+        return _variables(request, env, resolved)
+    except ValueError as err:
+        return ConditionFailure(f"could not pass the request to CEL: {err}")
+
+
+def _variables(
+    request: DecisionRequest, env: Env, resolved: Sequence[_Resolved]
+) -> dict[str, Any]:
+    return {
+        "user": resolved[0].cel,
+        "agent": resolved[-1].cel,
+        "chain": {"ids": list(request.chain), "depth": len(request.chain)},
+        "action": request.action,
+        "resource": {
+            "kind": request.resource.kind,
+            "id": to_cel_value(request.resource.id),
+            "attr": to_cel_value(request.resource.attributes),
+        },
+        "context": to_cel_value(request.context),
+        "env": to_cel_value(
+            {
+                "now": env.now,
+                "daemon_id": env.daemon_id,
+                "agent_id": env.agent_id,
+                "environment": env.environment,
+                "region": env.region,
+                "labels": env.labels,
+                "peer": env.peer,
+            }
+        ),
+    }
+
+
+# --- one principal -------------------------------------------------------------
+
+
+def _evaluate_principal(
+    resolved: _Resolved,
+    candidates: Sequence[CompiledRule],
+    shared: Mapping[str, Any] | ConditionFailure,
+) -> tuple[_Evaluated, ...]:
+    roles = frozenset(resolved.ref.roles)
+    data = shared
+    if not isinstance(shared, ConditionFailure):
+        data = {**shared, "principal": resolved.cel}
+    return tuple(
+        _evaluate_rule(rule, data) for rule in candidates if rule.applies_to(roles)
+    )
+
+
+def _evaluate_rule(
+    rule: CompiledRule, data: Mapping[str, Any] | ConditionFailure
+) -> _Evaluated:
+    if rule.condition is None:
+        return _Evaluated(rule, _Verdict.HELD)
+    result = data
+    if not isinstance(data, ConditionFailure):
+        result = rule.condition.evaluate(data)
+    if isinstance(result, ConditionFailure):
+        return _Evaluated(rule, _Verdict.ERRORED, result.message)
+    return _Evaluated(rule, _Verdict.HELD if result else _Verdict.NOT_HELD)
+
+
+def _combine(principal: str, evaluated: Sequence[_Evaluated]) -> _Outcome:
+    for rule_effect, verdict, effect, reason_code in _COMBINING:
+        for item in evaluated:
+            if item.rule.effect is rule_effect and item.verdict is verdict:
+                return _Outcome(principal, effect, reason_code, item)
+    return _Outcome(principal, Effect.DENY, ReasonCode.NO_RULE_ALLOWS)
+
+
+def _strictest(outcomes: Sequence[_Outcome]) -> _Outcome:
+    # max() keeps the first of equals, so the earliest principal explains.
+    return max(outcomes, key=lambda outcome: _STRICTNESS[outcome.effect])
+
+
+def _shadow_effect(
+    chain: Sequence[PrincipalRef], evaluations: Sequence[Sequence[_Evaluated]]
+) -> Effect | None:
+    if not any(item.rule.shadow for evaluated in evaluations for item in evaluated):
+        return None
+    outcomes = [
+        _combine(ref.id, evaluated)
+        for ref, evaluated in zip(chain, evaluations, strict=True)
+    ]
+    return _strictest(outcomes).effect
+
+
+# --- what the answer reports ---------------------------------------------------
+
+
+def _matched_rules(
+    chain: Sequence[PrincipalRef], evaluations: Sequence[Sequence[_Evaluated]]
+) -> tuple[MatchedRule, ...]:
+    return tuple(
+        MatchedRule(
+            item.rule.policy, item.rule.id, item.rule.effect, ref.id, item.rule.shadow
+        )
+        for ref, evaluated in zip(chain, evaluations, strict=True)
+        for item in evaluated
+        if item.verdict is _Verdict.HELD
+        or (item.verdict is _Verdict.ERRORED and item.rule.effect is not Effect.ALLOW)
+    )
+
+
+def _condition_errors(
+    chain: Sequence[PrincipalRef], evaluations: Sequence[Sequence[_Evaluated]]
+) -> tuple[ConditionError, ...]:
+    return tuple(
+        ConditionError(item.rule.policy, item.rule.id, ref.id, item.error)
+        for ref, evaluated in zip(chain, evaluations, strict=True)
+        for item in evaluated
+        if item.verdict is _Verdict.ERRORED
+    )
+
+
+def _cite(item: _Evaluated) -> str:
+    return f"{item.rule.policy}/{item.rule.id}"
+
+
+def _reason(
+    decided: _Outcome, outcomes: Sequence[_Outcome], request: DecisionRequest
+) -> str:
+    what = f"{request.action} on {request.resource.kind}"
+    item, who = decided.evaluated, repr(decided.principal)
+    if item is None:
+        return f"no rule allows {what} for {who}"
+    if decided.effect is Effect.ALLOW:
+        grants = ", ".join(
+            f"{outcome.principal!r} by {_cite(outcome.evaluated)}"
+            for outcome in outcomes
+        )
+        return f"{what} allowed for every principal: {grants}"
+    verb = _VERBS[item.rule.effect]
+    if item.verdict is _Verdict.ERRORED:
+        return (
+            f"condition of rule {_cite(item)} failed for {who}, so it "
+            f"{verb} {what}: {item.error}"
+        )
+    return f"rule {_cite(item)} {verb} {what} for {who}"

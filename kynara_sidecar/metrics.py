@@ -1,0 +1,112 @@
+"""Every metric the daemon exports, with one prefix and a description each.
+
+Labels are bounded: a decision's ``action`` label is the action itself only
+when the active policies name it exactly, and ``other`` otherwise, so an
+agent improvising action names cannot grow the series without limit.
+Telemetry never fails a decision: callers record, and nothing here raises
+into the request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["OTHER_ACTION", "Metrics"]
+
+PREFIX = "kynara"
+OTHER_ACTION = "other"
+# Decisions take ~0.1 ms to a few ms here; buckets resolve that range and a
+# slow disk's tail.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The daemon's instruments, registered in their own registry.
+
+    A registry per daemon keeps several daemons in one process (tests) apart.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self._known_actions: frozenset[str] = frozenset()
+        r = self.registry
+        self.decisions = Counter(
+            f"{PREFIX}_decisions", "Decisions answered, by decision and action.",
+            ["decision", "action"], registry=r,
+        )  # fmt: skip
+        self.shadow_decisions = Counter(
+            f"{PREFIX}_shadow_decisions",
+            "Decisions whose shadow-mode rules would have decided otherwise.",
+            ["decision", "shadow_decision"], registry=r,
+        )  # fmt: skip
+        self.request_errors = Counter(
+            f"{PREFIX}_request_errors",
+            "Requests answered with an error instead of a decision, by code.",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.decision_seconds = Histogram(
+            f"{PREFIX}_decision_duration_seconds",
+            "Time from request to answer, audit commit included.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.audit_records = Counter(
+            f"{PREFIX}_audit_records", "Audit records committed.", registry=r
+        )
+        self.audit_failures = Counter(
+            f"{PREFIX}_audit_failures",
+            "Audit appends that failed; each failed a decision closed.",
+            registry=r,
+        )
+        self.audit_commit_seconds = Histogram(
+            f"{PREFIX}_audit_commit_duration_seconds",
+            "Time to write and sync one audit transaction.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.audit_batch_records = Histogram(
+            f"{PREFIX}_audit_batch_records",
+            "Records per audit transaction (group commit).",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.audit_map_used = Gauge(
+            f"{PREFIX}_audit_map_used_bytes",
+            "Bytes of the LMDB map in use; raise audit.map_size before it fills.",
+            registry=r,
+        )
+        self.audit_map_size = Gauge(
+            f"{PREFIX}_audit_map_size_bytes", "Configured LMDB map size.", registry=r
+        )
+        self.policy_info = Gauge(
+            f"{PREFIX}_policy_info",
+            "The active policy and directory revisions (value is always 1).",
+            ["policy_revision", "directory_revision"], registry=r,
+        )  # fmt: skip
+        self.policy_reloads = Counter(
+            f"{PREFIX}_policy_reloads",
+            "Policy loads, by result (ok or error).",
+            ["result"], registry=r,
+        )  # fmt: skip
+
+    def set_policy(
+        self, policy_revision: str, directory_revision: str, actions: Iterable[str]
+    ) -> None:
+        """Publish the active revisions and the action names labels may use."""
+        self.policy_info.clear()
+        self.policy_info.labels(policy_revision, directory_revision).set(1)
+        self._known_actions = frozenset(actions)
+
+    def action_label(self, action: str) -> str:
+        return action if action in self._known_actions else OTHER_ACTION
+
+    def count_decision(self, decision: str, action: str, seconds: float) -> None:
+        self.decisions.labels(decision, self.action_label(action)).inc()
+        self.decision_seconds.observe(seconds)
+
+    def count_commit(self, records: int, seconds: float) -> None:
+        self.audit_records.inc(records)
+        self.audit_batch_records.observe(records)
+        self.audit_commit_seconds.observe(seconds)

@@ -1,0 +1,256 @@
+"""The one decision pipeline every front door calls.
+
+validate the request -> establish the delegation chain -> evaluate with the
+active policy set -> append the audit record -> count -> answer.
+
+A front door (gRPC today; the fast path, the MCP gateway and Envoy
+ext_authz later) translates its wire format into ``IncomingRequest`` and the
+``Answer`` back. It never decides, logs or counts on its own, so every door
+gets the same answer, record and decision id.
+
+Fail closed: a decision whose audit record cannot be committed is not given;
+the caller gets ``AuditUnavailable`` instead.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import msgspec
+
+from kynara_sidecar import engine
+from kynara_sidecar.audit.record import AuditRecordV1, record_from_decision
+from kynara_sidecar.audit.writer import AuditWriter
+from kynara_sidecar.config import Config, IdentityMode
+from kynara_sidecar.decision import (
+    DecisionRequest,
+    Env,
+    Resource,
+    Timestamp,
+    Value,
+)
+from kynara_sidecar.errors import (
+    AuditUnavailable,
+    IdentityInvalid,
+    InvalidRequest,
+    KynaraError,
+    PolicyNotReady,
+    ShuttingDown,
+)
+from kynara_sidecar.metrics import Metrics
+from kynara_sidecar.policy.loader import LoadedPolicies
+from kynara_sidecar.policy.names import is_valid_name
+
+__all__ = ["Answer", "IncomingRequest", "Pipeline"]
+
+# Names are dotted identifiers; 256 bytes is far past any real action name.
+MAX_NAME_LENGTH = 256
+MAX_RESOURCE_ID_LENGTH = 1024
+MAX_REQUEST_ID_LENGTH = 128
+# user -> orchestrator -> sub-agents: real chains are a handful of hops.
+MAX_CHAIN_DEPTH = 16
+
+
+class IncomingRequest(msgspec.Struct, frozen=True):
+    """A request as a front door received it, before identity is established."""
+
+    action: str
+    resource: Resource
+    context: dict[str, Value] = {}
+    asserted_chain: tuple[str, ...] = ()
+    delegation_token: str = ""
+    request_id: str = ""
+    peer: str = ""
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """A decision together with where its audit record sits in the log."""
+
+    decision: engine.Decision
+    decision_id: str
+    audit_sequence: int
+    record_hash: str
+    request_id: str = ""
+
+
+def _check_name(value: str, field: str) -> None:
+    if not value:
+        raise InvalidRequest("expected a dotted name, got an empty string", field=field)
+    if len(value) > MAX_NAME_LENGTH or not is_valid_name(value):
+        raise InvalidRequest(
+            "expected a dotted name of letters, digits, '_' and '-' "
+            f"(at most {MAX_NAME_LENGTH} characters), got {value[:80]!r}",
+            field=field,
+        )
+
+
+def validate_request(request: IncomingRequest) -> None:
+    """Raise ``InvalidRequest`` naming the first malformed field."""
+    _check_name(request.action, "action")
+    _check_name(request.resource.kind, "resource.kind")
+    if len(request.resource.id) > MAX_RESOURCE_ID_LENGTH:
+        raise InvalidRequest(
+            f"expected at most {MAX_RESOURCE_ID_LENGTH} characters, "
+            f"got {len(request.resource.id)}",
+            field="resource.id",
+        )
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequest(
+            f"expected at most {MAX_REQUEST_ID_LENGTH} characters, "
+            f"got {len(request.request_id)}",
+            field="request_id",
+        )
+    if len(request.asserted_chain) >= MAX_CHAIN_DEPTH:
+        raise InvalidRequest(
+            f"expected fewer than {MAX_CHAIN_DEPTH} principals, "
+            f"got {len(request.asserted_chain)}",
+            field="asserted_chain",
+        )
+    for i, principal in enumerate(request.asserted_chain):
+        if not principal or len(principal) > MAX_NAME_LENGTH:
+            raise InvalidRequest(
+                f"expected a principal id of 1..{MAX_NAME_LENGTH} characters",
+                field=f"asserted_chain[{i}]",
+            )
+
+
+class Pipeline:
+    """Decides requests against the active policies and logs every answer.
+
+    Args:
+        config: the daemon configuration (identity, env).
+        writer: the started audit writer.
+        metrics: where decisions and errors are counted.
+        clock: nanoseconds since the epoch; read once per request.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        writer: AuditWriter,
+        metrics: Metrics,
+        clock: Callable[[], int] = time.time_ns,
+    ):
+        self._identity = config.identity
+        self._env = config.env
+        self._daemon_id = config.identity.daemon_id
+        self._writer = writer
+        self._metrics = metrics
+        self._clock = clock
+        self._policies: LoadedPolicies | None = None
+        self._closing = False
+
+    @property
+    def policies(self) -> LoadedPolicies | None:
+        return self._policies
+
+    def activate(self, policies: LoadedPolicies) -> None:
+        """Swap in a new policy set whole; in-flight requests keep the old one."""
+        self._policies = policies
+        self._metrics.set_policy(
+            policies.policy_set.revision,
+            policies.directory.revision,
+            policies.policy_set.action_names,
+        )
+
+    def close(self) -> None:
+        """Refuse new requests with ``ShuttingDown``; in-flight ones finish."""
+        self._closing = True
+
+    def _establish_chain(self, request: IncomingRequest) -> tuple[str, ...]:
+        if request.delegation_token:
+            # TODO(#4): verify delegation tokens in identity.mode=verified.
+            raise IdentityInvalid(
+                "delegation tokens are not accepted in identity.mode=development; "
+                "send asserted_chain",
+                field="delegation_token",
+            )
+        return (*request.asserted_chain, self._identity.agent_id)
+
+    def _env_for(self, request: IncomingRequest) -> Env:
+        return Env(
+            now=Timestamp.from_nanos(self._clock()),
+            daemon_id=self._daemon_id,
+            agent_id=self._identity.agent_id,
+            environment=self._env.environment,
+            region=self._env.region,
+            labels=self._env.labels,
+            peer=request.peer,
+        )
+
+    async def decide(self, request: IncomingRequest) -> Answer:
+        """Answer one request, its audit record committed first.
+
+        Raises:
+            InvalidRequest, IdentityInvalid: the caller sent something bad.
+            PolicyNotReady, AuditUnavailable, ShuttingDown: no answer can be
+                given now; nothing was logged as answered.
+        """
+        started = time.perf_counter()
+        try:
+            answer = await self._decide(request)
+        except KynaraError as err:
+            self._metrics.request_errors.labels(str(err.code)).inc()
+            if isinstance(err, AuditUnavailable):
+                self._metrics.audit_failures.inc()
+            raise
+        decision = answer.decision
+        self._metrics.count_decision(
+            str(decision.effect), request.action, time.perf_counter() - started
+        )
+        if decision.shadow_effect not in (None, decision.effect):
+            self._metrics.shadow_decisions.labels(
+                str(decision.effect), str(decision.shadow_effect)
+            ).inc()
+        return answer
+
+    async def _decide(self, request: IncomingRequest) -> Answer:
+        if self._closing:
+            raise ShuttingDown("the daemon is shutting down; retry on another replica")
+        validate_request(request)
+        chain = self._establish_chain(request)
+        policies = self._policies
+        if policies is None:
+            raise PolicyNotReady("no policy set is active yet")
+        env = self._env_for(request)
+        subject = DecisionRequest(
+            chain=chain,
+            action=request.action,
+            resource=request.resource,
+            context=request.context,
+            request_id=request.request_id,
+        )
+        decision = engine.evaluate(
+            policies.policy_set, policies.directory, subject, env
+        )
+        decision_id = str(uuid.uuid4())
+        record = self._record(subject, env, decision, decision_id)
+        appended = await self._writer.append(record)
+        return Answer(
+            decision=decision,
+            decision_id=decision_id,
+            audit_sequence=appended.seq,
+            record_hash=appended.chain_hash.hex(),
+            request_id=request.request_id,
+        )
+
+    def _record(
+        self,
+        request: DecisionRequest,
+        env: Env,
+        decision: engine.Decision,
+        decision_id: str,
+    ) -> AuditRecordV1:
+        identity_mode = ""
+        if self._identity.mode is IdentityMode.DEVELOPMENT:
+            identity_mode = str(IdentityMode.DEVELOPMENT)
+        return record_from_decision(
+            request=request,
+            env=env,
+            decision=decision,
+            decision_id=decision_id,
+            daemon_id=self._daemon_id,
+            identity_mode=identity_mode,
+        )

@@ -1,0 +1,437 @@
+"""Compile decoded documents into the immutable policy set and directory.
+
+Compilation checks what the decoder cannot: unique policy names and rule
+ids, well-formed action and resource patterns, roles that exist, role
+inheritance without cycles, one definition per role, and CEL conditions
+(see ``conditions``). It resolves role inheritance and indexes the rules by
+(resource kind pattern, action pattern), so a lookup for a request touches
+only the rules that can apply: for kind ``a.b`` and action ``x.y`` it reads
+the buckets of every pair from ``candidate_patterns("a.b")`` and
+``candidate_patterns("x.y")``.
+
+The results are frozen structs over tuples and ``MappingProxyType``: a
+request holds one policy set and one directory for its whole evaluation,
+and a reload builds new ones rather than changing these.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import msgspec
+
+from kynara_sidecar.decision import Effect, Timestamp
+from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.conditions import Condition, compile_condition
+from kynara_sidecar.policy.model import (
+    DirectoryDocument,
+    Mode,
+    PolicyDocument,
+    RoleDocument,
+    RuleDocument,
+    SourceDocument,
+)
+from kynara_sidecar.policy.names import (
+    candidate_patterns,
+    is_valid_name,
+    is_valid_pattern,
+)
+
+__all__ = [
+    "ANY_ROLE",
+    "CompiledRule",
+    "Directory",
+    "PolicySet",
+    "Principal",
+    "compile_directory",
+    "compile_policy_set",
+    "compute_revision",
+]
+
+# In a rule's roles: any principal in the directory.
+ANY_ROLE = "*"
+
+_IndexKey = tuple[str, str]
+
+
+class CompiledRule(msgspec.Struct, frozen=True):
+    """A rule ready to evaluate; ``order`` is its place in the whole set."""
+
+    policy: str
+    id: str
+    effect: Effect
+    actions: tuple[str, ...]
+    resources: tuple[str, ...]
+    roles: frozenset[str]
+    condition: Condition | None
+    shadow: bool
+    order: int
+
+    def applies_to(self, roles: frozenset[str]) -> bool:
+        """Tell whether a principal with these effective roles is covered."""
+        return ANY_ROLE in self.roles or not self.roles.isdisjoint(roles)
+
+
+class PolicySet(msgspec.Struct, frozen=True):
+    """Every rule of every policy file, with roles resolved and indexed.
+
+    ``roles`` maps each role to its effective roles (itself and everything
+    it inherits, transitively).
+    """
+
+    revision: str
+    rules: tuple[CompiledRule, ...]
+    roles: Mapping[str, frozenset[str]]
+    index: Mapping[_IndexKey, tuple[int, ...]]
+
+    @property
+    def action_names(self) -> frozenset[str]:
+        """The actions rules name exactly (not by pattern); bounds metric labels."""
+        return frozenset(
+            action
+            for rule in self.rules
+            for action in rule.actions
+            if is_valid_name(action)
+        )
+
+    def effective_roles(self, roles: Iterable[str]) -> frozenset[str]:
+        """Resolve inheritance: the given roles and every role they inherit.
+
+        A role this set does not define counts as itself only, so a
+        directory compiled against an older set keeps its plain roles.
+        """
+        resolved: set[str] = set()
+        for role in roles:
+            resolved |= self.roles.get(role, frozenset((role,)))
+        return frozenset(resolved)
+
+    def candidate_rules(self, kind: str, action: str) -> tuple[CompiledRule, ...]:
+        """The rules whose resource and action patterns match, in set order.
+
+        Args:
+            kind: The request's resource kind.
+            action: The request's action.
+
+        Returns:
+            Rules in file name order, then rule order; role and condition
+            are left to the caller.
+        """
+        positions: set[int] = set()
+        for kind_pattern in candidate_patterns(kind):
+            for action_pattern in candidate_patterns(action):
+                positions.update(self.index.get((kind_pattern, action_pattern), ()))
+        return tuple(self.rules[position] for position in sorted(positions))
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """A principal of the directory; ``roles`` as assigned, unresolved."""
+
+    id: str
+    kind: str
+    roles: tuple[str, ...]
+    attributes: Mapping[str, Any]
+    active: bool = True
+
+
+class Directory(msgspec.Struct, frozen=True):
+    """The principals that may appear in a delegation chain."""
+
+    revision: str
+    principals: Mapping[str, Principal]
+
+    def lookup(self, principal_id: str) -> Principal | None:
+        """The principal with this id, or None when the directory lacks it."""
+        return self.principals.get(principal_id)
+
+
+def compute_revision(documents: Iterable[SourceDocument]) -> str:
+    """``sha256:<hex>`` over the sorted file names and contents.
+
+    Each name and content is length-prefixed so that no two different file
+    sets hash alike by moving bytes from one field to the next.
+    """
+    digest = hashlib.sha256()
+    for document in sorted(documents, key=lambda item: item.name):
+        for part in (document.name.encode(), document.content):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+    return "sha256:" + digest.hexdigest()
+
+
+def compile_policy_set(documents: Sequence[SourceDocument]) -> PolicySet:
+    """Check and compile policy documents into one immutable set.
+
+    Args:
+        documents: Decoded policy files; their order does not matter, they
+            are taken in name order.
+
+    Returns:
+        The compiled set.
+
+    Raises:
+        PolicyError: For the first problem found, naming file and location.
+    """
+    ordered = sorted(documents, key=lambda item: item.name)
+    for source in ordered:
+        if not isinstance(source.document, PolicyDocument):
+            raise PolicyError("expected a policy document", path=source.path)
+    definitions = _collect_roles(ordered)
+    roles = _resolve_roles(definitions)
+    rules = _compile_rules(ordered, frozenset(roles))
+    return PolicySet(
+        revision=compute_revision(ordered),
+        rules=rules,
+        roles=MappingProxyType(roles),
+        index=MappingProxyType(_index(rules)),
+    )
+
+
+def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Directory:
+    """Check and compile the directory against the roles the policies define.
+
+    Args:
+        source: The decoded directory file.
+        policy_set: The set whose roles the principals may hold.
+
+    Returns:
+        The compiled directory.
+
+    Raises:
+        PolicyError: A duplicate principal id, an undefined role, or an
+            attribute value that is not a typed value.
+    """
+    document = source.document
+    if not isinstance(document, DirectoryDocument):
+        raise PolicyError("expected a directory document", path=source.path)
+    principals: dict[str, Principal] = {}
+    for index, entry in enumerate(document.principals):
+        where = f"$.principals[{index}]"
+        if entry.id in principals:
+            raise PolicyError(
+                f"expected unique principal ids, got {entry.id!r} again",
+                path=source.path,
+                location=f"{where}.id",
+            )
+        for position, role in enumerate(entry.roles):
+            _require_role(
+                role, policy_set.roles, source.path, f"{where}.roles[{position}]"
+            )
+        attributes = _typed(entry.attributes, source.path, f"{where}.attributes")
+        principals[entry.id] = Principal(
+            id=entry.id,
+            kind=entry.kind.value,
+            roles=entry.roles,
+            attributes=attributes,
+            active=entry.active,
+        )
+    return Directory(compute_revision([source]), MappingProxyType(principals))
+
+
+# --- roles ---------------------------------------------------------------------
+
+
+class _RoleSource(msgspec.Struct, frozen=True):
+    definition: RoleDocument
+    path: str
+
+
+def _collect_roles(sources: Sequence[SourceDocument]) -> dict[str, _RoleSource]:
+    found: dict[str, _RoleSource] = {}
+    for source in sources:
+        for role, definition in source.document.roles.items():
+            where = f"$.roles.{role}"
+            _check_name(role, "a role name", source.path, where)
+            earlier = found.get(role)
+            if earlier and earlier.definition != definition:
+                raise PolicyError(
+                    f"expected role {role!r} to match its definition in "
+                    f"{earlier.path}, got a different definition",
+                    path=source.path,
+                    location=where,
+                )
+            found.setdefault(role, _RoleSource(definition, source.path))
+    for role, found_role in found.items():
+        for position, parent in enumerate(found_role.definition.inherits):
+            where = f"$.roles.{role}.inherits[{position}]"
+            _require_role(parent, found, found_role.path, where)
+    return found
+
+
+def _resolve_roles(found: Mapping[str, _RoleSource]) -> dict[str, frozenset[str]]:
+    resolved: dict[str, frozenset[str]] = {}
+    for role in found:
+        _resolve_role(role, found, resolved, ())
+    return resolved
+
+
+def _resolve_role(
+    role: str,
+    found: Mapping[str, _RoleSource],
+    resolved: dict[str, frozenset[str]],
+    path: tuple[str, ...],
+) -> frozenset[str]:
+    if role in path:
+        cycle = " -> ".join((*path[path.index(role) :], role))
+        raise PolicyError(
+            f"expected role inheritance without cycles, got {cycle}",
+            path=found[role].path,
+            location=f"$.roles.{role}.inherits",
+        )
+    if role not in resolved:
+        effective = {role}
+        for parent in found[role].definition.inherits:
+            effective |= _resolve_role(parent, found, resolved, (*path, role))
+        resolved[role] = frozenset(effective)
+    return resolved[role]
+
+
+def _require_role(role: str, known: Mapping[str, Any], path: str, where: str) -> None:
+    if role not in known:
+        raise PolicyError(
+            f"expected a role defined in a policy file, got {role!r}",
+            path=path,
+            location=where,
+        )
+
+
+# --- rules ---------------------------------------------------------------------
+
+
+def _compile_rules(
+    sources: Sequence[SourceDocument], roles: frozenset[str]
+) -> tuple[CompiledRule, ...]:
+    rules: list[CompiledRule] = []
+    first_seen: dict[str, str] = {}
+    for source in sources:
+        document = source.document
+        if document.name in first_seen:
+            raise PolicyError(
+                f"expected policy names unique across the set, got "
+                f"{document.name!r}, also named in {first_seen[document.name]}",
+                path=source.path,
+                location="$.name",
+            )
+        first_seen[document.name] = source.path
+        _check_name(document.name, "a policy name", source.path, "$.name")
+        rule_ids: set[str] = set()
+        for index, rule in enumerate(document.rules):
+            where = f"$.rules[{index}]"
+            if rule.id in rule_ids:
+                raise PolicyError(
+                    f"expected rule ids unique within policy {document.name!r}, "
+                    f"got {rule.id!r} again",
+                    path=source.path,
+                    location=f"{where}.id",
+                )
+            _check_name(rule.id, "a rule id", source.path, f"{where}.id")
+            rule_ids.add(rule.id)
+            rules.append(
+                _compile_rule(rule, document, source.path, where, roles, len(rules))
+            )
+    return tuple(rules)
+
+
+def _compile_rule(
+    rule: RuleDocument,
+    document: PolicyDocument,
+    path: str,
+    where: str,
+    roles: frozenset[str],
+    order: int,
+) -> CompiledRule:
+    _check_patterns(rule.actions, "an action", path, f"{where}.actions")
+    _check_patterns(rule.resources, "a resource kind", path, f"{where}.resources")
+    for position, role in enumerate(rule.roles):
+        if role != ANY_ROLE:
+            _require_role(role, roles, path, f"{where}.roles[{position}]")
+    condition = None
+    if rule.condition.strip():
+        condition = compile_condition(
+            rule.condition, path=path, location=f"{where}.condition", rule=rule.id
+        )
+    return CompiledRule(
+        policy=document.name,
+        id=rule.id,
+        effect=rule.effect,
+        actions=rule.actions,
+        resources=rule.resources,
+        roles=frozenset(rule.roles),
+        condition=condition,
+        shadow=Mode.SHADOW in (document.mode, rule.mode),
+        order=order,
+    )
+
+
+def _check_name(name: str, what: str, path: str, where: str) -> None:
+    if not is_valid_name(name):
+        raise PolicyError(
+            f"expected {what} of dot-separated [A-Za-z0-9_-] segments, got {name!r}",
+            path=path,
+            location=where,
+        )
+
+
+def _check_patterns(patterns: Sequence[str], what: str, path: str, where: str) -> None:
+    for position, pattern in enumerate(patterns):
+        if not is_valid_pattern(pattern):
+            raise PolicyError(
+                f"expected {what} name, 'name.*' or '*', got {pattern!r}",
+                path=path,
+                location=f"{where}[{position}]",
+            )
+
+
+def _index(rules: Sequence[CompiledRule]) -> dict[_IndexKey, tuple[int, ...]]:
+    buckets: dict[_IndexKey, list[int]] = {}
+    for rule in rules:
+        keys = {(kind, action) for kind in rule.resources for action in rule.actions}
+        for key in sorted(keys):
+            buckets.setdefault(key, []).append(rule.order)
+    return {key: tuple(positions) for key, positions in buckets.items()}
+
+
+# --- directory attributes ------------------------------------------------------
+
+
+def _typed(value: Any, path: str, where: str) -> Any:
+    """Freeze a decoded attribute value into the typed values rules see."""
+    match value:
+        case bool() | int() | float() | str() | bytes():
+            return value
+        case datetime.datetime():
+            return Timestamp.from_datetime(value)
+        case dict():
+            return MappingProxyType(
+                {
+                    _attribute_key(key, path, where): _typed(
+                        item, path, f"{where}.{key}"
+                    )
+                    for key, item in value.items()
+                }
+            )
+        case list() | tuple():
+            return tuple(
+                _typed(item, path, f"{where}[{position}]")
+                for position, item in enumerate(value)
+            )
+    raise PolicyError(
+        "expected a string, number, bool, timestamp, list or map, got "
+        f"{type(value).__name__}",
+        path=path,
+        location=where,
+    )
+
+
+def _attribute_key(key: str, path: str, where: str) -> str:
+    # The CEL runtime cuts a key at its first NUL, so two keys could collide.
+    if "\x00" in key:
+        raise PolicyError(
+            f"expected map keys without NUL characters, got {key!r}",
+            path=path,
+            location=where,
+        )
+    return key

@@ -1,0 +1,417 @@
+"""CEL conditions: compiled and checked once at load, evaluated per request.
+
+Conditions run on cel-expr-python, the official C++ CEL runtime, with the
+strings extension (``lowerAscii``, ``upperAscii``, ``trim``, ``split``,
+``replace``, ``indexOf``, ``join``, ``format`` ...) enabled. A condition sees
+these variables; every map is ``map(string, dyn)``:
+
+=============  ==============================================================
+``principal``  the principal being evaluated: ``id``, ``kind``, ``roles``
+               (inheritance resolved), ``attr`` (directory attributes)
+``user``       the first principal of the chain, same shape
+``agent``      the last principal of the chain, same shape
+``chain``      ``ids`` (list of principal ids), ``depth`` (int)
+``action``     the action name (string)
+``resource``   ``kind``, ``id``, ``attr`` (the caller's resource attributes)
+``context``    what the caller supplied
+``env``        what the daemon knows: ``now`` (timestamp), ``daemon_id``,
+               ``agent_id``, ``environment``, ``region``, ``labels`` (map),
+               ``peer``
+=============  ==============================================================
+
+At load a condition is parsed and type-checked against those declarations,
+and its result must be ``bool`` (or ``dyn``, checked again per request). The
+checker leaves literal conversions to run time, so this module folds them
+itself: every ``timestamp("...")`` and ``duration("...")`` literal must
+convert, and every literal time zone given to ``getHours`` and its siblings
+must be an IANA zone or a fixed offset. It finds them in the checked
+expression (``Expression.serialize()``, a ``cel.expr.CheckedExpr``), read
+with a small protobuf wire reader because the CEL protos are not shipped in
+Python.
+
+At run time ``Condition.evaluate`` never raises for an evaluation error: the
+runtime hands back an error value, which becomes a ``ConditionFailure`` the
+engine treats as failing closed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import zoneinfo
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import msgspec
+from cel_expr_python import cel
+from cel_expr_python.ext.ext_strings import ExtStrings
+from google.protobuf import duration_pb2, timestamp_pb2, wrappers_pb2
+
+from kynara_sidecar.decision import Duration, Timestamp, UInt64
+from kynara_sidecar.errors import PolicyError
+
+__all__ = [
+    "TIME_ZONE_FUNCTIONS",
+    "VARIABLES",
+    "Condition",
+    "ConditionFailure",
+    "compile_condition",
+    "to_cel_value",
+]
+
+_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
+
+VARIABLES: Mapping[str, cel.Type] = {
+    "principal": _MAP,
+    "user": _MAP,
+    "agent": _MAP,
+    "chain": _MAP,
+    "action": cel.Type.STRING,
+    "resource": _MAP,
+    "context": _MAP,
+    "env": _MAP,
+}
+
+# The timestamp accessors that take an optional time zone argument.
+TIME_ZONE_FUNCTIONS = frozenset(
+    {
+        "getFullYear",
+        "getMonth",
+        "getDayOfYear",
+        "getDayOfMonth",
+        "getDate",
+        "getDayOfWeek",
+        "getHours",
+        "getMinutes",
+        "getSeconds",
+        "getMilliseconds",
+    }
+)
+
+# TODO(#3): no cost limit on evaluation: a comprehension over a large
+# caller-supplied list runs as long as the list is; only the server's request
+# size limit bounds it. cel-expr-python 0.1.3 exposes no cost tracker.
+_ENV = cel.NewEnv(variables=dict(VARIABLES), extensions=[ExtStrings()])
+_RESULT_TYPES = ("BOOL", "DYN")
+
+# Literal folding evaluates the literal with the runtime that will run it.
+_PROBE_ENV = cel.NewEnv(variables={"literal": cel.Type.STRING})
+_PROBES = {
+    "timestamp": _PROBE_ENV.compile("timestamp(literal)"),
+    "duration": _PROBE_ENV.compile("duration(literal)"),
+    "zone": _PROBE_ENV.compile('timestamp("2000-01-01T00:00:00Z").getHours(literal)'),
+}
+_FIXED_OFFSET = re.compile(r"[+-][0-9]{2}:[0-9]{2}")
+_NUL = "\x00"
+_CEL_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): ([^\n]*)")
+
+
+class ConditionFailure(msgspec.Struct, frozen=True):
+    """A condition that could not give a bool; ``message`` says why."""
+
+    message: str
+
+
+class Condition:
+    """A compiled, checked CEL condition.
+
+    Args:
+        source: The CEL text, kept for audit and error messages.
+        expression: The compiled expression.
+    """
+
+    __slots__ = ("_expression", "source")
+
+    def __init__(self, source: str, expression: cel.Expression):
+        self.source = source
+        self._expression = expression
+
+    def __repr__(self) -> str:
+        return f"Condition({self.source!r})"
+
+    def evaluate(self, data: Mapping[str, Any]) -> bool | ConditionFailure:
+        """Evaluate against an activation of CEL values.
+
+        Args:
+            data: Variable name to value, already passed through
+                ``to_cel_value``.
+
+        Returns:
+            The bool result, or a ``ConditionFailure`` for an evaluation
+            error or a result that is not a bool. Never raises for those.
+        """
+        try:
+            value = self._expression.eval(data=data)
+        except (TypeError, ValueError, RuntimeError) as err:
+            # The runtime reports bad data as an error value; this guards
+            # the binding itself, so a decision still fails closed.
+            return ConditionFailure(f"could not evaluate: {err}")
+        kind = value.type().name()
+        if kind == "BOOL":
+            return bool(value.value())
+        if kind == "ERROR":
+            return ConditionFailure(str(value.value()))
+        return ConditionFailure(f"expected a bool result, got {kind.lower()}")
+
+
+def compile_condition(
+    source: str, *, path: str = "", location: str = "", rule: str = ""
+) -> Condition:
+    """Parse, type-check and fold the literals of a CEL condition.
+
+    Args:
+        source: The CEL text.
+        path: The file it came from, for errors.
+        location: Where in the document, such as ``$.rules[2].condition``.
+        rule: The rule id, for errors.
+
+    Returns:
+        The compiled condition.
+
+    Raises:
+        PolicyError: The text does not parse or type-check (the message
+            gives line and column), its result type is not bool, or a
+            timestamp, duration or time zone literal is invalid.
+    """
+    prefix = f"rule {rule!r} condition: " if rule else "condition: "
+
+    def refuse(message: str) -> PolicyError:
+        return PolicyError(prefix + message, path=path, location=location)
+
+    try:
+        expression = _ENV.compile(source)
+    except RuntimeError as err:
+        raise refuse(_describe_cel_error(str(err))) from err
+    result = expression.return_type().name()
+    if result not in _RESULT_TYPES:
+        raise refuse(f"expected a bool result, got {result.lower()}")
+    problem = _check_literals(source, expression.serialize())
+    if problem:
+        raise refuse(problem)
+    return Condition(source, expression)
+
+
+def to_cel_value(value: Any) -> Any:
+    """Convert a typed request value into what the CEL runtime accepts.
+
+    Args:
+        value: int (int64), ``UInt64``, float, str, bool, bytes,
+            ``Timestamp``, ``Duration``, an aware ``datetime``, a list or
+            tuple, or a mapping of str to such values.
+
+    Returns:
+        The same value with ``UInt64`` as ``UInt64Value`` (CEL ``uint``),
+        timestamps and durations as their protobuf well-known types, tuples
+        as lists and mappings as dicts, recursively.
+
+    Raises:
+        ValueError: A map key holds a NUL character, which the runtime
+            would cut short (and so could make two keys collide).
+    """
+    match value:
+        case UInt64():
+            return wrappers_pb2.UInt64Value(value=int(value))
+        case Timestamp(seconds=seconds, nanos=nanos):
+            return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+        case Duration(seconds=seconds, nanos=nanos):
+            return duration_pb2.Duration(seconds=seconds, nanos=nanos)
+        case datetime.datetime():
+            return to_cel_value(Timestamp.from_datetime(value))
+        case str():
+            # NOTE: cel-expr-python 0.1.3 cuts a plain str or bytes at its
+            # first NUL when it converts it; the wrapper types keep it whole.
+            return wrappers_pb2.StringValue(value=value) if _NUL in value else value
+        case bytes():
+            return wrappers_pb2.BytesValue(value=value)
+        case bool() | int() | float():
+            return value
+        case Mapping():
+            return {_map_key(key): to_cel_value(item) for key, item in value.items()}
+        case list() | tuple():
+            return [to_cel_value(item) for item in value]
+    return value
+
+
+def _map_key(key: str) -> str:
+    if isinstance(key, str) and _NUL in key:
+        raise ValueError(f"expected map keys without NUL characters, got {key!r}")
+    return key
+
+
+def _describe_cel_error(text: str) -> str:
+    found = _CEL_ERROR.findall(text)
+    if not found:
+        return f"expected a valid CEL expression, got: {text}"
+    details = "; ".join(
+        f"{message} at line {line} column {column}" for line, column, message in found
+    )
+    return f"expected a valid CEL expression, got {details}"
+
+
+# --- literal folding -----------------------------------------------------------
+
+
+class _Call(NamedTuple):
+    function: str
+    has_target: bool
+    # (node id, value) of each argument that is a string literal.
+    string_args: tuple[tuple[int, str], ...]
+    arg_count: int
+
+
+def _check_literals(source: str, checked: bytes) -> str:
+    expr, positions = _read_checked_expr(checked)
+    for call in _calls(expr):
+        problem = _check_call(call)
+        if problem:
+            node_id = call.string_args[0][0]
+            line, column = _line_column(source, positions.get(node_id, 0))
+            return f"{problem} at line {line} column {column}"
+    return ""
+
+
+def _check_call(call: _Call) -> str:
+    if call.arg_count != 1 or len(call.string_args) != 1:
+        return ""
+    literal = call.string_args[0][1]
+    if call.function in ("timestamp", "duration") and not call.has_target:
+        if _probe(call.function, literal):
+            return ""
+        example = "2026-12-07T09:00:00Z" if call.function == "timestamp" else "1h30m"
+        return (
+            f"expected a {call.function} literal such as {example!r}, got {literal!r}"
+        )
+    if call.function in TIME_ZONE_FUNCTIONS and call.has_target:
+        if _is_time_zone(literal) and _probe("zone", literal):
+            return ""
+        return (
+            "expected an IANA time zone such as 'Europe/Berlin' or a fixed "
+            f"offset such as '+02:00', got {literal!r}"
+        )
+    return ""
+
+
+def _probe(kind: str, literal: str) -> bool:
+    return _PROBES[kind].eval(data={"literal": literal}).type().name() != "ERROR"
+
+
+def _is_time_zone(name: str) -> bool:
+    if _FIXED_OFFSET.fullmatch(name):
+        return True
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _line_column(source: str, offset: int) -> tuple[int, int]:
+    before = source[:offset]
+    line = before.count("\n") + 1
+    return line, offset - (before.rfind("\n") + 1) + 1
+
+
+# --- a minimal protobuf wire reader for cel.expr.CheckedExpr ------------------
+# Field numbers from cel/expr/checked.proto and cel/expr/syntax.proto.
+
+_ANY_VALUE = 2
+_CHECKED_EXPR = 4
+_CHECKED_SOURCE_INFO = 5
+_SOURCE_INFO_POSITIONS = 4
+_EXPR_ID = 2
+_EXPR_CONST = 3
+_EXPR_CALL = 6
+_CONST_STRING = 6
+_CALL_TARGET, _CALL_FUNCTION, _CALL_ARGS = 1, 2, 3
+_STRUCT_ENTRIES = 2
+_EXPR_STRUCT = 8
+# Expr kind -> fields of that message holding child Exprs (select, list,
+# comprehension); struct entries hold them at map_key and value.
+_CHILD_FIELDS = {5: (1,), 7: (1,), 9: (2, 4, 5, 6, 7)}
+_ENTRY_CHILD_FIELDS = (3, 4)
+
+
+def _varint(buf: bytes, index: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[index]
+        index += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, index
+        shift += 7
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    index = 0
+    while index < len(buf):
+        key, index = _varint(buf, index)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, index = _varint(buf, index)
+        elif wire == 2:
+            size, index = _varint(buf, index)
+            value, index = buf[index : index + size], index + size
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, index = buf[index : index + width], index + width
+        else:
+            raise ValueError(f"expected protobuf wire type 0, 1, 2 or 5, got {wire}")
+        yield field, value
+
+
+def _read_checked_expr(any_bytes: bytes) -> tuple[bytes, dict[int, int]]:
+    checked = next(v for f, v in _fields(any_bytes) if f == _ANY_VALUE)
+    expr, positions = b"", {}
+    for field, value in _fields(checked):
+        if field == _CHECKED_EXPR:
+            expr = value
+        elif field == _CHECKED_SOURCE_INFO:
+            for info_field, entry in _fields(value):
+                if info_field == _SOURCE_INFO_POSITIONS:
+                    pair = dict(_fields(entry))
+                    positions[pair.get(1, 0)] = pair.get(2, 0)
+    return expr, positions
+
+
+def _calls(expr: bytes) -> Iterator[_Call]:
+    for field, value in _fields(expr):
+        if field == _EXPR_CALL:
+            yield from _read_call(value)
+        elif field == _EXPR_STRUCT:
+            for entry in (v for f, v in _fields(value) if f == _STRUCT_ENTRIES):
+                yield from _children(entry, _ENTRY_CHILD_FIELDS)
+        elif field in _CHILD_FIELDS:
+            yield from _children(value, _CHILD_FIELDS[field])
+
+
+def _children(message: bytes, child_fields: tuple[int, ...]) -> Iterator[_Call]:
+    for field, value in _fields(message):
+        if field in child_fields:
+            yield from _calls(value)
+
+
+def _read_call(call: bytes) -> Iterator[_Call]:
+    function, has_target, args = "", False, []
+    for field, value in _fields(call):
+        if field == _CALL_FUNCTION:
+            function = value.decode()
+        elif field in (_CALL_TARGET, _CALL_ARGS):
+            has_target = has_target or field == _CALL_TARGET
+            if field == _CALL_ARGS:
+                args.append(value)
+            yield from _calls(value)
+    literals = tuple(filter(None, map(_string_literal, args)))
+    yield _Call(function, has_target, literals, len(args))
+
+
+def _string_literal(expr: bytes) -> tuple[int, str] | None:
+    node_id, literal = 0, None
+    for field, value in _fields(expr):
+        if field == _EXPR_ID:
+            node_id = value
+        elif field == _EXPR_CONST:
+            for const_field, const in _fields(value):
+                if const_field == _CONST_STRING:
+                    literal = const.decode()
+    return None if literal is None else (node_id, literal)

@@ -1,0 +1,276 @@
+"""Read a directory of policy and directory files into a compiled set.
+
+Files ending ``.yaml``, ``.yml``, ``.json`` or ``.toml`` below the root are
+read (recursively, in sorted order); other files are ignored, and so is
+every path with a part starting with ``.``, which keeps editor droppings and
+Kubernetes ConfigMap internals (``..data``, ``..2026_...``) from being read
+twice. Each file is decoded by its extension, validated with msgspec typed
+decoders, and compiled. The first bad file raises ``PolicyError`` naming the
+file, the location in it and what was expected; nothing is returned then, so
+the caller keeps its previous set. Reading is the only I/O here.
+
+NOTE: one error at a time, not all of them: a policy author fixes and
+reloads, and every message stays a single precise "file:location: expected
+..., got ...". TODO(#4): collect every file's errors for a lint command?
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from kynara_sidecar.decision import Effect
+from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.compiler import (
+    Directory,
+    PolicySet,
+    compile_directory,
+    compile_policy_set,
+)
+from kynara_sidecar.policy.model import (
+    FORMAT_VERSION,
+    DirectoryDocument,
+    DocumentHeader,
+    DocumentKind,
+    Mode,
+    PolicyDocument,
+    PrincipalKind,
+    RoleDocument,
+    SourceDocument,
+)
+
+__all__ = [
+    "SUFFIXES",
+    "LoadedPolicies",
+    "compile_documents",
+    "decode_document",
+    "load_policies",
+]
+
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    ".yaml": msgspec.yaml.decode,
+    ".yml": msgspec.yaml.decode,
+    ".json": msgspec.json.decode,
+    ".toml": msgspec.toml.decode,
+}
+SUFFIXES = frozenset(_DECODERS)
+
+_DOCUMENT_TYPES = {
+    DocumentKind.POLICY: PolicyDocument,
+    DocumentKind.DIRECTORY: DirectoryDocument,
+}
+
+# Field name -> the values msgspec's "Invalid enum value" meant.
+_CHOICES = {
+    "effect": tuple(Effect),
+    "mode": tuple(Mode),
+    "kind": tuple(PrincipalKind),
+}
+
+_AT = re.compile(r"^(.*?)(?: - at `([^`]*)`)?$", re.DOTALL)
+_REWRITES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
+    (
+        re.compile(r"Invalid enum value (.*)"),
+        lambda match, where: _expected_choice(match.group(1), where),
+    ),
+    (
+        re.compile(r"Object contains unknown field `(.*)`"),
+        lambda match, _: (
+            f"expected only known fields, got unknown field {match.group(1)!r}"
+        ),
+    ),
+    (
+        re.compile(r"Object missing required field `(.*)`"),
+        lambda match, _: f"expected field {match.group(1)!r}, got nothing",
+    ),
+    (
+        re.compile(r"Expected `(\w+)` of length >= 1"),
+        lambda match, _: f"expected a non-empty {match.group(1)}, got an empty one",
+    ),
+    (
+        re.compile(r"Expected (.*)"),
+        lambda match, _: "expected " + match.group(1).replace("`", ""),
+    ),
+)
+
+
+class LoadedPolicies(msgspec.Struct, frozen=True):
+    """A compiled policy set and the directory that shipped with it."""
+
+    policy_set: PolicySet
+    directory: Directory
+
+
+def load_policies(root: pathlib.Path) -> LoadedPolicies:
+    """Read, validate and compile every policy and directory file under root.
+
+    Args:
+        root: A directory holding policy files and exactly one directory
+            file, possibly in subdirectories.
+
+    Returns:
+        The compiled policy set and directory.
+
+    Raises:
+        PolicyError: For the first bad file (path, location, expected and
+            got), a missing or empty root, or not exactly one directory file.
+    """
+    if not root.is_dir():
+        raise PolicyError(
+            "expected a directory of policy files, got nothing there", path=str(root)
+        )
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix in SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    documents = [
+        decode_document(str(path), _read(path), name=path.relative_to(root).as_posix())
+        for path in files
+    ]
+    return compile_documents(documents, root=str(root))
+
+
+def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocument:
+    """Decode and validate one file by its extension.
+
+    Args:
+        path: The file's path; its extension picks the decoder and it is
+            cited in errors.
+        content: The file's bytes.
+        name: The path below the policy root (defaults to ``path``).
+
+    Returns:
+        The validated document with its source.
+
+    Raises:
+        PolicyError: Unknown extension, a syntax error, a wrong
+            ``format_version`` or ``kind``, or a field that does not
+            validate.
+    """
+    suffix = pathlib.PurePath(path).suffix
+    if suffix not in _DECODERS:
+        raise PolicyError(
+            f"expected a file ending {', '.join(sorted(SUFFIXES))}, got {suffix!r}",
+            path=path,
+        )
+    try:
+        raw = _DECODERS[suffix](content)
+    except msgspec.DecodeError as err:
+        raise PolicyError(
+            f"expected valid {suffix[1:].upper()}, got: {err}", path=path
+        ) from err
+    document_type = _document_type(raw, path)
+    _check_roles(raw, path)
+    document = _convert(raw, document_type, path)
+    return SourceDocument(
+        path=path, name=name or path, content=content, document=document
+    )
+
+
+def compile_documents(
+    documents: Sequence[SourceDocument], *, root: str = ""
+) -> LoadedPolicies:
+    """Compile decoded documents: every policy, and exactly one directory.
+
+    Args:
+        documents: Decoded policy and directory files.
+        root: Where they came from, cited when the set as a whole is wrong.
+
+    Returns:
+        The compiled policy set and directory.
+
+    Raises:
+        PolicyError: No files, no directory file or more than one, or any
+            compile error (see ``compile_policy_set``, ``compile_directory``).
+    """
+    if not documents:
+        raise PolicyError(
+            f"expected policy files ending {', '.join(sorted(SUFFIXES))}, got none",
+            path=root,
+        )
+    policies = [item for item in documents if isinstance(item.document, PolicyDocument)]
+    directories = [item for item in documents if item not in policies]
+    if len(directories) != 1:
+        found = ", ".join(item.path for item in directories) or "none"
+        raise PolicyError(
+            f"expected exactly one directory file, got {found}", path=root
+        )
+    policy_set = compile_policy_set(policies)
+    return LoadedPolicies(policy_set, compile_directory(directories[0], policy_set))
+
+
+def _read(path: pathlib.Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise PolicyError(
+            f"expected a readable file, got {err}", path=str(path)
+        ) from err
+
+
+def _document_type(raw: Any, path: str) -> type[PolicyDocument | DirectoryDocument]:
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            f"expected a mapping at the top, got {type(raw).__name__}",
+            path=path,
+            location="$",
+        )
+    header = msgspec.convert(raw, DocumentHeader)
+    if header.format_version != FORMAT_VERSION or isinstance(
+        header.format_version, bool
+    ):
+        got = (
+            "nothing" if header.format_version is None else repr(header.format_version)
+        )
+        raise PolicyError(
+            f"expected format_version {FORMAT_VERSION}, got {got}",
+            path=path,
+            location="$.format_version",
+        )
+    if header.kind not in tuple(DocumentKind):
+        raise PolicyError(
+            f"expected kind 'policy' or 'directory', got {header.kind!r}",
+            path=path,
+            location="$.kind",
+        )
+    return _DOCUMENT_TYPES[DocumentKind(header.kind)]
+
+
+def _check_roles(raw: dict[str, Any], path: str) -> None:
+    # Validated one by one first: msgspec reports a bad value inside a map
+    # as `$.roles[...]`, losing the role's name.
+    roles = raw.get("roles")
+    if not isinstance(roles, dict):
+        return
+    for role, definition in roles.items():
+        _convert(definition, RoleDocument, path, prefix=f"$.roles.{role}")
+
+
+def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
+    try:
+        return msgspec.convert(raw, target)
+    except msgspec.ValidationError as err:
+        message, where = _AT.match(str(err)).groups()
+        where = prefix + (where or "$")[1:]
+        raise PolicyError(_rewrite(message, where), path=path, location=where) from err
+
+
+def _rewrite(message: str, where: str) -> str:
+    for pattern, rewrite in _REWRITES:
+        match = pattern.fullmatch(message)
+        if match:
+            return rewrite(match, where)
+    return message[:1].lower() + message[1:]
+
+
+def _expected_choice(got: str, where: str) -> str:
+    field = where.rsplit(".", 1)[-1]
+    choices = ", ".join(repr(choice.value) for choice in _CHOICES.get(field, ()))
+    return f"expected one of {choices}, got {got}" if choices else f"got {got}"

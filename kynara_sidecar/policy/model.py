@@ -1,0 +1,114 @@
+"""The policy and directory file formats, as msgspec types.
+
+Every file carries ``format_version: 1`` and a ``kind`` (``policy`` or
+``directory``). Unknown keys are errors everywhere, so a misspelt field is
+refused rather than silently ignored. These types describe the documents as
+written; ``compiler`` turns them into the immutable policy set and directory.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from kynara_sidecar.decision import Effect
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DirectoryDocument",
+    "DocumentHeader",
+    "DocumentKind",
+    "Mode",
+    "PolicyDocument",
+    "PrincipalDocument",
+    "PrincipalKind",
+    "RoleDocument",
+    "RuleDocument",
+    "SourceDocument",
+]
+
+# The only format this daemon reads; a new version gets a new number.
+FORMAT_VERSION = 1
+
+NonEmpty = Annotated[tuple[str, ...], msgspec.Meta(min_length=1)]
+Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class DocumentKind(enum.StrEnum):
+    POLICY = "policy"
+    DIRECTORY = "directory"
+
+
+class Mode(enum.StrEnum):
+    """Whether a rule decides (``enforce``) or is only recorded (``shadow``)."""
+
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+class PrincipalKind(enum.StrEnum):
+    USER = "user"
+    AGENT = "agent"
+
+
+class DocumentHeader(msgspec.Struct, frozen=True):
+    """The two keys read first, to pick the document type."""
+
+    format_version: Any = None
+    kind: Any = None
+
+
+class RoleDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A role; it holds every permission of the roles it inherits."""
+
+    inherits: tuple[str, ...] = ()
+    description: str = ""
+
+
+class RuleDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: Text
+    effect: Effect
+    actions: NonEmpty
+    resources: NonEmpty
+    roles: NonEmpty
+    condition: str = ""
+    mode: Mode | None = None
+    description: str = ""
+
+
+class PolicyDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format_version: Literal[1]
+    kind: Literal["policy"]
+    name: Text
+    mode: Mode = Mode.ENFORCE
+    description: str = ""
+    roles: dict[str, RoleDocument] = {}
+    rules: tuple[RuleDocument, ...] = ()
+
+
+class PrincipalDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: Text
+    kind: PrincipalKind
+    roles: tuple[str, ...] = ()
+    attributes: dict[str, Any] = {}
+    active: bool = True
+    description: str = ""
+
+
+class DirectoryDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format_version: Literal[1]
+    kind: Literal["directory"]
+    principals: tuple[PrincipalDocument, ...] = ()
+    description: str = ""
+
+
+class SourceDocument(msgspec.Struct, frozen=True):
+    """A decoded file: ``path`` is cited in errors, ``name`` (the path below
+    the policy root, with ``/``) and ``content`` go into the revision."""
+
+    path: str
+    name: str
+    content: bytes
+    document: PolicyDocument | DirectoryDocument

@@ -1,0 +1,165 @@
+"""Translation between the gRPC wire messages and the pipeline's values.
+
+A front door translates and nothing more: it never decides, logs or counts.
+Every malformed value becomes ``InvalidRequest`` naming the field path, such
+as ``context["when"].timestamp_value``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kynara.v1 import decision_pb2 as pb
+
+from kynara_sidecar.decision import Duration, Effect, Resource, Timestamp, UInt64
+from kynara_sidecar.errors import InvalidRequest
+from kynara_sidecar.pipeline import Answer, IncomingRequest
+
+__all__ = [
+    "MAX_VALUE_DEPTH",
+    "answer_to_proto",
+    "request_from_proto",
+    "value_from_proto",
+]
+
+# Deeper nesting than this is no real context; refusing it bounds recursion.
+MAX_VALUE_DEPTH = 32
+# RFC 3339 years 0001..9999, as google.protobuf.Timestamp defines its range.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+# google.protobuf.Duration's documented range: about +-10,000 years.
+MAX_DURATION_SECONDS = 315_576_000_000
+MAX_NANOS = 999_999_999
+
+EFFECT_TO_PROTO = {
+    Effect.ALLOW: pb.DECISION_ALLOW,
+    Effect.DENY: pb.DECISION_DENY,
+    Effect.REQUIRE_APPROVAL: pb.DECISION_REQUIRE_APPROVAL,
+}
+
+
+def _timestamp(msg: Any, path: str) -> Timestamp:
+    if not MIN_TIMESTAMP_SECONDS <= msg.seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidRequest(
+            f"expected a timestamp in years 0001..9999, got seconds={msg.seconds}",
+            field=path,
+        )
+    if not 0 <= msg.nanos <= MAX_NANOS:
+        raise InvalidRequest(
+            f"expected nanos in 0..{MAX_NANOS}, got {msg.nanos}", field=path
+        )
+    return Timestamp(msg.seconds, msg.nanos)
+
+
+def _duration(msg: Any, path: str) -> Duration:
+    if abs(msg.seconds) > MAX_DURATION_SECONDS or abs(msg.nanos) > MAX_NANOS:
+        raise InvalidRequest("duration out of range", field=path)
+    if msg.seconds and msg.nanos and (msg.seconds > 0) != (msg.nanos > 0):
+        raise InvalidRequest("duration seconds and nanos differ in sign", field=path)
+    return Duration(msg.seconds, msg.nanos)
+
+
+def _map(entries: Any, path: str, depth: int) -> dict[str, Any]:
+    for key in entries:
+        # The CEL runtime cuts strings at NUL, so "a" and "a\x00b" would
+        # collide in a policy's view of the map.
+        if not key or "\x00" in key:
+            raise InvalidRequest(
+                f"expected a non-empty key without NUL, got {key!r}", field=path
+            )
+    return {
+        key: value_from_proto(value, f"{path}[{key!r}]", depth + 1)
+        for key, value in entries.items()
+    }
+
+
+_SCALARS = {
+    "int_value": int,
+    "uint_value": UInt64,
+    "double_value": float,
+    "string_value": str,
+    "bool_value": bool,
+    "bytes_value": bytes,
+}
+
+
+def value_from_proto(value: pb.Value, path: str, depth: int = 0) -> Any:
+    """Convert a wire ``Value`` to a typed pipeline value.
+
+    Raises:
+        InvalidRequest: the value is unset, too deep or out of range.
+    """
+    if depth > MAX_VALUE_DEPTH:
+        raise InvalidRequest(
+            f"expected values nested at most {MAX_VALUE_DEPTH} deep", field=path
+        )
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("expected a value, got an empty Value", field=path)
+    if kind in _SCALARS:
+        return _SCALARS[kind](getattr(value, kind))
+    if kind == "timestamp_value":
+        return _timestamp(value.timestamp_value, f"{path}.timestamp_value")
+    if kind == "duration_value":
+        return _duration(value.duration_value, f"{path}.duration_value")
+    if kind == "list_value":
+        return [
+            value_from_proto(item, f"{path}[{i}]", depth + 1)
+            for i, item in enumerate(value.list_value.values)
+        ]
+    return _map(value.map_value.entries, path, depth)
+
+
+def request_from_proto(request: pb.DecideRequest, peer: str = "") -> IncomingRequest:
+    """Translate a ``DecideRequest`` into the pipeline's ``IncomingRequest``.
+
+    Raises:
+        InvalidRequest: naming the field path of the first malformed value.
+    """
+    resource = request.resource
+    return IncomingRequest(
+        action=request.action,
+        resource=Resource(
+            kind=resource.kind,
+            id=resource.id,
+            attributes=_map(resource.attributes, "resource.attributes", 0),
+        ),
+        context=_map(request.context, "context", 0),
+        asserted_chain=tuple(request.asserted_chain),
+        delegation_token=request.delegation_token,
+        request_id=request.request_id,
+        peer=peer,
+    )
+
+
+def answer_to_proto(answer: Answer) -> pb.DecideResponse:
+    """Translate the pipeline's ``Answer`` into a ``DecideResponse``."""
+    decision = answer.decision
+    return pb.DecideResponse(
+        decision=EFFECT_TO_PROTO[decision.effect],
+        decision_id=answer.decision_id,
+        matched_rules=[
+            pb.MatchedRule(
+                policy=rule.policy,
+                rule=rule.rule,
+                effect=EFFECT_TO_PROTO[rule.effect],
+                principal=rule.principal,
+                shadow=rule.shadow,
+            )
+            for rule in decision.matched_rules
+        ],
+        reason_code=str(decision.reason_code),
+        reason=decision.reason,
+        policy_revision=decision.policy_revision,
+        directory_revision=decision.directory_revision,
+        audit_sequence=answer.audit_sequence,
+        record_hash=answer.record_hash,
+        condition_errors=[
+            pb.ConditionError(
+                policy=e.policy, rule=e.rule, principal=e.principal, message=e.message
+            )
+            for e in decision.condition_errors
+        ],
+        chain=[p.id for p in decision.chain],
+        request_id=answer.request_id,
+    )

@@ -1,0 +1,35 @@
+"""Shared fixtures: a real daemon on a Unix socket in a temp directory."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+from support import RunningDaemon, SettableClock, daemon_config
+
+
+@pytest.fixture
+def clock() -> SettableClock:
+    return SettableClock()
+
+
+@pytest.fixture
+def start_daemon(tmp_path, clock) -> Iterator:
+    """Call with config overrides; returns a RunningDaemon stopped at teardown."""
+    started: list[RunningDaemon] = []
+
+    def start(*overrides: str, path: pathlib.Path | None = None) -> RunningDaemon:
+        config = daemon_config(path or tmp_path, *overrides)
+        running = RunningDaemon(config, clock)
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        running.stop()
+
+
+@pytest.fixture
+def daemon(start_daemon) -> RunningDaemon:
+    return start_daemon()

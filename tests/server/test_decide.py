@@ -1,0 +1,232 @@
+"""Decide and DecideBatch through a real gRPC server on a Unix socket."""
+
+from __future__ import annotations
+
+import grpc
+import msgspec
+import pytest
+from cases_loader import load_cases
+from kynara.v1 import decision_pb2 as pb
+from support import error_of, read_record, small_refund, value_to_proto
+
+from kynara_sidecar.decision import Timestamp, UInt64
+
+CASES = load_cases()
+DECISION_NAMES = {
+    pb.DECISION_ALLOW: "allow",
+    pb.DECISION_DENY: "deny",
+    pb.DECISION_REQUIRE_APPROVAL: "require_approval",
+}
+
+
+def wire_request(request, **overrides) -> pb.DecideRequest:
+    """The case's request as an agent would send it: the daemon adds its agent."""
+    message = pb.DecideRequest(
+        asserted_chain=list(request.chain[:-1]),
+        action=request.action,
+        resource=pb.Resource(
+            kind=request.resource.kind,
+            id=request.resource.id,
+            attributes={
+                k: value_to_proto(v) for k, v in request.resource.attributes.items()
+            },
+        ),
+        context={k: value_to_proto(v) for k, v in request.context.items()},
+        request_id=request.request_id,
+    )
+    for key, value in overrides.items():
+        setattr(message, key, value)
+    return message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_case_over_grpc_matches_expectation_and_audit(case, start_daemon, clock):
+    running = start_daemon(f"identity.agent_id={case.request.chain[-1]}")
+    clock._nanos = case.now.seconds * 1_000_000_000 + case.now.nanos
+
+    reply = running.stub().Decide(wire_request(case.request))
+
+    assert DECISION_NAMES[reply.decision] == case.expect["decision"]
+    assert reply.reason_code == case.expect["reason_code"]
+    if "matched_rules" in case.expect:
+        got = [
+            {
+                "policy": r.policy,
+                "rule": r.rule,
+                "effect": DECISION_NAMES[r.effect],
+                "principal": r.principal,
+                **({"shadow": True} if r.shadow else {}),
+            }
+            for r in reply.matched_rules
+        ]
+        want = [
+            {k: v for k, v in rule.items() if not (k == "shadow" and not v)}
+            for rule in case.expect["matched_rules"]
+        ]
+        assert got == want
+    assert list(reply.chain) == list(case.request.chain)
+    record = read_record(running, reply.audit_sequence)
+    assert record.kind == "decision"
+    assert record.decision_id == reply.decision_id
+    assert record.decision == case.expect["decision"]
+    assert record.reason_code == case.expect["reason_code"]
+    assert record.action == case.request.action
+    assert [p.id for p in record.chain] == list(case.request.chain)
+    assert record.identity_mode == "development"
+    assert record.policy_revision == reply.policy_revision
+
+
+def test_answer_carries_revisions_sequence_and_hash(daemon):
+    stub = daemon.stub()
+
+    first = stub.Decide(small_refund())
+    second = stub.Decide(small_refund())
+
+    assert first.decision == pb.DECISION_ALLOW
+    assert first.policy_revision.startswith("sha256:")
+    assert first.directory_revision
+    assert second.audit_sequence == first.audit_sequence + 1
+    assert len(first.record_hash) == 64 and first.record_hash != second.record_hash
+    assert first.decision_id != second.decision_id
+
+
+def test_big_integer_and_timestamp_survive_the_wire_exactly(daemon):
+    big = 2**53 + 1
+    when = Timestamp(1_796_374_800, 123_456_789)
+    request = small_refund(big=big, when=when, unsigned=UInt64(2**64 - 1))
+
+    reply = daemon.stub().Decide(request)
+
+    record = read_record(daemon, reply.audit_sequence)
+    assert record.context["big"] == {"int": str(big)}
+    assert record.context["when"] == {"timestamp": "2026-12-04T09:00:00.123456789Z"}
+    assert record.context["unsigned"] == {"uint": str(2**64 - 1)}
+
+
+def test_condition_sees_exact_big_integer(daemon):
+    request = small_refund()
+    request.resource.attributes["amount"].int_value = 2**53 + 1
+
+    reply = daemon.stub().Decide(request)
+
+    assert reply.decision == pb.DECISION_REQUIRE_APPROVAL
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: setattr(r, "action", ""), "action"),
+        (lambda r: setattr(r, "action", "payments..refund"), "action"),
+        (lambda r: r.resource.ClearField("kind"), "resource.kind"),
+        (lambda r: r.context["x"].CopyFrom(pb.Value()), "context['x']"),
+        (
+            lambda r: r.context["t"].timestamp_value.MergeFrom(
+                pb.Value(timestamp_value={"seconds": 1, "nanos": -1}).timestamp_value
+            ),
+            "context['t'].timestamp_value",
+        ),
+        (lambda r: r.asserted_chain.append(""), "asserted_chain[1]"),
+    ],
+    ids=[
+        "empty-action",
+        "bad-action",
+        "no-kind",
+        "empty-value",
+        "bad-nanos",
+        "empty-principal",
+    ],
+)
+def test_malformed_request_is_invalid_request_naming_field(daemon, mutate, field):
+    request = small_refund()
+    mutate(request)
+
+    status, metadata = error_of(lambda: daemon.stub().Decide(request))
+
+    assert status == grpc.StatusCode.INVALID_ARGUMENT
+    assert metadata["kynara-error-code"] == "invalid_request"
+    assert metadata["kynara-error-field"] == field
+
+
+def test_delegation_token_in_development_mode_is_identity_invalid(daemon):
+    request = small_refund()
+    request.delegation_token = "eyJhbGciOiJub25lIn0.e30."
+
+    status, metadata = error_of(lambda: daemon.stub().Decide(request))
+
+    assert status == grpc.StatusCode.UNAUTHENTICATED
+    assert metadata["kynara-error-code"] == "identity_invalid"
+    assert metadata["kynara-error-field"] == "delegation_token"
+
+
+def test_oversized_request_is_resource_exhausted(start_daemon):
+    running = start_daemon("agent.max_message_bytes=4096")
+    request = small_refund(note="x" * 8192)
+
+    status, _ = error_of(lambda: running.stub().Decide(request))
+
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_full_audit_log_fails_closed_with_audit_unavailable(start_daemon):
+    running = start_daemon("audit.map_size=262144")
+    stub = running.stub()
+    padding = "p" * 2048
+
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in range(2000):
+            stub.Decide(small_refund(padding=padding))
+
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    metadata = dict(info.value.trailing_metadata())
+    assert metadata["kynara-error-code"] == "audit_unavailable"
+    assert "audit.map_size" in info.value.details()
+
+
+def test_batch_answers_good_items_around_a_bad_one(daemon):
+    bad = small_refund()
+    bad.action = "not a name"
+    batch = pb.DecideBatchRequest(items=[small_refund(), bad, small_refund()])
+
+    reply = daemon.stub().DecideBatch(batch)
+
+    outcomes = [item.WhichOneof("outcome") for item in reply.items]
+    assert outcomes == ["decision", "error", "decision"]
+    assert reply.items[1].error.code == "invalid_request"
+    assert reply.items[1].error.field == "items[1].action"
+    assert reply.items[0].decision.decision == pb.DECISION_ALLOW
+    seqs = {
+        reply.items[0].decision.audit_sequence,
+        reply.items[2].decision.audit_sequence,
+    }
+    assert len(seqs) == 2
+
+
+def test_batch_over_the_item_limit_is_invalid_request(daemon):
+    batch = pb.DecideBatchRequest(items=[small_refund()] * 257)
+
+    status, metadata = error_of(lambda: daemon.stub().DecideBatch(batch))
+
+    assert status == grpc.StatusCode.INVALID_ARGUMENT
+    assert metadata["kynara-error-field"] == "items"
+
+
+def test_decide_over_loopback_tcp_gets_the_same_answer(daemon):
+    channel = grpc.insecure_channel(f"127.0.0.1:{daemon.daemon.tcp_port}")
+    from kynara.v1 import decision_pb2_grpc
+
+    reply = decision_pb2_grpc.DecisionServiceStub(channel).Decide(small_refund())
+    channel.close()
+
+    assert reply.decision == pb.DECISION_ALLOW
+    assert reply.reason_code == "rule_allowed"
+
+
+def test_record_of_development_mode_lists_resolved_chain_roles(daemon):
+    reply = daemon.stub().Decide(small_refund())
+
+    record = read_record(daemon, reply.audit_sequence)
+
+    encoded = msgspec.json.decode(msgspec.json.encode(record))
+    assert encoded["identity_mode"] == "development"
+    assert [p["id"] for p in encoded["chain"]] == ["alice", "support-bot"]
+    assert all(p["roles"] for p in encoded["chain"])

@@ -1,0 +1,169 @@
+"""Helpers shared by tests: a real daemon on its own loop, requests, records."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+from typing import Any
+
+import grpc
+import pytest
+import uvloop
+from kynara.v1 import decision_pb2 as pb
+from kynara.v1 import decision_pb2_grpc
+
+from kynara_sidecar.audit.chain import decode_record
+from kynara_sidecar.audit.record import AuditRecordV1
+from kynara_sidecar.config import Config, load_config
+from kynara_sidecar.daemon import Daemon
+from kynara_sidecar.decision import Duration, Timestamp, UInt64
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO_ROOT / "config" / "kynara.yaml"
+SHIPPED_POLICIES = REPO_ROOT / "config" / "policies"
+# A Monday, 10:00 in Berlin (CET): inside the shipped business hours.
+DEFAULT_NOW = "2026-12-07T09:00:00Z"
+
+
+class SettableClock:
+    """A clock the test moves; the daemon reads it once per request."""
+
+    def __init__(self, iso: str = DEFAULT_NOW):
+        self.set(iso)
+
+    def set(self, iso: str) -> None:
+        import datetime
+
+        moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        ts = Timestamp.from_datetime(moment)
+        self._nanos = ts.seconds * 1_000_000_000 + ts.nanos
+
+    def __call__(self) -> int:
+        return self._nanos
+
+
+class RunningDaemon:
+    """A daemon serving on its own uvloop thread; stop() is registered."""
+
+    def __init__(self, config: Config, clock: SettableClock):
+        self.config = config
+        self.clock = clock
+        self.daemon = Daemon(config, clock=clock)
+        self._channels: list[grpc.Channel] = []
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.call(self.daemon.start())
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def socket(self) -> str:
+        return self.config.agent.socket
+
+    @property
+    def target(self) -> str:
+        return f"unix://{self.socket}"
+
+    def stub(self) -> decision_pb2_grpc.DecisionServiceStub:
+        channel = grpc.insecure_channel(self.target)
+        self._channels.append(channel)
+        return decision_pb2_grpc.DecisionServiceStub(channel)
+
+    def stop(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
+        try:
+            self.call(self.daemon.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def daemon_config(tmp_path: pathlib.Path, *overrides: str) -> Config:
+    """The shipped config moved into tmp_path, with free ports."""
+    return load_config(
+        SHIPPED_CONFIG,
+        [
+            f"agent.socket={tmp_path / 'agent.sock'}",
+            "agent.port=0",
+            "health.port=0",
+            "http.port=0",
+            f"policy.source={SHIPPED_POLICIES}",
+            f"audit.path={tmp_path / 'audit'}",
+            "audit.map_size=67108864",
+            "shutdown_grace_seconds=5",
+            *overrides,
+        ],
+    )
+
+
+def value_to_proto(value: Any) -> pb.Value:
+    """Convert a typed pipeline value to the wire, as an agent would send it."""
+    if isinstance(value, bool):
+        return pb.Value(bool_value=value)
+    if isinstance(value, UInt64):
+        return pb.Value(uint_value=value)
+    if isinstance(value, int):
+        return pb.Value(int_value=value)
+    if isinstance(value, float):
+        return pb.Value(double_value=value)
+    if isinstance(value, str):
+        return pb.Value(string_value=value)
+    if isinstance(value, bytes):
+        return pb.Value(bytes_value=value)
+    if isinstance(value, Timestamp):
+        out = pb.Value()
+        out.timestamp_value.seconds, out.timestamp_value.nanos = (
+            value.seconds,
+            value.nanos,
+        )
+        return out
+    if isinstance(value, Duration):
+        out = pb.Value()
+        out.duration_value.seconds, out.duration_value.nanos = (
+            value.seconds,
+            value.nanos,
+        )
+        return out
+    if isinstance(value, list | tuple):
+        return pb.Value(
+            list_value=pb.ListValue(values=[value_to_proto(v) for v in value])
+        )
+    if isinstance(value, dict):
+        entries = {k: value_to_proto(v) for k, v in value.items()}
+        return pb.Value(map_value=pb.MapValue(entries=entries))
+    raise TypeError(f"cannot send a {type(value).__name__} as a Value")
+
+
+def small_refund(**context) -> pb.DecideRequest:
+    """A refund alice asks support-bot for: allowed by the shipped policies."""
+    return pb.DecideRequest(
+        asserted_chain=["alice"],
+        action="payments.refund.issue",
+        resource=pb.Resource(
+            kind="payments.refund",
+            id="rf_1",
+            attributes={"amount": pb.Value(int_value=1200)},
+        ),
+        context={k: value_to_proto(v) for k, v in context.items()},
+    )
+
+
+def error_of(call) -> tuple[grpc.StatusCode, dict[str, str]]:
+    """Run a call that must fail; return its status and trailing metadata."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    return err.code(), dict(err.trailing_metadata() or ())
+
+
+def read_record(running: RunningDaemon, seq: int) -> AuditRecordV1:
+    """Read a committed record through the daemon's own store."""
+    stored = running.daemon._store.get(seq)
+    assert stored is not None, f"no record {seq}"
+    return decode_record(stored.record_bytes)
