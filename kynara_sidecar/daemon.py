@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2, decision_pb2_grpc
 
 from kynara_sidecar import __version__
-from kynara_sidecar.audit.record import marker_record
+from kynara_sidecar.audit.record import AuditRecordV1, marker_record
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.writer import AuditWriter
 from kynara_sidecar.config import Config, IdentityMode
@@ -87,8 +87,14 @@ class Daemon:
     def _load_policies(self) -> LoadedPolicies:
         return load_policies(self.config.policy.path)
 
-    def _now(self) -> Timestamp:
-        return Timestamp.from_nanos(self.clock())
+    def _marker(self, event: str) -> AuditRecordV1:
+        return marker_record(
+            event,
+            self.config.identity.daemon_id,
+            Timestamp.from_nanos(self.clock()),
+            __version__,
+            identity_mode=str(self.config.identity.mode),
+        )
 
     async def start(self) -> None:
         """Start everything; raise KynaraError (nothing left running) on failure."""
@@ -130,9 +136,7 @@ class Daemon:
         self._pipeline = Pipeline(cfg, self._writer, self.metrics, self.clock)
         self._pipeline.activate(policies)
         self._log_policies(policies)
-        await self._writer.append(
-            marker_record("start", cfg.identity.daemon_id, self._now(), __version__)
-        )
+        await self._writer.append(self._marker("start"))
         self._update_usage()
         await self._start_agent_listener()
         await self._start_health_listener()
@@ -244,11 +248,7 @@ class Daemon:
     async def _close_audit(self) -> None:
         if self._writer is not None:
             try:
-                await self._writer.append(
-                    marker_record(
-                        "stop", self.config.identity.daemon_id, self._now(), __version__
-                    )
-                )
+                await self._writer.append(self._marker("stop"))
             except KynaraError as err:
                 log.error("stop marker not written", extra=_fields(error=str(err)))
             await self._writer.close()

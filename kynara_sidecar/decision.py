@@ -63,20 +63,6 @@ class Timestamp(msgspec.Struct, frozen=True):
         seconds, rest = divmod(nanos, NANOS_PER_SECOND)
         return cls(seconds, rest)
 
-    def to_datetime(self) -> datetime.datetime:
-        """The instant as an aware UTC ``datetime`` (microsecond precision)."""
-        epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-        return epoch + datetime.timedelta(
-            seconds=self.seconds, microseconds=self.nanos // 1_000
-        )
-
-    def isoformat(self) -> str:
-        """RFC 3339 in UTC with nanoseconds, e.g. ``2026-12-04T09:00:00.5Z``."""
-        base = self.to_datetime().strftime("%Y-%m-%dT%H:%M:%S")
-        if self.nanos:
-            base += "." + f"{self.nanos:09d}".rstrip("0")
-        return base + "Z"
-
 
 class Duration(msgspec.Struct, frozen=True):
     """A signed span of time as seconds and nanoseconds (same sign)."""

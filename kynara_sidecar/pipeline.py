@@ -21,9 +21,9 @@ from collections.abc import Callable
 import msgspec
 
 from kynara_sidecar import engine
-from kynara_sidecar.audit.record import AuditRecordV1, record_from_decision
+from kynara_sidecar.audit.record import record_from_decision
 from kynara_sidecar.audit.writer import AuditWriter
-from kynara_sidecar.config import Config, IdentityMode
+from kynara_sidecar.config import Config
 from kynara_sidecar.decision import (
     DecisionRequest,
     Env,
@@ -226,7 +226,14 @@ class Pipeline:
             policies.policy_set, policies.directory, subject, env
         )
         decision_id = str(uuid.uuid4())
-        record = self._record(subject, env, decision, decision_id)
+        record = record_from_decision(
+            request=subject,
+            env=env,
+            decision=decision,
+            decision_id=decision_id,
+            daemon_id=self._daemon_id,
+            identity_mode=str(self._identity.mode),
+        )
         appended = await self._writer.append(record)
         return Answer(
             decision=decision,
@@ -234,23 +241,4 @@ class Pipeline:
             audit_sequence=appended.seq,
             record_hash=appended.chain_hash.hex(),
             request_id=request.request_id,
-        )
-
-    def _record(
-        self,
-        request: DecisionRequest,
-        env: Env,
-        decision: engine.Decision,
-        decision_id: str,
-    ) -> AuditRecordV1:
-        identity_mode = ""
-        if self._identity.mode is IdentityMode.DEVELOPMENT:
-            identity_mode = str(IdentityMode.DEVELOPMENT)
-        return record_from_decision(
-            request=request,
-            env=env,
-            decision=decision,
-            decision_id=decision_id,
-            daemon_id=self._daemon_id,
-            identity_mode=identity_mode,
         )
