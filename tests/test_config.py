@@ -1,0 +1,82 @@
+"""The daemon configuration: typed, overridable, refused with the key named."""
+
+from __future__ import annotations
+
+import pytest
+from support import SHIPPED_CONFIG
+
+from kynara_sidecar.config import Durability, IdentityMode, load_config
+from kynara_sidecar.errors import ConfigError
+
+
+def test_shipped_config_loads():
+    config = load_config(SHIPPED_CONFIG)
+
+    assert config.identity.mode is IdentityMode.DEVELOPMENT
+    assert config.identity.agent_id == "support-bot"
+    assert config.audit.durability is Durability.DURABLE
+    assert config.agent.socket == "var/run/agent.sock"
+
+
+def test_overrides_are_typed_and_applied_in_order():
+    config = load_config(
+        SHIPPED_CONFIG,
+        [
+            "audit.map_size=1048576",
+            "audit.durability=deferred",
+            "env.labels={team: payments}",
+            "audit.map_size=2097152",
+        ],
+    )
+
+    assert config.audit.map_size == 2097152
+    assert config.audit.durability is Durability.DEFERRED
+    assert config.env.labels == {"team": "payments"}
+
+
+def test_config_path_from_environment(monkeypatch):
+    monkeypatch.setenv("KYNARA_CONFIG", str(SHIPPED_CONFIG))
+
+    assert load_config().identity.agent_id == "support-bot"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "audit.durability=fast",
+            r"Invalid enum value 'fast' - at `\$.audit.durability`",
+        ),
+        ("agent.portx=1", r"unknown field `portx` - at `\$.agent`"),
+        ("agent.port=high", r"Expected `int`, got `str` - at `\$.agent.port`"),
+        ("agent.port=70000", r"agent.port: expected a port in 0..65535, got 70000"),
+        ("agent.host=10.1.2.3", r"agent.host: expected a loopback address"),
+        ("audit.map_size=10", r"audit.map_size: expected at least 65536 bytes, got 10"),
+        ("audit.max_batch=0", r"audit.max_batch: expected 1..65536, got 0"),
+        ("identity.agent_id=", r"identity.agent_id: expected a principal id"),
+        ("identity.mode=verified", r"identity.mode: 'verified' is not available yet"),
+        ("policy.source=nats://x", r"policy.source: expected a local directory"),
+        ("agent.socket=" + "s" * 200, r"agent.socket: expected at most 107 bytes"),
+        ("shutdown_grace_seconds=0", r"shutdown_grace_seconds: expected 0 < seconds"),
+        ("audit", r"--set 'audit': expected section.key=value"),
+        ("audit.path.deep=1", r"--set audit.path.deep: 'path' is not a section"),
+    ],
+)
+def test_bad_setting_is_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SHIPPED_CONFIG, [override])
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    missing = tmp_path / "absent.yaml"
+
+    with pytest.raises(ConfigError, match=f"{missing}: cannot read config"):
+        load_config(missing)
+
+
+def test_config_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- agent\n- http\n")
+
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(path)
