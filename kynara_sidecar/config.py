@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import os
 import pathlib
+import typing
 from typing import Any
 
 import msgspec
@@ -38,9 +39,11 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_ENV = "KYNARA_CONFIG"
-# gRPC's own default receive limit is 4 MiB; a decision request is a few KiB,
-# so 1 MiB leaves room for large contexts and refuses abuse early.
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+# A decision request is a few KiB. Every byte of context is decoded on the
+# event loop and kept in the audit log, so a small limit keeps one caller
+# from stalling the others or filling the log quickly; raise it for agents
+# that really send large contexts.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 # 1 GiB of address space costs nothing until used; LMDB needs it reserved.
 DEFAULT_MAP_SIZE = 1 << 30
 # An LMDB commit syncs in ~0.3-0.6 ms here; 256 records a batch keeps one
@@ -90,8 +93,9 @@ def _check_loopback(section: str, key: str, host: str) -> None:
 class AgentListenerConfig(_Section):
     """Where agents reach the decision service."""
 
-    # Unix socket for gRPC, e.g. "var/run/agent.sock"; empty disables it.
-    socket: str = "var/run/agent.sock"
+    # Unix socket for gRPC, e.g. "/run/kynara/agent.sock" (the SDK's default
+    # target); empty disables it.
+    socket: str = "/run/kynara/agent.sock"
     # Loopback TCP host for gRPC, e.g. "127.0.0.1".
     host: str = "127.0.0.1"
     # Loopback TCP port for gRPC, e.g. 50151; 0 picks a free port; -1 disables.
@@ -254,6 +258,22 @@ class Config(_Section):
             )
 
 
+def _choices_hint(error: msgspec.ValidationError) -> str:
+    """Name the allowed values when the error is about an enum setting."""
+    message = str(error)
+    if not message.startswith("Invalid enum value") or "`$." not in message:
+        return ""
+    keys = message.rsplit("`$.", 1)[1].rstrip("`").split(".")
+    node: Any = Config
+    for key in keys:
+        node = typing.get_type_hints(node).get(key)
+        if node is None:
+            return ""
+    if not (isinstance(node, type) and issubclass(node, enum.Enum)):
+        return ""
+    return "; expected one of: " + ", ".join(str(m.value) for m in node)
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
@@ -302,7 +322,7 @@ def load_config(
     try:
         config = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from None
+        raise ConfigError(f"{path or 'config'}: {err}{_choices_hint(err)}") from None
     try:
         config.validate()
     except ConfigError as err:

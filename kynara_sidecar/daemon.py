@@ -11,19 +11,21 @@ is refused and the previous one stays active.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import pathlib
 import signal
 import socket
 import time
+import typing
 from collections.abc import Callable
 
 import grpc
 import msgspec
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from kynara.v1 import decision_pb2, decision_pb2_grpc
+from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__
 from kynara_sidecar.audit.record import AuditRecordV1, marker_record
@@ -31,11 +33,11 @@ from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.writer import AuditWriter
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import Timestamp
-from kynara_sidecar.errors import KynaraError, PolicyError
+from kynara_sidecar.errors import KynaraError, ListenerError, PolicyError
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.pipeline import Pipeline
 from kynara_sidecar.policy.loader import LoadedPolicies, load_policies
-from kynara_sidecar.server.decision_service import DecisionService
+from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.http import build_http_app
 
 __all__ = ["Daemon"]
@@ -77,6 +79,7 @@ class Daemon:
         self._servers: list[grpc.aio.Server] = []
         self._health: list[health.aio.HealthServicer] = []
         self._http: web.AppRunner | None = None
+        self._socket_lock: typing.IO[str] | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -85,7 +88,15 @@ class Daemon:
         return self._pipeline
 
     def _load_policies(self) -> LoadedPolicies:
-        return load_policies(self.config.policy.path)
+        policies = load_policies(self.config.policy.path)
+        agent_id = self.config.identity.agent_id
+        if policies.directory.lookup(agent_id) is None:
+            raise PolicyError(
+                f"identity.agent_id {agent_id!r} is not in the directory, so "
+                "every decision would be denied; add the agent or fix the setting",
+                path=str(self.config.policy.path),
+            )
+        return policies
 
     def _marker(self, event: str) -> AuditRecordV1:
         return marker_record(
@@ -119,6 +130,7 @@ class Daemon:
             durability=str(cfg.audit.durability),
         )
         try:
+            self._lock_socket()
             await self._start_after_store(policies)
         except BaseException:
             await self.stop()
@@ -130,7 +142,7 @@ class Daemon:
             self._store,
             max_batch=cfg.audit.max_batch,
             deferred_window=cfg.audit.deferred_window_ms / 1000,
-            on_commit=self.metrics.count_commit,
+            on_commit=self._on_commit,
         )
         self._writer.start()
         self._pipeline = Pipeline(cfg, self._writer, self.metrics, self.clock)
@@ -166,25 +178,61 @@ class Daemon:
         self.metrics.audit_map_used.set(used)
         self.metrics.audit_map_size.set(size)
 
+    def _on_commit(self, records: int, seconds: float) -> None:
+        # Runs on the writer thread after each transaction; both are cheap.
+        self.metrics.count_commit(records, seconds)
+        self._update_usage()
+
+    def _lock_socket(self) -> None:
+        """Hold ``<socket>.lock`` so a second daemon cannot take the socket.
+
+        grpc unlinks a socket file before binding, so without this a second
+        daemon with another audit path would silently steal the live socket.
+        """
+        socket_path = self.config.agent.socket
+        if not socket_path:
+            return
+        path = pathlib.Path(socket_path + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ListenerError(
+                f"agent.socket {socket_path} is in use by another daemon; "
+                "stop it or choose another agent.socket"
+            ) from None
+        self._socket_lock = handle
+
+    def _bind(self, server: grpc.aio.Server, address: str, setting: str) -> int:
+        try:
+            return server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise ListenerError(
+                f"{setting}: cannot listen on {address}: {err}; "
+                f"is another process using it? change {setting}"
+            ) from err
+
     async def _start_agent_listener(self) -> None:
         cfg = self.config.agent
         limit = cfg.max_message_bytes
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", grpc_receive_limit(limit)),
                 ("grpc.so_reuseport", 0),
             ]
         )
-        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-            DecisionService(self._pipeline), server
-        )
+        self._servers.append(server)
+        DecisionService(self._pipeline, limit).register(server)
         self._add_health(server)
+        # TCP first: a port in use then fails before the socket is replaced.
+        if cfg.port != -1:
+            self.tcp_port = self._bind(server, f"{cfg.host}:{cfg.port}", "agent.port")
         if cfg.socket:
             pathlib.Path(cfg.socket).parent.mkdir(parents=True, exist_ok=True)
-            server.add_insecure_port(f"unix://{os.path.abspath(cfg.socket)}")
-        if cfg.port != -1:
-            self.tcp_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        self._servers.append(server)
+            address = f"unix://{os.path.abspath(cfg.socket)}"
+            self._bind(server, address, "agent.socket")
         await server.start()
 
     async def _start_health_listener(self) -> None:
@@ -192,9 +240,10 @@ class Daemon:
         if cfg.port == -1:
             return
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self._add_health(server)
-        self.health_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         self._servers.append(server)
+        self._add_health(server)
+        address = f"{cfg.host}:{cfg.port}"
+        self.health_port = self._bind(server, address, "health.port")
         await server.start()
 
     def _add_health(self, server: grpc.aio.Server) -> None:
@@ -209,18 +258,25 @@ class Daemon:
         self._http = web.AppRunner(build_http_app(self.metrics), access_log=None)
         await self._http.setup()
         site = web.TCPSite(self._http, cfg.host, cfg.port, reuse_port=False)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            raise ListenerError(
+                f"http.port: cannot listen on {cfg.host}:{cfg.port}: {err}; "
+                "change http.port"
+            ) from err
         self.http_port = self._http.addresses[0][1]
 
     async def reload(self) -> bool:
         """Load policies again; on any error keep the active set. Returns success."""
         try:
             policies = self._load_policies()
-        except PolicyError as err:
+        except Exception as err:
+            # Any failure, a loader bug included, keeps the active set.
             self.metrics.policy_reloads.labels("error").inc()
             log.error(
                 "policy reload refused; previous policy stays active",
-                extra=_fields(error=str(err)),
+                extra=_fields(error=str(err), error_type=type(err).__name__),
             )
             return False
         self.pipeline.activate(policies)
@@ -242,6 +298,9 @@ class Daemon:
             await self._http.cleanup()
             self._http = None
         await self._close_audit()
+        if self._socket_lock is not None:
+            self._socket_lock.close()
+            self._socket_lock = None
         self._stopped.set()
         log.info("stopped", extra=_fields())
 

@@ -7,7 +7,8 @@ Theory of operation
    directory. A missing principal denies with ``unknown_principal`` and an
    inactive one with ``inactive_principal`` (the first in chain order
    decides), before any rule is evaluated. An empty chain is denied as
-   ``unknown_principal`` too: with nobody to ask, nobody allowed it.
+   ``unknown_principal`` too: with nobody to ask, nobody allowed it. A chain
+   that is not a user followed by agents is denied with ``invalid_chain``.
 
 2. Evaluate each principal on its own (non-escalation). A principal's
    candidate rules are those whose resource-kind and action patterns match
@@ -105,6 +106,8 @@ _VERBS = {
     Effect.REQUIRE_APPROVAL: "requires approval of",
     Effect.ALLOW: "cannot allow",
 }
+
+_USER, _AGENT = "user", "agent"
 
 # How strict each outcome is when the chain is combined.
 _STRICTNESS = {Effect.ALLOW: 0, Effect.REQUIRE_APPROVAL: 1, Effect.DENY: 2}
@@ -213,6 +216,14 @@ def _refuse_chain(chain: Sequence[PrincipalRef]) -> tuple[ReasonCode, str] | Non
             )
         if not ref.active:
             return ReasonCode.INACTIVE_PRINCIPAL, f"principal {ref.id!r} is inactive"
+    for position, ref in enumerate(chain):
+        expected = _USER if position == 0 else _AGENT
+        if ref.kind != expected:
+            return (
+                ReasonCode.INVALID_CHAIN,
+                f"principal {ref.id!r} is a {ref.kind} where the chain expects "
+                f"a {expected} (a user first, then agents)",
+            )
     return None
 
 

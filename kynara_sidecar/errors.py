@@ -21,10 +21,12 @@ __all__ = [
     "IdentityInvalid",
     "InvalidRequest",
     "KynaraError",
+    "ListenerError",
     "PolicyError",
     "PolicyNotReady",
     "ReasonCode",
     "RequestError",
+    "RequestTooLarge",
     "ServiceError",
     "ShuttingDown",
 ]
@@ -52,6 +54,7 @@ class ReasonCode(enum.StrEnum):
     CONDITION_ERROR = "condition_error"
     UNKNOWN_PRINCIPAL = "unknown_principal"
     INACTIVE_PRINCIPAL = "inactive_principal"
+    INVALID_CHAIN = "invalid_chain"
 
 
 class KynaraError(Exception):
@@ -92,6 +95,13 @@ class InvalidRequest(RequestError):
     """A request field is missing or malformed; ``field`` names it."""
 
 
+class RequestTooLarge(RequestError):
+    """The request is larger than ``agent.max_message_bytes``."""
+
+    code = ErrorCode.REQUEST_TOO_LARGE
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class IdentityInvalid(RequestError):
     """The subject's identity could not be established."""
 
@@ -105,6 +115,10 @@ class ServiceError(KynaraError):
     code: ErrorCode = ErrorCode.INTERNAL
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
     field = ""
+
+
+class ListenerError(ServiceError):
+    """A listener could not be bound; the message names the setting."""
 
 
 class PolicyNotReady(ServiceError):

@@ -167,6 +167,12 @@ class Pipeline:
                 "send asserted_chain",
                 field="delegation_token",
             )
+        if not request.asserted_chain:
+            raise InvalidRequest(
+                "expected the user (and any intermediate agents) acting before "
+                "this daemon's agent, got an empty chain",
+                field="asserted_chain",
+            )
         return (*request.asserted_chain, self._identity.agent_id)
 
     def _env_for(self, request: IncomingRequest) -> Env:
@@ -180,6 +186,17 @@ class Pipeline:
             peer=request.peer,
         )
 
+    def refuse(self, error: KynaraError) -> None:
+        """Count a request that got an error instead of a decision.
+
+        ``decide`` counts its own; a front door calls this for a request it
+        could not translate (undecodable, too large), so every door's
+        refusals are counted alike.
+        """
+        self._metrics.request_errors.labels(str(error.code)).inc()
+        if isinstance(error, AuditUnavailable):
+            self._metrics.audit_failures.inc()
+
     async def decide(self, request: IncomingRequest) -> Answer:
         """Answer one request, its audit record committed first.
 
@@ -192,9 +209,7 @@ class Pipeline:
         try:
             answer = await self._decide(request)
         except KynaraError as err:
-            self._metrics.request_errors.labels(str(err.code)).inc()
-            if isinstance(err, AuditUnavailable):
-                self._metrics.audit_failures.inc()
+            self.refuse(err)
             raise
         decision = answer.decision
         self._metrics.count_decision(

@@ -54,7 +54,11 @@ class RunningDaemon:
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.call(self.daemon.start())
+        try:
+            self.call(self.daemon.start())
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def call(self, coro, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -79,9 +83,12 @@ class RunningDaemon:
         try:
             self.call(self.daemon.stop())
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 def daemon_config(tmp_path: pathlib.Path, *overrides: str) -> Config:

@@ -45,7 +45,8 @@ def test_config_path_from_environment(monkeypatch):
     [
         (
             "audit.durability=fast",
-            r"Invalid enum value 'fast' - at `\$.audit.durability`",
+            r"Invalid enum value 'fast' - at `\$.audit.durability`; "
+            "expected one of: durable, deferred",
         ),
         ("agent.portx=1", r"unknown field `portx` - at `\$.agent`"),
         ("agent.port=high", r"Expected `int`, got `str` - at `\$.agent.port`"),

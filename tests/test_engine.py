@@ -297,9 +297,25 @@ def test_rule_roles_are_met_through_inheritance():
 def test_wildcard_role_applies_to_every_directory_principal():
     loaded = compile_yaml(rules(rule("allow", roles='["*"]')))
 
-    decision = decide(loaded, ("ulla", "ada", "bert"))
+    decision = decide(loaded, ("bert", "ada"))
 
     assert decision.effect is Effect.ALLOW
+
+
+@pytest.mark.parametrize(
+    ("chain", "misplaced"),
+    [(("ada", "ulla"), "ada"), (("ulla", "bert"), "bert"), (("ada",), "ada")],
+    ids=["agent-first", "user-after-first", "agent-alone"],
+)
+def test_chain_must_be_a_user_then_agents(chain, misplaced):
+    loaded = compile_yaml(rules(rule("allow", roles='["*"]')))
+
+    decision = decide(loaded, chain)
+
+    assert decision.effect is Effect.DENY
+    assert decision.reason_code is ReasonCode.INVALID_CHAIN
+    assert decision.reason.startswith(f"principal {misplaced!r} is a")
+    assert decision.matched_rules == ()
 
 
 # --- shadow mode ---------------------------------------------------------------------
@@ -413,15 +429,8 @@ def test_each_principal_is_evaluated_as_itself():
 
 # --- non-escalation, as a property -------------------------------------------------
 
-PRINCIPALS = [
-    "alice",
-    "bob",
-    "carol",
-    "erin",
-    "support-bot",
-    "admin-bot",
-    "readonly-bot",
-]
+USERS = ["alice", "bob", "carol", "erin"]
+AGENTS = ["support-bot", "admin-bot", "readonly-bot"]
 ACTIONS = [
     ("crm.contact.read", "crm.contact", {}),
     ("payments.refund.issue", "payments.refund", {"amount": 100}),
@@ -433,13 +442,14 @@ STRICTNESS = {Effect.ALLOW: 0, Effect.REQUIRE_APPROVAL: 1, Effect.DENY: 2}
 
 
 @hypothesis.given(
-    chain=st.lists(st.sampled_from(PRINCIPALS), min_size=1, max_size=4),
+    user=st.sampled_from(USERS),
+    agents=st.lists(st.sampled_from(AGENTS), min_size=1, max_size=3),
     target=st.sampled_from(ACTIONS),
     region=st.sampled_from([None, "de", "KP"]),
     instant=st.integers(1_767_225_600, 1_798_761_600),  # 2026
 )
-def test_chain_decision_is_the_strictest_of_its_principals(
-    chain, target, region, instant
+def test_chain_decision_is_the_strictest_of_its_agents_with_the_user(
+    user, agents, target, region, instant
 ):
     action, kind, attributes = target
     context = {} if region is None else {"region": region}
@@ -452,10 +462,11 @@ def test_chain_decision_is_the_strictest_of_its_principals(
             SHIPPED.policy_set, SHIPPED.directory, request, Env(Timestamp(instant))
         ).effect
 
-    alone = [effect_of([principal]) for principal in chain]
+    pairs = [effect_of([user, agent]) for agent in agents]
 
-    assert effect_of(chain) == max(alone, key=STRICTNESS.__getitem__)
-    assert effect_of(list(reversed(chain))) == effect_of(chain)
+    chain = [user, *agents]
+    assert effect_of(chain) == max(pairs, key=STRICTNESS.__getitem__)
+    assert effect_of([user, *reversed(agents)]) == effect_of(chain)
 
 
 # --- values the CEL binding would mangle ------------------------------------------

@@ -426,7 +426,13 @@ def _typed(value: Any, path: str, where: str) -> Any:
     )
 
 
-def _attribute_key(key: str, path: str, where: str) -> str:
+def _attribute_key(key: Any, path: str, where: str) -> str:
+    if not isinstance(key, str):
+        raise PolicyError(
+            f"expected string map keys, got {type(key).__name__} {key!r}",
+            path=path,
+            location=where,
+        )
     # The CEL runtime cuts a key at its first NUL, so two keys could collide.
     if "\x00" in key:
         raise PolicyError(

@@ -1,4 +1,11 @@
-"""The gRPC front door: ``kynara.v1.DecisionService`` over grpc.aio."""
+"""The gRPC front door: ``kynara.v1.DecisionService`` over grpc.aio.
+
+The service decodes requests itself rather than letting grpc do it, so that
+bytes that are not a valid request (bad UTF-8, corrupt framing, nesting past
+protobuf's limit) and requests over ``agent.max_message_bytes`` get the same
+stable codes as every other bad request, and one undecodable batch item gets
+its own error while the others are answered.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +13,36 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from kynara.v1 import decision_pb2 as pb
-from kynara.v1 import decision_pb2_grpc as pb_grpc
 
-from kynara_sidecar.errors import InvalidRequest, KynaraError, ServiceError
+from kynara_sidecar.errors import (
+    InvalidRequest,
+    KynaraError,
+    RequestTooLarge,
+    ServiceError,
+)
 from kynara_sidecar.pipeline import Pipeline
 from kynara_sidecar.server.status import abort_with, error_to_proto
 from kynara_sidecar.server.wire import answer_to_proto, request_from_proto
 
-__all__ = ["DecisionService", "MAX_BATCH_ITEMS"]
+__all__ = ["DecisionService", "MAX_BATCH_ITEMS", "grpc_receive_limit"]
 
+SERVICE_NAME = "kynara.v1.DecisionService"
 # A batch shares one audit group commit; past the writer's batch size it
 # only queues, so a larger batch buys nothing but latency for everyone.
 MAX_BATCH_ITEMS = 256
+# grpc refuses bytes past this itself, without our error code; below it the
+# service answers request_too_large. Headroom lets the service see and name
+# a request that is over the configured limit by a little.
+RECEIVE_HEADROOM_BYTES = 64 * 1024
 
 log = logging.getLogger("kynara.server")
+
+
+def grpc_receive_limit(max_message_bytes: int) -> int:
+    """The limit to give grpc for a configured ``agent.max_message_bytes``."""
+    return max_message_bytes * 2 + RECEIVE_HEADROOM_BYTES
 
 
 def _internal_error() -> ServiceError:
@@ -29,55 +51,102 @@ def _internal_error() -> ServiceError:
     return ServiceError("internal error in the daemon; see its log")
 
 
-class DecisionService(pb_grpc.DecisionServiceServicer):
-    """Answers Decide and DecideBatch through the pipeline."""
+def _decode(message_type, raw: bytes, field: str = ""):
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as err:
+        raise InvalidRequest(
+            f"expected a {message_type.DESCRIPTOR.name} in protobuf encoding, "
+            f"could not decode it: {err}",
+            field=field,
+        ) from None
 
-    def __init__(self, pipeline: Pipeline):
+
+class DecisionService:
+    """Answers Decide and DecideBatch through the pipeline.
+
+    Args:
+        pipeline: the decision pipeline.
+        max_message_bytes: larger requests get ``request_too_large``.
+    """
+
+    def __init__(self, pipeline: Pipeline, max_message_bytes: int):
         self._pipeline = pipeline
+        self._max_bytes = max_message_bytes
 
-    async def _answer(self, request: pb.DecideRequest, peer: str) -> pb.DecideResponse:
-        incoming = request_from_proto(request, peer)
+    def register(self, server: grpc.aio.Server) -> None:
+        """Serve this service on ``server``, reading requests as raw bytes."""
+        handlers = {
+            "Decide": grpc.unary_unary_rpc_method_handler(
+                self.Decide,
+                response_serializer=pb.DecideResponse.SerializeToString,
+            ),
+            "DecideBatch": grpc.unary_unary_rpc_method_handler(
+                self.DecideBatch,
+                response_serializer=pb.DecideBatchResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    def _check_size(self, raw: bytes) -> None:
+        if len(raw) > self._max_bytes:
+            raise RequestTooLarge(
+                f"expected at most {self._max_bytes} bytes "
+                f"(agent.max_message_bytes), got {len(raw)}"
+            )
+
+    async def _answer(self, raw: bytes, peer: str) -> pb.DecideResponse:
+        try:
+            self._check_size(raw)
+            incoming = request_from_proto(_decode(pb.DecideRequest, raw), peer)
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise
         return answer_to_proto(await self._pipeline.decide(incoming))
 
     async def Decide(  # noqa: N802 (gRPC method name)
-        self, request: pb.DecideRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.DecideResponse:
         try:
-            return await self._answer(request, context.peer())
+            return await self._answer(raw, context.peer())
         except KynaraError as err:
             await abort_with(context, err)
         except Exception:
             await abort_with(context, _internal_error())
 
     async def _batch_item(
-        self, index: int, request: pb.DecideRequest, peer: str
+        self, index: int, raw: bytes, peer: str
     ) -> pb.DecideBatchItem:
         try:
-            answer = await self._answer(request, peer)
+            answer = await self._answer(raw, peer)
         except KynaraError as err:
             error = error_to_proto(err)
         except Exception:
             error = error_to_proto(_internal_error())
         else:
             return pb.DecideBatchItem(decision=answer)
-        if error.field:
-            error.field = f"items[{index}].{error.field}"
+        error.field = f"items[{index}]" + (f".{error.field}" if error.field else "")
         return pb.DecideBatchItem(error=error)
 
     async def DecideBatch(  # noqa: N802 (gRPC method name)
-        self, request: pb.DecideBatchRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.DecideBatchResponse:
-        if len(request.items) > MAX_BATCH_ITEMS:
-            await abort_with(
-                context,
-                InvalidRequest(
-                    f"expected at most {MAX_BATCH_ITEMS} items, "
-                    f"got {len(request.items)}",
+        try:
+            self._check_size(raw)
+            frames = _decode(pb.DecideBatchRequestFrames, raw).items
+            if len(frames) > MAX_BATCH_ITEMS:
+                raise InvalidRequest(
+                    f"expected at most {MAX_BATCH_ITEMS} items, got {len(frames)}",
                     field="items",
-                ),
-            )
+                )
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            await abort_with(context, err)
         peer = context.peer()
         items = await asyncio.gather(
-            *(self._batch_item(i, item, peer) for i, item in enumerate(request.items))
+            *(self._batch_item(i, frame, peer) for i, frame in enumerate(frames))
         )
         return pb.DecideBatchResponse(items=items)

@@ -22,8 +22,9 @@ __all__ = [
     "value_from_proto",
 ]
 
-# Deeper nesting than this is no real context; refusing it bounds recursion.
-MAX_VALUE_DEPTH = 32
+# Lists and maps nested deeper than this are no real context; refusing them
+# bounds recursion. protobuf's own decoder stops near 30 nested maps anyway.
+MAX_VALUE_DEPTH = 16
 # RFC 3339 years 0001..9999, as google.protobuf.Timestamp defines its range.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
@@ -68,7 +69,7 @@ def _map(entries: Any, path: str, depth: int) -> dict[str, Any]:
                 f"expected a non-empty key without NUL, got {key!r}", field=path
             )
     return {
-        key: value_from_proto(value, f"{path}[{key!r}]", depth + 1)
+        key: value_from_proto(value, f"{path}[{key!r}]", depth)
         for key, value in entries.items()
     }
 
@@ -86,14 +87,20 @@ _SCALARS = {
 def value_from_proto(value: pb.Value, path: str, depth: int = 0) -> Any:
     """Convert a wire ``Value`` to a typed pipeline value.
 
+    Args:
+        value: the wire value.
+        path: where it sits in the request, for error messages.
+        depth: how many lists and maps enclose it within its request field.
+
     Raises:
         InvalidRequest: the value is unset, too deep or out of range.
     """
-    if depth > MAX_VALUE_DEPTH:
-        raise InvalidRequest(
-            f"expected values nested at most {MAX_VALUE_DEPTH} deep", field=path
-        )
     kind = value.WhichOneof("kind")
+    if kind in ("list_value", "map_value") and depth >= MAX_VALUE_DEPTH:
+        raise InvalidRequest(
+            f"expected lists and maps nested at most {MAX_VALUE_DEPTH} deep",
+            field=path,
+        )
     if kind is None:
         raise InvalidRequest("expected a value, got an empty Value", field=path)
     if kind in _SCALARS:
@@ -107,7 +114,7 @@ def value_from_proto(value: pb.Value, path: str, depth: int = 0) -> Any:
             value_from_proto(item, f"{path}[{i}]", depth + 1)
             for i, item in enumerate(value.list_value.values)
         ]
-    return _map(value.map_value.entries, path, depth)
+    return _map(value.map_value.entries, path, depth + 1)
 
 
 def request_from_proto(request: pb.DecideRequest, peer: str = "") -> IncomingRequest:

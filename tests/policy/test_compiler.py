@@ -170,6 +170,11 @@ def test_bad_policy_set_is_refused(files, message):
             "dir.yaml:$.principals[0].attributes: expected map keys without NUL "
             "characters, got 'a\\x00b'",
         ),
+        (
+            "[{id: u, kind: user, attributes: {a: {1: x}}}]",
+            "dir.yaml:$.principals[0].attributes.a: expected string map keys, "
+            "got int 1",
+        ),
     ],
 )
 def test_bad_directory_is_refused(principals, message):

@@ -126,6 +126,15 @@ def test_condition_sees_exact_big_integer(daemon):
             "context['t'].timestamp_value",
         ),
         (lambda r: r.asserted_chain.append(""), "asserted_chain[1]"),
+        (lambda r: r.ClearField("asserted_chain"), "asserted_chain"),
+        (
+            lambda r: r.context["k"].map_value.entries["a\x00b"].int_value,
+            "context['k']",
+        ),
+        (
+            lambda r: r.context["deep"].CopyFrom(nested(17)),
+            "context['deep']" + "[0]" * 16,
+        ),
     ],
     ids=[
         "empty-action",
@@ -134,6 +143,9 @@ def test_condition_sees_exact_big_integer(daemon):
         "empty-value",
         "bad-nanos",
         "empty-principal",
+        "empty-chain",
+        "nul-in-key",
+        "nested-17-deep",
     ],
 )
 def test_malformed_request_is_invalid_request_naming_field(daemon, mutate, field):
@@ -158,13 +170,76 @@ def test_delegation_token_in_development_mode_is_identity_invalid(daemon):
     assert metadata["kynara-error-field"] == "delegation_token"
 
 
-def test_oversized_request_is_resource_exhausted(start_daemon):
+def nested(depth: int) -> pb.Value:
+    """A list holding a list ... ``depth`` lists deep around one integer."""
+    value = pb.Value(int_value=1)
+    for _ in range(depth):
+        value = pb.Value(list_value=pb.ListValue(values=[value]))
+    return value
+
+
+def test_values_nested_sixteen_deep_are_accepted(daemon):
+    request = small_refund()
+    request.context["deep"].CopyFrom(nested(16))
+
+    reply = daemon.stub().Decide(request)
+
+    assert reply.decision == pb.DECISION_ALLOW
+
+
+def test_oversized_request_is_request_too_large(start_daemon):
     running = start_daemon("agent.max_message_bytes=4096")
     request = small_refund(note="x" * 8192)
 
-    status, _ = error_of(lambda: running.stub().Decide(request))
+    status, metadata = error_of(lambda: running.stub().Decide(request))
 
     assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert metadata["kynara-error-code"] == "request_too_large"
+
+
+def raw_call(running, method: str):
+    """A call that sends bytes as they are, as a broken client might."""
+    channel = grpc.insecure_channel(running.target)
+    running._channels.append(channel)
+    return channel.unary_unary(
+        f"/kynara.v1.DecisionService/{method}",
+        request_serializer=None,
+        response_deserializer=(
+            pb.DecideResponse.FromString
+            if method == "Decide"
+            else pb.DecideBatchResponse.FromString
+        ),
+    )
+
+
+def bad_utf8_request() -> bytes:
+    good = small_refund().SerializeToString()
+    # asserted_chain[0] "alice" -> "al\xffce": no longer UTF-8.
+    return good.replace(b"alice", b"al\xffce")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [bad_utf8_request(), b"\xff\xff\xff", b"\x0a\x05ab"],
+    ids=["bad-utf8", "garbage", "truncated"],
+)
+def test_undecodable_request_is_invalid_request(daemon, raw):
+    status, metadata = error_of(lambda: raw_call(daemon, "Decide")(raw))
+
+    assert status == grpc.StatusCode.INVALID_ARGUMENT
+    assert metadata["kynara-error-code"] == "invalid_request"
+
+
+def test_batch_answers_around_an_undecodable_item(daemon):
+    good = small_refund().SerializeToString()
+    frames = pb.DecideBatchRequestFrames(items=[good, bad_utf8_request(), good])
+
+    reply = raw_call(daemon, "DecideBatch")(frames.SerializeToString())
+
+    outcomes = [item.WhichOneof("outcome") for item in reply.items]
+    assert outcomes == ["decision", "error", "decision"]
+    assert reply.items[1].error.code == "invalid_request"
+    assert reply.items[1].error.field == "items[1]"
 
 
 def test_full_audit_log_fails_closed_with_audit_unavailable(start_daemon):

@@ -9,7 +9,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2 as pb
-from support import SHIPPED_POLICIES, error_of, small_refund
+from support import (
+    SHIPPED_POLICIES,
+    RunningDaemon,
+    daemon_config,
+    error_of,
+    small_refund,
+)
+
+from kynara_sidecar.errors import ListenerError, PolicyError
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -136,3 +144,82 @@ def test_stop_reports_not_serving(start_daemon):
 
     status = running.call(servicer.Check(health_pb2.HealthCheckRequest(), None))
     assert status.status == NOT_SERVING
+
+
+def test_second_daemon_on_the_same_socket_is_refused_and_first_keeps_it(
+    start_daemon, tmp_path
+):
+    first = start_daemon()
+    other = tmp_path / "other"
+    other.mkdir()
+    config = daemon_config(other, f"agent.socket={first.socket}")
+
+    with pytest.raises(ListenerError, match="is in use by another daemon"):
+        RunningDaemon(config, first.clock)
+
+    assert first.stub().Decide(small_refund()).decision == pb.DECISION_ALLOW
+
+
+def test_port_in_use_is_a_listener_error_naming_the_setting(start_daemon, tmp_path):
+    first = start_daemon()
+    other = tmp_path / "other"
+    other.mkdir()
+    config = daemon_config(other, f"agent.port={first.daemon.tcp_port}")
+
+    with pytest.raises(ListenerError, match=r"agent.port: cannot listen on 127.0.0.1"):
+        RunningDaemon(config, first.clock)
+
+    assert first.stub().Decide(small_refund()).decision == pb.DECISION_ALLOW
+
+
+def test_agent_missing_from_directory_refuses_start(tmp_path, clock):
+    config = daemon_config(tmp_path, "identity.agent_id=ghost-bot")
+
+    with pytest.raises(PolicyError, match="identity.agent_id 'ghost-bot' is not in"):
+        RunningDaemon(config, clock)
+
+
+def test_reload_that_drops_the_agent_is_refused(start_daemon, tmp_path):
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)
+    running = start_daemon(f"policy.source={policies}")
+    directory = policies / "directory.yaml"
+    directory.write_text(directory.read_text().replace("id: support-bot", "id: x-bot"))
+
+    assert running.call(running.daemon.reload()) is False
+    assert running.stub().Decide(small_refund()).decision == pb.DECISION_ALLOW
+
+
+def test_reload_survives_an_unexpected_loader_fault(daemon, monkeypatch):
+    def explode(_path):
+        raise RuntimeError("loader bug")
+
+    monkeypatch.setattr("kynara_sidecar.daemon.load_policies", explode)
+
+    assert daemon.call(daemon.daemon.reload()) is False
+    assert 'kynara_policy_reloads_total{result="error"} 1.0' in scrape(daemon)
+
+
+def map_used(text: str) -> float:
+    line = next(
+        line for line in text.splitlines() if line.startswith("kynara_audit_map_used")
+    )
+    return float(line.split()[-1])
+
+
+def test_map_usage_gauge_follows_the_log(daemon):
+    before = map_used(scrape(daemon))
+    stub = daemon.stub()
+    for _ in range(50):
+        stub.Decide(small_refund(padding="p" * 4096))
+
+    assert map_used(scrape(daemon)) > before
+
+
+def test_refusals_before_the_pipeline_are_counted(start_daemon):
+    running = start_daemon("agent.max_message_bytes=4096")
+    error_of(lambda: running.stub().Decide(small_refund(note="x" * 8192)))
+
+    text = scrape(running)
+
+    assert 'kynara_request_errors_total{code="request_too_large"} 1.0' in text

@@ -28,6 +28,7 @@ class ReasonCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_CODE_CONDITION_ERROR: _ClassVar[ReasonCode]
     REASON_CODE_UNKNOWN_PRINCIPAL: _ClassVar[ReasonCode]
     REASON_CODE_INACTIVE_PRINCIPAL: _ClassVar[ReasonCode]
+    REASON_CODE_INVALID_CHAIN: _ClassVar[ReasonCode]
 
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ REASON_CODE_RULE_DENIED: ReasonCode
 REASON_CODE_CONDITION_ERROR: ReasonCode
 REASON_CODE_UNKNOWN_PRINCIPAL: ReasonCode
 REASON_CODE_INACTIVE_PRINCIPAL: ReasonCode
+REASON_CODE_INVALID_CHAIN: ReasonCode
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ERROR_CODE_INVALID_REQUEST: ErrorCode
 ERROR_CODE_POLICY_NOT_READY: ErrorCode
@@ -214,6 +216,12 @@ class DecideBatchRequest(_message.Message):
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[DecideRequest]
     def __init__(self, items: _Optional[_Iterable[_Union[DecideRequest, _Mapping]]] = ...) -> None: ...
+
+class DecideBatchRequestFrames(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, items: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DecideBatchItem(_message.Message):
     __slots__ = ("decision", "error")
