@@ -288,7 +288,10 @@ class AuditWriter:
         with self._cond:
             if self._error is None:
                 self._error = err
-                _log.error("audit log failed", extra={"error": str(err)})
+                _log.error(
+                    "audit log failed",
+                    extra={"fields": {"component": "audit", "error": str(err)}},
+                )
             queued = list(self._queue)
             self._queue.clear()
         self._reject(queued, self._refusal())
@@ -306,7 +309,9 @@ class AuditWriter:
         try:
             self._on_commit(size, seconds)
         except Exception:
-            _log.exception("audit on_commit hook failed")
+            _log.exception(
+                "audit on_commit hook failed", extra={"fields": {"component": "audit"}}
+            )
 
 
 def _settle(item: _Pending, result: Appended | None, err: Exception | None) -> None:
