@@ -1,11 +1,16 @@
 """The daemon: wires config, policies, the audit log and the listeners.
 
-Start-up order: load policies -> open the audit log (exclusive) -> start the
-writer and append a start marker -> bind listeners -> report SERVING.
-Shutdown order (SIGTERM/SIGINT): report NOT_SERVING -> refuse new requests
--> drain in-flight ones within ``shutdown_grace_seconds`` -> append a stop
-marker -> flush and close the audit log. SIGHUP reloads policies; a bad set
-is refused and the previous one stays active.
+Start-up order (each step logged): load policies -> open the audit log
+(exclusive) -> lock the agent socket -> start the writer and append a start
+marker -> bind listeners (TCP before the socket) -> report SERVING.
+
+Shutdown order (SIGTERM/SIGINT, each step logged): report NOT_SERVING ->
+refuse new requests with ``shutting_down`` -> wait for in-flight requests,
+records committed, up to ``shutdown_grace_seconds`` -> close the listeners
+-> append a stop marker -> flush and close the audit log.
+
+SIGHUP reloads policies; a bad set is refused and the previous one stays
+active.
 """
 
 from __future__ import annotations
@@ -80,7 +85,6 @@ class Daemon:
         self._health: list[health.aio.HealthServicer] = []
         self._http: web.AppRunner | None = None
         self._socket_lock: typing.IO[str] | None = None
-        self._stopped = asyncio.Event()
 
     @property
     def pipeline(self) -> Pipeline:
@@ -128,6 +132,10 @@ class Daemon:
             cfg.audit.path,
             map_size=cfg.audit.map_size,
             durability=str(cfg.audit.durability),
+        )
+        log.info(
+            "audit log opened",
+            extra=_fields(path=cfg.audit.path, durability=str(cfg.audit.durability)),
         )
         try:
             self._lock_socket()
@@ -285,27 +293,38 @@ class Daemon:
         return True
 
     async def stop(self) -> None:
-        """Drain and shut down in the documented order. Safe to call twice."""
+        """Drain and shut down in the documented order. Safe to call twice.
+
+        New requests get ``shutting_down`` from the moment health reports
+        NOT_SERVING; requests already in the pipeline finish (their records
+        committed) within ``shutdown_grace_seconds``; only then do the
+        listeners close.
+        """
         grace = self.config.shutdown_grace_seconds
+        deadline = time.monotonic() + grace
         log.info("stopping", extra=_fields(grace_seconds=grace))
         for servicer in self._health:
             await servicer.enter_graceful_shutdown()
         if self._pipeline is not None:
             self._pipeline.close()
-        # TODO(#3): calls that reach grpc while it shuts down end CANCELLED
-        # without a kynara-error-code (unanswered, so the log stays whole);
-        # drain so that each one gets shutting_down or its answer.
+            left = await self._pipeline.drain(grace)
+            log.info("drained", extra=_fields(in_flight_left=left))
+        await self._stop_listeners(max(deadline - time.monotonic(), 0.0))
+        await self._close_audit()
+        if self._socket_lock is not None:
+            self._socket_lock.close()
+            self._socket_lock = None
+        log.info("stopped", extra=_fields())
+
+    async def _stop_listeners(self, grace: float) -> None:
+        # The pipeline is drained, so what grpc still holds is a call that
+        # is being refused with shutting_down; the grace lets it finish.
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers.clear()
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
-        await self._close_audit()
-        if self._socket_lock is not None:
-            self._socket_lock.close()
-            self._socket_lock = None
-        self._stopped.set()
-        log.info("stopped", extra=_fields())
+        log.info("listeners closed", extra=_fields())
 
     async def _close_audit(self) -> None:
         if self._writer is not None:
@@ -318,16 +337,28 @@ class Daemon:
         if self._store is not None:
             self._store.close()
             self._store = None
+            log.info("audit log closed", extra=_fields())
 
     async def run(self) -> None:
-        """Start, then serve until SIGTERM or SIGINT; SIGHUP reloads."""
+        """Start, then serve until SIGTERM or SIGINT; SIGHUP reloads.
+
+        Handlers are installed before start-up so that an early signal is
+        neither fatal nor lost: SIGTERM during start stops right after it,
+        and SIGHUP during start reloads once serving.
+        """
         loop = asyncio.get_running_loop()
-        await self.start()
         stop = asyncio.Event()
+        reload_wanted = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload())
-        )
-        await stop.wait()
+        loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
+        await self.start()
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload_wanted)]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if reload_wanted.is_set() and not stop.is_set():
+                reload_wanted.clear()
+                await self.reload()
         await self.stop()

@@ -14,6 +14,7 @@ the caller gets ``AuditUnavailable`` instead.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -141,6 +142,9 @@ class Pipeline:
         self._clock = clock
         self._policies: LoadedPolicies | None = None
         self._closing = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def policies(self) -> LoadedPolicies | None:
@@ -158,6 +162,18 @@ class Pipeline:
     def close(self) -> None:
         """Refuse new requests with ``ShuttingDown``; in-flight ones finish."""
         self._closing = True
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for in-flight requests to finish.
+
+        Returns:
+            How many were still in flight when the wait ended.
+        """
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self._in_flight
 
     def _establish_chain(self, request: IncomingRequest) -> tuple[str, ...]:
         if request.delegation_token:
@@ -206,11 +222,17 @@ class Pipeline:
                 given now; nothing was logged as answered.
         """
         started = time.perf_counter()
+        self._in_flight += 1
+        self._idle.clear()
         try:
             answer = await self._decide(request)
         except KynaraError as err:
             self.refuse(err)
             raise
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
         decision = answer.decision
         self._metrics.count_decision(
             str(decision.effect), request.action, time.perf_counter() - started

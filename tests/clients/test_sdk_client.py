@@ -248,6 +248,12 @@ def test_two_subjects_in_one_call_are_refused(daemon, client):
             "",
         ),
         (
+            Abort(grpc.StatusCode.CANCELLED, "shutting down"),
+            KynaraUnavailable,
+            "daemon_unreachable",
+            "",
+        ),
+        (
             Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "limit"),
             KynaraError,
             "request_too_large",
@@ -276,6 +282,7 @@ def test_two_subjects_in_one_call_are_refused(daemon, client):
         "internal",
         "bare-unavailable",
         "bare-deadline",
+        "bare-cancelled",
         "bare-resource-exhausted",
         "bare-permission-denied",
         "bare-unimplemented",

@@ -50,8 +50,14 @@ _EFFECTS = {
 
 # Statuses a call ends with when no daemon answered it at all. A deadline
 # counts: from the caller's side a daemon too slow to answer is unreachable.
+# CANCELLED without our metadata is a daemon that shut down before it took
+# the call (grpc cancels calls it has not yet handed to the service).
 _UNREACHABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
 )
 
 
@@ -136,7 +142,7 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> KynaraError:
     """Map a failed call to a ``KynaraError`` with a stable code.
 
     The daemon's ``kynara-error-code`` metadata wins. Without it the status
-    decides: UNAVAILABLE or DEADLINE_EXCEEDED is ``KynaraUnavailable``
+    decides: UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED is ``KynaraUnavailable``
     (``daemon_unreachable``), RESOURCE_EXHAUSTED (gRPC's own message size
     limit) is ``request_too_large``, anything else ``internal``.
     """
