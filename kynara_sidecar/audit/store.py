@@ -298,7 +298,7 @@ class AuditStore:
         records: Sequence[AuditRecordV1],
         changes: list[StateChange],
     ) -> list[Appended]:
-        # TODO(#3): appends trust the stored head; the daemon should verify the
+        # TODO(#5): appends trust the stored head; the daemon should verify the
         # log's tail at start and write a chain_break record when it is broken.
         seq, prev = self._head
         out = []

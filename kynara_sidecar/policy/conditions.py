@@ -88,9 +88,10 @@ TIME_ZONE_FUNCTIONS = frozenset(
     }
 )
 
-# TODO(#3): no cost limit on evaluation: a comprehension over a large
-# caller-supplied list runs as long as the list is; only the server's request
-# size limit bounds it. cel-expr-python 0.1.3 exposes no cost tracker.
+# TODO(#4): no cost limit on evaluation: a comprehension over a large
+# caller-supplied list runs as long as the list is; only agent.max_message_bytes
+# bounds it. cel-expr-python 0.1.3 exposes no cost tracker, so a load-time
+# estimate of nested comprehensions would have to be ours.
 _ENV = cel.NewEnv(variables=dict(VARIABLES), extensions=[ExtStrings()])
 _RESULT_TYPES = ("BOOL", "DYN")
 
