@@ -49,6 +49,9 @@ DEFAULT_MAP_SIZE = 1 << 30
 # An LMDB commit syncs in ~0.3-0.6 ms here; 256 records a batch keeps one
 # transaction well under a millisecond while amortising the sync.
 DEFAULT_MAX_BATCH = 256
+# Owner and group may connect: in Kubernetes the agent container shares the
+# pod's group (fsGroup) but usually not the daemon's uid.
+DEFAULT_SOCKET_MODE = 0o660
 # Unix socket paths are limited to 107 bytes by sockaddr_un.
 MAX_SOCKET_PATH_BYTES = 107
 MIN_MAP_SIZE = 64 * 1024
@@ -96,6 +99,9 @@ class AgentListenerConfig(_Section):
     # Unix socket for gRPC, e.g. "/run/kynara/agent.sock" (the SDK's default
     # target); empty disables it.
     socket: str = "/run/kynara/agent.sock"
+    # Permission bits of the socket in octal, e.g. 0660: owner and group
+    # may connect, so an agent container sharing the pod's group can.
+    socket_mode: int = DEFAULT_SOCKET_MODE
     # Loopback TCP host for gRPC, e.g. "127.0.0.1".
     host: str = "127.0.0.1"
     # Loopback TCP port for gRPC, e.g. 50151; 0 picks a free port; -1 disables.
@@ -113,6 +119,11 @@ class AgentListenerConfig(_Section):
             raise ConfigError(
                 f"{section}.socket: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
                 f"got {len(os.fsencode(self.socket))}"
+            )
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(
+                f"{section}.socket_mode: expected permission bits 0..0o777, "
+                f"got {self.socket_mode:#o}"
             )
         if self.max_message_bytes < 1024:
             raise ConfigError(

@@ -128,17 +128,21 @@ class Daemon:
             extra=_fields(source=cfg.policy.source, setting="policy.source"),
         )
         policies = self._load_policies()
-        self._store = AuditStore.open(
-            cfg.audit.path,
-            map_size=cfg.audit.map_size,
-            durability=str(cfg.audit.durability),
-        )
-        log.info(
-            "audit log opened",
-            extra=_fields(path=cfg.audit.path, durability=str(cfg.audit.durability)),
-        )
+        # The socket lock comes first, so a daemon refused for a live socket
+        # never touches its own audit path.
+        self._lock_socket()
         try:
-            self._lock_socket()
+            self._store = AuditStore.open(
+                cfg.audit.path,
+                map_size=cfg.audit.map_size,
+                durability=str(cfg.audit.durability),
+            )
+            log.info(
+                "audit log opened",
+                extra=_fields(
+                    path=cfg.audit.path, durability=str(cfg.audit.durability)
+                ),
+            )
             await self._start_after_store(policies)
         except BaseException:
             await self.stop()
@@ -241,6 +245,7 @@ class Daemon:
             pathlib.Path(cfg.socket).parent.mkdir(parents=True, exist_ok=True)
             address = f"unix://{os.path.abspath(cfg.socket)}"
             self._bind(server, address, "agent.socket")
+            os.chmod(cfg.socket, cfg.socket_mode)
         await server.start()
 
     async def _start_health_listener(self) -> None:

@@ -81,3 +81,15 @@ def test_config_that_is_not_a_mapping_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(path)
+
+
+def test_socket_mode_reads_yaml_octal(tmp_path):
+    path = tmp_path / "kynara.yaml"
+    path.write_text("identity: {agent_id: a}\nagent: {socket_mode: 0600}\n")
+
+    assert load_config(path).agent.socket_mode == 0o600
+
+
+def test_socket_mode_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match=r"agent.socket_mode: expected permission"):
+        load_config(SHIPPED_CONFIG, ["agent.socket_mode=4096"])

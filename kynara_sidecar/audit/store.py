@@ -52,8 +52,9 @@ __all__ = [
 
 # The on-disk layout this code reads and writes (meta "format_version").
 FORMAT_VERSION = b"1"
-# 1 GiB: about two million 450-byte records. LMDB maps the file sparsely,
-# so an unused map costs address space, not disk.
+# 1 GiB: about half a million decision records (about 1.5 KiB each, with
+# the chain hash and index). LMDB maps the file sparsely, so an unused map
+# costs address space, not disk.
 DEFAULT_MAP_SIZE = 1 << 30
 LOCK_FILE = "writer.lock"
 
@@ -307,12 +308,15 @@ class AuditStore:
             data = encode_record(msgspec.structs.replace(record, seq=seq))
             prev = chain_hash(prev, data)
             key = _seq_key(seq)
-            if not txn.put(key, data, db=self._dbs[b"records"], overwrite=False):
+            # append=True fills each page before starting the next (records
+            # arrive in key order); it refuses a key at or below the last one,
+            # which here means a record already lies beyond the stored head.
+            if not txn.put(key, data, db=self._dbs[b"records"], append=True):
                 raise AuditUnavailable(
-                    f"audit log {self._path} already holds record {seq} beyond "
-                    f"its head: run `kynara-sidecar verify {self._path}`"
+                    f"audit log {self._path} already holds records beyond "
+                    f"its head {seq - 1}: run `kynara-sidecar verify {self._path}`"
                 )
-            txn.put(key, prev, db=self._dbs[b"chain"])
+            txn.put(key, prev, db=self._dbs[b"chain"], append=True)
             if record.kind == RecordKind.DECISION and record.decision_id:
                 # The first record of a decision id wins; ids are unique.
                 txn.put(

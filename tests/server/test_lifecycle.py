@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import urllib.request
 
@@ -223,3 +224,11 @@ def test_refusals_before_the_pipeline_are_counted(start_daemon):
     text = scrape(running)
 
     assert 'kynara_request_errors_total{code="request_too_large"} 1.0' in text
+
+
+def test_agent_socket_takes_the_configured_mode(start_daemon):
+    running = start_daemon("agent.socket_mode=0640")
+
+    mode = os.stat(running.socket).st_mode & 0o777
+
+    assert mode == 0o640
