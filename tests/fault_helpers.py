@@ -22,10 +22,15 @@ from collections.abc import Iterable
 from typing import IO, NamedTuple
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2 as pb
 from kynara.v1 import decision_pb2_grpc
-from support import REPO_ROOT, SHIPPED_POLICIES, small_refund, value_to_proto
+from support import (
+    REPO_ROOT,
+    SHIPPED_POLICIES,
+    small_refund,
+    value_to_proto,
+    wait_serving,
+)
 
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.store import AuditStore
@@ -137,26 +142,8 @@ class DaemonProcess:
         return f"unix://{self.socket}"
 
     def wait_serving(self) -> None:
-        """Wait until health on the agent socket says SERVING.
-
-        Raises:
-            AssertionError: the daemon exited, or did not serve in time; the
-                message carries its log.
-        """
-        deadline = time.monotonic() + START_TIMEOUT
-        request = health_pb2.HealthCheckRequest()
-        while time.monotonic() < deadline:
-            exited = self.process.poll()
-            assert exited is None, f"daemon exited {exited}:\n{self.log_text()}"
-            with contextlib.suppress(grpc.RpcError):
-                with grpc.insecure_channel(self.target) as channel:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        request, timeout=1
-                    )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"daemon did not serve:\n{self.log_text()}")
+        """Wait until health on the agent socket says SERVING."""
+        wait_serving(self.target, self.process, self.log_path)
 
     def stub(self) -> decision_pb2_grpc.DecisionServiceStub:
         """A stub on a fresh channel to the agent socket, closed by ``close``."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
+import subprocess
 import threading
+import time
 from typing import Any
 
 import grpc
 import pytest
 import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2 as pb
 from kynara.v1 import decision_pb2_grpc
 
@@ -174,3 +178,31 @@ def read_record(running: RunningDaemon, seq: int) -> AuditRecordV1:
     stored = running.daemon._store.get(seq)
     assert stored is not None, f"no record {seq}"
     return decode_record(stored.record_bytes)
+
+
+# A cold start imports grpc and compiles the policies: well under a second
+# here, but the machine is shared.
+START_TIMEOUT = 30.0
+
+
+def wait_serving(
+    target: str, process: subprocess.Popen, log_path: pathlib.Path
+) -> None:
+    """Wait until a daemon process reports SERVING on gRPC health at target.
+
+    Raises:
+        AssertionError: the process exited or did not serve in time; the
+            message carries its log.
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    request = health_pb2.HealthCheckRequest()
+    while time.monotonic() < deadline:
+        exited = process.poll()
+        assert exited is None, f"daemon exited {exited}:\n{log_path.read_text()}"
+        with contextlib.suppress(grpc.RpcError):
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"daemon did not serve:\n{log_path.read_text()}")

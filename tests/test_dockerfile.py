@@ -40,15 +40,12 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import zipfile
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
-from support import REPO_ROOT
+from support import REPO_ROOT, wait_serving
 
 from kynara_sidecar.config import load_config
 
@@ -673,23 +670,6 @@ def test_image_venv_holds_no_build_or_test_tools(installed_image, module):
     assert f"No module named {module!r}" in result.stderr
 
 
-def _wait_serving(target: str, process: subprocess.Popen, log: pathlib.Path):
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            with grpc.insecure_channel(target) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"daemon did not report SERVING\n{log.read_text()}")
-
-
 @dataclasses.dataclass
 class ImageDaemon:
     process: subprocess.Popen
@@ -724,7 +704,7 @@ def image_daemon(image: InstalledImage, tmp_path: pathlib.Path):
             stderr=log_file, umask=DOCKER_UMASK,
         )  # fmt: skip
         try:
-            _wait_serving(f"unix://{socket}", process, log)
+            wait_serving(f"unix://{socket}", process, log)
             yield ImageDaemon(process, socket, audit, log)
         finally:
             if process.poll() is None:

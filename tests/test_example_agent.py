@@ -6,34 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import grpc
 import lmdb
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import REPO_ROOT
+from support import REPO_ROOT, wait_serving
 
 CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
 EXAMPLE = REPO_ROOT / "clients" / "python" / "examples" / "refund_agent.py"
 START_TIMEOUT = 30.0
-
-
-def wait_serving(target: str, process: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log_path.read_text()
-        try:
-            with grpc.insecure_channel(target) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("daemon did not report SERVING")
 
 
 @pytest.fixture
