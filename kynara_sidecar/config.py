@@ -115,10 +115,17 @@ class AgentListenerConfig(_Section):
             _check_loopback(section, "host", self.host)
         if not self.socket and self.port == -1:
             raise ConfigError(f"{section}: expected a socket or a port, got neither")
-        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH_BYTES:
+        try:
+            length = len(os.fsencode(self.socket))
+        except UnicodeEncodeError as err:
+            raise ConfigError(
+                f"{section}.socket: expected a path the filesystem can encode, "
+                f"got {self.socket!r} ({err.reason})"
+            ) from None
+        if length > MAX_SOCKET_PATH_BYTES:
             raise ConfigError(
                 f"{section}.socket: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
-                f"got {len(os.fsencode(self.socket))}"
+                f"got {length}"
             )
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(
@@ -293,6 +300,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from err
+    except RecursionError:
+        raise ConfigError(f"--set {key}: value is nested too deeply") from None
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
@@ -324,8 +333,10 @@ def load_config(
         try:
             text = pathlib.Path(path).read_text(encoding="utf-8")
             raw = yaml.safe_load(text) or {}
-        except (OSError, yaml.YAMLError) as err:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read config: {err}") from err
+        except RecursionError:
+            raise ConfigError(f"{path}: config is nested too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at top level")
     for override in overrides:

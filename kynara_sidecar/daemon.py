@@ -283,7 +283,8 @@ class Daemon:
     async def reload(self) -> bool:
         """Load policies again; on any error keep the active set. Returns success."""
         try:
-            policies = self._load_policies()
+            # Compiling a large set takes a while; decisions go on meanwhile.
+            policies = await asyncio.to_thread(self._load_policies)
         except Exception as err:
             # Any failure, a loader bug included, keeps the active set.
             self.metrics.policy_reloads.labels("error").inc()

@@ -180,10 +180,16 @@ def compile_condition(
         return PolicyError(prefix + message, path=path, location=location)
 
     try:
+        source.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise refuse(f"expected UTF-8 text, got {err.reason}") from None
+    try:
         expression = _ENV.compile(source)
+        # The runtime reports some type errors (a map key of a type CEL does
+        # not allow) only when asked for the result type.
+        result = expression.return_type().name()
     except RuntimeError as err:
         raise refuse(_describe_cel_error(str(err))) from err
-    result = expression.return_type().name()
     if result not in _RESULT_TYPES:
         raise refuse(f"expected a bool result, got {result.lower()}")
     problem = _check_literals(source, expression.serialize())

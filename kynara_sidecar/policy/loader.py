@@ -58,6 +58,9 @@ _DECODERS: dict[str, Callable[[bytes], Any]] = {
     ".toml": msgspec.toml.decode,
 }
 SUFFIXES = frozenset(_DECODERS)
+# A policy file of 100,000 rules holds about a million values; past ten
+# million a file is an alias bomb, not a policy, and would stall compiling.
+MAX_DOCUMENT_VALUES = 10_000_000
 
 _DOCUMENT_TYPES = {
     DocumentKind.POLICY: PolicyDocument,
@@ -166,6 +169,13 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
         raise PolicyError(
             f"expected valid {suffix[1:].upper()}, got: {err}", path=path
         ) from err
+    except RecursionError:
+        raise PolicyError(
+            f"expected {suffix[1:].upper()} nested less deeply than the decoder's "
+            "recursion limit",
+            path=path,
+        ) from None
+    _check_expansion(raw, path)
     document_type = _document_type(raw, path)
     _check_roles(raw, path)
     document = _convert(raw, document_type, path)
@@ -215,6 +225,32 @@ def _read(path: pathlib.Path) -> bytes:
         ) from err
 
 
+def _expanded_size(value: Any, seen: dict[int, int]) -> int:
+    # Memoised by identity: a YAML alias decodes to the same object, so the
+    # walk is linear in the file while the count is what it expands to.
+    known = seen.get(id(value))
+    if known is not None:
+        return known
+    children: Any = ()
+    if isinstance(value, dict):
+        children = value.values()
+    elif isinstance(value, list):
+        children = value
+    size = 1 + sum(_expanded_size(child, seen) for child in children)
+    seen[id(value)] = size
+    return size
+
+
+def _check_expansion(raw: Any, path: str) -> None:
+    size = _expanded_size(raw, {})
+    if size > MAX_DOCUMENT_VALUES:
+        raise PolicyError(
+            f"expected at most {MAX_DOCUMENT_VALUES} values, got {size} once "
+            "expanded (YAML aliases?)",
+            path=path,
+        )
+
+
 def _document_type(raw: Any, path: str) -> type[PolicyDocument | DirectoryDocument]:
     if not isinstance(raw, dict):
         raise PolicyError(
@@ -222,7 +258,7 @@ def _document_type(raw: Any, path: str) -> type[PolicyDocument | DirectoryDocume
             path=path,
             location="$",
         )
-    header = msgspec.convert(raw, DocumentHeader)
+    header = _convert(raw, DocumentHeader, path)
     if header.format_version != FORMAT_VERSION or isinstance(
         header.format_version, bool
     ):

@@ -26,6 +26,17 @@ ERROR_CODE_KEY = "kynara-error-code"
 ERROR_FIELD_KEY = "kynara-error-field"
 
 
+def _printable_ascii(text: str) -> str:
+    """gRPC metadata values are printable ASCII: escape everything else.
+
+    A field path can hold a caller's map key, such as ``context['région']``,
+    which travels as ``context['r\\xe9gion']``.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def status_for(error: KynaraError) -> tuple[grpc.StatusCode, str, str]:
     """Return (status, code, field) for an error; unknown ones are internal."""
     if isinstance(error, RequestError | ServiceError):
@@ -43,6 +54,6 @@ async def abort_with(context: grpc.aio.ServicerContext, error: KynaraError) -> N
     status, code, field = status_for(error)
     metadata = [(ERROR_CODE_KEY, code)]
     if field:
-        metadata.append((ERROR_FIELD_KEY, field))
+        metadata.append((ERROR_FIELD_KEY, _printable_ascii(field)))
     context.set_trailing_metadata(tuple(metadata))
     await context.abort(status, str(error))

@@ -1,0 +1,150 @@
+"""The three fuzz targets, as plain functions of bytes, for the harnesses.
+
+Each target feeds its bytes to one front of the daemon and returns quietly
+when the code under test ends in an answer or a named error (a
+``KynaraError`` subclass). Any other exception propagates, and the harness
+reports it as a finding; so does a violated contract (``AssertionError``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import msgspec
+from kynara.v1 import decision_pb2 as pb
+
+from kynara_sidecar.config import load_config
+from kynara_sidecar.errors import ConfigError, InvalidRequest, PolicyError
+from kynara_sidecar.pipeline import validate_request
+from kynara_sidecar.policy.conditions import compile_condition
+from kynara_sidecar.policy.loader import compile_documents, decode_document
+from kynara_sidecar.server.decision_service import _decode
+from kynara_sidecar.server.wire import request_from_proto
+
+__all__ = [
+    "REPO_ROOT",
+    "WORKDIR_ENV",
+    "check_config",
+    "check_policy",
+    "check_request",
+    "seed_inputs",
+]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHIPPED_POLICIES = REPO_ROOT / "config" / "policies"
+SHIPPED_CONFIG = REPO_ROOT / "config" / "kynara.yaml"
+POLICY_SUFFIXES = (".yaml", ".json", ".toml")
+# A policy input's first byte picks what the rest is: a file of one of the
+# suffixes, or a bare CEL condition.
+CONDITION_MODE = len(POLICY_SUFFIXES)
+
+
+def check_request(data: bytes) -> None:
+    """Request bytes: translated and validated, or ``InvalidRequest``."""
+    try:
+        message = _decode(pb.DecideRequest, data)
+    except InvalidRequest:
+        # Undecodable: refused as a whole, there is no field to name.
+        return
+    try:
+        validate_request(request_from_proto(message, peer="fuzz"))
+    except InvalidRequest as err:
+        assert err.field, f"no field named for a decodable request: {err}"
+
+
+def _shipped(name: str):
+    path = SHIPPED_POLICIES / name
+    return decode_document(str(path), path.read_bytes())
+
+
+_ROLES = _shipped("roles.yaml")
+_DIRECTORY = _shipped("directory.yaml")
+
+
+def check_policy(data: bytes) -> None:
+    """Policy bytes: a compiled set or ``PolicyError`` naming the path."""
+    if not data:
+        return
+    mode, body = data[0] % (CONDITION_MODE + 1), data[1:]
+    try:
+        if mode == CONDITION_MODE:
+            text = body.decode("utf-8", "replace")
+            compile_condition(text, path="fuzz.yaml", location="$.c")
+            return
+        path = f"fuzz{POLICY_SUFFIXES[mode]}"
+        document = decode_document(path, body)
+        others = (
+            [_ROLES]
+            if document.document.kind == "directory"
+            else [
+                _ROLES,
+                _DIRECTORY,
+            ]
+        )
+        compile_documents([*others, document], root="policies")
+    except PolicyError as err:
+        assert err.path, f"no path named: {err}"
+
+
+# run.py points this at its own temporary directory, removed after the run.
+WORKDIR_ENV = "KYNARA_FUZZ_WORKDIR"
+_config_file: list[pathlib.Path] = []
+
+
+def _config_path() -> pathlib.Path:
+    if not _config_file:
+        directory = os.environ.get(WORKDIR_ENV) or tempfile.mkdtemp(
+            prefix="kynara-fuzz-config-"
+        )
+        _config_file.append(pathlib.Path(directory) / "kynara.yaml")
+    return _config_file[0]
+
+
+def check_config(data: bytes) -> None:
+    """Config bytes: file content, then ``--set`` lines after a NUL byte."""
+    content, _, sets = data.partition(b"\x00")
+    overrides = [line.decode("utf-8", "replace") for line in sets.split(b"\n") if line]
+    path = _config_path()
+    path.write_bytes(content)
+    try:
+        load_config(path, overrides)
+    except ConfigError as err:
+        assert str(err), "ConfigError without a message"
+
+
+def seed_inputs(target: str) -> list[bytes]:
+    """Good inputs to start from: the shipped files and a valid request."""
+    if target == "request":
+        return [_valid_request()]
+    if target == "config":
+        return [
+            SHIPPED_CONFIG.read_bytes(),
+            SHIPPED_CONFIG.read_bytes()
+            + b"\x00audit.durability=deferred\nagent.port=0",
+        ]
+    seeds = []
+    for path in sorted(SHIPPED_POLICIES.iterdir()):
+        raw = msgspec.yaml.decode(path.read_bytes())
+        seeds.append(bytes([0]) + path.read_bytes())
+        seeds.append(bytes([1]) + msgspec.json.encode(raw))
+    seeds.append(bytes([CONDITION_MODE]) + b'env.now.getHours("Europe/Berlin") < 17')
+    seeds.append(bytes([CONDITION_MODE]) + b"resource.attr.amount <= 50000")
+    return seeds
+
+
+def _valid_request() -> bytes:
+    return pb.DecideRequest(
+        asserted_chain=["alice"],
+        action="payments.refund.issue",
+        resource=pb.Resource(
+            kind="payments.refund",
+            id="rf_1",
+            attributes={"amount": pb.Value(int_value=1200)},
+        ),
+        context={
+            "region": pb.Value(string_value="DE"),
+            "when": pb.Value(list_value=pb.ListValue(values=[pb.Value()])),
+        },
+    ).SerializeToString()
