@@ -28,7 +28,7 @@ import targets
 __all__ = ["main"]
 
 FUZZ_DIR = pathlib.Path(__file__).resolve().parent
-TARGETS = ("request", "policy", "config")
+TARGETS = tuple(targets.CHECKS)
 DEFAULT_SECONDS = 20
 # libFuzzer's per-input limit: every target answers in milliseconds, so an
 # input that takes seconds is the hang we are looking for.
@@ -73,7 +73,8 @@ def _run_target(
     _write_corpus(target, corpus)
     command = [
         sys.executable,
-        str(FUZZ_DIR / f"harness_{target}.py"),
+        str(FUZZ_DIR / "harness.py"),
+        target,
         f"-max_total_time={args.seconds}",
         f"-seed={seed}",
         f"-timeout={args.input_timeout}",
@@ -111,7 +112,7 @@ def _run_target(
     for path in found:
         print(f"  input {path} ({path.stat().st_size} bytes), hex:")
         print(f"  {path.read_bytes().hex()}")
-        print(f"  reproduce: {sys.executable} {FUZZ_DIR}/harness_{target}.py {path}")
+        print(f"  reproduce: {sys.executable} {FUZZ_DIR}/harness.py {target} {path}")
     return False
 
 

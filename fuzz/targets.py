@@ -24,6 +24,7 @@ from kynara_sidecar.server.decision_service import _decode
 from kynara_sidecar.server.wire import request_from_proto
 
 __all__ = [
+    "CHECKS",
     "REPO_ROOT",
     "WORKDIR_ENV",
     "check_config",
@@ -148,3 +149,7 @@ def _valid_request() -> bytes:
             "when": pb.Value(list_value=pb.ListValue(values=[pb.Value()])),
         },
     ).SerializeToString()
+
+
+# The targets by name, for the harness and the runner.
+CHECKS = {"request": check_request, "policy": check_policy, "config": check_config}

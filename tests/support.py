@@ -151,6 +151,26 @@ def value_to_proto(value: Any) -> pb.Value:
     raise TypeError(f"cannot send a {type(value).__name__} as a Value")
 
 
+def wire_request(request, **overrides) -> pb.DecideRequest:
+    """The case's request as an agent would send it: the daemon adds its agent."""
+    message = pb.DecideRequest(
+        asserted_chain=list(request.chain[:-1]),
+        action=request.action,
+        resource=pb.Resource(
+            kind=request.resource.kind,
+            id=request.resource.id,
+            attributes={
+                k: value_to_proto(v) for k, v in request.resource.attributes.items()
+            },
+        ),
+        context={k: value_to_proto(v) for k, v in request.context.items()},
+        request_id=request.request_id,
+    )
+    for key, value in overrides.items():
+        setattr(message, key, value)
+    return message
+
+
 def small_refund(**context) -> pb.DecideRequest:
     """A refund alice asks support-bot for: allowed by the shipped policies."""
     return pb.DecideRequest(

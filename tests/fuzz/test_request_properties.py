@@ -28,7 +28,7 @@ from support import (
     daemon_config,
     error_of,
     small_refund,
-    value_to_proto,
+    wire_request,
 )
 
 from kynara_sidecar.errors import InvalidRequest
@@ -318,25 +318,9 @@ def well_formed_requests(draw) -> pb.DecideRequest:
     )
 
 
-def _case_request(case) -> bytes:
-    request = case.request
-    return pb.DecideRequest(
-        asserted_chain=list(request.chain[:-1]),
-        action=request.action,
-        resource=pb.Resource(
-            kind=request.resource.kind,
-            id=request.resource.id,
-            attributes={
-                k: value_to_proto(v) for k, v in request.resource.attributes.items()
-            },
-        ),
-        context={k: value_to_proto(v) for k, v in request.context.items()},
-        request_id=request.request_id,
-    ).SerializeToString()
-
-
 GOOD_REQUESTS = tuple(
-    [small_refund().SerializeToString()] + [_case_request(c) for c in load_cases()]
+    [small_refund().SerializeToString()]
+    + [wire_request(c.request).SerializeToString() for c in load_cases()]
 )
 mutated_requests = mutated(st.sampled_from(GOOD_REQUESTS))
 any_request_bytes = st.one_of(

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 from cases_loader import load_cases
 from kynara.v1 import decision_pb2 as pb
-from support import error_of, read_record, small_refund, value_to_proto
+from support import error_of, read_record, small_refund, wire_request
 
 from kynara_sidecar.decision import Timestamp, UInt64
 
@@ -17,26 +17,6 @@ DECISION_NAMES = {
     pb.DECISION_DENY: "deny",
     pb.DECISION_REQUIRE_APPROVAL: "require_approval",
 }
-
-
-def wire_request(request, **overrides) -> pb.DecideRequest:
-    """The case's request as an agent would send it: the daemon adds its agent."""
-    message = pb.DecideRequest(
-        asserted_chain=list(request.chain[:-1]),
-        action=request.action,
-        resource=pb.Resource(
-            kind=request.resource.kind,
-            id=request.resource.id,
-            attributes={
-                k: value_to_proto(v) for k, v in request.resource.attributes.items()
-            },
-        ),
-        context={k: value_to_proto(v) for k, v in request.context.items()},
-        request_id=request.request_id,
-    )
-    for key, value in overrides.items():
-        setattr(message, key, value)
-    return message
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
