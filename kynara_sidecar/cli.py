@@ -6,6 +6,9 @@ Examples:
     kynara-sidecar verify --config config/kynara.yaml
     kynara-sidecar verify --audit var/audit
     kynara-sidecar check config/policies
+    kynara-sidecar test config/policies
+    kynara-sidecar explain --request req.yaml --policies config/policies
+    kynara-sidecar replay --policies candidate/ --audit var/audit
 """
 
 from __future__ import annotations
@@ -61,6 +64,44 @@ def _build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="load and compile a policy directory")
     check.add_argument("policies", metavar="DIR")
+
+    test = commands.add_parser(
+        "test", help="run the policy tests under DIR/**/tests/ against DIR"
+    )
+    test.add_argument("policies", metavar="DIR")
+
+    explain = commands.add_parser(
+        "explain", help="decide one request file and show every rule's part in it"
+    )
+    _add_config_args(explain)
+    explain.add_argument(
+        "--request", metavar="FILE", required=True, help="request YAML"
+    )
+    explain.add_argument(
+        "--policies",
+        metavar="DIR",
+        help="policy directory (default: the config's policy.source)",
+    )
+
+    replay = commands.add_parser(
+        "replay", help="re-decide logged requests against candidate policies"
+    )
+    replay.add_argument(
+        "--policies", metavar="DIR", required=True, help="candidate policy directory"
+    )
+    replay.add_argument(
+        "--audit",
+        metavar="DIR",
+        required=True,
+        help="audit log directory (read-only; may be in use by a daemon)",
+    )
+    replay.add_argument(
+        "--against",
+        choices=("recorded", "original"),
+        default="recorded",
+        help="compare with the recorded decision, or with the record's own "
+        "policy set re-evaluated",
+    )
     return parser
 
 
@@ -96,7 +137,43 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "verify": _verify, "check": _check}
+def _test(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from kynara_sidecar.policy.testing import format_report, run_policy_tests
+
+    report = run_policy_tests(pathlib.Path(args.policies))
+    print(format_report(report))
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from kynara_sidecar.policy.loader import load_policies
+    from kynara_sidecar.policy.testing import decide, format_explanation, load_request
+
+    policies = args.policies or load_config(args.config, args.overrides).policy.path
+    loaded = load_policies(pathlib.Path(policies))
+    request = load_request(pathlib.Path(args.request))
+    print(format_explanation(decide(loaded, request, explain=True)))
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from kynara_sidecar.replay import replay_main
+
+    return replay_main(args.policies, args.audit, baseline=args.against)
+
+
+COMMANDS = {
+    "replay": _replay,
+    "run": _run,
+    "verify": _verify,
+    "check": _check,
+    "test": _test,
+    "explain": _explain,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
 
 __all__ = [
     "AgentListenerConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "HttpListenerConfig",
     "IdentityConfig",
     "IdentityMode",
+    "IssuerConfig",
     "PolicyConfig",
     "load_config",
 ]
@@ -55,6 +57,13 @@ DEFAULT_SOCKET_MODE = 0o660
 # Unix socket paths are limited to 107 bytes by sockaddr_un.
 MAX_SOCKET_PATH_BYTES = 107
 MIN_MAP_SIZE = 64 * 1024
+# Clocks kept by NTP agree within a second; 30 s absorbs a lagging VM
+# without stretching a token's life much. A bound past 5 minutes would make
+# short-lived tokens meaningless.
+DEFAULT_MAX_CLOCK_SKEW_SECONDS = 30
+MAX_CLOCK_SKEW_SECONDS = 300
+# 128 bits: a bearer secret shorter than this could be guessed.
+MIN_AGENT_SECRET_BYTES = 16
 
 
 class IdentityMode(enum.StrEnum):
@@ -165,26 +174,168 @@ class HealthListenerConfig(_Section):
             _check_port(section, "port", self.port)
 
 
+class IssuerConfig(_Section):
+    """One trusted issuer of delegation tokens and the keys it signs with."""
+
+    # The tokens' exact `iss`, e.g. "https://idp.example.com".
+    issuer: str = ""
+    # The `aud` this daemon accepts from it, e.g. "kynara:support-bot".
+    audience: str = ""
+    # A JWKS file of its public keys, e.g. "/etc/kynara/idp-jwks.json";
+    # read at start (restart to pick up rotated keys).
+    jwks_file: str = ""
+    # Or the JWKS inline, e.g. {keys: [{kty: OKP, crv: Ed25519, x: "..."}]}.
+    jwks: dict[str, Any] = {}
+    # Algorithms accepted from it, a subset of RS256, ES256, EdDSA.
+    algorithms: tuple[str, ...] = SUPPORTED_ALGORITHMS
+
+    def validate(self, section: str) -> None:
+        for key in ("issuer", "audience"):
+            if not getattr(self, key):
+                raise ConfigError(f"{section}.{key}: expected a string, got none")
+        unknown = sorted(set(self.algorithms) - set(SUPPORTED_ALGORITHMS))
+        if unknown or not self.algorithms:
+            raise ConfigError(
+                f"{section}.algorithms: expected a non-empty subset of "
+                f"{list(SUPPORTED_ALGORITHMS)}, got {list(self.algorithms)}"
+            )
+        if bool(self.jwks_file) == bool(self.jwks):
+            raise ConfigError(
+                f"{section}: expected exactly one of jwks_file and jwks, got "
+                + ("both" if self.jwks else "neither")
+            )
+
+    def load(self, section: str) -> Issuer:
+        """Validate, then read and parse the keys.
+
+        Returns:
+            The issuer with its parsed public keys.
+
+        Raises:
+            ConfigError: a bad setting, a JWKS that cannot be read or a key
+                that does not load.
+        """
+        self.validate(section)
+        document: object = self.jwks
+        where = f"{section}.jwks"
+        if self.jwks_file:
+            where = f"{section}.jwks_file ({self.jwks_file})"
+            try:
+                document = msgspec.json.decode(
+                    pathlib.Path(self.jwks_file).read_bytes()
+                )
+            except (OSError, ValueError, msgspec.DecodeError) as err:
+                raise ConfigError(f"{where}: cannot read a JWKS: {err}") from None
+        keys = parse_jwks(document, self.algorithms, where)
+        return Issuer(self.issuer, self.audience, keys, frozenset(self.algorithms))
+
+
 class IdentityConfig(_Section):
     """Who is asking."""
 
-    # "development" trusts asserted chains (warns, marks records);
-    # "verified" needs delegation tokens (TODO(#4): not served yet).
-    mode: IdentityMode = IdentityMode.DEVELOPMENT
+    # "verified" takes the user and intermediate agents from delegation
+    # tokens signed by `issuers`; "development" trusts the request's
+    # asserted chain (warns at start, marks every record). E.g. "verified".
+    mode: IdentityMode = IdentityMode.VERIFIED
     # This daemon's agent: its principal id in the directory, e.g. "support-bot".
+    # Left empty when `agents` is set.
     agent_id: str = ""
     # This daemon's own log origin, unique per running instance,
     # e.g. "support-bot-7d9f" (in Kubernetes, the pod name). Defaults to
     # "<agent_id>@<hostname>".
     daemon_id: str = ""
+    # Trusted token issuers (verified mode), e.g.
+    # [{issuer: "https://idp.example.com", audience: "kynara",
+    #   jwks_file: "/etc/kynara/idp-jwks.json"}].
+    issuers: list[IssuerConfig] = []
+    # How far an issuer's clock may disagree with ours on exp and nbf,
+    # in seconds, e.g. 30.
+    max_clock_skew_seconds: int = DEFAULT_MAX_CLOCK_SKEW_SECONDS
+    # Multi-agent mode: agent id -> file holding its bearer secret, e.g.
+    # {support-bot: /run/secrets/support-bot}. Each caller sends
+    # `authorization: Bearer <secret>`; read at start.
+    # TODO(#11): client certificates (mTLS) as the other per-agent credential.
+    agents: dict[str, str] = {}
 
     def validate(self, section: str) -> None:
-        if not self.agent_id:
+        if self.agents:
+            self._validate_agents(section)
+        elif not self.agent_id:
             raise ConfigError(f"{section}.agent_id: expected a principal id, got none")
-        if self.mode is IdentityMode.VERIFIED:
+        if not 0 <= self.max_clock_skew_seconds <= MAX_CLOCK_SKEW_SECONDS:
             raise ConfigError(
-                f"{section}.mode: 'verified' is not available yet; use 'development'"
+                f"{section}.max_clock_skew_seconds: expected "
+                f"0..{MAX_CLOCK_SKEW_SECONDS}, "
+                f"got {self.max_clock_skew_seconds}"
             )
+        if self.mode is IdentityMode.VERIFIED:
+            self.load_issuers(section)
+
+    def _validate_agents(self, section: str) -> None:
+        if self.agent_id:
+            raise ConfigError(
+                f"{section}.agent_id: expected none when {section}.agents is set "
+                f"(each caller's credential names its agent), got {self.agent_id!r}"
+            )
+        if self.mode is not IdentityMode.VERIFIED:
+            raise ConfigError(
+                f"{section}.agents: expected {section}.mode 'verified' for "
+                f"per-agent credentials, got {str(self.mode)!r}"
+            )
+        self.load_agent_secrets(section)
+
+    def load_issuers(self, section: str = "identity") -> tuple[Issuer, ...]:
+        """Read every issuer's keys.
+
+        Raises:
+            ConfigError: no issuer, two with one `iss`, or keys that do not load.
+        """
+        if not self.issuers:
+            raise ConfigError(
+                f"{section}.issuers: expected at least one issuer in "
+                "identity.mode 'verified', got none"
+            )
+        loaded = tuple(
+            issuer.load(f"{section}.issuers[{i}]")
+            for i, issuer in enumerate(self.issuers)
+        )
+        names = [issuer.issuer for issuer in loaded]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(
+                    f"{section}.issuers[{i}].issuer: expected each issuer once, "
+                    f"got {name!r} again"
+                )
+        return loaded
+
+    def load_agent_secrets(self, section: str = "identity") -> dict[str, bytes]:
+        """Read each agent's bearer secret.
+
+        Returns:
+            Agent id -> secret, surrounding whitespace removed.
+
+        Raises:
+            ConfigError: a file cannot be read, a secret is too short, or two
+                agents share one.
+        """
+        secrets: dict[str, bytes] = {}
+        for agent, path in self.agents.items():
+            where = f"{section}.agents.{agent}"
+            if not agent:
+                raise ConfigError(f"{section}.agents: expected agent ids, got ''")
+            try:
+                secret = pathlib.Path(path).read_bytes().strip()
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{where}: cannot read the secret: {err}") from None
+            if len(secret) < MIN_AGENT_SECRET_BYTES:
+                raise ConfigError(
+                    f"{where}: expected a secret of at least {MIN_AGENT_SECRET_BYTES} "
+                    f"bytes in {path}, got {len(secret)}"
+                )
+            if secret in secrets.values():
+                raise ConfigError(f"{where}: expected its own secret, got a shared one")
+            secrets[agent] = secret
+        return secrets
 
 
 class PolicyConfig(_Section):

@@ -2,7 +2,8 @@
 
 Start-up order (each step logged): load policies -> open the audit log
 (exclusive) -> lock the agent socket -> start the writer and append a start
-marker -> bind listeners (TCP before the socket) -> report SERVING.
+marker, then a policy_activated marker committed with the set's source files
+-> bind listeners (TCP before the socket) -> report SERVING.
 
 Shutdown order (SIGTERM/SIGINT, each step logged): report NOT_SERVING ->
 refuse new requests with ``shutting_down`` -> wait for in-flight requests,
@@ -10,7 +11,8 @@ records committed, up to ``shutdown_grace_seconds`` -> close the listeners
 -> append a stop marker -> flush and close the audit log.
 
 SIGHUP reloads policies; a bad set is refused and the previous one stays
-active.
+active. A good one is activated only once its policy_activated marker (and
+its source files) are committed.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__
 from kynara_sidecar.audit.record import AuditRecordV1, marker_record
-from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.store import AuditStore, StateChange, policy_set_changes
 from kynara_sidecar.audit.writer import AuditWriter
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import KynaraError, ListenerError, PolicyError
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.pipeline import Pipeline
-from kynara_sidecar.policy.loader import LoadedPolicies, load_policies
+from kynara_sidecar.policy.loader import (
+    LoadedPolicies,
+    compile_documents,
+    read_documents,
+)
+from kynara_sidecar.policy.model import PolicyDocument
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.http import build_http_app
 
@@ -69,7 +76,9 @@ class Daemon:
 
     def __init__(self, config: Config, clock: Callable[[], int] = time.time_ns):
         if not config.identity.daemon_id:
-            daemon_id = f"{config.identity.agent_id}@{socket.gethostname()}"
+            # Multi-agent mode has no one agent id to name the log after.
+            agent = config.identity.agent_id or "kynara"
+            daemon_id = f"{agent}@{socket.gethostname()}"
             identity = msgspec.structs.replace(config.identity, daemon_id=daemon_id)
             config = msgspec.structs.replace(config, identity=identity)
         self.config = config
@@ -91,16 +100,64 @@ class Daemon:
         assert self._pipeline is not None, "daemon not started"
         return self._pipeline
 
-    def _load_policies(self) -> LoadedPolicies:
-        policies = load_policies(self.config.policy.path)
-        agent_id = self.config.identity.agent_id
-        if policies.directory.lookup(agent_id) is None:
-            raise PolicyError(
-                f"identity.agent_id {agent_id!r} is not in the directory, so "
-                "every decision would be denied; add the agent or fix the setting",
-                path=str(self.config.policy.path),
-            )
-        return policies
+    def _load_policies(self) -> tuple[LoadedPolicies, list[StateChange]]:
+        """Load and compile the policies; also return the changes that keep
+        their source files in the log (``policy_sets``), from the very bytes
+        that were compiled."""
+        root = self.config.policy.path
+        documents = read_documents(root)
+        policies = compile_documents(documents, root=str(root))
+        identity = self.config.identity
+        settings = {f"identity.agents.{agent}": agent for agent in identity.agents}
+        settings = settings or {"identity.agent_id": identity.agent_id}
+        for setting, agent_id in settings.items():
+            if policies.directory.lookup(agent_id) is None:
+                raise PolicyError(
+                    f"{setting} {agent_id!r} is not in the directory, so every "
+                    "decision would be denied; add the agent or fix the setting",
+                    path=str(root),
+                )
+        policy_files = {
+            source.name: source.content
+            for source in documents
+            if isinstance(source.document, PolicyDocument)
+        }
+        directory_files = {
+            source.name: source.content
+            for source in documents
+            if source.name not in policy_files
+        }
+        changes = policy_set_changes(
+            policies.policy_set.revision,
+            policy_files,
+            policies.directory.revision,
+            directory_files,
+        )
+        return policies, changes
+
+    async def _activate(
+        self, policies: LoadedPolicies, changes: list[StateChange]
+    ) -> None:
+        """Keep the set in the log, then make it the active one.
+
+        The ``policy_activated`` marker and the set's source files commit in
+        one transaction before any decision can cite its revisions, so a
+        record's policy set is always in its log.
+
+        Raises:
+            AuditUnavailable: the marker could not be committed; the
+                previously active set (if any) stays active.
+        """
+        # TODO(#5): stored policy sets are kept forever; prune them with the
+        # segments whose records cite them.
+        marker = msgspec.structs.replace(
+            self._marker("policy_activated"),
+            policy_revision=policies.policy_set.revision,
+            directory_revision=policies.directory.revision,
+        )
+        await self._writer.append(marker, changes)
+        self.pipeline.activate(policies)
+        self._log_policies(policies)
 
     def _marker(self, event: str) -> AuditRecordV1:
         return marker_record(
@@ -127,7 +184,7 @@ class Daemon:
             "policies from local files are unsigned",
             extra=_fields(source=cfg.policy.source, setting="policy.source"),
         )
-        policies = self._load_policies()
+        policies, changes = self._load_policies()
         # The socket lock comes first, so a daemon refused for a live socket
         # never touches its own audit path.
         self._lock_socket()
@@ -143,12 +200,14 @@ class Daemon:
                     path=cfg.audit.path, durability=str(cfg.audit.durability)
                 ),
             )
-            await self._start_after_store(policies)
+            await self._start_after_store(policies, changes)
         except BaseException:
             await self.stop()
             raise
 
-    async def _start_after_store(self, policies: LoadedPolicies) -> None:
+    async def _start_after_store(
+        self, policies: LoadedPolicies, changes: list[StateChange]
+    ) -> None:
         cfg = self.config
         self._writer = AuditWriter(
             self._store,
@@ -158,9 +217,8 @@ class Daemon:
         )
         self._writer.start()
         self._pipeline = Pipeline(cfg, self._writer, self.metrics, self.clock)
-        self._pipeline.activate(policies)
-        self._log_policies(policies)
         await self._writer.append(self._marker("start"))
+        await self._activate(policies, changes)
         self._update_usage()
         await self._start_agent_listener()
         await self._start_health_listener()
@@ -284,7 +342,8 @@ class Daemon:
         """Load policies again; on any error keep the active set. Returns success."""
         try:
             # Compiling a large set takes a while; decisions go on meanwhile.
-            policies = await asyncio.to_thread(self._load_policies)
+            policies, changes = await asyncio.to_thread(self._load_policies)
+            await self._activate(policies, changes)
         except Exception as err:
             # Any failure, a loader bug included, keeps the active set.
             self.metrics.policy_reloads.labels("error").inc()
@@ -293,9 +352,7 @@ class Daemon:
                 extra=_fields(error=str(err), error_type=type(err).__name__),
             )
             return False
-        self.pipeline.activate(policies)
         self.metrics.policy_reloads.labels("ok").inc()
-        self._log_policies(policies)
         return True
 
     async def stop(self) -> None:

@@ -27,11 +27,15 @@ __all__ = [
     "Duration",
     "Effect",
     "Env",
+    "Explanation",
     "MatchedRule",
+    "PrincipalExplanation",
     "PrincipalRef",
     "Resource",
+    "RuleTrace",
     "Timestamp",
     "UInt64",
+    "Verdict",
 ]
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -146,9 +150,67 @@ class ConditionError(msgspec.Struct, frozen=True):
     message: str
 
 
+class Verdict(enum.StrEnum):
+    """What a rule's condition gave; a rule without a condition holds."""
+
+    HELD = "held"
+    NOT_HELD = "not_held"
+    ERRORED = "errored"
+    # Its patterns or roles did not match, so the condition was not run.
+    NOT_EVALUATED = "not_evaluated"
+
+
+class RuleTrace(msgspec.Struct, frozen=True):
+    """One rule as explain saw it for one principal.
+
+    A rule is traced when its action and resource patterns both matched
+    (a candidate, even when its roles did not: a near miss), or when its
+    roles matched but a pattern did not (the other near miss).
+    """
+
+    policy: str
+    rule: str
+    effect: Effect
+    action_matched: bool
+    resource_matched: bool
+    roles_matched: bool
+    verdict: Verdict
+    shadow: bool = False
+    condition: str = ""  # the CEL source; empty for a rule without one
+    error: str = ""  # the condition's error when ``verdict`` is errored
+
+
+class PrincipalExplanation(msgspec.Struct, frozen=True):
+    """How one principal of the chain was decided, rules in set order.
+
+    ``decided_by`` cites the enforced rule that gave ``effect`` as
+    ``policy/rule``; empty when no rule applied (``no_rule_allows``).
+    """
+
+    principal: str
+    roles: tuple[str, ...]
+    effect: Effect
+    reason_code: ReasonCode
+    decided_by: str = ""
+    rules: tuple[RuleTrace, ...] = ()
+
+
+class Explanation(msgspec.Struct, frozen=True):
+    """Why a decision is what it is; asked for per request, never audited.
+
+    ``principals`` is empty when the chain was refused before any rule ran
+    (an unknown or inactive principal, a misplaced kind); ``summary`` then
+    says why. Otherwise it says how the principals' outcomes combined.
+    """
+
+    summary: str
+    principals: tuple[PrincipalExplanation, ...] = ()
+
+
 class Decision(msgspec.Struct, frozen=True):
     """The engine's answer. ``shadow_effect`` is what the answer would have
-    been had shadow-mode rules decided; ``None`` when there were none."""
+    been had shadow-mode rules decided; ``None`` when there were none.
+    ``explanation`` is filled only when the caller asked for one."""
 
     effect: Effect
     reason_code: ReasonCode
@@ -159,3 +221,4 @@ class Decision(msgspec.Struct, frozen=True):
     policy_revision: str = ""
     directory_revision: str = ""
     shadow_effect: Effect | None = None
+    explanation: Explanation | None = None

@@ -43,6 +43,12 @@ Theory of operation
    Steps 2 and 3 are run a second time with shadow rules enforced, giving
    ``shadow_effect``; it is None when no shadow rule was a candidate.
 
+5. Only when asked (``explain=True``), trace every rule for every principal
+   (see ``Explanation``): the candidates whose roles did not match and the
+   rules whose roles matched but a pattern did not are listed as near
+   misses. Tracing walks the whole set, so the normal path never does it;
+   the trace reads what steps 2 and 3 computed and cannot change them.
+
 ``matched_rules`` lists, per principal and in rule order, every deny and
 require_approval rule that held or errored and every allow rule that held;
 ``condition_errors`` lists every condition that errored. The engine reads
@@ -51,7 +57,6 @@ no clock and does no I/O: ``env.now`` is the instant of the request.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,40 +68,38 @@ from kynara_sidecar.decision import (
     DecisionRequest,
     Effect,
     Env,
+    Explanation,
     MatchedRule,
+    PrincipalExplanation,
     PrincipalRef,
+    RuleTrace,
+    Verdict,
 )
 from kynara_sidecar.errors import ReasonCode
 from kynara_sidecar.policy.compiler import CompiledRule, Directory, PolicySet
 from kynara_sidecar.policy.conditions import ConditionFailure, to_cel_value
+from kynara_sidecar.policy.names import pattern_matches
 
 __all__ = ["evaluate"]
 
-
-class _Verdict(enum.Enum):
-    HELD = "held"
-    NOT_HELD = "not_held"
-    ERRORED = "errored"
-
-
 # (rule effect, verdict) -> (outcome, reason code), strongest row first.
-_COMBINING: tuple[tuple[Effect, _Verdict, Effect, ReasonCode], ...] = (
-    (Effect.DENY, _Verdict.HELD, Effect.DENY, ReasonCode.RULE_DENIED),
-    (Effect.DENY, _Verdict.ERRORED, Effect.DENY, ReasonCode.CONDITION_ERROR),
+_COMBINING: tuple[tuple[Effect, Verdict, Effect, ReasonCode], ...] = (
+    (Effect.DENY, Verdict.HELD, Effect.DENY, ReasonCode.RULE_DENIED),
+    (Effect.DENY, Verdict.ERRORED, Effect.DENY, ReasonCode.CONDITION_ERROR),
     (
         Effect.REQUIRE_APPROVAL,
-        _Verdict.HELD,
+        Verdict.HELD,
         Effect.REQUIRE_APPROVAL,
         ReasonCode.APPROVAL_REQUIRED,
     ),
     (
         Effect.REQUIRE_APPROVAL,
-        _Verdict.ERRORED,
+        Verdict.ERRORED,
         Effect.REQUIRE_APPROVAL,
         ReasonCode.APPROVAL_REQUIRED,
     ),
-    (Effect.ALLOW, _Verdict.HELD, Effect.ALLOW, ReasonCode.RULE_ALLOWED),
-    (Effect.ALLOW, _Verdict.ERRORED, Effect.DENY, ReasonCode.CONDITION_ERROR),
+    (Effect.ALLOW, Verdict.HELD, Effect.ALLOW, ReasonCode.RULE_ALLOWED),
+    (Effect.ALLOW, Verdict.ERRORED, Effect.DENY, ReasonCode.CONDITION_ERROR),
 )
 
 # What a deciding rule does, for the reason sentence; an allow rule decides
@@ -115,7 +118,7 @@ _STRICTNESS = {Effect.ALLOW: 0, Effect.REQUIRE_APPROVAL: 1, Effect.DENY: 2}
 
 class _Evaluated(msgspec.Struct, frozen=True):
     rule: CompiledRule
-    verdict: _Verdict
+    verdict: Verdict
     error: str = ""
 
 
@@ -134,7 +137,12 @@ class _Resolved(msgspec.Struct, frozen=True):
 
 
 def evaluate(
-    policy_set: PolicySet, directory: Directory, request: DecisionRequest, env: Env
+    policy_set: PolicySet,
+    directory: Directory,
+    request: DecisionRequest,
+    env: Env,
+    *,
+    explain: bool = False,
 ) -> Decision:
     """Decide a request against a policy set and a directory.
 
@@ -143,11 +151,14 @@ def evaluate(
         directory: The principals the chain's ids are resolved in.
         request: A validated request; ``chain`` is user first, agent last.
         env: What the daemon knows, with the request's instant as ``now``.
+        explain: Also trace every rule for every principal into
+            ``Decision.explanation``; the decision itself is the same.
 
     Returns:
         The decision, with the resolved chain, matched rules, condition
-        errors and both revisions. Never raises for a policy outcome:
-        unknown principals and failing conditions are answers.
+        errors and both revisions, and the explanation when asked. Never
+        raises for a policy outcome: unknown principals and failing
+        conditions are answers.
     """
     resolved = tuple(_resolve(policy_set, directory, pid) for pid in request.chain)
     chain = tuple(item.ref for item in resolved)
@@ -158,7 +169,17 @@ def evaluate(
     refusal = _refuse_chain(chain)
     if refusal:
         reason_code, reason = refusal
-        return Decision(Effect.DENY, reason_code, reason, chain, **revisions)
+        explanation = None
+        if explain:
+            explanation = Explanation(f"refused before any rule ran: {reason}")
+        return Decision(
+            Effect.DENY,
+            reason_code,
+            reason,
+            chain,
+            **revisions,
+            explanation=explanation,
+        )
 
     candidates = policy_set.candidate_rules(request.resource.kind, request.action)
     shared = _shared_activation(request, env, resolved)
@@ -170,6 +191,12 @@ def evaluate(
         for ref, evaluated in zip(chain, evaluations, strict=True)
     )
     decided = _strictest(enforced)
+    shadow_effect = _shadow_effect(chain, evaluations)
+    explanation = None
+    if explain:
+        explanation = _explain(
+            policy_set, request, chain, evaluations, enforced, shadow_effect
+        )
     return Decision(
         effect=decided.effect,
         reason_code=decided.reason_code,
@@ -177,8 +204,9 @@ def evaluate(
         chain=chain,
         matched_rules=_matched_rules(chain, evaluations),
         condition_errors=_condition_errors(chain, evaluations),
-        shadow_effect=_shadow_effect(chain, evaluations),
+        shadow_effect=shadow_effect,
         **revisions,
+        explanation=explanation,
     )
 
 
@@ -289,13 +317,13 @@ def _evaluate_rule(
     rule: CompiledRule, data: Mapping[str, Any] | ConditionFailure
 ) -> _Evaluated:
     if rule.condition is None:
-        return _Evaluated(rule, _Verdict.HELD)
+        return _Evaluated(rule, Verdict.HELD)
     result = data
     if not isinstance(data, ConditionFailure):
         result = rule.condition.evaluate(data)
     if isinstance(result, ConditionFailure):
-        return _Evaluated(rule, _Verdict.ERRORED, result.message)
-    return _Evaluated(rule, _Verdict.HELD if result else _Verdict.NOT_HELD)
+        return _Evaluated(rule, Verdict.ERRORED, result.message)
+    return _Evaluated(rule, Verdict.HELD if result else Verdict.NOT_HELD)
 
 
 def _combine(principal: str, evaluated: Sequence[_Evaluated]) -> _Outcome:
@@ -335,8 +363,8 @@ def _matched_rules(
         )
         for ref, evaluated in zip(chain, evaluations, strict=True)
         for item in evaluated
-        if item.verdict is _Verdict.HELD
-        or (item.verdict is _Verdict.ERRORED and item.rule.effect is not Effect.ALLOW)
+        if item.verdict is Verdict.HELD
+        or (item.verdict is Verdict.ERRORED and item.rule.effect is not Effect.ALLOW)
     )
 
 
@@ -347,7 +375,7 @@ def _condition_errors(
         ConditionError(item.rule.policy, item.rule.id, ref.id, item.error)
         for ref, evaluated in zip(chain, evaluations, strict=True)
         for item in evaluated
-        if item.verdict is _Verdict.ERRORED
+        if item.verdict is Verdict.ERRORED
     )
 
 
@@ -369,9 +397,88 @@ def _reason(
         )
         return f"{what} allowed for every principal: {grants}"
     verb = _VERBS[item.rule.effect]
-    if item.verdict is _Verdict.ERRORED:
+    if item.verdict is Verdict.ERRORED:
         return (
             f"condition of rule {_cite(item)} failed for {who}, so it "
             f"{verb} {what}: {item.error}"
         )
     return f"rule {_cite(item)} {verb} {what} for {who}"
+
+
+# --- the explanation -----------------------------------------------------------
+
+
+def _explain(
+    policy_set: PolicySet,
+    request: DecisionRequest,
+    chain: Sequence[PrincipalRef],
+    evaluations: Sequence[Sequence[_Evaluated]],
+    enforced: Sequence[_Outcome],
+    shadow_effect: Effect | None,
+) -> Explanation:
+    principals = tuple(
+        PrincipalExplanation(
+            principal=ref.id,
+            roles=ref.roles,
+            effect=outcome.effect,
+            reason_code=outcome.reason_code,
+            decided_by=_cite(outcome.evaluated) if outcome.evaluated else "",
+            rules=_trace_rules(policy_set, request, ref, evaluated),
+        )
+        for ref, evaluated, outcome in zip(chain, evaluations, enforced, strict=True)
+    )
+    return Explanation(_summary(enforced, shadow_effect), principals)
+
+
+def _trace_rules(
+    policy_set: PolicySet,
+    request: DecisionRequest,
+    ref: PrincipalRef,
+    evaluated: Sequence[_Evaluated],
+) -> tuple[RuleTrace, ...]:
+    # The verdicts come from the evaluation that decided, so the trace
+    # cannot disagree with the answer; a rule not evaluated was no candidate.
+    verdicts = {item.rule.order: item for item in evaluated}
+    roles = frozenset(ref.roles)
+    traces = []
+    for rule in policy_set.rules:
+        action = any(pattern_matches(p, request.action) for p in rule.actions)
+        resource = any(
+            pattern_matches(p, request.resource.kind) for p in rule.resources
+        )
+        roles_matched = rule.applies_to(roles)
+        if not (roles_matched or (action and resource)):
+            continue
+        item = verdicts.get(rule.order)
+        traces.append(
+            RuleTrace(
+                policy=rule.policy,
+                rule=rule.id,
+                effect=rule.effect,
+                action_matched=action,
+                resource_matched=resource,
+                roles_matched=roles_matched,
+                verdict=item.verdict if item else Verdict.NOT_EVALUATED,
+                shadow=rule.shadow,
+                condition=rule.condition.source if rule.condition else "",
+                error=item.error if item else "",
+            )
+        )
+    return tuple(traces)
+
+
+def _summary(outcomes: Sequence[_Outcome], shadow_effect: Effect | None) -> str:
+    each = "; ".join(
+        f"{outcome.principal!r} {outcome.effect} ({outcome.reason_code}"
+        + (f" by {_cite(outcome.evaluated)})" if outcome.evaluated else ")")
+        for outcome in outcomes
+    )
+    decided = _strictest(outcomes)
+    summary = (
+        f"each principal is decided alone, deny beating require_approval beating "
+        f"allow: {each}; the chain takes the strictest, {decided.effect} from "
+        f"{decided.principal!r}"
+    )
+    if shadow_effect is not None:
+        summary += f"; with shadow rules enforced it would be {shadow_effect}"
+    return summary

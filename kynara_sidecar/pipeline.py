@@ -24,7 +24,7 @@ import msgspec
 from kynara_sidecar import engine
 from kynara_sidecar.audit.record import record_from_decision
 from kynara_sidecar.audit.writer import AuditWriter
-from kynara_sidecar.config import Config
+from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import (
     DecisionRequest,
     Env,
@@ -40,9 +40,10 @@ from kynara_sidecar.errors import (
     PolicyNotReady,
     ShuttingDown,
 )
+from kynara_sidecar.identity import AgentCredentials, TokenVerifier, place_agent
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.loader import LoadedPolicies
-from kynara_sidecar.policy.names import is_valid_name
+from kynara_sidecar.policy.names import canonical_name, is_valid_name
 
 __all__ = ["Answer", "IncomingRequest", "Pipeline"]
 
@@ -64,6 +65,12 @@ class IncomingRequest(msgspec.Struct, frozen=True):
     delegation_token: str = ""
     request_id: str = ""
     peer: str = ""
+    # The caller's `authorization` metadata: multi-agent mode's bearer
+    # secret, so never log a request whole.
+    authorization: str = ""
+    # Ask the engine for an explanation; it rides back on the answer only
+    # and is never stored in the audit record.
+    explain: bool = False
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -88,7 +95,12 @@ def _check_name(value: str, field: str) -> None:
 
 
 def validate_request(request: IncomingRequest) -> None:
-    """Raise ``InvalidRequest`` naming the first malformed field."""
+    """Raise ``InvalidRequest`` naming the first malformed field.
+
+    Actions and resource kinds must be dotted ASCII names; principal ids
+    must pass ``names.canonical_name`` (no control, zero-width or
+    mixed-script characters), the rule directory ids passed at load.
+    """
     _check_name(request.action, "action")
     _check_name(request.resource.kind, "resource.kind")
     if len(request.resource.id) > MAX_RESOURCE_ID_LENGTH:
@@ -115,6 +127,11 @@ def validate_request(request: IncomingRequest) -> None:
                 f"expected a principal id of 1..{MAX_NAME_LENGTH} characters",
                 field=f"asserted_chain[{i}]",
             )
+        # The same rule the directory's ids passed at load (see names).
+        try:
+            canonical_name(principal)
+        except ValueError as err:
+            raise InvalidRequest(str(err), field=f"asserted_chain[{i}]") from None
 
 
 class Pipeline:
@@ -140,6 +157,15 @@ class Pipeline:
         self._writer = writer
         self._metrics = metrics
         self._clock = clock
+        self._verifier: TokenVerifier | None = None
+        self._credentials: AgentCredentials | None = None
+        if config.identity.mode is IdentityMode.VERIFIED:
+            self._verifier = TokenVerifier(
+                config.identity.load_issuers(),
+                config.identity.max_clock_skew_seconds,
+            )
+        if config.identity.agents:
+            self._credentials = AgentCredentials(config.identity.load_agent_secrets())
         self._policies: LoadedPolicies | None = None
         self._closing = False
         self._in_flight = 0
@@ -175,9 +201,34 @@ class Pipeline:
             pass
         return self._in_flight
 
-    def _establish_chain(self, request: IncomingRequest) -> tuple[str, ...]:
+    def _establish_chain(
+        self, request: IncomingRequest, now: Timestamp
+    ) -> tuple[str, ...]:
+        if self._verifier is not None:
+            if request.asserted_chain:
+                raise IdentityInvalid(
+                    "expected a delegation token in identity.mode=verified, got "
+                    "an asserted chain; asserted chains are for development mode",
+                    field="asserted_chain",
+                )
+            # The caller's credential first: a token proves nothing about
+            # which agent presents it.
+            agent = self._identity.agent_id
+            if self._credentials is not None:
+                agent = self._credentials.authenticate(request.authorization)
+            chain = self._verifier.verify(
+                request.delegation_token, now.seconds + now.nanos / 1_000_000_000
+            )
+            for i, principal in enumerate(chain):
+                try:
+                    canonical_name(principal)
+                except ValueError as err:
+                    raise IdentityInvalid(
+                        f"chain: principal {i} of the token: {err}",
+                        field="delegation_token",
+                    ) from None
+            return place_agent(chain, agent, must_be_last=self._credentials is not None)
         if request.delegation_token:
-            # TODO(#4): verify delegation tokens in identity.mode=verified.
             raise IdentityInvalid(
                 "delegation tokens are not accepted in identity.mode=development; "
                 "send asserted_chain",
@@ -191,11 +242,15 @@ class Pipeline:
             )
         return (*request.asserted_chain, self._identity.agent_id)
 
-    def _env_for(self, request: IncomingRequest) -> Env:
+    def _env_for(
+        self, request: IncomingRequest, now: Timestamp, chain: tuple[str, ...]
+    ) -> Env:
         return Env(
-            now=Timestamp.from_nanos(self._clock()),
+            now=now,
             daemon_id=self._daemon_id,
-            agent_id=self._identity.agent_id,
+            # The calling agent: the configured one, or in multi-agent mode
+            # the one its credential named, which is the chain's last.
+            agent_id=chain[-1],
             environment=self._env.environment,
             region=self._env.region,
             labels=self._env.labels,
@@ -247,11 +302,13 @@ class Pipeline:
         if self._closing:
             raise ShuttingDown("the daemon is shutting down; retry on another replica")
         validate_request(request)
-        chain = self._establish_chain(request)
+        # One instant per request: token expiry and every condition see it.
+        now = Timestamp.from_nanos(self._clock())
+        chain = self._establish_chain(request, now)
         policies = self._policies
         if policies is None:
             raise PolicyNotReady("no policy set is active yet")
-        env = self._env_for(request)
+        env = self._env_for(request, now, chain)
         subject = DecisionRequest(
             chain=chain,
             action=request.action,
@@ -260,7 +317,11 @@ class Pipeline:
             request_id=request.request_id,
         )
         decision = engine.evaluate(
-            policies.policy_set, policies.directory, subject, env
+            policies.policy_set,
+            policies.directory,
+            subject,
+            env,
+            explain=request.explain,
         )
         decision_id = str(uuid.uuid4())
         record = record_from_decision(

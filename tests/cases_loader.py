@@ -87,8 +87,18 @@ def load_cases(directory: pathlib.Path = CASES_DIR) -> list[Case]:
     return [_load_case(path) for path in sorted(directory.glob("*.yaml"))]
 
 
+CASE_KEYS = frozenset({"description", "now", "request", "expect"})
+EXPECT_KEYS = frozenset(
+    {"decision", "reason_code", "matched_rules", "condition_errors"}
+)
+
+
 def _load_case(path: pathlib.Path) -> Case:
     raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_CaseLoader)  # noqa: S506
+    # A misplaced expectation would be silently unchecked: refuse it.
+    unknown = (set(raw) - CASE_KEYS) | (set(raw.get("expect") or {}) - EXPECT_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     try:
         request = raw["request"]
         resource = request["resource"]

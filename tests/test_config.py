@@ -55,7 +55,11 @@ def test_config_path_from_environment(monkeypatch):
         ("audit.map_size=10", r"audit.map_size: expected at least 65536 bytes, got 10"),
         ("audit.max_batch=0", r"audit.max_batch: expected 1..65536, got 0"),
         ("identity.agent_id=", r"identity.agent_id: expected a principal id"),
-        ("identity.mode=verified", r"identity.mode: 'verified' is not available yet"),
+        (
+            "identity.mode=verified",
+            r"identity.issuers: expected at least one issuer in identity.mode "
+            "'verified', got none",
+        ),
         ("policy.source=nats://x", r"policy.source: expected a local directory"),
         ("agent.socket=" + "s" * 200, r"agent.socket: expected at most 107 bytes"),
         ("shutdown_grace_seconds=0", r"shutdown_grace_seconds: expected 0 < seconds"),
@@ -85,7 +89,9 @@ def test_config_that_is_not_a_mapping_is_refused(tmp_path):
 
 def test_socket_mode_reads_yaml_octal(tmp_path):
     path = tmp_path / "kynara.yaml"
-    path.write_text("identity: {agent_id: a}\nagent: {socket_mode: 0600}\n")
+    path.write_text(
+        "identity: {mode: development, agent_id: a}\nagent: {socket_mode: 0600}\n"
+    )
 
     assert load_config(path).agent.socket_mode == 0o600
 

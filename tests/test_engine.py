@@ -101,7 +101,7 @@ def test_case(case: Case):
     assert decision.effect == case.expect["decision"], decision.reason
     assert decision.reason_code == case.expect["reason_code"], decision.reason
     if "matched_rules" in case.expect:
-        assert msgspec.to_builtins(decision.matched_rules) == [
+        assert list(msgspec.to_builtins(decision.matched_rules)) == [
             {"shadow": False, **item} for item in case.expect["matched_rules"]
         ]
     if "condition_errors" in case.expect:

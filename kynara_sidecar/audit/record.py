@@ -73,6 +73,7 @@ __all__ = [
     "parse_duration",
     "parse_timestamp",
     "record_from_decision",
+    "request_from_record",
     "resource_entry",
 ]
 
@@ -606,6 +607,70 @@ def record_from_decision(
         directory_revision=decision.directory_revision,
         redactions=list(redactions),
     )
+
+
+def request_from_record(record: AuditRecordV1) -> tuple[DecisionRequest, Env]:
+    """Rebuild the request and env a decision record was decided from.
+
+    The inverse of ``record_from_decision`` as far as the engine is
+    concerned: the chain is the resolved chain's ids (the daemon's agent
+    included, as the engine saw it), and the typed values come back exactly,
+    ``env.now`` among them. Env keys this version does not know are ignored.
+
+    NOTE: values masked before writing (``redactions``) come back masked;
+    a replay sees what the log holds, not what the caller sent.
+
+    Args:
+        record: a ``decision`` record.
+
+    Returns:
+        ``(request, env)``, ready for ``engine.evaluate``.
+
+    Raises:
+        ValueError: the record is not a decision, has no resource or no
+            chain, or a typed value (``env.now`` included) is malformed; the
+            message gives the path, such as ``$.env.now``.
+    """
+    if record.kind != RecordKind.DECISION:
+        raise ValueError(
+            f"expected a {RecordKind.DECISION.value!r} record, got {record.kind!r} "
+            f"at seq {record.seq}"
+        )
+    if record.resource is None or not record.chain:
+        missing = "resource" if record.resource is None else "chain"
+        raise ValueError(f"decision record {record.seq} has no {missing}")
+    resource = Resource(
+        kind=record.resource.kind,
+        id=record.resource.id,
+        attributes=_decode_map(record.resource.attributes, "$.resource.attributes"),
+    )
+    request = DecisionRequest(
+        chain=tuple(entry.id for entry in record.chain),
+        action=record.action,
+        resource=resource,
+        context=_decode_map(record.context, "$.context"),
+        request_id=record.request_id,
+    )
+    return request, _env_from_entry(record.env)
+
+
+def _decode_map(raw: Mapping[str, Any], path: str) -> dict[str, Any]:
+    return {key: _decode(item, f"{path}.{key}") for key, item in raw.items()}
+
+
+def _env_from_entry(raw: Mapping[str, Any]) -> Env:
+    fields = _decode_map(
+        {key: value for key, value in raw.items() if key in Env.__struct_fields__},
+        "$.env",
+    )
+    if not isinstance(fields.get("now"), Timestamp):
+        raise ValueError(
+            f"expected a timestamp at $.env.now, got {raw.get('now', 'nothing')!r}"
+        )
+    try:
+        return msgspec.convert(fields, Env, from_attributes=True)
+    except msgspec.ValidationError as err:
+        raise ValueError(f"bad env in record: {err}") from None
 
 
 def marker_record(

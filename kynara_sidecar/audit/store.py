@@ -8,9 +8,18 @@ directory; sequence numbers are 8-byte big-endian, starting at 1):
     decisions  decision_id (UTF-8) -> seq of its decision record
     meta       b"format_version" -> b"1"
                b"head" -> 8-byte seq + 32-byte chain hash of the last record
+    policy_sets  b"policy/<revision>" or b"directory/<revision>" -> the
+               source files of that revision (``PolicySource``, msgpack)
 
 plus the caller's ``extra_dbs`` (approval state, say), which change in the
 same write transaction as the records that account for them.
+
+``policy_sets`` is content-addressed and write-once: a revision is the hash
+of its files, so a put never replaces a key that is already there. The
+daemon commits each activated set with the ``policy_activated`` marker that
+names it, so every decision record's revisions can be looked up later
+(``kynara_sidecar.replay``). Logs written before it existed lack the
+database; read-only opens then find no policy sets rather than failing.
 
 One process writes: opening for writing takes an exclusive ``flock`` on
 ``writer.lock`` in the directory, so a second daemon on the same path is
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import lmdb
@@ -41,13 +50,16 @@ __all__ = [
     "DEFAULT_MAP_SIZE",
     "FORMAT_VERSION",
     "LOCK_FILE",
+    "POLICY_SETS_DB",
     "Appended",
     "AuditStore",
     "Durability",
     "Head",
+    "PolicySource",
     "StateChange",
     "StoredRecord",
     "is_log_full",
+    "policy_set_changes",
 ]
 
 # The on-disk layout this code reads and writes (meta "format_version").
@@ -62,6 +74,10 @@ _SEQ_SIZE = 8
 _CORE_DBS = (b"records", b"chain", b"decisions", b"meta")
 _KEY_FORMAT = b"format_version"
 _KEY_HEAD = b"head"
+POLICY_SETS_DB = b"policy_sets"
+# Written only if absent: see the module doc.
+_WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB})
+_POLICY_KEY_PREFIXES = {"policy": b"policy/", "directory": b"directory/"}
 
 Durability = Literal["durable", "deferred"]
 # (db name, key, value); a value of None deletes the key.
@@ -93,6 +109,57 @@ class StoredRecord(NamedTuple):
     seq: int
     record_bytes: bytes
     chain_hash: bytes
+
+
+class PolicySource(msgspec.Struct, frozen=True):
+    """The source files of one revision: path below the policy root -> bytes.
+
+    Kept as the daemon read them, so that loading them again compiles to
+    the same revision.
+    """
+
+    files: dict[str, bytes]
+
+
+_POLICY_SOURCE_ENCODER = msgspec.msgpack.Encoder()
+_POLICY_SOURCE_DECODER = msgspec.msgpack.Decoder(PolicySource)
+
+
+def _policy_key(part: str, revision: str) -> bytes:
+    return _POLICY_KEY_PREFIXES[part] + revision.encode()
+
+
+def policy_set_changes(
+    policy_revision: str,
+    policy_files: Mapping[str, bytes],
+    directory_revision: str,
+    directory_files: Mapping[str, bytes],
+) -> list[StateChange]:
+    """The state changes that keep an activated policy set in the log.
+
+    Append them with the record that activates the set; the store writes
+    each only if its revision is not stored yet.
+
+    Args:
+        policy_revision: the policy set's revision, e.g. ``sha256:...``.
+        policy_files: the policy files it was compiled from (name -> bytes).
+        directory_revision: the directory's revision.
+        directory_files: the directory file it was compiled from.
+
+    Returns:
+        Two ``(b"policy_sets", key, value)`` changes.
+    """
+    return [
+        (
+            POLICY_SETS_DB,
+            _policy_key(part, revision),
+            _POLICY_SOURCE_ENCODER.encode(PolicySource(dict(files))),
+        )
+        for part, revision, files in (
+            ("policy", policy_revision, policy_files),
+            ("directory", directory_revision, directory_files),
+        )
+    ]
 
 
 def _seq_key(seq: int) -> bytes:
@@ -137,7 +204,7 @@ class AuditStore:
         self._durability: Durability = durability
         self._readonly = readonly
         self._lock_fd = lock_fd
-        self._extra = frozenset(dbs) - frozenset(_CORE_DBS)
+        self._extra = frozenset(dbs) - frozenset(_CORE_DBS) - {POLICY_SETS_DB}
         self._max_key = env.max_key_size()
         self._head = self.head()
 
@@ -229,7 +296,7 @@ class AuditStore:
         max_key = self._max_key
         for index, (db, key, value) in enumerate(changes):
             where = f"state change {index} ({db!r}, {key[:32]!r})"
-            if db not in self._extra:
+            if db not in self._extra and db != POLICY_SETS_DB:
                 known = ", ".join(repr(name) for name in sorted(self._extra))
                 raise ValueError(
                     f"{where}: database must be one of the extra_dbs "
@@ -332,7 +399,8 @@ class AuditStore:
             if value is None:
                 txn.delete(key, db=self._dbs[db])
             else:
-                txn.put(key, value, db=self._dbs[db])
+                overwrite = db not in _WRITE_ONCE_DBS
+                txn.put(key, value, db=self._dbs[db], overwrite=overwrite)
         return out
 
     def _write_error(self, err: lmdb.Error) -> AuditUnavailable:
@@ -406,6 +474,43 @@ class AuditStore:
             value = txn.get(key, db=self._dbs[db])
         return None if value is None else bytes(value)
 
+    def get_policy_source(
+        self, part: Literal["policy", "directory"], revision: str
+    ) -> PolicySource | None:
+        """The source files stored for a policy or directory revision.
+
+        Args:
+            part: "policy" for a policy set's files, "directory" for the
+                directory file.
+            revision: the revision a record or marker names.
+
+        Returns:
+            The files, or ``None`` when that revision is not stored (or the
+            log predates the ``policy_sets`` database).
+
+        Raises:
+            ValueError: ``part`` is neither "policy" nor "directory".
+            AuditUnavailable: the stored value is not a ``PolicySource``.
+        """
+        if part not in _POLICY_KEY_PREFIXES:
+            raise ValueError(f"expected part 'policy' or 'directory', got {part!r}")
+        db = self._dbs.get(POLICY_SETS_DB)
+        if db is None or not revision:
+            return None
+        key = _policy_key(part, revision)
+        with self._env.begin() as txn:
+            raw = txn.get(key, db=db)
+            if raw is None:
+                return None
+            raw = bytes(raw)
+        try:
+            return _POLICY_SOURCE_DECODER.decode(raw)
+        except msgspec.DecodeError as err:
+            raise AuditUnavailable(
+                f"audit log {self._path}: policy_sets entry {key.decode()!r} is "
+                f"not a stored policy source: {err}"
+            ) from err
+
     def iter_records(self, start: int = 1) -> Iterator[StoredRecord]:
         """Yield records from ``start`` on, in seq order, from one snapshot.
 
@@ -446,7 +551,7 @@ def _check_options(durability: str, extra: tuple[bytes, ...]) -> None:
             f"audit.durability must be 'durable' or 'deferred', got {durability!r}"
         )
     for name in extra:
-        if name in _CORE_DBS:
+        if name in _CORE_DBS or name == POLICY_SETS_DB:
             raise ValueError(f"extra database name {name!r} is reserved")
 
 
@@ -478,7 +583,7 @@ def _open_env(
         return lmdb.open(
             path,
             map_size=map_size,
-            max_dbs=len(_CORE_DBS) + extra,
+            max_dbs=len(_CORE_DBS) + 1 + extra,
             readonly=readonly,
             # Read-only opens still use the reader table in lock.mdb: with
             # lock=False a running writer could reuse pages being read.
@@ -507,6 +612,9 @@ def _open_dbs(
         dbs = {name: env.open_db(name, create=not readonly) for name in _CORE_DBS}
         dbs.update({name: env.open_db(name, create=True) for name in extra})
         _check_format(env, dbs, path, readonly)
+        policy_sets = _open_policy_sets(env, readonly)
+        if policy_sets is not None:
+            dbs[POLICY_SETS_DB] = policy_sets
     except lmdb.NotFoundError as err:
         raise AuditUnavailable(
             f"{path} is not a Kynara audit log (a database is missing)"
@@ -514,6 +622,15 @@ def _open_dbs(
     except lmdb.Error as err:
         raise AuditUnavailable(f"cannot open audit log {path}: {err}") from err
     return dbs
+
+
+def _open_policy_sets(env: lmdb.Environment, readonly: bool) -> lmdb._Database | None:
+    # Checked after the format, so that a foreign directory is reported as
+    # such rather than as missing its policy sets.
+    try:
+        return env.open_db(POLICY_SETS_DB, create=not readonly)
+    except lmdb.NotFoundError:
+        return None
 
 
 def _check_format(

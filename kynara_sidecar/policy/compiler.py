@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -37,6 +38,7 @@ from kynara_sidecar.policy.model import (
 )
 from kynara_sidecar.policy.names import (
     candidate_patterns,
+    canonical_name,
     is_valid_name,
     is_valid_pattern,
 )
@@ -144,8 +146,12 @@ class Directory(msgspec.Struct, frozen=True):
     principals: Mapping[str, Principal]
 
     def lookup(self, principal_id: str) -> Principal | None:
-        """The principal with this id, or None when the directory lacks it."""
-        return self.principals.get(principal_id)
+        """The principal with this id, or None when the directory lacks it.
+
+        Ids compare after Unicode NFC (see ``names``), so a decomposed
+        ``zoe\u0308`` finds ``zoë``; callers refuse unsafe ids before.
+        """
+        return self.principals.get(unicodedata.normalize("NFC", principal_id))
 
 
 def compute_revision(documents: Iterable[SourceDocument]) -> str:
@@ -201,8 +207,9 @@ def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Director
         The compiled directory.
 
     Raises:
-        PolicyError: A duplicate principal id, an undefined role, or an
-            attribute value that is not a typed value.
+        PolicyError: A principal id refused by ``canonical_name``, a
+            duplicate id (after NFC), an undefined role, or an attribute
+            value that is not a typed value.
     """
     document = source.document
     if not isinstance(document, DirectoryDocument):
@@ -210,7 +217,16 @@ def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Director
     principals: dict[str, Principal] = {}
     for index, entry in enumerate(document.principals):
         where = f"$.principals[{index}]"
-        if entry.id in principals:
+        try:
+            principal_id = canonical_name(entry.id)
+        except ValueError as err:
+            raise PolicyError(
+                f"principal id {entry.id!r}: {err}",
+                path=source.path,
+                location=f"{where}.id",
+            ) from None
+        if principal_id in principals:
+            # Compared in NFC: a composed and a decomposed "zoë" are one id.
             raise PolicyError(
                 f"expected unique principal ids, got {entry.id!r} again",
                 path=source.path,
@@ -221,8 +237,8 @@ def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Director
                 role, policy_set.roles, source.path, f"{where}.roles[{position}]"
             )
         attributes = _typed(entry.attributes, source.path, f"{where}.attributes")
-        principals[entry.id] = Principal(
-            id=entry.id,
+        principals[principal_id] = Principal(
+            id=principal_id,
             kind=entry.kind.value,
             roles=entry.roles,
             attributes=attributes,
@@ -289,10 +305,12 @@ def _resolve_role(
     return resolved[role]
 
 
-def _require_role(role: str, known: Mapping[str, Any], path: str, where: str) -> None:
+def _require_role(
+    role: str, known: Mapping[str, Any], path: str, where: str, prefix: str = ""
+) -> None:
     if role not in known:
         raise PolicyError(
-            f"expected a role defined in a policy file, got {role!r}",
+            f"{prefix}expected a role defined in a policy file, got {role!r}",
             path=path,
             location=where,
         )
@@ -343,11 +361,24 @@ def _compile_rule(
     roles: frozenset[str],
     order: int,
 ) -> CompiledRule:
-    _check_patterns(rule.actions, "an action", path, f"{where}.actions")
-    _check_patterns(rule.resources, "a resource kind", path, f"{where}.resources")
+    # The rule id leads each message, as it does for conditions, so an
+    # author finds the rule without counting list positions.
+    cite = f"rule {rule.id!r}"
+    _check_patterns(
+        rule.actions, "an action", path, f"{where}.actions", f"{cite} actions: "
+    )
+    _check_patterns(
+        rule.resources,
+        "a resource kind",
+        path,
+        f"{where}.resources",
+        f"{cite} resources: ",
+    )
     for position, role in enumerate(rule.roles):
         if role != ANY_ROLE:
-            _require_role(role, roles, path, f"{where}.roles[{position}]")
+            _require_role(
+                role, roles, path, f"{where}.roles[{position}]", f"{cite} roles: "
+            )
     condition = None
     if rule.condition.strip():
         condition = compile_condition(
@@ -375,11 +406,13 @@ def _check_name(name: str, what: str, path: str, where: str) -> None:
         )
 
 
-def _check_patterns(patterns: Sequence[str], what: str, path: str, where: str) -> None:
+def _check_patterns(
+    patterns: Sequence[str], what: str, path: str, where: str, prefix: str
+) -> None:
     for position, pattern in enumerate(patterns):
         if not is_valid_pattern(pattern):
             raise PolicyError(
-                f"expected {what} name, 'name.*' or '*', got {pattern!r}",
+                f"{prefix}expected {what} name, 'name.*' or '*', got {pattern!r}",
                 path=path,
                 location=f"{where}[{position}]",
             )

@@ -1,9 +1,27 @@
 """CEL conditions: compiled and checked once at load, evaluated per request.
 
-Conditions run on cel-expr-python, the official C++ CEL runtime, with the
-strings extension (``lowerAscii``, ``upperAscii``, ``trim``, ``split``,
-``replace``, ``indexOf``, ``join``, ``format`` ...) enabled. A condition sees
-these variables; every map is ``map(string, dyn)``:
+Conditions run on cel-expr-python, the official C++ CEL runtime. A policy
+may call the CEL standard library (``size``, ``has``, ``in``, ``matches``,
+``contains``, ``startsWith``, ``endsWith``, ``all``, ``exists``,
+``exists_one``, ``map``, ``filter``, the conversions ``int``, ``uint``,
+``double``, ``string``, ``bytes``, ``bool``, ``timestamp``, ``duration``,
+``type``, ``dyn`` and the timestamp accessors ``getFullYear`` ...
+``getMilliseconds``, each with an optional time zone) and, deliberately,
+one extension: strings (``charAt``, ``indexOf``, ``lastIndexOf``,
+``lowerAscii``, ``upperAscii``, ``replace``, ``split``, ``substring``,
+``trim``, ``join``, ``format``, ``reverse``, ``strings.quote``), because
+case-insensitive matching of caller-supplied text is what policies need
+most. The math, optional, encoders and bindings extensions are not
+enabled: nothing in a permission rule needs them yet, and each one widens
+what an author must review. Any other function is a load error.
+
+The semantics are CEL's, and ``tests/policy/test_cel_semantics.py`` checks
+each through the engine: an error on one side of ``||`` (``&&``) does not
+sink a true (false) other side; int, uint and double compare on one number
+line in either order (``==`` across other types is false, not an error);
+int and uint arithmetic that overflows is an error, never a wrap; and
+``getHours()`` without a zone is UTC, whatever offset a literal was written
+with. A condition sees these variables; every map is ``map(string, dyn)``:
 
 =============  ==============================================================
 ``principal``  the principal being evaluated: ``id``, ``kind``, ``roles``
@@ -88,10 +106,10 @@ TIME_ZONE_FUNCTIONS = frozenset(
     }
 )
 
-# TODO(#4): no cost limit on evaluation: a comprehension over a large
-# caller-supplied list runs as long as the list is; only agent.max_message_bytes
-# bounds it. cel-expr-python 0.1.3 exposes no cost tracker, so a load-time
-# estimate of nested comprehensions would have to be ours.
+# NOTE: no cost limit on evaluation: a comprehension over a caller-supplied
+# list runs as long as the list is. agent.max_message_bytes (64 KiB by
+# default) bounds the list, and policies are written by their owners, not by
+# callers; cel-expr-python 0.1.3 exposes no cost tracker to do better.
 _ENV = cel.NewEnv(variables=dict(VARIABLES), extensions=[ExtStrings()])
 _RESULT_TYPES = ("BOOL", "DYN")
 

@@ -4,8 +4,10 @@ Files ending ``.yaml``, ``.yml``, ``.json`` or ``.toml`` below the root are
 read (recursively, in sorted order); other files are ignored, and so is
 every path with a part starting with ``.``, which keeps editor droppings and
 Kubernetes ConfigMap internals (``..data``, ``..2026_...``) from being read
-twice. Each file is decoded by its extension, validated with msgspec typed
-decoders, and compiled. The first bad file raises ``PolicyError`` naming the
+twice. Files below a directory named ``tests`` (``TEST_DIRECTORY``) are
+policy tests, run by ``kynara-sidecar test``, never policies. Each file is
+decoded by its extension, validated with msgspec typed decoders, and
+compiled. The first bad file raises ``PolicyError`` naming the
 file, the location in it and what was expected; nothing is returned then, so
 the caller keeps its previous set. Reading is the only I/O here.
 
@@ -45,10 +47,12 @@ from kynara_sidecar.policy.model import (
 
 __all__ = [
     "SUFFIXES",
+    "TEST_DIRECTORY",
     "LoadedPolicies",
     "compile_documents",
     "decode_document",
     "load_policies",
+    "read_documents",
 ]
 
 _DECODERS: dict[str, Callable[[bytes], Any]] = {
@@ -58,6 +62,8 @@ _DECODERS: dict[str, Callable[[bytes], Any]] = {
     ".toml": msgspec.toml.decode,
 }
 SUFFIXES = frozenset(_DECODERS)
+# Files below a directory of this name are policy tests, not policies.
+TEST_DIRECTORY = "tests"
 # A policy file of 100,000 rules holds about a million values; past ten
 # million a file is an alias bomb, not a policy, and would stall compiling.
 MAX_DOCUMENT_VALUES = 10_000_000
@@ -122,6 +128,21 @@ def load_policies(root: pathlib.Path) -> LoadedPolicies:
         PolicyError: For the first bad file (path, location, expected and
             got), a missing or empty root, or not exactly one directory file.
     """
+    return compile_documents(read_documents(root), root=str(root))
+
+
+def read_documents(root: pathlib.Path) -> list[SourceDocument]:
+    """Read and decode every policy and directory file under root.
+
+    ``load_policies`` without the compiling: the daemon keeps these sources
+    (name and bytes) with the audit log, next to the set compiled from them.
+
+    Returns:
+        The decoded documents, in path order.
+
+    Raises:
+        PolicyError: For the first bad file, or a missing root.
+    """
     if not root.is_dir():
         raise PolicyError(
             "expected a directory of policy files, got nothing there", path=str(root)
@@ -132,12 +153,12 @@ def load_policies(root: pathlib.Path) -> LoadedPolicies:
         if path.suffix in SUFFIXES
         and path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and TEST_DIRECTORY not in path.relative_to(root).parts[:-1]
     )
-    documents = [
+    return [
         decode_document(str(path), _read(path), name=path.relative_to(root).as_posix())
         for path in files
     ]
-    return compile_documents(documents, root=str(root))
 
 
 def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocument:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 import grpc
+import msgspec
 from google.protobuf.message import DecodeError
 from kynara.v1 import decision_pb2 as pb
 
@@ -49,6 +50,14 @@ def _internal_error() -> ServiceError:
     """Log the exception being handled and return the error the caller sees."""
     log.exception("decide failed", extra={"fields": {"component": "server"}})
     return ServiceError("internal error in the daemon; see its log")
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str:
+    """The caller's ``authorization`` metadata (a per-agent credential)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return ""
 
 
 def _decode(message_type, raw: bytes, field: str = ""):
@@ -98,10 +107,16 @@ class DecisionService:
                 f"(agent.max_message_bytes), got {len(raw)}"
             )
 
-    async def _answer(self, raw: bytes, peer: str) -> pb.DecideResponse:
+    async def _answer(
+        self, raw: bytes, peer: str, authorization: str = ""
+    ) -> pb.DecideResponse:
         try:
             self._check_size(raw)
             incoming = request_from_proto(_decode(pb.DecideRequest, raw), peer)
+            if authorization:
+                incoming = msgspec.structs.replace(
+                    incoming, authorization=authorization
+                )
         except KynaraError as err:
             self._pipeline.refuse(err)
             raise
@@ -111,17 +126,17 @@ class DecisionService:
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.DecideResponse:
         try:
-            return await self._answer(raw, context.peer())
+            return await self._answer(raw, context.peer(), _authorization(context))
         except KynaraError as err:
             await abort_with(context, err)
         except Exception:
             await abort_with(context, _internal_error())
 
     async def _batch_item(
-        self, index: int, raw: bytes, peer: str
+        self, index: int, raw: bytes, peer: str, authorization: str
     ) -> pb.DecideBatchItem:
         try:
-            answer = await self._answer(raw, peer)
+            answer = await self._answer(raw, peer, authorization)
         except KynaraError as err:
             error = error_to_proto(err)
         except Exception:
@@ -145,8 +160,11 @@ class DecisionService:
         except KynaraError as err:
             self._pipeline.refuse(err)
             await abort_with(context, err)
-        peer = context.peer()
+        peer, authorization = context.peer(), _authorization(context)
         items = await asyncio.gather(
-            *(self._batch_item(i, frame, peer) for i, frame in enumerate(frames))
+            *(
+                self._batch_item(i, frame, peer, authorization)
+                for i, frame in enumerate(frames)
+            )
         )
         return pb.DecideBatchResponse(items=items)

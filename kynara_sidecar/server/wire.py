@@ -11,13 +11,22 @@ from typing import Any
 
 from kynara.v1 import decision_pb2 as pb
 
-from kynara_sidecar.decision import Duration, Effect, Resource, Timestamp, UInt64
+from kynara_sidecar.decision import (
+    Duration,
+    Effect,
+    Explanation,
+    Resource,
+    Timestamp,
+    UInt64,
+    Verdict,
+)
 from kynara_sidecar.errors import InvalidRequest
 from kynara_sidecar.pipeline import Answer, IncomingRequest
 
 __all__ = [
     "MAX_VALUE_DEPTH",
     "answer_to_proto",
+    "explanation_to_proto",
     "request_from_proto",
     "value_from_proto",
 ]
@@ -36,6 +45,13 @@ EFFECT_TO_PROTO = {
     Effect.ALLOW: pb.DECISION_ALLOW,
     Effect.DENY: pb.DECISION_DENY,
     Effect.REQUIRE_APPROVAL: pb.DECISION_REQUIRE_APPROVAL,
+}
+
+VERDICT_TO_PROTO = {
+    Verdict.HELD: pb.VERDICT_HELD,
+    Verdict.NOT_HELD: pb.VERDICT_NOT_HELD,
+    Verdict.ERRORED: pb.VERDICT_ERRORED,
+    Verdict.NOT_EVALUATED: pb.VERDICT_NOT_EVALUATED,
 }
 
 
@@ -136,6 +152,7 @@ def request_from_proto(request: pb.DecideRequest, peer: str = "") -> IncomingReq
         delegation_token=request.delegation_token,
         request_id=request.request_id,
         peer=peer,
+        explain=request.explain,
     )
 
 
@@ -169,4 +186,39 @@ def answer_to_proto(answer: Answer) -> pb.DecideResponse:
         ],
         chain=[p.id for p in decision.chain],
         request_id=answer.request_id,
+        explanation=explanation_to_proto(decision.explanation),
+    )
+
+
+def explanation_to_proto(explanation: Explanation | None) -> pb.Explanation | None:
+    """Translate the engine's ``Explanation``; None stays unset on the wire."""
+    if explanation is None:
+        return None
+    return pb.Explanation(
+        summary=explanation.summary,
+        principals=[
+            pb.PrincipalExplanation(
+                principal=item.principal,
+                roles=item.roles,
+                decision=EFFECT_TO_PROTO[item.effect],
+                reason_code=str(item.reason_code),
+                decided_by=item.decided_by,
+                rules=[
+                    pb.RuleTrace(
+                        policy=trace.policy,
+                        rule=trace.rule,
+                        effect=EFFECT_TO_PROTO[trace.effect],
+                        action_matched=trace.action_matched,
+                        resource_matched=trace.resource_matched,
+                        roles_matched=trace.roles_matched,
+                        verdict=VERDICT_TO_PROTO[trace.verdict],
+                        shadow=trace.shadow,
+                        condition=trace.condition,
+                        error=trace.error,
+                    )
+                    for trace in item.rules
+                ],
+            )
+            for item in explanation.principals
+        ],
     )

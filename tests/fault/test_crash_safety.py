@@ -118,9 +118,9 @@ def crash_rounds(
 
 
 def markers_of_runs(runs: int) -> list[str]:
-    # One start marker per run; only the last run, stopped by SIGTERM, wrote
-    # a stop marker.
-    return ["start"] * runs + ["stop"]
+    # One start marker per run, each followed by the activation of its
+    # policy set; only the last run, stopped by SIGTERM, wrote a stop marker.
+    return ["start", "policy_activated"] * runs + ["stop"]
 
 
 def test_sigkill_under_durable_load_loses_no_answered_decision(tmp_path, rng):

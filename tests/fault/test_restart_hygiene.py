@@ -150,7 +150,7 @@ def test_second_daemon_is_refused_and_first_keeps_serving(
     assert first.terminate() == 0
     # Had the second daemon opened the log for writing it would have added a
     # start marker (or broken the chain that verify walks).
-    assert marker_events(audit) == ["start", "stop"]
+    assert marker_events(audit) == ["start", "policy_activated", "stop"]
     assert log_problems(audit, load.answers) == []
     assert after.audit_sequence > max(a.audit_sequence for a in load.answers)
     assert_verifies(audit)

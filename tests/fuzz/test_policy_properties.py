@@ -47,7 +47,12 @@ from kynara_sidecar.policy.model import SourceDocument
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 SUFFIXES = (".yaml", ".yml", ".json", ".toml")
-SHIPPED = {path.name: path.read_bytes() for path in sorted(SHIPPED_POLICIES.iterdir())}
+# Files only: the policy tests under tests/ are no policies.
+SHIPPED = {
+    path.name: path.read_bytes()
+    for path in sorted(SHIPPED_POLICIES.iterdir())
+    if path.is_file()
+}
 SHIPPED_RAW = {name: yaml.safe_load(content) for name, content in SHIPPED.items()}
 # The schema's own words, so generated documents get past the first check.
 SCHEMA_KEYS = (

@@ -33,7 +33,7 @@ from support import (
 
 from kynara_sidecar.errors import InvalidRequest
 from kynara_sidecar.pipeline import IncomingRequest, validate_request
-from kynara_sidecar.policy.names import NAME_PATTERN
+from kynara_sidecar.policy.names import NAME_PATTERN, canonical_name
 from kynara_sidecar.server.decision_service import _decode
 from kynara_sidecar.server.wire import request_from_proto
 
@@ -105,6 +105,16 @@ def _map_ok(entries, containers: int) -> bool:
     return keys_ok and all(_value_ok(v, containers) for v in entries.values())
 
 
+def _is_principal_id(text: str) -> bool:
+    # The character rule is the product's one documented function (names);
+    # tests/policy/test_name_rules.py checks it against examples.
+    try:
+        canonical_name(text)
+    except ValueError:
+        return False
+    return True
+
+
 def faults(request: pb.DecideRequest) -> set[str]:
     """The top-level fields of a decoded request that break a documented limit."""
     checks = {
@@ -113,7 +123,10 @@ def faults(request: pb.DecideRequest) -> set[str]:
         "resource.id": len(request.resource.id) <= MAX_RESOURCE_ID,
         "request_id": len(request.request_id) <= MAX_REQUEST_ID,
         "asserted_chain": len(request.asserted_chain) < MAX_CHAIN
-        and all(0 < len(p) <= MAX_NAME for p in request.asserted_chain),
+        and all(
+            0 < len(p) <= MAX_NAME and _is_principal_id(p)
+            for p in request.asserted_chain
+        ),
         "context": _map_ok(request.context, 0),
         "resource.attributes": _map_ok(request.resource.attributes, 0),
     }

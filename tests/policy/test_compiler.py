@@ -55,21 +55,21 @@ BASE = policy("base", "roles: {r: {}}\n")
         ),
         (
             {"a.yaml": BASE, "b.yaml": policy("p", "rules:\n" + rule(actions="[a*]"))},
-            "b.yaml:$.rules[0].actions[0]: expected an action name, 'name.*' or "
-            "'*', got 'a*'",
+            "b.yaml:$.rules[0].actions[0]: rule 'a' actions: expected an action "
+            "name, 'name.*' or '*', got 'a*'",
         ),
         (
             {
                 "a.yaml": BASE,
                 "b.yaml": policy("p", "rules:\n" + rule(resources="[x, '*.b']")),
             },
-            "b.yaml:$.rules[0].resources[1]: expected a resource kind name, "
-            "'name.*' or '*', got '*.b'",
+            "b.yaml:$.rules[0].resources[1]: rule 'a' resources: expected a resource "
+            "kind name, 'name.*' or '*', got '*.b'",
         ),
         (
             {"a.yaml": BASE, "b.yaml": policy("p", "rules:\n" + rule(roles="[r, q]"))},
-            "b.yaml:$.rules[0].roles[1]: expected a role defined in a policy file, "
-            "got 'q'",
+            "b.yaml:$.rules[0].roles[1]: rule 'a' roles: expected a role defined in a "
+            "policy file, got 'q'",
         ),
         (
             {"a.yaml": policy("p", "roles: {r: {inherits: [ghost]}}\n")},

@@ -192,10 +192,10 @@ def test_reload_that_drops_the_agent_is_refused(start_daemon, tmp_path):
 
 
 def test_reload_survives_an_unexpected_loader_fault(daemon, monkeypatch):
-    def explode(_path):
+    def explode(*_args, **_kwargs):
         raise RuntimeError("loader bug")
 
-    monkeypatch.setattr("kynara_sidecar.daemon.load_policies", explode)
+    monkeypatch.setattr("kynara_sidecar.daemon.compile_documents", explode)
 
     assert daemon.call(daemon.daemon.reload()) is False
     assert 'kynara_policy_reloads_total{result="error"} 1.0' in scrape(daemon)

@@ -18,6 +18,14 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_DENY: _ClassVar[Decision]
     DECISION_REQUIRE_APPROVAL: _ClassVar[Decision]
 
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    VERDICT_HELD: _ClassVar[Verdict]
+    VERDICT_NOT_HELD: _ClassVar[Verdict]
+    VERDICT_ERRORED: _ClassVar[Verdict]
+    VERDICT_NOT_EVALUATED: _ClassVar[Verdict]
+
 class ReasonCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REASON_CODE_UNSPECIFIED: _ClassVar[ReasonCode]
@@ -44,6 +52,11 @@ DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_DENY: Decision
 DECISION_REQUIRE_APPROVAL: Decision
+VERDICT_UNSPECIFIED: Verdict
+VERDICT_HELD: Verdict
+VERDICT_NOT_HELD: Verdict
+VERDICT_ERRORED: Verdict
+VERDICT_NOT_EVALUATED: Verdict
 REASON_CODE_UNSPECIFIED: ReasonCode
 REASON_CODE_RULE_ALLOWED: ReasonCode
 REASON_CODE_APPROVAL_REQUIRED: ReasonCode
@@ -123,7 +136,7 @@ class Resource(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("request_id", "delegation_token", "asserted_chain", "action", "resource", "context")
+    __slots__ = ("request_id", "delegation_token", "asserted_chain", "action", "resource", "context", "explain")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,13 +150,15 @@ class DecideRequest(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     delegation_token: str
     asserted_chain: _containers.RepeatedScalarFieldContainer[str]
     action: str
     resource: Resource
     context: _containers.MessageMap[str, Value]
-    def __init__(self, request_id: _Optional[str] = ..., delegation_token: _Optional[str] = ..., asserted_chain: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, request_id: _Optional[str] = ..., delegation_token: _Optional[str] = ..., asserted_chain: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Mapping[str, Value]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class MatchedRule(_message.Message):
     __slots__ = ("policy", "rule", "effect", "principal", "shadow")
@@ -182,7 +197,7 @@ class Approval(_message.Message):
     def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("decision", "decision_id", "matched_rules", "reason_code", "reason", "policy_revision", "directory_revision", "audit_sequence", "record_hash", "approval", "condition_errors", "chain", "request_id")
+    __slots__ = ("decision", "decision_id", "matched_rules", "reason_code", "reason", "policy_revision", "directory_revision", "audit_sequence", "record_hash", "approval", "condition_errors", "chain", "request_id", "explanation")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     MATCHED_RULES_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +211,7 @@ class DecideResponse(_message.Message):
     CONDITION_ERRORS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     decision_id: str
     matched_rules: _containers.RepeatedCompositeFieldContainer[MatchedRule]
@@ -209,7 +225,56 @@ class DecideResponse(_message.Message):
     condition_errors: _containers.RepeatedCompositeFieldContainer[ConditionError]
     chain: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decision_id: _Optional[str] = ..., matched_rules: _Optional[_Iterable[_Union[MatchedRule, _Mapping]]] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., directory_revision: _Optional[str] = ..., audit_sequence: _Optional[int] = ..., record_hash: _Optional[str] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ..., condition_errors: _Optional[_Iterable[_Union[ConditionError, _Mapping]]] = ..., chain: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    explanation: Explanation
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decision_id: _Optional[str] = ..., matched_rules: _Optional[_Iterable[_Union[MatchedRule, _Mapping]]] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., directory_revision: _Optional[str] = ..., audit_sequence: _Optional[int] = ..., record_hash: _Optional[str] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ..., condition_errors: _Optional[_Iterable[_Union[ConditionError, _Mapping]]] = ..., chain: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class RuleTrace(_message.Message):
+    __slots__ = ("policy", "rule", "effect", "action_matched", "resource_matched", "roles_matched", "verdict", "shadow", "condition", "error")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    ROLES_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    rule: str
+    effect: Decision
+    action_matched: bool
+    resource_matched: bool
+    roles_matched: bool
+    verdict: Verdict
+    shadow: bool
+    condition: str
+    error: str
+    def __init__(self, policy: _Optional[str] = ..., rule: _Optional[str] = ..., effect: _Optional[_Union[Decision, str]] = ..., action_matched: _Optional[bool] = ..., resource_matched: _Optional[bool] = ..., roles_matched: _Optional[bool] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., shadow: _Optional[bool] = ..., condition: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PrincipalExplanation(_message.Message):
+    __slots__ = ("principal", "roles", "decision", "reason_code", "decided_by", "rules")
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    decision: Decision
+    reason_code: str
+    decided_by: str
+    rules: _containers.RepeatedCompositeFieldContainer[RuleTrace]
+    def __init__(self, principal: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason_code: _Optional[str] = ..., decided_by: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[RuleTrace, _Mapping]]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("summary", "principals")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPALS_FIELD_NUMBER: _ClassVar[int]
+    summary: str
+    principals: _containers.RepeatedCompositeFieldContainer[PrincipalExplanation]
+    def __init__(self, summary: _Optional[str] = ..., principals: _Optional[_Iterable[_Union[PrincipalExplanation, _Mapping]]] = ...) -> None: ...
 
 class DecideBatchRequest(_message.Message):
     __slots__ = ("items",)

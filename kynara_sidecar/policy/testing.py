@@ -1,0 +1,611 @@
+"""Policy tests and explain requests: files an author writes beside policies.
+
+A policy test file lives below a ``tests`` directory of the policy root (the
+loader never reads those as policies) and ends ``.yaml`` or ``.yml``:
+
+.. code-block:: yaml
+
+    format_version: 1
+    description: Refunds.                      # optional
+    tests:
+      - name: a small refund is allowed         # unique within the file
+        request:
+          now: "2026-12-07T10:00:00+01:00"     # env.now, RFC 3339, any offset
+          chain: [alice, support-bot]           # user first, agent last
+          action: payments.refund.issue
+          resource: {kind: payments.refund, id: rf-1, attributes: {amount: 1200}}
+          context: {region: DE}
+          env: {environment: prod, region: eu-west-1, labels: {}}  # optional
+        expect:
+          decision: allow                       # allow | deny | require_approval
+          reason_code: rule_allowed             # optional
+          matched_rules:                        # optional, compared as a set
+            - payments/refund-small             # for any principal
+            - payments/refund-small@alice       # for this principal only
+          shadow_decision: deny                 # optional
+
+An explain request file holds one ``request`` mapping of the same shape,
+at the top level. Values keep their YAML types (ints are int64); ``!uint 5``
+is a uint64, and an unquoted YAML timestamp or ``!timestamp "..."`` with an
+offset is a timestamp.
+
+Each test is decided by the engine exactly as the daemon would, with
+``env.now`` (and ``env``'s environment, region and labels) from the test
+and ``env.agent_id`` the chain's last principal.
+Reading files is the only I/O here; ``format_report`` and
+``format_explanation`` return text for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from kynara_sidecar import engine
+from kynara_sidecar.decision import (
+    Decision,
+    DecisionRequest,
+    Effect,
+    Env,
+    Explanation,
+    Resource,
+    RuleTrace,
+    Timestamp,
+    UInt64,
+    Verdict,
+)
+from kynara_sidecar.errors import PolicyError, ReasonCode
+from kynara_sidecar.policy.loader import TEST_DIRECTORY, LoadedPolicies, load_policies
+
+__all__ = [
+    "TEST_SUFFIXES",
+    "Expectation",
+    "Mismatch",
+    "PolicyRequest",
+    "PolicyTest",
+    "PolicyTestReport",
+    "PolicyTestResult",
+    "decide",
+    "find_test_files",
+    "format_explanation",
+    "format_report",
+    "load_request",
+    "load_test_file",
+    "run_policy_tests",
+    "run_tests",
+]
+
+TEST_SUFFIXES = frozenset((".yaml", ".yml"))
+# "policy/rule" or "policy/rule@principal" in expect.matched_rules.
+_RULE_SEPARATOR, _PRINCIPAL_SEPARATOR = "/", "@"
+
+Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+# --- what the files say --------------------------------------------------------
+
+
+class PolicyRequest(msgspec.Struct, frozen=True):
+    """A request to decide, with the env (and its ``now``) it is decided in."""
+
+    env: Env
+    request: DecisionRequest
+
+    @property
+    def now(self) -> Timestamp:
+        return self.env.now
+
+
+class Expectation(msgspec.Struct, frozen=True):
+    """What a test expects; None leaves that part of the answer unchecked."""
+
+    decision: Effect
+    reason_code: ReasonCode | None = None
+    matched_rules: tuple[str, ...] | None = None
+    shadow_decision: Effect | None = None
+
+
+class PolicyTest(msgspec.Struct, frozen=True):
+    """One named test; ``file`` is its file's path below the policy root."""
+
+    file: str
+    name: str
+    request: PolicyRequest
+    expect: Expectation
+
+
+class Mismatch(msgspec.Struct, frozen=True):
+    """One part of the answer that differs from the expectation."""
+
+    field: str
+    expected: str
+    got: str
+
+
+class PolicyTestResult(msgspec.Struct, frozen=True):
+    test: PolicyTest
+    decision: Decision
+    mismatches: tuple[Mismatch, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+
+class PolicyTestReport(msgspec.Struct, frozen=True):
+    policy_revision: str
+    results: tuple[PolicyTestResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        """True when every test passed."""
+        return all(result.passed for result in self.results)
+
+
+class _ResourceDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: Text
+    id: str = ""
+    attributes: dict[str, Any] = {}
+
+
+class _EnvDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    environment: str = ""
+    region: str = ""
+    labels: dict[str, str] = {}
+
+
+class _RequestDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    now: Any
+    chain: Annotated[tuple[Text, ...], msgspec.Meta(min_length=1)]
+    action: Text
+    resource: _ResourceDocument
+    context: dict[str, Any] = {}
+    request_id: str = ""
+    env: _EnvDocument = _EnvDocument()
+
+
+class _TestDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Text
+    request: Any
+    expect: Expectation
+    description: str = ""
+
+
+class _TestFileDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format_version: Literal[1]
+    tests: Annotated[tuple[_TestDocument, ...], msgspec.Meta(min_length=1)]
+    description: str = ""
+
+
+class _RequestFileDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request: Any
+    description: str = ""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with ``!uint`` and ``!timestamp`` tags for typed values."""
+
+
+_Loader.add_constructor(
+    "!uint", lambda loader, node: UInt64(int(loader.construct_scalar(node)))
+)
+_Loader.add_constructor(
+    "!timestamp",
+    lambda loader, node: datetime.datetime.fromisoformat(loader.construct_scalar(node)),
+)
+
+
+# --- reading -------------------------------------------------------------------
+
+
+def find_test_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """The policy test files below ``root``, sorted.
+
+    Args:
+        root: A policy directory.
+
+    Returns:
+        Every ``.yaml``/``.yml`` file below a ``tests`` directory under
+        root, skipping hidden paths as the loader does.
+    """
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix in TEST_SUFFIXES
+        and path.is_file()
+        and TEST_DIRECTORY in path.relative_to(root).parts[:-1]
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def load_test_file(path: pathlib.Path, *, name: str = "") -> tuple[PolicyTest, ...]:
+    """Read and validate one policy test file.
+
+    Args:
+        path: The file.
+        name: How reports cite it (defaults to ``path``).
+
+    Returns:
+        Its tests, in file order.
+
+    Raises:
+        PolicyError: Unreadable or malformed YAML, a missing or mistyped
+            field (with its location), a duplicate test name, a ``now``
+            without an offset, or a malformed ``matched_rules`` entry.
+    """
+    document = _convert(_read_yaml(path), _TestFileDocument, str(path))
+    tests: list[PolicyTest] = []
+    seen: set[str] = set()
+    for index, item in enumerate(document.tests):
+        where = f"$.tests[{index}]"
+        if item.name in seen:
+            raise PolicyError(
+                f"expected test names unique within the file, got {item.name!r} again",
+                path=str(path),
+                location=f"{where}.name",
+            )
+        seen.add(item.name)
+        _check_rule_citations(item.expect.matched_rules, str(path), where)
+        request = _decode_request(item.request, str(path), f"{where}.request")
+        tests.append(PolicyTest(name or str(path), item.name, request, item.expect))
+    return tuple(tests)
+
+
+def load_request(path: pathlib.Path) -> PolicyRequest:
+    """Read an explain request file: one ``request`` as a test writes it.
+
+    Raises:
+        PolicyError: Unreadable or malformed YAML, or a bad field (with its
+            location).
+    """
+    document = _convert(_read_yaml(path), _RequestFileDocument, str(path))
+    return _decode_request(document.request, str(path), "$.request")
+
+
+def _read_yaml(path: pathlib.Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolicyError(
+            f"expected a readable file, got {err}", path=str(path)
+        ) from err
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, ValueError) as err:
+        raise PolicyError(f"expected valid YAML, got: {err}", path=str(path)) from err
+
+
+def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
+    try:
+        return msgspec.convert(raw, target)
+    except msgspec.ValidationError as err:
+        message, _, where = str(err).partition(" - at `")
+        location = prefix + where.rstrip("`")[1:] if where else prefix
+        raise PolicyError(
+            _rewrite(message, location), path=path, location=location
+        ) from err
+
+
+# The phrasing the policy loader uses for the same msgspec messages.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "decision": tuple(Effect),
+    "shadow_decision": tuple(Effect),
+    "reason_code": tuple(ReasonCode),
+}
+_REWRITES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
+    (
+        re.compile(r"Object missing required field `(.*)`"),
+        lambda match, _: f"expected field {match.group(1)!r}, got nothing",
+    ),
+    (
+        re.compile(r"Object contains unknown field `(.*)`"),
+        lambda match, _: (
+            f"expected only known fields, got unknown field {match.group(1)!r}"
+        ),
+    ),
+    (
+        re.compile(r"Expected `(\w+)` of length >= 1"),
+        lambda match, _: f"expected a non-empty {match.group(1)}, got an empty one",
+    ),
+    (
+        re.compile(r"Invalid enum value (.*)"),
+        lambda match, where: (
+            "expected one of "
+            + ", ".join(repr(str(c)) for c in _CHOICES[where.rsplit(".", 1)[-1]])
+            + f", got {match.group(1)}"
+        ),
+    ),
+)
+
+
+def _rewrite(message: str, where: str) -> str:
+    for pattern, rewrite in _REWRITES:
+        match = pattern.fullmatch(message)
+        if match:
+            return rewrite(match, where)
+    message = message.replace("`", "")
+    return message[:1].lower() + message[1:]
+
+
+def _decode_request(raw: Any, path: str, where: str) -> PolicyRequest:
+    document = _convert(raw, _RequestDocument, path, prefix=where)
+    now = _instant(document.now, path, f"{where}.now")
+    resource = document.resource
+    request = DecisionRequest(
+        chain=document.chain,
+        action=document.action,
+        resource=Resource(
+            kind=resource.kind,
+            id=resource.id,
+            attributes=_typed(
+                resource.attributes, path, f"{where}.resource.attributes"
+            ),
+        ),
+        context=_typed(document.context, path, f"{where}.context"),
+        request_id=document.request_id,
+    )
+    env = Env(
+        now=now,
+        agent_id=document.chain[-1],
+        environment=document.env.environment,
+        region=document.env.region,
+        labels=document.env.labels,
+    )
+    return PolicyRequest(env, request)
+
+
+def _instant(value: Any, path: str, where: str) -> Timestamp:
+    moment = value
+    if isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+    if not isinstance(moment, datetime.datetime) or moment.tzinfo is None:
+        raise PolicyError(
+            f"expected an RFC 3339 instant with an offset, got {value!r}",
+            path=path,
+            location=where,
+        )
+    return Timestamp.from_datetime(moment)
+
+
+def _typed(value: Any, path: str, where: str) -> Any:
+    if isinstance(value, datetime.datetime):
+        return _instant(value, path, where)
+    if isinstance(value, datetime.date):
+        raise PolicyError(
+            f"expected a timestamp with time and offset, got the date {value}",
+            path=path,
+            location=where,
+        )
+    if isinstance(value, dict):
+        return {
+            key: _typed(item, path, f"{where}.{key}") for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [
+            _typed(item, path, f"{where}[{index}]") for index, item in enumerate(value)
+        ]
+    if value is None:
+        raise PolicyError("expected a value, got null", path=path, location=where)
+    return value
+
+
+def _check_rule_citations(
+    citations: Sequence[str] | None, path: str, where: str
+) -> None:
+    for index, citation in enumerate(citations or ()):
+        rule, _, principal = citation.partition(_PRINCIPAL_SEPARATOR)
+        policy, _, rule_id = rule.partition(_RULE_SEPARATOR)
+        if not (policy and rule_id) or (
+            _PRINCIPAL_SEPARATOR in citation and not principal
+        ):
+            raise PolicyError(
+                f"expected 'policy/rule' or 'policy/rule@principal', got {citation!r}",
+                path=path,
+                location=f"{where}.expect.matched_rules[{index}]",
+            )
+
+
+# --- running -------------------------------------------------------------------
+
+
+def decide(
+    policies: LoadedPolicies, request: PolicyRequest, *, explain: bool = False
+) -> Decision:
+    """Decide a file's request as the daemon would, at the request's ``now``.
+
+    Args:
+        policies: The compiled policies and directory.
+        request: The request and its instant.
+        explain: Fill ``Decision.explanation``.
+
+    Returns:
+        The engine's decision.
+    """
+    return engine.evaluate(
+        policies.policy_set,
+        policies.directory,
+        request.request,
+        request.env,
+        explain=explain,
+    )
+
+
+def run_tests(
+    policies: LoadedPolicies, tests: Iterable[PolicyTest]
+) -> PolicyTestReport:
+    """Decide every test and compare the answer with its expectation.
+
+    Returns:
+        One result per test, in order; never raises for a failing test.
+    """
+    results = []
+    for test in tests:
+        decision = decide(policies, test.request)
+        results.append(
+            PolicyTestResult(test, decision, _compare(test.expect, decision))
+        )
+    return PolicyTestReport(policies.policy_set.revision, tuple(results))
+
+
+def run_policy_tests(root: pathlib.Path) -> PolicyTestReport:
+    """Load the policies under ``root`` and run every test file found there.
+
+    Raises:
+        PolicyError: The policies do not load, a test file is malformed, or
+            there are no test files below a ``tests`` directory under root.
+    """
+    policies = load_policies(root)
+    files = find_test_files(root)
+    if not files:
+        raise PolicyError(
+            f"expected policy test files (.yaml) below a {TEST_DIRECTORY!r} "
+            "directory, got none",
+            path=str(root),
+        )
+    tests = [
+        test
+        for path in files
+        for test in load_test_file(path, name=path.relative_to(root).as_posix())
+    ]
+    return run_tests(policies, tests)
+
+
+def _compare(expect: Expectation, decision: Decision) -> tuple[Mismatch, ...]:
+    mismatches = []
+    if decision.effect is not expect.decision:
+        mismatches.append(Mismatch("decision", expect.decision, decision.effect))
+    if expect.reason_code is not None and decision.reason_code != expect.reason_code:
+        mismatches.append(
+            Mismatch("reason_code", expect.reason_code, decision.reason_code)
+        )
+    if expect.shadow_decision is not None and (
+        decision.shadow_effect is not expect.shadow_decision
+    ):
+        got = decision.shadow_effect or "none (no shadow rule applied)"
+        mismatches.append(Mismatch("shadow_decision", expect.shadow_decision, got))
+    if expect.matched_rules is not None:
+        mismatches.extend(_compare_rules(expect.matched_rules, decision))
+    return tuple(mismatches)
+
+
+def _compare_rules(expected: Sequence[str], decision: Decision) -> list[Mismatch]:
+    got = [
+        (f"{rule.policy}/{rule.rule}", f"{rule.policy}/{rule.rule}@{rule.principal}")
+        for rule in decision.matched_rules
+    ]
+    wanted = set(expected)
+    missing = [
+        citation for citation in expected if not any(citation in pair for pair in got)
+    ]
+    unexpected = sorted(
+        {full for short, full in got if short not in wanted and full not in wanted}
+    )
+    if not (missing or unexpected):
+        return []
+    return [
+        Mismatch(
+            "matched_rules",
+            ", ".join(expected) or "none",
+            "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unexpected {', '.join(unexpected)}" if unexpected else "",
+                )
+                if part
+            ),
+        )
+    ]
+
+
+# --- reporting -----------------------------------------------------------------
+
+
+def format_report(report: PolicyTestReport) -> str:
+    """One line per test (``ok`` or ``FAIL``), a diff per failure, a total."""
+    lines = []
+    for result in report.results:
+        test = result.test
+        lines.append(f"{'ok  ' if result.passed else 'FAIL'} {test.file}: {test.name}")
+        for mismatch in result.mismatches:
+            lines.append(
+                f"       {mismatch.field}: expected {mismatch.expected}, "
+                f"got {mismatch.got}"
+            )
+        if not result.passed:
+            lines.append(f"       reason: {result.decision.reason}")
+    failed = sum(not result.passed for result in report.results)
+    lines.append(
+        f"{len(report.results) - failed} passed, {failed} failed "
+        f"(policy {report.policy_revision})"
+    )
+    return "\n".join(lines)
+
+
+_VERDICT_TEXT = {
+    Verdict.HELD: "condition true",
+    Verdict.NOT_HELD: "condition false",
+    Verdict.ERRORED: "condition error",
+    Verdict.NOT_EVALUATED: "not evaluated",
+}
+
+
+def format_explanation(decision: Decision) -> str:
+    """The decision and, per principal, every traced rule, as text.
+
+    Args:
+        decision: A decision made with ``explain=True``.
+
+    Returns:
+        Readable lines; a rule marked ``near miss`` matched on patterns or
+        on roles but not both.
+    """
+    lines = [
+        f"decision: {decision.effect} ({decision.reason_code})",
+        f"reason: {decision.reason}",
+    ]
+    if decision.shadow_effect is not None:
+        lines.append(f"shadow decision: {decision.shadow_effect}")
+    explanation = decision.explanation or Explanation("no explanation was asked for")
+    for principal in explanation.principals:
+        decided = f" by {principal.decided_by}" if principal.decided_by else ""
+        lines.append(
+            f"principal {principal.principal} "
+            f"(roles: {', '.join(principal.roles) or 'none'}): "
+            f"{principal.effect} ({principal.reason_code}){decided}"
+        )
+        lines.extend(f"  {_format_trace(trace)}" for trace in principal.rules)
+    lines.append(f"combined: {explanation.summary}")
+    return "\n".join(lines)
+
+
+def _format_trace(trace: RuleTrace) -> str:
+    misses = [
+        what
+        for what, matched in (
+            ("action", trace.action_matched),
+            ("resource kind", trace.resource_matched),
+            ("roles", trace.roles_matched),
+        )
+        if not matched
+    ]
+    mode = " shadow" if trace.shadow else ""
+    head = f"{trace.policy}/{trace.rule} [{trace.effect}{mode}]"
+    if misses:
+        return f"{head}: near miss, {' and '.join(misses)} did not match"
+    verdict = _VERDICT_TEXT[trace.verdict]
+    if not trace.condition:
+        verdict = "no condition, holds"
+    elif trace.verdict is Verdict.ERRORED:
+        verdict += f": {trace.error}"
+    condition = f"\n      when {trace.condition}" if trace.condition else ""
+    return f"{head}: patterns and roles match, {verdict}{condition}"

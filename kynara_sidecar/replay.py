@@ -1,0 +1,356 @@
+"""Replay: re-decide recorded requests against a candidate policy set.
+
+Every decision record holds what the engine saw: the resolved delegation
+chain, action, resource, context and env, ``env.now`` included. Replaying a
+record rebuilds that request (``request_from_record``) and evaluates it
+against another policy set, so a policy author sees which past decisions a
+change would turn around before shipping it. The record's own ``env.now`` is
+used, never the clock: a CRM read at 10:00 in Berlin replays as a 10:00
+read even when the replay runs at night.
+
+Two baselines to compare the candidate's decision with:
+
+    recorded   the decision the record holds (what the caller was told)
+    original   a fresh evaluation under the record's own policy set, loaded
+               from the log's ``policy_sets`` database; this separates what
+               the policy change does from what a newer engine does. A
+               record whose set is not stored (or no longer compiles) is
+               compared with its recorded decision instead, and said so.
+
+A record *would change* when the candidate's decision (allow, deny,
+require_approval) differs from the baseline's.
+NOTE: a reason that changes under the same decision is not counted; the
+decision is what the caller acts on.
+
+Everything here is pure apart from reading the audit store (opened
+read-only by ``replay_main``, so a running daemon's log can be replayed)
+and, in ``replay_main``, the candidate's policy files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Literal, TextIO
+
+import msgspec
+
+from kynara_sidecar import engine
+from kynara_sidecar.audit.chain import decode_record
+from kynara_sidecar.audit.record import (
+    AuditRecordV1,
+    RecordKind,
+    request_from_record,
+)
+from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.decision import Decision
+from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.loader import (
+    LoadedPolicies,
+    compile_documents,
+    decode_document,
+    load_policies,
+)
+
+__all__ = [
+    "BASELINES",
+    "Baseline",
+    "ReplayChange",
+    "ReplayReport",
+    "UnavailableSet",
+    "format_change",
+    "format_report",
+    "load_stored_policies",
+    "replay_log",
+    "replay_main",
+    "replay_record",
+]
+
+Baseline = Literal["recorded", "original"]
+BASELINES: tuple[Baseline, ...] = ("recorded", "original")
+
+_Revisions = tuple[str, str]
+
+
+class ReplayChange(msgspec.Struct, frozen=True):
+    """A recorded decision the candidate would decide differently."""
+
+    seq: int
+    decision_id: str
+    action: str
+    old_decision: str
+    old_reason_code: str
+    new_decision: str
+    new_reason_code: str
+
+
+class UnavailableSet(msgspec.Struct, frozen=True):
+    """An original policy set that could not be used as the baseline."""
+
+    policy_revision: str
+    directory_revision: str
+    # "not stored", or why the stored files did not compile.
+    problem: str
+    records: int
+
+
+class ReplayReport(msgspec.Struct):
+    """What a replay found.
+
+    ``replayed`` counts decision records evaluated against the candidate;
+    ``skipped`` lists ``(seq, why)`` for records that could not be rebuilt.
+    """
+
+    replayed: int = 0
+    changes: list[ReplayChange] = []
+    unavailable: list[UnavailableSet] = []
+    skipped: list[tuple[int, str]] = []
+
+
+def replay_record(record: AuditRecordV1, policies: LoadedPolicies) -> Decision:
+    """Decide a recorded request again, with the record's own env.
+
+    Args:
+        record: a ``decision`` record.
+        policies: the policy set and directory to decide with.
+
+    Returns:
+        The engine's decision.
+
+    Raises:
+        ValueError: the record cannot be rebuilt into a request (see
+            ``request_from_record``).
+    """
+    request, env = request_from_record(record)
+    return engine.evaluate(policies.policy_set, policies.directory, request, env)
+
+
+def load_stored_policies(
+    store: AuditStore, policy_revision: str, directory_revision: str
+) -> LoadedPolicies | None:
+    """Compile the policy set the log kept for these revisions.
+
+    Args:
+        store: the audit log.
+        policy_revision: the record's ``policy_revision``.
+        directory_revision: the record's ``directory_revision``.
+
+    Returns:
+        The compiled set, or ``None`` when either part is not stored.
+
+    Raises:
+        PolicyError: the stored files do not compile with this version, or
+            compile to other revisions than the ones they are stored under.
+    """
+    policy = store.get_policy_source("policy", policy_revision)
+    directory = store.get_policy_source("directory", directory_revision)
+    if policy is None or directory is None:
+        return None
+    where = f"{store.path} policy_sets"
+    documents = [
+        decode_document(f"{where}/{name}", content, name=name)
+        for name, content in (*policy.files.items(), *directory.files.items())
+    ]
+    loaded = compile_documents(documents, root=where)
+    got = (loaded.policy_set.revision, loaded.directory.revision)
+    if got != (policy_revision, directory_revision):
+        raise PolicyError(
+            f"expected stored files to compile to policy {policy_revision}, "
+            f"directory {directory_revision}; got policy {got[0]}, directory "
+            f"{got[1]}",
+            path=where,
+        )
+    return loaded
+
+
+class _Originals:
+    """Original policy sets by revisions, compiled once each."""
+
+    def __init__(self, store: AuditStore):
+        self._store = store
+        self._sets: dict[_Revisions, LoadedPolicies | str] = {}
+        self._misses: dict[_Revisions, int] = {}
+
+    def get(self, revisions: _Revisions) -> LoadedPolicies | None:
+        found = self._sets.get(revisions)
+        if found is None:
+            try:
+                found = load_stored_policies(self._store, *revisions) or "not stored"
+            except PolicyError as err:
+                found = f"stored but does not compile: {err}"
+            self._sets[revisions] = found
+        if isinstance(found, str):
+            self._misses[revisions] = self._misses.get(revisions, 0) + 1
+            return None
+        return found
+
+    def unavailable(self) -> list[UnavailableSet]:
+        return [
+            UnavailableSet(*revisions, self._sets[revisions], count)
+            for revisions, count in self._misses.items()
+        ]
+
+
+def replay_log(
+    store: AuditStore,
+    candidate: LoadedPolicies,
+    *,
+    baseline: Baseline = "recorded",
+    on_change: Callable[[ReplayChange], None] | None = None,
+) -> ReplayReport:
+    """Replay every decision record of a log against a candidate set.
+
+    Args:
+        store: the audit log (read-only or the daemon's own).
+        candidate: the policy set and directory to try.
+        baseline: compare with the "recorded" decision or with the record's
+            "original" policy set evaluated again (see the module doc).
+        on_change: called with each change as it is found (to print it).
+
+    Returns:
+        The report; records of other kinds are passed over.
+
+    Raises:
+        ValueError: ``baseline`` is not one of ``BASELINES``.
+        AuditUnavailable: a stored policy set is not readable.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"expected baseline one of {BASELINES}, got {baseline!r}")
+    originals = _Originals(store) if baseline == "original" else None
+    report = ReplayReport()
+    with contextlib.closing(store.iter_records()) as records:
+        for stored in records:
+            change = _replay_one(stored.seq, stored.record_bytes, candidate, originals)
+            if change is None:
+                continue
+            if isinstance(change, str):
+                report.skipped.append((stored.seq, change))
+                continue
+            report.replayed += 1
+            if change is not True:
+                report.changes.append(change)
+                if on_change is not None:
+                    on_change(change)
+    if originals is not None:
+        report.unavailable = originals.unavailable()
+    return report
+
+
+def _replay_one(
+    seq: int,
+    data: bytes,
+    candidate: LoadedPolicies,
+    originals: _Originals | None,
+) -> ReplayChange | str | bool | None:
+    # None: not a decision; str: why it was skipped; True: unchanged.
+    try:
+        record = decode_record(data)
+    except msgspec.MsgspecError as err:
+        return f"not a readable record: {err}"
+    if record.kind != RecordKind.DECISION:
+        return None
+    try:
+        new = replay_record(record, candidate)
+    except ValueError as err:
+        return str(err)
+    old_decision, old_reason = record.decision, record.reason_code
+    if originals is not None:
+        original = originals.get((record.policy_revision, record.directory_revision))
+        if original is not None:
+            old = replay_record(record, original)
+            old_decision, old_reason = str(old.effect), str(old.reason_code)
+    if str(new.effect) == old_decision:
+        return True
+    return ReplayChange(
+        seq=record.seq or seq,
+        decision_id=record.decision_id,
+        action=record.action,
+        old_decision=old_decision,
+        old_reason_code=old_reason,
+        new_decision=str(new.effect),
+        new_reason_code=str(new.reason_code),
+    )
+
+
+def format_change(change: ReplayChange) -> str:
+    """One line: seq, decision id, action, old -> new decision and reasons."""
+    return (
+        f"seq {change.seq} {change.decision_id} {change.action}: "
+        f"{change.old_decision} ({change.old_reason_code}) -> "
+        f"{change.new_decision} ({change.new_reason_code})"
+    )
+
+
+def format_report(report: ReplayReport) -> list[str]:
+    """The report's closing lines: skipped records, unavailable original
+    sets, and the summary ``N records replayed, M would change``."""
+    lines = [f"seq {seq}: not replayed: {why}" for seq, why in report.skipped]
+    lines += [
+        f"original policy set {item.problem}: policy {item.policy_revision}, "
+        f"directory {item.directory_revision} ({item.records} records compared "
+        "with their recorded decision)"
+        for item in report.unavailable
+    ]
+    lines.append(
+        f"{report.replayed} records replayed, {len(report.changes)} would change"
+    )
+    return lines
+
+
+def replay_main(
+    policies_dir: str | os.PathLike[str],
+    audit_dir: str | os.PathLike[str],
+    *,
+    baseline: Baseline = "recorded",
+    out: TextIO | None = None,
+) -> int:
+    """``kynara-sidecar replay``: print the decisions a candidate would change.
+
+    Prints a header naming the candidate's revisions, one line per changed
+    decision as it is found, then ``format_report``'s lines.
+
+    Args:
+        policies_dir: the candidate policy directory (policies and directory).
+        audit_dir: the audit log directory; opened read-only, so it may
+            belong to a running daemon.
+        baseline: "recorded" or "original" (see the module doc).
+        out: where to print; standard output by default.
+
+    Returns:
+        0 once the replay ran, whatever changed.
+
+    Raises:
+        ValueError: ``baseline`` is not one of ``BASELINES``.
+        PolicyError: the candidate does not load.
+        AuditUnavailable: the log cannot be opened or read.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"expected baseline one of {BASELINES}, got {baseline!r}")
+    out = sys.stdout if out is None else out
+    candidate = load_policies(pathlib.Path(policies_dir))
+    store = AuditStore.open(audit_dir, readonly=True)
+    try:
+        against = {
+            "recorded": "the recorded decisions",
+            "original": "each record's original policy set",
+        }[baseline]
+        print(
+            f"replaying {store.path} against policy "
+            f"{candidate.policy_set.revision}, directory "
+            f"{candidate.directory.revision}, compared with {against}",
+            file=out,
+        )
+        report = replay_log(
+            store,
+            candidate,
+            baseline=baseline,
+            on_change=lambda change: print(format_change(change), file=out),
+        )
+    finally:
+        store.close()
+    for line in format_report(report):
+        print(line, file=out)
+    return 0
