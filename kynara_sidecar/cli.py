@@ -66,7 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("policies", metavar="DIR")
 
     test = commands.add_parser(
-        "test", help="run the policy tests under DIR/**/tests/ against DIR"
+        "test",
+        help="run the policy tests in every DIR/**/tests/ against the policies "
+        "beside them",
     )
     test.add_argument("policies", metavar="DIR")
 
@@ -140,11 +142,20 @@ def _check(args: argparse.Namespace) -> int:
 def _test(args: argparse.Namespace) -> int:
     import pathlib
 
-    from kynara_sidecar.policy.testing import format_report, run_policy_tests
+    from kynara_sidecar.policy.testing import (
+        find_policy_roots,
+        format_report,
+        run_policy_tests,
+    )
 
-    report = run_policy_tests(pathlib.Path(args.policies))
-    print(format_report(report))
-    return EXIT_OK if report.passed else EXIT_FAILED
+    directory = pathlib.Path(args.policies)
+    roots = find_policy_roots(directory) or [directory]
+    passed = True
+    for root in roots:
+        report = run_policy_tests(root)
+        print(f"{root}:\n{format_report(report)}")
+        passed = passed and report.passed
+    return EXIT_OK if passed else EXIT_FAILED
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -64,6 +64,7 @@ from kynara_sidecar.errors import PolicyError, ReasonCode
 from kynara_sidecar.policy.loader import TEST_DIRECTORY, LoadedPolicies, load_policies
 
 __all__ = [
+    "find_policy_roots",
     "TEST_SUFFIXES",
     "Expectation",
     "Mismatch",
@@ -222,6 +223,21 @@ def find_test_files(root: pathlib.Path) -> list[pathlib.Path]:
         and TEST_DIRECTORY in path.relative_to(root).parts[:-1]
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
     )
+
+
+def find_policy_roots(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The policy directories under ``directory`` that ship tests.
+
+    A policy directory is one that holds a ``tests`` directory of test
+    files, so ``config/`` finds ``config/policies``, and a policy directory
+    finds itself.
+    """
+    roots = set()
+    for path in find_test_files(directory):
+        parts = path.relative_to(directory).parts[:-1]
+        last = len(parts) - 1 - parts[::-1].index(TEST_DIRECTORY)
+        roots.add(directory.joinpath(*parts[:last]))
+    return sorted(roots)
 
 
 def load_test_file(path: pathlib.Path, *, name: str = "") -> tuple[PolicyTest, ...]:

@@ -81,6 +81,14 @@ def test_cli_test_passes_on_the_shipped_policies():
     assert "0 failed" in result.stdout.splitlines()[-1]
 
 
+def test_cli_test_finds_the_policies_under_the_config_directory():
+    result = run_cli("test", str(REPO_ROOT / "config"))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"{REPO_ROOT / 'config' / 'policies'}:")
+    assert " 0 failed" in result.stdout
+
+
 def test_cli_test_fails_a_broken_expectation_with_a_readable_diff(tmp_path):
     root = tmp_path / "policies"
     shutil.copytree(SHIPPED, root)
