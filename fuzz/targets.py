@@ -126,7 +126,7 @@ def seed_inputs(target: str) -> list[bytes]:
             + b"\x00audit.durability=deferred\nagent.port=0",
         ]
     seeds = []
-    for path in sorted(SHIPPED_POLICIES.iterdir()):
+    for path in sorted(SHIPPED_POLICIES.glob("*.yaml")):
         raw = msgspec.yaml.decode(path.read_bytes())
         seeds.append(bytes([0]) + path.read_bytes())
         seeds.append(bytes([1]) + msgspec.json.encode(raw))
