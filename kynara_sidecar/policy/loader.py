@@ -13,7 +13,7 @@ the caller keeps its previous set. Reading is the only I/O here.
 
 NOTE: one error at a time, not all of them: a policy author fixes and
 reloads, and every message stays a single precise "file:location: expected
-..., got ...". TODO(#4): collect every file's errors for a lint command?
+..., got ...".
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import grpc
+import kynara_sdk
 import pytest
 from identity_support import NOW, SigningKey, claims, jwks, unsigned
 from kynara.v1 import decision_pb2 as pb
@@ -258,3 +259,26 @@ def test_multi_agent_batch_uses_the_callers_secret(start_daemon, multi_agent, ke
     assert reply.items[0].decision.reason_code == "rule_allowed"
     assert reply.items[1].error.code == "identity_invalid"
     assert reply.items[1].error.field == "items[1].delegation_token"
+
+
+def test_sdk_sends_the_agent_secret_from_its_file(start_daemon, multi_agent, key):
+    daemon = start_daemon(*multi_agent)
+    secret_file = daemon.config.identity.agents["sub-agent"]
+    token = key.sign(claims("alice", "orchestrator", "sub-agent"))
+
+    with kynara_sdk.Client(daemon.target, secret_file=secret_file) as sdk:
+        answer = sdk.decide(
+            "payments.refund.issue",
+            resource_kind="payments.refund",
+            attributes={"amount": 1200},
+            token=token,
+        )
+    with kynara_sdk.Client(daemon.target) as anonymous:
+        with pytest.raises(kynara_sdk.KynaraError) as refused:
+            anonymous.decide(
+                "payments.refund.issue", resource_kind="payments.refund", token=token
+            )
+
+    assert answer.decision == "allow"
+    assert answer.chain[-1] == "sub-agent"
+    assert refused.value.code == "identity_invalid"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from kynara_sdk.errors import INTERNAL, KynaraError
 __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "SECRET_FILE_ENV",
     "TARGET_ENV",
     "AsyncClient",
     "Client",
@@ -41,6 +43,9 @@ __all__ = [
 ]
 
 TARGET_ENV = "KYNARA_TARGET"
+# A file holding this agent's bearer secret, for a daemon that serves several
+# agents (identity.agents); each call then names its agent.
+SECRET_FILE_ENV = "KYNARA_AGENT_SECRET_FILE"
 # The socket a Kynara sidecar serves its agent on by convention (the shared
 # volume mounted at /run/kynara in the Kubernetes manifests).
 DEFAULT_TARGET = "unix:///run/kynara/agent.sock"
@@ -56,8 +61,23 @@ def resolve_target(target: str | None = None) -> str:
     return target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
+def _credential_metadata(secret_file: str | None) -> tuple[tuple[str, str], ...]:
+    path = secret_file or os.environ.get(SECRET_FILE_ENV)
+    if not path:
+        return ()
+    try:
+        secret = pathlib.Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"secret_file: cannot read {path}: {err}") from None
+    if not secret:
+        raise ValueError(f"secret_file: {path} is empty")
+    return (("authorization", f"Bearer {secret}"),)
+
+
 class _Base:
-    def __init__(self, target: str | None, timeout: float) -> None:
+    def __init__(
+        self, target: str | None, timeout: float, secret_file: str | None = None
+    ) -> None:
         if not isinstance(timeout, int | float) or isinstance(timeout, bool):
             raise TypeError(
                 f"timeout: expected seconds as a number, got {type(timeout).__name__}"
@@ -66,6 +86,7 @@ class _Base:
             raise ValueError(f"timeout: expected seconds > 0, got {timeout}")
         self.target = resolve_target(target)
         self.timeout = float(timeout)
+        self._metadata = _credential_metadata(secret_file)
         self._closed = False
 
     def _check_open(self) -> None:
@@ -85,18 +106,24 @@ class Client(_Base):
             default ``$KYNARA_TARGET``, then ``DEFAULT_TARGET``.
         timeout: seconds each call may take before it fails with
             ``daemon_unreachable``.
+        secret_file: this agent's bearer secret, sent with every call, for a
+            daemon serving several agents; default ``$KYNARA_AGENT_SECRET_FILE``.
 
     Raises:
-        TypeError, ValueError: ``timeout`` is not a positive number.
+        TypeError, ValueError: ``timeout`` is not a positive number, or the
+            secret file cannot be read.
     """
 
     def __init__(
-        self, target: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        secret_file: str | None = None,
     ) -> None:
-        super().__init__(target, timeout)
-        # TODO(#4): per-agent credentials for multi-agent mode (a bearer
-        # secret from a file, or a client certificate); only local insecure
-        # channels (Unix socket, loopback) are dialled today.
+        super().__init__(target, timeout, secret_file)
+        # TODO(#11): client certificates as the other per-agent credential;
+        # only local insecure channels (Unix socket, loopback) are dialled.
         self._channel = grpc.insecure_channel(self.target)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
@@ -151,7 +178,9 @@ class Client(_Base):
             )
         )
         try:
-            response = self._stub.Decide(request, timeout=self.timeout)
+            response = self._stub.Decide(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return decision_from_proto(response)
@@ -177,7 +206,9 @@ class Client(_Base):
         self._check_open()
         batch = _build_batch(requests)
         try:
-            response = self._stub.DecideBatch(batch, timeout=self.timeout)
+            response = self._stub.DecideBatch(
+                batch, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return _read_batch(batch, response)
@@ -203,13 +234,17 @@ class AsyncClient(_Base):
     since a grpc.aio channel belongs to the loop that made it.
 
     Args:
-        target, timeout: as ``Client``.
+        target, timeout, secret_file: as ``Client``.
     """
 
     def __init__(
-        self, target: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        secret_file: str | None = None,
     ) -> None:
-        super().__init__(target, timeout)
+        super().__init__(target, timeout, secret_file)
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stub: decision_pb2_grpc.DecisionServiceStub | None = None
@@ -243,7 +278,9 @@ class AsyncClient(_Base):
             )
         )
         try:
-            response = await self._stub_here().Decide(request, timeout=self.timeout)
+            response = await self._stub_here().Decide(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return decision_from_proto(response)
@@ -255,7 +292,9 @@ class AsyncClient(_Base):
         self._check_open()
         batch = _build_batch(requests)
         try:
-            response = await self._stub_here().DecideBatch(batch, timeout=self.timeout)
+            response = await self._stub_here().DecideBatch(
+                batch, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return _read_batch(batch, response)
