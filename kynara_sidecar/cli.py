@@ -142,7 +142,7 @@ def _check(args: argparse.Namespace) -> int:
 def _test(args: argparse.Namespace) -> int:
     import pathlib
 
-    from kynara_sidecar.policy.testing import (
+    from kynara_sidecar.policy_tests import (
         find_policy_roots,
         format_report,
         run_policy_tests,
@@ -162,7 +162,7 @@ def _explain(args: argparse.Namespace) -> int:
     import pathlib
 
     from kynara_sidecar.policy.loader import load_policies
-    from kynara_sidecar.policy.testing import decide, format_explanation, load_request
+    from kynara_sidecar.policy_tests import decide, format_explanation, load_request
 
     policies = args.policies or load_config(args.config, args.overrides).policy.path
     loaded = load_policies(pathlib.Path(policies))

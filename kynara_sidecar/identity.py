@@ -147,12 +147,17 @@ def _invalid(message: str) -> IdentityInvalid:
     return IdentityInvalid(message, field=_TOKEN_FIELD)
 
 
+# NumericDates past year 9999 are no dates; bounding them also keeps an
+# integer too large for a float (10**400) from overflowing the comparison.
+MAX_NUMERIC_DATE = 253_402_300_799
+
+
 def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= MAX_NUMERIC_DATE
+    return math.isfinite(value) and abs(value) <= MAX_NUMERIC_DATE
 
 
 class TokenVerifier:

@@ -21,7 +21,7 @@ from kynara_sidecar.decision import (
 from kynara_sidecar.engine import evaluate
 from kynara_sidecar.errors import ReasonCode
 from kynara_sidecar.policy import load_policies
-from kynara_sidecar.policy.testing import decide, format_explanation, load_request
+from kynara_sidecar.policy_tests import decide, format_explanation, load_request
 
 SHIPPED = load_policies(POLICIES_DIR)
 CASES = load_cases()

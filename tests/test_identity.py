@@ -441,3 +441,11 @@ def test_error_messages_do_not_contain_the_secret(tmp_path):
         credentials.authenticate("Bearer " + "r" * 31)
 
     assert not re.search("r{31}", str(info.value))
+
+
+@pytest.mark.parametrize("field", ["exp", "nbf"])
+def test_numeric_date_past_year_9999_is_identity_invalid(verifier, keys, field):
+    token = keys["RS256"].sign({**claims("alice"), field: 10**400})
+
+    with pytest.raises(IdentityInvalid, match="^claims: expected exp and nbf"):
+        verifier.verify(token, NOW)

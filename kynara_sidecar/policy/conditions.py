@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import unicodedata
 import zoneinfo
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -201,6 +202,18 @@ def compile_condition(
         source.encode("utf-8")
     except UnicodeEncodeError as err:
         raise refuse(f"expected UTF-8 text, got {err.reason}") from None
+    if not unicodedata.is_normalized("NFC", source):
+        # Names compare after NFC; a decomposed literal ("zoë" as e + U+0308)
+        # would never equal one, and a deny rule would silently never fire.
+        position = next(
+            i
+            for i, char in enumerate(source)
+            if unicodedata.normalize("NFC", source[: i + 1]) != source[: i + 1]
+        )
+        raise refuse(
+            "expected text in Unicode NFC (names compare after NFC), got a "
+            f"decomposed character at position {position}"
+        )
     try:
         expression = _ENV.compile(source)
         # The runtime reports some type errors (a map key of a type CEL does

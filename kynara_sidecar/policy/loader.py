@@ -46,6 +46,7 @@ from kynara_sidecar.policy.model import (
 )
 
 __all__ = [
+    "check_expansion",
     "SUFFIXES",
     "TEST_DIRECTORY",
     "LoadedPolicies",
@@ -196,7 +197,7 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
             "recursion limit",
             path=path,
         ) from None
-    _check_expansion(raw, path)
+    check_expansion(raw, path)
     document_type = _document_type(raw, path)
     _check_roles(raw, path)
     document = _convert(raw, document_type, path)
@@ -262,7 +263,12 @@ def _expanded_size(value: Any, seen: dict[int, int]) -> int:
     return size
 
 
-def _check_expansion(raw: Any, path: str) -> None:
+def check_expansion(raw: Any, path: str) -> None:
+    """Refuse a decoded document that expands past ``MAX_DOCUMENT_VALUES``.
+
+    Raises:
+        PolicyError: naming the file and the expanded size.
+    """
     size = _expanded_size(raw, {})
     if size > MAX_DOCUMENT_VALUES:
         raise PolicyError(

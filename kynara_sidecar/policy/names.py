@@ -4,9 +4,12 @@ One rule, applied by ``canonical_name`` at load (directory ids, role names,
 rule actions and kinds) and at request time (``asserted_chain[i]``,
 ``action``, ``resource.kind``) alike: two names are the same name exactly
 when their Unicode NFC forms are equal, code point for code point. No case
-folding, no NFKC, no trimming: ``Alice`` and ``alice`` are two principals.
-Before comparing, a name is refused when it holds
+folding, no trimming: ``Alice`` and ``alice`` are two principals. Before
+comparing, a name is refused when it holds
 
+- a compatibility variant that NFKC would fold into another character
+  (fullwidth ``ａ``, small roman numeral ``ⅰ``, ligatures, superscripts): a
+  name must read the same under NFKC, as UTS #39 asks of identifiers;
 - a control, format, surrogate, private-use or unassigned code point
   (categories Cc, Cf, Cs, Co, Cn), which covers the zero-width space and
   joiners, the byte order mark and the bidirectional overrides;
@@ -70,7 +73,7 @@ _CHILDREN = ".*"
 # Code points outside categories Cc/Cf/Cs/Co/Cn that still render as
 # nothing (Unicode's Default_Ignorable_Code_Point, minus the Cf ones).
 _INVISIBLE = frozenset(
-    (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0)
+    (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0)
     + tuple(range(0x180B, 0x1810))
     + tuple(range(0xFE00, 0xFE10))
     + tuple(range(0xE0100, 0xE01F0))
@@ -122,6 +125,11 @@ def canonical_name(value: str) -> str:
             raise ValueError(
                 f"expected a name without spaces, control or invisible characters, got "
                 f"{refused} (U+{ord(char):04X}) at position {position}"
+            )
+        if unicodedata.normalize("NFKC", char) != char:
+            raise ValueError(
+                "expected a name that NFKC leaves unchanged, got a compatibility "
+                f"character (U+{ord(char):04X}) at position {position}"
             )
         if unicodedata.category(char).startswith("L"):
             scripts.setdefault(_script(char), position)

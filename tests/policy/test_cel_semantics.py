@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import unicodedata
 
 import pytest
 from cases_loader import parse_instant
@@ -26,6 +27,7 @@ from kynara_sidecar.decision import (
 )
 from kynara_sidecar.engine import evaluate
 from kynara_sidecar.errors import PolicyError, ReasonCode
+from kynara_sidecar.policy.conditions import compile_condition
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
     compile_documents,
@@ -502,3 +504,10 @@ def test_reload_with_a_malformed_timestamp_literal_keeps_previous_set(
 
     assert reloaded is False
     assert running.daemon.pipeline.policies is before
+
+
+def test_a_decomposed_literal_is_a_load_error():
+    decomposed = unicodedata.normalize("NFD", "zoë")
+
+    with pytest.raises(PolicyError, match="expected text in Unicode NFC"):
+        compile_condition(f'principal.id == "{decomposed}"', path="p.yaml")

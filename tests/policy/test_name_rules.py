@@ -65,6 +65,9 @@ def test_composed_and_decomposed_names_are_one_name():
         ("\u3164", "an invisible character (U+3164) at position 0"),
         ("al\ue000", "a private-use character (U+E000) at position 2"),
         ("al\U000e0001", "a zero-width or format character (U+E0001) at position 2"),
+        ("alice\u2800", "an invisible character (U+2800) at position 5"),
+        ("\uff41lice", "a compatibility character (U+FF41) at position 0"),
+        ("adm\u2170n", "a compatibility character (U+2170) at position 3"),
     ],
 )
 def test_invisible_and_control_characters_are_refused(name, message):

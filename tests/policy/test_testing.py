@@ -12,7 +12,7 @@ import pytest
 from kynara_sidecar.decision import Effect, Timestamp, UInt64
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy import load_policies
-from kynara_sidecar.policy.testing import (
+from kynara_sidecar.policy_tests import (
     decide,
     find_test_files,
     format_report,
@@ -222,6 +222,16 @@ def test_typed_values_in_a_request(tmp_path):
     assert attributes["due"] == Timestamp(1796684400)
 
 
+ALIAS_BOMB = (
+    "{"
+    + ", ".join(
+        ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+        + [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    )
+    + "}"
+)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -275,6 +285,30 @@ def test_typed_values_in_a_request(tmp_path):
             "format_version: 1\ntests: [\n",
             r"t.yaml: expected valid YAML, got: ",
         ),
+        (
+            "format_version: 2\ntests: []\n",
+            r"t.yaml:\$.format_version: expected one of '1', got 2",
+        ),
+        (
+            "format_version: 1\ntests: " + "[" * 3000 + "]" * 3000 + "\n",
+            r"t.yaml: expected YAML nested less deeply",
+        ),
+        (
+            "format_version: 1\nbomb: " + ALIAS_BOMB + "\ntests: []\n",
+            r"t.yaml: expected at most 10000000 values, got \d+ once expanded",
+        ),
+        (
+            "format_version: 1\ntests:\n"
+            + one_test("{decision: allow}").replace(
+                "payments.refund.issue", "pay ments"
+            ),
+            r"t.yaml:\$.tests\[0\].request.action: expected a dotted name",
+        ),
+        (
+            "format_version: 1\ntests:\n"
+            + one_test("{decision: allow}").replace("alice", "al\u200bice"),
+            r"t.yaml:\$.tests\[0\].request.chain\[0\]: expected a name without",
+        ),
     ],
     ids=[
         "no_version",
@@ -287,6 +321,11 @@ def test_typed_values_in_a_request(tmp_path):
         "date_not_timestamp",
         "unknown_field",
         "bad_yaml",
+        "unknown_version",
+        "nested_too_deep",
+        "alias_bomb",
+        "bad_action",
+        "invisible_in_chain",
     ],
 )
 def test_bad_test_file_names_file_location_and_expectation(tmp_path, body, message):

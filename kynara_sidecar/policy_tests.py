@@ -61,7 +61,13 @@ from kynara_sidecar.decision import (
     Verdict,
 )
 from kynara_sidecar.errors import PolicyError, ReasonCode
-from kynara_sidecar.policy.loader import TEST_DIRECTORY, LoadedPolicies, load_policies
+from kynara_sidecar.policy.loader import (
+    TEST_DIRECTORY,
+    LoadedPolicies,
+    check_expansion,
+    load_policies,
+)
+from kynara_sidecar.policy.names import canonical_name, is_valid_name
 
 __all__ = [
     "find_policy_roots",
@@ -292,9 +298,16 @@ def _read_yaml(path: pathlib.Path) -> Any:
             f"expected a readable file, got {err}", path=str(path)
         ) from err
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, ValueError) as err:
         raise PolicyError(f"expected valid YAML, got: {err}", path=str(path)) from err
+    except RecursionError:
+        raise PolicyError(
+            "expected YAML nested less deeply than the parser's recursion limit",
+            path=str(path),
+        ) from None
+    check_expansion(raw, str(path))
+    return raw
 
 
 def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
@@ -313,6 +326,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "decision": tuple(Effect),
     "shadow_decision": tuple(Effect),
     "reason_code": tuple(ReasonCode),
+    "format_version": ("1",),
 }
 _REWRITES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
     (
@@ -333,7 +347,9 @@ _REWRITES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ..
         re.compile(r"Invalid enum value (.*)"),
         lambda match, where: (
             "expected one of "
-            + ", ".join(repr(str(c)) for c in _CHOICES[where.rsplit(".", 1)[-1]])
+            + ", ".join(
+                repr(str(c)) for c in _CHOICES.get(where.rsplit(".", 1)[-1], ())
+            )
             + f", got {match.group(1)}"
         ),
     ),
@@ -351,6 +367,7 @@ def _rewrite(message: str, where: str) -> str:
 
 def _decode_request(raw: Any, path: str, where: str) -> PolicyRequest:
     document = _convert(raw, _RequestDocument, path, prefix=where)
+    _check_names(document, path, where)
     now = _instant(document.now, path, f"{where}.now")
     resource = document.resource
     request = DecisionRequest(
@@ -374,6 +391,28 @@ def _decode_request(raw: Any, path: str, where: str) -> PolicyRequest:
         labels=document.env.labels,
     )
     return PolicyRequest(env, request)
+
+
+def _check_names(document: Any, path: str, where: str) -> None:
+    # The daemon refuses these as invalid_request; a policy test must not
+    # pass on a request the daemon would never let through.
+    for field, name in (
+        ("action", document.action),
+        ("resource.kind", document.resource.kind),
+    ):
+        if not is_valid_name(name):
+            raise PolicyError(
+                f"expected a dotted name of letters, digits, '_' and '-', got {name!r}",
+                path=path,
+                location=f"{where}.{field}",
+            )
+    for i, principal in enumerate(document.chain):
+        try:
+            canonical_name(principal)
+        except ValueError as err:
+            raise PolicyError(
+                str(err), path=path, location=f"{where}.chain[{i}]"
+            ) from None
 
 
 def _instant(value: Any, path: str, where: str) -> Timestamp:
