@@ -46,6 +46,8 @@ from kynara_sidecar.audit.record import (
     request_from_record,
 )
 from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.verify import format_report as format_verify_report
+from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Decision
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy.loader import (
@@ -331,6 +333,16 @@ def replay_main(
         raise ValueError(f"expected baseline one of {BASELINES}, got {baseline!r}")
     out = sys.stdout if out is None else out
     candidate = load_policies(pathlib.Path(policies_dir))
+    # Replay compares with what the log says was decided; say so when the
+    # log itself does not check out. (One open at a time: LMDB allows one
+    # environment per path in a process.)
+    checked = verify_log(audit_dir)
+    if not checked.ok:
+        print(
+            "warning: the log does not verify, so recorded decisions may have "
+            f"been altered: {format_verify_report(checked)}",
+            file=out,
+        )
     store = AuditStore.open(audit_dir, readonly=True)
     try:
         against = {

@@ -371,3 +371,21 @@ def test_a_log_from_before_policy_sets_reads_as_holding_none(tmp_path):
     store.close()
     assert found is None
     assert (report.replayed, report.changes) == (0, [])
+
+
+def test_replay_warns_when_the_log_does_not_verify(start_daemon, policies):
+    running = start_daemon(f"policy.source={policies}")
+    reply = running.stub().Decide(small_refund())
+    running.call(running.daemon.stop())
+    env = lmdb.open(str(running.config.audit.path), max_dbs=16)
+    records = env.open_db(b"records")
+    key = reply.audit_sequence.to_bytes(8, "big")
+    with env.begin(write=True) as txn:
+        stored = txn.get(key, db=records)
+        txn.put(key, stored.replace(b'"allow"', b'"deny"'), db=records)
+    env.close()
+
+    lines = run_replay(policies, running.config.audit.path)
+
+    assert lines[0].startswith("warning: the log does not verify")
+    assert f"record {reply.audit_sequence}: edited" in lines[0]
