@@ -22,8 +22,8 @@ from collections.abc import Callable
 import msgspec
 
 from kynara_sidecar import engine
+from kynara_sidecar.audit import AuditSink
 from kynara_sidecar.audit.record import record_from_decision
-from kynara_sidecar.audit.writer import AuditWriter
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import (
     DecisionRequest,
@@ -147,7 +147,7 @@ class Pipeline:
     def __init__(
         self,
         config: Config,
-        writer: AuditWriter,
+        writer: AuditSink,
         metrics: Metrics,
         clock: Callable[[], int] = time.time_ns,
     ):

@@ -2,8 +2,7 @@
 
 The contract the pipeline depends on is ``AuditSink``: append one record
 (with the state it changes) and learn where it landed. ``AuditWriter`` over
-an ``AuditStore`` is the real one; ``MemoryAuditSink`` keeps the same chain
-in memory for tests and tools that need no disk.
+an ``AuditStore`` is the one the daemon runs.
 
 Modules: ``record`` (the record and typed values), ``chain`` (canonical
 bytes, hashing, the verification walk), ``store`` (LMDB), ``writer`` (the
@@ -14,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Protocol
-
-import msgspec
 
 from kynara_sidecar.audit.chain import (
     GENESIS_HASH,
@@ -39,7 +36,6 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.store import Appended, AuditStore, StateChange
 from kynara_sidecar.audit.verify import format_report, verify_log
 from kynara_sidecar.audit.writer import AuditWriter
-from kynara_sidecar.errors import AuditUnavailable
 
 __all__ = [
     "GENESIS_HASH",
@@ -50,7 +46,6 @@ __all__ = [
     "AuditStore",
     "AuditWriter",
     "ChainProblem",
-    "MemoryAuditSink",
     "ProblemKind",
     "RecordKind",
     "StateChange",
@@ -81,36 +76,3 @@ class AuditSink(Protocol):
     async def close(self) -> None:
         """Commit what is pending; later appends raise ``AuditUnavailable``."""
         ...
-
-
-class MemoryAuditSink:
-    """An ``AuditSink`` that chains records in memory; nothing survives it.
-
-    ``appended`` holds every record as stored; ``state`` the extra databases
-    as ``{(db, key): value}``.
-    """
-
-    def __init__(self) -> None:
-        self.appended: list[Appended] = []
-        self.state: dict[tuple[bytes, bytes], bytes] = {}
-        self._closed = False
-
-    async def append(
-        self, record: AuditRecordV1, state_changes: Iterable[StateChange] = ()
-    ) -> Appended:
-        if self._closed:
-            raise AuditUnavailable("memory audit sink is closed")
-        seq = len(self.appended) + 1
-        prev = self.appended[-1].chain_hash if self.appended else GENESIS_HASH
-        data = encode_record(msgspec.structs.replace(record, seq=seq))
-        result = Appended(seq, chain_hash(prev, data), data)
-        self.appended.append(result)
-        for db, key, value in state_changes:
-            if value is None:
-                self.state.pop((db, key), None)
-            else:
-                self.state[(db, key)] = value
-        return result
-
-    async def close(self) -> None:
-        self._closed = True
