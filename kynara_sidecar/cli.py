@@ -9,6 +9,7 @@ Examples:
     kynara-sidecar test config/policies
     kynara-sidecar explain --request req.yaml --policies config/policies
     kynara-sidecar replay --policies candidate/ --audit var/audit
+    kynara-sidecar keygen --out /etc/kynara/keys
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 
 from kynara_sidecar.config import DEFAULT_CONFIG_ENV, load_config
-from kynara_sidecar.errors import KynaraError
+from kynara_sidecar.errors import ConfigError, KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
 
 __all__ = ["main"]
@@ -104,6 +105,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="compare with the recorded decision, or with the record's own "
         "policy set re-evaluated",
     )
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="make the audit signing key pair (audit-key.pem, audit-key.pub)",
+    )
+    keygen.add_argument(
+        "--out",
+        metavar="DIR",
+        required=True,
+        help="directory for the key files (created if missing; never overwritten)",
+    )
     return parser
 
 
@@ -177,6 +189,36 @@ def _replay(args: argparse.Namespace) -> int:
     return replay_main(args.policies, args.audit, baseline=args.against)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from kynara_sidecar.audit.keys import (
+        generate_key,
+        save_public_key,
+        save_signing_key,
+    )
+
+    out = pathlib.Path(args.out)
+    private, public = out / "audit-key.pem", out / "audit-key.pub"
+    # Checked before writing either file, so a refusal never leaves half a
+    # pair; the O_EXCL writes still guard against a race.
+    for path in (private, public):
+        if path.exists():
+            raise ConfigError(
+                f"{path}: already exists; expected a directory without audit "
+                "key files (keys are never overwritten)"
+            )
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{out}: cannot create key directory: {err}") from err
+    key = generate_key()
+    save_signing_key(key, private)
+    save_public_key(key.public(), public)
+    print(f"private key: {private}\npublic key: {public}\nkey id: {key.key_id}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "replay": _replay,
     "run": _run,
@@ -184,6 +226,7 @@ COMMANDS = {
     "check": _check,
     "test": _test,
     "explain": _explain,
+    "keygen": _keygen,
 }
 
 

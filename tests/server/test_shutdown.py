@@ -22,6 +22,10 @@ from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.store import AuditStore
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A call may legitimately wait out the drain, so the client's deadline is
+# well past the grace: a DEADLINE_EXCEEDED then means a call hung.
+GRACE_SECONDS = 3
+CALL_TIMEOUT = 30
 
 
 def hold_decisions(running):
@@ -110,6 +114,7 @@ def test_sigterm_under_load_exits_zero_and_loses_no_answer(tmp_path):
                 "--set", f"agent.socket={socket}", "--set", "agent.port=0",
                 "--set", "health.port=0", "--set", "http.port=0",
                 "--set", f"audit.path={audit}",
+                "--set", f"shutdown_grace_seconds={GRACE_SECONDS}",
             ],
             cwd=REPO_ROOT, stderr=log_file,
         )  # fmt: skip
@@ -123,7 +128,9 @@ def test_sigterm_under_load_exits_zero_and_loses_no_answer(tmp_path):
                 stub = decision_pb2_grpc.DecisionServiceStub(channel)
                 while not stop.is_set():
                     try:
-                        answered.append(stub.Decide(small_refund(), timeout=10))
+                        answered.append(
+                            stub.Decide(small_refund(), timeout=CALL_TIMEOUT)
+                        )
                     except grpc.RpcError as err:
                         metadata = dict(err.trailing_metadata() or ())
                         code = metadata.get("kynara-error-code", "")
