@@ -26,6 +26,17 @@ ERROR_CODE_KEY = "kynara-error-code"
 ERROR_FIELD_KEY = "kynara-error-field"
 
 
+# gRPC clients drop a response whose metadata passes 8 KiB (their default
+# soft limit), and a field path can hold a caller's key of any length.
+MAX_METADATA_TEXT = 1024
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_METADATA_TEXT:
+        return text
+    return text[: MAX_METADATA_TEXT - 3] + "..."
+
+
 def _printable_ascii(text: str) -> str:
     """gRPC metadata values are printable ASCII: escape everything else.
 
@@ -54,6 +65,6 @@ async def abort_with(context: grpc.aio.ServicerContext, error: KynaraError) -> N
     status, code, field = status_for(error)
     metadata = [(ERROR_CODE_KEY, code)]
     if field:
-        metadata.append((ERROR_FIELD_KEY, _printable_ascii(field)))
+        metadata.append((ERROR_FIELD_KEY, _bounded(_printable_ascii(field))))
     context.set_trailing_metadata(tuple(metadata))
-    await context.abort(status, str(error))
+    await context.abort(status, _bounded(str(error)))

@@ -285,3 +285,15 @@ def test_record_of_development_mode_lists_resolved_chain_roles(daemon):
     assert encoded["identity_mode"] == "development"
     assert [p["id"] for p in encoded["chain"]] == ["alice", "support-bot"]
     assert all(p["roles"] for p in encoded["chain"])
+
+
+def test_error_for_a_huge_key_keeps_its_code_and_a_bounded_field(daemon):
+    request = small_refund()
+    request.context["k" * 20_000].CopyFrom(pb.Value())
+
+    status, metadata = error_of(lambda: daemon.stub().Decide(request))
+
+    assert status == grpc.StatusCode.INVALID_ARGUMENT
+    assert metadata["kynara-error-code"] == "invalid_request"
+    assert len(metadata["kynara-error-field"]) <= 1024
+    assert metadata["kynara-error-field"].startswith("context['kkk")
