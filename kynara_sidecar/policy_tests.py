@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import datetime
 import pathlib
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -65,6 +64,7 @@ from kynara_sidecar.policy.loader import (
     TEST_DIRECTORY,
     LoadedPolicies,
     check_expansion,
+    convert_document,
     load_policies,
 )
 from kynara_sidecar.policy.names import canonical_name, is_valid_name
@@ -310,59 +310,17 @@ def _read_yaml(path: pathlib.Path) -> Any:
     return raw
 
 
-def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
-    try:
-        return msgspec.convert(raw, target)
-    except msgspec.ValidationError as err:
-        message, _, where = str(err).partition(" - at `")
-        location = prefix + where.rstrip("`")[1:] if where else prefix
-        raise PolicyError(
-            _rewrite(message, location), path=path, location=location
-        ) from err
-
-
-# The phrasing the policy loader uses for the same msgspec messages.
+# Allowed values named when a test file's enum field is wrong.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "decision": tuple(Effect),
     "shadow_decision": tuple(Effect),
     "reason_code": tuple(ReasonCode),
     "format_version": ("1",),
 }
-_REWRITES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
-    (
-        re.compile(r"Object missing required field `(.*)`"),
-        lambda match, _: f"expected field {match.group(1)!r}, got nothing",
-    ),
-    (
-        re.compile(r"Object contains unknown field `(.*)`"),
-        lambda match, _: (
-            f"expected only known fields, got unknown field {match.group(1)!r}"
-        ),
-    ),
-    (
-        re.compile(r"Expected `(\w+)` of length >= 1"),
-        lambda match, _: f"expected a non-empty {match.group(1)}, got an empty one",
-    ),
-    (
-        re.compile(r"Invalid enum value (.*)"),
-        lambda match, where: (
-            "expected one of "
-            + ", ".join(
-                repr(str(c)) for c in _CHOICES.get(where.rsplit(".", 1)[-1], ())
-            )
-            + f", got {match.group(1)}"
-        ),
-    ),
-)
 
 
-def _rewrite(message: str, where: str) -> str:
-    for pattern, rewrite in _REWRITES:
-        match = pattern.fullmatch(message)
-        if match:
-            return rewrite(match, where)
-    message = message.replace("`", "")
-    return message[:1].lower() + message[1:]
+def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
+    return convert_document(raw, target, path, prefix=prefix, choices=_CHOICES)
 
 
 def _decode_request(raw: Any, path: str, where: str) -> PolicyRequest:

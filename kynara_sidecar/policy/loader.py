@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -47,6 +47,7 @@ from kynara_sidecar.policy.model import (
 
 __all__ = [
     "check_expansion",
+    "convert_document",
     "SUFFIXES",
     "TEST_DIRECTORY",
     "LoadedPolicies",
@@ -82,28 +83,29 @@ _CHOICES = {
 }
 
 _AT = re.compile(r"^(.*?)(?: - at `([^`]*)`)?$", re.DOTALL)
-_REWRITES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
+_Rewrite = Callable[[re.Match[str], str, Mapping[str, tuple]], str]
+_REWRITES: tuple[tuple[re.Pattern[str], _Rewrite], ...] = (
     (
         re.compile(r"Invalid enum value (.*)"),
-        lambda match, where: _expected_choice(match.group(1), where),
+        lambda match, where, choices: _expected_choice(match.group(1), where, choices),
     ),
     (
         re.compile(r"Object contains unknown field `(.*)`"),
-        lambda match, _: (
+        lambda match, *_: (
             f"expected only known fields, got unknown field {match.group(1)!r}"
         ),
     ),
     (
         re.compile(r"Object missing required field `(.*)`"),
-        lambda match, _: f"expected field {match.group(1)!r}, got nothing",
+        lambda match, *_: f"expected field {match.group(1)!r}, got nothing",
     ),
     (
         re.compile(r"Expected `(\w+)` of length >= 1"),
-        lambda match, _: f"expected a non-empty {match.group(1)}, got an empty one",
+        lambda match, *_: f"expected a non-empty {match.group(1)}, got an empty one",
     ),
     (
         re.compile(r"Expected (.*)"),
-        lambda match, _: "expected " + match.group(1).replace("`", ""),
+        lambda match, *_: "expected " + match.group(1).replace("`", ""),
     ),
 )
 
@@ -200,7 +202,7 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
     check_expansion(raw, path)
     document_type = _document_type(raw, path)
     _check_roles(raw, path)
-    document = _convert(raw, document_type, path)
+    document = convert_document(raw, document_type, path)
     return SourceDocument(
         path=path, name=name or path, content=content, document=document
     )
@@ -285,7 +287,7 @@ def _document_type(raw: Any, path: str) -> type[PolicyDocument | DirectoryDocume
             path=path,
             location="$",
         )
-    header = _convert(raw, DocumentHeader, path)
+    header = convert_document(raw, DocumentHeader, path)
     if header.format_version != FORMAT_VERSION or isinstance(
         header.format_version, bool
     ):
@@ -313,27 +315,52 @@ def _check_roles(raw: dict[str, Any], path: str) -> None:
     if not isinstance(roles, dict):
         return
     for role, definition in roles.items():
-        _convert(definition, RoleDocument, path, prefix=f"$.roles.{role}")
+        convert_document(definition, RoleDocument, path, prefix=f"$.roles.{role}")
 
 
-def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
+def convert_document(
+    raw: Any,
+    target: type,
+    path: str,
+    *,
+    prefix: str = "$",
+    choices: Mapping[str, tuple[Any, ...]] | None = None,
+) -> Any:
+    """Validate a decoded document with msgspec, in the loader's phrasing.
+
+    Args:
+        raw: the decoded YAML/JSON/TOML value.
+        target: the msgspec type to convert to.
+        path: the file, cited in errors.
+        prefix: the document path ``raw`` sits at, e.g. ``$.tests[0]``.
+        choices: field name -> allowed values, named when an enum is wrong
+            (added to the loader's own: effect, mode, kind).
+
+    Raises:
+        PolicyError: naming the file, the location and what was expected.
+    """
     try:
         return msgspec.convert(raw, target)
     except msgspec.ValidationError as err:
         message, where = _AT.match(str(err)).groups()
         where = prefix + (where or "$")[1:]
-        raise PolicyError(_rewrite(message, where), path=path, location=where) from err
+        known = {**_CHOICES, **(choices or {})}
+        raise PolicyError(
+            _rewrite(message, where, known), path=path, location=where
+        ) from err
 
 
-def _rewrite(message: str, where: str) -> str:
+def _rewrite(message: str, where: str, choices: Mapping[str, tuple]) -> str:
     for pattern, rewrite in _REWRITES:
         match = pattern.fullmatch(message)
         if match:
-            return rewrite(match, where)
+            return rewrite(match, where, choices)
     return message[:1].lower() + message[1:]
 
 
-def _expected_choice(got: str, where: str) -> str:
+def _expected_choice(got: str, where: str, choices: Mapping[str, tuple]) -> str:
     field = where.rsplit(".", 1)[-1]
-    choices = ", ".join(repr(choice.value) for choice in _CHOICES.get(field, ()))
-    return f"expected one of {choices}, got {got}" if choices else f"got {got}"
+    allowed = ", ".join(
+        repr(getattr(choice, "value", choice)) for choice in choices.get(field, ())
+    )
+    return f"expected one of {allowed}, got {got}" if allowed else f"got {got}"
