@@ -225,7 +225,7 @@ def _resolve(
         "id": principal.id,
         "kind": principal.kind,
         "roles": list(roles),
-        "attr": to_cel_value(principal.attributes),
+        "attr": principal.cel_attributes,
     }
     return _Resolved(ref, cel)
 

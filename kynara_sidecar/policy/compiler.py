@@ -27,7 +27,11 @@ import msgspec
 
 from kynara_sidecar.decision import Effect, Timestamp
 from kynara_sidecar.errors import PolicyError
-from kynara_sidecar.policy.conditions import Condition, compile_condition
+from kynara_sidecar.policy.conditions import (
+    Condition,
+    compile_condition,
+    to_cel_value,
+)
 from kynara_sidecar.policy.model import (
     DirectoryDocument,
     Mode,
@@ -137,6 +141,9 @@ class Principal(msgspec.Struct, frozen=True):
     roles: tuple[str, ...]
     attributes: Mapping[str, Any]
     active: bool = True
+    # ``attributes`` as the CEL runtime takes them, converted once at load
+    # rather than on every decision that names this principal.
+    cel_attributes: Any = None
 
 
 class Directory(msgspec.Struct, frozen=True):
@@ -243,6 +250,7 @@ def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Director
             roles=entry.roles,
             attributes=attributes,
             active=entry.active,
+            cel_attributes=to_cel_value(attributes),
         )
     return Directory(compute_revision([source]), MappingProxyType(principals))
 
