@@ -43,12 +43,14 @@ from kynara_sidecar.errors import (
 from kynara_sidecar.identity import AgentCredentials, TokenVerifier, place_agent
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.loader import LoadedPolicies
-from kynara_sidecar.policy.names import canonical_name, is_valid_name
+from kynara_sidecar.policy.names import (
+    MAX_NAME_LENGTH,
+    canonical_name,
+    check_dotted_name,
+)
 
 __all__ = ["Answer", "IncomingRequest", "Pipeline"]
 
-# Names are dotted identifiers; 256 bytes is far past any real action name.
-MAX_NAME_LENGTH = 256
 MAX_RESOURCE_ID_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 128
 # user -> orchestrator -> sub-agents: real chains are a handful of hops.
@@ -84,14 +86,10 @@ class Answer(msgspec.Struct, frozen=True):
 
 
 def _check_name(value: str, field: str) -> None:
-    if not value:
-        raise InvalidRequest("expected a dotted name, got an empty string", field=field)
-    if len(value) > MAX_NAME_LENGTH or not is_valid_name(value):
-        raise InvalidRequest(
-            "expected a dotted name of letters, digits, '_' and '-' "
-            f"(at most {MAX_NAME_LENGTH} characters), got {value[:80]!r}",
-            field=field,
-        )
+    try:
+        check_dotted_name(value)
+    except ValueError as err:
+        raise InvalidRequest(str(err), field=field) from None
 
 
 def validate_request(request: IncomingRequest) -> None:

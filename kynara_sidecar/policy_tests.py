@@ -67,7 +67,7 @@ from kynara_sidecar.policy.loader import (
     convert_document,
     load_policies,
 )
-from kynara_sidecar.policy.names import canonical_name, is_valid_name
+from kynara_sidecar.policy.names import canonical_name, check_dotted_name
 
 __all__ = [
     "find_policy_roots",
@@ -358,12 +358,12 @@ def _check_names(document: Any, path: str, where: str) -> None:
         ("action", document.action),
         ("resource.kind", document.resource.kind),
     ):
-        if not is_valid_name(name):
+        try:
+            check_dotted_name(name)
+        except ValueError as err:
             raise PolicyError(
-                f"expected a dotted name of letters, digits, '_' and '-', got {name!r}",
-                path=path,
-                location=f"{where}.{field}",
-            )
+                str(err), path=path, location=f"{where}.{field}"
+            ) from None
     for i, principal in enumerate(document.chain):
         try:
             canonical_name(principal)

@@ -57,8 +57,10 @@ import unicodedata
 
 __all__ = [
     "NAME_PATTERN",
-    "canonical_name",
+    "MAX_NAME_LENGTH",
     "WILDCARD",
+    "canonical_name",
+    "check_dotted_name",
     "candidate_patterns",
     "is_valid_name",
     "is_valid_pattern",
@@ -67,6 +69,8 @@ __all__ = [
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 WILDCARD = "*"
+# Names are dotted identifiers; 256 characters is far past any real one.
+MAX_NAME_LENGTH = 256
 _CHILDREN = ".*"
 
 
@@ -201,3 +205,18 @@ def candidate_patterns(name: str) -> tuple[str, ...]:
         ".".join(segments[:end]) + _CHILDREN for end in range(len(segments) - 1, 0, -1)
     )
     return (name, *parents, WILDCARD)
+
+
+def check_dotted_name(value: str) -> None:
+    """Refuse what is not a dotted name, as an action or resource kind must be.
+
+    Raises:
+        ValueError: saying what was expected and what was got.
+    """
+    if not value:
+        raise ValueError("expected a dotted name, got an empty string")
+    if len(value) > MAX_NAME_LENGTH or not is_valid_name(value):
+        raise ValueError(
+            "expected a dotted name of letters, digits, '_' and '-' "
+            f"(at most {MAX_NAME_LENGTH} characters), got {value[:80]!r}"
+        )
