@@ -4,12 +4,19 @@ Examples:
     kynara-sidecar run --config config/kynara.yaml
     kynara-sidecar run --config config/kynara.yaml --set audit.durability=deferred
     kynara-sidecar verify --config config/kynara.yaml
-    kynara-sidecar verify --audit var/audit
+    kynara-sidecar verify var/audit --trusted-key audit-key.pub --witness /mnt/w
     kynara-sidecar check config/policies
     kynara-sidecar test config/policies
     kynara-sidecar explain --request req.yaml --policies config/policies
     kynara-sidecar replay --policies candidate/ --audit var/audit
     kynara-sidecar keygen --out /etc/kynara/keys
+    kynara-sidecar prove head var/audit
+    kynara-sidecar prove record var/audit --decision-id 01J... --tree-size 2048
+    kynara-sidecar prove consistency var/audit 1024 2048
+    kynara-sidecar new-chain --config config/kynara.yaml
+    kynara-sidecar export --config config/kynara.yaml \
+        --from 2026-12-01T00:00:00Z --to 2026-12-31T23:59:59Z evidence/
+    kynara-sidecar verify-export evidence/ --trusted-key audit-key.pub
 """
 
 from __future__ import annotations
@@ -58,10 +65,34 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
 
     verify = commands.add_parser(
-        "verify", help="walk the audit hash chain and name the first bad record"
+        "verify",
+        help="check the audit log's chain, Merkle tree, signed checkpoints and "
+        "witness, and name the first problem",
     )
     _add_config_args(verify)
-    verify.add_argument("--audit", metavar="DIR", help="audit log directory")
+    verify.add_argument(
+        "audit_path",
+        nargs="?",
+        metavar="AUDIT_PATH",
+        help="audit log directory (default: the config's audit.path)",
+    )
+    verify.add_argument(
+        "--audit", metavar="DIR", help="audit log directory (same as AUDIT_PATH)"
+    )
+    verify.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a public key file to trust, besides the config's audit.trusted_keys "
+        "and signing keys; repeatable",
+    )
+    verify.add_argument(
+        "--witness",
+        metavar="DIR",
+        help="the witness location (default: the config's audit.witness_path)",
+    )
 
     check = commands.add_parser("check", help="load and compile a policy directory")
     check.add_argument("policies", metavar="DIR")
@@ -116,7 +147,115 @@ def _build_parser() -> argparse.ArgumentParser:
         required=True,
         help="directory for the key files (created if missing; never overwritten)",
     )
+    _add_prove_parser(commands)
+    _add_export_parsers(commands)
+    new_chain = commands.add_parser(
+        "new-chain",
+        help="move a log that fails verification aside and start a new one "
+        "whose first record names the break (stop the daemon first)",
+    )
+    _add_config_args(new_chain)
+    new_chain.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new chain even though the log verifies",
+    )
     return parser
+
+
+def _add_prove_parser(commands: argparse._SubParsersAction) -> None:
+    prove = commands.add_parser(
+        "prove",
+        help="print a checkpoint, an inclusion proof or a consistency proof as "
+        "JSON (read-only; works beside a running daemon)",
+    )
+    kinds = prove.add_subparsers(dest="prove_command", required=True)
+    head = kinds.add_parser("head", help="the latest checkpoint and the log's size")
+    head.add_argument("audit", metavar="AUDIT_PATH", help="audit log directory")
+    record = kinds.add_parser(
+        "record", help="a record and its inclusion proof against a checkpoint"
+    )
+    record.add_argument("audit", metavar="AUDIT_PATH", help="audit log directory")
+    which = record.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seq", type=int, metavar="N", help="the record's seq")
+    which.add_argument("--decision-id", metavar="ID", help="its decision id")
+    record.add_argument(
+        "--tree-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prove against the checkpoint of this tree size (default: latest)",
+    )
+    consistency = kinds.add_parser(
+        "consistency", help="the consistency proof between two checkpoints"
+    )
+    consistency.add_argument("audit", metavar="AUDIT_PATH", help="audit log directory")
+    consistency.add_argument("old", type=int, metavar="OLD", help="older tree size")
+    consistency.add_argument("new", type=int, metavar="NEW", help="newer tree size")
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Takes positionals between options (``export AUDIT --from T OUT``).
+
+    Plain argparse consumes all positionals at the first run of them, so an
+    optional AUDIT_PATH there would leave OUT unrecognised.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _add_export_parsers(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write an evidence pack (records of whole sealed segments, "
+        "checkpoints, proofs, keys, policy sets) an auditor verifies offline",
+    )
+    # NOTE: the subparsers action fixes one parser class for all commands.
+    export.__class__ = _IntermixedParser
+    _add_config_args(export)
+    export.add_argument(
+        "audit",
+        nargs="?",
+        metavar="AUDIT_PATH",
+        help="audit log directory (instead of --config; then only --key "
+        "files go into the pack)",
+    )
+    export.add_argument("out", metavar="OUT", help="new or empty pack directory")
+    export.add_argument(
+        "--from", dest="start", required=True, metavar="T1", help="RFC 3339 time"
+    )
+    export.add_argument(
+        "--to", dest="stop", required=True, metavar="T2", help="RFC 3339 time"
+    )
+    export.add_argument(
+        "--key",
+        dest="keys",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a public key file to put in the pack as well; repeatable",
+    )
+    verify_export = commands.add_parser(
+        "verify-export", help="check an evidence pack, as its verify_pack.py does"
+    )
+    verify_export.add_argument("pack", metavar="OUT", help="the pack directory")
+    verify_export.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a public key to trust instead of the pack's own; repeatable",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -130,12 +269,63 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from kynara_sidecar.audit.keys import load_trusted_keys
     from kynara_sidecar.audit.verify import format_report, verify_log
 
-    path = args.audit or load_config(args.config, args.overrides).audit.path
-    report = verify_log(path)
+    path = args.audit_path or args.audit
+    config = None
+    if args.config or args.overrides or not path:
+        config = load_config(args.config, args.overrides)
+    trusted = load_trusted_keys(args.trusted_keys)
+    witness = args.witness
+    if config is not None:
+        trusted = {**_configured_keys(config.audit), **trusted}
+        path = path or config.audit.path
+        witness = witness or config.audit.witness_path or None
+    if not trusted:
+        print(
+            "kynara-sidecar verify: no trusted key: give one with --trusted-key "
+            "FILE, or set audit.trusted_keys (or audit.signing_key) in --config; "
+            "a checkpoint's signature means nothing without a key to check it by",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    report = verify_log(path, trusted, witness)
     print(format_report(report))
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _configured_keys(audit) -> dict:
+    """The keys a config trusts: audit.trusted_keys and the public halves of
+    audit.signing_key and audit.previous_signing_key."""
+    import pathlib
+
+    from kynara_sidecar.audit.keys import (
+        load_public_key,
+        load_signing_key,
+        load_trusted_keys,
+    )
+
+    trusted = load_trusted_keys(audit.trusted_keys)
+    for setting in ("signing_key", "previous_signing_key"):
+        private = getattr(audit, setting)
+        if not private:
+            continue
+        # A verifier may not be able to read the private key (mode 0600):
+        # the .pub that keygen or create_signing_key wrote beside it will do.
+        beside = [
+            pathlib.Path(f"{private}.pub"),
+            pathlib.Path(private).with_suffix(".pub"),
+        ]
+        try:
+            key = load_signing_key(private).public()
+        except ConfigError as err:
+            public = next((p for p in beside if p.is_file()), None)
+            if public is None:
+                raise ConfigError(f"audit.{setting}: {err}") from err
+            key = load_public_key(public)
+        trusted[key.key_id] = key
+    return trusted
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -219,6 +409,105 @@ def _keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prove(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from kynara_sidecar.audit import prove
+    from kynara_sidecar.audit.store import AuditStore
+
+    store = AuditStore.open(args.audit, readonly=True)
+    try:
+        if args.prove_command == "head":
+            out = prove.head_json(prove.prove_head(store))
+        elif args.prove_command == "record":
+            proof = prove.prove_record(
+                store,
+                seq=args.seq or 0,
+                decision_id=args.decision_id or "",
+                tree_size=args.tree_size,
+            )
+            out = prove.record_json(proof)
+        else:
+            proof = prove.prove_consistency(store, args.old, args.new)
+            out = prove.consistency_json(proof)
+    finally:
+        store.close()
+    print(msgspec.json.format(msgspec.json.encode(out), indent=2).decode())
+    return EXIT_OK
+
+
+def _new_chain(args: argparse.Namespace) -> int:
+    import time
+
+    from kynara_sidecar.audit.newchain import start_new_chain
+    from kynara_sidecar.audit.startup import load_audit_keys
+    from kynara_sidecar.daemon import with_daemon_id
+
+    config = with_daemon_id(load_config(args.config, args.overrides))
+    done = start_new_chain(
+        config.audit.path,
+        load_audit_keys(config.audit),
+        origin=config.identity.daemon_id,
+        witness_root=config.audit.witness_path,
+        now_nanos=time.time_ns(),
+        force=args.force,
+    )
+    print(
+        f"new chain {done.new_log_id} started after {done.problem}; the old log "
+        f"{done.old_log_id} is kept at {done.kept_at}"
+    )
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kynara_sidecar.audit.export import config_keys, export_pack, parse_time
+    from kynara_sidecar.audit.keys import load_public_key
+
+    if args.audit and args.config:
+        raise ConfigError("export: give --config or AUDIT_PATH, not both")
+    keys = [load_public_key(path) for path in args.keys]
+    if args.audit:
+        audit_path = args.audit
+    else:
+        audit = load_config(args.config, args.overrides).audit
+        audit_path = audit.path
+        keys += config_keys(audit)
+    summary = export_pack(
+        audit_path,
+        args.out,
+        parse_time(args.start, where="--from"),
+        parse_time(args.stop, where="--to"),
+        keys,
+        request={"from": args.start, "to": args.stop},
+    )
+    print(
+        f"exported records {summary.first_seq}..{summary.last_seq} "
+        f"({summary.checkpoints} checkpoints, {summary.approvals} approval "
+        f"records) to {args.out}"
+    )
+    if summary.unsealed:
+        print(
+            f"not exported: {summary.unsealed} records in range after the last "
+            f"checkpoint (tree size {summary.sealed_through}); they are not "
+            "signed yet: export again after the next checkpoint"
+        )
+    if not keys:
+        print("note: the pack holds no public key; verify with --trusted-key")
+    return EXIT_OK
+
+
+def _verify_export(args: argparse.Namespace) -> int:
+    from kynara_sidecar.audit.verify_pack import PackError, verify_pack
+
+    try:
+        report = verify_pack(args.pack, args.trusted_keys)
+    except PackError as err:
+        print(f"FAILED: {err}")
+        return EXIT_FAILED
+    print(report.summary())
+    return EXIT_OK
+
+
 COMMANDS = {
     "replay": _replay,
     "run": _run,
@@ -227,6 +516,10 @@ COMMANDS = {
     "test": _test,
     "explain": _explain,
     "keygen": _keygen,
+    "prove": _prove,
+    "new-chain": _new_chain,
+    "export": _export,
+    "verify-export": _verify_export,
 }
 
 

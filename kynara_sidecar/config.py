@@ -21,10 +21,19 @@ from typing import Any
 import msgspec
 import yaml
 
+from kynara_sidecar.audit.redact import (
+    MIN_REDACTION_KEY_BYTES,
+    REDACTION_SECTIONS,
+    RedactAction,
+    Redactor,
+)
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
 
 __all__ = [
+    "AdminCredentialConfig",
+    "AdminListenerConfig",
+    "AdminRole",
     "AgentListenerConfig",
     "AuditConfig",
     "Config",
@@ -37,6 +46,7 @@ __all__ = [
     "IdentityMode",
     "IssuerConfig",
     "PolicyConfig",
+    "RedactConfig",
     "load_config",
 ]
 
@@ -64,6 +74,8 @@ DEFAULT_MAX_CLOCK_SKEW_SECONDS = 30
 MAX_CLOCK_SKEW_SECONDS = 300
 # 128 bits: a bearer secret shorter than this could be guessed.
 MIN_AGENT_SECRET_BYTES = 16
+# The admin socket reads the whole audit log: its owner only, by default.
+DEFAULT_ADMIN_SOCKET_MODE = 0o600
 
 
 class IdentityMode(enum.StrEnum):
@@ -74,6 +86,15 @@ class IdentityMode(enum.StrEnum):
     DEVELOPMENT = "development"
     # Delegation tokens verified against configured issuers.
     VERIFIED = "verified"
+
+
+class AdminRole(enum.StrEnum):
+    """What an admin credential may do on the admin listener."""
+
+    # Reads the audit log: checkpoints, proofs, segments (AuditService).
+    OPERATOR = "operator"
+    # Resolves approvals (served once approvals are).
+    REVIEWER = "reviewer"
 
 
 class Durability(enum.StrEnum):
@@ -172,6 +193,161 @@ class HealthListenerConfig(_Section):
     def validate(self, section: str) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
+
+
+class AdminCredentialConfig(_Section):
+    """One admin caller: a bearer secret and the roles it carries."""
+
+    # File holding the bearer secret (at least 16 bytes, surrounding
+    # whitespace removed), e.g. "/run/secrets/kynara-operator"; read at start.
+    secret_file: str = ""
+    # What it may do, e.g. [operator]: "operator" reads the audit log and its
+    # proofs, "reviewer" resolves approvals.
+    roles: list[str] = []
+
+    def validate(self, section: str) -> None:
+        if not self.secret_file:
+            raise ConfigError(f"{section}.secret_file: expected a path, got none")
+        choices = [role.value for role in AdminRole]
+        if not self.roles:
+            raise ConfigError(
+                f"{section}.roles: expected at least one of {', '.join(choices)}, "
+                "got none"
+            )
+        for role in self.roles:
+            if role not in choices:
+                raise ConfigError(
+                    f"{section}.roles: expected each of {', '.join(choices)}, "
+                    f"got {role!r}"
+                )
+
+
+class AdminListenerConfig(_Section):
+    """Where operators and reviewers reach the daemon: audit reads, proofs,
+    segment pulls (and approvals, once served). Every call needs a
+    credential an agent does not have.
+
+    The listener starts only when it has an address and at least one
+    credential: without one it could only refuse.
+    """
+
+    # Unix socket for gRPC, e.g. "var/run/admin.sock"; empty disables it.
+    socket: str = ""
+    # Permission bits of the socket in octal, e.g. 0600 (the owner only).
+    socket_mode: int = DEFAULT_ADMIN_SOCKET_MODE
+    # Loopback TCP host for gRPC, e.g. "127.0.0.1".
+    # TODO(#5): TLS, so that the admin listener may be bound off loopback.
+    host: str = "127.0.0.1"
+    # Loopback TCP port for gRPC, e.g. 50153; 0 picks a free port; -1 disables.
+    port: int = -1
+    # Admin callers by name, e.g. {ops: {secret_file: /run/secrets/ops,
+    # roles: [operator]}}. Each call sends `authorization: Bearer <secret>`.
+    credentials: dict[str, AdminCredentialConfig] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the listener starts: an address and a credential."""
+        return bool(self.socket or self.port != -1) and bool(self.credentials)
+
+    def validate(self, section: str) -> None:
+        if self.port != -1:
+            _check_port(section, "port", self.port)
+            if not _is_loopback(self.host):
+                raise ConfigError(
+                    f"{section}.host: expected a loopback address (127.0.0.0/8 or "
+                    f"::1), got {self.host!r}; the admin listener has no TLS yet, "
+                    "so its secrets would cross the network in the clear"
+                )
+        _check_socket_path(section, self.socket)
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(
+                f"{section}.socket_mode: expected permission bits 0..0o777, "
+                f"got {self.socket_mode:#o}"
+            )
+        self.load_credentials(section)
+
+    def load_credentials(
+        self, section: str = "admin"
+    ) -> dict[str, tuple[bytes, frozenset[AdminRole]]]:
+        """Read each credential's secret.
+
+        Returns:
+            Credential name -> (secret, roles).
+
+        Raises:
+            ConfigError: a bad entry, a file that cannot be read, a secret
+                that is too short, or two credentials sharing one.
+        """
+        loaded: dict[str, tuple[bytes, frozenset[AdminRole]]] = {}
+        for name, credential in self.credentials.items():
+            where = f"{section}.credentials.{name}"
+            if not name:
+                raise ConfigError(f"{section}.credentials: expected names, got ''")
+            credential.validate(where)
+            secret = _read_secret(f"{where}.secret_file", credential.secret_file)
+            if any(secret == other for other, _ in loaded.values()):
+                raise ConfigError(f"{where}: expected its own secret, got a shared one")
+            loaded[name] = (secret, frozenset(map(AdminRole, credential.roles)))
+        return loaded
+
+    def check_apart(self, agent: AgentListenerConfig, identity: IdentityConfig) -> None:
+        """Refuse an admin listener an agent could reach with what it holds.
+
+        Raises:
+            ConfigError: the admin socket or port is the agent's, or an admin
+                secret is also an agent's bearer secret.
+        """
+        if self.socket and agent.socket:
+            if os.path.abspath(self.socket) == os.path.abspath(agent.socket):
+                raise ConfigError(
+                    f"admin.socket: expected a socket apart from agent.socket, "
+                    f"got the same path {self.socket!r}"
+                )
+        if self.port > 0 and self.port == agent.port:
+            raise ConfigError(
+                f"admin.port: expected a port apart from agent.port, got {self.port}"
+            )
+        if not self.credentials or not identity.agents:
+            return
+        agent_secrets = set(identity.load_agent_secrets().values())
+        for name, (secret, _) in self.load_credentials().items():
+            if secret in agent_secrets:
+                raise ConfigError(
+                    f"admin.credentials.{name}: expected a secret no agent holds, "
+                    "got one of identity.agents' secrets"
+                )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def _check_socket_path(section: str, socket_path: str) -> None:
+    try:
+        length = len(os.fsencode(socket_path))
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"{section}.socket: expected a path the filesystem can encode, "
+            f"got {socket_path!r} ({err.reason})"
+        ) from None
+    if length > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{section}.socket: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
+            f"got {length}"
+        )
+
+
+def _read_secret(where: str, path: str) -> bytes:
+    try:
+        secret = pathlib.Path(path).read_bytes().strip()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: cannot read the secret: {err}") from None
+    if len(secret) < MIN_AGENT_SECRET_BYTES:
+        raise ConfigError(
+            f"{where}: expected a secret of at least {MIN_AGENT_SECRET_BYTES} "
+            f"bytes in {path}, got {len(secret)}"
+        )
+    return secret
 
 
 class IssuerConfig(_Section):
@@ -358,6 +534,56 @@ class PolicyConfig(_Section):
         return pathlib.Path(self.source.removeprefix("file://"))
 
 
+class RedactConfig(_Section):
+    """Entries kept out of audit records (policies still see them).
+
+    Each maps an entry name, or a dotted path into a map such as
+    ``customer.email``, to "hash" (stored as a keyed hash, see
+    ``audit.redaction_key``) or "drop" (left out).
+    """
+
+    # Context entries, e.g. {card_number: hash, customer.email: drop}.
+    context: dict[str, str] = {}
+    # Resource attributes, e.g. {owner_email: hash}.
+    resource_attributes: dict[str, str] = {}
+
+    def validate(self, section: str) -> None:
+        choices = [action.value for action in RedactAction]
+        for part in REDACTION_SECTIONS:
+            for name, action in getattr(self, part).items():
+                where = f"{section}.{part}.{name}"
+                if not name or "" in name.split("."):
+                    raise ConfigError(
+                        f"{where}: expected an entry name or a dotted path such "
+                        "as customer.email"
+                    )
+                if action not in choices:
+                    raise ConfigError(
+                        f"{where}: expected one of {', '.join(choices)}, got {action!r}"
+                    )
+
+    def hashing_rule(self, section: str) -> str:
+        """The first rule that hashes, as a setting name, or ""."""
+        for part in REDACTION_SECTIONS:
+            for name, action in getattr(self, part).items():
+                if action == RedactAction.HASH:
+                    return f"{section}.{part}.{name}"
+        return ""
+
+
+# 1024 records: a checkpoint (one signature, about 0.1 ms) per segment is
+# noise beside the commits, and a segment stays small to ship and prove.
+DEFAULT_SEGMENT_RECORDS = 1024
+# 60 s: a quiet daemon still states its log at least once a minute, so a
+# truncated tail loses at most a minute of unwitnessed records.
+DEFAULT_SEGMENT_SECONDS = 60.0
+
+
+def _inside(path: str, parent: str) -> bool:
+    child, base = pathlib.Path(path).resolve(), pathlib.Path(parent).resolve()
+    return child == base or base in child.parents
+
+
 class AuditConfig(_Section):
     """The tamper-evident decision log."""
 
@@ -373,6 +599,40 @@ class AuditConfig(_Section):
     deferred_window_ms: int = 50
     # Most records committed in one transaction, e.g. 256.
     max_batch: int = DEFAULT_MAX_BATCH
+    # The daemon's Ed25519 audit signing key (PKCS#8 PEM, mode 0600), made
+    # by `kynara-sidecar keygen`, e.g. "/run/secrets/kynara-audit-key.pem".
+    signing_key: str = ""
+    # Generate signing_key (and its .pub beside it) when the file does not
+    # exist: for development; in production the key comes from a secret.
+    create_signing_key: bool = False
+    # The key this log was signed with before signing_key, when rotating:
+    # the daemon appends a key_rotation record signed by it at start.
+    previous_signing_key: str = ""
+    # Public key files (PEM or base64url) that `verify` trusts besides the
+    # public halves of signing_key and previous_signing_key.
+    trusted_keys: list[str] = []
+    # Directory outside audit.path (another volume) where every checkpoint
+    # and the head signed at each stop are also written, e.g.
+    # "/var/lib/kynara-witness"; empty means no witness, and a truncated
+    # tail cannot be told from a short log.
+    witness_path: str = ""
+    # A segment is sealed (a signed checkpoint) after this many records...
+    segment_records: int = DEFAULT_SEGMENT_RECORDS
+    # ... or once its first record is this many seconds old, e.g. 60.
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS
+    # Sealed segments older than this many days are pruned (records only;
+    # the checkpoints and Merkle nodes stay); 0 keeps everything. With a
+    # central store only acknowledged segments are pruned. EU AI Act
+    # Article 19 asks for at least six months (183 days).
+    retention_days: int = 0
+    # Context and resource attributes hashed or dropped before they reach a
+    # record, e.g. {context: {card_number: hash, customer.email: drop},
+    # resource_attributes: {owner_email: drop}}; the record lists them.
+    redact: RedactConfig = msgspec.field(default_factory=RedactConfig)
+    # File holding the secret that keys the hashes of `redact` (at least 32
+    # bytes, surrounding whitespace removed), e.g. "/run/secrets/redaction";
+    # required when a rule hashes; read at start.
+    redaction_key: str = ""
 
     def validate(self, section: str) -> None:
         if self.map_size < MIN_MAP_SIZE:
@@ -389,6 +649,59 @@ class AuditConfig(_Section):
             raise ConfigError(
                 f"{section}.max_batch: expected 1..65536, got {self.max_batch}"
             )
+        if not 1 <= self.segment_records <= 1_000_000:
+            raise ConfigError(
+                f"{section}.segment_records: expected 1..1000000, "
+                f"got {self.segment_records}"
+            )
+        if not 0.01 <= self.segment_seconds <= 86_400:
+            raise ConfigError(
+                f"{section}.segment_seconds: expected 0.01..86400, "
+                f"got {self.segment_seconds}"
+            )
+        if not 0 <= self.retention_days <= 36_500:
+            raise ConfigError(
+                f"{section}.retention_days: expected 0..36500, "
+                f"got {self.retention_days}"
+            )
+        if self.witness_path and _inside(self.witness_path, self.path):
+            raise ConfigError(
+                f"{section}.witness_path: expected a directory outside "
+                f"{section}.path ({self.path}), got {self.witness_path!r}: a log "
+                "cannot witness its own tail"
+            )
+        self.load_redactor(section)
+
+    def load_redactor(self, section: str = "audit") -> Redactor:
+        """Read the redaction key (when a rule hashes) and build the rules.
+
+        Returns:
+            The redactor the pipeline applies to each decision record.
+
+        Raises:
+            ConfigError: a bad rule, or a hashing rule without a readable key
+                of at least ``MIN_REDACTION_KEY_BYTES``.
+        """
+        self.redact.validate(f"{section}.redact")
+        rules = {part: getattr(self.redact, part) for part in REDACTION_SECTIONS}
+        hashing = self.redact.hashing_rule(f"{section}.redact")
+        if not hashing:
+            return Redactor(rules)
+        where = f"{section}.redaction_key"
+        if not self.redaction_key:
+            raise ConfigError(
+                f"{where}: expected a key file when {hashing} is 'hash', got none"
+            )
+        try:
+            key = pathlib.Path(self.redaction_key).read_bytes().strip()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{where}: cannot read the key: {err}") from None
+        if len(key) < MIN_REDACTION_KEY_BYTES:
+            raise ConfigError(
+                f"{where}: expected at least {MIN_REDACTION_KEY_BYTES} bytes in "
+                f"{self.redaction_key}, got {len(key)}"
+            )
+        return Redactor(rules, key)
 
 
 class EnvConfig(_Section):
@@ -408,6 +721,7 @@ class Config(_Section):
     agent: AgentListenerConfig = msgspec.field(default_factory=AgentListenerConfig)
     http: HttpListenerConfig = msgspec.field(default_factory=HttpListenerConfig)
     health: HealthListenerConfig = msgspec.field(default_factory=HealthListenerConfig)
+    admin: AdminListenerConfig = msgspec.field(default_factory=AdminListenerConfig)
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
@@ -420,6 +734,7 @@ class Config(_Section):
             value = getattr(self, name)
             if isinstance(value, _Section):
                 value.validate(name)
+        self.admin.check_apart(self.agent, self.identity)
         if not 0 < self.shutdown_grace_seconds <= 600:
             raise ConfigError(
                 "shutdown_grace_seconds: expected 0 < seconds <= 600, "

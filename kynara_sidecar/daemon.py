@@ -1,14 +1,19 @@
 """The daemon: wires config, policies, the audit log and the listeners.
 
-Start-up order (each step logged): load policies -> open the audit log
-(exclusive) -> lock the agent socket -> start the writer and append a start
-marker, then a policy_activated marker committed with the set's source files
--> bind listeners (TCP before the socket) -> report SERVING.
+Start-up order (each step logged): load policies and the audit keys -> lock
+the agent socket -> open the audit log (exclusive) -> verify its tail
+against the newest checkpoint and the witness -> start the writer, append a
+key_rotation record if the signing key changed, append the start marker
+and read it back -> append a policy_activated marker committed with the
+set's source files -> bind listeners (TCP before the socket) -> report
+SERVING. A log that cannot be opened, verified or written leaves the daemon
+up and NOT_SERVING, answering ``audit_unavailable``.
 
 Shutdown order (SIGTERM/SIGINT, each step logged): report NOT_SERVING ->
 refuse new requests with ``shutting_down`` -> wait for in-flight requests,
 records committed, up to ``shutdown_grace_seconds`` -> close the listeners
--> append a stop marker -> flush and close the audit log.
+-> append a stop marker -> seal the open segment and sign a head, both
+stored and witnessed -> flush and close the audit log.
 
 SIGHUP reloads policies; a bad set is refused and the previous one stays
 active. A good one is activated only once its policy_activated marker (and
@@ -35,12 +40,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__
-from kynara_sidecar.audit.record import AuditRecordV1, marker_record
+from kynara_sidecar.audit import RefusingSink
+from kynara_sidecar.audit import verify as audit_verify
+from kynara_sidecar.audit.checkpoint import CheckpointV1
+from kynara_sidecar.audit.record import AuditRecordV1, format_timestamp, marker_record
+from kynara_sidecar.audit.startup import AuditKeys, load_audit_keys, rotation_for
 from kynara_sidecar.audit.store import AuditStore, StateChange, policy_set_changes
-from kynara_sidecar.audit.writer import AuditWriter
+from kynara_sidecar.audit.witness import Witness
+from kynara_sidecar.audit.writer import AuditWriter, Sealing
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import Timestamp
-from kynara_sidecar.errors import KynaraError, ListenerError, PolicyError
+from kynara_sidecar.errors import (
+    AuditLogInUse,
+    AuditUnavailable,
+    KynaraError,
+    ListenerError,
+    PolicyError,
+)
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.pipeline import Pipeline
 from kynara_sidecar.policy.loader import (
@@ -49,10 +65,12 @@ from kynara_sidecar.policy.loader import (
     read_documents,
 )
 from kynara_sidecar.policy.model import PolicyDocument
+from kynara_sidecar.server.admin import AdminCredentials
+from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditService
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.http import build_http_app
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "with_daemon_id"]
 
 log = logging.getLogger("kynara.daemon")
 
@@ -65,6 +83,18 @@ def _fields(**fields: object) -> dict[str, dict[str, object]]:
     return {"fields": {"component": "daemon", **fields}}
 
 
+def with_daemon_id(config: Config) -> Config:
+    """The config with ``identity.daemon_id`` filled in: "<agent>@<host>"
+    when not set (the log's origin must be stable across restarts)."""
+    if config.identity.daemon_id:
+        return config
+    # Multi-agent mode has no one agent id to name the log after.
+    agent = config.identity.agent_id or "kynara"
+    daemon_id = f"{agent}@{socket.gethostname()}"
+    identity = msgspec.structs.replace(config.identity, daemon_id=daemon_id)
+    return msgspec.structs.replace(config, identity=identity)
+
+
 class Daemon:
     """One running Kynara sidecar.
 
@@ -75,25 +105,24 @@ class Daemon:
     """
 
     def __init__(self, config: Config, clock: Callable[[], int] = time.time_ns):
-        if not config.identity.daemon_id:
-            # Multi-agent mode has no one agent id to name the log after.
-            agent = config.identity.agent_id or "kynara"
-            daemon_id = f"{agent}@{socket.gethostname()}"
-            identity = msgspec.structs.replace(config.identity, daemon_id=daemon_id)
-            config = msgspec.structs.replace(config, identity=identity)
-        self.config = config
+        self.config = with_daemon_id(config)
         self.clock = clock
         self.metrics = Metrics()
         self.tcp_port: int | None = None
         self.health_port: int | None = None
+        self.admin_port: int | None = None
         self.http_port: int | None = None
         self._store: AuditStore | None = None
         self._writer: AuditWriter | None = None
         self._pipeline: Pipeline | None = None
+        self._audit_service: AuditService | None = None
         self._servers: list[grpc.aio.Server] = []
         self._health: list[health.aio.HealthServicer] = []
         self._http: web.AppRunner | None = None
         self._socket_lock: typing.IO[str] | None = None
+        # Why the audit log cannot be appended to, when it cannot.
+        self._audit_problem: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -155,6 +184,11 @@ class Daemon:
             policy_revision=policies.policy_set.revision,
             directory_revision=policies.directory.revision,
         )
+        if self._writer is None:
+            raise AuditUnavailable(
+                f"policy not activated: the audit log is unavailable "
+                f"({self._audit_problem})"
+            )
         await self._writer.append(marker, changes)
         self.pipeline.activate(policies)
         self._log_policies(policies)
@@ -184,55 +218,192 @@ class Daemon:
             "policies from local files are unsigned",
             extra=_fields(source=cfg.policy.source, setting="policy.source"),
         )
+        self._loop = asyncio.get_running_loop()
         policies, changes = self._load_policies()
+        keys = load_audit_keys(cfg.audit)
         # The socket lock comes first, so a daemon refused for a live socket
         # never touches its own audit path.
         self._lock_socket()
         try:
-            self._store = AuditStore.open(
-                cfg.audit.path,
-                map_size=cfg.audit.map_size,
-                durability=str(cfg.audit.durability),
-            )
-            log.info(
-                "audit log opened",
-                extra=_fields(
-                    path=cfg.audit.path, durability=str(cfg.audit.durability)
-                ),
-            )
-            await self._start_after_store(policies, changes)
+            await self._open_audit(policies, changes, keys)
+            await self._start_agent_listener()
+            await self._start_admin_listener()
+            await self._start_health_listener()
+            await self._start_http()
+            await self._report_serving()
         except BaseException:
             await self.stop()
             raise
 
-    async def _start_after_store(
-        self, policies: LoadedPolicies, changes: list[StateChange]
+    async def _open_audit(
+        self, policies: LoadedPolicies, changes: list[StateChange], keys: AuditKeys
     ) -> None:
-        cfg = self.config
+        """Open the log, check its tail, start the writer and self-check.
+
+        A log that cannot be opened, fails its tail check or its start-up
+        self-check leaves the daemon up but NOT_SERVING: every Decide
+        answers ``audit_unavailable``, and the log line says why and which
+        setting to change. Configuration errors still stop the start.
+        """
+        cfg = self.config.audit
+        try:
+            self._store = AuditStore.open(
+                cfg.path, map_size=cfg.map_size, durability=str(cfg.durability)
+            )
+            log.info(
+                "audit log opened",
+                extra=_fields(
+                    path=cfg.path,
+                    durability=str(cfg.durability),
+                    log_id=self._store.log_id,
+                ),
+            )
+            # The key check first: a log signed with an unconfigured key is a
+            # configuration error, not damage.
+            rotation = rotation_for(
+                self._store,
+                keys,
+                origin=self.config.identity.daemon_id,
+                time=format_timestamp(Timestamp.from_nanos(self.clock())),
+            )
+            witness = self._witness(self._store)
+            self._check_tail(self._store, keys, witness)
+            self._start_writer(keys, witness)
+            self._pipeline = Pipeline(
+                self.config, self._writer, self.metrics, self.clock
+            )
+            if rotation is not None:
+                await self._writer.append(rotation)
+                log.warning(
+                    "audit signing key rotated",
+                    extra=_fields(
+                        old_key_id=rotation.key_rotation.old_key_id,
+                        new_key_id=rotation.key_rotation.new_key_id,
+                    ),
+                )
+            await self._self_check()
+            await self._activate(policies, changes)
+            self._update_usage()
+        except AuditLogInUse:
+            raise  # a second daemon on one log: configuration, not damage
+        except AuditUnavailable as err:
+            await self._audit_down(err, policies)
+
+    def _witness(self, store: AuditStore) -> Witness | None:
+        root = self.config.audit.witness_path
+        if not root:
+            log.warning(
+                "no witness: a truncated tail of the audit log cannot be detected",
+                extra=_fields(setting="audit.witness_path"),
+            )
+            return None
+        return Witness(root, self.config.identity.daemon_id, store.log_id)
+
+    def _check_tail(
+        self, store: AuditStore, keys: AuditKeys, witness: Witness | None
+    ) -> None:
+        latest = store.latest_checkpoint()
+        report = audit_verify.verify_store(
+            store,
+            keys.trusted,
+            witness,
+            from_tree_size=latest.tree_size if latest else None,
+        )
+        if not report.ok:
+            raise AuditUnavailable(
+                f"audit log {store.path} failed verification at start: "
+                f"{audit_verify.format_report(report)}; appends stopped. Run "
+                "`kynara-sidecar verify --config ...` to see the damage, and "
+                "`kynara-sidecar "
+                "new-chain --config ...` to continue on a new chain that names "
+                "the break"
+            )
+
+    def _start_writer(self, keys: AuditKeys, witness: Witness | None) -> None:
+        cfg = self.config.audit
+        sealing = Sealing(
+            key=keys.signing,
+            origin=self.config.identity.daemon_id,
+            segment_records=cfg.segment_records,
+            segment_seconds=cfg.segment_seconds,
+            clock=self.clock,
+            witness=witness,
+            on_checkpoint=self._on_checkpoint,
+            retention_seconds=cfg.retention_days * 86_400,
+            on_prune=self.metrics.audit_pruned_records.inc,
+        )
         self._writer = AuditWriter(
             self._store,
-            max_batch=cfg.audit.max_batch,
-            deferred_window=cfg.audit.deferred_window_ms / 1000,
+            max_batch=cfg.max_batch,
+            deferred_window=cfg.deferred_window_ms / 1000,
             on_commit=self._on_commit,
+            sealing=sealing,
+            on_fatal=self._on_audit_fatal,
         )
         self._writer.start()
-        self._pipeline = Pipeline(cfg, self._writer, self.metrics, self.clock)
-        await self._writer.append(self._marker("start"))
-        await self._activate(policies, changes)
-        self._update_usage()
-        await self._start_agent_listener()
-        await self._start_health_listener()
-        await self._start_http()
-        for servicer in self._health:
-            await servicer.set("", SERVING)
-            await servicer.set(DECISION_SERVICE, SERVING)
+
+    async def _self_check(self) -> None:
+        """Append the start marker and read it back before serving."""
+        appended = await self._writer.append(self._marker("start"))
+        stored = await asyncio.to_thread(self._store.get, appended.seq)
+        if stored is None or stored.record_bytes != appended.record_bytes:
+            raise AuditUnavailable(
+                f"audit log {self._store.path}: the start marker (record "
+                f"{appended.seq}) did not read back as written: check the volume "
+                "behind audit.path"
+            )
+
+    async def _audit_down(
+        self, err: AuditUnavailable, policies: LoadedPolicies
+    ) -> None:
+        self._audit_problem = str(err)
+        self.metrics.audit_failures.inc()
+        log.error(
+            "audit log unavailable: not serving",
+            extra=_fields(error=str(err), setting="audit.path"),
+        )
+        if self._writer is not None:
+            await self._writer.close()
+        self._writer = None
+        # Decisions are still computed, so a caller learns the log is the
+        # obstacle: every one is refused when its record cannot be written.
+        self._pipeline = Pipeline(
+            self.config, RefusingSink(err), self.metrics, self.clock
+        )
+        self._pipeline.activate(policies)
+
+    async def _report_serving(self) -> None:
+        status = SERVING if self._audit_problem is None else NOT_SERVING
+        await self._set_health(status)
+        cfg = self.config
         log.info(
-            "serving",
+            "serving" if status == SERVING else "up, not serving",
             extra=_fields(
                 socket=cfg.agent.socket, port=self.tcp_port,
                 health_port=self.health_port, http_port=self.http_port,
             ),
         )  # fmt: skip
+
+    def _on_audit_fatal(self, err: AuditUnavailable) -> None:
+        # Runs on the writer thread: every later append is refused, so the
+        # daemon stops reporting SERVING until an operator restarts it.
+        self._audit_problem = str(err)
+        self._loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self._set_health(NOT_SERVING))
+        )
+
+    async def _set_health(self, status: int) -> None:
+        for servicer in self._health:
+            await servicer.set("", status)
+            await servicer.set(DECISION_SERVICE, status)
+
+    def _on_checkpoint(
+        self, checkpoint: CheckpointV1, witness_error: str | None
+    ) -> None:
+        # Runs on the writer thread.
+        self.metrics.audit_checkpoints.labels(str(checkpoint.kind)).inc()
+        if witness_error is not None:
+            self.metrics.audit_witness_failures.inc()
 
     def _log_policies(self, policies: LoadedPolicies) -> None:
         log.info(
@@ -295,7 +466,7 @@ class Daemon:
         )
         self._servers.append(server)
         DecisionService(self._pipeline, limit).register(server)
-        self._add_health(server)
+        await self._add_health(server)
         # TCP first: a port in use then fails before the socket is replaced.
         if cfg.port != -1:
             self.tcp_port = self._bind(server, f"{cfg.host}:{cfg.port}", "agent.port")
@@ -306,19 +477,59 @@ class Daemon:
             os.chmod(cfg.socket, cfg.socket_mode)
         await server.start()
 
+    async def _start_admin_listener(self) -> None:
+        """Serve AuditService and health to admin credentials (``admin``).
+
+        Off until ``admin.credentials`` names one: without, it could only
+        refuse.
+        """
+        cfg = self.config.admin
+        if not cfg.enabled:
+            if cfg.socket or cfg.port != -1:
+                log.warning(
+                    "admin listener off: no admin credential",
+                    extra=_fields(setting="admin.credentials"),
+                )
+            return
+        options = [("grpc.max_receive_message_length", MAX_ADMIN_REQUEST_BYTES)]
+        server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+        self._servers.append(server)
+        credentials = AdminCredentials.from_config(cfg, self.metrics)
+        self._audit_service = AuditService(self._store, credentials)
+        self._audit_service.register(server)
+        await self._add_health(server)
+        if cfg.port != -1:
+            address = f"{cfg.host}:{cfg.port}"
+            self.admin_port = self._bind(server, address, "admin.port")
+        if cfg.socket:
+            # TODO(#5): lock admin.socket as agent.socket is, so a second
+            # daemon given the same path is refused instead of taking it.
+            pathlib.Path(cfg.socket).parent.mkdir(parents=True, exist_ok=True)
+            address = f"unix://{os.path.abspath(cfg.socket)}"
+            self._bind(server, address, "admin.socket")
+            os.chmod(cfg.socket, cfg.socket_mode)
+        await server.start()
+        log.info(
+            "admin listener started",
+            extra=_fields(socket=cfg.socket, port=self.admin_port),
+        )
+
     async def _start_health_listener(self) -> None:
         cfg = self.config.health
         if cfg.port == -1:
             return
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._servers.append(server)
-        self._add_health(server)
+        await self._add_health(server)
         address = f"{cfg.host}:{cfg.port}"
         self.health_port = self._bind(server, address, "health.port")
         await server.start()
 
-    def _add_health(self, server: grpc.aio.Server) -> None:
+    async def _add_health(self, server: grpc.aio.Server) -> None:
         servicer = health.aio.HealthServicer()
+        # grpc's servicer starts out SERVING; until _report_serving decides,
+        # a daemon whose audit log is down must not say so, even briefly.
+        await servicer.set("", NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         self._health.append(servicer)
 
@@ -373,6 +584,9 @@ class Daemon:
             left = await self._pipeline.drain(grace)
             log.info("drained", extra=_fields(in_flight_left=left))
         await self._stop_listeners(max(deadline - time.monotonic(), 0.0))
+        if self._audit_service is not None:
+            # Its reads run on threads of their own; the store outlives them.
+            await self._audit_service.close()
         await self._close_audit()
         if self._socket_lock is not None:
             self._socket_lock.close()

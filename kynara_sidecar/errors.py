@@ -15,6 +15,7 @@ import enum
 import grpc
 
 __all__ = [
+    "AuditLogInUse",
     "AuditUnavailable",
     "ConfigError",
     "ErrorCode",
@@ -22,11 +23,15 @@ __all__ = [
     "InvalidRequest",
     "KynaraError",
     "ListenerError",
+    "NotCheckpointed",
+    "NotFound",
     "PolicyError",
     "PolicyNotReady",
+    "Pruned",
     "ReasonCode",
     "RequestError",
     "RequestTooLarge",
+    "RoleMissing",
     "ServiceError",
     "ShuttingDown",
 ]
@@ -42,6 +47,10 @@ class ErrorCode(enum.StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    ROLE_MISSING = "role_missing"
+    NOT_FOUND = "not_found"
+    NOT_CHECKPOINTED = "not_checkpointed"
+    PRUNED = "pruned"
 
 
 class ReasonCode(enum.StrEnum):
@@ -109,6 +118,37 @@ class IdentityInvalid(RequestError):
     status = grpc.StatusCode.UNAUTHENTICATED
 
 
+class RoleMissing(RequestError):
+    """An admin credential is valid but lacks the role the call needs."""
+
+    code = ErrorCode.ROLE_MISSING
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(RequestError):
+    """No record, decision id or checkpoint matches what was asked for."""
+
+    code = ErrorCode.NOT_FOUND
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class NotCheckpointed(RequestError):
+    """A record or tree size is not covered by a checkpoint yet.
+
+    It is once its segment is sealed; asking again later can succeed.
+    """
+
+    code = ErrorCode.NOT_CHECKPOINTED
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Pruned(RequestError):
+    """The records asked for were pruned; the message names the seam."""
+
+    code = ErrorCode.PRUNED
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
 class ServiceError(KynaraError):
     """The daemon could not do its part; the request may succeed later."""
 
@@ -137,6 +177,11 @@ class AuditUnavailable(ServiceError):
 
     code = ErrorCode.AUDIT_UNAVAILABLE
     status = grpc.StatusCode.UNAVAILABLE
+
+
+class AuditLogInUse(AuditUnavailable):
+    """Another process holds the audit log's writer lock: a second daemon was
+    given the same ``audit.path``. The daemon refuses to start."""
 
 
 class ShuttingDown(ServiceError):

@@ -392,7 +392,15 @@ class AgentCredentials:
         """
         scheme, _, secret = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
-            got = f"scheme {scheme!r}" if scheme else "none"
+            # Never echo the value: without its scheme it may be the secret.
+            if not scheme:
+                got = "none"
+            elif scheme.lower() == "bearer":
+                got = "an empty bearer secret"
+            elif not secret.strip():
+                got = "a value without the 'Bearer ' scheme"
+            else:
+                got = "another scheme"
             raise IdentityInvalid(
                 "expected 'authorization: Bearer <secret>' metadata naming the "
                 f"calling agent, got {got}",

@@ -62,6 +62,22 @@ class Metrics:
             "Audit appends that failed; each failed a decision closed.",
             registry=r,
         )
+        self.audit_checkpoints = Counter(
+            f"{PREFIX}_audit_checkpoints",
+            "Signed statements of the log: sealed segments and heads at stop.",
+            ["kind"],
+            registry=r,
+        )
+        self.audit_witness_failures = Counter(
+            f"{PREFIX}_audit_witness_failures",
+            "Checkpoints not yet written to audit.witness_path; retried.",
+            registry=r,
+        )
+        self.audit_pruned_records = Counter(
+            f"{PREFIX}_audit_pruned_records",
+            "Records dropped by retention (their checkpoints and nodes stay).",
+            registry=r,
+        )
         self.audit_commit_seconds = Histogram(
             f"{PREFIX}_audit_commit_duration_seconds",
             "Time to write and sync one audit transaction.",
@@ -84,6 +100,11 @@ class Metrics:
             f"{PREFIX}_policy_info",
             "The active policy and directory revisions (value is always 1).",
             ["policy_revision", "directory_revision"], registry=r,
+        )  # fmt: skip
+        self.admin_refusals = Counter(
+            f"{PREFIX}_admin_refusals",
+            "Admin listener calls refused for their credential, by code.",
+            ["code"], registry=r,
         )  # fmt: skip
         self.policy_reloads = Counter(
             f"{PREFIX}_policy_reloads",

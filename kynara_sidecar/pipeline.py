@@ -10,6 +10,10 @@ gets the same answer, record and decision id.
 
 Fail closed: a decision whose audit record cannot be committed is not given;
 the caller gets ``AuditUnavailable`` instead.
+
+Privacy: the engine decides on the request as sent; the entries named by
+``audit.redact`` are hashed or dropped in the record only
+(``kynara_sidecar.audit.redact``), and the record lists them.
 """
 
 from __future__ import annotations
@@ -152,6 +156,8 @@ class Pipeline:
         self._identity = config.identity
         self._env = config.env
         self._daemon_id = config.identity.daemon_id
+        # Applied to the record only: the engine decides on the real values.
+        self._redactor = config.audit.load_redactor()
         self._writer = writer
         self._metrics = metrics
         self._clock = clock
@@ -329,6 +335,7 @@ class Pipeline:
             decision_id=decision_id,
             daemon_id=self._daemon_id,
             identity_mode=str(self._identity.mode),
+            redactor=self._redactor,
         )
         appended = await self._writer.append(record)
         return Answer(

@@ -79,6 +79,8 @@ def cli_run_args(socket: pathlib.Path, audit: pathlib.Path, *overrides: str):
         "http.port=0",
         f"policy.source={SHIPPED_POLICIES}",
         f"audit.path={audit}",
+        f"audit.signing_key={audit.parent / 'keys' / 'audit.pem'}",
+        f"audit.witness_path={audit.parent / 'witness'}",
         "audit.map_size=67108864",
         "shutdown_grace_seconds=5",
         *overrides,
@@ -97,8 +99,20 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def verify_cli(audit: pathlib.Path) -> subprocess.CompletedProcess:
-    """``kynara-sidecar verify --audit <audit>``, as an operator runs it."""
-    return run_cli([*CLI, "verify", "--audit", str(audit)])
+    """``kynara-sidecar verify``, as an operator runs it: the daemon's public
+    key trusted, its witness consulted."""
+    return run_cli(
+        [
+            *CLI,
+            "verify",
+            "--audit",
+            str(audit),
+            "--trusted-key",
+            str(audit.parent / "keys" / "audit.pem.pub"),
+            "--witness",
+            str(audit.parent / "witness"),
+        ]
+    )
 
 
 def refusal_lines(stderr: str) -> list[str]:
@@ -116,6 +130,8 @@ class DaemonProcess:
         log_path: where the daemon's stderr is written (appended to, so
             restarts on the same paths keep one log).
         overrides: more ``section.key=value`` settings.
+        prefix: a command the daemon runs under, e.g. ``setpriv`` to drop
+            root.
     """
 
     def __init__(
@@ -124,13 +140,14 @@ class DaemonProcess:
         audit: pathlib.Path,
         log_path: pathlib.Path,
         *overrides: str,
+        prefix: Iterable[str] = (),
     ):
         self.socket = socket
         self.audit = audit
         self.log_path = log_path
         self._log: IO[str] = log_path.open("a")
         self.process = subprocess.Popen(
-            cli_run_args(socket, audit, *overrides),
+            [*prefix, *cli_run_args(socket, audit, *overrides)],
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=self._log,

@@ -81,6 +81,9 @@ class RunningDaemon:
         return decision_pb2_grpc.DecisionServiceStub(channel)
 
     def stop(self) -> None:
+        """Stop the daemon and its loop; a second call does nothing."""
+        if self.loop.is_closed():
+            return
         for channel in self._channels:
             channel.close()
         self._channels.clear()
@@ -106,6 +109,8 @@ def daemon_config(tmp_path: pathlib.Path, *overrides: str) -> Config:
             "http.port=0",
             f"policy.source={SHIPPED_POLICIES}",
             f"audit.path={tmp_path / 'audit'}",
+            f"audit.signing_key={tmp_path / 'keys' / 'audit.pem'}",
+            f"audit.witness_path={tmp_path / 'witness'}",
             "audit.map_size=67108864",
             "shutdown_grace_seconds=5",
             *overrides,

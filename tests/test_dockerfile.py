@@ -462,7 +462,8 @@ def test_image_config_names_the_paths_the_image_provides():
     assert config["policy"]["source"].rstrip("/") == _copied_to(
         "config/policies/"
     ).rstrip("/")
-    assert any(config["audit"]["path"].startswith(v + "/") for v in volumes)
+    for key in ("path", "signing_key", "witness_path"):
+        assert any(config["audit"][key].startswith(v + "/") for v in volumes), key
     assert posixpath.dirname(config["agent"]["socket"]) in volumes
 
 
@@ -695,6 +696,8 @@ def image_daemon(image: InstalledImage, tmp_path: pathlib.Path):
         *[image.root / a.lstrip("/") if a == config_path else a for a in command],
         "--set", f"policy.source={image.root / config['policy']['source'][1:]}",
         "--set", f"agent.socket={socket}", "--set", f"audit.path={audit}",
+        "--set", f"audit.signing_key={audit.parent / 'keys' / 'audit.pem'}",
+        "--set", f"audit.witness_path={audit.parent / 'witness'}",
         "--set", "agent.port=0", "--set", "health.port=0", "--set", "http.port=0",
     ]  # fmt: skip
     log = tmp_path / "daemon.log"
@@ -720,10 +723,15 @@ def test_image_command_serves_and_stops_on_its_stop_signal(installed_image, tmp_
     with image_daemon(installed_image, tmp_path) as daemon:
         daemon.process.send_signal(stop_signal)
         exit_code = daemon.process.wait(timeout=config["shutdown_grace_seconds"] + 20)
+    lib = daemon.audit.parent
     verified = _run(
-        [installed_image.command("kynara-sidecar"), "verify", "--audit", daemon.audit],
+        [
+            installed_image.command("kynara-sidecar"), "verify", "--audit",
+            daemon.audit, "--trusted-key", lib / "keys" / "audit.pem.pub",
+            "--witness", lib / "witness",
+        ],
         cwd=installed_image.outside,
-    )
+    )  # fmt: skip
 
     assert exit_code == 0, daemon.log.read_text()
     assert verified.stdout.startswith("ok")

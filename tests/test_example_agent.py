@@ -44,9 +44,11 @@ def cli_daemon(tmp_path):
 
 
 def verify(audit) -> subprocess.CompletedProcess:
+    # The config names the daemon's signing key (its public half is trusted)
+    # and its witness, both relative to the repository, as the daemon ran.
     return subprocess.run(
-        [*CLI, "verify", "--audit", str(audit)],
-        capture_output=True, text=True, timeout=60,
+        [*CLI, "verify", "--config", "config/kynara.yaml", "--audit", str(audit)],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
 
 

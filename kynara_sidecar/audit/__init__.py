@@ -36,6 +36,7 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.store import Appended, AuditStore, StateChange
 from kynara_sidecar.audit.verify import format_report, verify_log
 from kynara_sidecar.audit.writer import AuditWriter
+from kynara_sidecar.errors import AuditUnavailable
 
 __all__ = [
     "GENESIS_HASH",
@@ -48,6 +49,7 @@ __all__ = [
     "ChainProblem",
     "ProblemKind",
     "RecordKind",
+    "RefusingSink",
     "StateChange",
     "VerifyReport",
     "chain_hash",
@@ -76,3 +78,22 @@ class AuditSink(Protocol):
     async def close(self) -> None:
         """Commit what is pending; later appends raise ``AuditUnavailable``."""
         ...
+
+
+class RefusingSink:
+    """An ``AuditSink`` for a log that cannot be written: refuses every record.
+
+    The daemon runs on it while the log is unavailable, so each request is
+    answered ``audit_unavailable`` with the reason, never decided unlogged.
+    """
+
+    def __init__(self, reason: AuditUnavailable):
+        self._reason = reason
+
+    async def append(
+        self, record: AuditRecordV1, state_changes: Iterable[StateChange] = ()
+    ) -> Appended:
+        raise AuditUnavailable(str(self._reason))
+
+    async def close(self) -> None:
+        return None

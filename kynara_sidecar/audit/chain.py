@@ -34,6 +34,12 @@ and stops at the first problem:
 
 The walk needs only SHA-256 and a JSON parser, so a verifier in another
 language can repeat it. This module is pure: bytes in, values out.
+
+``verify.verify_store`` builds on ``check_record``: it starts the walk at
+the seam after pruning, rebuilds the Merkle tree from the record bytes,
+and checks the signed checkpoints and the witness; the problem kinds it
+adds (a truncated tail or front, a bad signature, an unknown key) are
+listed in ``ProblemKind``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ __all__ = [
     "ProblemKind",
     "VerifyReport",
     "chain_hash",
+    "check_record",
     "decode_record",
     "encode_record",
     "verify_chain",
@@ -99,20 +106,39 @@ def chain_hash(prev_hash: bytes, record_bytes: bytes) -> bytes:
 
 
 class ProblemKind(enum.StrEnum):
-    """What is wrong with the first bad record of a log."""
+    """What is wrong with the first bad record (or checkpoint) of a log."""
 
+    # Bytes, a chain hash, a Merkle node, a checkpoint's root or chain hash,
+    # or the decisions index differ from what the records say.
     EDITED = "edited"
+    # A gap in the record keys inside the log.
     MISSING = "missing"
+    # A record sits at another sequence number than its own.
     REORDERED = "reordered"
+    # The stored head names an earlier record, or another hash.
     HEAD_MISMATCH = "head_mismatch"
+    # The newest records are gone: the stored head, a checkpoint or the
+    # witness names a tree larger than the log holds.
+    TRUNCATED_TAIL = "truncated_tail"
+    # The oldest records are gone without the seam that accounts for them.
+    TRUNCATED_FRONT = "truncated_front"
+    # A checkpoint or key rotation is not signed by the key it names.
+    BAD_SIGNATURE = "bad_signature"
+    # A checkpoint or key rotation names a key not trusted at that point.
+    UNKNOWN_KEY = "unknown_key"
 
 
 class ChainProblem(msgspec.Struct, frozen=True):
-    """The first problem found: the record it is at, its kind, and why."""
+    """The first problem found: where it is, its kind, and why.
+
+    ``seq`` is a record's sequence number, or the tree size of the
+    statement ``subject`` names ("checkpoint", "witness checkpoint", ...).
+    """
 
     seq: int
     kind: ProblemKind
     message: str
+    subject: str = "record"
 
 
 class VerifyReport(msgspec.Struct, frozen=True):
@@ -120,13 +146,19 @@ class VerifyReport(msgspec.Struct, frozen=True):
 
     ``records`` counts the records that verified before the first problem
     (all of them when ``ok``). ``head_seq`` and ``head_hash`` are the stored
-    head (0 and ``GENESIS_HASH`` when none is stored).
+    head (0 and ``GENESIS_HASH`` when none is stored). ``checkpoints``
+    counts the stored checkpoints that verified, ``seam`` is where the walk
+    started (the pruned tree size, or the checkpoint a tail check started
+    from), and ``notes`` say what could not be checked.
     """
 
     records: int
     head_seq: int
     head_hash: bytes
     problem: ChainProblem | None = None
+    checkpoints: int = 0
+    seam: int = 0
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -150,7 +182,7 @@ def verify_chain(
     head_seq, head_hash = head if head is not None else (0, GENESIS_HASH)
     prev_seq, prev_hash = 0, GENESIS_HASH
     for key_seq, data, stored in entries:
-        problem = _check_record(prev_seq, prev_hash, key_seq, data, stored)
+        problem = check_record(prev_seq, prev_hash, key_seq, data, stored)
         if problem is not None:
             return VerifyReport(prev_seq, head_seq, head_hash, problem)
         prev_seq, prev_hash = key_seq, stored
@@ -158,9 +190,21 @@ def verify_chain(
     return VerifyReport(prev_seq, head_seq, head_hash, problem)
 
 
-def _check_record(
+def check_record(
     prev_seq: int, prev_hash: bytes, key_seq: int, data: bytes, stored: bytes
 ) -> ChainProblem | None:
+    """Check one link of the chain: steps 1 to 3 of the walk above.
+
+    Args:
+        prev_seq: the sequence number of the record before (0 at genesis).
+        prev_hash: its chain hash (``GENESIS_HASH`` at genesis).
+        key_seq: the key this record is stored under.
+        data: the stored record bytes.
+        stored: the stored chain hash (``b""`` when absent).
+
+    Returns:
+        ``None``, or the problem at this record.
+    """
     expected = prev_seq + 1
     if key_seq > expected:
         gap = f"{expected}" if key_seq == expected + 1 else f"{expected}..{key_seq - 1}"

@@ -51,17 +51,23 @@ This module is pure: bytes in, values out; it needs only ``hashlib``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
     "CompactRange",
+    "NodeLookup",
+    "compact_range_from_nodes",
     "consistency_proof",
+    "consistency_proof_from_nodes",
     "inclusion_proof",
+    "inclusion_proof_from_nodes",
     "leaf_hash",
     "node_hash",
+    "node_positions",
     "root",
+    "root_from_nodes",
     "verify_consistency",
     "verify_inclusion",
 ]
@@ -69,6 +75,11 @@ __all__ = [
 HASH_SIZE = 32
 # MTH of the empty tree (RFC 9162 section 2.1.1): the hash of no bytes.
 EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+# get_node(level, index): the root of the perfect subtree over leaves
+# [index * 2**level, (index + 1) * 2**level); level 0 holds the leaf hashes.
+NodeLookup = Callable[[int, int], bytes]
+Subtree = Callable[[int, int], bytes]
 
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
@@ -123,7 +134,7 @@ def inclusion_proof(leaf_hashes: Sequence[bytes], index: int) -> list[bytes]:
         raise ValueError(
             f"leaf index must be in [0, {size}) for a tree of size {size}, got {index}"
         )
-    return _path(leaf_hashes, index, 0, size)
+    return _path(_leaf_subtree(leaf_hashes), index, 0, size)
 
 
 def consistency_proof(leaf_hashes: Sequence[bytes], old_size: int) -> list[bytes]:
@@ -149,7 +160,82 @@ def consistency_proof(leaf_hashes: Sequence[bytes], old_size: int) -> list[bytes
         )
     if old_size in (0, size):
         return []
-    return _subproof(leaf_hashes, old_size, 0, size, True)
+    return _subproof(_leaf_subtree(leaf_hashes), old_size, 0, size, True)
+
+
+def node_positions(size: int) -> list[tuple[int, int]]:
+    """Return the ``(level, index)`` of each perfect subtree that leaf
+    ``size - 1`` completes, leaf first: the nodes a store writes for it."""
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    index, level, positions = size - 1, 0, [(0, size - 1)]
+    while index & 1:
+        index >>= 1
+        level += 1
+        positions.append((level, index))
+    return positions
+
+
+def root_from_nodes(get_node: NodeLookup, size: int) -> bytes:
+    """Return the MTH of the first ``size`` leaves from stored nodes.
+
+    Raises:
+        ValueError: ``size`` is negative, or a stored node is not 32 bytes.
+    """
+    if size < 0:
+        raise ValueError(f"tree size must be >= 0, got {size}")
+    if size == 0:
+        return EMPTY_ROOT
+    return _stored_subtree(get_node)(0, size)
+
+
+def inclusion_proof_from_nodes(
+    get_node: NodeLookup, index: int, size: int
+) -> list[bytes]:
+    """``inclusion_proof`` from stored nodes: O(log^2 n) lookups, no leaves.
+
+    Raises:
+        ValueError: ``index`` is outside ``[0, size)``.
+    """
+    if not 0 <= index < size:
+        raise ValueError(
+            f"leaf index must be in [0, {size}) for a tree of size {size}, got {index}"
+        )
+    return _path(_stored_subtree(get_node), index, 0, size)
+
+
+def consistency_proof_from_nodes(
+    get_node: NodeLookup, old_size: int, new_size: int
+) -> list[bytes]:
+    """``consistency_proof`` from stored nodes.
+
+    Raises:
+        ValueError: not ``0 <= old_size <= new_size``.
+    """
+    if not 0 <= old_size <= new_size:
+        raise ValueError(
+            f"old size must be in [0, {new_size}] for a tree of size {new_size}, "
+            f"got {old_size}"
+        )
+    if old_size in (0, new_size):
+        return []
+    return _subproof(_stored_subtree(get_node), old_size, 0, new_size, True)
+
+
+def compact_range_from_nodes(get_node: NodeLookup, size: int) -> CompactRange:
+    """Rebuild the right edge of the tree of ``size`` leaves from stored nodes.
+
+    Raises:
+        ValueError: ``size`` is negative, or a stored node is not 32 bytes.
+    """
+    if size < 0:
+        raise ValueError(f"tree size must be >= 0, got {size}")
+    hashes, start = [], 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            hashes.append(_stored(get_node, level, start >> level))
+            start += 1 << level
+    return CompactRange.from_state(size, hashes)
 
 
 def verify_inclusion(
@@ -289,21 +375,28 @@ class CompactRange:
         """Return ``(size, hashes)`` to persist; ``from_state`` takes it back."""
         return self._size, tuple(self._hashes)
 
-    def append(self, leaf_hash: bytes) -> None:
+    def append(self, leaf_hash: bytes) -> list[bytes]:
         """Add the next leaf hash at the right edge.
+
+        Returns:
+            The nodes this leaf completes, leaf first: the hashes of the
+            positions ``node_positions(size)`` gives for the new size.
 
         Raises:
             ValueError: ``leaf_hash`` is not 32 bytes; the range is unchanged.
         """
         _check_hash(leaf_hash, "leaf hash")
         node, carry = leaf_hash, self._size
+        completed = [node]
         # Each trailing set bit of the old size is a perfect subtree as large
         # as the one being built: merge them, as a carry in binary addition.
         while carry & 1:
             node = node_hash(self._hashes.pop(), node)
+            completed.append(node)
             carry >>= 1
         self._hashes.append(node)
         self._size += 1
+        return completed
 
     def root(self) -> bytes:
         """Return the MTH of the leaves appended so far (``EMPTY_ROOT`` if none)."""
@@ -371,30 +464,53 @@ def _subtree_root(leaves: Sequence[bytes], start: int, end: int) -> bytes:
     )
 
 
-def _path(leaves: Sequence[bytes], index: int, start: int, end: int) -> list[bytes]:
+def _leaf_subtree(leaves: Sequence[bytes]) -> Subtree:
+    return lambda start, end: _subtree_root(leaves, start, end)
+
+
+def _stored_subtree(get_node: NodeLookup) -> Subtree:
+    def subtree(start: int, end: int) -> bytes:
+        # The left part of every split is perfect and aligned: one lookup.
+        size = end - start
+        if size & (size - 1) == 0:
+            level = size.bit_length() - 1
+            return _stored(get_node, level, start >> level)
+        split = start + _largest_power_of_two_below(size)
+        return node_hash(subtree(start, split), subtree(split, end))
+
+    return subtree
+
+
+def _stored(get_node: NodeLookup, level: int, index: int) -> bytes:
+    value = get_node(level, index)
+    _check_hash(value, f"stored node (level {level}, index {index})")
+    return value
+
+
+def _path(subtree: Subtree, index: int, start: int, end: int) -> list[bytes]:
     # PATH(index, D[start:end]) of RFC 9162 section 2.1.3.1; index is absolute.
     if end - start == 1:
         return []
     split = start + _largest_power_of_two_below(end - start)
     if index < split:
-        return [*_path(leaves, index, start, split), _subtree_root(leaves, split, end)]
-    return [*_path(leaves, index, split, end), _subtree_root(leaves, start, split)]
+        return [*_path(subtree, index, start, split), subtree(split, end)]
+    return [*_path(subtree, index, split, end), subtree(start, split)]
 
 
 def _subproof(
-    leaves: Sequence[bytes], old_end: int, start: int, end: int, whole: bool
+    subtree: Subtree, old_end: int, start: int, end: int, whole: bool
 ) -> list[bytes]:
     # SUBPROOF(m, D[start:end], b) of RFC 9162 section 2.1.4.1, with
     # m = old_end - start; ``whole`` is b: the old tree is this subtree itself,
     # whose root the verifier already holds, so it is left out of the proof.
     if old_end == end:
-        return [] if whole else [_subtree_root(leaves, start, end)]
+        return [] if whole else [subtree(start, end)]
     split = start + _largest_power_of_two_below(end - start)
     if old_end <= split:
-        head = _subproof(leaves, old_end, start, split, whole)
-        return [*head, _subtree_root(leaves, split, end)]
-    head = _subproof(leaves, old_end, split, end, False)
-    return [*head, _subtree_root(leaves, start, split)]
+        head = _subproof(subtree, old_end, start, split, whole)
+        return [*head, subtree(split, end)]
+    head = _subproof(subtree, old_end, split, end, False)
+    return [*head, subtree(start, split)]
 
 
 def _check_leaves(leaf_hashes: Sequence[bytes]) -> None:

@@ -36,6 +36,12 @@ from typing import Any
 
 import msgspec
 
+from kynara_sidecar.audit.redact import (
+    REDACTED_TAG,
+    REDACTION_SECTIONS,
+    Redactor,
+    lookup,
+)
 from kynara_sidecar.decision import (
     ConditionError,
     Decision,
@@ -55,8 +61,10 @@ __all__ = [
     "ApprovalEntry",
     "AuditRecordV1",
     "ChainEntry",
+    "ChainBreakEntry",
     "ConditionErrorEntry",
     "GatewayEntry",
+    "KeyRotationEntry",
     "MarkerEntry",
     "MatchedRuleEntry",
     "RecordKind",
@@ -170,6 +178,33 @@ class MarkerEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     detail: str = ""
 
 
+class KeyRotationEntry(msgspec.Struct, kw_only=True):
+    """A new audit signing key, vouched for by the old one (``rotation``)."""
+
+    old_key_id: str
+    new_key_id: str
+    # The new public key: the raw 32 bytes, unpadded base64url.
+    new_public_key: str
+    # The old key's Ed25519 signature over rotation.signed_bytes(), unpadded
+    # base64url.
+    signature: str
+
+
+class ChainBreakEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Where the previous chain stopped verifying, on a new chain's first
+    record, so the gap stays visible."""
+
+    previous_log_id: str
+    # The last record of the previous log that verified, and its chain hash.
+    last_good_seq: int = 0
+    last_good_chain_hash: str = ""
+    # The problem verification found: its kind and record.
+    problem: str = ""
+    problem_seq: int = 0
+    # Where the previous log's files were moved, for the investigation.
+    kept_at: str = ""
+
+
 class AuditRecordV1(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One audit record; ``kind`` says which of the optional parts apply.
 
@@ -216,8 +251,8 @@ class AuditRecordV1(msgspec.Struct, kw_only=True, omit_defaults=True):
     marker: MarkerEntry | None = None
     # For chain_break: what verification found, in its own words.
     error: str = ""
-    # TODO(#5): key_rotation records need the new key (id, public key) and a
-    # signature by the old one; added as optional fields with the checkpoints.
+    chain_break: ChainBreakEntry | None = None
+    key_rotation: KeyRotationEntry | None = None
 
 
 # ---------------------------------------------------------------- time forms
@@ -409,7 +444,9 @@ def decode_value(data: Any) -> Any:
 
     Raises:
         ValueError: ``data`` is not a one-key dict with a known type name and
-            a well-formed value; the message gives its path.
+            a well-formed value, or it is a redacted value
+            (``{"redacted": ...}``, see ``audit.redact``); the message gives
+            its path.
     """
     return _decode(data, "$")
 
@@ -420,6 +457,11 @@ def _decode(data: Any, path: str) -> Any:
             f"expected a one-key object naming the type at {path}, got {data!r}"
         )
     ((tag, raw),) = data.items()
+    if tag == REDACTED_TAG:
+        raise ValueError(
+            f"the value at {path} was redacted before writing ({raw!r}): "
+            "a keyed hash cannot be decoded"
+        )
     if tag == "list" and isinstance(raw, list):
         return [_decode(item, f"{path}[{i}]") for i, item in enumerate(raw)]
     if tag == "map" and isinstance(raw, dict):
@@ -562,21 +604,24 @@ def record_from_decision(
     daemon_id: str | None = None,
     redactions: Iterable[str] = (),
     time: str | None = None,
+    redactor: Redactor | None = None,
 ) -> AuditRecordV1:
     """Build the ``decision`` record of one answered request.
 
-    The caller masks the request first (TODO(#5): masking itself lives with
-    the privacy work) and names the masked paths in ``redactions``.
+    The request is the one the engine decided on; ``redactor`` then hashes
+    or drops the configured context and resource attributes in the record
+    only, and the paths it redacted join ``redactions``.
 
     Args:
-        request: the request as evaluated (after masking).
+        request: the request as the engine evaluated it (unredacted).
         env: the env the engine used; ``env.now`` is the decision instant.
         decision: the engine's answer.
         decision_id: the id returned to the caller.
         identity_mode: "development" when the chain was asserted, else "".
         daemon_id: this daemon's log origin; defaults to ``env.daemon_id``.
-        redactions: JSON paths masked in the request.
+        redactions: JSON paths the caller masked already, if any.
         time: RFC 3339 time of the record; defaults to ``env.now``.
+        redactor: the configured redaction rules; none redacts nothing.
 
     Returns:
         The record, with ``seq`` left for the store to assign.
@@ -584,6 +629,14 @@ def record_from_decision(
     Raises:
         TypeError: a context or attribute value cannot be encoded.
     """
+    resource = resource_entry(request.resource)
+    context = _encode_map(request.context, "$.context")
+    masked = list(redactions)
+    if redactor:
+        context, resource.attributes, found = redactor.apply(
+            context, resource.attributes
+        )
+        masked += found
     return AuditRecordV1(
         v=RECORD_VERSION,
         kind=RecordKind.DECISION,
@@ -594,8 +647,8 @@ def record_from_decision(
         identity_mode=identity_mode,
         chain=chain_entries(decision.chain),
         action=request.action,
-        resource=resource_entry(request.resource),
-        context=_encode_map(request.context, "$.context"),
+        resource=resource,
+        context=context,
         env=env_entry(env),
         decision=str(decision.effect),
         reason_code=str(decision.reason_code),
@@ -605,7 +658,7 @@ def record_from_decision(
         shadow_effect=str(decision.shadow_effect or ""),
         policy_revision=decision.policy_revision,
         directory_revision=decision.directory_revision,
-        redactions=list(redactions),
+        redactions=masked,
     )
 
 
@@ -617,8 +670,9 @@ def request_from_record(record: AuditRecordV1) -> tuple[DecisionRequest, Env]:
     included, as the engine saw it), and the typed values come back exactly,
     ``env.now`` among them. Env keys this version does not know are ignored.
 
-    NOTE: values masked before writing (``redactions``) come back masked;
-    a replay sees what the log holds, not what the caller sent.
+    A record with ``redactions`` is refused: a hashed or dropped value is
+    not what the engine saw, and deciding on something else would report
+    changes no policy made.
 
     Args:
         record: a ``decision`` record.
@@ -628,8 +682,10 @@ def request_from_record(record: AuditRecordV1) -> tuple[DecisionRequest, Env]:
 
     Raises:
         ValueError: the record is not a decision, has no resource or no
-            chain, or a typed value (``env.now`` included) is malformed; the
-            message gives the path, such as ``$.env.now``.
+            chain, was redacted (the message lists each redacted path and
+            whether it was hashed or dropped), or a typed value (``env.now``
+            included) is malformed; the message gives the path, such as
+            ``$.env.now``.
     """
     if record.kind != RecordKind.DECISION:
         raise ValueError(
@@ -639,6 +695,12 @@ def request_from_record(record: AuditRecordV1) -> tuple[DecisionRequest, Env]:
     if record.resource is None or not record.chain:
         missing = "resource" if record.resource is None else "chain"
         raise ValueError(f"decision record {record.seq} has no {missing}")
+    if record.redactions:
+        raise ValueError(
+            f"decision record {record.seq} was redacted before writing, so it "
+            "cannot be replayed without deciding on other input: "
+            + ", ".join(_redaction_kinds(record))
+        )
     resource = Resource(
         kind=record.resource.kind,
         id=record.resource.id,
@@ -652,6 +714,26 @@ def request_from_record(record: AuditRecordV1) -> tuple[DecisionRequest, Env]:
         request_id=record.request_id,
     )
     return request, _env_from_entry(record.env)
+
+
+def _redaction_kinds(record: AuditRecordV1) -> list[str]:
+    # "<path> (hashed)" or "<path> (dropped)" for each redacted path.
+    sections = {
+        REDACTION_SECTIONS["context"]: record.context,
+        REDACTION_SECTIONS["resource_attributes"]: (
+            record.resource.attributes if record.resource else {}
+        ),
+    }
+    out = []
+    for path in record.redactions:
+        kind = "dropped"
+        for prefix, values in sections.items():
+            if path.startswith(prefix + "."):
+                found = lookup(values, path.removeprefix(prefix + "."))
+                if isinstance(found, dict) and REDACTED_TAG in found:
+                    kind = "hashed"
+        out.append(f"{path} ({kind})")
+    return out
 
 
 def _decode_map(raw: Mapping[str, Any], path: str) -> dict[str, Any]:

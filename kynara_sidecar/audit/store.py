@@ -6,10 +6,22 @@ directory; sequence numbers are 8-byte big-endian, starting at 1):
     records    seq -> canonical record bytes, exactly as hashed
     chain      seq -> 32-byte chain hash
     decisions  decision_id (UTF-8) -> seq of its decision record
+    nodes      1-byte level + 8-byte index -> 32-byte Merkle node hash
+    checkpoints  8-byte tree size -> a signed checkpoint (canonical JSON)
     meta       b"format_version" -> b"1"
                b"head" -> 8-byte seq + 32-byte chain hash of the last record
+               b"log_id" -> 32 hex digits naming this log (its witness files)
+               b"seam" -> 8-byte tree size s: records 1..s were pruned
+               b"head_checkpoint" -> the head signed at the last clean stop
     policy_sets  b"policy/<revision>" or b"directory/<revision>" -> the
                source files of that revision (``PolicySource``, msgpack)
+
+Merkle tree (``merkle``): node (0, i) is the leaf hash of record i + 1 and
+node (l, i) the root of the perfect subtree over leaves [i*2^l, (i+1)*2^l).
+Each append writes the nodes its leaf completes (about two per record), in
+the same transaction as the record, so any inclusion or consistency proof
+is O(log^2 n) lookups. Nodes and checkpoints are never pruned: they are the
+seam that lets a pruned log still prove and verify what it kept.
 
 plus the caller's ``extra_dbs`` (approval state, say), which change in the
 same write transaction as the records that account for them.
@@ -36,15 +48,26 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import lmdb
 import msgspec
 
-from kynara_sidecar.audit.chain import GENESIS_HASH, chain_hash, encode_record
+from kynara_sidecar.audit import merkle
+from kynara_sidecar.audit.chain import (
+    GENESIS_HASH,
+    chain_hash,
+    decode_record,
+    encode_record,
+)
+from kynara_sidecar.audit.checkpoint import (
+    CheckpointV1,
+    decode_checkpoint,
+    encode_checkpoint,
+)
 from kynara_sidecar.audit.record import AuditRecordV1, RecordKind
-from kynara_sidecar.errors import AuditUnavailable
+from kynara_sidecar.errors import AuditLogInUse, AuditUnavailable
 
 __all__ = [
     "DEFAULT_MAP_SIZE",
@@ -56,9 +79,11 @@ __all__ = [
     "Durability",
     "Head",
     "PolicySource",
+    "Seal",
     "StateChange",
     "StoredRecord",
     "is_log_full",
+    "lock_directory",
     "policy_set_changes",
 ]
 
@@ -75,6 +100,14 @@ _CORE_DBS = (b"records", b"chain", b"decisions", b"meta")
 _KEY_FORMAT = b"format_version"
 _KEY_HEAD = b"head"
 POLICY_SETS_DB = b"policy_sets"
+# Evidence databases, absent from logs written before the Merkle tree; a
+# writable open creates them and fills nodes from the records it holds.
+_NODES_DB = b"nodes"
+_CHECKPOINTS_DB = b"checkpoints"
+_OPTIONAL_DBS = (POLICY_SETS_DB, _NODES_DB, _CHECKPOINTS_DB)
+_KEY_LOG_ID = b"log_id"
+_KEY_SEAM = b"seam"
+_KEY_HEAD_CHECKPOINT = b"head_checkpoint"
 # Written only if absent: see the module doc.
 _WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB})
 _POLICY_KEY_PREFIXES = {"policy": b"policy/", "directory": b"directory/"}
@@ -82,6 +115,9 @@ _POLICY_KEY_PREFIXES = {"policy": b"policy/", "directory": b"directory/"}
 Durability = Literal["durable", "deferred"]
 # (db name, key, value); a value of None deletes the key.
 StateChange = tuple[bytes, bytes, bytes | None]
+# seal(tree_size, root, chain_hash): called inside the append transaction
+# after its records; a checkpoint it returns is stored in that transaction.
+Seal = Callable[[int, bytes, bytes], CheckpointV1 | None]
 
 
 class Head(NamedTuple):
@@ -166,6 +202,10 @@ def _seq_key(seq: int) -> bytes:
     return seq.to_bytes(_SEQ_SIZE, "big")
 
 
+def _node_key(level: int, index: int) -> bytes:
+    return bytes((level,)) + index.to_bytes(_SEQ_SIZE, "big")
+
+
 def _decode_head(raw: bytes) -> Head:
     # A malformed head keeps its wrong length, so verification reports it
     # as a head mismatch rather than failing here.
@@ -204,9 +244,13 @@ class AuditStore:
         self._durability: Durability = durability
         self._readonly = readonly
         self._lock_fd = lock_fd
-        self._extra = frozenset(dbs) - frozenset(_CORE_DBS) - {POLICY_SETS_DB}
+        self._extra = frozenset(dbs) - frozenset(_CORE_DBS) - set(_OPTIONAL_DBS)
         self._max_key = env.max_key_size()
         self._head = self.head()
+        self._log_id = self._meta(_KEY_LOG_ID, b"").decode("ascii", "replace")
+        # The tree's right edge, kept in step with the head: appends extend
+        # a copy and adopt it only once their transaction committed.
+        self._range = None if _NODES_DB not in dbs else self._load_range(self._head.seq)
 
     @classmethod
     def open(
@@ -242,7 +286,7 @@ class AuditStore:
         path = os.fspath(path)
         extra = tuple(extra_dbs)
         _check_options(durability, extra)
-        lock_fd = None if readonly else _lock_directory(path)
+        lock_fd = None if readonly else lock_directory(path)
         try:
             env = _open_env(path, map_size, durability, readonly, len(extra))
             try:
@@ -281,6 +325,11 @@ class AuditStore:
     def extra_dbs(self) -> frozenset[bytes]:
         return self._extra
 
+    @property
+    def log_id(self) -> str:
+        """32 hex digits naming this log; its witness files live under it."""
+        return self._log_id
+
     # ----------------------------------------------------------------- writes
 
     def check_state_changes(self, changes: Iterable[StateChange]) -> None:
@@ -315,17 +364,25 @@ class AuditStore:
         self,
         records: Sequence[AuditRecordV1],
         state_changes: Iterable[StateChange] = (),
+        *,
+        seal: Seal | None = None,
     ) -> list[Appended]:
         """Append records and apply state changes in one write transaction.
 
         Each record gets the next sequence number (its ``seq`` field is
         replaced), is encoded once, chained, and indexed by ``decision_id``
-        when it is a decision record. In "durable" mode the commit is synced
-        before this returns.
+        when it is a decision record; its leaf and the Merkle nodes it
+        completes are written with it. In "durable" mode the commit is
+        synced before this returns.
 
         Args:
             records: the records, in the order they are to be chained.
             state_changes: ``(db, key, value)``; ``value=None`` deletes.
+            seal: called with the new tree size, Merkle root and chain hash
+                once the records are written; the checkpoint it returns (if
+                any) is stored in the same transaction. An exception it
+                raises aborts the whole batch. With no records, it seals
+                the log as it stands.
 
         Returns:
             Where each record landed, in order.
@@ -348,8 +405,13 @@ class AuditStore:
             txn = self._env.begin(write=True)
         except lmdb.Error as err:
             raise self._write_error(err) from err
+        tree = self._writable_range()
         try:
-            appended = self._write(txn, records, changes)
+            appended = self._write(txn, records, changes, tree)
+            if seal is not None:
+                last = appended[-1] if appended else Appended(*self._head, b"")
+                if last.seq:
+                    self._seal(txn, tree, last, seal)
             txn.commit()
         except BaseException as err:
             txn.abort()
@@ -358,16 +420,38 @@ class AuditStore:
             raise
         if appended:
             self._head = Head(appended[-1].seq, appended[-1].chain_hash)
+            self._range = tree
         return appended
+
+    def _writable_range(self) -> merkle.CompactRange:
+        assert self._range is not None  # writable opens load it
+        size, hashes = self._range.state()
+        return merkle.CompactRange.from_state(size, hashes)
+
+    def _seal(
+        self,
+        txn: lmdb.Transaction,
+        tree: merkle.CompactRange,
+        last: Appended,
+        seal: Seal,
+    ) -> None:
+        checkpoint = seal(last.seq, tree.root(), last.chain_hash)
+        if checkpoint is not None:
+            txn.put(
+                _seq_key(checkpoint.tree_size),
+                encode_checkpoint(checkpoint),
+                db=self._dbs[_CHECKPOINTS_DB],
+            )
 
     def _write(
         self,
         txn: lmdb.Transaction,
         records: Sequence[AuditRecordV1],
         changes: list[StateChange],
+        tree: merkle.CompactRange,
     ) -> list[Appended]:
-        # TODO(#5): appends trust the stored head; the daemon should verify the
-        # log's tail at start and write a chain_break record when it is broken.
+        # Appends trust the stored head; the daemon checks the tail against
+        # the chain and the witness before its first append (see tail.py).
         seq, prev = self._head
         out = []
         for record in records:
@@ -384,6 +468,7 @@ class AuditStore:
                     f"its head {seq - 1}: run `kynara-sidecar verify {self._path}`"
                 )
             txn.put(key, prev, db=self._dbs[b"chain"], append=True)
+            self._put_leaf(txn, tree, merkle.leaf_hash(data))
             if record.kind == RecordKind.DECISION and record.decision_id:
                 # The first record of a decision id wins; ids are unique.
                 txn.put(
@@ -402,6 +487,16 @@ class AuditStore:
                 overwrite = db not in _WRITE_ONCE_DBS
                 txn.put(key, value, db=self._dbs[db], overwrite=overwrite)
         return out
+
+    def _put_leaf(
+        self, txn: lmdb.Transaction, tree: merkle.CompactRange, leaf: bytes
+    ) -> None:
+        completed = tree.append(leaf)
+        nodes = self._dbs[_NODES_DB]
+        for (level, index), node in zip(
+            merkle.node_positions(tree.size), completed, strict=True
+        ):
+            txn.put(_node_key(level, index), node, db=nodes)
 
     def _write_error(self, err: lmdb.Error) -> AuditUnavailable:
         if isinstance(err, lmdb.MapFullError):
@@ -434,6 +529,195 @@ class AuditStore:
             ) from err
 
     # ------------------------------------------------------------------ reads
+
+    def _meta(self, key: bytes, default: bytes | None = None) -> bytes | None:
+        with self._env.begin() as txn:
+            value = txn.get(key, db=self._dbs[b"meta"])
+        return default if value is None else bytes(value)
+
+    def seam(self) -> int:
+        """The tree size up to which records were pruned (0 when none were)."""
+        raw = self._meta(_KEY_SEAM)
+        return 0 if raw is None else int.from_bytes(raw, "big")
+
+    def _node(self, txn: lmdb.Transaction, level: int, index: int) -> bytes:
+        value = txn.get(_node_key(level, index), db=self._dbs[_NODES_DB])
+        if value is None:
+            raise AuditUnavailable(
+                f"audit log {self._path}: Merkle node (level {level}, index "
+                f"{index}) is missing: run `kynara-sidecar verify {self._path}`"
+            )
+        return bytes(value)
+
+    def node(self, level: int, index: int) -> bytes | None:
+        """The stored Merkle node ``(level, index)``, or ``None``."""
+        db = self._dbs.get(_NODES_DB)
+        if db is None:
+            return None
+        with self._env.begin() as txn:
+            value = txn.get(_node_key(level, index), db=db)
+        return None if value is None else bytes(value)
+
+    def _with_nodes(self, tree_size: int, use: Callable[..., Any]) -> Any:
+        if _NODES_DB not in self._dbs:
+            raise AuditUnavailable(
+                f"audit log {self._path} has no Merkle nodes: it was written "
+                "before the tree; open it once for writing to build them"
+            )
+        head = self.head().seq
+        if not 0 <= tree_size <= head:
+            raise ValueError(
+                f"tree size must be in [0, {head}] (the log's size), got {tree_size}"
+            )
+        with self._env.begin() as txn:
+            return use(lambda level, index: self._node(txn, level, index))
+
+    def merkle_root(self, tree_size: int) -> bytes:
+        """The Merkle root over records ``1..tree_size``.
+
+        Raises:
+            ValueError: ``tree_size`` is beyond the log.
+            AuditUnavailable: a node is missing (the log is damaged).
+        """
+        return self._with_nodes(
+            tree_size, lambda get: merkle.root_from_nodes(get, tree_size)
+        )
+
+    def inclusion_proof(self, seq: int, tree_size: int) -> list[bytes]:
+        """The inclusion proof of record ``seq`` (leaf ``seq - 1``) in the
+        tree of ``tree_size`` records.
+
+        Raises:
+            ValueError: ``seq`` is not in ``1..tree_size`` or ``tree_size`` is
+                beyond the log.
+        """
+        return self._with_nodes(
+            tree_size,
+            lambda get: merkle.inclusion_proof_from_nodes(get, seq - 1, tree_size),
+        )
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """The consistency proof from the tree of ``old_size`` records to the
+        tree of ``new_size``.
+
+        Raises:
+            ValueError: not ``0 <= old_size <= new_size <= head``.
+        """
+        return self._with_nodes(
+            new_size,
+            lambda get: merkle.consistency_proof_from_nodes(get, old_size, new_size),
+        )
+
+    def compact_range(self, tree_size: int) -> list[bytes]:
+        """The right edge of the tree of ``tree_size`` records: one subtree
+        root per set bit of ``tree_size``, largest first."""
+        return list(
+            self._with_nodes(
+                tree_size,
+                lambda get: merkle.compact_range_from_nodes(get, tree_size),
+            ).state()[1]
+        )
+
+    def _load_range(self, size: int) -> merkle.CompactRange:
+        with self._env.begin() as txn:
+            return merkle.compact_range_from_nodes(
+                lambda level, index: self._node(txn, level, index), size
+            )
+
+    def checkpoint(self, tree_size: int) -> CheckpointV1 | None:
+        """The checkpoint sealed at ``tree_size``, or ``None``."""
+        db = self._dbs.get(_CHECKPOINTS_DB)
+        if db is None:
+            return None
+        with self._env.begin() as txn:
+            raw = txn.get(_seq_key(tree_size), db=db)
+            return None if raw is None else decode_checkpoint(bytes(raw))
+
+    def iter_checkpoints(self, after: int = 0) -> Iterator[CheckpointV1]:
+        """Yield the sealed checkpoints with ``tree_size > after``, ascending.
+
+        Raises:
+            CheckpointError: a stored checkpoint does not decode.
+        """
+        db = self._dbs.get(_CHECKPOINTS_DB)
+        if db is None:
+            return
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=db)
+            if not cursor.set_range(_seq_key(after + 1)):
+                return
+            for _, raw in cursor:
+                yield decode_checkpoint(bytes(raw))
+
+    def latest_checkpoint(self) -> CheckpointV1 | None:
+        """The last sealed checkpoint, or ``None`` before the first seal."""
+        db = self._dbs.get(_CHECKPOINTS_DB)
+        if db is None:
+            return None
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=db)
+            if not cursor.last():
+                return None
+            return decode_checkpoint(bytes(cursor.value()))
+
+    def head_checkpoint(self) -> CheckpointV1 | None:
+        """The head signed at the last clean stop, or ``None``."""
+        raw = self._meta(_KEY_HEAD_CHECKPOINT)
+        return None if raw is None else decode_checkpoint(raw)
+
+    def put_head_checkpoint(self, checkpoint: CheckpointV1) -> None:
+        """Keep the head signed at a clean stop (replacing the last one).
+
+        Raises:
+            AuditUnavailable: the write failed.
+        """
+        self._put_meta(_KEY_HEAD_CHECKPOINT, encode_checkpoint(checkpoint))
+
+    def _put_meta(self, key: bytes, value: bytes) -> None:
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.put(key, value, db=self._dbs[b"meta"])
+        except lmdb.Error as err:
+            raise self._write_error(err) from err
+
+    def prune(self, through: int) -> int:
+        """Drop records ``seam+1..through``, keeping nodes and checkpoints.
+
+        ``through`` must be the tree size of a sealed checkpoint: that
+        checkpoint (its root and chain hash) and the stored nodes are the
+        seam from which the records kept still verify and prove.
+
+        Returns:
+            The number of records dropped.
+
+        Raises:
+            ValueError: ``through`` is not a checkpoint's tree size, or is
+                below the current seam.
+            AuditUnavailable: the write failed; nothing was dropped.
+        """
+        if self._readonly:
+            raise AuditUnavailable(f"audit log {self._path} is open read-only")
+        seam = self.seam()
+        if through < seam or self.checkpoint(through) is None:
+            raise ValueError(
+                f"can prune only through a checkpoint at or past the seam {seam}, "
+                f"got tree size {through}"
+            )
+        dbs = self._dbs
+        try:
+            with self._env.begin(write=True) as txn:
+                for seq in range(seam + 1, through + 1):
+                    key = _seq_key(seq)
+                    data = txn.pop(key, db=dbs[b"records"])
+                    txn.delete(key, db=dbs[b"chain"])
+                    decision_id = _decision_id(data).encode()
+                    index = dbs[b"decisions"]
+                    if decision_id and txn.get(decision_id, db=index) == key:
+                        txn.delete(decision_id, db=index)
+                txn.put(_KEY_SEAM, _seq_key(through), db=dbs[b"meta"])
+        except lmdb.Error as err:
+            raise self._write_error(err) from err
+        return through - seam
 
     def head(self) -> Head:
         """The last record's seq and chain hash; ``Head(0, GENESIS_HASH)``
@@ -542,6 +826,15 @@ class AuditStore:
             self._lock_fd = None
 
 
+def _decision_id(data: bytes | None) -> str:
+    if data is None:
+        return ""
+    try:
+        return decode_record(bytes(data)).decision_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+
+
 # ----------------------------------------------------------------- opening
 
 
@@ -555,7 +848,12 @@ def _check_options(durability: str, extra: tuple[bytes, ...]) -> None:
             raise ValueError(f"extra database name {name!r} is reserved")
 
 
-def _lock_directory(path: str) -> int:
+def lock_directory(path: str) -> int:
+    """Take the log's exclusive writer lock; return its fd (close to release).
+
+    Raises:
+        AuditUnavailable: another process holds it, or it cannot be created.
+    """
     try:
         os.makedirs(path, exist_ok=True)
         fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
@@ -568,9 +866,7 @@ def _lock_directory(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise AuditUnavailable(
-            f"audit log {path} is in use by another process"
-        ) from None
+        raise AuditLogInUse(f"audit log {path} is in use by another process") from None
     return fd
 
 
@@ -583,7 +879,7 @@ def _open_env(
         return lmdb.open(
             path,
             map_size=map_size,
-            max_dbs=len(_CORE_DBS) + 1 + extra,
+            max_dbs=len(_CORE_DBS) + len(_OPTIONAL_DBS) + extra,
             readonly=readonly,
             # Read-only opens still use the reader table in lock.mdb: with
             # lock=False a running writer could reuse pages being read.
@@ -612,9 +908,15 @@ def _open_dbs(
         dbs = {name: env.open_db(name, create=not readonly) for name in _CORE_DBS}
         dbs.update({name: env.open_db(name, create=True) for name in extra})
         _check_format(env, dbs, path, readonly)
-        policy_sets = _open_policy_sets(env, readonly)
-        if policy_sets is not None:
-            dbs[POLICY_SETS_DB] = policy_sets
+        # Checked after the format, so that a foreign directory is reported
+        # as such rather than as missing its evidence databases.
+        for name in _OPTIONAL_DBS:
+            try:
+                dbs[name] = env.open_db(name, create=not readonly)
+            except lmdb.NotFoundError:
+                pass
+        if not readonly:
+            _complete_evidence(env, dbs)
     except lmdb.NotFoundError as err:
         raise AuditUnavailable(
             f"{path} is not a Kynara audit log (a database is missing)"
@@ -624,13 +926,21 @@ def _open_dbs(
     return dbs
 
 
-def _open_policy_sets(env: lmdb.Environment, readonly: bool) -> lmdb._Database | None:
-    # Checked after the format, so that a foreign directory is reported as
-    # such rather than as missing its policy sets.
-    try:
-        return env.open_db(POLICY_SETS_DB, create=not readonly)
-    except lmdb.NotFoundError:
-        return None
+def _complete_evidence(env: lmdb.Environment, dbs: dict[bytes, lmdb._Database]) -> None:
+    """Give the log its id, and its Merkle nodes if it predates the tree."""
+    meta, nodes = dbs[b"meta"], dbs[_NODES_DB]
+    with env.begin(write=True) as txn:
+        if txn.get(_KEY_LOG_ID, db=meta) is None:
+            txn.put(_KEY_LOG_ID, os.urandom(16).hex().encode(), db=meta)
+        leaves = txn.stat(nodes)["entries"]
+        if leaves:
+            return
+        tree = merkle.CompactRange()
+        for _, data in txn.cursor(db=dbs[b"records"]):
+            completed = tree.append(merkle.leaf_hash(bytes(data)))
+            positions = merkle.node_positions(tree.size)
+            for (level, index), node in zip(positions, completed, strict=True):
+                txn.put(_node_key(level, index), node, db=nodes)
 
 
 def _check_format(

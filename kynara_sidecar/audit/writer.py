@@ -32,6 +32,19 @@ are tried again. Any other storage error (and a failed sync) is fatal: the
 writer refuses every later append with ``AuditUnavailable`` naming the first
 error, since a log that failed once cannot be trusted to be complete.
 
+Segments
+--------
+With ``sealing`` given, the writer seals a segment, in the same transaction
+as the batch that ends it, once ``segment_records`` records are unsealed or
+the oldest of them is ``segment_seconds`` old (a quiet log is sealed by the
+timer, with no records). A sealed segment's checkpoint is signed with the
+audit key and stored in the log; after the commit it is also written to the
+witness. A witness that cannot be written is loud (``on_checkpoint`` gets
+the error, and it is logged) but not fatal: decisions go on, and the
+checkpoints it missed are written again at the next seal. At ``close()``
+the open segment is sealed and a head is signed, stored and witnessed, so
+a later truncation of the tail shows against it.
+
 Ownership: the writer does not own the store. ``close()`` drains, syncs and
 stops the thread; the caller closes the store afterwards.
 """
@@ -39,6 +52,7 @@ stops the thread; the caller closes the store afterwards.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -47,15 +61,31 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from kynara_sidecar.audit.chain import encode_record
-from kynara_sidecar.audit.record import AuditRecordV1
-from kynara_sidecar.audit.store import Appended, AuditStore, StateChange, is_log_full
+from kynara_sidecar.audit.checkpoint import (
+    CheckpointKind,
+    CheckpointV1,
+    sign_checkpoint,
+)
+from kynara_sidecar.audit.keys import SigningKey
+from kynara_sidecar.audit.record import AuditRecordV1, parse_timestamp
+from kynara_sidecar.audit.store import (
+    Appended,
+    AuditStore,
+    Seal,
+    StateChange,
+    is_log_full,
+)
+from kynara_sidecar.audit.witness import Witness
+from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import AuditUnavailable
 
 __all__ = [
     "DEFAULT_DEFERRED_WINDOW",
     "DEFAULT_MAX_BATCH",
     "AuditWriter",
+    "OnCheckpoint",
     "OnCommit",
+    "Sealing",
 ]
 
 # 256 records: a synced LMDB commit of 256 records costs about twice one of
@@ -69,6 +99,29 @@ DEFAULT_DEFERRED_WINDOW = 0.05
 # on_commit(batch_size, commit_seconds), called on the writer thread after
 # each successful commit. It must be quick and must not block.
 OnCommit = Callable[[int, float], None]
+# on_checkpoint(checkpoint, witness_error): after each checkpoint or head is
+# committed; witness_error is None when the witness has it too.
+OnCheckpoint = Callable[[CheckpointV1, "str | None"], None]
+
+
+class Sealing(NamedTuple):
+    """How the writer seals segments and signs their checkpoints."""
+
+    key: SigningKey
+    # The log's origin, the daemon id.
+    origin: str
+    segment_records: int
+    segment_seconds: float
+    # Nanoseconds since the epoch, for the checkpoints' time.
+    clock: Callable[[], int]
+    witness: Witness | None = None
+    on_checkpoint: OnCheckpoint | None = None
+    # Sealed segments whose checkpoint is older than this are pruned (their
+    # checkpoints and nodes stay); 0 keeps every record.
+    retention_seconds: float = 0
+    # on_prune(records_dropped), on the writer thread.
+    on_prune: Callable[[int], None] | None = None
+
 
 _log = logging.getLogger("kynara.audit")
 
@@ -104,6 +157,8 @@ class AuditWriter:
         max_batch: int = DEFAULT_MAX_BATCH,
         deferred_window: float = DEFAULT_DEFERRED_WINDOW,
         on_commit: OnCommit | None = None,
+        sealing: Sealing | None = None,
+        on_fatal: Callable[[AuditUnavailable], None] | None = None,
     ):
         if store.readonly:
             raise ValueError(f"audit log {store.path} is open read-only")
@@ -124,6 +179,16 @@ class AuditWriter:
         self._error: AuditUnavailable | None = None
         self._sync_due: float | None = None
         self._thread: threading.Thread | None = None
+        self._sealing = sealing
+        self._size = store.head().seq
+        latest = store.latest_checkpoint()
+        self._sealed = max(latest.tree_size if latest else 0, store.seam())
+        # Records left unsealed by an earlier run are sealed soon after start.
+        self._unsealed_since = time.monotonic() if self._size > self._sealed else None
+        self._unwitnessed: list[CheckpointV1] = []
+        self._on_fatal = on_fatal
+        # Whether the last commit failed for a full map (logged once per spell).
+        self._full = False
 
     @property
     def error(self) -> AuditUnavailable | None:
@@ -226,19 +291,24 @@ class AuditWriter:
         while (batch := self._next_batch()) is not None:
             if batch:
                 self._commit(batch)
+            elif self._seal_due(0):
+                self._seal_quiet_log()
             if self._sync_due is not None and time.monotonic() >= self._sync_due:
                 self._sync()
+        self._finish()
         if self._sync_due is not None:
             self._sync()
 
     def _next_batch(self) -> list[_Pending] | None:
-        # Returns [] when a deferred sync is due, None when closing and drained.
+        # Returns [] when a sync or a seal is due, None when closing and
+        # drained.
         with self._cond:
             while not self._queue and self._state == _RUNNING:
-                if self._sync_due is None:
+                due = self._next_due()
+                if due is None:
                     self._cond.wait()
                     continue
-                timeout = self._sync_due - time.monotonic()
+                timeout = due - time.monotonic()
                 if timeout <= 0:
                     return []
                 self._cond.wait(timeout)
@@ -247,30 +317,175 @@ class AuditWriter:
             count = min(len(self._queue), self._max_batch)
             return [self._queue.popleft() for _ in range(count)]
 
+    def _next_due(self) -> float | None:
+        dues = [self._sync_due] if self._sync_due is not None else []
+        if self._sealing is not None and self._unsealed_since is not None:
+            dues.append(self._unsealed_since + self._sealing.segment_seconds)
+        return min(dues, default=None)
+
+    # ------------------------------------------------------------- sealing
+
+    def _seal_due(self, adding: int) -> bool:
+        sealing = self._sealing
+        if sealing is None or self._error is not None:
+            return False
+        unsealed = self._size + adding - self._sealed
+        if unsealed <= 0:
+            return False
+        if unsealed >= sealing.segment_records:
+            return True
+        since = self._unsealed_since
+        return since is not None and time.monotonic() >= since + sealing.segment_seconds
+
+    def _sealer(self, kind: CheckpointKind, made: list[CheckpointV1]) -> Seal:
+        sealing = self._sealing
+        assert sealing is not None
+
+        def seal(tree_size: int, root: bytes, chain_hash: bytes) -> CheckpointV1:
+            checkpoint = sign_checkpoint(
+                kind=kind,
+                origin=sealing.origin,
+                tree_size=tree_size,
+                root=root,
+                chain_hash=chain_hash,
+                time=Timestamp.from_nanos(sealing.clock()),
+                key=sealing.key,
+            )
+            made.append(checkpoint)
+            return checkpoint
+
+        return seal
+
+    def _sealed_at(self, made: list[CheckpointV1]) -> None:
+        # After a commit: adopt the checkpoint it stored and witness it.
+        if made:
+            self._sealed = made[-1].tree_size
+            self._unsealed_since = None
+            self._witness(made[-1])
+            self._retain()
+        elif self._size > self._sealed and self._unsealed_since is None:
+            self._unsealed_since = time.monotonic()
+
+    def _seal_quiet_log(self) -> None:
+        made: list[CheckpointV1] = []
+        try:
+            self._store.append_batch(
+                [], seal=self._sealer(CheckpointKind.CHECKPOINT, made)
+            )
+        except Exception as err:
+            self._fail(_as_unavailable(err, self._store.path))
+            return
+        self._sealed_at(made)
+
+    def _witness(self, checkpoint: CheckpointV1) -> None:
+        sealing = self._sealing
+        assert sealing is not None
+        error = None
+        if sealing.witness is not None:
+            self._unwitnessed.append(checkpoint)
+            try:
+                while self._unwitnessed:
+                    sealing.witness.write(self._unwitnessed[0])
+                    self._unwitnessed.pop(0)
+            except AuditUnavailable as err:
+                error = str(err)
+                _log.error(
+                    "witness not written",
+                    extra={"fields": {"component": "audit", "error": error}},
+                )
+        if sealing.on_checkpoint is not None:
+            try:
+                sealing.on_checkpoint(checkpoint, error)
+            except Exception:
+                _log.exception(
+                    "audit on_checkpoint hook failed",
+                    extra={"fields": {"component": "audit"}},
+                )
+
+    def _retain(self) -> None:
+        # TODO(#6): with a central store, prune only what it acknowledged.
+        sealing = self._sealing
+        assert sealing is not None
+        if not sealing.retention_seconds:
+            return
+        cutoff = sealing.clock() - int(sealing.retention_seconds * 1e9)
+        store = self._store
+        through = 0
+        try:
+            # A bounded step per seal keeps each prune transaction short.
+            candidates = list(
+                itertools.islice(store.iter_checkpoints(store.seam()), 16)
+            )
+            for checkpoint in candidates:
+                if _nanos(checkpoint.time) >= cutoff:
+                    break
+                through = checkpoint.tree_size
+            if not through:
+                return
+            dropped = store.prune(through)
+        except Exception as err:
+            _log.error(
+                "retention prune failed; records kept",
+                extra={"fields": {"component": "audit", "error": str(err)}},
+            )
+            return
+        if sealing.on_prune is not None:
+            sealing.on_prune(dropped)
+
+    def _finish(self) -> None:
+        # At close: seal the open segment, then sign, keep and witness a head.
+        if self._sealing is None or self._error is not None or self._size == 0:
+            return
+        if self._size > self._sealed:
+            self._seal_quiet_log()
+        made: list[CheckpointV1] = []
+        store = self._store
+        try:
+            head = store.head()
+            self._sealer(CheckpointKind.HEAD, made)(
+                head.seq, store.merkle_root(head.seq), head.chain_hash
+            )
+            store.put_head_checkpoint(made[0])
+        except Exception as err:
+            _log.error(
+                "head not signed at close",
+                extra={"fields": {"component": "audit", "error": str(err)}},
+            )
+            return
+        self._witness(made[0])
+
     def _commit(self, batch: list[_Pending]) -> None:
         if self._error is not None:
             self._reject(batch, self._refusal())
             return
         records = [item.record for item in batch]
         changes = [change for item in batch for change in item.changes]
+        made: list[CheckpointV1] = []
+        seal = (
+            self._sealer(CheckpointKind.CHECKPOINT, made)
+            if self._seal_due(len(records))
+            else None
+        )
         started = time.perf_counter()
         try:
-            appended = self._store.append_batch(records, changes)
+            appended = self._store.append_batch(records, changes, seal=seal)
         except AuditUnavailable as err:
-            if not is_log_full(err):
+            if is_log_full(err):
+                self._report_full(err)
+            else:
                 self._fail(err)
             self._reject(batch, err)
             return
         except Exception as err:
             # A bug rather than storage, but the log is no longer known good.
-            failure = AuditUnavailable(
-                f"audit log {self._store.path}: append failed unexpectedly: {err!r}"
-            )
-            failure.__cause__ = err
+            failure = _as_unavailable(err, self._store.path)
             self._fail(failure)
             self._reject(batch, failure)
             return
         seconds = time.perf_counter() - started
+        self._full = False
+        self._size = appended[-1].seq
+        self._sealed_at(made)
         if self._deferred and self._sync_due is None:
             self._sync_due = time.monotonic() + self._window
         for item, result in zip(batch, appended, strict=True):
@@ -284,17 +499,50 @@ class AuditWriter:
         except AuditUnavailable as err:
             self._fail(err)
 
+    def _report_full(self, err: AuditUnavailable) -> None:
+        if self._full:
+            return
+        self._full = True
+        _log.error(
+            "audit log full: decisions refused until space is freed",
+            extra={
+                "fields": {
+                    "component": "audit",
+                    "error": str(err),
+                    "setting": "audit.map_size",
+                }
+            },
+        )
+
     def _fail(self, err: AuditUnavailable) -> None:
         with self._cond:
-            if self._error is None:
+            first = self._error is None
+            if first:
                 self._error = err
+                # Whatever failed (a full volume shows as ENOSPC, or as EIO
+                # when LMDB's write came up short), the fix is at the volume
+                # behind audit.path.
                 _log.error(
                     "audit log failed",
-                    extra={"fields": {"component": "audit", "error": str(err)}},
+                    extra={
+                        "fields": {
+                            "component": "audit",
+                            "error": str(err),
+                            "setting": "audit.path",
+                        }
+                    },
                 )
             queued = list(self._queue)
             self._queue.clear()
         self._reject(queued, self._refusal())
+        if first and self._on_fatal is not None:
+            try:
+                self._on_fatal(err)
+            except Exception:
+                _log.exception(
+                    "audit on_fatal hook failed",
+                    extra={"fields": {"component": "audit"}},
+                )
 
     def _reject(self, batch: list[_Pending], err: AuditUnavailable) -> None:
         for item in batch:
@@ -312,6 +560,19 @@ class AuditWriter:
             _log.exception(
                 "audit on_commit hook failed", extra={"fields": {"component": "audit"}}
             )
+
+
+def _nanos(rfc3339: str) -> int:
+    stamp = parse_timestamp(rfc3339)
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _as_unavailable(err: Exception, path: str) -> AuditUnavailable:
+    if isinstance(err, AuditUnavailable):
+        return err
+    failure = AuditUnavailable(f"audit log {path}: append failed unexpectedly: {err!r}")
+    failure.__cause__ = err
+    return failure
 
 
 def _settle(item: _Pending, result: Appended | None, err: Exception | None) -> None:

@@ -136,7 +136,7 @@ def test_a_record_that_cannot_be_encoded_aborts_the_batch(open_store):
 
 
 def test_full_log_refuses_the_batch_writes_nothing_and_stays_readable(tmp_path):
-    store = AuditStore.open(tmp_path / "log", map_size=64 * 1024)
+    store = AuditStore.open(tmp_path / "log", map_size=256 * 1024)
     appended = []
     with pytest.raises(AuditUnavailable) as caught:
         for n in range(1, 10_000):
@@ -144,14 +144,14 @@ def test_full_log_refuses_the_batch_writes_nothing_and_stays_readable(tmp_path):
     head = store.head()
 
     assert caught.match(
-        r"audit log .*log is full \(map_size=65536 bytes\): raise audit\.map_size"
+        r"audit log .*log is full \(map_size=262144 bytes\): raise audit\.map_size"
     )
     assert isinstance(caught.value.__cause__, lmdb.MapFullError)
     assert head == Head(appended[-1].seq, appended[-1].chain_hash)
     assert store.get(head.seq + 1) is None
     assert len(list(store.iter_records())) == head.seq
     used, size = store.usage()
-    assert 0 < used <= size == 64 * 1024
+    assert 0 < used <= size == 256 * 1024
     store.close()
     report = verify_log(tmp_path / "log")
     assert report.ok and report.records == head.seq

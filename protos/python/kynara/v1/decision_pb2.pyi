@@ -48,6 +48,10 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_REQUEST_TOO_LARGE: _ClassVar[ErrorCode]
     ERROR_CODE_SHUTTING_DOWN: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+    ERROR_CODE_ROLE_MISSING: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_CHECKPOINTED: _ClassVar[ErrorCode]
+    ERROR_CODE_PRUNED: _ClassVar[ErrorCode]
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_DENY: Decision
@@ -74,6 +78,10 @@ ERROR_CODE_IDENTITY_INVALID: ErrorCode
 ERROR_CODE_REQUEST_TOO_LARGE: ErrorCode
 ERROR_CODE_SHUTTING_DOWN: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
+ERROR_CODE_ROLE_MISSING: ErrorCode
+ERROR_CODE_NOT_FOUND: ErrorCode
+ERROR_CODE_NOT_CHECKPOINTED: ErrorCode
+ERROR_CODE_PRUNED: ErrorCode
 
 class Value(_message.Message):
     __slots__ = ("int_value", "uint_value", "double_value", "string_value", "bool_value", "bytes_value", "timestamp_value", "duration_value", "list_value", "map_value")

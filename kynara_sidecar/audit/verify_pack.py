@@ -1,0 +1,829 @@
+#!/usr/bin/env python3
+"""Verify a Kynara evidence pack offline: ``python verify_pack.py PACK``.
+
+This one file needs Python 3.11+ and the ``cryptography`` package, nothing
+else: it is copied into every pack that ``kynara-sidecar export`` writes, so
+an auditor can check the pack without the Kynara sidecar. Prefer giving the
+key you obtained from the operator yourself (``--trusted-key FILE``, PEM or
+the raw key as 43 characters of unpadded base64url, repeatable) over the
+keys the pack carries: a pack's own keys prove only that someone signed it.
+It prints ``ok: ...`` (exit 0) or the first problem found (exit 1).
+
+What a pack holds
+-----------------
+``records.jsonl``
+    The audit records of whole sealed segments, seq ``first_seq`` through
+    ``last_seq``, one per line: the exact bytes the daemon hashed (canonical
+    JSON: sorted keys, UTF-8, no insignificant whitespace, so no newline).
+``checkpoints.jsonl``
+    The signed checkpoints from the pack's base (the checkpoint just before
+    its first record; absent when the pack starts at record 1) through the
+    checkpoint that seals its last record, one canonical JSON object a line.
+    A checkpoint signs ``origin``, ``tree_size``, the Merkle ``root`` over
+    records 1..tree_size, the ``chain_hash`` of record tree_size, ``time``
+    and ``key_id``: the Ed25519 ``signature`` (unpadded base64url) covers
+    ``json.dumps({every other field}, sort_keys=True, separators=(",", ":"))``.
+``proofs.json``
+    ``compact_range``: the Merkle tree's right edge at the base (one subtree
+    root per set bit of the base tree size, largest first), so the roots of
+    later checkpoints can be rebuilt from the records alone; ``consistency``:
+    RFC 9162 consistency proofs between each pair of successive checkpoints
+    and from the first to the last.
+``keys/``
+    Public keys (PEM), named by key id; ``key_rotation`` records in the
+    records extend trust from a trusted key to its successor.
+``policy_sets/<part>/<revision>/``
+    The policy and directory source files the records cite; their revision
+    (``sha256:`` over the sorted, length-prefixed names and contents) is
+    recomputed here, so they are bound to the signed records that name it.
+``export.json``
+    What the operator asked for (the time range, the records left out
+    because no checkpoint sealed them yet). A claim of the exporter, not
+    evidence: nothing signs it.
+``manifest.json``
+    The origin, log id, tree sizes, record count and time span, the approval
+    records, keys and policy sets, and the SHA-256 of every other file; it
+    is written as ``json.dumps(manifest, sort_keys=True, indent=2) + "\\n"``
+    and each of its facts is recomputed here from the files.
+
+The checks, in order (the first failure is reported): the manifest's form
+and every file's hash; checkpoint and record form; the hash chain, from the
+base checkpoint's ``chain_hash`` (32 zero bytes at record 1), against each
+checkpoint; each checkpoint's Merkle root, recomputed from the compact range
+and the records (RFC 9162: leaf ``SHA-256(0x00 || record)``, node
+``SHA-256(0x01 || left || right)``); each signature under the keys trusted
+at its tree size; the consistency proofs; the policy set revisions; and the
+manifest's facts. Record times come from the daemon host's clock.
+
+NOTE: nothing signs the manifest or ``export.json``; the signed checkpoints
+are the trust anchor, and every manifest fact is recomputed from files they
+bind, save one: TODO(#5): checkpoints do not carry the log id, so the
+manifest's ``log_id`` is bound only where a ``key_rotation`` record (whose
+signature covers it) is in the pack; a later checkpoint version should sign
+it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+__all__ = [
+    "CHECKPOINTS_FILE",
+    "EXPORT_FILE",
+    "KEYS_DIR",
+    "MANIFEST_FILE",
+    "PACK_FORMAT",
+    "PACK_VERSION",
+    "POLICY_SETS_DIR",
+    "PROOFS_FILE",
+    "RECORDS_FILE",
+    "SCRIPT_FILE",
+    "PackError",
+    "PackReport",
+    "REVISION_RE",
+    "canonical_json",
+    "compute_revision",
+    "encode_manifest",
+    "key_id_of",
+    "main",
+    "public_key_pem",
+    "revision_dir",
+    "time_range",
+    "verify_pack",
+]
+
+PACK_FORMAT = "kynara-evidence-pack"
+PACK_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+RECORDS_FILE = "records.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+PROOFS_FILE = "proofs.json"
+EXPORT_FILE = "export.json"
+SCRIPT_FILE = "verify_pack.py"
+KEYS_DIR = "keys"
+POLICY_SETS_DIR = "policy_sets"
+
+HASH_SIZE = 32
+GENESIS_HASH = bytes(HASH_SIZE)
+SIGNATURE_SIZE = 64
+RAW_KEY_SIZE = 32
+KEY_ID_PREFIX = "ed25519:"
+KEY_ID_HEX_DIGITS = 16
+APPROVAL_KINDS = ("approval_requested", "approval_resolved")
+CHECKPOINT_FIELDS = frozenset(
+    {"v", "kind", "origin", "tree_size", "root", "chain_hash", "time", "key_id"}
+    | {"signature"}
+)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_LOG_ID = re.compile(r"^[0-9a-f]{32}$")
+_KEY_ID = re.compile(rf"^{KEY_ID_PREFIX}[0-9a-f]{{{KEY_ID_HEX_DIGITS}}}$")
+_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+REVISION_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class PackError(Exception):
+    """The first problem found in a pack: ``kind`` names the check."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(f"{kind}: {message}")
+
+
+class PackReport:
+    """A pack that verified: what it holds and which keys vouched for it."""
+
+    def __init__(self, manifest: dict[str, Any], keys_from: str, signers: list[str]):
+        self.manifest = manifest
+        self.keys_from = keys_from
+        self.signers = signers
+
+    def summary(self) -> str:
+        m = self.manifest
+        records, sizes = m["records"], m["tree_sizes"]
+        return (
+            f"ok: {m['origin']} log {m['log_id']}: {records['count']} records "
+            f"(seq {records['first_seq']}..{records['last_seq']}), "
+            f"{len(sizes['checkpoints'])} checkpoints (tree size {sizes['first']} "
+            f"to {sizes['last']}), signed by {', '.join(self.signers)}; "
+            f"trusted keys from {self.keys_from}"
+        )
+
+
+# ------------------------------------------------------------ shared forms
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the form that is signed."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    """The exact bytes of ``manifest.json``."""
+    return (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()
+
+
+def key_id_of(raw: bytes) -> str:
+    """``ed25519:`` and the first 16 hex digits of SHA-256 of the raw key."""
+    return KEY_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX_DIGITS]
+
+
+def public_key_pem(raw: bytes) -> bytes:
+    """The SubjectPublicKeyInfo PEM of a raw Ed25519 public key."""
+    return Ed25519PublicKey.from_public_bytes(raw).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def compute_revision(files: dict[str, bytes]) -> str:
+    """``sha256:<hex>`` over the sorted, length-prefixed names and contents
+    (the policy loader's revision of a set of source files)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        for part in (name.encode(), files[name]):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+    return "sha256:" + digest.hexdigest()
+
+
+def time_range(times: Iterable[Any]) -> dict[str, str]:
+    """The earliest and latest of the record times in RFC 3339 UTC form
+    (compared as instants: ``09:00:00.5Z`` is after ``09:00:00Z``)."""
+    valid = [t for t in times if isinstance(t, str) and _TIME.fullmatch(t)]
+
+    def instant(t: str) -> tuple[str, str]:
+        return t[:19], t[19:-1].lstrip(".").ljust(9, "0")
+
+    return {
+        "first": min(valid, key=instant, default=""),
+        "last": max(valid, key=instant, default=""),
+    }
+
+
+def revision_dir(part: str, revision: str) -> str:
+    """Where a revision's files live in a pack (no ``:`` in file names)."""
+    return f"{POLICY_SETS_DIR}/{part}/{revision.replace(':', '-')}"
+
+
+def _b64url(text: str) -> bytes:
+    if not isinstance(text, str) or not text.isascii() or "=" in text:
+        raise ValueError(f"expected unpadded base64url, got {text!r}")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        raise ValueError(f"expected unpadded base64url, got {text!r}") from None
+    if base64.urlsafe_b64encode(data).rstrip(b"=").decode() != text:
+        raise ValueError(f"expected unpadded base64url, got {text!r}")
+    return data
+
+
+# ------------------------------------------------------------------- Merkle
+
+
+def _leaf(data: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + data).digest()
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+class _Edge:
+    """The tree's right edge: one perfect subtree root per set bit of size."""
+
+    def __init__(self, size: int, hashes: list[bytes]):
+        self.size, self.hashes = size, hashes
+
+    def append(self, leaf: bytes) -> None:
+        node, carry = leaf, self.size
+        while carry & 1:
+            node = _node(self.hashes.pop(), node)
+            carry >>= 1
+        self.hashes.append(node)
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self.hashes:
+            return hashlib.sha256(b"").digest()
+        result = self.hashes[-1]
+        for left in reversed(self.hashes[:-1]):
+            result = _node(left, result)
+        return result
+
+
+def _verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: list
+) -> bool:
+    # RFC 9162 section 2.1.4.2, with its edges (equal sizes) decided here.
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if not 0 < old_size < new_size or not proof:
+        return False
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr, sr = _node(c, fr), _node(c, sr)
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = _node(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    return fr == old_root and sr == new_root and sn == 0
+
+
+# ----------------------------------------------------------------- reading
+
+
+def _read(pack: pathlib.Path, name: str) -> bytes:
+    try:
+        return (pack / name).read_bytes()
+    except OSError as err:
+        raise PackError("missing", f"cannot read {name}: {err}") from None
+
+
+def _json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PackError("malformed", f"{where} is not JSON: {err}") from None
+
+
+def _lines(data: bytes, where: str) -> list[bytes]:
+    if data and not data.endswith(b"\n"):
+        raise PackError("malformed", f"{where} does not end with a newline")
+    return data.split(b"\n")[:-1] if data else []
+
+
+def _hex(value: Any, where: str) -> bytes:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise PackError("malformed", f"{where}: expected 64 lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _check_manifest(pack: pathlib.Path) -> dict[str, Any]:
+    raw = _read(pack, MANIFEST_FILE)
+    manifest = _json(raw, MANIFEST_FILE)
+    if not isinstance(manifest, dict) or encode_manifest(manifest) != raw:
+        raise PackError(
+            "manifest",
+            f"{MANIFEST_FILE} is not in its canonical form "
+            "(json.dumps(sort_keys=True, indent=2) and a newline)",
+        )
+    if (manifest.get("format"), manifest.get("version")) != (
+        PACK_FORMAT,
+        PACK_VERSION,
+    ):
+        raise PackError(
+            "manifest",
+            f"expected format {PACK_FORMAT!r} version {PACK_VERSION}, got "
+            f"{manifest.get('format')!r} version {manifest.get('version')!r}",
+        )
+    for key in ("origin", "log_id", "files", "records", "tree_sizes"):
+        if key not in manifest:
+            raise PackError("manifest", f"{MANIFEST_FILE} lacks {key!r}")
+    for key in ("records", "tree_sizes"):
+        if not isinstance(manifest[key], dict):
+            raise PackError("manifest", f"{key}: expected an object")
+    if not isinstance(manifest["log_id"], str) or not _LOG_ID.fullmatch(
+        manifest["log_id"]
+    ):
+        raise PackError("manifest", "log_id: expected 32 lowercase hex digits")
+    return manifest
+
+
+def _check_files(pack: pathlib.Path, listed: Any) -> None:
+    if not isinstance(listed, dict):
+        raise PackError("manifest", "files: expected an object of path -> sha256")
+    present = {
+        path.relative_to(pack).as_posix()
+        for path in pack.rglob("*")
+        if path.is_file() or path.is_symlink()
+    } - {MANIFEST_FILE}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise PackError("extra_file", f"{extra[0]} is in the pack, not the manifest")
+    for name in sorted(listed):
+        if name not in present:
+            raise PackError("missing", f"{name} is in the manifest but not the pack")
+        if (pack / name).is_symlink():
+            raise PackError("malformed", f"{name} is a symbolic link")
+        digest = hashlib.sha256(_read(pack, name)).hexdigest()
+        if digest != listed[name]:
+            raise PackError(
+                "file_hash",
+                f"{name}: SHA-256 is {digest}, the manifest says {listed[name]}",
+            )
+
+
+def _checkpoint(line: bytes, index: int) -> dict[str, Any]:
+    where = f"{CHECKPOINTS_FILE} line {index + 1}"
+    cp = _json(line, where)
+    if not isinstance(cp, dict) or set(cp) != CHECKPOINT_FIELDS:
+        raise PackError("malformed", f"{where}: expected the fields of CheckpointV1")
+    if canonical_json(cp) != line:
+        raise PackError("malformed", f"{where}: not canonical JSON")
+    if cp["v"] != 1 or cp["kind"] != "checkpoint":
+        raise PackError("malformed", f"{where}: expected v 1 and kind 'checkpoint'")
+    if type(cp["tree_size"]) is not int or cp["tree_size"] < 1:
+        raise PackError("malformed", f"{where}: tree_size must be an integer >= 1")
+    _hex(cp["root"], f"{where}: root")
+    _hex(cp["chain_hash"], f"{where}: chain_hash")
+    if not isinstance(cp["time"], str) or not _TIME.fullmatch(cp["time"]):
+        raise PackError("malformed", f"{where}: time is not RFC 3339 UTC")
+    if not isinstance(cp["key_id"], str) or not _KEY_ID.fullmatch(cp["key_id"]):
+        raise PackError("malformed", f"{where}: key_id is not 'ed25519:<16 hex>'")
+    return cp
+
+
+def _checkpoints(pack: pathlib.Path, origin: str) -> list[dict[str, Any]]:
+    lines = _lines(_read(pack, CHECKPOINTS_FILE), CHECKPOINTS_FILE)
+    cps = [_checkpoint(line, index) for index, line in enumerate(lines)]
+    if not cps:
+        raise PackError("malformed", f"{CHECKPOINTS_FILE} holds no checkpoint")
+    for before, after in zip(cps, cps[1:], strict=False):
+        if after["tree_size"] <= before["tree_size"]:
+            raise PackError(
+                "malformed",
+                f"checkpoint at tree size {after['tree_size']} follows "
+                f"{before['tree_size']}: expected ascending tree sizes",
+            )
+    for cp in cps:
+        if cp["origin"] != origin:
+            raise PackError(
+                "origin",
+                f"checkpoint at tree size {cp['tree_size']} is of origin "
+                f"{cp['origin']!r}, the manifest says {origin!r}",
+            )
+    return cps
+
+
+def _records(pack: pathlib.Path, first_seq: int) -> list[tuple[bytes, dict]]:
+    lines = _lines(_read(pack, RECORDS_FILE), RECORDS_FILE)
+    out = []
+    for offset, line in enumerate(lines):
+        seq = first_seq + offset
+        record = _json(line, f"{RECORDS_FILE} line {offset + 1}")
+        if not isinstance(record, dict) or record.get("seq") != seq:
+            raise PackError(
+                "reordered",
+                f"{RECORDS_FILE} line {offset + 1}: expected record {seq}, got "
+                f"{record.get('seq') if isinstance(record, dict) else record!r}",
+            )
+        out.append((line, record))
+    return out
+
+
+# ---------------------------------------------------------------- the walk
+
+
+def _base(manifest: dict, cps: list[dict]) -> tuple[int, dict | None, list[dict]]:
+    first = manifest["tree_sizes"].get("first")
+    if type(first) is not int or first < 0:
+        raise PackError("manifest", "tree_sizes.first: expected an integer >= 0")
+    if first == 0:
+        return 0, None, cps
+    if cps[0]["tree_size"] != first:
+        raise PackError(
+            "missing",
+            f"the pack starts after tree size {first} but its first checkpoint "
+            f"is at {cps[0]['tree_size']}",
+        )
+    return first, cps[0], cps[1:]
+
+
+def _walk(
+    records: list[tuple[bytes, dict]],
+    base: int,
+    base_cp: dict | None,
+    sealing: list[dict],
+    compact: Any,
+) -> None:
+    """Chain hashes and Merkle roots, checked against every checkpoint."""
+    if not sealing or sealing[-1]["tree_size"] != base + len(records):
+        raise PackError(
+            "truncated",
+            f"records end at {base + len(records)}, but the last checkpoint "
+            f"seals {sealing[-1]['tree_size'] if sealing else 'nothing'}",
+        )
+    prev = GENESIS_HASH if base_cp is None else bytes.fromhex(base_cp["chain_hash"])
+    edge = _edge(compact, base, base_cp)
+    due = {cp["tree_size"]: cp for cp in sealing}
+    for offset, (line, _) in enumerate(records):
+        seq = base + offset + 1
+        prev = hashlib.sha256(prev + line).digest()
+        edge.append(_leaf(line))
+        cp = due.get(seq)
+        if cp is None:
+            continue
+        if prev.hex() != cp["chain_hash"]:
+            raise PackError(
+                "chain",
+                f"chain hash of record {seq} is {prev.hex()}, its checkpoint "
+                f"says {cp['chain_hash']}: a record up to {seq} was edited",
+            )
+        if edge.root().hex() != cp["root"]:
+            raise PackError(
+                "root",
+                f"Merkle root at tree size {seq} is {edge.root().hex()}, the "
+                f"checkpoint says {cp['root']}",
+            )
+
+
+def _edge(compact: Any, base: int, base_cp: dict | None) -> _Edge:
+    if not isinstance(compact, dict) or compact.get("tree_size") != base:
+        raise PackError(
+            "proof", f"compact_range: expected one at tree size {base} (the base)"
+        )
+    hashes = compact.get("hashes")
+    if not isinstance(hashes, list) or len(hashes) != base.bit_count():
+        raise PackError(
+            "proof",
+            f"compact_range: expected {base.bit_count()} hashes for tree size {base}",
+        )
+    edge = _Edge(base, [_hex(h, "compact_range hash") for h in hashes])
+    if base_cp is not None and edge.root().hex() != base_cp["root"]:
+        raise PackError(
+            "proof",
+            f"compact range at tree size {base} folds to {edge.root().hex()}, "
+            f"not the base checkpoint's root {base_cp['root']}",
+        )
+    return edge
+
+
+def _load_key(text: str, where: str) -> tuple[str, Ed25519PublicKey]:
+    text = text.strip()
+    try:
+        if text.startswith("-----BEGIN"):
+            key = serialization.load_pem_public_key(text.encode("ascii"))
+        else:
+            key = Ed25519PublicKey.from_public_bytes(_b64url(text))
+    except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as err:
+        raise PackError("key", f"{where}: not an Ed25519 public key: {err}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise PackError("key", f"{where}: expected an Ed25519 public key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key_id_of(raw), key
+
+
+def _pack_keys(pack: pathlib.Path) -> tuple[dict[str, Ed25519PublicKey], list]:
+    """The keys in keys/, and their manifest entries (file and key id)."""
+    keys, entries = {}, []
+    directory = pack / KEYS_DIR
+    paths = sorted(directory.iterdir()) if directory.is_dir() else []
+    for path in paths:
+        name = f"{KEYS_DIR}/{path.name}"
+        key_id, key = _load_key(path.read_bytes().decode("ascii", "replace"), name)
+        keys[key_id] = key
+        entries.append({"file": name, "key_id": key_id})
+    return keys, entries
+
+
+def _verify_signature(cp: dict, trusted: dict[str, Ed25519PublicKey]) -> None:
+    where = f"checkpoint at tree size {cp['tree_size']}"
+    key = trusted.get(cp["key_id"])
+    if key is None:
+        raise PackError(
+            "unknown_key",
+            f"{where} is signed by {cp['key_id']}, which is not trusted "
+            f"(trusted: {', '.join(sorted(trusted)) or 'none'})",
+        )
+    try:
+        signature = _b64url(cp["signature"])
+    except ValueError as err:
+        raise PackError("malformed", f"{where}: signature: {err}") from None
+    signed = canonical_json({k: v for k, v in cp.items() if k != "signature"})
+    try:
+        if len(signature) != SIGNATURE_SIZE:
+            raise InvalidSignature
+        key.verify(signature, signed)
+    except InvalidSignature:
+        raise PackError(
+            "bad_signature", f"{where}: signature does not verify under {cp['key_id']}"
+        ) from None
+
+
+def _rotate(
+    record: dict, trusted: dict[str, Ed25519PublicKey], origin: str, log_id: str
+) -> dict[str, Ed25519PublicKey]:
+    # A rotation signed by a key trusted at this point extends trust to the
+    # key it names; any other rotation extends nothing.
+    entry = record.get("key_rotation")
+    if not isinstance(entry, dict):
+        return trusted
+    old = trusted.get(entry.get("old_key_id"))
+    if old is None:
+        return trusted
+    try:
+        raw = _b64url(entry["new_public_key"])
+        new = Ed25519PublicKey.from_public_bytes(raw)
+        signature = _b64url(entry["signature"])
+        signed = canonical_json(
+            {
+                "log_id": log_id,
+                "new_key_id": entry["new_key_id"],
+                "new_public_key": entry["new_public_key"],
+                "old_key_id": entry["old_key_id"],
+                "origin": origin,
+            }
+        )
+        old.verify(signature, signed)
+    except (KeyError, ValueError, InvalidSignature):
+        return trusted
+    if key_id_of(raw) != entry["new_key_id"]:
+        return trusted
+    return {**trusted, entry["new_key_id"]: new}
+
+
+def _verify_signatures(
+    cps: list[dict],
+    records: list[tuple[bytes, dict]],
+    base: int,
+    trusted: dict[str, Ed25519PublicKey],
+    manifest: dict,
+) -> list[str]:
+    rotations = {
+        base + offset + 1: record
+        for offset, (_, record) in enumerate(records)
+        if record.get("kind") == "key_rotation"
+    }
+    signers: list[str] = []
+    seq = base
+    for cp in cps:
+        for at in range(seq + 1, cp["tree_size"] + 1):
+            if at in rotations:
+                origin, log_id = manifest["origin"], manifest["log_id"]
+                trusted = _rotate(rotations[at], trusted, origin, log_id)
+        seq = max(seq, cp["tree_size"])
+        _verify_signature(cp, trusted)
+        if cp["key_id"] not in signers:
+            signers.append(cp["key_id"])
+    return signers
+
+
+def _verify_proofs(proofs: dict, cps: list[dict]) -> None:
+    listed = proofs.get("consistency")
+    if not isinstance(listed, list):
+        raise PackError("proof", "consistency: expected a list of proofs")
+    by_pair = {}
+    for entry in listed:
+        if not isinstance(entry, dict) or not isinstance(entry.get("proof"), list):
+            raise PackError("proof", f"consistency: malformed entry {entry!r}")
+        pair = (entry.get("old_size"), entry.get("new_size"))
+        by_pair[pair] = [_hex(h, f"consistency {pair}") for h in entry["proof"]]
+    roots = {cp["tree_size"]: bytes.fromhex(cp["root"]) for cp in cps}
+    for old, new in _expected_pairs([cp["tree_size"] for cp in cps]):
+        proof = by_pair.pop((old, new), None)
+        if proof is None:
+            raise PackError("proof", f"no consistency proof from {old} to {new}")
+        if not _verify_consistency(old, new, roots[old], roots[new], proof):
+            raise PackError(
+                "consistency",
+                f"consistency proof from tree size {old} to {new} does not hold",
+            )
+    if by_pair:
+        raise PackError("proof", f"unexpected consistency proofs {sorted(by_pair)}")
+
+
+def _expected_pairs(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    pairs = list(zip(sizes, sizes[1:], strict=False))
+    if len(sizes) > 2:
+        pairs.append((sizes[0], sizes[-1]))
+    return pairs
+
+
+def _policy_files(pack: pathlib.Path, directory: str) -> dict[str, bytes]:
+    root = pack / directory
+    if not root.is_dir():
+        raise PackError("policy_set", f"{directory} is missing")
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def _verify_policy_sets(pack: pathlib.Path) -> list[dict]:
+    """Recompute each stored revision from its files; return what is there."""
+    found = []
+    for part in ("directory", "policy"):
+        directory = pack / POLICY_SETS_DIR / part
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            revision = path.name.replace("-", ":", 1)
+            where = f"{POLICY_SETS_DIR}/{part}/{path.name}"
+            if not REVISION_RE.fullmatch(revision) or not path.is_dir():
+                raise PackError("policy_set", f"{where}: not a revision directory")
+            got = compute_revision(_policy_files(pack, where))
+            if got != revision:
+                raise PackError(
+                    "policy_set", f"{where}: its files hash to {got}, not {revision}"
+                )
+            found.append({"part": part, "revision": revision})
+    return found
+
+
+def _facts(
+    records: list[tuple[bytes, dict]],
+    cps: list[dict],
+    base: int,
+    keys: list,
+    policy_sets: list[dict],
+) -> dict[str, Any]:
+    """Every manifest fact, recomputed from the pack's files."""
+    cited = {
+        (part, r.get(f"{part}_revision"))
+        for _, r in records
+        for part in ("policy", "directory")
+        if r.get(f"{part}_revision")
+    }
+    present = {(e["part"], e["revision"]) for e in policy_sets}
+    return {
+        "approvals": [
+            {
+                "approval_id": (r.get("approval") or {}).get("id", ""),
+                "kind": r["kind"],
+                "seq": r["seq"],
+            }
+            for _, r in records
+            if r.get("kind") in APPROVAL_KINDS
+        ],
+        "format": PACK_FORMAT,
+        "keys": keys,
+        "origin": cps[0]["origin"],
+        "policy_sets": policy_sets,
+        "policy_sets_missing": [
+            {"part": part, "revision": revision}
+            for part, revision in sorted(cited - present)
+        ],
+        "records": {
+            "count": len(records),
+            "first_seq": base + 1,
+            "last_seq": base + len(records),
+        },
+        "time_range": time_range(r.get("time") for _, r in records),
+        "tree_sizes": {
+            "checkpoints": [cp["tree_size"] for cp in cps],
+            "first": base,
+            "last": cps[-1]["tree_size"],
+        },
+        "version": PACK_VERSION,
+    }
+
+
+def _check_facts(manifest: dict, facts: dict[str, Any]) -> None:
+    for key, value in facts.items():
+        if manifest.get(key) != value:
+            raise PackError(
+                "manifest",
+                f"{key}: the manifest says {manifest.get(key)!r}, the pack's "
+                f"files say {value!r}",
+            )
+    allowed = set(facts) | {"files", "log_id"}
+    extra = set(manifest) - allowed
+    if extra:
+        raise PackError("manifest", f"unexpected manifest keys {sorted(extra)}")
+
+
+def verify_pack(
+    pack: str | pathlib.Path, trusted_keys: Iterable[str | pathlib.Path] = ()
+) -> PackReport:
+    """Check a pack and return what verified, or raise at the first problem.
+
+    Args:
+        pack: the pack's directory.
+        trusted_keys: public key files (PEM or raw base64url) to trust instead
+            of the keys in the pack.
+
+    Returns:
+        The report of a pack that verified.
+
+    Raises:
+        PackError: the first problem; ``kind`` names the check that failed.
+    """
+    pack = pathlib.Path(pack)
+    manifest = _check_manifest(pack)
+    _check_files(pack, manifest["files"])
+    cps = _checkpoints(pack, manifest["origin"])
+    base, base_cp, sealing = _base(manifest, cps)
+    records = _records(pack, base + 1)
+    proofs = _json(_read(pack, PROOFS_FILE), PROOFS_FILE)
+    if not isinstance(proofs, dict):
+        raise PackError("proof", f"{PROOFS_FILE}: expected an object")
+    _walk(records, base, base_cp, sealing, proofs.get("compact_range"))
+    pack_keys, key_entries = _pack_keys(pack)
+    given = [pathlib.Path(path) for path in trusted_keys]
+    if given:
+        trusted = dict(_given_key(path) for path in given)
+        keys_from = "--trusted-key: " + ", ".join(sorted(trusted))
+    else:
+        trusted = pack_keys
+        keys_from = "the pack (prefer --trusted-key): " + (
+            ", ".join(sorted(trusted)) or "none"
+        )
+    signers = _verify_signatures(cps, records, base, trusted, manifest)
+    _verify_proofs(proofs, cps)
+    policy_sets = _verify_policy_sets(pack)
+    facts = _facts(records, cps, base, key_entries, policy_sets)
+    _check_facts(manifest, facts)
+    return PackReport(manifest, keys_from, signers)
+
+
+def _given_key(path: pathlib.Path) -> tuple[str, Ed25519PublicKey]:
+    try:
+        text = path.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PackError("key", f"--trusted-key {path}: cannot read: {err}") from None
+    return _load_key(text, f"--trusted-key {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Verify the pack named on the command line; print ok or the problem."""
+    parser = argparse.ArgumentParser(
+        prog="verify_pack.py", description="Verify a Kynara evidence pack offline."
+    )
+    parser.add_argument(
+        "pack",
+        nargs="?",
+        default=str(pathlib.Path(__file__).resolve().parent),
+        help="the pack directory (default: the directory of this script)",
+    )
+    parser.add_argument(
+        "--trusted-key",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a public key you trust (PEM or base64url); repeatable; when "
+        "given, the pack's own keys are not trusted",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = verify_pack(args.pack, args.trusted_key)
+    except PackError as err:
+        print(f"FAILED: {err}")
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,659 @@
+"""Evidence packs: export a real log, verify it offline, and tamper with it.
+
+The acceptance tests run the pack's own ``verify_pack.py`` with the python
+of a fresh virtualenv that holds only ``cryptography`` (made once per test
+session), as an auditor would; the rest call the same functions in process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import venv
+
+import pytest
+from support import (
+    SHIPPED_CONFIG,
+    SHIPPED_POLICIES,
+    RunningDaemon,
+    SettableClock,
+    daemon_config,
+    small_refund,
+)
+
+from audit._support import make_record
+from kynara_sidecar.audit.checkpoint import (
+    CheckpointKind,
+    decode_checkpoint,
+    encode_checkpoint,
+    sign_checkpoint,
+)
+from kynara_sidecar.audit.export import ExportError, export_pack, parse_time
+from kynara_sidecar.audit.keys import generate_key, save_public_key
+from kynara_sidecar.audit.record import (
+    RECORD_VERSION,
+    ApprovalEntry,
+    AuditRecordV1,
+    RecordKind,
+    parse_timestamp,
+)
+from kynara_sidecar.audit.rotation import rotation_record
+from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.verify_pack import (
+    MANIFEST_FILE,
+    PackError,
+    encode_manifest,
+    key_id_of,
+    verify_pack,
+)
+
+ORIGIN = "daemon-a"
+# Decisions of the real run, minutes after 09:00Z on a Monday (business
+# hours for the shipped policies).
+RUN_MINUTES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="session")
+def auditor_python(tmp_path_factory) -> pathlib.Path:
+    """The python of a fresh virtualenv holding cryptography and nothing of
+    ours, installed from the index pip is configured with for this project."""
+    root = tmp_path_factory.mktemp("auditor-venv")
+    venv.EnvBuilder(with_pip=True, clear=True).create(root)
+    python = root / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "cryptography"],
+        check=True,
+        capture_output=True,
+    )
+    probe = subprocess.run(
+        [python, "-c", "import kynara_sidecar"], capture_output=True, cwd=root
+    )
+    assert probe.returncode != 0, "the auditor's venv must not see kynara_sidecar"
+    return python
+
+
+def run_script(
+    python: pathlib.Path, pack: pathlib.Path, *keys, script=None
+) -> tuple[int, str]:
+    args = [python, script or pack / "verify_pack.py", pack]
+    for key in keys:
+        args += ["--trusted-key", key]
+    # cwd outside the repository, so nothing of ours is importable by path.
+    done = subprocess.run(args, capture_output=True, text=True, cwd=pack.parent)
+    return done.returncode, done.stdout + done.stderr
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kynara_sidecar.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def flip_byte(path: pathlib.Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if offset is None else offset
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def reseal_manifest(pack: pathlib.Path) -> None:
+    """What a forger does after editing files: make the hashes match again."""
+    manifest = json.loads((pack / MANIFEST_FILE).read_bytes())
+    manifest["files"] = {
+        path.relative_to(pack).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(pack.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    (pack / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0]
+
+
+def sealer(keys: list):
+    """A seal function signing with keys[-1] (so a test can rotate)."""
+
+    def seal(tree_size: int, root: bytes, chain: bytes):
+        return sign_checkpoint(
+            kind=CheckpointKind.CHECKPOINT,
+            origin=ORIGIN,
+            tree_size=tree_size,
+            root=root,
+            chain_hash=chain,
+            time=parse_timestamp("2026-12-04T10:00:00Z"),
+            key=keys[-1],
+        )
+
+    return seal
+
+
+def build_log(path, batches, key, *, seal_last=True) -> None:
+    """A log of ``batches`` (lists of records), each sealed into a segment."""
+    store = AuditStore.open(path)
+    try:
+        for index, batch in enumerate(batches):
+            sealing = seal_last or index < len(batches) - 1
+            store.append_batch(batch, seal=sealer([key]) if sealing else None)
+    finally:
+        store.close()
+
+
+def at(second: int) -> str:
+    return f"2026-12-04T09:00:{second:02d}Z"
+
+
+# ------------------------------------------------------- a real daemon run
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A daemon's log: decisions over several segments, then a clean stop."""
+    tmp = tmp_path_factory.mktemp("run")
+    key_path = tmp / "keys" / "audit-key.pem"
+    config = daemon_config(
+        tmp,
+        f"audit.signing_key={key_path}",
+        "audit.create_signing_key=true",
+        f"audit.witness_path={tmp / 'witness'}",
+        "audit.segment_records=4",
+    )
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    running = RunningDaemon(config, clock)
+    try:
+        stub = running.stub()
+        for minute in RUN_MINUTES:
+            clock.set(f"2026-12-07T09:{minute:02d}:30Z")
+            stub.Decide(small_refund())
+    finally:
+        running.stop()
+    return tmp, key_path
+
+
+def export_real(real_run, out: pathlib.Path, start: str, stop: str):
+    tmp, key_path = real_run
+    return run_cli(
+        "export",
+        "--config",
+        SHIPPED_CONFIG,
+        *(
+            arg
+            for override in (
+                f"agent.socket={tmp / 'agent.sock'}",
+                f"policy.source={SHIPPED_POLICIES}",
+                f"audit.path={tmp / 'audit'}",
+                f"audit.signing_key={key_path}",
+                f"audit.witness_path={tmp / 'witness'}",
+            )
+            for arg in ("--set", override)
+        ),
+        "--from",
+        start,
+        "--to",
+        stop,
+        out,
+    )
+
+
+@pytest.fixture(scope="module")
+def real_pack(real_run, tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("packs") / "pack"
+    done = export_real(real_run, out, "2026-12-07T09:00:00Z", "2026-12-07T10:00:00Z")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture
+def pack_copy(real_pack, tmp_path) -> pathlib.Path:
+    copy = tmp_path / "pack"
+    shutil.copytree(real_pack, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def real_key(real_run, tmp_path_factory) -> pathlib.Path:
+    """The daemon's public key, as an auditor got it from the operator."""
+    return pathlib.Path(f"{real_run[1]}.pub")
+
+
+def test_export_of_real_run_verifies_with_only_the_standalone_script(
+    real_run, real_pack, real_key, auditor_python
+):
+    store = AuditStore.open(real_run[0] / "audit", readonly=True)
+    head, sizes = store.head().seq, [cp.tree_size for cp in store.iter_checkpoints()]
+    store.close()
+
+    code, out = run_script(auditor_python, real_pack, real_key)
+
+    assert code == 0, out
+    assert out.startswith("ok: support-bot-local log "), out
+    assert f"{head} records (seq 1..{head})" in out
+    assert f"trusted keys from --trusted-key: {key_id_of(_raw(real_key))}" in out
+    manifest = json.loads((real_pack / MANIFEST_FILE).read_text())
+    assert manifest["tree_sizes"]["checkpoints"] == sizes
+    assert {entry["part"] for entry in manifest["policy_sets"]} == {
+        "policy",
+        "directory",
+    }
+    assert (real_pack / "records.jsonl").read_bytes().count(b"\n") == head
+
+
+def _raw(public_key_path: pathlib.Path) -> bytes:
+    from kynara_sidecar.audit.keys import load_public_key
+
+    return load_public_key(public_key_path).raw
+
+
+def test_script_says_when_it_trusts_the_packs_own_keys(real_pack, auditor_python):
+    code, out = run_script(auditor_python, real_pack)
+
+    assert code == 0, out
+    assert "trusted keys from the pack (prefer --trusted-key)" in out
+
+
+def test_exported_records_are_the_stored_bytes(real_run, real_pack):
+    store = AuditStore.open(real_run[0] / "audit", readonly=True)
+    stored = [record.record_bytes for record in store.iter_records()]
+    cps = [encode_checkpoint(cp) for cp in store.iter_checkpoints()]
+    store.close()
+
+    lines = (real_pack / "records.jsonl").read_bytes().split(b"\n")[:-1]
+    cp_lines = (real_pack / "checkpoints.jsonl").read_bytes().split(b"\n")[:-1]
+
+    assert lines == stored
+    assert cp_lines == cps
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "records.jsonl",
+        "checkpoints.jsonl",
+        "proofs.json",
+        "keys",
+        "manifest.json",
+        "policy_sets",
+        "export.json",
+        "verify_pack.py",
+    ],
+)
+def test_any_changed_byte_fails_the_standalone_script(
+    pack_copy, real_pack, real_key, auditor_python, tmp_path, target
+):
+    path = pack_copy / target
+    if path.is_dir():
+        path = sorted(p for p in path.rglob("*") if p.is_file())[0]
+    flip_byte(path)
+    # A changed script cannot vouch for itself: the auditor runs a copy kept
+    # apart from the pack (as they should), which the manifest then catches.
+    script = None
+    if target == "verify_pack.py":
+        script = tmp_path / "verify_pack.py"
+        shutil.copyfile(real_pack / "verify_pack.py", script)
+
+    for keys in ((), (real_key,)):
+        code, out = run_script(auditor_python, pack_copy, *keys, script=script)
+
+        assert code == 1, out
+        assert out.startswith("FAILED: "), out
+
+
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [
+        ("records.jsonl", "chain"),
+        ("checkpoints.jsonl", "bad_signature"),
+        ("proofs.json", "consistency"),
+        ("policy_sets", "policy_set"),
+    ],
+)
+def test_a_forger_who_fixes_the_manifest_is_still_caught(pack_copy, target, kind):
+    path = pack_copy / target
+    if target == "records.jsonl":
+        # Record 3 keeps its form and its seq: only its time is moved.
+        lines = path.read_bytes().split(b"\n")
+        lines[2] = lines[2].replace(b'"time":"2026', b'"time":"2027', 1)
+        path.write_bytes(b"\n".join(lines))
+    elif target == "checkpoints.jsonl":
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b'"time":"2026', b'"time":"2027', 1))
+    elif target == "proofs.json":
+        proofs = json.loads(path.read_text())
+        entry = next(e for e in proofs["consistency"] if e["proof"])
+        entry["proof"][0] = "0" * 64
+        path.write_text(json.dumps(proofs))
+    else:
+        file = sorted(p for p in path.rglob("*") if p.is_file())[0]
+        file.write_bytes(file.read_bytes() + b"# appended\n")
+    reseal_manifest(pack_copy)
+
+    with pytest.raises(PackError) as info:
+        verify_pack(pack_copy)
+
+    assert info.value.kind == kind
+
+
+@pytest.mark.slow
+def test_every_byte_of_the_manifest_is_checked(pack_copy):
+    manifest = pack_copy / MANIFEST_FILE
+    original = manifest.read_bytes()
+    log_id = json.loads(original)["log_id"].encode()
+    # NOTE: checkpoints do not carry the log id, so without a rotation record
+    # nothing in the pack binds it: see TODO(#5) in verify_pack.
+    unbound = range(original.index(log_id), original.index(log_id) + len(log_id))
+
+    passed = []
+    for offset in range(len(original)):
+        if offset in unbound:
+            continue
+        data = bytearray(original)
+        data[offset] ^= 0x01
+        manifest.write_bytes(bytes(data))
+        try:
+            verify_pack(pack_copy)
+        except PackError:
+            continue
+        passed.append(offset)
+
+    assert passed == []
+
+
+def test_attacker_keys_fail_against_the_auditors_trusted_key(
+    pack_copy, real_key, auditor_python, tmp_path
+):
+    attacker = generate_key()
+    cps = (pack_copy / "checkpoints.jsonl").read_bytes().split(b"\n")[:-1]
+    forged = []
+    for line in cps:
+        cp = decode_checkpoint(line)
+        forged.append(
+            encode_checkpoint(
+                sign_checkpoint(
+                    kind=cp.kind,
+                    origin=cp.origin,
+                    tree_size=cp.tree_size,
+                    root=bytes.fromhex(cp.root),
+                    chain_hash=bytes.fromhex(cp.chain_hash),
+                    time=parse_timestamp(cp.time),
+                    key=attacker,
+                )
+            )
+        )
+    (pack_copy / "checkpoints.jsonl").write_bytes(b"".join(f + b"\n" for f in forged))
+    shutil.rmtree(pack_copy / "keys")
+    (pack_copy / "keys").mkdir()
+    name = attacker.key_id.replace(":", "-") + ".pem"
+    save_public_key(attacker.public(), pack_copy / "keys" / name)
+    manifest = json.loads((pack_copy / MANIFEST_FILE).read_text())
+    manifest["keys"] = [{"file": f"keys/{name}", "key_id": attacker.key_id}]
+    (pack_copy / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
+    reseal_manifest(pack_copy)
+
+    self_vouched = run_script(auditor_python, pack_copy)
+    trusted = run_script(auditor_python, pack_copy, real_key)
+
+    # The pack's own keys prove only that someone signed it...
+    assert self_vouched[0] == 0, self_vouched[1]
+    # ...the key the auditor got from the operator exposes the forgery.
+    assert trusted[0] == 1, trusted[1]
+    assert trusted[1].startswith("FAILED: unknown_key: "), trusted[1]
+    assert attacker.key_id in trusted[1]
+
+
+@pytest.mark.parametrize("tamper", ["none", "record", "manifest", "keys"])
+def test_verify_export_agrees_with_the_script(
+    pack_copy, real_key, auditor_python, tamper
+):
+    if tamper == "record":
+        flip_byte(pack_copy / "records.jsonl")
+    elif tamper == "manifest":
+        flip_byte(pack_copy / MANIFEST_FILE, 30)
+    elif tamper == "keys":
+        flip_byte(next((pack_copy / "keys").iterdir()), 40)
+        reseal_manifest(pack_copy)
+
+    script = run_script(auditor_python, pack_copy, real_key)
+    cli = run_cli("verify-export", pack_copy, "--trusted-key", real_key)
+
+    assert (cli.returncode, first_line(cli.stdout)) == (
+        script[0],
+        first_line(script[1]),
+    )
+    assert cli.returncode == (0 if tamper == "none" else 1)
+
+
+def test_export_leaves_a_non_empty_directory_alone(real_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    done = export_real(real_run, out, "2026-12-07T09:00:00Z", "2026-12-07T10:00:00Z")
+
+    assert done.returncode == 1
+    assert "never overwritten" in done.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_export_takes_the_log_path_and_keys_instead_of_config(
+    real_run, real_key, tmp_path
+):
+    out = tmp_path / "out"
+
+    done = run_cli(
+        "export",
+        real_run[0] / "audit",
+        "--from",
+        "2026-12-07T10:05:00+01:00",
+        "--to",
+        "2026-12-07T09:06:00Z",
+        "--key",
+        real_key,
+        out,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert verify_pack(out).manifest["records"]["count"] > 0
+    records = (out / "records.jsonl").read_bytes().split(b"\n")[:-1]
+    times = [json.loads(r)["time"] for r in records]
+    assert "2026-12-07T09:05:30Z" in times
+    assert "2026-12-07T09:00:30Z" not in times  # outside the segments asked for
+
+
+# ------------------------------------------------- logs built in the test
+
+
+def test_the_range_widens_to_whole_sealed_segments(tmp_path):
+    key = generate_key()
+    batches = [[make_record(n) for n in range(b * 5 + 1, b * 5 + 6)] for b in range(4)]
+    build_log(tmp_path / "log", batches, key)
+
+    summary = export_pack(
+        tmp_path / "log",
+        tmp_path / "out",
+        parse_time(at(7)),
+        parse_time(at(12)),
+        [key.public()],
+    )
+    report = verify_pack(tmp_path / "out")
+
+    # Records 7..12 lie in segments (5, 10] and (10, 15]: base checkpoint 5.
+    assert (summary.first_seq, summary.last_seq) == (6, 15)
+    assert report.manifest["tree_sizes"] == {
+        "checkpoints": [5, 10, 15],
+        "first": 5,
+        "last": 15,
+    }
+
+
+def test_records_after_the_last_checkpoint_are_not_exported(tmp_path):
+    key = generate_key()
+    batches = [[make_record(n) for n in range(1, 6)], [make_record(6), make_record(7)]]
+    build_log(tmp_path / "log", batches, key, seal_last=False)
+
+    summary = export_pack(
+        tmp_path / "log",
+        tmp_path / "out",
+        parse_time(at(0)),
+        parse_time(at(59)),
+        [key.public()],
+    )
+
+    assert (summary.last_seq, summary.unsealed, summary.sealed_through) == (5, 2, 5)
+    export = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert export["unsealed_records_in_range"] == 2
+    verify_pack(tmp_path / "out")
+
+
+def test_nothing_sealed_in_range_is_an_error(tmp_path):
+    key = generate_key()
+    build_log(
+        tmp_path / "log", [[make_record(1)], [make_record(2)]], key, seal_last=False
+    )
+
+    with pytest.raises(ExportError, match="no sealed record .* 1 of them are in range"):
+        export_pack(
+            tmp_path / "log", tmp_path / "out", parse_time(at(2)), parse_time(at(3))
+        )
+
+    assert not (tmp_path / "out").exists()
+
+
+def approval(kind: RecordKind, n: int, approval_id: str) -> AuditRecordV1:
+    return AuditRecordV1(
+        v=RECORD_VERSION,
+        kind=kind,
+        time=at(n),
+        daemon_id=ORIGIN,
+        approval=ApprovalEntry(id=approval_id),
+    )
+
+
+def test_approval_records_are_listed_in_the_manifest(tmp_path):
+    key = generate_key()
+    batch = [
+        make_record(1),
+        approval(RecordKind.APPROVAL_REQUESTED, 2, "ap-1"),
+        approval(RecordKind.APPROVAL_RESOLVED, 3, "ap-1"),
+    ]
+    build_log(tmp_path / "log", [batch], key)
+
+    export_pack(
+        tmp_path / "log",
+        tmp_path / "out",
+        parse_time(at(0)),
+        parse_time(at(5)),
+        [key.public()],
+    )
+
+    assert verify_pack(tmp_path / "out").manifest["approvals"] == [
+        {"approval_id": "ap-1", "kind": "approval_requested", "seq": 2},
+        {"approval_id": "ap-1", "kind": "approval_resolved", "seq": 3},
+    ]
+
+
+def rotated_log(path: pathlib.Path, *, forged: bool) -> tuple:
+    """Segment 1 signed by old; a rotation record (signed by old, or by a
+    forger); segment 2 signed by new."""
+    old, new, forger = generate_key(), generate_key(), generate_key()
+    store = AuditStore.open(path)
+    signing = [old]
+    try:
+        store.append_batch([make_record(1), make_record(2)], seal=sealer(signing))
+        rotation = rotation_record(
+            forger if forged else old,
+            new.public(),
+            origin=ORIGIN,
+            log_id=store.log_id,
+            time=at(3),
+        )
+        signing.append(new)
+        store.append_batch([rotation, make_record(4)], seal=sealer(signing))
+    finally:
+        store.close()
+    return old, new
+
+
+@pytest.mark.parametrize("forged", [False, True])
+def test_a_rotation_record_extends_trust_only_from_a_trusted_key(tmp_path, forged):
+    old, new = rotated_log(tmp_path / "log", forged=forged)
+    export_pack(
+        tmp_path / "log", tmp_path / "out", parse_time(at(0)), parse_time(at(9))
+    )
+    old_pub = tmp_path / "old.pub"
+    save_public_key(old.public(), old_pub)
+
+    if forged:
+        with pytest.raises(PackError) as info:
+            verify_pack(tmp_path / "out", [old_pub])
+        assert info.value.kind == "unknown_key"
+        assert new.key_id in str(info.value)
+    else:
+        report = verify_pack(tmp_path / "out", [old_pub])
+        assert report.signers == [old.key_id, new.key_id]
+
+
+def test_a_pruned_log_exports_from_its_seam(tmp_path):
+    key = generate_key()
+    batches = [[make_record(n) for n in range(b * 3 + 1, b * 3 + 4)] for b in range(3)]
+    build_log(tmp_path / "log", batches, key)
+    store = AuditStore.open(tmp_path / "log")
+    store.prune(3)
+    store.close()
+
+    summary = export_pack(
+        tmp_path / "log",
+        tmp_path / "out",
+        parse_time(at(0)),
+        parse_time(at(59)),
+        [key.public()],
+    )
+
+    assert (summary.first_seq, summary.last_seq) == (4, 9)
+    assert verify_pack(tmp_path / "out").manifest["tree_sizes"]["first"] == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("2026-12-04T09:00:00Z", 1796374800),
+        ("2026-12-04T10:00:00+01:00", 1796374800),
+        ("2026-12-04T09:00:00.000000001Z", 1796374800),
+    ],
+)
+def test_times_are_rfc_3339_with_a_zone(text, seconds):
+    assert parse_time(text).seconds == seconds
+
+
+@pytest.mark.parametrize("text", ["2026-12-04T09:00:00", "2026-12-04", "yesterday"])
+def test_times_without_a_zone_are_refused(text):
+    with pytest.raises(ExportError, match="expected an RFC 3339 time with a zone"):
+        parse_time(text, where="--from")
+
+
+def test_the_script_imports_only_stdlib_and_cryptography():
+    import ast
+
+    import kynara_sidecar.audit.verify_pack as module
+
+    tree = ast.parse(pathlib.Path(module.__file__).read_text())
+    imported = {
+        name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+        )
+    }
+
+    assert imported - set(sys.stdlib_module_names) == {"cryptography"}
