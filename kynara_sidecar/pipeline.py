@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import msgspec
 
 from kynara_sidecar import engine
 from kynara_sidecar.audit import AuditSink
-from kynara_sidecar.audit.record import record_from_decision
+from kynara_sidecar.audit.record import AuditRecordV1, record_from_decision
+from kynara_sidecar.audit.store import Appended
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import (
     DecisionRequest,
@@ -280,29 +282,70 @@ class Pipeline:
             PolicyNotReady, AuditUnavailable, ShuttingDown: no answer can be
                 given now; nothing was logged as answered.
         """
+        (outcome,) = await self.decide_all([request])
+        if isinstance(outcome, KynaraError):
+            raise outcome
+        return outcome
+
+    async def decide_all(
+        self, requests: Sequence[IncomingRequest]
+    ) -> list[Answer | KynaraError]:
+        """Answer several requests; their records commit together or not at all.
+
+        Each request is decided or refused on its own (a bad item does not
+        spoil the others), but the records of all the decided ones are
+        committed in one transaction: if it fails, every one of them gets
+        the ``AuditUnavailable`` instead of its answer.
+
+        Returns:
+            Per request, in order, its answer or the error that replaced it.
+        """
         started = time.perf_counter()
         self._in_flight += 1
         self._idle.clear()
         try:
-            answer = await self._decide(request)
-        except KynaraError as err:
-            self.refuse(err)
-            raise
+            outcomes = await self._decide_all(requests)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
-        decision = answer.decision
-        self._metrics.count_decision(
-            str(decision.effect), request.action, time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, KynaraError):
+                self.refuse(outcome)
+            else:
+                self._count(request, outcome.decision, seconds)
+        return outcomes
+
+    def _count(
+        self, request: IncomingRequest, decision: engine.Decision, seconds: float
+    ) -> None:
+        self._metrics.count_decision(str(decision.effect), request.action, seconds)
         if decision.shadow_effect not in (None, decision.effect):
             self._metrics.shadow_decisions.labels(
                 str(decision.effect), str(decision.shadow_effect)
             ).inc()
-        return answer
 
-    async def _decide(self, request: IncomingRequest) -> Answer:
+    async def _decide_all(
+        self, requests: Sequence[IncomingRequest]
+    ) -> list[Answer | KynaraError]:
+        outcomes: list[_Prepared | KynaraError] = []
+        for request in requests:
+            try:
+                outcomes.append(self._prepare(request))
+            except KynaraError as err:
+                outcomes.append(err)
+        prepared = [o for o in outcomes if isinstance(o, _Prepared)]
+        try:
+            appended = iter(await self._writer.append_all(p.record for p in prepared))
+        except AuditUnavailable as err:
+            return [err if isinstance(o, _Prepared) else o for o in outcomes]
+        return [
+            o.answer(next(appended)) if isinstance(o, _Prepared) else o
+            for o in outcomes
+        ]
+
+    def _prepare(self, request: IncomingRequest) -> _Prepared:
         if self._closing:
             raise ShuttingDown("the daemon is shutting down; retry on another replica")
         validate_request(request)
@@ -337,11 +380,22 @@ class Pipeline:
             identity_mode=str(self._identity.mode),
             redactor=self._redactor,
         )
-        appended = await self._writer.append(record)
+        return _Prepared(decision, decision_id, request.request_id, record)
+
+
+class _Prepared(NamedTuple):
+    """A decision made, its record built but not yet committed."""
+
+    decision: engine.Decision
+    decision_id: str
+    request_id: str
+    record: AuditRecordV1
+
+    def answer(self, appended: Appended) -> Answer:
         return Answer(
-            decision=decision,
-            decision_id=decision_id,
+            decision=self.decision,
+            decision_id=self.decision_id,
             audit_sequence=appended.seq,
             record_hash=appended.chain_hash.hex(),
-            request_id=request.request_id,
+            request_id=self.request_id,
         )

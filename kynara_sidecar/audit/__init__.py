@@ -75,6 +75,15 @@ class AuditSink(Protocol):
         ``AuditUnavailable`` with neither committed."""
         ...
 
+    async def append_all(
+        self,
+        records: Iterable[AuditRecordV1],
+        state_changes: Iterable[StateChange] = (),
+    ) -> list[Appended]:
+        """Commit all the records in one transaction, or raise
+        ``AuditUnavailable`` with none of them committed."""
+        ...
+
     async def close(self) -> None:
         """Commit what is pending; later appends raise ``AuditUnavailable``."""
         ...
@@ -93,6 +102,13 @@ class RefusingSink:
     async def append(
         self, record: AuditRecordV1, state_changes: Iterable[StateChange] = ()
     ) -> Appended:
+        raise AuditUnavailable(str(self._reason))
+
+    async def append_all(
+        self,
+        records: Iterable[AuditRecordV1],
+        state_changes: Iterable[StateChange] = (),
+    ) -> list[Appended]:
         raise AuditUnavailable(str(self._reason))
 
     async def close(self) -> None:

@@ -129,9 +129,10 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
 
 class _Pending(NamedTuple):
-    record: AuditRecordV1
+    # One caller's records: committed in one transaction, never split.
+    records: tuple[AuditRecordV1, ...]
     changes: tuple[StateChange, ...]
-    future: asyncio.Future[Appended]
+    future: asyncio.Future[list[Appended]]
     loop: asyncio.AbstractEventLoop
 
 
@@ -198,7 +199,7 @@ class AuditWriter:
     @property
     def pending(self) -> int:
         """Records queued and not yet taken into a transaction."""
-        return len(self._queue)
+        return sum(len(item.records) for item in self._queue)
 
     def start(self) -> None:
         """Start the writer thread.
@@ -235,16 +236,40 @@ class AuditWriter:
             msgspec.EncodeError: the record cannot be encoded.
             RuntimeError: ``start()`` was not called.
         """
+        (appended,) = await self.append_all((record,), state_changes)
+        return appended
+
+    async def append_all(
+        self,
+        records: Iterable[AuditRecordV1],
+        state_changes: Iterable[StateChange] = (),
+    ) -> list[Appended]:
+        """Append records (and the state they change) all together or none.
+
+        The records are committed in one transaction, in order, whatever
+        ``max_batch`` says: a DecideBatch's decisions are logged whole or
+        not at all.
+
+        Returns:
+            Where each record landed, in order.
+
+        Raises:
+            Like ``append``; on any error none of the records is in the log.
+        """
+        records = tuple(records)
         changes = tuple(state_changes)
         self._store.check_state_changes(changes)
         # Encoding here (about a microsecond) makes a bad record fail its own
         # caller instead of the whole batch it would have joined.
-        encode_record(record)
+        for record in records:
+            encode_record(record)
+        if not records:
+            return []
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Appended] = loop.create_future()
+        future: asyncio.Future[list[Appended]] = loop.create_future()
         with self._cond:
             self._check_accepting()
-            self._queue.append(_Pending(record, changes, future, loop))
+            self._queue.append(_Pending(records, changes, future, loop))
             self._cond.notify()
         return await future
 
@@ -314,8 +339,16 @@ class AuditWriter:
                 self._cond.wait(timeout)
             if not self._queue:
                 return None
-            count = min(len(self._queue), self._max_batch)
-            return [self._queue.popleft() for _ in range(count)]
+            # Whole callers up to max_batch records; a caller with more
+            # records than that goes alone, unsplit.
+            batch = [self._queue.popleft()]
+            taken = len(batch[0].records)
+            while (
+                self._queue and taken + len(self._queue[0].records) <= self._max_batch
+            ):
+                taken += len(self._queue[0].records)
+                batch.append(self._queue.popleft())
+            return batch
 
     def _next_due(self) -> float | None:
         dues = [self._sync_due] if self._sync_due is not None else []
@@ -458,7 +491,7 @@ class AuditWriter:
         if self._error is not None:
             self._reject(batch, self._refusal())
             return
-        records = [item.record for item in batch]
+        records = [record for item in batch for record in item.records]
         changes = [change for item in batch for change in item.changes]
         made: list[CheckpointV1] = []
         seal = (
@@ -488,9 +521,12 @@ class AuditWriter:
         self._sealed_at(made)
         if self._deferred and self._sync_due is None:
             self._sync_due = time.monotonic() + self._window
-        for item, result in zip(batch, appended, strict=True):
-            _settle(item, result, None)
-        self._report(len(batch), seconds)
+        start = 0
+        for item in batch:
+            end = start + len(item.records)
+            _settle(item, appended[start:end], None)
+            start = end
+        self._report(len(records), seconds)
 
     def _sync(self) -> None:
         self._sync_due = None
@@ -575,7 +611,9 @@ def _as_unavailable(err: Exception, path: str) -> AuditUnavailable:
     return failure
 
 
-def _settle(item: _Pending, result: Appended | None, err: Exception | None) -> None:
+def _settle(
+    item: _Pending, result: list[Appended] | None, err: Exception | None
+) -> None:
     try:
         item.loop.call_soon_threadsafe(_set_future, item.future, result, err)
     except RuntimeError:

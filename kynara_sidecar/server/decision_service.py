@@ -9,7 +9,6 @@ its own error while the others are answered.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -23,7 +22,7 @@ from kynara_sidecar.errors import (
     RequestTooLarge,
     ServiceError,
 )
-from kynara_sidecar.pipeline import Pipeline
+from kynara_sidecar.pipeline import Answer, IncomingRequest, Pipeline
 from kynara_sidecar.server.status import abort_with, error_to_proto
 from kynara_sidecar.server.wire import answer_to_proto, request_from_proto
 
@@ -107,9 +106,9 @@ class DecisionService:
                 f"(agent.max_message_bytes), got {len(raw)}"
             )
 
-    async def _answer(
+    def _incoming(
         self, raw: bytes, peer: str, authorization: str = ""
-    ) -> pb.DecideResponse:
+    ) -> IncomingRequest:
         try:
             self._check_size(raw)
             incoming = request_from_proto(_decode(pb.DecideRequest, raw), peer)
@@ -120,6 +119,12 @@ class DecisionService:
         except KynaraError as err:
             self._pipeline.refuse(err)
             raise
+        return incoming
+
+    async def _answer(
+        self, raw: bytes, peer: str, authorization: str = ""
+    ) -> pb.DecideResponse:
+        incoming = self._incoming(raw, peer, authorization)
         return answer_to_proto(await self._pipeline.decide(incoming))
 
     async def Decide(  # noqa: N802 (gRPC method name)
@@ -132,17 +137,12 @@ class DecisionService:
         except Exception:
             await abort_with(context, _internal_error())
 
-    async def _batch_item(
-        self, index: int, raw: bytes, peer: str, authorization: str
+    def _batch_item(
+        self, index: int, outcome: Answer | KynaraError
     ) -> pb.DecideBatchItem:
-        try:
-            answer = await self._answer(raw, peer, authorization)
-        except KynaraError as err:
-            error = error_to_proto(err)
-        except Exception:
-            error = error_to_proto(_internal_error())
-        else:
-            return pb.DecideBatchItem(decision=answer)
+        if not isinstance(outcome, KynaraError):
+            return pb.DecideBatchItem(decision=answer_to_proto(outcome))
+        error = error_to_proto(outcome)
         error.field = f"items[{index}]" + (f".{error.field}" if error.field else "")
         return pb.DecideBatchItem(error=error)
 
@@ -161,10 +161,21 @@ class DecisionService:
             self._pipeline.refuse(err)
             await abort_with(context, err)
         peer, authorization = context.peer(), _authorization(context)
-        items = await asyncio.gather(
-            *(
-                self._batch_item(i, frame, peer, authorization)
-                for i, frame in enumerate(frames)
-            )
+        # Items are translated and decided each on its own; the records of
+        # all decided items commit in one transaction, or none does.
+        requests: dict[int, IncomingRequest] = {}
+        outcomes: list[Answer | KynaraError | None] = [None] * len(frames)
+        for index, frame in enumerate(frames):
+            try:
+                requests[index] = self._incoming(frame, peer, authorization)
+            except KynaraError as err:
+                outcomes[index] = err
+        try:
+            decided = await self._pipeline.decide_all(list(requests.values()))
+        except Exception:
+            await abort_with(context, _internal_error())
+        for index, outcome in zip(requests, decided, strict=True):
+            outcomes[index] = outcome
+        return pb.DecideBatchResponse(
+            items=[self._batch_item(i, o) for i, o in enumerate(outcomes)]
         )
-        return pb.DecideBatchResponse(items=items)

@@ -297,3 +297,34 @@ def test_error_for_a_huge_key_keeps_its_code_and_a_bounded_field(daemon):
     assert metadata["kynara-error-code"] == "invalid_request"
     assert len(metadata["kynara-error-field"]) <= 1024
     assert metadata["kynara-error-field"].startswith("context['kkk")
+
+
+@pytest.mark.parametrize("shape", ["items", "frames"])
+def test_a_batch_is_logged_whole_or_not_at_all_when_the_log_fills(
+    start_daemon, shape
+):
+    # max_batch below the batch size: a batch must still not be split.
+    running = start_daemon("audit.map_size=262144", "audit.max_batch=4")
+    padding = "p" * 2048
+    outcomes = []
+
+    for _ in range(60):
+        requests = [small_refund(padding=padding) for _ in range(8)]
+        if shape == "items":
+            reply = running.stub().DecideBatch(pb.DecideBatchRequest(items=requests))
+        else:
+            frames = pb.DecideBatchRequestFrames(
+                items=[r.SerializeToString() for r in requests]
+            )
+            reply = raw_call(running, "DecideBatch")(frames.SerializeToString())
+        kinds = {item.WhichOneof("outcome") for item in reply.items}
+        outcomes.append(kinds)
+        if kinds == {"error"}:
+            break
+        seqs = [item.decision.audit_sequence for item in reply.items]
+
+        assert kinds == {"decision"}, "a batch was logged in part"
+        assert seqs == list(range(seqs[0], seqs[0] + 8)), "not one transaction"
+
+    assert outcomes[-1] == {"error"}, "the log never filled"
+    assert {item.error.code for item in reply.items} == {"audit_unavailable"}

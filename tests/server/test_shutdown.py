@@ -36,14 +36,15 @@ def hold_decisions(running):
 
     gate = running.call(make_gate())
     writer = running.daemon._writer
-    original = writer.append
+    original = writer.append_all
 
-    async def held(record, state_changes=()):
-        if record.kind == "decision":
+    async def held(records, state_changes=()):
+        records = tuple(records)
+        if any(record.kind == "decision" for record in records):
             await gate.wait()
-        return await original(record, state_changes)
+        return await original(records, state_changes)
 
-    writer.append = held
+    writer.append_all = held
     return lambda: running.loop.call_soon_threadsafe(gate.set)
 
 
