@@ -300,9 +300,7 @@ def test_error_for_a_huge_key_keeps_its_code_and_a_bounded_field(daemon):
 
 
 @pytest.mark.parametrize("shape", ["items", "frames"])
-def test_a_batch_is_logged_whole_or_not_at_all_when_the_log_fills(
-    start_daemon, shape
-):
+def test_a_batch_is_logged_whole_or_not_at_all_when_the_log_fills(start_daemon, shape):
     # max_batch below the batch size: a batch must still not be split.
     running = start_daemon("audit.map_size=262144", "audit.max_batch=4")
     padding = "p" * 2048
