@@ -634,36 +634,27 @@ class AuditConfig(_Section):
     # required when a rule hashes; read at start.
     redaction_key: str = ""
 
+    # Key -> (lowest, highest) accepted.
+    _RANGES = {
+        "deferred_window_ms": (1, 10_000),
+        "max_batch": (1, 65_536),
+        "segment_records": (1, 1_000_000),
+        "segment_seconds": (0.01, 86_400),
+        "retention_days": (0, 36_500),
+    }
+
     def validate(self, section: str) -> None:
         if self.map_size < MIN_MAP_SIZE:
             raise ConfigError(
                 f"{section}.map_size: expected at least {MIN_MAP_SIZE} bytes, "
                 f"got {self.map_size}"
             )
-        if not 1 <= self.deferred_window_ms <= 10_000:
-            raise ConfigError(
-                f"{section}.deferred_window_ms: expected 1..10000, "
-                f"got {self.deferred_window_ms}"
-            )
-        if not 1 <= self.max_batch <= 65_536:
-            raise ConfigError(
-                f"{section}.max_batch: expected 1..65536, got {self.max_batch}"
-            )
-        if not 1 <= self.segment_records <= 1_000_000:
-            raise ConfigError(
-                f"{section}.segment_records: expected 1..1000000, "
-                f"got {self.segment_records}"
-            )
-        if not 0.01 <= self.segment_seconds <= 86_400:
-            raise ConfigError(
-                f"{section}.segment_seconds: expected 0.01..86400, "
-                f"got {self.segment_seconds}"
-            )
-        if not 0 <= self.retention_days <= 36_500:
-            raise ConfigError(
-                f"{section}.retention_days: expected 0..36500, "
-                f"got {self.retention_days}"
-            )
+        for key, (low, high) in self._RANGES.items():
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"{section}.{key}: expected {low}..{high}, got {value}"
+                )
         if self.witness_path and _inside(self.witness_path, self.path):
             raise ConfigError(
                 f"{section}.witness_path: expected a directory outside "

@@ -455,6 +455,13 @@ class Daemon:
                 f"is another process using it? change {setting}"
             ) from err
 
+    def _bind_unix(
+        self, server: grpc.aio.Server, path: str, mode: int, setting: str
+    ) -> None:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._bind(server, f"unix://{os.path.abspath(path)}", setting)
+        os.chmod(path, mode)
+
     async def _start_agent_listener(self) -> None:
         cfg = self.config.agent
         limit = cfg.max_message_bytes
@@ -471,10 +478,7 @@ class Daemon:
         if cfg.port != -1:
             self.tcp_port = self._bind(server, f"{cfg.host}:{cfg.port}", "agent.port")
         if cfg.socket:
-            pathlib.Path(cfg.socket).parent.mkdir(parents=True, exist_ok=True)
-            address = f"unix://{os.path.abspath(cfg.socket)}"
-            self._bind(server, address, "agent.socket")
-            os.chmod(cfg.socket, cfg.socket_mode)
+            self._bind_unix(server, cfg.socket, cfg.socket_mode, "agent.socket")
         await server.start()
 
     async def _start_admin_listener(self) -> None:
@@ -504,10 +508,7 @@ class Daemon:
         if cfg.socket:
             # TODO(#5): lock admin.socket as agent.socket is, so a second
             # daemon given the same path is refused instead of taking it.
-            pathlib.Path(cfg.socket).parent.mkdir(parents=True, exist_ok=True)
-            address = f"unix://{os.path.abspath(cfg.socket)}"
-            self._bind(server, address, "admin.socket")
-            os.chmod(cfg.socket, cfg.socket_mode)
+            self._bind_unix(server, cfg.socket, cfg.socket_mode, "admin.socket")
         await server.start()
         log.info(
             "admin listener started",

@@ -7,8 +7,6 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 
-import lmdb
-
 from kynara_sidecar.audit import merkle
 from kynara_sidecar.audit.chain import GENESIS_HASH, chain_hash
 from kynara_sidecar.audit.checkpoint import (
@@ -24,7 +22,7 @@ from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.witness import Witness
 from kynara_sidecar.decision import Timestamp
 
-from ._support import make_record, seq_key
+from ._support import RawLog, make_record, seq_key
 
 __all__ = [
     "ORIGIN",
@@ -149,27 +147,8 @@ def node_key(level: int, index: int) -> bytes:
     return bytes((level,)) + index.to_bytes(8, "big")
 
 
-class RawEvidence:
-    """Direct LMDB access to every database of a closed log."""
-
-    NAMES = (b"records", b"chain", b"decisions", b"meta", b"nodes", b"checkpoints")
-
-    def __init__(self, path):
-        self.env = lmdb.open(str(path), max_dbs=10)
-        self.dbs = {name: self.env.open_db(name) for name in self.NAMES}
-
-    def get(self, db: bytes, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
-            value = txn.get(key, db=self.dbs[db])
-        return None if value is None else bytes(value)
-
-    def put(self, db: bytes, key: bytes, value: bytes) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(key, value, db=self.dbs[db])
-
-    def delete(self, db: bytes, key: bytes) -> None:
-        with self.env.begin(write=True) as txn:
-            assert txn.delete(key, db=self.dbs[db]), (db, key)
+class RawEvidence(RawLog):
+    """Direct LMDB access to every database of a closed log, and a forger."""
 
     def keys(self, db: bytes) -> list[bytes]:
         with self.env.begin() as txn:

@@ -27,12 +27,11 @@ def make_record(n: int, *, reason: str = "") -> AuditRecordV1:
 class RawLog:
     """Direct LMDB access to a closed log, to tamper with it as an attacker."""
 
+    NAMES = (b"records", b"chain", b"decisions", b"meta", b"nodes", b"checkpoints")
+
     def __init__(self, path):
-        self.env = lmdb.open(str(path), max_dbs=8)
-        self.dbs = {
-            name: self.env.open_db(name)
-            for name in (b"records", b"chain", b"decisions", b"meta")
-        }
+        self.env = lmdb.open(str(path), max_dbs=10)
+        self.dbs = {name: self.env.open_db(name) for name in self.NAMES}
 
     def get(self, db: bytes, key: bytes) -> bytes | None:
         with self.env.begin() as txn:
@@ -45,7 +44,7 @@ class RawLog:
 
     def delete(self, db: bytes, key: bytes) -> None:
         with self.env.begin(write=True) as txn:
-            assert txn.delete(key, db=self.dbs[db])
+            assert txn.delete(key, db=self.dbs[db]), (db, key)
 
     def close(self) -> None:
         self.env.close()
