@@ -119,7 +119,7 @@ class Daemon:
         self._servers: list[grpc.aio.Server] = []
         self._health: list[health.aio.HealthServicer] = []
         self._http: web.AppRunner | None = None
-        self._socket_lock: typing.IO[str] | None = None
+        self._socket_locks: list[typing.IO[str]] = []
         # Why the audit log cannot be appended to, when it cannot.
         self._audit_problem: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,8 +177,8 @@ class Daemon:
             AuditUnavailable: the marker could not be committed; the
                 previously active set (if any) stays active.
         """
-        # TODO(#5): stored policy sets are kept forever; prune them with the
-        # segments whose records cite them.
+        # TODO(#6): stored policy sets are kept forever; prune them with the
+        # segments whose records cite them, as bundles are.
         marker = msgspec.structs.replace(
             self._marker("policy_activated"),
             policy_revision=policies.policy_set.revision,
@@ -223,8 +223,8 @@ class Daemon:
         keys = load_audit_keys(cfg.audit)
         # The socket lock comes first, so a daemon refused for a live socket
         # never touches its own audit path.
-        self._lock_socket()
         try:
+            self._lock_sockets()
             await self._open_audit(policies, changes, keys)
             await self._start_agent_listener()
             await self._start_admin_listener()
@@ -424,15 +424,22 @@ class Daemon:
         self.metrics.count_commit(records, seconds)
         self._update_usage()
 
-    def _lock_socket(self) -> None:
-        """Hold ``<socket>.lock`` so a second daemon cannot take the socket.
+    def _lock_sockets(self) -> None:
+        """Hold ``<socket>.lock`` for the agent and admin sockets, so a
+        second daemon cannot take them.
 
         grpc unlinks a socket file before binding, so without this a second
         daemon with another audit path would silently steal the live socket.
         """
-        socket_path = self.config.agent.socket
-        if not socket_path:
-            return
+        admin = self.config.admin
+        sockets = {"agent.socket": self.config.agent.socket}
+        if admin.enabled:
+            sockets["admin.socket"] = admin.socket
+        for setting, socket_path in sockets.items():
+            if socket_path:
+                self._socket_locks.append(self._lock_socket(setting, socket_path))
+
+    def _lock_socket(self, setting: str, socket_path: str) -> typing.IO[str]:
         path = pathlib.Path(socket_path + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
@@ -441,10 +448,10 @@ class Daemon:
         except BlockingIOError:
             handle.close()
             raise ListenerError(
-                f"agent.socket {socket_path} is in use by another daemon; "
-                "stop it or choose another agent.socket"
+                f"{setting} {socket_path} is in use by another daemon; "
+                f"stop it or choose another {setting}"
             ) from None
-        self._socket_lock = handle
+        return handle
 
     def _bind(self, server: grpc.aio.Server, address: str, setting: str) -> int:
         try:
@@ -506,8 +513,6 @@ class Daemon:
             address = f"{cfg.host}:{cfg.port}"
             self.admin_port = self._bind(server, address, "admin.port")
         if cfg.socket:
-            # TODO(#5): lock admin.socket as agent.socket is, so a second
-            # daemon given the same path is refused instead of taking it.
             self._bind_unix(server, cfg.socket, cfg.socket_mode, "admin.socket")
         await server.start()
         log.info(
@@ -589,9 +594,9 @@ class Daemon:
             # Its reads run on threads of their own; the store outlives them.
             await self._audit_service.close()
         await self._close_audit()
-        if self._socket_lock is not None:
-            self._socket_lock.close()
-            self._socket_lock = None
+        for handle in self._socket_locks:
+            handle.close()
+        self._socket_locks.clear()
         log.info("stopped", extra=_fields())
 
     async def _stop_listeners(self, grace: float) -> None:

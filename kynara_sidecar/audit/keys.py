@@ -17,9 +17,8 @@ Files:
 Key files are small and read whole; the errors are ``ConfigError`` naming
 the file and what was expected.
 
-TODO(#5): key rotation (a record, signed by the old key, naming the new one)
-and the config keys for the signing key path and trusted keys are not built
-yet; the writer does not load a key yet either.
+The daemon loads its key from ``audit.signing_key``; rotation to a new key
+is a record signed by the old one (``rotation``).
 """
 
 from __future__ import annotations

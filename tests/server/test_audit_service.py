@@ -25,7 +25,7 @@ from kynara_sidecar.audit.checkpoint import (
     verify_checkpoint,
 )
 from kynara_sidecar.audit.keys import load_signing_key
-from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.errors import ConfigError, ListenerError
 
 OPERATOR_SECRET = "operator-secret-0123456789"
 REVIEWER_SECRET = "reviewer-secret-0123456789"
@@ -106,6 +106,7 @@ def signed(running, checkpoint: pb.Checkpoint):
     assert encode_checkpoint(cp) == checkpoint.json
     assert (checkpoint.tree_size, checkpoint.root.hex()) == (cp.tree_size, cp.root)
     assert (checkpoint.kind, checkpoint.origin) == (cp.kind, cp.origin)
+    assert checkpoint.log_id == cp.log_id
     assert checkpoint.chain_hash.hex() == cp.chain_hash
     assert (checkpoint.time, checkpoint.key_id) == (cp.time, cp.key_id)
     return cp
@@ -136,6 +137,7 @@ def test_head_is_the_latest_signed_checkpoint_and_the_log_size(running, audit):
     assert 0 < cp.tree_size <= head.tree_size
     assert cp.origin == running.config.identity.daemon_id
     assert head.log_id == store.log_id and head.seam == 0
+    assert cp.log_id == store.log_id
 
 
 def test_record_by_seq_proves_against_the_signed_checkpoint(running, audit):
@@ -509,3 +511,15 @@ def test_admin_config_is_checked(tmp_path, admin_overrides, overrides, message):
         return
     with pytest.raises(ConfigError, match=message):
         daemon_config(tmp_path, *given)
+
+
+def test_a_second_daemon_cannot_take_the_admin_socket(
+    running, start_daemon, admin_overrides, tmp_path, audit
+):
+    other = tmp_path / "other"
+
+    with pytest.raises(ListenerError, match="admin.socket .* in use by another"):
+        start_daemon(*admin_overrides, path=other)
+
+    # The first daemon's admin socket still answers.
+    assert audit.GetHead(pb.GetHeadRequest(), metadata=bearer(OPERATOR_SECRET))
