@@ -191,9 +191,10 @@ class Sealer:
     appended since the last checkpoint, as the daemon seals by count.
     """
 
-    def __init__(self, key: SigningKey, every: int):
+    def __init__(self, key: SigningKey, every: int, log_id: str):
         self._key = key
         self._every = every
+        self._log_id = log_id
         self.sealed = 0
         self.pending: CheckpointV1 | None = None
 
@@ -205,6 +206,7 @@ class Sealer:
         self.pending = sign_checkpoint(
             kind=CheckpointKind.CHECKPOINT,
             origin=ORIGIN,
+            log_id=self._log_id,
             tree_size=tree_size,
             root=root,
             chain_hash=chain,
@@ -254,7 +256,7 @@ def open_sides(scratch: pathlib.Path, segment_records: int) -> tuple[_Audit, _Ra
     store = AuditStore.open(scratch / "audit", map_size=MAP_SIZE, durability="durable")
     audit = _Audit(
         store,
-        Sealer(generate_key(), segment_records),
+        Sealer(generate_key(), segment_records, store.log_id),
         Witness(scratch / "witness", ORIGIN, store.log_id),
     )
     # The flags AuditStore uses in durable mode: synced commits, a lock file.

@@ -2,11 +2,18 @@
 
 Theory of operation
 -------------------
-A checkpoint says "the log of ``origin`` had ``tree_size`` records, with
-Merkle root ``root`` and last chain hash ``chain_hash``, at ``time``", signed
-with the audit key ``key_id``. A ``checkpoint`` is written when a segment is
-sealed; a ``head`` is signed at shutdown so a later truncation of the tail
-shows against it.
+A checkpoint says "the log ``log_id`` of ``origin`` had ``tree_size``
+records, with Merkle root ``root`` and last chain hash ``chain_hash``, at
+``time``", signed with the audit key ``key_id``. A ``checkpoint`` is written
+when a segment is sealed; a ``head`` is signed at shutdown so a later
+truncation of the tail shows against it.
+
+``log_id`` is the random id a log gets when it is created (meta ``log_id``,
+32 lowercase hex digits); a daemon that starts a new chain after a break
+gets a new one under the same origin. Signing it binds each statement to one
+log: the witness files of a log live under its id, so an id rewritten in the
+log's meta would otherwise point ``verify`` at an empty witness directory,
+and an export pack's manifest would name a log that nothing signed.
 
 The signature covers the canonical bytes of every other field: a JSON object
 with keys sorted, no whitespace, UTF-8::
@@ -23,10 +30,6 @@ parser. Unknown fields are refused rather than ignored: they would not be
 covered by the signature; a new field means a new ``v``.
 
 This module is pure: values in, values out, no clock and no IO.
-
-TODO(#5): nothing signs checkpoints yet; the writer will call
-``sign_checkpoint`` at each segment's end and at shutdown, and write them to
-the witness location.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from kynara_sidecar.errors import KynaraError
 
 __all__ = [
     "CHECKPOINT_VERSION",
+    "LOG_ID_HEX_DIGITS",
     "MAX_ORIGIN_LENGTH",
     "CheckpointError",
     "CheckpointKind",
@@ -66,10 +70,12 @@ CHECKPOINT_VERSION = 1
 # A Kubernetes pod name is at most 253 characters; "<agent>@<host>" fits too.
 MAX_ORIGIN_LENGTH = 253
 HASH_HEX_DIGITS = 64
+LOG_ID_HEX_DIGITS = 32
 SIGNATURE_SIZE = 64
 
 _ORIGIN_RE = re.compile(r"[\x20-\x7e]+")
 _HASH_RE = re.compile(rf"^[0-9a-f]{{{HASH_HEX_DIGITS}}}$")
+_LOG_ID_RE = re.compile(rf"^[0-9a-f]{{{LOG_ID_HEX_DIGITS}}}$")
 _KEY_ID_RE = re.compile(rf"^{re.escape(KEY_ID_PREFIX)}[0-9a-f]{{{KEY_ID_HEX_DIGITS}}}$")
 
 
@@ -89,6 +95,8 @@ class CheckpointV1(
     kind: CheckpointKind
     # This daemon's log origin (its daemon id), e.g. "support-bot-7d9f".
     origin: str
+    # The log's id (AuditStore.log_id), 32 lowercase hex digits.
+    log_id: str
     # Records in the log when signed; the Merkle tree covers records 1..n.
     tree_size: int
     # Merkle tree root over the first tree_size records, lowercase hex.
@@ -140,6 +148,11 @@ def _field_problem(cp: CheckpointV1) -> str | None:
             f"origin: expected 1..{MAX_ORIGIN_LENGTH} printable ASCII characters "
             f"without '\"' or '\\', got {origin!r}"
         )
+    if not isinstance(cp.log_id, str) or not _LOG_ID_RE.fullmatch(cp.log_id):
+        return (
+            f"log_id: expected {LOG_ID_HEX_DIGITS} lowercase hex digits, got "
+            f"{cp.log_id!r}"
+        )
     if type(cp.tree_size) is not int or cp.tree_size < 0:
         return f"tree_size: expected an integer >= 0, got {cp.tree_size!r}"
     for name in ("root", "chain_hash"):
@@ -190,6 +203,7 @@ def sign_checkpoint(
     *,
     kind: CheckpointKind,
     origin: str,
+    log_id: str,
     tree_size: int,
     root: bytes,
     chain_hash: bytes,
@@ -201,6 +215,7 @@ def sign_checkpoint(
     Args:
         kind: a sealed segment, or the head at shutdown.
         origin: the daemon id.
+        log_id: the log's id (``AuditStore.log_id``).
         tree_size: records in the log.
         root: the 32-byte Merkle root over those records.
         chain_hash: the 32-byte chain hash of the last of them.
@@ -217,6 +232,7 @@ def sign_checkpoint(
         v=CHECKPOINT_VERSION,
         kind=CheckpointKind(kind),
         origin=origin,
+        log_id=log_id,
         tree_size=tree_size,
         root=bytes(root).hex(),
         chain_hash=bytes(chain_hash).hex(),
@@ -267,5 +283,5 @@ def verify_checkpoint(cp: CheckpointV1, trusted: dict[str, PublicKey]) -> None:
         raise CheckpointError(
             CheckpointProblem.BAD_SIGNATURE,
             f"signature does not match key {cp.key_id} over the checkpoint of "
-            f"{cp.origin} at tree_size {cp.tree_size}",
+            f"{cp.origin} log {cp.log_id} at tree_size {cp.tree_size}",
         )

@@ -168,6 +168,7 @@ def _write_break(
                 sign_checkpoint(
                     kind=CheckpointKind.CHECKPOINT,
                     origin=origin,
+                    log_id=store.log_id,
                     tree_size=tree_size,
                     root=root,
                     chain_hash=chain_hash,

@@ -15,12 +15,12 @@ each is checked against what the record bytes themselves give:
    the recomputed one, so the proofs served from stored nodes are proofs
    about these records (``edited``).
 3. **The signed checkpoints** (``checkpoint``): each must be signed by a
-   key trusted at that point, and name the root and chain hash the walk
-   computed at its tree size (``unknown_key``, ``bad_signature``,
-   ``edited``). Trust starts with the configured keys, never the log's; a
-   ``key_rotation`` record that verifies under a trusted key adds its new
-   key from that record on (``rotation.trusted_after``), and one that does
-   not is itself a problem.
+   key trusted at that point, name this log's id (meta ``log_id``) and the
+   root and chain hash the walk computed at its tree size (``unknown_key``,
+   ``bad_signature``, ``edited``). Trust starts with the configured keys,
+   never the log's; a ``key_rotation`` record that verifies under a trusted
+   key adds its new key from that record on (``rotation.trusted_after``),
+   and one that does not is itself a problem.
 4. **The witness** (``witness``): statements kept outside the log's
    volume. Whoever can rewrite the LMDB file can cut its newest records
    together with their checkpoints, the stored head and even re-sign a
@@ -28,6 +28,14 @@ each is checked against what the record bytes themselves give:
    witness still names the larger tree (``truncated_tail``), or another
    root at the same size (``edited``). The head signed at the last stop
    and stored in the log is checked the same way.
+
+The log id binds the witness to the log. Witness files live under the id
+the log's meta names; an id rewritten there points the check at a
+directory that holds nothing, which alone is only a note (a witness set up
+after the log was started holds nothing for it either: the daemon does not
+back-fill one). Every signed statement names the id it was signed for, so
+the log's own checkpoints then disagree with its meta (``edited``); and a
+witness statement copied in from another log is refused the same way.
 
 Where the walk starts. With nothing pruned, at record 1 with the genesis
 hash and an empty tree. After ``AuditStore.prune`` the records 1..s are
@@ -314,10 +322,13 @@ def _witnessed(
     if head is not None:
         found.append(_Statement(_WITNESS_HEAD, head))
     if not found:
+        # A rewritten meta log_id also lands here, but then the stored
+        # checkpoints name another id and the walk stops on them.
         # TODO(#5): a witness that never saw this log cannot vouch for its
-        # tail; a rewritten log_id or origin also lands here. Fail when the
-        # log has checkpoints but its witness has none, once witnesses are
-        # back-filled for logs that predate audit.witness_path?
+        # tail (its files lost, or --origin naming another daemon). Fail
+        # when the log has checkpoints but its witness has none, once the
+        # daemon back-fills a witness configured after the log was started;
+        # until then such a log would fail for a setting added later.
         notes.append(
             f"the witness at {witness.path} holds nothing for this log (origin "
             f"{witness.origin}, log id {store.log_id}): its tail is not witnessed"
@@ -424,7 +435,7 @@ class _Walk:
                 f"the {what} at a checkpoint that is not stored",
                 _CHECKPOINT,
             )
-        _check_signature(_Statement(_CHECKPOINT, anchor), self.trusted)
+        self._check_signed(_Statement(_CHECKPOINT, anchor))
         try:
             _, edge = merkle.compact_range_from_nodes(self._node, start).state()
             tree = merkle.CompactRange.from_state(start, edge)
@@ -460,7 +471,7 @@ class _Walk:
     def _check_before_start(self, st: _Statement, start: int) -> None:
         # Records up to the start are pruned (or not walked): the stored
         # nodes and the checkpoint at the same size are all there is.
-        _check_signature(st, self.trusted)
+        self._check_signed(st)
         size = st.tree_size
         try:
             root = merkle.root_from_nodes(self._node, size)
@@ -586,8 +597,21 @@ class _Walk:
 
     # -- statements
 
-    def _check_statement(self, st: _Statement) -> None:
+    def _check_signed(self, st: _Statement) -> None:
+        """The signature (when keys are given), then the log id it names."""
         _check_signature(st, self.trusted)
+        cp, log_id = st.checkpoint, self.store.log_id
+        if cp.log_id != log_id:
+            raise _stop(
+                cp.tree_size,
+                ProblemKind.EDITED,
+                f"signed for log id {cp.log_id}, but the log's meta log_id is "
+                f"{log_id or '(none)'}: the meta or this statement was replaced",
+                st.subject,
+            )
+
+    def _check_statement(self, st: _Statement) -> None:
+        self._check_signed(st)
         self._compare(
             st,
             self.tree.root().hex(),
@@ -654,7 +678,7 @@ class _Walk:
     def check_beyond(self, pending: list[_Statement]) -> None:
         """A validly signed statement of a larger tree: the tail was cut."""
         for st in pending:
-            _check_signature(st, self.trusted)
+            self._check_signed(st)
             raise _stop(
                 st.tree_size,
                 ProblemKind.TRUNCATED_TAIL,

@@ -19,9 +19,10 @@ What a pack holds
     The signed checkpoints from the pack's base (the checkpoint just before
     its first record; absent when the pack starts at record 1) through the
     checkpoint that seals its last record, one canonical JSON object a line.
-    A checkpoint signs ``origin``, ``tree_size``, the Merkle ``root`` over
-    records 1..tree_size, the ``chain_hash`` of record tree_size, ``time``
-    and ``key_id``: the Ed25519 ``signature`` (unpadded base64url) covers
+    A checkpoint signs ``origin``, ``log_id``, ``tree_size``, the Merkle
+    ``root`` over records 1..tree_size, the ``chain_hash`` of record
+    tree_size, ``time`` and ``key_id``: the Ed25519 ``signature`` (unpadded
+    base64url) covers
     ``json.dumps({every other field}, sort_keys=True, separators=(",", ":"))``.
 ``proofs.json``
     ``compact_range``: the Merkle tree's right edge at the base (one subtree
@@ -47,7 +48,8 @@ What a pack holds
     and each of its facts is recomputed here from the files.
 
 The checks, in order (the first failure is reported): the manifest's form
-and every file's hash; checkpoint and record form; the hash chain, from the
+and every file's hash; checkpoint and record form, and that every checkpoint
+names the manifest's origin and log id; the hash chain, from the
 base checkpoint's ``chain_hash`` (32 zero bytes at record 1), against each
 checkpoint; each checkpoint's Merkle root, recomputed from the compact range
 and the records (RFC 9162: leaf ``SHA-256(0x00 || record)``, node
@@ -56,11 +58,8 @@ at its tree size; the consistency proofs; the policy set revisions; and the
 manifest's facts. Record times come from the daemon host's clock.
 
 NOTE: nothing signs the manifest or ``export.json``; the signed checkpoints
-are the trust anchor, and every manifest fact is recomputed from files they
-bind, save one: TODO(#5): checkpoints do not carry the log id, so the
-manifest's ``log_id`` is bound only where a ``key_rotation`` record (whose
-signature covers it) is in the pack; a later checkpoint version should sign
-it.
+are the trust anchor, and every manifest fact, the origin and log id among
+them, is recomputed from files they bind.
 """
 
 from __future__ import annotations
@@ -123,8 +122,8 @@ KEY_ID_PREFIX = "ed25519:"
 KEY_ID_HEX_DIGITS = 16
 APPROVAL_KINDS = ("approval_requested", "approval_resolved")
 CHECKPOINT_FIELDS = frozenset(
-    {"v", "kind", "origin", "tree_size", "root", "chain_hash", "time", "key_id"}
-    | {"signature"}
+    {"v", "kind", "origin", "log_id", "tree_size", "root", "chain_hash", "time"}
+    | {"key_id", "signature"}
 )
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LOG_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -385,6 +384,8 @@ def _checkpoint(line: bytes, index: int) -> dict[str, Any]:
         raise PackError("malformed", f"{where}: not canonical JSON")
     if cp["v"] != 1 or cp["kind"] != "checkpoint":
         raise PackError("malformed", f"{where}: expected v 1 and kind 'checkpoint'")
+    if not isinstance(cp["log_id"], str) or not _LOG_ID.fullmatch(cp["log_id"]):
+        raise PackError("malformed", f"{where}: log_id is not 32 lowercase hex")
     if type(cp["tree_size"]) is not int or cp["tree_size"] < 1:
         raise PackError("malformed", f"{where}: tree_size must be an integer >= 1")
     _hex(cp["root"], f"{where}: root")
@@ -396,7 +397,7 @@ def _checkpoint(line: bytes, index: int) -> dict[str, Any]:
     return cp
 
 
-def _checkpoints(pack: pathlib.Path, origin: str) -> list[dict[str, Any]]:
+def _checkpoints(pack: pathlib.Path, origin: str, log_id: str) -> list[dict[str, Any]]:
     lines = _lines(_read(pack, CHECKPOINTS_FILE), CHECKPOINTS_FILE)
     cps = [_checkpoint(line, index) for index, line in enumerate(lines)]
     if not cps:
@@ -414,6 +415,12 @@ def _checkpoints(pack: pathlib.Path, origin: str) -> list[dict[str, Any]]:
                 "origin",
                 f"checkpoint at tree size {cp['tree_size']} is of origin "
                 f"{cp['origin']!r}, the manifest says {origin!r}",
+            )
+        if cp["log_id"] != log_id:
+            raise PackError(
+                "log_id",
+                f"checkpoint at tree size {cp['tree_size']} is of log "
+                f"{cp['log_id']}, the manifest says {log_id}",
             )
     return cps
 
@@ -709,6 +716,7 @@ def _facts(
         ],
         "format": PACK_FORMAT,
         "keys": keys,
+        "log_id": cps[0]["log_id"],
         "origin": cps[0]["origin"],
         "policy_sets": policy_sets,
         "policy_sets_missing": [
@@ -738,7 +746,7 @@ def _check_facts(manifest: dict, facts: dict[str, Any]) -> None:
                 f"{key}: the manifest says {manifest.get(key)!r}, the pack's "
                 f"files say {value!r}",
             )
-    allowed = set(facts) | {"files", "log_id"}
+    allowed = set(facts) | {"files"}
     extra = set(manifest) - allowed
     if extra:
         raise PackError("manifest", f"unexpected manifest keys {sorted(extra)}")
@@ -763,7 +771,7 @@ def verify_pack(
     pack = pathlib.Path(pack)
     manifest = _check_manifest(pack)
     _check_files(pack, manifest["files"])
-    cps = _checkpoints(pack, manifest["origin"])
+    cps = _checkpoints(pack, manifest["origin"], manifest["log_id"])
     base, base_cp, sealing = _base(manifest, cps)
     records = _records(pack, base + 1)
     proofs = _json(_read(pack, PROOFS_FILE), PROOFS_FILE)

@@ -378,6 +378,7 @@ class AuditWriter:
             checkpoint = sign_checkpoint(
                 kind=kind,
                 origin=sealing.origin,
+                log_id=self._store.log_id,
                 tree_size=tree_size,
                 root=root,
                 chain_hash=chain_hash,

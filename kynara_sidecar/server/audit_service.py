@@ -67,6 +67,7 @@ def checkpoint_to_proto(checkpoint: CheckpointV1) -> pb.Checkpoint:
         json=encode_checkpoint(checkpoint),
         kind=str(checkpoint.kind),
         origin=checkpoint.origin,
+        log_id=checkpoint.log_id,
         tree_size=checkpoint.tree_size,
         root=bytes.fromhex(checkpoint.root),
         chain_hash=bytes.fromhex(checkpoint.chain_hash),

@@ -44,10 +44,13 @@ def sign(
     chain: bytes,
     kind: CheckpointKind = CheckpointKind.CHECKPOINT,
     origin: str = ORIGIN,
+    *,
+    log_id: str,
 ) -> CheckpointV1:
     return sign_checkpoint(
         kind=kind,
         origin=origin,
+        log_id=log_id,
         tree_size=tree_size,
         root=root,
         chain_hash=chain,
@@ -85,7 +88,7 @@ class SealedLog:
         made: list[CheckpointV1] = []
 
         def sealer(size: int, root: bytes, chain: bytes) -> CheckpointV1:
-            made.append(sign(key or self.key, size, root, chain))
+            made.append(sign(key or self.key, size, root, chain, log_id=self.log_id))
             return made[-1]
 
         store.append_batch(records, seal=sealer if seal else None)
@@ -102,6 +105,7 @@ class SealedLog:
             store.merkle_root(head.seq),
             head.chain_hash,
             CheckpointKind.HEAD,
+            log_id=self.log_id,
         )
         store.put_head_checkpoint(cp)
         if self.witness_root is not None:
@@ -150,6 +154,11 @@ def node_key(level: int, index: int) -> bytes:
 class RawEvidence(RawLog):
     """Direct LMDB access to every database of a closed log, and a forger."""
 
+    @property
+    def log_id(self) -> str:
+        """The log id in meta, as the store reads it."""
+        return (self.get(b"meta", b"log_id") or b"").decode("ascii")
+
     def keys(self, db: bytes) -> list[bytes]:
         with self.env.begin() as txn:
             return [bytes(key) for key, _ in txn.cursor(db=self.dbs[db])]
@@ -167,6 +176,7 @@ class RawEvidence(RawLog):
     def rehash(self, records: list[bytes], key: SigningKey) -> None:
         """Rewrite every record, chain hash, node, checkpoint and the heads
         over ``records`` (records 1..n), re-signed with ``key``."""
+        log_id = self.log_id
         with self.env.begin(write=True) as txn:
             for name in (b"records", b"chain", b"nodes"):
                 txn.drop(self.dbs[name], delete=False)
@@ -187,11 +197,13 @@ class RawEvidence(RawLog):
             for raw_key, raw in list(txn.cursor(db=self.dbs[b"checkpoints"])):
                 size = int.from_bytes(raw_key, "big")
                 old = decode_checkpoint(bytes(raw))
-                new = sign(key, size, roots[size], chains[size], old.kind)
+                new = sign(
+                    key, size, roots[size], chains[size], old.kind, log_id=log_id
+                )
                 txn.put(raw_key, encode_checkpoint(new), db=self.dbs[b"checkpoints"])
             n = len(records)
             txn.put(b"head", seq_key(n) + prev, db=self.dbs[b"meta"])
-            head = sign(key, n, roots[n], chains[n], CheckpointKind.HEAD)
+            head = sign(key, n, roots[n], chains[n], CheckpointKind.HEAD, log_id=log_id)
             txn.put(b"head_checkpoint", encode_checkpoint(head), db=self.dbs[b"meta"])
 
     def close(self) -> None:

@@ -29,12 +29,14 @@ OTHER_KEY = generate_key()
 TRUSTED = {KEY.key_id: KEY.public()}
 ROOT = hashlib.sha256(b"root").digest()
 CHAIN_HASH = hashlib.sha256(b"chain").digest()
+LOG_ID = "0123456789abcdef" * 2
 
 
 def make_checkpoint(key=KEY, **changes) -> CheckpointV1:
     fields = {
         "kind": CheckpointKind.CHECKPOINT,
         "origin": "support-bot@host-1",
+        "log_id": LOG_ID,
         "tree_size": 1000,
         "root": ROOT,
         "chain_hash": CHAIN_HASH,
@@ -55,7 +57,7 @@ def test_signed_checkpoint_verifies_and_carries_its_fields():
 
     verify_checkpoint(cp, TRUSTED)
 
-    assert (cp.v, cp.kind, cp.tree_size) == (1, "head", 1000)
+    assert (cp.v, cp.kind, cp.tree_size, cp.log_id) == (1, "head", 1000, LOG_ID)
     assert (cp.root, cp.chain_hash) == (ROOT.hex(), CHAIN_HASH.hex())
     assert cp.time == "2026-12-04T09:00:00.5Z"
     assert cp.key_id == KEY.key_id
@@ -92,6 +94,7 @@ def _b64(text: str) -> bytes:
     [
         ("kind", CheckpointKind.HEAD),
         ("origin", "support-bot@host-2"),
+        ("log_id", "f" * 32),
         ("tree_size", 1001),
         ("root", hashlib.sha256(b"other").hexdigest()),
         ("chain_hash", hashlib.sha256(b"other").hexdigest()),
@@ -170,6 +173,9 @@ SIG = make_checkpoint().signature
         ("origin", 'a"b', "origin: expected 1..253 printable ASCII characters"),
         ("origin", "bot\n", "origin: expected 1..253 printable ASCII characters"),
         ("origin", "bøt", "origin: expected 1..253 printable ASCII characters"),
+        ("log_id", "", "log_id: expected 32 lowercase hex digits, got ''"),
+        ("log_id", "AB" * 16, "log_id: expected 32 lowercase hex digits, got 'ABAB"),
+        ("log_id", "ab" * 17, "log_id: expected 32 lowercase hex digits, got 'abab"),
         ("tree_size", -1, "tree_size: expected an integer >= 0, got -1"),
         ("tree_size", True, "tree_size: expected an integer >= 0, got True"),
         ("root", "AB" * 32, "root: expected 64 lowercase hex digits, got 'ABAB"),
@@ -219,6 +225,11 @@ def test_unknown_field_is_refused_because_no_signature_covers_it():
 def test_signing_a_bad_field_is_refused():
     with pytest.raises(ValueError, match=r"^cannot sign checkpoint: origin: expected"):
         make_checkpoint(origin="")
+
+
+def test_signing_without_a_well_formed_log_id_is_refused():
+    with pytest.raises(ValueError, match=r"^cannot sign checkpoint: log_id: expected"):
+        make_checkpoint(log_id="not-a-log-id")
 
 
 ENCODED = encode_checkpoint(make_checkpoint())

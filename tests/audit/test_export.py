@@ -120,13 +120,15 @@ def first_line(text: str) -> str:
     return text.strip().splitlines()[0]
 
 
-def sealer(keys: list):
-    """A seal function signing with keys[-1] (so a test can rotate)."""
+def sealer(keys: list, log_id: str):
+    """A seal function for the log ``log_id`` signing with keys[-1] (so a
+    test can rotate)."""
 
     def seal(tree_size: int, root: bytes, chain: bytes):
         return sign_checkpoint(
             kind=CheckpointKind.CHECKPOINT,
             origin=ORIGIN,
+            log_id=log_id,
             tree_size=tree_size,
             root=root,
             chain_hash=chain,
@@ -143,7 +145,8 @@ def build_log(path, batches, key, *, seal_last=True) -> None:
     try:
         for index, batch in enumerate(batches):
             sealing = seal_last or index < len(batches) - 1
-            store.append_batch(batch, seal=sealer([key]) if sealing else None)
+            seal = sealer([key], store.log_id) if sealing else None
+            store.append_batch(batch, seal=seal)
     finally:
         store.close()
 
@@ -346,15 +349,9 @@ def test_a_forger_who_fixes_the_manifest_is_still_caught(pack_copy, target, kind
 def test_every_byte_of_the_manifest_is_checked(pack_copy):
     manifest = pack_copy / MANIFEST_FILE
     original = manifest.read_bytes()
-    log_id = json.loads(original)["log_id"].encode()
-    # NOTE: checkpoints do not carry the log id, so without a rotation record
-    # nothing in the pack binds it: see TODO(#5) in verify_pack.
-    unbound = range(original.index(log_id), original.index(log_id) + len(log_id))
 
     passed = []
     for offset in range(len(original)):
-        if offset in unbound:
-            continue
         data = bytearray(original)
         data[offset] ^= 0x01
         manifest.write_bytes(bytes(data))
@@ -365,6 +362,25 @@ def test_every_byte_of_the_manifest_is_checked(pack_copy):
         passed.append(offset)
 
     assert passed == []
+
+
+def test_a_manifest_naming_another_log_id_fails(pack_copy):
+    manifest = json.loads((pack_copy / MANIFEST_FILE).read_bytes())
+    signed_for, other = manifest["log_id"], "f" * 32
+    manifest["log_id"] = other
+    (pack_copy / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
+    reseal_manifest(pack_copy)
+    first = (pack_copy / "checkpoints.jsonl").read_bytes().split(b"\n")[0]
+
+    with pytest.raises(PackError) as info:
+        verify_pack(pack_copy)
+
+    assert signed_for != other
+    assert info.value.kind == "log_id"
+    assert str(info.value) == (
+        f"log_id: checkpoint at tree size {json.loads(first)['tree_size']} is "
+        f"of log {signed_for}, the manifest says {other}"
+    )
 
 
 def test_attacker_keys_fail_against_the_auditors_trusted_key(
@@ -380,6 +396,7 @@ def test_attacker_keys_fail_against_the_auditors_trusted_key(
                 sign_checkpoint(
                     kind=cp.kind,
                     origin=cp.origin,
+                    log_id=cp.log_id,
                     tree_size=cp.tree_size,
                     root=bytes.fromhex(cp.root),
                     chain_hash=bytes.fromhex(cp.chain_hash),
@@ -567,7 +584,9 @@ def rotated_log(path: pathlib.Path, *, forged: bool) -> tuple:
     store = AuditStore.open(path)
     signing = [old]
     try:
-        store.append_batch([make_record(1), make_record(2)], seal=sealer(signing))
+        store.append_batch(
+            [make_record(1), make_record(2)], seal=sealer(signing, store.log_id)
+        )
         rotation = rotation_record(
             forger if forged else old,
             new.public(),
@@ -576,7 +595,9 @@ def rotated_log(path: pathlib.Path, *, forged: bool) -> tuple:
             time=at(3),
         )
         signing.append(new)
-        store.append_batch([rotation, make_record(4)], seal=sealer(signing))
+        store.append_batch(
+            [rotation, make_record(4)], seal=sealer(signing, store.log_id)
+        )
     finally:
         store.close()
     return old, new

@@ -44,20 +44,27 @@ CHECKPOINTS = (1, 4, 8, 11)
 CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
 
 
-def seal(tree_size: int, root: bytes, chain_hash: bytes):
-    return sign_checkpoint(
-        kind=CheckpointKind.CHECKPOINT,
-        origin=ORIGIN,
-        tree_size=tree_size,
-        root=root,
-        chain_hash=chain_hash,
-        time=Timestamp(1_796_374_800 + tree_size, 0),
-        key=KEY,
-    )
+def sealer(log_id: str):
+    """The seal hook for the log ``log_id``."""
+
+    def seal(tree_size: int, root: bytes, chain_hash: bytes):
+        return sign_checkpoint(
+            kind=CheckpointKind.CHECKPOINT,
+            origin=ORIGIN,
+            log_id=log_id,
+            tree_size=tree_size,
+            root=root,
+            chain_hash=chain_hash,
+            time=Timestamp(1_796_374_800 + tree_size, 0),
+            key=KEY,
+        )
+
+    return seal
 
 
 def fill(store, batches=SEALED_BATCHES, unsealed=UNSEALED):
     n = itertools.count(1)
+    seal = sealer(store.log_id)
     for size in batches:
         store.append_batch([make_record(next(n)) for _ in range(size)], seal=seal)
     if unsealed:

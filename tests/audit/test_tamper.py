@@ -121,7 +121,7 @@ def _cut_tail(raw, keep: int, key) -> None:
     chain = raw.get(b"chain", seq_key(keep))
     raw.put(b"meta", b"head", seq_key(keep) + chain)
     root = merkle.root([merkle.leaf_hash(data) for data in raw.record_bytes()])
-    head = sign(key, keep, root, chain, CheckpointKind.HEAD)
+    head = sign(key, keep, root, chain, CheckpointKind.HEAD, log_id=raw.log_id)
     raw.put(b"meta", b"head_checkpoint", encode_checkpoint(head))
 
 
@@ -192,6 +192,63 @@ def test_a_forged_witness_statement_is_a_bad_signature(sealed):
     )
 
 
+@pytest.mark.parametrize("rewritten", ["f" * 32, None], ids=["other", "deleted"])
+def test_a_rewritten_meta_log_id_is_caught_by_the_logs_own_checkpoints(
+    sealed, rewritten
+):
+    def rewrite(raw):
+        if rewritten is None:
+            raw.delete(b"meta", b"log_id")
+        else:
+            raw.put(b"meta", b"log_id", rewritten.encode())
+
+    _tamper(sealed, rewrite)
+    report = _verify(sealed)
+    problem = _problem(report)
+    # Caught by the stored checkpoints alone, with no key to check them.
+    unsigned = _problem(verify_log(sealed.path, None, None))
+
+    assert sealed.log_id != rewritten
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        6,
+        ProblemKind.EDITED,
+    )
+    assert problem.message == (
+        f"signed for log id {sealed.log_id}, but the log's meta log_id is "
+        f"{rewritten or '(none)'}: the meta or this statement was replaced"
+    )
+    # The witness was looked up under the rewritten id: it holds nothing.
+    assert any("holds nothing for this log" in note for note in report.notes)
+    assert unsigned == problem
+
+
+def test_a_witness_statement_of_another_log_is_edited(sealed):
+    ours = sealed.witness().checkpoints()[1]
+    # Same key, root and chain hash: only the log id it was signed for differs.
+    sealed.witness().write(
+        sign(
+            sealed.key,
+            ours.tree_size,
+            bytes.fromhex(ours.root),
+            bytes.fromhex(ours.chain_hash),
+            log_id="f" * 32,
+        )
+    )
+
+    problem = _problem(_verify(sealed))
+
+    assert sealed.log_id != "f" * 32
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "witness checkpoint",
+        12,
+        ProblemKind.EDITED,
+    )
+    assert problem.message.startswith(
+        f"signed for log id {'f' * 32}, but the log's meta log_id is {sealed.log_id}"
+    )
+
+
 def test_a_rehashed_forgery_signed_by_another_key_is_an_unknown_key(sealed):
     forger = generate_key()
 
@@ -232,7 +289,13 @@ def test_a_checkpoint_resigned_over_another_root_is_edited(sealed):
     def resign(raw):
         cp = raw.checkpoint(18)
         raw.put_checkpoint(
-            sign(sealed.key, 18, bytes(32), bytes.fromhex(cp.chain_hash))
+            sign(
+                sealed.key,
+                18,
+                bytes(32),
+                bytes.fromhex(cp.chain_hash),
+                log_id=sealed.log_id,
+            )
         )
 
     _tamper(sealed, resign)
@@ -380,7 +443,13 @@ def test_the_new_key_is_trusted_only_from_the_rotation_on(tmp_path):
     def resign(raw):
         cp = raw.checkpoint(6)
         raw.put_checkpoint(
-            sign(new, 6, bytes.fromhex(cp.root), bytes.fromhex(cp.chain_hash))
+            sign(
+                new,
+                6,
+                bytes.fromhex(cp.root),
+                bytes.fromhex(cp.chain_hash),
+                log_id=log.log_id,
+            )
         )
 
     _tamper(log, resign)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kynara/v1/audit.proto\x12\tkynara.v1\"\x8b\x01\n\nCheckpoint\x12\x0c\n\x04json\x18\x01 \x01(\x0c\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x11\n\ttree_size\x18\x04 \x01(\x04\x12\x0c\n\x04root\x18\x05 \x01(\x0c\x12\x12\n\nchain_hash\x18\x06 \x01(\x0c\x12\x0c\n\x04time\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\"\x10\n\x0eGetHeadRequest\"m\n\x0fGetHeadResponse\x12)\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06log_id\x18\x03 \x01(\t\x12\x0c\n\x04seam\x18\x04 \x01(\x04\"U\n\x10GetRecordRequest\x12\r\n\x03seq\x18\x01 \x01(\x04H\x00\x12\x15\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tH\x00\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x42\x08\n\x06record\"\x88\x01\n\x11GetRecordResponse\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x12\n\nleaf_index\x18\x03 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x04 \x03(\x0c\x12)\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"\x96\x01\n\x1bGetConsistencyProofResponse\x12-\n\x0eold_checkpoint\x18\x01 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12-\n\x0enew_checkpoint\x18\x02 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12\x19\n\x11\x63onsistency_proof\x18\x03 \x03(\x0c\"0\n\x15StreamSegmentsRequest\x12\x17\n\x0f\x61\x66ter_tree_size\x18\x01 \x01(\x04\"t\n\x07Segment\x12)\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12\x1a\n\x12previous_tree_size\x18\x02 \x01(\x04\x12\x11\n\tfirst_seq\x18\x03 \x01(\x04\x12\x0f\n\x07records\x18\x04 \x03(\x0c\x32\xc8\x02\n\x0c\x41uditService\x12@\n\x07GetHead\x12\x19.kynara.v1.GetHeadRequest\x1a\x1a.kynara.v1.GetHeadResponse\x12\x46\n\tGetRecord\x12\x1b.kynara.v1.GetRecordRequest\x1a\x1c.kynara.v1.GetRecordResponse\x12\x64\n\x13GetConsistencyProof\x12%.kynara.v1.GetConsistencyProofRequest\x1a&.kynara.v1.GetConsistencyProofResponse\x12H\n\x0eStreamSegments\x12 .kynara.v1.StreamSegmentsRequest\x1a\x12.kynara.v1.Segment0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kynara/v1/audit.proto\x12\tkynara.v1\"\x9b\x01\n\nCheckpoint\x12\x0c\n\x04json\x18\x01 \x01(\x0c\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x11\n\ttree_size\x18\x04 \x01(\x04\x12\x0c\n\x04root\x18\x05 \x01(\x0c\x12\x12\n\nchain_hash\x18\x06 \x01(\x0c\x12\x0c\n\x04time\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\x0e\n\x06log_id\x18\t \x01(\t\"\x10\n\x0eGetHeadRequest\"m\n\x0fGetHeadResponse\x12)\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06log_id\x18\x03 \x01(\t\x12\x0c\n\x04seam\x18\x04 \x01(\x04\"U\n\x10GetRecordRequest\x12\r\n\x03seq\x18\x01 \x01(\x04H\x00\x12\x15\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tH\x00\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x42\x08\n\x06record\"\x88\x01\n\x11GetRecordResponse\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x12\n\nleaf_index\x18\x03 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x04 \x03(\x0c\x12)\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"\x96\x01\n\x1bGetConsistencyProofResponse\x12-\n\x0eold_checkpoint\x18\x01 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12-\n\x0enew_checkpoint\x18\x02 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12\x19\n\x11\x63onsistency_proof\x18\x03 \x03(\x0c\"0\n\x15StreamSegmentsRequest\x12\x17\n\x0f\x61\x66ter_tree_size\x18\x01 \x01(\x04\"t\n\x07Segment\x12)\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x15.kynara.v1.Checkpoint\x12\x1a\n\x12previous_tree_size\x18\x02 \x01(\x04\x12\x11\n\tfirst_seq\x18\x03 \x01(\x04\x12\x0f\n\x07records\x18\x04 \x03(\x0c\x32\xc8\x02\n\x0c\x41uditService\x12@\n\x07GetHead\x12\x19.kynara.v1.GetHeadRequest\x1a\x1a.kynara.v1.GetHeadResponse\x12\x46\n\tGetRecord\x12\x1b.kynara.v1.GetRecordRequest\x1a\x1c.kynara.v1.GetRecordResponse\x12\x64\n\x13GetConsistencyProof\x12%.kynara.v1.GetConsistencyProofRequest\x1a&.kynara.v1.GetConsistencyProofResponse\x12H\n\x0eStreamSegments\x12 .kynara.v1.StreamSegmentsRequest\x1a\x12.kynara.v1.Segment0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,23 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kynara.v1.audit_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHECKPOINT']._serialized_start=37
-  _globals['_CHECKPOINT']._serialized_end=176
-  _globals['_GETHEADREQUEST']._serialized_start=178
-  _globals['_GETHEADREQUEST']._serialized_end=194
-  _globals['_GETHEADRESPONSE']._serialized_start=196
-  _globals['_GETHEADRESPONSE']._serialized_end=305
-  _globals['_GETRECORDREQUEST']._serialized_start=307
-  _globals['_GETRECORDREQUEST']._serialized_end=392
-  _globals['_GETRECORDRESPONSE']._serialized_start=395
-  _globals['_GETRECORDRESPONSE']._serialized_end=531
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=533
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=597
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=600
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=750
-  _globals['_STREAMSEGMENTSREQUEST']._serialized_start=752
-  _globals['_STREAMSEGMENTSREQUEST']._serialized_end=800
-  _globals['_SEGMENT']._serialized_start=802
-  _globals['_SEGMENT']._serialized_end=918
-  _globals['_AUDITSERVICE']._serialized_start=921
-  _globals['_AUDITSERVICE']._serialized_end=1249
+  _globals['_CHECKPOINT']._serialized_end=192
+  _globals['_GETHEADREQUEST']._serialized_start=194
+  _globals['_GETHEADREQUEST']._serialized_end=210
+  _globals['_GETHEADRESPONSE']._serialized_start=212
+  _globals['_GETHEADRESPONSE']._serialized_end=321
+  _globals['_GETRECORDREQUEST']._serialized_start=323
+  _globals['_GETRECORDREQUEST']._serialized_end=408
+  _globals['_GETRECORDRESPONSE']._serialized_start=411
+  _globals['_GETRECORDRESPONSE']._serialized_end=547
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=549
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=613
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=616
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=766
+  _globals['_STREAMSEGMENTSREQUEST']._serialized_start=768
+  _globals['_STREAMSEGMENTSREQUEST']._serialized_end=816
+  _globals['_SEGMENT']._serialized_start=818
+  _globals['_SEGMENT']._serialized_end=934
+  _globals['_AUDITSERVICE']._serialized_start=937
+  _globals['_AUDITSERVICE']._serialized_end=1265
 # @@protoc_insertion_point(module_scope)

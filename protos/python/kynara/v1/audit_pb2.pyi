@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Checkpoint(_message.Message):
-    __slots__ = ("json", "kind", "origin", "tree_size", "root", "chain_hash", "time", "key_id")
+    __slots__ = ("json", "kind", "origin", "tree_size", "root", "chain_hash", "time", "key_id", "log_id")
     JSON_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Checkpoint(_message.Message):
     CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     json: bytes
     kind: str
     origin: str
@@ -24,7 +25,8 @@ class Checkpoint(_message.Message):
     chain_hash: bytes
     time: str
     key_id: str
-    def __init__(self, json: _Optional[bytes] = ..., kind: _Optional[str] = ..., origin: _Optional[str] = ..., tree_size: _Optional[int] = ..., root: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., time: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+    log_id: str
+    def __init__(self, json: _Optional[bytes] = ..., kind: _Optional[str] = ..., origin: _Optional[str] = ..., tree_size: _Optional[int] = ..., root: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., time: _Optional[str] = ..., key_id: _Optional[str] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class GetHeadRequest(_message.Message):
     __slots__ = ()
