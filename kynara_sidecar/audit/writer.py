@@ -211,6 +211,7 @@ class AuditWriter:
             if self._state != _NEW:
                 raise RuntimeError(f"AuditWriter.start() called when {self._state}")
             self._state = _RUNNING
+        self._catch_up_witness()
         self._thread = threading.Thread(
             target=self._run, name="kynara-audit-writer", daemon=True
         )
@@ -435,6 +436,27 @@ class AuditWriter:
                     "audit on_checkpoint hook failed",
                     extra={"fields": {"component": "audit"}},
                 )
+
+    def _catch_up_witness(self) -> None:
+        # A crash between a seal's commit and its witness write leaves the
+        # newest checkpoint unwitnessed; write it before anything else.
+        sealing = self._sealing
+        if sealing is None or sealing.witness is None:
+            return
+        latest = self._store.latest_checkpoint()
+        try:
+            witnessed = sealing.witness.latest()
+            if latest is not None and (
+                witnessed is None or witnessed.tree_size < latest.tree_size
+            ):
+                sealing.witness.write(latest)
+        except AuditUnavailable as err:
+            if latest is not None:
+                self._unwitnessed.append(latest)
+            _log.error(
+                "witness not written",
+                extra={"fields": {"component": "audit", "error": str(err)}},
+            )
 
     def _retain(self) -> None:
         # TODO(#6): with a central store, prune only what it acknowledged.

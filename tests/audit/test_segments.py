@@ -232,3 +232,21 @@ def test_a_log_written_before_the_tree_gets_its_nodes_when_opened(open_store, tm
 
     assert reopened.merkle_root(11) == expected
     assert reopened.node(0, 10) == merkle.leaf_hash(reopened.get(11).record_bytes)
+
+
+def test_a_checkpoint_the_witness_missed_is_written_at_the_next_start(
+    open_store, tmp_path
+):
+    key = generate_key()
+    store = open_store()
+    witness = Witness(tmp_path / "witness", ORIGIN, store.log_id)
+    _run(AuditWriter(store, sealing=_sealing(key, witness=witness)), 5)
+    # As if the daemon died between the seal's commit and its witness write.
+    (witness.path / "checkpoint-00000000000000000005.json").unlink()
+    (witness.path / "head.json").unlink()
+
+    writer = AuditWriter(store, sealing=_sealing(key, witness=witness))
+    writer.start()
+    asyncio.run(writer.close())
+
+    assert [cp.tree_size for cp in witness.checkpoints()] == [4, 5]
