@@ -22,9 +22,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from kynara_sidecar.config import DEFAULT_CONFIG_ENV, load_config
+from kynara_sidecar.config import DEFAULT_CONFIG_ENV, Config, load_config
 from kynara_sidecar.errors import ConfigError, KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
 
@@ -229,7 +230,11 @@ def _add_export_parsers(commands: argparse._SubParsersAction) -> None:
         help="audit log directory (instead of --config; then only --key "
         "files go into the pack)",
     )
-    export.add_argument("out", metavar="OUT", help="new or empty pack directory")
+    export.add_argument(
+        "out",
+        metavar="OUT",
+        help="new or empty pack directory (its parent must exist)",
+    )
     export.add_argument(
         "--from", dest="start", required=True, metavar="T1", help="RFC 3339 time"
     )
@@ -270,62 +275,67 @@ def _run(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from kynara_sidecar.audit.keys import load_trusted_keys
+    from kynara_sidecar.audit.startup import configured_public_keys
     from kynara_sidecar.audit.verify import format_report, verify_log
 
+    if args.audit_path and args.audit:
+        raise _UsageError(
+            f"two audit logs given: AUDIT_PATH {args.audit_path} and --audit "
+            f"{args.audit}; expected one of them"
+        )
     path = args.audit_path or args.audit
-    config = None
-    if args.config or args.overrides or not path:
-        config = load_config(args.config, args.overrides)
+    config = _config_unless_path(
+        args,
+        path,
+        "no audit log given: name it with AUDIT_PATH (or --audit DIR), or give "
+        f"{_GIVE_CONFIG} to verify its audit.path",
+    )
     trusted = load_trusted_keys(args.trusted_keys)
     witness = args.witness
     if config is not None:
-        trusted = {**_configured_keys(config.audit), **trusted}
+        trusted = {**configured_public_keys(config.audit), **trusted}
         path = path or config.audit.path
         witness = witness or config.audit.witness_path or None
     if not trusted:
-        print(
-            "kynara-sidecar verify: no trusted key: give one with --trusted-key "
-            "FILE, or set audit.trusted_keys (or audit.signing_key) in --config; "
-            "a checkpoint's signature means nothing without a key to check it by",
-            file=sys.stderr,
+        raise _UsageError(
+            "no trusted key: give one with --trusted-key FILE, or set "
+            "audit.trusted_keys (or audit.signing_key) in --config; a "
+            "checkpoint's signature means nothing without a key to check it by"
         )
-        return EXIT_USAGE
-    report = verify_log(path, trusted, witness)
+    # A witness named here, or in the config, is meant to hold this log's
+    # checkpoints: one holding nothing (mistyped, emptied) is a failure.
+    report = verify_log(path, trusted, witness, require_witness=bool(witness))
     print(format_report(report))
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _configured_keys(audit) -> dict:
-    """The keys a config trusts: audit.trusted_keys and the public halves of
-    audit.signing_key and audit.previous_signing_key."""
-    import pathlib
+class _UsageError(Exception):
+    """The command line asks for something impossible or ambiguous: exit 2."""
 
-    from kynara_sidecar.audit.keys import (
-        load_public_key,
-        load_signing_key,
-        load_trusted_keys,
-    )
 
-    trusted = load_trusted_keys(audit.trusted_keys)
-    for setting in ("signing_key", "previous_signing_key"):
-        private = getattr(audit, setting)
-        if not private:
-            continue
-        # A verifier may not be able to read the private key (mode 0600):
-        # the .pub that keygen or create_signing_key wrote beside it will do.
-        beside = [
-            pathlib.Path(f"{private}.pub"),
-            pathlib.Path(private).with_suffix(".pub"),
-        ]
-        try:
-            key = load_signing_key(private).public()
-        except ConfigError as err:
-            public = next((p for p in beside if p.is_file()), None)
-            if public is None:
-                raise ConfigError(f"audit.{setting}: {err}") from err
-            key = load_public_key(public)
-        trusted[key.key_id] = key
-    return trusted
+# Without a config file, validation fails on its first required key
+# (identity.agent_id), which says nothing about what the command lacks.
+_GIVE_CONFIG = f"--config FILE (or set ${DEFAULT_CONFIG_ENV})"
+
+
+def _config_unless_path(
+    args: argparse.Namespace, path: str | None, without: str
+) -> Config | None:
+    """The config, loaded when ``--config`` or ``--set`` is given or there is
+    no ``path``; ``None`` when ``path`` alone will do.
+
+    Raises:
+        _UsageError: a config is needed and neither ``--config`` nor
+            ``$KYNARA_CONFIG`` names one; ``without`` is the message when
+            there is no ``path`` either.
+    """
+    if path and not (args.config or args.overrides):
+        return None
+    if not (args.config or os.environ.get(DEFAULT_CONFIG_ENV)):
+        if path:
+            raise _UsageError(f"--set needs a config to change: give {_GIVE_CONFIG}")
+        raise _UsageError(without)
+    return load_config(args.config, args.overrides)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -387,9 +397,11 @@ def _keygen(args: argparse.Namespace) -> int:
         save_public_key,
         save_signing_key,
     )
+    from kynara_sidecar.audit.startup import public_key_path
 
     out = pathlib.Path(args.out)
-    private, public = out / "audit-key.pem", out / "audit-key.pub"
+    private = out / "audit-key.pem"
+    public = public_key_path(private)
     # Checked before writing either file, so a refusal never leaves half a
     # pair; the O_EXCL writes still guard against a race.
     for path in (private, public):
@@ -443,19 +455,25 @@ def _new_chain(args: argparse.Namespace) -> int:
     from kynara_sidecar.audit.startup import load_audit_keys
     from kynara_sidecar.daemon import with_daemon_id
 
+    if not (args.config or os.environ.get(DEFAULT_CONFIG_ENV)):
+        raise _UsageError(
+            f"no config: give {_GIVE_CONFIG}; new-chain takes the log, keys "
+            "and witness from audit.path, audit.signing_key and "
+            "audit.witness_path"
+        )
     config = with_daemon_id(load_config(args.config, args.overrides))
     done = start_new_chain(
         config.audit.path,
-        load_audit_keys(config.audit),
+        # Only `run` creates a missing key: a new chain signed by a key made
+        # here would be trusted by no verifier.
+        load_audit_keys(config.audit, create=False),
         origin=config.identity.daemon_id,
         witness_root=config.audit.witness_path,
         now_nanos=time.time_ns(),
         force=args.force,
     )
-    print(
-        f"new chain {done.new_log_id} started after {done.problem}; the old log "
-        f"{done.old_log_id} is kept at {done.kept_at}"
-    )
+    kept = f"; the old log is kept at {done.kept_at}" if done.kept_at else ""
+    print(f"new chain {done.new_log_id} started after {done.problem}{kept}")
     return EXIT_OK
 
 
@@ -463,15 +481,23 @@ def _export(args: argparse.Namespace) -> int:
     from kynara_sidecar.audit.export import config_keys, export_pack, parse_time
     from kynara_sidecar.audit.keys import load_public_key
 
-    if args.audit and args.config:
-        raise ConfigError("export: give --config or AUDIT_PATH, not both")
+    if args.audit and (args.config or args.overrides):
+        given = f"--config {args.config}" if args.config else "--set"
+        raise _UsageError(
+            f"AUDIT_PATH {args.audit} and {given} given: expected one of them; "
+            "with AUDIT_PATH no config is read (give its keys with --key FILE)"
+        )
+    config = _config_unless_path(
+        args,
+        args.audit,
+        "no audit log given: name it with AUDIT_PATH (and its public keys with "
+        f"--key FILE), or give {_GIVE_CONFIG} to export its audit.path",
+    )
     keys = [load_public_key(path) for path in args.keys]
-    if args.audit:
-        audit_path = args.audit
-    else:
-        audit = load_config(args.config, args.overrides).audit
-        audit_path = audit.path
-        keys += config_keys(audit)
+    audit_path = args.audit
+    if config is not None:
+        audit_path = config.audit.path
+        keys += config_keys(config.audit)
     summary = export_pack(
         audit_path,
         args.out,
@@ -529,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)
+    except _UsageError as err:
+        print(f"kynara-sidecar {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except KynaraError as err:
         print(f"kynara-sidecar {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILED

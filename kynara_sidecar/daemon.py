@@ -53,6 +53,7 @@ from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
     AuditLogInUse,
     AuditUnavailable,
+    ConfigError,
     KynaraError,
     ListenerError,
     PolicyError,
@@ -81,6 +82,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def _fields(**fields: object) -> dict[str, dict[str, object]]:
     return {"fields": {"component": "daemon", **fields}}
+
+
+# What an operator does about a log that cannot be trusted.
+_AFTER_BREAK = (
+    "Appends stopped: run `kynara-sidecar verify --config ...` to see the "
+    "damage, keep the evidence, and run `kynara-sidecar new-chain --config "
+    "...` to continue on a new log that names the break"
+)
 
 
 def with_daemon_id(config: Config) -> Config:
@@ -220,7 +229,7 @@ class Daemon:
         )
         self._loop = asyncio.get_running_loop()
         policies, changes = self._load_policies()
-        keys = load_audit_keys(cfg.audit)
+        keys = load_audit_keys(cfg.audit, create=True)
         # The socket lock comes first, so a daemon refused for a live socket
         # never touches its own audit path.
         try:
@@ -260,12 +269,7 @@ class Daemon:
             )
             # The key check first: a log signed with an unconfigured key is a
             # configuration error, not damage.
-            rotation = rotation_for(
-                self._store,
-                keys,
-                origin=self.config.identity.daemon_id,
-                time=format_timestamp(Timestamp.from_nanos(self.clock())),
-            )
+            rotation = self._rotation(keys)
             witness = self._witness(self._store)
             self._check_tail(self._store, keys, witness)
             self._start_writer(keys, witness)
@@ -289,6 +293,22 @@ class Daemon:
         except AuditUnavailable as err:
             await self._audit_down(err, policies)
 
+    def _rotation(self, keys: AuditKeys) -> AuditRecordV1 | None:
+        try:
+            return rotation_for(
+                self._store,
+                keys,
+                origin=self.config.identity.daemon_id,
+                time=format_timestamp(Timestamp.from_nanos(self.clock())),
+            )
+        except ConfigError as err:
+            # A key mix-up or a log re-signed by someone else: the daemon
+            # cannot tell which, so it serves nothing until an operator does.
+            raise AuditUnavailable(
+                f"{err}. If no key was rotated, the log may have been re-signed "
+                f"by someone else. {_AFTER_BREAK}"
+            ) from err
+
     def _witness(self, store: AuditStore) -> Witness | None:
         root = self.config.audit.witness_path
         if not root:
@@ -302,21 +322,36 @@ class Daemon:
     def _check_tail(
         self, store: AuditStore, keys: AuditKeys, witness: Witness | None
     ) -> None:
-        latest = store.latest_checkpoint()
+        """Refuse a log that lost its id, was replaced, or whose last sealed
+        segment and tail do not verify against its checkpoints and the
+        witness."""
+        if not store.log_id:
+            raise AuditUnavailable(
+                f"audit log {store.path} holds checkpoints but no log id: its "
+                f"meta was rewritten. {_AFTER_BREAK}"
+            )
+        if witness is not None and store.head().seq == 0:
+            others = witness.other_logs()
+            if others:
+                raise AuditUnavailable(
+                    f"audit log {store.path} is empty, but the witness "
+                    f"{witness.path.parent} holds this daemon's log "
+                    f"{', '.join(others)}: the log was deleted or replaced. "
+                    f"{_AFTER_BREAK}"
+                )
+        # From the checkpoint before the latest: the last sealed segment is
+        # checked again, since a clean stop seals everything.
+        anchor = store.previous_checkpoint()
         report = audit_verify.verify_store(
             store,
             keys.trusted,
             witness,
-            from_tree_size=latest.tree_size if latest else None,
+            from_tree_size=anchor.tree_size if anchor else None,
         )
         if not report.ok:
             raise AuditUnavailable(
                 f"audit log {store.path} failed verification at start: "
-                f"{audit_verify.format_report(report)}; appends stopped. Run "
-                "`kynara-sidecar verify --config ...` to see the damage, and "
-                "`kynara-sidecar "
-                "new-chain --config ...` to continue on a new chain that names "
-                "the break"
+                f"{audit_verify.format_report(report)}. {_AFTER_BREAK}"
             )
 
     def _start_writer(self, keys: AuditKeys, witness: Witness | None) -> None:

@@ -108,7 +108,7 @@ def verify_cli(audit: pathlib.Path) -> subprocess.CompletedProcess:
             "--audit",
             str(audit),
             "--trusted-key",
-            str(audit.parent / "keys" / "audit.pem.pub"),
+            str(audit.parent / "keys" / "audit.pub"),
             "--witness",
             str(audit.parent / "witness"),
         ]

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
+import pytest
 from audit._evidence import RawEvidence, write_sealed_log
 from audit._support import seq_key
-from support import REPO_ROOT, SHIPPED_POLICIES
+from support import REPO_ROOT, SHIPPED_CONFIG, SHIPPED_POLICIES
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key, save_signing_key
+from kynara_sidecar.config import DEFAULT_CONFIG_ENV
 
 CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
+NOBODY = 65534
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The command as an operator runs it, without $KYNARA_CONFIG unless a
+    test sets one."""
+    env = {k: v for k, v in os.environ.items() if k != DEFAULT_CONFIG_ENV}
     return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        [*prefix, *CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env=env,
     )
 
 
@@ -120,6 +134,154 @@ def test_verify_with_a_config_trusts_its_signing_key_and_witness(tmp_path):
     assert result.stdout.startswith("ok: 7 records, head 7 ")
     assert "2 checkpoints" in result.stdout
     assert "note:" not in result.stdout
+
+
+def test_verify_fails_when_the_witness_given_holds_nothing_for_the_log(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 7, witness_root=tmp_path / "w")
+    key = _public_key_file(tmp_path, log.key)
+    (tmp_path / "mistyped").mkdir()
+    save_signing_key(log.key, tmp_path / "audit-key.pem")
+    config = _config_args(tmp_path, log.path, tmp_path / "audit-key.pem")
+
+    given = run(
+        "verify", log.path, "--trusted-key", key, "--witness", tmp_path / "mistyped"
+    )
+    configured = run(
+        "verify", *config, "--set", f"audit.witness_path={tmp_path / 'mistyped'}"
+    )
+
+    for result in (given, configured):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert re.match(r"witness\b.* 7: missing: the witness at ", result.stdout)
+        assert f"{tmp_path / 'mistyped'}" in result.stdout
+        assert "holds nothing for this log" in result.stdout
+
+
+def _config_args(tmp_path, log_path, signing_key) -> list[str]:
+    """--config with the shipped file, pointed at a log and key under tmp_path
+    (the shipped config sets audit.create_signing_key: true)."""
+    return [
+        *("--config", SHIPPED_CONFIG),
+        *("--set", f"audit.path={log_path}"),
+        *("--set", f"audit.signing_key={signing_key}"),
+        *("--set", f"audit.witness_path={tmp_path / 'w'}"),
+    ]
+
+
+FROM_TO = ("--from", "2026-12-04T09:00:00Z", "--to", "2026-12-04T10:00:00Z")
+
+
+@pytest.mark.parametrize(
+    ("command", "ways"),
+    [
+        (["verify"], ["AUDIT_PATH", "--audit DIR", "--config FILE"]),
+        (["export", *FROM_TO, "{tmp}/pack"], ["AUDIT_PATH", "--config FILE"]),
+        (["new-chain"], ["--config FILE"]),
+    ],
+    ids=["verify", "export", "new-chain"],
+)
+def test_an_evidence_command_without_a_log_or_config_says_how_to_give_one(
+    tmp_path, command, ways
+):
+    args = [arg.format(tmp=tmp_path) for arg in command]
+
+    result = run(*args)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"kynara-sidecar {command[0]}: ")
+    for way in [*ways, f"${DEFAULT_CONFIG_ENV}"]:
+        assert way in result.stderr
+    assert "identity.agent_id" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_set_without_a_config_is_a_usage_error(tmp_path):
+    key = _public_key_file(tmp_path)
+
+    result = run("verify", tmp_path / "log", "--trusted-key", key, "--set", "a.b=1")
+
+    assert result.returncode == 2
+    assert "--set needs a config" in result.stderr
+
+
+def test_verify_refuses_two_audit_paths_naming_both(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 3)
+    key = _public_key_file(tmp_path, log.key)
+
+    result = run(
+        "verify", log.path, "--audit", tmp_path / "other", "--trusted-key", key
+    )
+
+    assert result.returncode == 2
+    assert f"AUDIT_PATH {log.path} and --audit {tmp_path / 'other'}" in result.stderr
+    assert result.stdout == ""
+
+
+def test_verify_with_a_config_needs_only_the_public_key(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 7, witness_root=tmp_path / "w")
+    save_public_key(log.key.public(), tmp_path / "audit-key.pub")
+
+    result = run(
+        "verify", *_config_args(tmp_path, log.path, tmp_path / "audit-key.pem")
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok: 7 records, head 7 ")
+    # verify never creates a key, whatever audit.create_signing_key says.
+    assert not (tmp_path / "audit-key.pem").exists()
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory nobody may enter and read (tmp_path's parent is root's)."""
+    path = tempfile.mkdtemp(prefix="kynara-cli-")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
+
+
+def test_verify_as_a_user_who_cannot_read_the_private_key(shared_dir):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run verify as nobody")
+    log = write_sealed_log(shared_dir / "log", 7, witness_root=shared_dir / "w")
+    save_signing_key(log.key, shared_dir / "audit-key.pem")  # 0600, root's
+    save_public_key(log.key.public(), shared_dir / "audit-key.pub")
+    # The log itself must be readable to the verifier, and even a read-only
+    # LMDB reader registers in lock.mdb.
+    log.path.chmod(0o755)
+    (log.path / "data.mdb").chmod(0o644)
+    (log.path / "lock.mdb").chmod(0o666)
+    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    config = _config_args(shared_dir, log.path, shared_dir / "audit-key.pem")
+
+    result = run("verify", *config, prefix=as_nobody)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok: 7 records, head 7 ")
+
+
+def test_new_chain_on_a_missing_log_creates_no_key(tmp_path):
+    config = _config_args(tmp_path, tmp_path / "audit", tmp_path / "keys" / "k.pem")
+
+    result = run("new-chain", *config)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"kynara-sidecar new-chain: audit.signing_key: {tmp_path / 'keys' / 'k.pem'}"
+    )
+    assert "kynara-sidecar run" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_chain_on_a_missing_log_creates_no_directory(tmp_path):
+    save_signing_key(generate_key(), tmp_path / "k.pem")
+    config = _config_args(tmp_path, tmp_path / "audit", tmp_path / "k.pem")
+
+    result = run("new-chain", *config)
+
+    assert result.returncode == 1
+    assert f"no audit log at {tmp_path / 'audit'}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pem"]
 
 
 def test_help_lists_commands_and_examples():

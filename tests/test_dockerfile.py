@@ -727,7 +727,7 @@ def test_image_command_serves_and_stops_on_its_stop_signal(installed_image, tmp_
     verified = _run(
         [
             installed_image.command("kynara-sidecar"), "verify", "--audit",
-            daemon.audit, "--trusted-key", lib / "keys" / "audit.pem.pub",
+            daemon.audit, "--trusted-key", lib / "keys" / "audit.pub",
             "--witness", lib / "witness",
         ],
         cwd=installed_image.outside,

@@ -28,7 +28,7 @@ def cli_daemon(tmp_path):
             *CLI, "run", "--config", "config/kynara.yaml",
             "--set", f"agent.socket={socket}", "--set", "agent.port=0",
             "--set", "health.port=0", "--set", "http.port=0",
-            "--set", f"audit.path={audit}",
+            "--set", f"audit.path={audit}", *_key_and_witness(tmp_path),
         ],
         cwd=REPO_ROOT, stderr=log_file,
     )  # fmt: skip
@@ -43,11 +43,22 @@ def cli_daemon(tmp_path):
         log_file.close()
 
 
+def _key_and_witness(tmp_path) -> list[str]:
+    # Kept in tmp_path: the shipped paths under var/ are the developer's own.
+    return [
+        "--set", f"audit.signing_key={tmp_path / 'keys' / 'audit.pem'}",
+        "--set", f"audit.witness_path={tmp_path / 'witness'}",
+    ]  # fmt: skip
+
+
 def verify(audit) -> subprocess.CompletedProcess:
     # The config names the daemon's signing key (its public half is trusted)
-    # and its witness, both relative to the repository, as the daemon ran.
+    # and its witness, as the daemon ran.
     return subprocess.run(
-        [*CLI, "verify", "--config", "config/kynara.yaml", "--audit", str(audit)],
+        [
+            *CLI, "verify", "--config", "config/kynara.yaml",
+            *_key_and_witness(audit.parent), "--audit", str(audit),
+        ],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
 

@@ -109,9 +109,13 @@ class ProblemKind(enum.StrEnum):
     """What is wrong with the first bad record (or checkpoint) of a log."""
 
     # Bytes, a chain hash, a Merkle node, a checkpoint's root or chain hash,
-    # or the decisions index differ from what the records say.
+    # the decisions index, the seam or a stored policy set differ from what
+    # the records say; or a record other than a restart's first follows the
+    # head signed at a clean stop.
     EDITED = "edited"
-    # A gap in the record keys inside the log.
+    # A gap in the record keys inside the log; or evidence the log must hold
+    # is gone: a checkpoint the witness or a signed head names, the Merkle
+    # nodes database, or (when required) everything the witness held.
     MISSING = "missing"
     # A record sits at another sequence number than its own.
     REORDERED = "reordered"

@@ -34,7 +34,9 @@ the records the daemon signed for:
    and ``cryptography``. Its docstring describes the format for auditors.
 
 The pack is assembled in memory from one read-only store (which works
-beside a running daemon) and then written; ``OUT`` must be empty or absent.
+beside a running daemon) and then written; ``OUT`` must be empty or absent,
+and its parent must exist: only ``OUT`` itself is created, so a mistyped
+path fails instead of growing a directory tree somewhere unexpected.
 """
 
 from __future__ import annotations
@@ -50,16 +52,12 @@ import msgspec
 
 from kynara_sidecar.audit import verify_pack as pack_format
 from kynara_sidecar.audit.checkpoint import CheckpointV1, encode_checkpoint
-from kynara_sidecar.audit.keys import (
-    PublicKey,
-    load_public_key,
-    load_signing_key,
-    load_trusted_keys,
-)
+from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.record import parse_timestamp
+from kynara_sidecar.audit.startup import configured_public_keys
 from kynara_sidecar.audit.store import AuditStore, StoredRecord
 from kynara_sidecar.decision import Timestamp
-from kynara_sidecar.errors import ConfigError, KynaraError
+from kynara_sidecar.errors import KynaraError
 
 if TYPE_CHECKING:
     from kynara_sidecar.config import AuditConfig
@@ -116,35 +114,14 @@ def parse_time(text: str, *, where: str = "time") -> Timestamp:
 
 def config_keys(cfg: AuditConfig, section: str = "audit") -> list[PublicKey]:
     """The public keys a pack carries: ``trusted_keys`` and the public halves
-    of ``signing_key`` and ``previous_signing_key``.
-
-    A signing key's half is read from the private key when this process may
-    read it, else from ``<key>.pub`` or the ``.pub`` file beside it (as
-    ``keygen`` writes them); keys are never created here.
+    of ``signing_key`` and ``previous_signing_key``
+    (``startup.configured_public_keys``: the ``.pub`` beside a private key
+    this process may not read will do; keys are never created here).
 
     Raises:
         ConfigError: a configured key cannot be loaded; names the setting.
     """
-    keys = list(load_trusted_keys(cfg.trusted_keys).values())
-    for name in ("signing_key", "previous_signing_key"):
-        path = getattr(cfg, name)
-        if path:
-            keys.append(_public_half(pathlib.Path(path), f"{section}.{name}"))
-    return keys
-
-
-def _public_half(path: pathlib.Path, where: str) -> PublicKey:
-    try:
-        return load_signing_key(path).public()
-    except ConfigError as err:
-        problem = err
-    for candidate in (pathlib.Path(f"{path}.pub"), path.with_suffix(".pub")):
-        if candidate.is_file():
-            return load_public_key(candidate)
-    raise ConfigError(
-        f"{where}: cannot read the public half of {path} ({problem}), and no "
-        f"{path}.pub or {path.with_suffix('.pub')} beside it"
-    )
+    return list(configured_public_keys(cfg, section).values())
 
 
 def _key(ts: Timestamp) -> tuple[int, int]:
@@ -388,20 +365,33 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_pack(out: str | os.PathLike[str], files: Mapping[str, bytes]) -> None:
-    """Write the files under ``out``, which must be empty or absent.
-
-    Raises:
-        ExportError: ``out`` is a file or a non-empty directory (it is left
-            untouched), or cannot be written.
-    """
-    out = pathlib.Path(out)
+def _check_out(out: pathlib.Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(
             f"{out}: expected an empty or new directory for the pack; "
             "it is never overwritten"
         )
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ExportError(
+            f"{out}: expected its parent directory {parent} to exist; export "
+            "creates only the pack directory itself (create the parent first)"
+        )
+
+
+def write_pack(out: str | os.PathLike[str], files: Mapping[str, bytes]) -> None:
+    """Write the files under ``out``, which must be empty or absent, in a
+    parent directory that exists.
+
+    Raises:
+        ExportError: ``out`` is a file or a non-empty directory (it is left
+            untouched), its parent does not exist (nothing is created), or
+            it cannot be written.
+    """
+    out = pathlib.Path(out)
+    _check_out(out)
     try:
+        out.mkdir(exist_ok=True)
         for name, data in files.items():
             target = out / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -427,7 +417,8 @@ def export_pack(
     Args:
         audit_path: the log's directory (``audit.path``); opened read-only,
             so a running daemon may keep appending.
-        out: the pack directory; must be empty or absent.
+        out: the pack directory; must be empty or absent, in an existing
+            parent directory.
         start: the range's first instant (inclusive).
         stop: the range's last instant (inclusive).
         keys: public keys to include (trusted keys, the signing key's half).
@@ -442,11 +433,8 @@ def export_pack(
         AuditUnavailable: there is no audit log at ``audit_path``.
     """
     out = pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(
-            f"{out}: expected an empty or new directory for the pack; "
-            "it is never overwritten"
-        )
+    # Checked before the (possibly long) read, and again when writing.
+    _check_out(out)
     store = AuditStore.open(audit_path, readonly=True)
     try:
         files, summary = build_pack(

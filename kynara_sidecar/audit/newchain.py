@@ -5,7 +5,10 @@ would bury the break. An operator who has kept the evidence can instead
 start a new log (``kynara-sidecar new-chain``). It:
 
 1. takes the log's writer lock, so no daemon is appending;
-2. verifies the whole log and refuses when it verifies (nothing to break);
+2. verifies the whole log and refuses when it verifies (nothing to break).
+   A log that is gone, empty or unreadable is described by the newest log
+   the witness holds for this daemon (a deleted log is a break too); with
+   no log and no witnessed one there is nothing to record;
 3. moves the old environment (``data.mdb``, ``lock.mdb``) into
    ``<audit.path>/broken-<time>-<log id>/``, untouched, for investigation;
 4. creates a new log (a new log id, so its witness files never mix with the
@@ -37,7 +40,7 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.startup import AuditKeys
 from kynara_sidecar.audit.store import AuditStore, lock_directory
 from kynara_sidecar.audit.verify import format_report, verify_store
-from kynara_sidecar.audit.witness import Witness
+from kynara_sidecar.audit.witness import Witness, witnessed_logs
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import AuditUnavailable
 
@@ -51,7 +54,8 @@ class NewChain(NamedTuple):
 
     old_log_id: str
     new_log_id: str
-    kept_at: pathlib.Path
+    # Where the old environment was moved; None when there was none.
+    kept_at: pathlib.Path | None
     problem: str
 
 
@@ -79,27 +83,68 @@ def start_new_chain(
             verifies (without ``force``), or a file cannot be moved.
     """
     path = os.fspath(path)
+    if not (pathlib.Path(path) / "data.mdb").exists():
+        # Nothing to move aside: only a log the witness remembers is a loss.
+        _from_witness(witness_root, origin, f"no audit log at {path}")
     lock_fd = lock_directory(path)
     try:
-        old = AuditStore.open(path, readonly=True)
-        try:
-            report = _verify(old, keys, witness_root, origin)
-            break_entry, problem = _describe(old, report, force)
-        finally:
-            old.close()
+        break_entry, problem = _examine(path, keys, witness_root, origin, force)
         time = format_timestamp(Timestamp.from_nanos(now_nanos))
         kept_at = pathlib.Path(path) / (
             f"broken-{time.replace(':', '')}-{break_entry.previous_log_id[:8]}"
         )
-        _move_environment(pathlib.Path(path), kept_at)
+        if not _move_environment(pathlib.Path(path), kept_at):
+            kept_at = None
     finally:
         # AuditStore.open takes the lock again on its own descriptor.
         os.close(lock_fd)
-    break_entry = msgspec.structs.replace(break_entry, kept_at=str(kept_at))
+    kept = str(kept_at) if kept_at else ""
+    break_entry = msgspec.structs.replace(break_entry, kept_at=kept)
     new_log_id = _write_break(
         path, keys, origin, witness_root, now_nanos, time, problem, break_entry
     )
     return NewChain(break_entry.previous_log_id, new_log_id, kept_at, problem)
+
+
+def _examine(
+    path: str, keys: AuditKeys, witness_root: str, origin: str, force: bool
+) -> tuple[ChainBreakEntry, str]:
+    try:
+        old = AuditStore.open(path, readonly=True)
+    except AuditUnavailable as err:
+        # Unreadable (truncated, emptied): its id is lost with it; the
+        # witness says which log it was, if any.
+        return _from_witness(witness_root, origin, str(err), required=False)
+    try:
+        if old.head().seq == 0:
+            return _from_witness(witness_root, origin, f"audit log {path} is empty")
+        return _describe(old, _verify(old, keys, witness_root, origin), force)
+    finally:
+        old.close()
+
+
+def _from_witness(
+    witness_root: str, origin: str, why: str, *, required: bool = True
+) -> tuple[ChainBreakEntry, str]:
+    """Describe a log that is gone by the newest log the witness holds."""
+    logs = witnessed_logs(witness_root, origin) if witness_root else {}
+    if not logs:
+        if required:
+            raise AuditUnavailable(
+                f"{why}, and the witness holds no log of {origin}: there is no "
+                "break to record"
+            )
+        return ChainBreakEntry(previous_log_id="", problem="unreadable"), why
+    log_id, latest = max(logs.items(), key=lambda item: item[1].time)
+    entry = ChainBreakEntry(
+        previous_log_id=log_id,
+        last_good_seq=latest.tree_size,
+        last_good_chain_hash=latest.chain_hash,
+        problem="missing",
+    )
+    return entry, (
+        f"{why}; the witness holds log {log_id} up to tree size {latest.tree_size}"
+    )
 
 
 def _verify(old: AuditStore, keys: AuditKeys, witness_root: str, origin: str):
@@ -128,17 +173,19 @@ def _describe(old: AuditStore, report, force: bool) -> tuple[ChainBreakEntry, st
     return entry, format_report(report)
 
 
-def _move_environment(path: pathlib.Path, kept_at: pathlib.Path) -> None:
+def _move_environment(path: pathlib.Path, kept_at: pathlib.Path) -> bool:
+    present = [name for name in _ENV_FILES if (path / name).exists()]
+    if not present:
+        return False
     try:
         kept_at.mkdir(mode=0o700)
-        for name in _ENV_FILES:
-            source = path / name
-            if source.exists():
-                os.replace(source, kept_at / name)
+        for name in present:
+            os.replace(path / name, kept_at / name)
     except OSError as err:
         raise AuditUnavailable(
             f"cannot move the broken log into {kept_at}: {err.strerror or err}"
         ) from err
+    return True
 
 
 def _write_break(

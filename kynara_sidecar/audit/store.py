@@ -46,8 +46,11 @@ with the transaction aborted, so nothing is ever half-written.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -246,11 +249,18 @@ class AuditStore:
         self._lock_fd = lock_fd
         self._extra = frozenset(dbs) - frozenset(_CORE_DBS) - set(_OPTIONAL_DBS)
         self._max_key = env.max_key_size()
+        self._pinned = threading.local()
         self._head = self.head()
         self._log_id = self._meta(_KEY_LOG_ID, b"").decode("ascii", "replace")
         # The tree's right edge, kept in step with the head: appends extend
         # a copy and adopt it only once their transaction committed.
-        self._range = None if _NODES_DB not in dbs else self._load_range(self._head.seq)
+        # Only appends need it: a read-only open must not fail on a damaged
+        # tree before a verifier gets to name the damage.
+        self._range = (
+            None
+            if readonly or _NODES_DB not in dbs
+            else self._load_range(self._head.seq)
+        )
 
     @classmethod
     def open(
@@ -530,15 +540,54 @@ class AuditStore:
 
     # ------------------------------------------------------------------ reads
 
-    def _meta(self, key: bytes, default: bytes | None = None) -> bytes | None:
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Pin one read transaction for this thread's reads inside the block.
+
+        Every read in the block (records, head, checkpoints, nodes) then sees
+        the same snapshot, even while a daemon commits beside it: a
+        verifier must not compare a head from one moment with records from
+        another. Blocks nest; other threads are unaffected.
+        """
+        if getattr(self._pinned, "txn", None) is not None:
+            yield
+            return
         with self._env.begin() as txn:
+            self._pinned.txn = txn
+            try:
+                yield
+            finally:
+                self._pinned.txn = None
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        pinned = getattr(self._pinned, "txn", None)
+        if pinned is not None:
+            yield pinned
+            return
+        with self._env.begin() as txn:
+            yield txn
+
+    def _meta(self, key: bytes, default: bytes | None = None) -> bytes | None:
+        with self._read() as txn:
             value = txn.get(key, db=self._dbs[b"meta"])
         return default if value is None else bytes(value)
 
     def seam(self) -> int:
-        """The tree size up to which records were pruned (0 when none were)."""
+        """The tree size up to which records were pruned (0 when none were).
+
+        Raises:
+            AuditUnavailable: the stored seam is not an 8-byte tree size.
+        """
         raw = self._meta(_KEY_SEAM)
-        return 0 if raw is None else int.from_bytes(raw, "big")
+        if raw is None:
+            return 0
+        if len(raw) != _SEQ_SIZE:
+            raise AuditUnavailable(
+                f"audit log {self._path}: meta seam is {len(raw)} bytes, not "
+                f"{_SEQ_SIZE}: run `kynara-sidecar verify {self._path}`"
+            )
+        return int.from_bytes(raw, "big")
 
     def _node(self, txn: lmdb.Transaction, level: int, index: int) -> bytes:
         value = txn.get(_node_key(level, index), db=self._dbs[_NODES_DB])
@@ -554,7 +603,7 @@ class AuditStore:
         db = self._dbs.get(_NODES_DB)
         if db is None:
             return None
-        with self._env.begin() as txn:
+        with self._read() as txn:
             value = txn.get(_node_key(level, index), db=db)
         return None if value is None else bytes(value)
 
@@ -569,7 +618,7 @@ class AuditStore:
             raise ValueError(
                 f"tree size must be in [0, {head}] (the log's size), got {tree_size}"
             )
-        with self._env.begin() as txn:
+        with self._read() as txn:
             return use(lambda level, index: self._node(txn, level, index))
 
     def merkle_root(self, tree_size: int) -> bytes:
@@ -619,7 +668,7 @@ class AuditStore:
         )
 
     def _load_range(self, size: int) -> merkle.CompactRange:
-        with self._env.begin() as txn:
+        with self._read() as txn:
             return merkle.compact_range_from_nodes(
                 lambda level, index: self._node(txn, level, index), size
             )
@@ -629,7 +678,7 @@ class AuditStore:
         db = self._dbs.get(_CHECKPOINTS_DB)
         if db is None:
             return None
-        with self._env.begin() as txn:
+        with self._read() as txn:
             raw = txn.get(_seq_key(tree_size), db=db)
             return None if raw is None else decode_checkpoint(bytes(raw))
 
@@ -642,7 +691,7 @@ class AuditStore:
         db = self._dbs.get(_CHECKPOINTS_DB)
         if db is None:
             return
-        with self._env.begin() as txn:
+        with self._read() as txn:
             cursor = txn.cursor(db=db)
             if not cursor.set_range(_seq_key(after + 1)):
                 return
@@ -654,9 +703,20 @@ class AuditStore:
         db = self._dbs.get(_CHECKPOINTS_DB)
         if db is None:
             return None
-        with self._env.begin() as txn:
+        with self._read() as txn:
             cursor = txn.cursor(db=db)
             if not cursor.last():
+                return None
+            return decode_checkpoint(bytes(cursor.value()))
+
+    def previous_checkpoint(self) -> CheckpointV1 | None:
+        """The checkpoint sealed before the latest one, or ``None``."""
+        db = self._dbs.get(_CHECKPOINTS_DB)
+        if db is None:
+            return None
+        with self._read() as txn:
+            cursor = txn.cursor(db=db)
+            if not cursor.last() or not cursor.prev():
                 return None
             return decode_checkpoint(bytes(cursor.value()))
 
@@ -726,14 +786,14 @@ class AuditStore:
 
     def stored_head(self) -> Head | None:
         """The head exactly as stored, or ``None`` when none is stored."""
-        with self._env.begin() as txn:
+        with self._read() as txn:
             raw = txn.get(_KEY_HEAD, db=self._dbs[b"meta"])
         return None if raw is None else _decode_head(raw)
 
     def get(self, seq: int) -> StoredRecord | None:
         """The record ``seq``, or ``None`` if there is none."""
         key = _seq_key(seq)
-        with self._env.begin() as txn:
+        with self._read() as txn:
             data = txn.get(key, db=self._dbs[b"records"])
             if data is None:
                 return None
@@ -742,7 +802,7 @@ class AuditStore:
 
     def find_decision(self, decision_id: str) -> int | None:
         """The seq of the decision record with this id, or ``None``."""
-        with self._env.begin() as txn:
+        with self._read() as txn:
             raw = txn.get(decision_id.encode(), db=self._dbs[b"decisions"])
         return None if raw is None else int.from_bytes(raw, "big")
 
@@ -754,7 +814,7 @@ class AuditStore:
         """
         if db not in self._extra:
             raise ValueError(f"expected one of the extra_dbs, got {db!r}")
-        with self._env.begin() as txn:
+        with self._read() as txn:
             value = txn.get(key, db=self._dbs[db])
         return None if value is None else bytes(value)
 
@@ -782,7 +842,7 @@ class AuditStore:
         if db is None or not revision:
             return None
         key = _policy_key(part, revision)
-        with self._env.begin() as txn:
+        with self._read() as txn:
             raw = txn.get(key, db=db)
             if raw is None:
                 return None
@@ -795,6 +855,25 @@ class AuditStore:
                 f"not a stored policy source: {err}"
             ) from err
 
+    def iter_policy_sources(
+        self,
+    ) -> Iterator[tuple[Literal["policy", "directory"], str, bytes]]:
+        """Yield every stored ``(part, revision, raw PolicySource bytes)``.
+
+        The bytes are as stored; ``get_policy_source`` decodes one.
+        """
+        db = self._dbs.get(POLICY_SETS_DB)
+        if db is None:
+            return
+        prefixes = {prefix: part for part, prefix in _POLICY_KEY_PREFIXES.items()}
+        with self._read() as txn:
+            for key, value in txn.cursor(db=db):
+                key = bytes(key)
+                for prefix, part in prefixes.items():
+                    if key.startswith(prefix):
+                        revision = key[len(prefix) :].decode("utf-8", "replace")
+                        yield part, revision, bytes(value)
+
     def iter_records(self, start: int = 1) -> Iterator[StoredRecord]:
         """Yield records from ``start`` on, in seq order, from one snapshot.
 
@@ -802,7 +881,7 @@ class AuditStore:
         closed; a long-lived one keeps LMDB from reusing freed pages.
         """
         records, chain = self._dbs[b"records"], self._dbs[b"chain"]
-        with self._env.begin() as txn:
+        with self._read() as txn:
             cursor = txn.cursor(db=records)
             if not cursor.set_range(_seq_key(start)):
                 return
@@ -870,11 +949,72 @@ def lock_directory(path: str) -> int:
     return fd
 
 
+# LMDB's data file starts with two meta pages; each holds, after a 16-byte
+# page header: magic, version, map address, map size, two 48-byte database
+# records (the first one's first field is the page size), the last page
+# number and the transaction id. The newer of the two is the live one.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("=II8x8x")
+_META_DBS = 16 + _META.size
+_META_TAIL = struct.Struct("=QQ")
+
+
+def check_data_file(path: str) -> None:
+    """Refuse a data.mdb shorter than its own header says it is.
+
+    LMDB maps the file and trusts its header, so reading a page past the
+    end of a truncated file kills the process with SIGBUS: no error, no log
+    line. This reads the two meta pages instead and checks the size first.
+
+    Raises:
+        AuditUnavailable: the file is empty or truncated.
+    """
+    data_path = os.path.join(path, "data.mdb")
+    try:
+        with open(data_path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            first = handle.read(_META_DBS + 4)
+            if size == 0:
+                raise AuditUnavailable(
+                    f"audit log {path}: data.mdb is empty, so the log it held is "
+                    "gone: restore it, or run `kynara-sidecar new-chain` to start "
+                    "a new log that names the loss"
+                )
+            if len(first) < _META_DBS + 4:
+                return  # too short to be LMDB's: let LMDB say what it is
+            magic, _ = _META.unpack_from(first, 16)
+            (page_size,) = struct.unpack_from("=I", first, _META_DBS)
+            if magic != _LMDB_MAGIC or not 512 <= page_size <= 1 << 16:
+                return
+            metas = []
+            for page in (0, 1):
+                handle.seek(page * page_size + _META_DBS + 96)
+                tail = handle.read(_META_TAIL.size)
+                if len(tail) == _META_TAIL.size:
+                    metas.append(_META_TAIL.unpack(tail))
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise AuditUnavailable(
+            f"cannot read audit log {data_path}: {err.strerror or err}: check "
+            "audit.path and its permissions"
+        ) from err
+    last_page, _ = max(metas, key=lambda meta: meta[1])
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise AuditUnavailable(
+            f"audit log {path}: data.mdb is truncated: its header needs "
+            f"{needed} bytes, the file holds {size}: restore it, or run "
+            "`kynara-sidecar new-chain` to start a new log that names the loss"
+        )
+
+
 def _open_env(
     path: str, map_size: int, durability: str, readonly: bool, extra: int
 ) -> lmdb.Environment:
     if readonly and not os.path.exists(os.path.join(path, "data.mdb")):
         raise AuditUnavailable(f"no audit log at {path}: data.mdb not found")
+    check_data_file(path)
     try:
         return lmdb.open(
             path,
@@ -930,10 +1070,15 @@ def _complete_evidence(env: lmdb.Environment, dbs: dict[bytes, lmdb._Database]) 
     """Give the log its id, and its Merkle nodes if it predates the tree."""
     meta, nodes = dbs[b"meta"], dbs[_NODES_DB]
     with env.begin(write=True) as txn:
-        if txn.get(_KEY_LOG_ID, db=meta) is None:
+        signed = txn.stat(dbs[_CHECKPOINTS_DB])["entries"] > 0
+        # A log whose checkpoints name an id it no longer holds was tampered
+        # with: leave the id missing for verification to report, never mint
+        # a new one that would send the witness lookup elsewhere.
+        if txn.get(_KEY_LOG_ID, db=meta) is None and not signed:
             txn.put(_KEY_LOG_ID, os.urandom(16).hex().encode(), db=meta)
-        leaves = txn.stat(nodes)["entries"]
-        if leaves:
+        # Nodes are built only for a log that predates the tree; a signed log
+        # without them lost them, and verification must say so.
+        if txn.stat(nodes)["entries"] or signed:
             return
         tree = merkle.CompactRange()
         for _, data in txn.cursor(db=dbs[b"records"]):

@@ -31,11 +31,32 @@ each is checked against what the record bytes themselves give:
 
 The log id binds the witness to the log. Witness files live under the id
 the log's meta names; an id rewritten there points the check at a
-directory that holds nothing, which alone is only a note (a witness set up
-after the log was started holds nothing for it either: the daemon does not
-back-fill one). Every signed statement names the id it was signed for, so
-the log's own checkpoints then disagree with its meta (``edited``); and a
-witness statement copied in from another log is refused the same way.
+directory that holds nothing. Every signed statement names the id it was
+signed for, so the log's own checkpoints then disagree with its meta
+(``edited``); and a witness statement copied in from another log is
+refused the same way. A witness that holds nothing for a log that has
+checkpoints (a mistyped ``--witness``, its files lost) is a note, or with
+``require_witness`` (what ``verify`` asks when given a witness) a problem
+(``missing``); the daemon's start check does not require it, since the
+writer catches a newly configured witness up. A witness that cannot be
+read at all (not a directory, no permission) is no evidence of anything:
+``WitnessError`` is raised, naming the setting.
+
+Evidence deleted from the log. The witness is also a list of what the log
+must hold: every witnessed checkpoint within the log's size must be stored
+in it, a witnessed head needs the log's own head checkpoint, and a head
+(witnessed or stored) must have the checkpoint a clean stop seals at its
+size (``missing``). Checkpoints came with the Merkle nodes, so a log with
+checkpoints (stored or witnessed) but no ``nodes`` database lost them
+(``missing``); only a log with neither predates the tree.
+
+What a signature does not cover. Records after the last signed statement
+are protected only by the chain until the next seal: whoever can write the
+LMDB file can append well-chained records (with nodes and a new stored
+head) before any daemon signs them. After a clean stop this is narrowed:
+the signed head names the log's size then, and a restarting daemon's first
+record after it is a ``key_rotation`` or the ``start`` marker, so anything
+else there is ``edited``.
 
 Where the walk starts. With nothing pruned, at record 1 with the genesis
 hash and an empty tree. After ``AuditStore.prune`` the records 1..s are
@@ -46,29 +67,37 @@ whose first record is not 1, or not s+1, or whose seam checkpoint or seam
 nodes are gone, was cut at the front (``truncated_front``). Checkpoints
 before the seam are checked against the stored nodes (their records are
 gone), and a key that only a pruned rotation introduced must be
-configured to be trusted there.
+configured to be trusted there. A seam past the log's head, or one with
+records still stored at or below it, was rewritten (``seam``, ``edited``):
+a prune drops those records and moves the seam in one transaction.
 
 ``from_tree_size=t`` checks only the tail after the checkpoint at t, with
 the configured keys: what the daemon does at start, so start-up time does
-not grow with the log. ``None`` checks everything the log still holds.
+not grow with the log. The front is still checked, cheaply: the first
+record must be seam+1, and the seam checkpoint and its nodes must be there.
+``None`` checks everything the log still holds, and also that each stored
+policy set cited by a record hashes to its revision (``policy set``,
+``edited``).
 
 The walk stops at the first problem and names the record or tree size,
 the kind (``chain.ProblemKind``) and why. What could not be checked at
 all (no witness, no checkpoints yet) goes in the report's notes.
 
 The log is opened read-only (no writer lock, LMDB's reader table), so this
-works beside a running daemon: the record walk reads one snapshot; the
-nodes, checkpoints and index it consults are append-only, so later reads
-still hold what that snapshot needs.
+works beside a running daemon: every read goes through one pinned read
+transaction (``AuditStore.reading``), so the head, the records, the nodes
+and the checkpoints are all of one snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
+import lmdb
 import msgspec
 
 from kynara_sidecar.audit import merkle
@@ -88,14 +117,17 @@ from kynara_sidecar.audit.checkpoint import (
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.record import KeyRotationEntry, RecordKind
 from kynara_sidecar.audit.rotation import trusted_after
-from kynara_sidecar.audit.store import AuditStore, StoredRecord
-from kynara_sidecar.audit.witness import Witness, WitnessError
-from kynara_sidecar.errors import AuditUnavailable
+from kynara_sidecar.audit.store import AuditStore, Head, StoredRecord
+from kynara_sidecar.audit.witness import HEAD_FILE, Witness, WitnessError
+from kynara_sidecar.errors import AuditUnavailable, PolicyError
+from kynara_sidecar.policy.compiler import compute_revision
+from kynara_sidecar.policy.loader import decode_document
 
 __all__ = [
     "ChainProblem",
     "ProblemKind",
     "VerifyReport",
+    "WitnessError",
     "format_report",
     "verify_log",
     "verify_store",
@@ -105,6 +137,7 @@ NO_WITNESS_NOTE = (
     "no witness configured (audit.witness_path, --witness): a truncated tail "
     "cannot be detected"
 )
+_WITNESS_SETTING = "check audit.witness_path (or --witness)"
 
 # Statement subjects, in the order they are checked at one tree size.
 _CHECKPOINT = "checkpoint"
@@ -112,11 +145,22 @@ _HEAD = "head checkpoint"
 _WITNESS = "witness checkpoint"
 _WITNESS_HEAD = "witness head"
 _ORDER = {_CHECKPOINT: 0, _HEAD: 1, _WITNESS: 2, _WITNESS_HEAD: 3}
+# Subjects of problems that are not a record or a signed statement.
+_SEAM = "seam"
+_WITNESS_DIR = "witness"
+_POLICY_SET = "policy set"
+_PolicyPart = Literal["policy", "directory"]
+_POLICY_PARTS: tuple[_PolicyPart, ...] = ("policy", "directory")
+
+# What a restarting daemon appends first after the head it signed at its
+# last clean stop: a key rotation (before the marker), or the start marker.
+_START_EVENT = "start"
 
 _SIGNATURE_PROBLEMS = {
     CheckpointProblem.UNKNOWN_KEY: ProblemKind.UNKNOWN_KEY,
     CheckpointProblem.BAD_SIGNATURE: ProblemKind.BAD_SIGNATURE,
 }
+_WITNESS_FILE_RE = re.compile(r"checkpoint-(\d{20})\.json")
 
 
 class _Statement(NamedTuple):
@@ -147,9 +191,14 @@ def verify_store(
     witness: Witness | None,
     *,
     from_tree_size: int | None = None,
+    require_witness: bool = False,
 ) -> VerifyReport:
     """Check an open log against its checkpoints, the trusted keys and the
     witness; report the first problem.
+
+    Every read is of one snapshot (``AuditStore.reading``), so a daemon
+    appending beside the check cannot make it compare a head from one
+    moment with records from another.
 
     Args:
         store: the log, open read-only or for writing (nothing is written).
@@ -159,23 +208,50 @@ def verify_store(
         witness: the log's witness directory, or ``None`` when there is
             none (a note then says a cut tail cannot be detected).
         from_tree_size: check only the records after the checkpoint at this
-            tree size (the daemon's start-up check); ``None`` checks all.
+            tree size (the daemon's start-up check), and the front cheaply;
+            ``None`` checks all.
+        require_witness: a witness that holds nothing for a log with
+            checkpoints is a problem (``missing``), not a note: for
+            ``verify`` given a witness. Ignored when ``witness`` is None.
 
     Returns:
         The report; ``report.ok`` when everything checks out.
 
     Raises:
-        AuditUnavailable: the log cannot be read.
+        WitnessError: the witness cannot be read at all (its path is not a
+            directory, or is not readable); names the setting.
+        AuditUnavailable: the log cannot be read (LMDB reports damage).
     """
-    walk = _Walk(store, trusted)
+    try:
+        with store.reading():
+            return _verify(store, trusted, witness, from_tree_size, require_witness)
+    except lmdb.Error as err:
+        raise AuditUnavailable(
+            f"audit log {store.path} cannot be read ({err}): its data file is "
+            "damaged; restore it, or run `kynara-sidecar new-chain` to start a "
+            "new log that names the loss"
+        ) from err
+
+
+def _verify(
+    store: AuditStore,
+    trusted: Mapping[str, PublicKey] | None,
+    witness: Witness | None,
+    from_tree_size: int | None,
+    require_witness: bool,
+) -> VerifyReport:
+    walk = _Walk(store, trusted, full=from_tree_size is None)
     stored_head = store.stored_head()
     head_seq, head_hash = stored_head or (0, GENESIS_HASH)
     try:
-        statements = _statements(store, witness, from_tree_size, walk.notes)
+        statements = _statements(store, witness, from_tree_size, stored_head, walk)
+        walk.check_front(stored_head, statements)
         pending = walk.start(from_tree_size, statements)
         pending = walk.run(pending)
         walk.check_head(stored_head)
         walk.check_beyond(pending)
+        walk.check_policy_sets()
+        walk.check_witnessed(witness, require_witness)
     except _Stop as stop:
         problem: ChainProblem | None = stop.problem
     else:
@@ -198,6 +274,7 @@ def verify_log(
     witness_root: str | os.PathLike[str] | None = None,
     *,
     origin: str | None = None,
+    require_witness: bool = False,
 ) -> VerifyReport:
     """Open the log at ``path`` read-only and check all of it.
 
@@ -212,12 +289,16 @@ def verify_log(
         origin: the log's origin (``identity.daemon_id``) to find its
             witness directory; by default the one its checkpoints (or its
             records) name.
+        require_witness: a witness holding nothing for a log with
+            checkpoints is a problem, not a note (see ``verify_store``);
+            ``kynara-sidecar verify`` asks for it when given a witness.
 
     Returns:
         The report; ``report.ok`` when every record, node, checkpoint and
         witnessed statement checks out.
 
     Raises:
+        WitnessError: the witness cannot be read at all; names the setting.
         AuditUnavailable: there is no audit log at ``path``, or it cannot be
             opened (its format version is unknown, say).
     """
@@ -230,7 +311,7 @@ def verify_log(
                 witness = Witness(witness_root, origin, store.log_id)
             else:
                 notes.append("the log names no origin yet: no witness to check")
-        report = verify_store(store, trusted, witness)
+        report = verify_store(store, trusted, witness, require_witness=require_witness)
         if witness is None and witness_root:
             report = msgspec.structs.replace(
                 report, notes=tuple(n for n in report.notes if n != NO_WITNESS_NOTE)
@@ -265,11 +346,15 @@ def _statements(
     store: AuditStore,
     witness: Witness | None,
     from_tree_size: int | None,
-    notes: list[str],
+    stored_head: Head | None,
+    walk: _Walk,
 ) -> list[_Statement]:
     """Every signed statement to check, by tree size, in check order."""
     after = 0 if from_tree_size is None else max(from_tree_size - 1, 0)
-    found = [_Statement(_CHECKPOINT, cp) for cp in _stored_checkpoints(store, after)]
+    limit = stored_head.seq if stored_head is not None else 0
+    found = [
+        _Statement(_CHECKPOINT, cp) for cp in _stored_checkpoints(store, after, limit)
+    ]
     try:
         head = store.head_checkpoint()
     except CheckpointError as err:
@@ -277,15 +362,26 @@ def _statements(
     if head is not None:
         found.append(_Statement(_HEAD, head))
     if witness is None:
-        notes.append(NO_WITNESS_NOTE)
+        walk.notes.append(NO_WITNESS_NOTE)
     else:
-        found += _witnessed(witness, store, notes)
+        witnessed = _witnessed(witness)
+        if not witnessed:
+            walk.witness_empty = True
+            walk.notes.append(
+                f"the witness at {witness.path} holds nothing for this log "
+                f"(origin {witness.origin}, log id {store.log_id}): its tail is "
+                "not witnessed"
+            )
+        found += witnessed
     if from_tree_size is not None:
         found = [st for st in found if st.tree_size >= from_tree_size]
+    walk.learn(found)
     return sorted(found, key=lambda st: (st.tree_size, _ORDER[st.subject]))
 
 
-def _stored_checkpoints(store: AuditStore, after: int) -> list[CheckpointV1]:
+def _stored_checkpoints(
+    store: AuditStore, after: int, limit: int
+) -> list[CheckpointV1]:
     found: list[CheckpointV1] = []
     last = after
     try:
@@ -302,37 +398,52 @@ def _stored_checkpoints(store: AuditStore, after: int) -> list[CheckpointV1]:
             found.append(cp)
             last = cp.tree_size
     except CheckpointError as err:
+        at = _undecodable_checkpoint(store, last, limit)
+        if at is None:
+            raise _stop(
+                last,
+                ProblemKind.EDITED,
+                f"the stored checkpoint after this one does not decode: {err}",
+                _CHECKPOINT,
+            ) from None
         raise _stop(
-            last,
-            ProblemKind.EDITED,
-            f"the stored checkpoint after this one does not decode: {err}",
-            _CHECKPOINT,
+            at, ProblemKind.EDITED, f"does not decode: {err}", _CHECKPOINT
         ) from None
     return found
 
 
-def _witnessed(
-    witness: Witness, store: AuditStore, notes: list[str]
-) -> list[_Statement]:
+def _undecodable_checkpoint(store: AuditStore, after: int, limit: int) -> int | None:
+    # The iterator does not say which key failed; look each size up until
+    # the head (only on this failure path: a segment's worth of lookups).
+    for size in range(after + 1, limit + 1):
+        try:
+            store.checkpoint(size)
+        except CheckpointError:
+            return size
+    return None
+
+
+def _witnessed(witness: Witness) -> list[_Statement]:
     try:
         found = [_Statement(_WITNESS, cp) for cp in witness.checkpoints()]
         head = witness.head()
     except WitnessError as err:
-        raise _stop(0, ProblemKind.EDITED, str(err), "witness") from None
+        if isinstance(err.__cause__, CheckpointError):
+            # A file there that is not a checkpoint: evidence was edited.
+            match = _WITNESS_FILE_RE.search(str(err))
+            at = int(match.group(1)) if match else 0
+            subject = _WITNESS if match else _WITNESS_HEAD
+            if not match and HEAD_FILE not in str(err):
+                subject = _WITNESS_DIR
+            raise _stop(at, ProblemKind.EDITED, str(err), subject) from None
+        raise WitnessError(f"{err}: {_WITNESS_SETTING}") from err
+    except OSError as err:
+        raise WitnessError(
+            f"cannot read the witness at {witness.path} "
+            f"({err.strerror or err}): {_WITNESS_SETTING}"
+        ) from err
     if head is not None:
         found.append(_Statement(_WITNESS_HEAD, head))
-    if not found:
-        # A rewritten meta log_id also lands here, but then the stored
-        # checkpoints name another id and the walk stops on them.
-        # TODO(#5): a witness that never saw this log cannot vouch for its
-        # tail (its files lost, or --origin naming another daemon). Fail
-        # when the log has checkpoints but its witness has none, once the
-        # daemon back-fills a witness configured after the log was started;
-        # until then such a log would fail for a setting added later.
-        notes.append(
-            f"the witness at {witness.path} holds nothing for this log (origin "
-            f"{witness.origin}, log id {store.log_id}): its tail is not witnessed"
-        )
     return found
 
 
@@ -341,10 +452,11 @@ def _origin(store: AuditStore) -> str | None:
         for cp in (store.latest_checkpoint(), store.head_checkpoint()):
             if cp is not None:
                 return cp.origin
-    with contextlib.closing(store.iter_records(store.seam() + 1)) as records:
-        for stored in records:
-            origin = _parse(stored.record_bytes).get("daemon_id")
-            return origin if isinstance(origin, str) and origin else None
+    with contextlib.suppress(AuditUnavailable):  # a garbage seam: named later
+        with contextlib.closing(store.iter_records(store.seam() + 1)) as records:
+            for stored in records:
+                origin = _parse(stored.record_bytes).get("daemon_id")
+                return origin if isinstance(origin, str) and origin else None
     return None
 
 
@@ -374,26 +486,125 @@ def _check_signature(
         raise _stop(cp.tree_size, kind, message, statement.subject) from None
 
 
+def _first_record(store: AuditStore) -> int | None:
+    with contextlib.closing(store.iter_records(1)) as records:
+        for stored in records:
+            return stored.seq
+    return None
+
+
+def _policy_revision(files: Mapping[str, bytes], where: str) -> str:
+    """The revision the policy loader gives these files.
+
+    Raises:
+        PolicyError: a file does not load.
+    """
+    documents = [
+        decode_document(f"{where}/{name}", content, name=name)
+        for name, content in files.items()
+    ]
+    return compute_revision(documents)
+
+
 # ------------------------------------------------------------------ walk
 
 
 class _Walk:
     """The walk's state: where it is, the tree so far, the keys trusted."""
 
-    def __init__(self, store: AuditStore, trusted: Mapping[str, PublicKey] | None):
+    def __init__(
+        self,
+        store: AuditStore,
+        trusted: Mapping[str, PublicKey] | None,
+        *,
+        full: bool,
+    ):
         self.store = store
         self.trusted: dict[str, PublicKey] | None = (
             None if trusted is None else dict(trusted)
         )
+        self.full = full
         self.seq = 0
         self.prev_hash = GENESIS_HASH
         self.tree = merkle.CompactRange()
         self.start_size = 0
-        self.tail = False
         self.records = 0
         self.checkpoints = 0
         self.notes: list[str] = []
         self.has_nodes = _has_nodes(store)
+        # Filled by learn(): what the statements say the log must hold.
+        self.stored_sizes: set[int] = set()
+        self.head_size: int | None = None
+        self.head_sizes: set[int] = set()
+        self.witness_empty = False
+        # (part, revision) -> the first record citing it.
+        self.cited: dict[tuple[_PolicyPart, str], int] = {}
+
+    def learn(self, statements: list[_Statement]) -> None:
+        """Note which sizes the log stores checkpoints at, and its heads."""
+        for st in statements:
+            if st.subject == _CHECKPOINT:
+                self.stored_sizes.add(st.tree_size)
+            elif st.subject == _HEAD:
+                self.head_size = st.tree_size
+            if st.subject in (_HEAD, _WITNESS_HEAD):
+                self.head_sizes.add(st.tree_size)
+
+    # -- the front: the seam, the first record, the nodes database
+
+    def check_front(self, head: Head | None, statements: list[_Statement]) -> None:
+        """Check what the start rests on, without walking the log."""
+        try:
+            seam = self.store.seam()
+        except AuditUnavailable as err:
+            raise _stop(
+                0,
+                ProblemKind.EDITED,
+                f"{err}: the seam value is garbage, not one a prune writes",
+                _SEAM,
+            ) from None
+        if head is not None and seam > head.seq:
+            raise _stop(
+                seam,
+                ProblemKind.EDITED,
+                f"meta seam names tree size {seam}, past the log's last record "
+                f"{head.seq}: the seam value is garbage, not one a prune writes",
+                _SEAM,
+            )
+        first = _first_record(self.store)
+        if first is not None and first <= seam:
+            raise _stop(
+                seam,
+                ProblemKind.EDITED,
+                f"meta seam says records 1..{seam} were pruned, but record "
+                f"{first} is stored: the seam was moved to skip records",
+                _SEAM,
+            )
+        if first is not None and first > seam + 1:
+            self._cut_front(seam, first)
+        if not self.has_nodes and statements:
+            size = statements[0].tree_size
+            raise _stop(
+                size,
+                ProblemKind.MISSING,
+                "the log has no Merkle nodes database, but a statement at this "
+                "tree size was signed over them: the nodes were deleted",
+                statements[0].subject,
+            )
+
+    def _cut_front(self, seam: int, first: int) -> None:
+        gone = seam + 1
+        what = (
+            f"record {gone} is gone"
+            if first == gone + 1
+            else f"records {gone}..{first - 1} are gone"
+        )
+        where = f"the seam at {seam}" if seam else "no seam (nothing pruned)"
+        raise _stop(
+            gone,
+            ProblemKind.TRUNCATED_FRONT,
+            f"{what}, and the log records {where}: its first record is {first}",
+        )
 
     # -- the start: genesis, the seam, or the checkpoint a tail check names
 
@@ -405,8 +616,12 @@ class _Walk:
         Returns:
             The statements after the start, still to check.
         """
-        tail = self.tail = bool(from_tree_size)
-        start = from_tree_size if tail else self.store.seam()
+        seam = self.store.seam()
+        # A tail check never starts before the seam: those records are gone.
+        tail = from_tree_size is not None and from_tree_size > seam
+        start = from_tree_size if tail else seam
+        if tail and seam:
+            self._anchor(seam, tail=False)  # the front, cheaply
         if start:
             self._start_at(start, tail)
             self.notes.append(
@@ -424,14 +639,22 @@ class _Walk:
                 self._check_before_start(st, start)
         return [st for st in statements if st.tree_size > start]
 
-    def _start_at(self, start: int, tail: bool) -> None:
-        cut = ProblemKind.MISSING if tail else ProblemKind.TRUNCATED_FRONT
+    def _anchor(
+        self, start: int, *, tail: bool
+    ) -> tuple[CheckpointV1, merkle.CompactRange]:
+        """The checkpoint at ``start`` and the stored nodes' tree there,
+        checked against each other and the stored record at ``start``."""
         what = "tail check starts" if tail else f"seam (records 1..{start} pruned)"
-        anchor = self.store.checkpoint(start)
+        try:
+            anchor = self.store.checkpoint(start)
+        except CheckpointError as err:
+            raise _stop(
+                start, ProblemKind.EDITED, f"does not decode: {err}", _CHECKPOINT
+            ) from None
         if anchor is None:
             raise _stop(
                 start,
-                cut,
+                ProblemKind.MISSING if tail else ProblemKind.TRUNCATED_FRONT,
                 f"the {what} at a checkpoint that is not stored",
                 _CHECKPOINT,
             )
@@ -440,8 +663,13 @@ class _Walk:
             _, edge = merkle.compact_range_from_nodes(self._node, start).state()
             tree = merkle.CompactRange.from_state(start, edge)
         except (_MissingNode, ValueError) as err:
+            # Nodes are never pruned: gone at the seam, the front was cut;
+            # gone anywhere else, they were deleted.
             raise _stop(
-                start, cut, f"the {what} lacks its Merkle nodes: {err}", _CHECKPOINT
+                start,
+                ProblemKind.EDITED if tail else ProblemKind.TRUNCATED_FRONT,
+                f"the {what} lacks its Merkle nodes: {err}",
+                _CHECKPOINT,
             ) from None
         if tree.root().hex() != anchor.root:
             raise _stop(
@@ -460,6 +688,10 @@ class _Walk:
                 f"stored chain hash {stored.chain_hash.hex()}",
                 _CHECKPOINT,
             )
+        return anchor, tree
+
+    def _start_at(self, start: int, tail: bool) -> None:
+        anchor, tree = self._anchor(start, tail=tail)
         self.seq, self.prev_hash, self.tree = (
             start,
             bytes.fromhex(anchor.chain_hash),
@@ -480,11 +712,17 @@ class _Walk:
                 size, ProblemKind.TRUNCATED_FRONT, f"Merkle nodes missing: {err}",
                 st.subject,
             ) from None  # fmt: skip
-        stored = self.store.checkpoint(size)
+        try:
+            stored = self.store.checkpoint(size)
+        except CheckpointError as err:
+            raise _stop(
+                size, ProblemKind.EDITED, f"does not decode: {err}", _CHECKPOINT
+            ) from None
         chain = None if stored is None else stored.chain_hash
         if size == start == 0:
             chain = GENESIS_HASH.hex()
         self._compare(st, root.hex(), chain, f"the log's at tree size {size}")
+        self._check_stored(st)
         if st.subject == _CHECKPOINT and size < start:
             self.checkpoints += 1
 
@@ -493,32 +731,12 @@ class _Walk:
     def run(self, pending: list[_Statement]) -> list[_Statement]:
         """Walk the records after the start; check statements as their tree
         size is reached. Returns the statements beyond the last record."""
-        first = True
         with contextlib.closing(self.store.iter_records(self.seq + 1)) as records:
             for stored in records:
-                if first and stored.seq > self.seq + 1 and not self.tail:
-                    # A gap before the first record kept: the front was cut
-                    # past the seam (or with none recorded).
-                    self._cut_front(stored.seq)
-                first = False
                 self._record(stored)
                 while pending and pending[0].tree_size == self.seq:
                     self._check_statement(pending.pop(0))
         return pending
-
-    def _cut_front(self, first: int) -> None:
-        gone = self.seq + 1
-        what = (
-            f"record {gone} is gone"
-            if first == gone + 1
-            else f"records {gone}..{first - 1} are gone"
-        )
-        where = f"the seam at {self.seq}" if self.seq else "no seam (nothing pruned)"
-        raise _stop(
-            gone,
-            ProblemKind.TRUNCATED_FRONT,
-            f"{what}, and the log records {where}: its first record is {first}",
-        )
 
     def _record(self, stored: StoredRecord) -> None:
         seq, data = stored.seq, stored.record_bytes
@@ -530,12 +748,41 @@ class _Walk:
             self._check_nodes(seq, leaf)
         self.tree.append(leaf)
         record = _parse(data)
+        if seq - 1 in self.head_sizes:
+            self._check_after_head(seq, record)
         if record.get("kind") == RecordKind.KEY_ROTATION:
             self._rotate(seq, record)
         if record.get("kind") == RecordKind.DECISION and record.get("decision_id"):
             self._check_index(seq, record["decision_id"])
+        if self.full:
+            self._cite(seq, record)
         self.seq, self.prev_hash = seq, stored.chain_hash
         self.records += 1
+
+    def _check_after_head(self, seq: int, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        marker = record.get("marker")
+        event = marker.get("event") if isinstance(marker, dict) else None
+        if kind == RecordKind.KEY_ROTATION or (
+            kind == RecordKind.MARKER and event == _START_EVENT
+        ):
+            return
+        what = f"a {event!r} marker" if kind == RecordKind.MARKER else repr(kind)
+        raise _stop(
+            seq,
+            ProblemKind.EDITED,
+            f"follows the head signed at a clean stop at tree size {seq - 1}, "
+            f"but is {what}: a restarting daemon appends a key rotation or its "
+            "start marker first, so this record was appended by someone else "
+            "(records after the last signed statement are protected only by "
+            "the chain)",
+        )
+
+    def _cite(self, seq: int, record: dict[str, Any]) -> None:
+        for part in _POLICY_PARTS:
+            revision = record.get(f"{part}_revision")
+            if isinstance(revision, str) and revision:
+                self.cited.setdefault((part, revision), seq)
 
     def _check_nodes(self, seq: int, leaf: bytes) -> None:
         # The nodes this leaf completes: the leaf, then each merge with the
@@ -618,8 +865,41 @@ class _Walk:
             self.prev_hash.hex(),
             f"the one recomputed from records 1..{self.seq}",
         )
+        self._check_stored(st)
         if st.subject == _CHECKPOINT:
             self.checkpoints += 1
+
+    def _check_stored(self, st: _Statement) -> None:
+        """A witnessed checkpoint, and a head's sealed checkpoint, must be
+        stored in the log: checkpoints are never pruned."""
+        size = st.tree_size
+        if st.subject == _WITNESS_HEAD and self.head_size is None:
+            # The log keeps the head it signed at its last stop before the
+            # witness gets it; only a later stop replaces it.
+            raise _stop(
+                size,
+                ProblemKind.MISSING,
+                f"the witness holds the head signed at a clean stop at tree "
+                f"size {size}, but the log stores no head checkpoint: it was "
+                "deleted",
+                _HEAD,
+            )
+        if st.subject == _CHECKPOINT or size in self.stored_sizes or not size:
+            return
+        if st.subject == _WITNESS_HEAD and size == self.head_size:
+            return
+        if st.subject == _WITNESS:
+            what = "the witness holds a checkpoint"
+        else:
+            # A clean stop seals the open segment before it signs the head.
+            what = f"the {st.subject} (a clean stop) names a segment sealed"
+        raise _stop(
+            size,
+            ProblemKind.MISSING,
+            f"{what} at tree size {size}, signed by {st.checkpoint.key_id}, but "
+            "the log stores no checkpoint there: it was deleted",
+            _CHECKPOINT,
+        )
 
     def _compare(
         self, st: _Statement, root: str, chain: str | None, source: str
@@ -642,7 +922,7 @@ class _Walk:
 
     # -- the end
 
-    def check_head(self, head: tuple[int, bytes] | None) -> None:
+    def check_head(self, head: Head | None) -> None:
         """The stored head must name the last record and its chain hash."""
         last = self.seq
         ends = f"ends at record {last}" if last else "is empty"
@@ -685,6 +965,49 @@ class _Walk:
                 f"signed by {st.checkpoint.key_id} for a tree of "
                 f"{st.tree_size} records, but the log ends at record {self.seq}",
                 st.subject,
+            )
+
+    def check_policy_sets(self) -> None:
+        """Every stored policy set must hash to the revision it is kept under.
+
+        A cited set that is not stored is left to ``replay`` and ``export``,
+        which report it: logs written before the sets were kept lack them.
+        """
+        if not self.full:
+            return
+        for part, revision, _ in self.store.iter_policy_sources():
+            seq = self.cited.get((part, revision), 0)
+            where = f"{self.store.path} policy_sets/{part}/{revision}"
+            try:
+                source = self.store.get_policy_source(part, revision)
+                got = _policy_revision(source.files, where) if source else ""
+            except (AuditUnavailable, PolicyError) as err:
+                got = f"files that do not load ({err})"
+            if got != revision:
+                cited = f"cited first by record {seq}" if seq else "cited by none"
+                raise _stop(
+                    seq,
+                    ProblemKind.EDITED,
+                    f"the stored {part} files of revision {revision} ({cited}) "
+                    f"hash to {got}",
+                    _POLICY_SET,
+                )
+
+    def check_witnessed(self, witness: Witness | None, required: bool) -> None:
+        """With ``required``, a witness that saw nothing of a signed log is
+        a problem (a note already says so otherwise)."""
+        if witness is None or not self.witness_empty or not required:
+            return
+        signed = max((*self.stored_sizes, self.head_size or 0), default=0)
+        if signed:
+            raise _stop(
+                signed,
+                ProblemKind.MISSING,
+                f"the witness at {witness.path} holds nothing for this log "
+                f"(origin {witness.origin}, log id {self.store.log_id}), but "
+                f"the log holds checkpoints up to tree size {signed}: its files "
+                f"are gone, or it is not this log's witness; {_WITNESS_SETTING}",
+                _WITNESS_DIR,
             )
 
     def add_summary_notes(self) -> None:

@@ -36,7 +36,7 @@ from kynara_sidecar.audit.checkpoint import (
 )
 from kynara_sidecar.errors import AuditUnavailable
 
-__all__ = ["HEAD_FILE", "Witness", "WitnessError"]
+__all__ = ["HEAD_FILE", "Witness", "WitnessError", "witnessed_logs"]
 
 HEAD_FILE = "head.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{20})\.json$")
@@ -105,7 +105,15 @@ class Witness:
             return []
         except OSError as err:
             raise WitnessError(f"cannot list witness {self.path}: {err}") from err
-        return [self._read(self.path / name) for name in names]
+        statements = [self._read(self.path / name) for name in names]
+        for name, statement in zip(names, statements, strict=True):
+            named = int(_CHECKPOINT_RE.match(name).group(1))
+            if statement.tree_size != named:
+                raise WitnessError(
+                    f"witness file {self.path / name} holds the checkpoint of "
+                    f"tree size {statement.tree_size}: it was renamed or replaced"
+                )
+        return statements
 
     def head(self) -> CheckpointV1 | None:
         """The head witnessed at the last clean stop, or ``None``."""
@@ -128,6 +136,17 @@ class Witness:
             return None
         return max(statements, key=lambda cp: (cp.tree_size, cp.kind != "head"))
 
+    def other_logs(self) -> list[str]:
+        """The ids of this origin's other logs that the witness holds
+        statements of: earlier chains, or a log that was deleted.
+
+        Raises:
+            WitnessError: the origin's directory cannot be listed or a file
+                does not decode.
+        """
+        logs = witnessed_logs(self.root, self.origin)
+        return sorted(log_id for log_id in logs if log_id != self.path.name)
+
     def _read(self, path: pathlib.Path) -> CheckpointV1:
         try:
             return decode_checkpoint(path.read_bytes())
@@ -137,6 +156,34 @@ class Witness:
             raise WitnessError(
                 f"witness file {path} is not a checkpoint: {err}"
             ) from err
+
+
+def witnessed_logs(
+    root: str | os.PathLike[str], origin: str
+) -> dict[str, CheckpointV1]:
+    """Each log of ``origin`` the witness holds statements of, with its
+    latest statement (by tree size).
+
+    Raises:
+        WitnessError: the origin's directory cannot be listed or a file does
+            not decode.
+    """
+    origin_dir = pathlib.Path(root) / _safe_name(origin)
+    try:
+        entries = [entry for entry in origin_dir.iterdir() if entry.is_dir()]
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise WitnessError(
+            f"cannot list witness {origin_dir}: {err.strerror or err}: check "
+            "audit.witness_path"
+        ) from err
+    logs = {}
+    for entry in entries:
+        latest = Witness(root, origin, entry.name).latest()
+        if latest is not None:
+            logs[entry.name] = latest
+    return logs
 
 
 def _write_atomically(target: pathlib.Path, data: bytes) -> None:

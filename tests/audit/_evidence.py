@@ -7,6 +7,8 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 
+import msgspec
+
 from kynara_sidecar.audit import merkle
 from kynara_sidecar.audit.chain import GENESIS_HASH, chain_hash
 from kynara_sidecar.audit.checkpoint import (
@@ -17,21 +19,28 @@ from kynara_sidecar.audit.checkpoint import (
     sign_checkpoint,
 )
 from kynara_sidecar.audit.keys import SigningKey, generate_key
-from kynara_sidecar.audit.record import AuditRecordV1
-from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.record import AuditRecordV1, marker_record
+from kynara_sidecar.audit.store import AuditStore, policy_set_changes
 from kynara_sidecar.audit.witness import Witness
 from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.policy.model import PolicyDocument
 
 from ._support import RawLog, make_record, seq_key
 
 __all__ = [
     "ORIGIN",
+    "POLICY_ROOT",
     "RawEvidence",
     "SealedLog",
+    "activation",
     "node_key",
     "sign",
+    "start_marker",
     "write_sealed_log",
 ]
+
+# The shipped example policies: real files the loader reads.
+POLICY_ROOT = pathlib.Path(__file__).resolve().parents[2] / "config" / "policies"
 
 ORIGIN = "daemon-a"
 _T0 = 1_796_374_800 * 10**9  # 2026-12-04T09:00:00Z
@@ -147,12 +156,51 @@ def write_sealed_log(
     return log
 
 
+def start_marker(event: str = "start") -> AuditRecordV1:
+    """The marker a daemon appends first when it starts (or ``event``)."""
+    return marker_record(event, ORIGIN, "2026-12-04T11:00:00Z", "0.1.0")
+
+
+def activation() -> tuple[AuditRecordV1, list]:
+    """A ``policy_activated`` marker citing the example policies, and the
+    state changes that store their files, as the daemon writes them."""
+    from kynara_sidecar.policy.loader import compile_documents, read_documents
+
+    documents = read_documents(POLICY_ROOT)
+    loaded = compile_documents(documents, root=str(POLICY_ROOT))
+    policy_files = {
+        d.name: d.content for d in documents if isinstance(d.document, PolicyDocument)
+    }
+    directory_files = {
+        d.name: d.content for d in documents if d.name not in policy_files
+    }
+    marker = msgspec.structs.replace(
+        start_marker("policy_activated"),
+        policy_revision=loaded.policy_set.revision,
+        directory_revision=loaded.directory.revision,
+    )
+    changes = policy_set_changes(
+        loaded.policy_set.revision,
+        policy_files,
+        loaded.directory.revision,
+        directory_files,
+    )
+    return marker, changes
+
+
 def node_key(level: int, index: int) -> bytes:
     return bytes((level,)) + index.to_bytes(8, "big")
 
 
 class RawEvidence(RawLog):
     """Direct LMDB access to every database of a closed log, and a forger."""
+
+    NAMES = (*RawLog.NAMES, b"policy_sets")
+
+    def drop(self, db: bytes) -> None:
+        """Delete a whole database, its name included."""
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.dbs.pop(db), delete=True)
 
     @property
     def log_id(self) -> str:

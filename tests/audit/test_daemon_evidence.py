@@ -3,6 +3,8 @@ a new chain after a break, with a real daemon on a real log."""
 
 from __future__ import annotations
 
+import shutil
+
 import grpc
 import lmdb
 import pytest
@@ -16,7 +18,7 @@ from kynara_sidecar.audit.record import RecordKind
 from kynara_sidecar.audit.startup import load_audit_keys
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import verify_log
-from kynara_sidecar.errors import AuditUnavailable, ConfigError
+from kynara_sidecar.errors import AuditUnavailable
 
 SEGMENTS = "audit.segment_records=3"
 
@@ -46,7 +48,7 @@ def test_a_rotated_key_is_vouched_for_by_the_old_one(start_daemon, tmp_path):
     first = start_daemon(SEGMENTS)
     _decide(first, 4)
     first.stop()
-    old_pub = tmp_path / "keys" / "audit.pem.pub"
+    old_pub = tmp_path / "keys" / "audit.pub"
     new_key = tmp_path / "keys" / "new.pem"
     save_signing_key(generate_key(), new_key)
 
@@ -71,13 +73,97 @@ def test_a_rotated_key_is_vouched_for_by_the_old_one(start_daemon, tmp_path):
     assert report.ok, report
 
 
-def test_a_key_that_is_not_the_logs_refuses_to_start(start_daemon, tmp_path):
+def _refused(running) -> tuple[int, str]:
+    """The health status and the refusal of a Decide on a daemon that is up."""
+    with pytest.raises(grpc.RpcError) as refused:
+        running.stub().Decide(small_refund())
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    return _health(running), refused.value.details()
+
+
+def test_a_key_that_is_not_the_logs_is_not_served(start_daemon, tmp_path):
     start_daemon(SEGMENTS).stop()
     other = tmp_path / "other.pem"
     save_signing_key(generate_key(), other)
 
-    with pytest.raises(ConfigError, match="audit.previous_signing_key"):
-        start_daemon(SEGMENTS, f"audit.signing_key={other}")
+    status, details = _refused(start_daemon(SEGMENTS, f"audit.signing_key={other}"))
+
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "audit.previous_signing_key" in details
+    assert "re-signed by someone else" in details
+
+
+def test_a_changed_last_record_after_a_clean_stop_is_not_served(start_daemon, tmp_path):
+    first = start_daemon(SEGMENTS)
+    _decide(first, 5)
+    first.stop()
+    env = lmdb.open(str(tmp_path / "audit"), max_dbs=16)
+    records = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        cursor = txn.cursor(db=records)
+        cursor.last()
+        key, data = cursor.key(), bytearray(cursor.value())
+        data[data.index(b'"stop"') + 1] ^= 0x01
+        txn.put(key, bytes(data), db=records)
+    env.close()
+
+    status, details = _refused(start_daemon(SEGMENTS))
+
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "edited" in details
+
+
+def test_a_deleted_log_is_not_silently_replaced(start_daemon, tmp_path):
+    first = start_daemon(SEGMENTS)
+    _decide(first, 4)
+    first.stop()
+    old = AuditStore.open(tmp_path / "audit", readonly=True)
+    old_id = old.log_id
+    old.close()
+    shutil.rmtree(tmp_path / "audit")
+
+    broken = start_daemon(SEGMENTS)
+    status, details = _refused(broken)
+    broken.stop()
+
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert old_id in details and "deleted or replaced" in details
+
+    config = broken.config
+    done = start_new_chain(
+        config.audit.path,
+        load_audit_keys(config.audit),
+        origin=config.identity.daemon_id,
+        witness_root=config.audit.witness_path,
+        now_nanos=1_796_374_800 * 10**9,
+    )
+    restarted = start_daemon(SEGMENTS)
+    _decide(restarted, 1)
+    restarted.stop()
+    first_record = _records(tmp_path / "audit")[0]
+
+    assert done.old_log_id == old_id
+    assert first_record.kind == RecordKind.CHAIN_BREAK
+    assert first_record.chain_break.previous_log_id == old_id
+    assert first_record.chain_break.problem == "missing"
+    assert first_record.chain_break.last_good_seq > 4
+
+
+def test_new_chain_with_no_log_and_nothing_witnessed_creates_nothing(
+    start_daemon, tmp_path
+):
+    config = start_daemon(SEGMENTS).config
+    missing = tmp_path / "never"
+
+    with pytest.raises(AuditUnavailable, match="no break to record"):
+        start_new_chain(
+            missing,
+            load_audit_keys(config.audit),
+            origin="someone-else",
+            witness_root=config.audit.witness_path,
+            now_nanos=1_796_374_800 * 10**9,
+        )
+    assert not missing.exists()
 
 
 def _cut_tail(path, keep: int) -> None:

@@ -55,6 +55,7 @@ ORIGIN = "daemon-a"
 # Decisions of the real run, minutes after 09:00Z on a Monday (business
 # hours for the shipped policies).
 RUN_MINUTES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+RANGE_ARGS = ("--from", "2026-12-07T09:00:00Z", "--to", "2026-12-07T10:00:00Z")
 
 
 # ------------------------------------------------------------------ helpers
@@ -224,8 +225,11 @@ def pack_copy(real_pack, tmp_path) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def real_key(real_run, tmp_path_factory) -> pathlib.Path:
-    """The daemon's public key, as an auditor got it from the operator."""
-    return pathlib.Path(f"{real_run[1]}.pub")
+    """The daemon's public key, as an auditor got it from the operator: the
+    audit-key.pub the daemon wrote beside audit-key.pem."""
+    public = real_run[1].with_name("audit-key.pub")
+    assert public.is_file()
+    return public
 
 
 def test_export_of_real_run_verifies_with_only_the_standalone_script(
@@ -483,6 +487,54 @@ def test_export_takes_the_log_path_and_keys_instead_of_config(
     times = [json.loads(r)["time"] for r in records]
     assert "2026-12-07T09:05:30Z" in times
     assert "2026-12-07T09:00:30Z" not in times  # outside the segments asked for
+
+
+def test_export_creates_only_the_pack_directory_not_its_parents(
+    real_run, real_key, tmp_path
+):
+    out = tmp_path / "no" / "such" / "pack"
+
+    done = run_cli("export", real_run[0] / "audit", "--key", real_key, *RANGE_ARGS, out)
+
+    assert done.returncode == 1
+    assert f"expected its parent directory {out.parent} to exist" in done.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_export_refuses_a_log_path_and_a_config_together(real_run, tmp_path):
+    done = run_cli(
+        "export",
+        real_run[0] / "audit",
+        "--config",
+        SHIPPED_CONFIG,
+        *RANGE_ARGS,
+        tmp_path / "out",
+    )
+
+    assert done.returncode == 2
+    assert f"AUDIT_PATH {real_run[0] / 'audit'} and --config" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_with_a_config_takes_the_public_half_beside_the_key(
+    real_run, real_key, tmp_path
+):
+    """An exporter may hold no private key: the .pub beside its path will do."""
+    shutil.copy(real_key, tmp_path / "audit-key.pub")
+    out = tmp_path / "out"
+
+    done = export_real(
+        (real_run[0], tmp_path / "audit-key.pem"),
+        out,
+        "2026-12-07T09:00:00Z",
+        "2026-12-07T10:00:00Z",
+    )
+
+    assert done.returncode == 0, done.stderr
+    # Trusting only the pack's own keys: the key went in.
+    report = verify_pack(out)
+    assert report.signers == [key_id_of(_raw(real_key))]
+    assert not (tmp_path / "audit-key.pem").exists()
 
 
 # ------------------------------------------------- logs built in the test

@@ -7,10 +7,12 @@ import asyncio
 import os
 import time
 
+import pytest
+
 from kynara_sidecar.audit import merkle
 from kynara_sidecar.audit.checkpoint import CheckpointKind, verify_checkpoint
 from kynara_sidecar.audit.keys import generate_key
-from kynara_sidecar.audit.witness import Witness
+from kynara_sidecar.audit.witness import Witness, WitnessError
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
 
 from ._support import make_record
@@ -250,3 +252,15 @@ def test_a_checkpoint_the_witness_missed_is_written_at_the_next_start(
     asyncio.run(writer.close())
 
     assert [cp.tree_size for cp in witness.checkpoints()] == [4, 5]
+
+
+def test_a_witness_file_renamed_to_another_size_is_refused(open_store, tmp_path):
+    store = open_store()
+    witness = Witness(tmp_path / "witness", ORIGIN, store.log_id)
+    _run(AuditWriter(store, sealing=_sealing(generate_key(), witness=witness)), 5)
+    (witness.path / "checkpoint-00000000000000000004.json").rename(
+        witness.path / "checkpoint-00000000000000000009.json"
+    )
+
+    with pytest.raises(WitnessError, match="holds the checkpoint of tree size 4"):
+        witness.checkpoints()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -339,3 +340,41 @@ def test_record_beyond_the_head_is_never_overwritten(tmp_path):
 def test_bad_open_options_are_refused(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         AuditStore.open(tmp_path / "log", **options)
+
+
+def test_reads_inside_reading_see_one_snapshot_while_appends_go_on(open_store):
+    store = open_store()
+    store.append_batch([make_record(n) for n in range(1, 4)])
+
+    with store.reading():
+        store.append_batch([make_record(n) for n in range(4, 6)])
+        head = store.head()
+        seqs = [record.seq for record in store.iter_records()]
+        missing = store.get(5)
+
+    assert head.seq == 3 and seqs == [1, 2, 3] and missing is None
+    assert store.head().seq == 5
+    assert [record.seq for record in store.iter_records()] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_truncated_data_file_is_refused_not_a_crash(open_store, tmp_path, readonly):
+    store = open_store()
+    for n in range(1, 200):
+        store.append_batch([make_record(n, reason="x" * 500)])
+    store.close()
+    data = tmp_path / "log" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+
+    with pytest.raises(AuditUnavailable, match="data.mdb is truncated: its header"):
+        AuditStore.open(tmp_path / "log", readonly=readonly)
+
+
+def test_an_emptied_data_file_is_refused_not_a_new_log(open_store, tmp_path):
+    store = open_store()
+    store.append_batch([make_record(1)])
+    store.close()
+    os.truncate(tmp_path / "log" / "data.mdb", 0)
+
+    with pytest.raises(AuditUnavailable, match="data.mdb is empty"):
+        AuditStore.open(tmp_path / "log")

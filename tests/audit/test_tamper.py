@@ -15,12 +15,21 @@ from kynara_sidecar.audit.rotation import rotation_record
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import (
     NO_WITNESS_NOTE,
+    WitnessError,
     format_report,
     verify_log,
     verify_store,
 )
 
-from ._evidence import ORIGIN, RawEvidence, node_key, sign, write_sealed_log
+from ._evidence import (
+    ORIGIN,
+    RawEvidence,
+    activation,
+    node_key,
+    sign,
+    start_marker,
+    write_sealed_log,
+)
 from ._support import make_record, seq_key
 
 COUNT = 23
@@ -592,3 +601,373 @@ def test_no_keys_checks_no_signature_but_an_empty_trust_refuses_all(sealed):
     assert unchecked.ok
     assert "no trusted keys given: no signature was checked" in unchecked.notes
     assert (refused.seq, refused.kind) == (6, ProblemKind.UNKNOWN_KEY)
+
+
+# ------------------------------------------- evidence deleted from the log
+
+
+def test_a_deleted_middle_checkpoint_is_missing_against_the_witness(sealed):
+    _tamper(sealed, lambda raw: raw.delete(b"checkpoints", seq_key(12)))
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        12,
+        ProblemKind.MISSING,
+    )
+    assert problem.message == (
+        f"the witness holds a checkpoint at tree size 12, signed by "
+        f"{sealed.key.key_id}, but the log stores no checkpoint there: it was "
+        "deleted"
+    )
+
+
+def _delete_all_checkpoints(raw):
+    for size_key in raw.keys(b"checkpoints"):
+        raw.delete(b"checkpoints", size_key)
+
+
+@pytest.mark.parametrize(
+    "action",
+    [_delete_all_checkpoints, lambda raw: raw.drop(b"checkpoints")],
+    ids=["rows", "database"],
+)
+def test_deleted_checkpoints_are_missing_against_the_witness(sealed, action):
+    _tamper(sealed, action)
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        6,
+        ProblemKind.MISSING,
+    )
+
+
+def test_deleted_checkpoints_are_missing_against_the_signed_head(sealed):
+    _tamper(sealed, _delete_all_checkpoints)
+
+    problem = _problem(_verify(sealed, witness=False))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        COUNT,
+        ProblemKind.MISSING,
+    )
+    assert problem.message.startswith(
+        f"the head checkpoint (a clean stop) names a segment sealed at tree size "
+        f"{COUNT}"
+    )
+
+
+def test_a_deleted_head_checkpoint_is_missing_against_the_witness(sealed):
+    _tamper(sealed, lambda raw: raw.delete(b"meta", b"head_checkpoint"))
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "head checkpoint",
+        COUNT,
+        ProblemKind.MISSING,
+    )
+
+
+def test_a_deleted_nodes_database_is_missing_not_a_note(sealed):
+    _tamper(sealed, lambda raw: raw.drop(b"nodes"))
+
+    problem = _problem(_verify(sealed))
+    alone = _problem(_verify(sealed, witness=False))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        6,
+        ProblemKind.MISSING,
+    )
+    assert problem.message.startswith("the log has no Merkle nodes database")
+    assert alone == problem
+
+
+@pytest.mark.parametrize(
+    ("prune", "node", "seq", "kind"),
+    [
+        # (4, 0) is on the right edge of the whole tree (23 = 16 + 4 + 2 + 1)
+        # and of the seam at 18 (16 + 2).
+        (0, (4, 0), 16, ProblemKind.EDITED),
+        (18, (4, 0), 18, ProblemKind.TRUNCATED_FRONT),
+    ],
+    ids=["walk", "seam"],
+)
+def test_a_missing_merkle_node_is_a_problem_kind(sealed, prune, node, seq, kind):
+    if prune:
+        _prune(sealed, prune)
+    _tamper(sealed, lambda raw: raw.delete(b"nodes", node_key(*node)))
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.seq, problem.kind) == (seq, kind)
+    assert "run `kynara-sidecar verify" not in problem.message
+
+
+# ------------------------------------------------------------- the witness
+
+
+def test_an_empty_witness_is_a_note_or_when_required_missing(sealed, tmp_path):
+    elsewhere = tmp_path / "mistyped"
+
+    noted = verify_log(sealed.path, sealed.trusted, elsewhere)
+    required = _problem(
+        verify_log(sealed.path, sealed.trusted, elsewhere, require_witness=True)
+    )
+
+    assert noted.ok, format_report(noted)
+    assert any("holds nothing for this log" in note for note in noted.notes)
+    assert (required.subject, required.seq, required.kind) == (
+        "witness",
+        COUNT,
+        ProblemKind.MISSING,
+    )
+    witness_dir = elsewhere / ORIGIN / sealed.log_id
+    assert required.message.startswith(f"the witness at {witness_dir} holds nothing")
+    assert required.message.endswith("check audit.witness_path (or --witness)")
+
+
+def test_a_required_witness_of_an_unsigned_log_is_no_problem(tmp_path):
+    store = AuditStore.open(tmp_path / "log")
+    try:
+        store.append_batch([make_record(1)])
+    finally:
+        store.close()
+
+    report = verify_log(tmp_path / "log", {}, tmp_path / "w", require_witness=True)
+
+    assert report.ok, format_report(report)
+
+
+def test_an_unreadable_witness_raises_naming_the_setting(sealed, tmp_path):
+    not_a_dir = tmp_path / "witness-file"
+    not_a_dir.write_text("not a directory")
+
+    with pytest.raises(WitnessError) as caught:
+        verify_log(sealed.path, sealed.trusted, not_a_dir)
+
+    assert str(not_a_dir) in str(caught.value)
+    assert "audit.witness_path (or --witness)" in str(caught.value)
+
+
+def test_a_garbage_witness_file_is_edited_at_its_size(sealed):
+    path = sealed.witness().path / f"checkpoint-{12:020d}.json"
+    path.write_bytes(b"not json")
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "witness checkpoint",
+        12,
+        ProblemKind.EDITED,
+    )
+    assert str(path) in problem.message
+
+
+# -------------------------------------------------- records after the head
+
+
+def _append(log, records) -> None:
+    # As an attacker with the store (or a daemon) would: chain, nodes and
+    # the stored head all consistent; nothing signed.
+    store = AuditStore.open(log.path)
+    try:
+        store.append_batch(records)
+    finally:
+        store.close()
+
+
+def test_a_record_forged_after_a_clean_stop_is_edited(sealed):
+    _append(sealed, [make_record(COUNT + 1)])
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "record",
+        COUNT + 1,
+        ProblemKind.EDITED,
+    )
+    assert problem.message.startswith(
+        f"follows the head signed at a clean stop at tree size {COUNT}, but is "
+        "'decision'"
+    )
+
+
+def test_a_marker_other_than_start_after_a_clean_stop_is_edited(sealed):
+    _append(sealed, [start_marker("stop")])
+
+    problem = _problem(_verify(sealed, witness=False))
+
+    assert (problem.seq, problem.kind) == (COUNT + 1, ProblemKind.EDITED)
+    assert "but is a 'stop' marker" in problem.message
+
+
+def test_a_restart_after_a_clean_stop_verifies(sealed):
+    _append(sealed, [start_marker(), make_record(COUNT + 2)])
+
+    report = _verify(sealed)
+
+    assert report.ok, format_report(report)
+    assert report.records == COUNT + 2
+
+
+def test_a_rotation_first_after_a_clean_stop_verifies(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 6, witness_root=tmp_path / "w")
+    new = generate_key()
+    store = AuditStore.open(log.path)
+    try:
+        rotation = rotation_record(
+            log.key, new.public(), origin=ORIGIN, log_id=store.log_id,
+            time="2026-12-04T10:00:00Z",
+        )  # fmt: skip
+        log.append([rotation, start_marker()], store=store, seal=True, key=new)
+    finally:
+        store.close()
+
+    report = _verify(log)
+
+    assert report.ok, format_report(report)
+
+
+# ------------------------------------------------------ the front, the seam
+
+
+def _tail(log, from_tree_size: int):
+    store = AuditStore.open(log.path, readonly=True)
+    try:
+        return verify_store(
+            store, log.trusted, log.witness(), from_tree_size=from_tree_size
+        )
+    finally:
+        store.close()
+
+
+def test_the_tail_check_still_catches_a_cut_front(sealed):
+    def cut(raw):
+        for seq in (1, 2, 3):
+            raw.delete(b"records", seq_key(seq))
+            raw.delete(b"chain", seq_key(seq))
+
+    _tamper(sealed, cut)
+    problem = _problem(_tail(sealed, 18))
+
+    assert (problem.seq, problem.kind) == (1, ProblemKind.TRUNCATED_FRONT)
+
+
+def test_the_tail_check_still_needs_the_seam_checkpoint(sealed):
+    _prune(sealed, 6)
+    _tamper(sealed, lambda raw: raw.delete(b"checkpoints", seq_key(6)))
+
+    problem = _problem(_tail(sealed, 18))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        6,
+        ProblemKind.TRUNCATED_FRONT,
+    )
+
+
+def test_a_tail_check_from_before_the_seam_starts_at_the_seam(sealed):
+    _prune(sealed, 12)
+
+    report = _tail(sealed, 6)
+
+    assert report.ok, format_report(report)
+    assert (report.seam, report.records) == (12, COUNT - 12)
+
+
+@pytest.mark.parametrize("tail", [None, 18], ids=["full", "tail"])
+def test_a_seam_moved_over_kept_records_is_edited(sealed, tail):
+    _tamper(sealed, lambda raw: raw.put(b"meta", b"seam", seq_key(12)))
+
+    report = _verify(sealed) if tail is None else _tail(sealed, tail)
+    problem = _problem(report)
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "seam",
+        12,
+        ProblemKind.EDITED,
+    )
+    assert problem.message == (
+        "meta seam says records 1..12 were pruned, but record 1 is stored: the "
+        "seam was moved to skip records"
+    )
+
+
+def test_a_garbage_seam_is_named_as_such(sealed):
+    _tamper(sealed, lambda raw: raw.put(b"meta", b"seam", b"xx"))
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.kind) == ("seam", ProblemKind.EDITED)
+    assert "the seam value is garbage" in problem.message
+
+
+def test_a_garbage_checkpoint_is_named_at_its_own_size(sealed):
+    _tamper(sealed, lambda raw: raw.put(b"checkpoints", seq_key(12), b"\xff junk"))
+
+    problem = _problem(_verify(sealed))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "checkpoint",
+        12,
+        ProblemKind.EDITED,
+    )
+    assert problem.message.startswith("does not decode: ")
+
+
+# ------------------------------------------------------------- policy sets
+
+
+def _log_with_policies(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 4, witness_root=tmp_path / "w")
+    marker, changes = activation()
+    store = AuditStore.open(log.path)
+    try:
+        store.append_batch([start_marker()])
+        store.append_batch([marker], changes)
+        log.append([make_record(7)], store=store, seal=True)
+        log.sign_head(store)
+    finally:
+        store.close()
+    return log, marker
+
+
+def test_stored_policy_sets_that_hash_to_their_revision_verify(tmp_path):
+    log, _ = _log_with_policies(tmp_path)
+
+    report = _verify(log)
+
+    assert report.ok, format_report(report)
+
+
+@pytest.mark.parametrize("part", ["policy", "directory"])
+def test_a_flipped_byte_in_a_stored_policy_set_is_edited(tmp_path, part):
+    log, marker = _log_with_policies(tmp_path)
+    revision = getattr(marker, f"{part}_revision")
+    key = f"{part}/{revision}".encode()
+
+    def flip(raw):
+        data = bytearray(raw.get(b"policy_sets", key))
+        data[len(data) // 2] ^= 0x01
+        raw.put(b"policy_sets", key, bytes(data))
+
+    _tamper(log, flip)
+    problem = _problem(_verify(log))
+    # Only the full check reads policy sets.
+    tail = _tail(log, log.checkpoints[-1])
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "policy set",
+        6,
+        ProblemKind.EDITED,
+    )
+    assert problem.message.startswith(
+        f"the stored {part} files of revision {revision} (cited first by record 6)"
+    )
+    assert tail.ok, format_report(tail)

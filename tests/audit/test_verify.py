@@ -15,7 +15,12 @@ from kynara_sidecar.audit import merkle
 from kynara_sidecar.audit.chain import ProblemKind
 from kynara_sidecar.audit.keys import encode_base64url, generate_key
 from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.audit.verify import NO_WITNESS_NOTE, format_report, verify_log
+from kynara_sidecar.audit.verify import (
+    NO_WITNESS_NOTE,
+    format_report,
+    verify_log,
+    verify_store,
+)
 from kynara_sidecar.errors import AuditUnavailable
 
 from ._evidence import RawEvidence, node_key, write_sealed_log
@@ -357,3 +362,32 @@ def test_seeded_random_sealed_log_tamper_loop(tmp_path):
         assert not report.ok, f"{where}: tamper not found"
         assert report.problem.seq == seq, f"{where}: {format_report(report)}"
         assert report.problem.kind in kinds, f"{where}: {format_report(report)}"
+
+
+class _RacingStore(AuditStore):
+    """Appends a record right after the verifier read the head: what a
+    daemon committing beside ``verify`` does at the worst moment."""
+
+    armed = raced = False
+
+    def stored_head(self):
+        head = super().stored_head()
+        if self.armed and not self.raced:
+            self.raced = True
+            self.append_batch([make_record(head.seq + 1)])
+        return head
+
+
+def test_verify_reads_one_snapshot_while_the_log_grows(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 9, witness_root=tmp_path / "w")
+    store = _RacingStore.open(log.path)
+    store.armed = True
+    try:
+        report = verify_store(store, log.trusted, log.witness())
+        grown = store.head().seq
+    finally:
+        store.close()
+
+    assert store.raced and grown == 10
+    assert report.ok, format_report(report)
+    assert (report.records, report.head_seq) == (9, 9)

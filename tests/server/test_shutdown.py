@@ -115,6 +115,8 @@ def test_sigterm_under_load_exits_zero_and_loses_no_answer(tmp_path):
                 "--set", f"agent.socket={socket}", "--set", "agent.port=0",
                 "--set", "health.port=0", "--set", "http.port=0",
                 "--set", f"audit.path={audit}",
+                "--set", f"audit.signing_key={tmp_path / 'keys' / 'audit.pem'}",
+                "--set", f"audit.witness_path={tmp_path / 'witness'}",
                 "--set", f"shutdown_grace_seconds={GRACE_SECONDS}",
             ],
             cwd=REPO_ROOT, stderr=log_file,
