@@ -236,7 +236,7 @@ class AdminListenerConfig(_Section):
     # Permission bits of the socket in octal, e.g. 0600 (the owner only).
     socket_mode: int = DEFAULT_ADMIN_SOCKET_MODE
     # Loopback TCP host for gRPC, e.g. "127.0.0.1".
-    # TODO(#5): TLS, so that the admin listener may be bound off loopback.
+    # TODO(#11): TLS, so that the admin listener may be bound off loopback.
     host: str = "127.0.0.1"
     # Loopback TCP port for gRPC, e.g. 50153; 0 picks a free port; -1 disables.
     port: int = -1

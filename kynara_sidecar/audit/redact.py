@@ -5,7 +5,7 @@ rule names an entry of the context or of the resource's attributes and says
 what to do with it before the record is written:
 
     hash   the typed value is replaced by a keyed hash,
-           ``{"redacted": "hmac-sha256:<64 hex>"}``
+           ``{"redacted": "hmac-sha256:<key id>:<64 hex>"}``
     drop   the entry is removed
 
 Either way the record's ``redactions`` lists the JSON path of every entry
@@ -30,9 +30,10 @@ of the top level is taken whole first, so a context key containing a dot is
 still reachable. Rules are applied in the order of their names, so a rule on
 a map runs before rules inside it (which then find nothing left to redact).
 
-TODO(#5): the redacted form names no key. After ``audit.redaction_key``
-changes, equal values hash differently and an auditor must learn elsewhere
-which key was in force; a key id in the form (as checkpoints carry) would say.
+The form names its key by a key id (16 hex digits of an HMAC of a fixed
+label under the key, so the id reveals nothing of the key): after
+``audit.redaction_key`` changes, equal values hash differently, and the id
+says which key each hash needs.
 
 NOTE: only the context and the resource's attributes are redacted. A
 condition error message in the record is the CEL runtime's own text, which
@@ -61,6 +62,7 @@ __all__ = [
     "Redactor",
     "keyed_hash",
     "lookup",
+    "redaction_key_id",
 ]
 
 # 256 bits: the HMAC's own security level, and out of reach of guessing.
@@ -68,6 +70,7 @@ MIN_REDACTION_KEY_BYTES = 32
 # The one-key form a hashed value takes in the record.
 REDACTED_TAG = "redacted"
 HASH_PREFIX = "hmac-sha256:"
+_KEY_ID_LABEL = b"kynara redaction key id"
 # Rule section -> the JSON path of the map it applies to in the record.
 REDACTION_SECTIONS = {
     "context": "$.context",
@@ -90,10 +93,16 @@ def keyed_hash(key: bytes, encoded: Any) -> str:
         encoded: the value's typed JSON form, as ``encode_value`` returns it.
 
     Returns:
-        ``"hmac-sha256:<64 lowercase hex>"``.
+        ``"hmac-sha256:<key id>:<64 lowercase hex>"``.
     """
     data = msgspec.json.encode(encoded, order="sorted")
-    return HASH_PREFIX + hmac.new(key, data, hashlib.sha256).hexdigest()
+    digest = hmac.new(key, data, hashlib.sha256).hexdigest()
+    return f"{HASH_PREFIX}{redaction_key_id(key)}:{digest}"
+
+
+def redaction_key_id(key: bytes) -> str:
+    """The id a redacted form names its key by: 16 hex digits."""
+    return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
 def _resolve(values: Mapping[str, Any], name: str) -> list[str] | None:

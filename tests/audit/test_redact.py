@@ -40,7 +40,9 @@ def expected_hash(key: bytes, value) -> str:
     canonical = json.dumps(
         encode_value(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode()
-    return "hmac-sha256:" + hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    key_id = hmac.new(key, b"kynara redaction key id", hashlib.sha256).hexdigest()
+    digest = hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    return f"hmac-sha256:{key_id[:16]}:{digest}"
 
 
 def context_of(**values) -> dict:

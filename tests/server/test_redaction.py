@@ -59,7 +59,9 @@ def refund_for(card: str) -> pb.DecideRequest:
 
 def card_hash(card: str) -> str:
     canonical = b'{"string":"' + card.encode() + b'"}'
-    return "hmac-sha256:" + hmac.new(KEY, canonical, hashlib.sha256).hexdigest()
+    key_id = hmac.new(KEY, b"kynara redaction key id", hashlib.sha256).hexdigest()
+    digest = hmac.new(KEY, canonical, hashlib.sha256).hexdigest()
+    return f"hmac-sha256:{key_id[:16]}:{digest}"
 
 
 def test_policies_decide_on_values_the_record_does_not_hold(redacting_daemon):
