@@ -159,7 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
     new_chain.add_argument(
         "--force",
         action="store_true",
-        help="start a new chain even though the log verifies",
+        help="start a new chain without verifying the old log first (when it "
+        "verifies, or is too damaged to walk)",
     )
     return parser
 
@@ -292,10 +293,15 @@ def _verify(args: argparse.Namespace) -> int:
     )
     trusted = load_trusted_keys(args.trusted_keys)
     witness = args.witness
+    origin = None
     if config is not None:
+        from kynara_sidecar.daemon import with_daemon_id
+
         trusted = {**configured_public_keys(config.audit), **trusted}
         path = path or config.audit.path
         witness = witness or config.audit.witness_path or None
+        # A log that names no origin yet (empty) is still this daemon's.
+        origin = with_daemon_id(config).identity.daemon_id
     if not trusted:
         raise _UsageError(
             "no trusted key: give one with --trusted-key FILE, or set "
@@ -304,7 +310,9 @@ def _verify(args: argparse.Namespace) -> int:
         )
     # A witness named here, or in the config, is meant to hold this log's
     # checkpoints: one holding nothing (mistyped, emptied) is a failure.
-    report = verify_log(path, trusted, witness, require_witness=bool(witness))
+    report = verify_log(
+        path, trusted, witness, origin=origin, require_witness=bool(witness)
+    )
     print(format_report(report))
     return EXIT_OK if report.ok else EXIT_FAILED
 

@@ -42,7 +42,8 @@ from kynara.v1 import decision_pb2
 from kynara_sidecar import __version__
 from kynara_sidecar.audit import RefusingSink
 from kynara_sidecar.audit import verify as audit_verify
-from kynara_sidecar.audit.checkpoint import CheckpointV1
+from kynara_sidecar.audit.checkpoint import CheckpointError, CheckpointV1
+from kynara_sidecar.audit.lineage import lineage_problem
 from kynara_sidecar.audit.record import AuditRecordV1, format_timestamp, marker_record
 from kynara_sidecar.audit.startup import AuditKeys, load_audit_keys, rotation_for
 from kynara_sidecar.audit.store import AuditStore, StateChange, policy_set_changes
@@ -132,6 +133,8 @@ class Daemon:
         # Why the audit log cannot be appended to, when it cannot.
         self._audit_problem: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The log's origin: its checkpoints' (see _log_origin).
+        self._origin = self.config.identity.daemon_id
 
     @property
     def pipeline(self) -> Pipeline:
@@ -267,6 +270,7 @@ class Daemon:
                     log_id=self._store.log_id,
                 ),
             )
+            self._origin = self._log_origin(self._store)
             # The key check first: a log signed with an unconfigured key is a
             # configuration error, not damage.
             rotation = self._rotation(keys)
@@ -293,12 +297,40 @@ class Daemon:
         except AuditUnavailable as err:
             await self._audit_down(err, policies)
 
+    def _log_origin(self, store: AuditStore) -> str:
+        """The origin this log's checkpoints name; the configured daemon id
+        for a log with none yet.
+
+        A log keeps its origin for life: its witness files live under it,
+        and a daemon that signed under another name would check its tail
+        against another daemon's witness.
+        """
+        configured = self.config.identity.daemon_id
+        try:
+            signed = [store.latest_checkpoint(), store.head_checkpoint()]
+        except CheckpointError:
+            return configured  # damage: the tail check names it
+        signed = [cp for cp in signed if cp is not None]
+        if not signed:
+            return configured
+        origin = max(signed, key=lambda cp: cp.tree_size).origin
+        if origin != configured:
+            log.warning(
+                "the audit log keeps its origin; identity.daemon_id differs",
+                extra=_fields(
+                    log_origin=origin,
+                    daemon_id=configured,
+                    setting="identity.daemon_id",
+                ),
+            )
+        return origin
+
     def _rotation(self, keys: AuditKeys) -> AuditRecordV1 | None:
         try:
             return rotation_for(
                 self._store,
                 keys,
-                origin=self.config.identity.daemon_id,
+                origin=self._origin,
                 time=format_timestamp(Timestamp.from_nanos(self.clock())),
             )
         except ConfigError as err:
@@ -317,7 +349,7 @@ class Daemon:
                 extra=_fields(setting="audit.witness_path"),
             )
             return None
-        return Witness(root, self.config.identity.daemon_id, store.log_id)
+        return Witness(root, self._origin, store.log_id)
 
     def _check_tail(
         self, store: AuditStore, keys: AuditKeys, witness: Witness | None
@@ -330,15 +362,9 @@ class Daemon:
                 f"audit log {store.path} holds checkpoints but no log id: its "
                 f"meta was rewritten. {_AFTER_BREAK}"
             )
-        if witness is not None and store.head().seq == 0:
-            others = witness.other_logs()
-            if others:
-                raise AuditUnavailable(
-                    f"audit log {store.path} is empty, but the witness "
-                    f"{witness.path.parent} holds this daemon's log "
-                    f"{', '.join(others)}: the log was deleted or replaced. "
-                    f"{_AFTER_BREAK}"
-                )
+        problem = lineage_problem(store, witness) if witness else None
+        if problem is not None:
+            raise AuditUnavailable(f"{problem}. {_AFTER_BREAK}")
         # From the checkpoint before the latest: the last sealed segment is
         # checked again, since a clean stop seals everything.
         anchor = store.previous_checkpoint()
@@ -358,7 +384,7 @@ class Daemon:
         cfg = self.config.audit
         sealing = Sealing(
             key=keys.signing,
-            origin=self.config.identity.daemon_id,
+            origin=self._origin,
             segment_records=cfg.segment_records,
             segment_seconds=cfg.segment_seconds,
             clock=self.clock,
@@ -379,7 +405,9 @@ class Daemon:
 
     async def _self_check(self) -> None:
         """Append the start marker and read it back before serving."""
-        appended = await self._writer.append(self._marker("start"))
+        # Sealed in its own transaction: a start marker forged after a signed
+        # head has no checkpoint at its size, and verify says so.
+        appended = await self._writer.append(self._marker("start"), seal=True)
         stored = await asyncio.to_thread(self._store.get, appended.seq)
         if stored is None or stored.record_bytes != appended.record_bytes:
             raise AuditUnavailable(

@@ -53,10 +53,19 @@ checkpoints (stored or witnessed) but no ``nodes`` database lost them
 What a signature does not cover. Records after the last signed statement
 are protected only by the chain until the next seal: whoever can write the
 LMDB file can append well-chained records (with nodes and a new stored
-head) before any daemon signs them. After a clean stop this is narrowed:
-the signed head names the log's size then, and a restarting daemon's first
-record after it is a ``key_rotation`` or the ``start`` marker, so anything
-else there is ``edited``.
+head) before any daemon signs them. After a clean stop this is narrowed.
+The signed head (stored, or witnessed) names the log's size n then, and a
+restarting daemon appends, before any decision, only ``key_rotation``
+records (one per restart that rotated the key, should the start have
+failed after it) and then its ``start`` marker, sealed in the marker's own
+transaction (``AuditWriter.append(..., seal=True)``): a stored checkpoint
+at exactly the marker's tree size. So after a head at n, a record other
+than a rotation or the start marker is ``edited``, and so is a start
+marker with no stored checkpoint at its size: without the key, a forger
+cannot sign one, and a marker forged to open records after the head shows
+at once. What is left is a crashed daemon's tail: records after its last
+checkpoint (and after a head, past the sealed start marker) are protected
+only by the chain, until the next daemon seals them.
 
 Where the walk starts. With nothing pruned, at record 1 with the genesis
 hash and an empty tree. After ``AuditStore.prune`` the records 1..s are
@@ -115,6 +124,7 @@ from kynara_sidecar.audit.checkpoint import (
     verify_checkpoint,
 )
 from kynara_sidecar.audit.keys import PublicKey
+from kynara_sidecar.audit.lineage import lineage_problem
 from kynara_sidecar.audit.record import KeyRotationEntry, RecordKind
 from kynara_sidecar.audit.rotation import trusted_after
 from kynara_sidecar.audit.store import AuditStore, Head, StoredRecord
@@ -222,9 +232,23 @@ def verify_store(
             directory, or is not readable); names the setting.
         AuditUnavailable: the log cannot be read (LMDB reports damage).
     """
+    # The witness first, then the log's snapshot: a daemon witnesses a
+    # checkpoint only after committing it, so the snapshot taken second
+    # holds everything the witness read first states.
+    try:
+        witnessed: list[_Statement] | _Stop = (
+            [] if witness is None else _witnessed(witness)
+        )
+    except _Stop as stop:
+        witnessed = stop
     try:
         with store.reading():
-            return _verify(store, trusted, witness, from_tree_size, require_witness)
+            report = _verify(
+                store, trusted, witness, witnessed, from_tree_size, require_witness
+            )
+            if report.ok and witness is not None:
+                report = _check_lineage(store, witness, report)
+            return report
     except lmdb.Error as err:
         raise AuditUnavailable(
             f"audit log {store.path} cannot be read ({err}): its data file is "
@@ -233,10 +257,22 @@ def verify_store(
         ) from err
 
 
+def _check_lineage(
+    store: AuditStore, witness: Witness, report: VerifyReport
+) -> VerifyReport:
+    problem = lineage_problem(store, witness)
+    if problem is None:
+        return report
+    return msgspec.structs.replace(
+        report, problem=ChainProblem(1, ProblemKind.MISSING, problem, "log")
+    )
+
+
 def _verify(
     store: AuditStore,
     trusted: Mapping[str, PublicKey] | None,
     witness: Witness | None,
+    witnessed: list[_Statement] | _Stop,
     from_tree_size: int | None,
     require_witness: bool,
 ) -> VerifyReport:
@@ -244,7 +280,11 @@ def _verify(
     stored_head = store.stored_head()
     head_seq, head_hash = stored_head or (0, GENESIS_HASH)
     try:
-        statements = _statements(store, witness, from_tree_size, stored_head, walk)
+        if isinstance(witnessed, _Stop):
+            raise witnessed
+        statements = _statements(
+            store, witness, witnessed, from_tree_size, stored_head, walk
+        )
         walk.check_front(stored_head, statements)
         pending = walk.start(from_tree_size, statements)
         pending = walk.run(pending)
@@ -286,9 +326,9 @@ def verify_log(
             checkpoint fails as ``unknown_key``.
         witness_root: the witness location (``audit.witness_path``), or
             ``None`` for none.
-        origin: the log's origin (``identity.daemon_id``) to find its
-            witness directory; by default the one its checkpoints (or its
-            records) name.
+        origin: the origin (``identity.daemon_id``) to find the witness
+            directory by when the log names none itself (an empty log); a
+            log's own checkpoints (or records) name its origin for life.
         require_witness: a witness holding nothing for a log with
             checkpoints is a problem, not a note (see ``verify_store``);
             ``kynara-sidecar verify`` asks for it when given a witness.
@@ -306,7 +346,7 @@ def verify_log(
     try:
         witness, notes = None, []
         if witness_root:
-            origin = origin or _origin(store)
+            origin = _origin(store) or origin
             if origin:
                 witness = Witness(witness_root, origin, store.log_id)
             else:
@@ -345,6 +385,7 @@ def format_report(report: VerifyReport) -> str:
 def _statements(
     store: AuditStore,
     witness: Witness | None,
+    witnessed: list[_Statement],
     from_tree_size: int | None,
     stored_head: Head | None,
     walk: _Walk,
@@ -364,7 +405,6 @@ def _statements(
     if witness is None:
         walk.notes.append(NO_WITNESS_NOTE)
     else:
-        witnessed = _witnessed(witness)
         if not witnessed:
             walk.witness_empty = True
             walk.notes.append(
@@ -536,6 +576,10 @@ class _Walk:
         self.stored_sizes: set[int] = set()
         self.head_size: int | None = None
         self.head_sizes: set[int] = set()
+        # After a head and a key rotation: where the start marker is due,
+        # and the head it follows.
+        self.start_due: int | None = None
+        self.start_head = 0
         self.witness_empty = False
         # (part, revision) -> the first record citing it.
         self.cited: dict[tuple[_PolicyPart, str], int] = {}
@@ -748,7 +792,7 @@ class _Walk:
             self._check_nodes(seq, leaf)
         self.tree.append(leaf)
         record = _parse(data)
-        if seq - 1 in self.head_sizes:
+        if seq - 1 in self.head_sizes or seq == self.start_due:
             self._check_after_head(seq, record)
         if record.get("kind") == RecordKind.KEY_ROTATION:
             self._rotate(seq, record)
@@ -760,20 +804,38 @@ class _Walk:
         self.records += 1
 
     def _check_after_head(self, seq: int, record: dict[str, Any]) -> None:
+        # From a head at n to the start marker: rotations, then the marker,
+        # sealed at its own size.
         kind = record.get("kind")
         marker = record.get("marker")
         event = marker.get("event") if isinstance(marker, dict) else None
-        if kind == RecordKind.KEY_ROTATION or (
-            kind == RecordKind.MARKER and event == _START_EVENT
-        ):
+        head = self.start_head if seq == self.start_due else seq - 1
+        self.start_due = None
+        if kind == RecordKind.KEY_ROTATION:
+            self.start_due, self.start_head = seq + 1, head
             return
+        if kind == RecordKind.MARKER and event == _START_EVENT:
+            # Every build that signs heads also seals its start marker, so an
+            # unsealed one after a signed head was not written by a daemon.
+            if seq in self.stored_sizes:
+                return
+            raise _stop(
+                seq,
+                ProblemKind.EDITED,
+                f"is the start marker after the head signed at a clean stop at "
+                f"tree size {head}, but is not sealed (no checkpoint is stored "
+                f"at tree size {seq}): not written by the daemon, which seals "
+                "its start marker in the transaction that commits it",
+            )
         what = f"a {event!r} marker" if kind == RecordKind.MARKER else repr(kind)
+        rotations = "" if head == seq - 1 else " and the key rotations after it"
         raise _stop(
             seq,
             ProblemKind.EDITED,
-            f"follows the head signed at a clean stop at tree size {seq - 1}, "
-            f"but is {what}: a restarting daemon appends a key rotation or its "
-            "start marker first, so this record was appended by someone else "
+            f"follows the head signed at a clean stop at tree size {head}"
+            f"{rotations}, but is {what}: a restarting daemon appends a key "
+            "rotation or its start marker first, so this record was appended "
+            "by someone else "
             "(records after the last signed statement are protected only by "
             "the chain)",
         )

@@ -45,6 +45,15 @@ checkpoints it missed are written again at the next seal. At ``close()``
 the open segment is sealed and a head is signed, stored and witnessed, so
 a later truncation of the tail shows against it.
 
+A caller may ask for its records to be sealed (``append(..., seal=True)``):
+the transaction carrying them then ends with them, whatever the queue holds
+behind (those records go to the next transaction), and seals a segment
+there, whatever the segment's count or age. The checkpoint is then exactly
+at the caller's last record. The daemon seals its start marker this way, so
+a marker forged after a signed head (by someone who can write the LMDB file
+but holds no key) shows: it has no checkpoint at its size
+(``verify``'s rule after a signed head).
+
 Ownership: the writer does not own the store. ``close()`` drains, syncs and
 stops the thread; the caller closes the store afterwards.
 """
@@ -134,6 +143,8 @@ class _Pending(NamedTuple):
     changes: tuple[StateChange, ...]
     future: asyncio.Future[list[Appended]]
     loop: asyncio.AbstractEventLoop
+    # The transaction ends with these records and seals a segment there.
+    seal: bool = False
 
 
 class AuditWriter:
@@ -218,13 +229,21 @@ class AuditWriter:
         self._thread.start()
 
     async def append(
-        self, record: AuditRecordV1, state_changes: Iterable[StateChange] = ()
+        self,
+        record: AuditRecordV1,
+        state_changes: Iterable[StateChange] = (),
+        *,
+        seal: bool = False,
     ) -> Appended:
         """Append one record (and the state it changes) to the log.
 
         Args:
             record: the record; its ``seq`` is assigned here.
             state_changes: ``(db, key, value)`` committed with the record.
+            seal: end the transaction with this record and seal a segment
+                there (a checkpoint at exactly its ``seq``), whatever the
+                segment's size or age. Without ``sealing`` there is no key,
+                and nothing is sealed.
 
         Returns:
             Where the record landed, once it is committed (and synced in
@@ -237,19 +256,22 @@ class AuditWriter:
             msgspec.EncodeError: the record cannot be encoded.
             RuntimeError: ``start()`` was not called.
         """
-        (appended,) = await self.append_all((record,), state_changes)
+        (appended,) = await self.append_all((record,), state_changes, seal=seal)
         return appended
 
     async def append_all(
         self,
         records: Iterable[AuditRecordV1],
         state_changes: Iterable[StateChange] = (),
+        *,
+        seal: bool = False,
     ) -> list[Appended]:
         """Append records (and the state they change) all together or none.
 
         The records are committed in one transaction, in order, whatever
         ``max_batch`` says: a DecideBatch's decisions are logged whole or
-        not at all.
+        not at all. With ``seal``, that transaction ends with the last of
+        them and seals a segment there (see ``append``).
 
         Returns:
             Where each record landed, in order.
@@ -270,7 +292,7 @@ class AuditWriter:
         future: asyncio.Future[list[Appended]] = loop.create_future()
         with self._cond:
             self._check_accepting()
-            self._queue.append(_Pending(records, changes, future, loop))
+            self._queue.append(_Pending(records, changes, future, loop, seal))
             self._cond.notify()
         return await future
 
@@ -341,11 +363,14 @@ class AuditWriter:
             if not self._queue:
                 return None
             # Whole callers up to max_batch records; a caller with more
-            # records than that goes alone, unsplit.
+            # records than that goes alone, unsplit. A sealing caller ends
+            # the batch, so its checkpoint is at its own last record.
             batch = [self._queue.popleft()]
             taken = len(batch[0].records)
             while (
-                self._queue and taken + len(self._queue[0].records) <= self._max_batch
+                not batch[-1].seal
+                and self._queue
+                and taken + len(self._queue[0].records) <= self._max_batch
             ):
                 taken += len(self._queue[0].records)
                 batch.append(self._queue.popleft())
@@ -517,9 +542,10 @@ class AuditWriter:
         records = [record for item in batch for record in item.records]
         changes = [change for item in batch for change in item.changes]
         made: list[CheckpointV1] = []
+        asked = batch[-1].seal and self._sealing is not None
         seal = (
             self._sealer(CheckpointKind.CHECKPOINT, made)
-            if self._seal_due(len(records))
+            if asked or self._seal_due(len(records))
             else None
         )
         started = time.perf_counter()

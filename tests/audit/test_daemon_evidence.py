@@ -7,6 +7,7 @@ import shutil
 
 import grpc
 import lmdb
+import msgspec
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import small_refund
@@ -128,6 +129,14 @@ def test_a_deleted_log_is_not_silently_replaced(start_daemon, tmp_path):
 
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert old_id in details and "deleted or replaced" in details
+    keys = load_audit_keys(broken.config.audit)
+    report = verify_log(
+        tmp_path / "audit",
+        keys.trusted,
+        tmp_path / "witness",
+        origin=broken.config.identity.daemon_id,
+    )
+    assert (report.problem.subject, report.problem.kind) == ("log", "missing")
 
     config = broken.config
     done = start_new_chain(
@@ -241,3 +250,139 @@ def test_new_chain_refuses_a_log_that_verifies(start_daemon, tmp_path):
             witness_root=config.audit.witness_path,
             now_nanos=1_796_374_800 * 10**9,
         )
+
+
+def test_a_new_daemon_id_does_not_hide_a_cut_tail(start_daemon, tmp_path):
+    first = start_daemon(SEGMENTS)
+    _decide(first, 7)
+    first.stop()
+    _cut_tail(tmp_path / "audit", keep=3)
+
+    renamed = start_daemon(SEGMENTS, "identity.daemon_id=support-bot@elsewhere")
+    status, details = _refused(renamed)
+
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "truncated_tail" in details
+
+
+def test_a_log_replaced_by_another_with_records_is_not_served(start_daemon, tmp_path):
+    first = start_daemon(SEGMENTS)
+    _decide(first, 4)
+    first.stop()
+    # Another daemon's log, with records but no checkpoints, put in its place.
+    stranger = start_daemon(
+        SEGMENTS, "audit.witness_path=", f"audit.path={tmp_path / 'other'}"
+    )
+    _decide(stranger, 2)
+    stranger.daemon._writer._sealing = None  # as if killed before any seal
+    stranger.stop()
+    shutil.rmtree(tmp_path / "audit")
+    (tmp_path / "other").rename(tmp_path / "audit")
+
+    status, details = _refused(start_daemon(SEGMENTS))
+
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "does not begin with a chain_break naming it" in details
+
+
+def test_new_chain_force_does_not_walk_the_old_log(start_daemon, tmp_path):
+    running = start_daemon(SEGMENTS)
+    _decide(running, 2)
+    running.stop()
+    config = running.config
+
+    done = start_new_chain(
+        config.audit.path,
+        load_audit_keys(config.audit),
+        origin=config.identity.daemon_id,
+        witness_root=config.audit.witness_path,
+        now_nanos=1_796_374_800 * 10**9,
+        force=True,
+    )
+    first = _records(tmp_path / "audit")[0]
+
+    assert "not verified" in done.problem
+    assert first.chain_break.problem == "forced"
+    assert first.chain_break.previous_log_id == done.old_log_id
+
+
+# ------------------------------------------- the start marker, sealed alone
+
+
+def _sealed_sizes(path) -> set[int]:
+    store = AuditStore.open(path, readonly=True)
+    try:
+        return {cp.tree_size for cp in store.iter_checkpoints()}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["same-key", "rotated"])
+def test_each_start_marker_is_sealed_and_stop_start_cycles_verify(
+    start_daemon, tmp_path, rotate
+):
+    keys = tmp_path / "keys"
+    first = start_daemon(SEGMENTS)
+    _decide(first, 4)
+    first.stop()
+    options = []
+    if rotate:
+        save_signing_key(generate_key(), keys / "new.pem")
+        options = [
+            f"audit.signing_key={keys / 'new.pem'}",
+            f"audit.previous_signing_key={keys / 'audit.pem'}",
+            "audit.create_signing_key=false",
+        ]
+    second = start_daemon(SEGMENTS, *options)
+    _decide(second, 2)
+    second.stop()
+
+    records = _records(tmp_path / "audit")
+    starts = [
+        r.seq
+        for r in records
+        if r.kind == RecordKind.MARKER and r.marker.event == "start"
+    ]
+    old = load_public_key(keys / "audit.pub")
+    report = verify_log(
+        tmp_path / "audit", {old.key_id: old}, witness_root=tmp_path / "witness"
+    )
+
+    assert len(starts) == 2
+    assert set(starts) <= _sealed_sizes(tmp_path / "audit")
+    assert records[starts[1] - 2].kind == (
+        RecordKind.KEY_ROTATION if rotate else RecordKind.MARKER
+    )
+    assert report.ok, report
+    third = start_daemon(SEGMENTS, *options)
+    assert _health(third) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_start_marker_forged_after_a_clean_stop_is_not_served(start_daemon, tmp_path):
+    # The breaker's attack: write access to the LMDB file, no key. A copy
+    # of the daemon's start marker and an allow appended after the signed
+    # head, with the chain, nodes, decisions index and head consistent.
+    first = start_daemon(SEGMENTS)
+    _decide(first, 2)
+    first.stop()
+    records = _records(tmp_path / "audit")
+    marker = next(r for r in records if r.kind == RecordKind.MARKER)
+    decision = next(r for r in records if r.kind == RecordKind.DECISION)
+    store = AuditStore.open(tmp_path / "audit")
+    try:
+        head = store.head().seq
+        store.append_batch([marker])
+        store.append_batch(
+            [msgspec.structs.replace(decision, decision_id="forged-after-marker")]
+        )
+    finally:
+        store.close()
+
+    report = verify_log(tmp_path / "audit", witness_root=tmp_path / "witness")
+    status, details = _refused(start_daemon(SEGMENTS))
+
+    assert (report.problem.seq, report.problem.kind) == (head + 1, "edited")
+    assert "not written by the daemon" in report.problem.message
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert f"record {head + 1}: edited: is the start marker after" in details
+    assert "but is not sealed" in details

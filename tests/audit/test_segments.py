@@ -10,10 +10,15 @@ import time
 import pytest
 
 from kynara_sidecar.audit import merkle
-from kynara_sidecar.audit.checkpoint import CheckpointKind, verify_checkpoint
+from kynara_sidecar.audit.checkpoint import (
+    CheckpointKind,
+    sign_checkpoint,
+    verify_checkpoint,
+)
 from kynara_sidecar.audit.keys import generate_key
 from kynara_sidecar.audit.witness import Witness, WitnessError
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
+from kynara_sidecar.decision import Timestamp
 
 from ._support import make_record
 
@@ -264,3 +269,46 @@ def test_a_witness_file_renamed_to_another_size_is_refused(open_store, tmp_path)
 
     with pytest.raises(WitnessError, match="holds the checkpoint of tree size 4"):
         witness.checkpoints()
+
+
+def test_verify_beside_a_writer_reads_the_witness_before_its_snapshot(
+    open_store, tmp_path
+):
+    from kynara_sidecar.audit.verify import verify_store
+
+    key = generate_key()
+    store = open_store()
+    witness_root = tmp_path / "witness"
+
+    def commit_and_witness(first: int) -> None:
+        # What a daemon does for a segment: commit it sealed, then witness.
+        made = []
+
+        def seal(size, root, chain):
+            made.append(
+                sign_checkpoint(
+                    kind=CheckpointKind.CHECKPOINT, origin=ORIGIN,
+                    log_id=store.log_id, tree_size=size, root=root,
+                    chain_hash=chain, time=Timestamp.from_nanos(T0), key=key,
+                )
+            )  # fmt: skip
+            return made[-1]
+
+        store.append_batch([make_record(first), make_record(first + 1)], seal=seal)
+        Witness(witness_root, ORIGIN, store.log_id).write(made[-1])
+
+    class BusyWitness(Witness):
+        """A witness a daemon writes to while verify is reading it."""
+
+        def checkpoints(self):
+            commit_and_witness(90)
+            return super().checkpoints()
+
+    commit_and_witness(1)
+    commit_and_witness(3)
+    busy = BusyWitness(witness_root, ORIGIN, store.log_id)
+
+    report = verify_store(store, {key.key_id: key.public()}, busy)
+
+    assert report.ok, report
+    assert report.head_seq == 6

@@ -807,16 +807,50 @@ def test_a_marker_other_than_start_after_a_clean_stop_is_edited(sealed):
     assert "but is a 'stop' marker" in problem.message
 
 
+def _restart(log, *, rotations: int = 0, seal: bool = True, after=()) -> None:
+    """What a restarting daemon appends: ``rotations`` key rotations (each
+    its own transaction), the start marker sealed alone, then ``after``."""
+    store = AuditStore.open(log.path)
+    try:
+        key = log.key
+        for _ in range(rotations):
+            new = generate_key()
+            rotation = rotation_record(
+                key, new.public(), origin=ORIGIN, log_id=store.log_id,
+                time="2026-12-04T10:00:00Z",
+            )  # fmt: skip
+            log.append([rotation], store=store, seal=False)
+            key = log.key = new
+        log.append([start_marker()], store=store, seal=seal)
+        if after:
+            log.append(list(after), store=store, seal=False)
+    finally:
+        store.close()
+
+
 def test_a_restart_after_a_clean_stop_verifies(sealed):
-    _append(sealed, [start_marker(), make_record(COUNT + 2)])
+    _restart(sealed, after=[make_record(COUNT + 2)])
 
     report = _verify(sealed)
 
     assert report.ok, format_report(report)
     assert report.records == COUNT + 2
+    assert sealed.checkpoints[-1] == COUNT + 1
 
 
-def test_a_rotation_first_after_a_clean_stop_verifies(tmp_path):
+@pytest.mark.parametrize("rotations", [1, 2])
+def test_rotations_then_a_sealed_start_after_a_clean_stop_verify(tmp_path, rotations):
+    log = write_sealed_log(tmp_path / "log", 6, witness_root=tmp_path / "w")
+    first = log.trusted
+
+    _restart(log, rotations=rotations, after=[make_record(8 + rotations)])
+    report = _verify(log, trusted=first)
+
+    assert report.ok, format_report(report)
+    assert log.checkpoints[-1] == 7 + rotations
+
+
+def test_a_rotation_and_start_sealed_together_verify(tmp_path):
     log = write_sealed_log(tmp_path / "log", 6, witness_root=tmp_path / "w")
     new = generate_key()
     store = AuditStore.open(log.path)
@@ -832,6 +866,86 @@ def test_a_rotation_first_after_a_clean_stop_verifies(tmp_path):
     report = _verify(log)
 
     assert report.ok, format_report(report)
+
+
+def _forged_start(sealed, *, tail: bool) -> object:
+    # The breaker's attack: no key, write access to the LMDB file. A start
+    # marker and an allow after the head, chain, nodes, index and stored
+    # head all consistent.
+    _append(sealed, [start_marker()])
+    _append(sealed, [make_record(COUNT + 2)])
+    return _tail(sealed, 18) if tail else _verify(sealed)
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["whole", "tail"])
+def test_a_start_marker_forged_after_a_clean_stop_is_edited(sealed, tail):
+    problem = _problem(_forged_start(sealed, tail=tail))
+
+    assert (problem.subject, problem.seq, problem.kind) == (
+        "record",
+        COUNT + 1,
+        ProblemKind.EDITED,
+    )
+    assert problem.message == (
+        f"is the start marker after the head signed at a clean stop at tree "
+        f"size {COUNT}, but is not sealed (no checkpoint is stored at tree size "
+        f"{COUNT + 1}): not written by the daemon, which seals its start marker "
+        "in the transaction that commits it"
+    )
+
+
+def test_a_start_marker_sealed_only_later_is_edited(sealed):
+    # A checkpoint after the marker (the next segment's) does not vouch for
+    # it: a daemon that sealed the forgery later cannot make it its own.
+    _restart(sealed, seal=False, after=[make_record(COUNT + 2)])
+    store = AuditStore.open(sealed.path)
+    try:
+        sealed.append([], store=store, seal=True)
+    finally:
+        store.close()
+
+    problem = _problem(_verify(sealed))
+
+    assert sealed.checkpoints[-1] == COUNT + 2
+    assert (problem.seq, problem.kind) == (COUNT + 1, ProblemKind.EDITED)
+    assert "but is not sealed" in problem.message
+
+
+def test_a_start_marker_forged_after_a_rotation_is_edited(tmp_path):
+    log = write_sealed_log(tmp_path / "log", 6, witness_root=tmp_path / "w")
+    first = log.trusted
+
+    _restart(log, rotations=1, seal=False, after=[make_record(9)])
+    problem = _problem(_verify(log, trusted=first))
+
+    assert (problem.seq, problem.kind) == (8, ProblemKind.EDITED)
+    assert problem.message.startswith(
+        "is the start marker after the head signed at a clean stop at tree size 6,"
+    )
+
+
+def test_a_decision_forged_after_a_rotation_after_a_clean_stop_is_edited(tmp_path):
+    # A rotation a start left behind (or one replayed: its signature names
+    # no position), then a forged decision where the start marker is due.
+    log = write_sealed_log(tmp_path / "log", 6, witness_root=tmp_path / "w")
+    store = AuditStore.open(log.path, readonly=True)
+    try:
+        rotation = rotation_record(
+            log.key, generate_key().public(), origin=ORIGIN,
+            log_id=store.log_id, time="2026-12-04T10:00:00Z",
+        )  # fmt: skip
+    finally:
+        store.close()
+    _append(log, [rotation])
+    _append(log, [make_record(8)])
+
+    problem = _problem(_verify(log))
+
+    assert (problem.seq, problem.kind) == (8, ProblemKind.EDITED)
+    assert problem.message.startswith(
+        "follows the head signed at a clean stop at tree size 6 and the key "
+        "rotations after it, but is 'decision'"
+    )
 
 
 # ------------------------------------------------------ the front, the seam

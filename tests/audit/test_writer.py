@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from kynara_sidecar.audit.keys import generate_key
 from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.audit.verify import verify_log
-from kynara_sidecar.audit.writer import AuditWriter
+from kynara_sidecar.audit.verify import verify_log, verify_store
+from kynara_sidecar.audit.writer import AuditWriter, Sealing
 from kynara_sidecar.errors import AuditUnavailable
 
 from ._support import make_record
@@ -272,3 +273,61 @@ def test_close_commits_what_is_still_queued(open_store):
 def test_bad_writer_options_are_refused(open_store, options, message):
     with pytest.raises(ValueError, match=message):
         AuditWriter(open_store(), **options)
+
+
+def _sealing(key) -> Sealing:
+    # Segments far too large to seal on their own during a test.
+    return Sealing(
+        key=key,
+        origin="daemon-a",
+        segment_records=1000,
+        segment_seconds=3600.0,
+        clock=lambda: 1_796_374_800 * 10**9,
+    )
+
+
+def test_a_sealing_caller_ends_its_transaction_with_a_checkpoint_at_its_record(
+    open_store,
+):
+    store = open_store()
+    key = generate_key()
+    writer = None
+    commits = Commits(hold_until=lambda size: writer.pending >= 5)
+    writer = AuditWriter(store, on_commit=commits, sealing=_sealing(key))
+
+    async def main():
+        writer.start()
+        await writer.append(make_record(0))
+        appended = await asyncio.gather(
+            writer.append(make_record(1)),
+            writer.append(make_record(2)),
+            writer.append(make_record(3), seal=True),
+            writer.append(make_record(4)),
+            writer.append(make_record(5)),
+        )
+        sealed = [cp.tree_size for cp in store.iter_checkpoints()]
+        await writer.close()
+        return appended, sealed
+
+    appended, sealed = asyncio.run(main())
+
+    assert appended[2].seq == 4
+    assert commits.sizes == [1, 3, 2]
+    assert sealed == [4]
+    assert [cp.tree_size for cp in store.iter_checkpoints()] == [4, 6]
+    report = verify_store(store, {key.key_id: key.public()}, None)
+    assert report.ok, report
+
+
+def test_seal_without_sealing_seals_nothing(open_store):
+    store = open_store()
+    writer = AuditWriter(store)
+
+    async def main():
+        writer.start()
+        appended = await writer.append(make_record(0), seal=True)
+        await writer.close()
+        return appended
+
+    assert asyncio.run(main()).seq == 1
+    assert store.latest_checkpoint() is None

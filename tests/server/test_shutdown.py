@@ -38,11 +38,11 @@ def hold_decisions(running):
     writer = running.daemon._writer
     original = writer.append_all
 
-    async def held(records, state_changes=()):
+    async def held(records, state_changes=(), **options):
         records = tuple(records)
         if any(record.kind == "decision" for record in records):
             await gate.wait()
-        return await original(records, state_changes)
+        return await original(records, state_changes, **options)
 
     writer.append_all = held
     return lambda: running.loop.call_soon_threadsafe(gate.set)
