@@ -115,6 +115,24 @@ class Witness:
                 )
         return statements
 
+    def sizes(self) -> set[int]:
+        """The tree sizes of the witnessed checkpoints, from file names only.
+
+        Raises:
+            WitnessError: the directory cannot be listed.
+        """
+        try:
+            names = [entry.name for entry in self.path.iterdir()]
+        except FileNotFoundError:
+            return set()
+        except OSError as err:
+            raise WitnessError(f"cannot list witness {self.path}: {err}") from err
+        return {
+            int(match.group(1))
+            for name in names
+            if (match := _CHECKPOINT_RE.match(name))
+        }
+
     def head(self) -> CheckpointV1 | None:
         """The head witnessed at the last clean stop, or ``None``."""
         path = self.path / HEAD_FILE

@@ -71,6 +71,7 @@ from typing import Any, NamedTuple
 
 from kynara_sidecar.audit.chain import encode_record
 from kynara_sidecar.audit.checkpoint import (
+    CheckpointError,
     CheckpointKind,
     CheckpointV1,
     sign_checkpoint,
@@ -443,16 +444,7 @@ class AuditWriter:
         error = None
         if sealing.witness is not None:
             self._unwitnessed.append(checkpoint)
-            try:
-                while self._unwitnessed:
-                    sealing.witness.write(self._unwitnessed[0])
-                    self._unwitnessed.pop(0)
-            except AuditUnavailable as err:
-                error = str(err)
-                _log.error(
-                    "witness not written",
-                    extra={"fields": {"component": "audit", "error": error}},
-                )
+            error = self._write_witness(sealing.witness)
         if sealing.on_checkpoint is not None:
             try:
                 sealing.on_checkpoint(checkpoint, error)
@@ -462,26 +454,43 @@ class AuditWriter:
                     extra={"fields": {"component": "audit"}},
                 )
 
-    def _catch_up_witness(self) -> None:
-        # A crash between a seal's commit and its witness write leaves the
-        # newest checkpoint unwitnessed; write it before anything else.
-        sealing = self._sealing
-        if sealing is None or sealing.witness is None:
-            return
-        latest = self._store.latest_checkpoint()
+    def _write_witness(self, witness: Witness) -> str | None:
+        # Writes the backlog oldest first; returns the error that stopped it.
         try:
-            witnessed = sealing.witness.latest()
-            if latest is not None and (
-                witnessed is None or witnessed.tree_size < latest.tree_size
-            ):
-                sealing.witness.write(latest)
+            while self._unwitnessed:
+                witness.write(self._unwitnessed[0])
+                self._unwitnessed.pop(0)
         except AuditUnavailable as err:
-            if latest is not None:
-                self._unwitnessed.append(latest)
             _log.error(
                 "witness not written",
                 extra={"fields": {"component": "audit", "error": str(err)}},
             )
+            return str(err)
+        return None
+
+    def _catch_up_witness(self) -> None:
+        # Checkpoints committed but never witnessed (a crash between a seal
+        # and its witness write, or a witness that was full or away): write
+        # them before anything else, oldest first.
+        sealing = self._sealing
+        if sealing is None or sealing.witness is None:
+            return
+        try:
+            have = sealing.witness.sizes()
+            missing = [
+                cp
+                for cp in self._store.iter_checkpoints(self._store.seam())
+                if cp.tree_size not in have
+            ]
+        except (AuditUnavailable, CheckpointError) as err:
+            _log.error(
+                "witness not caught up",
+                extra={"fields": {"component": "audit", "error": str(err)}},
+            )
+            return
+        self._unwitnessed = missing
+        if missing:
+            self._write_witness(sealing.witness)
 
     def _retain(self) -> None:
         # TODO(#6): with a central store, prune only what it acknowledged.
