@@ -336,6 +336,9 @@ def start_daemon(
         "--set", "agent.host=127.0.0.1", "--set", f"agent.port={port}",
         "--set", "health.port=0", "--set", "http.port=0",
         "--set", f"audit.path={workdir / 'audit'}",
+        # Each run is a fresh log: its key and witness are its own too.
+        "--set", f"audit.signing_key={workdir / 'keys' / 'audit.pem'}",
+        "--set", f"audit.witness_path={workdir / 'witness'}",
     ]  # fmt: skip
     for override in overrides:
         argv += ["--set", override]
