@@ -499,15 +499,7 @@ class IdentityConfig(_Section):
             where = f"{section}.agents.{agent}"
             if not agent:
                 raise ConfigError(f"{section}.agents: expected agent ids, got ''")
-            try:
-                secret = pathlib.Path(path).read_bytes().strip()
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"{where}: cannot read the secret: {err}") from None
-            if len(secret) < MIN_AGENT_SECRET_BYTES:
-                raise ConfigError(
-                    f"{where}: expected a secret of at least {MIN_AGENT_SECRET_BYTES} "
-                    f"bytes in {path}, got {len(secret)}"
-                )
+            secret = _read_secret(where, path)
             if secret in secrets.values():
                 raise ConfigError(f"{where}: expected its own secret, got a shared one")
             secrets[agent] = secret

@@ -74,6 +74,18 @@ def test_a_rotated_key_is_vouched_for_by_the_old_one(start_daemon, tmp_path):
     assert report.ok, report
 
 
+def _new_chain(config, **options):
+    """``kynara-sidecar new-chain`` on a daemon's config, as an operator runs it."""
+    return start_new_chain(
+        config.audit.path,
+        load_audit_keys(config.audit),
+        origin=config.identity.daemon_id,
+        witness_root=config.audit.witness_path,
+        now_nanos=1_796_374_800 * 10**9,
+        **options,
+    )
+
+
 def _refused(running) -> tuple[int, str]:
     """The health status and the refusal of a Decide on a daemon that is up."""
     with pytest.raises(grpc.RpcError) as refused:
@@ -139,13 +151,7 @@ def test_a_deleted_log_is_not_silently_replaced(start_daemon, tmp_path):
     assert (report.problem.subject, report.problem.kind) == ("log", "missing")
 
     config = broken.config
-    done = start_new_chain(
-        config.audit.path,
-        load_audit_keys(config.audit),
-        origin=config.identity.daemon_id,
-        witness_root=config.audit.witness_path,
-        now_nanos=1_796_374_800 * 10**9,
-    )
+    done = _new_chain(config)
     restarted = start_daemon(SEGMENTS)
     _decide(restarted, 1)
     restarted.stop()
@@ -213,13 +219,7 @@ def test_a_cut_tail_stops_appends_until_a_new_chain_names_the_break(
     assert len(_records(tmp_path / "audit")) == 3
 
     config = broken.config
-    done = start_new_chain(
-        config.audit.path,
-        load_audit_keys(config.audit),
-        origin=config.identity.daemon_id,
-        witness_root=config.audit.witness_path,
-        now_nanos=1_796_374_800 * 10**9,
-    )
+    done = _new_chain(config)
     restarted = start_daemon(SEGMENTS)
     answered = _decide(restarted, 2)
     restarted.stop()
@@ -243,13 +243,7 @@ def test_new_chain_refuses_a_log_that_verifies(start_daemon, tmp_path):
     config = running.config
 
     with pytest.raises(AuditUnavailable, match="no break to record"):
-        start_new_chain(
-            config.audit.path,
-            load_audit_keys(config.audit),
-            origin=config.identity.daemon_id,
-            witness_root=config.audit.witness_path,
-            now_nanos=1_796_374_800 * 10**9,
-        )
+        _new_chain(config)
 
 
 def test_a_new_daemon_id_does_not_hide_a_cut_tail(start_daemon, tmp_path):
@@ -291,14 +285,7 @@ def test_new_chain_force_does_not_walk_the_old_log(start_daemon, tmp_path):
     running.stop()
     config = running.config
 
-    done = start_new_chain(
-        config.audit.path,
-        load_audit_keys(config.audit),
-        origin=config.identity.daemon_id,
-        witness_root=config.audit.witness_path,
-        now_nanos=1_796_374_800 * 10**9,
-        force=True,
-    )
+    done = _new_chain(config, force=True)
     first = _records(tmp_path / "audit")[0]
 
     assert "not verified" in done.problem
