@@ -362,7 +362,7 @@ class Daemon:
                 f"audit log {store.path} holds checkpoints but no log id: its "
                 f"meta was rewritten. {_AFTER_BREAK}"
             )
-        problem = lineage_problem(store, witness) if witness else None
+        problem = lineage_problem(store, witness, keys.trusted) if witness else None
         if problem is not None:
             raise AuditUnavailable(f"{problem}. {_AFTER_BREAK}")
         # From the checkpoint before the latest: the last sealed segment is

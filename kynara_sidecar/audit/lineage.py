@@ -11,9 +11,12 @@ This check needs the witness: a log alone cannot show what replaced it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import msgspec
 
 from kynara_sidecar.audit.chain import decode_record
+from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.record import RecordKind
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.witness import Witness, witnessed_logs
@@ -21,7 +24,11 @@ from kynara_sidecar.audit.witness import Witness, witnessed_logs
 __all__ = ["lineage_problem"]
 
 
-def lineage_problem(store: AuditStore, witness: Witness) -> str | None:
+def lineage_problem(
+    store: AuditStore,
+    witness: Witness,
+    trusted: Mapping[str, PublicKey] | None = None,
+) -> str | None:
     """Why this log is not the successor the witness expects, or ``None``.
 
     When the witness holds other logs of this origin, this log must begin
@@ -29,10 +36,13 @@ def lineage_problem(store: AuditStore, witness: Witness) -> str | None:
     continues was deleted or replaced, whatever this one holds. A pruned
     log's first record is gone; its seam is checked by verification.
 
+    With ``trusted``, only logs signed by those keys count (see
+    ``witnessed_logs``).
+
     Raises:
         WitnessError: the witness cannot be read.
     """
-    logs = witnessed_logs(witness.root, witness.origin)
+    logs = witnessed_logs(witness.root, witness.origin, trusted)
     logs.pop(store.log_id, None)
     if not logs:
         return None

@@ -85,7 +85,7 @@ def start_new_chain(
     path = os.fspath(path)
     if not (pathlib.Path(path) / "data.mdb").exists():
         # Nothing to move aside: only a log the witness remembers is a loss.
-        _from_witness(witness_root, origin, f"no audit log at {path}")
+        _from_witness(keys, witness_root, origin, f"no audit log at {path}")
     lock_fd = lock_directory(path)
     try:
         break_entry, problem = _examine(path, keys, witness_root, origin, force)
@@ -114,10 +114,11 @@ def _examine(
     except AuditUnavailable as err:
         # Unreadable (truncated, emptied): its id is lost with it; the
         # witness says which log it was, if any.
-        return _from_witness(witness_root, origin, str(err), required=False)
+        return _from_witness(keys, witness_root, origin, str(err), required=False)
     try:
         if old.head().seq == 0:
-            return _from_witness(witness_root, origin, f"audit log {path} is empty")
+            why = f"audit log {path} is empty"
+            return _from_witness(keys, witness_root, origin, why)
         if force:
             # No walk: a file damaged badly enough can crash LMDB itself.
             return _forced(old)
@@ -138,10 +139,16 @@ def _forced(old: AuditStore) -> tuple[ChainBreakEntry, str]:
 
 
 def _from_witness(
-    witness_root: str, origin: str, why: str, *, required: bool = True
+    keys: AuditKeys,
+    witness_root: str,
+    origin: str,
+    why: str,
+    *,
+    required: bool = True,
 ) -> tuple[ChainBreakEntry, str]:
-    """Describe a log that is gone by the newest log the witness holds."""
-    logs = witnessed_logs(witness_root, origin) if witness_root else {}
+    """Describe a log that is gone by the newest log the witness holds
+    signed by a trusted key."""
+    logs = witnessed_logs(witness_root, origin, keys.trusted) if witness_root else {}
     if not logs:
         if required:
             raise AuditUnavailable(

@@ -247,9 +247,14 @@ def verify_store(
                 store, trusted, witness, witnessed, from_tree_size, require_witness
             )
             if report.ok and witness is not None:
-                report = _check_lineage(store, witness, report)
+                report = _check_lineage(store, witness, trusted, report)
             return report
     except lmdb.Error as err:
+        # NOTE: damage LMDB reports comes here; damage it does not expect
+        # (zeroed pages inside the file) trips an assertion in LMDB itself
+        # and aborts the process. A truncated file is refused before LMDB
+        # maps it (store.check_data_file); `new-chain --force` moves a log
+        # aside without walking it.
         raise AuditUnavailable(
             f"audit log {store.path} cannot be read ({err}): its data file is "
             "damaged; restore it, or run `kynara-sidecar new-chain` to start a "
@@ -258,9 +263,12 @@ def verify_store(
 
 
 def _check_lineage(
-    store: AuditStore, witness: Witness, report: VerifyReport
+    store: AuditStore,
+    witness: Witness,
+    trusted: Mapping[str, PublicKey] | None,
+    report: VerifyReport,
 ) -> VerifyReport:
-    problem = lineage_problem(store, witness)
+    problem = lineage_problem(store, witness, trusted)
     if problem is None:
         return report
     return msgspec.structs.replace(

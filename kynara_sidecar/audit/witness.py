@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from collections.abc import Mapping
 
 from kynara_sidecar.audit.checkpoint import (
     CheckpointError,
@@ -33,7 +34,9 @@ from kynara_sidecar.audit.checkpoint import (
     CheckpointV1,
     decode_checkpoint,
     encode_checkpoint,
+    verify_checkpoint,
 )
+from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.errors import AuditUnavailable
 
 __all__ = ["HEAD_FILE", "Witness", "WitnessError", "witnessed_logs"]
@@ -177,10 +180,15 @@ class Witness:
 
 
 def witnessed_logs(
-    root: str | os.PathLike[str], origin: str
+    root: str | os.PathLike[str],
+    origin: str,
+    trusted: Mapping[str, PublicKey] | None = None,
 ) -> dict[str, CheckpointV1]:
     """Each log of ``origin`` the witness holds statements of, with its
     latest statement (by tree size).
+
+    With ``trusted``, only logs whose latest statement is signed by one of
+    those keys count: a directory planted without a key is not a log.
 
     Raises:
         WitnessError: the origin's directory cannot be listed or a file does
@@ -199,8 +207,14 @@ def witnessed_logs(
     logs = {}
     for entry in entries:
         latest = Witness(root, origin, entry.name).latest()
-        if latest is not None:
-            logs[entry.name] = latest
+        if latest is None or latest.log_id != entry.name:
+            continue
+        if trusted is not None:
+            try:
+                verify_checkpoint(latest, dict(trusted))
+            except CheckpointError:
+                continue
+        logs[entry.name] = latest
     return logs
 
 

@@ -13,12 +13,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import small_refund
 
 from kynara_sidecar.audit.chain import decode_record
+from kynara_sidecar.audit.checkpoint import CheckpointKind, sign_checkpoint
 from kynara_sidecar.audit.keys import generate_key, load_public_key, save_signing_key
 from kynara_sidecar.audit.newchain import start_new_chain
 from kynara_sidecar.audit.record import RecordKind
 from kynara_sidecar.audit.startup import load_audit_keys
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import verify_log
+from kynara_sidecar.audit.witness import Witness
+from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import AuditUnavailable
 
 SEGMENTS = "audit.segment_records=3"
@@ -373,3 +376,23 @@ def test_a_start_marker_forged_after_a_clean_stop_is_not_served(start_daemon, tm
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert f"record {head + 1}: edited: is the start marker after" in details
     assert "but is not sealed" in details
+
+
+def test_a_log_planted_in_the_witness_without_a_key_counts_for_nothing(
+    start_daemon, tmp_path
+):
+    first = start_daemon(SEGMENTS)
+    origin = first.config.identity.daemon_id
+    first.stop()
+    planted = sign_checkpoint(
+        kind=CheckpointKind.CHECKPOINT, origin=origin, log_id="f" * 32,
+        tree_size=9, root=bytes(32), chain_hash=bytes(32),
+        time=Timestamp.from_nanos(2_000_000_000 * 10**9), key=generate_key(),
+    )  # fmt: skip
+    Witness(tmp_path / "witness", origin, "f" * 32).write(planted)
+
+    running = start_daemon(SEGMENTS)
+    answered = _decide(running, 1)
+
+    assert _health(running) == health_pb2.HealthCheckResponse.SERVING
+    assert answered[0].audit_sequence > 0
