@@ -17,6 +17,8 @@ Examples:
     kynara-sidecar export --config config/kynara.yaml \
         --from 2026-12-01T00:00:00Z --to 2026-12-31T23:59:59Z evidence/
     kynara-sidecar verify-export evidence/ --trusted-key audit-key.pub
+    kynara-sidecar bundle build config/policies --key bundle-key.pem --out b.tar
+    kynara-sidecar bundle verify b.tar --trusted-key bundle-key.pub
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_prove_parser(commands)
     _add_export_parsers(commands)
+    _add_bundle_parser(commands)
     new_chain = commands.add_parser(
         "new-chain",
         help="move a log that fails verification aside and start a new one "
@@ -261,6 +264,38 @@ def _add_export_parsers(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         help="a public key to trust instead of the pack's own; repeatable",
+    )
+
+
+def _add_bundle_parser(commands: argparse._SubParsersAction) -> None:
+    bundle = commands.add_parser(
+        "bundle", help="build or verify a signed policy bundle"
+    )
+    kinds = bundle.add_subparsers(dest="bundle_command", required=True)
+    build = kinds.add_parser(
+        "build", help="pack and sign a policy directory as one bundle file"
+    )
+    build.add_argument("policies", metavar="POLICY_DIR", help="policy directory")
+    build.add_argument(
+        "--key", required=True, metavar="KEY.pem", help="Ed25519 private key (PEM)"
+    )
+    build.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="new bundle file (never overwritten)",
+    )
+    verify = kinds.add_parser(
+        "verify", help="check a bundle's signature, hashes and policies"
+    )
+    verify.add_argument("bundle", metavar="FILE", help="the bundle file")
+    verify.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        metavar="PUB",
+        action="append",
+        required=True,
+        help="a public key to trust (PEM or base64url file); repeatable",
     )
 
 
@@ -542,6 +577,39 @@ def _verify_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bundle(args: argparse.Namespace) -> int:
+    import pathlib
+    import time
+
+    from kynara_sidecar.audit.keys import load_signing_key, load_trusted_keys
+    from kynara_sidecar.decision import Timestamp
+    from kynara_sidecar.sync import bundle
+
+    if args.bundle_command == "build":
+        key = load_signing_key(args.key)
+        seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+        data = bundle.build_bundle(
+            pathlib.Path(args.policies), key, Timestamp(seconds, nanos)
+        )
+        # Checked as a daemon will check it, before anything is written.
+        verified = bundle.verify_bundle(data, {key.key_id: key.public()})
+        bundle.write_bundle(args.out, data)
+        print(
+            f"ok: wrote {args.out}: policy {verified.revision}, directory "
+            f"{verified.directory_revision}, {len(verified.files)} files, "
+            f"signed by {key.key_id}"
+        )
+        return EXIT_OK
+    trusted = load_trusted_keys(args.trusted_keys)
+    verified = bundle.verify_bundle(bundle.read_bundle(args.bundle), trusted)
+    print(
+        f"ok: {args.bundle}: policy {verified.revision}, directory "
+        f"{verified.directory_revision}, {len(verified.files)} files, created "
+        f"{verified.created}, signed by {verified.key_id}"
+    )
+    return EXIT_OK
+
+
 COMMANDS = {
     "replay": _replay,
     "run": _run,
@@ -554,6 +622,7 @@ COMMANDS = {
     "new-chain": _new_chain,
     "export": _export,
     "verify-export": _verify_export,
+    "bundle": _bundle,
 }
 
 
