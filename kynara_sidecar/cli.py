@@ -54,6 +54,20 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trusted_keys(
+    parser: argparse.ArgumentParser, text: str, *, required: bool = False
+) -> None:
+    parser.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        metavar="FILE",
+        action="append",
+        default=[],
+        required=required,
+        help=text,
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kynara-sidecar",
@@ -82,13 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--audit", metavar="DIR", help="audit log directory (same as AUDIT_PATH)"
     )
-    verify.add_argument(
-        "--trusted-key",
-        dest="trusted_keys",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="a public key file to trust, besides the config's audit.trusted_keys "
+    _add_trusted_keys(
+        verify,
+        "a public key file to trust, besides the config's audit.trusted_keys "
         "and signing keys; repeatable",
     )
     verify.add_argument(
@@ -257,13 +267,8 @@ def _add_export_parsers(commands: argparse._SubParsersAction) -> None:
         "verify-export", help="check an evidence pack, as its verify_pack.py does"
     )
     verify_export.add_argument("pack", metavar="OUT", help="the pack directory")
-    verify_export.add_argument(
-        "--trusted-key",
-        dest="trusted_keys",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="a public key to trust instead of the pack's own; repeatable",
+    _add_trusted_keys(
+        verify_export, "a public key to trust instead of the pack's own; repeatable"
     )
 
 
@@ -289,13 +294,10 @@ def _add_bundle_parser(commands: argparse._SubParsersAction) -> None:
         "verify", help="check a bundle's signature, hashes and policies"
     )
     verify.add_argument("bundle", metavar="FILE", help="the bundle file")
-    verify.add_argument(
-        "--trusted-key",
-        dest="trusted_keys",
-        metavar="PUB",
-        action="append",
+    _add_trusted_keys(
+        verify,
+        "a public key to trust (PEM or base64url file); repeatable",
         required=True,
-        help="a public key to trust (PEM or base64url file); repeatable",
     )
 
 

@@ -43,7 +43,6 @@ from kynara_sidecar import __version__
 from kynara_sidecar.audit import RefusingSink
 from kynara_sidecar.audit import verify as audit_verify
 from kynara_sidecar.audit.checkpoint import CheckpointError, CheckpointV1
-from kynara_sidecar.audit.lineage import lineage_problem
 from kynara_sidecar.audit.record import AuditRecordV1, format_timestamp, marker_record
 from kynara_sidecar.audit.startup import AuditKeys, load_audit_keys, rotation_for
 from kynara_sidecar.audit.store import AuditStore, StateChange, policy_set_changes
@@ -354,17 +353,14 @@ class Daemon:
     def _check_tail(
         self, store: AuditStore, keys: AuditKeys, witness: Witness | None
     ) -> None:
-        """Refuse a log that lost its id, was replaced, or whose last sealed
-        segment and tail do not verify against its checkpoints and the
-        witness."""
+        """Refuse a log that lost its id, was replaced (verify_store checks
+        its lineage against the witness), or whose last sealed segment and
+        tail do not verify against its checkpoints and the witness."""
         if not store.log_id:
             raise AuditUnavailable(
                 f"audit log {store.path} holds checkpoints but no log id: its "
                 f"meta was rewritten. {_AFTER_BREAK}"
             )
-        problem = lineage_problem(store, witness, keys.trusted) if witness else None
-        if problem is not None:
-            raise AuditUnavailable(f"{problem}. {_AFTER_BREAK}")
         # From the checkpoint before the latest: the last sealed segment is
         # checked again, since a clean stop seals everything.
         anchor = store.previous_checkpoint()

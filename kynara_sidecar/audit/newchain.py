@@ -29,7 +29,7 @@ from typing import NamedTuple
 import msgspec
 
 from kynara_sidecar.audit.chain import ChainProblem
-from kynara_sidecar.audit.checkpoint import CheckpointKind, sign_checkpoint
+from kynara_sidecar.audit.checkpoint import CheckpointKind, CheckpointV1
 from kynara_sidecar.audit.record import (
     RECORD_VERSION,
     AuditRecordV1,
@@ -41,6 +41,7 @@ from kynara_sidecar.audit.startup import AuditKeys
 from kynara_sidecar.audit.store import AuditStore, lock_directory
 from kynara_sidecar.audit.verify import format_report, verify_store
 from kynara_sidecar.audit.witness import Witness, witnessed_logs
+from kynara_sidecar.audit.writer import make_seal
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import AuditUnavailable
 
@@ -229,23 +230,15 @@ def _write_break(
     )
     store = AuditStore.open(path)
     try:
-        made = []
-
-        def seal(tree_size: int, root: bytes, chain_hash: bytes):
-            made.append(
-                sign_checkpoint(
-                    kind=CheckpointKind.CHECKPOINT,
-                    origin=origin,
-                    log_id=store.log_id,
-                    tree_size=tree_size,
-                    root=root,
-                    chain_hash=chain_hash,
-                    time=Timestamp.from_nanos(now_nanos),
-                    key=keys.signing,
-                )
-            )
-            return made[-1]
-
+        made: list[CheckpointV1] = []
+        seal = make_seal(
+            kind=CheckpointKind.CHECKPOINT,
+            origin=origin,
+            log_id=store.log_id,
+            key=keys.signing,
+            clock=lambda: now_nanos,
+            made=made,
+        )
         store.append_batch([record], seal=seal)
         if witness_root:
             Witness(witness_root, origin, store.log_id).write(made[-1])

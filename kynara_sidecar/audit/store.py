@@ -698,6 +698,18 @@ class AuditStore:
             for _, raw in cursor:
                 yield decode_checkpoint(bytes(raw))
 
+    def checkpoint_sizes(self, after: int = 0) -> list[int]:
+        """The tree sizes of the sealed checkpoints past ``after``, ascending,
+        read from the keys alone (nothing is decoded)."""
+        db = self._dbs.get(_CHECKPOINTS_DB)
+        if db is None:
+            return []
+        with self._read() as txn:
+            cursor = txn.cursor(db=db)
+            if not cursor.set_range(_seq_key(after + 1)):
+                return []
+            return [int.from_bytes(key, "big") for key in cursor.iternext(values=False)]
+
     def latest_checkpoint(self) -> CheckpointV1 | None:
         """The last sealed checkpoint, or ``None`` before the first seal."""
         db = self._dbs.get(_CHECKPOINTS_DB)

@@ -691,18 +691,21 @@ class _Walk:
                 self._check_before_start(st, start)
         return [st for st in statements if st.tree_size > start]
 
+    def _stored_checkpoint(self, size: int) -> CheckpointV1 | None:
+        try:
+            return self.store.checkpoint(size)
+        except CheckpointError as err:
+            raise _stop(
+                size, ProblemKind.EDITED, f"does not decode: {err}", _CHECKPOINT
+            ) from None
+
     def _anchor(
         self, start: int, *, tail: bool
     ) -> tuple[CheckpointV1, merkle.CompactRange]:
         """The checkpoint at ``start`` and the stored nodes' tree there,
         checked against each other and the stored record at ``start``."""
         what = "tail check starts" if tail else f"seam (records 1..{start} pruned)"
-        try:
-            anchor = self.store.checkpoint(start)
-        except CheckpointError as err:
-            raise _stop(
-                start, ProblemKind.EDITED, f"does not decode: {err}", _CHECKPOINT
-            ) from None
+        anchor = self._stored_checkpoint(start)
         if anchor is None:
             raise _stop(
                 start,
@@ -764,12 +767,7 @@ class _Walk:
                 size, ProblemKind.TRUNCATED_FRONT, f"Merkle nodes missing: {err}",
                 st.subject,
             ) from None  # fmt: skip
-        try:
-            stored = self.store.checkpoint(size)
-        except CheckpointError as err:
-            raise _stop(
-                size, ProblemKind.EDITED, f"does not decode: {err}", _CHECKPOINT
-            ) from None
+        stored = self._stored_checkpoint(size)
         chain = None if stored is None else stored.chain_hash
         if size == start == 0:
             chain = GENESIS_HASH.hex()

@@ -96,6 +96,7 @@ __all__ = [
     "OnCheckpoint",
     "OnCommit",
     "Sealing",
+    "make_seal",
 ]
 
 # 256 records: a synced LMDB commit of 256 records costs about twice one of
@@ -400,22 +401,14 @@ class AuditWriter:
     def _sealer(self, kind: CheckpointKind, made: list[CheckpointV1]) -> Seal:
         sealing = self._sealing
         assert sealing is not None
-
-        def seal(tree_size: int, root: bytes, chain_hash: bytes) -> CheckpointV1:
-            checkpoint = sign_checkpoint(
-                kind=kind,
-                origin=sealing.origin,
-                log_id=self._store.log_id,
-                tree_size=tree_size,
-                root=root,
-                chain_hash=chain_hash,
-                time=Timestamp.from_nanos(sealing.clock()),
-                key=sealing.key,
-            )
-            made.append(checkpoint)
-            return checkpoint
-
-        return seal
+        return make_seal(
+            kind=kind,
+            origin=sealing.origin,
+            log_id=self._store.log_id,
+            key=sealing.key,
+            clock=sealing.clock,
+            made=made,
+        )
 
     def _sealed_at(self, made: list[CheckpointV1]) -> None:
         # After a commit: adopt the checkpoint it stored and witness it.
@@ -477,10 +470,11 @@ class AuditWriter:
             return
         try:
             have = sealing.witness.sizes()
+            store = self._store
             missing = [
-                cp
-                for cp in self._store.iter_checkpoints(self._store.seam())
-                if cp.tree_size not in have
+                store.checkpoint(size)
+                for size in store.checkpoint_sizes(store.seam())
+                if size not in have
             ]
         except (AuditUnavailable, CheckpointError) as err:
             _log.error(
@@ -654,6 +648,36 @@ class AuditWriter:
             _log.exception(
                 "audit on_commit hook failed", extra={"fields": {"component": "audit"}}
             )
+
+
+def make_seal(
+    *,
+    kind: CheckpointKind,
+    origin: str,
+    log_id: str,
+    key: SigningKey,
+    clock: Callable[[], int],
+    made: list[CheckpointV1],
+) -> Seal:
+    """A seal for ``AuditStore.append_batch`` that signs a checkpoint of
+    ``kind`` at the clock's time and appends it to ``made``, so the caller
+    can witness it once the transaction committed."""
+
+    def seal(tree_size: int, root: bytes, chain_hash: bytes) -> CheckpointV1:
+        checkpoint = sign_checkpoint(
+            kind=kind,
+            origin=origin,
+            log_id=log_id,
+            tree_size=tree_size,
+            root=root,
+            chain_hash=chain_hash,
+            time=Timestamp.from_nanos(clock()),
+            key=key,
+        )
+        made.append(checkpoint)
+        return checkpoint
+
+    return seal
 
 
 def _nanos(rfc3339: str) -> int:
