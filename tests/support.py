@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import pathlib
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -231,3 +235,36 @@ def wait_serving(
                 return
         time.sleep(0.05)
     raise AssertionError(f"daemon did not serve:\n{log_path.read_text()}")
+
+
+# The unprivileged user tests run the daemon or the CLI as, so that
+# permission bits apply (root ignores them).
+NOBODY = 65534
+AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+
+
+@functools.cache
+def _nobody_cannot_run() -> str | None:
+    """Why nobody cannot run the product here, or None when it can."""
+    if os.geteuid() != 0:
+        return f"needs root to switch users (uid {os.geteuid()})"
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    probe = subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", "import kynara_sidecar"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        # A checkout under a directory only its owner may enter (mktemp -d
+        # makes 0700 ones) cannot be imported by another user.
+        return f"user {NOBODY} cannot import this checkout: {probe.stderr.strip()}"
+    return None
+
+
+def as_nobody() -> tuple[str, ...]:
+    """The prefix that runs a command as nobody; skips, saying why, when
+    that cannot be done here."""
+    reason = _nobody_cannot_run()
+    if reason is not None:
+        pytest.skip(f"running as nobody: {reason}")
+    return AS_NOBODY

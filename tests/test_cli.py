@@ -13,13 +13,12 @@ import tempfile
 import pytest
 from audit._evidence import RawEvidence, write_sealed_log
 from audit._support import seq_key
-from support import REPO_ROOT, SHIPPED_CONFIG, SHIPPED_POLICIES
+from support import REPO_ROOT, SHIPPED_CONFIG, SHIPPED_POLICIES, as_nobody
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key, save_signing_key
 from kynara_sidecar.config import DEFAULT_CONFIG_ENV
 
 CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
-NOBODY = 65534
 
 
 def run(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -241,8 +240,7 @@ def shared_dir():
 
 
 def test_verify_as_a_user_who_cannot_read_the_private_key(shared_dir):
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run verify as nobody")
+    prefix = as_nobody()
     log = write_sealed_log(shared_dir / "log", 7, witness_root=shared_dir / "w")
     save_signing_key(log.key, shared_dir / "audit-key.pem")  # 0600, root's
     save_public_key(log.key.public(), shared_dir / "audit-key.pub")
@@ -251,10 +249,9 @@ def test_verify_as_a_user_who_cannot_read_the_private_key(shared_dir):
     log.path.chmod(0o755)
     (log.path / "data.mdb").chmod(0o644)
     (log.path / "lock.mdb").chmod(0o666)
-    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
     config = _config_args(shared_dir, log.path, shared_dir / "audit-key.pem")
 
-    result = run("verify", *config, prefix=as_nobody)
+    result = run("verify", *config, prefix=prefix)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok: 7 records, head 7 ")

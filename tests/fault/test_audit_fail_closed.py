@@ -45,7 +45,7 @@ from fault_helpers import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2 as pb
-from support import START_TIMEOUT
+from support import NOBODY, START_TIMEOUT, as_nobody
 
 from kynara_sidecar.audit.store import AuditStore
 
@@ -53,8 +53,6 @@ from kynara_sidecar.audit.store import AuditStore
 # hundred decisions at most; the timeout bounds a hang, not the speed.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FAILURES_METRIC = "kynara_audit_failures_total"
@@ -71,15 +69,6 @@ HEALTH_WAIT = 10.0
 def need_root(what: str) -> None:
     if os.geteuid() != 0:
         pytest.skip(f"{what} needs root (uid {os.geteuid()})")
-
-
-def as_nobody() -> list[str]:
-    """The prefix that runs the daemon as nobody, to whom permission bits
-    apply; skips when that cannot be done here."""
-    need_root("running the daemon as nobody (setpriv)")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    return AS_NOBODY
 
 
 # ------------------------------------------------------------------ fixtures
