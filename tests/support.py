@@ -257,7 +257,8 @@ def _nobody_cannot_run() -> str | None:
     if probe.returncode != 0:
         # A checkout under a directory only its owner may enter (mktemp -d
         # makes 0700 ones) cannot be imported by another user.
-        return f"user {NOBODY} cannot import this checkout: {probe.stderr.strip()}"
+        error = probe.stderr.strip().splitlines()[-1:] or ["no output"]
+        return f"user {NOBODY} cannot import this checkout: {error[0]}"
     return None
 
 
