@@ -29,6 +29,7 @@ from kynara_sidecar.audit.redact import (
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
+from kynara_sidecar.sync import STORE_SCHEMES, is_store_url
 
 __all__ = [
     "AdminCredentialConfig",
@@ -509,21 +510,108 @@ class IdentityConfig(_Section):
 class PolicyConfig(_Section):
     """Where policies and the directory come from."""
 
-    # Local files, e.g. "config/policies" or "file://config/policies"
-    # (unsigned: the daemon warns at start).
+    # One of: a policy directory, e.g. "config/policies" or
+    # "file://config/policies" (unsigned: the daemon warns at start); a
+    # signed bundle file, e.g. "/etc/kynara/policies.bundle"; or a central
+    # store, "dir:///srv/kynara-store" or "nats://127.0.0.1:4222", whose
+    # current bundle the daemon follows.
     source: str = "config/policies"
+    # Public keys (PEM or base64url files) of the policy publishers whose
+    # bundles the daemon activates; required when source is a bundle or a
+    # store, e.g. ["/etc/kynara/bundle-signing.pub"].
+    trusted_keys: list[str] = []
 
     def validate(self, section: str) -> None:
-        if "://" in self.source and not self.source.startswith("file://"):
-            scheme = self.source.split("://", 1)[0]
+        scheme = self.source.split("://", 1)[0] if "://" in self.source else ""
+        if scheme and scheme != "file" and scheme not in STORE_SCHEMES:
             raise ConfigError(
-                f"{section}.source: expected a local directory or file:// URL, "
-                f"got scheme {scheme!r}"
+                f"{section}.source: expected a policy directory, a bundle file, "
+                f"dir://PATH or nats://HOST:PORT, got scheme {scheme!r}"
+            )
+        if self.signed and not self.trusted_keys:
+            raise ConfigError(
+                f"{section}.trusted_keys: expected the bundle publisher's public "
+                f"key file(s) when {section}.source is a bundle or a store "
+                f"({self.source!r}), got none"
             )
 
     @property
+    def store(self) -> str:
+        """The store URL when the source is a store, else ''."""
+        return self.source if is_store_url(self.source) else ""
+
+    @property
+    def signed(self) -> bool:
+        """Whether policies come as signed bundles (a bundle file or a store)."""
+        return bool(self.store) or self.path.is_file()
+
+    @property
     def path(self) -> pathlib.Path:
+        """The local directory or bundle file (meaningless for a store)."""
         return pathlib.Path(self.source.removeprefix("file://"))
+
+
+class BacklogPolicy(enum.StrEnum):
+    # Past sync.backlog_max_records, keep deciding (the log grows up to
+    # audit.map_size, then fails closed anyway) and say so.
+    KEEP_DECIDING = "keep_deciding"
+    # Past sync.backlog_max_records, answer audit_unavailable until the
+    # store acknowledges enough.
+    FAIL_CLOSED = "fail_closed"
+
+
+class SyncConfig(_Section):
+    """The central store: audit segments out, status up (bundles come in
+    through policy.source)."""
+
+    # "" (no central store), "dir:///srv/kynara-store" or
+    # "nats://127.0.0.1:4222"; defaults to policy.source when that is a store.
+    store: str = ""
+    # Ship each sealed audit segment to the store; retention then prunes
+    # only segments the store acknowledged.
+    ship_segments: bool = True
+    # How often a dir:// store is read for a new bundle, and how often a
+    # nats:// watch is checked against the store's current bundle, e.g. 1.
+    poll_seconds: float = 1.0
+    # How often the daemon publishes its status, e.g. 5.
+    status_seconds: float = 5.0
+    # Seconds one store call may take before it counts as failed, e.g. 5.
+    timeout_seconds: float = 5.0
+    # First and longest pause between retries after a failure, in seconds.
+    retry_min_seconds: float = 0.2
+    retry_max_seconds: float = 30.0
+    # Unshipped records past which backlog_policy applies, e.g. 1000000.
+    backlog_max_records: int = 1_000_000
+    # "keep_deciding" or "fail_closed" once backlog_max_records is passed.
+    backlog_policy: BacklogPolicy = BacklogPolicy.KEEP_DECIDING
+
+    _RANGES = {
+        "poll_seconds": (0.05, 3600),
+        "status_seconds": (0.1, 3600),
+        "timeout_seconds": (0.1, 600),
+        "retry_min_seconds": (0.01, 600),
+        "retry_max_seconds": (0.01, 3600),
+        "backlog_max_records": (1, 1 << 40),
+    }
+
+    def validate(self, section: str) -> None:
+        if self.store and not is_store_url(self.store):
+            raise ConfigError(
+                f"{section}.store: expected dir://PATH or nats://HOST:PORT, "
+                f"got {self.store!r}"
+            )
+        for key, (low, high) in self._RANGES.items():
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"{section}.{key}: expected {low}..{high}, got {value}"
+                )
+        if self.retry_min_seconds > self.retry_max_seconds:
+            raise ConfigError(
+                f"{section}.retry_min_seconds: expected at most "
+                f"retry_max_seconds ({self.retry_max_seconds}), "
+                f"got {self.retry_min_seconds}"
+            )
 
 
 class RedactConfig(_Section):
@@ -708,9 +796,16 @@ class Config(_Section):
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     # Drain period on SIGTERM, in seconds, e.g. 10.
     shutdown_grace_seconds: float = 10.0
+
+    @property
+    def store(self) -> str:
+        """The central store's URL: sync.store, else policy.source when
+        that is a store; '' for none."""
+        return self.sync.store or self.policy.store
 
     def validate(self, section: str = "") -> None:
         for name in self.__struct_fields__:

@@ -60,7 +60,10 @@ def test_config_path_from_environment(monkeypatch):
             r"identity.issuers: expected at least one issuer in identity.mode "
             "'verified', got none",
         ),
-        ("policy.source=nats://x", r"policy.source: expected a local directory"),
+        ("policy.source=s3://x", r"policy.source: expected a policy directory"),
+        ("policy.source=nats://127.0.0.1:4222", r"policy.trusted_keys: expected"),
+        ("sync.store=s3://x", r"sync.store: expected dir://PATH"),
+        ("sync.backlog_policy=drop", r"expected one of: keep_deciding, fail_closed"),
         ("agent.socket=" + "s" * 200, r"agent.socket: expected at most 107 bytes"),
         ("shutdown_grace_seconds=0", r"shutdown_grace_seconds: expected 0 < seconds"),
         ("audit", r"--set 'audit': expected section.key=value"),

@@ -1,13 +1,194 @@
-"""Sync: how a fleet of daemons converges on one policy revision.
+"""Sync: how a fleet of daemons converges on one policy revision, and how
+their evidence reaches the centre.
 
-This package will hold everything that moves between a daemon and the
-centre: signed policy bundles (``bundle``: one file that packs a policy
-directory with its revision, a manifest of file hashes and an Ed25519
-signature), the stores bundles are published to and fetched from, the
-shipping of sealed audit segments, and the status each daemon publishes.
-Only ``bundle`` exists so far; see issue #6 for the rest.
+What moves between a daemon and the centre:
+
+- **bundles in** (``bundle``): a policy directory signed offline by the
+  policy publisher; a daemon verifies, compiles and swaps one in whole, or
+  keeps the revision it has (``follower``);
+- **segments out** (``shipper``): each sealed audit segment with its signed
+  checkpoint, in order, marked shipped only once the store acknowledged it;
+- **status up** (``status``): what each daemon runs and how far behind its
+  shipping is.
+
+All three go through one ``Store``, the contract below, with two
+implementations: ``dir://PATH`` (``dir_store``: a directory on one machine
+or a shared volume, written with atomic renames) and ``nats://HOST:PORT``
+(``nats_store``: NATS JetStream, a key-value bucket for bundles and one for
+status, a stream for segments). ``open_store`` picks one by URL.
+
+The segment messages a daemon ships are ``kynara.v1.Segment`` protobuf
+messages (``audit.proto``), the same ones the admin ``AuditService`` streams,
+so the collector reads both doors alike. A segment larger than
+``MAX_SEGMENT_MESSAGE_BYTES`` of records goes as several messages, each with
+the segment's checkpoint; ``segment_message_id`` names each message, so a
+resent one is recognised as a duplicate.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import base64
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import msgspec
+
+from kynara_sidecar.errors import ConfigError, KynaraError
+
+__all__ = [
+    "MAX_SEGMENT_MESSAGE_BYTES",
+    "STORE_SCHEMES",
+    "BundleEntry",
+    "Delivery",
+    "Store",
+    "StoreUnavailable",
+    "daemon_token",
+    "is_store_url",
+    "open_store",
+    "segment_message_id",
+]
+
+STORE_SCHEMES = ("dir", "nats")
+
+# Records carried by one segment message, at most (NATS's default
+# max_payload is 1 MiB; this leaves room for the checkpoint and framing).
+MAX_SEGMENT_MESSAGE_BYTES = 512 * 1024
+
+
+class StoreUnavailable(KynaraError):
+    """The central store could not be reached or did not acknowledge in
+    time. The daemon keeps deciding on what it has and tries again."""
+
+
+class BundleEntry(msgspec.Struct, frozen=True):
+    """The bundle a store holds as current: its bytes and their digest
+    (``sha256:`` and 64 hex digits of SHA-256 over ``data``)."""
+
+    digest: str
+    data: bytes
+
+
+class Delivery(Protocol):
+    """One segment message handed to a consumer (the collector).
+
+    Delivered at least once, in the order shipped for each daemon; a
+    delivery not acknowledged comes again.
+    """
+
+    # The daemon whose log the message belongs to (the shipping origin).
+    daemon_id: str
+    # ``segment_message_id`` of the message, as shipped.
+    msg_id: str
+    # The ``kynara.v1.Segment`` protobuf bytes.
+    data: bytes
+
+    async def ack(self) -> None:
+        """Done with it: never deliver it to this consumer again."""
+        ...
+
+    async def nak(self) -> None:
+        """Not done: deliver it again, after a pause."""
+        ...
+
+
+class Store(Protocol):
+    """A central store: bundles, audit segments and daemon status.
+
+    Every method raises ``StoreUnavailable`` (naming the store's URL and
+    what failed) when the store cannot be reached or does not answer within
+    its timeout; none waits forever.
+    """
+
+    url: str
+
+    async def connect(self) -> None:
+        """Reach the store and create what is missing (buckets, stream,
+        directories); idempotent."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def publish_bundle(self, data: bytes) -> str:
+        """Make ``data`` the current bundle; returns its digest. A reader
+        sees the old bundle or the new one, never part of one."""
+        ...
+
+    async def current_bundle(self) -> BundleEntry | None:
+        """The current bundle, or None when none was ever published."""
+        ...
+
+    def watch_bundles(self) -> AsyncIterator[BundleEntry]:
+        """The current bundle (if any), then each newly published one, as
+        soon as the store tells (``nats``) or within ``poll_seconds``
+        (``dir``). Ends by raising ``StoreUnavailable`` when the store is
+        lost; the caller reconnects and watches again."""
+        ...
+
+    async def ship_segment(self, daemon_id: str, msg_id: str, data: bytes) -> bool:
+        """Append one segment message to the daemon's segment stream and
+        return once the store acknowledged it: True when stored, False when
+        the store already held ``msg_id`` (a resend)."""
+        ...
+
+    def segments(self, consumer: str) -> AsyncIterator[Delivery]:
+        """Every daemon's segment messages, for a durable consumer named
+        ``consumer``: it resumes after the last message it acknowledged,
+        across restarts of either side."""
+        ...
+
+    async def put_status(self, daemon_id: str, data: bytes) -> None:
+        """Replace the daemon's status document (JSON bytes)."""
+        ...
+
+    async def statuses(self) -> dict[str, bytes]:
+        """Every daemon's latest status document, by daemon id."""
+        ...
+
+
+def is_store_url(text: str) -> bool:
+    """Whether ``text`` names a central store (``dir://`` or ``nats://``)."""
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme in STORE_SCHEMES
+
+
+def open_store(url: str, *, timeout: float = 5.0, poll_seconds: float = 1.0) -> Store:
+    """The store ``url`` names, not yet connected.
+
+    Args:
+        url: ``dir:///absolute/path``, ``dir://relative/path`` or
+            ``nats://host:port``.
+        timeout: seconds a store call may take before it fails.
+        poll_seconds: how often a ``dir://`` store is read for a new bundle.
+
+    Raises:
+        ConfigError: an unknown scheme or a malformed URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in STORE_SCHEMES:
+        raise ConfigError(
+            f"{url!r}: expected a store URL, dir://PATH or nats://HOST:PORT"
+        )
+    if not rest:
+        raise ConfigError(f"{url!r}: the store URL names no {_PART[scheme]}")
+    if scheme == "dir":
+        from kynara_sidecar.sync.dir_store import DirStore
+
+        return DirStore(url, timeout=timeout, poll_seconds=poll_seconds)
+    from kynara_sidecar.sync.nats_store import NatsStore
+
+    return NatsStore(url, timeout=timeout)
+
+
+_PART = {"dir": "path", "nats": "host:port"}
+
+
+def daemon_token(daemon_id: str) -> str:
+    """``daemon_id`` as one safe name: a NATS subject token, a key-value key
+    and a file name (unpadded base64url of its UTF-8 bytes)."""
+    return base64.urlsafe_b64encode(daemon_id.encode()).rstrip(b"=").decode()
+
+
+def segment_message_id(log_id: str, tree_size: int, first_seq: int) -> str:
+    """The id of one segment message: its log, its segment's checkpoint
+    tree size and its first record. A resend carries the same id."""
+    return f"{log_id}.{tree_size}.{first_seq}"
