@@ -19,6 +19,12 @@ Examples:
     kynara-sidecar verify-export evidence/ --trusted-key audit-key.pub
     kynara-sidecar bundle build config/policies --key bundle-key.pem --out b.tar
     kynara-sidecar bundle verify b.tar --trusted-key bundle-key.pub
+    kynara-sidecar bundle publish b.tar --store nats://127.0.0.1:4222 \
+        --trusted-key bundle-key.pub
+    kynara-sidecar sync now --config config/kynara.yaml \
+        --credential-file var/secrets/operator
+    kynara-sidecar fleet status --store nats://127.0.0.1:4222
+    kynara-sidecar fleet status --store dir:///srv/kynara-store --json
 """
 
 from __future__ import annotations
@@ -163,6 +169,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_prove_parser(commands)
     _add_export_parsers(commands)
     _add_bundle_parser(commands)
+    _add_sync_parser(commands)
+    _add_fleet_parser(commands)
     new_chain = commands.add_parser(
         "new-chain",
         help="move a log that fails verification aside and start a new one "
@@ -298,6 +306,64 @@ def _add_bundle_parser(commands: argparse._SubParsersAction) -> None:
         verify,
         "a public key to trust (PEM or base64url file); repeatable",
         required=True,
+    )
+    publish = kinds.add_parser(
+        "publish", help="make a bundle file the current bundle of a central store"
+    )
+    publish.add_argument("bundle", metavar="FILE", help="the bundle file")
+    publish.add_argument(
+        "--store",
+        required=True,
+        metavar="URL",
+        help="dir:///srv/kynara-store or nats://127.0.0.1:4222",
+    )
+    _add_trusted_keys(
+        publish,
+        "verify against this public key before publishing; repeatable",
+    )
+    publish.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long the store may take to answer (default 5)",
+    )
+
+
+# The operator secret `sync now` sends when --credential-file is not given.
+ADMIN_SECRET_ENV = "KYNARA_ADMIN_SECRET"
+# A sync verifies and compiles a bundle, and a store may be slow to answer:
+# wait longer than sync.timeout_seconds before giving up on the daemon.
+SYNC_NOW_TIMEOUT_SECONDS = 120.0
+
+
+def _add_sync_parser(commands: argparse._SubParsersAction) -> None:
+    sync = commands.add_parser(
+        "sync", help="policy bundle sync on a running daemon (admin listener)"
+    )
+    kinds = sync.add_subparsers(dest="sync_command", required=True)
+    now = kinds.add_parser(
+        "now",
+        help="make the daemon fetch its bundle now; print the outcome as JSON",
+        description=(
+            "Call SyncService.SyncNow on the daemon's admin listener (admin.socket, "
+            "else admin.port from the config) with an operator credential. Prints "
+            "{outcome, revision, previous_revision, error, digest}; exits 0 when "
+            "the bundle was activated or unchanged, 1 when it was refused or the "
+            "source was unreachable."
+        ),
+    )
+    _add_config_args(now)
+    now.add_argument(
+        "--force",
+        action="store_true",
+        help="take a bundle created before the active one (a deliberate rollback)",
+    )
+    now.add_argument(
+        "--credential-file",
+        metavar="FILE",
+        help=f"file holding an operator's admin secret (default: ${ADMIN_SECRET_ENV},"
+        " the secret itself)",
     )
 
 
@@ -602,6 +668,8 @@ def _bundle(args: argparse.Namespace) -> int:
             f"signed by {key.key_id}"
         )
         return EXIT_OK
+    if args.bundle_command == "publish":
+        return _publish_bundle(args)
     trusted = load_trusted_keys(args.trusted_keys)
     verified = bundle.verify_bundle(bundle.read_bundle(args.bundle), trusted)
     print(
@@ -609,6 +677,180 @@ def _bundle(args: argparse.Namespace) -> int:
         f"{verified.directory_revision}, {len(verified.files)} files, created "
         f"{verified.created}, signed by {verified.key_id}"
     )
+    return EXIT_OK
+
+
+def _publish_bundle(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kynara_sidecar.audit.keys import load_trusted_keys
+    from kynara_sidecar.sync import bundle, open_store
+
+    data = bundle.read_bundle(args.bundle)
+    if args.trusted_keys:
+        verified = bundle.verify_bundle(data, load_trusted_keys(args.trusted_keys))
+        revision = verified.revision
+    else:
+        revision = f"{_unverified_revision(data)} (not verified: no --trusted-key)"
+    store = open_store(args.store, timeout=args.timeout)
+
+    async def publish() -> str:
+        try:
+            await store.connect()
+            return await store.publish_bundle(data)
+        finally:
+            await store.close()
+
+    digest = asyncio.run(publish())
+    print(f"ok: published {args.bundle} to {args.store}: {digest}, policy {revision}")
+    return EXIT_OK
+
+
+def _unverified_revision(data: bytes) -> str:
+    """The revision a bundle's manifest claims, read without checking it."""
+    import io
+    import json
+    import tarfile
+
+    from kynara_sidecar.sync.bundle import MANIFEST_NAME
+
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            member = tar.extractfile(MANIFEST_NAME)
+            manifest = json.loads(member.read()) if member else {}
+        return str(manifest.get("revision", "unknown"))
+    except (tarfile.TarError, KeyError, ValueError, AttributeError):
+        return "unknown"
+
+
+def _admin_target(config: Config) -> str:
+    admin = config.admin
+    if admin.socket:
+        return f"unix://{os.path.abspath(admin.socket)}"
+    if admin.port > 0:
+        return f"{admin.host}:{admin.port}"
+    raise _UsageError(
+        "expected the daemon's admin listener in the config (admin.socket, or a "
+        "fixed admin.port), got none"
+    )
+
+
+def _operator_secret(args: argparse.Namespace) -> str:
+    if args.credential_file:
+        try:
+            with open(args.credential_file, encoding="utf-8") as file:
+                return file.read().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"--credential-file: cannot read the secret: {err}"
+            ) from None
+    secret = os.environ.get(ADMIN_SECRET_ENV, "").strip()
+    if not secret:
+        raise _UsageError(
+            "expected an operator secret: --credential-file FILE or "
+            f"${ADMIN_SECRET_ENV}"
+        )
+    return secret
+
+
+def _sync(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+    from kynara.v1 import sync_pb2, sync_pb2_grpc
+
+    config = _config_unless_path(
+        args, None, f"expected the daemon's config: give {_GIVE_CONFIG}"
+    )
+    assert config is not None  # no path: the config is always loaded
+    target = _admin_target(config)
+    secret = _operator_secret(args)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = sync_pb2_grpc.SyncServiceStub(channel).SyncNow(
+                sync_pb2.SyncNowRequest(force=args.force),
+                metadata=[("authorization", f"Bearer {secret}")],
+                timeout=SYNC_NOW_TIMEOUT_SECONDS,
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ConfigError(
+                    f"the daemon at {target} follows no bundles (its policy.source "
+                    "is a directory; SIGHUP reloads it)"
+                ) from None
+            raise ConfigError(
+                f"SyncNow at {target} failed: {err.code().name}: {err.details()}"
+            ) from None
+    print(
+        json.dumps(
+            {
+                "outcome": reply.outcome,
+                "revision": reply.revision,
+                "previous_revision": reply.previous_revision,
+                "error": reply.error,
+                "digest": reply.digest,
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK if reply.outcome in ("activated", "unchanged") else EXIT_FAILED
+
+
+def _add_fleet_parser(commands: argparse._SubParsersAction) -> None:
+    fleet = commands.add_parser(
+        "fleet", help="what every daemon of a central store reports"
+    )
+    kinds = fleet.add_subparsers(dest="fleet_command", required=True)
+    status = kinds.add_parser(
+        "status",
+        help="one row per daemon: revision, last sync, audit head and "
+        "checkpoint, shipping backlog, age of its status",
+        description=(
+            "Read every daemon's status document from the store and print a "
+            "table (or --json). A status older than 3 times its daemon's "
+            "sync.status_seconds is marked STALE: that daemon stopped or lost "
+            "the store."
+        ),
+    )
+    status.add_argument(
+        "--store",
+        required=True,
+        metavar="URL",
+        help="dir:///srv/kynara-store or nats://127.0.0.1:4222",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print the rows as JSON instead"
+    )
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long the store may take to answer (default 5)",
+    )
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from kynara_sidecar.sync import open_store
+    from kynara_sidecar.sync.status import (
+        fleet_json,
+        fleet_rows,
+        format_fleet,
+        read_fleet,
+    )
+
+    store = open_store(args.store, timeout=args.timeout)
+    documents = asyncio.run(read_fleet(store))
+    rows = fleet_rows(documents, time.time_ns())
+    if args.json:
+        print(fleet_json(rows).decode())
+    elif not rows:
+        print(f"no daemon has published a status to {args.store} yet")
+    else:
+        print(format_fleet(rows))
     return EXIT_OK
 
 
@@ -625,6 +867,8 @@ COMMANDS = {
     "export": _export,
     "verify-export": _verify_export,
     "bundle": _bundle,
+    "sync": _sync,
+    "fleet": _fleet,
 }
 
 

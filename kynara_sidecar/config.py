@@ -512,7 +512,8 @@ class PolicyConfig(_Section):
 
     # One of: a policy directory, e.g. "config/policies" or
     # "file://config/policies" (unsigned: the daemon warns at start); a
-    # signed bundle file, e.g. "/etc/kynara/policies.bundle"; or a central
+    # signed bundle file (an existing file, or a name ending in ".bundle"),
+    # e.g. "/etc/kynara/policies.bundle"; or a central
     # store, "dir:///srv/kynara-store" or "nats://127.0.0.1:4222", whose
     # current bundle the daemon follows.
     source: str = "config/policies"
@@ -542,8 +543,11 @@ class PolicyConfig(_Section):
 
     @property
     def signed(self) -> bool:
-        """Whether policies come as signed bundles (a bundle file or a store)."""
-        return bool(self.store) or self.path.is_file()
+        """Whether policies come as signed bundles: a store, a file, or a
+        path ending in ``.bundle`` (a bundle file not written yet is still
+        one, so the daemon waits for it rather than read it as policies)."""
+        path = self.path
+        return bool(self.store) or path.is_file() or path.suffix == ".bundle"
 
     @property
     def path(self) -> pathlib.Path:

@@ -13,11 +13,31 @@ Shutdown order (SIGTERM/SIGINT, each step logged): report NOT_SERVING ->
 refuse new requests with ``shutting_down`` -> wait for in-flight requests,
 records committed, up to ``shutdown_grace_seconds`` -> close the listeners
 -> append a stop marker -> seal the open segment and sign a head, both
-stored and witnessed -> flush and close the audit log.
+stored and witnessed -> give the last segment and status about a second to
+reach the central store (``FINAL_SYNC_SECONDS``) -> flush and close the
+audit log.
+
+With a central store (``Config.store``), once the audit log is open the
+daemon puts its status there (``sync.status``) and, with
+``sync.ship_segments``, ships each sealed segment (``sync.shipper``);
+retention then prunes only what the store acknowledged, and under
+``sync.backlog_policy: fail_closed`` decisions go through the shipper's
+``BacklogGate``.
 
 SIGHUP reloads policies; a bad set is refused and the previous one stays
 active. A good one is activated only once its policy_activated marker (and
 its source files) are committed.
+
+Signed bundles (``policy.source`` a bundle file or a store): no policy
+directory is read at start. Once the audit log is open, the bundle last
+activated (kept in the log's ``bundles`` database) is verified again with
+``policy.trusted_keys`` and activated at once, so a restart with the centre
+down serves it; a bundle file is then read; then the ``BundleFollower``
+follows a store in the background. Each bundle it activates commits with
+its ``policy_activated`` marker, its source files and the ``active_bundle``
+pointer in one transaction. With no bundle at all the daemon is up but
+NOT_SERVING and Decide answers ``policy_not_ready``, until one activates.
+SIGHUP and the admin ``SyncService.SyncNow`` fetch once.
 """
 
 from __future__ import annotations
@@ -40,15 +60,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__
-from kynara_sidecar.audit import RefusingSink
+from kynara_sidecar.audit import AuditSink, RefusingSink
 from kynara_sidecar.audit import verify as audit_verify
 from kynara_sidecar.audit.checkpoint import CheckpointError, CheckpointV1
+from kynara_sidecar.audit.keys import load_trusted_keys
 from kynara_sidecar.audit.record import AuditRecordV1, format_timestamp, marker_record
 from kynara_sidecar.audit.startup import AuditKeys, load_audit_keys, rotation_for
-from kynara_sidecar.audit.store import AuditStore, StateChange, policy_set_changes
+from kynara_sidecar.audit.store import (
+    AuditStore,
+    StateChange,
+    bundle_changes,
+    policy_set_changes,
+)
 from kynara_sidecar.audit.witness import Witness
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
-from kynara_sidecar.config import Config, IdentityMode
+from kynara_sidecar.config import BacklogPolicy, Config, IdentityMode
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
     AuditLogInUse,
@@ -63,6 +89,7 @@ from kynara_sidecar.pipeline import Pipeline
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
     compile_documents,
+    decode_document,
     read_documents,
 )
 from kynara_sidecar.policy.model import PolicyDocument
@@ -70,6 +97,22 @@ from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditService
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.http import build_http_app
+from kynara_sidecar.server.sync_service import SyncService
+from kynara_sidecar.sync import BundleEntry, open_store
+from kynara_sidecar.sync._session import StoreSession
+from kynara_sidecar.sync.bundle import VerifiedBundle
+from kynara_sidecar.sync.follower import (
+    BundleFile,
+    BundleFollower,
+    SyncOutcome,
+)
+from kynara_sidecar.sync.shipper import BacklogGate, SegmentShipper
+from kynara_sidecar.sync.status import (
+    DaemonStatusV1,
+    StatusPublisher,
+    daemon_status,
+    policy_status,
+)
 
 __all__ = ["Daemon", "with_daemon_id"]
 
@@ -78,6 +121,11 @@ log = logging.getLogger("kynara.daemon")
 DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# At stop, after the final seal: how long the last segment and status may
+# take to reach the central store. About a second: enough for a live store,
+# and a dead one delays shutdown no longer; what is left ships after the
+# next start.
+FINAL_SYNC_SECONDS = 1.0
 
 
 def _fields(**fields: object) -> dict[str, dict[str, object]]:
@@ -134,6 +182,18 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         # The log's origin: its checkpoints' (see _log_origin).
         self._origin = self.config.identity.daemon_id
+        # Signed bundles only: what follows policy.source.
+        self._follower: BundleFollower | None = None
+        # Health follows policy activation only once start decided it, and
+        # never again once stop began.
+        self._serving_reported = False
+        self._stopping = False
+        # With a central store (Config.store): status up, segments out.
+        self._session: StoreSession | None = None
+        self._shipper: SegmentShipper | None = None
+        self._status_publisher: StatusPublisher | None = None
+        # sync.backlog_policy fail_closed: the pipeline's sink.
+        self._gate: BacklogGate | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -147,16 +207,7 @@ class Daemon:
         root = self.config.policy.path
         documents = read_documents(root)
         policies = compile_documents(documents, root=str(root))
-        identity = self.config.identity
-        settings = {f"identity.agents.{agent}": agent for agent in identity.agents}
-        settings = settings or {"identity.agent_id": identity.agent_id}
-        for setting, agent_id in settings.items():
-            if policies.directory.lookup(agent_id) is None:
-                raise PolicyError(
-                    f"{setting} {agent_id!r} is not in the directory, so every "
-                    "decision would be denied; add the agent or fix the setting",
-                    path=str(root),
-                )
+        self._check_agents(policies, str(root))
         policy_files = {
             source.name: source.content
             for source in documents
@@ -175,6 +226,97 @@ class Daemon:
         )
         return policies, changes
 
+    def _check_agents(self, policies: LoadedPolicies, where: str) -> None:
+        identity = self.config.identity
+        settings = {f"identity.agents.{agent}": agent for agent in identity.agents}
+        settings = settings or {"identity.agent_id": identity.agent_id}
+        for setting, agent_id in settings.items():
+            if policies.directory.lookup(agent_id) is None:
+                raise PolicyError(
+                    f"{setting} {agent_id!r} is not in the directory, so every "
+                    "decision would be denied; add the agent or fix the setting",
+                    path=where,
+                )
+
+    def _bundle_follower(self) -> BundleFollower:
+        """The follower of ``policy.source`` (a bundle file or a store).
+
+        Raises:
+            ConfigError: a trusted key cannot be loaded, or the store URL is
+                malformed.
+        """
+        cfg = self.config
+        try:
+            trusted = load_trusted_keys(cfg.policy.trusted_keys)
+        except ConfigError as err:
+            raise ConfigError(f"policy.trusted_keys: {err}") from err
+        if cfg.policy.store:
+            source = open_store(
+                cfg.policy.store,
+                timeout=cfg.sync.timeout_seconds,
+                poll_seconds=cfg.sync.poll_seconds,
+            )
+        else:
+            source = BundleFile(cfg.policy.path)
+        return BundleFollower(
+            source,
+            trusted,
+            self._activate_bundle,
+            self.metrics,
+            clock=self.clock,
+            poll_seconds=cfg.sync.poll_seconds,
+            retry_min_seconds=cfg.sync.retry_min_seconds,
+            retry_max_seconds=cfg.sync.retry_max_seconds,
+        )
+
+    async def _activate_bundle(
+        self, verified: VerifiedBundle, entry: BundleEntry
+    ) -> None:
+        """The follower's ``activate``: commit the bundle with its marker,
+        its source files and the ``active_bundle`` pointer, then serve it.
+
+        Raises:
+            PolicyError: the bundle's directory lacks a configured agent.
+            AuditUnavailable: the marker could not be committed.
+        """
+        self._check_agents(verified.policies, f"bundle {verified.revision}")
+        policy_files: dict[str, bytes] = {}
+        directory_files: dict[str, bytes] = {}
+        for name, content in verified.files.items():
+            # Decoded again only to sort the files: the bundle compiled.
+            document = decode_document(name, content).document
+            is_policy = isinstance(document, PolicyDocument)
+            (policy_files if is_policy else directory_files)[name] = content
+        changes = policy_set_changes(
+            verified.revision,
+            policy_files,
+            verified.directory_revision,
+            directory_files,
+        )
+        changes += bundle_changes(entry.digest, entry.data)
+        await self._activate(verified.policies, changes)
+        if self._serving_reported and not self._stopping:
+            await self._set_health(self._health_status())
+
+    async def _restore_bundle(self) -> None:
+        """Serve the bundle this log last activated, then read a bundle file.
+
+        Raises:
+            AuditUnavailable: the stored bundle could not be read or its
+                marker could not be committed.
+        """
+        assert self._follower is not None and self._store is not None
+        stored = await asyncio.to_thread(self._store.active_bundle)
+        if stored is not None:
+            digest, data = stored
+            await self._follower.restore(BundleEntry(digest=digest, data=data))
+        if isinstance(self._follower.source, BundleFile):
+            await self._follower.sync_now()
+
+    def _health_status(self) -> int:
+        ready = self._pipeline is not None and self._pipeline.policies is not None
+        return SERVING if self._audit_problem is None and ready else NOT_SERVING
+
     async def _activate(
         self, policies: LoadedPolicies, changes: list[StateChange]
     ) -> None:
@@ -188,8 +330,8 @@ class Daemon:
             AuditUnavailable: the marker could not be committed; the
                 previously active set (if any) stays active.
         """
-        # TODO(#6): stored policy sets are kept forever; prune them with the
-        # segments whose records cite them, as bundles are.
+        # TODO(#6): stored policy sets and bundles are kept forever; prune
+        # them with the segments whose records cite them.
         marker = msgspec.structs.replace(
             self._marker("policy_activated"),
             policy_revision=policies.policy_set.revision,
@@ -203,6 +345,7 @@ class Daemon:
         await self._writer.append(marker, changes)
         self.pipeline.activate(policies)
         self._log_policies(policies)
+        self._status_changed()
 
     def _marker(self, event: str) -> AuditRecordV1:
         return marker_record(
@@ -225,29 +368,48 @@ class Daemon:
                 "development identity mode: asserted chains are trusted",
                 extra=_fields(setting="identity.mode"),
             )
-        log.warning(
-            "policies from local files are unsigned",
-            extra=_fields(source=cfg.policy.source, setting="policy.source"),
-        )
         self._loop = asyncio.get_running_loop()
-        policies, changes = self._load_policies()
+        policies: LoadedPolicies | None = None
+        changes: list[StateChange] = []
+        if cfg.policy.signed:
+            self._follower = self._bundle_follower()
+        else:
+            log.warning(
+                "policies from local files are unsigned",
+                extra=_fields(source=cfg.policy.source, setting="policy.source"),
+            )
+            policies, changes = self._load_policies()
         keys = load_audit_keys(cfg.audit, create=True)
         # The socket lock comes first, so a daemon refused for a live socket
         # never touches its own audit path.
         try:
             self._lock_sockets()
             await self._open_audit(policies, changes, keys)
+            await self._start_sync()
             await self._start_agent_listener()
             await self._start_admin_listener()
             await self._start_health_listener()
             await self._start_http()
             await self._report_serving()
+            self._start_following()
         except BaseException:
             await self.stop()
             raise
 
+    def _start_following(self) -> None:
+        # A bundle file is read at start and on SIGHUP; a store is followed.
+        # With the log down no bundle could be activated: nothing to follow.
+        follower = self._follower
+        if follower is None or isinstance(follower.source, BundleFile):
+            return
+        if self._audit_problem is None:
+            follower.start()
+
     async def _open_audit(
-        self, policies: LoadedPolicies, changes: list[StateChange], keys: AuditKeys
+        self,
+        policies: LoadedPolicies | None,
+        changes: list[StateChange],
+        keys: AuditKeys,
     ) -> None:
         """Open the log, check its tail, start the writer and self-check.
 
@@ -277,7 +439,7 @@ class Daemon:
             self._check_tail(self._store, keys, witness)
             self._start_writer(keys, witness)
             self._pipeline = Pipeline(
-                self.config, self._writer, self.metrics, self.clock
+                self.config, self._decision_sink(), self.metrics, self.clock
             )
             if rotation is not None:
                 await self._writer.append(rotation)
@@ -289,7 +451,10 @@ class Daemon:
                     ),
                 )
             await self._self_check()
-            await self._activate(policies, changes)
+            if policies is not None:
+                await self._activate(policies, changes)
+            else:
+                await self._restore_bundle()
             self._update_usage()
         except AuditLogInUse:
             raise  # a second daemon on one log: configuration, not damage
@@ -388,6 +553,7 @@ class Daemon:
             on_checkpoint=self._on_checkpoint,
             retention_seconds=cfg.retention_days * 86_400,
             on_prune=self.metrics.audit_pruned_records.inc,
+            retain_unshipped=self._ships_segments(),
         )
         self._writer = AuditWriter(
             self._store,
@@ -413,7 +579,7 @@ class Daemon:
             )
 
     async def _audit_down(
-        self, err: AuditUnavailable, policies: LoadedPolicies
+        self, err: AuditUnavailable, policies: LoadedPolicies | None
     ) -> None:
         self._audit_problem = str(err)
         self.metrics.audit_failures.inc()
@@ -429,11 +595,23 @@ class Daemon:
         self._pipeline = Pipeline(
             self.config, RefusingSink(err), self.metrics, self.clock
         )
-        self._pipeline.activate(policies)
+        # TODO(#6): with signed bundles and the log down no set is active,
+        # so Decide answers policy_not_ready rather than audit_unavailable;
+        # the stored bundle could be verified and activated here unlogged.
+        if policies is not None:
+            self._pipeline.activate(policies)
 
     async def _report_serving(self) -> None:
-        status = SERVING if self._audit_problem is None else NOT_SERVING
+        status = self._health_status()
         await self._set_health(status)
+        self._serving_reported = True
+        if self._audit_problem is None and status != SERVING:
+            log.error(
+                "no policy bundle active: answering policy_not_ready",
+                extra=_fields(
+                    source=self.config.policy.source, setting="policy.source"
+                ),
+            )
         cfg = self.config
         log.info(
             "serving" if status == SERVING else "up, not serving",
@@ -463,6 +641,9 @@ class Daemon:
         self.metrics.audit_checkpoints.labels(str(checkpoint.kind)).inc()
         if witness_error is not None:
             self.metrics.audit_witness_failures.inc()
+        shipper = self._shipper
+        if shipper is not None:
+            shipper.wake()
 
     def _log_policies(self, policies: LoadedPolicies) -> None:
         log.info(
@@ -567,6 +748,8 @@ class Daemon:
         credentials = AdminCredentials.from_config(cfg, self.metrics)
         self._audit_service = AuditService(self._store, credentials)
         self._audit_service.register(server)
+        if self._follower is not None:
+            SyncService(self._follower, credentials).register(server)
         await self._add_health(server)
         if cfg.port != -1:
             address = f"{cfg.host}:{cfg.port}"
@@ -615,7 +798,15 @@ class Daemon:
         self.http_port = self._http.addresses[0][1]
 
     async def reload(self) -> bool:
-        """Load policies again; on any error keep the active set. Returns success."""
+        """Load policies again; on any error keep the active set. Returns success.
+
+        With signed bundles, fetch the source's current bundle once.
+        """
+        if self._follower is not None:
+            result = await self._follower.sync_now()
+            ok = result.outcome in (SyncOutcome.ACTIVATED, SyncOutcome.UNCHANGED)
+            self.metrics.policy_reloads.labels("ok" if ok else "error").inc()
+            return ok
         try:
             # Compiling a large set takes a while; decisions go on meanwhile.
             policies, changes = await asyncio.to_thread(self._load_policies)
@@ -641,6 +832,7 @@ class Daemon:
         """
         grace = self.config.shutdown_grace_seconds
         deadline = time.monotonic() + grace
+        self._stopping = True
         log.info("stopping", extra=_fields(grace_seconds=grace))
         for servicer in self._health:
             await servicer.enter_graceful_shutdown()
@@ -652,6 +844,10 @@ class Daemon:
         if self._audit_service is not None:
             # Its reads run on threads of their own; the store outlives them.
             await self._audit_service.close()
+        if self._follower is not None:
+            # Before the log closes: an activation appends to it.
+            await self._follower.close()
+            log.info("bundle follower stopped", extra=_fields())
         await self._close_audit()
         for handle in self._socket_locks:
             handle.close()
@@ -668,6 +864,99 @@ class Daemon:
             self._http = None
         log.info("listeners closed", extra=_fields())
 
+    # ------------------------------------------------------------------ sync
+
+    def _ships_segments(self) -> bool:
+        return bool(self.config.store) and self.config.sync.ship_segments
+
+    def _decision_sink(self) -> AuditSink:
+        """The writer; behind the backlog gate when shipping fails closed."""
+        assert self._writer is not None and self._store is not None
+        sync = self.config.sync
+        if (
+            not self._ships_segments()
+            or sync.backlog_policy is not BacklogPolicy.FAIL_CLOSED
+        ):
+            return self._writer
+        store = self._store
+        self._gate = BacklogGate(
+            self._writer,
+            sync.backlog_max_records,
+            self.config.store,
+            head=store.head().seq,
+            shipped=max(store.shipped(), store.seam()),
+        )
+        return self._gate
+
+    async def _start_sync(self) -> None:
+        """Status up and, with ``sync.ship_segments``, segments out to
+        ``Config.store``, once the audit log is open. Neither waits for the
+        store: a store down at start is retried in the background."""
+        cfg = self.config
+        if not cfg.store or self._store is None or self._audit_problem is not None:
+            return
+        sync = cfg.sync
+        store = open_store(
+            cfg.store, timeout=sync.timeout_seconds, poll_seconds=sync.poll_seconds
+        )
+        self._session = StoreSession(store, sync.timeout_seconds)
+        if sync.ship_segments:
+            self._shipper = SegmentShipper(
+                self._store,
+                self._session,
+                sync,
+                self.metrics,
+                self.clock,
+                gate=self._gate,
+                on_change=self._status_changed,
+            )
+            await self._shipper.start()
+        self._status_publisher = StatusPublisher(
+            self._session, self._origin, sync.status_seconds, self._status_document
+        )
+        self._status_publisher.start()
+        log.info(
+            "sync started",
+            extra=_fields(store=cfg.store, ship_segments=sync.ship_segments),
+        )
+
+    def _status_document(self) -> DaemonStatusV1:
+        # TODO(#6): the follower has no outcome hook, so a refused or
+        # unreachable sync reaches the status at the next status_seconds
+        # tick; an activation is pushed at once (_activate).
+        assert self._store is not None
+        policies = self._pipeline.policies if self._pipeline else None
+        return daemon_status(
+            daemon_id=self._origin,
+            now_nanos=self.clock(),
+            status_seconds=self.config.sync.status_seconds,
+            policy=policy_status(self.config.policy.source, policies, self._follower),
+            audit=self._store,
+            shipping=self._shipper.status if self._shipper else None,
+        )
+
+    def _status_changed(self) -> None:
+        if self._status_publisher is not None:
+            self._status_publisher.changed()
+
+    async def _stop_sync(self) -> None:
+        """Give the last segment and status FINAL_SYNC_SECONDS to reach the
+        store, then let it go; a dead store delays shutdown no longer."""
+        if self._session is None:
+            return
+        deadline = time.monotonic() + FINAL_SYNC_SECONDS
+        if self._shipper is not None:
+            await self._shipper.stop(FINAL_SYNC_SECONDS)
+        if self._status_publisher is not None:
+            left = max(deadline - time.monotonic(), 0.1)
+            await self._status_publisher.stop(left)
+            self._status_publisher = None
+        self._shipper = None
+        self._gate = None
+        await self._session.close(max(deadline - time.monotonic(), 0.1))
+        self._session = None
+        log.info("sync stopped", extra=_fields())
+
     async def _close_audit(self) -> None:
         if self._writer is not None:
             try:
@@ -676,6 +965,8 @@ class Daemon:
                 log.error("stop marker not written", extra=_fields(error=str(err)))
             await self._writer.close()
             self._writer = None
+        # After the final seal, before the log closes: the shipper reads it.
+        await self._stop_sync()
         if self._store is not None:
             self._store.close()
             self._store = None

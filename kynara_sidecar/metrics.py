@@ -111,6 +111,45 @@ class Metrics:
             "Policy loads, by result (ok or error).",
             ["result"], registry=r,
         )  # fmt: skip
+        self.policy_sync = Counter(
+            f"{PREFIX}_policy_sync",
+            "Bundle syncs, by outcome (activated, unchanged, refused, "
+            "unreachable); a refusal leaves the previous revision active.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.policy_bundle_revision_info = Gauge(
+            f"{PREFIX}_policy_bundle_revision_info",
+            "The revision of the active signed bundle (value is always 1).",
+            ["revision"], registry=r,
+        )  # fmt: skip
+        self.audit_shipping_backlog_segments = Gauge(
+            f"{PREFIX}_audit_shipping_backlog_segments",
+            "Sealed audit segments the central store has not acknowledged.",
+            registry=r,
+        )
+        self.audit_shipping_backlog_records = Gauge(
+            f"{PREFIX}_audit_shipping_backlog_records",
+            "Audit records the central store has not acknowledged; past "
+            "sync.backlog_max_records, sync.backlog_policy applies.",
+            registry=r,
+        )
+        self.audit_oldest_unshipped_seconds = Gauge(
+            f"{PREFIX}_audit_shipping_oldest_unshipped_seconds",
+            "Age of the oldest audit record the central store has not "
+            "acknowledged (0 when none).",
+            registry=r,
+        )
+        self.audit_shipped_segments = Counter(
+            f"{PREFIX}_audit_shipped_segments",
+            "Audit segments the central store acknowledged.",
+            registry=r,
+        )
+        self.audit_shipping_failures = Counter(
+            f"{PREFIX}_audit_shipping_failures",
+            "Attempts to ship an audit segment that failed or timed out "
+            "(sync.timeout_seconds); retried with backoff.",
+            registry=r,
+        )
 
     def set_policy(
         self, policy_revision: str, directory_revision: str, actions: Iterable[str]
@@ -119,6 +158,11 @@ class Metrics:
         self.policy_info.clear()
         self.policy_info.labels(policy_revision, directory_revision).set(1)
         self._known_actions = frozenset(actions)
+
+    def set_bundle_revision(self, revision: str) -> None:
+        """Publish the revision of the active signed bundle."""
+        self.policy_bundle_revision_info.clear()
+        self.policy_bundle_revision_info.labels(revision).set(1)
 
     def action_label(self, action: str) -> str:
         return action if action in self._known_actions else OTHER_ACTION

@@ -6,6 +6,7 @@ import pathlib
 from collections.abc import Iterator
 
 import pytest
+from nats_support import NatsServer
 from support import RunningDaemon, SettableClock, daemon_config
 
 
@@ -33,3 +34,12 @@ def start_daemon(tmp_path, clock) -> Iterator:
 @pytest.fixture
 def daemon(start_daemon) -> RunningDaemon:
     return start_daemon()
+
+
+@pytest.fixture
+def nats_server(tmp_path) -> Iterator[NatsServer]:
+    """A real nats-server -js on loopback, store in tmp_path; stopped (by
+    PID) at teardown."""
+    server = NatsServer(tmp_path)
+    yield server
+    server.stop()

@@ -13,8 +13,13 @@ directory; sequence numbers are 8-byte big-endian, starting at 1):
                b"log_id" -> 32 hex digits naming this log (its witness files)
                b"seam" -> 8-byte tree size s: records 1..s were pruned
                b"head_checkpoint" -> the head signed at the last clean stop
+               b"shipped_tree_size" -> 8-byte tree size: the central store
+               acknowledged every segment through it (``mark_shipped``)
+               b"active_bundle" -> the digest of the bundle last activated
     policy_sets  b"policy/<revision>" or b"directory/<revision>" -> the
                source files of that revision (``PolicySource``, msgpack)
+    bundles    digest (``sha256:`` + 64 hex, ASCII) -> a signed policy
+               bundle's bytes, exactly as verified
 
 Merkle tree (``merkle``): node (0, i) is the leaf hash of record i + 1 and
 node (l, i) the root of the perfect subtree over leaves [i*2^l, (i+1)*2^l).
@@ -32,6 +37,13 @@ daemon commits each activated set with the ``policy_activated`` marker that
 names it, so every decision record's revisions can be looked up later
 (``kynara_sidecar.replay``). Logs written before it existed lack the
 database; read-only opens then find no policy sets rather than failing.
+
+``bundles`` is content-addressed and write-once in the same way: a daemon
+that follows signed bundles commits each one it activates, and the meta
+``active_bundle`` naming it, with its ``policy_activated`` marker
+(``bundle_changes``), so a restart with the central store down serves the
+last good bundle at once, verified again, and an export can show the very
+bytes the publisher signed.
 
 One process writes: opening for writing takes an exclusive ``flock`` on
 ``writer.lock`` in the directory, so a second daemon on the same path is
@@ -78,6 +90,7 @@ __all__ = [
     "LOCK_FILE",
     "POLICY_SETS_DB",
     "Appended",
+    "BUNDLES_DB",
     "AuditStore",
     "Durability",
     "Head",
@@ -85,6 +98,7 @@ __all__ = [
     "Seal",
     "StateChange",
     "StoredRecord",
+    "bundle_changes",
     "is_log_full",
     "lock_directory",
     "policy_set_changes",
@@ -107,12 +121,19 @@ POLICY_SETS_DB = b"policy_sets"
 # writable open creates them and fills nodes from the records it holds.
 _NODES_DB = b"nodes"
 _CHECKPOINTS_DB = b"checkpoints"
-_OPTIONAL_DBS = (POLICY_SETS_DB, _NODES_DB, _CHECKPOINTS_DB)
+BUNDLES_DB = b"bundles"
+_OPTIONAL_DBS = (POLICY_SETS_DB, _NODES_DB, _CHECKPOINTS_DB, BUNDLES_DB)
 _KEY_LOG_ID = b"log_id"
 _KEY_SEAM = b"seam"
 _KEY_HEAD_CHECKPOINT = b"head_checkpoint"
+_KEY_SHIPPED = b"shipped_tree_size"
+_KEY_ACTIVE_BUNDLE = b"active_bundle"
 # Written only if absent: see the module doc.
-_WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB})
+_WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB})
+# Internal databases state changes may write besides the caller's extra_dbs;
+# of meta only these keys: the head, log id and seam are the log's own.
+_STATE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB})
+_STATE_META_KEYS = frozenset({_KEY_ACTIVE_BUNDLE})
 _POLICY_KEY_PREFIXES = {"policy": b"policy/", "directory": b"directory/"}
 
 Durability = Literal["durable", "deferred"]
@@ -199,6 +220,22 @@ def policy_set_changes(
             ("directory", directory_revision, directory_files),
         )
     ]
+
+
+def bundle_changes(digest: str, data: bytes) -> list[StateChange]:
+    """The state changes that keep an activated bundle in the log and name
+    it the active one.
+
+    Append them with the ``policy_activated`` marker of the bundle's
+    revision; the bundle itself is written only if its digest is not stored
+    yet.
+
+    Args:
+        digest: ``sha256:`` and 64 hex digits of SHA-256 over ``data``.
+        data: the bundle's bytes, as verified.
+    """
+    key = digest.encode("ascii")
+    return [(BUNDLES_DB, key, data), (b"meta", _KEY_ACTIVE_BUNDLE, key)]
 
 
 def _seq_key(seq: int) -> bytes:
@@ -355,7 +392,16 @@ class AuditStore:
         max_key = self._max_key
         for index, (db, key, value) in enumerate(changes):
             where = f"state change {index} ({db!r}, {key[:32]!r})"
-            if db not in self._extra and db != POLICY_SETS_DB:
+            if db == b"meta":
+                if key not in _STATE_META_KEYS or value is None:
+                    allowed = ", ".join(repr(k) for k in sorted(_STATE_META_KEYS))
+                    raise ValueError(
+                        f"{where}: a state change may only put meta {allowed}"
+                    )
+            elif db in _STATE_DBS:
+                if db not in self._dbs:
+                    raise ValueError(f"{where}: this log has no {db!r} database")
+            elif db not in self._extra:
                 known = ", ".join(repr(name) for name in sorted(self._extra))
                 raise ValueError(
                     f"{where}: database must be one of the extra_dbs "
@@ -752,6 +798,58 @@ class AuditStore:
         except lmdb.Error as err:
             raise self._write_error(err) from err
 
+    def shipped(self) -> int:
+        """The tree size through which the central store acknowledged every
+        segment (0 before the first acknowledgement).
+
+        Raises:
+            AuditUnavailable: the stored value is not an 8-byte tree size.
+        """
+        raw = self._meta(_KEY_SHIPPED)
+        if raw is None:
+            return 0
+        if len(raw) != _SEQ_SIZE:
+            raise AuditUnavailable(
+                f"audit log {self._path}: meta shipped_tree_size is {len(raw)} "
+                f"bytes, not {_SEQ_SIZE}: run `kynara-sidecar verify {self._path}`"
+            )
+        return int.from_bytes(raw, "big")
+
+    def mark_shipped(self, tree_size: int) -> None:
+        """Record that the central store acknowledged every segment through
+        the checkpoint at ``tree_size``.
+
+        Safe beside the writer thread: LMDB runs one write transaction at a
+        time per environment (its writer mutex; a second ``begin(write=True)``
+        waits, with the GIL released), and this one touches only its own meta
+        key, which appends never read. The writer waits at most one small
+        commit.
+
+        Raises:
+            ValueError: ``tree_size`` is not a checkpoint's, or is below the
+                size already marked (shipping only moves forward).
+            AuditUnavailable: the log is read-only or the write failed;
+                nothing changed.
+        """
+        if self._readonly:
+            raise AuditUnavailable(f"audit log {self._path} is open read-only")
+        if self.checkpoint(tree_size) is None:
+            raise ValueError(
+                f"can mark shipped only a checkpoint's tree size, got {tree_size}"
+            )
+        try:
+            with self._env.begin(write=True) as txn:
+                raw = txn.get(_KEY_SHIPPED, db=self._dbs[b"meta"])
+                marked = 0 if raw is None else int.from_bytes(raw, "big")
+                if tree_size < marked:
+                    raise ValueError(
+                        f"shipped_tree_size is already {marked}; it cannot move "
+                        f"back to {tree_size}"
+                    )
+                txn.put(_KEY_SHIPPED, _seq_key(tree_size), db=self._dbs[b"meta"])
+        except lmdb.Error as err:
+            raise self._write_error(err) from err
+
     def prune(self, through: int) -> int:
         """Drop records ``seam+1..through``, keeping nodes and checkpoints.
 
@@ -886,6 +984,36 @@ class AuditStore:
                         revision = key[len(prefix) :].decode("utf-8", "replace")
                         yield part, revision, bytes(value)
 
+    def active_bundle(self) -> tuple[str, bytes] | None:
+        """The digest and bytes of the bundle last activated, or ``None``
+        when this log never activated one.
+
+        Raises:
+            AuditUnavailable: meta names a bundle the log does not hold.
+        """
+        db = self._dbs.get(BUNDLES_DB)
+        with self._read() as txn:
+            digest = txn.get(_KEY_ACTIVE_BUNDLE, db=self._dbs[b"meta"])
+            if digest is None:
+                return None
+            data = None if db is None else txn.get(bytes(digest), db=db)
+            digest = bytes(digest).decode("ascii", "replace")
+            if data is None:
+                raise AuditUnavailable(
+                    f"audit log {self._path}: meta active_bundle names {digest}, "
+                    "which the bundles database does not hold"
+                )
+            return digest, bytes(data)
+
+    def get_bundle(self, digest: str) -> bytes | None:
+        """The stored bundle with this digest, or ``None``."""
+        db = self._dbs.get(BUNDLES_DB)
+        if db is None:
+            return None
+        with self._read() as txn:
+            data = txn.get(digest.encode("ascii"), db=db)
+        return None if data is None else bytes(data)
+
     def iter_records(self, start: int = 1) -> Iterator[StoredRecord]:
         """Yield records from ``start`` on, in seq order, from one snapshot.
 
@@ -935,7 +1063,7 @@ def _check_options(durability: str, extra: tuple[bytes, ...]) -> None:
             f"audit.durability must be 'durable' or 'deferred', got {durability!r}"
         )
     for name in extra:
-        if name in _CORE_DBS or name == POLICY_SETS_DB:
+        if name in _CORE_DBS or name in _OPTIONAL_DBS:
             raise ValueError(f"extra database name {name!r} is reserved")
 
 

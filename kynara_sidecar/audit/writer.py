@@ -132,6 +132,9 @@ class Sealing(NamedTuple):
     retention_seconds: float = 0
     # on_prune(records_dropped), on the writer thread.
     on_prune: Callable[[int], None] | None = None
+    # With a central store taking segments: prune only what it acknowledged
+    # (AuditStore.shipped()), however old the rest is.
+    retain_unshipped: bool = False
 
 
 _log = logging.getLogger("kynara.audit")
@@ -487,7 +490,8 @@ class AuditWriter:
             self._write_witness(sealing.witness)
 
     def _retain(self) -> None:
-        # TODO(#6): with a central store, prune only what it acknowledged.
+        # Prunes through min(the newest checkpoint past retention, what the
+        # central store acknowledged when shipping); never an unshipped record.
         sealing = self._sealing
         assert sealing is not None
         if not sealing.retention_seconds:
@@ -496,12 +500,15 @@ class AuditWriter:
         store = self._store
         through = 0
         try:
+            shipped = store.shipped() if sealing.retain_unshipped else None
             # A bounded step per seal keeps each prune transaction short.
             candidates = list(
                 itertools.islice(store.iter_checkpoints(store.seam()), 16)
             )
             for checkpoint in candidates:
                 if _nanos(checkpoint.time) >= cutoff:
+                    break
+                if shipped is not None and checkpoint.tree_size > shipped:
                     break
                 through = checkpoint.tree_size
             if not through:

@@ -27,7 +27,7 @@ from kynara.v1 import audit_pb2 as pb
 from kynara.v1 import audit_pb2_grpc
 
 from kynara_sidecar.audit import prove
-from kynara_sidecar.audit.checkpoint import CheckpointV1, encode_checkpoint
+from kynara_sidecar.audit.segments import checkpoint_to_proto, segment_message
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.config import AdminRole
 from kynara_sidecar.errors import (
@@ -59,21 +59,6 @@ READ_THREADS = 4
 T = TypeVar("T")
 
 log = logging.getLogger("kynara.server")
-
-
-def checkpoint_to_proto(checkpoint: CheckpointV1) -> pb.Checkpoint:
-    """The checkpoint's stored JSON bytes, with its fields parsed alongside."""
-    return pb.Checkpoint(
-        json=encode_checkpoint(checkpoint),
-        kind=str(checkpoint.kind),
-        origin=checkpoint.origin,
-        log_id=checkpoint.log_id,
-        tree_size=checkpoint.tree_size,
-        root=bytes.fromhex(checkpoint.root),
-        chain_hash=bytes.fromhex(checkpoint.chain_hash),
-        time=checkpoint.time,
-        key_id=checkpoint.key_id,
-    )
 
 
 def _internal_error(call: str) -> ServiceError:
@@ -218,21 +203,22 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     async def _segment_messages(
         self, span: prove.SegmentSpan, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Segment]:
+        # The same messages the shipper sends (``audit.segments``).
         checkpoint = checkpoint_to_proto(span.checkpoint)
         first, last = span.previous_tree_size + 1, span.checkpoint.tree_size
         while first <= last:
             try:
-                records = await self._read(
-                    prove.read_records, self._store, first, last, self._max_bytes
+                message = await self._read(
+                    segment_message,
+                    self._store,
+                    span,
+                    first,
+                    self._max_bytes,
+                    checkpoint=checkpoint,
                 )
             except KynaraError as err:
                 await abort_with(context, err)
             except Exception:
                 await abort_with(context, _internal_error("StreamSegments"))
-            yield pb.Segment(
-                checkpoint=checkpoint,
-                previous_tree_size=span.previous_tree_size,
-                first_seq=first,
-                records=records,
-            )
-            first += len(records)
+            yield message
+            first += len(message.records)

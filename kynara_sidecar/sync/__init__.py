@@ -28,6 +28,7 @@ resent one is recognised as a duplicate.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -36,12 +37,16 @@ import msgspec
 from kynara_sidecar.errors import ConfigError, KynaraError
 
 __all__ = [
+    "MAX_BUNDLE_BYTES",
     "MAX_SEGMENT_MESSAGE_BYTES",
     "STORE_SCHEMES",
     "BundleEntry",
+    "BundleTooLarge",
     "Delivery",
     "Store",
     "StoreUnavailable",
+    "check_consumer_name",
+    "daemon_id_from_token",
     "daemon_token",
     "is_store_url",
     "open_store",
@@ -49,6 +54,10 @@ __all__ = [
 ]
 
 STORE_SCHEMES = ("dir", "nats")
+
+# A policy set is kilobytes to a few megabytes; a bundle far past that is
+# refused before it is read whole, from a file or a store.
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 
 # Records carried by one segment message, at most (NATS's default
 # max_payload is 1 MiB; this leaves room for the checkpoint and framing).
@@ -58,6 +67,13 @@ MAX_SEGMENT_MESSAGE_BYTES = 512 * 1024
 class StoreUnavailable(KynaraError):
     """The central store could not be reached or did not acknowledge in
     time. The daemon keeps deciding on what it has and tries again."""
+
+
+class BundleTooLarge(KynaraError, ValueError):
+    """A bundle larger than ``MAX_BUNDLE_BYTES`` or than the store accepts
+    in one message (a NATS server's ``max_payload``). Not an outage, so not
+    ``StoreUnavailable``: retrying cannot help; shrink the bundle or raise
+    the server's limit."""
 
 
 class BundleEntry(msgspec.Struct, frozen=True):
@@ -186,6 +202,29 @@ def daemon_token(daemon_id: str) -> str:
     """``daemon_id`` as one safe name: a NATS subject token, a key-value key
     and a file name (unpadded base64url of its UTF-8 bytes)."""
     return base64.urlsafe_b64encode(daemon_id.encode()).rstrip(b"=").decode()
+
+
+def daemon_id_from_token(token: str) -> str:
+    """The daemon id ``daemon_token`` made ``token`` from."""
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+# A consumer name is a file name in a dir:// store and a durable consumer
+# name in NATS; both accept these characters, so one name works with either.
+_CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_consumer_name(name: str) -> str:
+    """``name`` when it can name a durable consumer (``Store.segments``).
+
+    Raises:
+        ConfigError: not 1 to 64 letters, digits, ``_`` or ``-``.
+    """
+    if not _CONSUMER_NAME.match(name):
+        raise ConfigError(
+            f"consumer name {name!r}: expected 1 to 64 letters, digits, '_' or '-'"
+        )
+    return name
 
 
 def segment_message_id(log_id: str, tree_size: int, first_seq: int) -> str:

@@ -36,11 +36,10 @@ The two functions at the edges, ``read_bundle`` and ``write_bundle``, are
 the only I/O; ``build_bundle`` reads the policy directory through the
 loader. Nothing here logs or reads the clock: the caller passes ``now``.
 
-TODO(#6): the daemon will load bundles from ``policy.source`` (a bundle
-file or a store), verify them with ``verify_bundle`` against its configured
-public keys, and swap in ``VerifiedBundle.policies`` atomically; none of
-that wiring exists yet. A bundle fetched from a store will also need a size
-cap before it is read into memory.
+The daemon takes bundles through ``follower`` (from a bundle file or a
+store), which caps a bundle file at ``MAX_BUNDLE_FILE_BYTES`` before reading
+it, as a ``dir://`` store does (``MAX_BUNDLE_BYTES``); a NATS store refuses
+one larger than the server's ``max_payload``.
 """
 
 from __future__ import annotations
@@ -279,6 +278,10 @@ def verify_bundle(data: bytes, trusted: Mapping[str, PublicKey]) -> VerifiedBund
     )
 
 
+# Two zero blocks close a tar archive.
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+
+
 def _unpack(data: bytes) -> dict[str, bytes]:
     members: dict[str, bytes] = {}
     try:
@@ -294,10 +297,20 @@ def _unpack(data: bytes) -> dict[str, bytes]:
                 extracted = tar.extractfile(info)
                 assert extracted is not None  # a regular file, checked above
                 members[info.name] = extracted.read()
+            end = tar.offset
     except (tarfile.TarError, EOFError, OSError) as err:
         raise BundleError(
             BundleProblem.MALFORMED, f"expected a tar archive, got: {err}"
         ) from err
+    # tar stops quietly where the bytes stop: a bundle cut on a member
+    # boundary reads as a shorter archive. Its end-of-archive blocks say
+    # it was not.
+    if data[end : end + _END_OF_ARCHIVE] != bytes(_END_OF_ARCHIVE):
+        raise BundleError(
+            BundleProblem.MALFORMED,
+            f"truncated: expected the end-of-archive blocks at byte {end}, "
+            f"got {len(data)} bytes in all",
+        )
     return members
 
 

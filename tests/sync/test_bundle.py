@@ -264,6 +264,15 @@ def test_a_truncated_bundle_is_refused(shipped):
         verify_bundle(shipped[: len(shipped) // 2], TRUSTED)
 
 
+def test_a_bundle_cut_on_any_block_boundary_is_malformed(shipped):
+    # tar itself reads such a cut as a shorter archive and says nothing.
+    for end in range(0, len(shipped), tarfile.BLOCKSIZE):
+        with pytest.raises(BundleError) as caught:
+            verify_bundle(shipped[:end], TRUSTED)
+
+        assert caught.value.kind is BundleProblem.MALFORMED, end
+
+
 def test_a_manifest_not_in_canonical_json_is_malformed(shipped):
     members = _members(shipped)
     members[MANIFEST_NAME] = members[MANIFEST_NAME].replace(b",", b", ", 1)

@@ -1,0 +1,522 @@
+"""``dir://PATH``: a central store that is a directory on one machine or a
+shared volume.
+
+Every file is written whole to a temporary file in its final directory
+(named ``.tmp-*``), flushed with ``fsync``, then renamed into place, and the
+directory is synced so the rename survives a crash. A rename within one
+directory is atomic, so a reader finds the old file or the new one, never
+part of one; readers only ever open the final names below and so never
+read a temporary file a crash left behind.
+
+Layout under the root (which must already exist: a missing root is most
+likely a shared volume that is not mounted, and creating an empty store in
+its place would hide that)::
+
+    bundles/sha256-<hex>            a bundle's bytes, write-once, by digest
+    bundles/current                 "sha256:<hex>\\n": the current bundle
+    segments/<daemon>/<seq>.msg     one segment message: the message id on
+                                    the first line, then the Segment bytes
+    segments/<daemon>/ids/<sha256 of msg id>
+                                    the message's seq; marks it as stored
+    consumers/<consumer>/<daemon>   the last seq that consumer acknowledged
+                                    for that daemon (every one before it
+                                    was acknowledged too)
+    status/<daemon>.json            the daemon's latest status document
+
+``<daemon>`` is ``daemon_token(daemon_id)``, ``<seq>`` 20 decimal digits
+from 1, in ship order. A bundle is published by writing its content file,
+then replacing ``current``; since content files are never removed, a
+reader that read ``current`` always finds the bundle it names.
+
+A new segment message takes the next free ``<seq>`` with ``os.link``, which
+refuses to replace an existing name: two processes shipping for one
+daemon cannot overwrite each other's message (the loser takes the next
+number); two shipping for different daemons never meet. The id marker is
+written after the message, so a crash between the two leaves a message
+without a marker; a shipper resends its oldest unacknowledged message, so
+the resend finds that message last in its daemon's directory and is
+recognised as a duplicate then.
+
+A consumer reads each daemon's messages in ``<seq>`` order from the
+position after its last acknowledgement, taking one message per daemon in
+turn and waiting ``poll_seconds`` when none has anything new. File I/O runs
+in worker threads, each call bounded by ``timeout``: a hung network volume
+makes the call fail with ``StoreUnavailable`` rather than stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import pathlib
+import re
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.sync import (
+    MAX_BUNDLE_BYTES,
+    BundleEntry,
+    BundleTooLarge,
+    StoreUnavailable,
+    check_consumer_name,
+    daemon_id_from_token,
+    daemon_token,
+)
+
+__all__ = ["NAK_DELAY_SECONDS", "DirStore"]
+
+_T = TypeVar("_T")
+_SEQ_DIGITS = 20
+_MESSAGE = re.compile(r"^(\d{20})\.msg$")
+_TMP_PREFIX = ".tmp-"
+_DIGEST_PREFIX = "sha256:"
+_FILE_MODE = 0o644
+# A nak'd message comes again after this pause, as with NATS's nak delay.
+NAK_DELAY_SECONDS = 1.0
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: pathlib.Path, data: bytes) -> pathlib.Path:
+    """``data`` in a new synced temporary file in ``directory``."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    os.close(fd)
+    return pathlib.Path(name)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: readers see the old file or the new."""
+    temp = _write_temp(path.parent, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _link_new(path: pathlib.Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; whether it did."""
+    temp = _write_temp(path.parent, data)
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Message:
+    seq: int
+    msg_id: str
+    data: bytes
+
+
+def _encode_message(msg_id: str, data: bytes) -> bytes:
+    return msg_id.encode() + b"\n" + data
+
+
+def _decode_message(seq: int, raw: bytes, path: pathlib.Path) -> _Message:
+    head, sep, data = raw.partition(b"\n")
+    if not sep:
+        raise StoreUnavailable(f"{path}: a segment message with no id line")
+    return _Message(seq, head.decode(), data)
+
+
+class DirStore:
+    """A central store in the directory ``url`` names; see the module doc.
+
+    Args:
+        url: ``dir:///absolute/path`` or ``dir://relative/path`` (relative to
+            the working directory).
+        timeout: seconds one call may take before it raises
+            ``StoreUnavailable``.
+        poll_seconds: how often ``watch_bundles`` reads ``current`` and
+            ``segments`` looks for new messages.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0, poll_seconds: float = 1.0):
+        scheme, sep, rest = url.partition("://")
+        if scheme != "dir" or not sep or not rest:
+            raise ConfigError(f"{url!r}: expected dir:///absolute/path")
+        self.url = url
+        self.root = pathlib.Path(rest)
+        self.timeout = timeout
+        self.poll_seconds = poll_seconds
+        self._bundles = self.root / "bundles"
+        self._segments = self.root / "segments"
+        self._consumers = self.root / "consumers"
+        self._status = self.root / "status"
+        # Per daemon token: the last seq this process knows of, so shipping
+        # lists a daemon's directory once, not on every message.
+        self._tails: dict[str, int] = {}
+
+    async def _call(self, what: str, fn: Callable[[], _T]) -> _T:
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+            # cancellation (gh-86296) and hang the daemon's stop.
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.to_thread(fn)
+        except StoreUnavailable:
+            raise
+        except TimeoutError as err:
+            raise StoreUnavailable(
+                f"{self.url}: {what} took longer than {self.timeout} s "
+                f"(sync.timeout_seconds)"
+            ) from err
+        except OSError as err:
+            where = err.filename or self.root
+            raise StoreUnavailable(
+                f"{self.url}: {what}: {where}: {err.strerror or err}"
+            ) from err
+
+    async def connect(self) -> None:
+        """Check the root is a writable directory and create the layout.
+
+        Raises:
+            StoreUnavailable: the root is missing, not a directory or not
+                writable (the message names the path).
+        """
+        await self._call("connect", self._connect)
+
+    def _connect(self) -> None:
+        if not self.root.is_dir():
+            raise StoreUnavailable(
+                f"{self.url}: {self.root} is not a directory (create it or mount "
+                f"the volume, or fix sync.store / policy.source)"
+            )
+        for path in (self._bundles, self._segments, self._consumers, self._status):
+            path.mkdir(exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise StoreUnavailable(f"{self.url}: {path} is not writable")
+        _fsync_dir(self.root)
+
+    async def close(self) -> None:
+        """Nothing to release: every call opens and closes its own files."""
+
+    # -- bundles
+
+    async def publish_bundle(self, data: bytes) -> str:
+        digest = _DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+        await self._call("publish bundle", lambda: self._publish(digest, data))
+        return digest
+
+    def _content_path(self, digest: str) -> pathlib.Path:
+        return self._bundles / digest.replace(":", "-", 1)
+
+    def _publish(self, digest: str, data: bytes) -> None:
+        content = self._content_path(digest)
+        if not content.exists():
+            _write_atomic(content, data)
+        _write_atomic(self._bundles / "current", f"{digest}\n".encode())
+
+    async def current_bundle(self) -> BundleEntry | None:
+        return await self._call("read current bundle", self._current)
+
+    def _current_digest(self) -> str | None:
+        try:
+            text = (self._bundles / "current").read_text().strip()
+        except FileNotFoundError:
+            if not self._bundles.is_dir():
+                raise StoreUnavailable(
+                    f"{self.url}: {self._bundles} is missing (is the volume mounted?)"
+                ) from None
+            return None
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
+            raise StoreUnavailable(
+                f"{self.url}: {self._bundles / 'current'}: expected sha256:<hex>, "
+                f"got {text[:80]!r}"
+            )
+        return text
+
+    def _current(self) -> BundleEntry | None:
+        digest = self._current_digest()
+        if digest is None:
+            return None
+        path = self._content_path(digest)
+        with path.open("rb") as file:
+            data = file.read(MAX_BUNDLE_BYTES + 1)
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise BundleTooLarge(
+                f"{self.url}: {path}: larger than {MAX_BUNDLE_BYTES} bytes; "
+                "expected a policy bundle"
+            )
+        if _DIGEST_PREFIX + hashlib.sha256(data).hexdigest() != digest:
+            raise StoreUnavailable(
+                f"{self.url}: {path}: content does not match its digest (corrupt)"
+            )
+        return BundleEntry(digest=digest, data=data)
+
+    async def watch_bundles(self) -> AsyncIterator[BundleEntry]:
+        """The current bundle, then each new one, read every poll_seconds.
+
+        Raises:
+            StoreUnavailable: the directory could not be read; the caller
+                connects and watches again.
+        """
+        seen: str | None = None
+        while True:
+            digest = await self._call("read current bundle", self._current_digest)
+            if digest is not None and digest != seen:
+                entry = await self._call("read current bundle", self._current)
+                if entry is not None:
+                    seen = entry.digest
+                    yield entry
+                    continue
+            await asyncio.sleep(self.poll_seconds)
+
+    # -- segments
+
+    async def ship_segment(self, daemon_id: str, msg_id: str, data: bytes) -> bool:
+        if "\n" in msg_id or not msg_id:
+            raise ValueError(f"segment message id {msg_id!r}: empty or has a newline")
+        return await self._call(
+            f"ship segment message {msg_id}",
+            lambda: self._ship(daemon_token(daemon_id), msg_id, data),
+        )
+
+    def _marker(self, directory: pathlib.Path, msg_id: str) -> pathlib.Path:
+        return directory / "ids" / hashlib.sha256(msg_id.encode()).hexdigest()
+
+    def _ship(self, token: str, msg_id: str, data: bytes) -> bool:
+        directory = self._segments / token
+        tail = self._tails.get(token)
+        if tail is None:
+            if not self._segments.is_dir():
+                raise StoreUnavailable(
+                    f"{self.url}: {self._segments} is missing (is the volume mounted?)"
+                )
+            # Never parents=True: that would recreate a missing root.
+            directory.mkdir(exist_ok=True)
+            (directory / "ids").mkdir(exist_ok=True)
+            _fsync_dir(self._segments)
+        marker = self._marker(directory, msg_id)
+        if marker.exists():
+            return False
+        if tail is None:
+            tail = self._scan_tail(directory)
+        # A crash between message and marker: the resend meets its own
+        # message last in the directory.
+        if tail and self._read(directory, tail).msg_id == msg_id:
+            _write_atomic(marker, str(tail).encode())
+            self._tails[token] = tail
+            return False
+        raw = _encode_message(msg_id, data)
+        seq = tail + 1
+        while not _link_new(directory / f"{seq:0{_SEQ_DIGITS}d}.msg", raw):
+            # Another process took that number for this daemon.
+            if self._read(directory, seq).msg_id == msg_id:
+                _write_atomic(marker, str(seq).encode())
+                self._tails[token] = seq
+                return False
+            seq += 1
+        _write_atomic(marker, str(seq).encode())
+        self._tails[token] = seq
+        return True
+
+    def _scan_tail(self, directory: pathlib.Path) -> int:
+        return max(self._seqs(directory), default=0)
+
+    def _seqs(self, directory: pathlib.Path) -> list[int]:
+        return sorted(
+            int(match.group(1))
+            for name in os.listdir(directory)
+            if (match := _MESSAGE.match(name))
+        )
+
+    def _read(self, directory: pathlib.Path, seq: int) -> _Message:
+        path = directory / f"{seq:0{_SEQ_DIGITS}d}.msg"
+        return _decode_message(seq, path.read_bytes(), path)
+
+    async def segments(self, consumer: str) -> AsyncIterator[_DirDelivery]:
+        """Every daemon's messages after ``consumer``'s acknowledged ones,
+        each daemon's in order, polling for new ones until the caller stops.
+
+        A delivery neither acked nor nak'd is not offered again by this
+        iterator; a new one (after a restart) starts after the last
+        acknowledged message, so it comes again then.
+
+        Raises:
+            ConfigError: ``consumer`` is not a valid consumer name.
+            StoreUnavailable: the directory could not be read or written.
+        """
+        cursor = _Cursor(self, check_consumer_name(consumer))
+        await self._call("open consumer", cursor.open)
+        while True:
+            deliveries = await self._call("read segments", cursor.next_round)
+            for delivery in deliveries:
+                yield delivery
+            if not deliveries:
+                await asyncio.sleep(self.poll_seconds)
+
+    # -- status
+
+    async def put_status(self, daemon_id: str, data: bytes) -> None:
+        path = self._status / f"{daemon_token(daemon_id)}.json"
+        await self._call(
+            f"write status of {daemon_id}", lambda: _write_atomic(path, data)
+        )
+
+    async def statuses(self) -> dict[str, bytes]:
+        return await self._call("read statuses", self._statuses)
+
+    def _statuses(self) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for path in sorted(self._status.iterdir()):
+            if path.name.startswith(".") or path.suffix != ".json":
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                found[daemon_id_from_token(path.stem)] = path.read_bytes()
+        return found
+
+
+@dataclasses.dataclass
+class _DirDelivery:
+    """One segment message for a consumer of a ``DirStore``."""
+
+    daemon_id: str
+    msg_id: str
+    data: bytes
+    seq: int
+    _cursor: _Cursor
+    _token: str
+
+    async def ack(self) -> None:
+        await self._cursor.store._call(
+            f"acknowledge {self.msg_id}",
+            lambda: self._cursor.ack(self._token, self.seq),
+        )
+
+    async def nak(self) -> None:
+        self._cursor.nak(self._token, self.seq)
+
+
+@dataclasses.dataclass
+class _Position:
+    # Persisted: every seq up to here was acknowledged.
+    acked: int
+    # Offered to the caller up to here.
+    offered: int
+    # Acknowledged past ``acked``, waiting for the ones before them.
+    ahead: set[int] = dataclasses.field(default_factory=set)
+    # After a nak, this daemon waits until the loop's clock passes this.
+    paused_until: float = 0.0
+
+
+class _Cursor:
+    """One consumer's positions in every daemon's messages."""
+
+    def __init__(self, store: DirStore, consumer: str):
+        self.store = store
+        self.directory = store._consumers / consumer
+        self.positions: dict[str, _Position] = {}
+        self.loop = asyncio.get_running_loop()
+        # Reads and acks run in worker threads; a caller may ack from
+        # another task while the next round is read.
+        self.lock = threading.Lock()
+
+    def open(self) -> None:
+        if not self.store._consumers.is_dir():
+            raise StoreUnavailable(
+                f"{self.store.url}: {self.store._consumers} is missing (is the "
+                f"volume mounted?)"
+            )
+        self.directory.mkdir(exist_ok=True)
+
+    def _position(self, token: str) -> _Position:
+        position = self.positions.get(token)
+        if position is None:
+            try:
+                acked = int((self.directory / token).read_text())
+            except FileNotFoundError:
+                acked = 0
+            position = _Position(acked=acked, offered=acked)
+            self.positions[token] = position
+        return position
+
+    def next_round(self) -> list[_DirDelivery]:
+        with self.lock:
+            return self._next_round()
+
+    def _next_round(self) -> list[_DirDelivery]:
+        now = self.loop.time()
+        found = []
+        for token in sorted(os.listdir(self.store._segments)):
+            if token.startswith("."):
+                continue
+            position = self._position(token)
+            if position.paused_until > now:
+                continue
+            directory = self.store._segments / token
+            path = directory / f"{position.offered + 1:0{_SEQ_DIGITS}d}.msg"
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            message = _decode_message(position.offered + 1, raw, path)
+            position.offered = message.seq
+            found.append(
+                _DirDelivery(
+                    daemon_id=daemon_id_from_token(token),
+                    msg_id=message.msg_id,
+                    data=message.data,
+                    seq=message.seq,
+                    _cursor=self,
+                    _token=token,
+                )
+            )
+        return found
+
+    def ack(self, token: str, seq: int) -> None:
+        with self.lock:
+            self._ack(token, seq)
+
+    def _ack(self, token: str, seq: int) -> None:
+        position = self._position(token)
+        if seq <= position.acked:
+            return
+        position.ahead.add(seq)
+        acked = position.acked
+        while acked + 1 in position.ahead:
+            acked += 1
+            position.ahead.discard(acked)
+        if acked != position.acked:
+            _write_atomic(self.directory / token, str(acked).encode())
+            position.acked = acked
+
+    def nak(self, token: str, seq: int) -> None:
+        with self.lock:
+            self._nak(token, seq)
+
+    def _nak(self, token: str, seq: int) -> None:
+        position = self._position(token)
+        if seq <= position.acked:
+            return
+        position.offered = min(position.offered, seq - 1)
+        position.ahead = {s for s in position.ahead if s < seq}
+        position.paused_until = self.loop.time() + NAK_DELAY_SECONDS

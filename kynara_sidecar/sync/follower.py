@@ -1,0 +1,511 @@
+"""Following signed policy bundles: fetch, verify, compile, swap whole.
+
+A daemon whose ``policy.source`` is a bundle file or a central store keeps
+one ``BundleFollower``. Every bundle it is offered (by the store's watch,
+by the poll that double-checks the watch, by ``sync_now`` or by SIGHUP for
+a file) goes through one path, under one lock, so two offers never race:
+
+1. the same digest as the active bundle is ``unchanged`` (nothing is
+   verified again);
+2. the bytes must hash to the digest the store named; then
+   ``verify_bundle`` checks the signature against the trusted keys, every
+   file's hash, the canonical packing, and compiles the policies (on a
+   thread: a large set takes a while, and decisions go on meanwhile);
+3. a bundle created before the active one is refused ("older than the
+   active revision"), unless the operator forces it: a store replaying an
+   old bundle must not roll the fleet back silently;
+4. the daemon's ``activate`` callback commits the bundle with its
+   ``policy_activated`` marker and swaps the compiled set in. Only a bundle
+   that got this far is active; any earlier failure leaves the previous
+   revision serving.
+
+Each offer ends in one ``SyncOutcome``: activated, unchanged, refused (the
+reason: the ``BundleProblem`` kind and the message naming the file and the
+rule) or unreachable (the source could not be read). Each is counted
+(``kynara_policy_sync_total{outcome}``), logged (a refusal at ERROR) and
+kept as ``last_sync`` for the status document and ``sync now``.
+
+The background loop (stores only; a bundle file is read at start, on
+SIGHUP and on ``sync now``) connects, watches, and polls
+``current_bundle()`` every ``sync.poll_seconds`` as a safety net for a
+missed watch event. When the store is lost it backs off from
+``sync.retry_min_seconds`` doubling to ``sync.retry_max_seconds`` (with
+jitter, so a fleet does not reconnect in step), and the daemon keeps
+deciding on what it has. A digest the loop refused once is remembered and
+not verified again (a bad bundle left in the store would otherwise be
+re-verified and re-logged at every poll); ``sync_now`` always evaluates
+afresh and reports the true outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+import pathlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from typing import Protocol
+
+import msgspec
+
+from kynara_sidecar.audit.keys import PublicKey
+from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
+from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.errors import ConfigError, KynaraError, PolicyError
+from kynara_sidecar.metrics import Metrics
+from kynara_sidecar.sync import (
+    MAX_BUNDLE_BYTES,
+    BundleEntry,
+    BundleTooLarge,
+    StoreUnavailable,
+)
+from kynara_sidecar.sync.bundle import BundleError, VerifiedBundle, verify_bundle
+
+__all__ = [
+    "MAX_BUNDLE_FILE_BYTES",
+    "ActiveBundle",
+    "Activate",
+    "BundleFile",
+    "BundleFollower",
+    "BundleSource",
+    "LastSync",
+    "SyncOutcome",
+    "bundle_digest",
+]
+
+log = logging.getLogger("kynara.sync")
+
+MAX_BUNDLE_FILE_BYTES = MAX_BUNDLE_BYTES
+# Python 3.11's asyncio.wait_for can swallow a cancellation that arrives as
+# its inner call completes (gh-86296), and store calls use it: a task being
+# stopped is cancelled again at this interval until it is done.
+_CANCEL_RETRY_SECONDS = 0.1
+
+
+class SyncOutcome(enum.StrEnum):
+    """How one sync ended."""
+
+    # A new bundle verified, compiled and is now active.
+    ACTIVATED = "activated"
+    # The source holds the active bundle (or none at all).
+    UNCHANGED = "unchanged"
+    # The bundle was not activated; the previous revision stays active.
+    REFUSED = "refused"
+    # The source could not be read.
+    UNREACHABLE = "unreachable"
+
+
+class LastSync(msgspec.Struct, frozen=True):
+    """What the last sync did, for status and ``sync now``."""
+
+    # When it ended, RFC 3339 UTC.
+    time: str
+    outcome: SyncOutcome
+    # Why it was refused or unreachable ("" when it was not).
+    error: str = ""
+    # The revision active after the sync ("" when none is).
+    revision: str = ""
+    # The revision active before it ("" when none was).
+    previous_revision: str = ""
+    # The digest of the bundle it looked at ("" when it read none).
+    digest: str = ""
+
+
+class ActiveBundle(msgspec.Struct, frozen=True):
+    """The bundle the daemon serves."""
+
+    digest: str
+    revision: str
+    directory_revision: str
+    created: str
+
+
+class BundleSource(Protocol):
+    """Where bundles come from: the part of ``Store`` the follower uses."""
+
+    url: str
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def current_bundle(self) -> BundleEntry | None: ...
+
+    def watch_bundles(self) -> AsyncIterator[BundleEntry]: ...
+
+
+# Commits the bundle with its policy_activated marker and swaps it in.
+# Raises PolicyError or BundleError when the daemon refuses the bundle
+# itself (say its directory lacks the configured agent), any other
+# KynaraError when it could not activate it now (the audit log is down).
+Activate = Callable[[VerifiedBundle, BundleEntry], Awaitable[None]]
+
+
+def bundle_digest(data: bytes) -> str:
+    """``sha256:`` and the 64 hex digits of SHA-256 over ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class BundleFile:
+    """A bundle file as a source: read whole on each ``current_bundle``.
+
+    Raises ``ConfigError`` (naming the path) when the file cannot be read or
+    is larger than ``MAX_BUNDLE_FILE_BYTES``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = pathlib.Path(path)
+        self.url = str(self.path)
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def current_bundle(self) -> BundleEntry | None:
+        data = await asyncio.to_thread(self._read)
+        return BundleEntry(digest=bundle_digest(data), data=data)
+
+    def watch_bundles(self) -> AsyncIterator[BundleEntry]:
+        raise NotImplementedError(
+            "a bundle file is not watched: send SIGHUP or run "
+            "`kynara-sidecar sync now` after replacing it"
+        )
+
+    def _read(self) -> bytes:
+        try:
+            with self.path.open("rb") as file:
+                data = file.read(MAX_BUNDLE_FILE_BYTES + 1)
+        except OSError as err:
+            raise ConfigError(
+                f"policy.source: cannot read bundle file {self.path}: {err}"
+            ) from err
+        if len(data) > MAX_BUNDLE_FILE_BYTES:
+            raise ConfigError(
+                f"policy.source: bundle file {self.path} is larger than "
+                f"{MAX_BUNDLE_FILE_BYTES} bytes; expected a policy bundle"
+            )
+        return data
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, *, remember: bool = True):
+        super().__init__(message)
+        self.remember = remember
+
+
+def _fields(**fields: object) -> dict[str, dict[str, object]]:
+    return {"fields": {"component": "sync", **fields}}
+
+
+class BundleFollower:
+    """Keeps the daemon on the newest good bundle of one source.
+
+    Args:
+        source: a store (``open_store``) or a ``BundleFile``; the follower
+            connects and closes it.
+        trusted: key id -> public key of the bundle publishers
+            (``policy.trusted_keys``).
+        activate: the daemon's callback (see ``Activate``).
+        metrics: where outcomes and the active revision are published.
+        clock: nanoseconds since the epoch, for ``last_sync.time``.
+        poll_seconds: how often the loop re-reads the current bundle.
+        retry_min_seconds, retry_max_seconds: the loop's backoff bounds.
+    """
+
+    def __init__(
+        self,
+        source: BundleSource,
+        trusted: Mapping[str, PublicKey],
+        activate: Activate,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        poll_seconds: float = 1.0,
+        retry_min_seconds: float = 0.2,
+        retry_max_seconds: float = 30.0,
+    ):
+        self.source = source
+        self._trusted = dict(trusted)
+        self._activate = activate
+        self._metrics = metrics
+        self._clock = clock
+        self._poll_seconds = poll_seconds
+        self._retry_min = retry_min_seconds
+        self._retry_max = retry_max_seconds
+        self._delay = retry_min_seconds
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._refused: set[str] = set()
+        self.active: ActiveBundle | None = None
+        self.last_sync: LastSync | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Follow the source in the background until ``close``."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="kynara-bundle-follower")
+
+    async def close(self) -> None:
+        """Stop following and close the source. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            await _settle([task])
+        with contextlib.suppress(KynaraError, OSError):
+            await self.source.close()
+
+    async def restore(self, entry: BundleEntry) -> bool:
+        """Activate a bundle the daemon kept from an earlier run, verified
+        again with today's trusted keys; no ordering check, no sync counted.
+
+        Returns:
+            Whether it is now active; a refusal is logged at ERROR.
+
+        Raises:
+            KynaraError: the ``activate`` callback could not activate it
+                (the audit log is down); nothing changed.
+        """
+        async with self._lock:
+            try:
+                verified = await self._verify(entry)
+            except _Refused as err:
+                log.error(
+                    "stored bundle refused; waiting for one from the source",
+                    extra=_fields(error=str(err), source=self.source.url),
+                )
+                return False
+            await self._activate(verified, entry)
+            self._set_active(verified, entry)
+        return True
+
+    # ---------------------------------------------------------------- syncs
+
+    async def sync_now(self, *, force: bool = False) -> LastSync:
+        """Fetch the source's current bundle once and offer it.
+
+        Args:
+            force: take a bundle older than the active one.
+
+        Returns:
+            The outcome, also kept as ``last_sync``.
+        """
+        try:
+            await self.source.connect()
+            entry = await self.source.current_bundle()
+        except (StoreUnavailable, ConfigError) as err:
+            return self._record(SyncOutcome.UNREACHABLE, self.active, str(err))
+        except BundleTooLarge as err:
+            return self._record(SyncOutcome.REFUSED, self.active, str(err))
+        result = await self._offer(entry, force=force, from_loop=False)
+        assert result is not None  # only the loop skips
+        if result.outcome is not SyncOutcome.UNREACHABLE:
+            self._wake.set()
+        return result
+
+    async def _offer(
+        self, entry: BundleEntry | None, *, force: bool, from_loop: bool
+    ) -> LastSync | None:
+        async with self._lock:
+            previous = self.active
+            if entry is None:
+                return self._record(
+                    SyncOutcome.UNCHANGED,
+                    previous,
+                    f"{self.source.url} holds no bundle yet; publish one",
+                )
+            if previous is not None and entry.digest == previous.digest:
+                return self._record(
+                    SyncOutcome.UNCHANGED, previous, digest=entry.digest
+                )
+            if from_loop and entry.digest in self._refused:
+                return None
+            try:
+                verified = await self._verify(entry)
+                self._check_order(verified, previous, force)
+                await self._call_activate(verified, entry)
+            except _Refused as err:
+                if err.remember:
+                    self._refused.add(entry.digest)
+                return self._record(
+                    SyncOutcome.REFUSED, previous, str(err), digest=entry.digest
+                )
+            self._refused.discard(entry.digest)
+            self._set_active(verified, entry)
+            return self._record(SyncOutcome.ACTIVATED, previous, digest=entry.digest)
+
+    async def _verify(self, entry: BundleEntry) -> VerifiedBundle:
+        where = f"bundle {entry.digest} from {self.source.url}"
+        if bundle_digest(entry.data) != entry.digest:
+            raise _Refused(
+                f"{where}: malformed: its bytes hash to {bundle_digest(entry.data)}, "
+                "not to the digest the source named"
+            )
+        try:
+            return await asyncio.to_thread(verify_bundle, entry.data, self._trusted)
+        except BundleError as err:
+            raise _Refused(f"{where}: {err}") from err
+
+    def _check_order(
+        self, verified: VerifiedBundle, previous: ActiveBundle | None, force: bool
+    ) -> None:
+        if previous is None or force:
+            return
+        try:
+            older = _instant(verified.created) < _instant(previous.created)
+        except ValueError as err:
+            raise _Refused(
+                f"bundle of revision {verified.revision}: malformed: its "
+                f"manifest's created: {err}"
+            ) from None
+        if older:
+            raise _Refused(
+                f"bundle of revision {verified.revision} (created "
+                f"{verified.created}) is older than the active revision "
+                f"{previous.revision} (created {previous.created}); run "
+                "`kynara-sidecar sync now --force` to take it anyway"
+            )
+
+    async def _call_activate(
+        self, verified: VerifiedBundle, entry: BundleEntry
+    ) -> None:
+        where = f"bundle {entry.digest} (revision {verified.revision})"
+        try:
+            await self._activate(verified, entry)
+        except (PolicyError, BundleError) as err:
+            raise _Refused(f"{where}: {err}") from err
+        except KynaraError as err:
+            # Not the bundle's fault: try it again at the next poll.
+            raise _Refused(f"{where}: not activated: {err}", remember=False) from err
+
+    def _set_active(self, verified: VerifiedBundle, entry: BundleEntry) -> None:
+        self.active = ActiveBundle(
+            digest=entry.digest,
+            revision=verified.revision,
+            directory_revision=verified.directory_revision,
+            created=verified.created,
+        )
+        self._metrics.set_bundle_revision(verified.revision)
+
+    def _record(
+        self,
+        outcome: SyncOutcome,
+        previous: ActiveBundle | None,
+        error: str = "",
+        *,
+        digest: str = "",
+    ) -> LastSync:
+        result = LastSync(
+            time=format_timestamp(Timestamp.from_nanos(self._clock())),
+            outcome=outcome,
+            error=error,
+            revision=self.active.revision if self.active else "",
+            previous_revision=previous.revision if previous else "",
+            digest=digest,
+        )
+        self.last_sync = result
+        self._metrics.policy_sync.labels(str(outcome)).inc()
+        fields = _fields(
+            outcome=str(outcome),
+            source=self.source.url,
+            policy_revision=result.revision,
+            digest=digest,
+        )
+        if outcome is SyncOutcome.REFUSED:
+            log.error(
+                "bundle refused; previous revision stays active",
+                extra={"fields": {**fields["fields"], "error": error}},
+            )
+        elif outcome is SyncOutcome.UNREACHABLE:
+            log.warning(
+                "bundle source unreachable; serving what is active",
+                extra={"fields": {**fields["fields"], "error": error}},
+            )
+        elif outcome is SyncOutcome.ACTIVATED:
+            log.info("bundle activated", extra=fields)
+        else:
+            log.debug("bundle unchanged", extra=fields)
+        return result
+
+    # ----------------------------------------------------------------- loop
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._follow()
+            except StoreUnavailable as err:
+                self._record(SyncOutcome.UNREACHABLE, self.active, str(err))
+            except BundleTooLarge as err:
+                log.error("bundle refused", extra=_fields(error=str(err)))
+                self._record(SyncOutcome.REFUSED, self.active, str(err))
+            except Exception as err:
+                # A bug must not end following for good: count it, retry.
+                log.exception("bundle follower failed", extra=_fields())
+                self._record(SyncOutcome.UNREACHABLE, self.active, repr(err))
+            await self._pause()
+
+    async def _pause(self) -> None:
+        delay = random.uniform(self._delay / 2, self._delay)
+        self._delay = min(self._delay * 2, self._retry_max)
+        self._wake.clear()
+        # asyncio.timeout, not wait_for: it never swallows a cancellation.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+
+    async def _follow(self) -> None:
+        """Watch and poll until the source is lost; raises StoreUnavailable."""
+        await self.source.connect()
+        tasks = {
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._poll()),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise StoreUnavailable(f"{self.source.url}: the bundle watch ended")
+        finally:
+            await _settle(tasks)
+
+    async def _watch(self) -> None:
+        async for entry in self.source.watch_bundles():
+            self._delay = self._retry_min
+            await self._offer(entry, force=False, from_loop=True)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_seconds)
+            entry = await self.source.current_bundle()
+            self._delay = self._retry_min
+            await self._offer(entry, force=False, from_loop=True)
+
+
+async def _settle(tasks: Collection[asyncio.Task[None]]) -> None:
+    """Cancel the tasks until every one is done (see _CANCEL_RETRY_SECONDS);
+    a cancellation of the caller meanwhile is raised once they are."""
+    cancelled = False
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        try:
+            await asyncio.wait(pending, timeout=_CANCEL_RETRY_SECONDS)
+        except asyncio.CancelledError:
+            cancelled = True
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("follower task ended", exc_info=task.exception())
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _instant(text: str) -> tuple[int, int]:
+    moment = parse_timestamp(text)
+    return moment.seconds, moment.nanos

@@ -1,0 +1,462 @@
+"""``nats://HOST:PORT``: a central store on NATS JetStream, for a fleet.
+
+What lives where (``connect`` creates what is missing; creating is
+idempotent, so daemons racing to create the same thing all succeed):
+
+- key-value bucket ``kynara_bundles``, key ``current``: the current bundle's
+  bytes. ``watch_bundles`` is a key-value watch, so a publish reaches every
+  watcher as soon as the server forwards it, not at the next poll. A
+  bundle must fit in one message: one larger than the server's
+  ``max_payload`` (1 MiB by default) is refused with ``BundleTooLarge``.
+- key-value bucket ``kynara_status``, key ``daemon_token(daemon_id)``: each
+  daemon's status document.
+- stream ``KYNARA_SEGMENTS``, subjects ``kynara.segments.<daemon_token>``,
+  file storage: segment messages, each published with the ``Nats-Msg-Id``
+  header so the server drops a resend within its duplicate window (an
+  hour) and says so in its acknowledgement.
+- a durable pull consumer per consumer name (``segments``), explicit acks.
+
+Failure model. The client connects without automatic reconnection: a lost
+connection closes it, and the next call connects again, within the same
+``timeout`` as the call itself. So while the server is down every call fails
+with ``StoreUnavailable`` within ``timeout``, nothing loops in the
+background hiding the outage, and calls work again once the server is
+back. A watch or a consumer iterator notices a closed connection within
+``_LIVENESS_SECONDS`` and raises ``StoreUnavailable``; the client's pings
+notice a silent network cut (``_MAX_OUTSTANDING_PINGS`` pings unanswered).
+A call in flight when the connection drops fails when its timeout runs out.
+
+Delivery is at least once. A server that crashes (rather than stops) may
+lose a consumer's last acknowledgements, which it writes lazily: those
+messages come again once ``ACK_WAIT_SECONDS`` has passed, and since one
+message at a time is in flight, the consumer waits that long. The
+collector recognises them by message id and checkpoint as already taken.
+Shipped messages survive a crash of the server process (written to its
+file store before the acknowledgement), and so does duplicate detection;
+the server syncs to disk every ``sync_interval`` (its setting), so a crash
+of the machine can lose the last acknowledged ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.sync import (
+    BundleEntry,
+    BundleTooLarge,
+    StoreUnavailable,
+    check_consumer_name,
+    daemon_id_from_token,
+    daemon_token,
+)
+
+__all__ = [
+    "ACK_WAIT_SECONDS",
+    "BUNDLES_BUCKET",
+    "CURRENT_KEY",
+    "DUPLICATE_WINDOW_SECONDS",
+    "MAX_ACK_PENDING",
+    "NAK_DELAY_SECONDS",
+    "SEGMENT_SUBJECT_PREFIX",
+    "SEGMENTS_STREAM",
+    "STATUS_BUCKET",
+    "NatsStore",
+]
+
+BUNDLES_BUCKET = "kynara_bundles"
+STATUS_BUCKET = "kynara_status"
+CURRENT_KEY = "current"
+SEGMENTS_STREAM = "KYNARA_SEGMENTS"
+SEGMENT_SUBJECT_PREFIX = "kynara.segments."
+# A daemon retries an unacknowledged segment for as long as the centre is
+# away; an hour covers the outages it rides out without a restart.
+DUPLICATE_WINDOW_SECONDS = 3600.0
+# How long the server waits for a consumer's ack before delivering again:
+# long enough to verify and archive one segment message (at most 512 KiB).
+ACK_WAIT_SECONDS = 30.0
+# NOTE: one message in flight per consumer keeps each daemon's messages in
+# ship order even across nak'd and redelivered messages and consumer
+# restarts; JetStream redelivers a pending message only after its ack wait,
+# so with more in flight a newer message could overtake it.
+# TODO(#6): one consumer per daemon subject would keep that order and let
+# daemons proceed in parallel, if one consumer cannot keep up with a fleet.
+MAX_ACK_PENDING = 1
+# A nak'd message comes again after this pause, not in a hot loop.
+NAK_DELAY_SECONDS = 1.0
+# How often a watch or a consumer checks that its connection is alive.
+_LIVENESS_SECONDS = 0.25
+_MAX_OUTSTANDING_PINGS = 2
+_MSG_ID_HEADER = "Nats-Msg-Id"
+_DIGEST_PREFIX = "sha256:"
+
+_T = TypeVar("_T")
+_log = logging.getLogger("kynara.sync")
+
+# What the client raises when the server is away, slow or refuses a call.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    OSError,
+    TimeoutError,
+)
+
+
+def _digest(data: bytes) -> str:
+    return _DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+class NatsStore:
+    """A central store on the NATS server ``url`` names; see the module doc.
+
+    Args:
+        url: ``nats://host:port``.
+        timeout: seconds one call may take, connecting included, before it
+            raises ``StoreUnavailable``.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0):
+        scheme, sep, rest = url.partition("://")
+        if scheme != "nats" or not sep or not rest:
+            raise ConfigError(f"{url!r}: expected nats://HOST:PORT")
+        self.url = url
+        self.timeout = timeout
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._bundles: KeyValue | None = None
+        self._status: KeyValue | None = None
+        self._lock: asyncio.Lock | None = None
+
+    # -- connection
+
+    async def _bounded(self, what: str, call: Awaitable[_T]) -> _T:
+        """``call`` within ``timeout``; an outage as StoreUnavailable."""
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+            # cancellation (gh-86296) and hang the daemon's stop.
+            async with asyncio.timeout(self.timeout):
+                return await call
+        except _UNAVAILABLE as err:
+            reason = str(err) or type(err).__name__
+            if isinstance(err, TimeoutError):
+                reason = f"no answer within {self.timeout} s (sync.timeout_seconds)"
+            raise StoreUnavailable(f"{self.url}: {what}: {reason}") from err
+
+    async def connect(self) -> None:
+        """Connect (again, when the connection was lost) and create the
+        buckets and the stream when missing.
+
+        Raises:
+            StoreUnavailable: the server did not answer within ``timeout``
+                or refused to create them.
+        """
+        await self._bounded("connect", self._ensure())
+
+    async def _ensure(self) -> JetStreamContext:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._nc is not None and self._nc.is_connected and self._js:
+                return self._js
+            await self._drop()
+            nc = await nats.connect(
+                servers=[self.url],
+                name="kynara",
+                allow_reconnect=False,
+                connect_timeout=self.timeout,
+                ping_interval=max(1.0, self.timeout),
+                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
+                error_cb=self._on_error,
+            )
+            try:
+                js = nc.jetstream(timeout=self.timeout)
+                await self._declare(js)
+            except BaseException:
+                await nc.close()
+                raise
+            self._nc, self._js = nc, js
+            return js
+
+    async def _declare(self, js: JetStreamContext) -> None:
+        stream = StreamConfig(
+            name=SEGMENTS_STREAM,
+            subjects=[SEGMENT_SUBJECT_PREFIX + "*"],
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        )
+        try:
+            await js.stream_info(SEGMENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            await self._create(
+                js.add_stream(stream), lambda: js.stream_info(SEGMENTS_STREAM)
+            )
+        self._bundles = await self._bucket(js, BUNDLES_BUCKET)
+        self._status = await self._bucket(js, STATUS_BUCKET)
+
+    async def _bucket(self, js: JetStreamContext, name: str) -> KeyValue:
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            create = js.create_key_value(
+                bucket=name, history=1, storage=StorageType.FILE
+            )
+            await self._create(create, lambda: js.key_value(name))
+            return await js.key_value(name)
+
+    @staticmethod
+    async def _create(
+        create: Awaitable[object], lookup: Callable[[], Awaitable[object]]
+    ) -> None:
+        """Run ``create``; when another daemon won the race with a different
+        configuration (say, an older version's), take what exists."""
+        try:
+            await create
+        except nats.js.errors.BadRequestError:
+            await lookup()
+
+    async def _drop(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await nc.close()
+
+    async def _on_error(self, err: Exception) -> None:
+        # The failing call raises StoreUnavailable; this is the client's
+        # background view of the same trouble.
+        _log.debug(
+            "store connection error",
+            extra={"fields": {"store": self.url, "error": str(err) or repr(err)}},
+        )
+
+    def _alive(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def close(self) -> None:
+        """Close the connection; a later call connects again."""
+        await self._drop()
+
+    # -- bundles
+
+    async def publish_bundle(self, data: bytes) -> str:
+        """Make ``data`` the current bundle; returns its digest.
+
+        Raises:
+            BundleTooLarge: ``data`` exceeds the server's max_payload.
+            StoreUnavailable: the server is away or did not acknowledge.
+        """
+
+        async def publish() -> None:
+            await self._ensure()
+            assert self._nc is not None and self._bundles is not None
+            if len(data) > self._nc.max_payload:
+                raise BundleTooLarge(
+                    f"{self.url}: a bundle of {len(data)} bytes exceeds the "
+                    f"server's max_payload of {self._nc.max_payload} bytes "
+                    f"(shrink the bundle or raise max_payload in the NATS "
+                    f"server's configuration)"
+                )
+            await self._bundles.put(CURRENT_KEY, data)
+
+        await self._bounded("publish bundle", publish())
+        return _digest(data)
+
+    async def current_bundle(self) -> BundleEntry | None:
+        async def read() -> BundleEntry | None:
+            await self._ensure()
+            assert self._bundles is not None
+            try:
+                entry = await self._bundles.get(CURRENT_KEY)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            data = entry.value or b""
+            return BundleEntry(digest=_digest(data), data=data)
+
+        return await self._bounded("read current bundle", read())
+
+    async def watch_bundles(self) -> AsyncIterator[BundleEntry]:
+        """The current bundle, then each new one as the server sends it.
+
+        Raises:
+            StoreUnavailable: could not start the watch, or the connection
+                was lost (noticed within a fraction of a second).
+        """
+
+        async def start() -> KeyValue.KeyWatcher:
+            await self._ensure()
+            assert self._bundles is not None
+            return await self._bundles.watch(CURRENT_KEY)
+
+        watcher = await self._bounded("watch bundles", start())
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=_LIVENESS_SECONDS)
+                except nats.errors.TimeoutError:
+                    if not self._alive():
+                        raise StoreUnavailable(
+                            f"{self.url}: watch bundles: connection lost"
+                        ) from None
+                    continue
+                # None marks the end of the values present at the start.
+                if entry is None or entry.operation in (KV_DEL, KV_PURGE):
+                    continue
+                data = entry.value or b""
+                yield BundleEntry(digest=_digest(data), data=data)
+        finally:
+            if self._alive():
+                with contextlib.suppress(*_UNAVAILABLE):
+                    async with asyncio.timeout(self.timeout):
+                        await watcher.stop()
+
+    # -- segments
+
+    async def ship_segment(self, daemon_id: str, msg_id: str, data: bytes) -> bool:
+        """Publish one segment message; False when the server already held
+        ``msg_id`` (within the duplicate window)."""
+
+        async def ship() -> bool:
+            js = await self._ensure()
+            ack = await js.publish(
+                SEGMENT_SUBJECT_PREFIX + daemon_token(daemon_id),
+                data,
+                timeout=self.timeout,
+                headers={_MSG_ID_HEADER: msg_id},
+            )
+            return not ack.duplicate
+
+        return await self._bounded(f"ship segment message {msg_id}", ship())
+
+    async def segments(self, consumer: str) -> AsyncIterator[_NatsDelivery]:
+        """Every daemon's segment messages for the durable consumer
+        ``consumer`` (created when missing), each daemon's in order.
+
+        Raises:
+            ConfigError: ``consumer`` is not a valid consumer name.
+            StoreUnavailable: the consumer could not be opened, or the
+                connection was lost.
+        """
+        name = check_consumer_name(consumer)
+
+        async def subscribe() -> JetStreamContext.PullSubscription:
+            js = await self._ensure()
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT_SECONDS,
+                deliver_policy=DeliverPolicy.ALL,
+                max_ack_pending=MAX_ACK_PENDING,
+            )
+            return await js.pull_subscribe(
+                SEGMENT_SUBJECT_PREFIX + "*",
+                durable=name,
+                stream=SEGMENTS_STREAM,
+                config=config,
+            )
+
+        subscription = await self._bounded(f"open consumer {name}", subscribe())
+        wait = min(self.timeout, 2.0)
+        try:
+            while True:
+                try:
+                    messages = await subscription.fetch(1, timeout=wait)
+                except nats.errors.TimeoutError:
+                    messages = []
+                except _UNAVAILABLE as err:
+                    raise StoreUnavailable(
+                        f"{self.url}: fetch segments for {name}: {err}"
+                    ) from err
+                if not messages and not self._alive():
+                    raise StoreUnavailable(
+                        f"{self.url}: fetch segments for {name}: connection lost"
+                    )
+                for message in messages:
+                    yield self._delivery(message)
+        finally:
+            if self._alive():
+                with contextlib.suppress(*_UNAVAILABLE):
+                    async with asyncio.timeout(self.timeout):
+                        await subscription.unsubscribe()
+
+    def _delivery(self, message: Msg) -> _NatsDelivery:
+        token = message.subject.removeprefix(SEGMENT_SUBJECT_PREFIX)
+        return _NatsDelivery(
+            daemon_id=daemon_id_from_token(token),
+            msg_id=(message.headers or {}).get(_MSG_ID_HEADER, ""),
+            data=message.data,
+            _message=message,
+            _store=self,
+        )
+
+    # -- status
+
+    async def put_status(self, daemon_id: str, data: bytes) -> None:
+        async def put() -> None:
+            await self._ensure()
+            assert self._status is not None
+            await self._status.put(daemon_token(daemon_id), data)
+
+        await self._bounded(f"write status of {daemon_id}", put())
+
+    async def statuses(self) -> dict[str, bytes]:
+        async def read() -> dict[str, bytes]:
+            await self._ensure()
+            assert self._status is not None
+            try:
+                keys = await self._status.keys()
+            except nats.js.errors.NoKeysError:
+                return {}
+            found = {}
+            for key in sorted(keys):
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                    entry = await self._status.get(key)
+                    found[daemon_id_from_token(key)] = entry.value or b""
+            return found
+
+        return await self._bounded("read statuses", read())
+
+
+@dataclasses.dataclass
+class _NatsDelivery:
+    """One segment message delivered to a durable consumer."""
+
+    daemon_id: str
+    msg_id: str
+    data: bytes
+    _message: Msg
+    _store: NatsStore
+
+    async def ack(self) -> None:
+        """Acknowledge and wait for the server to record it.
+
+        Raises:
+            StoreUnavailable: the server did not confirm within timeout (the
+                message may come again).
+        """
+        await self._store._bounded(
+            f"acknowledge {self.msg_id}",
+            self._message.ack_sync(timeout=self._store.timeout),
+        )
+
+    async def nak(self) -> None:
+        await self._store._bounded(
+            f"nak {self.msg_id}", self._message.nak(delay=NAK_DELAY_SECONDS)
+        )
