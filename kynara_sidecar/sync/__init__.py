@@ -21,8 +21,9 @@ The segment messages a daemon ships are ``kynara.v1.Segment`` protobuf
 messages (``audit.proto``), the same ones the admin ``AuditService`` streams,
 so the collector reads both doors alike. A segment larger than
 ``MAX_SEGMENT_MESSAGE_BYTES`` of records goes as several messages, each with
-the segment's checkpoint; ``segment_message_id`` names each message, so a
-resent one is recognised as a duplicate.
+the segment's checkpoint; ``segment_message_id`` names each message by what
+it carries, so a resent one is recognised as a duplicate and a rewritten
+one is not.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
+from kynara.v1.audit_pb2 import Segment
 
 from kynara_sidecar.errors import ConfigError, KynaraError
 
@@ -227,7 +229,15 @@ def check_consumer_name(name: str) -> str:
     return name
 
 
-def segment_message_id(log_id: str, tree_size: int, first_seq: int) -> str:
+def segment_message_id(message: Segment) -> str:
     """The id of one segment message: its log, its segment's checkpoint
-    tree size and its first record. A resend carries the same id."""
-    return f"{log_id}.{tree_size}.{first_seq}"
+    (tree size and the first 16 hex digits of its root) and the run of
+    records it carries. A resend carries the same id; records rewritten and
+    sealed at the same tree size (a log restored from an old copy) do not,
+    so the store passes them on and the collector sees the fork."""
+    checkpoint = message.checkpoint
+    last_seq = message.first_seq + len(message.records) - 1
+    return (
+        f"{checkpoint.log_id}.{checkpoint.tree_size}.{checkpoint.root.hex()[:16]}"
+        f".{message.first_seq}-{last_seq}"
+    )

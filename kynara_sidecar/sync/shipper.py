@@ -26,11 +26,9 @@ duplicate window, at least an hour; a resend after a longer outage is
 stored again, with the same id and bytes, and the collector drops it by
 its checkpoint and first record.)
 
-TODO(#6): a message id names the same records only while the byte budget
-(``MAX_SEGMENT_MESSAGE_BYTES``) stays the same: an upgrade that changed it
-while a segment was half shipped would resend a first message holding more
-records under an id the store already has, and the store would drop it as
-a duplicate. Should the id carry the last record too (a contract change)?
+A message id names the run of records a message carries and its
+checkpoint's root (``segment_message_id``), so a changed byte budget, or
+records rewritten and sealed at the same size, never pass as a resend.
 
 Rounds run on the event loop (store calls are async; LMDB work runs on one
 thread of the shipper's own, so ``stop`` can wait for it before the log is
@@ -449,7 +447,7 @@ class SegmentShipper:
                 self._max_bytes,
                 checkpoint=proto,
             )
-            msg_id = segment_message_id(checkpoint.log_id, checkpoint.tree_size, first)
+            msg_id = segment_message_id(message)
             data = message.SerializeToString()
             stored = await self._session.call(
                 functools.partial(

@@ -159,9 +159,7 @@ def assert_exactly_once_in_order(seen: list[tuple], audit: AuditStore) -> None:
     for msg_id, message in seen:
         checkpoint = message.checkpoint
         assert message.first_seq == len(records) + 1
-        assert msg_id == segment_message_id(
-            checkpoint.log_id, checkpoint.tree_size, message.first_seq
-        )
+        assert msg_id == segment_message_id(message)
         assert audit.checkpoint(checkpoint.tree_size).root == checkpoint.root.hex()
         records.extend(message.records)
     latest = audit.latest_checkpoint().tree_size
@@ -385,9 +383,7 @@ def test_a_restart_mid_segment_resends_as_duplicates_without_loss(tmp_path, cent
             audit.close()
         store = central.open()
         await store.connect()
-        msg_id = segment_message_id(
-            span.checkpoint.log_id, span.checkpoint.tree_size, message.first_seq
-        )
+        msg_id = segment_message_id(message)
         assert await store.ship_segment(ORIGIN, msg_id, message.SerializeToString())
         await store.close()
 

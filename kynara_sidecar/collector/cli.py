@@ -1,0 +1,144 @@
+"""The ``kynara-collector`` command.
+
+Examples:
+    kynara-collector run --config config/collector.yaml
+    kynara-collector run --config collector.yaml --set store.url=nats://127.0.0.1:4222
+    kynara-collector query --config collector.yaml --daemon bot-7 --from 1 --to 100
+    kynara-collector daemons --config collector.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+
+from kynara_sidecar.collector.config import DEFAULT_CONFIG_ENV, load_collector_config
+from kynara_sidecar.errors import KynaraError
+from kynara_sidecar.logs import LOG_LEVELS, configure_logging
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kynara-collector",
+        description="Witness every daemon's audit log: verify, archive, query.",
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="consume and pull segments until SIGTERM")
+    query = commands.add_parser(
+        "query", help="print a daemon's records from the archive, verified"
+    )
+    query.add_argument("--daemon", required=True, help="the daemon id")
+    query.add_argument("--from", dest="first", type=int, required=True, metavar="N")
+    query.add_argument("--to", dest="last", type=int, required=True, metavar="M")
+    query.add_argument(
+        "--log", default="", metavar="LOG_ID", help="a log id (default: the current)"
+    )
+    daemons = commands.add_parser(
+        "daemons", help="print each daemon's accepted tree size, log id and alerts"
+    )
+    for sub in (run, query, daemons):
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"collector YAML (default: ${DEFAULT_CONFIG_ENV})",
+        )
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            metavar="SECTION.KEY=VALUE",
+            action="append",
+            default=[],
+            help="override one config key, e.g. --set http.port=0",
+        )
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from kynara_sidecar.collector.service import Collector
+
+    config = load_collector_config(args.config, args.overrides)
+    uvloop.run(Collector(config).run())
+    return EXIT_OK
+
+
+def _open_readonly(args: argparse.Namespace):
+    from kynara_sidecar.collector.archive import open_archive
+    from kynara_sidecar.collector.state import CollectorState
+
+    config = load_collector_config(args.config, args.overrides)
+    state = CollectorState.open(
+        config.state.path, map_size=config.state.map_size, readonly=True
+    )
+    archive = open_archive(
+        config.archive.url,
+        endpoint_url=config.archive.s3.endpoint_url,
+        region=config.archive.s3.region,
+    )
+    return config, state, archive
+
+
+def _query(args: argparse.Namespace) -> int:
+    from kynara_sidecar.collector.http import records_for
+
+    config, state, archive = _open_readonly(args)
+    try:
+        records = records_for(
+            state,
+            archive,
+            config.registered_keys(),
+            args.daemon,
+            args.first,
+            args.last,
+            args.log,
+        )
+    finally:
+        state.close()
+    out = sys.stdout.buffer
+    for record in records:
+        out.write(record + b"\n")
+    out.flush()
+    return EXIT_OK
+
+
+def _daemons(args: argparse.Namespace) -> int:
+    from kynara_sidecar.collector.http import daemons_json
+
+    config, state, _ = _open_readonly(args)
+    try:
+        body = daemons_json(state, config.registered_keys())
+    finally:
+        state.close()
+    sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(body)) + b"\n")
+    return EXIT_OK
+
+
+COMMANDS = {"run": _run, "query": _query, "daemons": _daemons}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = _build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except KynaraError as err:
+        print(f"kynara-collector {args.command}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The collector's configuration: one YAML file, one typed section each.
+
+Like the daemon's (``kynara_sidecar.config``): every section is a
+``msgspec.Struct`` with its defaults in the type, unknown keys refused, and
+a ``validate()`` that names the key, what was expected and what was found.
+The path comes from ``--config`` or ``$KYNARA_COLLECTOR_CONFIG``; ``--set
+section.key=value`` overrides a key (the value parsed as YAML). Relative
+paths are taken from the working directory.
+
+Example::
+
+    store:
+      url: nats://127.0.0.1:4222
+    pull:
+      - daemon_id: support-bot-7d9f
+        target: unix:///run/kynara/admin.sock
+        credential_file: /run/secrets/kynara-collector
+    daemons:
+      support-bot-7d9f:
+        public_keys: [/etc/kynara/keys/support-bot-7d9f.pub]
+    archive:
+      url: s3://kynara-audit/fleet
+      s3: {endpoint_url: "https://s3.eu-central-1.amazonaws.com", region: eu-central-1}
+    state:
+      path: /var/lib/kynara-collector/state
+    http:
+      port: 9465
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import msgspec
+import yaml
+
+from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.sync import check_consumer_name, is_store_url
+
+__all__ = [
+    "ArchiveConfig",
+    "CollectorConfig",
+    "DEFAULT_CONFIG_ENV",
+    "DaemonConfig",
+    "HttpConfig",
+    "PullConfig",
+    "S3Config",
+    "StateConfig",
+    "StoreConfig",
+    "load_collector_config",
+]
+
+DEFAULT_CONFIG_ENV = "KYNARA_COLLECTOR_CONFIG"
+DEFAULT_CONSUMER = "kynara-collector"
+# The state holds a frontier per daemon and 64 bytes of Merkle nodes per
+# record: 1 GiB of address space covers some ten million records.
+DEFAULT_STATE_MAP_SIZE = 1 << 30
+MIN_MAP_SIZE = 1 << 20
+# A bearer secret shorter than 128 bits could be guessed (as the daemon's).
+MIN_SECRET_BYTES = 16
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    def validate(self, section: str) -> None:
+        """Check ranges and cross-field rules; raise ConfigError naming the key."""
+
+
+def _check_range(section: str, key: str, value: float, low: float, high: float):
+    if not low <= value <= high:
+        raise ConfigError(f"{section}.{key}: expected {low}..{high}, got {value}")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+class StoreConfig(_Section):
+    """The central store the collector consumes segments from."""
+
+    # Store URL, e.g. "nats://127.0.0.1:4222" or "dir:///srv/kynara/store";
+    # "" consumes no store (pull only).
+    url: str = ""
+    # Durable consumer name, e.g. "kynara-collector": it resumes after the
+    # last segment message it acknowledged.
+    consumer: str = DEFAULT_CONSUMER
+    # Seconds a store call may take, e.g. 5.
+    timeout_seconds: float = 5.0
+    # Seconds between reads of a dir:// store, e.g. 1.
+    poll_seconds: float = 1.0
+    # Seconds to wait before reconnecting after the store was lost, e.g. 2.
+    retry_seconds: float = 2.0
+
+    def validate(self, section: str) -> None:
+        if self.url and not is_store_url(self.url):
+            raise ConfigError(
+                f"{section}.url: expected dir://PATH or nats://HOST:PORT, "
+                f"got {self.url!r}"
+            )
+        try:
+            check_consumer_name(self.consumer)
+        except ConfigError as err:
+            raise ConfigError(f"{section}.consumer: {err}") from None
+        _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 300)
+        _check_range(section, "poll_seconds", self.poll_seconds, 0.01, 3600)
+        _check_range(section, "retry_seconds", self.retry_seconds, 0.01, 3600)
+
+
+class PullConfig(_Section):
+    """One daemon pulled over its admin AuditService.StreamSegments."""
+
+    # The daemon's id, e.g. "support-bot-7d9f"; must be in `daemons`.
+    daemon_id: str = ""
+    # Its admin listener: "unix:///run/kynara/admin.sock" or
+    # "127.0.0.1:50153" (loopback only: the admin listener has no TLS yet).
+    target: str = ""
+    # File holding an operator credential's bearer secret, e.g.
+    # "/run/secrets/kynara-collector".
+    credential_file: str = ""
+    # Seconds between pulls, e.g. 5.
+    poll_seconds: float = 5.0
+    # Seconds a call may take, e.g. 30.
+    timeout_seconds: float = 30.0
+
+    def validate(self, section: str) -> None:
+        for key in ("daemon_id", "target", "credential_file"):
+            if not getattr(self, key):
+                raise ConfigError(f"{section}.{key}: expected a value, got none")
+        if not self.target.startswith("unix:"):
+            host, sep, port = self.target.rpartition(":")
+            host = host.strip("[]")
+            if not sep or not port.isdigit() or not _is_loopback(host):
+                raise ConfigError(
+                    f"{section}.target: expected unix:///PATH or a loopback "
+                    f"HOST:PORT (the admin listener has no TLS yet), got "
+                    f"{self.target!r}"
+                )
+        _check_range(section, "poll_seconds", self.poll_seconds, 0.01, 86_400)
+        _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 3600)
+
+    def load_secret(self, section: str) -> bytes:
+        """The bearer secret, whitespace removed.
+
+        Raises:
+            ConfigError: unreadable, or shorter than 16 bytes.
+        """
+        where = f"{section}.credential_file"
+        try:
+            secret = pathlib.Path(self.credential_file).read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(f"{where}: cannot read the secret: {err}") from None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"{where}: expected a secret of at least {MIN_SECRET_BYTES} bytes, "
+                f"got {len(secret)}"
+            )
+        return secret
+
+
+class DaemonConfig(_Section):
+    """A registered daemon: the keys its checkpoints must be signed by."""
+
+    # Public key files (PEM or raw base64url), e.g.
+    # ["/etc/kynara/keys/support-bot-7d9f.pub"].
+    public_keys: list[str] = []
+
+    def validate(self, section: str) -> None:
+        if not self.public_keys:
+            raise ConfigError(f"{section}.public_keys: expected a key file, got none")
+
+    def load_keys(self, section: str) -> dict[str, PublicKey]:
+        """Key id -> key.
+
+        Raises:
+            ConfigError: a file cannot be loaded; names it.
+        """
+        try:
+            return load_trusted_keys(self.public_keys)
+        except ConfigError as err:
+            raise ConfigError(f"{section}.public_keys: {err}") from None
+
+
+class S3Config(_Section):
+    """S3 settings for an ``s3://`` archive (credentials from AWS variables)."""
+
+    # For S3-compatible storage, e.g. "https://minio.example:9000"; "" is AWS.
+    endpoint_url: str = ""
+    # Region, e.g. "eu-central-1"; "" takes the AWS default.
+    region: str = ""
+
+
+class ArchiveConfig(_Section):
+    """Where verified segments are archived."""
+
+    # "dir:///var/lib/kynara-collector/archive" or "s3://BUCKET/PREFIX".
+    url: str = "dir://var/collector/archive"
+    s3: S3Config = msgspec.field(default_factory=S3Config)
+
+    def validate(self, section: str) -> None:
+        scheme, sep, rest = self.url.partition("://")
+        if scheme not in ("dir", "s3") or not sep or not rest:
+            raise ConfigError(
+                f"{section}.url: expected dir://PATH or s3://BUCKET/PREFIX, "
+                f"got {self.url!r}"
+            )
+
+
+class StateConfig(_Section):
+    """The collector's LMDB state: frontiers, history, alerts."""
+
+    # Directory, e.g. "/var/lib/kynara-collector/state".
+    path: str = "var/collector/state"
+    # LMDB map size in bytes, e.g. 1073741824 (1 GiB).
+    map_size: int = DEFAULT_STATE_MAP_SIZE
+
+    def validate(self, section: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{section}.path: expected a directory, got none")
+        if self.map_size < MIN_MAP_SIZE:
+            raise ConfigError(
+                f"{section}.map_size: expected at least {MIN_MAP_SIZE}, "
+                f"got {self.map_size}"
+            )
+
+
+class HttpConfig(_Section):
+    """/metrics and the query API (no credentials: loopback only)."""
+
+    # Bind address, e.g. "127.0.0.1".
+    # TODO(#6): credentials for the query API, so it may leave loopback.
+    host: str = "127.0.0.1"
+    # Port, e.g. 9465; 0 picks a free port; -1 disables HTTP.
+    port: int = 9465
+
+    def validate(self, section: str) -> None:
+        if self.port == -1:
+            return
+        _check_range(section, "port", self.port, 0, 65535)
+        if not _is_loopback(self.host):
+            raise ConfigError(
+                f"{section}.host: expected a loopback address (127.0.0.0/8 or "
+                f"::1), got {self.host!r}; the query API serves audit records "
+                "without credentials"
+            )
+
+
+class CollectorConfig(_Section):
+    """The whole collector configuration."""
+
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    pull: list[PullConfig] = []
+    # Registered daemons by id, e.g. {support-bot-7d9f: {public_keys: [...]}}.
+    daemons: dict[str, DaemonConfig] = {}
+    archive: ArchiveConfig = msgspec.field(default_factory=ArchiveConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+
+    def validate(self, section: str = "") -> None:
+        for name in ("store", "archive", "state", "http"):
+            getattr(self, name).validate(name)
+        for daemon_id, daemon in self.daemons.items():
+            if not daemon_id:
+                raise ConfigError("daemons: expected daemon ids, got ''")
+            daemon.validate(f"daemons.{daemon_id}")
+        seen: set[str] = set()
+        for index, pull in enumerate(self.pull):
+            where = f"pull[{index}]"
+            pull.validate(where)
+            if pull.daemon_id not in self.daemons:
+                raise ConfigError(
+                    f"{where}.daemon_id: {pull.daemon_id!r} is not registered; "
+                    f"expected one of daemons ({', '.join(sorted(self.daemons))})"
+                )
+            if pull.daemon_id in seen:
+                raise ConfigError(f"{where}.daemon_id: {pull.daemon_id!r} pulled twice")
+            seen.add(pull.daemon_id)
+
+    def registered_keys(self) -> dict[str, dict[str, PublicKey]]:
+        """Daemon id -> its registered keys by key id.
+
+        Raises:
+            ConfigError: a key file cannot be loaded.
+        """
+        return {
+            daemon_id: daemon.load_keys(f"daemons.{daemon_id}")
+            for daemon_id, daemon in self.daemons.items()
+        }
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from err
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_collector_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] = ()
+) -> CollectorConfig:
+    """Read, override and validate the collector's configuration.
+
+    Args:
+        path: the YAML file; None uses ``$KYNARA_COLLECTOR_CONFIG`` or the
+            defaults.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Raises:
+        ConfigError: naming the file, the key and what was expected.
+    """
+    path = path or os.environ.get(DEFAULT_CONFIG_ENV)
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+        except RecursionError:
+            raise ConfigError(f"{path}: config is nested too deeply") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    for override in overrides:
+        _apply_override(raw, override)
+    where = path or "config"
+    try:
+        config = msgspec.convert(raw, CollectorConfig, strict=True)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return config

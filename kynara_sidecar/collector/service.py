@@ -1,0 +1,176 @@
+"""The running collector: its doors in, the intake, HTTP, and a clean stop.
+
+``Collector.start`` opens the state and the archive, loads the registered
+keys, serves HTTP, and starts one task per door: the store's durable
+consumer (``store.url``) and a ``Puller`` per ``pull`` entry. A lost store
+is logged, counted and reconnected after ``store.retry_seconds``.
+
+``stop`` (SIGTERM or SIGINT under ``run``) goes in a fixed, logged order:
+stop taking messages (the door tasks are cancelled; a segment being
+settled finishes or, if cut short before its acknowledgement, comes again
+and is then a duplicate), stop HTTP, close the store connection and the
+state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from kynara_sidecar.collector.archive import open_archive
+from kynara_sidecar.collector.config import CollectorConfig
+from kynara_sidecar.collector.http import build_http_app
+from kynara_sidecar.collector.intake import Intake
+from kynara_sidecar.collector.metrics import CollectorMetrics
+from kynara_sidecar.collector.pull import Puller
+from kynara_sidecar.collector.state import CollectorState
+from kynara_sidecar.sync import StoreUnavailable, open_store
+
+__all__ = ["Collector"]
+
+log = logging.getLogger("kynara.collector")
+
+
+class Collector:
+    """The collector process's parts, wired from its configuration."""
+
+    def __init__(self, config: CollectorConfig):
+        self.config = config
+        self.metrics = CollectorMetrics()
+        self.registered = config.registered_keys()
+        self._secrets = [
+            pull.load_secret(f"pull[{i}]") for i, pull in enumerate(config.pull)
+        ]
+        self.archive = open_archive(
+            config.archive.url,
+            endpoint_url=config.archive.s3.endpoint_url,
+            region=config.archive.s3.region,
+        )
+        self.state: CollectorState | None = None
+        self.intake: Intake | None = None
+        self.http_port: int | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Open the state, serve HTTP, start the doors.
+
+        Raises:
+            StateError: the state cannot be opened.
+            OSError: the HTTP port cannot be bound.
+        """
+        config = self.config
+        self.state = CollectorState.open(
+            config.state.path, map_size=config.state.map_size
+        )
+        self.intake = Intake(
+            state=self.state,
+            archive=self.archive,
+            registered=self.registered,
+            metrics=self.metrics,
+        )
+        self._restore_gauges()
+        if config.http.port != -1:
+            await self._serve_http()
+        if config.store.url:
+            self._tasks.append(asyncio.create_task(self._consume()))
+        for pull, secret in zip(config.pull, self._secrets, strict=True):
+            puller = Puller(pull, secret, self.intake, self.metrics)
+            self._tasks.append(asyncio.create_task(puller.run(self._stop)))
+        log.info(
+            "collector started",
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "store": config.store.url,
+                    "pull": [p.daemon_id for p in config.pull],
+                    "archive": config.archive.url,
+                    "http_port": self.http_port,
+                }
+            },
+        )
+
+    def _restore_gauges(self) -> None:
+        assert self.state is not None and self.intake is not None
+        for daemon_id, frontier in self.state.frontiers().items():
+            label = self.intake.label(daemon_id)
+            self.metrics.tree_size.labels(label).set(frontier.tree_size)
+
+    async def _serve_http(self) -> None:
+        assert self.state is not None
+        app = build_http_app(
+            metrics=self.metrics,
+            state=self.state,
+            archive=self.archive,
+            registered=self.registered,
+        )
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
+        self.http_port = sockets[0].getsockname()[1] if sockets else None
+
+    async def _consume(self) -> None:
+        store_config = self.config.store
+        fields = {"component": "collector", "store": store_config.url}
+        assert self.intake is not None
+        while not self._stop.is_set():
+            store = open_store(
+                store_config.url,
+                timeout=store_config.timeout_seconds,
+                poll_seconds=store_config.poll_seconds,
+            )
+            try:
+                await store.connect()
+                async for delivery in store.segments(store_config.consumer):
+                    await self.intake.receive(delivery)
+            except StoreUnavailable as err:
+                self.metrics.failures.labels("store").inc()
+                log.warning(
+                    "store unavailable; reconnecting",
+                    extra={"fields": {**fields, "error": str(err)}},
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await store.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), store_config.retry_seconds)
+
+    async def stop(self) -> None:
+        """Stop in order; idempotent."""
+        self._stop.set()
+        fields = {"component": "collector"}
+        log.info("stopping: doors", extra={"fields": fields})
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._runner is not None:
+            log.info("stopping: http", extra={"fields": fields})
+            await self._runner.cleanup()
+            self._runner = None
+        if self.state is not None:
+            log.info("stopping: state", extra={"fields": fields})
+            self.state.close()
+            self.state = None
+        log.info("collector stopped", extra={"fields": fields})
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()

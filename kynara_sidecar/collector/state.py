@@ -1,0 +1,299 @@
+"""The collector's own state in LMDB: per daemon, the frontier, the accepted
+history and the alerts.
+
+Databases (keys start with the daemon's ``daemon_token``, which never holds
+``/``, so one daemon's keys sort together)::
+
+    daemons      token                                -> Frontier (JSON)
+    checkpoints  token/log_id/<tree size, 8 bytes BE> -> checkpoint JSON
+    nodes        token/log_id/<level, 1 byte><index, 8 bytes BE> -> hash
+    alerts       token/<number, 8 bytes BE>           -> Alert (JSON)
+    held         token                                -> HeldSegment (JSON)
+
+``held`` keeps the messages of a segment still arriving: a message is
+acknowledged once it is held here, so the store's flow control (one
+message in flight per consumer) never waits on a segment the collector
+cannot finish, and a crash loses nothing acknowledged. The segment's last
+message is acknowledged only after the segment is archived and committed;
+the commit clears ``held``.
+
+One write transaction commits everything a segment changes: the new
+frontier, its checkpoint and the Merkle nodes its records completed (or
+the refusal and its alert), so the state is always of a whole segment. The
+collector commits only after the segment is archived, and acknowledges it
+only after the commit: a crash in between re-delivers a segment the
+verifier then accepts again (it still extends the old frontier), and the
+archive's write of it is idempotent.
+
+Readers (``kynara-collector query`` beside a running collector) open the
+environment read-only; LMDB serves them a snapshot without blocking the
+writer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lmdb
+import msgspec
+
+from kynara_sidecar.collector.verifier import Frontier, Outcome, Verdict
+from kynara_sidecar.errors import KynaraError
+from kynara_sidecar.sync import daemon_id_from_token, daemon_token
+
+__all__ = ["Alert", "CollectorState", "HeldSegment", "StateError"]
+
+_DBS = (b"daemons", b"checkpoints", b"nodes", b"alerts", b"held")
+_MAX_DBS = 8
+
+
+class StateError(KynaraError):
+    """The collector's state cannot be opened, read or written."""
+
+
+class Alert(msgspec.Struct, frozen=True, kw_only=True):
+    """One refusal, as kept for ``GET /daemons`` and investigation."""
+
+    daemon_id: str
+    kind: str
+    message: str
+    # When the collector refused, RFC 3339 UTC.
+    time: str
+    log_id: str = ""
+    tree_size: int = 0
+    # The refused checkpoint's JSON: signed evidence when it verified.
+    checkpoint: str = ""
+
+
+class HeldSegment(msgspec.Struct, kw_only=True):
+    """The messages of one segment received so far."""
+
+    checkpoint_json: bytes
+    previous_tree_size: int
+    first_seq: int
+    tree_size: int
+    records: list[bytes] = []
+
+
+class _History:
+    """``verifier.History`` over one daemon's keys."""
+
+    def __init__(self, state: CollectorState, daemon_id: str):
+        self._state = state
+        self._token = daemon_token(daemon_id).encode()
+
+    def checkpoint(self, log_id: str, tree_size: int) -> bytes | None:
+        return self._state._get(b"checkpoints", _cp_key(self._token, log_id, tree_size))
+
+    def node(self, log_id: str, level: int, index: int) -> bytes | None:
+        return self._state._get(b"nodes", _node_key(self._token, log_id, level, index))
+
+
+def _cp_key(token: bytes, log_id: str, tree_size: int) -> bytes:
+    return token + b"/" + log_id.encode() + b"/" + tree_size.to_bytes(8, "big")
+
+
+def _node_key(token: bytes, log_id: str, level: int, index: int) -> bytes:
+    return (
+        token
+        + b"/"
+        + log_id.encode()
+        + b"/"
+        + bytes((level,))
+        + index.to_bytes(8, "big")
+    )
+
+
+class CollectorState:
+    """The state environment at ``path`` (``state.path``)."""
+
+    def __init__(self, env: lmdb.Environment, path: str, readonly: bool):
+        self._env = env
+        self._path = path
+        self._readonly = readonly
+        self._dbs = {name: env.open_db(name, create=not readonly) for name in _DBS}
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], *, map_size: int, readonly: bool = False
+    ) -> CollectorState:
+        """Open (or create) the state.
+
+        Raises:
+            StateError: it cannot be opened (read-only and missing, say);
+                names ``state.path``.
+        """
+        path = os.fspath(path)
+        try:
+            if not readonly:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            env = lmdb.open(
+                path, map_size=map_size, max_dbs=_MAX_DBS, readonly=readonly
+            )
+            return cls(env, path, readonly)
+        except (OSError, lmdb.Error) as err:
+            raise StateError(
+                f"collector state {path} cannot be opened ({err}); check state.path"
+            ) from err
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def close(self) -> None:
+        self._env.close()
+
+    def _get(self, db: bytes, key: bytes) -> bytes | None:
+        with self._env.begin(db=self._dbs[db]) as txn:
+            value = txn.get(key)
+        return None if value is None else bytes(value)
+
+    def history(self, daemon_id: str) -> _History:
+        """The accepted history of one daemon, for the verifier."""
+        return _History(self, daemon_id)
+
+    def frontier(self, daemon_id: str) -> Frontier:
+        """What was accepted last from the daemon (empty when nothing)."""
+        raw = self._get(b"daemons", daemon_token(daemon_id).encode())
+        if raw is None:
+            return Frontier(daemon_id=daemon_id)
+        return msgspec.json.decode(raw, type=Frontier)
+
+    def frontiers(self) -> dict[str, Frontier]:
+        """Every daemon's frontier, by daemon id."""
+        with self._env.begin(db=self._dbs[b"daemons"]) as txn:
+            found = [
+                msgspec.json.decode(bytes(v), type=Frontier) for _, v in txn.cursor()
+            ]
+        return {f.daemon_id: f for f in found}
+
+    def held(self, daemon_id: str) -> HeldSegment | None:
+        """The daemon's segment still arriving, or None."""
+        raw = self._get(b"held", daemon_token(daemon_id).encode())
+        return None if raw is None else msgspec.json.decode(raw, type=HeldSegment)
+
+    def hold(self, daemon_id: str, held: HeldSegment) -> None:
+        """Keep a segment still arriving (replacing the one kept).
+
+        Raises:
+            StateError: LMDB failed.
+        """
+        try:
+            with self._env.begin(write=True, db=self._dbs[b"held"]) as txn:
+                txn.put(daemon_token(daemon_id).encode(), msgspec.json.encode(held))
+        except lmdb.Error as err:
+            raise StateError(
+                f"collector state {self._path} cannot be written ({err}); check "
+                "state.path and state.map_size"
+            ) from err
+
+    def alerted_daemons(self) -> list[str]:
+        """Daemon ids with alerts (registered or not)."""
+        found: set[str] = set()
+        with self._env.begin(db=self._dbs[b"alerts"]) as txn:
+            for key in txn.cursor().iternext(values=False):
+                found.add(daemon_id_from_token(bytes(key).split(b"/", 1)[0].decode()))
+        return sorted(found)
+
+    def alerts(self, daemon_id: str) -> list[Alert]:
+        """The daemon's alerts, oldest first."""
+        prefix = daemon_token(daemon_id).encode() + b"/"
+        out = []
+        with self._env.begin(db=self._dbs[b"alerts"]) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    out.append(msgspec.json.decode(bytes(value), type=Alert))
+        return out
+
+    def commit(
+        self, daemon_id: str, outcome: Outcome, *, time: str, evidence: bytes = b""
+    ) -> None:
+        """Write what a segment changed, in one transaction.
+
+        The daemon's held messages are dropped with it. An accepted segment
+        stores its frontier, checkpoint and nodes; a
+        refusal stores the refused frontier (unless unregistered or sticky)
+        and an alert (unless sticky) holding ``evidence``, the refused
+        checkpoint's JSON as received; a duplicate changes nothing.
+
+        Raises:
+            StateError: LMDB failed; nothing was written.
+        """
+        if outcome.verdict == Verdict.DUPLICATE or (
+            outcome.verdict == Verdict.REFUSED and outcome.sticky
+        ):
+            self._drop_held(daemon_id)
+            return
+        token = daemon_token(daemon_id).encode()
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.delete(token, db=self._dbs[b"held"])
+                if outcome.verdict == Verdict.ACCEPTED:
+                    self._put_accepted(txn, token, outcome)
+                else:
+                    self._put_refused(txn, token, daemon_id, outcome, time, evidence)
+        except lmdb.Error as err:
+            raise StateError(
+                f"collector state {self._path} cannot be written ({err}); check "
+                "state.path and state.map_size"
+            ) from err
+
+    def _drop_held(self, daemon_id: str) -> None:
+        try:
+            with self._env.begin(write=True, db=self._dbs[b"held"]) as txn:
+                txn.delete(daemon_token(daemon_id).encode())
+        except lmdb.Error as err:
+            raise StateError(
+                f"collector state {self._path} cannot be written ({err})"
+            ) from err
+
+    def _put_accepted(self, txn: lmdb.Transaction, token: bytes, outcome: Outcome):
+        frontier = outcome.frontier
+        log_id = frontier.log_id
+        txn.put(token, msgspec.json.encode(frontier), db=self._dbs[b"daemons"])
+        txn.put(
+            _cp_key(token, log_id, frontier.tree_size),
+            frontier.checkpoint.encode(),
+            db=self._dbs[b"checkpoints"],
+        )
+        nodes = self._dbs[b"nodes"]
+        for level, index, value in outcome.nodes:
+            txn.put(_node_key(token, log_id, level, index), value, db=nodes)
+
+    def _put_refused(
+        self,
+        txn: lmdb.Transaction,
+        token: bytes,
+        daemon_id: str,
+        outcome: Outcome,
+        time: str,
+        evidence: bytes,
+    ) -> None:
+        if outcome.frontier.refused:
+            txn.put(
+                token, msgspec.json.encode(outcome.frontier), db=self._dbs[b"daemons"]
+            )
+        cp = outcome.checkpoint
+        alert = Alert(
+            daemon_id=daemon_id,
+            kind=str(outcome.kind),
+            message=outcome.message,
+            time=time,
+            log_id=cp.log_id if cp else "",
+            tree_size=cp.tree_size if cp else 0,
+            checkpoint=evidence.decode("utf-8", "replace"),
+        )
+        alerts = self._dbs[b"alerts"]
+        prefix = token + b"/"
+        cursor = txn.cursor(db=alerts)
+        found = cursor.set_range(prefix + b"\xff" * 8)
+        moved = cursor.prev() if found else cursor.last()
+        number = 0
+        if moved and bytes(cursor.key()).startswith(prefix):
+            number = int.from_bytes(bytes(cursor.key())[len(prefix) :], "big") + 1
+        txn.put(
+            prefix + number.to_bytes(8, "big"), msgspec.json.encode(alert), db=alerts
+        )

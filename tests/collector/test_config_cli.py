@@ -1,0 +1,136 @@
+"""The collector's configuration errors, and ``kynara-collector run`` as a
+real process that SIGTERM stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from kynara_sidecar.audit.keys import generate_key, save_public_key
+from kynara_sidecar.collector.config import load_collector_config
+from kynara_sidecar.errors import ConfigError
+
+WAIT_SECONDS = 30.0
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "bot.pub"
+    save_public_key(generate_key().public(), path)
+    return str(path)
+
+
+def _write(tmp_path, raw) -> str:
+    path = tmp_path / "collector.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _pull(daemon_id: str, target: str) -> dict:
+    return {"daemon_id": daemon_id, "target": target, "credential_file": "s"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"stores": {}}, r"Object contains unknown field `stores`"),
+        ({"store": {"url": "http://x"}}, r"store.url: expected dir://PATH or nats"),
+        ({"store": {"consumer": "a b"}}, r"store.consumer: consumer name 'a b'"),
+        ({"archive": {"url": "ftp://x"}}, r"archive.url: expected dir://PATH or s3"),
+        ({"http": {"host": "0.0.0.0"}}, r"http.host: expected a loopback address"),
+        ({"daemons": {"bot": {}}}, r"daemons.bot.public_keys: expected a key file"),
+        (
+            {"pull": [_pull("nobody", "unix:///a")]},
+            r"pull\[0\].daemon_id: 'nobody' is not registered",
+        ),
+        (
+            {"pull": [_pull("bot", "10.0.0.5:50153")]},
+            r"pull\[0\].target: expected unix:///PATH or a loopback HOST:PORT",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_config_is_refused_naming_the_key(tmp_path, key_file, raw, expected):
+    raw = {"daemons": {"bot": {"public_keys": [key_file]}}, **raw}
+
+    with pytest.raises(ConfigError, match=expected):
+        load_collector_config(_write(tmp_path, raw))
+
+
+def test_unreadable_key_file_names_the_daemon(tmp_path):
+    raw = {"daemons": {"bot": {"public_keys": [str(tmp_path / "missing.pub")]}}}
+    config = load_collector_config(_write(tmp_path, raw))
+
+    with pytest.raises(ConfigError, match=r"daemons.bot.public_keys: .*missing.pub"):
+        config.registered_keys()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_run_serves_until_sigterm_then_stops_cleanly(tmp_path, key_file):
+    port = _free_port()
+    config = _write(
+        tmp_path,
+        {
+            "daemons": {"bot": {"public_keys": [key_file]}},
+            "archive": {"url": f"dir://{tmp_path / 'archive'}"},
+            "state": {"path": str(tmp_path / "state"), "map_size": 1 << 24},
+            "http": {"port": port},
+        },
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kynara_sidecar.collector.cli",
+            "run",
+            "--config",
+            config,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        body = _wait_http(f"http://127.0.0.1:{port}/daemons", process)
+        assert json.loads(body)["daemons"][0]["daemon_id"] == "bot"
+
+        os.kill(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=WAIT_SECONDS)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+    assert process.returncode == 0, stderr
+    messages = [json.loads(line)["msg"] for line in stderr.splitlines()]
+    assert messages[-4:] == [
+        "stopping: doors",
+        "stopping: http",
+        "stopping: state",
+        "collector stopped",
+    ]
+
+
+def _wait_http(url: str, process: subprocess.Popen) -> bytes:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"collector exited: {process.stderr.read()!r}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return reply.read()
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"collector never answered on {url}")
