@@ -187,6 +187,7 @@ class Daemon:
         # Health follows policy activation only once start decided it, and
         # never again once stop began.
         self._serving_reported = False
+        self._serving_logged = False
         self._stopping = False
         # With a central store (Config.store): status up, segments out.
         self._session: StoreSession | None = None
@@ -296,7 +297,11 @@ class Daemon:
         changes += bundle_changes(entry.digest, entry.data)
         await self._activate(verified.policies, changes)
         if self._serving_reported and not self._stopping:
-            await self._set_health(self._health_status())
+            status = self._health_status()
+            if status == SERVING and not self._serving_logged:
+                log.info("serving", extra=_fields(policy_revision=verified.revision))
+            self._serving_logged = status == SERVING
+            await self._set_health(status)
 
     async def _restore_bundle(self) -> None:
         """Serve the bundle this log last activated, then read a bundle file.
@@ -310,7 +315,10 @@ class Daemon:
         if stored is not None:
             digest, data = stored
             await self._follower.restore(BundleEntry(digest=digest, data=data))
-        if isinstance(self._follower.source, BundleFile):
+        # A bundle file is read now; a store is asked once when the log has
+        # none yet, so a first start with the centre up serves at once
+        # (bounded by sync.timeout_seconds when it is down).
+        if isinstance(self._follower.source, BundleFile) or stored is None:
             await self._follower.sync_now()
 
     def _health_status(self) -> int:
@@ -613,6 +621,7 @@ class Daemon:
                 ),
             )
         cfg = self.config
+        self._serving_logged = status == SERVING
         log.info(
             "serving" if status == SERVING else "up, not serving",
             extra=_fields(

@@ -7,6 +7,7 @@ Unix socket.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -213,6 +214,19 @@ async def _publish(root, data: bytes) -> str:
     store = DirStore(f"dir://{root}")
     await store.connect()
     return await store.publish_bundle(data)
+
+
+def test_a_first_start_takes_the_store_s_bundle_before_it_reports(
+    tmp_path, start_daemon
+):
+    store = tmp_path / "store"
+    store.mkdir()
+    asyncio.run(_publish(store, signed(tmp_path, "r1")))
+
+    running = start_daemon(*bundle_overrides(tmp_path, f"dir://{store}"))
+
+    assert health(running) == health_pb2.HealthCheckResponse.SERVING
+    assert answered_revision(running) == revision_of(policy_dir(tmp_path, "r1"))
 
 
 def test_a_restart_with_the_store_gone_serves_the_stored_bundle_at_once(

@@ -166,7 +166,7 @@ BROKEN = {
         broken_compile,
         ["does_not_compile", "payments.yaml", BROKEN_RULE],
     ),
-    "truncated": (truncated, ["missing_file"]),
+    "truncated": (truncated, ["malformed", "truncated"]),
 }
 
 
