@@ -158,13 +158,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     keygen = commands.add_parser(
         "keygen",
-        help="make the audit signing key pair (audit-key.pem, audit-key.pub)",
+        help="make an Ed25519 key pair: the audit signing key (audit-key.pem, "
+        "audit-key.pub) or, with --name, a bundle signing key",
     )
     keygen.add_argument(
         "--out",
         metavar="DIR",
         required=True,
         help="directory for the key files (created if missing; never overwritten)",
+    )
+    keygen.add_argument(
+        "--name",
+        default="audit-key",
+        metavar="NAME",
+        help="file name stem: NAME.pem and NAME.pub (default audit-key), e.g. "
+        "bundle-key for the policy publisher's key",
     )
     _add_prove_parser(commands)
     _add_export_parsers(commands)
@@ -511,15 +519,19 @@ def _keygen(args: argparse.Namespace) -> int:
     from kynara_sidecar.audit.startup import public_key_path
 
     out = pathlib.Path(args.out)
-    private = out / "audit-key.pem"
+    if not args.name or pathlib.Path(args.name).name != args.name:
+        raise ConfigError(
+            f"--name: expected a file name without a directory, got {args.name!r}"
+        )
+    private = out / f"{args.name}.pem"
     public = public_key_path(private)
     # Checked before writing either file, so a refusal never leaves half a
     # pair; the O_EXCL writes still guard against a race.
     for path in (private, public):
         if path.exists():
             raise ConfigError(
-                f"{path}: already exists; expected a directory without audit "
-                "key files (keys are never overwritten)"
+                f"{path}: already exists; expected a directory without "
+                f"{args.name} key files (keys are never overwritten)"
             )
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -210,3 +210,23 @@ def test_public_key_equality_is_by_raw_bytes():
     public = generate_key().public()
 
     assert PublicKey.from_raw(public.raw) == public
+
+
+def test_keygen_names_a_bundle_key_pair_and_refuses_a_path_as_name(tmp_path):
+    named = subprocess.run(
+        [*CLI, "keygen", "--out", str(tmp_path), "--name", "bundle-key"],
+        capture_output=True,
+        text=True,
+    )
+    pathlike = subprocess.run(
+        [*CLI, "keygen", "--out", str(tmp_path), "--name", "../x"],
+        capture_output=True,
+        text=True,
+    )
+
+    assert named.returncode == 0, named.stderr
+    public = load_public_key(tmp_path / "bundle-key.pub")
+    assert load_signing_key(tmp_path / "bundle-key.pem").public() == public
+    assert pathlike.returncode == 1
+    assert "--name: expected a file name without a directory" in pathlike.stderr
+    assert not (tmp_path.parent / "x.pem").exists()
