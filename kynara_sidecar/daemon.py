@@ -268,6 +268,7 @@ class Daemon:
             poll_seconds=cfg.sync.poll_seconds,
             retry_min_seconds=cfg.sync.retry_min_seconds,
             retry_max_seconds=cfg.sync.retry_max_seconds,
+            on_outcome=lambda _: self._status_changed(),
         )
 
     async def _activate_bundle(
@@ -930,9 +931,6 @@ class Daemon:
         )
 
     def _status_document(self) -> DaemonStatusV1:
-        # TODO(#6): the follower has no outcome hook, so a refused or
-        # unreachable sync reaches the status at the next status_seconds
-        # tick; an activation is pushed at once (_activate).
         assert self._store is not None
         policies = self._pipeline.policies if self._pipeline else None
         return daemon_status(

@@ -217,6 +217,9 @@ class BundleFollower:
         clock: nanoseconds since the epoch, for ``last_sync.time``.
         poll_seconds: how often the loop re-reads the current bundle.
         retry_min_seconds, retry_max_seconds: the loop's backoff bounds.
+        on_outcome: called with ``last_sync`` when its outcome or error
+            changes (not for each poll that finds the same bundle), e.g. to
+            publish the daemon's status at once.
     """
 
     def __init__(
@@ -230,8 +233,10 @@ class BundleFollower:
         poll_seconds: float = 1.0,
         retry_min_seconds: float = 0.2,
         retry_max_seconds: float = 30.0,
+        on_outcome: Callable[[LastSync], None] | None = None,
     ):
         self.source = source
+        self._on_outcome = on_outcome
         self._trusted = dict(trusted)
         self._activate = activate
         self._metrics = metrics
@@ -410,8 +415,15 @@ class BundleFollower:
             previous_revision=previous.revision if previous else "",
             digest=digest,
         )
-        self.last_sync = result
+        before, self.last_sync = self.last_sync, result
         self._metrics.policy_sync.labels(str(outcome)).inc()
+        changed = before is None or (before.outcome, before.error, before.revision) != (
+            outcome,
+            error,
+            result.revision,
+        )
+        if changed and self._on_outcome is not None:
+            self._on_outcome(result)
         fields = _fields(
             outcome=str(outcome),
             source=self.source.url,

@@ -52,6 +52,7 @@ class Harness:
         self.audit = AuditStore.open(tmp_path / "audit", map_size=1 << 24)
         self.metrics = Metrics()
         self.activated: list[str] = []
+        self.outcomes: list[str] = []
         self.follower = BundleFollower(
             self.store,
             trusted,
@@ -60,6 +61,7 @@ class Harness:
             poll_seconds=0.05,
             retry_min_seconds=0.01,
             retry_max_seconds=0.05,
+            on_outcome=lambda result: self.outcomes.append(str(result.outcome)),
         )
 
     async def activate(self, verified, entry: BundleEntry) -> None:
@@ -337,3 +339,21 @@ def test_the_loop_follows_a_nats_store_across_an_outage(tmp_path, nats_server):
         assert h.count("refused") == 0
 
     run(tmp_path, scenario, store=NatsStore(nats_server.url, timeout=0.5))
+
+
+def test_the_outcome_hook_fires_on_each_change_not_on_each_poll(tmp_path):
+    async def scenario(h: Harness):
+        await h.store.publish_bundle(signed(tmp_path, "r1"))
+        h.follower.start()
+        await wait_until(lambda: h.count("unchanged") >= 1, "a poll to find r1")
+        reads = h.store.reads
+        await wait_until(lambda: h.store.reads >= reads + 5, "five more polls")
+        await h.store.publish_bundle(bad_signature(tmp_path, seconds=10))
+        await wait_until(lambda: h.count("refused") >= 1, "the refusal")
+        reads = h.store.reads
+        await wait_until(lambda: h.store.reads >= reads + 5, "five more polls")
+
+        assert h.outcomes == ["activated", "unchanged", "refused"]
+        assert h.count("unchanged") >= 5
+
+    run(tmp_path, scenario)
