@@ -604,9 +604,9 @@ class Daemon:
         self._pipeline = Pipeline(
             self.config, RefusingSink(err), self.metrics, self.clock
         )
-        # TODO(#6): with signed bundles and the log down no set is active,
-        # so Decide answers policy_not_ready rather than audit_unavailable;
-        # the stored bundle could be verified and activated here unlogged.
+        # With signed bundles no set is active: the stored one is in the log
+        # that is down. The caller learns the log is the obstacle either way.
+        self._pipeline.refuse_while_unready(err)
         if policies is not None:
             self._pipeline.activate(policies)
 

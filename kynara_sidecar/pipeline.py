@@ -44,6 +44,7 @@ from kynara_sidecar.errors import (
     InvalidRequest,
     KynaraError,
     PolicyNotReady,
+    ServiceError,
     ShuttingDown,
 )
 from kynara_sidecar.identity import AgentCredentials, TokenVerifier, place_agent
@@ -173,6 +174,8 @@ class Pipeline:
         if config.identity.agents:
             self._credentials = AgentCredentials(config.identity.load_agent_secrets())
         self._policies: LoadedPolicies | None = None
+        # Why no policy set can be active, when it is not just "not yet".
+        self._unready: ServiceError | None = None
         self._closing = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -190,6 +193,11 @@ class Pipeline:
             policies.directory.revision,
             policies.policy_set.action_names,
         )
+
+    def refuse_while_unready(self, error: ServiceError) -> None:
+        """Answer ``error`` rather than ``PolicyNotReady`` while no set is
+        active: the reason none can be (the audit log is down, say)."""
+        self._unready = error
 
     def close(self) -> None:
         """Refuse new requests with ``ShuttingDown``; in-flight ones finish."""
@@ -354,7 +362,7 @@ class Pipeline:
         chain = self._establish_chain(request, now)
         policies = self._policies
         if policies is None:
-            raise PolicyNotReady("no policy set is active yet")
+            raise self._unready or PolicyNotReady("no policy set is active yet")
         env = self._env_for(request, now, chain)
         subject = DecisionRequest(
             chain=chain,

@@ -307,3 +307,20 @@ def test_sync_now_without_a_credential_is_a_usage_error(tmp_path):
 
     assert result.returncode == 2
     assert "--credential-file FILE or $KYNARA_ADMIN_SECRET" in result.stderr
+
+
+def test_with_the_log_down_a_bundle_daemon_says_the_log_is_the_obstacle(
+    tmp_path, start_daemon, bundle_file
+):
+    overrides = bundle_overrides(tmp_path, bundle_file)
+    first = start_daemon(*overrides)
+    first.stop()
+    # The witness remembers a log that is gone: the daemon must not serve.
+    shutil.rmtree(tmp_path / "audit")
+
+    broken = start_daemon(*overrides)
+    code, metadata = error_of(lambda: answered_revision(broken))
+
+    assert health(broken) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert metadata["kynara-error-code"] == "audit_unavailable"
