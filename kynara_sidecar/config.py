@@ -16,6 +16,7 @@ import enum
 import os
 import pathlib
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -49,6 +50,7 @@ __all__ = [
     "PolicyConfig",
     "RedactConfig",
     "load_config",
+    "read_raw_config",
 ]
 
 DEFAULT_CONFIG_ENV = "KYNARA_CONFIG"
@@ -860,6 +862,32 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
+def read_raw_config(
+    path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A YAML config file as plain data, with ``section.key=value``
+    overrides applied in order (values parsed as YAML); ``{}`` for no path.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or an override is
+            malformed; the message names the file or the override.
+    """
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            text = pathlib.Path(path).read_text(encoding="utf-8")
+            raw = yaml.safe_load(text) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+        except RecursionError:
+            raise ConfigError(f"{path}: config is nested too deeply") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    for override in overrides:
+        _apply_override(raw, override)
+    return raw
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] = ()
 ) -> Config:
@@ -876,19 +904,7 @@ def load_config(
         ConfigError: naming the file, key and what was expected.
     """
     path = path or os.environ.get(DEFAULT_CONFIG_ENV)
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            text = pathlib.Path(path).read_text(encoding="utf-8")
-            raw = yaml.safe_load(text) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
-        except RecursionError:
-            raise ConfigError(f"{path}: config is nested too deeply") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at top level")
-    for override in overrides:
-        _apply_override(raw, override)
+    raw = read_raw_config(path, overrides)
     try:
         config = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as err:

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
 
 import msgspec
-import yaml
 
 from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
+from kynara_sidecar.config import read_raw_config
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import check_consumer_name, is_store_url
 
@@ -290,24 +289,6 @@ class CollectorConfig(_Section):
         }
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {override!r}: expected section.key=value")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from err
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node = child
-    node[leaf] = value
-
-
 def load_collector_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] = ()
 ) -> CollectorConfig:
@@ -322,18 +303,7 @@ def load_collector_config(
         ConfigError: naming the file, the key and what was expected.
     """
     path = path or os.environ.get(DEFAULT_CONFIG_ENV)
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            raw = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
-        except RecursionError:
-            raise ConfigError(f"{path}: config is nested too deeply") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at top level")
-    for override in overrides:
-        _apply_override(raw, override)
+    raw = read_raw_config(path, overrides)
     where = path or "config"
     try:
         config = msgspec.convert(raw, CollectorConfig, strict=True)
