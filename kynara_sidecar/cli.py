@@ -32,10 +32,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 
 from kynara_sidecar.config import DEFAULT_CONFIG_ENV, Config, load_config
 from kynara_sidecar.errors import ConfigError, KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from kynara_sidecar.audit.keys import PublicKey
+    from kynara_sidecar.decision import Timestamp
+    from kynara_sidecar.sync import BundleEntry
+    from kynara_sidecar.sync.bundle import VerifiedBundle
 
 __all__ = ["main"]
 
@@ -336,6 +345,12 @@ def _add_bundle_parser(commands: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="how long the store may take to answer (default 5)",
     )
+    publish.add_argument(
+        "--force",
+        action="store_true",
+        help="publish a bundle created before the store's current one (a "
+        "deliberate rollback; daemons then need `sync now --force`)",
+    )
 
 
 # The operator secret `sync now` sends when --credential-file is not given.
@@ -376,12 +391,18 @@ def _add_sync_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import uvloop
+    import logging
 
-    from kynara_sidecar.daemon import Daemon
+    from kynara_sidecar.daemon import run_daemon
 
     config = load_config(args.config, args.overrides)
-    uvloop.run(Daemon(config).run())
+    if not run_daemon(config):
+        # The audit log is closed; threads stuck in a store call (a hung
+        # mount) would hold the interpreter's exit forever.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
@@ -659,18 +680,13 @@ def _verify_export(args: argparse.Namespace) -> int:
 
 def _bundle(args: argparse.Namespace) -> int:
     import pathlib
-    import time
 
     from kynara_sidecar.audit.keys import load_signing_key, load_trusted_keys
-    from kynara_sidecar.decision import Timestamp
     from kynara_sidecar.sync import bundle
 
     if args.bundle_command == "build":
         key = load_signing_key(args.key)
-        seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
-        data = bundle.build_bundle(
-            pathlib.Path(args.policies), key, Timestamp(seconds, nanos)
-        )
+        data = bundle.build_bundle(pathlib.Path(args.policies), key, _now())
         # Checked as a daemon will check it, before anything is written.
         verified = bundle.verify_bundle(data, {key.key_id: key.public()})
         bundle.write_bundle(args.out, data)
@@ -683,13 +699,60 @@ def _bundle(args: argparse.Namespace) -> int:
     if args.bundle_command == "publish":
         return _publish_bundle(args)
     trusted = load_trusted_keys(args.trusted_keys)
-    verified = bundle.verify_bundle(bundle.read_bundle(args.bundle), trusted)
+    verified = _verify_bundle_file(bundle.read_bundle(args.bundle), trusted)
     print(
         f"ok: {args.bundle}: policy {verified.revision}, directory "
         f"{verified.directory_revision}, {len(verified.files)} files, created "
         f"{verified.created}, signed by {verified.key_id}"
     )
+    _warn_if_future(verified.created)
     return EXIT_OK
+
+
+def _now() -> Timestamp:
+    import time
+
+    from kynara_sidecar.decision import Timestamp
+
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return Timestamp(seconds, nanos)
+
+
+def _verify_bundle_file(
+    data: bytes, trusted: Mapping[str, PublicKey] | None
+) -> VerifiedBundle:
+    """verify_bundle with the CLI's hint, or inspect_bundle without keys."""
+    from kynara_sidecar.sync import bundle
+
+    try:
+        if trusted is None:
+            return bundle.inspect_bundle(data)
+        return bundle.verify_bundle(data, trusted)
+    except bundle.BundleError as err:
+        if err.kind is bundle.BundleProblem.UNKNOWN_KEY:
+            raise bundle.BundleError(
+                err.kind, f"{err.detail}; pass its public key with --trusted-key"
+            ) from err
+        raise
+
+
+def _warn_if_future(created: str) -> None:
+    from kynara_sidecar.config import DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
+    from kynara_sidecar.sync.bundle import seconds_ahead
+
+    try:
+        ahead = seconds_ahead(created, _now())
+    except ValueError:
+        return  # verifying it found no problem with created: not reached
+    if ahead > DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS:
+        print(
+            f"warning: the bundle was created {created}, {ahead:.0f}s ahead of "
+            f"this machine's clock: daemons refuse a bundle created more than "
+            f"sync.max_clock_skew_seconds (default "
+            f"{DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS}) in the future; check the "
+            "publisher's clock",
+            file=sys.stderr,
+        )
 
 
 def _publish_bundle(args: argparse.Namespace) -> int:
@@ -699,16 +762,21 @@ def _publish_bundle(args: argparse.Namespace) -> int:
     from kynara_sidecar.sync import bundle, open_store
 
     data = bundle.read_bundle(args.bundle)
-    if args.trusted_keys:
-        verified = bundle.verify_bundle(data, load_trusted_keys(args.trusted_keys))
-        revision = verified.revision
-    else:
-        revision = f"{_unverified_revision(data)} (not verified: no --trusted-key)"
+    trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+    # Without a key the structure, hashes and policies are still checked: a
+    # store only ever holds something that is a bundle.
+    verified = _verify_bundle_file(data, trusted)
+    revision = verified.revision
+    if trusted is None:
+        revision += " (not verified: no --trusted-key)"
+    _warn_if_future(verified.created)
     store = open_store(args.store, timeout=args.timeout)
 
     async def publish() -> str:
         try:
             await store.connect()
+            if not args.force:
+                _check_not_older(verified, await store.current_bundle(), args.store)
             return await store.publish_bundle(data)
         finally:
             await store.close()
@@ -718,21 +786,34 @@ def _publish_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _unverified_revision(data: bytes) -> str:
-    """The revision a bundle's manifest claims, read without checking it."""
-    import io
-    import json
-    import tarfile
+def _check_not_older(
+    verified: VerifiedBundle, current: BundleEntry | None, url: str
+) -> None:
+    """Refuse to replace the store's current bundle with an older one: every
+    daemon would refuse it as older."""
+    from kynara_sidecar.sync.bundle import BundleError, inspect_bundle, seconds_ahead
 
-    from kynara_sidecar.sync.bundle import MANIFEST_NAME
-
+    if current is None:
+        return
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            member = tar.extractfile(MANIFEST_NAME)
-            manifest = json.loads(member.read()) if member else {}
-        return str(manifest.get("revision", "unknown"))
-    except (tarfile.TarError, KeyError, ValueError, AttributeError):
-        return "unknown"
+        created = inspect_bundle(current.data).created
+        older = seconds_ahead(verified.created, _parse(created)) < 0
+    except (BundleError, ValueError):
+        return  # the current bundle is broken: replacing it is the fix
+    if older:
+        raise _UsageError(
+            f"the bundle was created {verified.created}, before the current "
+            f"bundle of {url} ({current.digest}, created {created}); daemons "
+            "would refuse it as older. Pass --force to publish it anyway (a "
+            "deliberate rollback: then run `kynara-sidecar sync now --force` "
+            "on each daemon)"
+        )
+
+
+def _parse(text: str) -> Timestamp:
+    from kynara_sidecar.audit.record import parse_timestamp
+
+    return parse_timestamp(text)
 
 
 def _admin_target(config: Config) -> str:
@@ -751,11 +832,17 @@ def _operator_secret(args: argparse.Namespace) -> str:
     if args.credential_file:
         try:
             with open(args.credential_file, encoding="utf-8") as file:
-                return file.read().strip()
+                secret = file.read().strip()
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(
                 f"--credential-file: cannot read the secret: {err}"
             ) from None
+        if not secret:
+            raise ConfigError(
+                f"--credential-file: {args.credential_file} is empty; expected "
+                "an operator's admin secret (the file admin.credentials names)"
+            )
+        return secret
     secret = os.environ.get(ADMIN_SECRET_ENV, "").strip()
     if not secret:
         raise _UsageError(
@@ -790,6 +877,22 @@ def _sync(args: argparse.Namespace) -> int:
                     f"the daemon at {target} follows no bundles (its policy.source "
                     "is a directory; SIGHUP reloads it)"
                 ) from None
+            if (
+                err.code() == grpc.StatusCode.UNAVAILABLE
+                and not config.admin.credentials
+            ):
+                raise ConfigError(
+                    f"SyncNow at {target}: no admin listener there: it starts only "
+                    "once admin.credentials names a credential, and this config "
+                    "names none; add one with the operator role (see the README) "
+                    "and restart the daemon"
+                ) from None
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise ConfigError(
+                    f"SyncNow at {target}: nothing answers: is the daemon running, "
+                    "with this config? Its admin listener starts only when the "
+                    "daemon's own admin.credentials names a credential"
+                ) from None
             raise ConfigError(
                 f"SyncNow at {target} failed: {err.code().name}: {err.details()}"
             ) from None
@@ -821,7 +924,8 @@ def _add_fleet_parser(commands: argparse._SubParsersAction) -> None:
             "Read every daemon's status document from the store and print a "
             "table (or --json). A status older than 3 times its daemon's "
             "sync.status_seconds is marked STALE: that daemon stopped or lost "
-            "the store."
+            "the store. Exits 1 when a status is unreadable or names another "
+            "daemon than the one it is stored under (a mismatch)."
         ),
     )
     status.add_argument(
@@ -863,7 +967,15 @@ def _fleet(args: argparse.Namespace) -> int:
         print(f"no daemon has published a status to {args.store} yet")
     else:
         print(format_fleet(rows))
-    return EXIT_OK
+    bad = [row for row in rows if not row.ok]
+    for row in bad:
+        problem = (
+            f"status stored under the key of daemon {row.stored_under}"
+            if row.mismatch
+            else row.error
+        )
+        print(f"kynara-sidecar fleet: {row.daemon_id}: {problem}", file=sys.stderr)
+    return EXIT_FAILED if bad else EXIT_OK
 
 
 COMMANDS = {

@@ -49,6 +49,8 @@ __all__ = [
     "IssuerConfig",
     "PolicyConfig",
     "RedactConfig",
+    "MAX_DAEMON_ID_CHARS",
+    "daemon_id_problem",
     "load_config",
     "read_raw_config",
 ]
@@ -75,6 +77,17 @@ MIN_MAP_SIZE = 64 * 1024
 # short-lived tokens meaningless.
 DEFAULT_MAX_CLOCK_SKEW_SECONDS = 30
 MAX_CLOCK_SKEW_SECONDS = 300
+# A signed bundle's creation time may be this far ahead of the daemon's
+# clock (sync.max_clock_skew_seconds): five minutes covers machines that
+# sync their clocks; past it, the publisher's clock is wrong, and a bundle
+# from the future would make every later one look older. At most a day.
+DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS = 300
+MAX_BUNDLE_CLOCK_SKEW_SECONDS = 86_400
+# A daemon id becomes a checkpoint's origin, a store subject or file name,
+# a key in the collector's LMDB (at most 511 bytes) and a metric label;
+# 128 characters hold a pod name with room and keep every one of those
+# far inside its limit.
+MAX_DAEMON_ID_CHARS = 128
 # 128 bits: a bearer secret shorter than this could be guessed.
 MIN_AGENT_SECRET_BYTES = 16
 # The admin socket reads the whole audit log: its owner only, by default.
@@ -345,6 +358,11 @@ def _read_secret(where: str, path: str) -> bytes:
         secret = pathlib.Path(path).read_bytes().strip()
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: cannot read the secret: {err}") from None
+    if not secret:
+        raise ConfigError(
+            f"{where}: {path} is empty; expected a secret of at least "
+            f"{MIN_AGENT_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32 > {path}`)"
+        )
     if len(secret) < MIN_AGENT_SECRET_BYTES:
         raise ConfigError(
             f"{where}: expected a secret of at least {MIN_AGENT_SECRET_BYTES} "
@@ -409,6 +427,26 @@ class IssuerConfig(_Section):
         return Issuer(self.issuer, self.audience, keys, frozenset(self.algorithms))
 
 
+def daemon_id_problem(daemon_id: str) -> str | None:
+    """What is wrong with ``daemon_id`` as a log origin, or None: it must be
+    1 to ``MAX_DAEMON_ID_CHARS`` printable ASCII characters without '"'
+    or '\\' (what a checkpoint's origin may hold)."""
+    if (
+        0 < len(daemon_id) <= MAX_DAEMON_ID_CHARS
+        and daemon_id.isascii()
+        and daemon_id.isprintable()
+        and '"' not in daemon_id
+        and "\\" not in daemon_id
+    ):
+        return None
+    shown = daemon_id if len(daemon_id) <= 40 else daemon_id[:40] + "..."
+    return (
+        f"expected a daemon id of 1 to {MAX_DAEMON_ID_CHARS} printable ASCII "
+        f"characters without '\"' or '\\\\', got {shown!r} "
+        f"({len(daemon_id)} characters)"
+    )
+
+
 class IdentityConfig(_Section):
     """Who is asking."""
 
@@ -437,6 +475,8 @@ class IdentityConfig(_Section):
     agents: dict[str, str] = {}
 
     def validate(self, section: str) -> None:
+        if self.daemon_id and (problem := daemon_id_problem(self.daemon_id)):
+            raise ConfigError(f"{section}.daemon_id: {problem}")
         if self.agents:
             self._validate_agents(section)
         elif not self.agent_id:
@@ -525,6 +565,8 @@ class PolicyConfig(_Section):
     trusted_keys: list[str] = []
 
     def validate(self, section: str) -> None:
+        if problem := _store_url_problem(self.source):
+            raise ConfigError(f"{section}.source: {problem}")
         scheme = self.source.split("://", 1)[0] if "://" in self.source else ""
         if scheme and scheme != "file" and scheme not in STORE_SCHEMES:
             raise ConfigError(
@@ -555,6 +597,23 @@ class PolicyConfig(_Section):
     def path(self) -> pathlib.Path:
         """The local directory or bundle file (meaningless for a store)."""
         return pathlib.Path(self.source.removeprefix("file://"))
+
+
+# What a store URL looks like, by scheme, for the message about one that
+# is almost one ("dir:/srv/store", "nats:host").
+_STORE_FORMS = {
+    "dir": "dir:///absolute/path or dir://relative/path",
+    "nats": "nats://HOST:PORT",
+}
+
+
+def _store_url_problem(text: str) -> str | None:
+    """Why ``text`` is a malformed store URL (a store scheme without the
+    ``//``), or None."""
+    scheme, colon, rest = text.partition(":")
+    if not colon or scheme not in _STORE_FORMS or rest.startswith("//"):
+        return None
+    return f"expected a store URL, {_STORE_FORMS[scheme]}, got {text!r}"
 
 
 class BacklogPolicy(enum.StrEnum):
@@ -590,8 +649,13 @@ class SyncConfig(_Section):
     backlog_max_records: int = 1_000_000
     # "keep_deciding" or "fail_closed" once backlog_max_records is passed.
     backlog_policy: BacklogPolicy = BacklogPolicy.KEEP_DECIDING
+    # How far a bundle's creation time may be ahead of this daemon's clock,
+    # in seconds, e.g. 300; a bundle further ahead is refused as "created in
+    # the future" (the publisher's clock is wrong).
+    max_clock_skew_seconds: float = DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
 
     _RANGES = {
+        "max_clock_skew_seconds": (0, MAX_BUNDLE_CLOCK_SKEW_SECONDS),
         "poll_seconds": (0.05, 3600),
         "status_seconds": (0.1, 3600),
         "timeout_seconds": (0.1, 600),
@@ -601,6 +665,8 @@ class SyncConfig(_Section):
     }
 
     def validate(self, section: str) -> None:
+        if problem := _store_url_problem(self.store):
+            raise ConfigError(f"{section}.store: {problem}")
         if self.store and not is_store_url(self.store):
             raise ConfigError(
                 f"{section}.store: expected dir://PATH or nats://HOST:PORT, "

@@ -15,7 +15,11 @@ records committed, up to ``shutdown_grace_seconds`` -> close the listeners
 -> append a stop marker -> seal the open segment and sign a head, both
 stored and witnessed -> give the last segment and status about a second to
 reach the central store (``FINAL_SYNC_SECONDS``) -> flush and close the
-audit log.
+audit log. The stop is bounded whatever the store does: the bundle
+follower or a sync task still running once what is left of the grace (at
+least ``MIN_SYNC_STOP_SECONDS``) is over is stuck in a store call; it is
+logged, left behind, and the log closes without it. ``run_daemon`` then
+exits without joining threads blocked in the store (a hung mount).
 
 With a central store (``Config.store``), once the audit log is open the
 daemon puts its status there (``sync.status``) and, with
@@ -43,12 +47,15 @@ SIGHUP and the admin ``SyncService.SyncNow`` fetch once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import fcntl
 import logging
 import os
 import pathlib
 import signal
 import socket
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -114,7 +121,7 @@ from kynara_sidecar.sync.status import (
     policy_status,
 )
 
-__all__ = ["Daemon", "with_daemon_id"]
+__all__ = ["Daemon", "run_daemon", "with_daemon_id"]
 
 log = logging.getLogger("kynara.daemon")
 
@@ -126,6 +133,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # and a dead one delays shutdown no longer; what is left ships after the
 # next start.
 FINAL_SYNC_SECONDS = 1.0
+# At stop, the least time the follower and the sync tasks get to end,
+# however much of shutdown_grace_seconds the drain used: the final sync,
+# the shipper's last look at its backlog (a second at most) and the
+# store's close. A task still running then is stuck in the store (a call
+# blocked on a hung mount cannot be interrupted): it is left behind and
+# the audit log closes without it.
+MIN_SYNC_STOP_SECONDS = 3 * FINAL_SYNC_SECONDS
 
 
 def _fields(**fields: object) -> dict[str, dict[str, object]]:
@@ -150,6 +164,58 @@ def with_daemon_id(config: Config) -> Config:
     daemon_id = f"{agent}@{socket.gethostname()}"
     identity = msgspec.structs.replace(config.identity, daemon_id=daemon_id)
     return msgspec.structs.replace(config, identity=identity)
+
+
+# A task left behind at stop gets this long to take its cancellation.
+_LAST_CANCEL_SECONDS = 0.1
+# Once the daemon stopped: how long tasks it left behind and the worker
+# threads get to end before the process exits without them.
+_LOOP_CLOSE_SECONDS = 1.0
+_WORKER_PREFIX = "kynara-worker"
+
+
+async def _within(stop: typing.Awaitable[None], seconds: float) -> bool:
+    """Await ``stop`` for at most ``seconds``; returns whether it ended. One
+    that did not is cancelled and left behind; one that failed is logged:
+    either way the daemon goes on stopping."""
+    task = asyncio.ensure_future(stop)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        return False
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stop step failed", extra=_fields(error=repr(task.exception())))
+    return True
+
+
+def _fresh_default_executor() -> None:
+    """Give the loop a new default executor for what stop runs on threads
+    (joining the writer, shutting pools down).
+
+    A ``dir://`` store's calls run on the default executor, and each one
+    stuck on a hung mount holds a worker for good: once all are held, a
+    stop queued behind them would never end.
+    """
+    # TODO(#6): drop once dir_store runs its calls on a pool of its own
+    # (the store module's fix); harmless meanwhile, the old executor's idle
+    # workers end with the process.
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(thread_name_prefix=_WORKER_PREFIX)
+    )
+
+
+def _left_behind(what: str, seconds: float) -> None:
+    log.error(
+        "did not stop in time; left behind",
+        extra=_fields(
+            task=what,
+            seconds=round(seconds, 3),
+            hint="a store call is stuck (a hung mount?); the audit log closes "
+            "without it",
+            setting="shutdown_grace_seconds",
+        ),
+    )
 
 
 class Daemon:
@@ -269,6 +335,7 @@ class Daemon:
             retry_min_seconds=cfg.sync.retry_min_seconds,
             retry_max_seconds=cfg.sync.retry_max_seconds,
             on_outcome=lambda _: self._status_changed(),
+            max_clock_skew_seconds=cfg.sync.max_clock_skew_seconds,
         )
 
     async def _activate_bundle(
@@ -387,6 +454,17 @@ class Daemon:
                 "policies from local files are unsigned",
                 extra=_fields(source=cfg.policy.source, setting="policy.source"),
             )
+            if cfg.policy.trusted_keys:
+                log.warning(
+                    "policy.trusted_keys unused: policy.source is a policy "
+                    "directory, read unsigned",
+                    extra=_fields(
+                        source=cfg.policy.source,
+                        setting="policy.trusted_keys",
+                        hint="set policy.source to a bundle file or a store URL "
+                        "(dir:///path, nats://host:port) to verify bundles",
+                    ),
+                )
             policies, changes = self._load_policies()
         keys = load_audit_keys(cfg.audit, create=True)
         # The socket lock comes first, so a daemon refused for a live socket
@@ -851,14 +929,18 @@ class Daemon:
             left = await self._pipeline.drain(grace)
             log.info("drained", extra=_fields(in_flight_left=left))
         await self._stop_listeners(max(deadline - time.monotonic(), 0.0))
+        _fresh_default_executor()
         if self._audit_service is not None:
             # Its reads run on threads of their own; the store outlives them.
             await self._audit_service.close()
         if self._follower is not None:
             # Before the log closes: an activation appends to it.
-            await self._follower.close()
-            log.info("bundle follower stopped", extra=_fields())
-        await self._close_audit()
+            seconds = self._sync_stop_seconds(deadline)
+            if await self._follower.close(seconds):
+                log.info("bundle follower stopped", extra=_fields())
+            else:
+                _left_behind("bundle follower", seconds)
+        await self._close_audit(self._sync_stop_seconds(deadline))
         for handle in self._socket_locks:
             handle.close()
         self._socket_locks.clear()
@@ -946,25 +1028,49 @@ class Daemon:
         if self._status_publisher is not None:
             self._status_publisher.changed()
 
-    async def _stop_sync(self) -> None:
+    def _sync_stop_seconds(self, deadline: float) -> float:
+        """How long a sync task may take to stop: what is left of the grace,
+        and at least MIN_SYNC_STOP_SECONDS."""
+        return max(deadline - time.monotonic(), MIN_SYNC_STOP_SECONDS)
+
+    async def _stop_sync(self, seconds: float) -> None:
+        """Stop the shipper and the status publisher, waiting ``seconds`` at
+        most; past that they are left behind (see MIN_SYNC_STOP_SECONDS)."""
+        session, shipper, publisher = (
+            self._session, self._shipper, self._status_publisher,
+        )  # fmt: skip
+        if session is None:
+            return
+        # The publisher's last status still reads the shipper's.
+        stopped = await _within(
+            self._stop_sync_tasks(session, shipper, publisher), seconds
+        )
+        self._session = self._shipper = self._status_publisher = None
+        self._gate = None
+        if not stopped:
+            _left_behind("sync (shipper, status publisher)", seconds)
+            # Whatever held the stop up, the publisher must not build
+            # another status from a closed log.
+            if publisher is not None:
+                await _within(publisher.stop(), _LAST_CANCEL_SECONDS)
+
+    async def _stop_sync_tasks(
+        self,
+        session: StoreSession,
+        shipper: SegmentShipper | None,
+        publisher: StatusPublisher | None,
+    ) -> None:
         """Give the last segment and status FINAL_SYNC_SECONDS to reach the
         store, then let it go; a dead store delays shutdown no longer."""
-        if self._session is None:
-            return
         deadline = time.monotonic() + FINAL_SYNC_SECONDS
-        if self._shipper is not None:
-            await self._shipper.stop(FINAL_SYNC_SECONDS)
-        if self._status_publisher is not None:
-            left = max(deadline - time.monotonic(), 0.1)
-            await self._status_publisher.stop(left)
-            self._status_publisher = None
-        self._shipper = None
-        self._gate = None
-        await self._session.close(max(deadline - time.monotonic(), 0.1))
-        self._session = None
+        if shipper is not None:
+            await shipper.stop(FINAL_SYNC_SECONDS)
+        if publisher is not None:
+            await publisher.stop(max(deadline - time.monotonic(), 0.1))
+        await session.close(max(deadline - time.monotonic(), 0.1))
         log.info("sync stopped", extra=_fields())
 
-    async def _close_audit(self) -> None:
+    async def _close_audit(self, sync_seconds: float = MIN_SYNC_STOP_SECONDS) -> None:
         if self._writer is not None:
             try:
                 await self._writer.append(self._marker("stop"))
@@ -973,7 +1079,7 @@ class Daemon:
             await self._writer.close()
             self._writer = None
         # After the final seal, before the log closes: the shipper reads it.
-        await self._stop_sync()
+        await self._stop_sync(sync_seconds)
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -1002,3 +1108,65 @@ class Daemon:
                 reload_wanted.clear()
                 await self.reload()
         await self.stop()
+
+
+def run_daemon(config: Config) -> bool:
+    """Run a daemon on its own uvloop loop until SIGTERM or SIGINT.
+
+    Unlike ``asyncio.run``, closing the loop waits a bounded time for what
+    the stop left behind: a worker thread blocked in a store call (a hung
+    mount) can be neither cancelled nor joined.
+
+    Returns:
+        Whether every worker thread ended. False means some are stuck; the
+        caller should exit the process without joining them (``os._exit``
+        once logs are flushed), since the interpreter's exit would wait on
+        them forever.
+    """
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=_WORKER_PREFIX)
+    loop.set_default_executor(executor)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(Daemon(config).run())
+    finally:
+        try:
+            loop.run_until_complete(_settle_leftovers(loop))
+        finally:
+            asyncio.set_event_loop(None)
+            # Shuts the current default executor down without waiting.
+            loop.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+    return _join_workers()
+
+
+async def _settle_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=_LOOP_CLOSE_SECONDS)
+    # Not loop.shutdown_default_executor(): it joins the threads unbounded.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_LOOP_CLOSE_SECONDS):
+            await loop.shutdown_asyncgens()
+
+
+def _join_workers() -> bool:
+    deadline = time.monotonic() + _LOOP_CLOSE_SECONDS
+    threads = [
+        thread
+        for thread in threading.enumerate()
+        if not thread.daemon and thread is not threading.current_thread()
+    ]
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        log.error(
+            "exiting without threads stuck in store calls",
+            extra=_fields(threads=stuck, setting="sync.store"),
+        )
+    return not stuck

@@ -287,3 +287,52 @@ def test_help_lists_commands_and_examples():
     assert result.returncode == 0
     for word in ("run", "verify", "check", "--set audit.durability=deferred"):
         assert word in result.stdout
+
+
+def test_sync_now_with_an_empty_credential_file_says_it_is_empty(tmp_path):
+    empty = tmp_path / "operator"
+    empty.write_text("")
+
+    result = run(
+        "sync", "now", "--config", SHIPPED_CONFIG,
+        "--set", f"admin.socket={tmp_path / 'admin.sock'}",
+        "--credential-file", empty,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert f"--credential-file: {empty} is empty" in result.stderr
+
+
+def test_sync_now_against_a_daemon_without_admin_listener_names_the_setting(
+    tmp_path, start_daemon
+):
+    admin_socket = tmp_path / "admin.sock"
+    # No admin.credentials: the daemon starts no admin listener.
+    start_daemon(f"admin.socket={admin_socket}")
+    secret = tmp_path / "operator"
+    secret.write_text("operator-secret-0123456789abcdef")
+
+    result = run(
+        "sync", "now", "--config", SHIPPED_CONFIG,
+        "--set", f"admin.socket={admin_socket}",
+        "--credential-file", secret,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert "no admin listener there" in result.stderr
+    assert "admin.credentials" in result.stderr
+
+
+def test_trusted_keys_beside_a_policy_directory_are_warned_unused(
+    tmp_path, start_daemon, caplog
+):
+    public = _public_key_file(tmp_path)
+
+    with caplog.at_level("WARNING", logger="kynara.daemon"):
+        start_daemon(f"policy.trusted_keys=[{public}]")
+
+    (record,) = [
+        r for r in caplog.records if r.getMessage().startswith("policy.trusted_keys")
+    ]
+    assert record.fields["setting"] == "policy.trusted_keys"
+    assert "policy directory, read unsigned" in record.getMessage()

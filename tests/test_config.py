@@ -63,6 +63,20 @@ def test_config_path_from_environment(monkeypatch):
         ("policy.source=s3://x", r"policy.source: expected a policy directory"),
         ("policy.source=nats://127.0.0.1:4222", r"policy.trusted_keys: expected"),
         ("sync.store=s3://x", r"sync.store: expected dir://PATH"),
+        (
+            "policy.source=dir:/var/store",
+            r"policy.source: expected a store URL, dir:///absolute/path or "
+            r"dir://relative/path, got 'dir:/var/store'",
+        ),
+        (
+            "policy.source=nats:host",
+            r"policy.source: expected a store URL, nats://HOST:PORT, got 'nats:host'",
+        ),
+        ("sync.store=dir:/srv", r"sync.store: expected a store URL, dir:///"),
+        (
+            "sync.max_clock_skew_seconds=-1",
+            r"sync.max_clock_skew_seconds: expected 0..86400, got -1",
+        ),
         ("sync.backlog_policy=drop", r"expected one of: keep_deciding, fail_closed"),
         ("agent.socket=" + "s" * 200, r"agent.socket: expected at most 107 bytes"),
         ("shutdown_grace_seconds=0", r"shutdown_grace_seconds: expected 0 < seconds"),
@@ -102,3 +116,18 @@ def test_socket_mode_reads_yaml_octal(tmp_path):
 def test_socket_mode_out_of_range_is_refused():
     with pytest.raises(ConfigError, match=r"agent.socket_mode: expected permission"):
         load_config(SHIPPED_CONFIG, ["agent.socket_mode=4096"])
+
+
+def test_sync_max_clock_skew_defaults_to_five_minutes():
+    assert load_config(SHIPPED_CONFIG).sync.max_clock_skew_seconds == 300
+
+
+def test_an_empty_admin_secret_file_says_it_is_empty(tmp_path):
+    empty = tmp_path / "operator"
+    empty.write_text("\n")
+
+    with pytest.raises(ConfigError, match=rf"{empty} is empty; expected a secret"):
+        load_config(
+            SHIPPED_CONFIG,
+            [f"admin.credentials={{ops: {{secret_file: {empty}, roles: [operator]}}}}"],
+        )

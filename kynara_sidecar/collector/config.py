@@ -29,13 +29,14 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pathlib
 
 import msgspec
 
 from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
-from kynara_sidecar.config import read_raw_config
+from kynara_sidecar.config import daemon_id_problem, read_raw_config
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import check_consumer_name, is_store_url
 
@@ -60,7 +61,6 @@ DEFAULT_STATE_MAP_SIZE = 1 << 30
 MIN_MAP_SIZE = 1 << 20
 # A bearer secret shorter than 128 bits could be guessed (as the daemon's).
 MIN_SECRET_BYTES = 16
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -74,7 +74,13 @@ def _check_range(section: str, key: str, value: float, low: float, high: float):
 
 
 def _is_loopback(host: str) -> bool:
-    return host in _LOOPBACK or host.startswith("127.")
+    # Parsed, not matched by prefix: "127.attacker.example" is a name.
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class StoreConfig(_Section):
@@ -261,8 +267,9 @@ class CollectorConfig(_Section):
         for name in ("store", "archive", "state", "http"):
             getattr(self, name).validate(name)
         for daemon_id, daemon in self.daemons.items():
-            if not daemon_id:
-                raise ConfigError("daemons: expected daemon ids, got ''")
+            problem = daemon_id_problem(daemon_id)
+            if problem is not None:
+                raise ConfigError(f"daemons: {problem}")
             daemon.validate(f"daemons.{daemon_id}")
         seen: set[str] = set()
         for index, pull in enumerate(self.pull):

@@ -6,13 +6,18 @@
 - ``GET /records?daemon=ID&from=N&to=M[&log=LOG_ID]``: the records with
   seq in ``[N, M]`` of the daemon's current log (or ``log``), from the
   archive, verified (``query``), one JSON record a line
-  (``application/x-ndjson``). A bad request answers 400 and an archive
-  that does not verify 500, each with ``{"error": ...}``.
+  (``application/x-ndjson``). A bad request answers 400, an archive
+  that does not verify 500 and one that cannot be read 503, each with
+  ``{"error": ...}``; ``from`` and ``to`` are ASCII digits, ``log`` 32
+  lowercase hex digits, and an error body never names a path (the
+  collector's log does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +25,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kynara_sidecar.audit.checkpoint import LOG_ID_HEX_DIGITS
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.collector.archive import Archive, ArchiveError
 from kynara_sidecar.collector.metrics import CollectorMetrics
@@ -32,6 +38,15 @@ from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import trusted_keys
 
 __all__ = ["build_http_app", "daemons_json", "records_for"]
+
+log = logging.getLogger("kynara.collector")
+
+# Sequence numbers fit in 19 digits; ASCII only (str.isdigit takes "²").
+_MAX_DIGITS = 19
+_INTEGER = re.compile(rf"[0-9]{{1,{_MAX_DIGITS}}}", re.ASCII)
+_LOG_ID = re.compile(rf"[0-9a-f]{{{LOG_ID_HEX_DIGITS}}}", re.ASCII)
+# Request values are cut to this in error bodies.
+_MAX_SHOWN = 80
 
 
 def daemons_json(
@@ -76,22 +91,37 @@ def records_for(
     """
     keys = registered.get(daemon_id)
     if keys is None:
-        raise QueryError(f"daemon {daemon_id!r} is not registered")
+        raise QueryError(f"daemon {daemon_id[:_MAX_SHOWN]!r} is not registered")
     frontier = state.frontier(daemon_id)
     log_id = log_id or frontier.log_id
     if not log_id:
         return []
+    if not _LOG_ID.fullmatch(log_id):
+        raise QueryError(
+            f"log: expected {LOG_ID_HEX_DIGITS} lowercase hex digits, got "
+            f"{log_id[:_MAX_SHOWN]!r}"
+        )
     trusted = trusted_keys(keys, frontier)
-    return [
-        record
-        for _, record in query_records(archive, daemon_id, log_id, first, last, trusted)
-    ]
+    history = state.history(daemon_id)
+    records = query_records(
+        archive,
+        daemon_id,
+        log_id,
+        first,
+        last,
+        trusted,
+        lambda size: history.checkpoint(log_id, size),
+    )
+    return [record for _, record in records]
 
 
 def _int_param(request: web.Request, name: str) -> int:
     text = request.query.get(name, "")
-    if not text.isdigit():
-        raise QueryError(f"query parameter {name}: expected an integer, got {text!r}")
+    if not _INTEGER.fullmatch(text):
+        raise QueryError(
+            f"query parameter {name}: expected an integer of 1 to "
+            f"{_MAX_DIGITS} digits 0-9, got {text[:_MAX_SHOWN]!r}"
+        )
     return int(text)
 
 
@@ -130,7 +160,15 @@ def build_http_app(
         except QueryError as err:
             return web.json_response({"error": str(err)}, status=400)
         except ArchiveError as err:
-            return web.json_response({"error": str(err)}, status=503)
+            # The message names paths and URLs: for the log, not the caller.
+            log.error(
+                "archive unavailable for a query",
+                extra={"fields": {"component": "collector", "error": str(err)}},
+            )
+            return web.json_response(
+                {"error": "the archive cannot be read; see the collector's log"},
+                status=503,
+            )
         body = b"".join(record + b"\n" for record in records)
         return web.Response(body=body, content_type="application/x-ndjson")
 

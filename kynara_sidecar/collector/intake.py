@@ -11,10 +11,35 @@ the whole segment (``verifier``). Keeping rather than holding messages
 unacknowledged matters: a NATS consumer has one message in flight, so the
 next message of a segment would never come while the first waited.
 
-- accepted: the segment is written to the archive as one message, the
-  state commits the new frontier, and then its last message is
-  acknowledged;
-- duplicate: acknowledged, not archived again;
+Whoever can write to the central store can send anything under any name,
+so each message is screened before anything of it is kept or looked up,
+and a message that can never succeed is refused and acknowledged, never
+sent round again:
+
+1. an unregistered daemon id: logged, counted under the fixed label
+   ``unregistered``, acknowledged; nothing is kept for it;
+2. larger than ``MAX_MESSAGE_BYTES``, or no ``kynara.v1.Segment``:
+   ``malformed``;
+3. ``verifier.screen_message``: the checkpoint's fields, its signature
+   (a key not trusted yet is let through, unverified: a rotation later in
+   the segment may add it), its origin, and sizes that fit it;
+4. a checkpoint the collector accepted: a ``duplicate`` (its records are
+   the accepted leaves) or a ``tampered_duplicate``; either way any
+   segment being assembled is left alone;
+5. a daemon already refused: refused again (sticky), nothing kept.
+
+Then the message joins the daemon's one segment in assembly: the next
+message of it, a message of it again (a redelivery: acknowledged), or the
+start of a segment, which replaces the assembly only when none is kept,
+or when its checkpoint verifies and is newer (or the kept one is
+unverified). Anything else is a stray: logged at ERROR, counted
+(``failures{what="stray_message"}``) and acknowledged.
+
+A whole segment is then
+
+- accepted: written to the archive as one message, the state commits the
+  new frontier, and then its last message is acknowledged;
+- a duplicate: acknowledged, not archived again;
 - refused: the alert is committed to the state, logged at ERROR and
   counted (``kynara_collector_alerts_total``), and the last message is
   acknowledged: refused evidence stays in the state's alert, and a later
@@ -22,14 +47,24 @@ next message of a segment would never come while the first waited.
 
 A failure to archive or commit (the collector's own trouble, never the
 daemon's) does not acknowledge the last message: it is negatively
-acknowledged and comes again, completing the kept segment again; since the state was not
-committed, the segment then extends the same frontier and is accepted
-again, and the archive's put of it is idempotent.
+acknowledged and comes again, completing the kept segment again; since the
+state was not committed, the segment then extends the same frontier and is
+accepted again, and the archive's put of it is idempotent. Any other
+exception while handling a message is logged at ERROR with its traceback,
+counted (``failures{what="message"}``) and the message acknowledged: one
+message that trips the collector must not stop every daemon's collection.
 
-A message continuing a segment whose earlier messages are not kept is a
-duplicate when its checkpoint was accepted; otherwise its segment can
-never be completed (the earlier messages were acknowledged), so it is
-dropped with an ERROR, and the next segment shows the loss as a ``gap``.
+TODO(#6): a segment whose key rotation is not in its first message is
+assembled unverified, and a store writer's unverified start sent before it
+takes the assembly's place; the daemon's segment is then a stray and the
+next one shows a gap.
+TODO(#6): a store writer can still lose a daemon's segment for it: delete
+or rewrite its unread messages, or send a forged next message of the
+segment in assembly (its records are only checked once the segment is
+whole, which is then a ``bad_root``). The daemon's next segment is then a
+``gap``, which is sticky. Not silent (both are alerted), but the daemon is
+blamed; should a gap wait for the missing records (a pull from the
+daemon) before it sticks?
 """
 
 from __future__ import annotations
@@ -43,26 +78,48 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 from kynara.v1 import audit_pb2 as pb
 
-from kynara_sidecar.audit.checkpoint import CheckpointError, decode_checkpoint
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.record import format_timestamp
 from kynara_sidecar.audit.segments import checkpoint_to_proto
-from kynara_sidecar.collector.archive import Archive, segment_key
+from kynara_sidecar.collector.archive import Archive, ArchiveError, segment_key
 from kynara_sidecar.collector.metrics import UNREGISTERED, CollectorMetrics
 from kynara_sidecar.collector.state import CollectorState, HeldSegment, StateError
 from kynara_sidecar.collector.verifier import (
     AlertKind,
+    Frontier,
+    HistoryError,
     Outcome,
+    Screened,
     SegmentData,
     Verdict,
+    check_duplicate,
     refusal,
+    screen_message,
+    still_refused,
     verify_segment,
 )
 from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.sync import StoreUnavailable
 
-__all__ = ["Intake", "Message"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MAX_UNVERIFIED_HELD_BYTES",
+    "Intake",
+    "Message",
+]
 
 log = logging.getLogger("kynara.collector")
+
+# A daemon ships at most 512 KiB of records a message (one record more when
+# a single record is larger); 4 MiB leaves room and refuses the rest.
+MAX_MESSAGE_BYTES = 4 << 20
+# Records kept for a segment whose checkpoint's key is not trusted yet;
+# past this it is refused rather than kept on a stranger's word.
+MAX_UNVERIFIED_HELD_BYTES = 16 << 20
+# Attacker-chosen ids are cut to this in log lines.
+MAX_LOGGED_ID_CHARS = 128
+# What failed in the collector's own archive or state: retried.
+_OWN_FAILURES = (ArchiveError, StateError, HistoryError)
 
 
 class Message(Protocol):
@@ -76,12 +133,13 @@ class Message(Protocol):
     async def nak(self) -> None: ...
 
 
-def _held_from(segment: pb.Segment) -> HeldSegment:
+def _held_from(segment: pb.Segment, tree_size: int, verified: bool) -> HeldSegment:
     return HeldSegment(
         checkpoint_json=segment.checkpoint.json,
         previous_tree_size=segment.previous_tree_size,
         first_seq=segment.first_seq,
-        tree_size=_tree_size(segment),
+        tree_size=tree_size,
+        verified=verified,
     )
 
 
@@ -89,21 +147,24 @@ def _next_seq(held: HeldSegment) -> int:
     return held.first_seq + len(held.records)
 
 
-def _takes(held: HeldSegment, segment: pb.Segment) -> bool:
+def _same_segment(held: HeldSegment | None, segment: pb.Segment) -> bool:
     return (
-        segment.checkpoint.json == held.checkpoint_json
+        held is not None
+        and segment.checkpoint.json == held.checkpoint_json
         and segment.previous_tree_size == held.previous_tree_size
-        and segment.first_seq == _next_seq(held)
     )
 
 
-def _tree_size(segment: pb.Segment) -> int:
-    # From the signed JSON, not the parsed convenience field; a checkpoint
-    # that does not decode completes its segment at once and is refused.
-    try:
-        return decode_checkpoint(segment.checkpoint.json).tree_size
-    except CheckpointError:
-        return 0
+def _repeats(held: HeldSegment, segment: pb.Segment) -> bool:
+    start = segment.first_seq - held.first_seq
+    kept = held.records[start : start + len(segment.records)]
+    return start >= 0 and kept == list(segment.records)
+
+
+def _shown(daemon_id: str) -> str:
+    if len(daemon_id) <= MAX_LOGGED_ID_CHARS:
+        return daemon_id
+    return daemon_id[:MAX_LOGGED_ID_CHARS] + f"... ({len(daemon_id)} characters)"
 
 
 class Intake:
@@ -148,60 +209,206 @@ class Intake:
         """Take one message; settle it (and its segment's) when decided.
 
         Returns:
-            The segment's outcome once it was decided; None while its
-            segment is incomplete, or when the message was sent again later
-            (negatively acknowledged).
+            The outcome once decided (a refusal of the message alone, or
+            its whole segment's); None while its segment is incomplete,
+            when the message was sent again later (negatively
+            acknowledged), or when it could not be handled (logged and
+            counted).
+
+        Raises:
+            StoreUnavailable: the store lost the acknowledgement; the
+                message comes again.
         """
         async with self._lock:
             try:
-                segment = pb.Segment.FromString(message.data)
-            except DecodeError as err:
-                outcome = refusal(
-                    self._state.frontier(message.daemon_id),
-                    AlertKind.BAD_CHAIN,
-                    f"message is not a kynara.v1.Segment: {err}",
-                )
-                await self._record(message.daemon_id, outcome, b"")
-                await message.ack()
-                return outcome
-            held = await self._hold(message, segment)
-            if held is None:
-                return None
-            try:
-                outcome = await asyncio.to_thread(self._settle, message.daemon_id, held)
-            except Exception:
+                return await self._receive(message)
+            except StoreUnavailable:
+                raise
+            except _OWN_FAILURES:
+                # Reading the state failed: the collector's trouble, retried.
                 self._metrics.failures.labels("archive_or_state").inc()
                 log.exception(
-                    "segment not settled; it comes again",
-                    extra={"fields": _fields(message.daemon_id, held)},
+                    "segment message not settled; it comes again",
+                    extra={"fields": _fields(message.daemon_id, None)},
                 )
                 await message.nak()
                 return None
-            self._report(message.daemon_id, outcome, held)
-            await message.ack()
-            return outcome
-
-    async def _hold(self, message: Message, segment: pb.Segment) -> HeldSegment | None:
-        """Add the message to its segment; the whole segment once complete.
-
-        A message that does not complete its segment is kept in the state,
-        then acknowledged.
-        """
-        daemon = message.daemon_id
-        held = await asyncio.to_thread(self._state.held, daemon)
-        if segment.first_seq == segment.previous_tree_size + 1:
-            if held is not None and held.checkpoint_json != segment.checkpoint.json:
+            except Exception as err:
+                self._metrics.failures.labels("message").inc()
                 log.error(
-                    "incomplete segment dropped for a new one",
+                    "segment message not handled; acknowledged and dropped",
+                    exc_info=True,
+                    extra={
+                        "fields": {
+                            "component": "collector",
+                            "daemon": _shown(message.daemon_id),
+                            "error": f"{type(err).__name__}: {err}",
+                        }
+                    },
+                )
+                await message.ack()
+                return None
+
+    async def _receive(self, message: Message) -> Outcome | None:
+        daemon = message.daemon_id
+        registered = self._registered.get(daemon)
+        if registered is None:
+            return await self._unregistered(message)
+        if len(message.data) > MAX_MESSAGE_BYTES:
+            return await self._refuse_message(
+                message,
+                f"a message of {len(message.data)} bytes; expected at most "
+                f"{MAX_MESSAGE_BYTES}",
+            )
+        try:
+            segment = pb.Segment.FromString(message.data)
+        except DecodeError as err:
+            return await self._refuse_message(
+                message, f"message is not a kynara.v1.Segment: {err}"
+            )
+        if not segment.HasField("checkpoint") or not segment.records:
+            return await self._refuse_message(
+                message, "a kynara.v1.Segment without a checkpoint or records"
+            )
+        frontier, held = await asyncio.to_thread(self._lookup, daemon)
+        data = SegmentData(
+            segment.checkpoint.json,
+            segment.previous_tree_size,
+            segment.first_seq,
+            segment.records,
+        )
+        earlier = held.records if _same_segment(held, segment) else ()
+        screened = screen_message(frontier, data, registered, earlier)
+        if isinstance(screened, Outcome):
+            return await self._finish(
+                message, screened, data.checkpoint_json, keep_held=True
+            )
+        outcome = await asyncio.to_thread(self._judge, frontier, screened, data)
+        if outcome is not None:
+            return await self._finish(
+                message, outcome, data.checkpoint_json, keep_held=True
+            )
+        whole = await self._assemble(message, segment, held, screened)
+        if whole is None:
+            return None
+        try:
+            outcome = await asyncio.to_thread(self._settle, daemon, whole)
+        except _OWN_FAILURES:
+            self._metrics.failures.labels("archive_or_state").inc()
+            log.exception(
+                "segment not settled; it comes again",
+                extra={"fields": _fields(daemon, whole)},
+            )
+            await message.nak()
+            return None
+        self._report(daemon, outcome, whole)
+        await message.ack()
+        return outcome
+
+    def _lookup(self, daemon_id: str) -> tuple[Frontier, HeldSegment | None]:
+        return self._state.frontier(daemon_id), self._state.held(daemon_id)
+
+    def _judge(
+        self, frontier: Frontier, screened: Screened, data: SegmentData
+    ) -> Outcome | None:
+        """A duplicate, a tampered one, or a sticky refusal; None when the
+        message is for assembly."""
+        cp = screened.checkpoint
+        history = self._state.history(frontier.daemon_id)
+        if history.checkpoint(cp.log_id, cp.tree_size) == bytes(data.checkpoint_json):
+            return check_duplicate(frontier, cp, data, history)
+        if frontier.refused:
+            return still_refused(frontier, cp)
+        return None
+
+    async def _unregistered(self, message: Message) -> Outcome:
+        # No state and no per-id label: anyone may send under any name.
+        daemon = message.daemon_id
+        self._metrics.alerts.labels(UNREGISTERED, str(AlertKind.UNKNOWN_DAEMON)).inc()
+        reason = f"daemon {_shown(daemon)!r} is not registered (collector daemons)"
+        log.error(
+            "segment message of an unregistered daemon dropped",
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "daemon": _shown(daemon),
+                    "kind": str(AlertKind.UNKNOWN_DAEMON),
+                }
+            },
+        )
+        await message.ack()
+        return Outcome(
+            Verdict.REFUSED,
+            Frontier(daemon_id=daemon),
+            AlertKind.UNKNOWN_DAEMON,
+            reason,
+        )
+
+    async def _refuse_message(self, message: Message, reason: str) -> Outcome | None:
+        frontier = await asyncio.to_thread(self._state.frontier, message.daemon_id)
+        outcome = refusal(frontier, AlertKind.MALFORMED, reason)
+        return await self._finish(message, outcome, b"", keep_held=True)
+
+    async def _assemble(
+        self,
+        message: Message,
+        segment: pb.Segment,
+        held: HeldSegment | None,
+        screened: Screened,
+    ) -> HeldSegment | None:
+        """Add the message to the daemon's segment in assembly; the whole
+        segment once complete. A message that does not complete it is kept
+        in the state, then acknowledged."""
+        daemon = message.daemon_id
+        cp = screened.checkpoint
+        starts = segment.first_seq == segment.previous_tree_size + 1
+        if held is not None and _same_segment(held, segment):
+            if segment.first_seq < _next_seq(held) and _repeats(held, segment):
+                log.debug(
+                    "segment message again; acknowledged",
                     extra={"fields": _fields(daemon, held)},
                 )
-            held = _held_from(segment)
-        elif held is None or not _takes(held, segment):
-            await self._stray(message, segment)
+                await message.ack()
+                return None
+            if segment.first_seq != _next_seq(held):
+                await self._stray(message, cp.tree_size, segment.first_seq)
+                return None
+            held.verified = held.verified or screened.verified
+        elif starts and (
+            held is None
+            or (
+                screened.verified
+                and (not held.verified or cp.tree_size > held.tree_size)
+            )
+        ):
+            if held is not None:
+                self._metrics.failures.labels("incomplete_segment").inc()
+                log.error(
+                    "incomplete segment dropped for a newer one",
+                    extra={
+                        "fields": {
+                            **_fields(daemon, held),
+                            "new_tree_size": cp.tree_size,
+                        }
+                    },
+                )
+            held = _held_from(segment, cp.tree_size, screened.verified)
+        else:
+            await self._stray(message, cp.tree_size, segment.first_seq)
             return None
         held.records.extend(segment.records)
         if _next_seq(held) > held.tree_size:
             return held
+        if not held.verified and _size(held) > MAX_UNVERIFIED_HELD_BYTES:
+            outcome = refusal(
+                self._state.frontier(daemon),
+                AlertKind.BAD_SIGNATURE,
+                f"more than {MAX_UNVERIFIED_HELD_BYTES} bytes of a segment whose "
+                f"checkpoint key {cp.key_id} is not trusted",
+                cp,
+            )
+            await self._finish(message, outcome, held.checkpoint_json, keep_held=False)
+            return None
         try:
             await asyncio.to_thread(self._state.hold, daemon, held)
         except StateError:
@@ -215,25 +422,23 @@ class Intake:
         await message.ack()
         return None
 
-    async def _stray(self, message: Message, segment: pb.Segment) -> None:
+    async def _stray(self, message: Message, tree_size: int, first_seq: int) -> None:
         # Its segment's earlier messages are not held (acknowledged, so they
-        # never come again): a duplicate of an accepted segment, or one that
-        # can never complete, whose loss the next segment shows as a gap.
-        cp = segment.checkpoint
-        history = self._state.history(message.daemon_id)
-        if history.checkpoint(cp.log_id, cp.tree_size) != cp.json:
-            self._metrics.failures.labels("stray_message").inc()
-            log.error(
-                "segment message without its segment's start dropped",
-                extra={
-                    "fields": {
-                        "component": "collector",
-                        "daemon": message.daemon_id,
-                        "tree_size": cp.tree_size,
-                        "first_seq": segment.first_seq,
-                    }
-                },
-            )
+        # never come again), or another segment is being assembled: it can
+        # never complete, and if it was the daemon's, the next segment shows
+        # the loss as a gap.
+        self._metrics.failures.labels("stray_message").inc()
+        log.error(
+            "segment message without its segment's start dropped",
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "daemon": message.daemon_id,
+                    "tree_size": tree_size,
+                    "first_seq": first_seq,
+                }
+            },
+        )
         await message.ack()
 
     def _settle(self, daemon_id: str, held: HeldSegment) -> Outcome:
@@ -263,15 +468,47 @@ class Intake:
         return outcome
 
     async def refuse(self, daemon_id: str, outcome: Outcome, evidence: bytes) -> None:
-        """Record a refusal found outside a segment (a pulled head)."""
-        async with self._lock:
-            await self._record(daemon_id, outcome, evidence)
+        """Record a refusal found outside a segment (a pulled head).
 
-    async def _record(self, daemon_id: str, outcome: Outcome, evidence: bytes) -> None:
-        await asyncio.to_thread(
-            self._state.commit, daemon_id, outcome, time=self._now(), evidence=evidence
-        )
-        self._report(daemon_id, outcome, None)
+        Raises:
+            StateError: the state cannot be written.
+        """
+        async with self._lock:
+            await asyncio.to_thread(
+                self._state.commit,
+                daemon_id,
+                outcome,
+                time=self._now(),
+                evidence=evidence,
+            )
+            self._report(daemon_id, outcome, None)
+
+    async def _finish(
+        self, message: Message, outcome: Outcome, evidence: bytes, *, keep_held: bool
+    ) -> Outcome | None:
+        """Commit a message's refusal or duplicate, report it, acknowledge;
+        when the state cannot be written, nak it (it comes again)."""
+        daemon = message.daemon_id
+        try:
+            await asyncio.to_thread(
+                self._state.commit,
+                daemon,
+                outcome,
+                time=self._now(),
+                evidence=evidence,
+                keep_held=keep_held,
+            )
+        except StateError:
+            self._metrics.failures.labels("archive_or_state").inc()
+            log.exception(
+                "segment message not settled; it comes again",
+                extra={"fields": _fields(daemon, None)},
+            )
+            await message.nak()
+            return None
+        self._report(daemon, outcome, None)
+        await message.ack()
+        return outcome
 
     def _now(self) -> str:
         return format_timestamp(Timestamp.from_nanos(self._clock()))
@@ -303,6 +540,10 @@ class Intake:
                     }
                 },
             )
+
+
+def _size(held: HeldSegment) -> int:
+    return sum(len(record) for record in held.records)
 
 
 def _fields(daemon_id: str, held: HeldSegment | None) -> dict[str, object]:

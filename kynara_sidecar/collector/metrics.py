@@ -22,8 +22,10 @@ class CollectorMetrics:
         r = self.registry
         self.segments = Counter(
             f"{PREFIX}_segments",
-            "Whole segments verified, by daemon and outcome "
-            "(accepted, duplicate, refused).",
+            "Segments settled, by daemon and outcome: accepted (a whole "
+            "segment verified and archived), duplicate (a message of an "
+            "accepted segment sent again, its records the accepted ones), "
+            "refused (a segment or a message refused; see alerts).",
             ["daemon", "outcome"], registry=r,
         )  # fmt: skip
         self.records = Counter(
@@ -38,12 +40,16 @@ class CollectorMetrics:
         self.alerts = Counter(
             f"{PREFIX}_alerts",
             "Refusals raised, by daemon and kind (fork, rollback, gap, "
-            "bad_signature, bad_chain, bad_root, unknown_daemon, duplicate_daemon).",
+            "bad_signature, bad_chain, bad_root, unknown_daemon, "
+            "duplicate_daemon, malformed, tampered_duplicate); a daemon not "
+            "registered counts as unregistered.",
             ["daemon", "kind"], registry=r,
         )  # fmt: skip
         self.failures = Counter(
             f"{PREFIX}_failures",
-            "Store, pull, archive or state operations that failed and will be "
-            "retried, by what failed.",
+            "Failures, by what failed: store, pull, archive_or_state (retried); "
+            "stray_message and incomplete_segment (messages that cannot "
+            "complete a segment, dropped); message (a message that could not "
+            "be handled, dropped); door (a door stopped taking segments).",
             ["what"], registry=r,
         )  # fmt: skip

@@ -11,11 +11,19 @@ hash for the first) must give its checkpoint's chain hash. The chain hash
 commits to every record before it, so the records returned are exactly
 those the daemon signed. A segment that fails any check stops the query
 with an error naming its key.
+
+A daemon's signature alone is not enough: the collector may have refused
+a signed segment (a fork), and whoever can write the archive could put it
+in place of the accepted one. So each archived segment's checkpoint must
+be, byte for byte, the one the state accepted at its tree size
+(``accepted``); an archived segment at a size the state never accepted
+(archived just before a crash, before its commit, or put there by someone
+else) is not part of the history and is passed over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from google.protobuf.message import DecodeError
 from kynara.v1 import audit_pb2 as pb
@@ -53,9 +61,13 @@ def query_records(
     first: int,
     last: int,
     trusted: Mapping[str, PublicKey],
+    accepted: Callable[[int], bytes | None],
 ) -> Iterator[tuple[int, bytes]]:
     """Yield ``(seq, record bytes)`` for records ``first..last`` of a log,
     as far as the archive holds them, each verified.
+
+    ``accepted(tree_size)`` is the checkpoint JSON the collector accepted
+    at that tree size of this log, or None.
 
     Raises:
         QueryError: a bad range.
@@ -70,16 +82,18 @@ def query_records(
             f"{last - first + 1}"
         )
     keys = [
-        (size, key)
+        (size, key, checkpoint)
         for key in archive.list(log_prefix(daemon_id, log_id))
         if (size := tree_size_of(key)) is not None
+        and (checkpoint := accepted(size)) is not None
     ]
-    start = next((i for i, (size, _) in enumerate(keys) if size >= first), None)
+    start = next((i for i, (size, _, _) in enumerate(keys) if size >= first), None)
     if start is None:
         return
     previous = _previous(archive, keys, start, daemon_id, log_id, trusted)
-    for size, key in keys[start:]:
+    for size, key, checkpoint in keys[start:]:
         segment, cp = _load(archive, key, size, daemon_id, log_id, trusted)
+        _check_accepted(key, segment, checkpoint)
         prev_size, prev_hash = previous
         for seq, record in _checked_records(key, segment, cp, prev_size, prev_hash):
             if first <= seq <= last:
@@ -91,7 +105,7 @@ def query_records(
 
 def _previous(
     archive: Archive,
-    keys: list[tuple[int, str]],
+    keys: list[tuple[int, str, bytes]],
     start: int,
     daemon_id: str,
     log_id: str,
@@ -99,9 +113,18 @@ def _previous(
 ) -> tuple[int, bytes]:
     if start == 0:
         return 0, GENESIS_HASH
-    size, key = keys[start - 1]
-    _, cp = _load(archive, key, size, daemon_id, log_id, trusted)
+    size, key, checkpoint = keys[start - 1]
+    segment, cp = _load(archive, key, size, daemon_id, log_id, trusted)
+    _check_accepted(key, segment, checkpoint)
     return size, bytes.fromhex(cp.chain_hash)
+
+
+def _check_accepted(key: str, segment: pb.Segment, checkpoint: bytes) -> None:
+    if segment.checkpoint.json != checkpoint:
+        raise ArchiveUnverified(
+            f"archived segment {key} does not hold the checkpoint the collector "
+            "accepted at its tree size"
+        )
 
 
 def _load(

@@ -9,7 +9,8 @@ is logged, counted and reconnected after ``store.retry_seconds``.
 stop taking messages (the door tasks are cancelled; a segment being
 settled finishes or, if cut short before its acknowledgement, comes again
 and is then a duplicate), stop HTTP, close the store connection and the
-state.
+state. A door that ends before ``stop`` (it never should) is logged at
+ERROR and counted (``failures{what="door"}``), and ``stop`` logs it again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -33,6 +36,11 @@ from kynara_sidecar.sync import StoreUnavailable, open_store
 __all__ = ["Collector"]
 
 log = logging.getLogger("kynara.collector")
+
+# A door settles at most one segment after its cancellation (an archive
+# put and a commit); past this it is left behind, and what it did not
+# acknowledge comes again.
+DOOR_STOP_SECONDS = 10.0
 
 
 class Collector:
@@ -78,10 +86,10 @@ class Collector:
         if config.http.port != -1:
             await self._serve_http()
         if config.store.url:
-            self._tasks.append(asyncio.create_task(self._consume()))
+            self._start_task(self._consume(), "store")
         for pull, secret in zip(config.pull, self._secrets, strict=True):
             puller = Puller(pull, secret, self.intake, self.metrics)
-            self._tasks.append(asyncio.create_task(puller.run(self._stop)))
+            self._start_task(puller.run(self._stop), f"pull {pull.daemon_id}")
         log.info(
             "collector started",
             extra={
@@ -91,6 +99,30 @@ class Collector:
                     "pull": [p.daemon_id for p in config.pull],
                     "archive": config.archive.url,
                     "http_port": self.http_port,
+                }
+            },
+        )
+
+    def _start_task(self, door: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(door, name=name)
+        task.add_done_callback(self._door_ended)
+        self._tasks.append(task)
+
+    def _door_ended(self, task: asyncio.Task[None]) -> None:
+        # A door runs until stop(); one that ends before is a collector
+        # that quietly stopped collecting, so it is never silent.
+        error = None if task.cancelled() else task.exception()
+        if self._stop.is_set() and error is None:
+            return
+        self.metrics.failures.labels("door").inc()
+        log.error(
+            "door stopped taking segments",
+            exc_info=error,
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "door": task.get_name(),
+                    "error": repr(error) if error else "ended",
                 }
             },
         )
@@ -136,6 +168,18 @@ class Collector:
                     "store unavailable; reconnecting",
                     extra={"fields": {**fields, "error": str(err)}},
                 )
+            except Exception as err:
+                # The store's reader tripped on something (the intake
+                # handles its own): start it again rather than stop
+                # collecting for every daemon.
+                self.metrics.failures.labels("store").inc()
+                log.error(
+                    "store consumer failed; reconnecting",
+                    exc_info=True,
+                    extra={
+                        "fields": {**fields, "error": f"{type(err).__name__}: {err}"}
+                    },
+                )
             finally:
                 with contextlib.suppress(Exception):
                     await store.close()
@@ -149,9 +193,28 @@ class Collector:
         log.info("stopping: doors", extra={"fields": fields})
         for task in self._tasks:
             task.cancel()
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=DOOR_STOP_SECONDS)
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task in pending:
+                # A client library that swallowed the cancellation: let it
+                # go rather than hang the stop.
+                log.error(
+                    "stopping: door did not stop in time; left behind",
+                    extra={"fields": {**fields, "door": task.get_name()}},
+                )
+            elif not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "stopping: door had died",
+                    extra={
+                        "fields": {
+                            **fields,
+                            "door": task.get_name(),
+                            "error": repr(task.exception()),
+                        }
+                    },
+                )
         self._tasks.clear()
         if self._runner is not None:
             log.info("stopping: http", extra={"fields": fields})

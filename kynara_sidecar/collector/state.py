@@ -8,7 +8,16 @@ Databases (keys start with the daemon's ``daemon_token``, which never holds
     checkpoints  token/log_id/<tree size, 8 bytes BE> -> checkpoint JSON
     nodes        token/log_id/<level, 1 byte><index, 8 bytes BE> -> hash
     alerts       token/<number, 8 bytes BE>           -> Alert (JSON)
+                 token/total                          -> alerts raised (8 bytes BE)
     held         token                                -> HeldSegment (JSON)
+
+Only registered daemons have keys here (the intake keeps nothing of
+anyone else), and a registered daemon id is at most 128 characters
+(``collector.config``), so every key stays far below LMDB's 511 bytes.
+Alerts are bounded per daemon: the first ``MAX_ALERTS_KEPT`` are kept,
+each with at most ``MAX_EVIDENCE_BYTES`` of evidence, and ``total`` counts
+every one raised, so a store writer sending junk under a daemon's name
+cannot grow the state without bound.
 
 ``held`` keeps the messages of a segment still arriving: a message is
 acknowledged once it is held here, so the store's flow control (one
@@ -32,6 +41,7 @@ writer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import lmdb
@@ -41,10 +51,26 @@ from kynara_sidecar.collector.verifier import Frontier, Outcome, Verdict
 from kynara_sidecar.errors import KynaraError
 from kynara_sidecar.sync import daemon_id_from_token, daemon_token
 
-__all__ = ["Alert", "CollectorState", "HeldSegment", "StateError"]
+__all__ = [
+    "MAX_ALERTS_KEPT",
+    "MAX_EVIDENCE_BYTES",
+    "Alert",
+    "CollectorState",
+    "HeldSegment",
+    "StateError",
+]
 
 _DBS = (b"daemons", b"checkpoints", b"nodes", b"alerts", b"held")
 _MAX_DBS = 8
+# Enough to investigate (the first refusal is the one that matters, and a
+# sticky one raises no more); past it alerts are only counted.
+MAX_ALERTS_KEPT = 100
+# A checkpoint is some 400 bytes; anything longer is not one, and only its
+# start is kept as evidence.
+MAX_EVIDENCE_BYTES = 4096
+MAX_ALERT_MESSAGE_CHARS = 1024
+_NUMBER_BYTES = 8
+_TOTAL = b"total"
 
 
 class StateError(KynaraError):
@@ -73,6 +99,9 @@ class HeldSegment(msgspec.Struct, kw_only=True):
     first_seq: int
     tree_size: int
     records: list[bytes] = []
+    # False while its checkpoint's key is not trusted yet (a rotation in a
+    # later message may introduce it): any verified message replaces it.
+    verified: bool = True
 
 
 class _History:
@@ -144,8 +173,13 @@ class CollectorState:
         self._env.close()
 
     def _get(self, db: bytes, key: bytes) -> bytes | None:
-        with self._env.begin(db=self._dbs[db]) as txn:
-            value = txn.get(key)
+        try:
+            with self._env.begin(db=self._dbs[db]) as txn:
+                value = txn.get(key)
+        except lmdb.Error as err:
+            raise StateError(
+                f"collector state {self._path} cannot be read ({err}); check state.path"
+            ) from err
         return None if value is None else bytes(value)
 
     def history(self, daemon_id: str) -> _History:
@@ -192,7 +226,10 @@ class CollectorState:
         found: set[str] = set()
         with self._env.begin(db=self._dbs[b"alerts"]) as txn:
             for key in txn.cursor().iternext(values=False):
-                found.add(daemon_id_from_token(bytes(key).split(b"/", 1)[0].decode()))
+                token = bytes(key).split(b"/", 1)[0]
+                # A state from before ids were screened may hold any token.
+                with contextlib.suppress(ValueError):
+                    found.add(daemon_id_from_token(token.decode()))
         return sorted(found)
 
     def alerts(self, daemon_id: str) -> list[Alert]:
@@ -205,19 +242,49 @@ class CollectorState:
                 for key, value in cursor:
                     if not bytes(key).startswith(prefix):
                         break
-                    out.append(msgspec.json.decode(bytes(value), type=Alert))
+                    if len(key) - len(prefix) == _NUMBER_BYTES:
+                        out.append(msgspec.json.decode(bytes(value), type=Alert))
         return out
 
+    def alert_total(self, daemon_id: str) -> int:
+        """How many alerts the daemon raised, kept or not."""
+        prefix = daemon_token(daemon_id).encode() + b"/"
+        with self._env.begin(db=self._dbs[b"alerts"]) as txn:
+            return self._alert_total(txn, prefix)
+
+    def _alert_total(self, txn: lmdb.Transaction, prefix: bytes) -> int:
+        alerts = self._dbs[b"alerts"]
+        raw = txn.get(prefix + _TOTAL, db=alerts)
+        if raw is not None:
+            return int.from_bytes(bytes(raw), "big")
+        # A state written before totals were kept: count what is there.
+        cursor = txn.cursor(db=alerts)
+        count = 0
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(values=False):
+                if not bytes(key).startswith(prefix):
+                    break
+                count += len(key) - len(prefix) == _NUMBER_BYTES
+        return count
+
     def commit(
-        self, daemon_id: str, outcome: Outcome, *, time: str, evidence: bytes = b""
+        self,
+        daemon_id: str,
+        outcome: Outcome,
+        *,
+        time: str,
+        evidence: bytes = b"",
+        keep_held: bool = False,
     ) -> None:
         """Write what a segment changed, in one transaction.
 
-        The daemon's held messages are dropped with it. An accepted segment
-        stores its frontier, checkpoint and nodes; a
-        refusal stores the refused frontier (unless unregistered or sticky)
-        and an alert (unless sticky) holding ``evidence``, the refused
-        checkpoint's JSON as received; a duplicate changes nothing.
+        The daemon's held messages are dropped with it, unless
+        ``keep_held`` (a message refused or recognised on its own, while
+        another segment is being assembled). An accepted segment stores
+        its frontier, checkpoint and nodes; a refusal stores the refused
+        frontier (when it changed) and an alert (unless sticky) holding
+        the start of ``evidence``, the refused checkpoint's JSON as
+        received; a duplicate changes nothing.
 
         Raises:
             StateError: LMDB failed; nothing was written.
@@ -225,12 +292,14 @@ class CollectorState:
         if outcome.verdict == Verdict.DUPLICATE or (
             outcome.verdict == Verdict.REFUSED and outcome.sticky
         ):
-            self._drop_held(daemon_id)
+            if not keep_held:
+                self._drop_held(daemon_id)
             return
         token = daemon_token(daemon_id).encode()
         try:
             with self._env.begin(write=True) as txn:
-                txn.delete(token, db=self._dbs[b"held"])
+                if not keep_held:
+                    txn.delete(token, db=self._dbs[b"held"])
                 if outcome.verdict == Verdict.ACCEPTED:
                     self._put_accepted(txn, token, outcome)
                 else:
@@ -280,20 +349,19 @@ class CollectorState:
         alert = Alert(
             daemon_id=daemon_id,
             kind=str(outcome.kind),
-            message=outcome.message,
+            message=outcome.message[:MAX_ALERT_MESSAGE_CHARS],
             time=time,
             log_id=cp.log_id if cp else "",
             tree_size=cp.tree_size if cp else 0,
-            checkpoint=evidence.decode("utf-8", "replace"),
+            checkpoint=evidence[:MAX_EVIDENCE_BYTES].decode("utf-8", "replace"),
         )
         alerts = self._dbs[b"alerts"]
         prefix = token + b"/"
-        cursor = txn.cursor(db=alerts)
-        found = cursor.set_range(prefix + b"\xff" * 8)
-        moved = cursor.prev() if found else cursor.last()
-        number = 0
-        if moved and bytes(cursor.key()).startswith(prefix):
-            number = int.from_bytes(bytes(cursor.key())[len(prefix) :], "big") + 1
-        txn.put(
-            prefix + number.to_bytes(8, "big"), msgspec.json.encode(alert), db=alerts
-        )
+        number = self._alert_total(txn, prefix)
+        txn.put(prefix + _TOTAL, (number + 1).to_bytes(8, "big"), db=alerts)
+        if number < MAX_ALERTS_KEPT:
+            txn.put(
+                prefix + number.to_bytes(_NUMBER_BYTES, "big"),
+                msgspec.json.encode(alert),
+                db=alerts,
+            )

@@ -53,10 +53,12 @@ segment is then, in order:
    below ``N`` over the accepted records is a ``rollback`` (the log was
    wound back and sealed again).
 
-A refusal is sticky: the frontier records its kind, and every later
-segment of that daemon is refused with it, so a forker cannot "heal" a
-fork by sending the accepted history afterwards. Only an identical
-duplicate of an accepted checkpoint is still acknowledged as one.
+A refusal of what the daemon signed is sticky: the frontier records its
+kind, and every later segment of that daemon is refused with it, so a
+forker cannot "heal" a fork by sending the accepted history afterwards.
+Only an identical duplicate of an accepted checkpoint is still
+acknowledged as one. (Which refusals are not sticky, and why: the NOTE
+below.)
 
 TODO(#6): an operator command to clear a refusal once investigated; today
 the daemon's state must be removed by hand (``state.path``).
@@ -64,11 +66,25 @@ TODO(#6): a daemon whose records were pruned before the collector first
 saw it cannot be taken on: its first segment does not start at 0 (``gap``).
 Should a registered starting checkpoint be configurable?
 
-NOTE: every refusal is sticky, even of unsigned junk (``bad_signature``):
-whoever can write into a daemon's subject can then stop its collection,
-but not silently: the alert names it, and an operator must look. A
-duplicate is recognised by its checkpoint alone; its records are not
-walked again, since nothing of it is archived.
+NOTE: a refusal is sticky only when it rests on what the daemon signed
+(``fork``, ``rollback``, ``gap``, ``duplicate_daemon``). Whoever can write
+to the central store can send anything under a daemon's name without its
+key: junk, a checkpoint that does not verify, or a signed checkpoint with
+records that are not the daemon's. Those are refused and alerted
+(``bad_signature``, ``bad_chain``, ``bad_root``, ``malformed``,
+``tampered_duplicate``, ``unknown_daemon``) but leave the frontier alone,
+so they cannot make the collector refuse the daemon's own segments after
+them.
+
+Each message is screened (``screen_message``) before anything of it is
+kept or looked up: its checkpoint decodes, its fields are in range, it
+names the daemon, its signature verifies under the trusted keys (or its
+key is not known yet: a rotation later in the segment may introduce it),
+and its ``previous_tree_size``, ``first_seq`` and records fit inside the
+checkpoint's tree size. A message of a segment already accepted (its
+checkpoint is the accepted one at that tree size) is a duplicate when each
+of its records' leaf hashes is the accepted one (``check_duplicate``), and
+a ``tampered_duplicate`` otherwise.
 
 This module is pure: values in, values out; the history is read through
 the ``History`` lookups the caller provides.
@@ -96,6 +112,8 @@ from kynara_sidecar.audit.record import KeyRotationEntry, RecordKind
 from kynara_sidecar.audit.rotation import trusted_after
 
 __all__ = [
+    "MAX_TREE_SIZE",
+    "NOT_STICKY",
     "AlertKind",
     "Frontier",
     "HeadStep",
@@ -103,9 +121,13 @@ __all__ = [
     "History",
     "HistoryError",
     "Outcome",
+    "Screened",
     "SegmentData",
     "Verdict",
+    "check_duplicate",
     "refusal",
+    "screen_message",
+    "still_refused",
     "trusted_keys",
     "verify_head",
     "verify_segment",
@@ -139,6 +161,29 @@ class AlertKind(enum.StrEnum):
     UNKNOWN_DAEMON = "unknown_daemon"
     # A second log under one daemon id that is no new chain after a break.
     DUPLICATE_DAEMON = "duplicate_daemon"
+    # Not a segment message: no protobuf, too large, or its sizes and
+    # sequence numbers do not fit its checkpoint.
+    MALFORMED = "malformed"
+    # An accepted checkpoint sent again with records that are not the
+    # accepted ones.
+    TAMPERED_DUPLICATE = "tampered_duplicate"
+
+
+# Refusals that rest on nothing the daemon signed: anyone who can write to
+# the store can cause them, so they alert but never stop the daemon.
+NOT_STICKY = frozenset(
+    {
+        AlertKind.UNKNOWN_DAEMON,
+        AlertKind.BAD_SIGNATURE,
+        AlertKind.BAD_CHAIN,
+        AlertKind.BAD_ROOT,
+        AlertKind.MALFORMED,
+        AlertKind.TAMPERED_DUPLICATE,
+    }
+)
+# The largest tree size a checkpoint may state: the state keys it in 8
+# bytes, and no log reaches it.
+MAX_TREE_SIZE = (1 << 63) - 1
 
 
 class SegmentData(NamedTuple):
@@ -252,7 +297,7 @@ def verify_segment(
     except _Refusal as refusal:
         return _refuse(frontier, refusal, None)
     if history.checkpoint(cp.log_id, cp.tree_size) == bytes(segment.checkpoint_json):
-        return Outcome(Verdict.DUPLICATE, frontier, checkpoint=cp)
+        return check_duplicate(frontier, cp, segment, history)
     if frontier.refused:
         return _sticky(frontier, cp)
     assert registered is not None  # _decode refuses an unregistered daemon
@@ -280,12 +325,27 @@ def _decode(
         raise _Refusal(
             AlertKind.BAD_SIGNATURE, f"checkpoint does not decode: {err}"
         ) from None
+    _check_fields(cp)
     if cp.origin != daemon:
         raise _Refusal(
             AlertKind.UNKNOWN_DAEMON,
             f"checkpoint origin {cp.origin!r} arrived as daemon {daemon!r}'s",
         )
     return cp
+
+
+def _check_fields(cp: CheckpointV1) -> None:
+    # Before any lookup keyed by its log id and tree size.
+    try:
+        verify_checkpoint(cp, {})
+    except CheckpointError as err:
+        if err.kind != CheckpointProblem.UNKNOWN_KEY:
+            raise _Refusal(AlertKind.BAD_SIGNATURE, f"checkpoint: {err}") from None
+    if cp.tree_size > MAX_TREE_SIZE:
+        raise _Refusal(
+            AlertKind.MALFORMED,
+            f"checkpoint tree size {cp.tree_size}: expected at most {MAX_TREE_SIZE}",
+        )
 
 
 def _walk_signatures(
@@ -544,7 +604,7 @@ def _accept(
 
 def _refuse(frontier: Frontier, refusal: _Refusal, cp: CheckpointV1 | None) -> Outcome:
     refused = frontier
-    if refusal.kind != AlertKind.UNKNOWN_DAEMON:
+    if refusal.kind not in NOT_STICKY:
         refused = msgspec.structs.replace(
             frontier, refused=str(refusal.kind), refused_reason=refusal.message
         )
@@ -553,12 +613,144 @@ def _refuse(frontier: Frontier, refusal: _Refusal, cp: CheckpointV1 | None) -> O
     )
 
 
-def refusal(frontier: Frontier, kind: AlertKind, message: str) -> Outcome:
+def refusal(
+    frontier: Frontier,
+    kind: AlertKind,
+    message: str,
+    checkpoint: CheckpointV1 | None = None,
+) -> Outcome:
     """A refusal found outside the verifier (a message that is no segment),
-    with the frontier it leaves (sticky, except for ``unknown_daemon``)."""
-    if frontier.refused:
-        return _sticky(frontier, None)
-    return _refuse(frontier, _Refusal(kind, message), None)
+    with the frontier it leaves (sticky unless ``kind`` is in
+    ``NOT_STICKY``)."""
+    if frontier.refused and kind not in NOT_STICKY:
+        return _sticky(frontier, checkpoint)
+    return _refuse(frontier, _Refusal(kind, message), checkpoint)
+
+
+def still_refused(frontier: Frontier, checkpoint: CheckpointV1 | None) -> Outcome:
+    """The sticky refusal of a signed message of a daemon already refused."""
+    return _sticky(frontier, checkpoint)
+
+
+class Screened(NamedTuple):
+    """A message that passed ``screen_message``."""
+
+    checkpoint: CheckpointV1
+    # False when its key is not trusted yet: a key_rotation record later
+    # in its segment may introduce it; the whole segment is verified then.
+    verified: bool
+
+
+def screen_message(
+    frontier: Frontier,
+    message: SegmentData,
+    registered: Mapping[str, PublicKey],
+    earlier: Sequence[bytes] = (),
+) -> Screened | Outcome:
+    """Check one message of a registered daemon before anything of it is
+    kept or looked up.
+
+    Args:
+        frontier: what was accepted last from this daemon.
+        message: the message's checkpoint, sizes and records (possibly
+            part of a segment).
+        registered: the daemon's registered keys.
+        earlier: the records of its segment received before it, whose key
+            rotations count.
+
+    Returns:
+        ``Screened``, or a refusal ``Outcome`` that leaves the frontier
+        unchanged (``NOT_STICKY``).
+    """
+    try:
+        cp = _screen(frontier, message, registered, earlier)
+    except _Refusal as refusal:
+        return _refuse(frontier, refusal, None)
+    return cp
+
+
+def _screen(
+    frontier: Frontier,
+    message: SegmentData,
+    registered: Mapping[str, PublicKey],
+    earlier: Sequence[bytes],
+) -> Screened:
+    try:
+        cp = decode_checkpoint(bytes(message.checkpoint_json))
+    except CheckpointError as err:
+        raise _Refusal(
+            AlertKind.BAD_SIGNATURE, f"checkpoint does not decode: {err}"
+        ) from None
+    trusted = trusted_keys(registered, frontier)
+    for data in (*earlier, *message.records):
+        if b"key_rotation" in data:
+            trusted = _screen_rotation(trusted, bytes(data), cp)
+    verified = True
+    try:
+        verify_checkpoint(cp, trusted)
+    except CheckpointError as err:
+        if err.kind != CheckpointProblem.UNKNOWN_KEY:
+            raise _Refusal(AlertKind.BAD_SIGNATURE, f"checkpoint: {err}") from None
+        verified = False
+    if cp.origin != frontier.daemon_id:
+        raise _Refusal(
+            AlertKind.UNKNOWN_DAEMON,
+            f"checkpoint origin {cp.origin!r} arrived as daemon "
+            f"{frontier.daemon_id!r}'s",
+        )
+    _check_sizes(cp, message)
+    return Screened(cp, verified)
+
+
+def _screen_rotation(
+    trusted: dict[str, PublicKey], data: bytes, cp: CheckpointV1
+) -> dict[str, PublicKey]:
+    # A rotation that does not apply is left to the whole segment's
+    # verification, which refuses it with its reason.
+    record = _parse(data)
+    if record is None or record.get("kind") != RecordKind.KEY_ROTATION:
+        return trusted
+    try:
+        entry = msgspec.convert(record.get("key_rotation"), KeyRotationEntry)
+    except msgspec.ValidationError:
+        return trusted
+    after, _ = trusted_after(
+        entry, trusted, origin=str(record.get("daemon_id", "")), log_id=cp.log_id
+    )
+    return after
+
+
+def _check_sizes(cp: CheckpointV1, message: SegmentData) -> None:
+    p, m, first = message.previous_tree_size, cp.tree_size, message.first_seq
+    last = first + len(message.records) - 1
+    if not (0 <= p < m <= MAX_TREE_SIZE and p < first <= last <= m):
+        raise _Refusal(
+            AlertKind.MALFORMED,
+            f"a message of the segment {p + 1}..{m} (checkpoint tree size at "
+            f"most {MAX_TREE_SIZE}) with {len(message.records)} records from seq "
+            f"{first}: expected 1 or more records inside the segment",
+        )
+
+
+def check_duplicate(
+    frontier: Frontier, cp: CheckpointV1, message: SegmentData, history: History
+) -> Outcome:
+    """Judge a screened message whose checkpoint the collector accepted:
+    ``duplicate`` when each record's leaf hash is the accepted one at its
+    seq, else ``tampered_duplicate`` (not sticky)."""
+    last = message.first_seq + len(message.records) - 1
+    for seq, data in enumerate(message.records, start=message.first_seq):
+        accepted = None
+        if 0 < seq and last <= cp.tree_size:
+            accepted = history.node(cp.log_id, 0, seq - 1)
+        if accepted != merkle.leaf_hash(bytes(data)):
+            refusal = _Refusal(
+                AlertKind.TAMPERED_DUPLICATE,
+                f"the accepted checkpoint at tree size {cp.tree_size} came "
+                f"again with record {seq} other than the accepted one",
+            )
+            return _refuse(frontier, refusal, cp)
+    return Outcome(Verdict.DUPLICATE, frontier, checkpoint=cp)
 
 
 def _sticky(frontier: Frontier, cp: CheckpointV1 | None) -> Outcome:

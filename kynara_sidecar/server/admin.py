@@ -136,7 +136,8 @@ class AdminCredentials:
             if role not in caller.roles:
                 raise RoleMissing(
                     f"expected a credential with the {role} role for {call}, got "
-                    f"{caller.name!r} with {sorted(caller.roles)}: add the role "
+                    f"{caller.name!r} with roles [{', '.join(sorted(caller.roles))}]: "
+                    "add the role "
                     f"in admin.credentials.{caller.name}.roles",
                     field=CREDENTIAL_FIELD,
                 )

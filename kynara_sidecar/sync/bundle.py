@@ -25,12 +25,19 @@ though tar itself would not notice, and a verified bundle has exactly one
 form.
 
 Verifying checks, in this order, and stops at the first problem (its
-``BundleProblem`` names the kind): the tar reads and holds only regular
-files with safe relative names (no absolute path, ``..``, link or device);
-the manifest is well-formed; its key is trusted; the signature holds; each
-listed file is there with its hash and nothing else is; the bytes are the
-canonical packing; the files compile, to the revisions the manifest states.
-A bundle that passes is safe to activate whole.
+``BundleProblem`` names the kind): the bundle is at most
+``MAX_BUNDLE_BYTES``; the tar reads and holds only regular files with safe
+relative names (no absolute path, ``..``, link or device); the manifest is
+well-formed; its key is trusted; the signature holds; each listed file is
+there with its hash and nothing else is; the bytes are the canonical
+packing; the files compile, to the revisions the manifest states. A bundle
+that passes is safe to activate whole. ``inspect_bundle`` runs every check
+but the key and signature, for a tool that holds no trusted key (``bundle
+publish`` without ``--trusted-key``): it still refuses what is not a bundle.
+
+How far a bundle's ``created`` may be ahead of a daemon's clock is the
+daemon's rule (``sync.max_clock_skew_seconds``); ``seconds_ahead`` measures
+it, for the daemon and for the tools that warn about it.
 
 The two functions at the edges, ``read_bundle`` and ``write_bundle``, are
 the only I/O; ``build_bundle`` reads the policy directory through the
@@ -63,7 +70,7 @@ from kynara_sidecar.audit.keys import (
     decode_base64url,
     encode_base64url,
 )
-from kynara_sidecar.audit.record import format_timestamp
+from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import ConfigError, KynaraError, PolicyError
 from kynara_sidecar.policy.loader import (
@@ -72,6 +79,7 @@ from kynara_sidecar.policy.loader import (
     decode_document,
     read_documents,
 )
+from kynara_sidecar.sync import MAX_BUNDLE_BYTES, BundleTooLarge
 
 __all__ = [
     "BUNDLE_VERSION",
@@ -83,8 +91,10 @@ __all__ = [
     "VerifiedBundle",
     "build_bundle",
     "build_manifest",
+    "inspect_bundle",
     "pack_bundle",
     "read_bundle",
+    "seconds_ahead",
     "verify_bundle",
     "write_bundle",
 ]
@@ -112,6 +122,8 @@ class BundleProblem(enum.StrEnum):
     HASH_MISMATCH = "hash_mismatch"
     DOES_NOT_COMPILE = "does_not_compile"
     REVISION_MISMATCH = "revision_mismatch"
+    # Larger than MAX_BUNDLE_BYTES: every daemon would refuse it.
+    TOO_LARGE = "too_large"
 
 
 class BundleError(KynaraError):
@@ -122,6 +134,8 @@ class BundleError(KynaraError):
     def __init__(self, kind: BundleProblem, message: str, *, path: str = ""):
         self.kind = kind
         self.path = path
+        # The message without the kind and path, for a caller adding a hint.
+        self.detail = message
         where = f" {path}:" if path else ""
         super().__init__(f"{kind.value}:{where} {message}")
 
@@ -156,8 +170,13 @@ def build_bundle(policy_dir: pathlib.Path, key: SigningKey, now: Timestamp) -> b
     Raises:
         PolicyError: a file does not load or the set does not compile (a
             bundle that cannot be activated is never built).
+        BundleTooLarge: the bundle would be larger than ``MAX_BUNDLE_BYTES``,
+            which every daemon refuses.
     """
     documents = read_documents(policy_dir)
+    total = sum(len(document.content) for document in documents)
+    if total > MAX_BUNDLE_BYTES:
+        raise BundleTooLarge(_too_large(f"the files of {policy_dir}", total))
     loaded = compile_documents(documents, root=str(policy_dir))
     files = {document.name: document.content for document in documents}
     manifest = build_manifest(
@@ -167,7 +186,19 @@ def build_bundle(policy_dir: pathlib.Path, key: SigningKey, now: Timestamp) -> b
         created=format_timestamp(now),
         key_id=key.key_id,
     )
-    return pack_bundle(files, manifest, key)
+    data = pack_bundle(files, manifest, key)
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleTooLarge(_too_large(f"the bundle of {policy_dir}", len(data)))
+    return data
+
+
+def _too_large(what: str, size: int) -> str:
+    return (
+        f"{what}: {size} bytes, over the {MAX_BUNDLE_BYTES}-byte cap on a bundle "
+        "(MAX_BUNDLE_BYTES; every daemon refuses a larger one); split the "
+        "policies or trim them (a NATS store takes at most its server's "
+        "max_payload, 1 MiB by default)"
+    )
 
 
 def build_manifest(
@@ -253,11 +284,32 @@ def verify_bundle(data: bytes, trusted: Mapping[str, PublicKey]) -> VerifiedBund
         BundleError: the first problem found, its ``kind`` one of
             ``BundleProblem``; nothing is returned then.
     """
+    return _verify(data, trusted)
+
+
+def inspect_bundle(data: bytes) -> VerifiedBundle:
+    """Every check ``verify_bundle`` makes except the key's and the
+    signature's: the size, the tar, the manifest, the files and their
+    hashes, the canonical packing, the compile and the revisions.
+
+    For a tool that holds no trusted key; the result's ``key_id`` is the one
+    the manifest names, unchecked, so nothing may activate it.
+
+    Raises:
+        BundleError: the first problem found, as ``verify_bundle`` would.
+    """
+    return _verify(data, None)
+
+
+def _verify(data: bytes, trusted: Mapping[str, PublicKey] | None) -> VerifiedBundle:
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleError(BundleProblem.TOO_LARGE, _too_large("bundle", len(data)))
     members = _unpack(data)
     manifest_bytes = _member(members, MANIFEST_NAME)
     signature_text = _member(members, SIGNATURE_NAME)
     manifest = _parse_manifest(manifest_bytes)
-    _check_signature(manifest_bytes, signature_text, manifest["key_id"], trusted)
+    if trusted is not None:
+        _check_signature(manifest_bytes, signature_text, manifest["key_id"], trusted)
     files = _check_files(members, manifest["files"])
     if _pack(members) != data:
         raise BundleError(
@@ -276,6 +328,17 @@ def verify_bundle(data: bytes, trusted: Mapping[str, PublicKey]) -> VerifiedBund
         files=files,
         policies=policies,
     )
+
+
+def seconds_ahead(created: str, now: Timestamp) -> float:
+    """How many seconds a bundle's ``created`` is ahead of ``now`` (negative
+    when it is behind).
+
+    Raises:
+        ValueError: ``created`` is not an RFC 3339 UTC timestamp.
+    """
+    moment = parse_timestamp(created)
+    return (moment.seconds - now.seconds) + (moment.nanos - now.nanos) / 1e9
 
 
 # Two zero blocks close a tar archive.
@@ -385,8 +448,7 @@ def _check_signature(
         known = ", ".join(sorted(trusted)) or "none"
         raise BundleError(
             BundleProblem.UNKNOWN_KEY,
-            f"signed by {key_id}, expected one of the trusted keys ({known}); "
-            "pass its public key with --trusted-key",
+            f"signed by {key_id}, expected one of the trusted keys ({known})",
         )
     try:
         signature = decode_base64url(signature_text.decode("ascii"))

@@ -42,6 +42,24 @@ position after its last acknowledgement, taking one message per daemon in
 turn and waiting ``poll_seconds`` when none has anything new. File I/O runs
 in worker threads, each call bounded by ``timeout``: a hung network volume
 makes the call fail with ``StoreUnavailable`` rather than stall the loop.
+
+Whoever can write the directory can put anything in it, and one bad entry
+must not stop the consumer for every daemon. So, each logged at ERROR
+(``kynara.sync``) and the others read on:
+
+- a name under ``segments/`` that is not a directory is skipped;
+- a directory whose name is not a canonical ``daemon_token`` is read, and
+  its messages delivered with ``daemon_id`` ``""`` (never a registered
+  daemon), so the consumer refuses them and acknowledges past them;
+- a ``<seq>.msg`` that is not a file, or has no id line, is delivered
+  with the bytes it has (none for a directory), for the consumer to
+  refuse; an id line that is not UTF-8 is decoded with replacements;
+- a message file larger than ``MAX_MESSAGE_FILE_BYTES`` is delivered cut
+  at that size: more than any consumer takes (the collector refuses
+  anything over 4 MiB), so it is refused without being read whole.
+
+A shipper reading its tail treats such a message as someone else's and
+takes the next number.
 """
 
 from __future__ import annotations
@@ -50,6 +68,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import pathlib
 import re
@@ -69,7 +88,9 @@ from kynara_sidecar.sync import (
     daemon_token,
 )
 
-__all__ = ["NAK_DELAY_SECONDS", "DirStore"]
+__all__ = ["MAX_MESSAGE_FILE_BYTES", "NAK_DELAY_SECONDS", "DirStore"]
+
+_log = logging.getLogger("kynara.sync")
 
 _T = TypeVar("_T")
 _SEQ_DIGITS = 20
@@ -79,6 +100,11 @@ _DIGEST_PREFIX = "sha256:"
 _FILE_MODE = 0o644
 # A nak'd message comes again after this pause, as with NATS's nak delay.
 NAK_DELAY_SECONDS = 1.0
+# A shipped message is at most 512 KiB of records and a checkpoint; a file
+# past this is read only this far (see the module doc).
+MAX_MESSAGE_FILE_BYTES = 8 << 20
+# Attacker-chosen names are cut to this in log lines.
+_MAX_LOGGED_NAME = 128
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -144,8 +170,36 @@ def _encode_message(msg_id: str, data: bytes) -> bytes:
 def _decode_message(seq: int, raw: bytes, path: pathlib.Path) -> _Message:
     head, sep, data = raw.partition(b"\n")
     if not sep:
-        raise StoreUnavailable(f"{path}: a segment message with no id line")
-    return _Message(seq, head.decode(), data)
+        _malformed("a segment message with no id line", path)
+        return _Message(seq, "", raw)
+    return _Message(seq, head.decode(errors="replace"), data)
+
+
+def _read_message_file(path: pathlib.Path) -> bytes:
+    """The file's bytes, at most ``MAX_MESSAGE_FILE_BYTES`` of them; b""
+    for a directory (an entry to refuse). Raises FileNotFoundError."""
+    try:
+        with path.open("rb") as file:
+            return file.read(MAX_MESSAGE_FILE_BYTES)
+    except IsADirectoryError:
+        _malformed("a segment message that is a directory", path)
+        return b""
+
+
+def _malformed(what: str, path: pathlib.Path) -> None:
+    _log.error(
+        "malformed store entry",
+        extra={"fields": {"entry": str(path)[-_MAX_LOGGED_NAME:], "error": what}},
+    )
+
+
+def _daemon_id_of(token: str) -> str | None:
+    """The daemon id a canonical ``daemon_token`` names, else None."""
+    try:
+        daemon_id = daemon_id_from_token(token)
+    except ValueError:
+        return None
+    return daemon_id if daemon_token(daemon_id) == token else None
 
 
 class DirStore:
@@ -322,7 +376,7 @@ class DirStore:
             tail = self._scan_tail(directory)
         # A crash between message and marker: the resend meets its own
         # message last in the directory.
-        if tail and self._read(directory, tail).msg_id == msg_id:
+        if tail and self._read_id(directory, tail) == msg_id:
             _write_atomic(marker, str(tail).encode())
             self._tails[token] = tail
             return False
@@ -330,7 +384,7 @@ class DirStore:
         seq = tail + 1
         while not _link_new(directory / f"{seq:0{_SEQ_DIGITS}d}.msg", raw):
             # Another process took that number for this daemon.
-            if self._read(directory, seq).msg_id == msg_id:
+            if self._read_id(directory, seq) == msg_id:
                 _write_atomic(marker, str(seq).encode())
                 self._tails[token] = seq
                 return False
@@ -349,9 +403,9 @@ class DirStore:
             if (match := _MESSAGE.match(name))
         )
 
-    def _read(self, directory: pathlib.Path, seq: int) -> _Message:
+    def _read_id(self, directory: pathlib.Path, seq: int) -> str:
         path = directory / f"{seq:0{_SEQ_DIGITS}d}.msg"
-        return _decode_message(seq, path.read_bytes(), path)
+        return _decode_message(seq, _read_message_file(path), path).msg_id
 
     async def segments(self, consumer: str) -> AsyncIterator[_DirDelivery]:
         """Every daemon's messages after ``consumer``'s acknowledged ones,
@@ -390,8 +444,12 @@ class DirStore:
         for path in sorted(self._status.iterdir()):
             if path.name.startswith(".") or path.suffix != ".json":
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                found[daemon_id_from_token(path.stem)] = path.read_bytes()
+            daemon_id = _daemon_id_of(path.stem)
+            if daemon_id is None:
+                _malformed("a status file not named by a daemon token", path)
+                continue
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                found[daemon_id] = path.read_bytes()
         return found
 
 
@@ -435,6 +493,9 @@ class _Cursor:
         self.store = store
         self.directory = store._consumers / consumer
         self.positions: dict[str, _Position] = {}
+        # Entries under segments/ that are not daemon directories, logged
+        # once each.
+        self.skipped: set[str] = set()
         self.loop = asyncio.get_running_loop()
         # Reads and acks run in worker threads; a caller may ack from
         # another task while the next round is read.
@@ -451,9 +512,14 @@ class _Cursor:
     def _position(self, token: str) -> _Position:
         position = self.positions.get(token)
         if position is None:
+            path = self.directory / token
             try:
-                acked = int((self.directory / token).read_text())
+                acked = int(path.read_text())
             except FileNotFoundError:
+                acked = 0
+            except (ValueError, IsADirectoryError):
+                # Everything comes again; the consumer knows what it took.
+                _malformed("a consumer position that is no number", path)
                 acked = 0
             position = _Position(acked=acked, offered=acked)
             self.positions[token] = position
@@ -475,14 +541,22 @@ class _Cursor:
             directory = self.store._segments / token
             path = directory / f"{position.offered + 1:0{_SEQ_DIGITS}d}.msg"
             try:
-                raw = path.read_bytes()
+                raw = _read_message_file(path)
             except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                if token not in self.skipped:
+                    self.skipped.add(token)
+                    _malformed("not a daemon's directory; skipped", directory)
                 continue
             message = _decode_message(position.offered + 1, raw, path)
             position.offered = message.seq
+            daemon_id = _daemon_id_of(token)
+            if daemon_id is None:
+                _malformed("a directory not named by a daemon token", path)
             found.append(
                 _DirDelivery(
-                    daemon_id=daemon_id_from_token(token),
+                    daemon_id=daemon_id or "",
                     msg_id=message.msg_id,
                     data=message.data,
                     seq=message.seq,

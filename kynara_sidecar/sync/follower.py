@@ -13,17 +13,24 @@ a file) goes through one path, under one lock, so two offers never race:
    thread: a large set takes a while, and decisions go on meanwhile);
 3. a bundle created before the active one is refused ("older than the
    active revision"), unless the operator forces it: a store replaying an
-   old bundle must not roll the fleet back silently;
+   old bundle must not roll the fleet back silently. A bundle created more
+   than ``sync.max_clock_skew_seconds`` ahead of the daemon's clock is
+   refused too ("created in the future"), forced or not: a publisher with a
+   wrong clock would otherwise make every later bundle look older;
 4. the daemon's ``activate`` callback commits the bundle with its
    ``policy_activated`` marker and swaps the compiled set in. Only a bundle
    that got this far is active; any earlier failure leaves the previous
    revision serving.
 
 Each offer ends in one ``SyncOutcome``: activated, unchanged, refused (the
-reason: the ``BundleProblem`` kind and the message naming the file and the
-rule) or unreachable (the source could not be read). Each is counted
-(``kynara_policy_sync_total{outcome}``), logged (a refusal at ERROR) and
-kept as ``last_sync`` for the status document and ``sync now``.
+reason: the message naming the file and the rule, and a ``kind`` an alert
+can key on: the ``BundleProblem`` kind, ``older``, ``future``,
+``too_large``, ``unusable`` when the daemon cannot serve it, say its
+directory lacks the configured agent, or ``not_activated`` when the audit
+log could not take it) or unreachable (the source could not be read). Each
+is counted (``kynara_policy_sync_total{outcome}``), logged (a refusal at
+ERROR, once while it stays the same, with ``kind`` as a field) and kept as
+``last_sync`` for the status document and ``sync now``.
 
 The background loop (stores only; a bundle file is read at start, on
 SIGHUP and on ``sync now``) connects, watches, and polls
@@ -64,7 +71,13 @@ from kynara_sidecar.sync import (
     BundleTooLarge,
     StoreUnavailable,
 )
-from kynara_sidecar.sync.bundle import BundleError, VerifiedBundle, verify_bundle
+from kynara_sidecar.sync.bundle import (
+    BundleError,
+    BundleProblem,
+    VerifiedBundle,
+    seconds_ahead,
+    verify_bundle,
+)
 
 __all__ = [
     "MAX_BUNDLE_FILE_BYTES",
@@ -114,6 +127,9 @@ class LastSync(msgspec.Struct, frozen=True):
     previous_revision: str = ""
     # The digest of the bundle it looked at ("" when it read none).
     digest: str = ""
+    # Why it was refused, for alerts: a BundleProblem kind, "older",
+    # "future", "too_large", "unusable" or "not_activated" ("" otherwise).
+    kind: str = ""
 
 
 class ActiveBundle(msgspec.Struct, frozen=True):
@@ -154,8 +170,8 @@ def bundle_digest(data: bytes) -> str:
 class BundleFile:
     """A bundle file as a source: read whole on each ``current_bundle``.
 
-    Raises ``ConfigError`` (naming the path) when the file cannot be read or
-    is larger than ``MAX_BUNDLE_FILE_BYTES``.
+    Raises ``ConfigError`` (naming the path) when the file cannot be read,
+    ``BundleTooLarge`` when it is larger than ``MAX_BUNDLE_FILE_BYTES``.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -187,17 +203,26 @@ class BundleFile:
                 f"policy.source: cannot read bundle file {self.path}: {err}"
             ) from err
         if len(data) > MAX_BUNDLE_FILE_BYTES:
-            raise ConfigError(
-                f"policy.source: bundle file {self.path} is larger than "
-                f"{MAX_BUNDLE_FILE_BYTES} bytes; expected a policy bundle"
+            raise BundleTooLarge(
+                f"policy.source: bundle file {self.path} is larger than the "
+                f"{MAX_BUNDLE_FILE_BYTES}-byte cap on a bundle (MAX_BUNDLE_BYTES)"
             )
         return data
 
 
 class _Refused(Exception):
-    def __init__(self, message: str, *, remember: bool = True):
+    def __init__(self, message: str, kind: str, *, remember: bool = True):
         super().__init__(message)
+        self.kind = kind
         self.remember = remember
+
+
+_TOO_LARGE = str(BundleProblem.TOO_LARGE)
+# A bundle error's kind -> what the daemon adds so an operator knows what
+# to change.
+_HINTS = {
+    BundleProblem.UNKNOWN_KEY: "; add its public key to policy.trusted_keys",
+}
 
 
 def _fields(**fields: object) -> dict[str, dict[str, object]]:
@@ -220,6 +245,8 @@ class BundleFollower:
         on_outcome: called with ``last_sync`` when its outcome or error
             changes (not for each poll that finds the same bundle), e.g. to
             publish the daemon's status at once.
+        max_clock_skew_seconds: how far a bundle's ``created`` may be ahead
+            of ``clock`` (``sync.max_clock_skew_seconds``).
     """
 
     def __init__(
@@ -234,8 +261,10 @@ class BundleFollower:
         retry_min_seconds: float = 0.2,
         retry_max_seconds: float = 30.0,
         on_outcome: Callable[[LastSync], None] | None = None,
+        max_clock_skew_seconds: float = 300.0,
     ):
         self.source = source
+        self._max_skew = max_clock_skew_seconds
         self._on_outcome = on_outcome
         self._trusted = dict(trusted)
         self._activate = activate
@@ -259,13 +288,33 @@ class BundleFollower:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="kynara-bundle-follower")
 
-    async def close(self) -> None:
-        """Stop following and close the source. Idempotent."""
+    async def close(self, timeout: float | None = None) -> bool:
+        """Stop following and close the source. Idempotent.
+
+        Args:
+            timeout: seconds to wait for the background loop to end and the
+                source to close; None waits as long as that takes.
+
+        Returns:
+            Whether both ended in time. A loop stuck in a store call that
+            ignores cancellation (a thread blocked on a hung mount cannot
+            be interrupted) is left behind, cancelled, so the daemon can
+            go on stopping.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         task, self._task = self._task, None
+        stopped = True
         if task is not None:
-            await _settle([task])
-        with contextlib.suppress(KynaraError, OSError):
-            await self.source.close()
+            stopped = await _settle([task], deadline)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            async with asyncio.timeout(left):
+                await self.source.close()
+        except TimeoutError:
+            stopped = False
+        except (KynaraError, OSError):
+            pass
+        return stopped
 
     async def restore(self, entry: BundleEntry) -> bool:
         """Activate a bundle the daemon kept from an earlier run, verified
@@ -280,11 +329,15 @@ class BundleFollower:
         """
         async with self._lock:
             try:
-                verified = await self._verify(entry)
+                verified = await self._verify(
+                    entry, "kept in the audit log (audit.path) from an earlier run"
+                )
             except _Refused as err:
                 log.error(
                     "stored bundle refused; waiting for one from the source",
-                    extra=_fields(error=str(err), source=self.source.url),
+                    extra=_fields(
+                        error=str(err), kind=err.kind, source=self.source.url
+                    ),
                 )
                 return False
             await self._activate(verified, entry)
@@ -305,10 +358,12 @@ class BundleFollower:
         try:
             await self.source.connect()
             entry = await self.source.current_bundle()
+        except BundleTooLarge as err:
+            return self._record(
+                SyncOutcome.REFUSED, self.active, str(err), kind=_TOO_LARGE
+            )
         except (StoreUnavailable, ConfigError) as err:
             return self._record(SyncOutcome.UNREACHABLE, self.active, str(err))
-        except BundleTooLarge as err:
-            return self._record(SyncOutcome.REFUSED, self.active, str(err))
         result = await self._offer(entry, force=force, from_loop=False)
         assert result is not None  # only the loop skips
         if result.outcome is not SyncOutcome.UNREACHABLE:
@@ -333,30 +388,59 @@ class BundleFollower:
             if from_loop and entry.digest in self._refused:
                 return None
             try:
-                verified = await self._verify(entry)
+                verified = await self._verify(entry, f"from {self.source.url}")
+                self._check_created(verified)
                 self._check_order(verified, previous, force)
                 await self._call_activate(verified, entry)
             except _Refused as err:
                 if err.remember:
                     self._refused.add(entry.digest)
                 return self._record(
-                    SyncOutcome.REFUSED, previous, str(err), digest=entry.digest
+                    SyncOutcome.REFUSED,
+                    previous,
+                    str(err),
+                    digest=entry.digest,
+                    kind=err.kind,
                 )
             self._refused.discard(entry.digest)
             self._set_active(verified, entry)
             return self._record(SyncOutcome.ACTIVATED, previous, digest=entry.digest)
 
-    async def _verify(self, entry: BundleEntry) -> VerifiedBundle:
-        where = f"bundle {entry.digest} from {self.source.url}"
+    async def _verify(self, entry: BundleEntry, origin: str) -> VerifiedBundle:
+        where = f"bundle {entry.digest} {origin}"
         if bundle_digest(entry.data) != entry.digest:
             raise _Refused(
                 f"{where}: malformed: its bytes hash to {bundle_digest(entry.data)}, "
-                "not to the digest the source named"
+                "not to the digest the source named",
+                str(BundleProblem.MALFORMED),
             )
         try:
             return await asyncio.to_thread(verify_bundle, entry.data, self._trusted)
         except BundleError as err:
-            raise _Refused(f"{where}: {err}") from err
+            hint = _HINTS.get(err.kind, "")
+            raise _Refused(f"{where}: {err}{hint}", str(err.kind)) from err
+
+    def _check_created(self, verified: VerifiedBundle) -> None:
+        now = Timestamp.from_nanos(self._clock())
+        try:
+            ahead = seconds_ahead(verified.created, now)
+        except ValueError as err:
+            raise _Refused(
+                f"bundle of revision {verified.revision}: malformed: its "
+                f"manifest's created: {err}",
+                str(BundleProblem.MALFORMED),
+            ) from None
+        if ahead > self._max_skew:
+            raise _Refused(
+                f"bundle of revision {verified.revision} was created in the "
+                f"future: created {verified.created}, {ahead:.0f}s ahead of this "
+                f"daemon's clock ({format_timestamp(now)}), more than "
+                f"sync.max_clock_skew_seconds ({self._max_skew:g}); fix the "
+                "publisher's clock (or this machine's) and publish it again",
+                "future",
+                # The clock may be the one that is wrong: try it again later.
+                remember=False,
+            )
 
     def _check_order(
         self, verified: VerifiedBundle, previous: ActiveBundle | None, force: bool
@@ -368,14 +452,16 @@ class BundleFollower:
         except ValueError as err:
             raise _Refused(
                 f"bundle of revision {verified.revision}: malformed: its "
-                f"manifest's created: {err}"
+                f"manifest's created: {err}",
+                str(BundleProblem.MALFORMED),
             ) from None
         if older:
             raise _Refused(
                 f"bundle of revision {verified.revision} (created "
                 f"{verified.created}) is older than the active revision "
                 f"{previous.revision} (created {previous.created}); run "
-                "`kynara-sidecar sync now --force` to take it anyway"
+                "`kynara-sidecar sync now --force` to take it anyway",
+                "older",
             )
 
     async def _call_activate(
@@ -384,11 +470,15 @@ class BundleFollower:
         where = f"bundle {entry.digest} (revision {verified.revision})"
         try:
             await self._activate(verified, entry)
-        except (PolicyError, BundleError) as err:
-            raise _Refused(f"{where}: {err}") from err
+        except BundleError as err:
+            raise _Refused(f"{where}: {err}", str(err.kind)) from err
+        except PolicyError as err:
+            raise _Refused(f"{where}: {err}", "unusable") from err
         except KynaraError as err:
             # Not the bundle's fault: try it again at the next poll.
-            raise _Refused(f"{where}: not activated: {err}", remember=False) from err
+            raise _Refused(
+                f"{where}: not activated: {err}", "not_activated", remember=False
+            ) from err
 
     def _set_active(self, verified: VerifiedBundle, entry: BundleEntry) -> None:
         self.active = ActiveBundle(
@@ -406,6 +496,7 @@ class BundleFollower:
         error: str = "",
         *,
         digest: str = "",
+        kind: str = "",
     ) -> LastSync:
         result = LastSync(
             time=format_timestamp(Timestamp.from_nanos(self._clock())),
@@ -414,6 +505,7 @@ class BundleFollower:
             revision=self.active.revision if self.active else "",
             previous_revision=previous.revision if previous else "",
             digest=digest,
+            kind=kind,
         )
         before, self.last_sync = self.last_sync, result
         self._metrics.policy_sync.labels(str(outcome)).inc()
@@ -430,11 +522,15 @@ class BundleFollower:
             policy_revision=result.revision,
             digest=digest,
         )
-        if outcome is SyncOutcome.REFUSED:
+        if outcome is SyncOutcome.REFUSED and changed:
             log.error(
                 "bundle refused; previous revision stays active",
-                extra={"fields": {**fields["fields"], "error": error}},
+                extra={"fields": {**fields["fields"], "kind": kind, "error": error}},
             )
+        elif outcome is SyncOutcome.REFUSED:
+            # The same refusal again (a too-large bundle the loop retries):
+            # logged once at ERROR while it lasts.
+            log.debug("bundle still refused", extra=fields)
         elif outcome is SyncOutcome.UNREACHABLE:
             log.warning(
                 "bundle source unreachable; serving what is active",
@@ -455,8 +551,9 @@ class BundleFollower:
             except StoreUnavailable as err:
                 self._record(SyncOutcome.UNREACHABLE, self.active, str(err))
             except BundleTooLarge as err:
-                log.error("bundle refused", extra=_fields(error=str(err)))
-                self._record(SyncOutcome.REFUSED, self.active, str(err))
+                self._record(
+                    SyncOutcome.REFUSED, self.active, str(err), kind=_TOO_LARGE
+                )
             except Exception as err:
                 # A bug must not end following for good: count it, retry.
                 log.exception("bundle follower failed", extra=_fields())
@@ -500,15 +597,25 @@ class BundleFollower:
             await self._offer(entry, force=False, from_loop=True)
 
 
-async def _settle(tasks: Collection[asyncio.Task[None]]) -> None:
-    """Cancel the tasks until every one is done (see _CANCEL_RETRY_SECONDS);
-    a cancellation of the caller meanwhile is raised once they are."""
+async def _settle(
+    tasks: Collection[asyncio.Task[None]], deadline: float | None = None
+) -> bool:
+    """Cancel the tasks until every one is done (see _CANCEL_RETRY_SECONDS)
+    or ``deadline`` (``time.monotonic``) passes; returns whether all are
+    done. A cancellation of the caller meanwhile is raised once they are."""
     cancelled = False
     while pending := [task for task in tasks if not task.done()]:
+        if deadline is not None and time.monotonic() >= deadline:
+            if cancelled:
+                raise asyncio.CancelledError
+            return False
         for task in pending:
             task.cancel()
+        wait = _CANCEL_RETRY_SECONDS
+        if deadline is not None:
+            wait = min(wait, max(deadline - time.monotonic(), 0.0))
         try:
-            await asyncio.wait(pending, timeout=_CANCEL_RETRY_SECONDS)
+            await asyncio.wait(pending, timeout=wait)
         except asyncio.CancelledError:
             cancelled = True
     for task in tasks:
@@ -516,6 +623,7 @@ async def _settle(tasks: Collection[asyncio.Task[None]]) -> None:
             log.debug("follower task ended", exc_info=task.exception())
     if cancelled:
         raise asyncio.CancelledError
+    return True
 
 
 def _instant(text: str) -> tuple[int, int]:

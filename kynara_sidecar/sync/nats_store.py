@@ -35,6 +35,12 @@ Shipped messages survive a crash of the server process (written to its
 file store before the acknowledgement), and so does duplicate detection;
 the server syncs to disk every ``sync_interval`` (its setting), so a crash
 of the machine can lose the last acknowledged ones.
+
+Whoever can publish to the server can publish under any subject: a
+message whose subject token is not a canonical ``daemon_token`` is logged
+at ERROR (``kynara.sync``) and delivered with ``daemon_id`` ``""`` (never
+a registered daemon), so the consumer refuses it and acknowledges past it
+rather than stopping on it; a status key that is no token is skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -110,6 +117,8 @@ _LIVENESS_SECONDS = 0.25
 _MAX_OUTSTANDING_PINGS = 2
 _MSG_ID_HEADER = "Nats-Msg-Id"
 _DIGEST_PREFIX = "sha256:"
+# Attacker-chosen names are cut to this in log lines.
+_MAX_LOGGED_NAME = 128
 
 _T = TypeVar("_T")
 _log = logging.getLogger("kynara.sync")
@@ -124,6 +133,31 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 def _digest(data: bytes) -> str:
     return _DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def _daemon_id_of(token: str) -> str | None:
+    """The daemon id a canonical ``daemon_token`` names, else None."""
+    try:
+        daemon_id = daemon_id_from_token(token)
+    except ValueError:
+        return None
+    return daemon_id if daemon_token(daemon_id) == token else None
+
+
+def _raise_if_cancelled() -> None:
+    # The client's own wait_for (Python 3.11, gh-86296) can swallow a
+    # cancellation; the task still counts it, so a loop that never ends on
+    # its own honours it here instead of running on after a stop.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _malformed(what: str, name: str) -> None:
+    _log.error(
+        "malformed store entry",
+        extra={"fields": {"entry": name[:_MAX_LOGGED_NAME], "error": what}},
+    )
 
 
 class NatsStore:
@@ -179,20 +213,24 @@ class NatsStore:
             if self._nc is not None and self._nc.is_connected and self._js:
                 return self._js
             await self._drop()
-            nc = await nats.connect(
-                servers=[self.url],
-                name="kynara",
-                allow_reconnect=False,
-                connect_timeout=self.timeout,
-                ping_interval=max(1.0, self.timeout),
-                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
-                error_cb=self._on_error,
-            )
+            # The client is made first so that a connect cut short (a
+            # timeout, a stop) closes its socket rather than leaking it.
+            nc = nats.aio.client.Client()
             try:
+                await nc.connect(
+                    servers=[self.url],
+                    name="kynara",
+                    allow_reconnect=False,
+                    connect_timeout=self.timeout,
+                    ping_interval=max(1.0, self.timeout),
+                    max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
+                    error_cb=self._on_error,
+                )
                 js = nc.jetstream(timeout=self.timeout)
                 await self._declare(js)
             except BaseException:
-                await nc.close()
+                with contextlib.suppress(Exception):
+                    await nc.close()
                 raise
             self._nc, self._js = nc, js
             return js
@@ -388,6 +426,7 @@ class NatsStore:
                     raise StoreUnavailable(
                         f"{self.url}: fetch segments for {name}: connection lost"
                     )
+                _raise_if_cancelled()
                 for message in messages:
                     yield self._delivery(message)
         finally:
@@ -398,8 +437,11 @@ class NatsStore:
 
     def _delivery(self, message: Msg) -> _NatsDelivery:
         token = message.subject.removeprefix(SEGMENT_SUBJECT_PREFIX)
+        daemon_id = _daemon_id_of(token)
+        if daemon_id is None:
+            _malformed("a segment subject not named by a daemon token", token)
         return _NatsDelivery(
-            daemon_id=daemon_id_from_token(token),
+            daemon_id=daemon_id or "",
             msg_id=(message.headers or {}).get(_MSG_ID_HEADER, ""),
             data=message.data,
             _message=message,
@@ -426,9 +468,13 @@ class NatsStore:
                 return {}
             found = {}
             for key in sorted(keys):
+                daemon_id = _daemon_id_of(key)
+                if daemon_id is None:
+                    _malformed("a status key that is no daemon token", key)
+                    continue
                 with contextlib.suppress(nats.js.errors.KeyNotFoundError):
                     entry = await self._status.get(key)
-                    found[daemon_id_from_token(key)] = entry.value or b""
+                    found[daemon_id] = entry.value or b""
             return found
 
         return await self._bounded("read statuses", read())

@@ -7,7 +7,11 @@ or recovering, a policy activated or a sync refused). The store keeps only
 the latest, so the fleet view is "every daemon, as of its last word".
 
 ``kynara-sidecar fleet status --store URL`` reads them all
-(``read_fleet``) and prints one row per daemon (``format_fleet``). A status
+(``read_fleet``) and prints one row per daemon (``format_fleet``), named by
+the ``daemon_id`` its document states. A document stored under another
+daemon's key (a daemon misconfigured with another's id, or a forged one)
+is flagged as a mismatch; the command exits 1 when a row is unreadable or
+mismatched. A status
 is **stale** when it is older than ``STALE_INTERVALS`` times the interval
 its daemon said it publishes at: that daemon is stopped, cut off from the
 store, or its clock is off; either way its row no longer says how it is.
@@ -75,6 +79,9 @@ class LastSyncV1(msgspec.Struct, kw_only=True):
     error: str = ""
     # The revision it was about (the bundle's), "" when none was read.
     revision: str = ""
+    # Why it was refused, for alerts: a BundleProblem kind, "older",
+    # "future", "too_large", ... (see sync.follower); "" otherwise.
+    kind: str = ""
 
 
 class PolicyStatusV1(msgspec.Struct, kw_only=True):
@@ -192,6 +199,7 @@ def policy_status(
             outcome=str(last.outcome),
             error=last.error,
             revision=last.revision,
+            kind=last.kind,
         ),
     )
 
@@ -333,6 +341,7 @@ class StatusPublisher:
 class FleetRow(msgspec.Struct, kw_only=True):
     """One daemon as ``fleet status`` shows it."""
 
+    # The daemon id the document states; the store key's when unreadable.
     daemon_id: str
     # Seconds since its status was made; None when it did not decode.
     age_seconds: float | None
@@ -340,6 +349,15 @@ class FleetRow(msgspec.Struct, kw_only=True):
     status: DaemonStatusV1 | None = None
     # Why the stored document could not be read, "" when it could.
     error: str = ""
+    # The daemon id the store keeps the document under.
+    stored_under: str = ""
+    # The document names another daemon than the key it is stored under.
+    mismatch: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Readable and stored under its own daemon's key."""
+        return self.status is not None and not self.mismatch
 
 
 async def read_fleet(store: Store) -> dict[str, bytes]:
@@ -369,15 +387,23 @@ def fleet_rows(documents: dict[str, bytes], now_nanos: int) -> list[FleetRow]:
                     age_seconds=None,
                     stale=True,
                     error=f"unreadable status: {err}",
+                    stored_under=daemon_id,
                 )
             )
             continue
         age = (now_nanos - made.seconds * 1_000_000_000 - made.nanos) / 1e9
         stale = age > STALE_INTERVALS * status.status_seconds
         rows.append(
-            FleetRow(daemon_id=daemon_id, age_seconds=age, stale=stale, status=status)
+            FleetRow(
+                daemon_id=status.daemon_id,
+                age_seconds=age,
+                stale=stale,
+                status=status,
+                stored_under=daemon_id,
+                mismatch=status.daemon_id != daemon_id,
+            )
         )
-    return rows
+    return sorted(rows, key=lambda row: (row.daemon_id, row.stored_under))
 
 
 _COLUMNS = ("DAEMON", "REVISION", "LAST SYNC", "HEAD", "CHECKPOINT", "BACKLOG", "AGE")
@@ -412,8 +438,11 @@ def _cells(row: FleetRow) -> tuple[str, ...]:
         return (row.daemon_id, "-", row.error, "-", "-", "-", "-")
     checkpoint = status.audit.latest_checkpoint
     age = f"{row.age_seconds:.0f}s" + (" STALE" if row.stale else "")
+    name = row.daemon_id
+    if row.mismatch:
+        name += f" (MISMATCH: stored under {row.stored_under!r})"
     return (
-        row.daemon_id,
+        name,
         status.policy.revision[:_SHORT_REVISION] or "-",
         _sync_cell(status.policy),
         str(status.audit.head),

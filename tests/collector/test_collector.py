@@ -272,7 +272,7 @@ def test_segments_through_a_real_nats_server(tmp_path, start_collector, nats_ser
     assert [r["seq"] for r in query_cli(config, 1, 25)] == list(range(1, 26))
 
 
-def test_unregistered_daemon_is_refused_and_alerted(tmp_path, start_collector):
+def test_unregistered_daemon_is_counted_and_nothing_kept(tmp_path, start_collector):
     log = write_log(tmp_path / "log", 4)
     other = write_log(tmp_path / "other", 1)
     store_url = dir_store(tmp_path)
@@ -298,7 +298,8 @@ def test_unregistered_daemon_is_refused_and_alerted(tmp_path, start_collector):
         "an unknown_daemon alert",
     )
 
-    assert collector.daemon()["alerts"][0]["kind"] == "unknown_daemon"
+    _, body = collector.get("/daemons")
+    assert [d["daemon_id"] for d in json.loads(body)["daemons"]] == ["daemon-b"]
 
 
 # ------------------------------------------------------------------ pull

@@ -56,6 +56,15 @@ def _pull(daemon_id: str, target: str) -> dict:
             {"pull": [_pull("bot", "10.0.0.5:50153")]},
             r"pull\[0\].target: expected unix:///PATH or a loopback HOST:PORT",
         ),
+        # A name that merely starts like a loopback address.
+        (
+            {"http": {"host": "127.attacker.example"}},
+            r"http.host: expected a loopback address",
+        ),
+        (
+            {"pull": [_pull("bot", "127.attacker.example:50153")]},
+            r"pull\[0\].target: expected unix:///PATH or a loopback HOST:PORT",
+        ),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused_naming_the_key(tmp_path, key_file, raw, expected):
@@ -63,6 +72,47 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, key_file, raw, expected)
 
     with pytest.raises(ConfigError, match=expected):
         load_collector_config(_write(tmp_path, raw))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_http_hosts_are_accepted(tmp_path, key_file, host):
+    raw = {"daemons": {"bot": {"public_keys": [key_file]}}, "http": {"host": host}}
+
+    assert load_collector_config(_write(tmp_path, raw)).http.host == host
+
+
+@pytest.mark.parametrize(
+    ("daemon_id", "expected"),
+    [
+        ("x" * 129, r"daemons: expected a daemon id of 1 to 128 printable ASCII"),
+        ("bot\n1", r"daemons: expected a daemon id of 1 to 128 printable ASCII"),
+        ("", r"daemons: expected a daemon id of 1 to 128"),
+    ],
+)
+def test_registered_daemon_id_past_what_the_state_carries_is_refused(
+    tmp_path, key_file, daemon_id, expected
+):
+    raw = {"daemons": {daemon_id: {"public_keys": [key_file]}}}
+
+    with pytest.raises(ConfigError, match=expected):
+        load_collector_config(_write(tmp_path, raw))
+
+
+def test_registered_daemon_id_of_128_characters_is_accepted(tmp_path, key_file):
+    raw = {"daemons": {"b" * 128: {"public_keys": [key_file]}}}
+
+    assert list(load_collector_config(_write(tmp_path, raw)).daemons) == ["b" * 128]
+
+
+def test_daemon_identity_daemon_id_is_bounded(tmp_path):
+    from support import daemon_config
+
+    with pytest.raises(
+        ConfigError, match=r"identity.daemon_id: expected a daemon id of 1 to 128"
+    ):
+        daemon_config(tmp_path, f"identity.daemon_id={'d' * 129}")
+
+    assert daemon_config(tmp_path, "identity.daemon_id=d-1").identity.daemon_id == "d-1"
 
 
 def test_unreadable_key_file_names_the_daemon(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import time
 
 from support import SHIPPED_POLICIES
 
@@ -33,8 +34,11 @@ __all__ = [
 
 KEY = generate_key()
 OTHER_KEY = generate_key()
-# 2026-12-07T09:00:00Z; each test bundle is created some seconds after it.
-BASE_SECONDS = 1_796_634_000
+# Each test bundle is created some seconds after this: an hour before
+# both the tests' settable clock (2026-12-07T09:00:00Z) and the real one,
+# since daemons refuse a bundle created in the future
+# (sync.max_clock_skew_seconds) by either clock.
+BASE_SECONDS = min(1_796_634_000, time.time_ns() // 1_000_000_000) - 3600
 # The rule whose condition the broken bundle cuts short.
 BROKEN_RULE = "refund-small"
 

@@ -322,3 +322,65 @@ def test_cli_verify_with_another_key_fails_naming_the_kind(tmp_path, shipped):
 
     assert result.returncode == 1
     assert "kynara-sidecar bundle: unknown_key: signed by" in result.stderr
+
+
+def test_a_bundle_over_the_cap_is_too_large_before_it_is_read():
+    from kynara_sidecar.sync import MAX_BUNDLE_BYTES
+
+    with pytest.raises(BundleError, match=r"^too_large: .*-byte cap") as info:
+        verify_bundle(bytes(MAX_BUNDLE_BYTES + 1), TRUSTED)
+
+    assert info.value.kind is BundleProblem.TOO_LARGE
+
+
+def test_build_refuses_a_bundle_over_the_cap(tmp_path, monkeypatch):
+    from kynara_sidecar.sync import BundleTooLarge
+    from kynara_sidecar.sync import bundle as bundle_module
+
+    size = len(build_bundle(SHIPPED_POLICIES, KEY, NOW))
+    # The real cap is 64 MiB; the rule is the same at the shipped set's size.
+    monkeypatch.setattr(bundle_module, "MAX_BUNDLE_BYTES", size - 1)
+
+    with pytest.raises(BundleTooLarge, match=rf"{size} bytes, over the {size - 1}"):
+        build_bundle(SHIPPED_POLICIES, KEY, NOW)
+
+
+def test_inspect_checks_everything_but_the_signature(shipped):
+    from kynara_sidecar.sync.bundle import inspect_bundle
+
+    other = generate_key()
+    foreign = build_bundle(SHIPPED_POLICIES, other, NOW)
+
+    inspected = inspect_bundle(foreign)
+    with pytest.raises(BundleError) as info:
+        inspect_bundle(shipped[:-1024])
+
+    assert inspected.key_id == other.key_id
+    assert inspected.revision == load_policies(SHIPPED_POLICIES).policy_set.revision
+    assert info.value.kind is BundleProblem.MALFORMED
+
+
+def test_seconds_ahead_measures_a_created_time_against_now():
+    from kynara_sidecar.sync.bundle import seconds_ahead
+
+    assert seconds_ahead("2026-12-07T09:05:00Z", NOW) == pytest.approx(300.0)
+    assert seconds_ahead("2026-12-07T08:59:00Z", NOW) == pytest.approx(-60.0)
+    with pytest.raises(ValueError, match="RFC 3339"):
+        seconds_ahead("yesterday", NOW)
+
+
+def test_cli_build_refuses_policies_over_the_cap_naming_it(tmp_path):
+    from kynara_sidecar.sync import MAX_BUNDLE_BYTES
+
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)
+    with (policies / "payments.yaml").open("ab") as file:
+        file.write(b"# " + b"x" * MAX_BUNDLE_BYTES + b"\n")
+    key, out = tmp_path / "k.pem", tmp_path / "b.tar"
+    save_signing_key(KEY, key)
+
+    built = _cli("bundle", "build", policies, "--key", key, "--out", out)
+
+    assert built.returncode == 1
+    assert f"over the {MAX_BUNDLE_BYTES}-byte cap" in built.stderr
+    assert not out.exists()

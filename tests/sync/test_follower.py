@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import shutil
+import time
 
 import pytest
 
 from kynara_sidecar.audit.record import marker_record
 from kynara_sidecar.audit.store import AuditStore, bundle_changes
 from kynara_sidecar.metrics import Metrics
-from kynara_sidecar.sync import BundleEntry
+from kynara_sidecar.sync import MAX_BUNDLE_BYTES, BundleEntry
 from kynara_sidecar.sync.dir_store import DirStore
 from kynara_sidecar.sync.follower import (
     BundleFile,
@@ -355,5 +356,152 @@ def test_the_outcome_hook_fires_on_each_change_not_on_each_poll(tmp_path):
 
         assert h.outcomes == ["activated", "unchanged", "refused"]
         assert h.count("unchanged") >= 5
+
+    run(tmp_path, scenario)
+
+
+def _future_bundle(tmp_path, variant: str, ahead_seconds: int) -> bytes:
+    """A good bundle created ``ahead_seconds`` past the real clock (the
+    harness's follower reads the real clock)."""
+    from kynara_sidecar.decision import Timestamp
+    from kynara_sidecar.sync.bundle import build_bundle
+
+    now = time.time_ns() // 1_000_000_000
+    return build_bundle(
+        policy_dir(tmp_path, variant), KEY, Timestamp(now + ahead_seconds, 0)
+    )
+
+
+def test_a_bundle_from_the_future_is_refused_and_does_not_block_later_ones(
+    tmp_path, caplog
+):
+    future = _future_bundle(tmp_path, "future", ahead_seconds=3600)
+    later = signed(tmp_path, "later")
+
+    async def scenario(h: Harness):
+        await h.store.publish_bundle(future)
+        refused = await h.follower.sync_now()
+        forced = await h.follower.sync_now(force=True)
+        await h.store.publish_bundle(later)
+        activated = await h.follower.sync_now()
+
+        assert refused.outcome is SyncOutcome.REFUSED
+        assert refused.kind == "future"
+        assert "created in the future" in refused.error
+        assert "sync.max_clock_skew_seconds (300)" in refused.error
+        # Forcing takes an older bundle, never one from the future.
+        assert forced.outcome is SyncOutcome.REFUSED
+        assert activated.outcome is SyncOutcome.ACTIVATED
+        assert h.activated == [revision_of(policy_dir(tmp_path, "later"))]
+
+    with caplog.at_level("ERROR", logger="kynara.sync"):
+        run(tmp_path, scenario)
+    kinds = [getattr(r, "fields", {}).get("kind") for r in caplog.records]
+    assert "future" in kinds
+
+
+def test_a_bundle_within_the_clock_skew_is_taken(tmp_path):
+    near = _future_bundle(tmp_path, "near", ahead_seconds=60)
+
+    async def scenario(h: Harness):
+        await h.store.publish_bundle(near)
+
+        result = await h.follower.sync_now()
+
+        assert result.outcome is SyncOutcome.ACTIVATED
+
+    run(tmp_path, scenario)
+
+
+def test_a_bundle_file_over_the_cap_is_refused_as_too_large_and_logged_once(
+    tmp_path, caplog
+):
+    path = tmp_path / "policies.bundle"
+    with path.open("wb") as file:
+        file.truncate(MAX_BUNDLE_BYTES + 1)
+
+    async def scenario(h: Harness):
+        follower = BundleFollower(BundleFile(path), TRUSTED, h.activate, h.metrics)
+        first = await follower.sync_now()
+        second = await follower.sync_now()
+
+        assert first.outcome is SyncOutcome.REFUSED
+        assert first.kind == "too_large"
+        assert f"{MAX_BUNDLE_BYTES}-byte cap" in first.error
+        assert second.outcome is SyncOutcome.REFUSED
+        assert h.count("refused") == 2
+        assert h.count("unreachable") == 0
+
+    with caplog.at_level("ERROR", logger="kynara.sync"):
+        run(tmp_path, scenario)
+    refusals = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
+
+
+def test_an_unknown_key_refusal_names_the_setting_to_change(tmp_path):
+    data = signed(tmp_path, "r1")
+
+    async def scenario(h: Harness):
+        await h.store.publish_bundle(data)
+
+        result = await h.follower.sync_now()
+
+        assert result.kind == "unknown_key"
+        assert "add its public key to policy.trusted_keys" in result.error
+        assert "--trusted-key" not in result.error
+
+    run(tmp_path, scenario, trusted={OTHER_KEY.key_id: OTHER_KEY.public()})
+
+
+def test_a_kept_bundle_refused_at_restart_names_the_audit_log(tmp_path, caplog):
+    data = signed(tmp_path, "r1")
+    entry = BundleEntry(digest=bundle_digest(data), data=data)
+
+    async def scenario(h: Harness):
+        assert await h.follower.restore(entry) is False
+
+    with caplog.at_level("ERROR", logger="kynara.sync"):
+        run(tmp_path, scenario, trusted={OTHER_KEY.key_id: OTHER_KEY.public()})
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    error = record.fields["error"]
+    assert "kept in the audit log (audit.path)" in error
+    assert "dir://" not in error
+
+
+class HangingStore(DirStore):
+    """A store whose bundle reads never end and swallow cancellation, as a
+    call stuck where a cancel cannot reach would."""
+
+    entered = False
+    # Set by the test once done, so the loop can end and asyncio.run return.
+    released = False
+
+    async def current_bundle(self):
+        self.entered = True
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if self.released:
+                    raise
+
+    async def watch_bundles(self):
+        yield await self.current_bundle()
+
+
+def test_close_gives_up_on_a_loop_that_will_not_end(tmp_path):
+    root = tmp_path / "hanging"
+    root.mkdir()
+    store = HangingStore(f"dir://{root}")
+
+    async def scenario(h: Harness):
+        follower = BundleFollower(store, TRUSTED, h.activate, h.metrics)
+        follower.start()
+        await wait_until(lambda: store.entered, "the loop to enter the store call")
+
+        stopped = await follower.close(timeout=0.3)
+        store.released = True
+
+        assert stopped is False
 
     run(tmp_path, scenario)

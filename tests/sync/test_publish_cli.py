@@ -11,17 +11,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from support import REPO_ROOT, SHIPPED_POLICIES, as_nobody
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key
 from kynara_sidecar.decision import Timestamp
-from kynara_sidecar.sync import open_store
+from kynara_sidecar.sync import MAX_BUNDLE_BYTES, open_store
 from kynara_sidecar.sync.bundle import build_bundle, verify_bundle, write_bundle
 
 CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
-NOW = Timestamp(1_796_634_000)
+# An hour ago, by the real clock: `bundle publish` warns about a bundle
+# created in the future.
+NOW = Timestamp(time.time_ns() // 1_000_000_000 - 3600)
 
 
 def run(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -162,3 +165,85 @@ def test_publish_to_a_directory_the_user_cannot_write_fails_naming_it(
     assert result.stderr.startswith(f"kynara-sidecar bundle: dir://{store}: ")
     assert str(store / "bundles") in result.stderr
     assert not (store / "bundles").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello", b"policies:\n  - name: not a bundle\n"],
+    ids=["text", "yaml"],
+)
+def test_publish_without_a_key_still_refuses_what_is_not_a_bundle(tmp_path, content):
+    (tmp_path / "store").mkdir()
+    url = f"dir://{tmp_path / 'store'}"
+    path = tmp_path / "not-a-bundle"
+    path.write_bytes(content)
+
+    result = run("bundle", "publish", path, "--store", url)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("kynara-sidecar bundle: malformed: ")
+    assert current(url) is None
+
+
+def _bundle_at(tmp_path, name: str, seconds_ago: int, key) -> pathlib.Path:
+    created = Timestamp(time.time_ns() // 1_000_000_000 - seconds_ago)
+    path = tmp_path / name
+    write_bundle(path, build_bundle(SHIPPED_POLICIES, key, created))
+    return path
+
+
+def test_publish_refuses_a_bundle_older_than_the_current_unless_forced(tmp_path):
+    (tmp_path / "store").mkdir()
+    url = f"dir://{tmp_path / 'store'}"
+    key = generate_key()
+    newer = _bundle_at(tmp_path, "newer.tar", 60, key)
+    older = _bundle_at(tmp_path, "older.tar", 3600, key)
+    assert run("bundle", "publish", newer, "--store", url).returncode == 0
+
+    refused = run("bundle", "publish", older, "--store", url)
+    kept = current(url).data
+    forced = run("bundle", "publish", older, "--store", url, "--force")
+
+    assert refused.returncode == 2
+    assert "before the current bundle" in refused.stderr
+    assert "--force" in refused.stderr
+    assert kept == newer.read_bytes()
+    assert forced.returncode == 0, forced.stderr
+    assert current(url).data == older.read_bytes()
+
+
+def test_publish_and_verify_warn_about_a_bundle_from_the_future(tmp_path):
+    (tmp_path / "store").mkdir()
+    url = f"dir://{tmp_path / 'store'}"
+    key = generate_key()
+    public = tmp_path / "bundle-key.pub"
+    save_public_key(key.public(), public)
+    future = _bundle_at(tmp_path, "future.tar", -3600, key)
+
+    verified = run("bundle", "verify", future, "--trusted-key", public)
+    published = run("bundle", "publish", future, "--store", url)
+
+    for result in (verified, published):
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.startswith("warning: the bundle was created ")
+        assert "sync.max_clock_skew_seconds (default 300)" in result.stderr
+
+
+def test_verify_and_publish_refuse_a_bundle_over_the_cap(tmp_path):
+    (tmp_path / "store").mkdir()
+    url = f"dir://{tmp_path / 'store'}"
+    key = generate_key()
+    public = tmp_path / "bundle-key.pub"
+    save_public_key(key.public(), public)
+    path = tmp_path / "huge.tar"
+    with path.open("wb") as file:
+        file.truncate(MAX_BUNDLE_BYTES + 1)
+
+    verified = run("bundle", "verify", path, "--trusted-key", public)
+    published = run("bundle", "publish", path, "--store", url)
+
+    for result in (verified, published):
+        assert result.returncode == 1
+        assert result.stderr.startswith("kynara-sidecar bundle: too_large: ")
+        assert f"{MAX_BUNDLE_BYTES}-byte cap" in result.stderr
+    assert current(url) is None

@@ -195,7 +195,9 @@ def test_fleet_status_prints_a_row_per_daemon_and_marks_the_stale(tmp_path):
 
     table = fleet("--store", url)
 
-    assert table.returncode == 0, table.stderr
+    # An unreadable row fails the command, naming the daemon.
+    assert table.returncode == 1, table.stderr
+    assert table.stderr.startswith("kynara-sidecar fleet: bot-c@host-3: unreadable")
     header, *rows = table.stdout.splitlines()
     assert header.split()[:3] == ["DAEMON", "REVISION", "LAST"]
     assert [row.split()[0] for row in rows] == [
@@ -278,3 +280,33 @@ def test_fleet_status_refuses_a_url_that_is_not_a_store(store):
 
     assert out.returncode == 1
     assert "store URL" in out.stderr
+
+
+def test_fleet_status_names_a_daemon_by_its_document_and_flags_a_mismatch(tmp_path):
+    central = tmp_path / "central"
+    central.mkdir()
+    url = f"dir://{central}"
+    put_statuses(
+        url,
+        {
+            "bot-a@host-1": document("bot-a@host-1", age=1),
+            # bot-b's key, bot-x's document: a misconfigured or forged daemon.
+            "bot-b@host-2": document("bot-x@host-9", age=1),
+        },
+    )
+
+    table = fleet("--store", url)
+    as_json = json.loads(fleet("--store", url, "--json").stdout)
+
+    assert table.returncode == 1
+    _, *rows = table.stdout.splitlines()
+    assert rows[0].split()[0] == "bot-a@host-1"
+    assert rows[1].startswith("bot-x@host-9 (MISMATCH: stored under 'bot-b@host-2')")
+    assert table.stderr == (
+        "kynara-sidecar fleet: bot-x@host-9: status stored under the key of "
+        "daemon bot-b@host-2\n"
+    )
+    assert [(row["daemon_id"], row["mismatch"]) for row in as_json] == [
+        ("bot-a@host-1", False),
+        ("bot-x@host-9", True),
+    ]

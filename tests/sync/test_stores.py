@@ -564,3 +564,135 @@ def test_nats_consumer_position_survives_a_clean_server_restart(nats_server):
 
     assert [d.msg_id for d in first] == ["log.1.1"]
     assert [d.msg_id for d in rest] == ["log.2.2", "log.3.3"]
+
+
+# -- entries a store writer without a daemon key can make (F1, F6)
+
+
+def _seq_name(seq: int) -> str:
+    return f"{seq:020d}.msg"
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["_w", "A", "YR"],
+    ids=["not-utf8", "not-base64", "not-canonical"],
+)
+def test_dir_store_delivers_a_bad_daemon_token_as_no_daemon_and_reads_on(
+    tmp_path, token
+):
+    root = tmp_path / "store"
+    root.mkdir()
+    store = dir_store(root)
+
+    async def scenario():
+        await store.connect()
+        poisoned = root / "segments" / token
+        poisoned.mkdir()
+        (poisoned / _seq_name(1)).write_bytes(b"x\njunk")
+        await store.ship_segment("d1", "log.1.1", b"1")
+        first = await take(store, "collector", 2)
+        await store.ship_segment("d1", "log.2.2", b"2")
+        second = await take(store, "collector", 1)
+        return first, second
+
+    first, second = asyncio.run(scenario())
+
+    assert sorted(ids(first)) == [("", "x", b"junk"), ("d1", "log.1.1", b"1")]
+    assert ids(second) == [("d1", "log.2.2", b"2")]
+
+
+@pytest.mark.parametrize("entry", ["no-id-line", "not-utf8-id", "directory"])
+def test_dir_store_delivers_a_malformed_message_file_and_reads_on(tmp_path, entry):
+    root = tmp_path / "store"
+    root.mkdir()
+    store = dir_store(root)
+    expected = {
+        "no-id-line": ("d1", "", b"junk-without-newline"),
+        "not-utf8-id": ("d1", "\ufffd\ufffd", b"junk"),
+        "directory": ("d1", "", b""),
+    }[entry]
+
+    async def scenario():
+        await store.connect()
+        await store.ship_segment("d1", "log.1.1", b"1")
+        path = root / "segments" / daemon_token("d1") / _seq_name(2)
+        if entry == "directory":
+            path.mkdir()
+        else:
+            path.write_bytes(
+                b"junk-without-newline" if entry == "no-id-line" else b"\xff\xfe\njunk"
+            )
+        # The daemon's shipper, reading its tail anew, takes the next number.
+        shipper = dir_store(root)
+        await shipper.connect()
+        stored = await shipper.ship_segment("d1", "log.2.2", b"2")
+        return stored, await take(store, "collector", 3)
+
+    stored, got = asyncio.run(scenario())
+
+    assert stored is True
+    assert ids(got) == [("d1", "log.1.1", b"1"), expected, ("d1", "log.2.2", b"2")]
+
+
+def test_dir_store_skips_a_file_where_a_daemon_directory_should_be(tmp_path, caplog):
+    root = tmp_path / "store"
+    root.mkdir()
+    store = dir_store(root)
+
+    async def scenario():
+        await store.connect()
+        (root / "segments" / daemon_token("d0")).write_bytes(b"not a directory")
+        await store.ship_segment("d1", "log.1.1", b"1")
+        await store.ship_segment("d2", "log.1.1", b"2")
+        return await take(store, "collector", 2)
+
+    got = asyncio.run(scenario())
+
+    assert sorted(ids(got)) == [("d1", "log.1.1", b"1"), ("d2", "log.1.1", b"2")]
+    (logged,) = [r for r in caplog.records if r.name == "kynara.sync"]
+    assert logged.levelname == "ERROR"
+    assert "not a daemon's directory" in logged.fields["error"]
+
+
+def test_dir_store_cuts_a_huge_message_file_at_the_read_bound(tmp_path):
+    from kynara_sidecar.sync.dir_store import MAX_MESSAGE_FILE_BYTES
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = dir_store(root)
+
+    async def scenario():
+        await store.connect()
+        await store.ship_segment("d1", "huge", b"z" * (MAX_MESSAGE_FILE_BYTES + 100))
+        return await take(store, "collector", 1)
+
+    (got,) = asyncio.run(scenario())
+
+    assert got.msg_id == "huge"
+    assert len(got.data) == MAX_MESSAGE_FILE_BYTES - len(b"huge\n")
+
+
+@pytest.mark.parametrize(
+    "token", ["_w", "A", "YR"], ids=["not-utf8", "not-base64", "not-canonical"]
+)
+def test_nats_delivers_a_bad_subject_token_as_no_daemon_and_reads_on(
+    nats_server, token
+):
+    import nats
+
+    async def scenario():
+        async with opened(
+            Backend("nats", nats_server.url, lambda: None, lambda: None)
+        ) as store:
+            client = await nats.connect(nats_server.url)
+            try:
+                await client.jetstream().publish(f"kynara.segments.{token}", b"junk")
+            finally:
+                await client.close()
+            await store.ship_segment("d1", "log.1.1", b"1")
+            return await take(store, "collector", 2)
+
+    got = asyncio.run(scenario())
+
+    assert ids(got) == [("", "", b"junk"), ("d1", "log.1.1", b"1")]
