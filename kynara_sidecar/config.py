@@ -13,6 +13,7 @@ Relative paths are taken relative to the working directory of the daemon.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import pathlib
 import typing
@@ -51,6 +52,7 @@ __all__ = [
     "RedactConfig",
     "MAX_DAEMON_ID_CHARS",
     "daemon_id_problem",
+    "is_loopback",
     "load_config",
     "read_raw_config",
 ]
@@ -131,8 +133,19 @@ def _check_port(section: str, key: str, port: int) -> None:
         raise ConfigError(f"{section}.{key}: expected a port in 0..65535, got {port}")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``; parsed, not
+    matched by prefix, so "127.attacker.example" (a name) is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_loopback(section: str, key: str, host: str) -> None:
-    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+    if not is_loopback(host):
         raise ConfigError(
             f"{section}.{key}: expected a loopback address (127.0.0.0/8 or ::1), "
             f"got {host!r}; this listener carries no credentials"
@@ -268,7 +281,7 @@ class AdminListenerConfig(_Section):
     def validate(self, section: str) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
-            if not _is_loopback(self.host):
+            if not is_loopback(self.host):
                 raise ConfigError(
                     f"{section}.host: expected a loopback address (127.0.0.0/8 or "
                     f"::1), got {self.host!r}; the admin listener has no TLS yet, "
@@ -332,10 +345,6 @@ class AdminListenerConfig(_Section):
                     f"admin.credentials.{name}: expected a secret no agent holds, "
                     "got one of identity.agents' secrets"
                 )
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def _check_socket_path(section: str, socket_path: str) -> None:

@@ -81,7 +81,12 @@ from kynara_sidecar.audit.store import (
 )
 from kynara_sidecar.audit.witness import Witness
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
-from kynara_sidecar.config import BacklogPolicy, Config, IdentityMode
+from kynara_sidecar.config import (
+    BacklogPolicy,
+    Config,
+    IdentityMode,
+    daemon_id_problem,
+)
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
     AuditLogInUse,
@@ -162,6 +167,11 @@ def with_daemon_id(config: Config) -> Config:
     # Multi-agent mode has no one agent id to name the log after.
     agent = config.identity.agent_id or "kynara"
     daemon_id = f"{agent}@{socket.gethostname()}"
+    if problem := daemon_id_problem(daemon_id):
+        raise ConfigError(
+            f"identity.daemon_id: not set, and the default {daemon_id!r} "
+            f"(agent@host) cannot be one: {problem}; set identity.daemon_id"
+        )
     identity = msgspec.structs.replace(config.identity, daemon_id=daemon_id)
     return msgspec.structs.replace(config, identity=identity)
 
@@ -186,23 +196,6 @@ async def _within(stop: typing.Awaitable[None], seconds: float) -> bool:
     if not task.cancelled() and task.exception() is not None:
         log.error("stop step failed", extra=_fields(error=repr(task.exception())))
     return True
-
-
-def _fresh_default_executor() -> None:
-    """Give the loop a new default executor for what stop runs on threads
-    (joining the writer, shutting pools down).
-
-    A ``dir://`` store's calls run on the default executor, and each one
-    stuck on a hung mount holds a worker for good: once all are held, a
-    stop queued behind them would never end.
-    """
-    # TODO(#6): drop once dir_store runs its calls on a pool of its own
-    # (the store module's fix); harmless meanwhile, the old executor's idle
-    # workers end with the process.
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(
-        concurrent.futures.ThreadPoolExecutor(thread_name_prefix=_WORKER_PREFIX)
-    )
 
 
 def _left_behind(what: str, seconds: float) -> None:
@@ -929,7 +922,6 @@ class Daemon:
             left = await self._pipeline.drain(grace)
             log.info("drained", extra=_fields(in_flight_left=left))
         await self._stop_listeners(max(deadline - time.monotonic(), 0.0))
-        _fresh_default_executor()
         if self._audit_service is not None:
             # Its reads run on threads of their own; the store outlives them.
             await self._audit_service.close()

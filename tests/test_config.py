@@ -52,6 +52,8 @@ def test_config_path_from_environment(monkeypatch):
         ("agent.port=high", r"Expected `int`, got `str` - at `\$.agent.port`"),
         ("agent.port=70000", r"agent.port: expected a port in 0..65535, got 70000"),
         ("agent.host=10.1.2.3", r"agent.host: expected a loopback address"),
+        ("agent.host=127.attacker.example", r"agent.host: expected a loopback"),
+        ("agent.host=127.0.0.1.nip.io", r"agent.host: expected a loopback"),
         ("audit.map_size=10", r"audit.map_size: expected at least 65536 bytes, got 10"),
         ("audit.max_batch=0", r"audit.max_batch: expected 1..65536, got 0"),
         ("identity.agent_id=", r"identity.agent_id: expected a principal id"),
@@ -131,3 +133,16 @@ def test_an_empty_admin_secret_file_says_it_is_empty(tmp_path):
             SHIPPED_CONFIG,
             [f"admin.credentials={{ops: {{secret_file: {empty}, roles: [operator]}}}}"],
         )
+
+
+def test_an_unset_daemon_id_defaults_to_agent_at_host_within_bounds(monkeypatch):
+    from kynara_sidecar import daemon as daemon_module
+
+    config = load_config(SHIPPED_CONFIG, ["identity.daemon_id="])
+    monkeypatch.setattr(daemon_module.socket, "gethostname", lambda: "pod-7")
+    named = daemon_module.with_daemon_id(config)
+    monkeypatch.setattr(daemon_module.socket, "gethostname", lambda: "h" * 200)
+
+    assert named.identity.daemon_id == "support-bot@pod-7"
+    with pytest.raises(ConfigError, match=r"identity.daemon_id: not set, and the"):
+        daemon_module.with_daemon_id(config)

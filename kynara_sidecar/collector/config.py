@@ -29,14 +29,13 @@ Example::
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import pathlib
 
 import msgspec
 
 from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
-from kynara_sidecar.config import daemon_id_problem, read_raw_config
+from kynara_sidecar.config import daemon_id_problem, is_loopback, read_raw_config
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import check_consumer_name, is_store_url
 
@@ -71,16 +70,6 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 def _check_range(section: str, key: str, value: float, low: float, high: float):
     if not low <= value <= high:
         raise ConfigError(f"{section}.{key}: expected {low}..{high}, got {value}")
-
-
-def _is_loopback(host: str) -> bool:
-    # Parsed, not matched by prefix: "127.attacker.example" is a name.
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class StoreConfig(_Section):
@@ -137,7 +126,7 @@ class PullConfig(_Section):
         if not self.target.startswith("unix:"):
             host, sep, port = self.target.rpartition(":")
             host = host.strip("[]")
-            if not sep or not port.isdigit() or not _is_loopback(host):
+            if not sep or not port.isdigit() or not is_loopback(host):
                 raise ConfigError(
                     f"{section}.target: expected unix:///PATH or a loopback "
                     f"HOST:PORT (the admin listener has no TLS yet), got "
@@ -244,7 +233,7 @@ class HttpConfig(_Section):
         if self.port == -1:
             return
         _check_range(section, "port", self.port, 0, 65535)
-        if not _is_loopback(self.host):
+        if not is_loopback(self.host):
             raise ConfigError(
                 f"{section}.host: expected a loopback address (127.0.0.0/8 or "
                 f"::1), got {self.host!r}; the query API serves audit records "

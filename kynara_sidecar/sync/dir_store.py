@@ -88,11 +88,20 @@ from kynara_sidecar.sync import (
     daemon_token,
 )
 
-__all__ = ["MAX_MESSAGE_FILE_BYTES", "NAK_DELAY_SECONDS", "DirStore"]
+__all__ = [
+    "MAX_MESSAGE_FILE_BYTES",
+    "MAX_OUTSTANDING_CALLS",
+    "NAK_DELAY_SECONDS",
+    "DirStore",
+]
 
 _log = logging.getLogger("kynara.sync")
 
 _T = TypeVar("_T")
+# Store calls that may be outstanding at once (each on a thread of its own):
+# past this many, a hung mount fails new calls at once rather than pile up
+# threads.
+MAX_OUTSTANDING_CALLS = 16
 _SEQ_DIGITS = 20
 _MESSAGE = re.compile(r"^(\d{20})\.msg$")
 _TMP_PREFIX = ".tmp-"
@@ -229,13 +238,21 @@ class DirStore:
         # Per daemon token: the last seq this process knows of, so shipping
         # lists a daemon's directory once, not on every message.
         self._tails: dict[str, int] = {}
+        # Calls started on their own threads and not yet returned.
+        self._outstanding = 0
 
     async def _call(self, what: str, fn: Callable[[], _T]) -> _T:
+        if self._outstanding >= MAX_OUTSTANDING_CALLS:
+            raise StoreUnavailable(
+                f"{self.url}: {what}: {self._outstanding} earlier calls have not "
+                f"returned after {self.timeout} s (a hung mount?); not starting "
+                "another until they do"
+            )
         try:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
             # cancellation (gh-86296) and hang the daemon's stop.
             async with asyncio.timeout(self.timeout):
-                return await asyncio.to_thread(fn)
+                return await self._on_own_thread(fn)
         except StoreUnavailable:
             raise
         except TimeoutError as err:
@@ -248,6 +265,40 @@ class DirStore:
             raise StoreUnavailable(
                 f"{self.url}: {what}: {where}: {err.strerror or err}"
             ) from err
+
+    def _on_own_thread(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        """Run ``fn`` on a daemon thread of its own.
+
+        A call into a hung mount blocks in the kernel and can be neither
+        cancelled nor joined. On the loop's shared executor each such call
+        would hold a worker for good, and once all were held the daemon's
+        own thread work (its writer, its stop) would queue behind them; a
+        daemon thread holds only itself and never delays the exit. At most
+        ``MAX_OUTSTANDING_CALLS`` may be outstanding at once.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+
+        def settle(result: _T | None, error: BaseException | None) -> None:
+            self._outstanding -= 1
+            if future.done():
+                return  # the caller gave up (a timeout, a stop)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def run() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as err:  # handed to the caller as is
+                result, error = None, err
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(settle, result, error)
+
+        self._outstanding += 1
+        threading.Thread(target=run, name="kynara-dir-store", daemon=True).start()
+        return future
 
     async def connect(self) -> None:
         """Check the root is a writable directory and create the layout.

@@ -22,6 +22,7 @@ import pytest
 
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
+    BundleEntry,
     BundleTooLarge,
     Delivery,
     Store,
@@ -29,7 +30,7 @@ from kynara_sidecar.sync import (
     daemon_token,
     open_store,
 )
-from kynara_sidecar.sync.dir_store import DirStore
+from kynara_sidecar.sync.dir_store import MAX_OUTSTANDING_CALLS, DirStore
 
 # Short, so an outage shows quickly; the bounds below only catch a hang.
 TIMEOUT = 1.0
@@ -443,7 +444,7 @@ def test_dir_store_resend_after_a_crash_before_the_id_marker_is_a_duplicate(
 
 SHIP_SCRIPT = """
 import asyncio, sys
-from kynara_sidecar.sync.dir_store import DirStore
+from kynara_sidecar.sync.dir_store import MAX_OUTSTANDING_CALLS, DirStore
 
 async def main(url, daemon, prefix, count):
     store = DirStore(url, timeout=30)
@@ -696,3 +697,57 @@ def test_nats_delivers_a_bad_subject_token_as_no_daemon_and_reads_on(
     got = asyncio.run(scenario())
 
     assert ids(got) == [("", "", b"junk"), ("d1", "log.1.1", b"1")]
+
+
+def test_dir_store_recovers_once_a_hung_file_is_replaced(tmp_path):
+    # A FIFO stands in for a file on a hung mount: open() blocks for good.
+    root = tmp_path / "store"
+    root.mkdir()
+    store = DirStore(f"dir://{root}", timeout=0.2, poll_seconds=POLL)
+    current = root / "bundles" / "current"
+    fifo = tmp_path / "hung"
+    os.mkfifo(fifo)
+
+    def hang() -> None:
+        os.link(fifo, tmp_path / "hung-current")
+        os.replace(tmp_path / "hung-current", current)
+
+    async def scenario() -> None:
+        await store.connect()
+        digest = await store.publish_bundle(b"a bundle")
+        good = current.read_bytes()
+
+        def repair() -> None:
+            (tmp_path / "fixed").write_bytes(good)
+            os.replace(tmp_path / "fixed", current)
+
+        hang()
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable, match="took longer than"):
+                await store.current_bundle()
+        repair()
+        # Three calls are still stuck in the kernel; new ones go on.
+        assert (await store.current_bundle()).digest == digest
+
+        hang()
+        for _ in range(MAX_OUTSTANDING_CALLS - 3):
+            with pytest.raises(StoreUnavailable, match="took longer than"):
+                await store.current_bundle()
+        repair()
+        with pytest.raises(StoreUnavailable, match="have not returned"):
+            await store.current_bundle()
+        # The mount comes back: every stuck open() finds a writer, every
+        # read an end of file, and the store answers again.
+        os.close(os.open(fifo, os.O_WRONLY))
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            try:
+                entry = await store.current_bundle()
+                break
+            except StoreUnavailable:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+
+        assert entry == BundleEntry(digest=digest, data=b"a bundle")
+
+    asyncio.run(scenario())
