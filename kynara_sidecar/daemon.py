@@ -399,8 +399,9 @@ class Daemon:
             AuditUnavailable: the marker could not be committed; the
                 previously active set (if any) stays active.
         """
-        # TODO(#6): stored policy sets and bundles are kept forever; prune
-        # them with the segments whose records cite them.
+        # TODO(#13): stored policy sets and bundles are kept forever; prune
+        # them with the segments whose records cite them, under the same
+        # retention rules as the records.
         marker = msgspec.structs.replace(
             self._marker("policy_activated"),
             policy_revision=policies.policy_set.revision,

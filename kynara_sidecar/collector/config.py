@@ -224,7 +224,7 @@ class HttpConfig(_Section):
     """/metrics and the query API (no credentials: loopback only)."""
 
     # Bind address, e.g. "127.0.0.1".
-    # TODO(#6): credentials for the query API, so it may leave loopback.
+    # TODO(#11): credentials for the query API, so it may leave loopback.
     host: str = "127.0.0.1"
     # Port, e.g. 9465; 0 picks a free port; -1 disables HTTP.
     port: int = 9465

@@ -54,17 +54,18 @@ exception while handling a message is logged at ERROR with its traceback,
 counted (``failures{what="message"}``) and the message acknowledged: one
 message that trips the collector must not stop every daemon's collection.
 
-TODO(#6): a segment whose key rotation is not in its first message is
+TODO(#11): a segment whose key rotation is not in its first message is
 assembled unverified, and a store writer's unverified start sent before it
 takes the assembly's place; the daemon's segment is then a stray and the
 next one shows a gap.
-TODO(#6): a store writer can still lose a daemon's segment for it: delete
+TODO(#11): a store writer can still lose a daemon's segment for it: delete
 or rewrite its unread messages, or send a forged next message of the
 segment in assembly (its records are only checked once the segment is
 whole, which is then a ``bad_root``). The daemon's next segment is then a
 ``gap``, which is sticky. Not silent (both are alerted), but the daemon is
 blamed; should a gap wait for the missing records (a pull from the
-daemon) before it sticks?
+daemon) before it sticks? Until then only the daemons and the collector
+may write to the store (NATS credentials per daemon subject, #11).
 """
 
 from __future__ import annotations

@@ -60,9 +60,9 @@ Only an identical duplicate of an accepted checkpoint is still
 acknowledged as one. (Which refusals are not sticky, and why: the NOTE
 below.)
 
-TODO(#6): an operator command to clear a refusal once investigated; today
+TODO(#11): an operator command to clear a refusal once investigated; today
 the daemon's state must be removed by hand (``state.path``).
-TODO(#6): a daemon whose records were pruned before the collector first
+TODO(#11): a daemon whose records were pruned before the collector first
 saw it cannot be taken on: its first segment does not start at 0 (``gap``).
 Should a registered starting checkpoint be configurable?
 

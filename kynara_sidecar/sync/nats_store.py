@@ -107,7 +107,7 @@ ACK_WAIT_SECONDS = 30.0
 # ship order even across nak'd and redelivered messages and consumer
 # restarts; JetStream redelivers a pending message only after its ack wait,
 # so with more in flight a newer message could overtake it.
-# TODO(#6): one consumer per daemon subject would keep that order and let
+# TODO(#11): one consumer per daemon subject would keep that order and let
 # daemons proceed in parallel, if one consumer cannot keep up with a fleet.
 MAX_ACK_PENDING = 1
 # A nak'd message comes again after this pause, not in a hot loop.
