@@ -776,7 +776,7 @@ def _publish_bundle(args: argparse.Namespace) -> int:
         try:
             await store.connect()
             if not args.force:
-                _check_not_older(verified, await store.current_bundle(), args.store)
+                _check_not_older(verified, await _current_or_none(store), args.store)
             return await store.publish_bundle(data)
         finally:
             await store.close()
@@ -784,6 +784,19 @@ def _publish_bundle(args: argparse.Namespace) -> int:
     digest = asyncio.run(publish())
     print(f"ok: published {args.bundle} to {args.store}: {digest}, policy {revision}")
     return EXIT_OK
+
+
+async def _current_or_none(store) -> BundleEntry | None:
+    """The store's current bundle; None when it cannot be read whole (a
+    corrupt or oversized one): replacing it is the fix. An unreachable
+    store still fails the publish that follows."""
+    from kynara_sidecar.sync import BundleTooLarge, StoreUnavailable
+
+    try:
+        return await store.current_bundle()
+    except (StoreUnavailable, BundleTooLarge) as err:
+        print(f"warning: the current bundle is not readable ({err})", file=sys.stderr)
+        return None
 
 
 def _check_not_older(
@@ -795,12 +808,15 @@ def _check_not_older(
 
     if current is None:
         return
+    from kynara_sidecar.config import DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
+
     try:
         created = inspect_bundle(current.data).created
         older = seconds_ahead(verified.created, _parse(created)) < 0
+        future = seconds_ahead(created, _now()) > DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
     except (BundleError, ValueError):
         return  # the current bundle is broken: replacing it is the fix
-    if older:
+    if older and not future:  # daemons refused a future one: replace it
         raise _UsageError(
             f"the bundle was created {verified.created}, before the current "
             f"bundle of {url} ({current.digest}, created {created}); daemons "

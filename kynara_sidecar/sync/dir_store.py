@@ -67,11 +67,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
 import pathlib
 import re
+import stat
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -98,6 +100,10 @@ __all__ = [
 _log = logging.getLogger("kynara.sync")
 
 _T = TypeVar("_T")
+# The `current` pointer and a consumer position are one short line each.
+_MAX_POINTER_BYTES = 256
+# A daemon's status document is a few kilobytes.
+_MAX_STATUS_BYTES = 1024 * 1024
 # Store calls that may be outstanding at once (each on a thread of its own):
 # past this many, a hung mount fails new calls at once rather than pile up
 # threads.
@@ -184,14 +190,53 @@ def _decode_message(seq: int, raw: bytes, path: pathlib.Path) -> _Message:
     return _Message(seq, head.decode(errors="replace"), data)
 
 
+class _NotAFile(OSError):
+    """A store entry that is not a regular file (a FIFO, a device, a
+    symlink, a directory): never read, so it can neither hang a call nor
+    feed it without end."""
+
+
+def _read_file(path: pathlib.Path, limit: int) -> bytes:
+    """At most ``limit`` + 1 bytes of the regular file at ``path``.
+
+    The store writes only regular files, renamed into place; anything else
+    there was put by someone else. It is opened without blocking and without
+    following a symlink, and refused unless fstat says it is a regular file.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        _NotAFile: something other than a regular file there.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _NotAFile(errno.ELOOP, "a symlink, not a file", str(path)) from None
+        if err.errno == errno.EISDIR:
+            raise _NotAFile(
+                errno.EISDIR, "a directory, not a file", str(path)
+            ) from None
+        raise
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise _NotAFile(errno.EINVAL, "not a regular file", str(path))
+    with os.fdopen(fd, "rb") as file:
+        return file.read(limit + 1)
+
+
 def _read_message_file(path: pathlib.Path) -> bytes:
     """The file's bytes, at most ``MAX_MESSAGE_FILE_BYTES`` of them; b""
-    for a directory (an entry to refuse). Raises FileNotFoundError."""
+    for anything but a regular file (an entry to refuse). Raises
+    FileNotFoundError."""
     try:
-        with path.open("rb") as file:
-            return file.read(MAX_MESSAGE_FILE_BYTES)
-    except IsADirectoryError:
-        _malformed("a segment message that is a directory", path)
+        return _read_file(path, MAX_MESSAGE_FILE_BYTES)[:MAX_MESSAGE_FILE_BYTES]
+    except _NotAFile as err:
+        _malformed(f"a segment message that is {err.strerror}", path)
         return b""
 
 
@@ -345,7 +390,8 @@ class DirStore:
 
     def _current_digest(self) -> str | None:
         try:
-            text = (self._bundles / "current").read_text().strip()
+            raw = _read_file(self._bundles / "current", _MAX_POINTER_BYTES)
+            text = raw.decode("ascii", errors="replace").strip()
         except FileNotFoundError:
             if not self._bundles.is_dir():
                 raise StoreUnavailable(
@@ -364,8 +410,7 @@ class DirStore:
         if digest is None:
             return None
         path = self._content_path(digest)
-        with path.open("rb") as file:
-            data = file.read(MAX_BUNDLE_BYTES + 1)
+        data = _read_file(path, MAX_BUNDLE_BYTES)
         if len(data) > MAX_BUNDLE_BYTES:
             raise BundleTooLarge(
                 f"{self.url}: {path}: larger than {MAX_BUNDLE_BYTES} bytes; "
@@ -499,8 +544,17 @@ class DirStore:
             if daemon_id is None:
                 _malformed("a status file not named by a daemon token", path)
                 continue
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                found[daemon_id] = path.read_bytes()
+            try:
+                data = _read_file(path, _MAX_STATUS_BYTES)
+            except FileNotFoundError:
+                continue
+            except _NotAFile as err:
+                _malformed(f"a status entry that is {err.strerror}", path)
+                continue
+            if len(data) > _MAX_STATUS_BYTES:
+                _malformed(f"a status file over {_MAX_STATUS_BYTES} bytes", path)
+                continue
+            found[daemon_id] = data
         return found
 
 
@@ -565,10 +619,10 @@ class _Cursor:
         if position is None:
             path = self.directory / token
             try:
-                acked = int(path.read_text())
+                acked = int(_read_file(path, _MAX_POINTER_BYTES))
             except FileNotFoundError:
                 acked = 0
-            except (ValueError, IsADirectoryError):
+            except (ValueError, _NotAFile):
                 # Everything comes again; the consumer knows what it took.
                 _malformed("a consumer position that is no number", path)
                 acked = 0

@@ -225,6 +225,15 @@ _HINTS = {
 }
 
 
+def _sameness(sync: LastSync) -> tuple[object, ...]:
+    """What makes two outcomes the same for logging and status: a refusal
+    of the same bundle for the same kind of reason is the same refusal,
+    though its message may name a different instant."""
+    if sync.outcome is SyncOutcome.REFUSED:
+        return (sync.outcome, sync.kind, sync.digest, sync.revision)
+    return (sync.outcome, sync.error, sync.revision)
+
+
 def _fields(**fields: object) -> dict[str, dict[str, object]]:
     return {"fields": {"component": "sync", **fields}}
 
@@ -509,11 +518,7 @@ class BundleFollower:
         )
         before, self.last_sync = self.last_sync, result
         self._metrics.policy_sync.labels(str(outcome)).inc()
-        changed = before is None or (before.outcome, before.error, before.revision) != (
-            outcome,
-            error,
-            result.revision,
-        )
+        changed = before is None or _sameness(before) != _sameness(result)
         if changed and self._on_outcome is not None:
             self._on_outcome(result)
         fields = _fields(

@@ -505,3 +505,25 @@ def test_close_gives_up_on_a_loop_that_will_not_end(tmp_path):
         assert stopped is False
 
     run(tmp_path, scenario)
+
+
+def test_a_bundle_from_the_future_is_logged_once_while_the_loop_retries(
+    tmp_path, caplog
+):
+    future = _future_bundle(tmp_path, "future-loop", ahead_seconds=3600)
+
+    async def scenario(h: Harness):
+        await h.store.publish_bundle(future)
+        h.follower.start()
+        await wait_until(lambda: h.count("refused") >= 1, "the refusal")
+        refused = h.count("refused")
+        reads = h.store.reads
+        await wait_until(lambda: h.store.reads >= reads + 5, "five more polls")
+
+        assert h.count("refused") > refused  # retried: time may make it good
+        assert h.outcomes == ["refused"]
+
+    with caplog.at_level("ERROR", logger="kynara.sync"):
+        run(tmp_path, scenario)
+    kinds = [getattr(r, "fields", {}).get("kind") for r in caplog.records]
+    assert kinds.count("future") == 1

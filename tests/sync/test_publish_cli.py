@@ -247,3 +247,23 @@ def test_verify_and_publish_refuse_a_bundle_over_the_cap(tmp_path):
         assert result.stderr.startswith("kynara-sidecar bundle: too_large: ")
         assert f"{MAX_BUNDLE_BYTES}-byte cap" in result.stderr
     assert current(url) is None
+
+
+def test_publish_replaces_a_future_or_corrupt_current_without_force(tmp_path):
+    (tmp_path / "store").mkdir()
+    url = f"dir://{tmp_path / 'store'}"
+    key = generate_key()
+    future = _bundle_at(tmp_path, "future.tar", -3600, key)
+    now = _bundle_at(tmp_path, "now.tar", 60, key)
+    assert run("bundle", "publish", future, "--store", url).returncode == 0
+
+    # Every daemon refused the future bundle: the one made now is the fix.
+    fixed = run("bundle", "publish", now, "--store", url)
+    content = tmp_path / "store" / "bundles" / current(url).digest.replace(":", "-")
+    content.write_bytes(b"corrupted")
+    over_corrupt = run("bundle", "publish", future, "--store", url)
+
+    assert fixed.returncode == 0, fixed.stderr
+    assert over_corrupt.returncode == 0, over_corrupt.stderr
+    assert "warning: the current bundle is not readable" in over_corrupt.stderr
+    assert current(url).data == future.read_bytes()

@@ -16,6 +16,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -699,46 +700,30 @@ def test_nats_delivers_a_bad_subject_token_as_no_daemon_and_reads_on(
     assert ids(got) == [("", "", b"junk"), ("d1", "log.1.1", b"1")]
 
 
-def test_dir_store_recovers_once_a_hung_file_is_replaced(tmp_path):
-    # A FIFO stands in for a file on a hung mount: open() blocks for good.
+def test_dir_store_calls_stuck_in_the_kernel_hold_no_shared_worker(tmp_path):
+    # A call into a hung mount never returns; an Event stands in for it.
     root = tmp_path / "store"
     root.mkdir()
     store = DirStore(f"dir://{root}", timeout=0.2, poll_seconds=POLL)
-    current = root / "bundles" / "current"
-    fifo = tmp_path / "hung"
-    os.mkfifo(fifo)
-
-    def hang() -> None:
-        os.link(fifo, tmp_path / "hung-current")
-        os.replace(tmp_path / "hung-current", current)
+    mount_back = threading.Event()
 
     async def scenario() -> None:
         await store.connect()
         digest = await store.publish_bundle(b"a bundle")
-        good = current.read_bytes()
 
-        def repair() -> None:
-            (tmp_path / "fixed").write_bytes(good)
-            os.replace(tmp_path / "fixed", current)
-
-        hang()
         for _ in range(3):
             with pytest.raises(StoreUnavailable, match="took longer than"):
-                await store.current_bundle()
-        repair()
-        # Three calls are still stuck in the kernel; new ones go on.
+                await store._call("read a hung file", mount_back.wait)
+        # Three calls are stuck; other calls go on, and the loop's shared
+        # executor is untouched.
         assert (await store.current_bundle()).digest == digest
-
-        hang()
+        assert await asyncio.to_thread(lambda: "free") == "free"
         for _ in range(MAX_OUTSTANDING_CALLS - 3):
             with pytest.raises(StoreUnavailable, match="took longer than"):
-                await store.current_bundle()
-        repair()
+                await store._call("read a hung file", mount_back.wait)
         with pytest.raises(StoreUnavailable, match="have not returned"):
             await store.current_bundle()
-        # The mount comes back: every stuck open() finds a writer, every
-        # read an end of file, and the store answers again.
-        os.close(os.open(fifo, os.O_WRONLY))
+        mount_back.set()
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             try:
@@ -749,5 +734,38 @@ def test_dir_store_recovers_once_a_hung_file_is_replaced(tmp_path):
                 await asyncio.sleep(0.02)
 
         assert entry == BundleEntry(digest=digest, data=b"a bundle")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("entry", ["fifo", "symlink_to_dev_zero", "directory"])
+def test_dir_store_reads_only_regular_files_and_never_blocks_on_one(tmp_path, entry):
+    root = tmp_path / "store"
+    root.mkdir()
+    store = DirStore(f"dir://{root}", timeout=5, poll_seconds=POLL)
+
+    def plant(path: pathlib.Path) -> None:
+        path.unlink(missing_ok=True)
+        if entry == "fifo":
+            os.mkfifo(path)
+        elif entry == "symlink_to_dev_zero":
+            path.symlink_to("/dev/zero")
+        else:
+            path.mkdir()
+
+    async def scenario() -> None:
+        await store.connect()
+        await store.publish_bundle(b"a bundle")
+        await store.put_status("daemon-a", b'{"daemon_id": "daemon-a"}')
+        await store.put_status("daemon-b", b'{"daemon_id": "daemon-b"}')
+        plant(root / "status" / f"{daemon_token('daemon-b')}.json")
+        plant(root / "bundles" / "current")
+
+        statuses = await store.statuses()
+        with pytest.raises(StoreUnavailable, match="current") as refused:
+            await store.current_bundle()
+
+        assert statuses == {"daemon-a": b'{"daemon_id": "daemon-a"}'}
+        assert "took longer" not in str(refused.value)
 
     asyncio.run(scenario())
