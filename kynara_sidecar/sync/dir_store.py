@@ -100,6 +100,11 @@ __all__ = [
 _log = logging.getLogger("kynara.sync")
 
 _T = TypeVar("_T")
+# Calls not yet returned, by store root, for every DirStore of the process
+# (a consumer reconnecting makes a new one; a hung mount must not get 16
+# more threads each time). Daemons and tests may run several loops.
+_OUTSTANDING: dict[str, int] = {}
+_OUTSTANDING_LOCK = threading.Lock()
 # The `current` pointer and a consumer position are one short line each.
 _MAX_POINTER_BYTES = 256
 # A daemon's status document is a few kilobytes.
@@ -283,13 +288,12 @@ class DirStore:
         # Per daemon token: the last seq this process knows of, so shipping
         # lists a daemon's directory once, not on every message.
         self._tails: dict[str, int] = {}
-        # Calls started on their own threads and not yet returned.
-        self._outstanding = 0
 
     async def _call(self, what: str, fn: Callable[[], _T]) -> _T:
-        if self._outstanding >= MAX_OUTSTANDING_CALLS:
+        key = str(self.root)
+        if _OUTSTANDING.get(key, 0) >= MAX_OUTSTANDING_CALLS:
             raise StoreUnavailable(
-                f"{self.url}: {what}: {self._outstanding} earlier calls have not "
+                f"{self.url}: {what}: {_OUTSTANDING[key]} earlier calls have not "
                 f"returned after {self.timeout} s (a hung mount?); not starting "
                 "another until they do"
             )
@@ -325,7 +329,8 @@ class DirStore:
         future: asyncio.Future[_T] = loop.create_future()
 
         def settle(result: _T | None, error: BaseException | None) -> None:
-            self._outstanding -= 1
+            with _OUTSTANDING_LOCK:
+                _OUTSTANDING[key] -= 1
             if future.done():
                 return  # the caller gave up (a timeout, a stop)
             if error is not None:
@@ -341,7 +346,9 @@ class DirStore:
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(settle, result, error)
 
-        self._outstanding += 1
+        key = str(self.root)
+        with _OUTSTANDING_LOCK:
+            _OUTSTANDING[key] = _OUTSTANDING.get(key, 0) + 1
         threading.Thread(target=run, name="kynara-dir-store", daemon=True).start()
         return future
 

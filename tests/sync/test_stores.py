@@ -723,6 +723,11 @@ def test_dir_store_calls_stuck_in_the_kernel_hold_no_shared_worker(tmp_path):
                 await store._call("read a hung file", mount_back.wait)
         with pytest.raises(StoreUnavailable, match="have not returned"):
             await store.current_bundle()
+        # A new store object on the same root (a consumer reconnecting) is
+        # held to the same bound: no more threads into the hung mount.
+        again = DirStore(f"dir://{root}", timeout=0.2, poll_seconds=POLL)
+        with pytest.raises(StoreUnavailable, match="have not returned"):
+            await again.current_bundle()
         mount_back.set()
         deadline = asyncio.get_running_loop().time() + 10
         while True:
