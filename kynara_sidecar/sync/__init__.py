@@ -52,6 +52,7 @@ __all__ = [
     "daemon_token",
     "is_store_url",
     "open_store",
+    "retry_delay",
     "segment_message_id",
 ]
 
@@ -241,3 +242,13 @@ def segment_message_id(message: Segment) -> str:
         f"{checkpoint.log_id}.{checkpoint.tree_size}.{checkpoint.root.hex()[:16]}"
         f".{message.first_seq}-{last_seq}"
     )
+
+
+def retry_delay(failures: int, low: float, high: float, draw: float) -> float:
+    """The pause after ``failures`` failures in a row (at least 1).
+
+    Doubles from ``low`` up to ``high``; ``draw`` (uniform in [0, 1)) spreads
+    it over its upper half ("equal jitter"), never below ``low``.
+    """
+    ceiling = min(high, low * 2 ** min(failures - 1, 62))
+    return max(low, ceiling / 2 + ceiling / 2 * draw)

@@ -70,6 +70,7 @@ from kynara_sidecar.sync import (
     BundleEntry,
     BundleTooLarge,
     StoreUnavailable,
+    retry_delay,
 )
 from kynara_sidecar.sync.bundle import (
     BundleError,
@@ -282,7 +283,8 @@ class BundleFollower:
         self._poll_seconds = poll_seconds
         self._retry_min = retry_min_seconds
         self._retry_max = retry_max_seconds
-        self._delay = retry_min_seconds
+        # Failures in a row: the pause before the next try grows with them.
+        self._failures = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -566,8 +568,10 @@ class BundleFollower:
             await self._pause()
 
     async def _pause(self) -> None:
-        delay = random.uniform(self._delay / 2, self._delay)
-        self._delay = min(self._delay * 2, self._retry_max)
+        self._failures += 1
+        delay = retry_delay(
+            self._failures, self._retry_min, self._retry_max, random.random()
+        )
         self._wake.clear()
         # asyncio.timeout, not wait_for: it never swallows a cancellation.
         with contextlib.suppress(TimeoutError):
@@ -591,14 +595,14 @@ class BundleFollower:
 
     async def _watch(self) -> None:
         async for entry in self.source.watch_bundles():
-            self._delay = self._retry_min
+            self._failures = 0
             await self._offer(entry, force=False, from_loop=True)
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._poll_seconds)
             entry = await self.source.current_bundle()
-            self._delay = self._retry_min
+            self._failures = 0
             await self._offer(entry, force=False, from_loop=True)
 
 

@@ -76,12 +76,13 @@ from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.sync import (
     MAX_SEGMENT_MESSAGE_BYTES,
     StoreUnavailable,
+    retry_delay,
     segment_message_id,
 )
 from kynara_sidecar.sync._session import StoreSession
 from kynara_sidecar.sync.status import ShippingStatusV1
 
-__all__ = ["BacklogGate", "SegmentShipper", "retry_delay"]
+__all__ = ["BacklogGate", "SegmentShipper"]
 
 log = logging.getLogger("kynara.sync")
 
@@ -89,16 +90,6 @@ T = TypeVar("T")
 # At stop, reading the backlog one last time is local and quick; a stop's
 # grace spent on a slow store must not skip it.
 MIN_REFRESH_SECONDS = 1.0
-
-
-def retry_delay(failures: int, low: float, high: float, draw: float) -> float:
-    """The pause after ``failures`` failures in a row (at least 1).
-
-    Doubles from ``low`` up to ``high``; ``draw`` (uniform in [0, 1)) spreads
-    it over its upper half ("equal jitter"), never below ``low``.
-    """
-    ceiling = min(high, low * 2 ** min(failures - 1, 62))
-    return max(low, ceiling / 2 + ceiling / 2 * draw)
 
 
 class _RecordTime(msgspec.Struct):

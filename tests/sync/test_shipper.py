@@ -25,9 +25,9 @@ from kynara_sidecar.audit.writer import AuditWriter, Sealing
 from kynara_sidecar.config import BacklogPolicy, SyncConfig
 from kynara_sidecar.errors import AuditUnavailable
 from kynara_sidecar.metrics import Metrics
-from kynara_sidecar.sync import open_store, segment_message_id
+from kynara_sidecar.sync import open_store, retry_delay, segment_message_id
 from kynara_sidecar.sync._session import StoreSession
-from kynara_sidecar.sync.shipper import BacklogGate, SegmentShipper, retry_delay
+from kynara_sidecar.sync.shipper import BacklogGate, SegmentShipper
 
 ORIGIN = "daemon-a"
 # 2026-12-04T09:00:00Z in nanoseconds.
