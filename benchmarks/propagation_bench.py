@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import grpc
 import uvloop
+from decide_bench import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2 as pb
 from kynara.v1 import decision_pb2_grpc
@@ -56,13 +57,6 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED_POLICIES = REPO_ROOT / "config" / "policies"
 START_TIMEOUT = 60.0
 ROUND_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def nats_server_binary() -> str:

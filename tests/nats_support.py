@@ -16,6 +16,8 @@ import sys
 import sysconfig
 import time
 
+from support import free_port
+
 __all__ = ["NatsServer", "nats_server_binary"]
 
 # A JetStream server starts in well under a second here; the bound only
@@ -38,12 +40,6 @@ def nats_server_binary() -> pathlib.Path:
     return pathlib.Path(found)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class NatsServer:
     """``nats-server -js`` on 127.0.0.1 with its store in ``tmp_path``;
     started on construction. ``stop`` and ``start`` again keep the port and
@@ -53,7 +49,7 @@ class NatsServer:
         self.store_dir = tmp_path / "nats-store"
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / "nats-server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 

@@ -8,6 +8,7 @@ import functools
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -100,6 +101,13 @@ class RunningDaemon:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def daemon_config(tmp_path: pathlib.Path, *overrides: str) -> Config:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from support import free_port
 
 # moto_server starts in about a second here; a slow CI machine gets more.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _moto_server() -> str:
@@ -51,7 +45,7 @@ def _answers(url: str) -> bool:
 def s3_server(tmp_path, monkeypatch):
     """The endpoint URL of a moto S3 server on 127.0.0.1, with the AWS
     variables set to its dummy credentials."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",

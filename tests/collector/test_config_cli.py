@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.request
 
 import pytest
 import yaml
+from support import free_port
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key
 from kynara_sidecar.collector.config import load_collector_config
@@ -123,14 +123,8 @@ def test_unreadable_key_file_names_the_daemon(tmp_path):
         config.registered_keys()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_run_serves_until_sigterm_then_stops_cleanly(tmp_path, key_file):
-    port = _free_port()
+    port = free_port()
     config = _write(
         tmp_path,
         {
