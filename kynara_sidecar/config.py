@@ -38,6 +38,7 @@ __all__ = [
     "AdminListenerConfig",
     "AdminRole",
     "AgentListenerConfig",
+    "ApprovalsConfig",
     "AuditConfig",
     "Config",
     "DEFAULT_CONFIG_ENV",
@@ -233,10 +234,27 @@ class AdminCredentialConfig(_Section):
     # What it may do, e.g. [operator]: "operator" reads the audit log and its
     # proofs, "reviewer" resolves approvals.
     roles: list[str] = []
+    # A reviewer's principal id, compared with a request's chain to refuse
+    # self-approval, e.g. "carol"; defaults to the credential's name.
+    principal: str = ""
+    # Reviewer roles that rules may require (approval.reviewer_roles), e.g.
+    # [finance_lead]; only with the reviewer role.
+    reviewer_roles: list[str] = []
 
     def validate(self, section: str) -> None:
         if not self.secret_file:
             raise ConfigError(f"{section}.secret_file: expected a path, got none")
+        if self.reviewer_roles and AdminRole.REVIEWER not in self.roles:
+            raise ConfigError(
+                f"{section}.reviewer_roles: expected the reviewer role in "
+                f"{section}.roles with reviewer roles, got roles {self.roles}"
+            )
+        for role in self.reviewer_roles:
+            if not role or not role.isprintable() or len(role) > 128:
+                raise ConfigError(
+                    f"{section}.reviewer_roles: expected names of 1..128 "
+                    f"printable characters, got {role!r}"
+                )
         choices = [role.value for role in AdminRole]
         if not self.roles:
             raise ConfigError(
@@ -856,6 +874,276 @@ class AuditConfig(_Section):
         return Redactor(rules, key)
 
 
+class ReviewerIssuerConfig(IssuerConfig):
+    """An issuer of reviewers' JWTs (the company's identity provider, say).
+
+    A token from it signs a reviewer in: ``sub`` is the reviewer's
+    principal id and the claim ``roles_claim`` (a list of strings) their
+    reviewer roles; the token must name ``reviewer`` among them. Its
+    audience must differ from every delegation-token issuer's, so that no
+    agent's delegation token can ever pass as a reviewer's.
+    """
+
+    # The claim holding the reviewer's roles, e.g. "roles" or "groups".
+    roles_claim: str = "roles"
+
+
+class RiskAmountConfig(_Section):
+    """The amount factor: how far an amount is past the thresholds."""
+
+    # The resource attribute (else the context entry) holding the amount,
+    # e.g. "amount"; a request without one scores 0 here.
+    attribute: str = "amount"
+    # [threshold, fraction] pairs, thresholds ascending: an amount past a
+    # threshold scores that fraction of the weight (the highest passed),
+    # e.g. [[50000, 0.5], [200000, 1.0]].
+    thresholds: list[tuple[float, float]] = []
+
+    def validate(self, section: str) -> None:
+        last = None
+        for i, (threshold, fraction) in enumerate(self.thresholds):
+            if not 0 <= fraction <= 1:
+                raise ConfigError(
+                    f"{section}.thresholds[{i}]: expected a fraction in 0..1, "
+                    f"got {fraction}"
+                )
+            if last is not None and threshold <= last:
+                raise ConfigError(
+                    f"{section}.thresholds[{i}]: expected thresholds ascending, "
+                    f"got {threshold} after {last}"
+                )
+            last = threshold
+
+
+class RiskSensitivityConfig(_Section):
+    """The sensitivity factor: the resource's sensitivity level."""
+
+    # The resource attribute (else the context entry) naming the level,
+    # e.g. "sensitivity".
+    attribute: str = "sensitivity"
+    # Level -> fraction of the weight, e.g. {internal: 0.3, restricted: 1.0};
+    # an unnamed level scores 0.
+    levels: dict[str, float] = {}
+
+    def validate(self, section: str) -> None:
+        for level, fraction in self.levels.items():
+            if not 0 <= fraction <= 1:
+                raise ConfigError(
+                    f"{section}.levels.{level}: expected a fraction in 0..1, "
+                    f"got {fraction}"
+                )
+
+
+class RiskOffHoursConfig(_Section):
+    """The off-hours factor: the full weight outside working hours."""
+
+    # IANA zone of the working hours, e.g. "Europe/Berlin".
+    time_zone: str = "UTC"
+    # Working hours [start_hour, end_hour) on weekdays (ISO: Monday 1).
+    start_hour: int = 9
+    end_hour: int = 17
+    weekdays: list[int] = msgspec.field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+    def validate(self, section: str) -> None:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.time_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"{section}.time_zone: expected an IANA zone such as "
+                f"Europe/Berlin, got {self.time_zone!r}"
+            ) from None
+        if not 0 <= self.start_hour < self.end_hour <= 24:
+            raise ConfigError(
+                f"{section}: expected 0 <= start_hour < end_hour <= 24, got "
+                f"{self.start_hour}..{self.end_hour}"
+            )
+        if any(day not in range(1, 8) for day in self.weekdays):
+            raise ConfigError(
+                f"{section}.weekdays: expected ISO weekdays 1..7, got {self.weekdays}"
+            )
+
+
+RISK_FACTORS = (
+    "rule",
+    "amount",
+    "sensitivity",
+    "off_hours",
+    "delegation_depth",
+    "unusual_action",
+)
+
+
+class RiskConfig(_Section):
+    """The risk score of an approval: named factors, each worth up to its
+    weight in points (``points = weight * fraction``), summed, rounded half
+    up and capped at 100."""
+
+    # Factor -> weight in points. rule: the asking rules' highest
+    # approval.risk (0..100) as a fraction; amount, sensitivity, off_hours:
+    # below; delegation_depth: hops past the first agent, full at
+    # full_delegation_depth; unusual_action: the agent did not do this
+    # action in its last unusual_window decisions.
+    weights: dict[str, float] = msgspec.field(
+        default_factory=lambda: {
+            "rule": 40.0,
+            "amount": 25.0,
+            "sensitivity": 15.0,
+            "off_hours": 5.0,
+            "delegation_depth": 5.0,
+            "unusual_action": 10.0,
+        }
+    )
+    amount: RiskAmountConfig = msgspec.field(default_factory=RiskAmountConfig)
+    sensitivity: RiskSensitivityConfig = msgspec.field(
+        default_factory=RiskSensitivityConfig
+    )
+    off_hours: RiskOffHoursConfig = msgspec.field(default_factory=RiskOffHoursConfig)
+    # Chain length (user included) at which delegation_depth is full, e.g. 4
+    # (user -> orchestrator -> two sub-agents); a user and one agent score 0.
+    full_delegation_depth: int = 4
+    # How many of the agent's latest decisions count as its usual actions.
+    unusual_window: int = 500
+
+    def validate(self, section: str) -> None:
+        for name, weight in self.weights.items():
+            if name not in RISK_FACTORS:
+                raise ConfigError(
+                    f"{section}.weights.{name}: expected one of "
+                    f"{', '.join(RISK_FACTORS)}"
+                )
+            if not 0 <= weight <= 100:
+                raise ConfigError(
+                    f"{section}.weights.{name}: expected 0..100 points, got {weight}"
+                )
+        for name in ("amount", "sensitivity", "off_hours"):
+            getattr(self, name).validate(f"{section}.{name}")
+        if self.full_delegation_depth < 3:
+            raise ConfigError(
+                f"{section}.full_delegation_depth: expected at least 3, "
+                f"got {self.full_delegation_depth}"
+            )
+        if not 1 <= self.unusual_window <= 100_000:
+            raise ConfigError(
+                f"{section}.unusual_window: expected 1..100000, "
+                f"got {self.unusual_window}"
+            )
+
+
+class WebhookConfig(_Section):
+    """Where a compact JSON summary of each new approval is posted."""
+
+    # e.g. "https://chat.example.com/hooks/kynara"; empty posts nothing.
+    url: str = ""
+    # Per attempt, in seconds.
+    timeout_seconds: float = 5.0
+    # Attempts per approval, with backoff between them; then it is dropped
+    # (and counted): the approval itself never depends on the webhook.
+    attempts: int = 5
+    # Optional file holding a secret (at least 16 bytes): each post then
+    # carries `kynara-signature: sha256=<hex HMAC of the body>`.
+    secret_file: str = ""
+
+    def validate(self, section: str) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{section}.url: expected an http:// or https:// URL, got {self.url!r}"
+            )
+        if not 0 < self.timeout_seconds <= 60:
+            raise ConfigError(
+                f"{section}.timeout_seconds: expected 0 < seconds <= 60, "
+                f"got {self.timeout_seconds}"
+            )
+        if not 1 <= self.attempts <= 20:
+            raise ConfigError(
+                f"{section}.attempts: expected 1..20, got {self.attempts}"
+            )
+        if self.secret_file:
+            _read_secret(f"{section}.secret_file", self.secret_file)
+
+
+class ApprovalsConfig(_Section):
+    """Human approval of require_approval decisions."""
+
+    # How long an approval stays open when its rule names no
+    # approval.expires_in_seconds, e.g. 3600.
+    default_expiry_seconds: int = 3600
+    # No rule may keep one open longer, e.g. 604800 (a week).
+    max_expiry_seconds: int = 7 * 86_400
+    # Top-level context entries that may differ between the request that
+    # asked and the retry that uses the approval (left out of the binding
+    # digest), e.g. [trace_id, attempt].
+    volatile_context: list[str] = []
+    # An agent with this many approvals pending gets approval_rate_limited
+    # (a deny) instead of a new one.
+    max_pending_per_agent: int = 100
+    # ... and so does one that asked for more than this many in a minute.
+    max_new_per_agent_per_minute: int = 30
+    # The inbox reviewers use, as a base URL: the approval's page is
+    # <inbox_url>/approvals/<id>. Empty: this daemon's own HTTP listener.
+    # With a central store and the collector's fleet inbox, its URL, e.g.
+    # "https://kynara.example.com".
+    inbox_url: str = ""
+    # JWT issuers whose tokens sign reviewers in (besides admin
+    # credentials with the reviewer role).
+    reviewer_issuers: list[ReviewerIssuerConfig] = []
+    # How long a review page session lasts after sign-in, in seconds.
+    session_seconds: int = 8 * 3600
+    risk: RiskConfig = msgspec.field(default_factory=RiskConfig)
+    webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
+
+    def validate(self, section: str) -> None:
+        if not 60 <= self.max_expiry_seconds <= 90 * 86_400:
+            raise ConfigError(
+                f"{section}.max_expiry_seconds: expected 60..7776000, "
+                f"got {self.max_expiry_seconds}"
+            )
+        if not 1 <= self.default_expiry_seconds <= self.max_expiry_seconds:
+            raise ConfigError(
+                f"{section}.default_expiry_seconds: expected 1.."
+                f"{self.max_expiry_seconds} (max_expiry_seconds), "
+                f"got {self.default_expiry_seconds}"
+            )
+        for key in ("max_pending_per_agent", "max_new_per_agent_per_minute"):
+            if not 1 <= getattr(self, key) <= 100_000:
+                raise ConfigError(
+                    f"{section}.{key}: expected 1..100000, got {getattr(self, key)}"
+                )
+        if self.inbox_url and not self.inbox_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{section}.inbox_url: expected an http:// or https:// URL, "
+                f"got {self.inbox_url!r}"
+            )
+        if not 60 <= self.session_seconds <= 7 * 86_400:
+            raise ConfigError(
+                f"{section}.session_seconds: expected 60..604800, "
+                f"got {self.session_seconds}"
+            )
+        for i, issuer in enumerate(self.reviewer_issuers):
+            issuer.load(f"{section}.reviewer_issuers[{i}]")
+            if not issuer.roles_claim:
+                raise ConfigError(
+                    f"{section}.reviewer_issuers[{i}].roles_claim: expected a "
+                    "claim name, got none"
+                )
+        self.risk.validate(f"{section}.risk")
+        self.webhook.validate(f"{section}.webhook")
+
+    def check_apart(self, identity: IdentityConfig) -> None:
+        """Refuse a reviewer issuer whose tokens a delegation token could
+        pass for: same issuer and audience as a delegation-token issuer."""
+        delegation = {(i.issuer, i.audience) for i in identity.issuers}
+        for i, issuer in enumerate(self.reviewer_issuers):
+            if (issuer.issuer, issuer.audience) in delegation:
+                raise ConfigError(
+                    f"approvals.reviewer_issuers[{i}].audience: expected an "
+                    "audience apart from identity.issuers' for the same issuer, "
+                    f"got {issuer.audience!r}: an agent's delegation token must "
+                    "never sign a reviewer in"
+                )
+
+
 class EnvConfig(_Section):
     """What the daemon knows about where it runs; policies see it as `env`."""
 
@@ -878,6 +1166,7 @@ class Config(_Section):
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
+    approvals: ApprovalsConfig = msgspec.field(default_factory=ApprovalsConfig)
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     # Drain period on SIGTERM, in seconds, e.g. 10.
     shutdown_grace_seconds: float = 10.0
@@ -894,6 +1183,7 @@ class Config(_Section):
             if isinstance(value, _Section):
                 value.validate(name)
         self.admin.check_apart(self.agent, self.identity)
+        self.approvals.check_apart(self.identity)
         if not 0 < self.shutdown_grace_seconds <= 600:
             raise ConfigError(
                 "shutdown_grace_seconds: expected 0 < seconds <= 600, "

@@ -15,6 +15,7 @@ import enum
 import grpc
 
 __all__ = [
+    "ApprovalClosed",
     "AuditLogInUse",
     "AuditUnavailable",
     "ConfigError",
@@ -29,6 +30,7 @@ __all__ = [
     "PolicyNotReady",
     "Pruned",
     "ReasonCode",
+    "SelfApproval",
     "RequestError",
     "RequestTooLarge",
     "RoleMissing",
@@ -51,6 +53,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     NOT_CHECKPOINTED = "not_checkpointed"
     PRUNED = "pruned"
+    SELF_APPROVAL = "self_approval"
+    APPROVAL_CLOSED = "approval_closed"
 
 
 class ReasonCode(enum.StrEnum):
@@ -64,6 +68,14 @@ class ReasonCode(enum.StrEnum):
     UNKNOWN_PRINCIPAL = "unknown_principal"
     INACTIVE_PRINCIPAL = "inactive_principal"
     INVALID_CHAIN = "invalid_chain"
+    APPROVAL_GRANTED = "approval_granted"
+    APPROVAL_NOT_FOUND = "approval_not_found"
+    APPROVAL_REJECTED = "approval_rejected"
+    APPROVAL_EXPIRED = "approval_expired"
+    APPROVAL_USED = "approval_used"
+    APPROVAL_MISMATCH = "approval_mismatch"
+    APPROVAL_INSUFFICIENT = "approval_insufficient"
+    APPROVAL_RATE_LIMITED = "approval_rate_limited"
 
 
 class KynaraError(Exception):
@@ -147,6 +159,22 @@ class Pruned(RequestError):
 
     code = ErrorCode.PRUNED
     status = grpc.StatusCode.OUT_OF_RANGE
+
+
+class SelfApproval(RequestError):
+    """A reviewer tried to approve a request made on their own behalf, and
+    no rule that asked allows it."""
+
+    code = ErrorCode.SELF_APPROVAL
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ApprovalClosed(RequestError):
+    """The approval is no longer open (resolved, expired, used), or this
+    reviewer has reviewed it already."""
+
+    code = ErrorCode.APPROVAL_CLOSED
+    status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class ServiceError(KynaraError):

@@ -33,6 +33,7 @@ from kynara_sidecar.policy.conditions import (
     to_cel_value,
 )
 from kynara_sidecar.policy.model import (
+    ApprovalDocument,
     DirectoryDocument,
     Mode,
     PolicyDocument,
@@ -76,6 +77,10 @@ class CompiledRule(msgspec.Struct, frozen=True):
     condition: Condition | None
     shadow: bool
     order: int
+    description: str = ""
+    # A require_approval rule's review settings; None for other effects,
+    # and for a require_approval rule that names none (the defaults).
+    approval: ApprovalDocument | None = None
 
     def applies_to(self, roles: frozenset[str]) -> bool:
         """Tell whether a principal with these effective roles is covered."""
@@ -392,6 +397,23 @@ def _compile_rule(
         condition = compile_condition(
             rule.condition, path=path, location=f"{where}.condition", rule=rule.id
         )
+    if rule.approval is not None and rule.effect is not Effect.REQUIRE_APPROVAL:
+        raise PolicyError(
+            f"{cite} approval: expected only on a require_approval rule, "
+            f"got effect {str(rule.effect)!r}",
+            path=path,
+            location=f"{where}.approval",
+        )
+    for position, role in enumerate(
+        rule.approval.reviewer_roles if rule.approval else ()
+    ):
+        if not role or not role.isprintable() or len(role) > 128:
+            raise PolicyError(
+                f"{cite} approval.reviewer_roles: expected names of 1..128 "
+                f"printable characters, got {role!r}",
+                path=path,
+                location=f"{where}.approval.reviewer_roles[{position}]",
+            )
     return CompiledRule(
         policy=document.name,
         id=rule.id,
@@ -402,6 +424,8 @@ def _compile_rule(
         condition=condition,
         shadow=Mode.SHADOW in (document.mode, rule.mode),
         order=order,
+        description=rule.description,
+        approval=rule.approval,
     )
 
 

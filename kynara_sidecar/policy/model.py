@@ -16,6 +16,7 @@ import msgspec
 from kynara_sidecar.decision import Effect
 
 __all__ = [
+    "ApprovalDocument",
     "FORMAT_VERSION",
     "DirectoryDocument",
     "DocumentHeader",
@@ -67,6 +68,21 @@ class RoleDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     description: str = ""
 
 
+class ApprovalDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a require_approval rule's approvals are reviewed.
+
+    ``expires_in_seconds`` 0 takes the daemon's
+    ``approvals.default_expiry_seconds``; ``reviewer_roles`` empty lets any
+    reviewer decide; ``risk`` is the rule's base risk, 0..100.
+    """
+
+    expires_in_seconds: Annotated[int, msgspec.Meta(ge=0, le=90 * 86_400)] = 0
+    approvers: Annotated[int, msgspec.Meta(ge=1, le=10)] = 1
+    reviewer_roles: tuple[str, ...] = ()
+    allow_self_approval: bool = False
+    risk: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+
+
 class RuleDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: Text
     effect: Effect
@@ -76,6 +92,8 @@ class RuleDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     condition: str = ""
     mode: Mode | None = None
     description: str = ""
+    # Only on require_approval rules.
+    approval: ApprovalDocument | None = None
 
 
 class PolicyDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

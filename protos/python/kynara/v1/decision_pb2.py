@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kynara/v1/decision.proto\x12\tkynara.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x02\n\x05Value\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x14\n\nuint_value\x18\x02 \x01(\x04H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12\x35\n\x0ftimestamp_value\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x33\n\x0e\x64uration_value\x18\x08 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12*\n\nlist_value\x18\t \x01(\x0b\x32\x14.kynara.v1.ListValueH\x00\x12(\n\tmap_value\x18\n \x01(\x0b\x32\x13.kynara.v1.MapValueH\x00\x42\x06\n\x04kind\"-\n\tListValue\x12 \n\x06values\x18\x01 \x03(\x0b\x32\x10.kynara.v1.Value\"\x7f\n\x08MapValue\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .kynara.v1.MapValue.EntriesEntry\x1a@\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.kynara.v1.Value:\x02\x38\x01\"\xa2\x01\n\x08Resource\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.kynara.v1.Resource.AttributesEntry\x1a\x43\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.kynara.v1.Value:\x02\x38\x01\"\x97\x02\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65legation_token\x18\x02 \x01(\t\x12\x16\n\x0e\x61sserted_chain\x18\x03 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12%\n\x08resource\x18\x05 \x01(\x0b\x32\x13.kynara.v1.Resource\x12\x36\n\x07\x63ontext\x18\x06 \x03(\x0b\x32%.kynara.v1.DecideRequest.ContextEntry\x12\x0f\n\x07\x65xplain\x18\x07 \x01(\x08\x1a@\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.kynara.v1.Value:\x02\x38\x01\"s\n\x0bMatchedRule\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12#\n\x06\x65\x66\x66\x65\x63t\x18\x03 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x0e\n\x06shadow\x18\x05 \x01(\x08\"R\n\x0e\x43onditionError\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"S\n\x08\x41pproval\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x03\n\x0e\x44\x65\x63ideResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\t\x12-\n\rmatched_rules\x18\x03 \x03(\x0b\x32\x16.kynara.v1.MatchedRule\x12\x13\n\x0breason_code\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x06 \x01(\t\x12\x1a\n\x12\x64irectory_revision\x18\x07 \x01(\t\x12\x16\n\x0e\x61udit_sequence\x18\x08 \x01(\x04\x12\x13\n\x0brecord_hash\x18\t \x01(\t\x12%\n\x08\x61pproval\x18\n \x01(\x0b\x32\x13.kynara.v1.Approval\x12\x33\n\x10\x63ondition_errors\x18\x0b \x03(\x0b\x32\x19.kynara.v1.ConditionError\x12\r\n\x05\x63hain\x18\x0c \x03(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12+\n\x0b\x65xplanation\x18\x0e \x01(\x0b\x32\x16.kynara.v1.Explanation\"\xee\x01\n\tRuleTrace\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12#\n\x06\x65\x66\x66\x65\x63t\x18\x03 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x16\n\x0e\x61\x63tion_matched\x18\x04 \x01(\x08\x12\x18\n\x10resource_matched\x18\x05 \x01(\x08\x12\x15\n\rroles_matched\x18\x06 \x01(\x08\x12#\n\x07verdict\x18\x07 \x01(\x0e\x32\x12.kynara.v1.Verdict\x12\x0e\n\x06shadow\x18\x08 \x01(\x08\x12\x11\n\tcondition\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\"\xad\x01\n\x14PrincipalExplanation\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12%\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x13\n\x0breason_code\x18\x04 \x01(\t\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12#\n\x05rules\x18\x06 \x03(\x0b\x32\x14.kynara.v1.RuleTrace\"S\n\x0b\x45xplanation\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x33\n\nprincipals\x18\x02 \x03(\x0b\x32\x1f.kynara.v1.PrincipalExplanation\"=\n\x12\x44\x65\x63ideBatchRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.kynara.v1.DecideRequest\")\n\x18\x44\x65\x63ideBatchRequestFrames\x12\r\n\x05items\x18\x01 \x03(\x0c\"n\n\x0f\x44\x65\x63ideBatchItem\x12-\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.kynara.v1.DecideResponseH\x00\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.kynara.v1.ErrorH\x00\x42\t\n\x07outcome\"@\n\x13\x44\x65\x63ideBatchResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.kynara.v1.DecideBatchItem\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t*j\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x1d\n\x19\x44\x45\x43ISION_REQUIRE_APPROVAL\x10\x03*z\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x10\n\x0cVERDICT_HELD\x10\x01\x12\x14\n\x10VERDICT_NOT_HELD\x10\x02\x12\x13\n\x0fVERDICT_ERRORED\x10\x03\x12\x19\n\x15VERDICT_NOT_EVALUATED\x10\x04*\xae\x02\n\nReasonCode\x12\x1b\n\x17REASON_CODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_CODE_RULE_ALLOWED\x10\x01\x12!\n\x1dREASON_CODE_APPROVAL_REQUIRED\x10\x02\x12\x1e\n\x1aREASON_CODE_NO_RULE_ALLOWS\x10\x03\x12\x1b\n\x17REASON_CODE_RULE_DENIED\x10\x04\x12\x1f\n\x1bREASON_CODE_CONDITION_ERROR\x10\x05\x12!\n\x1dREASON_CODE_UNKNOWN_PRINCIPAL\x10\x06\x12\"\n\x1eREASON_CODE_INACTIVE_PRINCIPAL\x10\x07\x12\x1d\n\x19REASON_CODE_INVALID_CHAIN\x10\x08*\xf3\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x01\x12\x1f\n\x1b\x45RROR_CODE_POLICY_NOT_READY\x10\x02\x12 \n\x1c\x45RROR_CODE_AUDIT_UNAVAILABLE\x10\x03\x12\x1f\n\x1b\x45RROR_CODE_IDENTITY_INVALID\x10\x04\x12 \n\x1c\x45RROR_CODE_REQUEST_TOO_LARGE\x10\x05\x12\x1c\n\x18\x45RROR_CODE_SHUTTING_DOWN\x10\x06\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x07\x12\x1b\n\x17\x45RROR_CODE_ROLE_MISSING\x10\x08\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\t\x12\x1f\n\x1b\x45RROR_CODE_NOT_CHECKPOINTED\x10\n\x12\x15\n\x11\x45RROR_CODE_PRUNED\x10\x0b\x32\x9e\x01\n\x0f\x44\x65\x63isionService\x12=\n\x06\x44\x65\x63ide\x12\x18.kynara.v1.DecideRequest\x1a\x19.kynara.v1.DecideResponse\x12L\n\x0b\x44\x65\x63ideBatch\x12\x1d.kynara.v1.DecideBatchRequest\x1a\x1e.kynara.v1.DecideBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kynara/v1/decision.proto\x12\tkynara.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x02\n\x05Value\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x14\n\nuint_value\x18\x02 \x01(\x04H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12\x35\n\x0ftimestamp_value\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x33\n\x0e\x64uration_value\x18\x08 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12*\n\nlist_value\x18\t \x01(\x0b\x32\x14.kynara.v1.ListValueH\x00\x12(\n\tmap_value\x18\n \x01(\x0b\x32\x13.kynara.v1.MapValueH\x00\x42\x06\n\x04kind\"-\n\tListValue\x12 \n\x06values\x18\x01 \x03(\x0b\x32\x10.kynara.v1.Value\"\x7f\n\x08MapValue\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .kynara.v1.MapValue.EntriesEntry\x1a@\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.kynara.v1.Value:\x02\x38\x01\"\xa2\x01\n\x08Resource\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.kynara.v1.Resource.AttributesEntry\x1a\x43\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.kynara.v1.Value:\x02\x38\x01\"\xac\x02\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65legation_token\x18\x02 \x01(\t\x12\x16\n\x0e\x61sserted_chain\x18\x03 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12%\n\x08resource\x18\x05 \x01(\x0b\x32\x13.kynara.v1.Resource\x12\x36\n\x07\x63ontext\x18\x06 \x03(\x0b\x32%.kynara.v1.DecideRequest.ContextEntry\x12\x0f\n\x07\x65xplain\x18\x07 \x01(\x08\x12\x13\n\x0b\x61pproval_id\x18\x08 \x01(\t\x1a@\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.kynara.v1.Value:\x02\x38\x01\"s\n\x0bMatchedRule\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12#\n\x06\x65\x66\x66\x65\x63t\x18\x03 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x0e\n\x06shadow\x18\x05 \x01(\x08\"R\n\x0e\x43onditionError\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x89\x01\n\x08\x41pproval\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\treviewers\x18\x05 \x03(\t\x12\x12\n\nrisk_score\x18\x06 \x01(\r\"*\n\x13WaitApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"\xb5\x01\n\x0e\x41pprovalUpdate\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tapprovals\x18\x03 \x01(\r\x12\x18\n\x10\x61pprovals_needed\x18\x04 \x01(\r\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\treviewers\x18\x06 \x03(\t\x12\x0f\n\x07\x63omment\x18\x07 \x01(\t\"\xae\x03\n\x0e\x44\x65\x63ideResponse\x12%\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\t\x12-\n\rmatched_rules\x18\x03 \x03(\x0b\x32\x16.kynara.v1.MatchedRule\x12\x13\n\x0breason_code\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x06 \x01(\t\x12\x1a\n\x12\x64irectory_revision\x18\x07 \x01(\t\x12\x16\n\x0e\x61udit_sequence\x18\x08 \x01(\x04\x12\x13\n\x0brecord_hash\x18\t \x01(\t\x12%\n\x08\x61pproval\x18\n \x01(\x0b\x32\x13.kynara.v1.Approval\x12\x33\n\x10\x63ondition_errors\x18\x0b \x03(\x0b\x32\x19.kynara.v1.ConditionError\x12\r\n\x05\x63hain\x18\x0c \x03(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12+\n\x0b\x65xplanation\x18\x0e \x01(\x0b\x32\x16.kynara.v1.Explanation\"\xee\x01\n\tRuleTrace\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12#\n\x06\x65\x66\x66\x65\x63t\x18\x03 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x16\n\x0e\x61\x63tion_matched\x18\x04 \x01(\x08\x12\x18\n\x10resource_matched\x18\x05 \x01(\x08\x12\x15\n\rroles_matched\x18\x06 \x01(\x08\x12#\n\x07verdict\x18\x07 \x01(\x0e\x32\x12.kynara.v1.Verdict\x12\x0e\n\x06shadow\x18\x08 \x01(\x08\x12\x11\n\tcondition\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\"\xad\x01\n\x14PrincipalExplanation\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12%\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x13.kynara.v1.Decision\x12\x13\n\x0breason_code\x18\x04 \x01(\t\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12#\n\x05rules\x18\x06 \x03(\x0b\x32\x14.kynara.v1.RuleTrace\"S\n\x0b\x45xplanation\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x33\n\nprincipals\x18\x02 \x03(\x0b\x32\x1f.kynara.v1.PrincipalExplanation\"=\n\x12\x44\x65\x63ideBatchRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.kynara.v1.DecideRequest\")\n\x18\x44\x65\x63ideBatchRequestFrames\x12\r\n\x05items\x18\x01 \x03(\x0c\"n\n\x0f\x44\x65\x63ideBatchItem\x12-\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.kynara.v1.DecideResponseH\x00\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.kynara.v1.ErrorH\x00\x42\t\n\x07outcome\"@\n\x13\x44\x65\x63ideBatchResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.kynara.v1.DecideBatchItem\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t*j\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x1d\n\x19\x44\x45\x43ISION_REQUIRE_APPROVAL\x10\x03*z\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x10\n\x0cVERDICT_HELD\x10\x01\x12\x14\n\x10VERDICT_NOT_HELD\x10\x02\x12\x13\n\x0fVERDICT_ERRORED\x10\x03\x12\x19\n\x15VERDICT_NOT_EVALUATED\x10\x04*\xc9\x04\n\nReasonCode\x12\x1b\n\x17REASON_CODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_CODE_RULE_ALLOWED\x10\x01\x12!\n\x1dREASON_CODE_APPROVAL_REQUIRED\x10\x02\x12\x1e\n\x1aREASON_CODE_NO_RULE_ALLOWS\x10\x03\x12\x1b\n\x17REASON_CODE_RULE_DENIED\x10\x04\x12\x1f\n\x1bREASON_CODE_CONDITION_ERROR\x10\x05\x12!\n\x1dREASON_CODE_UNKNOWN_PRINCIPAL\x10\x06\x12\"\n\x1eREASON_CODE_INACTIVE_PRINCIPAL\x10\x07\x12\x1d\n\x19REASON_CODE_INVALID_CHAIN\x10\x08\x12 \n\x1cREASON_CODE_APPROVAL_GRANTED\x10\t\x12\"\n\x1eREASON_CODE_APPROVAL_NOT_FOUND\x10\n\x12!\n\x1dREASON_CODE_APPROVAL_REJECTED\x10\x0b\x12 \n\x1cREASON_CODE_APPROVAL_EXPIRED\x10\x0c\x12\x1d\n\x19REASON_CODE_APPROVAL_USED\x10\r\x12!\n\x1dREASON_CODE_APPROVAL_MISMATCH\x10\x0e\x12%\n!REASON_CODE_APPROVAL_INSUFFICIENT\x10\x0f\x12%\n!REASON_CODE_APPROVAL_RATE_LIMITED\x10\x10*\xb1\x03\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x01\x12\x1f\n\x1b\x45RROR_CODE_POLICY_NOT_READY\x10\x02\x12 \n\x1c\x45RROR_CODE_AUDIT_UNAVAILABLE\x10\x03\x12\x1f\n\x1b\x45RROR_CODE_IDENTITY_INVALID\x10\x04\x12 \n\x1c\x45RROR_CODE_REQUEST_TOO_LARGE\x10\x05\x12\x1c\n\x18\x45RROR_CODE_SHUTTING_DOWN\x10\x06\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x07\x12\x1b\n\x17\x45RROR_CODE_ROLE_MISSING\x10\x08\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\t\x12\x1f\n\x1b\x45RROR_CODE_NOT_CHECKPOINTED\x10\n\x12\x15\n\x11\x45RROR_CODE_PRUNED\x10\x0b\x12\x1c\n\x18\x45RROR_CODE_SELF_APPROVAL\x10\x0c\x12\x1e\n\x1a\x45RROR_CODE_APPROVAL_CLOSED\x10\r2\xeb\x01\n\x0f\x44\x65\x63isionService\x12=\n\x06\x44\x65\x63ide\x12\x18.kynara.v1.DecideRequest\x1a\x19.kynara.v1.DecideResponse\x12L\n\x0b\x44\x65\x63ideBatch\x12\x1d.kynara.v1.DecideBatchRequest\x1a\x1e.kynara.v1.DecideBatchResponse\x12K\n\x0cWaitApproval\x12\x1e.kynara.v1.WaitApprovalRequest\x1a\x19.kynara.v1.ApprovalUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOURCE_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_DECIDEREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_DECIDEREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=2635
-  _globals['_DECISION']._serialized_end=2741
-  _globals['_VERDICT']._serialized_start=2743
-  _globals['_VERDICT']._serialized_end=2865
-  _globals['_REASONCODE']._serialized_start=2868
-  _globals['_REASONCODE']._serialized_end=3170
-  _globals['_ERRORCODE']._serialized_start=3173
-  _globals['_ERRORCODE']._serialized_end=3544
+  _globals['_DECISION']._serialized_start=2939
+  _globals['_DECISION']._serialized_end=3045
+  _globals['_VERDICT']._serialized_start=3047
+  _globals['_VERDICT']._serialized_end=3169
+  _globals['_REASONCODE']._serialized_start=3172
+  _globals['_REASONCODE']._serialized_end=3757
+  _globals['_ERRORCODE']._serialized_start=3760
+  _globals['_ERRORCODE']._serialized_end=4193
   _globals['_VALUE']._serialized_start=105
   _globals['_VALUE']._serialized_end=450
   _globals['_LISTVALUE']._serialized_start=452
@@ -60,33 +60,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOURCE_ATTRIBUTESENTRY']._serialized_start=724
   _globals['_RESOURCE_ATTRIBUTESENTRY']._serialized_end=791
   _globals['_DECIDEREQUEST']._serialized_start=794
-  _globals['_DECIDEREQUEST']._serialized_end=1073
-  _globals['_DECIDEREQUEST_CONTEXTENTRY']._serialized_start=1009
-  _globals['_DECIDEREQUEST_CONTEXTENTRY']._serialized_end=1073
-  _globals['_MATCHEDRULE']._serialized_start=1075
-  _globals['_MATCHEDRULE']._serialized_end=1190
-  _globals['_CONDITIONERROR']._serialized_start=1192
-  _globals['_CONDITIONERROR']._serialized_end=1274
-  _globals['_APPROVAL']._serialized_start=1276
-  _globals['_APPROVAL']._serialized_end=1359
-  _globals['_DECIDERESPONSE']._serialized_start=1362
-  _globals['_DECIDERESPONSE']._serialized_end=1792
-  _globals['_RULETRACE']._serialized_start=1795
-  _globals['_RULETRACE']._serialized_end=2033
-  _globals['_PRINCIPALEXPLANATION']._serialized_start=2036
-  _globals['_PRINCIPALEXPLANATION']._serialized_end=2209
-  _globals['_EXPLANATION']._serialized_start=2211
-  _globals['_EXPLANATION']._serialized_end=2294
-  _globals['_DECIDEBATCHREQUEST']._serialized_start=2296
-  _globals['_DECIDEBATCHREQUEST']._serialized_end=2357
-  _globals['_DECIDEBATCHREQUESTFRAMES']._serialized_start=2359
-  _globals['_DECIDEBATCHREQUESTFRAMES']._serialized_end=2400
-  _globals['_DECIDEBATCHITEM']._serialized_start=2402
-  _globals['_DECIDEBATCHITEM']._serialized_end=2512
-  _globals['_DECIDEBATCHRESPONSE']._serialized_start=2514
-  _globals['_DECIDEBATCHRESPONSE']._serialized_end=2578
-  _globals['_ERROR']._serialized_start=2580
-  _globals['_ERROR']._serialized_end=2633
-  _globals['_DECISIONSERVICE']._serialized_start=3547
-  _globals['_DECISIONSERVICE']._serialized_end=3705
+  _globals['_DECIDEREQUEST']._serialized_end=1094
+  _globals['_DECIDEREQUEST_CONTEXTENTRY']._serialized_start=1030
+  _globals['_DECIDEREQUEST_CONTEXTENTRY']._serialized_end=1094
+  _globals['_MATCHEDRULE']._serialized_start=1096
+  _globals['_MATCHEDRULE']._serialized_end=1211
+  _globals['_CONDITIONERROR']._serialized_start=1213
+  _globals['_CONDITIONERROR']._serialized_end=1295
+  _globals['_APPROVAL']._serialized_start=1298
+  _globals['_APPROVAL']._serialized_end=1435
+  _globals['_WAITAPPROVALREQUEST']._serialized_start=1437
+  _globals['_WAITAPPROVALREQUEST']._serialized_end=1479
+  _globals['_APPROVALUPDATE']._serialized_start=1482
+  _globals['_APPROVALUPDATE']._serialized_end=1663
+  _globals['_DECIDERESPONSE']._serialized_start=1666
+  _globals['_DECIDERESPONSE']._serialized_end=2096
+  _globals['_RULETRACE']._serialized_start=2099
+  _globals['_RULETRACE']._serialized_end=2337
+  _globals['_PRINCIPALEXPLANATION']._serialized_start=2340
+  _globals['_PRINCIPALEXPLANATION']._serialized_end=2513
+  _globals['_EXPLANATION']._serialized_start=2515
+  _globals['_EXPLANATION']._serialized_end=2598
+  _globals['_DECIDEBATCHREQUEST']._serialized_start=2600
+  _globals['_DECIDEBATCHREQUEST']._serialized_end=2661
+  _globals['_DECIDEBATCHREQUESTFRAMES']._serialized_start=2663
+  _globals['_DECIDEBATCHREQUESTFRAMES']._serialized_end=2704
+  _globals['_DECIDEBATCHITEM']._serialized_start=2706
+  _globals['_DECIDEBATCHITEM']._serialized_end=2816
+  _globals['_DECIDEBATCHRESPONSE']._serialized_start=2818
+  _globals['_DECIDEBATCHRESPONSE']._serialized_end=2882
+  _globals['_ERROR']._serialized_start=2884
+  _globals['_ERROR']._serialized_end=2937
+  _globals['_DECISIONSERVICE']._serialized_start=4196
+  _globals['_DECISIONSERVICE']._serialized_end=4431
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,14 @@ class ReasonCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_CODE_UNKNOWN_PRINCIPAL: _ClassVar[ReasonCode]
     REASON_CODE_INACTIVE_PRINCIPAL: _ClassVar[ReasonCode]
     REASON_CODE_INVALID_CHAIN: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_GRANTED: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_NOT_FOUND: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_REJECTED: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_EXPIRED: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_USED: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_MISMATCH: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_INSUFFICIENT: _ClassVar[ReasonCode]
+    REASON_CODE_APPROVAL_RATE_LIMITED: _ClassVar[ReasonCode]
 
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +60,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
     ERROR_CODE_NOT_CHECKPOINTED: _ClassVar[ErrorCode]
     ERROR_CODE_PRUNED: _ClassVar[ErrorCode]
+    ERROR_CODE_SELF_APPROVAL: _ClassVar[ErrorCode]
+    ERROR_CODE_APPROVAL_CLOSED: _ClassVar[ErrorCode]
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_DENY: Decision
@@ -70,6 +80,14 @@ REASON_CODE_CONDITION_ERROR: ReasonCode
 REASON_CODE_UNKNOWN_PRINCIPAL: ReasonCode
 REASON_CODE_INACTIVE_PRINCIPAL: ReasonCode
 REASON_CODE_INVALID_CHAIN: ReasonCode
+REASON_CODE_APPROVAL_GRANTED: ReasonCode
+REASON_CODE_APPROVAL_NOT_FOUND: ReasonCode
+REASON_CODE_APPROVAL_REJECTED: ReasonCode
+REASON_CODE_APPROVAL_EXPIRED: ReasonCode
+REASON_CODE_APPROVAL_USED: ReasonCode
+REASON_CODE_APPROVAL_MISMATCH: ReasonCode
+REASON_CODE_APPROVAL_INSUFFICIENT: ReasonCode
+REASON_CODE_APPROVAL_RATE_LIMITED: ReasonCode
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ERROR_CODE_INVALID_REQUEST: ErrorCode
 ERROR_CODE_POLICY_NOT_READY: ErrorCode
@@ -82,6 +100,8 @@ ERROR_CODE_ROLE_MISSING: ErrorCode
 ERROR_CODE_NOT_FOUND: ErrorCode
 ERROR_CODE_NOT_CHECKPOINTED: ErrorCode
 ERROR_CODE_PRUNED: ErrorCode
+ERROR_CODE_SELF_APPROVAL: ErrorCode
+ERROR_CODE_APPROVAL_CLOSED: ErrorCode
 
 class Value(_message.Message):
     __slots__ = ("int_value", "uint_value", "double_value", "string_value", "bool_value", "bytes_value", "timestamp_value", "duration_value", "list_value", "map_value")
@@ -144,7 +164,7 @@ class Resource(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("request_id", "delegation_token", "asserted_chain", "action", "resource", "context", "explain")
+    __slots__ = ("request_id", "delegation_token", "asserted_chain", "action", "resource", "context", "explain", "approval_id")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +179,7 @@ class DecideRequest(_message.Message):
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     delegation_token: str
     asserted_chain: _containers.RepeatedScalarFieldContainer[str]
@@ -166,7 +187,8 @@ class DecideRequest(_message.Message):
     resource: Resource
     context: _containers.MessageMap[str, Value]
     explain: bool
-    def __init__(self, request_id: _Optional[str] = ..., delegation_token: _Optional[str] = ..., asserted_chain: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Mapping[str, Value]] = ..., explain: _Optional[bool] = ...) -> None: ...
+    approval_id: str
+    def __init__(self, request_id: _Optional[str] = ..., delegation_token: _Optional[str] = ..., asserted_chain: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Mapping[str, Value]] = ..., explain: _Optional[bool] = ..., approval_id: _Optional[str] = ...) -> None: ...
 
 class MatchedRule(_message.Message):
     __slots__ = ("policy", "rule", "effect", "principal", "shadow")
@@ -195,14 +217,44 @@ class ConditionError(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., rule: _Optional[str] = ..., principal: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Approval(_message.Message):
-    __slots__ = ("id", "url", "expires_at")
+    __slots__ = ("id", "url", "expires_at", "state", "reviewers", "risk_score")
     ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REVIEWERS_FIELD_NUMBER: _ClassVar[int]
+    RISK_SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    state: str
+    reviewers: _containers.RepeatedScalarFieldContainer[str]
+    risk_score: int
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., reviewers: _Optional[_Iterable[str]] = ..., risk_score: _Optional[int] = ...) -> None: ...
+
+class WaitApprovalRequest(_message.Message):
+    __slots__ = ("approval_id",)
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    approval_id: str
+    def __init__(self, approval_id: _Optional[str] = ...) -> None: ...
+
+class ApprovalUpdate(_message.Message):
+    __slots__ = ("approval_id", "state", "approvals", "approvals_needed", "expires_at", "reviewers", "comment")
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REVIEWERS_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    approval_id: str
+    state: str
+    approvals: int
+    approvals_needed: int
+    expires_at: _timestamp_pb2.Timestamp
+    reviewers: _containers.RepeatedScalarFieldContainer[str]
+    comment: str
+    def __init__(self, approval_id: _Optional[str] = ..., state: _Optional[str] = ..., approvals: _Optional[int] = ..., approvals_needed: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewers: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
     __slots__ = ("decision", "decision_id", "matched_rules", "reason_code", "reason", "policy_revision", "directory_revision", "audit_sequence", "record_hash", "approval", "condition_errors", "chain", "request_id", "explanation")

@@ -47,6 +47,11 @@ class DecisionServiceStub:
                 request_serializer=kynara_dot_v1_dot_decision__pb2.DecideBatchRequest.SerializeToString,
                 response_deserializer=kynara_dot_v1_dot_decision__pb2.DecideBatchResponse.FromString,
                 _registered_method=True)
+        self.WaitApproval = channel.unary_stream(
+                '/kynara.v1.DecisionService/WaitApproval',
+                request_serializer=kynara_dot_v1_dot_decision__pb2.WaitApprovalRequest.SerializeToString,
+                response_deserializer=kynara_dot_v1_dot_decision__pb2.ApprovalUpdate.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -72,6 +77,17 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitApproval(self, request, context):
+        """WaitApproval streams the state of one of the caller's own approvals:
+        the state at once, then every change, ending after a final state
+        (approved, rejected, expired, used). The client ends the wait when it
+        likes; ending it never changes the approval. An approval of another
+        agent is NOT_FOUND, as an unknown id is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -84,6 +100,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.DecideBatch,
                     request_deserializer=kynara_dot_v1_dot_decision__pb2.DecideBatchRequest.FromString,
                     response_serializer=kynara_dot_v1_dot_decision__pb2.DecideBatchResponse.SerializeToString,
+            ),
+            'WaitApproval': grpc.unary_stream_rpc_method_handler(
+                    servicer.WaitApproval,
+                    request_deserializer=kynara_dot_v1_dot_decision__pb2.WaitApprovalRequest.FromString,
+                    response_serializer=kynara_dot_v1_dot_decision__pb2.ApprovalUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +164,33 @@ class DecisionService:
             '/kynara.v1.DecisionService/DecideBatch',
             kynara_dot_v1_dot_decision__pb2.DecideBatchRequest.SerializeToString,
             kynara_dot_v1_dot_decision__pb2.DecideBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kynara.v1.DecisionService/WaitApproval',
+            kynara_dot_v1_dot_decision__pb2.WaitApprovalRequest.SerializeToString,
+            kynara_dot_v1_dot_decision__pb2.ApprovalUpdate.FromString,
             options,
             channel_credentials,
             insecure,

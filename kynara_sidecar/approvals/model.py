@@ -1,0 +1,227 @@
+"""The approval and what is said about it: the values every part shares.
+
+An approval is created by a require_approval decision and lives until it is
+used (``used``) or ends without use (``rejected``, ``expired``):
+
+    pending --(enough distinct approvals)--> approved --(the allow)--> used
+    pending --(a rejection)--> rejected
+    pending or approved --(its expiry passes)--> expired
+
+The daemon's ``ApprovalBook`` holds them (LMDB, beside the log); the
+review page, ``ApprovalService`` and the collector's fleet inbox read them
+through the ``Inbox`` protocol, so every inbox shows and resolves the same
+thing. Values here are plain msgspec structs: they are stored (msgpack),
+published to the central store (JSON) and shown, all from one shape.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+__all__ = [
+    "FINAL_STATES",
+    "MAX_COMMENT_CHARS",
+    "Approval",
+    "ApprovalState",
+    "AskingRule",
+    "ChainPrincipal",
+    "Inbox",
+    "InboxQuery",
+    "Requirement",
+    "Review",
+    "Reviewer",
+    "Risk",
+    "RiskFactor",
+    "Verdict",
+]
+
+# A comment is for a human; it is kept in the audit record.
+MAX_COMMENT_CHARS = 2000
+
+
+class ApprovalState(enum.StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    USED = "used"
+
+
+# No change leaves these.
+FINAL_STATES = frozenset(
+    {ApprovalState.REJECTED, ApprovalState.EXPIRED, ApprovalState.USED}
+)
+
+
+class Verdict(enum.StrEnum):
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+class Reviewer(msgspec.Struct, frozen=True):
+    """An authenticated reviewer.
+
+    ``id`` is compared with the chain's principal ids for self-approval, so
+    it is the reviewer's principal id (a JWT's ``sub``, or the configured
+    ``principal`` of an admin credential). ``roles`` always holds
+    ``reviewer``, plus the reviewer roles that rules may require.
+    ``credential`` names how they proved it, for the log line: an admin
+    credential's name or a JWT issuer.
+    """
+
+    id: str
+    roles: frozenset[str]
+    credential: str = ""
+
+
+class ChainPrincipal(msgspec.Struct, frozen=True):
+    id: str
+    kind: str = ""
+    roles: tuple[str, ...] = ()
+
+
+class AskingRule(msgspec.Struct, frozen=True):
+    """A require_approval rule that held (or errored) for ``principal``."""
+
+    policy: str
+    rule: str
+    principal: str
+    description: str = ""
+    condition: str = ""
+
+
+class Requirement(msgspec.Struct, frozen=True):
+    """What the asking rules need from reviewers, combined: the most
+    approvers any asks for, the roles of every rule that names some (a
+    reviewer counts when they hold one of each such rule's roles), self
+    approval only when every asking rule allows it, and the earliest
+    expiry."""
+
+    approvers: int = 1
+    # One tuple of acceptable roles per rule that names roles.
+    reviewer_roles: tuple[tuple[str, ...], ...] = ()
+    allow_self_approval: bool = False
+    expires_in_seconds: int = 3600
+
+
+class RiskFactor(msgspec.Struct, frozen=True):
+    """One named part of the score: ``points = weight * fraction``."""
+
+    name: str
+    weight: float
+    fraction: float
+    points: float
+    detail: str = ""
+
+
+class Risk(msgspec.Struct, frozen=True):
+    """0..100: the factors' points summed, rounded half up, capped at 100."""
+
+    score: int
+    factors: tuple[RiskFactor, ...] = ()
+
+
+class Review(msgspec.Struct, frozen=True):
+    reviewer: str
+    roles: tuple[str, ...]
+    verdict: Verdict
+    # RFC 3339, UTC.
+    at: str
+    comment: str = ""
+    # "daemon", or the name of the fleet inbox it came through.
+    via: str = "daemon"
+
+
+class Approval(msgspec.Struct, frozen=True, kw_only=True):
+    """One approval: what was asked, by whom, why, and what became of it.
+
+    ``resource`` and ``context`` are the audit record's typed JSON form
+    after redaction (``audit.record.encode_value``), exactly what the
+    ``decision`` record that asked holds; ``digest`` binds the unredacted
+    request (``approvals.binding``). Times are RFC 3339, UTC.
+    """
+
+    id: str
+    state: ApprovalState
+    daemon_id: str
+    agent_id: str
+    digest: str
+    decision_id: str
+    chain: tuple[ChainPrincipal, ...]
+    action: str
+    resource_kind: str
+    resource_id: str = ""
+    attributes: dict[str, Any] = {}
+    context: dict[str, Any] = {}
+    request_id: str = ""
+    rules: tuple[AskingRule, ...] = ()
+    requirement: Requirement = Requirement()
+    risk: Risk = Risk(score=0)
+    policy_revision: str = ""
+    directory_revision: str = ""
+    created_at: str
+    expires_at: str
+    reviews: tuple[Review, ...] = ()
+    resolved_at: str = ""
+    used_by: str = ""
+    url: str = ""
+
+    @property
+    def user_id(self) -> str:
+        return self.chain[0].id if self.chain else ""
+
+    @property
+    def approvers(self) -> tuple[str, ...]:
+        """Distinct reviewers who approved, in review order."""
+        seen: list[str] = []
+        for review in self.reviews:
+            if review.verdict is Verdict.APPROVE and review.reviewer not in seen:
+                seen.append(review.reviewer)
+        return tuple(seen)
+
+
+class InboxQuery(msgspec.Struct, frozen=True):
+    """A filter over approvals; an empty field does not filter."""
+
+    # None: every state.
+    state: ApprovalState | None = ApprovalState.PENDING
+    agent_id: str = ""
+    action: str = ""
+    min_risk: int = 0
+    limit: int = 50
+    # The id of the last approval of the previous page, newest first.
+    after: str = ""
+
+
+class Inbox(Protocol):
+    """Where reviewers read and resolve approvals: a daemon's own book, or
+    the collector's view of the fleet's through the central store."""
+
+    def list(self, query: InboxQuery) -> Sequence[Approval]:
+        """Approvals matching ``query``, newest first."""
+        ...
+
+    def get(self, approval_id: str) -> Approval | None:
+        """One approval, or None when no approval has that id."""
+        ...
+
+    async def review(
+        self, approval_id: str, reviewer: Reviewer, verdict: Verdict, comment: str
+    ) -> Approval:
+        """Approve or reject as ``reviewer``; return the approval after it.
+
+        Raises:
+            NotFound: no approval has that id.
+            ApprovalClosed: it is not pending, or this reviewer reviewed it.
+            SelfApproval: the reviewer is a principal of its chain and not
+                every asking rule allows self approval.
+            RoleMissing: the reviewer lacks a role an asking rule requires.
+            InvalidRequest: the comment is too long.
+            AuditUnavailable: the review could not be recorded; nothing
+                changed.
+        """
+        ...
