@@ -24,6 +24,9 @@ Examples:
     kynara-sidecar sync now --config config/kynara.yaml \
         --credential-file var/secrets/operator
     kynara-sidecar fleet status --store nats://127.0.0.1:4222
+    kynara-sidecar approvals list --config config/kynara.yaml \
+        --credential-file var/secrets/carol
+    kynara-sidecar approvals approve apr_... --comment "customer verified"
     kynara-sidecar fleet status --store dir:///srv/kynara-store --json
 """
 
@@ -188,6 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_bundle_parser(commands)
     _add_sync_parser(commands)
     _add_fleet_parser(commands)
+    _add_approvals_parser(commands)
     new_chain = commands.add_parser(
         "new-chain",
         help="move a log that fails verification aside and start a new one "
@@ -927,6 +931,200 @@ def _sync(args: argparse.Namespace) -> int:
     return EXIT_OK if reply.outcome in ("activated", "unchanged") else EXIT_FAILED
 
 
+# A reviewer answers in seconds; the daemon records a review in one commit.
+APPROVALS_TIMEOUT_SECONDS = 30.0
+
+
+def _add_approvals_parser(commands: argparse._SubParsersAction) -> None:
+    approvals = commands.add_parser(
+        "approvals",
+        help="list, show, approve and reject approvals on a running daemon "
+        "(admin listener)",
+        description=(
+            "Call ApprovalService on the daemon's admin listener (admin.socket, "
+            "else admin.port from the config) as a reviewer: an admin "
+            "credential with the reviewer role, or a reviewer JWT from "
+            "approvals.reviewer_issuers."
+        ),
+    )
+    kinds = approvals.add_subparsers(dest="approvals_command", required=True)
+    listing = kinds.add_parser(
+        "list", help="approvals, newest first: a table, or --json"
+    )
+    listing.add_argument(
+        "--state",
+        default="pending",
+        choices=["pending", "approved", "rejected", "expired", "used", "all"],
+        help="which approvals (default pending)",
+    )
+    listing.add_argument("--agent", default="", help="only this agent's")
+    listing.add_argument("--action", default="", help="only this action's")
+    listing.add_argument(
+        "--min-risk", type=int, default=0, metavar="SCORE", help="risk 0..100"
+    )
+    listing.add_argument(
+        "--page-size", type=int, default=50, metavar="N", help="at most 500"
+    )
+    listing.add_argument(
+        "--page-token", default="", metavar="ID", help="the next page's token"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = kinds.add_parser("show", help="one approval in full, as JSON")
+    show.add_argument("approval_id", metavar="ID")
+    subcommands = [listing, show]
+    for verdict in ("approve", "reject"):
+        review = kinds.add_parser(
+            verdict, help=f"{verdict} an approval as the reviewer; print it as JSON"
+        )
+        review.add_argument("approval_id", metavar="ID")
+        review.add_argument(
+            "--comment", default="", help="why; kept in the audit record"
+        )
+        subcommands.append(review)
+    for subcommand in subcommands:
+        _add_config_args(subcommand)
+        subcommand.add_argument(
+            "--credential-file",
+            metavar="FILE",
+            help="file holding a reviewer's admin secret or reviewer JWT "
+            f"(default: ${ADMIN_SECRET_ENV}, the token itself)",
+        )
+
+
+def _reviewer_token(args: argparse.Namespace) -> str:
+    if args.credential_file:
+        try:
+            with open(args.credential_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"--credential-file: cannot read the token: {err}"
+            ) from None
+        if not token:
+            raise ConfigError(
+                f"--credential-file: {args.credential_file} is empty; expected a "
+                "reviewer's admin secret or reviewer JWT"
+            )
+        return token
+    token = os.environ.get(ADMIN_SECRET_ENV, "").strip()
+    if not token:
+        raise _UsageError(
+            "expected a reviewer's token: --credential-file FILE or "
+            f"${ADMIN_SECRET_ENV}"
+        )
+    return token
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+    from google.protobuf import json_format
+    from kynara.v1 import approval_pb2, approval_pb2_grpc
+
+    config = _config_unless_path(
+        args, None, f"expected the daemon's config: give {_GIVE_CONFIG}"
+    )
+    assert config is not None  # no path: the config is always loaded
+    target = _admin_target(config)
+    metadata = [("authorization", f"Bearer {_reviewer_token(args)}")]
+    command = args.approvals_command
+    with grpc.insecure_channel(target) as channel:
+        stub = approval_pb2_grpc.ApprovalServiceStub(channel)
+        calls = {
+            "list": lambda: stub.ListApprovals(
+                approval_pb2.ListApprovalsRequest(
+                    state=args.state,
+                    agent_id=args.agent,
+                    action=args.action,
+                    min_risk=max(args.min_risk, 0),
+                    page_size=max(args.page_size, 0),
+                    page_token=args.page_token,
+                ),
+                metadata=metadata,
+                timeout=APPROVALS_TIMEOUT_SECONDS,
+            ),
+            "show": lambda: stub.GetApproval(
+                approval_pb2.GetApprovalRequest(approval_id=args.approval_id),
+                metadata=metadata,
+                timeout=APPROVALS_TIMEOUT_SECONDS,
+            ),
+        }
+        for verdict, method in (("approve", stub.Approve), ("reject", stub.Reject)):
+            calls[verdict] = lambda method=method: method(
+                approval_pb2.ReviewRequest(
+                    approval_id=args.approval_id, comment=args.comment
+                ),
+                metadata=metadata,
+                timeout=APPROVALS_TIMEOUT_SECONDS,
+            )
+        try:
+            reply = calls[command]()
+        except grpc.RpcError as err:
+            raise _approvals_error(err, target, config) from None
+    if command == "list" and not args.json:
+        print(_format_approvals(reply.approvals))
+        if reply.next_page_token:
+            print(f"next page: --page-token {reply.next_page_token}", file=sys.stderr)
+        return EXIT_OK
+    document = json_format.MessageToDict(
+        reply,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+    print(json.dumps(document, indent=2))
+    return EXIT_OK
+
+
+def _approvals_error(err, target: str, config: Config) -> KynaraError:
+    import grpc
+
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return ConfigError(
+            f"ApprovalService at {target}: nothing answers: is the daemon running, "
+            "with this config? Its admin listener starts only once "
+            "admin.credentials or approvals.reviewer_issuers names someone"
+        )
+    if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return ConfigError(
+            f"the daemon at {target} serves no approvals (its audit log is down?)"
+        )
+    code = dict(err.trailing_metadata() or ()).get("kynara-error-code", "")
+    return ConfigError(
+        f"ApprovalService at {target}: {err.code().name}"
+        + (f" [{code}]" if code else "")
+        + f": {err.details()}"
+    )
+
+
+def _format_approvals(approvals) -> str:
+    if not approvals:
+        return "no approvals match"
+    header = ("ID", "STATE", "RISK", "AGENT", "USER", "ACTION", "RESOURCE", "EXPIRES")
+    rows = [header]
+    for approval in approvals:
+        user = approval.chain[0].id if approval.chain else ""
+        rows.append(
+            (
+                approval.id,
+                approval.state,
+                str(approval.risk.score),
+                approval.agent_id,
+                user,
+                approval.action,
+                f"{approval.resource_kind}/{approval.resource_id}",
+                approval.expires_at.ToJsonString(),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+        ).rstrip()
+        for row in rows
+    )
+
+
 def _add_fleet_parser(commands: argparse._SubParsersAction) -> None:
     fleet = commands.add_parser(
         "fleet", help="what every daemon of a central store reports"
@@ -1009,6 +1207,7 @@ COMMANDS = {
     "bundle": _bundle,
     "sync": _sync,
     "fleet": _fleet,
+    "approvals": _approvals,
 }
 
 

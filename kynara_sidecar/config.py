@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
 from kynara_sidecar.audit.redact import (
     MIN_REDACTION_KEY_BYTES,
     REDACTION_SECTIONS,
@@ -1085,6 +1086,11 @@ class ApprovalsConfig(_Section):
     # With a central store and the collector's fleet inbox, its URL, e.g.
     # "https://kynara.example.com".
     inbox_url: str = ""
+    # Public key files (PEM or raw base64url) of the fleet inboxes whose
+    # signed reviews this daemon takes from the central store (the
+    # collector's inbox.signing_key), e.g. ["/etc/kynara/keys/inbox.pub"].
+    # Empty: reviews in the store are refused, whoever wrote them.
+    inbox_keys: list[str] = []
     # JWT issuers whose tokens sign reviewers in (besides admin
     # credentials with the reviewer role).
     reviewer_issuers: list[ReviewerIssuerConfig] = []
@@ -1129,6 +1135,18 @@ class ApprovalsConfig(_Section):
                 )
         self.risk.validate(f"{section}.risk")
         self.webhook.validate(f"{section}.webhook")
+        self.load_inbox_keys(section)
+
+    def load_inbox_keys(self, section: str = "approvals") -> dict[str, PublicKey]:
+        """The fleet inboxes' review keys by key id (``inbox_keys``).
+
+        Raises:
+            ConfigError: a file cannot be loaded; names it.
+        """
+        try:
+            return load_trusted_keys(self.inbox_keys)
+        except ConfigError as err:
+            raise ConfigError(f"{section}.inbox_keys: {err}") from None
 
     def check_apart(self, identity: IdentityConfig) -> None:
         """Refuse a reviewer issuer whose tokens a delegation token could

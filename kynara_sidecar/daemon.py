@@ -67,6 +67,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__
+from kynara_sidecar.approvals.book import APPROVALS_DB, ApprovalBook
+from kynara_sidecar.approvals.fleet import FleetLink
+from kynara_sidecar.approvals.webhook import ApprovalWebhook
 from kynara_sidecar.audit import AuditSink, RefusingSink
 from kynara_sidecar.audit import verify as audit_verify
 from kynara_sidecar.audit.checkpoint import CheckpointError, CheckpointV1
@@ -106,9 +109,11 @@ from kynara_sidecar.policy.loader import (
 )
 from kynara_sidecar.policy.model import PolicyDocument
 from kynara_sidecar.server.admin import AdminCredentials
+from kynara_sidecar.server.approval_service import ApprovalService
 from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditService
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.http import build_http_app
+from kynara_sidecar.server.reviewers import ReviewerAuth
 from kynara_sidecar.server.sync_service import SyncService
 from kynara_sidecar.sync import BundleEntry, open_store
 from kynara_sidecar.sync._session import StoreSession
@@ -232,6 +237,10 @@ class Daemon:
         self._writer: AuditWriter | None = None
         self._pipeline: Pipeline | None = None
         self._audit_service: AuditService | None = None
+        self._decision_service: DecisionService | None = None
+        self._approval_service: ApprovalService | None = None
+        # approvals.webhook.url: told of each new approval.
+        self._webhook: ApprovalWebhook | None = None
         self._servers: list[grpc.aio.Server] = []
         self._health: list[health.aio.HealthServicer] = []
         self._http: web.AppRunner | None = None
@@ -252,13 +261,29 @@ class Daemon:
         self._session: StoreSession | None = None
         self._shipper: SegmentShipper | None = None
         self._status_publisher: StatusPublisher | None = None
+        # With a central store: approvals up, the fleet inbox's reviews down.
+        self._fleet: FleetLink | None = None
         # sync.backlog_policy fail_closed: the pipeline's sink.
         self._gate: BacklogGate | None = None
+        # The approvals, kept in the audit log's LMDB environment.
+        self._book: ApprovalBook | None = None
 
     @property
     def pipeline(self) -> Pipeline:
         assert self._pipeline is not None, "daemon not started"
         return self._pipeline
+
+    def _approval_url(self, approval_id: str) -> str:
+        """The review page of an approval: under ``approvals.inbox_url``,
+        else this daemon's HTTP listener (asked when an approval is opened,
+        once the listener is up); empty with neither."""
+        base = self.config.approvals.inbox_url.rstrip("/")
+        if not base and self.http_port is not None:
+            host = self.config.http.host
+            if ":" in host:
+                host = f"[{host}]"
+            base = f"http://{host}:{self.http_port}"
+        return f"{base}/approvals/{approval_id}" if base else ""
 
     def _load_policies(self) -> tuple[LoadedPolicies, list[StateChange]]:
         """Load and compile the policies; also return the changes that keep
@@ -467,6 +492,7 @@ class Daemon:
             self._lock_sockets()
             await self._open_audit(policies, changes, keys)
             await self._start_sync()
+            await self._start_webhook()
             await self._start_agent_listener()
             await self._start_admin_listener()
             await self._start_health_listener()
@@ -502,7 +528,10 @@ class Daemon:
         cfg = self.config.audit
         try:
             self._store = AuditStore.open(
-                cfg.path, map_size=cfg.map_size, durability=str(cfg.durability)
+                cfg.path,
+                map_size=cfg.map_size,
+                durability=str(cfg.durability),
+                extra_dbs=(APPROVALS_DB,),
             )
             log.info(
                 "audit log opened",
@@ -519,8 +548,22 @@ class Daemon:
             witness = self._witness(self._store)
             self._check_tail(self._store, keys, witness)
             self._start_writer(keys, witness)
+            self._book = ApprovalBook(
+                self._store,
+                self._writer,
+                self.config.approvals,
+                daemon_id=self.config.identity.daemon_id,
+                clock=self.clock,
+                url_for=self._approval_url,
+                metrics=self.metrics,
+            )
+            await asyncio.to_thread(self._book.load)
             self._pipeline = Pipeline(
-                self.config, self._decision_sink(), self.metrics, self.clock
+                self.config,
+                self._decision_sink(),
+                self.metrics,
+                self.clock,
+                book=self._book,
             )
             if rotation is not None:
                 await self._writer.append(rotation)
@@ -532,6 +575,9 @@ class Daemon:
                     ),
                 )
             await self._self_check()
+            # After the start marker: what the restart finds past its expiry
+            # is recorded expired now, after the marker (verify's rule).
+            self._book.start()
             if policies is not None:
                 await self._activate(policies, changes)
             else:
@@ -668,6 +714,9 @@ class Daemon:
             "audit log unavailable: not serving",
             extra=_fields(error=str(err), setting="audit.path"),
         )
+        if self._book is not None:
+            await self._book.close()
+            self._book = None
         if self._writer is not None:
             await self._writer.close()
         self._writer = None
@@ -755,7 +804,7 @@ class Daemon:
         """
         admin = self.config.admin
         sockets = {"agent.socket": self.config.agent.socket}
-        if admin.enabled:
+        if self._admin_enabled():
             sockets["admin.socket"] = admin.socket
         for setting, socket_path in sockets.items():
             if socket_path:
@@ -801,7 +850,8 @@ class Daemon:
             ]
         )
         self._servers.append(server)
-        DecisionService(self._pipeline, limit).register(server)
+        self._decision_service = DecisionService(self._pipeline, limit)
+        self._decision_service.register(server)
         await self._add_health(server)
         # TCP first: a port in use then fails before the socket is replaced.
         if cfg.port != -1:
@@ -810,18 +860,43 @@ class Daemon:
             self._bind_unix(server, cfg.socket, cfg.socket_mode, "agent.socket")
         await server.start()
 
-    async def _start_admin_listener(self) -> None:
-        """Serve AuditService and health to admin credentials (``admin``).
+    def _admin_enabled(self) -> bool:
+        """Whether the admin listener starts: an address, and someone who
+        could call it (an admin credential, or a reviewer issuer whose
+        reviewers sign in with JWTs alone)."""
+        cfg = self.config.admin
+        has_address = bool(cfg.socket or cfg.port != -1)
+        return cfg.enabled or (
+            has_address and bool(self.config.approvals.reviewer_issuers)
+        )
 
-        Off until ``admin.credentials`` names one: without, it could only
-        refuse.
+    async def _start_webhook(self) -> None:
+        """Post each new approval to ``approvals.webhook.url``, when set."""
+        if self._book is None:
+            return
+        self._webhook = ApprovalWebhook.from_config(
+            self.config.approvals.webhook, self.metrics
+        )
+        if self._webhook is None:
+            return
+        await self._webhook.start()
+        self._book.subscribe(self._webhook.notify)
+
+    async def _start_admin_listener(self) -> None:
+        """Serve AuditService, ApprovalService and health to admin
+        credentials (``admin``) and reviewers (``approvals.reviewer_issuers``).
+
+        Off until one of them names someone: without, it could only refuse.
         """
         cfg = self.config.admin
-        if not cfg.enabled:
+        if not self._admin_enabled():
             if cfg.socket or cfg.port != -1:
                 log.warning(
                     "admin listener off: no admin credential",
-                    extra=_fields(setting="admin.credentials"),
+                    extra=_fields(
+                        setting="admin.credentials",
+                        hint="or approvals.reviewer_issuers, for reviewers",
+                    ),
                 )
             return
         options = [("grpc.max_receive_message_length", MAX_ADMIN_REQUEST_BYTES)]
@@ -832,6 +907,12 @@ class Daemon:
         self._audit_service.register(server)
         if self._follower is not None:
             SyncService(self._follower, credentials).register(server)
+        if self._book is not None:
+            reviewers = ReviewerAuth.from_config(
+                self.config, clock=self.clock, metrics=self.metrics
+            )
+            self._approval_service = ApprovalService(self._book, reviewers)
+            self._approval_service.register(server)
         await self._add_health(server)
         if cfg.port != -1:
             address = f"{cfg.host}:{cfg.port}"
@@ -867,7 +948,20 @@ class Daemon:
         cfg = self.config.http
         if cfg.port == -1:
             return
-        self._http = web.AppRunner(build_http_app(self.metrics), access_log=None)
+        reviewers = None
+        if self._book is not None:
+            reviewers = ReviewerAuth.from_config(
+                self.config, clock=self.clock, metrics=self.metrics
+            ).authenticate
+        app = build_http_app(
+            self.metrics,
+            self._book,
+            reviewers,
+            session_seconds=self.config.approvals.session_seconds,
+            public_urls=[self.config.approvals.inbox_url],
+            clock=self.clock,
+        )
+        self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         site = web.TCPSite(self._http, cfg.host, cfg.port, reuse_port=False)
         try:
@@ -922,7 +1016,22 @@ class Daemon:
             self._pipeline.close()
             left = await self._pipeline.drain(grace)
             log.info("drained", extra=_fields(in_flight_left=left))
+        # Open waits and reviews end now rather than hold the listeners for
+        # the whole grace period.
+        if self._decision_service is not None:
+            self._decision_service.close()
+        if self._approval_service is not None:
+            self._approval_service.close()
         await self._stop_listeners(max(deadline - time.monotonic(), 0.0))
+        if self._webhook is not None:
+            # Summaries still queued get what is left of the grace.
+            await self._webhook.close(
+                min(
+                    max(deadline - time.monotonic(), 0.0),
+                    self.config.approvals.webhook.timeout_seconds,
+                )
+            )
+            self._webhook = None
         if self._audit_service is not None:
             # Its reads run on threads of their own; the store outlives them.
             await self._audit_service.close()
@@ -1000,10 +1109,38 @@ class Daemon:
             self._session, self._origin, sync.status_seconds, self._status_document
         )
         self._status_publisher.start()
+        await self._start_fleet()
         log.info(
             "sync started",
             extra=_fields(store=cfg.store, ship_segments=sync.ship_segments),
         )
+
+    async def _start_fleet(self) -> None:
+        """Publish approvals to the store and take the fleet inbox's signed
+        reviews from it (``approvals.fleet``), on a connection of its own."""
+        cfg = self.config
+        if self._book is None:
+            return
+        sync = cfg.sync
+        store = open_store(
+            cfg.store, timeout=sync.timeout_seconds, poll_seconds=sync.poll_seconds
+        )
+        self._fleet = FleetLink(
+            self._book,
+            store,
+            daemon_id=cfg.identity.daemon_id,
+            trusted=cfg.approvals.load_inbox_keys(),
+            timeout=sync.timeout_seconds,
+            retry_min_seconds=sync.retry_min_seconds,
+            retry_max_seconds=sync.retry_max_seconds,
+            metrics=self.metrics,
+        )
+        await self._fleet.start()
+
+    async def _stop_fleet(self, seconds: float) -> None:
+        fleet, self._fleet = self._fleet, None
+        if fleet is not None and not await fleet.stop(seconds):
+            _left_behind("fleet inbox link", seconds)
 
     def _status_document(self) -> DaemonStatusV1:
         assert self._store is not None
@@ -1064,6 +1201,12 @@ class Daemon:
         log.info("sync stopped", extra=_fields())
 
     async def _close_audit(self, sync_seconds: float = MIN_SYNC_STOP_SECONDS) -> None:
+        # Before the book and the writer: it records reviews through them.
+        await self._stop_fleet(sync_seconds)
+        if self._book is not None:
+            # Before the writer: the expiry task appends to it.
+            await self._book.close()
+            log.info("approvals closed", extra=_fields())
         if self._writer is not None:
             try:
                 await self._writer.append(self._marker("stop"))

@@ -106,6 +106,43 @@ class Metrics:
             "Admin listener calls refused for their credential, by code.",
             ["code"], registry=r,
         )  # fmt: skip
+        self.approval_webhook_deliveries = Counter(
+            f"{PREFIX}_approval_webhook_deliveries",
+            "New-approval summaries for approvals.webhook.url, by outcome "
+            "(delivered, failed after approvals.webhook.attempts, dropped).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.approval_webhook_failed_attempts = Counter(
+            f"{PREFIX}_approval_webhook_failed_attempts",
+            "Posts to approvals.webhook.url that failed; retried with backoff "
+            "up to approvals.webhook.attempts.",
+            registry=r,
+        )
+        self.approval_fleet_reviews = Counter(
+            f"{PREFIX}_approval_fleet_reviews",
+            "Reviews taken from the central store (the fleet inbox), by "
+            "outcome: recorded, refused (by the reason a signed review or "
+            "the review failed), or retried (the log could not record it).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.approval_fleet_failures = Counter(
+            f"{PREFIX}_approval_fleet_failures",
+            "Central store calls of the fleet inbox link that failed, by what "
+            "(publish, reviews); retried after sync.retry_min_seconds and up.",
+            ["what"], registry=r,
+        )  # fmt: skip
+        self.approval_changes = Counter(
+            f"{PREFIX}_approval_changes",
+            "Approval state changes recorded, by the state entered (pending: "
+            "opened; approved, rejected, expired, used).",
+            ["state"], registry=r,
+        )  # fmt: skip
+        self.approval_expiry_failures = Counter(
+            f"{PREFIX}_approval_expiry_failures",
+            "Expiry runs whose records the audit log refused; retried after "
+            "a few seconds (see the audit log's own errors).",
+            registry=r,
+        )
         self.policy_reloads = Counter(
             f"{PREFIX}_policy_reloads",
             "Policy loads, by result (ok or error).",

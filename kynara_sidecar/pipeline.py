@@ -14,6 +14,19 @@ the caller gets ``AuditUnavailable`` instead.
 Privacy: the engine decides on the request as sent; the entries named by
 ``audit.redact`` are hashed or dropped in the record only
 (``kynara_sidecar.audit.redact``), and the record lists them.
+
+Approvals (with an ``ApprovalBook``): a require_approval decision reuses
+the pending approval of the same agent and binding digest or opens one
+(rate limits permitting: else deny ``approval_rate_limited``). A request
+naming ``approval_id`` is decided again under the current policies; only
+when the engine says require_approval is the approval looked at: a grant
+that binds this very request and covers every rule asking now turns it
+into an allow (``approval_granted``), committed in one transaction with
+the approval's ``used`` state; anything else is a deny naming why
+(``book.ApprovalBook.use``). An approval never lifts a deny, and an allow
+leaves it untouched. The decision record carries the approval and its
+risk; the records and state changes of every request of a batch commit in
+one transaction.
 """
 
 from __future__ import annotations
@@ -27,13 +40,35 @@ from typing import NamedTuple
 import msgspec
 
 from kynara_sidecar import engine
+from kynara_sidecar.approvals.binding import binding_digest
+from kynara_sidecar.approvals.book import (
+    ApprovalBook,
+    Step,
+    StepKind,
+    new_approval_id,
+    requirement_for,
+)
+from kynara_sidecar.approvals.model import (
+    Approval,
+    ApprovalState,
+    AskingRule,
+    ChainPrincipal,
+)
+from kynara_sidecar.approvals.records import with_approval
+from kynara_sidecar.approvals.risk import score_risk
 from kynara_sidecar.audit import AuditSink
-from kynara_sidecar.audit.record import AuditRecordV1, record_from_decision
+from kynara_sidecar.audit.record import (
+    AuditRecordV1,
+    format_timestamp,
+    record_from_decision,
+)
 from kynara_sidecar.audit.store import Appended
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import (
     DecisionRequest,
+    Effect,
     Env,
+    MatchedRule,
     Resource,
     Timestamp,
     Value,
@@ -49,6 +84,7 @@ from kynara_sidecar.errors import (
 )
 from kynara_sidecar.identity import AgentCredentials, TokenVerifier, place_agent
 from kynara_sidecar.metrics import Metrics
+from kynara_sidecar.policy.compiler import CompiledRule
 from kynara_sidecar.policy.loader import LoadedPolicies
 from kynara_sidecar.policy.names import (
     MAX_NAME_LENGTH,
@@ -62,6 +98,10 @@ MAX_RESOURCE_ID_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 128
 # user -> orchestrator -> sub-agents: real chains are a handful of hops.
 MAX_CHAIN_DEPTH = 16
+# Approval ids are "apr_" and 26 base32 characters; anything much longer is
+# no approval id.
+MAX_APPROVAL_ID_LENGTH = 64
+NANOS_PER_SECOND = 1_000_000_000
 
 
 class IncomingRequest(msgspec.Struct, frozen=True):
@@ -80,6 +120,8 @@ class IncomingRequest(msgspec.Struct, frozen=True):
     # Ask the engine for an explanation; it rides back on the answer only
     # and is never stored in the audit record.
     explain: bool = False
+    # Use this approved approval (a retry after require_approval).
+    approval_id: str = ""
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -90,6 +132,11 @@ class Answer(msgspec.Struct, frozen=True):
     audit_sequence: int
     record_hash: str
     request_id: str = ""
+    # The approval asked for (require_approval), used (an allow with
+    # approval_granted) or refused (a deny with an approval_* reason), as
+    # it is after this answer; None when no approval of this agent is
+    # concerned.
+    approval: Approval | None = None
 
 
 def _check_name(value: str, field: str) -> None:
@@ -120,6 +167,12 @@ def validate_request(request: IncomingRequest) -> None:
             f"got {len(request.request_id)}",
             field="request_id",
         )
+    if len(request.approval_id) > MAX_APPROVAL_ID_LENGTH:
+        raise InvalidRequest(
+            f"expected at most {MAX_APPROVAL_ID_LENGTH} characters, "
+            f"got {len(request.approval_id)}",
+            field="approval_id",
+        )
     if len(request.asserted_chain) >= MAX_CHAIN_DEPTH:
         raise InvalidRequest(
             f"expected fewer than {MAX_CHAIN_DEPTH} principals, "
@@ -147,6 +200,9 @@ class Pipeline:
         writer: the started audit writer.
         metrics: where decisions and errors are counted.
         clock: nanoseconds since the epoch; read once per request.
+        book: the daemon's approvals; without one (the audit log is down,
+            so nothing is answered anyway) a require_approval decision
+            carries no approval.
     """
 
     def __init__(
@@ -155,6 +211,8 @@ class Pipeline:
         writer: AuditSink,
         metrics: Metrics,
         clock: Callable[[], int] = time.time_ns,
+        *,
+        book: ApprovalBook | None = None,
     ):
         self._identity = config.identity
         self._env = config.env
@@ -164,6 +222,8 @@ class Pipeline:
         self._writer = writer
         self._metrics = metrics
         self._clock = clock
+        self._approvals_config = config.approvals
+        self._book = book
         self._verifier: TokenVerifier | None = None
         self._credentials: AgentCredentials | None = None
         if config.identity.mode is IdentityMode.VERIFIED:
@@ -184,6 +244,30 @@ class Pipeline:
     @property
     def policies(self) -> LoadedPolicies | None:
         return self._policies
+
+    @property
+    def approvals(self) -> ApprovalBook:
+        """The daemon's approvals (WaitApproval reads them).
+
+        Raises:
+            AuditUnavailable: there is none: the audit log is down.
+        """
+        if self._book is None:
+            raise self._unready or AuditUnavailable(
+                "approvals are unavailable: the audit log is not open"
+            )
+        return self._book
+
+    def agent_of(self, authorization: str) -> str:
+        """The calling agent: the one its credential names in multi-agent
+        mode, else ``identity.agent_id``.
+
+        Raises:
+            IdentityInvalid: no credential, or an unknown one (multi-agent).
+        """
+        if self._credentials is not None:
+            return self._credentials.authenticate(authorization)
+        return self._identity.agent_id
 
     def activate(self, policies: LoadedPolicies) -> None:
         """Swap in a new policy set whole; in-flight requests keep the old one."""
@@ -344,14 +428,37 @@ class Pipeline:
             except KynaraError as err:
                 outcomes.append(err)
         prepared = [o for o in outcomes if isinstance(o, _Prepared)]
+        records = [record for p in prepared for record in p.records]
+        changes = [change for p in prepared if p.step for change in p.step.changes]
         try:
-            appended = iter(await self._writer.append_all(p.record for p in prepared))
+            appended = await self._writer.append_all(records, changes)
         except AuditUnavailable as err:
+            self._settle(prepared, committed=False)
             return [err if isinstance(o, _Prepared) else o for o in outcomes]
-        return [
-            o.answer(next(appended)) if isinstance(o, _Prepared) else o
-            for o in outcomes
-        ]
+        except BaseException:
+            self._settle(prepared, committed=False)
+            raise
+        self._settle(prepared, committed=True)
+        landed = iter(appended)
+        answers: list[Answer | KynaraError] = []
+        for o in outcomes:
+            if isinstance(o, _Prepared):
+                # The decision record, then any approval record of its own.
+                mine = [next(landed) for _ in o.records]
+                answers.append(o.answer(mine[0]))
+            else:
+                answers.append(o)
+        return answers
+
+    def _settle(self, prepared: Sequence[_Prepared], *, committed: bool) -> None:
+        if self._book is None:
+            return
+        for p in prepared:
+            if p.step is not None:
+                if committed:
+                    self._book.committed(p.step)
+                else:
+                    self._book.aborted(p.step)
 
     def _prepare(self, request: IncomingRequest) -> _Prepared:
         if self._closing:
@@ -379,7 +486,42 @@ class Pipeline:
             explain=request.explain,
         )
         decision_id = str(uuid.uuid4())
-        record = record_from_decision(
+        record = self._record(subject, env, decision, decision_id)
+        book = self._book
+        if book is None:
+            return _Prepared(decision, decision_id, request.request_id, (record,))
+        step = None
+        if decision.effect is Effect.REQUIRE_APPROVAL:
+            step = self._approval_step(
+                request, subject, env, decision, decision_id, record, policies
+            )
+        # After scoring: a decision does not make its own action usual.
+        book.note_action(env.agent_id, request.action)
+        if step is None:
+            return _Prepared(decision, decision_id, request.request_id, (record,))
+        if step.reason_code is not None:
+            # A grant allows; every other reason an approval gives denies.
+            effect = Effect.ALLOW if step.kind is StepKind.USED else Effect.DENY
+            decision = msgspec.structs.replace(
+                decision,
+                effect=effect,
+                reason_code=step.reason_code,
+                reason=step.reason,
+            )
+            record = self._record(subject, env, decision, decision_id)
+        if step.approval is not None:
+            record = with_approval(record, step.approval)
+        records = (record, *book.opened_records(step, record))
+        return _Prepared(decision, decision_id, request.request_id, records, step)
+
+    def _record(
+        self,
+        subject: DecisionRequest,
+        env: Env,
+        decision: engine.Decision,
+        decision_id: str,
+    ) -> AuditRecordV1:
+        return record_from_decision(
             request=subject,
             env=env,
             decision=decision,
@@ -388,16 +530,139 @@ class Pipeline:
             identity_mode=str(self._identity.mode),
             redactor=self._redactor,
         )
-        return _Prepared(decision, decision_id, request.request_id, record)
+
+    def _approval_step(
+        self,
+        request: IncomingRequest,
+        subject: DecisionRequest,
+        env: Env,
+        decision: engine.Decision,
+        decision_id: str,
+        record: AuditRecordV1,
+        policies: LoadedPolicies,
+    ) -> Step:
+        """What the book makes of a require_approval decision."""
+        assert self._book is not None
+        book, cfg = self._book, self._approvals_config
+        compiled = {
+            (rule.policy, rule.id): rule
+            for rule in policies.policy_set.candidate_rules(
+                subject.resource.kind, subject.action
+            )
+        }
+        matched = [
+            m
+            for m in decision.matched_rules
+            if m.effect is Effect.REQUIRE_APPROVAL and not m.shadow
+        ]
+        rules = list(
+            {(m.policy, m.rule): compiled[(m.policy, m.rule)] for m in matched}.values()
+        )
+        requirement = requirement_for(rules, cfg)
+        digest = binding_digest(
+            subject.chain,
+            subject.action,
+            subject.resource,
+            subject.context,
+            cfg.volatile_context,
+        )
+        now = env.now.seconds * NANOS_PER_SECOND + env.now.nanos
+        agent = env.agent_id
+        if request.approval_id:
+            return book.use(
+                request.approval_id,
+                agent_id=agent,
+                digest=digest,
+                asking=[(m.policy, m.rule, m.principal) for m in matched],
+                requirement=requirement,
+                now=now,
+                decision_id=decision_id,
+            )
+
+        def make() -> Approval:
+            return self._new_approval(
+                subject, env, decision, decision_id, record, digest, matched, rules
+            )
+
+        return book.request(agent_id=agent, digest=digest, now=now, make=make)
+
+    def _new_approval(
+        self,
+        subject: DecisionRequest,
+        env: Env,
+        decision: engine.Decision,
+        decision_id: str,
+        record: AuditRecordV1,
+        digest: str,
+        matched: Sequence[MatchedRule],
+        rules: Sequence[CompiledRule],
+    ) -> Approval:
+        """A pending approval of this decision: what it binds and shows
+        (the record's redacted values), its requirement and risk."""
+        assert self._book is not None
+        book, cfg = self._book, self._approvals_config
+        requirement = requirement_for(rules, cfg)
+        risk = score_risk(
+            cfg.risk,
+            rules=rules,
+            resource=subject.resource,
+            context=subject.context,
+            chain=subject.chain,
+            now=env.now,
+            action_seen=book.action_seen(env.agent_id, subject.action),
+        )
+        now = env.now.seconds * NANOS_PER_SECOND + env.now.nanos
+        expires = now + requirement.expires_in_seconds * NANOS_PER_SECOND
+        by_id = {(rule.policy, rule.id): rule for rule in rules}
+        approval_id = new_approval_id()
+        return Approval(
+            id=approval_id,
+            state=ApprovalState.PENDING,
+            daemon_id=self._daemon_id,
+            agent_id=env.agent_id,
+            digest=digest,
+            decision_id=decision_id,
+            chain=tuple(ChainPrincipal(p.id, p.kind, p.roles) for p in decision.chain),
+            action=subject.action,
+            resource_kind=subject.resource.kind,
+            resource_id=subject.resource.id,
+            attributes=dict(record.resource.attributes) if record.resource else {},
+            context=dict(record.context),
+            request_id=subject.request_id,
+            rules=tuple(_asking_rule(m, by_id[(m.policy, m.rule)]) for m in matched),
+            requirement=requirement,
+            risk=risk,
+            policy_revision=decision.policy_revision,
+            directory_revision=decision.directory_revision,
+            created_at=format_timestamp(env.now),
+            expires_at=format_timestamp(Timestamp.from_nanos(expires)),
+            url=book.url_for(approval_id),
+        )
+
+
+def _asking_rule(match: MatchedRule, rule: CompiledRule) -> AskingRule:
+    return AskingRule(
+        policy=match.policy,
+        rule=match.rule,
+        principal=match.principal,
+        description=rule.description,
+        condition=_condition_source(rule),
+    )
+
+
+def _condition_source(rule: CompiledRule) -> str:
+    return rule.condition.source if rule.condition is not None else ""
 
 
 class _Prepared(NamedTuple):
-    """A decision made, its record built but not yet committed."""
+    """A decision made, its records built but not yet committed: the
+    decision record first, then any approval record."""
 
     decision: engine.Decision
     decision_id: str
     request_id: str
-    record: AuditRecordV1
+    records: tuple[AuditRecordV1, ...]
+    step: Step | None = None
 
     def answer(self, appended: Appended) -> Answer:
         return Answer(
@@ -406,4 +671,5 @@ class _Prepared(NamedTuple):
             audit_sequence=appended.seq,
             record_hash=appended.chain_hash.hex(),
             request_id=self.request_id,
+            approval=self.step.approval if self.step else None,
         )

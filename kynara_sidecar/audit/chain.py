@@ -130,6 +130,12 @@ class ProblemKind(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     # A checkpoint or key rotation names a key not trusted at that point.
     UNKNOWN_KEY = "unknown_key"
+    # An allow cites an approval as used (approval_granted) that was used
+    # by an earlier allow already: a grant allows once.
+    APPROVAL_REUSED = "approval_reused"
+    # An allow cites an approval as used that no earlier approval_resolved
+    # record approved.
+    APPROVAL_NOT_APPROVED = "approval_not_approved"
 
 
 class ChainProblem(msgspec.Struct, frozen=True):

@@ -69,6 +69,8 @@ __all__ = [
     "MatchedRuleEntry",
     "RecordKind",
     "ResourceEntry",
+    "RiskEntry",
+    "RiskFactorEntry",
     "chain_entries",
     "condition_error_entries",
     "decode_value",
@@ -97,6 +99,8 @@ class RecordKind(enum.StrEnum):
 
     DECISION = "decision"
     APPROVAL_REQUESTED = "approval_requested"
+    # A review that did not resolve the approval (one of several approvers).
+    APPROVAL_REVIEWED = "approval_reviewed"
     APPROVAL_RESOLVED = "approval_resolved"
     MARKER = "marker"
     CHAIN_BREAK = "chain_break"
@@ -145,19 +149,59 @@ class ConditionErrorEntry(msgspec.Struct, kw_only=True):
 
 
 class ApprovalEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """The approval asked for or used."""
-
-    # TODO(#7): settle what approval_resolved records carry (reviewer
-    # identities, the grant's scope) when approvals are built.
+    """The approval a record is about: asked for or reused (on a
+    require_approval decision and ``approval_requested``), reviewed
+    (``approval_reviewed``), resolved (``approval_resolved``), or used or
+    refused (on a decision that named it)."""
 
     id: str
     url: str = ""
     expires_at: str = ""
+    # Who approved it so far, distinct, in review order.
     reviewers: list[str] = []
     # "approved", "rejected" or "expired" on approval_resolved records.
     resolution: str = ""
     resolved_at: str = ""
     comment: str = ""
+    # The approval's state after this record: pending, approved, rejected,
+    # expired or used.
+    state: str = ""
+    # The binding digest ("sha256:<hex>") of the request it authorizes.
+    digest: str = ""
+    created_at: str = ""
+    # What reviewers must be: how many distinct approvers, one role of each
+    # listed group, and whether a principal of the chain may review.
+    approvals_needed: int = 0
+    reviewer_roles: list[list[str]] = []
+    allow_self_approval: bool = False
+    # The asking rules, "policy/rule" (for principal).
+    rules: list[str] = []
+    # On a review: who reviewed, with which verdict, and where from
+    # ("daemon" or a fleet inbox).
+    reviewer: str = ""
+    verdict: str = ""
+    via: str = ""
+    # The decision that asked for the approval.
+    decision_id: str = ""
+    # The decision that used it (state "used").
+    used_by: str = ""
+
+
+class RiskFactorEntry(msgspec.Struct, kw_only=True):
+    """One named part of a risk score: ``points = weight * fraction``."""
+
+    name: str
+    weight: float
+    fraction: float
+    points: float
+    detail: str = ""
+
+
+class RiskEntry(msgspec.Struct, kw_only=True):
+    """An approval's risk score, 0..100, and every factor of it."""
+
+    score: int
+    factors: list[RiskFactorEntry] = []
 
 
 class GatewayEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -243,7 +287,9 @@ class AuditRecordV1(msgspec.Struct, kw_only=True, omit_defaults=True):
     # JSON paths (such as "$.context.card_number") masked before writing.
     redactions: list[str] = []
     approval: ApprovalEntry | None = None
+    # The names of the risk factors that scored points; ``risk`` has them all.
     risk_factors: list[str] = []
+    risk: RiskEntry | None = None
     limits: dict[str, Any] = {}
     gateway: GatewayEntry | None = None
     # What became of the answer after it was decided, e.g. "cancelled".

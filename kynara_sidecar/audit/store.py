@@ -928,6 +928,21 @@ class AuditStore:
             value = txn.get(key, db=self._dbs[db])
         return None if value is None else bytes(value)
 
+    def iter_state(self, db: bytes) -> list[tuple[bytes, bytes]]:
+        """Every ``(key, value)`` of the extra database ``db``, in key order,
+        from one snapshot (for loading state at start).
+
+        Raises:
+            ValueError: ``db`` is not among ``extra_dbs``.
+        """
+        if db not in self._extra:
+            raise ValueError(f"expected one of the extra_dbs, got {db!r}")
+        with self._read() as txn:
+            return [
+                (bytes(key), bytes(value))
+                for key, value in txn.cursor(db=self._dbs[db])
+            ]
+
     def get_policy_source(
         self, part: Literal["policy", "directory"], revision: str
     ) -> PolicySource | None:

@@ -86,7 +86,14 @@ not grow with the log. The front is still checked, cheaply: the first
 record must be seam+1, and the seam checkpoint and its nodes must be there.
 ``None`` checks everything the log still holds, and also that each stored
 policy set cited by a record hashes to its revision (``policy set``,
-``edited``).
+``edited``), and the approvals' lifecycle: an allow with reason
+``approval_granted`` must follow an ``approval_resolved`` record approving
+the same approval (``approval_not_approved``), and no approval is used by
+two allows (``approval_reused``). This catches a second use appended by
+someone who can write the LMDB file but holds no key, before the next seal
+signs it. An approval resolved before a pruning seam is not known to the
+walk, so an allow citing it is not checked for approval (its second use
+still is).
 
 The walk stops at the first problem and names the record or tree size,
 the kind (``chain.ProblemKind``) and why. What could not be checked at
@@ -165,6 +172,10 @@ _POLICY_PARTS: tuple[_PolicyPart, ...] = ("policy", "directory")
 # What a restarting daemon appends first after the head it signed at its
 # last clean stop: a key rotation (before the marker), or the start marker.
 _START_EVENT = "start"
+# The approval lifecycle check reads these record values.
+_APPROVED = "approved"
+_ALLOW = "allow"
+_APPROVAL_GRANTED = "approval_granted"
 
 _SIGNATURE_PROBLEMS = {
     CheckpointProblem.UNKNOWN_KEY: ProblemKind.UNKNOWN_KEY,
@@ -591,6 +602,8 @@ class _Walk:
         self.witness_empty = False
         # (part, revision) -> the first record citing it.
         self.cited: dict[tuple[_PolicyPart, str], int] = {}
+        # Approval id -> the record approving it, then (negated) using it.
+        self.approvals: dict[str, int] = {}
 
     def learn(self, statements: list[_Statement]) -> None:
         """Note which sizes the log stores checkpoints at, and its heads."""
@@ -806,6 +819,7 @@ class _Walk:
             self._check_index(seq, record["decision_id"])
         if self.full:
             self._cite(seq, record)
+            self._check_approval(seq, record)
         self.seq, self.prev_hash = seq, stored.chain_hash
         self.records += 1
 
@@ -851,6 +865,41 @@ class _Walk:
             revision = record.get(f"{part}_revision")
             if isinstance(revision, str) and revision:
                 self.cited.setdefault((part, revision), seq)
+
+    def _check_approval(self, seq: int, record: dict[str, Any]) -> None:
+        approval = record.get("approval")
+        if not isinstance(approval, dict):
+            return
+        approval_id = approval.get("id")
+        kind = record.get("kind")
+        if (
+            kind == RecordKind.APPROVAL_RESOLVED
+            and approval.get("resolution") == _APPROVED
+        ):
+            self.approvals.setdefault(str(approval_id), seq)
+            return
+        if not (
+            kind == RecordKind.DECISION
+            and record.get("decision") == _ALLOW
+            and record.get("reason_code") == _APPROVAL_GRANTED
+        ):
+            return
+        seen = self.approvals.get(str(approval_id))
+        if seen is not None and seen < 0:
+            raise _stop(
+                seq,
+                ProblemKind.APPROVAL_REUSED,
+                f"allows by approval {approval_id!r}, which record {-seen} used "
+                "already: a grant allows once",
+            )
+        if seen is None and self.start_size == 0:
+            raise _stop(
+                seq,
+                ProblemKind.APPROVAL_NOT_APPROVED,
+                f"allows by approval {approval_id!r}, which no earlier "
+                "approval_resolved record approved",
+            )
+        self.approvals[str(approval_id)] = -seq
 
     def _check_nodes(self, seq: int, leaf: bytes) -> None:
         # The nodes this leaf completes: the leaf, then each merge with the

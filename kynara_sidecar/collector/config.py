@@ -25,6 +25,12 @@ Example::
       path: /var/lib/kynara-collector/state
     http:
       port: 9465
+    inbox:
+      enabled: true
+      signing_key: /etc/kynara-collector/inbox.pem
+      url: https://kynara.example.com
+      credentials:
+        carol: {secret_file: /run/secrets/carol, roles: [reviewer]}
 """
 
 from __future__ import annotations
@@ -34,8 +40,20 @@ import pathlib
 
 import msgspec
 
-from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
-from kynara_sidecar.config import daemon_id_problem, is_loopback, read_raw_config
+from kynara_sidecar.audit.keys import (
+    PublicKey,
+    SigningKey,
+    load_signing_key,
+    load_trusted_keys,
+)
+from kynara_sidecar.config import (
+    AdminCredentialConfig,
+    AdminRole,
+    ReviewerIssuerConfig,
+    daemon_id_problem,
+    is_loopback,
+    read_raw_config,
+)
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import check_consumer_name, is_store_url
 
@@ -45,6 +63,7 @@ __all__ = [
     "DEFAULT_CONFIG_ENV",
     "DaemonConfig",
     "HttpConfig",
+    "InboxConfig",
     "PullConfig",
     "S3Config",
     "StateConfig",
@@ -241,6 +260,83 @@ class HttpConfig(_Section):
             )
 
 
+class InboxConfig(_Section):
+    """The fleet inbox: every daemon's approvals (published to the central
+    store) on the collector's review page, reviews signed and sent back."""
+
+    # Serve it (needs store.url and HTTP), e.g. true.
+    enabled: bool = False
+    # The inbox's name, recorded as each review's `via`, e.g. "fleet".
+    name: str = "fleet"
+    # Ed25519 private key file the inbox signs reviews with (PKCS#8 PEM,
+    # mode 0600; `kynara-sidecar keygen` makes one), e.g.
+    # "/etc/kynara-collector/inbox.pem"; daemons list its public half in
+    # approvals.inbox_keys.
+    signing_key: str = ""
+    # The base URL reviewers reach the page by (the daemons'
+    # approvals.inbox_url), e.g. "https://kynara.example.com"; its origin is
+    # accepted on form posts besides the request's own.
+    url: str = ""
+    # Reviewers' bearer secrets, as the daemon's admin.credentials, e.g.
+    # {carol: {secret_file: /run/secrets/carol, roles: [reviewer],
+    # reviewer_roles: [finance_lead]}}; each needs the reviewer role.
+    credentials: dict[str, AdminCredentialConfig] = {}
+    # JWT issuers whose tokens sign reviewers in, as the daemon's
+    # approvals.reviewer_issuers.
+    reviewer_issuers: list[ReviewerIssuerConfig] = []
+    # How long a sign-in lasts, in seconds, e.g. 28800.
+    session_seconds: int = 8 * 3600
+    # Clock skew allowed on reviewer JWTs, in seconds, e.g. 60.
+    max_clock_skew_seconds: float = 60.0
+    # Mark cookies Secure (browsers keep them from https and loopback
+    # http only), e.g. true.
+    secure_cookie: bool = True
+
+    def validate(self, section: str) -> None:
+        if not self.enabled:
+            return
+        if not self.name or not self.name.isprintable() or len(self.name) > 64:
+            raise ConfigError(
+                f"{section}.name: expected 1..64 printable characters, "
+                f"got {self.name!r}"
+            )
+        if not self.signing_key:
+            raise ConfigError(f"{section}.signing_key: expected a key file, got none")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{section}.url: expected an http:// or https:// URL, got {self.url!r}"
+            )
+        if not self.credentials and not self.reviewer_issuers:
+            raise ConfigError(
+                f"{section}: expected credentials or reviewer_issuers: without "
+                "either no reviewer can sign in"
+            )
+        for name, credential in self.credentials.items():
+            credential.validate(f"{section}.credentials.{name}")
+            if AdminRole.REVIEWER not in credential.roles:
+                raise ConfigError(
+                    f"{section}.credentials.{name}.roles: expected the reviewer "
+                    f"role, got {credential.roles}"
+                )
+        for i, issuer in enumerate(self.reviewer_issuers):
+            issuer.validate(f"{section}.reviewer_issuers[{i}]")
+        _check_range(section, "session_seconds", self.session_seconds, 60, 604_800)
+        _check_range(
+            section, "max_clock_skew_seconds", self.max_clock_skew_seconds, 0, 600
+        )
+
+    def load_signing_key(self, section: str = "inbox") -> SigningKey:
+        """The inbox's review key.
+
+        Raises:
+            ConfigError: the file cannot be loaded (names it).
+        """
+        try:
+            return load_signing_key(self.signing_key)
+        except ConfigError as err:
+            raise ConfigError(f"{section}.signing_key: {err}") from None
+
+
 class CollectorConfig(_Section):
     """The whole collector configuration."""
 
@@ -251,10 +347,21 @@ class CollectorConfig(_Section):
     archive: ArchiveConfig = msgspec.field(default_factory=ArchiveConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    inbox: InboxConfig = msgspec.field(default_factory=InboxConfig)
 
     def validate(self, section: str = "") -> None:
-        for name in ("store", "archive", "state", "http"):
+        for name in ("store", "archive", "state", "http", "inbox"):
             getattr(self, name).validate(name)
+        if self.inbox.enabled and not self.store.url:
+            raise ConfigError(
+                "inbox.enabled: expected store.url too: the inbox reads the "
+                "approvals daemons publish to the central store"
+            )
+        if self.inbox.enabled and self.http.port == -1:
+            raise ConfigError(
+                "inbox.enabled: expected HTTP (http.port is -1): the inbox is "
+                "a page on the collector's HTTP"
+            )
         for daemon_id, daemon in self.daemons.items():
             problem = daemon_id_problem(daemon_id)
             if problem is not None:

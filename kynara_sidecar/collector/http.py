@@ -11,6 +11,10 @@
   ``{"error": ...}``; ``from`` and ``to`` are ASCII digits, ``log`` 32
   lowercase hex digits, and an error body never names a path (the
   collector's log does).
+- ``/approvals...``: with ``inbox.enabled``, the fleet inbox's review page
+  (``server.review_page`` over ``collector.inbox.FleetInbox``): reviewers
+  sign in with their own credentials (``inbox.credentials``,
+  ``inbox.reviewer_issuers``), never the query API's absence of them.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kynara_sidecar.approvals.model import Inbox
 from kynara_sidecar.audit.checkpoint import LOG_ID_HEX_DIGITS
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.collector.archive import Archive, ArchiveError
+from kynara_sidecar.collector.config import InboxConfig
 from kynara_sidecar.collector.metrics import CollectorMetrics
 from kynara_sidecar.collector.query import (
     ArchiveUnverified,
@@ -36,8 +42,9 @@ from kynara_sidecar.collector.query import (
 )
 from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import trusted_keys
+from kynara_sidecar.server.review_page import Authenticator, add_review_routes
 
-__all__ = ["build_http_app", "daemons_json", "records_for"]
+__all__ = ["add_inbox_routes", "build_http_app", "daemons_json", "records_for"]
 
 log = logging.getLogger("kynara.collector")
 
@@ -177,6 +184,26 @@ def build_http_app(
     app.router.add_get("/daemons", serve_daemons)
     app.router.add_get("/records", serve_records)
     return app
+
+
+def add_inbox_routes(
+    app: web.Application,
+    inbox: Inbox,
+    authenticate: Authenticator,
+    config: InboxConfig,
+    clock: Callable[[], int],
+) -> None:
+    """Mount the review page over the fleet inbox on ``app``."""
+    add_review_routes(
+        app,
+        inbox,
+        authenticate,
+        title="Kynara fleet inbox",
+        session_seconds=config.session_seconds,
+        secure_cookie=config.secure_cookie,
+        public_urls=[config.url] if config.url else [],
+        clock=clock,
+    )
 
 
 def _dumps(value: Any) -> str:

@@ -3,7 +3,9 @@
 ``Collector.start`` opens the state and the archive, loads the registered
 keys, serves HTTP, and starts one task per door: the store's durable
 consumer (``store.url``) and a ``Puller`` per ``pull`` entry. A lost store
-is logged, counted and reconnected after ``store.retry_seconds``.
+is logged, counted and reconnected after ``store.retry_seconds``. With
+``inbox.enabled`` it also keeps the fleet inbox (``inbox``) up to date from
+the store, on a connection of its own, and serves its review page.
 
 ``stop`` (SIGTERM or SIGINT under ``run``) goes in a fixed, logged order:
 stop taking messages (the door tasks are cancelled; a segment being
@@ -19,18 +21,26 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
 from kynara_sidecar.collector.archive import open_archive
-from kynara_sidecar.collector.config import CollectorConfig
-from kynara_sidecar.collector.http import build_http_app
+from kynara_sidecar.collector.config import CollectorConfig, InboxConfig
+from kynara_sidecar.collector.http import add_inbox_routes, build_http_app
+from kynara_sidecar.collector.inbox import FleetInbox
 from kynara_sidecar.collector.intake import Intake
 from kynara_sidecar.collector.metrics import CollectorMetrics
 from kynara_sidecar.collector.pull import Puller
 from kynara_sidecar.collector.state import CollectorState
+from kynara_sidecar.config import AdminListenerConfig
+from kynara_sidecar.server.reviewers import (
+    AdminReviewer,
+    ReviewerAuth,
+    ReviewerIssuer,
+)
 from kynara_sidecar.sync import StoreUnavailable, open_store
 
 __all__ = ["Collector"]
@@ -46,8 +56,11 @@ DOOR_STOP_SECONDS = 10.0
 class Collector:
     """The collector process's parts, wired from its configuration."""
 
-    def __init__(self, config: CollectorConfig):
+    def __init__(
+        self, config: CollectorConfig, clock: Callable[[], int] = time.time_ns
+    ):
         self.config = config
+        self.clock = clock
         self.metrics = CollectorMetrics()
         self.registered = config.registered_keys()
         self._secrets = [
@@ -60,6 +73,10 @@ class Collector:
         )
         self.state: CollectorState | None = None
         self.intake: Intake | None = None
+        self.inbox: FleetInbox | None = None
+        self._reviewers: ReviewerAuth | None = None
+        if config.inbox.enabled:
+            self.inbox, self._reviewers = self._fleet_inbox()
         self.http_port: int | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,6 +104,8 @@ class Collector:
             await self._serve_http()
         if config.store.url:
             self._start_task(self._consume(), "store")
+        if self.inbox is not None:
+            self._start_task(self.inbox.run(self._stop), "inbox")
         for pull, secret in zip(config.pull, self._secrets, strict=True):
             puller = Puller(pull, secret, self.intake, self.metrics)
             self._start_task(puller.run(self._stop), f"pull {pull.daemon_id}")
@@ -99,9 +118,53 @@ class Collector:
                     "pull": [p.daemon_id for p in config.pull],
                     "archive": config.archive.url,
                     "http_port": self.http_port,
+                    "inbox": self.inbox.name if self.inbox else "",
                 }
             },
         )
+
+    def _fleet_inbox(self) -> tuple[FleetInbox, ReviewerAuth]:
+        """The fleet inbox and who may sign in to it.
+
+        Raises:
+            ConfigError: a key, secret or JWKS cannot be read.
+        """
+        config = self.config.inbox
+        credentials = {
+            name: AdminReviewer(
+                secret=secret,
+                roles=frozenset(str(role) for role in roles),
+                principal=config.credentials[name].principal or name,
+                reviewer_roles=frozenset(config.credentials[name].reviewer_roles),
+            )
+            for name, (secret, roles) in _load_credentials(config).items()
+        }
+        issuers = [
+            ReviewerIssuer(
+                issuer.load(f"inbox.reviewer_issuers[{i}]"), issuer.roles_claim
+            )
+            for i, issuer in enumerate(config.reviewer_issuers)
+        ]
+        auth = ReviewerAuth(
+            credentials,
+            issuers,
+            max_clock_skew_seconds=config.max_clock_skew_seconds,
+            clock=self.clock,
+        )
+        store = open_store(
+            self.config.store.url,
+            timeout=self.config.store.timeout_seconds,
+            poll_seconds=self.config.store.poll_seconds,
+        )
+        inbox = FleetInbox(
+            store,
+            name=config.name,
+            signing_key=config.load_signing_key(),
+            timeout=self.config.store.timeout_seconds,
+            retry_seconds=self.config.store.retry_seconds,
+            clock=self.clock,
+        )
+        return inbox, auth
 
     def _start_task(self, door: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(door, name=name)
@@ -141,6 +204,14 @@ class Collector:
             archive=self.archive,
             registered=self.registered,
         )
+        if self.inbox is not None and self._reviewers is not None:
+            add_inbox_routes(
+                app,
+                self.inbox,
+                self._reviewers.authenticate,
+                self.config.inbox,
+                self.clock,
+            )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
@@ -237,3 +308,13 @@ class Collector:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _load_credentials(config: InboxConfig) -> dict[str, tuple[bytes, frozenset[str]]]:
+    """The reviewers' secrets, read and checked as the daemon's admin
+    credentials are (at least 16 bytes, none shared)."""
+    listener = AdminListenerConfig(credentials=config.credentials)
+    loaded = listener.load_credentials("inbox")
+    return {
+        name: (secret, frozenset(roles)) for name, (secret, roles) in loaded.items()
+    }

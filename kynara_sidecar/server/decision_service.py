@@ -5,28 +5,52 @@ bytes that are not a valid request (bad UTF-8, corrupt framing, nesting past
 protobuf's limit) and requests over ``agent.max_message_bytes`` get the same
 stable codes as every other bad request, and one undecodable batch item gets
 its own error while the others are answered.
+
+``WaitApproval`` lets an agent wait on one of its own approvals: the caller's
+agent is established as for a decision (``Pipeline.agent_of``), an approval
+of any other agent is ``not_found`` exactly as an unknown id is (so an agent
+learns nothing of another's), and the stream sends the approval's state at
+once and then each change, ending after approved, rejected, expired or used.
+It only reads: a client that ends its wait leaves the approval as it was.
+On shutdown open waits end with ``shutting_down`` rather than hold the
+listener open for the whole grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 import msgspec
 from google.protobuf.message import DecodeError
 from kynara.v1 import decision_pb2 as pb
 
+from kynara_sidecar.approvals.model import FINAL_STATES, Approval, ApprovalState
 from kynara_sidecar.errors import (
     InvalidRequest,
     KynaraError,
+    NotFound,
     RequestTooLarge,
     ServiceError,
+    ShuttingDown,
 )
 from kynara_sidecar.pipeline import Answer, IncomingRequest, Pipeline
+from kynara_sidecar.server.approval_service import timestamp_of
 from kynara_sidecar.server.status import abort_with, error_to_proto
 from kynara_sidecar.server.wire import answer_to_proto, request_from_proto
 
-__all__ = ["DecisionService", "MAX_BATCH_ITEMS", "grpc_receive_limit"]
+__all__ = [
+    "WAIT_END_STATES",
+    "ApprovalWatch",
+    "DecisionService",
+    "MAX_BATCH_ITEMS",
+    "approval_update",
+    "grpc_receive_limit",
+]
 
 SERVICE_NAME = "kynara.v1.DecisionService"
 # A batch shares one audit group commit; past the writer's batch size it
@@ -37,7 +61,40 @@ MAX_BATCH_ITEMS = 256
 # a request that is over the configured limit by a little.
 RECEIVE_HEADROOM_BYTES = 64 * 1024
 
+# A wait ends here: approved (the agent retries with the grant) or a state
+# nothing leaves.
+WAIT_END_STATES = FINAL_STATES | {ApprovalState.APPROVED}
+
 log = logging.getLogger("kynara.server")
+
+
+class ApprovalWatch(Protocol):
+    """What WaitApproval needs of the daemon's approval book."""
+
+    def get(self, approval_id: str) -> Approval | None:
+        """The approval, or None when no approval has that id."""
+        ...
+
+    def watch(self, approval_id: str) -> AsyncIterator[Approval]:
+        """The approval's states from now on, each change once."""
+        ...
+
+
+def approval_update(approval: Approval) -> pb.ApprovalUpdate:
+    """The WaitApproval message for one state of an approval."""
+    update = pb.ApprovalUpdate(
+        approval_id=approval.id,
+        state=str(approval.state),
+        approvals=len(approval.approvers),
+        approvals_needed=approval.requirement.approvers,
+        reviewers=list(approval.approvers),
+    )
+    if approval.state is ApprovalState.REJECTED and approval.reviews:
+        update.comment = approval.reviews[-1].comment
+    expires_at = timestamp_of(approval.expires_at)
+    if expires_at is not None:
+        update.expires_at.CopyFrom(expires_at)
+    return update
 
 
 def grpc_receive_limit(max_message_bytes: int) -> int:
@@ -71,16 +128,30 @@ def _decode(message_type, raw: bytes, field: str = ""):
 
 
 class DecisionService:
-    """Answers Decide and DecideBatch through the pipeline.
+    """Answers Decide and DecideBatch through the pipeline, and WaitApproval
+    from the approval book.
 
     Args:
         pipeline: the decision pipeline.
         max_message_bytes: larger requests get ``request_too_large``.
+        approvals: where WaitApproval watches approvals; default the
+            pipeline's book (``Pipeline.approvals``).
     """
 
-    def __init__(self, pipeline: Pipeline, max_message_bytes: int):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        max_message_bytes: int,
+        approvals: ApprovalWatch | None = None,
+    ):
         self._pipeline = pipeline
         self._max_bytes = max_message_bytes
+        self._approvals = approvals
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End open waits with ``shutting_down`` and refuse new ones."""
+        self._closing.set()
 
     def register(self, server: grpc.aio.Server) -> None:
         """Serve this service on ``server``, reading requests as raw bytes."""
@@ -92,6 +163,10 @@ class DecisionService:
             "DecideBatch": grpc.unary_unary_rpc_method_handler(
                 self.DecideBatch,
                 response_serializer=pb.DecideBatchResponse.SerializeToString,
+            ),
+            "WaitApproval": grpc.unary_stream_rpc_method_handler(
+                self.WaitApproval,
+                response_serializer=pb.ApprovalUpdate.SerializeToString,
             ),
         }
         server.add_generic_rpc_handlers(
@@ -179,3 +254,93 @@ class DecisionService:
         return pb.DecideBatchResponse(
             items=[self._batch_item(i, o) for i, o in enumerate(outcomes)]
         )
+
+    def _book(self) -> ApprovalWatch:
+        if self._approvals is not None:
+            return self._approvals
+        return self._pipeline.approvals
+
+    def _own_approval(self, raw: bytes, authorization: str) -> Approval:
+        if self._closing.is_set():
+            raise ShuttingDown("the daemon is shutting down; wait on another replica")
+        self._check_size(raw)
+        request = _decode(pb.WaitApprovalRequest, raw)
+        approval_id = request.approval_id
+        if not approval_id:
+            raise InvalidRequest(
+                "expected an approval id, got none", field="approval_id"
+            )
+        # The caller's agent first: an unauthenticated caller learns nothing
+        # of which ids exist.
+        agent = self._pipeline.agent_of(authorization)
+        approval = self._book().get(approval_id)
+        if approval is None or approval.agent_id != agent:
+            raise NotFound(
+                f"no approval {approval_id[:80]!r} of agent {agent!r}",
+                field="approval_id",
+            )
+        return approval
+
+    async def WaitApproval(  # noqa: N802 (gRPC method name)
+        self, raw: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ApprovalUpdate]:
+        try:
+            approval = self._own_approval(raw, _authorization(context))
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            await abort_with(context, err)
+        except Exception:
+            await abort_with(context, _internal_error())
+        try:
+            async for state in self._states(approval):
+                yield approval_update(state)
+        except KynaraError as err:
+            await abort_with(context, err)
+        except Exception:
+            await abort_with(context, _internal_error())
+
+    async def _states(self, first: Approval) -> AsyncIterator[Approval]:
+        """The approval now, then each change, until a state ending the wait
+        or shutdown (``ShuttingDown``)."""
+        yield first
+        if first.state in WAIT_END_STATES:
+            return
+        seen = (first.state, len(first.reviews))
+        changes = aiter(self._book().watch(first.id))
+        closing = asyncio.ensure_future(self._closing.wait())
+        step: asyncio.Future[Approval] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(changes))
+                await asyncio.wait({step, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    raise ShuttingDown(
+                        "the daemon is shutting down; wait again on another "
+                        "replica (the approval is unchanged)"
+                    )
+                try:
+                    state = step.result()
+                except StopAsyncIteration:
+                    # The book stopped watching before a final state: it
+                    # is closing.
+                    raise ShuttingDown(
+                        "the daemon is shutting down; wait again on another "
+                        "replica (the approval is unchanged)"
+                    ) from None
+                if (state.state, len(state.reviews)) == seen:
+                    continue  # the state the wait began with, sent already
+                seen = (state.state, len(state.reviews))
+                yield state
+                if state.state in WAIT_END_STATES:
+                    return
+        finally:
+            # The wait ended (its end, shutdown, or the client went away):
+            # stop watching; nothing here changes the approval.
+            closing.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                await asyncio.wait({step})
+            aclose = getattr(changes, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()

@@ -11,6 +11,8 @@ from typing import Any
 
 from kynara.v1 import decision_pb2 as pb
 
+from kynara_sidecar.approvals.model import Approval
+from kynara_sidecar.audit.record import parse_timestamp
 from kynara_sidecar.decision import (
     Duration,
     Effect,
@@ -26,6 +28,7 @@ from kynara_sidecar.pipeline import Answer, IncomingRequest
 __all__ = [
     "MAX_VALUE_DEPTH",
     "answer_to_proto",
+    "approval_to_proto",
     "explanation_to_proto",
     "request_from_proto",
     "value_from_proto",
@@ -153,6 +156,7 @@ def request_from_proto(request: pb.DecideRequest, peer: str = "") -> IncomingReq
         request_id=request.request_id,
         peer=peer,
         explain=request.explain,
+        approval_id=request.approval_id,
     )
 
 
@@ -187,7 +191,27 @@ def answer_to_proto(answer: Answer) -> pb.DecideResponse:
         chain=[p.id for p in decision.chain],
         request_id=answer.request_id,
         explanation=explanation_to_proto(decision.explanation),
+        approval=approval_to_proto(answer.approval),
     )
+
+
+def approval_to_proto(approval: Approval | None) -> pb.Approval | None:
+    """Translate the approval an answer cites; None stays unset."""
+    if approval is None:
+        return None
+    message = pb.Approval(
+        id=approval.id,
+        url=approval.url,
+        state=str(approval.state),
+        reviewers=list(approval.approvers),
+        risk_score=approval.risk.score,
+    )
+    expires = parse_timestamp(approval.expires_at)
+    message.expires_at.seconds, message.expires_at.nanos = (
+        expires.seconds,
+        expires.nanos,
+    )
+    return message
 
 
 def explanation_to_proto(explanation: Explanation | None) -> pb.Explanation | None:

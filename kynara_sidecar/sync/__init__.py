@@ -9,13 +9,29 @@ What moves between a daemon and the centre:
 - **segments out** (``shipper``): each sealed audit segment with its signed
   checkpoint, in order, marked shipped only once the store acknowledged it;
 - **status up** (``status``): what each daemon runs and how far behind its
-  shipping is.
+  shipping is;
+- **approvals up, reviews down** (``approvals.fleet``): each approval a
+  daemon opens, published (latest state wins) so that the collector's
+  fleet inbox lists every daemon's; and each review made in that inbox,
+  signed by the inbox's key, put for the daemon that asked, which verifies
+  and records it, then drops it from the store.
 
-All three go through one ``Store``, the contract below, with two
+All of these go through one ``Store``, the contract below, with two
 implementations: ``dir://PATH`` (``dir_store``: a directory on one machine
 or a shared volume, written with atomic renames) and ``nats://HOST:PORT``
-(``nats_store``: NATS JetStream, a key-value bucket for bundles and one for
-status, a stream for segments). ``open_store`` picks one by URL.
+(``nats_store``: NATS JetStream, key-value buckets for bundles, status,
+approvals and reviews, a stream for segments). ``open_store`` picks one by
+URL.
+
+Approvals and reviews are addressed by ``daemon_token(daemon_id)``, the
+approval id and (for a review) a review id; ids are store keys
+(``check_store_key``: 1 to 64 letters, digits, ``_`` or ``-``), so one
+name works as a NATS key token and as a file name. A store holds what any
+writer put: a reader treats every approval and review as a claim. The
+collector shows approvals only to reviewers (who judge them); the daemon
+applies a review only when the inbox's signature verifies
+(``approvals.signed_review``), so a writer without that key can approve
+nothing.
 
 The segment messages a daemon ships are ``kynara.v1.Segment`` protobuf
 messages (``audit.proto``), the same ones the admin ``AuditService`` streams,
@@ -45,9 +61,14 @@ __all__ = [
     "BundleEntry",
     "BundleTooLarge",
     "Delivery",
+    "MAX_APPROVAL_BYTES",
+    "MAX_REVIEW_BYTES",
+    "PublishedApproval",
+    "PublishedReview",
     "Store",
     "StoreUnavailable",
     "check_consumer_name",
+    "check_store_key",
     "daemon_id_from_token",
     "daemon_token",
     "is_store_url",
@@ -67,6 +88,14 @@ MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_SEGMENT_MESSAGE_BYTES = 512 * 1024
 
 
+# An approval holds the request as recorded (after redaction): a request is
+# at most a few hundred KiB; NATS's default max_payload is 1 MiB.
+MAX_APPROVAL_BYTES = 1024 * 1024
+# A signed review is a reviewer, a verdict, a comment of at most 2,000
+# characters and a signature.
+MAX_REVIEW_BYTES = 64 * 1024
+
+
 class StoreUnavailable(KynaraError):
     """The central store could not be reached or did not acknowledge in
     time. The daemon keeps deciding on what it has and tries again."""
@@ -84,6 +113,26 @@ class BundleEntry(msgspec.Struct, frozen=True):
     (``sha256:`` and 64 hex digits of SHA-256 over ``data``)."""
 
     digest: str
+    data: bytes
+
+
+class PublishedApproval(msgspec.Struct, frozen=True):
+    """One approval as a store holds it: the daemon that asked, the
+    approval's id and its latest state as JSON (``approvals.model.Approval``
+    encoded), exactly as put."""
+
+    daemon_id: str
+    approval_id: str
+    data: bytes
+
+
+class PublishedReview(msgspec.Struct, frozen=True):
+    """One review waiting for the daemon that asked: the signed review's
+    JSON (``approvals.signed_review``), exactly as put."""
+
+    daemon_id: str
+    approval_id: str
+    review_id: str
     data: bytes
 
 
@@ -163,6 +212,57 @@ class Store(Protocol):
         """Every daemon's latest status document, by daemon id."""
         ...
 
+    async def put_approval(self, daemon_id: str, approval_id: str, data: bytes) -> None:
+        """Replace the published state of one of the daemon's approvals
+        (JSON bytes, at most ``MAX_APPROVAL_BYTES``): the latest put wins.
+
+        Raises:
+            ValueError: an id that is no store key, or ``data`` too large.
+        """
+        ...
+
+    async def approvals(self) -> list[PublishedApproval]:
+        """Every published approval of every daemon, in no set order. An
+        entry whose name is no daemon token and approval id is skipped
+        (logged); one larger than ``MAX_APPROVAL_BYTES`` too."""
+        ...
+
+    def watch_approvals(self) -> AsyncIterator[PublishedApproval]:
+        """Every published approval, then each one put since, as soon as the
+        store tells (``nats``) or within ``poll_seconds`` (``dir``). An
+        approval put twice between two looks comes once, in its latest
+        state. Ends by raising ``StoreUnavailable`` when the store is lost."""
+        ...
+
+    async def put_review(
+        self, daemon_id: str, approval_id: str, review_id: str, data: bytes
+    ) -> None:
+        """Put a review (a signed review's JSON, at most ``MAX_REVIEW_BYTES``)
+        for the daemon ``daemon_id`` to take.
+
+        Raises:
+            ValueError: an id that is no store key, or ``data`` too large.
+        """
+        ...
+
+    async def reviews(self, daemon_id: str) -> list[PublishedReview]:
+        """The daemon's reviews not yet dropped, in no set order."""
+        ...
+
+    def watch_reviews(self, daemon_id: str) -> AsyncIterator[PublishedReview]:
+        """The daemon's reviews not yet dropped, then each new one, as soon
+        as the store tells (``nats``) or within ``poll_seconds`` (``dir``);
+        each once per watch. Ends by raising ``StoreUnavailable`` when the
+        store is lost."""
+        ...
+
+    async def drop_review(
+        self, daemon_id: str, approval_id: str, review_id: str
+    ) -> None:
+        """Remove a review the daemon took (recorded or refused); dropping
+        one that is gone is no error."""
+        ...
+
 
 def is_store_url(text: str) -> bool:
     """Whether ``text`` names a central store (``dir://`` or ``nats://``)."""
@@ -228,6 +328,25 @@ def check_consumer_name(name: str) -> str:
             f"consumer name {name!r}: expected 1 to 64 letters, digits, '_' or '-'"
         )
     return name
+
+
+# Approval and review ids are NATS key tokens and file names; both accept
+# these characters, and no "." that would split a key.
+_STORE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_store_key(value: str, what: str) -> str:
+    """``value`` when it can name an approval or a review in a store.
+
+    Raises:
+        ValueError: not 1 to 64 letters, digits, ``_`` or ``-`` (``what``
+            names the id in the message).
+    """
+    if not _STORE_KEY.match(value):
+        raise ValueError(
+            f"{what} {value[:80]!r}: expected 1 to 64 letters, digits, '_' or '-'"
+        )
+    return value
 
 
 def segment_message_id(message: Segment) -> str:

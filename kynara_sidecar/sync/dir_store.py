@@ -22,6 +22,10 @@ its place would hide that)::
                                     for that daemon (every one before it
                                     was acknowledged too)
     status/<daemon>.json            the daemon's latest status document
+    approvals/<daemon>/<approval id>.json
+                                    an approval's latest published state
+    reviews/<daemon>/<approval id>.<review id>.json
+                                    a signed review for that daemon to take
 
 ``<daemon>`` is ``daemon_token(daemon_id)``, ``<seq>`` 20 decimal digits
 from 1, in ship order. A bundle is published by writing its content file,
@@ -60,6 +64,14 @@ must not stop the consumer for every daemon. So, each logged at ERROR
 
 A shipper reading its tail treats such a message as someone else's and
 takes the next number.
+
+Approvals and reviews are replaced or created with the same atomic rename,
+and read with the same care: regular files only, never past
+``MAX_APPROVAL_BYTES`` or ``MAX_REVIEW_BYTES`` (a larger one is skipped
+and logged), names that are no daemon token or store key skipped and
+logged once per reader. A watch lists the directories every
+``poll_seconds`` and reads only the files whose inode, size or time
+changed since it last looked (a put is a rename: a new inode).
 """
 
 from __future__ import annotations
@@ -76,16 +88,21 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
+    MAX_APPROVAL_BYTES,
     MAX_BUNDLE_BYTES,
+    MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
+    PublishedApproval,
+    PublishedReview,
     StoreUnavailable,
     check_consumer_name,
+    check_store_key,
     daemon_id_from_token,
     daemon_token,
 )
@@ -285,6 +302,10 @@ class DirStore:
         self._segments = self.root / "segments"
         self._consumers = self.root / "consumers"
         self._status = self.root / "status"
+        self._approvals = self.root / "approvals"
+        self._reviews = self.root / "reviews"
+        # Entries refused once by this store's readers: logged once each.
+        self._refused: set[str] = set()
         # Per daemon token: the last seq this process knows of, so shipping
         # lists a daemon's directory once, not on every message.
         self._tails: dict[str, int] = {}
@@ -367,7 +388,14 @@ class DirStore:
                 f"{self.url}: {self.root} is not a directory (create it or mount "
                 f"the volume, or fix sync.store / policy.source)"
             )
-        for path in (self._bundles, self._segments, self._consumers, self._status):
+        for path in (
+            self._bundles,
+            self._segments,
+            self._consumers,
+            self._status,
+            self._approvals,
+            self._reviews,
+        ):
             path.mkdir(exist_ok=True)
             if not os.access(path, os.W_OK | os.X_OK):
                 raise StoreUnavailable(f"{self.url}: {path} is not writable")
@@ -563,6 +591,218 @@ class DirStore:
                 continue
             found[daemon_id] = data
         return found
+
+    # -- approvals and reviews
+
+    async def put_approval(self, daemon_id: str, approval_id: str, data: bytes) -> None:
+        name = f"{check_store_key(approval_id, 'approval id')}.json"
+        _check_size(data, MAX_APPROVAL_BYTES, "approval")
+        await self._call(
+            f"put approval {approval_id}",
+            lambda: self._put_in(self._approvals, daemon_id, name, data),
+        )
+
+    async def put_review(
+        self, daemon_id: str, approval_id: str, review_id: str, data: bytes
+    ) -> None:
+        check_store_key(approval_id, "approval id")
+        name = f"{approval_id}.{check_store_key(review_id, 'review id')}.json"
+        _check_size(data, MAX_REVIEW_BYTES, "review")
+        await self._call(
+            f"put review {review_id}",
+            lambda: self._put_in(self._reviews, daemon_id, name, data),
+        )
+
+    def _put_in(
+        self, base: pathlib.Path, daemon_id: str, name: str, data: bytes
+    ) -> None:
+        if not base.is_dir():
+            raise StoreUnavailable(
+                f"{self.url}: {base} is missing (is the volume mounted?)"
+            )
+        directory = base / daemon_token(daemon_id)
+        if not directory.is_dir():
+            # Never parents=True: that would recreate a missing root.
+            directory.mkdir(exist_ok=True)
+            _fsync_dir(base)
+        _write_atomic(directory / name, data)
+
+    async def approvals(self) -> list[PublishedApproval]:
+        return await self._call(
+            "read approvals", lambda: list(self._read_approvals({}, None))
+        )
+
+    async def watch_approvals(self) -> AsyncIterator[PublishedApproval]:
+        """Every approval, then each one put since, every poll_seconds.
+
+        Raises:
+            StoreUnavailable: the directory could not be read.
+        """
+        seen: dict[pathlib.Path, tuple[int, int, int]] = {}
+        while True:
+            found = await self._call(
+                "read approvals", lambda: list(self._read_approvals(seen, seen))
+            )
+            for entry in found:
+                yield entry
+            await asyncio.sleep(self.poll_seconds)
+
+    def _read_approvals(
+        self,
+        known: dict[pathlib.Path, tuple[int, int, int]],
+        update: dict[pathlib.Path, tuple[int, int, int]] | None,
+    ) -> Iterator[PublishedApproval]:
+        for daemon_id, path, parts, signature in self._entries(self._approvals, 1):
+            if known.get(path) == signature:
+                continue
+            data = self._read_entry(path, MAX_APPROVAL_BYTES, "approval")
+            if update is not None:
+                update[path] = signature
+            if data is not None:
+                yield PublishedApproval(daemon_id, parts[0], data)
+
+    async def reviews(self, daemon_id: str) -> list[PublishedReview]:
+        return await self._call(
+            f"read reviews of {daemon_id}",
+            lambda: self._read_reviews(daemon_id, set()),
+        )
+
+    async def watch_reviews(self, daemon_id: str) -> AsyncIterator[PublishedReview]:
+        """The daemon's reviews, then each new one, every poll_seconds.
+
+        Raises:
+            StoreUnavailable: the directory could not be read.
+        """
+        seen: set[pathlib.Path] = set()
+        while True:
+            found = await self._call(
+                f"read reviews of {daemon_id}",
+                lambda: self._read_reviews(daemon_id, seen),
+            )
+            for entry in found:
+                yield entry
+            await asyncio.sleep(self.poll_seconds)
+
+    def _read_reviews(
+        self, daemon_id: str, seen: set[pathlib.Path]
+    ) -> list[PublishedReview]:
+        found = []
+        present = set()
+        for owner, path, parts, _ in self._entries(
+            self._reviews, 2, daemon_token(daemon_id)
+        ):
+            present.add(path)
+            if path in seen:
+                continue
+            seen.add(path)
+            data = self._read_entry(path, MAX_REVIEW_BYTES, "review")
+            if data is not None:
+                found.append(PublishedReview(owner, parts[0], parts[1], data))
+        # A dropped review's name may not come again, but forget it anyway:
+        # the set stays as small as the directory.
+        seen &= present
+        return found
+
+    async def drop_review(
+        self, daemon_id: str, approval_id: str, review_id: str
+    ) -> None:
+        check_store_key(approval_id, "approval id")
+        check_store_key(review_id, "review id")
+        path = (
+            self._reviews / daemon_token(daemon_id) / f"{approval_id}.{review_id}.json"
+        )
+        await self._call(f"drop review {review_id}", lambda: _unlink_synced(path))
+
+    def _entries(
+        self, base: pathlib.Path, parts: int, only: str | None = None
+    ) -> Iterator[tuple[str, pathlib.Path, list[str], tuple[int, int, int]]]:
+        """(daemon id, path, the name's key parts, (inode, size, mtime)) of
+        every entry named ``<key>[.<key>].json`` under ``base/<daemon>``."""
+        if not base.is_dir():
+            raise StoreUnavailable(
+                f"{self.url}: {base} is missing (is the volume mounted?)"
+            )
+        tokens = [only] if only is not None else sorted(os.listdir(base))
+        for token in tokens:
+            if token.startswith("."):
+                continue
+            directory = base / token
+            daemon_id = _daemon_id_of(token)
+            if daemon_id is None:
+                self._refuse("a directory not named by a daemon token", directory)
+                continue
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                self._refuse("not a daemon's directory; skipped", directory)
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = pathlib.Path(entry.path)
+                keys = _entry_keys(entry.name, parts)
+                if keys is None:
+                    self._refuse("a name that is no store key; skipped", path)
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield (
+                    daemon_id,
+                    path,
+                    keys,
+                    (info.st_ino, info.st_size, info.st_mtime_ns),
+                )
+
+    def _read_entry(self, path: pathlib.Path, limit: int, what: str) -> bytes | None:
+        """The entry's bytes, or None (gone, not a file, or over ``limit``)."""
+        try:
+            data = _read_file(path, limit)
+        except FileNotFoundError:
+            return None
+        except _NotAFile as err:
+            self._refuse(f"a {what} entry that is {err.strerror}", path)
+            return None
+        if len(data) > limit:
+            self._refuse(f"a {what} over {limit} bytes; skipped", path)
+            return None
+        return data
+
+    def _refuse(self, what: str, path: pathlib.Path) -> None:
+        key = f"{path}:{what}"
+        if key not in self._refused:
+            self._refused.add(key)
+            _malformed(what, path)
+
+
+def _entry_keys(name: str, parts: int) -> list[str] | None:
+    """The ``parts`` store keys of ``<key>[.<key>].json``, else None."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or suffix != "json":
+        return None
+    keys = stem.split(".")
+    if len(keys) != parts:
+        return None
+    try:
+        return [check_store_key(key, "id") for key in keys]
+    except ValueError:
+        return None
+
+
+def _check_size(data: bytes, limit: int, what: str) -> None:
+    if len(data) > limit:
+        raise ValueError(f"a {what} of {len(data)} bytes: expected at most {limit}")
+
+
+def _unlink_synced(path: pathlib.Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    _fsync_dir(path.parent)
 
 
 @dataclasses.dataclass

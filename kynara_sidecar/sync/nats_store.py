@@ -10,6 +10,14 @@ idempotent, so daemons racing to create the same thing all succeed):
   ``max_payload`` (1 MiB by default) is refused with ``BundleTooLarge``.
 - key-value bucket ``kynara_status``, key ``daemon_token(daemon_id)``: each
   daemon's status document.
+- key-value bucket ``kynara_approvals``, key ``<daemon_token>.<approval
+  id>``: each approval's latest published state; ``watch_approvals`` is a
+  watch over the bucket.
+- key-value bucket ``kynara_reviews``, key ``<daemon_token>.<approval
+  id>.<review id>``: signed reviews waiting for their daemon;
+  ``watch_reviews`` watches ``<daemon_token>.>``, so a review reaches its
+  daemon as soon as the server forwards it. ``drop_review`` deletes the
+  key (a delete marker, which readers skip).
 - stream ``KYNARA_SEGMENTS``, subjects ``kynara.segments.<daemon_token>``,
   file storage: segment messages, each published with the ``Nats-Msg-Id``
   header so the server drops a resend within its duplicate window (an
@@ -71,16 +79,23 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
+    MAX_APPROVAL_BYTES,
+    MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
+    PublishedApproval,
+    PublishedReview,
     StoreUnavailable,
     check_consumer_name,
+    check_store_key,
     daemon_id_from_token,
     daemon_token,
 )
 
 __all__ = [
     "ACK_WAIT_SECONDS",
+    "APPROVALS_BUCKET",
+    "REVIEWS_BUCKET",
     "BUNDLES_BUCKET",
     "CURRENT_KEY",
     "DUPLICATE_WINDOW_SECONDS",
@@ -94,6 +109,8 @@ __all__ = [
 
 BUNDLES_BUCKET = "kynara_bundles"
 STATUS_BUCKET = "kynara_status"
+APPROVALS_BUCKET = "kynara_approvals"
+REVIEWS_BUCKET = "kynara_reviews"
 CURRENT_KEY = "current"
 SEGMENTS_STREAM = "KYNARA_SEGMENTS"
 SEGMENT_SUBJECT_PREFIX = "kynara.segments."
@@ -179,6 +196,8 @@ class NatsStore:
         self._js: JetStreamContext | None = None
         self._bundles: KeyValue | None = None
         self._status: KeyValue | None = None
+        self._approvals: KeyValue | None = None
+        self._reviews: KeyValue | None = None
         self._lock: asyncio.Lock | None = None
 
     # -- connection
@@ -250,6 +269,8 @@ class NatsStore:
             )
         self._bundles = await self._bucket(js, BUNDLES_BUCKET)
         self._status = await self._bucket(js, STATUS_BUCKET)
+        self._approvals = await self._bucket(js, APPROVALS_BUCKET)
+        self._reviews = await self._bucket(js, REVIEWS_BUCKET)
 
     async def _bucket(self, js: JetStreamContext, name: str) -> KeyValue:
         try:
@@ -478,6 +499,196 @@ class NatsStore:
             return found
 
         return await self._bounded("read statuses", read())
+
+    # -- approvals and reviews
+
+    async def put_approval(self, daemon_id: str, approval_id: str, data: bytes) -> None:
+        key = f"{daemon_token(daemon_id)}.{check_store_key(approval_id, 'approval id')}"
+        _check_size(data, MAX_APPROVAL_BYTES, "approval")
+
+        async def put() -> None:
+            await self._ensure()
+            assert self._approvals is not None
+            await self._approvals.put(key, data)
+
+        await self._bounded(f"put approval {approval_id}", put())
+
+    async def approvals(self) -> list[PublishedApproval]:
+        async def read() -> list[PublishedApproval]:
+            await self._ensure()
+            assert self._approvals is not None
+            found = []
+            for key, value in await self._read_all(self._approvals, ">"):
+                entry = _approval_of(key, value)
+                if entry is not None:
+                    found.append(entry)
+            return found
+
+        return await self._bounded("read approvals", read())
+
+    async def watch_approvals(self) -> AsyncIterator[PublishedApproval]:
+        """Every approval, then each one put since, as the server sends it.
+
+        Raises:
+            StoreUnavailable: could not start the watch, or the connection
+                was lost.
+        """
+        async for key, value in self._watch("approvals", lambda: self._approvals, ">"):
+            entry = _approval_of(key, value)
+            if entry is not None:
+                yield entry
+
+    async def put_review(
+        self, daemon_id: str, approval_id: str, review_id: str, data: bytes
+    ) -> None:
+        key = _review_key(daemon_id, approval_id, review_id)
+        _check_size(data, MAX_REVIEW_BYTES, "review")
+
+        async def put() -> None:
+            await self._ensure()
+            assert self._reviews is not None
+            await self._reviews.put(key, data)
+
+        await self._bounded(f"put review {review_id}", put())
+
+    async def reviews(self, daemon_id: str) -> list[PublishedReview]:
+        prefix = daemon_token(daemon_id)
+
+        async def read() -> list[PublishedReview]:
+            await self._ensure()
+            assert self._reviews is not None
+            found = []
+            for key, value in await self._read_all(self._reviews, f"{prefix}.>"):
+                entry = _review_of(daemon_id, key, value)
+                if entry is not None:
+                    found.append(entry)
+            return found
+
+        return await self._bounded(f"read reviews of {daemon_id}", read())
+
+    async def watch_reviews(self, daemon_id: str) -> AsyncIterator[PublishedReview]:
+        """The daemon's reviews, then each new one, as the server sends it.
+
+        Raises:
+            StoreUnavailable: could not start the watch, or the connection
+                was lost.
+        """
+        prefix = daemon_token(daemon_id)
+        async for key, value in self._watch(
+            f"reviews of {daemon_id}", lambda: self._reviews, f"{prefix}.>"
+        ):
+            entry = _review_of(daemon_id, key, value)
+            if entry is not None:
+                yield entry
+
+    async def drop_review(
+        self, daemon_id: str, approval_id: str, review_id: str
+    ) -> None:
+        key = _review_key(daemon_id, approval_id, review_id)
+
+        async def drop() -> None:
+            await self._ensure()
+            assert self._reviews is not None
+            await self._reviews.delete(key)
+
+        await self._bounded(f"drop review {review_id}", drop())
+
+    async def _read_all(self, bucket: KeyValue, keys: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every live key matching ``keys``, read with one
+        watch (the client's ``keys(filters=...)`` matches substrings, and
+        a get per key is a round trip each)."""
+        watcher = await bucket.watch(keys)
+        found = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=self.timeout)
+                # None marks the end of the values present at the start.
+                if entry is None:
+                    return found
+                if entry.operation not in (KV_DEL, KV_PURGE):
+                    found.append((entry.key, entry.value or b""))
+        finally:
+            await watcher.stop()
+
+    async def _watch(
+        self, what: str, bucket: Callable[[], KeyValue | None], keys: str
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """(key, value) of every live key matching ``keys``, then of each
+        put; deletes skipped. Raises StoreUnavailable when the connection
+        is lost."""
+
+        async def start() -> KeyValue.KeyWatcher:
+            await self._ensure()
+            kv = bucket()
+            assert kv is not None
+            return await kv.watch(keys)
+
+        watcher = await self._bounded(f"watch {what}", start())
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=_LIVENESS_SECONDS)
+                except nats.errors.TimeoutError:
+                    if not self._alive():
+                        raise StoreUnavailable(
+                            f"{self.url}: watch {what}: connection lost"
+                        ) from None
+                    _raise_if_cancelled()
+                    continue
+                if entry is None or entry.operation in (KV_DEL, KV_PURGE):
+                    continue
+                yield entry.key, entry.value or b""
+        finally:
+            if self._alive():
+                with contextlib.suppress(*_UNAVAILABLE):
+                    async with asyncio.timeout(self.timeout):
+                        await watcher.stop()
+
+
+def _check_size(data: bytes, limit: int, what: str) -> None:
+    if len(data) > limit:
+        raise ValueError(f"a {what} of {len(data)} bytes: expected at most {limit}")
+
+
+def _review_key(daemon_id: str, approval_id: str, review_id: str) -> str:
+    check_store_key(approval_id, "approval id")
+    check_store_key(review_id, "review id")
+    return f"{daemon_token(daemon_id)}.{approval_id}.{review_id}"
+
+
+def _split_key(key: str, parts: int) -> list[str] | None:
+    names = key.split(".")
+    if len(names) != parts:
+        return None
+    try:
+        for name in names[1:]:
+            check_store_key(name, "id")
+    except ValueError:
+        return None
+    return names
+
+
+def _approval_of(key: str, value: bytes) -> PublishedApproval | None:
+    names = _split_key(key, 2)
+    daemon_id = _daemon_id_of(names[0]) if names else None
+    if names is None or daemon_id is None:
+        _malformed("an approval key that is no daemon token and id", key)
+        return None
+    if len(value) > MAX_APPROVAL_BYTES:
+        _malformed(f"an approval over {MAX_APPROVAL_BYTES} bytes", key)
+        return None
+    return PublishedApproval(daemon_id, names[1], value)
+
+
+def _review_of(daemon_id: str, key: str, value: bytes) -> PublishedReview | None:
+    names = _split_key(key, 3)
+    if names is None or names[0] != daemon_token(daemon_id):
+        _malformed("a review key that is no daemon token and two ids", key)
+        return None
+    if len(value) > MAX_REVIEW_BYTES:
+        _malformed(f"a review over {MAX_REVIEW_BYTES} bytes", key)
+        return None
+    return PublishedReview(daemon_id, names[1], names[2], value)
 
 
 @dataclasses.dataclass

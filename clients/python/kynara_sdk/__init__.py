@@ -15,6 +15,10 @@ Quick start::
 
 Errors carry a stable ``code`` (``kynara_sdk.INVALID_REQUEST``, ...,
 ``DAEMON_UNREACHABLE``); match on it, never on message text.
+
+A tool that should wait for a reviewer rather than raise ``ApprovalRequired``
+says so: ``@permission_required(..., on_approval="wait",
+approval_timeout=600)``.
 """
 
 from kynara_sdk._values import UInt64
@@ -24,6 +28,7 @@ from kynara_sdk.decision import (
     DENY,
     REQUIRE_APPROVAL,
     Approval,
+    ApprovalUpdate,
     ConditionError,
     Decision,
     DecisionRequest,
@@ -35,7 +40,11 @@ from kynara_sdk.decorator import (
     permission_required,
 )
 from kynara_sdk.errors import (
+    APPROVAL_EXPIRED,
+    APPROVAL_REJECTED,
     APPROVAL_REQUIRED,
+    APPROVAL_TIMEOUT,
+    APPROVAL_USED,
     AUDIT_UNAVAILABLE,
     DAEMON_UNREACHABLE,
     IDENTITY_INVALID,
@@ -45,7 +54,11 @@ from kynara_sdk.errors import (
     POLICY_NOT_READY,
     REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
+    ApprovalError,
+    ApprovalExpired,
+    ApprovalRejected,
     ApprovalRequired,
+    ApprovalTimeout,
     KynaraError,
     KynaraUnavailable,
     PermissionDenied,
@@ -54,7 +67,11 @@ from kynara_sdk.subject import Subject, acting_for, current_subject
 
 __all__ = [
     "ALLOW",
+    "APPROVAL_EXPIRED",
+    "APPROVAL_REJECTED",
     "APPROVAL_REQUIRED",
+    "APPROVAL_TIMEOUT",
+    "APPROVAL_USED",
     "AUDIT_UNAVAILABLE",
     "DAEMON_UNREACHABLE",
     "DEFAULT_TARGET",
@@ -69,7 +86,12 @@ __all__ = [
     "SHUTTING_DOWN",
     "TARGET_ENV",
     "Approval",
+    "ApprovalError",
+    "ApprovalExpired",
+    "ApprovalRejected",
     "ApprovalRequired",
+    "ApprovalTimeout",
+    "ApprovalUpdate",
     "AsyncClient",
     "Client",
     "ConditionError",

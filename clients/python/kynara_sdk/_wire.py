@@ -17,14 +17,20 @@ from kynara.v1 import decision_pb2
 from kynara_sdk._values import to_value_map
 from kynara_sdk.decision import (
     Approval,
+    ApprovalUpdate,
     ConditionError,
     Decision,
     DecisionRequest,
     MatchedRule,
 )
 from kynara_sdk.errors import (
+    APPROVAL_USED,
     INTERNAL,
     REQUEST_TOO_LARGE,
+    ApprovalError,
+    ApprovalExpired,
+    ApprovalRejected,
+    ApprovalTimeout,
     KynaraError,
     KynaraUnavailable,
 )
@@ -33,7 +39,11 @@ from kynara_sdk.subject import current_subject, resolve_subject
 __all__ = [
     "ERROR_CODE_KEY",
     "ERROR_FIELD_KEY",
+    "WAIT_END_STATES",
+    "approval_error",
     "build_request",
+    "update_from_proto",
+    "wait_error",
     "decision_from_proto",
     "error_from_rpc",
     "outcome_from_item",
@@ -61,6 +71,10 @@ _UNREACHABLE = frozenset(
 )
 
 
+# A wait ends on these; "pending" is the only state that keeps it going.
+WAIT_END_STATES = frozenset({"approved", "rejected", "expired", "used"})
+
+
 def build_request(item: DecisionRequest) -> decision_pb2.DecideRequest:
     """Build a ``DecideRequest``, taking the subject from ``acting_for`` when
     the item names none.
@@ -81,6 +95,7 @@ def build_request(item: DecisionRequest) -> decision_pb2.DecideRequest:
             attributes=to_value_map(item.attributes, "resource.attributes"),
         ),
         context=to_value_map(item.context, "context"),
+        approval_id=item.approval_id or "",
     )
     if subject is not None:
         request.asserted_chain.extend(subject.chain)
@@ -197,4 +212,79 @@ def _approval(response: decision_pb2.DecideResponse) -> Approval:
     expires_at = None
     if approval.HasField("expires_at"):
         expires_at = approval.expires_at.ToDatetime(tzinfo=datetime.UTC)
-    return Approval(id=approval.id, url=approval.url, expires_at=expires_at)
+    return Approval(
+        id=approval.id,
+        url=approval.url,
+        expires_at=expires_at,
+        state=approval.state,
+        reviewers=tuple(approval.reviewers),
+        risk_score=approval.risk_score,
+    )
+
+
+def update_from_proto(update: decision_pb2.ApprovalUpdate) -> ApprovalUpdate:
+    """Read one ``ApprovalUpdate`` of a WaitApproval stream."""
+    expires_at = None
+    if update.HasField("expires_at"):
+        expires_at = update.expires_at.ToDatetime(tzinfo=datetime.UTC)
+    return ApprovalUpdate(
+        approval_id=update.approval_id,
+        state=update.state,
+        approvals=update.approvals,
+        approvals_needed=update.approvals_needed,
+        expires_at=expires_at,
+        reviewers=tuple(update.reviewers),
+        comment=update.comment,
+    )
+
+
+def approval_error(update: ApprovalUpdate, decision_id: str = "") -> KynaraError | None:
+    """The error a wait that ended at ``update`` raises; None when approved."""
+    approval_id, state = update.approval_id, update.state
+    if state == "approved":
+        return None
+    if state == "rejected":
+        why = f": {update.comment}" if update.comment else ""
+        return ApprovalRejected(
+            approval_id, f"rejected by a reviewer{why}", decision_id, update
+        )
+    if state == "expired":
+        return ApprovalExpired(
+            approval_id, "expired before it was approved", decision_id, update
+        )
+    if state == "used":
+        return ApprovalError(
+            APPROVAL_USED,
+            approval_id,
+            "used already by another request; a grant allows one request once",
+            decision_id,
+            update,
+        )
+    return KynaraError(
+        INTERNAL,
+        f"approval {approval_id}: expected a state, got {state!r}",
+        "state",
+    )
+
+
+def wait_error(
+    err: grpc.RpcError,
+    target: str,
+    approval_id: str,
+    timeout: float,
+    decision_id: str,
+    last: ApprovalUpdate | None,
+) -> KynaraError:
+    """A failed WaitApproval call as an SDK error: its deadline passing is
+    ``ApprovalTimeout`` (the approval stays pending), anything else as
+    ``error_from_rpc``."""
+    status = err.code() if callable(getattr(err, "code", None)) else None
+    if status is grpc.StatusCode.DEADLINE_EXCEEDED and not _metadata(err):
+        return ApprovalTimeout(
+            approval_id,
+            f"no reviewer resolved it within {timeout:g} s; it stays pending "
+            "and may still be approved",
+            decision_id,
+            last,
+        )
+    return error_from_rpc(err, target)

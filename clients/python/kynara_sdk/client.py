@@ -24,13 +24,17 @@ import grpc.aio
 from kynara.v1 import decision_pb2, decision_pb2_grpc
 
 from kynara_sdk._wire import (
+    WAIT_END_STATES,
+    approval_error,
     build_request,
     decision_from_proto,
     error_from_rpc,
     outcome_from_item,
+    update_from_proto,
+    wait_error,
 )
-from kynara_sdk.decision import Decision, DecisionRequest
-from kynara_sdk.errors import INTERNAL, KynaraError
+from kynara_sdk.decision import ApprovalUpdate, Decision, DecisionRequest
+from kynara_sdk.errors import INTERNAL, KynaraError, KynaraUnavailable
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -139,6 +143,7 @@ class Client(_Base):
         chain: Sequence[str] | None = None,
         token: str | None = None,
         request_id: str | None = None,
+        approval_id: str | None = None,
     ) -> Decision:
         """Ask whether the subject may do ``action`` on the resource.
 
@@ -152,6 +157,11 @@ class Client(_Base):
             user, chain, token: the subject for this call only, overriding
                 ``acting_for``; at most one.
             request_id: echoed in the answer and the audit record.
+            approval_id: retry with an approved approval's grant (the id of
+                ``ApprovalRequired`` or ``Decision.approval``): the same
+                request, decided again, is allowed once with reason
+                ``approval_granted``; a request that differs, a second use,
+                a rejected or expired approval is a deny saying which.
 
         Returns:
             The ``Decision``: allow, deny or require_approval.
@@ -175,6 +185,7 @@ class Client(_Base):
                 chain,
                 token,
                 request_id,
+                approval_id,
             )
         )
         try:
@@ -212,6 +223,53 @@ class Client(_Base):
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return _read_batch(batch, response)
+
+    def wait_approval(
+        self, approval_id: str, timeout: float, *, decision_id: str = ""
+    ) -> ApprovalUpdate:
+        """Wait until a reviewer resolves one of this agent's approvals.
+
+        Streams the daemon's ``WaitApproval``: the approval's state at once,
+        then each change. Ending the wait, by timeout or otherwise, never
+        changes the approval.
+
+        Args:
+            approval_id: the approval (``ApprovalRequired.approval_id``).
+            timeout: seconds to wait at most.
+            decision_id: the require_approval decision, attached to errors.
+
+        Returns:
+            The ``approved`` update: retry with ``decide(...,
+            approval_id=approval_id)`` to use the grant.
+
+        Raises:
+            ApprovalTimeout: no reviewer resolved it in time; it stays
+                pending (code ``approval_timeout``, never a rejection).
+            ApprovalRejected, ApprovalExpired: it was rejected or expired.
+            ApprovalError: code ``approval_used``: another request used it.
+            KynaraError: no approval of this agent has that id
+                (``not_found``), or no answer (``daemon_unreachable``, ...).
+            RuntimeError: the client is closed.
+        """
+        self._check_open()
+        timeout = _wait_timeout(timeout)
+        request = decision_pb2.WaitApprovalRequest(approval_id=approval_id)
+        last: ApprovalUpdate | None = None
+        stream = self._stub.WaitApproval(
+            request, timeout=timeout, metadata=self._metadata
+        )
+        try:
+            for message in stream:
+                last = update_from_proto(message)
+                if last.state in WAIT_END_STATES:
+                    return _resolved(last, decision_id)
+        except grpc.RpcError as err:
+            raise wait_error(
+                err, self.target, approval_id, timeout, decision_id, last
+            ) from err
+        finally:
+            stream.cancel()
+        raise _ended_early(self.target, approval_id)
 
     def close(self) -> None:
         """Close the channel; later calls raise ``RuntimeError``. Idempotent."""
@@ -261,6 +319,7 @@ class AsyncClient(_Base):
         chain: Sequence[str] | None = None,
         token: str | None = None,
         request_id: str | None = None,
+        approval_id: str | None = None,
     ) -> Decision:
         """As ``Client.decide``, awaited."""
         self._check_open()
@@ -275,6 +334,7 @@ class AsyncClient(_Base):
                 chain,
                 token,
                 request_id,
+                approval_id,
             )
         )
         try:
@@ -299,6 +359,30 @@ class AsyncClient(_Base):
             raise error_from_rpc(err, self.target) from err
         return _read_batch(batch, response)
 
+    async def wait_approval(
+        self, approval_id: str, timeout: float, *, decision_id: str = ""
+    ) -> ApprovalUpdate:
+        """As ``Client.wait_approval``, awaited."""
+        self._check_open()
+        timeout = _wait_timeout(timeout)
+        request = decision_pb2.WaitApprovalRequest(approval_id=approval_id)
+        last: ApprovalUpdate | None = None
+        stream = self._stub_here().WaitApproval(
+            request, timeout=timeout, metadata=self._metadata
+        )
+        try:
+            async for message in stream:
+                last = update_from_proto(message)
+                if last.state in WAIT_END_STATES:
+                    return _resolved(last, decision_id)
+        except grpc.RpcError as err:
+            raise wait_error(
+                err, self.target, approval_id, timeout, decision_id, last
+            ) from err
+        finally:
+            stream.cancel()
+        raise _ended_early(self.target, approval_id)
+
     async def aclose(self) -> None:
         """Close the channel; later calls raise ``RuntimeError``. Idempotent."""
         self._closed = True
@@ -322,6 +406,31 @@ class AsyncClient(_Base):
             self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
             self._loop = loop
         return self._stub
+
+
+def _wait_timeout(timeout: float) -> float:
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise TypeError(
+            f"timeout: expected seconds as a number, got {type(timeout).__name__}"
+        )
+    if not timeout > 0:
+        raise ValueError(f"timeout: expected seconds > 0, got {timeout}")
+    return float(timeout)
+
+
+def _resolved(update: ApprovalUpdate, decision_id: str) -> ApprovalUpdate:
+    error = approval_error(update, decision_id)
+    if error is not None:
+        raise error
+    return update
+
+
+def _ended_early(target: str, approval_id: str) -> KynaraUnavailable:
+    # The daemon closed the stream before a final state: it is stopping.
+    return KynaraUnavailable(
+        f"the Kynara daemon at {target} ended the wait on approval {approval_id} "
+        "before it was resolved; wait again"
+    )
 
 
 def _build_batch(

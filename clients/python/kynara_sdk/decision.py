@@ -18,6 +18,7 @@ __all__ = [
     "DENY",
     "REQUIRE_APPROVAL",
     "Approval",
+    "ApprovalUpdate",
     "ConditionError",
     "Decision",
     "DecisionRequest",
@@ -54,11 +55,35 @@ class ConditionError:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Approval:
-    """Where a require_approval answer waits: id, review URL and expiry."""
+    """The approval an answer asked for or used: id, review URL and expiry;
+    for an allow that used it, who approved it."""
 
     id: str
     url: str = ""
     expires_at: datetime.datetime | None = None
+    # "pending", "approved", "rejected", "expired" or "used".
+    state: str = ""
+    reviewers: tuple[str, ...] = ()
+    risk_score: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApprovalUpdate:
+    """One state of an approval, as ``wait_approval`` sees it.
+
+    ``state`` is ``"pending"``, ``"approved"``, ``"rejected"``,
+    ``"expired"`` or ``"used"``; ``approvals`` counts the distinct approvals
+    so far, out of ``approvals_needed``; ``comment`` is a rejecting
+    reviewer's.
+    """
+
+    approval_id: str
+    state: str
+    approvals: int = 0
+    approvals_needed: int = 1
+    expires_at: datetime.datetime | None = None
+    reviewers: tuple[str, ...] = ()
+    comment: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,7 +118,7 @@ class Decision:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DecisionRequest:
-    """One item of ``decide_batch``; the fields are ``decide``'s arguments.
+    """One request; the fields are ``decide``'s arguments.
 
     The subject comes from ``user``, ``chain`` or ``token`` when one is set,
     and otherwise from the ``acting_for`` block current when the batch is
@@ -109,3 +134,5 @@ class DecisionRequest:
     chain: Sequence[str] | None = None
     token: str | None = None
     request_id: str | None = None
+    # Retry with an approved approval's grant: ``ApprovalRequired.approval_id``.
+    approval_id: str | None = None

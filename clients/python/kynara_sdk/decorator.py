@@ -6,6 +6,14 @@ become resource attributes, some caller context. The body runs only on
 allow. Everything else raises before the body, so a tool fails closed: deny
 raises ``PermissionDenied``, require_approval ``ApprovalRequired``, and no
 answer at all (daemon down, bad value, any error) raises that error.
+
+With ``on_approval="wait"`` a require_approval is waited on instead: the
+decorator streams the approval's state (``wait_approval``) for up to
+``approval_timeout`` seconds; once approved it asks again with the grant
+(the same request, plus the approval id) and runs the body on that allow,
+once. A wait that times out raises ``ApprovalTimeout`` and leaves the
+approval pending; a rejection or expiry raises ``ApprovalRejected`` or
+``ApprovalExpired``; the body never runs without an allow.
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ import inspect
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from kynara_sdk.client import AsyncClient, Client, resolve_target
-from kynara_sdk.decision import ALLOW, DENY, Decision
+from kynara_sdk.decision import ALLOW, DENY, REQUIRE_APPROVAL, Decision
 from kynara_sdk.errors import ApprovalRequired, PermissionDenied
 
 __all__ = [
+    "DEFAULT_APPROVAL_TIMEOUT",
     "close_default_clients",
     "current_decision",
     "default_async_client",
@@ -31,6 +40,11 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+OnApproval = Literal["raise", "wait"]
+# How long a waiting tool waits for a reviewer by default: long enough for a
+# person to notice and decide, short enough that an agent is not parked for
+# hours holding its caller. Pass approval_timeout for another bound.
+DEFAULT_APPROVAL_TIMEOUT = 300.0
 ArgumentMap = Sequence[str] | Mapping[str, str] | None
 
 _lock = threading.Lock()
@@ -90,6 +104,8 @@ def permission_required(
     attrs: ArgumentMap = None,
     context: ArgumentMap = None,
     client: Client | AsyncClient | None = None,
+    on_approval: OnApproval = "raise",
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
 ) -> Callable[[F], F]:
     """Decorate a sync or async function so it runs only when allowed.
 
@@ -104,23 +120,34 @@ def permission_required(
         context: arguments sent as caller context, in the same forms.
         client: the ``Client`` (sync function) or ``AsyncClient`` (async
             function) to ask; default the shared one for ``$KYNARA_TARGET``.
+        on_approval: on require_approval, ``"raise"`` ``ApprovalRequired``
+            (the default), or ``"wait"`` for a reviewer, then retry with the
+            grant and run the body on its allow.
+        approval_timeout: seconds ``"wait"`` waits for a reviewer.
 
     Returns:
         The decorator. The wrapped function keeps its name and signature,
         and raises before its body runs:
 
-        - ``PermissionDenied`` on deny;
-        - ``ApprovalRequired`` on require_approval;
+        - ``PermissionDenied`` on deny (a retry with the grant included:
+          e.g. ``approval_used``);
+        - ``ApprovalRequired`` on require_approval (``"raise"``);
+        - ``ApprovalTimeout``, ``ApprovalRejected``, ``ApprovalExpired``
+          when a wait ends without a grant (``"wait"``); each carries the
+          ``decision_id`` that asked and the ``approval_id``;
         - ``KynaraUnavailable`` / ``KynaraError`` when no answer came;
         - ``TypeError`` / ``ValueError`` when an argument has no wire form.
 
     Raises:
-        ValueError: a mapped argument is not a parameter of the function.
+        ValueError: a mapped argument is not a parameter of the function;
+            ``on_approval`` is neither mode; ``approval_timeout`` is not a
+            positive number of seconds.
         TypeError: ``client`` does not suit the function (an ``AsyncClient``
             for a sync function, or the reverse).
     """
     attr_map = _argument_map(attrs, "attrs")
     context_map = _argument_map(context, "context")
+    waits = _check_approval_mode(on_approval, approval_timeout)
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
@@ -146,7 +173,18 @@ def permission_required(
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 asker = client if client is not None else default_async_client()
-                decision = await asker.decide(action, **request_of(args, kwargs))
+                request = request_of(args, kwargs)
+                decision = await asker.decide(action, **request)
+                if waits and _waitable(decision):
+                    approval_id = decision.approval.id  # type: ignore[union-attr]
+                    await asker.wait_approval(
+                        approval_id,
+                        approval_timeout,
+                        decision_id=decision.decision_id,
+                    )
+                    decision = await asker.decide(
+                        action, **request, approval_id=approval_id
+                    )
                 _enforce(decision)
                 reset = _decision.set(decision)
                 try:
@@ -159,7 +197,16 @@ def permission_required(
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             asker = client if client is not None else default_client()
-            decision = asker.decide(action, **request_of(args, kwargs))
+            request = request_of(args, kwargs)
+            decision = asker.decide(action, **request)
+            if waits and _waitable(decision):
+                approval_id = decision.approval.id  # type: ignore[union-attr]
+                asker.wait_approval(
+                    approval_id, approval_timeout, decision_id=decision.decision_id
+                )
+                # The same request (same subject, same values), now with the
+                # grant: the daemon allows it once, or says why not.
+                decision = asker.decide(action, **request, approval_id=approval_id)
             _enforce(decision)
             reset = _decision.set(decision)
             try:
@@ -177,10 +224,32 @@ def _enforce(decision: Decision) -> None:
         return
     if decision.decision == DENY:
         raise PermissionDenied(decision)
-    # TODO(#7): wait on the approval (poll or stream the daemon's approval
-    # service until approved, rejected or expired) when asked to, instead of
-    # always raising; the daemon does not serve approvals yet.
+    # require_approval: asked not to wait, or asked again after a wait
+    # (pending once more: the policies changed meanwhile, say).
     raise ApprovalRequired(decision)
+
+
+def _waitable(decision: Decision) -> bool:
+    # Without an approval id there is nothing to wait on: raise instead.
+    return (
+        decision.decision == REQUIRE_APPROVAL
+        and decision.approval is not None
+        and bool(decision.approval.id)
+    )
+
+
+def _check_approval_mode(on_approval: object, timeout: object) -> bool:
+    if on_approval not in ("raise", "wait"):
+        raise ValueError(
+            f"on_approval: expected 'raise' or 'wait', got {on_approval!r}"
+        )
+    if (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not timeout > 0
+    ):
+        raise ValueError(f"approval_timeout: expected seconds > 0, got {timeout!r}")
+    return on_approval == "wait"
 
 
 def _argument_map(spec: ArgumentMap, where: str) -> dict[str, str]:

@@ -14,6 +14,14 @@ Codes from the daemon's catalogue (``ErrorCode`` in
 - ``permission_denied``: the daemon answered deny (``PermissionDenied``).
 - ``approval_required``: the daemon answered require_approval
   (``ApprovalRequired``).
+- ``approval_timeout``: a wait on an approval ended before any reviewer
+  resolved it (``ApprovalTimeout``). The approval stays pending: a timeout
+  is never a rejection, and a reviewer may still approve it.
+
+A wait that ends with the approval rejected or expired raises
+``ApprovalRejected`` (``approval_rejected``) or ``ApprovalExpired``
+(``approval_expired``), the same codes a retry with that approval would get
+as its deny reason.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kynara_sdk.decision import Decision
+    from kynara_sdk.decision import ApprovalUpdate, Decision
 
 __all__ = [
+    "APPROVAL_EXPIRED",
+    "APPROVAL_REJECTED",
     "APPROVAL_REQUIRED",
+    "APPROVAL_TIMEOUT",
+    "APPROVAL_USED",
     "AUDIT_UNAVAILABLE",
     "DAEMON_UNREACHABLE",
     "IDENTITY_INVALID",
@@ -35,7 +47,11 @@ __all__ = [
     "POLICY_NOT_READY",
     "REQUEST_TOO_LARGE",
     "SHUTTING_DOWN",
+    "ApprovalError",
+    "ApprovalExpired",
+    "ApprovalRejected",
     "ApprovalRequired",
+    "ApprovalTimeout",
     "KynaraError",
     "KynaraUnavailable",
     "PermissionDenied",
@@ -54,6 +70,12 @@ INTERNAL = "internal"
 DAEMON_UNREACHABLE = "daemon_unreachable"
 PERMISSION_DENIED = "permission_denied"
 APPROVAL_REQUIRED = "approval_required"
+APPROVAL_TIMEOUT = "approval_timeout"
+
+# The daemon's reason codes for an approval that cannot be used.
+APPROVAL_REJECTED = "approval_rejected"
+APPROVAL_EXPIRED = "approval_expired"
+APPROVAL_USED = "approval_used"
 
 
 class KynaraError(Exception):
@@ -148,3 +170,84 @@ class ApprovalRequired(KynaraError):
 
     def __reduce__(self):
         return (self.__class__, (self.decision,))
+
+
+class ApprovalError(KynaraError):
+    """A wait on an approval ended without a grant to use.
+
+    Args:
+        code: the stable code (``APPROVAL_TIMEOUT``, ``APPROVAL_REJECTED``,
+            ``APPROVAL_EXPIRED``, ``APPROVAL_USED``).
+        approval_id: the approval waited on.
+        message: for people; never branch on it.
+        decision_id: the require_approval decision that asked for it, when
+            known.
+        update: the approval's last state seen, when one was.
+
+    Attributes:
+        approval_id, decision_id, update: as given.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        approval_id: str,
+        message: str,
+        decision_id: str = "",
+        update: ApprovalUpdate | None = None,
+    ) -> None:
+        self.approval_id = approval_id
+        self.decision_id = decision_id
+        self.update = update
+        self._detail = message
+        where = f"; decision {decision_id}" if decision_id else ""
+        super().__init__(code, f"approval {approval_id}: {message}{where}")
+
+    def __reduce__(self):
+        args = (self.approval_id, self._detail, self.decision_id, self.update)
+        if type(self) is ApprovalError:
+            args = (self.code, *args)
+        return (self.__class__, args)
+
+
+class ApprovalTimeout(ApprovalError):
+    """The wait ended before any reviewer resolved the approval.
+
+    The approval is still pending: a reviewer may approve it later, and a
+    retry with its id then succeeds. Never a rejection.
+    """
+
+    def __init__(
+        self,
+        approval_id: str,
+        message: str,
+        decision_id: str = "",
+        update: ApprovalUpdate | None = None,
+    ) -> None:
+        super().__init__(APPROVAL_TIMEOUT, approval_id, message, decision_id, update)
+
+
+class ApprovalRejected(ApprovalError):
+    """A reviewer rejected the approval; ``update.comment`` says why."""
+
+    def __init__(
+        self,
+        approval_id: str,
+        message: str,
+        decision_id: str = "",
+        update: ApprovalUpdate | None = None,
+    ) -> None:
+        super().__init__(APPROVAL_REJECTED, approval_id, message, decision_id, update)
+
+
+class ApprovalExpired(ApprovalError):
+    """The approval expired before it was approved (or before its use)."""
+
+    def __init__(
+        self,
+        approval_id: str,
+        message: str,
+        decision_id: str = "",
+        update: ApprovalUpdate | None = None,
+    ) -> None:
+        super().__init__(APPROVAL_EXPIRED, approval_id, message, decision_id, update)

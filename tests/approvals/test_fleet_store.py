@@ -1,0 +1,218 @@
+"""Approvals and reviews in the central store: dir:// and nats:// held to
+one contract (``sync.Store``).
+
+Each test runs against a directory in tmp_path and a real nats-server with
+JetStream on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from kynara_sidecar.sync import (
+    MAX_APPROVAL_BYTES,
+    MAX_REVIEW_BYTES,
+    PublishedApproval,
+    PublishedReview,
+    Store,
+    StoreUnavailable,
+    daemon_token,
+    open_store,
+)
+
+TIMEOUT = 1.0
+POLL = 0.05
+# Generous: a condition that should hold at once, waited for at most this.
+BOUND = 15.0
+
+APR_1 = "apr_" + "a" * 26
+APR_2 = "apr_" + "b" * 26
+REV_1 = "rev_" + "c" * 26
+REV_2 = "rev_" + "d" * 26
+
+
+@dataclasses.dataclass
+class Backend:
+    kind: str
+    url: str
+    outage: Callable[[], None]
+    restore: Callable[[], None]
+
+
+@pytest.fixture(params=["dir", "nats"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "dir":
+        root = tmp_path / "store"
+        root.mkdir()
+        away = tmp_path / "store-away"
+        return Backend(
+            "dir",
+            f"dir://{root}",
+            outage=lambda: root.rename(away),
+            restore=lambda: away.rename(root),
+        )
+    server = request.getfixturevalue("nats_server")
+    return Backend("nats", server.url, outage=server.stop, restore=server.start)
+
+
+@contextlib.asynccontextmanager
+async def opened(backend: Backend) -> AsyncIterator[Store]:
+    store = open_store(backend.url, timeout=TIMEOUT, poll_seconds=POLL)
+    await store.connect()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, BOUND))
+
+
+def test_latest_approval_state_wins_and_every_daemon_is_listed(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_approval("bot-1", APR_1, b'{"state":"pending"}')
+            await store.put_approval("bot-1", APR_1, b'{"state":"approved"}')
+            await store.put_approval("bot/2 x", APR_2, b'{"state":"pending"}')
+            return await store.approvals()
+
+    found = run(scenario())
+
+    assert sorted(found, key=lambda a: a.approval_id) == [
+        PublishedApproval("bot-1", APR_1, b'{"state":"approved"}'),
+        PublishedApproval("bot/2 x", APR_2, b'{"state":"pending"}'),
+    ]
+
+
+def test_watch_approvals_gives_what_is_there_then_each_put(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_approval("bot-1", APR_1, b"first")
+            seen: list[PublishedApproval] = []
+            watch = store.watch_approvals()
+            seen.append(await anext(watch))
+            await store.put_approval("bot-1", APR_2, b"second")
+            seen.append(await anext(watch))
+            await store.put_approval("bot-1", APR_1, b"first, resolved")
+            seen.append(await anext(watch))
+            await watch.aclose()
+            return seen
+
+    seen = run(scenario())
+
+    assert [(a.approval_id, a.data) for a in seen] == [
+        (APR_1, b"first"),
+        (APR_2, b"second"),
+        (APR_1, b"first, resolved"),
+    ]
+
+
+def test_reviews_are_per_daemon_until_dropped(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_review("bot-1", APR_1, REV_1, b"one")
+            await store.put_review("bot-1", APR_1, REV_2, b"two")
+            await store.put_review("bot-2", APR_2, REV_1, b"other daemon's")
+            before = await store.reviews("bot-1")
+            await store.drop_review("bot-1", APR_1, REV_1)
+            await store.drop_review("bot-1", APR_1, REV_1)  # gone: no error
+            return before, await store.reviews("bot-1"), await store.reviews("bot-2")
+
+    before, after, other = run(scenario())
+
+    assert sorted(before, key=lambda r: r.review_id) == [
+        PublishedReview("bot-1", APR_1, REV_1, b"one"),
+        PublishedReview("bot-1", APR_1, REV_2, b"two"),
+    ]
+    assert after == [PublishedReview("bot-1", APR_1, REV_2, b"two")]
+    assert other == [PublishedReview("bot-2", APR_2, REV_1, b"other daemon's")]
+
+
+def test_watch_reviews_gives_each_new_review_once(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_review("bot-1", APR_1, REV_1, b"one")
+            watch = store.watch_reviews("bot-1")
+            first = await anext(watch)
+            await store.put_review("bot-2", APR_1, REV_2, b"not ours")
+            await store.put_review("bot-1", APR_2, REV_2, b"two")
+            second = await anext(watch)
+            await watch.aclose()
+            return first, second
+
+    first, second = run(scenario())
+
+    assert first == PublishedReview("bot-1", APR_1, REV_1, b"one")
+    assert second == PublishedReview("bot-1", APR_2, REV_2, b"two")
+
+
+@pytest.mark.parametrize(
+    "approval_id, review_id",
+    [("apr.x", REV_1), (APR_1, "rev>"), ("", REV_1), (APR_1, "a" * 65)],
+)
+def test_ids_that_are_no_store_keys_are_refused(backend, approval_id, review_id):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_review("bot-1", approval_id, review_id, b"x")
+
+    with pytest.raises(ValueError, match="expected 1 to 64 letters"):
+        run(scenario())
+
+
+def test_oversized_entries_are_refused_on_put(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            with pytest.raises(ValueError, match="expected at most"):
+                await store.put_approval("bot-1", APR_1, bytes(MAX_APPROVAL_BYTES + 1))
+            with pytest.raises(ValueError, match="expected at most"):
+                await store.put_review(
+                    "bot-1", APR_1, REV_1, bytes(MAX_REVIEW_BYTES + 1)
+                )
+            return await store.approvals(), await store.reviews("bot-1")
+
+    assert run(scenario()) == ([], [])
+
+
+def test_a_store_down_fails_calls_and_works_again_once_back(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_approval("bot-1", APR_1, b"before")
+            backend.outage()
+            try:
+                with pytest.raises(StoreUnavailable):
+                    await store.put_review("bot-1", APR_1, REV_1, b"during")
+            finally:
+                backend.restore()
+            await store.connect()
+            await store.put_review("bot-1", APR_1, REV_1, b"after")
+            return await store.approvals(), await store.reviews("bot-1")
+
+    approvals, reviews = run(scenario())
+
+    assert approvals == [PublishedApproval("bot-1", APR_1, b"before")]
+    assert reviews == [PublishedReview("bot-1", APR_1, REV_1, b"after")]
+
+
+def test_dir_store_skips_foreign_entries(tmp_path):
+    root = tmp_path / "store"
+    root.mkdir()
+
+    async def scenario():
+        store = open_store(f"dir://{root}", timeout=TIMEOUT, poll_seconds=POLL)
+        await store.connect()
+        await store.put_approval("bot-1", APR_1, b"good")
+        token = root / "approvals" / daemon_token("bot-1")
+        (token / "not.a.key.json").write_bytes(b"x")
+        (token / f"{APR_2}.json").mkdir()
+        (token / "apr_big.json").write_bytes(bytes(MAX_APPROVAL_BYTES + 1))
+        (root / "approvals" / "not=a=token").mkdir()
+        (root / "approvals" / "stray-file").write_bytes(b"x")
+        return await store.approvals()
+
+    assert run(scenario()) == [PublishedApproval("bot-1", APR_1, b"good")]

@@ -1,0 +1,554 @@
+"""The pipeline with approvals on real LMDB: opening, reusing and using a
+grant, and every reason an approval cannot be used."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+
+import msgspec
+import pytest
+from core_support import CAROL, ERIN, core, refund
+from support import SHIPPED_POLICIES
+
+from kynara_sidecar.approvals.book import APPROVALS_DB
+from kynara_sidecar.approvals.model import (
+    Approval,
+    ApprovalState,
+    InboxQuery,
+    Verdict,
+)
+from kynara_sidecar.audit import RefusingSink
+from kynara_sidecar.audit.record import RECORD_VERSION, AuditRecordV1
+from kynara_sidecar.audit.verify import verify_store
+from kynara_sidecar.decision import Effect
+from kynara_sidecar.errors import AuditUnavailable, ReasonCode
+
+APPROVAL_ID = re.compile(r"^apr_[a-z2-7]{26}$")
+
+
+def run(body):
+    return asyncio.run(body())
+
+
+def stored(c, approval_id: str) -> Approval:
+    raw = c.store.get_state(APPROVALS_DB, approval_id.encode())
+    assert raw is not None, f"no approval {approval_id} in LMDB"
+    return msgspec.msgpack.decode(raw, type=Approval)
+
+
+def policies_with(tmp_path, edit) -> object:
+    """A copy of the shipped policies with payments.yaml edited."""
+    root = tmp_path / "policies-edited"
+    shutil.copytree(SHIPPED_POLICIES, root)
+    payments = root / "payments.yaml"
+    payments.write_text(edit(payments.read_text()))
+    return root
+
+
+ASK_TWICE = """
+  - id: refund-audit
+    effect: require_approval
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support]
+    condition: resource.attr.amount > 50000
+"""
+FREEZE = """
+  - id: refunds-frozen
+    effect: deny
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support]
+"""
+
+
+def test_require_approval_opens_an_approval_with_its_records(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            answer = await c.decide(refund())
+
+            approval = answer.approval
+            assert answer.decision.effect is Effect.REQUIRE_APPROVAL
+            assert answer.decision.reason_code is ReasonCode.APPROVAL_REQUIRED
+            assert APPROVAL_ID.match(approval.id)
+            assert approval.state is ApprovalState.PENDING
+            assert approval.url == f"http://inbox.test/approvals/{approval.id}"
+            # payments/refund-large: expires_in_seconds 3600, risk 50.
+            assert approval.created_at == "2026-12-07T09:00:00Z"
+            assert approval.expires_at == "2026-12-07T10:00:00Z"
+            assert [(r.policy, r.rule) for r in approval.rules] == [
+                ("payments", "refund-large"),
+                ("payments", "refund-large"),
+            ]
+            assert [r.principal for r in approval.rules] == ["alice", "support-bot"]
+            assert approval.rules[0].condition == "resource.attr.amount > 50000"
+            # Default weights: rule 40 * 0.5, unusual_action 10 (a first).
+            assert approval.risk.score == 30
+            assert approval.decision_id == answer.decision_id
+            assert approval.attributes == {"amount": {"int": "60000"}}
+            assert stored(c, approval.id) == approval
+
+            decision, requested = c.records()[-2:]
+            assert decision.seq == answer.audit_sequence
+            assert decision.kind == "decision"
+            assert decision.approval.id == approval.id
+            assert decision.approval.state == "pending"
+            assert decision.approval.digest == approval.digest
+            assert decision.risk.score == 30
+            assert decision.risk_factors == ["rule", "unusual_action"]
+            assert requested.kind == "approval_requested"
+            assert requested.decision_id == answer.decision_id
+            assert requested.approval.approvals_needed == 1
+            assert requested.approval.rules == [
+                "payments/refund-large (alice)",
+                "payments/refund-large (support-bot)",
+            ]
+            assert requested.resource == decision.resource
+
+    run(body)
+
+
+def test_a_retry_while_pending_returns_the_same_approval(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            first = await c.decide(refund())
+            again = await c.decide(refund(trace="t-2"))
+            volatile_free = await c.decide(refund())
+
+            assert again.approval.id != first.approval.id  # context differs
+            assert volatile_free.approval.id == first.approval.id
+            assert volatile_free.decision_id != first.decision_id
+            kinds = [r.kind for r in c.records()]
+            assert kinds == [
+                "decision",
+                "approval_requested",
+                "decision",
+                "approval_requested",
+                "decision",
+            ]
+
+    run(body)
+
+
+def test_volatile_context_may_differ_on_the_retry(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock, "approvals.volatile_context=[trace]") as c:
+            first = await c.decide(refund(trace="t-1"))
+            await c.approve(first.approval.id)
+
+            used = await c.decide(refund(trace="t-2", approval_id=first.approval.id))
+
+            assert used.decision.effect is Effect.ALLOW
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+
+    run(body)
+
+
+def test_an_approved_grant_allows_the_same_request_once(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+
+            used = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert used.decision.effect is Effect.ALLOW
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+            assert "approved by carol" in used.decision.reason
+            assert used.approval.state is ApprovalState.USED
+            assert used.approval.approvers == ("carol",)
+            assert used.approval.used_by == used.decision_id
+            assert stored(c, asked.approval.id).state is ApprovalState.USED
+            record = c.records()[-1]
+            assert record.seq == used.audit_sequence
+            assert record.decision == "allow"
+            assert record.reason_code == "approval_granted"
+            assert record.approval.state == "used"
+            assert record.approval.reviewers == ["carol"]
+            assert record.approval.decision_id == asked.decision_id
+            assert record.approval.used_by == used.decision_id
+            assert c.book.get(asked.approval.id).state is ApprovalState.USED
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("retry", "reason_code"),
+    [
+        (refund(refund_id="R2"), ReasonCode.APPROVAL_MISMATCH),
+        (refund(amount=60001), ReasonCode.APPROVAL_MISMATCH),
+        (refund(user="bob"), ReasonCode.APPROVAL_MISMATCH),
+        (refund(reason="changed"), ReasonCode.APPROVAL_MISMATCH),
+    ],
+    ids=["another-refund", "another-amount", "another-user", "another-context"],
+)
+def test_a_grant_binds_only_the_request_approved(tmp_path, clock, retry, reason_code):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+
+            other = await c.decide(
+                msgspec.structs.replace(retry, approval_id=asked.approval.id)
+            )
+            then = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert other.decision.effect is Effect.DENY
+            assert other.decision.reason_code is reason_code
+            assert "another request" in other.decision.reason
+            assert c.records()[-2].reason_code == str(reason_code)
+            # The mismatch did not use the grant.
+            assert then.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+
+    run(body)
+
+
+def test_a_second_use_is_denied_approval_used(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            await c.decide(refund(approval_id=asked.approval.id))
+
+            second = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert second.decision.effect is Effect.DENY
+            assert second.decision.reason_code is ReasonCode.APPROVAL_USED
+            assert second.approval.state is ApprovalState.USED
+
+    run(body)
+
+
+def test_two_concurrent_retries_get_one_allow_and_one_approval_used(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            retry = refund(approval_id=asked.approval.id)
+
+            answers = await asyncio.gather(c.decide(retry), c.decide(retry))
+
+            codes = sorted(str(a.decision.reason_code) for a in answers)
+            assert codes == ["approval_granted", "approval_used"]
+            granted = [r for r in c.records() if r.reason_code == "approval_granted"]
+            assert len(granted) == 1
+
+    run(body)
+
+
+def test_a_batch_using_one_grant_twice_gets_one_allow_in_one_transaction(
+    tmp_path, clock
+):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            retry = refund(approval_id=asked.approval.id)
+
+            first, second = await c.pipeline.decide_all([retry, retry])
+
+            assert first.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+            assert second.decision.reason_code is ReasonCode.APPROVAL_USED
+            assert second.audit_sequence == first.audit_sequence + 1
+
+    run(body)
+
+
+def test_a_batch_opens_one_approval_for_two_identical_requests(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            first, second = await c.pipeline.decide_all([refund(), refund()])
+
+            assert first.approval.id == second.approval.id
+            kinds = [r.kind for r in c.records()]
+            assert kinds == ["decision", "approval_requested", "decision"]
+
+    run(body)
+
+
+def test_a_pending_approval_named_by_a_retry_still_requires_approval(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+
+            again = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert again.decision.effect is Effect.REQUIRE_APPROVAL
+            assert again.decision.reason_code is ReasonCode.APPROVAL_REQUIRED
+            assert again.approval.id == asked.approval.id
+            assert c.records()[-1].kind == "decision"
+
+    run(body)
+
+
+def test_an_unknown_approval_id_is_approval_not_found(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            answer = await c.decide(refund(approval_id="apr_" + "a" * 26))
+
+            assert answer.decision.effect is Effect.DENY
+            assert answer.decision.reason_code is ReasonCode.APPROVAL_NOT_FOUND
+            assert answer.approval is None
+
+    run(body)
+
+
+def test_a_rejected_approval_is_approval_rejected(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.book.review(asked.approval.id, CAROL, Verdict.REJECT, "no")
+
+            answer = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert answer.decision.effect is Effect.DENY
+            assert answer.decision.reason_code is ReasonCode.APPROVAL_REJECTED
+
+    run(body)
+
+
+def test_a_use_after_expiry_is_approval_expired(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            clock.set("2026-12-07T10:00:00Z")
+
+            late = await c.decide(refund(approval_id=asked.approval.id))
+            expired = await c.book.expire_due()
+
+            assert late.decision.effect is Effect.DENY
+            assert late.decision.reason_code is ReasonCode.APPROVAL_EXPIRED
+            assert expired == 1
+            assert c.book.get(asked.approval.id).state is ApprovalState.EXPIRED
+            assert c.records()[-1].approval.resolution == "expired"
+
+    run(body)
+
+
+def test_an_approval_never_lifts_a_deny(tmp_path, clock):
+    frozen = policies_with(tmp_path, lambda text: text + FREEZE)
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            c.activate(frozen)
+
+            denied = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert denied.decision.effect is Effect.DENY
+            assert denied.decision.reason_code is ReasonCode.RULE_DENIED
+            assert denied.approval is None
+            assert c.book.get(asked.approval.id).state is ApprovalState.APPROVED
+            c.activate()
+            used = await c.decide(refund(approval_id=asked.approval.id))
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+
+    run(body)
+
+
+def test_an_engine_allow_leaves_the_grant_untouched(tmp_path, clock):
+    raised = policies_with(tmp_path, lambda text: text.replace("50000", "100000"))
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            c.activate(raised)
+
+            allowed = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert allowed.decision.effect is Effect.ALLOW
+            assert allowed.decision.reason_code is ReasonCode.RULE_ALLOWED
+            assert c.book.get(asked.approval.id).state is ApprovalState.APPROVED
+
+    run(body)
+
+
+def test_a_rule_asking_now_that_did_not_ask_then_is_approval_insufficient(
+    tmp_path, clock
+):
+    stricter = policies_with(tmp_path, lambda text: text + ASK_TWICE)
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            c.activate(stricter)
+
+            answer = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert answer.decision.effect is Effect.DENY
+            assert answer.decision.reason_code is ReasonCode.APPROVAL_INSUFFICIENT
+            assert "payments/refund-audit (alice)" in answer.decision.reason
+            assert c.book.get(asked.approval.id).state is ApprovalState.APPROVED
+
+    run(body)
+
+
+def test_more_approvers_asked_now_is_approval_insufficient(tmp_path, clock):
+    two = policies_with(
+        tmp_path, lambda text: text.replace("risk: 50", "risk: 50\n      approvers: 2")
+    )
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            c.activate(two)
+
+            answer = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert answer.decision.reason_code is ReasonCode.APPROVAL_INSUFFICIENT
+            assert "2 approvers are needed, it has 1" in answer.decision.reason
+
+    run(body)
+
+
+def test_two_approvers_need_two_distinct_reviewers(tmp_path, clock):
+    two = policies_with(
+        tmp_path, lambda text: text.replace("risk: 50", "risk: 50\n      approvers: 2")
+    )
+
+    async def body():
+        async with core(tmp_path, clock, policies=two) as c:
+            asked = await c.decide(refund())
+            once = await c.approve(asked.approval.id, CAROL)
+            still = await c.decide(refund(approval_id=asked.approval.id))
+            twice = await c.approve(asked.approval.id, ERIN)
+            used = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert once.state is ApprovalState.PENDING
+            assert still.decision.effect is Effect.REQUIRE_APPROVAL
+            assert twice.state is ApprovalState.APPROVED
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+            kinds = [r.kind for r in c.records()]
+            assert "approval_reviewed" in kinds
+            assert used.approval.approvers == ("carol", "erin")
+
+    run(body)
+
+
+def test_too_many_pending_is_approval_rate_limited(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock, "approvals.max_pending_per_agent=2") as c:
+            await c.decide(refund(refund_id="R1"))
+            await c.decide(refund(refund_id="R2"))
+
+            third = await c.decide(refund(refund_id="R3"))
+            reused = await c.decide(refund(refund_id="R1"))
+
+            assert third.decision.effect is Effect.DENY
+            assert third.decision.reason_code is ReasonCode.APPROVAL_RATE_LIMITED
+            assert "max_pending_per_agent" in third.decision.reason
+            assert third.approval is None
+            assert c.records()[-2].approval is None
+            # A retry of a pending one is no new approval: not limited.
+            assert reused.decision.effect is Effect.REQUIRE_APPROVAL
+            assert len(c.book.list(InboxQuery())) == 2
+
+    run(body)
+
+
+def test_too_many_new_in_a_minute_is_approval_rate_limited(tmp_path, clock):
+    async def body():
+        async with core(
+            tmp_path, clock, "approvals.max_new_per_agent_per_minute=2"
+        ) as c:
+            await c.decide(refund(refund_id="R1"))
+            clock.set("2026-12-07T09:00:30Z")
+            await c.decide(refund(refund_id="R2"))
+
+            limited = await c.decide(refund(refund_id="R3"))
+            clock.set("2026-12-07T09:01:00Z")
+            again = await c.decide(refund(refund_id="R3"))
+
+            assert limited.decision.reason_code is ReasonCode.APPROVAL_RATE_LIMITED
+            assert "max_new_per_agent_per_minute" in limited.decision.reason
+            assert again.decision.effect is Effect.REQUIRE_APPROVAL
+
+    run(body)
+
+
+def test_a_failed_commit_opens_nothing_and_uses_nothing(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            writer = c.pipeline._writer
+            c.pipeline._writer = RefusingSink(AuditUnavailable("disk gone"))
+            with pytest.raises(AuditUnavailable):
+                await c.decide(refund(refund_id="R9"))
+            assert c.book.list(InboxQuery()) == []
+            assert c.store.iter_state(APPROVALS_DB) == []
+
+            c.pipeline._writer = writer
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            c.pipeline._writer = RefusingSink(AuditUnavailable("disk gone"))
+            with pytest.raises(AuditUnavailable):
+                await c.decide(refund(approval_id=asked.approval.id))
+            assert c.book.get(asked.approval.id).state is ApprovalState.APPROVED
+            assert stored(c, asked.approval.id).state is ApprovalState.APPROVED
+
+            c.pipeline._writer = writer
+            used = await c.decide(refund(approval_id=asked.approval.id))
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+
+    run(body)
+
+
+def forged_use(approval_id: str, decision_id: str) -> AuditRecordV1:
+    """A second allow citing the grant, as someone who can write the LMDB
+    file (but holds no key) would append it."""
+    return msgspec.json.decode(
+        msgspec.json.encode(
+            {
+                "v": RECORD_VERSION,
+                "kind": "decision",
+                "time": "2026-12-07T09:05:00Z",
+                "decision_id": decision_id,
+                "action": "payments.refund.issue",
+                "decision": "allow",
+                "reason_code": "approval_granted",
+                "approval": {"id": approval_id, "state": "used"},
+            }
+        ),
+        type=AuditRecordV1,
+    )
+
+
+def test_the_log_verifies_with_the_approval_lifecycle_and_a_forged_reuse_does_not(
+    tmp_path, clock
+):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            await c.decide(refund(approval_id=asked.approval.id))
+            await c.writer.close()
+
+            clean = verify_store(c.store, None, None)
+            c.store.append_batch([forged_use(asked.approval.id, "forged-1")])
+            reused = verify_store(c.store, None, None)
+
+            assert clean.ok, clean.problem
+            assert reused.problem.kind == "approval_reused"
+            assert reused.problem.seq == c.store.head().seq
+
+    run(body)
+
+
+def test_a_forged_use_of_an_approval_never_approved_does_not_verify(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.writer.close()
+
+            c.store.append_batch([forged_use(asked.approval.id, "forged-1")])
+            report = verify_store(c.store, None, None)
+
+            assert report.problem.kind == "approval_not_approved"
+
+    run(body)
