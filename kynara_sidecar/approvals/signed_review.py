@@ -19,7 +19,12 @@ a daemon applies a review from the store only when:
    approval id is random, the digest pins the request, so a review
    cannot be carried over to a different request;
 5. it was made within that approval's life, ``created_at <= at <=
-   expires_at`` (``stale``).
+   expires_at`` (``stale``);
+6. what the reviewer was shown is what the daemon asked
+   (``view_mismatch``): ``view`` is ``view_digest`` of the approval as the
+   inbox displayed it, so a store writer who alters a published approval
+   (a smaller amount, another user) gets a review that the daemon
+   refuses, rather than one that approves the real request unseen.
 
 What it says about the reviewer (principal id, roles, how they signed in)
 is the inbox's word, trusted because the inbox's key signed it; the daemon
@@ -35,6 +40,7 @@ pure: no clock, no I/O.
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from typing import Literal
 
@@ -62,7 +68,32 @@ __all__ = [
     "new_review_id",
     "sign_review",
     "signed_bytes",
+    "view_digest",
 ]
+
+# What a reviewer is shown and what never changes once an approval is
+# opened: its state, reviews and URL are left out.
+_VIEW_FIELDS = (
+    "id",
+    "daemon_id",
+    "agent_id",
+    "digest",
+    "decision_id",
+    "chain",
+    "action",
+    "resource_kind",
+    "resource_id",
+    "attributes",
+    "context",
+    "request_id",
+    "rules",
+    "requirement",
+    "risk",
+    "policy_revision",
+    "directory_revision",
+    "created_at",
+    "expires_at",
+)
 
 SIGNED_REVIEW_VERSION = 1
 REVIEW_ID_PREFIX = "rev_"
@@ -78,6 +109,7 @@ RefusalReason = Literal[
     "unknown_approval",
     "digest_mismatch",
     "stale",
+    "view_mismatch",
 ]
 
 
@@ -102,6 +134,8 @@ class SignedReviewV1(msgspec.Struct, frozen=True, kw_only=True):
     approval_id: str
     # The approval's binding digest: the exact request reviewed.
     digest: str
+    # ``view_digest`` of the approval as the inbox showed it.
+    view: str
     # The reviewer's principal id, roles and how they signed in.
     reviewer: str
     roles: tuple[str, ...]
@@ -131,6 +165,17 @@ def new_review_id() -> str:
     return REVIEW_ID_PREFIX + raw.decode("ascii").rstrip("=").lower()
 
 
+def view_digest(approval: Approval) -> str:
+    """``sha256:`` and the hex SHA-256 of the canonical JSON of what a
+    reviewer is shown of ``approval`` (its fixed fields, ``_VIEW_FIELDS``)."""
+    fields = msgspec.to_builtins(approval)
+    shown = {name: fields.get(name) for name in _VIEW_FIELDS}
+    return (
+        "sha256:"
+        + hashlib.sha256(msgspec.json.encode(shown, order="sorted")).hexdigest()
+    )
+
+
 def signed_bytes(review: SignedReviewV1) -> bytes:
     """The bytes the signature covers: every other field, canonical JSON."""
     fields = msgspec.to_builtins(review)
@@ -156,6 +201,7 @@ def sign_review(
         daemon_id=approval.daemon_id,
         approval_id=approval.id,
         digest=approval.digest,
+        view=view_digest(approval),
         reviewer=reviewer.id,
         roles=tuple(sorted(reviewer.roles)),
         credential=reviewer.credential,
@@ -258,6 +304,13 @@ def check_signed_review(
             "stale",
             f"made at {review.at}, outside approval {approval.id}'s life "
             f"({approval.created_at} .. {approval.expires_at})",
+        )
+    shown = view_digest(approval)
+    if review.view != shown:
+        raise ReviewRefused(
+            "view_mismatch",
+            f"the reviewer was shown {review.view[:80]!r}, approval "
+            f"{approval.id} is {shown}: the published approval was altered",
         )
     return review.as_reviewer()
 

@@ -24,11 +24,13 @@ filed under (another daemon or id), is skipped and logged. An approval
 past its ``expires_at`` is refused for review even while the copy still
 says pending (its daemon records the expiry and publishes it).
 
-TODO(#12): approvals are published unsigned, so a store writer can change
-what a reviewer is shown (not what is approved: the signed review carries
-the digest of the request the daemon bound). Signing each published
-approval with the daemon's audit key, checked against ``daemons`` here,
-closes that.
+Approvals are published unsigned, so a store writer can change what a
+reviewer is shown; it cannot make that view approve anything: each signed
+review carries the digest of the view it was made on
+(``signed_review.view_digest``) and the daemon refuses a review whose view
+differs from its own approval. TODO(#12): sign published approvals with
+the daemon's audit key, checked against ``daemons`` here, so an altered
+view is flagged on the page before a reviewer spends time on it.
 
 TODO(#13): the copy holds every approval published, final ones included,
 for as long as the collector runs; bound it, and prune final approvals

@@ -25,6 +25,7 @@ from kynara.v1 import decision_pb2 as pb
 from support import RunningDaemon
 
 from kynara_sidecar.approvals.model import (
+    Approval,
     ApprovalState,
     InboxQuery,
     Reviewer,
@@ -330,6 +331,46 @@ def test_reviews_not_signed_by_an_inbox_key_are_refused(fleet_daemon, collector)
         "refused_malformed",
     ):
         assert counted.labels(outcome)._value.get() == 1
+
+
+async def _publish(running: RunningDaemon, approval: Approval) -> None:
+    store = open_store(running.config.store, timeout=2)
+    await store.connect()
+    try:
+        await store.put_approval(
+            approval.daemon_id, approval.id, msgspec.json.encode(approval)
+        )
+    finally:
+        await store.close()
+
+
+def test_a_review_of_an_altered_approval_approves_nothing(fleet_daemon, collector):
+    # A store writer shows the reviewer a small refund; the daemon holds
+    # the real one. The review binds what was shown, so the daemon refuses
+    # it rather than approve the real request unseen.
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    real = wait_for(lambda: collector.inbox.get(approval_id), "the approval")
+    altered = msgspec.structs.replace(real, attributes={"amount": {"int": "500"}})
+    asyncio.run(_publish(fleet_daemon, altered))
+    wait_for(
+        lambda: collector.inbox.get(approval_id).attributes == altered.attributes,
+        "the altered approval in the inbox",
+    )
+    carol = Reviewer(id="carol", roles=frozenset({"reviewer"}))
+
+    asyncio.run(collector.inbox.review(approval_id, carol, Verdict.APPROVE, "small"))
+    counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
+    wait_for(
+        lambda: counted.labels("refused_view_mismatch")._value.get() == 1,
+        "the review refused",
+    )
+    after = stub.Decide(big_refund(approval_id))
+
+    assert book_state(fleet_daemon, approval_id) is ApprovalState.PENDING
+    assert after.decision == pb.DECISION_REQUIRE_APPROVAL
+    kinds = {r.kind for r in records(fleet_daemon)}
+    assert RecordKind.APPROVAL_RESOLVED not in kinds
 
 
 def test_the_inbox_refuses_what_the_daemon_would(fleet_daemon, collector):

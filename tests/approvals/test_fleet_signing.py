@@ -118,6 +118,14 @@ def _tampered(**changes):
         (signed(at="2026-12-07T08:59:59Z"), "stale"),
         (signed(at="2026-12-07T10:00:00.000000001Z"), "stale"),
         (signed(at="yesterday"), "malformed"),
+        (
+            signed(
+                approval=msgspec.structs.replace(
+                    APPROVAL, attributes={"amount": {"int": "500"}}
+                )
+            ),
+            "view_mismatch",
+        ),
     ],
     ids=[
         "other-key",
@@ -132,6 +140,7 @@ def _tampered(**changes):
         "before-the-approval",
         "after-expiry",
         "time-unreadable",
+        "shown-another-amount",
     ],
 )
 def test_a_review_the_daemon_must_not_apply_is_refused(review, reason):
