@@ -120,7 +120,7 @@ SIGNATURE_SIZE = 64
 RAW_KEY_SIZE = 32
 KEY_ID_PREFIX = "ed25519:"
 KEY_ID_HEX_DIGITS = 16
-APPROVAL_KINDS = ("approval_requested", "approval_resolved")
+APPROVAL_KINDS = ("approval_requested", "approval_reviewed", "approval_resolved")
 CHECKPOINT_FIELDS = frozenset(
     {"v", "kind", "origin", "log_id", "tree_size", "root", "chain_hash", "time"}
     | {"key_id", "signature"}
