@@ -46,7 +46,13 @@ def test_session_prints_one_line_per_call_and_exits_zero(daemon, contact):
     result = run_agent("--target", daemon.target)
 
     assert result.returncode == 0, result.stderr
-    lines = [line.split() for line in result.stdout.splitlines()]
+    # Under each allowed call, indented, what the tool did.
+    printed = result.stdout.splitlines()
+    done = [line.strip() for line in printed if line.startswith("  ")]
+    lines = [line.split() for line in printed if not line.startswith("  ")]
+    assert done == ["refund rf_1001 of 1200 issued"] + (
+        ["contact ct_77 read"] if contact == "allow" else []
+    )
     assert [line[-3:] for line in lines] == [
         ["allow", "rule_allowed", "d-small"],
         ["require_approval", "approval_required", "d-large"],
@@ -73,7 +79,8 @@ def test_daemon_refusing_to_answer_exits_one_and_names_the_code(daemon):
     assert result.returncode == 1
     assert "error" in result.stdout.splitlines()[0]
     assert "policy_not_ready" in result.stdout.splitlines()[0]
-    assert len(result.stdout.splitlines()) == 4
+    calls = [line for line in result.stdout.splitlines() if not line.startswith(" ")]
+    assert len(calls) == 4
 
 
 def test_unreachable_daemon_exits_nonzero_with_one_line_on_how_to_start_it(

@@ -11,9 +11,27 @@ then run the agent::
     python clients/python/examples/refund_agent.py --target 127.0.0.1:50151
 
 It acts for user ``alice`` and prints one line per tool call: the call, the
-decision, the reason code and the decision id. It exits 0 when every call got
-an answer (a deny is an answer too), 1 when the daemon refused to answer a
-call (the error code is printed), and 2 when the daemon is unreachable.
+decision, the reason code and the decision id; under each call a tool ran
+for, what it did (``refund rf_1001 of 1200 issued``). The refund over the
+limit (``--large-refund``, 250000 cents by default; the shipped policy asks
+for approval above 50000) is answered require_approval, and the line carries
+the approval's URL.
+
+To see the approval through, let the agent wait for a reviewer::
+
+    python clients/python/examples/refund_agent.py --wait-for-approval 600
+
+It then prints the approval's URL and id once and waits (up to 600 s) until
+a reviewer resolves it: open the URL, sign in with the secret of an admin
+credential that has the ``reviewer`` role (the README's quickstart makes
+one), and approve. The agent retries with the grant, the daemon allows that
+refund once (``approval_granted``) and the refund is issued. A wait that
+ends first leaves the approval pending (``approval_timeout``: a reviewer
+may still approve it); a rejection or expiry is printed with its code.
+
+Exit status: 0 when every call got an answer (a deny, a pending approval and
+a rejected one are answers too), 1 when the daemon refused to answer a call
+(the error code is printed), 2 when the daemon is unreachable.
 """
 
 from __future__ import annotations
@@ -23,11 +41,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kynara_sdk import (
+    APPROVAL_TIMEOUT,
+    REQUIRE_APPROVAL,
     TARGET_ENV,
+    ApprovalError,
     ApprovalRequired,
+    ApprovalUpdate,
+    Client,
     Decision,
     KynaraError,
     KynaraUnavailable,
@@ -37,7 +60,7 @@ from kynara_sdk import (
     permission_required,
 )
 
-__all__ = ["issue_refund", "main", "read_contact"]
+__all__ = ["AnnouncingClient", "issue_refund", "main", "read_contact"]
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # The agent socket of the shipped config (config/kynara.yaml, agent.socket),
@@ -50,6 +73,16 @@ START_HINT = (
     "start it from the repository root with `scripts/run`"
     " (or `kynara-sidecar run --config config/kynara.yaml`)"
 )
+# Well over the shipped policy's 50000-cent limit (refund-large).
+DEFAULT_LARGE_REFUND = 250_000
+REFUND_ACTION = "payments.refund.issue"
+# How issue_refund's arguments reach the daemon; shared by its waiting twin.
+REFUND_REQUEST: dict[str, Any] = {
+    "resource_kind": "payments.refund",
+    "resource_arg": "refund_id",
+    "attrs": ["amount"],
+    "context": ["region"],
+}
 
 
 class Receipt(NamedTuple):
@@ -59,13 +92,7 @@ class Receipt(NamedTuple):
     decision: Decision
 
 
-@permission_required(
-    "payments.refund.issue",
-    resource_kind="payments.refund",
-    resource_arg="refund_id",
-    attrs=["amount"],
-    context=["region"],
-)
+@permission_required(REFUND_ACTION, **REFUND_REQUEST)
 def issue_refund(refund_id: str, amount: int, region: str = "DE") -> Receipt:
     """Issue a refund of ``amount`` cents; runs only when the daemon allows."""
     return Receipt(f"refund {refund_id} of {amount} issued", current_decision())
@@ -82,20 +109,83 @@ def read_contact(contact_id: str, region: str = "DE") -> Receipt:
     return Receipt(f"contact {contact_id} read", current_decision())
 
 
-# Each step: a label for the output line, and the tool call to make.
-SESSION: list[tuple[str, Callable[[], Receipt]]] = [
-    ("issue_refund(rf_1001, 1200)", lambda: issue_refund("rf_1001", 1200)),
-    ("issue_refund(rf_1002, 250000)", lambda: issue_refund("rf_1002", 250_000)),
-    (
-        "issue_refund(rf_1003, 1200, region=kp)",
-        lambda: issue_refund("rf_1003", 1200, region="kp"),
-    ),
-    ("read_contact(ct_77)", lambda: read_contact("ct_77")),
-]
+class AnnouncingClient(Client):
+    """A ``Client`` that prints a require_approval answer (with the
+    approval's URL and id) once, as a tool starts waiting on it, so the
+    person running the agent can pass the link to a reviewer.
+
+    The decorator's wait mode asks with ``decide`` and then waits with
+    ``wait_approval``; this client remembers each require_approval answer
+    and prints it, under the ``label`` of the call being made, when the wait
+    on its approval begins.
+    """
+
+    # TODO(#10): an SDK hook called before a wait (with the ApprovalRequired)
+    # would make this subclass unnecessary; wait mode has none yet.
+
+    def __init__(self, target: str, seconds: float) -> None:
+        super().__init__(target)
+        self.seconds = seconds
+        self.label = ""
+        self._asked: dict[str, Decision] = {}
+
+    def decide(self, action: str, **request: Any) -> Decision:
+        """As ``Client.decide``; a require_approval answer is remembered."""
+        decision = super().decide(action, **request)
+        if decision.decision == REQUIRE_APPROVAL and decision.approval is not None:
+            self._asked[decision.approval.id] = decision
+        return decision
+
+    def wait_approval(
+        self, approval_id: str, timeout: float, *, decision_id: str = ""
+    ) -> ApprovalUpdate:
+        """Print the answer that asked for the approval, then wait as
+        ``Client.wait_approval``."""
+        asked = self._asked.pop(approval_id, None)
+        if asked is not None:
+            print(_pending_line(self.label, asked), flush=True)
+        print(
+            f"  waiting up to {self.seconds:g} s for a reviewer of {approval_id}",
+            flush=True,
+        )
+        return super().wait_approval(approval_id, timeout, decision_id=decision_id)
+
+
+def waiting_refund(client: AnnouncingClient) -> Callable[..., Receipt]:
+    """``issue_refund`` that waits for a reviewer instead of raising
+    ``ApprovalRequired``, then runs once on the grant's allow."""
+    waits = permission_required(
+        REFUND_ACTION,
+        **REFUND_REQUEST,
+        client=client,
+        on_approval="wait",
+        approval_timeout=client.seconds,
+    )
+    return waits(issue_refund.__wrapped__)
+
+
+Step = tuple[str, Callable[[], Receipt]]
+
+
+def session(refund: Callable[..., Receipt], large: int) -> list[Step]:
+    """The scripted tool calls: a label for the output line, and the call."""
+    return [
+        ("issue_refund(rf_1001, 1200)", lambda: refund("rf_1001", 1200)),
+        (f"issue_refund(rf_1002, {large})", lambda: refund("rf_1002", large)),
+        (
+            "issue_refund(rf_1003, 1200, region=kp)",
+            lambda: refund("rf_1003", 1200, region="kp"),
+        ),
+        ("read_contact(ct_77)", lambda: read_contact("ct_77")),
+    ]
 
 
 def run_step(label: str, step: Callable[[], Receipt]) -> str:
-    """Make one tool call and describe the daemon's answer in one line.
+    """Make one tool call and describe the daemon's answer.
+
+    Returns:
+        One line for the answer; for an allow, a second line saying what
+        the tool did.
 
     Raises:
         KynaraError: the daemon gave no answer (including unreachable).
@@ -105,38 +195,106 @@ def run_step(label: str, step: Callable[[], Receipt]) -> str:
     except PermissionDenied as denied:
         return _line(label, "deny", denied.reason_code, denied.decision_id)
     except ApprovalRequired as pending:
-        # TODO(#7): wait for the reviewer's verdict instead of stopping here.
-        extra = f"  approval={pending.approval_url}" if pending.approval_url else ""
-        code = pending.decision.reason_code
-        return _line(label, "require_approval", code, pending.decision_id) + extra
+        return _pending_line(label, pending.decision)
+    except ApprovalError as ended:
+        # A wait that ended without a grant: the answer stays require_approval,
+        # and the code says how the wait ended (timeout leaves it pending).
+        extra = f"  approval={ended.approval_id}"
+        if ended.code == APPROVAL_TIMEOUT:
+            extra += " (still pending)"
+        return _line(label, "require_approval", ended.code, ended.decision_id) + extra
     allowed = receipt.decision
-    return _line(label, "allow", allowed.reason_code, allowed.decision_id)
+    line = _line(label, "allow", allowed.reason_code, allowed.decision_id)
+    return f"{line}\n  {receipt.text}"
+
+
+def _pending_line(label: str, decision: Decision) -> str:
+    url = decision.approval.url if decision.approval is not None else ""
+    extra = f"  approval={url}" if url else ""
+    line = _line(label, "require_approval", decision.reason_code, decision.decision_id)
+    return line + extra
 
 
 def _line(label: str, decision: str, reason_code: str, decision_id: str) -> str:
     return f"{label:<40} {decision:<17} {reason_code or '-':<18} {decision_id}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the scripted session for alice; return the exit status."""
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return seconds
+
+
+def _cents(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole cents, got {text!r}"
+        ) from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--target",
         default=os.environ.get(TARGET_ENV) or f"unix://{SHIPPED_SOCKET}",
         help=f"daemon address (default: ${TARGET_ENV}, else unix://{SHIPPED_SOCKET})",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--wait-for-approval",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="on require_approval, print the approval's URL and wait up to"
+        " SECONDS for a reviewer, then retry with the grant (default: print"
+        " the URL and go on)",
+    )
+    parser.add_argument(
+        "--large-refund",
+        type=_cents,
+        default=DEFAULT_LARGE_REFUND,
+        metavar="CENTS",
+        help=f"the amount of the refund over the limit (default"
+        f" {DEFAULT_LARGE_REFUND})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scripted session for alice; return the exit status."""
+    args = parse_args(argv)
     # The tools use the SDK's shared client, which dials $KYNARA_TARGET.
     os.environ[TARGET_ENV] = args.target
+    waiter = None
+    refund: Callable[..., Receipt] = issue_refund
+    if args.wait_for_approval is not None:
+        waiter = AnnouncingClient(args.target, args.wait_for_approval)
+        refund = waiting_refund(waiter)
+    try:
+        return run_session(session(refund, args.large_refund), args.target, waiter)
+    finally:
+        if waiter is not None:
+            waiter.close()
 
+
+def run_session(
+    steps: list[Step], target: str, waiter: AnnouncingClient | None = None
+) -> int:
+    """Make each call for alice, printing its answer; return the exit status."""
     status = EXIT_ANSWERED
     with acting_for(user="alice"):
-        for label, step in SESSION:
+        for label, step in steps:
+            if waiter is not None:
+                waiter.label = label
             try:
                 print(run_step(label, step), flush=True)
             except KynaraUnavailable:
                 print(
-                    f"refund_agent: no Kynara daemon answering at {args.target};"
+                    f"refund_agent: no Kynara daemon answering at {target};"
                     f" {START_HINT}",
                     file=sys.stderr,
                 )
