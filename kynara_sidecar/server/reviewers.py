@@ -12,11 +12,22 @@ A reviewer proves who they are with one of two tokens:
   expiry within the allowed clock skew); ``sub`` is the reviewer and the
   claim ``roles_claim`` their roles, which must hold ``reviewer``.
 
+Either principal id is held to the rule for principal ids
+(``policy.names.canonical_name``: NFC, no spaces, control or zero-width
+characters, no mixed scripts) and used in its NFC form, so ``alice\u200b``,
+``carol `` or a Cyrillic ``аlice`` can neither pass for the request's user
+(self approval) nor review a second time as "another" reviewer. A JWT whose
+``sub`` breaks it is ``IdentityInvalid``; such a ``principal`` in the config
+is a ``ConfigError``.
+
 What an agent holds is recognised and refused with ``RoleMissing``
 (PERMISSION_DENIED), never mistaken for a reviewer: its bearer secret
 (``identity.agents``) and its delegation tokens (``identity.issuers``, whose
 issuer and audience the config keeps apart from every reviewer issuer's).
-So is an admin credential without the reviewer role. Anything else is
+A token a daemon would take as a delegation token is refused even when it
+also names a reviewer audience, and so is a reviewer JWT naming an actor
+(an ``act`` claim): one token never opens both doors. So is an admin
+credential without the reviewer role. Anything else is
 ``IdentityInvalid`` (UNAUTHENTICATED).
 
 Secrets are compared as in ``server.admin``: every configured secret, an
@@ -27,6 +38,7 @@ which secret came close. A JWT is only tried when no secret matched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -48,6 +60,7 @@ from kynara_sidecar.errors import (
 )
 from kynara_sidecar.identity import MAX_TOKEN_BYTES, Issuer, TokenVerifier
 from kynara_sidecar.metrics import Metrics
+from kynara_sidecar.policy.names import canonical_name
 
 __all__ = [
     "AdminReviewer",
@@ -62,6 +75,8 @@ CREDENTIAL_FIELD = "authorization"
 # bounds what a token can make the daemon hold.
 MAX_ROLES = 256
 MAX_ROLE_CHARS = 128
+# As identity's bound on a delegation chain's principal ids.
+MAX_PRINCIPAL_CHARS = 256
 
 log = logging.getLogger("kynara.server")
 
@@ -89,22 +104,6 @@ class ReviewerIssuer:
 
     issuer: Issuer
     roles_claim: str = "roles"
-
-
-class _ClaimsVerifier(TokenVerifier):
-    """``TokenVerifier``'s checks, in its order, returning the claims.
-
-    A reviewer token is checked exactly as a delegation token is; only what
-    is read from it differs (``sub`` and the roles, not a chain).
-    """
-
-    def claims(self, token: str, now: float) -> dict[str, Any]:
-        header, unverified = self._read_unverified(token)
-        issuer = self._issuer_of(unverified)
-        algorithm = self._algorithm_of(header, issuer)
-        claims = self._verified_claims(token, header, algorithm, issuer, unverified)
-        self._check_lifetime(claims, now)
-        return claims
 
 
 def token_of(authorization: str) -> str:
@@ -171,14 +170,23 @@ class ReviewerAuth:
         metrics: Metrics | None = None,
     ):
         self._admin = tuple(
-            (name, credential, hashlib.sha256(credential.secret).digest())
+            (
+                name,
+                dataclasses.replace(
+                    credential,
+                    principal=_admin_principal(name, credential.principal),
+                ),
+                hashlib.sha256(credential.secret).digest(),
+            )
             for name, credential in credentials.items()
         )
         self._agents = tuple(
             (agent, hashlib.sha256(secret).digest())
             for agent, secret in (agent_secrets or {}).items()
         )
-        self._issuers: dict[tuple[str, str], tuple[ReviewerIssuer, _ClaimsVerifier]]
+        # A reviewer token is checked exactly as a delegation token is
+        # (TokenVerifier.claims); only what is read from it differs.
+        self._issuers: dict[tuple[str, str], tuple[ReviewerIssuer, TokenVerifier]]
         self._issuers = {}
         for i, issuer in enumerate(issuers):
             key = (issuer.issuer.issuer, issuer.issuer.audience)
@@ -187,9 +195,13 @@ class ReviewerAuth:
                     f"approvals.reviewer_issuers[{i}]: expected each issuer and "
                     f"audience once, got {key[0]!r} with audience {key[1]!r} again"
                 )
-            verifier = _ClaimsVerifier([issuer.issuer], max_clock_skew_seconds)
+            verifier = TokenVerifier([issuer.issuer], max_clock_skew_seconds)
             self._issuers[key] = (issuer, verifier)
+        self._reviewer_iss = {key[0]: found for key, found in self._issuers.items()}
         self._delegation_iss = frozenset(i.issuer for i in delegation_issuers)
+        self._delegation_aud = frozenset(
+            (i.issuer, i.audience) for i in delegation_issuers
+        )
         self._delegation = (
             TokenVerifier(delegation_issuers, max_clock_skew_seconds)
             if delegation_issuers
@@ -360,12 +372,25 @@ class ReviewerAuth:
                 f"malformed: expected a compact JWT: {err}", field=CREDENTIAL_FIELD
             ) from None
         iss = unverified.get("iss")
+        if self._delegation is not None and self._delegation_audience(unverified):
+            # One token for both doors would let whoever holds it, an agent
+            # included, review: a token a daemon would take as a delegation
+            # token never signs a reviewer in, whatever other audience it
+            # names.
+            self._refuse_delegation_token(token)
         for aud in _audiences(unverified):
             found = self._issuers.get((iss, aud)) if isinstance(iss, str) else None
             if found is not None:
                 return self._verified_reviewer(token, *found)
         if iss in self._delegation_iss and self._delegation is not None:
-            self._refuse_delegation_token(token)
+            if iss not in self._reviewer_iss or self._delegation_audience(unverified):
+                self._refuse_delegation_token(token)
+        if iss in self._reviewer_iss:
+            # A known reviewer issuer with none of its audiences: verify with
+            # one of its entries, whose audience check then says what was
+            # expected and what was got (after the signature, as for
+            # delegation tokens).
+            return self._verified_reviewer(token, *self._reviewer_iss[iss])
         raise IdentityInvalid(
             "issuer: expected a reviewer JWT from one of "
             f"{sorted({key[0] for key in self._issuers})} "
@@ -373,11 +398,15 @@ class ReviewerAuth:
             field=CREDENTIAL_FIELD,
         )
 
+    def _delegation_audience(self, unverified: Mapping[str, Any]) -> bool:
+        iss = unverified.get("iss")
+        return any((iss, aud) in self._delegation_aud for aud in _audiences(unverified))
+
     def _now(self) -> float:
         return self._clock() / 1_000_000_000
 
     def _verified_reviewer(
-        self, token: str, issuer: ReviewerIssuer, verifier: _ClaimsVerifier
+        self, token: str, issuer: ReviewerIssuer, verifier: TokenVerifier
     ) -> Reviewer:
         try:
             claims = verifier.claims(token, self._now())
@@ -385,13 +414,13 @@ class ReviewerAuth:
             raise IdentityInvalid(
                 f"reviewer token: {err}", field=CREDENTIAL_FIELD
             ) from None
-        sub = claims["sub"]
-        if not isinstance(sub, str) or not 0 < len(sub) <= 256:
-            raise IdentityInvalid(
-                "reviewer token: claims: expected sub to be a principal id of "
-                f"1..256 characters, got {str(sub)[:80]!r}",
+        if "act" in claims:
+            raise RoleMissing(
+                "agent credentials cannot review: expected a reviewer JWT, got one "
+                "naming an actor (an `act` claim): a token delegated to an agent",
                 field=CREDENTIAL_FIELD,
             )
+        sub = _principal_of_sub(claims["sub"])
         roles = _roles(claims.get(issuer.roles_claim), issuer.roles_claim)
         if REVIEWER_ROLE not in roles:
             raise RoleMissing(
@@ -415,6 +444,35 @@ class ReviewerAuth:
             "or reviewer JWT, got a delegation token (identity.issuers)",
             field=CREDENTIAL_FIELD,
         )
+
+
+def _principal_of_sub(sub: object) -> str:
+    # The reviewer is compared with a request's chain (self approval) and
+    # with other reviewers (one review each) by the principal id rule, so
+    # `alice\u200b` or a Cyrillic `аlice` cannot pass for a second person.
+    if not isinstance(sub, str) or not 0 < len(sub) <= MAX_PRINCIPAL_CHARS:
+        raise IdentityInvalid(
+            "reviewer token: claims: expected sub to be a principal id of "
+            f"1..{MAX_PRINCIPAL_CHARS} characters, got {str(sub)[:80]!r}",
+            field=CREDENTIAL_FIELD,
+        )
+    try:
+        return canonical_name(sub)
+    except ValueError as err:
+        raise IdentityInvalid(
+            f"reviewer token: claims: sub {sub[:80]!r} is no principal id: {err}",
+            field=CREDENTIAL_FIELD,
+        ) from None
+
+
+def _admin_principal(name: str, principal: str) -> str:
+    try:
+        return canonical_name(principal)
+    except ValueError as err:
+        raise ConfigError(
+            f"credentials.{name}.principal (admin.credentials or "
+            f"inbox.credentials): {principal[:80]!r} is no principal id: {err}"
+        ) from None
 
 
 def _roles(value: object, claim: str) -> frozenset[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import msgspec
 import pytest
 from identity_support import (
     AUDIENCE,
@@ -17,7 +18,7 @@ from identity_support import (
 )
 from support import daemon_config
 
-from kynara_sidecar.errors import IdentityInvalid, RoleMissing
+from kynara_sidecar.errors import ConfigError, IdentityInvalid, RoleMissing
 from kynara_sidecar.identity import Issuer, parse_jwks
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.server.reviewers import (
@@ -96,6 +97,31 @@ def test_an_agents_delegation_token_cannot_review(auth, idp_key):
     token = idp_key.sign(claims("alice", "support-bot"))
 
     with pytest.raises(RoleMissing, match="got a delegation token"):
+        auth.authenticate(token)
+
+
+def test_a_token_for_both_audiences_cannot_review(auth, idp_key):
+    # It would pass as the agent's delegation token on Decide, so it never
+    # signs a reviewer in, whatever else it says.
+    token = idp_key.sign(
+        claims(
+            "bob",
+            "support-bot",
+            aud=[AUDIENCE, REVIEWER_AUDIENCE],
+            groups=["reviewer"],
+        )
+    )
+
+    with pytest.raises(RoleMissing, match="got a delegation token"):
+        auth.authenticate(token)
+
+
+def test_a_reviewer_jwt_naming_an_actor_cannot_review(auth, idp_key):
+    token = idp_key.sign(
+        claims("bob", "support-bot", aud=REVIEWER_AUDIENCE, groups=["reviewer"])
+    )
+
+    with pytest.raises(RoleMissing, match="naming an actor"):
         auth.authenticate(token)
 
 
@@ -258,3 +284,112 @@ def test_from_config_knows_admin_reviewers_issuers_and_agents(tmp_path, idp_key)
         auth.authenticate(AGENT_SECRET.decode())
     with pytest.raises(RoleMissing, match="delegation token"):
         auth.authenticate(idp_key.sign(claims("alice", "support-bot")))
+
+
+# ------------------------------------------- principal ids and audiences
+
+
+@pytest.mark.parametrize(
+    ("sub", "why"),
+    [
+        ("alice\u200b", "U\\+200B"),
+        ("carol ", "a space"),
+        ("\u0430lice", "letters of one script"),
+        ("al\u202eice", "U\\+202E"),
+        ("dana\x00", "a control character"),
+    ],
+    ids=["zero-width", "trailing-space", "cyrillic-a", "rtl-override", "nul"],
+)
+def test_a_reviewer_jwt_whose_sub_is_no_principal_id_is_refused(
+    auth, idp_key, sub, why
+):
+    token = reviewer_token(idp_key, sub=sub, groups=["reviewer"])
+
+    with pytest.raises(IdentityInvalid, match=f"claims: sub .*{why}") as info:
+        auth.authenticate(token)
+
+    assert info.value.field == "authorization"
+
+
+def test_a_reviewer_jwt_sub_is_compared_in_its_nfc_form(auth, idp_key):
+    decomposed = "zoe\u0308"  # e + combining diaeresis: NFC is one code point
+
+    reviewer = auth.authenticate(
+        reviewer_token(idp_key, sub=decomposed, groups=["reviewer"])
+    )
+
+    assert reviewer.id == "zo\u00eb"
+
+
+def test_a_reviewer_jwt_of_the_requests_user_in_another_form_is_self_approval(
+    auth, idp_key
+):
+    from review_support import sample_approvals
+
+    from kynara_sidecar.approvals.eligibility import check_review
+    from kynara_sidecar.approvals.model import ChainPrincipal
+    from kynara_sidecar.errors import SelfApproval
+
+    approval = sample_approvals()[1]
+    approval = msgspec.structs.replace(
+        approval,
+        chain=(ChainPrincipal(id="zo\u00eb", kind="user"), *approval.chain[1:]),
+    )
+    reviewer = auth.authenticate(
+        reviewer_token(idp_key, sub="zoe\u0308", groups=["reviewer"])
+    )
+
+    with pytest.raises(SelfApproval):
+        check_review(approval, reviewer)
+
+
+@pytest.mark.parametrize("principal", ["carol ", "c\u0430rol", "carol\u200d"])
+def test_an_admin_reviewer_whose_principal_is_no_principal_id_is_refused(
+    principal,
+):
+    with pytest.raises(ConfigError, match=r"credentials\.carol\.principal"):
+        ReviewerAuth(
+            {
+                "carol": AdminReviewer(
+                    CAROL_SECRET, frozenset({"reviewer"}), principal=principal
+                )
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("credential", "key"),
+    [
+        ({"principal": "alice\u200b"}, r"admin\.credentials\.carol\.principal:"),
+        ({"principal": "p\u0430ypal"}, r"admin\.credentials\.carol\.principal:"),
+        ({"name": "carol "}, r"admin\.credentials\.carol \.principal \(default"),
+    ],
+    ids=["zero-width", "mixed-scripts", "default-name-with-space"],
+)
+def test_config_refuses_an_admin_principal_that_is_no_principal_id(
+    tmp_path, credential, key
+):
+    secret = tmp_path / "carol.secret"
+    secret.write_bytes(CAROL_SECRET)
+    name = credential.pop("name", "carol")
+    entry = {"secret_file": str(secret), "roles": ["reviewer"], **credential}
+
+    with pytest.raises(ConfigError, match=key):
+        daemon_config(tmp_path, f"admin.credentials={json.dumps({name: entry})}")
+
+
+def test_a_reviewer_jwt_for_another_audience_names_the_audience(idp_key):
+    only_reviewers = ReviewerAuth(
+        {},
+        [ReviewerIssuer(issuer(idp_key, REVIEWER_AUDIENCE), roles_claim="groups")],
+        clock=lambda: NOW_NANOS,
+    )
+    token = idp_key.sign(claims("dana", aud="kynara:elsewhere", groups=["reviewer"]))
+
+    with pytest.raises(IdentityInvalid) as info:
+        only_reviewers.authenticate(token)
+
+    assert "audience: expected 'kynara:reviewers', got 'kynara:elsewhere'" in str(
+        info.value
+    )
+    assert "issuer" not in str(info.value)
