@@ -40,6 +40,7 @@ import typing
 from kynara_sidecar.config import DEFAULT_CONFIG_ENV, Config, load_config
 from kynara_sidecar.errors import ConfigError, KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
+from kynara_sidecar.server._visible import visible_text
 
 if typing.TYPE_CHECKING:
     from collections.abc import Mapping
@@ -1065,14 +1066,17 @@ def _approvals(args: argparse.Namespace) -> int:
     if command == "list" and not args.json:
         print(_format_approvals(reply.approvals))
         if reply.next_page_token:
-            print(f"next page: --page-token {reply.next_page_token}", file=sys.stderr)
+            token = visible_text(reply.next_page_token)
+            print(f"next page: --page-token {token}", file=sys.stderr)
         return EXIT_OK
     document = json_format.MessageToDict(
         reply,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
-    print(json.dumps(document, indent=2))
+    # ensure_ascii (the default) writes every non-ASCII and control
+    # character as \uXXXX: an agent's value never reaches the terminal raw.
+    print(json.dumps(document, indent=2, ensure_ascii=True))
     return EXIT_OK
 
 
@@ -1090,14 +1094,19 @@ def _approvals_error(err, target: str, config: Config) -> KynaraError:
             f"the daemon at {target} serves no approvals (its audit log is down?)"
         )
     code = dict(err.trailing_metadata() or ()).get("kynara-error-code", "")
+    # The daemon's message may repeat an agent's values (an id, a comment).
     return ConfigError(
         f"ApprovalService at {target}: {err.code().name}"
-        + (f" [{code}]" if code else "")
-        + f": {err.details()}"
+        + (f" [{visible_text(code)}]" if code else "")
+        + f": {visible_text(err.details() or '')}"
     )
 
 
 def _format_approvals(approvals) -> str:
+    # Every cell goes through visible_text: an agent's resource id or action
+    # may hold a terminal escape (ESC, BEL, CR) or a bidi override that would
+    # make the reviewer's terminal show something else; they are printed as
+    # \u001B, \u202E, ... instead.
     if not approvals:
         return "no approvals match"
     header = ("ID", "STATE", "RISK", "AGENT", "USER", "ACTION", "RESOURCE", "EXPIRES")
@@ -1116,6 +1125,7 @@ def _format_approvals(approvals) -> str:
                 approval.expires_at.ToJsonString(),
             )
         )
+    rows = [tuple(visible_text(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(

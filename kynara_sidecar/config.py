@@ -32,6 +32,7 @@ from kynara_sidecar.audit.redact import (
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
+from kynara_sidecar.policy.names import canonical_name
 from kynara_sidecar.sync import STORE_SCHEMES, is_store_url
 
 __all__ = [
@@ -236,7 +237,9 @@ class AdminCredentialConfig(_Section):
     # proofs, "reviewer" resolves approvals.
     roles: list[str] = []
     # A reviewer's principal id, compared with a request's chain to refuse
-    # self-approval, e.g. "carol"; defaults to the credential's name.
+    # self-approval, e.g. "carol"; defaults to the credential's name. Held to
+    # the principal id rule (policy/names.py: no spaces, invisible characters
+    # or mixed scripts).
     principal: str = ""
     # Reviewer roles that rules may require (approval.reviewer_roles), e.g.
     # [finance_lead]; only with the reviewer role.
@@ -245,6 +248,8 @@ class AdminCredentialConfig(_Section):
     def validate(self, section: str) -> None:
         if not self.secret_file:
             raise ConfigError(f"{section}.secret_file: expected a path, got none")
+        if self.principal:
+            _check_principal(f"{section}.principal", self.principal)
         if self.reviewer_roles and AdminRole.REVIEWER not in self.roles:
             raise ConfigError(
                 f"{section}.reviewer_roles: expected the reviewer role in "
@@ -332,6 +337,9 @@ class AdminListenerConfig(_Section):
             if not name:
                 raise ConfigError(f"{section}.credentials: expected names, got ''")
             credential.validate(where)
+            if not credential.principal and AdminRole.REVIEWER in credential.roles:
+                # The reviewer's principal id defaults to the credential name.
+                _check_principal(f"{where}.principal (default: the name)", name)
             secret = _read_secret(f"{where}.secret_file", credential.secret_file)
             if any(secret == other for other, _ in loaded.values()):
                 raise ConfigError(f"{where}: expected its own secret, got a shared one")
@@ -364,6 +372,15 @@ class AdminListenerConfig(_Section):
                     f"admin.credentials.{name}: expected a secret no agent holds, "
                     "got one of identity.agents' secrets"
                 )
+
+
+def _check_principal(key: str, principal: str) -> None:
+    try:
+        canonical_name(principal)
+    except ValueError as err:
+        raise ConfigError(
+            f"{key}: expected a principal id, got {principal[:80]!r}: {err}"
+        ) from None
 
 
 def _check_socket_path(section: str, socket_path: str) -> None:

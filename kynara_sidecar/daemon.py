@@ -881,6 +881,9 @@ class Daemon:
             return
         await self._webhook.start()
         self._book.subscribe(self._webhook.notify)
+        # Summaries queued before the last stop died with it: announce what
+        # still waits for a reviewer (a receiver may see one twice).
+        self._webhook.announce_pending(self._book, self.clock())
 
     async def _start_admin_listener(self) -> None:
         """Serve AuditService, ApprovalService and health to admin
@@ -1122,6 +1125,18 @@ class Daemon:
         if self._book is None:
             return
         sync = cfg.sync
+        trusted = cfg.approvals.load_inbox_keys()
+        if cfg.approvals.inbox_url and not trusted:
+            log.warning(
+                "approvals.inbox_url is set but approvals.inbox_keys is empty: "
+                "every review made in the fleet inbox will be refused",
+                extra=_fields(
+                    setting="approvals.inbox_keys",
+                    inbox_url=cfg.approvals.inbox_url,
+                    hint="list the inbox's public key (the collector's "
+                    "inbox.signing_key, public half)",
+                ),
+            )
         store = open_store(
             cfg.store, timeout=sync.timeout_seconds, poll_seconds=sync.poll_seconds
         )
@@ -1129,7 +1144,10 @@ class Daemon:
             self._book,
             store,
             daemon_id=cfg.identity.daemon_id,
-            trusted=cfg.approvals.load_inbox_keys(),
+            # The audit key signs each published approval; the collector
+            # checks it against the daemon's registered keys.
+            signing_key=load_audit_keys(cfg.audit).signing,
+            trusted=trusted,
             timeout=sync.timeout_seconds,
             retry_min_seconds=sync.retry_min_seconds,
             retry_max_seconds=sync.retry_max_seconds,

@@ -16,12 +16,15 @@ Privacy: the engine decides on the request as sent; the entries named by
 (``kynara_sidecar.audit.redact``), and the record lists them.
 
 Approvals (with an ``ApprovalBook``): a require_approval decision reuses
-the pending approval of the same agent and binding digest or opens one
-(rate limits permitting: else deny ``approval_rate_limited``). A request
+the pending approval of the same agent and binding digest, or cites its
+approved, unused one that would grant now (state ``approved``: the retry
+with its id is allowed), or opens one (rate limits permitting: else deny
+``approval_rate_limited``). A request
 naming ``approval_id`` is decided again under the current policies; only
 when the engine says require_approval is the approval looked at: a grant
-that binds this very request and covers every rule asking now turns it
-into an allow (``approval_granted``), committed in one transaction with
+that binds this very request and satisfies every rule asking now (their
+reviewer roles, self approval and expiry, as well as the approver count)
+turns it into an allow (``approval_granted``), committed in one transaction with
 the approval's ``used`` state; anything else is a deny naming why
 (``book.ApprovalBook.use``). An approval never lifts a deny, and an allow
 leaves it untouched. The decision record carries the approval and its
@@ -568,12 +571,13 @@ class Pipeline:
         )
         now = env.now.seconds * NANOS_PER_SECOND + env.now.nanos
         agent = env.agent_id
+        asking = [(m.policy, m.rule, m.principal) for m in matched]
         if request.approval_id:
             return book.use(
                 request.approval_id,
                 agent_id=agent,
                 digest=digest,
-                asking=[(m.policy, m.rule, m.principal) for m in matched],
+                asking=asking,
                 requirement=requirement,
                 now=now,
                 decision_id=decision_id,
@@ -584,7 +588,14 @@ class Pipeline:
                 subject, env, decision, decision_id, record, digest, matched, rules
             )
 
-        return book.request(agent_id=agent, digest=digest, now=now, make=make)
+        return book.request(
+            agent_id=agent,
+            digest=digest,
+            now=now,
+            make=make,
+            asking=asking,
+            requirement=requirement,
+        )
 
     def _new_approval(
         self,

@@ -39,6 +39,7 @@ __all__ = [
     "MemoryInbox",
     "ServedPage",
     "authenticate",
+    "disguised_approvals",
     "sample_approvals",
 ]
 
@@ -143,6 +144,49 @@ def sample_approvals() -> list[Approval]:
     ]  # fmt: skip
 
 
+def disguised_approvals() -> tuple[list[Approval], Approval]:
+    """The sample approvals with #2 full of characters a reader cannot see
+    (a right-to-left override in its resource id, zero-width characters in
+    names, NUL and ESC in a value, ...); returns them and that one."""
+    approvals = sample_approvals()
+    base = approvals[1]
+    approvals[1] = msgspec.structs.replace(
+        base,
+        resource_id="invoice-\u202efdp.exe",
+        request_id="req\u2066-1",
+        agent_id="bot-b\u200b",
+        chain=(
+            msgspec.structs.replace(base.chain[0], id="alice\u200d"),
+            *base.chain[1:],
+        ),
+        attributes={
+            "amount\u200b": {"int": "5000"},
+            "note": {"string": "ok\x00\x1b[2J\ufeff\u00a0\U000e0041\u3164"},
+        },
+        context={"reason\u2066": {"string": "damaged\u202e parcel"}},
+        rules=(
+            AskingRule(
+                policy="refunds",
+                rule="large-refund",
+                principal="bot-b",
+                description="Refunds \u202eover\u202c 1,000 EUR need a human.",
+                condition="R.attr.amount > 1000",
+            ),
+        ),
+        reviews=(
+            Review(
+                reviewer="sam",
+                roles=("reviewer",),
+                verdict=Verdict.APPROVE,
+                at="2026-12-07T08:30:00Z",
+                comment="fine\u202e by me",
+            ),
+        ),
+        requirement=msgspec.structs.replace(base.requirement, approvers=2),
+    )
+    return approvals, approvals[1]
+
+
 class MemoryInbox:
     """An ``Inbox`` over a dict, deciding reviews with the real rules."""
 
@@ -168,7 +212,13 @@ class MemoryInbox:
         return self.approvals.get(approval_id)
 
     async def review(
-        self, approval_id: str, reviewer: Reviewer, verdict: Verdict, comment: str
+        self,
+        approval_id: str,
+        reviewer: Reviewer,
+        verdict: Verdict,
+        comment: str,
+        *,
+        view: str = "",
     ) -> Approval:
         approval = self.approvals.get(approval_id)
         if approval is None:

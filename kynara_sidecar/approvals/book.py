@@ -14,9 +14,12 @@ The book runs on the event loop, and its checks are synchronous. Two paths
 change approvals:
 
 - **The pipeline** (a decision): ``request`` reuses the pending approval of
-  the same agent and binding digest, or opens a new one (rate limits
-  permitting); ``use`` checks an approval named by a retry and, when it is
-  a grant, reserves it. Each returns a ``Step`` whose ``changes`` the
+  the same agent and binding digest, or answers with its approved one (so
+  an agent whose wait timed out, and which lost the id, gets its grant
+  back instead of a new approval), or opens a new one (rate limits
+  permitting); ``use`` checks an approval named by a retry against the
+  rules asking now (``eligibility.check_grant``) and, when it is a grant,
+  reserves it. Each returns a ``Step`` whose ``changes`` the
   pipeline commits with its decision record, then calls ``committed`` or
   ``aborted``. A grant's check and its reservation happen with no await in
   between, so of two concurrent retries only one can pass; the other is
@@ -61,7 +64,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from kynara_sidecar.approvals.eligibility import check_review, outcome
+from kynara_sidecar.approvals.eligibility import check_grant, check_review, outcome
 from kynara_sidecar.approvals.model import (
     FINAL_STATES,
     Approval,
@@ -77,6 +80,7 @@ from kynara_sidecar.approvals.records import (
     resolved_record,
     reviewed_record,
 )
+from kynara_sidecar.approvals.signed_review import view_digest
 from kynara_sidecar.audit import AuditSink
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.record import (
@@ -258,6 +262,8 @@ class ApprovalBook:
         # Being expired by the expiry task right now.
         self._expiring: set[str] = set()
         self._pending: dict[tuple[str, str], str] = {}
+        # (agent, digest) -> the latest approved, unused approval of it.
+        self._approved: dict[tuple[str, str], str] = {}
         self._pending_count: collections.Counter[str] = collections.Counter()
         self._opened_at: dict[str, collections.deque[int]] = {}
         window = config.risk.unusual_window
@@ -432,10 +438,12 @@ class ApprovalBook:
         comment: str,
         *,
         via: str = "daemon",
+        view: str = "",
     ) -> Approval:
         """Approve or reject as ``reviewer`` (see ``model.Inbox.review``);
         ``via`` names where the review came from: "daemon", or a fleet
-        inbox.
+        inbox; ``view``, when given, the view digest of what the reviewer was
+        shown (refused when the approval differs).
 
         Raises:
             NotFound, ApprovalClosed, SelfApproval, RoleMissing,
@@ -446,6 +454,11 @@ class ApprovalBook:
             approval = self.get(approval_id)
             if approval is None:
                 raise NotFound(f"no approval {approval_id!r}", field="approval_id")
+            if view and view != view_digest(approval):
+                raise ApprovalClosed(
+                    f"approval {approval_id} changed since you read it; reload",
+                    field="view",
+                )
             now = self._clock()
             if approval.state is ApprovalState.PENDING and self._due(approval, now):
                 raise ApprovalClosed(
@@ -507,15 +520,36 @@ class ApprovalBook:
         counts[action] += 1
 
     def request(
-        self, *, agent_id: str, digest: str, now: int, make: Callable[[], Approval]
+        self,
+        *,
+        agent_id: str,
+        digest: str,
+        now: int,
+        make: Callable[[], Approval],
+        asking: Iterable[tuple[str, str, str]] = (),
+        requirement: Requirement | None = None,
     ) -> Step:
         """A require_approval decision without an approval id: reuse the
-        pending approval of this agent and digest, else open one from
-        ``make()`` (checked against the rate limits)."""
+        pending approval of this agent and digest; else cite its approved,
+        unused one that would grant now (``check_grant`` with ``asking``
+        and ``requirement``, the rules asking now), so that the retry with
+        its id is allowed; else open one from ``make()`` (checked against
+        the rate limits)."""
         existing = self._pending.get((agent_id, digest))
         if existing is not None:
             approval = self._approvals[existing]
             if not self._due(approval, now) and existing not in self._expiring:
+                return Step(StepKind.REUSED, approval)
+        granted = self._approved.get((agent_id, digest))
+        if granted is not None and requirement is not None:
+            approval = self._approvals[granted]
+            usable = (
+                not self._due(approval, now)
+                and granted not in self._expiring
+                and granted not in self._reserved
+                and check_grant(approval, requirement, asking, now=now) is None
+            )
+            if usable:
                 return Step(StepKind.REUSED, approval)
         refusal = self._rate_limited(agent_id, now)
         if refusal:
@@ -550,7 +584,9 @@ class ApprovalBook:
         """A require_approval decision of a retry naming ``approval_id``:
         the grant reserved and used (``USED``), the pending approval cited
         again (``REUSED``), or why not (``REFUSED``). ``asking`` holds the
-        (policy, rule, principal) of each rule asking now."""
+        (policy, rule, principal) of each rule asking now, ``requirement``
+        their combined requirement: an approved approval grants only if it
+        satisfies both now (``eligibility.check_grant``)."""
         approval = self._approvals.get(approval_id)
         if approval is None and approval_id not in self._provisional:
             approval = self.get(approval_id)
@@ -580,22 +616,11 @@ class ApprovalBook:
             return self._refuse(approval, code, f"approval {approval_id} {what}")
         if state is ApprovalState.PENDING:
             return Step(StepKind.REUSED, approval)
-        granted = {(r.policy, r.rule, r.principal) for r in approval.rules}
-        missing = sorted(set(asking) - granted)
-        if missing or len(approval.approvers) < requirement.approvers:
-            asked = ", ".join(f"{p}/{r} ({who})" for p, r, who in missing)
-            return self._refuse(
-                approval,
-                ReasonCode.APPROVAL_INSUFFICIENT,
-                f"approval {approval_id} does not cover what the policies ask "
-                "now: "
-                + (
-                    f"rules {asked} were not part of it"
-                    if missing
-                    else f"{requirement.approvers} approvers are needed, it has "
-                    f"{len(approval.approvers)}"
-                ),
-            )
+        # The policies may have been reloaded since the reviews: the grant
+        # must satisfy the rules asking now, not those that asked then.
+        shortfall = check_grant(approval, requirement, asking, now=now)
+        if shortfall is not None:
+            return self._refuse(approval, shortfall.code, shortfall.reason)
         self._reserved.add(approval_id)
         after = msgspec.structs.replace(
             approval, state=ApprovalState.USED, used_by=decision_id
@@ -785,6 +810,8 @@ class ApprovalBook:
         if approval.state is ApprovalState.PENDING:
             self._pending[(approval.agent_id, approval.digest)] = approval.id
             self._pending_count[approval.agent_id] += 1
+        elif approval.state is ApprovalState.APPROVED:
+            self._approved[(approval.agent_id, approval.digest)] = approval.id
 
     def _forget(self, approval_id: str) -> None:
         old = self._approvals.pop(approval_id, None)
@@ -797,6 +824,10 @@ class ApprovalBook:
             self._pending_count[old.agent_id] -= 1
             if not self._pending_count[old.agent_id]:
                 del self._pending_count[old.agent_id]
+        elif old is not None and old.state is ApprovalState.APPROVED:
+            key = (old.agent_id, old.digest)
+            if self._approved.get(key) == approval_id:
+                del self._approved[key]
 
 
 # Approvals in these states cannot be used: the reason code and why.

@@ -15,27 +15,56 @@ never accepts a review the daemon would refuse:
 ``outcome`` then says what the review makes of the approval: a rejection
 rejects at once; approvals approve once the distinct approvers reach the
 requirement.
+
+``check_grant`` repeats the check when an approved approval is used: the
+policies may have been reloaded since it was reviewed, and a grant counts
+only if it satisfies the rules asking *now*. Every rule asking now must be
+one it was given for; its expiry is recomputed from ``created_at`` under
+the current requirement (never later than the stored ``expires_at``); and
+the approving reviews are counted again with the roles each reviewer held
+when they reviewed (``Review.roles``): a reviewer counts when they held the
+``reviewer`` role and one role of each role-naming rule asking now, and
+are no principal of the chain unless every rule asking now allows self
+approval. A grant past the recomputed expiry is ``approval_expired`` (the
+clock has ended it under today's rules, as it would have under
+``expires_at``); one short of approvers is ``approval_insufficient``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from kynara_sidecar.approvals.model import (
     MAX_COMMENT_CHARS,
     Approval,
     ApprovalState,
+    Requirement,
+    Review,
     Reviewer,
     Verdict,
 )
+from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
+from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
     ApprovalClosed,
     InvalidRequest,
+    ReasonCode,
     RoleMissing,
     SelfApproval,
 )
 
-__all__ = ["REVIEWER_ROLE", "check_review", "outcome"]
+__all__ = [
+    "REVIEWER_ROLE",
+    "GrantRefusal",
+    "check_grant",
+    "check_review",
+    "grant_deadline",
+    "outcome",
+]
 
 REVIEWER_ROLE = "reviewer"
+NANOS_PER_SECOND = 1_000_000_000
 
 
 def check_review(approval: Approval, reviewer: Reviewer, comment: str = "") -> None:
@@ -98,3 +127,98 @@ def outcome(approval: Approval, verdict: Verdict) -> ApprovalState:
     if len(approval.approvers) + 1 >= approval.requirement.approvers:
         return ApprovalState.APPROVED
     return ApprovalState.PENDING
+
+
+class GrantRefusal(NamedTuple):
+    """Why an approved approval grants nothing now: the deny's reason."""
+
+    code: ReasonCode
+    reason: str
+
+
+def _nanos(rfc3339: str) -> int:
+    stamp = parse_timestamp(rfc3339)
+    return stamp.seconds * NANOS_PER_SECOND + stamp.nanos
+
+
+def grant_deadline(approval: Approval, requirement: Requirement) -> int:
+    """When ``approval`` stops granting under ``requirement`` (nanoseconds
+    since the epoch): ``created_at`` plus the requirement's expiry, and
+    never later than the stored ``expires_at``."""
+    created = _nanos(approval.created_at)
+    recomputed = created + requirement.expires_in_seconds * NANOS_PER_SECOND
+    return min(recomputed, _nanos(approval.expires_at))
+
+
+def _discounted(approval: Approval, review: Review, requirement: Requirement) -> str:
+    # Why this approving review does not count now ("" when it does).
+    roles = frozenset(review.roles)
+    if REVIEWER_ROLE not in roles:
+        return f"lacked the {REVIEWER_ROLE} role"
+    for wanted in requirement.reviewer_roles:
+        if roles.isdisjoint(wanted):
+            return f"held none of [{', '.join(wanted)}]"
+    chain = {principal.id for principal in approval.chain}
+    if not requirement.allow_self_approval and review.reviewer in chain:
+        return "is a principal of the chain and self approval is not allowed"
+    return ""
+
+
+def check_grant(
+    approval: Approval,
+    requirement: Requirement,
+    asking: Iterable[tuple[str, str, str]],
+    *,
+    now: int,
+) -> GrantRefusal | None:
+    """Whether the approved ``approval`` grants the request now.
+
+    Args:
+        approval: an approved approval, bound to this request already.
+        requirement: the combined requirement of the rules asking now
+            (``book.requirement_for``).
+        asking: (policy, rule, principal) of each rule asking now.
+        now: the request's instant, nanoseconds since the epoch.
+
+    Returns:
+        None when it grants; else the refusal (``approval_insufficient``
+        for a rule it was not given for or too few approvers counting now,
+        ``approval_expired`` past the recomputed expiry).
+    """
+    granted = {(r.policy, r.rule, r.principal) for r in approval.rules}
+    missing = sorted(set(asking) - granted)
+    if missing:
+        asked = ", ".join(f"{p}/{r} ({who})" for p, r, who in missing)
+        return GrantRefusal(
+            ReasonCode.APPROVAL_INSUFFICIENT,
+            f"approval {approval.id} does not cover what the policies ask now: "
+            f"rules {asked} were not part of it",
+        )
+    deadline = grant_deadline(approval, requirement)
+    if now >= deadline:
+        return GrantRefusal(
+            ReasonCode.APPROVAL_EXPIRED,
+            f"approval {approval.id} expired at "
+            f"{format_timestamp(Timestamp.from_nanos(deadline))}: the rules "
+            f"asking now allow {requirement.expires_in_seconds} seconds from "
+            f"its creation at {approval.created_at}",
+        )
+    counted: list[str] = []
+    discounted: list[str] = []
+    for review in approval.reviews:
+        if review.verdict is not Verdict.APPROVE or review.reviewer in counted:
+            continue
+        why = _discounted(approval, review, requirement)
+        if why:
+            discounted.append(f"{review.reviewer} {why}")
+        else:
+            counted.append(review.reviewer)
+    if len(counted) >= requirement.approvers:
+        return None
+    reason = (
+        f"approval {approval.id} does not cover what the policies ask now: "
+        f"{requirement.approvers} approvers are needed, it has {len(counted)}"
+    )
+    if discounted:
+        reason += f" (not counted: {'; '.join(discounted)})"
+    return GrantRefusal(ReasonCode.APPROVAL_INSUFFICIENT, reason)

@@ -5,23 +5,48 @@ collector's fleet inbox instead of on the daemon's own page. This module
 is the daemon's end of that:
 
 - **publish**: every approval the book changes (a subscription), and at
-  start every pending or approved one, is put in the store as JSON
-  (``Store.put_approval``; the latest state wins), so the inbox lists it
-  and sees it resolved. Changes are collected per approval id and put
-  by one task; an approval changed twice while the store is away is put
-  once, in its latest state, when it is back.
+  start every approval the book still holds in memory (whatever its state:
+  a final state reached while the store was down is published too), is put
+  in the store (``Store.put_approval``; the latest state wins), so the
+  inbox lists it and sees it resolved. Changes are collected per approval
+  id and put by one task; an approval changed twice while the store is
+  away is put once, in its latest state, when it is back. Each approval is
+  put as a ``SignedApprovalV1``: the canonical JSON of the whole approval
+  (state and reviews included), signed with this daemon's audit key, whose
+  public half the collector registers under ``daemons``; the collector
+  lists only approvals whose signature verifies, so a store writer can
+  neither show fake approvers nor hide a resolution. The envelope also
+  names the reviews from the inbox this daemon took for the approval
+  (``taken``: recorded or refused), so the inbox stops counting a review it
+  sent once the daemon has dealt with it.
 - **take reviews**: one task watches the store for this daemon's reviews
-  (``Store.watch_reviews``). Each is checked (``signed_review``: the
-  inbox's signature under ``approvals.inbox_keys``, this daemon, the
-  approval and its request, within its life) and, when it passes,
+  (``Store.watch_reviews``, a batch per read). A batch is applied in the
+  order its reviews were signed (their ``at``), so a rejection made before
+  an approval is applied first whatever order the store listed them in.
+  Each is checked (``signed_review``: the inbox's signature under
+  ``approvals.inbox_keys``, this daemon, the approval and its request,
+  within its life, the view the reviewer was shown) and, when it passes,
   recorded by the book exactly as a review made on the daemon's own page,
   with ``via`` the inbox's name; the book re-checks the reviewer's
   eligibility. Then the review is dropped from the store. A review refused
   (by the signature checks or by the book) is dropped too, logged at WARN
   with the reason and counted: nothing is recorded for it, and the
-  approval's current state is put again so the inbox stops showing a
-  stale one. A review the log could not record (``AuditUnavailable``) is
-  left in the store and taken again after a pause.
+  approval's current state is put again so the inbox stops showing a stale
+  one. A signed rejection that arrives after an approval resolved the
+  approval, though it was made before that (its ``at`` is earlier than the
+  approval's ``resolved_at``), is logged at ERROR and counted as
+  ``conflict``: a store writer (or a slow store) held it back, and the
+  approval stands. A review the log could not record (``AuditUnavailable``)
+  is left in the store and taken again after a pause.
+
+What a store writer can still do: drop or delay reviews and approvals
+(availability), replay an older signed state of an approval to the inbox
+(the inbox keeps the furthest state it saw), never approve or reject
+anything, nor show an approval this daemon did not sign.
+
+TODO(#11): ``taken`` is kept in memory only: a review refused just before
+a restart is not named after it, and the inbox keeps counting it until the
+approval changes again (or expires).
 
 A store that is down is retried after ``sync.retry_delay`` (doubling from
 ``sync.retry_min_seconds`` to ``sync.retry_max_seconds``); decisions never
@@ -36,12 +61,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
 
 from kynara_sidecar.approvals.model import (
+    FINAL_STATES,
     Approval,
     ApprovalState,
     InboxQuery,
@@ -50,10 +76,17 @@ from kynara_sidecar.approvals.model import (
 )
 from kynara_sidecar.approvals.signed_review import (
     ReviewRefused,
+    SignedReviewV1,
     check_signed_review,
     decode_signed_review,
 )
-from kynara_sidecar.audit.keys import PublicKey
+from kynara_sidecar.audit.keys import (
+    PublicKey,
+    SigningKey,
+    decode_base64url,
+    encode_base64url,
+)
+from kynara_sidecar.audit.record import parse_timestamp
 from kynara_sidecar.errors import KynaraError, RequestError
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.sync import (
@@ -65,13 +98,21 @@ from kynara_sidecar.sync import (
 )
 from kynara_sidecar.sync._session import StoreSession
 
-__all__ = ["FleetBook", "FleetLink", "encode_approval", "decode_approval"]
+__all__ = [
+    "SIGNED_APPROVAL_VERSION",
+    "ApprovalUnverified",
+    "FleetBook",
+    "FleetLink",
+    "PublishedState",
+    "SignedApprovalV1",
+    "approval_bytes",
+    "decode_approval",
+    "encode_approval",
+]
 
 log = logging.getLogger("kynara.sync")
 
-# The states worth putting at start: an approval still open, or approved and
-# not yet used, may be shown (or be resolved) in the inbox.
-_OPEN_STATES = (ApprovalState.PENDING, ApprovalState.APPROVED)
+SIGNED_APPROVAL_VERSION = 1
 # Approvals listed per page when publishing at start.
 _START_PAGE = 500
 # Log lines name at most this much of a store entry's ids.
@@ -100,21 +141,119 @@ class FleetBook(Protocol):
     ) -> Approval: ...
 
 
-def encode_approval(approval: Approval) -> bytes:
-    """An approval as the store holds it."""
-    return msgspec.json.encode(approval)
+class SignedApprovalV1(msgspec.Struct, frozen=True, kw_only=True):
+    """One approval as a daemon publishes it (a versioned wire record).
+
+    ``approval`` is the canonical JSON of the whole ``Approval``
+    (``approval_bytes``), kept as the exact bytes signed; ``signature`` is
+    Ed25519 over the canonical JSON of ``{"approval", "taken", "version"}``
+    by the daemon's audit key ``key_id``."""
+
+    version: int = SIGNED_APPROVAL_VERSION
+    approval: msgspec.Raw
+    # Ids of the inbox's reviews of this approval the daemon took (recorded
+    # or refused) since it started.
+    taken: tuple[str, ...] = ()
+    key_id: str
+    signature: str = ""
 
 
-_DECODER = msgspec.json.Decoder(Approval)
+class PublishedState(msgspec.Struct, frozen=True):
+    """A verified published approval and the review ids its daemon took."""
+
+    approval: Approval
+    taken: frozenset[str] = frozenset()
 
 
-def decode_approval(data: bytes) -> Approval:
-    """An approval from the store.
+class ApprovalUnverified(ValueError):
+    """A published approval that is not what its daemon signed; ``reason``
+    is ``malformed``, ``unknown_key`` or ``bad_signature``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def approval_bytes(approval: Approval) -> bytes:
+    """The canonical JSON of ``approval`` (sorted keys, no whitespace,
+    UTF-8, as the audit chain encodes)."""
+    return msgspec.json.encode(approval, order="sorted")
+
+
+def _signed_part(raw: bytes, taken: tuple[str, ...], version: int) -> bytes:
+    # The approval's bytes spliced in as they are: what was signed is
+    # exactly what is published, whatever JSON a reader would re-encode.
+    head = msgspec.json.encode({"approval": None}, order="sorted")[:-5]
+    tail = msgspec.json.encode(
+        {"taken": list(taken), "version": version}, order="sorted"
+    )
+    return head + raw + b"," + tail[1:]
+
+
+def encode_approval(
+    approval: Approval, key: SigningKey, taken: tuple[str, ...] = ()
+) -> bytes:
+    """An approval as the store holds it: signed with ``key`` (the daemon's
+    audit key)."""
+    raw = approval_bytes(approval)
+    signature = key.sign(_signed_part(raw, taken, SIGNED_APPROVAL_VERSION))
+    return msgspec.json.encode(
+        SignedApprovalV1(
+            approval=msgspec.Raw(raw),
+            taken=taken,
+            key_id=key.key_id,
+            signature=encode_base64url(signature),
+        ),
+        order="sorted",
+    )
+
+
+_ENVELOPE = msgspec.json.Decoder(SignedApprovalV1)
+_APPROVAL = msgspec.json.Decoder(Approval)
+
+
+def decode_approval(data: bytes, trusted: Mapping[str, PublicKey]) -> PublishedState:
+    """The approval in a store entry, when its daemon's key signed it.
+
+    Args:
+        trusted: the daemon's keys by key id (the collector's ``daemons``
+            entry, and keys its verified rotations added).
 
     Raises:
-        msgspec.DecodeError, msgspec.ValidationError: not an approval.
+        ApprovalUnverified: not a signed approval of this version, a key
+            not in ``trusted``, or a signature that does not verify.
     """
-    return _DECODER.decode(data)
+    try:
+        envelope = _ENVELOPE.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise ApprovalUnverified("malformed", f"not a signed approval: {err}") from None
+    if envelope.version != SIGNED_APPROVAL_VERSION:
+        raise ApprovalUnverified(
+            "malformed",
+            f"version: expected {SIGNED_APPROVAL_VERSION}, got {envelope.version}",
+        )
+    key = trusted.get(envelope.key_id)
+    if key is None:
+        raise ApprovalUnverified(
+            "unknown_key",
+            f"signed by {envelope.key_id[:40]!r}, not a key of this daemon "
+            f"({', '.join(sorted(trusted)) or 'none'}; collector daemons)",
+        )
+    try:
+        signature = decode_base64url(envelope.signature)
+    except ValueError:
+        signature = b""
+    raw = bytes(envelope.approval)
+    signed = _signed_part(raw, envelope.taken, envelope.version)
+    if not key.verify(signed, signature):
+        raise ApprovalUnverified(
+            "bad_signature", f"the signature does not verify under {key.key_id}"
+        )
+    try:
+        approval = _APPROVAL.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise ApprovalUnverified("malformed", f"not an approval: {err}") from None
+    return PublishedState(approval, frozenset(envelope.taken))
 
 
 class FleetLink:
@@ -126,6 +265,7 @@ class FleetLink:
         store: the central store (its own connection: a slow watch here
             never holds up shipping).
         daemon_id: this daemon's id (the log's origin).
+        signing_key: this daemon's audit key: it signs what is published.
         trusted: the inbox keys by key id (``approvals.inbox_keys``).
         timeout: seconds one store call may take (``sync.timeout_seconds``).
         retry_min_seconds, retry_max_seconds: the pause after a failure,
@@ -139,6 +279,7 @@ class FleetLink:
         store: Store,
         *,
         daemon_id: str,
+        signing_key: SigningKey,
         trusted: dict[str, PublicKey],
         timeout: float,
         retry_min_seconds: float,
@@ -148,7 +289,12 @@ class FleetLink:
         self._book = book
         self._session = StoreSession(store, timeout)
         self._daemon_id = daemon_id
+        self._key = signing_key
         self._trusted = trusted
+        # Approval id -> ids of the inbox's reviews of it taken (signed by
+        # an inbox key, then recorded or refused); forgotten once the
+        # approval's final state is published.
+        self._taken: dict[str, list[str]] = {}
         self._retry = (retry_min_seconds, retry_max_seconds)
         self._metrics = metrics
         self._dirty: dict[str, Approval] = {}
@@ -167,21 +313,22 @@ class FleetLink:
         return self._session.url
 
     async def start(self) -> None:
-        """Subscribe to the book, mark the open approvals to put, and start
-        the two tasks. Waits for nothing in the store."""
+        """Subscribe to the book, mark every approval it holds in memory to
+        put (any state: one that became final while the store was away is
+        published too; the book keeps final ones for max_expiry_seconds),
+        and start the two tasks. Waits for nothing in the store."""
         self._loop = asyncio.get_running_loop()
         self._book.subscribe(self._changed)
-        for state in _OPEN_STATES:
-            after = ""
-            while True:
-                page = self._book.list(
-                    InboxQuery(state=state, limit=_START_PAGE, after=after)
-                )
-                for approval in page:
-                    self._dirty.setdefault(approval.id, approval)
-                if len(page) < _START_PAGE:
-                    break
-                after = page[-1].id
+        after = ""
+        while True:
+            page = self._book.list(
+                InboxQuery(state=None, limit=_START_PAGE, after=after)
+            )
+            for approval in page:
+                self._dirty.setdefault(approval.id, approval)
+            if len(page) < _START_PAGE:
+                break
+            after = page[-1].id
         self._wake.set()
         self._tasks = [
             self._loop.create_task(self._publish_loop(), name="fleet publish"),
@@ -225,7 +372,8 @@ class FleetLink:
 
     async def _publish_dirty(self) -> None:
         for approval_id, approval in list(self._dirty.items()):
-            data = encode_approval(approval)
+            taken = tuple(self._taken.get(approval_id, ()))
+            data = encode_approval(approval, self._key, taken)
             if len(data) > MAX_APPROVAL_BYTES:
                 # TODO(#13): bound what a request may carry so that every
                 # approval fits; until then one this large stays off the
@@ -245,6 +393,9 @@ class FleetLink:
             # A change that came in meanwhile stays marked for the next put.
             if self._dirty.get(approval_id) is approval:
                 del self._dirty[approval_id]
+                if approval.state in FINAL_STATES:
+                    # The inbox counts no sent review once the state is final.
+                    self._taken.pop(approval_id, None)
             self.published += 1
 
     # -- reviews
@@ -258,10 +409,11 @@ class FleetLink:
                 # aclosing: a watch left on an exception stops at once
                 # rather than when the collector gets to it.
                 async with contextlib.aclosing(watch):
-                    async for published in watch:
+                    async for batch in watch:
                         failures = 0
                         self._recovered("reviews")
-                        await self._take(published)
+                        for published, review in _in_signed_order(batch):
+                            await self._take(published, review)
             except StoreUnavailable as err:
                 failures += 1
                 self._failed("reviews", err)
@@ -269,8 +421,13 @@ class FleetLink:
                 failures += 1
             await asyncio.sleep(self._delay(failures))
 
-    async def _take(self, published: PublishedReview) -> None:
-        """Check, record and drop one review from the store.
+    async def _take(
+        self,
+        published: PublishedReview,
+        decoded: SignedReviewV1 | ReviewRefused,
+    ) -> None:
+        """Check, record and drop one review from the store (``decoded``:
+        it, or why it does not decode).
 
         Raises:
             StoreUnavailable: the drop failed (the review comes again; the
@@ -282,7 +439,9 @@ class FleetLink:
         approval = self._book.get(approval_id)
         outcome = "recorded"
         try:
-            review = decode_signed_review(published.data)
+            if isinstance(decoded, ReviewRefused):
+                raise decoded
+            review = decoded
             reviewer = check_signed_review(
                 review,
                 trusted=self._trusted,
@@ -297,13 +456,20 @@ class FleetLink:
         except ReviewRefused as err:
             outcome = f"refused_{err.reason}"
             self._refused(published, err.reason, str(err))
+            # Signed by an inbox key (whatever else is wrong): that inbox
+            # counts it as sent until told it was taken.
+            signed = err.reason not in _UNSIGNED
+            self._republish(approval_id, approval, review_id if signed else "")
         except RequestError as err:
-            outcome = f"refused_{err.code}"
-            self._refused(published, str(err.code), str(err))
-            if approval is not None:
-                # The inbox showed it reviewable; show it as it is.
-                current = self._book.get(approval_id) or approval
-                self._mark(current)
+            current = self._book.get(approval_id) or approval
+            if isinstance(decoded, SignedReviewV1) and _conflict(decoded, current):
+                outcome = "conflict"
+                self._conflict(published, decoded, current)
+            else:
+                outcome = f"refused_{err.code}"
+                self._refused(published, str(err.code), str(err))
+            # The inbox showed it reviewable; show it as it is.
+            self._republish(approval_id, current, review_id)
         except KynaraError as err:
             self._count(_review_outcome("retried"))
             log.error(
@@ -316,6 +482,8 @@ class FleetLink:
             )
             raise _TakeAgain from err
         else:
+            # Published with the book's change, which comes after this mark.
+            self._note_taken(approval_id, review_id)
             log.info(
                 "review from the fleet inbox recorded",
                 extra=_fields(
@@ -333,6 +501,39 @@ class FleetLink:
                 self._daemon_id, approval_id, review_id
             ),
             f"drop review {review_id}",
+        )
+
+    def _note_taken(self, approval_id: str, review_id: str) -> None:
+        taken = self._taken.setdefault(approval_id, [])
+        if review_id not in taken:
+            taken.append(review_id)
+
+    def _republish(
+        self, approval_id: str, approval: Approval | None, review_id: str
+    ) -> None:
+        """Put the approval's current state again after a refusal, naming
+        the refused review as taken, so the inbox's copy catches up."""
+        if approval is None:
+            return
+        if review_id:
+            self._note_taken(approval_id, review_id)
+        self._mark(self._book.get(approval_id) or approval)
+
+    def _conflict(
+        self, published: PublishedReview, review: SignedReviewV1, current: Approval
+    ) -> None:
+        log.error(
+            "rejection from the fleet inbox made before the approval was "
+            "resolved, but taken after: the approval stands; the store held "
+            "the rejection back",
+            extra=_fields(
+                approval_id=published.approval_id,
+                review_id=published.review_id,
+                reviewer=review.reviewer[:_MAX_LOGGED],
+                rejected_at=review.at[:_MAX_LOGGED],
+                resolved_at=current.resolved_at,
+                state=str(current.state),
+            ),
         )
 
     def _refused(self, published: PublishedReview, reason: str, message: str) -> None:
@@ -395,6 +596,52 @@ class FleetLink:
 
 class _TakeAgain(Exception):
     """A review the log could not record: leave it, watch again later."""
+
+
+# Refusals of bytes no inbox key signed: no inbox waits on them.
+_UNSIGNED = frozenset({"malformed", "unknown_key", "bad_signature"})
+
+
+def _in_signed_order(
+    batch: Sequence[PublishedReview],
+) -> list[tuple[PublishedReview, SignedReviewV1 | ReviewRefused]]:
+    """The batch decoded, in the order its reviews were signed (``at``,
+    then review id); what does not decode comes first, to be refused."""
+    decoded: list[
+        tuple[tuple[int, int, str], PublishedReview, SignedReviewV1 | ReviewRefused]
+    ] = []
+    for published in batch:
+        try:
+            review: SignedReviewV1 | ReviewRefused = decode_signed_review(
+                published.data
+            )
+            moment = parse_timestamp(review.at)
+            order = (1, moment.seconds * 1_000_000_000 + moment.nanos, review.review_id)
+        except ReviewRefused as err:
+            review, order = err, (0, 0, published.review_id)
+        except ValueError:
+            # A bad time: check_signed_review refuses it, in its turn.
+            order = (0, 0, published.review_id)
+        decoded.append((order, published, review))
+    decoded.sort(key=lambda item: item[0])
+    return [(published, review) for _, published, review in decoded]
+
+
+def _conflict(review: SignedReviewV1, current: Approval | None) -> bool:
+    """Whether ``review`` is a rejection made before an approval resolved
+    ``current``, which stands (the rejection came too late)."""
+    if current is None or review.verdict is not Verdict.REJECT:
+        return False
+    if current.state not in (ApprovalState.APPROVED, ApprovalState.USED):
+        return False
+    if not current.resolved_at:
+        return False
+    try:
+        made = parse_timestamp(review.at)
+        resolved = parse_timestamp(current.resolved_at)
+    except ValueError:
+        return False
+    return (made.seconds, made.nanos) < (resolved.seconds, resolved.nanos)
 
 
 def _review_outcome(outcome: str) -> str:

@@ -210,13 +210,26 @@ class Inbox(Protocol):
         ...
 
     async def review(
-        self, approval_id: str, reviewer: Reviewer, verdict: Verdict, comment: str
+        self,
+        approval_id: str,
+        reviewer: Reviewer,
+        verdict: Verdict,
+        comment: str,
+        *,
+        view: str = "",
     ) -> Approval:
         """Approve or reject as ``reviewer``; return the approval after it.
 
+        ``view`` is ``signed_review.view_digest`` of the approval as the
+        reviewer was shown it (the review page's form carries it); when
+        given, the review binds exactly that, and a differing approval is
+        refused. Empty: the approval as the inbox holds it.
+
         Raises:
             NotFound: no approval has that id.
-            ApprovalClosed: it is not pending, or this reviewer reviewed it.
+            ApprovalClosed: it is not pending, or this reviewer reviewed it,
+                or it differs from ``view`` ("changed since you read it;
+                reload").
             SelfApproval: the reviewer is a principal of its chain and not
                 every asking rule allows self approval.
             RoleMissing: the reviewer lacks a role an asking rule requires.

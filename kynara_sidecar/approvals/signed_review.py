@@ -22,9 +22,12 @@ a daemon applies a review from the store only when:
    expires_at`` (``stale``);
 6. what the reviewer was shown is what the daemon asked
    (``view_mismatch``): ``view`` is ``view_digest`` of the approval as the
-   inbox displayed it, so a store writer who alters a published approval
-   (a smaller amount, another user) gets a review that the daemon
-   refuses, rather than one that approves the real request unseen.
+   page displayed it (the page puts it in its form, and the inbox signs
+   exactly that, not the digest of whatever its copy holds when the form
+   comes back), so a store writer who alters a published approval (a
+   smaller amount, another user) while the reviewer reads gets a review
+   that the daemon refuses, rather than one that approves the real request
+   unseen.
 
 What it says about the reviewer (principal id, roles, how they signed in)
 is the inbox's word, trusted because the inbox's key signed it; the daemon
@@ -193,15 +196,18 @@ def sign_review(
     comment: str,
     at: str,
     review_id: str | None = None,
+    view: str = "",
 ) -> SignedReviewV1:
-    """The review of ``approval`` by ``reviewer``, signed with ``key``."""
+    """The review of ``approval`` by ``reviewer``, signed with ``key``;
+    ``view``: the view digest of what the reviewer was shown (default: that
+    of ``approval``)."""
     unsigned = SignedReviewV1(
         review_id=review_id or new_review_id(),
         inbox=inbox,
         daemon_id=approval.daemon_id,
         approval_id=approval.id,
         digest=approval.digest,
-        view=view_digest(approval),
+        view=view or view_digest(approval),
         reviewer=reviewer.id,
         roles=tuple(sorted(reviewer.roles)),
         credential=reviewer.credential,

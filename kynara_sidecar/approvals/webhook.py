@@ -24,6 +24,17 @@ the queue full, is dropped: logged and counted
 (``kynara_approval_webhook_deliveries{outcome}``). The approval itself
 never depends on the hook.
 
+Restarts. The queue lives in memory: summaries still queued when the daemon
+stops are dropped with it (counted, ``outcome="dropped"``). So at start the
+daemon announces again every approval that is still pending, unreviewed and
+not past its expiry (``announce_pending``), whether or not its summary was
+delivered before the restart. A receiver may therefore see one approval
+twice; the summary's ``id`` is the approval's, so a receiver that keys on it
+is idempotent. NOTE: marking each delivered summary in LMDB would spare the
+duplicate, but costs a write per delivery and a state the audit log does
+not need; an approval is announced so that a person looks at it, and a
+second message about one still waiting does no harm.
+
 With ``approvals.webhook.secret_file`` each post carries
 ``kynara-signature: sha256=<hex HMAC-SHA256 of the body>`` so the receiver
 can tell the daemon's posts from anyone else's.
@@ -34,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import hashlib
 import hmac
 import logging
@@ -44,7 +56,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from kynara_sidecar.approvals.model import Approval, ApprovalState
+from kynara_sidecar.approvals.model import Approval, ApprovalState, Inbox, InboxQuery
 from kynara_sidecar.config import WebhookConfig
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.metrics import Metrics
@@ -113,6 +125,18 @@ def summary_of(approval: Approval) -> WebhookSummaryV1:
 def sign(secret: bytes, body: bytes) -> str:
     """The ``kynara-signature`` header value for ``body``."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def _expires_ns(approval: Approval) -> int:
+    # RFC 3339 as the book writes it; one that does not parse has no known
+    # expiry and is announced (the book's expiry task decides, not the hook).
+    try:
+        moment = datetime.datetime.fromisoformat(approval.expires_at)
+    except ValueError:
+        return 2**63
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
 
 
 class _Refused(Exception):
@@ -211,12 +235,38 @@ class ApprovalWebhook:
         else:
             loop.call_soon_threadsafe(self._enqueue, approval)
 
-    def _enqueue(self, approval: Approval) -> None:
+    def announce_pending(self, inbox: Inbox, now_ns: int) -> int:
+        """Queue a summary of every approval of ``inbox`` still waiting for
+        a reviewer: pending, unreviewed, and not past its expiry at
+        ``now_ns`` (nanoseconds since the epoch). Call once at start, after
+        ``start``: summaries queued before a stop were lost with it.
+
+        Returns:
+            How many summaries were queued (the rest found the queue full
+            and were dropped and counted, or were announced already).
+        """
+        queued = 0
+        query = InboxQuery(state=ApprovalState.PENDING)
+        while True:
+            page = inbox.list(query)
+            for approval in page:
+                if not approval.reviews and _expires_ns(approval) > now_ns:
+                    queued += self._enqueue(approval)
+            if len(page) < query.limit:
+                break
+            query = msgspec.structs.replace(query, after=page[-1].id)
+        log.info(
+            "approval webhook announced pending approvals",
+            extra={"fields": {"component": "approvals", "approvals": queued}},
+        )
+        return queued
+
+    def _enqueue(self, approval: Approval) -> bool:
         if self._closed:
             self._count_drop("closed")
-            return
+            return False
         if approval.id in self._recent:
-            return
+            return False
         self._recent[approval.id] = None
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
@@ -224,6 +274,8 @@ class ApprovalWebhook:
             self._queue.put_nowait(summary_of(approval))
         except asyncio.QueueFull:
             self._count_drop("queue_full", approval.id)
+            return False
+        return True
 
     def _count_drop(self, why: str, approval_id: str = "") -> None:
         self._metrics.approval_webhook_deliveries.labels("dropped").inc()

@@ -136,6 +136,19 @@ class ProblemKind(enum.StrEnum):
     # An allow cites an approval as used that no earlier approval_resolved
     # record approved.
     APPROVAL_NOT_APPROVED = "approval_not_approved"
+    # An approval_resolved record approves an approval that no earlier
+    # approval_requested record opened.
+    APPROVAL_NOT_REQUESTED = "approval_not_requested"
+    # An allow cites an approval an earlier approval_resolved record ended
+    # (rejected or expired): a final resolution is the last word.
+    APPROVAL_ENDED = "approval_ended"
+    # An allow is dated at or past the approval's expires_at (as its
+    # approval_requested record says).
+    APPROVAL_EXPIRED = "approval_expired"
+    # An allow uses an approval for another request than it was given for:
+    # another chain, action, resource, digest, or (unredacted) another
+    # binding of attributes and context.
+    APPROVAL_MISMATCH = "approval_mismatch"
 
 
 class ChainProblem(msgspec.Struct, frozen=True):

@@ -86,14 +86,34 @@ not grow with the log. The front is still checked, cheaply: the first
 record must be seam+1, and the seam checkpoint and its nodes must be there.
 ``None`` checks everything the log still holds, and also that each stored
 policy set cited by a record hashes to its revision (``policy set``,
-``edited``), and the approvals' lifecycle: an allow with reason
-``approval_granted`` must follow an ``approval_resolved`` record approving
-the same approval (``approval_not_approved``), and no approval is used by
-two allows (``approval_reused``). This catches a second use appended by
-someone who can write the LMDB file but holds no key, before the next seal
-signs it. An approval resolved before a pruning seam is not known to the
-walk, so an allow citing it is not checked for approval (its second use
-still is).
+``edited``), and the approvals' lifecycle, which catches a use appended
+by someone who can write the LMDB file but holds no key, before the next
+seal signs it:
+
+- an ``approval_resolved`` record approving an approval must follow the
+  ``approval_requested`` record that opened it (``approval_not_requested``);
+- an allow with reason ``approval_granted`` must follow an
+  ``approval_resolved`` record approving the same approval
+  (``approval_not_approved``), and no approval is used by two allows
+  (``approval_reused``);
+- a resolution ``rejected`` or ``expired`` is the last word: no allow may
+  use the approval after it (``approval_ended``);
+- the allow's time must be before the approval's ``expires_at``, as the
+  ``approval_requested`` record has it (``approval_expired``);
+- the allow must be for the request approved (``approval_mismatch``): its
+  chain ids, action, resource kind and id, and the binding digest it
+  carries equal the ``approval_requested`` record's. Where neither record
+  is redacted, the digest is also recomputed from the allow record
+  (``approvals.binding``): the attributes must be equal, and the context
+  keys in which the two records differ must be among those the digest
+  left out. Which keys ``approvals.volatile_context`` named is not known
+  here, so the walk looks for a set of keys, holding every differing one,
+  that leaves the allow's context hashing to the approved digest; it gives
+  up (a note) after ``MAX_BINDING_TRIES`` sets.
+
+An approval opened before a pruning seam is not known to the walk, so an
+allow citing it is not checked for approval, expiry or binding (its second
+use still is), and neither is its resolution.
 
 The walk stops at the first problem and names the record or tree size,
 the kind (``chain.ProblemKind``) and why. What could not be checked at
@@ -108,6 +128,8 @@ and the checkpoints are all of one snapshot.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -132,7 +154,7 @@ from kynara_sidecar.audit.checkpoint import (
 )
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.lineage import lineage_problem
-from kynara_sidecar.audit.record import KeyRotationEntry, RecordKind
+from kynara_sidecar.audit.record import KeyRotationEntry, RecordKind, parse_timestamp
 from kynara_sidecar.audit.rotation import trusted_after
 from kynara_sidecar.audit.store import AuditStore, Head, StoredRecord
 from kynara_sidecar.audit.witness import HEAD_FILE, Witness, WitnessError
@@ -174,8 +196,16 @@ _POLICY_PARTS: tuple[_PolicyPart, ...] = ("policy", "directory")
 _START_EVENT = "start"
 # The approval lifecycle check reads these record values.
 _APPROVED = "approved"
+_ENDINGS = frozenset({"rejected", "expired"})
 _ALLOW = "allow"
 _APPROVAL_GRANTED = "approval_granted"
+# As approvals.binding.DIGEST_PREFIX; verify reads records, not requests.
+_DIGEST_PREFIX = "sha256:"
+# How many sets of context keys the binding check hashes for one allow
+# before it gives up (a note): contexts hold a handful of keys, so a legit
+# allow is matched within a few tries; a context of 12 or more keys equal
+# in both records may exceed it.
+MAX_BINDING_TRIES = 4096
 
 _SIGNATURE_PROBLEMS = {
     CheckpointProblem.UNKNOWN_KEY: ProblemKind.UNKNOWN_KEY,
@@ -602,8 +632,8 @@ class _Walk:
         self.witness_empty = False
         # (part, revision) -> the first record citing it.
         self.cited: dict[tuple[_PolicyPart, str], int] = {}
-        # Approval id -> the record approving it, then (negated) using it.
-        self.approvals: dict[str, int] = {}
+        # Approval id -> what the walk has seen of it.
+        self.approvals: dict[str, _ApprovalSeen] = {}
 
     def learn(self, statements: list[_Statement]) -> None:
         """Note which sizes the log stores checkpoints at, and its heads."""
@@ -870,36 +900,84 @@ class _Walk:
         approval = record.get("approval")
         if not isinstance(approval, dict):
             return
-        approval_id = approval.get("id")
+        approval_id = str(approval.get("id"))
+        seen = self.approvals.setdefault(approval_id, _ApprovalSeen())
         kind = record.get("kind")
-        if (
-            kind == RecordKind.APPROVAL_RESOLVED
-            and approval.get("resolution") == _APPROVED
-        ):
-            self.approvals.setdefault(str(approval_id), seq)
-            return
-        if not (
+        if kind == RecordKind.APPROVAL_REQUESTED and not seen.requested:
+            seen.requested, seen.asked = seq, _asked(seq, record, approval)
+        elif kind == RecordKind.APPROVAL_RESOLVED:
+            self._resolve(seq, approval_id, seen, approval.get("resolution"))
+        elif (
             kind == RecordKind.DECISION
             and record.get("decision") == _ALLOW
             and record.get("reason_code") == _APPROVAL_GRANTED
         ):
-            return
-        seen = self.approvals.get(str(approval_id))
-        if seen is not None and seen < 0:
+            self._use(seq, approval_id, seen, record)
+
+    def _resolve(
+        self, seq: int, approval_id: str, seen: _ApprovalSeen, resolution: object
+    ) -> None:
+        if resolution == _APPROVED:
+            if not seen.requested and self.start_size == 0:
+                raise _stop(
+                    seq,
+                    ProblemKind.APPROVAL_NOT_REQUESTED,
+                    f"approves approval {approval_id!r}, which no earlier "
+                    "approval_requested record opened",
+                )
+            seen.approved = seen.approved or seq
+        elif resolution in _ENDINGS and not seen.ended:
+            seen.ended, seen.ending, seen.asked = seq, str(resolution), None
+
+    def _use(
+        self, seq: int, approval_id: str, seen: _ApprovalSeen, record: dict[str, Any]
+    ) -> None:
+        if seen.used:
             raise _stop(
                 seq,
                 ProblemKind.APPROVAL_REUSED,
-                f"allows by approval {approval_id!r}, which record {-seen} used "
+                f"allows by approval {approval_id!r}, which record {seen.used} used "
                 "already: a grant allows once",
             )
-        if seen is None and self.start_size == 0:
+        if not seen.approved and self.start_size == 0:
             raise _stop(
                 seq,
                 ProblemKind.APPROVAL_NOT_APPROVED,
                 f"allows by approval {approval_id!r}, which no earlier "
                 "approval_resolved record approved",
             )
-        self.approvals[str(approval_id)] = -seq
+        if seen.ended:
+            raise _stop(
+                seq,
+                ProblemKind.APPROVAL_ENDED,
+                f"allows by approval {approval_id!r}, which record {seen.ended} "
+                f"resolved {seen.ending} before: a final resolution is the last "
+                "word",
+            )
+        asked, seen.used, seen.asked = seen.asked, seq, None
+        if asked is None:
+            return
+        if not _before(record.get("time"), asked.expires_at):
+            raise _stop(
+                seq,
+                ProblemKind.APPROVAL_EXPIRED,
+                f"allows by approval {approval_id!r} at {record.get('time')!r}, "
+                f"not before its expires_at {asked.expires_at!r} (record "
+                f"{asked.seq})",
+            )
+        why, unsure = _mismatch(asked, record)
+        if unsure:
+            self.notes.append(
+                f"record {seq}: the binding of approval {approval_id!r} was not "
+                f"fully checked: {unsure}"
+            )
+        if why:
+            raise _stop(
+                seq,
+                ProblemKind.APPROVAL_MISMATCH,
+                f"allows by approval {approval_id!r}, given for another request "
+                f"(record {asked.seq}): {why}",
+            )
 
     def _check_nodes(self, seq: int, leaf: bytes) -> None:
         # The nodes this leaf completes: the leaf, then each merge with the
@@ -1140,6 +1218,170 @@ class _Walk:
         if value is None:
             raise _MissingNode(f"node (level {level}, index {index}) is not stored")
         return value
+
+
+class _Asked(NamedTuple):
+    """What an approval_requested record says its approval binds."""
+
+    seq: int
+    digest: str
+    expires_at: str
+    chain: list[Any]
+    action: object
+    kind: object
+    id: object
+    attributes: object
+    context: dict[str, Any]
+    redacted: bool
+
+
+class _ApprovalSeen:
+    """What the walk has seen of one approval: the record of each event
+    (0: none yet), and what its approval_requested record binds (dropped
+    once it is used or ended, to keep the walk's memory to open ones)."""
+
+    __slots__ = ("approved", "asked", "ended", "ending", "requested", "used")
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.asked: _Asked | None = None
+        self.approved = 0
+        self.ended = 0
+        self.ending = ""
+        self.used = 0
+
+
+def _request_parts(record: dict[str, Any]) -> tuple[list[Any], Any, Any, Any, Any]:
+    chain = record.get("chain")
+    ids = [p.get("id") if isinstance(p, dict) else p for p in chain or ()]
+    resource = record.get("resource")
+    resource = resource if isinstance(resource, dict) else {}
+    return (
+        ids,
+        record.get("action", ""),
+        resource.get("kind", ""),
+        resource.get("id", ""),
+        resource.get("attributes", {}),
+    )
+
+
+def _asked(seq: int, record: dict[str, Any], approval: dict[str, Any]) -> _Asked:
+    chain, action, kind, resource_id, attributes = _request_parts(record)
+    context = record.get("context")
+    return _Asked(
+        seq=seq,
+        digest=str(approval.get("digest", "")),
+        expires_at=str(approval.get("expires_at", "")),
+        chain=chain,
+        action=action,
+        kind=kind,
+        id=resource_id,
+        attributes=attributes,
+        context=context if isinstance(context, dict) else {},
+        redacted=bool(record.get("redactions")),
+    )
+
+
+def _before(time: object, expires_at: str) -> bool:
+    # An unreadable time on either side is no proof the use was in time.
+    try:
+        used = parse_timestamp(str(time))
+        ends = parse_timestamp(expires_at)
+    except ValueError:
+        return False
+    return (used.seconds, used.nanos) < (ends.seconds, ends.nanos)
+
+
+def _mismatch(asked: _Asked, record: dict[str, Any]) -> tuple[str, str]:
+    """Why the allow ``record`` is for another request than ``asked``
+    binds ("" when it is the same), and what could not be told ("" when
+    everything could)."""
+    chain, action, kind, resource_id, attributes = _request_parts(record)
+    approval = record.get("approval") or {}
+    for what, theirs, ours in (
+        ("chain", chain, asked.chain),
+        ("action", action, asked.action),
+        ("resource kind", kind, asked.kind),
+        ("resource id", resource_id, asked.id),
+        ("digest", approval.get("digest", ""), asked.digest),
+    ):
+        if theirs != ours:
+            return f"its {what} is {theirs!r}, the approval's {ours!r}", ""
+    context = record.get("context")
+    context = context if isinstance(context, dict) else {}
+    if asked.redacted or record.get("redactions"):
+        return "", ""
+    if attributes != asked.attributes:
+        return "it binds another request: the resource attributes differ", ""
+    differ = {
+        key
+        for key in context.keys() | asked.context.keys()
+        if context.get(key) != asked.context.get(key)
+    }
+    if not differ:
+        return "", ""
+    found = _find_binding(asked, chain, action, kind, resource_id, context, differ)
+    if found is None:
+        return "", f"more than {MAX_BINDING_TRIES} sets of context keys to try"
+    if not found:
+        return (
+            "it binds another request: no context keys left out of the digest "
+            f"explain the differing [{', '.join(sorted(differ))}]",
+            "",
+        )
+    # NOTE: a key the use has and the request had not hashes to nothing on
+    # the request's side whether or not it was volatile; only
+    # approvals.volatile_context can tell, and no record holds it.
+    added = sorted(context.keys() - asked.context.keys())
+    if added:
+        return "", (
+            f"context keys [{', '.join(added)}] appear only on the use; the "
+            "log does not say whether approvals.volatile_context named them"
+        )
+    return "", ""
+
+
+def _find_binding(
+    asked: _Asked,
+    chain: list[Any],
+    action: Any,
+    kind: Any,
+    resource_id: Any,
+    context: dict[str, Any],
+    differ: set[str],
+) -> bool | None:
+    # A set left out must hold every differing key the allow has (else its
+    # value is hashed, and differs); the keys equal in both may or may not
+    # have been volatile: try their subsets, smallest first.
+    leave = differ & context.keys()
+    equal = sorted(context.keys() - differ)
+    tries = 0
+    for size in range(len(equal) + 1):
+        for extra in itertools.combinations(equal, size):
+            tries += 1
+            if tries > MAX_BINDING_TRIES:
+                return None
+            left_out = leave.union(extra)
+            document = {
+                "chain": chain,
+                "action": action,
+                "resource": {
+                    "kind": kind,
+                    "id": resource_id,
+                    "attributes": asked.attributes,
+                },
+                "context": {k: v for k, v in context.items() if k not in left_out},
+            }
+            if _binding_digest(document) == asked.digest:
+                return True
+    return False
+
+
+def _binding_digest(document: dict[str, Any]) -> str:
+    # approvals.binding.binding_digest, from the record's JSON form: the
+    # record holds the typed values in the form the digest hashes.
+    canonical = msgspec.json.encode(document, order="sorted")
+    return _DIGEST_PREFIX + hashlib.sha256(canonical).hexdigest()
 
 
 class _MissingNode(Exception):

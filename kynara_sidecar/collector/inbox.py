@@ -1,36 +1,45 @@
 """The fleet inbox: every daemon's approvals, reviewed in one place.
 
 Daemons publish their approvals to the central store (``approvals.fleet``:
-the latest state of each, as JSON). ``FleetInbox`` keeps a copy of them,
-fed by a watch of the store (``Store.watch_approvals``), and serves the
-``Inbox`` protocol from it, so the collector mounts the very review page a
-daemon serves (``server.review_page``).
+the latest state of each, signed with the daemon's audit key).
+``FleetInbox`` keeps a copy of them, fed by a watch of the store
+(``Store.watch_approvals``), and serves the ``Inbox`` protocol from it, so
+the collector mounts the very review page a daemon serves
+(``server.review_page``).
+
+The copy holds only what a registered daemon signed: an approval is listed
+when its signature verifies under that daemon's keys (``keys_of``: the
+``daemons`` entry's public keys and those its verified key rotations
+added), so a store writer can neither show fake approvers, nor a false
+state, nor an approval of its own. An approval of a daemon not in
+``daemons`` is not listed (logged once per daemon); one whose signature
+does not verify, that does not decode, or whose content disagrees with the
+key it is filed under (another daemon or id) is skipped and logged. A
+signed state older than the one held (fewer reviews, an earlier state: a
+replay) is skipped too; a final state never changes. An entry removed from
+the store leaves the copy at the next watch event.
 
 A review here is not recorded here. ``review`` checks the reviewer against
 the approval exactly as the daemon will (``approvals.eligibility``: the
 same pure check the daemon's book runs), signs it with the inbox's key
-(``inbox.signing_key``; ``approvals.signed_review``) and puts it in the
-store for the daemon that asked, which verifies, records and drops it, and
-publishes the approval's new state, which comes back here through the
-watch. Until then the copy still shows the approval as it was; ``review``
-returns it as it will be once recorded (the page says the review was sent
-to that daemon). Reviews this inbox sent and the daemon has not yet
-recorded count for the eligibility check, so one reviewer cannot send two
-reviews of one approval.
+(``inbox.signing_key``; ``approvals.signed_review``), binding the view the
+page showed (``view``: a view that differs from the copy's is refused,
+"changed since you read it; reload"), and puts it in the store for the
+daemon that asked, which verifies, records and drops it, and publishes
+the approval's new state, which comes back here through the watch.
+Until the daemon has taken a review this inbox sent (recorded it, or
+refused it: the published state names it in ``taken``), the copy applies
+its outcome: a sent rejection closes the approval here, sent approvals
+count toward the approvers, and one reviewer cannot send two reviews of
+one approval. ``review`` returns the approval as it will be once recorded;
+the page says the review was sent to that daemon (``sends_reviews``).
 
-What the store holds is what any writer put there. An entry that does not
-decode as an approval, or whose content disagrees with the key it is
-filed under (another daemon or id), is skipped and logged. An approval
-past its ``expires_at`` is refused for review even while the copy still
-says pending (its daemon records the expiry and publishes it).
+An approval past its ``expires_at`` is refused for review even while the
+copy still says pending (its daemon records the expiry and publishes it).
 
-Approvals are published unsigned, so a store writer can change what a
-reviewer is shown; it cannot make that view approve anything: each signed
-review carries the digest of the view it was made on
-(``signed_review.view_digest``) and the daemon refuses a review whose view
-differs from its own approval. TODO(#12): sign published approvals with
-the daemon's audit key, checked against ``daemons`` here, so an altered
-view is flagged on the page before a reviewer spends time on it.
+TODO(#11): an approval signed with a daemon key the collector learns only
+later (a rotation in a segment not yet taken in) stays skipped until its
+daemon publishes it again.
 
 TODO(#13): the copy holds every approval published, final ones included,
 for as long as the collector runs; bound it, and prune final approvals
@@ -43,14 +52,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 import msgspec
 
 from kynara_sidecar.approvals.eligibility import check_review, outcome
-from kynara_sidecar.approvals.fleet import decode_approval
+from kynara_sidecar.approvals.fleet import ApprovalUnverified, decode_approval
 from kynara_sidecar.approvals.model import (
+    FINAL_STATES,
     Approval,
     ApprovalState,
     InboxQuery,
@@ -61,8 +71,9 @@ from kynara_sidecar.approvals.model import (
 from kynara_sidecar.approvals.signed_review import (
     encode_signed_review,
     sign_review,
+    view_digest,
 )
-from kynara_sidecar.audit.keys import SigningKey
+from kynara_sidecar.audit.keys import PublicKey, SigningKey
 from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
@@ -82,6 +93,18 @@ log = logging.getLogger("kynara.collector")
 _NANOS = 1_000_000_000
 # Ids and keys from the store are cut to this in log lines.
 _MAX_LOGGED = 80
+# Unregistered daemon ids logged once each, up to this many (a writer may
+# invent any number).
+_MAX_UNREGISTERED_LOGGED = 1000
+# How far along its life a state is: a published state behind the held one
+# is a replay.
+_PROGRESS = {
+    ApprovalState.PENDING: 0,
+    ApprovalState.APPROVED: 1,
+    ApprovalState.REJECTED: 2,
+    ApprovalState.EXPIRED: 2,
+    ApprovalState.USED: 2,
+}
 
 
 class ReviewNotSent(ServiceError):
@@ -92,6 +115,11 @@ class ReviewNotSent(ServiceError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class _Sent(msgspec.Struct, frozen=True):
+    review_id: str
+    review: Review
+
+
 class FleetInbox:
     """The ``Inbox`` over the store's published approvals; see the module doc.
 
@@ -99,6 +127,8 @@ class FleetInbox:
         store: the central store (a connection of its own).
         name: the inbox's name, recorded as each review's ``via``.
         signing_key: the inbox's review key (``inbox.signing_key``).
+        keys_of: a daemon's public keys by key id, or None when the daemon
+            is not registered (``daemons``).
         timeout: seconds one store call may take.
         retry_seconds: the pause before watching again after a failure.
         clock: nanoseconds since the epoch.
@@ -110,6 +140,7 @@ class FleetInbox:
         *,
         name: str,
         signing_key: SigningKey,
+        keys_of: Callable[[str], Mapping[str, PublicKey] | None],
         timeout: float,
         retry_seconds: float,
         clock: Callable[[], int] = time.time_ns,
@@ -117,11 +148,14 @@ class FleetInbox:
         self._session = StoreSession(store, timeout)
         self.name = name
         self._key = signing_key
+        self._keys_of = keys_of
+        self._unregistered: set[str] = set()
         self._retry_seconds = retry_seconds
         self._clock = clock
+        # The verified published state of each approval.
         self._approvals: dict[str, Approval] = {}
-        # Reviews sent and not yet seen in the published state.
-        self._sent: dict[str, tuple[Review, ...]] = {}
+        # Reviews sent that its daemon has not taken yet, in sending order.
+        self._sent: dict[str, tuple[_Sent, ...]] = {}
         self._ready = asyncio.Event()
 
     # -- the copy
@@ -157,14 +191,28 @@ class FleetInbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._retry_seconds)
 
+    # The page says "sent to <daemon>", not "recorded", after a review here.
+    sends_reviews = True
+
     def take(self, published: PublishedApproval) -> Approval | None:
         """Take one published approval into the copy; the approval, or None
-        when it was skipped (logged)."""
-        try:
-            approval = decode_approval(published.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            self._skip(published, f"not an approval: {err}")
+        when it was skipped (logged) or removed."""
+        known = self._approvals.get(published.approval_id)
+        if published.deleted:
+            if known is not None and known.daemon_id == published.daemon_id:
+                del self._approvals[published.approval_id]
+                self._sent.pop(published.approval_id, None)
             return None
+        keys = self._keys_of(published.daemon_id)
+        if keys is None:
+            self._not_registered(published)
+            return None
+        try:
+            state = decode_approval(published.data, keys)
+        except ApprovalUnverified as err:
+            self._skip(published, f"{err.reason}: {err}")
+            return None
+        approval = state.approval
         if (approval.daemon_id, approval.id) != (
             published.daemon_id,
             published.approval_id,
@@ -181,20 +229,64 @@ class FleetInbox:
         except ValueError as err:
             self._skip(published, f"a time that is no RFC 3339 UTC: {err}")
             return None
-        known = self._approvals.get(approval.id)
         if known is not None and known.daemon_id != approval.daemon_id:
             self._skip(published, "an approval id another daemon published first")
+            return None
+        if known is not None and _behind(approval, known):
+            self._skip(
+                published,
+                f"an older state ({approval.state}, {len(approval.reviews)} "
+                f"reviews) than the one held ({known.state}, "
+                f"{len(known.reviews)} reviews): a replay; kept the later one",
+            )
             return None
         self._approvals[approval.id] = approval
         sent = self._sent.get(approval.id)
         if sent is not None:
             recorded = {review.reviewer for review in approval.reviews}
-            left = tuple(r for r in sent if r.reviewer not in recorded)
+            left = tuple(
+                s
+                for s in sent
+                if s.review_id not in state.taken and s.review.reviewer not in recorded
+            )
             if left and approval.state is ApprovalState.PENDING:
                 self._sent[approval.id] = left
             else:
                 del self._sent[approval.id]
         return approval
+
+    def _not_registered(self, published: PublishedApproval) -> None:
+        daemon_id = published.daemon_id[:_MAX_LOGGED]
+        if daemon_id in self._unregistered:
+            return
+        if len(self._unregistered) < _MAX_UNREGISTERED_LOGGED:
+            self._unregistered.add(daemon_id)
+        log.warning(
+            "fleet inbox: approval of a daemon that is not registered; not "
+            "listed (logged once per daemon)",
+            extra=_fields(
+                daemon_id=daemon_id,
+                approval_id=published.approval_id[:_MAX_LOGGED],
+                setting="daemons",
+            ),
+        )
+
+    def _shown(self, approval: Approval) -> Approval:
+        """``approval`` with the reviews sent and not yet taken applied."""
+        shown = approval
+        for sent in self._sent.get(approval.id, ()):
+            if shown.state is not ApprovalState.PENDING:
+                break
+            state = outcome(shown, sent.review.verdict)
+            shown = msgspec.structs.replace(
+                shown,
+                state=state,
+                reviews=(*shown.reviews, sent.review),
+                resolved_at=sent.review.at
+                if state is not ApprovalState.PENDING
+                else "",
+            )
+        return shown
 
     def _skip(self, published: PublishedApproval, why: str) -> None:
         log.error(
@@ -216,8 +308,9 @@ class FleetInbox:
         """
         # TODO(#9): a sorted index instead of a sort per call, if a fleet
         # keeps many thousands of approvals open.
+        shown = (self._shown(a) for a in self._approvals.values())
         items = sorted(
-            (a for a in self._approvals.values() if _matches(a, query)),
+            (a for a in shown if _matches(a, query)),
             key=_newest_first,
             reverse=True,
         )
@@ -231,12 +324,23 @@ class FleetInbox:
         return items[: max(query.limit, 0)]
 
     def get(self, approval_id: str) -> Approval | None:
-        return self._approvals.get(approval_id)
+        approval = self._approvals.get(approval_id)
+        return None if approval is None else self._shown(approval)
 
     async def review(
-        self, approval_id: str, reviewer: Reviewer, verdict: Verdict, comment: str
+        self,
+        approval_id: str,
+        reviewer: Reviewer,
+        verdict: Verdict,
+        comment: str,
+        *,
+        view: str = "",
     ) -> Approval:
         """Check, sign and send a review to the daemon that asked.
+
+        Args:
+            view: ``view_digest`` of the approval as the page showed it; the
+                review is signed with exactly that (empty: the copy's).
 
         Returns:
             The approval as it will be once its daemon records the review.
@@ -249,17 +353,19 @@ class FleetInbox:
         approval = self._approvals.get(approval_id)
         if approval is None:
             raise NotFound(f"no approval {approval_id!r}", field="approval_id")
+        if view and view != view_digest(approval):
+            raise ApprovalClosed(
+                f"approval {approval_id} changed since you read it; reload",
+                field="view",
+            )
         now = self._clock()
-        view = msgspec.structs.replace(
-            approval, reviews=(*approval.reviews, *self._sent.get(approval_id, ()))
-        )
-        if view.state is ApprovalState.PENDING and now >= _nanos(approval.expires_at):
+        shown = self._shown(approval)
+        if shown.state is ApprovalState.PENDING and now >= _nanos(approval.expires_at):
             raise ApprovalClosed(
                 f"approval {approval_id} expired at {approval.expires_at}",
                 field="approval_id",
             )
-        check_review(view, reviewer, comment)
-        state = outcome(view, verdict)
+        check_review(shown, reviewer, comment)
         at = format_timestamp(Timestamp(now // _NANOS, now % _NANOS))
         signed = sign_review(
             self._key,
@@ -269,7 +375,21 @@ class FleetInbox:
             verdict=verdict,
             comment=comment,
             at=at,
+            view=view,
         )
+        review = Review(
+            reviewer=reviewer.id,
+            roles=tuple(sorted(reviewer.roles)),
+            verdict=verdict,
+            at=at,
+            comment=comment,
+            via=self.name,
+        )
+        # Counted before the put, with no await since the check: a second
+        # review racing this one (the same reviewer, or an approval after a
+        # rejection) is checked against it.
+        sent = _Sent(signed.review_id, review)
+        self._sent[approval_id] = (*self._sent.get(approval_id, ()), sent)
         try:
             await self._session.call(
                 lambda: self._session.store.put_review(
@@ -281,6 +401,11 @@ class FleetInbox:
                 f"put review {signed.review_id}",
             )
         except StoreUnavailable as err:
+            left = tuple(s for s in self._sent.get(approval_id, ()) if s is not sent)
+            if left:
+                self._sent[approval_id] = left
+            else:
+                self._sent.pop(approval_id, None)
             log.error(
                 "fleet inbox: review not sent",
                 extra=_fields(approval_id=approval_id, error=str(err)),
@@ -290,17 +415,8 @@ class FleetInbox:
                 f"daemon {approval.daemon_id!r}: the central store did not take "
                 "it; nothing was recorded, try again"
             ) from err
-        review = Review(
-            reviewer=reviewer.id,
-            roles=tuple(sorted(reviewer.roles)),
-            verdict=verdict,
-            at=at,
-            comment=comment,
-            via=self.name,
-        )
-        self._sent[approval_id] = (*self._sent.get(approval_id, ()), review)
         log.info(
-            "fleet inbox: review sent",
+            "fleet inbox: review sent to its daemon; recorded once the daemon takes it",
             extra=_fields(
                 approval_id=approval_id,
                 daemon_id=approval.daemon_id,
@@ -309,17 +425,24 @@ class FleetInbox:
                 verdict=str(verdict),
             ),
         )
-        return msgspec.structs.replace(
-            view,
-            state=state,
-            reviews=(*view.reviews, review),
-            resolved_at=at if state is not ApprovalState.PENDING else "",
-        )
+        return self._shown(approval)
 
 
 def _nanos(rfc3339: str) -> int:
     moment = parse_timestamp(rfc3339)
     return moment.seconds * _NANOS + moment.nanos
+
+
+def _behind(approval: Approval, known: Approval) -> bool:
+    """Whether the published ``approval`` is an older state than ``known``."""
+    if known.state in FINAL_STATES:
+        return approval.state is not known.state or len(approval.reviews) < len(
+            known.reviews
+        )
+    progress, held = _PROGRESS[approval.state], _PROGRESS[known.state]
+    return progress < held or (
+        progress == held and len(approval.reviews) < len(known.reviews)
+    )
 
 
 def _newest_first(approval: Approval) -> tuple[int, str]:

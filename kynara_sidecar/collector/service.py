@@ -5,7 +5,9 @@ keys, serves HTTP, and starts one task per door: the store's durable
 consumer (``store.url``) and a ``Puller`` per ``pull`` entry. A lost store
 is logged, counted and reconnected after ``store.retry_seconds``. With
 ``inbox.enabled`` it also keeps the fleet inbox (``inbox``) up to date from
-the store, on a connection of its own, and serves its review page.
+the store, on a connection of its own, and serves its review page; the
+inbox lists the approvals of registered daemons only, checked against the
+same keys as their segments.
 
 ``stop`` (SIGTERM or SIGINT under ``run``) goes in a fixed, logged order:
 stop taking messages (the door tasks are cancelled; a segment being
@@ -22,11 +24,12 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
 
+from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.collector.archive import open_archive
 from kynara_sidecar.collector.config import CollectorConfig, InboxConfig
 from kynara_sidecar.collector.http import add_inbox_routes, build_http_app
@@ -35,6 +38,7 @@ from kynara_sidecar.collector.intake import Intake
 from kynara_sidecar.collector.metrics import CollectorMetrics
 from kynara_sidecar.collector.pull import Puller
 from kynara_sidecar.collector.state import CollectorState
+from kynara_sidecar.collector.verifier import trusted_keys
 from kynara_sidecar.config import AdminListenerConfig
 from kynara_sidecar.server.reviewers import (
     AdminReviewer,
@@ -160,11 +164,23 @@ class Collector:
             store,
             name=config.name,
             signing_key=config.load_signing_key(),
+            keys_of=self._daemon_keys,
             timeout=self.config.store.timeout_seconds,
             retry_seconds=self.config.store.retry_seconds,
             clock=self.clock,
         )
         return inbox, auth
+
+    def _daemon_keys(self, daemon_id: str) -> Mapping[str, PublicKey] | None:
+        """A registered daemon's keys: those in ``daemons`` and those its
+        verified key rotations added (as its segments are checked); None
+        for a daemon not registered."""
+        registered = self.registered.get(daemon_id)
+        if registered is None:
+            return None
+        if self.state is None:
+            return registered
+        return trusted_keys(registered, self.state.frontier(daemon_id))
 
     def _start_task(self, door: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(door, name=name)

@@ -8,6 +8,15 @@ rules that keep it safe are structural:
   (``html.escape`` with quotes) before it reaches markup, attribute values
   included; ids in links are percent-encoded first. Nothing else builds
   markup from data.
+- Every value an agent or a reviewer wrote (ids, names, attribute and
+  context keys and values, descriptions, comments) is shown through ``_v``:
+  isolated in a ``<bdi>`` so right-to-left text cannot reorder what stands
+  around it, and with every control, format or otherwise invisible
+  character (a bidi override, a zero-width space, NUL) written out as its
+  code point (``\u202e``) in a ``ctl`` badge (``server._visible``), so a
+  reviewer reads the resource id the request carries, not another one.
+  Form fields that send a value back (the filters, the comment) keep it as
+  it is, with ``dir="auto"``.
 - The only style is one inline ``<style>`` block whose SHA-256 the
   Content-Security-Policy names (``STYLE_HASH``), so the policy can forbid
   every other source, inline ``style`` attributes included.
@@ -37,6 +46,8 @@ from kynara_sidecar.approvals.model import (
     InboxQuery,
     Reviewer,
 )
+from kynara_sidecar.approvals.signed_review import view_digest
+from kynara_sidecar.server._visible import escape_char, visible_parts, visible_text
 
 __all__ = [
     "CSS",
@@ -108,6 +119,9 @@ margin:.75rem 0}
 .error{border-left:4px solid #a51d12;background:#fdecea;padding:.5rem .75rem;\
 margin:.75rem 0}
 .muted{color:#4b5563}
+.ctl{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;\
+color:#8a1a10;background:#fdecea;border:1px solid #a51d12;border-radius:3px;\
+padding:0 .15em;margin:0 .05em}
 @media (max-width:40rem){main{padding:.75rem}th,td{padding:.3rem}}
 """
 
@@ -121,6 +135,16 @@ _STATE_CHOICES = ("pending", "approved", "rejected", "expired", "used", "any")
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _v(value: object, *, multiline: bool = False) -> str:
+    """An agent's or reviewer's value: isolated, escaped, and with every
+    hidden character shown as its code point in a ``ctl`` badge."""
+    shown = "".join(
+        f'<span class="ctl">{escape_char(run)}</span>' if hidden else _e(run)
+        for run, hidden in visible_parts(str(value), multiline=multiline)
+    )
+    return f"<bdi>{shown}</bdi>"
 
 
 def _breakable(name: str) -> str:
@@ -145,7 +169,7 @@ def _page(
     if reviewer is not None:
         account = (
             '<nav aria-label="Account">'
-            f"<span>Signed in as <strong>{_e(reviewer.id)}</strong></span>"
+            f"<span>Signed in as <strong>{_v(reviewer.id)}</strong></span>"
             '<form method="post" action="/approvals/logout">'
             f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
             '<button type="submit">Sign out</button></form></nav>'
@@ -153,7 +177,8 @@ def _page(
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)} · {_e(site)}</title><style>{CSS}</style></head>"
+        f"<title>{_e(visible_text(title))} · {_e(site)}</title>"
+        f"<style>{CSS}</style></head>"
         '<body><a class="skip" href="#main">Skip to content</a>'
         f'<header><p><a href="/approvals">{_e(site)}</a></p>{account}</header>'
         f'<main id="main">{body}</main></body></html>'
@@ -167,7 +192,7 @@ def render_message(
     more = ""
     if link is not None:
         more = f'<p><a href="{_e(link[0])}">{_e(link[1])}</a></p>'
-    body = f'<h1>{_e(heading)}</h1><p class="error" role="alert">{_e(message)}</p>'
+    body = f'<h1>{_e(heading)}</h1><p class="error" role="alert">{_v(message)}</p>'
     return _page(heading, site, body + more)
 
 
@@ -209,9 +234,11 @@ def _filters(query: InboxQuery) -> str:
         '<form class="filters" method="get" action="/approvals" '
         'aria-label="Filter approvals">'
         '<div><label for="f-agent">Agent</label>'
-        f'<input id="f-agent" name="agent" value="{_e(query.agent_id)}"></div>'
+        f'<input id="f-agent" name="agent" dir="auto" value="{_e(query.agent_id)}">'
+        "</div>"
         '<div><label for="f-action">Action</label>'
-        f'<input id="f-action" name="action" value="{_e(query.action)}"></div>'
+        f'<input id="f-action" name="action" dir="auto" value="{_e(query.action)}">'
+        "</div>"
         '<div><label for="f-risk">Minimum risk (0–100)</label>'
         '<input id="f-risk" name="min_risk" type="number" min="0" max="100" '
         f'value="{_e(query.min_risk)}"></div>'
@@ -222,19 +249,19 @@ def _filters(query: InboxQuery) -> str:
 
 
 def _summary(approval: Approval, now_ns: int) -> str:
-    resource = approval.resource_kind
+    resource = _v(approval.resource_kind)
     if approval.resource_id:
-        resource += f" {approval.resource_id}"
+        resource += f" {_v(approval.resource_id)}"
     return (
         f'<li><h2><a href="{_e(approval_path(approval.id))}">'
-        f"{_e(approval.action)} on {_e(resource)}</a></h2><dl>"
+        f"{_v(approval.action)} on {resource}</a></h2><dl>"
         f"<dt>State</dt><dd>{_state_badge(approval.state)}</dd>"
         f"<dt>Risk</dt><dd>{approval.risk.score} / 100</dd>"
-        f"<dt>Agent</dt><dd>{_e(approval.agent_id)}</dd>"
-        f"<dt>For user</dt><dd>{_e(approval.user_id)}</dd>"
+        f"<dt>Agent</dt><dd>{_v(approval.agent_id)}</dd>"
+        f"<dt>For user</dt><dd>{_v(approval.user_id)}</dd>"
         f"<dt>Asked</dt><dd>{_time(approval.created_at, now_ns)}</dd>"
         f"<dt>Expires</dt><dd>{_time(approval.expires_at, now_ns)}</dd>"
-        f"<dt>Id</dt><dd><code>{_e(approval.id)}</code></dd></dl></li>"
+        f"<dt>Id</dt><dd><code>{_v(approval.id)}</code></dd></dl></li>"
     )
 
 
@@ -249,7 +276,7 @@ def render_list(
     error: str = "",
 ) -> str:
     """Approvals matching ``query``, newest first (as the inbox gave them)."""
-    alert = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
+    alert = f'<p class="error" role="alert">{_v(error)}</p>' if error else ""
     if approvals:
         items = "".join(_summary(a, now_ns) for a in approvals)
         found = f'<ul class="approvals">{items}</ul>'
@@ -310,10 +337,10 @@ def _time(value: str, now_ns: int) -> str:
         return '<span class="muted">–</span>'
     parsed = _parse_time(value)
     if parsed is None:
-        return _e(value)
+        return _v(value)
     delta = parsed.timestamp() - now_ns / 1e9
     return (
-        f'<time datetime="{_e(value)}">{_e(value)}</time> '
+        f'<time datetime="{_e(value)}">{_v(value)}</time> '
         f'<span class="muted">({_relative(delta)})</span>'
     )
 
@@ -321,7 +348,7 @@ def _time(value: str, now_ns: int) -> str:
 def _typed(value: Any) -> tuple[str, str]:
     """(type, rendered value) of one value in the typed JSON form."""
     if not isinstance(value, Mapping) or len(value) != 1:
-        return "?", f"<code>{_e(value)}</code>"
+        return "?", f"<code>{_v(value)}</code>"
     ((tag, inner),) = value.items()
     if tag == "map" and isinstance(inner, Mapping):
         return "map", _typed_table(inner.items(), "Key")
@@ -332,11 +359,11 @@ def _typed(value: Any) -> tuple[str, str]:
     if tag == "redacted":
         return (
             "redacted",
-            f'<span class="muted">redacted</span> <code>{_e(inner)}</code>',
+            f'<span class="muted">redacted</span> <code>{_v(inner)}</code>',
         )
     if tag == "string":
-        return "string", _e(inner)
-    return str(tag), f"<code>{_e(inner)}</code>"
+        return "string", _v(inner)
+    return str(tag), f"<code>{_v(inner)}</code>"
 
 
 def _typed_table(entries: Iterable[tuple[str, Any]], first: str) -> str:
@@ -344,7 +371,7 @@ def _typed_table(entries: Iterable[tuple[str, Any]], first: str) -> str:
     for name, value in entries:
         kind, shown = _typed(value)
         rows.append(
-            f'<tr><th scope="row">{_e(name)}</th><td class="kind">{_e(kind)}</td>'
+            f'<tr><th scope="row">{_v(name)}</th><td class="kind">{_v(kind)}</td>'
             f"<td>{shown}</td></tr>"
         )
     if not rows:
@@ -361,15 +388,16 @@ def _who(approval: Approval) -> str:
     for i, principal in enumerate(approval.chain):
         part = "user" if i == 0 else "agent"
         rows.append(
-            f"<tr><td>{i + 1}</td><td>{part}</td><td>{_e(principal.id)}</td>"
-            f"<td>{_e(principal.kind) or '–'}</td>"
-            f"<td>{_e(', '.join(principal.roles)) or '–'}</td></tr>"
+            f"<tr><td>{i + 1}</td><td>{part}</td><td>{_v(principal.id)}</td>"
+            f"<td>{_v(principal.kind) if principal.kind else '–'}</td>"
+            f"<td>{_v(', '.join(principal.roles)) if principal.roles else '–'}</td>"
+            "</tr>"
         )
     return (
         '<section aria-labelledby="who"><h2 id="who">Who</h2><dl>'
-        f"<dt>User</dt><dd>{_e(approval.user_id)}</dd>"
-        f"<dt>Agent</dt><dd>{_e(approval.agent_id)}</dd>"
-        f"<dt>Daemon</dt><dd>{_e(approval.daemon_id)}</dd></dl>"
+        f"<dt>User</dt><dd>{_v(approval.user_id)}</dd>"
+        f"<dt>Agent</dt><dd>{_v(approval.agent_id)}</dd>"
+        f"<dt>Daemon</dt><dd>{_v(approval.daemon_id)}</dd></dl>"
         "<h3>Delegation chain (user first)</h3>"
         '<table><thead><tr><th scope="col">#</th><th scope="col">Part</th>'
         '<th scope="col">Principal</th><th scope="col">Kind</th>'
@@ -382,13 +410,13 @@ def _what(approval: Approval) -> str:
     request_id = ""
     if approval.request_id:
         request_id = (
-            f"<dt>Request id</dt><dd><code>{_e(approval.request_id)}</code></dd>"
+            f"<dt>Request id</dt><dd><code>{_v(approval.request_id)}</code></dd>"
         )
     return (
         '<section aria-labelledby="what"><h2 id="what">What</h2><dl>'
-        f"<dt>Action</dt><dd><code>{_e(approval.action)}</code></dd>"
-        f"<dt>Resource kind</dt><dd><code>{_e(approval.resource_kind)}</code></dd>"
-        f"<dt>Resource id</dt><dd><code>{_e(approval.resource_id)}</code></dd>"
+        f"<dt>Action</dt><dd><code>{_v(approval.action)}</code></dd>"
+        f"<dt>Resource kind</dt><dd><code>{_v(approval.resource_kind)}</code></dd>"
+        f"<dt>Resource id</dt><dd><code>{_v(approval.resource_id)}</code></dd>"
         f"{request_id}</dl>"
         "<h3>Resource attributes</h3>"
         f"{_typed_table(approval.attributes.items(), 'Attribute')}"
@@ -402,20 +430,20 @@ def _why(approval: Approval) -> str:
     rules = []
     for rule in approval.rules:
         condition = (
-            f"<pre>{_e(rule.condition)}</pre>"
+            f"<pre>{_v(rule.condition, multiline=True)}</pre>"
             if rule.condition
             else '<p class="muted">No condition: the rule always asks.</p>'
         )
-        description = _e(rule.description) if rule.description else "–"
+        description = _v(rule.description, multiline=True) if rule.description else "–"
         rules.append(
-            f"<li><p><strong>{_e(rule.policy)}</strong> rule "
-            f"<code>{_e(rule.rule)}</code> for <code>{_e(rule.principal)}</code>"
+            f"<li><p><strong>{_v(rule.policy)}</strong> rule "
+            f"<code>{_v(rule.rule)}</code> for <code>{_v(rule.principal)}</code>"
             f"</p><p>{description}</p>{condition}</li>"
         )
     factors = "".join(
         f'<tr><th scope="row">{_breakable(f.name)}</th>'
         f'<td class="kind">{f.weight:g} × {f.fraction:g} = <strong>{f.points:g}'
-        f"</strong></td><td>{_e(f.detail) or '–'}</td></tr>"
+        f"</strong></td><td>{_v(f.detail) if f.detail else '–'}</td></tr>"
         for f in approval.risk.factors
     )
     rules_html = f"<ol>{''.join(rules)}</ol>" if rules else "<p>No rule recorded.</p>"
@@ -426,7 +454,7 @@ def _why(approval: Approval) -> str:
         '<table><thead><tr><th scope="col">Factor</th>'
         '<th scope="col">Weight × fraction = points</th>'
         f'<th scope="col">Detail</th></tr></thead><tbody>{factors}</tbody></table>'
-        f'<p class="muted">Policy revision <code>{_e(approval.policy_revision)}'
+        f'<p class="muted">Policy revision <code>{_v(approval.policy_revision)}'
         "</code></p></section>"
     )
 
@@ -435,9 +463,10 @@ def _status(approval: Approval, now_ns: int) -> str:
     need = approval.requirement
     roles = "; ".join(" or ".join(group) for group in need.reviewer_roles) or "–"
     reviews = "".join(
-        f"<tr><td>{_e(r.reviewer)}</td><td>{_e(r.verdict.value)}</td>"
-        f"<td>{_time(r.at, now_ns)}</td><td>{_e(r.comment) or '–'}</td>"
-        f"<td>{_e(r.via)}</td></tr>"
+        f"<tr><td>{_v(r.reviewer)}</td><td>{_e(r.verdict.value)}</td>"
+        f"<td>{_time(r.at, now_ns)}</td>"
+        f"<td>{_v(r.comment, multiline=True) if r.comment else '–'}</td>"
+        f"<td>{_v(r.via)}</td></tr>"
         for r in approval.reviews
     )
     reviews_html = (
@@ -454,7 +483,7 @@ def _status(approval: Approval, now_ns: int) -> str:
         f"<dt>Expires</dt><dd>{_time(approval.expires_at, now_ns)}</dd>"
         f"<dt>Approvers needed</dt><dd>{need.approvers} "
         f"({len(approval.approvers)} so far)</dd>"
-        f"<dt>Reviewer roles needed</dt><dd>{_e(roles)}</dd>"
+        f"<dt>Reviewer roles needed</dt><dd>{_v(roles)}</dd>"
         "<dt>Self approval</dt>"
         f"<dd>{'allowed' if need.allow_self_approval else 'not allowed'}</dd>"
         f"</dl><h3>Reviews</h3>{reviews_html}</section>"
@@ -468,8 +497,12 @@ def _review_form(approval: Approval, csrf: str, comment: str) -> str:
         '<section aria-labelledby="review"><h2 id="review">Review</h2>'
         f'<form method="post" action="{_e(approval_path(approval.id))}/review">'
         f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
+        # What this page shows: the review binds it (a differing approval
+        # is refused, "changed since you read it").
+        f'<input type="hidden" name="view" value="{_e(view_digest(approval))}">'
         '<label for="comment">Comment (optional; kept in the audit log)</label>'
-        f'<textarea id="comment" name="comment" maxlength="2000">{_e(comment)}'
+        '<textarea id="comment" name="comment" maxlength="2000" dir="auto">'
+        f"{_e(comment)}"
         "</textarea>"
         '<div class="actions">'
         '<button type="submit" name="verdict" value="approve" class="approve">'
@@ -493,14 +526,14 @@ def render_approval(
     """One approval: who, what, why, its status, and the review form."""
     banner = ""
     if error:
-        banner = f'<p class="error" role="alert">{_e(error)}</p>'
+        banner = f'<p class="error" role="alert">{_v(error)}</p>'
     elif notice:
         banner = f'<p class="notice" role="status">{_e(notice)}</p>'
     body = (
         '<p><a href="/approvals">All approvals</a></p>'
-        f"<h1>{_e(approval.action)} on {_e(approval.resource_kind)} "
-        f"{_e(approval.resource_id)}</h1>"
-        f"<p>Approval <code>{_e(approval.id)}</code> · "
+        f"<h1>{_v(approval.action)} on {_v(approval.resource_kind)} "
+        f"{_v(approval.resource_id)}</h1>"
+        f"<p>Approval <code>{_v(approval.id)}</code> · "
         f"{_state_badge(approval.state)} · risk {approval.risk.score} / 100</p>"
         f"{banner}{_who(approval)}{_what(approval)}{_why(approval)}"
         f"{_status(approval, now_ns)}{_review_form(approval, csrf, comment)}"

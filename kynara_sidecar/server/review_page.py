@@ -104,6 +104,10 @@ TOKEN_BYTES = 32
 MAX_TOKEN_CHARS = 16_384
 MAX_FILTER_CHARS = 256
 MAX_SCORE = 100
+# "0100" is still a score; past this many digits it cannot be one.
+MAX_SCORE_DIGITS = 8
+# How much of a refused filter value its error message repeats.
+MAX_SHOWN_CHARS = 40
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; "
@@ -265,7 +269,10 @@ class _ReviewPage:
         site = request.headers.get("Sec-Fetch-Site")
         if site is not None:
             return site == "same-origin"
-        referer = urlsplit(request.headers.get("Referer", ""))
+        try:
+            referer = urlsplit(request.headers.get("Referer", ""))
+        except ValueError:  # an IPv6 netloc left open: no origin at all
+            return False
         if referer.scheme and referer.netloc:
             seen = f"{referer.scheme}://{referer.netloc}".lower()
             return seen == own or seen in self.origins
@@ -441,7 +448,13 @@ class _ReviewPage:
             return self._refuse(
                 "Approval not found", f"No approval has the id {approval_id}.", 404
             )
-        notice = _NOTICES.get(request.query.get("reviewed", ""), "")
+        reviewed = request.query.get("reviewed", "")
+        notice = _NOTICES.get(reviewed, "")
+        if notice and getattr(self.inbox, "sends_reviews", False):
+            # The fleet inbox only sent it; the daemon records it (or not).
+            notice = _SENT_NOTICE.format(
+                what=_SENT_WHAT[reviewed], daemon=approval.daemon_id
+            )
         page = pages.render_approval(
             self.title,
             approval,
@@ -483,7 +496,13 @@ class _ReviewPage:
                     f"characters, got {len(comment)}",
                     field="comment",
                 )
-            await self.inbox.review(approval_id, session.reviewer, verdict, comment)
+            await self.inbox.review(
+                approval_id,
+                session.reviewer,
+                verdict,
+                comment,
+                view=_field(form, "view"),
+            )
         except (RequestError, ServiceError) as err:
             return self._review_refused(request, session, err, comment)
         log.info(
@@ -532,6 +551,11 @@ _NOTICES = {
     "approve": "Your approval was recorded.",
     "reject": "Your rejection was recorded.",
 }
+_SENT_WHAT = {"approve": "approval", "reject": "rejection"}
+_SENT_NOTICE = (
+    "Your {what} was sent to {daemon}. It counts once that daemon records "
+    "it; this page shows the approval as that daemon publishes it."
+)
 # What the page says, and answers, when the inbox refuses a review.
 _REFUSALS: dict[type[Exception], tuple[str, int]] = {
     SelfApproval: ("You may not review your own request", 403),
@@ -550,7 +574,10 @@ def _field(form: Mapping[str, object], name: str) -> str:
 
 def _safe_next(value: str) -> str:
     """Where sign-in may continue: a page of this inbox, else the list."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # "//[": an IPv6 netloc left open
+        return "/approvals"
     if parts.scheme or parts.netloc or not _NEXT_PATH.fullmatch(parts.path):
         return "/approvals"
     return parts.path + (f"?{parts.query}" if parts.query else "")
@@ -579,14 +606,21 @@ def _query_of(params: Mapping[str, str]) -> InboxQuery:
         except ValueError:
             raise InvalidRequest(
                 "filter state: expected one of pending, approved, rejected, "
-                f"expired, used, any; got {state_name!r}",
+                f"expired, used, any; got {state_name[:MAX_SHOWN_CHARS]!r}",
                 field="state",
             ) from None
     raw_risk = get("min_risk", "") or "0"
-    if not raw_risk.isdigit() or int(raw_risk) > MAX_SCORE:
+    # ASCII digits only: str.isdigit() also takes "²" and "٣", which int()
+    # refuses or reads as another number; the length bound keeps int() from
+    # its own limit on very long digit strings.
+    if (
+        not (raw_risk.isascii() and raw_risk.isdigit())
+        or len(raw_risk) > MAX_SCORE_DIGITS
+        or int(raw_risk) > MAX_SCORE
+    ):
         raise InvalidRequest(
             f"filter min_risk: expected a whole number 0..{MAX_SCORE}, "
-            f"got {raw_risk!r}",
+            f"got {raw_risk[:MAX_SHOWN_CHARS]!r}",
             field="min_risk",
         )
     filters = {name: get(name, "").strip() for name in ("agent", "action", "after")}

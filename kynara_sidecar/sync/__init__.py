@@ -28,10 +28,11 @@ approval id and (for a review) a review id; ids are store keys
 (``check_store_key``: 1 to 64 letters, digits, ``_`` or ``-``), so one
 name works as a NATS key token and as a file name. A store holds what any
 writer put: a reader treats every approval and review as a claim. The
-collector shows approvals only to reviewers (who judge them); the daemon
-applies a review only when the inbox's signature verifies
-(``approvals.signed_review``), so a writer without that key can approve
-nothing.
+collector lists an approval only when its daemon's audit key signed it
+(``approvals.fleet``); the daemon applies a review only when the inbox's
+signature verifies (``approvals.signed_review``), so a writer without
+those keys can approve nothing and show nothing of its own; it can drop
+or delay entries (availability).
 
 The segment messages a daemon ships are ``kynara.v1.Segment`` protobuf
 messages (``audit.proto``), the same ones the admin ``AuditService`` streams,
@@ -118,12 +119,15 @@ class BundleEntry(msgspec.Struct, frozen=True):
 
 class PublishedApproval(msgspec.Struct, frozen=True):
     """One approval as a store holds it: the daemon that asked, the
-    approval's id and its latest state as JSON (``approvals.model.Approval``
-    encoded), exactly as put."""
+    approval's id and its latest state as the daemon signed it
+    (``approvals.fleet.encode_approval``), exactly as put. ``deleted``:
+    the entry was removed from the store (``data`` is then empty); only a
+    watch says so."""
 
     daemon_id: str
     approval_id: str
     data: bytes
+    deleted: bool = False
 
 
 class PublishedReview(msgspec.Struct, frozen=True):
@@ -228,10 +232,12 @@ class Store(Protocol):
         ...
 
     def watch_approvals(self) -> AsyncIterator[PublishedApproval]:
-        """Every published approval, then each one put since, as soon as the
-        store tells (``nats``) or within ``poll_seconds`` (``dir``). An
-        approval put twice between two looks comes once, in its latest
-        state. Ends by raising ``StoreUnavailable`` when the store is lost."""
+        """Every published approval, then each one put or removed since, as
+        soon as the store tells (``nats``: a delete marker) or within
+        ``poll_seconds`` (``dir``: gone at the next scan); a removed one
+        comes with ``deleted`` set. An approval put twice between two looks
+        comes once, in its latest state. Ends by raising
+        ``StoreUnavailable`` when the store is lost."""
         ...
 
     async def put_review(
@@ -249,10 +255,15 @@ class Store(Protocol):
         """The daemon's reviews not yet dropped, in no set order."""
         ...
 
-    def watch_reviews(self, daemon_id: str) -> AsyncIterator[PublishedReview]:
+    def watch_reviews(self, daemon_id: str) -> AsyncIterator[list[PublishedReview]]:
         """The daemon's reviews not yet dropped, then each new one, as soon
         as the store tells (``nats``) or within ``poll_seconds`` (``dir``);
-        each once per watch. Ends by raising ``StoreUnavailable`` when the
+        each once per watch, in batches: what one read found (``dir``: one
+        scan; ``nats``: every review present at the start, then each new
+        one), so the daemon can order a batch by when it was signed. An
+        entry in the daemon's namespace that can be no review (a name that
+        is no pair of store keys, more than ``MAX_REVIEW_BYTES``) is logged
+        once and removed. Ends by raising ``StoreUnavailable`` when the
         store is lost."""
         ...
 

@@ -639,9 +639,13 @@ class DirStore:
             StoreUnavailable: the directory could not be read.
         """
         seen: dict[pathlib.Path, tuple[int, int, int]] = {}
+        # Path -> (daemon id, approval id) of what was yielded, so a file
+        # gone at the next scan is reported removed.
+        named: dict[pathlib.Path, tuple[str, str]] = {}
         while True:
             found = await self._call(
-                "read approvals", lambda: list(self._read_approvals(seen, seen))
+                "read approvals",
+                lambda: list(self._read_approvals(seen, seen, named)),
             )
             for entry in found:
                 yield entry
@@ -651,15 +655,26 @@ class DirStore:
         self,
         known: dict[pathlib.Path, tuple[int, int, int]],
         update: dict[pathlib.Path, tuple[int, int, int]] | None,
+        named: dict[pathlib.Path, tuple[str, str]] | None = None,
     ) -> Iterator[PublishedApproval]:
+        present = set()
         for daemon_id, path, parts, signature in self._entries(self._approvals, 1):
+            present.add(path)
             if known.get(path) == signature:
                 continue
             data = self._read_entry(path, MAX_APPROVAL_BYTES, "approval")
             if update is not None:
                 update[path] = signature
             if data is not None:
+                if named is not None:
+                    named[path] = (daemon_id, parts[0])
                 yield PublishedApproval(daemon_id, parts[0], data)
+        if named is None or update is None:
+            return
+        for path in [p for p in named if p not in present]:
+            daemon_id, approval_id = named.pop(path)
+            update.pop(path, None)
+            yield PublishedApproval(daemon_id, approval_id, b"", deleted=True)
 
     async def reviews(self, daemon_id: str) -> list[PublishedReview]:
         return await self._call(
@@ -667,8 +682,11 @@ class DirStore:
             lambda: self._read_reviews(daemon_id, set()),
         )
 
-    async def watch_reviews(self, daemon_id: str) -> AsyncIterator[PublishedReview]:
-        """The daemon's reviews, then each new one, every poll_seconds.
+    async def watch_reviews(
+        self, daemon_id: str
+    ) -> AsyncIterator[list[PublishedReview]]:
+        """The daemon's reviews, then each new one, every poll_seconds; one
+        batch per scan.
 
         Raises:
             StoreUnavailable: the directory could not be read.
@@ -677,25 +695,29 @@ class DirStore:
         while True:
             found = await self._call(
                 f"read reviews of {daemon_id}",
-                lambda: self._read_reviews(daemon_id, seen),
+                lambda: self._read_reviews(daemon_id, seen, drop_bad=True),
             )
-            for entry in found:
-                yield entry
+            if found:
+                yield found
             await asyncio.sleep(self.poll_seconds)
 
     def _read_reviews(
-        self, daemon_id: str, seen: set[pathlib.Path]
+        self, daemon_id: str, seen: set[pathlib.Path], *, drop_bad: bool = False
     ) -> list[PublishedReview]:
         found = []
         present = set()
         for owner, path, parts, _ in self._entries(
-            self._reviews, 2, daemon_token(daemon_id)
+            self._reviews, 2, daemon_token(daemon_id), drop_bad=drop_bad
         ):
             present.add(path)
             if path in seen:
                 continue
             seen.add(path)
             data = self._read_entry(path, MAX_REVIEW_BYTES, "review")
+            if data is None and drop_bad and _oversized(path, MAX_REVIEW_BYTES):
+                # Logged once by _read_entry; it can be no review, and it is
+                # in this daemon's own namespace: gone, not logged again.
+                _unlink_synced(path)
             if data is not None:
                 found.append(PublishedReview(owner, parts[0], parts[1], data))
         # A dropped review's name may not come again, but forget it anyway:
@@ -714,10 +736,16 @@ class DirStore:
         await self._call(f"drop review {review_id}", lambda: _unlink_synced(path))
 
     def _entries(
-        self, base: pathlib.Path, parts: int, only: str | None = None
+        self,
+        base: pathlib.Path,
+        parts: int,
+        only: str | None = None,
+        *,
+        drop_bad: bool = False,
     ) -> Iterator[tuple[str, pathlib.Path, list[str], tuple[int, int, int]]]:
         """(daemon id, path, the name's key parts, (inode, size, mtime)) of
-        every entry named ``<key>[.<key>].json`` under ``base/<daemon>``."""
+        every entry named ``<key>[.<key>].json`` under ``base/<daemon>``;
+        ``drop_bad``: a file with another name is removed once logged."""
         if not base.is_dir():
             raise StoreUnavailable(
                 f"{self.url}: {base} is missing (is the volume mounted?)"
@@ -745,6 +773,8 @@ class DirStore:
                 keys = _entry_keys(entry.name, parts)
                 if keys is None:
                     self._refuse("a name that is no store key; skipped", path)
+                    if drop_bad and not entry.is_dir(follow_symlinks=False):
+                        _unlink_synced(path)
                     continue
                 try:
                     info = entry.stat(follow_symlinks=False)
@@ -790,6 +820,15 @@ def _entry_keys(name: str, parts: int) -> list[str] | None:
         return [check_store_key(key, "id") for key in keys]
     except ValueError:
         return None
+
+
+def _oversized(path: pathlib.Path, limit: int) -> bool:
+    """Whether ``path`` is a regular file (not a link) over ``limit`` bytes."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size > limit
 
 
 def _check_size(data: bytes, limit: int, what: str) -> None:

@@ -533,7 +533,18 @@ class NatsStore:
             StoreUnavailable: could not start the watch, or the connection
                 was lost.
         """
-        async for key, value in self._watch("approvals", lambda: self._approvals, ">"):
+        async for update in self._watch(
+            "approvals", lambda: self._approvals, ">", deletes=True
+        ):
+            if update is None:
+                continue
+            key, value, deleted = update
+            if deleted:
+                names = _split_key(key, 2)
+                daemon_id = _daemon_id_of(names[0]) if names else None
+                if names is not None and daemon_id is not None:
+                    yield PublishedApproval(daemon_id, names[1], b"", deleted=True)
+                continue
             entry = _approval_of(key, value)
             if entry is not None:
                 yield entry
@@ -566,20 +577,48 @@ class NatsStore:
 
         return await self._bounded(f"read reviews of {daemon_id}", read())
 
-    async def watch_reviews(self, daemon_id: str) -> AsyncIterator[PublishedReview]:
-        """The daemon's reviews, then each new one, as the server sends it.
+    async def watch_reviews(
+        self, daemon_id: str
+    ) -> AsyncIterator[list[PublishedReview]]:
+        """The daemon's reviews, then each new one, as the server sends it:
+        every review present at the start as one batch, then one batch per
+        new review.
 
         Raises:
             StoreUnavailable: could not start the watch, or the connection
                 was lost.
         """
         prefix = daemon_token(daemon_id)
-        async for key, value in self._watch(
+        batch: list[PublishedReview] = []
+        initial = True
+        async for update in self._watch(
             f"reviews of {daemon_id}", lambda: self._reviews, f"{prefix}.>"
         ):
-            entry = _review_of(daemon_id, key, value)
-            if entry is not None:
-                yield entry
+            if update is None:
+                # The end of the reviews present at the start.
+                initial = False
+            else:
+                key, value, _ = update
+                entry = _review_of(daemon_id, key, value)
+                if entry is None:
+                    # Logged by _review_of; it can be no review, and it is
+                    # in this daemon's own namespace: gone, not logged again.
+                    await self._drop_key(key)
+                else:
+                    batch.append(entry)
+            if batch and not initial:
+                yield batch
+                batch = []
+
+    async def _drop_key(self, key: str) -> None:
+        async def drop() -> None:
+            await self._ensure()
+            assert self._reviews is not None
+            # Not validated: a key the client would refuse can still have
+            # been put by another writer, and it goes too.
+            await self._reviews.delete(key, validate_keys=False)
+
+        await self._bounded(f"drop review entry {key[:80]!r}", drop())
 
     async def drop_review(
         self, daemon_id: str, approval_id: str, review_id: str
@@ -611,11 +650,17 @@ class NatsStore:
             await watcher.stop()
 
     async def _watch(
-        self, what: str, bucket: Callable[[], KeyValue | None], keys: str
-    ) -> AsyncIterator[tuple[str, bytes]]:
-        """(key, value) of every live key matching ``keys``, then of each
-        put; deletes skipped. Raises StoreUnavailable when the connection
-        is lost."""
+        self,
+        what: str,
+        bucket: Callable[[], KeyValue | None],
+        keys: str,
+        *,
+        deletes: bool = False,
+    ) -> AsyncIterator[tuple[str, bytes, bool] | None]:
+        """(key, value, deleted) of every live key matching ``keys``, None
+        once those present at the start are through, then each put (and,
+        with ``deletes``, each delete or purge). Raises StoreUnavailable
+        when the connection is lost."""
 
         async def start() -> KeyValue.KeyWatcher:
             await self._ensure()
@@ -635,9 +680,13 @@ class NatsStore:
                         ) from None
                     _raise_if_cancelled()
                     continue
-                if entry is None or entry.operation in (KV_DEL, KV_PURGE):
+                if entry is None:
+                    yield None
                     continue
-                yield entry.key, entry.value or b""
+                deleted = entry.operation in (KV_DEL, KV_PURGE)
+                if deleted and not deletes:
+                    continue
+                yield entry.key, entry.value or b"", deleted
         finally:
             if self._alive():
                 with contextlib.suppress(*_UNAVAILABLE):

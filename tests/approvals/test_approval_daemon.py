@@ -87,6 +87,23 @@ def test_a_refund_over_the_limit_pauses_and_its_grant_allows_it_once(daemon):
     ] == [1, 1, 1]
 
 
+def test_asking_again_without_the_id_gets_the_approved_grant_over_grpc(daemon):
+    # What an SDK whose wait timed out does: it asks again without the id.
+    stub = daemon.stub()
+    asked = stub.Decide(refund(), timeout=CALL_TIMEOUT)
+    approve(daemon, asked.approval.id)
+
+    again = stub.Decide(refund(), timeout=CALL_TIMEOUT)
+    used = stub.Decide(refund(approval_id=again.approval.id), timeout=CALL_TIMEOUT)
+
+    assert again.decision == pb.DECISION_REQUIRE_APPROVAL
+    assert again.approval.id == asked.approval.id
+    assert again.approval.state == "approved"
+    assert list(again.approval.reviewers) == ["carol"]
+    assert used.decision == pb.DECISION_ALLOW
+    assert used.reason_code == "approval_granted"
+
+
 def test_two_concurrent_retries_over_grpc_get_one_allow(daemon):
     stub = daemon.stub()
     asked = stub.Decide(refund(), timeout=CALL_TIMEOUT)

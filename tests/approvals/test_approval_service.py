@@ -422,3 +422,33 @@ def test_the_cli_lists_shows_and_approves_as_a_reviewer(admin_daemon, tmp_path):
     assert json.loads(approved.stdout)["reviews"][0]["comment"] == "ok"
     assert without.returncode == 2
     assert "KYNARA_ADMIN_SECRET" in without.stderr
+
+
+# Terminal escapes (ESC, BEL, CR, backspace) and the characters that hide or
+# reorder text (a right-to-left override, zero-width space, NUL).
+RAW_TERMINAL = ("\x1b", "\x07", "\r", "\x08", "\x00", "\u202e", "\u200b")
+
+
+def test_the_cli_prints_an_agents_hidden_characters_escaped(admin_daemon, tmp_path):
+    resource_id = "rf_1\x1b[2J\x1b]0;owned\x07\r\x08\x00\u202eexe.pdf\u200b"
+    request = large_refund()
+    request.resource.id = resource_id
+    asked = admin_daemon.stub().Decide(request)
+    where = ["--config", str(SHIPPED_CONFIG)]
+    where += ["--set", f"admin.socket={admin_daemon.config.admin.socket}"]
+    carol = SECRETS["carol"].decode()
+
+    listed = cli("list", *where, token=carol)
+    shown = cli("show", asked.approval.id, *where, token=carol)
+    listed_json = cli("list", "--json", *where, token=carol)
+
+    assert asked.decision == decision_pb2.DECISION_REQUIRE_APPROVAL
+    for run in (listed, shown, listed_json):
+        assert run.returncode == 0, run.stderr
+        assert [c for c in RAW_TERMINAL if c in run.stdout + run.stderr] == []
+    (row,) = listed.stdout.splitlines()[1:]
+    assert (
+        "payments.refund/rf_1\\u001B[2J\\u001B]0;owned\\u0007\\u000D\\u0008"
+        "\\u0000\\u202Eexe.pdf\\u200B"
+    ) in row
+    assert json.loads(shown.stdout)["resource_id"] == resource_id

@@ -24,10 +24,13 @@ import pytest
 from kynara.v1 import decision_pb2 as pb
 from support import RunningDaemon
 
+from kynara_sidecar.approvals.fleet import encode_approval
 from kynara_sidecar.approvals.model import (
     Approval,
     ApprovalState,
+    ChainPrincipal,
     InboxQuery,
+    Review,
     Reviewer,
     Verdict,
 )
@@ -39,26 +42,32 @@ from kynara_sidecar.approvals.signed_review import (
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.keys import (
     generate_key,
+    load_signing_key,
     save_public_key,
     save_signing_key,
 )
-from kynara_sidecar.audit.record import RecordKind
+from kynara_sidecar.audit.record import RecordKind, format_timestamp, parse_timestamp
 from kynara_sidecar.collector.config import load_collector_config
 from kynara_sidecar.collector.service import Collector
+from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import ApprovalClosed, SelfApproval
-from kynara_sidecar.sync import open_store
+from kynara_sidecar.sync import daemon_token, open_store
 
 # A bound on waiting for what should happen within a poll or two; it only
 # stops a broken run from hanging, nothing is timed against it.
 BOUND = 20.0
 CAROL_SECRET = b"carol-reviewer-secret-0123456789"
+# The shipped config's daemon id.
+DAEMON_ID = "support-bot-local"
 ALICE_SECRET = b"alice-reviewer-secret-0123456789"
 
 
 class RunningCollector:
     """A collector serving on its own loop thread; ``stop`` at teardown."""
 
-    def __init__(self, tmp_path: pathlib.Path, store_url: str, clock, key_path):
+    def __init__(
+        self, tmp_path: pathlib.Path, store_url: str, clock, key_path, *extra: str
+    ):
         for name, secret in (("carol", CAROL_SECRET), ("alice", ALICE_SECRET)):
             (tmp_path / f"{name}.secret").write_bytes(secret)
         config = load_collector_config(
@@ -81,6 +90,7 @@ class RunningCollector:
                 "roles: [reviewer]}, "
                 f"alice: {{secret_file: {tmp_path / 'alice.secret'}, "
                 "roles: [reviewer]}}",
+                *extra,
             ],
         )
         self.collector = Collector(config, clock=clock)
@@ -145,24 +155,48 @@ def inbox_key(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 @pytest.fixture
-def collector(tmp_path, store_url, clock, inbox_key) -> Iterator[RunningCollector]:
-    running = RunningCollector(tmp_path, store_url, clock, inbox_key[0])
+def daemon_key(tmp_path) -> pathlib.Path:
+    """The test daemon's audit key, made before it starts (where
+    ``daemon_config`` puts it) so the collector can register its public
+    half; returns that public key file."""
+    key = generate_key()
+    (tmp_path / "keys").mkdir()
+    save_signing_key(key, tmp_path / "keys" / "audit.pem")
+    save_public_key(key.public(), tmp_path / "keys" / "audit.pub")
+    return tmp_path / "keys" / "audit.pub"
+
+
+@pytest.fixture
+def collector(
+    tmp_path, store_url, clock, inbox_key, daemon_key
+) -> Iterator[RunningCollector]:
+    running = RunningCollector(
+        tmp_path,
+        store_url,
+        clock,
+        inbox_key[0],
+        f"daemons={{{DAEMON_ID}: {{public_keys: [{daemon_key}]}}}}",
+    )
     yield running
     running.stop()
 
 
-@pytest.fixture
-def fleet_daemon(start_daemon, store_url, inbox_key, collector) -> RunningDaemon:
-    return start_daemon(
+def fleet_overrides(store_url: str, inbox_public: pathlib.Path, collector) -> list:
+    return [
         f"sync.store={store_url}",
         "sync.ship_segments=false",
         "sync.poll_seconds=0.05",
         "sync.timeout_seconds=2",
         "sync.retry_min_seconds=0.05",
         "sync.retry_max_seconds=0.2",
-        f"approvals.inbox_keys=[{inbox_key[1]}]",
+        f"approvals.inbox_keys=[{inbox_public}]",
         f"approvals.inbox_url=http://127.0.0.1:{collector.collector.http_port}",
-    )
+    ]
+
+
+@pytest.fixture
+def fleet_daemon(start_daemon, store_url, inbox_key, collector) -> RunningDaemon:
+    return start_daemon(*fleet_overrides(store_url, inbox_key[1], collector))
 
 
 def big_refund(approval_id: str = "") -> pb.DecideRequest:
@@ -214,6 +248,9 @@ def test_a_review_on_the_collectors_page_unblocks_the_agent(fleet_daemon, collec
     assert listed[0].daemon_id == fleet_daemon.config.identity.daemon_id
     assert page.status == 303
     assert page.headers["Location"].endswith("?reviewed=approve")
+    # Sent, not recorded: the daemon records it (or refuses it).
+    assert f"Your approval was sent to {DAEMON_ID}." in page.after_text
+    assert "was recorded" not in page.after_text
     assert granted.decision == pb.DECISION_ALLOW
     assert granted.reason_code == "approval_granted"
     resolved = [r for r in records(fleet_daemon) if r.kind == "approval_resolved"]
@@ -231,11 +268,19 @@ def test_a_review_on_the_collectors_page_unblocks_the_agent(fleet_daemon, collec
 
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+_VIEW = re.compile(r'name="view" value="([^"]+)"')
 
 
-async def review_on_page(collector: RunningCollector, approval_id: str, secret: bytes):
+async def review_on_page(
+    collector: RunningCollector,
+    approval_id: str,
+    secret: bytes,
+    before: Callable[[], object] | None = None,
+):
     """Sign in to the collector's page and approve, as a browser would;
-    returns the review form's response."""
+    returns the review form's response (``before``: called between reading
+    the page and posting its form), or with ``before``, its status and
+    text."""
     base = f"http://127.0.0.1:{collector.collector.http_port}"
     origin = {"Origin": base}
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
@@ -247,17 +292,24 @@ async def review_on_page(collector: RunningCollector, approval_id: str, secret: 
             assert done.status == 200, await done.text()
         async with http.get(f"/approvals/{approval_id}") as shown:
             text = await shown.text()
-            assert shown.status == 200 and "60000" in text.replace(",", ""), text
+            assert shown.status == 200, text
             csrf = _CSRF.search(text).group(1)
-        form = {"csrf": csrf, "verdict": "approve", "comment": "fine"}
+            view = _VIEW.search(text).group(1)
+        if before is not None:
+            before()
+        form = {"csrf": csrf, "verdict": "approve", "comment": "fine", "view": view}
         async with http.post(
             f"/approvals/{approval_id}/review",
             data=form,
             headers=origin,
             allow_redirects=False,
         ) as reviewed:
-            await reviewed.read()
-            return reviewed
+            answer = await reviewed.text()
+            if before is not None:
+                return reviewed.status, answer
+        async with http.get(reviewed.headers["Location"]) as after:
+            reviewed.after_text = await after.text()  # type: ignore[attr-defined]
+        return reviewed
 
 
 async def _reviews(running: RunningDaemon):
@@ -344,32 +396,95 @@ async def _publish(running: RunningDaemon, approval: Approval) -> None:
         await store.close()
 
 
-def test_a_review_of_an_altered_approval_approves_nothing(fleet_daemon, collector):
-    # A store writer shows the reviewer a small refund; the daemon holds
-    # the real one. The review binds what was shown, so the daemon refuses
-    # it rather than approve the real request unseen.
+def test_an_approval_its_daemon_did_not_sign_is_not_shown(
+    fleet_daemon, collector, tmp_path
+):
+    # A store writer shows a small refund with a fake approver, then a
+    # state signed by a key that is not the daemon's, then an approval of
+    # a daemon the collector does not know: the inbox shows none of them.
     stub = fleet_daemon.stub()
     approval_id = stub.Decide(big_refund()).approval.id
     real = wait_for(lambda: collector.inbox.get(approval_id), "the approval")
-    altered = msgspec.structs.replace(real, attributes={"amount": {"int": "500"}})
-    asyncio.run(_publish(fleet_daemon, altered))
-    wait_for(
-        lambda: collector.inbox.get(approval_id).attributes == altered.attributes,
-        "the altered approval in the inbox",
+    fake_review = Review(
+        reviewer="mallory",
+        roles=("reviewer",),
+        verdict=Verdict.APPROVE,
+        at=real.created_at,
     )
-    carol = Reviewer(id="carol", roles=frozenset({"reviewer"}))
-
-    asyncio.run(collector.inbox.review(approval_id, carol, Verdict.APPROVE, "small"))
-    counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
-    wait_for(
-        lambda: counted.labels("refused_view_mismatch")._value.get() == 1,
-        "the review refused",
+    altered = msgspec.structs.replace(
+        real, attributes={"amount": {"int": "500"}}, reviews=(fake_review,)
     )
-    after = stub.Decide(big_refund(approval_id))
+    stranger = msgspec.structs.replace(real, id="apr_" + "s" * 26, daemon_id="rogue")
+    asyncio.run(_put_approval(fleet_daemon, altered, msgspec.json.encode(altered)))
+    asyncio.run(
+        _put_approval(fleet_daemon, altered, encode_approval(altered, generate_key()))
+    )
+    rogue_key = generate_key()
+    asyncio.run(
+        _put_approval(fleet_daemon, stranger, encode_approval(stranger, rogue_key))
+    )
+    # A marker put last: once it is in the copy, the watch has seen the rest.
+    marker = msgspec.structs.replace(real, id="apr_" + "m" * 26)
+    asyncio.run(
+        _put_approval(
+            fleet_daemon, marker, encode_approval(marker, _daemon_key(tmp_path))
+        )
+    )
+    wait_for(lambda: collector.inbox.get(marker.id), "the marker in the inbox")
 
+    shown = collector.inbox.get(approval_id)
+    assert shown.attributes == real.attributes
+    assert shown.reviews == ()
+    assert collector.inbox.get(stranger.id) is None
+    assert stranger.id not in {a.id for a in collector.inbox.list(InboxQuery())}
+
+
+def _daemon_key(tmp_path: pathlib.Path):
+    return load_signing_key(tmp_path / "keys" / "audit.pem")
+
+
+async def _put_approval(running: RunningDaemon, approval: Approval, data: bytes):
+    store = open_store(running.config.store, timeout=2)
+    await store.connect()
+    try:
+        await store.put_approval(approval.daemon_id, approval.id, data)
+    finally:
+        await store.close()
+
+
+def test_an_approval_swapped_while_the_reviewer_reads_approves_nothing(
+    fleet_daemon, collector
+):
+    # The page showed one approval; by the click the copy holds another
+    # (the real one, put back). The form carries the view it showed, so
+    # the review is refused ("changed since you read it") rather than
+    # approving the real request unseen.
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    real = wait_for(lambda: collector.inbox.get(approval_id), "the approval")
+    forged = msgspec.structs.replace(real, attributes={"amount": {"int": "500"}})
+
+    async def swap(approval: Approval) -> None:
+        collector.inbox._approvals[approval_id] = approval
+
+    collector.call(swap(forged))
+    status, text = asyncio.run(
+        review_on_page(
+            collector,
+            approval_id,
+            CAROL_SECRET,
+            before=lambda: collector.call(swap(real)),
+        )
+    )
+    # Whatever the daemon does with what was sent, nothing was sent.
+    asyncio.run(asyncio.sleep(0.3))
+
+    assert status == 409, text
+    assert "changed since you read it; reload" in text
+    assert asyncio.run(_reviews(fleet_daemon)) == []
     assert book_state(fleet_daemon, approval_id) is ApprovalState.PENDING
-    assert after.decision == pb.DECISION_REQUIRE_APPROVAL
     kinds = {r.kind for r in records(fleet_daemon)}
+    assert RecordKind.APPROVAL_REVIEWED not in kinds
     assert RecordKind.APPROVAL_RESOLVED not in kinds
 
 
@@ -381,7 +496,8 @@ def test_the_inbox_refuses_what_the_daemon_would(fleet_daemon, collector):
     with pytest.raises(SelfApproval):
         collector.review(approval_id, ALICE_SECRET)
     collector.review(approval_id, CAROL_SECRET, Verdict.REJECT)
-    with pytest.raises(ApprovalClosed, match="reviewed approval .* already"):
+    # The sent rejection closes it here before the daemon records it.
+    with pytest.raises(ApprovalClosed, match="rejected, not pending"):
         collector.review(approval_id, CAROL_SECRET)
     wait_for(
         lambda: book_state(fleet_daemon, approval_id) is ApprovalState.REJECTED,
@@ -485,3 +601,311 @@ def test_an_inbox_key_readable_by_others_is_refused_at_start(
 
     with pytest.raises(ConfigError, match=r"inbox.signing_key: .*too open"):
         RunningCollector(tmp_path, store_url, clock, key)
+
+
+# -- the collector's copy, fed by hand with approvals signed by the daemon key
+
+
+def _approval(approval_id: str = "apr_" + "q" * 26) -> Approval:
+    return Approval(
+        id=approval_id,
+        state=ApprovalState.PENDING,
+        daemon_id=DAEMON_ID,
+        agent_id="support-bot",
+        digest="sha256:" + "0" * 64,
+        decision_id="dec_1",
+        chain=(ChainPrincipal(id="bob"), ChainPrincipal(id="support-bot")),
+        action="payments.refund.issue",
+        resource_kind="payments.refund",
+        resource_id="R9",
+        created_at="2026-01-01T00:00:00Z",
+        expires_at="2099-01-01T00:00:00Z",
+    )
+
+
+async def _put_raw(store_url: str, approval: Approval, data: bytes) -> None:
+    store = open_store(store_url, timeout=2)
+    await store.connect()
+    try:
+        await store.put_approval(approval.daemon_id, approval.id, data)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("store_url", ["dir"], indirect=True)
+def test_a_sent_rejection_closes_the_approval_until_its_daemon_takes_it(
+    collector, store_url, tmp_path
+):
+    key = _daemon_key(tmp_path)
+    approval = _approval()
+    asyncio.run(_put_raw(store_url, approval, encode_approval(approval, key)))
+    wait_for(lambda: collector.inbox.get(approval.id), "the approval in the inbox")
+
+    rejected = collector.review(approval.id, CAROL_SECRET, Verdict.REJECT)
+    with pytest.raises(ApprovalClosed, match="rejected, not pending"):
+        collector.review(approval.id, ALICE_SECRET)
+    sent = collector.inbox._sent[approval.id][0].review_id
+    # The daemon puts the same pending state again (another change, or a
+    # restart) before taking the rejection: still closed here.
+    again = msgspec.structs.replace(approval, resolved_at="")
+    asyncio.run(_put_raw(store_url, again, encode_approval(again, key, ("rev_x",))))
+    marker = _approval("apr_" + "m" * 26)
+    asyncio.run(_put_raw(store_url, marker, encode_approval(marker, key)))
+    wait_for(lambda: collector.inbox.get(marker.id), "the marker")
+    still = collector.inbox.get(approval.id)
+    # The daemon refused the rejection and says it took it: open again.
+    asyncio.run(_put_raw(store_url, approval, encode_approval(approval, key, (sent,))))
+    reopened = wait_for(
+        lambda: (
+            collector.inbox.get(approval.id).state is ApprovalState.PENDING
+            and collector.inbox.get(approval.id)
+        ),
+        "the refusal to reach the inbox",
+    )
+
+    assert rejected.state is ApprovalState.REJECTED
+    assert still.state is ApprovalState.REJECTED
+    assert [r.reviewer for r in still.reviews] == ["carol"]
+    assert reopened.reviews == ()
+    assert approval.id in {a.id for a in collector.inbox.list(InboxQuery())}
+
+
+@pytest.mark.parametrize("store_url", ["dir", "nats"], indirect=True)
+def test_an_approval_removed_from_the_store_leaves_the_inbox(
+    collector, store_url, tmp_path
+):
+    approval = _approval()
+    asyncio.run(
+        _put_raw(store_url, approval, encode_approval(approval, _daemon_key(tmp_path)))
+    )
+    wait_for(lambda: collector.inbox.get(approval.id), "the approval in the inbox")
+
+    async def remove() -> None:
+        store = open_store(store_url, timeout=2)
+        await store.connect()
+        try:
+            if store_url.startswith("dir://"):
+                root = pathlib.Path(store_url.removeprefix("dir://"))
+                token = daemon_token(DAEMON_ID)
+                (root / "approvals" / token / f"{approval.id}.json").unlink()
+            else:
+                await store._approvals.delete(
+                    f"{daemon_token(DAEMON_ID)}.{approval.id}"
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(remove())
+
+    wait_for(lambda: collector.inbox.get(approval.id) is None, "the approval gone")
+
+
+@pytest.mark.parametrize("store_url", ["dir"], indirect=True)
+def test_a_replayed_older_state_does_not_reopen_an_approval(
+    collector, store_url, tmp_path
+):
+    key = _daemon_key(tmp_path)
+    pending = _approval()
+    rejected = msgspec.structs.replace(
+        pending,
+        state=ApprovalState.REJECTED,
+        reviews=(
+            Review(
+                reviewer="carol",
+                roles=("reviewer",),
+                verdict=Verdict.REJECT,
+                at="2026-01-01T00:01:00Z",
+            ),
+        ),
+        resolved_at="2026-01-01T00:01:00Z",
+    )
+    asyncio.run(_put_raw(store_url, rejected, encode_approval(rejected, key)))
+    wait_for(lambda: collector.inbox.get(pending.id), "the approval in the inbox")
+    asyncio.run(_put_raw(store_url, pending, encode_approval(pending, key)))
+    marker = _approval("apr_" + "m" * 26)
+    asyncio.run(_put_raw(store_url, marker, encode_approval(marker, key)))
+    wait_for(lambda: collector.inbox.get(marker.id), "the marker")
+
+    assert collector.inbox.get(pending.id).state is ApprovalState.REJECTED
+
+
+# -- the daemon: reviews in signed order, conflicts, republishing
+
+
+def _signed(collector, approval, reviewer_id, verdict, at, review_id=None, **kw):
+    return sign_review(
+        collector.inbox._key,
+        inbox="fleet",
+        approval=approval,
+        reviewer=Reviewer(id=reviewer_id, roles=frozenset({"reviewer"})),
+        verdict=verdict,
+        comment="",
+        at=at,
+        review_id=review_id,
+        **kw,
+    )
+
+
+def _later(rfc3339: str, seconds: int) -> str:
+    moment = parse_timestamp(rfc3339)
+    return format_timestamp(Timestamp(moment.seconds + seconds, moment.nanos))
+
+
+@pytest.mark.parametrize("store_url", ["dir", "nats"], indirect=True)
+def test_reviews_read_together_are_applied_in_signed_order(
+    start_daemon, fleet_daemon, collector, store_url, inbox_key
+):
+    # Dave approved after Carol rejected; the store lists the approval
+    # first (by name in a directory, by put order in NATS). The rejection,
+    # made first, wins.
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    approval = fleet_daemon.daemon._book.get(approval_id)
+    overrides = fleet_overrides(store_url, inbox_key[1], collector)
+    fleet_daemon.stop()
+    approve = _signed(
+        collector,
+        approval,
+        "dave",
+        Verdict.APPROVE,
+        _later(approval.created_at, 2),
+        review_id="rev_" + "a" * 26,
+    )
+    reject = _signed(
+        collector,
+        approval,
+        "carol",
+        Verdict.REJECT,
+        _later(approval.created_at, 1),
+        review_id="rev_" + "z" * 26,
+    )
+    for review in (approve, reject):
+        asyncio.run(
+            _put(
+                fleet_daemon,
+                approval_id,
+                review.review_id,
+                encode_signed_review(review),
+            )
+        )
+    again = start_daemon(*overrides)
+    wait_for(lambda: not asyncio.run(_reviews(again)), "both reviews taken")
+
+    assert book_state(again, approval_id) is ApprovalState.REJECTED
+    counted = again.daemon.metrics.approval_fleet_reviews
+    assert counted.labels("recorded")._value.get() == 1
+    assert counted.labels("refused_approval_closed")._value.get() == 1
+
+
+def test_a_rejection_made_first_but_taken_after_the_approval_is_a_conflict(
+    fleet_daemon, collector, clock, caplog
+):
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    approval = fleet_daemon.daemon._book.get(approval_id)
+    made = _later(approval.created_at, 1)
+    clock.set(_later(approval.created_at, 5))
+    approve = _signed(collector, approval, "dave", Verdict.APPROVE, made)
+    asyncio.run(
+        _put(
+            fleet_daemon, approval_id, approve.review_id, encode_signed_review(approve)
+        )
+    )
+    wait_for(
+        lambda: book_state(fleet_daemon, approval_id) is ApprovalState.APPROVED,
+        "the approval recorded",
+    )
+    # Signed before the approval was recorded, held back by the store.
+    reject = _signed(collector, approval, "carol", Verdict.REJECT, made)
+    asyncio.run(
+        _put(fleet_daemon, approval_id, reject.review_id, encode_signed_review(reject))
+    )
+    counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
+    wait_for(lambda: counted.labels("conflict")._value.get() == 1, "the conflict")
+
+    assert book_state(fleet_daemon, approval_id) is ApprovalState.APPROVED
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any(
+        "rejection from the fleet inbox made before" in r.message for r in errors
+    )
+
+
+def test_a_refused_review_is_named_in_the_state_published_again(
+    fleet_daemon, collector
+):
+    # Signed by the inbox but made before the approval existed (a collector
+    # clock behind): refused, and the approval put again naming it taken,
+    # so the inbox stops counting it.
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    approval = fleet_daemon.daemon._book.get(approval_id)
+    stale = _signed(
+        collector, approval, "carol", Verdict.REJECT, _later(approval.created_at, -60)
+    )
+    asyncio.run(
+        _put(fleet_daemon, approval_id, stale.review_id, encode_signed_review(stale))
+    )
+    counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
+    wait_for(lambda: counted.labels("refused_stale")._value.get() == 1, "the refusal")
+
+    def published_taken():
+        store = open_store(fleet_daemon.config.store, timeout=2)
+
+        async def read():
+            await store.connect()
+            try:
+                return await store.approvals()
+            finally:
+                await store.close()
+
+        for entry in asyncio.run(read()):
+            if entry.approval_id == approval_id:
+                envelope = msgspec.json.decode(entry.data)
+                return stale.review_id in envelope["taken"]
+        return False
+
+    wait_for(published_taken, "the approval published again naming the review")
+    assert book_state(fleet_daemon, approval_id) is ApprovalState.PENDING
+
+
+@pytest.mark.parametrize("store_url", ["dir"], indirect=True)
+def test_a_final_state_reached_while_the_store_was_down_is_published_at_start(
+    start_daemon, fleet_daemon, collector, store_url, inbox_key
+):
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    wait_for(lambda: collector.inbox.get(approval_id), "the approval in the inbox")
+    root = pathlib.Path(store_url.removeprefix("dir://"))
+    away = root.with_name("store-away")
+    root.rename(away)
+    try:
+        carol = Reviewer(id="carol", roles=frozenset({"reviewer"}))
+        fleet_daemon.call(
+            fleet_daemon.daemon._book.review(approval_id, carol, Verdict.REJECT, "no")
+        )
+        overrides = fleet_overrides(store_url, inbox_key[1], collector)
+        fleet_daemon.stop()
+    finally:
+        away.rename(root)
+    start_daemon(*overrides)
+
+    wait_for(
+        lambda: collector.inbox.get(approval_id).state is ApprovalState.REJECTED,
+        "the rejection published after the restart",
+    )
+
+
+@pytest.mark.parametrize("store_url", ["dir"], indirect=True)
+def test_an_inbox_url_without_inbox_keys_is_warned_of(start_daemon, store_url, caplog):
+    start_daemon(
+        f"sync.store={store_url}",
+        "sync.ship_segments=false",
+        "approvals.inbox_url=http://127.0.0.1:9/",
+    )
+
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelname == "WARNING" and "approvals.inbox_keys is empty" in r.message
+    ]
+    assert len(warned) == 1

@@ -5,6 +5,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from kynara_sidecar.approvals.fleet import (
+    ApprovalUnverified,
+    decode_approval,
+    encode_approval,
+)
 from kynara_sidecar.approvals.model import (
     Approval,
     ApprovalState,
@@ -20,6 +25,7 @@ from kynara_sidecar.approvals.signed_review import (
     encode_signed_review,
     new_review_id,
     sign_review,
+    view_digest,
 )
 from kynara_sidecar.audit.keys import encode_base64url, generate_key
 
@@ -182,3 +188,71 @@ def test_another_version_is_malformed():
 
     with pytest.raises(ReviewRefused, match="version: expected 1, got 2"):
         decode_signed_review(data)
+
+
+# -- approvals as a daemon publishes them
+
+DAEMON_KEY = generate_key()
+DAEMON_KEYS = {DAEMON_KEY.key_id: DAEMON_KEY.public()}
+
+
+def test_a_published_approval_verifies_under_its_daemons_key():
+    data = encode_approval(APPROVAL, DAEMON_KEY, ("rev_x",))
+
+    state = decode_approval(data, DAEMON_KEYS)
+
+    assert state.approval == APPROVAL
+    assert state.taken == frozenset({"rev_x"})
+
+
+def _resigned_fields(**changes) -> bytes:
+    envelope = msgspec.json.decode(encode_approval(APPROVAL, DAEMON_KEY))
+    for name, value in changes.items():
+        if name == "taken":
+            envelope["taken"] = value
+        else:
+            envelope["approval"][name] = value
+    return msgspec.json.encode(envelope)
+
+
+@pytest.mark.parametrize(
+    "data, keys, reason",
+    [
+        (_resigned_fields(state="approved"), DAEMON_KEYS, "bad_signature"),
+        (
+            _resigned_fields(
+                reviews=[
+                    {
+                        "reviewer": "mallory",
+                        "roles": ["reviewer"],
+                        "verdict": "approve",
+                        "at": "2026-12-07T09:01:00Z",
+                    }
+                ]
+            ),
+            DAEMON_KEYS,
+            "bad_signature",
+        ),
+        (_resigned_fields(taken=["rev_other"]), DAEMON_KEYS, "bad_signature"),
+        (encode_approval(APPROVAL, generate_key()), DAEMON_KEYS, "unknown_key"),
+        (encode_approval(APPROVAL, DAEMON_KEY), {}, "unknown_key"),
+        (msgspec.json.encode(APPROVAL), DAEMON_KEYS, "malformed"),
+        (b"not json", DAEMON_KEYS, "malformed"),
+    ],
+)
+def test_a_published_approval_its_daemon_did_not_sign_is_refused(data, keys, reason):
+    with pytest.raises(ApprovalUnverified) as refused:
+        decode_approval(data, keys)
+
+    assert refused.value.reason == reason
+
+
+def test_a_review_signs_the_view_the_page_showed():
+    shown = msgspec.structs.replace(APPROVAL, attributes={"amount": {"int": "5"}})
+
+    review = signed(view=view_digest(shown))
+
+    assert review.view == view_digest(shown) != view_digest(APPROVAL)
+    with pytest.raises(ReviewRefused) as refused:
+        check(review)
+    assert refused.value.reason == "view_mismatch"

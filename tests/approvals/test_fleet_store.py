@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import pathlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -148,8 +150,95 @@ def test_watch_reviews_gives_each_new_review_once(backend):
 
     first, second = run(scenario())
 
-    assert first == PublishedReview("bot-1", APR_1, REV_1, b"one")
-    assert second == PublishedReview("bot-1", APR_2, REV_2, b"two")
+    assert first == [PublishedReview("bot-1", APR_1, REV_1, b"one")]
+    assert second == [PublishedReview("bot-1", APR_2, REV_2, b"two")]
+
+
+def test_watch_reviews_gives_the_reviews_present_as_one_batch(backend):
+    # The daemon orders a batch by when each review was signed, so what
+    # the store lists together comes together, whatever its listing order.
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_review("bot-1", APR_1, REV_2, b"two")
+            await store.put_review("bot-1", APR_1, REV_1, b"one")
+            watch = store.watch_reviews("bot-1")
+            first = await anext(watch)
+            await watch.aclose()
+            return first
+
+    first = run(scenario())
+
+    assert sorted(first, key=lambda r: r.review_id) == [
+        PublishedReview("bot-1", APR_1, REV_1, b"one"),
+        PublishedReview("bot-1", APR_1, REV_2, b"two"),
+    ]
+
+
+async def _remove_approval(backend: Backend, store: Store, daemon_id: str, key: str):
+    """Remove an approval entry as another writer of the store would."""
+    if backend.kind == "dir":
+        root = backend.url.removeprefix("dir://")
+        path = f"{root}/approvals/{daemon_token(daemon_id)}/{key}.json"
+        await asyncio.to_thread(os.unlink, path)
+    else:
+        await store._approvals.delete(f"{daemon_token(daemon_id)}.{key}")
+
+
+def test_watch_approvals_reports_an_entry_removed(backend):
+    async def scenario():
+        async with opened(backend) as store:
+            await store.put_approval("bot-1", APR_1, b"first")
+            watch = store.watch_approvals()
+            first = await anext(watch)
+            await _remove_approval(backend, store, "bot-1", APR_1)
+            gone = await anext(watch)
+            await watch.aclose()
+            return first, gone
+
+    first, gone = run(scenario())
+
+    assert first == PublishedApproval("bot-1", APR_1, b"first")
+    assert gone == PublishedApproval("bot-1", APR_1, b"", deleted=True)
+
+
+def test_entries_that_can_be_no_review_are_dropped_from_the_store(backend):
+    # Logged once and removed, rather than logged again on every watch.
+    token = daemon_token("bot-1")
+
+    async def plant(store: Store) -> None:
+        if backend.kind == "dir":
+            folder = pathlib.Path(backend.url.removeprefix("dir://"), "reviews", token)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "not-a-pair.json").write_bytes(b"x")
+            (folder / f"{APR_1}.{REV_2}.json").write_bytes(bytes(MAX_REVIEW_BYTES + 1))
+        else:
+            await store._reviews.put(f"{token}.not-a-pair", b"x")
+            await store._reviews.put(
+                f"{token}.{APR_1}.{REV_2}", bytes(MAX_REVIEW_BYTES + 1)
+            )
+
+    async def scenario():
+        async with opened(backend) as store:
+            await plant(store)
+            await store.put_review("bot-1", APR_1, REV_1, b"good")
+            watch = store.watch_reviews("bot-1")
+            batch = await anext(watch)
+            await watch.aclose()
+            left = await _review_entries(backend, store, token)
+            return batch, left
+
+    batch, left = run(scenario())
+
+    assert batch == [PublishedReview("bot-1", APR_1, REV_1, b"good")]
+    assert left == [f"{APR_1}.{REV_1}"]
+
+
+async def _review_entries(backend: Backend, store: Store, token: str) -> list[str]:
+    if backend.kind == "dir":
+        folder = pathlib.Path(backend.url.removeprefix("dir://"), "reviews", token)
+        return sorted(p.name.removesuffix(".json") for p in folder.iterdir())
+    keys = await store._reviews.keys()
+    return sorted(k.removeprefix(f"{token}.") for k in keys)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import shutil
 
 import msgspec
 import pytest
-from core_support import CAROL, ERIN, core, refund
+from core_support import CAROL, ERIN, core, refund, reviewer
 from support import SHIPPED_POLICIES
 
 from kynara_sidecar.approvals.book import APPROVALS_DB
@@ -20,7 +20,7 @@ from kynara_sidecar.approvals.model import (
     Verdict,
 )
 from kynara_sidecar.audit import RefusingSink
-from kynara_sidecar.audit.record import RECORD_VERSION, AuditRecordV1
+from kynara_sidecar.audit.record import RECORD_VERSION, ApprovalEntry, AuditRecordV1
 from kynara_sidecar.audit.verify import verify_store
 from kynara_sidecar.decision import Effect
 from kynara_sidecar.errors import AuditUnavailable, ReasonCode
@@ -550,5 +550,423 @@ def test_a_forged_use_of_an_approval_never_approved_does_not_verify(tmp_path, cl
             report = verify_store(c.store, None, None)
 
             assert report.problem.kind == "approval_not_approved"
+
+    run(body)
+
+
+# ------------------------------------------ the requirement, rechecked at use
+
+
+def approval_block(*lines: str):
+    """Edit refund-large's approval block: add ``lines`` (YAML, one key
+    each) after its risk, in place of its expires_in_seconds."""
+    extra = "".join(f"\n      {line}" for line in lines)
+    expiry = any(line.startswith("expires_in_seconds:") for line in lines)
+
+    def edit(text: str) -> str:
+        if expiry:
+            text = text.replace("      expires_in_seconds: 3600\n", "")
+        return text.replace("risk: 50", "risk: 50" + extra)
+
+    return edit
+
+
+ALICE_REVIEWS = reviewer("alice")
+FINANCE_ERIN = reviewer("erin", "finance")
+
+
+@pytest.mark.parametrize(
+    ("then", "now", "who", "at", "reason_code", "why"),
+    [
+        (
+            (),
+            ("reviewer_roles: [finance]",),
+            CAROL,
+            "2026-12-07T09:05:00Z",
+            ReasonCode.APPROVAL_INSUFFICIENT,
+            "carol held none of [finance]",
+        ),
+        (
+            ("allow_self_approval: true",),
+            (),
+            ALICE_REVIEWS,
+            "2026-12-07T09:05:00Z",
+            ReasonCode.APPROVAL_INSUFFICIENT,
+            "alice is a principal of the chain and self approval is not allowed",
+        ),
+        (
+            (),
+            ("expires_in_seconds: 600",),
+            CAROL,
+            "2026-12-07T09:10:00Z",
+            ReasonCode.APPROVAL_EXPIRED,
+            "expired at 2026-12-07T09:10:00Z: the rules asking now allow 600 "
+            "seconds from its creation at 2026-12-07T09:00:00Z",
+        ),
+    ],
+    ids=["roles-now-required", "self-approval-now-disallowed", "expiry-now-shorter"],
+)
+def test_a_reload_rechecks_the_grant_against_the_rules_asking_now(
+    tmp_path, clock, then, now, who, at, reason_code, why
+):
+    before = policies_with(tmp_path / "then", approval_block(*then))
+    after = policies_with(tmp_path / "now", approval_block(*now))
+
+    async def body():
+        async with core(tmp_path, clock, policies=before) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id, who)
+            c.activate(after)
+            clock.set(at)
+
+            refused = await c.decide(refund(approval_id=asked.approval.id))
+            c.activate(before)
+            used = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert refused.decision.effect is Effect.DENY
+            assert refused.decision.reason_code is reason_code
+            assert why in refused.decision.reason
+            assert refused.approval.state is ApprovalState.APPROVED
+            assert c.records()[-2].reason_code == str(reason_code)
+            # The refusal used nothing: under the old rules it still grants.
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+
+    run(body)
+
+
+def test_a_reviewer_holding_a_role_now_required_still_counts(tmp_path, clock):
+    after = policies_with(tmp_path, approval_block("reviewer_roles: [finance]"))
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id, FINANCE_ERIN)
+            c.activate(after)
+
+            used = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+
+    run(body)
+
+
+def test_a_longer_expiry_now_never_extends_the_stored_one(tmp_path, clock):
+    after = policies_with(tmp_path, lambda text: text.replace("3600", "7200"))
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            c.activate(after)
+            clock.set("2026-12-07T10:30:00Z")
+
+            late = await c.decide(refund(approval_id=asked.approval.id))
+
+            assert late.decision.reason_code is ReasonCode.APPROVAL_EXPIRED
+
+    run(body)
+
+
+# ------------------------------- asking again without the id: the grant back
+
+
+def test_asking_again_without_the_id_answers_with_the_approved_grant(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+
+            again = await c.decide(refund())
+            used = await c.decide(refund(approval_id=again.approval.id))
+
+            assert again.decision.effect is Effect.REQUIRE_APPROVAL
+            assert again.approval.id == asked.approval.id
+            assert again.approval.state is ApprovalState.APPROVED
+            record = c.records()[again.audit_sequence - 1]
+            assert record.seq == again.audit_sequence
+            assert record.approval.state == "approved"
+            kinds = [r.kind for r in c.records()]
+            assert kinds.count("approval_requested") == 1
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+            assert verify_store(c.store, None, None).ok
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["used", "expired", "rules-now-stricter", "another-request"],
+)
+def test_asking_again_opens_a_new_approval_when_the_grant_cannot_serve(
+    tmp_path, clock, setup
+):
+    stricter = policies_with(tmp_path, approval_block("reviewer_roles: [finance]"))
+
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            request = refund()
+            if setup == "used":
+                await c.decide(refund(approval_id=asked.approval.id))
+            elif setup == "expired":
+                clock.set("2026-12-07T10:00:00Z")
+            elif setup == "rules-now-stricter":
+                c.activate(stricter)
+            else:
+                request = refund(amount=60001)
+
+            again = await c.decide(request)
+
+            assert again.decision.effect is Effect.REQUIRE_APPROVAL
+            assert again.approval.id != asked.approval.id
+            assert again.approval.state is ApprovalState.PENDING
+
+    run(body)
+
+
+# ------------------------------------ verify: forged approval lifecycles
+
+
+def asking_record(c, approval_id: str) -> AuditRecordV1:
+    """The require_approval decision record that opened ``approval_id``."""
+    return next(
+        r
+        for r in c.records()
+        if r.kind == "decision" and r.approval and r.approval.id == approval_id
+    )
+
+
+def forged_allow(
+    asking: AuditRecordV1, time: str = "2026-12-07T09:05:00Z", **fields
+) -> AuditRecordV1:
+    """An allow using the approval ``asking`` opened, copied from that
+    record as someone who can write the LMDB file (but holds no key) would,
+    with ``fields`` changed."""
+    approval = msgspec.structs.replace(
+        asking.approval, state="used", used_by="forged-1"
+    )
+    allow = {
+        "seq": 0,
+        "time": time,
+        "decision_id": "forged-1",
+        "decision": "allow",
+        "reason_code": "approval_granted",
+        "reason": "allowed once",
+        "approval": approval,
+    }
+    return msgspec.structs.replace(asking, **{**allow, **fields})
+
+
+def forged_resolution(asking: AuditRecordV1, approval_id: str) -> AuditRecordV1:
+    return AuditRecordV1(
+        v=RECORD_VERSION,
+        kind="approval_resolved",
+        time="2026-12-07T09:04:00Z",
+        decision_id=asking.decision_id if asking else "forged-0",
+        approval=ApprovalEntry(id=approval_id, resolution="approved", state="approved"),
+    )
+
+
+def test_an_approval_resolved_that_was_never_requested_does_not_verify(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.writer.close()
+            ghost = "apr_" + "b" * 26
+
+            c.store.append_batch([forged_resolution(None, ghost)])
+            report = verify_store(c.store, None, None)
+
+            assert report.problem.kind == "approval_not_requested"
+            assert report.problem.seq == c.store.head().seq
+            assert ghost in report.problem.message
+            assert asked.approval.id != ghost
+
+    run(body)
+
+
+@pytest.mark.parametrize("ending", ["rejected", "expired"])
+def test_an_allow_after_a_final_resolution_does_not_verify(tmp_path, clock, ending):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            if ending == "rejected":
+                await c.book.review(asked.approval.id, CAROL, Verdict.REJECT, "no")
+            else:
+                await c.approve(asked.approval.id)
+                clock.set("2026-12-07T10:00:00Z")
+                await c.book.expire_due()
+            await c.writer.close()
+            asking = asking_record(c, asked.approval.id)
+            clean = verify_store(c.store, None, None)
+
+            # A forger "approves" a rejected one first; an expired one was
+            # approved already. The allow is dated before expires_at.
+            forged = [forged_allow(asking)]
+            if ending == "rejected":
+                forged.insert(0, forged_resolution(asking, asked.approval.id))
+            c.store.append_batch(forged)
+            report = verify_store(c.store, None, None)
+
+            assert clean.ok, clean.problem
+            assert report.problem.kind == "approval_ended"
+            assert report.problem.seq == c.store.head().seq
+            assert f"resolved {ending}" in report.problem.message
+
+    run(body)
+
+
+def test_an_allow_past_the_approvals_expiry_does_not_verify(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            await c.writer.close()
+            asking = asking_record(c, asked.approval.id)
+
+            # The daemon stopped before its expiry task recorded "expired".
+            c.store.append_batch([forged_allow(asking, time="2026-12-07T10:00:00Z")])
+            report = verify_store(c.store, None, None)
+
+            assert report.problem.kind == "approval_expired"
+            assert "2026-12-07T10:00:00Z" in report.problem.message
+
+    run(body)
+
+
+def _other_resource(record, **changes):
+    return {"resource": msgspec.structs.replace(record.resource, **changes)}
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda r: _other_resource(r, id="R2"), "resource"),
+        (
+            lambda r: _other_resource(r, attributes={"amount": {"int": "6000000"}}),
+            "binds another request",
+        ),
+        (
+            lambda r: {"context": {**r.context, "note": {"string": "x"}}},
+            "differing [note]",
+        ),
+        (
+            lambda r: {"context": {k: v for k, v in r.context.items() if k != "note"}},
+            "differing [note]",
+        ),
+        (lambda r: {"action": "payments.refund.void"}, "action"),
+        (
+            lambda r: {"chain": [msgspec.structs.replace(r.chain[0], id="bob")]},
+            "chain",
+        ),
+        (
+            lambda r: {
+                "approval": msgspec.structs.replace(
+                    r.approval, digest="sha256:" + "0" * 64, state="used"
+                )
+            },
+            "digest",
+        ),
+    ],
+    ids=[
+        "resource-id",
+        "attributes",
+        "context-changed",
+        "context-dropped",
+        "action",
+        "user",
+        "digest",
+    ],
+)
+def test_an_allow_for_another_request_than_approved_does_not_verify(
+    tmp_path, clock, change, why
+):
+    async def body():
+        async with core(tmp_path, clock, "approvals.volatile_context=[trace]") as c:
+            asked = await c.decide(refund(trace="t-1", note="n"))
+            await c.approve(asked.approval.id)
+            await c.writer.close()
+            asking = asking_record(c, asked.approval.id)
+            fields = change(asking)
+
+            c.store.append_batch([forged_allow(asking, **fields)])
+            report = verify_store(c.store, None, None)
+
+            assert report.problem.kind == "approval_mismatch"
+            assert report.problem.seq == c.store.head().seq
+            assert why in report.problem.message
+
+    run(body)
+
+
+def test_a_use_differing_only_in_volatile_context_verifies(tmp_path, clock):
+    async def body():
+        async with core(
+            tmp_path, clock, "approvals.volatile_context=[trace, attempt]"
+        ) as c:
+            asked = await c.decide(refund(trace="t-1", attempt=1, note="n"))
+            await c.approve(asked.approval.id)
+            used = await c.decide(
+                refund(trace="t-2", attempt=1, note="n", approval_id=asked.approval.id)
+            )
+            await c.writer.close()
+
+            report = verify_store(c.store, None, None)
+
+            assert used.decision.reason_code is ReasonCode.APPROVAL_GRANTED
+            assert report.ok, report.problem
+            assert not [note for note in report.notes if "approval" in note]
+
+    run(body)
+
+
+def test_a_context_key_only_the_use_has_is_noted_not_passed_silently(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock, "approvals.volatile_context=[trace]") as c:
+            asked = await c.decide(refund())
+            await c.approve(asked.approval.id)
+            await c.writer.close()
+            asking = asking_record(c, asked.approval.id)
+            added = {**asking.context, "extra": {"string": "x"}}
+
+            c.store.append_batch([forged_allow(asking, context=added)])
+            report = verify_store(c.store, None, None)
+
+            assert report.ok, report.problem
+            (note,) = [note for note in report.notes if "approval" in note]
+            assert "[extra] appear only on the use" in note
+
+    run(body)
+
+
+def test_a_redacted_use_verifies_on_its_ids_and_digest(tmp_path, clock):
+    # Redacted values cannot be hashed again: the ids and digest still bind.
+    async def body():
+        async with core(
+            tmp_path,
+            clock,
+            "audit.redact={context: {email: drop}}",
+            "approvals.volatile_context=[trace]",
+        ) as c:
+            mail = "a@example.com"
+            asked = await c.decide(refund(email=mail, trace="t-1"))
+            other = await c.decide(refund(refund_id="R2", email=mail))
+            for approval in (asked.approval, other.approval):
+                await c.approve(approval.id)
+            await c.decide(
+                refund(email=mail, trace="t-2", approval_id=asked.approval.id)
+            )
+            await c.writer.close()
+            asking = asking_record(c, other.approval.id)
+            clean = verify_store(c.store, None, None)
+
+            c.store.append_batch([forged_allow(asking, action="payments.refund.void")])
+            forged = verify_store(c.store, None, None)
+
+            assert asking.redactions == ["$.context.email"]
+            assert clean.ok, clean.problem
+            assert forged.problem.kind == "approval_mismatch"
+            assert "action" in forged.problem.message
 
     run(body)

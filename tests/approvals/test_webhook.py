@@ -295,3 +295,76 @@ def test_a_daemon_posts_each_new_approval_once(start_daemon, tmp_path):
     ]  # one failed attempt, one delivery
     assert json.loads(receiver.posts[-1][0])["url"] == asked.approval.url
     assert delivered(metrics, "delivered") == 1
+
+
+def test_at_start_every_approval_still_waiting_is_announced():
+    from service_support import CREATED, MemoryInbox
+
+    metrics = Metrics()
+    # More than a page of the inbox (50), so announcing pages through it.
+    waiting = [make_approval(n) for n in range(1, 61)]
+    rejected = make_approval(61, state=ApprovalState.REJECTED)
+    reviewed = msgspec.structs.replace(
+        make_approval(62),
+        reviews=(Review("carol", (), Verdict.APPROVE, "2026-12-07T09:01:00Z"),),
+    )
+    past_expiry = msgspec.structs.replace(
+        make_approval(63), expires_at="2026-12-07T08:00:00Z"
+    )
+    inbox = MemoryInbox(*waiting, rejected, reviewed, past_expiry)
+    now_ns = int(CREATED.timestamp()) * 1_000_000_000
+
+    async def run() -> tuple[Receiver, int, int]:
+        async with Receiver() as receiver:
+            hook = webhook(receiver.url, metrics)
+            await hook.start()
+            queued = hook.announce_pending(inbox, now_ns)
+            again = hook.announce_pending(inbox, now_ns)
+            await hook.drain()
+            await hook.close()
+        return receiver, queued, again
+
+    receiver, queued, again = asyncio.run(run())
+
+    announced = sorted(json.loads(body)["id"] for body, _ in receiver.posts)
+    assert announced == sorted(a.id for a in waiting)
+    assert (queued, again) == (60, 0)  # each once within a run
+    assert delivered(metrics, "delivered") == 60
+
+
+def test_a_restarted_daemon_announces_what_it_never_delivered(start_daemon, tmp_path):
+    import threading
+
+    from support import small_refund
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    receiver = on_loop(Receiver().__aenter__())
+    nobody = f"http://127.0.0.1:{free_port()}/hook"
+    try:
+        first = start_daemon(
+            f"approvals.webhook.url={nobody}", "approvals.webhook.attempts=1"
+        )
+        asked = []
+        for amount in (60000, 70000):
+            request = small_refund()
+            request.resource.attributes["amount"].int_value = amount
+            asked.append(first.stub().Decide(request).approval.id)
+        first.stop()
+        lost = delivered(first.daemon.metrics, "delivered")
+
+        second = start_daemon(f"approvals.webhook.url={receiver.url}")
+        second.call(second.daemon._webhook.drain())
+    finally:
+        on_loop(receiver.__aexit__(None, None, None))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+    assert lost == 0
+    assert sorted(json.loads(body)["id"] for body, _ in receiver.posts) == sorted(asked)

@@ -13,7 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp import web
-from review_support import MemoryInbox, ServedPage, sample_approvals
+from review_support import (
+    MemoryInbox,
+    ServedPage,
+    disguised_approvals,
+    sample_approvals,
+)
 
 from kynara_sidecar.approvals.model import ApprovalState, Verdict
 from kynara_sidecar.server.review_page import SESSION_COOKIE
@@ -264,3 +269,27 @@ def test_post_from_another_origin_is_refused(chromium, page, axe, screenshot):
         check_page(chromium, axe, screenshot, "origin-refused")
     finally:
         attacker.stop()
+
+
+def test_a_disguised_resource_id_reads_as_it_is(chromium, axe, screenshot):
+    approvals, disguised = disguised_approvals()
+    page = ServedPage(MemoryInbox(approvals))
+    try:
+        sign_in(chromium, page)
+        chromium.get(f"{page.base}/approvals/{disguised.id}")
+
+        heading = chromium.find_element(by("TAG_NAME"), "h1").text
+        badge = chromium.find_element(by("CSS_SELECTOR"), "h1 .ctl")
+        shown_background = badge.value_of_css_property("background-color")
+        main = chromium.find_element(by("TAG_NAME"), "main").text
+        check_page(chromium, axe, screenshot, "disguised")
+    finally:
+        page.stop()
+
+    # What the reviewer reads: the override written out where it stands,
+    # not the file name it would have faked.
+    assert "invoice-\\u202Efdp.exe" in heading
+    assert "exe.pdf" not in heading
+    assert badge.text == "\\u202E"
+    assert shown_background not in ("rgba(0, 0, 0, 0)", "transparent")
+    assert "\u202e" not in main and "\u200b" not in main

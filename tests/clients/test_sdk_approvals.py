@@ -220,6 +220,44 @@ def test_an_unknown_approval_is_the_daemons_not_found(client, servicer):
     assert (info.value.code, info.value.field) == ("not_found", "approval_id")
 
 
+def test_a_refused_wait_carries_the_approval_id(client, servicer):
+    servicer.wait_abort = Abort(
+        grpc.StatusCode.NOT_FOUND, "no approval", "not_found", "approval_id"
+    )
+
+    with pytest.raises(ApprovalError) as info:
+        client.wait_approval(APPROVAL_ID, 5.0, decision_id="dec-asked")
+    copy = pickle.loads(pickle.dumps(info.value))
+
+    assert (info.value.approval_id, info.value.decision_id) == (
+        APPROVAL_ID,
+        "dec-asked",
+    )
+    assert APPROVAL_ID in str(info.value)
+    assert (type(copy), copy.code, copy.field, copy.approval_id) == (
+        ApprovalError,
+        "not_found",
+        "approval_id",
+        APPROVAL_ID,
+    )
+    assert str(copy) == str(info.value)
+
+
+def test_an_async_refused_wait_carries_the_approval_id(daemon, servicer):
+    servicer.wait_abort = Abort(
+        grpc.StatusCode.NOT_FOUND, "no approval", "not_found", "approval_id"
+    )
+
+    async def wait() -> None:
+        async with AsyncClient(daemon.target) as client:
+            await client.wait_approval(APPROVAL_ID, 5.0)
+
+    with pytest.raises(ApprovalError) as info:
+        asyncio.run(wait())
+
+    assert (info.value.code, info.value.approval_id) == ("not_found", APPROVAL_ID)
+
+
 def test_a_stream_ending_before_a_final_state_is_no_answer(client, servicer):
     servicer.updates = [update("pending")]
 
@@ -394,6 +432,83 @@ def test_raise_mode_stays_the_default(client, daemon, servicer):
 def test_bad_approval_settings_are_refused_at_decoration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         permission_required("a.b", resource_kind="k.k", **kwargs)
+
+
+def test_on_wait_is_told_of_the_approval_once_before_the_wait(client, daemon, servicer):
+    daemon.then(PENDING, GRANTED)
+    servicer.updates = [update("approved", approvals=1)]
+    told: list[tuple[str, str, int]] = []
+
+    def announce(asked) -> None:
+        told.append((asked.decision_id, asked.approval.url, len(servicer.waits)))
+
+    @permission_required(
+        "a.b", resource_kind="k.k", client=client, on_approval="wait", on_wait=announce
+    )
+    def tool() -> str:
+        return "ran"
+
+    with acting_for(user="alice"):
+        ran = tool()
+
+    assert ran == "ran"
+    assert told == [("dec-asked", f"http://127.0.0.1:8080/approvals/{APPROVAL_ID}", 0)]
+    assert len(servicer.waits) == 1
+
+
+def test_on_wait_may_be_a_coroutine_for_an_async_tool(daemon, servicer):
+    daemon.then(PENDING, GRANTED)
+    servicer.updates = [update("approved", approvals=1)]
+    told: list[str] = []
+
+    async def announce(asked) -> None:
+        told.append(asked.approval.id)
+
+    async def run() -> str:
+        async with AsyncClient(daemon.target) as client:
+
+            @permission_required(
+                "a.b",
+                resource_kind="k.k",
+                client=client,
+                on_approval="wait",
+                on_wait=announce,
+            )
+            async def tool() -> str:
+                return "ran"
+
+            with acting_for(user="alice"):
+                return await tool()
+
+    assert asyncio.run(run()) == "ran"
+    assert told == [APPROVAL_ID]
+
+
+def test_an_on_wait_that_raises_leaves_the_body_unrun(client, daemon, servicer):
+    daemon.then(PENDING)
+
+    def announce(asked) -> None:
+        raise RuntimeError("no reviewer reachable")
+
+    @permission_required(
+        "a.b", resource_kind="k.k", client=client, on_approval="wait", on_wait=announce
+    )
+    def tool() -> None:
+        raise AssertionError("the body must not run")
+
+    with acting_for(user="alice"), pytest.raises(RuntimeError, match="no reviewer"):
+        tool()
+
+    assert servicer.waits == []
+
+
+def test_on_wait_needs_wait_mode_and_a_callable():
+    with pytest.raises(ValueError, match="on_wait: expected on_approval='wait'"):
+        permission_required("a.b", resource_kind="k.k", on_wait=print)
+    with pytest.raises(TypeError, match="on_wait: expected a callable"):
+        permission_required(
+            "a.b", resource_kind="k.k", on_approval="wait", on_wait="print"
+        )
 
 
 # ------------------------------------------------------- against a real daemon

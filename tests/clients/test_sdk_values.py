@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kynara.v1 import decision_pb2
 from kynara_sdk import UInt64
-from kynara_sdk._values import to_value, to_value_map
+from kynara_sdk._values import MAX_DEPTH, to_value, to_value_map
+from kynara_sdk._wire import build_request
+from kynara_sdk.decision import DecisionRequest
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
@@ -252,3 +254,42 @@ def tagged(value):
     if isinstance(value, dict):
         return {key: tagged(item) for key, item in value.items()}
     return (type(value).__name__, value)
+
+
+def nested(depth: int, kind: str):
+    value: object = 1
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "map"])
+def test_values_nested_as_deep_as_the_daemon_reads_are_sent(kind):
+    wire = to_value(nested(MAX_DEPTH, kind))
+
+    assert wire.WhichOneof("kind") == f"{kind}_value"
+    assert MAX_DEPTH == 16  # the daemon's server.wire.MAX_VALUE_DEPTH
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 50, 400, 5000])
+@pytest.mark.parametrize("kind", ["list", "map"])
+def test_values_nested_deeper_are_refused_with_the_limit_named(kind, depth):
+    request = DecisionRequest(
+        action="a.b",
+        resource_kind="k.k",
+        user="alice",
+        attributes={"deep": nested(depth, kind)},
+    )
+
+    with pytest.raises(ValueError, match="nested at most 16 deep") as info:
+        build_request(request)
+
+    assert str(info.value).startswith("resource.attributes.deep")
+
+
+def test_a_list_that_contains_itself_is_refused():
+    loop: list = []
+    loop.append(loop)
+
+    with pytest.raises(ValueError, match="contains itself"):
+        to_value_map({"loop": loop}, "context")

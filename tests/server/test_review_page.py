@@ -24,6 +24,7 @@ from review_support import (
     NOW_NS,
     MemoryInbox,
     authenticate,
+    disguised_approvals,
     sample_approvals,
 )
 from yarl import URL
@@ -75,12 +76,14 @@ class Page:
         headers.update(extra)
         return headers
 
-    async def login(self, token: str = "rita-secret", **headers: str):
+    async def login(
+        self, token: str = "rita-secret", next_path: str = "/approvals", **headers: str
+    ):
         form = await self.client.get("/approvals/login")
         login_csrf = form.cookies[LOGIN_COOKIE].value
         answer = await self.client.post(
             "/approvals/login",
-            data={"token": token, "csrf": login_csrf, "next": "/approvals"},
+            data={"token": token, "csrf": login_csrf, "next": next_path},
             headers={
                 "Origin": self.origin,
                 "Cookie": f"{LOGIN_COOKIE}={login_csrf}",
@@ -646,7 +649,7 @@ async def test_hostile_values_are_escaped_everywhere():
 
 
 class UnrecordableInbox(MemoryInbox):
-    async def review(self, approval_id, reviewer, verdict, comment):
+    async def review(self, approval_id, reviewer, verdict, comment, *, view=""):
         raise AuditUnavailable("the audit log refuses appends: disk full")
 
 
@@ -663,3 +666,151 @@ async def test_review_the_log_cannot_record_is_a_503_and_changes_nothing():
             await answer.text()
         )
         assert page.inbox.get(approval_id).state is ApprovalState.PENDING
+
+
+# ------------------------------------------------- characters a reader cannot see
+
+# A right-to-left override, zero-width space and joiner, NUL, ESC, a bidi
+# isolate, a byte order mark, a no-break space, a tag character, a Hangul
+# filler: each hides itself or changes what the text around it reads as.
+HIDDEN = (
+    "\u202e", "\u200b", "\u200d", "\x00", "\x1b", "\u2066", "\ufeff", "\u00a0",
+    "\U000e0041", "\u3164",
+)  # fmt: skip
+
+
+def _shown(char: str) -> str:
+    code = ord(char)
+    text = f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
+    return f'<span class="ctl">{text}</span>'
+
+
+@run_async
+async def test_hidden_characters_are_shown_as_code_points_never_raw():
+    approvals, disguised = disguised_approvals()
+    async with served(approvals) as page:
+        await page.login()
+
+        shown = await page.client.get(
+            f"/approvals/{disguised.id}", headers=page.headers()
+        )
+        listed = await page.client.get("/approvals", headers=page.headers())
+
+        for answer in (shown, listed):
+            text = await answer.text()
+            assert answer.status == 200
+            assert not [c for c in HIDDEN if c in text]
+        text = await shown.text()
+        for char in HIDDEN:
+            assert _shown(char) in text, repr(char)
+        assert (
+            f"<bdi>invoice-{_shown(chr(0x202E))}fdp.exe</bdi>" in text
+        )  # the resource id as the request carries it
+        assert f"<bdi>fine{_shown(chr(0x202E))} by me</bdi>" in text
+        assert f"<bdi>bot-b{_shown(chr(0x200B))}</bdi>" in await listed.text()
+
+
+@run_async
+async def test_every_agent_written_value_is_isolated_from_its_neighbours():
+    approvals, disguised = disguised_approvals()
+    async with served(approvals) as page:
+        await page.login()
+
+        text = await (
+            await page.client.get(f"/approvals/{disguised.id}", headers=page.headers())
+        ).text()
+
+        for value in (
+            "payments.refund.issue",  # action
+            "refund",  # resource kind
+            f"req{_shown(chr(0x2066))}-1",  # request id
+            f"alice{_shown(chr(0x200D))}",  # a principal of the chain
+            f"amount{_shown(chr(0x200B))}",  # an attribute name
+            f"reason{_shown(chr(0x2066))}",  # a context key
+            f"damaged{_shown(chr(0x202E))} parcel",  # a context value
+            "large-refund",  # the rule
+        ):
+            assert f"<bdi>{value}</bdi>" in text, value
+
+
+@run_async
+async def test_filter_and_comment_fields_take_their_direction_from_their_text():
+    async with served() as page:
+        await page.login()
+        approval_id = first_pending(page)
+
+        listed = await page.client.get("/approvals", headers=page.headers())
+        shown = await page.client.get(
+            f"/approvals/{approval_id}", headers=page.headers()
+        )
+
+        listing = await listed.text()
+        assert re.search(r'<input id="f-agent" name="agent" dir="auto"', listing)
+        assert re.search(r'<input id="f-action" name="action" dir="auto"', listing)
+        assert '<textarea id="comment" name="comment" maxlength="2000" dir="auto">' in (
+            await shown.text()
+        )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["\u00b2", "\u0663", "\uff11", "1e2", " 5", "+5", "0" * 5000],
+    ids=["superscript", "arabic-indic", "fullwidth", "exponent", "space", "plus",
+         "many-digits"],
+)  # fmt: skip
+@run_async
+async def test_min_risk_takes_ascii_digits_only(value):
+    async with served() as page:
+        await page.login()
+
+        answer = await page.client.get(
+            "/approvals", params={"min_risk": value}, headers=page.headers()
+        )
+
+        assert answer.status == 400
+        assert "filter min_risk: expected a whole number 0..100" in (
+            await answer.text()
+        )
+
+
+@run_async
+async def test_min_risk_with_leading_zeros_is_still_a_score():
+    async with served() as page:
+        await page.login()
+
+        answer = await page.client.get(
+            "/approvals?min_risk=0050", headers=page.headers()
+        )
+
+        assert answer.status == 200
+        assert _listed_ids(await answer.text()) == [
+            sample_approvals()[n - 1].id for n in (3, 2)
+        ]
+
+
+@run_async
+async def test_a_next_path_that_is_no_url_returns_to_the_list():
+    async with served() as page:
+        form = await page.client.get("/approvals/login?next=//[")
+        answer = await page.login(next_path="//[")
+
+        assert form.status == 200
+        assert 'name="next" value="/approvals"' in await form.text()
+        assert answer.status == 303
+        assert answer.headers["Location"] == "/approvals"
+
+
+@run_async
+async def test_a_referer_that_is_no_url_is_no_origin():
+    async with served() as page:
+        await page.login()
+
+        answer = await page.review(
+            first_pending(page),
+            "approve",
+            Origin="<none>",
+            Referer="http://[::1/approvals",
+        )
+
+        assert answer.status == 403
+        assert "This form was not sent from this page" in await answer.text()

@@ -45,12 +45,9 @@ from typing import Any, NamedTuple
 
 from kynara_sdk import (
     APPROVAL_TIMEOUT,
-    REQUIRE_APPROVAL,
     TARGET_ENV,
     ApprovalError,
     ApprovalRequired,
-    ApprovalUpdate,
-    Client,
     Decision,
     KynaraError,
     KynaraUnavailable,
@@ -60,7 +57,7 @@ from kynara_sdk import (
     permission_required,
 )
 
-__all__ = ["AnnouncingClient", "issue_refund", "main", "read_contact"]
+__all__ = ["Announcer", "issue_refund", "main", "read_contact"]
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # The agent socket of the shipped config (config/kynara.yaml, agent.socket),
@@ -109,57 +106,37 @@ def read_contact(contact_id: str, region: str = "DE") -> Receipt:
     return Receipt(f"contact {contact_id} read", current_decision())
 
 
-class AnnouncingClient(Client):
-    """A ``Client`` that prints a require_approval answer (with the
-    approval's URL and id) once, as a tool starts waiting on it, so the
-    person running the agent can pass the link to a reviewer.
+class Announcer:
+    """Prints a require_approval answer (with the approval's URL) once, as a
+    tool starts waiting on it, so the person running the agent can pass the
+    link to a reviewer: the decorator's ``on_wait``.
 
-    The decorator's wait mode asks with ``decide`` and then waits with
-    ``wait_approval``; this client remembers each require_approval answer
-    and prints it, under the ``label`` of the call being made, when the wait
-    on its approval begins.
+    ``label`` is the tool call being made, set before each call.
     """
 
-    # TODO(#10): an SDK hook called before a wait (with the ApprovalRequired)
-    # would make this subclass unnecessary; wait mode has none yet.
-
-    def __init__(self, target: str, seconds: float) -> None:
-        super().__init__(target)
+    def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.label = ""
-        self._asked: dict[str, Decision] = {}
 
-    def decide(self, action: str, **request: Any) -> Decision:
-        """As ``Client.decide``; a require_approval answer is remembered."""
-        decision = super().decide(action, **request)
-        if decision.decision == REQUIRE_APPROVAL and decision.approval is not None:
-            self._asked[decision.approval.id] = decision
-        return decision
-
-    def wait_approval(
-        self, approval_id: str, timeout: float, *, decision_id: str = ""
-    ) -> ApprovalUpdate:
-        """Print the answer that asked for the approval, then wait as
-        ``Client.wait_approval``."""
-        asked = self._asked.pop(approval_id, None)
-        if asked is not None:
-            print(_pending_line(self.label, asked), flush=True)
+    def __call__(self, asked: Decision) -> None:
+        """Print the answer that asked for approval and what is waited on."""
+        approval_id = asked.approval.id if asked.approval is not None else ""
+        print(_pending_line(self.label, asked), flush=True)
         print(
             f"  waiting up to {self.seconds:g} s for a reviewer of {approval_id}",
             flush=True,
         )
-        return super().wait_approval(approval_id, timeout, decision_id=decision_id)
 
 
-def waiting_refund(client: AnnouncingClient) -> Callable[..., Receipt]:
+def waiting_refund(announcer: Announcer) -> Callable[..., Receipt]:
     """``issue_refund`` that waits for a reviewer instead of raising
     ``ApprovalRequired``, then runs once on the grant's allow."""
     waits = permission_required(
         REFUND_ACTION,
         **REFUND_REQUEST,
-        client=client,
         on_approval="wait",
-        approval_timeout=client.seconds,
+        approval_timeout=announcer.seconds,
+        on_wait=announcer,
     )
     return waits(issue_refund.__wrapped__)
 
@@ -269,27 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The tools use the SDK's shared client, which dials $KYNARA_TARGET.
     os.environ[TARGET_ENV] = args.target
-    waiter = None
+    announcer = None
     refund: Callable[..., Receipt] = issue_refund
     if args.wait_for_approval is not None:
-        waiter = AnnouncingClient(args.target, args.wait_for_approval)
-        refund = waiting_refund(waiter)
-    try:
-        return run_session(session(refund, args.large_refund), args.target, waiter)
-    finally:
-        if waiter is not None:
-            waiter.close()
+        announcer = Announcer(args.wait_for_approval)
+        refund = waiting_refund(announcer)
+    return run_session(session(refund, args.large_refund), args.target, announcer)
 
 
 def run_session(
-    steps: list[Step], target: str, waiter: AnnouncingClient | None = None
+    steps: list[Step], target: str, announcer: Announcer | None = None
 ) -> int:
     """Make each call for alice, printing its answer; return the exit status."""
     status = EXIT_ANSWERED
     with acting_for(user="alice"):
         for label, step in steps:
-            if waiter is not None:
-                waiter.label = label
+            if announcer is not None:
+                announcer.label = label
             try:
                 print(run_step(label, step), flush=True)
             except KynaraUnavailable:

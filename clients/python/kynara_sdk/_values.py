@@ -3,8 +3,10 @@
 The daemon keeps integers exact end to end and a timestamp a timestamp, so
 the conversion here refuses anything it would have to guess at: a naive
 ``datetime`` (which instant?), an integer beyond uint64, a key that is not a
-string. Every error names the key path, such as ``context.items[2].when``, so
-the caller can find the bad value in a nested structure.
+string, lists and maps nested deeper than the daemon reads (``MAX_DEPTH``;
+a structure that contains itself is one). Every error names the key path,
+such as ``context.items[2].when``, so the caller can find the bad value in a
+nested structure.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from kynara.v1 import decision_pb2
 
-__all__ = ["UInt64", "to_value", "to_value_map"]
+__all__ = ["MAX_DEPTH", "UInt64", "to_value", "to_value_map"]
 
 MIN_INT64 = -(2**63)
 MAX_INT64 = 2**63 - 1
@@ -24,6 +26,11 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
 _MICROS_PER_SECOND = 1_000_000
 _NANOS_PER_MICRO = 1_000
+# Lists and maps nested in one value at most: the daemon's limit
+# (kynara_sidecar.server.wire.MAX_VALUE_DEPTH), checked here so a deeper
+# value fails with its key path before protobuf, whose own decoder gives up
+# past 100 message levels with a DecodeError, sees it.
+MAX_DEPTH = 16
 
 
 class UInt64(int):
@@ -51,11 +58,12 @@ def to_value(value: Any, path: str = "value") -> decision_pb2.Value:
     Raises:
         TypeError: the value, or a value or key nested in it, has a type with
             no wire form; the message names its key path and type.
-        ValueError: an integer is out of range, or a ``datetime`` is naive;
-            the message names its key path.
+        ValueError: an integer is out of range, a ``datetime`` is naive, or
+            lists and maps are nested more than ``MAX_DEPTH`` deep; the
+            message names its key path.
     """
     out = decision_pb2.Value()
-    _fill(out, value, path)
+    _fill(out, value, path, 0)
     return out
 
 
@@ -91,7 +99,7 @@ def _key(key: Any, path: str) -> str:
     return key
 
 
-def _fill(out: decision_pb2.Value, value: Any, path: str) -> None:
+def _fill(out: decision_pb2.Value, value: Any, path: str, depth: int) -> None:
     # Order matters: bool is an int subclass and UInt64 an int subclass, and
     # datetime must be checked before anything that would accept a date.
     if isinstance(value, bool):
@@ -111,17 +119,28 @@ def _fill(out: decision_pb2.Value, value: Any, path: str) -> None:
     elif isinstance(value, datetime.timedelta):
         _fill_duration(out, value)
     elif isinstance(value, list | tuple):
+        _check_depth(path, depth)
         out.list_value.SetInParent()
         for index, item in enumerate(value):
-            _fill(out.list_value.values.add(), item, f"{path}[{index}]")
+            _fill(out.list_value.values.add(), item, f"{path}[{index}]", depth + 1)
     elif isinstance(value, Mapping):
+        _check_depth(path, depth)
         out.map_value.SetInParent()
         for key, item in value.items():
-            _fill(out.map_value.entries[_key(key, path)], item, f"{path}.{key}")
+            entry = out.map_value.entries[_key(key, path)]
+            _fill(entry, item, f"{path}.{key}", depth + 1)
     else:
         raise TypeError(
             f"{path}: expected bool, int, float, str, bytes, datetime, timedelta,"
             f" list or dict, got {type(value).__name__}"
+        )
+
+
+def _check_depth(path: str, depth: int) -> None:
+    if depth >= MAX_DEPTH:
+        raise ValueError(
+            f"{path}: expected lists and maps nested at most {MAX_DEPTH} deep,"
+            " got deeper (or a list or dict that contains itself)"
         )
 
 

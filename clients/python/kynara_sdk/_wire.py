@@ -276,8 +276,10 @@ def wait_error(
     last: ApprovalUpdate | None,
 ) -> KynaraError:
     """A failed WaitApproval call as an SDK error: its deadline passing is
-    ``ApprovalTimeout`` (the approval stays pending), anything else as
-    ``error_from_rpc``."""
+    ``ApprovalTimeout`` (the approval stays pending); the daemon's refusal
+    (``not_found``, ``identity_invalid``, ...) an ``ApprovalError`` with that
+    code that carries ``approval_id``, ``decision_id`` and the last update;
+    no answer at all as ``error_from_rpc``."""
     status = err.code() if callable(getattr(err, "code", None)) else None
     if status is grpc.StatusCode.DEADLINE_EXCEEDED and not _metadata(err):
         return ApprovalTimeout(
@@ -287,4 +289,9 @@ def wait_error(
             decision_id,
             last,
         )
-    return error_from_rpc(err, target)
+    error = error_from_rpc(err, target)
+    if not _metadata(err).get(ERROR_CODE_KEY):
+        return error
+    return ApprovalError(
+        error.code, approval_id, error.message, decision_id, last, field=error.field
+    )

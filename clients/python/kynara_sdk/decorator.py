@@ -13,7 +13,9 @@ decorator streams the approval's state (``wait_approval``) for up to
 (the same request, plus the approval id) and runs the body on that allow,
 once. A wait that times out raises ``ApprovalTimeout`` and leaves the
 approval pending; a rejection or expiry raises ``ApprovalRejected`` or
-``ApprovalExpired``; the body never runs without an allow.
+``ApprovalExpired``; the body never runs without an allow. ``on_wait`` is
+called with the require_approval decision just before the wait starts, so
+the agent can pass the approval's URL to someone who can review it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 OnApproval = Literal["raise", "wait"]
+# Told of a require_approval decision before a wait on it; an async tool may
+# give a coroutine function.
+OnWait = Callable[[Decision], Any]
 # How long a waiting tool waits for a reviewer by default: long enough for a
 # person to notice and decide, short enough that an agent is not parked for
 # hours holding its caller. Pass approval_timeout for another bound.
@@ -106,6 +111,7 @@ def permission_required(
     client: Client | AsyncClient | None = None,
     on_approval: OnApproval = "raise",
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+    on_wait: OnWait | None = None,
 ) -> Callable[[F], F]:
     """Decorate a sync or async function so it runs only when allowed.
 
@@ -124,6 +130,12 @@ def permission_required(
             (the default), or ``"wait"`` for a reviewer, then retry with the
             grant and run the body on its allow.
         approval_timeout: seconds ``"wait"`` waits for a reviewer.
+        on_wait: with ``"wait"``, called once per wait with the
+            require_approval ``Decision`` (its ``approval.url`` and
+            ``approval.id``) just before waiting starts, e.g. to print or
+            post the link for a reviewer. For an async function it may be a
+            coroutine function (it is awaited). What it raises propagates
+            and the body does not run.
 
     Returns:
         The decorator. The wrapped function keeps its name and signature,
@@ -141,13 +153,16 @@ def permission_required(
     Raises:
         ValueError: a mapped argument is not a parameter of the function;
             ``on_approval`` is neither mode; ``approval_timeout`` is not a
-            positive number of seconds.
+            positive number of seconds; ``on_wait`` is given without
+            ``on_approval="wait"``.
         TypeError: ``client`` does not suit the function (an ``AsyncClient``
-            for a sync function, or the reverse).
+            for a sync function, or the reverse); ``on_wait`` is not
+            callable.
     """
     attr_map = _argument_map(attrs, "attrs")
     context_map = _argument_map(context, "context")
     waits = _check_approval_mode(on_approval, approval_timeout)
+    _check_on_wait(on_wait, waits)
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
@@ -177,6 +192,10 @@ def permission_required(
                 decision = await asker.decide(action, **request)
                 if waits and _waitable(decision):
                     approval_id = decision.approval.id  # type: ignore[union-attr]
+                    if on_wait is not None:
+                        told = on_wait(decision)
+                        if inspect.isawaitable(told):
+                            await told
                     await asker.wait_approval(
                         approval_id,
                         approval_timeout,
@@ -201,6 +220,8 @@ def permission_required(
             decision = asker.decide(action, **request)
             if waits and _waitable(decision):
                 approval_id = decision.approval.id  # type: ignore[union-attr]
+                if on_wait is not None:
+                    on_wait(decision)
                 asker.wait_approval(
                     approval_id, approval_timeout, decision_id=decision.decision_id
                 )
@@ -250,6 +271,21 @@ def _check_approval_mode(on_approval: object, timeout: object) -> bool:
     ):
         raise ValueError(f"approval_timeout: expected seconds > 0, got {timeout!r}")
     return on_approval == "wait"
+
+
+def _check_on_wait(on_wait: object, waits: bool) -> None:
+    if on_wait is None:
+        return
+    if not callable(on_wait):
+        raise TypeError(
+            f"on_wait: expected a callable taking the Decision, got"
+            f" {type(on_wait).__name__}"
+        )
+    if not waits:
+        raise ValueError(
+            "on_wait: expected on_approval='wait' with it; without a wait it"
+            " would never be called"
+        )
 
 
 def _argument_map(spec: ArgumentMap, where: str) -> dict[str, str]:

@@ -18,6 +18,10 @@ Codes from the daemon's catalogue (``ErrorCode`` in
   resolved it (``ApprovalTimeout``). The approval stays pending: a timeout
   is never a rejection, and a reviewer may still approve it.
 
+A wait the daemon refuses (``not_found`` for an id that names no approval of
+this agent) raises ``ApprovalError`` with the daemon's code, so it carries
+the ``approval_id`` waited on like every other end of a wait.
+
 A wait that ends with the approval rejected or expired raises
 ``ApprovalRejected`` (``approval_rejected``) or ``ApprovalExpired``
 (``approval_expired``), the same codes a retry with that approval would get
@@ -177,12 +181,14 @@ class ApprovalError(KynaraError):
 
     Args:
         code: the stable code (``APPROVAL_TIMEOUT``, ``APPROVAL_REJECTED``,
-            ``APPROVAL_EXPIRED``, ``APPROVAL_USED``).
+            ``APPROVAL_EXPIRED``, ``APPROVAL_USED``; or the daemon's code when
+            it refused the wait, e.g. ``not_found``).
         approval_id: the approval waited on.
         message: for people; never branch on it.
         decision_id: the require_approval decision that asked for it, when
             known.
         update: the approval's last state seen, when one was.
+        field: the request field at fault, as the daemon named it, or "".
 
     Attributes:
         approval_id, decision_id, update: as given.
@@ -195,19 +201,33 @@ class ApprovalError(KynaraError):
         message: str,
         decision_id: str = "",
         update: ApprovalUpdate | None = None,
+        *,
+        field: str = "",
     ) -> None:
         self.approval_id = approval_id
         self.decision_id = decision_id
         self.update = update
         self._detail = message
         where = f"; decision {decision_id}" if decision_id else ""
-        super().__init__(code, f"approval {approval_id}: {message}{where}")
+        super().__init__(code, f"approval {approval_id}: {message}{where}", field)
 
     def __reduce__(self):
         args = (self.approval_id, self._detail, self.decision_id, self.update)
-        if type(self) is ApprovalError:
-            args = (self.code, *args)
-        return (self.__class__, args)
+        if type(self) is not ApprovalError:
+            return (self.__class__, args)
+        return (_approval_error, (self.code, *args, self.field))
+
+
+def _approval_error(
+    code: str,
+    approval_id: str,
+    message: str,
+    decision_id: str,
+    update: ApprovalUpdate | None,
+    field: str,
+) -> ApprovalError:
+    # Unpickles an ApprovalError: its field is keyword-only.
+    return ApprovalError(code, approval_id, message, decision_id, update, field=field)
 
 
 class ApprovalTimeout(ApprovalError):
