@@ -647,6 +647,7 @@ class Pipeline:
             directory_revision=decision.directory_revision,
             created_at=format_timestamp(env.now),
             expires_at=format_timestamp(Timestamp.from_nanos(expires)),
+            volatile_context=tuple(sorted(set(cfg.volatile_context))),
             url=book.url_for(approval_id),
         )
 

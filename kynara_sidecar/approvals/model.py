@@ -166,6 +166,10 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True):
     created_at: str
     expires_at: str
     reviews: tuple[Review, ...] = ()
+    # The top-level context keys the digest leaves out
+    # (approvals.volatile_context when it was opened), so that a verifier
+    # can recompute the digest of a use from the log alone.
+    volatile_context: tuple[str, ...] = ()
     resolved_at: str = ""
     used_by: str = ""
     url: str = ""

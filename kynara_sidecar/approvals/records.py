@@ -68,6 +68,7 @@ def approval_entry(approval: Approval, **fields: object) -> ApprovalEntry:
         rules=[f"{r.policy}/{r.rule} ({r.principal})" for r in approval.rules],
         decision_id=approval.decision_id,
         used_by=approval.used_by,
+        volatile_context=list(approval.volatile_context),
     )
     return msgspec.structs.replace(entry, **fields) if fields else entry
 

@@ -185,6 +185,8 @@ class ApprovalEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     decision_id: str = ""
     # The decision that used it (state "used").
     used_by: str = ""
+    # The top-level context keys the digest leaves out.
+    volatile_context: list[str] = []
 
 
 class RiskFactorEntry(msgspec.Struct, kw_only=True):

@@ -104,12 +104,9 @@ seal signs it:
   chain ids, action, resource kind and id, and the binding digest it
   carries equal the ``approval_requested`` record's. Where neither record
   is redacted, the digest is also recomputed from the allow record
-  (``approvals.binding``): the attributes must be equal, and the context
-  keys in which the two records differ must be among those the digest
-  left out. Which keys ``approvals.volatile_context`` named is not known
-  here, so the walk looks for a set of keys, holding every differing one,
-  that leaves the allow's context hashing to the approved digest; it gives
-  up (a note) after ``MAX_BINDING_TRIES`` sets.
+  (``approvals.binding``): the attributes must be equal, and the context,
+  less the keys the ``approval_requested`` record names as left out of the
+  digest (``volatile_context``), must hash to the approved digest.
 
 An approval opened before a pruning seam is not known to the walk, so an
 allow citing it is not checked for approval, expiry or binding (its second
@@ -129,7 +126,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -201,12 +197,6 @@ _ALLOW = "allow"
 _APPROVAL_GRANTED = "approval_granted"
 # As approvals.binding.DIGEST_PREFIX; verify reads records, not requests.
 _DIGEST_PREFIX = "sha256:"
-# How many sets of context keys the binding check hashes for one allow
-# before it gives up (a note): contexts hold a handful of keys, so a legit
-# allow is matched within a few tries; a context of 12 or more keys equal
-# in both records may exceed it.
-MAX_BINDING_TRIES = 4096
-
 _SIGNATURE_PROBLEMS = {
     CheckpointProblem.UNKNOWN_KEY: ProblemKind.UNKNOWN_KEY,
     CheckpointProblem.BAD_SIGNATURE: ProblemKind.BAD_SIGNATURE,
@@ -965,12 +955,7 @@ class _Walk:
                 f"not before its expires_at {asked.expires_at!r} (record "
                 f"{asked.seq})",
             )
-        why, unsure = _mismatch(asked, record)
-        if unsure:
-            self.notes.append(
-                f"record {seq}: the binding of approval {approval_id!r} was not "
-                f"fully checked: {unsure}"
-            )
+        why = _mismatch(asked, record)
         if why:
             raise _stop(
                 seq,
@@ -1233,6 +1218,8 @@ class _Asked(NamedTuple):
     attributes: object
     context: dict[str, Any]
     redacted: bool
+    # The context keys the digest leaves out.
+    volatile: frozenset[str]
 
 
 class _ApprovalSeen:
@@ -1279,6 +1266,11 @@ def _asked(seq: int, record: dict[str, Any], approval: dict[str, Any]) -> _Asked
         attributes=attributes,
         context=context if isinstance(context, dict) else {},
         redacted=bool(record.get("redactions")),
+        volatile=frozenset(
+            key
+            for key in approval.get("volatile_context") or ()
+            if isinstance(key, str)
+        ),
     )
 
 
@@ -1292,10 +1284,9 @@ def _before(time: object, expires_at: str) -> bool:
     return (used.seconds, used.nanos) < (ends.seconds, ends.nanos)
 
 
-def _mismatch(asked: _Asked, record: dict[str, Any]) -> tuple[str, str]:
+def _mismatch(asked: _Asked, record: dict[str, Any]) -> str:
     """Why the allow ``record`` is for another request than ``asked``
-    binds ("" when it is the same), and what could not be told ("" when
-    everything could)."""
+    binds; "" when it is the same."""
     chain, action, kind, resource_id, attributes = _request_parts(record)
     approval = record.get("approval") or {}
     for what, theirs, ours in (
@@ -1306,75 +1297,31 @@ def _mismatch(asked: _Asked, record: dict[str, Any]) -> tuple[str, str]:
         ("digest", approval.get("digest", ""), asked.digest),
     ):
         if theirs != ours:
-            return f"its {what} is {theirs!r}, the approval's {ours!r}", ""
+            return f"its {what} is {theirs!r}, the approval's {ours!r}"
+    if asked.redacted or record.get("redactions"):
+        return ""
+    if attributes != asked.attributes:
+        return "it binds another request: the resource attributes differ"
     context = record.get("context")
     context = context if isinstance(context, dict) else {}
-    if asked.redacted or record.get("redactions"):
-        return "", ""
-    if attributes != asked.attributes:
-        return "it binds another request: the resource attributes differ", ""
-    differ = {
-        key
-        for key in context.keys() | asked.context.keys()
-        if context.get(key) != asked.context.get(key)
+    document = {
+        "chain": chain,
+        "action": action,
+        "resource": {"kind": kind, "id": resource_id, "attributes": attributes},
+        "context": {k: v for k, v in context.items() if k not in asked.volatile},
     }
-    if not differ:
-        return "", ""
-    found = _find_binding(asked, chain, action, kind, resource_id, context, differ)
-    if found is None:
-        return "", f"more than {MAX_BINDING_TRIES} sets of context keys to try"
-    if not found:
+    if _binding_digest(document) != asked.digest:
+        differ = sorted(
+            key
+            for key in context.keys() | asked.context.keys()
+            if context.get(key) != asked.context.get(key)
+        )
         return (
-            "it binds another request: no context keys left out of the digest "
-            f"explain the differing [{', '.join(sorted(differ))}]",
-            "",
+            "it binds another request: its context, less the keys left out of "
+            f"the digest [{', '.join(sorted(asked.volatile))}], hashes to "
+            f"another digest (differing [{', '.join(differ)}])"
         )
-    # NOTE: a key the use has and the request had not hashes to nothing on
-    # the request's side whether or not it was volatile; only
-    # approvals.volatile_context can tell, and no record holds it.
-    added = sorted(context.keys() - asked.context.keys())
-    if added:
-        return "", (
-            f"context keys [{', '.join(added)}] appear only on the use; the "
-            "log does not say whether approvals.volatile_context named them"
-        )
-    return "", ""
-
-
-def _find_binding(
-    asked: _Asked,
-    chain: list[Any],
-    action: Any,
-    kind: Any,
-    resource_id: Any,
-    context: dict[str, Any],
-    differ: set[str],
-) -> bool | None:
-    # A set left out must hold every differing key the allow has (else its
-    # value is hashed, and differs); the keys equal in both may or may not
-    # have been volatile: try their subsets, smallest first.
-    leave = differ & context.keys()
-    equal = sorted(context.keys() - differ)
-    tries = 0
-    for size in range(len(equal) + 1):
-        for extra in itertools.combinations(equal, size):
-            tries += 1
-            if tries > MAX_BINDING_TRIES:
-                return None
-            left_out = leave.union(extra)
-            document = {
-                "chain": chain,
-                "action": action,
-                "resource": {
-                    "kind": kind,
-                    "id": resource_id,
-                    "attributes": asked.attributes,
-                },
-                "context": {k: v for k, v in context.items() if k not in left_out},
-            }
-            if _binding_digest(document) == asked.digest:
-                return True
-    return False
+    return ""
 
 
 def _binding_digest(document: dict[str, Any]) -> str:
