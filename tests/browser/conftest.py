@@ -113,8 +113,12 @@ def screenshot(chromium, screenshot_dir, request):
         path = screenshot_dir / f"{test}-{chromium.size_name}-{name}.png"
         # The whole page, not only the window: the review form is at the end.
         size = chromium.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+        # Captured beyond the viewport, the page is laid out without its
+        # scrollbar, at the window's full width: clip to that, not to the
+        # content width measured beside the scrollbar.
+        width = max(size["width"], chromium.execute_script("return innerWidth"))
         clip = {"x": 0, "y": 0, "scale": 1}
-        clip |= {"width": size["width"], "height": size["height"]}
+        clip |= {"width": width, "height": size["height"]}
         shot = chromium.execute_cdp_cmd(
             "Page.captureScreenshot",
             {"format": "png", "captureBeyondViewport": True, "clip": clip},
