@@ -609,6 +609,29 @@ def test_timeout_is_not_rejection_and_the_grant_still_works(real):
     assert (granted.decision, granted.reason_code) == ("allow", "approval_granted")
 
 
+def test_after_a_timeout_calling_the_tool_again_uses_the_grant(real):
+    # The daemon answers the same request with its approved approval, so the
+    # tool's next call picks up the grant: no second review, one run.
+    running, admin = real
+    ran: list[str] = []
+    with Client(running.target) as client:
+        issue = refund_tool(client, ran, timeout=0.5)
+        with acting_for(user="alice"), pytest.raises(ApprovalTimeout) as info:
+            issue("rf_8", 60000)
+        carol_approves(admin, info.value.approval_id)
+
+        with acting_for(user="alice"):
+            decision = issue("rf_8", 60000)
+            with pytest.raises(ApprovalTimeout) as again:
+                issue("rf_8", 60000)
+
+    assert ran == ["rf_8"]
+    assert (decision.decision, decision.reason_code) == ("allow", "approval_granted")
+    assert decision.approval.id == info.value.approval_id
+    # Used once: the next call opens a new approval and waits for it.
+    assert again.value.approval_id != info.value.approval_id
+
+
 def test_wait_mode_runs_the_body_exactly_once_when_a_reviewer_approves(real):
     from kynara.v1 import approval_pb2
 
