@@ -849,28 +849,63 @@ def _admin_target(config: Config) -> str:
     )
 
 
-def _operator_secret(args: argparse.Namespace) -> str:
+class _Credential(typing.NamedTuple):
+    """What an admin command sends, in its error messages."""
+
+    # What the file holds: "secret" or "token".
+    noun: str
+    # What a file must hold, and what is missing when none is given.
+    expected: str
+    missing: str
+
+
+_OPERATOR = _Credential(
+    "secret",
+    "an operator's admin secret (the file admin.credentials names)",
+    "an operator secret",
+)
+_REVIEWER = _Credential(
+    "token", "a reviewer's admin secret or reviewer JWT", "a reviewer's token"
+)
+
+
+def _admin_call(
+    args: argparse.Namespace, credential: _Credential
+) -> tuple[Config, str, list[tuple[str, str]]]:
+    """The daemon's config, its admin listener's target, and the bearer
+    metadata of the credential in --credential-file or $KYNARA_ADMIN_SECRET.
+    """
+    config = _config_unless_path(
+        args, None, f"expected the daemon's config: give {_GIVE_CONFIG}"
+    )
+    assert config is not None  # no path: the config is always loaded
+    target = _admin_target(config)
+    token = _admin_token(args, credential)
+    return config, target, [("authorization", f"Bearer {token}")]
+
+
+def _admin_token(args: argparse.Namespace, credential: _Credential) -> str:
     if args.credential_file:
         try:
             with open(args.credential_file, encoding="utf-8") as file:
-                secret = file.read().strip()
+                token = file.read().strip()
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(
-                f"--credential-file: cannot read the secret: {err}"
+                f"--credential-file: cannot read the {credential.noun}: {err}"
             ) from None
-        if not secret:
+        if not token:
             raise ConfigError(
                 f"--credential-file: {args.credential_file} is empty; expected "
-                "an operator's admin secret (the file admin.credentials names)"
+                f"{credential.expected}"
             )
-        return secret
-    secret = os.environ.get(ADMIN_SECRET_ENV, "").strip()
-    if not secret:
+        return token
+    token = os.environ.get(ADMIN_SECRET_ENV, "").strip()
+    if not token:
         raise _UsageError(
-            "expected an operator secret: --credential-file FILE or "
+            f"expected {credential.missing}: --credential-file FILE or "
             f"${ADMIN_SECRET_ENV}"
         )
-    return secret
+    return token
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -879,17 +914,12 @@ def _sync(args: argparse.Namespace) -> int:
     import grpc
     from kynara.v1 import sync_pb2, sync_pb2_grpc
 
-    config = _config_unless_path(
-        args, None, f"expected the daemon's config: give {_GIVE_CONFIG}"
-    )
-    assert config is not None  # no path: the config is always loaded
-    target = _admin_target(config)
-    secret = _operator_secret(args)
+    config, target, metadata = _admin_call(args, _OPERATOR)
     with grpc.insecure_channel(target) as channel:
         try:
             reply = sync_pb2_grpc.SyncServiceStub(channel).SyncNow(
                 sync_pb2.SyncNowRequest(force=args.force),
-                metadata=[("authorization", f"Bearer {secret}")],
+                metadata=metadata,
                 timeout=SYNC_NOW_TIMEOUT_SECONDS,
             )
         except grpc.RpcError as err:
@@ -992,30 +1022,6 @@ def _add_approvals_parser(commands: argparse._SubParsersAction) -> None:
         )
 
 
-def _reviewer_token(args: argparse.Namespace) -> str:
-    if args.credential_file:
-        try:
-            with open(args.credential_file, encoding="utf-8") as file:
-                token = file.read().strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"--credential-file: cannot read the token: {err}"
-            ) from None
-        if not token:
-            raise ConfigError(
-                f"--credential-file: {args.credential_file} is empty; expected a "
-                "reviewer's admin secret or reviewer JWT"
-            )
-        return token
-    token = os.environ.get(ADMIN_SECRET_ENV, "").strip()
-    if not token:
-        raise _UsageError(
-            "expected a reviewer's token: --credential-file FILE or "
-            f"${ADMIN_SECRET_ENV}"
-        )
-    return token
-
-
 def _approvals(args: argparse.Namespace) -> int:
     import json
 
@@ -1023,12 +1029,7 @@ def _approvals(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
     from kynara.v1 import approval_pb2, approval_pb2_grpc
 
-    config = _config_unless_path(
-        args, None, f"expected the daemon's config: give {_GIVE_CONFIG}"
-    )
-    assert config is not None  # no path: the config is always loaded
-    target = _admin_target(config)
-    metadata = [("authorization", f"Bearer {_reviewer_token(args)}")]
+    config, target, metadata = _admin_call(args, _REVIEWER)
     command = args.approvals_command
     with grpc.insecure_channel(target) as channel:
         stub = approval_pb2_grpc.ApprovalServiceStub(channel)

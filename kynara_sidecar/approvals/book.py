@@ -64,7 +64,12 @@ from typing import NamedTuple
 
 import msgspec
 
-from kynara_sidecar.approvals.eligibility import check_grant, check_review, outcome
+from kynara_sidecar.approvals.eligibility import (
+    check_current,
+    check_grant,
+    check_review,
+    outcome,
+)
 from kynara_sidecar.approvals.model import (
     FINAL_STATES,
     Approval,
@@ -74,28 +79,25 @@ from kynara_sidecar.approvals.model import (
     Review,
     Reviewer,
     Verdict,
+    nanos_of,
 )
 from kynara_sidecar.approvals.records import (
     requested_record,
     resolved_record,
     reviewed_record,
 )
-from kynara_sidecar.approvals.signed_review import view_digest
 from kynara_sidecar.audit import AuditSink
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.record import (
     AuditRecordV1,
     RecordKind,
     format_timestamp,
-    parse_timestamp,
 )
 from kynara_sidecar.audit.store import AuditStore, StateChange
 from kynara_sidecar.config import ApprovalsConfig
-from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.decision import NANOS_PER_SECOND, Timestamp
 from kynara_sidecar.errors import (
-    ApprovalClosed,
     AuditUnavailable,
-    InvalidRequest,
     NotFound,
     ReasonCode,
 )
@@ -116,7 +118,6 @@ APPROVAL_ID_PREFIX = "apr_"
 # 16 random bytes: ids cannot be guessed, and 26 base32 characters are
 # safe in URLs and as LMDB keys.
 APPROVAL_ID_BYTES = 16
-NANOS_PER_SECOND = 1_000_000_000
 RATE_WINDOW_NANOS = 60 * NANOS_PER_SECOND
 # The expiry task wakes at the next expiry, and at least this often, so a
 # clock that jumps (NTP, a suspended VM) is caught up within a minute.
@@ -168,11 +169,6 @@ def requirement_for(
         allow_self_approval=allow_self,
         expires_in_seconds=expiry,
     )
-
-
-def _nanos(rfc3339: str) -> int:
-    stamp = parse_timestamp(rfc3339)
-    return stamp.seconds * NANOS_PER_SECOND + stamp.nanos
 
 
 def _rfc3339(nanos: int) -> str:
@@ -292,7 +288,7 @@ class ApprovalBook:
         for _, raw in self._store.iter_state(APPROVALS_DB):
             approval = _DECODER.decode(raw)
             if approval.state in FINAL_STATES and approval.resolved_at:
-                if now - _nanos(approval.resolved_at) > keep_final:
+                if now - nanos_of(approval.resolved_at) > keep_final:
                     continue
             self._remember(approval)
         self._seed_recent()
@@ -411,24 +407,11 @@ class ApprovalBook:
         """
         # TODO(#9): a sorted index instead of a sort per call, if inboxes
         # with many thousands of open approvals turn up.
-        items = sorted(
-            (
-                a
-                for a in self._approvals.values()
-                if a.id not in self._provisional and _matches(a, query)
-            ),
-            key=lambda a: (self._created[a.id], a.id),
-            reverse=True,
+        return query.page(
+            (a for a in self._approvals.values() if a.id not in self._provisional),
+            self.get,
+            lambda a: self._created[a.id],
         )
-        if query.after:
-            anchor = self.get(query.after)
-            if anchor is None:
-                raise InvalidRequest(
-                    f"no approval {query.after!r} to page after", field="after"
-                )
-            key = (_nanos(anchor.created_at), anchor.id)
-            items = [a for a in items if (self._created[a.id], a.id) < key]
-        return items[: max(query.limit, 0)]
 
     async def review(
         self,
@@ -451,21 +434,9 @@ class ApprovalBook:
                 changed.
         """
         async with self._lock:
-            approval = self.get(approval_id)
-            if approval is None:
-                raise NotFound(f"no approval {approval_id!r}", field="approval_id")
-            if view and view != view_digest(approval):
-                raise ApprovalClosed(
-                    f"approval {approval_id} changed since you read it; reload",
-                    field="view",
-                )
+            approval = check_current(approval_id, self.get(approval_id), view)
             now = self._clock()
-            if approval.state is ApprovalState.PENDING and self._due(approval, now):
-                raise ApprovalClosed(
-                    f"approval {approval_id} expired at {approval.expires_at}",
-                    field="approval_id",
-                )
-            check_review(approval, reviewer, comment)
+            check_review(approval, reviewer, comment, now=now)
             state = outcome(approval, verdict)
             review = Review(
                 reviewer=reviewer.id,
@@ -695,7 +666,7 @@ class ApprovalBook:
     def _due(self, approval: Approval, now: int) -> bool:
         expires = self._expires.get(approval.id)
         if expires is None:
-            expires = _nanos(approval.expires_at)
+            expires = nanos_of(approval.expires_at)
         return now >= expires
 
     async def expire_due(self) -> int:
@@ -794,7 +765,7 @@ class ApprovalBook:
             for a in self._approvals.values()
             if a.state in FINAL_STATES
             and a.resolved_at
-            and now - _nanos(a.resolved_at) > keep
+            and now - nanos_of(a.resolved_at) > keep
             and a.id not in self._watchers
         ]
         for approval_id in old:
@@ -805,8 +776,8 @@ class ApprovalBook:
     def _remember(self, approval: Approval) -> None:
         self._forget(approval.id)
         self._approvals[approval.id] = approval
-        self._created[approval.id] = _nanos(approval.created_at)
-        self._expires[approval.id] = _nanos(approval.expires_at)
+        self._created[approval.id] = nanos_of(approval.created_at)
+        self._expires[approval.id] = nanos_of(approval.expires_at)
         if approval.state is ApprovalState.PENDING:
             self._pending[(approval.agent_id, approval.digest)] = approval.id
             self._pending_count[approval.agent_id] += 1
@@ -836,12 +807,3 @@ _REFUSALS = {
     ApprovalState.EXPIRED: (ReasonCode.APPROVAL_EXPIRED, "expired before it was used"),
     ApprovalState.USED: (ReasonCode.APPROVAL_USED, "was used already: it allows once"),
 }
-
-
-def _matches(approval: Approval, query: InboxQuery) -> bool:
-    return (
-        (query.state is None or approval.state is query.state)
-        and (not query.agent_id or approval.agent_id == query.agent_id)
-        and (not query.action or approval.action == query.action)
-        and approval.risk.score >= query.min_risk
-    )

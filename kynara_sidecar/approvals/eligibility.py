@@ -4,7 +4,11 @@ One pure check, shared by the daemon's book (which records reviews) and the
 collector's fleet inbox (which signs and forwards them), so that an inbox
 never accepts a review the daemon would refuse:
 
-1. The approval must be pending (``ApprovalClosed`` otherwise).
+0. The approval must exist and, when the reviewer's view is given, be the
+   one they were shown (``check_current``: ``NotFound``, ``ApprovalClosed``).
+1. The approval must be pending, and not past its ``expires_at`` when the
+   review's time is given: its expiry may not be recorded yet
+   (``ApprovalClosed`` otherwise).
 2. The reviewer must hold the ``reviewer`` role, and one role of every
    asking rule that names reviewer roles (``RoleMissing``).
 3. A reviewer who is a principal of the request's chain (the user, or any
@@ -43,12 +47,15 @@ from kynara_sidecar.approvals.model import (
     Review,
     Reviewer,
     Verdict,
+    nanos_of,
 )
-from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
-from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.approvals.signed_review import view_digest
+from kynara_sidecar.audit.record import format_timestamp
+from kynara_sidecar.decision import NANOS_PER_SECOND, Timestamp
 from kynara_sidecar.errors import (
     ApprovalClosed,
     InvalidRequest,
+    NotFound,
     ReasonCode,
     RoleMissing,
     SelfApproval,
@@ -57,6 +64,7 @@ from kynara_sidecar.errors import (
 __all__ = [
     "REVIEWER_ROLE",
     "GrantRefusal",
+    "check_current",
     "check_grant",
     "check_review",
     "grant_deadline",
@@ -64,11 +72,46 @@ __all__ = [
 ]
 
 REVIEWER_ROLE = "reviewer"
-NANOS_PER_SECOND = 1_000_000_000
 
 
-def check_review(approval: Approval, reviewer: Reviewer, comment: str = "") -> None:
+def check_current(approval_id: str, approval: Approval | None, view: str) -> Approval:
+    """The approval a review names, checked to be the one the reviewer saw.
+
+    Args:
+        approval_id: the id the review names.
+        approval: what the inbox holds under that id, or None.
+        view: ``signed_review.view_digest`` of the approval as the reviewer
+            was shown it; "" checks nothing.
+
+    Returns:
+        ``approval``.
+
+    Raises:
+        NotFound: ``approval`` is None.
+        ApprovalClosed: it differs from ``view``.
+    """
+    if approval is None:
+        raise NotFound(f"no approval {approval_id!r}", field="approval_id")
+    if view and view != view_digest(approval):
+        raise ApprovalClosed(
+            f"approval {approval_id} changed since you read it; reload",
+            field="view",
+        )
+    return approval
+
+
+def check_review(
+    approval: Approval,
+    reviewer: Reviewer,
+    comment: str = "",
+    *,
+    now: int | None = None,
+) -> None:
     """Raise why ``reviewer`` may not review ``approval`` now, if they may not.
+
+    Args:
+        now: the review's instant, nanoseconds since the epoch; when given,
+            a pending approval past its ``expires_at`` is refused.
 
     Raises:
         ApprovalClosed, RoleMissing, SelfApproval, InvalidRequest: see the
@@ -78,6 +121,11 @@ def check_review(approval: Approval, reviewer: Reviewer, comment: str = "") -> N
         raise ApprovalClosed(
             f"approval {approval.id} is {approval.state}, not pending: "
             "nothing is left to review",
+            field="approval_id",
+        )
+    if now is not None and now >= nanos_of(approval.expires_at):
+        raise ApprovalClosed(
+            f"approval {approval.id} expired at {approval.expires_at}",
             field="approval_id",
         )
     if len(comment) > MAX_COMMENT_CHARS:
@@ -136,18 +184,13 @@ class GrantRefusal(NamedTuple):
     reason: str
 
 
-def _nanos(rfc3339: str) -> int:
-    stamp = parse_timestamp(rfc3339)
-    return stamp.seconds * NANOS_PER_SECOND + stamp.nanos
-
-
 def grant_deadline(approval: Approval, requirement: Requirement) -> int:
     """When ``approval`` stops granting under ``requirement`` (nanoseconds
     since the epoch): ``created_at`` plus the requirement's expiry, and
     never later than the stored ``expires_at``."""
-    created = _nanos(approval.created_at)
+    created = nanos_of(approval.created_at)
     recomputed = created + requirement.expires_in_seconds * NANOS_PER_SECOND
-    return min(recomputed, _nanos(approval.expires_at))
+    return min(recomputed, nanos_of(approval.expires_at))
 
 
 def _discounted(approval: Approval, review: Review, requirement: Requirement) -> str:

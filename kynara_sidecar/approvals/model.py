@@ -17,10 +17,14 @@ published to the central store (JSON) and shown, all from one shape.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import msgspec
+
+from kynara_sidecar.audit.record import parse_timestamp
+from kynara_sidecar.decision import NANOS_PER_SECOND
+from kynara_sidecar.errors import InvalidRequest
 
 __all__ = [
     "FINAL_STATES",
@@ -37,6 +41,7 @@ __all__ = [
     "Risk",
     "RiskFactor",
     "Verdict",
+    "nanos_of",
 ]
 
 # A comment is for a human; it is kept in the audit record.
@@ -199,6 +204,68 @@ class InboxQuery(msgspec.Struct, frozen=True):
     limit: int = 50
     # The id of the last approval of the previous page, newest first.
     after: str = ""
+
+    def matches(self, approval: Approval) -> bool:
+        """Whether ``approval`` passes every filter of this query."""
+        return (
+            (self.state is None or approval.state is self.state)
+            and (not self.agent_id or approval.agent_id == self.agent_id)
+            and (not self.action or approval.action == self.action)
+            and approval.risk.score >= self.min_risk
+        )
+
+    def page(
+        self,
+        approvals: Iterable[Approval],
+        find: Callable[[str], Approval | None],
+        created: Callable[[Approval], int] | None = None,
+    ) -> list[Approval]:
+        """The page of ``approvals`` this query lists, as ``Inbox.list``.
+
+        Newest first: by ``created_at``, then by id, both descending; only
+        those matching, only those older than the approval ``after`` names,
+        at most ``limit``.
+
+        Args:
+            approvals: every approval of the inbox, in any order.
+            find: the inbox's lookup of the approval ``after`` names.
+            created: an approval's ``created_at`` in nanoseconds since the
+                epoch, for an inbox that keeps it parsed; default
+                ``nanos_of(approval.created_at)``.
+
+        Raises:
+            InvalidRequest: ``after`` names no approval ``find`` knows.
+        """
+        key = created or _created_nanos
+        items = sorted(
+            (a for a in approvals if self.matches(a)),
+            key=lambda a: (key(a), a.id),
+            reverse=True,
+        )
+        if self.after:
+            anchor = find(self.after)
+            if anchor is None:
+                raise InvalidRequest(
+                    f"no approval {self.after!r} to page after", field="after"
+                )
+            last = (_created_nanos(anchor), anchor.id)
+            items = [a for a in items if (key(a), a.id) < last]
+        return items[: max(self.limit, 0)]
+
+
+def nanos_of(rfc3339: str) -> int:
+    """An approval's RFC 3339 time (``created_at``, ``expires_at``, ...) as
+    nanoseconds since the epoch.
+
+    Raises:
+        ValueError: not the form ``audit.record.format_timestamp`` writes.
+    """
+    stamp = parse_timestamp(rfc3339)
+    return stamp.seconds * NANOS_PER_SECOND + stamp.nanos
+
+
+def _created_nanos(approval: Approval) -> int:
+    return nanos_of(approval.created_at)
 
 
 class Inbox(Protocol):

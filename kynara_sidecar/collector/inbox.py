@@ -57,7 +57,11 @@ from collections.abc import Callable, Mapping, Sequence
 import grpc
 import msgspec
 
-from kynara_sidecar.approvals.eligibility import check_review, outcome
+from kynara_sidecar.approvals.eligibility import (
+    check_current,
+    check_review,
+    outcome,
+)
 from kynara_sidecar.approvals.fleet import ApprovalUnverified, decode_approval
 from kynara_sidecar.approvals.model import (
     FINAL_STATES,
@@ -67,20 +71,17 @@ from kynara_sidecar.approvals.model import (
     Review,
     Reviewer,
     Verdict,
+    nanos_of,
 )
 from kynara_sidecar.approvals.signed_review import (
     encode_signed_review,
     sign_review,
-    view_digest,
 )
 from kynara_sidecar.audit.keys import PublicKey, SigningKey
-from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
+from kynara_sidecar.audit.record import format_timestamp
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
-    ApprovalClosed,
     ErrorCode,
-    InvalidRequest,
-    NotFound,
     ServiceError,
 )
 from kynara_sidecar.sync import PublishedApproval, Store, StoreUnavailable
@@ -90,7 +91,6 @@ __all__ = ["FleetInbox", "ReviewNotSent"]
 
 log = logging.getLogger("kynara.collector")
 
-_NANOS = 1_000_000_000
 # Ids and keys from the store are cut to this in log lines.
 _MAX_LOGGED = 80
 # Unregistered daemon ids logged once each, up to this many (a writer may
@@ -224,8 +224,8 @@ class FleetInbox:
             )
             return None
         try:
-            _nanos(approval.created_at)
-            _nanos(approval.expires_at)
+            nanos_of(approval.created_at)
+            nanos_of(approval.expires_at)
         except ValueError as err:
             self._skip(published, f"a time that is no RFC 3339 UTC: {err}")
             return None
@@ -309,19 +309,7 @@ class FleetInbox:
         # TODO(#9): a sorted index instead of a sort per call, if a fleet
         # keeps many thousands of approvals open.
         shown = (self._shown(a) for a in self._approvals.values())
-        items = sorted(
-            (a for a in shown if _matches(a, query)),
-            key=_newest_first,
-            reverse=True,
-        )
-        if query.after:
-            anchor = self._approvals.get(query.after)
-            if anchor is None:
-                raise InvalidRequest(
-                    f"no approval {query.after!r} to page after", field="after"
-                )
-            items = [a for a in items if _newest_first(a) < _newest_first(anchor)]
-        return items[: max(query.limit, 0)]
+        return query.page(shown, self._approvals.get)
 
     def get(self, approval_id: str) -> Approval | None:
         approval = self._approvals.get(approval_id)
@@ -350,23 +338,11 @@ class FleetInbox:
             InvalidRequest: as ``Inbox.review``; nothing was sent.
             ReviewNotSent: the store did not take it; nothing was sent.
         """
-        approval = self._approvals.get(approval_id)
-        if approval is None:
-            raise NotFound(f"no approval {approval_id!r}", field="approval_id")
-        if view and view != view_digest(approval):
-            raise ApprovalClosed(
-                f"approval {approval_id} changed since you read it; reload",
-                field="view",
-            )
+        approval = check_current(approval_id, self._approvals.get(approval_id), view)
         now = self._clock()
         shown = self._shown(approval)
-        if shown.state is ApprovalState.PENDING and now >= _nanos(approval.expires_at):
-            raise ApprovalClosed(
-                f"approval {approval_id} expired at {approval.expires_at}",
-                field="approval_id",
-            )
-        check_review(shown, reviewer, comment)
-        at = format_timestamp(Timestamp(now // _NANOS, now % _NANOS))
+        check_review(shown, reviewer, comment, now=now)
+        at = format_timestamp(Timestamp.from_nanos(now))
         signed = sign_review(
             self._key,
             inbox=self.name,
@@ -428,11 +404,6 @@ class FleetInbox:
         return self._shown(approval)
 
 
-def _nanos(rfc3339: str) -> int:
-    moment = parse_timestamp(rfc3339)
-    return moment.seconds * _NANOS + moment.nanos
-
-
 def _behind(approval: Approval, known: Approval) -> bool:
     """Whether the published ``approval`` is an older state than ``known``."""
     if known.state in FINAL_STATES:
@@ -442,19 +413,6 @@ def _behind(approval: Approval, known: Approval) -> bool:
     progress, held = _PROGRESS[approval.state], _PROGRESS[known.state]
     return progress < held or (
         progress == held and len(approval.reviews) < len(known.reviews)
-    )
-
-
-def _newest_first(approval: Approval) -> tuple[int, str]:
-    return _nanos(approval.created_at), approval.id
-
-
-def _matches(approval: Approval, query: InboxQuery) -> bool:
-    return (
-        (query.state is None or approval.state is query.state)
-        and (not query.agent_id or approval.agent_id == query.agent_id)
-        and (not query.action or approval.action == query.action)
-        and approval.risk.score >= query.min_risk
     )
 
 

@@ -25,10 +25,10 @@ from typing import NamedTuple
 import grpc
 
 from kynara_sidecar.config import AdminListenerConfig, AdminRole
-from kynara_sidecar.errors import IdentityInvalid, RoleMissing
+from kynara_sidecar.errors import IdentityInvalid, RequestError, RoleMissing
 from kynara_sidecar.metrics import Metrics
 
-__all__ = ["AdminCaller", "AdminCredentials", "authorization_of"]
+__all__ = ["AdminCaller", "AdminCredentials", "authorization_of", "log_refusal"]
 
 # The metadata field a refusal names, as on the agent listener.
 CREDENTIAL_FIELD = "authorization"
@@ -147,17 +147,29 @@ class AdminCredentials:
         return caller
 
     def _refused(self, err: IdentityInvalid | RoleMissing, call: str) -> None:
-        log.warning(
-            "admin call refused",
-            extra={
-                "fields": {
-                    "component": "server",
-                    "listener": "admin",
-                    "call": call,
-                    "code": str(err.code),
-                    "error": str(err),
-                }
-            },
-        )
-        if self._metrics is not None:
-            self._metrics.admin_refusals.labels(str(err.code)).inc()
+        log_refusal(err, call, self._metrics)
+
+
+def log_refusal(err: RequestError, call: str, metrics: Metrics | None) -> None:
+    """Log and count one refused admin call (``kynara_admin_refusals``, by
+    code): a bad credential, a missing role, or a reviewer refused.
+
+    Args:
+        err: why it was refused.
+        call: the method, e.g. "ApprovalService.Approve".
+        metrics: where to count it, when given.
+    """
+    log.warning(
+        "admin call refused",
+        extra={
+            "fields": {
+                "component": "server",
+                "listener": "admin",
+                "call": call,
+                "code": str(err.code),
+                "error": str(err),
+            }
+        },
+    )
+    if metrics is not None:
+        metrics.admin_refusals.labels(str(err.code)).inc()

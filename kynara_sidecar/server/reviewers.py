@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from kynara_sidecar.errors import (
 from kynara_sidecar.identity import MAX_TOKEN_BYTES, Issuer, TokenVerifier
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.names import canonical_name
+from kynara_sidecar.server.admin import log_refusal
 
 __all__ = [
     "AdminReviewer",
@@ -77,8 +77,6 @@ MAX_ROLES = 256
 MAX_ROLE_CHARS = 128
 # As identity's bound on a delegation chain's principal ids.
 MAX_PRINCIPAL_CHARS = 256
-
-log = logging.getLogger("kynara.server")
 
 
 @dataclass(frozen=True)
@@ -319,20 +317,7 @@ class ReviewerAuth:
     def refused(self, err: RequestError, call: str) -> None:
         """Log and count one refused reviewer call (a bad credential, a
         missing role, a self-approval)."""
-        log.warning(
-            "admin call refused",
-            extra={
-                "fields": {
-                    "component": "server",
-                    "listener": "admin",
-                    "call": call,
-                    "code": str(err.code),
-                    "error": str(err),
-                }
-            },
-        )
-        if self._metrics is not None:
-            self._metrics.admin_refusals.labels(str(err.code)).inc()
+        log_refusal(err, call, self._metrics)
 
     def _match_admin(self, given: bytes) -> tuple[str, AdminReviewer] | None:
         found: tuple[str, AdminReviewer] | None = None

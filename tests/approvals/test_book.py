@@ -224,15 +224,17 @@ def test_list_is_newest_first_filtered_and_paged(tmp_path, clock):
             every = c.book.list(InboxQuery(state=None))
             page = c.book.list(InboxQuery(state=None, limit=1, after=ids[2]))
             other = c.book.list(InboxQuery(agent_id="admin-bot"))
-            risky = c.book.list(InboxQuery(state=None, min_risk=31))
+            risky = c.book.list(InboxQuery(state=None, min_risk=34))
 
             assert [a.id for a in pending] == [ids[2], ids[1]]
             assert [a.id for a in every] == [ids[2], ids[1], ids[0]]
             assert [a.id for a in page] == [ids[1]]
             assert other == []
-            # The first refund was unusual (30); the later ones were not (20).
-            assert [a.id for a in risky] == []
-            assert [a.risk.score for a in every] == [20, 20, 30]
+            # Rule 50% of 40 and the shipped config's amount factor (60000
+            # is past 50000: 50% of 25) score 32.5; the first refund was
+            # also unusual for the agent (10 more).
+            assert [a.id for a in risky] == [ids[0]]
+            assert [a.risk.score for a in every] == [33, 33, 43]
             with pytest.raises(InvalidRequest, match="no approval 'apr_x'"):
                 c.book.list(InboxQuery(after="apr_x"))
 

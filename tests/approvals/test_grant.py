@@ -85,7 +85,7 @@ def test_require_approval_opens_an_approval_with_its_records(tmp_path, clock):
             assert [r.principal for r in approval.rules] == ["alice", "support-bot"]
             assert approval.rules[0].condition == "resource.attr.amount > 50000"
             # Default weights: rule 40 * 0.5, unusual_action 10 (a first).
-            assert approval.risk.score == 30
+            assert approval.risk.score == 43
             assert approval.decision_id == answer.decision_id
             assert approval.attributes == {"amount": {"int": "60000"}}
             assert stored(c, approval.id) == approval
@@ -96,8 +96,8 @@ def test_require_approval_opens_an_approval_with_its_records(tmp_path, clock):
             assert decision.approval.id == approval.id
             assert decision.approval.state == "pending"
             assert decision.approval.digest == approval.digest
-            assert decision.risk.score == 30
-            assert decision.risk_factors == ["rule", "unusual_action"]
+            assert decision.risk.score == 43
+            assert decision.risk_factors == ["rule", "amount", "unusual_action"]
             assert requested.kind == "approval_requested"
             assert requested.decision_id == answer.decision_id
             assert requested.approval.approvals_needed == 1

@@ -209,30 +209,32 @@ def _matched_rule(rule: decision_pb2.MatchedRule) -> MatchedRule:
 
 def _approval(response: decision_pb2.DecideResponse) -> Approval:
     approval = response.approval
-    expires_at = None
-    if approval.HasField("expires_at"):
-        expires_at = approval.expires_at.ToDatetime(tzinfo=datetime.UTC)
     return Approval(
         id=approval.id,
         url=approval.url,
-        expires_at=expires_at,
+        expires_at=_expires_at(approval),
         state=approval.state,
         reviewers=tuple(approval.reviewers),
         risk_score=approval.risk_score,
     )
 
 
+def _expires_at(
+    message: decision_pb2.Approval | decision_pb2.ApprovalUpdate,
+) -> datetime.datetime | None:
+    if not message.HasField("expires_at"):
+        return None
+    return message.expires_at.ToDatetime(tzinfo=datetime.UTC)
+
+
 def update_from_proto(update: decision_pb2.ApprovalUpdate) -> ApprovalUpdate:
     """Read one ``ApprovalUpdate`` of a WaitApproval stream."""
-    expires_at = None
-    if update.HasField("expires_at"):
-        expires_at = update.expires_at.ToDatetime(tzinfo=datetime.UTC)
     return ApprovalUpdate(
         approval_id=update.approval_id,
         state=update.state,
         approvals=update.approvals,
         approvals_needed=update.approvals_needed,
-        expires_at=expires_at,
+        expires_at=_expires_at(update),
         reviewers=tuple(update.reviewers),
         comment=update.comment,
     )

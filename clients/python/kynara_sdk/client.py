@@ -82,14 +82,8 @@ class _Base:
     def __init__(
         self, target: str | None, timeout: float, secret_file: str | None = None
     ) -> None:
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
-            raise TypeError(
-                f"timeout: expected seconds as a number, got {type(timeout).__name__}"
-            )
-        if not timeout > 0:
-            raise ValueError(f"timeout: expected seconds > 0, got {timeout}")
+        self.timeout = _seconds(timeout)
         self.target = resolve_target(target)
-        self.timeout = float(timeout)
         self._metadata = _credential_metadata(secret_file)
         self._closed = False
 
@@ -252,24 +246,20 @@ class Client(_Base):
             RuntimeError: the client is closed.
         """
         self._check_open()
-        timeout = _wait_timeout(timeout)
-        request = decision_pb2.WaitApprovalRequest(approval_id=approval_id)
-        last: ApprovalUpdate | None = None
+        wait = _Wait(self.target, approval_id, timeout, decision_id)
         stream = self._stub.WaitApproval(
-            request, timeout=timeout, metadata=self._metadata
+            wait.request, timeout=wait.timeout, metadata=self._metadata
         )
         try:
             for message in stream:
-                last = update_from_proto(message)
-                if last.state in WAIT_END_STATES:
-                    return _resolved(last, decision_id)
+                resolved = wait.take(message)
+                if resolved is not None:
+                    return resolved
         except grpc.RpcError as err:
-            raise wait_error(
-                err, self.target, approval_id, timeout, decision_id, last
-            ) from err
+            raise wait.failed(err) from err
         finally:
             stream.cancel()
-        raise _ended_early(self.target, approval_id)
+        raise wait.ended_early()
 
     def close(self) -> None:
         """Close the channel; later calls raise ``RuntimeError``. Idempotent."""
@@ -364,24 +354,20 @@ class AsyncClient(_Base):
     ) -> ApprovalUpdate:
         """As ``Client.wait_approval``, awaited."""
         self._check_open()
-        timeout = _wait_timeout(timeout)
-        request = decision_pb2.WaitApprovalRequest(approval_id=approval_id)
-        last: ApprovalUpdate | None = None
+        wait = _Wait(self.target, approval_id, timeout, decision_id)
         stream = self._stub_here().WaitApproval(
-            request, timeout=timeout, metadata=self._metadata
+            wait.request, timeout=wait.timeout, metadata=self._metadata
         )
         try:
             async for message in stream:
-                last = update_from_proto(message)
-                if last.state in WAIT_END_STATES:
-                    return _resolved(last, decision_id)
+                resolved = wait.take(message)
+                if resolved is not None:
+                    return resolved
         except grpc.RpcError as err:
-            raise wait_error(
-                err, self.target, approval_id, timeout, decision_id, last
-            ) from err
+            raise wait.failed(err) from err
         finally:
             stream.cancel()
-        raise _ended_early(self.target, approval_id)
+        raise wait.ended_early()
 
     async def aclose(self) -> None:
         """Close the channel; later calls raise ``RuntimeError``. Idempotent."""
@@ -408,7 +394,7 @@ class AsyncClient(_Base):
         return self._stub
 
 
-def _wait_timeout(timeout: float) -> float:
+def _seconds(timeout: float) -> float:
     if not isinstance(timeout, int | float) or isinstance(timeout, bool):
         raise TypeError(
             f"timeout: expected seconds as a number, got {type(timeout).__name__}"
@@ -418,19 +404,51 @@ def _wait_timeout(timeout: float) -> float:
     return float(timeout)
 
 
-def _resolved(update: ApprovalUpdate, decision_id: str) -> ApprovalUpdate:
-    error = approval_error(update, decision_id)
-    if error is not None:
-        raise error
-    return update
+class _Wait:
+    """One ``wait_approval`` call: what the blocking and the asyncio loops
+    over its stream share (the request, the last update, the errors)."""
 
+    def __init__(
+        self, target: str, approval_id: str, timeout: float, decision_id: str
+    ) -> None:
+        self.target = target
+        self.approval_id = approval_id
+        self.timeout = _seconds(timeout)
+        self.decision_id = decision_id
+        self.request = decision_pb2.WaitApprovalRequest(approval_id=approval_id)
+        self.last: ApprovalUpdate | None = None
 
-def _ended_early(target: str, approval_id: str) -> KynaraUnavailable:
-    # The daemon closed the stream before a final state: it is stopping.
-    return KynaraUnavailable(
-        f"the Kynara daemon at {target} ended the wait on approval {approval_id} "
-        "before it was resolved; wait again"
-    )
+    def take(self, message: decision_pb2.ApprovalUpdate) -> ApprovalUpdate | None:
+        """The approved update that ends the wait, None while it goes on.
+
+        Raises:
+            ApprovalError, KynaraError: as ``approval_error`` for an end
+                other than approved.
+        """
+        self.last = update_from_proto(message)
+        if self.last.state not in WAIT_END_STATES:
+            return None
+        error = approval_error(self.last, self.decision_id)
+        if error is not None:
+            raise error
+        return self.last
+
+    def failed(self, err: grpc.RpcError) -> KynaraError:
+        return wait_error(
+            err,
+            self.target,
+            self.approval_id,
+            self.timeout,
+            self.decision_id,
+            self.last,
+        )
+
+    def ended_early(self) -> KynaraUnavailable:
+        # The daemon closed the stream before a final state: it is stopping.
+        return KynaraUnavailable(
+            f"the Kynara daemon at {self.target} ended the wait on approval "
+            f"{self.approval_id} before it was resolved; wait again"
+        )
 
 
 def _build_batch(

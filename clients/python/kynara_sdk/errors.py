@@ -31,7 +31,7 @@ as its deny reason.
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from kynara_sdk.decision import ApprovalUpdate, Decision
@@ -230,44 +230,37 @@ def _approval_error(
     return ApprovalError(code, approval_id, message, decision_id, update, field=field)
 
 
-class ApprovalTimeout(ApprovalError):
+class _FixedCodeApprovalError(ApprovalError):
+    # An ApprovalError whose class decides its code (_CODE).
+    _CODE: ClassVar[str]
+
+    def __init__(
+        self,
+        approval_id: str,
+        message: str,
+        decision_id: str = "",
+        update: ApprovalUpdate | None = None,
+    ) -> None:
+        super().__init__(self._CODE, approval_id, message, decision_id, update)
+
+
+class ApprovalTimeout(_FixedCodeApprovalError):
     """The wait ended before any reviewer resolved the approval.
 
     The approval is still pending: a reviewer may approve it later, and a
     retry with its id then succeeds. Never a rejection.
     """
 
-    def __init__(
-        self,
-        approval_id: str,
-        message: str,
-        decision_id: str = "",
-        update: ApprovalUpdate | None = None,
-    ) -> None:
-        super().__init__(APPROVAL_TIMEOUT, approval_id, message, decision_id, update)
+    _CODE = APPROVAL_TIMEOUT
 
 
-class ApprovalRejected(ApprovalError):
+class ApprovalRejected(_FixedCodeApprovalError):
     """A reviewer rejected the approval; ``update.comment`` says why."""
 
-    def __init__(
-        self,
-        approval_id: str,
-        message: str,
-        decision_id: str = "",
-        update: ApprovalUpdate | None = None,
-    ) -> None:
-        super().__init__(APPROVAL_REJECTED, approval_id, message, decision_id, update)
+    _CODE = APPROVAL_REJECTED
 
 
-class ApprovalExpired(ApprovalError):
+class ApprovalExpired(_FixedCodeApprovalError):
     """The approval expired before it was approved (or before its use)."""
 
-    def __init__(
-        self,
-        approval_id: str,
-        message: str,
-        decision_id: str = "",
-        update: ApprovalUpdate | None = None,
-    ) -> None:
-        super().__init__(APPROVAL_EXPIRED, approval_id, message, decision_id, update)
+    _CODE = APPROVAL_EXPIRED
