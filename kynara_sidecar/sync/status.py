@@ -250,6 +250,9 @@ class StatusPublisher:
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self._stopping = False
+        # Clear while a put is in flight.
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.puts = 0
 
     def start(self) -> None:
@@ -268,10 +271,14 @@ class StatusPublisher:
             StoreUnavailable: the store could not take it.
         """
         data = encode_status(self._build())
-        await self._session.call(
-            lambda: self._session.store.put_status(self._daemon_id, data),
-            "put status",
-        )
+        self._idle.clear()
+        try:
+            await self._session.call(
+                lambda: self._session.store.put_status(self._daemon_id, data),
+                "put status",
+            )
+        finally:
+            self._idle.set()
         self.puts += 1
 
     async def _run(self) -> None:
@@ -322,6 +329,16 @@ class StatusPublisher:
         task, self._task = self._task, None
         if task is None:
             return
+        if final_seconds > 0:
+            # A put cancelled here would still finish on the store's side
+            # (a dir store writes on a thread of its own) and could land
+            # after the last one, leaving an older head as the last word:
+            # let it land first.
+            try:
+                async with asyncio.timeout(final_seconds / 2):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
         task.cancel()
         try:
             await task
