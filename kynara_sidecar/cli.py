@@ -1075,10 +1075,23 @@ def _approvals(args: argparse.Namespace) -> int:
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+    for detail in document.get("approvals", [document]):
+        _decode_request_json(detail)
     # ensure_ascii (the default) writes every non-ASCII and control
     # character as \uXXXX: an agent's value never reaches the terminal raw.
-    print(json.dumps(document, indent=2, ensure_ascii=True))
+    # Sorted keys: the same approval prints the same way every time.
+    print(json.dumps(document, indent=2, ensure_ascii=True, sort_keys=True))
     return EXIT_OK
+
+
+def _decode_request_json(detail: dict) -> None:
+    # The wire carries the recorded attributes and context as JSON text
+    # (attributes_json, context_json); a reader wants them as objects.
+    import json
+
+    for name in ("attributes", "context"):
+        text = detail.pop(f"{name}_json", "")
+        detail[name] = json.loads(text) if text else {}
 
 
 def _approvals_error(err, target: str, config: Config) -> KynaraError:

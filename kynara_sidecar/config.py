@@ -114,7 +114,8 @@ class AdminRole(enum.StrEnum):
 
     # Reads the audit log: checkpoints, proofs, segments (AuditService).
     OPERATOR = "operator"
-    # Resolves approvals (served once approvals are).
+    # Lists, reads, approves and rejects approvals (ApprovalService, the
+    # review page's sign-in, `kynara-sidecar approvals`).
     REVIEWER = "reviewer"
 
 
@@ -277,11 +278,12 @@ class AdminCredentialConfig(_Section):
 
 class AdminListenerConfig(_Section):
     """Where operators and reviewers reach the daemon: audit reads, proofs,
-    segment pulls (and approvals, once served). Every call needs a
-    credential an agent does not have.
+    segment pulls (AuditService) and approvals (ApprovalService). Every call
+    needs a credential an agent does not have.
 
     The listener starts only when it has an address and at least one
-    credential: without one it could only refuse.
+    credential (or an approvals.reviewer_issuers entry): without one it
+    could only refuse.
     """
 
     # Unix socket for gRPC, e.g. "var/run/admin.sock"; empty disables it.

@@ -33,6 +33,7 @@ import pathlib
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -398,3 +399,55 @@ def approvals_cli(tmp_path: pathlib.Path, *args: str) -> list[str]:
         "--credential-file",
         str(tmp_path / "carol.secret"),
     ]
+
+
+def test_the_agent_names_an_approved_grant_and_uses_it_in_wait_mode(
+    start_daemon, agents, tmp_path
+):
+    daemon = start_daemon()
+    waited = agents(daemon.target, "--wait-for-approval=1", f"--large-refund={AMOUNT}")
+    _, approval_id = waited.wait_for(APPROVAL_URL).groups()
+    waited.finish()
+    approved = run_cli(approvals_cli(tmp_path, "approve", approval_id))
+
+    # Without a wait: the daemon hands back the approved grant; the line says so.
+    told = agents(daemon.target, f"--large-refund={AMOUNT}")
+    _, told_out = told.finish()
+    # In wait mode: no second announcement, no wait, the refund issued once.
+    used = agents(daemon.target, "--wait-for-approval=60", f"--large-refund={AMOUNT}")
+    _, used_out = used.finish()
+
+    assert approved.returncode == 0, approved.stderr
+    [line] = [
+        x for x in told_out.splitlines() if x.startswith(f"issue_refund({REFUND_ID}")
+    ]
+    assert f"(approved, retry with {approval_id})" in line
+    assert f"refund {REFUND_ID} of {AMOUNT} issued" in used_out
+    assert "waiting up to" not in used_out
+    assert "approval_granted" in used_out
+
+
+def test_ctrl_c_during_a_wait_says_the_approval_stays_pending(
+    start_daemon, agents, tmp_path
+):
+    daemon = start_daemon()
+    agent = agents(
+        daemon.target, f"--wait-for-approval={AGENT_WAIT_SECONDS}",
+        f"--large-refund={AMOUNT}",
+    )  # fmt: skip
+    _, approval_id = agent.wait_for(APPROVAL_URL).groups()
+    agent.wait_for(re.compile(r"waiting up to"))
+
+    agent.process.send_signal(signal.SIGINT)
+    status = agent.process.wait(timeout=EXIT_TIMEOUT)
+    stderr = agent.process.stderr.read()  # type: ignore[union-attr]
+    shown = run_cli(approvals_cli(tmp_path, "show", approval_id))
+
+    assert status == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [
+        f"refund_agent: interrupted; approval {approval_id} stays pending (a "
+        "reviewer may still approve it, and asking again for the same refund "
+        "uses it)"
+    ]
+    assert json.loads(shown.stdout)["state"] == "pending"

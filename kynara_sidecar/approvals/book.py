@@ -46,6 +46,12 @@ Memory: every approval not in a final state, and final ones resolved within
 (they stay in LMDB, where ``get`` and ``use`` still find them; ``list`` no
 longer shows them).
 
+A new approval names the agent's earlier approvals of the same digest that
+ended rejected or expired (``Approval.previous``, the latest
+``MAX_PREVIOUS``), so that a reviewer sees a request asked again after a
+"no". They come from memory: a rejection older than
+``approvals.max_expiry_seconds`` is no longer named.
+
 The book also keeps, per agent, the actions of its latest decisions
 (``note_action``), seeded at start from the log's last records, for the
 ``unusual_action`` risk factor.
@@ -72,6 +78,7 @@ from kynara_sidecar.approvals.eligibility import (
 )
 from kynara_sidecar.approvals.model import (
     FINAL_STATES,
+    MAX_PREVIOUS,
     Approval,
     ApprovalState,
     InboxQuery,
@@ -260,6 +267,8 @@ class ApprovalBook:
         self._pending: dict[tuple[str, str], str] = {}
         # (agent, digest) -> the latest approved, unused approval of it.
         self._approved: dict[tuple[str, str], str] = {}
+        # (agent, digest) -> its approvals held that ended rejected or expired.
+        self._closed: dict[tuple[str, str], set[str]] = {}
         self._pending_count: collections.Counter[str] = collections.Counter()
         self._opened_at: dict[str, collections.deque[int]] = {}
         window = config.risk.unusual_window
@@ -528,10 +537,18 @@ class ApprovalBook:
                 StepKind.REFUSED, None, ReasonCode.APPROVAL_RATE_LIMITED, refusal
             )
         approval = make()
+        previous = self._previous(agent_id, digest)
+        if previous:
+            approval = msgspec.structs.replace(approval, previous=previous)
         self._provisional.add(approval.id)
         self._remember(approval)
         self._opened_at.setdefault(agent_id, collections.deque()).append(now)
         return Step(StepKind.OPENED, approval, changes=(_change(approval),))
+
+    def _previous(self, agent_id: str, digest: str) -> tuple[str, ...]:
+        closed = [self._approvals[i] for i in self._closed.get((agent_id, digest), ())]
+        closed.sort(key=_resolved_key, reverse=True)
+        return tuple(a.id for a in closed[:MAX_PREVIOUS])
 
     def opened_records(
         self, step: Step, decision: AuditRecordV1
@@ -783,6 +800,9 @@ class ApprovalBook:
             self._pending_count[approval.agent_id] += 1
         elif approval.state is ApprovalState.APPROVED:
             self._approved[(approval.agent_id, approval.digest)] = approval.id
+        elif approval.state in _ASKED_BEFORE:
+            key = (approval.agent_id, approval.digest)
+            self._closed.setdefault(key, set()).add(approval.id)
 
     def _forget(self, approval_id: str) -> None:
         old = self._approvals.pop(approval_id, None)
@@ -799,6 +819,21 @@ class ApprovalBook:
             key = (old.agent_id, old.digest)
             if self._approved.get(key) == approval_id:
                 del self._approved[key]
+        elif old is not None and old.state in _ASKED_BEFORE:
+            key = (old.agent_id, old.digest)
+            closed = self._closed.get(key)
+            if closed is not None:
+                closed.discard(approval_id)
+                if not closed:
+                    del self._closed[key]
+
+
+def _resolved_key(approval: Approval) -> tuple[int, str]:
+    return (nanos_of(approval.resolved_at) if approval.resolved_at else 0, approval.id)
+
+
+# The ends a new approval of the same request names (``Approval.previous``).
+_ASKED_BEFORE = frozenset({ApprovalState.REJECTED, ApprovalState.EXPIRED})
 
 
 # Approvals in these states cannot be used: the reason code and why.

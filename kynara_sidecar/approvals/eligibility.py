@@ -142,10 +142,15 @@ def check_review(
         )
     for roles in approval.requirement.reviewer_roles:
         if reviewer.roles.isdisjoint(roles):
+            # The reviewer role itself is not what a rule asks for: name only
+            # the roles rules can require, and which of them would do.
+            held = sorted(reviewer.roles - {REVIEWER_ROLE})
             raise RoleMissing(
-                f"approval {approval.id} needs a reviewer with one of the roles "
-                f"[{', '.join(roles)}]; {reviewer.id!r} has "
-                f"[{', '.join(sorted(reviewer.roles))}]",
+                f"approval {approval.id} needs a reviewer holding one of the "
+                f"reviewer roles [{', '.join(roles)}]; {reviewer.id!r} holds "
+                f"reviewer roles [{', '.join(held)}]. Any one of "
+                f"{' or '.join(roles)} would do (admin.credentials.<name>."
+                "reviewer_roles, or the roles claim of a reviewer JWT)",
                 field="authorization",
             )
     if not approval.requirement.allow_self_approval and any(

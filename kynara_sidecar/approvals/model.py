@@ -29,10 +29,12 @@ from kynara_sidecar.errors import InvalidRequest
 __all__ = [
     "FINAL_STATES",
     "MAX_COMMENT_CHARS",
+    "MAX_PREVIOUS",
     "Approval",
     "ApprovalState",
     "AskingRule",
     "ChainPrincipal",
+    "EarlierApproval",
     "Inbox",
     "InboxQuery",
     "Requirement",
@@ -41,11 +43,16 @@ __all__ = [
     "Risk",
     "RiskFactor",
     "Verdict",
+    "earlier_approvals",
     "nanos_of",
 ]
 
 # A comment is for a human; it is kept in the audit record.
 MAX_COMMENT_CHARS = 2000
+# How many earlier rejected or expired approvals of the same request a new
+# one names (``Approval.previous``): enough to show a reviewer that an agent
+# keeps asking, few enough to keep the approval and its record small.
+MAX_PREVIOUS = 5
 
 
 class ApprovalState(enum.StrEnum):
@@ -178,6 +185,11 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True):
     resolved_at: str = ""
     used_by: str = ""
     url: str = ""
+    # The ids of this agent's earlier approvals of the same digest that
+    # ended rejected or expired, most recent first (at most MAX_PREVIOUS),
+    # as the book held them when this one was opened: the request was
+    # asked again after a reviewer said no, or after nobody answered.
+    previous: tuple[str, ...] = ()
 
     @property
     def user_id(self) -> str:
@@ -191,6 +203,49 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True):
             if review.verdict is Verdict.APPROVE and review.reviewer not in seen:
                 seen.append(review.reviewer)
         return tuple(seen)
+
+
+class EarlierApproval(msgspec.Struct, frozen=True):
+    """What became of an approval ``Approval.previous`` names, for display.
+
+    ``state`` is None when the inbox no longer holds it; ``reviewer`` and
+    ``comment`` are the rejecting review's (empty for an expiry).
+    """
+
+    id: str
+    state: ApprovalState | None = None
+    reviewer: str = ""
+    comment: str = ""
+    resolved_at: str = ""
+    url: str = ""
+
+
+def earlier_approvals(
+    approval: Approval, get: Callable[[str], Approval | None]
+) -> list[EarlierApproval]:
+    """The approvals ``approval.previous`` names, looked up with ``get``
+    (``Inbox.get``), in that order (most recent first)."""
+    found: list[EarlierApproval] = []
+    for earlier_id in approval.previous:
+        earlier = get(earlier_id)
+        if earlier is None:
+            found.append(EarlierApproval(id=earlier_id))
+            continue
+        rejection = next(
+            (r for r in reversed(earlier.reviews) if r.verdict is Verdict.REJECT),
+            None,
+        )
+        found.append(
+            EarlierApproval(
+                id=earlier.id,
+                state=earlier.state,
+                reviewer=rejection.reviewer if rejection else "",
+                comment=rejection.comment if rejection else "",
+                resolved_at=earlier.resolved_at,
+                url=earlier.url,
+            )
+        )
+    return found
 
 
 class InboxQuery(msgspec.Struct, frozen=True):

@@ -11,8 +11,10 @@ record kind            when
                        allow that used it (reason ``approval_granted``,
                        state ``used``) or a deny naming why it could not be
 ``approval_requested`` the approval opened: what it binds, the asking rules,
-                       the requirement, the risk; same transaction as the
-                       decision record that asked
+                       the requirement, the risk, the earlier rejected or
+                       expired approvals of the same request
+                       (``previous``); same transaction as the decision
+                       record that asked
 ``approval_reviewed``  a review that did not resolve it (one approver of
                        several)
 ``approval_resolved``  approved, rejected (by a review) or expired (by the
@@ -127,7 +129,7 @@ def requested_record(approval: Approval, decision: AuditRecordV1) -> AuditRecord
         policy_revision=decision.policy_revision,
         directory_revision=decision.directory_revision,
         redactions=list(decision.redactions),
-        approval=approval_entry(approval),
+        approval=approval_entry(approval, previous=list(approval.previous)),
         risk=risk_entry(approval.risk),
         risk_factors=scored_factors(approval.risk),
     )

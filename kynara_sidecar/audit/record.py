@@ -187,6 +187,9 @@ class ApprovalEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     used_by: str = ""
     # The top-level context keys the digest leaves out.
     volatile_context: list[str] = []
+    # On approval_requested: the agent's earlier approvals of the same
+    # request (digest) that ended rejected or expired, most recent first.
+    previous: list[str] = []
 
 
 class RiskFactorEntry(msgspec.Struct, kw_only=True):

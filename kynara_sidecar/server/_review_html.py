@@ -43,6 +43,7 @@ from urllib.parse import quote, urlencode
 from kynara_sidecar.approvals.model import (
     Approval,
     ApprovalState,
+    EarlierApproval,
     InboxQuery,
     Reviewer,
 )
@@ -50,6 +51,7 @@ from kynara_sidecar.approvals.signed_review import view_digest
 from kynara_sidecar.server._visible import escape_char, visible_parts, visible_text
 
 __all__ = [
+    "ALL_STATES",
     "CSS",
     "STYLE_HASH",
     "approval_path",
@@ -130,7 +132,10 @@ STYLE_HASH = "sha256-" + base64.b64encode(hashlib.sha256(CSS.encode()).digest())
     "ascii"
 )
 
-_STATE_CHOICES = ("pending", "approved", "rejected", "expired", "used", "any")
+# The state filter's word for every state, as `approvals list --state all`
+# and ListApprovalsRequest.state say it.
+ALL_STATES = "all"
+_STATE_CHOICES = ("pending", "approved", "rejected", "expired", "used", ALL_STATES)
 
 
 def _e(value: object) -> str:
@@ -225,7 +230,7 @@ def _state_badge(state: ApprovalState) -> str:
 
 
 def _filters(query: InboxQuery) -> str:
-    state = query.state.value if query.state is not None else "any"
+    state = query.state.value if query.state is not None else ALL_STATES
     options = "".join(
         f'<option value="{s}"{" selected" if s == state else ""}>{s}</option>'
         for s in _STATE_CHOICES
@@ -297,7 +302,7 @@ def render_list(
 
 
 def _query_params(query: InboxQuery) -> dict[str, str]:
-    params = {"state": query.state.value if query.state is not None else "any"}
+    params = {"state": query.state.value if query.state is not None else ALL_STATES}
     if query.agent_id:
         params["agent"] = query.agent_id
     if query.action:
@@ -490,6 +495,31 @@ def _status(approval: Approval, now_ns: int) -> str:
     )
 
 
+def _earlier(earlier: Sequence[EarlierApproval], now_ns: int) -> str:
+    """The same request asked before, and what became of it."""
+    if not earlier:
+        return ""
+    items = []
+    for before in earlier:
+        link = (
+            f'<a href="{_e(approval_path(before.id))}"><code>{_v(before.id)}</code></a>'
+        )
+        if before.state is None:
+            items.append(f'<li>{link} <span class="muted">(no longer held)</span></li>')
+            continue
+        what = _state_badge(before.state)
+        if before.reviewer:
+            what += f" by {_v(before.reviewer)}"
+        if before.comment:
+            what += f": “{_v(before.comment, multiline=True)}”"
+        items.append(f"<li>{link} {what} {_time(before.resolved_at, now_ns)}</li>")
+    return (
+        '<section aria-labelledby="before"><h2 id="before">Asked before</h2>'
+        "<p>This agent asked for this same request before, and it was not "
+        f"granted:</p><ul>{''.join(items)}</ul></section>"
+    )
+
+
 def _review_form(approval: Approval, csrf: str, comment: str) -> str:
     if approval.state is not ApprovalState.PENDING:
         return ""
@@ -522,8 +552,11 @@ def render_approval(
     notice: str = "",
     error: str = "",
     comment: str = "",
+    earlier: Sequence[EarlierApproval] = (),
 ) -> str:
-    """One approval: who, what, why, its status, and the review form."""
+    """One approval: who, what, why, its status, and the review form;
+    ``earlier``, what became of the approvals ``approval.previous`` names
+    (``model.earlier_approvals``), shown as "Asked before"."""
     banner = ""
     if error:
         banner = f'<p class="error" role="alert">{_v(error)}</p>'
@@ -535,7 +568,8 @@ def render_approval(
         f"{_v(approval.resource_id)}</h1>"
         f"<p>Approval <code>{_v(approval.id)}</code> · "
         f"{_state_badge(approval.state)} · risk {approval.risk.score} / 100</p>"
-        f"{banner}{_who(approval)}{_what(approval)}{_why(approval)}"
+        f"{banner}{_earlier(earlier, now_ns)}"
+        f"{_who(approval)}{_what(approval)}{_why(approval)}"
         f"{_status(approval, now_ns)}{_review_form(approval, csrf, comment)}"
     )
     return _page(f"Approval {approval.id}", site, body, reviewer=reviewer, csrf=csrf)

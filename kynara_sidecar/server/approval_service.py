@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Sequence
 
 import grpc
 import msgspec
@@ -30,10 +31,12 @@ from kynara.v1 import approval_pb2_grpc
 from kynara_sidecar.approvals.model import (
     Approval,
     ApprovalState,
+    EarlierApproval,
     Inbox,
     InboxQuery,
     Reviewer,
     Verdict,
+    earlier_approvals,
 )
 from kynara_sidecar.errors import (
     InvalidRequest,
@@ -85,8 +88,12 @@ def _set_time(message: object, field: str, text: str) -> None:
         getattr(message, field).CopyFrom(value)
 
 
-def approval_to_proto(approval: Approval) -> pb.ApprovalDetail:
-    """The wire form of an approval, for reviewers."""
+def approval_to_proto(
+    approval: Approval, earlier: Sequence[EarlierApproval] = ()
+) -> pb.ApprovalDetail:
+    """The wire form of an approval, for reviewers; ``earlier`` is what
+    became of the approvals ``approval.previous`` names
+    (``model.earlier_approvals``)."""
     requirement = approval.requirement
     detail = pb.ApprovalDetail(
         id=approval.id,
@@ -147,6 +154,15 @@ def approval_to_proto(approval: Approval) -> pb.ApprovalDetail:
             via=review.via,
         )
         _set_time(message, "at", review.at)
+    for before in earlier:
+        message = detail.previous.add(
+            id=before.id,
+            state=str(before.state) if before.state is not None else "",
+            reviewer=before.reviewer,
+            comment=before.comment,
+            url=before.url,
+        )
+        _set_time(message, "resolved_at", before.resolved_at)
     _set_time(detail, "created_at", approval.created_at)
     _set_time(detail, "expires_at", approval.expires_at)
     _set_time(detail, "resolved_at", approval.resolved_at)
@@ -245,7 +261,7 @@ class ApprovalService(approval_pb2_grpc.ApprovalServiceServicer):
         page = found[: query.limit - 1]
         more = len(found) > len(page)
         return pb.ListApprovalsResponse(
-            approvals=[approval_to_proto(a) for a in page],
+            approvals=[self._detail(a) for a in page],
             next_page_token=page[-1].id if more and page else "",
         )
 
@@ -265,7 +281,10 @@ class ApprovalService(approval_pb2_grpc.ApprovalServiceServicer):
         except Exception as err:
             await self._fail(context, err, call)
             raise AssertionError("unreachable: abort_with raises") from err
-        return approval_to_proto(approval)
+        return self._detail(approval)
+
+    def _detail(self, approval: Approval) -> pb.ApprovalDetail:
+        return approval_to_proto(approval, earlier_approvals(approval, self._inbox.get))
 
     async def _review(
         self,
@@ -302,7 +321,7 @@ class ApprovalService(approval_pb2_grpc.ApprovalServiceServicer):
                 }
             },
         )
-        return approval_to_proto(approval)
+        return self._detail(approval)
 
     async def Approve(  # noqa: N802 (gRPC method name)
         self, request: pb.ReviewRequest, context: grpc.aio.ServicerContext

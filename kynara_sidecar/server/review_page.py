@@ -60,6 +60,7 @@ from kynara_sidecar.approvals.model import (
     InboxQuery,
     Reviewer,
     Verdict,
+    earlier_approvals,
 )
 from kynara_sidecar.approvals.model import Inbox as Inbox
 from kynara_sidecar.errors import (
@@ -78,9 +79,11 @@ __all__ = [
     "COOKIE_PATH",
     "CONTENT_SECURITY_POLICY",
     "DEFAULT_MAX_SESSIONS",
+    "FLASH_SECONDS",
     "LOGIN_COOKIE",
     "SESSION_COOKIE",
     "Authenticator",
+    "Flash",
     "Session",
     "SessionStore",
     "add_review_routes",
@@ -97,6 +100,9 @@ COOKIE_PATH = "/approvals"
 DEFAULT_MAX_SESSIONS = 10_000
 # The sign-in form's pre-session cookie: long enough to paste a token.
 LOGIN_FORM_SECONDS = 600
+# A refused review's message waits this long for the redirect to be
+# followed; a browser follows at once, a very slow link in well under this.
+FLASH_SECONDS = 300
 # 32 bytes of randomness for session ids and CSRF tokens (OWASP asks for at
 # least 64 bits; 256 leaves no doubt).
 TOKEN_BYTES = 32
@@ -147,6 +153,17 @@ class Session:
     expires_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class Flash:
+    """A refused review, kept for the redirect to the approval's page: what
+    was wrong, the comment the reviewer wrote, and until when (ns)."""
+
+    approval_id: str
+    error: str
+    comment: str
+    expires_ns: int
+
+
 def _key(session_id: str) -> bytes:
     return hashlib.sha256(session_id.encode()).digest()
 
@@ -174,6 +191,9 @@ class SessionStore:
         self.max_sessions = max_sessions
         self._clock = clock
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
+        # At most one per session: the refusal of its latest review, shown
+        # once on the approval's page it was redirected to.
+        self._flashes: dict[bytes, Flash] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -186,7 +206,8 @@ class SessionStore:
         now = self._clock()
         self._prune(now)
         while len(self._sessions) >= self.max_sessions:
-            self._sessions.popitem(last=False)
+            key, _ = self._sessions.popitem(last=False)
+            self._flashes.pop(key, None)
         session_id = secrets.token_urlsafe(TOKEN_BYTES)
         session = Session(
             reviewer=reviewer,
@@ -205,12 +226,35 @@ class SessionStore:
         session = self._sessions.get(key)
         if session is not None and session.expires_ns <= self._clock():
             del self._sessions[key]
+            self._flashes.pop(key, None)
             return None
         return session
 
     def close(self, session_id: str) -> None:
         """End the session behind a cookie value, if there is one."""
-        self._sessions.pop(_key(session_id), None)
+        key = _key(session_id)
+        self._sessions.pop(key, None)
+        self._flashes.pop(key, None)
+
+    def flash(
+        self, session_id: str, approval_id: str, error: str, comment: str
+    ) -> None:
+        """Keep a refused review's ``error`` (and the reviewer's ``comment``)
+        for the next view of ``approval_id`` in this session, for
+        ``FLASH_SECONDS``; it replaces any earlier one."""
+        key = _key(session_id)
+        if key in self._sessions:
+            expires = self._clock() + FLASH_SECONDS * 1_000_000_000
+            self._flashes[key] = Flash(approval_id, error, comment, expires)
+
+    def take_flash(self, session_id: str, approval_id: str) -> Flash | None:
+        """The live flash of this session for ``approval_id``, once."""
+        key = _key(session_id)
+        flash = self._flashes.get(key)
+        if flash is None or flash.approval_id != approval_id:
+            return None
+        del self._flashes[key]
+        return flash if flash.expires_ns > self._clock() else None
 
     def _prune(self, now: int) -> None:
         # Sessions are appended in time order with one lifetime, so the
@@ -220,6 +264,7 @@ class SessionStore:
             if session.expires_ns > now:
                 return
             del self._sessions[key]
+            self._flashes.pop(key, None)
 
 
 # ------------------------------------------------------------ the handlers
@@ -441,13 +486,26 @@ class _ReviewPage:
         current = self._session(request)
         if current is None:
             self._to_login(request)
-        session = current[1]
+        session_id, session = current
         approval_id = request.match_info["approval_id"]
         approval = self.inbox.get(approval_id)
         if approval is None:
             return self._refuse(
                 "Approval not found", f"No approval has the id {approval_id}.", 404
             )
+        flash = self.sessions.take_flash(session_id, approval_id)
+        if flash is not None:
+            page = pages.render_approval(
+                self.title,
+                approval,
+                reviewer=session.reviewer,
+                csrf=session.csrf,
+                now_ns=self.clock(),
+                error=flash.error,
+                comment=flash.comment,
+                earlier=earlier_approvals(approval, self.inbox.get),
+            )
+            return self._html(page)
         reviewed = request.query.get("reviewed", "")
         notice = _NOTICES.get(reviewed, "")
         if notice and getattr(self.inbox, "sends_reviews", False):
@@ -462,6 +520,7 @@ class _ReviewPage:
             csrf=session.csrf,
             now_ns=self.clock(),
             notice=notice,
+            earlier=earlier_approvals(approval, self.inbox.get),
         )
         return self._html(page)
 
@@ -504,7 +563,7 @@ class _ReviewPage:
                 view=_field(form, "view"),
             )
         except (RequestError, ServiceError) as err:
-            return self._review_refused(request, session, err, comment)
+            return self._review_refused(request, current[0], err, comment)
         log.info(
             "reviewed approval on review page",
             extra={
@@ -522,29 +581,23 @@ class _ReviewPage:
     def _review_refused(
         self,
         request: web.Request,
-        session: Session,
+        session_id: str,
         err: RequestError | ServiceError,
         comment: str,
     ) -> web.Response:
+        """Send the reviewer back to the approval's page (303), where the
+        refusal is shown with their comment kept, so that reloading the
+        page does not post the form again. The message travels in the
+        session (``SessionStore.flash``), never in the URL."""
         approval_id = request.match_info["approval_id"]
-        heading, status = _REFUSALS.get(type(err), ("Review not recorded", 400))
-        if isinstance(err, ServiceError):
-            heading, status = "Review not recorded", 503
+        heading = _REFUSALS.get(type(err), "Review not recorded")
         approval = self.inbox.get(approval_id)
         if approval is None or isinstance(err, NotFound):
             return self._refuse(
                 "Approval not found", f"No approval has the id {approval_id}.", 404
             )
-        page = pages.render_approval(
-            self.title,
-            approval,
-            reviewer=session.reviewer,
-            csrf=session.csrf,
-            now_ns=self.clock(),
-            error=f"{heading}: {err}",
-            comment=comment,
-        )
-        return self._html(page, status)
+        self.sessions.flash(session_id, approval_id, f"{heading}: {err}", comment)
+        raise web.HTTPSeeOther(pages.approval_path(approval_id))
 
 
 _NOTICES = {
@@ -556,13 +609,12 @@ _SENT_NOTICE = (
     "Your {what} was sent to {daemon}. It counts once that daemon records "
     "it; this page shows the approval as that daemon publishes it."
 )
-# What the page says, and answers, when the inbox refuses a review.
-_REFUSALS: dict[type[Exception], tuple[str, int]] = {
-    SelfApproval: ("You may not review your own request", 403),
-    RoleMissing: ("Your roles do not allow this review", 403),
-    ApprovalClosed: ("This approval is closed to your review", 409),
-    NotFound: ("Approval not found", 404),
-    InvalidRequest: ("Review not recorded", 400),
+# What the page says when the inbox refuses a review.
+_REFUSALS: dict[type[Exception], str] = {
+    SelfApproval: "You may not review your own request",
+    RoleMissing: "Your roles do not allow this review",
+    ApprovalClosed: "This approval is closed to your review",
+    InvalidRequest: "Review not recorded",
 }
 
 
@@ -598,7 +650,7 @@ def _query_of(params: Mapping[str, str]) -> InboxQuery:
     get = params.get
     state_name = get("state", ApprovalState.PENDING.value)
     state: ApprovalState | None
-    if state_name == "any":
+    if state_name == pages.ALL_STATES:
         state = None
     else:
         try:
@@ -606,7 +658,7 @@ def _query_of(params: Mapping[str, str]) -> InboxQuery:
         except ValueError:
             raise InvalidRequest(
                 "filter state: expected one of pending, approved, rejected, "
-                f"expired, used, any; got {state_name[:MAX_SHOWN_CHARS]!r}",
+                f"expired, used, all; got {state_name[:MAX_SHOWN_CHARS]!r}",
                 field="state",
             ) from None
     raw_risk = get("min_risk", "") or "0"

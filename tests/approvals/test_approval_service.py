@@ -17,7 +17,9 @@ from kynara.v1 import approval_pb2_grpc, decision_pb2
 from service_support import LoopServer, MemoryInbox, make_approval, socket_path
 from support import REPO_ROOT, SHIPPED_CONFIG, small_refund
 
-from kynara_sidecar.approvals.model import ApprovalState, Requirement
+from kynara_sidecar.approvals.eligibility import check_review
+from kynara_sidecar.approvals.model import ApprovalState, Requirement, Reviewer
+from kynara_sidecar.errors import RoleMissing
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.server.approval_service import ApprovalService
 from kynara_sidecar.server.reviewers import AdminReviewer, ReviewerAuth
@@ -160,6 +162,22 @@ def test_a_reviewer_role_rule_refuses_a_reviewer_without_it(stub):
 
     assert (status, code) == (grpc.StatusCode.PERMISSION_DENIED, "role_missing")
     assert approve(stub, 3, "carol").state == "approved"
+
+
+def test_a_reviewer_without_a_required_role_is_told_which_roles_would_do():
+    approval = make_approval(
+        3, requirement=Requirement(reviewer_roles=(("finance_lead", "treasury"),))
+    )
+    erin = Reviewer(id="erin", roles=frozenset({"reviewer", "support_lead"}))
+
+    with pytest.raises(RoleMissing) as refused:
+        check_review(approval, erin)
+
+    message = str(refused.value)
+    # The reviewer role itself is no reviewer role a rule can require.
+    assert "'erin' holds reviewer roles [support_lead]." in message
+    assert "Any one of finance_lead or treasury would do" in message
+    assert "admin.credentials.<name>.reviewer_roles" in message
 
 
 def test_a_reject_rejects_at_once_even_with_two_approvers(stub):
@@ -422,6 +440,32 @@ def test_the_cli_lists_shows_and_approves_as_a_reviewer(admin_daemon, tmp_path):
     assert json.loads(approved.stdout)["reviews"][0]["comment"] == "ok"
     assert without.returncode == 2
     assert "KYNARA_ADMIN_SECRET" in without.stderr
+
+
+def test_the_cli_shows_the_request_as_json_and_the_rejections_before_it(
+    admin_daemon, tmp_path
+):
+    agent = admin_daemon.stub()
+    first = agent.Decide(large_refund()).approval.id
+    where = ["--config", str(SHIPPED_CONFIG)]
+    where += ["--set", f"admin.socket={admin_daemon.config.admin.socket}"]
+    carol = SECRETS["carol"].decode()
+    rejected = cli("reject", first, *where, "--comment", "not today", token=carol)
+    again = agent.Decide(large_refund()).approval.id
+
+    shown = cli("show", again, *where, token=carol)
+
+    assert rejected.returncode == 0, rejected.stderr
+    assert again != first
+    document = json.loads(shown.stdout)
+    assert "attributes_json" not in document
+    assert document["attributes"] == {"amount": {"int": "60000"}}
+    assert isinstance(document["context"], dict)
+    (before,) = document["previous"]
+    assert (before["id"], before["state"]) == (first, "rejected")
+    assert (before["reviewer"], before["comment"]) == ("carol", "not today")
+    # The same approval prints the same way: keys sorted at every level.
+    assert shown.stdout == json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
 # Terminal escapes (ESC, BEL, CR, backspace) and the characters that hide or

@@ -9,6 +9,7 @@ import pytest
 from core_support import CAROL, ERIN, core, refund, reviewer
 
 from kynara_sidecar.approvals.model import (
+    MAX_PREVIOUS,
     ApprovalState,
     InboxQuery,
     Reviewer,
@@ -322,5 +323,66 @@ def test_old_final_approvals_leave_memory_but_stay_in_lmdb(tmp_path, clock):
             assert listed == []
             assert c.book.get(asked.approval.id).state is ApprovalState.USED
             assert again.decision.reason_code is ReasonCode.APPROVAL_USED
+
+    run(body)
+
+
+def test_a_request_asked_again_after_a_rejection_names_the_earlier_ones(
+    tmp_path, clock
+):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            first = await c.decide(refund())
+            await c.book.review(first.approval.id, ERIN, Verdict.REJECT, "no")
+            clock.set("2026-12-07T09:01:00Z")
+            second = await c.decide(refund())
+            clock.set("2026-12-07T10:01:00Z")  # past the second's expiry
+            assert await c.book.expire_due() == 1
+            other = await c.decide(refund(refund_id="R9"))
+
+            third = await c.decide(refund())
+
+            assert third.approval.id not in (first.approval.id, second.approval.id)
+            # Most recent first; another request's history is not this one's.
+            assert third.approval.previous == (second.approval.id, first.approval.id)
+            assert other.approval.previous == ()
+            requested = [
+                r
+                for r in c.records()
+                if r.kind == "approval_requested" and r.approval.id == third.approval.id
+            ]
+            assert requested[0].approval.previous == [
+                second.approval.id,
+                first.approval.id,
+            ]
+
+        clock.set("2026-12-07T10:02:00Z")
+        async with core(tmp_path, clock) as c:  # a restart keeps the history
+            await c.book.review(third.approval.id, ERIN, Verdict.REJECT, "still no")
+
+            fourth = await c.decide(refund())
+
+            assert fourth.approval.previous == (
+                third.approval.id,
+                second.approval.id,
+                first.approval.id,
+            )
+
+    run(body)
+
+
+def test_previous_names_at_most_the_latest_few(tmp_path, clock):
+    async def body():
+        async with core(tmp_path, clock) as c:
+            rejected = []
+            for minute in range(MAX_PREVIOUS + 2):
+                clock.set(f"2026-12-07T09:{minute:02d}:00Z")
+                asked = await c.decide(refund())
+                await c.book.review(asked.approval.id, ERIN, Verdict.REJECT, "")
+                rejected.append(asked.approval.id)
+
+            again = await c.decide(refund())
+
+            assert again.approval.previous == tuple(reversed(rejected[-MAX_PREVIOUS:]))
 
     run(body)

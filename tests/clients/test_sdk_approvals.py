@@ -456,6 +456,59 @@ def test_on_wait_is_told_of_the_approval_once_before_the_wait(client, daemon, se
     assert len(servicer.waits) == 1
 
 
+# The daemon's answer to a request whose approval was approved meanwhile (a
+# wait that timed out, then a reviewer approved): require_approval citing it.
+ALREADY_APPROVED = answer(
+    "require_approval",
+    "dec-asked-again",
+    reason_code="approval_required",
+    approval=decision_pb2.Approval(
+        id=APPROVAL_ID,
+        url=f"http://127.0.0.1:8080/approvals/{APPROVAL_ID}",
+        state="approved",
+        reviewers=["carol"],
+    ),
+)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_approved_answer_is_retried_at_once_without_on_wait_or_a_wait(
+    client, daemon, servicer, kind
+):
+    daemon.then(ALREADY_APPROVED, GRANTED)
+    told: list[str] = []
+
+    def announce(asked) -> None:
+        told.append(asked.decision_id)
+
+    wait = dict(on_approval="wait", on_wait=announce)
+    if kind == "sync":
+
+        @permission_required("a.b", resource_kind="k.k", client=client, **wait)
+        def tool() -> str:
+            return kynara_sdk.current_decision().decision_id
+
+        with acting_for(user="alice"):
+            ran = tool()
+    else:
+        async_client = AsyncClient(daemon.target)
+
+        @permission_required("a.b", resource_kind="k.k", client=async_client, **wait)
+        async def async_tool() -> str:
+            return kynara_sdk.current_decision().decision_id
+
+        async def run() -> str:
+            with acting_for(user="alice"):
+                return await async_tool()
+
+        ran = asyncio.run(run())
+
+    assert ran == "dec-granted"
+    assert told == []
+    assert servicer.waits == []
+    assert [r.approval_id for r in daemon.requests] == ["", APPROVAL_ID]
+
+
 def test_on_wait_may_be_a_coroutine_for_an_async_tool(daemon, servicer):
     daemon.then(PENDING, GRANTED)
     servicer.updates = [update("approved", approvals=1)]

@@ -112,6 +112,14 @@ class Page:
             allow_redirects=False,
         )
 
+    async def follow(self, answer) -> tuple[int, str]:
+        """GET where a 303 sends the browser; its status and text."""
+        assert answer.status == 303, await answer.text()
+        shown = await self.client.get(
+            answer.headers["Location"], headers=self.headers()
+        )
+        return shown.status, await shown.text()
+
 
 @contextlib.asynccontextmanager
 async def served(
@@ -405,30 +413,57 @@ async def test_review_without_a_session_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("token", "index", "status", "shown"),
+    ("token", "index", "shown"),
     [
-        ("alice-secret", 1, 403, "You may not review your own request"),
-        ("sam-secret", 2, 403, "Your roles do not allow this review"),
-        ("rita-secret", 4, 409, "This approval is closed to your review"),
+        ("alice-secret", 1, "You may not review your own request"),
+        ("sam-secret", 2, "Your roles do not allow this review"),
+        ("rita-secret", 4, "This approval is closed to your review"),
     ],
     ids=["self-approval", "role-missing", "closed"],
 )
 @run_async
-async def test_refused_review_is_shown_on_the_approval_page(
-    token, index, status, shown
+async def test_refused_review_redirects_to_the_approval_page_showing_why(
+    token, index, shown
 ):
     async with served() as page:
         await page.login(token)
         approval_id = sample_approvals()[index].id
 
         answer = await page.review(approval_id, "approve", comment="<b>mine</b>")
+        status, text = await page.follow(answer)
+        _, reloaded = await page.follow(answer)
 
-        assert answer.status == status
-        text = await answer.text()
+        assert answer.headers["Location"] == f"/approvals/{approval_id}"
+        assert status == 200
         assert shown in text
         assert 'role="alert"' in text
-        assert "&lt;b&gt;mine&lt;/b&gt;</textarea>" in text or status == 409
+        pending = sample_approvals()[index].state is ApprovalState.PENDING
+        assert "&lt;b&gt;mine&lt;/b&gt;</textarea>" in text or not pending
+        # Shown once: reloading the page neither posts again nor repeats it.
+        assert shown not in reloaded
         assert page.inbox.get(approval_id).state is sample_approvals()[index].state
+
+
+@run_async
+async def test_refused_review_message_comes_from_the_session_not_the_url():
+    async with served() as page:
+        await page.login("sam-secret")
+        approval_id = sample_approvals()[2].id
+        refused = await page.review(approval_id, "approve")
+        # Another browser (no session) following the same Location sees
+        # nothing of it; nor does a made-up query parameter show anything.
+        other = Page(page.client, page.inbox, page.clock)
+        await other.login("rita-secret")
+
+        _, theirs = await other.follow(refused)
+        _, mine = await page.follow(refused)
+        crafted = await page.client.get(
+            f"/approvals/{approval_id}?error=Forged+words", headers=page.headers()
+        )
+
+        assert "Your roles do not allow this review" not in theirs
+        assert "Your roles do not allow this review" in mine
+        assert "Forged words" not in await crafted.text()
 
 
 @run_async
@@ -446,8 +481,8 @@ async def test_second_review_by_the_same_reviewer_is_refused():
         second = await page.review(approval_id, "approve")
 
         assert first.status == 303
-        assert second.status == 409
-        assert "has reviewed approval" in await second.text()
+        _, text = await page.follow(second)
+        assert "has reviewed approval" in text
         assert page.inbox.get(approval_id).state is ApprovalState.PENDING
 
 
@@ -487,9 +522,9 @@ async def test_malformed_review_is_refused_with_the_field_named(overrides, messa
         approval_id = first_pending(page)
 
         answer = await page.review(approval_id, "approve", **overrides)
+        _, text = await page.follow(answer)
 
-        assert answer.status == 400
-        assert message in await answer.text()
+        assert message in text
         assert page.inbox.get(approval_id).reviews == ()
 
 
@@ -521,9 +556,9 @@ def _listed_ids(text: str) -> list[str]:
         ("?action=payments.payout.send", [3]),
         ("?min_risk=50", [3, 2]),
         ("?state=rejected", [5]),
-        ("?state=any&agent=bot-b", [5, 2]),
+        ("?state=all&agent=bot-b", [5, 2]),
     ],
-    ids=["pending", "agent", "action", "risk", "state", "any-state"],
+    ids=["pending", "agent", "action", "risk", "state", "all-states"],
 )
 @run_async
 async def test_list_is_newest_first_and_filtered(query, expected):
@@ -543,9 +578,10 @@ async def test_list_is_newest_first_and_filtered(query, expected):
         ("?min_risk=101", "filter min_risk: expected a whole number 0..100"),
         ("?min_risk=-1", "filter min_risk: expected a whole number 0..100"),
         ("?state=gone", "filter state: expected one of pending"),
+        ("?state=any", "expired, used, all; got"),
         ("?agent=" + "a" * 257, "filter agent: expected at most 256 characters"),
     ],
-    ids=["risk-high", "risk-negative", "state", "agent-long"],
+    ids=["risk-high", "risk-negative", "state", "state-any", "agent-long"],
 )
 @run_async
 async def test_bad_filter_is_a_400_naming_the_filter(query, message):
@@ -654,17 +690,15 @@ class UnrecordableInbox(MemoryInbox):
 
 
 @run_async
-async def test_review_the_log_cannot_record_is_a_503_and_changes_nothing():
+async def test_review_the_log_cannot_record_is_shown_and_changes_nothing():
     async with served(inbox_type=UnrecordableInbox) as page:
         await page.login()
         approval_id = first_pending(page)
 
         answer = await page.review(approval_id, "approve")
+        _, text = await page.follow(answer)
 
-        assert answer.status == 503
-        assert "Review not recorded: the audit log refuses appends" in (
-            await answer.text()
-        )
+        assert "Review not recorded: the audit log refuses appends" in text
         assert page.inbox.get(approval_id).state is ApprovalState.PENDING
 
 
@@ -814,3 +848,43 @@ async def test_a_referer_that_is_no_url_is_no_origin():
 
         assert answer.status == 403
         assert "This form was not sent from this page" in await answer.text()
+
+
+@run_async
+async def test_an_approval_asked_again_shows_what_became_of_the_earlier_ones():
+    approvals = sample_approvals()
+    rejected = msgspec.structs.replace(
+        approvals[4],
+        reviews=(
+            Review(
+                reviewer="erin",
+                roles=("reviewer",),
+                verdict=Verdict.REJECT,
+                at="2026-12-07T08:30:00Z",
+                comment="not <b>this</b> one",
+            ),
+        ),
+        resolved_at="2026-12-07T08:30:00Z",
+    )
+    approvals[4] = rejected
+    gone = "apr_" + "z" * 26
+    approvals[1] = msgspec.structs.replace(approvals[1], previous=(rejected.id, gone))
+    async with served(approvals) as page:
+        await page.login()
+
+        answer = await page.client.get(
+            f"/approvals/{approvals[1].id}", headers=page.headers()
+        )
+        plain = await page.client.get(
+            f"/approvals/{approvals[0].id}", headers=page.headers()
+        )
+
+        text = await answer.text()
+        assert '<h2 id="before">Asked before</h2>' in text
+        assert f'<a href="/approvals/{rejected.id}">' in text
+        assert "state-rejected" in text.split('id="before"')[1].split("</section>")[0]
+        assert "by <bdi>erin</bdi>" in text
+        assert "not &lt;b&gt;this&lt;/b&gt; one" in text
+        assert f'<a href="/approvals/{gone}">' in text
+        assert "no longer held" in text
+        assert "Asked before" not in await plain.text()

@@ -29,15 +29,28 @@ refund once (``approval_granted``) and the refund is issued. A wait that
 ends first leaves the approval pending (``approval_timeout``: a reviewer
 may still approve it); a rejection or expiry is printed with its code.
 
+Ctrl-C during the wait stops the agent with one line naming the approval,
+which stays pending (a reviewer may still approve it; the grant then works
+for the same refund, asked again).
+
+A require_approval line whose approval is already ``approved`` (a reviewer
+approved it after an earlier wait timed out, and the daemon hands the grant
+back) says so and names the id to retry with; in wait mode the agent uses
+it at once.
+
 Exit status: 0 when every call got an answer (a deny, a pending approval and
 a rejected one are answers too), 1 when the daemon refused to answer a call
-(the error code is printed), 2 when the daemon is unreachable.
+(the error code is printed), 2 when the daemon is unreachable, 130 when
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +79,8 @@ SHIPPED_SOCKET = REPO_ROOT / "var" / "run" / "agent.sock"
 EXIT_ANSWERED = 0
 EXIT_NO_ANSWER = 1
 EXIT_UNREACHABLE = 2
+# 128 + SIGINT, as a shell reports a program ended by Ctrl-C.
+EXIT_INTERRUPTED = 130
 START_HINT = (
     "start it from the repository root with `scripts/run`"
     " (or `kynara-sidecar run --config config/kynara.yaml`)"
@@ -111,16 +126,19 @@ class Announcer:
     tool starts waiting on it, so the person running the agent can pass the
     link to a reviewer: the decorator's ``on_wait``.
 
-    ``label`` is the tool call being made, set before each call.
+    ``label`` is the tool call being made, set before each call;
+    ``waiting`` the id of the approval waited on now ("" between waits).
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.label = ""
+        self.waiting = ""
 
     def __call__(self, asked: Decision) -> None:
         """Print the answer that asked for approval and what is waited on."""
         approval_id = asked.approval.id if asked.approval is not None else ""
+        self.waiting = approval_id
         print(_pending_line(self.label, asked), flush=True)
         print(
             f"  waiting up to {self.seconds:g} s for a reviewer of {approval_id}",
@@ -186,8 +204,11 @@ def run_step(label: str, step: Callable[[], Receipt]) -> str:
 
 
 def _pending_line(label: str, decision: Decision) -> str:
-    url = decision.approval.url if decision.approval is not None else ""
+    approval = decision.approval
+    url = approval.url if approval is not None else ""
     extra = f"  approval={url}" if url else ""
+    if approval is not None and approval.state == "approved":
+        extra += f" (approved, retry with {approval.id})"
     line = _line(label, "require_approval", decision.reason_code, decision.decision_id)
     return line + extra
 
@@ -251,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait_for_approval is not None:
         announcer = Announcer(args.wait_for_approval)
         refund = waiting_refund(announcer)
-    return run_session(session(refund, args.large_refund), args.target, announcer)
+    previous = signal.signal(signal.SIGINT, functools.partial(_on_interrupt, announcer))
+    try:
+        return run_session(session(refund, args.large_refund), args.target, announcer)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_session(
@@ -262,9 +287,12 @@ def run_session(
     with acting_for(user="alice"):
         for label, step in steps:
             if announcer is not None:
-                announcer.label = label
+                announcer.label, announcer.waiting = label, ""
             try:
-                print(run_step(label, step), flush=True)
+                line = run_step(label, step)
+                if announcer is not None:
+                    announcer.waiting = ""
+                print(line, flush=True)
             except KynaraUnavailable:
                 print(
                     f"refund_agent: no Kynara daemon answering at {target};"
@@ -276,6 +304,28 @@ def run_session(
                 print(f"{label:<40} error             {err.code:<18} {err.message}")
                 status = EXIT_NO_ANSWER
     return status
+
+
+def _on_interrupt(announcer: Announcer | None, signum: int, frame: object) -> None:
+    # NOTE: a KeyboardInterrupt raised wherever the main thread happens to
+    # be (inside grpc, holding one of its locks) can leave the channel
+    # unable to close, and the agent hung at exit. Nothing of the agent's
+    # needs cleaning up (the daemon sees the wait's stream end when the
+    # socket closes), so it says where things stand and exits at once.
+    with contextlib.suppress(RuntimeError):  # stdout mid-write: reentrant
+        sys.stdout.flush()
+    os.write(sys.stderr.fileno(), (_interrupted(announcer) + "\n").encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _interrupted(announcer: Announcer | None) -> str:
+    waiting = announcer.waiting if announcer is not None else ""
+    if not waiting:
+        return "refund_agent: interrupted"
+    return (
+        f"refund_agent: interrupted; approval {waiting} stays pending (a reviewer"
+        " may still approve it, and asking again for the same refund uses it)"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ once. A wait that times out raises ``ApprovalTimeout`` and leaves the
 approval pending; a rejection or expiry raises ``ApprovalRejected`` or
 ``ApprovalExpired``; the body never runs without an allow. ``on_wait`` is
 called with the require_approval decision just before the wait starts, so
-the agent can pass the approval's URL to someone who can review it.
+the agent can pass the approval's URL to someone who can review it. When
+the answer already cites an approved grant of this request (the daemon
+hands back an approved, unused approval to a caller that lost its id),
+there is nothing to wait for: no ``on_wait``, no wait, the retry with the
+grant at once.
 """
 
 from __future__ import annotations
@@ -192,15 +196,16 @@ def permission_required(
                 decision = await asker.decide(action, **request)
                 if waits and _waitable(decision):
                     approval_id = decision.approval.id  # type: ignore[union-attr]
-                    if on_wait is not None:
-                        told = on_wait(decision)
-                        if inspect.isawaitable(told):
-                            await told
-                    await asker.wait_approval(
-                        approval_id,
-                        approval_timeout,
-                        decision_id=decision.decision_id,
-                    )
+                    if not _approved(decision):
+                        if on_wait is not None:
+                            told = on_wait(decision)
+                            if inspect.isawaitable(told):
+                                await told
+                        await asker.wait_approval(
+                            approval_id,
+                            approval_timeout,
+                            decision_id=decision.decision_id,
+                        )
                     decision = await asker.decide(
                         action, **request, approval_id=approval_id
                     )
@@ -220,11 +225,12 @@ def permission_required(
             decision = asker.decide(action, **request)
             if waits and _waitable(decision):
                 approval_id = decision.approval.id  # type: ignore[union-attr]
-                if on_wait is not None:
-                    on_wait(decision)
-                asker.wait_approval(
-                    approval_id, approval_timeout, decision_id=decision.decision_id
-                )
+                if not _approved(decision):
+                    if on_wait is not None:
+                        on_wait(decision)
+                    asker.wait_approval(
+                        approval_id, approval_timeout, decision_id=decision.decision_id
+                    )
                 # The same request (same subject, same values), now with the
                 # grant: the daemon allows it once, or says why not.
                 decision = asker.decide(action, **request, approval_id=approval_id)
@@ -248,6 +254,13 @@ def _enforce(decision: Decision) -> None:
     # require_approval: asked not to wait, or asked again after a wait
     # (pending once more: the policies changed meanwhile, say).
     raise ApprovalRequired(decision)
+
+
+def _approved(decision: Decision) -> bool:
+    # The daemon cites an approved, unused grant of this very request (a
+    # wait that timed out earlier, then a reviewer approved): nothing is
+    # left to wait for, so the retry with it comes at once.
+    return decision.approval is not None and decision.approval.state == "approved"
 
 
 def _waitable(decision: Decision) -> bool:
