@@ -63,6 +63,7 @@ import asyncio
 import base64
 import collections
 import enum
+import heapq
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -129,6 +130,8 @@ RATE_WINDOW_NANOS = 60 * NANOS_PER_SECOND
 # The expiry task wakes at the next expiry, and at least this often, so a
 # clock that jumps (NTP, a suspended VM) is caught up within a minute.
 MAX_EXPIRY_SLEEP_SECONDS = 60.0
+# How often final approvals past keeping are looked for in memory.
+DROP_OLD_EVERY_NANOS = 60 * NANOS_PER_SECOND
 # After a failed expiry commit (the log full, say), try again this soon.
 EXPIRY_RETRY_SECONDS = 5.0
 # How many of the log's last records seed the agents' recent actions, per
@@ -278,6 +281,12 @@ class ApprovalBook:
         self._recent_count: dict[str, collections.Counter[str]] = (
             collections.defaultdict(collections.Counter)
         )
+        # (expires_at nanos, id) of open approvals, a heap; entries whose
+        # approval has since closed or moved are skipped when they surface,
+        # so the expiry task's look is O(log n), not a scan of every one.
+        self._deadlines: list[tuple[int, str]] = []
+        # When final approvals past keeping were last dropped from memory.
+        self._dropped_at: int | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -699,14 +708,7 @@ class ApprovalBook:
         """
         async with self._lock:
             now = self._clock()
-            due = [
-                a
-                for a in self._approvals.values()
-                if a.state in (ApprovalState.PENDING, ApprovalState.APPROVED)
-                and a.id not in self._provisional
-                and a.id not in self._reserved
-                and self._due(a, now)
-            ]
+            due = self._take_due(now)
             after: list[Approval] = []
             if due:
                 after = [
@@ -720,6 +722,11 @@ class ApprovalBook:
                     await self._writer.append_all(
                         [resolved_record(a) for a in after], [_change(a) for a in after]
                     )
+                except BaseException:
+                    # Not expired after all: due again at the next look.
+                    for approval in due:
+                        self._push_deadline(approval)
+                    raise
                 finally:
                     self._expiring.difference_update(a.id for a in due)
                 for approval in after:
@@ -735,17 +742,59 @@ class ApprovalBook:
             self._publish(approval)
         return len(due)
 
+    def _open_deadline(self, entry: tuple[int, str]) -> bool:
+        """Whether a heap entry still stands for an open approval's expiry."""
+        expires, approval_id = entry
+        approval = self._approvals.get(approval_id)
+        return (
+            approval is not None
+            and approval.state in (ApprovalState.PENDING, ApprovalState.APPROVED)
+            and self._expires.get(approval_id) == expires
+        )
+
+    def _push_deadline(self, approval: Approval) -> None:
+        heapq.heappush(self._deadlines, (self._expires[approval.id], approval.id))
+
+    def _take_due(self, now: int) -> list[Approval]:
+        """Pop the open approvals past their expiry. A reserved or
+        provisional one is not expired now: it goes back on the heap, and
+        its retry or opening wakes the task when settled."""
+        due: dict[str, Approval] = {}
+        held: list[tuple[int, str]] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            # An approval pushed again (pending, then approved) surfaces twice.
+            if not self._open_deadline(entry) or entry[1] in due:
+                continue
+            approval_id = entry[1]
+            if approval_id in self._reserved or approval_id in self._provisional:
+                held.append(entry)
+            else:
+                due[approval_id] = self._approvals[approval_id]
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return list(due.values())
+
     def _next_due(self) -> int | None:
-        # A reserved or provisional one is not expired now: its retry or
-        # opening wakes the task when settled.
-        due = [
-            self._expires[a.id]
-            for a in self._approvals.values()
-            if a.state in (ApprovalState.PENDING, ApprovalState.APPROVED)
-            and a.id not in self._reserved
-            and a.id not in self._provisional
-        ]
-        return min(due, default=None)
+        # Stale entries are dropped on the way; a reserved or provisional
+        # one is looked past (its settling wakes the task).
+        heap = self._deadlines
+        held: list[tuple[int, str]] = []
+        found: int | None = None
+        while heap:
+            entry = heap[0]
+            if not self._open_deadline(entry):
+                heapq.heappop(heap)
+                continue
+            if entry[1] in self._reserved or entry[1] in self._provisional:
+                held.append(heapq.heappop(heap))
+                continue
+            found = entry[0]
+            break
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return found
 
     async def _run_expiry(self) -> None:
         while True:
@@ -765,8 +814,12 @@ class ApprovalBook:
                 left = (due - self._clock()) / NANOS_PER_SECOND
                 delay = min(delay, max(left, 0.0))
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can
+            # swallow the cancellation of close() when the wake-up lands
+            # at the same moment, and the task would run on.
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -776,6 +829,14 @@ class ApprovalBook:
         self._wake.set()
 
     def _drop_old(self, now: int) -> None:
+        # A scan of every approval held: at most once a minute, not at every
+        # look of the expiry task (which each opened approval wakes).
+        if (
+            self._dropped_at is not None
+            and now - self._dropped_at < DROP_OLD_EVERY_NANOS
+        ):
+            return
+        self._dropped_at = now
         keep = self.config.max_expiry_seconds * NANOS_PER_SECOND
         old = [
             a.id
@@ -795,6 +856,8 @@ class ApprovalBook:
         self._approvals[approval.id] = approval
         self._created[approval.id] = nanos_of(approval.created_at)
         self._expires[approval.id] = nanos_of(approval.expires_at)
+        if approval.state in (ApprovalState.PENDING, ApprovalState.APPROVED):
+            self._push_deadline(approval)
         if approval.state is ApprovalState.PENDING:
             self._pending[(approval.agent_id, approval.digest)] = approval.id
             self._pending_count[approval.agent_id] += 1

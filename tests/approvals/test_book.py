@@ -386,3 +386,34 @@ def test_previous_names_at_most_the_latest_few(tmp_path, clock):
             assert again.approval.previous == tuple(reversed(rejected[-MAX_PREVIOUS:]))
 
     run(body)
+
+
+def test_each_open_approval_expires_once_in_deadline_order(tmp_path, clock):
+    # Approving pushes an approval's deadline again; a used one has none.
+    async def body():
+        async with core(tmp_path, clock) as c:
+            opened = []
+            for minute, refund_id in enumerate(["R1", "R2", "R3", "R4"]):
+                clock.set(f"2026-12-07T09:0{minute}:00Z")
+                opened.append((await c.decide(refund(refund_id=refund_id))).approval)
+            await c.approve(opened[1].id)
+            await c.approve(opened[3].id)
+            await c.decide(refund(refund_id="R4", approval_id=opened[3].id))
+
+            clock.set("2026-12-07T10:01:30Z")  # past R1's and R2's expiry only
+            first = await c.book.expire_due()
+            clock.set("2026-12-07T11:00:00Z")
+            second = await c.book.expire_due()
+            third = await c.book.expire_due()
+
+            expired = [
+                r.approval.id
+                for r in c.records()
+                if r.kind == "approval_resolved" and r.approval.resolution == "expired"
+            ]
+            assert (first, second, third) == (2, 1, 0)
+            assert sorted(expired[:2]) == sorted([opened[0].id, opened[1].id])
+            assert expired[2:] == [opened[2].id]
+            assert c.book.get(opened[3].id).state is ApprovalState.USED
+
+    run(body)
