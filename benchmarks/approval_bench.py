@@ -72,6 +72,7 @@ from decide_bench import (  # noqa: E402 (the sibling script)
     START_TIMEOUT_SECONDS,
     BenchError,
     Server,
+    add_daemon_arguments,
     filesystem_of,
     machine_info,
     percentile,
@@ -607,18 +608,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=_rounds, default=DEFAULT_WARMUP_ROUNDS,
         help=f"warm-up rounds, not measured (default {DEFAULT_WARMUP_ROUNDS})",
     )  # fmt: skip
-    parser.add_argument(
-        "--config", default="config/kynara.yaml",
-        help="daemon config, relative to the repository root",
-    )  # fmt: skip
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[],
-        metavar="SECTION.KEY=VALUE", help="extra daemon config override",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tmp-dir", help="parent of the scratch dir (its disk pays the syncs)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON only")
+    add_daemon_arguments(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="a few rounds: check it still runs"
     )

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_SECONDS",
     "DEFAULT_WARMUP_SECONDS",
     "Measurement",
+    "add_daemon_arguments",
     "machine_info",
     "main",
     "measure",
@@ -624,6 +625,23 @@ def _positive(kind):
     return parse
 
 
+def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark that starts a daemon takes: --config,
+    --set, --tmp-dir and --json."""
+    parser.add_argument(
+        "--config", default="config/kynara.yaml",
+        help="daemon config, relative to the repository root",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[],
+        metavar="SECTION.KEY=VALUE", help="extra daemon config override",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tmp-dir", help="parent of the scratch dir (its disk pays the syncs)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -646,18 +664,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--transport", choices=TRANSPORTS, nargs="+", help="default: both"
     )
-    parser.add_argument(
-        "--config", default="config/kynara.yaml",
-        help="daemon config, relative to the repository root",
-    )  # fmt: skip
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[],
-        metavar="SECTION.KEY=VALUE", help="extra daemon config override",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tmp-dir", help="parent of the scratch dir (its disk pays the syncs)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON only")
+    add_daemon_arguments(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="~0.5 s a point: check it still runs"
     )
