@@ -1078,7 +1078,8 @@ def _approvals(args: argparse.Namespace) -> int:
     for detail in document.get("approvals", [document]):
         _decode_request_json(detail)
     # ensure_ascii (the default) writes every non-ASCII and control
-    # character as \uXXXX: an agent's value never reaches the terminal raw.
+    # character as its escaped code point (\u202e): an agent's value
+    # never reaches the terminal raw.
     # Sorted keys: the same approval prints the same way every time.
     print(json.dumps(document, indent=2, ensure_ascii=True, sort_keys=True))
     return EXIT_OK

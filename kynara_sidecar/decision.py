@@ -67,6 +67,10 @@ class Timestamp(msgspec.Struct, frozen=True):
         seconds, rest = divmod(nanos, NANOS_PER_SECOND)
         return cls(seconds, rest)
 
+    def to_nanos(self) -> int:
+        """Nanoseconds since the epoch."""
+        return self.seconds * NANOS_PER_SECOND + self.nanos
+
 
 class Duration(msgspec.Struct, frozen=True):
     """A signed span of time as seconds and nanoseconds (same sign)."""

@@ -56,6 +56,7 @@ from kynara_sidecar.approvals.model import (
     ApprovalState,
     AskingRule,
     ChainPrincipal,
+    Requirement,
 )
 from kynara_sidecar.approvals.records import with_approval
 from kynara_sidecar.approvals.risk import score_risk
@@ -68,6 +69,7 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.store import Appended
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import (
+    NANOS_PER_SECOND,
     DecisionRequest,
     Effect,
     Env,
@@ -104,7 +106,6 @@ MAX_CHAIN_DEPTH = 16
 # Approval ids are "apr_" and 26 base32 characters; anything much longer is
 # no approval id.
 MAX_APPROVAL_ID_LENGTH = 64
-NANOS_PER_SECOND = 1_000_000_000
 
 
 class IncomingRequest(msgspec.Struct, frozen=True):
@@ -489,7 +490,15 @@ class Pipeline:
             explain=request.explain,
         )
         decision_id = str(uuid.uuid4())
-        record = self._record(subject, env, decision, decision_id)
+        record = record_from_decision(
+            request=subject,
+            env=env,
+            decision=decision,
+            decision_id=decision_id,
+            daemon_id=self._daemon_id,
+            identity_mode=str(self._identity.mode),
+            redactor=self._redactor,
+        )
         book = self._book
         if book is None:
             return _Prepared(decision, decision_id, request.request_id, (record,))
@@ -511,28 +520,16 @@ class Pipeline:
                 reason_code=step.reason_code,
                 reason=step.reason,
             )
-            record = self._record(subject, env, decision, decision_id)
+            record = msgspec.structs.replace(
+                record,
+                decision=str(effect),
+                reason_code=str(step.reason_code),
+                reason=step.reason,
+            )
         if step.approval is not None:
             record = with_approval(record, step.approval)
         records = (record, *book.opened_records(step, record))
         return _Prepared(decision, decision_id, request.request_id, records, step)
-
-    def _record(
-        self,
-        subject: DecisionRequest,
-        env: Env,
-        decision: engine.Decision,
-        decision_id: str,
-    ) -> AuditRecordV1:
-        return record_from_decision(
-            request=subject,
-            env=env,
-            decision=decision,
-            decision_id=decision_id,
-            daemon_id=self._daemon_id,
-            identity_mode=str(self._identity.mode),
-            redactor=self._redactor,
-        )
 
     def _approval_step(
         self,
@@ -569,7 +566,7 @@ class Pipeline:
             subject.context,
             cfg.volatile_context,
         )
-        now = env.now.seconds * NANOS_PER_SECOND + env.now.nanos
+        now = env.now.to_nanos()
         agent = env.agent_id
         asking = [(m.policy, m.rule, m.principal) for m in matched]
         if request.approval_id:
@@ -585,7 +582,15 @@ class Pipeline:
 
         def make() -> Approval:
             return self._new_approval(
-                subject, env, decision, decision_id, record, digest, matched, rules
+                subject,
+                env,
+                decision,
+                decision_id,
+                record,
+                digest,
+                matched,
+                rules,
+                requirement,
             )
 
         return book.request(
@@ -607,12 +612,12 @@ class Pipeline:
         digest: str,
         matched: Sequence[MatchedRule],
         rules: Sequence[CompiledRule],
+        requirement: Requirement,
     ) -> Approval:
         """A pending approval of this decision: what it binds and shows
         (the record's redacted values), its requirement and risk."""
         assert self._book is not None
         book, cfg = self._book, self._approvals_config
-        requirement = requirement_for(rules, cfg)
         risk = score_risk(
             cfg.risk,
             rules=rules,
@@ -622,8 +627,7 @@ class Pipeline:
             now=env.now,
             action_seen=book.action_seen(env.agent_id, subject.action),
         )
-        now = env.now.seconds * NANOS_PER_SECOND + env.now.nanos
-        expires = now + requirement.expires_in_seconds * NANOS_PER_SECOND
+        expires = env.now.to_nanos() + requirement.expires_in_seconds * NANOS_PER_SECOND
         by_id = {(rule.policy, rule.id): rule for rule in rules}
         approval_id = new_approval_id()
         return Approval(

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import msgspec
 
 from kynara_sidecar.audit.record import parse_timestamp
-from kynara_sidecar.decision import NANOS_PER_SECOND
 from kynara_sidecar.errors import InvalidRequest
 
 __all__ = [
@@ -316,7 +315,7 @@ def nanos_of(rfc3339: str) -> int:
         ValueError: not the form ``audit.record.format_timestamp`` writes.
     """
     stamp = parse_timestamp(rfc3339)
-    return stamp.seconds * NANOS_PER_SECOND + stamp.nanos
+    return stamp.to_nanos()
 
 
 def _created_nanos(approval: Approval) -> int:
