@@ -239,6 +239,7 @@ class Daemon:
         self._audit_service: AuditService | None = None
         self._decision_service: DecisionService | None = None
         self._approval_service: ApprovalService | None = None
+        self._reviewer_auth: ReviewerAuth | None = None
         # approvals.webhook.url: told of each new approval.
         self._webhook: ApprovalWebhook | None = None
         self._servers: list[grpc.aio.Server] = []
@@ -885,6 +886,15 @@ class Daemon:
         # still waits for a reviewer (a receiver may see one twice).
         self._webhook.announce_pending(self._book, self.clock())
 
+    def _reviewers(self) -> ReviewerAuth:
+        """Who may review, read from the config once for the admin listener
+        and the review page alike."""
+        if self._reviewer_auth is None:
+            self._reviewer_auth = ReviewerAuth.from_config(
+                self.config, clock=self.clock, metrics=self.metrics
+            )
+        return self._reviewer_auth
+
     async def _start_admin_listener(self) -> None:
         """Serve AuditService, ApprovalService and health to admin
         credentials (``admin``) and reviewers (``approvals.reviewer_issuers``).
@@ -911,10 +921,7 @@ class Daemon:
         if self._follower is not None:
             SyncService(self._follower, credentials).register(server)
         if self._book is not None:
-            reviewers = ReviewerAuth.from_config(
-                self.config, clock=self.clock, metrics=self.metrics
-            )
-            self._approval_service = ApprovalService(self._book, reviewers)
+            self._approval_service = ApprovalService(self._book, self._reviewers())
             self._approval_service.register(server)
         await self._add_health(server)
         if cfg.port != -1:
@@ -951,11 +958,7 @@ class Daemon:
         cfg = self.config.http
         if cfg.port == -1:
             return
-        reviewers = None
-        if self._book is not None:
-            reviewers = ReviewerAuth.from_config(
-                self.config, clock=self.clock, metrics=self.metrics
-            ).authenticate
+        reviewers = self._reviewers().authenticate if self._book is not None else None
         app = build_http_app(
             self.metrics,
             self._book,
