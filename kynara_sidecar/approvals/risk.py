@@ -107,15 +107,15 @@ def _lookup(
     return None, ""
 
 
+def _rule_risk(rule: CompiledRule) -> int:
+    return rule.approval.risk if rule.approval else 0
+
+
 def _rule(rules: Sequence[CompiledRule]) -> tuple[float, str]:
-    best: CompiledRule | None = None
-    for rule in rules:
-        risk = rule.approval.risk if rule.approval else 0
-        if best is None or risk > (best.approval.risk if best.approval else 0):
-            best = rule
-    if best is None:
+    if not rules:
         return 0.0, "no asking rule"
-    risk = best.approval.risk if best.approval else 0
+    best = max(rules, key=_rule_risk)  # the first of the highest
+    risk = _rule_risk(best)
     return risk / RULE_RISK_SCALE, f"{best.policy}/{best.id} sets risk {risk}"
 
 
