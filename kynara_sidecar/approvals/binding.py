@@ -28,18 +28,13 @@ record's redacted form would.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-import msgspec
-
-from kynara_sidecar.audit.record import encode_value
+from kynara_sidecar.audit.record import document_digest, encode_value
 from kynara_sidecar.decision import Resource
 
-__all__ = ["DIGEST_PREFIX", "binding_digest", "binding_document"]
-
-DIGEST_PREFIX = "sha256:"
+__all__ = ["binding_digest", "binding_document"]
 
 
 def binding_document(
@@ -88,6 +83,6 @@ def binding_digest(
     Raises:
         TypeError: a value cannot be encoded (``encode_value``).
     """
-    document = binding_document(chain_ids, action, resource, context, volatile)
-    canonical = msgspec.json.encode(document, order="sorted")
-    return DIGEST_PREFIX + hashlib.sha256(canonical).hexdigest()
+    return document_digest(
+        binding_document(chain_ids, action, resource, context, volatile)
+    )

@@ -29,6 +29,7 @@ import base64
 import binascii
 import datetime
 import enum
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -73,6 +74,7 @@ __all__ = [
     "RiskFactorEntry",
     "chain_entries",
     "condition_error_entries",
+    "document_digest",
     "decode_value",
     "encode_value",
     "env_entry",
@@ -585,6 +587,15 @@ _DECODERS = {
 
 
 # ------------------------------------------------- decision values to entries
+
+
+def document_digest(document: Any) -> str:
+    """``"sha256:<hex>"`` of the canonical JSON (sorted keys, no spaces,
+    UTF-8) of a document of plain values, typed values in their record form
+    (``encode_value``): an approval's binding digest, which a verifier
+    recomputes from a record alone."""
+    canonical = msgspec.json.encode(document, order="sorted")
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def chain_entries(chain: Iterable[PrincipalRef]) -> list[ChainEntry]:

@@ -125,7 +125,6 @@ and the checkpoints are all of one snapshot.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -150,7 +149,12 @@ from kynara_sidecar.audit.checkpoint import (
 )
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.lineage import lineage_problem
-from kynara_sidecar.audit.record import KeyRotationEntry, RecordKind, parse_timestamp
+from kynara_sidecar.audit.record import (
+    KeyRotationEntry,
+    RecordKind,
+    document_digest,
+    parse_timestamp,
+)
 from kynara_sidecar.audit.rotation import trusted_after
 from kynara_sidecar.audit.store import AuditStore, Head, StoredRecord
 from kynara_sidecar.audit.witness import HEAD_FILE, Witness, WitnessError
@@ -195,8 +199,6 @@ _APPROVED = "approved"
 _ENDINGS = frozenset({"rejected", "expired"})
 _ALLOW = "allow"
 _APPROVAL_GRANTED = "approval_granted"
-# As approvals.binding.DIGEST_PREFIX; verify reads records, not requests.
-_DIGEST_PREFIX = "sha256:"
 _SIGNATURE_PROBLEMS = {
     CheckpointProblem.UNKNOWN_KEY: ProblemKind.UNKNOWN_KEY,
     CheckpointProblem.BAD_SIGNATURE: ProblemKind.BAD_SIGNATURE,
@@ -1310,7 +1312,7 @@ def _mismatch(asked: _Asked, record: dict[str, Any]) -> str:
         "resource": {"kind": kind, "id": resource_id, "attributes": attributes},
         "context": {k: v for k, v in context.items() if k not in asked.volatile},
     }
-    if _binding_digest(document) != asked.digest:
+    if document_digest(document) != asked.digest:
         differ = sorted(
             key
             for key in context.keys() | asked.context.keys()
@@ -1322,13 +1324,6 @@ def _mismatch(asked: _Asked, record: dict[str, Any]) -> str:
             f"another digest (differing [{', '.join(differ)}])"
         )
     return ""
-
-
-def _binding_digest(document: dict[str, Any]) -> str:
-    # approvals.binding.binding_digest, from the record's JSON form: the
-    # record holds the typed values in the form the digest hashes.
-    canonical = msgspec.json.encode(document, order="sorted")
-    return _DIGEST_PREFIX + hashlib.sha256(canonical).hexdigest()
 
 
 class _MissingNode(Exception):
