@@ -37,7 +37,12 @@ import os
 import sys
 import typing
 
-from kynara_sidecar.config import DEFAULT_CONFIG_ENV, Config, load_config
+from kynara_sidecar.config import (
+    DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS,
+    DEFAULT_CONFIG_ENV,
+    Config,
+    load_config,
+)
 from kynara_sidecar.errors import ConfigError, KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
 from kynara_sidecar.server._visible import visible_text
@@ -742,7 +747,6 @@ def _verify_bundle_file(
 
 
 def _warn_if_future(created: str) -> None:
-    from kynara_sidecar.config import DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
     from kynara_sidecar.sync.bundle import seconds_ahead
 
     try:
@@ -809,15 +813,14 @@ def _check_not_older(
 ) -> None:
     """Refuse to replace the store's current bundle with an older one: every
     daemon would refuse it as older."""
+    from kynara_sidecar.audit.record import parse_timestamp
     from kynara_sidecar.sync.bundle import BundleError, inspect_bundle, seconds_ahead
 
     if current is None:
         return
-    from kynara_sidecar.config import DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
-
     try:
         created = inspect_bundle(current.data).created
-        older = seconds_ahead(verified.created, _parse(created)) < 0
+        older = seconds_ahead(verified.created, parse_timestamp(created)) < 0
         future = seconds_ahead(created, _now()) > DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
     except (BundleError, ValueError):
         return  # the current bundle is broken: replacing it is the fix
@@ -829,12 +832,6 @@ def _check_not_older(
             "deliberate rollback: then run `kynara-sidecar sync now --force` "
             "on each daemon)"
         )
-
-
-def _parse(text: str) -> Timestamp:
-    from kynara_sidecar.audit.record import parse_timestamp
-
-    return parse_timestamp(text)
 
 
 def _admin_target(config: Config) -> str:
@@ -1098,6 +1095,8 @@ def _decode_request_json(detail: dict) -> None:
 def _approvals_error(err, target: str, config: Config) -> KynaraError:
     import grpc
 
+    from kynara_sidecar.server.status import ERROR_CODE_KEY
+
     if err.code() == grpc.StatusCode.UNAVAILABLE:
         return ConfigError(
             f"ApprovalService at {target}: nothing answers: is the daemon running, "
@@ -1108,7 +1107,7 @@ def _approvals_error(err, target: str, config: Config) -> KynaraError:
         return ConfigError(
             f"the daemon at {target} serves no approvals (its audit log is down?)"
         )
-    code = dict(err.trailing_metadata() or ()).get("kynara-error-code", "")
+    code = dict(err.trailing_metadata() or ()).get(ERROR_CODE_KEY, "")
     # The daemon's message may repeat an agent's values (an id, a comment).
     return ConfigError(
         f"ApprovalService at {target}: {err.code().name}"
