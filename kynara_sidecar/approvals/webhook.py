@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime
 import hashlib
 import hmac
 import logging
@@ -56,7 +55,13 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from kynara_sidecar.approvals.model import Approval, ApprovalState, Inbox, InboxQuery
+from kynara_sidecar.approvals.model import (
+    Approval,
+    ApprovalState,
+    Inbox,
+    InboxQuery,
+    nanos_of,
+)
 from kynara_sidecar.config import WebhookConfig
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.metrics import Metrics
@@ -131,12 +136,9 @@ def _expires_ns(approval: Approval) -> int:
     # RFC 3339 as the book writes it; one that does not parse has no known
     # expiry and is announced (the book's expiry task decides, not the hook).
     try:
-        moment = datetime.datetime.fromisoformat(approval.expires_at)
+        return nanos_of(approval.expires_at)
     except ValueError:
         return 2**63
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
 
 
 class _Refused(Exception):

@@ -69,6 +69,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "check_consumer_name",
+    "canonical_daemon_id",
     "check_store_key",
     "daemon_id_from_token",
     "daemon_token",
@@ -321,6 +322,15 @@ def daemon_token(daemon_id: str) -> str:
 def daemon_id_from_token(token: str) -> str:
     """The daemon id ``daemon_token`` made ``token`` from."""
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+def canonical_daemon_id(token: str) -> str | None:
+    """The daemon id a canonical ``daemon_token`` names, else None."""
+    try:
+        daemon_id = daemon_id_from_token(token)
+    except ValueError:
+        return None
+    return daemon_id if daemon_token(daemon_id) == token else None
 
 
 # A consumer name is a file name in a dir:// store and a durable consumer

@@ -101,9 +101,9 @@ from kynara_sidecar.sync import (
     PublishedApproval,
     PublishedReview,
     StoreUnavailable,
+    canonical_daemon_id,
     check_consumer_name,
     check_store_key,
-    daemon_id_from_token,
     daemon_token,
 )
 
@@ -267,15 +267,6 @@ def _malformed(what: str, path: pathlib.Path) -> None:
         "malformed store entry",
         extra={"fields": {"entry": str(path)[-_MAX_LOGGED_NAME:], "error": what}},
     )
-
-
-def _daemon_id_of(token: str) -> str | None:
-    """The daemon id a canonical ``daemon_token`` names, else None."""
-    try:
-        daemon_id = daemon_id_from_token(token)
-    except ValueError:
-        return None
-    return daemon_id if daemon_token(daemon_id) == token else None
 
 
 class DirStore:
@@ -575,7 +566,7 @@ class DirStore:
         for path in sorted(self._status.iterdir()):
             if path.name.startswith(".") or path.suffix != ".json":
                 continue
-            daemon_id = _daemon_id_of(path.stem)
+            daemon_id = canonical_daemon_id(path.stem)
             if daemon_id is None:
                 _malformed("a status file not named by a daemon token", path)
                 continue
@@ -755,7 +746,7 @@ class DirStore:
             if token.startswith("."):
                 continue
             directory = base / token
-            daemon_id = _daemon_id_of(token)
+            daemon_id = canonical_daemon_id(token)
             if daemon_id is None:
                 self._refuse("a directory not named by a daemon token", directory)
                 continue
@@ -942,7 +933,7 @@ class _Cursor:
                 continue
             message = _decode_message(position.offered + 1, raw, path)
             position.offered = message.seq
-            daemon_id = _daemon_id_of(token)
+            daemon_id = canonical_daemon_id(token)
             if daemon_id is None:
                 _malformed("a directory not named by a daemon token", path)
             found.append(

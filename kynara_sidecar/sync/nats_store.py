@@ -86,9 +86,9 @@ from kynara_sidecar.sync import (
     PublishedApproval,
     PublishedReview,
     StoreUnavailable,
+    canonical_daemon_id,
     check_consumer_name,
     check_store_key,
-    daemon_id_from_token,
     daemon_token,
 )
 
@@ -150,15 +150,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 def _digest(data: bytes) -> str:
     return _DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
-
-
-def _daemon_id_of(token: str) -> str | None:
-    """The daemon id a canonical ``daemon_token`` names, else None."""
-    try:
-        daemon_id = daemon_id_from_token(token)
-    except ValueError:
-        return None
-    return daemon_id if daemon_token(daemon_id) == token else None
 
 
 def _raise_if_cancelled() -> None:
@@ -458,7 +449,7 @@ class NatsStore:
 
     def _delivery(self, message: Msg) -> _NatsDelivery:
         token = message.subject.removeprefix(SEGMENT_SUBJECT_PREFIX)
-        daemon_id = _daemon_id_of(token)
+        daemon_id = canonical_daemon_id(token)
         if daemon_id is None:
             _malformed("a segment subject not named by a daemon token", token)
         return _NatsDelivery(
@@ -489,7 +480,7 @@ class NatsStore:
                 return {}
             found = {}
             for key in sorted(keys):
-                daemon_id = _daemon_id_of(key)
+                daemon_id = canonical_daemon_id(key)
                 if daemon_id is None:
                     _malformed("a status key that is no daemon token", key)
                     continue
@@ -541,7 +532,7 @@ class NatsStore:
             key, value, deleted = update
             if deleted:
                 names = _split_key(key, 2)
-                daemon_id = _daemon_id_of(names[0]) if names else None
+                daemon_id = canonical_daemon_id(names[0]) if names else None
                 if names is not None and daemon_id is not None:
                     yield PublishedApproval(daemon_id, names[1], b"", deleted=True)
                 continue
@@ -719,7 +710,7 @@ def _split_key(key: str, parts: int) -> list[str] | None:
 
 def _approval_of(key: str, value: bytes) -> PublishedApproval | None:
     names = _split_key(key, 2)
-    daemon_id = _daemon_id_of(names[0]) if names else None
+    daemon_id = canonical_daemon_id(names[0]) if names else None
     if names is None or daemon_id is None:
         _malformed("an approval key that is no daemon token and id", key)
         return None
