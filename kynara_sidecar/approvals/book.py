@@ -60,12 +60,10 @@ The book also keeps, per agent, the actions of its latest decisions
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import enum
 import heapq
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -88,6 +86,7 @@ from kynara_sidecar.approvals.model import (
     Reviewer,
     Verdict,
     nanos_of,
+    random_id,
 )
 from kynara_sidecar.approvals.records import (
     requested_record,
@@ -150,8 +149,7 @@ def _fields(**fields: object) -> dict[str, dict[str, object]]:
 
 def new_approval_id() -> str:
     """``apr_`` and 26 lowercase base32 characters of 16 random bytes."""
-    raw = base64.b32encode(secrets.token_bytes(APPROVAL_ID_BYTES)).decode("ascii")
-    return APPROVAL_ID_PREFIX + raw.rstrip("=").lower()
+    return random_id(APPROVAL_ID_PREFIX, APPROVAL_ID_BYTES)
 
 
 def requirement_for(

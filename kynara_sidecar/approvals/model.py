@@ -16,7 +16,9 @@ published to the central store (JSON) and shown, all from one shape.
 
 from __future__ import annotations
 
+import base64
 import enum
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -44,6 +46,7 @@ __all__ = [
     "Verdict",
     "earlier_approvals",
     "nanos_of",
+    "random_id",
 ]
 
 # A comment is for a human; it is kept in the audit record.
@@ -305,6 +308,13 @@ class InboxQuery(msgspec.Struct, frozen=True):
             last = (_created_nanos(anchor), anchor.id)
             items = [a for a in items if (key(a), a.id) < last]
         return items[: max(self.limit, 0)]
+
+
+def random_id(prefix: str, size: int = 16) -> str:
+    """``prefix`` and the lowercase base32 of ``size`` random bytes (26
+    characters for 16): unguessable, and safe in URLs and as store keys."""
+    raw = base64.b32encode(secrets.token_bytes(size)).decode("ascii")
+    return prefix + raw.rstrip("=").lower()
 
 
 def nanos_of(rfc3339: str) -> int:

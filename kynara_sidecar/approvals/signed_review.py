@@ -42,14 +42,12 @@ pure: no clock, no I/O.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import secrets
 from typing import Literal
 
 import msgspec
 
-from kynara_sidecar.approvals.model import Approval, Reviewer, Verdict
+from kynara_sidecar.approvals.model import Approval, Reviewer, Verdict, random_id
 from kynara_sidecar.audit.keys import (
     PublicKey,
     SigningKey,
@@ -164,8 +162,7 @@ _DECODER = msgspec.json.Decoder(SignedReviewV1)
 
 def new_review_id() -> str:
     """A new review id: ``rev_`` and 26 lowercase base32 characters."""
-    raw = base64.b32encode(secrets.token_bytes(_REVIEW_ID_BYTES))
-    return REVIEW_ID_PREFIX + raw.decode("ascii").rstrip("=").lower()
+    return random_id(REVIEW_ID_PREFIX, _REVIEW_ID_BYTES)
 
 
 def view_digest(approval: Approval) -> str:
