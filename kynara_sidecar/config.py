@@ -32,7 +32,7 @@ from kynara_sidecar.audit.redact import (
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
-from kynara_sidecar.policy.names import canonical_name
+from kynara_sidecar.policy.names import canonical_name, check_dotted_name
 from kynara_sidecar.sync import STORE_SCHEMES, is_store_url
 
 __all__ = [
@@ -46,6 +46,10 @@ __all__ = [
     "DEFAULT_CONFIG_ENV",
     "Durability",
     "EnvConfig",
+    "ExtAuthzConfig",
+    "ExtAuthzRoute",
+    "GatewayConfig",
+    "GatewayStdioConfig",
     "HealthListenerConfig",
     "HttpListenerConfig",
     "IdentityConfig",
@@ -53,6 +57,9 @@ __all__ = [
     "IssuerConfig",
     "PolicyConfig",
     "RedactConfig",
+    "UpstreamConfig",
+    "UpstreamTransport",
+    "ApprovalWait",
     "MAX_DAEMON_ID_CHARS",
     "daemon_id_problem",
     "is_loopback",
@@ -1181,6 +1188,229 @@ class ApprovalsConfig(_Section):
                 )
 
 
+class UpstreamTransport(enum.StrEnum):
+    """How the gateway reaches an upstream MCP server."""
+
+    STDIO = "stdio"
+    HTTP = "http"
+
+
+class UpstreamConfig(_Section):
+    """One upstream MCP server behind the gateway."""
+
+    # "stdio" starts `command` and speaks MCP on its stdin/stdout; "http"
+    # speaks Streamable HTTP to `url`.
+    transport: UpstreamTransport = UpstreamTransport.STDIO
+    # stdio: the program and its arguments, e.g. ["python", "-m", "files_mcp"].
+    command: list[str] = []
+    # stdio: extra environment for the program (it gets no other variables
+    # but PATH, HOME and the locale's).
+    env: dict[str, str] = {}
+    # stdio: its working directory; empty for the daemon's.
+    cwd: str = ""
+    # http: the server's MCP endpoint, e.g. "http://127.0.0.1:9000/mcp".
+    url: str = ""
+    # http: headers sent on every request, e.g. {authorization: "Bearer ..."}.
+    headers: dict[str, str] = {}
+    # Upstream tool name -> the action its calls are decided as, e.g.
+    # {refund: payments.refund.issue}; tools not named here are
+    # mcp.<server>.<tool> (names escaped, see gateway/names.py).
+    actions: dict[str, str] = {}
+    # Per upstream request (connect, tools/list, tools/call), in seconds.
+    timeout_seconds: float = 30.0
+
+    def validate(self, section: str) -> None:
+        if self.transport is UpstreamTransport.STDIO:
+            if not self.command or not self.command[0]:
+                raise ConfigError(
+                    f"{section}.command: expected the program to start for a "
+                    "stdio upstream, got none"
+                )
+            if self.url:
+                raise ConfigError(
+                    f"{section}.url: expected none for transport 'stdio', "
+                    f"got {self.url!r}"
+                )
+        else:
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"{section}.url: expected an http:// or https:// URL for "
+                    f"transport 'http', got {self.url!r}"
+                )
+            if self.command:
+                raise ConfigError(
+                    f"{section}.command: expected none for transport 'http', "
+                    f"got {self.command!r}"
+                )
+        for tool, action in self.actions.items():
+            try:
+                check_dotted_name(action)
+            except ValueError as err:
+                raise ConfigError(f"{section}.actions.{tool}: {err}") from None
+        if not 0 < self.timeout_seconds <= 600:
+            raise ConfigError(
+                f"{section}.timeout_seconds: expected 0 < seconds <= 600, "
+                f"got {self.timeout_seconds}"
+            )
+
+
+class ApprovalWait(enum.StrEnum):
+    """What the gateway does with a tool call that requires approval."""
+
+    # Answer at once with a tool error carrying the approval URL.
+    RETURN = "return"
+    # When the client supports URL elicitation: show it the approval URL,
+    # wait for the review, then forward the call if it was approved;
+    # otherwise as "return".
+    ELICIT = "elicit"
+
+
+class GatewayStdioConfig(_Section):
+    """The gateway over stdio (`kynara-sidecar gateway`): one agent."""
+
+    # The agent served; empty for identity.agent_id. In multi-agent mode it
+    # must be one of identity.agents, whose secret the gateway presents.
+    agent_id: str = ""
+    # Where the user's delegation token is read, on every request (so a
+    # refreshed token is picked up): this environment variable, else
+    # `token_file`. identity.mode development reads the asserted chain
+    # (comma-separated, user first) from `asserted_chain_env` instead.
+    token_env: str = "KYNARA_DELEGATION_TOKEN"
+    token_file: str = ""
+    asserted_chain_env: str = "KYNARA_ASSERTED_CHAIN"
+
+
+class GatewayConfig(_Section):
+    """The MCP gateway: agents reach their tools through the daemon, which
+    shows each agent only the tools it may use and authorizes every call."""
+
+    # Streamable HTTP for agents: loopback host and port, e.g. 8765;
+    # 0 picks a free port; -1 disables it.
+    host: str = "127.0.0.1"
+    port: int = -1
+    # The MCP endpoint's path.
+    path: str = "/mcp"
+    # Header carrying the user's delegation token over HTTP (verified mode);
+    # in development mode `asserted_chain_header` carries the chain
+    # (comma-separated, user first). The agent's own credential is the
+    # `authorization: Bearer <secret>` header in multi-agent mode.
+    token_header: str = "kynara-delegation-token"
+    asserted_chain_header: str = "kynara-asserted-chain"
+    # Largest JSON-RPC message accepted from an agent, in bytes; larger ones
+    # are refused with an error naming the limit.
+    max_message_bytes: int = 1024 * 1024
+    # Tools per tools/list page.
+    page_size: int = 100
+    # require_approval: "return" the approval URL as a tool error, or
+    # "elicit" (wait while the client shows the URL, when it can).
+    approval_wait: ApprovalWait = ApprovalWait.RETURN
+    # How long an "elicit" wait lasts, in seconds, before the call is
+    # answered with the approval URL after all.
+    approval_wait_seconds: float = 300.0
+    stdio: GatewayStdioConfig = msgspec.field(default_factory=GatewayStdioConfig)
+    # Upstream servers by name, e.g. {files: {transport: stdio, command: [...]}}.
+    # The name is the <server> of actions, resource ids and tool names.
+    servers: dict[str, UpstreamConfig] = {}
+
+    def validate(self, section: str) -> None:
+        if self.port != -1:
+            _check_port(section, "port", self.port)
+            _check_loopback(section, "host", self.host)
+        if not self.path.startswith("/"):
+            raise ConfigError(
+                f"{section}.path: expected a path starting with '/', got {self.path!r}"
+            )
+        if not 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
+            raise ConfigError(
+                f"{section}.max_message_bytes: expected 1024..67108864, "
+                f"got {self.max_message_bytes}"
+            )
+        if not 1 <= self.page_size <= 1000:
+            raise ConfigError(
+                f"{section}.page_size: expected 1..1000, got {self.page_size}"
+            )
+        if not 0 < self.approval_wait_seconds <= 86_400:
+            raise ConfigError(
+                f"{section}.approval_wait_seconds: expected 0 < seconds <= 86400, "
+                f"got {self.approval_wait_seconds}"
+            )
+        for name, server in self.servers.items():
+            if not name or len(name) > 64:
+                raise ConfigError(
+                    f"{section}.servers: expected names of 1..64 characters, "
+                    f"got {name!r}"
+                )
+            server.validate(f"{section}.servers.{name}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.servers)
+
+
+class ExtAuthzRoute(_Section):
+    """How one kind of HTTP request becomes a decision request."""
+
+    # Matches when every given field matches: the methods (any when empty),
+    # the host (exact, any when empty) and the path template, whose `{name}`
+    # segments match one path segment and become resource attributes, and a
+    # last `{name...}` matches the rest, e.g. "/v1/refunds/{refund_id}".
+    methods: list[str] = []
+    host: str = ""
+    path: str = "/"
+    # The decision request: action, resource kind, and the resource id as a
+    # template over the path's names, e.g. "{refund_id}".
+    action: str = ""
+    resource_kind: str = ""
+    resource_id: str = ""
+    # MCP over HTTP: the body is a JSON-RPC message; tools/call is decided as
+    # the gateway decides it (mcp.<server>.<tool>, kind mcp.tool), other
+    # methods as mcp.<server>.<method>. Needs Envoy's with_request_body.
+    mcp_server: str = ""
+
+    def validate(self, section: str) -> None:
+        if not self.path.startswith("/"):
+            raise ConfigError(
+                f"{section}.path: expected a path template starting "
+                f"with '/', got {self.path!r}"
+            )
+        if self.mcp_server:
+            if self.action or self.resource_kind:
+                raise ConfigError(
+                    f"{section}: expected either mcp_server or action and "
+                    "resource_kind, got both"
+                )
+            return
+        for key in ("action", "resource_kind"):
+            try:
+                check_dotted_name(getattr(self, key))
+            except ValueError as err:
+                raise ConfigError(f"{section}.{key}: {err}") from None
+
+
+class ExtAuthzConfig(_Section):
+    """Envoy's ext_authz (envoy.service.auth.v3.Authorization/Check), served
+    on the agent listener: Envoy asks before it forwards an HTTP request."""
+
+    enabled: bool = False
+    # Header carrying the user's delegation token (verified mode) or the
+    # asserted chain (development mode, comma-separated, user first).
+    token_header: str = "kynara-delegation-token"
+    asserted_chain_header: str = "kynara-asserted-chain"
+    # Multi-agent mode: the header carrying the agent's
+    # `Bearer <secret>`; Envoy must strip it from what it forwards.
+    credential_header: str = "kynara-agent-authorization"
+    # Request headers (lower case) copied into context.http.headers.
+    context_headers: list[str] = []
+    # First match wins; a request no route matches is decided as action
+    # http.request on resource kind http.route, id "<host><path>" (so
+    # policies deny it unless they allow that).
+    routes: list[ExtAuthzRoute] = []
+
+    def validate(self, section: str) -> None:
+        for i, route in enumerate(self.routes):
+            route.validate(f"{section}.routes[{i}]")
+
+
 class EnvConfig(_Section):
     """What the daemon knows about where it runs; policies see it as `env`."""
 
@@ -1205,6 +1435,8 @@ class Config(_Section):
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     approvals: ApprovalsConfig = msgspec.field(default_factory=ApprovalsConfig)
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    ext_authz: ExtAuthzConfig = msgspec.field(default_factory=ExtAuthzConfig)
     # Drain period on SIGTERM, in seconds, e.g. 10.
     shutdown_grace_seconds: float = 10.0
 

@@ -80,7 +80,7 @@ from kynara_sidecar.policy.compiler import CompiledRule, Directory, PolicySet
 from kynara_sidecar.policy.conditions import ConditionFailure, to_cel_value
 from kynara_sidecar.policy.names import pattern_matches
 
-__all__ = ["evaluate"]
+__all__ = ["could_allow", "evaluate"]
 
 # (rule effect, verdict) -> (outcome, reason code), strongest row first.
 _COMBINING: tuple[tuple[Effect, Verdict, Effect, ReasonCode], ...] = (
@@ -208,6 +208,44 @@ def evaluate(
         **revisions,
         explanation=explanation,
     )
+
+
+def could_allow(
+    policy_set: PolicySet,
+    directory: Directory,
+    chain: Sequence[str],
+    kind: str,
+    action: str,
+) -> bool:
+    """Tell whether some request by this chain for ``action`` on ``kind``
+    could be allowed (at once or after approval), whatever its resource id,
+    attributes and context.
+
+    Used to hide what a caller can never do (the MCP gateway's tools/list),
+    never to decide: a call is still decided by ``evaluate``. Per principal,
+    in the same candidates ``evaluate`` reads: false when an enforced
+    unconditional deny applies to its roles, or when no enforced allow or
+    require_approval rule does (conditional rules count: their conditions
+    may hold). Non-escalation: every principal of the chain must pass, and
+    a chain ``evaluate`` would refuse before any rule (unknown or inactive
+    principals, a malformed chain) passes nowhere.
+    """
+    resolved = tuple(_resolve(policy_set, directory, pid) for pid in chain)
+    if _refuse_chain(tuple(item.ref for item in resolved)):
+        return False
+    candidates = tuple(
+        rule for rule in policy_set.candidate_rules(kind, action) if not rule.shadow
+    )
+    for item in resolved:
+        roles = frozenset(item.ref.roles)
+        applying = [rule for rule in candidates if rule.applies_to(roles)]
+        if any(
+            rule.effect is Effect.DENY and rule.condition is None for rule in applying
+        ):
+            return False
+        if not any(rule.effect is not Effect.DENY for rule in applying):
+            return False
+    return True
 
 
 # --- the chain -----------------------------------------------------------------

@@ -62,7 +62,10 @@ from kynara_sidecar.approvals.records import with_approval
 from kynara_sidecar.approvals.risk import score_risk
 from kynara_sidecar.audit import AuditSink
 from kynara_sidecar.audit.record import (
+    RECORD_VERSION,
     AuditRecordV1,
+    GatewayEntry,
+    RecordKind,
     format_timestamp,
     record_from_decision,
 )
@@ -126,6 +129,9 @@ class IncomingRequest(msgspec.Struct, frozen=True):
     explain: bool = False
     # Use this approved approval (a retry after require_approval).
     approval_id: str = ""
+    # The front door's own part of the record (the MCP gateway's server,
+    # tool and argument digest).
+    gateway: GatewayEntry | None = None
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -238,6 +244,7 @@ class Pipeline:
         if config.identity.agents:
             self._credentials = AgentCredentials(config.identity.load_agent_secrets())
         self._policies: LoadedPolicies | None = None
+        self._policy_watchers: list[Callable[[LoadedPolicies], None]] = []
         # Why no policy set can be active, when it is not just "not yet".
         self._unready: ServiceError | None = None
         self._closing = False
@@ -281,6 +288,16 @@ class Pipeline:
             policies.directory.revision,
             policies.policy_set.action_names,
         )
+        for watcher in list(self._policy_watchers):
+            watcher(policies)
+
+    def watch_policies(
+        self, watcher: Callable[[LoadedPolicies], None]
+    ) -> Callable[[], None]:
+        """Call ``watcher`` with each policy set activated from now on (on
+        the event loop, right after the swap); returns the unsubscribe."""
+        self._policy_watchers.append(watcher)
+        return lambda: self._policy_watchers.remove(watcher)
 
     def refuse_while_unready(self, error: ServiceError) -> None:
         """Answer ``error`` rather than ``PolicyNotReady`` while no set is
@@ -358,6 +375,71 @@ class Pipeline:
             labels=self._env.labels,
             peer=request.peer,
         )
+
+    def chain_of(self, request: IncomingRequest) -> tuple[str, ...]:
+        """Establish who is asking, exactly as ``decide`` would, without
+        deciding: the delegation chain, user first and the calling agent last.
+
+        Only the identity fields of ``request`` are read (the token or the
+        asserted chain, and the credential in ``authorization``).
+
+        Raises:
+            IdentityInvalid, InvalidRequest: as ``decide`` raises them.
+        """
+        for i, principal in enumerate(request.asserted_chain):
+            if not principal or len(principal) > MAX_NAME_LENGTH:
+                raise InvalidRequest(
+                    f"expected a principal id of 1..{MAX_NAME_LENGTH} characters",
+                    field=f"asserted_chain[{i}]",
+                )
+        now = Timestamp.from_nanos(self._clock())
+        return self._establish_chain(request, now)
+
+    def could_allow(
+        self, chain: Sequence[str], targets: Sequence[tuple[str, str]]
+    ) -> list[bool]:
+        """Per (resource kind, action), whether some request by ``chain``
+        could be allowed under the active policies (``engine.could_allow``):
+        what a front door may show, never a decision.
+
+        Raises:
+            PolicyNotReady, AuditUnavailable: no policy set is active.
+        """
+        policies = self._policies
+        if policies is None:
+            raise self._unready or PolicyNotReady("no policy set is active yet")
+        return [
+            engine.could_allow(
+                policies.policy_set, policies.directory, chain, kind, action
+            )
+            for kind, action in targets
+        ]
+
+    async def record_outcome(
+        self,
+        answer: Answer,
+        outcome: str,
+        *,
+        gateway: GatewayEntry | None = None,
+    ) -> None:
+        """Append what became of an answered decision (``outcome``, e.g.
+        "cancelled") as its own record naming the decision id.
+
+        Raises:
+            AuditUnavailable: the record could not be committed.
+        """
+        now = Timestamp.from_nanos(self._clock())
+        record = AuditRecordV1(
+            v=RECORD_VERSION,
+            kind=RecordKind.OUTCOME,
+            time=format_timestamp(now),
+            daemon_id=self._daemon_id,
+            decision_id=answer.decision_id,
+            request_id=answer.request_id,
+            gateway=gateway,
+            outcome=outcome,
+        )
+        await self._writer.append(record)
 
     def refuse(self, error: KynaraError) -> None:
         """Count a request that got an error instead of a decision.
@@ -499,6 +581,8 @@ class Pipeline:
             identity_mode=str(self._identity.mode),
             redactor=self._redactor,
         )
+        if request.gateway is not None:
+            record = msgspec.structs.replace(record, gateway=request.gateway)
         book = self._book
         if book is None:
             return _Prepared(decision, decision_id, request.request_id, (record,))

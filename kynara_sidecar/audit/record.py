@@ -107,6 +107,10 @@ class RecordKind(enum.StrEnum):
     MARKER = "marker"
     CHAIN_BREAK = "chain_break"
     KEY_ROTATION = "key_rotation"
+    # What became of an answered decision afterwards (its ``outcome``, e.g.
+    # "cancelled": the caller gave up on a forwarded call), naming it by
+    # ``decision_id``; the decision record itself is never rewritten.
+    OUTCOME = "outcome"
 
 
 RECORD_KINDS = frozenset(kind.value for kind in RecordKind)
