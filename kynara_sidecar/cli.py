@@ -3,6 +3,7 @@
 Examples:
     kynara-sidecar run --config config/kynara.yaml
     kynara-sidecar run --config config/kynara.yaml --set audit.durability=deferred
+    kynara-sidecar gateway --config config/kynara.yaml   # MCP over stdio
     kynara-sidecar verify --config config/kynara.yaml
     kynara-sidecar verify var/audit --trusted-key audit-key.pub --witness /mnt/w
     kynara-sidecar check config/policies
@@ -104,6 +105,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="serve decisions until SIGTERM")
     _add_config_args(run)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="run the daemon with the MCP gateway on stdin/stdout, for one "
+        "agent that starts it as its MCP server (gateway.stdio)",
+    )
+    _add_config_args(gateway)
 
     verify = commands.add_parser(
         "verify",
@@ -411,6 +419,24 @@ def _run(args: argparse.Namespace) -> int:
         # mount) would hold the interpreter's exit forever.
         logging.shutdown()
         sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    """The daemon, serving the MCP gateway over stdio until the agent
+    closes stdin (or SIGTERM)."""
+    import logging
+
+    from kynara_sidecar.daemon import run_daemon
+    from kynara_sidecar.gateway.stdio import StdioWire
+
+    config = load_config(args.config, args.overrides)
+    # Before anything else can write to stdout: it is the agent's wire now.
+    wire = StdioWire.claim()
+    if not run_daemon(config, stdio=wire):
+        logging.shutdown()
         sys.stderr.flush()
         os._exit(EXIT_OK)
     return EXIT_OK
@@ -1219,6 +1245,7 @@ def _fleet(args: argparse.Namespace) -> int:
 COMMANDS = {
     "replay": _replay,
     "run": _run,
+    "gateway": _gateway,
     "verify": _verify,
     "check": _check,
     "test": _test,

@@ -1366,6 +1366,10 @@ class ExtAuthzRoute(_Section):
     # the gateway decides it (mcp.<server>.<tool>, kind mcp.tool), other
     # methods as mcp.<server>.<method>. Needs Envoy's with_request_body.
     mcp_server: str = ""
+    # MCP over HTTP: upstream tool name -> action, as
+    # gateway.servers.<name>.actions (which applies too, when mcp_server is
+    # also a gateway server; these win), e.g. {refund: payments.refund.issue}.
+    actions: dict[str, str] = {}
 
     def validate(self, section: str) -> None:
         if not self.path.startswith("/"):
@@ -1399,6 +1403,9 @@ class ExtAuthzConfig(_Section):
     # Multi-agent mode: the header carrying the agent's
     # `Bearer <secret>`; Envoy must strip it from what it forwards.
     credential_header: str = "kynara-agent-authorization"
+    # Header naming an approved approval to use (the retry after a
+    # require_approval answer), e.g. "kynara-approval-id: apr_...".
+    approval_header: str = "kynara-approval-id"
     # Request headers (lower case) copied into context.http.headers.
     context_headers: list[str] = []
     # First match wins; a request no route matches is decided as action
@@ -1453,10 +1460,29 @@ class Config(_Section):
                 value.validate(name)
         self.admin.check_apart(self.agent, self.identity)
         self.approvals.check_apart(self.identity)
+        self._check_stdio_agent()
         if not 0 < self.shutdown_grace_seconds <= 600:
             raise ConfigError(
                 "shutdown_grace_seconds: expected 0 < seconds <= 600, "
                 f"got {self.shutdown_grace_seconds}"
+            )
+
+    def _check_stdio_agent(self) -> None:
+        """gateway.stdio.agent_id names an agent this daemon serves: one of
+        identity.agents (multi-agent mode), else identity.agent_id."""
+        agent = self.gateway.stdio.agent_id
+        agents = self.identity.agents
+        if not agent:
+            return
+        if agents and agent not in agents:
+            raise ConfigError(
+                f"gateway.stdio.agent_id: expected one of identity.agents "
+                f"({', '.join(sorted(agents))}), got {agent!r}"
+            )
+        if not agents and agent != self.identity.agent_id:
+            raise ConfigError(
+                "gateway.stdio.agent_id: expected identity.agent_id "
+                f"({self.identity.agent_id!r}) or empty, got {agent!r}"
             )
 
 

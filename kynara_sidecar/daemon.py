@@ -5,9 +5,11 @@ the agent socket -> open the audit log (exclusive) -> verify its tail
 against the newest checkpoint and the witness -> start the writer, append a
 key_rotation record if the signing key changed, append the start marker
 and read it back -> append a policy_activated marker committed with the
-set's source files -> bind listeners (TCP before the socket) -> report
-SERVING. A log that cannot be opened, verified or written leaves the daemon
-up and NOT_SERVING, answering ``audit_unavailable``.
+set's source files -> bind listeners (TCP before the socket) -> start the
+MCP gateway when ``gateway.servers`` is set (its upstreams, then its HTTP
+listener and, for ``kynara-sidecar gateway``, stdio) -> report SERVING.
+A log that cannot be opened, verified or written leaves the daemon up and
+NOT_SERVING, answering ``audit_unavailable``.
 
 Shutdown order (SIGTERM/SIGINT, each step logged): report NOT_SERVING ->
 refuse new requests with ``shutting_down`` -> wait for in-flight requests,
@@ -112,6 +114,7 @@ from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.approval_service import ApprovalService
 from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditService
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
+from kynara_sidecar.server.ext_authz import ExtAuthzService
 from kynara_sidecar.server.http import build_http_app
 from kynara_sidecar.server.reviewers import ReviewerAuth
 from kynara_sidecar.server.sync_service import SyncService
@@ -130,6 +133,12 @@ from kynara_sidecar.sync.status import (
     daemon_status,
     policy_status,
 )
+
+if typing.TYPE_CHECKING:
+    from kynara_sidecar.gateway.catalog import Catalog
+    from kynara_sidecar.gateway.http import GatewayHttp
+    from kynara_sidecar.gateway.proxy import Gateway
+    from kynara_sidecar.gateway.stdio import StdioWire
 
 __all__ = ["Daemon", "run_daemon", "with_daemon_id"]
 
@@ -225,7 +234,13 @@ class Daemon:
             pass a fixed clock).
     """
 
-    def __init__(self, config: Config, clock: Callable[[], int] = time.time_ns):
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], int] = time.time_ns,
+        *,
+        stdio: StdioWire | None = None,
+    ):
         self.config = with_daemon_id(config)
         self.clock = clock
         self.metrics = Metrics()
@@ -268,6 +283,14 @@ class Daemon:
         self._gate: BacklogGate | None = None
         # The approvals, kept in the audit log's LMDB environment.
         self._book: ApprovalBook | None = None
+        # The MCP gateway (gateway.servers): its upstreams, the agent-facing
+        # server, its HTTP listener and (`kynara-sidecar gateway`) stdio.
+        self.gateway_port: int | None = None
+        self._catalog: Catalog | None = None
+        self._gateway: Gateway | None = None
+        self._gateway_http: GatewayHttp | None = None
+        self._stdio_wire = stdio
+        self._stdio_task: asyncio.Task[None] | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -498,6 +521,7 @@ class Daemon:
             await self._start_admin_listener()
             await self._start_health_listener()
             await self._start_http()
+            await self._start_gateway()
             await self._report_serving()
             self._start_following()
         except BaseException:
@@ -750,6 +774,7 @@ class Daemon:
             extra=_fields(
                 socket=cfg.agent.socket, port=self.tcp_port,
                 health_port=self.health_port, http_port=self.http_port,
+                gateway_port=self.gateway_port,
             ),
         )  # fmt: skip
 
@@ -853,6 +878,10 @@ class Daemon:
         self._servers.append(server)
         self._decision_service = DecisionService(self._pipeline, limit)
         self._decision_service.register(server)
+        if self.config.ext_authz.enabled:
+            ExtAuthzService(
+                self._pipeline, self.config.ext_authz, limit, self.config.gateway
+            ).register(server)
         await self._add_health(server)
         # TCP first: a port in use then fails before the socket is replaced.
         if cfg.port != -1:
@@ -953,6 +982,92 @@ class Daemon:
         await servicer.set("", NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         self._health.append(servicer)
+
+    async def _start_gateway(self) -> None:
+        """The MCP gateway, when ``gateway.servers`` names upstreams: the
+        catalog of their tools, then the agent-facing HTTP listener
+        (``gateway.port``) and, for ``kynara-sidecar gateway``, stdio.
+
+        Raises:
+            ConfigError: two upstream tools get one name (the catalog
+                refuses to start), or stdio was asked for without upstreams.
+        """
+        cfg = self.config.gateway
+        if not cfg.enabled:
+            if self._stdio_wire is not None:
+                raise ConfigError(
+                    "gateway.servers: expected at least one upstream MCP server "
+                    "for `kynara-sidecar gateway`, got none"
+                )
+            return
+        # Imported here: the MCP SDK and uvicorn cost start-up time that a
+        # daemon without a gateway need not pay.
+        from kynara_sidecar.gateway.catalog import Catalog
+        from kynara_sidecar.gateway.proxy import Gateway
+
+        loop = asyncio.get_running_loop()
+
+        def changed(server: str) -> None:
+            if self._gateway is not None:
+                loop.call_soon_threadsafe(self._gateway.changed, server)
+
+        self._catalog = Catalog(cfg.servers, on_change=changed)
+        await self._catalog.start()
+        development = self.config.identity.mode is IdentityMode.DEVELOPMENT
+        self._gateway = Gateway(
+            cfg, self.pipeline, self._catalog, development=development
+        )
+        if cfg.port != -1:
+            from kynara_sidecar.gateway.http import GatewayHttp
+
+            self._gateway_http = GatewayHttp(
+                cfg,
+                self._gateway,
+                self.pipeline,
+                multi_agent=bool(self.config.identity.agents),
+            )
+            await self._gateway_http.start()
+            self.gateway_port = self._gateway_http.port
+        if self._stdio_wire is not None:
+            from kynara_sidecar.gateway.stdio import serve_stdio, stdio_caller
+
+            stdio_caller(self.config)  # a misconfigured agent refuses the start
+            self._stdio_task = loop.create_task(
+                serve_stdio(self.config, self._gateway, self.pipeline, self._stdio_wire)
+            )
+        log.info(
+            "gateway started",
+            extra=_fields(
+                servers=sorted(cfg.servers),
+                tools=len(self._catalog.tools()),
+                port=self.gateway_port,
+                stdio=self._stdio_wire is not None,
+            ),
+        )
+
+    async def _stop_gateway(self) -> None:
+        """Close the gateway's listeners, then its upstream connections."""
+        if self._gateway_http is not None:
+            await self._gateway_http.stop()
+            self._gateway_http = None
+        task, self._stdio_task = self._stdio_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if task is not None and task.done() and not task.cancelled():
+            if task.exception() is not None:
+                log.error(
+                    "stdio gateway failed",
+                    extra=_fields(error=repr(task.exception())),
+                )
+        if self._gateway is not None:
+            await self._gateway.close()
+            self._gateway = None
+        if self._catalog is not None:
+            await self._catalog.stop()
+            self._catalog = None
+            log.info("gateway stopped", extra=_fields())
 
     async def _start_http(self) -> None:
         cfg = self.config.http
@@ -1062,6 +1177,7 @@ class Daemon:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+        await self._stop_gateway()
         log.info("listeners closed", extra=_fields())
 
     # ------------------------------------------------------------------ sync
@@ -1256,6 +1372,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
         await self.start()
+        if self._stdio_task is not None:
+            # The agent closed its end of stdin: its gateway session is over.
+            self._stdio_task.add_done_callback(lambda _: stop.set())
         while not stop.is_set():
             waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload_wanted)]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -1267,7 +1386,7 @@ class Daemon:
         await self.stop()
 
 
-def run_daemon(config: Config) -> bool:
+def run_daemon(config: Config, *, stdio: StdioWire | None = None) -> bool:
     """Run a daemon on its own uvloop loop until SIGTERM or SIGINT.
 
     Unlike ``asyncio.run``, closing the loop waits a bounded time for what
@@ -1287,7 +1406,7 @@ def run_daemon(config: Config) -> bool:
     loop.set_default_executor(executor)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(Daemon(config).run())
+        loop.run_until_complete(Daemon(config, stdio=stdio).run())
     finally:
         try:
             loop.run_until_complete(_settle_leftovers(loop))

@@ -1,0 +1,735 @@
+"""The agent-facing MCP server of the gateway: every tool, per agent.
+
+One ``Gateway`` serves every transport (``http`` and ``stdio`` build their
+SDK ``Server`` with ``Gateway.server``). A transport says who is asking with
+a ``Caller`` per request; the gateway turns it into the delegation chain
+exactly as a decision would (``Pipeline.chain_of``), so a caller without a
+token (or, in development mode, a chain) gets a JSON-RPC error naming what
+is missing and where it goes, and no tools.
+
+``tools/list`` shows the catalog's tools that some request by this chain
+could be allowed to use (``Pipeline.could_allow``), paged by the gateway's
+own opaque cursor over that filtered list, so hidden tools never leak, not
+even as a gap between pages.
+
+``tools/call`` decides every call in the one pipeline (action
+``names.tool_name``'s, resource kind ``mcp.tool``, the arguments as typed
+attributes, the record's ``gateway`` entry with the argument digest) and:
+
+- allow: forwards the call upstream, the upstream's result unchanged;
+- deny: JSON-RPC error ``DENIED_CODE`` "tool ... is not permitted: <why>",
+  data ``{decision, reason_code, reason, decision_id}``; nothing forwarded;
+- require_approval: a tool error (``isError``) with the reason and the
+  approval URL, structured content ``{decision, reason, decision_id,
+  approval: {id, url, expires_at}}``. A retry after the review (the answer
+  cites an approved approval) is decided again with that approval and
+  forwarded when allowed. With ``gateway.approval_wait: elicit`` and a
+  client that declared URL elicitation on a session that can carry
+  server requests, the client is asked to show the URL, and the call waits
+  for the review (``approval_wait_seconds``) before it is decided again.
+
+An unknown tool is refused with ``-32602`` "unknown tool" and counted as a
+refusal; errors the pipeline raises become ``REQUEST_ERROR_CODE`` (the caller
+sent something bad: ``identity_invalid``, ``invalid_request`` with its
+field) or ``UNAVAILABLE_CODE`` (``policy_not_ready``, ``audit_unavailable``,
+``shutting_down``), the stable code in ``data.code``.
+
+Cancellation: a call the agent cancels while its decision is being made
+lets the decision finish and commit; a call cancelled while upstream is
+cancelled there too (the catalog sends ``notifications/cancelled``). Either
+way an ``outcome`` record "cancelled" names the decision.
+
+Changes: when the catalog or the policies change, every open session's
+visible set is computed again with its last caller, and a session whose
+set changed is sent ``notifications/tools/list_changed`` (on its standalone
+channel for handshake-era sessions; on its ``subscriptions/listen`` streams
+on the 2026-07-28 protocol, which has no sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import mcp_types as types
+import msgspec
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    ToolsListChanged,
+)
+from mcp.shared.exceptions import MCPError
+
+from kynara_sidecar.approvals.model import Approval, ApprovalState
+from kynara_sidecar.audit.record import GatewayEntry
+from kynara_sidecar.config import ApprovalWait, GatewayConfig
+from kynara_sidecar.decision import Effect, Resource
+from kynara_sidecar.errors import (
+    InvalidRequest,
+    KynaraError,
+    RequestError,
+)
+from kynara_sidecar.gateway.arguments import arguments_digest, to_attributes
+from kynara_sidecar.gateway.catalog import Catalog, CatalogTool, UpstreamError
+from kynara_sidecar.gateway.names import RESOURCE_KIND
+from kynara_sidecar.pipeline import (
+    MAX_REQUEST_ID_LENGTH,
+    Answer,
+    IncomingRequest,
+    Pipeline,
+)
+
+__all__ = [
+    "DENIED_CODE",
+    "REQUEST_ERROR_CODE",
+    "UNAVAILABLE_CODE",
+    "Caller",
+    "Gateway",
+    "kynara_error",
+]
+
+log = logging.getLogger("kynara.gateway")
+
+# JSON-RPC error codes of the gateway (the -32000..-32099 range JSON-RPC
+# leaves to servers). Every one carries the stable code in data.code.
+# The policies do not permit this call.
+DENIED_CODE = -32001
+# The caller sent something the daemon cannot decide on: identity_invalid,
+# invalid_request (data.field names the field), request_too_large.
+REQUEST_ERROR_CODE = -32002
+# The daemon cannot decide now: policy_not_ready, audit_unavailable,
+# shutting_down; the same call may succeed later.
+UNAVAILABLE_CODE = -32003
+# The upstream server failed; data.server names it.
+UPSTREAM_CODE = -32004
+
+
+class Caller(msgspec.Struct, frozen=True):
+    """Who sends a request, as the transport saw it.
+
+    ``token_from`` and ``chain_from`` say where the transport reads the
+    delegation token and the asserted chain from (a header, an environment
+    variable or a file), for the error that says they are missing.
+    """
+
+    authorization: str = ""
+    delegation_token: str = ""
+    asserted_chain: tuple[str, ...] = ()
+    peer: str = ""
+    token_from: str = ""
+    chain_from: str = ""
+
+
+CallerOf = Callable[[ServerRequestContext[Any, Any]], Caller]
+
+
+def kynara_error(err: KynaraError) -> MCPError:
+    """The JSON-RPC error for a pipeline error: its message, the stable code
+    (and for a request error, the field) in data."""
+    data: dict[str, Any] = {"code": str(getattr(err, "code", "internal"))}
+    field = getattr(err, "field", "")
+    if field:
+        data["field"] = field
+    code = REQUEST_ERROR_CODE if isinstance(err, RequestError) else UNAVAILABLE_CODE
+    return MCPError(code, str(err), data)
+
+
+def _text_result(text: str, structured: dict[str, Any]) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        structured_content=structured,
+        is_error=True,
+    )
+
+
+class _Cursors:
+    """Opaque page cursors: the exposed name a page ended with, signed with
+    a key of this gateway so a forged or foreign cursor is refused rather
+    than read. A cursor names a position, not an index, so a list that
+    changes between pages neither repeats nor skips a visible tool."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def _tag(self, name: bytes) -> str:
+        digest = hmac.new(self._key, name, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def make(self, after: str) -> str:
+        raw = after.encode()
+        body = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return f"{body}.{self._tag(raw)}"
+
+    def read(self, cursor: str) -> str:
+        """The name the page ended with.
+
+        Raises:
+            MCPError: -32602, the cursor is not one this gateway gave out.
+        """
+        body, _, tag = cursor.partition(".")
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except ValueError:
+            raw = None
+        if raw is None or not hmac.compare_digest(tag, self._tag(raw)):
+            raise MCPError(
+                types.INVALID_PARAMS,
+                "invalid cursor: expected a nextCursor from this gateway's "
+                "tools/list, got one it did not give out",
+                {"code": "invalid_request", "field": "cursor"},
+            )
+        return raw.decode()
+
+
+class _GatewayServer(Server):
+    """The SDK's server, advertising ``tools.listChanged`` on handshake-era
+    sessions whoever asks for its initialization options (the Streamable
+    HTTP session manager asks with none: the SDK's default is false)."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        return super().create_initialization_options(
+            notification_options or NotificationOptions(tools_changed=True),
+            experimental_capabilities,
+            extensions,
+        )
+
+
+class _Watched:
+    """One open session (or listen stream) and what it was last shown."""
+
+    def __init__(
+        self,
+        caller: Caller,
+        visible: frozenset[str],
+        notify: Callable[[], Any],
+    ):
+        self.caller = caller
+        self.visible = visible
+        self.notify = notify
+
+
+class Gateway:
+    """The MCP gateway's agent-facing side.
+
+    Args:
+        config: the ``gateway`` section.
+        pipeline: the daemon's decision pipeline.
+        catalog: the upstream tools (started by the daemon).
+        development: identity.mode is development (callers assert a chain
+            instead of presenting a token).
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        pipeline: Pipeline,
+        catalog: Catalog,
+        *,
+        development: bool = False,
+    ):
+        self._config = config
+        self._pipeline = pipeline
+        self._catalog = catalog
+        self._development = development
+        self._cursors = _Cursors()
+        # Handshake-era connections and listen streams, each by a key of
+        # its own, dropped when it closes.
+        self._sessions: dict[object, _Watched] = {}
+        self._by_connection: weakref.WeakKeyDictionary[object, object] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._refresh_again = False
+        self._unwatch = pipeline.watch_policies(lambda _: self.changed())
+        self._closed = False
+
+    # ------------------------------------------------------------ server
+
+    def server(self, caller_of: CallerOf, name: str = "kynara-gateway") -> Server:
+        """An SDK ``Server`` for one transport; ``caller_of`` says who sent
+        each request."""
+
+        async def list_tools(
+            ctx: ServerRequestContext[Any, Any],
+            params: types.PaginatedRequestParams | None,
+        ) -> types.ListToolsResult:
+            return self._list_tools(ctx, caller_of(ctx), params)
+
+        async def call_tool(
+            ctx: ServerRequestContext[Any, Any],
+            params: types.CallToolRequestParams,
+        ) -> types.CallToolResult:
+            return await self._call_tool(ctx, caller_of(ctx), params)
+
+        async def listen(
+            ctx: ServerRequestContext[Any, Any],
+            params: types.SubscriptionsListenRequestParams,
+        ) -> types.SubscriptionsListenResult:
+            return await self._listen(ctx, caller_of(ctx), params)
+
+        def input_schema(exposed: str) -> dict[str, Any] | None:
+            tool = self._catalog.get(exposed)
+            return tool.definition.input_schema if tool is not None else None
+
+        return _GatewayServer(
+            name,
+            instructions="Tools of the upstream MCP servers this agent may use.",
+            # Mcp-Param-* header checks read the catalog, not a tools/list
+            # per call (which would also be the caller's filtered view).
+            get_tool_input_schema=input_schema,
+            on_list_tools=list_tools,
+            on_call_tool=call_tool,
+            on_subscriptions_listen=listen,
+        )
+
+    # ------------------------------------------------------------ identity
+
+    def _chain(self, caller: Caller) -> tuple[str, ...]:
+        """The caller's chain, or the JSON-RPC error saying why there is none."""
+        if self._development and not caller.asserted_chain:
+            raise MCPError(
+                REQUEST_ERROR_CODE,
+                "no asserted chain: identity.mode development expects the user "
+                "(and any agents before this one), comma-separated, user "
+                f"first, in {caller.chain_from or 'the asserted chain'}",
+                {"code": "invalid_request", "field": "asserted_chain"},
+            )
+        if not self._development and not caller.delegation_token:
+            raise MCPError(
+                REQUEST_ERROR_CODE,
+                "no delegation token: the user's token is expected in "
+                f"{caller.token_from or 'the delegation token'}; no tools "
+                "without it",
+                {"code": "identity_invalid", "field": "delegation_token"},
+            )
+        try:
+            return self._pipeline.chain_of(self._incoming(caller))
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise kynara_error(err) from None
+
+    @staticmethod
+    def _incoming(
+        caller: Caller,
+        *,
+        action: str = "mcp.tools.list",
+        resource: Resource | None = None,
+        request_id: str = "",
+        gateway: GatewayEntry | None = None,
+        approval_id: str = "",
+    ) -> IncomingRequest:
+        return IncomingRequest(
+            action=action,
+            resource=resource or Resource(RESOURCE_KIND),
+            asserted_chain=caller.asserted_chain,
+            delegation_token=caller.delegation_token,
+            authorization=caller.authorization,
+            peer=caller.peer,
+            request_id=request_id,
+            gateway=gateway,
+            approval_id=approval_id,
+        )
+
+    def _visible(self, chain: Sequence[str]) -> list[CatalogTool]:
+        tools = self._catalog.tools()
+        try:
+            shown = self._pipeline.could_allow(
+                chain, [(RESOURCE_KIND, tool.name.action) for tool in tools]
+            )
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise kynara_error(err) from None
+        return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
+
+    # ------------------------------------------------------------ tools/list
+
+    def _list_tools(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        caller: Caller,
+        params: types.PaginatedRequestParams | None,
+    ) -> types.ListToolsResult:
+        chain = self._chain(caller)
+        visible = self._visible(chain)
+        self._watch_session(ctx, caller, visible)
+        start = 0
+        if params is not None and params.cursor is not None:
+            after = self._cursors.read(params.cursor)
+            start = next(
+                (i for i, tool in enumerate(visible) if tool.name.exposed > after),
+                len(visible),
+            )
+        page = visible[start : start + self._config.page_size]
+        more = start + len(page) < len(visible)
+        return types.ListToolsResult(
+            tools=[tool.definition for tool in page],
+            next_cursor=self._cursors.make(page[-1].name.exposed) if more else None,
+        )
+
+    # ------------------------------------------------------------ tools/call
+
+    async def _call_tool(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        caller: Caller,
+        params: types.CallToolRequestParams,
+    ) -> types.CallToolResult:
+        self._chain(caller)
+        tool = self._catalog.get(params.name)
+        if tool is None:
+            err = InvalidRequest(f"unknown tool {params.name!r}", field="name")
+            self._pipeline.refuse(err)
+            raise MCPError(
+                types.INVALID_PARAMS,
+                f"unknown tool {params.name!r}: not a tool of this gateway "
+                "(tools/list shows the ones this agent may use)",
+                {"code": "invalid_request", "field": "name"},
+            )
+        arguments = params.arguments
+        try:
+            attributes = to_attributes(arguments)
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise kynara_error(err) from None
+        entry = GatewayEntry(
+            server=tool.name.server,
+            tool=tool.name.tool,
+            args_digest=arguments_digest(arguments),
+        )
+        request_id = "" if ctx.request_id is None else str(ctx.request_id)
+        request = self._incoming(
+            caller,
+            action=tool.name.action,
+            resource=Resource(RESOURCE_KIND, tool.name.resource_id, attributes),
+            request_id=request_id if len(request_id) <= MAX_REQUEST_ID_LENGTH else "",
+            gateway=entry,
+        )
+        answer = await self._decide(request)
+        if _approved(answer):
+            # A retry after the review: the grant is used by this very call.
+            answer = await self._decide(
+                msgspec.structs.replace(request, approval_id=answer.approval.id)
+            )
+        elif answer.decision.effect is Effect.REQUIRE_APPROVAL:
+            answer = await self._wait_for_review(ctx, request, answer)
+        effect = answer.decision.effect
+        if effect is Effect.DENY:
+            raise _denied(tool, answer)
+        if effect is Effect.REQUIRE_APPROVAL:
+            return _approval_result(tool, answer)
+        return await self._forward(tool, arguments, answer, entry)
+
+    async def _decide(self, request: IncomingRequest) -> Answer:
+        """Decide ``request``; a cancel meanwhile lets the decision commit,
+        records it as cancelled, and then cancels the call."""
+        task = asyncio.ensure_future(self._pipeline.decide(request))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):
+                try:
+                    answer = await task
+                except KynaraError:
+                    raise asyncio.CancelledError() from None
+                await self._record_cancelled(answer, request.gateway)
+            raise
+        except KynaraError as err:
+            raise kynara_error(err) from None
+
+    async def _forward(
+        self,
+        tool: CatalogTool,
+        arguments: dict[str, Any] | None,
+        answer: Answer,
+        entry: GatewayEntry,
+    ) -> types.CallToolResult:
+        try:
+            return await self._catalog.call(tool, arguments)
+        except UpstreamError as err:
+            log.warning(
+                "upstream call failed",
+                extra={
+                    "fields": {
+                        "component": "gateway",
+                        "server": tool.name.server,
+                        "tool": tool.name.tool,
+                        "decision_id": answer.decision_id,
+                        "error": str(err),
+                    }
+                },
+            )
+            return _text_result(
+                f"upstream server {tool.name.server!r} failed on tool "
+                f"{tool.name.tool!r}: {err}",
+                {
+                    "error": "upstream_failed",
+                    "server": tool.name.server,
+                    "decision_id": answer.decision_id,
+                },
+            )
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):
+                await self._record_cancelled(answer, entry)
+            raise
+
+    async def _record_cancelled(
+        self, answer: Answer, entry: GatewayEntry | None
+    ) -> None:
+        try:
+            await self._pipeline.record_outcome(answer, "cancelled", gateway=entry)
+        except KynaraError as err:
+            log.error(
+                "cancelled outcome not recorded",
+                extra={
+                    "fields": {
+                        "component": "gateway",
+                        "decision_id": answer.decision_id,
+                        "error": str(err),
+                    }
+                },
+            )
+
+    async def _wait_for_review(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        request: IncomingRequest,
+        answer: Answer,
+    ) -> Answer:
+        """With ``approval_wait: elicit`` and a client that can show a URL:
+        show it the approval URL, wait for the review, decide again.
+        Otherwise, or when the wait ends without a grant, ``answer``."""
+        approval = answer.approval
+        # TODO(#8): the 2026-07-28 protocol has no server requests; its
+        # clients would be asked through an InputRequiredResult instead.
+        # They get the tool error with the URL for now.
+        if (
+            self._config.approval_wait is not ApprovalWait.ELICIT
+            or approval is None
+            or not approval.url
+            or not _can_elicit_url(ctx)
+        ):
+            return answer
+        try:
+            shown = await ctx.session.elicit_url(
+                message=f"Approval needed: {answer.decision.reason}",
+                url=approval.url,
+                elicitation_id=approval.id,
+                related_request_id=ctx.request_id,
+            )
+        except MCPError as err:
+            log.info(
+                "approval URL not shown",
+                extra={"fields": {"component": "gateway", "error": str(err)}},
+            )
+            return answer
+        if shown.action != "accept":
+            return answer
+        final = await self._review_outcome(approval)
+        if final is None or final.state is not ApprovalState.APPROVED:
+            return answer
+        with contextlib.suppress(MCPError):
+            await ctx.session.send_elicit_complete(approval.id, ctx.request_id)
+        return await self._decide(
+            msgspec.structs.replace(request, approval_id=approval.id)
+        )
+
+    async def _review_outcome(self, approval: Approval) -> Approval | None:
+        """The approval once it is no longer pending, or None when the wait
+        (``approval_wait_seconds``) ran out first."""
+        last: Approval | None = None
+        with anyio.move_on_after(self._config.approval_wait_seconds):
+            try:
+                async for state in self._pipeline.approvals.watch(approval.id):
+                    last = state
+                    if state.state is not ApprovalState.PENDING:
+                        return state
+            except KynaraError:
+                return None
+        return None if last is None or last.state is ApprovalState.PENDING else last
+
+    # ------------------------------------------------------------ changes
+
+    def _watch_session(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        caller: Caller,
+        visible: Sequence[CatalogTool],
+    ) -> None:
+        """Remember a handshake-era session's caller and what it was shown.
+
+        The 2026-07-28 protocol has no session to send to: its clients
+        listen (``subscriptions/listen``) instead.
+        """
+        if ctx.session.protocol_version in _MODERN_VERSIONS:
+            return
+        # TODO(#8): the SDK gives a lowlevel handler no public handle on its
+        # connection; the session's own is the one that outlives the request.
+        connection = getattr(ctx.session, "_connection", None)
+        if connection is None:
+            return
+        names = frozenset(tool.name.exposed for tool in visible)
+        watched = self._sessions.get(self._by_connection.get(connection))
+        if watched is not None:
+            watched.caller, watched.visible = caller, names
+            return
+        key = object()
+        self._sessions[key] = _Watched(
+            caller, names, ctx.session.send_tool_list_changed
+        )
+        self._by_connection[connection] = key
+        connection.exit_stack.callback(self._forget, connection)
+
+    def _forget(self, connection: object) -> None:
+        key = self._by_connection.pop(connection, None)
+        self._sessions.pop(key, None)
+
+    async def _listen(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        caller: Caller,
+        params: types.SubscriptionsListenRequestParams,
+    ) -> types.SubscriptionsListenResult:
+        """One ``subscriptions/listen`` stream: told of changes to what this
+        caller may see, and of nothing else."""
+        chain = self._chain(caller)
+        names = frozenset(tool.name.exposed for tool in self._visible(chain))
+        bus = InMemorySubscriptionBus()
+        token = object()
+        self._sessions[token] = _Watched(
+            caller, names, lambda: bus.publish(ToolsListChanged())
+        )
+        try:
+            return await ListenHandler(bus, max_subscriptions=1)(ctx, params)
+        finally:
+            self._sessions.pop(token, None)
+
+    def changed(self, server: str = "") -> None:
+        """The catalog (``server``'s tools) or the policies changed: tell
+        every open session whose visible tools changed. Also the catalog's
+        ``on_change``."""
+        if self._closed:
+            return
+        if self._refresh_task is not None and not self._refresh_task.done():
+            self._refresh_again = True
+            return
+        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        while True:
+            self._refresh_again = False
+            watched = list(self._sessions.values())
+            for entry in watched:
+                await self._refresh_one(entry)
+            if not self._refresh_again:
+                return
+
+    async def _refresh_one(self, entry: _Watched) -> None:
+        try:
+            chain = self._pipeline.chain_of(self._incoming(entry.caller))
+            names = frozenset(tool.name.exposed for tool in self._visible_quiet(chain))
+        except (KynaraError, MCPError):
+            # The caller's token expired, say: it sees nothing now.
+            names = frozenset()
+        if names == entry.visible:
+            return
+        entry.visible = names
+        try:
+            await entry.notify()
+        except Exception as err:  # a closed stream, a gone client
+            log.debug(
+                "list_changed not delivered",
+                extra={"fields": {"component": "gateway", "error": repr(err)}},
+            )
+
+    def _visible_quiet(self, chain: Sequence[str]) -> list[CatalogTool]:
+        tools = self._catalog.tools()
+        shown = self._pipeline.could_allow(
+            chain, [(RESOURCE_KIND, tool.name.action) for tool in tools]
+        )
+        return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
+
+    async def close(self) -> None:
+        """Stop following changes; open listen streams end."""
+        self._closed = True
+        self._unwatch()
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+_MODERN_VERSIONS = frozenset(types.version.MODERN_PROTOCOL_VERSIONS)
+
+
+def _approved(answer: Answer) -> bool:
+    """Whether the answer cites a grant this very request may use."""
+    approval = answer.approval
+    return (
+        answer.decision.effect is Effect.REQUIRE_APPROVAL
+        and approval is not None
+        and approval.state is ApprovalState.APPROVED
+    )
+
+
+def _can_elicit_url(ctx: ServerRequestContext[Any, Any]) -> bool:
+    session = ctx.session
+    if not session.can_send_request:
+        return False
+    capabilities = session.client_capabilities
+    elicitation = capabilities.elicitation if capabilities is not None else None
+    return elicitation is not None and elicitation.url is not None
+
+
+def _denied(tool: CatalogTool, answer: Answer) -> MCPError:
+    decision = answer.decision
+    return MCPError(
+        DENIED_CODE,
+        f"tool {tool.name.exposed!r} is not permitted: {decision.reason}",
+        {
+            "decision": str(decision.effect),
+            "reason_code": str(decision.reason_code),
+            "reason": decision.reason,
+            "decision_id": answer.decision_id,
+        },
+    )
+
+
+def _approval_result(tool: CatalogTool, answer: Answer) -> types.CallToolResult:
+    decision = answer.decision
+    approval = answer.approval
+    structured: dict[str, Any] = {
+        "decision": str(decision.effect),
+        "reason": decision.reason,
+        "decision_id": answer.decision_id,
+    }
+    text = f"tool {tool.name.exposed!r} needs approval: {decision.reason}"
+    if approval is not None:
+        structured["approval"] = {
+            "id": approval.id,
+            "url": approval.url,
+            "expires_at": approval.expires_at,
+        }
+        text += (
+            f". A reviewer can approve it at {approval.url or '(no review URL)'} "
+            f"(approval {approval.id}, expires {approval.expires_at}); call the "
+            "tool again with the same arguments once it is approved."
+        )
+    return _text_result(text, structured)

@@ -1,0 +1,464 @@
+"""The gateway's upstream side (gateway/catalog.py) against the real test
+upstream (upstream_server.py), over stdio and over Streamable HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import uvloop
+from mcp import Client
+from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
+from support import free_port
+from upstream_support import (
+    HttpUpstream,
+    read_call_log,
+    start_http_upstream,
+    stdio_upstream_config,
+)
+
+from kynara_sidecar.config import UpstreamConfig
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.gateway.catalog import Catalog, CatalogTool, UpstreamError
+from kynara_sidecar.gateway.names import tool_name
+
+# Bounds the waits for something the upstream does on its own time (a
+# child starting, a re-list); a healthy run takes well under a second each.
+WAIT_SECONDS = 30.0
+
+BASE_TOOLS = ["add_tool", "deploy", "read", "slow", "write"]
+
+
+def run(coro: Any) -> Any:
+    """Run ``coro`` on uvloop, as the daemon does."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+class Changes:
+    """Records on_change calls; lets a test wait for a state."""
+
+    def __init__(self) -> None:
+        self.servers: list[str] = []
+        self._event = asyncio.Event()
+
+    def __call__(self, server: str) -> None:
+        self.servers.append(server)
+        self._event.set()
+
+    async def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        async def until() -> None:
+            while not condition():
+                self._event.clear()
+                await self._event.wait()
+
+        try:
+            await asyncio.wait_for(until(), WAIT_SECONDS)
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {WAIT_SECONDS}s") from None
+
+
+async def wait_logged(path: pathlib.Path, condition: Callable[[list], bool]) -> None:
+    """Poll the upstream's call log until ``condition`` holds (bounded)."""
+    for _ in range(int(WAIT_SECONDS / 0.02)):
+        if condition(read_call_log(path)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"call log never matched: {read_call_log(path)}")
+
+
+def children_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``marker``."""
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                status = (entry / "status").read_text()
+                if "\nState:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def config(raw: dict[str, Any]) -> UpstreamConfig:
+    return msgspec.convert(raw, UpstreamConfig)
+
+
+@pytest.fixture(params=["stdio", "http"])
+def transport(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def upstreams(tmp_path) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Call with a transport and upstream_flags options; returns the
+    UpstreamConfig dict. HTTP servers are stopped (by PID) at teardown."""
+    started: list[HttpUpstream] = []
+
+    def make(transport: str, call_log: pathlib.Path, **options: Any) -> dict[str, Any]:
+        if transport == "stdio":
+            return stdio_upstream_config(call_log, **options)
+        upstream = start_http_upstream(tmp_path, call_log, **options)
+        started.append(upstream)
+        return upstream.config()
+
+    yield make
+    for upstream in started:
+        upstream.stop()
+
+
+def test_lists_every_page_and_names_tools(transport, upstreams, tmp_path):
+    raw = upstreams(
+        transport, tmp_path / "calls.log", extra_tools=7, page_size=3, dotted=True
+    )
+    changes = Changes()
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)}, on_change=changes)
+        await catalog.start()
+        try:
+            return catalog.tools(), catalog.get("files__get_2Efile")
+        finally:
+            await catalog.stop()
+
+    tools, dotted = run(scenario())
+
+    upstream_names = BASE_TOOLS + [f"extra_{i:03d}" for i in range(7)] + ["get.file"]
+    assert [tool.name.exposed for tool in tools] == sorted(
+        tool_name("files", name).exposed for name in upstream_names
+    )
+    assert all(tool.definition.name == tool.name.exposed for tool in tools)
+    assert dotted is not None
+    assert dotted.name.tool == "get.file"
+    assert dotted.name.action == "mcp.files.get_2Efile"
+    assert dotted.definition.description == "Get a file (dotted name)."
+    assert changes.servers == ["files"]
+
+
+def test_call_sends_the_upstream_name_and_returns_its_result_unchanged(
+    transport, upstreams, tmp_path
+):
+    log = tmp_path / "calls.log"
+    raw = upstreams(transport, log, dotted=True)
+    arguments = {"path": "/tmp/a", "content": "héllo", "extra": {"n": None}}
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)})
+        await catalog.start()
+        try:
+            write = await catalog.call(catalog.get("files__write"), arguments)
+            dotted = await catalog.call(catalog.get("files__get_2Efile"), None)
+        finally:
+            await catalog.stop()
+        direct_params = raw["url"] if transport == "http" else None
+        direct = None
+        if direct_params is not None:
+            async with Client(direct_params, cache=None) as client:
+                direct = await client.call_tool("write", arguments)
+        return write, dotted, direct
+
+    write, dotted, direct = run(scenario())
+
+    assert write.content[0].text == "wrote 6 bytes to /tmp/a"
+    assert not write.is_error
+    if direct is not None:
+        assert write.model_dump() == direct.model_dump()
+    assert dotted.content[0].text == "get.file"
+    calls = read_call_log(log)
+    assert calls[0] == {"tool": "write", "arguments": arguments}
+    assert calls[1] == {"tool": "get.file", "arguments": {}}
+
+
+def test_collision_within_one_upstream_is_refused_at_start(
+    transport, upstreams, tmp_path
+):
+    raw = upstreams(transport, tmp_path / "calls.log", collide=True)
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)})
+        await catalog.start()
+
+    with pytest.raises(ConfigError) as refused:
+        run(scenario())
+
+    message = str(refused.value)
+    assert "'get.file'" in message
+    assert "'get_2Efile'" in message
+    assert "'files__get_2Efile'" in message
+    assert "server 'files'" in message
+
+
+def test_collision_across_servers_is_refused_and_leaves_no_child(tmp_path):
+    marker = str(tmp_path / "calls.log")
+    raw = stdio_upstream_config(marker)
+
+    async def scenario():
+        catalog = Catalog({"a.b": config(raw), "a_2Eb": config(raw)})
+        await catalog.start()
+
+    with pytest.raises(ConfigError) as refused:
+        run(scenario())
+
+    assert "server 'a.b'" in str(refused.value)
+    assert "server 'a_2Eb'" in str(refused.value)
+    assert children_with(marker) == []
+
+
+def test_tool_without_a_name_is_refused_at_start(tmp_path):
+    raw = stdio_upstream_config(tmp_path / "calls.log", empty_name=True)
+
+    async def scenario():
+        await Catalog({"files": config(raw)}).start()
+
+    with pytest.raises(ConfigError, match="gateway.servers.files: .*without a name"):
+        run(scenario())
+
+
+def test_list_changed_relists_and_calls_on_change(transport, upstreams, tmp_path):
+    raw = upstreams(transport, tmp_path / "calls.log", page_size=2)
+    changes = Changes()
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)}, on_change=changes)
+        await catalog.start()
+        try:
+            assert catalog.get("files__late") is None
+            await catalog.call(catalog.get("files__add_tool"), {})
+            await changes.wait_for(
+                lambda: catalog.get("files__late") is not None, "re-list"
+            )
+            return await catalog.call(catalog.get("files__late"), {})
+        finally:
+            await catalog.stop()
+
+    late = run(scenario())
+
+    assert late.content[0].text == "late"
+    assert changes.servers == ["files", "files"]
+
+
+def test_cancelling_a_call_cancels_it_upstream(transport, upstreams, tmp_path):
+    log = tmp_path / "calls.log"
+    raw = upstreams(transport, log)
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)})
+        await catalog.start()
+        try:
+            call = asyncio.ensure_future(
+                catalog.call(catalog.get("files__slow"), {"seconds": 60})
+            )
+            await wait_logged(log, lambda calls: len(calls) == 1)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await wait_logged(log, lambda calls: len(calls) == 2)
+            # The connection stays usable after the cancellation.
+            return await catalog.call(catalog.get("files__read"), {"path": "/p"})
+        finally:
+            await catalog.stop()
+
+    after = run(scenario())
+
+    assert read_call_log(log)[1] == {"tool": "slow", "cancelled": True}
+    assert after.content[0].text == "contents of /p"
+
+
+def test_upstream_errors_and_timeouts_are_upstream_errors(
+    transport, upstreams, tmp_path
+):
+    log = tmp_path / "calls.log"
+    raw = upstreams(transport, log) | {"timeout_seconds": 0.5}
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)})
+        await catalog.start()
+        try:
+            unknown = CatalogTool(
+                name=tool_name("files", "nope"),
+                definition=catalog.get("files__read").definition,
+            )
+            with pytest.raises(UpstreamError) as refused:
+                await catalog.call(unknown, {})
+            with pytest.raises(UpstreamError) as timed_out:
+                await catalog.call(catalog.get("files__slow"), {"seconds": 60})
+            await wait_logged(log, lambda calls: len(calls) == 3)
+            return refused.value, timed_out.value
+        finally:
+            await catalog.stop()
+
+    refused, timed_out = run(scenario())
+
+    assert refused.server == "files"
+    assert refused.code == INVALID_PARAMS
+    assert refused.message == "unknown tool 'nope'"
+    assert "upstream 'files'" in str(refused)
+    assert timed_out.code == REQUEST_TIMEOUT
+    assert "upstream 'files'" in str(timed_out)
+    assert read_call_log(log)[2] == {"tool": "slow", "cancelled": True}
+
+
+def test_handshake_era_upstream_is_served_alike(transport, upstreams, tmp_path):
+    log = tmp_path / "calls.log"
+    raw = upstreams(transport, log, handshake_only=True, page_size=2)
+    changes = Changes()
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)}, on_change=changes)
+        await catalog.start()
+        try:
+            call = asyncio.ensure_future(
+                catalog.call(catalog.get("files__slow"), {"seconds": 60})
+            )
+            await wait_logged(log, lambda calls: len(calls) == 1)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await wait_logged(log, lambda calls: len(calls) == 2)
+            await catalog.call(catalog.get("files__add_tool"), {})
+            await changes.wait_for(
+                lambda: catalog.get("files__late") is not None, "re-list"
+            )
+            return [tool.name.tool for tool in catalog.tools()]
+        finally:
+            await catalog.stop()
+
+    names = run(scenario())
+
+    assert names == sorted(BASE_TOOLS + ["late"])
+    assert read_call_log(log)[1] == {"tool": "slow", "cancelled": True}
+
+
+def test_unreachable_upstream_is_logged_then_appears(tmp_path, caplog):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    changes = Changes()
+    started: list[HttpUpstream] = []
+
+    async def scenario():
+        catalog = Catalog(
+            {"later": config({"transport": "http", "url": url, "timeout_seconds": 5})},
+            on_change=changes,
+        )
+        await catalog.start()
+        try:
+            absent = catalog.tools()
+            started.append(
+                await asyncio.to_thread(start_http_upstream, tmp_path, None, port=port)
+            )
+            await changes.wait_for(lambda: bool(catalog.tools()), "upstream")
+            read = await catalog.call(catalog.get("later__read"), {"path": "/x"})
+            return absent, read
+        finally:
+            await catalog.stop()
+            for upstream in started:
+                upstream.stop()
+
+    with caplog.at_level(logging.ERROR, logger="kynara.gateway"):
+        absent, read = run(scenario())
+
+    assert absent == ()
+    assert read.content[0].text == "contents of /x"
+    assert changes.servers == ["later"]
+    unreachable = [
+        r for r in caplog.records if r.getMessage() == "upstream unreachable"
+    ]
+    assert unreachable
+    assert unreachable[0].fields["server"] == "later"
+    assert unreachable[0].fields["error"]
+
+
+def test_stdio_child_exit_drops_tools_and_reconnects(tmp_path):
+    marker = str(tmp_path / "calls.log")
+    changes = Changes()
+
+    async def scenario():
+        catalog = Catalog(
+            {"files": config(stdio_upstream_config(marker))}, on_change=changes
+        )
+        await catalog.start()
+        try:
+            (child,) = children_with(marker)
+            os.kill(child, signal.SIGKILL)
+            await changes.wait_for(lambda: not catalog.tools(), "drop")
+            await changes.wait_for(lambda: bool(catalog.tools()), "reconnect")
+            (again,) = children_with(marker)
+            read = await catalog.call(catalog.get("files__read"), {"path": "/y"})
+            return child, again, read
+        finally:
+            await catalog.stop()
+
+    child, again, read = run(scenario())
+
+    assert again != child
+    assert read.content[0].text == "contents of /y"
+    assert changes.servers == ["files", "files", "files"]
+
+
+def test_http_server_gone_drops_tools_and_reconnects(tmp_path):
+    upstream = start_http_upstream(tmp_path)
+    changes = Changes()
+    restarted: list[HttpUpstream] = []
+
+    async def scenario():
+        catalog = Catalog({"web": config(upstream.config())}, on_change=changes)
+        await catalog.start()
+        try:
+            await asyncio.to_thread(upstream.stop)
+            await changes.wait_for(lambda: not catalog.tools(), "drop")
+            restarted.append(
+                await asyncio.to_thread(
+                    start_http_upstream, tmp_path, None, port=upstream.port
+                )
+            )
+            await changes.wait_for(lambda: bool(catalog.tools()), "reconnect")
+            return await catalog.call(catalog.get("web__read"), {"path": "/z"})
+        finally:
+            await catalog.stop()
+
+    try:
+        read = run(scenario())
+    finally:
+        upstream.stop()
+        for server in restarted:
+            server.stop()
+
+    assert read.content[0].text == "contents of /z"
+    assert changes.servers == ["web", "web", "web"]
+
+
+def test_stop_leaves_no_child_and_no_task(tmp_path):
+    marker = str(tmp_path / "calls.log")
+
+    async def scenario():
+        catalog = Catalog(
+            {
+                "one": config(stdio_upstream_config(marker)),
+                "two": config(stdio_upstream_config(marker, dotted=True)),
+            }
+        )
+        await catalog.start()
+        running = children_with(marker)
+        await catalog.stop()
+        tasks = [
+            task.get_name()
+            for task in asyncio.all_tasks()
+            if task.get_name().startswith("kynara-upstream-")
+        ]
+        return running, tasks
+
+    running, tasks = run(scenario())
+
+    assert len(running) == 2
+    assert children_with(marker) == []
+    assert tasks == []

@@ -1,0 +1,600 @@
+"""The MCP gateway over Streamable HTTP, with the SDK's own client.
+
+A daemon (multi-agent, verified identity) serves the gateway in front of the
+test upstream (a stdio child); agents connect with the SDK's client, or raw
+JSON-RPC over httpx where the client cannot send the bad input. The same
+protocol cases run over stdio in test_proxy_stdio.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import mcp_types as types
+import pytest
+from gateway_support import (
+    TOKEN_HEADER,
+    VISIBLE,
+    GatewayDaemon,
+    GatewaySetup,
+    start_gateway,
+    wait_for,
+)
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from upstream_support import read_call_log, stdio_upstream_config
+
+from kynara_sidecar.approvals.model import Reviewer, Verdict
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.gateway.arguments import arguments_digest
+from kynara_sidecar.gateway.proxy import DENIED_CODE, REQUEST_ERROR_CODE
+
+LEGACY_VERSION = "2025-11-25"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Any:
+    """One gateway for the cases that change nothing upstream or in policy."""
+    root = tmp_path_factory.mktemp("gateway-http")
+    setup = GatewaySetup(root)
+    calls = root / "calls.jsonl"
+    daemon = start_gateway(setup, {"files": stdio_upstream_config(calls)})
+    yield setup, daemon, calls
+    daemon.stop()
+
+
+@pytest.fixture
+def own(tmp_path) -> Any:
+    """A gateway of this test's own (it changes policies or the upstream)."""
+    setup = GatewaySetup(tmp_path)
+    calls = tmp_path / "calls.jsonl"
+    daemon = start_gateway(setup, {"files": stdio_upstream_config(calls)})
+    yield setup, daemon, calls
+    daemon.stop()
+
+
+def _headers(setup: GatewaySetup, user: str | None, agent: str) -> dict[str, str]:
+    headers = {"authorization": f"Bearer {setup.secret(agent)}"}
+    if user is not None:
+        headers[TOKEN_HEADER] = setup.token(user, agent)
+    return headers
+
+
+def _http(setup: GatewaySetup, user: str | None, agent: str) -> httpx.AsyncClient:
+    # Longer than any call the tests make upstream.
+    return httpx.AsyncClient(headers=_headers(setup, user, agent), timeout=60)
+
+
+def _client(
+    daemon: GatewayDaemon,
+    setup: GatewaySetup,
+    http: httpx.AsyncClient,
+    **options: Any,
+) -> Client:
+    return Client(
+        streamable_http_client(daemon.gateway_url, http_client=http), **options
+    )
+
+
+async def _list_all(client: Client) -> list[str]:
+    names: list[str] = []
+    cursor = None
+    while True:
+        page = await client.list_tools(cursor=cursor)
+        names += [tool.name for tool in page.tools]
+        cursor = page.next_cursor
+        if cursor is None:
+            return names
+
+
+def _calls(path: pathlib.Path) -> list[dict[str, Any]]:
+    return read_call_log(path) if path.exists() else []
+
+
+async def _visible(setup, daemon, user, agent, **options) -> list[str]:
+    async with _http(setup, user, agent) as http:
+        async with _client(daemon, setup, http, **options) as client:
+            # Changes are announced, on either protocol.
+            assert client.server_capabilities.tools.list_changed is True
+            return await _list_all(client)
+
+
+@pytest.mark.parametrize(
+    ("user", "agent"),
+    [("alice", "reader-bot"), ("bob", "writer-bot"), ("carol", "ops-bot")],
+)
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_each_agent_sees_exactly_its_tools(shared, user, agent, mode):
+    setup, daemon, _ = shared
+    names = asyncio.run(_visible(setup, daemon, user, agent, mode=mode))
+    assert names == VISIBLE[user]
+
+
+def test_an_ops_agent_for_a_reader_sees_what_the_reader_may_use(shared):
+    setup, daemon, _ = shared
+    assert asyncio.run(_visible(setup, daemon, "alice", "ops-bot")) == VISIBLE["alice"]
+
+
+def test_pages_hold_only_visible_tools_and_foreign_cursors_are_refused(shared):
+    setup, daemon, _ = shared
+
+    async def run() -> None:
+        async with _http(setup, "bob", "writer-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                first = await client.list_tools()
+                assert len(first.tools) == 2 and first.next_cursor
+                pages = [first]
+                while pages[-1].next_cursor:
+                    pages.append(await client.list_tools(cursor=pages[-1].next_cursor))
+                shown = [t.name for page in pages for t in page.tools]
+                assert shown == VISIBLE["bob"]
+                assert all("slow" not in json.dumps(p.model_dump()) for p in pages)
+                with pytest.raises(MCPError) as info:
+                    await client.list_tools(cursor="ZmlsZXNfX3Nsb3c.forged")
+                assert info.value.code == types.INVALID_PARAMS
+                assert "cursor" in info.value.message
+
+    asyncio.run(run())
+
+
+def test_an_allowed_call_returns_the_upstream_result_unchanged(shared):
+    setup, daemon, calls = shared
+
+    async def run() -> types.CallToolResult:
+        async with _http(setup, "bob", "writer-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                return await client.call_tool(
+                    "files__write", {"path": "/tmp/a", "content": "hello"}
+                )
+
+    result = asyncio.run(run())
+    assert not result.is_error
+    assert [c.text for c in result.content] == ["wrote 5 bytes to /tmp/a"]
+    assert {"tool": "write", "arguments": {"path": "/tmp/a", "content": "hello"}} in (
+        _calls(calls)
+    )
+    decided = [r for r in daemon.records() if r.gateway and r.gateway.tool == "write"]
+    assert decided and decided[-1].decision == "allow"
+    assert decided[-1].gateway.server == "files"
+    assert len(decided[-1].gateway.args_digest) == 64
+
+
+def test_a_hidden_tool_called_raw_is_refused_and_never_forwarded(shared):
+    setup, daemon, calls = shared
+
+    async def run() -> MCPError:
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                with pytest.raises(MCPError) as info:
+                    await client.call_tool(
+                        "files__write", {"path": "/etc/x", "content": "no"}
+                    )
+                return info.value
+
+    err = asyncio.run(run())
+    assert err.code == DENIED_CODE
+    assert "not permitted" in err.message
+    assert err.data["decision"] == "deny" and err.data["decision_id"]
+    assert not [c for c in _calls(calls) if c["arguments"].get("path") == "/etc/x"]
+
+
+def test_an_unknown_tool_is_refused(shared):
+    setup, daemon, calls = shared
+
+    async def run() -> MCPError:
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                with pytest.raises(MCPError) as info:
+                    await client.call_tool("files__nope", {})
+                return info.value
+
+    err = asyncio.run(run())
+    assert err.code == types.INVALID_PARAMS
+    assert "unknown tool" in err.message
+    assert not [c for c in _calls(calls) if c["tool"] == "nope"]
+
+
+def test_require_approval_returns_the_approval_url(shared):
+    setup, daemon, calls = shared
+    args = {"service": "web", "version": "1.2", "replicas": 3}
+
+    async def run() -> types.CallToolResult:
+        async with _http(setup, "carol", "ops-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                return await client.call_tool("files__deploy", args)
+
+    result = asyncio.run(run())
+    assert result.is_error
+    approval = result.structured_content["approval"]
+    assert result.structured_content["decision"] == "require_approval"
+    assert approval["url"].endswith(f"/approvals/{approval['id']}")
+    assert approval["url"] in result.content[0].text
+    assert not [c for c in _calls(calls) if c["tool"] == "deploy"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_no_token_no_tools(shared, mode):
+    setup, daemon, _ = shared
+
+    async def run() -> tuple[MCPError, MCPError]:
+        async with _http(setup, None, "reader-bot") as http:
+            async with _client(daemon, setup, http, mode=mode) as client:
+                with pytest.raises(MCPError) as listing:
+                    await client.list_tools()
+                with pytest.raises(MCPError) as calling:
+                    await client.call_tool("files__read", {"path": "/x"})
+                return listing.value, calling.value
+
+    listing, calling = asyncio.run(run())
+    for err in (listing, calling):
+        assert err.code == REQUEST_ERROR_CODE
+        assert TOKEN_HEADER in err.message
+        assert err.data["code"] == "identity_invalid"
+
+
+def test_an_unknown_agent_credential_is_refused_with_401(shared):
+    _, daemon, _ = shared
+    response = httpx.post(
+        daemon.gateway_url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"authorization": "Bearer not-a-secret"},
+    )
+    assert response.status_code == 401
+    assert response.json()["error"]["data"]["code"] == "identity_invalid"
+
+
+class _Raw:
+    """A handshake-era session driven by hand over httpx."""
+
+    def __init__(self, daemon: GatewayDaemon, headers: dict[str, str]):
+        self.url = daemon.gateway_url
+        self.http = httpx.Client(
+            headers={
+                **headers,
+                "accept": "application/json, text/event-stream",
+                "content-type": "application/json",
+            },
+            timeout=30,
+        )
+        opened = self.post(
+            {
+                "jsonrpc": "2.0",
+                "id": "init",
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": LEGACY_VERSION,
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "0"},
+                },
+            }
+        )
+        self.http.headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+        self.http.headers["mcp-protocol-version"] = LEGACY_VERSION
+        self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def post(self, message: Any) -> httpx.Response:
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        return self.http.post(self.url, content=body)
+
+    @staticmethod
+    def messages(response: httpx.Response) -> list[dict[str, Any]]:
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            return [
+                json.loads(line[5:])
+                for line in response.text.splitlines()
+                if line.startswith("data:") and line[5:].strip()
+            ]
+        return [response.json()] if response.content else []
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@pytest.fixture
+def raw(shared):
+    setup, daemon, calls = shared
+    session = _Raw(daemon, _headers(setup, "alice", "reader-bot"))
+    yield session, calls
+    session.close()
+
+
+def test_notifications_get_no_response(raw):
+    session, _ = raw
+    response = session.post(
+        {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": 12345, "reason": "nothing"},
+        }
+    )
+    assert response.status_code == 202
+    assert response.content == b""
+
+
+def test_request_id_zero_is_answered_with_id_zero(raw):
+    session, _ = raw
+    response = session.post({"jsonrpc": "2.0", "id": 0, "method": "tools/list"})
+    (answer,) = session.messages(response)
+    assert answer["id"] == 0
+    assert [t["name"] for t in answer["result"]["tools"]] == VISIBLE["alice"][:2]
+
+
+def test_a_batch_is_refused_whole_and_nothing_is_forwarded(raw):
+    session, calls = raw
+    before = len(_calls(calls))
+    batch = [
+        {
+            "jsonrpc": "2.0",
+            "id": i,
+            "method": "tools/call",
+            "params": {"name": "files__read", "arguments": {"path": f"/batch/{i}"}},
+        }
+        for i in range(3)
+    ]
+    response = session.post(batch)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32600 and "batch" in error["message"]
+    assert len(_calls(calls)) == before
+
+
+def test_an_oversized_message_is_refused_naming_the_limit(raw):
+    session, calls = raw
+    before = len(_calls(calls))
+    message = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "files__read", "arguments": {"path": "x" * 5000}},
+    }
+    response = session.post(message)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert "gateway.max_message_bytes (4096 bytes)" in error["message"]
+    assert error["data"]["code"] == "request_too_large"
+    assert len(_calls(calls)) == before
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_a_cancelled_call_reaches_upstream_and_is_recorded_cancelled(shared, mode):
+    setup, daemon, calls = shared
+    seconds = 30 if mode == "auto" else 31
+
+    async def run() -> None:
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http, mode=mode) as client:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(
+                        client.call_tool, "files__slow", {"seconds": seconds}
+                    )
+                    await anyio.to_thread.run_sync(
+                        lambda: wait_for(
+                            lambda: any(
+                                c.get("arguments") == {"seconds": seconds}
+                                for c in _calls(calls)
+                            ),
+                            what="the slow call upstream",
+                        )
+                    )
+                    group.cancel_scope.cancel()
+
+    asyncio.run(run())
+    wait_for(
+        lambda: {"tool": "slow", "cancelled": True} in _calls(calls),
+        what="the upstream's cancelled entry",
+    )
+    decided = [
+        r
+        for r in daemon.records()
+        if r.kind == "decision" and r.gateway and r.gateway.tool == "slow"
+    ]
+    digest = arguments_digest({"seconds": seconds})
+    (decision,) = [r for r in decided if r.gateway.args_digest == digest]
+    assert decision.decision == "allow"
+
+    def outcomes() -> list[Any]:
+        return [
+            r
+            for r in daemon.records()
+            if r.kind == "outcome" and r.decision_id == decision.decision_id
+        ]
+
+    wait_for(lambda: outcomes(), what="the cancelled outcome record")
+    assert [r.outcome for r in outcomes()] == ["cancelled"]
+    assert not [
+        r
+        for r in daemon.records()
+        if r.decision_id == decision.decision_id and r.decision == "deny"
+    ]
+
+
+def _without_read_for_readers(setup: GatewaySetup) -> None:
+    path = setup.policies / "files.yaml"
+    text = path.read_text()
+    changed = text.replace(
+        "actions: [mcp.files.read, mcp.files.add_tool, mcp.files.late]",
+        "actions: [mcp.files.add_tool, mcp.files.late]",
+    )
+    assert changed != text
+    path.write_text(changed)
+
+
+async def _legacy_changes(
+    setup, daemon, trigger, user: str = "alice", agent: str = "reader-bot"
+) -> list[str]:
+    """Open a handshake-era session, list, run ``trigger`` and wait for
+    list_changed; return the list after it."""
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async with _http(setup, user, agent) as http:
+        async with _client(
+            daemon, setup, http, mode="legacy", message_handler=on_message
+        ) as client:
+            await _list_all(client)
+            await trigger(client)
+            with anyio.fail_after(20):
+                await changed.wait()
+            return await _list_all(client)
+
+
+async def _listen_changes(
+    setup, daemon, trigger, user: str = "alice", agent: str = "reader-bot"
+) -> list[str]:
+    """The same on the 2026-07-28 protocol, through subscriptions/listen."""
+    async with _http(setup, user, agent) as http:
+        async with _client(daemon, setup, http) as client:
+            async with client.listen(tools_list_changed=True) as subscription:
+                await trigger(client)
+                with anyio.fail_after(20):
+                    async for _event in subscription:
+                        break
+            return await _list_all(client)
+
+
+@pytest.mark.parametrize("listen", [_legacy_changes, _listen_changes])
+def test_list_changed_after_a_policy_reload(own, listen):
+    setup, daemon, _ = own
+
+    async def reload(_client: Client) -> None:
+        _without_read_for_readers(setup)
+        ok = await anyio.to_thread.run_sync(lambda: daemon.call(daemon.daemon.reload()))
+        assert ok
+
+    names = asyncio.run(listen(setup, daemon, reload))
+    assert names == ["files__add_tool", "files__slow"]
+
+
+@pytest.mark.parametrize("listen", [_legacy_changes, _listen_changes])
+def test_list_changed_after_the_upstream_adds_a_tool(own, listen):
+    setup, daemon, _ = own
+
+    async def add(client: Client) -> None:
+        await client.call_tool("files__add_tool", {})
+
+    names = asyncio.run(listen(setup, daemon, add))
+    assert names == sorted([*VISIBLE["alice"], "files__late"])
+
+
+REVIEWER = Reviewer(id="rita", roles=frozenset({"reviewer"}), credential="test")
+DEPLOY = {"service": "web", "version": "2.0", "replicas": 2}
+
+
+def _approve(daemon: GatewayDaemon, approval_id: str) -> None:
+    book = daemon.daemon._book
+    daemon.call(book.review(approval_id, REVIEWER, Verdict.APPROVE, "looks fine"))
+
+
+def test_a_retry_after_the_approval_is_forwarded(own):
+    setup, daemon, calls = own
+
+    async def call() -> types.CallToolResult:
+        async with _http(setup, "carol", "ops-bot") as h:
+            async with _client(daemon, setup, h) as client:
+                return await client.call_tool("files__deploy", DEPLOY)
+
+    first = asyncio.run(call())
+    assert first.is_error
+    _approve(daemon, first.structured_content["approval"]["id"])
+    retried = asyncio.run(call())
+    assert not retried.is_error
+    assert retried.content[0].text.startswith("deployed")
+    assert [c["arguments"] for c in _calls(calls) if c["tool"] == "deploy"] == [DEPLOY]
+    granted = [r for r in daemon.records() if r.reason_code == "approval_granted"]
+    assert len(granted) == 1 and granted[0].decision == "allow"
+    # The grant was used: a third call asks again.
+    assert asyncio.run(call()).is_error
+
+
+def test_elicit_shows_the_url_waits_for_the_review_and_forwards(tmp_path):
+    setup = GatewaySetup(tmp_path)
+    calls = tmp_path / "calls.jsonl"
+    daemon = start_gateway(
+        setup,
+        {"files": stdio_upstream_config(calls)},
+        "gateway.approval_wait=elicit",
+        "gateway.approval_wait_seconds=30",
+    )
+    shown: list[types.ElicitRequestURLParams] = []
+
+    async def on_elicit(_context: Any, params: Any) -> types.ElicitResult:
+        shown.append(params)
+        approval_id = params.url.rsplit("/", 1)[1]
+        await anyio.to_thread.run_sync(lambda: _approve(daemon, approval_id))
+        return types.ElicitResult(action="accept")
+
+    async def call() -> types.CallToolResult:
+        async with _http(setup, "carol", "ops-bot") as h:
+            async with _client(
+                daemon, setup, h, mode="legacy", elicitation_callback=on_elicit
+            ) as client:
+                return await client.call_tool("files__deploy", DEPLOY)
+
+    try:
+        result = asyncio.run(call())
+    finally:
+        daemon.stop()
+    assert not result.is_error, result
+    assert result.content[0].text.startswith("deployed")
+    (params,) = shown
+    assert params.mode == "url" and "/approvals/apr_" in params.url
+    assert [c["tool"] for c in _calls(calls)] == ["deploy"]
+
+
+def test_two_upstream_tools_with_one_name_refuse_the_start(tmp_path):
+    setup = GatewaySetup(tmp_path)
+    upstream = stdio_upstream_config(tmp_path / "calls.jsonl", collide=True)
+    with pytest.raises(ConfigError) as info:
+        start_gateway(setup, {"files": upstream})
+    assert "get.file" in str(info.value) and "get_2Efile" in str(info.value)
+
+
+def test_an_upstream_failure_is_a_tool_error_naming_the_server(tmp_path):
+    setup = GatewaySetup(tmp_path)
+    calls = tmp_path / "calls.jsonl"
+    upstream = stdio_upstream_config(calls, timeout_seconds=5)
+    daemon = start_gateway(setup, {"files": upstream})
+
+    async def call() -> types.CallToolResult:
+        async with _http(setup, "alice", "reader-bot") as h:
+            async with _client(daemon, setup, h) as client:
+                # Longer than the upstream's timeout_seconds.
+                return await client.call_tool("files__slow", {"seconds": 50})
+
+    try:
+        result = asyncio.run(call())
+    finally:
+        daemon.stop()
+    assert result.is_error
+    assert "upstream server 'files' failed on tool 'slow'" in result.content[0].text
+    assert result.structured_content["server"] == "files"
+
+
+def test_only_the_bound_address_and_localhost_are_accepted_as_host(shared):
+    setup, daemon, _ = shared
+    port = daemon.daemon.gateway_port
+    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    headers = {
+        **_headers(setup, "alice", "reader-bot"),
+        "accept": "application/json, text/event-stream",
+    }
+    refused = httpx.post(
+        daemon.gateway_url, json=message, headers={**headers, "host": "evil.test"}
+    )
+    assert refused.status_code in (400, 403, 421), refused.text
+    assert "host" in refused.text.lower()
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        response = httpx.post(
+            daemon.gateway_url, json=message, headers={**headers, "host": host}
+        )
+        # Past the host check: the SDK wants a session (or the 2026 envelope).
+        assert response.status_code not in (403, 421), host
