@@ -582,7 +582,9 @@ class Pipeline:
             redactor=self._redactor,
         )
         if request.gateway is not None:
-            record = msgspec.structs.replace(record, gateway=request.gateway)
+            record = msgspec.structs.replace(
+                record, gateway=self._sealed(request.gateway, record)
+            )
         book = self._book
         if book is None:
             return _Prepared(decision, decision_id, request.request_id, (record,))
@@ -614,6 +616,18 @@ class Pipeline:
             record = with_approval(record, step.approval)
         records = (record, *book.opened_records(step, record))
         return _Prepared(decision, decision_id, request.request_id, records, step)
+
+    def _sealed(self, entry: GatewayEntry, record: AuditRecordV1) -> GatewayEntry:
+        """The door's entry as the record keeps it: when any resource
+        attribute (a tool argument) was redacted, its argument digest is
+        keyed with the redaction key (``Redactor.seal_digest``), so the
+        record cannot confirm a guess at what was redacted."""
+        redacted = any(path.startswith("$.resource") for path in record.redactions)
+        if not redacted or not entry.args_digest:
+            return entry
+        return msgspec.structs.replace(
+            entry, args_digest=self._redactor.seal_digest(entry.args_digest)
+        )
 
     def _approval_step(
         self,

@@ -161,3 +161,43 @@ def test_policy_watchers_see_each_activation_until_they_unsubscribe(tmp_path):
     revision, _ = run_pipeline(tmp_path, steps)
 
     assert seen == [revision]
+
+
+def test_a_redacted_arguments_digest_is_sealed_with_the_redaction_key(tmp_path):
+    key_file = tmp_path / "redaction.key"
+    key_file.write_text("k" * 40)
+    config = daemon_config(
+        tmp_path,
+        "audit.redact={resource_attributes: {amount: hash}}",
+        f"audit.redaction_key={key_file}",
+    )
+    plain = "ab" * 32
+    entry = GatewayEntry(server="pay", tool="refund", args_digest=plain)
+    store = AuditStore.open(config.audit.path, map_size=config.audit.map_size)
+
+    async def run():
+        writer = AuditWriter(store)
+        writer.start()
+        pipeline = Pipeline(config, writer, Metrics(), SettableClock())
+        pipeline.activate(load_policies(SHIPPED_POLICIES))
+        try:
+            return await pipeline.decide(msgspec.structs.replace(REFUND, gateway=entry))
+        finally:
+            await writer.close()
+
+    try:
+        answer = asyncio.run(run())
+        (stored,) = [
+            s
+            for s in store.iter_records()
+            if answer.decision_id.encode() in s.record_bytes
+        ]
+    finally:
+        store.close()
+    record = msgspec.json.decode(stored.record_bytes, type=AuditRecordV1)
+
+    assert "$.resource.attributes.amount" in record.redactions
+    assert record.gateway.args_digest.startswith("hmac-sha256:")
+    assert plain not in stored.record_bytes.decode()
+    redactor = config.audit.load_redactor()
+    assert record.gateway.args_digest == redactor.seal_digest(plain)

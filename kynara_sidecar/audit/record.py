@@ -220,8 +220,11 @@ class GatewayEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     server: str = ""
     tool: str = ""
-    # Lower-case hex SHA-256 of the tool arguments, so the record proves what
-    # was called without holding the arguments themselves.
+    # Lower-case hex SHA-256 of the canonical JSON of the tool arguments, so
+    # the record proves what was called without holding the arguments
+    # themselves; when an argument was redacted from the record, that digest
+    # keyed with the redaction key ("hmac-sha256:<key id>:<hex>", see
+    # Redactor.seal_digest), or "" when there is no key.
     args_digest: str = ""
 
 

@@ -231,6 +231,25 @@ class Redactor:
         redactions.sort(key=lambda path: path.startswith("$.resource"))
         return dict(context_out), dict(attrs_out), redactions
 
+    def seal_digest(self, digest: str) -> str:
+        """A front door's digest of what it received (the MCP gateway's
+        ``args_digest``) for a record from which arguments were redacted.
+
+        A plain SHA-256 of the arguments would let anyone holding the record
+        guess a redacted low-entropy value and confirm it against the
+        digest; keyed with the redaction key it proves the same to whoever
+        holds the key and nothing to anyone else. Without a key (drop rules
+        only) the digest is left out.
+
+        Returns:
+            ``hmac-sha256:<key id>:<hex HMAC of the digest's text>``, or
+            ``""`` when there is no key.
+        """
+        if not self._key:
+            return ""
+        sealed = hmac.new(self._key, digest.encode(), hashlib.sha256).hexdigest()
+        return f"{HASH_PREFIX}{redaction_key_id(self._key)}:{sealed}"
+
 
 def _check_rule(section: str, name: str, action: str) -> RedactAction:
     if not name or "" in name.split("."):
