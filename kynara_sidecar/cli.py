@@ -4,6 +4,7 @@ Examples:
     kynara-sidecar run --config config/kynara.yaml
     kynara-sidecar run --config config/kynara.yaml --set audit.durability=deferred
     kynara-sidecar gateway --config config/kynara.yaml   # MCP over stdio
+    kynara-sidecar gateway --list-tools --config config/kynara.yaml
     kynara-sidecar verify --config config/kynara.yaml
     kynara-sidecar verify var/audit --trusted-key audit-key.pub --witness /mnt/w
     kynara-sidecar check config/policies
@@ -112,6 +113,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "agent that starts it as its MCP server (gateway.stdio)",
     )
     _add_config_args(gateway)
+    gateway.add_argument(
+        "--list-tools",
+        action="store_true",
+        help="connect to gateway.servers, print each upstream tool's names "
+        "(exposed, action, resource id) and how many enforced rules name it, "
+        "one JSON object a line, and exit; starts no daemon and writes no "
+        "audit record",
+    )
 
     verify = commands.add_parser(
         "verify",
@@ -433,6 +442,8 @@ def _gateway(args: argparse.Namespace) -> int:
     from kynara_sidecar.gateway.stdio import StdioWire
 
     config = load_config(args.config, args.overrides)
+    if args.list_tools:
+        return _list_gateway_tools(config)
     # Before anything else can write to stdout: it is the agent's wire now.
     wire = StdioWire.claim()
     if not run_daemon(config, stdio=wire):
@@ -440,6 +451,99 @@ def _gateway(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def _list_gateway_tools(config: Config) -> int:
+    """Print every upstream tool's names and rule count, one JSON line each.
+
+    The names are the ones the gateway will use (exposed to agents, action
+    and resource id for policies); ``rules`` counts the enforced rules (not
+    shadow) whose action and resource kind patterns match, whatever their
+    roles and conditions: 0 means no policy names the tool, so every agent
+    is denied it. Only the upstream connections are started: no listener,
+    no audit log.
+
+    Raises:
+        ConfigError: no upstreams, a policy source that cannot be read here
+            (a store), two tools with one name, or an upstream unreachable.
+        PolicyError: the policies do not load.
+    """
+    import asyncio
+
+    import msgspec
+
+    from kynara_sidecar.gateway.catalog import Catalog
+    from kynara_sidecar.gateway.names import RESOURCE_KIND
+
+    servers = config.gateway.servers
+    if not servers:
+        raise ConfigError(
+            "gateway.servers: expected at least one upstream MCP server to "
+            "list the tools of, got none"
+        )
+    policy_set = _gateway_policies(config).policy_set
+
+    async def connect() -> list[dict[str, object]]:
+        reached: set[str] = set()
+        catalog = Catalog(servers, on_change=reached.add)
+        await catalog.start()
+        try:
+            missing = sorted(set(servers) - reached)
+            if missing:
+                raise ConfigError(
+                    f"gateway.servers: upstream {', '.join(map(repr, missing))} "
+                    "could not be reached (the error is logged above); its tools "
+                    "cannot be listed"
+                )
+            return [
+                {
+                    "exposed": tool.name.exposed,
+                    "server": tool.name.server,
+                    "tool": tool.name.tool,
+                    "action": tool.name.action,
+                    "resource_id": tool.name.resource_id,
+                    "rules": sum(
+                        not rule.shadow
+                        for rule in policy_set.candidate_rules(
+                            RESOURCE_KIND, tool.name.action
+                        )
+                    ),
+                }
+                for tool in catalog.tools()
+            ]
+        finally:
+            await catalog.stop()
+
+    for row in asyncio.run(connect()):
+        print(msgspec.json.encode(row).decode())
+    return EXIT_OK
+
+
+def _gateway_policies(config: Config):
+    """The policies ``policy.source`` names, loaded as the daemon loads them:
+    a directory (unsigned) or a bundle file verified with
+    ``policy.trusted_keys``. A store is not read here.
+
+    Raises:
+        ConfigError: the source is a store, or a bundle file cannot be read.
+        PolicyError, BundleError: the policies do not load or verify.
+    """
+    from kynara_sidecar.policy.loader import load_policies
+
+    policy = config.policy
+    if policy.store:
+        raise ConfigError(
+            f"policy.source: --list-tools reads a policy directory or bundle "
+            f"file, got the store {policy.store!r}; name a local copy with "
+            "--set policy.source=DIR"
+        )
+    if not policy.signed:
+        return load_policies(policy.path)
+    from kynara_sidecar.audit.keys import load_trusted_keys
+    from kynara_sidecar.sync import bundle
+
+    trusted = load_trusted_keys(policy.trusted_keys)
+    return bundle.verify_bundle(bundle.read_bundle(policy.path), trusted).policies
 
 
 def _verify(args: argparse.Namespace) -> int:

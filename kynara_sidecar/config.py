@@ -16,6 +16,7 @@ import enum
 import ipaddress
 import os
 import pathlib
+import re
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "EnvConfig",
     "ExtAuthzConfig",
     "ExtAuthzRoute",
+    "PathTemplate",
     "GatewayConfig",
     "GatewayStdioConfig",
     "HealthListenerConfig",
@@ -64,6 +66,7 @@ __all__ = [
     "daemon_id_problem",
     "is_loopback",
     "load_config",
+    "parse_path_template",
     "read_raw_config",
 ]
 
@@ -104,6 +107,9 @@ MAX_DAEMON_ID_CHARS = 128
 MIN_AGENT_SECRET_BYTES = 16
 # The admin socket reads the whole audit log: its owner only, by default.
 DEFAULT_ADMIN_SOCKET_MODE = 0o600
+# The ext_authz socket states peers the policies trust: its owner only, by
+# default.
+DEFAULT_EXT_AUTHZ_SOCKET_MODE = 0o600
 
 
 class IdentityMode(enum.StrEnum):
@@ -1203,8 +1209,10 @@ class UpstreamConfig(_Section):
     transport: UpstreamTransport = UpstreamTransport.STDIO
     # stdio: the program and its arguments, e.g. ["python", "-m", "files_mcp"].
     command: list[str] = []
-    # stdio: extra environment for the program (it gets no other variables
-    # but PATH, HOME and the locale's).
+    # stdio: extra environment for the program. It inherits only HOME,
+    # LOGNAME, PATH, SHELL, TERM and USER (the MCP SDK's default set) and the
+    # locale's (LANG, LANGUAGE, LC_ALL, LC_CTYPE, LC_MESSAGES); these entries
+    # are added over them, e.g. {FILES_ROOT: /srv/files}.
     env: dict[str, str] = {}
     # stdio: its working directory; empty for the daemon's.
     cwd: str = ""
@@ -1271,10 +1279,14 @@ class GatewayStdioConfig(_Section):
     # The agent served; empty for identity.agent_id. In multi-agent mode it
     # must be one of identity.agents, whose secret the gateway presents.
     agent_id: str = ""
-    # Where the user's delegation token is read, on every request (so a
-    # refreshed token is picked up): this environment variable, else
-    # `token_file`. identity.mode development reads the asserted chain
-    # (comma-separated, user first) from `asserted_chain_env` instead.
+    # Where the user's delegation token is read: this environment variable
+    # when it is set and not blank, else `token_file`, e.g.
+    # /run/agent/token. The environment is the one the gateway was started
+    # with, so a token given there lasts for the process's life and hides
+    # the file; the file is read again on every request, so a token
+    # rewritten there is used from the next request on. identity.mode
+    # development reads the asserted chain (comma-separated, user first)
+    # from `asserted_chain_env` instead.
     token_env: str = "KYNARA_DELEGATION_TOKEN"
     token_file: str = ""
     asserted_chain_env: str = "KYNARA_ASSERTED_CHAIN"
@@ -1301,6 +1313,27 @@ class GatewayConfig(_Section):
     max_message_bytes: int = 1024 * 1024
     # Tools per tools/list page.
     page_size: int = 100
+    # Seconds an HTTP client has to send a request's headers once it
+    # connected (or finished its previous request), e.g. 10; a connection
+    # still without a whole header block then is closed, trickled bytes or
+    # not.
+    header_timeout_seconds: float = 10.0
+    # Seconds an HTTP client has to send a request's whole body once its
+    # headers arrived, e.g. 30; later it is answered 408 and disconnected.
+    body_timeout_seconds: float = 30.0
+    # Seconds an idle HTTP keep-alive connection stays open between
+    # requests, e.g. 5.
+    keep_alive_seconds: float = 5.0
+    # Open HTTP connections at most (SSE streams included), e.g. 1000;
+    # connections beyond it are closed as soon as they are accepted.
+    max_connections: int = 1000
+    # Open MCP sessions (2025-11-25 handshake protocol) per agent, e.g. 100;
+    # a new one past it is refused with 429 and a JSON-RPC error naming
+    # this key, while other agents still open theirs.
+    max_sessions_per_agent: int = 100
+    # Seconds a session may go without any request in flight before it is
+    # closed, e.g. 1800; the agent then opens a new one.
+    session_idle_seconds: float = 1800.0
     # require_approval: "return" the approval URL as a tool error, or
     # "elicit" (wait while the client shows the URL, when it can).
     approval_wait: ApprovalWait = ApprovalWait.RETURN
@@ -1315,7 +1348,13 @@ class GatewayConfig(_Section):
     def validate(self, section: str) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
-            _check_loopback(section, "host", self.host)
+            if not is_loopback(self.host):
+                raise ConfigError(
+                    f"{section}.host: expected a loopback address (127.0.0.0/8 "
+                    f"or ::1), got {self.host!r}; the gateway speaks plain HTTP, "
+                    "and agents' secrets and delegation tokens must not leave "
+                    "this machine"
+                )
         if not self.path.startswith("/"):
             raise ConfigError(
                 f"{section}.path: expected a path starting with '/', got {self.path!r}"
@@ -1334,6 +1373,24 @@ class GatewayConfig(_Section):
                 f"{section}.approval_wait_seconds: expected 0 < seconds <= 86400, "
                 f"got {self.approval_wait_seconds}"
             )
+        for key, limit in (
+            ("header_timeout_seconds", 3600),
+            ("body_timeout_seconds", 3600),
+            ("keep_alive_seconds", 3600),
+            ("session_idle_seconds", 7 * 86_400),
+        ):
+            value = getattr(self, key)
+            if not 0 < value <= limit:
+                raise ConfigError(
+                    f"{section}.{key}: expected 0 < seconds <= {limit}, got {value}"
+                )
+        for key, limit in (
+            ("max_connections", 100_000),
+            ("max_sessions_per_agent", 10_000),
+        ):
+            value = getattr(self, key)
+            if not 1 <= value <= limit:
+                raise ConfigError(f"{section}.{key}: expected 1..{limit}, got {value}")
         for name, server in self.servers.items():
             if not name or len(name) > 64:
                 raise ConfigError(
@@ -1345,6 +1402,76 @@ class GatewayConfig(_Section):
     @property
     def enabled(self) -> bool:
         return bool(self.servers)
+
+
+# A path template's `{name}`: letters, digits and "_", not starting with a
+# digit; a resource id template's placeholders.
+_TEMPLATE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TEMPLATE_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class PathTemplate(typing.NamedTuple):
+    """An ``ext_authz.routes[].path`` template, parsed."""
+
+    # Literal segments as strings, names as (name,) tuples.
+    segments: tuple[str | tuple[str], ...]
+    # The name of a last `{name...}`, else "".
+    rest: str
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every name the template gives a request's path."""
+        named = {s[0] for s in self.segments if isinstance(s, tuple)}
+        return frozenset(named | ({self.rest} - {""}))
+
+
+def parse_path_template(path: str) -> PathTemplate:
+    """Parse a route's path template, e.g. ``/v1/refunds/{refund_id}``.
+
+    ``{name}`` fills one whole segment; a last ``{name...}`` takes the rest
+    of the path. Pure, so that config validation and the ext_authz door
+    read templates alike.
+
+    Raises:
+        ValueError: what is wrong, for the caller to prefix with the key.
+    """
+    if not path.startswith("/"):
+        raise ValueError(f"expected a path template starting with '/', got {path!r}")
+    segments: list[str | tuple[str]] = []
+    rest = ""
+    seen: set[str] = set()
+    parts = path[1:].split("/")
+    for i, part in enumerate(parts):
+        if not (part.startswith("{") and part.endswith("}")):
+            if "{" in part or "}" in part:
+                raise ValueError(
+                    f"expected '{{name}}' to fill a whole segment, got {part!r}"
+                )
+            if part in (".", ".."):
+                # Requests with such segments are refused, so it could
+                # never match.
+                raise ValueError(f"expected no '.' or '..' segment, got {path!r}")
+            segments.append(part)
+            continue
+        name = part[1:-1]
+        is_rest = name.endswith("...")
+        name = name.removesuffix("...")
+        if is_rest and i != len(parts) - 1:
+            raise ValueError(
+                f"expected {part!r} only as the last segment, got it at segment {i + 1}"
+            )
+        if not _TEMPLATE_NAME.fullmatch(name):
+            raise ValueError(
+                f"expected a name of letters, digits and '_' in '{{...}}', got {part!r}"
+            )
+        if name in seen:
+            raise ValueError(f"expected each name once, got {name!r} twice")
+        seen.add(name)
+        if is_rest:
+            rest = name
+        else:
+            segments.append((name,))
+    return PathTemplate(tuple(segments), rest)
 
 
 class ExtAuthzRoute(_Section):
@@ -1371,34 +1498,79 @@ class ExtAuthzRoute(_Section):
     # also a gateway server; these win), e.g. {refund: payments.refund.issue}.
     actions: dict[str, str] = {}
 
+    def template(self, section: str) -> PathTemplate:
+        """The parsed path template.
+
+        Raises:
+            ConfigError: naming ``<section>.path``.
+        """
+        try:
+            return parse_path_template(self.path)
+        except ValueError as err:
+            raise ConfigError(f"{section}.path: {err}") from None
+
     def validate(self, section: str) -> None:
-        if not self.path.startswith("/"):
-            raise ConfigError(
-                f"{section}.path: expected a path template starting "
-                f"with '/', got {self.path!r}"
-            )
+        names = self.template(section).names
         if self.mcp_server:
             if self.action or self.resource_kind:
                 raise ConfigError(
                     f"{section}: expected either mcp_server or action and "
                     "resource_kind, got both"
                 )
-            return
-        for key in ("action", "resource_kind"):
+            if self.resource_id:
+                raise ConfigError(
+                    f"{section}.resource_id: expected none for an mcp_server route "
+                    f"(the tool or method names the resource), got "
+                    f"{self.resource_id!r}"
+                )
+        else:
+            for key in ("action", "resource_kind"):
+                try:
+                    check_dotted_name(getattr(self, key))
+                except ValueError as err:
+                    raise ConfigError(f"{section}.{key}: {err}") from None
+            if self.actions:
+                raise ConfigError(
+                    f"{section}.actions: expected tool -> action mappings only on "
+                    "an mcp_server route, got them on a route without one"
+                )
+        for placeholder in TEMPLATE_PLACEHOLDER.findall(self.resource_id):
+            if placeholder not in names:
+                raise ConfigError(
+                    f"{section}.resource_id: expected names of the path "
+                    f"{sorted(names)}, got {{{placeholder}}}"
+                )
+        for tool, action in self.actions.items():
             try:
-                check_dotted_name(getattr(self, key))
+                check_dotted_name(action)
             except ValueError as err:
-                raise ConfigError(f"{section}.{key}: {err}") from None
+                raise ConfigError(f"{section}.actions.{tool}: {err}") from None
 
 
 class ExtAuthzConfig(_Section):
-    """Envoy's ext_authz (envoy.service.auth.v3.Authorization/Check), served
-    on the agent listener: Envoy asks before it forwards an HTTP request."""
+    """Envoy's ext_authz (envoy.service.auth.v3.Authorization/Check): Envoy
+    asks before it forwards an HTTP request.
+
+    Served on a listener of its own, never the agent's: the CheckRequest
+    names the peer (its mTLS principal), which policies trust as the
+    daemon's own knowledge, so only Envoy may reach it.
+    """
 
     enabled: bool = False
-    # Header carrying the user's delegation token (verified mode) or the
-    # asserted chain (development mode, comma-separated, user first).
+    # Unix socket for Envoy in the same pod (a shared volume), e.g.
+    # "/run/kynara/ext_authz.sock"; empty disables it.
+    socket: str = ""
+    # Permission bits of the socket in octal, e.g. 0600 (the owner only);
+    # 0660 lets an Envoy sharing the pod's group (fsGroup) connect.
+    socket_mode: int = DEFAULT_EXT_AUTHZ_SOCKET_MODE
+    # Loopback TCP host and port for Envoy, e.g. 127.0.0.1 and 50155;
+    # 0 picks a free port; -1 disables it.
+    host: str = "127.0.0.1"
+    port: int = -1
+    # Header carrying the user's delegation token (verified mode).
     token_header: str = "kynara-delegation-token"
+    # Header carrying the asserted chain (development mode, comma-separated,
+    # user first).
     asserted_chain_header: str = "kynara-asserted-chain"
     # Multi-agent mode: the header carrying the agent's
     # `Bearer <secret>`; Envoy must strip it from what it forwards.
@@ -1416,6 +1588,44 @@ class ExtAuthzConfig(_Section):
     def validate(self, section: str) -> None:
         for i, route in enumerate(self.routes):
             route.validate(f"{section}.routes[{i}]")
+        if self.port != -1:
+            _check_port(section, "port", self.port)
+            _check_loopback(section, "host", self.host)
+        _check_socket_path(section, self.socket)
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(
+                f"{section}.socket_mode: expected permission bits 0..0o777, "
+                f"got {self.socket_mode:#o}"
+            )
+        if self.enabled and not self.socket and self.port == -1:
+            raise ConfigError(
+                f"{section}: expected a socket or a port for Envoy to reach "
+                "(a listener of its own, not the agent's), got neither"
+            )
+
+    def check_apart(
+        self, agent: AgentListenerConfig, admin: AdminListenerConfig
+    ) -> None:
+        """Refuse an ext_authz socket or port shared with the agent or admin
+        listener: agents must not reach Check, nor Envoy the admin calls.
+
+        Raises:
+            ConfigError: naming the setting that collides.
+        """
+        if not self.enabled:
+            return
+        for setting, other in (("agent", agent), ("admin", admin)):
+            if self.socket and other.socket:
+                if os.path.abspath(self.socket) == os.path.abspath(other.socket):
+                    raise ConfigError(
+                        f"ext_authz.socket: expected a socket apart from "
+                        f"{setting}.socket, got the same path {self.socket!r}"
+                    )
+            if self.port > 0 and self.port == other.port:
+                raise ConfigError(
+                    f"ext_authz.port: expected a port apart from {setting}.port, "
+                    f"got {self.port}"
+                )
 
 
 class EnvConfig(_Section):
@@ -1459,6 +1669,7 @@ class Config(_Section):
             if isinstance(value, _Section):
                 value.validate(name)
         self.admin.check_apart(self.agent, self.identity)
+        self.ext_authz.check_apart(self.agent, self.admin)
         self.approvals.check_apart(self.identity)
         self._check_stdio_agent()
         if not 0 < self.shutdown_grace_seconds <= 600:

@@ -248,6 +248,8 @@ class Daemon:
         self.health_port: int | None = None
         self.admin_port: int | None = None
         self.http_port: int | None = None
+        # ext_authz.port as bound (Envoy's listener of its own).
+        self.ext_authz_port: int | None = None
         self._store: AuditStore | None = None
         self._writer: AuditWriter | None = None
         self._pipeline: Pipeline | None = None
@@ -518,6 +520,7 @@ class Daemon:
             await self._start_sync()
             await self._start_webhook()
             await self._start_agent_listener()
+            await self._start_ext_authz_listener()
             await self._start_admin_listener()
             await self._start_health_listener()
             await self._start_http()
@@ -775,6 +778,7 @@ class Daemon:
                 socket=cfg.agent.socket, port=self.tcp_port,
                 health_port=self.health_port, http_port=self.http_port,
                 gateway_port=self.gateway_port,
+                ext_authz_port=self.ext_authz_port,
             ),
         )  # fmt: skip
 
@@ -822,8 +826,8 @@ class Daemon:
         self._update_usage()
 
     def _lock_sockets(self) -> None:
-        """Hold ``<socket>.lock`` for the agent and admin sockets, so a
-        second daemon cannot take them.
+        """Hold ``<socket>.lock`` for the agent, admin and ext_authz sockets,
+        so a second daemon cannot take them.
 
         grpc unlinks a socket file before binding, so without this a second
         daemon with another audit path would silently steal the live socket.
@@ -832,6 +836,8 @@ class Daemon:
         sockets = {"agent.socket": self.config.agent.socket}
         if self._admin_enabled():
             sockets["admin.socket"] = admin.socket
+        if self.config.ext_authz.enabled:
+            sockets["ext_authz.socket"] = self.config.ext_authz.socket
         for setting, socket_path in sockets.items():
             if socket_path:
                 self._socket_locks.append(self._lock_socket(setting, socket_path))
@@ -878,10 +884,6 @@ class Daemon:
         self._servers.append(server)
         self._decision_service = DecisionService(self._pipeline, limit)
         self._decision_service.register(server)
-        if self.config.ext_authz.enabled:
-            ExtAuthzService(
-                self._pipeline, self.config.ext_authz, limit, self.config.gateway
-            ).register(server)
         await self._add_health(server)
         # TCP first: a port in use then fails before the socket is replaced.
         if cfg.port != -1:
@@ -889,6 +891,40 @@ class Daemon:
         if cfg.socket:
             self._bind_unix(server, cfg.socket, cfg.socket_mode, "agent.socket")
         await server.start()
+
+    async def _start_ext_authz_listener(self) -> None:
+        """Serve Envoy's Check and health on a listener of its own
+        (``ext_authz.socket``, ``ext_authz.port``), when ext_authz is on.
+
+        Never on the agent listener: a CheckRequest states the peer, which
+        policies trust as the daemon's own knowledge.
+        """
+        cfg = self.config.ext_authz
+        if not cfg.enabled:
+            return
+        limit = self.config.agent.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", grpc_receive_limit(limit)),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._servers.append(server)
+        ExtAuthzService(self._pipeline, cfg, limit, self.config.gateway).register(
+            server
+        )
+        await self._add_health(server)
+        # TCP first: a port in use then fails before the socket is replaced.
+        if cfg.port != -1:
+            address = f"{cfg.host}:{cfg.port}"
+            self.ext_authz_port = self._bind(server, address, "ext_authz.port")
+        if cfg.socket:
+            self._bind_unix(server, cfg.socket, cfg.socket_mode, "ext_authz.socket")
+        await server.start()
+        log.info(
+            "ext_authz listener started",
+            extra=_fields(socket=cfg.socket, port=self.ext_authz_port),
+        )
 
     def _admin_enabled(self) -> bool:
         """Whether the admin listener starts: an address, and someone who
@@ -992,6 +1028,8 @@ class Daemon:
             ConfigError: two upstream tools get one name (the catalog
                 refuses to start), or stdio was asked for without upstreams.
         """
+        from kynara_sidecar.config import GatewayConfig
+
         cfg = self.config.gateway
         if not cfg.enabled:
             if self._stdio_wire is not None:
@@ -999,20 +1037,75 @@ class Daemon:
                     "gateway.servers: expected at least one upstream MCP server "
                     "for `kynara-sidecar gateway`, got none"
                 )
+            if cfg.port != -1 or cfg.host != GatewayConfig().host:
+                log.warning(
+                    "gateway off: gateway.servers names no upstream MCP server",
+                    extra=_fields(
+                        setting="gateway.servers",
+                        port=cfg.port,
+                        host=cfg.host,
+                        hint="gateway.port and gateway.host serve nothing until "
+                        "gateway.servers names an upstream",
+                    ),
+                )
             return
         # Imported here: the MCP SDK and uvicorn cost start-up time that a
         # daemon without a gateway need not pay.
         from kynara_sidecar.gateway.catalog import Catalog
+        from kynara_sidecar.gateway.names import RESOURCE_KIND
         from kynara_sidecar.gateway.proxy import Gateway
 
         loop = asyncio.get_running_loop()
+        named: set[str] = set()
+
+        def name_tools() -> None:
+            """Log each tool not named before (an upstream may come later):
+            the names policies see it by, and a warning when no enforced
+            rule's action and kind patterns match it (nobody may use it)."""
+            policies = self.pipeline.policies
+            for tool in self._catalog.tools() if self._catalog else ():
+                name = tool.name
+                if name.exposed in named:
+                    continue
+                named.add(name.exposed)
+                log.info(
+                    "gateway tool named",
+                    extra=_fields(
+                        server=name.server,
+                        tool=name.tool,
+                        exposed=name.exposed,
+                        action=name.action,
+                        resource_kind=RESOURCE_KIND,
+                        resource_id=name.resource_id,
+                    ),
+                )
+                if policies is None:
+                    continue  # no policy set yet: nothing to check against
+                candidates = policies.policy_set.candidate_rules(
+                    RESOURCE_KIND, name.action
+                )
+                if not any(not rule.shadow for rule in candidates):
+                    log.warning(
+                        "no rule names this gateway tool: every agent is denied it",
+                        extra=_fields(
+                            exposed=name.exposed,
+                            action=name.action,
+                            resource_kind=RESOURCE_KIND,
+                            policy_revision=policies.policy_set.revision,
+                            setting=f"gateway.servers.{name.server}.actions",
+                            hint=f"allow {name.action} on {RESOURCE_KIND} in a "
+                            "policy, or map the tool to an action one allows",
+                        ),
+                    )
 
         def changed(server: str) -> None:
             if self._gateway is not None:
                 loop.call_soon_threadsafe(self._gateway.changed, server)
+            loop.call_soon_threadsafe(name_tools)
 
         self._catalog = Catalog(cfg.servers, on_change=changed)
         await self._catalog.start()
+        name_tools()
         development = self.config.identity.mode is IdentityMode.DEVELOPMENT
         self._gateway = Gateway(
             cfg, self.pipeline, self._catalog, development=development

@@ -57,6 +57,7 @@ __all__ = [
     "TokenVerifier",
     "parse_jwks",
     "place_agent",
+    "split_asserted_chain",
 ]
 
 # Asymmetric only: the daemon holds issuers' public keys and nothing that
@@ -349,6 +350,31 @@ def _chain_of(claims: dict[str, Any]) -> tuple[str, ...]:
         actors.append(_principal(act.get("sub"), f"{where}.sub"))
         act, where = act.get("act"), f"{where}.act"
     return (user, *reversed(actors))
+
+
+def split_asserted_chain(text: str) -> tuple[str, ...]:
+    """Split an asserted chain (development mode) into its principals.
+
+    The text is comma-separated, user first, e.g. ``"alice, agent-a"``;
+    whitespace around each id is stripped. Empty or blank text is no chain
+    at all, ``()``. An empty item (``"alice,,agent-a"``, a trailing comma)
+    is refused rather than dropped: a chain that silently loses a hop would
+    be evaluated for other principals than the sender wrote.
+
+    Raises:
+        ValueError: an item is empty; the message names its position.
+    """
+    if not text.strip():
+        return ()
+    items = tuple(item.strip() for item in text.split(","))
+    for position, item in enumerate(items):
+        if not item:
+            raise ValueError(
+                f"asserted chain: item {position} (counting from 0, user first) "
+                f"is empty in {text!r}; expected comma-separated ids such as "
+                "'alice,agent-a'"
+            )
+    return items
 
 
 def place_agent(

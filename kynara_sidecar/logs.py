@@ -14,9 +14,15 @@ import time
 
 import msgspec
 
-__all__ = ["LOG_LEVELS", "JsonFormatter", "configure_logging"]
+__all__ = ["LIBRARY_LOGGERS", "LOG_LEVELS", "JsonFormatter", "configure_logging"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Libraries the daemon runs that log on their own: the MCP SDK (the
+# gateway's upstream connections and agent sessions) and uvicorn (the
+# gateway's HTTP listener). Their lines go out as JSON too, at WARNING or
+# the daemon's level if higher, or at debug with it: at INFO they narrate
+# every request.
+LIBRARY_LOGGERS = ("mcp", "uvicorn")
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,10 +41,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send the ``kynara`` loggers to stderr as JSON lines at ``level``."""
+    """Send the ``kynara`` loggers to stderr as JSON lines at ``level``, and
+    the ``LIBRARY_LOGGERS`` at WARNING or ``level``, whichever is higher
+    (``level`` itself when it is debug)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("kynara")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    wanted = logging.getLevelName(level.upper())
+    library_level = wanted if wanted == logging.DEBUG else max(wanted, logging.WARNING)
+    for name, at in [("kynara", wanted)] + [
+        (library, library_level) for library in LIBRARY_LOGGERS
+    ]:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(at)
+        logger.propagate = False

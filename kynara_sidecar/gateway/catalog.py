@@ -47,8 +47,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import shlex
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -57,6 +60,7 @@ import anyio.abc
 import httpx2
 import mcp_types
 import msgspec
+import pydantic
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -71,6 +75,9 @@ from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.gateway.names import ToolName, tool_name
 
 __all__ = [
+    "UPSTREAM_ERROR",
+    "UPSTREAM_INVALID",
+    "UPSTREAM_UNAVAILABLE",
     "MAX_LIST_PAGES",
     "MAX_RETRY_SECONDS",
     "MIN_RETRY_SECONDS",
@@ -96,6 +103,11 @@ STOP_GRACE_SECONDS = 15.0
 # HOME, USER, ...): the locale's, so a child decodes text as the daemon does.
 _LOCALE_ENV = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES")
 
+# UpstreamError.reason values.
+UPSTREAM_ERROR = "upstream_error"
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+UPSTREAM_INVALID = "upstream_invalid"
+
 _CHANGED = "changed"
 _CLOSED = "closed"
 _STOP = "stop"
@@ -110,26 +122,53 @@ class CatalogTool(msgspec.Struct, frozen=True):
 
 
 class UpstreamError(Exception):
-    """An upstream could not answer: unreachable, timed out, or it answered
-    a JSON-RPC error (``code``, ``message`` and ``data`` are then its own).
+    """An upstream did not give a tool's result.
 
-    ``str()`` says what went wrong and on which server.
+    ``reason`` is the stable code: ``upstream_error`` (it answered a
+    JSON-RPC error, which ``error`` holds unchanged), ``upstream_unavailable``
+    (not connected, unreachable, timed out, or the connection closed) or
+    ``upstream_invalid`` (its answer is not a valid tool result). ``detail``
+    says what happened; ``str()`` adds the server.
     """
 
     def __init__(
         self,
         server: str,
-        message: str,
+        reason: str,
+        detail: str,
         *,
-        code: int | None = None,
-        upstream_message: str = "",
-        data: Any = None,
+        error: mcp_types.ErrorData | None = None,
     ):
         self.server = server
-        self.code = code
-        self.message = upstream_message
-        self.data = data
-        super().__init__(f"upstream {server!r}: {message}")
+        self.reason = reason
+        self.detail = detail
+        self.error = error
+        super().__init__(f"upstream {server!r}: {detail}")
+
+
+def _closed(err: MCPError) -> bool:
+    """Whether ``err`` is the SDK saying the connection closed (its own
+    ``CONNECTION_CLOSED`` error), not an upstream's answer with that code."""
+    return (
+        err.code == CONNECTION_CLOSED
+        and err.error.message == "Connection closed"
+        and err.error.data is None
+    )
+
+
+def _brief(err: BaseException) -> str:
+    """One line saying what was wrong with an upstream's answer: for a
+    validation error, each field and what it expected (at most three)."""
+    if isinstance(err, pydantic.ValidationError):
+        found = [
+            f"{'.'.join(str(part) for part in item['loc']) or '(result)'}: "
+            f"{item['msg']}"
+            for item in err.errors(include_url=False)
+        ]
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        return "; ".join(found[:3]) + more
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def _cause(err: BaseException) -> str:
@@ -143,10 +182,13 @@ def _cause(err: BaseException) -> str:
 
 
 class _WatchedReadStream:
-    """A transport's read stream that reports its end (the peer is gone)."""
+    """A transport's read stream that reports its end (the peer is gone)
+    and logs what the upstream sent that is not JSON-RPC (the transport
+    hands it on as an exception, which the SDK drops)."""
 
-    def __init__(self, stream: Any, on_end: Callable[[], None]):
+    def __init__(self, stream: Any, server: str, on_end: Callable[[], None]):
         self._stream = stream
+        self._server = server
         self._on_end = on_end
 
     def __getattr__(self, name: str) -> Any:
@@ -155,7 +197,7 @@ class _WatchedReadStream:
 
     async def receive(self) -> Any:
         try:
-            return await self._stream.receive()
+            item = await self._stream.receive()
         except (
             anyio.EndOfStream,
             anyio.ClosedResourceError,
@@ -163,6 +205,12 @@ class _WatchedReadStream:
         ):
             self._on_end()
             raise
+        if isinstance(item, Exception):
+            log.warning(
+                "upstream sent a message that is not JSON-RPC; ignored",
+                extra={"fields": {"server": self._server, "error": _brief(item)}},
+            )
+        return item
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -195,6 +243,9 @@ class _Upstream:
         self.client: Client | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
+        # The last failure logged at ERROR; the same one again is logged at
+        # DEBUG, so an upstream that stays down does not flood the log.
+        self.last_failure = ""
         # Coalescing: one pending "changed" is as good as many.
         self.send, self.receive = anyio.create_memory_object_stream[str](16)
 
@@ -205,6 +256,13 @@ class _Upstream:
     def close_events(self) -> None:
         self.send.close()
         self.receive.close()
+
+    @property
+    def target(self) -> str:
+        """What the gateway starts or reaches: the command line or the URL."""
+        if self.config.transport is UpstreamTransport.STDIO:
+            return shlex.join(self.config.command)
+        return self.config.url
 
 
 class Catalog:
@@ -236,6 +294,11 @@ class Catalog:
     def tools(self) -> tuple[CatalogTool, ...]:
         """Every present tool, sorted by exposed name."""
         return self._tools
+
+    def present(self, server: str) -> bool:
+        """Whether ``server`` is connected and its tools are listed."""
+        upstream = self._upstreams.get(server)
+        return upstream is not None and upstream.tools is not None
 
     def get(self, exposed: str) -> CatalogTool | None:
         """The present tool agents call ``exposed``, or None."""
@@ -294,53 +357,72 @@ class Catalog:
     # -- calling ---------------------------------------------------------
 
     async def call(
-        self,
-        tool: CatalogTool,
-        arguments: dict[str, Any] | None,
-        *,
-        meta: dict[str, Any] | None = None,
+        self, tool: CatalogTool, arguments: dict[str, Any] | None
     ) -> mcp_types.CallToolResult:
         """Call ``tool`` on its upstream, by the upstream's own tool name.
 
         The arguments go unchanged and the upstream's result comes back
         unchanged. Cancelling the caller cancels the upstream request (the
-        upstream is told) and the cancellation propagates.
+        upstream is told) and the cancellation propagates. The agent's
+        request ``_meta`` (a progress token, say) is not passed on: the
+        gateway relays no progress.
 
         Raises:
-            UpstreamError: the upstream is not connected, did not answer
-                within its ``timeout_seconds``, or answered a JSON-RPC error.
+            UpstreamError: the upstream answered a JSON-RPC error
+                (``upstream_error``); is not connected, did not answer within
+                its ``timeout_seconds`` or the connection closed
+                (``upstream_unavailable``); or answered something that is
+                not a valid tool result (``upstream_invalid``).
         """
         server = tool.name.server
         upstream = self._upstreams.get(server)
         client = upstream.client if upstream is not None else None
         if upstream is None or client is None:
-            raise UpstreamError(server, "not connected")
+            raise UpstreamError(server, UPSTREAM_UNAVAILABLE, "not connected")
+        timeout = upstream.config.timeout_seconds
+        what = f"tools/call {tool.name.tool!r}"
         try:
-            return await client.call_tool(
-                tool.name.tool,
-                arguments,
-                read_timeout_seconds=upstream.config.timeout_seconds,
-                meta=meta,
-            )
+            # The gateway's own deadline rather than the SDK's, whose
+            # timeout error could not be told from an upstream's own
+            # -32001; cancelling the request tells the upstream.
+            with anyio.fail_after(timeout):
+                return await client.call_tool(
+                    tool.name.tool, arguments, read_timeout_seconds=math.inf
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                server, UPSTREAM_UNAVAILABLE, f"{what} timed out after {timeout:g} s"
+            ) from None
         except MCPError as err:
-            if err.code == CONNECTION_CLOSED:
+            if _closed(err):
                 upstream.signal(_CLOSED)
+                raise UpstreamError(
+                    server, UPSTREAM_UNAVAILABLE, f"{what}: connection closed"
+                ) from err
             raise UpstreamError(
                 server,
-                f"tools/call {tool.name.tool!r} failed: error {err.code}: "
-                f"{err.error.message}",
-                code=err.code,
-                upstream_message=err.error.message,
-                data=err.error.data,
+                UPSTREAM_ERROR,
+                f"{what} failed: error {err.code}: {err.error.message}",
+                error=err.error,
             ) from err
         except (OSError, httpx2.HTTPError, anyio.BrokenResourceError) as err:
             upstream.signal(_CLOSED)
             raise UpstreamError(
-                server, f"tools/call {tool.name.tool!r} failed: {_cause(err)}"
+                server, UPSTREAM_UNAVAILABLE, f"{what} failed: {_cause(err)}"
             ) from err
         except anyio.ClosedResourceError as err:
             upstream.signal(_CLOSED)
-            raise UpstreamError(server, "connection closed") from err
+            raise UpstreamError(
+                server, UPSTREAM_UNAVAILABLE, f"{what}: connection closed"
+            ) from err
+        except (pydantic.ValidationError, RuntimeError) as err:
+            # The SDK's checks of the answer: not a CallToolResult, structured
+            # content against the tool's outputSchema, a shape it cannot use.
+            raise UpstreamError(
+                server,
+                UPSTREAM_INVALID,
+                f"{what} answered an invalid result: {_brief(err)}",
+            ) from err
 
     # -- the connection's task -------------------------------------------
 
@@ -350,23 +432,33 @@ class Catalog:
         """Connect, serve and reconnect ``upstream`` until ``stop``."""
         delay = MIN_RETRY_SECONDS
         while not upstream.stopping:
-            connected = False
+            connected_at: float | None = None
             refused: ConfigError | None = None
             try:
                 async with self._connect(upstream) as client:
-                    connected = True
-                    delay = MIN_RETRY_SECONDS
+                    connected_at = time.monotonic()
+                    upstream.last_failure = ""
                     # Returned, not raised: raised through the SDK's task
                     # groups it would come out wrapped in an exception group.
                     refused = await self._serve(upstream, client, first)
             except Exception as err:  # an upstream failing must not end the task
                 if not upstream.stopping:
-                    log.error(
-                        "upstream unreachable" if not connected else "upstream lost",
+                    what = (
+                        "upstream unreachable"
+                        if connected_at is None
+                        else ("upstream lost")
+                    )
+                    cause = _cause(err)
+                    repeated = f"{what}: {cause}" == upstream.last_failure
+                    upstream.last_failure = f"{what}: {cause}"
+                    log.log(
+                        logging.DEBUG if repeated else logging.ERROR,
+                        what,
                         extra={
                             "fields": {
                                 "server": upstream.server,
-                                "error": _cause(err),
+                                "target": upstream.target,
+                                "error": cause,
                                 "retry_seconds": delay,
                             }
                         },
@@ -388,6 +480,12 @@ class Catalog:
                 first.set_result(None)
             if upstream.stopping:
                 return
+            # Only a connection that lasted starts the backoff over: one
+            # that dies at once (a crashing program) keeps backing off.
+            if connected_at is not None and (
+                time.monotonic() - connected_at >= MAX_RETRY_SECONDS
+            ):
+                delay = MIN_RETRY_SECONDS
             await self._wait_retry(upstream, delay)
             delay = min(delay * 2, MAX_RETRY_SECONDS)
 
@@ -411,6 +509,11 @@ class Catalog:
                     args=list(config.command[1:]),
                     env=env | dict(config.env),
                     cwd=config.cwd or None,
+                    # A line that is not UTF-8 is then a line that is not
+                    # JSON-RPC, dropped and logged; strict decoding would
+                    # end the SDK's reader and leave the connection open
+                    # but deaf, every later call timing out.
+                    encoding_error_handler="replace",
                 )
                 transport: Any = stdio_client(params, errlog=sys.stderr)
             else:
@@ -428,7 +531,7 @@ class Catalog:
                     upstream.signal(_CHANGED)
 
             client = Client(
-                _watched(transport, lambda: upstream.signal(_CLOSED)),
+                _watched(transport, upstream.server, lambda: upstream.signal(_CLOSED)),
                 mode="auto",
                 cache=None,
                 read_timeout_seconds=config.timeout_seconds,
@@ -608,7 +711,10 @@ def _check_collisions(tools: list[CatalogTool]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _watched(transport: Any, on_end: Callable[[], None]) -> AsyncIterator[Any]:
-    """``transport`` with a read stream that calls ``on_end`` at its end."""
+async def _watched(
+    transport: Any, server: str, on_end: Callable[[], None]
+) -> AsyncIterator[Any]:
+    """``transport`` (of upstream ``server``) with a read stream that calls
+    ``on_end`` at its end."""
     async with transport as (read_stream, write_stream):
-        yield _WatchedReadStream(read_stream, on_end), write_stream
+        yield _WatchedReadStream(read_stream, server, on_end), write_stream

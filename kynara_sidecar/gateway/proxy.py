@@ -16,7 +16,12 @@ even as a gap between pages.
 ``names.tool_name``'s, resource kind ``mcp.tool``, the arguments as typed
 attributes, the record's ``gateway`` entry with the argument digest) and:
 
-- allow: forwards the call upstream, the upstream's result unchanged;
+- allow: forwards the call upstream; the upstream's result, or its own
+  JSON-RPC error, comes back unchanged. When the upstream gives neither
+  (unreachable, timed out, closed: ``upstream_unavailable``; a result that
+  is not a valid tool result: ``upstream_invalid``), JSON-RPC error
+  ``UPSTREAM_CODE`` naming server and tool, data ``{code, server,
+  decision_id}``, and a log line;
 - deny: JSON-RPC error ``DENIED_CODE`` "tool ... is not permitted: <why>",
   data ``{decision, reason_code, reason, decision_id}``; nothing forwarded;
 - require_approval: a tool error (``isError``) with the reason and the
@@ -28,15 +33,22 @@ attributes, the record's ``gateway`` entry with the argument digest) and:
   server requests, the client is asked to show the URL, and the call waits
   for the review (``approval_wait_seconds``) before it is decided again.
 
-An unknown tool is refused with ``-32602`` "unknown tool" and counted as a
-refusal; errors the pipeline raises become ``REQUEST_ERROR_CODE`` (the caller
-sent something bad: ``identity_invalid``, ``invalid_request`` with its
-field) or ``UNAVAILABLE_CODE`` (``policy_not_ready``, ``audit_unavailable``,
-``shutting_down``), the stable code in ``data.code``.
+A name the catalog lacks is named as its tool would be (``_absent_name``).
+When no request by this chain could be allowed that action, the call is
+decided (an audited deny) and answered exactly as a hidden tool's, so an
+agent cannot tell the tools hidden from it from those that do not exist.
+Otherwise (such a tool would be listed) it is refused with ``-32602``
+"unknown tool" and counted as a refusal. A caller without a token or chain
+is counted as a refusal too. Errors the pipeline raises become
+``REQUEST_ERROR_CODE`` (the caller sent something bad: ``identity_invalid``,
+``invalid_request`` with its field) or ``UNAVAILABLE_CODE``
+(``policy_not_ready``, ``audit_unavailable``, ``shutting_down``), the stable
+code in ``data.code``.
 
 Cancellation: a call the agent cancels while its decision is being made
 lets the decision finish and commit; a call cancelled while upstream is
-cancelled there too (the catalog sends ``notifications/cancelled``). Either
+cancelled there too (the catalog sends ``notifications/cancelled``); a
+call cancelled while it waits for an elicited review stops waiting. Each
 way an ``outcome`` record "cancelled" names the decision.
 
 Changes: when the catalog or the policies change, every open session's
@@ -72,18 +84,31 @@ from mcp.server.subscriptions import (
 )
 from mcp.shared.exceptions import MCPError
 
+from kynara_sidecar import __version__
 from kynara_sidecar.approvals.model import Approval, ApprovalState
 from kynara_sidecar.audit.record import GatewayEntry
 from kynara_sidecar.config import ApprovalWait, GatewayConfig
 from kynara_sidecar.decision import Effect, Resource
 from kynara_sidecar.errors import (
+    IdentityInvalid,
     InvalidRequest,
     KynaraError,
     RequestError,
 )
 from kynara_sidecar.gateway.arguments import arguments_digest, to_attributes
-from kynara_sidecar.gateway.catalog import Catalog, CatalogTool, UpstreamError
-from kynara_sidecar.gateway.names import RESOURCE_KIND
+from kynara_sidecar.gateway.catalog import (
+    UPSTREAM_UNAVAILABLE,
+    Catalog,
+    CatalogTool,
+    UpstreamError,
+)
+from kynara_sidecar.gateway.names import (
+    RESOURCE_KIND,
+    SEPARATOR,
+    ToolName,
+    escape,
+    tool_name,
+)
 from kynara_sidecar.pipeline import (
     MAX_REQUEST_ID_LENGTH,
     Answer,
@@ -95,6 +120,7 @@ __all__ = [
     "DENIED_CODE",
     "REQUEST_ERROR_CODE",
     "UNAVAILABLE_CODE",
+    "UPSTREAM_CODE",
     "Caller",
     "Gateway",
     "kynara_error",
@@ -112,7 +138,10 @@ REQUEST_ERROR_CODE = -32002
 # The daemon cannot decide now: policy_not_ready, audit_unavailable,
 # shutting_down; the same call may succeed later.
 UNAVAILABLE_CODE = -32003
-# The upstream server failed; data.server names it.
+# The upstream server could not give the tool's result: unreachable, timed
+# out, closed (data.code upstream_unavailable) or its result is malformed
+# (upstream_invalid); data.server names it. An upstream's own JSON-RPC error
+# is passed on unchanged instead.
 UPSTREAM_CODE = -32004
 
 
@@ -290,6 +319,7 @@ class Gateway:
 
         return _GatewayServer(
             name,
+            version=__version__,
             instructions="Tools of the upstream MCP servers this agent may use.",
             # Mcp-Param-* header checks read the catalog, not a tools/list
             # per call (which would also be the caller's filtered view).
@@ -303,23 +333,24 @@ class Gateway:
 
     def _chain(self, caller: Caller) -> tuple[str, ...]:
         """The caller's chain, or the JSON-RPC error saying why there is none."""
+        missing: RequestError | None = None
         if self._development and not caller.asserted_chain:
-            raise MCPError(
-                REQUEST_ERROR_CODE,
+            missing = InvalidRequest(
                 "no asserted chain: identity.mode development expects the user "
                 "(and any agents before this one), comma-separated, user "
                 f"first, in {caller.chain_from or 'the asserted chain'}",
-                {"code": "invalid_request", "field": "asserted_chain"},
+                field="asserted_chain",
             )
-        if not self._development and not caller.delegation_token:
-            raise MCPError(
-                REQUEST_ERROR_CODE,
+        elif not self._development and not caller.delegation_token:
+            missing = IdentityInvalid(
                 "no delegation token: the user's token is expected in "
                 f"{caller.token_from or 'the delegation token'}; no tools "
                 "without it",
-                {"code": "identity_invalid", "field": "delegation_token"},
+                field="delegation_token",
             )
         try:
+            if missing is not None:
+                raise missing
             return self._pipeline.chain_of(self._incoming(caller))
         except KynaraError as err:
             self._pipeline.refuse(err)
@@ -348,15 +379,51 @@ class Gateway:
         )
 
     def _visible(self, chain: Sequence[str]) -> list[CatalogTool]:
+        """The catalog's tools some request by ``chain`` could be allowed.
+
+        Raises:
+            PolicyNotReady, AuditUnavailable: no policy set is active.
+        """
         tools = self._catalog.tools()
+        shown = self._pipeline.could_allow(
+            chain, [(RESOURCE_KIND, tool.name.action) for tool in tools]
+        )
+        return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
+
+    def _could_allow(self, chain: Sequence[str], action: str) -> bool:
+        """Whether some request by ``chain`` for ``action`` could be allowed;
+        a pipeline error becomes its counted JSON-RPC error."""
         try:
-            shown = self._pipeline.could_allow(
-                chain, [(RESOURCE_KIND, tool.name.action) for tool in tools]
-            )
+            (ok,) = self._pipeline.could_allow(chain, [(RESOURCE_KIND, action)])
         except KynaraError as err:
             self._pipeline.refuse(err)
             raise kynara_error(err) from None
-        return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
+        return ok
+
+    def _absent_name(self, exposed: str) -> ToolName:
+        """How a tool called ``exposed`` would be named, were it in the catalog.
+
+        The part before the first ``__`` is a server when it is a configured
+        server's escaped name (that server's ``actions`` apply); otherwise
+        the whole name is the tool of a server part no configured server
+        has. So a name the catalog lacks is decided as its tool would be.
+        """
+        servers = {escape(server): server for server in self._config.servers}
+        head, separator, rest = exposed.partition(SEPARATOR)
+        server = servers.get(head) if separator else None
+        if server is not None:
+            return tool_name(server, rest, self._config.servers[server].actions)
+        nobody = "_"
+        while nobody in servers:
+            nobody += "_"
+        plain = f"{nobody}.{escape(exposed)}"
+        return ToolName(
+            server="",
+            tool=exposed,
+            exposed=exposed,
+            action=f"mcp.{plain}",
+            resource_id=plain,
+        )
 
     # ------------------------------------------------------------ tools/list
 
@@ -367,7 +434,11 @@ class Gateway:
         params: types.PaginatedRequestParams | None,
     ) -> types.ListToolsResult:
         chain = self._chain(caller)
-        visible = self._visible(chain)
+        try:
+            visible = self._visible(chain)
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise kynara_error(err) from None
         self._watch_session(ctx, caller, visible)
         start = 0
         if params is not None and params.cursor is not None:
@@ -391,9 +462,20 @@ class Gateway:
         caller: Caller,
         params: types.CallToolRequestParams,
     ) -> types.CallToolResult:
-        self._chain(caller)
+        chain = self._chain(caller)
         tool = self._catalog.get(params.name)
-        if tool is None:
+        name = tool.name if tool is not None else self._absent_name(params.name)
+        if tool is None and self._could_allow(chain, name.action):
+            # Such a tool would be listed: saying it does not exist (or that
+            # its server is down) tells nothing the list does not.
+            if name.server and not self._catalog.present(name.server):
+                raise MCPError(
+                    UPSTREAM_CODE,
+                    f"tool {params.name!r} is unavailable: upstream server "
+                    f"{name.server!r} is not connected; its tools come back "
+                    "when it reconnects",
+                    {"code": UPSTREAM_UNAVAILABLE, "server": name.server},
+                )
             err = InvalidRequest(f"unknown tool {params.name!r}", field="name")
             self._pipeline.refuse(err)
             raise MCPError(
@@ -409,19 +491,25 @@ class Gateway:
             self._pipeline.refuse(err)
             raise kynara_error(err) from None
         entry = GatewayEntry(
-            server=tool.name.server,
-            tool=tool.name.tool,
+            server=name.server,
+            tool=name.tool,
             args_digest=arguments_digest(arguments),
         )
         request_id = "" if ctx.request_id is None else str(ctx.request_id)
         request = self._incoming(
             caller,
-            action=tool.name.action,
-            resource=Resource(RESOURCE_KIND, tool.name.resource_id, attributes),
+            action=name.action,
+            resource=Resource(RESOURCE_KIND, name.resource_id, attributes),
             request_id=request_id if len(request_id) <= MAX_REQUEST_ID_LENGTH else "",
             gateway=entry,
         )
         answer = await self._decide(request)
+        if tool is None:
+            # No request by this chain could be allowed such a tool, so the
+            # policies deny it (engine.could_allow is sound against
+            # evaluate) and no approval was opened: the agent is answered
+            # exactly as for a tool that exists but is hidden from it.
+            raise _denied(params.name, answer)
         if _approved(answer):
             # A retry after the review: the grant is used by this very call.
             answer = await self._decide(
@@ -431,7 +519,7 @@ class Gateway:
             answer = await self._wait_for_review(ctx, request, answer)
         effect = answer.decision.effect
         if effect is Effect.DENY:
-            raise _denied(tool, answer)
+            raise _denied(params.name, answer)
         if effect is Effect.REQUIRE_APPROVAL:
             return _approval_result(tool, answer)
         return await self._forward(tool, arguments, answer, entry)
@@ -471,19 +559,25 @@ class Gateway:
                         "server": tool.name.server,
                         "tool": tool.name.tool,
                         "decision_id": answer.decision_id,
+                        "code": err.reason,
                         "error": str(err),
                     }
                 },
             )
-            return _text_result(
+            if err.error is not None:
+                # The upstream's own answer to an allowed call: the gateway
+                # is transparent for it.
+                raise MCPError.from_error_data(err.error) from None
+            raise MCPError(
+                UPSTREAM_CODE,
                 f"upstream server {tool.name.server!r} failed on tool "
-                f"{tool.name.tool!r}: {err}",
+                f"{tool.name.tool!r}: {err.detail}",
                 {
-                    "error": "upstream_failed",
+                    "code": err.reason,
                     "server": tool.name.server,
                     "decision_id": answer.decision_id,
                 },
-            )
+            ) from None
         except asyncio.CancelledError:
             with anyio.CancelScope(shield=True):
                 await self._record_cancelled(answer, entry)
@@ -527,6 +621,31 @@ class Gateway:
         ):
             return answer
         try:
+            final = await self._show_and_wait(ctx, answer, approval)
+        except asyncio.CancelledError:
+            # The agent gave up waiting: the require_approval answer it
+            # was waiting on is recorded as cancelled, as a forwarded
+            # call's would be.
+            with anyio.CancelScope(shield=True):
+                await self._record_cancelled(answer, request.gateway)
+            raise
+        if final is None or final.state is not ApprovalState.APPROVED:
+            return answer
+        with contextlib.suppress(MCPError):
+            await ctx.session.send_elicit_complete(approval.id, ctx.request_id)
+        return await self._decide(
+            msgspec.structs.replace(request, approval_id=approval.id)
+        )
+
+    async def _show_and_wait(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        answer: Answer,
+        approval: Approval,
+    ) -> Approval | None:
+        """Ask the client to show the approval URL; once it accepted, the
+        approval when the review ended, else None."""
+        try:
             shown = await ctx.session.elicit_url(
                 message=f"Approval needed: {answer.decision.reason}",
                 url=approval.url,
@@ -538,17 +657,10 @@ class Gateway:
                 "approval URL not shown",
                 extra={"fields": {"component": "gateway", "error": str(err)}},
             )
-            return answer
+            return None
         if shown.action != "accept":
-            return answer
-        final = await self._review_outcome(approval)
-        if final is None or final.state is not ApprovalState.APPROVED:
-            return answer
-        with contextlib.suppress(MCPError):
-            await ctx.session.send_elicit_complete(approval.id, ctx.request_id)
-        return await self._decide(
-            msgspec.structs.replace(request, approval_id=approval.id)
-        )
+            return None
+        return await self._review_outcome(approval)
 
     async def _review_outcome(self, approval: Approval) -> Approval | None:
         """The approval once it is no longer pending, or None when the wait
@@ -609,7 +721,11 @@ class Gateway:
         """One ``subscriptions/listen`` stream: told of changes to what this
         caller may see, and of nothing else."""
         chain = self._chain(caller)
-        names = frozenset(tool.name.exposed for tool in self._visible(chain))
+        try:
+            names = frozenset(tool.name.exposed for tool in self._visible(chain))
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise kynara_error(err) from None
         bus = InMemorySubscriptionBus()
         token = object()
         self._sessions[token] = _Watched(
@@ -643,7 +759,7 @@ class Gateway:
     async def _refresh_one(self, entry: _Watched) -> None:
         try:
             chain = self._pipeline.chain_of(self._incoming(entry.caller))
-            names = frozenset(tool.name.exposed for tool in self._visible_quiet(chain))
+            names = frozenset(tool.name.exposed for tool in self._visible(chain))
         except (KynaraError, MCPError):
             # The caller's token expired, say: it sees nothing now.
             names = frozenset()
@@ -657,13 +773,6 @@ class Gateway:
                 "list_changed not delivered",
                 extra={"fields": {"component": "gateway", "error": repr(err)}},
             )
-
-    def _visible_quiet(self, chain: Sequence[str]) -> list[CatalogTool]:
-        tools = self._catalog.tools()
-        shown = self._pipeline.could_allow(
-            chain, [(RESOURCE_KIND, tool.name.action) for tool in tools]
-        )
-        return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
 
     async def close(self) -> None:
         """Stop following changes; open listen streams end."""
@@ -698,11 +807,12 @@ def _can_elicit_url(ctx: ServerRequestContext[Any, Any]) -> bool:
     return elicitation is not None and elicitation.url is not None
 
 
-def _denied(tool: CatalogTool, answer: Answer) -> MCPError:
+def _denied(exposed: str, answer: Answer) -> MCPError:
+    """The error for a denied call of the tool agents call ``exposed``."""
     decision = answer.decision
     return MCPError(
         DENIED_CODE,
-        f"tool {tool.name.exposed!r} is not permitted: {decision.reason}",
+        f"tool {exposed!r} is not permitted: {decision.reason}",
         {
             "decision": str(decision.effect),
             "reason_code": str(decision.reason_code),

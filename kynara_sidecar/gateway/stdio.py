@@ -4,17 +4,23 @@
 server. The agent served is ``gateway.stdio.agent_id`` (else
 ``identity.agent_id``); in multi-agent mode its secret from
 ``identity.agents`` is presented as its credential. The user's delegation
-token is read on every request (so a refreshed one is picked up) from the
-environment variable ``gateway.stdio.token_env``, else the file
-``gateway.stdio.token_file``; in development mode the asserted chain comes
-from ``gateway.stdio.asserted_chain_env`` (comma-separated, user first).
+token is looked up on every request: the environment variable
+``gateway.stdio.token_env`` when it is set and not blank, else the file
+``gateway.stdio.token_file``. The environment is the one the process was
+started with, so a token given there stays the same for the process's life
+and the file is then never read; a token rewritten in the file is used from
+the next request on. In development mode the asserted chain comes from
+``gateway.stdio.asserted_chain_env`` (comma-separated, user first).
 
-A reader sits in front of the SDK: a line longer than
-``gateway.max_message_bytes`` is answered with a JSON-RPC error (id null)
-naming the limit and the rest of that line is skipped; a JSON-RPC batch (a
-JSON array) is answered with one Invalid Request error and nothing of it is
-forwarded. The wire is kept apart from everything else at start: fd 1 then
-points at stderr, so nothing but MCP reaches the agent's stdout.
+A reader sits in front of the SDK, and answers itself (id null, counted
+with ``Pipeline.refuse``): a line longer than ``gateway.max_message_bytes``
+(the limit is named and the rest of that line is skipped); a JSON-RPC batch
+(a JSON array: one Invalid Request error, nothing of it is forwarded); a
+line that is not JSON (Parse error, -32700, saying what is wrong: not
+UTF-8, or where the JSON breaks), a last line cut off by the end of input
+included; and JSON that is no JSON-RPC message (Invalid Request). The wire
+is kept apart from everything else at start: fd 1 then points at stderr,
+so nothing but MCP reaches the agent's stdout.
 """
 
 from __future__ import annotations
@@ -29,21 +35,24 @@ from typing import Any
 import anyio
 import anyio.abc
 import mcp_types as types
+import pydantic
+import pydantic_core
 from anyio.streams.memory import MemoryObjectSendStream
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions
+from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 
 from kynara_sidecar.config import Config, IdentityMode
-from kynara_sidecar.errors import ConfigError, RequestTooLarge
-from kynara_sidecar.gateway.proxy import Caller, Gateway
+from kynara_sidecar.errors import ConfigError, InvalidRequest, RequestTooLarge
+from kynara_sidecar.gateway.proxy import REQUEST_ERROR_CODE, Caller, Gateway
+from kynara_sidecar.identity import split_asserted_chain
 from kynara_sidecar.pipeline import Pipeline
 
 __all__ = ["StdioWire", "serve_stdio", "stdio_caller"]
 
 log = logging.getLogger("kynara.gateway")
 
-INVALID_REQUEST = -32600
 READ_CHUNK_BYTES = 64 * 1024
 
 
@@ -124,7 +133,14 @@ def stdio_caller(config: Config) -> Callable[[ServerRequestContext[Any, Any]], C
         chain: tuple[str, ...] = ()
         if development:
             text = os.environ.get(stdio.asserted_chain_env, "")
-            chain = tuple(p.strip() for p in text.split(",") if p.strip())
+            try:
+                chain = split_asserted_chain(text)
+            except ValueError as err:
+                raise MCPError(
+                    REQUEST_ERROR_CODE,
+                    f"{chain_from}: {err}",
+                    {"code": "invalid_request", "field": "asserted_chain"},
+                ) from None
         else:
             token = os.environ.get(stdio.token_env, "").strip()
             token = token or _read_token_file(stdio.token_file)
@@ -140,17 +156,22 @@ def stdio_caller(config: Config) -> Callable[[ServerRequestContext[Any, Any]], C
     return caller
 
 
-def _error_line(message: str, data: dict[str, Any]) -> SessionMessage:
+def _error_line(code: int, message: str, data: dict[str, Any]) -> SessionMessage:
     error = types.JSONRPCError(
         jsonrpc="2.0",
         id=None,
-        error=types.ErrorData(code=INVALID_REQUEST, message=message, data=data),
+        error=types.ErrorData(code=code, message=message, data=data),
     )
     return SessionMessage(error)
 
 
+# How much of a parser's complaint goes into an answer: where and what,
+# not an echo of the whole input.
+MAX_COMPLAINT_CHARS = 300
+
+
 class _Reader:
-    """Splits the wire into lines, refusing oversized ones and batches."""
+    """Splits the wire into lines, answering those the SDK must not see."""
 
     def __init__(
         self,
@@ -191,42 +212,89 @@ class _Reader:
                         buffer.clear()
                         await self._line(line)
             if buffer and not skipping:
-                await self._line(bytes(buffer))
+                await self._line(bytes(buffer), last=True)
+
+    async def _refuse(
+        self,
+        error: InvalidRequest | RequestTooLarge,
+        code: int,
+        message: str,
+        data: dict[str, Any],
+    ) -> None:
+        self._pipeline.refuse(error)
+        await self._to_wire.send(_error_line(code, message, data))
 
     async def _too_large(self) -> None:
-        err = RequestTooLarge(
-            f"message larger than gateway.max_message_bytes ({self._limit} bytes)",
-            field="message",
-        )
-        self._pipeline.refuse(err)
-        await self._to_wire.send(
-            _error_line(
-                f"message too large: more than gateway.max_message_bytes "
-                f"({self._limit} bytes); it was skipped",
-                {"code": "request_too_large", "limit": self._limit},
-            )
+        await self._refuse(
+            RequestTooLarge(
+                f"message larger than gateway.max_message_bytes ({self._limit} bytes)",
+                field="message",
+            ),
+            types.INVALID_REQUEST,
+            f"message too large: more than gateway.max_message_bytes "
+            f"({self._limit} bytes); it was skipped",
+            {"code": "request_too_large", "limit": self._limit},
         )
 
-    async def _line(self, line: bytes) -> None:
+    async def _line(self, line: bytes, *, last: bool = False) -> None:
         text = line.strip()
         if not text:
             return
         if text[:1] == b"[":
-            await self._to_wire.send(
-                _error_line(
-                    "Invalid Request: JSON-RPC batches are not accepted; send one "
-                    "message per line",
-                    {"code": "invalid_request"},
-                )
+            await self._refuse(
+                InvalidRequest("JSON-RPC batch", field="message"),
+                types.INVALID_REQUEST,
+                "Invalid Request: JSON-RPC batches are not accepted; send one "
+                "message per line",
+                {"code": "invalid_request"},
+            )
+            return
+        problem = _parse_problem(text)
+        if problem is not None:
+            if last:
+                problem += " (the input ended before this line's newline)"
+            await self._refuse(
+                InvalidRequest(problem, field="message"),
+                types.PARSE_ERROR,
+                f"Parse error: {problem}",
+                {"code": "invalid_request"},
             )
             return
         try:
             message = types.jsonrpc_message_adapter.validate_json(text, by_name=False)
-        except Exception as exc:
-            # The SDK answers what it cannot parse, as over its own stdio.
-            await self._to_server.send(exc)
+        except pydantic.ValidationError as err:
+            complaint = _complaint(err)
+            await self._refuse(
+                InvalidRequest(f"not a JSON-RPC message: {complaint}", field="message"),
+                types.INVALID_REQUEST,
+                f"Invalid Request: not a JSON-RPC 2.0 message: {complaint}",
+                {"code": "invalid_request"},
+            )
             return
         await self._to_server.send(SessionMessage(message))
+
+
+def _parse_problem(text: bytes) -> str | None:
+    """What keeps ``text`` from being JSON, or None when it is."""
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return (
+            f"not UTF-8: byte 0x{text[err.start]:02x} at offset {err.start} "
+            f"({err.reason})"
+        )
+    try:
+        pydantic_core.from_json(text)
+    except ValueError as err:
+        return f"not JSON: {_complaint(err)}"
+    return None
+
+
+def _complaint(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    if len(text) > MAX_COMPLAINT_CHARS:
+        text = text[:MAX_COMPLAINT_CHARS] + "..."
+    return text
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -236,23 +304,29 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-async def _pipe_reader(fd: int) -> Callable[[], Any]:
-    """A chunk reader for the wire: non-blocking on a pipe or socket, a
-    worker thread for anything else (a regular file)."""
+async def _pipe_reader(
+    fd: int,
+) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """A chunk reader for the wire and what closes it: non-blocking on a
+    pipe or socket, a worker thread for anything else (a regular file).
+    Closing leaves ``fd`` itself open (the wire owns it)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=READ_CHUNK_BYTES)
+    # The transport gets a descriptor of its own to close: uvloop's closes
+    # the descriptor whatever the file object says.
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
     try:
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader),
-            os.fdopen(fd, "rb", buffering=0, closefd=False),
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
         )
     except ValueError:
+        pipe.close()
 
         async def from_thread() -> bytes:
             return await anyio.to_thread.run_sync(os.read, fd, READ_CHUNK_BYTES)
 
-        return from_thread
-    return lambda: reader.read(READ_CHUNK_BYTES)
+        return from_thread, lambda: None
+    return lambda: reader.read(READ_CHUNK_BYTES), transport.close
 
 
 async def serve_stdio(
@@ -274,7 +348,7 @@ async def serve_stdio(
     to_wire, from_server = anyio.create_memory_object_stream[SessionMessage](16)
     refusals = to_wire.clone()
     reader = _Reader(config.gateway.max_message_bytes, to_server, refusals, pipeline)
-    read = await _pipe_reader(wire.read_fd)
+    read, close_read = await _pipe_reader(wire.read_fd)
 
     async def write_out() -> None:
         async with from_server:
@@ -290,6 +364,7 @@ async def serve_stdio(
         try:
             await reader.run(read)
         finally:
+            close_read()
             await refusals.aclose()
 
     async with anyio.create_task_group() as group:

@@ -3,7 +3,10 @@
 Envoy (or Istio) asks before it forwards an HTTP request; this door turns
 the request's attributes into the pipeline's ``IncomingRequest`` and the
 ``Answer`` back into a ``CheckResponse``. Like every door it translates
-only: the pipeline decides, records and counts.
+only: the pipeline decides, records and counts. It is served on a listener
+of its own (``ext_authz.socket``, ``ext_authz.port``), never the agent's:
+a CheckRequest states the peer, which policies trust as the daemon's own
+knowledge, so an agent must not be able to send one.
 
 Mapping (``ext_authz.routes``, first match wins). A route matches on the
 method (any when it names none), the host (``:authority`` lower-cased and
@@ -11,11 +14,15 @@ without the scheme's default port) and the path template: ``{name}``
 matches one non-empty segment, a last ``{name...}`` the rest (possibly
 empty); segments are percent-decoded before they are compared, so an
 encoded literal matches as its plain form does; the query string is no
-part of the match. The route gives the action, the resource kind and the
-resource id (a template over the path's names), and the path's names
-become the resource's attributes, as strings. A request no route matches
-is decided as action ``http.request`` on kind ``http.route``, id
-``<host><path>``: denied unless a policy allows it.
+part of the match. A path that could mean another one to the upstream is
+refused (400) before any route is tried: a ``.`` or ``..`` segment, or a
+segment decoding to ``/``, ``\\``, NUL or another control character
+(Envoy's ``normalize_path`` and ``path_with_escaped_slashes_action``
+keep these from arriving at all). The route gives the action, the
+resource kind and the resource id (a template over the path's names), and
+the path's names become the resource's attributes, as strings. A request
+no route matches is decided as action ``http.request`` on kind
+``http.route``, id ``<host><path>``: denied unless a policy allows it.
 
 Every request carries ``context.http``: ``method``, ``path`` (decoded, no
 query), ``host``, ``query`` (name -> value; a repeated name's values are
@@ -25,9 +32,12 @@ mTLS principal when there is one, else its address and port.
 
 Identity comes from headers: the delegation token (verified mode) or the
 asserted chain (development mode, comma separated, user first), and in
-multi-agent mode the agent's ``Bearer`` secret, which the daemon tells
-Envoy to remove before it forwards the request. The approval header names
-an approved approval: the retry after require_approval.
+multi-agent mode the agent's ``Bearer`` secret. The approval header names
+an approved approval: the retry after require_approval. On allow the
+daemon tells Envoy to remove all four before it forwards the request: the
+upstream must not get a token or secret it could replay to the daemon. Each of these
+headers must come once: repeated (or, in the headers map, spelled in two
+cases) it is a bad request, since which one counted would depend on order.
 
 MCP over HTTP (a route naming ``mcp_server``): the body (Envoy's
 ``with_request_body``) is ONE JSON-RPC message. ``tools/call`` is decided
@@ -35,9 +45,10 @@ exactly as the MCP gateway decides it (``gateway.names.tool_name``, kind
 ``mcp.tool``, the arguments as typed attributes, their digest in the
 record); another method ``m`` is action ``mcp.<server>.<m with / as .>``
 on kind ``mcp.method``, id ``<server>.<m with / as .>`` (names escaped as
-``gateway.names`` escapes them). A JSON-RPC response the client sends back
-(to the server's elicitation or sampling request) has no method and is
-decided as method ``response``. A batch, a body that is not one JSON
+``gateway.names`` escapes them). The body is strict UTF-8 without a byte
+order mark, as the MCP SDK reads it. A JSON-RPC response the client sends
+back (to the server's elicitation or sampling request) has no method and
+is decided as method ``response``. A batch, a body that is not one JSON
 object, or an object with a repeated key (which parsers read differently)
 is a bad request.
 
@@ -45,19 +56,32 @@ Answers, as every HTTP door gives them (DESIGN.md "HTTP doors answer
 alike"): allow is OK with the decision id and revisions in headers to the
 upstream, the decision id in a header to the client, and the decision in
 dynamic metadata; deny and require_approval are 403 with the JSON body
-``{decision, reason, reason_code, decision_id, approval}`` and the headers
-``kynara-decision`` and ``kynara-approval-url``; a request that gets no
-decision is 400, 401, 413, 503 or 500 with ``{error: {code, message,
-field}}``, never OK.
+``{decision, reason, reason_code, decision_id}`` and, when the answer
+concerns an approval, ``approval: {id, url, expires_at}``, and the headers
+``kynara-decision``, ``kynara-decision-id`` and (an approval with a URL)
+``kynara-approval-url``; a request that gets no decision is 400, 401,
+413, 503 or 500 with ``{error: {code, message, field}}``, never OK.
+
+On an MCP route the status and headers are the same, but the body is a
+JSON-RPC error response to the request's ``id`` (null when it has none),
+since an MCP client shows only that at a non-2xx status:
+``{jsonrpc, id, error: {code, message, data}}``. A decision (deny or
+require_approval) has code ``DENIED_CODE``, a message naming the tool (or
+method) and the reason, for an approval the review URL and how to retry,
+and data the plain body's fields; an error has ``REQUEST_ERROR_CODE`` or
+``UNAVAILABLE_CODE``, its message, and data ``{code, field}``: the MCP
+gateway's codes (``gateway.proxy``). A request refused before its route is
+known (a path the upstream could misread, an oversized or undecodable
+CheckRequest) gets the plain body.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import unicodedata
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -69,19 +93,31 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from kynara_sidecar.audit.record import GatewayEntry
-from kynara_sidecar.config import ExtAuthzConfig, ExtAuthzRoute, GatewayConfig
+from kynara_sidecar.config import (
+    TEMPLATE_PLACEHOLDER,
+    ExtAuthzConfig,
+    ExtAuthzRoute,
+    GatewayConfig,
+)
 from kynara_sidecar.decision import Effect, Resource
 from kynara_sidecar.errors import (
-    ConfigError,
     ErrorCode,
+    IdentityInvalid,
     InvalidRequest,
     KynaraError,
+    RequestError,
     RequestTooLarge,
     ServiceError,
 )
 from kynara_sidecar.gateway.arguments import arguments_digest, to_attributes
 from kynara_sidecar.gateway.names import RESOURCE_KIND as TOOL_KIND
 from kynara_sidecar.gateway.names import escape, tool_name
+from kynara_sidecar.gateway.proxy import (
+    DENIED_CODE,
+    REQUEST_ERROR_CODE,
+    UNAVAILABLE_CODE,
+)
+from kynara_sidecar.identity import split_asserted_chain
 from kynara_sidecar.pipeline import (
     MAX_REQUEST_ID_LENGTH,
     Answer,
@@ -95,12 +131,14 @@ __all__ = [
     "DEFAULT_KIND",
     "ExtAuthzService",
     "HttpAttributes",
+    "JsonRpcReply",
     "METHOD_KIND",
     "Route",
     "answer_response",
     "compile_routes",
     "error_response",
     "http_attributes",
+    "jsonrpc_reply",
     "match_route",
     "translate",
 ]
@@ -140,8 +178,12 @@ HTTP_STATUS_OF_ERROR = {
     ErrorCode.SHUTTING_DOWN: http_status_pb2.ServiceUnavailable,
 }
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+# How the pipeline names the agent's credential (gRPC metadata); the door
+# names its own header instead.
+_CREDENTIAL_WORDING = "'authorization: Bearer <secret>' metadata"
+
+# A UTF-8 byte order mark: JSON (RFC 8259) forbids it, the MCP SDK refuses it.
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 log = logging.getLogger("kynara.server")
 
@@ -158,6 +200,19 @@ class Route(NamedTuple):
     rest: str
     # MCP routes: tool -> action.
     actions: dict[str, str]
+
+
+class JsonRpcReply(NamedTuple):
+    """What a refusal on an MCP route answers: a JSON-RPC error to the
+    request, as an MCP client can show it."""
+
+    # The request's id; None (JSON null) when it has none or a malformed one.
+    id: int | str | None
+    # The JSON-RPC method and, for tools/call, the tool; "" when not known.
+    method: str = ""
+    tool: str = ""
+    # The header that names an approved approval, for the retry.
+    approval_header: str = ""
 
 
 class HttpAttributes(msgspec.Struct, frozen=True):
@@ -194,57 +249,10 @@ def _normal_host(host: str, scheme: str = "") -> str:
     return host
 
 
-def _parse_template(path: str, where: str) -> tuple[tuple[str | tuple[str], ...], str]:
-    segments: list[str | tuple[str]] = []
-    rest = ""
-    seen: set[str] = set()
-    parts = path[1:].split("/")
-    for i, part in enumerate(parts):
-        if not (part.startswith("{") and part.endswith("}")):
-            if "{" in part or "}" in part:
-                raise ConfigError(
-                    f"{where}: expected '{{name}}' to fill a whole segment, "
-                    f"got {part!r}"
-                )
-            segments.append(part)
-            continue
-        name = part[1:-1]
-        is_rest = name.endswith("...")
-        name = name.removesuffix("...")
-        if is_rest and i != len(parts) - 1:
-            raise ConfigError(
-                f"{where}: expected {part!r} only as the last segment, got it "
-                f"at segment {i + 1}"
-            )
-        if not _NAME.fullmatch(name):
-            raise ConfigError(
-                f"{where}: expected a name of letters, digits and '_' in "
-                f"'{{...}}', got {part!r}"
-            )
-        if name in seen:
-            raise ConfigError(f"{where}: expected each name once, got {name!r} twice")
-        seen.add(name)
-        if is_rest:
-            rest = name
-        else:
-            segments.append((name,))
-    return tuple(segments), rest
-
-
 def _route(route: ExtAuthzRoute, where: str, gateway: GatewayConfig) -> Route:
-    segments, rest = _parse_template(route.path, f"{where}.path")
-    names = {s[0] for s in segments if isinstance(s, tuple)} | ({rest} - {""})
-    if route.mcp_server and route.resource_id:
-        raise ConfigError(
-            f"{where}.resource_id: expected none for an mcp_server route (the "
-            f"tool or method names the resource), got {route.resource_id!r}"
-        )
-    for placeholder in _PLACEHOLDER.findall(route.resource_id):
-        if placeholder not in names:
-            raise ConfigError(
-                f"{where}.resource_id: expected names of the path "
-                f"{sorted(names)}, got {{{placeholder}}}"
-            )
+    # Validated at load already; again here for a config built in code.
+    route.validate(where)
+    segments, rest = route.template(where)
     upstream = gateway.servers.get(route.mcp_server)
     actions = {**(upstream.actions if upstream else {}), **route.actions}
     return Route(
@@ -260,7 +268,8 @@ def _route(route: ExtAuthzRoute, where: str, gateway: GatewayConfig) -> Route:
 def compile_routes(
     config: ExtAuthzConfig, gateway: GatewayConfig | None = None
 ) -> tuple[Route, ...]:
-    """Parse every route's path and resource id templates.
+    """Parse every route's path and resource id templates (the parsing is
+    ``config.parse_path_template``, so that loading the config checks them).
 
     Raises:
         ConfigError: naming the route (``ext_authz.routes[i]``) and what
@@ -313,15 +322,39 @@ def _match_path(route: Route, segments: Sequence[str]) -> dict[str, str] | None:
 # --- translation -------------------------------------------------------------
 
 
-def _headers_of(http: Any) -> dict[str, str]:
-    if http.headers:
-        return {k.lower(): v for k, v in http.headers.items()}
-    # encode_raw_headers: true sends header_map, values as bytes.
+def _headers_of(http: Any, once: Collection[str]) -> dict[str, str]:
+    """Lower-cased header names -> values.
+
+    Envoy's headers map has lower-case names, a repeated header joined with
+    ``,``; a name that comes in two spellings there (``Kynara-X`` and
+    ``kynara-x``) is refused, as is a repeated ``once`` header in the raw
+    header list: which value counted would depend on order.
+
+    Raises:
+        InvalidRequest: naming the header (``headers.<name>``).
+    """
     joined: dict[str, str] = {}
+    if http.headers:
+        for key, value in http.headers.items():
+            name = key.lower()
+            if name in joined:
+                raise InvalidRequest(
+                    f"expected the header {name!r} once, got it in two "
+                    "spellings (which one counts would depend on their order)",
+                    field=f"headers.{name}",
+                )
+            joined[name] = value
+        return joined
+    # encode_raw_headers: true sends header_map, values as bytes.
     for header in http.header_map.headers:
         value = header.raw_value.decode("utf-8", "replace") or header.value
-        key = header.key.lower()
-        joined[key] = f"{joined[key]},{value}" if key in joined else value
+        name = header.key.lower()
+        if name in joined and name in once:
+            raise InvalidRequest(
+                f"expected the header {name!r} once, got it repeated",
+                field=f"headers.{name}",
+            )
+        joined[name] = f"{joined[name]},{value}" if name in joined else value
     return joined
 
 
@@ -332,7 +365,7 @@ def _decoded_segments(path: str) -> tuple[str, ...]:
             field="path",
         )
     try:
-        return tuple(
+        segments = tuple(
             urllib.parse.unquote(part, errors="strict") for part in path[1:].split("/")
         )
     except UnicodeDecodeError:
@@ -340,6 +373,20 @@ def _decoded_segments(path: str) -> tuple[str, ...]:
             "expected percent-encoded UTF-8 in the path, got other bytes",
             field="path",
         ) from None
+    for i, segment in enumerate(segments):
+        if segment in (".", ".."):
+            raise InvalidRequest(
+                f"expected a path without '.' or '..' segments (Envoy's "
+                f"normalize_path resolves them), got {path[:200]!r}",
+                field="path",
+            )
+        if any(c in "/\\" or unicodedata.category(c) == "Cc" for c in segment):
+            raise InvalidRequest(
+                f"expected path segments that do not decode to '/', '\\' or "
+                f"control characters, got segment {i + 1} of {path[:200]!r}",
+                field="path",
+            )
+    return segments
 
 
 def _peer_of(source: Any) -> str:
@@ -354,15 +401,24 @@ def _peer_of(source: Any) -> str:
     return ""
 
 
-def http_attributes(request: authz.CheckRequest) -> HttpAttributes:
+def http_attributes(
+    request: authz.CheckRequest, once: Collection[str] = ()
+) -> HttpAttributes:
     """Read what the door needs of a CheckRequest.
 
+    Args:
+        request: as Envoy sent it.
+        once: lower-case names of headers that must not be repeated (the
+            identity headers).
+
     Raises:
-        InvalidRequest: the path is not an origin-form, UTF-8 path.
+        InvalidRequest: the path is not an origin-form, UTF-8 path, or has
+            a segment the upstream could read as another path; a header is
+            repeated that must come once.
     """
     attributes = request.attributes
     http = attributes.request.http
-    headers = _headers_of(http)
+    headers = _headers_of(http, once)
     raw_path = http.path or headers.get(":path", "")
     path, _, query = raw_path.partition("?")
     path = path.partition("#")[0]
@@ -414,9 +470,14 @@ def _http_context(request: HttpAttributes, config: ExtAuthzConfig) -> dict[str, 
 
 def _identity(request: HttpAttributes, config: ExtAuthzConfig) -> dict[str, Any]:
     headers = request.headers
-    chain = headers.get(config.asserted_chain_header.lower(), "")
+    try:
+        chain = split_asserted_chain(
+            headers.get(config.asserted_chain_header.lower(), "")
+        )
+    except ValueError as err:
+        raise InvalidRequest(str(err), field="asserted_chain") from None
     return {
-        "asserted_chain": tuple(p.strip() for p in chain.split(",") if p.strip()),
+        "asserted_chain": chain,
         "delegation_token": headers.get(config.token_header.lower(), "").strip(),
         "authorization": headers.get(config.credential_header.lower(), ""),
         "approval_id": headers.get(config.approval_header.lower(), "").strip(),
@@ -455,9 +516,23 @@ def _json_rpc(request: HttpAttributes) -> dict[str, Any]:
             "with_request_body for this route, and route only POST here",
             field="body",
         )
+    # Strict UTF-8, as the MCP SDK reads the body: json.loads(bytes) would
+    # also take UTF-16 and a byte order mark.
+    if request.body.startswith(_UTF8_BOM):
+        raise InvalidRequest(
+            "expected a UTF-8 body without a byte order mark, got one", field="body"
+        )
+    try:
+        text = request.body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidRequest(
+            f"expected a UTF-8 body, got a byte that is not UTF-8 at offset "
+            f"{err.start}",
+            field="body",
+        ) from None
     try:
         message = json.loads(
-            request.body, object_pairs_hook=_no_repeats, parse_constant=_no_constant
+            text, object_pairs_hook=_no_repeats, parse_constant=_no_constant
         )
     except (ValueError, RecursionError) as err:
         raise InvalidRequest(
@@ -529,7 +604,8 @@ def translate(
     """The pipeline's request for one HTTP request.
 
     Raises:
-        InvalidRequest: the query or an MCP body is not acceptable.
+        InvalidRequest: the query, an MCP body or the asserted chain is
+            not acceptable.
     """
     matched = match_route(routes, request.method, request.host, request.segments)
     gateway = None
@@ -542,7 +618,7 @@ def translate(
         action, resource, gateway = _mcp_request(matched[0], request)
     else:
         route, names = matched
-        resource_id = _PLACEHOLDER.sub(
+        resource_id = TEMPLATE_PLACEHOLDER.sub(
             lambda m: names[m.group(1)], route.config.resource_id
         )
         action = route.config.action
@@ -557,6 +633,40 @@ def translate(
         peer=request.peer,
         gateway=gateway,
         **_identity(request, config),
+    )
+
+
+def jsonrpc_reply(
+    request: HttpAttributes, routes: Sequence[Route], approval_header: str = ""
+) -> JsonRpcReply | None:
+    """How to answer a refusal of ``request``: as a JSON-RPC error when it
+    matched an MCP route, else None (the plain JSON body).
+
+    Reads the body leniently (it may be the very thing refused): the id
+    only when it is one JSON-RPC allows (a string or an integer), the
+    method and tool only when they are strings.
+    """
+    matched = match_route(routes, request.method, request.host, request.segments)
+    if matched is None or not matched[0].config.mcp_server:
+        return None
+    try:
+        message = json.loads(request.body)
+    except (ValueError, RecursionError):
+        message = None
+    if not isinstance(message, dict):
+        return JsonRpcReply(id=None, approval_header=approval_header)
+    request_id = message.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, int | str):
+        request_id = None
+    method = message.get("method")
+    method = method if isinstance(method, str) else ""
+    params = message.get("params")
+    tool = params.get("name") if isinstance(params, dict) else None
+    return JsonRpcReply(
+        id=request_id,
+        method=method,
+        tool=tool if method == "tools/call" and isinstance(tool, str) else "",
+        approval_header=approval_header,
     )
 
 
@@ -581,15 +691,54 @@ def _metadata(answer: Answer) -> dict[str, str]:
     }
 
 
+def _jsonrpc_body(reply: JsonRpcReply, code: int, message: str, data: Any) -> str:
+    return json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": reply.id,
+            "error": {"code": code, "message": message, "data": data},
+        },
+        separators=(",", ":"),
+    )
+
+
+def _refused_message(reply: JsonRpcReply, answer: Answer) -> str:
+    """What an MCP client shows for a deny or require_approval."""
+    decision = answer.decision
+    if reply.tool:
+        what = f"tool {reply.tool!r}"
+    elif reply.method:
+        what = f"method {reply.method!r}"
+    else:
+        what = "the request"
+    if decision.effect is not Effect.REQUIRE_APPROVAL:
+        return f"{what} is not permitted: {decision.reason}"
+    text = f"{what} needs approval: {decision.reason}"
+    approval = answer.approval
+    if approval is not None:
+        text += (
+            f"; review at {approval.url or '(no review URL)'} (approval "
+            f"{approval.id}, expires {approval.expires_at}), then send the "
+            f"request again with the header '{reply.approval_header}: "
+            f"{approval.id}'"
+        )
+    return text
+
+
 def answer_response(
-    answer: Answer, remove_headers: Sequence[str] = ()
+    answer: Answer,
+    remove_headers: Sequence[str] = (),
+    jsonrpc: JsonRpcReply | None = None,
 ) -> authz.CheckResponse:
     """OK for allow; 403 with the JSON body for deny and require_approval.
 
     Args:
         answer: the pipeline's answer.
         remove_headers: request headers the upstream must not see (the
-            agent's secret), on allow.
+            identity and approval headers), on allow.
+        jsonrpc: for an MCP route's request, answer deny and
+            require_approval with a JSON-RPC error to it carrying the
+            plain body's fields as data.
     """
     decision = answer.decision
     if decision.effect is Effect.ALLOW:
@@ -629,27 +778,48 @@ def answer_response(
         }
         if approval.url:
             headers.append(_header(APPROVAL_URL_HEADER, approval.url))
+    if jsonrpc is None:
+        text = json.dumps(body, separators=(",", ":"))
+    else:
+        text = _jsonrpc_body(
+            jsonrpc, DENIED_CODE, _refused_message(jsonrpc, answer), body
+        )
     response = authz.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=authz.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
             headers=headers,
-            body=json.dumps(body, separators=(",", ":")),
+            body=text,
         ),
     )
     response.dynamic_metadata.update(_metadata(answer))
     return response
 
 
-def error_response(error: KynaraError, field: str = "") -> authz.CheckResponse:
+def error_response(
+    error: KynaraError, field: str = "", jsonrpc: JsonRpcReply | None = None
+) -> authz.CheckResponse:
     """A denied response carrying the error, never OK.
 
     Args:
         error: why no decision was given.
         field: the field to name instead of the error's own (a header).
+        jsonrpc: for an MCP route's request, the body is a JSON-RPC error
+            to it, coded as the MCP gateway codes the same error.
     """
     status, code, own_field = status_for(error)
-    body = {"error": {"code": code, "message": str(error), "field": field or own_field}}
+    field = field or own_field
+    if jsonrpc is None:
+        text = json.dumps(
+            {"error": {"code": code, "message": str(error), "field": field}},
+            separators=(",", ":"),
+        )
+    else:
+        data = {"code": code, "field": field} if field else {"code": code}
+        rpc_code = (
+            REQUEST_ERROR_CODE if isinstance(error, RequestError) else UNAVAILABLE_CODE
+        )
+        text = _jsonrpc_body(jsonrpc, rpc_code, str(error), data)
     return authz.CheckResponse(
         status=status_pb2.Status(code=status.value[0], message=code),
         denied_response=authz.DeniedHttpResponse(
@@ -659,7 +829,7 @@ def error_response(error: KynaraError, field: str = "") -> authz.CheckResponse:
                 )
             ),
             headers=[_header("content-type", "application/json")],
-            body=json.dumps(body, separators=(",", ":")),
+            body=text,
         ),
     )
 
@@ -699,7 +869,11 @@ class ExtAuthzService:
             "asserted_chain": config.asserted_chain_header.lower(),
             "approval_id": config.approval_header.lower(),
         }
-        self._remove = [config.credential_header.lower()]
+        # None of the identity and approval headers reaches the upstream:
+        # a token or secret there could be replayed to the daemon.
+        self._remove = list(dict.fromkeys(self._fields.values()))
+        # Identity headers: each must come once.
+        self._once = frozenset(self._fields.values())
 
     def register(self, server: grpc.aio.Server) -> None:
         """Serve Check on ``server``, reading requests as raw bytes."""
@@ -722,34 +896,63 @@ class ExtAuthzService:
             return field
         return f"headers.{header}" + (f"[{index}" if bracket else "")
 
-    def _incoming(self, raw: bytes) -> IncomingRequest:
+    def _check_request(self, raw: bytes) -> authz.CheckRequest:
         if len(raw) > self._max_bytes:
             raise RequestTooLarge(
                 f"expected at most {self._max_bytes} bytes "
                 f"(agent.max_message_bytes), got {len(raw)}"
             )
         try:
-            request = authz.CheckRequest.FromString(raw)
+            return authz.CheckRequest.FromString(raw)
         except DecodeError as err:
             raise InvalidRequest(
                 f"expected a CheckRequest in protobuf encoding, could not "
                 f"decode it: {err}"
             ) from None
-        return translate(http_attributes(request), self._routes, self._config)
+
+    def _jsonrpc(self, request: authz.CheckRequest | None) -> JsonRpcReply | None:
+        """The JSON-RPC reply of a refused request on an MCP route; None
+        for any other, or when its route cannot be known."""
+        if request is None:
+            return None
+        try:
+            # Without the once check: a repeated header is what was refused.
+            attributes = http_attributes(request)
+        except KynaraError:
+            return None
+        return jsonrpc_reply(attributes, self._routes, self._fields["approval_id"])
+
+    def _error(
+        self, err: KynaraError, request: authz.CheckRequest | None
+    ) -> authz.CheckResponse:
+        field = self._field(err)
+        if field == f"headers.{self._fields['authorization']}" and (
+            _CREDENTIAL_WORDING in str(err)
+        ):
+            # The pipeline speaks of gRPC metadata; here it is a header.
+            wording = f"a '{self._fields['authorization']}: Bearer <secret>' header"
+            err = IdentityInvalid(str(err).replace(_CREDENTIAL_WORDING, wording))
+        return error_response(err, field, self._jsonrpc(request))
 
     async def Check(  # noqa: N802 (gRPC method name)
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> authz.CheckResponse:
+        request = None
         try:
-            incoming = self._incoming(raw)
+            request = self._check_request(raw)
+            incoming = translate(
+                http_attributes(request, self._once), self._routes, self._config
+            )
         except KynaraError as err:
             self._pipeline.refuse(err)
-            return error_response(err, self._field(err))
+            return self._error(err, request)
         try:
             answer = await self._pipeline.decide(incoming)
         except KynaraError as err:
-            return error_response(err, self._field(err))
+            return self._error(err, request)
         except Exception:
             log.exception("check failed", extra={"fields": {"component": "server"}})
-            return error_response(ServiceError("internal error in the daemon"))
-        return answer_response(answer, self._remove)
+            return self._error(ServiceError("internal error in the daemon"), request)
+        if answer.decision.effect is Effect.ALLOW:
+            return answer_response(answer, self._remove)
+        return answer_response(answer, self._remove, self._jsonrpc(request))

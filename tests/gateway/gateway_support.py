@@ -17,10 +17,17 @@ gateway's tests.
   after) the daemon that writes it.
 
 Who sees what (tests/gateway/policies): alice is a reader (read; slow while
-``seconds <= 60``, a conditional allow; add_tool; late), bob a writer (also
-write; slow is denied to writers, unconditionally), carol a deployer (also
-deploy, which requires approval); ops-bot holds every tool. A chain sees
-what all of its principals may use.
+``seconds <= 60``, a conditional allow; add_tool; late; the ``--faulty``
+upstream's tools), bob a writer (also write; slow is denied to writers,
+unconditionally), carol a deployer (also deploy, which requires approval);
+dave and ops-bot hold every tool of the server "files" (``mcp.files.*``).
+A chain sees what all of its principals may use: carol through reader-bot
+sees only what a reader who is also a writer may (``NARROWED``).
+
+- ``GatewayDaemon.request_errors(code)``: the daemon's
+  ``kynara_request_errors_total`` for ``code``, read from its /metrics.
+- ``with_flags(upstream, *flags)``: an upstream config dict with more
+  ``upstream_server.py`` flags (``--faulty``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import pathlib
 import shutil
 import sys
 import time
+import urllib.request
 from typing import Any
 
 from identity_support import SigningKey, claims, jwks
@@ -54,6 +62,10 @@ VISIBLE = {
     "bob": ["files__add_tool", "files__read", "files__write"],
     "carol": ["files__add_tool", "files__deploy", "files__read", "files__write"],
 }
+# carol (a deployer, so also a writer and a reader) through reader-bot (a
+# reader): what both may use. Not write or deploy (reader-bot may not), not
+# slow (denied to writers, so to carol).
+NARROWED = ["files__add_tool", "files__read"]
 
 
 class GatewaySetup:
@@ -128,6 +140,24 @@ class GatewayDaemon(RunningDaemon):
     def records(self) -> list[AuditRecordV1]:
         store = self.daemon._store
         return [decode_record(s.record_bytes) for s in store.iter_records()]
+
+    def request_errors(self, code: str) -> float:
+        """``kynara_request_errors_total{code=...}`` on the daemon's
+        /metrics (0 before the first)."""
+        url = f"http://127.0.0.1:{self.daemon.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        prefix = f'kynara_request_errors_total{{code="{code}"}} '
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix) :])
+        return 0.0
+
+
+def with_flags(upstream: dict[str, Any], *flags: str) -> dict[str, Any]:
+    """A stdio upstream config (``stdio_upstream_config``) whose server
+    also gets ``flags``."""
+    return {**upstream, "command": [*upstream["command"], *flags]}
 
 
 def start_gateway(

@@ -14,9 +14,11 @@ from typing import Any
 import msgspec
 import pytest
 import uvloop
+from gateway_support import with_flags
 from mcp import Client
-from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
+from mcp_types import INVALID_PARAMS
 from support import free_port
+from upstream_server import FAIL_CODE
 from upstream_support import (
     HttpUpstream,
     read_call_log,
@@ -299,13 +301,81 @@ def test_upstream_errors_and_timeouts_are_upstream_errors(
 
     refused, timed_out = run(scenario())
 
+    # The upstream's own error, whole.
     assert refused.server == "files"
-    assert refused.code == INVALID_PARAMS
-    assert refused.message == "unknown tool 'nope'"
+    assert refused.reason == "upstream_error"
+    assert refused.error.code == INVALID_PARAMS
+    assert refused.error.message == "unknown tool 'nope'"
     assert "upstream 'files'" in str(refused)
-    assert timed_out.code == REQUEST_TIMEOUT
-    assert "upstream 'files'" in str(timed_out)
+    # The gateway's deadline: no error of the upstream's.
+    assert timed_out.reason == "upstream_unavailable"
+    assert timed_out.error is None
+    assert "tools/call 'slow' timed out after 0.5 s" in str(timed_out)
     assert read_call_log(log)[2] == {"tool": "slow", "cancelled": True}
+
+
+def test_an_upstream_error_is_kept_whole_and_a_malformed_result_is_invalid(
+    tmp_path,
+):
+    raw = with_flags(stdio_upstream_config(tmp_path / "calls.log"), "--faulty")
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)})
+        await catalog.start()
+        try:
+            with pytest.raises(UpstreamError) as failed:
+                await catalog.call(catalog.get("files__fail"), {})
+            with pytest.raises(UpstreamError) as malformed:
+                await catalog.call(catalog.get("files__malformed"), {})
+            # Neither ends the connection.
+            after = await catalog.call(catalog.get("files__read"), {"path": "/m"})
+            return failed.value, malformed.value, after
+        finally:
+            await catalog.stop()
+
+    failed, malformed, after = run(scenario())
+
+    assert failed.reason == "upstream_error"
+    assert (failed.error.code, failed.error.message, failed.error.data) == (
+        FAIL_CODE,
+        "failed on purpose",
+        {"asked": True},
+    )
+    assert malformed.reason == "upstream_invalid"
+    assert malformed.error is None
+    assert "tools/call 'malformed' answered an invalid result" in str(malformed)
+    assert "content" in malformed.detail
+    assert after.content[0].text == "contents of /m"
+
+
+def test_a_line_that_is_not_utf8_is_logged_and_the_stdio_upstream_still_answers(
+    tmp_path, caplog
+):
+    raw = with_flags(
+        stdio_upstream_config(tmp_path / "calls.log", timeout_seconds=10), "--faulty"
+    )
+
+    async def scenario():
+        catalog = Catalog({"files": config(raw)})
+        await catalog.start()
+        try:
+            garbage = await catalog.call(catalog.get("files__garbage"), {})
+            after = await catalog.call(catalog.get("files__read"), {"path": "/g"})
+            return garbage, after
+        finally:
+            await catalog.stop()
+
+    with caplog.at_level(logging.WARNING, logger="kynara.gateway"):
+        garbage, after = run(scenario())
+
+    assert garbage.content[0].text == "garbage"
+    assert after.content[0].text == "contents of /g"
+    (logged,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "upstream sent a message that is not JSON-RPC; ignored"
+    ]
+    assert logged.fields["server"] == "files"
 
 
 def test_handshake_era_upstream_is_served_alike(transport, upstreams, tmp_path):

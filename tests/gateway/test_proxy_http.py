@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -18,22 +19,30 @@ import httpx2 as httpx
 import mcp_types as types
 import pytest
 from gateway_support import (
+    NARROWED,
     TOKEN_HEADER,
     VISIBLE,
     GatewayDaemon,
     GatewaySetup,
     start_gateway,
     wait_for,
+    with_flags,
 )
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from support import free_port
+from upstream_server import FAIL_CODE
 from upstream_support import read_call_log, stdio_upstream_config
 
 from kynara_sidecar.approvals.model import Reviewer, Verdict
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.gateway.arguments import arguments_digest
-from kynara_sidecar.gateway.proxy import DENIED_CODE, REQUEST_ERROR_CODE
+from kynara_sidecar.gateway.proxy import (
+    DENIED_CODE,
+    REQUEST_ERROR_CODE,
+    UPSTREAM_CODE,
+)
 
 LEGACY_VERSION = "2025-11-25"
 
@@ -165,6 +174,25 @@ def test_an_allowed_call_returns_the_upstream_result_unchanged(shared):
     assert len(decided[-1].gateway.args_digest) == 64
 
 
+def test_the_agents_progress_token_is_not_passed_upstream(shared):
+    setup, daemon, calls = shared
+
+    async def progress(_progress: float, _total: Any, _message: Any) -> None:
+        pass
+
+    async def run() -> types.CallToolResult:
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http, mode="legacy") as client:
+                return await client.call_tool(
+                    "files__read", {"path": "/progress"}, progress_callback=progress
+                )
+
+    assert asyncio.run(run()).content[0].text == "contents of /progress"
+    # The gateway relays no progress, so it asks for none.
+    (call,) = [c for c in _calls(calls) if c["arguments"] == {"path": "/progress"}]
+    assert call == {"tool": "read", "arguments": {"path": "/progress"}}
+
+
 def test_a_hidden_tool_called_raw_is_refused_and_never_forwarded(shared):
     setup, daemon, calls = shared
 
@@ -184,20 +212,98 @@ def test_a_hidden_tool_called_raw_is_refused_and_never_forwarded(shared):
     assert not [c for c in _calls(calls) if c["arguments"].get("path") == "/etc/x"]
 
 
-def test_an_unknown_tool_is_refused(shared):
+def _refused_alike(err: MCPError, name: str) -> tuple[Any, ...]:
+    """What an agent can read from a refusal, with the tool's own name
+    (its exposed name and its tool part) taken out."""
+    tool = name.partition("__")[2] or name
+    return (
+        err.code,
+        err.message.replace(name, "<name>").replace(tool, "<tool>"),
+        sorted(err.data),
+        err.data["decision"],
+        err.data["reason_code"],
+        err.data["reason"].replace(tool, "<tool>"),
+    )
+
+
+def test_a_hidden_and_an_unknown_tool_are_refused_alike_and_audited(shared):
+    setup, daemon, calls = shared
+    names = ["files__write", "files__nope", "nosuch"]
+
+    async def run() -> list[MCPError]:
+        errors = []
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                for name in names:
+                    with pytest.raises(MCPError) as info:
+                        await client.call_tool(name, {"path": "/alike"})
+                    errors.append(info.value)
+        return errors
+
+    hidden, unknown, serverless = asyncio.run(run())
+    assert hidden.code == DENIED_CODE
+    assert _refused_alike(unknown, "files__nope") == _refused_alike(
+        hidden, "files__write"
+    )
+    assert serverless.code == DENIED_CODE
+    assert sorted(serverless.data) == sorted(hidden.data)
+    assert serverless.message.startswith("tool 'nosuch' is not permitted: ")
+    records = {r.decision_id: r for r in daemon.records() if r.kind == "decision"}
+    audited = [records[err.data["decision_id"]] for err in (hidden, unknown)]
+    assert [(r.decision, r.gateway.server, r.gateway.tool) for r in audited] == [
+        ("deny", "files", "write"),
+        ("deny", "files", "nope"),
+    ]
+    assert records[serverless.data["decision_id"]].decision == "deny"
+    assert records[serverless.data["decision_id"]].gateway.tool == "nosuch"
+    assert not [c for c in _calls(calls) if c["arguments"].get("path") == "/alike"]
+
+
+def test_an_unknown_tool_a_chain_could_be_allowed_is_unknown(shared):
     setup, daemon, calls = shared
 
     async def run() -> MCPError:
-        async with _http(setup, "alice", "reader-bot") as http:
+        # dave and ops-bot may use every tool of "files": a files__nope
+        # would be listed, so saying there is none hides nothing.
+        async with _http(setup, "dave", "ops-bot") as http:
             async with _client(daemon, setup, http) as client:
                 with pytest.raises(MCPError) as info:
                     await client.call_tool("files__nope", {})
                 return info.value
 
+    before = daemon.request_errors("invalid_request")
     err = asyncio.run(run())
     assert err.code == types.INVALID_PARAMS
     assert "unknown tool" in err.message
+    assert daemon.request_errors("invalid_request") == before + 1
     assert not [c for c in _calls(calls) if c["tool"] == "nope"]
+
+
+def test_an_agent_narrower_than_its_user_sees_and_calls_only_what_both_may(shared):
+    setup, daemon, calls = shared
+
+    async def run() -> tuple[list[str], list[MCPError]]:
+        async with _http(setup, "carol", "reader-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                names = await _list_all(client)
+                refused = []
+                for name, args in (
+                    ("files__write", {"path": "/narrow", "content": "x"}),
+                    ("files__deploy", {"service": "narrow", "version": "1"}),
+                ):
+                    with pytest.raises(MCPError) as info:
+                        await client.call_tool(name, args)
+                    refused.append(info.value)
+                return names, refused
+
+    names, refused = asyncio.run(run())
+    assert names == NARROWED
+    # Denied outright: reader-bot may not deploy, so no approval is asked.
+    assert [(e.code, e.data["decision"]) for e in refused] == [
+        (DENIED_CODE, "deny"),
+        (DENIED_CODE, "deny"),
+    ]
+    assert not [c for c in _calls(calls) if "narrow" in json.dumps(c)]
 
 
 def test_require_approval_returns_the_approval_url(shared):
@@ -231,11 +337,14 @@ def test_no_token_no_tools(shared, mode):
                     await client.call_tool("files__read", {"path": "/x"})
                 return listing.value, calling.value
 
+    before = daemon.request_errors("identity_invalid")
     listing, calling = asyncio.run(run())
     for err in (listing, calling):
         assert err.code == REQUEST_ERROR_CODE
         assert TOKEN_HEADER in err.message
-        assert err.data["code"] == "identity_invalid"
+        assert err.data == {"code": "identity_invalid", "field": "delegation_token"}
+    # Both refusals counted.
+    assert daemon.request_errors("identity_invalid") == before + 2
 
 
 def test_an_unknown_agent_credential_is_refused_with_401(shared):
@@ -550,6 +659,58 @@ def test_elicit_shows_the_url_waits_for_the_review_and_forwards(tmp_path):
     assert [c["tool"] for c in _calls(calls)] == ["deploy"]
 
 
+def test_a_call_cancelled_while_waiting_for_the_review_is_recorded(tmp_path):
+    setup = GatewaySetup(tmp_path)
+    calls = tmp_path / "calls.jsonl"
+    daemon = start_gateway(
+        setup,
+        {"files": stdio_upstream_config(calls)},
+        "gateway.approval_wait=elicit",
+        "gateway.approval_wait_seconds=600",
+    )
+    args = {"service": "waits", "version": "1", "replicas": 1}
+
+    async def call() -> None:
+        shown = anyio.Event()
+
+        async def on_elicit(_context: Any, _params: Any) -> types.ElicitResult:
+            shown.set()
+            return types.ElicitResult(action="accept")
+
+        async with _http(setup, "carol", "ops-bot") as h:
+            async with _client(
+                daemon, setup, h, mode="legacy", elicitation_callback=on_elicit
+            ) as client:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(client.call_tool, "files__deploy", args)
+                    await shown.wait()
+                    group.cancel_scope.cancel()
+
+    try:
+        asyncio.run(call())
+        digest = arguments_digest(args)
+        (decision,) = [
+            r
+            for r in daemon.records()
+            if r.kind == "decision" and r.gateway and r.gateway.args_digest == digest
+        ]
+
+        def outcomes() -> list[str]:
+            return [
+                r.outcome
+                for r in daemon.records()
+                if r.kind == "outcome" and r.decision_id == decision.decision_id
+            ]
+
+        wait_for(outcomes, what="the cancelled outcome record")
+        recorded = outcomes()
+    finally:
+        daemon.stop()
+    assert decision.decision == "require_approval"
+    assert recorded == ["cancelled"]
+    assert not [c for c in _calls(calls) if c["tool"] == "deploy"]
+
+
 def test_two_upstream_tools_with_one_name_refuse_the_start(tmp_path):
     setup = GatewaySetup(tmp_path)
     upstream = stdio_upstream_config(tmp_path / "calls.jsonl", collide=True)
@@ -558,25 +719,64 @@ def test_two_upstream_tools_with_one_name_refuse_the_start(tmp_path):
     assert "get.file" in str(info.value) and "get_2Efile" in str(info.value)
 
 
-def test_an_upstream_failure_is_a_tool_error_naming_the_server(tmp_path):
+def test_upstream_errors_pass_unchanged_and_failures_name_the_server(tmp_path, caplog):
     setup = GatewaySetup(tmp_path)
     calls = tmp_path / "calls.jsonl"
-    upstream = stdio_upstream_config(calls, timeout_seconds=5)
+    upstream = with_flags(stdio_upstream_config(calls, timeout_seconds=5), "--faulty")
     daemon = start_gateway(setup, {"files": upstream})
 
-    async def call() -> types.CallToolResult:
+    async def call() -> list[MCPError]:
+        errors = []
         async with _http(setup, "alice", "reader-bot") as h:
             async with _client(daemon, setup, h) as client:
-                # Longer than the upstream's timeout_seconds.
-                return await client.call_tool("files__slow", {"seconds": 50})
+                # The slow call outlasts the upstream's timeout_seconds.
+                for name, args in (
+                    ("files__fail", {}),
+                    ("files__malformed", {}),
+                    ("files__slow", {"seconds": 50}),
+                ):
+                    with pytest.raises(MCPError) as info:
+                        await client.call_tool(name, args)
+                    errors.append(info.value)
+        return errors
 
     try:
-        result = asyncio.run(call())
+        with caplog.at_level(logging.WARNING, logger="kynara.gateway"):
+            failed, malformed, timed_out = asyncio.run(call())
+        decided = {
+            r.gateway.tool: r.decision_id
+            for r in daemon.records()
+            if r.kind == "decision" and r.gateway
+        }
     finally:
         daemon.stop()
-    assert result.is_error
-    assert "upstream server 'files' failed on tool 'slow'" in result.content[0].text
-    assert result.structured_content["server"] == "files"
+    # The upstream's own error, unchanged: the gateway is transparent.
+    assert (failed.code, failed.message, failed.data) == (
+        FAIL_CODE,
+        "failed on purpose",
+        {"asked": True},
+    )
+    for err, tool, code in (
+        (malformed, "malformed", "upstream_invalid"),
+        (timed_out, "slow", "upstream_unavailable"),
+    ):
+        assert err.code == UPSTREAM_CODE
+        assert f"upstream server 'files' failed on tool '{tool}'" in err.message
+        assert err.data == {
+            "code": code,
+            "server": "files",
+            "decision_id": decided[tool],
+        }
+    logged = [
+        (r.fields["tool"], r.fields["code"])
+        for r in caplog.records
+        if r.getMessage() == "upstream call failed"
+    ]
+    assert logged == [
+        ("fail", "upstream_error"),
+        ("malformed", "upstream_invalid"),
+        ("slow", "upstream_unavailable"),
+    ]
 
 
 def test_only_the_bound_address_and_localhost_are_accepted_as_host(shared):
@@ -598,3 +798,30 @@ def test_only_the_bound_address_and_localhost_are_accepted_as_host(shared):
         )
         # Past the host check: the SDK wants a session (or the 2026 envelope).
         assert response.status_code not in (403, 421), host
+
+
+def test_a_tool_of_an_upstream_that_is_down_is_unavailable_not_unknown(tmp_path):
+    setup = GatewaySetup(tmp_path)
+    # Nothing listens there: the upstream is unreachable from the start.
+    dead = {"transport": "http", "url": f"http://127.0.0.1:{free_port()}/mcp"}
+    daemon = start_gateway(setup, {"files": dead})
+
+    async def run() -> tuple[MCPError, MCPError]:
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                with pytest.raises(MCPError) as readable:
+                    await client.call_tool("files__read", {"path": "/x"})
+                with pytest.raises(MCPError) as hidden:
+                    await client.call_tool("files__write", {"path": "/x"})
+                return readable.value, hidden.value
+
+    try:
+        readable, hidden = asyncio.run(run())
+    finally:
+        daemon.stop()
+    # alice may read: the read tool would be listed, so its server being
+    # down is said; the write tool she may not use is denied as ever.
+    assert readable.code == UPSTREAM_CODE
+    assert readable.data == {"code": "upstream_unavailable", "server": "files"}
+    assert "'files' is not connected" in readable.message
+    assert hidden.code == DENIED_CODE

@@ -26,6 +26,7 @@ import anyio
 import mcp_types as types
 import pytest
 from gateway_support import (
+    NARROWED,
     VISIBLE,
     GatewaySetup,
     audit_records,
@@ -94,11 +95,13 @@ async def _list_all(client: Client) -> list[str]:
 @pytest.mark.parametrize(
     ("user", "agent", "seen"),
     [
-        ("alice", "reader-bot", "alice"),
-        ("bob", "writer-bot", "bob"),
-        ("carol", "ops-bot", "carol"),
+        ("alice", "reader-bot", VISIBLE["alice"]),
+        ("bob", "writer-bot", VISIBLE["bob"]),
+        ("carol", "ops-bot", VISIBLE["carol"]),
         # Intersection: the ops agent acting for a reader.
-        ("alice", "ops-bot", "alice"),
+        ("alice", "ops-bot", VISIBLE["alice"]),
+        # The agent narrower than its user: a reader agent for a deployer.
+        ("carol", "reader-bot", NARROWED),
     ],
 )
 def test_each_agent_sees_exactly_its_tools(setup, user, agent, seen):
@@ -106,7 +109,90 @@ def test_each_agent_sees_exactly_its_tools(setup, user, agent, seen):
         async with _client(setup, user, agent) as client:
             return await _list_all(client)
 
-    assert anyio.run(run) == VISIBLE[seen]
+    assert anyio.run(run) == seen
+
+
+def test_pages_hold_only_visible_tools_and_foreign_cursors_are_refused(setup):
+    async def run() -> tuple[list[types.ListToolsResult], MCPError]:
+        async with _client(setup, "bob", "writer-bot") as client:
+            pages = [await client.list_tools()]
+            while pages[-1].next_cursor:
+                pages.append(await client.list_tools(cursor=pages[-1].next_cursor))
+            with pytest.raises(MCPError) as info:
+                await client.list_tools(cursor="ZmlsZXNfX3Nsb3c.forged")
+            return pages, info.value
+
+    pages, forged = anyio.run(run)
+    assert [len(page.tools) for page in pages] == [2, 1]
+    assert [t.name for page in pages for t in page.tools] == VISIBLE["bob"]
+    # Hidden from writers: slow (denied), deploy (no rule); in no page,
+    # not even in a cursor.
+    for page in pages:
+        dumped = json.dumps(page.model_dump())
+        assert "slow" not in dumped and "deploy" not in dumped
+    assert forged.code == types.INVALID_PARAMS and "cursor" in forged.message
+
+
+def test_a_hidden_and_an_unknown_tool_are_refused_alike_and_audited(setup):
+    names = ["files__write", "files__nope"]
+
+    async def run() -> list[MCPError]:
+        errors = []
+        async with _client(setup, "alice", "reader-bot", mode="legacy") as client:
+            for name in names:
+                with pytest.raises(MCPError) as info:
+                    await client.call_tool(name, {"path": "/alike"})
+                errors.append(info.value)
+        return errors
+
+    hidden, unknown = anyio.run(run)
+    for err, name in ((hidden, "files__write"), (unknown, "files__nope")):
+        assert err.code == DENIED_CODE
+        assert err.message.startswith(f"tool {name!r} is not permitted: no rule ")
+        assert sorted(err.data) == ["decision", "decision_id", "reason", "reason_code"]
+        assert err.data["reason_code"] == hidden.data["reason_code"]
+    records = {
+        r.decision_id: r
+        for r in audit_records(stdio_audit_path(setup))
+        if r.kind == "decision"
+    }
+    audited = [records[err.data["decision_id"]] for err in (hidden, unknown)]
+    assert [(r.decision, r.gateway.tool) for r in audited] == [
+        ("deny", "write"),
+        ("deny", "nope"),
+    ]
+    assert _calls(setup) == []
+
+
+def test_an_unknown_tool_a_chain_could_be_allowed_is_unknown(setup):
+    async def run() -> MCPError:
+        async with _client(setup, "dave", "ops-bot") as client:
+            with pytest.raises(MCPError) as info:
+                await client.call_tool("files__nope", {})
+            return info.value
+
+    err = anyio.run(run)
+    assert err.code == types.INVALID_PARAMS
+    assert "unknown tool 'files__nope'" in err.message
+    assert err.data == {"code": "invalid_request", "field": "name"}
+    assert _calls(setup) == []
+
+
+def test_require_approval_returns_the_approval_url(setup):
+    args = {"service": "web", "version": "1.2", "replicas": 3}
+
+    async def run() -> types.CallToolResult:
+        async with _client(setup, "carol", "ops-bot") as client:
+            return await client.call_tool("files__deploy", args)
+
+    result = anyio.run(run)
+    assert result.is_error
+    structured = result.structured_content
+    assert structured["decision"] == "require_approval"
+    approval = structured["approval"]
+    assert approval["url"].endswith(f"/approvals/{approval['id']}")
+    assert approval["url"] in result.content[0].text
+    assert _calls(setup) == []
 
 
 def test_a_hidden_tool_called_raw_is_refused_and_an_allowed_one_forwarded(setup):

@@ -18,7 +18,8 @@ Tools:
   tool list changed (``notifications/tools/list_changed``)
 
 Every ``tools/call`` received is appended, before it runs, as one JSON line
-``{"tool": name, "arguments": {...}}`` to the file named by the environment
+``{"tool": name, "arguments": {...}}`` (and ``"progress_token"`` when the
+request's ``_meta`` carries one) to the file named by the environment
 variable ``UPSTREAM_CALL_LOG`` (when set), so a test can count what reached
 the upstream even when the server is a stdio child of the gateway.
 
@@ -28,12 +29,19 @@ makes ``tools/list`` answer K tools per page (clients must follow cursors);
 ``get_2Efile``, which the gateway's escape rule maps to one name;
 ``--handshake-only`` refuses ``server/discover`` as a server from before the
 2026 protocol does, so clients fall back to the initialize handshake;
-``--empty-name`` adds a tool whose name is empty (which the gateway refuses).
+``--empty-name`` adds a tool whose name is empty (which the gateway refuses);
+``--faulty`` adds tools that misbehave: ``fail`` answers the JSON-RPC error
+``FAIL_CODE`` "failed on purpose" with data ``{"asked": true}``,
+``malformed`` answers ``{"content": "notalist", "isError": "yes"}`` (no
+valid tool result; over stdio only), and ``garbage`` first writes the bytes
+``\xff\xfe garbage`` and a newline on stdout (not UTF-8, so not a JSON-RPC
+line), then answers ``garbage`` as text.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -53,6 +61,12 @@ from mcp.shared.subscriptions import ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 logger = logging.getLogger("upstream")
+
+# The code of the error the --faulty tool ``fail`` answers.
+FAIL_CODE = -32050
+# Where --faulty tools write around the SDK: over stdio the wire (which
+# serve_stdio then leaves in place), over HTTP the process's log.
+WIRE_FD = 1
 
 
 def _string(description: str) -> dict[str, Any]:
@@ -88,6 +102,7 @@ class Upstream:
         dotted: bool,
         collide: bool,
         empty_name: bool = False,
+        faulty: bool = False,
     ) -> None:
         self.page_size = page_size
         self.tools: list[types.Tool] = [
@@ -154,6 +169,17 @@ class Upstream:
                     input_schema=_schema({"path": _string("file")}),
                 )
             )
+        if faulty:
+            for name, description in (
+                ("fail", "Answer a JSON-RPC error."),
+                ("malformed", "Answer a result that is no tool result."),
+                ("garbage", "Write bytes that are not UTF-8 on stdout, then answer."),
+            ):
+                self.tools.append(
+                    types.Tool(
+                        name=name, description=description, input_schema=_schema({})
+                    )
+                )
         if empty_name:
             self.tools.append(
                 types.Tool(name="", description="No name.", input_schema=_schema({}))
@@ -205,7 +231,11 @@ class Upstream:
     ) -> types.CallToolResult:
         self._remember(ctx)
         arguments = dict(params.arguments or {})
-        _log_call({"tool": params.name, "arguments": arguments})
+        entry: dict[str, Any] = {"tool": params.name, "arguments": arguments}
+        token = (ctx.meta or {}).get("progress_token")
+        if token is not None:
+            entry["progress_token"] = token
+        _log_call(entry)
         name = params.name
         if name == "read":
             return _text(f"contents of {arguments.get('path')}")
@@ -229,6 +259,24 @@ class Upstream:
         if name == "add_tool":
             await self.add_late_tool()
             return _text("added late")
+        if name == "fail":
+            raise MCPError(FAIL_CODE, "failed on purpose", {"asked": True})
+        if name == "malformed":
+            # The SDK refuses to send an invalid result, so the response goes
+            # straight to the pipe; the SDK's own (valid) response follows
+            # and the client, already answered, drops it.
+            response = {
+                "jsonrpc": "2.0",
+                "id": ctx.request_id,
+                "result": {"content": "notalist", "isError": "yes"},
+            }
+            os.write(WIRE_FD, json.dumps(response).encode() + b"\n")
+            return _text("malformed sent")
+        if name == "garbage":
+            # Straight to the pipe: the SDK's stdout writer flushes after
+            # every message, so this line lands between two of them.
+            os.write(WIRE_FD, b"\xff\xfe garbage\n")
+            return _text("garbage")
         if any(tool.name == name for tool in self.tools):
             return _text(name)
         raise MCPError(types.INVALID_PARAMS, f"unknown tool {name!r}")
@@ -285,12 +333,20 @@ def build(upstream: Upstream, *, handshake_only: bool = False) -> UpstreamServer
     return server
 
 
-async def serve_stdio(server: UpstreamServer, handshake_only: bool) -> None:
+async def serve_stdio(
+    server: UpstreamServer, handshake_only: bool, faulty: bool = False
+) -> None:
     from mcp.server.runner import serve_loop
     from mcp.server.stdio import stdio_server
 
     options = server.create_initialization_options()
-    async with stdio_server() as (read_stream, write_stream):
+    stdout = None
+    if faulty:
+        # The SDK would move fd 1 off the wire while it serves (stray output
+        # then misses it); the --faulty tools write to the wire on purpose.
+        wire = os.fdopen(WIRE_FD, "wb", closefd=False)
+        stdout = anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8"))
+    async with stdio_server(stdout=stdout) as (read_stream, write_stream):
         if not handshake_only:
             await server.run(read_stream, write_stream, options)
             return
@@ -324,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--collide", action="store_true")
     parser.add_argument("--handshake-only", action="store_true")
     parser.add_argument("--empty-name", action="store_true")
+    parser.add_argument("--faulty", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     upstream = Upstream(
@@ -332,10 +389,11 @@ def main(argv: list[str] | None = None) -> None:
         dotted=args.dotted,
         collide=args.collide,
         empty_name=args.empty_name,
+        faulty=args.faulty,
     )
     server = build(upstream, handshake_only=args.handshake_only)
     if args.stdio:
-        anyio.run(serve_stdio, server, args.handshake_only)
+        anyio.run(serve_stdio, server, args.handshake_only, args.faulty)
     else:
         serve_http(server, args.port)
 

@@ -1,8 +1,9 @@
 """Envoy ext_authz: a client built from the Envoy protos against a real daemon.
 
-The daemon serves ``envoy.service.auth.v3.Authorization/Check`` on its agent
-Unix socket; requests are CheckRequests as Envoy sends them (attributes of
-the HTTP request, the body for MCP routes). Mapping and answer shapes are
+The daemon serves ``envoy.service.auth.v3.Authorization/Check`` on a Unix
+socket (or loopback port) of its own, never the agent's; requests are
+CheckRequests as Envoy sends them (attributes of the HTTP request, the body
+for MCP routes). Mapping and answer shapes are
 also checked on the pure functions, without a daemon.
 """
 
@@ -13,20 +14,28 @@ import http.server
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
+import anyio
 import grpc
+import httpx2 as httpx
+import mcp_types as types
 import msgspec
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from identity_support import SigningKey, claims, jwks
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.message import SessionMessage
 from support import (
     REPO_ROOT,
     SHIPPED_POLICIES,
@@ -51,8 +60,14 @@ from kynara_sidecar.errors import (
     ShuttingDown,
 )
 from kynara_sidecar.gateway.arguments import arguments_digest
+from kynara_sidecar.gateway.proxy import (
+    DENIED_CODE,
+    REQUEST_ERROR_CODE,
+    UNAVAILABLE_CODE,
+)
 from kynara_sidecar.server.ext_authz import (
     HttpAttributes,
+    JsonRpcReply,
     compile_routes,
     error_response,
     http_attributes,
@@ -91,6 +106,11 @@ rules:
     resources: [mcp.tool]
     roles: [support, support_agent]
     condition: resource.attr.amount <= 5000
+  - id: remove-needs-approval
+    effect: require_approval
+    actions: [mcp.files.remove]
+    resources: [mcp.tool]
+    roles: [support, support_agent]
   - id: list-tools
     effect: allow
     actions: [mcp.files.tools.list]
@@ -149,6 +169,7 @@ def ext_authz_overrides(tmp_path, *extra: str) -> list[str]:
     return [
         f"policy.source={policies}",
         "ext_authz.enabled=true",
+        f"ext_authz.socket={tmp_path / 'authz.sock'}",
         f"ext_authz.routes={json.dumps(ROUTES)}",
         'ext_authz.context_headers=["x-tenant"]',
         *extra,
@@ -199,8 +220,18 @@ def tool_call(tool: str, arguments=None) -> dict:
     return {"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": params}
 
 
-def check(daemon: RunningDaemon, request: authz.CheckRequest) -> authz.CheckResponse:
-    channel = grpc.insecure_channel(daemon.target)
+def authz_target(daemon: RunningDaemon) -> str:
+    """The ext_authz listener: its socket, else its loopback port."""
+    cfg = daemon.config.ext_authz
+    if cfg.socket:
+        return f"unix://{cfg.socket}"
+    return f"127.0.0.1:{daemon.daemon.ext_authz_port}"
+
+
+def check(
+    daemon: RunningDaemon, request: authz.CheckRequest, target: str = ""
+) -> authz.CheckResponse:
+    channel = grpc.insecure_channel(target or authz_target(daemon))
     try:
         return authz_grpc.AuthorizationStub(channel).Check(request, timeout=30)
     finally:
@@ -217,6 +248,17 @@ def denied(response: authz.CheckResponse) -> tuple[int, dict[str, str], dict]:
     assert response.status.code != grpc.StatusCode.OK.value[0]
     answer = response.denied_response
     return answer.status.code, headers_of(answer.headers), json.loads(answer.body)
+
+
+def rpc_error(response: authz.CheckResponse) -> tuple[int, dict[str, str], Any, dict]:
+    """The HTTP status, headers, JSON-RPC id and error of a denied answer on
+    an MCP route."""
+    status, headers, body = denied(response)
+    assert headers["content-type"] == "application/json"
+    assert set(body) == {"jsonrpc", "id", "error"}
+    assert body["jsonrpc"] == "2.0"
+    assert set(body["error"]) == {"code", "message", "data"}
+    return status, headers, body["id"], body["error"]
 
 
 def plain(typed: dict) -> dict:
@@ -267,8 +309,14 @@ def test_allow_is_ok_with_decision_headers_and_metadata(shop):
         "directory_revision": upstream["kynara-directory-revision"],
         "reason_code": "rule_allowed",
     }
-    # The agent's secret never reaches the upstream.
-    assert list(ok.headers_to_remove) == ["kynara-agent-authorization"]
+    # Neither the agent's secret nor the user's token or chain, nor the
+    # approval, reaches the upstream (which could replay them).
+    assert sorted(ok.headers_to_remove) == [
+        "kynara-agent-authorization",
+        "kynara-approval-id",
+        "kynara-asserted-chain",
+        "kynara-delegation-token",
+    ]
 
 
 def test_allow_overwrites_decision_headers_a_client_sent(shop):
@@ -403,6 +451,7 @@ def test_approved_approval_in_the_header_allows_the_retry(shop):
     metadata = json_format.MessageToDict(used.dynamic_metadata)
     assert used.WhichOneof("http_response") == "ok_response"
     assert metadata["reason_code"] == "approval_granted"
+    assert "kynara-approval-id" in used.ok_response.headers_to_remove
     _, _, body = denied(again)
     assert body["reason_code"] == "approval_used"
 
@@ -439,13 +488,81 @@ def test_mcp_arguments_are_typed_for_conditions(shop, amount, decision):
     assert record.action == "payments.refund.issue"
 
 
-def test_mcp_hidden_tool_is_403(shop):
-    response = check(shop, mcp_request(tool_call("deploy", {})))
+def test_mcp_hidden_tool_is_403_with_a_json_rpc_error(shop):
+    message = {**tool_call("deploy", {}), "id": "call-7"}
 
-    status, _, body = denied(response)
+    response = check(shop, mcp_request(message))
+
+    status, headers, request_id, error = rpc_error(response)
+    data = error["data"]
     assert status == 403
-    assert body["reason_code"] == "no_rule_allows"
-    assert record_of(shop, body["decision_id"]).action == "mcp.files.deploy"
+    assert request_id == "call-7"
+    assert error["code"] == DENIED_CODE
+    assert error["message"] == f"tool 'deploy' is not permitted: {data['reason']}"
+    assert data == {
+        "decision": "deny",
+        "reason": data["reason"],
+        "reason_code": "no_rule_allows",
+        "decision_id": headers["kynara-decision-id"],
+    }
+    assert headers["kynara-decision"] == "deny"
+    assert record_of(shop, data["decision_id"]).action == "mcp.files.deploy"
+
+
+def test_mcp_require_approval_is_403_naming_the_review_url_and_retry(shop):
+    response = check(shop, mcp_request({**tool_call("remove", {}), "id": 12}))
+
+    status, headers, request_id, error = rpc_error(response)
+    approval = error["data"]["approval"]
+    assert status == 403
+    assert request_id == 12
+    assert error["code"] == DENIED_CODE
+    assert error["data"]["decision"] == "require_approval"
+    assert approval["url"] == headers["kynara-approval-url"]
+    assert error["message"].startswith("tool 'remove' needs approval: ")
+    assert (
+        f"; review at {approval['url']} (approval {approval['id']}"
+        in (error["message"])
+    )
+    assert f"'kynara-approval-id: {approval['id']}'" in error["message"]
+
+
+def test_mcp_method_denied_names_the_method(shop):
+    message = {"jsonrpc": "2.0", "id": 3, "method": "initialize", "params": {}}
+
+    _, _, request_id, error = rpc_error(check(shop, mcp_request(message)))
+
+    assert request_id == 3
+    assert error["message"].startswith("method 'initialize' is not permitted: ")
+
+
+def test_mcp_route_errors_are_json_rpc_errors_naming_the_header(shop):
+    missing = check(shop, mcp_request(tool_call("read", {}), chain=None))
+    repeated = mcp_request(tool_call("read", {}), chain=None)
+    http = repeated.attributes.request.http
+    http.ClearField("headers")
+    http.header_map.headers.add(key=":path", raw_value=b"/mcp")
+    http.header_map.headers.add(key="kynara-asserted-chain", raw_value=b"alice")
+    http.header_map.headers.add(key="Kynara-Asserted-Chain", raw_value=b"bob")
+
+    for response in (missing, check(shop, repeated)):
+        status, _, request_id, error = rpc_error(response)
+        assert status == 400
+        assert request_id == 0
+        assert error["code"] == REQUEST_ERROR_CODE
+        assert error["data"] == {
+            "code": "invalid_request",
+            "field": "headers.kynara-asserted-chain",
+        }
+
+
+def test_plain_route_refused_request_with_a_json_rpc_body_gets_the_plain_body(shop):
+    body = json.dumps(tool_call("deploy", {})).encode()
+
+    _, _, answer = denied(check(shop, check_request("DELETE", body=body)))
+
+    assert answer["decision"] == "deny"
+    assert "jsonrpc" not in answer
 
 
 @pytest.mark.parametrize(
@@ -467,30 +584,71 @@ def test_mcp_other_methods_are_decided_as_methods(shop, method, decision, action
     assert record.resource.kind == "mcp.method"
 
 
+# The id answered is read leniently: JSON the door refuses may still name
+# one (Python's parser takes UTF-16, a byte order mark, NaN, the last of
+# repeated keys).
 @pytest.mark.parametrize(
-    ("body", "field", "message"),
+    ("body", "field", "message", "request_id"),
     [
         (
             json.dumps([tool_call("read", {})]).encode(),
             "body",
             "got a batch array",
+            None,
         ),
-        (b'{"jsonrpc": "2.0", "method": ', "body", "could not parse it"),
-        (b"", "body", "set Envoy's with_request_body"),
+        (b'{"jsonrpc": "2.0", "method": ', "body", "could not parse it", None),
+        (b"", "body", "set Envoy's with_request_body", None),
         (
             b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
             b'"params":{"name":"read","name":"deploy"}}',
             "body",
             "got 'name' twice",
+            1,
         ),
-        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}', "body.params.name", ""),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}',
+            "body.params.name",
+            "",
+            1,
+        ),
         (
             json.dumps(tool_call("read", {"n": 2**70})).encode(),
             "body.params.arguments.n",
             "int64 or uint64",
+            0,
         ),
-        (b'{"jsonrpc":"2.0","id":1,"method":"a//b"}', "body.method", ""),
-        (b'{"jsonrpc":"2.0","id":1,"method":"x","p":NaN}', "body", "NaN"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"a//b"}', "body.method", "", 1),
+        (b'{"jsonrpc":"2.0","id":1,"method":"x","p":NaN}', "body", "NaN", 1),
+        (
+            json.dumps(tool_call("deploy", {})).encode("utf-16"),
+            "body",
+            "expected a UTF-8 body",
+            0,
+        ),
+        (
+            json.dumps(tool_call("deploy", {})).encode("utf-16-le"),
+            "body",
+            "could not parse it",
+            0,
+        ),
+        (
+            json.dumps(tool_call("deploy", {})).encode("utf-8-sig"),
+            "body",
+            "without a byte order mark",
+            0,
+        ),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"tools/list","x":"\xff"}',
+            "body",
+            "not UTF-8 at offset 51",
+            None,
+        ),
+        (
+            b'{"jsonrpc":"2.0","id":true,"method":"a//b"}',
+            "body.method",
+            "",
+            None,
+        ),
     ],
     ids=[
         "batch",
@@ -501,17 +659,22 @@ def test_mcp_other_methods_are_decided_as_methods(shop, method, decision, action
         "big_int",
         "empty_method_part",
         "nan",
+        "utf_16",
+        "utf_16_no_bom",
+        "utf_8_bom",
+        "latin_1_byte",
+        "boolean_id",
     ],
 )
-def test_bad_mcp_body_is_400(shop, body, field, message):
+def test_bad_mcp_body_is_400(shop, body, field, message, request_id):
     response = check(shop, mcp_request(body))
 
-    status, headers, answer = denied(response)
+    status, _, answered_id, error = rpc_error(response)
     assert status == 400
-    assert headers["content-type"] == "application/json"
-    assert answer["error"]["code"] == "invalid_request"
-    assert answer["error"]["field"] == field
-    assert message in answer["error"]["message"]
+    assert answered_id == request_id
+    assert error["code"] == REQUEST_ERROR_CODE
+    assert error["data"] == {"code": "invalid_request", "field": field}
+    assert message in error["message"]
 
 
 def test_truncated_mcp_body_is_400_naming_the_setting(shop):
@@ -519,9 +682,9 @@ def test_truncated_mcp_body_is_400_naming_the_setting(shop):
         b'{"jsonrpc":"2.0"', headers={"x-envoy-auth-partial-body": "true"}
     )
 
-    _, _, answer = denied(check(shop, request))
+    _, _, _, error = rpc_error(check(shop, request))
 
-    assert "max_request_bytes" in answer["error"]["message"]
+    assert "max_request_bytes" in error["message"]
 
 
 # --- identity ---------------------------------------------------------------
@@ -535,6 +698,58 @@ def test_missing_asserted_chain_is_400(shop):
     assert answer["error"]["field"] == "headers.kynara-asserted-chain"
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "kynara-delegation-token",
+        "kynara-asserted-chain",
+        "kynara-agent-authorization",
+        "kynara-approval-id",
+    ],
+)
+def test_identity_header_in_two_spellings_is_400(shop, header):
+    capitalized = "-".join(part.capitalize() for part in header.split("-"))
+    request = check_request(headers={capitalized: "bob", header: "alice"})
+
+    status, _, answer = denied(check(shop, request))
+
+    assert status == 400
+    assert answer["error"]["code"] == "invalid_request"
+    assert answer["error"]["field"] == f"headers.{header}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "kynara-delegation-token",
+        "kynara-asserted-chain",
+        "kynara-agent-authorization",
+        "kynara-approval-id",
+    ],
+)
+def test_identity_header_repeated_in_the_raw_header_list_is_400(shop, header):
+    request = check_request(chain=None)
+    http = request.attributes.request.http
+    http.ClearField("headers")
+    http.header_map.headers.add(key=":path", raw_value=b"/orders/o_1")
+    http.header_map.headers.add(key=header, raw_value=b"alice")
+    http.header_map.headers.add(key=header.upper(), raw_value=b"bob")
+
+    status, _, answer = denied(check(shop, request))
+
+    assert status == 400
+    assert answer["error"]["field"] == f"headers.{header}"
+    assert "repeated" in answer["error"]["message"]
+
+
+def test_asserted_chain_with_an_empty_item_is_400(shop):
+    status, _, answer = denied(check(shop, check_request(chain="alice,,bob")))
+
+    assert status == 400
+    assert answer["error"]["field"] == "headers.kynara-asserted-chain"
+    assert "item 1" in answer["error"]["message"]
+
+
 def test_token_in_development_mode_is_401(shop):
     request = check_request(headers={"kynara-delegation-token": "e30.e30.e30"})
 
@@ -546,7 +761,7 @@ def test_token_in_development_mode_is_401(shop):
 
 
 def test_undecodable_check_request_is_400(shop):
-    channel = grpc.insecure_channel(shop.target)
+    channel = grpc.insecure_channel(authz_target(shop))
     call = channel.unary_unary(
         "/envoy.service.auth.v3.Authorization/Check",
         response_deserializer=authz.CheckResponse.FromString,
@@ -626,7 +841,9 @@ def test_multi_agent_mode_reads_the_credential_header(start_daemon, tmp_path, ke
     refused = check(daemon, check_request(headers=token, chain=None))
 
     assert allowed.WhichOneof("http_response") == "ok_response"
-    assert "kynara-agent-authorization" in allowed.ok_response.headers_to_remove
+    removed = allowed.ok_response.headers_to_remove
+    assert "kynara-agent-authorization" in removed
+    assert "kynara-delegation-token" in removed
     decision_id = headers_of(allowed.ok_response.headers)["kynara-decision-id"]
     assert [e.id for e in record_of(daemon, decision_id).chain] == [
         "alice",
@@ -635,13 +852,94 @@ def test_multi_agent_mode_reads_the_credential_header(start_daemon, tmp_path, ke
     status, _, answer = denied(refused)
     assert status == 401
     assert answer["error"]["field"] == "headers.kynara-agent-authorization"
+    # Named as the header it is, not as the gRPC doors' metadata.
+    message = answer["error"]["message"]
+    assert "'kynara-agent-authorization: Bearer <secret>' header" in message
+    assert "metadata" not in message
 
 
 def test_ext_authz_is_off_unless_enabled(daemon):
     with pytest.raises(grpc.RpcError) as info:
-        check(daemon, check_request())
+        check(daemon, check_request(), target=daemon.target)
 
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# --- its own listener -------------------------------------------------------
+
+
+def health_of(target: str) -> int:
+    channel = grpc.insecure_channel(target)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status
+    finally:
+        channel.close()
+
+
+def test_agent_socket_does_not_serve_check_and_the_ext_authz_socket_does(shop):
+    # An agent could otherwise state any peer (the source principal), which
+    # policies trust as the daemon's own knowledge.
+    with pytest.raises(grpc.RpcError) as info:
+        check(shop, check_request(principal=SPIFFE_ID), target=shop.target)
+
+    answered = check(shop, check_request())
+
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert answered.WhichOneof("http_response") == "ok_response"
+    assert health_of(authz_target(shop)) == health_pb2.HealthCheckResponse.SERVING
+    mode = stat.S_IMODE(os.stat(shop.config.ext_authz.socket).st_mode)
+    assert mode == 0o600
+
+
+def test_ext_authz_on_a_loopback_port_only(start_daemon, tmp_path):
+    overrides = ext_authz_overrides(tmp_path)
+    daemon = start_daemon(
+        *[o for o in overrides if not o.startswith("ext_authz.socket=")],
+        "ext_authz.port=0",
+    )
+
+    answered = check(daemon, check_request())
+
+    assert daemon.daemon.ext_authz_port not in (None, 0, daemon.daemon.tcp_port)
+    assert answered.WhichOneof("http_response") == "ok_response"
+    with pytest.raises(grpc.RpcError) as info:
+        check(daemon, check_request(), target=f"127.0.0.1:{daemon.daemon.tcp_port}")
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ext_authz.enabled=true"], "expected a socket or a port"),
+        (
+            ["ext_authz.enabled=true", "ext_authz.port=0", "ext_authz.host=0.0.0.0"],
+            r"ext_authz\.host: expected a loopback address",
+        ),
+        (
+            ["ext_authz.enabled=true", "ext_authz.socket={agent}"],
+            r"ext_authz\.socket: expected a socket apart from agent\.socket",
+        ),
+        (
+            ["ext_authz.enabled=true", "ext_authz.port=50999", "agent.port=50999"],
+            r"ext_authz\.port: expected a port apart from agent\.port",
+        ),
+        (
+            [
+                "ext_authz.enabled=true",
+                "ext_authz.socket=x",
+                "ext_authz.socket_mode=4096",
+            ],
+            r"ext_authz\.socket_mode: expected permission bits",
+        ),
+    ],
+    ids=["no_address", "off_loopback", "agent_socket", "agent_port", "mode"],
+)
+def test_ext_authz_listener_config_errors(tmp_path, overrides, message):
+    agent = str(tmp_path / "agent.sock")
+
+    with pytest.raises(ConfigError, match=message):
+        daemon_config(tmp_path, *(o.format(agent=agent) for o in overrides))
 
 
 # --- mapping (no daemon) ----------------------------------------------------
@@ -681,9 +979,9 @@ def mapped(method: str, path: str, host: str = "shop.local"):
         ),
         (
             "GET",
-            "/orders/o%20%2F1",
+            "/orders/o%20%41%3F1",
             "shop.local",
-            ("shop.order.read", "shop.order", "order-o /1", {"order_id": "o /1"}),
+            ("shop.order.read", "shop.order", "order-o A?1", {"order_id": "o A?1"}),
         ),
         (
             "GET",
@@ -771,6 +1069,85 @@ def test_mapping(method, path, host, expected):
     assert mapped(method, path, host) == expected
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/public/../secret/a.txt",
+        "/files/public/./a.txt",
+        "/files/public/..%2Fsecret/a.txt",
+        "/files/public/%2e%2e/secret/a.txt",
+        "/files/public/.%2E/secret/a.txt",
+        "/orders/%2e%2e",
+        "/orders/%2E",
+        "/files/public/a%2Fb.txt",
+        "/files/public/a%2fb.txt",
+        "/files/public/a%5Cb.txt",
+        "/files/public/a\\b.txt",
+        "/files/public/a%00.txt",
+        "/files/public/a\x00.txt",
+        "/files/public/a%0A.txt",
+        "/files/public/a%7F.txt",
+        "/files/public/a%C2%85.txt",
+        "/..",
+    ],
+    ids=[
+        "dot_dot",
+        "dot",
+        "dot_dot_encoded_slash",
+        "encoded_dot_dot",
+        "half_encoded_dot_dot",
+        "encoded_dot_dot_in_a_name",
+        "encoded_dot",
+        "encoded_slash",
+        "encoded_slash_lower",
+        "encoded_backslash",
+        "backslash",
+        "encoded_nul",
+        "raw_nul",
+        "encoded_newline",
+        "encoded_del",
+        "encoded_c1_control",
+        "dot_dot_at_root",
+    ],
+)
+def test_paths_that_could_mean_another_path_are_refused(path):
+    with pytest.raises(InvalidRequest) as info:
+        mapped("GET", path)
+
+    assert info.value.field == "path"
+    assert repr(path[:200]) in str(info.value)
+
+
+def test_traversal_is_400_naming_the_path(shop):
+    path = "/files/public/..%2Fsecret/a.txt"
+
+    status, _, answer = denied(check(shop, check_request(path=path)))
+
+    assert status == 400
+    assert answer["error"]["code"] == "invalid_request"
+    assert answer["error"]["field"] == "path"
+    assert path in answer["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/files//a.txt", ("http.request", "http.route", "x/files//a.txt")),
+        ("/orders//o_1", ("http.request", "http.route", "x/orders//o_1")),
+        (
+            "/files/public//a.txt",
+            ("files.object.read", "files.object", "public//a.txt"),
+        ),
+    ],
+    ids=["empty_name", "extra_segment", "inside_the_rest"],
+)
+def test_double_slashes_are_not_refused(path, expected):
+    # An empty segment climbs nowhere: a "{name}" does not match it (the
+    # default deny decides), a "{rest...}" keeps it (Envoy's merge_slashes
+    # merges them before the daemon sees the path).
+    assert mapped("GET", path, "x")[:3] == expected
+
+
 def test_first_matching_route_wins():
     config = ExtAuthzConfig(
         routes=[
@@ -846,16 +1223,47 @@ def test_too_many_query_parameters_are_refused():
         translate(request, COMPILED, CONFIG)
 
 
-def test_bad_route_stops_the_daemon_start(tmp_path):
-    routes = [
-        {"path": "/a/{x}", "action": "a.b", "resource_kind": "k", "resource_id": "{y}"}
-    ]
-    config = daemon_config(
-        tmp_path, "ext_authz.enabled=true", f"ext_authz.routes={json.dumps(routes)}"
-    )
-
-    with pytest.raises(ConfigError, match=r"ext_authz\.routes\[0\]\.resource_id"):
-        RunningDaemon(config, SettableClock())
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        (
+            {
+                "path": "/a/{x}",
+                "action": "a.b",
+                "resource_kind": "k",
+                "resource_id": "{y}",
+            },
+            r"ext_authz\.routes\[0\]\.resource_id",
+        ),
+        (
+            {
+                "path": "/mcp",
+                "mcp_server": "files",
+                "actions": {"refund": "Not An Action"},
+            },
+            r"ext_authz\.routes\[0\]\.actions\.refund",
+        ),
+        (
+            {
+                "path": "/a",
+                "action": "a.b",
+                "resource_kind": "k",
+                "actions": {"t": "a.b"},
+            },
+            r"ext_authz\.routes\[0\]\.actions: expected tool -> action mappings only",
+        ),
+        ({"path": "/a/{x...}/b", "action": "a.b", "resource_kind": "k"}, r"\.path"),
+    ],
+    ids=["resource_id", "bad_action", "actions_without_mcp_server", "template"],
+)
+def test_bad_route_is_refused_when_the_config_loads(tmp_path, route, message):
+    with pytest.raises(ConfigError, match=message):
+        daemon_config(
+            tmp_path,
+            "ext_authz.enabled=true",
+            f"ext_authz.socket={tmp_path / 'authz.sock'}",
+            f"ext_authz.routes={json.dumps([route])}",
+        )
 
 
 @pytest.mark.parametrize(
@@ -865,6 +1273,8 @@ def test_bad_route_stops_the_daemon_start(tmp_path):
         ({"path": "/a/{rest...}/b"}, "only as the last segment"),
         ({"path": "/a/{1x}"}, "a name of letters"),
         ({"path": "/a/{x}/{x}"}, "got 'x' twice"),
+        ({"path": "/a/../{x}"}, "expected no '.' or '..' segment"),
+        ({"path": "a/{x}"}, "starting with '/'"),
         ({"path": "/a/{x}", "resource_id": "{y}"}, r"names of the path \['x'\]"),
         (
             {"path": "/mcp", "mcp_server": "s", "resource_id": "x"},
@@ -905,6 +1315,33 @@ def test_errors_are_denied_responses_never_ok(error, status):
     assert headers == {"content-type": "application/json"}
     assert body["error"]["message"] == "x"
     assert body["error"]["code"] == str(error.code)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidRequest("x", field="f"), REQUEST_ERROR_CODE),
+        (IdentityInvalid("x", field="f"), REQUEST_ERROR_CODE),
+        (RequestTooLarge("x"), REQUEST_ERROR_CODE),
+        (PolicyNotReady("x"), UNAVAILABLE_CODE),
+        (AuditUnavailable("x"), UNAVAILABLE_CODE),
+        (ShuttingDown("x"), UNAVAILABLE_CODE),
+        (ServiceError("x"), UNAVAILABLE_CODE),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
+def test_errors_on_mcp_routes_carry_the_gateway_codes(error, code):
+    plain_status = denied(error_response(error))[0]
+
+    status, _, request_id, rpc = rpc_error(
+        error_response(error, jsonrpc=JsonRpcReply(id="r1"))
+    )
+
+    assert status == plain_status
+    assert request_id == "r1"
+    assert (rpc["code"], rpc["message"]) == (code, "x")
+    assert rpc["data"]["code"] == str(error.code)
+    assert rpc["data"].get("field", "") == getattr(error, "field", "")
 
 
 def test_http_attributes_read_raw_header_maps():
@@ -979,6 +1416,9 @@ def envoy_config(listen: int, admin: int, upstream: int, socket_path: str) -> di
         ".ExtAuthz",
         "transport_api_version": "V3",
         "failure_mode_allow": False,
+        # As the README's snippet: no answer from the daemon is 503, not a
+        # 403 that reads as a deny.
+        "status_on_error": {"code": "ServiceUnavailable"},
         "grpc_service": {"envoy_grpc": {"cluster_name": "kynara"}, "timeout": "10s"},
         "with_request_body": {
             "max_request_bytes": 65536,
@@ -990,6 +1430,11 @@ def envoy_config(listen: int, admin: int, upstream: int, socket_path: str) -> di
         "@type": "type.googleapis.com/envoy.extensions.filters.network"
         ".http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "front",
+        # As the README's snippet: Envoy resolves dot segments and refuses
+        # escaped slashes before ext_authz sees the path.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "route_config": {
             "virtual_hosts": [
                 {
@@ -1053,6 +1498,15 @@ def envoy_config(listen: int, admin: int, upstream: int, socket_path: str) -> di
 def envoy_front(tmp_path, shop) -> Iterator[str]:
     """Envoy on loopback, asking the shop daemon, in front of ``Upstream``;
     yields its base URL; Envoy (by PID) and the upstream stop at teardown."""
+    with running_envoy(tmp_path, shop.config.ext_authz.socket) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def running_envoy(tmp_path, socket_path: str) -> Iterator[str]:
+    """Envoy on loopback asking the daemon at ``socket_path``, in front of
+    ``Upstream``; yields its base URL; stops Envoy (by PID) and the
+    upstream."""
     binary = next((c for c in ENVOY_CANDIDATES if c and os.path.exists(c)), None)
     if binary is None:
         missing = (
@@ -1068,7 +1522,7 @@ def envoy_front(tmp_path, shop) -> Iterator[str]:
     listen, admin = free_port(), free_port()
     config = tmp_path / "envoy.yaml"
     config.write_text(
-        json.dumps(envoy_config(listen, admin, upstream.server_address[1], shop.socket))
+        json.dumps(envoy_config(listen, admin, upstream.server_address[1], socket_path))
     )
     log_path = tmp_path / "envoy.log"
     with log_path.open("wb") as log_file:
@@ -1142,12 +1596,18 @@ def test_real_envoy_forwards_allowed_and_refuses_the_rest(envoy_front):
         envoy_front, "POST", "/mcp", mcp, **{"content-type": "application/json"}
     )
     batch = through_envoy(envoy_front, "POST", "/mcp", b"[" + mcp + b"]")
+    # Envoy resolves the dot segment (to /orders/o_1) or refuses the
+    # escaped slash before asking; the daemon refuses what gets through.
+    dotted = through_envoy(envoy_front, "GET", "/files/../orders/o_1")
+    escaped = through_envoy(envoy_front, "GET", "/files/public/..%2Fsecret/a.txt")
 
     status, headers, body = allowed
     seen = json.loads(body)["headers"]
     assert status == 200
     assert seen["kynara-decision-id"] == headers["kynara-decision-id"]
     assert seen["kynara-policy-revision"]
+    # The client sent its chain; the upstream does not get it.
+    assert "kynara-asserted-chain" not in seen
     status, headers, body = deny
     assert (status, headers["kynara-decision"]) == (403, "deny")
     assert json.loads(body)["reason_code"] == "rule_denied"
@@ -1156,5 +1616,87 @@ def test_real_envoy_forwards_allowed_and_refuses_the_rest(envoy_front):
     assert headers["kynara-approval-url"] == json.loads(body)["approval"]["url"]
     assert tool[0] == 200
     assert batch[0] == 400
-    assert json.loads(batch[2])["error"]["code"] == "invalid_request"
-    assert Upstream.calls == ["GET /orders/o_1", "POST /mcp"]
+    assert json.loads(batch[2])["error"]["data"]["code"] == "invalid_request"
+    assert dotted[0] == 200
+    assert escaped[0] == 400
+    assert Upstream.calls == ["GET /orders/o_1", "POST /mcp", "GET /orders/o_1"]
+
+
+@pytest.mark.slow
+def test_real_envoy_forwards_an_approved_retry_without_the_approval_header(
+    envoy_front, shop
+):
+    asked = through_envoy(envoy_front, "POST", "/orders/o_21/cancel", b"")
+    approval_id = json.loads(asked[2])["approval"]["id"]
+    reviewer = Reviewer(id="carol", roles=frozenset({"reviewer"}))
+    shop.call(
+        shop.daemon.pipeline.approvals.review(
+            approval_id, reviewer, Verdict.APPROVE, "ok"
+        )
+    )
+
+    status, _, body = through_envoy(
+        envoy_front,
+        "POST",
+        "/orders/o_21/cancel",
+        b"",
+        **{"kynara-approval-id": approval_id},
+    )
+
+    seen = json.loads(body)["headers"]
+    assert status == 200
+    assert "kynara-approval-id" not in seen
+    assert "kynara-asserted-chain" not in seen
+
+
+async def _sdk_call(base: str, tool: str, request_id: int):
+    """What the MCP SDK's Streamable HTTP client hands its session for one
+    tools/call through Envoy."""
+    headers = {"kynara-asserted-chain": "alice"}
+    async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+        async with streamable_http_client(f"{base}/mcp", http_client=http) as (
+            read,
+            write,
+        ):
+            request = types.JSONRPCRequest(
+                jsonrpc="2.0",
+                id=request_id,
+                method="tools/call",
+                params={"name": tool, "arguments": {}},
+            )
+            await write.send(SessionMessage(request))
+            return (await read.receive()).message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tool", "decision", "wording"),
+    [
+        ("deploy", "deny", "tool 'deploy' is not permitted: "),
+        ("remove", "require_approval", "tool 'remove' needs approval: "),
+    ],
+)
+def test_real_envoy_mcp_client_sees_the_reason(envoy_front, tool, decision, wording):
+    reply = anyio.run(_sdk_call, envoy_front, tool, 41)
+
+    assert isinstance(reply, types.JSONRPCError)
+    assert reply.id == 41
+    assert reply.error.code == DENIED_CODE
+    assert reply.error.message.startswith(wording)
+    assert reply.error.data["decision"] == decision
+    if decision == "require_approval":
+        assert f"review at {reply.error.data['approval']['url']}" in (
+            reply.error.message
+        )
+
+
+@pytest.mark.slow
+def test_real_envoy_answers_503_when_the_daemon_is_down(start_daemon, tmp_path):
+    daemon = start_daemon(*ext_authz_overrides(tmp_path))
+    with running_envoy(tmp_path, daemon.config.ext_authz.socket) as base:
+        up = through_envoy(base, "GET", "/orders/o_1")
+        daemon.stop()
+        down = through_envoy(base, "GET", "/orders/o_1")
+
+    assert up[0] == 200
+    assert down[0] == 503
