@@ -73,11 +73,15 @@ from decide_bench import (  # noqa: E402 (the sibling script)
     BenchError,
     Server,
     add_daemon_arguments,
-    filesystem_of,
+    daemon_settings,
     machine_info,
+    machine_line,
     percentile,
+    ratio_text,
+    rounds_type,
     start_daemon,
     stop_server,
+    table_row,
     wait_answering,
 )
 
@@ -295,20 +299,14 @@ COLUMNS = (
 
 
 def _row(cells: Sequence[str]) -> str:
-    return "  ".join(
-        cell.ljust(width) if i == 0 else cell.rjust(width)
-        for i, (cell, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True))
-    ).rstrip()
-
-
-def _times(ratio: float | None) -> str:
-    return f"x{ratio:.2f}" if ratio is not None else "-"
+    return table_row(cells, COLUMNS, left=1)
 
 
 def _cells(stats: KindStats, ratio: dict[str, float | None]) -> list[str]:
     return [
         stats.kind, str(stats.answers), f"{stats.p50_ms:.3f}",
-        f"{stats.p99_ms:.3f}", _times(ratio["p50_ms"]), _times(ratio["p99_ms"]),
+        f"{stats.p99_ms:.3f}", ratio_text(ratio["p50_ms"]),
+        ratio_text(ratio["p99_ms"]),
         f"{stats.first_quarter_p50_ms:.3f}", f"{stats.last_quarter_p50_ms:.3f}",
         str(stats.after_open),
         f"{stats.after_open_p50_ms:.3f}" if stats.after_open else "-",
@@ -541,12 +539,10 @@ async def run(plan: Plan, workdir: pathlib.Path) -> tuple[list[KindStats], LmdbG
 
 
 def _header(report: dict[str, object]) -> str:
-    info, settings = report["machine"], report["settings"]
-    shown = {**info, "loadavg": " ".join(f"{v:.2f}" for v in info["loadavg"])}
-    fields = " ".join(f"{k}={v}" for k, v in shown.items() if k != "date")
+    settings = report["settings"]
     overrides = " ".join(settings["overrides"]) or "none"
     return (
-        f"# kynara approval_bench {info['date']}  {fields}\n"
+        f"{machine_line(report['machine'], 'approval_bench')}\n"
         f"# daemon: {settings['config']} (approval rate limits raised; extra"
         f" --set: {overrides}), audit on {settings['audit_filesystem']}"
         f" ({settings['scratch_parent']}); 1 in flight on the Unix socket;"
@@ -587,13 +583,6 @@ def _failed(rows: Sequence[KindStats]) -> list[str]:
     ]
 
 
-def _rounds(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_ROUNDS:
-        raise argparse.ArgumentTypeError(f"expected 1..{MAX_ROUNDS}, got {text}")
-    return value
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -601,11 +590,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--rounds", type=_rounds, default=DEFAULT_ROUNDS,
+        "--rounds", type=rounds_type(MAX_ROUNDS), default=DEFAULT_ROUNDS,
         help=f"measured rounds, one call of each kind (default {DEFAULT_ROUNDS})",
     )  # fmt: skip
     parser.add_argument(
-        "--warmup", type=_rounds, default=DEFAULT_WARMUP_ROUNDS,
+        "--warmup", type=rounds_type(MAX_ROUNDS), default=DEFAULT_WARMUP_ROUNDS,
         help=f"warm-up rounds, not measured (default {DEFAULT_WARMUP_ROUNDS})",
     )  # fmt: skip
     add_daemon_arguments(parser)
@@ -633,10 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kynara-bench-", dir=args.tmp_dir) as d:
         scratch = pathlib.Path(d)
         report["settings"] = {
-            "config": plan.config,
-            "overrides": list(plan.overrides),
-            "audit_filesystem": filesystem_of(scratch),
-            "scratch_parent": str(scratch.parent),
+            **daemon_settings(plan.config, plan.overrides, scratch),
             "rounds": rounds,
             "warmup_rounds": warmup,
         }

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 
 import grpc
@@ -50,13 +50,18 @@ __all__ = [
     "DEFAULT_WARMUP_SECONDS",
     "Measurement",
     "add_daemon_arguments",
+    "daemon_settings",
     "machine_info",
+    "machine_line",
     "main",
     "measure",
     "percentile",
+    "ratio_text",
     "ratios",
     "request_mix",
+    "rounds_type",
     "summarize",
+    "table_row",
 ]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -210,11 +215,25 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _row(cells: Sequence[str]) -> str:
+def table_row(
+    cells: Sequence[str], columns: Sequence[tuple[str, int]], left: int
+) -> str:
+    """One line of a benchmark's plain-text table: each cell padded to its
+    column's width, the first ``left`` cells (the names) flush left and the
+    rest (the figures) flush right."""
     return "  ".join(
-        cell.ljust(width) if i < 3 else cell.rjust(width)
-        for i, (cell, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True))
+        cell.ljust(width) if i < left else cell.rjust(width)
+        for i, (cell, (_, width)) in enumerate(zip(cells, columns, strict=True))
     ).rstrip()
+
+
+def ratio_text(ratio: float | None) -> str:
+    """A ratio as the tables show it: ``x1.23``, or ``-`` when there is none."""
+    return f"x{ratio:.2f}" if ratio is not None else "-"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return table_row(cells, COLUMNS, left=3)
 
 
 def _measured_cells(m: Measurement) -> list[str]:
@@ -291,11 +310,12 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def machine_line(info: dict[str, object]) -> str:
-    """The header line of the table, from ``machine_info()``."""
+def machine_line(info: dict[str, object], bench: str = "decide_bench") -> str:
+    """The header line of ``bench``'s table, from ``machine_info()`` (and
+    whatever versions the benchmark added to it)."""
     shown = {**info, "loadavg": " ".join(f"{v:.2f}" for v in info["loadavg"])}
     fields = " ".join(f"{k}={v}" for k, v in shown.items() if k != "date")
-    return f"# kynara decide_bench {info['date']}  {fields}"
+    return f"# kynara {bench} {info['date']}  {fields}"
 
 
 # --- servers under test ----------------------------------------------------
@@ -557,14 +577,25 @@ async def run(plan: Plan, scratch: pathlib.Path) -> tuple[list, list[str]]:
     return points, described
 
 
+def daemon_settings(
+    config: str, overrides: Sequence[str], scratch: pathlib.Path
+) -> dict[str, object]:
+    """The settings every benchmark that starts a daemon reports: its config,
+    the extra --set overrides, and where (on what filesystem) its audit log
+    was written, since the disk pays the syncs."""
+    return {
+        "config": config,
+        "overrides": list(overrides),
+        "audit_filesystem": filesystem_of(scratch),
+        "scratch_parent": str(scratch.parent),
+    }
+
+
 def settings_of(plan: Plan, scratch: pathlib.Path) -> dict[str, object]:
     """What this run measured, for the header and the JSON."""
     warmup, seconds = plan.timing
     return {
-        "config": plan.config,
-        "overrides": list(plan.overrides),
-        "audit_filesystem": filesystem_of(scratch),
-        "scratch_parent": str(scratch.parent),
+        **daemon_settings(plan.config, plan.overrides, scratch),
         "warmup_seconds": warmup,
         "seconds_per_point": seconds,
     }
@@ -620,6 +651,18 @@ def _positive(kind):
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"expected more than 0, got {text}")
+        return value
+
+    return parse
+
+
+def rounds_type(maximum: int) -> Callable[[str], int]:
+    """An argparse type for a count of rounds from 1 to ``maximum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected 1..{maximum}, got {text}")
         return value
 
     return parse

@@ -78,12 +78,16 @@ from decide_bench import (  # noqa: E402 (the sibling script)
     BenchError,
     Server,
     add_daemon_arguments,
-    filesystem_of,
+    daemon_settings,
     free_port,
     machine_info,
+    machine_line,
     percentile,
+    ratio_text,
+    rounds_type,
     start_daemon,
     stop_server,
+    table_row,
     wait_answering,
 )
 
@@ -223,14 +227,7 @@ COLUMNS = (
 
 
 def _row(cells: Sequence[str]) -> str:
-    return "  ".join(
-        cell.ljust(width) if i < 3 else cell.rjust(width)
-        for i, (cell, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True))
-    ).rstrip()
-
-
-def _times(ratio: float | None) -> str:
-    return f"x{ratio:.2f}" if ratio is not None else "-"
+    return table_row(cells, COLUMNS, left=3)
 
 
 def _cells(stats: KindStats, ratio: dict[str, float | None] | None) -> list[str]:
@@ -238,8 +235,8 @@ def _cells(stats: KindStats, ratio: dict[str, float | None] | None) -> list[str]
     if ratio is not None:
         added = ratio["added_p50_ms"]
         shown = [
-            _times(ratio["p50_ms"]),
-            _times(ratio["p99_ms"]),
+            ratio_text(ratio["p50_ms"]),
+            ratio_text(ratio["p99_ms"]),
             f"{added:+.3f}" if added is not None else "-",
         ]
     return [
@@ -617,12 +614,10 @@ async def run(plan: Plan, scratch: pathlib.Path) -> list[KindStats]:
 
 
 def _header(report: dict[str, Any]) -> str:
-    info, settings = report["machine"], report["settings"]
-    shown = {**info, "loadavg": " ".join(f"{v:.2f}" for v in info["loadavg"])}
-    fields = " ".join(f"{k}={v}" for k, v in shown.items() if k != "date")
+    settings = report["settings"]
     overrides = " ".join(settings["overrides"]) or "none"
     return (
-        f"# kynara gateway_bench {info['date']}  {fields}\n"
+        f"{machine_line(report['machine'], 'gateway_bench')}\n"
         f"# daemons: {settings['config']} (development identity; extra --set:"
         f" {overrides}), audit on {settings['audit_filesystem']}"
         f" ({settings['scratch_parent']}); MCP client mode"
@@ -655,13 +650,6 @@ def _failed(rows: Sequence[KindStats]) -> list[str]:
     ]
 
 
-def _rounds(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_ROUNDS:
-        raise argparse.ArgumentTypeError(f"expected 1..{MAX_ROUNDS}, got {text}")
-    return value
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -669,11 +657,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--rounds", type=_rounds, default=DEFAULT_ROUNDS,
+        "--rounds", type=rounds_type(MAX_ROUNDS), default=DEFAULT_ROUNDS,
         help=f"measured rounds, one request of each kind (default {DEFAULT_ROUNDS})",
     )  # fmt: skip
     parser.add_argument(
-        "--warmup", type=_rounds, default=DEFAULT_WARMUP_ROUNDS,
+        "--warmup", type=rounds_type(MAX_ROUNDS), default=DEFAULT_WARMUP_ROUNDS,
         help=f"warm-up rounds, not measured (default {DEFAULT_WARMUP_ROUNDS})",
     )  # fmt: skip
     parser.add_argument(
@@ -707,10 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kynara-bench-", dir=args.tmp_dir) as d:
         scratch = pathlib.Path(d)
         report["settings"] = {
-            "config": plan.config,
-            "overrides": list(plan.overrides),
-            "audit_filesystem": filesystem_of(scratch),
-            "scratch_parent": str(scratch.parent),
+            **daemon_settings(plan.config, plan.overrides, scratch),
             "transports": list(plan.transports),
             "protocol": plan.protocol,
             "rounds": rounds,

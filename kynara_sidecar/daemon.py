@@ -87,8 +87,11 @@ from kynara_sidecar.audit.store import (
 from kynara_sidecar.audit.witness import Witness
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
 from kynara_sidecar.config import (
+    AdminListenerConfig,
+    AgentListenerConfig,
     BacklogPolicy,
     Config,
+    ExtAuthzConfig,
     IdentityMode,
     daemon_id_problem,
 )
@@ -872,6 +875,25 @@ class Daemon:
         self._bind(server, f"unix://{os.path.abspath(path)}", setting)
         os.chmod(path, mode)
 
+    def _bind_listener(
+        self,
+        server: grpc.aio.Server,
+        cfg: AgentListenerConfig | ExtAuthzConfig | AdminListenerConfig,
+        section: str,
+    ) -> int | None:
+        """Bind ``server`` to the TCP port and the Unix socket of the config
+        section ``section`` (``cfg``), each when it is on; returns the TCP
+        port bound, None when TCP is off.
+
+        TCP first: a port in use then fails before the socket is replaced.
+        """
+        port = None
+        if cfg.port != -1:
+            port = self._bind(server, f"{cfg.host}:{cfg.port}", f"{section}.port")
+        if cfg.socket:
+            self._bind_unix(server, cfg.socket, cfg.socket_mode, f"{section}.socket")
+        return port
+
     async def _start_agent_listener(self) -> None:
         cfg = self.config.agent
         limit = cfg.max_message_bytes
@@ -885,11 +907,7 @@ class Daemon:
         self._decision_service = DecisionService(self._pipeline, limit)
         self._decision_service.register(server)
         await self._add_health(server)
-        # TCP first: a port in use then fails before the socket is replaced.
-        if cfg.port != -1:
-            self.tcp_port = self._bind(server, f"{cfg.host}:{cfg.port}", "agent.port")
-        if cfg.socket:
-            self._bind_unix(server, cfg.socket, cfg.socket_mode, "agent.socket")
+        self.tcp_port = self._bind_listener(server, cfg, "agent")
         await server.start()
 
     async def _start_ext_authz_listener(self) -> None:
@@ -914,12 +932,7 @@ class Daemon:
             server
         )
         await self._add_health(server)
-        # TCP first: a port in use then fails before the socket is replaced.
-        if cfg.port != -1:
-            address = f"{cfg.host}:{cfg.port}"
-            self.ext_authz_port = self._bind(server, address, "ext_authz.port")
-        if cfg.socket:
-            self._bind_unix(server, cfg.socket, cfg.socket_mode, "ext_authz.socket")
+        self.ext_authz_port = self._bind_listener(server, cfg, "ext_authz")
         await server.start()
         log.info(
             "ext_authz listener started",
@@ -989,11 +1002,7 @@ class Daemon:
             self._approval_service = ApprovalService(self._book, self._reviewers())
             self._approval_service.register(server)
         await self._add_health(server)
-        if cfg.port != -1:
-            address = f"{cfg.host}:{cfg.port}"
-            self.admin_port = self._bind(server, address, "admin.port")
-        if cfg.socket:
-            self._bind_unix(server, cfg.socket, cfg.socket_mode, "admin.socket")
+        self.admin_port = self._bind_listener(server, cfg, "admin")
         await server.start()
         log.info(
             "admin listener started",

@@ -28,6 +28,12 @@ sees only what a reader who is also a writer may (``NARROWED``).
   ``kynara_request_errors_total`` for ``code``, read from its /metrics.
 - ``with_flags(upstream, *flags)``: an upstream config dict with more
   ``upstream_server.py`` flags (``--faulty``).
+- ``list_all(client)``: every tool name an SDK client is listed, page after
+  page.
+- ``initialize_message(client)`` (``LEGACY_VERSION``): the handshake-era
+  ``initialize`` request, for sessions driven by hand (raw HTTP, pipes).
+- ``post_tools_list(daemon, headers)``: one raw ``tools/list`` POST to the
+  gateway's endpoint with exactly these headers.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ import time
 import urllib.request
 from typing import Any
 
+import httpx2
 from identity_support import SigningKey, claims, jwks
+from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from support import SHIPPED_CONFIG, RunningDaemon, SettableClock, daemon_config
 
@@ -66,6 +74,9 @@ VISIBLE = {
 # reader): what both may use. Not write or deploy (reader-bot may not), not
 # slow (denied to writers, so to carol).
 NARROWED = ["files__add_tool", "files__read"]
+# The handshake-era protocol version (initialize, sessions) that sessions
+# driven by hand speak.
+LEGACY_VERSION = "2025-11-25"
 
 
 class GatewaySetup:
@@ -229,3 +240,43 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+async def list_all(client: Client) -> list[str]:
+    """Every tool name the gateway lists to ``client``, following the
+    cursor page after page."""
+    names: list[str] = []
+    cursor = None
+    while True:
+        page = await client.list_tools(cursor=cursor)
+        names += [tool.name for tool in page.tools]
+        cursor = page.next_cursor
+        if cursor is None:
+            return names
+
+
+def initialize_message(client: str) -> dict[str, Any]:
+    """The ``initialize`` request (id "init", ``LEGACY_VERSION``) of a
+    client named ``client`` that drives a session by hand."""
+    return {
+        "jsonrpc": "2.0",
+        "id": "init",
+        "method": "initialize",
+        "params": {
+            "protocolVersion": LEGACY_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": client, "version": "0"},
+        },
+    }
+
+
+def post_tools_list(
+    daemon: GatewayDaemon, headers: dict[str, str] | list[tuple[str, str]]
+) -> httpx2.Response:
+    """One raw ``tools/list`` request (id 1) POSTed to the gateway's HTTP
+    endpoint with exactly ``headers`` (a list may repeat a header)."""
+    return httpx2.post(
+        daemon.gateway_url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers=headers,
+    )

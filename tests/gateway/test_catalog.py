@@ -249,6 +249,19 @@ def test_list_changed_relists_and_calls_on_change(transport, upstreams, tmp_path
     assert changes.servers == ["files", "files"]
 
 
+async def _cancel_a_slow_call(catalog: Catalog, log: pathlib.Path) -> None:
+    """Start a long ``files__slow`` call, cancel it once the upstream logged
+    it, and return when the upstream logged the cancellation too."""
+    call = asyncio.ensure_future(
+        catalog.call(catalog.get("files__slow"), {"seconds": 60})
+    )
+    await wait_logged(log, lambda calls: len(calls) == 1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await wait_logged(log, lambda calls: len(calls) == 2)
+
+
 def test_cancelling_a_call_cancels_it_upstream(transport, upstreams, tmp_path):
     log = tmp_path / "calls.log"
     raw = upstreams(transport, log)
@@ -257,14 +270,7 @@ def test_cancelling_a_call_cancels_it_upstream(transport, upstreams, tmp_path):
         catalog = Catalog({"files": config(raw)})
         await catalog.start()
         try:
-            call = asyncio.ensure_future(
-                catalog.call(catalog.get("files__slow"), {"seconds": 60})
-            )
-            await wait_logged(log, lambda calls: len(calls) == 1)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            await wait_logged(log, lambda calls: len(calls) == 2)
+            await _cancel_a_slow_call(catalog, log)
             # The connection stays usable after the cancellation.
             return await catalog.call(catalog.get("files__read"), {"path": "/p"})
         finally:
@@ -387,14 +393,7 @@ def test_handshake_era_upstream_is_served_alike(transport, upstreams, tmp_path):
         catalog = Catalog({"files": config(raw)}, on_change=changes)
         await catalog.start()
         try:
-            call = asyncio.ensure_future(
-                catalog.call(catalog.get("files__slow"), {"seconds": 60})
-            )
-            await wait_logged(log, lambda calls: len(calls) == 1)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            await wait_logged(log, lambda calls: len(calls) == 2)
+            await _cancel_a_slow_call(catalog, log)
             await catalog.call(catalog.get("files__add_tool"), {})
             await changes.wait_for(
                 lambda: catalog.get("files__late") is not None, "re-list"

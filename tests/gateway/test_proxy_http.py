@@ -19,11 +19,15 @@ import httpx2 as httpx
 import mcp_types as types
 import pytest
 from gateway_support import (
+    LEGACY_VERSION,
     NARROWED,
     TOKEN_HEADER,
     VISIBLE,
     GatewayDaemon,
     GatewaySetup,
+    initialize_message,
+    list_all,
+    post_tools_list,
     start_gateway,
     wait_for,
     with_flags,
@@ -43,8 +47,6 @@ from kynara_sidecar.gateway.proxy import (
     REQUEST_ERROR_CODE,
     UPSTREAM_CODE,
 )
-
-LEGACY_VERSION = "2025-11-25"
 
 
 @pytest.fixture(scope="module")
@@ -91,27 +93,12 @@ def _client(
     )
 
 
-async def _list_all(client: Client) -> list[str]:
-    names: list[str] = []
-    cursor = None
-    while True:
-        page = await client.list_tools(cursor=cursor)
-        names += [tool.name for tool in page.tools]
-        cursor = page.next_cursor
-        if cursor is None:
-            return names
-
-
-def _calls(path: pathlib.Path) -> list[dict[str, Any]]:
-    return read_call_log(path) if path.exists() else []
-
-
 async def _visible(setup, daemon, user, agent, **options) -> list[str]:
     async with _http(setup, user, agent) as http:
         async with _client(daemon, setup, http, **options) as client:
             # Changes are announced, on either protocol.
             assert client.server_capabilities.tools.list_changed is True
-            return await _list_all(client)
+            return await list_all(client)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +153,7 @@ def test_an_allowed_call_returns_the_upstream_result_unchanged(shared):
     assert not result.is_error
     assert [c.text for c in result.content] == ["wrote 5 bytes to /tmp/a"]
     assert {"tool": "write", "arguments": {"path": "/tmp/a", "content": "hello"}} in (
-        _calls(calls)
+        read_call_log(calls)
     )
     decided = [r for r in daemon.records() if r.gateway and r.gateway.tool == "write"]
     assert decided and decided[-1].decision == "allow"
@@ -189,7 +176,9 @@ def test_the_agents_progress_token_is_not_passed_upstream(shared):
 
     assert asyncio.run(run()).content[0].text == "contents of /progress"
     # The gateway relays no progress, so it asks for none.
-    (call,) = [c for c in _calls(calls) if c["arguments"] == {"path": "/progress"}]
+    (call,) = [
+        c for c in read_call_log(calls) if c["arguments"] == {"path": "/progress"}
+    ]
     assert call == {"tool": "read", "arguments": {"path": "/progress"}}
 
 
@@ -209,7 +198,9 @@ def test_a_hidden_tool_called_raw_is_refused_and_never_forwarded(shared):
     assert err.code == DENIED_CODE
     assert "not permitted" in err.message
     assert err.data["decision"] == "deny" and err.data["decision_id"]
-    assert not [c for c in _calls(calls) if c["arguments"].get("path") == "/etc/x"]
+    assert not [
+        c for c in read_call_log(calls) if c["arguments"].get("path") == "/etc/x"
+    ]
 
 
 def _refused_alike(err: MCPError, name: str) -> tuple[Any, ...]:
@@ -256,7 +247,9 @@ def test_a_hidden_and_an_unknown_tool_are_refused_alike_and_audited(shared):
     ]
     assert records[serverless.data["decision_id"]].decision == "deny"
     assert records[serverless.data["decision_id"]].gateway.tool == "nosuch"
-    assert not [c for c in _calls(calls) if c["arguments"].get("path") == "/alike"]
+    assert not [
+        c for c in read_call_log(calls) if c["arguments"].get("path") == "/alike"
+    ]
 
 
 def test_an_unknown_tool_a_chain_could_be_allowed_is_unknown(shared):
@@ -276,7 +269,7 @@ def test_an_unknown_tool_a_chain_could_be_allowed_is_unknown(shared):
     assert err.code == types.INVALID_PARAMS
     assert "unknown tool" in err.message
     assert daemon.request_errors("invalid_request") == before + 1
-    assert not [c for c in _calls(calls) if c["tool"] == "nope"]
+    assert not [c for c in read_call_log(calls) if c["tool"] == "nope"]
 
 
 def test_an_agent_narrower_than_its_user_sees_and_calls_only_what_both_may(shared):
@@ -285,7 +278,7 @@ def test_an_agent_narrower_than_its_user_sees_and_calls_only_what_both_may(share
     async def run() -> tuple[list[str], list[MCPError]]:
         async with _http(setup, "carol", "reader-bot") as http:
             async with _client(daemon, setup, http) as client:
-                names = await _list_all(client)
+                names = await list_all(client)
                 refused = []
                 for name, args in (
                     ("files__write", {"path": "/narrow", "content": "x"}),
@@ -303,7 +296,7 @@ def test_an_agent_narrower_than_its_user_sees_and_calls_only_what_both_may(share
         (DENIED_CODE, "deny"),
         (DENIED_CODE, "deny"),
     ]
-    assert not [c for c in _calls(calls) if "narrow" in json.dumps(c)]
+    assert not [c for c in read_call_log(calls) if "narrow" in json.dumps(c)]
 
 
 def test_require_approval_returns_the_approval_url(shared):
@@ -321,7 +314,7 @@ def test_require_approval_returns_the_approval_url(shared):
     assert result.structured_content["decision"] == "require_approval"
     assert approval["url"].endswith(f"/approvals/{approval['id']}")
     assert approval["url"] in result.content[0].text
-    assert not [c for c in _calls(calls) if c["tool"] == "deploy"]
+    assert not [c for c in read_call_log(calls) if c["tool"] == "deploy"]
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
@@ -349,11 +342,7 @@ def test_no_token_no_tools(shared, mode):
 
 def test_an_unknown_agent_credential_is_refused_with_401(shared):
     _, daemon, _ = shared
-    response = httpx.post(
-        daemon.gateway_url,
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-        headers={"authorization": "Bearer not-a-secret"},
-    )
+    response = post_tools_list(daemon, {"authorization": "Bearer not-a-secret"})
     assert response.status_code == 401
     assert response.json()["error"]["data"]["code"] == "identity_invalid"
 
@@ -371,18 +360,7 @@ class _Raw:
             },
             timeout=30,
         )
-        opened = self.post(
-            {
-                "jsonrpc": "2.0",
-                "id": "init",
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": LEGACY_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "raw", "version": "0"},
-                },
-            }
-        )
+        opened = self.post(initialize_message("raw"))
         self.http.headers["mcp-session-id"] = opened.headers["mcp-session-id"]
         self.http.headers["mcp-protocol-version"] = LEGACY_VERSION
         self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -436,7 +414,7 @@ def test_request_id_zero_is_answered_with_id_zero(raw):
 
 def test_a_batch_is_refused_whole_and_nothing_is_forwarded(raw):
     session, calls = raw
-    before = len(_calls(calls))
+    before = len(read_call_log(calls))
     batch = [
         {
             "jsonrpc": "2.0",
@@ -450,12 +428,12 @@ def test_a_batch_is_refused_whole_and_nothing_is_forwarded(raw):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == -32600 and "batch" in error["message"]
-    assert len(_calls(calls)) == before
+    assert len(read_call_log(calls)) == before
 
 
 def test_an_oversized_message_is_refused_naming_the_limit(raw):
     session, calls = raw
-    before = len(_calls(calls))
+    before = len(read_call_log(calls))
     message = {
         "jsonrpc": "2.0",
         "id": 7,
@@ -467,7 +445,7 @@ def test_an_oversized_message_is_refused_naming_the_limit(raw):
     error = response.json()["error"]
     assert "gateway.max_message_bytes (4096 bytes)" in error["message"]
     assert error["data"]["code"] == "request_too_large"
-    assert len(_calls(calls)) == before
+    assert len(read_call_log(calls)) == before
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
@@ -486,7 +464,7 @@ def test_a_cancelled_call_reaches_upstream_and_is_recorded_cancelled(shared, mod
                         lambda: wait_for(
                             lambda: any(
                                 c.get("arguments") == {"seconds": seconds}
-                                for c in _calls(calls)
+                                for c in read_call_log(calls)
                             ),
                             what="the slow call upstream",
                         )
@@ -495,7 +473,7 @@ def test_a_cancelled_call_reaches_upstream_and_is_recorded_cancelled(shared, mod
 
     asyncio.run(run())
     wait_for(
-        lambda: {"tool": "slow", "cancelled": True} in _calls(calls),
+        lambda: {"tool": "slow", "cancelled": True} in read_call_log(calls),
         what="the upstream's cancelled entry",
     )
     decided = [
@@ -549,11 +527,11 @@ async def _legacy_changes(
         async with _client(
             daemon, setup, http, mode="legacy", message_handler=on_message
         ) as client:
-            await _list_all(client)
+            await list_all(client)
             await trigger(client)
             with anyio.fail_after(20):
                 await changed.wait()
-            return await _list_all(client)
+            return await list_all(client)
 
 
 async def _listen_changes(
@@ -567,7 +545,7 @@ async def _listen_changes(
                 with anyio.fail_after(20):
                     async for _event in subscription:
                         break
-            return await _list_all(client)
+            return await list_all(client)
 
 
 @pytest.mark.parametrize("listen", [_legacy_changes, _listen_changes])
@@ -617,22 +595,34 @@ def test_a_retry_after_the_approval_is_forwarded(own):
     retried = asyncio.run(call())
     assert not retried.is_error
     assert retried.content[0].text.startswith("deployed")
-    assert [c["arguments"] for c in _calls(calls) if c["tool"] == "deploy"] == [DEPLOY]
+    assert [c["arguments"] for c in read_call_log(calls) if c["tool"] == "deploy"] == [
+        DEPLOY
+    ]
     granted = [r for r in daemon.records() if r.reason_code == "approval_granted"]
     assert len(granted) == 1 and granted[0].decision == "allow"
     # The grant was used: a third call asks again.
     assert asyncio.run(call()).is_error
 
 
-def test_elicit_shows_the_url_waits_for_the_review_and_forwards(tmp_path):
+def _eliciting_gateway(
+    tmp_path: pathlib.Path, wait_seconds: int
+) -> tuple[GatewaySetup, GatewayDaemon, pathlib.Path]:
+    """A gateway of the test's own that, on require_approval, elicits the
+    review URL and waits up to ``wait_seconds`` for the review; the caller
+    must ``stop()`` it."""
     setup = GatewaySetup(tmp_path)
     calls = tmp_path / "calls.jsonl"
     daemon = start_gateway(
         setup,
         {"files": stdio_upstream_config(calls)},
         "gateway.approval_wait=elicit",
-        "gateway.approval_wait_seconds=30",
+        f"gateway.approval_wait_seconds={wait_seconds}",
     )
+    return setup, daemon, calls
+
+
+def test_elicit_shows_the_url_waits_for_the_review_and_forwards(tmp_path):
+    setup, daemon, calls = _eliciting_gateway(tmp_path, wait_seconds=30)
     shown: list[types.ElicitRequestURLParams] = []
 
     async def on_elicit(_context: Any, params: Any) -> types.ElicitResult:
@@ -656,18 +646,11 @@ def test_elicit_shows_the_url_waits_for_the_review_and_forwards(tmp_path):
     assert result.content[0].text.startswith("deployed")
     (params,) = shown
     assert params.mode == "url" and "/approvals/apr_" in params.url
-    assert [c["tool"] for c in _calls(calls)] == ["deploy"]
+    assert [c["tool"] for c in read_call_log(calls)] == ["deploy"]
 
 
 def test_a_call_cancelled_while_waiting_for_the_review_is_recorded(tmp_path):
-    setup = GatewaySetup(tmp_path)
-    calls = tmp_path / "calls.jsonl"
-    daemon = start_gateway(
-        setup,
-        {"files": stdio_upstream_config(calls)},
-        "gateway.approval_wait=elicit",
-        "gateway.approval_wait_seconds=600",
-    )
+    setup, daemon, calls = _eliciting_gateway(tmp_path, wait_seconds=600)
     args = {"service": "waits", "version": "1", "replicas": 1}
 
     async def call() -> None:
@@ -708,7 +691,7 @@ def test_a_call_cancelled_while_waiting_for_the_review_is_recorded(tmp_path):
         daemon.stop()
     assert decision.decision == "require_approval"
     assert recorded == ["cancelled"]
-    assert not [c for c in _calls(calls) if c["tool"] == "deploy"]
+    assert not [c for c in read_call_log(calls) if c["tool"] == "deploy"]
 
 
 def test_two_upstream_tools_with_one_name_refuse_the_start(tmp_path):

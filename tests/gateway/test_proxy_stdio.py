@@ -30,6 +30,8 @@ from gateway_support import (
     VISIBLE,
     GatewaySetup,
     audit_records,
+    initialize_message,
+    list_all,
     stdio_audit_path,
     stdio_gateway_params,
     wait_for,
@@ -45,7 +47,6 @@ from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.gateway.arguments import arguments_digest
 from kynara_sidecar.gateway.proxy import DENIED_CODE, REQUEST_ERROR_CODE
 
-LEGACY_VERSION = "2025-11-25"
 # A daemon, then its upstream child, start in a second or two here; the
 # machine is shared.
 REPLY_SECONDS = 60.0
@@ -63,8 +64,7 @@ def _servers(setup: GatewaySetup) -> dict[str, Any]:
 
 
 def _calls(setup: GatewaySetup) -> list[dict[str, Any]]:
-    path = setup.root / "calls.jsonl"
-    return read_call_log(path) if path.exists() else []
+    return read_call_log(setup.root / "calls.jsonl")
 
 
 def _token(setup: GatewaySetup, user: str, agent: str) -> str:
@@ -79,17 +79,6 @@ def _client(
     params = stdio_gateway_params(setup, _servers(setup), agent, token=token)
     errlog = setup.log_file(f"gateway-{agent}.log")
     return Client(stdio_client(params, errlog=errlog), **options)
-
-
-async def _list_all(client: Client) -> list[str]:
-    names: list[str] = []
-    cursor = None
-    while True:
-        page = await client.list_tools(cursor=cursor)
-        names += [tool.name for tool in page.tools]
-        cursor = page.next_cursor
-        if cursor is None:
-            return names
 
 
 @pytest.mark.parametrize(
@@ -107,7 +96,7 @@ async def _list_all(client: Client) -> list[str]:
 def test_each_agent_sees_exactly_its_tools(setup, user, agent, seen):
     async def run() -> list[str]:
         async with _client(setup, user, agent) as client:
-            return await _list_all(client)
+            return await list_all(client)
 
     assert anyio.run(run) == seen
 
@@ -277,7 +266,7 @@ def test_list_changed_after_the_upstream_adds_a_tool(setup, mode):
         async with _client(
             setup, "alice", "reader-bot", mode=mode, message_handler=on_message
         ) as client:
-            await _list_all(client)
+            await list_all(client)
             if mode == "legacy":
                 await client.call_tool("files__add_tool", {})
                 with anyio.fail_after(REPLY_SECONDS):
@@ -288,7 +277,7 @@ def test_list_changed_after_the_upstream_adds_a_tool(setup, mode):
                     with anyio.fail_after(REPLY_SECONDS):
                         async for _event in subscription:
                             break
-            return await _list_all(client)
+            return await list_all(client)
 
     assert anyio.run(run) == sorted([*VISIBLE["alice"], "files__late"])
 
@@ -312,18 +301,7 @@ class _RawGateway:
         self._lines: queue.Queue[bytes] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.send(
-            {
-                "jsonrpc": "2.0",
-                "id": "init",
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": LEGACY_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "raw", "version": "0"},
-                },
-            }
-        )
+        self.send(initialize_message("raw"))
         assert self.receive()["id"] == "init"
         self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 

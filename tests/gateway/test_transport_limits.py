@@ -19,14 +19,20 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from gateway_support import GatewayDaemon, GatewaySetup, start_gateway
+from gateway_support import (
+    LEGACY_VERSION,
+    GatewayDaemon,
+    GatewaySetup,
+    initialize_message,
+    post_tools_list,
+    start_gateway,
+)
 from upstream_support import stdio_upstream_config
 
 from kynara_sidecar.gateway.proxy import REQUEST_ERROR_CODE
 from kynara_sidecar.gateway.stdio import StdioWire, serve_stdio
 from kynara_sidecar.identity import split_asserted_chain
 
-LEGACY_VERSION = "2025-11-25"
 # Longest any single wait may take before the test fails (a shared,
 # loaded machine); the configured timeouts are 1 s.
 WAIT_SECONDS = 20.0
@@ -247,11 +253,7 @@ def test_a_repeated_identity_header_is_refused_naming_it(limited, header):
     if header == "authorization":
         headers = headers[1:]
 
-    response = httpx.post(
-        daemon.gateway_url,
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-        headers=headers,
-    )
+    response = post_tools_list(daemon, headers)
 
     assert response.status_code == 400
     error = response.json()["error"]
@@ -262,10 +264,9 @@ def test_a_repeated_identity_header_is_refused_naming_it(limited, header):
 
 def test_an_asserted_chain_with_an_empty_item_is_refused(limited):
     setup, daemon, _ = limited
-    response = httpx.post(
-        daemon.gateway_url,
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-        headers={
+    response = post_tools_list(
+        daemon,
+        {
             "authorization": f"Bearer {setup.secret('reader-bot')}",
             "kynara-asserted-chain": "alice,,reader-bot",
         },
@@ -302,16 +303,7 @@ def _open_session(daemon: GatewayDaemon, setup: GatewaySetup, agent: str):
             "accept": ACCEPT,
             "content-type": "application/json",
         },
-        json={
-            "jsonrpc": "2.0",
-            "id": "init",
-            "method": "initialize",
-            "params": {
-                "protocolVersion": LEGACY_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "limits", "version": "0"},
-            },
-        },
+        json=initialize_message("limits"),
         timeout=WAIT_SECONDS,
     )
 
@@ -379,18 +371,7 @@ class _Pipes:
         return json.loads(line)
 
     def initialize(self) -> None:
-        self.request(
-            {
-                "jsonrpc": "2.0",
-                "id": "init",
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": LEGACY_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "limits", "version": "0"},
-                },
-            }
-        )
+        self.request(initialize_message("limits"))
         assert self.read()["id"] == "init"
         self.request({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
