@@ -29,7 +29,7 @@ How a connection is run:
 - ``stop`` asks each task to leave its context managers (which ends stdio
   children) and waits for it.
 
-TODO(#8): a handshake-era (2025) Streamable HTTP upstream that goes away is
+TODO(#11): a handshake-era (2025) Streamable HTTP upstream that goes away is
 noticed only by the next call to it (its SDK transport keeps retrying the
 standalone GET stream silently), and a list_changed it sends before that
 stream is open is lost; 2026 upstreams and stdio children are noticed at
@@ -366,6 +366,9 @@ class Catalog:
         upstream is told) and the cancellation propagates. The agent's
         request ``_meta`` (a progress token, say) is not passed on: the
         gateway relays no progress.
+
+        TODO(#13): an upstream's answer is read whole, however large;
+        ``gateway.max_message_bytes`` bounds only what agents send.
 
         Raises:
             UpstreamError: the upstream answered a JSON-RPC error

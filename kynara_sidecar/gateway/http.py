@@ -136,7 +136,7 @@ class _Guard:
     ``open_sessions`` is the SDK's live session ids, so that a session that
     ended (deleted, idle, crashed) no longer counts against its agent.
 
-    TODO(#8): a second request with the JSON-RPC id of one still in flight
+    TODO(#13): a second request with the JSON-RPC id of one still in flight
     on the same session is passed on, and the SDK then leaves the first
     unanswered; refusing it needs the session's in-flight ids, which only
     the SDK's dispatcher knows (the same holds over stdio).

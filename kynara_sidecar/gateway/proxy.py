@@ -610,7 +610,7 @@ class Gateway:
         show it the approval URL, wait for the review, decide again.
         Otherwise, or when the wait ends without a grant, ``answer``."""
         approval = answer.approval
-        # TODO(#8): the 2026-07-28 protocol has no server requests; its
+        # TODO(#10): the 2026-07-28 protocol has no server requests; its
         # clients would be asked through an InputRequiredResult instead.
         # They get the tool error with the URL for now.
         if (
@@ -691,7 +691,7 @@ class Gateway:
         """
         if ctx.session.protocol_version in _MODERN_VERSIONS:
             return
-        # TODO(#8): the SDK gives a lowlevel handler no public handle on its
+        # NOTE: the SDK gives a lowlevel handler no public handle on its
         # connection; the session's own is the one that outlives the request.
         connection = getattr(ctx.session, "_connection", None)
         if connection is None:
