@@ -1584,10 +1584,21 @@ class ExtAuthzConfig(_Section):
     # http.request on resource kind http.route, id "<host><path>" (so
     # policies deny it unless they allow that).
     routes: list[ExtAuthzRoute] = []
+    # Largest CheckRequest accepted, in bytes: the request's headers plus
+    # its body. Must exceed Envoy's with_request_body.max_request_bytes plus
+    # the headers Envoy sends, else a body Envoy passes on gets 413; the
+    # default leaves 64 KiB of headers above a 1 MiB body.
+    max_message_bytes: int = 1024 * 1024 + 64 * 1024
 
     def validate(self, section: str) -> None:
         for i, route in enumerate(self.routes):
             route.validate(f"{section}.routes[{i}]")
+        if not 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
+            raise ConfigError(
+                f"{section}.max_message_bytes: expected 1024..67108864 (a "
+                "CheckRequest: headers plus body), "
+                f"got {self.max_message_bytes}"
+            )
         if self.port != -1:
             _check_port(section, "port", self.port)
             _check_loopback(section, "host", self.host)

@@ -920,7 +920,7 @@ class Daemon:
         cfg = self.config.ext_authz
         if not cfg.enabled:
             return
-        limit = self.config.agent.max_message_bytes
+        limit = cfg.max_message_bytes
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", grpc_receive_limit(limit)),

@@ -5,17 +5,24 @@ protocol, single exchanges for 2026-07-28) is served by uvicorn inside the
 daemon's event loop, behind a guard that sees every request first:
 
 - an identity header (``authorization``, ``gateway.token_header``,
-  ``gateway.asserted_chain_header``) sent more than once is refused with
-  400 naming it: which copy counts is not the caller's guess to make;
+  ``gateway.asserted_chain_header``) or a session header
+  (``mcp-session-id``, ``mcp-protocol-version``) sent more than once is
+  refused with 400 naming it: which copy counts is not the caller's guess
+  to make (the guard and the SDK might pick different ones);
 - multi-agent mode: ``authorization: Bearer <secret>`` must name an agent
   (``Pipeline.agent_of``), else 401 with a JSON-RPC error; a session stays
   bound to the agent that opened it;
 - an asserted chain with an empty item is refused with 400;
 - a new session past ``gateway.max_sessions_per_agent`` open sessions of
-  the same agent is refused with 429; other agents are not affected;
-- a body declared or found larger than ``gateway.max_message_bytes`` is
-  refused with 413 and a JSON-RPC error naming the limit; one not wholly
-  received within ``gateway.body_timeout_seconds`` with 408;
+  the same agent is refused with 429; other agents are not affected. A
+  request the guard expects to open a session is refused before it is
+  served; any other response that hands out a session id the agent did
+  not have is checked again when it starts, and past the cap that session
+  is ended and the request answered 429 instead;
+- a body declared (any method) or found (POST) larger than
+  ``gateway.max_message_bytes`` is refused with 413 and a JSON-RPC error
+  naming the limit; one not wholly received within
+  ``gateway.body_timeout_seconds`` with 408;
 - a JSON-RPC batch (a JSON array) is refused whole with Invalid Request
   (-32600); nothing of it reaches the SDK;
 - the ``Caller`` (credential, delegation token or asserted chain from
@@ -42,7 +49,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Container, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import h11
@@ -50,7 +57,10 @@ import uvicorn
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
-from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
+from mcp.server.streamable_http import (
+    MCP_SESSION_ID_HEADER,
+    StreamableHTTPServerTransport,
+)
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
@@ -133,8 +143,9 @@ class _Refusal(Exception):
 class _Guard:
     """The ASGI guard in front of the SDK app (see the module docstring).
 
-    ``open_sessions`` is the SDK's live session ids, so that a session that
-    ended (deleted, idle, crashed) no longer counts against its agent.
+    ``open_sessions`` is the SDK's live sessions by id, so that a session
+    that ended (deleted, idle, crashed) no longer counts against its agent;
+    ``end_session`` ends one of them (a session opened past the cap).
 
     TODO(#13): a second request with the JSON-RPC id of one still in flight
     on the same session is passed on, and the SDK then leaves the first
@@ -147,7 +158,8 @@ class _Guard:
         app: ASGIApp,
         config: GatewayConfig,
         pipeline: Pipeline,
-        open_sessions: Container[str],
+        open_sessions: Mapping[str, object],
+        end_session: Callable[[str], Awaitable[None]],
         *,
         multi_agent: bool,
     ):
@@ -155,9 +167,11 @@ class _Guard:
         self._config = config
         self._pipeline = pipeline
         self._open_sessions = open_sessions
+        self._end_session = end_session
         self._multi_agent = multi_agent
-        # Per agent: the sessions it opened, and how many openings are
-        # being served (counted too, so concurrent ones cannot overshoot).
+        # Per agent: the sessions it opened, and how many expected openings
+        # are being served (counted too, so concurrent ones cannot
+        # overshoot) until their response hands out the session id.
         self._sessions: dict[str, set[str]] = {}
         self._opening: dict[str, int] = {}
 
@@ -181,10 +195,17 @@ class _Guard:
                 AccessToken(token="", client_id=agent, scopes=[])
             )
         scope[CALLER_SCOPE_KEY] = self._caller(scope, headers, authorization)
+        declared = headers.get("content-length", "")
+        # h11 has refused a content-length that is no number.
+        if (
+            declared.strip().isdigit()
+            and int(declared) > self._config.max_message_bytes
+        ):
+            raise self._too_large()
         if scope["method"] != "POST":
-            await self._app(scope, receive, send)
+            await self._serve(agent or "", scope, receive, send, reserved=False)
             return
-        body = await self._read_body(headers, receive)
+        body = await self._read_body(receive)
         if body is None:
             return
         if body.lstrip()[:1] == b"[":
@@ -197,19 +218,19 @@ class _Guard:
                 {"code": "invalid_request"},
             )
         replay = _replay(body, receive)
-        if _SESSION_HEADER in headers or not _opens_session(headers):
-            await self._app(scope, replay, send)
-            return
-        await self._open_session(agent or "", scope, replay, send)
+        opens = _SESSION_HEADER not in headers and _opens_session(headers)
+        await self._serve(agent or "", scope, replay, send, reserved=opens)
 
     def _headers(self, scope: Scope) -> dict[str, str]:
-        """The request's headers, lower-cased names; an identity header
-        sent twice is refused rather than one copy picked."""
+        """The request's headers, lower-cased names; an identity or
+        session header sent twice is refused rather than one copy picked."""
         cfg = self._config
         identity = {
             "authorization",
             cfg.token_header.lower(),
             cfg.asserted_chain_header.lower(),
+            _SESSION_HEADER,
+            _VERSION_HEADER,
         }
         headers: dict[str, str] = {}
         for raw_key, raw_value in scope["headers"]:
@@ -269,22 +290,13 @@ class _Guard:
             chain_from=f"the {cfg.asserted_chain_header!r} header",
         )
 
-    async def _read_body(
-        self, headers: dict[str, str], receive: Receive
-    ) -> bytes | None:
+    async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None when the client went away.
 
         Raises:
-            _Refusal: declared or found larger than the limit (413), or not
-                received within ``body_timeout_seconds`` (408).
+            _Refusal: found larger than the limit (413), or not received
+                within ``body_timeout_seconds`` (408).
         """
-        declared = headers.get("content-length", "")
-        # h11 has refused a content-length that is no number.
-        if (
-            declared.strip().isdigit()
-            and int(declared) > self._config.max_message_bytes
-        ):
-            raise self._too_large()
         seconds = self._config.body_timeout_seconds
         try:
             async with asyncio.timeout(seconds):
@@ -334,45 +346,90 @@ class _Guard:
             close=True,
         )
 
-    async def _open_session(
-        self, agent: str, scope: Scope, receive: Receive, send: Send
+    async def _serve(
+        self,
+        agent: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        reserved: bool,
     ) -> None:
-        """Serve a request that opens a session, within the agent's cap."""
-        live = self._open_sessions
-        sessions = {sid for sid in self._sessions.get(agent, ()) if sid in live}
-        self._sessions[agent] = sessions
-        limit = self._config.max_sessions_per_agent
-        if len(sessions) + self._opening.get(agent, 0) >= limit:
-            who = f"agent {agent!r}" if agent else "this agent"
-            raise _Refusal(
-                InvalidRequest(
-                    f"{who} has gateway.max_sessions_per_agent ({limit}) sessions open",
-                    field=MCP_SESSION_ID_HEADER,
-                ),
-                429,
-                REQUEST_ERROR_CODE,
-                f"too many sessions: {who} has gateway.max_sessions_per_agent "
-                f"({limit}) open; end one (DELETE) or reuse one",
-                {"code": "invalid_request", "limit": limit},
-            )
-        opened: list[str] = []
+        """Pass the request on, keeping the agent within its session cap.
+
+        ``reserved``: the request is expected to open a session; it is
+        refused now if the agent has no room, else holds a place until its
+        response hands out the session id. Whatever the expectation, a
+        response handing out a session id the agent did not have counts
+        then: past the cap it is not sent, the new session is ended and
+        the request is refused with 429.
+        """
+        if reserved:
+            if self._full(agent):
+                raise self._too_many(agent)
+            self._opening[agent] = self._opening.get(agent, 0) + 1
+        refused: list[str] = []
 
         async def watch(message: Message) -> None:
+            nonlocal reserved
+            if refused:
+                return  # the response of a session refused at its start
             if message["type"] == "http.response.start" and message["status"] < 400:
-                for key, value in message.get("headers", []):
-                    if key.decode("latin-1").lower() == _SESSION_HEADER:
-                        opened.append(value.decode("latin-1"))
+                known = self._sessions.get(agent, set())
+                new = [sid for sid in _session_ids(message) if sid not in known]
+                if new:
+                    if reserved:
+                        reserved = False
+                        self._opening[agent] -= 1
+                    if self._full(agent, adding=len(new)):
+                        refused.extend(new)
+                        return
+                    self._sessions.setdefault(agent, set()).update(new)
             await send(message)
 
-        self._opening[agent] = self._opening.get(agent, 0) + 1
         try:
             await self._app(scope, receive, watch)
         finally:
-            self._opening[agent] -= 1
-            # Another opening may have pruned the set meanwhile: add to
-            # the current one.
-            current = self._sessions.setdefault(agent, set())
-            current.update(sid for sid in opened if sid in live)
+            if reserved:
+                self._opening[agent] -= 1
+            for sid in refused:
+                await self._end_session(sid)
+        if refused:
+            raise self._too_many(agent)
+
+    def _full(self, agent: str, *, adding: int = 1) -> bool:
+        """Whether ``adding`` more sessions would put the agent past
+        ``gateway.max_sessions_per_agent`` (sessions that ended are
+        forgotten here)."""
+        live = self._open_sessions
+        sessions = {sid for sid in self._sessions.get(agent, ()) if sid in live}
+        self._sessions[agent] = sessions
+        held = len(sessions) + self._opening.get(agent, 0)
+        return held + adding > self._config.max_sessions_per_agent
+
+    def _too_many(self, agent: str) -> _Refusal:
+        limit = self._config.max_sessions_per_agent
+        who = f"agent {agent!r}" if agent else "this agent"
+        return _Refusal(
+            InvalidRequest(
+                f"{who} has gateway.max_sessions_per_agent ({limit}) sessions open",
+                field=MCP_SESSION_ID_HEADER,
+            ),
+            429,
+            REQUEST_ERROR_CODE,
+            f"too many sessions: {who} has gateway.max_sessions_per_agent "
+            f"({limit}) open; end one (DELETE) or reuse one",
+            {"code": "invalid_request", "limit": limit},
+        )
+
+
+def _session_ids(message: Message) -> list[str]:
+    """The session ids a response start hands out."""
+    return [
+        value.decode("latin-1")
+        for key, value in message.get("headers", [])
+        if key.decode("latin-1").lower() == _SESSION_HEADER
+    ]
 
 
 def _opens_session(headers: dict[str, str]) -> bool:
@@ -398,8 +455,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _live_sessions(manager: StreamableHTTPSessionManager) -> Container[str]:
-    """The ids of the sessions the SDK has open.
+def _live_sessions(
+    manager: StreamableHTTPSessionManager,
+) -> Mapping[str, StreamableHTTPServerTransport]:
+    """The sessions the SDK has open, by id.
 
     NOTE: the SDK (mcp 2.3) keeps them in ``_server_instances`` and offers
     no public view; it drops a session there however it ends (DELETE,
@@ -414,7 +473,21 @@ def _live_sessions(manager: StreamableHTTPSessionManager) -> Container[str]:
             "(StreamableHTTPSessionManager._server_instances); "
             "gateway.max_sessions_per_agent cannot be enforced"
         )
-    return live.keys()
+    return live
+
+
+def _session_ender(
+    live: Mapping[str, StreamableHTTPServerTransport],
+) -> Callable[[str], Awaitable[None]]:
+    """Ends an open session as a DELETE would: its transport is terminated
+    (it answers 404 from then on) and the SDK then forgets it."""
+
+    async def end(session_id: str) -> None:
+        transport = live.get(session_id)
+        if transport is not None:
+            await transport.terminate()
+
+    return end
 
 
 def caller_of(ctx: ServerRequestContext[Any, Any]) -> Caller:
@@ -529,6 +602,8 @@ class GatewayHttp:
         self._multi_agent = multi_agent
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
+        # The SDK's open sessions by id, once started.
+        self._live: Mapping[str, StreamableHTTPServerTransport] = {}
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -574,7 +649,15 @@ class GatewayHttp:
         except ListenerError:
             sock.close()
             raise
-        app = _Guard(mcp_app, cfg, self._pipeline, live, multi_agent=self._multi_agent)
+        self._live = live
+        app = _Guard(
+            mcp_app,
+            cfg,
+            self._pipeline,
+            live,
+            _session_ender(live),
+            multi_agent=self._multi_agent,
+        )
         server = _QuietServer(
             uvicorn.Config(
                 app,

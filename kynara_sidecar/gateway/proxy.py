@@ -37,8 +37,13 @@ A name the catalog lacks is named as its tool would be (``_absent_name``).
 When no request by this chain could be allowed that action, the call is
 decided (an audited deny) and answered exactly as a hidden tool's, so an
 agent cannot tell the tools hidden from it from those that do not exist.
-Otherwise (such a tool would be listed) it is refused with ``-32602``
-"unknown tool" and counted as a refusal. A caller without a token or chain
+Otherwise (such a tool would be listed) a tool of a configured server that
+is not connected now is decided like any call: deny and require_approval
+are answered as above; allow (or a cited grant, left unused for the retry
+once the server is back) gets an ``outcome`` record
+"upstream_unavailable" and ``UPSTREAM_CODE`` with data ``{code, server,
+decision_id}``. Any other such name is refused with ``-32602`` "unknown
+tool" and counted as a refusal. A caller without a token or chain
 is counted as a refusal too. Errors the pipeline raises become
 ``REQUEST_ERROR_CODE`` (the caller sent something bad: ``identity_invalid``,
 ``invalid_request`` with its field) or ``UNAVAILABLE_CODE``
@@ -69,7 +74,7 @@ import logging
 import secrets
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import mcp_types as types
@@ -111,10 +116,12 @@ from kynara_sidecar.gateway.names import (
 )
 from kynara_sidecar.pipeline import (
     MAX_REQUEST_ID_LENGTH,
+    MAX_RESOURCE_ID_LENGTH,
     Answer,
     IncomingRequest,
     Pipeline,
 )
+from kynara_sidecar.policy.names import MAX_NAME_LENGTH, is_valid_name
 
 __all__ = [
     "DENIED_CODE",
@@ -404,19 +411,39 @@ class Gateway:
         """How a tool called ``exposed`` would be named, were it in the catalog.
 
         The part before the first ``__`` is a server when it is a configured
-        server's escaped name (that server's ``actions`` apply); otherwise
-        the whole name is the tool of a server part no configured server
-        has. So a name the catalog lacks is decided as its tool would be.
+        server's escaped name and a tool part follows (that server's
+        ``actions`` apply); otherwise the whole name is the tool of a server
+        part no configured server has (``_``, or more ``_`` than any
+        configured server's escaped name). When that gives an action longer
+        than a request may carry (``MAX_NAME_LENGTH``), a resource id longer
+        than ``MAX_RESOURCE_ID_LENGTH``, or an empty tool part (the name
+        ``""``), the tool part is instead ``h`` and the first 32 hex digits
+        of the name's SHA-256, under the no-server part. So every name the
+        catalog lacks is decided, as its tool would be, and audited; none is
+        refused as malformed.
         """
         servers = {escape(server): server for server in self._config.servers}
         head, separator, rest = exposed.partition(SEPARATOR)
-        server = servers.get(head) if separator else None
+        server = servers.get(head) if separator and rest else None
         if server is not None:
-            return tool_name(server, rest, self._config.servers[server].actions)
+            name = tool_name(server, rest, self._config.servers[server].actions)
+            if _decidable(name):
+                return name
         nobody = "_"
         while nobody in servers:
             nobody += "_"
         plain = f"{nobody}.{escape(exposed)}"
+        name = ToolName(
+            server="",
+            tool=exposed,
+            exposed=exposed,
+            action=f"mcp.{plain}",
+            resource_id=plain,
+        )
+        if _decidable(name):
+            return name
+        digest = hashlib.sha256(exposed.encode("utf-8", "surrogatepass")).hexdigest()
+        plain = f"{nobody}.h{digest[:32]}"
         return ToolName(
             server="",
             tool=exposed,
@@ -465,25 +492,15 @@ class Gateway:
         chain = self._chain(caller)
         tool = self._catalog.get(params.name)
         name = tool.name if tool is not None else self._absent_name(params.name)
+        # A tool this chain could be allowed, of a configured server that is
+        # not connected now: decided like any call, never forwarded.
+        down = False
         if tool is None and self._could_allow(chain, name.action):
             # Such a tool would be listed: saying it does not exist (or that
             # its server is down) tells nothing the list does not.
-            if name.server and not self._catalog.present(name.server):
-                raise MCPError(
-                    UPSTREAM_CODE,
-                    f"tool {params.name!r} is unavailable: upstream server "
-                    f"{name.server!r} is not connected; its tools come back "
-                    "when it reconnects",
-                    {"code": UPSTREAM_UNAVAILABLE, "server": name.server},
-                )
-            err = InvalidRequest(f"unknown tool {params.name!r}", field="name")
-            self._pipeline.refuse(err)
-            raise MCPError(
-                types.INVALID_PARAMS,
-                f"unknown tool {params.name!r}: not a tool of this gateway "
-                "(tools/list shows the ones this agent may use)",
-                {"code": "invalid_request", "field": "name"},
-            )
+            down = bool(name.server) and not self._catalog.present(name.server)
+            if not down:
+                self._refuse_unknown(params.name)
         arguments = params.arguments
         try:
             attributes = to_attributes(arguments)
@@ -504,6 +521,8 @@ class Gateway:
             gateway=entry,
         )
         answer = await self._decide(request)
+        if down:
+            return await self._unavailable(params.name, name, answer, entry)
         if tool is None:
             # No request by this chain could be allowed such a tool, so the
             # policies deny it (engine.could_allow is sound against
@@ -521,8 +540,48 @@ class Gateway:
         if effect is Effect.DENY:
             raise _denied(params.name, answer)
         if effect is Effect.REQUIRE_APPROVAL:
-            return _approval_result(tool, answer)
+            return _approval_result(params.name, answer)
         return await self._forward(tool, arguments, answer, entry)
+
+    def _refuse_unknown(self, exposed: str) -> NoReturn:
+        """Refuse (and count) a call of ``exposed``, a tool the catalog lacks
+        that this chain could be allowed: a stale list."""
+        self._pipeline.refuse(InvalidRequest(f"unknown tool {exposed!r}", field="name"))
+        raise MCPError(
+            types.INVALID_PARAMS,
+            f"unknown tool {exposed!r}: not a tool of this gateway "
+            "(tools/list shows the ones this agent may use)",
+            {"code": "invalid_request", "field": "name"},
+        )
+
+    async def _unavailable(
+        self, exposed: str, name: ToolName, answer: Answer, entry: GatewayEntry
+    ) -> types.CallToolResult:
+        """Answer the decided call of a tool whose server is not connected.
+
+        A deny or a pending approval is answered as for any tool (an
+        approval opened now binds the request, so the retry once the server
+        is back goes through). An allow, or an approved grant (left unused:
+        the retry uses it), is recorded as outcome "upstream_unavailable"
+        and answered with ``UPSTREAM_CODE``.
+        """
+        effect = answer.decision.effect
+        if effect is Effect.DENY:
+            raise _denied(exposed, answer)
+        if effect is Effect.REQUIRE_APPROVAL and not _approved(answer):
+            return _approval_result(exposed, answer)
+        await self._record_outcome(answer, UPSTREAM_UNAVAILABLE, entry)
+        raise MCPError(
+            UPSTREAM_CODE,
+            f"tool {exposed!r} is unavailable: upstream server "
+            f"{name.server!r} is not connected; its tools come back when it "
+            "reconnects",
+            {
+                "code": UPSTREAM_UNAVAILABLE,
+                "server": name.server,
+                "decision_id": answer.decision_id,
+            },
+        )
 
     async def _decide(self, request: IncomingRequest) -> Answer:
         """Decide ``request``; a cancel meanwhile lets the decision commit,
@@ -586,15 +645,23 @@ class Gateway:
     async def _record_cancelled(
         self, answer: Answer, entry: GatewayEntry | None
     ) -> None:
+        await self._record_outcome(answer, "cancelled", entry)
+
+    async def _record_outcome(
+        self, answer: Answer, outcome: str, entry: GatewayEntry | None
+    ) -> None:
+        """Record what became of ``answer``; a failure is logged, not raised:
+        the decision itself is committed, and the agent's answer stands."""
         try:
-            await self._pipeline.record_outcome(answer, "cancelled", gateway=entry)
+            await self._pipeline.record_outcome(answer, outcome, gateway=entry)
         except KynaraError as err:
             log.error(
-                "cancelled outcome not recorded",
+                "outcome not recorded",
                 extra={
                     "fields": {
                         "component": "gateway",
                         "decision_id": answer.decision_id,
+                        "outcome": outcome,
                         "error": str(err),
                     }
                 },
@@ -788,6 +855,15 @@ class Gateway:
 _MODERN_VERSIONS = frozenset(types.version.MODERN_PROTOCOL_VERSIONS)
 
 
+def _decidable(name: ToolName) -> bool:
+    """Whether a request may carry ``name``'s action and resource id."""
+    return (
+        len(name.action) <= MAX_NAME_LENGTH
+        and is_valid_name(name.action)
+        and len(name.resource_id) <= MAX_RESOURCE_ID_LENGTH
+    )
+
+
 def _approved(answer: Answer) -> bool:
     """Whether the answer cites a grant this very request may use."""
     approval = answer.approval
@@ -822,7 +898,8 @@ def _denied(exposed: str, answer: Answer) -> MCPError:
     )
 
 
-def _approval_result(tool: CatalogTool, answer: Answer) -> types.CallToolResult:
+def _approval_result(exposed: str, answer: Answer) -> types.CallToolResult:
+    """The tool error for a call of ``exposed`` that needs approval."""
     decision = answer.decision
     approval = answer.approval
     structured: dict[str, Any] = {
@@ -830,7 +907,7 @@ def _approval_result(tool: CatalogTool, answer: Answer) -> types.CallToolResult:
         "reason": decision.reason,
         "decision_id": answer.decision_id,
     }
-    text = f"tool {tool.name.exposed!r} needs approval: {decision.reason}"
+    text = f"tool {exposed!r} needs approval: {decision.reason}"
     if approval is not None:
         structured["approval"] = {
             "id": approval.id,

@@ -263,7 +263,7 @@ class _Reader:
         try:
             message = types.jsonrpc_message_adapter.validate_json(text, by_name=False)
         except pydantic.ValidationError as err:
-            complaint = _complaint(err)
+            complaint = _shape_problem(text, err)
             await self._refuse(
                 InvalidRequest(f"not a JSON-RPC message: {complaint}", field="message"),
                 types.INVALID_REQUEST,
@@ -290,7 +290,54 @@ def _parse_problem(text: bytes) -> str | None:
     return None
 
 
-def _complaint(err: Exception) -> str:
+# The SDK's message models, as the reader names them in a complaint.
+_MESSAGE_KINDS = {
+    "JSONRPCRequest": "request",
+    "JSONRPCNotification": "notification",
+    "JSONRPCResponse": "response",
+    "JSONRPCError": "error response",
+}
+
+
+def _shape_problem(text: bytes, err: pydantic.ValidationError) -> str:
+    """One line on why JSON ``text`` is no JSON-RPC message: which kind of
+    message it looks like and its first field that does not fit (the SDK's
+    error lists every field of every kind)."""
+    expected = "expected a JSON-RPC request, notification or response object"
+    value = pydantic_core.from_json(text)
+    if not isinstance(value, dict):
+        kind = "an array" if isinstance(value, list) else f"a JSON {_json_kind(value)}"
+        return f"{expected}, got {kind}"
+    if "method" in value:
+        model = "JSONRPCRequest" if "id" in value else "JSONRPCNotification"
+    elif "error" in value:
+        model = "JSONRPCError"
+    elif "result" in value:
+        model = "JSONRPCResponse"
+    else:
+        return f'{expected}; it has neither "method" nor "result" nor "error"'
+    for item in err.errors(include_url=False):
+        loc = item["loc"]
+        if loc and loc[0] == model:
+            field = ".".join(str(part) for part in loc[1:])
+            where = f"field {field!r}" if field else "the message"
+            return _complaint(
+                f"as a JSON-RPC {_MESSAGE_KINDS[model]}, {where}: {item['msg']}"
+            )
+    return expected
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    return "number"
+
+
+def _complaint(err: Exception | str) -> str:
     text = " ".join(str(err).split())
     if len(text) > MAX_COMPLAINT_CHARS:
         text = text[:MAX_COMPLAINT_CHARS] + "..."

@@ -71,8 +71,8 @@ method) and the reason, for an approval the review URL and how to retry,
 and data the plain body's fields; an error has ``REQUEST_ERROR_CODE`` or
 ``UNAVAILABLE_CODE``, its message, and data ``{code, field}``: the MCP
 gateway's codes (``gateway.proxy``). A request refused before its route is
-known (a path the upstream could misread, an oversized or undecodable
-CheckRequest) gets the plain body.
+known (a path the upstream could misread, a CheckRequest larger than
+``ext_authz.max_message_bytes`` or undecodable) gets the plain body.
 """
 
 from __future__ import annotations
@@ -322,13 +322,16 @@ def _match_path(route: Route, segments: Sequence[str]) -> dict[str, str] | None:
 # --- translation -------------------------------------------------------------
 
 
-def _headers_of(http: Any, once: Collection[str]) -> dict[str, str]:
+def _headers_of(
+    http: Any, once: Collection[str], *, lenient: bool = False
+) -> dict[str, str]:
     """Lower-cased header names -> values.
 
     Envoy's headers map has lower-case names, a repeated header joined with
     ``,``; a name that comes in two spellings there (``Kynara-X`` and
     ``kynara-x``) is refused, as is a repeated ``once`` header in the raw
-    header list: which value counted would depend on order.
+    header list: which value counted would depend on order. ``lenient``
+    joins them instead (to read a request refused already).
 
     Raises:
         InvalidRequest: naming the header (``headers.<name>``).
@@ -337,6 +340,9 @@ def _headers_of(http: Any, once: Collection[str]) -> dict[str, str]:
     if http.headers:
         for key, value in http.headers.items():
             name = key.lower()
+            if name in joined and lenient:
+                joined[name] = f"{joined[name]},{value}"
+                continue
             if name in joined:
                 raise InvalidRequest(
                     f"expected the header {name!r} once, got it in two "
@@ -402,7 +408,7 @@ def _peer_of(source: Any) -> str:
 
 
 def http_attributes(
-    request: authz.CheckRequest, once: Collection[str] = ()
+    request: authz.CheckRequest, once: Collection[str] = (), *, lenient: bool = False
 ) -> HttpAttributes:
     """Read what the door needs of a CheckRequest.
 
@@ -410,6 +416,8 @@ def http_attributes(
         request: as Envoy sent it.
         once: lower-case names of headers that must not be repeated (the
             identity headers).
+        lenient: join a header that comes in two spellings rather than
+            refuse it (to find the route of a request refused already).
 
     Raises:
         InvalidRequest: the path is not an origin-form, UTF-8 path, or has
@@ -418,7 +426,7 @@ def http_attributes(
     """
     attributes = request.attributes
     http = attributes.request.http
-    headers = _headers_of(http, once)
+    headers = _headers_of(http, once, lenient=lenient)
     raw_path = http.path or headers.get(":path", "")
     path, _, query = raw_path.partition("?")
     path = path.partition("#")[0]
@@ -900,7 +908,7 @@ class ExtAuthzService:
         if len(raw) > self._max_bytes:
             raise RequestTooLarge(
                 f"expected at most {self._max_bytes} bytes "
-                f"(agent.max_message_bytes), got {len(raw)}"
+                f"(ext_authz.max_message_bytes: headers plus body), got {len(raw)}"
             )
         try:
             return authz.CheckRequest.FromString(raw)
@@ -916,8 +924,8 @@ class ExtAuthzService:
         if request is None:
             return None
         try:
-            # Without the once check: a repeated header is what was refused.
-            attributes = http_attributes(request)
+            # Leniently: a repeated header may be what was refused.
+            attributes = http_attributes(request, lenient=True)
         except KynaraError:
             return None
         return jsonrpc_reply(attributes, self._routes, self._fields["approval_id"])

@@ -252,6 +252,39 @@ def test_a_hidden_and_an_unknown_tool_are_refused_alike_and_audited(shared):
     ]
 
 
+def test_every_absent_name_is_decided_and_denied_like_a_hidden_tool(shared):
+    setup, daemon, calls = shared
+    # No tool part, a server part no server has, and a name whose action
+    # would be longer than a request may carry.
+    names = ["files__write", "files__", "nope__", "files__" + "x" * 293, "y" * 300]
+
+    async def run() -> list[MCPError]:
+        errors = []
+        async with _http(setup, "alice", "reader-bot") as http:
+            async with _client(daemon, setup, http) as client:
+                for name in names:
+                    with pytest.raises(MCPError) as info:
+                        await client.call_tool(name, {"path": "/absent"})
+                    errors.append(info.value)
+        return errors
+
+    hidden, *absent = asyncio.run(run())
+    assert [len(name) for name in names[-2:]] == [300, 300]
+    records = {r.decision_id: r for r in daemon.records() if r.kind == "decision"}
+    for name, err in zip(names[1:], absent, strict=True):
+        assert err.code == DENIED_CODE, (name, err)
+        assert err.message.startswith(f"tool {name!r} is not permitted: ")
+        assert sorted(err.data) == sorted(hidden.data)
+        assert err.data["decision"] == hidden.data["decision"] == "deny"
+        assert err.data["reason_code"] == hidden.data["reason_code"]
+        record = records[err.data["decision_id"]]
+        assert record.decision == "deny"
+        assert (record.gateway.server, record.gateway.tool) == ("", name)
+    assert not [
+        c for c in read_call_log(calls) if c["arguments"].get("path") == "/absent"
+    ]
+
+
 def test_an_unknown_tool_a_chain_could_be_allowed_is_unknown(shared):
     setup, daemon, calls = shared
 
@@ -788,23 +821,63 @@ def test_a_tool_of_an_upstream_that_is_down_is_unavailable_not_unknown(tmp_path)
     # Nothing listens there: the upstream is unreachable from the start.
     dead = {"transport": "http", "url": f"http://127.0.0.1:{free_port()}/mcp"}
     daemon = start_gateway(setup, {"files": dead})
+    alice_calls = [
+        ("files__read", {"path": "/x"}),
+        # slow-short allows seconds <= 60 only: a conditional deny.
+        ("files__slow", {"seconds": 100}),
+        ("files__slow", {"seconds": 10}),
+        ("files__write", {"path": "/x"}),
+    ]
 
-    async def run() -> tuple[MCPError, MCPError]:
-        async with _http(setup, "alice", "reader-bot") as http:
+    async def call(user: str, agent: str, name: str, args: dict[str, Any]) -> Any:
+        async with _http(setup, user, agent) as http:
             async with _client(daemon, setup, http) as client:
-                with pytest.raises(MCPError) as readable:
-                    await client.call_tool("files__read", {"path": "/x"})
-                with pytest.raises(MCPError) as hidden:
-                    await client.call_tool("files__write", {"path": "/x"})
-                return readable.value, hidden.value
+                try:
+                    return await client.call_tool(name, args)
+                except MCPError as err:
+                    return err
+
+    async def alice() -> list[Any]:
+        return [await call("alice", "reader-bot", *c) for c in alice_calls]
 
     try:
-        readable, hidden = asyncio.run(run())
+        readable, too_slow, slow, hidden = asyncio.run(alice())
+        # carol's deploy needs approval even with its server down; the
+        # approval binds the call, and an approved retry while the server is
+        # still down leaves the grant unused for the retry once it is back.
+        deploy = ("carol", "ops-bot", "files__deploy", DEPLOY)
+        asked = asyncio.run(call(*deploy))
+        _approve(daemon, asked.structured_content["approval"]["id"])
+        retries = [asyncio.run(call(*deploy)) for _ in range(2)]
+        records = daemon.records()
     finally:
         daemon.stop()
+    decisions = {r.decision_id: r for r in records if r.kind == "decision"}
+    outcomes = {r.decision_id: r.outcome for r in records if r.kind == "outcome"}
     # alice may read: the read tool would be listed, so its server being
-    # down is said; the write tool she may not use is denied as ever.
-    assert readable.code == UPSTREAM_CODE
-    assert readable.data == {"code": "upstream_unavailable", "server": "files"}
-    assert "'files' is not connected" in readable.message
+    # down is said, after an audited allow and its outcome.
+    for err, (name, args) in ((readable, alice_calls[0]), (slow, alice_calls[2])):
+        assert err.code == UPSTREAM_CODE, err
+        assert sorted(err.data) == ["code", "decision_id", "server"]
+        assert err.data["code"] == "upstream_unavailable"
+        assert err.data["server"] == "files"
+        assert "'files' is not connected" in err.message
+        record = decisions[err.data["decision_id"]]
+        assert record.decision == "allow"
+        assert record.gateway.server == "files"
+        assert record.gateway.tool == name.partition("__")[2]
+        assert record.gateway.args_digest == arguments_digest(args)
+        assert outcomes[err.data["decision_id"]] == "upstream_unavailable"
+    # The policy's deny stands, server down or not, and is audited.
+    assert too_slow.code == DENIED_CODE
+    assert decisions[too_slow.data["decision_id"]].decision == "deny"
+    assert too_slow.data["decision_id"] not in outcomes
+    # The write tool she may not use is denied as ever.
     assert hidden.code == DENIED_CODE
+    assert decisions[hidden.data["decision_id"]].decision == "deny"
+    assert asked.is_error
+    assert asked.structured_content["decision"] == "require_approval"
+    for err in retries:
+        assert err.code == UPSTREAM_CODE, err
+        assert outcomes[err.data["decision_id"]] == "upstream_unavailable"
+    assert not [r for r in records if r.reason_code == "approval_granted"]

@@ -26,9 +26,11 @@ from gateway_support import (
     initialize_message,
     post_tools_list,
     start_gateway,
+    wait_for,
 )
 from upstream_support import stdio_upstream_config
 
+from kynara_sidecar.gateway import http as gateway_http
 from kynara_sidecar.gateway.proxy import REQUEST_ERROR_CODE
 from kynara_sidecar.gateway.stdio import StdioWire, serve_stdio
 from kynara_sidecar.identity import split_asserted_chain
@@ -195,6 +197,20 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(limited):
     assert error["data"] == {"code": "request_too_large", "limit": 4096}
 
 
+def test_a_declared_length_over_the_limit_is_refused_for_any_method(limited):
+    setup, daemon, _ = limited
+    before = daemon.request_errors("request_too_large")
+    head = _head(daemon, setup, **{"content-length": "999999999"})
+    with _connect(daemon) as sock:
+        sock.sendall(head.replace(b"POST ", b"GET ", 1))
+
+        status, error = _rpc_error(_read_all(sock))
+
+    assert status == 413
+    assert error["data"] == {"code": "request_too_large", "limit": 4096}
+    assert daemon.request_errors("request_too_large") == before + 1
+
+
 def test_connections_past_max_connections_are_closed_at_once(tmp_path):
     setup = GatewaySetup(tmp_path)
     daemon = start_gateway(
@@ -336,6 +352,100 @@ def test_one_agent_cannot_take_every_session(limited):
     assert after_delete.status_code == 200
 
 
+@pytest.fixture
+def capped(tmp_path) -> Any:
+    """A gateway of its own allowing one session per agent."""
+    setup = GatewaySetup(tmp_path)
+    daemon = start_gateway(
+        setup,
+        {"files": stdio_upstream_config(tmp_path / "calls.jsonl")},
+        "gateway.max_sessions_per_agent=1",
+    )
+    yield setup, daemon
+    daemon.stop()
+    setup.close()
+
+
+def test_repeated_session_headers_are_refused_and_the_cap_holds(capped):
+    setup, daemon = capped
+    first = _open_session(daemon, setup, "ops-bot")
+    before = daemon.request_errors("invalid_request")
+    base = [
+        ("authorization", f"Bearer {setup.secret('ops-bot')}"),
+        ("accept", ACCEPT),
+        ("content-type", "application/json"),
+    ]
+    # The SDK reads the first copy (a handshake version: a session), a
+    # guard reading the last would see a single exchange.
+    versions = httpx.post(
+        daemon.gateway_url,
+        headers=[
+            *base,
+            ("mcp-protocol-version", LEGACY_VERSION),
+            ("mcp-protocol-version", "2026-07-28"),
+        ],
+        json=initialize_message("limits"),
+        timeout=WAIT_SECONDS,
+    )
+    sid = first.headers["mcp-session-id"]
+    session_ids = httpx.post(
+        daemon.gateway_url,
+        headers=[*base, ("mcp-session-id", sid), ("mcp-session-id", "other")],
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        timeout=WAIT_SECONDS,
+    )
+    again = _open_session(daemon, setup, "ops-bot")
+
+    assert first.status_code == 200
+    assert versions.status_code == 400
+    assert "mcp-session-id" not in versions.headers
+    assert versions.json()["error"]["data"] == {
+        "code": "invalid_request",
+        "field": "mcp-protocol-version",
+    }
+    assert session_ids.status_code == 400
+    assert (
+        "'mcp-session-id' header was sent more than once"
+        in (session_ids.json()["error"]["message"])
+    )
+    assert again.status_code == 429
+    assert daemon.request_errors("invalid_request") == before + 3
+
+
+def test_a_session_the_guard_did_not_expect_still_counts(capped, monkeypatch):
+    setup, daemon = capped
+    live = daemon.daemon._gateway_http._live
+    # Whatever the guard predicts, the response handing out a session id
+    # decides.
+    monkeypatch.setattr(gateway_http, "_opens_session", lambda headers: False)
+    first = _open_session(daemon, setup, "ops-bot")
+    opened = set(live)
+
+    refused = _open_session(daemon, setup, "ops-bot")
+    other = _open_session(daemon, setup, "writer-bot")
+    wait_for(
+        lambda: set(live) == opened | {other.headers.get("mcp-session-id")},
+        what="the refused session to end",
+    )
+    httpx.delete(
+        daemon.gateway_url,
+        headers={
+            "authorization": f"Bearer {setup.secret('ops-bot')}",
+            "mcp-session-id": first.headers["mcp-session-id"],
+            "mcp-protocol-version": LEGACY_VERSION,
+        },
+    ).raise_for_status()
+    after_delete = _open_session(daemon, setup, "ops-bot")
+
+    assert first.status_code == 200
+    assert opened == {first.headers["mcp-session-id"]}
+    assert refused.status_code == 429
+    assert "mcp-session-id" not in refused.headers
+    assert "gateway.max_sessions_per_agent (1)" in refused.json()["error"]["message"]
+    assert other.status_code == 200
+    assert after_delete.status_code == 200
+
+
 # ---------------------------------------------------------------- stdio
 
 
@@ -452,6 +562,34 @@ def test_stdio_refusals_are_counted(limited, pipes):
     assert large["error"]["data"]["code"] == "request_too_large"
     assert daemon.request_errors("invalid_request") == invalid + 2
     assert daemon.request_errors("request_too_large") == too_large + 1
+
+
+@pytest.mark.parametrize(
+    ("message", "what"),
+    [
+        ({"jsonrpc": "2.0", "id": 1}, 'neither "method" nor "result" nor "error"'),
+        (
+            {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": []},
+            "as a JSON-RPC request, field 'params': Input should be an object",
+        ),
+        (
+            {"jsonrpc": "1.0", "method": "ping"},
+            "as a JSON-RPC notification, field 'jsonrpc'",
+        ),
+        ("ping", "response object, got a JSON string"),
+    ],
+)
+def test_stdio_says_in_one_line_why_json_is_no_message(pipes, message, what):
+    pipes.initialize()
+
+    pipes.request(message)
+    answer = pipes.read()
+
+    text = answer["error"]["message"]
+    assert answer["error"]["code"] == -32600
+    assert text.startswith("Invalid Request: not a JSON-RPC 2.0 message: ")
+    assert what in text
+    assert "validation error" not in text and "union[" not in text
 
 
 def test_stdio_reads_a_rewritten_token_file_on_the_next_request(limited, pipes):

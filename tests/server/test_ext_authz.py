@@ -556,6 +556,52 @@ def test_mcp_route_errors_are_json_rpc_errors_naming_the_header(shop):
         }
 
 
+def test_mcp_route_identity_header_in_two_spellings_gets_a_json_rpc_error(shop):
+    request = mcp_request(
+        tool_call("read", {}), headers={"Kynara-Asserted-Chain": "bob"}
+    )
+
+    status, _, request_id, error = rpc_error(check(shop, request))
+
+    assert status == 400
+    assert request_id == 0
+    assert "two spellings" in error["message"]
+    assert error["data"] == {
+        "code": "invalid_request",
+        "field": "headers.kynara-asserted-chain",
+    }
+
+
+@pytest.mark.parametrize("size", [70_000, 900_000], ids=["70KB", "900KB"])
+def test_mcp_tools_call_up_to_envoys_body_limit_is_decided(shop, size):
+    # Envoy's with_request_body.max_request_bytes in the README is 1 MiB.
+    arguments = {"path": "/tmp/" + "a" * size}
+    request = mcp_request(tool_call("read", arguments))
+
+    response = check(shop, request)
+
+    assert request.ByteSize() > size
+    assert response.WhichOneof("http_response") == "ok_response"
+    decision_id = headers_of(response.ok_response.headers)["kynara-decision-id"]
+    assert record_of(shop, decision_id).action == "mcp.files.read"
+
+
+def test_check_request_past_ext_authz_max_message_bytes_is_413(start_daemon, tmp_path):
+    daemon = start_daemon(
+        *ext_authz_overrides(tmp_path, "ext_authz.max_message_bytes=2048")
+    )
+    request = mcp_request(tool_call("read", {"path": "/tmp/" + "a" * 4000}))
+
+    status, _, answer = denied(check(daemon, request))
+
+    assert status == 413
+    assert answer["error"]["code"] == "request_too_large"
+    assert (
+        "at most 2048 bytes (ext_authz.max_message_bytes"
+        in (answer["error"]["message"])
+    )
+
+
 def test_plain_route_refused_request_with_a_json_rpc_body_gets_the_plain_body(shop):
     body = json.dumps(tool_call("deploy", {})).encode()
 
@@ -932,8 +978,19 @@ def test_ext_authz_on_a_loopback_port_only(start_daemon, tmp_path):
             ],
             r"ext_authz\.socket_mode: expected permission bits",
         ),
+        (
+            ["ext_authz.max_message_bytes=100"],
+            r"ext_authz\.max_message_bytes: expected 1024\.\.67108864",
+        ),
     ],
-    ids=["no_address", "off_loopback", "agent_socket", "agent_port", "mode"],
+    ids=[
+        "no_address",
+        "off_loopback",
+        "agent_socket",
+        "agent_port",
+        "mode",
+        "max_message_bytes",
+    ],
 )
 def test_ext_authz_listener_config_errors(tmp_path, overrides, message):
     agent = str(tmp_path / "agent.sock")
