@@ -307,11 +307,13 @@ class TokenVerifier:
         )
 
     def _check_lifetime(self, claims: dict[str, Any], now: float) -> None:
-        exp, nbf = claims["exp"], claims.get("nbf")
-        if not _is_number(exp) or (nbf is not None and not _is_number(nbf)):
+        exp, nbf, iat = claims["exp"], claims.get("nbf"), claims.get("iat")
+        if not _is_number(exp) or any(
+            value is not None and not _is_number(value) for value in (nbf, iat)
+        ):
             raise _invalid(
-                f"claims: expected exp and nbf as NumericDate numbers, "
-                f"got exp={exp!r} nbf={nbf!r}"
+                f"claims: expected exp, nbf and iat as NumericDate numbers, "
+                f"got exp={exp!r} nbf={nbf!r} iat={iat!r}"
             )
         # RFC 7519: valid while now < exp, and from nbf on.
         if now >= exp + self._skew:
@@ -323,6 +325,13 @@ class TokenVerifier:
             raise _invalid(
                 f"not yet valid: nbf {nbf} is after now {now:.0f} beyond the "
                 f"allowed clock skew of {self._skew} s"
+            )
+        # A token issued later than now was minted by a clock we cannot
+        # trust, or ahead of time to outlive a revocation: refused alike.
+        if iat is not None and now < iat - self._skew:
+            raise _invalid(
+                f"issued in the future: iat {iat} is after now {now:.0f} beyond "
+                f"the allowed clock skew of {self._skew} s"
             )
 
 

@@ -87,8 +87,8 @@ def test_nested_act_claims_give_the_chain_earliest_actor_first(verifier, keys):
 
 @pytest.mark.parametrize(
     ("offset", "field"),
-    [(-SKEW + 1, "exp"), (SKEW - 1, "nbf")],
-    ids=["expired_within_skew", "not_yet_valid_within_skew"],
+    [(-SKEW + 1, "exp"), (SKEW - 1, "nbf"), (SKEW - 1, "iat")],
+    ids=["expired_within_skew", "not_yet_valid_within_skew", "issued_within_skew"],
 )
 def test_clock_skew_within_the_bound_is_tolerated(verifier, keys, offset, field):
     token = keys["ES256"].sign(claims("alice", **{field: NOW + offset}))
@@ -102,6 +102,7 @@ def _bad_tokens(keys: dict[str, SigningKey]) -> dict[str, str]:
     return {
         "expired": ed.sign(claims("alice", exp=NOW - SKEW)),
         "not_yet_valid": ed.sign(claims("alice", nbf=NOW + SKEW + 1)),
+        "issued_in_the_future": ed.sign(claims("alice", iat=NOW + SKEW + 1)),
         "wrong_audience": ed.sign(claims("alice", aud="kynara:other-bot")),
         "wrong_issuer": ed.sign(claims("alice", iss="https://evil.example")),
         "wrong_key": other.sign(claims("alice")),
@@ -126,6 +127,8 @@ BAD_TOKEN_MESSAGES = {
     r"the allowed clock skew of 30 s",
     "not_yet_valid": r"not yet valid: nbf 1796634031 is after now 1796634000 "
     r"beyond the allowed clock skew of 30 s",
+    "issued_in_the_future": r"issued in the future: iat 1796634031 is after now "
+    r"1796634000 beyond the allowed clock skew of 30 s",
     "wrong_audience": r"audience: expected 'kynara:support-bot', "
     r"got 'kynara:other-bot'",
     "wrong_issuer": r"issuer: expected one of \['https://idp.example.test'\], "
@@ -447,9 +450,9 @@ def test_error_messages_do_not_contain_the_secret(tmp_path):
     assert not re.search("r{31}", str(info.value))
 
 
-@pytest.mark.parametrize("field", ["exp", "nbf"])
+@pytest.mark.parametrize("field", ["exp", "nbf", "iat"])
 def test_numeric_date_past_year_9999_is_identity_invalid(verifier, keys, field):
     token = keys["RS256"].sign({**claims("alice"), field: 10**400})
 
-    with pytest.raises(IdentityInvalid, match="^claims: expected exp and nbf"):
+    with pytest.raises(IdentityInvalid, match="^claims: expected exp, nbf and iat"):
         verifier.verify(token, NOW)
