@@ -894,16 +894,19 @@ class Daemon:
             self._bind_unix(server, cfg.socket, cfg.socket_mode, f"{section}.socket")
         return port
 
+    def _new_server(self, *options: tuple[str, typing.Any]) -> grpc.aio.Server:
+        """A gRPC server with ``options``, stopped with the daemon; never
+        sharing its port with another process (no SO_REUSEPORT)."""
+        server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+        self._servers.append(server)
+        return server
+
     async def _start_agent_listener(self) -> None:
         cfg = self.config.agent
         limit = cfg.max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", grpc_receive_limit(limit)),
-                ("grpc.so_reuseport", 0),
-            ]
+        server = self._new_server(
+            ("grpc.max_receive_message_length", grpc_receive_limit(limit))
         )
-        self._servers.append(server)
         self._decision_service = DecisionService(self._pipeline, limit)
         self._decision_service.register(server)
         await self._add_health(server)
@@ -921,13 +924,9 @@ class Daemon:
         if not cfg.enabled:
             return
         limit = cfg.max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", grpc_receive_limit(limit)),
-                ("grpc.so_reuseport", 0),
-            ]
+        server = self._new_server(
+            ("grpc.max_receive_message_length", grpc_receive_limit(limit))
         )
-        self._servers.append(server)
         ExtAuthzService(self._pipeline, cfg, limit, self.config.gateway).register(
             server
         )
@@ -990,9 +989,9 @@ class Daemon:
                     ),
                 )
             return
-        options = [("grpc.max_receive_message_length", MAX_ADMIN_REQUEST_BYTES)]
-        server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
-        self._servers.append(server)
+        server = self._new_server(
+            ("grpc.max_receive_message_length", MAX_ADMIN_REQUEST_BYTES)
+        )
         credentials = AdminCredentials.from_config(cfg, self.metrics)
         self._audit_service = AuditService(self._store, credentials)
         self._audit_service.register(server)
@@ -1013,8 +1012,7 @@ class Daemon:
         cfg = self.config.health
         if cfg.port == -1:
             return
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self._servers.append(server)
+        server = self._new_server()
         await self._add_health(server)
         address = f"{cfg.host}:{cfg.port}"
         self.health_port = self._bind(server, address, "health.port")

@@ -183,13 +183,19 @@ def validate_request(request: IncomingRequest) -> None:
             f"got {len(request.approval_id)}",
             field="approval_id",
         )
-    if len(request.asserted_chain) >= MAX_CHAIN_DEPTH:
+    validate_chain(request.asserted_chain)
+
+
+def validate_chain(asserted_chain: Sequence[str]) -> None:
+    """Raise ``InvalidRequest`` naming the first malformed principal of an
+    asserted chain (``validate_request``'s rule, for ``Pipeline.chain_of``)."""
+    if len(asserted_chain) >= MAX_CHAIN_DEPTH:
         raise InvalidRequest(
             f"expected fewer than {MAX_CHAIN_DEPTH} principals, "
-            f"got {len(request.asserted_chain)}",
+            f"got {len(asserted_chain)}",
             field="asserted_chain",
         )
-    for i, principal in enumerate(request.asserted_chain):
+    for i, principal in enumerate(asserted_chain):
         if not principal or len(principal) > MAX_NAME_LENGTH:
             raise InvalidRequest(
                 f"expected a principal id of 1..{MAX_NAME_LENGTH} characters",
@@ -386,12 +392,7 @@ class Pipeline:
         Raises:
             IdentityInvalid, InvalidRequest: as ``decide`` raises them.
         """
-        for i, principal in enumerate(request.asserted_chain):
-            if not principal or len(principal) > MAX_NAME_LENGTH:
-                raise InvalidRequest(
-                    f"expected a principal id of 1..{MAX_NAME_LENGTH} characters",
-                    field=f"asserted_chain[{i}]",
-                )
+        validate_chain(request.asserted_chain)
         now = Timestamp.from_nanos(self._clock())
         return self._establish_chain(request, now)
 

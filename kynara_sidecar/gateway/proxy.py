@@ -340,6 +340,17 @@ class Gateway:
 
     def _chain(self, caller: Caller) -> tuple[str, ...]:
         """The caller's chain, or the JSON-RPC error saying why there is none."""
+        self._require_identity(caller)
+        try:
+            return self._pipeline.chain_of(self._incoming(caller))
+        except KynaraError as err:
+            self._pipeline.refuse(err)
+            raise kynara_error(err) from None
+
+    def _require_identity(self, caller: Caller) -> None:
+        """The JSON-RPC error (counted) when the caller sent no token, or in
+        development mode no chain, naming where it goes; checking it is
+        left to ``Pipeline.chain_of`` or ``decide``."""
         missing: RequestError | None = None
         if self._development and not caller.asserted_chain:
             missing = InvalidRequest(
@@ -355,13 +366,9 @@ class Gateway:
                 "without it",
                 field="delegation_token",
             )
-        try:
-            if missing is not None:
-                raise missing
-            return self._pipeline.chain_of(self._incoming(caller))
-        except KynaraError as err:
-            self._pipeline.refuse(err)
-            raise kynara_error(err) from None
+        if missing is not None:
+            self._pipeline.refuse(missing)
+            raise kynara_error(missing)
 
     @staticmethod
     def _incoming(
@@ -489,13 +496,14 @@ class Gateway:
         caller: Caller,
         params: types.CallToolRequestParams,
     ) -> types.CallToolResult:
-        chain = self._chain(caller)
         tool = self._catalog.get(params.name)
         name = tool.name if tool is not None else self._absent_name(params.name)
+        # A catalogued tool's call establishes the chain once, in decide.
+        self._require_identity(caller)
         # A tool this chain could be allowed, of a configured server that is
         # not connected now: decided like any call, never forwarded.
         down = False
-        if tool is None and self._could_allow(chain, name.action):
+        if tool is None and self._could_allow(self._chain(caller), name.action):
             # Such a tool would be listed: saying it does not exist (or that
             # its server is down) tells nothing the list does not.
             down = bool(name.server) and not self._catalog.present(name.server)
