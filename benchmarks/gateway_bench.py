@@ -361,6 +361,7 @@ def stdio_gateway_params(
     servers = {SERVER: {"transport": "stdio", "command": _stdio_upstream_argv()}}
     sets = [
         f"agent.socket={workdir / 'agent.sock'}",
+        f"agent.fast_socket={workdir / 'agent.fast.sock'}",
         "agent.port=-1",
         "health.port=-1",
         "http.port=0",

@@ -107,6 +107,7 @@ def start_daemon(
     home.mkdir()
     settings = [
         f"agent.socket={home / 'agent.sock'}",
+        f"agent.fast_socket={home / 'agent.fast.sock'}",
         "agent.port=-1", "health.port=-1", "http.port=-1",
         f"identity.daemon_id=bench-{n}",
         f"policy.source={store}",

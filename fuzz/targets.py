@@ -1,4 +1,4 @@
-"""The three fuzz targets, as plain functions of bytes, for the harnesses.
+"""The fuzz targets, as plain functions of bytes, for the harnesses.
 
 Each target feeds its bytes to one front of the daemon and returns quietly
 when the code under test ends in an answer or a named error (a
@@ -21,6 +21,13 @@ from kynara_sidecar.pipeline import validate_request
 from kynara_sidecar.policy.conditions import compile_condition
 from kynara_sidecar.policy.loader import compile_documents, decode_document
 from kynara_sidecar.server.decision_service import _decode
+from kynara_sidecar.server.fastpath_wire import (
+    Decide,
+    DecideBatch,
+    decode_batch_item,
+    decode_frame,
+    request_from_payload,
+)
 from kynara_sidecar.server.wire import request_from_proto
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "REPO_ROOT",
     "WORKDIR_ENV",
     "check_config",
+    "check_fast_frame",
     "check_policy",
     "check_request",
     "seed_inputs",
@@ -53,6 +61,32 @@ def check_request(data: bytes) -> None:
         validate_request(request_from_proto(message, peer="fuzz"))
     except InvalidRequest as err:
         assert err.field, f"no field named for a decodable request: {err}"
+
+
+def check_fast_frame(data: bytes) -> None:
+    """A fast path frame's payload: its op and request translated and
+    validated, or ``InvalidRequest``; an error about a request that decoded
+    names its field."""
+    try:
+        frame = decode_frame(data)
+    except InvalidRequest:
+        return  # undecodable, or a wrong type the message names
+    if isinstance(frame, Decide):
+        requests = [(frame.request, "request.")]
+    elif isinstance(frame, DecideBatch):
+        requests = []
+        for raw in frame.request.items:
+            try:
+                requests.append((decode_batch_item(raw), ""))
+            except InvalidRequest:
+                continue
+    else:
+        return
+    for request, prefix in requests:
+        try:
+            validate_request(request_from_payload(request, "unix:", "", prefix))
+        except InvalidRequest as err:
+            assert err.field, f"no field named for a decodable request: {err}"
 
 
 def _shipped(name: str):
@@ -119,6 +153,8 @@ def seed_inputs(target: str) -> list[bytes]:
     """Good inputs to start from: the shipped files and a valid request."""
     if target == "request":
         return [_valid_request()]
+    if target == "fastpath":
+        return _valid_fast_frames()
     if target == "config":
         return [
             SHIPPED_CONFIG.read_bytes(),
@@ -151,5 +187,36 @@ def _valid_request() -> bytes:
     ).SerializeToString()
 
 
+def _valid_fast_frames() -> list[bytes]:
+    request = {
+        "asserted_chain": ["alice"],
+        "action": "payments.refund.issue",
+        "resource": {
+            "kind": "payments.refund",
+            "id": "rf_1",
+            "attributes": {"amount": 1200},
+        },
+        "context": {
+            "region": "DE",
+            "when": msgspec.msgpack.Ext(-1, (1_796_374_800).to_bytes(4, "big")),
+            "limits": [1, 2.5, msgspec.msgpack.Ext(1, (1).to_bytes(8, "big"))],
+        },
+    }
+    return [
+        msgspec.msgpack.encode({"op": "decide", "timeout_ms": 50, "request": request}),
+        msgspec.msgpack.encode(
+            {"op": "decide_batch", "request": {"items": [request, request]}}
+        ),
+        msgspec.msgpack.encode(
+            {"op": "wait_approval", "request": {"approval_id": "a"}}
+        ),
+    ]
+
+
 # The targets by name, for the harness and the runner.
-CHECKS = {"request": check_request, "policy": check_policy, "config": check_config}
+CHECKS = {
+    "request": check_request,
+    "policy": check_policy,
+    "config": check_config,
+    "fastpath": check_fast_frame,
+}

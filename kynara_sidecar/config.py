@@ -175,6 +175,9 @@ class AgentListenerConfig(_Section):
     # Unix socket for gRPC, e.g. "/run/kynara/agent.sock" (the SDK's default
     # target); empty disables it.
     socket: str = "/run/kynara/agent.sock"
+    # Unix socket for the fast path (framed MessagePack, protos/fastpath.md),
+    # e.g. "/run/kynara/agent.fast.sock", with socket_mode; empty disables it.
+    fast_socket: str = ""
     # Permission bits of the socket in octal, e.g. 0660: owner and group
     # may connect, so an agent container sharing the pod's group can.
     socket_mode: int = DEFAULT_SOCKET_MODE
@@ -203,6 +206,13 @@ class AgentListenerConfig(_Section):
                 f"{section}.socket: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
                 f"got {length}"
             )
+        _check_socket_path(section, self.fast_socket, "fast_socket")
+        if self.fast_socket and self.socket:
+            if os.path.abspath(self.fast_socket) == os.path.abspath(self.socket):
+                raise ConfigError(
+                    f"{section}.fast_socket: expected a socket apart from "
+                    f"{section}.socket, got the same path {self.socket!r}"
+                )
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(
                 f"{section}.socket_mode: expected permission bits 0..0o777, "
@@ -368,12 +378,14 @@ class AdminListenerConfig(_Section):
             ConfigError: the admin socket or port is the agent's, or an admin
                 secret is also an agent's bearer secret.
         """
-        if self.socket and agent.socket:
-            if os.path.abspath(self.socket) == os.path.abspath(agent.socket):
-                raise ConfigError(
-                    f"admin.socket: expected a socket apart from agent.socket, "
-                    f"got the same path {self.socket!r}"
-                )
+        for key in ("socket", "fast_socket"):
+            theirs = getattr(agent, key)
+            if self.socket and theirs:
+                if os.path.abspath(self.socket) == os.path.abspath(theirs):
+                    raise ConfigError(
+                        f"admin.socket: expected a socket apart from agent.{key}, "
+                        f"got the same path {self.socket!r}"
+                    )
         if self.port > 0 and self.port == agent.port:
             raise ConfigError(
                 f"admin.port: expected a port apart from agent.port, got {self.port}"
@@ -398,17 +410,17 @@ def _check_principal(key: str, principal: str) -> None:
         ) from None
 
 
-def _check_socket_path(section: str, socket_path: str) -> None:
+def _check_socket_path(section: str, socket_path: str, key: str = "socket") -> None:
     try:
         length = len(os.fsencode(socket_path))
     except UnicodeEncodeError as err:
         raise ConfigError(
-            f"{section}.socket: expected a path the filesystem can encode, "
+            f"{section}.{key}: expected a path the filesystem can encode, "
             f"got {socket_path!r} ({err.reason})"
         ) from None
     if length > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(
-            f"{section}.socket: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
+            f"{section}.{key}: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
             f"got {length}"
         )
 
@@ -1636,6 +1648,12 @@ class ExtAuthzConfig(_Section):
                 raise ConfigError(
                     f"ext_authz.port: expected a port apart from {setting}.port, "
                     f"got {self.port}"
+                )
+        if self.socket and agent.fast_socket:
+            if os.path.abspath(self.socket) == os.path.abspath(agent.fast_socket):
+                raise ConfigError(
+                    "ext_authz.socket: expected a socket apart from "
+                    f"agent.fast_socket, got the same path {self.socket!r}"
                 )
 
 

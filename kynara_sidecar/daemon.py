@@ -118,6 +118,7 @@ from kynara_sidecar.server.approval_service import ApprovalService
 from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditService
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.ext_authz import ExtAuthzService
+from kynara_sidecar.server.fastpath import FastPathServer
 from kynara_sidecar.server.http import build_http_app
 from kynara_sidecar.server.reviewers import ReviewerAuth
 from kynara_sidecar.server.sync_service import SyncService
@@ -263,6 +264,8 @@ class Daemon:
         # approvals.webhook.url: told of each new approval.
         self._webhook: ApprovalWebhook | None = None
         self._servers: list[grpc.aio.Server] = []
+        # agent.fast_socket: the fast path, beside the agent's gRPC listener.
+        self._fast_path: FastPathServer | None = None
         self._health: list[health.aio.HealthServicer] = []
         self._http: web.AppRunner | None = None
         self._socket_locks: list[typing.IO[str]] = []
@@ -779,6 +782,7 @@ class Daemon:
             "serving" if status == SERVING else "up, not serving",
             extra=_fields(
                 socket=cfg.agent.socket, port=self.tcp_port,
+                fast_socket=cfg.agent.fast_socket,
                 health_port=self.health_port, http_port=self.http_port,
                 gateway_port=self.gateway_port,
                 ext_authz_port=self.ext_authz_port,
@@ -794,6 +798,8 @@ class Daemon:
         )
 
     async def _set_health(self, status: int) -> None:
+        if self._fast_path is not None:
+            self._fast_path.set_serving(status == SERVING)
         for servicer in self._health:
             await servicer.set("", status)
             await servicer.set(DECISION_SERVICE, status)
@@ -836,7 +842,10 @@ class Daemon:
         daemon with another audit path would silently steal the live socket.
         """
         admin = self.config.admin
-        sockets = {"agent.socket": self.config.agent.socket}
+        sockets = {
+            "agent.socket": self.config.agent.socket,
+            "agent.fast_socket": self.config.agent.fast_socket,
+        }
         if self._admin_enabled():
             sockets["admin.socket"] = admin.socket
         if self.config.ext_authz.enabled:
@@ -912,6 +921,22 @@ class Daemon:
         await self._add_health(server)
         self.tcp_port = self._bind_listener(server, cfg, "agent")
         await server.start()
+        if cfg.fast_socket:
+            fast_path = FastPathServer(
+                self._pipeline,
+                self._decision_service,
+                cfg.fast_socket,
+                cfg.socket_mode,
+                limit,
+            )
+            try:
+                await fast_path.start()
+            except OSError as err:
+                raise ListenerError(
+                    f"agent.fast_socket: cannot listen on {cfg.fast_socket}: "
+                    f"{err}; change agent.fast_socket"
+                ) from err
+            self._fast_path = fast_path
 
     async def _start_ext_authz_listener(self) -> None:
         """Serve Envoy's Check and health on a listener of its own
@@ -1233,6 +1258,8 @@ class Daemon:
         log.info("stopping", extra=_fields(grace_seconds=grace))
         for servicer in self._health:
             await servicer.enter_graceful_shutdown()
+        if self._fast_path is not None:
+            self._fast_path.close()
         if self._pipeline is not None:
             self._pipeline.close()
             left = await self._pipeline.drain(grace)
@@ -1272,7 +1299,11 @@ class Daemon:
     async def _stop_listeners(self, grace: float) -> None:
         # The pipeline is drained, so what grpc still holds is a call that
         # is being refused with shutting_down; the grace lets it finish.
-        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        fast_path, self._fast_path = self._fast_path, None
+        await asyncio.gather(
+            *(s.stop(grace) for s in self._servers),
+            *([fast_path.stop(grace)] if fast_path is not None else []),
+        )
         self._servers.clear()
         if self._http is not None:
             await self._http.cleanup()

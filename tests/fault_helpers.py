@@ -74,6 +74,7 @@ def cli_run_args(socket: pathlib.Path, audit: pathlib.Path, *overrides: str):
     """
     settings = [
         f"agent.socket={socket}",
+        f"agent.fast_socket={socket.parent / 'agent.fast.sock'}",
         "agent.port=0",
         "health.port=0",
         "http.port=0",

@@ -116,6 +116,7 @@ def daemon_config(tmp_path: pathlib.Path, *overrides: str) -> Config:
         SHIPPED_CONFIG,
         [
             f"agent.socket={tmp_path / 'agent.sock'}",
+            f"agent.fast_socket={tmp_path / 'agent.fast.sock'}",
             "agent.port=0",
             "health.port=0",
             "http.port=0",

@@ -696,6 +696,7 @@ def image_daemon(image: InstalledImage, tmp_path: pathlib.Path):
         *[image.root / a.lstrip("/") if a == config_path else a for a in command],
         "--set", f"policy.source={image.root / config['policy']['source'][1:]}",
         "--set", f"agent.socket={socket}", "--set", f"audit.path={audit}",
+        "--set", f"agent.fast_socket={socket.parent / 'agent.fast.sock'}",
         "--set", f"audit.signing_key={audit.parent / 'keys' / 'audit.pem'}",
         "--set", f"audit.witness_path={audit.parent / 'witness'}",
         "--set", "agent.port=0", "--set", "health.port=0", "--set", "http.port=0",

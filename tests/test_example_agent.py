@@ -27,6 +27,7 @@ def cli_daemon(tmp_path):
         [
             *CLI, "run", "--config", "config/kynara.yaml",
             "--set", f"agent.socket={socket}", "--set", "agent.port=0",
+            "--set", f"agent.fast_socket={tmp_path / 'agent.fast.sock'}",
             "--set", "health.port=0", "--set", "http.port=0",
             "--set", f"audit.path={audit}", *_key_and_witness(tmp_path),
         ],

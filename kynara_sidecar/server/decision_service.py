@@ -265,7 +265,20 @@ class DecisionService:
             raise ShuttingDown("the daemon is shutting down; wait on another replica")
         self._check_size(raw)
         request = _decode(pb.WaitApprovalRequest, raw)
-        approval_id = request.approval_id
+        return self.own_approval(request.approval_id, authorization)
+
+    def own_approval(self, approval_id: str, authorization: str) -> Approval:
+        """The approval ``approval_id`` of the agent ``authorization`` names,
+        as it is now: what a wait begins with (every door's rule).
+
+        Raises:
+            ShuttingDown: the daemon is stopping (``close``).
+            InvalidRequest: no approval id.
+            IdentityInvalid: as ``Pipeline.agent_of``.
+            NotFound: no such approval, or another agent's.
+        """
+        if self._closing.is_set():
+            raise ShuttingDown("the daemon is shutting down; wait on another replica")
         if not approval_id:
             raise InvalidRequest(
                 "expected an approval id, got none", field="approval_id"
@@ -292,16 +305,16 @@ class DecisionService:
         except Exception:
             await abort_with(context, _internal_error())
         try:
-            async for state in self._states(approval):
+            async for state in self.states(approval):
                 yield approval_update(state)
         except KynaraError as err:
             await abort_with(context, err)
         except Exception:
             await abort_with(context, _internal_error())
 
-    async def _states(self, first: Approval) -> AsyncIterator[Approval]:
+    async def states(self, first: Approval) -> AsyncIterator[Approval]:
         """The approval now, then each change, until a state ending the wait
-        or shutdown (``ShuttingDown``)."""
+        or shutdown (``ShuttingDown``); what every door's wait sends."""
         yield first
         if first.state in WAIT_END_STATES:
             return

@@ -29,8 +29,12 @@ __all__ = [
     "MAX_VALUE_DEPTH",
     "answer_to_proto",
     "approval_to_proto",
+    "check_key",
+    "check_nesting",
+    "duration_from_parts",
     "explanation_to_proto",
     "request_from_proto",
+    "timestamp_from_parts",
     "value_from_proto",
 ]
 
@@ -58,7 +62,9 @@ VERDICT_TO_PROTO = {
 }
 
 
-def _timestamp(msg: Any, path: str) -> Timestamp:
+def timestamp_from_parts(msg: Any, path: str) -> Timestamp:
+    """A ``Timestamp`` from anything with ``seconds`` and ``nanos`` (every
+    front door's rule); ``InvalidRequest`` naming ``path`` when out of range."""
     if not MIN_TIMESTAMP_SECONDS <= msg.seconds <= MAX_TIMESTAMP_SECONDS:
         raise InvalidRequest(
             f"expected a timestamp in years 0001..9999, got seconds={msg.seconds}",
@@ -71,7 +77,9 @@ def _timestamp(msg: Any, path: str) -> Timestamp:
     return Timestamp(msg.seconds, msg.nanos)
 
 
-def _duration(msg: Any, path: str) -> Duration:
+def duration_from_parts(msg: Any, path: str) -> Duration:
+    """A ``Duration`` from anything with ``seconds`` and ``nanos`` (every
+    front door's rule); ``InvalidRequest`` naming ``path`` when out of range."""
     if abs(msg.seconds) > MAX_DURATION_SECONDS or abs(msg.nanos) > MAX_NANOS:
         raise InvalidRequest("duration out of range", field=path)
     if msg.seconds and msg.nanos and (msg.seconds > 0) != (msg.nanos > 0):
@@ -79,18 +87,40 @@ def _duration(msg: Any, path: str) -> Duration:
     return Duration(msg.seconds, msg.nanos)
 
 
+def check_key(key: str, path: str) -> None:
+    """Refuse a map key every front door refuses: empty, or holding NUL."""
+    # The CEL runtime cuts strings at NUL, so "a" and "a\x00b" would
+    # collide in a policy's view of the map.
+    if not key or "\x00" in key:
+        raise InvalidRequest(
+            f"expected a non-empty key without NUL, got {key!r}", field=path
+        )
+
+
+def check_nesting(depth: int, path: str) -> None:
+    """Refuse a list or map at ``depth`` (lists and maps enclosing it within
+    its request field) past ``MAX_VALUE_DEPTH``."""
+    if depth >= MAX_VALUE_DEPTH:
+        raise InvalidRequest(
+            f"expected lists and maps nested at most {MAX_VALUE_DEPTH} deep",
+            field=path,
+        )
+
+
 def _map(entries: Any, path: str, depth: int) -> dict[str, Any]:
     for key in entries:
-        # The CEL runtime cuts strings at NUL, so "a" and "a\x00b" would
-        # collide in a policy's view of the map.
-        if not key or "\x00" in key:
-            raise InvalidRequest(
-                f"expected a non-empty key without NUL, got {key!r}", field=path
-            )
-    return {
-        key: value_from_proto(value, f"{path}[{key!r}]", depth)
-        for key, value in entries.items()
-    }
+        check_key(key, path)
+    out = {}
+    for key, value in entries.items():
+        # Scalars directly: the common case, without building the path that
+        # only an error message needs.
+        kind = value.WhichOneof("kind")
+        convert = _SCALARS.get(kind)
+        if convert is not None:
+            out[key] = convert(getattr(value, kind))
+        else:
+            out[key] = value_from_proto(value, f"{path}[{key!r}]", depth)
+    return out
 
 
 _SCALARS = {
@@ -115,19 +145,16 @@ def value_from_proto(value: pb.Value, path: str, depth: int = 0) -> Any:
         InvalidRequest: the value is unset, too deep or out of range.
     """
     kind = value.WhichOneof("kind")
-    if kind in ("list_value", "map_value") and depth >= MAX_VALUE_DEPTH:
-        raise InvalidRequest(
-            f"expected lists and maps nested at most {MAX_VALUE_DEPTH} deep",
-            field=path,
-        )
+    if kind in ("list_value", "map_value"):
+        check_nesting(depth, path)
     if kind is None:
         raise InvalidRequest("expected a value, got an empty Value", field=path)
     if kind in _SCALARS:
         return _SCALARS[kind](getattr(value, kind))
     if kind == "timestamp_value":
-        return _timestamp(value.timestamp_value, f"{path}.timestamp_value")
+        return timestamp_from_parts(value.timestamp_value, f"{path}.timestamp_value")
     if kind == "duration_value":
-        return _duration(value.duration_value, f"{path}.duration_value")
+        return duration_from_parts(value.duration_value, f"{path}.duration_value")
     if kind == "list_value":
         return [
             value_from_proto(item, f"{path}[{i}]", depth + 1)

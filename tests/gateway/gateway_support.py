@@ -193,6 +193,7 @@ def stdio_gateway_params(
     state = setup.root / "stdio"
     sets = [
         f"agent.socket={state / 'agent.sock'}",
+        f"agent.fast_socket={state / 'agent.fast.sock'}",
         "agent.port=-1",
         "health.port=-1",
         "http.port=0",

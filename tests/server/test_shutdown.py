@@ -113,6 +113,7 @@ def test_sigterm_under_load_exits_zero_and_loses_no_answer(tmp_path):
                 sys.executable, "-m", "kynara_sidecar.cli", "run",
                 "--config", "config/kynara.yaml",
                 "--set", f"agent.socket={socket}", "--set", "agent.port=0",
+                "--set", f"agent.fast_socket={tmp_path / 'agent.fast.sock'}",
                 "--set", "health.port=0", "--set", "http.port=0",
                 "--set", f"audit.path={audit}",
                 "--set", f"audit.signing_key={tmp_path / 'keys' / 'audit.pem'}",

@@ -62,6 +62,7 @@ def test_sigterm_ends_the_daemon_while_a_store_call_hangs(tmp_path):
     log = tmp_path / "daemon.log"
     overrides = [
         f"agent.socket={tmp_path / 'agent.sock'}",
+        f"agent.fast_socket={tmp_path / 'agent.fast.sock'}",
         "agent.port=0",
         "health.port=0",
         "http.port=0",
