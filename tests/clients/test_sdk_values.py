@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kynara.v1 import decision_pb2
 from kynara_sdk import UInt64
+from kynara_sdk._proto import build_request
 from kynara_sdk._values import MAX_DEPTH, to_value, to_value_map
-from kynara_sdk._wire import build_request
 from kynara_sdk.decision import DecisionRequest
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")

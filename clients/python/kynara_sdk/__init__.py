@@ -16,13 +16,24 @@ Quick start::
 Errors carry a stable ``code`` (``kynara_sdk.INVALID_REQUEST``, ...,
 ``DAEMON_UNREACHABLE``); match on it, never on message text.
 
+The client speaks the daemon's fast path (MessagePack on its own Unix socket)
+when that socket is there, else gRPC (``pip install 'kynara-sdk[grpc]'``);
+``transport=`` or ``$KYNARA_TRANSPORT`` says otherwise.
+
 A tool that should wait for a reviewer rather than raise ``ApprovalRequired``
 says so: ``@permission_required(..., on_approval="wait",
 approval_timeout=600)``.
 """
 
 from kynara_sdk._values import UInt64
-from kynara_sdk.client import DEFAULT_TARGET, TARGET_ENV, AsyncClient, Client
+from kynara_sdk.client import (
+    DEFAULT_TARGET,
+    FAST_SOCKET_NAME,
+    TARGET_ENV,
+    TRANSPORT_ENV,
+    AsyncClient,
+    Client,
+)
 from kynara_sdk.decision import (
     ALLOW,
     DENY,
@@ -76,6 +87,7 @@ __all__ = [
     "DAEMON_UNREACHABLE",
     "DEFAULT_TARGET",
     "DENY",
+    "FAST_SOCKET_NAME",
     "IDENTITY_INVALID",
     "INTERNAL",
     "INVALID_REQUEST",
@@ -85,6 +97,7 @@ __all__ = [
     "REQUIRE_APPROVAL",
     "SHUTTING_DOWN",
     "TARGET_ENV",
+    "TRANSPORT_ENV",
     "Approval",
     "ApprovalError",
     "ApprovalExpired",

@@ -1,4 +1,4 @@
-"""Clients for the daemon's ``DecisionService``: ``Client`` and ``AsyncClient``.
+"""Clients for the Kynara daemon: ``Client`` and ``AsyncClient``.
 
 Both have the same shape. ``decide`` returns the ``Decision`` whatever it is
 (a deny is an answer, not an error) and raises ``KynaraError`` only when no
@@ -6,41 +6,46 @@ answer was given; ``decide_batch`` answers each item on its own. The
 decorator in ``kynara_sdk.decorator`` turns deny and require_approval into
 exceptions.
 
-The target is a gRPC target string: ``unix:///run/kynara/agent.sock`` or
-``127.0.0.1:50151``. Without one the client reads ``KYNARA_TARGET``, then
-falls back to ``DEFAULT_TARGET``.
+Two transports carry the same calls with the same answers and errors: the
+fast path (framed MessagePack on the daemon's own Unix socket,
+protos/fastpath.md; needs msgspec only) and gRPC (``kynara-sdk[grpc]``).
+The target is ``unix:///run/kynara/agent.sock`` (gRPC, with the fast path's
+socket ``agent.fast.sock`` beside it), ``fast:///path/agent.fast.sock`` or
+``127.0.0.1:50151`` (gRPC only). Without one the client reads
+``KYNARA_TARGET``, then falls back to ``DEFAULT_TARGET``. The rule that picks
+the transport is in ``kynara_sdk._target``: by default the fast path when its
+socket exists, else gRPC.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pathlib
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import grpc
-import grpc.aio
-from kynara.v1 import decision_pb2, decision_pb2_grpc
-
-from kynara_sdk._wire import (
-    WAIT_END_STATES,
-    approval_error,
-    build_request,
-    decision_from_proto,
-    error_from_rpc,
-    outcome_from_item,
-    update_from_proto,
-    wait_error,
+from kynara_sdk._target import (
+    AUTO,
+    FAST,
+    FAST_SOCKET_NAME,
+    GRPC_EXTRA,
+    TRANSPORT_ENV,
+    Route,
+    grpc_installed,
+    route,
 )
+from kynara_sdk._wire import ApprovalWait, batch_items
 from kynara_sdk.decision import ApprovalUpdate, Decision, DecisionRequest
-from kynara_sdk.errors import INTERNAL, KynaraError, KynaraUnavailable
+from kynara_sdk.errors import KynaraError, KynaraUnavailable
 
 __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "FAST_SOCKET_NAME",
     "SECRET_FILE_ENV",
     "TARGET_ENV",
+    "TRANSPORT_ENV",
     "AsyncClient",
     "Client",
     "resolve_target",
@@ -51,7 +56,8 @@ TARGET_ENV = "KYNARA_TARGET"
 # agents (identity.agents); each call then names its agent.
 SECRET_FILE_ENV = "KYNARA_AGENT_SECRET_FILE"
 # The socket a Kynara sidecar serves its agent on by convention (the shared
-# volume mounted at /run/kynara in the Kubernetes manifests).
+# volume mounted at /run/kynara in the Kubernetes manifests); the fast path's
+# socket is agent.fast.sock beside it.
 DEFAULT_TARGET = "unix:///run/kynara/agent.sock"
 # Seconds per call. A durable decision waits for one synced LMDB commit (well
 # under a millisecond); five seconds only trips on a stuck daemon, and a
@@ -65,51 +71,107 @@ def resolve_target(target: str | None = None) -> str:
     return target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
-def _credential_metadata(secret_file: str | None) -> tuple[tuple[str, str], ...]:
+def _credential(secret_file: str | None) -> str | None:
+    # The authorization value ("Bearer <secret>"), or None without a secret.
     path = secret_file or os.environ.get(SECRET_FILE_ENV)
     if not path:
-        return ()
+        return None
     try:
         secret = pathlib.Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"secret_file: cannot read {path}: {err}") from None
     if not secret:
         raise ValueError(f"secret_file: {path} is empty")
-    return (("authorization", f"Bearer {secret}"),)
+    return f"Bearer {secret}"
 
 
 class _Base:
     def __init__(
-        self, target: str | None, timeout: float, secret_file: str | None = None
+        self,
+        target: str | None,
+        timeout: float,
+        secret_file: str | None,
+        transport: str | None,
     ) -> None:
         self.timeout = _seconds(timeout)
         self.target = resolve_target(target)
-        self._metadata = _credential_metadata(secret_file)
+        self._route: Route = route(self.target, transport)
+        self._authorization = _credential(secret_file)
+        self._impl: Any = None
         self._closed = False
+
+    @property
+    def transport(self) -> str:
+        """``"fast"`` or ``"grpc"`` once settled (at the first call), else
+        the choice as asked: ``"auto"``, ``"fast"`` or ``"grpc"``."""
+        if self._impl is not None:
+            return self._impl.name
+        return self._route.transport
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} for {self.target} is closed")
 
+    def _choose(self, asynchronous: bool) -> Any:
+        """Settle the transport and make it; no I/O beyond a stat.
+
+        Raises:
+            KynaraUnavailable: ``auto`` found no fast path's socket and gRPC
+                is not installed, or ``grpc`` was asked without the extra.
+        """
+        chosen = self._route.transport
+        if chosen == AUTO:
+            chosen = FAST if self._route.fast_socket_exists() else "grpc"
+        if chosen == FAST:
+            from kynara_sdk._fast import AsyncFastTransport, FastTransport
+
+            kind = AsyncFastTransport if asynchronous else FastTransport
+            return kind(self._route.fast_socket, self.timeout, self._authorization)
+        if not grpc_installed():
+            looked = (
+                f"the fast path's socket {self._route.fast_socket} does not exist and "
+                if self._route.transport == AUTO and self._route.fast_socket
+                else ""
+            )
+            raise KynaraUnavailable(
+                f"no transport to the Kynara daemon at {self.target}: {looked}"
+                f"gRPC is not installed ({GRPC_EXTRA})"
+            )
+        from kynara_sdk._grpc import AsyncGrpcTransport, GrpcTransport
+
+        kind = AsyncGrpcTransport if asynchronous else GrpcTransport
+        metadata = (
+            (("authorization", self._authorization),) if self._authorization else ()
+        )
+        return kind(self._route.grpc_target, self.timeout, metadata)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"{type(self).__name__}(target={self.target!r}, {state})"
+        return (
+            f"{type(self).__name__}(target={self.target!r},"
+            f" transport={self.transport!r}, {state})"
+        )
 
 
 class Client(_Base):
-    """A blocking client; thread-safe, one channel shared by all threads.
+    """A blocking client; thread-safe, one connection shared by all threads.
 
     Args:
-        target: ``unix:///path/agent.sock`` or ``host:port`` on loopback;
-            default ``$KYNARA_TARGET``, then ``DEFAULT_TARGET``.
+        target: ``unix:///path/agent.sock``, ``fast:///path/agent.fast.sock``
+            or ``host:port`` on loopback; default ``$KYNARA_TARGET``, then
+            ``DEFAULT_TARGET``.
         timeout: seconds each call may take before it fails with
-            ``daemon_unreachable``.
+            ``daemon_unreachable``; the daemon is told the same deadline.
         secret_file: this agent's bearer secret, sent with every call, for a
             daemon serving several agents; default ``$KYNARA_AGENT_SECRET_FILE``.
+        transport: ``"auto"`` (the fast path when its socket exists, else
+            gRPC), ``"fast"`` or ``"grpc"``; default ``$KYNARA_TRANSPORT``,
+            then ``"auto"``.
 
     Raises:
-        TypeError, ValueError: ``timeout`` is not a positive number, or the
-            secret file cannot be read.
+        TypeError, ValueError: ``timeout`` is not a positive number, the
+            secret file cannot be read, or the transport does not suit the
+            target (a TCP target is gRPC only).
     """
 
     def __init__(
@@ -118,12 +180,10 @@ class Client(_Base):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         secret_file: str | None = None,
+        transport: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, secret_file)
-        # TODO(#11): client certificates as the other per-agent credential;
-        # only local insecure channels (Unix socket, loopback) are dialled.
-        self._channel = grpc.insecure_channel(self.target)
-        self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
+        super().__init__(target, timeout, secret_file, transport)
+        self._choosing = threading.Lock()
 
     def decide(
         self,
@@ -168,27 +228,19 @@ class Client(_Base):
             RuntimeError: the client is closed.
         """
         self._check_open()
-        request = build_request(
-            DecisionRequest(
-                action,
-                resource_kind,
-                resource_id,
-                attributes,
-                context,
-                user,
-                chain,
-                token,
-                request_id,
-                approval_id,
-            )
+        item = DecisionRequest(
+            action,
+            resource_kind,
+            resource_id,
+            attributes,
+            context,
+            user,
+            chain,
+            token,
+            request_id,
+            approval_id,
         )
-        try:
-            response = self._stub.Decide(
-                request, timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return decision_from_proto(response)
+        return (self._impl or self._settle()).decide(item)
 
     def decide_batch(
         self, requests: Iterable[DecisionRequest | Mapping[str, Any]]
@@ -209,23 +261,17 @@ class Client(_Base):
             RuntimeError: the client is closed.
         """
         self._check_open()
-        batch = _build_batch(requests)
-        try:
-            response = self._stub.DecideBatch(
-                batch, timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return _read_batch(batch, response)
+        items = batch_items(requests)
+        return (self._impl or self._settle()).decide_batch(items)
 
     def wait_approval(
         self, approval_id: str, timeout: float, *, decision_id: str = ""
     ) -> ApprovalUpdate:
         """Wait until a reviewer resolves one of this agent's approvals.
 
-        Streams the daemon's ``WaitApproval``: the approval's state at once,
-        then each change. Ending the wait, by timeout or otherwise, never
-        changes the approval.
+        Streams the approval's state from the daemon: at once, then each
+        change. Ending the wait, by timeout or otherwise, never changes the
+        approval.
 
         Args:
             approval_id: the approval (``ApprovalRequired.approval_id``).
@@ -246,26 +292,17 @@ class Client(_Base):
             RuntimeError: the client is closed.
         """
         self._check_open()
-        wait = _Wait(self.target, approval_id, timeout, decision_id)
-        stream = self._stub.WaitApproval(
-            wait.request, timeout=wait.timeout, metadata=self._metadata
-        )
-        try:
-            for message in stream:
-                resolved = wait.take(message)
-                if resolved is not None:
-                    return resolved
-        except grpc.RpcError as err:
-            raise wait.failed(err) from err
-        finally:
-            stream.cancel()
-        raise wait.ended_early()
+        wait = ApprovalWait(self.target, approval_id, _seconds(timeout), decision_id)
+        return (self._impl or self._settle()).wait_approval(wait)
 
     def close(self) -> None:
-        """Close the channel; later calls raise ``RuntimeError``. Idempotent."""
+        """Close the connection; later calls raise ``RuntimeError``. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._channel.close()
+            with self._choosing:
+                impl, self._impl = self._impl, None
+            if impl is not None:
+                impl.close()
 
     def __enter__(self) -> Client:
         return self
@@ -273,16 +310,24 @@ class Client(_Base):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _settle(self) -> Any:
+        with self._choosing:
+            self._check_open()
+            if self._impl is None:
+                self._impl = self._choose(asynchronous=False)
+            return self._impl
+
 
 class AsyncClient(_Base):
     """An asyncio client with the same methods as ``Client``, awaited.
 
-    The channel is opened on first use in the running event loop; used from
-    another loop later (a second ``asyncio.run``), it opens a new one there,
-    since a grpc.aio channel belongs to the loop that made it.
+    Its connection is opened on first use in the running event loop and
+    shared by all tasks there; used from another loop later (a second
+    ``asyncio.run``), it opens a new one there. A call cancelled by its
+    caller is cancelled at the daemon too.
 
     Args:
-        target, timeout, secret_file: as ``Client``.
+        target, timeout, secret_file, transport: as ``Client``.
     """
 
     def __init__(
@@ -291,11 +336,9 @@ class AsyncClient(_Base):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         secret_file: str | None = None,
+        transport: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, secret_file)
-        self._channel: grpc.aio.Channel | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stub: decision_pb2_grpc.DecisionServiceStub | None = None
+        super().__init__(target, timeout, secret_file, transport)
 
     async def decide(
         self,
@@ -313,68 +356,50 @@ class AsyncClient(_Base):
     ) -> Decision:
         """As ``Client.decide``, awaited."""
         self._check_open()
-        request = build_request(
-            DecisionRequest(
-                action,
-                resource_kind,
-                resource_id,
-                attributes,
-                context,
-                user,
-                chain,
-                token,
-                request_id,
-                approval_id,
-            )
+        item = DecisionRequest(
+            action,
+            resource_kind,
+            resource_id,
+            attributes,
+            context,
+            user,
+            chain,
+            token,
+            request_id,
+            approval_id,
         )
-        try:
-            response = await self._stub_here().Decide(
-                request, timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return decision_from_proto(response)
+        return await (self._impl or self._settle()).decide(item)
 
     async def decide_batch(
         self, requests: Iterable[DecisionRequest | Mapping[str, Any]]
     ) -> list[Decision | KynaraError]:
         """As ``Client.decide_batch``, awaited."""
         self._check_open()
-        batch = _build_batch(requests)
-        try:
-            response = await self._stub_here().DecideBatch(
-                batch, timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return _read_batch(batch, response)
+        items = batch_items(requests)
+        return await (self._impl or self._settle()).decide_batch(items)
 
     async def wait_approval(
         self, approval_id: str, timeout: float, *, decision_id: str = ""
     ) -> ApprovalUpdate:
         """As ``Client.wait_approval``, awaited."""
         self._check_open()
-        wait = _Wait(self.target, approval_id, timeout, decision_id)
-        stream = self._stub_here().WaitApproval(
-            wait.request, timeout=wait.timeout, metadata=self._metadata
-        )
-        try:
-            async for message in stream:
-                resolved = wait.take(message)
-                if resolved is not None:
-                    return resolved
-        except grpc.RpcError as err:
-            raise wait.failed(err) from err
-        finally:
-            stream.cancel()
-        raise wait.ended_early()
+        wait = ApprovalWait(self.target, approval_id, _seconds(timeout), decision_id)
+        return await (self._impl or self._settle()).wait_approval(wait)
 
     async def aclose(self) -> None:
-        """Close the channel; later calls raise ``RuntimeError``. Idempotent."""
+        """Close the connection; later calls raise ``RuntimeError``. Idempotent."""
         self._closed = True
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None and self._loop is asyncio.get_running_loop():
-            await channel.close()
+        impl, self._impl = self._impl, None
+        if impl is not None:
+            await impl.aclose()
+
+    def discard(self) -> None:
+        """Close without awaiting, from any thread: for a client whose event
+        loop may be gone (``close_default_clients``)."""
+        self._closed = True
+        impl, self._impl = self._impl, None
+        if impl is not None:
+            impl.discard()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -382,16 +407,11 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def _stub_here(self) -> decision_pb2_grpc.DecisionServiceStub:
-        loop = asyncio.get_running_loop()
-        if self._stub is None or self._loop is not loop:
-            # NOTE: a channel left behind on an earlier loop is dropped, not
-            # closed: its loop is gone (or not ours to run), and closing it
-            # from here would block on that loop.
-            self._channel = grpc.aio.insecure_channel(self.target)
-            self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
-            self._loop = loop
-        return self._stub
+    def _settle(self) -> Any:
+        # One event loop thread settles at a time; no lock needed.
+        if self._impl is None:
+            self._impl = self._choose(asynchronous=True)
+        return self._impl
 
 
 def _seconds(timeout: float) -> float:
@@ -402,86 +422,3 @@ def _seconds(timeout: float) -> float:
     if not timeout > 0:
         raise ValueError(f"timeout: expected seconds > 0, got {timeout}")
     return float(timeout)
-
-
-class _Wait:
-    """One ``wait_approval`` call: what the blocking and the asyncio loops
-    over its stream share (the request, the last update, the errors)."""
-
-    def __init__(
-        self, target: str, approval_id: str, timeout: float, decision_id: str
-    ) -> None:
-        self.target = target
-        self.approval_id = approval_id
-        self.timeout = _seconds(timeout)
-        self.decision_id = decision_id
-        self.request = decision_pb2.WaitApprovalRequest(approval_id=approval_id)
-        self.last: ApprovalUpdate | None = None
-
-    def take(self, message: decision_pb2.ApprovalUpdate) -> ApprovalUpdate | None:
-        """The approved update that ends the wait, None while it goes on.
-
-        Raises:
-            ApprovalError, KynaraError: as ``approval_error`` for an end
-                other than approved.
-        """
-        self.last = update_from_proto(message)
-        if self.last.state not in WAIT_END_STATES:
-            return None
-        error = approval_error(self.last, self.decision_id)
-        if error is not None:
-            raise error
-        return self.last
-
-    def failed(self, err: grpc.RpcError) -> KynaraError:
-        return wait_error(
-            err,
-            self.target,
-            self.approval_id,
-            self.timeout,
-            self.decision_id,
-            self.last,
-        )
-
-    def ended_early(self) -> KynaraUnavailable:
-        # The daemon closed the stream before a final state: it is stopping.
-        return KynaraUnavailable(
-            f"the Kynara daemon at {self.target} ended the wait on approval "
-            f"{self.approval_id} before it was resolved; wait again"
-        )
-
-
-def _build_batch(
-    requests: Iterable[DecisionRequest | Mapping[str, Any]],
-) -> decision_pb2.DecideBatchRequest:
-    items = []
-    for index, item in enumerate(requests):
-        if isinstance(item, Mapping):
-            try:
-                item = DecisionRequest(**item)
-            except TypeError as err:
-                raise TypeError(f"requests[{index}]: {err}") from None
-        elif not isinstance(item, DecisionRequest):
-            raise TypeError(
-                f"requests[{index}]: expected a DecisionRequest or a dict,"
-                f" got {type(item).__name__}"
-            )
-        try:
-            items.append(build_request(item))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"requests[{index}]: {err}") from err
-    return decision_pb2.DecideBatchRequest(items=items)
-
-
-def _read_batch(
-    batch: decision_pb2.DecideBatchRequest,
-    response: decision_pb2.DecideBatchResponse,
-) -> list[Decision | KynaraError]:
-    if len(response.items) != len(batch.items):
-        raise KynaraError(
-            INTERNAL,
-            f"expected one answer per request ({len(batch.items)}),"
-            f" got {len(response.items)}",
-            "items",
-        )
-    return [outcome_from_item(item) for item in response.items]

@@ -92,17 +92,21 @@ def default_async_client() -> AsyncClient:
 
 
 def close_default_clients() -> None:
-    """Close the shared sync clients and forget the shared async ones.
+    """Close the shared sync and async clients.
 
-    Async clients are dropped, not awaited: their channels belong to event
-    loops that may be gone. The next decorated call creates fresh clients.
+    Async clients are discarded, not awaited: their connections belong to
+    event loops that may be gone. The next decorated call creates fresh
+    clients.
     """
     with _lock:
         clients = list(_clients.values())
+        async_clients = list(_async_clients.values())
         _clients.clear()
         _async_clients.clear()
     for client in clients:
         client.close()
+    for async_client in async_clients:
+        async_client.discard()
 
 
 def permission_required(

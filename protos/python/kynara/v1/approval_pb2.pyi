@@ -1,11 +1,8 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -107,7 +104,7 @@ class Review(_message.Message):
     comment: str
     at: _timestamp_pb2.Timestamp
     via: str
-    def __init__(self, reviewer: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., verdict: _Optional[str] = ..., comment: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., via: _Optional[str] = ...) -> None: ...
+    def __init__(self, reviewer: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., verdict: _Optional[str] = ..., comment: _Optional[str] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., via: _Optional[str] = ...) -> None: ...
 
 class ApprovalDetail(_message.Message):
     __slots__ = ("id", "state", "daemon_id", "agent_id", "chain", "action", "resource_kind", "resource_id", "attributes_json", "context_json", "rules", "risk", "policy_revision", "directory_revision", "created_at", "expires_at", "resolved_at", "reviews", "approvals_needed", "reviewer_roles", "allow_self_approval", "binding_digest", "decision_id", "used_by_decision_id", "url", "previous")
@@ -163,7 +160,7 @@ class ApprovalDetail(_message.Message):
     used_by_decision_id: str
     url: str
     previous: _containers.RepeatedCompositeFieldContainer[EarlierApproval]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., daemon_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., chain: _Optional[_Iterable[_Union[ChainPrincipal, _Mapping]]] = ..., action: _Optional[str] = ..., resource_kind: _Optional[str] = ..., resource_id: _Optional[str] = ..., attributes_json: _Optional[str] = ..., context_json: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[AskingRule, _Mapping]]] = ..., risk: _Optional[_Union[Risk, _Mapping]] = ..., policy_revision: _Optional[str] = ..., directory_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., approvals_needed: _Optional[int] = ..., reviewer_roles: _Optional[_Iterable[str]] = ..., allow_self_approval: _Optional[bool] = ..., binding_digest: _Optional[str] = ..., decision_id: _Optional[str] = ..., used_by_decision_id: _Optional[str] = ..., url: _Optional[str] = ..., previous: _Optional[_Iterable[_Union[EarlierApproval, _Mapping]]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., daemon_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., chain: _Optional[_Iterable[_Union[ChainPrincipal, _Mapping]]] = ..., action: _Optional[str] = ..., resource_kind: _Optional[str] = ..., resource_id: _Optional[str] = ..., attributes_json: _Optional[str] = ..., context_json: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[AskingRule, _Mapping]]] = ..., risk: _Optional[_Union[Risk, _Mapping]] = ..., policy_revision: _Optional[str] = ..., directory_revision: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., approvals_needed: _Optional[int] = ..., reviewer_roles: _Optional[_Iterable[str]] = ..., allow_self_approval: bool = ..., binding_digest: _Optional[str] = ..., decision_id: _Optional[str] = ..., used_by_decision_id: _Optional[str] = ..., url: _Optional[str] = ..., previous: _Optional[_Iterable[_Union[EarlierApproval, _Mapping]]] = ...) -> None: ...
 
 class EarlierApproval(_message.Message):
     __slots__ = ("id", "state", "reviewer", "comment", "resolved_at", "url")
@@ -179,4 +176,4 @@ class EarlierApproval(_message.Message):
     comment: str
     resolved_at: _timestamp_pb2.Timestamp
     url: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., reviewer: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., url: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., reviewer: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., url: _Optional[str] = ...) -> None: ...

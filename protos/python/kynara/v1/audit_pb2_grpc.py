@@ -5,7 +5,7 @@ import warnings
 
 from kynara.v1 import audit_pb2 as kynara_dot_v1_dot_audit__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kynara/v1/audit_pb2_grpc.py depends on'
+        + f' but the generated code in kynara/v1/audit_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class AuditServiceStub:
+class AuditServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class AuditServiceStub:
                 _registered_method=True)
 
 
-class AuditServiceServicer:
+class AuditServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetHead(self, request, context):
@@ -125,7 +125,7 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class AuditService:
+class AuditService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,13 +1,10 @@
-import datetime
-
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -125,7 +122,7 @@ class Value(_message.Message):
     duration_value: _duration_pb2.Duration
     list_value: ListValue
     map_value: MapValue
-    def __init__(self, int_value: _Optional[int] = ..., uint_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bool_value: _Optional[bool] = ..., bytes_value: _Optional[bytes] = ..., timestamp_value: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_value: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., list_value: _Optional[_Union[ListValue, _Mapping]] = ..., map_value: _Optional[_Union[MapValue, _Mapping]] = ...) -> None: ...
+    def __init__(self, int_value: _Optional[int] = ..., uint_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bool_value: bool = ..., bytes_value: _Optional[bytes] = ..., timestamp_value: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., duration_value: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., list_value: _Optional[_Union[ListValue, _Mapping]] = ..., map_value: _Optional[_Union[MapValue, _Mapping]] = ...) -> None: ...
 
 class ListValue(_message.Message):
     __slots__ = ("values",)
@@ -188,7 +185,7 @@ class DecideRequest(_message.Message):
     context: _containers.MessageMap[str, Value]
     explain: bool
     approval_id: str
-    def __init__(self, request_id: _Optional[str] = ..., delegation_token: _Optional[str] = ..., asserted_chain: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Mapping[str, Value]] = ..., explain: _Optional[bool] = ..., approval_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., delegation_token: _Optional[str] = ..., asserted_chain: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Mapping[str, Value]] = ..., explain: bool = ..., approval_id: _Optional[str] = ...) -> None: ...
 
 class MatchedRule(_message.Message):
     __slots__ = ("policy", "rule", "effect", "principal", "shadow")
@@ -202,7 +199,7 @@ class MatchedRule(_message.Message):
     effect: Decision
     principal: str
     shadow: bool
-    def __init__(self, policy: _Optional[str] = ..., rule: _Optional[str] = ..., effect: _Optional[_Union[Decision, str]] = ..., principal: _Optional[str] = ..., shadow: _Optional[bool] = ...) -> None: ...
+    def __init__(self, policy: _Optional[str] = ..., rule: _Optional[str] = ..., effect: _Optional[_Union[Decision, str]] = ..., principal: _Optional[str] = ..., shadow: bool = ...) -> None: ...
 
 class ConditionError(_message.Message):
     __slots__ = ("policy", "rule", "principal", "message")
@@ -230,7 +227,7 @@ class Approval(_message.Message):
     state: str
     reviewers: _containers.RepeatedScalarFieldContainer[str]
     risk_score: int
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., reviewers: _Optional[_Iterable[str]] = ..., risk_score: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., expires_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., reviewers: _Optional[_Iterable[str]] = ..., risk_score: _Optional[int] = ...) -> None: ...
 
 class WaitApprovalRequest(_message.Message):
     __slots__ = ("approval_id",)
@@ -254,7 +251,7 @@ class ApprovalUpdate(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     reviewers: _containers.RepeatedScalarFieldContainer[str]
     comment: str
-    def __init__(self, approval_id: _Optional[str] = ..., state: _Optional[str] = ..., approvals: _Optional[int] = ..., approvals_needed: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewers: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ...) -> None: ...
+    def __init__(self, approval_id: _Optional[str] = ..., state: _Optional[str] = ..., approvals: _Optional[int] = ..., approvals_needed: _Optional[int] = ..., expires_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., reviewers: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
     __slots__ = ("decision", "decision_id", "matched_rules", "reason_code", "reason", "policy_revision", "directory_revision", "audit_sequence", "record_hash", "approval", "condition_errors", "chain", "request_id", "explanation")
@@ -310,7 +307,7 @@ class RuleTrace(_message.Message):
     shadow: bool
     condition: str
     error: str
-    def __init__(self, policy: _Optional[str] = ..., rule: _Optional[str] = ..., effect: _Optional[_Union[Decision, str]] = ..., action_matched: _Optional[bool] = ..., resource_matched: _Optional[bool] = ..., roles_matched: _Optional[bool] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., shadow: _Optional[bool] = ..., condition: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, policy: _Optional[str] = ..., rule: _Optional[str] = ..., effect: _Optional[_Union[Decision, str]] = ..., action_matched: bool = ..., resource_matched: bool = ..., roles_matched: bool = ..., verdict: _Optional[_Union[Verdict, str]] = ..., shadow: bool = ..., condition: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PrincipalExplanation(_message.Message):
     __slots__ = ("principal", "roles", "decision", "reason_code", "decided_by", "rules")

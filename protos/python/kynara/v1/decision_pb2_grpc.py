@@ -5,7 +5,7 @@ import warnings
 
 from kynara.v1 import decision_pb2 as kynara_dot_v1_dot_decision__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kynara/v1/decision_pb2_grpc.py depends on'
+        + f' but the generated code in kynara/v1/decision_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class DecisionServiceStub:
+class DecisionServiceStub(object):
     """DecisionService answers "may this subject do this action on this resource,
     right now?" and writes every answer to the daemon's audit log before
     returning it (in the default durable mode).
@@ -54,7 +54,7 @@ class DecisionServiceStub:
                 _registered_method=True)
 
 
-class DecisionServiceServicer:
+class DecisionServiceServicer(object):
     """DecisionService answers "may this subject do this action on this resource,
     right now?" and writes every answer to the daemon's audit log before
     returning it (in the default durable mode).
@@ -114,7 +114,7 @@ def add_DecisionServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class DecisionService:
+class DecisionService(object):
     """DecisionService answers "may this subject do this action on this resource,
     right now?" and writes every answer to the daemon's audit log before
     returning it (in the default durable mode).

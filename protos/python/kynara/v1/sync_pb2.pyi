@@ -8,7 +8,7 @@ class SyncNowRequest(_message.Message):
     __slots__ = ("force",)
     FORCE_FIELD_NUMBER: _ClassVar[int]
     force: bool
-    def __init__(self, force: _Optional[bool] = ...) -> None: ...
+    def __init__(self, force: bool = ...) -> None: ...
 
 class SyncNowResponse(_message.Message):
     __slots__ = ("outcome", "revision", "previous_revision", "error", "digest")

@@ -5,7 +5,7 @@ import warnings
 
 from kynara.v1 import sync_pb2 as kynara_dot_v1_dot_sync__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kynara/v1/sync_pb2_grpc.py depends on'
+        + f' but the generated code in kynara/v1/sync_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SyncServiceStub:
+class SyncServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -41,7 +41,7 @@ class SyncServiceStub:
                 _registered_method=True)
 
 
-class SyncServiceServicer:
+class SyncServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def SyncNow(self, request, context):
@@ -69,7 +69,7 @@ def add_SyncServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class SyncService:
+class SyncService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
