@@ -49,6 +49,25 @@ Theory of operation
    misses. Tracing walks the whole set, so the normal path never does it;
    the trace reads what steps 2 and 3 computed and cannot change them.
 
+Caching
+-------
+What does not depend on the request is worked out once per policy set and
+directory, in an ``EvaluationCache`` the caller keeps while that pair is
+active (the pipeline makes a new one on each activation, so a policy or
+directory change takes effect on the very next decision): each principal
+as the directory resolves it (effective roles and its CEL map), each
+chain's refusal check, each (resource kind, action)'s candidate rules,
+which of them apply to a set of roles, and the CEL values of the env parts
+that stay the same from one request to the next. The caches are bounded:
+a table that reaches its size limit is cleared and refills.
+
+Two more savings make a decision cheaper without changing it. The
+variables are handed to CEL once per principal as a prepared activation
+rather than once per condition. And a condition that never names
+``principal`` sees the same variables for every principal of the chain,
+so it is evaluated once per decision and its verdict reused for the next
+principal whose roles make it a candidate.
+
 ``matched_rules`` lists, per principal and in rule order, every deny and
 require_approval rule that held or errored and every allow rule that held;
 ``condition_errors`` lists every condition that errored. The engine reads
@@ -77,10 +96,19 @@ from kynara_sidecar.decision import (
 )
 from kynara_sidecar.errors import ReasonCode
 from kynara_sidecar.policy.compiler import CompiledRule, Directory, PolicySet
-from kynara_sidecar.policy.conditions import ConditionFailure, to_cel_value
+from kynara_sidecar.policy.conditions import (
+    ConditionFailure,
+    prepare_activation,
+    to_cel_value,
+)
 from kynara_sidecar.policy.names import pattern_matches
 
-__all__ = ["could_allow", "evaluate"]
+__all__ = ["DEFAULT_CACHE_ENTRIES", "EvaluationCache", "could_allow", "evaluate"]
+
+# Entries per cache table: far more principals, chains and (kind, action)
+# pairs than a daemon's directory and agent produce, while a caller sending
+# made-up ids or names can only make the table clear and refill.
+DEFAULT_CACHE_ENTRIES = 4096
 
 # (rule effect, verdict) -> (outcome, reason code), strongest row first.
 _COMBINING: tuple[tuple[Effect, Verdict, Effect, ReasonCode], ...] = (
@@ -134,6 +162,134 @@ class _Outcome(msgspec.Struct, frozen=True):
 class _Resolved(msgspec.Struct, frozen=True):
     ref: PrincipalRef
     cel: dict[str, Any]
+    # The effective roles as a set, for matching rules' roles.
+    roles: frozenset[str] = frozenset()
+
+
+class _Chain(msgspec.Struct, frozen=True):
+    """A chain as the directory resolves it, and what does not depend on
+    the request: why it is refused (None when it is not) and its CEL parts."""
+
+    resolved: tuple[_Resolved, ...]
+    refs: tuple[PrincipalRef, ...]
+    refusal: tuple[ReasonCode, str] | None
+    cel_chain: dict[str, Any]
+
+
+class EvaluationCache:
+    """What ``evaluate`` works out alike for every request under one policy
+    set and directory (see "Caching" above).
+
+    Make one per activated (policy set, directory) pair and pass it to each
+    ``evaluate`` of that pair; ``evaluate`` ignores a cache made for another
+    pair. Not thread safe: use it from one thread (the event loop).
+
+    Args:
+        policy_set: the compiled policies it caches for.
+        directory: the directory it caches for.
+        max_entries: the size at which a table is cleared.
+    """
+
+    def __init__(
+        self,
+        policy_set: PolicySet,
+        directory: Directory,
+        *,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+    ):
+        self.policy_set = policy_set
+        self.directory = directory
+        self._max = max_entries
+        self._principals: dict[str, _Resolved] = {}
+        self._chains: dict[tuple[str, ...], _Chain] = {}
+        self._candidates: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
+        self._applying: dict[
+            tuple[str, str, frozenset[str]], tuple[CompiledRule, ...]
+        ] = {}
+        # (daemon_id, environment, region, labels) and their CEL values.
+        self._env_key: tuple[str, str, str, Mapping[str, str]] | None = None
+        self._env_cel: dict[str, Any] = {}
+
+    def principal(self, principal_id: str) -> _Resolved:
+        """The principal as the directory resolves it."""
+        found = self._principals.get(principal_id)
+        if found is None:
+            found = _resolve(self.policy_set, self.directory, principal_id)
+            _bounded_put(self._principals, principal_id, found, self._max)
+        return found
+
+    def chain(self, ids: tuple[str, ...]) -> _Chain:
+        """The chain resolved, with its refusal and CEL parts."""
+        found = self._chains.get(ids)
+        if found is None:
+            resolved = tuple(self.principal(pid) for pid in ids)
+            refs = tuple(item.ref for item in resolved)
+            found = _Chain(
+                resolved=resolved,
+                refs=refs,
+                refusal=_refuse_chain(refs),
+                cel_chain={"ids": list(ids), "depth": len(ids)},
+            )
+            _bounded_put(self._chains, ids, found, self._max)
+        return found
+
+    def candidates(self, kind: str, action: str) -> tuple[CompiledRule, ...]:
+        """``PolicySet.candidate_rules``, looked up once per pair."""
+        key = (kind, action)
+        found = self._candidates.get(key)
+        if found is None:
+            found = self.policy_set.candidate_rules(kind, action)
+            _bounded_put(self._candidates, key, found, self._max)
+        return found
+
+    def applying(
+        self, kind: str, action: str, roles: frozenset[str]
+    ) -> tuple[CompiledRule, ...]:
+        """The candidates whose roles meet ``roles``, in set order."""
+        key = (kind, action, roles)
+        found = self._applying.get(key)
+        if found is None:
+            found = tuple(
+                rule for rule in self.candidates(kind, action) if rule.applies_to(roles)
+            )
+            _bounded_put(self._applying, key, found, self._max)
+        return found
+
+    def shares(self, rule: CompiledRule) -> bool:
+        """Whether the rule's condition gives every principal one verdict:
+        it never names ``principal`` (read from the checked expression at
+        load, so no walk over the set here)."""
+        condition = rule.condition
+        return condition is not None and "principal" not in condition.variables
+
+    def env_values(self, env: Env) -> dict[str, Any]:
+        """The CEL values of ``env`` (``to_cel_value``), the parts that do
+        not change per request converted once.
+
+        Raises:
+            ValueError: a map key holds NUL (as ``to_cel_value``).
+        """
+        key = (env.daemon_id, env.environment, env.region, env.labels)
+        if key != self._env_key:
+            self._env_cel = {
+                "daemon_id": to_cel_value(env.daemon_id),
+                "environment": to_cel_value(env.environment),
+                "region": to_cel_value(env.region),
+                "labels": to_cel_value(env.labels),
+            }
+            self._env_key = key
+        return {
+            "now": to_cel_value(env.now),
+            "agent_id": to_cel_value(env.agent_id),
+            "peer": to_cel_value(env.peer),
+            **self._env_cel,
+        }
+
+
+def _bounded_put(table: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    if len(table) >= limit:
+        table.clear()
+    table[key] = value
 
 
 def evaluate(
@@ -143,6 +299,7 @@ def evaluate(
     env: Env,
     *,
     explain: bool = False,
+    cache: EvaluationCache | None = None,
 ) -> Decision:
     """Decide a request against a policy set and a directory.
 
@@ -153,6 +310,9 @@ def evaluate(
         env: What the daemon knows, with the request's instant as ``now``.
         explain: Also trace every rule for every principal into
             ``Decision.explanation``; the decision itself is the same.
+        cache: What earlier decisions under this same policy set and
+            directory worked out; one made for another pair is ignored.
+            The decision is the same with or without it.
 
     Returns:
         The decision, with the resolved chain, matched rules, condition
@@ -160,13 +320,19 @@ def evaluate(
         raises for a policy outcome: unknown principals and failing
         conditions are answers.
     """
-    resolved = tuple(_resolve(policy_set, directory, pid) for pid in request.chain)
-    chain = tuple(item.ref for item in resolved)
+    if (
+        cache is None
+        or cache.policy_set is not policy_set
+        or cache.directory is not directory
+    ):
+        cache = EvaluationCache(policy_set, directory)
+    resolved_chain = cache.chain(request.chain)
+    resolved, chain = resolved_chain.resolved, resolved_chain.refs
     revisions = {
         "policy_revision": policy_set.revision,
         "directory_revision": directory.revision,
     }
-    refusal = _refuse_chain(chain)
+    refusal = resolved_chain.refusal
     if refusal:
         reason_code, reason = refusal
         explanation = None
@@ -181,10 +347,15 @@ def evaluate(
             explanation=explanation,
         )
 
-    candidates = policy_set.candidate_rules(request.resource.kind, request.action)
-    shared = _shared_activation(request, env, resolved)
+    shared = _shared_activation(request, env, resolved_chain, cache)
+    kind, action = request.resource.kind, request.action
+    # Verdicts of conditions that give every principal the same one.
+    reused: dict[int, _Evaluated] = {}
     evaluations = tuple(
-        _evaluate_principal(item, candidates, shared) for item in resolved
+        _evaluate_principal(
+            item, cache.applying(kind, action, item.roles), shared, cache, reused
+        )
+        for item in resolved
     )
     enforced = tuple(
         _combine(ref.id, [e for e in evaluated if not e.rule.shadow])
@@ -257,7 +428,8 @@ def _resolve(
     principal = directory.lookup(principal_id)
     if principal is None:
         return _Resolved(PrincipalRef(principal_id, known=False, active=False), {})
-    roles = tuple(sorted(policy_set.effective_roles(principal.roles)))
+    effective = policy_set.effective_roles(principal.roles)
+    roles = tuple(sorted(effective))
     ref = PrincipalRef(principal.id, principal.kind, roles, active=principal.active)
     cel = {
         "id": principal.id,
@@ -265,7 +437,7 @@ def _resolve(
         "roles": list(roles),
         "attr": principal.cel_attributes,
     }
-    return _Resolved(ref, cel)
+    return _Resolved(ref, cel, frozenset(effective))
 
 
 def _refuse_chain(chain: Sequence[PrincipalRef]) -> tuple[ReasonCode, str] | None:
@@ -294,44 +466,61 @@ def _refuse_chain(chain: Sequence[PrincipalRef]) -> tuple[ReasonCode, str] | Non
 
 
 def _shared_activation(
-    request: DecisionRequest, env: Env, resolved: Sequence[_Resolved]
+    request: DecisionRequest,
+    env: Env,
+    chain: _Chain,
+    cache: EvaluationCache,
 ) -> dict[str, Any] | ConditionFailure:
     """The variables every principal shares; a failure when the request's
     values cannot be handed to CEL, so that every condition fails closed."""
     # The gRPC front door refuses map keys holding NUL as invalid_request;
     # a door that lets one through still fails closed here.
     try:
-        return _variables(request, env, resolved)
+        return _variables(request, env, chain, cache)
     except ValueError as err:
         return ConditionFailure(f"could not pass the request to CEL: {err}")
 
 
 def _variables(
-    request: DecisionRequest, env: Env, resolved: Sequence[_Resolved]
+    request: DecisionRequest, env: Env, chain: _Chain, cache: EvaluationCache
 ) -> dict[str, Any]:
+    resolved = chain.resolved
     return {
         "user": resolved[0].cel,
         "agent": resolved[-1].cel,
-        "chain": {"ids": list(request.chain), "depth": len(request.chain)},
+        "chain": chain.cel_chain,
         "action": request.action,
         "resource": {
             "kind": request.resource.kind,
             "id": to_cel_value(request.resource.id),
-            "attr": to_cel_value(request.resource.attributes),
+            "attr": _cel_map(request.resource.attributes),
         },
-        "context": to_cel_value(request.context),
-        "env": to_cel_value(
-            {
-                "now": env.now,
-                "daemon_id": env.daemon_id,
-                "agent_id": env.agent_id,
-                "environment": env.environment,
-                "region": env.region,
-                "labels": env.labels,
-                "peer": env.peer,
-            }
-        ),
+        "context": _cel_map(request.context),
+        "env": cache.env_values(env),
     }
+
+
+# Values CEL takes as they are (``to_cel_value`` returns them unchanged);
+# bool, int and str exactly, not their subclasses such as UInt64.
+_PLAIN = frozenset({bool, int, float})
+
+
+def _cel_map(values: Mapping[str, Any]) -> Any:
+    """``to_cel_value`` of a request's map; the map itself when every key
+    and value is already what CEL takes (the usual flat context), which
+    saves copying it."""
+    if type(values) is not dict:
+        return to_cel_value(values)
+    for key, item in values.items():
+        kind = type(item)
+        if type(key) is not str or "\x00" in key:
+            return to_cel_value(values)
+        if kind is str:
+            if "\x00" in item:
+                return to_cel_value(values)
+        elif kind not in _PLAIN:
+            return to_cel_value(values)
+    return values
 
 
 # --- one principal -------------------------------------------------------------
@@ -339,26 +528,48 @@ def _variables(
 
 def _evaluate_principal(
     resolved: _Resolved,
-    candidates: Sequence[CompiledRule],
+    applying: Sequence[CompiledRule],
     shared: Mapping[str, Any] | ConditionFailure,
+    cache: EvaluationCache,
+    reused: dict[int, _Evaluated],
 ) -> tuple[_Evaluated, ...]:
-    roles = frozenset(resolved.ref.roles)
-    data = shared
-    if not isinstance(shared, ConditionFailure):
-        data = {**shared, "principal": resolved.cel}
-    return tuple(
-        _evaluate_rule(rule, data) for rule in candidates if rule.applies_to(roles)
-    )
+    """Each applying rule's verdict for this principal, in set order.
+
+    The variables go to CEL once, as one prepared activation, and only when
+    some condition here needs them; ``reused`` holds the verdicts of
+    conditions that cannot read ``principal`` (``EvaluationCache.shares``),
+    given by an earlier principal of the chain, and takes this one's.
+    """
+    activation: Any = None
+    evaluated = []
+    for rule in applying:
+        if rule.condition is None:
+            evaluated.append(_Evaluated(rule, Verdict.HELD))
+            continue
+        item = reused.get(rule.order)
+        if item is None:
+            if activation is None:
+                activation = _activation(resolved, shared)
+            item = _evaluate_rule(rule, activation)
+            if cache.shares(rule):
+                reused[rule.order] = item
+        evaluated.append(item)
+    return tuple(evaluated)
 
 
-def _evaluate_rule(
-    rule: CompiledRule, data: Mapping[str, Any] | ConditionFailure
-) -> _Evaluated:
-    if rule.condition is None:
-        return _Evaluated(rule, Verdict.HELD)
-    result = data
-    if not isinstance(data, ConditionFailure):
-        result = rule.condition.evaluate(data)
+def _activation(
+    resolved: _Resolved, shared: Mapping[str, Any] | ConditionFailure
+) -> Any:
+    if isinstance(shared, ConditionFailure):
+        return shared
+    return prepare_activation({**shared, "principal": resolved.cel})
+
+
+def _evaluate_rule(rule: CompiledRule, activation: Any) -> _Evaluated:
+    assert rule.condition is not None
+    result = activation
+    if not isinstance(activation, ConditionFailure):
+        result = rule.condition.evaluate_prepared(activation)
     if isinstance(result, ConditionFailure):
         return _Evaluated(rule, Verdict.ERRORED, result.message)
     return _Evaluated(rule, Verdict.HELD if result else Verdict.NOT_HELD)

@@ -62,6 +62,8 @@ __all__ = [
     "check_record",
     "decode_record",
     "encode_record",
+    "encode_unsequenced",
+    "sequenced",
     "verify_chain",
 ]
 
@@ -79,6 +81,60 @@ def encode_record(record: AuditRecordV1) -> bytes:
         msgspec.EncodeError: a field holds something JSON cannot hold.
     """
     return msgspec.json.encode(record, order="sorted")
+
+
+# The record's fields that sort after ``seq``, with what each defaults to
+# (a field equal to its default is left out of the bytes).
+_AFTER_SEQ = tuple(
+    (field.encode_name, field.default, field.default_factory)
+    for field in sorted(
+        msgspec.structs.fields(AuditRecordV1), key=lambda field: field.encode_name
+    )
+    if field.encode_name > "seq"
+)
+
+
+def encode_unsequenced(record: AuditRecordV1) -> bytes:
+    """The record's canonical bytes without a ``seq`` (as if it were 0),
+    for ``sequenced`` to complete once the sequence number is known.
+
+    Raises:
+        msgspec.EncodeError: as ``encode_record``.
+    """
+    if record.seq:
+        record = msgspec.structs.replace(record, seq=0)
+    return encode_record(record)
+
+
+def sequenced(unsequenced: bytes, record: AuditRecordV1, seq: int) -> bytes:
+    """``encode_record`` of ``record`` numbered ``seq``, from its
+    ``encode_unsequenced`` bytes: ``"seq":<n>`` is put in before the fields
+    that sort after it, so the record is not encoded a second time.
+
+    The fields after ``seq`` (``shadow_effect``, ``time``, ``v`` today) are
+    encoded alone to find the place; should the bytes not end with them,
+    the record is encoded again whole, which gives the same bytes.
+
+    Args:
+        unsequenced: ``encode_unsequenced(record)``.
+        record: the record those bytes encode.
+        seq: its sequence number, 1 or more.
+    """
+    tail = {}
+    for name, default, factory in _AFTER_SEQ:
+        value = getattr(record, name)
+        if default is msgspec.NODEFAULT and factory is msgspec.NODEFAULT:
+            tail[name] = value
+        elif value != (factory() if default is msgspec.NODEFAULT else default):
+            tail[name] = value
+    # "{...}" of the trailing fields; its items end the record's bytes.
+    items = msgspec.json.encode(tail, order="sorted")[1:]
+    cut = len(unsequenced) - len(items)
+    if seq < 1 or cut < 1 or not unsequenced.endswith(items):
+        return encode_record(msgspec.structs.replace(record, seq=seq))
+    if unsequenced[cut - 1] not in b",{":
+        return encode_record(msgspec.structs.replace(record, seq=seq))
+    return b'%s"seq":%d,%s' % (unsequenced[:cut], seq, items)
 
 
 def decode_record(data: bytes) -> AuditRecordV1:

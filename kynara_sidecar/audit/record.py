@@ -365,6 +365,24 @@ def format_timestamp(value: Timestamp) -> str:
     )
 
 
+# The last whole second format_now formatted, and its text: decisions come
+# many to a second, so the date and time are formatted once per second.
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _format_now(value: Timestamp) -> str:
+    """``format_timestamp`` for a record's own instant (the clock's time),
+    reusing the formatting of the previous instant's second."""
+    global _last_second
+    if not 0 <= value.nanos < NANOS_PER_SECOND:
+        return format_timestamp(value)  # raises, naming the nanos
+    seconds, text = _last_second
+    if value.seconds != seconds:
+        text = format_timestamp(Timestamp(value.seconds))[:-1]
+        _last_second = (value.seconds, text)
+    return f"{text}{_fraction(value.nanos)}Z"
+
+
 def parse_timestamp(text: str) -> Timestamp:
     """Parse the form ``format_timestamp`` writes (UTC, ``Z`` suffix).
 
@@ -480,7 +498,15 @@ def _encode_map(value: Mapping[Any, Any], path: str) -> dict[str, Any]:
                 f"cannot encode the map at {path}: expected str keys, got "
                 f"{type(key).__name__} {key!r}"
             )
-        out[key] = _encode(item, f"{path}.{key}")
+        # The common exact types first, without building the item's path
+        # (it is only needed to name a value that cannot be encoded).
+        kind = type(item)
+        if kind is str:
+            out[key] = {"string": item}
+        elif kind is int:
+            out[key] = {"int": str(item)}
+        else:
+            out[key] = _encode(item, f"{path}.{key}")
     return out
 
 
@@ -663,6 +689,33 @@ def env_entry(env: Env) -> dict[str, Any]:
     return _encode_map(fields, "$.env")
 
 
+# _env_entry spells out Env's fields; one added to Env must be added there.
+_ENV_FIELDS = (
+    "now", "daemon_id", "agent_id", "environment", "region", "labels", "peer",
+)  # fmt: skip
+if Env.__struct_fields__ != _ENV_FIELDS:
+    raise RuntimeError(f"record._env_entry expects Env fields {_ENV_FIELDS}")
+
+
+def _env_entry(env: Env, now: str) -> dict[str, Any]:
+    # env_entry with env.now already formatted (the record's time): the
+    # same map, every field in declaration order.
+    return {
+        "now": {"timestamp": now},
+        **_encode_map(
+            {
+                "daemon_id": env.daemon_id,
+                "agent_id": env.agent_id,
+                "environment": env.environment,
+                "region": env.region,
+                "labels": env.labels,
+                "peer": env.peer,
+            },
+            "$.env",
+        ),
+    }
+
+
 def record_from_decision(
     *,
     request: DecisionRequest,
@@ -706,10 +759,11 @@ def record_from_decision(
             context, resource.attributes
         )
         masked += found
+    now = _format_now(env.now)
     return AuditRecordV1(
         v=RECORD_VERSION,
         kind=RecordKind.DECISION,
-        time=time if time is not None else format_timestamp(env.now),
+        time=time if time is not None else now,
         daemon_id=env.daemon_id if daemon_id is None else daemon_id,
         decision_id=decision_id,
         request_id=request.request_id,
@@ -718,7 +772,7 @@ def record_from_decision(
         action=request.action,
         resource=resource,
         context=context,
-        env=env_entry(env),
+        env=_env_entry(env, now),
         decision=str(decision.effect),
         reason_code=str(decision.reason_code),
         reason=decision.reason,

@@ -75,6 +75,7 @@ from kynara_sidecar.audit.chain import (
     chain_hash,
     decode_record,
     encode_record,
+    sequenced,
 )
 from kynara_sidecar.audit.checkpoint import (
     CheckpointV1,
@@ -422,6 +423,7 @@ class AuditStore:
         state_changes: Iterable[StateChange] = (),
         *,
         seal: Seal | None = None,
+        unsequenced: Sequence[bytes] | None = None,
     ) -> list[Appended]:
         """Append records and apply state changes in one write transaction.
 
@@ -439,6 +441,11 @@ class AuditStore:
                 any) is stored in the same transaction. An exception it
                 raises aborts the whole batch. With no records, it seals
                 the log as it stands.
+            unsequenced: each record's ``chain.encode_unsequenced`` bytes,
+                when the caller has them already (the writer encodes each
+                record on its caller's side, to fail a bad one alone): the
+                stored bytes are completed from them (``chain.sequenced``)
+                rather than encoded again. The bytes are the same.
 
         Returns:
             Where each record landed, in order.
@@ -462,8 +469,12 @@ class AuditStore:
         except lmdb.Error as err:
             raise self._write_error(err) from err
         tree = self._writable_range()
+        if unsequenced is not None and len(unsequenced) != len(records):
+            raise ValueError(
+                f"expected the bytes of {len(records)} records, got {len(unsequenced)}"
+            )
         try:
-            appended = self._write(txn, records, changes, tree)
+            appended = self._write(txn, records, changes, tree, unsequenced)
             if seal is not None:
                 last = appended[-1] if appended else Appended(*self._head, b"")
                 if last.seq:
@@ -505,14 +516,18 @@ class AuditStore:
         records: Sequence[AuditRecordV1],
         changes: list[StateChange],
         tree: merkle.CompactRange,
+        unsequenced: Sequence[bytes] | None = None,
     ) -> list[Appended]:
         # Appends trust the stored head; the daemon checks the tail against
         # the chain and the witness before its first append (see tail.py).
         seq, prev = self._head
         out = []
-        for record in records:
+        for i, record in enumerate(records):
             seq += 1
-            data = encode_record(msgspec.structs.replace(record, seq=seq))
+            if unsequenced is not None:
+                data = sequenced(unsequenced[i], record, seq)
+            else:
+                data = encode_record(msgspec.structs.replace(record, seq=seq))
             prev = chain_hash(prev, data)
             key = _seq_key(seq)
             # append=True fills each page before starting the next (records

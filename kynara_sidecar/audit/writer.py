@@ -5,6 +5,15 @@ everything queued (up to ``max_batch``), writes it with
 ``AuditStore.append_batch`` in one transaction, and then resolves each
 caller's future on its loop. Under load, records that arrive while a commit
 is running share the next one, so a sync is paid per batch, not per record.
+No timer holds a record back: the thread takes what is queued the moment
+the previous commit returns, so a lone record is committed (and synced) at
+once, and the batch grows only with the load.
+
+Each record is encoded once, on its caller's side (``append_all``), so a
+record that cannot be encoded fails its own caller and no batch; the store
+completes those bytes with the sequence number (``chain.sequenced``). A
+committed batch is handed back with one wakeup of each caller's loop,
+however many callers it carries.
 
 Durability
 ----------
@@ -69,7 +78,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from kynara_sidecar.audit.chain import encode_record
+from kynara_sidecar.audit.chain import encode_unsequenced
 from kynara_sidecar.audit.checkpoint import (
     CheckpointError,
     CheckpointKind,
@@ -150,6 +159,8 @@ class _Pending(NamedTuple):
     loop: asyncio.AbstractEventLoop
     # The transaction ends with these records and seals a segment there.
     seal: bool = False
+    # Each record's chain.encode_unsequenced bytes.
+    encoded: tuple[bytes, ...] = ()
 
 
 class AuditWriter:
@@ -287,17 +298,17 @@ class AuditWriter:
         records = tuple(records)
         changes = tuple(state_changes)
         self._store.check_state_changes(changes)
-        # Encoding here (about a microsecond) makes a bad record fail its own
-        # caller instead of the whole batch it would have joined.
-        for record in records:
-            encode_record(record)
+        # Encoding here (a few microseconds) makes a bad record fail its own
+        # caller instead of the whole batch it would have joined; the store
+        # keeps these bytes rather than encoding again.
+        encoded = tuple(encode_unsequenced(record) for record in records)
         if not records:
             return []
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Appended]] = loop.create_future()
         with self._cond:
             self._check_accepting()
-            self._queue.append(_Pending(records, changes, future, loop, seal))
+            self._queue.append(_Pending(records, changes, future, loop, seal, encoded))
             self._cond.notify()
         return await future
 
@@ -550,6 +561,7 @@ class AuditWriter:
             self._reject(batch, self._refusal())
             return
         records = [record for item in batch for record in item.records]
+        encoded = [data for item in batch for data in item.encoded]
         changes = [change for item in batch for change in item.changes]
         made: list[CheckpointV1] = []
         asked = batch[-1].seal and self._sealing is not None
@@ -560,7 +572,9 @@ class AuditWriter:
         )
         started = time.perf_counter()
         try:
-            appended = self._store.append_batch(records, changes, seal=seal)
+            appended = self._store.append_batch(
+                records, changes, seal=seal, unsequenced=encoded
+            )
         except AuditUnavailable as err:
             if is_log_full(err):
                 self._report_full(err)
@@ -580,11 +594,13 @@ class AuditWriter:
         self._sealed_at(made)
         if self._deferred and self._sync_due is None:
             self._sync_due = time.monotonic() + self._window
+        results = []
         start = 0
         for item in batch:
             end = start + len(item.records)
-            _settle(item, appended[start:end], None)
+            results.append((item, appended[start:end], None))
             start = end
+        _settle(results)
         self._report(len(records), seconds)
 
     def _sync(self) -> None:
@@ -640,11 +656,13 @@ class AuditWriter:
                 )
 
     def _reject(self, batch: list[_Pending], err: AuditUnavailable) -> None:
+        results = []
         for item in batch:
             # One exception instance per caller: each await sets its traceback.
             copy = AuditUnavailable(str(err))
             copy.__cause__ = err.__cause__ or err
-            _settle(item, None, copy)
+            results.append((item, None, copy))
+        _settle(results)
 
     def _report(self, size: int, seconds: float) -> None:
         if self._on_commit is None:
@@ -700,21 +718,30 @@ def _as_unavailable(err: Exception, path: str) -> AuditUnavailable:
     return failure
 
 
-def _settle(
-    item: _Pending, result: list[Appended] | None, err: Exception | None
-) -> None:
-    try:
-        item.loop.call_soon_threadsafe(_set_future, item.future, result, err)
-    except RuntimeError:
-        pass  # the caller's loop is closed: nobody is waiting any more
+_Outcome = tuple[_Pending, "list[Appended] | None", "Exception | None"]
 
 
-def _set_future(future: asyncio.Future[Any], result: Any, err: Any) -> None:
-    # A caller cancelled while waiting still has its record committed.
-    # NOTE: the pipeline records that with an outcome ("cancelled") if needed.
-    if future.done():
-        return
-    if err is not None:
-        future.set_exception(err)
-    else:
-        future.set_result(result)
+def _settle(outcomes: list[_Outcome]) -> None:
+    # One call_soon_threadsafe per loop (one wakeup of it), not per caller.
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].loop, []).append(outcome)
+    for loop, mine in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_futures, mine)
+        except RuntimeError:
+            pass  # the caller's loop is closed: nobody is waiting any more
+
+
+def _set_futures(outcomes: list[_Outcome]) -> None:
+    for item, result, err in outcomes:
+        future: asyncio.Future[Any] = item.future
+        # A caller cancelled while waiting still has its record committed.
+        # NOTE: the pipeline records that with an outcome ("cancelled") if
+        # needed.
+        if future.done():
+            continue
+        if err is not None:
+            future.set_exception(err)
+        else:
+            future.set_result(result)
