@@ -9,6 +9,14 @@ only the rules that can apply: for kind ``a.b`` and action ``x.y`` it reads
 the buckets of every pair from ``candidate_patterns("a.b")`` and
 ``candidate_patterns("x.y")``.
 
+What a lookup costs does not grow with the set: the buckets hold the rules
+themselves, grouped by kind pattern, so a request reads at most a dozen
+small maps and merges the few buckets it finds, already in set order. The
+other per-set work is linear: each distinct condition source is compiled
+once per compile run and shared by every rule that repeats it (conditions
+are pure, and every condition is checked against the same variables), and
+the action names for metric labels are collected once, here.
+
 The results are frozen structs over tuples and ``MappingProxyType``: a
 request holds one policy set and one directory for its whole evaluation,
 and a reload builds new ones rather than changing these.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import heapq
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -63,6 +72,8 @@ __all__ = [
 ANY_ROLE = "*"
 
 _IndexKey = tuple[str, str]
+# Kind pattern -> action pattern -> the rules under that pair, in set order.
+_Buckets = Mapping[str, Mapping[str, tuple["CompiledRule", ...]]]
 
 
 class CompiledRule(msgspec.Struct, frozen=True):
@@ -98,16 +109,12 @@ class PolicySet(msgspec.Struct, frozen=True):
     rules: tuple[CompiledRule, ...]
     roles: Mapping[str, frozenset[str]]
     index: Mapping[_IndexKey, tuple[int, ...]]
-
-    @property
-    def action_names(self) -> frozenset[str]:
-        """The actions rules name exactly (not by pattern); bounds metric labels."""
-        return frozenset(
-            action
-            for rule in self.rules
-            for action in rule.actions
-            if is_valid_name(action)
-        )
+    # The actions rules name exactly (not by pattern); bounds metric labels.
+    # TODO(#13): a bound that grows with the set: 69,263 names (so label
+    # values) in the generated 100,000-rule set; cap or choose them?
+    action_names: frozenset[str] = frozenset()
+    # ``index`` again, holding the rules and grouped by kind pattern.
+    buckets: _Buckets = MappingProxyType({})
 
     def effective_roles(self, roles: Iterable[str]) -> frozenset[str]:
         """Resolve inheritance: the given roles and every role they inherit.
@@ -131,11 +138,20 @@ class PolicySet(msgspec.Struct, frozen=True):
             Rules in file name order, then rule order; role and condition
             are left to the caller.
         """
-        positions: set[int] = set()
+        found: list[tuple[CompiledRule, ...]] = []
+        action_patterns: tuple[str, ...] = ()
         for kind_pattern in candidate_patterns(kind):
-            for action_pattern in candidate_patterns(action):
-                positions.update(self.index.get((kind_pattern, action_pattern), ()))
-        return tuple(self.rules[position] for position in sorted(positions))
+            by_action = self.buckets.get(kind_pattern)
+            if by_action is None:
+                continue
+            action_patterns = action_patterns or candidate_patterns(action)
+            for action_pattern in action_patterns:
+                bucket = by_action.get(action_pattern)
+                if bucket is not None:
+                    found.append(bucket)
+        if len(found) == 1:
+            return found[0]
+        return _merged(found)
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -200,11 +216,16 @@ def compile_policy_set(documents: Sequence[SourceDocument]) -> PolicySet:
     definitions = _collect_roles(ordered)
     roles = _resolve_roles(definitions)
     rules = _compile_rules(ordered, frozenset(roles))
+    index = _index(rules)
     return PolicySet(
         revision=compute_revision(ordered),
         rules=rules,
         roles=MappingProxyType(roles),
-        index=MappingProxyType(_index(rules)),
+        index=MappingProxyType(index),
+        action_names=frozenset(
+            action for rule in rules for action in rule.actions if is_valid_name(action)
+        ),
+        buckets=_buckets(index, rules),
     )
 
 
@@ -337,6 +358,9 @@ def _compile_rules(
 ) -> tuple[CompiledRule, ...]:
     rules: list[CompiledRule] = []
     first_seen: dict[str, str] = {}
+    # Source text -> its compiled condition, for this run: a set repeats a
+    # few checks across many rules, and each is compiled and checked once.
+    conditions: dict[str, Condition] = {}
     for source in sources:
         document = source.document
         if document.name in first_seen:
@@ -361,7 +385,9 @@ def _compile_rules(
             _check_name(rule.id, "a rule id", source.path, f"{where}.id")
             rule_ids.add(rule.id)
             rules.append(
-                _compile_rule(rule, document, source.path, where, roles, len(rules))
+                _compile_rule(
+                    rule, document, source.path, where, roles, len(rules), conditions
+                )
             )
     return tuple(rules)
 
@@ -373,6 +399,7 @@ def _compile_rule(
     where: str,
     roles: frozenset[str],
     order: int,
+    conditions: dict[str, Condition],
 ) -> CompiledRule:
     # The rule id leads each message, as it does for conditions, so an
     # author finds the rule without counting list positions.
@@ -394,9 +421,13 @@ def _compile_rule(
             )
     condition = None
     if rule.condition.strip():
-        condition = compile_condition(
-            rule.condition, path=path, location=f"{where}.condition", rule=rule.id
-        )
+        condition = conditions.get(rule.condition)
+        if condition is None:
+            # A source that fails raises here, citing the first rule with it.
+            condition = compile_condition(
+                rule.condition, path=path, location=f"{where}.condition", rule=rule.id
+            )
+            conditions[rule.condition] = condition
     if rule.approval is not None and rule.effect is not Effect.REQUIRE_APPROVAL:
         raise PolicyError(
             f"{cite} approval: expected only on a require_approval rule, "
@@ -448,6 +479,33 @@ def _check_patterns(
                 path=path,
                 location=f"{where}[{position}]",
             )
+
+
+def _merged(buckets: Sequence[tuple[CompiledRule, ...]]) -> tuple[CompiledRule, ...]:
+    # Each bucket is in set order; a rule with two patterns that both match
+    # sits in two of them, next to itself once merged.
+    merged: list[CompiledRule] = []
+    last = -1
+    for rule in heapq.merge(*buckets, key=_order):
+        if rule.order != last:
+            merged.append(rule)
+            last = rule.order
+    return tuple(merged)
+
+
+def _order(rule: CompiledRule) -> int:
+    return rule.order
+
+
+def _buckets(
+    index: Mapping[_IndexKey, tuple[int, ...]], rules: Sequence[CompiledRule]
+) -> _Buckets:
+    grouped: dict[str, dict[str, tuple[CompiledRule, ...]]] = {}
+    for (kind, action), positions in index.items():
+        grouped.setdefault(kind, {})[action] = tuple(rules[p] for p in positions)
+    return MappingProxyType(
+        {kind: MappingProxyType(by_action) for kind, by_action in grouped.items()}
+    )
 
 
 def _index(rules: Sequence[CompiledRule]) -> dict[_IndexKey, tuple[int, ...]]:

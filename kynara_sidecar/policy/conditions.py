@@ -75,6 +75,7 @@ __all__ = [
     "Condition",
     "ConditionFailure",
     "compile_condition",
+    "prepare_activation",
     "to_cel_value",
 ]
 
@@ -138,13 +139,24 @@ class Condition:
     Args:
         source: The CEL text, kept for audit and error messages.
         expression: The compiled expression.
+        variables: The declared variables (``VARIABLES``) the expression
+            names, read from the checked expression at load. A caller may
+            reuse a result across activations that differ only in variables
+            not listed here (``principal``, from one principal of the chain
+            to the next). Defaults to all of them, which claims nothing.
     """
 
-    __slots__ = ("_expression", "source")
+    __slots__ = ("_expression", "source", "variables")
 
-    def __init__(self, source: str, expression: cel.Expression):
+    def __init__(
+        self,
+        source: str,
+        expression: cel.Expression,
+        variables: frozenset[str] = frozenset(VARIABLES),
+    ):
         self.source = source
         self._expression = expression
+        self.variables = variables
 
     def __repr__(self) -> str:
         return f"Condition({self.source!r})"
@@ -166,12 +178,40 @@ class Condition:
             # The runtime reports bad data as an error value; this guards
             # the binding itself, so a decision still fails closed.
             return ConditionFailure(f"could not evaluate: {err}")
-        kind = value.type().name()
-        if kind == "BOOL":
-            return bool(value.value())
-        if kind == "ERROR":
-            return ConditionFailure(str(value.value()))
-        return ConditionFailure(f"expected a bool result, got {kind.lower()}")
+        return _result(value)
+
+    def evaluate_prepared(self, activation: cel.Activation) -> bool | ConditionFailure:
+        """``evaluate`` against variables prepared once by
+        ``prepare_activation``: several conditions over the same variables
+        hand them to the runtime once instead of once each."""
+        try:
+            value = self._expression.eval(activation=activation)
+        except (TypeError, ValueError, RuntimeError) as err:
+            return ConditionFailure(f"could not evaluate: {err}")
+        return _result(value)
+
+
+def _result(value: cel.Value) -> bool | ConditionFailure:
+    kind = value.type().name()
+    if kind == "BOOL":
+        return bool(value.value())
+    if kind == "ERROR":
+        return ConditionFailure(str(value.value()))
+    return ConditionFailure(f"expected a bool result, got {kind.lower()}")
+
+
+def prepare_activation(data: Mapping[str, Any]) -> cel.Activation | ConditionFailure:
+    """Variables for ``Condition.evaluate_prepared``: ``data`` as
+    ``Condition.evaluate`` takes it (already through ``to_cel_value``).
+
+    Values the runtime cannot take are reported by each evaluation, as
+    ``evaluate`` reports them; a failure here (the binding refusing the
+    mapping itself) is returned for the caller to give every condition.
+    """
+    try:
+        return _ENV.Activation(data=data)
+    except (TypeError, ValueError, RuntimeError) as err:
+        return ConditionFailure(f"could not evaluate: {err}")
 
 
 def compile_condition(
@@ -223,10 +263,11 @@ def compile_condition(
         raise refuse(_describe_cel_error(str(err))) from err
     if result not in _RESULT_TYPES:
         raise refuse(f"expected a bool result, got {result.lower()}")
-    problem = _check_literals(source, expression.serialize())
+    expr, positions = _read_checked_expr(expression.serialize())
+    problem = _check_literals(source, expr, positions)
     if problem:
         raise refuse(problem)
-    return Condition(source, expression)
+    return Condition(source, expression, _variables_named(expr))
 
 
 def to_cel_value(value: Any) -> Any:
@@ -297,8 +338,7 @@ class _Call(NamedTuple):
     arg_count: int
 
 
-def _check_literals(source: str, checked: bytes) -> str:
-    expr, positions = _read_checked_expr(checked)
+def _check_literals(source: str, expr: bytes, positions: Mapping[int, int]) -> str:
     for call in _calls(expr):
         problem = _check_call(call)
         if problem:
@@ -358,6 +398,8 @@ _CHECKED_SOURCE_INFO = 5
 _SOURCE_INFO_POSITIONS = 4
 _EXPR_ID = 2
 _EXPR_CONST = 3
+_EXPR_IDENT = 4
+_IDENT_NAME = 1
 _EXPR_CALL = 6
 _CONST_STRING = 6
 _CALL_TARGET, _CALL_FUNCTION, _CALL_ARGS = 1, 2, 3
@@ -410,6 +452,34 @@ def _read_checked_expr(any_bytes: bytes) -> tuple[bytes, dict[int, int]]:
                     pair = dict(_fields(entry))
                     positions[pair.get(1, 0)] = pair.get(2, 0)
     return expr, positions
+
+
+def _variables_named(expr: bytes) -> frozenset[str]:
+    # Every identifier of the checked expression that is a declared
+    # variable. A comprehension variable spelt like one (``exists(principal,
+    # ...)``) is counted too: that claims a dependency, never hides one.
+    return frozenset(name for name in _identifiers(expr) if name in VARIABLES)
+
+
+def _identifiers(expr: bytes) -> Iterator[str]:
+    for field, value in _fields(expr):
+        if field == _EXPR_IDENT:
+            for ident_field, name in _fields(value):
+                if ident_field == _IDENT_NAME:
+                    yield name.decode()
+        elif field == _EXPR_CALL:
+            for call_field, child in _fields(value):
+                if call_field in (_CALL_TARGET, _CALL_ARGS):
+                    yield from _identifiers(child)
+        elif field == _EXPR_STRUCT:
+            for entry in (v for f, v in _fields(value) if f == _STRUCT_ENTRIES):
+                for entry_field, child in _fields(entry):
+                    if entry_field in _ENTRY_CHILD_FIELDS:
+                        yield from _identifiers(child)
+        elif field in _CHILD_FIELDS:
+            for child_field, child in _fields(value):
+                if child_field in _CHILD_FIELDS[field]:
+                    yield from _identifiers(child)
 
 
 def _calls(expr: bytes) -> Iterator[_Call]:

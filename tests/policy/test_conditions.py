@@ -191,3 +191,21 @@ def test_int64_values_stay_exact(number):
     condition = compile_r1(f"context.n == {number}")
 
     assert condition.evaluate({"context": {"n": number}}) is True
+
+
+@pytest.mark.parametrize(
+    ("source", "variables"),
+    [
+        ("principal.attr.team == resource.attr.team", {"principal", "resource"}),
+        ("has(principal.attr.x)", {"principal"}),
+        ('resource.attr.tags.exists(t, t == "public")', {"resource"}),
+        ('context.note == "principal"', {"context"}),
+        ('{"a": env.now}["a"] == env.now && action == "x"', {"action", "env"}),
+        ("chain.depth <= 3 || user.id in agent.roles", {"agent", "chain", "user"}),
+        # A comprehension variable spelt like a declared one counts as it.
+        ("[1, 2].exists(principal, principal == 1)", {"principal"}),
+        ("true", set()),
+    ],
+)
+def test_variables_are_the_declared_ones_the_expression_names(source, variables):
+    assert compile_r1(source).variables == frozenset(variables)
