@@ -354,6 +354,7 @@ def start_daemon(
     argv = [
         sys.executable, "-m", "kynara_sidecar.cli", "run", "--config", config,
         "--set", f"agent.socket={workdir / 'daemon.sock'}",
+        "--set", f"agent.fast_socket={workdir / 'daemon.fast.sock'}",
         "--set", "agent.host=127.0.0.1", "--set", f"agent.port={port}",
         "--set", "health.port=0", "--set", "http.port=0",
         "--set", f"audit.path={workdir / 'audit'}",
