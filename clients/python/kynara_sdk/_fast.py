@@ -18,6 +18,12 @@ A connection that breaks fails the calls in flight on it with
 ``daemon_unreachable``; the next call dials again. A request that could not
 be written at all (the daemon closed the idle connection, e.g. it
 restarted) is sent once more on a new connection: it never reached a daemon.
+
+A socket nobody listens on raises ``NoListener`` (a ``KynaraUnavailable``),
+so that ``auto`` can pass over a fast socket left by a daemon that stopped.
+A frame longer than the client accepts (``MAX_ANSWER_BYTES``; the hello's
+answer ``MAX_HELLO_BYTES``) ends the connection with an error naming the
+socket instead of reading on toward 4 GiB.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import errno
 import itertools
 import math
+import os
 import select
 import socket
+import stat
 import struct
 import threading
 import time
@@ -52,13 +61,28 @@ from kynara_sdk.decision import (
 )
 from kynara_sdk.errors import INTERNAL, KynaraError, KynaraUnavailable
 
-__all__ = ["PROTOCOL_VERSION", "AsyncFastTransport", "FastTransport"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "MAX_HELLO_BYTES",
+    "PROTOCOL_VERSION",
+    "AsyncFastTransport",
+    "FastTransport",
+    "NoListener",
+]
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
 _HEADER_SIZE = _HEADER.size
 _MAX_STREAM = 2**32 - 1
 _READ_SIZE = 256 * 1024
+# The longest answer frame a client reads. The contract sets no limit on
+# answers; the largest real one, a decide_batch of 256 decisions, is well
+# under a megabyte, so this only trips on a peer that is not a Kynara daemon
+# or sends garbage. The hello's answer is a few dozen bytes.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+MAX_HELLO_BYTES = 64 * 1024
+# connect() errors that mean nothing listens there: no request was sent.
+_NO_LISTENER_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 # Codes with which the fast path says no daemon answered in time, as gRPC's
 # DEADLINE_EXCEEDED and CANCELLED statuses do; both transports raise them as
 # daemon_unreachable.
@@ -282,6 +306,73 @@ def _update(wire: _Update) -> ApprovalUpdate:
     )
 
 
+class NoListener(KynaraUnavailable):
+    """Nothing listens on the fast path's socket (connect() was refused, or
+    the socket is gone): no request reached any daemon."""
+
+
+class _BadFrame(Exception):
+    # The peer broke the framing (a frame longer than the client accepts).
+    pass
+
+
+def _looks_like_http2(received: bytes | bytearray) -> bool:
+    # A gRPC server opens with an HTTP/2 SETTINGS frame: 24-bit length, type
+    # 4, flags 0 or 1, stream 0. A fast path hello answer cannot look so: its
+    # ninth byte starts a MessagePack map, never 0.
+    return (
+        len(received) >= 9
+        and received[3] == 0x04
+        and received[4] in (0, 1)
+        and received[5:9] == b"\0\0\0\0"
+    )
+
+
+def _connect_failed(route: _Route, err: OSError) -> KynaraUnavailable:
+    # Say what is at the path, so "connection refused" says why.
+    path = route.path
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is None:
+        what = "no such socket"
+    elif stat.S_ISDIR(mode):
+        what = "it is a directory, not a daemon's fast socket"
+    elif not stat.S_ISSOCK(mode):
+        what = "it is not a socket"
+    elif err.errno == errno.ECONNREFUSED:
+        what = "nothing listens on it: a socket left by a daemon that stopped?"
+    else:
+        what = ""
+    why = f"cannot connect: [Errno {err.errno}] {err.strerror}"
+    why = f"{why}; {what}" if what else why
+    kind = NoListener if err.errno in _NO_LISTENER_ERRNOS else KynaraUnavailable
+    return kind(f"no answer from the Kynara daemon at {route.target} ({why})")
+
+
+def _hello_frame(route: _Route, received: bytearray) -> tuple[int, int] | None:
+    """The hello answer's (length, stream) once ``received`` holds all of
+    it, else None.
+
+    Raises:
+        KynaraUnavailable: the peer does not speak the fast path.
+    """
+    if _looks_like_http2(received):
+        raise route.mismatch("it answered in HTTP/2: a gRPC socket?")
+    if len(received) < _HEADER_SIZE:
+        return None
+    length, stream = _HEADER.unpack_from(received)
+    if length > MAX_HELLO_BYTES:
+        raise route.mismatch(
+            f"its first frame says {length} bytes, more than the"
+            f" {MAX_HELLO_BYTES} a hello's answer may have"
+        )
+    if len(received) < _HEADER_SIZE + length:
+        return None
+    return length, stream
+
+
 class _Route:
     """What both transports share: where they dial, how they name it in
     errors, and how an answer becomes a result or an error."""
@@ -299,6 +390,30 @@ class _Route:
 
     def timed_out(self, timeout: float) -> KynaraUnavailable:
         return self.unreachable(f"no answer within {timeout:g} s")
+
+    def mismatch(self, why: str) -> KynaraUnavailable:
+        """The peer at the socket is not a Kynara fast path."""
+        return self.unreachable(
+            f"{why}; not a Kynara daemon's fast socket (protocol mismatch)."
+            " A gRPC socket is given as unix:///path, not fast:///path"
+        )
+
+    def ended(self, received: bytearray) -> KynaraUnavailable:
+        """The peer closed the connection before answering the hello."""
+        if received:
+            return self.mismatch(
+                f"it closed the connection after {len(received)} bytes that"
+                " are no hello answer"
+            )
+        return self.unreachable("the daemon closed the connection")
+
+    def broke(self, broken: BaseException | None) -> KynaraError:
+        """The error for a call whose connection broke with ``broken``."""
+        if isinstance(broken, _BadFrame):
+            return KynaraError(
+                INTERNAL, f"the daemon at {self.target} broke the protocol: {broken}"
+            )
+        return self.unreachable("the connection broke")
 
     def error(self, wire: _Error | None) -> KynaraError:
         """The ``KynaraError`` for an ``error`` answer: the daemon's code as
@@ -399,6 +514,13 @@ class _Route:
         return answer.ok
 
 
+def _too_long(length: int, stream: int) -> str:
+    return (
+        f"a frame of {length} bytes on stream {stream}, more than the"
+        f" {MAX_ANSWER_BYTES} this client accepts"
+    )
+
+
 def _field(field: str) -> str:
     # The fast path names a field from its frame (``request.resource.kind``);
     # the SDK names it within the request, as on gRPC (``resource.kind``).
@@ -467,19 +589,21 @@ class _Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.connect(route.path)
+            try:
+                sock.connect(route.path)
+            except TimeoutError:
+                raise
+            except OSError as err:
+                raise _connect_failed(route, err) from None
             sock.sendall(route.hello)
             buffer = bytearray()
-            while True:
-                if len(buffer) >= _HEADER_SIZE:
-                    length, stream = _HEADER.unpack_from(buffer)
-                    if len(buffer) >= _HEADER_SIZE + length:
-                        break
+            while (framed := _hello_frame(route, buffer)) is None:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 chunk = sock.recv(_READ_SIZE)
                 if not chunk:
-                    raise ConnectionResetError("the daemon closed the connection")
+                    raise route.ended(buffer)
                 buffer += chunk
+            length, stream = framed
             raw = bytes(buffer[_HEADER_SIZE : _HEADER_SIZE + length])
             if stream != 0:
                 raise KynaraError(
@@ -617,6 +741,9 @@ class _Connection:
         pending = self._pending
         while size - offset >= _HEADER_SIZE:
             length, stream = _HEADER.unpack_from(buffer, offset)
+            if length > MAX_ANSWER_BYTES:
+                self._fail(_BadFrame(_too_long(length, stream)))
+                return True
             end = offset + _HEADER_SIZE + length
             if end > size:
                 break
@@ -694,7 +821,7 @@ class FastTransport:
                 try:
                     raw = conn.next_message(call, deadline)
                 except _Broken:
-                    raise self._route.unreachable("the connection broke") from None
+                    raise self._route.broke(conn.broken) from None
                 if raw is None:
                     conn.cancel(stream)
                     raise wait.timed_out()
@@ -718,7 +845,7 @@ class FastTransport:
         try:
             raw = conn.next_message(call, deadline)
         except _Broken:
-            raise self._route.unreachable("the connection broke") from None
+            raise self._route.broke(conn.broken) from None
         if raw is None:
             conn.cancel(stream)
             raise self._route.timed_out(timeout)
@@ -806,18 +933,20 @@ class _AsyncConnection:
         sock.setblocking(False)
         try:
             async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
-                await loop.sock_connect(sock, route.path)
+                try:
+                    await loop.sock_connect(sock, route.path)
+                except TimeoutError:
+                    raise
+                except OSError as err:
+                    raise _connect_failed(route, err) from None
                 await loop.sock_sendall(sock, route.hello)
                 buffer = bytearray()
-                while True:
-                    if len(buffer) >= _HEADER_SIZE:
-                        length, stream = _HEADER.unpack_from(buffer)
-                        if len(buffer) >= _HEADER_SIZE + length:
-                            break
+                while (framed := _hello_frame(route, buffer)) is None:
                     chunk = await loop.sock_recv(sock, _READ_SIZE)
                     if not chunk:
-                        raise ConnectionResetError("the daemon closed the connection")
+                        raise route.ended(buffer)
                     buffer += chunk
+            length, stream = framed
             raw = bytes(buffer[_HEADER_SIZE : _HEADER_SIZE + length])
             if stream != 0:
                 raise KynaraError(
@@ -951,6 +1080,9 @@ class _AsyncConnection:
         futures = self._futures
         while size - offset >= _HEADER_SIZE:
             length, stream = _HEADER.unpack_from(buffer, offset)
+            if length > MAX_ANSWER_BYTES:
+                self._fail(_BadFrame(_too_long(length, stream)))
+                return
             end = offset + _HEADER_SIZE + length
             if end > size:
                 break
@@ -1059,7 +1191,7 @@ class AsyncFastTransport:
                 while True:
                     raw = await queue.get()
                     if raw is _BROKEN:
-                        raise self._route.unreachable("the connection broke")
+                        raise self._route.broke(conn.broken)
                     resolved = self._route.read_wait(raw, wait)
                     if resolved is not None:
                         return resolved
@@ -1099,7 +1231,7 @@ class AsyncFastTransport:
             conn.cancel(stream)
             raise self._route.timed_out(timeout) from None
         except _Broken:
-            raise self._route.unreachable("the connection broke") from None
+            raise self._route.broke(conn.broken) from None
         except asyncio.CancelledError:
             conn.cancel(stream)
             raise

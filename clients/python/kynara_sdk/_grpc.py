@@ -1,16 +1,17 @@
 """The gRPC transport (the ``kynara-sdk[grpc]`` extra): ``DecisionService``
 over grpcio with the ``kynara-protos`` stubs.
 
-Imported only when a client settles on gRPC, so that the fast path needs
+Imported only when a client first chooses gRPC, so that the fast path needs
 neither grpcio nor protobuf.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 import grpc
-import grpc.aio
 from kynara.v1 import decision_pb2, decision_pb2_grpc
 
 from kynara_sdk._proto import (
@@ -87,10 +88,16 @@ class GrpcTransport:
 
 
 class AsyncGrpcTransport:
-    """The asyncio gRPC transport for ``AsyncClient``.
+    """The asyncio gRPC transport for ``AsyncClient``: one channel for every
+    event loop, shared by all tasks.
 
-    A grpc.aio channel belongs to the loop that made it; used from another
-    loop later (a second ``asyncio.run``), a new channel is opened there.
+    The calls run on grpcio's blocking channel (its own threads) and their
+    ends are handed to the caller's loop. Not grpc.aio: its completions go
+    to the loop that started a call, so a call still in flight when that
+    loop ended (a task left running at the end of ``asyncio.run``) later
+    made whichever loop was running log "Event loop is closed". Here an end
+    that finds its loop closed is dropped: nobody waits for it any more. A
+    call cancelled by its caller is cancelled on the channel.
     """
 
     name = "grpc"
@@ -101,16 +108,16 @@ class AsyncGrpcTransport:
         self.target = target
         self._timeout = timeout
         self._metadata = metadata
-        self._channel: grpc.aio.Channel | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stub: decision_pb2_grpc.DecisionServiceStub | None = None
+        self._channel = grpc.insecure_channel(target)
+        self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
     async def decide(self, item: DecisionRequest) -> Decision:
         request = build_request(item)
+        call = self._stub.Decide.future(
+            request, timeout=self._timeout, metadata=self._metadata
+        )
         try:
-            response = await self._stub_here().Decide(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            response = await _ended(call)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return decision_from_proto(response)
@@ -119,21 +126,23 @@ class AsyncGrpcTransport:
         self, items: list[DecisionRequest]
     ) -> list[Decision | KynaraError]:
         batch = _build_batch(items)
+        call = self._stub.DecideBatch.future(
+            batch, timeout=self._timeout, metadata=self._metadata
+        )
         try:
-            response = await self._stub_here().DecideBatch(
-                batch, timeout=self._timeout, metadata=self._metadata
-            )
+            response = await _ended(call)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return _read_batch(batch, response)
 
     async def wait_approval(self, wait: ApprovalWait) -> ApprovalUpdate:
         request = decision_pb2.WaitApprovalRequest(approval_id=wait.approval_id)
-        stream = self._stub_here().WaitApproval(
+        stream = self._stub.WaitApproval(
             request, timeout=wait.timeout, metadata=self._metadata
         )
+        messages = _Relay(stream)
         try:
-            async for message in stream:
+            while (message := await messages.next()) is not _END:
                 resolved = wait.take(update_from_proto(message))
                 if resolved is not None:
                     return resolved
@@ -144,22 +153,72 @@ class AsyncGrpcTransport:
         raise wait.ended_early()
 
     async def aclose(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None and self._loop is asyncio.get_running_loop():
-            await channel.close()
+        self._channel.close()
 
     def discard(self) -> None:
-        # NOTE: the channel is dropped, not closed: its loop may be gone (or
-        # not ours to run), and closing it from here would block on it.
-        self._channel, self._stub = None, None
+        self._channel.close()
 
-    def _stub_here(self) -> decision_pb2_grpc.DecisionServiceStub:
-        loop = asyncio.get_running_loop()
-        if self._stub is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.target)
-            self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
-            self._loop = loop
-        return self._stub
+
+_END = object()  # a stream's end, as _Relay hands it on
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    # From a gRPC thread into the caller's loop; dropped when that loop has
+    # ended (its caller is gone).
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed
+        pass
+
+
+def _settle(future: asyncio.Future, call: grpc.Future) -> None:
+    if not future.done():
+        future.set_result(call)
+
+
+async def _ended(call: grpc.Future) -> Any:
+    """The response of a blocking-channel call, awaited without a thread.
+
+    Raises:
+        grpc.RpcError: the call failed.
+    """
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future = loop.create_future()
+    call.add_done_callback(lambda done: _hand_over(loop, _settle, ended, done))
+    try:
+        await ended
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    return call.result()
+
+
+class _Relay:
+    """A server stream read on a thread of its own, its messages handed to
+    the caller's loop one by one: ``next()`` gives a message, ``_END``, or
+    raises the stream's ``grpc.RpcError``."""
+
+    def __init__(self, stream: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._stream = stream
+        threading.Thread(target=self._read, name="kynara-wait", daemon=True).start()
+
+    async def next(self) -> Any:
+        kind, value = await self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def _read(self) -> None:
+        put = self._queue.put_nowait
+        try:
+            for message in self._stream:
+                _hand_over(self._loop, put, ("message", message))
+        except grpc.RpcError as err:
+            _hand_over(self._loop, put, ("error", err))
+            return
+        _hand_over(self._loop, put, ("end", _END))
 
 
 def _wait_failed(err: grpc.RpcError, wait: ApprovalWait) -> KynaraError:

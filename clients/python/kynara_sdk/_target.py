@@ -1,17 +1,23 @@
 """Which transport a client speaks, and where: the target and transport rule.
 
 - ``fast:///path/agent.fast.sock`` is the fast path at that socket.
-- ``unix:///dir/agent.sock`` (or ``unix:dir/agent.sock``) is gRPC at that
-  socket, with the fast path's socket beside it by convention:
-  ``agent.fast.sock`` in the same directory (``FAST_SOCKET_NAME``).
+- ``unix:///dir/NAME.sock`` (or ``unix:dir/NAME.sock``) is gRPC at that
+  socket, with the fast path's socket named after it in the same
+  directory: ``NAME.fast.sock`` (``agent.sock`` -> ``agent.fast.sock``, as
+  the shipped config names them). Derived from the target's own name, so
+  two daemons sharing a directory are never mixed up. A Unix target whose
+  name does not end in ``.sock`` has no fast socket to guess: gRPC, or
+  give ``fast:///...`` explicitly.
 - Anything else (``127.0.0.1:50151``, ``dns:...``, ``unix-abstract:...``) is
   gRPC only: TCP targets have no fast path.
 
-``transport`` (or ``$KYNARA_TRANSPORT``) is ``"auto"`` (the default),
-``"fast"`` or ``"grpc"``. ``"auto"`` takes the fast path when its socket
-exists, else gRPC when ``kynara-sdk[grpc]`` is installed; it is settled at
-a client's first call, so a client made before its daemon started still
-finds the fast path.
+``transport`` (or ``$KYNARA_TRANSPORT``, any case) is ``"auto"`` (the
+default), ``"fast"`` or ``"grpc"``. ``"auto"`` takes the fast path when its
+socket exists, else gRPC when ``kynara-sdk[grpc]`` is installed. It settles
+only once a call reached a daemon, so a client made (or called) before its
+daemon started still finds the fast path; a fast socket that refuses the
+connection (left by a daemon that stopped) is passed over for gRPC, and
+tried again at most once per ``FAST_RETRY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import stat
 __all__ = [
     "AUTO",
     "FAST",
+    "FAST_RETRY_SECONDS",
     "FAST_SCHEME",
     "FAST_SOCKET_NAME",
     "GRPC",
@@ -30,6 +37,7 @@ __all__ = [
     "TRANSPORTS",
     "TRANSPORT_ENV",
     "Route",
+    "fast_socket_for",
     "grpc_installed",
     "route",
 ]
@@ -38,9 +46,14 @@ TRANSPORT_ENV = "KYNARA_TRANSPORT"
 AUTO, FAST, GRPC = "auto", "fast", "grpc"
 TRANSPORTS = (AUTO, FAST, GRPC)
 FAST_SCHEME = "fast://"
-# The fast path's socket beside a gRPC socket, by convention: the shipped
-# config and the Kubernetes manifests name it so.
+# The fast path's socket beside the default gRPC socket (agent.sock): the
+# shipped config and the Kubernetes manifests name it so.
 FAST_SOCKET_NAME = "agent.fast.sock"
+_SOCK_SUFFIX = ".sock"
+_FAST_SUFFIX = ".fast.sock"
+# In "auto", how long a fast socket that refused the connection is passed
+# over for gRPC before it is dialled again.
+FAST_RETRY_SECONDS = 1.0
 GRPC_EXTRA = "pip install 'kynara-sdk[grpc]'"
 
 
@@ -81,6 +94,8 @@ def route(target: str, transport: str | None) -> Route:
     if transport is None:
         where = f"${TRANSPORT_ENV}"
         transport = os.environ.get(TRANSPORT_ENV) or AUTO
+    if isinstance(transport, str):
+        transport = transport.strip().lower() or AUTO
     if transport not in TRANSPORTS:
         raise ValueError(
             f"{where}: expected one of {', '.join(TRANSPORTS)}, got {transport!r}"
@@ -106,8 +121,27 @@ def route(target: str, transport: str | None) -> Route:
                 f" unix:///...), got {target!r}; TCP targets are gRPC only"
             )
         return Route(GRPC, None, target)
-    fast_socket = os.path.join(os.path.dirname(socket_path), FAST_SOCKET_NAME)
+    fast_socket = fast_socket_for(socket_path)
+    if fast_socket is None:
+        if transport == FAST:
+            raise ValueError(
+                f"{where}: fast cannot tell the fast path's socket from {target!r}"
+                f" (only a NAME{_SOCK_SUFFIX} target has one, NAME{_FAST_SUFFIX});"
+                " give it as fast:///path/to/the.fast.sock"
+            )
+        return Route(GRPC, None, target)
     return Route(transport, fast_socket, target)
+
+
+def fast_socket_for(socket_path: str) -> str | None:
+    """The fast path's socket beside the gRPC socket ``socket_path``:
+    ``NAME.sock`` -> ``NAME.fast.sock`` in the same directory; None when the
+    name does not end in ``.sock`` (nothing to derive it from)."""
+    directory, name = os.path.split(socket_path)
+    stem = name[: -len(_SOCK_SUFFIX)] if name.endswith(_SOCK_SUFFIX) else ""
+    if not stem:
+        return None
+    return os.path.join(directory, stem + _FAST_SUFFIX)
 
 
 def grpc_installed() -> bool:

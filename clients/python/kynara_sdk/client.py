@@ -10,25 +10,31 @@ Two transports carry the same calls with the same answers and errors: the
 fast path (framed MessagePack on the daemon's own Unix socket,
 protos/fastpath.md; needs msgspec only) and gRPC (``kynara-sdk[grpc]``).
 The target is ``unix:///run/kynara/agent.sock`` (gRPC, with the fast path's
-socket ``agent.fast.sock`` beside it), ``fast:///path/agent.fast.sock`` or
-``127.0.0.1:50151`` (gRPC only). Without one the client reads
-``KYNARA_TARGET``, then falls back to ``DEFAULT_TARGET``. The rule that picks
-the transport is in ``kynara_sdk._target``: by default the fast path when its
-socket exists, else gRPC.
+socket named after it beside it: ``agent.fast.sock``),
+``fast:///path/agent.fast.sock`` or ``127.0.0.1:50151`` (gRPC only). Without
+one the client reads ``KYNARA_TARGET``, then falls back to
+``DEFAULT_TARGET``. The rule that picks the transport is in
+``kynara_sdk._target``: by default the fast path when its socket exists and
+takes the connection, else gRPC; settled once a call reached a daemon.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kynara_sdk._fast import NoListener
 from kynara_sdk._target import (
     AUTO,
     FAST,
+    FAST_RETRY_SECONDS,
     FAST_SOCKET_NAME,
+    GRPC,
     GRPC_EXTRA,
     TRANSPORT_ENV,
     Route,
@@ -97,13 +103,22 @@ class _Base:
         self.target = resolve_target(target)
         self._route: Route = route(self.target, transport)
         self._authorization = _credential(secret_file)
+        # The transport settled on: the one whose call last reached a daemon
+        # (auto settles on gRPC only where there is no fast socket).
         self._impl: Any = None
+        # Each transport, made on first use and kept until close.
+        self._fast: Any = None
+        self._grpc: Any = None
+        self._has_grpc: bool | None = None
+        # When (time.monotonic) the fast socket last refused the connection.
+        self._refused_at = -math.inf
         self._closed = False
 
     @property
     def transport(self) -> str:
-        """``"fast"`` or ``"grpc"`` once settled (at the first call), else
-        the choice as asked: ``"auto"``, ``"fast"`` or ``"grpc"``."""
+        """``"fast"`` or ``"grpc"`` once settled (a call reached a daemon
+        over it), else the choice as asked: ``"auto"``, ``"fast"`` or
+        ``"grpc"``."""
         if self._impl is not None:
             return self._impl.name
         return self._route.transport
@@ -112,8 +127,16 @@ class _Base:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} for {self.target} is closed")
 
+    def _grpc_installed(self) -> bool:
+        if self._has_grpc is None:
+            self._has_grpc = grpc_installed()
+        return self._has_grpc
+
     def _choose(self, asynchronous: bool) -> Any:
-        """Settle the transport and make it; no I/O beyond a stat.
+        """The transport for a call while none is settled; no I/O beyond a
+        stat. ``auto`` takes the fast path when its socket exists (unless
+        it refused the connection within ``FAST_RETRY_SECONDS`` and gRPC is
+        there instead), else gRPC.
 
         Raises:
             KynaraUnavailable: ``auto`` found no fast path's socket and gRPC
@@ -121,13 +144,26 @@ class _Base:
         """
         chosen = self._route.transport
         if chosen == AUTO:
-            chosen = FAST if self._route.fast_socket_exists() else "grpc"
+            recent = time.monotonic() - self._refused_at < FAST_RETRY_SECONDS
+            fast_here = self._route.fast_socket_exists()
+            use_fast = fast_here and not (recent and self._grpc_installed())
+            chosen = FAST if use_fast else GRPC
         if chosen == FAST:
-            from kynara_sdk._fast import AsyncFastTransport, FastTransport
+            if self._fast is None:
+                self._fast = self._make_fast(asynchronous)
+            return self._fast
+        if self._grpc is None:
+            self._grpc = self._make_grpc(asynchronous)
+        return self._grpc
 
-            kind = AsyncFastTransport if asynchronous else FastTransport
-            return kind(self._route.fast_socket, self.timeout, self._authorization)
-        if not grpc_installed():
+    def _make_fast(self, asynchronous: bool) -> Any:
+        from kynara_sdk._fast import AsyncFastTransport, FastTransport
+
+        kind = AsyncFastTransport if asynchronous else FastTransport
+        return kind(self._route.fast_socket, self.timeout, self._authorization)
+
+    def _make_grpc(self, asynchronous: bool) -> Any:
+        if not self._grpc_installed():
             looked = (
                 f"the fast path's socket {self._route.fast_socket} does not exist and "
                 if self._route.transport == AUTO and self._route.fast_socket
@@ -135,7 +171,8 @@ class _Base:
             )
             raise KynaraUnavailable(
                 f"no transport to the Kynara daemon at {self.target}: {looked}"
-                f"gRPC is not installed ({GRPC_EXTRA})"
+                f"gRPC is not installed ({GRPC_EXTRA}, after kynara-protos"
+                " from the Kynara repository's protos/)"
             )
         from kynara_sdk._grpc import AsyncGrpcTransport, GrpcTransport
 
@@ -144,6 +181,39 @@ class _Base:
             (("authorization", self._authorization),) if self._authorization else ()
         )
         return kind(self._route.grpc_target, self.timeout, metadata)
+
+    def _reached(self, impl: Any) -> None:
+        """A call over ``impl`` reached a daemon: settle on it. Not on gRPC
+        in ``auto`` while a fast socket is there (it refused the connection;
+        it is dialled again later)."""
+        if self._impl is impl:
+            return
+        if (
+            impl is self._grpc
+            and self._route.transport == AUTO
+            and self._route.fast_socket_exists()
+        ):
+            return
+        self._impl = impl
+
+    def _instead(self, refused: Any) -> Any | None:
+        """After the fast socket refused the connection (nothing was sent):
+        in ``auto`` with gRPC installed, the gRPC transport to carry the call
+        instead; else None (the refusal is the answer)."""
+        if self._route.transport != AUTO or not self._grpc_installed():
+            return None
+        self._refused_at = time.monotonic()
+        if self._impl is refused:
+            self._impl = None
+        return self._choose(self._asynchronous)
+
+    _asynchronous = False
+
+    def _transports(self) -> list[Any]:
+        # Every transport made, for close; forgets them.
+        made = [t for t in (self._fast, self._grpc) if t is not None]
+        self._impl = self._fast = self._grpc = None
+        return made
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -164,9 +234,9 @@ class Client(_Base):
             ``daemon_unreachable``; the daemon is told the same deadline.
         secret_file: this agent's bearer secret, sent with every call, for a
             daemon serving several agents; default ``$KYNARA_AGENT_SECRET_FILE``.
-        transport: ``"auto"`` (the fast path when its socket exists, else
-            gRPC), ``"fast"`` or ``"grpc"``; default ``$KYNARA_TRANSPORT``,
-            then ``"auto"``.
+        transport: ``"auto"`` (the fast path when its socket exists and
+            takes the connection, else gRPC), ``"fast"`` or ``"grpc"``;
+            default ``$KYNARA_TRANSPORT`` (any case), then ``"auto"``.
 
     Raises:
         TypeError, ValueError: ``timeout`` is not a positive number, the
@@ -240,7 +310,7 @@ class Client(_Base):
             request_id,
             approval_id,
         )
-        return (self._impl or self._settle()).decide(item)
+        return self._run("decide", item)
 
     def decide_batch(
         self, requests: Iterable[DecisionRequest | Mapping[str, Any]]
@@ -262,7 +332,7 @@ class Client(_Base):
         """
         self._check_open()
         items = batch_items(requests)
-        return (self._impl or self._settle()).decide_batch(items)
+        return self._run("decide_batch", items)
 
     def wait_approval(
         self, approval_id: str, timeout: float, *, decision_id: str = ""
@@ -293,15 +363,15 @@ class Client(_Base):
         """
         self._check_open()
         wait = ApprovalWait(self.target, approval_id, _seconds(timeout), decision_id)
-        return (self._impl or self._settle()).wait_approval(wait)
+        return self._run("wait_approval", wait)
 
     def close(self) -> None:
         """Close the connection; later calls raise ``RuntimeError``. Idempotent."""
         if not self._closed:
             self._closed = True
             with self._choosing:
-                impl, self._impl = self._impl, None
-            if impl is not None:
+                made = self._transports()
+            for impl in made:
                 impl.close()
 
     def __enter__(self) -> Client:
@@ -310,21 +380,45 @@ class Client(_Base):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _settle(self) -> Any:
+    def _run(self, method: str, argument: Any) -> Any:
+        # Carry one call over the settled transport, or the one chosen now;
+        # a fast socket nobody listens on hands the call to gRPC in auto.
+        impl = self._impl or self._pick()
+        try:
+            return self._over(impl, method, argument)
+        except NoListener:
+            with self._choosing:
+                self._check_open()
+                instead = self._instead(impl)
+            if instead is None:
+                raise
+        return self._over(instead, method, argument)
+
+    def _over(self, impl: Any, method: str, argument: Any) -> Any:
+        try:
+            result = getattr(impl, method)(argument)
+        except KynaraUnavailable:
+            raise
+        except KynaraError:
+            self._reached(impl)  # the daemon answered with an error
+            raise
+        self._reached(impl)
+        return result
+
+    def _pick(self) -> Any:
         with self._choosing:
             self._check_open()
-            if self._impl is None:
-                self._impl = self._choose(asynchronous=False)
-            return self._impl
+            return self._impl or self._choose(asynchronous=False)
 
 
 class AsyncClient(_Base):
     """An asyncio client with the same methods as ``Client``, awaited.
 
-    Its connection is opened on first use in the running event loop and
-    shared by all tasks there; used from another loop later (a second
-    ``asyncio.run``), it opens a new one there. A call cancelled by its
-    caller is cancelled at the daemon too.
+    Its fast path connection is opened on first use in the running event
+    loop and shared by all tasks there; used from another loop later (a
+    second ``asyncio.run``), it opens a new one there. Its gRPC channel
+    serves every loop. A call cancelled by its caller is cancelled at the
+    daemon too.
 
     Args:
         target, timeout, secret_file, transport: as ``Client``.
@@ -368,7 +462,7 @@ class AsyncClient(_Base):
             request_id,
             approval_id,
         )
-        return await (self._impl or self._settle()).decide(item)
+        return await self._run("decide", item)
 
     async def decide_batch(
         self, requests: Iterable[DecisionRequest | Mapping[str, Any]]
@@ -376,7 +470,7 @@ class AsyncClient(_Base):
         """As ``Client.decide_batch``, awaited."""
         self._check_open()
         items = batch_items(requests)
-        return await (self._impl or self._settle()).decide_batch(items)
+        return await self._run("decide_batch", items)
 
     async def wait_approval(
         self, approval_id: str, timeout: float, *, decision_id: str = ""
@@ -384,21 +478,19 @@ class AsyncClient(_Base):
         """As ``Client.wait_approval``, awaited."""
         self._check_open()
         wait = ApprovalWait(self.target, approval_id, _seconds(timeout), decision_id)
-        return await (self._impl or self._settle()).wait_approval(wait)
+        return await self._run("wait_approval", wait)
 
     async def aclose(self) -> None:
         """Close the connection; later calls raise ``RuntimeError``. Idempotent."""
         self._closed = True
-        impl, self._impl = self._impl, None
-        if impl is not None:
+        for impl in self._transports():
             await impl.aclose()
 
     def discard(self) -> None:
         """Close without awaiting, from any thread: for a client whose event
         loop may be gone (``close_default_clients``)."""
         self._closed = True
-        impl, self._impl = self._impl, None
-        if impl is not None:
+        for impl in self._transports():
             impl.discard()
 
     async def __aenter__(self) -> AsyncClient:
@@ -407,11 +499,31 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def _settle(self) -> Any:
-        # One event loop thread settles at a time; no lock needed.
-        if self._impl is None:
-            self._impl = self._choose(asynchronous=True)
-        return self._impl
+    _asynchronous = True
+
+    async def _run(self, method: str, argument: Any) -> Any:
+        # As Client._run, awaited. Choosing does no I/O and does not await,
+        # so the tasks of one loop need no lock around it.
+        impl = self._impl or self._choose(asynchronous=True)
+        try:
+            return await self._over(impl, method, argument)
+        except NoListener:
+            self._check_open()
+            instead = self._instead(impl)
+            if instead is None:
+                raise
+        return await self._over(instead, method, argument)
+
+    async def _over(self, impl: Any, method: str, argument: Any) -> Any:
+        try:
+            result = await getattr(impl, method)(argument)
+        except KynaraUnavailable:
+            raise
+        except KynaraError:
+            self._reached(impl)
+            raise
+        self._reached(impl)
+        return result
 
 
 def _seconds(timeout: float) -> float:
