@@ -1,30 +1,34 @@
-"""Closed-loop load on the daemon's Decide, side by side with a bare gRPC echo.
+"""Closed-loop load on the daemon's gRPC Decide, side by side with a bare gRPC echo.
 
-Three processes: this one generates the load (grpc.aio on uvloop), the
-daemon (``python -m kynara_sidecar.cli run`` on the shipped config, durable
-audit unless ``--set`` says otherwise) and ``echo_server.py``, the floor.
-For each transport (Unix socket, loopback TCP) and each number of requests
-in flight, a fresh daemon on a fresh audit directory is started, and the
-same closed loop is run against the echo server and then the daemon: each
-of N workers sends the next request of the mix as soon as its previous
-answer arrived. After a warm-up, it measures for a fixed time: latency
-percentiles, answers per second, and the server's CPU seconds per 1,000
-answers read from ``/proc/<pid>/stat`` (all threads, user + system).
+Three processes: this one generates the load (``loadgen.py``'s closed loop,
+grpc.aio on uvloop), the daemon (``python -m kynara_sidecar.cli run`` on the
+shipped config, durable audit unless ``--set`` says otherwise) and
+``echo_server.py``, the floor. For each transport (``grpc-unix``: gRPC on
+the daemon's Unix socket; ``grpc-tcp``: gRPC on loopback TCP; the fast
+path is measured by ``peer_cerbos/peer_bench.py``) and each number of
+requests in flight, a fresh daemon on a fresh audit directory is started,
+and the same closed loop is run against the echo server and then the
+daemon: each of N workers sends the next request of the mix as soon as its
+previous answer arrived. After a warm-up, it measures for a fixed time:
+latency percentiles, answers per second, and the server's CPU seconds per
+1,000 answers read from ``/proc/<pid>/stat`` (all threads, user + system).
 
 The machine may be shared and noisy, so read the daemon only against the
 echo floor of the same run: the ``ratio`` rows are daemon / echo.
 
 Examples:
-    python benchmarks/decide_bench.py
-    python benchmarks/decide_bench.py --seconds 10 --in-flight 1 8 64 256
-    python benchmarks/decide_bench.py --set audit.durability=deferred --json
-    python benchmarks/decide_bench.py --smoke     # ~0.5 s a point; CI check
+    .venv/bin/python benchmarks/decide_bench.py
+    .venv/bin/python benchmarks/decide_bench.py --seconds 10 --in-flight 1 8 64 256
+    .venv/bin/python benchmarks/decide_bench.py --set audit.durability=deferred --json
+    .venv/bin/python benchmarks/decide_bench.py --transport grpc-unix --pid-file d.pid
+    .venv/bin/python benchmarks/decide_bench.py --smoke     # ~0.5 s a point; CI check
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -36,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
@@ -48,6 +51,7 @@ __all__ = [
     "DEFAULT_IN_FLIGHT",
     "DEFAULT_SECONDS",
     "DEFAULT_WARMUP_SECONDS",
+    "TRANSPORT_LABELS",
     "Measurement",
     "add_daemon_arguments",
     "daemon_settings",
@@ -62,15 +66,28 @@ __all__ = [
     "rounds_type",
     "summarize",
     "table_row",
+    "transport_label",
 ]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 ECHO_SCRIPT = pathlib.Path(__file__).resolve().parent / "echo_server.py"
 sys.path.insert(0, str(ECHO_SCRIPT.parent))
 from echo_server import ECHO_METHOD  # noqa: E402 (the sibling script)
+from loadgen import (  # noqa: E402 (the sibling script; re-exported here)
+    CHANNEL_OPTIONS,
+    GrpcClient,
+    Usage,
+    WindowRecord,
+    closed_loop,
+    percentile,
+)
 
 DECIDE_METHOD = "/kynara.v1.DecisionService/Decide"
+# Server.targets keys: how each server is reached.
 TRANSPORTS = ("unix", "tcp")
+# What tables and JSON call each transport: both are gRPC, and the daemon's
+# fast path is on a Unix socket too, so "unix" alone would be ambiguous.
+TRANSPORT_LABELS = {"unix": "grpc-unix", "tcp": "grpc-tcp"}
 # 1: one agent asking in turn (pure latency); 8: a busy agent with parallel
 # tools; 64: far more than one agent sends, to find the throughput ceiling.
 DEFAULT_IN_FLIGHT = (1, 8, 64)
@@ -86,10 +103,7 @@ START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 30.0
 # Far above any answer of a working server; a hung one ends the point.
 CALL_TIMEOUT_SECONDS = 30.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOG_TAIL_CHARS = 4000
-# http_proxy in the environment must never send loopback traffic elsewhere.
-CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
 # --- the request mix -------------------------------------------------------
@@ -134,7 +148,8 @@ def request_mix() -> list[tuple[str, bytes]]:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """One server at one (transport, in-flight) point, over the window."""
+    """One server at one (transport, in-flight) point, over the window;
+    ``transport`` is its label (``grpc-unix`` or ``grpc-tcp``)."""
 
     server: str
     transport: str
@@ -150,26 +165,24 @@ class Measurement:
     host_cpu_percent: float
 
 
-def percentile(ordered: Sequence[int], fraction: float) -> int:
-    """Nearest-rank percentile of an ascending sequence; 0 when it is empty."""
-    if not ordered:
-        return 0
-    rank = max(1, -(-len(ordered) * fraction // 1))
-    return ordered[int(rank) - 1]
+def transport_label(transport: str) -> str:
+    """The table's name of a transport (``unix`` -> ``grpc-unix``); a label
+    is returned as it is."""
+    return TRANSPORT_LABELS.get(transport, transport)
 
 
 def summarize(
     server: str,
     transport: str,
     in_flight: int,
-    window: _Window,
-    usage: _Usage,
+    window: WindowRecord,
+    usage: Usage,
 ) -> Measurement:
     """Turn a finished window and its CPU usage into one table row.
 
     Args:
         server: "daemon" or "echo".
-        transport: "unix" or "tcp".
+        transport: "unix" or "tcp" (or their labels).
         in_flight: requests kept in flight.
         window: latencies (ns) and errors recorded in the window.
         usage: CPU and wall-clock deltas over the same window.
@@ -182,7 +195,7 @@ def summarize(
     per_1k = usage.server_cpu / answers * 1000 if answers else 0.0
     return Measurement(
         server=server,
-        transport=transport,
+        transport=transport_label(transport),
         in_flight=in_flight,
         seconds=round(usage.wall, 3),
         answers=answers,
@@ -261,22 +274,8 @@ def format_table(points: Sequence[tuple[Measurement, Measurement]]) -> str:
 
 
 # --- reading the operating system ------------------------------------------
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far."""
-    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    # The command name in parentheses may hold spaces; fields follow it.
-    fields = stat.rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
-
-
-def host_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) ticks of all CPUs since boot, from /proc/stat."""
-    values = [int(v) for v in pathlib.Path("/proc/stat").read_text().split()[1:9]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+# (percentile and CHANNEL_OPTIONS live in loadgen.py and are re-exported
+# here for the benchmarks that import them from this one.)
 
 
 def filesystem_of(path: pathlib.Path) -> str:
@@ -428,61 +427,6 @@ async def describe_mix(target: str, mix: Sequence[tuple[str, bytes]]) -> list[st
 # --- the closed loop -------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Window:
-    recording: bool = False
-    stopping: bool = False
-    latencies: list[int] = dataclasses.field(default_factory=list)
-    errors: Counter = dataclasses.field(default_factory=Counter)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Usage:
-    wall: float
-    server_cpu: float
-    generator_cpu: float
-    host_busy_percent: float
-
-
-class _Sample:
-    """The counters read at one edge of the window."""
-
-    def __init__(self, pid: int):
-        self.wall = time.perf_counter()
-        self.server_cpu = process_cpu_seconds(pid)
-        self.generator_cpu = time.process_time()
-        self.host = host_cpu_ticks()
-
-    def until(self, end: _Sample) -> _Usage:
-        busy, total = (b - a for a, b in zip(self.host, end.host, strict=True))
-        return _Usage(
-            wall=end.wall - self.wall,
-            server_cpu=end.server_cpu - self.server_cpu,
-            generator_cpu=end.generator_cpu - self.generator_cpu,
-            host_busy_percent=100 * busy / total if total else 0.0,
-        )
-
-
-async def _worker(call, payloads: Sequence[bytes], start: int, window: _Window):
-    # Each worker starts at another request so every mix entry is in flight.
-    index = start
-    while not window.stopping:
-        payload = payloads[index % len(payloads)]
-        index += 1
-        started = time.perf_counter_ns()
-        try:
-            await call(payload, timeout=CALL_TIMEOUT_SECONDS)
-        except grpc.aio.AioRpcError as err:
-            if window.recording:
-                window.errors[err.code().name] += 1
-            continue
-        if window.recording:
-            window.latencies.append(time.perf_counter_ns() - started)
-
-
-# TODO(#9): the generator is one Python process on the servers' CPUs, so it
-# caps the echo floor (and, less, the daemon) on a small machine; a native
-# generator (ghz) or pinned CPUs would measure each server alone.
 async def measure(
     server: Server,
     transport: str,
@@ -490,11 +434,11 @@ async def measure(
     payloads: Sequence[bytes],
     timing: tuple[float, float],
 ) -> Measurement:
-    """Run the closed loop on one channel; measure after the warm-up.
+    """Run loadgen's closed loop on one channel; measure after the warm-up.
 
     Args:
         server: the server under load.
-        transport: "unix" or "tcp".
+        transport: "unix" or "tcp" (a key of ``server.targets``).
         in_flight: workers, each with one request in flight at a time.
         payloads: serialized requests, cycled through by every worker.
         timing: (warm-up seconds, measured seconds).
@@ -503,22 +447,14 @@ async def measure(
         The measurement over the window; answers that arrived after it are
         not counted, and a call that failed is counted under its status.
     """
-    warmup, seconds = timing
-    window = _Window()
-    target = server.targets[transport]
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
-        call = ch.unary_unary(server.method)
-        workers = [
-            asyncio.create_task(_worker(call, payloads, i, window))
-            for i in range(in_flight)
-        ]
-        await asyncio.sleep(warmup)
-        first, window.recording = _Sample(server.process.pid), True
-        await asyncio.sleep(seconds)
-        window.recording, last = False, _Sample(server.process.pid)
-        window.stopping = True
-        await asyncio.gather(*workers)
-    return summarize(server.name, transport, in_flight, window, first.until(last))
+    client = GrpcClient(server.targets[transport], server.method)
+    try:
+        record, usage = await closed_loop(
+            client, payloads, in_flight, timing, server.process.pid
+        )
+    finally:
+        await client.close()
+    return summarize(server.name, transport, in_flight, record, usage)
 
 
 # --- the run ---------------------------------------------------------------
@@ -533,6 +469,23 @@ class Plan:
     timing: tuple[float, float]
     config: str
     overrides: tuple[str, ...]
+    pid_file: pathlib.Path | None = None
+
+
+@contextlib.contextmanager
+def daemon_under_load(daemon: Server, label: str, pid_file: pathlib.Path | None):
+    """Announce the daemon's PID while it is under load: on stderr, and in
+    ``pid_file`` (when given) for as long as the block runs, so a profiler
+    attaches to this run's daemon, and only while it is busy."""
+    pid = daemon.process.pid
+    print(f"daemon pid {pid} under load: {label}", file=sys.stderr, flush=True)
+    if pid_file is not None:
+        pid_file.write_text(f"{pid}\n")
+    try:
+        yield
+    finally:
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
 
 
 async def _run_point(
@@ -541,11 +494,13 @@ async def _run_point(
     transport, in_flight = point
     payloads = [payload for _, payload in mix]
     daemon = start_daemon(workdir, plan.config, plan.overrides)
+    label = f"{transport_label(transport)} x{in_flight}"
     try:
         await wait_answering(daemon, payloads[0])
         described = await describe_mix(daemon.targets["unix"], mix)
         floor = await measure(echo, transport, in_flight, payloads, plan.timing)
-        result = await measure(daemon, transport, in_flight, payloads, plan.timing)
+        with daemon_under_load(daemon, label, plan.pid_file):
+            result = await measure(daemon, transport, in_flight, payloads, plan.timing)
     finally:
         code = stop_server(daemon)
     if code != 0:
@@ -571,7 +526,8 @@ async def run(plan: Plan, scratch: pathlib.Path) -> tuple[list, list[str]]:
                 floor, result, described = await _run_point(
                     plan, echo, workdir, point, mix
                 )
-                print(f"done: {transport} x{in_flight}", file=sys.stderr)
+                label = transport_label(transport)
+                print(f"done: {label} x{in_flight}", file=sys.stderr)
                 points.append((floor, result))
     finally:
         stop_server(echo)
@@ -609,7 +565,8 @@ def _settings_line(settings: dict[str, object]) -> str:
         f" dir per point on {settings['audit_filesystem']}"
         f" ({settings['scratch_parent']}); {settings['seconds_per_point']:g} s"
         f" measured per point after {settings['warmup_seconds']:g} s warm-up;"
-        " ratio = daemon / echo"
+        " ratio = daemon / echo; grpc-unix/grpc-tcp = gRPC on the Unix"
+        " socket/loopback TCP"
     )
 
 
@@ -655,6 +612,15 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _transport(text: str) -> str:
+    # The labels and the old short names are both accepted.
+    for key, label in TRANSPORT_LABELS.items():
+        if text in (key, label):
+            return key
+    choices = ", ".join(f"{label} ({key})" for key, label in TRANSPORT_LABELS.items())
+    raise argparse.ArgumentTypeError(f"unknown transport {text!r}; one of {choices}")
 
 
 def rounds_type(maximum: int) -> Callable[[str], int]:
@@ -706,8 +672,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests kept in flight, one point each (default 1 8 64)",
     )  # fmt: skip
     parser.add_argument(
-        "--transport", choices=TRANSPORTS, nargs="+", help="default: both"
-    )
+        "--transport", type=_transport, nargs="+", metavar="TRANSPORT",
+        help="grpc-unix (or unix) and/or grpc-tcp (or tcp); default: both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pid-file", type=pathlib.Path, metavar="FILE",
+        help="holds the PID of the daemon under load while it is measured"
+        " (for py-spy); removed between points",
+    )  # fmt: skip
     add_daemon_arguments(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="~0.5 s a point: check it still runs"
@@ -721,12 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     timing = (args.warmup, args.seconds)
     if args.smoke:
         timing = (SMOKE_WARMUP_SECONDS, SMOKE_SECONDS)
+    chosen = args.transport or TRANSPORTS
     plan = Plan(
-        transports=tuple(args.transport or TRANSPORTS),
+        transports=tuple(t for t in TRANSPORTS if t in chosen),
         in_flight=tuple(args.in_flight),
         timing=timing,
         config=args.config,
         overrides=tuple(args.overrides),
+        pid_file=args.pid_file,
     )
     report: dict[str, object] = {"machine": machine_info()}
     with tempfile.TemporaryDirectory(prefix="kynara-bench-", dir=args.tmp_dir) as d:

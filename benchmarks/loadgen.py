@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import os
 import pathlib
 import struct
 import sys
@@ -44,15 +45,8 @@ from typing import Any, Protocol
 import grpc
 import msgspec
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from decide_bench import (  # noqa: E402 (the sibling script)
-    CHANNEL_OPTIONS,
-    host_cpu_ticks,
-    percentile,
-    process_cpu_seconds,
-)
-
 __all__ = [
+    "CHANNEL_OPTIONS",
     "CallFailed",
     "Client",
     "FastPathClient",
@@ -64,7 +58,10 @@ __all__ = [
     "WindowRecord",
     "closed_loop",
     "fast_request",
+    "host_cpu_ticks",
     "open_loop",
+    "percentile",
+    "process_cpu_seconds",
     "run_point",
     "summarize",
 ]
@@ -88,6 +85,10 @@ MIN_PACING_NS = 100_000
 PACING_SWITCH_INTERVAL_SECONDS = 0.0005
 # A generator above this share of one CPU is the bottleneck of its point.
 GENERATOR_BOUND_PERCENT = 90.0
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# http_proxy in the environment must never send loopback traffic elsewhere.
+CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 FASTPATH_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -335,6 +336,30 @@ def fast_request(decide: Any) -> dict[str, Any]:
 # --- measuring -------------------------------------------------------------
 
 
+def percentile(ordered: Sequence[int], fraction: float) -> int:
+    """Nearest-rank percentile of an ascending sequence; 0 when it is empty."""
+    if not ordered:
+        return 0
+    rank = max(1, -(-len(ordered) * fraction // 1))
+    return ordered[int(rank) - 1]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far."""
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    # The command name in parentheses may hold spaces; fields follow it.
+    fields = stat.rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLOCK_TICKS
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) ticks of all CPUs since boot, from /proc/stat."""
+    values = [int(v) for v in pathlib.Path("/proc/stat").read_text().split()[1:9]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 @dataclasses.dataclass
 class WindowRecord:
     """What one point saw in its measured window, in nanoseconds."""
@@ -469,8 +494,7 @@ def summarize(
 # TODO(#9): the generator is one Python process on the servers' two CPUs, so
 # on a small machine it takes CPU the servers would use (its own share is
 # the gen cpu% column); a native generator or pinned CPUs would measure each
-# server alone. decide_bench.py still has its own gRPC-only closed loop,
-# which could run on this one.
+# server alone.
 
 
 @dataclasses.dataclass

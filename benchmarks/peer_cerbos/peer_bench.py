@@ -15,17 +15,20 @@ approval, a CRM contact read):
 
 The daemon runs the given config (the shipped one: durable audit) on a
 fresh audit directory for every point. Points: closed loop at 1, 8 and 64
-in flight; open loop at 500/s, 2,000/s and the highest rate both the
-Kynara row (fast, else grpc-unix) and Cerbos sustain, found by trying rates
-under the smaller of their closed-loop maxima; and DecideBatch of 10 checks
-at 8 in flight against single calls. Servers take turns within each point,
-so noise hits all alike. The answers to the mix are checked once per run:
-Cerbos must decide each request as Kynara does.
+in flight; open loop at 500/s, 2,000/s and a third rate: the highest rate
+the pair (the Kynara row, fast else grpc-unix, and Cerbos) sustained among
+those tried. The fixed rates count as tries; a bounded search then bisects
+upward from the best of them (or below them, when neither was sustained)
+in shorter windows, and the third point measures every row at the rate
+found, at full length, unless that rate is one of the fixed ones. Last,
+DecideBatch of 10 checks at 8 in flight against single calls. Servers take
+turns within each point, so noise hits all alike. The answers to the mix
+are checked once per run: Cerbos must decide each request as Kynara does.
 
 Examples:
-    python benchmarks/peer_cerbos/peer_bench.py             # ~5 minutes
-    python benchmarks/peer_cerbos/peer_bench.py --seconds 10 --json
-    python benchmarks/peer_cerbos/peer_bench.py --smoke     # ~1 minute; CI check
+    .venv/bin/python benchmarks/peer_cerbos/peer_bench.py             # ~5 minutes
+    .venv/bin/python benchmarks/peer_cerbos/peer_bench.py --seconds 10 --json
+    .venv/bin/python benchmarks/peer_cerbos/peer_bench.py --smoke     # ~1 minute; CI
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ from kynara.v1 import decision_pb2 as pb  # noqa: E402
 
 from kynara_sidecar.config import AgentListenerConfig  # noqa: E402
 
-__all__ = ["Target", "main", "targets"]
+__all__ = ["RateTry", "Target", "main", "next_rate", "search_rates", "targets"]
 
 DECIDE_BATCH_METHOD = "/kynara.v1.DecisionService/DecideBatch"
 SERVERS = ("fast", "grpc-unix", "grpc-tcp", "echo", "cerbos")
@@ -94,14 +97,25 @@ SMOKE_TIMING = (0.2, 0.5)
 # Each try of the sustained-rate search is shorter than a point.
 SEARCH_TIMING = (0.5, 2.0)
 SMOKE_SEARCH_TIMING = (0.1, 0.3)
-# Tried in turn, as fractions of the smaller closed-loop maximum of the
-# pair; the first that both sustain is the third offered rate.
-SEARCH_FRACTIONS = (0.95, 0.85, 0.75, 0.65, 0.5)
-SMOKE_SEARCH_FRACTIONS = (0.5,)
+# The search's bound in time: at most this many rates beyond the fixed
+# ones, each a SEARCH_TIMING window for both servers of the pair (about
+# 30 s in all at the defaults).
+MAX_SEARCH_TRIES = 5
+SMOKE_MAX_SEARCH_TRIES = 1
+# Rates are tried in steps of 100/s; the search stops once the gap between
+# the best sustained rate and the lowest missed one above it is at most
+# this share of the former (or one step).
+RATE_STEP = 100.0
+SEARCH_RESOLUTION = 0.05
+# With no missed rate above the best sustained one yet, the next try is at
+# least this many times the best (or the pair's smaller closed-loop max).
+SEARCH_STEP_UP = 1.25
 # "Sustained": at least this share of the offered rate answered in the
 # window, nothing skipped or failed, and p99 under this bound.
 SUSTAINED_FRACTION = 0.95
 SUSTAINED_MAX_P99_MS = 50.0
+# The point label of the third rate's rows (the fixed ones are "open").
+THIRD_LABEL = "third"
 BATCH_SIZE = 10
 BATCH_IN_FLIGHT = 8
 START_TIMEOUT_SECONDS = 30.0
@@ -357,7 +371,7 @@ class Plan:
 
     timing: tuple[float, float]
     search_timing: tuple[float, float]
-    search_fractions: tuple[float, ...]
+    max_search_tries: int
     in_flight: tuple[int, ...]
     config: str
     overrides: tuple[str, ...]
@@ -406,27 +420,122 @@ def _pair(rows: Sequence[Subject]) -> list[Subject]:
     return [s for s in rows if s.name in (kynara, "cerbos")]
 
 
+@dataclasses.dataclass(frozen=True)
+class RateTry:
+    """One offered rate tried for the third point: whether every server of
+    the pair sustained it, in a window of how many seconds, and whether it
+    was a fixed point (``fixed``) or a try of the search (``search``)."""
+
+    rate: float
+    sustained: bool
+    seconds: float
+    source: str
+
+
+def _sustained(result: loadgen.PointResult) -> bool:
+    return result.sustained(SUSTAINED_FRACTION, SUSTAINED_MAX_P99_MS)
+
+
+def fixed_tries(
+    pair: Sequence[str], results: Sequence[loadgen.PointResult], seconds: float
+) -> list[RateTry]:
+    """The fixed open-loop points (measured ``seconds`` each) as tries of
+    the search: a rate counts as sustained when every server of ``pair``
+    sustained it there."""
+    tries = []
+    for rate in FIXED_RATES:
+        rows = [r for r in results if r.server in pair and r.point == f"open {rate}/s"]
+        if len(rows) == len(pair):
+            tries.append(
+                RateTry(
+                    float(rate),
+                    all(_sustained(r) for r in rows),
+                    seconds,
+                    "fixed",
+                )
+            )
+    return tries
+
+
+def next_rate(tries: Sequence[RateTry], ceiling: float) -> float | None:
+    """The next rate to try, or None when the search is done.
+
+    Bisects between the best sustained rate so far (0 when none was) and
+    the lowest missed rate above it; with none missed above it yet, steps up
+    to the larger of ``ceiling`` (the pair's smaller closed-loop maximum)
+    and SEARCH_STEP_UP times the best. Rates are whole RATE_STEPs, at
+    least one step; a rate already tried is not tried again.
+    """
+    best = max((t.rate for t in tries if t.sustained), default=0.0)
+    above = [t.rate for t in tries if not t.sustained and t.rate > best]
+    if above:
+        missed = min(above)
+        if missed - best <= max(RATE_STEP, best * SEARCH_RESOLUTION):
+            return None
+        rate = round((best + missed) / 2 / RATE_STEP) * RATE_STEP
+    else:
+        rate = round(max(ceiling, best * SEARCH_STEP_UP) / RATE_STEP) * RATE_STEP
+    rate = max(rate, RATE_STEP)
+    done = {t.rate for t in tries}
+    if rate <= best or (above and rate >= min(above)) or rate in done:
+        return None
+    return float(rate)
+
+
+async def search_rates(
+    known: Sequence[RateTry],
+    ceiling: float,
+    max_tries: int,
+    try_rate: Callable[[float], Awaitable[RateTry]],
+) -> list[RateTry]:
+    """Try rates (``next_rate``) until the search is done or ``max_tries``
+    were tried; return the known tries followed by the new ones."""
+    tries = list(known)
+    for _ in range(max_tries):
+        rate = next_rate(tries, ceiling)
+        if rate is None:
+            break
+        tries.append(await try_rate(rate))
+    return tries
+
+
+def third_rate(tries: Sequence[RateTry]) -> RateTry:
+    """The try the third point is measured at: the highest rate the pair
+    sustained, or the lowest tried when none was."""
+    sustained = [t for t in tries if t.sustained]
+    if sustained:
+        return max(sustained, key=lambda t: t.rate)
+    return min(tries, key=lambda t: t.rate)
+
+
 async def find_sustained(
-    plan: Plan, pair: Sequence[Subject], closed: Sequence[loadgen.PointResult]
-) -> tuple[float, list[loadgen.PointResult]]:
-    """The highest of the tried rates that both of ``pair`` sustain.
+    plan: Plan, pair: Sequence[Subject], results: Sequence[loadgen.PointResult]
+) -> tuple[list[RateTry], list[loadgen.PointResult]]:
+    """Search for the highest rate both of ``pair`` sustain, starting from
+    the fixed points already in ``results``.
 
     Returns:
-        (the rate, every try); the lowest rate tried when none was
-        sustained (the table marks its rows as not sustained).
+        (every try, the fixed ones first; the search's own point results).
     """
+    names = [s.name for s in pair]
     ceiling = min(
-        max(r.achieved_per_second for r in closed if r.server == s.name) for s in pair
+        max(
+            (r.achieved_per_second for r in results if r.server == name),
+            default=0.0,
+        )
+        for name in names
     )
-    tries: list[loadgen.PointResult] = []
-    rate = 0.0
-    for fraction in plan.search_fractions:
-        rate = max(100.0, round(ceiling * fraction, -2))
-        results = [await open_point(s, rate, plan.search_timing) for s in pair]
-        tries += results
-        if all(r.sustained(SUSTAINED_FRACTION, SUSTAINED_MAX_P99_MS) for r in results):
-            break
-    return rate, tries
+    measured: list[loadgen.PointResult] = []
+
+    async def try_rate(rate: float) -> RateTry:
+        rows = [await open_point(s, rate, plan.search_timing, "search") for s in pair]
+        measured.extend(rows)
+        seconds = plan.search_timing[1]
+        return RateTry(rate, all(_sustained(r) for r in rows), seconds, "search")
+
+    known = fixed_tries(names, results, plan.timing[1])
+    tries = await search_rates(known, ceiling, plan.max_search_tries, try_rate)
+    return tries, measured
 
 
 async def run(plan: Plan, scratch: pathlib.Path, binary: pathlib.Path) -> dict:
@@ -471,13 +580,21 @@ async def _run_points(
         async with fresh_daemon(plan, servers, scratch / f"open-{rate}"):
             for subject in rows:
                 results.append(await open_point(subject, rate, plan.timing))
+    pair = _pair(rows)
     async with fresh_daemon(plan, servers, scratch / "search"):
-        rate, tries = await find_sustained(plan, _pair(rows), results)
-    found["sustained_rate"] = rate
-    found["search"] = [dataclasses.asdict(t) for t in tries]
-    async with fresh_daemon(plan, servers, scratch / "open-max"):
-        for subject in rows:
-            results.append(await open_point(subject, rate, plan.timing, "sustained"))
+        tries, searched = await find_sustained(plan, pair, results)
+    third = third_rate(tries)
+    found["pair"] = [s.name for s in pair]
+    found["rate_tries"] = [dataclasses.asdict(t) for t in tries]
+    found["search"] = [dataclasses.asdict(r) for r in searched]
+    found["sustained_rate"] = third.rate if third.sustained else None
+    found["third"] = dataclasses.asdict(third)
+    if third.source != "fixed":
+        async with fresh_daemon(plan, servers, scratch / "open-third"):
+            for subject in rows:
+                results.append(
+                    await open_point(subject, third.rate, plan.timing, THIRD_LABEL)
+                )
     async with fresh_daemon(plan, servers, scratch / "batch"):
         for subject in batch_subjects(servers, payloads):
             results.append(
@@ -628,18 +745,26 @@ TARGET_COLUMNS = (
 )
 
 
-def _note(r: loadgen.PointResult) -> str:
+def _note(r: loadgen.PointResult, pair: Sequence[str] = ()) -> str:
+    """The note column: ``not sustained`` (with ``, though its search try
+    was`` for a pair row at the third rate, whose search try passed in a
+    shorter window), skips, ``generator-bound``, and for batch rows that the
+    rates and CPU count checks."""
     notes = []
-    if not r.sustained(SUSTAINED_FRACTION, SUSTAINED_MAX_P99_MS):
-        notes.append("not sustained")
+    if not _sustained(r):
+        third = r.point.startswith(THIRD_LABEL) and r.server in pair
+        notes.append("not sustained" + (", though its search try was" * third))
     if r.skipped:
         notes.append(f"{r.skipped} skipped")
     if r.generator_bound:
         notes.append("generator-bound")
+    if r.checks_per_answer > 1:
+        calls = r.achieved_per_second / r.checks_per_answer
+        notes.append(f"checks/s: {r.checks_per_answer} a call, {calls:.0f} calls/s")
     return ", ".join(notes)
 
 
-def _cells(r: loadgen.PointResult) -> list[str]:
+def _cells(r: loadgen.PointResult, pair: Sequence[str]) -> list[str]:
     offered = f"{r.offered_per_second:.0f}" if r.offered_per_second else "-"
     lag = f"{r.send_lag_p99_ms:.3f}" if r.send_lag_p99_ms is not None else "-"
     return [
@@ -655,28 +780,31 @@ def _cells(r: loadgen.PointResult) -> list[str]:
         f"{r.host_cpu_percent:.0f}",
         lag,
         str(sum(r.errors.values())),
-        _note(r),
+        _note(r, pair),
     ]
 
 
 def _point_order(r: loadgen.PointResult) -> tuple:
-    # Closed loops by in flight, then the fixed rates, the sustained rate,
-    # and the batches; servers in SERVERS order within a point.
+    # Closed loops by in flight, then the fixed rates, the third rate, and
+    # the batches; servers in SERVERS order within a point.
     server = SERVERS.index(r.server)
     if r.checks_per_answer > 1:
         return (3, 0, server)
     if r.in_flight is not None:
         return (0, r.in_flight, server)
-    if r.point.startswith("sustained"):
+    if r.point.startswith(THIRD_LABEL):
         return (2, 0, server)
     return (1, r.offered_per_second, server)
 
 
-def format_table(results: Sequence[loadgen.PointResult]) -> str:
-    """The plain-text table: every server at every point, points in order."""
+def format_table(
+    results: Sequence[loadgen.PointResult], pair: Sequence[str] = ()
+) -> str:
+    """The plain-text table: every server at every point, points in order;
+    ``pair`` names the servers the third rate was searched for."""
     lines = [table_row([name for name, _ in COLUMNS], COLUMNS, left=2)]
     for r in sorted(results, key=_point_order):
-        lines.append(table_row(_cells(r), COLUMNS, left=2))
+        lines.append(table_row(_cells(r, pair), COLUMNS, left=2))
     return "\n".join(lines)
 
 
@@ -688,6 +816,60 @@ def format_targets(found: Sequence[Target]) -> str:
         cells = [t.name, t.measured, ratio_text(t.ratio), t.goal, verdict]
         lines.append(table_row(cells, TARGET_COLUMNS, left=2))
     return "\n".join(lines)
+
+
+def _tries_text(tries: Sequence[dict]) -> str:
+    parts = []
+    for source, name in (("fixed", "fixed points"), ("search", "search")):
+        chosen = [t for t in tries if t["source"] == source]
+        if chosen:
+            rates = ", ".join(
+                f"{t['rate']:.0f} {'yes' if t['sustained'] else 'no'}" for t in chosen
+            )
+            parts.append(f"{name} ({chosen[0]['seconds']:g} s): {rates}")
+    return "; ".join(parts)
+
+
+def third_rate_lines(found: dict) -> list[str]:
+    """The header lines that say how the third rate was chosen: every rate
+    tried, whether the pair sustained it, and what the full-length third
+    point then showed."""
+    pair = " and ".join(found["pair"])
+    third = found["third"]
+    rate = f"{third['rate']:.0f}/s"
+    lines = [
+        f"# rates tried for the third point (rate/s: sustained by {pair}?):"
+        f" {_tries_text(found['rate_tries'])}"
+    ]
+    if not third["sustained"]:
+        lines.append(
+            f"# third rate {rate}: no rate tried was sustained by both;"
+            " measured at the lowest tried"
+        )
+    elif third["source"] == "fixed":
+        lines.append(
+            f"# third rate {rate}: the fixed point; no higher rate tried was"
+            " sustained by both"
+        )
+    else:
+        missed = [
+            r.server
+            for r in found["results"]
+            if r.point.startswith(THIRD_LABEL)
+            and r.server in found["pair"]
+            and not _sustained(r)
+        ]
+        verdict = (
+            f"NOT sustained by {' and '.join(missed)}"
+            if missed
+            else f"sustained by {pair}"
+        )
+        lines.append(
+            f"# third rate {rate}: the highest rate tried that both sustained"
+            f" (in its search try); measured at full length ('{THIRD_LABEL}' rows):"
+            f" {verdict}"
+        )
+    return lines
 
 
 def _header(report: dict) -> list[str]:
@@ -703,9 +885,11 @@ def _header(report: dict) -> list[str]:
         f" {fast}; cerbos {CERBOS_VERSION}, local audit on, asked for the chain's"
         " user only (Kynara decides for user and agent)",
         f"# {seconds:g} s measured per point after {warmup:g} s warm-up; open-loop"
-        " latency from each request's due time; third rate = highest that"
-        f" {'fast' if found['fast_path'] else 'grpc-unix'} and cerbos sustained"
-        f" ({found['sustained_rate']:.0f}/s)",
+        " latency from each request's due time; sustained = at least"
+        f" {SUSTAINED_FRACTION:.0%} of the offered rate answered, nothing skipped"
+        f" or failed, p99 under {SUSTAINED_MAX_P99_MS:g} ms; grpc-unix/grpc-tcp ="
+        " gRPC on the daemon's Unix socket/loopback TCP",
+        *third_rate_lines(found),
         "# mix: " + ", ".join(found["mix"]),
         "# max/s (best closed-loop point): "
         + ", ".join(
@@ -719,6 +903,7 @@ def _header(report: dict) -> list[str]:
 def print_report(report: dict, as_json: bool) -> None:
     """The table and the targets, or everything as JSON."""
     results = report["found"]["results"]
+    pair = report["found"]["pair"]
     found = targets(results)
     if as_json:
         out = {
@@ -726,7 +911,7 @@ def print_report(report: dict, as_json: bool) -> None:
             "found": {
                 **report["found"],
                 "results": [
-                    {**dataclasses.asdict(r), "note": _note(r)} for r in results
+                    {**dataclasses.asdict(r), "note": _note(r, pair)} for r in results
                 ],
             },
             "targets": [dataclasses.asdict(t) for t in found],
@@ -734,7 +919,7 @@ def print_report(report: dict, as_json: bool) -> None:
         print(json.dumps(out, indent=2))
         return
     print("\n".join(_header(report)))
-    print("\n" + format_table(results) + "\n\n" + format_targets(found))
+    print("\n" + format_table(results, pair) + "\n\n" + format_targets(found))
 
 
 def _failed(results: Sequence[loadgen.PointResult]) -> list[str]:
@@ -778,7 +963,7 @@ def _plan(args: argparse.Namespace) -> Plan:
     return Plan(
         timing=SMOKE_TIMING if smoke else (args.warmup, args.seconds),
         search_timing=SMOKE_SEARCH_TIMING if smoke else SEARCH_TIMING,
-        search_fractions=SMOKE_SEARCH_FRACTIONS if smoke else SEARCH_FRACTIONS,
+        max_search_tries=SMOKE_MAX_SEARCH_TRIES if smoke else MAX_SEARCH_TRIES,
         in_flight=CLOSED_IN_FLIGHT,
         config=args.config,
         overrides=tuple(args.overrides),
