@@ -28,6 +28,7 @@ Examples:
     python benchmarks/profile_decide.py --decisions 50000 --in-flight 1
     python benchmarks/profile_decide.py --pyinstrument   # where the loop spends
     python benchmarks/profile_decide.py --redact         # hash context.region
+    python benchmarks/profile_decide.py --group 32       # as the fast path groups
 """
 
 from __future__ import annotations
@@ -176,9 +177,16 @@ class EndToEnd:
 
 
 async def drive(
-    harness: Harness, mix: Sequence[IncomingRequest], decisions: int, in_flight: int
+    harness: Harness,
+    mix: Sequence[IncomingRequest],
+    decisions: int,
+    in_flight: int,
+    group: int = 0,
 ) -> EndToEnd:
-    """Answer ``decisions`` requests with ``in_flight`` closed-loop tasks."""
+    """Answer ``decisions`` requests with ``in_flight`` closed-loop tasks,
+    or, with ``group``, in groups of that many handed to
+    ``Pipeline.decide_soon`` (as the fast path hands the frames of one
+    read), ``in_flight // group`` groups outstanding."""
     left = decisions
     harness.commits.clear()
 
@@ -191,7 +199,10 @@ async def drive(
             position += 1
 
     wall, process, loop = time.perf_counter(), time.process_time(), time.thread_time()
-    await asyncio.gather(*(worker(i) for i in range(in_flight)))
+    if group:
+        await _grouped(harness.pipeline, mix, decisions, in_flight, group)
+    else:
+        await asyncio.gather(*(worker(i) for i in range(in_flight)))
     loop = time.thread_time() - loop
     process = time.process_time() - process
     wall = time.perf_counter() - wall
@@ -208,6 +219,41 @@ async def drive(
         records_per_commit=records / commits if commits else 0.0,
         commit_us=sum(s for _, s in harness.commits) / commits * 1e6 if commits else 0,
     )
+
+
+async def _grouped(
+    pipeline: Pipeline,
+    mix: Sequence[IncomingRequest],
+    decisions: int,
+    in_flight: int,
+    group: int,
+) -> None:
+    finished = asyncio.get_running_loop().create_future()
+    left, position, open_groups, failed = decisions, 0, 0, 0
+
+    def submit() -> None:
+        nonlocal left, position, open_groups
+        size = min(group, left)
+        if size <= 0:
+            if not open_groups and not finished.done():
+                finished.set_result(failed)
+            return
+        left -= size
+        open_groups += 1
+        batch = [mix[(position + i) % len(mix)] for i in range(size)]
+        position += size
+        pipeline.decide_soon(batch, landed)
+
+    def landed(outcomes: list[object]) -> None:
+        nonlocal open_groups, failed
+        open_groups -= 1
+        failed += sum(1 for outcome in outcomes if not isinstance(outcome, Answer))
+        submit()
+
+    for _ in range(max(1, in_flight // group)):
+        submit()
+    if await finished:
+        raise RuntimeError(f"{failed} requests were not answered")
 
 
 # --- per stage -----------------------------------------------------------------
@@ -320,7 +366,11 @@ def _activation(cache, policies, subject: DecisionRequest, env) -> object:
         return engine._shared_activation(subject, env, resolved)
     chain = cache.chain(subject.chain)
     shared = engine._shared_activation(subject, env, chain, cache)
-    return engine._activation(chain.resolved[0], shared)
+    first = chain.resolved[0]
+    if "needed" not in dir(cache):  # before activations held only what is read
+        return engine._activation(first, shared)
+    needed = cache.needed(subject.resource.kind, subject.action, first.roles)
+    return engine._activation(first, shared, needed, env, cache)
 
 
 def _decision_id() -> str:
@@ -359,6 +409,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT)
     parser.add_argument("--rounds", type=int, default=DEFAULT_STAGE_ROUNDS)
     parser.add_argument(
+        "--group",
+        type=int,
+        default=0,
+        help="hand requests to Pipeline.decide_soon in groups of this many "
+        "(as the fast path does with the frames of one read)",
+    )
+    parser.add_argument(
         "--durability", choices=("durable", "deferred"), default="durable"
     )
     parser.add_argument(
@@ -378,14 +435,16 @@ async def _run(args: argparse.Namespace, scratch: pathlib.Path) -> str:
     mix = incoming_mix()
     try:
         # Warm-up: the first approval opened, caches and the LMDB map settled.
-        await drive(harness, mix, min(2_000, args.decisions), args.in_flight)
+        await drive(
+            harness, mix, min(2_000, args.decisions), args.in_flight, args.group
+        )
         profiler = None
         if args.pyinstrument:
             from pyinstrument import Profiler
 
             profiler = Profiler(interval=0.0002, async_mode="disabled")
             profiler.start()
-        e2e = await drive(harness, mix, args.decisions, args.in_flight)
+        e2e = await drive(harness, mix, args.decisions, args.in_flight, args.group)
         if profiler is not None:
             profiler.stop()
         split = stages(harness, mix, args.rounds)

@@ -206,6 +206,7 @@ class EvaluationCache:
         self._applying: dict[
             tuple[str, str, frozenset[str]], tuple[CompiledRule, ...]
         ] = {}
+        self._needed: dict[tuple[str, str, frozenset[str]], frozenset[str]] = {}
         # (daemon_id, environment, region, labels) and their CEL values.
         self._env_key: tuple[str, str, str, Mapping[str, str]] | None = None
         self._env_cel: dict[str, Any] = {}
@@ -253,6 +254,26 @@ class EvaluationCache:
                 rule for rule in self.candidates(kind, action) if rule.applies_to(roles)
             )
             _bounded_put(self._applying, key, found, self._max)
+        return found
+
+    def needed(self, kind: str, action: str, roles: frozenset[str]) -> frozenset[str]:
+        """The variables the conditions of ``applying(kind, action, roles)``
+        read (``Condition.variables``): all an activation for them needs.
+
+        Converting a variable into the runtime's values costs the same
+        whether a condition reads it or not, so the others are left out.
+        """
+        key = (kind, action, roles)
+        found = self._needed.get(key)
+        if found is None:
+            found = frozenset().union(
+                *(
+                    rule.condition.variables
+                    for rule in self.applying(kind, action, roles)
+                    if rule.condition is not None
+                )
+            )
+            _bounded_put(self._needed, key, found, self._max)
         return found
 
     def shares(self, rule: CompiledRule) -> bool:
@@ -353,7 +374,13 @@ def evaluate(
     reused: dict[int, _Evaluated] = {}
     evaluations = tuple(
         _evaluate_principal(
-            item, cache.applying(kind, action, item.roles), shared, cache, reused
+            item,
+            cache.applying(kind, action, item.roles),
+            cache.needed(kind, action, item.roles),
+            shared,
+            env,
+            cache,
+            reused,
         )
         for item in resolved
     )
@@ -484,6 +511,8 @@ def _shared_activation(
 def _variables(
     request: DecisionRequest, env: Env, chain: _Chain, cache: EvaluationCache
 ) -> dict[str, Any]:
+    # Every variable but ``env`` (whose values never fail to convert; built
+    # by _activation when a condition reads it) and ``principal``.
     resolved = chain.resolved
     return {
         "user": resolved[0].cel,
@@ -496,7 +525,6 @@ def _variables(
             "attr": _cel_map(request.resource.attributes),
         },
         "context": _cel_map(request.context),
-        "env": cache.env_values(env),
     }
 
 
@@ -529,7 +557,9 @@ def _cel_map(values: Mapping[str, Any]) -> Any:
 def _evaluate_principal(
     resolved: _Resolved,
     applying: Sequence[CompiledRule],
-    shared: Mapping[str, Any] | ConditionFailure,
+    needed: frozenset[str],
+    shared: dict[str, Any] | ConditionFailure,
+    env: Env,
     cache: EvaluationCache,
     reused: dict[int, _Evaluated],
 ) -> tuple[_Evaluated, ...]:
@@ -549,7 +579,7 @@ def _evaluate_principal(
         item = reused.get(rule.order)
         if item is None:
             if activation is None:
-                activation = _activation(resolved, shared)
+                activation = _activation(resolved, shared, needed, env, cache)
             item = _evaluate_rule(rule, activation)
             if cache.shares(rule):
                 reused[rule.order] = item
@@ -558,11 +588,24 @@ def _evaluate_principal(
 
 
 def _activation(
-    resolved: _Resolved, shared: Mapping[str, Any] | ConditionFailure
+    resolved: _Resolved,
+    shared: dict[str, Any] | ConditionFailure,
+    needed: frozenset[str],
+    env: Env,
+    cache: EvaluationCache,
 ) -> Any:
+    # Only the variables some condition here reads go to the runtime.
     if isinstance(shared, ConditionFailure):
         return shared
-    return prepare_activation({**shared, "principal": resolved.cel})
+    if "env" in needed and "env" not in shared:
+        try:
+            shared["env"] = cache.env_values(env)  # once per request
+        except ValueError as err:
+            return ConditionFailure(f"could not pass the request to CEL: {err}")
+    data = {name: shared[name] for name in needed if name in shared}
+    if "principal" in needed:
+        data["principal"] = resolved.cel
+    return prepare_activation(data)
 
 
 def _evaluate_rule(rule: CompiledRule, activation: Any) -> _Evaluated:

@@ -22,6 +22,7 @@ nanoseconds and names the value at fault.
 from __future__ import annotations
 
 import datetime
+import functools
 import struct
 from typing import Any
 
@@ -434,6 +435,12 @@ def request_from_payload(
 # ----------------------------------------------------------------- answers
 
 
+# An approval's expiry goes out with every answer that cites it (a retry
+# of a pending one, say): the few distinct ones are converted once.
+_TIMESTAMP_EXTS = 1024
+
+
+@functools.lru_cache(maxsize=_TIMESTAMP_EXTS)
 def _timestamp_ext(text: str) -> Ext | msgspec.UnsetType:
     """An RFC 3339 time as the timestamp extension (12-byte form, so any
     second of years 0001..9999 fits); unset for ""."""

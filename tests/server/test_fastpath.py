@@ -209,6 +209,24 @@ def hold_decisions(running):
         return await original(records, state_changes, **options)
 
     writer.append_all = held
+    # The fast path hands its groups to ``submit``: held alike.
+    original_submit = writer.submit
+    holding: set[asyncio.Task] = set()
+
+    def held_submit(records, state_changes, on_done, **options):
+        records = tuple(records)
+        if not any(record.kind == "decision" for record in records):
+            return original_submit(records, state_changes, on_done, **options)
+
+        async def later():
+            await gate.wait()
+            original_submit(records, state_changes, on_done, **options)
+
+        task = asyncio.get_running_loop().create_task(later())
+        holding.add(task)
+        task.add_done_callback(holding.discard)
+
+    writer.submit = held_submit
     return lambda: running.loop.call_soon_threadsafe(gate.set)
 
 
@@ -805,9 +823,11 @@ def test_a_deadline_cancels_the_work_as_a_grpc_deadline_does(daemon, fast):
         status, _ = error_of(lambda: daemon.stub().Decide(late_grpc, timeout=0.5))
         wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
         error = client.decide(refund() | {"request_id": "late-fast"}, timeout_ms=500)
-        wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
     finally:
         gate.set()
+    # The fast path answered at the deadline; its record was with the
+    # writer already and commits once the disk lets it.
+    wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
     after = client.decide(refund() | {"request_id": "after"}, stream=2)["ok"]
 
     assert status == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -841,8 +861,9 @@ def test_cancel_ends_the_request_with_cancelled(daemon, fast):
     wait_until(lambda: daemon.daemon.pipeline._in_flight == 1)
     client.request(5, "cancel")
     cancelled = client.answer(5)
-    wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
     release()
+    # Answered at the cancel; its record, with the writer already, commits.
+    wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
     client.request(99, "cancel")  # nothing in flight there: ignored
     client.request(6, "health")
     next_stream, _ = client.recv()
@@ -851,13 +872,50 @@ def test_cancel_ends_the_request_with_cancelled(daemon, fast):
     assert next_stream == 6
 
 
+def test_a_cancelled_request_of_a_pipelined_group_leaves_the_others(daemon, fast):
+    client = fast()
+    gate = hold_commits(daemon)
+    frames = b"".join(
+        HEADER.pack(len(payload), stream) + payload
+        for stream, payload in (
+            (s, msgspec.msgpack.encode({"op": "decide", "request": r}))
+            for s, r in (
+                (1, refund() | {"request_id": "one"}),
+                (2, refund() | {"request_id": "two"}),
+                (3, refund() | {"request_id": "three"}),
+            )
+        )
+    )
+
+    try:
+        client.sock.sendall(frames)  # one write: decided as one group
+        wait_until(lambda: daemon.daemon.pipeline._in_flight == 3)
+        client.request(2, "cancel")
+        cancelled = client.answer(2)
+    finally:
+        gate.set()
+    one, three = client.answer(1)["ok"], client.answer(3)["ok"]
+
+    assert cancelled["error"]["code"] == "cancelled"
+    assert (one["request_id"], three["request_id"]) == ("one", "three")
+    # The cancelled request's record was with the writer: it stays.
+    between = range(one["audit_sequence"] + 1, three["audit_sequence"])
+    assert [read_record(daemon, s).request_id for s in between] == ["two"]
+    wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
+
+
 def test_a_closed_connection_cancels_its_requests(daemon, fast):
     client = fast()
-    hold_decisions(daemon)  # never released
+    release = hold_decisions(daemon)
 
     client.request(1, "decide", refund())
-    wait_until(lambda: daemon.daemon.pipeline._in_flight == 1)
+    client.request(2, "decide_batch", {"items": [refund()]})
+    wait_until(lambda: daemon.daemon.pipeline._in_flight == 2)
     client.close()
+    # The batch's task is cancelled at once; the decide's record, with
+    # the writer already, commits once the writer lets it, unanswered.
+    wait_until(lambda: daemon.daemon.pipeline._in_flight == 1)
+    release()
 
     wait_until(lambda: daemon.daemon.pipeline._in_flight == 0)
     wait_until(lambda: not daemon.daemon._fast_path._connections)
