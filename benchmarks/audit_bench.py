@@ -57,7 +57,11 @@ import msgspec
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from decide_bench import filesystem_of, percentile  # noqa: E402 (sibling script)
+from decide_bench import (  # noqa: E402 (the sibling script)
+    doc_parser,
+    filesystem_of,
+    percentile,
+)
 
 from kynara_sidecar import engine  # noqa: E402
 from kynara_sidecar.audit.checkpoint import (  # noqa: E402
@@ -430,11 +434,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     positive = at_least(1)
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser(__doc__)
     parser.add_argument(
         "--batch-sizes", type=positive, nargs="+", metavar="N",
         default=list(DEFAULT_BATCH_SIZES),

@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from typing import Any
 
 import grpc
 import uvloop
@@ -51,15 +52,19 @@ __all__ = [
     "DEFAULT_IN_FLIGHT",
     "DEFAULT_SECONDS",
     "DEFAULT_WARMUP_SECONDS",
+    "MIX_DECISIONS",
     "TRANSPORT_LABELS",
     "Measurement",
     "add_daemon_arguments",
     "daemon_settings",
+    "doc_parser",
+    "exit_status",
     "machine_info",
     "machine_line",
     "main",
     "measure",
     "percentile",
+    "positive",
     "ratio_text",
     "ratios",
     "request_mix",
@@ -67,6 +72,7 @@ __all__ = [
     "summarize",
     "table_row",
     "transport_label",
+    "wrong_decision",
 ]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -141,6 +147,25 @@ def request_mix() -> list[tuple[str, bytes]]:
         ("large refund", _refund("rf_large", 120000).SerializeToString()),
         ("crm read", crm_read.SerializeToString()),
     ]
+
+
+# What the shipped policies (config/policies) may decide for each request of
+# the mix: anything else means a run measured some other path than it says.
+MIX_DECISIONS: dict[str, tuple[str, ...]] = {
+    "small refund": ("allow",),
+    "large refund": ("require_approval",),
+    # Allowed in Berlin business hours, denied outside them.
+    "crm read": ("allow", "deny"),
+}
+
+
+def wrong_decision(name: str, decision: str) -> str | None:
+    """What is wrong with ``decision`` (``allow``, ...) for the mix's request
+    ``name``, or None when the shipped policies decide it so."""
+    expected = MIX_DECISIONS[name]
+    if decision in expected:
+        return None
+    return f"{name}: expected {' or '.join(expected)}, got {decision}"
 
 
 # --- pure statistics and formatting ----------------------------------------
@@ -411,7 +436,12 @@ async def wait_answering(server: Server, payload: bytes) -> None:
 
 
 async def describe_mix(target: str, mix: Sequence[tuple[str, bytes]]) -> list[str]:
-    """Ask the daemon each request of the mix once; name what it decided."""
+    """Ask the daemon each request of the mix once; name what it decided.
+
+    Raises:
+        BenchError: a request was decided otherwise than ``MIX_DECISIONS``
+            says.
+    """
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
         decide = ch.unary_unary(
             DECIDE_METHOD, response_deserializer=pb.DecideResponse.FromString
@@ -420,6 +450,9 @@ async def describe_mix(target: str, mix: Sequence[tuple[str, bytes]]) -> list[st
         for name, payload in mix:
             answer = await decide(payload, timeout=CALL_TIMEOUT_SECONDS)
             effect = pb.Decision.Name(answer.decision).removeprefix("DECISION_")
+            wrong = wrong_decision(name, effect.lower())
+            if wrong is not None:
+                raise BenchError(f"the daemon at {target} decided {wrong}")
             parts.append(f"{name} -> {effect.lower()} ({answer.reason_code})")
     return parts
 
@@ -604,8 +637,11 @@ def _failed(points: list) -> list[str]:
     ]
 
 
-def _positive(kind):
-    def parse(text: str):
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int, float) of the text, refused unless
+    it is more than 0."""
+
+    def parse(text: str) -> Any:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"expected more than 0, got {text}")
@@ -652,22 +688,36 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script whose help is its docstring
+    ``doc``: the first paragraph, and the examples after ``Examples:``."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog="Examples:" + doc.split("Examples:", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def exit_status(bench: str, failures: Sequence[str]) -> int:
+    """Print each of ``failures`` on stderr under the script's name
+    ``bench``; the script's exit status: 1 when there was one, else 0."""
+    for failure in failures:
+        print(f"{bench}: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = doc_parser(__doc__)
     parser.add_argument(
-        "--seconds", type=_positive(float), default=DEFAULT_SECONDS,
+        "--seconds", type=positive(float), default=DEFAULT_SECONDS,
         help=f"measured seconds per point (default {DEFAULT_SECONDS:g})",
     )  # fmt: skip
     parser.add_argument(
-        "--warmup", type=_positive(float), default=DEFAULT_WARMUP_SECONDS,
+        "--warmup", type=positive(float), default=DEFAULT_WARMUP_SECONDS,
         help=f"warm-up seconds per point (default {DEFAULT_WARMUP_SECONDS:g})",
     )  # fmt: skip
     parser.add_argument(
-        "--in-flight", type=_positive(int), nargs="+",
+        "--in-flight", type=positive(int), nargs="+",
         default=list(DEFAULT_IN_FLIGHT), metavar="N",
         help="requests kept in flight, one point each (default 1 8 64)",
     )  # fmt: skip
@@ -712,9 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"decide_bench: {err}", file=sys.stderr)
             return 1
     _print_report(report, points, args.json)
-    for failure in _failed(points):
-        print(f"decide_bench: {failure}", file=sys.stderr)
-    return 1 if _failed(points) else 0
+    return exit_status("decide_bench", _failed(points))
 
 
 if __name__ == "__main__":

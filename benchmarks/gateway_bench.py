@@ -79,6 +79,8 @@ from decide_bench import (  # noqa: E402 (the sibling script)
     Server,
     add_daemon_arguments,
     daemon_settings,
+    doc_parser,
+    exit_status,
     free_port,
     machine_info,
     machine_line,
@@ -652,11 +654,7 @@ def _failed(rows: Sequence[KindStats]) -> list[str]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser(__doc__)
     parser.add_argument(
         "--rounds", type=rounds_type(MAX_ROUNDS), default=DEFAULT_ROUNDS,
         help=f"measured rounds, one request of each kind (default {DEFAULT_ROUNDS})",
@@ -709,9 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gateway_bench: {err}", file=sys.stderr)
             return 1
     _print_report(report, rows, args.json)
-    for failure in _failed(rows):
-        print(f"gateway_bench: {failure}", file=sys.stderr)
-    return 1 if _failed(rows) else 0
+    return exit_status("gateway_bench", _failed(rows))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 from decide_bench import (  # noqa: E402 (the sibling script)
     BenchError,
+    doc_parser,
     machine_info,
     machine_line,
     percentile,
@@ -521,11 +522,7 @@ def _header(report: dict[str, Any]) -> list[str]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser(__doc__)
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="N",
         help="rules per generated set (default 10 1000 10000 100000; at least 10)",

@@ -23,12 +23,16 @@ It prints two tables:
 The stage loop calls a few of the pipeline's and engine's private helpers
 on purpose: it measures them, it does not rely on them elsewhere.
 
+Every answer is checked as decide_bench checks the mix: a request refused
+with an error, or decided otherwise than the shipped policies decide it,
+is counted and makes the run exit 1; the rates count answers only.
+
 Examples:
-    python benchmarks/profile_decide.py
-    python benchmarks/profile_decide.py --decisions 50000 --in-flight 1
-    python benchmarks/profile_decide.py --pyinstrument   # where the loop spends
-    python benchmarks/profile_decide.py --redact         # hash context.region
-    python benchmarks/profile_decide.py --group 32       # as the fast path groups
+    .venv/bin/python benchmarks/profile_decide.py
+    .venv/bin/python benchmarks/profile_decide.py --decisions 50000 --in-flight 1
+    .venv/bin/python benchmarks/profile_decide.py --pyinstrument  # the loop's call tree
+    .venv/bin/python benchmarks/profile_decide.py --redact        # hash context.region
+    .venv/bin/python benchmarks/profile_decide.py --group 32      # as the fast path
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import uvloop
@@ -49,7 +54,15 @@ from kynara.v1 import decision_pb2 as pb
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from decide_bench import machine_info, machine_line, request_mix  # noqa: E402
+from decide_bench import (  # noqa: E402 (the sibling script)
+    doc_parser,
+    exit_status,
+    machine_info,
+    machine_line,
+    positive,
+    request_mix,
+    wrong_decision,
+)
 
 from kynara_sidecar import engine  # noqa: E402
 from kynara_sidecar import pipeline as pipeline_module  # noqa: E402
@@ -64,6 +77,7 @@ from kynara_sidecar.audit.store import AuditStore  # noqa: E402
 from kynara_sidecar.audit.writer import AuditWriter  # noqa: E402
 from kynara_sidecar.config import Config, load_config  # noqa: E402
 from kynara_sidecar.decision import DecisionRequest, Timestamp  # noqa: E402
+from kynara_sidecar.errors import KynaraError  # noqa: E402
 from kynara_sidecar.metrics import Metrics  # noqa: E402
 from kynara_sidecar.pipeline import (  # noqa: E402
     Answer,
@@ -160,12 +174,24 @@ def incoming_mix() -> list[IncomingRequest]:
     ]
 
 
+def mix_names() -> list[str]:
+    """The names of decide_bench's requests, in ``incoming_mix``'s order."""
+    return [name for name, _ in request_mix()]
+
+
 # --- end to end ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class EndToEnd:
-    decisions: int
+    """One pass; ``answers`` counts the requests decided as expected, and
+    the rate and CPU figures are per such answer."""
+
+    answers: int
+    # Requests refused, by the error's class name; decisions other than the
+    # mix expects, by what was wrong.
+    errors: dict[str, int]
+    wrong: dict[str, int]
     in_flight: int
     wall_seconds: float
     process_cpu_us: float
@@ -183,24 +209,31 @@ async def drive(
     in_flight: int,
     group: int = 0,
 ) -> EndToEnd:
-    """Answer ``decisions`` requests with ``in_flight`` closed-loop tasks,
+    """Send ``decisions`` requests with ``in_flight`` closed-loop tasks,
     or, with ``group``, in groups of that many handed to
     ``Pipeline.decide_soon`` (as the fast path hands the frames of one
-    read), ``in_flight // group`` groups outstanding."""
+    read), ``in_flight // group`` groups outstanding; each outcome is
+    checked against what the mix expects."""
     left = decisions
     harness.commits.clear()
+    tally = _Tally(mix_names())
 
     async def worker(start: int) -> None:
         nonlocal left
         position = start
         while left > 0:
             left -= 1
-            await harness.pipeline.decide(mix[position % len(mix)])
+            index = position % len(mix)
+            try:
+                outcome: object = await harness.pipeline.decide(mix[index])
+            except KynaraError as err:
+                outcome = err
+            tally.add(index, outcome)
             position += 1
 
     wall, process, loop = time.perf_counter(), time.process_time(), time.thread_time()
     if group:
-        await _grouped(harness.pipeline, mix, decisions, in_flight, group)
+        await _grouped(harness.pipeline, mix, decisions, in_flight, group, tally)
     else:
         await asyncio.gather(*(worker(i) for i in range(in_flight)))
     loop = time.thread_time() - loop
@@ -208,17 +241,41 @@ async def drive(
     wall = time.perf_counter() - wall
     records = sum(n for n, _ in harness.commits)
     commits = len(harness.commits)
+    per_answer = 1e6 / tally.answers if tally.answers else 0.0
     return EndToEnd(
-        decisions=decisions,
+        answers=tally.answers,
+        errors=dict(tally.errors),
+        wrong=dict(tally.wrong),
         in_flight=in_flight,
         wall_seconds=wall,
-        process_cpu_us=process / decisions * 1e6,
-        loop_cpu_us=loop / decisions * 1e6,
-        writer_cpu_us=(process - loop) / decisions * 1e6,
+        process_cpu_us=process * per_answer,
+        loop_cpu_us=loop * per_answer,
+        writer_cpu_us=(process - loop) * per_answer,
         commits=commits,
         records_per_commit=records / commits if commits else 0.0,
         commit_us=sum(s for _, s in harness.commits) / commits * 1e6 if commits else 0,
     )
+
+
+class _Tally:
+    """The outcomes of a pass: answers as the mix expects, errors, and
+    decisions the mix does not expect."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = names
+        self.answers = 0
+        self.errors: Counter[str] = Counter()
+        self.wrong: Counter[str] = Counter()
+
+    def add(self, index: int, outcome: object) -> None:
+        if not isinstance(outcome, Answer):
+            self.errors[type(outcome).__name__] += 1
+            return
+        wrong = wrong_decision(self.names[index], str(outcome.decision.effect))
+        if wrong is None:
+            self.answers += 1
+        else:
+            self.wrong[wrong] += 1
 
 
 async def _grouped(
@@ -227,33 +284,36 @@ async def _grouped(
     decisions: int,
     in_flight: int,
     group: int,
+    tally: _Tally,
 ) -> None:
     finished = asyncio.get_running_loop().create_future()
-    left, position, open_groups, failed = decisions, 0, 0, 0
+    left, position, open_groups = decisions, 0, 0
 
     def submit() -> None:
         nonlocal left, position, open_groups
         size = min(group, left)
         if size <= 0:
             if not open_groups and not finished.done():
-                finished.set_result(failed)
+                finished.set_result(None)
             return
         left -= size
         open_groups += 1
-        batch = [mix[(position + i) % len(mix)] for i in range(size)]
+        indexes = [(position + i) % len(mix) for i in range(size)]
         position += size
-        pipeline.decide_soon(batch, landed)
+        pipeline.decide_soon(
+            [mix[i] for i in indexes], lambda outcomes: landed(indexes, outcomes)
+        )
 
-    def landed(outcomes: list[object]) -> None:
-        nonlocal open_groups, failed
+    def landed(indexes: list[int], outcomes: list[object]) -> None:
+        nonlocal open_groups
         open_groups -= 1
-        failed += sum(1 for outcome in outcomes if not isinstance(outcome, Answer))
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            tally.add(index, outcome)
         submit()
 
     for _ in range(max(1, in_flight // group)):
         submit()
-    if await finished:
-        raise RuntimeError(f"{failed} requests were not answered")
+    await finished
 
 
 # --- per stage -----------------------------------------------------------------
@@ -383,8 +443,8 @@ def _decision_id() -> str:
 
 def _report(e2e: EndToEnd, split: dict[str, float]) -> str:
     lines = [
-        f"end to end: {e2e.decisions} decisions, {e2e.in_flight} in flight, "
-        f"{e2e.wall_seconds:.2f} s wall = {e2e.decisions / e2e.wall_seconds:,.0f}/s",
+        f"end to end: {e2e.answers} answers as expected, {e2e.in_flight} in flight, "
+        f"{e2e.wall_seconds:.2f} s wall = {e2e.answers / e2e.wall_seconds:,.0f}/s",
         f"  CPU per decision: {e2e.process_cpu_us:.1f} us "
         f"(event loop thread {e2e.loop_cpu_us:.1f} us, "
         f"writer thread {e2e.writer_cpu_us:.1f} us)",
@@ -403,17 +463,41 @@ def _report(e2e: EndToEnd, split: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _failed(e2e: EndToEnd) -> list[str]:
+    failures = [f"{n} requests refused with {kind}" for kind, n in e2e.errors.items()]
+    failures += [f"{n} decisions wrong: {what}" for what, n in e2e.wrong.items()]
+    if not e2e.answers:
+        failures.append("no answer as expected")
+    return failures
+
+
+def _group_size(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or more, got {text}")
+    return value
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decisions", type=int, default=DEFAULT_DECISIONS)
-    parser.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT)
-    parser.add_argument("--rounds", type=int, default=DEFAULT_STAGE_ROUNDS)
+    parser = doc_parser(__doc__)
+    parser.add_argument(
+        "--decisions", type=positive(int), default=DEFAULT_DECISIONS,
+        help=f"requests sent in the measured pass (default {DEFAULT_DECISIONS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--in-flight", type=positive(int), default=DEFAULT_IN_FLIGHT,
+        help=f"requests outstanding at once (default {DEFAULT_IN_FLIGHT})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=positive(int), default=DEFAULT_STAGE_ROUNDS,
+        help=f"rounds of the mix per stage (default {DEFAULT_STAGE_ROUNDS})",
+    )  # fmt: skip
     parser.add_argument(
         "--group",
-        type=int,
+        type=_group_size,
         default=0,
         help="hand requests to Pipeline.decide_soon in groups of this many "
-        "(as the fast path does with the frames of one read)",
+        "(as the fast path does with the frames of one read; default 0: off)",
     )
     parser.add_argument(
         "--durability", choices=("durable", "deferred"), default="durable"
@@ -430,7 +514,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _run(args: argparse.Namespace, scratch: pathlib.Path) -> str:
+async def _run(args: argparse.Namespace, scratch: pathlib.Path) -> tuple[str, EndToEnd]:
     harness = build(scratch, args.durability, args.redact)
     mix = incoming_mix()
     try:
@@ -453,25 +537,26 @@ async def _run(args: argparse.Namespace, scratch: pathlib.Path) -> str:
         await harness.writer.close()
         harness.store.close()
     if args.json:
-        return json.dumps(
-            {
-                "machine": machine_info(),
-                "end_to_end": dataclasses.asdict(e2e),
-                "stages_us": split,
-            },
-            indent=2,
-        )
+        report = {
+            "machine": machine_info(),
+            "end_to_end": dataclasses.asdict(e2e),
+            "stages_us": split,
+        }
+        return json.dumps(report, indent=2), e2e
     text = machine_line(machine_info(), "profile_decide") + "\n" + _report(e2e, split)
     if profiler is not None:
         text += "\n\n" + profiler.output_text(unicode=False, color=False)
-    return text
+    return text, e2e
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the profile; returns 0, or 1 when a request was refused or
+    decided otherwise than the mix expects."""
     args = _parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kynara-profile-") as scratch:
-        print(uvloop.run(_run(args, pathlib.Path(scratch))))
-    return 0
+        text, e2e = uvloop.run(_run(args, pathlib.Path(scratch)))
+    print(text)
+    return exit_status("profile_decide", _failed(e2e))
 
 
 if __name__ == "__main__":

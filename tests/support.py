@@ -24,9 +24,14 @@ from kynara.v1 import decision_pb2_grpc
 
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.record import AuditRecordV1
+from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.writer import AuditWriter
 from kynara_sidecar.config import Config, load_config
 from kynara_sidecar.daemon import Daemon
 from kynara_sidecar.decision import Duration, Timestamp, UInt64
+from kynara_sidecar.metrics import Metrics
+from kynara_sidecar.pipeline import Pipeline
+from kynara_sidecar.policy.loader import load_policies
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config" / "kynara.yaml"
@@ -129,6 +134,35 @@ def daemon_config(tmp_path: pathlib.Path, *overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def run_pipeline(
+    tmp_path: pathlib.Path, steps, *, activate: bool = True
+) -> tuple[Any, list[AuditRecordV1]]:
+    """Run ``steps(pipeline)`` (a coroutine function) on a pipeline with its
+    own writer over real LMDB in ``tmp_path``, the shipped policies active
+    unless ``activate`` is False; returns its result and every record
+    committed, decoded. An error ``steps`` raises is raised here."""
+    config = daemon_config(tmp_path)
+    store = AuditStore.open(config.audit.path, map_size=config.audit.map_size)
+
+    async def run():
+        writer = AuditWriter(store)
+        writer.start()
+        pipeline = Pipeline(config, writer, Metrics(), SettableClock())
+        if activate:
+            pipeline.activate(load_policies(SHIPPED_POLICIES))
+        try:
+            return await steps(pipeline)
+        finally:
+            await writer.close()
+
+    try:
+        result = asyncio.run(run())
+        records = [decode_record(r.record_bytes) for r in store.iter_records()]
+        return result, records
+    finally:
+        store.close()
 
 
 def value_to_proto(value: Any) -> pb.Value:

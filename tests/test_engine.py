@@ -23,7 +23,7 @@ from kynara_sidecar.decision import (
     Timestamp,
     UInt64,
 )
-from kynara_sidecar.engine import evaluate
+from kynara_sidecar.engine import EvaluationCache, evaluate
 from kynara_sidecar.errors import ReasonCode
 from kynara_sidecar.policy import LoadedPolicies, load_policies
 from kynara_sidecar.policy.loader import compile_documents, decode_document
@@ -64,13 +64,15 @@ def decide(
     attributes: dict | None = None,
     context: dict | None = None,
     env: Env | None = None,
+    cache: EvaluationCache | None = None,
 ) -> Decision:
+    """Evaluate a request for resource d-1 on ``loaded`` (with ``cache``
+    when given), on a Monday at 10:00 in Berlin unless ``env`` says else."""
     request = DecisionRequest(
         chain, action, Resource(kind, "d-1", attributes or {}), context or {}
     )
-    return evaluate(
-        loaded.policy_set, loaded.directory, request, env or Env(MONDAY_10_BERLIN)
-    )
+    env = env or Env(MONDAY_10_BERLIN)
+    return evaluate(loaded.policy_set, loaded.directory, request, env, cache=cache)
 
 
 def rule(effect: str, rule_id: str = "r", roles: str = "[clerk, bot]", **extra) -> str:

@@ -5,21 +5,17 @@ on the very next decision."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 import pytest
 from cases_loader import POLICIES_DIR, load_cases
-from support import SHIPPED_POLICIES, SettableClock, daemon_config
-from test_engine import MONDAY_10_BERLIN, compile_yaml, rule, rules
+from support import SHIPPED_POLICIES, run_pipeline
+from test_engine import MONDAY_10_BERLIN, compile_yaml, decide, rule, rules
 
-from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.audit.writer import AuditWriter
-from kynara_sidecar.decision import DecisionRequest, Effect, Env, Resource
+from kynara_sidecar.decision import Effect, Env, Resource
 from kynara_sidecar.engine import EvaluationCache, evaluate
 from kynara_sidecar.errors import ReasonCode
-from kynara_sidecar.metrics import Metrics
-from kynara_sidecar.pipeline import IncomingRequest, Pipeline, new_decision_id
+from kynara_sidecar.pipeline import IncomingRequest, new_decision_id
 from kynara_sidecar.policy import load_policies
 
 SHIPPED = load_policies(POLICIES_DIR)
@@ -55,15 +51,8 @@ def test_a_cache_made_for_another_policy_set_is_ignored():
     allowing = compile_yaml(rules(rule("allow")))
     denying = compile_yaml(rules(rule("deny")))
     stale = EvaluationCache(allowing.policy_set, allowing.directory)
-    request = DecisionRequest(("ulla", "ada"), "doc.read", Resource("doc", "d-1"))
 
-    decision = evaluate(
-        denying.policy_set,
-        denying.directory,
-        request,
-        Env(MONDAY_10_BERLIN),
-        cache=stale,
-    )
+    decision = decide(denying, cache=stale)
 
     assert decision.effect is Effect.DENY
     assert decision.reason_code is ReasonCode.RULE_DENIED
@@ -72,15 +61,8 @@ def test_a_cache_made_for_another_policy_set_is_ignored():
 def test_a_condition_reading_principal_is_evaluated_for_each_principal():
     loaded = compile_yaml(rules(rule("allow", condition='principal.kind == "user"')))
     cache = EvaluationCache(loaded.policy_set, loaded.directory)
-    request = DecisionRequest(("ulla", "ada"), "doc.read", Resource("doc", "d-1"))
 
-    decision = evaluate(
-        loaded.policy_set,
-        loaded.directory,
-        request,
-        Env(MONDAY_10_BERLIN),
-        cache=cache,
-    )
+    decision = decide(loaded, cache=cache)
 
     # ulla (a user) is allowed, ada (an agent) is not: no reuse of ulla's verdict.
     assert [m.principal for m in decision.matched_rules] == ["ulla"]
@@ -95,13 +77,8 @@ def test_a_condition_without_principal_is_evaluated_once_and_reported_for_each()
             rule("deny", "bad-level", condition="resource.attr.level > 2"),
         )
     )
-    request = DecisionRequest(
-        ("ulla", "ada"), "doc.read", Resource("doc", "d-1", {"level": 3})
-    )
 
-    decision = evaluate(
-        loaded.policy_set, loaded.directory, request, Env(MONDAY_10_BERLIN)
-    )
+    decision = decide(loaded, attributes={"level": 3})
 
     assert decision.effect is Effect.DENY
     assert [(m.rule, m.principal) for m in decision.matched_rules] == [
@@ -114,11 +91,8 @@ def test_a_condition_without_principal_is_evaluated_once_and_reported_for_each()
 
 def test_an_erroring_shared_condition_is_an_error_for_each_principal():
     loaded = compile_yaml(rules(rule("allow", condition="context.missing > 1")))
-    request = DecisionRequest(("ulla", "ada"), "doc.read", Resource("doc", "d-1"))
 
-    decision = evaluate(
-        loaded.policy_set, loaded.directory, request, Env(MONDAY_10_BERLIN)
-    )
+    decision = decide(loaded)
 
     assert decision.reason_code is ReasonCode.CONDITION_ERROR
     assert [e.principal for e in decision.condition_errors] == ["ulla", "ada"]
@@ -127,13 +101,10 @@ def test_an_erroring_shared_condition_is_an_error_for_each_principal():
 def test_env_values_follow_a_changed_env():
     loaded = compile_yaml(rules(rule("allow", condition='env.region == "eu"')))
     cache = EvaluationCache(loaded.policy_set, loaded.directory)
-    request = DecisionRequest(("ulla", "ada"), "doc.read", Resource("doc", "d-1"))
 
     def effect(region: str) -> Effect:
         env = Env(MONDAY_10_BERLIN, region=region)
-        return evaluate(
-            loaded.policy_set, loaded.directory, request, env, cache=cache
-        ).effect
+        return decide(loaded, env=env, cache=cache).effect
 
     assert [effect("eu"), effect("us"), effect("eu")] == [
         Effect.ALLOW,
@@ -191,26 +162,13 @@ def test_an_activation_takes_effect_on_the_next_decision(
     tmp_path, old, new, file, reason_code
 ):
     changed = _changed_policies(tmp_path, old, new, file)
-    config = daemon_config(tmp_path)
-    store = AuditStore.open(config.audit.path, map_size=config.audit.map_size)
 
-    async def run():
-        writer = AuditWriter(store)
-        writer.start()
-        pipeline = Pipeline(config, writer, Metrics(), SettableClock())
-        pipeline.activate(load_policies(SHIPPED_POLICIES))
-        try:
-            before = [await pipeline.decide(REFUND) for _ in range(2)]
-            pipeline.activate(changed)
-            after = await pipeline.decide(REFUND)
-            return before, after
-        finally:
-            await writer.close()
+    async def steps(pipeline):
+        before = [await pipeline.decide(REFUND) for _ in range(2)]
+        pipeline.activate(changed)
+        return before, await pipeline.decide(REFUND)
 
-    try:
-        before, after = asyncio.run(run())
-    finally:
-        store.close()
+    (before, after), _ = run_pipeline(tmp_path, steps)
 
     assert [a.decision.effect for a in before] == [Effect.ALLOW, Effect.ALLOW]
     assert after.decision.effect is Effect.DENY

@@ -6,7 +6,7 @@ import asyncio
 
 import msgspec
 import pytest
-from support import SHIPPED_POLICIES, SettableClock, daemon_config
+from support import SHIPPED_POLICIES, SettableClock, daemon_config, run_pipeline
 
 from kynara_sidecar.audit.record import AuditRecordV1, GatewayEntry
 from kynara_sidecar.audit.store import AuditStore
@@ -25,24 +25,12 @@ REFUND = IncomingRequest(
 
 
 def decide(tmp_path, request: IncomingRequest, *, activate: bool):
-    config = daemon_config(tmp_path)
-    store = AuditStore.open(config.audit.path, map_size=config.audit.map_size)
+    """Decide ``request`` on a fresh pipeline; its answer and the records."""
 
-    async def run():
-        writer = AuditWriter(store)
-        writer.start()
-        pipeline = Pipeline(config, writer, Metrics(), SettableClock())
-        if activate:
-            pipeline.activate(load_policies(SHIPPED_POLICIES))
-        try:
-            return await pipeline.decide(request)
-        finally:
-            await writer.close()
+    async def steps(pipeline):
+        return await pipeline.decide(request)
 
-    try:
-        return asyncio.run(run()), store.head()
-    finally:
-        store.close()
+    return run_pipeline(tmp_path, steps, activate=activate)
 
 
 def test_no_active_policy_is_policy_not_ready_and_logs_nothing(tmp_path):
@@ -55,38 +43,11 @@ def test_no_active_policy_is_policy_not_ready_and_logs_nothing(tmp_path):
 
 
 def test_daemon_agent_is_appended_to_the_asserted_chain(tmp_path):
-    answer, head = decide(tmp_path, REFUND, activate=True)
+    answer, records = decide(tmp_path, REFUND, activate=True)
 
     assert answer.decision.effect is Effect.ALLOW
     assert [p.id for p in answer.decision.chain] == ["alice", "support-bot"]
-    assert answer.audit_sequence == head.seq
-
-
-def run_pipeline(tmp_path, steps):
-    """Run ``steps(pipeline)`` on an activated pipeline over real LMDB; returns
-    its result and every record committed, decoded."""
-    config = daemon_config(tmp_path)
-    store = AuditStore.open(config.audit.path, map_size=config.audit.map_size)
-
-    async def run():
-        writer = AuditWriter(store)
-        writer.start()
-        pipeline = Pipeline(config, writer, Metrics(), SettableClock())
-        pipeline.activate(load_policies(SHIPPED_POLICIES))
-        try:
-            return await steps(pipeline)
-        finally:
-            await writer.close()
-
-    try:
-        result = asyncio.run(run())
-        records = [
-            msgspec.json.decode(stored.record_bytes, type=AuditRecordV1)
-            for stored in store.iter_records()
-        ]
-        return result, records
-    finally:
-        store.close()
+    assert answer.audit_sequence == records[-1].seq
 
 
 def test_a_front_doors_gateway_entry_lands_in_the_decision_record(tmp_path):

@@ -67,6 +67,8 @@ from decide_bench import (  # noqa: E402
     add_daemon_arguments,
     daemon_settings,
     describe_mix,
+    doc_parser,
+    exit_status,
     machine_info,
     machine_line,
     ratio_text,
@@ -931,11 +933,7 @@ def _failed(results: Sequence[loadgen.PointResult]) -> list[str]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser(__doc__)
     parser.add_argument(
         "--seconds",
         type=float,
@@ -991,10 +989,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peer_bench: {err}", file=sys.stderr)
             return 1
     print_report(report, args.json)
-    failed = _failed(report["found"]["results"])
-    for failure in failed:
-        print(f"peer_bench: {failure}", file=sys.stderr)
-    return 1 if failed else 0
+    return exit_status("peer_bench", _failed(report["found"]["results"]))
 
 
 if __name__ == "__main__":

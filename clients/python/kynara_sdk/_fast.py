@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import errno
 import itertools
@@ -41,6 +42,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -48,6 +50,7 @@ import msgspec
 from kynara_sdk._values import DURATION_EXT, UINT64_EXT, to_packable_map
 from kynara_sdk._wire import (
     ApprovalWait,
+    batch_requests,
     batch_size_error,
     request_subject,
 )
@@ -351,12 +354,14 @@ def _connect_failed(route: _Route, err: OSError) -> KynaraUnavailable:
     return kind(f"no answer from the Kynara daemon at {route.target} ({why})")
 
 
-def _hello_frame(route: _Route, received: bytearray) -> tuple[int, int] | None:
-    """The hello answer's (length, stream) once ``received`` holds all of
-    it, else None.
+def _hello_answer(route: _Route, received: bytearray) -> tuple[_Hello, int] | None:
+    """The daemon's hello answer and the bytes of ``received`` it took, once
+    ``received`` holds all of it, else None.
 
     Raises:
         KynaraUnavailable: the peer does not speak the fast path.
+        KynaraError: the daemon refused the hello, or answered it on a
+            stream other than 0.
     """
     if _looks_like_http2(received):
         raise route.mismatch("it answered in HTTP/2: a gRPC socket?")
@@ -368,9 +373,56 @@ def _hello_frame(route: _Route, received: bytearray) -> tuple[int, int] | None:
             f"its first frame says {length} bytes, more than the"
             f" {MAX_HELLO_BYTES} a hello's answer may have"
         )
-    if len(received) < _HEADER_SIZE + length:
+    end = _HEADER_SIZE + length
+    if len(received) < end:
         return None
-    return length, stream
+    if stream != 0:
+        raise KynaraError(
+            INTERNAL,
+            f"expected the hello's answer on stream 0, got stream {stream}",
+        )
+    return route.read_hello(bytes(received[_HEADER_SIZE:end])), end
+
+
+@contextlib.contextmanager
+def _closed_on_failure(route: _Route, sock: socket.socket) -> Iterator[None]:
+    # Dialling and the hello: the socket is closed on any failure, and a
+    # timeout or a socket error becomes the error that names the daemon.
+    try:
+        yield
+    except TimeoutError:
+        sock.close()
+        raise route.unreachable("no answer to the hello in time") from None
+    except OSError as err:
+        sock.close()
+        raise route.unreachable(f"cannot connect: {err}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _frames(buffer: bytearray) -> Iterator[tuple[int, bytes]]:
+    """Each whole answer frame at the front of ``buffer``, as (stream,
+    payload), cut off the buffer once the caller has taken them all.
+
+    Raises:
+        _BadFrame: a frame is longer than ``MAX_ANSWER_BYTES``.
+    """
+    size = len(buffer)
+    offset = 0
+    try:
+        while size - offset >= _HEADER_SIZE:
+            length, stream = _HEADER.unpack_from(buffer, offset)
+            if length > MAX_ANSWER_BYTES:
+                raise _BadFrame(_too_long(length, stream))
+            end = offset + _HEADER_SIZE + length
+            if end > size:
+                break
+            yield stream, bytes(buffer[offset + _HEADER_SIZE : end])
+            offset = end
+    finally:
+        if offset:
+            del buffer[:offset]
 
 
 class _Route:
@@ -528,13 +580,7 @@ def _field(field: str) -> str:
 
 
 def _batch_request(items: list[DecisionRequest]) -> dict[str, Any]:
-    requests = []
-    for index, item in enumerate(items):
-        try:
-            requests.append(request_map(item))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"requests[{index}]: {err}") from err
-    return {"items": requests}
+    return {"items": batch_requests(items, request_map)}
 
 
 class _NotSent(Exception):
@@ -587,7 +633,7 @@ class _Connection:
             KynaraError: the daemon refused the hello.
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        with _closed_on_failure(route, sock):
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 sock.connect(route.path)
@@ -597,32 +643,16 @@ class _Connection:
                 raise _connect_failed(route, err) from None
             sock.sendall(route.hello)
             buffer = bytearray()
-            while (framed := _hello_frame(route, buffer)) is None:
+            while (answered := _hello_answer(route, buffer)) is None:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 chunk = sock.recv(_READ_SIZE)
                 if not chunk:
                     raise route.ended(buffer)
                 buffer += chunk
-            length, stream = framed
-            raw = bytes(buffer[_HEADER_SIZE : _HEADER_SIZE + length])
-            if stream != 0:
-                raise KynaraError(
-                    INTERNAL,
-                    f"expected the hello's answer on stream 0, got stream {stream}",
-                )
-            hello = route.read_hello(raw)
             sock.settimeout(None)
-        except TimeoutError:
-            sock.close()
-            raise route.unreachable("no answer to the hello in time") from None
-        except OSError as err:
-            sock.close()
-            raise route.unreachable(f"cannot connect: {err}") from None
-        except BaseException:
-            sock.close()
-            raise
+        hello, used = answered
         conn = cls(sock, hello)
-        conn._buffer += buffer[_HEADER_SIZE + length :]
+        conn._buffer += buffer[used:]
         return conn
 
     def start(self, payload: dict[str, Any], streaming: bool) -> tuple[int, _Call]:
@@ -734,30 +764,24 @@ class _Connection:
             self._buffer += chunk
 
     def _dispatch(self) -> bool:
-        # Hand out every whole frame in the buffer; True when there was one.
-        buffer = self._buffer
-        size = len(buffer)
-        offset = 0
+        # Hand out every whole frame in the buffer; True when there was one
+        # (or the connection broke on a bad one).
         pending = self._pending
-        while size - offset >= _HEADER_SIZE:
-            length, stream = _HEADER.unpack_from(buffer, offset)
-            if length > MAX_ANSWER_BYTES:
-                self._fail(_BadFrame(_too_long(length, stream)))
-                return True
-            end = offset + _HEADER_SIZE + length
-            if end > size:
-                break
-            call = pending.get(stream)
-            if call is not None:
-                call.inbox.append(bytes(buffer[offset + _HEADER_SIZE : end]))
-                if not call.streaming:
-                    del pending[stream]
-                if call.event is not None:
-                    call.event.set()
-            offset = end
-        if offset:
-            del buffer[:offset]
-        return offset > 0
+        handed = False
+        try:
+            for stream, payload in _frames(self._buffer):
+                handed = True
+                call = pending.get(stream)
+                if call is not None:
+                    call.inbox.append(payload)
+                    if not call.streaming:
+                        del pending[stream]
+                    if call.event is not None:
+                        call.event.set()
+        except _BadFrame as err:
+            self._fail(err)
+            return True
+        return handed
 
     def _wake_followers(self) -> None:
         # Whoever is still waiting may have to read now that nobody does.
@@ -931,7 +955,7 @@ class _AsyncConnection:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
-        try:
+        with _closed_on_failure(route, sock):
             async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
                 try:
                     await loop.sock_connect(sock, route.path)
@@ -941,29 +965,13 @@ class _AsyncConnection:
                     raise _connect_failed(route, err) from None
                 await loop.sock_sendall(sock, route.hello)
                 buffer = bytearray()
-                while (framed := _hello_frame(route, buffer)) is None:
+                while (answered := _hello_answer(route, buffer)) is None:
                     chunk = await loop.sock_recv(sock, _READ_SIZE)
                     if not chunk:
                         raise route.ended(buffer)
                     buffer += chunk
-            length, stream = framed
-            raw = bytes(buffer[_HEADER_SIZE : _HEADER_SIZE + length])
-            if stream != 0:
-                raise KynaraError(
-                    INTERNAL,
-                    f"expected the hello's answer on stream 0, got stream {stream}",
-                )
-            hello = route.read_hello(raw)
-        except TimeoutError:
-            sock.close()
-            raise route.unreachable("no answer to the hello in time") from None
-        except OSError as err:
-            sock.close()
-            raise route.unreachable(f"cannot connect: {err}") from None
-        except BaseException:
-            sock.close()
-            raise
-        return cls(loop, sock, hello, buffer[_HEADER_SIZE + length :])
+        hello, used = answered
+        return cls(loop, sock, hello, buffer[used:])
 
     def start(self, payload: dict[str, Any], future: asyncio.Future | None) -> int:
         """Send a request on a new stream; its answer goes to ``future``, or
@@ -1074,31 +1082,21 @@ class _AsyncConnection:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        buffer = self._buffer
-        size = len(buffer)
-        offset = 0
         futures = self._futures
-        while size - offset >= _HEADER_SIZE:
-            length, stream = _HEADER.unpack_from(buffer, offset)
-            if length > MAX_ANSWER_BYTES:
-                self._fail(_BadFrame(_too_long(length, stream)))
-                return
-            end = offset + _HEADER_SIZE + length
-            if end > size:
-                break
-            future = futures.pop(stream, None)
-            if future is not None:
-                if self._room:
-                    self._freed()
-                if not future.done():
-                    future.set_result(bytes(buffer[offset + _HEADER_SIZE : end]))
-            else:
-                queue = self._queues.get(stream)
-                if queue is not None:
-                    queue.put_nowait(bytes(buffer[offset + _HEADER_SIZE : end]))
-            offset = end
-        if offset:
-            del buffer[:offset]
+        try:
+            for stream, payload in _frames(self._buffer):
+                future = futures.pop(stream, None)
+                if future is not None:
+                    if self._room:
+                        self._freed()
+                    if not future.done():
+                        future.set_result(payload)
+                else:
+                    queue = self._queues.get(stream)
+                    if queue is not None:
+                        queue.put_nowait(payload)
+        except _BadFrame as err:
+            self._fail(err)
 
     def _fail(self, err: BaseException) -> None:
         if self.broken is not None:

@@ -22,15 +22,17 @@ from kynara_sdk._proto import (
     update_from_proto,
     wait_error,
 )
-from kynara_sdk._wire import ApprovalWait, batch_size_error
+from kynara_sdk._wire import ApprovalWait, batch_requests, batch_size_error
 from kynara_sdk.decision import ApprovalUpdate, Decision, DecisionRequest
 from kynara_sdk.errors import KynaraError
 
 __all__ = ["AsyncGrpcTransport", "GrpcTransport"]
 
 
-class GrpcTransport:
-    """The blocking gRPC transport for ``Client``: one channel, thread-safe."""
+class _Channel:
+    # What both transports hold: grpcio's blocking channel to ``target``,
+    # the DecisionService stub on it, the call timeout and the metadata
+    # (the agent's credential) sent with every call.
 
     name = "grpc"
 
@@ -45,27 +47,18 @@ class GrpcTransport:
         self._channel = grpc.insecure_channel(target)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
+
+class GrpcTransport(_Channel):
+    """The blocking gRPC transport for ``Client``: one channel, thread-safe."""
+
     def decide(self, item: DecisionRequest) -> Decision:
-        request = build_request(item)
-        try:
-            response = self._stub.Decide(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return decision_from_proto(response)
+        return decision_from_proto(self._call(self._stub.Decide, build_request(item)))
 
     def decide_batch(
         self, items: list[DecisionRequest]
     ) -> list[Decision | KynaraError]:
         batch = _build_batch(items)
-        try:
-            response = self._stub.DecideBatch(
-                batch, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return _read_batch(batch, response)
+        return _read_batch(batch, self._call(self._stub.DecideBatch, batch))
 
     def wait_approval(self, wait: ApprovalWait) -> ApprovalUpdate:
         request = decision_pb2.WaitApprovalRequest(approval_id=wait.approval_id)
@@ -86,8 +79,14 @@ class GrpcTransport:
     def close(self) -> None:
         self._channel.close()
 
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
 
-class AsyncGrpcTransport:
+
+class AsyncGrpcTransport(_Channel):
     """The asyncio gRPC transport for ``AsyncClient``: one channel for every
     event loop, shared by all tasks.
 
@@ -100,40 +99,15 @@ class AsyncGrpcTransport:
     call cancelled by its caller is cancelled on the channel.
     """
 
-    name = "grpc"
-
-    def __init__(
-        self, target: str, timeout: float, metadata: tuple[tuple[str, str], ...]
-    ) -> None:
-        self.target = target
-        self._timeout = timeout
-        self._metadata = metadata
-        self._channel = grpc.insecure_channel(target)
-        self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
-
     async def decide(self, item: DecisionRequest) -> Decision:
-        request = build_request(item)
-        call = self._stub.Decide.future(
-            request, timeout=self._timeout, metadata=self._metadata
-        )
-        try:
-            response = await _ended(call)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+        response = await self._call(self._stub.Decide, build_request(item))
         return decision_from_proto(response)
 
     async def decide_batch(
         self, items: list[DecisionRequest]
     ) -> list[Decision | KynaraError]:
         batch = _build_batch(items)
-        call = self._stub.DecideBatch.future(
-            batch, timeout=self._timeout, metadata=self._metadata
-        )
-        try:
-            response = await _ended(call)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        return _read_batch(batch, response)
+        return _read_batch(batch, await self._call(self._stub.DecideBatch, batch))
 
     async def wait_approval(self, wait: ApprovalWait) -> ApprovalUpdate:
         request = decision_pb2.WaitApprovalRequest(approval_id=wait.approval_id)
@@ -157,6 +131,13 @@ class AsyncGrpcTransport:
 
     def discard(self) -> None:
         self._channel.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        call = method.future(request, timeout=self._timeout, metadata=self._metadata)
+        try:
+            return await _ended(call)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
 
 
 _END = object()  # a stream's end, as _Relay hands it on
@@ -228,13 +209,7 @@ def _wait_failed(err: grpc.RpcError, wait: ApprovalWait) -> KynaraError:
 
 
 def _build_batch(items: list[DecisionRequest]) -> decision_pb2.DecideBatchRequest:
-    requests = []
-    for index, item in enumerate(items):
-        try:
-            requests.append(build_request(item))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"requests[{index}]: {err}") from err
-    return decision_pb2.DecideBatchRequest(items=requests)
+    return decision_pb2.DecideBatchRequest(items=batch_requests(items, build_request))
 
 
 def _read_batch(

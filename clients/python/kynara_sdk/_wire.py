@@ -6,8 +6,8 @@ Nothing here imports protobuf or grpc: the fast path needs neither.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from kynara_sdk.decision import ApprovalUpdate, DecisionRequest
 from kynara_sdk.errors import (
@@ -28,10 +28,13 @@ __all__ = [
     "approval_error",
     "approval_timeout",
     "batch_items",
+    "batch_requests",
     "batch_size_error",
     "request_subject",
     "wait_ended_early",
 ]
+
+_Built = TypeVar("_Built")
 
 # A wait ends on these; "pending" is the only state that keeps it going.
 WAIT_END_STATES = frozenset({"approved", "rejected", "expired", "used"})
@@ -72,6 +75,24 @@ def batch_items(
             )
         items.append(item)
     return items
+
+
+def batch_requests(
+    items: list[DecisionRequest], build: Callable[[DecisionRequest], _Built]
+) -> list[_Built]:
+    """Each item in a transport's wire form, made by ``build``.
+
+    Raises:
+        TypeError, ValueError: an item has no wire form; the message names
+            the item's index (``requests[2]: ...``).
+    """
+    built = []
+    for index, item in enumerate(items):
+        try:
+            built.append(build(item))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"requests[{index}]: {err}") from err
+    return built
 
 
 def batch_size_error(sent: int, answered: int) -> KynaraError:
