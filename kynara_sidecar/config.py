@@ -76,6 +76,10 @@ DEFAULT_CONFIG_ENV = "KYNARA_CONFIG"
 # from stalling the others or filling the log quickly; raise it for agents
 # that really send large contexts.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+# An agent request past this is no decision request; the bound matches the
+# other sections' and keeps one large frame's buffer (the fast path
+# allocates a frame's size while it arrives) within reason.
+MAX_AGENT_MESSAGE_BYTES = 64 * 1024 * 1024
 # 1 GiB of address space costs nothing until used; LMDB needs it reserved.
 DEFAULT_MAP_SIZE = 1 << 30
 # An LMDB commit syncs in ~0.3-0.6 ms here; 256 records a batch keeps one
@@ -218,10 +222,10 @@ class AgentListenerConfig(_Section):
                 f"{section}.socket_mode: expected permission bits 0..0o777, "
                 f"got {self.socket_mode:#o}"
             )
-        if self.max_message_bytes < 1024:
+        if not 1024 <= self.max_message_bytes <= MAX_AGENT_MESSAGE_BYTES:
             raise ConfigError(
-                f"{section}.max_message_bytes: expected at least 1024, "
-                f"got {self.max_message_bytes}"
+                f"{section}.max_message_bytes: expected "
+                f"1024..{MAX_AGENT_MESSAGE_BYTES}, got {self.max_message_bytes}"
             )
 
 

@@ -3,8 +3,10 @@ socket of its own (``agent.fast_socket``), to ``protos/fastpath.md``.
 
 How a connection runs. The listener is an asyncio Unix server on the
 daemon's loop; each connection is a buffered protocol that reads into one
-buffer of its own (``max_message_bytes`` plus room to read ahead) and cuts
-frames out of it without copying. The first frame must be the hello; after
+buffer of its own (``INITIAL_BUFFER_BYTES``, grown to a larger frame's size
+while one arrives and shrunk back after) and cuts frames out of it without
+copying. The first frame must be the hello, within
+``HELLO_TIMEOUT_SECONDS`` of connecting; after
 it, every frame is decoded and translated at once, on the loop. The
 ``decide`` requests of one read (pipelined frames that arrived together)
 form a group: they are decided together, with no task, and their records go
@@ -12,6 +14,10 @@ to the audit writer in one call (``Pipeline.decide_soon``), so they share a
 transaction, one wakeup of the loop when it returns, and one
 ``transport.write`` for all their answers, each tagged with its stream id.
 Other requests (``decide_batch``, ``wait_approval``) run as a task each.
+Every request ends exactly once: its answer or error is sent and its stream
+freed, by the group's callback, the task's body, or, for a task cancelled
+before its body ran (a ``cancel`` read with the request, say), the task's
+done callback.
 Answers leave in whatever order they are ready; whatever one read causes to
 be answered at once (refusals, health) leaves in one write too.
 
@@ -33,7 +39,8 @@ connections. Open waits end earlier, when the daemon closes the gRPC door's
 waits (``DecisionService.close``): both doors share that logic.
 
 Limits: a frame longer than ``max_message_bytes`` gets
-``request_too_large`` and its bytes are skipped; at most
+``request_too_large`` and its bytes are skipped; a connection without a
+hello after ``HELLO_TIMEOUT_SECONDS`` is closed; at most
 ``max_in_flight`` requests per connection (the hello's answer says how
 many); at most ``max_connections`` connections. A peer that stops reading
 its answers is not read from until it does (write flow control).
@@ -91,6 +98,16 @@ HEADER_BYTES = FRAME_HEADER.size
 # A reply of up to this many pipelined frames fits in one read beside a
 # frame of the largest size.
 READ_AHEAD_BYTES = 64 * 1024
+# A connection's buffer until a larger frame arrives: a read of many
+# pipelined small frames (and a frame of the default max_message_bytes)
+# fits, while an idle connection holds little whatever max_message_bytes is.
+INITIAL_BUFFER_BYTES = 64 * 1024
+# A connection must send its hello within this long of connecting, or it
+# is closed: idle or half-sent connections must not hold the connection
+# slots. Seconds, as a client on the same host connects in microseconds.
+HELLO_TIMEOUT_SECONDS = 5.0
+# TODO(#13): an idle timeout after the hello (a connection with nothing in
+# flight that sends nothing still holds its slot until it closes).
 # Requests one connection may have in flight: far more than a client needs
 # to fill the group commit (a batch of 256 records), small enough that one
 # connection cannot hold the daemon's memory.
@@ -177,6 +194,7 @@ class FastPathServer:
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
         self._max_connections = max_connections
+        self.hello_timeout = HELLO_TIMEOUT_SECONDS
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
@@ -278,9 +296,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self._pipeline = server.pipeline
         self._max_bytes = server.max_message_bytes
-        self._buffer = bytearray(
-            server.max_message_bytes + HEADER_BYTES + READ_AHEAD_BYTES
-        )
+        self._buffer = bytearray(INITIAL_BUFFER_BYTES)
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
@@ -291,6 +307,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._authorization = ""
         self._peer = "unix:"
         self._transport: asyncio.Transport | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.streams: dict[int, _Stream] = {}
         # Groups whose commit has not returned: done when it has.
         self.groups: set[asyncio.Future[None]] = set()
@@ -317,10 +334,31 @@ class _Connection(asyncio.BufferedProtocol):
                 ),
             )
             self.close()
+            return
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self._server.hello_timeout, self._hello_late
+        )
+
+    def _hello_late(self) -> None:
+        self._hello_timer = None
+        if self._hello or self._closed:
+            return
+        self._refuse(
+            0,
+            InvalidRequest(
+                "expected a hello within "
+                f"{self._server.hello_timeout:g} seconds of connecting, got none",
+                field="op",
+            ),
+        )
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server.release(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         # The client went away: its requests are cancelled, as grpc cancels
         # the handlers of a call whose client left.
         for stream in self.streams.values():
@@ -388,16 +426,31 @@ class _Connection(asyncio.BufferedProtocol):
                 break
             self._frame(stream, view[start + HEADER_BYTES : stop])
             start = stop
-        # What is left is the start of a frame: move it to the front so a
-        # frame of the largest size always fits.
+        # What is left is the start of a frame: move it to the front, into
+        # a buffer it fits in.
         left = end - start
-        if left and start:
+        need = INITIAL_BUFFER_BYTES
+        if left >= HEADER_BYTES and not self._skip and not self._closed:
+            length, _ = FRAME_HEADER.unpack_from(view, start)
+            need = max(need, HEADER_BYTES + min(length, self._max_bytes))
+        if need > len(self._buffer):
+            # A large frame is arriving: room for it and for what follows.
+            self._resize(need + READ_AHEAD_BYTES, start, left)
+        elif need == INITIAL_BUFFER_BYTES < len(self._buffer):
+            self._resize(INITIAL_BUFFER_BYTES, start, left)  # it has passed
+        elif left and start:
             self._buffer[:left] = bytes(view[start:end])
         self._start, self._end = 0, left
 
+    def _resize(self, size: int, start: int, left: int) -> None:
+        # A new buffer: frames decoded from the old one may still hold views.
+        buffer = bytearray(size)
+        buffer[:left] = self._view[start : start + left]
+        self._buffer, self._view = buffer, memoryview(buffer)
+
     def _too_large(self, stream: int, length: int) -> None:
         self._refuse(
-            stream,
+            stream if self._hello else 0,  # the handshake's errors: stream 0
             RequestTooLarge(
                 f"expected at most {self._max_bytes} bytes "
                 f"(agent.max_message_bytes), got {length}"
@@ -457,6 +510,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()
             return
         self._hello = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         self._authorization = hello.authorization
         self._write(encode_message(0, self._server.hello_answer))
 
@@ -472,8 +528,7 @@ class _Connection(asyncio.BufferedProtocol):
             )
         elif stream in self.streams:
             error = InvalidRequest(
-                f"expected a stream id not in flight, got {stream}, which is; "
-                "its first request goes on",
+                "expected a stream id not in flight; its first request goes on",
                 field="stream",
             )
         elif self._server.closing:
@@ -505,7 +560,8 @@ class _Connection(asyncio.BufferedProtocol):
         timeout_ms: int | None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        state.task = loop.create_task(work)
+        state.task = task = loop.create_task(work)
+        task.add_done_callback(lambda _: self._task_done(stream, state))
         self.streams[stream] = state
         if timeout_ms is not None and timeout_ms <= MAX_TIMER_MS:
             state.timer = loop.call_later(
@@ -707,6 +763,16 @@ class _Connection(asyncio.BufferedProtocol):
         state.reason = reason
         task.cancel()
 
+    def _task_done(self, stream: int, state: _Stream) -> None:
+        """End a request whose task ended without its body ending it: one
+        cancelled before its first step, whose body (and ``finally``) never
+        ran."""
+        if self.streams.get(stream) is not state:
+            return  # its body ended it
+        self._ended(stream, state)
+        if state.reason is not None:
+            self._write_error(stream, state.reason)
+
     def end_all(self, reason: KynaraError) -> None:
         for stream, state in list(self.streams.items()):
             self._stop_stream(stream, state, reason)
@@ -720,8 +786,19 @@ class _Connection(asyncio.BufferedProtocol):
     # -------------------------------------------------------------- answers
 
     def _refuse(self, stream: int, error: KynaraError, prefix: str = "") -> None:
-        """Count a request refused before the pipeline saw it, and answer."""
+        """Count a request refused before the pipeline saw it, and answer:
+        on its stream, or on stream 0 when that stream is in flight (every
+        message on a stream in flight is its request's, so a client never
+        takes the refusal for that request's end)."""
         self._pipeline.refuse(error)
+        if stream and stream in self.streams:
+            message = error_map(error)
+            message.message = (
+                f"a frame on stream {stream}, which is in flight, was refused: "
+                f"{message.message}"
+            )
+            self._write(encode_message(0, {"error": message}))
+            return
         self._write_error(stream, error, prefix)
 
     def _write_error(self, stream: int, error: KynaraError, prefix: str = "") -> None:

@@ -11,6 +11,11 @@ Errors name the field as a path into the frame's payload, such as
 ``request.context['when']``; an item of a batch is named relative to the
 batch, ``items[2].action``, as on gRPC.
 
+Deep nesting: msgspec's decoders recurse, and one raises ``RecursionError``
+on a payload nested some hundreds deep (a few kilobytes). Such a payload is
+walked again without recursion (``_deep_path``) to name the field at fault,
+as the nesting limit of values names it.
+
 Timestamps: msgspec reads the timestamp extension (type -1) as a
 ``datetime``, which keeps microseconds only. Values are therefore decoded
 as plain Python values first (the common case: no timestamp at all), and a
@@ -50,6 +55,7 @@ from kynara_sidecar.errors import (
 )
 from kynara_sidecar.pipeline import Answer, IncomingRequest
 from kynara_sidecar.server.wire import (
+    MAX_VALUE_DEPTH,
     check_key,
     check_nesting,
     duration_from_parts,
@@ -130,41 +136,47 @@ class DecideBatchRequestV1(msgspec.Struct, forbid_unknown_fields=True):
     items: list[msgspec.Raw] = []
 
 
-class _Empty(msgspec.Struct):
-    """The request of ``health`` and ``cancel``: nothing (extra keys are
-    ignored, as clients ignore ours)."""
+class _Empty(msgspec.Struct, forbid_unknown_fields=True):
+    """The request of ``health`` and ``cancel``: nothing (a key is refused,
+    as in every other request)."""
 
 
 # The envelope: one tagged union, so one decode reads op, deadline and
-# request. Unknown envelope keys are ignored: fields are only ever added.
+# request. Unknown keys are refused (a misspelt ``timeout_ms`` must not
+# drop a deadline silently), except in the hello, so that a newer client's
+# hello still negotiates a version both speak.
 class Hello(msgspec.Struct, tag_field="op", tag="hello"):
     versions: list[int] = []
     authorization: str = ""
 
 
-class Decide(msgspec.Struct, tag_field="op", tag="decide"):
+class Decide(msgspec.Struct, tag_field="op", tag="decide", forbid_unknown_fields=True):
     request: DecideRequestV1 = msgspec.field(default_factory=DecideRequestV1)
     timeout_ms: int | None = None
 
 
-class DecideBatch(msgspec.Struct, tag_field="op", tag="decide_batch"):
+class DecideBatch(
+    msgspec.Struct, tag_field="op", tag="decide_batch", forbid_unknown_fields=True
+):
     request: DecideBatchRequestV1 = msgspec.field(default_factory=DecideBatchRequestV1)
     timeout_ms: int | None = None
 
 
-class WaitApproval(msgspec.Struct, tag_field="op", tag="wait_approval"):
+class WaitApproval(
+    msgspec.Struct, tag_field="op", tag="wait_approval", forbid_unknown_fields=True
+):
     request: WaitApprovalRequestV1 = msgspec.field(
         default_factory=WaitApprovalRequestV1
     )
     timeout_ms: int | None = None
 
 
-class Health(msgspec.Struct, tag_field="op", tag="health"):
+class Health(msgspec.Struct, tag_field="op", tag="health", forbid_unknown_fields=True):
     request: _Empty = msgspec.field(default_factory=_Empty)
     timeout_ms: int | None = None
 
 
-class Cancel(msgspec.Struct, tag_field="op", tag="cancel"):
+class Cancel(msgspec.Struct, tag_field="op", tag="cancel", forbid_unknown_fields=True):
     request: _Empty = msgspec.field(default_factory=_Empty)
     timeout_ms: int | None = None
 
@@ -209,17 +221,48 @@ def _refused(error: msgspec.MsgspecError, prefix: str = "") -> InvalidRequest:
     )
 
 
+_OPS = ", ".join(
+    member.__struct_config__.tag  # type: ignore[attr-defined]
+    for member in (Hello, Decide, DecideBatch, WaitApproval, Health, Cancel)
+)
+
+
+def _frame_refused(error: msgspec.MsgspecError) -> InvalidRequest:
+    """The refusal of an envelope msgspec refused: a missing or unknown
+    ``op`` is named ``op`` and lists the ops."""
+    refused = _refused(error)
+    text = _message(error)
+    if text == "Object missing required field `op`":
+        return InvalidRequest(f"expected an op, one of {_OPS}; got none", field="op")
+    if refused.field == "op" and text.startswith("Invalid value "):
+        got = text[len("Invalid value ") :]
+        return InvalidRequest(f"expected an op, one of {_OPS}; got {got}", field="op")
+    return refused
+
+
+def _too_deep(payload: memoryview | bytes, prefix: str = "") -> InvalidRequest:
+    path = _deep_path(bytes(payload), DEEP_WALK_LIMIT)
+    return InvalidRequest(
+        f"expected lists and maps nested at most {MAX_VALUE_DEPTH} deep in a "
+        "value, got a payload nested deeper than the decoder follows",
+        field=_render(path, prefix),
+    )
+
+
 def decode_frame(payload: memoryview | bytes) -> Frame:
     """The op of a frame after the hello, with its request.
 
     Raises:
-        InvalidRequest: not one MessagePack map, an unknown ``op``, or a
-            field of the wrong type (named).
+        InvalidRequest: not one MessagePack map, a missing or unknown
+            ``op``, a key the op does not define, a field of the wrong type
+            (named), or nesting too deep to decode (the field named).
     """
     try:
         return _FRAME.decode(payload)
     except msgspec.MsgspecError as err:
-        raise _refused(err) from None
+        raise _frame_refused(err) from None
+    except RecursionError:
+        raise _too_deep(payload) from None
 
 
 def decode_hello(payload: memoryview | bytes) -> Hello:
@@ -231,9 +274,16 @@ def decode_hello(payload: memoryview | bytes) -> Hello:
     try:
         frame = _FRAME.decode(payload)
     except msgspec.MsgspecError as err:
+        refused = _frame_refused(err)
         raise InvalidRequest(
-            f"expected a hello as the first frame ({_message(err)})",
-            field=_field(err, "") or "op",
+            f"expected a hello as the first frame ({refused})",
+            field=refused.field or "op",
+        ) from None
+    except RecursionError:
+        refused = _too_deep(payload)
+        raise InvalidRequest(
+            f"expected a hello as the first frame ({refused})",
+            field=refused.field or "op",
         ) from None
     if type(frame) is not Hello:
         op = type(frame).__struct_config__.tag
@@ -249,6 +299,140 @@ def decode_batch_item(raw: msgspec.Raw) -> DecideRequestV1:
         return _ITEM.decode(raw)
     except msgspec.MsgspecError as err:
         raise _refused(err) from None
+    except RecursionError:
+        raise _too_deep(raw) from None
+
+
+# ------------------------------------------------------------ deep nesting
+
+
+# How deep ``_deep_path`` looks: past the frame's own levels (envelope,
+# request, resource, a batch's items) and the values' limit, yet far below
+# where msgspec's decoders give up, so it finds the first place any value
+# is nested too deep.
+DEEP_WALK_LIMIT = MAX_VALUE_DEPTH + 8
+# The most MessagePack items ``_deep_path`` reads before it settles for the
+# path it has reached: a bound on the loop's time for a huge frame.
+MAX_WALK_ITEMS = 1 << 17
+# Fields whose values are ``kynara.v1.Value`` maps: below them keys are
+# named as ``['key']``, and nesting counts from them.
+_VALUE_FIELDS = ("context", "attributes")
+
+# Bytes after the first byte of each fixed-size MessagePack type.
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2}
+_FIXED |= {0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+_FIXED |= {0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+# Types whose length follows the first byte: its size, and extra bytes (an
+# extension's type byte).
+_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1)}
+_SIZED |= {0xC9: (4, 1), 0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}
+_CONTAINERS = {0xDC: (2, False), 0xDD: (4, False), 0xDE: (2, True), 0xDF: (4, True)}
+
+
+def _item(data: bytes, pos: int) -> tuple[int, int | None, bool, Any]:
+    """One MessagePack item's head at ``pos``: where what follows it
+    starts, its entry count (None for a scalar), whether it is a map, and
+    its text for a string (None otherwise).
+
+    Raises:
+        IndexError: the data ends inside it (or ``ValueError``: invalid).
+    """
+    first = data[pos]
+    if first <= 0x7F or first >= 0xE0:
+        return pos + 1, None, False, None
+    if first <= 0x8F:
+        return pos + 1, first & 0x0F, True, None
+    if first <= 0x9F:
+        return pos + 1, first & 0x0F, False, None
+    if first <= 0xBF:
+        end = pos + 1 + (first & 0x1F)
+        return end, None, False, data[pos + 1 : end].decode(errors="replace")
+    if first in _FIXED:
+        return pos + 1 + _FIXED[first], None, False, None
+    if first in _SIZED:
+        size, extra = _SIZED[first]
+        length = int.from_bytes(data[pos + 1 : pos + 1 + size], "big")
+        start = pos + 1 + size + extra
+        text = data[start : start + length] if first >= 0xD9 else None
+        text = text.decode(errors="replace") if text is not None else None
+        return start + length, None, False, text
+    if first in _CONTAINERS:
+        size, is_map = _CONTAINERS[first]
+        count = int.from_bytes(data[pos + 1 : pos + 1 + size], "big")
+        return pos + 1 + size, count, is_map, None
+    raise ValueError(f"no MessagePack type starts with {first:#x}")
+
+
+def _deep_path(data: bytes, limit: int) -> list[str | int]:
+    """The path (map keys and list indexes) to the first list or map nested
+    more than ``limit`` deep in ``data``, one MessagePack value, read
+    without recursion; the path reached so far when the data is malformed
+    or longer than ``MAX_WALK_ITEMS`` items."""
+    # Per open container: entries left (a map's keys and values both
+    # count), whether a map, its next list index, its last key.
+    open_: list[list[Any]] = []
+    path: list[str | int] = []
+    pos = 0
+    for _ in range(MAX_WALK_ITEMS):
+        here: str | int | None = None
+        is_key = False
+        if open_:
+            top = open_[-1]
+            is_key = top[1] and top[0] % 2 == 0
+            here = top[3] if top[1] else top[2]
+        try:
+            pos, count, is_map, text = _item(data, pos)
+        except (IndexError, ValueError):
+            return path
+        if count is not None and not is_key:
+            if len(open_) >= limit:
+                return path + ([here] if here is not None else [])
+            entries = count * 2 if is_map else count
+            if entries:
+                if open_:
+                    path.append(here)  # type: ignore[arg-type]
+                open_.append([entries, is_map, 0, "?"])
+                continue
+            # An empty one is complete at once, as a scalar.
+        elif count is not None:
+            return path  # a map or list as a key: no value of ours
+        elif is_key:
+            open_[-1][3] = text if text is not None else "?"
+        # The item is complete: count it, closing what it completes.
+        while open_:
+            top = open_[-1]
+            top[0] -= 1
+            if not top[1]:
+                top[2] += 1
+            if top[0]:
+                break
+            open_.pop()
+            if open_:
+                path.pop()
+        if not open_:
+            return []
+    return path
+
+
+def _render(path: list[str | int], prefix: str) -> str:
+    """A path from ``_deep_path`` as an error's field below ``prefix``; a
+    value is named as the nesting limit names it (``context['a'][0]...``,
+    cut at the level past the limit)."""
+    field = prefix
+    values = bool(prefix)  # below a value map already (its own path)
+    left = MAX_VALUE_DEPTH + 1
+    for part in path:
+        if values:
+            if left == 0:
+                break
+            left -= 1
+            field += f"[{part!r}]"
+        elif isinstance(part, int):
+            field += f"[{part}]"
+        else:
+            field += f".{part}" if field else part
+            values = part in _VALUE_FIELDS
+    return field
 
 
 # ------------------------------------------------------------------ values
@@ -324,19 +508,46 @@ def _map(entries: dict[Any, Any], path: str, depth: int) -> dict[str, Any]:
     return out
 
 
+# The heads of an extension whose type byte follows a length: its size.
+_EXT_LENGTHS = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+# A fixext's first byte: its data's size.
+_FIXEXT_SIZES = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+
+
 def _exact_timestamp(data: bytes, path: str) -> Timestamp | None:
-    """The timestamp extension at the start of ``data`` with its nanoseconds,
-    or None when ``data`` is no timestamp."""
-    if data[:2] == b"\xd6\xff" and len(data) == 6:
-        return timestamp_from_parts(Timestamp(int.from_bytes(data[2:], "big")), path)
-    if data[:2] == b"\xd7\xff" and len(data) == 10:
-        packed = int.from_bytes(data[2:], "big")
+    """The timestamp extension that ``data`` holds, with its nanoseconds, in
+    any extension format (MessagePack's spec puts the 32- and 64-bit forms
+    in a fixext and the 96-bit one in an ext 8, but the type is what counts);
+    None when ``data`` is no timestamp.
+
+    Raises:
+        InvalidRequest: its data is not 4, 8 or 12 bytes long.
+    """
+    first = data[0]
+    if first in _FIXEXT_SIZES:
+        length, start = _FIXEXT_SIZES[first], 1
+    elif first in _EXT_LENGTHS:
+        size = _EXT_LENGTHS[first]
+        length, start = int.from_bytes(data[1 : 1 + size], "big"), 1 + size
+    else:
+        return None
+    if data[start : start + 1] != b"\xff" or len(data) != start + 1 + length:
+        return None
+    stamp = data[start + 1 :]
+    if length == 4:
+        return timestamp_from_parts(Timestamp(int.from_bytes(stamp, "big")), path)
+    if length == 8:
+        packed = int.from_bytes(stamp, "big")
         nanos, seconds = packed >> 34, packed & ((1 << 34) - 1)
         return timestamp_from_parts(Timestamp(seconds, nanos), path)
-    if data[:3] == b"\xc7\x0c\xff" and len(data) == 15:
-        nanos, seconds = struct.unpack(">Iq", data[3:])
+    if length == 12:
+        nanos, seconds = struct.unpack(">Iq", stamp)
         return timestamp_from_parts(Timestamp(seconds, nanos), path)
-    return None
+    raise InvalidRequest(
+        f"expected 4, 8 or 12 bytes in extension type {EXT_TIMESTAMP} "
+        f"(timestamp), got {length}",
+        field=path,
+    )
 
 
 def _is_map(first: int) -> bool:
@@ -372,7 +583,15 @@ def _exact_value(raw: msgspec.Raw, path: str, depth: int) -> Any:
         value = _SCALAR.decode(data)
     except msgspec.MsgspecError as err:
         raise _refused(err, path) from None
-    return _value(value, path, depth)
+    try:
+        return _value(value, path, depth)
+    except _NeedsExact:
+        # Every timestamp form is read above: this is a defect, not the
+        # caller's, but the caller gets an answer naming the value.
+        raise InvalidRequest(
+            f"expected a value this daemon can read exactly, got {value!r:.80}",
+            field=path,
+        ) from None
 
 
 def _exact_map(data: bytes | msgspec.Raw, path: str, depth: int) -> dict[str, Any]:
@@ -395,6 +614,8 @@ def _values(raw: msgspec.Raw, path: str) -> dict[str, Any]:
         # A timestamp, or something the plain decoder refused without a
         # precise place: read it again value by value.
         return _exact_map(raw, path, 0)
+    except RecursionError:
+        raise _too_deep(raw, path) from None
 
 
 def request_from_payload(
