@@ -68,6 +68,14 @@ rather than once per condition. And a condition that never names
 so it is evaluated once per decision and its verdict reused for the next
 principal whose roles make it a candidate.
 
+Per (chain, resource kind, action) the cache keeps a plan: each
+principal's applying rules with their HELD and NOT_HELD evaluations made
+once, and the decision each combination of verdicts gave. Beyond the
+verdicts (an error by its message) a decision reads nothing of the
+request but its kind and action, so a combination seen before is answered
+with the same (frozen) Decision object; an explained decision is always
+built anew.
+
 ``matched_rules`` lists, per principal and in rule order, every deny and
 require_approval rule that held or errored and every allow rule that held;
 ``condition_errors`` lists every condition that errored. The engine reads
@@ -207,6 +215,7 @@ class EvaluationCache:
             tuple[str, str, frozenset[str]], tuple[CompiledRule, ...]
         ] = {}
         self._needed: dict[tuple[str, str, frozenset[str]], frozenset[str]] = {}
+        self._plans: dict[tuple[tuple[str, ...], str, str], _Plan] = {}
         # (daemon_id, environment, region, labels) and their CEL values.
         self._env_key: tuple[str, str, str, Mapping[str, str]] | None = None
         self._env_cel: dict[str, Any] = {}
@@ -276,6 +285,33 @@ class EvaluationCache:
             _bounded_put(self._needed, key, found, self._max)
         return found
 
+    def plan(
+        self, chain: _Chain, ids: tuple[str, ...], kind: str, action: str
+    ) -> _Plan:
+        """What deciding ``action`` on ``kind`` for the chain ``ids``
+        (resolved as ``chain``) needs beyond the request's values: per
+        principal its applying rules and the variables they read, and the
+        decisions already reached for each combination of verdicts."""
+        key = (ids, kind, action)
+        found = self._plans.get(key)
+        if found is None:
+            principals = []
+            for item in chain.resolved:
+                steps = tuple(
+                    (
+                        rule,
+                        rule.condition,
+                        _Evaluated(rule, Verdict.HELD),
+                        _Evaluated(rule, Verdict.NOT_HELD),
+                        self.shares(rule),
+                    )
+                    for rule in self.applying(kind, action, item.roles)
+                )
+                principals.append((item, self.needed(kind, action, item.roles), steps))
+            found = _Plan(tuple(principals))
+            _bounded_put(self._plans, key, found, self._max)
+        return found
+
     def shares(self, rule: CompiledRule) -> bool:
         """Whether the rule's condition gives every principal one verdict:
         it never names ``principal`` (read from the checked expression at
@@ -305,6 +341,42 @@ class EvaluationCache:
             "peer": to_cel_value(env.peer),
             **self._env_cel,
         }
+
+
+class _Plan:
+    """One (chain, resource kind, action) as ``evaluate`` walks it.
+
+    ``principals`` holds, per principal in chain order, the resolved
+    principal, the variables its applying rules read and one step per
+    applying rule: the rule, its condition, its HELD and NOT_HELD
+    evaluations (made once: they hold nothing of the request) and whether
+    its verdict is shared by the chain. ``decisions`` maps the verdicts of
+    every step (errors by their message) to the decision they give: the
+    decision reads nothing else of the request, so a combination seen
+    before is answered with the decision made then.
+    """
+
+    __slots__ = ("decisions", "principals")
+
+    def __init__(
+        self,
+        principals: tuple[
+            tuple[
+                _Resolved,
+                frozenset[str],
+                tuple[tuple[CompiledRule, Any, _Evaluated, _Evaluated, bool], ...],
+            ],
+            ...,
+        ],
+    ):
+        self.principals = principals
+        self.decisions: dict[tuple[Any, ...], Decision] = {}
+
+
+# Verdict combinations kept per plan: far more than the rules of a
+# (chain, kind, action) give without errors; error messages that vary per
+# request only make the table clear and refill.
+_PLAN_DECISIONS = 256
 
 
 def _bounded_put(table: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
@@ -348,11 +420,7 @@ def evaluate(
     ):
         cache = EvaluationCache(policy_set, directory)
     resolved_chain = cache.chain(request.chain)
-    resolved, chain = resolved_chain.resolved, resolved_chain.refs
-    revisions = {
-        "policy_revision": policy_set.revision,
-        "directory_revision": directory.revision,
-    }
+    chain = resolved_chain.refs
     refusal = resolved_chain.refusal
     if refusal:
         reason_code, reason = refusal
@@ -364,26 +432,60 @@ def evaluate(
             reason_code,
             reason,
             chain,
-            **revisions,
+            policy_revision=policy_set.revision,
+            directory_revision=directory.revision,
             explanation=explanation,
         )
 
-    shared = _shared_activation(request, env, resolved_chain, cache)
     kind, action = request.resource.kind, request.action
+    plan = cache.plan(resolved_chain, request.chain, kind, action)
+    shared = _shared_activation(request, env, resolved_chain, cache)
     # Verdicts of conditions that give every principal the same one.
     reused: dict[int, _Evaluated] = {}
-    evaluations = tuple(
-        _evaluate_principal(
-            item,
-            cache.applying(kind, action, item.roles),
-            cache.needed(kind, action, item.roles),
-            shared,
-            env,
-            cache,
-            reused,
+    evaluations = []
+    # Every step's verdict in order, an error by its message: all the
+    # decision depends on besides the plan.
+    verdicts: list[Any] = []
+    for item, needed, steps in plan.principals:
+        activation: Any = None
+        evaluated = []
+        for rule, condition, held, not_held, shares in steps:
+            if condition is None:
+                evaluated.append(held)
+                verdicts.append(Verdict.HELD)
+                continue
+            found = reused.get(rule.order)
+            if found is None:
+                if activation is None:
+                    activation = _activation(item, shared, needed, env, cache)
+                found = _evaluate_rule(rule, activation, held, not_held)
+                if shares:
+                    reused[rule.order] = found
+            evaluated.append(found)
+            verdicts.append((found.error,) if found.error else found.verdict)
+        evaluations.append(tuple(evaluated))
+    if explain:
+        return _decide(policy_set, directory, request, chain, evaluations, explain=True)
+    key = tuple(verdicts)
+    decision = plan.decisions.get(key)
+    if decision is None:
+        decision = _decide(
+            policy_set, directory, request, chain, evaluations, explain=False
         )
-        for item in resolved
-    )
+        _bounded_put(plan.decisions, key, decision, _PLAN_DECISIONS)
+    return decision
+
+
+def _decide(
+    policy_set: PolicySet,
+    directory: Directory,
+    request: DecisionRequest,
+    chain: tuple[PrincipalRef, ...],
+    evaluations: Sequence[tuple[_Evaluated, ...]],
+    *,
+    explain: bool,
+) -> Decision:
+    """The decision the chain's evaluations give (steps 3 to 5)."""
     enforced = tuple(
         _combine(ref.id, [e for e in evaluated if not e.rule.shadow])
         for ref, evaluated in zip(chain, evaluations, strict=True)
@@ -403,7 +505,8 @@ def evaluate(
         matched_rules=_matched_rules(chain, evaluations),
         condition_errors=_condition_errors(chain, evaluations),
         shadow_effect=shadow_effect,
-        **revisions,
+        policy_revision=policy_set.revision,
+        directory_revision=directory.revision,
         explanation=explanation,
     )
 
@@ -554,39 +657,6 @@ def _cel_map(values: Mapping[str, Any]) -> Any:
 # --- one principal -------------------------------------------------------------
 
 
-def _evaluate_principal(
-    resolved: _Resolved,
-    applying: Sequence[CompiledRule],
-    needed: frozenset[str],
-    shared: dict[str, Any] | ConditionFailure,
-    env: Env,
-    cache: EvaluationCache,
-    reused: dict[int, _Evaluated],
-) -> tuple[_Evaluated, ...]:
-    """Each applying rule's verdict for this principal, in set order.
-
-    The variables go to CEL once, as one prepared activation, and only when
-    some condition here needs them; ``reused`` holds the verdicts of
-    conditions that cannot read ``principal`` (``EvaluationCache.shares``),
-    given by an earlier principal of the chain, and takes this one's.
-    """
-    activation: Any = None
-    evaluated = []
-    for rule in applying:
-        if rule.condition is None:
-            evaluated.append(_Evaluated(rule, Verdict.HELD))
-            continue
-        item = reused.get(rule.order)
-        if item is None:
-            if activation is None:
-                activation = _activation(resolved, shared, needed, env, cache)
-            item = _evaluate_rule(rule, activation)
-            if cache.shares(rule):
-                reused[rule.order] = item
-        evaluated.append(item)
-    return tuple(evaluated)
-
-
 def _activation(
     resolved: _Resolved,
     shared: dict[str, Any] | ConditionFailure,
@@ -608,14 +678,20 @@ def _activation(
     return prepare_activation(data)
 
 
-def _evaluate_rule(rule: CompiledRule, activation: Any) -> _Evaluated:
+def _evaluate_rule(
+    rule: CompiledRule, activation: Any, held: _Evaluated, not_held: _Evaluated
+) -> _Evaluated:
+    """The rule's evaluation: ``held`` or ``not_held`` (the rule's own,
+    made once), or a new ERRORED one carrying the failure."""
     assert rule.condition is not None
     result = activation
     if not isinstance(activation, ConditionFailure):
         result = rule.condition.evaluate_prepared(activation)
-    if isinstance(result, ConditionFailure):
-        return _Evaluated(rule, Verdict.ERRORED, result.message)
-    return _Evaluated(rule, Verdict.HELD if result else Verdict.NOT_HELD)
+    if result is True:
+        return held
+    if result is False:
+        return not_held
+    return _Evaluated(rule, Verdict.ERRORED, result.message)
 
 
 def _combine(principal: str, evaluated: Sequence[_Evaluated]) -> _Outcome:

@@ -38,12 +38,12 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
 from kynara_sidecar import engine
-from kynara_sidecar.approvals.binding import binding_digest
+from kynara_sidecar.approvals.binding import binding_digest, encoded_binding_digest
 from kynara_sidecar.approvals.book import (
     ApprovalBook,
     Step,
@@ -299,6 +299,9 @@ class Pipeline:
         # What the engine works out alike for every request under the
         # active policies; a new one per activation (engine.EvaluationCache).
         self._cache: engine.EvaluationCache | None = None
+        # The active policies and, per decision object, what asked for
+        # approval in it (``_asking_rules``).
+        self._asking_memo: tuple[LoadedPolicies | None, dict[int, Any]] = (None, {})
         self._policy_watchers: list[Callable[[LoadedPolicies], None]] = []
         # Why no policy set can be active, when it is not just "not yet".
         self._unready: ServiceError | None = None
@@ -776,33 +779,30 @@ class Pipeline:
         """What the book makes of a require_approval decision."""
         assert self._book is not None
         book, cfg = self._book, self._approvals_config
-        candidates = (
-            self._cache.candidates(subject.resource.kind, subject.action)
-            if self._cache is not None and self._cache.policy_set is policies.policy_set
-            else policies.policy_set.candidate_rules(
-                subject.resource.kind, subject.action
+        matched, rules, requirement, asking = self._asking_rules(
+            subject, decision, policies
+        )
+        if record.redactions or record.resource is None:
+            digest = binding_digest(
+                subject.chain,
+                subject.action,
+                subject.resource,
+                subject.context,
+                cfg.volatile_context,
             )
-        )
-        compiled = {(rule.policy, rule.id): rule for rule in candidates}
-        matched = [
-            m
-            for m in decision.matched_rules
-            if m.effect is Effect.REQUIRE_APPROVAL and not m.shadow
-        ]
-        rules = list(
-            {(m.policy, m.rule): compiled[(m.policy, m.rule)] for m in matched}.values()
-        )
-        requirement = requirement_for(rules, cfg)
-        digest = binding_digest(
-            subject.chain,
-            subject.action,
-            subject.resource,
-            subject.context,
-            cfg.volatile_context,
-        )
+        else:
+            # The record holds the request's values in the digest's form.
+            digest = encoded_binding_digest(
+                subject.chain,
+                subject.action,
+                record.resource.kind,
+                record.resource.id,
+                record.resource.attributes,
+                record.context,
+                cfg.volatile_context,
+            )
         now = env.now.to_nanos()
         agent = env.agent_id
-        asking = [(m.policy, m.rule, m.principal) for m in matched]
         if request.approval_id:
             return book.use(
                 request.approval_id,
@@ -835,6 +835,53 @@ class Pipeline:
             asking=asking,
             requirement=requirement,
         )
+
+    def _asking_rules(
+        self,
+        subject: DecisionRequest,
+        decision: engine.Decision,
+        policies: LoadedPolicies,
+    ) -> tuple[
+        tuple[MatchedRule, ...],
+        tuple[CompiledRule, ...],
+        Requirement,
+        tuple[tuple[str, str, str], ...],
+    ]:
+        """The enforced require_approval rules that asked in ``decision``:
+        as matched and as compiled (each once), their combined requirement
+        and ``(policy, rule, principal)`` per match. Worked out once per
+        decision object (the engine answers repeated verdicts with the same
+        one) under the active policies."""
+        memo = self._asking_memo
+        if memo[0] is not policies:
+            memo = self._asking_memo = (policies, {})
+        found = memo[1].get(id(decision))
+        # The entry holds the decision, so its id is not reused while kept.
+        if found is not None and found[0] is decision:
+            return found[1]
+        candidates = (
+            self._cache.candidates(subject.resource.kind, subject.action)
+            if self._cache is not None and self._cache.policy_set is policies.policy_set
+            else policies.policy_set.candidate_rules(
+                subject.resource.kind, subject.action
+            )
+        )
+        compiled = {(rule.policy, rule.id): rule for rule in candidates}
+        matched = tuple(
+            m
+            for m in decision.matched_rules
+            if m.effect is Effect.REQUIRE_APPROVAL and not m.shadow
+        )
+        rules = tuple(
+            {(m.policy, m.rule): compiled[(m.policy, m.rule)] for m in matched}.values()
+        )
+        requirement = requirement_for(rules, self._approvals_config)
+        asking = tuple((m.policy, m.rule, m.principal) for m in matched)
+        parts = (matched, rules, requirement, asking)
+        if len(memo[1]) >= _ASKING_MEMO_ENTRIES:
+            memo[1].clear()
+        memo[1][id(decision)] = (decision, parts)
+        return parts
 
     def _new_approval(
         self,
@@ -888,6 +935,11 @@ class Pipeline:
             volatile_context=tuple(sorted(set(cfg.volatile_context))),
             url=book.url_for(approval_id),
         )
+
+
+# Decisions whose asking rules _asking_rules keeps; a table that fills up
+# is cleared and refills.
+_ASKING_MEMO_ENTRIES = 1024
 
 
 def _answers(

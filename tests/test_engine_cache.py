@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import shutil
 
+import msgspec
 import pytest
 from cases_loader import POLICIES_DIR, load_cases
 from support import SHIPPED_POLICIES, run_pipeline
 from test_engine import MONDAY_10_BERLIN, compile_yaml, decide, rule, rules
 
-from kynara_sidecar.decision import Effect, Env, Resource
+from kynara_sidecar.decision import DecisionRequest, Effect, Env, Resource
 from kynara_sidecar.engine import EvaluationCache, evaluate
 from kynara_sidecar.errors import ReasonCode
 from kynara_sidecar.pipeline import IncomingRequest, new_decision_id
@@ -175,3 +176,70 @@ def test_an_activation_takes_effect_on_the_next_decision(
     assert after.decision.reason_code is reason_code
     assert after.decision.directory_revision == changed.directory.revision
     assert after.decision.policy_revision == changed.policy_set.revision
+
+
+# --- decisions kept per verdict combination ----------------------------------
+
+
+def test_a_repeated_verdict_combination_gives_the_decision_made_for_it():
+    loaded = compile_yaml(
+        rules(
+            rule("deny", "too-big", condition="resource.attr.level > 2"),
+            rule("allow", "reads"),
+        )
+    )
+    cache = EvaluationCache(loaded.policy_set, loaded.directory)
+
+    low = [decide(loaded, attributes={"level": n}, cache=cache) for n in (1, 2)]
+    high = [decide(loaded, attributes={"level": n}, cache=cache) for n in (3, 4)]
+
+    assert low[0] is low[1]
+    assert high[0] is high[1]
+    assert low[0].effect is Effect.ALLOW
+    assert high[0].effect is Effect.DENY
+    assert low[0] == decide(loaded, attributes={"level": 1})
+    assert high[0] == decide(loaded, attributes={"level": 3})
+
+
+def test_errors_with_other_messages_are_not_answered_with_a_kept_decision():
+    loaded = compile_yaml(
+        rules(rule("deny", "bad-level", condition="resource.attr.level > 2"))
+    )
+    cache = EvaluationCache(loaded.policy_set, loaded.directory)
+
+    decisions = [
+        decide(loaded, attributes=attributes, cache=cache)
+        for attributes in ({}, {"level": "high"}, {})
+    ]
+
+    fresh = [
+        decide(loaded, attributes={}),
+        decide(loaded, attributes={"level": "high"}),
+    ]
+    assert decisions == [fresh[0], fresh[1], fresh[0]]
+    # Both errored, for different reasons, and each reason says its own.
+    assert decisions[0].condition_errors[0].message != (
+        decisions[1].condition_errors[0].message
+    )
+    assert decisions[0].reason != decisions[1].reason
+
+
+def test_an_explained_decision_is_never_the_kept_one():
+    loaded = compile_yaml(rules(rule("allow", "reads")))
+    cache = EvaluationCache(loaded.policy_set, loaded.directory)
+    plain = decide(loaded, cache=cache)
+    request = DecisionRequest(("ulla", "ada"), "doc.read", Resource("doc", "d-1"))
+
+    explained = evaluate(
+        loaded.policy_set,
+        loaded.directory,
+        request,
+        Env(MONDAY_10_BERLIN),
+        explain=True,
+        cache=cache,
+    )
+
+    assert explained.explanation is not None
+    assert plain.explanation is None
+    assert decide(loaded, cache=cache).explanation is None
+    assert msgspec.structs.replace(explained, explanation=None) == plain

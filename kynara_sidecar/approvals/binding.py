@@ -34,7 +34,7 @@ from typing import Any
 from kynara_sidecar.audit.record import document_digest, encode_value
 from kynara_sidecar.decision import Resource
 
-__all__ = ["binding_digest", "binding_document"]
+__all__ = ["binding_digest", "binding_document", "encoded_binding_digest"]
 
 
 def binding_document(
@@ -85,4 +85,37 @@ def binding_digest(
     """
     return document_digest(
         binding_document(chain_ids, action, resource, context, volatile)
+    )
+
+
+def encoded_binding_digest(
+    chain_ids: Sequence[str],
+    action: str,
+    resource_kind: str,
+    resource_id: str,
+    attributes: Mapping[str, Any],
+    context: Mapping[str, Any],
+    volatile: Collection[str] = (),
+) -> str:
+    """``binding_digest`` of a request whose attributes and context are
+    already in the typed JSON form (``encode_value``'s map, as an
+    unredacted audit record holds them): the same digest without encoding
+    the values a second time.
+
+    Only for values that were not redacted: a redacted record's values are
+    not the request's, and their digest binds something else.
+    """
+    if volatile:
+        context = {key: value for key, value in context.items() if key not in volatile}
+    return document_digest(
+        {
+            "chain": list(chain_ids),
+            "action": action,
+            "resource": {
+                "kind": resource_kind,
+                "id": resource_id,
+                "attributes": attributes,
+            },
+            "context": context,
+        }
     )

@@ -96,16 +96,33 @@ def scored_factors(risk: Risk) -> list[str]:
     return [factor.name for factor in risk.factors if factor.points > 0]
 
 
+# Per approval object (approvals are frozen: a changed one is a new
+# object), the record fields that cite it with its risk; a pending approval
+# reused by many retries is converted once. Records share these entries,
+# which nothing changes once a record is built.
+_cited: dict[int, tuple[Approval, dict[str, object]]] = {}
+_MAX_CITED = 1024
+
+
 def with_approval(
     record: AuditRecordV1, approval: Approval, *, risk: bool = True
 ) -> AuditRecordV1:
     """A decision record that cites ``approval`` (and, with ``risk``, its
     score), as asked for, reused, used or refused."""
-    fields: dict[str, object] = {"approval": approval_entry(approval)}
-    if risk:
-        fields["risk"] = risk_entry(approval.risk)
-        fields["risk_factors"] = scored_factors(approval.risk)
-    return msgspec.structs.replace(record, **fields)
+    if not risk:
+        return msgspec.structs.replace(record, approval=approval_entry(approval))
+    found = _cited.get(id(approval))
+    # The entry holds the approval, so its id is not reused while kept.
+    if found is None or found[0] is not approval:
+        fields: dict[str, object] = {
+            "approval": approval_entry(approval),
+            "risk": risk_entry(approval.risk),
+            "risk_factors": scored_factors(approval.risk),
+        }
+        if len(_cited) >= _MAX_CITED:
+            _cited.clear()
+        found = _cited[id(approval)] = (approval, fields)
+    return msgspec.structs.replace(record, **found[1])
 
 
 def requested_record(approval: Approval, decision: AuditRecordV1) -> AuditRecordV1:

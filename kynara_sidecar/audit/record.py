@@ -697,23 +697,62 @@ if Env.__struct_fields__ != _ENV_FIELDS:
     raise RuntimeError(f"record._env_entry expects Env fields {_ENV_FIELDS}")
 
 
+# The last env _env_entry encoded, but for ``now``: (daemon_id, agent_id,
+# environment, region, peer), the labels mapping and a copy of it, and the
+# encoded fields. A daemon's env differs from one request to the next only
+# in ``now`` (and the peer and agent in some modes), so it is encoded once.
+_last_env: tuple[tuple[str, ...], Any, dict[str, Any], dict[str, Any]] | None = None
+
+
 def _env_entry(env: Env, now: str) -> dict[str, Any]:
     # env_entry with env.now already formatted (the record's time): the
     # same map, every field in declaration order.
-    return {
-        "now": {"timestamp": now},
-        **_encode_map(
+    global _last_env
+    key = (env.daemon_id, env.agent_id, env.environment, env.region, env.peer)
+    labels = env.labels
+    last = _last_env
+    if last is None or last[0] != key or last[1] is not labels or last[2] != labels:
+        encoded = _encode_map(
             {
                 "daemon_id": env.daemon_id,
                 "agent_id": env.agent_id,
                 "environment": env.environment,
                 "region": env.region,
-                "labels": env.labels,
+                "labels": labels,
                 "peer": env.peer,
             },
             "$.env",
-        ),
-    }
+        )
+        last = _last_env = (key, labels, dict(labels), encoded)
+    return {"now": {"timestamp": now}, **last[3]}
+
+
+# Per decision (by identity; the engine answers repeated verdicts with the
+# same Decision object), the record's parts that come from it alone: the
+# chain, matched rules and condition errors as entries, and the effects and
+# reason code as strings. Records share these lists, which nothing changes
+# once a record is built.
+_decision_parts: dict[int, tuple[Decision, tuple[Any, ...]]] = {}
+_MAX_DECISION_PARTS = 1024
+
+
+def _parts_of(decision: Decision) -> tuple[Any, ...]:
+    found = _decision_parts.get(id(decision))
+    # The entry holds the decision, so its id is not reused while kept.
+    if found is not None and found[0] is decision:
+        return found[1]
+    parts = (
+        chain_entries(decision.chain),
+        matched_rule_entries(decision.matched_rules),
+        condition_error_entries(decision.condition_errors),
+        str(decision.effect),
+        str(decision.reason_code),
+        str(decision.shadow_effect or ""),
+    )
+    if len(_decision_parts) >= _MAX_DECISION_PARTS:
+        _decision_parts.clear()
+    _decision_parts[id(decision)] = (decision, parts)
+    return parts
 
 
 def record_from_decision(
@@ -760,6 +799,7 @@ def record_from_decision(
         )
         masked += found
     now = _format_now(env.now)
+    chain, matched, errors, effect, reason_code, shadow_effect = _parts_of(decision)
     return AuditRecordV1(
         v=RECORD_VERSION,
         kind=RecordKind.DECISION,
@@ -768,17 +808,17 @@ def record_from_decision(
         decision_id=decision_id,
         request_id=request.request_id,
         identity_mode=identity_mode,
-        chain=chain_entries(decision.chain),
+        chain=chain,
         action=request.action,
         resource=resource,
         context=context,
         env=_env_entry(env, now),
-        decision=str(decision.effect),
-        reason_code=str(decision.reason_code),
+        decision=effect,
+        reason_code=reason_code,
         reason=decision.reason,
-        matched_rules=matched_rule_entries(decision.matched_rules),
-        condition_errors=condition_error_entries(decision.condition_errors),
-        shadow_effect=str(decision.shadow_effect or ""),
+        matched_rules=matched,
+        condition_errors=errors,
+        shadow_effect=shadow_effect,
         policy_revision=decision.policy_revision,
         directory_revision=decision.directory_revision,
         redactions=masked,

@@ -8,7 +8,8 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from kynara_sidecar.approvals.binding import binding_digest
+from kynara_sidecar.approvals.binding import binding_digest, encoded_binding_digest
+from kynara_sidecar.audit.record import encode_value
 from kynara_sidecar.decision import Resource, Timestamp, UInt64
 
 CHAIN = ("alice", "support-bot")
@@ -120,3 +121,22 @@ def test_key_order_does_not_change_the_digest(context):
     reversed_context = dict(reversed(list(context.items())))
 
     assert digest(context=context) == digest(context=reversed_context)
+
+
+@pytest.mark.parametrize("volatile", [(), ("trace",), ("trace", "absent")])
+def test_digest_from_the_records_typed_values_is_the_same(volatile):
+    resource = Resource(
+        kind="payments.refund",
+        id="R1",
+        attributes={"amount": 60000, "big": UInt64(7), "at": Timestamp(5, 1)},
+    )
+    context = {"trace": "t-1", "reason": "damaged", "tags": ["a", 1.5]}
+    typed = encode_value(dict(resource.attributes))["map"]
+    typed_context = encode_value(context)["map"]
+
+    got = encoded_binding_digest(
+        CHAIN, ACTION, resource.kind, resource.id, typed, typed_context, volatile
+    )
+
+    assert got == digest(resource=resource, context=context, volatile=volatile)
+    assert "trace" in typed_context  # the record's map is left whole

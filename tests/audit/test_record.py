@@ -319,3 +319,47 @@ def test_reader_ignores_keys_it_does_not_know():
 def test_reader_refuses_a_record_without_its_version_with_the_path():
     with pytest.raises(msgspec.ValidationError, match=r"missing required field `v`"):
         decode_record(b'{"kind":"marker","time":"t"}')
+
+
+def test_records_of_one_decision_hash_as_records_built_each_alone():
+    request, env, decision = _decision_inputs()
+    first = record_from_decision(
+        request=request, env=env, decision=decision, decision_id="d1"
+    )
+    # Another decision equal to the first, built apart: nothing kept for it.
+    copy = msgspec.structs.replace(decision)
+    again = record_from_decision(
+        request=request, env=env, decision=decision, decision_id="d1"
+    )
+
+    alone = record_from_decision(
+        request=request, env=env, decision=copy, decision_id="d1"
+    )
+
+    assert encode_record(first) == encode_record(again) == encode_record(alone)
+
+
+def test_record_env_follows_changed_labels_peer_and_agent():
+    request, env, decision = _decision_inputs()
+    labels = {"team": "pay"}
+
+    def env_of(**fields):
+        record = record_from_decision(
+            request=request,
+            env=msgspec.structs.replace(env, **fields),
+            decision=decision,
+            decision_id="d",
+        )
+        return record.env
+
+    before = env_of(labels=labels)
+    labels["team"] = "ops"  # the same mapping, changed in place
+    changed = env_of(labels=labels)
+    peer = env_of(labels=labels, peer="unix:")
+    agent = env_of(labels=labels, peer="unix:", agent_id="agent-8")
+
+    assert before["labels"] == {"map": {"team": {"string": "pay"}}}
+    assert changed["labels"] == {"map": {"team": {"string": "ops"}}}
+    assert peer["peer"] == {"string": "unix:"}
+    assert agent["agent_id"] == {"string": "agent-8"}
+    assert agent["now"] == {"timestamp": "2026-12-04T09:00:00.000000001Z"}
