@@ -192,11 +192,13 @@ class Condition:
 
 
 def _result(value: cel.Value) -> bool | ConditionFailure:
+    # A bool is by far the usual result; only a bool value is True or False.
+    result = value.value()
+    if result is True or result is False:
+        return result
     kind = value.type().name()
-    if kind == "BOOL":
-        return bool(value.value())
     if kind == "ERROR":
-        return ConditionFailure(str(value.value()))
+        return ConditionFailure(str(result))
     return ConditionFailure(f"expected a bool result, got {kind.lower()}")
 
 

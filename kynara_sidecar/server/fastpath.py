@@ -106,6 +106,9 @@ INITIAL_BUFFER_BYTES = 64 * 1024
 # is closed: idle or half-sent connections must not hold the connection
 # slots. Seconds, as a client on the same host connects in microseconds.
 HELLO_TIMEOUT_SECONDS = 5.0
+# The longest hello: a version list and a credential. Before it nobody is
+# known, so nobody may make the daemon hold a large frame.
+MAX_HELLO_BYTES = 16 * 1024
 # TODO(#13): an idle timeout after the hello (a connection with nothing in
 # flight that sends nothing still holds its slot until it closes).
 # Requests one connection may have in flight: far more than a client needs
@@ -416,7 +419,9 @@ class _Connection(asyncio.BufferedProtocol):
             if end - start < HEADER_BYTES:
                 break
             length, stream = FRAME_HEADER.unpack_from(view, start)
-            if length > self._max_bytes:
+            if length > self._max_bytes or (
+                not self._hello and length > MAX_HELLO_BYTES
+            ):
                 start += HEADER_BYTES
                 self._skip = length
                 self._too_large(stream, length)
@@ -432,9 +437,14 @@ class _Connection(asyncio.BufferedProtocol):
         need = INITIAL_BUFFER_BYTES
         if left >= HEADER_BYTES and not self._skip and not self._closed:
             length, _ = FRAME_HEADER.unpack_from(view, start)
-            need = max(need, HEADER_BYTES + min(length, self._max_bytes))
+            # Grow with the bytes that came (at most doubling what is held),
+            # never to what a header alone announces: a few bytes must not
+            # make the daemon hold max_message_bytes.
+            frame = HEADER_BYTES + min(length, self._max_bytes)
+            need = max(need, min(frame, 2 * left + INITIAL_BUFFER_BYTES))
         if need > len(self._buffer):
-            # A large frame is arriving: room for it and for what follows.
+            # A large frame is arriving: room for more of it, and to read
+            # ahead.
             self._resize(need + READ_AHEAD_BYTES, start, left)
         elif need == INITIAL_BUFFER_BYTES < len(self._buffer):
             self._resize(INITIAL_BUFFER_BYTES, start, left)  # it has passed
@@ -454,6 +464,9 @@ class _Connection(asyncio.BufferedProtocol):
             RequestTooLarge(
                 f"expected at most {self._max_bytes} bytes "
                 f"(agent.max_message_bytes), got {length}"
+                if self._hello
+                else f"expected a hello of at most "
+                f"{min(self._max_bytes, MAX_HELLO_BYTES)} bytes, got {length}"
             ),
         )
         if not self._hello:

@@ -236,7 +236,9 @@ def _frame_refused(error: msgspec.MsgspecError) -> InvalidRequest:
         return InvalidRequest(f"expected an op, one of {_OPS}; got none", field="op")
     if refused.field == "op" and text.startswith("Invalid value "):
         got = text[len("Invalid value ") :]
-        return InvalidRequest(f"expected an op, one of {_OPS}; got {got}", field="op")
+        return InvalidRequest(
+            f"expected one op, one of {_OPS}, given once; got {got}", field="op"
+        )
     return refused
 
 

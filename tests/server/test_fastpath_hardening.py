@@ -326,6 +326,36 @@ def test_a_large_frame_grows_the_buffer_for_itself_only(start_daemon):
     client.close()
 
 
+def test_a_header_alone_does_not_make_the_daemon_hold_the_frame(start_daemon):
+    # A few bytes announcing the largest frame: the buffer grows with the
+    # bytes that came, not with what the header announced.
+    limit = 64 * 1024 * 1024
+    running = start_daemon(f"agent.max_message_bytes={limit}")
+    client = FastClient(running.config.agent.fast_socket)
+    (connection,) = running.daemon._fast_path._connections
+
+    client.sock.sendall(HEADER.pack(limit - 1, 1) + b"\x81")
+    client.sock.sendall(b"\x00" * (256 * 1024))
+    client.request(1, "health", {})  # read once the bytes above have been
+    size = len(connection._buffer)
+
+    assert size < 2 * 1024 * 1024
+    client.close()
+
+
+def test_a_hello_longer_than_16_kib_is_refused_before_it_is_read(start_daemon):
+    running = start_daemon(f"agent.max_message_bytes={8 * 1024 * 1024}")
+    client = FastClient(running.config.agent.fast_socket, hello=False)
+
+    client.sock.sendall(HEADER.pack(8 * 1024 * 1024, 0) + b"\x81")
+    stream, answer = client.recv()
+
+    assert stream == 0
+    assert answer["error"]["code"] == "request_too_large"
+    assert client.closed()
+    client.close()
+
+
 def test_frames_split_at_every_byte_around_a_large_one_are_read_whole(start_daemon):
     running = start_daemon(f"agent.max_message_bytes={1024 * 1024}")
     client = FastClient(running.config.agent.fast_socket)
