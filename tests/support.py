@@ -312,3 +312,42 @@ def as_nobody() -> tuple[str, ...]:
     if reason is not None:
         pytest.skip(f"running as nobody: {reason}")
     return AS_NOBODY
+
+
+def hold_decisions(running):
+    """Hold every decision before the audit writer (``append_all`` and the
+    fast path's ``submit``) until the returned function opens the gate."""
+
+    async def make_gate():
+        return asyncio.Event()
+
+    gate = running.call(make_gate())
+    writer = running.daemon._writer
+    original = writer.append_all
+
+    async def held(records, state_changes=(), **options):
+        records = tuple(records)
+        if any(record.kind == "decision" for record in records):
+            await gate.wait()
+        return await original(records, state_changes, **options)
+
+    writer.append_all = held
+    # The fast path hands its groups to ``submit``: held alike.
+    original_submit = writer.submit
+    holding: set[asyncio.Task] = set()
+
+    def held_submit(records, state_changes, on_done, **options):
+        records = tuple(records)
+        if not any(record.kind == "decision" for record in records):
+            return original_submit(records, state_changes, on_done, **options)
+
+        async def later():
+            await gate.wait()
+            original_submit(records, state_changes, on_done, **options)
+
+        task = asyncio.get_running_loop().create_task(later())
+        holding.add(task)
+        task.add_done_callback(holding.discard)
+
+    writer.submit = held_submit
+    return lambda: running.loop.call_soon_threadsafe(gate.set)

@@ -23,7 +23,14 @@ from cases_loader import load_cases
 from grpc_health.v1 import health_pb2
 from identity_support import AUDIENCE, ISSUER, SigningKey, claims, jwks
 from kynara.v1 import decision_pb2 as pb
-from support import daemon_config, error_of, read_record, small_refund, wire_request
+from support import (
+    daemon_config,
+    error_of,
+    hold_decisions,
+    read_record,
+    small_refund,
+    wire_request,
+)
 
 from kynara_sidecar.approvals.model import Reviewer, Verdict
 from kynara_sidecar.decision import Duration, Timestamp, UInt64
@@ -193,44 +200,6 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
-
-
-def hold_decisions(running):
-    """Hold every decision before the audit writer until the gate opens."""
-
-    async def make_gate():
-        return asyncio.Event()
-
-    gate = running.call(make_gate())
-    writer = running.daemon._writer
-    original = writer.append_all
-
-    async def held(records, state_changes=(), **options):
-        records = tuple(records)
-        if any(record.kind == "decision" for record in records):
-            await gate.wait()
-        return await original(records, state_changes, **options)
-
-    writer.append_all = held
-    # The fast path hands its groups to ``submit``: held alike.
-    original_submit = writer.submit
-    holding: set[asyncio.Task] = set()
-
-    def held_submit(records, state_changes, on_done, **options):
-        records = tuple(records)
-        if not any(record.kind == "decision" for record in records):
-            return original_submit(records, state_changes, on_done, **options)
-
-        async def later():
-            await gate.wait()
-            original_submit(records, state_changes, on_done, **options)
-
-        task = asyncio.get_running_loop().create_task(later())
-        holding.add(task)
-        task.add_done_callback(holding.discard)
-
-    writer.submit = held_submit
-    return lambda: running.loop.call_soon_threadsafe(gate.set)
 
 
 def hold_commits(running) -> threading.Event:

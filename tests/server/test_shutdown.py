@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from kynara.v1 import decision_pb2 as pb
 from kynara.v1 import decision_pb2_grpc
-from support import REPO_ROOT, error_of, small_refund
+from support import REPO_ROOT, error_of, hold_decisions, small_refund
 
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.store import AuditStore
@@ -26,26 +26,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # well past the grace: a DEADLINE_EXCEEDED then means a call hung.
 GRACE_SECONDS = 3
 CALL_TIMEOUT = 30
-
-
-def hold_decisions(running):
-    """Hold every decision record before the writer until the gate opens."""
-
-    async def make_gate():
-        return asyncio.Event()
-
-    gate = running.call(make_gate())
-    writer = running.daemon._writer
-    original = writer.append_all
-
-    async def held(records, state_changes=(), **options):
-        records = tuple(records)
-        if any(record.kind == "decision" for record in records):
-            await gate.wait()
-        return await original(records, state_changes, **options)
-
-    writer.append_all = held
-    return lambda: running.loop.call_soon_threadsafe(gate.set)
 
 
 def wait_until(predicate, timeout: float = 10.0) -> None:
