@@ -1,0 +1,207 @@
+// JavaScript values to the wire's typed `kynara.v1.Value`, exactly.
+//
+// The daemon keeps integers exact end to end and a timestamp a timestamp, so
+// this conversion refuses what it would have to guess at: a bigint beyond
+// int64/uint64, an invalid Date, a class instance it does not know, lists and
+// maps nested deeper than the daemon reads (MAX_DEPTH; a structure that
+// contains itself is one). Every error names the key path, such as
+// `context.items[2].when`, so the caller can find the bad value in a nested
+// structure. The rules mirror the Python SDK's (kynara_sdk/_values.py).
+//
+// The objects built here are what @grpc/proto-loader serializes: 64-bit
+// integers travel as decimal strings so that no digit is lost on the way.
+
+/** Lists and maps nested in one value at most: the daemon's limit. */
+export const MAX_DEPTH = 16;
+
+const MIN_INT64 = -(2n ** 63n);
+const MAX_INT64 = 2n ** 63n - 1n;
+const MAX_UINT64 = 2n ** 64n - 1n;
+
+/**
+ * Marks an integer as unsigned 64-bit (CEL `uint`).
+ *
+ * A plain number or bigint travels as int64 when it fits and as uint64 only
+ * when it is too large for int64; wrap it to make a small value unsigned
+ * too, e.g. `new UInt64(7)` for a policy comparing against `7u`.
+ */
+export class UInt64 {
+  /** @param {number | bigint | string} value an integer in [0, 2**64-1] */
+  constructor(value) {
+    if (typeof value === 'number' && !Number.isSafeInteger(value)) {
+      throw new RangeError(`UInt64: expected a safe integer number, got ${value}; pass a bigint`);
+    }
+    let exact;
+    try {
+      exact = BigInt(value);
+    } catch {
+      throw new TypeError(`UInt64: expected an integer, got ${describe(value)} ${String(value)}`);
+    }
+    if (exact < 0n || exact > MAX_UINT64) {
+      throw new RangeError(`UInt64: expected an integer within [0, 2**64-1], got ${exact}`);
+    }
+    /** @readonly */
+    this.value = exact;
+    Object.freeze(this);
+  }
+
+  toString() {
+    return this.value.toString();
+  }
+}
+
+/**
+ * Convert one value to a wire `Value` object.
+ *
+ * @param {unknown} value
+ * @param {string} [path] where the value sits, used in error messages
+ * @throws {TypeError} a value or key has no wire form
+ * @throws {RangeError} an integer is out of range, a Date is invalid, or the
+ *   nesting is deeper than MAX_DEPTH
+ */
+export function toValue(value, path = 'value') {
+  return fill(value, path, 0);
+}
+
+/**
+ * Convert a plain object (or Map) of string keys to values into a map of
+ * wire `Value` objects; `undefined` and `null` are an empty map.
+ *
+ * @param {unknown} values
+ * @param {string} path where the map sits, e.g. `resource.attributes`
+ */
+export function toValueMap(values, path) {
+  if (values === undefined || values === null) {
+    return {};
+  }
+  const out = {};
+  for (const [key, item] of entriesOf(values, path)) {
+    out[key] = fill(item, `${path}.${key}`, 0);
+  }
+  return out;
+}
+
+function fill(value, path, depth) {
+  switch (typeof value) {
+    case 'boolean':
+      return { boolValue: value };
+    case 'string':
+      return { stringValue: value };
+    case 'number':
+      // A safe integer is exact as int64; anything else (a fraction, a
+      // number past 2**53, NaN, Infinity) is what JavaScript holds: a double.
+      return Number.isSafeInteger(value)
+        ? { intValue: String(value) }
+        : { doubleValue: value };
+    case 'bigint':
+      return fillBigint(value, path);
+    case 'object':
+      break;
+    default:
+      throw new TypeError(`${path}: ${typeMessage(value)}`);
+  }
+  if (value === null) {
+    throw new TypeError(`${path}: ${typeMessage(value)}`);
+  }
+  if (value instanceof UInt64) {
+    return { uintValue: value.value.toString() };
+  }
+  if (value instanceof Uint8Array) {
+    // Buffer is a Uint8Array; copy the view's bytes only.
+    return { bytesValue: Buffer.from(value.buffer, value.byteOffset, value.byteLength) };
+  }
+  if (value instanceof Date) {
+    return { timestampValue: timestamp(value, path) };
+  }
+  if (Array.isArray(value)) {
+    checkDepth(path, depth);
+    return {
+      listValue: { values: value.map((item, index) => fill(item, `${path}[${index}]`, depth + 1)) },
+    };
+  }
+  if (value instanceof Map || isPlainObject(value)) {
+    checkDepth(path, depth);
+    const entries = {};
+    for (const [key, item] of entriesOf(value, path)) {
+      entries[key] = fill(item, `${path}.${key}`, depth + 1);
+    }
+    return { mapValue: { entries } };
+  }
+  throw new TypeError(`${path}: ${typeMessage(value)}`);
+}
+
+function fillBigint(value, path) {
+  if (value >= MIN_INT64 && value <= MAX_INT64) {
+    return { intValue: value.toString() };
+  }
+  if (value > MAX_INT64 && value <= MAX_UINT64) {
+    // Too large for int64 but exact as uint64: keep it exact rather than
+    // fail a caller who never thought about signedness.
+    return { uintValue: value.toString() };
+  }
+  throw new RangeError(
+    `${path}: expected an integer within int64 or uint64 [-2**63, 2**64-1], got ${value}`,
+  );
+}
+
+function timestamp(value, path) {
+  const millis = value.getTime();
+  if (Number.isNaN(millis)) {
+    throw new RangeError(`${path}: expected a valid Date, got an invalid one`);
+  }
+  // Protobuf Timestamp nanos are never negative: floor the seconds.
+  const seconds = Math.floor(millis / 1000);
+  const nanos = (millis - seconds * 1000) * 1_000_000;
+  return { seconds: String(seconds), nanos };
+}
+
+function checkDepth(path, depth) {
+  if (depth >= MAX_DEPTH) {
+    throw new RangeError(
+      `${path}: expected lists and maps nested at most ${MAX_DEPTH} deep,` +
+        ' got deeper (or an array or object that contains itself)',
+    );
+  }
+}
+
+function entriesOf(values, path) {
+  if (values instanceof Map) {
+    for (const key of values.keys()) {
+      if (typeof key !== 'string') {
+        throw new TypeError(`${path}: expected string keys, got ${describe(key)} key`);
+      }
+    }
+    return values.entries();
+  }
+  if (!isPlainObject(values)) {
+    throw new TypeError(
+      `${path}: expected a plain object of string keys to values, got ${describe(values)}`,
+    );
+  }
+  return Object.entries(values);
+}
+
+function isPlainObject(value) {
+  if (typeof value !== 'object' || value === null) {
+    return false;
+  }
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === null;
+}
+
+function typeMessage(value) {
+  return (
+    'expected boolean, number, bigint, UInt64, string, Uint8Array, Date,' +
+    ` array or plain object, got ${describe(value)}`
+  );
+}
+
+function describe(value) {
+  if (value === null) {
+    return 'null';
+  }
+  if (typeof value === 'object') {
+    return value.constructor?.name ?? 'object';
+  }
+  return typeof value;
+}

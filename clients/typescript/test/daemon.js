@@ -1,0 +1,113 @@
+// Starts a real Kynara daemon for the tests: the repository's shipped config
+// and policies, with its sockets, audit log, key and witness in a temp dir.
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { Client, DAEMON_UNREACHABLE } from '../src/index.js';
+
+export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
+const PYTHON = process.env.KYNARA_PYTHON || join(REPO, '.venv/bin/python');
+const START_TIMEOUT_MS = 60_000;
+const STOP_TIMEOUT_MS = 10_000;
+
+/** A free loopback TCP port (closed again before the daemon binds it). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Start `kynara_sidecar.cli run` and wait until it answers on its Unix socket.
+ * Returns { unixTarget, tcpTarget, workdir, stop() }.
+ */
+export async function startDaemon() {
+  const workdir = mkdtempSync(join(tmpdir(), 'kynara-ts-'));
+  const port = await freePort();
+  const settings = [
+    `agent.socket=${join(workdir, 'agent.sock')}`,
+    `agent.fast_socket=${join(workdir, 'agent.fast.sock')}`,
+    'agent.host=127.0.0.1',
+    `agent.port=${port}`,
+    'health.port=0',
+    'http.host=127.0.0.1',
+    'http.port=0',
+    `audit.path=${join(workdir, 'audit')}`,
+    `audit.signing_key=${join(workdir, 'keys', 'audit.pem')}`,
+    `audit.witness_path=${join(workdir, 'witness')}`,
+  ];
+  const argv = ['-m', 'kynara_sidecar.cli', 'run', '--config', 'config/kynara.yaml'];
+  for (const setting of settings) {
+    argv.push('--set', setting);
+  }
+  const child = spawn(PYTHON, argv, { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (chunk) => {
+    stderr = (stderr + chunk).slice(-4000);
+  });
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  const daemon = {
+    workdir,
+    unixTarget: `unix://${join(workdir, 'agent.sock')}`,
+    tcpTarget: `127.0.0.1:${port}`,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
+        await exited;
+        clearTimeout(timer);
+      }
+      rmSync(workdir, { recursive: true, force: true });
+    },
+  };
+  try {
+    await waitAnswering(daemon.unixTarget, exited, () => stderr);
+  } catch (err) {
+    await daemon.stop();
+    throw err;
+  }
+  return daemon;
+}
+
+async function waitAnswering(target, exited, stderr) {
+  let gone = null;
+  exited.then((code) => {
+    gone = code;
+  });
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  const client = new Client({ target, timeoutMs: 1000 });
+  try {
+    while (Date.now() < deadline) {
+      if (gone !== null) {
+        throw new Error(`the daemon exited (${gone}) before answering:\n${stderr()}`);
+      }
+      try {
+        await client.decide('payments.refund.issue', {
+          resourceKind: 'payments.refund',
+          resourceId: 'rf_probe',
+          attributes: { amount: 1 },
+          user: 'alice',
+        });
+        return;
+      } catch (err) {
+        if (err.code !== DAEMON_UNREACHABLE) {
+          throw err;
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    throw new Error(`the daemon did not answer at ${target} within ${START_TIMEOUT_MS} ms:\n${stderr()}`);
+  } finally {
+    client.close();
+  }
+}
