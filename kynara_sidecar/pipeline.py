@@ -69,7 +69,7 @@ from kynara_sidecar.audit.record import (
     format_timestamp,
     record_from_decision,
 )
-from kynara_sidecar.audit.store import Appended
+from kynara_sidecar.audit.store import Appended, StateChange
 from kynara_sidecar.config import Config, IdentityMode
 from kynara_sidecar.decision import (
     NANOS_PER_SECOND,
@@ -605,8 +605,7 @@ class Pipeline:
         if not prepared:
             landed([], None)
             return
-        records = [record for p in prepared for record in p.records]
-        changes = [change for p in prepared if p.step for change in p.step.changes]
+        records, changes = _writes(prepared)
         submit = getattr(self._writer, "submit", None)
         try:
             if submit is not None:
@@ -650,27 +649,16 @@ class Pipeline:
             except KynaraError as err:
                 outcomes.append(err)
         prepared = [o for o in outcomes if isinstance(o, _Prepared)]
-        records = [record for p in prepared for record in p.records]
-        changes = [change for p in prepared if p.step for change in p.step.changes]
         try:
-            appended = await self._writer.append_all(records, changes)
+            appended = await self._writer.append_all(*_writes(prepared))
         except AuditUnavailable as err:
             self._settle(prepared, committed=False)
-            return [err if isinstance(o, _Prepared) else o for o in outcomes]
+            return _answers(outcomes, None, err)  # type: ignore[return-value]
         except BaseException:
             self._settle(prepared, committed=False)
             raise
         self._settle(prepared, committed=True)
-        landed = iter(appended)
-        answers: list[Answer | KynaraError] = []
-        for o in outcomes:
-            if isinstance(o, _Prepared):
-                # The decision record, then any approval record of its own.
-                mine = [next(landed) for _ in o.records]
-                answers.append(o.answer(mine[0]))
-            else:
-                answers.append(o)
-        return answers
+        return _answers(outcomes, appended, None)  # type: ignore[return-value]
 
     def _settle(self, prepared: Sequence[_Prepared], *, committed: bool) -> None:
         if self._book is None:
@@ -940,6 +928,16 @@ class Pipeline:
 # Decisions whose asking rules _asking_rules keeps; a table that fills up
 # is cleared and refills.
 _ASKING_MEMO_ENTRIES = 1024
+
+
+def _writes(
+    prepared: Sequence[_Prepared],
+) -> tuple[list[AuditRecordV1], list[StateChange]]:
+    """The records of prepared requests, in order, and the state they
+    change: what one transaction commits for them."""
+    records = [record for p in prepared for record in p.records]
+    changes = [change for p in prepared if p.step for change in p.step.changes]
+    return records, changes
 
 
 def _answers(

@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
-import msgspec
 from google.protobuf.message import DecodeError
 from kynara.v1 import decision_pb2 as pb
 
@@ -186,11 +185,9 @@ class DecisionService:
     ) -> IncomingRequest:
         try:
             self._check_size(raw)
-            incoming = request_from_proto(_decode(pb.DecideRequest, raw), peer)
-            if authorization:
-                incoming = msgspec.structs.replace(
-                    incoming, authorization=authorization
-                )
+            incoming = request_from_proto(
+                _decode(pb.DecideRequest, raw), peer, authorization
+            )
         except KynaraError as err:
             self._pipeline.refuse(err)
             raise

@@ -163,8 +163,11 @@ def value_from_proto(value: pb.Value, path: str, depth: int = 0) -> Any:
     return _map(value.map_value.entries, path, depth + 1)
 
 
-def request_from_proto(request: pb.DecideRequest, peer: str = "") -> IncomingRequest:
-    """Translate a ``DecideRequest`` into the pipeline's ``IncomingRequest``.
+def request_from_proto(
+    request: pb.DecideRequest, peer: str = "", authorization: str = ""
+) -> IncomingRequest:
+    """Translate a ``DecideRequest`` into the pipeline's ``IncomingRequest``;
+    ``authorization`` is the call's credential (its metadata).
 
     Raises:
         InvalidRequest: naming the field path of the first malformed value.
@@ -182,6 +185,7 @@ def request_from_proto(request: pb.DecideRequest, peer: str = "") -> IncomingReq
         delegation_token=request.delegation_token,
         request_id=request.request_id,
         peer=peer,
+        authorization=authorization,
         explain=request.explain,
         approval_id=request.approval_id,
     )
