@@ -920,7 +920,9 @@ class Daemon:
         self._decision_service.register(server)
         await self._add_health(server)
         self.tcp_port = self._bind_listener(server, cfg, "agent")
-        await server.start()
+        # The fast path listens before gRPC serves, so an agent that saw
+        # SERVING on health finds the fast socket too (and does not settle
+        # on gRPC for want of it).
         if cfg.fast_socket:
             fast_path = FastPathServer(
                 self._pipeline,
@@ -937,6 +939,7 @@ class Daemon:
                     f"{err}; change agent.fast_socket"
                 ) from err
             self._fast_path = fast_path
+        await server.start()
 
     async def _start_ext_authz_listener(self) -> None:
         """Serve Envoy's Check and health on a listener of its own

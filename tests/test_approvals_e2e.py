@@ -451,3 +451,44 @@ def test_ctrl_c_during_a_wait_says_the_approval_stays_pending(
         "uses it)"
     ]
     assert json.loads(shown.stdout)["state"] == "pending"
+
+
+# A child that waits for a reviewer on the fast path while another of its
+# threads takes the SIGINT (as grpc's or an application's threads may): the
+# handler runs only once the waiting main thread wakes.
+INTERRUPTED_FROM_A_THREAD = f"""
+import signal, sys, threading, time
+sys.path.insert(0, {str(AGENT.parent)!r})
+import refund_agent
+from kynara_sdk import acting_for
+
+def interrupt_from_this_thread():
+    main = threading.main_thread().ident
+    while sys._current_frames()[main].f_code.co_name != "_lead":
+        time.sleep(0.01)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+threading.Thread(target=interrupt_from_this_thread, daemon=True).start()
+refund = refund_agent.waiting_refund(refund_agent.Announcer({AGENT_WAIT_SECONDS}))
+try:
+    with acting_for(user="alice"):
+        refund("rf_2001", {AMOUNT})
+except KeyboardInterrupt:
+    print("interrupted while waiting", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_taken_by_another_thread_still_ends_a_wait(start_daemon):
+    daemon = start_daemon()
+    env = {**os.environ, "KYNARA_TARGET": daemon.target}
+    env.pop("KYNARA_AGENT_SECRET_FILE", None)
+
+    child = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_FROM_A_THREAD],
+        capture_output=True, text=True, env=env, timeout=EXIT_TIMEOUT,
+    )  # fmt: skip
+
+    assert child.returncode == 130, child.stderr
+    assert "waiting up to" in child.stdout
+    assert child.stdout.splitlines()[-1] == "interrupted while waiting"

@@ -78,6 +78,11 @@ _HEADER = struct.Struct(">II")
 _HEADER_SIZE = _HEADER.size
 _MAX_STREAM = 2**32 - 1
 _READ_SIZE = 256 * 1024
+# The longest a blocking call sleeps at once. A signal the kernel hands to
+# another thread (grpc's, the application's) only sets a flag; the main
+# thread runs its handler (Ctrl-C's KeyboardInterrupt) when it wakes, so a
+# wait of minutes for a reviewer wakes this often to let it.
+_SLEEP_SLICE = 0.2
 # The longest answer frame a client reads. The contract sets no limit on
 # answers; the largest real one, a decide_batch of 256 decisions, is well
 # under a megabyte, so this only trips on a peer that is not a Kynara daemon
@@ -736,7 +741,7 @@ class _Connection:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            call.event.wait(remaining)
+            call.event.wait(min(remaining, _SLEEP_SLICE))
             call.event.clear()
 
     def _lead(self, call: _Call, deadline: float) -> None:
@@ -752,7 +757,7 @@ class _Connection:
             if remaining <= 0:
                 return
             try:
-                if not self._poll.poll(remaining * 1000):
+                if not self._poll.poll(min(remaining, _SLEEP_SLICE) * 1000):
                     continue
                 chunk = self.sock.recv(_READ_SIZE)
             except OSError as err:
