@@ -471,17 +471,19 @@ ALREADY_APPROVED = answer(
 )
 
 
+@pytest.mark.parametrize("mode", ["wait", "raise"])
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_an_approved_answer_is_retried_at_once_without_on_wait_or_a_wait(
-    client, daemon, servicer, kind
+    client, daemon, servicer, kind, mode
 ):
+    # In either mode: an agent told to call again once approved just does.
     daemon.then(ALREADY_APPROVED, GRANTED)
     told: list[str] = []
 
     def announce(asked) -> None:
         told.append(asked.decision_id)
 
-    wait = dict(on_approval="wait", on_wait=announce)
+    wait = dict(on_approval="wait", on_wait=announce) if mode == "wait" else {}
     if kind == "sync":
 
         @permission_required("a.b", resource_kind="k.k", client=client, **wait)

@@ -5,40 +5,15 @@ transports."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
 
-import pytest
-from support import REPO_ROOT
+from integration_support import run_scenario, venv_python
 
 CHECK = pathlib.Path(__file__).with_name("sdk_install_check.py")
-# CI sets this so that a missing venv fails instead of skipping.
-REQUIRED_ENV = "KYNARA_SDK_VENV_TESTS"
-
-
-def venv_python(name: str) -> pathlib.Path:
-    python = REPO_ROOT / ".venvs" / name / "bin" / "python"
-    if not python.exists():
-        message = f".venvs/{name} is missing: run scripts/setup --test"
-        if os.environ.get(REQUIRED_ENV) == "required":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
 
 
 def run_check(python: pathlib.Path, target: str, *transports: str) -> dict:
-    # Run from the check's folder with no PYTHONPATH: only the venv's own
-    # packages are importable, not this checkout's.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.pop("KYNARA_TRANSPORT", None)
-    done = subprocess.run(
-        [str(python), "-I", str(CHECK), target, *transports],
-        capture_output=True, text=True, timeout=60, env=env, cwd=CHECK.parent,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return run_scenario(python, CHECK, target, *transports)
 
 
 EXPECTED_RUN = {

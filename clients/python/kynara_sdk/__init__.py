@@ -74,6 +74,7 @@ from kynara_sdk.errors import (
     KynaraUnavailable,
     PermissionDenied,
 )
+from kynara_sdk.guard import ToolGuard, Verdict
 from kynara_sdk.subject import Subject, acting_for, current_subject
 
 __all__ = [
@@ -115,7 +116,9 @@ __all__ = [
     "MatchedRule",
     "PermissionDenied",
     "Subject",
+    "ToolGuard",
     "UInt64",
+    "Verdict",
     "acting_for",
     "close_default_clients",
     "current_decision",

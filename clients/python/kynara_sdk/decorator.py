@@ -17,14 +17,16 @@ approval pending; a rejection or expiry raises ``ApprovalRejected`` or
 called with the require_approval decision just before the wait starts, so
 the agent can pass the approval's URL to someone who can review it. When
 the answer already cites an approved grant of this request (the daemon
-hands back an approved, unused approval to a caller that lost its id),
-there is nothing to wait for: no ``on_wait``, no wait, the retry with the
-grant at once.
+hands back an approved, unused approval to a caller that lost its id), in
+either mode there is nothing to wait for: no ``on_wait``, no wait, the
+retry with the grant at once. So an agent told to ask again once a
+reviewer approved simply calls the tool again.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import inspect
 import threading
@@ -167,10 +169,9 @@ def permission_required(
             for a sync function, or the reverse); ``on_wait`` is not
             callable.
     """
-    attr_map = _argument_map(attrs, "attrs")
-    context_map = _argument_map(context, "context")
-    waits = _check_approval_mode(on_approval, approval_timeout)
-    _check_on_wait(on_wait, waits)
+    attr_map = argument_map(attrs, "attrs")
+    context_map = argument_map(context, "context")
+    waiting = Waiting.of(on_approval, approval_timeout, on_wait)
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
@@ -184,36 +185,19 @@ def permission_required(
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = _flatten(signature, bound.arguments)
-            return {
-                "resource_kind": resource_kind,
-                "resource_id": _resource_id(arguments, resource_arg),
-                "attributes": _pick(arguments, attr_map),
-                "context": _pick(arguments, context_map),
-            }
+            return tool_request(
+                arguments, resource_kind, resource_arg, attr_map, context_map
+            )
 
         if is_async:
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 asker = client if client is not None else default_async_client()
-                request = request_of(args, kwargs)
-                decision = await asker.decide(action, **request)
-                if waits and _waitable(decision):
-                    approval_id = decision.approval.id  # type: ignore[union-attr]
-                    if not _approved(decision):
-                        if on_wait is not None:
-                            told = on_wait(decision)
-                            if inspect.isawaitable(told):
-                                await told
-                        await asker.wait_approval(
-                            approval_id,
-                            approval_timeout,
-                            decision_id=decision.decision_id,
-                        )
-                    decision = await asker.decide(
-                        action, **request, approval_id=approval_id
-                    )
-                _enforce(decision)
+                decision = await decide_async(
+                    asker, action, request_of(args, kwargs), waiting
+                )
+                enforce(decision)
                 reset = _decision.set(decision)
                 try:
                     return await fn(*args, **kwargs)
@@ -225,20 +209,8 @@ def permission_required(
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             asker = client if client is not None else default_client()
-            request = request_of(args, kwargs)
-            decision = asker.decide(action, **request)
-            if waits and _waitable(decision):
-                approval_id = decision.approval.id  # type: ignore[union-attr]
-                if not _approved(decision):
-                    if on_wait is not None:
-                        on_wait(decision)
-                    asker.wait_approval(
-                        approval_id, approval_timeout, decision_id=decision.decision_id
-                    )
-                # The same request (same subject, same values), now with the
-                # grant: the daemon allows it once, or says why not.
-                decision = asker.decide(action, **request, approval_id=approval_id)
-            _enforce(decision)
+            decision = decide_sync(asker, action, request_of(args, kwargs), waiting)
+            enforce(decision)
             reset = _decision.set(decision)
             try:
                 return fn(*args, **kwargs)
@@ -250,7 +222,78 @@ def permission_required(
     return decorate
 
 
-def _enforce(decision: Decision) -> None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Waiting:
+    """What a check does with require_approval: raise (``waits`` False), or
+    wait up to ``timeout`` seconds for a reviewer, telling ``on_wait``
+    first."""
+
+    waits: bool
+    timeout: float
+    on_wait: OnWait | None
+
+    @classmethod
+    def of(cls, on_approval: object, timeout: object, on_wait: object) -> Waiting:
+        """The settings, checked.
+
+        Raises:
+            ValueError: ``on_approval`` is neither mode; ``timeout`` is not a
+                positive number of seconds; ``on_wait`` without a wait.
+            TypeError: ``on_wait`` is not callable.
+        """
+        waits = _check_approval_mode(on_approval, timeout)
+        _check_on_wait(on_wait, waits)
+        return cls(waits, float(timeout), on_wait)  # type: ignore[arg-type]
+
+
+def decide_sync(
+    asker: Client, action: str, request: Mapping[str, Any], waiting: Waiting
+) -> Decision:
+    """Ask for ``request``; on require_approval, wait for a reviewer when
+    ``waiting`` says so, then ask again with the grant. An answer citing an
+    approved, unused grant of this very request is asked again with it at
+    once, waiting or not.
+
+    Raises:
+        KynaraError: no answer, or a wait ended without a grant.
+    """
+    decision = asker.decide(action, **request)
+    approval_id = _grant_to_use(decision, waiting)
+    if approval_id is None:
+        return decision
+    if not _approved(decision):
+        if waiting.on_wait is not None:
+            waiting.on_wait(decision)
+        asker.wait_approval(
+            approval_id, waiting.timeout, decision_id=decision.decision_id
+        )
+    # The same request (same subject, same values), now with the grant: the
+    # daemon allows it once, or says why not.
+    return asker.decide(action, **request, approval_id=approval_id)
+
+
+async def decide_async(
+    asker: AsyncClient, action: str, request: Mapping[str, Any], waiting: Waiting
+) -> Decision:
+    """As ``decide_sync``, awaited; ``on_wait`` may return an awaitable."""
+    decision = await asker.decide(action, **request)
+    approval_id = _grant_to_use(decision, waiting)
+    if approval_id is None:
+        return decision
+    if not _approved(decision):
+        if waiting.on_wait is not None:
+            told = waiting.on_wait(decision)
+            if inspect.isawaitable(told):
+                await told
+        await asker.wait_approval(
+            approval_id, waiting.timeout, decision_id=decision.decision_id
+        )
+    return await asker.decide(action, **request, approval_id=approval_id)
+
+
+def enforce(decision: Decision) -> None:
+    """Return on allow; raise ``PermissionDenied`` on deny and
+    ``ApprovalRequired`` on require_approval."""
     if decision.decision == ALLOW:
         return
     if decision.decision == DENY:
@@ -260,20 +303,44 @@ def _enforce(decision: Decision) -> None:
     raise ApprovalRequired(decision)
 
 
+def tool_request(
+    arguments: Mapping[str, Any],
+    resource_kind: str,
+    resource_arg: str | None,
+    attr_map: Mapping[str, str],
+    context_map: Mapping[str, str],
+) -> dict[str, Any]:
+    """The request fields for a call with ``arguments`` (by name).
+
+    Raises:
+        TypeError: the resource id argument is not a str, int or UUID.
+    """
+    return {
+        "resource_kind": resource_kind,
+        "resource_id": _resource_id(arguments, resource_arg),
+        "attributes": _pick(arguments, attr_map),
+        "context": _pick(arguments, context_map),
+    }
+
+
+def _grant_to_use(decision: Decision, waiting: Waiting) -> str | None:
+    # The approval whose grant the call asks again with, if any: one already
+    # approved, or (waiting) one to wait on. Without an id there is nothing
+    # to wait on: the caller raises instead.
+    if decision.decision != REQUIRE_APPROVAL or decision.approval is None:
+        return None
+    if not decision.approval.id:
+        return None
+    if _approved(decision) or waiting.waits:
+        return decision.approval.id
+    return None
+
+
 def _approved(decision: Decision) -> bool:
     # The daemon cites an approved, unused grant of this very request (a
     # wait that timed out earlier, then a reviewer approved): nothing is
     # left to wait for, so the retry with it comes at once.
     return decision.approval is not None and decision.approval.state == "approved"
-
-
-def _waitable(decision: Decision) -> bool:
-    # Without an approval id there is nothing to wait on: raise instead.
-    return (
-        decision.decision == REQUIRE_APPROVAL
-        and decision.approval is not None
-        and bool(decision.approval.id)
-    )
 
 
 def _check_approval_mode(on_approval: object, timeout: object) -> bool:
@@ -305,7 +372,12 @@ def _check_on_wait(on_wait: object, waits: bool) -> None:
         )
 
 
-def _argument_map(spec: ArgumentMap, where: str) -> dict[str, str]:
+def argument_map(spec: ArgumentMap, where: str) -> dict[str, str]:
+    """``attrs`` / ``context`` as a dict of request name to argument name.
+
+    Raises:
+        TypeError: ``spec`` is neither a list of names nor a dict of them.
+    """
     if spec is None:
         return {}
     if isinstance(spec, Mapping):

@@ -1,0 +1,279 @@
+"""``ToolGuard``: the check an agent framework's tool makes before it runs.
+
+The framework adapters (``kynara_sdk.integrations.langchain``, ``.autogen``,
+``.crewai``) wrap a tool so that every call is first decided by the daemon
+on the tool's own name and parsed arguments, mapped to the request as
+``@permission_required`` maps a function's. A guard never raises on its
+own: ``check`` returns a ``Verdict`` the adapter turns into what its
+framework expects (an exception, an error tool message), and that carries
+the decision id for the trace, the callback record and the tool result.
+
+Fail closed: the tool runs only on allow. Deny, require_approval, an error
+answer, a timeout or an unreachable daemon each keep it from running, with
+the reason. ``fail_open=True`` lets a call through when the daemon could
+not answer (unreachable, shutting down, no policy or audit log yet, an
+internal error), never on deny, approval or a request the daemon refused
+as bad; each time it does, it logs a warning on the ``kynara_sdk.guard``
+logger naming the tool, the action and the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kynara_sdk.client import AsyncClient, Client
+from kynara_sdk.decision import Decision
+from kynara_sdk.decorator import (
+    DEFAULT_APPROVAL_TIMEOUT,
+    ArgumentMap,
+    OnApproval,
+    OnWait,
+    Waiting,
+    argument_map,
+    decide_async,
+    decide_sync,
+    default_async_client,
+    default_client,
+    enforce,
+    tool_request,
+)
+from kynara_sdk.errors import (
+    AUDIT_UNAVAILABLE,
+    DAEMON_UNREACHABLE,
+    INTERNAL,
+    INVALID_REQUEST,
+    POLICY_NOT_READY,
+    SHUTTING_DOWN,
+    ApprovalError,
+    ApprovalRequired,
+    KynaraError,
+    PermissionDenied,
+)
+
+__all__ = ["NO_ANSWER_CODES", "ToolGuard", "Verdict"]
+
+log = logging.getLogger("kynara_sdk.guard")
+
+# The codes under which the daemon gave no decision for reasons of its own;
+# only these may fail open. A bad request (invalid_request, identity_invalid,
+# request_too_large) is the caller's and always fails closed.
+NO_ANSWER_CODES = frozenset(
+    {DAEMON_UNREACHABLE, SHUTTING_DOWN, POLICY_NOT_READY, AUDIT_UNAVAILABLE, INTERNAL}
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a guard's check came to for one tool call.
+
+    Attributes:
+        tool: the tool's name.
+        action: the action asked about.
+        decision: the daemon's last answer (after a retry with a grant), or
+            None when none came.
+        error: why the tool may not run (``PermissionDenied``,
+            ``ApprovalRequired``, an ``ApprovalError`` or the
+            ``KynaraError`` of a call that got no answer), or None on allow.
+        failed_open: no answer came and ``fail_open`` let the call through.
+    """
+
+    tool: str
+    action: str
+    decision: Decision | None
+    error: KynaraError | None = None
+    failed_open: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        """True when the tool may run."""
+        return self.error is None or self.failed_open
+
+    @property
+    def decision_id(self) -> str:
+        """The id of the audit record of the last answer, or "" without one."""
+        if self.decision is not None:
+            return self.decision.decision_id
+        return getattr(self.error, "decision_id", "")
+
+    def raise_if_refused(self) -> None:
+        """Raise ``error`` unless the tool may run."""
+        if not self.allowed:
+            raise self.error  # type: ignore[misc]
+
+    def metadata(self) -> dict[str, Any]:
+        """The verdict as plain data for a trace or a tool result: decision,
+        decision_id, reason_code, reason, approval (id, url, state) or None,
+        error code (or ""), failed_open."""
+        decision = self.decision
+        approval = decision.approval if decision is not None else None
+        return {
+            "tool": self.tool,
+            "action": self.action,
+            "decision": decision.decision if decision is not None else "",
+            "decision_id": self.decision_id,
+            "reason_code": decision.reason_code if decision is not None else "",
+            "reason": decision.reason if decision is not None else "",
+            "approval": None
+            if approval is None
+            else {"id": approval.id, "url": approval.url, "state": approval.state},
+            "error": self.error.code if self.error is not None else "",
+            "failed_open": self.failed_open,
+        }
+
+    def message(self) -> str:
+        """Why the tool did not run, in words a model can act on; "" when it
+        may run."""
+        if self.allowed:
+            return ""
+        err = self.error
+        where = f"{self.tool} ({self.action})"
+        if isinstance(err, PermissionDenied):
+            denied = err.decision
+            return (
+                f"Permission denied for {where}: {denied.reason}"
+                f" [{denied.reason_code}; decision {denied.decision_id}]."
+                " The tool did not run."
+            )
+        if isinstance(err, ApprovalRequired):
+            url = f" at {err.approval_url}" if err.approval_url else ""
+            return (
+                f"{where} needs a reviewer's approval{url} (approval"
+                f" {err.approval_id}; decision {err.decision_id}). The tool did"
+                " not run; once approved, call it again with the same"
+                " arguments."
+            )
+        if isinstance(err, ApprovalError):
+            return (
+                f"{where} was not approved: {err.message} [{err.code}; approval"
+                f" {err.approval_id}; decision {err.decision_id}]. The tool did"
+                " not run."
+            )
+        return (
+            f"Kynara could not decide on {where}: {err.message} [{err.code}]."  # type: ignore[union-attr]
+            " The tool did not run."
+        )
+
+
+class ToolGuard:
+    """The check before one tool's calls: the action, and how the tool's
+    parsed arguments map to the request.
+
+    Args:
+        action: dotted action name, e.g. ``payments.refund.issue``.
+        resource_kind: dotted resource kind, e.g. ``payments.refund``.
+        resource_arg: the argument holding the resource id, or None.
+        attrs: arguments sent as resource attributes (a list of names, or a
+            dict of attribute name to argument name).
+        context: arguments sent as caller context, in the same forms.
+        client: the ``Client`` for ``check``; default the shared one for
+            ``$KYNARA_TARGET``.
+        async_client: the ``AsyncClient`` for ``acheck``; default likewise.
+        on_approval: ``"raise"`` (the default: the tool does not run, and
+            the verdict says where to approve) or ``"wait"`` for a reviewer
+            up to ``approval_timeout`` seconds, then ask again with the
+            grant.
+        approval_timeout: seconds ``"wait"`` waits.
+        on_wait: with ``"wait"``, told of the require_approval decision
+            before the wait starts.
+        fail_open: let a call through when the daemon could not answer;
+            logged each time. Off unless spelled out.
+
+    Raises:
+        ValueError, TypeError: a setting is out of range or of the wrong
+            type (as ``permission_required`` checks them).
+    """
+
+    def __init__(
+        self,
+        action: str,
+        *,
+        resource_kind: str,
+        resource_arg: str | None = None,
+        attrs: ArgumentMap = None,
+        context: ArgumentMap = None,
+        client: Client | None = None,
+        async_client: AsyncClient | None = None,
+        on_approval: OnApproval = "raise",
+        approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+        on_wait: OnWait | None = None,
+        fail_open: bool = False,
+    ) -> None:
+        if not isinstance(fail_open, bool):
+            raise TypeError(f"fail_open: expected True or False, got {fail_open!r}")
+        _check_client("client", client, Client)
+        _check_client("async_client", async_client, AsyncClient)
+        self.action = action
+        self.resource_kind = resource_kind
+        self.resource_arg = resource_arg
+        self.fail_open = fail_open
+        self._attrs = argument_map(attrs, "attrs")
+        self._context = argument_map(context, "context")
+        self._waiting = Waiting.of(on_approval, approval_timeout, on_wait)
+        self._client = client
+        self._async_client = async_client
+
+    def check(self, tool: str, arguments: Mapping[str, Any]) -> Verdict:
+        """Decide one call of ``tool`` with its parsed ``arguments``."""
+        try:
+            request = self._request(arguments)
+            asker = self._client if self._client is not None else default_client()
+            decision = decide_sync(asker, self.action, request, self._waiting)
+        except KynaraError as err:
+            return self._no_decision(tool, err)
+        return self._verdict(tool, decision)
+
+    async def acheck(self, tool: str, arguments: Mapping[str, Any]) -> Verdict:
+        """As ``check``, awaited, with the async client."""
+        try:
+            request = self._request(arguments)
+            asker = self._async_client
+            if asker is None:
+                asker = default_async_client()
+            decision = await decide_async(asker, self.action, request, self._waiting)
+        except KynaraError as err:
+            return self._no_decision(tool, err)
+        return self._verdict(tool, decision)
+
+    def _request(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return tool_request(
+                arguments,
+                self.resource_kind,
+                self.resource_arg,
+                self._attrs,
+                self._context,
+            )
+        except TypeError as err:
+            raise KynaraError(INVALID_REQUEST, str(err), "arguments") from None
+
+    def _verdict(self, tool: str, decision: Decision) -> Verdict:
+        try:
+            enforce(decision)
+        except KynaraError as err:
+            return Verdict(tool, self.action, decision, err)
+        return Verdict(tool, self.action, decision)
+
+    def _no_decision(self, tool: str, err: KynaraError) -> Verdict:
+        # A wait that ended without a grant still names the decision that
+        # asked; any other error got no decision at all.
+        decision = getattr(err, "decision", None)
+        if self.fail_open and err.code in NO_ANSWER_CODES:
+            log.warning(
+                "failing open: %s (%s) runs without a decision: %s",
+                tool,
+                self.action,
+                err,
+                extra={"tool": tool, "action": self.action, "code": err.code},
+            )
+            return Verdict(tool, self.action, decision, err, failed_open=True)
+        return Verdict(tool, self.action, decision, err)
+
+
+def _check_client(name: str, client: object, wanted: type) -> None:
+    if client is not None and not isinstance(client, wanted):
+        raise TypeError(
+            f"{name}: expected a {wanted.__name__}, got {type(client).__name__}"
+        )

@@ -1,0 +1,178 @@
+"""``ToolGuard``, under every framework adapter, against a real daemon (the
+shipped policies, gRPC and the fast path on Unix sockets, real LMDB): what
+it decides, what it tells a model, and that it fails closed unless failing
+open is spelled out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from integration_support import approve, audit_records, reviewer_settings
+from kynara_sdk import (
+    DAEMON_UNREACHABLE,
+    INVALID_REQUEST,
+    ApprovalRequired,
+    AsyncClient,
+    Client,
+    PermissionDenied,
+    ToolGuard,
+    acting_for,
+)
+
+REFUND = dict(
+    resource_kind="payments.refund", resource_arg="refund_id", attrs=["amount"]
+)
+CONTACT = dict(
+    resource_kind="crm.contact", resource_arg="contact_id", context=["region"]
+)
+
+
+@pytest.fixture
+def running(start_daemon, socket_dir):
+    return start_daemon(*reviewer_settings(socket_dir), path=socket_dir)
+
+
+@pytest.fixture
+def client(running):
+    with Client(running.target) as made:
+        yield made
+
+
+def test_an_allow_carries_the_decision_id_of_its_audit_record(running, client):
+    guard = ToolGuard("payments.refund.issue", client=client, **REFUND)
+
+    with acting_for(user="alice"):
+        verdict = guard.check("issue_refund", {"refund_id": "rf_1", "amount": 1200})
+
+    record = audit_records(running)[verdict.decision_id]
+    assert verdict.allowed and verdict.error is None
+    assert verdict.message() == ""
+    assert (record.action, record.decision) == ("payments.refund.issue", "allow")
+    assert record.resource.id == "rf_1"
+    assert verdict.metadata()["decision"] == "allow"
+
+
+def test_a_deny_tells_the_model_why_and_names_its_decision(running, client):
+    guard = ToolGuard("crm.contact.read", client=client, **CONTACT)
+
+    with acting_for(user="alice"):
+        verdict = guard.check("read_contact", {"contact_id": "ct_7", "region": "kp"})
+
+    assert not verdict.allowed
+    assert isinstance(verdict.error, PermissionDenied)
+    assert verdict.error.decision_id == verdict.decision_id
+    message = verdict.message()
+    assert "read_contact (crm.contact.read)" in message
+    assert f"decision {verdict.decision_id}" in message
+    assert verdict.decision.reason in message
+    assert "did not run" in message
+    record = audit_records(running)[verdict.decision_id]
+    assert record.decision == "deny"
+    assert "blocked-region" in [r.rule for r in record.matched_rules]
+    with pytest.raises(PermissionDenied):
+        verdict.raise_if_refused()
+
+
+def test_approval_is_refused_with_its_url_then_the_same_call_runs(running, client):
+    guard = ToolGuard("payments.refund.issue", client=client, **REFUND)
+    call = {"refund_id": "rf_2", "amount": 60000}
+
+    with acting_for(user="alice"):
+        pending = guard.check("issue_refund", call)
+        assert isinstance(pending.error, ApprovalRequired)
+        approve(running, pending.error.approval_id)
+        granted = guard.check("issue_refund", call)
+        used = guard.check("issue_refund", call)
+
+    assert pending.error.approval_url in pending.message()
+    assert "call it again with the same arguments" in pending.message()
+    assert pending.metadata()["approval"]["state"] == "pending"
+    assert granted.allowed
+    assert granted.decision.reason_code == "approval_granted"
+    assert granted.decision.approval.id == pending.error.approval_id
+    # The grant is used once: the next call asks a reviewer afresh.
+    assert isinstance(used.error, ApprovalRequired)
+    assert used.error.approval_id != pending.error.approval_id
+
+
+def test_no_daemon_fails_closed_with_the_reason(socket_dir):
+    missing = f"unix://{socket_dir / 'absent.sock'}"
+    with Client(missing, timeout=2) as client:
+        guard = ToolGuard("payments.refund.issue", client=client, **REFUND)
+        with acting_for(user="alice"):
+            verdict = guard.check("issue_refund", {"refund_id": "rf_3", "amount": 1})
+
+    assert not verdict.allowed and not verdict.failed_open
+    assert verdict.error.code == DAEMON_UNREACHABLE
+    assert verdict.decision is None and verdict.decision_id == ""
+    assert "[daemon_unreachable]" in verdict.message()
+
+
+def test_failing_open_is_spelled_out_and_logged(socket_dir, caplog):
+    missing = f"unix://{socket_dir / 'absent.sock'}"
+    with Client(missing, timeout=2) as client:
+        guard = ToolGuard(
+            "payments.refund.issue", client=client, fail_open=True, **REFUND
+        )
+        with acting_for(user="alice"), caplog.at_level(logging.WARNING):
+            verdict = guard.check("issue_refund", {"refund_id": "rf_4", "amount": 1})
+
+    assert verdict.allowed and verdict.failed_open
+    assert verdict.metadata()["failed_open"] is True
+    [warning] = [r for r in caplog.records if r.name == "kynara_sdk.guard"]
+    assert warning.levelno == logging.WARNING
+    assert "issue_refund (payments.refund.issue)" in warning.getMessage()
+    assert warning.code == DAEMON_UNREACHABLE
+
+
+def test_failing_open_never_covers_a_bad_request_or_a_deny(running, client, caplog):
+    refunds = ToolGuard(
+        "payments.refund.issue", client=client, fail_open=True, **REFUND
+    )
+    contacts = ToolGuard("crm.contact.read", client=client, fail_open=True, **CONTACT)
+
+    with acting_for(user="alice"), caplog.at_level(logging.WARNING):
+        # A resource id the wire cannot carry, named before anything is sent.
+        bad = refunds.check("issue_refund", {"refund_id": 1.5, "amount": 1})
+        denied = contacts.check("read_contact", {"contact_id": "c", "region": "kp"})
+
+    assert not bad.allowed and bad.error.code == INVALID_REQUEST
+    assert bad.error.field == "arguments"
+    assert "'refund_id'" in bad.message()
+    assert not denied.allowed and isinstance(denied.error, PermissionDenied)
+    assert [r for r in caplog.records if r.name == "kynara_sdk.guard"] == []
+
+
+def test_acheck_decides_alike_with_the_async_client(running):
+    async def run():
+        async with AsyncClient(running.target) as asker:
+            guard = ToolGuard("crm.contact.read", async_client=asker, **CONTACT)
+            with acting_for(user="alice"):
+                allowed = await guard.acheck("read_contact", {"contact_id": "c1"})
+                denied = await guard.acheck(
+                    "read_contact", {"contact_id": "c1", "region": "KP"}
+                )
+            return allowed, denied
+
+    allowed, denied = asyncio.run(run())
+
+    records = audit_records(running)
+    assert allowed.allowed and records[allowed.decision_id].decision == "allow"
+    assert not denied.allowed and records[denied.decision_id].decision == "deny"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"fail_open": "yes"}, TypeError),
+        ({"client": object()}, TypeError),
+        ({"async_client": object()}, TypeError),
+        ({"on_approval": "later"}, ValueError),
+        ({"attrs": "amount"}, TypeError),
+    ],
+)
+def test_bad_settings_are_refused_when_the_guard_is_made(kwargs, error):
+    with pytest.raises(error):
+        ToolGuard("a.b", resource_kind="k.k", **kwargs)
