@@ -8,11 +8,19 @@ export const SECRET_FILE_ENV: 'KYNARA_AGENT_SECRET_FILE';
 export const DEFAULT_TARGET: 'unix:///run/kynara/agent.sock';
 /** Milliseconds per call unless `timeoutMs` says otherwise. */
 export const DEFAULT_TIMEOUT_MS: number;
+/** Milliseconds a wait on an approval lasts unless `timeoutMs` / `approvalTimeoutMs` says otherwise (5 minutes). */
+export const DEFAULT_APPROVAL_TIMEOUT_MS: number;
 /** Lists and maps nested in one value at most: the daemon's limit. */
 export const MAX_DEPTH: number;
 
 /** The target to dial: `target`, else `$KYNARA_TARGET`, else DEFAULT_TARGET. */
 export function resolveTarget(target?: string): string;
+
+/**
+ * The directory holding kynara/v1/decision.proto: `protoRoot` when given
+ * (it must hold them), else the package's own copy, else the repository's.
+ */
+export function resolveProtoRoot(protoRoot?: string): string;
 
 /** Marks an integer as unsigned 64-bit (CEL `uint`), e.g. `new UInt64(7)`. */
 export class UInt64 {
@@ -21,10 +29,22 @@ export class UInt64 {
 }
 
 /**
+ * A length of time (CEL `duration`), e.g. `Duration.ofMillis(90_000)`.
+ * Seconds and nanos share a sign, as protobuf's Duration has them.
+ */
+export class Duration {
+  /** @throws RangeError seconds past ±315,576,000,000, |nanos| >= 1e9, or signs that differ */
+  constructor(seconds: number | bigint, nanos?: number);
+  static ofMillis(millis: number): Duration;
+  readonly seconds: bigint;
+  readonly nanos: number;
+}
+
+/**
  * What travels as a `kynara.v1.Value`: a safe-integer number as int64, any
  * other number as double, bigint as int64 (uint64 past int64), UInt64 as
- * uint64, Uint8Array/Buffer as bytes, Date as a timestamp, arrays as lists,
- * plain objects and string-keyed Maps as maps.
+ * uint64, Uint8Array/Buffer as bytes, Date as a timestamp, Duration as a
+ * duration, arrays as lists, plain objects and string-keyed Maps as maps.
  */
 export type KynaraValue =
   | boolean
@@ -34,6 +54,7 @@ export type KynaraValue =
   | string
   | Uint8Array
   | Date
+  | Duration
   | readonly KynaraValue[]
   | { readonly [key: string]: KynaraValue }
   | ReadonlyMap<string, KynaraValue>;
@@ -98,6 +119,46 @@ export interface Decision {
   readonly requestId: string;
 }
 
+/** One state of an approval, as `waitApproval` sees it. */
+export interface ApprovalUpdate {
+  readonly approvalId: string;
+  /** "pending", "approved", "rejected", "expired" or "used". */
+  readonly state: string;
+  /** Distinct approvals so far, out of `approvalsNeeded`. */
+  readonly approvals: number;
+  readonly approvalsNeeded: number;
+  readonly expiresAt: Date | null;
+  readonly reviewers: readonly string[];
+  /** A rejecting reviewer's comment. */
+  readonly comment: string;
+}
+
+/**
+ * Who a call acts for: exactly one of `user`, `chain` (the user first, then
+ * any intermediate agents; the daemon appends its own agent) or `token` (a
+ * delegation token).
+ */
+export type Subject =
+  | { readonly user: string; readonly chain?: undefined; readonly token?: undefined }
+  | { readonly chain: readonly string[]; readonly user?: undefined; readonly token?: undefined }
+  | { readonly token: string; readonly user?: undefined; readonly chain?: undefined };
+
+/** The subject as resolved: a chain, or a token (the other empty). */
+export interface ResolvedSubject {
+  readonly chain: readonly string[];
+  readonly token: string;
+}
+
+/**
+ * Run `fn` with every decision inside it (across awaits, timers and promise
+ * chains) acting for `subject`; returns what `fn` returns. Blocks nest, the
+ * innermost wins whole; a call's own user/chain/token wins over it.
+ * @throws TypeError the subject names none, or more than one, or is malformed
+ */
+export function actingFor<T>(subject: Subject, fn: () => T): T;
+/** The subject of the innermost `actingFor`, or null outside any. */
+export function currentSubject(): ResolvedSubject | null;
+
 export interface DecideOptions {
   /** Dotted resource kind, e.g. "payments.refund". */
   resourceKind: string;
@@ -106,7 +167,10 @@ export interface DecideOptions {
   attributes?: ValueMap;
   /** Caller context; policies see it as `context`. */
   context?: ValueMap;
-  /** The user acted for (development identity mode). At most one of user, chain, token. */
+  /**
+   * The user acted for (development identity mode). At most one of user,
+   * chain, token; none means the innermost `actingFor`'s subject.
+   */
   user?: string;
   /** The asserted chain, user first, then intermediate agents. */
   chain?: readonly string[];
@@ -125,8 +189,20 @@ export interface ClientOptions {
   timeoutMs?: number;
   /** This agent's bearer secret; default `$KYNARA_AGENT_SECRET_FILE`. */
   secretFile?: string;
-  /** The directory holding kynara/v1/decision.proto; default the repository's protos/. */
+  /** The directory holding kynara/v1/decision.proto; default the package's copy, else the repository's protos/. */
   protoRoot?: string;
+}
+
+/** One item of a batch: `decide`'s action and options together. */
+export interface BatchItem extends DecideOptions {
+  action: string;
+}
+
+export interface WaitApprovalOptions {
+  /** How long to wait at most; default DEFAULT_APPROVAL_TIMEOUT_MS. */
+  timeoutMs?: number;
+  /** The require_approval decision that asked, attached to the errors. */
+  decisionId?: string;
 }
 
 export class Client {
@@ -137,6 +213,23 @@ export class Client {
   decide(action: string, options: DecideOptions): Promise<Decision>;
   /** Resolves only for an allow; rejects with PermissionDenied or ApprovalRequired otherwise. */
   enforce(action: string, options: DecideOptions): Promise<Decision>;
+  /**
+   * One call, each item answered on its own and in order: its Decision, or
+   * the KynaraError saying why that item got no answer (its `field` names
+   * the item, e.g. `items[3].resource.kind`). Rejects with a KynaraError when
+   * the batch as a whole got no answer, and with a TypeError/RangeError
+   * naming `items[i]` when an item is malformed (nothing was sent).
+   */
+  decideBatch(items: Iterable<BatchItem>): Promise<Array<Decision | KynaraError>>;
+  /**
+   * Wait until a reviewer resolves one of this agent's approvals; resolves
+   * with the `approved` update (retry with `approvalId` to use the grant).
+   * Rejects with ApprovalTimeout (it stays pending), ApprovalRejected,
+   * ApprovalExpired, ApprovalError (`approval_used`, or the daemon's code
+   * such as `not_found`), or KynaraUnavailable. Ending the wait never
+   * changes the approval.
+   */
+  waitApproval(approvalId: string, options?: WaitApprovalOptions): Promise<ApprovalUpdate>;
   close(): void;
 }
 
@@ -150,6 +243,10 @@ export const INTERNAL: 'internal';
 export const DAEMON_UNREACHABLE: 'daemon_unreachable';
 export const PERMISSION_DENIED: 'permission_denied';
 export const APPROVAL_REQUIRED: 'approval_required';
+export const APPROVAL_TIMEOUT: 'approval_timeout';
+export const APPROVAL_REJECTED: 'approval_rejected';
+export const APPROVAL_EXPIRED: 'approval_expired';
+export const APPROVAL_USED: 'approval_used';
 
 /** Base of every SDK error; branch on `code`, never on the message. */
 export class KynaraError extends Error {
@@ -185,3 +282,193 @@ export class ApprovalRequired extends KynaraError {
   readonly approvalUrl: string;
   readonly expiresAt: Date | null;
 }
+
+export interface ApprovalErrorDetails {
+  /** The require_approval decision that asked for the approval. */
+  decisionId?: string;
+  /** The approval's last state seen. */
+  update?: ApprovalUpdate | null;
+  /** The request field at fault, as the daemon named it. */
+  field?: string;
+}
+
+/**
+ * A wait on an approval ended without a grant to use. `code` is
+ * approval_timeout, approval_rejected, approval_expired, approval_used, or
+ * the daemon's code when it refused the wait (e.g. `not_found`).
+ */
+export class ApprovalError extends KynaraError {
+  constructor(code: string, approvalId: string, message: string, details?: ApprovalErrorDetails);
+  readonly approvalId: string;
+  /** The require_approval decision that asked, or "" when not known. */
+  readonly decisionId: string;
+  readonly update: ApprovalUpdate | null;
+}
+
+/** No reviewer resolved the approval in time; it stays pending (never a rejection). */
+export class ApprovalTimeout extends ApprovalError {
+  constructor(approvalId: string, message: string, details?: ApprovalErrorDetails);
+  readonly code: 'approval_timeout';
+}
+
+/** A reviewer rejected the approval; `update.comment` says why. */
+export class ApprovalRejected extends ApprovalError {
+  constructor(approvalId: string, message: string, details?: ApprovalErrorDetails);
+  readonly code: 'approval_rejected';
+}
+
+/** The approval expired before it was approved. */
+export class ApprovalExpired extends ApprovalError {
+  constructor(approvalId: string, message: string, details?: ApprovalErrorDetails);
+  readonly code: 'approval_expired';
+}
+
+/** Where failOpen warnings go: a function of one line, or an object with warn() (console, pino, ...). */
+export type Logger = ((line: string) => void) | { warn(line: string): void };
+
+/**
+ * The codes failOpen lets a call through on: the daemon could not answer
+ * now (daemon_unreachable, policy_not_ready, audit_unavailable,
+ * shutting_down, internal). A refused request (invalid_request,
+ * identity_invalid, request_too_large) always fails closed.
+ */
+export const FAIL_OPEN_CODES: readonly string[];
+
+interface FailOpenOptions {
+  /**
+   * Let a call through, with no decision, when the daemon could not answer
+   * (FAIL_OPEN_CODES), logging a warning naming the action and the code
+   * each time. Never overrides an answer. Default false: fail closed.
+   */
+  failOpen?: boolean;
+  /** Where the failOpen warning goes; default console.warn. */
+  logger?: Logger;
+}
+
+/**
+ * How a guarded function's arguments become the request. Each of
+ * resourceId, attributes, context is either a function of the call's
+ * arguments, or (for a function taking one plain object) property names
+ * picked from that object: a name for resourceId, an array of names for
+ * attributes and context (a property the object lacks stays absent).
+ */
+export interface GuardOptions<Args extends unknown[] = any[]> extends FailOpenOptions {
+  /** Dotted resource kind, e.g. "payments.refund". */
+  resourceKind: string;
+  /** A string, or an integer sent in decimal; none means no id. */
+  resourceId?: string | ((...args: Args) => string | number | bigint | null | undefined);
+  attributes?: readonly string[] | ((...args: Args) => ValueMap | undefined);
+  context?: readonly string[] | ((...args: Args) => ValueMap | undefined);
+  /** Default: the shared client for $KYNARA_TARGET (defaultClient()). */
+  client?: Client;
+  /**
+   * On require_approval: 'throw' ApprovalRequired (the default), or 'wait'
+   * for a reviewer, then retry with the grant and run the body on its allow.
+   */
+  onApproval?: 'throw' | 'wait';
+  /** How long 'wait' waits; default DEFAULT_APPROVAL_TIMEOUT_MS. */
+  approvalTimeoutMs?: number;
+  /**
+   * With 'wait': awaited with the require_approval Decision (its
+   * approval.url) just before the wait starts. What it throws ends the call.
+   */
+  onWait?: (decision: Decision) => void | Promise<void>;
+}
+
+/**
+ * Wrap an async function so its body runs only on allow. The wrapped
+ * function takes the same arguments (and `this`) and rejects before the
+ * body with PermissionDenied (deny), ApprovalRequired (require_approval,
+ * 'throw'), ApprovalTimeout / ApprovalRejected / ApprovalExpired (a wait
+ * without a grant; each with the asking decisionId and the approvalId),
+ * or the KynaraError of a call that got no answer. The subject is the
+ * innermost `actingFor`.
+ * @throws TypeError|RangeError an option is malformed (when the guard is made)
+ */
+export function guard<Args extends unknown[] = any[]>(
+  action: string,
+  options: GuardOptions<Args>,
+): <R>(fn: (...args: Args) => R) => (...args: Args) => Promise<Awaited<R>>;
+
+/** The allow that let the running guarded body start, or null (also when failOpen let it through). */
+export function currentDecision(): Decision | null;
+/** The shared Client for $KYNARA_TARGET, made on first use. */
+export function defaultClient(): Client;
+/** Close the shared clients; the next guarded call makes a fresh one. */
+export function closeDefaultClients(): void;
+
+/** The request header naming an approved approval: the retry after require_approval. */
+export const APPROVAL_HEADER: 'kynara-approval-id';
+export const DECISION_HEADER: 'kynara-decision';
+export const DECISION_ID_HEADER: 'kynara-decision-id';
+export const APPROVAL_URL_HEADER: 'kynara-approval-url';
+/** The HTTP status of each error code that got no decision; any other is 500. */
+export const HTTP_STATUS_OF_ERROR: Readonly<Record<string, number>>;
+
+/** The 403 body of a deny or require_approval, as every Kynara HTTP door gives it. */
+export interface RefusalBody {
+  decision: 'deny' | 'require_approval';
+  reason: string;
+  reason_code: string;
+  decision_id: string;
+  /** When the answer concerns an approval; expires_at is RFC 3339 UTC, or "". */
+  approval?: { id: string; url: string; expires_at: string };
+}
+
+/** The body of a request that got no decision (400, 401, 413, 503, 500). */
+export interface ErrorBody {
+  error: { code: string; message: string; field: string };
+}
+
+export function refusalBody(decision: Decision): RefusalBody;
+
+/** The parts of a request the middleware reads itself: the approval header. */
+export interface MiddlewareRequest {
+  headers: Record<string, string | string[] | undefined>;
+  method?: string;
+  url?: string;
+}
+
+/** The parts of a response the middleware uses: Express's and node:http's alike. */
+export interface MiddlewareResponse {
+  statusCode: number;
+  readonly headersSent: boolean;
+  setHeader(name: string, value: string): unknown;
+  end(body?: string): unknown;
+  locals?: Record<string, unknown>;
+}
+
+type OfRequest<Req, T> = (req: Req) => T | Promise<T>;
+
+export interface MiddlewareOptions<Req extends MiddlewareRequest = MiddlewareRequest>
+  extends FailOpenOptions {
+  /** The action: a dotted name, or a function of the request. */
+  action: string | OfRequest<Req, string>;
+  resourceKind: string | OfRequest<Req, string>;
+  resourceId?: OfRequest<Req, string | number | bigint | null | undefined>;
+  attributes?: OfRequest<Req, ValueMap | undefined>;
+  context?: OfRequest<Req, ValueMap | undefined>;
+  /**
+   * The subject the SERVER established, e.g. `req => req.user ? { user:
+   * req.user.id } : null` after the app's own authentication. Never read it
+   * from a header the caller sends. Null (no subject) answers 401.
+   */
+  subject: OfRequest<Req, Subject | null | undefined>;
+  /** Default: the shared client for $KYNARA_TARGET (defaultClient()). */
+  client?: Client;
+  /** The header a retry names its approved approval in; default APPROVAL_HEADER; false for none. */
+  approvalHeader?: string | false;
+}
+
+/**
+ * An Express-style `(req, res, next)`; also serves node:http. Allow:
+ * `next()` with the Decision at `res.locals.kynara` and `kynara-decision-id`
+ * on the response. Deny and require_approval: 403 with RefusalBody and the
+ * headers kynara-decision, kynara-decision-id, kynara-approval-url (when an
+ * approval has a URL). No decision: 400/401/413/503/500 with ErrorBody,
+ * never `next()` (unless failOpen, which sets `res.locals.kynara = null`).
+ * @throws TypeError an option is malformed (when the middleware is made)
+ */
+export function kynaraMiddleware<Req extends MiddlewareRequest = MiddlewareRequest>(
+  options: MiddlewareOptions<Req>,
+): (req: Req, res: MiddlewareResponse, next: () => void) => Promise<void>;

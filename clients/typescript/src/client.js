@@ -1,20 +1,26 @@
 // The gRPC client: DecisionService over @grpc/grpc-js, with the protos loaded
 // at run time by @grpc/proto-loader (no generated code to keep in step).
 
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 
 import {
+  APPROVAL_USED,
+  ApprovalError,
+  ApprovalExpired,
+  ApprovalRejected,
   ApprovalRequired,
+  ApprovalTimeout,
   INTERNAL,
   KynaraError,
   KynaraUnavailable,
   PermissionDenied,
   REQUEST_TOO_LARGE,
 } from './errors.js';
+import { currentSubject, resolveSubject } from './subject.js';
 import { toValueMap } from './values.js';
 
 /** The environment variable naming the daemon to dial. */
@@ -30,11 +36,22 @@ export const DEFAULT_TARGET = 'unix:///run/kynara/agent.sock';
  */
 export const DEFAULT_TIMEOUT_MS = 5000;
 
-// The repository's protos. TODO(#10): ship a copy of protos/ inside the
-// package (a prepack step) so that an installed @kynara/sdk finds them too;
-// until then the `protoRoot` option names another directory.
-const DEFAULT_PROTO_ROOT = fileURLToPath(new URL('../../../protos/', import.meta.url));
+/**
+ * How long a wait on an approval lasts unless `timeoutMs` says otherwise:
+ * long enough for a person to notice and decide, short enough that an agent
+ * is not parked for hours holding its caller.
+ */
+export const DEFAULT_APPROVAL_TIMEOUT_MS = 300_000;
+
 const DECISION_PROTO = 'kynara/v1/decision.proto';
+// Where the protos are looked for when no `protoRoot` is given: the copy an
+// installed package carries (made by `npm pack`'s prepack step), else the
+// repository's own, for a checkout.
+const PACKAGE_PROTO_ROOT = fileURLToPath(new URL('../protos/', import.meta.url));
+const REPOSITORY_PROTO_ROOT = fileURLToPath(new URL('../../../protos/', import.meta.url));
+
+// A wait ends on these; "pending" is the only state that keeps it going.
+const WAIT_END_STATES = new Set(['approved', 'rejected', 'expired', 'used']);
 
 const ERROR_CODE_KEY = 'kynara-error-code';
 const ERROR_FIELD_KEY = 'kynara-error-field';
@@ -76,6 +93,31 @@ function decisionService(protoRoot) {
   return service;
 }
 
+/**
+ * The directory holding kynara/v1/decision.proto: `protoRoot` when given,
+ * else the package's copy, else the repository's.
+ */
+export function resolveProtoRoot(protoRoot) {
+  if (protoRoot !== undefined) {
+    if (typeof protoRoot !== 'string' || !protoRoot) {
+      throw new TypeError('protoRoot: expected a directory path string');
+    }
+    if (!existsSync(`${protoRoot}/${DECISION_PROTO}`)) {
+      throw new Error(`protoRoot: ${protoRoot} holds no ${DECISION_PROTO}`);
+    }
+    return protoRoot;
+  }
+  for (const root of [PACKAGE_PROTO_ROOT, REPOSITORY_PROTO_ROOT]) {
+    if (existsSync(`${root}${DECISION_PROTO}`)) {
+      return root;
+    }
+  }
+  throw new Error(
+    `@kynara/sdk: no ${DECISION_PROTO} in the package (${PACKAGE_PROTO_ROOT}) or the` +
+      ` repository (${REPOSITORY_PROTO_ROOT}); pass protoRoot`,
+  );
+}
+
 /** The target to dial: `target`, else `$KYNARA_TARGET`, else DEFAULT_TARGET. */
 export function resolveTarget(target) {
   return target || process.env[TARGET_ENV] || DEFAULT_TARGET;
@@ -105,13 +147,12 @@ export class Client {
    * @param {string} [options.target] `unix:///path` or `host:port`
    * @param {number} [options.timeoutMs] per call
    * @param {string} [options.secretFile] this agent's bearer secret
-   * @param {string} [options.protoRoot] the directory holding kynara/v1/*.proto
+   * @param {string} [options.protoRoot] the directory holding kynara/v1/*.proto;
+   *   default the package's copy, else the repository's protos/
    */
   constructor(options = {}) {
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    if (!(typeof timeoutMs === 'number' && timeoutMs > 0 && Number.isFinite(timeoutMs))) {
-      throw new RangeError(`timeoutMs: expected a positive number of milliseconds, got ${timeoutMs}`);
-    }
+    checkMillis(timeoutMs, 'timeoutMs');
     this.target = resolveTarget(options.target);
     this.timeoutMs = timeoutMs;
     this._metadata = new grpc.Metadata();
@@ -119,7 +160,7 @@ export class Client {
     if (authorization !== null) {
       this._metadata.set('authorization', authorization);
     }
-    const Service = decisionService(options.protoRoot ?? DEFAULT_PROTO_ROOT);
+    const Service = decisionService(resolveProtoRoot(options.protoRoot));
     // TODO(#11): client certificates as the other per-agent credential;
     // only local insecure channels (Unix socket, loopback) are dialled.
     this._stub = new Service(this.target, grpc.credentials.createInsecure());
@@ -137,9 +178,7 @@ export class Client {
    *   (nothing was sent)
    */
   async decide(action, options = {}) {
-    if (this._closed) {
-      throw new Error('Client: closed; make a new one');
-    }
+    this._checkOpen();
     const request = buildRequest(action, options);
     const response = await new Promise((resolve, reject) => {
       this._stub.Decide(
@@ -167,10 +206,183 @@ export class Client {
     return decision;
   }
 
+  /**
+   * Ask about several requests in one call; each is answered on its own and
+   * in order, so one bad item gets its own error and does not stop the rest.
+   *
+   * @param {Iterable<object>} items each `{action, ...decide's options}`
+   * @returns {Promise<Array<import('../index.js').Decision | KynaraError>>}
+   *   one entry per item: its Decision, or the KynaraError saying why that
+   *   item got no answer
+   * @throws {KynaraError} the batch as a whole got no answer
+   * @throws {TypeError|RangeError} an item is malformed, named by its index
+   *   (`items[2]: ...`); nothing was sent
+   */
+  async decideBatch(items) {
+    this._checkOpen();
+    if (
+      items === null ||
+      typeof items !== 'object' ||
+      typeof items[Symbol.iterator] !== 'function'
+    ) {
+      throw new TypeError(
+        `items: expected an array of {action, ...options}, got ${items === null ? 'null' : typeof items}`,
+      );
+    }
+    const requests = [];
+    for (const item of items) {
+      const index = requests.length;
+      if (item === null || typeof item !== 'object') {
+        throw new TypeError(
+          `items[${index}]: expected {action, ...options}, got ${item === null ? 'null' : typeof item}`,
+        );
+      }
+      try {
+        requests.push(buildRequest(item.action, item));
+      } catch (err) {
+        if (err instanceof TypeError || err instanceof RangeError) {
+          throw new err.constructor(`items[${index}]: ${err.message}`, { cause: err });
+        }
+        throw err;
+      }
+    }
+    const response = await new Promise((resolve, reject) => {
+      this._stub.DecideBatch(
+        { items: requests },
+        this._metadata,
+        { deadline: Date.now() + this.timeoutMs },
+        (err, answer) => (err ? reject(errorFromStatus(err, this.target)) : resolve(answer)),
+      );
+    });
+    if (response.items.length !== requests.length) {
+      throw new KynaraError(
+        INTERNAL,
+        `expected one answer per request (${requests.length}), got ${response.items.length}`,
+        'items',
+      );
+    }
+    return response.items.map(outcomeFromItem);
+  }
+
+  /**
+   * Wait until a reviewer resolves one of this agent's approvals.
+   *
+   * Streams the approval's state from the daemon (WaitApproval): at once,
+   * then each change. Ending the wait, by timeout or otherwise, never
+   * changes the approval.
+   *
+   * @param {string} approvalId the approval (ApprovalRequired.approvalId)
+   * @param {object} [options]
+   * @param {number} [options.timeoutMs] how long to wait at most; default
+   *   DEFAULT_APPROVAL_TIMEOUT_MS
+   * @param {string} [options.decisionId] the require_approval decision,
+   *   attached to the errors
+   * @returns {Promise<import('../index.js').ApprovalUpdate>} the `approved`
+   *   update: retry with `decide(..., {approvalId})` to use the grant
+   * @throws {ApprovalTimeout} no reviewer resolved it in time; it stays
+   *   pending (never a rejection)
+   * @throws {ApprovalRejected|ApprovalExpired} it was rejected or expired
+   * @throws {ApprovalError} code approval_used (another request used it), or
+   *   the daemon's code when it refused the wait (`not_found`: no approval
+   *   of this agent has that id)
+   * @throws {KynaraUnavailable} no answer, or the daemon ended the wait
+   *   before a final state (it is stopping)
+   */
+  async waitApproval(
+    approvalId,
+    { timeoutMs = DEFAULT_APPROVAL_TIMEOUT_MS, decisionId = '' } = {},
+  ) {
+    this._checkOpen();
+    if (typeof approvalId !== 'string' || !approvalId) {
+      throw new TypeError('approvalId: expected a non-empty approval id string');
+    }
+    checkMillis(timeoutMs, 'timeoutMs');
+    const call = this._stub.WaitApproval({ approvalId }, this._metadata, {
+      deadline: Date.now() + timeoutMs,
+    });
+    const more = (update) => ({ decisionId, update });
+    return new Promise((resolve, reject) => {
+      let last = null;
+      let settled = false;
+      const settle = (fn, value) => {
+        if (!settled) {
+          settled = true;
+          fn(value);
+        }
+      };
+      call.on('data', (message) => {
+        if (settled) {
+          return;
+        }
+        last = approvalUpdateFromProto(message);
+        if (!WAIT_END_STATES.has(last.state)) {
+          return;
+        }
+        const error = approvalError(last, decisionId);
+        if (error === null) {
+          settle(resolve, last);
+        } else {
+          settle(reject, error);
+        }
+        // The wait is over; ending the stream never changes the approval.
+        call.cancel();
+      });
+      call.on('error', (err) => {
+        if (settled) {
+          return;
+        }
+        const metadata = err.metadata instanceof grpc.Metadata ? err.metadata : null;
+        const coded = (metadata?.get(ERROR_CODE_KEY) ?? []).length > 0;
+        if (err.code === grpc.status.DEADLINE_EXCEEDED && !coded) {
+          settle(
+            reject,
+            new ApprovalTimeout(
+              approvalId,
+              `no reviewer resolved it within ${timeoutMs} ms; it stays pending and may still be approved`,
+              more(last),
+            ),
+          );
+          return;
+        }
+        const error = errorFromStatus(err, this.target);
+        settle(
+          reject,
+          coded
+            ? new ApprovalError(error.code, approvalId, error.detail, {
+                ...more(last),
+                field: error.field,
+              })
+            : error,
+        );
+      });
+      call.on('end', () => {
+        settle(
+          reject,
+          new KynaraUnavailable(
+            `the Kynara daemon at ${this.target} ended the wait on approval ${approvalId}` +
+              ' before it was resolved; wait again',
+          ),
+        );
+      });
+    });
+  }
+
   /** Close the channel; calls after this throw. */
   close() {
     this._closed = true;
     this._stub.close();
+  }
+
+  _checkOpen() {
+    if (this._closed) {
+      throw new Error('Client: closed; make a new one');
+    }
+  }
+}
+
+function checkMillis(value, where) {
+  if (!(typeof value === 'number' && value > 0 && Number.isFinite(value))) {
+    throw new RangeError(`${where}: expected a positive number of milliseconds, got ${value}`);
   }
 }
 
@@ -178,29 +390,17 @@ function buildRequest(action, options) {
   if (typeof action !== 'string') {
     throw new TypeError(`action: expected a dotted string, got ${typeof action}`);
   }
-  const subjects = ['user', 'chain', 'token'].filter((key) => options[key] !== undefined);
-  if (subjects.length > 1) {
-    throw new TypeError(`subject: expected at most one of user, chain, token, got ${subjects.join(', ')}`);
-  }
-  let chain = [];
-  if (options.user !== undefined) {
-    if (typeof options.user !== 'string' || !options.user) {
-      throw new TypeError('user: expected a non-empty string');
-    }
-    chain = [options.user];
-  } else if (options.chain !== undefined) {
-    if (!Array.isArray(options.chain) || !options.chain.every((p) => typeof p === 'string' && p)) {
-      throw new TypeError('chain: expected an array of non-empty strings, the user first');
-    }
-    chain = [...options.chain];
-  }
-  if (options.token !== undefined && typeof options.token !== 'string') {
-    throw new TypeError('token: expected a delegation token string');
+  // The call's own subject wins; else the innermost actingFor's.
+  const subject = resolveSubject(options, 'subject') ?? currentSubject();
+  if (options.approvalId !== undefined && typeof options.approvalId !== 'string') {
+    throw new TypeError(
+      `approvalId: expected an approval id string, got ${typeof options.approvalId}`,
+    );
   }
   return {
     requestId: options.requestId ?? '',
-    delegationToken: options.token ?? '',
-    assertedChain: chain,
+    delegationToken: subject?.token ?? '',
+    assertedChain: subject ? [...subject.chain] : [],
     action,
     resource: {
       kind: options.resourceKind ?? '',
@@ -299,4 +499,64 @@ function decisionFromProto(response) {
     ),
     requestId: response.requestId,
   });
+}
+
+function outcomeFromItem(item) {
+  if (item.outcome === 'decision') {
+    try {
+      return decisionFromProto(item.decision);
+    } catch (err) {
+      if (err instanceof KynaraError) {
+        return err;
+      }
+      throw err;
+    }
+  }
+  if (item.outcome === 'error') {
+    return new KynaraError(item.error.code || INTERNAL, item.error.message, item.error.field);
+  }
+  return new KynaraError(INTERNAL, 'expected a decision or an error, got neither');
+}
+
+function approvalUpdateFromProto(message) {
+  return Object.freeze({
+    approvalId: message.approvalId,
+    state: message.state,
+    approvals: message.approvals,
+    approvalsNeeded: message.approvalsNeeded,
+    expiresAt: timestampToDate(message.expiresAt),
+    reviewers: Object.freeze([...message.reviewers]),
+    comment: message.comment,
+  });
+}
+
+/** The error a wait that ended at `update` throws; null when approved. */
+function approvalError(update, decisionId) {
+  const { approvalId, state } = update;
+  const more = { decisionId, update };
+  switch (state) {
+    case 'approved':
+      return null;
+    case 'rejected':
+      return new ApprovalRejected(
+        approvalId,
+        `rejected by a reviewer${update.comment ? `: ${update.comment}` : ''}`,
+        more,
+      );
+    case 'expired':
+      return new ApprovalExpired(approvalId, 'expired before it was approved', more);
+    case 'used':
+      return new ApprovalError(
+        APPROVAL_USED,
+        approvalId,
+        'used already by another request; a grant allows one request once',
+        more,
+      );
+    default:
+      return new KynaraError(
+        INTERNAL,
+        `approval ${approvalId}: expected a state, got '${state}'`,
+        'state',
+      );
+  }
 }

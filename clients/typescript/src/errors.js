@@ -8,7 +8,15 @@
 // `kynara-error-code`; three codes are the SDK's own: `daemon_unreachable`
 // (no answer came back: no daemon, a broken connection, a passed deadline),
 // `permission_denied` and `approval_required` (the daemon answered, and the
-// answer was not allow).
+// answer was not allow), and `approval_timeout` (a wait on an approval ended
+// before any reviewer resolved it; the approval stays pending).
+//
+// A wait that ends with the approval rejected, expired or used elsewhere
+// throws an ApprovalError coded `approval_rejected`, `approval_expired` or
+// `approval_used`: the reason codes a retry with that approval would get. A
+// wait the daemon refuses (`not_found` for an id naming no approval of this
+// agent) throws an ApprovalError with the daemon's code, so every end of a
+// wait carries the `approvalId` waited on and the `decisionId` that asked.
 
 // From the daemon's ErrorCode catalogue: no answer was given.
 export const INVALID_REQUEST = 'invalid_request';
@@ -23,6 +31,12 @@ export const INTERNAL = 'internal';
 export const DAEMON_UNREACHABLE = 'daemon_unreachable';
 export const PERMISSION_DENIED = 'permission_denied';
 export const APPROVAL_REQUIRED = 'approval_required';
+export const APPROVAL_TIMEOUT = 'approval_timeout';
+
+// The daemon's reason codes for an approval that cannot be used.
+export const APPROVAL_REJECTED = 'approval_rejected';
+export const APPROVAL_EXPIRED = 'approval_expired';
+export const APPROVAL_USED = 'approval_used';
 
 /** Base of every SDK error; `code` is the stable code to branch on. */
 export class KynaraError extends Error {
@@ -79,5 +93,57 @@ export class ApprovalRequired extends KynaraError {
     this.approvalId = approval?.id ?? '';
     this.approvalUrl = url;
     this.expiresAt = approval?.expiresAt ?? null;
+  }
+}
+
+/**
+ * A wait on an approval ended without a grant to use. `code` is
+ * APPROVAL_TIMEOUT, APPROVAL_REJECTED, APPROVAL_EXPIRED, APPROVAL_USED, or
+ * the daemon's code when it refused the wait (e.g. `not_found`).
+ */
+export class ApprovalError extends KynaraError {
+  /**
+   * @param {string} code the stable code
+   * @param {string} approvalId the approval waited on
+   * @param {string} message for people; never branch on it
+   * @param {object} [more]
+   * @param {string} [more.decisionId] the require_approval decision that asked
+   * @param {import('../index.js').ApprovalUpdate | null} [more.update] the last state seen
+   * @param {string} [more.field] the request field at fault, as the daemon named it
+   */
+  constructor(code, approvalId, message, { decisionId = '', update = null, field = '' } = {}) {
+    super(
+      code,
+      `approval ${approvalId}: ${message}${decisionId ? `; decision ${decisionId}` : ''}`,
+      field,
+    );
+    this.approvalId = approvalId;
+    this.decisionId = decisionId;
+    this.update = update;
+  }
+}
+
+/**
+ * The wait ended before any reviewer resolved the approval. It is still
+ * pending: a reviewer may approve it later, and a retry with its id then
+ * succeeds. Never a rejection.
+ */
+export class ApprovalTimeout extends ApprovalError {
+  constructor(approvalId, message, more = {}) {
+    super(APPROVAL_TIMEOUT, approvalId, message, more);
+  }
+}
+
+/** A reviewer rejected the approval; `update.comment` says why. */
+export class ApprovalRejected extends ApprovalError {
+  constructor(approvalId, message, more = {}) {
+    super(APPROVAL_REJECTED, approvalId, message, more);
+  }
+}
+
+/** The approval expired before it was approved (or before its use). */
+export class ApprovalExpired extends ApprovalError {
+  constructor(approvalId, message, more = {}) {
+    super(APPROVAL_EXPIRED, approvalId, message, more);
   }
 }

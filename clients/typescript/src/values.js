@@ -50,6 +50,74 @@ export class UInt64 {
   }
 }
 
+// A protobuf Duration spans at most 10,000 years either way.
+const MAX_DURATION_SECONDS = 315_576_000_000n;
+const NANOS_PER_SECOND = 1_000_000_000;
+
+/**
+ * A length of time (CEL `duration`), e.g. `Duration.ofMillis(90_000)` for a
+ * policy comparing against `duration('90s')`. JavaScript has no duration
+ * type of its own, so a plain number is never taken for one.
+ */
+export class Duration {
+  /**
+   * @param {number | bigint} seconds whole seconds, within ±315,576,000,000
+   * @param {number} [nanos] nanoseconds, |nanos| < 1e9, with the sign of
+   *   `seconds` (as protobuf's Duration has them)
+   */
+  constructor(seconds, nanos = 0) {
+    if (typeof seconds === 'number' && !Number.isSafeInteger(seconds)) {
+      throw new RangeError(
+        `Duration: expected whole seconds as a safe integer or bigint, got ${seconds}`,
+      );
+    }
+    if (typeof seconds !== 'number' && typeof seconds !== 'bigint') {
+      throw new TypeError(
+        `Duration: expected seconds as a number or bigint, got ${describe(seconds)}`,
+      );
+    }
+    const whole = BigInt(seconds);
+    if (whole < -MAX_DURATION_SECONDS || whole > MAX_DURATION_SECONDS) {
+      throw new RangeError(
+        `Duration: expected seconds within ±${MAX_DURATION_SECONDS}, got ${whole}`,
+      );
+    }
+    if (!Number.isSafeInteger(nanos) || Math.abs(nanos) >= NANOS_PER_SECOND) {
+      throw new RangeError(`Duration: expected nanos an integer with |nanos| < 1e9, got ${nanos}`);
+    }
+    if ((whole > 0n && nanos < 0) || (whole < 0n && nanos > 0)) {
+      throw new RangeError(
+        `Duration: expected seconds and nanos of one sign, got ${whole} s and ${nanos} ns`,
+      );
+    }
+    /** @readonly */
+    this.seconds = whole;
+    /** @readonly */
+    this.nanos = nanos;
+    Object.freeze(this);
+  }
+
+  /** A Duration of `millis` milliseconds (an integer, negative for a span back). */
+  static ofMillis(millis) {
+    if (!Number.isSafeInteger(millis)) {
+      throw new RangeError(
+        `Duration.ofMillis: expected an integer number of milliseconds, got ${millis}`,
+      );
+    }
+    // Seconds and nanos share the sign: split the magnitude, sign both.
+    const sign = millis < 0 ? -1 : 1;
+    const magnitude = Math.abs(millis);
+    return new Duration(
+      sign * Math.floor(magnitude / 1000),
+      sign * (magnitude % 1000) * 1_000_000 || 0,
+    );
+  }
+
+  toString() {
+    return `Duration(${this.seconds}s, ${this.nanos}ns)`;
+  }
+}
+
 /**
  * Convert one value to a wire `Value` object.
  *
@@ -90,9 +158,7 @@ function fill(value, path, depth) {
     case 'number':
       // A safe integer is exact as int64; anything else (a fraction, a
       // number past 2**53, NaN, Infinity) is what JavaScript holds: a double.
-      return Number.isSafeInteger(value)
-        ? { intValue: String(value) }
-        : { doubleValue: value };
+      return Number.isSafeInteger(value) ? { intValue: String(value) } : { doubleValue: value };
     case 'bigint':
       return fillBigint(value, path);
     case 'object':
@@ -112,6 +178,9 @@ function fill(value, path, depth) {
   }
   if (value instanceof Date) {
     return { timestampValue: timestamp(value, path) };
+  }
+  if (value instanceof Duration) {
+    return { durationValue: { seconds: value.seconds.toString(), nanos: value.nanos } };
   }
   if (Array.isArray(value)) {
     checkDepth(path, depth);
@@ -191,7 +260,7 @@ function isPlainObject(value) {
 
 function typeMessage(value) {
   return (
-    'expected boolean, number, bigint, UInt64, string, Uint8Array, Date,' +
+    'expected boolean, number, bigint, UInt64, string, Uint8Array, Date, Duration,' +
     ` array or plain object, got ${describe(value)}`
   );
 }

@@ -1,19 +1,29 @@
 // The client against a real daemon: allow, deny, require_approval, an invalid
-// request and an unreachable daemon, over the Unix socket and loopback TCP.
+// request and an unreachable daemon, over the Unix socket and loopback TCP;
+// batches, waits on approvals a reviewer resolves, and actingFor.
 
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import {
+  APPROVAL_REJECTED,
+  APPROVAL_TIMEOUT,
+  APPROVAL_USED,
+  ApprovalError,
+  ApprovalRejected,
   ApprovalRequired,
+  ApprovalTimeout,
   Client,
   DAEMON_UNREACHABLE,
+  Duration,
   INVALID_REQUEST,
   KynaraError,
   KynaraUnavailable,
   PermissionDenied,
   TARGET_ENV,
+  actingFor,
+  currentSubject,
 } from '../src/index.js';
 import { startDaemon } from './daemon.js';
 
@@ -139,6 +149,149 @@ describe('Client against a real daemon', () => {
     }
   });
 
+  test('a batch answers each item in order, a bad item with its own error', async () => {
+    const item = (id, amount, extra = {}) => ({ action: REFUND, ...refund(id, amount), ...extra });
+    const outcomes = await client.decideBatch([
+      item('rf_b1', 10),
+      item('rf_b2', 10, { context: { region: 'KP' } }),
+      item('rf_b3', 250000),
+      item('rf_b4', 10, { resourceKind: '' }),
+    ]);
+    assert.deepEqual(
+      outcomes.slice(0, 3).map((d) => [d.decision, d.reasonCode]),
+      [
+        ['allow', 'rule_allowed'],
+        ['deny', 'rule_denied'],
+        ['require_approval', 'approval_required'],
+      ],
+    );
+    assert.equal(new Set(outcomes.slice(0, 3).map((d) => d.decisionId)).size, 3);
+    assert.ok(outcomes[3] instanceof KynaraError);
+    assert.equal(outcomes[3].code, INVALID_REQUEST);
+    assert.equal(outcomes[3].field, 'items[3].resource.kind');
+  });
+
+  test('a batch item with no wire form fails before sending, naming its index', async () => {
+    await assert.rejects(
+      client.decideBatch([
+        { action: REFUND, ...refund('rf_b5', 1) },
+        { action: REFUND, ...refund('rf_b6', null) },
+      ]),
+      (err) =>
+        err instanceof TypeError && err.message.startsWith('items[1]: resource.attributes.amount:'),
+    );
+    await assert.rejects(client.decideBatch([7]), /^TypeError: items\[0\]: expected \{action/);
+  });
+
+  test('a wait ends approved once carol approves, and the grant allows once', async () => {
+    const asked = await client.decide(REFUND, refund('rf_w1', 60000));
+    const { id } = asked.approval;
+    const waiting = client.waitApproval(id, { timeoutMs: 60_000, decisionId: asked.decisionId });
+    await daemon.approve(id);
+    const update = await waiting;
+    assert.equal(update.approvalId, id);
+    assert.equal(update.state, 'approved');
+    assert.deepEqual(update.reviewers, ['carol']);
+    assert.equal(update.approvals, 1);
+    assert.equal(update.approvalsNeeded, 1);
+
+    const granted = await client.decide(REFUND, refund('rf_w1', 60000, { approvalId: id }));
+    assert.equal(granted.decision, 'allow');
+    assert.equal(granted.reasonCode, 'approval_granted');
+    assert.equal(granted.approval.state, 'used');
+    const again = await client.decide(REFUND, refund('rf_w1', 60000, { approvalId: id }));
+    assert.equal(again.decision, 'deny');
+    assert.equal(again.reasonCode, 'approval_used');
+    await assert.rejects(client.waitApproval(id, { timeoutMs: 5000 }), (err) => {
+      assert.ok(err instanceof ApprovalError);
+      assert.equal(err.code, APPROVAL_USED);
+      assert.equal(err.approvalId, id);
+      return true;
+    });
+  });
+
+  test('a wait that runs out is ApprovalTimeout, leaving it open to a rejection', async () => {
+    const asked = await client.decide(REFUND, refund('rf_w2', 60000));
+    const { id } = asked.approval;
+    await assert.rejects(
+      client.waitApproval(id, { timeoutMs: 1000, decisionId: asked.decisionId }),
+      (err) => {
+        assert.ok(err instanceof ApprovalTimeout);
+        assert.equal(err.code, APPROVAL_TIMEOUT);
+        assert.equal(err.approvalId, id);
+        assert.equal(err.decisionId, asked.decisionId);
+        // The last state seen, if the first one came before the deadline.
+        assert.ok(err.update === null || err.update.state === 'pending', String(err.update?.state));
+        return true;
+      },
+    );
+    const rejected = assert.rejects(
+      client.waitApproval(id, { timeoutMs: 60_000, decisionId: asked.decisionId }),
+      (err) => {
+        assert.ok(err instanceof ApprovalRejected);
+        assert.equal(err.code, APPROVAL_REJECTED);
+        assert.equal(err.decisionId, asked.decisionId);
+        assert.equal(err.update.comment, 'over the limit');
+        return true;
+      },
+    );
+    await daemon.reject(id, 'over the limit');
+    await rejected;
+  });
+
+  test("a wait on an id that names no approval is the daemon's not_found", async () => {
+    await assert.rejects(
+      client.waitApproval('apr_unknown', { timeoutMs: 5000, decisionId: 'd-1' }),
+      (err) => {
+        assert.ok(err instanceof ApprovalError);
+        assert.equal(err.code, 'not_found');
+        assert.equal(err.approvalId, 'apr_unknown');
+        assert.equal(err.decisionId, 'd-1');
+        return true;
+      },
+    );
+    await assert.rejects(client.waitApproval('', {}), TypeError);
+  });
+
+  test("actingFor gives the subject to every call inside; a call's own wins", async () => {
+    const ask = (extra = {}) =>
+      client.decide(REFUND, {
+        resourceKind: 'payments.refund',
+        resourceId: 'rf_s1',
+        attributes: { amount: 5 },
+        ...extra,
+      });
+    await assert.rejects(
+      ask(),
+      (err) => err.code === INVALID_REQUEST && err.field === 'asserted_chain',
+    );
+    const chains = await actingFor({ user: 'alice' }, async () => {
+      assert.deepEqual(currentSubject().chain, ['alice']);
+      const outer = await ask();
+      const inner = await actingFor({ chain: ['bob'] }, () => ask());
+      const own = await ask({ user: 'bob' });
+      const after = await new Promise((resolve) => setTimeout(() => resolve(ask()), 1));
+      return [outer, inner, own, after].map((d) => d.chain);
+    });
+    assert.deepEqual(chains, [
+      ['alice', 'support-bot'],
+      ['bob', 'support-bot'],
+      ['bob', 'support-bot'],
+      ['alice', 'support-bot'],
+    ]);
+    assert.equal(currentSubject(), null);
+    assert.throws(() => actingFor({}, () => 1), /expected one of user, chain or token/);
+    assert.throws(() => actingFor({ user: 'alice', token: 't' }, () => 1), /at most one/);
+  });
+
+  test('a duration travels as a duration the daemon accepts', async () => {
+    const decision = await client.decide(
+      REFUND,
+      refund('rf_d1', 5, { context: { window: Duration.ofMillis(90_500) } }),
+    );
+    assert.equal(decision.decision, 'allow');
+  });
+
   test('the target comes from KYNARA_TARGET when none is given', async () => {
     const saved = process.env[TARGET_ENV];
     process.env[TARGET_ENV] = daemon.unixTarget;
@@ -167,6 +320,26 @@ describe('Client without a daemon', () => {
         assert.equal(err.code, DAEMON_UNREACHABLE);
         assert.equal(err.decisionId, undefined);
         assert.ok(err.message.includes(target), err.message);
+        return true;
+      });
+    } finally {
+      client.close();
+    }
+  });
+
+  test('batches and waits without a daemon are daemon_unreachable too', async () => {
+    const client = new Client({
+      target: 'unix:///nonexistent-kynara-dir/agent.sock',
+      timeoutMs: 2000,
+    });
+    try {
+      await assert.rejects(
+        client.decideBatch([{ action: REFUND, ...refund('rf_15', 1) }]),
+        KynaraUnavailable,
+      );
+      await assert.rejects(client.waitApproval('apr_x', { timeoutMs: 2000 }), (err) => {
+        assert.ok(err instanceof KynaraUnavailable);
+        assert.equal(err.code, DAEMON_UNREACHABLE);
         return true;
       });
     } finally {

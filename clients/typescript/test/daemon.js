@@ -1,8 +1,10 @@
 // Starts a real Kynara daemon for the tests: the repository's shipped config
-// and policies, with its sockets, audit log, key and witness in a temp dir.
+// and policies, with its sockets, audit log, key and witness in a temp dir,
+// and carol as a reviewer on its admin socket so a test can approve or
+// reject with `kynara-sidecar approvals`.
 
-import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +16,11 @@ export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
 const PYTHON = process.env.KYNARA_PYTHON || join(REPO, '.venv/bin/python');
 const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
+const CLI_TIMEOUT_MS = 60_000;
+
+/** The reviewer the daemon knows (config/policies/directory.yaml). */
+export const REVIEWER = 'carol';
+const REVIEWER_SECRET = 'carol-reviewer-secret-0123456789';
 
 /** A free loopback TCP port (closed again before the daemon binds it). */
 export function freePort() {
@@ -34,7 +41,14 @@ export function freePort() {
 export async function startDaemon() {
   const workdir = mkdtempSync(join(tmpdir(), 'kynara-ts-'));
   const port = await freePort();
+  const secretFile = join(workdir, 'carol.secret');
+  writeFileSync(secretFile, REVIEWER_SECRET, { mode: 0o600 });
+  const adminSettings = [
+    `admin.socket=${join(workdir, 'admin.sock')}`,
+    `admin.credentials=${JSON.stringify({ [REVIEWER]: { secret_file: secretFile, roles: ['reviewer'] } })}`,
+  ];
   const settings = [
+    ...adminSettings,
     `agent.socket=${join(workdir, 'agent.sock')}`,
     `agent.fast_socket=${join(workdir, 'agent.fast.sock')}`,
     'agent.host=127.0.0.1',
@@ -56,11 +70,24 @@ export async function startDaemon() {
     stderr = (stderr + chunk).slice(-4000);
   });
   const exited = new Promise((resolve) => child.once('exit', resolve));
+  // A test process that dies before stop() (a crash, an unhandled
+  // rejection) must not leave its daemon running.
+  const orphaned = () => child.kill('SIGTERM');
+  process.once('exit', orphaned);
   const daemon = {
     workdir,
     unixTarget: `unix://${join(workdir, 'agent.sock')}`,
     tcpTarget: `127.0.0.1:${port}`,
+    /** Approve an approval as carol; resolves with the CLI's JSON. */
+    approve(approvalId) {
+      return reviewerCli(['approve', approvalId], adminSettings, secretFile);
+    },
+    /** Reject an approval as carol, with `comment`. */
+    reject(approvalId, comment) {
+      return reviewerCli(['reject', approvalId, '--comment', comment], adminSettings, secretFile);
+    },
     async stop() {
+      process.removeListener('exit', orphaned);
       if (child.exitCode === null && child.signalCode === null) {
         child.kill('SIGTERM');
         const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
@@ -77,6 +104,25 @@ export async function startDaemon() {
     throw err;
   }
   return daemon;
+}
+
+function reviewerCli(args, adminSettings, secretFile) {
+  const argv = ['-m', 'kynara_sidecar.cli', 'approvals', ...args, '--config', 'config/kynara.yaml'];
+  for (const setting of adminSettings) {
+    argv.push('--set', setting);
+  }
+  argv.push('--credential-file', secretFile);
+  return new Promise((resolve, reject) => {
+    execFile(PYTHON, argv, { cwd: REPO, timeout: CLI_TIMEOUT_MS }, (err, stdout, stderr) => {
+      if (err) {
+        reject(
+          new Error(`kynara-sidecar approvals ${args.join(' ')} failed: ${err.message}\n${stderr}`),
+        );
+        return;
+      }
+      resolve(JSON.parse(stdout));
+    });
+  });
 }
 
 async function waitAnswering(target, exited, stderr) {
@@ -106,7 +152,9 @@ async function waitAnswering(target, exited, stderr) {
       }
       await new Promise((resolve) => setTimeout(resolve, 200));
     }
-    throw new Error(`the daemon did not answer at ${target} within ${START_TIMEOUT_MS} ms:\n${stderr()}`);
+    throw new Error(
+      `the daemon did not answer at ${target} within ${START_TIMEOUT_MS} ms:\n${stderr()}`,
+    );
   } finally {
     client.close();
   }

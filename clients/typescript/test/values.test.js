@@ -6,7 +6,7 @@ import { test } from 'node:test';
 
 import * as protoLoader from '@grpc/proto-loader';
 
-import { MAX_DEPTH, UInt64, toValue, toValueMap } from '../src/index.js';
+import { Duration, MAX_DEPTH, UInt64, toValue, toValueMap } from '../src/index.js';
 import { REPO } from './daemon.js';
 
 const definition = protoLoader.loadSync('kynara/v1/decision.proto', {
@@ -33,8 +33,14 @@ test('safe integers are int_value, other numbers double_value', () => {
 test('bigints stay exact: int64, then uint64 past it, else RangeError', () => {
   const max = 2n ** 63n - 1n;
   assert.deepEqual(roundTrip(max), { kind: 'intValue', intValue: max.toString() });
-  assert.deepEqual(roundTrip(-(2n ** 63n)), { kind: 'intValue', intValue: (-(2n ** 63n)).toString() });
-  assert.deepEqual(roundTrip(2n ** 64n - 1n), { kind: 'uintValue', uintValue: '18446744073709551615' });
+  assert.deepEqual(roundTrip(-(2n ** 63n)), {
+    kind: 'intValue',
+    intValue: (-(2n ** 63n)).toString(),
+  });
+  assert.deepEqual(roundTrip(2n ** 64n - 1n), {
+    kind: 'uintValue',
+    uintValue: '18446744073709551615',
+  });
   assert.throws(() => toValue(2n ** 64n, 'context.n'), {
     name: 'RangeError',
     message: /^context\.n: expected an integer within int64 or uint64/,
@@ -66,6 +72,24 @@ test('strings, booleans, bytes and dates', () => {
     name: 'RangeError',
     message: /^context\.when: expected a valid Date/,
   });
+});
+
+test('a Duration is duration_value, seconds and nanos of one sign', () => {
+  assert.deepEqual(roundTrip(Duration.ofMillis(90_500)), {
+    kind: 'durationValue',
+    durationValue: { seconds: '90', nanos: 500_000_000 },
+  });
+  assert.deepEqual(roundTrip(Duration.ofMillis(-1500)).durationValue, {
+    seconds: '-1',
+    nanos: -500_000_000,
+  });
+  assert.deepEqual(roundTrip(Duration.ofMillis(-2000)).durationValue, { seconds: '-2', nanos: 0 });
+  assert.deepEqual(roundTrip(new Duration(3n, 7)).durationValue, { seconds: '3', nanos: 7 });
+  assert.throws(() => new Duration(1, -1), { name: 'RangeError', message: /one sign/ });
+  assert.throws(() => new Duration(0, 1e9), RangeError);
+  assert.throws(() => new Duration(315_576_000_001), RangeError);
+  assert.throws(() => new Duration(1.5), RangeError);
+  assert.throws(() => Duration.ofMillis(0.5), RangeError);
 });
 
 test('arrays are list_value and plain objects or Maps map_value', () => {
