@@ -134,14 +134,36 @@ def test_failing_open_never_covers_a_bad_request_or_a_deny(running, client, capl
     contacts = ToolGuard("crm.contact.read", client=client, fail_open=True, **CONTACT)
 
     with acting_for(user="alice"), caplog.at_level(logging.WARNING):
-        # A resource id the wire cannot carry, named before anything is sent.
+        # A resource id and a value the wire cannot carry, named before
+        # anything is sent.
         bad = refunds.check("issue_refund", {"refund_id": 1.5, "amount": 1})
+        odd = refunds.check("issue_refund", {"refund_id": "r", "amount": object()})
         denied = contacts.check("read_contact", {"contact_id": "c", "region": "kp"})
 
-    assert not bad.allowed and bad.error.code == INVALID_REQUEST
-    assert bad.error.field == "arguments"
+    for refused in (bad, odd):
+        assert not refused.allowed and refused.error.code == INVALID_REQUEST
+        assert refused.error.field == "arguments"
     assert "'refund_id'" in bad.message()
+    assert "amount" in odd.message()
     assert not denied.allowed and isinstance(denied.error, PermissionDenied)
+    assert [r for r in caplog.records if r.name == "kynara_sdk.guard"] == []
+
+
+def test_a_status_from_something_other_than_the_daemon_never_fails_open(
+    running, caplog
+):
+    # The admin socket speaks gRPC but not the decision service: UNIMPLEMENTED,
+    # with no daemon error code, reads as internal and stays closed.
+    with Client(f"unix://{running.config.admin.socket}", transport="grpc") as wrong:
+        guard = ToolGuard(
+            "payments.refund.issue", client=wrong, fail_open=True, **REFUND
+        )
+        with acting_for(user="alice"), caplog.at_level(logging.WARNING):
+            verdict = guard.check("issue_refund", {"refund_id": "r", "amount": -5})
+
+    assert not verdict.allowed and not verdict.failed_open
+    assert verdict.error.code == "internal"
+    assert "UNIMPLEMENTED" in verdict.message()
     assert [r for r in caplog.records if r.name == "kynara_sdk.guard"] == []
 
 

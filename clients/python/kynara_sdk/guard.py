@@ -11,10 +11,10 @@ the decision id for the trace, the callback record and the tool result.
 Fail closed: the tool runs only on allow. Deny, require_approval, an error
 answer, a timeout or an unreachable daemon each keep it from running, with
 the reason. ``fail_open=True`` lets a call through when the daemon could
-not answer (unreachable, shutting down, no policy or audit log yet, an
-internal error), never on deny, approval or a request the daemon refused
-as bad; each time it does, it logs a warning on the ``kynara_sdk.guard``
-logger naming the tool, the action and the error.
+not answer (unreachable, shutting down, no policy or audit log yet), never
+on deny, approval, a request the daemon refused as bad or an internal error
+(which an input could provoke); each time it does, it logs a warning on the
+``kynara_sdk.guard`` logger naming the tool, the action and the error.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from kynara_sdk.decorator import (
 from kynara_sdk.errors import (
     AUDIT_UNAVAILABLE,
     DAEMON_UNREACHABLE,
-    INTERNAL,
     INVALID_REQUEST,
     POLICY_NOT_READY,
     SHUTTING_DOWN,
@@ -57,11 +56,14 @@ __all__ = ["NO_ANSWER_CODES", "ToolGuard", "Verdict"]
 
 log = logging.getLogger("kynara_sdk.guard")
 
-# The codes under which the daemon gave no decision for reasons of its own;
+# The codes under which the daemon could not decide for reasons of its own;
 # only these may fail open. A bad request (invalid_request, identity_invalid,
-# request_too_large) is the caller's and always fails closed.
+# request_too_large) is the caller's and always fails closed; so is
+# internal: it is also what a status from something other than the daemon
+# maps to (a wrong socket), and an input that makes the daemon fail must not
+# open the door.
 NO_ANSWER_CODES = frozenset(
-    {DAEMON_UNREACHABLE, SHUTTING_DOWN, POLICY_NOT_READY, AUDIT_UNAVAILABLE, INTERNAL}
+    {DAEMON_UNREACHABLE, SHUTTING_DOWN, POLICY_NOT_READY, AUDIT_UNAVAILABLE}
 )
 
 
@@ -223,6 +225,8 @@ class ToolGuard:
             decision = decide_sync(asker, self.action, request, self._waiting)
         except KynaraError as err:
             return self._no_decision(tool, err)
+        except (TypeError, ValueError) as err:
+            return self._no_decision(tool, _bad_value(err))
         return self._verdict(tool, decision)
 
     async def acheck(self, tool: str, arguments: Mapping[str, Any]) -> Verdict:
@@ -235,19 +239,14 @@ class ToolGuard:
             decision = await decide_async(asker, self.action, request, self._waiting)
         except KynaraError as err:
             return self._no_decision(tool, err)
+        except (TypeError, ValueError) as err:
+            return self._no_decision(tool, _bad_value(err))
         return self._verdict(tool, decision)
 
     def _request(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            return tool_request(
-                arguments,
-                self.resource_kind,
-                self.resource_arg,
-                self._attrs,
-                self._context,
-            )
-        except TypeError as err:
-            raise KynaraError(INVALID_REQUEST, str(err), "arguments") from None
+        return tool_request(
+            arguments, self.resource_kind, self.resource_arg, self._attrs, self._context
+        )
 
     def _verdict(self, tool: str, decision: Decision) -> Verdict:
         try:
@@ -270,6 +269,12 @@ class ToolGuard:
             )
             return Verdict(tool, self.action, decision, err, failed_open=True)
         return Verdict(tool, self.action, decision, err)
+
+
+def _bad_value(err: TypeError | ValueError) -> KynaraError:
+    # An argument with no wire form (the SDK names it before sending): the
+    # call's own fault, so it fails closed like the daemon's invalid_request.
+    return KynaraError(INVALID_REQUEST, str(err), "arguments")
 
 
 def _check_client(name: str, client: object, wanted: type) -> None:
