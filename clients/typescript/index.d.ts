@@ -10,10 +10,19 @@ export const DEFAULT_TARGET: 'unix:///run/kynara/agent.sock';
 export const DEFAULT_TIMEOUT_MS: number;
 /** Milliseconds a wait on an approval lasts unless `timeoutMs` / `approvalTimeoutMs` says otherwise (5 minutes). */
 export const DEFAULT_APPROVAL_TIMEOUT_MS: number;
+/**
+ * The longest `timeoutMs` / `approvalTimeoutMs` taken: 2**31-1 ms (about
+ * 24.8 days), the longest delay a Node timer (and so grpc-js's deadline)
+ * holds. A longer one is a RangeError naming the option.
+ */
+export const MAX_TIMEOUT_MS: number;
 /** Lists and maps nested in one value at most: the daemon's limit. */
 export const MAX_DEPTH: number;
 
-/** The target to dial: `target`, else `$KYNARA_TARGET`, else DEFAULT_TARGET. */
+/**
+ * The target to dial: `target`, else `$KYNARA_TARGET`, else DEFAULT_TARGET.
+ * @throws TypeError `target` is given and not a string
+ */
 export function resolveTarget(target?: string): string;
 
 /**
@@ -45,6 +54,9 @@ export class Duration {
  * other number as double, bigint as int64 (uint64 past int64), UInt64 as
  * uint64, Uint8Array/Buffer as bytes, Date as a timestamp, Duration as a
  * duration, arrays as lists, plain objects and string-keyed Maps as maps.
+ * Refused before sending, naming the key path: a sparse array's hole, a
+ * symbol key, a string or key with a lone surrogate. A `__proto__` key is
+ * carried like any other.
  */
 export type KynaraValue =
   | boolean
@@ -87,7 +99,10 @@ export interface Approval {
   readonly id: string;
   /** The review page for it. */
   readonly url: string;
+  /** The expiry to the millisecond (a Date holds no finer). */
   readonly expiresAt: Date | null;
+  /** The expiry exactly, as the daemon writes it: RFC 3339 UTC, nanoseconds kept, e.g. "2026-12-05T12:00:00.925235Z"; "" when unset. */
+  readonly expiresAtText: string;
   /** "pending", "approved", "rejected", "expired" or "used". */
   readonly state: string;
   readonly reviewers: readonly string[];
@@ -128,6 +143,8 @@ export interface ApprovalUpdate {
   readonly approvals: number;
   readonly approvalsNeeded: number;
   readonly expiresAt: Date | null;
+  /** The expiry as RFC 3339 text, as `Approval.expiresAtText`; "" when unset. */
+  readonly expiresAtText: string;
   readonly reviewers: readonly string[];
   /** A rejecting reviewer's comment. */
   readonly comment: string;
@@ -159,6 +176,12 @@ export function actingFor<T>(subject: Subject, fn: () => T): T;
 /** The subject of the innermost `actingFor`, or null outside any. */
 export function currentSubject(): ResolvedSubject | null;
 
+/**
+ * What `decide` takes besides the action. Every field named here that is
+ * given must be of its type (strings are strings: an array or object is a
+ * TypeError naming the option, never stringified), and any other key is
+ * refused as an unknown option.
+ */
 export interface DecideOptions {
   /** Dotted resource kind, e.g. "payments.refund". */
   resourceKind: string;
@@ -182,10 +205,11 @@ export interface DecideOptions {
   approvalId?: string;
 }
 
+/** Any other key is refused (TypeError naming it). */
 export interface ClientOptions {
   /** `unix:///path` or `host:port`; default `$KYNARA_TARGET`, else DEFAULT_TARGET. */
   target?: string;
-  /** Per call; a passed deadline is daemon_unreachable. */
+  /** Per call, at most MAX_TIMEOUT_MS; a passed deadline is daemon_unreachable. */
   timeoutMs?: number;
   /** This agent's bearer secret; default `$KYNARA_AGENT_SECRET_FILE`. */
   secretFile?: string;
@@ -199,7 +223,7 @@ export interface BatchItem extends DecideOptions {
 }
 
 export interface WaitApprovalOptions {
-  /** How long to wait at most; default DEFAULT_APPROVAL_TIMEOUT_MS. */
+  /** How long to wait at most (at most MAX_TIMEOUT_MS); default DEFAULT_APPROVAL_TIMEOUT_MS. */
   timeoutMs?: number;
   /** The require_approval decision that asked, attached to the errors. */
   decisionId?: string;
@@ -224,12 +248,18 @@ export class Client {
   /**
    * Wait until a reviewer resolves one of this agent's approvals; resolves
    * with the `approved` update (retry with `approvalId` to use the grant).
-   * Rejects with ApprovalTimeout (it stays pending), ApprovalRejected,
-   * ApprovalExpired, ApprovalError (`approval_used`, or the daemon's code
-   * such as `not_found`), or KynaraUnavailable. Ending the wait never
-   * changes the approval.
+   * Rejects with ApprovalTimeout (it stays pending; only when the daemon
+   * sent the approval's state at least once), ApprovalRejected,
+   * ApprovalExpired, ApprovalError (`approval_used`, `client_closed`, or the
+   * daemon's code such as `not_found`), or KynaraUnavailable (no answer:
+   * also a deadline passed before the first state came). Ending the wait
+   * never changes the approval.
    */
   waitApproval(approvalId: string, options?: WaitApprovalOptions): Promise<ApprovalUpdate>;
+  /**
+   * Close the channel. Calls and waits in flight reject at once with code
+   * `client_closed`, and so do calls made after.
+   */
   close(): void;
 }
 
@@ -247,11 +277,17 @@ export const APPROVAL_TIMEOUT: 'approval_timeout';
 export const APPROVAL_REJECTED: 'approval_rejected';
 export const APPROVAL_EXPIRED: 'approval_expired';
 export const APPROVAL_USED: 'approval_used';
+/** The Client was closed before or during the call: no word on the daemon. */
+export const CLIENT_CLOSED: 'client_closed';
+/** A gRPC status without the daemon's error code: not its answer (another server or socket, or a failure in the client). */
+export const UNEXPECTED_STATUS: 'unexpected_status';
 
 /** Base of every SDK error; branch on `code`, never on the message. */
 export class KynaraError extends Error {
-  constructor(code: string, message: string, field?: string);
+  constructor(code: string, message: string, field?: string, more?: { fromDaemon?: boolean });
   readonly code: string;
+  /** True only when the code is the daemon's own (its error trailer or batch answer). */
+  readonly fromDaemon: boolean;
   /** The request field at fault, e.g. "resource.kind", or "". */
   readonly field: string;
   /** The message without the code prefix. */
@@ -290,6 +326,8 @@ export interface ApprovalErrorDetails {
   update?: ApprovalUpdate | null;
   /** The request field at fault, as the daemon named it. */
   field?: string;
+  /** The code is the daemon's own. */
+  fromDaemon?: boolean;
 }
 
 /**
@@ -329,8 +367,11 @@ export type Logger = ((line: string) => void) | { warn(line: string): void };
 /**
  * The codes failOpen lets a call through on: the daemon could not answer
  * now (daemon_unreachable, policy_not_ready, audit_unavailable,
- * shutting_down, internal). A refused request (invalid_request,
- * identity_invalid, request_too_large) always fails closed.
+ * shutting_down, internal). All but daemon_unreachable count only when the
+ * daemon itself sent them (`fromDaemon`). A refused request
+ * (invalid_request, identity_invalid, request_too_large) and every
+ * client-side failure (a value with no wire form, client_closed,
+ * unexpected_status) always fail closed.
  */
 export const FAIL_OPEN_CODES: readonly string[];
 
@@ -352,6 +393,7 @@ interface FailOpenOptions {
  * picked from that object: a name for resourceId, an array of names for
  * attributes and context (a property the object lacks stays absent).
  */
+/** Any other key is refused (TypeError naming it, e.g. a misspelt `failopen`). */
 export interface GuardOptions<Args extends unknown[] = any[]> extends FailOpenOptions {
   /** Dotted resource kind, e.g. "payments.refund". */
   resourceKind: string;
@@ -366,7 +408,7 @@ export interface GuardOptions<Args extends unknown[] = any[]> extends FailOpenOp
    * for a reviewer, then retry with the grant and run the body on its allow.
    */
   onApproval?: 'throw' | 'wait';
-  /** How long 'wait' waits; default DEFAULT_APPROVAL_TIMEOUT_MS. */
+  /** How long 'wait' waits, at most MAX_TIMEOUT_MS; default DEFAULT_APPROVAL_TIMEOUT_MS. */
   approvalTimeoutMs?: number;
   /**
    * With 'wait': awaited with the require_approval Decision (its
@@ -411,7 +453,7 @@ export interface RefusalBody {
   reason: string;
   reason_code: string;
   decision_id: string;
-  /** When the answer concerns an approval; expires_at is RFC 3339 UTC, or "". */
+  /** When the answer concerns an approval; expires_at is the daemon's RFC 3339 UTC text (nanoseconds kept, as ext_authz gives it), or "". */
   approval?: { id: string; url: string; expires_at: string };
 }
 
@@ -440,9 +482,10 @@ export interface MiddlewareResponse {
 
 type OfRequest<Req, T> = (req: Req) => T | Promise<T>;
 
+/** Any other key is refused (TypeError naming it). */
 export interface MiddlewareOptions<Req extends MiddlewareRequest = MiddlewareRequest>
   extends FailOpenOptions {
-  /** The action: a dotted name, or a function of the request. */
+  /** The action: a dotted name, or a function of the request (a non-string result is the app's fault: 500, logged). */
   action: string | OfRequest<Req, string>;
   resourceKind: string | OfRequest<Req, string>;
   resourceId?: OfRequest<Req, string | number | bigint | null | undefined>;
@@ -456,7 +499,10 @@ export interface MiddlewareOptions<Req extends MiddlewareRequest = MiddlewareReq
   subject: OfRequest<Req, Subject | null | undefined>;
   /** Default: the shared client for $KYNARA_TARGET (defaultClient()). */
   client?: Client;
-  /** The header a retry names its approved approval in; default APPROVAL_HEADER; false for none. */
+  /**
+   * The header a retry names its approved approval in: a lower-case HTTP
+   * header name (as node:http keys them); default APPROVAL_HEADER; false for none.
+   */
   approvalHeader?: string | false;
 }
 
@@ -467,6 +513,8 @@ export interface MiddlewareOptions<Req extends MiddlewareRequest = MiddlewareReq
  * headers kynara-decision, kynara-decision-id, kynara-approval-url (when an
  * approval has a URL). No decision: 400/401/413/503/500 with ErrorBody,
  * never `next()` (unless failOpen, which sets `res.locals.kynara = null`).
+ * Every 500 is logged through `logger` with its cause; its body names the
+ * code (or the error's class), never the cause's text.
  * @throws TypeError an option is malformed (when the middleware is made)
  */
 export function kynaraMiddleware<Req extends MiddlewareRequest = MiddlewareRequest>(

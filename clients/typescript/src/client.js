@@ -14,14 +14,16 @@ import {
   ApprovalRejected,
   ApprovalRequired,
   ApprovalTimeout,
+  CLIENT_CLOSED,
   INTERNAL,
   KynaraError,
   KynaraUnavailable,
   PermissionDenied,
   REQUEST_TOO_LARGE,
+  UNEXPECTED_STATUS,
 } from './errors.js';
 import { currentSubject, resolveSubject } from './subject.js';
-import { toValueMap } from './values.js';
+import { checkString, describe, toValueMap } from './values.js';
 
 /** The environment variable naming the daemon to dial. */
 export const TARGET_ENV = 'KYNARA_TARGET';
@@ -42,6 +44,29 @@ export const DEFAULT_TIMEOUT_MS = 5000;
  * is not parked for hours holding its caller.
  */
 export const DEFAULT_APPROVAL_TIMEOUT_MS = 300_000;
+
+/**
+ * The longest `timeoutMs` / `approvalTimeoutMs` taken: 2**31-1 ms (about
+ * 24.8 days), the longest delay a Node timer holds. grpc-js arms its
+ * deadline with one, and a longer deadline fails inside grpc-js rather than
+ * at the caller's option.
+ */
+export const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
+const CLIENT_OPTIONS = ['target', 'timeoutMs', 'secretFile', 'protoRoot'];
+const DECIDE_OPTIONS = [
+  'resourceKind',
+  'resourceId',
+  'attributes',
+  'context',
+  'user',
+  'chain',
+  'token',
+  'requestId',
+  'approvalId',
+];
+const BATCH_ITEM_OPTIONS = ['action', ...DECIDE_OPTIONS];
+const WAIT_OPTIONS = ['timeoutMs', 'decisionId'];
 
 const DECISION_PROTO = 'kynara/v1/decision.proto';
 // Where the protos are looked for when no `protoRoot` is given: the copy an
@@ -120,10 +145,40 @@ export function resolveProtoRoot(protoRoot) {
 
 /** The target to dial: `target`, else `$KYNARA_TARGET`, else DEFAULT_TARGET. */
 export function resolveTarget(target) {
+  if (target !== undefined && typeof target !== 'string') {
+    throw new TypeError(
+      `target: expected 'unix:///path' or 'host:port' as a string, got ${describe(target)}`,
+    );
+  }
   return target || process.env[TARGET_ENV] || DEFAULT_TARGET;
 }
 
+/**
+ * Refuse an options object that is not one, or names an option `known`
+ * lacks (a typo such as `failopen` would otherwise be ignored silently).
+ *
+ * @param {unknown} options
+ * @param {readonly string[]} known the option names taken
+ * @param {string} where the caller's name, for error messages
+ * @throws {TypeError} naming the unknown options and the known ones
+ */
+export function checkOptions(options, known, where) {
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    throw new TypeError(`${where}: options expected an object, got ${describe(options)}`);
+  }
+  const unknown = Object.keys(options).filter((key) => !known.includes(key));
+  if (unknown.length > 0) {
+    throw new TypeError(
+      `${where}: unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')};` +
+        ` expected any of ${known.join(', ')}`,
+    );
+  }
+}
+
 function credential(secretFile) {
+  if (secretFile !== undefined && typeof secretFile !== 'string') {
+    throw new TypeError(`secretFile: expected a file path string, got ${describe(secretFile)}`);
+  }
   const path = secretFile || process.env[SECRET_FILE_ENV];
   if (!path) {
     return null;
@@ -151,6 +206,7 @@ export class Client {
    *   default the package's copy, else the repository's protos/
    */
   constructor(options = {}) {
+    checkOptions(options, CLIENT_OPTIONS, 'Client');
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     checkMillis(timeoutMs, 'timeoutMs');
     this.target = resolveTarget(options.target);
@@ -165,6 +221,8 @@ export class Client {
     // only local insecure channels (Unix socket, loopback) are dialled.
     this._stub = new Service(this.target, grpc.credentials.createInsecure());
     this._closed = false;
+    // Calls and streams in flight, cancelled by close().
+    this._calls = new Set();
   }
 
   /**
@@ -179,16 +237,9 @@ export class Client {
    */
   async decide(action, options = {}) {
     this._checkOpen();
+    checkOptions(options, DECIDE_OPTIONS, 'decide');
     const request = buildRequest(action, options);
-    const response = await new Promise((resolve, reject) => {
-      this._stub.Decide(
-        request,
-        this._metadata,
-        { deadline: Date.now() + this.timeoutMs },
-        (err, answer) => (err ? reject(errorFromStatus(err, this.target)) : resolve(answer)),
-      );
-    });
-    return decisionFromProto(response);
+    return decisionFromProto(await this._unary('Decide', request));
   }
 
   /**
@@ -238,6 +289,7 @@ export class Client {
         );
       }
       try {
+        checkOptions(item, BATCH_ITEM_OPTIONS, 'item');
         requests.push(buildRequest(item.action, item));
       } catch (err) {
         if (err instanceof TypeError || err instanceof RangeError) {
@@ -246,14 +298,7 @@ export class Client {
         throw err;
       }
     }
-    const response = await new Promise((resolve, reject) => {
-      this._stub.DecideBatch(
-        { items: requests },
-        this._metadata,
-        { deadline: Date.now() + this.timeoutMs },
-        (err, answer) => (err ? reject(errorFromStatus(err, this.target)) : resolve(answer)),
-      );
-    });
+    const response = await this._unary('DecideBatch', { items: requests });
     if (response.items.length !== requests.length) {
       throw new KynaraError(
         INTERNAL,
@@ -288,23 +333,26 @@ export class Client {
    * @throws {KynaraUnavailable} no answer, or the daemon ended the wait
    *   before a final state (it is stopping)
    */
-  async waitApproval(
-    approvalId,
-    { timeoutMs = DEFAULT_APPROVAL_TIMEOUT_MS, decisionId = '' } = {},
-  ) {
+  async waitApproval(approvalId, options = {}) {
     this._checkOpen();
+    checkOptions(options, WAIT_OPTIONS, 'waitApproval');
+    const { timeoutMs = DEFAULT_APPROVAL_TIMEOUT_MS, decisionId = '' } = options;
     if (typeof approvalId !== 'string' || !approvalId) {
       throw new TypeError('approvalId: expected a non-empty approval id string');
     }
+    checkString(approvalId, 'approvalId');
     checkMillis(timeoutMs, 'timeoutMs');
+    checkString(decisionId, 'decisionId');
     const call = this._stub.WaitApproval({ approvalId }, this._metadata, {
       deadline: Date.now() + timeoutMs,
     });
+    this._calls.add(call);
     const more = (update) => ({ decisionId, update });
     return new Promise((resolve, reject) => {
       let last = null;
       let settled = false;
       const settle = (fn, value) => {
+        this._calls.delete(call);
         if (!settled) {
           settled = true;
           fn(value);
@@ -333,6 +381,31 @@ export class Client {
         }
         const metadata = err.metadata instanceof grpc.Metadata ? err.metadata : null;
         const coded = (metadata?.get(ERROR_CODE_KEY) ?? []).length > 0;
+        if (this._closed && err.code === grpc.status.CANCELLED && !coded) {
+          settle(
+            reject,
+            new ApprovalError(
+              CLIENT_CLOSED,
+              approvalId,
+              'the Client was closed during the wait; the approval is unchanged',
+              more(last),
+            ),
+          );
+          return;
+        }
+        if (err.code === grpc.status.DEADLINE_EXCEEDED && !coded && last === null) {
+          // Not one update came: the daemon was never reached (a silent
+          // socket, a stuck connection), so nothing says the approval is
+          // pending.
+          settle(
+            reject,
+            new KynaraUnavailable(
+              `no answer from the Kynara daemon at ${this.target} within ${timeoutMs} ms` +
+                ` (DEADLINE_EXCEEDED before the approval's first state); approval ${approvalId}`,
+            ),
+          );
+          return;
+        }
         if (err.code === grpc.status.DEADLINE_EXCEEDED && !coded) {
           settle(
             reject,
@@ -351,6 +424,7 @@ export class Client {
             ? new ApprovalError(error.code, approvalId, error.detail, {
                 ...more(last),
                 field: error.field,
+                fromDaemon: true,
               })
             : error,
         );
@@ -367,16 +441,52 @@ export class Client {
     });
   }
 
-  /** Close the channel; calls after this throw. */
+  /**
+   * Close the channel. Calls and waits in flight reject at once with code
+   * `client_closed` (never `daemon_unreachable`: it is no word on the
+   * daemon); calls after this reject with it too.
+   */
   close() {
     this._closed = true;
+    for (const call of this._calls) {
+      call.cancel();
+    }
+    this._calls.clear();
     this._stub.close();
   }
 
   _checkOpen() {
     if (this._closed) {
-      throw new Error('Client: closed; make a new one');
+      throw new KynaraError(CLIENT_CLOSED, `Client for ${this.target}: closed; make a new one`);
     }
+  }
+
+  /** One unary call, tracked so close() can cancel it. */
+  _unary(method, request) {
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const call = this._stub[method](
+        request,
+        this._metadata,
+        { deadline: Date.now() + this.timeoutMs },
+        (err, answer) => {
+          done = true;
+          this._calls.delete(call);
+          if (!err) {
+            resolve(answer);
+          } else if (this._closed && err.code === grpc.status.CANCELLED) {
+            reject(
+              new KynaraError(CLIENT_CLOSED, `Client for ${this.target}: closed during the call`),
+            );
+          } else {
+            reject(errorFromStatus(err, this.target));
+          }
+        },
+      );
+      if (!done) {
+        this._calls.add(call);
+      }
+    });
   }
 }
 
@@ -384,39 +494,57 @@ function checkMillis(value, where) {
   if (!(typeof value === 'number' && value > 0 && Number.isFinite(value))) {
     throw new RangeError(`${where}: expected a positive number of milliseconds, got ${value}`);
   }
+  if (value > MAX_TIMEOUT_MS) {
+    throw new RangeError(
+      `${where}: expected at most MAX_TIMEOUT_MS (${MAX_TIMEOUT_MS} ms, about 24.8 days),` +
+        ` got ${value}`,
+    );
+  }
+}
+
+export { checkMillis };
+
+/** An optional string option: '' when absent; anything else but a string is refused. */
+function stringOption(value, where) {
+  if (value === undefined) {
+    return '';
+  }
+  if (typeof value !== 'string') {
+    throw new TypeError(`${where}: expected a string, got ${describe(value)}`);
+  }
+  return checkString(value, where);
 }
 
 function buildRequest(action, options) {
   if (typeof action !== 'string') {
-    throw new TypeError(`action: expected a dotted string, got ${typeof action}`);
+    throw new TypeError(`action: expected a dotted string, got ${describe(action)}`);
   }
+  checkString(action, 'action');
   // The call's own subject wins; else the innermost actingFor's.
   const subject = resolveSubject(options, 'subject') ?? currentSubject();
-  if (options.approvalId !== undefined && typeof options.approvalId !== 'string') {
-    throw new TypeError(
-      `approvalId: expected an approval id string, got ${typeof options.approvalId}`,
-    );
-  }
   return {
-    requestId: options.requestId ?? '',
+    requestId: stringOption(options.requestId, 'requestId'),
     delegationToken: subject?.token ?? '',
     assertedChain: subject ? [...subject.chain] : [],
     action,
     resource: {
-      kind: options.resourceKind ?? '',
-      id: options.resourceId ?? '',
+      kind: stringOption(options.resourceKind, 'resourceKind'),
+      id: stringOption(options.resourceId, 'resourceId'),
       attributes: toValueMap(options.attributes, 'resource.attributes'),
     },
     context: toValueMap(options.context, 'context'),
-    approvalId: options.approvalId ?? '',
+    approvalId: stringOption(options.approvalId, 'approvalId'),
   };
 }
 
 /**
  * Map a failed call to a KynaraError with a stable code. The daemon's
- * `kynara-error-code` metadata wins; without it UNAVAILABLE,
- * DEADLINE_EXCEEDED or CANCELLED is daemon_unreachable, RESOURCE_EXHAUSTED
- * (gRPC's own size limit) request_too_large, anything else internal.
+ * `kynara-error-code` metadata wins (`fromDaemon` true); without it
+ * UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED is daemon_unreachable (no
+ * answer came), RESOURCE_EXHAUSTED (gRPC's own size limit)
+ * request_too_large, and anything else unexpected_status: not the daemon's
+ * answer (the target is some other gRPC server or socket, or the call failed
+ * in the client), which failOpen never lets through.
  */
 export function errorFromStatus(err, target) {
   const metadata = err.metadata instanceof grpc.Metadata ? err.metadata : null;
@@ -429,7 +557,9 @@ export function errorFromStatus(err, target) {
   const statusName = grpc.status[err.code] ?? 'UNKNOWN';
   const details = err.details ?? '';
   if (code) {
-    return new KynaraError(code, details || `daemon answered ${statusName}`, field);
+    return new KynaraError(code, details || `daemon answered ${statusName}`, field, {
+      fromDaemon: true,
+    });
   }
   if (UNREACHABLE.has(err.code)) {
     return new KynaraUnavailable(
@@ -439,7 +569,12 @@ export function errorFromStatus(err, target) {
   if (err.code === grpc.status.RESOURCE_EXHAUSTED) {
     return new KynaraError(REQUEST_TOO_LARGE, details || statusName, field);
   }
-  return new KynaraError(INTERNAL, `${statusName}: ${details}`, field);
+  return new KynaraError(
+    UNEXPECTED_STATUS,
+    `gRPC ${statusName} without the Kynara daemon's error code, so not the daemon's answer` +
+      ` (is ${target} its agent socket?): ${details}`,
+    field,
+  );
 }
 
 function timestampToDate(stamp) {
@@ -447,6 +582,29 @@ function timestampToDate(stamp) {
     return null;
   }
   return new Date(Number(stamp.seconds) * 1000 + Math.floor(stamp.nanos / 1_000_000));
+}
+
+/**
+ * A wire Timestamp as the daemon writes one in RFC 3339 (UTC, `Z`, the
+ * fraction's trailing zeros dropped, none when zero), nanoseconds kept:
+ * `2026-12-05T12:00:00.925235Z`. '' when unset.
+ */
+export function timestampText(stamp) {
+  if (!stamp) {
+    return '';
+  }
+  const seconds = BigInt(stamp.seconds);
+  const days = seconds / 86_400n - (seconds % 86_400n < 0n ? 1n : 0n);
+  const date = new Date(Number(days) * 86_400_000);
+  const inDay = Number(seconds - days * 86_400n);
+  const pad = (n, width = 2) => String(n).padStart(width, '0');
+  const year = date.getUTCFullYear();
+  const fraction = stamp.nanos ? `.${pad(stamp.nanos, 9).replace(/0+$/, '')}` : '';
+  return (
+    `${year < 0 ? '-' : ''}${pad(Math.abs(year), 4)}-${pad(date.getUTCMonth() + 1)}-` +
+    `${pad(date.getUTCDate())}T${pad(Math.floor(inDay / 3600))}:` +
+    `${pad(Math.floor(inDay / 60) % 60)}:${pad(inDay % 60)}${fraction}Z`
+  );
 }
 
 function effect(name) {
@@ -466,6 +624,7 @@ function decisionFromProto(response) {
         id: response.approval.id,
         url: response.approval.url,
         expiresAt: timestampToDate(response.approval.expiresAt),
+        expiresAtText: timestampText(response.approval.expiresAt),
         state: response.approval.state,
         reviewers: Object.freeze([...response.approval.reviewers]),
         riskScore: response.approval.riskScore,
@@ -513,7 +672,9 @@ function outcomeFromItem(item) {
     }
   }
   if (item.outcome === 'error') {
-    return new KynaraError(item.error.code || INTERNAL, item.error.message, item.error.field);
+    return new KynaraError(item.error.code || INTERNAL, item.error.message, item.error.field, {
+      fromDaemon: Boolean(item.error.code),
+    });
   }
   return new KynaraError(INTERNAL, 'expected a decision or an error, got neither');
 }
@@ -525,6 +686,7 @@ function approvalUpdateFromProto(message) {
     approvals: message.approvals,
     approvalsNeeded: message.approvalsNeeded,
     expiresAt: timestampToDate(message.expiresAt),
+    expiresAtText: timestampText(message.expiresAt),
     reviewers: Object.freeze([...message.reviewers]),
     comment: message.comment,
   });

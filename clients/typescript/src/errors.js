@@ -8,8 +8,15 @@
 // `kynara-error-code`; three codes are the SDK's own: `daemon_unreachable`
 // (no answer came back: no daemon, a broken connection, a passed deadline),
 // `permission_denied` and `approval_required` (the daemon answered, and the
-// answer was not allow), and `approval_timeout` (a wait on an approval ended
-// before any reviewer resolved it; the approval stays pending).
+// answer was not allow), `approval_timeout` (a wait on an approval ended
+// before any reviewer resolved it; the approval stays pending),
+// `client_closed` (the Client was closed before or during the call) and
+// `unexpected_status` (a gRPC status without the daemon's code: the target
+// is not the daemon's agent socket, or the call failed on the client side).
+//
+// `fromDaemon` is true only when the code came from the daemon itself (its
+// `kynara-error-code` trailer, or an error item of its batch answer): the
+// difference between "the daemon said internal" and "something said so".
 //
 // A wait that ends with the approval rejected, expired or used elsewhere
 // throws an ApprovalError coded `approval_rejected`, `approval_expired` or
@@ -32,6 +39,8 @@ export const DAEMON_UNREACHABLE = 'daemon_unreachable';
 export const PERMISSION_DENIED = 'permission_denied';
 export const APPROVAL_REQUIRED = 'approval_required';
 export const APPROVAL_TIMEOUT = 'approval_timeout';
+export const CLIENT_CLOSED = 'client_closed';
+export const UNEXPECTED_STATUS = 'unexpected_status';
 
 // The daemon's reason codes for an approval that cannot be used.
 export const APPROVAL_REJECTED = 'approval_rejected';
@@ -44,13 +53,17 @@ export class KynaraError extends Error {
    * @param {string} code a stable code, e.g. INVALID_REQUEST
    * @param {string} message for people; never branch on it
    * @param {string} [field] the request field at fault, e.g. `resource.kind`
+   * @param {object} [more]
+   * @param {boolean} [more.fromDaemon] the code is the daemon's own, read
+   *   from its answer (never set for an error the SDK made up)
    */
-  constructor(code, message, field = '') {
+  constructor(code, message, field = '', { fromDaemon = false } = {}) {
     super(`[${code}]${field ? ` (field ${field})` : ''} ${message}`);
     this.name = new.target.name;
     this.code = code;
     this.field = field;
     this.detail = message;
+    this.fromDaemon = fromDaemon;
   }
 }
 
@@ -111,11 +124,17 @@ export class ApprovalError extends KynaraError {
    * @param {import('../index.js').ApprovalUpdate | null} [more.update] the last state seen
    * @param {string} [more.field] the request field at fault, as the daemon named it
    */
-  constructor(code, approvalId, message, { decisionId = '', update = null, field = '' } = {}) {
+  constructor(
+    code,
+    approvalId,
+    message,
+    { decisionId = '', update = null, field = '', fromDaemon = false } = {},
+  ) {
     super(
       code,
       `approval ${approvalId}: ${message}${decisionId ? `; decision ${decisionId}` : ''}`,
       field,
+      { fromDaemon },
     );
     this.approvalId = approvalId;
     this.decisionId = decisionId;

@@ -24,17 +24,23 @@
 // could not answer for a reason of availability (see FAIL_OPEN_CODES), and
 // logs a warning naming the action and the code each time. It never
 // overrides an answer: a deny, a require_approval, anything that goes wrong
-// after one (a wait, the retry) and a request the daemon refused as
-// malformed all still throw.
+// after one (a wait, the retry), a request the daemon refused as malformed,
+// and every failure on the client's side (a value with no wire form, a
+// closed client, a status that is not the daemon's) all still throw.
 
 import { AsyncLocalStorage } from 'node:async_hooks';
 
-import { Client, DEFAULT_APPROVAL_TIMEOUT_MS, resolveTarget } from './client.js';
+import {
+  Client,
+  DEFAULT_APPROVAL_TIMEOUT_MS,
+  checkMillis,
+  checkOptions,
+  resolveTarget,
+} from './client.js';
 import {
   AUDIT_UNAVAILABLE,
   ApprovalRequired,
   DAEMON_UNREACHABLE,
-  INTERNAL,
   KynaraError,
   POLICY_NOT_READY,
   PermissionDenied,
@@ -43,16 +49,19 @@ import {
 
 /**
  * The codes `failOpen` lets a call through on: the daemon could not answer
- * now (unreachable, starting, its audit log failing, stopping, a fault).
- * A request it refused (invalid_request, identity_invalid,
- * request_too_large) is the caller's to fix, and stays closed.
+ * now (unreachable, starting, its audit log failing, stopping), as the
+ * Python SDK's guard. `daemon_unreachable` is the SDK's (no answer came at
+ * all); the others count only when the daemon itself sent them
+ * (`err.fromDaemon`): the same code from anywhere else is no word from the
+ * daemon. A request it refused (invalid_request, identity_invalid,
+ * request_too_large) is the caller's to fix, and stays closed; so does
+ * `internal`: an input that makes the daemon fail must not open the door.
  */
 export const FAIL_OPEN_CODES = Object.freeze([
   DAEMON_UNREACHABLE,
   POLICY_NOT_READY,
   AUDIT_UNAVAILABLE,
   SHUTTING_DOWN,
-  INTERNAL,
 ]);
 
 const decisionStorage = new AsyncLocalStorage();
@@ -78,7 +87,10 @@ export function defaultClient() {
   return client;
 }
 
-/** Close the shared clients; the next guarded call makes a fresh one. */
+/**
+ * Close the shared clients; the next guarded call makes a fresh one. Calls
+ * in flight on them reject with code `client_closed`.
+ */
 export function closeDefaultClients() {
   for (const client of clients.values()) {
     client.close();
@@ -170,12 +182,21 @@ function waitable(decision) {
   return decision.decision === 'require_approval' && Boolean(decision.approval?.id);
 }
 
+const GUARD_OPTIONS = [
+  'resourceKind',
+  'resourceId',
+  'attributes',
+  'context',
+  'client',
+  'onApproval',
+  'approvalTimeoutMs',
+  'onWait',
+  'failOpen',
+  'logger',
+];
+
 function guardSettings(options, where) {
-  if (options === null || typeof options !== 'object') {
-    throw new TypeError(
-      `${where}: options expected an object, got ${options === null ? 'null' : typeof options}`,
-    );
-  }
+  checkOptions(options, GUARD_OPTIONS, where);
   const { resourceKind, client, onWait } = options;
   if (typeof resourceKind !== 'string' || !resourceKind) {
     throw new TypeError(`${where}: resourceKind expected a dotted string, e.g. 'payments.refund'`);
@@ -190,15 +211,7 @@ function guardSettings(options, where) {
     );
   }
   const approvalTimeoutMs = options.approvalTimeoutMs ?? DEFAULT_APPROVAL_TIMEOUT_MS;
-  if (!(
-    typeof approvalTimeoutMs === 'number' &&
-    approvalTimeoutMs > 0 &&
-    Number.isFinite(approvalTimeoutMs)
-  )) {
-    throw new RangeError(
-      `${where}: approvalTimeoutMs expected a positive number of milliseconds, got ${approvalTimeoutMs}`,
-    );
-  }
+  checkMillis(approvalTimeoutMs, `${where}: approvalTimeoutMs`);
   if (onWait !== undefined) {
     if (typeof onWait !== 'function') {
       throw new TypeError(
@@ -239,7 +252,11 @@ export function failOpenPolicy(options, where) {
     /** Log one line through the logger. */
     log,
     opensOn(err) {
-      return failOpen && err instanceof KynaraError && FAIL_OPEN_CODES.includes(err.code);
+      if (!failOpen || !(err instanceof KynaraError) || !FAIL_OPEN_CODES.includes(err.code)) {
+        return false;
+      }
+      // No answer at all, or the daemon's own word that it cannot answer now.
+      return err.code === DAEMON_UNREACHABLE || err.fromDaemon === true;
     },
     /** Log that a call to `action` went through without an answer, and why. */
     warn(action, err) {
@@ -276,7 +293,7 @@ function valuesMapping(spec, where) {
       const source = soleObject(args, where);
       // A property the object lacks stays absent, so a policy's has() sees
       // it absent rather than an invented value.
-      const picked = {};
+      const picked = Object.create(null);
       for (const name of names) {
         if (Object.hasOwn(source, name) && source[name] !== undefined) {
           picked[name] = source[name];

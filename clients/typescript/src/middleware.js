@@ -24,7 +24,7 @@
 // It uses only `res.statusCode`, `res.setHeader` and `res.end`, so it serves
 // a plain `node:http` server as well as Express.
 
-import { Client } from './client.js';
+import { Client, checkOptions } from './client.js';
 import {
   AUDIT_UNAVAILABLE,
   DAEMON_UNREACHABLE,
@@ -46,6 +46,22 @@ export const DECISION_HEADER = 'kynara-decision';
 export const DECISION_ID_HEADER = 'kynara-decision-id';
 export const APPROVAL_URL_HEADER = 'kynara-approval-url';
 
+// An HTTP header name (RFC 9110 token), lower case as node:http keys them.
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9a-z]+$/;
+
+const MIDDLEWARE_OPTIONS = [
+  'action',
+  'resourceKind',
+  'resourceId',
+  'attributes',
+  'context',
+  'subject',
+  'client',
+  'approvalHeader',
+  'failOpen',
+  'logger',
+];
+
 /** The HTTP status of a request that got an error instead of a decision; else 500. */
 export const HTTP_STATUS_OF_ERROR = Object.freeze({
   [INVALID_REQUEST]: 400,
@@ -66,9 +82,7 @@ export const HTTP_STATUS_OF_ERROR = Object.freeze({
  */
 export function kynaraMiddleware(options = {}) {
   const where = 'kynaraMiddleware';
-  if (options === null || typeof options !== 'object') {
-    throw new TypeError(`${where}: options expected an object`);
-  }
+  checkOptions(options, MIDDLEWARE_OPTIONS, where);
   const action = stringOrFunction(options.action, `${where}: action`);
   const resourceKind = stringOrFunction(options.resourceKind, `${where}: resourceKind`);
   const idOf = optionalFunction(options.resourceId, `${where}: resourceId`);
@@ -85,8 +99,12 @@ export function kynaraMiddleware(options = {}) {
     throw new TypeError(`${where}: client expected a Client`);
   }
   const approvalHeader = options.approvalHeader ?? APPROVAL_HEADER;
-  if (approvalHeader !== false && (typeof approvalHeader !== 'string' || !approvalHeader)) {
-    throw new TypeError(`${where}: approvalHeader expected a header name, or false for none`);
+  const headerOk = typeof approvalHeader === 'string' && HEADER_NAME.test(approvalHeader);
+  if (approvalHeader !== false && !headerOk) {
+    throw new TypeError(
+      `${where}: approvalHeader expected a lower-case HTTP header name such as` +
+        ` '${APPROVAL_HEADER}', or false for none, got ${JSON.stringify(String(approvalHeader))}`,
+    );
   }
   const policy = failOpenPolicy(options, where);
 
@@ -106,8 +124,12 @@ export function kynaraMiddleware(options = {}) {
       if (subject !== null && subject !== undefined) {
         subject = resolveSubject(subject, 'subject');
       }
+      const kind = await resourceKind(req);
+      if (typeof kind !== 'string') {
+        throw new TypeError(`resourceKind expected a dotted string, got ${describe(kind)}`);
+      }
       request = {
-        resourceKind: await resourceKind(req),
+        resourceKind: kind,
         resourceId: resourceId(await idOf(req), 'resourceId'),
         attributes: await attributes(req),
         context: await context(req),
@@ -135,7 +157,7 @@ export function kynaraMiddleware(options = {}) {
       subject.token ? { token: subject.token } : { chain: [...subject.chain] },
     );
     if (approvalHeader !== false) {
-      const value = req.headers?.[approvalHeader.toLowerCase()];
+      const value = req.headers?.[approvalHeader];
       if (Array.isArray(value) || (typeof value === 'string' && value.includes(','))) {
         sendError(
           res,
@@ -160,7 +182,11 @@ export function kynaraMiddleware(options = {}) {
         next();
         return;
       }
-      sendFailure(res, err);
+      sendFailure(res, err, (cause) =>
+        policy.log(
+          `kynara: ${where} got no decision for ${named} (${req.method} ${req.url}): ${cause}`,
+        ),
+      );
       return;
     }
     if (decision.decision === 'allow') {
@@ -185,7 +211,10 @@ export function refusalBody(decision) {
     body.approval = {
       id: decision.approval.id,
       url: decision.approval.url,
-      expires_at: decision.approval.expiresAt?.toISOString() ?? '',
+      // The daemon's exact RFC 3339 text (nanoseconds kept), as ext_authz
+      // gives it; a Date would cut it to milliseconds.
+      expires_at:
+        decision.approval.expiresAtText ?? decision.approval.expiresAt?.toISOString() ?? '',
     };
   }
   return body;
@@ -202,11 +231,26 @@ function sendRefusal(res, decision) {
   sendJson(res, 403, refusalBody(decision), headers);
 }
 
-function sendFailure(res, err) {
+/**
+ * Answer a request that got no decision. Every 500 (a fault: the daemon's
+ * `internal`, a status not from the daemon, a closed client, any other
+ * error) is logged through `log` with its cause; the body names the code
+ * (or the error's class), never the client's target or a stack.
+ */
+function sendFailure(res, err, log) {
   if (err instanceof KynaraError) {
-    // The socket path of an unreachable daemon is no business of the caller's.
-    const message =
-      err.code === DAEMON_UNREACHABLE ? 'no answer from the Kynara daemon' : err.detail;
+    const status = HTTP_STATUS_OF_ERROR[err.code] ?? 500;
+    let message = err.detail;
+    if (err.code === DAEMON_UNREACHABLE) {
+      // The socket path of an unreachable daemon is no business of the caller's.
+      message = 'no answer from the Kynara daemon';
+    } else if (status === 500 && !err.fromDaemon) {
+      message =
+        `the decision could not be asked for (${err.code});` + " the cause is in the server's log";
+    }
+    if (status === 500) {
+      log(err.message);
+    }
     sendError(res, err.code, message, err.field);
     return;
   }
@@ -217,7 +261,14 @@ function sendFailure(res, err) {
     sendError(res, INVALID_REQUEST, err.message, field);
     return;
   }
-  sendError(res, INTERNAL, 'the decision could not be asked for', '');
+  const name = typeof err?.name === 'string' && err.name ? err.name : typeof err;
+  log(`${name}: ${err?.message ?? String(err)}`);
+  sendError(
+    res,
+    INTERNAL,
+    `the decision could not be asked for (${name} in the server); the cause is in the server's log`,
+    '',
+  );
 }
 
 function sendError(res, code, message, field) {
@@ -258,6 +309,16 @@ function stringOrFunction(spec, where) {
   throw new TypeError(
     `${where}: expected a string or a function of req, got ${spec === null ? 'null' : typeof spec}`,
   );
+}
+
+function describe(value) {
+  if (value === null) {
+    return 'null';
+  }
+  if (Array.isArray(value)) {
+    return 'array';
+  }
+  return typeof value === 'object' ? (value.constructor?.name ?? 'object') : typeof value;
 }
 
 function optionalFunction(spec, where) {

@@ -9,6 +9,8 @@
 
 import { AsyncLocalStorage } from 'node:async_hooks';
 
+import { checkString } from './values.js';
+
 const storage = new AsyncLocalStorage();
 
 const SUBJECT_KEYS = ['user', 'chain', 'token'];
@@ -89,6 +91,7 @@ export function resolveSubject(options, where) {
     if (typeof options.token !== 'string' || !options.token) {
       throw new TypeError(`${where}: token expected a non-empty delegation token string`);
     }
+    checkString(options.token, `${where}: token`);
     return Object.freeze({ chain: Object.freeze([]), token: options.token });
   }
   return null;
@@ -100,5 +103,5 @@ function principal(value, where) {
       `${where} expected a non-empty string, got ${value === '' ? "''" : typeof value}`,
     );
   }
-  return value;
+  return checkString(value, where);
 }

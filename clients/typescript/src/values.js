@@ -140,21 +140,49 @@ export function toValue(value, path = 'value') {
  */
 export function toValueMap(values, path) {
   if (values === undefined || values === null) {
-    return {};
+    return Object.create(null);
   }
-  const out = {};
+  // No prototype: a `__proto__` key is an own entry like any other, not a
+  // prototype to set (which would drop it silently).
+  const out = Object.create(null);
   for (const [key, item] of entriesOf(values, path)) {
     out[key] = fill(item, `${path}.${key}`, 0);
   }
   return out;
 }
 
+/**
+ * Refuse a string that is not well-formed UTF-16 (a lone surrogate): the
+ * wire carries UTF-8, and the encoder would put U+FFFD in its place, so the
+ * daemon would see another value than the one given.
+ *
+ * @param {string} value
+ * @param {string} path where the string sits, for the error message
+ * @returns {string} `value`
+ * @throws {TypeError} naming `path` and the surrogate's index
+ */
+export function checkString(value, path) {
+  if (typeof value !== 'string') {
+    throw new TypeError(`${path}: expected a string, got ${describe(value)}`);
+  }
+  if (!value.isWellFormed()) {
+    const index = [...value.matchAll(LONE_SURROGATE)][0]?.index ?? 0;
+    throw new TypeError(
+      `${path}: expected well-formed text, got a lone surrogate at index ${index}` +
+        ' (it has no UTF-8 form)',
+    );
+  }
+  return value;
+}
+
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
 function fill(value, path, depth) {
   switch (typeof value) {
     case 'boolean':
       return { boolValue: value };
     case 'string':
-      return { stringValue: value };
+      return { stringValue: checkString(value, path) };
     case 'number':
       // A safe integer is exact as int64; anything else (a fraction, a
       // number past 2**53, NaN, Infinity) is what JavaScript holds: a double.
@@ -184,13 +212,22 @@ function fill(value, path, depth) {
   }
   if (Array.isArray(value)) {
     checkDepth(path, depth);
-    return {
-      listValue: { values: value.map((item, index) => fill(item, `${path}[${index}]`, depth + 1)) },
-    };
+    const values = [];
+    for (let index = 0; index < value.length; index += 1) {
+      // A hole (`[1, , 3]`, `new Array(2)`) is no value; map() would skip it
+      // and leave a hole the encoder fails on.
+      if (!Object.hasOwn(value, index)) {
+        throw new TypeError(
+          `${path}[${index}]: expected a value, got a hole (a sparse array's missing element)`,
+        );
+      }
+      values.push(fill(value[index], `${path}[${index}]`, depth + 1));
+    }
+    return { listValue: { values } };
   }
   if (value instanceof Map || isPlainObject(value)) {
     checkDepth(path, depth);
-    const entries = {};
+    const entries = Object.create(null);
     for (const [key, item] of entriesOf(value, path)) {
       entries[key] = fill(item, `${path}.${key}`, depth + 1);
     }
@@ -237,8 +274,10 @@ function entriesOf(values, path) {
   if (values instanceof Map) {
     for (const key of values.keys()) {
       if (typeof key !== 'string') {
-        throw new TypeError(`${path}: expected string keys, got ${describe(key)} key`);
+        const named = typeof key === 'symbol' ? `[${String(key)}]` : '';
+        throw new TypeError(`${path}${named}: expected string keys, got ${describe(key)} key`);
       }
+      checkString(key, `${path} key ${JSON.stringify(key)}`);
     }
     return values.entries();
   }
@@ -247,7 +286,18 @@ function entriesOf(values, path) {
       `${path}: expected a plain object of string keys to values, got ${describe(values)}`,
     );
   }
-  return Object.entries(values);
+  const symbols = Object.getOwnPropertySymbols(values);
+  if (symbols.length > 0) {
+    // Object.entries would skip it: refuse rather than drop it silently.
+    throw new TypeError(
+      `${path}[${String(symbols[0])}]: expected string keys, got a symbol key`,
+    );
+  }
+  const entries = Object.entries(values);
+  for (const [key] of entries) {
+    checkString(key, `${path} key ${JSON.stringify(key)}`);
+  }
+  return entries;
 }
 
 function isPlainObject(value) {
@@ -265,9 +315,13 @@ function typeMessage(value) {
   );
 }
 
-function describe(value) {
+/** A value's kind for an error message: `null`, `array`, a class name or a typeof. */
+export function describe(value) {
   if (value === null) {
     return 'null';
+  }
+  if (Array.isArray(value)) {
+    return 'array';
   }
   if (typeof value === 'object') {
     return value.constructor?.name ?? 'object';

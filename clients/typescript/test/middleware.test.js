@@ -136,7 +136,9 @@ describe('kynaraMiddleware in Express against a real daemon', () => {
     assert.deepEqual(Object.keys(approval), ['id', 'url', 'expires_at']);
     assert.match(approval.id, /^apr_/);
     assert.ok(approval.url.endsWith(`/approvals/${approval.id}`));
-    assert.match(approval.expires_at, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/);
+    // The daemon's own text, its fraction kept past the millisecond a JS
+    // Date holds (an expiry on a whole millisecond is a one in a million).
+    assert.match(approval.expires_at, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{4,9}Z$/);
     assert.equal(asked.headers.get('kynara-decision'), 'require_approval');
     assert.equal(asked.headers.get('kynara-decision-id'), asked.body.decision_id);
     assert.equal(asked.headers.get('kynara-approval-url'), approval.url);
@@ -217,6 +219,25 @@ describe('kynaraMiddleware in Express against a real daemon', () => {
       assert.equal(ran.length, 0);
       assert.equal(logged.length, 1);
       assert.match(logged[0], /no refund table/);
+    } finally {
+      await broken.close();
+    }
+  });
+
+  test('a mapping giving a non-string resourceKind is 500 internal, logged', async () => {
+    const logged = [];
+    const { app, handled: ran } = refundsApp(client, {
+      resourceKind: () => ['payments.refund'],
+      logger: (line) => logged.push(line),
+    });
+    const broken = await listen(app);
+    try {
+      const { status, body } = await post(broken.url, '/refunds/rf_m7b', { amount: 5 });
+      assert.equal(status, 500);
+      assert.equal(body.error.code, 'internal');
+      assert.equal(ran.length, 0);
+      assert.equal(logged.length, 1);
+      assert.match(logged[0], /resourceKind expected a dotted string, got array/);
     } finally {
       await broken.close();
     }
@@ -323,6 +344,54 @@ describe('kynaraMiddleware without a daemon', () => {
     }
   });
 
+  test('a closed client is 500 client_closed, logged and named, never a pass', async () => {
+    const closed = new Client({ target: NOWHERE });
+    closed.close();
+    const logged = [];
+    const { app, handled } = refundsApp(closed, {
+      failOpen: true,
+      logger: (line) => logged.push(line),
+    });
+    const server = await listen(app);
+    try {
+      const { status, body } = await post(server.url, '/refunds/rf_m15', { amount: 5 });
+      assert.equal(status, 500);
+      assert.equal(body.error.code, 'client_closed');
+      assert.match(body.error.message, /client_closed/);
+      assert.doesNotMatch(body.error.message, /nonexistent/);
+      assert.deepEqual(handled, []);
+      assert.equal(logged.length, 1);
+      assert.match(logged[0], /payments\.refund\.issue.*client_closed.*closed/);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test('any other error from the client is 500 internal, its cause logged and its kind named', async () => {
+    class Broken extends Client {
+      async decide() {
+        throw new Error('socket table full');
+      }
+    }
+    const broken = new Broken({ target: NOWHERE });
+    const logged = [];
+    const { app, handled } = refundsApp(broken, { logger: (line) => logged.push(line) });
+    const server = await listen(app);
+    try {
+      const { status, body } = await post(server.url, '/refunds/rf_m16', { amount: 5 });
+      assert.equal(status, 500);
+      assert.equal(body.error.code, 'internal');
+      assert.match(body.error.message, /\(Error in the server\)/);
+      assert.doesNotMatch(body.error.message, /socket table full/);
+      assert.deepEqual(handled, []);
+      assert.equal(logged.length, 1);
+      assert.match(logged[0], /Error: socket table full/);
+    } finally {
+      broken.close();
+      await server.close();
+    }
+  });
+
   test('options are checked when the middleware is made', () => {
     const base = { action: 'a.b', resourceKind: 'k.k', subject: () => null };
     assert.throws(
@@ -341,5 +410,16 @@ describe('kynaraMiddleware without a daemon', () => {
       () => kynaraMiddleware({ ...base, failOpen: 1 }),
       /failOpen expected true or false/,
     );
+    assert.throws(
+      () => kynaraMiddleware({ ...base, failopen: true }),
+      /kynaraMiddleware: unknown option failopen; expected any of .*failOpen/,
+    );
+    for (const header of ['Kynara-Approval-Id', 'approval id', '', 'x:y']) {
+      assert.throws(
+        () => kynaraMiddleware({ ...base, approvalHeader: header }),
+        /approvalHeader expected a lower-case HTTP header name/,
+      );
+    }
+    assert.doesNotThrow(() => kynaraMiddleware({ ...base, approvalHeader: 'x-approval' }));
   });
 });

@@ -112,7 +112,7 @@ test('values with no wire form are refused with their key path', () => {
   }
   assert.throws(() => toValueMap([1], 'context'), /^TypeError: context: expected a plain object/);
   assert.throws(() => toValueMap(new Map([[1, 'x']]), 'context'), /expected string keys/);
-  assert.deepEqual(toValueMap(undefined, 'context'), {});
+  assert.deepEqual(Object.keys(toValueMap(undefined, 'context')), []);
 });
 
 test('nesting deeper than MAX_DEPTH, or a cycle, is refused', () => {
@@ -123,4 +123,50 @@ test('nesting deeper than MAX_DEPTH, or a cycle, is refused', () => {
   const cycle = {};
   cycle.self = cycle;
   assert.throws(() => toValue(cycle), RangeError);
+});
+
+test('a sparse array is refused, naming the hole', () => {
+  // eslint-disable-next-line no-sparse-arrays
+  assert.throws(() => toValueMap({ l: [1, , 3] }, 'resource.attributes'), {
+    name: 'TypeError',
+    message: /^resource\.attributes\.l\[1\]: expected a value, got a hole/,
+  });
+  assert.throws(() => toValue(new Array(2), 'context.v'), { message: /^context\.v\[0\]: / });
+  assert.deepEqual(
+    roundTrip([0, 1]).listValue.values.map((item) => item.intValue),
+    ['0', '1'],
+  );
+});
+
+test('a `__proto__` key is carried as a key, in maps and nested maps', () => {
+  const parsed = JSON.parse('{"__proto__": 5, "b": {"__proto__": true}}');
+  const map = toValueMap(parsed, 'context');
+  assert.deepEqual(Object.keys(map), ['__proto__', 'b']);
+  const bytes = decide.requestSerialize({ action: 'a.b', context: map });
+  const back = decide.requestDeserialize(bytes).context;
+  assert.equal(back.__proto__.intValue, '5');
+  assert.equal(back.b.mapValue.entries.__proto__.boolValue, true);
+  const fromMap = toValueMap(new Map([['__proto__', 'x']]), 'context');
+  assert.deepEqual(Object.keys(fromMap), ['__proto__']);
+});
+
+test('symbol keys and lone surrogates are refused, naming the key path', () => {
+  assert.throws(() => toValueMap({ a: { [Symbol('s')]: 1 } }, 'context'), {
+    name: 'TypeError',
+    message: /^context\.a\[Symbol\(s\)\]: expected string keys, got a symbol key/,
+  });
+  assert.throws(() => toValueMap(new Map([[Symbol('m'), 1]]), 'context'), {
+    name: 'TypeError',
+    message: /^context\[Symbol\(m\)\]: expected string keys/,
+  });
+  assert.throws(() => toValueMap({ l: ['ok', 'bad\uD800'] }, 'resource.attributes'), {
+    name: 'TypeError',
+    message: /^resource\.attributes\.l\[1\]: expected well-formed text, got a lone surrogate at index 3/,
+  });
+  assert.throws(() => toValueMap({ ['k\uDC00']: 1 }, 'context'), {
+    name: 'TypeError',
+    message: /^context key "k\\udc00": expected well-formed text/,
+  });
+  // A surrogate pair is well formed and travels as it is.
+  assert.equal(roundTrip('\u{1F600}').stringValue, '\u{1F600}');
 });
