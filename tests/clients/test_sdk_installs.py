@@ -1,7 +1,7 @@
 """The SDK installed for real in venvs of its own (scripts/setup --test):
 alone, it decides over the fast path with no protobuf or grpc importable;
-with its gRPC extra beside autogen-core (protobuf 5.29), over both
-transports."""
+with its gRPC extra beside autogen-core (protobuf 5.29, in the AutoGen
+guard's venv), over both transports."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_the_sdk_alone_decides_over_the_fast_path_without_protobuf(
 
 
 def test_the_grpc_extra_works_beside_protobuf_5_29(start_daemon, socket_dir):
-    python = venv_python("sdk-pb529")
+    python = venv_python("autogen")
     running = start_daemon(path=socket_dir)
 
     seen = run_check(python, running.target, "grpc", "fast")

@@ -1,0 +1,181 @@
+"""AutoGen tools guarded by kynara_sdk.integrations.autogen, in .venvs/autogen
+(autogen-core pins protobuf 5.29, so not in the daemon's venv), against a
+real daemon over the fast path and over gRPC: an AssistantAgent on a
+scripted model calls them, and what the model read, what the trace and the
+callback recorded and what the audit log holds must agree."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+from integration_support import (
+    approve,
+    audit_records,
+    reviewer_settings,
+    run_scenario,
+    venv_python,
+)
+from support import REPO_ROOT
+
+SCENARIO = pathlib.Path(__file__).with_name("autogen_scenario.py")
+README = REPO_ROOT / "clients" / "python" / "README.md"
+TRANSPORTS = ["fast", "grpc"]
+
+
+@pytest.fixture
+def python():
+    return venv_python("autogen")
+
+
+@pytest.fixture
+def running(start_daemon, socket_dir):
+    return start_daemon(*reviewer_settings(socket_dir), path=socket_dir)
+
+
+def scenario(python, target: str, transport: str, part: str) -> dict:
+    return run_scenario(python, SCENARIO, target, transport, part, transport)
+
+
+def assert_in_audit_log(running, events: list[dict]) -> None:
+    records = audit_records(running)
+    for event in events:
+        record = records[event["decision_id"]]
+        assert (record.action, record.decision) == (event["action"], event["decision"])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_agent_runs_the_allowed_refund_and_not_the_denied_crm_read(
+    python, running, transport
+):
+    seen = scenario(python, running.target, transport, "loop")
+
+    assert seen["transport"] == transport
+    assert seen["runs"] == {"issue_refund": 1, "read_contact": 0}
+    refund, crm = (
+        seen["turn"]["model_saw"]["call_0"],
+        seen["turn"]["model_saw"]["call_1"],
+    )
+    assert refund == {
+        "name": "issue_refund",
+        "content": f"refunded 1200 on rf_{transport}",
+        "is_error": False,
+    }
+    assert crm["is_error"] is True
+    assert crm["content"].startswith("Permission denied for read_contact")
+    assert "region-block/blocked-region" in crm["content"]
+    assert "[rule_denied; decision" in crm["content"]
+    assert "The tool did not run." in crm["content"]
+    # The agent runs the two calls concurrently: either may come first.
+    events = sorted(seen["events"], key=lambda e: e["call_id"])
+    assert [(e["tool"], e["decision"], e["call_id"]) for e in events] == [
+        ("issue_refund", "allow", "call_0"),
+        ("read_contact", "deny", "call_1"),
+    ]
+    assert sorted(seen["callback"], key=lambda e: e["call_id"]) == events
+    assert events[1]["decision_id"] in crm["content"]
+    assert_in_audit_log(running, events)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_refusal_raises_with_the_decision_id_and_bad_arguments_ask_nothing(
+    python, running, transport
+):
+    seen = scenario(python, running.target, transport, "exception")
+
+    raised = seen["raised"]
+    assert seen["same_face"] is True  # name, description and schema
+    assert seen["bad_arguments"] == "amount"  # refused before any check
+    assert len(seen["events"]) == 1
+    assert seen["runs"] == {"issue_refund": 0, "read_contact": 0}
+    assert raised["code"] == "permission_denied"
+    assert raised["cause"] == "PermissionDenied"
+    assert raised["decision_id"] == seen["events"][0]["decision_id"] != ""
+    assert raised["text"].startswith("Permission denied for read_contact")
+    assert_in_audit_log(running, seen["events"])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_large_refund_runs_once_after_a_reviewer_approves(python, running, transport):
+    asked = scenario(python, running.target, transport, "approval")
+
+    said = asked["turn"]["model_saw"]["call_0"]
+    [event] = asked["events"]
+    approval = event["approval"]
+    assert asked["runs"]["issue_refund"] == 0
+    assert event["decision"] == "require_approval"
+    assert said["is_error"] is True
+    assert approval["url"] and approval["url"] in said["content"]
+    assert "needs a reviewer's approval" in said["content"]
+
+    approve(running, approval["id"])
+    again = scenario(python, running.target, transport, "retry")
+
+    [granted] = again["events"]
+    assert again["runs"]["issue_refund"] == 1
+    assert again["turn"]["model_saw"]["call_0"]["content"] == (
+        f"refunded 60000 on rf_{transport}_big"
+    )
+    assert (granted["decision"], granted["reason_code"]) == (
+        "allow",
+        "approval_granted",
+    )
+    assert_in_audit_log(running, [event, granted])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_unreachable_daemon_fails_closed_unless_fail_open_says_so(
+    python, socket_dir, transport
+):
+    nowhere = f"unix://{socket_dir / 'nowhere' / 'agent.sock'}"
+
+    seen = scenario(python, nowhere, transport, "unreachable")
+
+    assert seen["runs"]["issue_refund"] == 0
+    assert seen["closed"]["is_error"] is True
+    assert "[daemon_unreachable]" in seen["closed"]["text"]
+    assert "The tool did not run." in seen["closed"]["text"]
+    assert seen["open_runs"]["issue_refund"] == 1
+    assert seen["opened"] == {
+        "text": f"refunded 1200 on rf_{transport}",
+        "is_error": False,
+    }
+    assert [e["failed_open"] for e in seen["events"]] == [False, True]
+    assert [e["error"] for e in seen["events"]] == ["daemon_unreachable"] * 2
+    [warning] = seen["warnings"]
+    assert warning["level"] == "WARNING"
+    assert warning["text"].startswith(
+        "failing open: issue_refund (payments.refund.issue)"
+    )
+
+
+def readme_example() -> str:
+    """The python block of the README's "### AutoGen" section."""
+    text = README.read_text()
+    section = text.split("### AutoGen\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_the_readme_example_runs(python, running, tmp_path):
+    # The example prints; the wrapper hands its lines back as JSON.
+    script = tmp_path / "readme_autogen.py"
+    script.write_text(
+        "import contextlib, io, json\n"
+        "printed = io.StringIO()\n"
+        "with contextlib.redirect_stdout(printed):\n"
+        f"    exec(compile({readme_example()!r}, 'README', 'exec'), {{}})\n"
+        "print(json.dumps(printed.getvalue().splitlines()))\n"
+    )
+
+    allowed, refused = run_scenario(python, script, KYNARA_TARGET=running.target)
+
+    assert allowed == "refunded 1200 on rf_1"
+    code, url, decision_id = refused.split(" ")
+    assert code == "approval_required"
+    assert url.startswith("http")
+    record = audit_records(running)[decision_id]
+    assert (record.action, record.decision) == (
+        "payments.refund.issue",
+        "require_approval",
+    )
