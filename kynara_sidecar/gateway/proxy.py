@@ -685,7 +685,7 @@ class Gateway:
         show it the approval URL, wait for the review, decide again.
         Otherwise, or when the wait ends without a grant, ``answer``."""
         approval = answer.approval
-        # TODO(#10): the 2026-07-28 protocol has no server requests; its
+        # NOTE: the 2026-07-28 protocol has no server requests; its
         # clients would be asked through an InputRequiredResult instead.
         # They get the tool error with the URL for now.
         if (
