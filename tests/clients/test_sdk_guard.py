@@ -167,6 +167,22 @@ def test_a_status_from_something_other_than_the_daemon_never_fails_open(
     assert [r for r in caplog.records if r.name == "kynara_sdk.guard"] == []
 
 
+def test_a_fast_path_target_that_is_not_a_daemon_never_fails_open(running, caplog):
+    # The daemon's gRPC socket given as the fast path's: it answers in HTTP/2.
+    with Client(f"fast://{running.socket}", timeout=2) as wrong:
+        guard = ToolGuard(
+            "payments.refund.issue", client=wrong, fail_open=True, **REFUND
+        )
+        with acting_for(user="alice"), caplog.at_level(logging.WARNING):
+            verdict = guard.check("issue_refund", {"refund_id": "r", "amount": -5})
+
+    assert not verdict.allowed and not verdict.failed_open
+    assert verdict.error.code == DAEMON_UNREACHABLE
+    assert verdict.error.not_a_daemon is True
+    assert "protocol mismatch" in verdict.message()
+    assert [r for r in caplog.records if r.name == "kynara_sdk.guard"] == []
+
+
 def test_acheck_decides_alike_with_the_async_client(running):
     async def run():
         async with AsyncClient(running.target) as asker:
@@ -198,3 +214,21 @@ def test_acheck_decides_alike_with_the_async_client(running):
 def test_bad_settings_are_refused_when_the_guard_is_made(kwargs, error):
     with pytest.raises(error):
         ToolGuard("a.b", resource_kind="k.k", **kwargs)
+
+
+def test_a_misspelled_mapping_is_found_when_the_tool_is_guarded():
+    guard = ToolGuard(
+        "payments.refund.issue",
+        resource_kind="payments.refund",
+        resource_arg="refundId",
+        attrs={"amount": "amout"},
+    )
+
+    guard.check_arguments("ok", {"refundId", "amout"})
+    with pytest.raises(ValueError) as caught:
+        guard.check_arguments("issue_refund", {"refund_id", "amount"})
+
+    assert str(caught.value) == (
+        "guard_tool: 'refundId', 'amout' not among tool 'issue_refund''s"
+        " arguments (amount, refund_id)"
+    )

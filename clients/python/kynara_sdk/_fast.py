@@ -450,9 +450,11 @@ class _Route:
 
     def mismatch(self, why: str) -> KynaraUnavailable:
         """The peer at the socket is not a Kynara fast path."""
-        return self.unreachable(
-            f"{why}; not a Kynara daemon's fast socket (protocol mismatch)."
-            " A gRPC socket is given as unix:///path, not fast:///path"
+        return KynaraUnavailable(
+            f"no answer from the Kynara daemon at {self.target} ({why}; not a"
+            " Kynara daemon's fast socket (protocol mismatch). A gRPC socket is"
+            " given as unix:///path, not fast:///path)",
+            not_a_daemon=True,
         )
 
     def ended(self, received: bytearray) -> KynaraUnavailable:

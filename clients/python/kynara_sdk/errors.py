@@ -31,6 +31,7 @@ as its deny reason.
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -109,14 +110,22 @@ class KynaraUnavailable(KynaraError):
     """The daemon gave no answer: not listening, disconnected or too slow.
 
     ``code`` is always ``DAEMON_UNREACHABLE``. A decorated tool fails closed:
-    its body does not run.
+    its body does not run. ``not_a_daemon`` is True when something answered
+    at the target but does not speak Kynara (a gRPC socket given as the fast
+    path's, say): a wrong target, which a guard never fails open on.
     """
 
-    def __init__(self, message: str, field: str = "") -> None:
+    def __init__(
+        self, message: str, field: str = "", *, not_a_daemon: bool = False
+    ) -> None:
+        self.not_a_daemon = not_a_daemon
         super().__init__(DAEMON_UNREACHABLE, message, field)
 
     def __reduce__(self):
-        return (self.__class__, (self.message, self.field))
+        return (
+            functools.partial(type(self), not_a_daemon=self.not_a_daemon),
+            (self.message, self.field),
+        )
 
 
 class PermissionDenied(KynaraError):

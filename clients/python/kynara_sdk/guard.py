@@ -11,17 +11,21 @@ the decision id for the trace, the callback record and the tool result.
 Fail closed: the tool runs only on allow. Deny, require_approval, an error
 answer, a timeout or an unreachable daemon each keep it from running, with
 the reason. ``fail_open=True`` lets a call through when the daemon could
-not answer (unreachable, shutting down, no policy or audit log yet), never
-on deny, approval, a request the daemon refused as bad or an internal error
-(which an input could provoke); each time it does, it logs a warning on the
+not answer (unreachable, too slow, shutting down, no policy or audit log
+yet), never on deny, approval, a request the daemon refused as bad, an
+internal error (which an input could provoke) or a fast-path peer that is
+not a Kynara daemon; each time it does, it logs a warning on the
 ``kynara_sdk.guard`` logger naming the tool, the action and the error.
+Over gRPC, a peer that is not a daemon mostly reads as unreachable (grpc
+does not tell a protocol error from a connection that failed), so a
+``fail_open`` guard pointed at a wrong gRPC target opens, logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from kynara_sdk.client import AsyncClient, Client
@@ -217,6 +221,24 @@ class ToolGuard:
         self._client = client
         self._async_client = async_client
 
+    def check_arguments(self, tool: str, known: Collection[str]) -> None:
+        """Make sure every argument the request maps from is one of the
+        tool's ``known`` arguments, so a misspelled name is found when the
+        tool is guarded, not sent as a missing id or attribute.
+
+        Raises:
+            ValueError: a mapped argument is not among ``known``; the
+                message names them all.
+        """
+        wanted = [self.resource_arg] if self.resource_arg is not None else []
+        wanted += [*self._attrs.values(), *self._context.values()]
+        missing = [name for name in wanted if name not in known]
+        if missing:
+            raise ValueError(
+                f"guard_tool: {', '.join(map(repr, missing))} not among tool"
+                f" {tool!r}'s arguments ({', '.join(sorted(known)) or 'none'})"
+            )
+
     def check(self, tool: str, arguments: Mapping[str, Any]) -> Verdict:
         """Decide one call of ``tool`` with its parsed ``arguments``."""
         try:
@@ -259,7 +281,8 @@ class ToolGuard:
         # A wait that ended without a grant still names the decision that
         # asked; any other error got no decision at all.
         decision = getattr(err, "decision", None)
-        if self.fail_open and err.code in NO_ANSWER_CODES:
+        wrong_target = getattr(err, "not_a_daemon", False)
+        if self.fail_open and err.code in NO_ANSWER_CODES and not wrong_target:
             log.warning(
                 "failing open: %s (%s) runs without a decision: %s",
                 tool,

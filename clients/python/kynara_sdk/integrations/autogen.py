@@ -268,4 +268,5 @@ def guard_tool(
         on_wait=on_wait,
         fail_open=fail_open,
     )
+    guard.check_arguments(tool.name, set(tool.args_type().model_fields))
     return GuardedTool(tool, guard, on_decision)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 from kynara_sdk.client import AsyncClient, Client
@@ -179,7 +179,7 @@ def guard_tool(
         on_wait=on_wait,
         fail_open=fail_open,
     )
-    _check_arguments(tool, resource_arg, attrs, context)
+    guard.check_arguments(tool.name, set(tool.args_schema.model_fields))
     settings = {name: getattr(tool, name) for name in _COPIED_FIELDS}
     guarded = GuardedTool(**settings, cache_function=_never_cache)
     guarded._tool = tool
@@ -282,24 +282,3 @@ def _has_async_body(tool: BaseTool) -> bool:
     if isinstance(tool, Tool):
         return inspect.iscoroutinefunction(tool.func)
     return type(tool)._arun is not BaseTool._arun
-
-
-def _check_arguments(
-    tool: BaseTool,
-    resource_arg: str | None,
-    attrs: ArgumentMap,
-    context: ArgumentMap,
-) -> None:
-    known = set(tool.args_schema.model_fields)
-    wanted = [resource_arg] if resource_arg is not None else []
-    for spec in (attrs, context):
-        if isinstance(spec, Mapping):
-            wanted += list(spec.values())
-        elif spec is not None:
-            wanted += list(spec)
-    missing = [name for name in wanted if name not in known]
-    if missing:
-        raise ValueError(
-            f"guard_tool: {', '.join(map(repr, missing))} not among tool"
-            f" {tool.name!r}'s arguments ({', '.join(sorted(known)) or 'none'})"
-        )

@@ -181,7 +181,7 @@ def guard_tool(
         on_wait=on_wait,
         fail_open=fail_open,
     )
-    _check_arguments(tool, resource_arg, attrs, context)
+    guard.check_arguments(tool.name, set(tool.args))
     settings = {
         name: getattr(tool, name) for name in _COPIED_FIELDS if hasattr(tool, name)
     }
@@ -462,24 +462,3 @@ def _injected(
         elif param.annotation in (RunnableConfig, "RunnableConfig"):
             extra[name] = config
     return extra
-
-
-def _check_arguments(
-    tool: BaseTool,
-    resource_arg: str | None,
-    attrs: ArgumentMap,
-    context: ArgumentMap,
-) -> None:
-    known = set(tool.args)
-    wanted = [resource_arg] if resource_arg is not None else []
-    for spec in (attrs, context):
-        if isinstance(spec, Mapping):
-            wanted += list(spec.values())
-        elif spec is not None:
-            wanted += list(spec)
-    missing = [name for name in wanted if name not in known]
-    if missing:
-        raise ValueError(
-            f"guard_tool: {', '.join(map(repr, missing))} not among tool"
-            f" {tool.name!r}'s arguments ({', '.join(sorted(known)) or 'none'})"
-        )
