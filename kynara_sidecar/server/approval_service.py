@@ -38,6 +38,7 @@ from kynara_sidecar.approvals.model import (
     Verdict,
     earlier_approvals,
 )
+from kynara_sidecar.audit.record import parse_timestamp
 from kynara_sidecar.errors import (
     InvalidRequest,
     KynaraError,
@@ -73,12 +74,19 @@ log = logging.getLogger("kynara.server")
 
 
 def timestamp_of(text: str) -> timestamp_pb2.Timestamp | None:
-    """An RFC 3339 time as a protobuf Timestamp; None for ""."""
+    """An RFC 3339 time as a protobuf Timestamp; None for "". The daemon's
+    own form (UTC, ``Z``) keeps its nanoseconds, as Decide's answers carry
+    them; any other offset goes through datetime (microseconds)."""
     if not text:
         return None
-    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     out = timestamp_pb2.Timestamp()
-    out.FromDatetime(moment.astimezone(datetime.UTC))
+    try:
+        exact = parse_timestamp(text)
+    except ValueError:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        out.FromDatetime(moment.astimezone(datetime.UTC))
+        return out
+    out.seconds, out.nanos = exact.seconds, exact.nanos
     return out
 
 

@@ -235,3 +235,16 @@ def test_no_approval_id_is_an_invalid_request(served):
 
     assert wait.error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(wait.error.trailing_metadata())["kynara-error-field"] == "approval_id"
+
+
+def test_an_update_keeps_the_expiry_to_the_nanosecond_as_decide_does():
+    from google.protobuf import timestamp_pb2
+
+    from kynara_sidecar.server.approval_service import timestamp_of
+
+    exact = timestamp_of("2026-12-05T12:00:00.925235745Z")
+    offset = timestamp_of("2026-12-05T13:00:00.5+01:00")
+
+    assert exact == timestamp_pb2.Timestamp(seconds=1796472000, nanos=925235745)
+    assert offset == timestamp_pb2.Timestamp(seconds=1796472000, nanos=500000000)
+    assert timestamp_of("") is None
