@@ -232,3 +232,30 @@ def test_a_misspelled_mapping_is_found_when_the_tool_is_guarded():
         "guard_tool: 'refundId', 'amout' not among tool 'issue_refund''s"
         " arguments (amount, refund_id)"
     )
+
+
+def test_a_nested_model_argument_is_sent_as_the_map_of_its_fields(running, client):
+    # pydantic comes with the daemon's own dependencies (mcp).
+    import pydantic
+
+    class Money(pydantic.BaseModel):
+        amount: int
+        currency: str
+
+    guard = ToolGuard(
+        "payments.refund.issue",
+        client=client,
+        resource_kind="payments.refund",
+        resource_arg="refund_id",
+        attrs={"money": "money", "lines": "lines"},
+    )
+    call = {"refund_id": "rf_m", "money": Money(amount=5, currency="EUR")}
+    call["lines"] = [Money(amount=2, currency="EUR")]
+
+    with acting_for(user="alice"):
+        verdict = guard.check("issue_refund", call)
+
+    record = audit_records(running)[verdict.decision_id]
+    money = {"map": {"amount": {"int": "5"}, "currency": {"string": "EUR"}}}
+    line = {"map": {"amount": {"int": "2"}, "currency": {"string": "EUR"}}}
+    assert record.resource.attributes == {"money": money, "lines": {"list": [line]}}

@@ -172,7 +172,9 @@ class ToolGuard:
         resource_kind: dotted resource kind, e.g. ``payments.refund``.
         resource_arg: the argument holding the resource id, or None.
         attrs: arguments sent as resource attributes (a list of names, or a
-            dict of attribute name to argument name).
+            dict of attribute name to argument name). An argument that is a
+            pydantic model (as frameworks parse nested arguments) is sent
+            as the map of its fields.
         context: arguments sent as caller context, in the same forms.
         client: the ``Client`` for ``check``; default the shared one for
             ``$KYNARA_TARGET``.
@@ -266,8 +268,9 @@ class ToolGuard:
         return self._verdict(tool, decision)
 
     def _request(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        plain = {name: _plain(value) for name, value in arguments.items()}
         return tool_request(
-            arguments, self.resource_kind, self.resource_arg, self._attrs, self._context
+            plain, self.resource_kind, self.resource_arg, self._attrs, self._context
         )
 
     def _verdict(self, tool: str, decision: Decision) -> Verdict:
@@ -292,6 +295,19 @@ class ToolGuard:
             )
             return Verdict(tool, self.action, decision, err, failed_open=True)
         return Verdict(tool, self.action, decision, err)
+
+
+def _plain(value: Any) -> Any:
+    # Frameworks parse a tool's arguments with pydantic: a nested model is
+    # sent as its fields (a map), as the model would read it in JSON.
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, type):
+        return dump(mode="python")
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _bad_value(err: TypeError | ValueError) -> KynaraError:
