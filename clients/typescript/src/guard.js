@@ -46,6 +46,7 @@ import {
   PermissionDenied,
   SHUTTING_DOWN,
 } from './errors.js';
+import { describe } from './values.js';
 
 /**
  * The codes `failOpen` lets a call through on: the daemon could not answer
@@ -330,17 +331,4 @@ export function resourceId(value, where) {
     return String(value);
   }
   throw new TypeError(`${where}: expected a string or integer resource id, got ${describe(value)}`);
-}
-
-function describe(value) {
-  if (value === null) {
-    return 'null';
-  }
-  if (Array.isArray(value)) {
-    return 'array';
-  }
-  if (typeof value === 'object') {
-    return value.constructor?.name ?? 'object';
-  }
-  return typeof value;
 }

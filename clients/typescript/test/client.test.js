@@ -4,7 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 
 import {
   APPROVAL_REJECTED,
@@ -25,32 +25,15 @@ import {
   actingFor,
   currentSubject,
 } from '../src/index.js';
-import { startDaemon } from './daemon.js';
+import { REFUND, refund, useDaemon } from './daemon.js';
 
-const REFUND = 'payments.refund.issue';
-
-function refund(id, amount, extra = {}) {
-  return {
-    resourceKind: 'payments.refund',
-    resourceId: id,
-    attributes: { amount },
-    user: 'alice',
-    ...extra,
-  };
-}
 
 describe('Client against a real daemon', () => {
   let daemon;
   let client;
-
-  before(async () => {
-    daemon = await startDaemon();
-    client = new Client({ target: daemon.unixTarget });
-  });
-
-  after(async () => {
-    client?.close();
-    await daemon?.stop();
+  useDaemon((started, made) => {
+    daemon = started;
+    client = made;
   });
 
   test('a small refund for alice is allowed, with its audit place', async () => {

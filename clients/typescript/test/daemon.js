@@ -10,6 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { after, before } from 'node:test';
+
 import { Client, DAEMON_UNREACHABLE } from '../src/index.js';
 
 export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
@@ -158,4 +160,35 @@ async function waitAnswering(target, exited, stderr) {
   } finally {
     client.close();
   }
+}
+
+export const REFUND = 'payments.refund.issue';
+
+/** Decide options for alice's refund `id` of `amount` cents. */
+export function refund(id, amount, extra = {}) {
+  return {
+    resourceKind: 'payments.refund',
+    resourceId: id,
+    attributes: { amount },
+    user: 'alice',
+    ...extra,
+  };
+}
+
+/**
+ * In a describe block: start a daemon and a Client on its Unix socket before
+ * the block's tests (handed to `ready(daemon, client)`), close both after.
+ */
+export function useDaemon(ready) {
+  let daemon;
+  let client;
+  before(async () => {
+    daemon = await startDaemon();
+    client = new Client({ target: daemon.unixTarget });
+    ready(daemon, client);
+  });
+  after(async () => {
+    client?.close();
+    await daemon?.stop();
+  });
 }

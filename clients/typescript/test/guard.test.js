@@ -4,7 +4,7 @@
 // answered; failOpen lets a call through only without an answer, and says so.
 
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 
 import {
   APPROVAL_REJECTED,
@@ -21,9 +21,8 @@ import {
   currentDecision,
   guard,
 } from '../src/index.js';
-import { startDaemon } from './daemon.js';
+import { REFUND, useDaemon } from './daemon.js';
 
-const REFUND = 'payments.refund.issue';
 const NOWHERE = 'unix:///nonexistent-kynara-dir/agent.sock';
 
 /** A refund tool taking one plain object, and the calls its body saw. */
@@ -48,15 +47,9 @@ const asAlice = (fn) => actingFor({ user: 'alice' }, fn);
 describe('guard against a real daemon', () => {
   let daemon;
   let client;
-
-  before(async () => {
-    daemon = await startDaemon();
-    client = new Client({ target: daemon.unixTarget });
-  });
-
-  after(async () => {
-    client?.close();
-    await daemon?.stop();
+  useDaemon((started, made) => {
+    daemon = started;
+    client = made;
   });
 
   test('allow runs the body once, with the allow as currentDecision()', async () => {

@@ -30,19 +30,8 @@ import {
 } from '../src/index.js';
 import { errorFromStatus, timestampText } from '../src/client.js';
 import { failOpenPolicy } from '../src/guard.js';
-import { startDaemon } from './daemon.js';
+import { REFUND, refund, useDaemon } from './daemon.js';
 
-const REFUND = 'payments.refund.issue';
-
-function refund(id, amount, extra = {}) {
-  return {
-    resourceKind: 'payments.refund',
-    resourceId: id,
-    attributes: { amount },
-    user: 'alice',
-    ...extra,
-  };
-}
 
 /** A guarded refund with failOpen on `client`; `ran` and `logged` record what happened. */
 function openRefund(client) {
@@ -87,15 +76,9 @@ function status(code, details, trailer = {}) {
 describe('against a real daemon', () => {
   let daemon;
   let client;
-
-  before(async () => {
-    daemon = await startDaemon();
-    client = new Client({ target: daemon.unixTarget });
-  });
-
-  after(async () => {
-    client?.close();
-    await daemon?.stop();
+  useDaemon((started, made) => {
+    daemon = started;
+    client = made;
   });
 
   test('a sparse array is refused before sending, naming its path; failOpen stays closed', async () => {
