@@ -7,6 +7,8 @@ Usage:
     python crewai_scenario.py agent TARGET TRANSPORT
     python crewai_scenario.py approval TARGET TRANSPORT REFUND_ID
     python crewai_scenario.py unreachable TARGET
+    python crewai_scenario.py checkpoint TARGET TRANSPORT DIRECTORY
+    python crewai_scenario.py restore DIRECTORY
     python crewai_scenario.py readme EXAMPLE_FILE
 
 Imports only the standard library, kynara_sdk and crewai, as an agent
@@ -69,9 +71,11 @@ from crewai.events.event_bus import crewai_event_bus  # noqa: E402
 from crewai.events.types.tool_usage_events import (  # noqa: E402
     ToolFailureDetectedEvent,
 )
+from crewai.state.checkpoint_config import CheckpointConfig  # noqa: E402
 from crewai.tools import BaseTool, ToolFailure, tool  # noqa: E402
 from crewai.tools.tool_failure import ToolExecutionFailedError  # noqa: E402
 from kynara_sdk.integrations.crewai import (  # noqa: E402
+    GuardedTool,
     KynaraDecisionEvent,
     guard_tool,
 )
@@ -389,6 +393,134 @@ def unreachable(target: str) -> dict:
     }
 
 
+# What the module-level on_decision below saw (a checkpoint keeps it).
+noted: list[dict] = []
+
+
+def note_decision(event: KynaraDecisionEvent) -> None:
+    noted.append(_event_record(event))
+
+
+def checkpointed_tools(client) -> list[BaseTool]:
+    """The refund (a module's @tool, with a module-level on_decision), the
+    CRM read (a tool class) and a CRM lookup made by @tool inside this
+    function, which no checkpoint can keep."""
+    refund, contact = guarded(client, on_decision=note_decision)
+
+    @tool("lookup_contact")
+    def lookup_contact(contact_id: str, region: str) -> str:
+        """Look a CRM contact up."""
+        bodies["lookup_contact"] += 1
+        return f"contact {contact_id}"
+
+    lookup = guard_tool(
+        lookup_contact,
+        "crm.contact.read",
+        resource_kind="crm.contact",
+        resource_arg="contact_id",
+        context=["region"],
+        client=client,
+    )
+    return [refund, contact, lookup]
+
+
+def checkpoint(target: str, transport: str, directory: str) -> dict:
+    """A crew of two tasks, checkpointed as each completes: the first runs
+    the refund; the model then fails in the second, as a crash would."""
+    with kynara_sdk.Client(target, transport=transport) as client:
+        tools = checkpointed_tools(client)
+        agent = Agent(
+            role="support agent",
+            goal="resolve the ticket",
+            backstory="works the support queue",
+            llm=ScriptedLLM(
+                [action("issue_refund", refund_id="rf_c1", amount=1200), FINAL]
+            ),
+            tools=tools,
+            max_iter=4,
+            verbose=False,
+        )
+        tasks = [
+            Task(description=f"{step} ticket", expected_output="done", agent=agent)
+            for step in ("refund the", "look up the")
+        ]
+        crew = Crew(
+            agents=[agent],
+            tasks=tasks,
+            checkpoint=CheckpointConfig(location=directory),
+            verbose=False,
+        )
+        try:
+            with kynara_sdk.acting_for(user="alice"):
+                crew.kickoff()
+            crashed = None
+        except RuntimeError as err:
+            crashed = str(err)
+    crewai_event_bus.flush()
+    return {
+        "crashed": crashed,
+        "bodies": dict(bodies),
+        "noted": noted,
+        "events": decision_events,
+        "checkpoints": len(sorted(pathlib.Path(directory).rglob("*.json"))),
+        "network": network,
+    }
+
+
+def restore(directory: str) -> dict:
+    """In a new process, the crew from its last checkpoint: first without
+    CrewAI's consent to restore callbacks (the refund's on_decision), then
+    with it, resuming the second task."""
+    [*_, last] = sorted(pathlib.Path(directory).rglob("*.json"))
+    config = CheckpointConfig(restore_from=str(last))
+    os.environ.pop("CREWAI_DESERIALIZE_CALLBACKS", None)
+    restored = Crew.from_checkpoint(config)
+    tools = {t.name: t for t in restored.agents[0].tools}
+    with kynara_sdk.acting_for(user="alice"):
+        without = tools["issue_refund"].run(refund_id="rf_c2", amount=100)
+        awaited = asyncio.run(
+            tools["lookup_contact"].arun(contact_id="ct_c3", region="DE")
+        )
+    try:
+        unwrapped = repr(tools["lookup_contact"].wrapped)
+    except RuntimeError as err:
+        unwrapped = str(err)
+    os.environ["CREWAI_DESERIALIZE_CALLBACKS"] = "1"
+    crew = Crew.from_checkpoint(config)
+    agent = crew.agents[0]
+    llm = ScriptedLLM(
+        [
+            action("read_contact", contact_id="ct_c1", region="kp"),
+            action("issue_refund", refund_id="rf_c3", amount=700),
+            action("lookup_contact", contact_id="ct_c2", region="DE"),
+            FINAL,
+        ]
+    )
+    agent.llm = llm
+    with kynara_sdk.acting_for(user="alice"):
+        output = crew.kickoff()
+    crewai_event_bus.flush()
+    return {
+        "types": sorted(f"{name} {type(t).__name__}" for name, t in tools.items()),
+        "without_consent": {"message": without.message, "code": without.code},
+        "awaited_code": awaited.code,
+        "unwrapped": unwrapped,
+        "tasks": [t.raw for t in output.tasks_output],
+        "observations": llm.observations,
+        "tool_failures": [
+            {"tool": f.tool_name, "code": f.failure.code, **f.failure.details}
+            for f in output.tasks_output[-1].tool_failures
+        ],
+        "guarded": all(
+            isinstance(t, GuardedTool) for t in [*agent.tools, *crew.tasks[1].tools]
+        ),
+        "bodies": dict(bodies),
+        "noted": noted,
+        "events": decision_events,
+        "network": network,
+    }
+
+
 def readme(example: str) -> dict:
     """Run the README's example; return what it printed."""
     out = io.StringIO()
@@ -405,6 +537,8 @@ def main() -> None:
         "agent": agent,
         "approval": approval,
         "unreachable": unreachable,
+        "checkpoint": checkpoint,
+        "restore": restore,
         "readme": readme,
     }
     # Whatever crewai prints goes to stderr: stdout is the JSON alone.

@@ -150,6 +150,139 @@ def test_an_unreachable_daemon_fails_closed_unless_fail_open_says_so(
     )
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_guarded_stream_tool_streams_after_the_check_and_not_when_refused(
+    python, running, transport
+):
+    seen = scenario(python, running.target, transport, "stream")
+
+    tag = transport
+    assert (seen["kind"], seen["streams"], seen["plain_streams"]) == (
+        "GuardedStreamTool",
+        True,
+        False,
+    )
+    # Each step reaches the caller before the tool makes the next one, and
+    # only after the decision; a refusal comes before any step.
+    assert seen["log"] == [
+        "decision allow",
+        f"made reserved rf_{tag}_s1",
+        f"got reserved rf_{tag}_s1",
+        f"made sent rf_{tag}_s1",
+        f"got sent rf_{tag}_s1",
+        f"made final rf_{tag}_s1",
+        f"got refunded 1200 on rf_{tag}_s1 in steps",
+        "decision require_approval",
+    ]
+    assert seen["refused"]["code"] == "approval_required"
+    [bench] = seen["bench"]  # the workbench yields the refusal alone
+    assert "needs a reviewer's approval" in bench
+    assert "The tool did not run;" in bench
+    # In an agent: the allowed call's steps stream before its result; the
+    # refused one streams nothing and the model reads why.
+    turn = seen["turn"]
+    assert turn["order"] == [
+        f"refund_in_steps: reserved rf_{tag}_s3",
+        f"refund_in_steps: sent rf_{tag}_s3",
+        "executed",
+        "support: Done.",
+    ]
+    assert turn["model_saw"]["call_0"] == {
+        "name": "refund_in_steps",
+        "content": f"refunded 1300 on rf_{tag}_s3 in steps",
+        "is_error": False,
+    }
+    refused = turn["model_saw"]["call_1"]
+    assert refused["is_error"] is True
+    assert "needs a reviewer's approval" in refused["content"]
+    assert seen["module_runs"]["refund_in_steps"] == 2
+    events = seen["events"]
+    assert [e["decision"] for e in events if e["call_id"] in ("s1", "s2")] == [
+        "allow",
+        "require_approval",
+    ]
+    assert seen["refused"]["decision_id"] == events[1]["decision_id"] != ""
+    assert_in_audit_log(running, events)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_agent_with_guarded_tools_is_saved_and_loaded_still_guarded(
+    python, running, transport
+):
+    seen = scenario(python, running.target, transport, "saved")
+
+    guarded = "kynara_sdk.integrations.autogen.GuardedTool"
+    refund = {"resource_kind": "payments.refund", "resource_arg": "refund_id"}
+    # The guard's settings and the wrapped tool; no client, no callback.
+    assert seen["saved_tools"] == [
+        {
+            "provider": guarded,
+            "tool": "autogen_core.tools.FunctionTool",
+            "action": "payments.refund.issue",
+            **refund,
+            "attrs": {"amount": "amount"},
+            "context": {},
+            "on_approval": "wait",
+            "approval_timeout": 5.0,
+            "fail_open": False,
+        },
+        {
+            "provider": guarded,
+            "tool": "autogen_core.tools.FunctionTool",
+            "action": "crm.contact.read",
+            "resource_kind": "crm.contact",
+            "resource_arg": "contact_id",
+            "attrs": {},
+            "context": {"region": "region"},
+            "on_approval": "raise",
+            "approval_timeout": 300.0,
+            "fail_open": True,
+        },
+        {
+            "provider": guarded,
+            "tool": "__main__.RefundSteps",
+            "action": "payments.refund.issue",
+            **refund,
+            "attrs": {"amount": "amount"},
+            "context": {},
+            "on_approval": "raise",
+            "approval_timeout": 300.0,
+            "fail_open": False,
+        },
+    ]
+    assert seen["load_warnings"] == []
+    # The loaded agent: the denied read did not run, the others did, and
+    # the loaded stream tool still streams.
+    assert seen["module_runs"] == {
+        "issue_refund": 1,
+        "read_contact": 0,
+        "refund_in_steps": 1,
+    }
+    saw = seen["turn"]["model_saw"]
+    assert saw["call_0"]["content"] == f"refunded 1200 on rf_{transport}_saved"
+    assert saw["call_1"]["is_error"] is True
+    assert "region-block/blocked-region" in saw["call_1"]["content"]
+    assert saw["call_2"]["content"] == (
+        f"refunded 1300 on rf_{transport}_steps in steps"
+    )
+    assert seen["turn"]["order"][:3] == [
+        f"refund_in_steps: reserved rf_{transport}_steps",
+        f"refund_in_steps: sent rf_{transport}_steps",
+        "executed",
+    ]
+    # Asked through the shared client for $KYNARA_TARGET; the callback was
+    # not saved, the event logger still records each decision.
+    assert seen["loaded_transport"] == transport
+    assert seen["told"] == []
+    events = sorted(seen["events"], key=lambda e: e["call_id"])
+    assert [(e["tool"], e["decision"], e["call_id"]) for e in events] == [
+        ("issue_refund", "allow", "call_0"),
+        ("read_contact", "deny", "call_1"),
+        ("refund_in_steps", "allow", "call_2"),
+    ]
+    assert_in_audit_log(running, events)
+
+
 def readme_example() -> str:
     """The python block of the README's "### AutoGen" section."""
     text = README.read_text()

@@ -190,6 +190,79 @@ def test_an_unreachable_daemon_keeps_the_tool_closed_unless_fail_open(
     }
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_guarded_tool_comes_back_from_a_checkpoint_still_guarded(
+    python, running, transport, tmp_path
+):
+    directory = str(tmp_path / "checkpoints")
+
+    before = run_scenario(
+        python, SCENARIO, "checkpoint", running.target, transport, directory
+    )
+    # A new process, as after a crash: only the checkpoint is left.
+    after = run_scenario(python, SCENARIO, "restore", directory)
+
+    assert before["network"] == after["network"] == []
+    assert before["crashed"] == "ScriptedLLM: asked for more replies than scripted"
+    assert before["bodies"] == {"issue_refund": 1}
+    assert before["checkpoints"] == 1
+    assert after["types"] == [
+        "issue_refund GuardedTool",
+        "lookup_contact GuardedTool",
+        "read_contact GuardedTool",
+    ]
+    assert after["guarded"]
+    # Without CrewAI's consent to restore callbacks, the refund (whose
+    # on_decision the checkpoint keeps by name) refuses to run.
+    refused = after["without_consent"]
+    assert refused["code"] == "guard_not_restored"
+    assert refused["message"].startswith(
+        "Kynara could not decide on issue_refund (payments.refund.issue): tool"
+        " 'issue_refund' came back from a checkpoint without its guard"
+    )
+    assert "CREWAI_DESERIALIZE_CALLBACKS=1" in refused["message"]
+    # The lookup (an @tool made inside a function) cannot come back: closed
+    # when awaited too, and it says so when asked for the tool it guards.
+    assert after["awaited_code"] == "guard_not_restored"
+    assert after["unwrapped"].startswith(
+        "tool 'lookup_contact' came back from a checkpoint without its guard"
+    )
+    # With it, the crew resumes at the second task: the daemon denies the
+    # CRM read and allows the refund, as before the checkpoint; the lookup
+    # made inside a function cannot come back guarded, so it stays closed.
+    assert after["tasks"] == ["done", "done"]
+    denied, refunded, closed = after["observations"]
+    assert denied.startswith(
+        "Permission denied for read_contact (crm.contact.read): rule"
+        " region-block/blocked-region denies"
+    )
+    assert refunded == "refunded 700 on rf_c3"
+    assert closed.startswith(
+        "Kynara could not decide on lookup_contact (crm.contact.read): tool"
+        " 'lookup_contact' came back from a checkpoint without its guard"
+        " (ValueError: the tool guarded is a @tool function that is not a"
+        " module's attribute, so a checkpoint does not keep it); guard the"
+        " tool again [guard_not_restored]. The tool did not run."
+    )
+    assert after["bodies"] == {"issue_refund": 1}
+    assert [(f["tool"], f["code"]) for f in after["tool_failures"]] == [
+        ("read_contact", "permission_denied"),
+        ("lookup_contact", "guard_not_restored"),
+    ]
+    # The restored on_decision (in the caller's thread, in order) and the
+    # event bus saw the same decisions; the audit log holds them.
+    decided = after["noted"]
+    assert [(e["tool"], e["decision"]) for e in decided] == [
+        ("read_contact", "deny"),
+        ("issue_refund", "allow"),
+    ]
+    assert sorted(map(str, decided)) == sorted(
+        str(e) for e in after["events"] if e["decision_id"]
+    )
+    assert sum(e["error"] == "guard_not_restored" for e in after["events"]) == 3
+    assert_in_audit_log(running, [*before["events"], *decided])
+
+
 def readme_example() -> str:
     """The python block of the README's CrewAI subsection."""
     text = README.read_text()

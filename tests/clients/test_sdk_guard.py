@@ -259,3 +259,29 @@ def test_a_nested_model_argument_is_sent_as_the_map_of_its_fields(running, clien
     money = {"map": {"amount": {"int": "5"}, "currency": {"string": "EUR"}}}
     line = {"map": {"amount": {"int": "2"}, "currency": {"string": "EUR"}}}
     assert record.resource.attributes == {"money": money, "lines": {"list": [line]}}
+
+
+def test_settings_rebuild_the_same_guard():
+    guard = ToolGuard(
+        "payments.refund.issue",
+        on_approval="wait",
+        approval_timeout=30,
+        fail_open=True,
+        context=["region"],
+        **{k: v for k, v in REFUND.items() if k != "attrs"},
+        attrs={"sum": "amount"},
+    )
+
+    settings = guard.settings()
+
+    assert settings == {
+        "action": "payments.refund.issue",
+        "resource_kind": "payments.refund",
+        "resource_arg": "refund_id",
+        "attrs": {"sum": "amount"},
+        "context": {"region": "region"},
+        "on_approval": "wait",
+        "approval_timeout": 30.0,
+        "fail_open": True,
+    }
+    assert ToolGuard(**settings).settings() == settings

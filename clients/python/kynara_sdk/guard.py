@@ -223,6 +223,21 @@ class ToolGuard:
         self._client = client
         self._async_client = async_client
 
+    def settings(self) -> dict[str, Any]:
+        """The guard's settings as plain data, without its clients or
+        ``on_wait``: what a framework saves so that ``ToolGuard(**settings)``
+        builds the same check again."""
+        return {
+            "action": self.action,
+            "resource_kind": self.resource_kind,
+            "resource_arg": self.resource_arg,
+            "attrs": dict(self._attrs),
+            "context": dict(self._context),
+            "on_approval": "wait" if self._waiting.waits else "raise",
+            "approval_timeout": self._waiting.timeout,
+            "fail_open": self.fail_open,
+        }
+
     def check_arguments(self, tool: str, known: Collection[str]) -> None:
         """Make sure every argument the request maps from is one of the
         tool's ``known`` arguments, so a misspelled name is found when the

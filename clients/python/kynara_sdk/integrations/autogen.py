@@ -35,10 +35,26 @@ Fail closed: the tool runs only on allow, or when ``fail_open=True`` lets a
 call through that got no answer (logged on ``kynara_sdk.guard``, and the
 event says ``failed_open``).
 
-TODO(#10): a guarded streaming tool (``BaseStreamTool``) runs through
-``run_json``, so its intermediate results are not streamed; and a
-``GuardedTool`` has no component config, so ``dump_component`` of it (or of
-an agent holding it) fails rather than saving a tool without its guard.
+Streaming: a guarded ``BaseStreamTool`` (any ``StreamTool``) is a
+``GuardedTool`` that is itself a stream tool: ``run_json_stream`` checks the
+call first (a refusal raises ``ToolRefused`` before the first item, so
+``StaticStreamWorkbench`` and ``AssistantAgent`` yield it as the error
+result the model reads, and the tool's stream never starts), then passes
+each intermediate result through as the wrapped tool yields it.
+
+Saving: a ``GuardedTool`` is an AutoGen component. ``dump_component()``
+saves the wrapped tool's own component and the guard's settings (action,
+resource_kind, resource_arg, attrs, context, on_approval,
+approval_timeout, fail_open), so ``AssistantAgent.dump_component()`` of an
+agent holding guarded tools, loaded back with ``load_component``, holds
+guarded tools again. Not saved: the client objects and the callbacks
+(``client``, ``async_client``, ``on_wait``, ``on_decision``). A loaded
+tool asks the shared client for ``$KYNARA_TARGET`` (and
+``$KYNARA_TRANSPORT``), so set those where the config is loaded; its
+decisions still go to the event logger. A wrapped tool that cannot be
+saved makes the dump fail (``TypeError`` for a tool with no
+``dump_component``, AutoGen's own error for a ``BaseTool`` without a
+config), so an unguarded copy is never written.
 """
 
 from __future__ import annotations
@@ -46,12 +62,18 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Any, Literal
 
 try:
-    from autogen_core import EVENT_LOGGER_NAME, CancellationToken, MessageHandlerContext
-    from autogen_core.tools import BaseTool, Tool
+    from autogen_core import (
+        EVENT_LOGGER_NAME,
+        CancellationToken,
+        Component,
+        ComponentModel,
+        MessageHandlerContext,
+    )
+    from autogen_core.tools import BaseStreamTool, BaseTool, StreamTool, Tool
     from pydantic import BaseModel
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -70,7 +92,15 @@ from kynara_sdk.decorator import (
 from kynara_sdk.errors import KynaraError
 from kynara_sdk.guard import ToolGuard, Verdict
 
-__all__ = ["DecisionEvent", "GuardedTool", "OnDecision", "ToolRefused", "guard_tool"]
+__all__ = [
+    "DecisionEvent",
+    "GuardedStreamTool",
+    "GuardedTool",
+    "GuardedToolConfig",
+    "OnDecision",
+    "ToolRefused",
+    "guard_tool",
+]
 
 event_logger = logging.getLogger(EVENT_LOGGER_NAME)
 
@@ -134,9 +164,28 @@ class DecisionEvent:
 OnDecision = Callable[[DecisionEvent], Any | Awaitable[Any]]
 
 
-class GuardedTool(BaseTool[BaseModel, BaseModel]):
+class GuardedToolConfig(BaseModel):
+    """What ``GuardedTool.dump_component`` saves: the wrapped tool's own
+    component and the guard's settings, as ``guard_tool`` takes them
+    (``attrs`` and ``context`` as request name to argument name). No client
+    and no callback: a loaded tool uses the shared client for
+    ``$KYNARA_TARGET``."""
+
+    tool: ComponentModel
+    action: str
+    resource_kind: str
+    resource_arg: str | None = None
+    attrs: dict[str, str] = {}
+    context: dict[str, str] = {}
+    on_approval: Literal["raise", "wait"] = "raise"
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
+    fail_open: bool = False
+
+
+class GuardedTool(BaseTool[BaseModel, BaseModel], Component[GuardedToolConfig]):
     """``tool`` behind ``guard``: same name, description and schema; runs
-    only when the daemon allows the call.
+    only when the daemon allows the call. A stream tool (``StreamTool``)
+    makes a ``GuardedStreamTool``, which streams after the check.
 
     Args:
         tool: any AutoGen ``Tool`` (``FunctionTool``, a ``BaseTool``
@@ -148,6 +197,17 @@ class GuardedTool(BaseTool[BaseModel, BaseModel]):
         TypeError: ``tool`` is not an AutoGen tool, or ``guard`` not a
             ``ToolGuard``.
     """
+
+    component_type = "tool"
+    component_config_schema = GuardedToolConfig
+    # One provider for both classes: loading picks the stream one again
+    # when the wrapped tool streams.
+    component_provider_override = "kynara_sdk.integrations.autogen.GuardedTool"
+
+    def __new__(cls, tool: Tool, *args: Any, **kwargs: Any) -> GuardedTool:
+        if cls is GuardedTool and isinstance(tool, StreamTool):
+            cls = GuardedStreamTool
+        return super().__new__(cls)
 
     def __init__(
         self, tool: Tool, guard: ToolGuard, on_decision: OnDecision | None = None
@@ -230,6 +290,87 @@ class GuardedTool(BaseTool[BaseModel, BaseModel]):
 
     async def load_state_json(self, state: Mapping[str, Any]) -> None:
         await self.tool.load_state_json(state)
+
+    def _to_config(self) -> GuardedToolConfig:
+        """The wrapped tool's component and the guard's settings.
+
+        Raises:
+            TypeError: the wrapped tool is not an AutoGen component, so it
+                cannot be saved (and the guard is not saved without it).
+        """
+        dump = getattr(self.tool, "dump_component", None)
+        if not callable(dump):
+            raise TypeError(
+                f"GuardedTool {self.name!r}: the wrapped"
+                f" {type(self.tool).__name__} is not an AutoGen component"
+                " (no dump_component), so it cannot be saved"
+            )
+        return GuardedToolConfig(tool=dump(), **self.guard.settings())
+
+    @classmethod
+    def _from_config(cls, config: GuardedToolConfig) -> GuardedTool:
+        """The saved tool behind a guard with the saved settings and the
+        shared client (checked as ``guard_tool`` checks them).
+
+        Raises:
+            TypeError, ValueError: a saved setting is wrong, or a mapped
+                argument is not among the loaded tool's.
+        """
+        tool = BaseTool.load_component(config.tool)
+        return guard_tool(
+            tool,
+            config.action,
+            resource_kind=config.resource_kind,
+            resource_arg=config.resource_arg,
+            attrs=config.attrs,
+            context=config.context,
+            on_approval=config.on_approval,
+            approval_timeout=config.approval_timeout,
+            fail_open=config.fail_open,
+        )
+
+
+class GuardedStreamTool(GuardedTool, BaseStreamTool[BaseModel, BaseModel, BaseModel]):
+    """A guarded stream tool: the check runs before the stream starts, then
+    each of the wrapped tool's intermediate results passes through as it
+    comes, ending with its final value (as ``BaseStreamTool`` does).
+    ``guard_tool`` and ``GuardedTool(...)`` make one for a ``StreamTool``.
+    """
+
+    async def run_json_stream(
+        self,
+        args: Mapping[str, Any],
+        cancellation_token: CancellationToken,
+        call_id: str | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Check the call, then yield what the wrapped tool's
+        ``run_json_stream`` yields.
+
+        Raises:
+            pydantic.ValidationError: ``args`` do not fit the tool's
+                arguments (nothing was asked).
+            ToolRefused: the daemon did not allow the call; raised before
+                the first item, and the wrapped stream never starts.
+        """
+        parsed = self._args_type.model_validate(args)
+        await self.check(parsed.model_dump(), call_id)
+        stream = self.tool.run_json_stream(args, cancellation_token, call_id=call_id)
+        async for item in stream:
+            yield item
+
+    async def run_stream(
+        self, args: BaseModel, cancellation_token: CancellationToken
+    ) -> AsyncGenerator[Any, None]:
+        """Check the call, then yield the wrapped tool's stream on parsed
+        ``args``."""
+        arguments = args.model_dump()
+        await self.check(arguments, None)
+        if isinstance(self.tool, BaseStreamTool):
+            stream = self.tool.run_stream(args, cancellation_token)
+        else:
+            stream = self.tool.run_json_stream(arguments, cancellation_token)
+        async for item in stream:
+            yield item
 
 
 def guard_tool(

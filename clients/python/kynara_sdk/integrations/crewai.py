@@ -43,16 +43,34 @@ A guarded tool is never served from CrewAI's tool cache (its
 refusal is not replayed after a reviewer approved. The wrapped tool keeps
 its own ``max_usage_count``: only calls that run count against it.
 
-TODO(#10): the wrapped tool and its guard are not part of CrewAI's
-serialized form of a tool (``model_dump``, as its checkpoints use), so a
-guarded tool is not restored from one with them: guard the tools again
-after a restore. Untested with CrewAI's checkpoints.
+Checkpoints: a guarded tool is part of CrewAI's checkpoints (its
+``model_dump``) with the tool it guards and the guard's settings, and
+``Crew.from_checkpoint`` restores it guarded: the guard is built again on
+the restored tool's first call. The tool it guards is kept as CrewAI keeps
+tools (a ``BaseTool`` subclass by its fields and class), or, for a
+``@tool`` function, by where it is defined (it must be a module's
+attribute). A client given to ``guard_tool`` is kept by its target,
+transport (the one it settled on, once a call reached the daemon) and
+timeout; the restored one reads its credential from
+``$KYNARA_AGENT_SECRET_FILE``; no client, the shared default again.
+``on_wait`` and ``on_decision`` are kept as dotted paths when they are
+module-level functions, and come back as CrewAI restores callbacks: only
+with ``CREWAI_DESERIALIZE_CALLBACKS=1``. A restored tool whose guard cannot
+be built again in full (a lambda or a bound method as a callback, a
+``@tool`` made inside a function, a callback not allowed back) fails
+closed: every call is refused with ``guard_not_restored``, naming what was
+missing, and the body does not run; guard the tool again then. A
+checkpoint is trusted data: who can edit it can change the guard, as they
+could swap the tool itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -63,7 +81,7 @@ from kynara_sdk.decorator import (
     OnApproval,
     OnWait,
 )
-from kynara_sdk.errors import APPROVAL_REQUIRED
+from kynara_sdk.errors import APPROVAL_REQUIRED, KynaraError
 from kynara_sdk.guard import NO_ANSWER_CODES, ToolGuard, Verdict
 
 try:
@@ -72,17 +90,28 @@ try:
     from crewai.tools import BaseTool
     from crewai.tools.base_tool import Tool
     from crewai.tools.tool_failure import ToolFailure
-    from pydantic import PrivateAttr
+    from crewai.types.callback import string_to_callable
+    from pydantic import Field, PrivateAttr, TypeAdapter, field_serializer
 except ImportError as err:  # pragma: no cover - depends on the install
     raise ImportError(
         "kynara_sdk.integrations.crewai needs crewai, which is not installed"
         f" ({err}): pip install 'kynara-sdk[crewai]'"
     ) from err
 
-__all__ = ["METADATA_KEY", "GuardedTool", "KynaraDecisionEvent", "guard_tool"]
+__all__ = [
+    "GUARD_NOT_RESTORED",
+    "METADATA_KEY",
+    "GuardedTool",
+    "KynaraDecisionEvent",
+    "guard_tool",
+]
 
 # The key of the verdict's metadata in a refusal's ToolFailure.details.
 METADATA_KEY = "kynara"
+
+# The error code of a call refused because the tool came back from a
+# checkpoint without all of its guard.
+GUARD_NOT_RESTORED = "guard_not_restored"
 
 # The BaseTool settings a guarded tool takes over from the tool it guards,
 # so that the model sees the same tool and CrewAI handles it the same way.
@@ -181,7 +210,16 @@ def guard_tool(
     )
     guard.check_arguments(tool.name, set(tool.args_schema.model_fields))
     settings = {name: getattr(tool, name) for name in _COPIED_FIELDS}
-    guarded = GuardedTool(**settings, cache_function=_never_cache)
+    kept = {
+        **guard.settings(),
+        "client": _client_settings(client),
+        "async_client": _client_settings(async_client),
+        "on_wait": _callable_path(on_wait),
+        "on_decision": _callable_path(on_decision),
+    }
+    guarded = GuardedTool(
+        **settings, cache_function=_never_cache, kynara_tool=tool, kynara_guard=kept
+    )
     guarded._tool = tool
     guarded._guard = guard
     guarded._on_decision = on_decision
@@ -195,23 +233,52 @@ class GuardedTool(BaseTool):
     decision goes.
     """
 
-    _tool: BaseTool = PrivateAttr()
-    _guard: ToolGuard = PrivateAttr()
+    # What a checkpoint keeps (see the module's docstring): the tool guarded
+    # and the guard's settings, from which a restored tool builds its guard.
+    kynara_tool: Any = Field(default=None, repr=False)
+    kynara_guard: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    _tool: BaseTool | None = PrivateAttr(default=None)
+    _guard: ToolGuard | None = PrivateAttr(default=None)
     _on_decision: OnDecision | None = PrivateAttr(default=None)
+    _restoring: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def model_post_init(self, context: Any) -> None:
+        super().model_post_init(context)
+        # Never cached, even where a checkpoint's cache function is dropped.
+        self.cache_function = _never_cache
+
+    @field_serializer("kynara_tool", when_used="json")
+    def _keep_tool(self, tool: Any) -> Any:
+        if isinstance(tool, Tool):
+            return {"ref": _tool_path(tool)}
+        if isinstance(tool, BaseTool):
+            return tool.model_dump(mode="json")
+        return tool  # as restored, not yet used
 
     @property
     def wrapped(self) -> BaseTool:
-        """The tool guarded."""
-        return self._tool
+        """The tool guarded.
+
+        Raises:
+            RuntimeError: restored from a checkpoint without it.
+        """
+        self._raise_unrestored()
+        return self._tool  # type: ignore[return-value]
 
     @property
     def guard(self) -> ToolGuard:
-        """The check each call makes first."""
-        return self._guard
+        """The check each call makes first.
+
+        Raises:
+            RuntimeError: restored from a checkpoint without it.
+        """
+        self._raise_unrestored()
+        return self._guard  # type: ignore[return-value]
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
-        verdict = self._guard.check(self.name, arguments)
+        verdict = self._unrestored() or self._guard.check(self.name, arguments)
         self._note(verdict, arguments)
         if not verdict.allowed:
             return _refusal(verdict)
@@ -219,7 +286,7 @@ class GuardedTool(BaseTool):
 
     async def _arun(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
-        verdict = await self._guard.acheck(self.name, arguments)
+        verdict = self._unrestored() or await self._guard.acheck(self.name, arguments)
         self._note(verdict, arguments)
         if not verdict.allowed:
             return _refusal(verdict)
@@ -228,8 +295,64 @@ class GuardedTool(BaseTool):
         # A sync body must not block the event loop.
         return await asyncio.to_thread(self._tool.run, **arguments)
 
+    def _unrestored(self) -> Verdict | None:
+        """None when the guard is there (built again from the kept settings
+        on a restored tool's first call); else the refusal that says why it
+        cannot be. Asked again on each call, as a callback may be allowed
+        back in the meantime."""
+        if self._guard is not None:
+            return None
+        with self._restoring:
+            if self._guard is not None:
+                return None
+            try:
+                self._restore()
+            except Exception as err:  # any failure must keep the tool closed
+                action = str(self.kynara_guard.get("action", ""))
+                why = (
+                    f"tool {self.name!r} came back from a checkpoint without its"
+                    f" guard ({type(err).__name__}: {err}); guard the tool again"
+                )
+                return Verdict(
+                    self.name, action, None, KynaraError(GUARD_NOT_RESTORED, why)
+                )
+        return None
+
+    def _raise_unrestored(self) -> None:
+        refused = self._unrestored()
+        if refused is not None:
+            raise RuntimeError(refused.error.message)  # type: ignore[union-attr]
+
+    def _restore(self) -> None:
+        kept = self.kynara_guard
+        if not kept:
+            raise ValueError("no guard settings (not made by guard_tool)")
+        tool = _restore_tool(self.kynara_tool)
+        if tool.name != self.name:
+            raise ValueError(f"the tool kept is {tool.name!r}, not {self.name!r}")
+        guard = ToolGuard(
+            kept["action"],
+            resource_kind=kept["resource_kind"],
+            resource_arg=kept["resource_arg"],
+            attrs=kept["attrs"],
+            context=kept["context"],
+            client=_restore_client(Client, kept["client"]),
+            async_client=_restore_client(AsyncClient, kept["async_client"]),
+            on_approval=kept["on_approval"],
+            approval_timeout=kept["approval_timeout"],
+            on_wait=_restore_callable(kept["on_wait"], "on_wait"),
+            fail_open=kept["fail_open"],
+        )
+        guard.check_arguments(tool.name, set(tool.args_schema.model_fields))
+        self._on_decision = _restore_callable(kept["on_decision"], "on_decision")
+        self._tool = tool
+        self.kynara_tool = tool
+        self._guard = guard  # last: its presence says the rest is there
+
     def format_output_for_agent(self, raw_result: Any) -> str:
         """The text the agent sees, as the wrapped tool renders it."""
+        if self._tool is None:
+            return super().format_output_for_agent(raw_result)
         return self._tool.format_output_for_agent(raw_result)
 
     def _arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +392,103 @@ def _refusal(verdict: Verdict) -> ToolFailure:
         retryable=code == APPROVAL_REQUIRED or code in NO_ANSWER_CODES,
         details={METADATA_KEY: verdict.metadata()},
     )
+
+
+def _module_path(obj: Any, module: str, qualname: str) -> str | None:
+    """``module.qualname`` when that names ``obj`` itself, else None."""
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return f"{module}.{qualname}" if found is obj else None
+
+
+def _tool_path(tool: Tool) -> str | None:
+    # A @tool function is the module's attribute of its function's name.
+    func = tool.func
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname:
+        return None
+    return _module_path(tool, module, qualname)
+
+
+def _callable_path(fn: Callable | None) -> dict[str, str | None] | None:
+    """How a checkpoint keeps a callback: a module-level function by its
+    dotted path, anything else as not restorable (path None)."""
+    if fn is None:
+        return None
+    path = None
+    if inspect.isfunction(fn):
+        path = _module_path(fn, fn.__module__, fn.__qualname__)
+    what = f"{type(fn).__name__} {getattr(fn, '__qualname__', '')}".strip()
+    return {"path": path, "what": what}
+
+
+def _restore_callable(kept: dict[str, Any] | None, name: str) -> Callable | None:
+    if kept is None:
+        return None
+    if kept["path"] is None:
+        raise ValueError(
+            f"{name} ({kept['what']}) is not a module-level function, so a"
+            " checkpoint does not keep it"
+        )
+    # CrewAI's own rule for callbacks in checkpoints (opt-in by env var).
+    return string_to_callable(kept["path"])
+
+
+_TOOLS = TypeAdapter(list[BaseTool])
+
+
+def _restore_tool(kept: Any) -> BaseTool:
+    if isinstance(kept, BaseTool):
+        return kept
+    if isinstance(kept, dict) and "tool_type" in kept:
+        # As CrewAI restores an agent's tools (a list of BaseTool: its
+        # validator finds the class by tool_type).
+        [tool] = _TOOLS.validate_python([kept])
+        return tool
+    if isinstance(kept, dict) and "ref" in kept:
+        path = kept["ref"]
+        if path is None:
+            raise ValueError(
+                "the tool guarded is a @tool function that is not a module's"
+                " attribute, so a checkpoint does not keep it"
+            )
+        module, _, name = path.rpartition(".")
+        found = getattr(importlib.import_module(module), name, None)
+        if not isinstance(found, BaseTool):
+            raise ValueError(f"{path} is not a CrewAI tool")
+        return found
+    raise ValueError(f"no tool guarded kept (got {type(kept).__name__})")
+
+
+def _client_settings(client: Client | AsyncClient | None) -> dict[str, Any] | None:
+    if client is None:
+        return None
+    return {
+        "target": client.target,
+        "transport": client.transport,
+        "timeout": client.timeout,
+    }
+
+
+# Clients made for restored tools, one per kind and settings, shared.
+_restored_clients: dict[tuple, Client | AsyncClient] = {}
+_restored_lock = threading.Lock()
+
+
+def _restore_client(
+    kind: type[Client] | type[AsyncClient], kept: dict[str, Any] | None
+) -> Any:
+    if kept is None:
+        return None
+    key = (kind, kept["target"], kept["transport"], kept["timeout"])
+    with _restored_lock:
+        if key not in _restored_clients:
+            _restored_clients[key] = kind(
+                kept["target"], transport=kept["transport"], timeout=kept["timeout"]
+            )
+        return _restored_clients[key]
 
 
 def _never_cache(_arguments: Any = None, _result: Any = None) -> bool:
