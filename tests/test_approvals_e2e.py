@@ -401,8 +401,9 @@ def approvals_cli(tmp_path: pathlib.Path, *args: str) -> list[str]:
     ]
 
 
-def test_the_agent_names_an_approved_grant_and_uses_it_in_wait_mode(
-    start_daemon, agents, tmp_path
+@pytest.mark.parametrize("waits", [False, True], ids=["raise-mode", "wait-mode"])
+def test_asked_again_after_an_approval_the_agent_uses_the_grant_once(
+    start_daemon, agents, tmp_path, waits
 ):
     daemon = start_daemon()
     waited = agents(daemon.target, "--wait-for-approval=1", f"--large-refund={AMOUNT}")
@@ -410,21 +411,27 @@ def test_the_agent_names_an_approved_grant_and_uses_it_in_wait_mode(
     waited.finish()
     approved = run_cli(approvals_cli(tmp_path, "approve", approval_id))
 
-    # Without a wait: the daemon hands back the approved grant; the line says so.
-    told = agents(daemon.target, f"--large-refund={AMOUNT}")
-    _, told_out = told.finish()
-    # In wait mode: no second announcement, no wait, the refund issued once.
-    used = agents(daemon.target, "--wait-for-approval=60", f"--large-refund={AMOUNT}")
+    # No second announcement, no wait: the daemon hands back the approved
+    # grant and the decorator retries with it, waiting mode or not.
+    mode = ["--wait-for-approval=60"] if waits else []
+    used = agents(daemon.target, *mode, f"--large-refund={AMOUNT}")
     _, used_out = used.finish()
+    # Used once: the run after asks a reviewer afresh.
+    again = agents(daemon.target, f"--large-refund={AMOUNT}")
+    _, again_out = again.finish()
 
     assert approved.returncode == 0, approved.stderr
-    [line] = [
-        x for x in told_out.splitlines() if x.startswith(f"issue_refund({REFUND_ID}")
-    ]
-    assert f"(approved, retry with {approval_id})" in line
     assert f"refund {REFUND_ID} of {AMOUNT} issued" in used_out
     assert "waiting up to" not in used_out
-    assert "approval_granted" in used_out
+    [line] = [
+        x for x in used_out.splitlines() if x.startswith(f"issue_refund({REFUND_ID}")
+    ]
+    assert "approval_granted" in line
+    [line] = [
+        x for x in again_out.splitlines() if x.startswith(f"issue_refund({REFUND_ID}")
+    ]
+    assert "require_approval" in line
+    assert approval_id not in line
 
 
 def test_ctrl_c_during_a_wait_says_the_approval_stays_pending(

@@ -33,10 +33,10 @@ Ctrl-C during the wait stops the agent with one line naming the approval,
 which stays pending (a reviewer may still approve it; the grant then works
 for the same refund, asked again).
 
-A require_approval line whose approval is already ``approved`` (a reviewer
-approved it after an earlier wait timed out, and the daemon hands the grant
-back) says so and names the id to retry with; in wait mode the agent uses
-it at once.
+Once a reviewer approved (after an earlier wait timed out, or while the
+agent was not waiting), asking again for the same refund uses the grant at
+once, waiting or not: the daemon hands it back and the decorator retries
+with it, so the refund is issued once (``approval_granted``).
 
 Exit status: 0 when every call got an answer (a deny, a pending approval and
 a rejected one are answers too), 1 when the daemon refused to answer a call
@@ -207,8 +207,6 @@ def _pending_line(label: str, decision: Decision) -> str:
     approval = decision.approval
     url = approval.url if approval is not None else ""
     extra = f"  approval={url}" if url else ""
-    if approval is not None and approval.state == "approved":
-        extra += f" (approved, retry with {approval.id})"
     line = _line(label, "require_approval", decision.reason_code, decision.decision_id)
     return line + extra
 
