@@ -402,6 +402,17 @@ async def run_part(target: str, transport: str, part: str, tag: str) -> dict:
                 out["bad_arguments"] = None
             except ValidationError as err:
                 out["bad_arguments"] = err.errors()[0]["loc"][0]
+            out["wrong_settings"] = []
+            for wrong in ({"client": object()}, {"attrs": ["amout"]}):
+                try:
+                    guard_tool(
+                        tools.refund.tool,
+                        "payments.refund.issue",
+                        resource_kind="payments.refund",
+                        **wrong,
+                    )
+                except (TypeError, ValueError) as err:
+                    out["wrong_settings"].append(str(err))
             try:
                 await tools.crm.run_json(crm[1], CancellationToken(), call_id="c1")
                 out["raised"] = None

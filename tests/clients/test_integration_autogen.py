@@ -87,6 +87,12 @@ def test_a_refusal_raises_with_the_decision_id_and_bad_arguments_ask_nothing(
     raised = seen["raised"]
     assert seen["same_face"] is True  # name, description and schema
     assert seen["bad_arguments"] == "amount"  # refused before any check
+    assert seen["wrong_settings"] == [
+        "guard_tool: AutoGen runs tools as coroutines; pass"
+        " async_client=AsyncClient(...), not client=",
+        "guard_tool: 'amout' not among tool 'issue_refund''s arguments"
+        " (amount, refund_id)",
+    ]
     assert len(seen["events"]) == 1
     assert seen["runs"] == {"issue_refund": 0, "read_contact": 0}
     assert raised["code"] == "permission_denied"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from kynara_sdk.client import AsyncClient, Client
 from kynara_sdk.decision import Decision
@@ -56,7 +56,7 @@ from kynara_sdk.errors import (
     PermissionDenied,
 )
 
-__all__ = ["NO_ANSWER_CODES", "ToolGuard", "Verdict"]
+__all__ = ["NO_ANSWER_CODES", "GuardOptions", "ToolGuard", "Verdict"]
 
 log = logging.getLogger("kynara_sdk.guard")
 
@@ -69,6 +69,22 @@ log = logging.getLogger("kynara_sdk.guard")
 NO_ANSWER_CODES = frozenset(
     {DAEMON_UNREACHABLE, SHUTTING_DOWN, POLICY_NOT_READY, AUDIT_UNAVAILABLE}
 )
+
+
+class GuardOptions(TypedDict, total=False):
+    """``ToolGuard``'s settings besides the action and the resource kind;
+    each framework adapter's ``guard_tool`` takes them as keywords, with
+    the meanings ``ToolGuard`` gives them."""
+
+    resource_arg: str | None
+    attrs: ArgumentMap
+    context: ArgumentMap
+    client: Client | None
+    async_client: AsyncClient | None
+    on_approval: OnApproval
+    approval_timeout: float
+    on_wait: OnWait | None
+    fail_open: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -63,7 +63,7 @@ import inspect
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 try:
     from autogen_core import (
@@ -82,15 +82,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         " checkout: pip install './clients/python[autogen]')"
     ) from err
 
-from kynara_sdk.client import AsyncClient
 from kynara_sdk.decorator import (
     DEFAULT_APPROVAL_TIMEOUT,
-    ArgumentMap,
-    OnApproval,
-    OnWait,
 )
 from kynara_sdk.errors import KynaraError
-from kynara_sdk.guard import ToolGuard, Verdict
+from kynara_sdk.guard import GuardOptions, ToolGuard, Verdict
 
 __all__ = [
     "DecisionEvent",
@@ -378,36 +374,24 @@ def guard_tool(
     action: str,
     *,
     resource_kind: str,
-    resource_arg: str | None = None,
-    attrs: ArgumentMap = None,
-    context: ArgumentMap = None,
-    async_client: AsyncClient | None = None,
-    on_approval: OnApproval = "raise",
-    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
-    on_wait: OnWait | None = None,
-    fail_open: bool = False,
     on_decision: OnDecision | None = None,
+    **options: Unpack[GuardOptions],
 ) -> GuardedTool:
-    """``tool`` guarded by the daemon for ``action``; the arguments map to
-    the request as in ``ToolGuard`` (and ``@permission_required``).
-
-    ``async_client`` defaults to the shared one for ``$KYNARA_TARGET``.
+    """``tool`` guarded by the daemon for ``action``; ``options`` are
+    ``ToolGuard``'s and the arguments map to the request as there (and in
+    ``@permission_required``). AutoGen runs tools as coroutines, so the
+    check is the awaited one: ``async_client`` defaults to the shared one
+    for ``$KYNARA_TARGET``, and a sync ``client`` is refused.
 
     Raises:
         TypeError, ValueError: a setting is wrong (checked here, not at the
             first call).
     """
-    guard = ToolGuard(
-        action,
-        resource_kind=resource_kind,
-        resource_arg=resource_arg,
-        attrs=attrs,
-        context=context,
-        async_client=async_client,
-        on_approval=on_approval,
-        approval_timeout=approval_timeout,
-        on_wait=on_wait,
-        fail_open=fail_open,
-    )
+    if options.get("client") is not None:
+        raise TypeError(
+            "guard_tool: AutoGen runs tools as coroutines; pass async_client="
+            "AsyncClient(...), not client="
+        )
+    guard = ToolGuard(action, resource_kind=resource_kind, **options)
     guard.check_arguments(tool.name, set(tool.args_type().model_fields))
     return GuardedTool(tool, guard, on_decision)

@@ -72,17 +72,11 @@ import inspect
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from kynara_sdk.client import AsyncClient, Client
-from kynara_sdk.decorator import (
-    DEFAULT_APPROVAL_TIMEOUT,
-    ArgumentMap,
-    OnApproval,
-    OnWait,
-)
 from kynara_sdk.errors import APPROVAL_REQUIRED, KynaraError
-from kynara_sdk.guard import NO_ANSWER_CODES, ToolGuard, Verdict
+from kynara_sdk.guard import NO_ANSWER_CODES, GuardOptions, ToolGuard, Verdict
 
 try:
     from crewai.events.base_events import BaseEvent
@@ -155,16 +149,8 @@ def guard_tool(
     action: str,
     *,
     resource_kind: str,
-    resource_arg: str | None = None,
-    attrs: ArgumentMap = None,
-    context: ArgumentMap = None,
-    client: Client | None = None,
-    async_client: AsyncClient | None = None,
-    on_approval: OnApproval = "raise",
-    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
-    on_wait: OnWait | None = None,
-    fail_open: bool = False,
     on_decision: OnDecision | None = None,
+    **options: Unpack[GuardOptions],
 ) -> GuardedTool:
     """Wrap ``tool`` so that the daemon decides each call before it runs.
 
@@ -195,26 +181,14 @@ def guard_tool(
         )
     if on_decision is not None and not callable(on_decision):
         raise TypeError(f"on_decision: expected a callable, got {on_decision!r}")
-    guard = ToolGuard(
-        action,
-        resource_kind=resource_kind,
-        resource_arg=resource_arg,
-        attrs=attrs,
-        context=context,
-        client=client,
-        async_client=async_client,
-        on_approval=on_approval,
-        approval_timeout=approval_timeout,
-        on_wait=on_wait,
-        fail_open=fail_open,
-    )
+    guard = ToolGuard(action, resource_kind=resource_kind, **options)
     guard.check_arguments(tool.name, set(tool.args_schema.model_fields))
     settings = {name: getattr(tool, name) for name in _COPIED_FIELDS}
     kept = {
         **guard.settings(),
-        "client": _client_settings(client),
-        "async_client": _client_settings(async_client),
-        "on_wait": _callable_path(on_wait),
+        "client": _client_settings(options.get("client")),
+        "async_client": _client_settings(options.get("async_client")),
+        "on_wait": _callable_path(options.get("on_wait")),
         "on_decision": _callable_path(on_decision),
     }
     guarded = GuardedTool(

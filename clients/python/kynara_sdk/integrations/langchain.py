@@ -45,17 +45,10 @@ import dataclasses
 import inspect
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Unpack
 
-from kynara_sdk.client import AsyncClient, Client
-from kynara_sdk.decorator import (
-    DEFAULT_APPROVAL_TIMEOUT,
-    ArgumentMap,
-    OnApproval,
-    OnWait,
-)
 from kynara_sdk.errors import KynaraError
-from kynara_sdk.guard import ToolGuard, Verdict
+from kynara_sdk.guard import GuardOptions, ToolGuard, Verdict
 
 try:
     from langchain_core.callbacks import (
@@ -133,15 +126,7 @@ def guard_tool(
     action: str,
     *,
     resource_kind: str,
-    resource_arg: str | None = None,
-    attrs: ArgumentMap = None,
-    context: ArgumentMap = None,
-    client: Client | None = None,
-    async_client: AsyncClient | None = None,
-    on_approval: OnApproval = "raise",
-    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
-    on_wait: OnWait | None = None,
-    fail_open: bool = False,
+    **options: Unpack[GuardOptions],
 ) -> GuardedTool:
     """Wrap ``tool`` so that the daemon decides each call before it runs.
 
@@ -168,19 +153,7 @@ def guard_tool(
             f"guard_tool: expected a LangChain BaseTool, got {type(tool).__name__}"
             " (wrap a function with langchain_core.tools.tool first)"
         )
-    guard = ToolGuard(
-        action,
-        resource_kind=resource_kind,
-        resource_arg=resource_arg,
-        attrs=attrs,
-        context=context,
-        client=client,
-        async_client=async_client,
-        on_approval=on_approval,
-        approval_timeout=approval_timeout,
-        on_wait=on_wait,
-        fail_open=fail_open,
-    )
+    guard = ToolGuard(action, resource_kind=resource_kind, **options)
     guard.check_arguments(tool.name, set(tool.args))
     settings = {
         name: getattr(tool, name) for name in _COPIED_FIELDS if hasattr(tool, name)
