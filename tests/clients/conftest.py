@@ -8,6 +8,7 @@ from pathlib import Path
 
 import kynara_sdk
 import pytest
+from integration_support import reviewer_settings
 from sdk_scripted import ScriptedDaemon
 
 # sun_path holds 108 bytes; long test names can push tmp_path past it.
@@ -49,3 +50,10 @@ def _fresh_default_clients(monkeypatch):
     monkeypatch.delenv(kynara_sdk.TARGET_ENV, raising=False)
     yield
     kynara_sdk.close_default_clients()
+
+
+@pytest.fixture
+def running(start_daemon, socket_dir):
+    """A real daemon (tests/conftest.py's start_daemon) with carol reviewing
+    on its admin socket, so a test can ``approve``."""
+    return start_daemon(*reviewer_settings(socket_dir), path=socket_dir)

@@ -425,8 +425,8 @@ def checkpointed_tools(client) -> list[BaseTool]:
 
 
 def checkpoint(target: str, transport: str, directory: str) -> dict:
-    """A crew of two tasks, checkpointed as each completes: the first runs
-    the refund; the model then fails in the second, as a crash would."""
+    """A crew of two tasks: the first runs the refund; the model then fails
+    in the second, as a crash would, and the crew is checkpointed."""
     with kynara_sdk.Client(target, transport=transport) as client:
         tools = checkpointed_tools(client)
         agent = Agent(
@@ -447,7 +447,13 @@ def checkpoint(target: str, transport: str, directory: str) -> dict:
         crew = Crew(
             agents=[agent],
             tasks=tasks,
-            checkpoint=CheckpointConfig(location=directory),
+            # Written when the crew fails, once nothing else runs: CrewAI
+            # serializes its event record on a thread of its own, and one
+            # written on task_completed races the next task's events
+            # ("dictionary changed size during iteration", no checkpoint).
+            checkpoint=CheckpointConfig(
+                location=directory, on_events=["crew_kickoff_failed"]
+            ),
             verbose=False,
         )
         try:

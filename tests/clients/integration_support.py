@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 
 import pytest
@@ -72,6 +73,24 @@ def audit_records(running) -> dict[str, AuditRecordV1]:
     with contextlib.closing(store.iter_records()) as stored:
         records = [decode_record(r.record_bytes) for r in stored]
     return {r.decision_id: r for r in records if r.kind == "decision"}
+
+
+def assert_in_audit_log(audit: dict[str, AuditRecordV1], events: list[dict]) -> None:
+    """Each event's decision id names a record in ``audit`` (from
+    ``audit_records``) of the same action and decision."""
+    for event in events:
+        record = audit[event["decision_id"]]
+        assert (record.action, record.decision) == (event["action"], event["decision"])
+
+
+def readme_example(framework: str) -> str:
+    """The python block of clients/python/README.md's ``### FRAMEWORK``
+    subsection: the copy-and-run example a reader would take."""
+    text = (REPO_ROOT / "clients" / "python" / "README.md").read_text("utf-8")
+    section = text.split(f"\n### {framework}\n", 1)[1].split("\n## ", 1)[0]
+    section = section.split("\n### ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    return code
 
 
 def reviewer_settings(tmp_path: pathlib.Path) -> list[str]:

@@ -7,20 +7,18 @@ callback recorded and what the audit log holds must agree."""
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
 from integration_support import (
     approve,
+    assert_in_audit_log,
     audit_records,
-    reviewer_settings,
+    readme_example,
     run_scenario,
     venv_python,
 )
-from support import REPO_ROOT
 
 SCENARIO = pathlib.Path(__file__).with_name("autogen_scenario.py")
-README = REPO_ROOT / "clients" / "python" / "README.md"
 TRANSPORTS = ["fast", "grpc"]
 
 
@@ -29,20 +27,8 @@ def python():
     return venv_python("autogen")
 
 
-@pytest.fixture
-def running(start_daemon, socket_dir):
-    return start_daemon(*reviewer_settings(socket_dir), path=socket_dir)
-
-
 def scenario(python, target: str, transport: str, part: str) -> dict:
     return run_scenario(python, SCENARIO, target, transport, part, transport)
-
-
-def assert_in_audit_log(running, events: list[dict]) -> None:
-    records = audit_records(running)
-    for event in events:
-        record = records[event["decision_id"]]
-        assert (record.action, record.decision) == (event["action"], event["decision"])
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -75,7 +61,7 @@ def test_an_agent_runs_the_allowed_refund_and_not_the_denied_crm_read(
     ]
     assert sorted(seen["callback"], key=lambda e: e["call_id"]) == events
     assert events[1]["decision_id"] in crm["content"]
-    assert_in_audit_log(running, events)
+    assert_in_audit_log(audit_records(running), events)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -99,7 +85,7 @@ def test_a_refusal_raises_with_the_decision_id_and_bad_arguments_ask_nothing(
     assert raised["cause"] == "PermissionDenied"
     assert raised["decision_id"] == seen["events"][0]["decision_id"] != ""
     assert raised["text"].startswith("Permission denied for read_contact")
-    assert_in_audit_log(running, seen["events"])
+    assert_in_audit_log(audit_records(running), seen["events"])
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -127,7 +113,7 @@ def test_a_large_refund_runs_once_after_a_reviewer_approves(python, running, tra
         "allow",
         "approval_granted",
     )
-    assert_in_audit_log(running, [event, granted])
+    assert_in_audit_log(audit_records(running), [event, granted])
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -208,7 +194,7 @@ def test_a_guarded_stream_tool_streams_after_the_check_and_not_when_refused(
         "require_approval",
     ]
     assert seen["refused"]["decision_id"] == events[1]["decision_id"] != ""
-    assert_in_audit_log(running, events)
+    assert_in_audit_log(audit_records(running), events)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -286,24 +272,18 @@ def test_an_agent_with_guarded_tools_is_saved_and_loaded_still_guarded(
         ("read_contact", "deny", "call_1"),
         ("refund_in_steps", "allow", "call_2"),
     ]
-    assert_in_audit_log(running, events)
-
-
-def readme_example() -> str:
-    """The python block of the README's "### AutoGen" section."""
-    text = README.read_text()
-    section = text.split("### AutoGen\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert_in_audit_log(audit_records(running), events)
 
 
 def test_the_readme_example_runs(python, running, tmp_path):
     # The example prints; the wrapper hands its lines back as JSON.
+    example = readme_example("AutoGen")
     script = tmp_path / "readme_autogen.py"
     script.write_text(
         "import contextlib, io, json\n"
         "printed = io.StringIO()\n"
         "with contextlib.redirect_stdout(printed):\n"
-        f"    exec(compile({readme_example()!r}, 'README', 'exec'), {{}})\n"
+        f"    exec(compile({example!r}, 'README', 'exec'), {{}})\n"
         "print(json.dumps(printed.getvalue().splitlines()))\n"
     )
 

@@ -8,38 +8,24 @@ every connection that is not a Unix socket."""
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
 from integration_support import (
     approve,
+    assert_in_audit_log,
     audit_records,
-    reviewer_settings,
+    readme_example,
     run_scenario,
     venv_python,
 )
-from support import REPO_ROOT
 
 SCENARIO = pathlib.Path(__file__).with_name("crewai_scenario.py")
-README = REPO_ROOT / "clients" / "python" / "README.md"
 TRANSPORTS = ["fast", "grpc"]
 
 
 @pytest.fixture
 def python():
     return venv_python("crewai")
-
-
-@pytest.fixture
-def running(start_daemon, socket_dir):
-    return start_daemon(*reviewer_settings(socket_dir), path=socket_dir)
-
-
-def assert_in_audit_log(running, events: list[dict]) -> None:
-    records = audit_records(running)
-    for event in events:
-        record = records[event["decision_id"]]
-        assert (record.action, record.decision) == (event["action"], event["decision"])
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -99,7 +85,7 @@ def test_an_agent_runs_the_allowed_refund_and_not_the_denied_crm_read(
     assert len(events) == 5  # the 5th: the CRM tool in the run that raises
     assert all(event in seen["events"] for event in events)
     assert len(seen["events"]) == 8
-    assert_in_audit_log(running, seen["events"])
+    assert_in_audit_log(audit_records(running), seen["events"])
 
     # tool_failure_policy="raise": CrewAI's exception carries the decision.
     raised = seen["raised"]
@@ -154,7 +140,7 @@ def test_a_large_refund_waits_for_a_reviewer_then_runs_once(python, running, tra
     assert retried["run"]["tool_failures"] == []
     [event] = retried["events"]
     assert (event["decision"], event["reason_code"]) == ("allow", "approval_granted")
-    assert_in_audit_log(running, [*asked["events"], *retried["events"]])
+    assert_in_audit_log(audit_records(running), [*asked["events"], *retried["events"]])
 
 
 def test_an_unreachable_daemon_keeps_the_tool_closed_unless_fail_open(
@@ -260,21 +246,12 @@ def test_a_guarded_tool_comes_back_from_a_checkpoint_still_guarded(
         str(e) for e in after["events"] if e["decision_id"]
     )
     assert sum(e["error"] == "guard_not_restored" for e in after["events"]) == 3
-    assert_in_audit_log(running, [*before["events"], *decided])
-
-
-def readme_example() -> str:
-    """The python block of the README's CrewAI subsection."""
-    text = README.read_text()
-    section = text.split("\n### CrewAI\n", 1)[1].split("\n## ", 1)[0]
-    section = section.split("\n### ", 1)[0]
-    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    return code
+    assert_in_audit_log(audit_records(running), [*before["events"], *decided])
 
 
 def test_the_readme_example_runs(python, running, tmp_path):
     example = tmp_path / "example.py"
-    example.write_text(readme_example())
+    example.write_text(readme_example("CrewAI"))
 
     seen = run_scenario(
         python, SCENARIO, "readme", str(example), KYNARA_TARGET=running.target

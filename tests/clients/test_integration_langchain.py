@@ -7,20 +7,19 @@ decision ids the agent saw are checked against the audit log."""
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
 from integration_support import (
     approve,
+    assert_in_audit_log,
     audit_records,
+    readme_example,
     reviewer_settings,
     run_scenario,
     venv_python,
 )
-from support import REPO_ROOT
 
 SCENARIO = pathlib.Path(__file__).with_name("langchain_scenario.py")
-README = REPO_ROOT / "clients" / "python" / "README.md"
 REFUND = "payments.refund.issue"
 CRM = "crm.contact.read"
 
@@ -33,17 +32,6 @@ def python() -> pathlib.Path:
 def guarded_records(records: list[dict]) -> list[dict]:
     assert all(r["guarded"] for r in records), records
     return records
-
-
-def assert_in_audit(records: list[dict], audit: dict) -> None:
-    """Each record's decision id names an audit record of the same action
-    and decision."""
-    for record in records:
-        stored = audit[record["decision_id"]]
-        assert (stored.action, stored.decision) == (
-            record["action"],
-            record["decision"],
-        )
 
 
 @pytest.mark.parametrize("transport", ["fast", "grpc"])
@@ -88,7 +76,7 @@ def test_an_agent_loop_runs_the_allowed_tool_and_tells_the_model_why_not(
             allowed["kynara"]["decision_id"],
             denied["kynara"]["decision_id"],
         ]
-        assert_in_audit(records, audit)
+        assert_in_audit_log(audit, records)
         assert audit[records[1]["decision_id"]].reason_code == records[1]["reason_code"]
     # Other kinds of tool keep their schema, artifact and single input.
     shapes = seen["shapes"]
@@ -102,7 +90,7 @@ def test_an_agent_loop_runs_the_allowed_tool_and_tells_the_model_why_not(
     assert shapes["message"]["kynara"]["decision"] == "allow"
     assert shapes["artifact"] == {"amount": 100, "run": True}
     assert shapes["lookup"] == "contact ct_5"
-    assert_in_audit([{"action": REFUND, **shapes["message"]["kynara"]}], audit)
+    assert_in_audit_log(audit, [{"action": REFUND, **shapes["message"]["kynara"]}])
     # The denied bodies never ran; the allowed ones once each.
     assert seen["bodies"] == {
         "issue_refund": 1,
@@ -117,7 +105,7 @@ def test_an_agent_loop_runs_the_allowed_tool_and_tells_the_model_why_not(
     (record,) = direct["records"]
     assert record["decision_id"] == direct["decision_id"]
     assert record["status"] == "error"
-    assert_in_audit([record], audit)
+    assert_in_audit_log(audit, [record])
 
 
 @pytest.mark.parametrize("transport", ["fast", "grpc"])
@@ -152,7 +140,7 @@ def test_a_refund_held_for_approval_runs_once_when_called_again_after_approval(
         held["kynara"]["decision_id"],
         ran["kynara"]["decision_id"],
     ]
-    assert_in_audit(records, audit)
+    assert_in_audit_log(audit, records)
     assert audit[ran["kynara"]["decision_id"]].reason_code == "approval_granted"
 
 
@@ -192,19 +180,10 @@ def test_an_unreachable_daemon_fails_closed_unless_fail_open_is_spelled_out(
     assert [r["failed_open"] for r in opened["records"]] == [True, True]
 
 
-def readme_example() -> str:
-    """The Python block of the README's LangChain subsection."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n### LangChain\n", 1)[1].split("\n## ", 1)[0]
-    section = section.split("\n### ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-    return code
-
-
 def test_the_readme_example_runs_as_printed(python, start_daemon, socket_dir):
     running = start_daemon(path=socket_dir)
     example = socket_dir / "langchain_example.py"
-    example.write_text(readme_example(), encoding="utf-8")
+    example.write_text(readme_example("LangChain"), encoding="utf-8")
 
     seen = run_scenario(
         python, SCENARIO, "readme", str(example), KYNARA_TARGET=running.target

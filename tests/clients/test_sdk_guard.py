@@ -9,7 +9,10 @@ import asyncio
 import logging
 
 import pytest
-from integration_support import approve, audit_records, reviewer_settings
+from integration_support import (
+    approve,
+    audit_records,
+)
 from kynara_sdk import (
     DAEMON_UNREACHABLE,
     INVALID_REQUEST,
@@ -27,11 +30,6 @@ REFUND = dict(
 CONTACT = dict(
     resource_kind="crm.contact", resource_arg="contact_id", context=["region"]
 )
-
-
-@pytest.fixture
-def running(start_daemon, socket_dir):
-    return start_daemon(*reviewer_settings(socket_dir), path=socket_dir)
 
 
 @pytest.fixture
