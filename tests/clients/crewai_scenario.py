@@ -350,6 +350,38 @@ def approval(target: str, transport: str, refund_id: str) -> dict:
     }
 
 
+def usage(target: str) -> dict:
+    """A refund tool that may run once: its second call is refused as the
+    tool refuses it, without asking the daemon."""
+
+    @tool("issue_refund")
+    def once(refund_id: str, amount: int) -> str:
+        """Refund a payment; amount in minor units."""
+        bodies["once"] += 1
+        return f"refunded {amount} on {refund_id}"
+
+    once.max_usage_count = 1
+    with kynara_sdk.Client(target) as client:
+        refund = guard_tool(
+            once,
+            "payments.refund.issue",
+            resource_kind="payments.refund",
+            resource_arg="refund_id",
+            attrs=["amount"],
+            client=client,
+        )
+        with kynara_sdk.acting_for(user="alice"):
+            first = refund.run(refund_id="rf_u1", amount=100)
+            second = refund.run(refund_id="rf_u2", amount=100)
+    crewai_event_bus.flush()
+    return {
+        "first": str(first),
+        "second": {"reason": second.reason.value, "message": second.message},
+        "bodies": dict(bodies),
+        "events": decision_events,
+    }
+
+
 def unreachable(target: str) -> dict:
     """No daemon at ``target``: closed by default, open when spelled out."""
     warnings: list[str] = []
@@ -543,6 +575,7 @@ def main() -> None:
         "agent": agent,
         "approval": approval,
         "unreachable": unreachable,
+        "usage": usage,
         "checkpoint": checkpoint,
         "restore": restore,
         "readme": readme,

@@ -265,3 +265,17 @@ def test_the_readme_example_runs(python, running, tmp_path):
                          " approved, call it again with the same arguments."
                          " (code: approval_required)")  # fmt: skip
     assert audit_records(running)[decision_id].decision == "require_approval"
+
+
+def test_a_used_up_tool_is_refused_without_asking(python, running):
+    seen = run_scenario(python, SCENARIO, "usage", running.target)
+
+    assert seen["first"] == "refunded 100 on rf_u1"
+    assert seen["second"]["reason"] == "usage_limit"
+    assert "usage limit of 1" in seen["second"]["message"]
+    assert seen["bodies"] == {"once": 1}
+    # Only the call that ran was decided and audited.
+    [event] = seen["events"]
+    assert (event["decision"], event["allowed"]) == ("allow", True)
+    records = audit_records(running)
+    assert [r.resource.id for r in records.values()] == ["rf_u1"]

@@ -203,6 +203,10 @@ def test_acheck_decides_alike_with_the_async_client(running):
     ("kwargs", "error"),
     [
         ({"fail_open": "yes"}, TypeError),
+        ({"action": 5}, TypeError),
+        ({"action": ""}, TypeError),
+        ({"resource_kind": None}, TypeError),
+        ({"resource_arg": 3}, TypeError),
         ({"client": object()}, TypeError),
         ({"async_client": object()}, TypeError),
         ({"on_approval": "later"}, ValueError),
@@ -210,8 +214,11 @@ def test_acheck_decides_alike_with_the_async_client(running):
     ],
 )
 def test_bad_settings_are_refused_when_the_guard_is_made(kwargs, error):
-    with pytest.raises(error):
-        ToolGuard("a.b", resource_kind="k.k", **kwargs)
+    settings = {"action": "a.b", "resource_kind": "k.k", **kwargs}
+    with pytest.raises(error) as caught:
+        ToolGuard(**settings)
+
+    assert str(caught.value).startswith(next(iter(kwargs)))
 
 
 def test_a_misspelled_mapping_is_found_when_the_tool_is_guarded():

@@ -225,6 +225,13 @@ class ToolGuard:
         on_wait: OnWait | None = None,
         fail_open: bool = False,
     ) -> None:
+        for name, value in (("action", action), ("resource_kind", resource_kind)):
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{name}: expected a non-empty str, got {value!r}")
+        if resource_arg is not None and not isinstance(resource_arg, str):
+            raise TypeError(
+                f"resource_arg: expected an argument name or None, got {resource_arg!r}"
+            )
         if not isinstance(fail_open, bool):
             raise TypeError(f"fail_open: expected True or False, got {fail_open!r}")
         _check_client("client", client, Client)

@@ -41,7 +41,9 @@ Where the decision goes:
 A guarded tool is never served from CrewAI's tool cache (its
 ``cache_function`` says no), so every call is decided and audited, and a
 refusal is not replayed after a reviewer approved. The wrapped tool keeps
-its own ``max_usage_count``: only calls that run count against it.
+its own ``max_usage_count``: only calls that run count against it, and
+once it is used up a call is refused as the tool refuses it, without
+asking the daemon.
 
 Checkpoints: a guarded tool is part of CrewAI's checkpoints (its
 ``model_dump``) with the tool it guards and the guard's settings, and
@@ -83,7 +85,7 @@ try:
     from crewai.events.event_bus import crewai_event_bus
     from crewai.tools import BaseTool
     from crewai.tools.base_tool import Tool
-    from crewai.tools.tool_failure import ToolFailure
+    from crewai.tools.tool_failure import ToolFailure, ToolFailureReason
     from crewai.types.callback import string_to_callable
     from pydantic import Field, PrivateAttr, TypeAdapter, field_serializer
 except ImportError as err:  # pragma: no cover - depends on the install
@@ -252,6 +254,8 @@ class GuardedTool(BaseTool):
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
+        if (spent := self._spent()) is not None:
+            return spent
         verdict = self._unrestored() or self._guard.check(self.name, arguments)
         self._note(verdict, arguments)
         if not verdict.allowed:
@@ -260,6 +264,8 @@ class GuardedTool(BaseTool):
 
     async def _arun(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
+        if (spent := self._spent()) is not None:
+            return spent
         verdict = self._unrestored() or await self._guard.acheck(self.name, arguments)
         self._note(verdict, arguments)
         if not verdict.allowed:
@@ -268,6 +274,23 @@ class GuardedTool(BaseTool):
             return await self._tool.arun(**arguments)
         # A sync body must not block the event loop.
         return await asyncio.to_thread(self._tool.run, **arguments)
+
+    def _spent(self) -> ToolFailure | None:
+        """The wrapped tool's usage-limit failure when its
+        ``max_usage_count`` is used up, so that a call that cannot run is
+        not asked about (no allow audited, no approval grant spent)."""
+        tool = self._tool
+        if tool is None or tool.max_usage_count is None:
+            return None
+        if tool.current_usage_count < tool.max_usage_count:
+            return None
+        return ToolFailure(
+            message=(
+                f"Tool {tool.name!r} has reached its usage limit of"
+                f" {tool.max_usage_count} times and cannot be used anymore."
+            ),
+            reason=ToolFailureReason.USAGE_LIMIT,
+        )
 
     def _unrestored(self) -> Verdict | None:
         """None when the guard is there (built again from the kept settings
