@@ -43,6 +43,7 @@ from kynara_sidecar.config import (
     DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS,
     DEFAULT_CONFIG_ENV,
     Config,
+    host_port,
     load_config,
 )
 from kynara_sidecar.errors import ConfigError, KynaraError
@@ -968,8 +969,15 @@ def _admin_target(config: Config) -> str:
     admin = config.admin
     if admin.socket:
         return f"unix://{os.path.abspath(admin.socket)}"
+    if admin.port > 0 and admin.tls.enabled:
+        # TODO(#11): the CLI speaks plaintext gRPC; a TLS admin port needs
+        # the CA to trust, which the config does not name yet.
+        raise _UsageError(
+            "expected admin.socket for the CLI: the admin TCP port serves TLS"
+            " (admin.tls), which the CLI does not speak yet"
+        )
     if admin.port > 0:
-        return f"{admin.host}:{admin.port}"
+        return host_port(admin.host, admin.port)
     raise _UsageError(
         "expected the daemon's admin listener in the config (admin.socket, or a "
         "fixed admin.port), got none"

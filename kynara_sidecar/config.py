@@ -34,12 +34,14 @@ from kynara_sidecar.audit.redact import (
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
 from kynara_sidecar.policy.names import canonical_name, check_dotted_name
+from kynara_sidecar.server.tls import load_certificate_pair
 from kynara_sidecar.sync import STORE_SCHEMES, is_store_url
 
 __all__ = [
     "AdminCredentialConfig",
     "AdminListenerConfig",
     "AdminRole",
+    "AdminTlsConfig",
     "AgentListenerConfig",
     "ApprovalsConfig",
     "AuditConfig",
@@ -152,6 +154,13 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 def _check_port(section: str, key: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{section}.{key}: expected a port in 0..65535, got {port}")
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC reads an address: an IPv6 host in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -303,6 +312,34 @@ class AdminCredentialConfig(_Section):
                 )
 
 
+class AdminTlsConfig(_Section):
+    """The admin listener's TLS certificate and key, both or neither; with
+    them the admin TCP port may be bound off loopback (the pod address)."""
+
+    # PEM certificate, leaf first then any intermediates, e.g.
+    # "/run/secrets/kynara-admin-tls/tls.crt"; re-read when it changes.
+    cert_file: str = ""
+    # PEM private key of that certificate, unencrypted, e.g.
+    # "/run/secrets/kynara-admin-tls/tls.key"; re-read when it changes.
+    key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the admin TCP port serves TLS."""
+        return bool(self.cert_file)
+
+    def validate(self, section: str) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            keys = ("cert_file", "key_file")
+            given, missing = keys if self.cert_file else keys[::-1]
+            raise ConfigError(
+                f"{section}.{missing}: expected a path with {section}.{given}, "
+                "got none (give both, or neither for no TLS)"
+            )
+        if self.enabled:
+            load_certificate_pair(self.cert_file, self.key_file, section)
+
+
 class AdminListenerConfig(_Section):
     """Where operators and reviewers reach the daemon: audit reads, proofs,
     segment pulls (AuditService) and approvals (ApprovalService). Every call
@@ -317,11 +354,14 @@ class AdminListenerConfig(_Section):
     socket: str = ""
     # Permission bits of the socket in octal, e.g. 0600 (the owner only).
     socket_mode: int = DEFAULT_ADMIN_SOCKET_MODE
-    # Loopback TCP host for gRPC, e.g. "127.0.0.1".
-    # TODO(#11): TLS, so that the admin listener may be bound off loopback.
+    # TCP host for gRPC, e.g. "127.0.0.1"; a loopback address unless tls
+    # is set, then any (e.g. the pod address).
     host: str = "127.0.0.1"
-    # Loopback TCP port for gRPC, e.g. 50153; 0 picks a free port; -1 disables.
+    # TCP port for gRPC, e.g. 50153; 0 picks a free port; -1 disables.
     port: int = -1
+    # TLS on the TCP port (the Unix socket stays plaintext, guarded by its
+    # file mode), e.g. {cert_file: tls.crt, key_file: tls.key}.
+    tls: AdminTlsConfig = msgspec.field(default_factory=AdminTlsConfig)
     # Admin callers by name, e.g. {ops: {secret_file: /run/secrets/ops,
     # roles: [operator]}}. Each call sends `authorization: Bearer <secret>`.
     credentials: dict[str, AdminCredentialConfig] = {}
@@ -334,12 +374,14 @@ class AdminListenerConfig(_Section):
     def validate(self, section: str) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
-            if not is_loopback(self.host):
+            if not is_loopback(self.host) and not self.tls.enabled:
                 raise ConfigError(
                     f"{section}.host: expected a loopback address (127.0.0.0/8 or "
-                    f"::1), got {self.host!r}; the admin listener has no TLS yet, "
-                    "so its secrets would cross the network in the clear"
+                    f"::1) with no TLS, got {self.host!r}; set {section}.tls "
+                    "(cert_file and key_file) to bind it off loopback, else its "
+                    "secrets would cross the network in the clear"
                 )
+        self.tls.validate(f"{section}.tls")
         _check_socket_path(section, self.socket)
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(

@@ -94,6 +94,7 @@ from kynara_sidecar.config import (
     ExtAuthzConfig,
     IdentityMode,
     daemon_id_problem,
+    host_port,
 )
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
@@ -122,6 +123,7 @@ from kynara_sidecar.server.fastpath import FastPathServer
 from kynara_sidecar.server.http import build_http_app
 from kynara_sidecar.server.reviewers import ReviewerAuth
 from kynara_sidecar.server.sync_service import SyncService
+from kynara_sidecar.server.tls import ServingCertificate
 from kynara_sidecar.sync import BundleEntry, open_store
 from kynara_sidecar.sync._session import StoreSession
 from kynara_sidecar.sync.bundle import VerifiedBundle
@@ -868,8 +870,16 @@ class Daemon:
             ) from None
         return handle
 
-    def _bind(self, server: grpc.aio.Server, address: str, setting: str) -> int:
+    def _bind(
+        self,
+        server: grpc.aio.Server,
+        address: str,
+        setting: str,
+        tls: grpc.ServerCredentials | None = None,
+    ) -> int:
         try:
+            if tls is not None:
+                return server.add_secure_port(address, tls)
             return server.add_insecure_port(address)
         except RuntimeError as err:
             raise ListenerError(
@@ -889,16 +899,19 @@ class Daemon:
         server: grpc.aio.Server,
         cfg: AgentListenerConfig | ExtAuthzConfig | AdminListenerConfig,
         section: str,
+        tls: grpc.ServerCredentials | None = None,
     ) -> int | None:
         """Bind ``server`` to the TCP port and the Unix socket of the config
         section ``section`` (``cfg``), each when it is on; returns the TCP
-        port bound, None when TCP is off.
+        port bound, None when TCP is off. With ``tls`` the TCP port serves
+        TLS; the Unix socket stays plaintext (its file mode guards it).
 
         TCP first: a port in use then fails before the socket is replaced.
         """
         port = None
         if cfg.port != -1:
-            port = self._bind(server, f"{cfg.host}:{cfg.port}", f"{section}.port")
+            address = host_port(cfg.host, cfg.port)
+            port = self._bind(server, address, f"{section}.port", tls)
         if cfg.socket:
             self._bind_unix(server, cfg.socket, cfg.socket_mode, f"{section}.socket")
         return port
@@ -1029,11 +1042,17 @@ class Daemon:
             self._approval_service = ApprovalService(self._book, self._reviewers())
             self._approval_service.register(server)
         await self._add_health(server)
-        self.admin_port = self._bind_listener(server, cfg, "admin")
+        tls = None
+        if cfg.tls.enabled and cfg.port != -1:
+            # Re-read at each handshake when the files change: a renewed
+            # certificate is served without a restart.
+            certificate = ServingCertificate(cfg.tls.cert_file, cfg.tls.key_file)
+            tls = certificate.credentials()
+        self.admin_port = self._bind_listener(server, cfg, "admin", tls)
         await server.start()
         log.info(
             "admin listener started",
-            extra=_fields(socket=cfg.socket, port=self.admin_port),
+            extra=_fields(socket=cfg.socket, port=self.admin_port, tls=tls is not None),
         )
 
     async def _start_health_listener(self) -> None:
@@ -1042,7 +1061,7 @@ class Daemon:
             return
         server = self._new_server()
         await self._add_health(server)
-        address = f"{cfg.host}:{cfg.port}"
+        address = host_port(cfg.host, cfg.port)
         self.health_port = self._bind(server, address, "health.port")
         await server.start()
 

@@ -1,0 +1,349 @@
+"""The admin listener with TLS: a real daemon serving real TLS on loopback.
+
+Certificates are made here with ``cryptography``: a test CA, a leaf for the
+loopback addresses, and a second CA no client should trust.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import pathlib
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from kynara.v1 import audit_pb2 as pb
+from kynara.v1 import audit_pb2_grpc
+from support import SHIPPED_CONFIG
+
+from kynara_sidecar.config import load_config
+from kynara_sidecar.errors import ConfigError
+
+OPERATOR_SECRET = "operator-secret-0123456789"
+# Bounds the calls below; no assertion depends on how long anything takes.
+CALL_TIMEOUT = 10
+# Handshakes tried before a renewed certificate must be the one served.
+RENEWAL_ATTEMPTS = 50
+LOOPBACK_NAMES = ("127.0.0.1", "127.0.0.2", "::1")
+
+
+class Authority:
+    """A test CA that issues leaf certificates for the loopback addresses."""
+
+    def __init__(self, name: str):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.name = subject
+        self.cert = (
+            self._builder(subject, self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def _builder(self, subject: x509.Name, public_key) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    def issue(self, key=None) -> tuple[bytes, bytes, int]:
+        """A leaf for localhost and the loopback addresses: (cert PEM, key
+        PEM, serial)."""
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        names = [x509.DNSName("localhost")] + [
+            x509.IPAddress(ipaddress.ip_address(name)) for name in LOOPBACK_NAMES
+        ]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kynara")])
+        cert = (
+            self._builder(subject, key.public_key())
+            .add_extension(x509.SubjectAlternativeName(names), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.key.public_key()
+                ),
+                False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return (
+            cert.public_bytes(serialization.Encoding.PEM),
+            key_pem,
+            cert.serial_number,
+        )
+
+
+@pytest.fixture(scope="module")
+def authority() -> Authority:
+    return Authority("kynara test CA")
+
+
+def write_pair(tmp_path: pathlib.Path, authority: Authority) -> tuple[str, str, int]:
+    cert_pem, key_pem, serial = authority.issue()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert_pem)
+    key_file.write_bytes(key_pem)
+    return str(cert_file), str(key_file), serial
+
+
+def admin_overrides(tmp_path, cert_file: str, key_file: str, host: str) -> list[str]:
+    secret = tmp_path / "ops.secret"
+    secret.write_text(OPERATOR_SECRET + "\n")
+    credentials = {"ops": {"secret_file": str(secret), "roles": ["operator"]}}
+    return [
+        "admin.socket=",
+        f"admin.host={host}",
+        "admin.port=0",
+        f"admin.tls={json.dumps({'cert_file': cert_file, 'key_file': key_file})}",
+        f"admin.credentials={json.dumps(credentials)}",
+        "audit.create_signing_key=true",
+    ]
+
+
+@pytest.fixture
+def tls_daemon(tmp_path, authority, start_daemon):
+    """A daemon whose admin TCP port serves TLS on 127.0.0.2 (not 127.0.0.1)."""
+    cert_file, key_file, serial = write_pair(tmp_path, authority)
+    running = start_daemon(*admin_overrides(tmp_path, cert_file, key_file, "127.0.0.2"))
+    running.served_serial = serial
+    return running
+
+
+@pytest.fixture
+def channels():
+    opened: list[grpc.Channel] = []
+
+    def open_(target: str, credentials: grpc.ChannelCredentials | None = None):
+        channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials
+            else grpc.insecure_channel(target)
+        )
+        opened.append(channel)
+        return audit_pb2_grpc.AuditServiceStub(channel)
+
+    yield open_
+    for channel in opened:
+        channel.close()
+
+
+def target(running) -> str:
+    return f"127.0.0.2:{running.daemon.admin_port}"
+
+
+def bearer() -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {OPERATOR_SECRET}"),)
+
+
+def trusting(authority: Authority) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=authority.pem)
+
+
+def served_serial(host: str, port: int, ca_pem: bytes) -> int:
+    """The serial number of the certificate a fresh TLS handshake is given."""
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, port), timeout=CALL_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_trusting_client_with_a_credential_is_served(tls_daemon, authority, channels):
+    audit = channels(target(tls_daemon), trusting(authority))
+
+    head = audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
+
+    assert head.checkpoint.origin == tls_daemon.config.identity.daemon_id
+    assert tls_daemon.config.admin.host == "127.0.0.2"
+
+
+def test_a_plaintext_client_is_refused(tls_daemon, channels):
+    audit = channels(target(tls_daemon))
+
+    with pytest.raises(grpc.RpcError) as info:
+        audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
+
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_tls_client_without_a_credential_is_unauthenticated(
+    tls_daemon, authority, channels
+):
+    audit = channels(target(tls_daemon), trusting(authority))
+
+    with pytest.raises(grpc.RpcError) as info:
+        audit.GetHead(pb.GetHeadRequest(), timeout=CALL_TIMEOUT)
+
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_client_not_trusting_the_ca_fails_the_handshake(tls_daemon, channels):
+    stranger = Authority("someone else's CA")
+    audit = channels(target(tls_daemon), trusting(stranger))
+
+    with pytest.raises(grpc.RpcError) as info:
+        audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
+
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ssl.SSLCertVerificationError):
+        served_serial("127.0.0.2", tls_daemon.daemon.admin_port, stranger.pem)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    tls_daemon, authority, tmp_path, channels
+):
+    port = tls_daemon.daemon.admin_port
+    assert served_serial("127.0.0.2", port, authority.pem) == tls_daemon.served_serial
+    cert_pem, key_pem, renewed = authority.issue()
+
+    (tmp_path / "tls.key").write_bytes(key_pem)
+    (tmp_path / "tls.crt").write_bytes(cert_pem)
+    served = [served_serial("127.0.0.2", port, authority.pem)]
+    while served[-1] != renewed and len(served) < RENEWAL_ATTEMPTS:
+        time.sleep(0.05)
+        served.append(served_serial("127.0.0.2", port, authority.pem))
+
+    assert served[-1] == renewed != tls_daemon.served_serial
+    audit = channels(target(tls_daemon), trusting(authority))
+    head = audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
+    assert head.checkpoint.origin == tls_daemon.config.identity.daemon_id
+
+
+def test_a_bad_renewal_keeps_the_certificate_served(
+    tls_daemon, authority, tmp_path, caplog
+):
+    port = tls_daemon.daemon.admin_port
+    _, other_key, _ = authority.issue()
+
+    (tmp_path / "tls.key").write_bytes(other_key)
+    served = [served_serial("127.0.0.2", port, authority.pem) for _ in range(3)]
+
+    assert served == [tls_daemon.served_serial] * 3
+    refusals = [r for r in caplog.records if "not renewed" in r.getMessage()]
+    assert len(refusals) == 1
+    assert "admin.tls.key_file: expected the private key" in str(refusals[0].fields)
+
+
+def test_the_ipv6_loopback_serves_tls(tmp_path, authority, start_daemon, channels):
+    cert_file, key_file, _ = write_pair(tmp_path, authority)
+    running = start_daemon(*admin_overrides(tmp_path, cert_file, key_file, "::1"))
+    audit = channels(f"[::1]:{running.daemon.admin_port}", trusting(authority))
+
+    head = audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
+
+    assert head.checkpoint.origin == running.config.identity.daemon_id
+
+
+def tls_config(tmp_path, *overrides: str):
+    return load_config(SHIPPED_CONFIG, ["admin.port=0", *overrides])
+
+
+def test_a_certificate_without_its_key_names_the_missing_key(tmp_path, authority):
+    cert_file, _, _ = write_pair(tmp_path, authority)
+
+    with pytest.raises(ConfigError, match=r"admin\.tls\.key_file: expected a path"):
+        tls_config(tmp_path, f"admin.tls={{cert_file: {cert_file}}}")
+
+
+def test_an_unreadable_key_names_the_key_file(tmp_path, authority):
+    cert_file, _, _ = write_pair(tmp_path, authority)
+    missing = tmp_path / "absent.key"
+
+    with pytest.raises(ConfigError, match=r"admin\.tls\.key_file: cannot read"):
+        tls_config(
+            tmp_path, f"admin.tls={{cert_file: {cert_file}, key_file: {missing}}}"
+        )
+
+
+def test_a_key_of_another_certificate_is_refused(tmp_path, authority):
+    cert_file, _, _ = write_pair(tmp_path, authority)
+    _, other_key, _ = authority.issue()
+    key_file = tmp_path / "other.key"
+    key_file.write_bytes(other_key)
+
+    with pytest.raises(
+        ConfigError, match=r"admin\.tls\.key_file: expected the private key"
+    ):
+        tls_config(
+            tmp_path, f"admin.tls={{cert_file: {cert_file}, key_file: {key_file}}}"
+        )
+
+
+def test_a_key_in_the_certificate_file_is_no_certificate(tmp_path, authority):
+    _, key_file, _ = write_pair(tmp_path, authority)
+
+    with pytest.raises(
+        ConfigError, match=r"admin\.tls\.cert_file: expected a PEM certificate"
+    ):
+        tls_config(
+            tmp_path, f"admin.tls={{cert_file: {key_file}, key_file: {key_file}}}"
+        )
+
+
+def test_an_address_off_loopback_needs_tls(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"admin\.host: .*; set admin\.tls \(cert_file"
+    ):
+        tls_config(tmp_path, "admin.host=10.1.2.3")
+
+
+def test_with_tls_an_address_off_loopback_is_accepted(tmp_path, authority):
+    cert_file, key_file, _ = write_pair(tmp_path, authority)
+
+    config = tls_config(
+        tmp_path,
+        "admin.host=10.1.2.3",
+        f"admin.tls={{cert_file: {cert_file}, key_file: {key_file}}}",
+    )
+
+    assert (config.admin.host, config.admin.tls.cert_file) == ("10.1.2.3", cert_file)
+
+
+def test_the_cli_asks_for_the_admin_socket_when_the_port_serves_tls(
+    tmp_path, authority
+):
+    from kynara_sidecar.cli import _admin_target, _UsageError
+
+    cert_file, key_file, _ = write_pair(tmp_path, authority)
+    tls = f"admin.tls={{cert_file: {cert_file}, key_file: {key_file}}}"
+    port_only = tls_config(tmp_path, "admin.socket=", "admin.port=50999", tls)
+    with_socket = tls_config(
+        tmp_path, f"admin.socket={tmp_path / 'admin.sock'}", "admin.port=50999", tls
+    )
+
+    with pytest.raises(_UsageError, match=r"expected admin\.socket for the CLI"):
+        _admin_target(port_only)
+    assert _admin_target(with_socket) == f"unix://{tmp_path / 'admin.sock'}"
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("127.0.0.1", "127.0.0.1:9"), ("::1", "[::1]:9"), ("[::1]", "[::1]:9")],
+)
+def test_an_ipv6_host_is_bracketed_for_grpc(host, address):
+    from kynara_sidecar.config import host_port
+
+    assert host_port(host, 9) == address
