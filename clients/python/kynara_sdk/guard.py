@@ -148,9 +148,9 @@ class Verdict:
     def message(self) -> str:
         """Why the tool did not run, in words a model can act on; "" when it
         may run."""
-        if self.allowed:
-            return ""
         err = self.error
+        if self.allowed or err is None:
+            return ""
         where = f"{self.tool} ({self.action})"
         if isinstance(err, PermissionDenied):
             denied = err.decision
@@ -174,7 +174,7 @@ class Verdict:
                 " not run."
             )
         return (
-            f"Kynara could not decide on {where}: {err.message} [{err.code}]."  # type: ignore[union-attr]
+            f"Kynara could not decide on {where}: {err.message} [{err.code}]."
             " The tool did not run."
         )
 
@@ -243,6 +243,10 @@ class ToolGuard:
         self._attrs = argument_map(attrs, "attrs")
         self._context = argument_map(context, "context")
         self._waiting = Waiting.of(on_approval, approval_timeout, on_wait)
+        # The argument names the request is made of, in the order given.
+        named = [resource_arg] if resource_arg is not None else []
+        named += [*self._attrs.values(), *self._context.values()]
+        self._mapped = tuple(dict.fromkeys(named))
         self._client = client
         self._async_client = async_client
 
@@ -270,9 +274,7 @@ class ToolGuard:
             ValueError: a mapped argument is not among ``known``; the
                 message names them all.
         """
-        wanted = [self.resource_arg] if self.resource_arg is not None else []
-        wanted += [*self._attrs.values(), *self._context.values()]
-        missing = [name for name in wanted if name not in known]
+        missing = [name for name in self._mapped if name not in known]
         if missing:
             raise ValueError(
                 f"guard_tool: {', '.join(map(repr, missing))} not among tool"
@@ -306,7 +308,11 @@ class ToolGuard:
         return self._verdict(tool, decision)
 
     def _request(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        plain = {name: _plain(value) for name, value in arguments.items()}
+        # Only the arguments the request reads are converted: an unmapped
+        # model is neither dumped nor sent.
+        plain = {
+            name: _plain(arguments[name]) for name in self._mapped if name in arguments
+        }
         return tool_request(
             plain, self.resource_kind, self.resource_arg, self._attrs, self._context
         )
