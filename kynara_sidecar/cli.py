@@ -25,6 +25,8 @@ Examples:
         --trusted-key bundle-key.pub
     kynara-sidecar sync now --config config/kynara.yaml \
         --credential-file var/secrets/operator
+    kynara-sidecar sync ship --wait 20 --config config/kynara.yaml \
+        --credential-file var/secrets/operator
     kynara-sidecar fleet status --store nats://127.0.0.1:4222
     kynara-sidecar approvals list --config config/kynara.yaml \
         --credential-file var/secrets/carol
@@ -47,11 +49,11 @@ from kynara_sidecar.config import (
     load_config,
 )
 from kynara_sidecar.errors import ConfigError, KynaraError
-from kynara_sidecar.logs import LOG_LEVELS, configure_logging
+from kynara_sidecar.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from kynara_sidecar.server._visible import visible_text
 
 if typing.TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from kynara_sidecar.audit.keys import PublicKey
     from kynara_sidecar.decision import Timestamp
@@ -81,6 +83,34 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log lines as json objects or as text (default: log.format in "
+        "the config, json; this overrides it)",
+    )
+
+
+def _daemon_config(args: argparse.Namespace) -> tuple[Config, Callable[[], Config]]:
+    """The config of ``run`` and ``gateway``, logging set up from it, and
+    the loader a SIGHUP calls: the same file with the same overrides, the
+    log flags among them (they keep winning over the file)."""
+    overrides = list(args.overrides)
+    if args.log_level:
+        overrides.append(f"log.level={args.log_level}")
+    if args.log_format:
+        overrides.append(f"log.format={args.log_format}")
+    path = args.config
+
+    def load() -> Config:
+        return load_config(path, overrides)
+
+    config = load()
+    configure_logging(config.log.level, config.log.format)
+    return config, load
+
+
 def _add_trusted_keys(
     parser: argparse.ArgumentParser, text: str, *, required: bool = False
 ) -> None:
@@ -102,11 +132,19 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("Examples:", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="lowest level logged (default info; for run and gateway, "
+        "log.level in the config, which this overrides)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="serve decisions until SIGTERM")
+    run = commands.add_parser(
+        "run", help="serve decisions until SIGTERM; SIGHUP reloads"
+    )
     _add_config_args(run)
+    _add_log_format(run)
 
     gateway = commands.add_parser(
         "gateway",
@@ -114,6 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "agent that starts it as its MCP server (gateway.stdio)",
     )
     _add_config_args(gateway)
+    _add_log_format(gateway)
     gateway.add_argument(
         "--list-tools",
         action="store_true",
@@ -416,6 +455,36 @@ def _add_sync_parser(commands: argparse._SubParsersAction) -> None:
         help=f"file holding an operator's admin secret (default: ${ADMIN_SECRET_ENV},"
         " the secret itself)",
     )
+    _add_admin_tls_args(now)
+    ship = kinds.add_parser(
+        "ship",
+        help="make the daemon seal its audit segment and ship it to the store",
+        description=(
+            "Call SyncService.ShipNow on the daemon's admin listener with an "
+            "operator credential: the open audit segment is sealed and every "
+            "sealed segment shipped to the central store, waiting up to --wait "
+            "seconds for its acknowledgement (a Kubernetes preStop hook runs "
+            "this). Prints {sealed_tree_size, shipped_segments, backlog_records, "
+            "shipped_tree_size}; exits 0 when the store acknowledged every "
+            "sealed record, 1 when it did not in time or the daemon ships "
+            "nothing."
+        ),
+    )
+    _add_config_args(ship)
+    ship.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="how long to wait for the store (default: sync.timeout_seconds)",
+    )
+    ship.add_argument(
+        "--credential-file",
+        metavar="FILE",
+        help=f"file holding an operator's admin secret (default: ${ADMIN_SECRET_ENV},"
+        " the secret itself)",
+    )
+    _add_admin_tls_args(ship)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -423,8 +492,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from kynara_sidecar.daemon import run_daemon
 
-    config = load_config(args.config, args.overrides)
-    if not run_daemon(config):
+    config, reload_config = _daemon_config(args)
+    if not run_daemon(config, reload_config=reload_config):
         # The audit log is closed; threads stuck in a store call (a hung
         # mount) would hold the interpreter's exit forever.
         logging.shutdown()
@@ -442,12 +511,12 @@ def _gateway(args: argparse.Namespace) -> int:
     from kynara_sidecar.daemon import run_daemon
     from kynara_sidecar.gateway.stdio import StdioWire
 
-    config = load_config(args.config, args.overrides)
+    config, reload_config = _daemon_config(args)
     if args.list_tools:
         return _list_gateway_tools(config)
     # Before anything else can write to stdout: it is the agent's wire now.
     wire = StdioWire.claim()
-    if not run_daemon(config, stdio=wire):
+    if not run_daemon(config, stdio=wire, reload_config=reload_config):
         logging.shutdown()
         sys.stderr.flush()
         os._exit(EXIT_OK)
@@ -966,18 +1035,15 @@ def _check_not_older(
 
 
 def _admin_target(config: Config) -> str:
+    """The admin listener's gRPC target: the Unix socket when there is one,
+    else ``admin.host:admin.port`` (a wildcard host is reached on loopback:
+    the CLI runs beside the daemon)."""
     admin = config.admin
     if admin.socket:
         return f"unix://{os.path.abspath(admin.socket)}"
-    if admin.port > 0 and admin.tls.enabled:
-        # TODO(#11): the CLI speaks plaintext gRPC; a TLS admin port needs
-        # the CA to trust, which the config does not name yet.
-        raise _UsageError(
-            "expected admin.socket for the CLI: the admin TCP port serves TLS"
-            " (admin.tls), which the CLI does not speak yet"
-        )
     if admin.port > 0:
-        return host_port(admin.host, admin.port)
+        host = _WILDCARD_HOSTS.get(admin.host.strip("[]"), admin.host)
+        return host_port(host, admin.port)
     raise _UsageError(
         "expected the daemon's admin listener in the config (admin.socket, or a "
         "fixed admin.port), got none"
@@ -1009,6 +1075,7 @@ def _admin_call(
 ) -> tuple[Config, str, list[tuple[str, str]]]:
     """The daemon's config, its admin listener's target, and the bearer
     metadata of the credential in --credential-file or $KYNARA_ADMIN_SECRET.
+    Open the channel with ``_admin_channel``.
     """
     config = _config_unless_path(
         args, None, f"expected the daemon's config: give {_GIVE_CONFIG}"
@@ -1017,6 +1084,97 @@ def _admin_call(
     target = _admin_target(config)
     token = _admin_token(args, credential)
     return config, target, [("authorization", f"Bearer {token}")]
+
+
+# Hosts a listener binds to mean "every address"; the CLI dials loopback.
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+# Where --ca-file is read from when the flag is not given.
+ADMIN_CA_ENV = "KYNARA_ADMIN_CA_FILE"
+
+
+def _add_admin_tls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="PEM certificates to trust when admin.port serves TLS (default: "
+        f"${ADMIN_CA_ENV}, else admin.tls.cert_file itself, which suits a "
+        "self-signed certificate)",
+    )
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name to check the admin certificate for (default: admin.host; "
+        "when that is an address the certificate does not name, the "
+        "certificate's first DNS name)",
+    )
+
+
+def _admin_channel(args: argparse.Namespace, config: Config, target: str):
+    """A gRPC channel to ``target`` (from ``_admin_target``): plaintext on
+    the Unix socket, TLS to admin.port when admin.tls is set.
+
+    Raises:
+        ConfigError: the trust roots cannot be read.
+    """
+    import grpc
+
+    if target.startswith("unix://") or not config.admin.tls.enabled:
+        return grpc.insecure_channel(target)
+    tls = config.admin.tls
+    # The first given of: the flag, the environment, the served certificate.
+    where, ca_file = next(
+        (where, path)
+        for where, path in (
+            ("--ca-file", args.ca_file),
+            (f"${ADMIN_CA_ENV}", os.environ.get(ADMIN_CA_ENV, "")),
+            ("admin.tls.cert_file", tls.cert_file),
+        )
+        if path
+    )
+    try:
+        with open(ca_file, "rb") as file:
+            roots = file.read()
+    except OSError as err:
+        raise ConfigError(
+            f"{where}: cannot read the certificates to trust: {err}"
+        ) from None
+    name = args.server_name or _certificate_name(tls.cert_file, target)
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(
+        target, grpc.ssl_channel_credentials(root_certificates=roots), options
+    )
+
+
+def _certificate_name(cert_file: str, target: str) -> str:
+    """The name to check the served certificate for when ``target`` dials an
+    IP address the certificate (``cert_file``, the daemon's own) does not
+    name: its first DNS name, else its common name; "" when no override is
+    needed."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    host = target.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""  # a name: checked as it is
+    with open(cert_file, "rb") as file:
+        leaf = x509.load_pem_x509_certificates(file.read())[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    if address in names.get_values_for_type(x509.IPAddress):
+        return ""
+    dns = names.get_values_for_type(x509.DNSName)
+    if dns:
+        return dns[0]
+    common = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(common[0].value) if common else ""
 
 
 def _admin_token(args: argparse.Namespace, credential: _Credential) -> str:
@@ -1049,8 +1207,10 @@ def _sync(args: argparse.Namespace) -> int:
     import grpc
     from kynara.v1 import sync_pb2, sync_pb2_grpc
 
+    if args.sync_command == "ship":
+        return _sync_ship(args)
     config, target, metadata = _admin_call(args, _OPERATOR)
-    with grpc.insecure_channel(target) as channel:
+    with _admin_channel(args, config, target) as channel:
         try:
             reply = sync_pb2_grpc.SyncServiceStub(channel).SyncNow(
                 sync_pb2.SyncNowRequest(force=args.force),
@@ -1095,6 +1255,59 @@ def _sync(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK if reply.outcome in ("activated", "unchanged") else EXIT_FAILED
+
+
+# ShipNow waits --wait seconds for the store; the seal and the answer get
+# this much more before the CLI gives up on the daemon.
+SHIP_NOW_MARGIN_SECONDS = 10.0
+
+
+def _sync_ship(args: argparse.Namespace) -> int:
+    """``sync ship``: ShipNow on the daemon; non-zero unless the store
+    acknowledged every sealed record."""
+    import json
+
+    import grpc
+    from kynara.v1 import sync_pb2, sync_pb2_grpc
+
+    if not 0 <= args.wait <= 600:
+        raise _UsageError(f"--wait: expected 0..600 seconds, got {args.wait:g}")
+    config, target, metadata = _admin_call(args, _OPERATOR)
+    wait = args.wait or config.sync.timeout_seconds
+    with _admin_channel(args, config, target) as channel:
+        try:
+            reply = sync_pb2_grpc.SyncServiceStub(channel).ShipNow(
+                sync_pb2.ShipNowRequest(wait_seconds=args.wait),
+                metadata=metadata,
+                timeout=wait + SHIP_NOW_MARGIN_SECONDS,
+            )
+        except grpc.RpcError as err:
+            coded = dict(err.trailing_metadata() or ()).get("kynara-error-code")
+            if err.code() == grpc.StatusCode.UNAVAILABLE and not coded:
+                raise ConfigError(
+                    f"ShipNow at {target}: nothing answers: is the daemon running, "
+                    "with this config? Its admin listener starts only when the "
+                    "daemon's own admin.credentials names a credential"
+                ) from None
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise ConfigError(
+                    f"ShipNow at {target}: not all shipped: {err.details()}"
+                ) from None
+            raise ConfigError(
+                f"ShipNow at {target} failed: {err.code().name}: {err.details()}"
+            ) from None
+    print(
+        json.dumps(
+            {
+                "sealed_tree_size": reply.sealed_tree_size,
+                "shipped_segments": reply.shipped_segments,
+                "backlog_records": reply.backlog_records,
+                "shipped_tree_size": reply.shipped_tree_size,
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
 
 
 # A reviewer answers in seconds; the daemon records a review in one commit.
@@ -1155,6 +1368,7 @@ def _add_approvals_parser(commands: argparse._SubParsersAction) -> None:
             help="file holding a reviewer's admin secret or reviewer JWT "
             f"(default: ${ADMIN_SECRET_ENV}, the token itself)",
         )
+        _add_admin_tls_args(subcommand)
 
 
 def _approvals(args: argparse.Namespace) -> int:
@@ -1166,7 +1380,7 @@ def _approvals(args: argparse.Namespace) -> int:
 
     config, target, metadata = _admin_call(args, _REVIEWER)
     command = args.approvals_command
-    with grpc.insecure_channel(target) as channel:
+    with _admin_channel(args, config, target) as channel:
         stub = approval_pb2_grpc.ApprovalServiceStub(channel)
         calls = {
             "list": lambda: stub.ListApprovals(
@@ -1377,7 +1591,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or "info")
     try:
         return COMMANDS[args.command](args)
     except _UsageError as err:

@@ -49,6 +49,10 @@ __all__ = [
     "DEFAULT_CONFIG_ENV",
     "Durability",
     "EnvConfig",
+    "LogConfig",
+    "LogFormat",
+    "LogLevel",
+    "METRICS_READERS",
     "ExtAuthzConfig",
     "ExtAuthzRoute",
     "PathTemplate",
@@ -61,6 +65,7 @@ __all__ = [
     "IssuerConfig",
     "PolicyConfig",
     "RedactConfig",
+    "TlsConfig",
     "UpstreamConfig",
     "UpstreamTransport",
     "ApprovalWait",
@@ -136,6 +141,13 @@ class AdminRole(enum.StrEnum):
     # Lists, reads, approves and rejects approvals (ApprovalService, the
     # review page's sign-in, `kynara-sidecar approvals`).
     REVIEWER = "reviewer"
+    # Reads /metrics on an HTTP listener serving TLS (Prometheus); nothing
+    # else. Operators may read it too.
+    METRICS = "metrics"
+
+
+# The roles whose credential may read /metrics when it needs one.
+METRICS_READERS = frozenset({AdminRole.METRICS, AdminRole.OPERATOR})
 
 
 class Durability(enum.StrEnum):
@@ -238,17 +250,71 @@ class AgentListenerConfig(_Section):
             )
 
 
+class TlsConfig(_Section):
+    """A TCP listener's TLS certificate and key (admin.tls, http.tls), both
+    or neither; with them the listener may be bound off loopback (the pod
+    address)."""
+
+    # PEM certificate, leaf first then any intermediates, e.g.
+    # "/run/secrets/kynara-admin-tls/tls.crt"; re-read when it changes.
+    cert_file: str = ""
+    # PEM private key of that certificate, unencrypted, e.g.
+    # "/run/secrets/kynara-admin-tls/tls.key"; re-read when it changes.
+    key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the TCP port serves TLS."""
+        return bool(self.cert_file)
+
+    def validate(self, section: str) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            keys = ("cert_file", "key_file")
+            given, missing = keys if self.cert_file else keys[::-1]
+            raise ConfigError(
+                f"{section}.{missing}: expected a path with {section}.{given}, "
+                "got none (give both, or neither for no TLS)"
+            )
+        if self.enabled:
+            load_certificate_pair(self.cert_file, self.key_file, section)
+
+
+# The name admin.tls had first.
+AdminTlsConfig = TlsConfig
+
+
 class HttpListenerConfig(_Section):
     """The one HTTP stack: /metrics now, review pages later."""
 
-    # Bind address, e.g. "127.0.0.1" (or the pod address for Prometheus).
+    # Bind address, e.g. "127.0.0.1"; a loopback address unless tls is set,
+    # then any (e.g. the pod address, for Prometheus outside the pod).
     host: str = "127.0.0.1"
     # Port, e.g. 9464; 0 picks a free port; -1 disables HTTP.
     port: int = 9464
+    # TLS on the port, e.g. {cert_file: tls.crt, key_file: tls.key}. With it
+    # /metrics needs `authorization: Bearer <secret>` of an admin credential
+    # with the metrics or operator role; without it /metrics is open, and
+    # only loopback may reach it.
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 
     def validate(self, section: str) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
+            if not is_loopback(self.host) and not self.tls.enabled:
+                raise ConfigError(
+                    f"{section}.host: expected a loopback address (127.0.0.0/8 or "
+                    f"::1) with no TLS, got {self.host!r}; set {section}.tls "
+                    "(cert_file and key_file) to bind it off loopback, else "
+                    "/metrics would be open and the review page's sign-in would "
+                    "cross the network in the clear"
+                )
+        self.tls.validate(f"{section}.tls")
+
+    @property
+    def needs_credentials(self) -> bool:
+        """Whether /metrics asks for a bearer credential: when TLS is on,
+        which is what lets the listener leave loopback."""
+        return self.port != -1 and self.tls.enabled
 
 
 class HealthListenerConfig(_Section):
@@ -312,34 +378,6 @@ class AdminCredentialConfig(_Section):
                 )
 
 
-class AdminTlsConfig(_Section):
-    """The admin listener's TLS certificate and key, both or neither; with
-    them the admin TCP port may be bound off loopback (the pod address)."""
-
-    # PEM certificate, leaf first then any intermediates, e.g.
-    # "/run/secrets/kynara-admin-tls/tls.crt"; re-read when it changes.
-    cert_file: str = ""
-    # PEM private key of that certificate, unencrypted, e.g.
-    # "/run/secrets/kynara-admin-tls/tls.key"; re-read when it changes.
-    key_file: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        """Whether the admin TCP port serves TLS."""
-        return bool(self.cert_file)
-
-    def validate(self, section: str) -> None:
-        if bool(self.cert_file) != bool(self.key_file):
-            keys = ("cert_file", "key_file")
-            given, missing = keys if self.cert_file else keys[::-1]
-            raise ConfigError(
-                f"{section}.{missing}: expected a path with {section}.{given}, "
-                "got none (give both, or neither for no TLS)"
-            )
-        if self.enabled:
-            load_certificate_pair(self.cert_file, self.key_file, section)
-
-
 class AdminListenerConfig(_Section):
     """Where operators and reviewers reach the daemon: audit reads, proofs,
     segment pulls (AuditService) and approvals (ApprovalService). Every call
@@ -361,7 +399,7 @@ class AdminListenerConfig(_Section):
     port: int = -1
     # TLS on the TCP port (the Unix socket stays plaintext, guarded by its
     # file mode), e.g. {cert_file: tls.crt, key_file: tls.key}.
-    tls: AdminTlsConfig = msgspec.field(default_factory=AdminTlsConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     # Admin callers by name, e.g. {ops: {secret_file: /run/secrets/ops,
     # roles: [operator]}}. Each call sends `authorization: Bearer <secret>`.
     credentials: dict[str, AdminCredentialConfig] = {}
@@ -1714,6 +1752,30 @@ class EnvConfig(_Section):
     labels: dict[str, str] = {}
 
 
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.StrEnum):
+    # One JSON object a line.
+    JSON = "json"
+    # `time level logger msg key=value ...`, the same fields as JSON.
+    TEXT = "text"
+
+
+class LogConfig(_Section):
+    """The daemon's own log lines, on stderr; both keys apply on SIGHUP.
+    The CLI's --log-level and --log-format override them."""
+
+    # Lowest level written: debug, info, warning or error.
+    level: LogLevel = LogLevel.INFO
+    # json (one object a line) or text.
+    format: LogFormat = LogFormat.JSON
+
+
 class Config(_Section):
     """The whole daemon configuration."""
 
@@ -1729,6 +1791,7 @@ class Config(_Section):
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     ext_authz: ExtAuthzConfig = msgspec.field(default_factory=ExtAuthzConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
     # Drain period on SIGTERM, in seconds, e.g. 10.
     shutdown_grace_seconds: float = 10.0
 

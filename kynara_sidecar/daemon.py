@@ -28,11 +28,16 @@ daemon puts its status there (``sync.status``) and, with
 ``sync.ship_segments``, ships each sealed segment (``sync.shipper``);
 retention then prunes only what the store acknowledged, and under
 ``sync.backlog_policy: fail_closed`` decisions go through the shipper's
-``BacklogGate``.
+``BacklogGate``. The admin ``SyncService.ShipNow`` seals the open segment
+(a ``seal`` marker) and ships it on request, as a preStop hook asks.
 
-SIGHUP reloads policies; a bad set is refused and the previous one stays
-active. A good one is activated only once its policy_activated marker (and
-its source files) are committed.
+SIGHUP reads the config file again (with the CLI's overrides) and applies
+the keys in ``LIVE_SETTINGS`` (log level and format, the drain period);
+keys that need a restart keep their running values, named in one warning.
+A config that fails to read or validate is refused whole, policies
+included. Then SIGHUP reloads policies; a bad set is refused and the
+previous one stays active. A good one is activated only once its
+policy_activated marker (and its source files) are committed.
 
 Signed bundles (``policy.source`` a bundle file or a store): no policy
 directory is read at start. Once the audit log is open, the bundle last
@@ -68,7 +73,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2
 
-from kynara_sidecar import __version__
+from kynara_sidecar import __version__, logs
 from kynara_sidecar.approvals.book import APPROVALS_DB, ApprovalBook
 from kynara_sidecar.approvals.fleet import FleetLink
 from kynara_sidecar.approvals.webhook import ApprovalWebhook
@@ -120,6 +125,7 @@ from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditSe
 from kynara_sidecar.server.decision_service import DecisionService, grpc_receive_limit
 from kynara_sidecar.server.ext_authz import ExtAuthzService
 from kynara_sidecar.server.fastpath import FastPathServer
+from kynara_sidecar.server.grpc_metrics import ServerMetrics
 from kynara_sidecar.server.http import build_http_app
 from kynara_sidecar.server.reviewers import ReviewerAuth
 from kynara_sidecar.server.sync_service import SyncService
@@ -169,6 +175,32 @@ MIN_SYNC_STOP_SECONDS = 3 * FINAL_SYNC_SECONDS
 
 def _fields(**fields: object) -> dict[str, dict[str, object]]:
     return {"fields": {"component": "daemon", **fields}}
+
+
+# Config keys a SIGHUP applies at once. Policy files are read again on
+# every reload whatever the config says, and so are the admin credentials'
+# secret files while a listener checks them (rotation without a restart);
+# any other key that changed needs a restart (listeners, sockets, the audit
+# log, identity, sync...).
+LIVE_SETTINGS = ("log.level", "log.format", "shutdown_grace_seconds")
+# Live too while a listener checks admin credentials: entries added,
+# removed or changed apply at once.
+ADMIN_CREDENTIALS = "admin.credentials"
+_ABSENT = object()
+
+
+def _changed_settings(old: object, new: object, key: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs as plain
+    data (``msgspec.to_builtins``); maps are compared key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for name in sorted({*old, *new}, key=str):
+            path = f"{key}.{name}" if key else str(name)
+            changed += _changed_settings(
+                old.get(name, _ABSENT), new.get(name, _ABSENT), path
+            )
+        return changed
+    return [] if old == new else [key]
 
 
 # What an operator does about a log that cannot be trusted.
@@ -238,6 +270,8 @@ class Daemon:
         config: the validated configuration.
         clock: nanoseconds since the epoch, read once per request (tests
             pass a fixed clock).
+        reload_config: reads the config again on SIGHUP (the CLI's: the
+            same file with the same overrides); None reloads policies only.
     """
 
     def __init__(
@@ -246,10 +280,16 @@ class Daemon:
         clock: Callable[[], int] = time.time_ns,
         *,
         stdio: StdioWire | None = None,
+        reload_config: Callable[[], Config] | None = None,
     ):
         self.config = with_daemon_id(config)
+        self._reload_config = reload_config
+        # Whether this daemon is the process's (``run``): then its id goes
+        # on every log line, and a reload sets the log level and format.
+        self._owns_logs = False
         self.clock = clock
         self.metrics = Metrics()
+        self.metrics.add_process_collectors()
         self.tcp_port: int | None = None
         self.health_port: int | None = None
         self.admin_port: int | None = None
@@ -263,6 +303,9 @@ class Daemon:
         self._decision_service: DecisionService | None = None
         self._approval_service: ApprovalService | None = None
         self._reviewer_auth: ReviewerAuth | None = None
+        # Every table of admin secrets a listener checks; a reload swaps
+        # each in place.
+        self._admin_tables: list[AdminCredentials] = []
         # approvals.webhook.url: told of each new approval.
         self._webhook: ApprovalWebhook | None = None
         self._servers: list[grpc.aio.Server] = []
@@ -313,10 +356,9 @@ class Daemon:
         once the listener is up); empty with neither."""
         base = self.config.approvals.inbox_url.rstrip("/")
         if not base and self.http_port is not None:
-            host = self.config.http.host
-            if ":" in host:
-                host = f"[{host}]"
-            base = f"http://{host}:{self.http_port}"
+            http = self.config.http
+            scheme = "https" if http.tls.enabled else "http"
+            base = f"{scheme}://{host_port(http.host, self.http_port)}"
         return f"{base}/approvals/{approval_id}" if base else ""
 
     def _load_policies(self) -> tuple[LoadedPolicies, list[StateChange]]:
@@ -725,8 +767,34 @@ class Daemon:
             on_commit=self._on_commit,
             sealing=sealing,
             on_fatal=self._on_audit_fatal,
+            on_latency=self.metrics.observe_append_latency,
         )
+        self.metrics.watch_chain_head(lambda writer=self._writer: writer.size)
         self._writer.start()
+
+    async def _seal_now(self) -> int:
+        """Seal the open segment now (admin ``ShipNow``): a ``seal`` marker
+        ends it, unless every record is sealed already. Returns the log's
+        sealed size.
+
+        Raises:
+            AuditUnavailable: the log is down or refused the marker.
+        """
+        writer, store = self._writer, self._store
+        if writer is None or store is None or self._audit_problem is not None:
+            raise AuditUnavailable(
+                f"audit log unavailable, nothing sealed: {self._audit_problem}"
+            )
+
+        def sizes() -> tuple[int, int]:
+            latest = store.latest_checkpoint()
+            return store.head().seq, latest.tree_size if latest else 0
+
+        head, sealed = await asyncio.to_thread(sizes)
+        if head <= sealed:
+            return sealed
+        appended = await writer.append(self._marker("seal"), seal=True)
+        return appended.seq
 
     async def _self_check(self) -> None:
         """Append the start marker and read it back before serving."""
@@ -818,9 +886,12 @@ class Daemon:
             shipper.wake()
 
     def _log_policies(self, policies: LoadedPolicies) -> None:
+        if self._owns_logs:
+            logs.set_context(policy_revision=policies.policy_set.revision)
         log.info(
             "policy activated",
             extra=_fields(
+                component="policy",
                 policy_revision=policies.policy_set.revision,
                 directory_revision=policies.directory.revision,
             ),
@@ -918,8 +989,12 @@ class Daemon:
 
     def _new_server(self, *options: tuple[str, typing.Any]) -> grpc.aio.Server:
         """A gRPC server with ``options``, stopped with the daemon; never
-        sharing its port with another process (no SO_REUSEPORT)."""
-        server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+        sharing its port with another process (no SO_REUSEPORT); its calls
+        counted (``kynara_grpc_server_*``)."""
+        server = grpc.aio.server(
+            options=[*options, ("grpc.so_reuseport", 0)],
+            interceptors=[ServerMetrics(self.metrics)],
+        )
         self._servers.append(server)
         return server
 
@@ -1034,10 +1109,18 @@ class Daemon:
             ("grpc.max_receive_message_length", MAX_ADMIN_REQUEST_BYTES)
         )
         credentials = AdminCredentials.from_config(cfg, self.metrics)
+        self._admin_tables.append(credentials)
         self._audit_service = AuditService(self._store, credentials)
         self._audit_service.register(server)
-        if self._follower is not None:
-            SyncService(self._follower, credentials).register(server)
+        # SyncNow with bundles to follow; ShipNow with segments to ship.
+        SyncService(
+            self._follower,
+            credentials,
+            store=self.config.store,
+            shipper=lambda: self._shipper,
+            seal=self._seal_now if self._ships_segments() else None,
+            default_wait=self.config.sync.timeout_seconds,
+        ).register(server)
         if self._book is not None:
             self._approval_service = ApprovalService(self._book, self._reviewers())
             self._approval_service.register(server)
@@ -1221,6 +1304,15 @@ class Daemon:
         if cfg.port == -1:
             return
         reviewers = self._reviewers().authenticate if self._book is not None else None
+        tls, readers = None, None
+        if cfg.needs_credentials:
+            # Re-read at each handshake when the files change: a renewed
+            # certificate is served without a restart.
+            tls = ServingCertificate(
+                cfg.tls.cert_file, cfg.tls.key_file, "http.tls"
+            ).ssl_context()
+            readers = AdminCredentials.from_config(self.config.admin, self.metrics)
+            self._admin_tables.append(readers)
         app = build_http_app(
             self.metrics,
             self._book,
@@ -1228,10 +1320,13 @@ class Daemon:
             session_seconds=self.config.approvals.session_seconds,
             public_urls=[self.config.approvals.inbox_url],
             clock=self.clock,
+            metrics_credentials=readers,
         )
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
-        site = web.TCPSite(self._http, cfg.host, cfg.port, reuse_port=False)
+        site = web.TCPSite(
+            self._http, cfg.host, cfg.port, ssl_context=tls, reuse_port=False
+        )
         try:
             await site.start()
         except OSError as err:
@@ -1240,12 +1335,24 @@ class Daemon:
                 "change http.port"
             ) from err
         self.http_port = self._http.addresses[0][1]
+        log.info(
+            "http listener started",
+            extra=_fields(host=cfg.host, port=self.http_port, tls=tls is not None),
+        )
 
     async def reload(self) -> bool:
-        """Load policies again; on any error keep the active set. Returns success.
+        """Read the config again (with ``reload_config``), then load
+        policies again; on any error keep what is active. Returns success.
 
-        With signed bundles, fetch the source's current bundle once.
+        A config that fails to read or validate keeps the whole previous
+        config and policy set. Of a good one, the keys in
+        ``LIVE_SETTINGS`` apply at once; any other key that changed needs a
+        restart: one warning names them all, and the daemon keeps their
+        previous values. With signed bundles, fetch the source's current
+        bundle once.
         """
+        if self._reload_config is not None and not await self._reload_settings():
+            return False
         if self._follower is not None:
             result = await self._follower.sync_now()
             ok = result.outcome in (SyncOutcome.ACTIVATED, SyncOutcome.UNCHANGED)
@@ -1260,11 +1367,98 @@ class Daemon:
             self.metrics.policy_reloads.labels("error").inc()
             log.error(
                 "policy reload refused; previous policy stays active",
-                extra=_fields(error=str(err), error_type=type(err).__name__),
+                extra=_fields(
+                    component="policy",
+                    error=str(err),
+                    error_type=type(err).__name__,
+                    source=self.config.policy.source,
+                ),
             )
             return False
         self.metrics.policy_reloads.labels("ok").inc()
         return True
+
+    async def _reload_settings(self) -> bool:
+        """Read the config again and apply what can change live; False
+        (nothing changed) when it cannot be read or is invalid."""
+        assert self._reload_config is not None
+        try:
+            fresh = with_daemon_id(await asyncio.to_thread(self._reload_config))
+        except Exception as err:
+            # A ConfigError names the file, the key and what was expected;
+            # anything else is a loader bug, which must not stop the daemon.
+            self.metrics.config_reloads.labels("error").inc()
+            log.error(
+                "config reload refused; previous config and policies stay active",
+                extra=_fields(error=str(err), error_type=type(err).__name__),
+            )
+            return False
+        checks_admin = bool(self._admin_tables) or self._reviewer_auth is not None
+        admin = self.config.admin
+        if checks_admin:
+            admin = msgspec.structs.replace(admin, credentials=fresh.admin.credentials)
+            try:
+                table, reviewers = await asyncio.to_thread(
+                    self._read_admin_credentials, admin
+                )
+            except Exception as err:
+                # A secret file that cannot be read or is too short: the
+                # secrets in use stay, and so does everything else.
+                self.metrics.config_reloads.labels("error").inc()
+                log.error(
+                    "config reload refused; previous config and policies stay active",
+                    extra=_fields(error=str(err), error_type=type(err).__name__),
+                )
+                return False
+            for credentials in self._admin_tables:
+                credentials.adopt(table)
+            if reviewers is not None and self._reviewer_auth is not None:
+                self._reviewer_auth.adopt_credentials(reviewers)
+        changed = _changed_settings(
+            msgspec.to_builtins(self.config), msgspec.to_builtins(fresh)
+        )
+
+        def is_live(key: str) -> bool:
+            admin_key = key == ADMIN_CREDENTIALS or key.startswith(
+                f"{ADMIN_CREDENTIALS}."
+            )
+            return key in LIVE_SETTINGS or (checks_admin and admin_key)
+
+        live = [key for key in changed if is_live(key)]
+        later = [key for key in changed if not is_live(key)]
+        self.config = msgspec.structs.replace(
+            self.config,
+            log=fresh.log,
+            shutdown_grace_seconds=fresh.shutdown_grace_seconds,
+            admin=admin,
+        )
+        if self._owns_logs:
+            logs.set_level(self.config.log.level)
+            logs.set_format(self.config.log.format)
+        self.metrics.config_reloads.labels("ok").inc()
+        log.info("config reloaded", extra=_fields(applied=live))
+        if later:
+            log.warning(
+                "config changes not applied: restart to apply",
+                extra=_fields(settings=later, live=list(LIVE_SETTINGS)),
+            )
+        return True
+
+    def _read_admin_credentials(
+        self, admin: AdminListenerConfig
+    ) -> tuple[AdminCredentials, ReviewerAuth | None]:
+        """Read ``admin``'s secret files into the tables the listeners check
+        (the review page's too, when it is served).
+
+        Raises:
+            ConfigError: a secret file cannot be read, is too short, or is
+                shared.
+        """
+        table = AdminCredentials(admin.load_credentials())
+        if self._reviewer_auth is None:
+            return table, None
+        config = msgspec.structs.replace(self.config, admin=admin)
+        return table, ReviewerAuth.from_config(config, clock=self.clock)
 
     async def stop(self) -> None:
         """Drain and shut down in the documented order. Safe to call twice.
@@ -1521,6 +1715,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         reload_wanted = asyncio.Event()
+        self._owns_logs = True
+        logs.set_context(daemon_id=self.config.identity.daemon_id)
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
@@ -1539,7 +1735,12 @@ class Daemon:
         await self.stop()
 
 
-def run_daemon(config: Config, *, stdio: StdioWire | None = None) -> bool:
+def run_daemon(
+    config: Config,
+    *,
+    stdio: StdioWire | None = None,
+    reload_config: Callable[[], Config] | None = None,
+) -> bool:
     """Run a daemon on its own uvloop loop until SIGTERM or SIGINT.
 
     Unlike ``asyncio.run``, closing the loop waits a bounded time for what
@@ -1559,7 +1760,8 @@ def run_daemon(config: Config, *, stdio: StdioWire | None = None) -> bool:
     loop.set_default_executor(executor)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(Daemon(config, stdio=stdio).run())
+        daemon = Daemon(config, stdio=stdio, reload_config=reload_config)
+        loop.run_until_complete(daemon.run())
     finally:
         try:
             loop.run_until_complete(_settle_leftovers(loop))

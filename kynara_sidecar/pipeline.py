@@ -350,6 +350,11 @@ class Pipeline:
             policies.policy_set.revision,
             policies.directory.revision,
             policies.policy_set.action_names,
+            (
+                f"{rule.policy}/{rule.id}"
+                for rule in policies.policy_set.rules
+                if rule.condition is not None
+            ),
         )
         for watcher in list(self._policy_watchers):
             watcher(policies)
@@ -509,6 +514,11 @@ class Pipeline:
         self._metrics.request_errors.labels(str(error.code)).inc()
         if isinstance(error, AuditUnavailable):
             self._metrics.audit_failures.inc()
+
+    def count_gateway_call(self, outcome: str) -> None:
+        """Count what became of an MCP gateway tool call (``outcome``, one
+        of ``metrics.GATEWAY_OUTCOMES``), as ``refuse`` counts refusals."""
+        self._metrics.count_gateway_call(outcome)
 
     async def decide(self, request: IncomingRequest) -> Answer:
         """Answer one request, its audit record committed first.
@@ -688,6 +698,7 @@ class Pipeline:
             context=request.context,
             request_id=request.request_id,
         )
+        evaluating = time.perf_counter()
         decision = engine.evaluate(
             policies.policy_set,
             policies.directory,
@@ -696,6 +707,7 @@ class Pipeline:
             explain=request.explain,
             cache=self._cache,
         )
+        self._metrics.count_evaluation(decision, time.perf_counter() - evaluating)
         decision_id = new_decision_id()
         record = record_from_decision(
             request=subject,

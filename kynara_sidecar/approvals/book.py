@@ -290,6 +290,12 @@ class ApprovalBook:
         self._task: asyncio.Task[None] | None = None
         self._watchers: dict[str, set[asyncio.Queue[Approval]]] = {}
         self._listeners: list[Callable[[Approval], None]] = []
+        if metrics is not None:
+            metrics.watch_pending_approvals(self._pending_committed)
+
+    def _pending_committed(self) -> int:
+        # Opened approvals whose commit has not returned are not counted.
+        return sum(self._pending_count.values()) - len(self._provisional)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -398,7 +404,11 @@ class ApprovalBook:
             except Exception as err:
                 log.warning(
                     "approval listener failed",
-                    extra=_fields(approval_id=approval.id, error=str(err)),
+                    extra=_fields(
+                        approval_id=approval.id,
+                        decision_id=approval.decision_id,
+                        error=str(err),
+                    ),
                 )
 
     # ---------------------------------------------------------------- inbox
@@ -478,6 +488,7 @@ class ApprovalBook:
                 "approval reviewed",
                 extra=_fields(
                     approval_id=approval_id,
+                    decision_id=approval.decision_id,
                     reviewer=reviewer.id,
                     verdict=str(verdict),
                     state=str(state),
@@ -646,6 +657,7 @@ class ApprovalBook:
                 "approval opened",
                 extra=_fields(
                     approval_id=approval.id,
+                    decision_id=approval.decision_id,
                     agent_id=approval.agent_id,
                     action=approval.action,
                     risk=approval.risk.score,
@@ -732,7 +744,9 @@ class ApprovalBook:
                     log.info(
                         "approval expired",
                         extra=_fields(
-                            approval_id=approval.id, agent_id=approval.agent_id
+                            approval_id=approval.id,
+                            decision_id=approval.decision_id,
+                            agent_id=approval.agent_id,
                         ),
                     )
             self._drop_old(now)

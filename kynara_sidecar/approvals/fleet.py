@@ -46,7 +46,10 @@ anything, nor show an approval this daemon did not sign.
 
 TODO(#11): ``taken`` is kept in memory only: a review refused just before
 a restart is not named after it, and the inbox keeps counting it until the
-approval changes again (or expires).
+approval changes again (or expires). The audit store's named databases
+change only with a record that accounts for them, and a refused review
+appends none: persisting it there wants a record of the refusal (or the
+review left in the store until a put naming it succeeded).
 
 A store that is down is retried after ``sync.retry_delay`` (doubling from
 ``sync.retry_min_seconds`` to ``sync.retry_max_seconds``); decisions never
@@ -528,6 +531,7 @@ class FleetLink:
             "the rejection back",
             extra=_fields(
                 approval_id=published.approval_id,
+                decision_id=current.decision_id,
                 review_id=published.review_id,
                 reviewer=review.reviewer[:_MAX_LOGGED],
                 rejected_at=review.at[:_MAX_LOGGED],

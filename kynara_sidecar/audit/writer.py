@@ -112,6 +112,7 @@ __all__ = [
     "OnCheckpoint",
     "OnCommit",
     "OnDone",
+    "OnLatency",
     "Sealing",
     "make_seal",
 ]
@@ -127,6 +128,9 @@ DEFAULT_DEFERRED_WINDOW = 0.05
 # on_commit(batch_size, commit_seconds), called on the writer thread after
 # each successful commit. It must be quick and must not block.
 OnCommit = Callable[[int, float], None]
+# on_latency(seconds): per caller of a committed transaction, from its
+# append (or submit) to the commit's return; on the writer thread, quick.
+OnLatency = Callable[[list[float]], None]
 # on_checkpoint(checkpoint, witness_error): after each checkpoint or head is
 # committed; witness_error is None when the witness has it too.
 OnCheckpoint = Callable[[CheckpointV1, "str | None"], None]
@@ -175,6 +179,8 @@ class _Pending(NamedTuple):
     encoded: tuple[bytes, ...] = ()
     # Called on ``loop`` instead of resolving ``future`` (``submit``).
     on_done: OnDone | None = None
+    # time.perf_counter() when it was queued, for ``on_latency``.
+    queued: float = 0.0
 
 
 class AuditWriter:
@@ -187,6 +193,8 @@ class AuditWriter:
             unsynced (seconds).
         on_commit: optional hook, ``on_commit(batch_size, commit_seconds)``,
             for metrics. Errors it raises are logged and ignored.
+        on_latency: optional hook, ``on_latency(seconds)``: each caller's
+            wait, append to commit, for metrics; errors logged and ignored.
 
     Raises:
         ValueError: the store is read-only, or a limit is out of range.
@@ -201,6 +209,7 @@ class AuditWriter:
         on_commit: OnCommit | None = None,
         sealing: Sealing | None = None,
         on_fatal: Callable[[AuditUnavailable], None] | None = None,
+        on_latency: OnLatency | None = None,
     ):
         if store.readonly:
             raise ValueError(f"audit log {store.path} is open read-only")
@@ -215,6 +224,7 @@ class AuditWriter:
         self._window = deferred_window
         self._deferred = store.durability == "deferred"
         self._on_commit = on_commit
+        self._on_latency = on_latency
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._state = _NEW
@@ -236,6 +246,11 @@ class AuditWriter:
     def error(self) -> AuditUnavailable | None:
         """The fatal error that stopped appends, or ``None``."""
         return self._error
+
+    @property
+    def size(self) -> int:
+        """Records in the log's chain: the newest record's sequence number."""
+        return self._size
 
     @property
     def pending(self) -> int:
@@ -320,7 +335,11 @@ class AuditWriter:
             return []
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Appended]] = loop.create_future()
-        self._enqueue(_Pending(records, changes, future, loop, seal, encoded))
+        self._enqueue(
+            _Pending(
+                records, changes, future, loop, seal, encoded, None, time.perf_counter()
+            )
+        )
         return await future
 
     def submit(
@@ -366,7 +385,11 @@ class AuditWriter:
         if not records:
             loop.call_soon(_call, on_done, [], None)
             return
-        self._enqueue(_Pending(records, changes, None, loop, False, data, on_done))
+        self._enqueue(
+            _Pending(
+                records, changes, None, loop, False, data, on_done, time.perf_counter()
+            )
+        )
 
     def _enqueue(self, item: _Pending) -> None:
         with self._cond:
@@ -650,7 +673,8 @@ class AuditWriter:
             self._fail(failure)
             self._reject(batch, failure)
             return
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        seconds = ended - started
         self._full = False
         self._size = appended[-1].seq
         self._sealed_at(made)
@@ -664,6 +688,8 @@ class AuditWriter:
             start = end
         _settle(results)
         self._report(len(records), seconds)
+        if self._on_latency is not None:
+            self._report_latency([ended - item.queued for item in batch])
 
     def _sync(self) -> None:
         self._sync_due = None
@@ -734,6 +760,14 @@ class AuditWriter:
         except Exception:
             _log.exception(
                 "audit on_commit hook failed", extra={"fields": {"component": "audit"}}
+            )
+
+    def _report_latency(self, seconds: list[float]) -> None:
+        try:
+            self._on_latency(seconds)
+        except Exception:
+            _log.exception(
+                "audit on_latency hook failed", extra={"fields": {"component": "audit"}}
             )
 
 

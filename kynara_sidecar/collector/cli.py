@@ -5,11 +5,15 @@ Examples:
     kynara-collector run --config collector.yaml --set store.url=nats://127.0.0.1:4222
     kynara-collector query --config collector.yaml --daemon bot-7 --from 1 --to 100
     kynara-collector daemons --config collector.yaml
+    kynara-collector daemons clear bot-7 --config collector.yaml \
+        --reason "restored from backup; ticket OPS-12"
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 import msgspec
@@ -19,6 +23,8 @@ from kynara_sidecar.errors import KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
 
 __all__ = ["main"]
+
+log = logging.getLogger("kynara.collector")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -46,10 +52,27 @@ def _build_parser() -> argparse.ArgumentParser:
     daemons = commands.add_parser(
         "daemons", help="print each daemon's accepted tree size, log id and alerts"
     )
-    for sub in (run, query, daemons):
+    daemon_commands = daemons.add_subparsers(dest="daemons_command")
+    clear = daemon_commands.add_parser(
+        "clear",
+        help="lift a daemon's sticky refusal once investigated; its next "
+        "segment is judged afresh (works beside a running collector)",
+    )
+    clear.add_argument("daemon_id", help="the refused daemon's id")
+    clear.add_argument(
+        "--reason",
+        default="",
+        metavar="TEXT",
+        help="why it is cleared (logged with the clear), e.g. a ticket",
+    )
+    for sub in (run, query, daemons, clear):
+        # ``daemons`` options come before or after ``clear``; what the
+        # subcommand does not see keeps the value given before it.
+        nested = sub is clear
         sub.add_argument(
             "--config",
             metavar="FILE",
+            default=argparse.SUPPRESS if nested else None,
             help=f"collector YAML (default: ${DEFAULT_CONFIG_ENV})",
         )
         sub.add_argument(
@@ -57,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
             dest="overrides",
             metavar="SECTION.KEY=VALUE",
             action="append",
-            default=[],
+            default=argparse.SUPPRESS if nested else [],
             help="override one config key, e.g. --set http.port=0",
         )
     return parser
@@ -115,11 +138,46 @@ def _query(args: argparse.Namespace) -> int:
 def _daemons(args: argparse.Namespace) -> int:
     from kynara_sidecar.collector.http import daemons_json
 
+    if args.daemons_command == "clear":
+        return _clear(args)
     config, state, _ = _open_readonly(args)
     try:
         body = daemons_json(state, config.registered_keys())
     finally:
         state.close()
+    sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(body)) + b"\n")
+    return EXIT_OK
+
+
+def _clear(args: argparse.Namespace) -> int:
+    """``daemons clear``: lift the refusal, log it, print what was cleared."""
+    from kynara_sidecar.collector.state import CollectorState, StateError
+
+    config = load_collector_config(args.config, args.overrides)
+    if not os.path.isfile(os.path.join(config.state.path, "data.mdb")):
+        # Opening for writing would create an empty state at a mistyped path.
+        raise StateError(f"no collector state at {config.state.path}; check state.path")
+    state = CollectorState.open(config.state.path, map_size=config.state.map_size)
+    try:
+        cleared = state.clear_refusal(args.daemon_id)
+    finally:
+        state.close()
+    log.info(
+        "daemon refusal cleared",
+        extra={
+            "fields": {
+                "component": "collector",
+                "daemon_id": cleared.daemon_id,
+                "refused": cleared.refused,
+                "refused_reason": cleared.refused_reason,
+                "tree_size": cleared.tree_size,
+                "log_id": cleared.log_id,
+                "dropped_held": cleared.dropped_held,
+                "reason": args.reason,
+            }
+        },
+    )
+    body = {**msgspec.to_builtins(cleared), "reason": args.reason}
     sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(body)) + b"\n")
     return EXIT_OK
 

@@ -48,8 +48,10 @@ from kynara_sidecar.audit.keys import (
 )
 from kynara_sidecar.config import (
     AdminCredentialConfig,
+    AdminListenerConfig,
     AdminRole,
     ReviewerIssuerConfig,
+    TlsConfig,
     daemon_id_problem,
     is_loopback,
     read_raw_config,
@@ -77,6 +79,8 @@ DEFAULT_CONSUMER = "kynara-collector"
 # record: 1 GiB of address space covers some ten million records.
 DEFAULT_STATE_MAP_SIZE = 1 << 30
 MIN_MAP_SIZE = 1 << 20
+# The roles an http.credentials entry may carry to be of use there.
+HTTP_ROLES = frozenset({AdminRole.OPERATOR, AdminRole.METRICS})
 # A bearer secret shorter than 128 bits could be guessed (as the daemon's).
 MIN_SECRET_BYTES = 16
 
@@ -240,24 +244,74 @@ class StateConfig(_Section):
 
 
 class HttpConfig(_Section):
-    """/metrics and the query API (no credentials: loopback only)."""
+    """/metrics and the query API (``GET /daemons``, ``GET /records``).
 
-    # Bind address, e.g. "127.0.0.1".
-    # TODO(#11): credentials for the query API, so it may leave loopback.
+    Open on loopback without credentials. With ``credentials`` each call
+    needs ``authorization: Bearer <secret>`` of one: the query API the
+    operator role, /metrics the metrics or operator role (the daemon's
+    admin credential roles). Off loopback (the pod address) it needs both
+    ``tls`` and ``credentials``: audit records and secrets never cross the
+    network in the clear, nor unauthenticated. The inbox's review page keeps
+    its own sign-in (``inbox.credentials``).
+    """
+
+    # Bind address, e.g. "127.0.0.1"; a loopback address unless tls and
+    # credentials are set, then any (e.g. the pod address).
     host: str = "127.0.0.1"
     # Port, e.g. 9465; 0 picks a free port; -1 disables HTTP.
     port: int = 9465
+    # TLS on the port, e.g. {cert_file: tls.crt, key_file: tls.key}; the
+    # files are re-read when they change (a renewed certificate is served
+    # without a restart).
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    # Callers of the query API and /metrics by name, as the daemon's
+    # admin.credentials, e.g. {ops: {secret_file: /run/secrets/ops, roles:
+    # [operator]}, prometheus: {secret_file: /run/secrets/prom, roles:
+    # [metrics]}}.
+    credentials: dict[str, AdminCredentialConfig] = {}
 
     def validate(self, section: str) -> None:
         if self.port == -1:
             return
         _check_range(section, "port", self.port, 0, 65535)
-        if not is_loopback(self.host):
+        self.tls.validate(f"{section}.tls")
+        for name, credential in self.credentials.items():
+            where = f"{section}.credentials.{name}"
+            credential.validate(where)
+            if not set(credential.roles) & HTTP_ROLES:
+                raise ConfigError(
+                    f"{where}.roles: expected operator (the query API and "
+                    f"/metrics) or metrics (/metrics), got {credential.roles}; "
+                    "reviewers sign in to the inbox with inbox.credentials"
+                )
+        if not is_loopback(self.host) and not (self.tls.enabled and self.credentials):
+            missing = " and ".join(
+                f"{section}.{key}"
+                for key, given in (
+                    ("tls", self.tls.enabled),
+                    ("credentials", bool(self.credentials)),
+                )
+                if not given
+            )
             raise ConfigError(
                 f"{section}.host: expected a loopback address (127.0.0.0/8 or "
-                f"::1), got {self.host!r}; the query API serves audit records "
-                "without credentials"
+                f"::1) unless {section}.tls and {section}.credentials are both "
+                f"set, got {self.host!r} without {missing}; the query API "
+                "serves audit records"
             )
+
+    def load_credentials(
+        self, section: str = "http"
+    ) -> dict[str, tuple[bytes, frozenset[AdminRole]]]:
+        """Read each credential's secret, checked as the daemon's admin
+        credentials are (at least 16 bytes, none shared).
+
+        Raises:
+            ConfigError: a file cannot be read, a secret too short or shared.
+        """
+        return AdminListenerConfig(credentials=self.credentials).load_credentials(
+            section
+        )
 
 
 class InboxConfig(_Section):

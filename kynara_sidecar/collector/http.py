@@ -14,7 +14,16 @@
 - ``/approvals...``: with ``inbox.enabled``, the fleet inbox's review page
   (``server.review_page`` over ``collector.inbox.FleetInbox``): reviewers
   sign in with their own credentials (``inbox.credentials``,
-  ``inbox.reviewer_issuers``), never the query API's absence of them.
+  ``inbox.reviewer_issuers``), never the query API's.
+
+With ``http.credentials`` (which the listener needs, with ``http.tls``, to
+leave loopback) the query API and ``/metrics`` serve only a bearer secret
+of one of them, checked as the daemon's admin listener checks its own
+(``server.admin.AdminCredentials``): the query API needs the operator role,
+``/metrics`` the metrics or operator role. No credential or an unknown one
+is answered 401 with ``WWW-Authenticate: Bearer``, one without the role
+403, each with ``{"error": ...}`` and a WARNING line naming the call and
+the credential (never its secret).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import msgspec
@@ -42,6 +51,9 @@ from kynara_sidecar.collector.query import (
 )
 from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import trusted_keys
+from kynara_sidecar.config import AdminRole
+from kynara_sidecar.errors import IdentityInvalid
+from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.review_page import Authenticator, add_review_routes
 
 __all__ = ["add_inbox_routes", "build_http_app", "daemons_json", "records_for"]
@@ -54,6 +66,11 @@ _INTEGER = re.compile(rf"[0-9]{{1,{_MAX_DIGITS}}}", re.ASCII)
 _LOG_ID = re.compile(rf"[0-9a-f]{{{LOG_ID_HEX_DIGITS}}}", re.ASCII)
 # Request values are cut to this in error bodies.
 _MAX_SHOWN = 80
+# Who may call what when http.credentials are set.
+QUERY_ROLES = frozenset({AdminRole.OPERATOR})
+METRICS_ROLES = frozenset({AdminRole.METRICS, AdminRole.OPERATOR})
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def daemons_json(
@@ -138,8 +155,10 @@ def build_http_app(
     state: CollectorState,
     archive: Archive,
     registered: Mapping[str, Mapping[str, PublicKey]],
+    credentials: AdminCredentials | None = None,
 ) -> web.Application:
-    """The application serving /metrics, /daemons and /records."""
+    """The application serving /metrics, /daemons and /records; with
+    ``credentials``, only to callers holding one with the call's role."""
 
     async def serve_metrics(_request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
@@ -180,10 +199,81 @@ def build_http_app(
         return web.Response(body=body, content_type="application/x-ndjson")
 
     app = web.Application()
-    app.router.add_get("/metrics", serve_metrics)
-    app.router.add_get("/daemons", serve_daemons)
-    app.router.add_get("/records", serve_records)
+    for path, handler, roles in (
+        ("/metrics", serve_metrics, METRICS_ROLES),
+        ("/daemons", serve_daemons, QUERY_ROLES),
+        ("/records", serve_records, QUERY_ROLES),
+    ):
+        if credentials is not None:
+            handler = _guarded(handler, credentials, roles, f"GET {path}")
+        app.router.add_get(path, handler)
     return app
+
+
+def _guarded(
+    handler: _Handler,
+    credentials: AdminCredentials,
+    roles: Collection[AdminRole],
+    call: str,
+) -> _Handler:
+    """``handler``, served only to a bearer credential with one of ``roles``."""
+    wanted = " or ".join(sorted(roles))
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        authorization = request.headers.get("authorization", "")
+        try:
+            caller = credentials.authenticate(authorization)
+        except IdentityInvalid:
+            given = "an unknown one" if authorization.strip() else "none"
+            # RFC 6750: a request without a credential gets the bare challenge.
+            challenge = 'Bearer realm="kynara-collector"'
+            if authorization.strip():
+                challenge += ', error="invalid_token"'
+            return _refuse(
+                request,
+                call,
+                401,
+                f"expected 'authorization: Bearer <secret>' of a credential in "
+                f"http.credentials, got {given}",
+                headers={"WWW-Authenticate": challenge},
+            )
+        if not caller.roles & frozenset(roles):
+            return _refuse(
+                request,
+                call,
+                403,
+                f"expected a credential with the {wanted} role for {call}, got "
+                f"{caller.name!r} with roles [{', '.join(sorted(caller.roles))}]",
+                caller=caller.name,
+            )
+        return await handler(request)
+
+    return serve
+
+
+def _refuse(
+    request: web.Request,
+    call: str,
+    status: int,
+    message: str,
+    *,
+    caller: str = "",
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    log.warning(
+        "http request refused",
+        extra={
+            "fields": {
+                "component": "collector",
+                "call": call,
+                "status": status,
+                "credential": caller,
+                "peer": request.remote or "",
+                "error": message,
+            }
+        },
+    )
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def add_inbox_routes(

@@ -1,8 +1,10 @@
 """The running collector: its doors in, the intake, HTTP, and a clean stop.
 
 ``Collector.start`` opens the state and the archive, loads the registered
-keys, serves HTTP, and starts one task per door: the store's durable
-consumer (``store.url``) and a ``Puller`` per ``pull`` entry. A lost store
+keys, serves HTTP (over TLS with ``http.tls``, the certificate re-read when
+its files change; with ``http.credentials`` only to their holders), and
+starts one task per door: the store's durable consumer (``store.url``) and
+a ``Puller`` per ``pull`` entry. A lost store
 is logged, counted and reconnected after ``store.retry_seconds``. With
 ``inbox.enabled`` it also keeps the fleet inbox (``inbox``) up to date from
 the store, on a connection of its own, and serves its review page; the
@@ -40,11 +42,13 @@ from kynara_sidecar.collector.pull import Puller
 from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import trusted_keys
 from kynara_sidecar.config import AdminListenerConfig
+from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.reviewers import (
     AdminReviewer,
     ReviewerAuth,
     ReviewerIssuer,
 )
+from kynara_sidecar.server.tls import ServingCertificate
 from kynara_sidecar.sync import StoreUnavailable, open_store
 
 __all__ = ["Collector"]
@@ -79,6 +83,19 @@ class Collector:
         self.intake: Intake | None = None
         self.inbox: FleetInbox | None = None
         self._reviewers: ReviewerAuth | None = None
+        # Read now, so a bad secret or certificate stops the start.
+        self._http_credentials = (
+            AdminCredentials(config.http.load_credentials())
+            if config.http.credentials and config.http.port != -1
+            else None
+        )
+        self._certificate = (
+            ServingCertificate(
+                config.http.tls.cert_file, config.http.tls.key_file, "http.tls"
+            )
+            if config.http.tls.enabled and config.http.port != -1
+            else None
+        )
         if config.inbox.enabled:
             self.inbox, self._reviewers = self._fleet_inbox()
         self.http_port: int | None = None
@@ -122,6 +139,8 @@ class Collector:
                     "pull": [p.daemon_id for p in config.pull],
                     "archive": config.archive.url,
                     "http_port": self.http_port,
+                    "http_tls": self._certificate is not None,
+                    "http_credentials": sorted(self.config.http.credentials),
                     "inbox": self.inbox.name if self.inbox else "",
                 }
             },
@@ -219,6 +238,7 @@ class Collector:
             state=self.state,
             archive=self.archive,
             registered=self.registered,
+            credentials=self._http_credentials,
         )
         if self.inbox is not None and self._reviewers is not None:
             add_inbox_routes(
@@ -230,7 +250,10 @@ class Collector:
             )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
+        tls = self._certificate.ssl_context() if self._certificate else None
+        site = web.TCPSite(
+            self._runner, self.config.http.host, self.config.http.port, ssl_context=tls
+        )
         await site.start()
         sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
         self.http_port = sockets[0].getsockname()[1] if sockets else None

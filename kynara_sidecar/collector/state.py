@@ -37,6 +37,15 @@ archive's write of it is idempotent.
 Readers (``kynara-collector query`` beside a running collector) open the
 environment read-only; LMDB serves them a snapshot without blocking the
 writer.
+
+The state is not exclusive to one process: LMDB serialises write
+transactions across processes through its lock file, and the collector
+reads a daemon's frontier afresh for every message and every poll, keeping
+none of it in memory. So ``kynara-collector daemons clear`` writes beside a
+running collector (``clear_refusal``): it changes only a refused frontier,
+in one write transaction, and the collector writes a frontier only from
+one that was not refused (an accepted segment or a new sticky refusal), so
+neither write can undo the other.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import os
 import lmdb
 import msgspec
 
-from kynara_sidecar.collector.verifier import Frontier, Outcome, Verdict
+from kynara_sidecar.collector.verifier import NOT_STICKY, Frontier, Outcome, Verdict
 from kynara_sidecar.errors import KynaraError
 from kynara_sidecar.sync import daemon_id_from_token, daemon_token
 
@@ -55,8 +64,10 @@ __all__ = [
     "MAX_ALERTS_KEPT",
     "MAX_EVIDENCE_BYTES",
     "Alert",
+    "ClearedRefusal",
     "CollectorState",
     "HeldSegment",
+    "NotRefused",
     "StateError",
 ]
 
@@ -75,6 +86,24 @@ _TOTAL = b"total"
 
 class StateError(KynaraError):
     """The collector's state cannot be opened, read or written."""
+
+
+class NotRefused(StateError):
+    """``clear_refusal`` on a daemon in good standing: nothing to clear."""
+
+
+class ClearedRefusal(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``clear_refusal`` cleared, for the operator and the log."""
+
+    daemon_id: str
+    # The alert kind that had stopped acceptance, and why.
+    refused: str
+    refused_reason: str
+    # The frontier acceptance resumes from.
+    log_id: str
+    tree_size: int
+    # Whether a partly received segment was dropped with the refusal.
+    dropped_held: bool
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):
@@ -221,6 +250,54 @@ class CollectorState:
                 "state.path and state.map_size"
             ) from err
 
+    def clear_refusal(self, daemon_id: str) -> ClearedRefusal:
+        """Lift the daemon's sticky refusal, once an operator investigated it.
+
+        In one write transaction: the frontier's ``refused`` and
+        ``refused_reason`` are emptied (everything accepted before stays:
+        the next segment must still extend it, and is judged afresh) and a
+        segment kept in assembly is dropped, so nothing received before the
+        clear is completed after it. The alerts stay, for the record.
+
+        Raises:
+            NotRefused: the daemon has no refusal (or no state at all);
+                names it.
+            StateError: the state is read-only or LMDB failed; nothing
+                was written.
+        """
+        token = daemon_token(daemon_id).encode()
+        try:
+            with self._env.begin(write=True) as txn:
+                raw = txn.get(token, db=self._dbs[b"daemons"])
+                frontier = (
+                    None
+                    if raw is None
+                    else msgspec.json.decode(bytes(raw), type=Frontier)
+                )
+                if frontier is None or not frontier.refused:
+                    raise NotRefused(
+                        f"daemon {daemon_id!r} is not refused in the collector "
+                        f"state {self._path}: nothing to clear"
+                    )
+                cleared = msgspec.structs.replace(
+                    frontier, refused="", refused_reason=""
+                )
+                txn.put(token, msgspec.json.encode(cleared), db=self._dbs[b"daemons"])
+                dropped = txn.delete(token, db=self._dbs[b"held"])
+        except lmdb.Error as err:
+            raise StateError(
+                f"collector state {self._path} cannot be written ({err}); check "
+                "state.path"
+            ) from err
+        return ClearedRefusal(
+            daemon_id=daemon_id,
+            refused=frontier.refused,
+            refused_reason=frontier.refused_reason,
+            log_id=frontier.log_id,
+            tree_size=frontier.tree_size,
+            dropped_held=bool(dropped),
+        )
+
     def alerted_daemons(self) -> list[str]:
         """Daemon ids with alerts (registered or not)."""
         found: set[str] = set()
@@ -341,7 +418,10 @@ class CollectorState:
         time: str,
         evidence: bytes,
     ) -> None:
-        if outcome.frontier.refused:
+        # Only a new sticky refusal changes the frontier. Any other leaves
+        # the one it was judged on, and writing that back could undo a
+        # ``clear_refusal`` made since it was read.
+        if outcome.frontier.refused and outcome.kind not in NOT_STICKY:
             txn.put(
                 token, msgspec.json.encode(outcome.frontier), db=self._dbs[b"daemons"]
             )

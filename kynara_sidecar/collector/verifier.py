@@ -58,10 +58,11 @@ kind, and every later segment of that daemon is refused with it, so a
 forker cannot "heal" a fork by sending the accepted history afterwards.
 Only an identical duplicate of an accepted checkpoint is still
 acknowledged as one. (Which refusals are not sticky, and why: the NOTE
-below.)
+below.) Once an operator has investigated, ``kynara-collector daemons
+clear`` lifts it (``CollectorState.clear_refusal``): the frontier keeps
+everything accepted before, so the daemon's next segment is judged afresh
+against it.
 
-TODO(#11): an operator command to clear a refusal once investigated; today
-the daemon's state must be removed by hand (``state.path``).
 TODO(#11): a daemon whose records were pruned before the collector first
 saw it cannot be taken on: its first segment does not start at 0 (``gap``).
 Should a registered starting checkpoint be configurable?

@@ -312,7 +312,13 @@ class Gateway:
             ctx: ServerRequestContext[Any, Any],
             params: types.CallToolRequestParams,
         ) -> types.CallToolResult:
-            return await self._call_tool(ctx, caller_of(ctx), params)
+            try:
+                result = await self._call_tool(ctx, caller_of(ctx), params)
+            except BaseException as err:
+                self._pipeline.count_gateway_call(_failed_outcome(err))
+                raise
+            self._pipeline.count_gateway_call(_result_outcome(result))
+            return result
 
         async def listen(
             ctx: ServerRequestContext[Any, Any],
@@ -728,9 +734,17 @@ class Gateway:
                 related_request_id=ctx.request_id,
             )
         except MCPError as err:
-            log.info(
+            # Dropped, and the call goes on: it answers with the URL instead.
+            log.warning(
                 "approval URL not shown",
-                extra={"fields": {"component": "gateway", "error": str(err)}},
+                extra={
+                    "fields": {
+                        "component": "gateway",
+                        "decision_id": answer.decision_id,
+                        "approval_id": approval.id,
+                        "error": str(err),
+                    }
+                },
             )
             return None
         if shown.action != "accept":
@@ -861,6 +875,45 @@ class Gateway:
 
 
 _MODERN_VERSIONS = frozenset(types.version.MODERN_PROTOCOL_VERSIONS)
+
+
+# The gateway's own JSON-RPC errors (each with data.code) -> the outcome
+# counted (kynara_gateway_calls_total).
+_ERROR_OUTCOMES = {
+    DENIED_CODE: "denied",
+    REQUEST_ERROR_CODE: "refused",
+    types.INVALID_PARAMS: "refused",
+    UNAVAILABLE_CODE: "unavailable",
+    UPSTREAM_CODE: "upstream_failed",
+}
+
+
+def _failed_outcome(err: BaseException) -> str:
+    """What a tools/call that raised ``err`` is counted as. NOTE: an
+    upstream's own error passed on with one of the gateway's codes and a
+    data.code is counted as the gateway's."""
+    if isinstance(err, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(err, MCPError):
+        ours = isinstance(err.data, dict) and "code" in err.data
+        if ours and err.code in _ERROR_OUTCOMES:
+            return _ERROR_OUTCOMES[err.code]
+        return "forwarded"
+    return "unavailable"
+
+
+def _result_outcome(result: types.CallToolResult) -> str:
+    """What a tools/call answered with ``result`` is counted as: the
+    gateway's own approval result, else the upstream's."""
+    content = result.structured_content
+    if (
+        result.is_error
+        and isinstance(content, dict)
+        and content.get("decision") == "require_approval"
+        and "decision_id" in content
+    ):
+        return "approval_required"
+    return "forwarded"
 
 
 def _decidable(name: ToolName) -> bool:

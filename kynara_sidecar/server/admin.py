@@ -83,6 +83,12 @@ class AdminCredentials:
         """
         return cls(config.load_credentials(), metrics)
 
+    def adopt(self, fresh: AdminCredentials) -> None:
+        """Check secrets against ``fresh``'s table from now on (SIGHUP: a
+        rotated secret file or a changed ``admin.credentials``). One
+        assignment, so a check in progress sees the old table or the new."""
+        self._digests = fresh._digests
+
     def authenticate(self, authorization: str) -> AdminCaller:
         """Return the caller whose secret was presented.
 

@@ -322,6 +322,7 @@ class ApprovalService(approval_pb2_grpc.ApprovalServiceServicer):
                 "fields": {
                     "component": "server",
                     "approval_id": approval.id,
+                    "decision_id": approval.decision_id,
                     "reviewer": reviewer.id,
                     "credential": reviewer.credential,
                     "verdict": str(verdict),

@@ -208,6 +208,12 @@ class ReviewerAuth:
         self._clock = clock
         self._metrics = metrics
 
+    def adopt_credentials(self, fresh: ReviewerAuth) -> None:
+        """Take ``fresh``'s admin credentials from now on (SIGHUP: a rotated
+        secret file or a changed ``admin.credentials``); issuers and agents
+        stay as they are. One assignment, as ``AdminCredentials.adopt``."""
+        self._admin = fresh._admin
+
     @classmethod
     def from_config(
         cls,

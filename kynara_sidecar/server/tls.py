@@ -1,21 +1,27 @@
-"""The admin listener's serving certificate: a PEM certificate (chain) and
-its private key, checked as a pair, and re-read when the files change.
+"""A listener's serving certificate: a PEM certificate (chain) and its
+private key, checked as a pair, and re-read when the files change.
 
 Certificates are renewed in place (cert-manager, a rotated Kubernetes
-Secret), so gRPC asks ``ServingCertificate.fetch`` before each new TLS
-handshake. It reads both files (a few KiB; admin connections are few) and
-parses them only when their bytes changed, so no renewal is missed however
-close together two writes fall. A renewed pair is served to the next
-connection without a restart; a broken one keeps the previous pair and is
-logged once.
+Secret), so each TLS listener asks for the newest pair before each new
+handshake: gRPC (the admin listener) through ``ServingCertificate.fetch``,
+aiohttp (the HTTP listener) through the server-name callback of the
+``ssl.SSLContext`` that ``ServingCertificate.ssl_context`` returns, which
+hands the connection a context loaded with the renewed pair. Either way
+both files are read (a few KiB; TLS connections to these listeners are few
+and long-lived) and parsed only when their bytes changed, so no renewal is
+missed however close together two writes fall. A renewed pair is served to
+the next connection without a restart; a broken one keeps the previous pair
+and is logged once.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import ssl
 import threading
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import grpc
 from cryptography import x509
@@ -27,6 +33,8 @@ from kynara_sidecar.errors import ConfigError
 __all__ = ["CertificatePair", "ServingCertificate", "load_certificate_pair"]
 
 log = logging.getLogger("kynara.server")
+
+_Served = TypeVar("_Served")
 
 
 class CertificatePair(NamedTuple):
@@ -104,6 +112,10 @@ class ServingCertificate:
     """The pair a TLS listener serves, re-read when its files change.
 
     Thread safe: gRPC calls ``fetch`` from its own threads at each handshake.
+
+    Raises:
+        ConfigError: at construction, the files do not hold a pair (see
+            ``load_certificate_pair``).
     """
 
     def __init__(self, cert_file: str, key_file: str, section: str = "admin.tls"):
@@ -112,6 +124,7 @@ class ServingCertificate:
         self._lock = threading.Lock()
         self._pair = load_certificate_pair(cert_file, key_file, section)
         self._seen: tuple[bytes, bytes] | str = self._pair[:2]
+        self._context: ssl.SSLContext | None = None
 
     @property
     def serial(self) -> int:
@@ -119,7 +132,7 @@ class ServingCertificate:
         return self._pair.serial
 
     def credentials(self) -> grpc.ServerCredentials:
-        """Server credentials serving the pair, and each renewed one."""
+        """gRPC server credentials serving the pair, and each renewed one."""
         return grpc.dynamic_ssl_server_credentials(
             self._configuration(self._pair), self.fetch
         )
@@ -130,6 +143,36 @@ class ServingCertificate:
 
         Never raises: an error here would fail the caller's handshake.
         """
+        return self._renewed(self._configuration)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context (TLS 1.2 or later) serving the pair, and each
+        renewed one to the connections that start after the renewal.
+
+        Each handshake runs the context's server-name callback (OpenSSL runs
+        it whether or not the client sent a name, as clients reaching an IP
+        address do not); it checks the files and moves the connection to a
+        context loaded with the newest good pair.
+        """
+        base = self._load_context(self._pair)
+        self._context = base
+
+        def select(connection, _server_name, _context) -> None:
+            renewed = self._renewed(self._load_context)
+            if renewed is not None:
+                self._context = renewed
+            if self._context is not base:
+                connection.context = self._context
+
+        base.sni_callback = select
+        return base
+
+    def _renewed(self, serve: Callable[[CertificatePair], _Served]) -> _Served | None:
+        """``serve(pair)`` for a renewed good pair, else None.
+
+        ``serve`` may raise ConfigError to refuse the pair, which then counts
+        as a bad renewal. Never raises.
+        """
         with self._lock:
             seen = _contents(self._files)
             if seen == self._seen:
@@ -139,26 +182,48 @@ class ServingCertificate:
                 if isinstance(seen, str):
                     raise ConfigError(f"{self._section}: cannot read: {seen}")
                 pair = _check_pair(*seen, *self._files, self._section)
+                if pair[:2] == self._pair[:2]:
+                    return None
+                served = serve(pair)
             except ConfigError as err:
                 log.warning(
                     "TLS certificate not renewed: keeping the one served",
-                    extra=_fields(error=str(err), serial=self._pair.serial),
+                    extra=self._fields(error=str(err), serial=self._pair.serial),
                 )
                 return None
-            except Exception as err:  # noqa: BLE001 - must not reach gRPC
+            except Exception as err:  # noqa: BLE001 - must not fail a handshake
                 log.error(
                     "TLS certificate not renewed: keeping the one served",
-                    extra=_fields(error=repr(err), serial=self._pair.serial),
+                    extra=self._fields(error=repr(err), serial=self._pair.serial),
                 )
-                return None
-            if pair[:2] == self._pair[:2]:
                 return None
             log.info(
                 "TLS certificate renewed",
-                extra=_fields(serial=pair.serial, previous=self._pair.serial),
+                extra=self._fields(serial=pair.serial, previous=self._pair.serial),
             )
             self._pair = pair
-            return self._configuration(pair)
+            return served
+
+    def _load_context(self, pair: CertificatePair) -> ssl.SSLContext:
+        """A server context loaded with ``pair``.
+
+        ``ssl`` loads certificates from files only, so the files are read
+        again and must still hold ``pair``; a write between the check and the
+        load raises ConfigError, and the next handshake reads them anew.
+        """
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(*self._files)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"{self._section}: cannot load the certificate and key: {err}"
+            ) from None
+        if _contents(self._files) != pair[:2]:
+            raise ConfigError(
+                f"{self._section}: the files changed while being loaded; "
+                "the next connection reads them again"
+            )
+        return context
 
     @staticmethod
     def _configuration(pair: CertificatePair) -> grpc.ServerCertificateConfiguration:
@@ -166,6 +231,7 @@ class ServingCertificate:
             [(pair.key_pem, pair.cert_pem)]
         )
 
-
-def _fields(**fields: object) -> dict[str, dict[str, object]]:
-    return {"fields": {"component": "admin_tls", **fields}}
+    def _fields(self, **fields: object) -> dict[str, dict[str, object]]:
+        # "admin_tls" or "http_tls": which listener's certificate.
+        component = self._section.replace(".", "_")
+        return {"fields": {"component": component, **fields}}

@@ -498,7 +498,7 @@ class BundleFollower:
             directory_revision=verified.directory_revision,
             created=verified.created,
         )
-        self._metrics.set_bundle_revision(verified.revision)
+        self._metrics.set_bundle_revision(verified.revision, _epoch(verified.created))
 
     def _record(
         self,
@@ -520,6 +520,8 @@ class BundleFollower:
         )
         before, self.last_sync = self.last_sync, result
         self._metrics.policy_sync.labels(str(outcome)).inc()
+        if outcome is SyncOutcome.REFUSED:
+            self._metrics.count_bundle_refusal(kind)
         changed = before is None or _sameness(before) != _sameness(result)
         if changed and self._on_outcome is not None:
             self._on_outcome(result)
@@ -633,6 +635,16 @@ async def _settle(
     if cancelled:
         raise asyncio.CancelledError
     return True
+
+
+def _epoch(text: str) -> float | None:
+    """``created`` as Unix seconds, for the bundle age gauge; None when it
+    does not parse (a bundle that got this far was checked already)."""
+    try:
+        seconds, nanos = _instant(text)
+    except ValueError:
+        return None
+    return seconds + nanos / 1e9
 
 
 def _instant(text: str) -> tuple[int, int]:

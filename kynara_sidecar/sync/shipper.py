@@ -413,6 +413,70 @@ class SegmentShipper:
                 await self._refresh_quietly()
             return shipped
 
+    async def acknowledged(self) -> int:
+        """The size through which the store acknowledged every record (or
+        the seam, past which nothing can ship)."""
+        return await self._in_pool(self._acknowledged)
+
+    def _acknowledged(self) -> int:
+        return max(self._audit.shipped(), self._audit.seam())
+
+    async def ship_through(self, tree_size: int, seconds: float, since: int) -> int:
+        """Ship until the store acknowledged every record through
+        ``tree_size`` (sealed by the caller), for at most ``seconds``: the
+        admin ``ShipNow`` a preStop hook calls. Rounds are the background
+        ones' (``ship_pending``, one at a time); a failed one is counted
+        alike and tried again after a pause that doubles from
+        ``sync.retry_min_seconds``, within the time.
+
+        Args:
+            tree_size: the sealed size to reach.
+            seconds: the bound on the whole call.
+            since: what ``acknowledged`` said before the caller sealed.
+
+        Returns:
+            How many segments past ``since`` the store has acknowledged (by
+            this call or a background round while it ran).
+
+        Raises:
+            StoreUnavailable: not all acknowledged in time; the message names
+                the last store error, and the backlog is in ``status``.
+            AuditUnavailable, KynaraError: the log could not be read.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        tries = 0
+        while (done := await self.acknowledged()) < tree_size:
+            if tries:
+                # After a failure, or a round that found nothing to ship
+                # (the seal not committed yet): never a busy loop.
+                cfg = self._config
+                pause = retry_delay(
+                    tries, cfg.retry_min_seconds, cfg.retry_max_seconds,
+                    self._rng.random(),
+                )  # fmt: skip
+                await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    shipped = await self.ship_pending()
+            except TimeoutError:
+                last = f"; last error: {self._last_error}" if self._last_error else ""
+                raise StoreUnavailable(
+                    f"{self._session.url}: records through {tree_size} not "
+                    f"acknowledged within {seconds:g}s{last}"
+                ) from None
+            except StoreUnavailable as err:
+                self._failed(err)
+                tries += 1
+            else:
+                self._succeeded()
+                tries = 0 if shipped else tries + 1
+        sizes = await self._in_pool(self._audit.checkpoint_sizes, since)
+        return sum(1 for size in sizes if size <= done)
+
     def _pending_spans(self) -> list[prove.SegmentSpan]:
         shipped, seam = self._audit.shipped(), self._audit.seam()
         if shipped < seam and not self._gap_logged:

@@ -1,7 +1,8 @@
 """The admin listener with TLS: a real daemon serving real TLS on loopback.
 
 Certificates are made here with ``cryptography``: a test CA, a leaf for the
-loopback addresses, and a second CA no client should trust.
+loopback addresses, a second CA no client should trust, and self-signed
+certificates (``self_signed``, also used by test_http_tls.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import pathlib
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 import grpc
@@ -22,12 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kynara.v1 import audit_pb2 as pb
 from kynara.v1 import audit_pb2_grpc
-from support import SHIPPED_CONFIG
+from support import REPO_ROOT, SHIPPED_CONFIG
 
 from kynara_sidecar.config import load_config
 from kynara_sidecar.errors import ConfigError
 
 OPERATOR_SECRET = "operator-secret-0123456789"
+REVIEWER_SECRET = "reviewer-secret-0123456789"
 # Bounds the calls below; no assertion depends on how long anything takes.
 CALL_TIMEOUT = 10
 # Handshakes tried before a renewed certificate must be the one served.
@@ -95,6 +100,37 @@ class Authority:
         )
 
 
+def self_signed(*names: str) -> tuple[bytes, bytes, int]:
+    """A self-signed leaf for ``names`` (DNS names or IP addresses): (cert
+    PEM, key PEM, serial). It is its own trust root."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kynara")])
+    alternatives: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alternatives.append(x509.DNSName(name))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(alternatives), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, cert.serial_number
+
+
 @pytest.fixture(scope="module")
 def authority() -> Authority:
     return Authority("kynara test CA")
@@ -111,7 +147,12 @@ def write_pair(tmp_path: pathlib.Path, authority: Authority) -> tuple[str, str, 
 def admin_overrides(tmp_path, cert_file: str, key_file: str, host: str) -> list[str]:
     secret = tmp_path / "ops.secret"
     secret.write_text(OPERATOR_SECRET + "\n")
-    credentials = {"ops": {"secret_file": str(secret), "roles": ["operator"]}}
+    carol = tmp_path / "carol.secret"
+    carol.write_text(REVIEWER_SECRET + "\n")
+    credentials = {
+        "ops": {"secret_file": str(secret), "roles": ["operator"]},
+        "carol": {"secret_file": str(carol), "roles": ["reviewer"]},
+    }
     return [
         "admin.socket=",
         f"admin.host={host}",
@@ -171,33 +212,27 @@ def served_serial(host: str, port: int, ca_pem: bytes) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def test_a_trusting_client_with_a_credential_is_served(tls_daemon, authority, channels):
-    audit = channels(target(tls_daemon), trusting(authority))
-
-    head = audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
-
-    assert head.checkpoint.origin == tls_daemon.config.identity.daemon_id
-    assert tls_daemon.config.admin.host == "127.0.0.2"
-
-
-def test_a_plaintext_client_is_refused(tls_daemon, channels):
-    audit = channels(target(tls_daemon))
-
-    with pytest.raises(grpc.RpcError) as info:
-        audit.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
-
-    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-
-
-def test_a_tls_client_without_a_credential_is_unauthenticated(
+def test_acceptance_tls_admin_refuses_plaintext_and_anonymous_serves_authenticated(
     tls_daemon, authority, channels
 ):
-    audit = channels(target(tls_daemon), trusting(authority))
+    """Issue #11's acceptance point: "A TLS admin listener refuses plaintext
+    and unauthenticated calls and serves an authenticated client"."""
+    plaintext = channels(target(tls_daemon))
+    trusting_client = channels(target(tls_daemon), trusting(authority))
 
-    with pytest.raises(grpc.RpcError) as info:
-        audit.GetHead(pb.GetHeadRequest(), timeout=CALL_TIMEOUT)
+    with pytest.raises(grpc.RpcError) as in_the_clear:
+        plaintext.GetHead(pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT)
+    with pytest.raises(grpc.RpcError) as without_credential:
+        trusting_client.GetHead(pb.GetHeadRequest(), timeout=CALL_TIMEOUT)
+    head = trusting_client.GetHead(
+        pb.GetHeadRequest(), metadata=bearer(), timeout=CALL_TIMEOUT
+    )
 
-    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert in_the_clear.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert without_credential.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert head.checkpoint.origin == tls_daemon.config.identity.daemon_id
+    # 127.0.0.2 stands in for the pod address: not where listeners default.
+    assert tls_daemon.config.admin.host == "127.0.0.2"
 
 
 def test_a_client_not_trusting_the_ca_fails_the_handshake(tls_daemon, channels):
@@ -322,20 +357,95 @@ def test_with_tls_an_address_off_loopback_is_accepted(tmp_path, authority):
     assert (config.admin.host, config.admin.tls.cert_file) == ("10.1.2.3", cert_file)
 
 
-def test_the_cli_asks_for_the_admin_socket_when_the_port_serves_tls(
-    tmp_path, authority
-):
-    from kynara_sidecar.cli import _admin_target, _UsageError
+def approvals_cli(running, *args: str) -> subprocess.CompletedProcess:
+    """``kynara-sidecar approvals list`` as a reviewer against the daemon's
+    TLS admin port (no admin socket), in its own process."""
+    admin = running.config.admin
+    tls = json.dumps({"cert_file": admin.tls.cert_file, "key_file": admin.tls.key_file})
+    credentials = {
+        name: {"secret_file": c.secret_file, "roles": c.roles}
+        for name, c in admin.credentials.items()
+    }
+    where = ["--config", str(SHIPPED_CONFIG), "--set", "admin.socket="]
+    where += ["--set", f"admin.host={admin.host}"]
+    where += ["--set", f"admin.port={running.daemon.admin_port}"]
+    where += ["--set", f"admin.tls={tls}"]
+    where += ["--set", f"admin.credentials={json.dumps(credentials)}"]
+    env = {**os.environ, "KYNARA_ADMIN_SECRET": REVIEWER_SECRET}
+    env.pop("KYNARA_ADMIN_CA_FILE", None)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kynara_sidecar.cli",
+            "approvals",
+            "list",
+            *where,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+
+
+def test_the_cli_lists_approvals_over_tls_trusting_the_given_ca(tls_daemon, authority):
+    ca_file = tls_daemon.config.admin.tls.cert_file + ".ca"
+    pathlib.Path(ca_file).write_bytes(authority.pem)
+
+    listed = approvals_cli(tls_daemon, "--ca-file", ca_file)
+
+    assert listed.returncode == 0, listed.stderr
+    # The daemon answered (an empty inbox), through TLS.
+    assert listed.stdout == "no approvals match\n"
+
+
+def test_the_cli_trusts_a_self_signed_certificate_by_its_name(tmp_path, start_daemon):
+    # Names no address: the CLI dials 127.0.0.2 and checks the DNS name.
+    cert_pem, key_pem, _ = self_signed("kynara-admin.test")
+    (tmp_path / "tls.crt").write_bytes(cert_pem)
+    (tmp_path / "tls.key").write_bytes(key_pem)
+    cert_file, key_file = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+    running = start_daemon(*admin_overrides(tmp_path, cert_file, key_file, "127.0.0.2"))
+
+    listed = approvals_cli(running)
+    misnamed = approvals_cli(running, "--server-name", "someone-else.test")
+
+    assert listed.returncode == 0, listed.stderr
+    # The daemon answered (an empty inbox), through TLS.
+    assert listed.stdout == "no approvals match\n"
+    assert misnamed.returncode == 1
+    assert "UNAVAILABLE" in misnamed.stderr or "nothing answers" in misnamed.stderr
+
+
+def test_the_cli_refuses_a_certificate_its_ca_file_does_not_trust(tls_daemon, tmp_path):
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(Authority("someone else's CA").pem)
+
+    listed = approvals_cli(tls_daemon, "--ca-file", str(stranger))
+    unreadable = approvals_cli(tls_daemon, "--ca-file", str(tmp_path / "absent.pem"))
+
+    assert listed.returncode == 1
+    assert listed.stdout == ""
+    assert unreadable.returncode != 0
+    assert "--ca-file: cannot read the certificates to trust" in unreadable.stderr
+
+
+def test_the_cli_dials_loopback_for_a_wildcard_admin_host(tmp_path, authority):
+    from kynara_sidecar.cli import _admin_target
 
     cert_file, key_file, _ = write_pair(tmp_path, authority)
     tls = f"admin.tls={{cert_file: {cert_file}, key_file: {key_file}}}"
-    port_only = tls_config(tmp_path, "admin.socket=", "admin.port=50999", tls)
+    wildcard = tls_config(
+        tmp_path, "admin.socket=", "admin.host=0.0.0.0", "admin.port=50999", tls
+    )
     with_socket = tls_config(
         tmp_path, f"admin.socket={tmp_path / 'admin.sock'}", "admin.port=50999", tls
     )
 
-    with pytest.raises(_UsageError, match=r"expected admin\.socket for the CLI"):
-        _admin_target(port_only)
+    assert _admin_target(wildcard) == "127.0.0.1:50999"
     assert _admin_target(with_socket) == f"unix://{tmp_path / 'admin.sock'}"
 
 

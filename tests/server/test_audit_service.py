@@ -471,7 +471,7 @@ def credential(secret_file: str, *roles: str) -> str:
         (
             ['admin.credentials={{"x": {root}}}'],
             r"admin.credentials.x.roles: expected each of operator, reviewer, "
-            r"got 'root'",
+            r"metrics, got 'root'",
         ),
         (
             ['admin.credentials={{"x": {nothing}}}'],

@@ -4,6 +4,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ShipNowRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+
+class ShipNowResponse(_message.Message):
+    __slots__ = ("sealed_tree_size", "shipped_segments", "backlog_records", "shipped_tree_size")
+    SEALED_TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHIPPED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SHIPPED_TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    sealed_tree_size: int
+    shipped_segments: int
+    backlog_records: int
+    shipped_tree_size: int
+    def __init__(self, sealed_tree_size: _Optional[int] = ..., shipped_segments: _Optional[int] = ..., backlog_records: _Optional[int] = ..., shipped_tree_size: _Optional[int] = ...) -> None: ...
+
 class SyncNowRequest(_message.Message):
     __slots__ = ("force",)
     FORCE_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class SyncServiceStub(object):
                 request_serializer=kynara_dot_v1_dot_sync__pb2.SyncNowRequest.SerializeToString,
                 response_deserializer=kynara_dot_v1_dot_sync__pb2.SyncNowResponse.FromString,
                 _registered_method=True)
+        self.ShipNow = channel.unary_unary(
+                '/kynara.v1.SyncService/ShipNow',
+                request_serializer=kynara_dot_v1_dot_sync__pb2.ShipNowRequest.SerializeToString,
+                response_deserializer=kynara_dot_v1_dot_sync__pb2.ShipNowResponse.FromString,
+                _registered_method=True)
 
 
 class SyncServiceServicer(object):
@@ -53,6 +58,20 @@ class SyncServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShipNow(self, request, context):
+        """ShipNow seals the open audit segment (a `seal` marker record ends it,
+        unless every record is sealed already), then ships every sealed
+        segment not yet acknowledged and waits, up to `wait_seconds`, for the
+        store to acknowledge all of them through `sealed_tree_size`.
+        FAILED_PRECONDITION: the daemon has no central store, or
+        sync.ship_segments is off. UNAVAILABLE: the store did not acknowledge
+        in time (the message names the backlog); what is left ships in the
+        background, or after the next start when the log survives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SyncServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +79,11 @@ def add_SyncServiceServicer_to_server(servicer, server):
                     servicer.SyncNow,
                     request_deserializer=kynara_dot_v1_dot_sync__pb2.SyncNowRequest.FromString,
                     response_serializer=kynara_dot_v1_dot_sync__pb2.SyncNowResponse.SerializeToString,
+            ),
+            'ShipNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShipNow,
+                    request_deserializer=kynara_dot_v1_dot_sync__pb2.ShipNowRequest.FromString,
+                    response_serializer=kynara_dot_v1_dot_sync__pb2.ShipNowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +113,33 @@ class SyncService(object):
             '/kynara.v1.SyncService/SyncNow',
             kynara_dot_v1_dot_sync__pb2.SyncNowRequest.SerializeToString,
             kynara_dot_v1_dot_sync__pb2.SyncNowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShipNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kynara.v1.SyncService/ShipNow',
+            kynara_dot_v1_dot_sync__pb2.ShipNowRequest.SerializeToString,
+            kynara_dot_v1_dot_sync__pb2.ShipNowResponse.FromString,
             options,
             channel_credentials,
             insecure,

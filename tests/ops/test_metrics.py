@@ -1,0 +1,214 @@
+"""The metrics module: names, help, bounded labels, and README's list."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+from support import REPO_ROOT
+
+from kynara_sidecar.decision import ConditionError
+from kynara_sidecar.metrics import OTHER, Metrics
+from kynara_sidecar.server.grpc_metrics import ServerMetrics, split_method
+
+# README's "Metrics" table: | `name` | type | labels | what |
+ROW = re.compile(r"^\| `(kynara_[a-z0-9_]+)` \| (\w+) \|([^|]*)\|")
+
+
+def full_metrics() -> Metrics:
+    metrics = Metrics()
+    metrics.add_process_collectors()
+    return metrics
+
+
+def readme_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for line in section.splitlines():
+        match = ROW.match(line)
+        if match:
+            labels = tuple(x.strip() for x in match[3].split(",") if x.strip())
+            found[match[1]] = (match[2], labels)
+    return found
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_every_metric_is_prefixed_and_described():
+    catalog = full_metrics().catalog()
+
+    assert len(catalog) > 40
+    for info in catalog:
+        assert info.name.startswith("kynara_"), info.name
+        assert info.help.strip(), f"{info.name} has no help text"
+
+
+def test_catalog_covers_every_family_the_registry_exports():
+    metrics = full_metrics()
+
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.registry.collect()
+    }
+
+    assert exported == {info.name for info in metrics.catalog()}
+
+
+def test_readme_lists_exactly_the_registry_with_its_labels():
+    listed = readme_metrics()
+
+    catalog = {info.name: (info.type, info.labels) for info in full_metrics().catalog()}
+
+    assert sorted(set(listed) - set(catalog)) == [], "listed, not exported"
+    assert sorted(set(catalog) - set(listed)) == [], "exported, not listed"
+    for name, (kind, labels) in catalog.items():
+        assert listed[name] == (kind, labels), name
+
+
+def test_unknown_action_is_counted_as_other():
+    metrics = Metrics()
+    metrics.set_policy("p1", "d1", ["refund.create"])
+
+    metrics.count_decision("allow", "refund.create", 0.001)
+    metrics.count_decision("allow", "made.up.action", 0.001)
+    metrics.count_decision("allow", "another.one", 0.001)
+
+    decisions = "kynara_decisions_total"
+    assert sample(metrics, decisions, decision="allow", action="refund.create") == 1
+    assert sample(metrics, decisions, decision="allow", action=OTHER) == 2
+    assert sample(metrics, decisions, decision="allow", action="made.up.action") is None
+
+
+class _Decided:
+    """What count_evaluation reads of an engine decision."""
+
+    def __init__(self, *errors: tuple[str, str]):
+        self.condition_errors = tuple(
+            ConditionError(policy, rule, "alice", "no such key")
+            for policy, rule in errors
+        )
+
+
+def test_condition_errors_count_known_rules_and_other():
+    metrics = Metrics()
+    metrics.set_policy("p1", "d1", [], rules=["payments/refund-limit"])
+
+    metrics.count_evaluation(_Decided(("payments", "refund-limit")), 0.00002)
+    metrics.count_evaluation(_Decided(("payments", "gone"), ("x", "y")), 0.00003)
+    metrics.count_evaluation(_Decided(), 0.5)
+
+    errors = "kynara_condition_errors_total"
+    assert sample(metrics, errors, rule="payments/refund-limit") == 1
+    assert sample(metrics, errors, rule=OTHER) == 2
+    count = "kynara_evaluation_duration_seconds_count"
+    assert sample(metrics, count) == 3
+    assert sample(metrics, "kynara_evaluation_duration_seconds_sum") == pytest.approx(
+        0.50005
+    )
+    bucket = "kynara_evaluation_duration_seconds_bucket"
+    assert sample(metrics, bucket, le="1e-05") == 0
+    assert sample(metrics, bucket, le="2.5e-05") == 1
+    assert sample(metrics, bucket, le="5e-05") == 2
+    assert sample(metrics, bucket, le="0.1") == 2
+    assert sample(metrics, bucket, le="+Inf") == 3
+
+
+def test_distribution_exports_as_a_prometheus_histogram():
+    metrics = Metrics()
+
+    metrics.observe_append_latency([0.0003, 0.0003, 2.0])
+
+    text = generate_latest(metrics.registry).decode()
+    assert "# TYPE kynara_audit_append_duration_seconds histogram" in text
+    assert 'kynara_audit_append_duration_seconds_bucket{le="0.0005"} 2.0' in text
+    assert 'kynara_audit_append_duration_seconds_bucket{le="+Inf"} 3.0' in text
+    assert "kynara_audit_append_duration_seconds_count 3.0" in text
+
+
+def test_gateway_outcomes_are_bounded():
+    metrics = Metrics()
+
+    metrics.count_gateway_call("denied")
+    metrics.count_gateway_call("something new")
+
+    calls = "kynara_gateway_calls_total"
+    assert sample(metrics, calls, outcome="denied") == 1
+    assert sample(metrics, calls, outcome=OTHER) == 1
+
+
+def test_gauges_read_at_scrape_time():
+    metrics = Metrics()
+    head = [7]
+
+    metrics.watch_chain_head(lambda: head[0])
+    metrics.watch_pending_approvals(lambda: 2)
+    head[0] = 9
+
+    assert sample(metrics, "kynara_audit_chain_head") == 9
+    assert sample(metrics, "kynara_approvals_pending") == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/kynara.v1.DecisionService/Decide", ("kynara.v1.DecisionService", "Decide")),
+        ("/grpc.health.v1.Health/Check", ("grpc.health.v1.Health", "Check")),
+        ("no-slash", (OTHER, OTHER)),
+        ("/service-only", (OTHER, OTHER)),
+        ("//Method", (OTHER, OTHER)),
+    ],
+)
+def test_split_method(path, expected):
+    assert split_method(path) == expected
+
+
+def test_grpc_methods_are_bounded_by_the_registered_ones():
+    metrics = Metrics()
+
+    async def ok(request, context):
+        return b"ok"
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+
+    async def run():
+        server = grpc.aio.server(interceptors=[ServerMetrics(metrics)])
+        handlers = {
+            "Ok": grpc.unary_unary_rpc_method_handler(ok),
+            "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("t.S", handlers),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await channel.unary_unary("/t.S/Ok")(b"")
+                await channel.unary_unary("/t.S/Ok")(b"")
+                for path in ("/t.S/Refuse", "/t.S/Nope", "/made/up"):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await channel.unary_unary(path)(b"")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+
+    handled = "kynara_grpc_server_handled_total"
+    labels = {"grpc_service": "t.S"}
+    assert sample(metrics, handled, **labels, grpc_method="Ok", grpc_code="OK") == 2
+    refused = {**labels, "grpc_method": "Refuse", "grpc_code": "INVALID_ARGUMENT"}
+    assert sample(metrics, handled, **refused) == 1
+    other = {"grpc_service": OTHER, "grpc_method": OTHER}
+    assert sample(metrics, handled, **other, grpc_code="UNIMPLEMENTED") == 2
+    started = "kynara_grpc_server_started_total"
+    assert sample(metrics, started, grpc_service="t.S", grpc_method="Ok") == 2
+    assert sample(metrics, started, **other) == 2
+    nope = {**labels, "grpc_method": "Nope"}
+    assert sample(metrics, started, **nope) is None
