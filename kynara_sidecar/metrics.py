@@ -240,8 +240,15 @@ class Metrics:
         )  # fmt: skip
         self.admin_refusals = Counter(
             f"{PREFIX}_admin_refusals",
-            "Admin listener calls refused for their credential, by code.",
+            "Admin listener calls and credentialed /metrics scrapes refused "
+            "for their credential, by code.",
             ["code"], registry=r,
+        )  # fmt: skip
+        self.review_page_refusals = Counter(
+            f"{PREFIX}_review_page_refusals",
+            "Review page posts and sign-ins refused, by why: origin, csrf, "
+            "or the sign-in's error code (identity_invalid, role_missing).",
+            ["why"], registry=r,
         )  # fmt: skip
         self.approval_webhook_deliveries = Counter(
             f"{PREFIX}_approval_webhook_deliveries",

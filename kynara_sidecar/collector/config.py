@@ -131,9 +131,16 @@ class PullConfig(_Section):
 
     # The daemon's id, e.g. "support-bot-7d9f"; must be in `daemons`.
     daemon_id: str = ""
-    # Its admin listener: "unix:///run/kynara/admin.sock" or
-    # "127.0.0.1:50153" (loopback only: the admin listener has no TLS yet).
+    # Its admin listener: "unix:///run/kynara/admin.sock", "127.0.0.1:50153",
+    # or, with ca_file, its TLS port anywhere, e.g. "10.0.3.7:50153".
     target: str = ""
+    # PEM file of the certificates to trust for the admin listener's TLS
+    # (admin.tls on the daemon), e.g. "/etc/kynara/admin-ca.pem"; read at
+    # start. Without it a HOST:PORT target is plaintext and loopback only.
+    ca_file: str = ""
+    # The name to check the daemon's certificate for, when the target's host
+    # is not a name it carries, e.g. "support-bot.kynara.svc".
+    server_name: str = ""
     # File holding an operator credential's bearer secret, e.g.
     # "/run/secrets/kynara-collector".
     credential_file: str = ""
@@ -146,14 +153,25 @@ class PullConfig(_Section):
         for key in ("daemon_id", "target", "credential_file"):
             if not getattr(self, key):
                 raise ConfigError(f"{section}.{key}: expected a value, got none")
-        if not self.target.startswith("unix:"):
+        if self.target.startswith("unix:"):
+            if self.ca_file or self.server_name:
+                raise ConfigError(
+                    f"{section}.ca_file: expected a HOST:PORT target with TLS "
+                    f"settings, got the Unix socket {self.target!r} (plaintext)"
+                )
+        else:
             host, sep, port = self.target.rpartition(":")
             host = host.strip("[]")
-            if not sep or not port.isdigit() or not is_loopback(host):
+            if not sep or not port.isdigit():
                 raise ConfigError(
-                    f"{section}.target: expected unix:///PATH or a loopback "
-                    f"HOST:PORT (the admin listener has no TLS yet), got "
+                    f"{section}.target: expected unix:///PATH or HOST:PORT, got "
                     f"{self.target!r}"
+                )
+            if not self.ca_file and not is_loopback(host):
+                raise ConfigError(
+                    f"{section}.target: expected a loopback HOST:PORT without "
+                    f"{section}.ca_file (plaintext), got {self.target!r}; set "
+                    "ca_file to pull over TLS"
                 )
         _check_range(section, "poll_seconds", self.poll_seconds, 0.01, 86_400)
         _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 3600)
@@ -175,6 +193,23 @@ class PullConfig(_Section):
                 f"got {len(secret)}"
             )
         return secret
+
+    def load_roots(self, section: str) -> bytes | None:
+        """The certificates to trust for TLS, or None for plaintext.
+
+        Raises:
+            ConfigError: ``ca_file`` cannot be read or holds no certificate.
+        """
+        if not self.ca_file:
+            return None
+        where = f"{section}.ca_file"
+        try:
+            roots = pathlib.Path(self.ca_file).read_bytes()
+        except OSError as err:
+            raise ConfigError(f"{where}: cannot read the certificates: {err}") from None
+        if b"-----BEGIN CERTIFICATE-----" not in roots:
+            raise ConfigError(f"{where}: expected PEM certificates, got none")
+        return roots
 
 
 class DaemonConfig(_Section):

@@ -282,6 +282,7 @@ def add_inbox_routes(
     authenticate: Authenticator,
     config: InboxConfig,
     clock: Callable[[], int],
+    metrics: CollectorMetrics,
 ) -> None:
     """Mount the review page over the fleet inbox on ``app``."""
     add_review_routes(
@@ -293,6 +294,7 @@ def add_inbox_routes(
         secure_cookie=config.secure_cookie,
         public_urls=[config.url] if config.url else [],
         clock=clock,
+        on_refused=lambda why: metrics.inbox_page_refusals.labels(why).inc(),
     )
 
 

@@ -53,3 +53,9 @@ class CollectorMetrics:
             "be handled, dropped); door (a door stopped taking segments).",
             ["what"], registry=r,
         )  # fmt: skip
+        self.inbox_page_refusals = Counter(
+            f"{PREFIX}_inbox_page_refusals",
+            "Fleet inbox page posts and sign-ins refused, by why: origin, "
+            "csrf, or the sign-in's error code (identity_invalid, role_missing).",
+            ["why"], registry=r,
+        )  # fmt: skip

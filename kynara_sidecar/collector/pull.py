@@ -67,8 +67,16 @@ class Puller:
         secret: bytes,
         intake: Intake,
         metrics: CollectorMetrics,
+        *,
+        roots: bytes | None = None,
     ):
         self._config = config
+        # TLS to the admin port when the certificates to trust are given.
+        self._credentials = (
+            grpc.ssl_channel_credentials(root_certificates=roots)
+            if roots is not None
+            else None
+        )
         self._metadata = (("authorization", f"Bearer {secret.decode()}"),)
         self._intake = intake
         self._metrics = metrics
@@ -106,9 +114,16 @@ class Puller:
             grpc.aio.AioRpcError: a call failed.
         """
         options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-        async with grpc.aio.insecure_channel(
-            self._config.target, options=options
-        ) as channel:
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(self._config.target, options=options)
+        else:
+            if self._config.server_name:
+                name = self._config.server_name
+                options.append(("grpc.ssl_target_name_override", name))
+            channel = grpc.aio.secure_channel(
+                self._config.target, self._credentials, options=options
+            )
+        async with channel:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
             after = await self._check_head(stub)
             if after is None:

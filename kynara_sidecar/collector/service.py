@@ -74,6 +74,9 @@ class Collector:
         self._secrets = [
             pull.load_secret(f"pull[{i}]") for i, pull in enumerate(config.pull)
         ]
+        self._roots = [
+            pull.load_roots(f"pull[{i}]") for i, pull in enumerate(config.pull)
+        ]
         self.archive = open_archive(
             config.archive.url,
             endpoint_url=config.archive.s3.endpoint_url,
@@ -127,8 +130,10 @@ class Collector:
             self._start_task(self._consume(), "store")
         if self.inbox is not None:
             self._start_task(self.inbox.run(self._stop), "inbox")
-        for pull, secret in zip(config.pull, self._secrets, strict=True):
-            puller = Puller(pull, secret, self.intake, self.metrics)
+        for pull, secret, roots in zip(
+            config.pull, self._secrets, self._roots, strict=True
+        ):
+            puller = Puller(pull, secret, self.intake, self.metrics, roots=roots)
             self._start_task(puller.run(self._stop), f"pull {pull.daemon_id}")
         log.info(
             "collector started",
@@ -247,6 +252,7 @@ class Collector:
                 self._reviewers.authenticate,
                 self.config.inbox,
                 self.clock,
+                self.metrics,
             )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

@@ -79,6 +79,7 @@ def build_http_app(
             session_seconds=session_seconds,
             public_urls=public_urls,
             clock=clock,
+            on_refused=lambda why: metrics.review_page_refusals.labels(why).inc(),
         )
     return app
 

@@ -281,7 +281,9 @@ class _ReviewPage:
         sessions: SessionStore,
         origins: frozenset[str],
         clock: Callable[[], int],
+        on_refused: Callable[[str], None],
     ):
+        self.on_refused = on_refused
         self.inbox = inbox
         self.authenticate = authenticate
         self.title = title
@@ -325,14 +327,12 @@ class _ReviewPage:
 
     def _forged(self, request: web.Request, form_csrf: str, expected: str) -> str:
         """Why a POST is refused as forged, or "" when it is not."""
-        # TODO(#11): count refused posts and sign-ins beside the log line
-        # (the page is mounted by the daemon and the collector, each with
-        # its own Metrics, which add_review_routes does not take yet).
         if not self._same_origin(request):
             log.warning(
                 "refused review page post",
                 extra={"fields": {"path": request.path, "why": "origin"}},
             )
+            self.on_refused("origin")
             return (
                 "This form was not sent from this page's own origin "
                 f"({request.scheme}://{request.host}), so it was refused. "
@@ -345,6 +345,7 @@ class _ReviewPage:
                 "refused review page post",
                 extra={"fields": {"path": request.path, "why": "csrf"}},
             )
+            self.on_refused("csrf")
             return (
                 "The form's CSRF token does not match this session (the page "
                 "may be older than your sign-in), so it was refused. Reload "
@@ -403,6 +404,7 @@ class _ReviewPage:
                 "refused review page sign-in",
                 extra={"fields": {"code": err.code.value, "error": str(err)}},
             )
+            self.on_refused(err.code.value)
             return self._login_page(
                 next_path, "That token is not a known reviewer credential.", 401
             )
@@ -411,6 +413,7 @@ class _ReviewPage:
                 "refused review page sign-in",
                 extra={"fields": {"code": err.code.value, "error": str(err)}},
             )
+            self.on_refused(err.code.value)
             return self._login_page(
                 next_path,
                 "That credential is valid but may not review approvals: it "
@@ -713,6 +716,7 @@ def add_review_routes(
     public_urls: Iterable[str] = (),
     clock: Callable[[], int] = time.time_ns,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
+    on_refused: Callable[[str], None] = lambda _why: None,
 ) -> SessionStore:
     """Mount the review page under ``/approvals`` of ``app``.
 
@@ -731,6 +735,9 @@ def add_review_routes(
             accepted on POSTs besides the request's own.
         clock: nanoseconds since the epoch, for sessions and "expires in".
         max_sessions: sessions kept at most; the oldest ends first.
+        on_refused: told why each refused post or sign-in was refused
+            (``origin``, ``csrf``, or the sign-in's error code), to count it
+            beside its log line.
 
     Returns:
         The session store, for tests and for ending sessions.
@@ -744,6 +751,7 @@ def add_review_routes(
         sessions=sessions,
         origins=frozenset(_origin_of(url) for url in public_urls if url),
         clock=clock,
+        on_refused=on_refused,
     )
     app.on_response_prepare.append(_secure_headers)
     app.router.add_get("/approvals/login", page.login_form)

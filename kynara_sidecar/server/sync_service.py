@@ -59,8 +59,9 @@ class NotShipping(RequestError):
     ``sync.ship_segments`` off (or the log down, so shipping never started).
     """
 
-    # TODO(#11): the ErrorCode catalogue has no code for "not configured";
-    # invalid_request travels with FAILED_PRECONDITION until it gains one.
+    # The request is one this daemon's config cannot serve: invalid_request,
+    # with FAILED_PRECONDITION (not INVALID_ARGUMENT) since the same call
+    # succeeds on a daemon with a store; the message names the keys.
     code = ErrorCode.INVALID_REQUEST
     status = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import uvloop
 import yaml
+from server.test_admin_tls import Authority
 
 from kynara_sidecar.audit.checkpoint import decode_checkpoint
 from kynara_sidecar.audit.keys import save_public_key
@@ -306,10 +307,17 @@ def test_unregistered_daemon_is_counted_and_nothing_kept(tmp_path, start_collect
 
 
 class AdminServer:
-    """A real AuditService over a log, on a Unix socket, on its own loop."""
+    """A real AuditService over a log, on a Unix socket, on its own loop;
+    with ``tls`` (certificate and key PEM), on a TLS port of 127.0.0.2."""
 
-    def __init__(self, log_path: pathlib.Path, socket_path: pathlib.Path):
+    def __init__(
+        self,
+        log_path: pathlib.Path,
+        socket_path: pathlib.Path,
+        tls: tuple[bytes, bytes] | None = None,
+    ):
         self.target = f"unix://{socket_path}"
+        self._tls = tls
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -329,7 +337,15 @@ class AdminServer:
         )
         self.server = grpc.aio.server()
         self.service.register(self.server)
-        self.server.add_insecure_port(self.target)
+        if self._tls is None:
+            self.server.add_insecure_port(self.target)
+        else:
+            served = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
+            # The same port again when the log is served anew.
+            bound_before = self.target.startswith("127.0.0.2:")
+            port = self.target.rpartition(":")[2] if bound_before else "0"
+            bound = self.server.add_secure_port(f"127.0.0.2:{port}", served)
+            self.target = f"127.0.0.2:{bound}"
         await self.server.start()
 
     async def _stop(self) -> None:
@@ -361,8 +377,10 @@ class AdminServer:
 def admin_server(tmp_path):
     started: list[AdminServer] = []
 
-    def start(log_path: pathlib.Path) -> AdminServer:
-        server = AdminServer(log_path, tmp_path / "admin.sock")
+    def start(
+        log_path: pathlib.Path, tls: tuple[bytes, bytes] | None = None
+    ) -> AdminServer:
+        server = AdminServer(log_path, tmp_path / "admin.sock", tls)
         started.append(server)
         return server
 
@@ -371,7 +389,7 @@ def admin_server(tmp_path):
         server.stop()
 
 
-def pull_config(tmp_path, log, server: AdminServer) -> pathlib.Path:
+def pull_config(tmp_path, log, server: AdminServer, **settings) -> pathlib.Path:
     secret_file = tmp_path / "operator.secret"
     secret_file.write_bytes(SECRET)
     entry = {
@@ -379,6 +397,7 @@ def pull_config(tmp_path, log, server: AdminServer) -> pathlib.Path:
         "target": server.target,
         "credential_file": str(secret_file),
         "poll_seconds": 0.05,
+        **settings,
     }
     return write_config(tmp_path, log, pull=[entry])
 
@@ -399,6 +418,40 @@ def test_pulled_segments_are_verified_and_archived(
 
     assert found["alerts"] == []
     assert [r["seq"] for r in query_cli(config, 15, 20)] == list(range(15, 21))
+
+
+def test_pulled_over_tls_from_an_admin_port_off_the_socket(
+    tmp_path, start_collector, admin_server
+):
+    authority = Authority("kynara pull test CA")
+    cert, key, _ = authority.issue()
+    (tmp_path / "ca.pem").write_bytes(authority.pem)
+    log = write_log(tmp_path / "log", 8)
+    server = admin_server(log.path, (cert, key))
+    config = pull_config(tmp_path, log, server, ca_file=str(tmp_path / "ca.pem"))
+    collector = start_collector(config)
+    found = collector.wait_for(lambda d: d["tree_size"] == 8, "tree size 8")
+
+    assert server.target.startswith("127.0.0.2:")
+    assert found["alerts"] == []
+    assert [r["seq"] for r in query_cli(config, 1, 8)] == list(range(1, 9))
+
+
+def test_pull_trusts_only_its_ca_file(tmp_path, start_collector, admin_server):
+    (tmp_path / "ca.pem").write_bytes(Authority("some other CA").pem)
+    cert, key, _ = Authority("kynara pull test CA").issue()
+    log = write_log(tmp_path / "log", 8)
+    server = admin_server(log.path, (cert, key))
+    config = pull_config(tmp_path, log, server, ca_file=str(tmp_path / "ca.pem"))
+    collector = start_collector(config)
+    registry = collector.collector.metrics.registry
+    failures = {"what": "pull"}
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not registry.get_sample_value("kynara_collector_failures_total", failures):
+        assert time.monotonic() < deadline, "no pull failed"
+        time.sleep(0.05)
+
+    assert collector.daemon()["tree_size"] == 0
 
 
 def test_pulled_restored_copy_is_refused(tmp_path, start_collector, admin_server):

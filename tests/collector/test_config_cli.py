@@ -54,7 +54,8 @@ def _pull(daemon_id: str, target: str) -> dict:
         ),
         (
             {"pull": [_pull("bot", "10.0.0.5:50153")]},
-            r"pull\[0\].target: expected unix:///PATH or a loopback HOST:PORT",
+            r"pull\[0\].target: expected a loopback HOST:PORT without "
+            r"pull\[0\].ca_file",
         ),
         # A name that merely starts like a loopback address.
         (
@@ -62,8 +63,13 @@ def _pull(daemon_id: str, target: str) -> dict:
             r"http.host: expected a loopback address",
         ),
         (
+            {"pull": [{**_pull("bot", "unix:///a"), "ca_file": "/ca.pem"}]},
+            r"pull\[0\].ca_file: expected a HOST:PORT target with TLS",
+        ),
+        (
             {"pull": [_pull("bot", "127.attacker.example:50153")]},
-            r"pull\[0\].target: expected unix:///PATH or a loopback HOST:PORT",
+            r"pull\[0\].target: expected a loopback HOST:PORT without "
+            r"pull\[0\].ca_file",
         ),
     ],
 )  # fmt: skip

@@ -64,6 +64,8 @@ class Page:
     clock: Clock
     session: str = ""
     csrf: str = ""
+    # Why each refused post or sign-in was refused, as counted.
+    refused: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def origin(self) -> str:
@@ -127,6 +129,7 @@ async def served(
 ) -> AsyncIterator[Page]:
     inbox = inbox_type(sample_approvals() if approvals is None else approvals)
     clock = Clock()
+    refused: list[str] = []
     app = web.Application()
     add_review_routes(
         app,
@@ -136,10 +139,11 @@ async def served(
         session_seconds=SESSION_SECONDS,
         clock=clock,
         max_sessions=max_sessions,
+        on_refused=refused.append,
     )
     server = TestServer(app, host="127.0.0.1")
     async with TestClient(server, cookie_jar=DummyCookieJar()) as client:
-        yield Page(client, inbox, clock)
+        yield Page(client, inbox, clock, refused=refused)
 
 
 def first_pending(_page: Page) -> str:
@@ -216,6 +220,8 @@ async def test_refused_sign_in_says_why_and_opens_no_session(token, status, mess
         assert answer.status == status
         assert message in await answer.text()
         assert SESSION_COOKIE not in answer.cookies
+        code = "identity_invalid" if status == 401 else "role_missing"
+        assert page.refused == [code]
 
 
 @run_async
@@ -226,6 +232,7 @@ async def test_sign_in_from_another_origin_is_refused():
         assert answer.status == 403
         assert "not sent from this page" in await answer.text()
         assert SESSION_COOKIE not in answer.cookies
+        assert page.refused == ["origin"]
 
 
 @run_async
@@ -240,6 +247,7 @@ async def test_sign_in_without_its_form_token_is_refused():
 
         assert answer.status == 403
         assert "CSRF token does not match" in await answer.text()
+        assert page.refused == ["csrf"]
 
 
 @pytest.mark.parametrize(
@@ -352,6 +360,7 @@ async def test_forged_review_is_refused_with_a_403_page(overrides, why):
         assert "<h1>Review refused</h1>" in text
         assert page.inbox.get(approval_id).state is ApprovalState.PENDING
         assert page.inbox.get(approval_id).reviews == ()
+        assert page.refused == ["csrf" if "CSRF" in why else "origin"]
 
 
 @run_async
