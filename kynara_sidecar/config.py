@@ -627,7 +627,7 @@ class IdentityConfig(_Section):
     # Multi-agent mode: agent id -> file holding its bearer secret, e.g.
     # {support-bot: /run/secrets/support-bot}. Each caller sends
     # `authorization: Bearer <secret>`; read at start.
-    # TODO(#11): client certificates (mTLS) as the other per-agent credential.
+    # TODO(#12): client certificates (mTLS) as the other per-agent credential.
     agents: dict[str, str] = {}
 
     def validate(self, section: str) -> None:

@@ -124,8 +124,8 @@ ACK_WAIT_SECONDS = 30.0
 # ship order even across nak'd and redelivered messages and consumer
 # restarts; JetStream redelivers a pending message only after its ack wait,
 # so with more in flight a newer message could overtake it.
-# TODO(#11): one consumer per daemon subject would keep that order and let
-# daemons proceed in parallel, if one consumer cannot keep up with a fleet.
+# Should one consumer not keep up with a fleet, one consumer per daemon
+# subject keeps that order and lets daemons proceed in parallel.
 MAX_ACK_PENDING = 1
 # A nak'd message comes again after this pause, not in a hot loop.
 NAK_DELAY_SECONDS = 1.0

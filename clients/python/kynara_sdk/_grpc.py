@@ -42,7 +42,7 @@ class _Channel:
         self.target = target
         self._timeout = timeout
         self._metadata = metadata
-        # TODO(#11): client certificates as the other per-agent credential;
+        # TODO(#12): client certificates as the other per-agent credential;
         # only local insecure channels (Unix socket, loopback) are dialled.
         self._channel = grpc.insecure_channel(target)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)

@@ -217,7 +217,7 @@ export class Client {
       this._metadata.set('authorization', authorization);
     }
     const Service = decisionService(resolveProtoRoot(options.protoRoot));
-    // TODO(#11): client certificates as the other per-agent credential;
+    // TODO(#12): client certificates as the other per-agent credential;
     // only local insecure channels (Unix socket, loopback) are dialled.
     this._stub = new Service(this.target, grpc.credentials.createInsecure());
     this._closed = false;
