@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import typing
 
@@ -48,6 +49,7 @@ from kynara_sidecar.config import (
     host_port,
     load_config,
 )
+from kynara_sidecar.entry import ignore_hangup, restore_hangup
 from kynara_sidecar.errors import ConfigError, KynaraError
 from kynara_sidecar.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from kynara_sidecar.server._visible import visible_text
@@ -95,7 +97,13 @@ def _add_log_format(parser: argparse.ArgumentParser) -> None:
 def _daemon_config(args: argparse.Namespace) -> tuple[Config, Callable[[], Config]]:
     """The config of ``run`` and ``gateway``, logging set up from it, and
     the loader a SIGHUP calls: the same file with the same overrides, the
-    log flags among them (they keep winning over the file)."""
+    log flags among them (they keep winning over the file).
+
+    Start reads and checks every file the config names; a reload checks the
+    values only. The certificates and keys it names are restart-only (the
+    served certificate is watched on its own), and the admin secrets, the
+    one kind a reload applies, the daemon reads itself.
+    """
     overrides = list(args.overrides)
     if args.log_level:
         overrides.append(f"log.level={args.log_level}")
@@ -103,12 +111,12 @@ def _daemon_config(args: argparse.Namespace) -> tuple[Config, Callable[[], Confi
         overrides.append(f"log.format={args.log_format}")
     path = args.config
 
-    def load() -> Config:
-        return load_config(path, overrides)
+    def reload() -> Config:
+        return load_config(path, overrides, read_files=False)
 
-    config = load()
+    config = load_config(path, overrides)
     configure_logging(config.log.level, config.log.format)
-    return config, load
+    return config, reload
 
 
 def _add_trusted_keys(
@@ -401,6 +409,7 @@ def _add_bundle_parser(commands: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="dir:///srv/kynara-store or nats://127.0.0.1:4222",
     )
+    _add_nats_settings(publish)
     _add_trusted_keys(
         publish,
         "verify against this public key before publishing; repeatable",
@@ -685,7 +694,16 @@ def _config_unless_path(
         if path:
             raise _UsageError(f"--set needs a config to change: give {_GIVE_CONFIG}")
         raise _UsageError(without)
-    return load_config(args.config, args.overrides)
+    # A client of the daemon: it reads only its own credential and trust
+    # roots, never the daemon's secrets, keys or certificates.
+    return _client_config(args)
+
+
+def _client_config(args: argparse.Namespace) -> Config:
+    """The daemon's config as a command other than ``run`` needs it: the
+    values checked, no secret, key or certificate file read (see
+    ``load_config``'s ``read_files``)."""
+    return load_config(args.config, args.overrides, read_files=False)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -726,7 +744,7 @@ def _explain(args: argparse.Namespace) -> int:
     from kynara_sidecar.policy.loader import load_policies
     from kynara_sidecar.policy_tests import decide, format_explanation, load_request
 
-    policies = args.policies or load_config(args.config, args.overrides).policy.path
+    policies = args.policies or _client_config(args).policy.path
     loaded = load_policies(pathlib.Path(policies))
     request = load_request(pathlib.Path(args.request))
     print(format_explanation(decide(loaded, request, explain=True)))
@@ -815,7 +833,7 @@ def _new_chain(args: argparse.Namespace) -> int:
             "and witness from audit.path, audit.signing_key and "
             "audit.witness_path"
         )
-    config = with_daemon_id(load_config(args.config, args.overrides))
+    config = with_daemon_id(_client_config(args))
     done = start_new_chain(
         config.audit.path,
         # Only `run` creates a missing key: a new chain signed by a key made
@@ -964,11 +982,50 @@ def _warn_if_future(created: str) -> None:
         )
 
 
+def _add_nats_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nats",
+        metavar="FILE",
+        default="",
+        help="YAML file of the nats:// store's TLS and credentials: the keys "
+        "of sync.nats (ca_file, user, password_file, token_file, ...)",
+    )
+
+
+def _store_of(args: argparse.Namespace):
+    """The store ``--store`` names, with ``--nats``'s connection settings.
+
+    Raises:
+        ConfigError: ``--nats`` cannot be read, or its settings are wrong
+            or do not fit the store (named by key, under the file's name).
+    """
+    import msgspec
+    import yaml
+
+    from kynara_sidecar._unique_keys import load_yaml
+    from kynara_sidecar.config import NatsConnectionConfig
+    from kynara_sidecar.sync import open_store
+
+    settings = NatsConnectionConfig()
+    if args.nats:
+        try:
+            with open(args.nats, "rb") as file:
+                raw = load_yaml(file.read()) or {}
+            settings = msgspec.convert(raw, NatsConnectionConfig)
+        except (OSError, yaml.YAMLError, msgspec.ValidationError) as err:
+            raise ConfigError(f"--nats {args.nats}: {err}") from None
+    section = args.nats or "--nats"
+    settings.validate(section, files=False)
+    settings.check_store(section, args.store, "--store")
+    connection = settings.load(section) if settings.configured else None
+    return open_store(args.store, timeout=args.timeout, nats=connection)
+
+
 def _publish_bundle(args: argparse.Namespace) -> int:
     import asyncio
 
     from kynara_sidecar.audit.keys import load_trusted_keys
-    from kynara_sidecar.sync import bundle, open_store
+    from kynara_sidecar.sync import bundle
 
     data = bundle.read_bundle(args.bundle)
     trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
@@ -979,7 +1036,7 @@ def _publish_bundle(args: argparse.Namespace) -> int:
     if trusted is None:
         revision += " (not verified: no --trusted-key)"
     _warn_if_future(verified.created)
-    store = open_store(args.store, timeout=args.timeout)
+    store = _store_of(args)
 
     async def publish() -> str:
         try:
@@ -1138,10 +1195,52 @@ def _admin_channel(args: argparse.Namespace, config: Config, target: str):
         raise ConfigError(
             f"{where}: cannot read the certificates to trust: {err}"
         ) from None
+    _check_trust_roots(where, ca_file, roots)
     name = args.server_name or _certificate_name(tls.cert_file, target)
     options = [("grpc.ssl_target_name_override", name)] if name else []
     return grpc.secure_channel(
         target, grpc.ssl_channel_credentials(root_certificates=roots), options
+    )
+
+
+def _check_trust_roots(where: str, ca_file: str, roots: bytes) -> None:
+    """Refuse trust roots that hold no PEM certificate (a private key given
+    by mistake, say): gRPC would only report that it could not build a
+    handshake, as if nothing answered.
+
+    Raises:
+        ConfigError: naming ``where`` (the flag or setting) and the file.
+    """
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificates(roots)
+    except ValueError as err:
+        raise ConfigError(
+            f"{where}: expected PEM certificates to trust in {ca_file}, got none "
+            f"readable ({err})"
+        ) from None
+
+
+# What gRPC's details say of a failed TLS handshake (an untrusted or
+# misnamed certificate, roots it cannot use), as against nothing listening.
+_TLS_FAILURE = re.compile(
+    r"handshake|hostname verification|ssl_error|certificate", re.IGNORECASE
+)
+
+
+def _tls_failure(err, call: str, target: str) -> ConfigError | None:
+    """The error to show for an UNAVAILABLE ``err`` that is a failed TLS
+    handshake with the admin port, or None when it is not one."""
+    details = visible_text(err.details() or "")
+    if not _TLS_FAILURE.search(details):
+        return None
+    return ConfigError(
+        f"{call} at {target}: UNAVAILABLE: the TLS handshake failed: {details}; "
+        f"check --ca-file (the certificates trusted; default ${ADMIN_CA_ENV}, else "
+        "admin.tls.cert_file) and --server-name (the name the certificate "
+        "must hold; default admin.host) against the daemon's admin.tls "
+        "certificate"
     )
 
 
@@ -1234,7 +1333,7 @@ def _sync(args: argparse.Namespace) -> int:
                     "and restart the daemon"
                 ) from None
             if err.code() == grpc.StatusCode.UNAVAILABLE:
-                raise ConfigError(
+                raise _tls_failure(err, "SyncNow", target) or ConfigError(
                     f"SyncNow at {target}: nothing answers: is the daemon running, "
                     "with this config? Its admin listener starts only when the "
                     "daemon's own admin.credentials names a credential"
@@ -1284,7 +1383,7 @@ def _sync_ship(args: argparse.Namespace) -> int:
         except grpc.RpcError as err:
             coded = dict(err.trailing_metadata() or ()).get("kynara-error-code")
             if err.code() == grpc.StatusCode.UNAVAILABLE and not coded:
-                raise ConfigError(
+                raise _tls_failure(err, "ShipNow", target) or ConfigError(
                     f"ShipNow at {target}: nothing answers: is the daemon running, "
                     "with this config? Its admin listener starts only when the "
                     "daemon's own admin.credentials names a credential"
@@ -1450,7 +1549,7 @@ def _approvals_error(err, target: str, config: Config) -> KynaraError:
     from kynara_sidecar.server.status import ERROR_CODE_KEY
 
     if err.code() == grpc.StatusCode.UNAVAILABLE:
-        return ConfigError(
+        return _tls_failure(err, "ApprovalService", target) or ConfigError(
             f"ApprovalService at {target}: nothing answers: is the daemon running, "
             "with this config? Its admin listener starts only once "
             "admin.credentials or approvals.reviewer_issuers names someone"
@@ -1524,6 +1623,7 @@ def _add_fleet_parser(commands: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="dir:///srv/kynara-store or nats://127.0.0.1:4222",
     )
+    _add_nats_settings(status)
     status.add_argument(
         "--json", action="store_true", help="print the rows as JSON instead"
     )
@@ -1540,7 +1640,6 @@ def _fleet(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from kynara_sidecar.sync import open_store
     from kynara_sidecar.sync.status import (
         fleet_json,
         fleet_rows,
@@ -1548,7 +1647,7 @@ def _fleet(args: argparse.Namespace) -> int:
         read_fleet,
     )
 
-    store = open_store(args.store, timeout=args.timeout)
+    store = _store_of(args)
     documents = asyncio.run(read_fleet(store))
     rows = fleet_rows(documents, time.time_ns())
     if args.json:
@@ -1588,16 +1687,49 @@ COMMANDS = {
 }
 
 
+def _log_fatal(err: KynaraError) -> None:
+    """Log the error that ends a daemon as one JSON line (the daemon's
+    logger) when its lines go out as JSON: a pipeline reading them then
+    sees why it stopped. The plain line that follows is for a person."""
+    import logging
+
+    from kynara_sidecar.logs import JsonFormatter
+
+    handlers = logging.getLogger("kynara").handlers
+    # TextFormatter is a JsonFormatter too; its lines a person reads.
+    if not handlers or type(handlers[0].formatter) is not JsonFormatter:
+        return
+    logging.getLogger("kynara.daemon").error(
+        "daemon stopped: fatal error",
+        extra={
+            "fields": {
+                "component": "daemon",
+                "error": str(err),
+                "error_type": type(err).__name__,
+            }
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _build_parser().parse_args(argv)
-    configure_logging(args.log_level or "info")
+    if args.command not in ("run", "gateway"):
+        # Only a serving daemon reloads on SIGHUP (see kynara_sidecar.entry).
+        restore_hangup()
+    # --log-format (run, gateway) applies from the first line: a start that
+    # fails before the config is read logs in the format asked for.
+    configure_logging(
+        args.log_level or "info", getattr(args, "log_format", None) or "json"
+    )
     try:
         return COMMANDS[args.command](args)
     except _UsageError as err:
         print(f"kynara-sidecar {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KynaraError as err:
+        if args.command in ("run", "gateway"):
+            _log_fatal(err)
         print(f"kynara-sidecar {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -1605,4 +1737,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as ``python -m kynara_sidecar.cli``, SIGHUP still ends the process
+    # while the modules above import; the console script ignores it first.
+    ignore_hangup()
     sys.exit(main())

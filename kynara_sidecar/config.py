@@ -17,13 +17,16 @@ import ipaddress
 import os
 import pathlib
 import re
+import ssl
 import typing
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 import yaml
 
+from kynara_sidecar._unique_keys import UniqueKeys
 from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
 from kynara_sidecar.audit.redact import (
     MIN_REDACTION_KEY_BYTES,
@@ -35,7 +38,7 @@ from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
 from kynara_sidecar.policy.names import canonical_name, check_dotted_name
 from kynara_sidecar.server.tls import load_certificate_pair
-from kynara_sidecar.sync import STORE_SCHEMES, is_store_url
+from kynara_sidecar.sync import STORE_SCHEMES, NatsConnection, is_store_url
 
 __all__ = [
     "AdminCredentialConfig",
@@ -63,6 +66,7 @@ __all__ = [
     "IdentityConfig",
     "IdentityMode",
     "IssuerConfig",
+    "NatsConnectionConfig",
     "PolicyConfig",
     "RedactConfig",
     "TlsConfig",
@@ -163,6 +167,21 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """Check ranges and cross-field rules; raise ConfigError naming the key."""
 
 
+class _FileSection(_Section):
+    """A section naming files (secrets, keys, certificates) that its
+    ``validate`` reads and checks, unless told ``files=False``.
+
+    The daemon checks them at start. A client of the daemon (the CLI's
+    admin commands) and a reload check the values only: they use none of
+    those files, may not be allowed to read them, and must not fail on one
+    the running daemon does not depend on (a renewed certificate the daemon
+    watches and refuses on its own, a secret the reload reads itself).
+    """
+
+    def validate(self, section: str, *, files: bool = True) -> None:
+        """Check the values, and with ``files`` read and check the files."""
+
+
 def _check_port(section: str, key: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{section}.{key}: expected a port in 0..65535, got {port}")
@@ -250,7 +269,7 @@ class AgentListenerConfig(_Section):
             )
 
 
-class TlsConfig(_Section):
+class TlsConfig(_FileSection):
     """A TCP listener's TLS certificate and key (admin.tls, http.tls), both
     or neither; with them the listener may be bound off loopback (the pod
     address)."""
@@ -267,7 +286,7 @@ class TlsConfig(_Section):
         """Whether the TCP port serves TLS."""
         return bool(self.cert_file)
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if bool(self.cert_file) != bool(self.key_file):
             keys = ("cert_file", "key_file")
             given, missing = keys if self.cert_file else keys[::-1]
@@ -275,7 +294,7 @@ class TlsConfig(_Section):
                 f"{section}.{missing}: expected a path with {section}.{given}, "
                 "got none (give both, or neither for no TLS)"
             )
-        if self.enabled:
+        if self.enabled and files:
             load_certificate_pair(self.cert_file, self.key_file, section)
 
 
@@ -283,7 +302,7 @@ class TlsConfig(_Section):
 AdminTlsConfig = TlsConfig
 
 
-class HttpListenerConfig(_Section):
+class HttpListenerConfig(_FileSection):
     """The one HTTP stack: /metrics now, review pages later."""
 
     # Bind address, e.g. "127.0.0.1"; a loopback address unless tls is set,
@@ -297,7 +316,7 @@ class HttpListenerConfig(_Section):
     # only loopback may reach it.
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
             if not is_loopback(self.host) and not self.tls.enabled:
@@ -308,7 +327,7 @@ class HttpListenerConfig(_Section):
                     "/metrics would be open and the review page's sign-in would "
                     "cross the network in the clear"
                 )
-        self.tls.validate(f"{section}.tls")
+        self.tls.validate(f"{section}.tls", files=files)
 
     @property
     def needs_credentials(self) -> bool:
@@ -378,7 +397,7 @@ class AdminCredentialConfig(_Section):
                 )
 
 
-class AdminListenerConfig(_Section):
+class AdminListenerConfig(_FileSection):
     """Where operators and reviewers reach the daemon: audit reads, proofs,
     segment pulls (AuditService) and approvals (ApprovalService). Every call
     needs a credential an agent does not have.
@@ -409,7 +428,7 @@ class AdminListenerConfig(_Section):
         """Whether the listener starts: an address and a credential."""
         return bool(self.socket or self.port != -1) and bool(self.credentials)
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if self.port != -1:
             _check_port(section, "port", self.port)
             if not is_loopback(self.host) and not self.tls.enabled:
@@ -419,14 +438,17 @@ class AdminListenerConfig(_Section):
                     "(cert_file and key_file) to bind it off loopback, else its "
                     "secrets would cross the network in the clear"
                 )
-        self.tls.validate(f"{section}.tls")
+        self.tls.validate(f"{section}.tls", files=files)
         _check_socket_path(section, self.socket)
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(
                 f"{section}.socket_mode: expected permission bits 0..0o777, "
                 f"got {self.socket_mode:#o}"
             )
-        self.load_credentials(section)
+        if files:
+            self.load_credentials(section)
+        else:
+            self._check_credentials(section)
 
     def load_credentials(
         self, section: str = "admin"
@@ -440,7 +462,18 @@ class AdminListenerConfig(_Section):
             ConfigError: a bad entry, a file that cannot be read, a secret
                 that is too short, or two credentials sharing one.
         """
+        self._check_credentials(section)
         loaded: dict[str, tuple[bytes, frozenset[AdminRole]]] = {}
+        for name, credential in self.credentials.items():
+            where = f"{section}.credentials.{name}"
+            secret = _read_secret(f"{where}.secret_file", credential.secret_file)
+            if any(secret == other for other, _ in loaded.values()):
+                raise ConfigError(f"{where}: expected its own secret, got a shared one")
+            loaded[name] = (secret, frozenset(map(AdminRole, credential.roles)))
+        return loaded
+
+    def _check_credentials(self, section: str) -> None:
+        """Check each credential's settings, reading no secret file."""
         for name, credential in self.credentials.items():
             where = f"{section}.credentials.{name}"
             if not name:
@@ -449,14 +482,16 @@ class AdminListenerConfig(_Section):
             if not credential.principal and AdminRole.REVIEWER in credential.roles:
                 # The reviewer's principal id defaults to the credential name.
                 _check_principal(f"{where}.principal (default: the name)", name)
-            secret = _read_secret(f"{where}.secret_file", credential.secret_file)
-            if any(secret == other for other, _ in loaded.values()):
-                raise ConfigError(f"{where}: expected its own secret, got a shared one")
-            loaded[name] = (secret, frozenset(map(AdminRole, credential.roles)))
-        return loaded
 
-    def check_apart(self, agent: AgentListenerConfig, identity: IdentityConfig) -> None:
-        """Refuse an admin listener an agent could reach with what it holds.
+    def check_apart(
+        self,
+        agent: AgentListenerConfig,
+        identity: IdentityConfig,
+        *,
+        files: bool = True,
+    ) -> None:
+        """Refuse an admin listener an agent could reach with what it holds;
+        with ``files``, read the secrets to compare them.
 
         Raises:
             ConfigError: the admin socket or port is the agent's, or an admin
@@ -474,7 +509,7 @@ class AdminListenerConfig(_Section):
             raise ConfigError(
                 f"admin.port: expected a port apart from agent.port, got {self.port}"
             )
-        if not self.credentials or not identity.agents:
+        if not files or not self.credentials or not identity.agents:
             return
         agent_secrets = set(identity.load_agent_secrets().values())
         for name, (secret, _) in self.load_credentials().items():
@@ -603,7 +638,7 @@ def daemon_id_problem(daemon_id: str) -> str | None:
     )
 
 
-class IdentityConfig(_Section):
+class IdentityConfig(_FileSection):
     """Who is asking."""
 
     # "verified" takes the user and intermediate agents from delegation
@@ -630,11 +665,11 @@ class IdentityConfig(_Section):
     # TODO(#12): client certificates (mTLS) as the other per-agent credential.
     agents: dict[str, str] = {}
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if self.daemon_id and (problem := daemon_id_problem(self.daemon_id)):
             raise ConfigError(f"{section}.daemon_id: {problem}")
         if self.agents:
-            self._validate_agents(section)
+            self._validate_agents(section, files=files)
         elif not self.agent_id:
             raise ConfigError(f"{section}.agent_id: expected a principal id, got none")
         if not 0 <= self.max_clock_skew_seconds <= MAX_CLOCK_SKEW_SECONDS:
@@ -644,9 +679,12 @@ class IdentityConfig(_Section):
                 f"got {self.max_clock_skew_seconds}"
             )
         if self.mode is IdentityMode.VERIFIED:
-            self.load_issuers(section)
+            if files:
+                self.load_issuers(section)
+            else:
+                self._check_issuers(section)
 
-    def _validate_agents(self, section: str) -> None:
+    def _validate_agents(self, section: str, *, files: bool) -> None:
         if self.agent_id:
             raise ConfigError(
                 f"{section}.agent_id: expected none when {section}.agents is set "
@@ -657,7 +695,31 @@ class IdentityConfig(_Section):
                 f"{section}.agents: expected {section}.mode 'verified' for "
                 f"per-agent credentials, got {str(self.mode)!r}"
             )
-        self.load_agent_secrets(section)
+        if files:
+            self.load_agent_secrets(section)
+        elif "" in self.agents:
+            raise ConfigError(f"{section}.agents: expected agent ids, got ''")
+
+    def _check_issuers(self, section: str) -> None:
+        """Check the issuers' settings, reading no JWKS file.
+
+        Raises:
+            ConfigError: no issuer, a bad one, or two with one `iss`.
+        """
+        if not self.issuers:
+            raise ConfigError(
+                f"{section}.issuers: expected at least one issuer in "
+                "identity.mode 'verified', got none"
+            )
+        names: list[str] = []
+        for i, issuer in enumerate(self.issuers):
+            issuer.validate(f"{section}.issuers[{i}]")
+            if issuer.issuer in names:
+                raise ConfigError(
+                    f"{section}.issuers[{i}].issuer: expected each issuer once, "
+                    f"got {issuer.issuer!r} again"
+                )
+            names.append(issuer.issuer)
 
     def load_issuers(self, section: str = "identity") -> tuple[Issuer, ...]:
         """Read every issuer's keys.
@@ -665,23 +727,11 @@ class IdentityConfig(_Section):
         Raises:
             ConfigError: no issuer, two with one `iss`, or keys that do not load.
         """
-        if not self.issuers:
-            raise ConfigError(
-                f"{section}.issuers: expected at least one issuer in "
-                "identity.mode 'verified', got none"
-            )
-        loaded = tuple(
+        self._check_issuers(section)
+        return tuple(
             issuer.load(f"{section}.issuers[{i}]")
             for i, issuer in enumerate(self.issuers)
         )
-        names = [issuer.issuer for issuer in loaded]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ConfigError(
-                    f"{section}.issuers[{i}].issuer: expected each issuer once, "
-                    f"got {name!r} again"
-                )
-        return loaded
 
     def load_agent_secrets(self, section: str = "identity") -> dict[str, bytes]:
         """Read each agent's bearer secret.
@@ -772,6 +822,159 @@ def _store_url_problem(text: str) -> str | None:
     return f"expected a store URL, {_STORE_FORMS[scheme]}, got {text!r}"
 
 
+# A subject token of an inbox prefix: what NATS allows in a subject, less
+# wildcards and separators.
+_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
+
+
+class NatsConnectionConfig(_FileSection):
+    """How a client connects to a ``nats://`` store: TLS and credentials
+    (``sync.nats`` for the daemon, its bundles included; ``store.nats`` for
+    the collector). Secrets are read from files at start and never logged.
+    A store whose host is not loopback is refused without TLS: the segments,
+    approvals and credentials would cross the network in the clear.
+    ``config/nats-server.conf`` shows the server side."""
+
+    # Use TLS, e.g. true; implied by ca_file and cert_file. Without ca_file
+    # the system's trusted certificates verify the server.
+    tls: bool = False
+    # PEM file of the certificates to trust for the server's, e.g.
+    # "/run/secrets/kynara-nats/ca.crt".
+    ca_file: str = ""
+    # PEM client certificate and unencrypted key, for a server that verifies
+    # clients (its tls block's `verify: true`), e.g.
+    # "/run/secrets/kynara-nats/tls.crt" and "/run/secrets/kynara-nats/tls.key".
+    cert_file: str = ""
+    key_file: str = ""
+    # The name to check the server's certificate for when the URL's host is
+    # not one it carries, e.g. "nats.nats.svc".
+    server_name: str = ""
+    # Start TLS before the server speaks, e.g. true (the server's tls block
+    # needs `handshake_first: true`). false reads the server's first line in
+    # plaintext, which a machine in the middle can forge to keep the
+    # connection, credentials included, out of TLS.
+    tls_first: bool = True
+    # The user's name in the server's authorization, e.g. "support-bot-7d9f";
+    # with password_file.
+    user: str = ""
+    # File holding that user's password, e.g. "/run/secrets/kynara-nats/password".
+    password_file: str = ""
+    # File holding the server's authorization token (instead of a user), e.g.
+    # "/run/secrets/kynara-nats/token".
+    token_file: str = ""
+    # Subject prefix of this client's replies, e.g. "_INBOX.support-bot-7d9f";
+    # "" for the default "_INBOX". With a prefix of its own per user the
+    # server can let each read its own replies only.
+    inbox_prefix: str = ""
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the connection uses TLS."""
+        return self.tls or bool(self.ca_file or self.cert_file)
+
+    @property
+    def configured(self) -> bool:
+        """Whether any key is set (they only apply to a nats:// store)."""
+        return self != type(self)()
+
+    def validate(self, section: str, *, files: bool = True) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            keys = ("cert_file", "key_file")
+            given, missing = keys if self.cert_file else keys[::-1]
+            raise ConfigError(
+                f"{section}.{missing}: expected a path with {section}.{given}, "
+                "got none (give both, or neither)"
+            )
+        if bool(self.user) != bool(self.password_file):
+            missing = "password_file" if self.user else "user"
+            raise ConfigError(
+                f"{section}.{missing}: expected a value with "
+                f"{section}.{'user' if self.user else 'password_file'}, got none"
+            )
+        if self.token_file and self.user:
+            raise ConfigError(
+                f"{section}.token_file: expected a token or a user, got both "
+                f"(user {self.user!r})"
+            )
+        prefix = self.inbox_prefix
+        if prefix and not all(_SUBJECT_TOKEN.fullmatch(t) for t in prefix.split(".")):
+            raise ConfigError(
+                f"{section}.inbox_prefix: expected subject tokens separated by "
+                f"'.', without spaces or wildcards, got {prefix!r}"
+            )
+        if files:
+            self.load(section)
+
+    def check_store(self, section: str, url: str, where: str) -> None:
+        """Refuse these settings for ``url`` (named by the key ``where``)
+        when it is no nats:// store, and a nats:// store off loopback
+        without TLS.
+
+        Raises:
+            ConfigError: naming ``where`` or ``section``.
+        """
+        if url.partition("://")[0] != "nats":
+            if self.configured:
+                raise ConfigError(
+                    f"{section}: expected a nats:// store in {where} for these "
+                    f"settings, got {url or 'none'!r}"
+                )
+            return
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if not self.tls_enabled and not is_loopback(host):
+            raise ConfigError(
+                f"{section}.tls: expected TLS (tls: true or ca_file) for the "
+                f"store {url!r} off loopback, got plaintext; segments, approvals "
+                "and credentials would cross the network in the clear"
+            )
+
+    def load(self, section: str) -> NatsConnection:
+        """The settings with their files read: the TLS context and the
+        secrets.
+
+        Raises:
+            ConfigError: a file cannot be read or holds no usable
+                certificate or secret; the message names the key.
+        """
+        return NatsConnection(
+            tls=self._tls_context(section) if self.tls_enabled else None,
+            tls_first=self.tls_first,
+            server_name=self.server_name,
+            user=self.user,
+            password=self._secret(section, "password_file"),
+            token=self._secret(section, "token_file"),
+            inbox_prefix=self.inbox_prefix,
+        )
+
+    def _secret(self, section: str, key: str) -> str:
+        path = getattr(self, key)
+        if not path:
+            return ""
+        where = f"{section}.{key}"
+        try:
+            return _read_secret(where, path).decode()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: expected UTF-8 text in {path}") from None
+
+    def _tls_context(self, section: str) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"{section}.ca_file: cannot load certificates from "
+                f"{self.ca_file}: {err}"
+            ) from None
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(
+                    f"{section}.cert_file: cannot load the certificate "
+                    f"{self.cert_file} with the key {self.key_file}: {err}"
+                ) from None
+        return context
+
+
 class BacklogPolicy(enum.StrEnum):
     # Past sync.backlog_max_records, keep deciding (the log grows up to
     # audit.map_size, then fails closed anyway) and say so.
@@ -781,7 +984,7 @@ class BacklogPolicy(enum.StrEnum):
     FAIL_CLOSED = "fail_closed"
 
 
-class SyncConfig(_Section):
+class SyncConfig(_FileSection):
     """The central store: audit segments out, status up (bundles come in
     through policy.source)."""
 
@@ -809,6 +1012,10 @@ class SyncConfig(_Section):
     # in seconds, e.g. 300; a bundle further ahead is refused as "created in
     # the future" (the publisher's clock is wrong).
     max_clock_skew_seconds: float = DEFAULT_BUNDLE_CLOCK_SKEW_SECONDS
+    # TLS and credentials for a nats:// store, policy.source included, e.g.
+    # {ca_file: /run/secrets/kynara-nats/ca.crt, user: support-bot-7d9f,
+    #  password_file: /run/secrets/kynara-nats/password}.
+    nats: NatsConnectionConfig = msgspec.field(default_factory=NatsConnectionConfig)
 
     _RANGES = {
         "max_clock_skew_seconds": (0, MAX_BUNDLE_CLOCK_SKEW_SECONDS),
@@ -820,7 +1027,8 @@ class SyncConfig(_Section):
         "backlog_max_records": (1, 1 << 40),
     }
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
+        self.nats.validate(f"{section}.nats", files=files)
         if problem := _store_url_problem(self.store):
             raise ConfigError(f"{section}.store: {problem}")
         if self.store and not is_store_url(self.store):
@@ -892,7 +1100,7 @@ def _inside(path: str, parent: str) -> bool:
     return child == base or base in child.parents
 
 
-class AuditConfig(_Section):
+class AuditConfig(_FileSection):
     """The tamper-evident decision log."""
 
     # LMDB environment directory, e.g. "var/audit".
@@ -951,7 +1159,7 @@ class AuditConfig(_Section):
         "retention_days": (0, 36_500),
     }
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if self.map_size < MIN_MAP_SIZE:
             raise ConfigError(
                 f"{section}.map_size: expected at least {MIN_MAP_SIZE} bytes, "
@@ -969,7 +1177,10 @@ class AuditConfig(_Section):
                 f"{section}.path ({self.path}), got {self.witness_path!r}: a log "
                 "cannot witness its own tail"
             )
-        self.load_redactor(section)
+        if files:
+            self.load_redactor(section)
+        else:
+            self._hashing_key_named(section)
 
     def load_redactor(self, section: str = "audit") -> Redactor:
         """Read the redaction key (when a rule hashes) and build the rules.
@@ -981,16 +1192,10 @@ class AuditConfig(_Section):
             ConfigError: a bad rule, or a hashing rule without a readable key
                 of at least ``MIN_REDACTION_KEY_BYTES``.
         """
-        self.redact.validate(f"{section}.redact")
         rules = {part: getattr(self.redact, part) for part in REDACTION_SECTIONS}
-        hashing = self.redact.hashing_rule(f"{section}.redact")
-        if not hashing:
+        if not self._hashing_key_named(section):
             return Redactor(rules)
         where = f"{section}.redaction_key"
-        if not self.redaction_key:
-            raise ConfigError(
-                f"{where}: expected a key file when {hashing} is 'hash', got none"
-            )
         try:
             key = pathlib.Path(self.redaction_key).read_bytes().strip()
         except (OSError, ValueError) as err:
@@ -1001,6 +1206,22 @@ class AuditConfig(_Section):
                 f"{self.redaction_key}, got {len(key)}"
             )
         return Redactor(rules, key)
+
+    def _hashing_key_named(self, section: str) -> bool:
+        """Check the redaction rules, reading no key: whether a rule hashes
+        (then ``redaction_key`` must name the key file).
+
+        Raises:
+            ConfigError: a bad rule, or a hashing rule without a key file.
+        """
+        self.redact.validate(f"{section}.redact")
+        hashing = self.redact.hashing_rule(f"{section}.redact")
+        if hashing and not self.redaction_key:
+            raise ConfigError(
+                f"{section}.redaction_key: expected a key file when {hashing} "
+                "is 'hash', got none"
+            )
+        return bool(hashing)
 
 
 class ReviewerIssuerConfig(IssuerConfig):
@@ -1160,7 +1381,7 @@ class RiskConfig(_Section):
             )
 
 
-class WebhookConfig(_Section):
+class WebhookConfig(_FileSection):
     """Where a compact JSON summary of each new approval is posted."""
 
     # e.g. "https://chat.example.com/hooks/kynara"; empty posts nothing.
@@ -1174,7 +1395,7 @@ class WebhookConfig(_Section):
     # carries `kynara-signature: sha256=<hex HMAC of the body>`.
     secret_file: str = ""
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{section}.url: expected an http:// or https:// URL, got {self.url!r}"
@@ -1188,11 +1409,11 @@ class WebhookConfig(_Section):
             raise ConfigError(
                 f"{section}.attempts: expected 1..20, got {self.attempts}"
             )
-        if self.secret_file:
+        if self.secret_file and files:
             _read_secret(f"{section}.secret_file", self.secret_file)
 
 
-class ApprovalsConfig(_Section):
+class ApprovalsConfig(_FileSection):
     """Human approval of require_approval decisions."""
 
     # How long an approval stays open when its rule names no
@@ -1227,7 +1448,7 @@ class ApprovalsConfig(_Section):
     risk: RiskConfig = msgspec.field(default_factory=RiskConfig)
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
         if not 60 <= self.max_expiry_seconds <= 90 * 86_400:
             raise ConfigError(
                 f"{section}.max_expiry_seconds: expected 60..7776000, "
@@ -1255,15 +1476,20 @@ class ApprovalsConfig(_Section):
                 f"got {self.session_seconds}"
             )
         for i, issuer in enumerate(self.reviewer_issuers):
-            issuer.load(f"{section}.reviewer_issuers[{i}]")
+            where = f"{section}.reviewer_issuers[{i}]"
+            if files:
+                issuer.load(where)
+            else:
+                issuer.validate(where)
             if not issuer.roles_claim:
                 raise ConfigError(
                     f"{section}.reviewer_issuers[{i}].roles_claim: expected a "
                     "claim name, got none"
                 )
         self.risk.validate(f"{section}.risk")
-        self.webhook.validate(f"{section}.webhook")
-        self.load_inbox_keys(section)
+        self.webhook.validate(f"{section}.webhook", files=files)
+        if files:
+            self.load_inbox_keys(section)
 
     def load_inbox_keys(self, section: str = "approvals") -> dict[str, PublicKey]:
         """The fleet inboxes' review keys by key id (``inbox_keys``).
@@ -1801,12 +2027,17 @@ class Config(_Section):
         that is a store; '' for none."""
         return self.sync.store or self.policy.store
 
-    def validate(self, section: str = "") -> None:
+    def validate(self, section: str = "", *, files: bool = True) -> None:
+        """Check every section; with ``files``, also read and check the
+        files they name (see ``_FileSection``)."""
         for name in self.__struct_fields__:
             value = getattr(self, name)
-            if isinstance(value, _Section):
+            if isinstance(value, _FileSection):
+                value.validate(name, files=files)
+            elif isinstance(value, _Section):
                 value.validate(name)
-        self.admin.check_apart(self.agent, self.identity)
+        self._check_store_connection()
+        self.admin.check_apart(self.agent, self.identity, files=files)
         self.ext_authz.check_apart(self.agent, self.admin)
         self.approvals.check_apart(self.identity)
         self._check_stdio_agent()
@@ -1815,6 +2046,14 @@ class Config(_Section):
                 "shutdown_grace_seconds: expected 0 < seconds <= 600, "
                 f"got {self.shutdown_grace_seconds}"
             )
+
+    def _check_store_connection(self) -> None:
+        """sync.nats applies to the nats:// stores: sync.store and
+        policy.source, whichever are one."""
+        stores = [("sync.store", self.sync.store), ("policy.source", self.policy.store)]
+        named = [(key, url) for key, url in stores if url]
+        for key, url in named or [("sync.store", "")]:
+            self.sync.nats.check_store("sync.nats", url, key)
 
     def _check_stdio_agent(self) -> None:
         """gateway.stdio.agent_id names an agent this daemon serves: one of
@@ -1851,12 +2090,25 @@ def _choices_hint(error: msgspec.ValidationError) -> str:
     return "; expected one of: " + ", ".join(str(m.value) for m in node)
 
 
+class _ConfigLoader(UniqueKeys, yaml.SafeLoader):
+    """YAML as ``yaml.safe_load`` reads it, except that a key given twice
+    in one mapping is refused: YAML would keep the last silently, so an
+    edit meant for one setting could be undone by a forgotten line below.
+    Keys brought in by a merge (``<<: *base``) may still be overridden.
+    Policy files are held to the same (``kynara_sidecar._unique_keys``)."""
+
+
+def _parse_yaml(text: str) -> Any:
+    """``text`` as YAML, refusing a key given twice in one mapping."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = _parse_yaml(text) if text else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from err
     except RecursionError:
@@ -1885,7 +2137,7 @@ def read_raw_config(
     if path:
         try:
             text = pathlib.Path(path).read_text(encoding="utf-8")
-            raw = yaml.safe_load(text) or {}
+            raw = _parse_yaml(text) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read config: {err}") from err
         except RecursionError:
@@ -1898,13 +2150,20 @@ def read_raw_config(
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: list[str] = ()
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] = (),
+    *,
+    read_files: bool = True,
 ) -> Config:
     """Read, override and validate the configuration.
 
     Args:
         path: the YAML file; ``None`` uses ``$KYNARA_CONFIG`` or defaults only.
         overrides: ``section.key=value`` strings, applied in order.
+        read_files: also read and check the secrets, keys and certificates
+            the config names, as the daemon does at start; False checks
+            the values only, for a client of the daemon (the CLI) and a
+            reload, which use none of those files.
 
     Returns:
         The validated ``Config``.
@@ -1919,7 +2178,7 @@ def load_config(
     except msgspec.ValidationError as err:
         raise ConfigError(f"{path or 'config'}: {err}{_choices_hint(err)}") from None
     try:
-        config.validate()
+        config.validate(files=read_files)
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
     return config

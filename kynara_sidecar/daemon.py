@@ -159,6 +159,13 @@ log = logging.getLogger("kynara.daemon")
 DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The health-only port's liveness service (kubelet's liveness and startup
+# probes): SERVING from the moment that port is up until stop begins,
+# whatever the log or the policies say, so a daemon that is up but
+# NOT_SERVING (a log that is down, no bundle yet) is kept out of traffic by
+# readiness ("" and DecisionService) instead of being restarted in a loop.
+# A stuck event loop answers nothing, and the probe fails.
+LIVENESS_SERVICE = "kynara.liveness"
 # At stop, after the final seal: how long the last segment and status may
 # take to reach the central store. About a second: enough for a live store,
 # and a dead one delays shutdown no longer; what is left ships after the
@@ -416,6 +423,7 @@ class Daemon:
                 cfg.policy.store,
                 timeout=cfg.sync.timeout_seconds,
                 poll_seconds=cfg.sync.poll_seconds,
+                nats=cfg.sync.nats.load("sync.nats"),
             )
         else:
             source = BundleFile(cfg.policy.path)
@@ -514,8 +522,22 @@ class Daemon:
                 f"({self._audit_problem})"
             )
         await self._writer.append(marker, changes)
-        self.pipeline.activate(policies)
-        self._log_policies(policies)
+        active = self.pipeline.policies
+        if active is not None and _revisions(active) == _revisions(policies):
+            # A reload that found the same set: the marker records the
+            # reload; the active set (its warm cache, and the activation
+            # time /metrics shows) stays.
+            log.debug(
+                "policy unchanged; still active",
+                extra=_fields(
+                    component="policy",
+                    policy_revision=policies.policy_set.revision,
+                    directory_revision=policies.directory.revision,
+                ),
+            )
+        else:
+            self.pipeline.activate(policies)
+            self._log_policies(policies)
         self._status_changed()
 
     def _marker(self, event: str) -> AuditRecordV1:
@@ -1143,16 +1165,22 @@ class Daemon:
         if cfg.port == -1:
             return
         server = self._new_server()
-        await self._add_health(server)
+        await self._add_health(server, liveness=True)
         address = host_port(cfg.host, cfg.port)
         self.health_port = self._bind(server, address, "health.port")
         await server.start()
 
-    async def _add_health(self, server: grpc.aio.Server) -> None:
+    async def _add_health(
+        self, server: grpc.aio.Server, *, liveness: bool = False
+    ) -> None:
         servicer = health.aio.HealthServicer()
         # grpc's servicer starts out SERVING; until _report_serving decides,
         # a daemon whose audit log is down must not say so, even briefly.
         await servicer.set("", NOT_SERVING)
+        if liveness:
+            # The process is up and its loop answers; stop() turns every
+            # service NOT_SERVING (enter_graceful_shutdown).
+            await servicer.set(LIVENESS_SERVICE, SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         self._health.append(servicer)
 
@@ -1436,7 +1464,12 @@ class Daemon:
             logs.set_level(self.config.log.level)
             logs.set_format(self.config.log.format)
         self.metrics.config_reloads.labels("ok").inc()
-        log.info("config reloaded", extra=_fields(applied=live))
+        # Secret files are re-read on every reload: a rotated secret changes
+        # no setting, so `applied` alone would say nothing happened.
+        reread = (
+            {"admin_secrets_reread": len(admin.credentials)} if checks_admin else {}
+        )
+        log.info("config reloaded", extra=_fields(applied=live, **reread))
         if later:
             log.warning(
                 "config changes not applied: restart to apply",
@@ -1452,8 +1485,11 @@ class Daemon:
 
         Raises:
             ConfigError: a secret file cannot be read, is too short, or is
-                shared.
+                shared (among them, or with an agent).
         """
+        # A reloaded config's files are not read (load_config's read_files):
+        # this is where the admin secrets are, and kept apart from agents'.
+        admin.check_apart(self.config.agent, self.config.identity)
         table = AdminCredentials(admin.load_credentials())
         if self._reviewer_auth is None:
             return table, None
@@ -1560,7 +1596,10 @@ class Daemon:
             return
         sync = cfg.sync
         store = open_store(
-            cfg.store, timeout=sync.timeout_seconds, poll_seconds=sync.poll_seconds
+            cfg.store,
+            timeout=sync.timeout_seconds,
+            poll_seconds=sync.poll_seconds,
+            nats=sync.nats.load("sync.nats"),
         )
         self._session = StoreSession(store, sync.timeout_seconds)
         if sync.ship_segments:
@@ -1604,7 +1643,10 @@ class Daemon:
                 ),
             )
         store = open_store(
-            cfg.store, timeout=sync.timeout_seconds, poll_seconds=sync.poll_seconds
+            cfg.store,
+            timeout=sync.timeout_seconds,
+            poll_seconds=sync.poll_seconds,
+            nats=sync.nats.load("sync.nats"),
         )
         self._fleet = FleetLink(
             self._book,
@@ -1735,6 +1777,10 @@ class Daemon:
         await self.stop()
 
 
+def _revisions(policies: LoadedPolicies) -> tuple[str, str]:
+    return policies.policy_set.revision, policies.directory.revision
+
+
 def run_daemon(
     config: Config,
     *,
@@ -1767,6 +1813,11 @@ def run_daemon(
             loop.run_until_complete(_settle_leftovers(loop))
         finally:
             asyncio.set_event_loop(None)
+            # Closing the loop would give SIGHUP its default action back,
+            # which ends the process: from here to the exit it is ignored
+            # (only the moment between these two calls is left uncovered).
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             # Shuts the current default executor down without waiting.
             loop.close()
             executor.shutdown(wait=False, cancel_futures=True)

@@ -42,11 +42,12 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 # Libraries the daemon runs that log on their own: the MCP SDK (the
-# gateway's upstream connections and agent sessions) and uvicorn (the
-# gateway's HTTP listener). Their lines go out in the daemon's format too,
-# at WARNING or the daemon's level if higher, or at debug with it: at INFO
-# they narrate every request.
-LIBRARY_LOGGERS = ("mcp", "uvicorn")
+# gateway's upstream connections and agent sessions), uvicorn (the
+# gateway's HTTP listener) and aiohttp (the daemon's and the collector's HTTP
+# listeners). Their lines go out in the daemon's format too, at WARNING or
+# the daemon's level if higher, or at debug with it: at INFO they narrate
+# every request.
+LIBRARY_LOGGERS = ("mcp", "uvicorn", "aiohttp")
 
 # Fields every line of this process carries once known (daemon_id), and the
 # active policy revision for lines of the policy component.
@@ -156,11 +157,44 @@ def set_format(fmt: str) -> None:
         _handler.setFormatter(formatter)
 
 
+class _BadRequestFilter(logging.Filter):
+    """Rewrite aiohttp's record of a request it could not parse into one
+    short debug line: the error's type and the status answered.
+
+    aiohttp logs each such request at error with the parser's exception,
+    whose text quotes the request's bytes (a header line with a bearer
+    secret, say) and a traceback. The 400 it answers is the whole story,
+    and a peer that needs no credential to send one must not be able to
+    fill the log at warning: the line is kept only when the library
+    loggers are at debug.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name != "aiohttp.server" or error is None:
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if not isinstance(error, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = "HTTP request refused: not parsed", ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.fields = {
+            "error_type": type(error).__name__,
+            "status": error.code,
+        }
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Send the ``kynara`` and library loggers to stderr, one line a record
     in ``fmt`` (json or text), at ``level`` (see ``set_level``)."""
     global _handler
     _handler = logging.StreamHandler(sys.stderr)
+    _handler.addFilter(_BadRequestFilter())
     set_format(fmt)
     for name in ("kynara", *LIBRARY_LOGGERS):
         logger = logging.getLogger(name)

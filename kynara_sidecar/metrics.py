@@ -36,6 +36,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
@@ -52,6 +53,12 @@ __all__ = [
 ]
 
 PREFIX = "kynara"
+# prometheus-client adds a `<name>_created` sample (when the series began)
+# to every counter and histogram; in the text format /metrics serves, each
+# is a series of its own that README's list does not name, one more per
+# labelled child. Off: the switch is the library's, for the whole process,
+# and no registry of Kynara's wants them.
+disable_created_metrics()
 # The label value of whatever is not in a label's bounded set.
 OTHER = "other"
 OTHER_ACTION = OTHER
@@ -153,9 +160,18 @@ class _Prefixed(Collector):
         registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
+        prefix = f"{PREFIX}_"
         for metric in self._inner.collect():
-            if not metric.name.startswith(f"{PREFIX}_"):
-                metric.name = f"{PREFIX}_{metric.name}"
+            if not metric.name.startswith(prefix):
+                metric.name = prefix + metric.name
+            # The exposition writes each sample's own name, not the
+            # family's: both get the prefix.
+            metric.samples = [
+                sample
+                if sample.name.startswith(prefix)
+                else sample._replace(name=prefix + sample.name)
+                for sample in metric.samples
+            ]
             yield metric
 
 

@@ -27,7 +27,8 @@ loader never reads those as policies) and ends ``.yaml`` or ``.yml``:
 An explain request file holds one ``request`` mapping of the same shape,
 at the top level. Values keep their YAML types (ints are int64); ``!uint 5``
 is a uint64, and an unquoted YAML timestamp or ``!timestamp "..."`` with an
-offset is a timestamp.
+offset is a timestamp. A key given twice in one mapping is refused, naming
+the file, the key and both lines, as in policy files.
 
 Each test is decided by the engine exactly as the daemon would, with
 ``env.now`` (and ``env``'s environment, region and labels) from the test
@@ -47,6 +48,7 @@ import msgspec
 import yaml
 
 from kynara_sidecar import engine
+from kynara_sidecar._unique_keys import DuplicateKeyError, UniqueKeys
 from kynara_sidecar.decision import (
     Decision,
     DecisionRequest,
@@ -195,8 +197,9 @@ class _RequestFileDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     description: str = ""
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML with ``!uint`` and ``!timestamp`` tags for typed values."""
+class _Loader(UniqueKeys, yaml.SafeLoader):
+    """YAML with ``!uint`` and ``!timestamp`` tags for typed values, refusing
+    a key given twice in one mapping as the policy loader does."""
 
 
 _Loader.add_constructor(
@@ -257,9 +260,10 @@ def load_test_file(path: pathlib.Path, *, name: str = "") -> tuple[PolicyTest, .
         Its tests, in file order.
 
     Raises:
-        PolicyError: Unreadable or malformed YAML, a missing or mistyped
-            field (with its location), a duplicate test name, a ``now``
-            without an offset, or a malformed ``matched_rules`` entry.
+        PolicyError: Unreadable or malformed YAML, a key given twice in one
+            mapping, a missing or mistyped field (with its location), a
+            duplicate test name, a ``now`` without an offset, or a malformed
+            ``matched_rules`` entry.
     """
     document = _convert(_read_yaml(path), _TestFileDocument, str(path))
     tests: list[PolicyTest] = []
@@ -283,8 +287,8 @@ def load_request(path: pathlib.Path) -> PolicyRequest:
     """Read an explain request file: one ``request`` as a test writes it.
 
     Raises:
-        PolicyError: Unreadable or malformed YAML, or a bad field (with its
-            location).
+        PolicyError: Unreadable or malformed YAML, a key given twice in one
+            mapping, or a bad field (with its location).
     """
     document = _convert(_read_yaml(path), _RequestFileDocument, str(path))
     return _decode_request(document.request, str(path), "$.request")
@@ -299,6 +303,8 @@ def _read_yaml(path: pathlib.Path) -> Any:
         ) from err
     try:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as err:
+        raise PolicyError(str(err), path=str(path)) from err
     except (yaml.YAMLError, ValueError) as err:
         raise PolicyError(f"expected valid YAML, got: {err}", path=str(path)) from err
     except RecursionError:

@@ -24,6 +24,8 @@ __all__ = ["NatsServer", "nats_server_binary"]
 # stops a broken start from hanging the run.
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+# What the server logs once it accepts clients.
+_READY_LINE = "Server is ready"
 
 
 def nats_server_binary() -> pathlib.Path:
@@ -43,12 +45,20 @@ def nats_server_binary() -> pathlib.Path:
 class NatsServer:
     """``nats-server -js`` on 127.0.0.1 with its store in ``tmp_path``;
     started on construction. ``stop`` and ``start`` again keep the port and
-    the stored streams, as a restarted central store would."""
+    the stored streams, as a restarted central store would.
 
-    def __init__(self, tmp_path: pathlib.Path):
+    ``config`` is the text of a server configuration file (``authorization``,
+    ``accounts``, ``tls`` blocks); the address, port and store directory
+    given on the command line take precedence over any in it."""
+
+    def __init__(self, tmp_path: pathlib.Path, *, config: str | None = None):
         self.store_dir = tmp_path / "nats-store"
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / "nats-server.log"
+        self.config_path: pathlib.Path | None = None
+        if config is not None:
+            self.config_path = tmp_path / "nats-server.conf"
+            self.config_path.write_text(config)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -68,6 +78,9 @@ class NatsServer:
             "-p", str(self.port),
             "-sd", str(self.store_dir),
         ]  # fmt: skip
+        if self.config_path is not None:
+            command += ["-c", str(self.config_path)]
+        self._ready_lines = self._log_text().count(_READY_LINE)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT
@@ -92,18 +105,25 @@ class NatsServer:
         )
 
     def _accepts(self) -> bool:
-        """Whether the server answers a connection with its INFO line."""
+        """Whether the server answers a connection with its INFO line (or,
+        with a configuration, which may ask for TLS before INFO, whether it
+        logged that it is ready)."""
+        if self.config_path is not None:
+            return self._log_text().count(_READY_LINE) > self._ready_lines
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 return s.recv(5) == b"INFO "
         except OSError:
             return False
 
-    def _log_tail(self) -> str:
+    def _log_text(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-2000:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
+
+    def _log_tail(self) -> str:
+        return self._log_text()[-2000:] or "(no log)"
 
     @property
     def running(self) -> bool:

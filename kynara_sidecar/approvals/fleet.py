@@ -29,27 +29,35 @@ is the daemon's end of that:
   recorded by the book exactly as a review made on the daemon's own page,
   with ``via`` the inbox's name; the book re-checks the reviewer's
   eligibility. Then the review is dropped from the store. A review refused
-  (by the signature checks or by the book) is dropped too, logged at WARN
-  with the reason and counted: nothing is recorded for it, and the
-  approval's current state is put again so the inbox stops showing a stale
-  one. A signed rejection that arrives after an approval resolved the
-  approval, though it was made before that (its ``at`` is earlier than the
-  approval's ``resolved_at``), is logged at ERROR and counted as
-  ``conflict``: a store writer (or a slow store) held it back, and the
-  approval stands. A review the log could not record (``AuditUnavailable``)
-  is left in the store and taken again after a pause.
+  (by the signature checks or by the book) is logged at WARN with the
+  reason and counted: nothing is recorded for it, and the approval's
+  current state is put again, naming the review as taken, so the inbox
+  stops counting it and showing a stale state. The review stays in the
+  store until a put naming it succeeded, and is dropped then: a daemon
+  that stops before that takes it again after the restart (the book
+  refuses it again) and names it then. Bytes no inbox key signed (no inbox
+  counts them), and a review of an approval this daemon does not hold (or
+  one too large to publish), are dropped at once. A signed rejection that
+  arrives after an approval resolved the approval, though it was made
+  before that (its ``at`` is earlier than the approval's ``resolved_at``),
+  is logged at ERROR and counted as ``conflict``: a store writer (or a
+  slow store) held it back, and the approval stands; it is named and
+  dropped as a refused one. A review the log could not record
+  (``AuditUnavailable``) is left in the store and taken again after a
+  pause. A watch that starts again (after a store failure) gives every
+  review still in the store again: one this run already took (refused and
+  waiting for its put, or done with and waiting for its drop) is neither
+  checked, counted nor logged again, only dropped when it may be.
 
 What a store writer can still do: drop or delay reviews and approvals
 (availability), replay an older signed state of an approval to the inbox
 (the inbox keeps the furthest state it saw), never approve or reject
 anything, nor show an approval this daemon did not sign.
 
-TODO(#11): ``taken`` is kept in memory only: a review refused just before
-a restart is not named after it, and the inbox keeps counting it until the
-approval changes again (or expires). The audit store's named databases
-change only with a record that accounts for them, and a refused review
-appends none: persisting it there wants a record of the refusal (or the
-review left in the store until a put naming it succeeded).
+``taken`` itself is kept in memory only: after a restart it names the
+reviews taken since, which is enough, because a refused review is still
+in the store until a put named it, and a recorded one is named by the
+approval's reviews.
 
 A store that is down is retried after ``sync.retry_delay`` (doubling from
 ``sync.retry_min_seconds`` to ``sync.retry_max_seconds``); decisions never
@@ -64,7 +72,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -155,7 +163,8 @@ class SignedApprovalV1(msgspec.Struct, frozen=True, kw_only=True):
     version: int = SIGNED_APPROVAL_VERSION
     approval: msgspec.Raw
     # Ids of the inbox's reviews of this approval the daemon took (recorded
-    # or refused) since it started.
+    # or refused) since it started; a refused one is left in the store
+    # until a put naming it succeeded, so a restart misses none.
     taken: tuple[str, ...] = ()
     key_id: str
     signature: str = ""
@@ -298,6 +307,12 @@ class FleetLink:
         # an inbox key, then recorded or refused); forgotten once the
         # approval's final state is published.
         self._taken: dict[str, list[str]] = {}
+        # Approval id -> ids of refused reviews of it left in the store until
+        # a put of the approval naming them succeeds.
+        self._held: dict[str, set[str]] = {}
+        # (approval id, review id) of reviews done with (recorded, or named
+        # by a put) whose drop from the store has not succeeded yet.
+        self._undropped: set[tuple[str, str]] = set()
         self._retry = (retry_min_seconds, retry_max_seconds)
         self._metrics = metrics
         self._dirty: dict[str, Approval] = {}
@@ -383,9 +398,15 @@ class FleetLink:
                 # fleet inbox (the daemon's own page still has it).
                 log.warning(
                     "approval too large for the central store; not published",
-                    extra=_fields(approval_id=approval_id, bytes=len(data)),
+                    extra=_fields(
+                        approval_id=approval_id,
+                        decision_id=approval.decision_id,
+                        bytes=len(data),
+                    ),
                 )
                 self._dirty.pop(approval_id, None)
+                # No put will name its refused reviews: drop them now.
+                self._release(approval_id, self._held.get(approval_id, ()))
                 continue
             await self._session.call(
                 lambda a=approval, d=data: self._session.store.put_approval(
@@ -393,13 +414,47 @@ class FleetLink:
                 ),
                 f"put approval {approval_id}",
             )
-            # A change that came in meanwhile stays marked for the next put.
-            if self._dirty.get(approval_id) is approval:
+            self._release(approval_id, taken)
+            # A change that came in meanwhile (a new state, or a review
+            # taken) stays marked for the next put.
+            if self._dirty.get(approval_id) is approval and taken == tuple(
+                self._taken.get(approval_id, ())
+            ):
                 del self._dirty[approval_id]
                 if approval.state in FINAL_STATES:
                     # The inbox counts no sent review once the state is final.
                     self._taken.pop(approval_id, None)
             self.published += 1
+        for approval_id, review_id in sorted(self._undropped):
+            await self._drop(approval_id, review_id)
+
+    def _release(self, approval_id: str, named: Iterable[str]) -> None:
+        """Let the refused reviews of ``approval_id`` in ``named`` (a put
+        named them, or none will) be dropped from the store."""
+        held = self._held.get(approval_id)
+        if not held:
+            return
+        for review_id in tuple(named):
+            if review_id in held:
+                held.discard(review_id)
+                self._undropped.add((approval_id, review_id))
+        if not held:
+            del self._held[approval_id]
+
+    async def _drop(self, approval_id: str, review_id: str) -> None:
+        """Drop a review done with from the store.
+
+        Raises:
+            StoreUnavailable: it stays to drop (the next publish round, or
+                when a watch gives it again).
+        """
+        await self._session.call(
+            lambda: self._session.store.drop_review(
+                self._daemon_id, approval_id, review_id
+            ),
+            f"drop review {review_id}",
+        )
+        self._undropped.discard((approval_id, review_id))
 
     # -- reviews
 
@@ -429,18 +484,36 @@ class FleetLink:
         published: PublishedReview,
         decoded: SignedReviewV1 | ReviewRefused,
     ) -> None:
-        """Check, record and drop one review from the store (``decoded``:
-        it, or why it does not decode).
+        """Check and record one review, and drop it from the store: at once
+        when recorded (or refused unsigned, or of no approval here), after
+        a put of the approval naming it when refused (``decoded``: it, or
+        why it does not decode). One this run already took is only dropped
+        (when done with) or left to its put.
 
         Raises:
-            StoreUnavailable: the drop failed (the review comes again; the
-                book then refuses it as reviewed already, and it is
-                dropped).
+            StoreUnavailable: the drop failed (the review comes again, and
+                is dropped then).
             _TakeAgain: the log could not record it; it stays in the store.
         """
         approval_id, review_id = published.approval_id, published.review_id
+        key = (approval_id, review_id)
+        if key in self._undropped or review_id in self._held.get(approval_id, ()):
+            # A new watch gives it again: counted and logged when taken.
+            known = self._book.get(approval_id)
+            log.debug(
+                "review from the store given again; taken already",
+                extra=_fields(
+                    approval_id=approval_id[:_MAX_LOGGED],
+                    decision_id=known.decision_id if known else "",
+                    review_id=review_id[:_MAX_LOGGED],
+                ),
+            )
+            if key in self._undropped:
+                await self._drop(approval_id, review_id)
+            return
         approval = self._book.get(approval_id)
         outcome = "recorded"
+        held = False
         try:
             if isinstance(decoded, ReviewRefused):
                 raise decoded
@@ -453,7 +526,7 @@ class FleetLink:
                 review_id=review_id,
                 approval=approval,
             )
-            await self._book.review(
+            reviewed = await self._book.review(
                 approval_id, reviewer, review.verdict, review.comment, via=review.inbox
             )
         except ReviewRefused as err:
@@ -462,7 +535,7 @@ class FleetLink:
             # Signed by an inbox key (whatever else is wrong): that inbox
             # counts it as sent until told it was taken.
             signed = err.reason not in _UNSIGNED
-            self._republish(approval_id, approval, review_id if signed else "")
+            held = self._republish(approval_id, approval, review_id if signed else "")
         except RequestError as err:
             current = self._book.get(approval_id) or approval
             if isinstance(decoded, SignedReviewV1) and _conflict(decoded, current):
@@ -472,13 +545,14 @@ class FleetLink:
                 outcome = f"refused_{err.code}"
                 self._refused(published, str(err.code), str(err))
             # The inbox showed it reviewable; show it as it is.
-            self._republish(approval_id, current, review_id)
+            held = self._republish(approval_id, current, review_id)
         except KynaraError as err:
             self._count(_review_outcome("retried"))
             log.error(
                 "review from the fleet inbox not recorded; taken again later",
                 extra=_fields(
                     approval_id=approval_id,
+                    decision_id=approval.decision_id if approval else "",
                     review_id=review_id,
                     error=str(err),
                 ),
@@ -491,6 +565,7 @@ class FleetLink:
                 "review from the fleet inbox recorded",
                 extra=_fields(
                     approval_id=approval_id,
+                    decision_id=reviewed.decision_id,
                     review_id=review_id,
                     reviewer=reviewer.id,
                     verdict=str(review.verdict),
@@ -499,12 +574,11 @@ class FleetLink:
             )
         self._count(_review_outcome(outcome))
         self.taken += 1
-        await self._session.call(
-            lambda: self._session.store.drop_review(
-                self._daemon_id, approval_id, review_id
-            ),
-            f"drop review {review_id}",
-        )
+        if held:
+            # Dropped once a put names it (_publish_dirty).
+            return
+        self._undropped.add(key)
+        await self._drop(approval_id, review_id)
 
     def _note_taken(self, approval_id: str, review_id: str) -> None:
         taken = self._taken.setdefault(approval_id, [])
@@ -513,14 +587,19 @@ class FleetLink:
 
     def _republish(
         self, approval_id: str, approval: Approval | None, review_id: str
-    ) -> None:
+    ) -> bool:
         """Put the approval's current state again after a refusal, naming
-        the refused review as taken, so the inbox's copy catches up."""
+        the refused review as taken, so the inbox's copy catches up.
+        Whether the review is held: left in the store until that put
+        succeeded (not when there is no approval to put, or no review the
+        inbox counts)."""
         if approval is None:
-            return
+            return False
         if review_id:
             self._note_taken(approval_id, review_id)
+            self._held.setdefault(approval_id, set()).add(review_id)
         self._mark(self._book.get(approval_id) or approval)
+        return bool(review_id)
 
     def _conflict(
         self, published: PublishedReview, review: SignedReviewV1, current: Approval
@@ -541,10 +620,13 @@ class FleetLink:
         )
 
     def _refused(self, published: PublishedReview, reason: str, message: str) -> None:
+        # Empty when the review names an approval this daemon does not have.
+        approval = self._book.get(published.approval_id)
         log.warning(
-            "review from the store refused; dropped, nothing recorded",
+            "review from the store refused; nothing recorded",
             extra=_fields(
                 approval_id=published.approval_id[:_MAX_LOGGED],
+                decision_id=approval.decision_id if approval else "",
                 review_id=published.review_id[:_MAX_LOGGED],
                 reason=reason,
                 error=message,

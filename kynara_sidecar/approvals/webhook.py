@@ -50,6 +50,7 @@ import hmac
 import logging
 import pathlib
 import random
+import typing
 from collections.abc import Callable
 
 import aiohttp
@@ -109,6 +110,14 @@ class WebhookSummaryV1(msgspec.Struct, frozen=True, kw_only=True):
     resource_id: str
     risk_score: int
     expires_at: str
+
+
+class _Queued(typing.NamedTuple):
+    """A summary waiting to be posted, with the decision its approval holds
+    (for the log lines about it; the summary does not carry it)."""
+
+    summary: WebhookSummaryV1
+    decision_id: str
 
 
 def summary_of(approval: Approval) -> WebhookSummaryV1:
@@ -177,7 +186,7 @@ class ApprovalWebhook:
         self._secret = secret
         self._retry = (retry_min_seconds, retry_max_seconds)
         self._draw = draw
-        self._queue: asyncio.Queue[WebhookSummaryV1] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(queue_size)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -226,7 +235,7 @@ class ApprovalWebhook:
             return
         loop = self._loop
         if loop is None or loop.is_closed():
-            self._count_drop("not_started")
+            self._count_drop("not_started", approval.id, approval.decision_id)
             return
         try:
             running = asyncio.get_running_loop()
@@ -265,7 +274,7 @@ class ApprovalWebhook:
 
     def _enqueue(self, approval: Approval) -> bool:
         if self._closed:
-            self._count_drop("closed")
+            self._count_drop("closed", approval.id, approval.decision_id)
             return False
         if approval.id in self._recent:
             return False
@@ -273,13 +282,13 @@ class ApprovalWebhook:
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
         try:
-            self._queue.put_nowait(summary_of(approval))
+            self._queue.put_nowait(_Queued(summary_of(approval), approval.decision_id))
         except asyncio.QueueFull:
-            self._count_drop("queue_full", approval.id)
+            self._count_drop("queue_full", approval.id, approval.decision_id)
             return False
         return True
 
-    def _count_drop(self, why: str, approval_id: str = "") -> None:
+    def _count_drop(self, why: str, approval_id: str, decision_id: str) -> None:
         self._metrics.approval_webhook_deliveries.labels("dropped").inc()
         log.warning(
             "approval webhook dropped",
@@ -287,6 +296,7 @@ class ApprovalWebhook:
                 "fields": {
                     "component": "approvals",
                     "approval_id": approval_id,
+                    "decision_id": decision_id,
                     "why": why,
                     "setting": "approvals.webhook.url",
                 }
@@ -295,17 +305,17 @@ class ApprovalWebhook:
 
     async def _work(self) -> None:
         while True:
-            summary = await self._queue.get()
+            queued = await self._queue.get()
             try:
-                await self._deliver(summary)
+                await self._deliver(queued)
             except asyncio.CancelledError:
-                self._count_drop("closed", summary.id)
+                self._count_drop("closed", queued.summary.id, queued.decision_id)
                 raise
             finally:
                 self._queue.task_done()
 
-    async def _deliver(self, summary: WebhookSummaryV1) -> None:
-        body = msgspec.json.encode(summary)
+    async def _deliver(self, queued: _Queued) -> None:
+        body = msgspec.json.encode(queued.summary)
         headers = {"content-type": "application/json"}
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
@@ -314,11 +324,11 @@ class ApprovalWebhook:
             try:
                 await self._post(body, headers)
             except _Refused as err:
-                self._failed(summary, attempt, str(err), final=True)
+                self._failed(queued, attempt, str(err), final=True)
                 return
             except (aiohttp.ClientError, TimeoutError) as err:
                 final = attempt == attempts
-                self._failed(summary, attempt, str(err) or type(err).__name__, final)
+                self._failed(queued, attempt, str(err) or type(err).__name__, final)
                 if final:
                     return
                 await asyncio.sleep(retry_delay(attempt, *self._retry, self._draw()))
@@ -329,7 +339,8 @@ class ApprovalWebhook:
                 extra={
                     "fields": {
                         "component": "approvals",
-                        "approval_id": summary.id,
+                        "approval_id": queued.summary.id,
+                        "decision_id": queued.decision_id,
                         "attempt": attempt,
                     }
                 },
@@ -351,9 +362,7 @@ class ApprovalWebhook:
                 )
             raise _Refused(f"the endpoint answered {status} {response.reason}")
 
-    def _failed(
-        self, summary: WebhookSummaryV1, attempt: int, error: str, final: bool
-    ) -> None:
+    def _failed(self, queued: _Queued, attempt: int, error: str, final: bool) -> None:
         self._metrics.approval_webhook_failed_attempts.inc()
         if final:
             self._metrics.approval_webhook_deliveries.labels("failed").inc()
@@ -363,7 +372,8 @@ class ApprovalWebhook:
             extra={
                 "fields": {
                     "component": "approvals",
-                    "approval_id": summary.id,
+                    "approval_id": queued.summary.id,
+                    "decision_id": queued.decision_id,
                     "attempt": attempt,
                     "attempts": self._config.attempts,
                     "error": error,
@@ -391,8 +401,8 @@ class ApprovalWebhook:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
         while not self._queue.empty():
-            summary = self._queue.get_nowait()
-            self._count_drop("closed", summary.id)
+            queued = self._queue.get_nowait()
+            self._count_drop("closed", queued.summary.id, queued.decision_id)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -19,6 +19,7 @@ import sys
 import msgspec
 
 from kynara_sidecar.collector.config import DEFAULT_CONFIG_ENV, load_collector_config
+from kynara_sidecar.entry import ignore_hangup, restore_hangup
 from kynara_sidecar.errors import KynaraError
 from kynara_sidecar.logs import LOG_LEVELS, configure_logging
 
@@ -61,9 +62,10 @@ def _build_parser() -> argparse.ArgumentParser:
     clear.add_argument("daemon_id", help="the refused daemon's id")
     clear.add_argument(
         "--reason",
-        default="",
+        required=True,
         metavar="TEXT",
-        help="why it is cleared (logged with the clear), e.g. a ticket",
+        help="why it is cleared (logged with the clear, for the audit trail), "
+        "e.g. a ticket",
     )
     for sub in (run, query, daemons, clear):
         # ``daemons`` options come before or after ``clear``; what the
@@ -153,6 +155,10 @@ def _clear(args: argparse.Namespace) -> int:
     """``daemons clear``: lift the refusal, log it, print what was cleared."""
     from kynara_sidecar.collector.state import CollectorState, StateError
 
+    if not args.daemon_id.strip():
+        raise StateError("clear: expected a daemon id, got an empty one")
+    if not args.reason.strip():
+        raise StateError("clear: --reason is empty; say why, e.g. a ticket")
     config = load_collector_config(args.config, args.overrides)
     if not os.path.isfile(os.path.join(config.state.path, "data.mdb")):
         # Opening for writing would create an empty state at a mistyped path.
@@ -188,6 +194,9 @@ COMMANDS = {"run": _run, "query": _query, "daemons": _daemons}
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _build_parser().parse_args(argv)
+    if args.command != "run":
+        # Only a running collector handles SIGHUP (see kynara_sidecar.entry).
+        restore_hangup()
     configure_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)
@@ -199,4 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as ``python -m``, SIGHUP still ends the process while the modules
+    # above import; the console script ignores it first.
+    ignore_hangup()
     sys.exit(main())

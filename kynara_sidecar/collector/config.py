@@ -11,6 +11,7 @@ Example::
 
     store:
       url: nats://127.0.0.1:4222
+      nats: {user: collector, password_file: /run/secrets/kynara-collector-nats}
     pull:
       - daemon_id: support-bot-7d9f
         target: unix:///run/kynara/admin.sock
@@ -50,6 +51,7 @@ from kynara_sidecar.config import (
     AdminCredentialConfig,
     AdminListenerConfig,
     AdminRole,
+    NatsConnectionConfig,
     ReviewerIssuerConfig,
     TlsConfig,
     daemon_id_problem,
@@ -110,6 +112,10 @@ class StoreConfig(_Section):
     poll_seconds: float = 1.0
     # Seconds to wait before reconnecting after the store was lost, e.g. 2.
     retry_seconds: float = 2.0
+    # TLS and credentials for a nats:// store, as the daemon's sync.nats, e.g.
+    # {ca_file: /etc/kynara-collector/nats-ca.crt, user: collector,
+    #  password_file: /run/secrets/kynara-collector-nats}.
+    nats: NatsConnectionConfig = msgspec.field(default_factory=NatsConnectionConfig)
 
     def validate(self, section: str) -> None:
         if self.url and not is_store_url(self.url):
@@ -117,6 +123,8 @@ class StoreConfig(_Section):
                 f"{section}.url: expected dir://PATH or nats://HOST:PORT, "
                 f"got {self.url!r}"
             )
+        self.nats.validate(f"{section}.nats")
+        self.nats.check_store(f"{section}.nats", self.url, f"{section}.url")
         try:
             check_consumer_name(self.consumer)
         except ConfigError as err:

@@ -37,9 +37,18 @@ the page says the review was sent to that daemon (``sends_reviews``).
 An approval past its ``expires_at`` is refused for review even while the
 copy still says pending (its daemon records the expiry and publishes it).
 
-TODO(#11): an approval signed with a daemon key the collector learns only
-later (a rotation in a segment not yet taken in) stays skipped until its
-daemon publishes it again.
+An approval signed with a daemon key the collector does not know yet (a
+key rotation in a segment it has not taken in) is not listed but kept,
+logged: the latest state of each such approval id, at most
+``MAX_KEPT_PER_DAEMON`` approvals and ``MAX_KEPT_BYTES_PER_DAEMON`` bytes
+per daemon (past either, the one kept longest is dropped, logged). When
+the intake accepts a segment that adds keys of that daemon
+(``keys_added``), its kept approvals are taken again as if just
+published: listed once they verify, kept again while their key is still
+unknown (a kept state older than the one listed by then is skipped as a
+replay). The entry's removal from the store drops the kept one. The kept
+approvals live in memory only: after a restart the watch reads every
+entry again, against the keys the collector's state holds by then.
 
 TODO(#13): the copy holds every approval published, final ones included,
 for as long as the collector runs; bound it, and prune final approvals
@@ -87,7 +96,12 @@ from kynara_sidecar.errors import (
 from kynara_sidecar.sync import PublishedApproval, Store, StoreUnavailable
 from kynara_sidecar.sync._session import StoreSession
 
-__all__ = ["FleetInbox", "ReviewNotSent"]
+__all__ = [
+    "MAX_KEPT_BYTES_PER_DAEMON",
+    "MAX_KEPT_PER_DAEMON",
+    "FleetInbox",
+    "ReviewNotSent",
+]
 
 log = logging.getLogger("kynara.collector")
 
@@ -96,6 +110,13 @@ _MAX_LOGGED = 80
 # Unregistered daemon ids logged once each, up to this many (a writer may
 # invent any number).
 _MAX_UNREGISTERED_LOGGED = 1000
+# Approvals signed with a key not known yet, kept per daemon until a key
+# rotation is taken in: far more than a daemon publishes between sealing a
+# rotation and its segment reaching the collector, and room for one entry
+# of the store's largest (sync.MAX_APPROVAL_BYTES) besides small ones.
+# Registered daemons only, so the whole is bounded by ``daemons``.
+MAX_KEPT_PER_DAEMON = 256
+MAX_KEPT_BYTES_PER_DAEMON = 2 << 20
 # How far along its life a state is: a published state behind the held one
 # is a replay.
 _PROGRESS = {
@@ -156,6 +177,9 @@ class FleetInbox:
         self._approvals: dict[str, Approval] = {}
         # Reviews sent that its daemon has not taken yet, in sending order.
         self._sent: dict[str, tuple[_Sent, ...]] = {}
+        # Per daemon: approvals signed with a key not known yet, the latest
+        # state of each id, the one kept longest first.
+        self._kept: dict[str, dict[str, PublishedApproval]] = {}
         self._ready = asyncio.Event()
 
     # -- the copy
@@ -199,6 +223,7 @@ class FleetInbox:
         when it was skipped (logged) or removed."""
         known = self._approvals.get(published.approval_id)
         if published.deleted:
+            self._unkeep(published)
             if known is not None and known.daemon_id == published.daemon_id:
                 del self._approvals[published.approval_id]
                 self._sent.pop(published.approval_id, None)
@@ -210,7 +235,10 @@ class FleetInbox:
         try:
             state = decode_approval(published.data, keys)
         except ApprovalUnverified as err:
-            self._skip(published, f"{err.reason}: {err}")
+            if err.reason == "unknown_key":
+                self._keep(published, str(err))
+            else:
+                self._skip(published, f"{err.reason}: {err}")
             return None
         approval = state.approval
         if (approval.daemon_id, approval.id) != (
@@ -254,6 +282,60 @@ class FleetInbox:
             else:
                 del self._sent[approval.id]
         return approval
+
+    def keys_added(self, daemon_id: str) -> None:
+        """Take again the kept approvals of ``daemon_id``, whose keys just
+        grew (the intake accepted a segment with a key rotation): each is
+        listed once it verifies, kept again while its key is unknown."""
+        kept = self._kept.pop(daemon_id, None)
+        if not kept:
+            return
+        listed = sum(self.take(published) is not None for published in kept.values())
+        log.info(
+            "fleet inbox: kept approvals verified again with the daemon's new keys",
+            extra=_fields(
+                daemon_id=daemon_id[:_MAX_LOGGED],
+                kept=len(kept),
+                listed=listed,
+            ),
+        )
+
+    def _keep(self, published: PublishedApproval, why: str) -> None:
+        """Keep ``published`` (its key not known yet) until its daemon's
+        keys grow, in place of an earlier state of its id; past the
+        per-daemon bounds the one kept longest goes."""
+        kept = self._kept.setdefault(published.daemon_id, {})
+        kept.pop(published.approval_id, None)
+        kept[published.approval_id] = published
+        log.warning(
+            "fleet inbox: approval signed with a key not known yet; not listed, "
+            "kept until a key rotation of its daemon is taken in",
+            extra=_fields(
+                daemon_id=published.daemon_id[:_MAX_LOGGED],
+                approval_id=published.approval_id[:_MAX_LOGGED],
+                error=why,
+            ),
+        )
+        size = sum(len(p.data) for p in kept.values())
+        while len(kept) > MAX_KEPT_PER_DAEMON or size > MAX_KEPT_BYTES_PER_DAEMON:
+            dropped = kept.pop(next(iter(kept)))
+            size -= len(dropped.data)
+            log.warning(
+                "fleet inbox: approval with a key not known yet dropped; listed "
+                "only once its daemon publishes it again",
+                extra=_fields(
+                    daemon_id=dropped.daemon_id[:_MAX_LOGGED],
+                    approval_id=dropped.approval_id[:_MAX_LOGGED],
+                    error=f"more than {MAX_KEPT_PER_DAEMON} approvals or "
+                    f"{MAX_KEPT_BYTES_PER_DAEMON} bytes kept for this daemon",
+                ),
+            )
+
+    def _unkeep(self, published: PublishedApproval) -> None:
+        kept = self._kept.get(published.daemon_id)
+        if kept is not None and kept.pop(published.approval_id, None) is not None:
+            if not kept:
+                del self._kept[published.daemon_id]
 
     def _not_registered(self, published: PublishedApproval) -> None:
         daemon_id = published.daemon_id[:_MAX_LOGGED]
@@ -384,7 +466,12 @@ class FleetInbox:
                 self._sent.pop(approval_id, None)
             log.error(
                 "fleet inbox: review not sent",
-                extra=_fields(approval_id=approval_id, error=str(err)),
+                extra=_fields(
+                    approval_id=approval_id,
+                    decision_id=approval.decision_id,
+                    daemon_id=approval.daemon_id,
+                    error=str(err),
+                ),
             )
             raise ReviewNotSent(
                 f"the review of approval {approval_id} could not be sent to "
@@ -395,6 +482,7 @@ class FleetInbox:
             "fleet inbox: review sent to its daemon; recorded once the daemon takes it",
             extra=_fields(
                 approval_id=approval_id,
+                decision_id=approval.decision_id,
                 daemon_id=approval.daemon_id,
                 review_id=signed.review_id,
                 reviewer=reviewer.id,

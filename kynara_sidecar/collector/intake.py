@@ -64,8 +64,12 @@ segment in assembly (its records are only checked once the segment is
 whole, which is then a ``bad_root``). The daemon's next segment is then a
 ``gap``, which is sticky. Not silent (both are alerted), but the daemon is
 blamed; should a gap wait for the missing records (a pull from the
-daemon) before it sticks? Until then only the daemons and the collector
-may write to the store (NATS credentials per daemon subject, #11).
+daemon) before it sticks? A NATS server with a user per daemon
+(``config/nats-server.conf``, ``nats_store.daemon_permissions``) narrows
+"a store writer" to the collector's and the publisher's users and any user
+left unlimited: a daemon may publish segments under its own token only, so
+it can neither forge nor push aside another daemon's. A ``dir://`` store,
+or a NATS server without such users, leaves every writer able to.
 """
 
 from __future__ import annotations
@@ -177,6 +181,11 @@ class Intake:
         registered: daemon id -> its registered public keys by key id.
         metrics: the collector's instruments.
         clock: nanoseconds since the epoch, for alert times.
+        keys_added: called with a daemon id when a segment accepted from it
+            added keys (a verified key rotation), after the state commits
+            them and before the acknowledgement (the fleet inbox verifies
+            the approvals it kept for such a key again); what it raises is
+            logged, never fails the segment.
     """
 
     def __init__(
@@ -187,8 +196,10 @@ class Intake:
         registered: Mapping[str, Mapping[str, PublicKey]],
         metrics: CollectorMetrics,
         clock: Callable[[], int] = time.time_ns,
+        keys_added: Callable[[str], None] | None = None,
     ):
         self._state = state
+        self._keys_added = keys_added
         self._archive = archive
         self._registered = registered
         self._metrics = metrics
@@ -303,8 +314,29 @@ class Intake:
             await message.nak()
             return None
         self._report(daemon, outcome, whole)
+        if outcome.frontier.rotated_keys.keys() - frontier.rotated_keys.keys():
+            self._tell_keys_added(daemon)
         await message.ack()
         return outcome
+
+    def _tell_keys_added(self, daemon_id: str) -> None:
+        if self._keys_added is None:
+            return
+        try:
+            self._keys_added(daemon_id)
+        except Exception as err:
+            # The segment is committed: it is accepted whatever a listener
+            # of new keys does.
+            log.error(
+                "new keys of a daemon not passed on",
+                exc_info=True,
+                extra={
+                    "fields": {
+                        **_fields(daemon_id, None),
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                },
+            )
 
     def _lookup(self, daemon_id: str) -> tuple[Frontier, HeldSegment | None]:
         return self._state.frontier(daemon_id), self._state.held(daemon_id)

@@ -6,11 +6,19 @@ anything else, so whoever can write to the store cannot grow the series.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+)
 
 __all__ = ["UNREGISTERED", "CollectorMetrics"]
 
 PREFIX = "kynara_collector"
+# No `<name>_created` series beside each counter (prometheus-client's
+# default; a switch for the whole process), as for the daemon.
+disable_created_metrics()
 UNREGISTERED = "unregistered"
 
 

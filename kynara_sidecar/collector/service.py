@@ -9,7 +9,8 @@ is logged, counted and reconnected after ``store.retry_seconds``. With
 ``inbox.enabled`` it also keeps the fleet inbox (``inbox``) up to date from
 the store, on a connection of its own, and serves its review page; the
 inbox lists the approvals of registered daemons only, checked against the
-same keys as their segments.
+same keys as their segments, and verifies again those it kept for a key
+not known yet once the intake accepts the rotation that adds it.
 
 ``stop`` (SIGTERM or SIGINT under ``run``) goes in a fixed, logged order:
 stop taking messages (the door tasks are cancelled; a segment being
@@ -94,7 +95,10 @@ class Collector:
         )
         self._certificate = (
             ServingCertificate(
-                config.http.tls.cert_file, config.http.tls.key_file, "http.tls"
+                config.http.tls.cert_file,
+                config.http.tls.key_file,
+                "http.tls",
+                listener="collector",
             )
             if config.http.tls.enabled and config.http.port != -1
             else None
@@ -122,6 +126,7 @@ class Collector:
             archive=self.archive,
             registered=self.registered,
             metrics=self.metrics,
+            keys_added=self.inbox.keys_added if self.inbox is not None else None,
         )
         self._restore_gauges()
         if config.http.port != -1:
@@ -183,6 +188,7 @@ class Collector:
             self.config.store.url,
             timeout=self.config.store.timeout_seconds,
             poll_seconds=self.config.store.poll_seconds,
+            nats=self.config.store.nats.load("store.nats"),
         )
         inbox = FleetInbox(
             store,
@@ -273,6 +279,7 @@ class Collector:
                 store_config.url,
                 timeout=store_config.timeout_seconds,
                 poll_seconds=store_config.poll_seconds,
+                nats=store_config.nats.load("store.nats"),
             )
             try:
                 await store.connect()
@@ -343,16 +350,33 @@ class Collector:
         log.info("collector stopped", extra={"fields": fields})
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, stop."""
+        """Start, serve until SIGTERM or SIGINT, stop.
+
+        The collector reads its config only at start: a SIGHUP is logged
+        and otherwise ignored, to the exit (see kynara_sidecar.entry).
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _hangup_ignored)
         try:
             await self.start()
             await stop.wait()
         finally:
             await self.stop()
+            # Closing the loop would give SIGHUP its default action back,
+            # which ends the process.
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _hangup_ignored() -> None:
+    log.warning(
+        "SIGHUP ignored: the collector reads its config only at start; "
+        "restart it to apply a change",
+        extra={"fields": {"component": "collector"}},
+    )
 
 
 def _load_credentials(config: InboxConfig) -> dict[str, tuple[bytes, frozenset[str]]]:

@@ -265,6 +265,11 @@ class CollectorState:
             StateError: the state is read-only or LMDB failed; nothing
                 was written.
         """
+        if not daemon_id:
+            raise NotRefused(
+                f"expected a daemon id, got an empty one; nothing cleared in the "
+                f"collector state {self._path}"
+            )
         token = daemon_token(daemon_id).encode()
         try:
             with self._env.begin(write=True) as txn:

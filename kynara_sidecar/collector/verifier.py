@@ -28,7 +28,12 @@ segment is then, in order:
    so any checkpoint of the same log at or below ``N`` was accepted) or it
    is a ``fork``. Another log id is a new chain only when it starts at 0
    and its first record is a ``chain_break`` naming the accepted log;
-   otherwise two daemons share one daemon id (``duplicate_daemon``).
+   otherwise two daemons share one daemon id (``duplicate_daemon``). For a
+   daemon of which nothing was accepted yet, any log that starts at 0 is
+   taken on (one that starts later is a ``gap``); when its first record is
+   a ``chain_break``, the log it names joins ``previous_logs`` as if
+   accepted and ended, so a segment of that log sent later is a
+   ``duplicate_daemon``.
 4. **Linked.** The chain hash walked from the accepted chain hash at ``p``
    over the records equals the checkpoint's (``bad_chain``).
 5. **Included and consistent.** The Merkle right edge at ``p`` (the
@@ -63,12 +68,33 @@ clear`` lifts it (``CollectorState.clear_refusal``): the frontier keeps
 everything accepted before, so the daemon's next segment is judged afresh
 against it.
 
-TODO(#11): a daemon whose records were pruned before the collector first
-saw it cannot be taken on: its first segment does not start at 0 (``gap``).
-Should a registered starting checkpoint be configurable?
+Taking on a daemon whose records were pruned before the collector first
+saw it (it ran without a store, or the store lost its data): its first
+segment starts after 0, and the collector never takes a log on from an
+unwitnessed middle, so that segment is refused as a ``gap`` whose message
+names the procedure. On the daemon, stopped, ``kynara-sidecar new-chain
+--force`` moves the pruned log aside and starts a new one at 0 whose first
+record is a ``chain_break`` naming it; the collector takes the daemon on
+from that log (step 3), with no ``daemons clear`` (the gap did not stick:
+the NOTE below), and refuses the pruned log's segments from then on. Until
+then each segment of the pruned log is a ``gap`` of its own, alerted; the
+alerts stay. The records pruned before the new chain are witnessed by
+nobody, and the ``chain_break`` says so in the log itself.
+
+No per-daemon opt-in guards this: a first-seen daemon's log id is taken on
+its first use, as for every new daemon. The trust anchor is the daemon's
+registered key; a log from 0 signed by it is what the collector takes on
+for any daemon it has not seen, and the new chain is no more than that. A
+registered starting checkpoint per daemon, the alternative, would make the
+collector's witness start in the middle of a log nobody witnessed up to
+there, and add a step at the collector to every such take-on.
 
 NOTE: a refusal is sticky only when it rests on what the daemon signed
-(``fork``, ``rollback``, ``gap``, ``duplicate_daemon``). Whoever can write
+(``fork``, ``rollback``, ``gap``, ``duplicate_daemon``) and something of
+the daemon was accepted before. Until then there is no accepted history
+for a later segment to heal, and a refused first segment leaves the
+frontier empty: the daemon is still taken on from a log that starts at 0
+(its new chain, or the same log sent from its start). Whoever can write
 to the central store can send anything under a daemon's name without its
 key: junk, a checkpoint that does not verify, or a signed checkpoint with
 records that are not the daemon's. Those are refused and alerted
@@ -94,6 +120,7 @@ the ``History`` lookups the caller provides.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -102,6 +129,7 @@ import msgspec
 from kynara_sidecar.audit import merkle
 from kynara_sidecar.audit.chain import GENESIS_HASH, chain_hash
 from kynara_sidecar.audit.checkpoint import (
+    LOG_ID_HEX_DIGITS,
     CheckpointError,
     CheckpointProblem,
     CheckpointV1,
@@ -185,6 +213,8 @@ NOT_STICKY = frozenset(
 # The largest tree size a checkpoint may state: the state keys it in 8
 # bytes, and no log reaches it.
 MAX_TREE_SIZE = (1 << 63) - 1
+# A log id as a checkpoint states it.
+_LOG_ID = re.compile(rf"[0-9a-f]{{{LOG_ID_HEX_DIGITS}}}")
 
 
 class SegmentData(NamedTuple):
@@ -460,7 +490,12 @@ def _start(
             raise _Refusal(
                 AlertKind.GAP,
                 f"first segment of log {cp.log_id} starts after tree size {p}; "
-                "expected one from 0 (nothing of this daemon was accepted yet)",
+                "expected one from 0 (nothing of this daemon was accepted yet): "
+                f"records 1..{p} never reached the collector. If the daemon "
+                "pruned them (it ran without a store), stop it and run "
+                "`kynara-sidecar new-chain --force` there: the collector takes "
+                "the daemon on from the new log, which starts at 0 with a "
+                f"chain_break naming log {cp.log_id}",
             )
         return genesis
     if cp.log_id != frontier.log_id:
@@ -498,20 +533,24 @@ def _check_new_chain(frontier: Frontier, cp: CheckpointV1, segment: SegmentData)
             f"a segment of log {cp.log_id}, which a chain break ended, while "
             f"log {old} is current: two daemons write under one daemon id",
         )
-    first = _parse(bytes(segment.records[0])) if segment.records else None
-    entry = (first or {}).get("chain_break")
-    named = entry.get("previous_log_id") if isinstance(entry, dict) else None
-    if (
-        segment.previous_tree_size != 0
-        or (first or {}).get("kind") != RecordKind.CHAIN_BREAK
-        or named != old
-    ):
+    if segment.previous_tree_size != 0 or _broken_log(segment) != old:
         raise _Refusal(
             AlertKind.DUPLICATE_DAEMON,
             f"log {cp.log_id} (tree size {cp.tree_size}) while log {old} is "
             f"current, and it does not begin with a chain_break naming {old}: "
             "two daemons write under one daemon id",
         )
+
+
+def _broken_log(segment: SegmentData) -> str | None:
+    """The log the segment's first record names, when that record is a
+    ``chain_break``; else None."""
+    first = _parse(bytes(segment.records[0])) if segment.records else None
+    if first is None or first.get("kind") != RecordKind.CHAIN_BREAK:
+        return None
+    entry = first.get("chain_break")
+    named = entry.get("previous_log_id") if isinstance(entry, dict) else None
+    return named if isinstance(named, str) else None
 
 
 def _range_at(history: History, log_id: str, size: int) -> merkle.CompactRange:
@@ -584,6 +623,13 @@ def _accept(
     previous = list(frontier.previous_logs)
     if start.new_chain:
         previous.append(frontier.log_id)
+    elif not frontier.log_id:
+        # The first log taken on: a chain break in it names a log the
+        # collector never accepted, ended all the same (a log id, or
+        # nothing: "" when the daemon's log was unreadable).
+        named = _broken_log(segment)
+        if named and named != cp.log_id and _LOG_ID.fullmatch(named):
+            previous.append(named)
     _, edge = tree.state()
     accepted = msgspec.structs.replace(
         frontier,
@@ -605,7 +651,8 @@ def _accept(
 
 def _refuse(frontier: Frontier, refusal: _Refusal, cp: CheckpointV1 | None) -> Outcome:
     refused = frontier
-    if refusal.kind not in NOT_STICKY:
+    # Sticky once something was accepted (the NOTE in the module docstring).
+    if refusal.kind not in NOT_STICKY and frontier.log_id:
         refused = msgspec.structs.replace(
             frontier, refused=str(refusal.kind), refused_reason=refusal.message
         )

@@ -22,18 +22,34 @@ How a connection is run:
   ``notifications/tools/list_changed`` on a handshake-era connection, an
   event on the ``subscriptions/listen`` stream on a 2026 one) -> re-list;
   the connection ended (the stdio child exited, the HTTP server went away,
-  a call saw the connection closed) -> the upstream's tools are absent,
-  ``on_change`` is called, and the task reconnects with capped exponential
-  backoff. An upstream unreachable at ``start`` is logged and retried the
-  same way; its tools appear, with ``on_change``, when it comes.
+  a call or a ping saw the connection closed) -> the upstream's tools are
+  absent, ``on_change`` is called, and the task reconnects with capped
+  exponential backoff. An upstream unreachable at ``start`` is logged and
+  retried the same way; its tools appear, with ``on_change``, when it comes.
 - ``stop`` asks each task to leave its context managers (which ends stdio
   children) and waits for it.
 
-TODO(#11): a handshake-era (2025) Streamable HTTP upstream that goes away is
-noticed only by the next call to it (its SDK transport keeps retrying the
-standalone GET stream silently), and a list_changed it sends before that
-stream is open is lost; 2026 upstreams and stdio children are noticed at
-once (the listen stream or the pipe ends).
+How a lost upstream is noticed without a call: a stdio child's pipe ends;
+a 2026 HTTP upstream's listen stream ends. A handshake-era (2025) Streamable
+HTTP upstream has neither (the SDK transport retries its standalone GET
+stream, then gives up, silently), so the task pings it (MCP ``ping``) every
+``min(timeout_seconds, MAX_PING_SECONDS)``: a ping that fails, is not
+answered within ``timeout_seconds`` or is refused (a restarted server no
+longer knows the session) ends the connection as a closed one does. An
+upstream answering ``ping`` with method-not-found has answered, so it is
+alive.
+
+A handshake-era HTTP upstream sends ``list_changed`` on that standalone GET
+stream, and one sent while the stream is not open (before the SDK opens it
+after the handshake, or between its reconnects) is lost. So each time the
+stream opens (the upstream answers the GET with an event stream) the task
+lists the tools once more; a change made before that shows in the new list,
+one made after arrives on the stream. A re-list that finds the same tools
+calls no ``on_change``.
+
+TODO(#11): a 2026 HTTP upstream that does not advertise
+``tools.listChanged`` has no listen stream, and 2026 has no ``ping``: it
+going away is noticed only by the next call to it.
 
 Every upstream request (connect, ``tools/list``, ``tools/call``) is bounded
 by the server's ``timeout_seconds``. A caller's cancellation of ``call``
@@ -67,7 +83,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import SubscriptionLost
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED
+from mcp_types import CONNECTION_CLOSED, METHOD_NOT_FOUND
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from kynara_sidecar.config import UpstreamConfig, UpstreamTransport
@@ -79,6 +95,7 @@ __all__ = [
     "UPSTREAM_INVALID",
     "UPSTREAM_UNAVAILABLE",
     "MAX_LIST_PAGES",
+    "MAX_PING_SECONDS",
     "MAX_RETRY_SECONDS",
     "MIN_RETRY_SECONDS",
     "Catalog",
@@ -92,6 +109,9 @@ log = logging.getLogger("kynara.gateway")
 # a second), doubling to a cap that keeps a long outage cheap yet noticed.
 MIN_RETRY_SECONDS = 0.25
 MAX_RETRY_SECONDS = 10.0
+# A handshake-era HTTP upstream is pinged every min(timeout_seconds, this):
+# one that went away is noticed within about that, at one small POST each.
+MAX_PING_SECONDS = 10.0
 # tools/list pages followed per listing; an upstream whose cursors never end
 # is refused rather than followed forever.
 MAX_LIST_PAGES = 1000
@@ -243,6 +263,9 @@ class _Upstream:
         self.client: Client | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
+        # Why the current connection ended, when the task itself saw it (a
+        # failed ping); "" otherwise.
+        self.ended = ""
         # The last failure logged at ERROR; the same one again is logged at
         # DEBUG, so an upstream that stays down does not flood the log.
         self.last_failure = ""
@@ -271,8 +294,8 @@ class Catalog:
     Args:
         servers: ``gateway.servers``: upstream name -> its config.
         on_change: called with the server's name whenever its tools change
-            (appear, are re-listed, or go absent); runs on the event loop,
-            must not block.
+            (appear, differ on a re-list, or go absent); runs on the event
+            loop, must not block.
     """
 
     def __init__(
@@ -438,6 +461,7 @@ class Catalog:
             connected_at: float | None = None
             refused: ConfigError | None = None
             try:
+                upstream.ended = ""
                 async with self._connect(upstream) as client:
                     connected_at = time.monotonic()
                     upstream.last_failure = ""
@@ -527,6 +551,21 @@ class Catalog:
                     timeout=httpx2.Timeout(config.timeout_seconds, read=None),
                 )
                 await stack.enter_async_context(http)
+
+                async def answered(response: httpx2.Response) -> None:
+                    # A GET answered with an event stream: on a handshake-era
+                    # connection, the standalone stream for the upstream's
+                    # own messages is open (again). A list_changed sent
+                    # while it was not is lost, so list once more.
+                    content_type = response.headers.get("content-type", "")
+                    if (
+                        response.request.method == "GET"
+                        and response.status_code == 200
+                        and content_type.startswith("text/event-stream")
+                    ):
+                        upstream.signal(_CHANGED)
+
+                http.event_hooks = {"response": [answered]}
                 transport = streamable_http_client(config.url, http_client=http)
 
             async def handle(message: Any) -> None:
@@ -571,6 +610,11 @@ class Catalog:
                 return err
             if not first.done():
                 first.set_result(None)
+            if (
+                upstream.config.transport is UpstreamTransport.HTTP
+                and client.protocol_version not in MODERN_PROTOCOL_VERSIONS
+            ):
+                group.start_soon(self._ping, upstream, client)
             async for event in upstream.receive:
                 if event in (_STOP, _CLOSED):
                     break
@@ -597,8 +641,32 @@ class Catalog:
                     )
             group.cancel_scope.cancel()
         if not upstream.stopping:
-            raise ConnectionError("connection ended")
+            raise ConnectionError(upstream.ended or "connection ended")
         return None
+
+    async def _ping(self, upstream: _Upstream, client: Client) -> None:
+        """On a handshake-era HTTP connection: ping the upstream every
+        ``min(timeout_seconds, MAX_PING_SECONDS)``; the first ping that fails
+        ends the connection (``_CLOSED``), saying why in ``ended``."""
+        timeout = upstream.config.timeout_seconds
+        interval = min(timeout, MAX_PING_SECONDS)
+        while True:
+            await anyio.sleep(interval)
+            try:
+                # The session's own ping: the Client's is deprecated for
+                # 2026, which has none; this connection is handshake-era.
+                # Bounded by the client's read timeout, timeout_seconds.
+                await client.session.send_ping()
+            except MCPError as err:
+                if err.code == METHOD_NOT_FOUND:
+                    continue  # it answered: alive, just without ping
+                upstream.ended = f"ping failed: {_cause(err)}"
+            except Exception as err:  # whatever broke, the upstream is gone
+                upstream.ended = f"ping failed: {_cause(err)}"
+            else:
+                continue
+            upstream.signal(_CLOSED)
+            return
 
     async def _listen(
         self,
@@ -673,8 +741,8 @@ class Catalog:
     def _set_tools(
         self, upstream: _Upstream, tools: tuple[CatalogTool, ...] | None
     ) -> None:
-        if upstream.tools is None and tools is None:
-            return
+        if tools == upstream.tools:
+            return  # the same tools again (a re-list): no change
         upstream.tools = tools
         every = sorted(
             (tool for each in self._upstreams.values() for tool in (each.tools or ())),

@@ -7,7 +7,12 @@ Kubernetes ConfigMap internals (``..data``, ``..2026_...``) from being read
 twice. Files below a directory named ``tests`` (``TEST_DIRECTORY``) are
 policy tests, run by ``kynara-sidecar test``, never policies. Each file is
 decoded by its extension, validated with msgspec typed decoders, and
-compiled. The first bad file raises ``PolicyError`` naming the
+compiled. A key given twice in one mapping is refused, naming the file,
+the key and both lines (``kynara_sidecar._unique_keys``; TOML's decoder
+refuses it already): YAML and JSON would keep the last silently, so a rule
+with two ``effect:`` keys would compile to something its author did not
+read. Bundles and stored policy sources are decoded here too, so they are
+held to the same. The first bad file raises ``PolicyError`` naming the
 file, the location in it and what was expected; nothing is returned then, so
 the caller keeps its previous set. Reading is the only I/O here.
 
@@ -24,7 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
+import yaml
 
+from kynara_sidecar._unique_keys import DuplicateKeyError, check_json_keys, load_yaml
 from kynara_sidecar.decision import Effect
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy.compiler import (
@@ -57,10 +64,27 @@ __all__ = [
     "read_documents",
 ]
 
+
+def _decode_yaml(content: bytes) -> Any:
+    try:
+        return load_yaml(content)
+    except DuplicateKeyError:
+        raise
+    # What msgspec.yaml.decode, which read these before, took for bad YAML.
+    except (yaml.YAMLError, ValueError, LookupError, AttributeError) as err:
+        raise msgspec.DecodeError(str(err)) from err
+
+
+def _decode_json(content: bytes) -> Any:
+    raw = msgspec.json.decode(content)
+    check_json_keys(content, raw)
+    return raw
+
+
 _DECODERS: dict[str, Callable[[bytes], Any]] = {
-    ".yaml": msgspec.yaml.decode,
-    ".yml": msgspec.yaml.decode,
-    ".json": msgspec.json.decode,
+    ".yaml": _decode_yaml,
+    ".yml": _decode_yaml,
+    ".json": _decode_json,
     ".toml": msgspec.toml.decode,
 }
 SUFFIXES = frozenset(_DECODERS)
@@ -177,9 +201,9 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
         The validated document with its source.
 
     Raises:
-        PolicyError: Unknown extension, a syntax error, a wrong
-            ``format_version`` or ``kind``, or a field that does not
-            validate.
+        PolicyError: Unknown extension, a syntax error, a key given twice
+            in one mapping, a wrong ``format_version`` or ``kind``, or a
+            field that does not validate.
     """
     suffix = pathlib.PurePath(path).suffix
     if suffix not in _DECODERS:
@@ -189,6 +213,10 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
         )
     try:
         raw = _DECODERS[suffix](content)
+    except DuplicateKeyError as err:
+        # The config's phrasing: "line 4: key 'effect' given again (first on
+        # line 3); expected each key once in a mapping".
+        raise PolicyError(str(err), path=path) from err
     except msgspec.DecodeError as err:
         raise PolicyError(
             f"expected valid {suffix[1:].upper()}, got: {err}", path=path

@@ -558,7 +558,7 @@ class _ReviewPage:
                     f"characters, got {len(comment)}",
                     field="comment",
                 )
-            await self.inbox.review(
+            reviewed = await self.inbox.review(
                 approval_id,
                 session.reviewer,
                 verdict,
@@ -572,6 +572,7 @@ class _ReviewPage:
             extra={
                 "fields": {
                     "approval_id": approval_id,
+                    "decision_id": reviewed.decision_id,
                     "reviewer": session.reviewer.id,
                     "verdict": verdict.value,
                 }

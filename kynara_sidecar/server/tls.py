@@ -118,9 +118,17 @@ class ServingCertificate:
             ``load_certificate_pair``).
     """
 
-    def __init__(self, cert_file: str, key_file: str, section: str = "admin.tls"):
+    def __init__(
+        self,
+        cert_file: str,
+        key_file: str,
+        section: str = "admin.tls",
+        listener: str = "",
+    ):
         self._files = (cert_file, key_file)
         self._section = section
+        # Which listener serves it, for logs: admin, http or collector.
+        self._listener = listener or section.split(".")[0]
         self._lock = threading.Lock()
         self._pair = load_certificate_pair(cert_file, key_file, section)
         self._seen: tuple[bytes, bytes] | str = self._pair[:2]
@@ -188,18 +196,20 @@ class ServingCertificate:
             except ConfigError as err:
                 log.warning(
                     "TLS certificate not renewed: keeping the one served",
-                    extra=self._fields(error=str(err), serial=self._pair.serial),
+                    extra=self._fields(error=str(err), serial=_hex(self._pair.serial)),
                 )
                 return None
             except Exception as err:  # noqa: BLE001 - must not fail a handshake
                 log.error(
                     "TLS certificate not renewed: keeping the one served",
-                    extra=self._fields(error=repr(err), serial=self._pair.serial),
+                    extra=self._fields(error=repr(err), serial=_hex(self._pair.serial)),
                 )
                 return None
             log.info(
                 "TLS certificate renewed",
-                extra=self._fields(serial=pair.serial, previous=self._pair.serial),
+                extra=self._fields(
+                    serial=_hex(pair.serial), previous=_hex(self._pair.serial)
+                ),
             )
             self._pair = pair
             return served
@@ -232,6 +242,12 @@ class ServingCertificate:
         )
 
     def _fields(self, **fields: object) -> dict[str, dict[str, object]]:
-        # "admin_tls" or "http_tls": which listener's certificate.
-        component = self._section.replace(".", "_")
-        return {"fields": {"component": component, **fields}}
+        return {"fields": {"component": "server", "listener": self._listener, **fields}}
+
+
+def _hex(serial: int) -> str:
+    """A certificate serial as ``openssl x509 -serial`` prints it: upper
+    case hex digits, an even number of them (a JSON number would lose the
+    digits of a 20-byte serial in many log tools)."""
+    digits = f"{serial:X}"
+    return "0" * (len(digits) % 2) + digits

@@ -46,7 +46,9 @@ one is not.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
+import ssl
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -63,6 +65,7 @@ __all__ = [
     "BundleTooLarge",
     "Delivery",
     "MAX_APPROVAL_BYTES",
+    "NatsConnection",
     "MAX_REVIEW_BYTES",
     "PublishedApproval",
     "PublishedReview",
@@ -101,6 +104,48 @@ MAX_REVIEW_BYTES = 64 * 1024
 class StoreUnavailable(KynaraError):
     """The central store could not be reached or did not acknowledge in
     time. The daemon keeps deciding on what it has and tries again."""
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class NatsConnection:
+    """How a client reaches a ``nats://`` store beyond its URL: TLS and
+    credentials, already read from their files (``sync.nats`` on a daemon,
+    ``store.nats`` on the collector). The repr names which are set, never
+    a secret.
+
+    Attributes:
+        tls: the context to verify the server (and present a client
+            certificate) with; None for plaintext.
+        tls_first: start TLS before the server speaks, so no plaintext
+            line from a machine in the middle can talk the client out of
+            TLS (the server's ``tls`` block needs ``handshake_first: true``).
+        server_name: the name to check the server's certificate for; ""
+            for the URL's host.
+        user, password: a user's name and password; "" for none.
+        token: an authorization token; "" for none.
+        inbox_prefix: subject prefix of this client's replies, e.g.
+            ``_INBOX.daemon-a``; "" for the client's default ``_INBOX``.
+            A user of its own with its own prefix lets the server allow it
+            to read its own replies only.
+    """
+
+    tls: ssl.SSLContext | None = None
+    tls_first: bool = True
+    server_name: str = ""
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    inbox_prefix: str = ""
+
+    def __repr__(self) -> str:
+        shown = [f"tls={self.tls is not None}"]
+        if self.user:
+            shown.append(f"user={self.user!r}, password=***")
+        if self.token:
+            shown.append("token=***")
+        if self.inbox_prefix:
+            shown.append(f"inbox_prefix={self.inbox_prefix!r}")
+        return f"NatsConnection({', '.join(shown)})"
 
 
 class BundleTooLarge(KynaraError, ValueError):
@@ -282,7 +327,13 @@ def is_store_url(text: str) -> bool:
     return bool(sep) and scheme in STORE_SCHEMES
 
 
-def open_store(url: str, *, timeout: float = 5.0, poll_seconds: float = 1.0) -> Store:
+def open_store(
+    url: str,
+    *,
+    timeout: float = 5.0,
+    poll_seconds: float = 1.0,
+    nats: NatsConnection | None = None,
+) -> Store:
     """The store ``url`` names, not yet connected.
 
     Args:
@@ -290,6 +341,8 @@ def open_store(url: str, *, timeout: float = 5.0, poll_seconds: float = 1.0) -> 
             ``nats://host:port``.
         timeout: seconds a store call may take before it fails.
         poll_seconds: how often a ``dir://`` store is read for a new bundle.
+        nats: TLS and credentials for a ``nats://`` store (ignored for
+            ``dir://``); None for plaintext without credentials.
 
     Raises:
         ConfigError: an unknown scheme or a malformed URL.
@@ -307,7 +360,7 @@ def open_store(url: str, *, timeout: float = 5.0, poll_seconds: float = 1.0) -> 
         return DirStore(url, timeout=timeout, poll_seconds=poll_seconds)
     from kynara_sidecar.sync.nats_store import NatsStore
 
-    return NatsStore(url, timeout=timeout)
+    return NatsStore(url, timeout=timeout, connection=nats)
 
 
 _PART = {"dir": "path", "nats": "host:port"}

@@ -17,9 +17,16 @@ from typing import TypeVar
 
 from kynara_sidecar.sync import Store, StoreUnavailable
 
-__all__ = ["StoreSession"]
+__all__ = ["StoreSession", "error_text"]
 
 T = TypeVar("T")
+
+
+def error_text(err: BaseException) -> str:
+    """What a log line or a status says of ``err``: its message, or its
+    type's name when it has none (``str`` of a bare ``TimeoutError`` is
+    empty, and an empty ``error`` field tells an operator nothing)."""
+    return str(err) or type(err).__name__
 
 
 class StoreSession:

@@ -44,8 +44,24 @@ file store before the acknowledgement), and so does duplicate detection;
 the server syncs to disk every ``sync_interval`` (its setting), so a crash
 of the machine can lose the last acknowledged ones.
 
-Whoever can publish to the server can publish under any subject: a
-message whose subject token is not a canonical ``daemon_token`` is logged
+Permissions. A server with a user per daemon (``config/nats-server.conf``)
+limits each daemon to its own names: ``daemon_permissions`` lists the
+subjects one needs, derived from the calls below (JetStream's API is
+request subjects ``$JS.API.<call>.<stream>``; a key-value put is a publish
+to ``$KV.<bucket>.<key>``). A refused publish or subscription gets no
+answer, only a notice on the connection: the call fails with
+``StoreUnavailable`` naming the refused subject (as the client reports it,
+lowercased) and it is logged at ERROR. The streams and buckets must exist
+before a daemon so limited connects (it may look them up, not create
+them): the collector, whose user may, creates them when it starts.
+TODO(#11): a daemon may read other daemons' reviews: the client creates
+its watch consumers with ``$JS.API.CONSUMER.CREATE.<stream>``, which does
+not name the filter, so the server cannot limit a daemon's consumer on
+``kynara_reviews`` to its own keys.
+
+Without such permissions, whoever can publish to the server can publish
+under any subject: a message whose subject token is not a canonical
+``daemon_token`` is logged
 at ERROR (``kynara.sync``) and delivered with ``daemon_id`` ``""`` (never
 a registered daemon), so the consumer refuses it and acknowledges past it
 rather than stopping on it; a status key that is no token is skipped.
@@ -83,6 +99,7 @@ from kynara_sidecar.sync import (
     MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
+    NatsConnection,
     PublishedApproval,
     PublishedReview,
     StoreUnavailable,
@@ -105,6 +122,8 @@ __all__ = [
     "SEGMENTS_STREAM",
     "STATUS_BUCKET",
     "NatsStore",
+    "collector_permissions",
+    "daemon_permissions",
 ]
 
 BUNDLES_BUCKET = "kynara_bundles"
@@ -133,6 +152,8 @@ NAK_DELAY_SECONDS = 1.0
 _LIVENESS_SECONDS = 0.25
 _MAX_OUTSTANDING_PINGS = 2
 _MSG_ID_HEADER = "Nats-Msg-Id"
+# How the server words a refused publish or subscription.
+_PERMISSIONS_VIOLATION = "permissions violation"
 _DIGEST_PREFIX = "sha256:"
 # Attacker-chosen names are cut to this in log lines.
 _MAX_LOGGED_NAME = 128
@@ -175,14 +196,26 @@ class NatsStore:
         url: ``nats://host:port``.
         timeout: seconds one call may take, connecting included, before it
             raises ``StoreUnavailable``.
+        connection: TLS and credentials; None for plaintext without.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        connection: NatsConnection | None = None,
+    ):
         scheme, sep, rest = url.partition("://")
         if scheme != "nats" or not sep or not rest:
             raise ConfigError(f"{url!r}: expected nats://HOST:PORT")
         self.url = url
         self.timeout = timeout
+        self.connection = connection or NatsConnection()
+        # The server's last "Permissions Violation" on this connection: a
+        # refused publish or subscription gets no answer, only this notice,
+        # so a call that then times out names it as its cause.
+        self._refused = ""
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._bundles: KeyValue | None = None
@@ -204,6 +237,9 @@ class NatsStore:
             reason = str(err) or type(err).__name__
             if isinstance(err, TimeoutError):
                 reason = f"no answer within {self.timeout} s (sync.timeout_seconds)"
+            if self._refused:
+                reason = f"refused by the server: {self._refused}"
+                self._refused = ""
             raise StoreUnavailable(f"{self.url}: {what}: {reason}") from err
 
     async def connect(self) -> None:
@@ -226,6 +262,7 @@ class NatsStore:
             # The client is made first so that a connect cut short (a
             # timeout, a stop) closes its socket rather than leaking it.
             nc = nats.aio.client.Client()
+            self._refused = ""
             try:
                 await nc.connect(
                     servers=[self.url],
@@ -235,6 +272,7 @@ class NatsStore:
                     ping_interval=max(1.0, self.timeout),
                     max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                     error_cb=self._on_error,
+                    **self._credentials(),
                 )
                 js = nc.jetstream(timeout=self.timeout)
                 await self._declare(js)
@@ -290,12 +328,45 @@ class NatsStore:
             with contextlib.suppress(*_UNAVAILABLE):
                 await nc.close()
 
+    def _credentials(self) -> dict[str, object]:
+        """The client's TLS and authentication options from ``connection``."""
+        c = self.connection
+        options: dict[str, object] = {}
+        if c.tls is not None:
+            options.update(tls=c.tls, tls_handshake_first=c.tls_first)
+            if c.server_name:
+                options["tls_hostname"] = c.server_name
+        if c.user:
+            options.update(user=c.user, password=c.password)
+        if c.token:
+            options["token"] = c.token
+        if c.inbox_prefix:
+            options["inbox_prefix"] = c.inbox_prefix
+        return options
+
     async def _on_error(self, err: Exception) -> None:
         # The failing call raises StoreUnavailable; this is the client's
         # background view of the same trouble.
+        text = str(err) or repr(err)
+        if _PERMISSIONS_VIOLATION in text.lower():
+            # A refusal is no outage: retrying cannot help until the
+            # server's permissions for this user change.
+            self._refused = text.removeprefix("nats: ")[: _MAX_LOGGED_NAME * 2]
+            _log.error(
+                "store refused an operation",
+                extra={
+                    "fields": {
+                        "store": self.url,
+                        "error": self._refused,
+                        "hint": "grant the permission to this client's user in "
+                        "the NATS server's authorization (config/nats-server.conf)",
+                    }
+                },
+            )
+            return
         _log.debug(
             "store connection error",
-            extra={"fields": {"store": self.url, "error": str(err) or repr(err)}},
+            extra={"fields": {"store": self.url, "error": text}},
         )
 
     def _alive(self) -> bool:
@@ -683,6 +754,55 @@ class NatsStore:
                 with contextlib.suppress(*_UNAVAILABLE):
                     async with asyncio.timeout(self.timeout):
                         await watcher.stop()
+
+
+def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]]:
+    """The subjects a daemon's NATS user needs, for the server's
+    ``permissions`` block: ``{"publish": [...], "subscribe": [...]}``.
+
+    It may ship segments, write its status, put its approvals and drop its
+    reviews under its own ``daemon_token`` only; look up the streams and
+    buckets; read and watch the current bundle and watch the reviews; and
+    receive replies under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``)
+    only. It may not publish a bundle, create or delete a stream, or read
+    other daemons' approvals or status.
+    """
+    token = daemon_token(daemon_id)
+    watched = (f"KV_{BUNDLES_BUCKET}", f"KV_{REVIEWS_BUCKET}")
+    streams = (SEGMENTS_STREAM,) + tuple(
+        f"KV_{bucket}"
+        for bucket in (BUNDLES_BUCKET, STATUS_BUCKET, APPROVALS_BUCKET, REVIEWS_BUCKET)
+    )
+    publish = [
+        f"{SEGMENT_SUBJECT_PREFIX}{token}",
+        f"$KV.{STATUS_BUCKET}.{token}",
+        f"$KV.{APPROVALS_BUCKET}.{token}.*",
+        f"$KV.{REVIEWS_BUCKET}.{token}.*.*",
+        *(f"$JS.API.STREAM.INFO.{stream}" for stream in streams),
+        f"$JS.API.STREAM.MSG.GET.KV_{BUNDLES_BUCKET}",
+        *(f"$JS.API.CONSUMER.CREATE.{stream}" for stream in watched),
+        *(f"$JS.API.CONSUMER.INFO.{stream}.*" for stream in watched),
+        # Flow control replies of the watches' consumers.
+        *(f"$JS.FC.{stream}.>" for stream in watched),
+    ]
+    return {"publish": publish, "subscribe": [f"{inbox_prefix}.>"]}
+
+
+def collector_permissions(inbox_prefix: str) -> dict[str, list[str]]:
+    """The subjects the collector's NATS user needs: JetStream's API (it
+    creates the stream, the buckets and its durable consumer, reads
+    statuses and watches approvals), acknowledging segment messages,
+    putting and dropping reviews, and its own replies. It publishes no
+    bundle, segment, status or approval."""
+    return {
+        "publish": [
+            "$JS.API.>",
+            f"$JS.ACK.{SEGMENTS_STREAM}.>",
+            "$JS.FC.>",
+            f"$KV.{REVIEWS_BUCKET}.>",
+        ],
+        "subscribe": [f"{inbox_prefix}.>"],
+    }
 
 
 def _check_size(data: bytes, limit: int, what: str) -> None:

@@ -79,7 +79,7 @@ from kynara_sidecar.sync import (
     retry_delay,
     segment_message_id,
 )
-from kynara_sidecar.sync._session import StoreSession
+from kynara_sidecar.sync._session import StoreSession, error_text
 from kynara_sidecar.sync.status import ShippingStatusV1
 
 __all__ = ["BacklogGate", "SegmentShipper"]
@@ -576,7 +576,12 @@ class SegmentShipper:
         try:
             await self.refresh()
         except Exception as err:
-            log.error("audit backlog not read", extra=self._fields(error=str(err)))
+            log.error(
+                "audit backlog not read",
+                extra=self._fields(
+                    error=error_text(err), error_type=type(err).__name__
+                ),
+            )
 
     def _ceiling(self, over: bool, records: int) -> None:
         if over == self._over:
@@ -605,9 +610,12 @@ class SegmentShipper:
         self._failures += 1
         self._metrics.audit_shipping_failures.inc()
         first = not self._last_error
-        self._last_error = str(err)
-        self._status = msgspec.structs.replace(self._status, last_error=str(err))
-        fields = self._fields(error=str(err), failures=self._failures)
+        text = error_text(err)
+        self._last_error = text
+        self._status = msgspec.structs.replace(self._status, last_error=text)
+        fields = self._fields(
+            error=text, error_type=type(err).__name__, failures=self._failures
+        )
         if not isinstance(err, StoreUnavailable):
             log.error("audit segments not shipped", extra=fields)
         elif first:

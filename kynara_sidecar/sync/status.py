@@ -34,8 +34,8 @@ from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.policy.loader import LoadedPolicies
-from kynara_sidecar.sync import Store
-from kynara_sidecar.sync._session import StoreSession
+from kynara_sidecar.sync import Store, StoreUnavailable
+from kynara_sidecar.sync._session import StoreSession, error_text
 from kynara_sidecar.sync.follower import BundleFollower
 
 __all__ = [
@@ -317,7 +317,8 @@ class StatusPublisher:
                 "fields": {
                     "component": "sync",
                     "backend": self._url,
-                    "error": str(err),
+                    "error": error_text(err),
+                    "error_type": type(err).__name__,
                 }
             },
         )
@@ -348,6 +349,13 @@ class StatusPublisher:
             try:
                 async with asyncio.timeout(final_seconds):
                     await self.publish()
+            except TimeoutError:
+                self._report(
+                    StoreUnavailable(
+                        f"{self._url}: put status: no answer within the "
+                        f"{final_seconds:g}s a stop allows"
+                    )
+                )
             except Exception as err:
                 self._report(err)
 

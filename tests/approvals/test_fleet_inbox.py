@@ -10,6 +10,7 @@ allowed. Stores: a real nats-server on loopback, and a directory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pathlib
 import re
@@ -226,7 +227,10 @@ def book_state(running: RunningDaemon, approval_id: str) -> ApprovalState:
     return approval.state
 
 
-def test_a_review_on_the_collectors_page_unblocks_the_agent(fleet_daemon, collector):
+def test_a_review_on_the_collectors_page_unblocks_the_agent(
+    fleet_daemon, collector, caplog
+):
+    caplog.set_level(logging.INFO, logger="kynara")
     stub = fleet_daemon.stub()
     asked = stub.Decide(big_refund())
     approval_id = asked.approval.id
@@ -258,6 +262,16 @@ def test_a_review_on_the_collectors_page_unblocks_the_agent(fleet_daemon, collec
     entry = msgspec.to_builtins(resolved[0].approval)
     assert entry["id"] == approval_id
     assert entry["via"] == "fleet"
+    # Every line about the approval, on the collector's side and the
+    # daemon's, names its decision.
+    about = {
+        r.getMessage(): r.fields
+        for r in caplog.records
+        if getattr(r, "fields", {}).get("approval_id") == approval_id
+    }
+    assert "review from the fleet inbox recorded" in about
+    assert "reviewed approval on review page" in about
+    assert all(f.get("decision_id") == asked.decision_id for f in about.values())
     assert entry["resolution"] == "approved"
     # Taken: dropped from the store; the inbox sees the grant used.
     assert asyncio.run(_reviews(fleet_daemon)) == []
@@ -826,7 +840,10 @@ def test_a_rejection_made_first_but_taken_after_the_approval_is_a_conflict(
     )
     counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
     wait_for(lambda: counted.labels("conflict")._value.get() == 1, "the conflict")
+    # Left in the store until the approval's state naming it is put.
+    wait_for(lambda: not asyncio.run(_reviews(fleet_daemon)), "the rejection dropped")
 
+    assert reject.review_id in _published_taken(fleet_daemon, approval_id)
     assert book_state(fleet_daemon, approval_id) is ApprovalState.APPROVED
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert any(
@@ -870,6 +887,185 @@ def test_a_refused_review_is_named_in_the_state_published_again(
 
     wait_for(published_taken, "the approval published again naming the review")
     assert book_state(fleet_daemon, approval_id) is ApprovalState.PENDING
+
+
+# -- a refused review stays in the store until a put names it taken
+
+
+def _store_root(store_url: str) -> pathlib.Path:
+    return pathlib.Path(store_url.removeprefix("dir://"))
+
+
+def _hold_puts(store_url: str, approval_id: str) -> Callable[[], None]:
+    """Make the directory store refuse every put of one of the test
+    daemon's approvals (a directory where its file is renamed to), keeping
+    the state last put; returns what puts that state back and lets puts
+    in again."""
+    token = daemon_token(DAEMON_ID)
+    path = _store_root(store_url) / "approvals" / token / f"{approval_id}.json"
+    last = path.read_bytes()
+    path.unlink()
+    path.mkdir()
+
+    def release() -> None:
+        path.rmdir()
+        temp = path.with_name(".put-back")
+        temp.write_bytes(last)
+        os.replace(temp, path)
+
+    return release
+
+
+def _published_taken(running: RunningDaemon, approval_id: str) -> list[str] | None:
+    """The review ids the store's state of the approval names as taken
+    (None: the store holds no state of it)."""
+
+    async def read():
+        store = open_store(running.config.store, timeout=2)
+        await store.connect()
+        try:
+            return await store.approvals()
+        finally:
+            await store.close()
+
+    for entry in asyncio.run(read()):
+        if entry.approval_id == approval_id:
+            return msgspec.json.decode(entry.data)["taken"]
+    return None
+
+
+def _logged(caplog, message: str, review_id: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith(message)
+        and getattr(r, "fields", {}).get("review_id") == review_id
+    ]
+
+
+@pytest.mark.parametrize("store_url", ["dir"], indirect=True)
+def test_a_review_refused_just_before_a_restart_is_named_after_it(
+    start_daemon, fleet_daemon, collector, store_url, inbox_key, caplog
+):
+    # A store writer altered the collector's copy; Carol's rejection of it
+    # is refused by the daemon (not the view it holds), which stops before
+    # a state naming the rejection is put. The rejection stays in the
+    # store, so the daemon, restarted, refuses it again and names it, and
+    # the inbox stops counting it: the approval is open again there.
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    real = wait_for(lambda: collector.inbox.get(approval_id), "the approval")
+    overrides = fleet_overrides(store_url, inbox_key[1], collector)
+    release = _hold_puts(store_url, approval_id)
+    # The collector's next scan notices the held entry: any earlier scan
+    # (one that may have found no file there) is behind it.
+    wait_for(
+        lambda: any(
+            getattr(r, "fields", {}).get("entry", "").endswith(f"{approval_id}.json")
+            for r in caplog.records
+            if r.getMessage() == "malformed store entry"
+        ),
+        "the collector to read the held entry",
+    )
+    forged = msgspec.structs.replace(real, attributes={"amount": {"int": "500"}})
+
+    async def swap() -> None:
+        collector.inbox._approvals[approval_id] = forged
+
+    collector.call(swap())
+    sent = collector.review(approval_id, CAROL_SECRET, Verdict.REJECT)
+    review_id = collector.inbox._sent[approval_id][0].review_id
+    counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
+    wait_for(
+        lambda: counted.labels("refused_view_mismatch")._value.get() == 1,
+        "the refusal",
+    )
+    # Refused while no put goes through: left in the store.
+    left = [r.review_id for r in asyncio.run(_reviews(fleet_daemon))]
+    assert left == [review_id]
+    fleet_daemon.stop()
+    release()
+    again = start_daemon(*overrides)
+    reopened = wait_for(
+        lambda: (
+            collector.inbox.get(approval_id).state is ApprovalState.PENDING
+            and collector.inbox.get(approval_id)
+        ),
+        "the inbox to open the approval again",
+    )
+    wait_for(lambda: not asyncio.run(_reviews(again)), "the refused review dropped")
+
+    assert sent.state is ApprovalState.REJECTED
+    assert reopened.reviews == ()
+    assert _published_taken(again, approval_id) == [review_id]
+    recounted = again.daemon.metrics.approval_fleet_reviews
+    assert recounted.labels("refused_view_mismatch")._value.get() == 1
+    assert book_state(again, approval_id) is ApprovalState.PENDING
+
+
+@pytest.mark.parametrize("store_url", ["dir"], indirect=True)
+def test_a_refused_review_given_again_is_counted_once(
+    fleet_daemon, collector, store_url, caplog
+):
+    # The store takes no put of the approval, so a refused review stays in
+    # it; the review watch then fails, and the next one gives the review
+    # again: it is not refused (counted, logged) twice. A review recorded
+    # meanwhile is dropped at once, as ever. Once puts go through, the
+    # approval's state names both and the refused one is dropped.
+    caplog.set_level(logging.DEBUG, logger="kynara.sync")
+    stub = fleet_daemon.stub()
+    approval_id = stub.Decide(big_refund()).approval.id
+    approval = fleet_daemon.daemon._book.get(approval_id)
+    wait_for(lambda: collector.inbox.get(approval_id), "the approval in the inbox")
+    release = _hold_puts(store_url, approval_id)
+    stale = _signed(
+        collector, approval, "carol", Verdict.REJECT, _later(approval.created_at, -60)
+    )
+    asyncio.run(
+        _put(fleet_daemon, approval_id, stale.review_id, encode_signed_review(stale))
+    )
+    counted = fleet_daemon.daemon.metrics.approval_fleet_reviews
+    wait_for(lambda: counted.labels("refused_stale")._value.get() == 1, "the refusal")
+    held = [r.review_id for r in asyncio.run(_reviews(fleet_daemon))]
+    approve = _signed(
+        collector, approval, "dave", Verdict.APPROVE, _later(approval.created_at, 1)
+    )
+    asyncio.run(
+        _put(
+            fleet_daemon, approval_id, approve.review_id, encode_signed_review(approve)
+        )
+    )
+    wait_for(
+        lambda: book_state(fleet_daemon, approval_id) is ApprovalState.APPROVED,
+        "the approval recorded",
+    )
+    wait_for(
+        lambda: [r.review_id for r in asyncio.run(_reviews(fleet_daemon))] == held,
+        "the recorded review dropped",
+    )
+    root = _store_root(store_url)
+    failed = fleet_daemon.daemon.metrics.approval_fleet_failures.labels("reviews")
+    before = failed._value.get()
+    (root / "reviews").rename(root / "reviews-away")
+    wait_for(lambda: failed._value.get() > before, "the review watch to fail")
+    # Over the empty directory the link's reconnect may have made.
+    (root / "reviews-away").rename(root / "reviews")
+    wait_for(
+        lambda: _logged(caplog, "review from the store given again", stale.review_id),
+        "the refused review given again",
+    )
+    release()
+    wait_for(
+        lambda: not asyncio.run(_reviews(fleet_daemon)), "the refused review dropped"
+    )
+
+    assert held == [stale.review_id]
+    taken = _published_taken(fleet_daemon, approval_id)
+    assert sorted(taken) == sorted([stale.review_id, approve.review_id])
+    assert counted.labels("refused_stale")._value.get() == 1
+    assert counted.labels("recorded")._value.get() == 1
+    refused = _logged(caplog, "review from the store refused", stale.review_id)
+    assert len(refused) == 1
 
 
 @pytest.mark.parametrize("store_url", ["dir"], indirect=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 
 import msgspec
 import pytest
@@ -86,9 +88,13 @@ def test_a_failing_endpoint_is_retried_until_it_takes_the_summary():
             await hook.close()
         return receiver
 
-    receiver = asyncio.run(run())
+    with recorded_lines() as lines:
+        receiver = asyncio.run(run())
 
     assert len(receiver.posts) == 3
+    about = [r.fields for r in lines if "approval webhook" in r.getMessage()]
+    assert len(about) == 3  # two failed attempts, one delivery
+    assert all(f["decision_id"] == approval.decision_id for f in about)
     body, headers = receiver.posts[-1]
     assert json.loads(body) == {
         "event": "approval_requested",
@@ -209,11 +215,34 @@ def test_a_full_queue_drops_without_blocking_and_close_drops_the_rest():
             await hook.close()
             return len(receiver.posts)
 
-    posted = asyncio.run(run())
+    with recorded_lines() as lines:
+        posted = asyncio.run(run())
 
     assert posted == 0
     # Three found the queue full; two were queued and dropped at close.
     assert delivered(metrics, "dropped") == 5
+    dropped = [r.fields for r in lines if r.getMessage() == "approval webhook dropped"]
+    assert sorted((f["approval_id"], f["decision_id"]) for f in dropped) == sorted(
+        (make_approval(n).id, f"dec-{n}") for n in range(1, 6)
+    )
+
+
+@contextlib.contextmanager
+def recorded_lines():
+    """The records the ``kynara`` loggers emit meanwhile (whether or not a
+    test before configured them not to propagate)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("kynara")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_notify_from_another_thread_reaches_the_loop():

@@ -256,7 +256,7 @@ def test_clear_beside_a_running_collector_resumes_the_daemon(tmp_path, collector
     found = collector.wait_for(lambda d: d["tree_size"] == 8, "tree size 8")
     assert (found["refused"], [a["kind"] for a in found["alerts"]]) == ("", ["gap"])
 
-    again = _clear_cli(config)
+    again = _clear_cli(config, "--reason", "OPS-2")
     assert again.returncode == 1
     assert f"daemon '{ORIGIN}' is not refused" in again.stderr.decode()
 
@@ -266,8 +266,47 @@ def test_clear_on_a_mistyped_state_path_creates_nothing(tmp_path):
     config = write_config(tmp_path, log)
     missing = tmp_path / "no-such-state"
 
-    result = _clear_cli(config, "--set", f"state.path={missing}")
+    result = _clear_cli(config, "--set", f"state.path={missing}", "--reason", "x")
 
     assert result.returncode == 1
     assert f"no collector state at {missing}" in result.stderr.decode()
     assert not missing.exists()
+
+
+def test_clear_needs_a_reason(tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        _build_parser().parse_args(["daemons", "clear", "bot-7", "--config", "c.yaml"])
+
+    assert usage.value.code == 2
+    assert "--reason" in capsys.readouterr().err
+
+
+def test_clear_of_an_empty_daemon_id_names_the_id(tmp_path, state):
+    _gap(tmp_path, state)
+
+    with pytest.raises(NotRefused, match="expected a daemon id, got an empty one"):
+        state.clear_refusal("")
+
+    assert state.frontier(ORIGIN).refused == "gap"
+
+
+def test_clear_cli_refuses_an_empty_id_or_reason_before_opening_the_state(tmp_path):
+    log = write_log(tmp_path / "log", 4)
+    config = write_config(tmp_path, log)
+    missing = tmp_path / "no-such-state"
+
+    for daemon_id, reason, expected in [
+        ("", "OPS-1", "expected a daemon id, got an empty one"),
+        (ORIGIN, " ", "--reason is empty"),
+    ]:
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "kynara_sidecar.collector.cli",
+                "daemons", "clear", daemon_id, "--config", str(config),
+                "--set", f"state.path={missing}", "--reason", reason,
+            ],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert expected in result.stderr.decode()
+        assert "lmdb" not in result.stderr.decode().lower()

@@ -155,6 +155,9 @@ def test_run_serves_until_sigterm_then_stops_cleanly(tmp_path, key_file):
     try:
         body = _wait_http(f"http://127.0.0.1:{port}/daemons", process)
         assert json.loads(body)["daemons"][0]["daemon_id"] == "bot"
+        # Nothing to reload: logged, and the collector serves on.
+        os.kill(process.pid, signal.SIGHUP)
+        _wait_http(f"http://127.0.0.1:{port}/daemons", process)
 
         os.kill(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=WAIT_SECONDS)
@@ -165,6 +168,7 @@ def test_run_serves_until_sigterm_then_stops_cleanly(tmp_path, key_file):
 
     assert process.returncode == 0, stderr
     messages = [json.loads(line)["msg"] for line in stderr.splitlines()]
+    assert any(m.startswith("SIGHUP ignored") for m in messages), messages
     assert messages[-4:] == [
         "stopping: doors",
         "stopping: http",

@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import time
 
 import grpc
 import kubernetes_validate
@@ -43,7 +45,7 @@ from kynara_sidecar.config import (
     load_config,
     read_raw_config,
 )
-from kynara_sidecar.daemon import FINAL_SYNC_SECONDS
+from kynara_sidecar.daemon import FINAL_SYNC_SECONDS, LIVENESS_SERVICE
 from kynara_sidecar.policy.loader import load_policies
 
 KUBERNETES = REPO_ROOT / "config" / "kubernetes"
@@ -168,6 +170,11 @@ def _secret_files(name: str, directory: pathlib.Path) -> None:
         save_public_key(generate_key().public(), directory / "bundle-signing.pub")
     elif name == "kynara-http-tls":
         _self_signed(directory)
+    elif name == "kynara-nats":
+        _self_signed(directory)
+        (directory / "tls.crt").rename(directory / "ca.crt")
+        (directory / "tls.key").unlink()
+        (directory / "password").write_text(f"{name}-{SECRET_TEXT}")
     else:
         # Each credential its own secret, as the daemon requires.
         (directory / "secret").write_text(f"{name}-{SECRET_TEXT}")
@@ -308,6 +315,11 @@ def test_ports_probes_and_scrape_annotations_match_the_config(variant, short_roo
     assert ports == {"health": config.health.port, "metrics": config.http.port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == config.health.port, probe
+    # Startup and liveness ask whether the process is up; readiness asks
+    # the overall status (the default service), which says whether it serves.
+    assert container["startupProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == config.http.port
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -319,6 +331,113 @@ def test_ports_probes_and_scrape_annotations_match_the_config(variant, short_roo
         if AdminRole.METRICS in c.roles and AdminRole.OPERATOR not in c.roles
     ]  # fmt: skip
     assert metrics_readers, "Prometheus gets a credential that only reads /metrics"
+
+
+def readme_scrape_job() -> dict:
+    """The Prometheus job config/kubernetes/README.md gives."""
+    readme = (KUBERNETES / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    (block,) = [b for b in blocks if "scrape_configs:" in b]
+    (job,) = yaml.safe_load(textwrap.dedent(block))["scrape_configs"]
+    return job
+
+
+def discovered_targets(variant: str) -> list[dict[str, str]]:
+    """The targets Prometheus' pod discovery makes of a pod: one for each
+    port of each container, init containers' included, and one for each
+    container without ports, at the pod address alone."""
+    template = workload(variant)["spec"]["template"]
+    annotations = template["metadata"].get("annotations", {})
+    pod = {
+        "__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key): value
+        for key, value in annotations.items()
+    }
+    containers = [
+        *((c, "true") for c in template["spec"].get("initContainers", [])),
+        *((c, "false") for c in template["spec"]["containers"]),
+    ]
+    targets = []
+    for container, init in containers:
+        base = {
+            **pod,
+            "__meta_kubernetes_pod_container_name": container["name"],
+            "__meta_kubernetes_pod_container_init": init,
+        }
+        if not container.get("ports"):
+            targets.append({**base, "__address__": "10.1.2.3"})
+        for port in container.get("ports", []):
+            targets.append({
+                **base,
+                "__address__": f"10.1.2.3:{port['containerPort']}",
+                "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                "__meta_kubernetes_pod_container_port_number": str(
+                    port["containerPort"]
+                ),
+            })  # fmt: skip
+    return targets
+
+
+def relabel(targets: list[dict[str, str]], rules: list[dict]) -> list[dict[str, str]]:
+    """Prometheus' keep and drop relabelling: the source labels' values
+    joined by the separator, the regex anchored at both ends."""
+    kept = []
+    for target in targets:
+        for rule in rules:
+            action = rule.get("action", "replace")
+            assert action in ("keep", "drop"), f"not simulated here: {action}"
+            value = rule.get("separator", ";").join(
+                target.get(label, "") for label in rule["source_labels"]
+            )
+            matched = re.fullmatch(rule.get("regex", "(.*)"), value) is not None
+            if matched != (action == "keep"):
+                break
+        else:
+            kept.append(target)
+    return kept
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_readme_scrape_job_keeps_the_daemons_metrics_port_alone(variant):
+    job = readme_scrape_job()
+    container = daemon_container(variant)
+    (metrics_port,) = [p for p in container["ports"] if p["name"] == "metrics"]
+    annotations = workload(variant)["spec"]["template"]["metadata"]["annotations"]
+
+    kept = relabel(discovered_targets(variant), job["relabel_configs"])
+
+    assert [t["__address__"] for t in kept] == [
+        f"10.1.2.3:{metrics_port['containerPort']}"
+    ]
+    assert kept[0]["__meta_kubernetes_pod_container_name"] == container["name"]
+    assert int(annotations["prometheus.io/port"]) == metrics_port["containerPort"]
+    assert job["scheme"] == annotations["prometheus.io/scheme"]
+    assert job["metrics_path"] == annotations["prometheus.io/path"]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    assert job["authorization"]["credentials_file"]
+
+
+def test_the_readme_tls_steps_make_a_certificate_for_the_scrape_server_name(
+    tmp_path,
+):
+    """The README's openssl steps, run as written: the certificate carries
+    the name the scrape job checks, signed by the CA Prometheus gets."""
+    server_name = readme_scrape_job()["tls_config"]["server_name"]
+    readme = (KUBERNETES / "README.md").read_text()
+    (steps,) = re.findall(r"\n(\(umask 077\n openssl req -x509.*?\))\n", readme, re.S)
+    (tmp_path / "keys").mkdir()
+
+    done = subprocess.run(
+        ["sh", "-ec", steps], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "keys/tls.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "keys/kynara-ca.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert names.value.get_values_for_type(x509.DNSName) == [server_name]
+    cert.verify_directly_issued_by(ca)
+    assert "--cert=keys/tls.crt --key=keys/tls.key" in readme
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -342,6 +461,7 @@ def test_every_path_the_daemon_reads_is_on_a_mounted_volume(variant, short_root)
         config.audit.signing_key, config.http.tls.cert_file, config.http.tls.key_file,
         *config.policy.trusted_keys,
         *(c.secret_file for c in config.admin.credentials.values()),
+        *filter(None, (config.sync.nats.ca_file, config.sync.nats.password_file)),
     ]  # fmt: skip
     if not config.policy.signed:
         readable.append(config.policy.source + "/payments.yaml")
@@ -486,25 +606,59 @@ def _unimplemented(channel: grpc.Channel, method: str, *, stream: bool = False):
 HEALTH_HOST = "127.0.0.2"
 
 
+@contextlib.contextmanager
+def daemon_process(pod: Pod, *overrides: str):
+    """The daemon on the pod's config and args, with any free ports (the
+    machine may use the manifest's elsewhere), stopped with SIGTERM after.
+
+    Yields:
+        (health target, the process, its log's path).
+    """
+    port = _free_port(HEALTH_HOST)
+    log_path = pod.root / "daemon.log"
+    settings = [
+        f"health.port={port}", "http.port=0", "agent.port=0", *overrides,
+    ]  # fmt: skip
+    pod.load(*settings)  # the same config loads here
+    command = [
+        sys.executable, "-m", "kynara_sidecar.cli", "run",
+        "--config", str(pod.config_path),
+        *(arg for setting in settings for arg in ("--set", setting)),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"{HEALTH_HOST}:{port}", process, log_path
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+    assert process.returncode == 0, log_path.read_text()[-3000:]
+
+
+def health_of(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
+
+
 def test_the_health_port_on_another_address_serves_health_and_nothing_else(
     short_root,
 ):
     pod = Pod("base", short_root, {**SAMPLE, **LONGEST, "POD_IP": HEALTH_HOST})
-    port = _free_port(HEALTH_HOST)
-    log_path = short_root / "daemon.log"
-    command = [
-        sys.executable, "-m", "kynara_sidecar.cli", "run",
-        "--config", str(pod.config_path),
-        # Ports the machine may already use elsewhere: any free one.
-        "--set", f"health.port={port}", "--set", "http.port=0",
-        "--set", "agent.port=0",
-    ]  # fmt: skip
-    pod.load(*command[-5::2])  # the same config loads here
-    target = f"{HEALTH_HOST}:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with daemon_process(pod) as (target, process, log_path):
+        port = int(target.rsplit(":", 1)[1])
         wait_serving(target, process, log_path)
+        assert health_of(target, LIVENESS_SERVICE) == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
         with grpc.insecure_channel(target) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5
@@ -538,12 +692,35 @@ def test_the_health_port_on_another_address_serves_health_and_nothing_else(
                 while chunk := raw.recv(4096):
                     answer += chunk
         assert not answer.startswith(b"HTTP/"), answer[:200]
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-    assert process.returncode == 0, log_path.read_text()[-3000:]
+
+
+def test_a_daemon_up_but_not_serving_is_live_and_unready(short_root):
+    """The nats overlay's daemon on a fresh log with its store down: no
+    policy bundle can be active, so readiness (the probe's default service)
+    says NOT_SERVING while liveness, the service the startup and liveness
+    probes name, says SERVING: kubelet keeps the pod out of traffic and
+    does not restart the daemon in a loop."""
+    pod = Pod("overlays/nats", short_root, {**SAMPLE, **LONGEST, "POD_IP": HEALTH_HOST})
+    container = daemon_container("overlays/nats")
+    # The store: a loopback port nothing listens on.
+    down = f"nats://127.0.0.1:{_free_port('127.0.0.1')}"
+    overrides = (f"policy.source={down}", "sync.timeout_seconds=1")
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    with daemon_process(pod, *overrides) as (target, process, log_path):
+        deadline = time.monotonic() + 60
+        live = None
+        while live != serving and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            with contextlib.suppress(grpc.RpcError):
+                live = health_of(target, container["livenessProbe"]["grpc"]["service"])
+            time.sleep(0.05)
+        startup = health_of(target, container["startupProbe"]["grpc"]["service"])
+        ready = health_of(
+            target, container["readinessProbe"]["grpc"].get("service", "")
+        )
+
+    assert live == serving, log_path.read_text()[-3000:]
+    assert startup == serving
+    assert ready == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "no policy bundle active" in log_path.read_text()

@@ -474,20 +474,30 @@ def test_stdio_child_exit_drops_tools_and_reconnects(tmp_path):
     assert changes.servers == ["files", "files", "files"]
 
 
-def test_http_server_gone_drops_tools_and_reconnects(tmp_path):
-    upstream = start_http_upstream(tmp_path)
+@pytest.mark.parametrize("era", ["2026", "handshake"])
+def test_http_server_gone_drops_tools_and_reconnects(era, tmp_path):
+    # No call is made: a 2026 connection's listen stream ends; a handshake-era
+    # one is pinged (every timeout_seconds, here 2 s).
+    handshake_only = era == "handshake"
+    upstream = start_http_upstream(tmp_path, handshake_only=handshake_only)
     changes = Changes()
     restarted: list[HttpUpstream] = []
 
     async def scenario():
-        catalog = Catalog({"web": config(upstream.config())}, on_change=changes)
+        catalog = Catalog(
+            {"web": config(upstream.config(timeout_seconds=2))}, on_change=changes
+        )
         await catalog.start()
         try:
             await asyncio.to_thread(upstream.stop)
             await changes.wait_for(lambda: not catalog.tools(), "drop")
             restarted.append(
                 await asyncio.to_thread(
-                    start_http_upstream, tmp_path, None, port=upstream.port
+                    start_http_upstream,
+                    tmp_path,
+                    None,
+                    port=upstream.port,
+                    handshake_only=handshake_only,
                 )
             )
             await changes.wait_for(lambda: bool(catalog.tools()), "reconnect")
@@ -504,6 +514,82 @@ def test_http_server_gone_drops_tools_and_reconnects(tmp_path):
 
     assert read.content[0].text == "contents of /z"
     assert changes.servers == ["web", "web", "web"]
+
+
+def test_handshake_era_http_server_restarted_is_reconnected(tmp_path, caplog):
+    # A server back on its port before the gateway looked again no longer
+    # knows the gateway's session: its ping is refused and the gateway
+    # connects afresh.
+    upstream = start_http_upstream(tmp_path, handshake_only=True)
+    changes = Changes()
+    restarted: list[HttpUpstream] = []
+
+    async def scenario():
+        catalog = Catalog(
+            {"web": config(upstream.config(timeout_seconds=2))}, on_change=changes
+        )
+        await catalog.start()
+        try:
+            # Blocking the event loop on purpose: the gateway sees nothing of
+            # the restart, neither a ping nor a stream in between.
+            upstream.stop()
+            restarted.append(
+                start_http_upstream(
+                    tmp_path, None, port=upstream.port, handshake_only=True
+                )
+            )
+            await changes.wait_for(lambda: len(changes.servers) == 3, "reconnect")
+            return await catalog.call(catalog.get("web__read"), {"path": "/r"})
+        finally:
+            await catalog.stop()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="kynara.gateway"):
+            read = run(scenario())
+    finally:
+        upstream.stop()
+        for server in restarted:
+            server.stop()
+
+    assert read.content[0].text == "contents of /r"
+    assert changes.servers == ["web", "web", "web"]
+    (lost,) = [r for r in caplog.records if r.getMessage() == "upstream lost"]
+    assert "ping failed" in lost.fields["error"]
+    assert "Session not found" in lost.fields["error"]
+
+
+def test_list_changed_before_the_stream_opens_is_not_lost(tmp_path):
+    # The upstream announces a new tool right after its first tools/list,
+    # before the handshake-era client's standalone GET stream is open (it
+    # holds the GET until then), so the announcement itself is lost.
+    upstream = start_http_upstream(tmp_path, handshake_only=True, announce_early=True)
+    lists: list[list[str]] = []
+    changes = Changes()
+
+    async def scenario():
+        catalog: Catalog
+
+        def changed(server: str) -> None:
+            lists.append([tool.name.tool for tool in catalog.tools()])
+            changes(server)
+
+        catalog = Catalog({"web": config(upstream.config())}, on_change=changed)
+        await catalog.start()
+        try:
+            await changes.wait_for(
+                lambda: catalog.get("web__late") is not None, "re-list"
+            )
+            return await catalog.call(catalog.get("web__late"), {})
+        finally:
+            await catalog.stop()
+
+    try:
+        late = run(scenario())
+    finally:
+        upstream.stop()
+
+    assert late.content[0].text == "late"
+    assert lists == [BASE_TOOLS, sorted(BASE_TOOLS + ["late"])]
 
 
 def test_stop_leaves_no_child_and_no_task(tmp_path):

@@ -30,6 +30,12 @@ makes ``tools/list`` answer K tools per page (clients must follow cursors);
 ``--handshake-only`` refuses ``server/discover`` as a server from before the
 2026 protocol does, so clients fall back to the initialize handshake;
 ``--empty-name`` adds a tool whose name is empty (which the gateway refuses);
+``--announce-early`` (over HTTP) adds ``late`` and announces it to the
+client while answering its first ``tools/list`` (the answer itself lacks
+``late``), and answers a client's standalone GET stream (a GET carrying a
+session id: where a handshake-era client hears list_changed) only after
+that, so the announcement finds no stream open and is lost, as one sent
+before a client opens its stream is;
 ``--faulty`` adds tools that misbehave: ``fail`` answers the JSON-RPC error
 ``FAIL_CODE`` "failed on purpose" with data ``{"asked": true}``,
 ``malformed`` answers ``{"content": "notalist", "isError": "yes"}`` (no
@@ -103,8 +109,13 @@ class Upstream:
         collide: bool,
         empty_name: bool = False,
         faulty: bool = False,
+        announce_early: bool = False,
     ) -> None:
         self.page_size = page_size
+        self.announce_early = announce_early
+        # Set once --announce-early announced (made at first use: it needs
+        # the server's event loop).
+        self._announced: anyio.Event | None = None
         self.tools: list[types.Tool] = [
             types.Tool(
                 name="read",
@@ -201,12 +212,28 @@ class Upstream:
             key = (headers or {}).get("mcp-session-id", "") or "http"
         self.sessions[key] = ctx.session
 
+    def announced(self) -> anyio.Event:
+        """Set once ``--announce-early`` made its announcement."""
+        if self._announced is None:
+            self._announced = anyio.Event()
+        return self._announced
+
     async def list_tools(
         self,
         ctx: ServerRequestContext[Any, Any],
         params: types.PaginatedRequestParams | None,
     ) -> types.ListToolsResult:
         self._remember(ctx)
+        result = self._page(params)
+        if self.announce_early and not self.announced().is_set():
+            await self.add_late_tool()
+            self.announced().set()
+        return result
+
+    def _page(
+        self, params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        """The page of tools ``params``' cursor asks for (all, unpaged)."""
         start = 0
         cursor = params.cursor if params is not None else None
         if cursor is not None:
@@ -361,11 +388,31 @@ async def serve_stdio(
             )
 
 
-def serve_http(server: UpstreamServer, port: int) -> None:
+def serve_http(server: UpstreamServer, port: int, upstream: Upstream) -> None:
     import uvicorn
 
     app = server.streamable_http_app(host="127.0.0.1")
+    if upstream.announce_early:
+        app = _streams_after_announcing(app, upstream)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def _streams_after_announcing(app: Any, upstream: Upstream) -> Any:
+    """``app``, answering a session's standalone GET stream only once
+    ``upstream`` announced (``--announce-early``)."""
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            headers = dict(scope.get("headers") or [])
+            if b"mcp-session-id" in headers:
+                await upstream.announced().wait()
+                # Let the transport route (and drop) the announcement before
+                # the stream it would have gone to is opened.
+                for _ in range(20):
+                    await anyio.sleep(0)
+        await app(scope, receive, send)
+
+    return held
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -381,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handshake-only", action="store_true")
     parser.add_argument("--empty-name", action="store_true")
     parser.add_argument("--faulty", action="store_true")
+    parser.add_argument("--announce-early", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     upstream = Upstream(
@@ -390,12 +438,13 @@ def main(argv: list[str] | None = None) -> None:
         collide=args.collide,
         empty_name=args.empty_name,
         faulty=args.faulty,
+        announce_early=args.announce_early,
     )
     server = build(upstream, handshake_only=args.handshake_only)
     if args.stdio:
         anyio.run(serve_stdio, server, args.handshake_only, args.faulty)
     else:
-        serve_http(server, args.port)
+        serve_http(server, args.port, upstream)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def upstream_flags(
     collide: bool = False,
     handshake_only: bool = False,
     empty_name: bool = False,
+    announce_early: bool = False,
 ) -> list[str]:
     """The server's command-line flags for these options."""
     flags: list[str] = []
@@ -54,6 +55,8 @@ def upstream_flags(
         flags.append("--handshake-only")
     if empty_name:
         flags.append("--empty-name")
+    if announce_early:
+        flags.append("--announce-early")
     return flags
 
 

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -110,6 +111,9 @@ class DaemonProcess:
         root: a fresh directory for the config, policies, sockets and log.
         settings: ``section.key`` -> value written into the config file.
         args: extra CLI arguments before and after ``run`` (``pre``, ``post``).
+        command: what runs the CLI (default: ``python -m kynara_sidecar.cli``).
+        on_exec: called with the process as soon as it started, before
+            waiting for it to serve.
     """
 
     def __init__(
@@ -119,6 +123,8 @@ class DaemonProcess:
         *,
         pre: tuple[str, ...] = (),
         post: tuple[str, ...] = (),
+        command: tuple[str, ...] = (sys.executable, "-m", "kynara_sidecar.cli"),
+        on_exec: Callable[[subprocess.Popen], None] | None = None,
     ):
         self.root = root
         self.policies = root / "policies"
@@ -146,8 +152,7 @@ class DaemonProcess:
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "kynara_sidecar.cli", *pre, "run",
-                "--config", str(self.config_path), *post,
+                *command, *pre, "run", "--config", str(self.config_path), *post,
             ],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
@@ -156,6 +161,8 @@ class DaemonProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         try:
+            if on_exec is not None:
+                on_exec(self.process)
             wait_serving(f"unix://{self.socket}", self.process, self.log_path)
         except BaseException:
             self.stop()

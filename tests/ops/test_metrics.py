@@ -10,9 +10,16 @@ import pytest
 from prometheus_client import generate_latest
 from support import REPO_ROOT
 
+from kynara_sidecar.collector.metrics import CollectorMetrics
 from kynara_sidecar.decision import ConditionError
 from kynara_sidecar.metrics import OTHER, Metrics
 from kynara_sidecar.server.grpc_metrics import ServerMetrics, split_method
+from kynara_sidecar.sync.nats_store import (
+    APPROVALS_BUCKET,
+    BUNDLES_BUCKET,
+    REVIEWS_BUCKET,
+    STATUS_BUCKET,
+)
 
 # README's "Metrics" table: | `name` | type | labels | what |
 ROW = re.compile(r"^\| `(kynara_[a-z0-9_]+)` \| (\w+) \|([^|]*)\|")
@@ -69,6 +76,73 @@ def test_readme_lists_exactly_the_registry_with_its_labels():
     assert sorted(set(catalog) - set(listed)) == [], "exported, not listed"
     for name, (kind, labels) in catalog.items():
         assert listed[name] == (kind, labels), name
+
+
+# A metric name as prose names it: `kynara_x_total{label}` gives kynara_x_total.
+DOC_NAME = re.compile(r"\bkynara_[a-z0-9_]*[a-z0-9]")
+# kynara_* words in the docs that are not metrics: the NATS store's buckets
+# and the Python packages.
+NOT_METRICS = {
+    APPROVALS_BUCKET, BUNDLES_BUCKET, REVIEWS_BUCKET, STATUS_BUCKET,
+    "kynara_sidecar", "kynara_sdk",
+}  # fmt: skip
+DOCS = ["README.md", "config/kubernetes/README.md"]
+
+
+def exported_names(registry) -> set[str]:
+    """The family names a registry exports, counters with their _total."""
+    return {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in registry.collect()
+    }
+
+
+def sample_names(registry) -> set[str]:
+    """The names of the samples /metrics serves for ``registry``."""
+    text = generate_latest(registry).decode()
+    return {
+        re.split(r"[{ ]", line, maxsplit=1)[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_metric_the_docs_name_is_exported(doc):
+    daemon = {info.name for info in full_metrics().catalog()}
+    collector = exported_names(CollectorMetrics().registry)
+    text = (REPO_ROOT / doc).read_text()
+
+    named = set(DOC_NAME.findall(text)) - NOT_METRICS
+
+    assert named, f"{doc} names no metric: is the pattern still right?"
+    assert sorted(named - daemon - collector) == [], f"named in {doc}, not exported"
+
+
+def test_no_created_series_is_exported():
+    """Every sample /metrics serves is a listed family's (prometheus-client
+    would add a ``_created`` series to each counter and histogram)."""
+    metrics = full_metrics()
+    metrics.set_policy("p1", "d1", ["refund.create"])
+    metrics.count_decision("allow", "refund.create", 0.001)
+    metrics.request_errors.labels("audit_unavailable").inc()
+    collector = CollectorMetrics()
+    collector.segments.labels("d-1", "accepted").inc()
+    listed = set(readme_metrics())
+
+    def family(sample_name: str) -> str:
+        for suffix in ("_bucket", "_count", "_sum"):
+            if sample_name.removesuffix(suffix) in listed:
+                return sample_name.removesuffix(suffix)
+        return sample_name
+
+    names = sample_names(metrics.registry)
+    collector_names = sample_names(collector.registry)
+
+    assert {"kynara_decisions_total", "kynara_request_errors_total"} <= names
+    assert "kynara_collector_segments_total" in collector_names
+    assert [name for name in names | collector_names if name.endswith("_created")] == []
+    assert sorted({family(name) for name in names} - listed) == []
 
 
 def test_unknown_action_is_counted_as_other():

@@ -287,7 +287,7 @@ def test_sighup_rotates_admin_secrets_and_keeps_them_on_a_bad_file(tmp_path):
         secret.write_text("new-operator-secret-9876543210\n")
         daemon.reload()
         wait_for(lambda: reloaded(logged), "the reload")
-        assert reloaded(logged)[0]["msg"] == "config reloaded"
+        (rotated,) = reloaded(logged)
         old = head("old-operator-secret-0123456789")
         new = head("new-operator-secret-9876543210")
 
@@ -301,6 +301,9 @@ def test_sighup_rotates_admin_secrets_and_keeps_them_on_a_bad_file(tmp_path):
     finally:
         exit_code = daemon.stop()
 
+    # No setting changed, yet the reload says what it re-read.
+    assert rotated["msg"] == "config reloaded"
+    assert (rotated["applied"], rotated["admin_secrets_reread"]) == ([], 1)
     assert old == grpc.StatusCode.UNAUTHENTICATED
     assert new == grpc.StatusCode.OK
     assert refused["msg"] == CONFIG_REFUSED

@@ -280,6 +280,11 @@ def test_a_bad_renewal_keeps_the_certificate_served(
     refusals = [r for r in caplog.records if "not renewed" in r.getMessage()]
     assert len(refusals) == 1
     assert "admin.tls.key_file: expected the private key" in str(refusals[0].fields)
+    assert (refusals[0].fields["component"], refusals[0].fields["listener"]) == (
+        "server",
+        "admin",
+    )
+    assert int(refusals[0].fields["serial"], 16) == tls_daemon.served_serial
 
 
 def test_the_ipv6_loopback_serves_tls(tmp_path, authority, start_daemon, channels):

@@ -256,4 +256,10 @@ def test_a_bad_renewal_keeps_the_certificate_served(https_daemon, tmp_path, capl
     kept = [r for r in caplog.records if "not renewed" in r.getMessage()]
     assert len(kept) == 1
     assert "http.tls.key_file: expected the private key" in str(kept[0].fields)
-    assert kept[0].fields["component"] == "http_tls"
+    assert (kept[0].fields["component"], kept[0].fields["listener"]) == (
+        "server",
+        "http",
+    )
+    # Hex, as ``openssl x509 -serial`` prints it.
+    assert int(kept[0].fields["serial"], 16) == https_daemon.served_serial
+    assert kept[0].fields["serial"] == kept[0].fields["serial"].upper()

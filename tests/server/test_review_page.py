@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import re
 from collections.abc import AsyncIterator
 
@@ -388,7 +389,8 @@ async def test_csrf_token_of_another_session_is_refused():
     ids=["null-origin-same-site", "own-origin", "own-referer"],
 )
 @run_async
-async def test_review_from_the_page_itself_is_recorded(headers):
+async def test_review_from_the_page_itself_is_recorded(headers, caplog):
+    caplog.set_level(logging.INFO, logger="kynara")
     async with served() as page:
         await page.login()
         approval_id = first_pending(page)
@@ -404,6 +406,15 @@ async def test_review_from_the_page_itself_is_recorded(headers):
         assert approval.state is ApprovalState.APPROVED
         assert approval.reviews[0].reviewer == "rita"
         assert approval.reviews[0].comment == "checked"
+        (line,) = [
+            r.fields
+            for r in caplog.records
+            if r.getMessage() == "reviewed approval on review page"
+        ]
+        assert (line["approval_id"], line["decision_id"]) == (
+            approval_id,
+            approval.decision_id,
+        )
 
 
 @run_async

@@ -18,6 +18,7 @@ from kynara_sidecar.audit.record import format_timestamp
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.sync import open_store
 from kynara_sidecar.sync._session import StoreSession
+from kynara_sidecar.sync.dir_store import DirStore
 from kynara_sidecar.sync.status import (
     AuditStatusV1,
     DaemonStatusV1,
@@ -310,3 +311,32 @@ def test_fleet_status_names_a_daemon_by_its_document_and_flags_a_mismatch(tmp_pa
         ("bot-a@host-1", False),
         ("bot-x@host-9", True),
     ]
+
+
+class _SilentStatusStore(DirStore):
+    """A dir store whose status puts never answer (a store gone quiet)."""
+
+    async def put_status(self, daemon_id: str, data: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+def test_a_status_put_that_times_out_at_stop_is_logged_with_a_reason(tmp_path, caplog):
+    (tmp_path / "central").mkdir()
+    store = _SilentStatusStore(f"dir://{tmp_path / 'central'}")
+    status = decode_status(document("d-1", age=0))
+
+    async def run() -> None:
+        # The session's own bound is far away: only the stop's runs out.
+        session = StoreSession(store, 3600)
+        publisher = StatusPublisher(session, "d-1", 3600, lambda: status)
+        publisher.start()
+        await asyncio.sleep(0)
+        await publisher.stop(final_seconds=0.2)
+
+    with caplog.at_level("WARNING", logger="kynara.sync"):
+        asyncio.run(run())
+
+    (line,) = [r for r in caplog.records if r.getMessage() == "status not published"]
+    assert line.fields["error_type"] == "StoreUnavailable"
+    assert "no answer within the 0.2s a stop allows" in line.fields["error"]
+    assert str(tmp_path / "central") in line.fields["error"]
