@@ -153,6 +153,9 @@ class FleetInbox:
         timeout: seconds one store call may take.
         retry_seconds: the pause before watching again after a failure.
         clock: nanoseconds since the epoch.
+        on_entry: told of each store entry not listed as it came, by
+            outcome (``skipped``, ``kept``, ``dropped``, ``unregistered``),
+            to count it beside its log line.
     """
 
     def __init__(
@@ -165,6 +168,7 @@ class FleetInbox:
         timeout: float,
         retry_seconds: float,
         clock: Callable[[], int] = time.time_ns,
+        on_entry: Callable[[str], None] = lambda _outcome: None,
     ):
         self._session = StoreSession(store, timeout)
         self.name = name
@@ -173,6 +177,7 @@ class FleetInbox:
         self._unregistered: set[str] = set()
         self._retry_seconds = retry_seconds
         self._clock = clock
+        self._on_entry = on_entry
         # The verified published state of each approval.
         self._approvals: dict[str, Approval] = {}
         # Reviews sent that its daemon has not taken yet, in sending order.
@@ -307,6 +312,7 @@ class FleetInbox:
         kept = self._kept.setdefault(published.daemon_id, {})
         kept.pop(published.approval_id, None)
         kept[published.approval_id] = published
+        self._on_entry("kept")
         log.warning(
             "fleet inbox: approval signed with a key not known yet; not listed, "
             "kept until a key rotation of its daemon is taken in",
@@ -320,6 +326,7 @@ class FleetInbox:
         while len(kept) > MAX_KEPT_PER_DAEMON or size > MAX_KEPT_BYTES_PER_DAEMON:
             dropped = kept.pop(next(iter(kept)))
             size -= len(dropped.data)
+            self._on_entry("dropped")
             log.warning(
                 "fleet inbox: approval with a key not known yet dropped; listed "
                 "only once its daemon publishes it again",
@@ -338,6 +345,7 @@ class FleetInbox:
                 del self._kept[published.daemon_id]
 
     def _not_registered(self, published: PublishedApproval) -> None:
+        self._on_entry("unregistered")
         daemon_id = published.daemon_id[:_MAX_LOGGED]
         if daemon_id in self._unregistered:
             return
@@ -371,6 +379,7 @@ class FleetInbox:
         return shown
 
     def _skip(self, published: PublishedApproval, why: str) -> None:
+        self._on_entry("skipped")
         log.error(
             "fleet inbox: store entry skipped",
             extra=_fields(

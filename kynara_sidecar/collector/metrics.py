@@ -61,6 +61,13 @@ class CollectorMetrics:
             "be handled, dropped); door (a door stopped taking segments).",
             ["what"], registry=r,
         )  # fmt: skip
+        self.inbox_entries = Counter(
+            f"{PREFIX}_inbox_entries",
+            "Fleet inbox store entries not listed as they came, by outcome: "
+            "skipped (malformed or a bad signature), kept (a key not known "
+            "yet), dropped (kept past the per-daemon bound), unregistered.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.inbox_page_refusals = Counter(
             f"{PREFIX}_inbox_page_refusals",
             "Fleet inbox page posts and sign-ins refused, by why: origin, "

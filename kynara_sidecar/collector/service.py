@@ -198,6 +198,7 @@ class Collector:
             timeout=self.config.store.timeout_seconds,
             retry_seconds=self.config.store.retry_seconds,
             clock=self.clock,
+            on_entry=lambda outcome: self.metrics.inbox_entries.labels(outcome).inc(),
         )
         return inbox, auth
 

@@ -181,6 +181,10 @@ def test_an_approval_signed_before_its_rotation_is_taken_in_is_listed_after(flee
     assert listed == early
     assert {a.id for a in inbox.list(InboxQuery())} == {early.id, marker.id}
     assert inbox._kept == {}
+    entries = collector.collector.metrics.registry.get_sample_value(
+        "kynara_collector_inbox_entries_total", {"outcome": "kept"}
+    )
+    assert entries == 1
 
 
 def _fed_inbox(tmp_path: pathlib.Path, keys: dict) -> FleetInbox:
