@@ -287,13 +287,7 @@ class TlsConfig(_FileSection):
         return bool(self.cert_file)
 
     def validate(self, section: str, *, files: bool = True) -> None:
-        if bool(self.cert_file) != bool(self.key_file):
-            keys = ("cert_file", "key_file")
-            given, missing = keys if self.cert_file else keys[::-1]
-            raise ConfigError(
-                f"{section}.{missing}: expected a path with {section}.{given}, "
-                "got none (give both, or neither for no TLS)"
-            )
+        _check_pair(section, self.cert_file, self.key_file, "neither for no TLS")
         if self.enabled and files:
             load_certificate_pair(self.cert_file, self.key_file, section)
 
@@ -541,6 +535,22 @@ def _check_socket_path(section: str, socket_path: str, key: str = "socket") -> N
         raise ConfigError(
             f"{section}.{key}: expected at most {MAX_SOCKET_PATH_BYTES} bytes, "
             f"got {length}"
+        )
+
+
+def _check_pair(section: str, cert_file: str, key_file: str, otherwise: str) -> None:
+    """Refuse a certificate without its key, or a key without its certificate.
+
+    Raises:
+        ConfigError: naming the key missing; ``otherwise`` says what
+            leaving both out means, e.g. "neither for no TLS".
+    """
+    if bool(cert_file) != bool(key_file):
+        keys = ("cert_file", "key_file")
+        given, missing = keys if cert_file else keys[::-1]
+        raise ConfigError(
+            f"{section}.{missing}: expected a path with {section}.{given}, "
+            f"got none (give both, or {otherwise})"
         )
 
 
@@ -878,13 +888,7 @@ class NatsConnectionConfig(_FileSection):
         return self != type(self)()
 
     def validate(self, section: str, *, files: bool = True) -> None:
-        if bool(self.cert_file) != bool(self.key_file):
-            keys = ("cert_file", "key_file")
-            given, missing = keys if self.cert_file else keys[::-1]
-            raise ConfigError(
-                f"{section}.{missing}: expected a path with {section}.{given}, "
-                "got none (give both, or neither)"
-            )
+        _check_pair(section, self.cert_file, self.key_file, "neither")
         if bool(self.user) != bool(self.password_file):
             missing = "password_file" if self.user else "user"
             raise ConfigError(

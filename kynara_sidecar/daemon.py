@@ -1410,34 +1410,29 @@ class Daemon:
         """Read the config again and apply what can change live; False
         (nothing changed) when it cannot be read or is invalid."""
         assert self._reload_config is not None
+        checks_admin = bool(self._admin_tables) or self._reviewer_auth is not None
+        admin = self.config.admin
         try:
             fresh = with_daemon_id(await asyncio.to_thread(self._reload_config))
+            if checks_admin:
+                admin = msgspec.structs.replace(
+                    admin, credentials=fresh.admin.credentials
+                )
+                table, reviewers = await asyncio.to_thread(
+                    self._read_admin_credentials, admin
+                )
         except Exception as err:
-            # A ConfigError names the file, the key and what was expected;
-            # anything else is a loader bug, which must not stop the daemon.
+            # A ConfigError names the file, the key and what was expected (a
+            # secret file that cannot be read or is too short included: the
+            # secrets in use stay); anything else is a loader bug, which must
+            # not stop the daemon.
             self.metrics.config_reloads.labels("error").inc()
             log.error(
                 "config reload refused; previous config and policies stay active",
                 extra=_fields(error=str(err), error_type=type(err).__name__),
             )
             return False
-        checks_admin = bool(self._admin_tables) or self._reviewer_auth is not None
-        admin = self.config.admin
         if checks_admin:
-            admin = msgspec.structs.replace(admin, credentials=fresh.admin.credentials)
-            try:
-                table, reviewers = await asyncio.to_thread(
-                    self._read_admin_credentials, admin
-                )
-            except Exception as err:
-                # A secret file that cannot be read or is too short: the
-                # secrets in use stay, and so does everything else.
-                self.metrics.config_reloads.labels("error").inc()
-                log.error(
-                    "config reload refused; previous config and policies stay active",
-                    extra=_fields(error=str(err), error_type=type(err).__name__),
-                )
-                return False
             for credentials in self._admin_tables:
                 credentials.adopt(table)
             if reviewers is not None and self._reviewer_auth is not None:

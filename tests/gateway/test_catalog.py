@@ -28,7 +28,16 @@ from upstream_support import (
 
 from kynara_sidecar.config import UpstreamConfig
 from kynara_sidecar.errors import ConfigError
-from kynara_sidecar.gateway.catalog import Catalog, CatalogTool, UpstreamError
+from kynara_sidecar.gateway import catalog as catalog_module
+from kynara_sidecar.gateway.catalog import (
+    _CHANGED,
+    _CLOSED,
+    _STOP,
+    Catalog,
+    CatalogTool,
+    UpstreamError,
+    _Upstream,
+)
 from kynara_sidecar.gateway.names import tool_name
 
 # Bounds the waits for something the upstream does on its own time (a
@@ -474,12 +483,17 @@ def test_stdio_child_exit_drops_tools_and_reconnects(tmp_path):
     assert changes.servers == ["files", "files", "files"]
 
 
-@pytest.mark.parametrize("era", ["2026", "handshake"])
+@pytest.mark.parametrize("era", ["2026", "2026-no-listen", "handshake"])
 def test_http_server_gone_drops_tools_and_reconnects(era, tmp_path):
-    # No call is made: a 2026 connection's listen stream ends; a handshake-era
-    # one is pinged (every timeout_seconds, here 2 s).
+    # No call is made: a 2026 connection's listen stream ends; a 2026 one
+    # without tools.listChanged has no such stream and is probed with
+    # server/discover, a handshake-era one is pinged (either every
+    # timeout_seconds, here 2 s).
     handshake_only = era == "handshake"
-    upstream = start_http_upstream(tmp_path, handshake_only=handshake_only)
+    no_listen = era == "2026-no-listen"
+    upstream = start_http_upstream(
+        tmp_path, handshake_only=handshake_only, no_listen=no_listen
+    )
     changes = Changes()
     restarted: list[HttpUpstream] = []
 
@@ -498,6 +512,7 @@ def test_http_server_gone_drops_tools_and_reconnects(era, tmp_path):
                     None,
                     port=upstream.port,
                     handshake_only=handshake_only,
+                    no_listen=no_listen,
                 )
             )
             await changes.wait_for(lambda: bool(catalog.tools()), "reconnect")
@@ -556,6 +571,79 @@ def test_handshake_era_http_server_restarted_is_reconnected(tmp_path, caplog):
     (lost,) = [r for r in caplog.records if r.getMessage() == "upstream lost"]
     assert "ping failed" in lost.fields["error"]
     assert "Session not found" in lost.fields["error"]
+
+
+def test_call_to_a_restarted_handshake_era_http_server_reconnects(
+    tmp_path, caplog, monkeypatch
+):
+    # The server, restarted, answers the gateway's session id with HTTP 404
+    # (JSON-RPC -32600 "Session not found"). No ping runs during the test, so
+    # only the failed call can end the connection and make it reconnect.
+    monkeypatch.setattr(catalog_module, "MAX_PING_SECONDS", 3600.0)
+    upstream = start_http_upstream(tmp_path, handshake_only=True)
+    changes = Changes()
+    restarted: list[HttpUpstream] = []
+
+    async def scenario():
+        catalog = Catalog(
+            {"web": config(upstream.config(timeout_seconds=3600))}, on_change=changes
+        )
+        await catalog.start()
+        try:
+            # Blocking the event loop on purpose: the gateway sees nothing of
+            # the restart before its call.
+            upstream.stop()
+            restarted.append(
+                start_http_upstream(
+                    tmp_path, None, port=upstream.port, handshake_only=True
+                )
+            )
+            with pytest.raises(UpstreamError) as failed:
+                await catalog.call(catalog.get("web__read"), {"path": "/s"})
+            await changes.wait_for(lambda: len(changes.servers) == 3, "reconnect")
+            read = await catalog.call(catalog.get("web__read"), {"path": "/s"})
+            return failed.value, read
+        finally:
+            await catalog.stop()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="kynara.gateway"):
+            failed, read = run(scenario())
+    finally:
+        upstream.stop()
+        for server in restarted:
+            server.stop()
+
+    assert failed.reason == "upstream_unavailable"
+    assert failed.error is None
+    assert "tools/call 'read'" in str(failed)
+    assert "session" in failed.detail
+    assert read.content[0].text == "contents of /s"
+    assert changes.servers == ["web", "web", "web"]
+    (lost,) = [r for r in caplog.records if r.getMessage() == "upstream lost"]
+    assert "tools/call 'read'" in lost.fields["error"]
+
+
+def test_a_closed_signal_is_not_lost_behind_tool_list_changes():
+    # However many "tools changed" arrive before the task reads them, a
+    # "closed" and a "stop" after them still arrive; the changes coalesce.
+    upstream = _Upstream("files", config(stdio_upstream_config()))
+
+    async def scenario():
+        for _ in range(100):
+            upstream.signal(_CHANGED)
+        upstream.signal(_CLOSED)
+        upstream.signal(_STOP)
+        events = [await upstream.next_event() for _ in range(3)]
+        # A change signalled after the task took the last one is queued anew.
+        upstream.signal(_CHANGED)
+        events.append(await upstream.next_event())
+        upstream.close_events()
+        return events
+
+    events = run(scenario())
+
+    assert events == [_CHANGED, _CLOSED, _STOP, _CHANGED]
 
 
 def test_list_changed_before_the_stream_opens_is_not_lost(tmp_path):

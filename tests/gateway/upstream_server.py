@@ -30,6 +30,8 @@ makes ``tools/list`` answer K tools per page (clients must follow cursors);
 ``--handshake-only`` refuses ``server/discover`` as a server from before the
 2026 protocol does, so clients fall back to the initialize handshake;
 ``--empty-name`` adds a tool whose name is empty (which the gateway refuses);
+``--no-listen`` serves no ``subscriptions/listen``, so a 2026 client sees no
+``tools.listChanged`` and has no stream that would end with the server;
 ``--announce-early`` (over HTTP) adds ``late`` and announces it to the
 client while answering its first ``tools/list`` (the answer itself lacks
 ``late``), and answers a client's standalone GET stream (a GET carrying a
@@ -347,13 +349,15 @@ async def _no_discover(
     raise MCPError(types.METHOD_NOT_FOUND, "Method not found")
 
 
-def build(upstream: Upstream, *, handshake_only: bool = False) -> UpstreamServer:
+def build(
+    upstream: Upstream, *, handshake_only: bool = False, no_listen: bool = False
+) -> UpstreamServer:
     server = UpstreamServer(
         "kynara-test-upstream",
         version="1.0",
         on_list_tools=upstream.list_tools,
         on_call_tool=upstream.call_tool,
-        on_subscriptions_listen=upstream.listen,
+        on_subscriptions_listen=None if no_listen else upstream.listen,
     )
     if handshake_only:
         server.add_request_handler("server/discover", types.RequestParams, _no_discover)
@@ -429,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--empty-name", action="store_true")
     parser.add_argument("--faulty", action="store_true")
     parser.add_argument("--announce-early", action="store_true")
+    parser.add_argument("--no-listen", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     upstream = Upstream(
@@ -440,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         faulty=args.faulty,
         announce_early=args.announce_early,
     )
-    server = build(upstream, handshake_only=args.handshake_only)
+    server = build(
+        upstream, handshake_only=args.handshake_only, no_listen=args.no_listen
+    )
     if args.stdio:
         anyio.run(serve_stdio, server, args.handshake_only, args.faulty)
     else:

@@ -40,6 +40,7 @@ def upstream_flags(
     handshake_only: bool = False,
     empty_name: bool = False,
     announce_early: bool = False,
+    no_listen: bool = False,
 ) -> list[str]:
     """The server's command-line flags for these options."""
     flags: list[str] = []
@@ -57,6 +58,8 @@ def upstream_flags(
         flags.append("--empty-name")
     if announce_early:
         flags.append("--announce-early")
+    if no_listen:
+        flags.append("--no-listen")
     return flags
 
 
