@@ -237,6 +237,49 @@ def small_refund(**context) -> pb.DecideRequest:
     )
 
 
+def fast_refund(amount: int = 1200) -> dict[str, Any]:
+    """The refund alice asks support-bot for, in the fast path's map form:
+    allowed by the shipped policies below 500.00, held for approval above."""
+    return {
+        "asserted_chain": ["alice"],
+        "action": "payments.refund.issue",
+        "resource": {
+            "kind": "payments.refund",
+            "id": "rf_1",
+            "attributes": {"amount": amount},
+        },
+    }
+
+
+def operator_admin(tmp_path: pathlib.Path, secret: str) -> list[str]:
+    """Config overrides for an admin socket in ``tmp_path`` with one
+    credential, ``ops``, of the operator role, its secret written to
+    ``tmp_path/operator.secret``: what ``operator_cli`` calls."""
+    secret_file = tmp_path / "operator.secret"
+    secret_file.write_text(secret)
+    return [
+        f"admin.socket={tmp_path / 'admin.sock'}",
+        f"admin.credentials={{ops: {{secret_file: {secret_file}, roles: [operator]}}}}",
+    ]
+
+
+def operator_cli(
+    tmp_path: pathlib.Path, command: tuple[str, ...], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``kynara-sidecar <command> <extra>`` as an operator runs it against
+    the admin socket ``operator_admin`` set up in ``tmp_path``, with its
+    secret file, in a subprocess."""
+    return subprocess.run(
+        [
+            sys.executable, "-m", "kynara_sidecar.cli", *command,
+            "--config", str(SHIPPED_CONFIG),
+            "--set", f"admin.socket={tmp_path / 'admin.sock'}",
+            "--credential-file", str(tmp_path / "operator.secret"), *extra,
+        ],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
 def error_of(call) -> tuple[grpc.StatusCode, dict[str, str]]:
     """Run a call that must fail; return its status and trailing metadata."""
     with pytest.raises(grpc.RpcError) as info:

@@ -1,10 +1,12 @@
-"""Fixtures for the collector tests: moto's standalone S3 server on
-loopback (no real S3 runs here), started as a subprocess and stopped by
-PID."""
+"""Fixtures for the collector tests: a collector state in tmp_path, running
+collectors and AuditService servers stopped at teardown, and moto's
+standalone S3 server on loopback (no real S3 runs here), started as a
+subprocess and stopped by PID."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -16,9 +18,56 @@ import urllib.request
 import pytest
 from support import free_port
 
+from kynara_sidecar.collector.state import CollectorState
+
+from .test_collector import AdminServer, RunningCollector
+
 # moto_server starts in about a second here; a slow CI machine gets more.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def state(tmp_path):
+    """A collector state opened in tmp_path/state, closed at teardown."""
+    opened = CollectorState.open(tmp_path / "state", map_size=1 << 26)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def start_collector():
+    """Call with a config file; returns a RunningCollector stopped at
+    teardown, the last started first."""
+    started: list[RunningCollector] = []
+
+    def start(config_path: pathlib.Path) -> RunningCollector:
+        running = RunningCollector(config_path)
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        running.stop()
+
+
+@pytest.fixture
+def admin_server(tmp_path):
+    """Call with a daemon's log path (and a (cert PEM, key PEM) pair for TLS
+    off the socket); returns an AdminServer serving it, stopped at
+    teardown."""
+    started: list[AdminServer] = []
+
+    def start(
+        log_path: pathlib.Path, tls: tuple[bytes, bytes] | None = None
+    ) -> AdminServer:
+        server = AdminServer(log_path, tmp_path / "admin.sock", tls)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def _moto_server() -> str:

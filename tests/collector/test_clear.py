@@ -4,7 +4,6 @@ through a real dir:// store."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
 import shutil
@@ -21,7 +20,6 @@ from kynara_sidecar.collector.state import (
     StateError,
 )
 from kynara_sidecar.collector.verifier import AlertKind, Verdict, refusal
-from kynara_sidecar.sync import open_store, segment_message_id
 
 from ._logs import (
     ORIGIN,
@@ -31,30 +29,10 @@ from ._logs import (
     segments_of,
     write_log,
 )
-from .test_collector import RunningCollector, dir_store, write_config
+from .test_collector import dir_store, ship_messages, write_config
 from .test_verifier import T, feed, verdicts
 
 ACCEPTED = (Verdict.ACCEPTED, None)
-
-
-@pytest.fixture
-def state(tmp_path):
-    opened = CollectorState.open(tmp_path / "state", map_size=1 << 26)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def collector_of():
-    started: list[RunningCollector] = []
-
-    def start(config_path: pathlib.Path) -> RunningCollector:
-        started.append(RunningCollector(config_path))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def _gap(tmp_path, state):
@@ -194,23 +172,6 @@ def test_daemons_without_a_subcommand_still_lists():
     )
 
 
-def _ship(url: str, messages) -> int:
-    async def run() -> int:
-        store = open_store(url)
-        await store.connect()
-        try:
-            stored = 0
-            for message in messages:
-                msg_id = segment_message_id(message)
-                data = message.SerializeToString()
-                stored += await store.ship_segment(ORIGIN, msg_id, data)
-            return stored
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
 def _clear_cli(config: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -221,7 +182,7 @@ def _clear_cli(config: pathlib.Path, *extra: str) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
-def test_clear_beside_a_running_collector_resumes_the_daemon(tmp_path, collector_of):
+def test_clear_beside_a_running_collector_resumes_the_daemon(tmp_path, start_collector):
     log = write_log(tmp_path / "log", 12)
     messages = messages_of(log.path, 0, 600)
     by_start = {
@@ -229,8 +190,8 @@ def test_clear_beside_a_running_collector_resumes_the_daemon(tmp_path, collector
     }
     store_url = dir_store(tmp_path)
     config = write_config(tmp_path, log, store={"url": store_url, "poll_seconds": 0.05})
-    collector = collector_of(config)
-    _ship(store_url, by_start[0] + by_start[8])
+    collector = start_collector(config)
+    ship_messages(store_url, by_start[0] + by_start[8])
     collector.wait_for(lambda d: d["refused"] == "gap", "the gap")
 
     result = _clear_cli(config, "--reason", "segment 5..8 was lost in transit")
@@ -252,7 +213,7 @@ def test_clear_beside_a_running_collector_resumes_the_daemon(tmp_path, collector
     assert line["reason"] == "segment 5..8 was lost in transit"
     assert collector.daemon()["refused"] == ""
 
-    _ship(store_url, by_start[4])
+    ship_messages(store_url, by_start[4])
     found = collector.wait_for(lambda d: d["tree_size"] == 8, "tree size 8")
     assert (found["refused"], [a["kind"] for a in found["alerts"]]) == ("", ["gap"])
 

@@ -16,10 +16,9 @@ import time
 import urllib.request
 
 import grpc
-import pytest
 import uvloop
 import yaml
-from server.test_admin_tls import Authority
+from tls_support import Authority
 
 from kynara_sidecar.audit.checkpoint import decode_checkpoint
 from kynara_sidecar.audit.keys import save_public_key
@@ -87,20 +86,6 @@ class RunningCollector:
             self.loop.close()
 
 
-@pytest.fixture
-def start_collector():
-    started: list[RunningCollector] = []
-
-    def start(config_path: pathlib.Path) -> RunningCollector:
-        running = RunningCollector(config_path)
-        started.append(running)
-        return running
-
-    yield start
-    for running in reversed(started):
-        running.stop()
-
-
 def write_config(tmp_path: pathlib.Path, log, **sections) -> pathlib.Path:
     key_file = tmp_path / "daemon-a.pub"
     if not key_file.exists():
@@ -120,13 +105,19 @@ def write_config(tmp_path: pathlib.Path, log, **sections) -> pathlib.Path:
 def ship(url: str, log_path: pathlib.Path, after: int = 0) -> int:
     """Ship every sealed segment after ``after`` as the shipper would, in
     small messages; returns how many the store stored anew."""
+    return ship_messages(url, messages_of(log_path, after, CHUNK_BYTES))
+
+
+def ship_messages(url: str, messages) -> int:
+    """Put ``messages`` (segment messages, in order) into the store at
+    ``url`` as the shipper would; returns how many it stored anew."""
 
     async def run() -> int:
         store = open_store(url)
         await store.connect()
         try:
             stored = 0
-            for message in messages_of(log_path, after, CHUNK_BYTES):
+            for message in messages:
                 msg_id = segment_message_id(message)
                 data = message.SerializeToString()
                 stored += await store.ship_segment(ORIGIN, msg_id, data)
@@ -255,6 +246,17 @@ def _wait(condition, what: str) -> None:
     raise AssertionError(f"never saw {what}")
 
 
+def wait_for_a_failed_pull(collector: RunningCollector) -> None:
+    """Wait until the collector has counted a pull that failed."""
+    registry = collector.collector.metrics.registry
+    _wait(
+        lambda: registry.get_sample_value(
+            "kynara_collector_failures_total", {"what": "pull"}
+        ),
+        "a failed pull",
+    )
+
+
 def test_segments_through_a_real_nats_server(tmp_path, start_collector, nats_server):
     log = write_log(tmp_path / "log", 20, segment=5)
     config = write_config(tmp_path, log, store={"url": nats_server.url})
@@ -373,22 +375,6 @@ class AdminServer:
         self.loop.close()
 
 
-@pytest.fixture
-def admin_server(tmp_path):
-    started: list[AdminServer] = []
-
-    def start(
-        log_path: pathlib.Path, tls: tuple[bytes, bytes] | None = None
-    ) -> AdminServer:
-        server = AdminServer(log_path, tmp_path / "admin.sock", tls)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def pull_config(tmp_path, log, server: AdminServer, **settings) -> pathlib.Path:
     secret_file = tmp_path / "operator.secret"
     secret_file.write_bytes(SECRET)
@@ -444,12 +430,7 @@ def test_pull_trusts_only_its_ca_file(tmp_path, start_collector, admin_server):
     server = admin_server(log.path, (cert, key))
     config = pull_config(tmp_path, log, server, ca_file=str(tmp_path / "ca.pem"))
     collector = start_collector(config)
-    registry = collector.collector.metrics.registry
-    failures = {"what": "pull"}
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not registry.get_sample_value("kynara_collector_failures_total", failures):
-        assert time.monotonic() < deadline, "no pull failed"
-        time.sleep(0.05)
+    wait_for_a_failed_pull(collector)
 
     assert collector.daemon()["tree_size"] == 0
 

@@ -34,19 +34,6 @@ UNREGISTERED = (
 )
 
 
-@pytest.fixture
-def start_collector():
-    started: list[RunningCollector] = []
-
-    def start(config_path) -> RunningCollector:
-        started.append(RunningCollector(config_path))
-        return started[-1]
-
-    yield start
-    for running in reversed(started):
-        running.stop()
-
-
 def _doors_alive(collector) -> bool:
     return all(not task.done() for task in collector.collector._tasks)
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 import http.client
 import json
 import pathlib
-import socket
 import ssl
 import time
 
 import pytest
 import yaml
-from cryptography import x509
-from server.test_admin_tls import Authority
+from tls_support import Authority, served_serial, write_pair
 
 from kynara_sidecar.collector.config import load_collector_config
 from kynara_sidecar.errors import ConfigError
@@ -44,13 +42,7 @@ def _secret(tmp_path: pathlib.Path, name: str, value: str) -> str:
 
 
 def _tls_files(tmp_path: pathlib.Path, authority: Authority) -> dict[str, str]:
-    cert, key, _ = authority.issue()
-    (tmp_path / "tls.crt").write_bytes(cert)
-    (tmp_path / "tls.key").write_bytes(key)
-    return {
-        "cert_file": str(tmp_path / "tls.crt"),
-        "key_file": str(tmp_path / "tls.key"),
-    }
+    return write_pair(tmp_path, authority.issue()).settings()
 
 
 def _credentials(tmp_path: pathlib.Path) -> dict:
@@ -67,15 +59,7 @@ def _credentials(tmp_path: pathlib.Path) -> dict:
 
 
 @pytest.fixture
-def started():
-    running: list[RunningCollector] = []
-    yield running
-    for collector in running:
-        collector.stop()
-
-
-@pytest.fixture
-def tls_collector(tmp_path, authority, started):
+def tls_collector(tmp_path, authority, start_collector):
     """A collector on 127.0.0.1 with http.tls and http.credentials, having
     accepted an 8-record log from a dir:// store."""
     log = write_log(tmp_path / "log", 8)
@@ -92,8 +76,7 @@ def tls_collector(tmp_path, authority, started):
             "credentials": _credentials(tmp_path),
         },
     )
-    started.append(RunningCollector(config))
-    return started[-1]
+    return start_collector(config)
 
 
 def _client_context(authority: Authority) -> ssl.SSLContext:
@@ -217,12 +200,8 @@ def test_a_client_not_trusting_the_ca_refuses_the_server(tls_collector):
 
 
 def _served_serial(collector: RunningCollector, authority: Authority) -> int:
-    context = _client_context(authority)
     port = collector.collector.http_port
-    with socket.create_connection(("127.0.0.1", port), CALL_TIMEOUT) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            der = tls.getpeercert(binary_form=True)
-    return x509.load_der_x509_certificate(der).serial_number
+    return served_serial("127.0.0.1", port, _client_context(authority))
 
 
 def test_a_renewed_certificate_is_served_without_a_restart(
@@ -241,13 +220,12 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     assert status == 200
 
 
-def test_credentials_on_loopback_without_tls_are_enforced(tmp_path, started):
+def test_credentials_on_loopback_without_tls_are_enforced(tmp_path, start_collector):
     log = write_log(tmp_path / "log", 4)
     config = write_config(
         tmp_path, log, http={"port": 0, "credentials": _credentials(tmp_path)}
     )
-    started.append(RunningCollector(config))
-    collector = started[-1]
+    collector = start_collector(config)
 
     assert _get(collector, "/daemons", None, None)[0] == 401
     assert _get(collector, "/daemons", METRICS_SECRET, None)[0] == 403

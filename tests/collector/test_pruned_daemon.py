@@ -11,68 +11,29 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
-import time
 
-import pytest
 from support import REPO_ROOT, SHIPPED_CONFIG
 
 from kynara_sidecar.audit.keys import save_signing_key
 from kynara_sidecar.audit.newchain import start_new_chain
 from kynara_sidecar.audit.startup import AuditKeys
 from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import AlertKind, Verdict
 
 from ._logs import ORIGIN, append_sealed, segments_of, write_log
 from .test_collector import (
-    WAIT_SECONDS,
-    AdminServer,
-    RunningCollector,
     dir_store,
     pull_config,
     ship,
+    wait_for_a_failed_pull,
     write_config,
 )
 from .test_verifier import feed, verdicts
 
 ACCEPTED = (Verdict.ACCEPTED, None)
 T0 = 1_796_378_400 * 10**9  # 2026-12-04T10:00:00Z
-
-
-@pytest.fixture
-def state(tmp_path):
-    opened = CollectorState.open(tmp_path / "state", map_size=1 << 26)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def start_collector():
-    started: list[RunningCollector] = []
-
-    def start(config_path: pathlib.Path) -> RunningCollector:
-        started.append(RunningCollector(config_path))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.stop()
-
-
-@pytest.fixture
-def admin_server(tmp_path):
-    started: list[AdminServer] = []
-
-    def start(log_path: pathlib.Path) -> AdminServer:
-        started.append(AdminServer(log_path, tmp_path / "admin.sock"))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def _pruned_log(tmp_path):
@@ -253,12 +214,7 @@ def test_pulling_collector_takes_on_a_pruned_daemon_after_new_chain_command(
     old_log = log.log_id
     server = admin_server(log.path)
     collector = start_collector(pull_config(tmp_path, log, server))
-    registry = collector.collector.metrics.registry
-    failures = {"what": "pull"}
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not registry.get_sample_value("kynara_collector_failures_total", failures):
-        assert time.monotonic() < deadline, "no pull failed"
-        time.sleep(0.05)
+    wait_for_a_failed_pull(collector)
     assert (collector.daemon()["tree_size"], collector.daemon()["refused"]) == (0, "")
 
     server.close_log()

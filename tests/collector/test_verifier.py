@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import msgspec
-import pytest
 from audit._evidence import sign
 from audit._support import make_record
 
@@ -20,7 +19,6 @@ from kynara_sidecar.audit.record import (
 )
 from kynara_sidecar.audit.rotation import rotation_record
 from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import (
     AlertKind,
     HeadStep,
@@ -33,13 +31,6 @@ from kynara_sidecar.collector.verifier import (
 from ._logs import ORIGIN, append_sealed, restore_copy, segments_of, write_log
 
 T = "2026-12-04T10:00:00Z"
-
-
-@pytest.fixture
-def state(tmp_path):
-    opened = CollectorState.open(tmp_path / "state", map_size=1 << 26)
-    yield opened
-    opened.close()
 
 
 def feed(state, segments, registered, daemon=ORIGIN):

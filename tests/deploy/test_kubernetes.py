@@ -10,7 +10,6 @@ else there."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import os
 import pathlib
@@ -29,11 +28,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import REPO_ROOT, wait_serving
+from tls_support import self_signed, write_pair
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key, save_signing_key
 from kynara_sidecar.cli import _build_parser
@@ -137,31 +134,6 @@ def daemon_args(variant: str, values: dict[str, str]) -> list[str]:
 # ------------------------------------------------------------- the pod's files
 
 
-def _self_signed(directory: pathlib.Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kynara")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("kynara")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 def _secret_files(name: str, directory: pathlib.Path) -> None:
     """A Secret's files as config/kubernetes/README.md says to make them."""
     if name == "kynara-audit-signing-key":
@@ -169,11 +141,10 @@ def _secret_files(name: str, directory: pathlib.Path) -> None:
     elif name == "kynara-trusted-keys":
         save_public_key(generate_key().public(), directory / "bundle-signing.pub")
     elif name == "kynara-http-tls":
-        _self_signed(directory)
+        write_pair(directory, self_signed("kynara"))
     elif name == "kynara-nats":
-        _self_signed(directory)
-        (directory / "tls.crt").rename(directory / "ca.crt")
-        (directory / "tls.key").unlink()
+        cert_pem, _, _ = self_signed("kynara")
+        (directory / "ca.crt").write_bytes(cert_pem)
         (directory / "password").write_text(f"{name}-{SECRET_TEXT}")
     else:
         # Each credential its own secret, as the daemon requires.

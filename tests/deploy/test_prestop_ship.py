@@ -7,29 +7,24 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 
 import grpc
 import pytest
 from kynara.v1 import audit_pb2, sync_pb2, sync_pb2_grpc
-from support import REPO_ROOT, SHIPPED_CONFIG, error_of, small_refund
+from support import error_of, operator_admin, operator_cli, small_refund
 
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.sync.dir_store import DirStore
 
 SECRET = "operator-secret-0123456789abcdef"
-CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
 # Only bounds a broken run; nothing here waits this long when it works.
 WAIT_SECONDS = 20.0
 
 
 def shipping_overrides(tmp_path, store: str) -> list[str]:
-    secret = tmp_path / "operator.secret"
-    secret.write_text(SECRET)
     return [
         *([f"sync.store={store}"] if store else []),
-        f"admin.socket={tmp_path / 'admin.sock'}",
-        f"admin.credentials={{ops: {{secret_file: {secret}, roles: [operator]}}}}",
+        *operator_admin(tmp_path, SECRET),
         # Nothing seals or ships by itself during the test: only ShipNow does.
         "audit.segment_records=100000",
         "audit.segment_seconds=3600",
@@ -40,14 +35,7 @@ def shipping_overrides(tmp_path, store: str) -> list[str]:
 
 
 def sync_ship(tmp_path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            *CLI, "sync", "ship", "--config", str(SHIPPED_CONFIG),
-            "--set", f"admin.socket={tmp_path / 'admin.sock'}",
-            "--credential-file", str(tmp_path / "operator.secret"), *extra,
-        ],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
-    )  # fmt: skip
+    return operator_cli(tmp_path, ("sync", "ship"), *extra)
 
 
 async def shipped_records(url: str, through: int) -> list[bytes]:

@@ -29,6 +29,12 @@ from support import REPO_ROOT, SHIPPED_CONFIG, SHIPPED_POLICIES, wait_serving
 WAIT_SECONDS = 30.0
 CALL_TIMEOUT = 30.0
 FAST_HEADER = struct.Struct(">II")
+# What a SIGHUP's config reload logs: applied, or refused with the old kept.
+CONFIG_RELOADED = "config reloaded"
+CONFIG_REFUSED = "config reload refused; previous config and policies stay active"
+# The shipped payments policy's description; changing it changes the
+# policy's revision and nothing it decides.
+PAYMENTS_MARK = "Refunds;"
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT_SECONDS) -> None:
@@ -51,17 +57,15 @@ def refund(amount: int = 1200, **attributes: Any) -> pb.DecideRequest:
     )
 
 
-def fast_refund(amount: int = 1200) -> dict[str, Any]:
-    """``refund`` in the fast path's map form."""
-    return {
-        "asserted_chain": ["alice"],
-        "action": "payments.refund.issue",
-        "resource": {
-            "kind": "payments.refund",
-            "id": "rf_1",
-            "attributes": {"amount": amount},
-        },
-    }
+def wait_for_new_revision(
+    stub: decision_pb2_grpc.DecisionServiceStub, before: str, what: str
+) -> None:
+    """Decide ``refund`` until the answer names a policy revision other
+    than ``before``; fail naming ``what`` if none comes."""
+    wait_for(
+        lambda: stub.Decide(refund(), timeout=CALL_TIMEOUT).policy_revision != before,
+        what,
+    )
 
 
 class FastClient:
@@ -181,6 +185,31 @@ class DaemonProcess:
 
     def reload(self) -> None:
         self.process.send_signal(signal.SIGHUP)
+
+    def reload_and_wait(self, what: str) -> dict[str, Any]:
+        """SIGHUP, then wait for the line saying the config was reloaded or
+        the reload refused; returns it (fails if there is more than one)."""
+        logged = len(self.lines())
+        self.reload()
+
+        def outcomes() -> list[dict[str, Any]]:
+            return [
+                line
+                for line in self.records()[logged:]
+                if line["msg"] in (CONFIG_RELOADED, CONFIG_REFUSED)
+            ]
+
+        wait_for(outcomes, what)
+        (outcome,) = outcomes()
+        return outcome
+
+    def change_payments_policy(self, tag: str) -> None:
+        """Rewrite payments.yaml as shipped with ``tag`` in its description:
+        the same rules under a new revision once reloaded."""
+        shipped = (SHIPPED_POLICIES / "payments.yaml").read_text()
+        assert PAYMENTS_MARK in shipped, "the shipped payments policy changed"
+        payments = self.policies / "payments.yaml"
+        payments.write_text(shipped.replace(PAYMENTS_MARK, f"Refunds ({tag});"))
 
     def lines(self) -> list[str]:
         """The stderr lines written so far (a partial last line is left out)."""

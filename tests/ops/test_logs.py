@@ -11,7 +11,13 @@ from typing import Any
 import grpc
 import pytest
 from kynara.v1 import decision_pb2 as pb
-from ops_daemon import CALL_TIMEOUT, DaemonProcess, FastClient, refund, wait_for
+from ops_daemon import (
+    CALL_TIMEOUT,
+    DaemonProcess,
+    FastClient,
+    refund,
+    wait_for_new_revision,
+)
 
 DAEMON_ID = "support-bot-local"  # identity.daemon_id in the shipped config
 FIXED = ("time", "level", "logger", "msg", "component", "daemon_id")
@@ -57,33 +63,20 @@ def drive(daemon: DaemonProcess) -> dict[str, Any]:
         finally:
             fast.close()
         assert message["error"]["code"] == "invalid_request"
-        payments = daemon.policies / "payments.yaml"
         before = answers["allow"].policy_revision
-        payments.write_text(payments.read_text().replace("Refunds;", "Refunds (2);"))
+        daemon.change_payments_policy("2")
         daemon.reload()
-        wait_for(
-            lambda: (
-                stub.Decide(refund(), timeout=CALL_TIMEOUT).policy_revision != before
-            ),
-            "the reloaded policy",
-        )
+        wait_for_new_revision(stub, before, "the reloaded policy")
     assert answers["allow"].decision == pb.DECISION_ALLOW
     assert answers["deny"].decision == pb.DECISION_DENY
     assert answers["approval"].decision == pb.DECISION_REQUIRE_APPROVAL
     return answers
 
 
-@pytest.fixture
-def json_daemon(tmp_path):
-    running = DaemonProcess(tmp_path)
-    yield running
-    running.stop()
-
-
-def test_every_line_is_json_with_the_fixed_fields(json_daemon):
-    answers = drive(json_daemon)
-    assert json_daemon.stop() == 0
-    lines = json_daemon.records()  # fails on a line that is not JSON
+def test_every_line_is_json_with_the_fixed_fields(daemon_process):
+    answers = drive(daemon_process)
+    assert daemon_process.stop() == 0
+    lines = daemon_process.records()  # fails on a line that is not JSON
 
     messages = [line["msg"] for line in lines]
     assert "serving" in messages and "stopped" in messages
@@ -102,9 +95,9 @@ def test_every_line_is_json_with_the_fixed_fields(json_daemon):
     assert policy[1]["policy_revision"] != policy[0]["policy_revision"]
 
 
-def test_lines_about_a_decision_carry_its_id(json_daemon):
-    answers = drive(json_daemon)
-    lines = json_daemon.records()
+def test_lines_about_a_decision_carry_its_id(daemon_process):
+    answers = drive(daemon_process)
+    lines = daemon_process.records()
 
     (opened,) = [line for line in lines if line["msg"] == "approval opened"]
     assert opened["decision_id"] == answers["approval"].decision_id
@@ -114,11 +107,11 @@ def test_lines_about_a_decision_carry_its_id(json_daemon):
     assert about_approvals and all("decision_id" in line for line in about_approvals)
 
 
-def test_request_payloads_never_reach_the_log(json_daemon):
-    drive(json_daemon)
-    json_daemon.stop()
+def test_request_payloads_never_reach_the_log(daemon_process):
+    drive(daemon_process)
+    daemon_process.stop()
 
-    text = json_daemon.log_path.read_text()
+    text = daemon_process.log_path.read_text()
     assert text.count("\n") > 10
     assert SECRET not in text
     # Nor the attribute's name as a key of some logged payload.

@@ -10,16 +10,17 @@ import time
 from typing import Any
 
 import grpc
-import pytest
 from kynara.v1 import audit_pb2, audit_pb2_grpc
 from ops_daemon import (
     CALL_TIMEOUT,
+    CONFIG_REFUSED,
     DaemonProcess,
     FastClient,
-    fast_refund,
     refund,
     wait_for,
+    wait_for_new_revision,
 )
+from support import fast_refund
 
 # How long the load runs on after each reload, so that requests cross it
 # and keep coming once it is done: a bound on the test's length, not a
@@ -146,13 +147,11 @@ def errors_since(daemon: DaemonProcess, start: int, msg: str) -> list[dict[str, 
 
 
 POLICY_REFUSED = "policy reload refused; previous policy stays active"
-CONFIG_REFUSED = "config reload refused; previous config and policies stay active"
 
 
 def test_sighup_under_load_switches_revision_and_keeps_it_on_bad_reloads(tmp_path):
     daemon = DaemonProcess(tmp_path)
     payments = daemon.policies / "payments.yaml"
-    good = payments.read_text()
     try:
         with Load(daemon) as load:
             wait_for(lambda: load.count() > 0, "a first answer")
@@ -160,7 +159,7 @@ def test_sighup_under_load_switches_revision_and_keeps_it_on_bad_reloads(tmp_pat
             wait_for(lambda: load.seen(first) == CLIENTS, "every client answered")
 
             # A changed policy: answers move to the new revision.
-            payments.write_text(good.replace("Refunds;", "Refunds (second);"))
+            daemon.change_payments_policy("second")
             daemon.reload()
             wait_for(lambda: load.revisions() - {first}, "a new revision")
             (second,) = load.revisions() - {first}
@@ -179,7 +178,7 @@ def test_sighup_under_load_switches_revision_and_keeps_it_on_bad_reloads(tmp_pat
             # A broken config file, with a good third policy beside it: the
             # whole reload is refused, naming the key; nothing changes.
             logged = len(daemon.lines())
-            payments.write_text(good.replace("Refunds;", "Refunds (third);"))
+            daemon.change_payments_policy("third")
             daemon.set(**{"agent.max_message_bytes": "big"})
             daemon.reload()
             wait_for(lambda: errors_since(daemon, logged, CONFIG_REFUSED), "the error")
@@ -209,30 +208,20 @@ def test_sighup_under_load_switches_revision_and_keeps_it_on_bad_reloads(tmp_pat
     assert str(daemon.config_path) in config_error["error"]
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    running = DaemonProcess(tmp_path)
-    yield running
-    running.stop()
-
-
-def test_sighup_applies_log_level_and_names_keys_that_need_a_restart(daemon):
+def test_sighup_applies_log_level_and_names_keys_that_need_a_restart(
+    daemon_process,
+):
+    daemon = daemon_process
     logged = len(daemon.lines())
-    payments = daemon.policies / "payments.yaml"
     with daemon.channel() as channel:
         stub = daemon.stub(channel)
         before = stub.Decide(refund(), timeout=CALL_TIMEOUT).policy_revision
         daemon.set(**{"log.level": "warning", "agent.max_message_bytes": 131072})
-        payments.write_text(payments.read_text().replace("Refunds;", "Refunds (new);"))
+        daemon.change_payments_policy("new")
         daemon.reload()
         # The config reload comes first in a SIGHUP, then the policies; a
         # line about the activation is written before the next request.
-        wait_for(
-            lambda: (
-                stub.Decide(refund(), timeout=CALL_TIMEOUT).policy_revision != before
-            ),
-            "the new policy",
-        )
+        wait_for_new_revision(stub, before, "the new policy")
     lines = daemon.records()[logged:]
     warnings = [line for line in lines if line["level"] == "warning"]
     assert [line["msg"] for line in warnings] == [
@@ -274,29 +263,16 @@ def test_sighup_rotates_admin_secrets_and_keeps_them_on_a_bad_file(tmp_path):
                 return err.code()
             return grpc.StatusCode.OK
 
-    def reloaded(start: int) -> list[dict[str, Any]]:
-        return [
-            line
-            for line in daemon.records()[start:]
-            if line["msg"] in ("config reloaded", CONFIG_REFUSED)
-        ]
-
     try:
         assert head("old-operator-secret-0123456789") == grpc.StatusCode.OK
-        logged = len(daemon.lines())
         secret.write_text("new-operator-secret-9876543210\n")
-        daemon.reload()
-        wait_for(lambda: reloaded(logged), "the reload")
-        (rotated,) = reloaded(logged)
+        rotated = daemon.reload_and_wait("the reload")
         old = head("old-operator-secret-0123456789")
         new = head("new-operator-secret-9876543210")
 
         # Too short to be a secret: refused, and the new secret stays.
-        logged = len(daemon.lines())
         secret.write_text("zq9x\n")
-        daemon.reload()
-        wait_for(lambda: reloaded(logged), "the refused reload")
-        (refused,) = reloaded(logged)
+        refused = daemon.reload_and_wait("the refused reload")
         kept = head("new-operator-secret-9876543210")
     finally:
         exit_code = daemon.stop()

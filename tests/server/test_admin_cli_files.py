@@ -12,10 +12,8 @@ import sys
 import msgspec
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from support import REPO_ROOT
-from test_admin_tls import Authority, self_signed
+from tls_support import Authority, self_signed, stray_key, write_pair
 
 from kynara_sidecar.config import load_config
 from kynara_sidecar.errors import ConfigError
@@ -24,11 +22,8 @@ REVIEWER_SECRET = "reviewer-secret-0123456789"
 
 
 def _pair(tmp_path: pathlib.Path, name: str) -> tuple[str, str]:
-    cert_pem, key_pem, _ = self_signed("kynara-admin.test")
-    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert.write_bytes(cert_pem)
-    key.write_bytes(key_pem)
-    return str(cert), str(key)
+    files = write_pair(tmp_path, self_signed("kynara-admin.test"), stem=name)
+    return str(files.cert_file), str(files.key_file)
 
 
 @pytest.fixture
@@ -89,12 +84,7 @@ def test_the_cli_reads_none_of_the_daemons_secrets_keys_or_certificates(
     short and an admin key the operator may not read: the running daemon
     goes on, and so does the CLI, given its own trust roots and name."""
     config = tls_daemon.config
-    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    pathlib.Path(config.http.tls.key_file).write_bytes(other)
+    pathlib.Path(config.http.tls.key_file).write_bytes(stray_key())
     tls_daemon.secrets["prometheus"].write_text("short\n")
     pathlib.Path(config.admin.tls.key_file).unlink()
     trust = ("--ca-file", str(tls_daemon.ca_file))

@@ -1,18 +1,15 @@
 """The admin listener with TLS: a real daemon serving real TLS on loopback.
 
-Certificates are made here with ``cryptography``: a test CA, a leaf for the
-loopback addresses, a second CA no client should trust, and self-signed
-certificates (``self_signed``, also used by test_http_tls.py).
+Certificates come from tls_support.py: a test CA, a leaf for the loopback
+addresses, a second CA no client should trust, and self-signed
+certificates.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import pathlib
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,13 +17,11 @@ import time
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from kynara.v1 import audit_pb2 as pb
 from kynara.v1 import audit_pb2_grpc
 from support import REPO_ROOT, SHIPPED_CONFIG
+from tls_support import Authority, self_signed, write_pair
+from tls_support import served_serial as handshake_serial
 
 from kynara_sidecar.config import load_config
 from kynara_sidecar.errors import ConfigError
@@ -37,98 +32,6 @@ REVIEWER_SECRET = "reviewer-secret-0123456789"
 CALL_TIMEOUT = 10
 # Handshakes tried before a renewed certificate must be the one served.
 RENEWAL_ATTEMPTS = 50
-LOOPBACK_NAMES = ("127.0.0.1", "127.0.0.2", "::1")
-
-
-class Authority:
-    """A test CA that issues leaf certificates for the loopback addresses."""
-
-    def __init__(self, name: str):
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.name = subject
-        self.cert = (
-            self._builder(subject, self.key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), False
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def _builder(self, subject: x509.Name, public_key) -> x509.CertificateBuilder:
-        now = datetime.datetime.now(datetime.UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self.name)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-
-    def issue(self, key=None) -> tuple[bytes, bytes, int]:
-        """A leaf for localhost and the loopback addresses: (cert PEM, key
-        PEM, serial)."""
-        key = key or ec.generate_private_key(ec.SECP256R1())
-        names = [x509.DNSName("localhost")] + [
-            x509.IPAddress(ipaddress.ip_address(name)) for name in LOOPBACK_NAMES
-        ]
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kynara")])
-        cert = (
-            self._builder(subject, key.public_key())
-            .add_extension(x509.SubjectAlternativeName(names), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    self.key.public_key()
-                ),
-                False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return (
-            cert.public_bytes(serialization.Encoding.PEM),
-            key_pem,
-            cert.serial_number,
-        )
-
-
-def self_signed(*names: str) -> tuple[bytes, bytes, int]:
-    """A self-signed leaf for ``names`` (DNS names or IP addresses): (cert
-    PEM, key PEM, serial). It is its own trust root."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kynara")])
-    alternatives: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alternatives.append(x509.DNSName(name))
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(alternatives), False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem, cert.serial_number
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +39,11 @@ def authority() -> Authority:
     return Authority("kynara test CA")
 
 
-def write_pair(tmp_path: pathlib.Path, authority: Authority) -> tuple[str, str, int]:
-    cert_pem, key_pem, serial = authority.issue()
-    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_file.write_bytes(cert_pem)
-    key_file.write_bytes(key_pem)
-    return str(cert_file), str(key_file), serial
+def issued_pair(tmp_path: pathlib.Path, authority: Authority) -> tuple[str, str, int]:
+    """A leaf from ``authority`` in tmp_path/tls.{crt,key}: (cert file, key
+    file, serial)."""
+    files = write_pair(tmp_path, authority.issue())
+    return str(files.cert_file), str(files.key_file), files.serial
 
 
 def admin_overrides(tmp_path, cert_file: str, key_file: str, host: str) -> list[str]:
@@ -166,7 +68,7 @@ def admin_overrides(tmp_path, cert_file: str, key_file: str, host: str) -> list[
 @pytest.fixture
 def tls_daemon(tmp_path, authority, start_daemon):
     """A daemon whose admin TCP port serves TLS on 127.0.0.2 (not 127.0.0.1)."""
-    cert_file, key_file, serial = write_pair(tmp_path, authority)
+    cert_file, key_file, serial = issued_pair(tmp_path, authority)
     running = start_daemon(*admin_overrides(tmp_path, cert_file, key_file, "127.0.0.2"))
     running.served_serial = serial
     return running
@@ -206,10 +108,7 @@ def served_serial(host: str, port: int, ca_pem: bytes) -> int:
     """The serial number of the certificate a fresh TLS handshake is given."""
     context = ssl.create_default_context(cadata=ca_pem.decode())
     context.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, port), timeout=CALL_TIMEOUT) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
-    return x509.load_der_x509_certificate(der).serial_number
+    return handshake_serial(host, port, context)
 
 
 def test_acceptance_tls_admin_refuses_plaintext_and_anonymous_serves_authenticated(
@@ -288,7 +187,7 @@ def test_a_bad_renewal_keeps_the_certificate_served(
 
 
 def test_the_ipv6_loopback_serves_tls(tmp_path, authority, start_daemon, channels):
-    cert_file, key_file, _ = write_pair(tmp_path, authority)
+    cert_file, key_file, _ = issued_pair(tmp_path, authority)
     running = start_daemon(*admin_overrides(tmp_path, cert_file, key_file, "::1"))
     audit = channels(f"[::1]:{running.daemon.admin_port}", trusting(authority))
 
@@ -302,14 +201,14 @@ def tls_config(tmp_path, *overrides: str):
 
 
 def test_a_certificate_without_its_key_names_the_missing_key(tmp_path, authority):
-    cert_file, _, _ = write_pair(tmp_path, authority)
+    cert_file, _, _ = issued_pair(tmp_path, authority)
 
     with pytest.raises(ConfigError, match=r"admin\.tls\.key_file: expected a path"):
         tls_config(tmp_path, f"admin.tls={{cert_file: {cert_file}}}")
 
 
 def test_an_unreadable_key_names_the_key_file(tmp_path, authority):
-    cert_file, _, _ = write_pair(tmp_path, authority)
+    cert_file, _, _ = issued_pair(tmp_path, authority)
     missing = tmp_path / "absent.key"
 
     with pytest.raises(ConfigError, match=r"admin\.tls\.key_file: cannot read"):
@@ -319,7 +218,7 @@ def test_an_unreadable_key_names_the_key_file(tmp_path, authority):
 
 
 def test_a_key_of_another_certificate_is_refused(tmp_path, authority):
-    cert_file, _, _ = write_pair(tmp_path, authority)
+    cert_file, _, _ = issued_pair(tmp_path, authority)
     _, other_key, _ = authority.issue()
     key_file = tmp_path / "other.key"
     key_file.write_bytes(other_key)
@@ -333,7 +232,7 @@ def test_a_key_of_another_certificate_is_refused(tmp_path, authority):
 
 
 def test_a_key_in_the_certificate_file_is_no_certificate(tmp_path, authority):
-    _, key_file, _ = write_pair(tmp_path, authority)
+    _, key_file, _ = issued_pair(tmp_path, authority)
 
     with pytest.raises(
         ConfigError, match=r"admin\.tls\.cert_file: expected a PEM certificate"
@@ -351,7 +250,7 @@ def test_an_address_off_loopback_needs_tls(tmp_path):
 
 
 def test_with_tls_an_address_off_loopback_is_accepted(tmp_path, authority):
-    cert_file, key_file, _ = write_pair(tmp_path, authority)
+    cert_file, key_file, _ = issued_pair(tmp_path, authority)
 
     config = tls_config(
         tmp_path,
@@ -409,10 +308,8 @@ def test_the_cli_lists_approvals_over_tls_trusting_the_given_ca(tls_daemon, auth
 
 def test_the_cli_trusts_a_self_signed_certificate_by_its_name(tmp_path, start_daemon):
     # Names no address: the CLI dials 127.0.0.2 and checks the DNS name.
-    cert_pem, key_pem, _ = self_signed("kynara-admin.test")
-    (tmp_path / "tls.crt").write_bytes(cert_pem)
-    (tmp_path / "tls.key").write_bytes(key_pem)
-    cert_file, key_file = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+    files = write_pair(tmp_path, self_signed("kynara-admin.test"))
+    cert_file, key_file = str(files.cert_file), str(files.key_file)
     running = start_daemon(*admin_overrides(tmp_path, cert_file, key_file, "127.0.0.2"))
 
     listed = approvals_cli(running)
@@ -441,7 +338,7 @@ def test_the_cli_refuses_a_certificate_its_ca_file_does_not_trust(tls_daemon, tm
 def test_the_cli_dials_loopback_for_a_wildcard_admin_host(tmp_path, authority):
     from kynara_sidecar.cli import _admin_target
 
-    cert_file, key_file, _ = write_pair(tmp_path, authority)
+    cert_file, key_file, _ = issued_pair(tmp_path, authority)
     tls = f"admin.tls={{cert_file: {cert_file}, key_file: {key_file}}}"
     wildcard = tls_config(
         tmp_path, "admin.socket=", "admin.host=0.0.0.0", "admin.port=50999", tls

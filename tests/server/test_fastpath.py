@@ -26,6 +26,7 @@ from kynara.v1 import decision_pb2 as pb
 from support import (
     daemon_config,
     error_of,
+    fast_refund,
     hold_decisions,
     read_record,
     small_refund,
@@ -172,16 +173,7 @@ def fast_request(request, **overrides) -> dict:
 
 def refund(amount: int = 1200, **context) -> dict:
     """``support.small_refund`` on the fast path."""
-    return {
-        "asserted_chain": ["alice"],
-        "action": "payments.refund.issue",
-        "resource": {
-            "kind": "payments.refund",
-            "id": "rf_1",
-            "attributes": {"amount": amount},
-        },
-        "context": value_to_fast(context),
-    }
+    return {**fast_refund(amount), "context": value_to_fast(context)}
 
 
 def comparable(record) -> dict:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import http.client
 import json
 import pathlib
-import socket
 import ssl
 import time
 
 import pytest
-from cryptography import x509
 from support import SHIPPED_CONFIG
-from test_admin_tls import self_signed
+from tls_support import self_signed
+from tls_support import served_serial as handshake_serial
+from tls_support import write_pair as write_files
 
 from kynara_sidecar.config import load_config
 from kynara_sidecar.errors import ConfigError
@@ -37,10 +37,7 @@ RENEWAL_ATTEMPTS = 50
 
 def write_pair(directory: pathlib.Path) -> int:
     """A self-signed pair for HOST in directory/tls.{crt,key}; its serial."""
-    cert_pem, key_pem, serial = self_signed(HOST, "localhost")
-    (directory / "tls.key").write_bytes(key_pem)
-    (directory / "tls.crt").write_bytes(cert_pem)
-    return serial
+    return write_files(directory, self_signed(HOST, "localhost")).serial
 
 
 def https_overrides(tmp_path: pathlib.Path) -> list[str]:
@@ -111,10 +108,7 @@ def served_serial(port: int) -> int:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((HOST, port), timeout=CALL_TIMEOUT) as raw:
-        with context.wrap_socket(raw, server_hostname=HOST) as tls:
-            der = tls.getpeercert(binary_form=True)
-    return x509.load_der_x509_certificate(der).serial_number
+    return handshake_serial(HOST, port, context)
 
 
 def config_with(*overrides: str):

@@ -25,6 +25,8 @@ from support import (
     SHIPPED_POLICIES,
     daemon_config,
     error_of,
+    operator_admin,
+    operator_cli,
     small_refund,
 )
 
@@ -49,13 +51,10 @@ CLI = [sys.executable, "-m", "kynara_sidecar.cli"]
 
 
 def bundle_overrides(tmp_path, source: str) -> list[str]:
-    secret = tmp_path / "operator.secret"
-    secret.write_text(SECRET)
     return [
         f"policy.source={source}",
         f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
-        f"admin.socket={tmp_path / 'admin.sock'}",
-        f"admin.credentials={{ops: {{secret_file: {secret}, roles: [operator]}}}}",
+        *operator_admin(tmp_path, SECRET),
         "sync.poll_seconds=0.05",
         "sync.retry_min_seconds=0.01",
         "sync.retry_max_seconds=0.05",
@@ -66,14 +65,7 @@ def bundle_overrides(tmp_path, source: str) -> list[str]:
 
 def sync_now(tmp_path, *extra: str) -> tuple[int, dict]:
     """``kynara-sidecar sync now`` as an operator runs it, in a subprocess."""
-    result = subprocess.run(
-        [
-            *CLI, "sync", "now", "--config", str(SHIPPED_CONFIG),
-            "--set", f"admin.socket={tmp_path / 'admin.sock'}",
-            "--credential-file", str(tmp_path / "operator.secret"), *extra,
-        ],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
-    )  # fmt: skip
+    result = operator_cli(tmp_path, ("sync", "now"), *extra)
     assert result.stdout, result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -281,14 +273,7 @@ def test_sync_now_on_a_directory_source_says_there_is_nothing_to_follow(
     overrides = bundle_overrides(tmp_path, str(SHIPPED_POLICIES))
     start_daemon(*[o for o in overrides if not o.startswith("policy.trusted_keys")])
 
-    result = subprocess.run(
-        [
-            *CLI, "sync", "now", "--config", str(SHIPPED_CONFIG),
-            "--set", f"admin.socket={tmp_path / 'admin.sock'}",
-            "--credential-file", str(tmp_path / "operator.secret"),
-        ],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
-    )  # fmt: skip
+    result = operator_cli(tmp_path, ("sync", "now"))
 
     assert result.returncode == 1
     assert "follows no bundles" in result.stderr
