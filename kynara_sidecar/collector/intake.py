@@ -54,22 +54,27 @@ exception while handling a message is logged at ERROR with its traceback,
 counted (``failures{what="message"}``) and the message acknowledged: one
 message that trips the collector must not stop every daemon's collection.
 
-TODO(#11): a segment whose key rotation is not in its first message is
-assembled unverified, and a store writer's unverified start sent before it
-takes the assembly's place; the daemon's segment is then a stray and the
-next one shows a gap.
-TODO(#11): a store writer can still lose a daemon's segment for it: delete
-or rewrite its unread messages, or send a forged next message of the
-segment in assembly (its records are only checked once the segment is
-whole, which is then a ``bad_root``). The daemon's next segment is then a
-``gap``, which is sticky. Not silent (both are alerted), but the daemon is
-blamed; should a gap wait for the missing records (a pull from the
-daemon) before it sticks? A NATS server with a user per daemon
-(``config/nats-server.conf``, ``nats_store.daemon_permissions``) narrows
-"a store writer" to the collector's and the publisher's users and any user
-left unlimited: a daemon may publish segments under its own token only, so
-it can neither forge nor push aside another daemon's. A ``dir://`` store,
-or a NATS server without such users, leaves every writer able to.
+Trust boundary. Segments are signed, so no writer can forge one: what a
+writer can do is lose a daemon's segment for it. It may send an
+unverified start (a segment whose key rotation is not in its first
+message is assembled unverified) that takes the assembly's place, so the
+daemon's segment is a stray; or a forged next message of the segment in
+assembly (its records are only checked once the segment is whole, a
+``bad_root``). The daemon's next segment is then a ``gap``, which is
+sticky: alerted, never silent, but the daemon is blamed. On a NATS server
+with a user per daemon (``config/nats-server.conf``,
+``nats_store.daemon_permissions``) the only writers of a daemon's segment
+subject are that daemon's own credentials and the server's operator: no
+daemon may publish under another's token, the publisher and the collector
+may publish no segment, and the collector may not delete, purge or change
+the stream (``collector_permissions``), only acknowledge what it read.
+The operator can always delete or rewrite messages, and so stop
+collection: availability, not forgery.
+TODO(#11): a ``dir://`` store, a NATS server without such users, or users
+shared by several daemons (the Kubernetes Deployment's one user,
+config/kubernetes/README.md "Limits") leave every writer there able to
+push a daemon's segment aside as above; should a gap wait for the missing
+records (a pull from the daemon) before it sticks?
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ idempotent, so daemons racing to create the same thing all succeed):
   watch over the bucket.
 - key-value bucket ``kynara_reviews``, key ``<daemon_token>.<approval
   id>.<review id>``: signed reviews waiting for their daemon;
-  ``watch_reviews`` watches ``<daemon_token>.>``, so a review reaches its
-  daemon as soon as the server forwards it. ``drop_review`` deletes the
-  key (a delete marker, which readers skip).
+  ``watch_reviews`` watches ``<daemon_token>.>`` (a consumer filtered to
+  it), so a review reaches its daemon as soon as the server forwards
+  it. ``drop_review`` deletes the key (a delete marker, which readers
+  skip).
 - stream ``KYNARA_SEGMENTS``, subjects ``kynara.segments.<daemon_token>``,
   file storage: segment messages, each published with the ``Nats-Msg-Id``
   header so the server drops a resend within its duplicate window (an
@@ -48,16 +49,18 @@ Permissions. A server with a user per daemon (``config/nats-server.conf``)
 limits each daemon to its own names: ``daemon_permissions`` lists the
 subjects one needs, derived from the calls below (JetStream's API is
 request subjects ``$JS.API.<call>.<stream>``; a key-value put is a publish
-to ``$KV.<bucket>.<key>``). A refused publish or subscription gets no
-answer, only a notice on the connection: the call fails with
-``StoreUnavailable`` naming the refused subject (as the client reports it,
-lowercased) and it is logged at ERROR. The streams and buckets must exist
-before a daemon so limited connects (it may look them up, not create
-them): the collector, whose user may, creates them when it starts.
-TODO(#11): a daemon may read other daemons' reviews: the client creates
-its watch consumers with ``$JS.API.CONSUMER.CREATE.<stream>``, which does
-not name the filter, so the server cannot limit a daemon's consumer on
-``kynara_reviews`` to its own keys.
+to ``$KV.<bucket>.<key>``). Every key-value watch and read of several keys
+creates its consumer with ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``
+(``_KeyWatch``), which the server refuses unless the consumer's filter is
+the one the subject names: so a daemon may watch only its own reviews and
+the current bundle. ``publisher_permissions`` and
+``collector_permissions`` list the other two users'. A refused publish or
+subscription gets no answer, only a notice on the connection: the call
+fails with ``StoreUnavailable`` naming the refused subject (as the client
+reports it, lowercased) and it is logged at ERROR. The streams and
+buckets must exist before a daemon or the publisher so limited connects
+(they may look them up, not create them): the collector, whose user may,
+creates them when it starts.
 
 Without such permissions, whoever can publish to the server can publish
 under any subject: a message whose subject token is not a canonical
@@ -74,11 +77,14 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import secrets
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import nats
 import nats.aio.client
+import nats.aio.subscription
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -124,6 +130,7 @@ __all__ = [
     "NatsStore",
     "collector_permissions",
     "daemon_permissions",
+    "publisher_permissions",
 ]
 
 BUNDLES_BUCKET = "kynara_bundles"
@@ -151,6 +158,23 @@ NAK_DELAY_SECONDS = 1.0
 # How often a watch or a consumer checks that its connection is alive.
 _LIVENESS_SECONDS = 0.25
 _MAX_OUTSTANDING_PINGS = 2
+# A watch's consumer sends a heartbeat when it has had nothing to send for
+# this long; a watch that hears nothing for _WATCH_SILENT_SECONDS (two
+# heartbeats missed) has lost its consumer and ends.
+_WATCH_HEARTBEAT_SECONDS = 5.0
+_WATCH_SILENT_SECONDS = 2 * _WATCH_HEARTBEAT_SECONDS + 1.0
+# The server deletes a watch's consumer this long after its watch stopped
+# (or its connection went away).
+_WATCH_INACTIVE_SECONDS = 60.0
+# Headers of the messages a watch's consumer sends.
+_STATUS_HEADER = "Status"
+_DESCRIPTION_HEADER = "Description"
+_STATUS_CONTROL = "100"  # a heartbeat or a flow control request
+_STALLED_HEADER = "Nats-Consumer-Stalled"
+_LAST_CONSUMER_HEADER = "Nats-Last-Consumer"
+_KV_OPERATION_HEADER = "KV-Operation"
+# A marker the server places when it removes a key itself (a TTL).
+_MARKER_REASON_HEADER = "Nats-Marker-Reason"
 _MSG_ID_HEADER = "Nats-Msg-Id"
 # How the server words a refused publish or subscription.
 _PERMISSIONS_VIOLATION = "permissions violation"
@@ -422,32 +446,11 @@ class NatsStore:
                 was lost (noticed within a fraction of a second).
         """
 
-        async def start() -> KeyValue.KeyWatcher:
-            await self._ensure()
-            assert self._bundles is not None
-            return await self._bundles.watch(CURRENT_KEY)
-
-        watcher = await self._bounded("watch bundles", start())
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=_LIVENESS_SECONDS)
-                except nats.errors.TimeoutError:
-                    if not self._alive():
-                        raise StoreUnavailable(
-                            f"{self.url}: watch bundles: connection lost"
-                        ) from None
-                    continue
-                # None marks the end of the values present at the start.
-                if entry is None or entry.operation in (KV_DEL, KV_PURGE):
-                    continue
-                data = entry.value or b""
+        async for update in self._watch("bundles", BUNDLES_BUCKET, CURRENT_KEY):
+            # None marks the end of the values present at the start.
+            if update is not None:
+                data = update[1]
                 yield BundleEntry(digest=_digest(data), data=data)
-        finally:
-            if self._alive():
-                with contextlib.suppress(*_UNAVAILABLE):
-                    async with asyncio.timeout(self.timeout):
-                        await watcher.stop()
 
     # -- segments
 
@@ -544,20 +547,13 @@ class NatsStore:
     async def statuses(self) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:
             await self._ensure()
-            assert self._status is not None
-            try:
-                keys = await self._status.keys()
-            except nats.js.errors.NoKeysError:
-                return {}
             found = {}
-            for key in sorted(keys):
+            for key, value in sorted(await self._read_all(STATUS_BUCKET, ">")):
                 daemon_id = canonical_daemon_id(key)
                 if daemon_id is None:
                     _malformed("a status key that is no daemon token", key)
                     continue
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                    entry = await self._status.get(key)
-                    found[daemon_id] = entry.value or b""
+                found[daemon_id] = value
             return found
 
         return await self._bounded("read statuses", read())
@@ -577,10 +573,8 @@ class NatsStore:
 
     async def approvals(self) -> list[PublishedApproval]:
         async def read() -> list[PublishedApproval]:
-            await self._ensure()
-            assert self._approvals is not None
             found = []
-            for key, value in await self._read_all(self._approvals, ">"):
+            for key, value in await self._read_all(APPROVALS_BUCKET, ">"):
                 entry = _approval_of(key, value)
                 if entry is not None:
                     found.append(entry)
@@ -596,7 +590,7 @@ class NatsStore:
                 was lost.
         """
         async for update in self._watch(
-            "approvals", lambda: self._approvals, ">", deletes=True
+            "approvals", APPROVALS_BUCKET, ">", deletes=True
         ):
             if update is None:
                 continue
@@ -628,10 +622,8 @@ class NatsStore:
         prefix = daemon_token(daemon_id)
 
         async def read() -> list[PublishedReview]:
-            await self._ensure()
-            assert self._reviews is not None
             found = []
-            for key, value in await self._read_all(self._reviews, f"{prefix}.>"):
+            for key, value in await self._read_all(REVIEWS_BUCKET, f"{prefix}.>"):
                 entry = _review_of(daemon_id, key, value)
                 if entry is not None:
                     found.append(entry)
@@ -654,7 +646,7 @@ class NatsStore:
         batch: list[PublishedReview] = []
         initial = True
         async for update in self._watch(
-            f"reviews of {daemon_id}", lambda: self._reviews, f"{prefix}.>"
+            f"reviews of {daemon_id}", REVIEWS_BUCKET, f"{prefix}.>"
         ):
             if update is None:
                 # The end of the reviews present at the start.
@@ -694,66 +686,207 @@ class NatsStore:
 
         await self._bounded(f"drop review {review_id}", drop())
 
-    async def _read_all(self, bucket: KeyValue, keys: str) -> list[tuple[str, bytes]]:
-        """(key, value) of every live key matching ``keys``, read with one
-        watch (the client's ``keys(filters=...)`` matches substrings, and
-        a get per key is a round trip each)."""
-        watcher = await bucket.watch(keys)
+    async def _read_all(self, bucket: str, keys: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every live key of ``bucket`` matching ``keys``,
+        read with one watch (the client's ``keys(filters=...)`` matches
+        substrings, and a get per key is a round trip each)."""
+        watch = await self._open_watch(bucket, keys)
         found = []
         try:
-            while True:
-                entry = await watcher.updates(timeout=self.timeout)
-                # None marks the end of the values present at the start.
-                if entry is None:
-                    return found
-                if entry.operation not in (KV_DEL, KV_PURGE):
-                    found.append((entry.key, entry.value or b""))
+            async with contextlib.aclosing(watch.updates()) as updates:
+                async for update in updates:
+                    # None marks the end of the values present at the start.
+                    if update is None:
+                        break
+                    key, value, deleted = update
+                    if not deleted:
+                        found.append((key, value))
         finally:
-            await watcher.stop()
+            await watch.stop()
+        return found
+
+    async def _open_watch(self, bucket: str, keys: str) -> _KeyWatch:
+        js = await self._ensure()
+        assert self._nc is not None
+        watch = _KeyWatch(self, self._nc, bucket, keys)
+        await watch.start(js)
+        return watch
 
     async def _watch(
         self,
         what: str,
-        bucket: Callable[[], KeyValue | None],
+        bucket: str,
         keys: str,
         *,
         deletes: bool = False,
     ) -> AsyncIterator[tuple[str, bytes, bool] | None]:
-        """(key, value, deleted) of every live key matching ``keys``, None
-        once those present at the start are through, then each put (and,
-        with ``deletes``, each delete or purge). Raises StoreUnavailable
-        when the connection is lost."""
-
-        async def start() -> KeyValue.KeyWatcher:
-            await self._ensure()
-            kv = bucket()
-            assert kv is not None
-            return await kv.watch(keys)
-
-        watcher = await self._bounded(f"watch {what}", start())
+        """(key, value, deleted) of every live key of ``bucket`` matching
+        ``keys``, None once those present at the start are through, then
+        each put (and, with ``deletes``, each delete or purge). Raises
+        StoreUnavailable when the connection is lost."""
+        watch = await self._bounded(f"watch {what}", self._open_watch(bucket, keys))
         try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=_LIVENESS_SECONDS)
-                except nats.errors.TimeoutError:
-                    if not self._alive():
-                        raise StoreUnavailable(
-                            f"{self.url}: watch {what}: connection lost"
-                        ) from None
-                    _raise_if_cancelled()
-                    continue
-                if entry is None:
-                    yield None
-                    continue
-                deleted = entry.operation in (KV_DEL, KV_PURGE)
-                if deleted and not deletes:
-                    continue
-                yield entry.key, entry.value or b"", deleted
+            async with contextlib.aclosing(watch.updates()) as updates:
+                async for update in updates:
+                    if update is not None and update[2] and not deletes:
+                        continue
+                    yield update
         finally:
-            if self._alive():
-                with contextlib.suppress(*_UNAVAILABLE):
-                    async with asyncio.timeout(self.timeout):
-                        await watcher.stop()
+            await watch.stop()
+
+
+class _KeyWatch:
+    """A watch over the keys of one bucket matching ``keys``: every live
+    one first (the last value of each, deletes included), None once those
+    are through, then each put, delete or purge as the server sends it.
+
+    The client's own key-value watch creates its consumer with
+    ``$JS.API.CONSUMER.CREATE.<stream>``, which does not name the filter,
+    so a server cannot tell a daemon's watch of its own reviews from one
+    of every daemon's. This one creates a named consumer with
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: the server
+    refuses a request whose configured filter differs from the one its
+    subject names, so a permission on that subject limits what a user may
+    watch (``daemon_permissions``).
+
+    The consumer is a push consumer delivering to a new inbox of this
+    connection, ephemeral (the server deletes it ``_WATCH_INACTIVE_SECONDS``
+    after the watch stops), with a random name: the name is no secret that
+    guards anything, but no other client picks it by chance. Its messages
+    come in order; a gap in the consumer's sequence (a message the client
+    dropped), a heartbeat missing for ``_WATCH_SILENT_SECONDS`` or a status
+    the server sends instead of messages ends the watch with
+    ``StoreUnavailable``, and the caller's next watch starts over with
+    every live key (as a watch that starts again after an outage does).
+    """
+
+    def __init__(self, store: NatsStore, nc: Client, bucket: str, keys: str):
+        self._store = store
+        self._nc = nc
+        self._stream = f"KV_{bucket}"
+        self._prefix = f"$KV.{bucket}."
+        self._filter = self._prefix + keys
+        self._what = f"watch {self._filter[:_MAX_LOGGED_NAME]}"
+        self._sub: nats.aio.subscription.Subscription | None = None
+        self._pending = 0
+
+    async def start(self, js: JetStreamContext) -> None:
+        """Subscribe to a new inbox, then create the consumer delivering
+        there (subscribed first, so no early message is missed)."""
+        deliver = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(deliver)
+        config = ConsumerConfig(
+            name=f"kynara_watch_{secrets.token_hex(12)}",
+            filter_subject=self._filter,
+            deliver_subject=deliver,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            flow_control=True,
+            idle_heartbeat=_WATCH_HEARTBEAT_SECONDS,
+            inactive_threshold=_WATCH_INACTIVE_SECONDS,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            info = await js.add_consumer(self._stream, config=config)
+        except BaseException:
+            await self.stop()
+            raise
+        self._pending = info.num_pending or 0
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None and self._store._alive():
+            with contextlib.suppress(*_UNAVAILABLE):
+                async with asyncio.timeout(self._store.timeout):
+                    await sub.unsubscribe()
+
+    async def updates(self) -> AsyncIterator[tuple[str, bytes, bool] | None]:
+        """(key, value, deleted) as the server sends them, None once the
+        keys present at the start are through."""
+        assert self._sub is not None, "start() first"
+        sub = self._sub
+        loop = asyncio.get_running_loop()
+        initial = True
+        if self._pending == 0:
+            initial = False
+            yield None
+        delivered = 0
+        heard = loop.time()
+        while True:
+            try:
+                message = await sub.next_msg(timeout=_LIVENESS_SECONDS)
+            except nats.errors.TimeoutError:
+                if not self._store._alive():
+                    self._lost("connection lost")
+                if loop.time() - heard > _WATCH_SILENT_SECONDS:
+                    self._lost(f"no message or heartbeat for {_WATCH_SILENT_SECONDS} s")
+                _raise_if_cancelled()
+                continue
+            except _UNAVAILABLE as err:
+                self._lost(str(err) or type(err).__name__)
+            heard = loop.time()
+            headers = message.headers or {}
+            status = headers.get(_STATUS_HEADER)
+            if status is not None:
+                delivered = await self._control(message, status, delivered)
+                continue
+            sequence = message.metadata.sequence
+            if sequence.consumer != delivered + 1:
+                self._lost(
+                    f"message {sequence.consumer} after {delivered}: "
+                    "the client dropped some"
+                )
+            delivered = sequence.consumer
+            deleted = (
+                headers.get(_KV_OPERATION_HEADER) in (KV_DEL, KV_PURGE)
+                or _MARKER_REASON_HEADER in headers
+            )
+            yield message.subject.removeprefix(self._prefix), message.data, deleted
+            if initial and message.metadata.num_pending == 0:
+                initial = False
+                yield None
+
+    async def _control(self, message: Msg, status: str, delivered: int) -> int:
+        """Answer a heartbeat or a flow control request; any other status
+        (the consumer was deleted, say) ends the watch."""
+        headers = message.headers or {}
+        if status != _STATUS_CONTROL:
+            description = headers.get(_DESCRIPTION_HEADER, "")
+            self._lost(f"the server sent status {status} {description}".strip())
+        # A flow control request, or a heartbeat of a stalled consumer,
+        # names where to answer; every message before it was taken.
+        for reply in (message.reply, headers.get(_STALLED_HEADER)):
+            if reply:
+                await self._nc.publish(reply)
+        last = headers.get(_LAST_CONSUMER_HEADER)
+        if last is not None and int(last) != delivered:
+            self._lost(f"heartbeat after message {last}, last taken {delivered}")
+        return delivered
+
+    def _lost(self, why: str) -> typing.NoReturn:
+        raise StoreUnavailable(f"{self._store.url}: {self._what}: {why}")
+
+
+def _watch_subjects(bucket: str, keys: str) -> list[str]:
+    """What a user needs to watch ``keys`` of ``bucket`` (``_KeyWatch``):
+    creating a consumer filtered to them, under any name, and answering
+    its flow control."""
+    stream = f"KV_{bucket}"
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}.*.$KV.{bucket}.{keys}",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _lookups() -> list[str]:
+    """Looking up the stream and the buckets, as ``connect`` does."""
+    streams = (SEGMENTS_STREAM,) + tuple(
+        f"KV_{bucket}"
+        for bucket in (BUNDLES_BUCKET, STATUS_BUCKET, APPROVALS_BUCKET, REVIEWS_BUCKET)
+    )
+    return [f"$JS.API.STREAM.INFO.{stream}" for stream in streams]
 
 
 def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]]:
@@ -762,30 +895,42 @@ def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]
 
     It may ship segments, write its status, put its approvals and drop its
     reviews under its own ``daemon_token`` only; look up the streams and
-    buckets; read and watch the current bundle and watch the reviews; and
-    receive replies under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``)
-    only. It may not publish a bundle, create or delete a stream, or read
-    other daemons' approvals or status.
+    buckets; read and watch the current bundle; watch its own reviews
+    (a consumer filtered to its token: ``_KeyWatch``); and receive replies
+    under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``) only. It may
+    not publish a bundle, create or delete a stream, or read other
+    daemons' approvals, reviews or status.
     """
     token = daemon_token(daemon_id)
-    watched = (f"KV_{BUNDLES_BUCKET}", f"KV_{REVIEWS_BUCKET}")
-    streams = (SEGMENTS_STREAM,) + tuple(
-        f"KV_{bucket}"
-        for bucket in (BUNDLES_BUCKET, STATUS_BUCKET, APPROVALS_BUCKET, REVIEWS_BUCKET)
-    )
     publish = [
         f"{SEGMENT_SUBJECT_PREFIX}{token}",
         f"$KV.{STATUS_BUCKET}.{token}",
         f"$KV.{APPROVALS_BUCKET}.{token}.*",
         f"$KV.{REVIEWS_BUCKET}.{token}.*.*",
-        *(f"$JS.API.STREAM.INFO.{stream}" for stream in streams),
+        *_lookups(),
         f"$JS.API.STREAM.MSG.GET.KV_{BUNDLES_BUCKET}",
-        *(f"$JS.API.CONSUMER.CREATE.{stream}" for stream in watched),
-        *(f"$JS.API.CONSUMER.INFO.{stream}.*" for stream in watched),
-        # Flow control replies of the watches' consumers.
-        *(f"$JS.FC.{stream}.>" for stream in watched),
+        *_watch_subjects(BUNDLES_BUCKET, CURRENT_KEY),
+        *_watch_subjects(REVIEWS_BUCKET, f"{token}.>"),
     ]
     return {"publish": publish, "subscribe": [f"{inbox_prefix}.>"]}
+
+
+def publisher_permissions(inbox_prefix: str) -> dict[str, list[str]]:
+    """The subjects the bundle publisher's NATS user needs: look up the
+    stream and buckets, read and put the current bundle
+    (``kynara-sidecar bundle publish``), and read the daemons' status
+    (``kynara-sidecar fleet status``). It writes nothing else: no segment,
+    status, approval or review, and it creates no stream (the collector
+    does)."""
+    return {
+        "publish": [
+            f"$KV.{BUNDLES_BUCKET}.{CURRENT_KEY}",
+            *_lookups(),
+            f"$JS.API.STREAM.MSG.GET.KV_{BUNDLES_BUCKET}",
+            *_watch_subjects(STATUS_BUCKET, ">"),
+        ],
+        "subscribe": [f"{inbox_prefix}.>"],
+    }
 
 
 def collector_permissions(inbox_prefix: str) -> dict[str, list[str]]:
@@ -793,13 +938,25 @@ def collector_permissions(inbox_prefix: str) -> dict[str, list[str]]:
     creates the stream, the buckets and its durable consumer, reads
     statuses and watches approvals), acknowledging segment messages,
     putting and dropping reviews, and its own replies. It publishes no
-    bundle, segment, status or approval."""
+    bundle, segment, status or approval.
+
+    ``deny`` (publish) keeps it from the calls that would remove or change
+    segment messages before it reads them: deleting, purging or updating
+    the stream and deleting a message. It still acknowledges them, as
+    their reader."""
+    stream = SEGMENTS_STREAM
     return {
         "publish": [
             "$JS.API.>",
-            f"$JS.ACK.{SEGMENTS_STREAM}.>",
+            f"$JS.ACK.{stream}.>",
             "$JS.FC.>",
             f"$KV.{REVIEWS_BUCKET}.>",
+        ],
+        "deny": [
+            f"$JS.API.STREAM.DELETE.{stream}",
+            f"$JS.API.STREAM.PURGE.{stream}",
+            f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.STREAM.MSG.DELETE.{stream}",
         ],
         "subscribe": [f"{inbox_prefix}.>"],
     }

@@ -24,7 +24,12 @@ from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import StoreUnavailable, daemon_token, open_store
 from kynara_sidecar.sync.bundle import build_bundle, write_bundle
-from kynara_sidecar.sync.nats_store import collector_permissions, daemon_permissions
+from kynara_sidecar.sync.nats_store import (
+    REVIEWS_BUCKET,
+    collector_permissions,
+    daemon_permissions,
+    publisher_permissions,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DAEMON_A, DAEMON_B = "support-bot-a", "support-bot-b"
@@ -86,7 +91,10 @@ def _user(name: str, password: str, permissions: dict | None = None) -> str:
     entry = {"user": name, "password": password}
     if permissions is not None:
         entry["permissions"] = {
-            "publish": {"allow": permissions["publish"]},
+            "publish": {
+                "allow": permissions["publish"],
+                "deny": permissions.get("deny", []),
+            },
             "subscribe": {"allow": permissions["subscribe"]},
         }
     return json.dumps(entry)
@@ -100,9 +108,13 @@ def site(tmp_path):
 @pytest.fixture
 def fleet_server(tmp_path, site):
     """TLS and one user per daemon, limited to its own subjects; the
-    collector's user limited to what it needs; the publisher's unlimited."""
+    collector's and the publisher's limited to what they need."""
     users = [
-        _user("publisher", site.password("publisher")),
+        _user(
+            "publisher",
+            site.password("publisher"),
+            publisher_permissions("_INBOX.publisher"),
+        ),
         _user(
             "collector",
             site.password("collector"),
@@ -127,6 +139,13 @@ def _store(server: NatsServer, connection: NatsConnectionConfig):
 
 def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+async def _connect_and_close(store) -> None:
+    try:
+        await store.connect()
+    finally:
+        await store.close()
 
 
 async def _first(iterator):
@@ -333,8 +352,13 @@ def test_the_example_server_config_grants_what_daemon_permissions_lists():
     permissions = daemon_permissions(daemon_id, prefix)
     assert set(permissions["publish"]) == set(allowed)
     assert prefix == f"_INBOX.{daemon_id}"
-    for subject in collector_permissions("_INBOX.collector")["publish"]:
+    collector = collector_permissions("_INBOX.collector")
+    for subject in collector["publish"] + collector["deny"]:
         assert f'"{subject}"' in text
+    publisher = text.split("{user: publisher", 1)[1].split("subscribe:", 1)[0]
+    assert set(re.findall(r'"([^"]+)"', publisher)) - {"REPLACE-publisher"} == set(
+        publisher_permissions("_INBOX.publisher")["publish"]
+    )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -361,10 +385,14 @@ def test_the_cli_publishes_and_reads_the_fleet_with_its_nats_settings(
                 "ca_file": site.ca_file,
                 "user": "publisher",
                 "password_file": site.passwords["publisher"],
+                "inbox_prefix": "_INBOX.publisher",
             }
         )
     )
     store = ["--store", fleet_server.url]
+    # The collector creates the stream and buckets; the publisher may not.
+    unready = _cli("bundle", "publish", bundle_file, *store, "--nats", settings)
+    run(_connect_and_close(_store(fleet_server, site.connection("collector"))))
 
     plain = _cli("bundle", "publish", bundle_file, *store)
     published = _cli("bundle", "publish", bundle_file, *store, "--nats", settings)
@@ -372,6 +400,8 @@ def test_the_cli_publishes_and_reads_the_fleet_with_its_nats_settings(
     settings.write_text(yaml.safe_dump({"ca_file": site.ca_file, "users": "x"}))
     misspelt = _cli("fleet", "status", *store, "--nats", settings)
 
+    assert unready.returncode != 0
+    assert "stream.create" in unready.stderr
     assert plain.returncode != 0
     assert published.returncode == 0, published.stderr
     assert "ok: published" in published.stdout
@@ -379,3 +409,118 @@ def test_the_cli_publishes_and_reads_the_fleet_with_its_nats_settings(
     assert json.loads(fleet.stdout) == []
     assert misspelt.returncode != 0
     assert str(settings) in misspelt.stderr and "users" in misspelt.stderr
+
+
+async def _api(store, subject: str, config: dict) -> dict | None:
+    """A raw JetStream API request over ``store``'s connection, as a
+    client other than Kynara's might send it: the server's answer, or
+    None when the server refused the subject (no answer comes)."""
+    import nats.errors
+
+    await store.connect()
+    request = {"stream_name": f"KV_{REVIEWS_BUCKET}", "config": config}
+    try:
+        reply = await store._nc.request(subject, json.dumps(request).encode(), 1.0)
+    except nats.errors.TimeoutError:
+        return None
+    return json.loads(reply.data)
+
+
+def test_a_daemon_watches_only_its_own_reviews(fleet_server, site):
+    token_a, token_b = daemon_token(DAEMON_A), daemon_token(DAEMON_B)
+    api = "$JS.API.CONSUMER.CREATE.KV_kynara_reviews"
+    own = f"$KV.{REVIEWS_BUCKET}.{token_a}.>"
+    other = f"$KV.{REVIEWS_BUCKET}.{token_b}.>"
+    deliver = {"deliver_subject": "_INBOX.a.stolen", "ack_policy": "none"}
+
+    async def scenario():
+        collector = _store(fleet_server, site.connection("collector"))
+        a = _store(fleet_server, site.connection("a"))
+        b = _store(fleet_server, site.connection("b"))
+        try:
+            await collector.put_review(DAEMON_A, "ap1", "rv1", b"review for a")
+            await collector.put_review(DAEMON_B, "ap2", "rv2", b"review for b")
+            # Each daemon's own review flow works.
+            assert [r.data for r in await a.reviews(DAEMON_A)] == [b"review for a"]
+            (review,) = await _first(b.watch_reviews(DAEMON_B))
+            assert review.data == b"review for b"
+            # Kynara's own calls for another daemon's reviews are refused.
+            with pytest.raises(StoreUnavailable, match="refused by the server"):
+                await a.reviews(DAEMON_B)
+            with pytest.raises(StoreUnavailable, match="refused by the server"):
+                await _first(a.watch_reviews(DAEMON_B))
+            # So is any other way to a consumer on B's keys: the unfiltered
+            # and the durable create subjects are not allowed ...
+            assert await _api(a, api, {"filter_subject": other, **deliver}) is None
+            assert (
+                await _api(
+                    a,
+                    f"{api.replace('CREATE', 'DURABLE.CREATE')}.x",
+                    {"durable_name": "x", "filter_subject": other, **deliver},
+                )
+                is None
+            )
+            # ... and the server refuses a filter other than the one the
+            # allowed subject names, single or several.
+            for config in (
+                {"filter_subject": other},
+                {"filter_subjects": [other]},
+                {"filter_subjects": [own, other]},
+            ):
+                answer = await _api(
+                    a, f"{api}.x.{own}", {"name": "x", **config, **deliver}
+                )
+                # 10131: not the subject's filter; 10137: several filters.
+                assert answer is not None, config
+                assert answer["error"]["err_code"] in (10131, 10137), answer
+            # The same request filtered to its own keys is taken.
+            answer = await _api(
+                a, f"{api}.y.{own}", {"name": "y", "filter_subject": own, **deliver}
+            )
+            assert answer is not None and "error" not in answer, answer
+        finally:
+            for store in (a, b, collector):
+                await store.close()
+
+    run(scenario())
+
+
+def test_the_publisher_writes_bundles_only_and_the_collector_keeps_segments(
+    fleet_server, site
+):
+    async def scenario():
+        collector = _store(fleet_server, site.connection("collector"))
+        publisher = _store(fleet_server, site.connection("publisher"))
+        daemon = _store(fleet_server, site.connection("a"))
+        try:
+            await collector.connect()
+            await daemon.ship_segment(DAEMON_A, "m1", b"segment")
+            await daemon.put_status(DAEMON_A, b"{}")
+            await publisher.publish_bundle(b"bundle bytes")
+            assert set(await publisher.statuses()) == {DAEMON_A}
+            for write in (
+                publisher.ship_segment(DAEMON_A, "m2", b"forged"),
+                publisher.put_status(DAEMON_A, b"{}"),
+                publisher.put_approval(DAEMON_A, "ap1", b"forged"),
+                publisher.put_review(DAEMON_A, "ap1", "rv1", b"forged"),
+                publisher.reviews(DAEMON_A),
+            ):
+                with pytest.raises(StoreUnavailable, match="refused by the server"):
+                    await write
+            # The collector may not remove segment messages it has not read.
+            await collector.connect()
+            js = collector._js
+            for remove in (
+                js.purge_stream("KYNARA_SEGMENTS"),
+                js.delete_msg("KYNARA_SEGMENTS", 1),
+                js.delete_stream("KYNARA_SEGMENTS"),
+            ):
+                with pytest.raises(StoreUnavailable, match="refused by the server"):
+                    await collector._bounded("remove", remove)
+            delivery = await _first(collector.segments("kynara-collector"))
+            assert (delivery.daemon_id, delivery.data) == (DAEMON_A, b"segment")
+        finally:
+            for store in (daemon, publisher, collector):
+                await store.close()
+
+    run(scenario())
