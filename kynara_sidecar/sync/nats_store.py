@@ -53,8 +53,12 @@ to ``$KV.<bucket>.<key>``). Every key-value watch and read of several keys
 creates its consumer with ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``
 (``_KeyWatch``), which the server refuses unless the consumer's filter is
 the one the subject names: so a daemon may watch only its own reviews and
-the current bundle. ``publisher_permissions`` and
-``collector_permissions`` list the other two users'. A refused publish or
+the current bundle. What a daemon's user can still learn of others: the
+keys of the status and approvals buckets (daemon tokens and approval ids,
+never their values), through the ``STREAM.INFO`` lookups ``connect``
+makes, whose request may ask for the stream's subjects.
+``publisher_permissions`` and ``collector_permissions`` list the other two
+users'. A refused publish or
 subscription gets no answer, only a notice on the connection: the call
 fails with ``StoreUnavailable`` naming the refused subject (as the client
 reports it, lowercased) and it is logged at ERROR. The streams and
@@ -221,6 +225,8 @@ class NatsStore:
         timeout: seconds one call may take, connecting included, before it
             raises ``StoreUnavailable``.
         connection: TLS and credentials; None for plaintext without.
+        timeout_key: the setting ``timeout`` came from, named when a call
+            runs out of it (the collector's is ``store.timeout_seconds``).
     """
 
     def __init__(
@@ -229,12 +235,14 @@ class NatsStore:
         *,
         timeout: float = 5.0,
         connection: NatsConnection | None = None,
+        timeout_key: str = "sync.timeout_seconds",
     ):
         scheme, sep, rest = url.partition("://")
         if scheme != "nats" or not sep or not rest:
             raise ConfigError(f"{url!r}: expected nats://HOST:PORT")
         self.url = url
         self.timeout = timeout
+        self.timeout_key = timeout_key
         self.connection = connection or NatsConnection()
         # The server's last "Permissions Violation" on this connection: a
         # refused publish or subscription gets no answer, only this notice,
@@ -260,7 +268,7 @@ class NatsStore:
         except _UNAVAILABLE as err:
             reason = str(err) or type(err).__name__
             if isinstance(err, TimeoutError):
-                reason = f"no answer within {self.timeout} s (sync.timeout_seconds)"
+                reason = f"no answer within {self.timeout} s ({self.timeout_key})"
             if self._refused:
                 reason = f"refused by the server: {self._refused}"
                 self._refused = ""
