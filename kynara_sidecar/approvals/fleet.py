@@ -35,9 +35,14 @@ is the daemon's end of that:
   stops counting it and showing a stale state. The review stays in the
   store until a put naming it succeeded, and is dropped then: a daemon
   that stops before that takes it again after the restart (the book
-  refuses it again) and names it then. Bytes no inbox key signed (no inbox
-  counts them), and a review of an approval this daemon does not hold (or
-  one too large to publish), are dropped at once. A signed rejection that
+  refuses it again) and names it then. A review no inbox counts for this
+  daemon's approval is dropped at once, neither held nor named nor put
+  again: bytes no inbox key signed, one signed for another daemon
+  (``wrong_daemon``), and one filed under another approval or review id
+  than it was signed for (``wrong_key``: a copy a store writer re-filed,
+  maybe under many ids; the inbox counts only the id it sent). So is a
+  review of an approval this daemon does not hold (or one too large to
+  publish). A signed rejection that
   arrives after an approval resolved the approval, though it was made
   before that (its ``at`` is earlier than the approval's ``resolved_at``),
   is logged at ERROR and counted as ``conflict``: a store writer (or a
@@ -57,7 +62,18 @@ anything, nor show an approval this daemon did not sign.
 ``taken`` itself is kept in memory only: after a restart it names the
 reviews taken since, which is enough, because a refused review is still
 in the store until a put named it, and a recorded one is named by the
-approval's reviews.
+approval's reviews. It names at most ``MAX_TAKEN_PER_APPROVAL`` ids, the
+latest taken: the inbox needs an id only until it has read one state
+naming it (every put names it until then), and a recorded review not at
+all (its reviewer is in the approval's reviews), so the bound only matters
+when one approval draws more signed refusals than that between two states
+the inbox reads; a refused review pushed out before a put named it is
+dropped from the store unnamed, and an inbox that never read it named
+counts it as sent until the approval is final (availability only). What
+the signature checks refuse in one batch from the store is put once, after
+the batch (nothing waits in between); a refusal by the book may be put on
+its own. The bound keeps each put's size and signing cost small whatever a
+store writer files.
 
 A store that is down is retried after ``sync.retry_delay`` (doubling from
 ``sync.retry_min_seconds`` to ``sync.retry_max_seconds``); decisions never
@@ -110,6 +126,7 @@ from kynara_sidecar.sync import (
 from kynara_sidecar.sync._session import StoreSession
 
 __all__ = [
+    "MAX_TAKEN_PER_APPROVAL",
     "SIGNED_APPROVAL_VERSION",
     "ApprovalUnverified",
     "FleetBook",
@@ -128,6 +145,9 @@ SIGNED_APPROVAL_VERSION = 1
 _START_PAGE = 500
 # Log lines name at most this much of a store entry's ids.
 _MAX_LOGGED = 80
+# Review ids a published approval names as taken, the latest kept: about
+# 2 KiB of the envelope (MAX_APPROVAL_BYTES is 1 MiB); see the module doc.
+MAX_TAKEN_PER_APPROVAL = 64
 
 
 class FleetBook(Protocol):
@@ -304,8 +324,9 @@ class FleetLink:
         self._key = signing_key
         self._trusted = trusted
         # Approval id -> ids of the inbox's reviews of it taken (signed by
-        # an inbox key, then recorded or refused); forgotten once the
-        # approval's final state is published.
+        # an inbox key, then recorded or refused), the latest
+        # MAX_TAKEN_PER_APPROVAL; forgotten once the approval's final state
+        # is published.
         self._taken: dict[str, list[str]] = {}
         # Approval id -> ids of refused reviews of it left in the store until
         # a put of the approval naming them succeeds.
@@ -485,7 +506,7 @@ class FleetLink:
         decoded: SignedReviewV1 | ReviewRefused,
     ) -> None:
         """Check and record one review, and drop it from the store: at once
-        when recorded (or refused unsigned, or of no approval here), after
+        when recorded (or refused as no inbox's, or of no approval here), after
         a put of the approval naming it when refused (``decoded``: it, or
         why it does not decode). One this run already took is only dropped
         (when done with) or left to its put.
@@ -532,10 +553,11 @@ class FleetLink:
         except ReviewRefused as err:
             outcome = f"refused_{err.reason}"
             self._refused(published, err.reason, str(err))
-            # Signed by an inbox key (whatever else is wrong): that inbox
-            # counts it as sent until told it was taken.
-            signed = err.reason not in _UNSIGNED
-            held = self._republish(approval_id, approval, review_id if signed else "")
+            # Signed by an inbox key for this daemon and filed as signed
+            # (whatever else is wrong): that inbox counts it as sent until
+            # told it was taken. No inbox counts any other: dropped below.
+            if err.reason not in _NOT_COUNTED:
+                held = self._republish(approval_id, approval, review_id)
         except RequestError as err:
             current = self._book.get(approval_id) or approval
             if isinstance(decoded, SignedReviewV1) and _conflict(decoded, current):
@@ -581,9 +603,17 @@ class FleetLink:
         await self._drop(approval_id, review_id)
 
     def _note_taken(self, approval_id: str, review_id: str) -> None:
+        """Name ``review_id`` in the approval's next states, keeping the
+        latest ``MAX_TAKEN_PER_APPROVAL`` ids; a refused one pushed out
+        before a put named it is let go to be dropped unnamed."""
         taken = self._taken.setdefault(approval_id, [])
-        if review_id not in taken:
-            taken.append(review_id)
+        if review_id in taken:
+            return
+        taken.append(review_id)
+        if len(taken) > MAX_TAKEN_PER_APPROVAL:
+            pushed_out = taken[: len(taken) - MAX_TAKEN_PER_APPROVAL]
+            del taken[: len(pushed_out)]
+            self._release(approval_id, pushed_out)
 
     def _republish(
         self, approval_id: str, approval: Approval | None, review_id: str
@@ -684,8 +714,12 @@ class _TakeAgain(Exception):
     """A review the log could not record: leave it, watch again later."""
 
 
-# Refusals of bytes no inbox key signed: no inbox waits on them.
-_UNSIGNED = frozenset({"malformed", "unknown_key", "bad_signature"})
+# Refusals of reviews no inbox counts for this daemon's approval: bytes no
+# inbox key signed, and a signed review for another daemon or filed under
+# ids it was not signed for. No inbox waits on them: dropped at once.
+_NOT_COUNTED = frozenset(
+    {"malformed", "unknown_key", "bad_signature", "wrong_daemon", "wrong_key"}
+)
 
 
 def _in_signed_order(
