@@ -22,7 +22,7 @@ How a connection is run:
   ``notifications/tools/list_changed`` on a handshake-era connection, an
   event on the ``subscriptions/listen`` stream on a 2026 one) -> re-list;
   the connection ended (the stdio child exited, the HTTP server went away,
-  a call or a ping saw the connection closed) -> the upstream's tools are
+  a call or a probe saw the connection closed) -> the upstream's tools are
   absent, ``on_change`` is called, and the task reconnects with capped
   exponential backoff. An upstream unreachable at ``start`` is logged and
   retried the same way; its tools appear, with ``on_change``, when it comes.
@@ -30,14 +30,29 @@ How a connection is run:
   children) and waits for it.
 
 How a lost upstream is noticed without a call: a stdio child's pipe ends;
-a 2026 HTTP upstream's listen stream ends. A handshake-era (2025) Streamable
-HTTP upstream has neither (the SDK transport retries its standalone GET
-stream, then gives up, silently), so the task pings it (MCP ``ping``) every
-``min(timeout_seconds, MAX_PING_SECONDS)``: a ping that fails, is not
+a 2026 HTTP upstream's listen stream ends. Two kinds of HTTP upstream have
+no such stream, so the task probes them every ``min(timeout_seconds,
+MAX_PING_SECONDS)``: a handshake-era (2025) one (the SDK transport retries
+its standalone GET stream, then gives up, silently) with MCP ``ping``, and a
+2026 one that does not advertise ``tools.listChanged`` (it has no listen
+stream, and 2026 has no ``ping``) with ``server/discover``, which every 2026
+server answers and which changes nothing. A probe that fails, is not
 answered within ``timeout_seconds`` or is refused (a restarted server no
 longer knows the session) ends the connection as a closed one does. An
-upstream answering ``ping`` with method-not-found has answered, so it is
+upstream answering the probe with method-not-found has answered, so it is
 alive.
+
+A handshake-era HTTP upstream that restarted answers the gateway's session
+id with HTTP 404 (JSON-RPC -32600 "Session not found"): the transport's
+responses are watched for that, and a call, a probe or a re-list refused
+so ends the connection (the call fails ``upstream_unavailable``), and the
+task connects afresh with a new session. A -32600 without that 404 is the
+upstream's own answer, passed on as any other error.
+
+The task's events coalesce: each kind (tools changed, connection closed,
+stop) is queued at most once until the task takes it, so however many
+changes arrive while it re-lists, a "closed" or a "stop" behind them is
+never dropped, and one pending re-list covers every change before it.
 
 A handshake-era HTTP upstream sends ``list_changed`` on that standalone GET
 stream, and one sent while the stream is not open (before the SDK opens it
@@ -46,10 +61,6 @@ stream opens (the upstream answers the GET with an event stream) the task
 lists the tools once more; a change made before that shows in the new list,
 one made after arrives on the stream. A re-list that finds the same tools
 calls no ``on_change``.
-
-TODO(#11): a 2026 HTTP upstream that does not advertise
-``tools.listChanged`` has no listen stream, and 2026 has no ``ping``: it
-going away is noticed only by the next call to it.
 
 Every upstream request (connect, ``tools/list``, ``tools/call``) is bounded
 by the server's ``timeout_seconds``. A caller's cancellation of ``call``
@@ -83,7 +94,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import SubscriptionLost
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED, METHOD_NOT_FOUND
+from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, METHOD_NOT_FOUND
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from kynara_sidecar.config import UpstreamConfig, UpstreamTransport
@@ -109,8 +120,9 @@ log = logging.getLogger("kynara.gateway")
 # a second), doubling to a cap that keeps a long outage cheap yet noticed.
 MIN_RETRY_SECONDS = 0.25
 MAX_RETRY_SECONDS = 10.0
-# A handshake-era HTTP upstream is pinged every min(timeout_seconds, this):
-# one that went away is noticed within about that, at one small POST each.
+# An HTTP upstream without a stream that ends with it (handshake-era, or 2026
+# without tools.listChanged) is probed every min(timeout_seconds, this): one
+# that went away is noticed within about that, at one small POST each.
 MAX_PING_SECONDS = 10.0
 # tools/list pages followed per listing; an upstream whose cursors never end
 # is refused rather than followed forever.
@@ -131,6 +143,9 @@ UPSTREAM_INVALID = "upstream_invalid"
 _CHANGED = "changed"
 _CLOSED = "closed"
 _STOP = "stop"
+_EVENTS = (_CHANGED, _CLOSED, _STOP)
+# The header a handshake-era Streamable HTTP request carries its session in.
+_SESSION_HEADER = "mcp-session-id"
 
 
 class CatalogTool(msgspec.Struct, frozen=True):
@@ -174,6 +189,13 @@ def _closed(err: MCPError) -> bool:
         and err.error.message == "Connection closed"
         and err.error.data is None
     )
+
+
+def _session_refused(err: MCPError, upstream: _Upstream) -> bool:
+    """Whether ``err`` is the SDK's -32600 for an HTTP 404 to the current
+    session id (the upstream no longer knows the session), not an
+    upstream's own -32600 answer."""
+    return err.code == INVALID_REQUEST and upstream.session_lost
 
 
 def _brief(err: BaseException) -> str:
@@ -263,18 +285,36 @@ class _Upstream:
         self.client: Client | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        # Why the current connection ended, when the task itself saw it (a
-        # failed ping); "" otherwise.
+        # Why the current connection ended, when the gateway itself saw it (a
+        # failed probe, a call refused for a lost session); "" otherwise.
         self.ended = ""
+        # Whether the upstream answered HTTP 404 to a request carrying the
+        # current connection's session id: it no longer knows the session.
+        self.session_lost = False
         # The last failure logged at ERROR; the same one again is logged at
         # DEBUG, so an upstream that stays down does not flood the log.
         self.last_failure = ""
-        # Coalescing: one pending "changed" is as good as many.
-        self.send, self.receive = anyio.create_memory_object_stream[str](16)
+        # Coalescing: each kind is queued at most once (``pending``) until
+        # ``next_event`` takes it, so the queue never fills and no kind is
+        # dropped behind another; one pending "changed" is as good as many.
+        self.pending: set[str] = set()
+        self.send, self.receive = anyio.create_memory_object_stream[str](len(_EVENTS))
 
     def signal(self, event: str) -> None:
-        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+        """Queue ``event`` for the task, unless it is already queued."""
+        if event in self.pending:
+            return
+        try:
             self.send.send_nowait(event)
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
+            return  # closed: the task is gone; full cannot happen
+        self.pending.add(event)
+
+    async def next_event(self) -> str:
+        """The next queued event; the same kind may be queued again."""
+        event = await self.receive.receive()
+        self.pending.discard(event)
+        return event
 
     def close_events(self) -> None:
         self.send.close()
@@ -425,6 +465,14 @@ class Catalog:
                 raise UpstreamError(
                     server, UPSTREAM_UNAVAILABLE, f"{what}: connection closed"
                 ) from err
+            if _session_refused(err, upstream):
+                detail = (
+                    f"{what}: the upstream no longer knows the session "
+                    f"(error {err.code}: {err.error.message}); reconnecting"
+                )
+                upstream.ended = upstream.ended or detail
+                upstream.signal(_CLOSED)
+                raise UpstreamError(server, UPSTREAM_UNAVAILABLE, detail) from err
             raise UpstreamError(
                 server,
                 UPSTREAM_ERROR,
@@ -462,6 +510,7 @@ class Catalog:
             refused: ConfigError | None = None
             try:
                 upstream.ended = ""
+                upstream.session_lost = False
                 async with self._connect(upstream) as client:
                     connected_at = time.monotonic()
                     upstream.last_failure = ""
@@ -520,7 +569,7 @@ class Catalog:
         """Sleep ``delay`` seconds, or until stop; drop stale events."""
         with anyio.move_on_after(delay):
             while True:
-                event = await upstream.receive.receive()
+                event = await upstream.next_event()
                 if event == _STOP:
                     return
 
@@ -553,6 +602,15 @@ class Catalog:
                 await stack.enter_async_context(http)
 
                 async def answered(response: httpx2.Response) -> None:
+                    # HTTP 404 to a request carrying the session id: the
+                    # upstream no longer knows the session (it restarted).
+                    # The -32600 the SDK makes of it is then no answer of
+                    # the upstream's, and ends the connection.
+                    if (
+                        response.status_code == 404
+                        and _SESSION_HEADER in response.request.headers
+                    ):
+                        upstream.session_lost = True
                     # A GET answered with an event stream: on a handshake-era
                     # connection, the standalone stream for the upstream's
                     # own messages is open (again). A list_changed sent
@@ -597,8 +655,13 @@ class Catalog:
         Raises:
             ConnectionError: the connection ended.
         """
+        modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
+        capabilities = client.server_capabilities.tools
+        listens = (
+            modern and capabilities is not None and bool(capabilities.list_changed)
+        )
         async with anyio.create_task_group() as group:
-            if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            if listens:
                 # Listening before listing: a change made in between is seen.
                 await group.start(self._listen, upstream, client)
             tools = await self._list(upstream, client)
@@ -610,12 +673,10 @@ class Catalog:
                 return err
             if not first.done():
                 first.set_result(None)
-            if (
-                upstream.config.transport is UpstreamTransport.HTTP
-                and client.protocol_version not in MODERN_PROTOCOL_VERSIONS
-            ):
-                group.start_soon(self._ping, upstream, client)
-            async for event in upstream.receive:
+            if upstream.config.transport is UpstreamTransport.HTTP and not listens:
+                group.start_soon(self._probe, upstream, client, modern)
+            while True:
+                event = await upstream.next_event()
                 if event in (_STOP, _CLOSED):
                     break
                 try:
@@ -628,6 +689,11 @@ class Catalog:
                         },
                     )
                     if err.code == CONNECTION_CLOSED:
+                        break
+                    if _session_refused(err, upstream):
+                        upstream.ended = upstream.ended or (
+                            f"tools/list refused: {_cause(err)}"
+                        )
                         break
                     continue
                 try:
@@ -644,25 +710,35 @@ class Catalog:
             raise ConnectionError(upstream.ended or "connection ended")
         return None
 
-    async def _ping(self, upstream: _Upstream, client: Client) -> None:
-        """On a handshake-era HTTP connection: ping the upstream every
-        ``min(timeout_seconds, MAX_PING_SECONDS)``; the first ping that fails
-        ends the connection (``_CLOSED``), saying why in ``ended``."""
+    async def _probe(self, upstream: _Upstream, client: Client, modern: bool) -> None:
+        """On an HTTP connection without a stream that ends with the
+        upstream: every ``min(timeout_seconds, MAX_PING_SECONDS)``, ping it
+        (handshake-era) or send it ``server/discover`` (2026, which has no
+        ping); the first probe that fails ends the connection (``_CLOSED``),
+        saying why in ``ended``."""
         timeout = upstream.config.timeout_seconds
         interval = min(timeout, MAX_PING_SECONDS)
+        what = "server/discover" if modern else "ping"
         while True:
             await anyio.sleep(interval)
             try:
-                # The session's own ping: the Client's is deprecated for
-                # 2026, which has none; this connection is handshake-era.
-                # Bounded by the client's read timeout, timeout_seconds.
-                await client.session.send_ping()
+                # Both bounded by the client's read timeout, timeout_seconds.
+                if modern:
+                    # Through the session's request path, stamped for the
+                    # negotiated version; the answer is not adopted.
+                    await client.session.send_request(
+                        mcp_types.DiscoverRequest(), mcp_types.DiscoverResult
+                    )
+                else:
+                    # The session's own ping: the Client's is deprecated for
+                    # 2026, which has none; this connection is handshake-era.
+                    await client.session.send_ping()
             except MCPError as err:
                 if err.code == METHOD_NOT_FOUND:
-                    continue  # it answered: alive, just without ping
-                upstream.ended = f"ping failed: {_cause(err)}"
+                    continue  # it answered: alive, just without the method
+                upstream.ended = f"{what} failed: {_cause(err)}"
             except Exception as err:  # whatever broke, the upstream is gone
-                upstream.ended = f"ping failed: {_cause(err)}"
+                upstream.ended = f"{what} failed: {_cause(err)}"
             else:
                 continue
             upstream.signal(_CLOSED)
@@ -675,13 +751,10 @@ class Catalog:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """On a 2026 connection: turn tools list-changed events into
-        re-lists; the stream's end is the connection's. Started once the
-        upstream acknowledged the subscription."""
-        capabilities = client.server_capabilities.tools
-        if capabilities is None or not capabilities.list_changed:
-            task_status.started()
-            return
+        """On a 2026 connection whose upstream advertises
+        ``tools.listChanged``: turn tools list-changed events into re-lists;
+        the stream's end is the connection's. Started once the upstream
+        acknowledged the subscription."""
         async with client.listen(tools_list_changed=True) as subscription:
             task_status.started()
             try:

@@ -534,8 +534,9 @@ def test_http_server_gone_drops_tools_and_reconnects(era, tmp_path):
 def test_handshake_era_http_server_restarted_is_reconnected(tmp_path, caplog):
     # A server back on its port before the gateway looked again no longer
     # knows the gateway's session: its ping is refused and the gateway
-    # connects afresh.
-    upstream = start_http_upstream(tmp_path, handshake_only=True)
+    # connects afresh. It offers no GET stream, whose opening would make the
+    # gateway re-list, a re-list that could see the restart before the ping.
+    upstream = start_http_upstream(tmp_path, handshake_only=True, no_get_stream=True)
     changes = Changes()
     restarted: list[HttpUpstream] = []
 
@@ -550,7 +551,11 @@ def test_handshake_era_http_server_restarted_is_reconnected(tmp_path, caplog):
             upstream.stop()
             restarted.append(
                 start_http_upstream(
-                    tmp_path, None, port=upstream.port, handshake_only=True
+                    tmp_path,
+                    None,
+                    port=upstream.port,
+                    handshake_only=True,
+                    no_get_stream=True,
                 )
             )
             await changes.wait_for(lambda: len(changes.servers) == 3, "reconnect")
@@ -577,10 +582,11 @@ def test_call_to_a_restarted_handshake_era_http_server_reconnects(
     tmp_path, caplog, monkeypatch
 ):
     # The server, restarted, answers the gateway's session id with HTTP 404
-    # (JSON-RPC -32600 "Session not found"). No ping runs during the test, so
-    # only the failed call can end the connection and make it reconnect.
+    # (JSON-RPC -32600 "Session not found"). No ping runs during the test and
+    # the server offers no GET stream (whose opening makes the gateway
+    # re-list), so only the failed call can end the connection.
     monkeypatch.setattr(catalog_module, "MAX_PING_SECONDS", 3600.0)
-    upstream = start_http_upstream(tmp_path, handshake_only=True)
+    upstream = start_http_upstream(tmp_path, handshake_only=True, no_get_stream=True)
     changes = Changes()
     restarted: list[HttpUpstream] = []
 
@@ -595,7 +601,11 @@ def test_call_to_a_restarted_handshake_era_http_server_reconnects(
             upstream.stop()
             restarted.append(
                 start_http_upstream(
-                    tmp_path, None, port=upstream.port, handshake_only=True
+                    tmp_path,
+                    None,
+                    port=upstream.port,
+                    handshake_only=True,
+                    no_get_stream=True,
                 )
             )
             with pytest.raises(UpstreamError) as failed:

@@ -32,6 +32,9 @@ makes ``tools/list`` answer K tools per page (clients must follow cursors);
 ``--empty-name`` adds a tool whose name is empty (which the gateway refuses);
 ``--no-listen`` serves no ``subscriptions/listen``, so a 2026 client sees no
 ``tools.listChanged`` and has no stream that would end with the server;
+``--no-get-stream`` (over HTTP) answers a session's standalone GET stream
+with 405, as a server that offers none does, so a handshake-era client
+neither hears list_changed nor re-lists when that stream opens;
 ``--announce-early`` (over HTTP) adds ``late`` and announces it to the
 client while answering its first ``tools/list`` (the answer itself lacks
 ``late``), and answers a client's standalone GET stream (a GET carrying a
@@ -392,12 +395,16 @@ async def serve_stdio(
             )
 
 
-def serve_http(server: UpstreamServer, port: int, upstream: Upstream) -> None:
+def serve_http(
+    server: UpstreamServer, port: int, upstream: Upstream, no_get_stream: bool = False
+) -> None:
     import uvicorn
 
     app = server.streamable_http_app(host="127.0.0.1")
     if upstream.announce_early:
         app = _streams_after_announcing(app, upstream)
+    if no_get_stream:
+        app = _without_get_stream(app)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -419,6 +426,23 @@ def _streams_after_announcing(app: Any, upstream: Upstream) -> Any:
     return held
 
 
+def _without_get_stream(app: Any) -> Any:
+    """``app``, answering a session's standalone GET stream with 405
+    (``--no-get-stream``)."""
+    from starlette.responses import Response
+
+    async def refused(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            headers = dict(scope.get("headers") or [])
+            if b"mcp-session-id" in headers:
+                response = Response(status_code=405, headers={"Allow": "POST"})
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return refused
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -434,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faulty", action="store_true")
     parser.add_argument("--announce-early", action="store_true")
     parser.add_argument("--no-listen", action="store_true")
+    parser.add_argument("--no-get-stream", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     upstream = Upstream(
@@ -451,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stdio:
         anyio.run(serve_stdio, server, args.handshake_only, args.faulty)
     else:
-        serve_http(server, args.port, upstream)
+        serve_http(server, args.port, upstream, args.no_get_stream)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def upstream_flags(
     empty_name: bool = False,
     announce_early: bool = False,
     no_listen: bool = False,
+    no_get_stream: bool = False,
 ) -> list[str]:
     """The server's command-line flags for these options."""
     flags: list[str] = []
@@ -60,6 +61,8 @@ def upstream_flags(
         flags.append("--announce-early")
     if no_listen:
         flags.append("--no-listen")
+    if no_get_stream:
+        flags.append("--no-get-stream")
     return flags
 
 
