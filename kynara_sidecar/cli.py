@@ -992,6 +992,26 @@ def _add_nats_settings(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _unknown_key_line(text: bytes, err: Exception) -> str:
+    """``:LINE`` of the top-level key a msgspec error calls unknown in the
+    YAML ``text`` (msgspec names the key, not where it is); "" otherwise."""
+    import yaml
+
+    found = re.fullmatch(r"Object contains unknown field `([^`]*)`", str(err))
+    if found is None:
+        return ""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return ""
+    if not isinstance(node, yaml.MappingNode):
+        return ""
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == found.group(1):
+            return f":{key.start_mark.line + 1}"
+    return ""
+
+
 def _store_of(args: argparse.Namespace):
     """The store ``--store`` names, with ``--nats``'s connection settings.
 
@@ -1008,17 +1028,22 @@ def _store_of(args: argparse.Namespace):
 
     settings = NatsConnectionConfig()
     if args.nats:
+        text = b""
         try:
             with open(args.nats, "rb") as file:
-                raw = load_yaml(file.read()) or {}
+                text = file.read()
+            raw = load_yaml(text) or {}
             settings = msgspec.convert(raw, NatsConnectionConfig)
         except (OSError, yaml.YAMLError, msgspec.ValidationError) as err:
-            raise ConfigError(f"--nats {args.nats}: {err}") from None
+            where = _unknown_key_line(text, err)
+            raise ConfigError(f"--nats {args.nats}{where}: {err}") from None
     section = args.nats or "--nats"
     settings.validate(section, files=False)
     settings.check_store(section, args.store, "--store")
     connection = settings.load(section) if settings.configured else None
-    return open_store(args.store, timeout=args.timeout, nats=connection)
+    return open_store(
+        args.store, timeout=args.timeout, nats=connection, timeout_key="--timeout"
+    )
 
 
 def _publish_bundle(args: argparse.Namespace) -> int:
@@ -1227,11 +1252,28 @@ def _check_trust_roots(where: str, ca_file: str, roots: bytes) -> None:
 _TLS_FAILURE = re.compile(
     r"handshake|hostname verification|ssl_error|certificate", re.IGNORECASE
 )
+# Bounds the handshake that tells a TLS-only admin port from a dead one.
+_TLS_PROBE_SECONDS = 3.0
 
 
-def _tls_failure(err, call: str, target: str) -> ConfigError | None:
+def _tls_failure(
+    err, call: str, target: str, config: Config | None = None
+) -> ConfigError | None:
     """The error to show for an UNAVAILABLE ``err`` that is a failed TLS
-    handshake with the admin port, or None when it is not one."""
+    handshake with the admin port, or a plaintext call (``config`` without
+    admin.tls) to a port that serves TLS; None when it is neither."""
+    if (
+        config is not None
+        and not config.admin.tls.enabled
+        and not target.startswith("unix:")
+        and _serves_tls(target)
+    ):
+        return ConfigError(
+            f"{call} at {target}: the port serves TLS, but this config has no "
+            "admin.tls, so the call went in plaintext: give the daemon's own "
+            "config (with its admin.tls), or set admin.tls here as it does "
+            "(the CLI then trusts admin.tls.cert_file, or --ca-file)"
+        )
     details = visible_text(err.details() or "")
     if not _TLS_FAILURE.search(details):
         return None
@@ -1242,6 +1284,29 @@ def _tls_failure(err, call: str, target: str) -> ConfigError | None:
         "must hold; default admin.host) against the daemon's admin.tls "
         "certificate"
     )
+
+
+def _serves_tls(target: str) -> bool:
+    """Whether ``HOST:PORT`` completes a TLS handshake. Nothing is checked
+    (no trust, no name): it only tells a TLS port from one that answers
+    plaintext or nothing, which gRPC's error for a plaintext call cannot
+    (it reports a closed or reset connection either way)."""
+    import socket
+    import ssl
+
+    host, _, port = target.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection(
+            (host.strip("[]"), int(port)), timeout=_TLS_PROBE_SECONDS
+        ) as raw:
+            with context.wrap_socket(raw):
+                return True
+    except (OSError, ValueError):
+        return False
 
 
 def _certificate_name(cert_file: str, target: str) -> str:
@@ -1333,7 +1398,7 @@ def _sync(args: argparse.Namespace) -> int:
                     "and restart the daemon"
                 ) from None
             if err.code() == grpc.StatusCode.UNAVAILABLE:
-                raise _tls_failure(err, "SyncNow", target) or ConfigError(
+                raise _tls_failure(err, "SyncNow", target, config) or ConfigError(
                     f"SyncNow at {target}: nothing answers: is the daemon running, "
                     "with this config? Its admin listener starts only when the "
                     "daemon's own admin.credentials names a credential"
@@ -1383,7 +1448,7 @@ def _sync_ship(args: argparse.Namespace) -> int:
         except grpc.RpcError as err:
             coded = dict(err.trailing_metadata() or ()).get("kynara-error-code")
             if err.code() == grpc.StatusCode.UNAVAILABLE and not coded:
-                raise _tls_failure(err, "ShipNow", target) or ConfigError(
+                raise _tls_failure(err, "ShipNow", target, config) or ConfigError(
                     f"ShipNow at {target}: nothing answers: is the daemon running, "
                     "with this config? Its admin listener starts only when the "
                     "daemon's own admin.credentials names a credential"
@@ -1549,7 +1614,7 @@ def _approvals_error(err, target: str, config: Config) -> KynaraError:
     from kynara_sidecar.server.status import ERROR_CODE_KEY
 
     if err.code() == grpc.StatusCode.UNAVAILABLE:
-        return _tls_failure(err, "ApprovalService", target) or ConfigError(
+        return _tls_failure(err, "ApprovalService", target, config) or ConfigError(
             f"ApprovalService at {target}: nothing answers: is the daemon running, "
             "with this config? Its admin listener starts only once "
             "admin.credentials or approvals.reviewer_issuers names someone"

@@ -92,6 +92,7 @@ from kynara_sidecar.audit.store import (
 from kynara_sidecar.audit.witness import Witness
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
 from kynara_sidecar.config import (
+    METRICS_READERS,
     AdminListenerConfig,
     AgentListenerConfig,
     BacklogPolicy,
@@ -1327,6 +1328,25 @@ class Daemon:
             self._catalog = None
             log.info("gateway stopped", extra=_fields())
 
+    def _warn_unreadable_metrics(self) -> None:
+        """With http.tls, /metrics asks for a credential with the metrics or
+        operator role: without one in admin.credentials every scrape gets
+        401, which a start that logs nothing would leave to be found from
+        the scraper's side."""
+        wanted = {role.value for role in METRICS_READERS}
+        credentials = self.config.admin.credentials
+        if any(wanted & set(entry.roles) for entry in credentials.values()):
+            return
+        log.warning(
+            "/metrics refuses every scrape: no admin credential may read it",
+            extra=_fields(
+                setting="admin.credentials",
+                hint="http.tls asks /metrics for a bearer secret of an "
+                "admin.credentials entry with the metrics or operator role; "
+                "add one (roles: [metrics]) for the scraper",
+            ),
+        )
+
     async def _start_http(self) -> None:
         cfg = self.config.http
         if cfg.port == -1:
@@ -1341,6 +1361,7 @@ class Daemon:
             ).ssl_context()
             readers = AdminCredentials.from_config(self.config.admin, self.metrics)
             self._admin_tables.append(readers)
+            self._warn_unreadable_metrics()
         app = build_http_app(
             self.metrics,
             self._book,

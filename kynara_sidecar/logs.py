@@ -44,10 +44,16 @@ LOG_FORMATS = ("json", "text")
 # Libraries the daemon runs that log on their own: the MCP SDK (the
 # gateway's upstream connections and agent sessions), uvicorn (the
 # gateway's HTTP listener) and aiohttp (the daemon's and the collector's HTTP
-# listeners). Their lines go out in the daemon's format too, at WARNING or
-# the daemon's level if higher, or at debug with it: at INFO they narrate
-# every request.
-LIBRARY_LOGGERS = ("mcp", "uvicorn", "aiohttp")
+# listeners), asyncio (the event loop's own complaints) and the NATS client
+# (the central store). Their lines go out in the daemon's format too, at
+# WARNING or the daemon's level if higher, or at debug with it: at INFO they
+# narrate every request. Unrouted, a warning of theirs would reach stderr
+# as a bare line through logging's last-resort handler.
+LIBRARY_LOGGERS = ("mcp", "uvicorn", "aiohttp", "asyncio", "nats")
+# What asyncio warns each time a peer closes a TLS connection whose
+# protocol asks to stay half open, as the NATS client's does: nothing was
+# lost, so the line goes out at debug only (_NoiseFilter).
+_ASYNCIO_SSL_EOF = "returning true from eof_received() has no effect when using ssl"
 
 # Fields every line of this process carries once known (daemon_id), and the
 # active policy revision for lines of the policy component.
@@ -189,12 +195,28 @@ class _BadRequestFilter(logging.Filter):
         return True
 
 
+class _NoiseFilter(logging.Filter):
+    """Demote asyncio's warning about ``eof_received`` under TLS to debug
+    (kept only when the library loggers are at debug): it comes whenever
+    a TLS connection to the NATS server closes and asks nothing of the
+    operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "asyncio" or record.msg != _ASYNCIO_SSL_EOF:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Send the ``kynara`` and library loggers to stderr, one line a record
     in ``fmt`` (json or text), at ``level`` (see ``set_level``)."""
     global _handler
     _handler = logging.StreamHandler(sys.stderr)
     _handler.addFilter(_BadRequestFilter())
+    _handler.addFilter(_NoiseFilter())
     set_format(fmt)
     for name in ("kynara", *LIBRARY_LOGGERS):
         logger = logging.getLogger(name)

@@ -7,6 +7,8 @@ Examples:
     kynara-collector daemons --config collector.yaml
     kynara-collector daemons clear bot-7 --config collector.yaml \
         --reason "restored from backup; ticket OPS-12"
+    kynara-collector daemons clear bot-7 --config collector.yaml \
+        --reason "old log replayed first; OPS-13" --take-on-new-log LOG_ID
 """
 
 from __future__ import annotations
@@ -67,6 +69,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="why it is cleared (logged with the clear, for the audit trail), "
         "e.g. a ticket",
     )
+    clear.add_argument(
+        "--take-on-new-log",
+        dest="take_on_log",
+        default="",
+        metavar="LOG_ID",
+        help="also end the accepted log and take the daemon on from log LOG_ID "
+        "once a segment of it arrives from 0 beginning with a chain_break: for a "
+        "daemon whose new chain names a log the collector never accepted (an old "
+        "log replayed first). LOG_ID: the refused checkpoint's log_id in the "
+        "daemon's alerts, or what `kynara-sidecar new-chain` printed",
+    )
     for sub in (run, query, daemons, clear):
         # ``daemons`` options come before or after ``clear``; what the
         # subcommand does not see keeps the value given before it.
@@ -122,7 +135,7 @@ def _query(args: argparse.Namespace) -> int:
         records = records_for(
             state,
             archive,
-            config.registered_keys(),
+            config.registry(),
             args.daemon,
             args.first,
             args.last,
@@ -144,7 +157,7 @@ def _daemons(args: argparse.Namespace) -> int:
         return _clear(args)
     config, state, _ = _open_readonly(args)
     try:
-        body = daemons_json(state, config.registered_keys())
+        body = daemons_json(state, config.registry())
     finally:
         state.close()
     sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(body)) + b"\n")
@@ -165,7 +178,9 @@ def _clear(args: argparse.Namespace) -> int:
         raise StateError(f"no collector state at {config.state.path}; check state.path")
     state = CollectorState.open(config.state.path, map_size=config.state.map_size)
     try:
-        cleared = state.clear_refusal(args.daemon_id)
+        cleared = state.clear_refusal(
+            args.daemon_id, take_on_log=args.take_on_log, reason=args.reason
+        )
     finally:
         state.close()
     log.info(
@@ -179,6 +194,8 @@ def _clear(args: argparse.Namespace) -> int:
                 "tree_size": cleared.tree_size,
                 "log_id": cleared.log_id,
                 "dropped_held": cleared.dropped_held,
+                "take_on_log": cleared.take_on_log,
+                "ended_log": cleared.ended_log,
                 "reason": args.reason,
             }
         },

@@ -19,6 +19,9 @@ Example::
     daemons:
       support-bot-7d9f:
         public_keys: [/etc/kynara/keys/support-bot-7d9f.pub]
+      kynara-agent:                      # a family: a Deployment's pods
+        id_prefix: "kynara-agent-"
+        public_keys: [/etc/kynara/keys/kynara-agent.pub]
     archive:
       url: s3://kynara-audit/fleet
       s3: {endpoint_url: "https://s3.eu-central-1.amazonaws.com", region: eu-central-1}
@@ -47,7 +50,10 @@ from kynara_sidecar.audit.keys import (
     load_signing_key,
     load_trusted_keys,
 )
+from kynara_sidecar.collector.metrics import UNREGISTERED
+from kynara_sidecar.collector.registry import DaemonEntry, DaemonRegistry
 from kynara_sidecar.config import (
+    MAX_DAEMON_ID_CHARS,
     AdminCredentialConfig,
     AdminListenerConfig,
     AdminRole,
@@ -221,15 +227,35 @@ class PullConfig(_Section):
 
 
 class DaemonConfig(_Section):
-    """A registered daemon: the keys its checkpoints must be signed by."""
+    """A registered daemon, or a family of them: the keys its checkpoints
+    must be signed by.
+
+    Without ``id_prefix`` the entry's name is the daemon's exact id. With
+    it the entry registers every daemon id that starts with the prefix
+    (and is longer), and its name is only the metrics label
+    (``collector.registry``).
+    """
 
     # Public key files (PEM or raw base64url), e.g.
     # ["/etc/kynara/keys/support-bot-7d9f.pub"].
     public_keys: list[str] = []
+    # Registers a family: any daemon id starting with it, e.g.
+    # "kynara-agent-" for a Deployment's pods (`$(POD_NAME)/$(POD_UID)`);
+    # unset registers the entry's name as an exact id.
+    id_prefix: str | None = None
 
     def validate(self, section: str) -> None:
         if not self.public_keys:
             raise ConfigError(f"{section}.public_keys: expected a key file, got none")
+        if self.id_prefix is None:
+            return
+        problem = daemon_id_problem(self.id_prefix)
+        if problem is not None or len(self.id_prefix) >= MAX_DAEMON_ID_CHARS:
+            raise ConfigError(
+                f"{section}.id_prefix: expected 1 to {MAX_DAEMON_ID_CHARS - 1} "
+                "printable ASCII characters without '\"' or '\\\\' (the start "
+                f"of a daemon id), got {self.id_prefix!r}"
+            )
 
     def load_keys(self, section: str) -> dict[str, PublicKey]:
         """Key id -> key.
@@ -439,7 +465,9 @@ class CollectorConfig(_Section):
 
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     pull: list[PullConfig] = []
-    # Registered daemons by id, e.g. {support-bot-7d9f: {public_keys: [...]}}.
+    # Registered daemons by id, e.g. {support-bot-7d9f: {public_keys: [...]}},
+    # or families by name, e.g. {kynara-agent: {id_prefix: "kynara-agent-",
+    # public_keys: [...]}}.
     daemons: dict[str, DaemonConfig] = {}
     archive: ArchiveConfig = msgspec.field(default_factory=ArchiveConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
@@ -463,22 +491,99 @@ class CollectorConfig(_Section):
             problem = daemon_id_problem(daemon_id)
             if problem is not None:
                 raise ConfigError(f"daemons: {problem}")
+            if daemon_id == UNREGISTERED:
+                raise ConfigError(
+                    f"daemons: {UNREGISTERED!r} is the metrics label of daemons "
+                    "not registered; expected another name"
+                )
             daemon.validate(f"daemons.{daemon_id}")
+        self._check_families()
+        exact = sorted(
+            name for name, daemon in self.daemons.items() if daemon.id_prefix is None
+        )
         seen: set[str] = set()
         for index, pull in enumerate(self.pull):
             where = f"pull[{index}]"
             pull.validate(where)
-            if pull.daemon_id not in self.daemons:
+            daemon = self.daemons.get(pull.daemon_id)
+            if daemon is not None and daemon.id_prefix is not None:
                 raise ConfigError(
-                    f"{where}.daemon_id: {pull.daemon_id!r} is not registered; "
-                    f"expected one of daemons ({', '.join(sorted(self.daemons))})"
+                    f"{where}.daemon_id: {pull.daemon_id!r} is a family of daemons "
+                    f"(daemons.{pull.daemon_id}.id_prefix); a pull names one daemon: "
+                    "register its exact id"
+                )
+            if daemon is None:
+                family = self._family_of(pull.daemon_id)
+                matched = (
+                    f" (daemons.{family}.id_prefix matches it; a pull names a "
+                    "daemon registered by its exact id)"
+                    if family
+                    else ""
+                )
+                raise ConfigError(
+                    f"{where}.daemon_id: {pull.daemon_id!r} is not registered"
+                    f"{matched}; expected one of daemons ({', '.join(exact)})"
                 )
             if pull.daemon_id in seen:
                 raise ConfigError(f"{where}.daemon_id: {pull.daemon_id!r} pulled twice")
             seen.add(pull.daemon_id)
 
+    def _family_of(self, daemon_id: str) -> str:
+        """The name of the family entry whose prefix matches ``daemon_id``,
+        or ""."""
+        for name, daemon in self.daemons.items():
+            prefix = daemon.id_prefix
+            if prefix is not None and daemon_id.startswith(prefix):
+                return name
+        return ""
+
+    def _check_families(self) -> None:
+        """Every daemon id matches one entry at most: no prefix starts
+        with another, and no exact id starts with a prefix."""
+        families = [
+            (name, daemon.id_prefix)
+            for name, daemon in self.daemons.items()
+            if daemon.id_prefix is not None
+        ]
+        for i, (name, prefix) in enumerate(families):
+            for other, other_prefix in families[i + 1 :]:
+                if prefix.startswith(other_prefix) or other_prefix.startswith(prefix):
+                    raise ConfigError(
+                        f"daemons.{other}.id_prefix: {other_prefix!r} overlaps "
+                        f"daemons.{name}.id_prefix {prefix!r}: a daemon id could "
+                        "match both; expected prefixes of which none starts "
+                        "with another"
+                    )
+        for daemon_id, daemon in self.daemons.items():
+            if daemon.id_prefix is not None:
+                continue
+            family = self._family_of(daemon_id)
+            if family:
+                raise ConfigError(
+                    f"daemons.{daemon_id}: the id is also matched by "
+                    f"daemons.{family}.id_prefix "
+                    f"{self.daemons[family].id_prefix!r}; expected each daemon "
+                    "under one entry (drop the exact entry, or narrow the prefix)"
+                )
+
+    def registry(self) -> DaemonRegistry:
+        """The registered daemons and families, their keys loaded.
+
+        Raises:
+            ConfigError: a key file cannot be loaded.
+        """
+        return DaemonRegistry(
+            DaemonEntry(
+                name,
+                daemon.load_keys(f"daemons.{name}"),
+                daemon.id_prefix or "",
+            )
+            for name, daemon in self.daemons.items()
+        )
+
     def registered_keys(self) -> dict[str, dict[str, PublicKey]]:
-        """Daemon id -> its registered keys by key id.
+        """Exactly registered daemon id -> its keys by key id (families,
+        which name no id, are left out; see ``registry``).
 
         Raises:
             ConfigError: a key file cannot be loaded.
@@ -486,6 +591,7 @@ class CollectorConfig(_Section):
         return {
             daemon_id: daemon.load_keys(f"daemons.{daemon_id}")
             for daemon_id, daemon in self.daemons.items()
+            if daemon.id_prefix is None
         }
 
 

@@ -1,8 +1,10 @@
 """The collector's HTTP: ``/metrics`` and the query API.
 
-- ``GET /daemons``: every registered daemon (and any with state or
-  alerts), each with its accepted log id and tree size, whether it is
-  refused and why, and its alerts.
+- ``GET /daemons``: every daemon registered by its exact id, and every
+  daemon with state or alerts (a family's members as the collector saw
+  them), each with the ``daemons`` entry that registers it (``entry``),
+  its accepted log id and tree size, whether it is refused and why, and
+  its alerts.
 - ``GET /records?daemon=ID&from=N&to=M[&log=LOG_ID]``: the records with
   seq in ``[N, M]`` of the daemon's current log (or ``log``), from the
   archive, verified (``query``), one JSON record a line
@@ -40,7 +42,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kynara_sidecar.approvals.model import Inbox
 from kynara_sidecar.audit.checkpoint import LOG_ID_HEX_DIGITS
-from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.collector.archive import Archive, ArchiveError
 from kynara_sidecar.collector.config import InboxConfig
 from kynara_sidecar.collector.metrics import CollectorMetrics
@@ -49,6 +50,7 @@ from kynara_sidecar.collector.query import (
     QueryError,
     query_records,
 )
+from kynara_sidecar.collector.registry import DaemonRegistry
 from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import trusted_keys
 from kynara_sidecar.config import AdminRole
@@ -73,23 +75,24 @@ METRICS_ROLES = frozenset({AdminRole.METRICS, AdminRole.OPERATOR})
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def daemons_json(
-    state: CollectorState, registered: Mapping[str, Mapping[str, PublicKey]]
-) -> dict[str, Any]:
+def daemons_json(state: CollectorState, registry: DaemonRegistry) -> dict[str, Any]:
     """What ``GET /daemons`` answers."""
     frontiers = state.frontiers()
     out = []
     for daemon_id in sorted(
-        set(registered) | set(frontiers) | set(state.alerted_daemons())
+        set(registry.exact_ids) | set(frontiers) | set(state.alerted_daemons())
     ):
         frontier = state.frontier(daemon_id)
+        entry = registry.entry_for(daemon_id)
         out.append(
             {
                 "daemon_id": daemon_id,
-                "registered": daemon_id in registered,
+                "registered": entry is not None,
+                "entry": entry.name if entry is not None else "",
                 "log_id": frontier.log_id,
                 "tree_size": frontier.tree_size,
                 "previous_logs": frontier.previous_logs,
+                "take_on_log": frontier.take_on_log,
                 "refused": frontier.refused,
                 "refused_reason": frontier.refused_reason,
                 "alerts": [msgspec.to_builtins(a) for a in state.alerts(daemon_id)],
@@ -101,7 +104,7 @@ def daemons_json(
 def records_for(
     state: CollectorState,
     archive: Archive,
-    registered: Mapping[str, Mapping[str, PublicKey]],
+    registry: DaemonRegistry,
     daemon_id: str,
     first: int,
     last: int,
@@ -113,7 +116,7 @@ def records_for(
         QueryError: an unregistered daemon, a bad range, a failed check.
         ArchiveError: the archive cannot be read.
     """
-    keys = registered.get(daemon_id)
+    keys = registry.keys_for(daemon_id)
     if keys is None:
         raise QueryError(f"daemon {daemon_id[:_MAX_SHOWN]!r} is not registered")
     frontier = state.frontier(daemon_id)
@@ -154,7 +157,7 @@ def build_http_app(
     metrics: CollectorMetrics,
     state: CollectorState,
     archive: Archive,
-    registered: Mapping[str, Mapping[str, PublicKey]],
+    registry: DaemonRegistry,
     credentials: AdminCredentials | None = None,
 ) -> web.Application:
     """The application serving /metrics, /daemons and /records; with
@@ -165,7 +168,7 @@ def build_http_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def serve_daemons(_request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(daemons_json, state, registered)
+        body = await asyncio.to_thread(daemons_json, state, registry)
         return web.json_response(body, dumps=_dumps)
 
     async def serve_records(request: web.Request) -> web.Response:
@@ -174,7 +177,7 @@ def build_http_app(
             work: Callable[[], list[bytes]] = lambda: records_for(  # noqa: E731
                 state,
                 archive,
-                registered,
+                registry,
                 daemon_id,
                 _int_param(request, "from"),
                 _int_param(request, "to"),

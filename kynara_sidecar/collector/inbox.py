@@ -46,7 +46,12 @@ the intake accepts a segment that adds keys of that daemon
 (``keys_added``), its kept approvals are taken again as if just
 published: listed once they verify, kept again while their key is still
 unknown (a kept state older than the one listed by then is skipped as a
-replay). The entry's removal from the store drops the kept one. The kept
+replay). The entry's removal from the store drops the kept one. Only
+daemons for which ``may_keep`` says so have approvals kept: a member of a
+``daemons`` family (any number of ids can be named under its prefix) only
+once the collector accepted a segment of it; before that such an
+approval is skipped, and listed once its daemon publishes it again after
+the segment with its key came in. The kept
 approvals live in memory only: after a restart the watch reads every
 entry again, against the keys the collector's state holds by then.
 
@@ -114,7 +119,8 @@ _MAX_UNREGISTERED_LOGGED = 1000
 # rotation is taken in: far more than a daemon publishes between sealing a
 # rotation and its segment reaching the collector, and room for one entry
 # of the store's largest (sync.MAX_APPROVAL_BYTES) besides small ones.
-# Registered daemons only, so the whole is bounded by ``daemons``.
+# Registered daemons only (a family's members once a segment of theirs was
+# accepted: ``may_keep``), so the whole is bounded by what was signed.
 MAX_KEPT_PER_DAEMON = 256
 MAX_KEPT_BYTES_PER_DAEMON = 2 << 20
 # How far along its life a state is: a published state behind the held one
@@ -150,6 +156,9 @@ class FleetInbox:
         signing_key: the inbox's review key (``inbox.signing_key``).
         keys_of: a daemon's public keys by key id, or None when the daemon
             is not registered (``daemons``).
+        may_keep: whether approvals of a daemon signed with a key not known
+            yet may be kept (see the module doc); by default every
+            registered daemon's.
         timeout: seconds one store call may take.
         retry_seconds: the pause before watching again after a failure.
         clock: nanoseconds since the epoch.
@@ -165,6 +174,7 @@ class FleetInbox:
         name: str,
         signing_key: SigningKey,
         keys_of: Callable[[str], Mapping[str, PublicKey] | None],
+        may_keep: Callable[[str], bool] = lambda _daemon_id: True,
         timeout: float,
         retry_seconds: float,
         clock: Callable[[], int] = time.time_ns,
@@ -174,6 +184,7 @@ class FleetInbox:
         self.name = name
         self._key = signing_key
         self._keys_of = keys_of
+        self._may_keep = may_keep
         self._unregistered: set[str] = set()
         self._retry_seconds = retry_seconds
         self._clock = clock
@@ -240,7 +251,7 @@ class FleetInbox:
         try:
             state = decode_approval(published.data, keys)
         except ApprovalUnverified as err:
-            if err.reason == "unknown_key":
+            if err.reason == "unknown_key" and self._may_keep(published.daemon_id):
                 self._keep(published, str(err))
             else:
                 self._skip(published, f"{err.reason}: {err}")

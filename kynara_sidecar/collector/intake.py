@@ -54,6 +54,19 @@ exception while handling a message is logged at ERROR with its traceback,
 counted (``failures{what="message"}``) and the message acknowledged: one
 message that trips the collector must not stop every daemon's collection.
 
+Families. A daemon registered through a ``daemons`` entry's ``id_prefix``
+(``collector.registry``) is one of any number of ids a store writer may
+name, so nothing of such a member is kept, and no alert is committed for
+it, until it is taken on: until the state holds something of it, a
+message of it must decode and its checkpoint verify under the entry's
+keys (or a key rotation in that message signed by one of them). Any other
+message of a member not taken on is logged, counted under the entry's name
+(``alerts{daemon=<entry>,kind}``) and acknowledged, as for an unregistered
+daemon. A member whose first segment's checkpoint is signed by a key that
+only a later message of the segment introduces is not taken on: register
+that key on the entry. Metrics of members carry the entry's name; the
+state, alerts, archive and queries are per member id.
+
 Trust boundary. Segments are signed, so no writer can forge one: what a
 writer can do is lose a daemon's segment for it. It may send an
 unverified start (a segment whose key rotation is not in its first
@@ -70,11 +83,17 @@ may publish no segment, and the collector may not delete, purge or change
 the stream (``collector_permissions``), only acknowledge what it read.
 The operator can always delete or rewrite messages, and so stop
 collection: availability, not forgery.
-TODO(#11): a ``dir://`` store, a NATS server without such users, or users
-shared by several daemons (the Kubernetes Deployment's one user,
-config/kubernetes/README.md "Limits") leave every writer there able to
-push a daemon's segment aside as above; should a gap wait for the missing
-records (a pull from the daemon) before it sticks?
+Where writers are not so kept apart, they are one trust domain for
+availability, and the collector says so rather than guessing who: every
+writer of a ``dir://`` store's directory, every user of a NATS server
+without per-daemon users, and the replicas of one Kubernetes Deployment,
+which share one NATS user and one audit signing key anyway
+(config/kubernetes/README.md "Limits"). A gap is never waited out: it is
+alerted at once, against the daemon it names; the operator investigates,
+and ``kynara-collector daemons clear`` lets a ``pull`` entry fetch the
+missing segments from the daemon's admin listener, if the daemon still
+holds them (retention prunes what the store acknowledged), or a
+``--take-on-new-log`` clear takes the daemon on from a new chain.
 """
 
 from __future__ import annotations
@@ -93,6 +112,7 @@ from kynara_sidecar.audit.record import format_timestamp
 from kynara_sidecar.audit.segments import checkpoint_to_proto
 from kynara_sidecar.collector.archive import Archive, ArchiveError, segment_key
 from kynara_sidecar.collector.metrics import UNREGISTERED, CollectorMetrics
+from kynara_sidecar.collector.registry import DaemonEntry, DaemonRegistry
 from kynara_sidecar.collector.state import CollectorState, HeldSegment, StateError
 from kynara_sidecar.collector.verifier import (
     AlertKind,
@@ -183,7 +203,7 @@ class Intake:
     Args:
         state: the collector's state.
         archive: where accepted segments go.
-        registered: daemon id -> its registered public keys by key id.
+        registry: the registered daemons and families (``daemons``).
         metrics: the collector's instruments.
         clock: nanoseconds since the epoch, for alert times.
         keys_added: called with a daemon id when a segment accepted from it
@@ -198,7 +218,7 @@ class Intake:
         *,
         state: CollectorState,
         archive: Archive,
-        registered: Mapping[str, Mapping[str, PublicKey]],
+        registry: DaemonRegistry,
         metrics: CollectorMetrics,
         clock: Callable[[], int] = time.time_ns,
         keys_added: Callable[[str], None] | None = None,
@@ -206,7 +226,7 @@ class Intake:
         self._state = state
         self._keys_added = keys_added
         self._archive = archive
-        self._registered = registered
+        self._registry = registry
         self._metrics = metrics
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -215,12 +235,17 @@ class Intake:
     def state(self) -> CollectorState:
         return self._state
 
-    def label(self, daemon_id: str) -> str:
-        """The metric label for a daemon id (bounded)."""
-        return daemon_id if daemon_id in self._registered else UNREGISTERED
+    @property
+    def registry(self) -> DaemonRegistry:
+        return self._registry
 
-    def registered(self, daemon_id: str) -> Mapping[str, PublicKey] | None:
-        return self._registered.get(daemon_id)
+    def label(self, daemon_id: str) -> str:
+        """The metric label for a daemon id (bounded): its entry's name."""
+        return self._registry.label_for(daemon_id)
+
+    def keys_for(self, daemon_id: str) -> Mapping[str, PublicKey] | None:
+        """The daemon's registered keys by key id; None when unregistered."""
+        return self._registry.keys_for(daemon_id)
 
     async def receive(self, message: Message) -> Outcome | None:
         """Take one message; settle it (and its segment's) when decided.
@@ -268,24 +293,34 @@ class Intake:
 
     async def _receive(self, message: Message) -> Outcome | None:
         daemon = message.daemon_id
-        registered = self._registered.get(daemon)
-        if registered is None:
+        entry = self._registry.entry_for(daemon)
+        if entry is None:
             return await self._unregistered(message)
+        registered = entry.keys
+        # A family member is taken on once the state holds something of it.
+        stranger = entry.is_family and not await asyncio.to_thread(
+            self._taken_on, daemon
+        )
         if len(message.data) > MAX_MESSAGE_BYTES:
             return await self._refuse_message(
                 message,
                 f"a message of {len(message.data)} bytes; expected at most "
                 f"{MAX_MESSAGE_BYTES}",
+                entry if stranger else None,
             )
         try:
             segment = pb.Segment.FromString(message.data)
         except DecodeError as err:
             return await self._refuse_message(
-                message, f"message is not a kynara.v1.Segment: {err}"
+                message,
+                f"message is not a kynara.v1.Segment: {err}",
+                entry if stranger else None,
             )
         if not segment.HasField("checkpoint") or not segment.records:
             return await self._refuse_message(
-                message, "a kynara.v1.Segment without a checkpoint or records"
+                message,
+                "a kynara.v1.Segment without a checkpoint or records",
+                entry if stranger else None,
             )
         frontier, held = await asyncio.to_thread(self._lookup, daemon)
         data = SegmentData(
@@ -296,6 +331,22 @@ class Intake:
         )
         earlier = held.records if _same_segment(held, segment) else ()
         screened = screen_message(frontier, data, registered, earlier)
+        if stranger and isinstance(screened, Outcome):
+            return await self._not_taken_on(
+                message,
+                entry,
+                screened.kind or AlertKind.MALFORMED,
+                screened.message,
+            )
+        if stranger and not screened.verified:
+            return await self._not_taken_on(
+                message,
+                entry,
+                AlertKind.BAD_SIGNATURE,
+                f"checkpoint key {screened.checkpoint.key_id} is not one of "
+                f"daemons.{entry.name}'s; a member of a family is taken on only "
+                "from a checkpoint signed by one of its entry's keys",
+            )
         if isinstance(screened, Outcome):
             return await self._finish(
                 message, screened, data.checkpoint_json, keep_held=True
@@ -346,6 +397,18 @@ class Intake:
     def _lookup(self, daemon_id: str) -> tuple[Frontier, HeldSegment | None]:
         return self._state.frontier(daemon_id), self._state.held(daemon_id)
 
+    def _taken_on(self, daemon_id: str) -> bool:
+        """Whether the state holds anything of the daemon: a frontier, a
+        segment in assembly, or an alert."""
+        frontier = self._state.frontier(daemon_id)
+        return bool(
+            frontier.log_id
+            or frontier.refused
+            or frontier.previous_logs
+            or self._state.held(daemon_id) is not None
+            or self._state.alert_total(daemon_id)
+        )
+
     def _judge(
         self, frontier: Frontier, screened: Screened, data: SegmentData
     ) -> Outcome | None:
@@ -382,7 +445,35 @@ class Intake:
             reason,
         )
 
-    async def _refuse_message(self, message: Message, reason: str) -> Outcome | None:
+    async def _not_taken_on(
+        self, message: Message, entry: DaemonEntry, kind: AlertKind, reason: str
+    ) -> Outcome:
+        """Refuse a message of a family member not taken on: logged and
+        counted under the entry's name, acknowledged, nothing kept."""
+        daemon = message.daemon_id
+        self._metrics.alerts.labels(entry.name, str(kind)).inc()
+        log.error(
+            "segment message of a family member not taken on dropped",
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "daemon": _shown(daemon),
+                    "entry": entry.name,
+                    "kind": str(kind),
+                    "error": reason,
+                }
+            },
+        )
+        await message.ack()
+        return Outcome(Verdict.REFUSED, Frontier(daemon_id=daemon), kind, reason)
+
+    async def _refuse_message(
+        self, message: Message, reason: str, stranger_of: DaemonEntry | None = None
+    ) -> Outcome | None:
+        if stranger_of is not None:
+            return await self._not_taken_on(
+                message, stranger_of, AlertKind.MALFORMED, reason
+            )
         frontier = await asyncio.to_thread(self._state.frontier, message.daemon_id)
         outcome = refusal(frontier, AlertKind.MALFORMED, reason)
         return await self._finish(message, outcome, b"", keep_held=True)
@@ -486,7 +577,7 @@ class Intake:
         data = SegmentData(
             held.checkpoint_json, held.previous_tree_size, held.first_seq, held.records
         )
-        outcome = verify_segment(frontier, data, self.registered(daemon_id), history)
+        outcome = verify_segment(frontier, data, self.keys_for(daemon_id), history)
         if outcome.verdict == Verdict.ACCEPTED:
             assert outcome.checkpoint is not None
             whole = pb.Segment(
@@ -557,7 +648,9 @@ class Intake:
         fields = {**_fields(daemon_id, held), "outcome": str(outcome.verdict)}
         if outcome.verdict == Verdict.ACCEPTED:
             self._metrics.records.labels(label).inc(len(held.records) if held else 0)
-            self._metrics.tree_size.labels(label).set(outcome.frontier.tree_size)
+            if not self._registry.is_family_member(daemon_id):
+                # A family's members share its label: no one size is its own.
+                self._metrics.tree_size.labels(label).set(outcome.frontier.tree_size)
             log.debug("segment accepted", extra={"fields": fields})
         elif outcome.verdict == Verdict.DUPLICATE:
             log.debug("duplicate segment acknowledged", extra={"fields": fields})

@@ -1,7 +1,10 @@
 """The collector's metrics, in a registry of its own (``/metrics``).
 
-The ``daemon`` label is a registered daemon id, or ``unregistered`` for
-anything else, so whoever can write to the store cannot grow the series.
+The ``daemon`` label is the name of the ``daemons`` entry that registers
+the daemon: its exact id, or a family's name for every member of it
+(``collector.registry``); ``unregistered`` for anything else. So whoever
+can write to the store, and however many pods come and go, the series
+stay bounded by the configuration.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class CollectorMetrics:
         )  # fmt: skip
         self.tree_size = Gauge(
             f"{PREFIX}_accepted_tree_size",
-            "Tree size of the last accepted checkpoint, by daemon.",
+            "Tree size of the last accepted checkpoint, by daemon registered "
+            "by its exact id (a family's members are in GET /daemons).",
             ["daemon"], registry=r,
         )  # fmt: skip
         self.alerts = Counter(

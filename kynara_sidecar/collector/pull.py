@@ -93,19 +93,31 @@ class Puller:
                 await self.pull_once()
             except grpc.aio.AioRpcError as err:
                 self._metrics.failures.labels("pull").inc()
-                log.warning(
-                    "pull failed; retrying",
-                    extra={
-                        "fields": {
-                            **self._fields,
-                            "error": f"{err.code().name}: {err.details()}",
-                        }
-                    },
-                )
+                fields = {
+                    **self._fields,
+                    "error": f"{err.code().name}: {err.details()}",
+                }
+                hint = self._hint(err)
+                if hint:
+                    fields["hint"] = hint
+                log.warning("pull failed; retrying", extra={"fields": fields})
             try:
                 await asyncio.wait_for(stop.wait(), self._config.poll_seconds)
             except TimeoutError:
                 pass
+
+    def _hint(self, err: grpc.aio.AioRpcError) -> str:
+        """What to change when a TLS pull fails on the certificate's name:
+        the target's host (an address, say) is not a name the daemon's
+        certificate carries."""
+        details = (err.details() or "").lower()
+        if self._credentials is None or "hostname verification" not in details:
+            return ""
+        return (
+            "the daemon's certificate does not name the target's host: set "
+            "this pull entry's server_name to a name it carries (e.g. its "
+            "subjectAltName DNS entry)"
+        )
 
     async def pull_once(self) -> int:
         """One poll; returns the number of segments settled.
@@ -156,7 +168,7 @@ class Puller:
         verdict = verify_head(
             frontier,
             checkpoint,
-            self._intake.registered(daemon),
+            self._intake.keys_for(daemon),
             state.history(daemon),
             proof,
         )

@@ -71,7 +71,7 @@ class Collector:
         self.config = config
         self.clock = clock
         self.metrics = CollectorMetrics()
-        self.registered = config.registered_keys()
+        self.registry = config.registry()
         self._secrets = [
             pull.load_secret(f"pull[{i}]") for i, pull in enumerate(config.pull)
         ]
@@ -124,7 +124,7 @@ class Collector:
         self.intake = Intake(
             state=self.state,
             archive=self.archive,
-            registered=self.registered,
+            registry=self.registry,
             metrics=self.metrics,
             keys_added=self.inbox.keys_added if self.inbox is not None else None,
         )
@@ -189,12 +189,14 @@ class Collector:
             timeout=self.config.store.timeout_seconds,
             poll_seconds=self.config.store.poll_seconds,
             nats=self.config.store.nats.load("store.nats"),
+            timeout_key="store.timeout_seconds",
         )
         inbox = FleetInbox(
             store,
             name=config.name,
             signing_key=config.load_signing_key(),
             keys_of=self._daemon_keys,
+            may_keep=self._may_keep,
             timeout=self.config.store.timeout_seconds,
             retry_seconds=self.config.store.retry_seconds,
             clock=self.clock,
@@ -206,12 +208,21 @@ class Collector:
         """A registered daemon's keys: those in ``daemons`` and those its
         verified key rotations added (as its segments are checked); None
         for a daemon not registered."""
-        registered = self.registered.get(daemon_id)
+        registered = self.registry.keys_for(daemon_id)
         if registered is None:
             return None
         if self.state is None:
             return registered
         return trusted_keys(registered, self.state.frontier(daemon_id))
+
+    def _may_keep(self, daemon_id: str) -> bool:
+        """Whether the inbox may keep approvals of ``daemon_id`` signed with
+        a key not known yet: a daemon registered by its exact id, or a
+        family member the collector accepted a segment of (any number of
+        member ids can be named, so a stranger's are not kept)."""
+        if not self.registry.is_family_member(daemon_id):
+            return True
+        return self.state is not None and bool(self.state.frontier(daemon_id).log_id)
 
     def _start_task(self, door: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(door, name=name)
@@ -240,6 +251,9 @@ class Collector:
     def _restore_gauges(self) -> None:
         assert self.state is not None and self.intake is not None
         for daemon_id, frontier in self.state.frontiers().items():
+            if self.registry.is_family_member(daemon_id):
+                # One label for many members: no member's size is the family's.
+                continue
             label = self.intake.label(daemon_id)
             self.metrics.tree_size.labels(label).set(frontier.tree_size)
 
@@ -249,7 +263,7 @@ class Collector:
             metrics=self.metrics,
             state=self.state,
             archive=self.archive,
-            registered=self.registered,
+            registry=self.registry,
             credentials=self._http_credentials,
         )
         if self.inbox is not None and self._reviewers is not None:
@@ -281,6 +295,7 @@ class Collector:
                 timeout=store_config.timeout_seconds,
                 poll_seconds=store_config.poll_seconds,
                 nats=store_config.nats.load("store.nats"),
+                timeout_key="store.timeout_seconds",
             )
             try:
                 await store.connect()

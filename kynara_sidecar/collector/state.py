@@ -12,8 +12,10 @@ Databases (keys start with the daemon's ``daemon_token``, which never holds
     held         token                                -> HeldSegment (JSON)
 
 Only registered daemons have keys here (the intake keeps nothing of
-anyone else), and a registered daemon id is at most 128 characters
-(``collector.config``), so every key stays far below LMDB's 511 bytes.
+anyone else; of a member of a ``daemons`` family only once a checkpoint
+signed by its entry's key arrived for it), and a registered daemon id is
+at most 128 characters (``collector.config``, ``collector.registry``), so
+every key stays far below LMDB's 511 bytes.
 Alerts are bounded per daemon: the first ``MAX_ALERTS_KEPT`` are kept,
 each with at most ``MAX_EVIDENCE_BYTES`` of evidence, and ``total`` counts
 every one raised, so a store writer sending junk under a daemon's name
@@ -45,18 +47,30 @@ none of it in memory. So ``kynara-collector daemons clear`` writes beside a
 running collector (``clear_refusal``): it changes only a refused frontier,
 in one write transaction, and the collector writes a frontier only from
 one that was not refused (an accepted segment or a new sticky refusal), so
-neither write can undo the other.
+neither write can undo the other. ``daemons clear --take-on-new-log`` is
+such a clear too: it also ends the accepted log and names the log the
+daemon is taken on from next (``verifier``, "Taking on a daemon's log"),
+and the commit that takes it on logs it at info with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 
 import lmdb
 import msgspec
 
-from kynara_sidecar.collector.verifier import NOT_STICKY, Frontier, Outcome, Verdict
+from kynara_sidecar.audit.checkpoint import LOG_ID_HEX_DIGITS
+from kynara_sidecar.collector.verifier import (
+    NOT_STICKY,
+    Frontier,
+    Outcome,
+    TakeOn,
+    Verdict,
+)
 from kynara_sidecar.errors import KynaraError
 from kynara_sidecar.sync import daemon_id_from_token, daemon_token
 
@@ -82,6 +96,9 @@ MAX_EVIDENCE_BYTES = 4096
 MAX_ALERT_MESSAGE_CHARS = 1024
 _NUMBER_BYTES = 8
 _TOTAL = b"total"
+_LOG_ID = re.compile(rf"[0-9a-f]{{{LOG_ID_HEX_DIGITS}}}")
+
+log = logging.getLogger("kynara.collector")
 
 
 class StateError(KynaraError):
@@ -104,6 +121,10 @@ class ClearedRefusal(msgspec.Struct, frozen=True, kw_only=True):
     tree_size: int
     # Whether a partly received segment was dropped with the refusal.
     dropped_held: bool
+    # The log the daemon is taken on from next (--take-on-new-log), and the
+    # accepted log that ended with the clear; "" for a plain clear.
+    take_on_log: str = ""
+    ended_log: str = ""
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):
@@ -250,7 +271,9 @@ class CollectorState:
                 "state.path and state.map_size"
             ) from err
 
-    def clear_refusal(self, daemon_id: str) -> ClearedRefusal:
+    def clear_refusal(
+        self, daemon_id: str, *, take_on_log: str = "", reason: str = ""
+    ) -> ClearedRefusal:
         """Lift the daemon's sticky refusal, once an operator investigated it.
 
         In one write transaction: the frontier's ``refused`` and
@@ -259,16 +282,34 @@ class CollectorState:
         segment kept in assembly is dropped, so nothing received before the
         clear is completed after it. The alerts stay, for the record.
 
+        With ``take_on_log`` (``--take-on-new-log``), the accepted log also
+        ends (it joins ``previous_logs``, so its segments are refused from
+        now on) and the daemon is taken on from that log when a segment of
+        it arrives from 0 beginning with a ``chain_break`` (naming any log):
+        the way back for a daemon whose old log was taken on first (a
+        replay) or whose new chain names a log the collector never saw.
+        ``reason`` is kept with it and logged when the log is taken on. A
+        take-on still waiting may be given another log (a mistyped id)
+        without a refusal; it cannot be undone, since the old log ended.
+
         Raises:
-            NotRefused: the daemon has no refusal (or no state at all);
-                names it.
-            StateError: the state is read-only or LMDB failed; nothing
-                was written.
+            NotRefused: the daemon has no refusal and no take-on waiting (or
+                no state at all); names it.
+            StateError: ``take_on_log`` is no log id, or one the daemon
+                already used; the state is read-only or LMDB failed.
+                Nothing was written.
         """
         if not daemon_id:
             raise NotRefused(
                 f"expected a daemon id, got an empty one; nothing cleared in the "
                 f"collector state {self._path}"
+            )
+        if take_on_log and not _LOG_ID.fullmatch(take_on_log):
+            raise StateError(
+                f"--take-on-new-log {take_on_log!r}: expected a log id of "
+                f"{LOG_ID_HEX_DIGITS} lowercase hex digits (the log_id of the "
+                "daemon's refused checkpoint in its alerts, or the id "
+                "`kynara-sidecar new-chain` printed); nothing cleared"
             )
         token = daemon_token(daemon_id).encode()
         try:
@@ -279,7 +320,10 @@ class CollectorState:
                     if raw is None
                     else msgspec.json.decode(bytes(raw), type=Frontier)
                 )
-                if frontier is None or not frontier.refused:
+                waiting = frontier is not None and bool(frontier.take_on_log)
+                if frontier is None or not (
+                    frontier.refused or (take_on_log and waiting)
+                ):
                     raise NotRefused(
                         f"daemon {daemon_id!r} is not refused in the collector "
                         f"state {self._path}: nothing to clear"
@@ -287,6 +331,8 @@ class CollectorState:
                 cleared = msgspec.structs.replace(
                     frontier, refused="", refused_reason=""
                 )
+                if take_on_log:
+                    cleared = _end_log(cleared, take_on_log, reason)
                 txn.put(token, msgspec.json.encode(cleared), db=self._dbs[b"daemons"])
                 dropped = txn.delete(token, db=self._dbs[b"held"])
         except lmdb.Error as err:
@@ -301,6 +347,8 @@ class CollectorState:
             log_id=frontier.log_id,
             tree_size=frontier.tree_size,
             dropped_held=bool(dropped),
+            take_on_log=take_on_log,
+            ended_log=frontier.log_id if take_on_log else "",
         )
 
     def alerted_daemons(self) -> list[str]:
@@ -391,6 +439,8 @@ class CollectorState:
                 f"collector state {self._path} cannot be written ({err}); check "
                 "state.path and state.map_size"
             ) from err
+        if outcome.taken_on is not None:
+            _log_taken_on(daemon_id, outcome.taken_on, outcome.frontier.tree_size)
 
     def _drop_held(self, daemon_id: str) -> None:
         try:
@@ -450,3 +500,41 @@ class CollectorState:
                 msgspec.json.encode(alert),
                 db=alerts,
             )
+
+
+def _end_log(frontier: Frontier, take_on_log: str, reason: str) -> Frontier:
+    """The cleared frontier with its accepted log ended and ``take_on_log``
+    next (``clear_refusal``)."""
+    if take_on_log == frontier.log_id or take_on_log in frontier.previous_logs:
+        raise StateError(
+            f"--take-on-new-log {take_on_log}: daemon {frontier.daemon_id!r} "
+            "already used that log (it is "
+            + ("ended" if take_on_log in frontier.previous_logs else "its accepted log")
+            + "); name the log it writes now; nothing cleared"
+        )
+    previous = list(frontier.previous_logs)
+    if frontier.log_id not in previous:
+        previous.append(frontier.log_id)
+    return msgspec.structs.replace(
+        frontier,
+        previous_logs=previous,
+        take_on_log=take_on_log,
+        take_on_reason=reason,
+    )
+
+
+def _log_taken_on(daemon_id: str, taken_on: TakeOn, tree_size: int) -> None:
+    log.info(
+        "daemon taken on from the log an operator named",
+        extra={
+            "fields": {
+                "component": "collector",
+                "daemon_id": daemon_id,
+                "log_id": taken_on.log_id,
+                "chain_break_names": taken_on.names,
+                "previous_logs": list(taken_on.previous_logs),
+                "tree_size": tree_size,
+                "reason": taken_on.reason,
+            }
+        },
+    )

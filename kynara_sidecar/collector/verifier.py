@@ -28,7 +28,9 @@ segment is then, in order:
    so any checkpoint of the same log at or below ``N`` was accepted) or it
    is a ``fork``. Another log id is a new chain only when it starts at 0
    and its first record is a ``chain_break`` naming the accepted log;
-   otherwise two daemons share one daemon id (``duplicate_daemon``). For a
+   otherwise two daemons share one daemon id (``duplicate_daemon``), unless
+   it is the log an operator named to take the daemon on from (below). A
+   segment of a log in ``previous_logs`` is a ``duplicate_daemon``. For a
    daemon of which nothing was accepted yet, any log that starts at 0 is
    taken on (one that starts later is a ``gap``); when its first record is
    a ``chain_break``, the log it names joins ``previous_logs`` as if
@@ -68,6 +70,28 @@ clear`` lifts it (``CollectorState.clear_refusal``): the frontier keeps
 everything accepted before, so the daemon's next segment is judged afresh
 against it.
 
+Taking on a daemon's log that names a log the collector never accepted
+(``daemons clear --take-on-new-log LOG_ID``): trust on first use takes a
+first-seen daemon on from whatever log from 0 verifies under its key, so
+whoever holds an old signed segment of the daemon (a store writer) can
+send it first and have that old log taken on. The daemon's current log
+then begins with a ``chain_break`` naming a later log the collector never
+saw, and is a ``duplicate_daemon``, sticky, however often it is cleared.
+On first sight the collector cannot tell: the later log is not known yet
+(a log id says nothing of order, and a checkpoint's time is the daemon's
+clock), so no rule here refuses the old log; the operator, having
+investigated, names the log to take the daemon on from. The clear ends
+the accepted log (it joins ``previous_logs``) and records the log id and
+reason in the frontier (``take_on_log``, ``take_on_reason``); from then
+on a segment of the ended log is a ``duplicate_daemon`` (step 3), and a
+segment of the named log is taken on as a new chain when it starts at 0
+with a ``chain_break`` (the log it names joins ``previous_logs`` too). A
+segment of the named log that starts later is a ``gap`` that does not
+stick (nothing of that log was accepted, as for a first-seen daemon), so
+segments that arrive out of order do not stop the take-on; a log is never
+taken on from its middle. The accepted outcome carries ``taken_on``, which
+the state logs at info with the reason and the log ids.
+
 Taking on a daemon whose records were pruned before the collector first
 saw it (it ran without a store, or the store lost its data): its first
 segment starts after 0, and the collector never takes a log on from an
@@ -91,7 +115,8 @@ there, and add a step at the collector to every such take-on.
 
 NOTE: a refusal is sticky only when it rests on what the daemon signed
 (``fork``, ``rollback``, ``gap``, ``duplicate_daemon``) and something of
-the daemon was accepted before. Until then there is no accepted history
+the daemon was accepted before (save a ``gap`` of the log an operator named
+to take the daemon on from, above). Until then there is no accepted history
 for a later segment to heal, and a refused first segment leaves the
 frontier empty: the daemon is still taken on from a log that starts at 0
 (its new chain, or the same log sent from its start). Whoever can write
@@ -152,6 +177,7 @@ __all__ = [
     "Outcome",
     "Screened",
     "SegmentData",
+    "TakeOn",
     "Verdict",
     "check_duplicate",
     "refusal",
@@ -249,6 +275,10 @@ class Frontier(msgspec.Struct, frozen=True, kw_only=True):
     # The alert kind that stopped acceptance; "" while in good standing.
     refused: str = ""
     refused_reason: str = ""
+    # While an operator's ``daemons clear --take-on-new-log`` waits for the
+    # daemon's next log: that log's id, and the reason given ("" otherwise).
+    take_on_log: str = ""
+    take_on_reason: str = ""
 
 
 class History(Protocol):
@@ -269,6 +299,17 @@ class HistoryError(Exception):
     damaged. Never the daemon's fault; nothing is refused."""
 
 
+class TakeOn(NamedTuple):
+    """A log taken on as an operator directed (``take_on_log``)."""
+
+    log_id: str
+    # The log its chain_break names ("" when it names none readable).
+    names: str
+    # The logs ended before it, oldest first (``previous_logs``).
+    previous_logs: tuple[str, ...]
+    reason: str
+
+
 class Outcome(NamedTuple):
     """The verdict on one segment, and the state to commit for it."""
 
@@ -283,6 +324,9 @@ class Outcome(NamedTuple):
     nodes: tuple[tuple[int, int, bytes], ...] = ()
     # True when refused only because an earlier refusal stands.
     sticky: bool = False
+    # Set when an accepted segment took the daemon on from the log an
+    # operator named (``Frontier.take_on_log``).
+    taken_on: TakeOn | None = None
 
 
 def trusted_keys(
@@ -296,10 +340,13 @@ def trusted_keys(
 
 
 class _Refusal(Exception):
-    def __init__(self, kind: AlertKind, message: str):
+    def __init__(self, kind: AlertKind, message: str, *, sticky: bool = True):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        # False for a refusal that must not stop the daemon even though
+        # something of it was accepted (a take-on's log from its middle).
+        self.sticky = sticky
 
 
 def verify_segment(
@@ -437,6 +484,8 @@ class _Start(NamedTuple):
     # The accepted tree size when it lies inside the segment, else None.
     across: int | None
     new_chain: bool
+    # The new chain is the log an operator named (``take_on_log``).
+    taken_on: bool = False
 
 
 def _verify_signed(
@@ -498,6 +547,19 @@ def _start(
                 f"chain_break naming log {cp.log_id}",
             )
         return genesis
+    if cp.log_id in frontier.previous_logs:
+        raise _Refusal(AlertKind.DUPLICATE_DAEMON, _ended_message(frontier, cp))
+    if cp.log_id == frontier.take_on_log:
+        if p != 0:
+            raise _Refusal(
+                AlertKind.GAP,
+                f"segment of log {cp.log_id} starts after tree size {p}; the "
+                "operator named that log to take the daemon on from, and it is "
+                f"taken on only from 0: records 1..{p} never reached the collector",
+                sticky=False,
+            )
+        if _broken_log(segment) is not None:
+            return genesis._replace(new_chain=True, taken_on=True)
     if cp.log_id != frontier.log_id:
         _check_new_chain(frontier, cp, segment)
         return genesis._replace(new_chain=True)
@@ -525,14 +587,24 @@ def _start(
     )
 
 
+def _ended_message(frontier: Frontier, cp: CheckpointV1) -> str:
+    if cp.log_id == frontier.log_id:
+        # Ended by ``daemons clear --take-on-new-log`` (nothing else puts the
+        # current log in previous_logs).
+        return (
+            f"a segment of log {cp.log_id}, which an operator ended to take the "
+            f"daemon on from log {frontier.take_on_log or '(taken on since)'} "
+            f"({frontier.take_on_reason or 'daemons clear --take-on-new-log'}): "
+            "a replay of an old log, or two daemons write under one daemon id"
+        )
+    return (
+        f"a segment of log {cp.log_id}, which a chain break ended, while "
+        f"log {frontier.log_id} is current: two daemons write under one daemon id"
+    )
+
+
 def _check_new_chain(frontier: Frontier, cp: CheckpointV1, segment: SegmentData):
     old = frontier.log_id
-    if cp.log_id in frontier.previous_logs:
-        raise _Refusal(
-            AlertKind.DUPLICATE_DAEMON,
-            f"a segment of log {cp.log_id}, which a chain break ended, while "
-            f"log {old} is current: two daemons write under one daemon id",
-        )
     if segment.previous_tree_size != 0 or _broken_log(segment) != old:
         raise _Refusal(
             AlertKind.DUPLICATE_DAEMON,
@@ -621,8 +693,15 @@ def _accept(
     start: _Start,
 ) -> Outcome:
     previous = list(frontier.previous_logs)
-    if start.new_chain:
+    taken_on = None
+    if start.new_chain and frontier.log_id not in previous:
         previous.append(frontier.log_id)
+    if start.taken_on:
+        # The log the chain break names was ended too, accepted or not.
+        named = _broken_log(segment) or ""
+        if _LOG_ID.fullmatch(named) and named not in previous:
+            previous.append(named)
+        taken_on = TakeOn(cp.log_id, named, tuple(previous), frontier.take_on_reason)
     elif not frontier.log_id:
         # The first log taken on: a chain break in it names a log the
         # collector never accepted, ended all the same (a log id, or
@@ -645,14 +724,22 @@ def _accept(
             if key_id not in registered
         },
         previous_logs=previous,
+        take_on_log="" if taken_on else frontier.take_on_log,
+        take_on_reason="" if taken_on else frontier.take_on_reason,
     )
-    return Outcome(Verdict.ACCEPTED, accepted, checkpoint=cp, nodes=tuple(nodes))
+    return Outcome(
+        Verdict.ACCEPTED,
+        accepted,
+        checkpoint=cp,
+        nodes=tuple(nodes),
+        taken_on=taken_on,
+    )
 
 
 def _refuse(frontier: Frontier, refusal: _Refusal, cp: CheckpointV1 | None) -> Outcome:
     refused = frontier
     # Sticky once something was accepted (the NOTE in the module docstring).
-    if refusal.kind not in NOT_STICKY and frontier.log_id:
+    if refusal.kind not in NOT_STICKY and refusal.sticky and frontier.log_id:
         refused = msgspec.structs.replace(
             frontier, refused=str(refusal.kind), refused_reason=refusal.message
         )

@@ -333,6 +333,7 @@ def open_store(
     timeout: float = 5.0,
     poll_seconds: float = 1.0,
     nats: NatsConnection | None = None,
+    timeout_key: str = "sync.timeout_seconds",
 ) -> Store:
     """The store ``url`` names, not yet connected.
 
@@ -343,6 +344,9 @@ def open_store(
         poll_seconds: how often a ``dir://`` store is read for a new bundle.
         nats: TLS and credentials for a ``nats://`` store (ignored for
             ``dir://``); None for plaintext without credentials.
+        timeout_key: the setting ``timeout`` came from, which a call that
+            runs out of it names (``store.timeout_seconds`` in the
+            collector, ``--timeout`` in the CLI).
 
     Raises:
         ConfigError: an unknown scheme or a malformed URL.
@@ -357,10 +361,12 @@ def open_store(
     if scheme == "dir":
         from kynara_sidecar.sync.dir_store import DirStore
 
-        return DirStore(url, timeout=timeout, poll_seconds=poll_seconds)
+        return DirStore(
+            url, timeout=timeout, poll_seconds=poll_seconds, timeout_key=timeout_key
+        )
     from kynara_sidecar.sync.nats_store import NatsStore
 
-    return NatsStore(url, timeout=timeout, connection=nats)
+    return NatsStore(url, timeout=timeout, connection=nats, timeout_key=timeout_key)
 
 
 _PART = {"dir": "path", "nats": "host:port"}

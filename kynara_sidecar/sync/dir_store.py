@@ -279,15 +279,25 @@ class DirStore:
             ``StoreUnavailable``.
         poll_seconds: how often ``watch_bundles`` reads ``current`` and
             ``segments`` looks for new messages.
+        timeout_key: the setting ``timeout`` came from, named when a call
+            runs out of it (the collector's is ``store.timeout_seconds``).
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0, poll_seconds: float = 1.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        poll_seconds: float = 1.0,
+        timeout_key: str = "sync.timeout_seconds",
+    ):
         scheme, sep, rest = url.partition("://")
         if scheme != "dir" or not sep or not rest:
             raise ConfigError(f"{url!r}: expected dir:///absolute/path")
         self.url = url
         self.root = pathlib.Path(rest)
         self.timeout = timeout
+        self.timeout_key = timeout_key
         self.poll_seconds = poll_seconds
         self._bundles = self.root / "bundles"
         self._segments = self.root / "segments"
@@ -319,7 +329,7 @@ class DirStore:
         except TimeoutError as err:
             raise StoreUnavailable(
                 f"{self.url}: {what} took longer than {self.timeout} s "
-                f"(sync.timeout_seconds)"
+                f"({self.timeout_key})"
             ) from err
         except OSError as err:
             where = err.filename or self.root

@@ -285,6 +285,9 @@ class BundleFollower:
         self._retry_max = retry_max_seconds
         # Failures in a row: the pause before the next try grows with them.
         self._failures = 0
+        # The watch was lost to an outage: its next update is logged as
+        # "watching bundles again", as status and shipping log recovery.
+        self._lost = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -558,6 +561,7 @@ class BundleFollower:
             try:
                 await self._follow()
             except StoreUnavailable as err:
+                self._lost = True
                 self._record(SyncOutcome.UNREACHABLE, self.active, str(err))
             except BundleTooLarge as err:
                 self._record(
@@ -566,6 +570,7 @@ class BundleFollower:
             except Exception as err:
                 # A bug must not end following for good: count it, retry.
                 log.exception("bundle follower failed", extra=_fields())
+                self._lost = True
                 self._record(SyncOutcome.UNREACHABLE, self.active, repr(err))
             await self._pause()
 
@@ -598,6 +603,11 @@ class BundleFollower:
     async def _watch(self) -> None:
         async for entry in self.source.watch_bundles():
             self._failures = 0
+            if self._lost:
+                self._lost = False
+                log.info(
+                    "watching bundles again", extra=_fields(source=self.source.url)
+                )
             await self._offer(entry, force=False, from_loop=True)
 
     async def _poll(self) -> None:

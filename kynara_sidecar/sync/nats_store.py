@@ -60,8 +60,9 @@ makes, whose request may ask for the stream's subjects.
 ``publisher_permissions`` and ``collector_permissions`` list the other two
 users'. A refused publish or
 subscription gets no answer, only a notice on the connection: the call
-fails with ``StoreUnavailable`` naming the refused subject (as the client
-reports it, lowercased) and it is logged at ERROR. The streams and
+fails with ``StoreUnavailable`` naming the refused subject as the client
+reports it (lowercased) and, for a put or publish, the subject as sent
+(``_bounded``); the notice is logged at ERROR. The streams and
 buckets must exist before a daemon or the publisher so limited connects
 (they may look them up, not create them): the collector, whose user may,
 creates them when it starts.
@@ -258,8 +259,13 @@ class NatsStore:
 
     # -- connection
 
-    async def _bounded(self, what: str, call: Awaitable[_T]) -> _T:
-        """``call`` within ``timeout``; an outage as StoreUnavailable."""
+    async def _bounded(self, what: str, call: Awaitable[_T], subject: str = "") -> _T:
+        """``call`` within ``timeout``; an outage as StoreUnavailable.
+
+        ``subject`` is what the call publishes to, as the code spells it:
+        a refusal names it beside the server's notice, whose subject the
+        NATS client has lowercased (subjects are case-sensitive, and a
+        daemon token is mixed-case)."""
         try:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
             # cancellation (gh-86296) and hang the daemon's stop.
@@ -270,7 +276,11 @@ class NatsStore:
             if isinstance(err, TimeoutError):
                 reason = f"no answer within {self.timeout} s ({self.timeout_key})"
             if self._refused:
-                reason = f"refused by the server: {self._refused}"
+                reason = (
+                    f"refused by the server: {self._refused} (the NATS client "
+                    "reports the subject lowercased"
+                    + (f"; this call publishes to {subject})" if subject else ")")
+                )
                 self._refused = ""
             raise StoreUnavailable(f"{self.url}: {what}: {reason}") from err
 
@@ -391,7 +401,9 @@ class NatsStore:
                         "store": self.url,
                         "error": self._refused,
                         "hint": "grant the permission to this client's user in "
-                        "the NATS server's authorization (config/nats-server.conf)",
+                        "the NATS server's authorization (config/nats-server.conf); "
+                        "the NATS client reports the subject lowercased, the "
+                        "failing call's error names it as sent",
                     }
                 },
             )
@@ -430,7 +442,9 @@ class NatsStore:
                 )
             await self._bundles.put(CURRENT_KEY, data)
 
-        await self._bounded("publish bundle", publish())
+        await self._bounded(
+            "publish bundle", publish(), f"$KV.{BUNDLES_BUCKET}.{CURRENT_KEY}"
+        )
         return _digest(data)
 
     async def current_bundle(self) -> BundleEntry | None:
@@ -476,7 +490,11 @@ class NatsStore:
             )
             return not ack.duplicate
 
-        return await self._bounded(f"ship segment message {msg_id}", ship())
+        return await self._bounded(
+            f"ship segment message {msg_id}",
+            ship(),
+            SEGMENT_SUBJECT_PREFIX + daemon_token(daemon_id),
+        )
 
     async def segments(self, consumer: str) -> AsyncIterator[_NatsDelivery]:
         """Every daemon's segment messages for the durable consumer
@@ -550,7 +568,11 @@ class NatsStore:
             assert self._status is not None
             await self._status.put(daemon_token(daemon_id), data)
 
-        await self._bounded(f"write status of {daemon_id}", put())
+        await self._bounded(
+            f"write status of {daemon_id}",
+            put(),
+            f"$KV.{STATUS_BUCKET}.{daemon_token(daemon_id)}",
+        )
 
     async def statuses(self) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:
@@ -577,7 +599,9 @@ class NatsStore:
             assert self._approvals is not None
             await self._approvals.put(key, data)
 
-        await self._bounded(f"put approval {approval_id}", put())
+        await self._bounded(
+            f"put approval {approval_id}", put(), f"$KV.{APPROVALS_BUCKET}.{key}"
+        )
 
     async def approvals(self) -> list[PublishedApproval]:
         async def read() -> list[PublishedApproval]:
@@ -624,7 +648,9 @@ class NatsStore:
             assert self._reviews is not None
             await self._reviews.put(key, data)
 
-        await self._bounded(f"put review {review_id}", put())
+        await self._bounded(
+            f"put review {review_id}", put(), f"$KV.{REVIEWS_BUCKET}.{key}"
+        )
 
     async def reviews(self, daemon_id: str) -> list[PublishedReview]:
         prefix = daemon_token(daemon_id)

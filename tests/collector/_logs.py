@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 
-from audit._evidence import ORIGIN, SealedLog, write_sealed_log
+from audit._evidence import ORIGIN, SealedLog, sign, write_sealed_log
 from audit._support import make_record
 from kynara.v1 import audit_pb2 as pb
 
@@ -24,6 +24,7 @@ __all__ = [
     "segment_data",
     "segments_of",
     "write_log",
+    "write_log_of",
 ]
 
 
@@ -33,6 +34,44 @@ def write_log(
     """A log of ``count`` records of ORIGIN, sealed every ``segment``
     records (batches of 2), no head: a daemon still running."""
     return write_sealed_log(path, count, segment=segment, key=key, head=False)
+
+
+class _LogOf(SealedLog):
+    """A SealedLog whose checkpoints name ``origin`` (not ORIGIN)."""
+
+    def __init__(self, path: pathlib.Path, key: SigningKey, origin: str):
+        super().__init__(path, key, None)
+        self.origin = origin
+
+    def append(self, records, *, store: AuditStore, seal: bool, key=None) -> None:
+        def sealer(size: int, root: bytes, chain: bytes):
+            cp = sign(
+                key or self.key, size, root, chain, origin=self.origin,
+                log_id=self.log_id,
+            )  # fmt: skip
+            self.checkpoints.append(cp.tree_size)
+            return cp
+
+        store.append_batch(records, seal=sealer if seal else None)
+
+
+def write_log_of(
+    path: pathlib.Path, origin: str, count: int, key: SigningKey, *, segment: int = 4
+) -> SealedLog:
+    """A log of ``count`` records whose checkpoints name ``origin``, sealed
+    every ``segment`` records, signed with ``key`` (a daemon of a family
+    sharing one key)."""
+    log = _LogOf(path, key, origin)
+    store = AuditStore.open(path)
+    try:
+        log.log_id = store.log_id
+        for first in range(1, count + 1, segment):
+            last = min(first + segment - 1, count)
+            records = [make_record(n) for n in range(first, last + 1)]
+            log.append(records, store=store, seal=True)
+    finally:
+        store.close()
+    return log
 
 
 def append_sealed(log: SealedLog, first: int, count: int, *, tag: str = "") -> None:

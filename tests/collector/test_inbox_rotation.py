@@ -31,6 +31,7 @@ from kynara_sidecar.collector.archive import open_archive
 from kynara_sidecar.collector.inbox import FleetInbox
 from kynara_sidecar.collector.intake import Intake
 from kynara_sidecar.collector.metrics import CollectorMetrics
+from kynara_sidecar.collector.registry import DaemonRegistry
 from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import Verdict as SegmentVerdict
 from kynara_sidecar.sync import PublishedApproval, open_store
@@ -296,7 +297,7 @@ def test_the_intake_tells_of_new_keys_once_and_accepts_whatever_the_hook_does(
         intake = Intake(
             state=state,
             archive=open_archive(f"dir://{tmp_path / 'archive'}"),
-            registered={ORIGIN: log.trusted},
+            registry=DaemonRegistry.exact({ORIGIN: log.trusted}),
             metrics=CollectorMetrics(),
             keys_added=keys_added,
         )

@@ -27,6 +27,7 @@ from kynara_sidecar.collector.http import records_for
 from kynara_sidecar.collector.intake import MAX_MESSAGE_BYTES, Intake
 from kynara_sidecar.collector.metrics import CollectorMetrics
 from kynara_sidecar.collector.query import ArchiveUnverified
+from kynara_sidecar.collector.registry import DaemonRegistry
 from kynara_sidecar.collector.state import (
     MAX_ALERTS_KEPT,
     MAX_EVIDENCE_BYTES,
@@ -63,11 +64,11 @@ class Setup:
         self.state = CollectorState.open(tmp_path / "state", map_size=1 << 26)
         self.archive = open_archive(f"dir://{tmp_path / 'archive'}")
         self.metrics = CollectorMetrics()
-        self.registered = {ORIGIN: self.log.trusted}
+        self.registry = DaemonRegistry.exact({ORIGIN: self.log.trusted})
         self.intake = Intake(
             state=self.state,
             archive=self.archive,
-            registered=self.registered,
+            registry=self.registry,
             metrics=self.metrics,
         )
         self.loop = asyncio.new_event_loop()
@@ -416,14 +417,12 @@ def test_archived_segment_swapped_for_a_refused_fork_is_not_served(setup):
     # Signed by the daemon but refused: someone who can write the archive
     # puts it past the accepted history, then over the accepted segment.
     setup.archive.put(segment_key(ORIGIN, frontier.log_id, 20), fork)
-    passed_over = records_for(
-        setup.state, setup.archive, setup.registered, ORIGIN, 1, 20
-    )
+    passed_over = records_for(setup.state, setup.archive, setup.registry, ORIGIN, 1, 20)
     setup.archive.put(segment_key(ORIGIN, frontier.log_id, 16), fork)
 
     assert [json.loads(r)["seq"] for r in passed_over] == list(range(1, 17))
     with pytest.raises(ArchiveUnverified, match="accepted at its tree size"):
-        records_for(setup.state, setup.archive, setup.registered, ORIGIN, 13, 16)
+        records_for(setup.state, setup.archive, setup.registry, ORIGIN, 13, 16)
 
 
 # ------------------------------------- what the screen must still let through

@@ -25,6 +25,7 @@ import time
 
 import grpc
 import kubernetes_validate
+import msgspec
 import pytest
 import yaml
 from cryptography import x509
@@ -34,6 +35,8 @@ from tls_support import self_signed, write_pair
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key, save_signing_key
 from kynara_sidecar.cli import _build_parser
+from kynara_sidecar.collector.config import CollectorConfig
+from kynara_sidecar.collector.registry import DaemonEntry, DaemonRegistry
 from kynara_sidecar.config import (
     MAX_DAEMON_ID_CHARS,
     AdminRole,
@@ -273,6 +276,56 @@ def test_the_daemon_id_fits_at_the_longest_names(variant):
     else:
         # The log dies with the pod: the uid makes each pod's origin new.
         assert "POD_UID" in template and "POD_NAME" in template
+
+
+def readme_collector_daemons() -> DaemonRegistry:
+    """The collector's ``daemons:`` section config/kubernetes/README.md
+    gives, checked as the collector checks it (its key files stand for
+    keys the operator makes)."""
+    readme = (KUBERNETES / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    (block,) = [b for b in blocks if b.startswith("daemons:")]
+    config = msgspec.convert(yaml.safe_load(block), CollectorConfig, strict=True)
+    config.validate()
+    return DaemonRegistry(
+        DaemonEntry(name, {}, daemon.id_prefix or "")
+        for name, daemon in config.daemons.items()
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_readme_collector_entry_registers_the_rendered_daemon_ids(variant):
+    args = " ".join(daemon_container(variant)["args"])
+    (template,) = re.findall(r"identity\.daemon_id=(\S+)", args)
+    name = workload(variant)["metadata"]["name"]
+    registry = readme_collector_daemons()
+    uid = "0b5c7a6e-1d2f-4a3b-9c8d-7e6f5a4b3c2d"
+
+    if variant == "statefulset":
+        # Known ahead: each replica registered by its exact id.
+        for ordinal in (0, 1):
+            daemon_id = expand(
+                template, {"POD_NAMESPACE": "kynara", "POD_NAME": f"{name}-{ordinal}"}
+            )
+            entry = registry.entry_for(daemon_id)
+            assert entry is not None and not entry.is_family, daemon_id
+    else:
+        # A Deployment's pods are named <name>-<template hash>-<random>.
+        pods = [f"{name}-7d9f8b6c5-x2k4q", f"{name}-5c4b3a2d1-zz9qp"]
+        entry, again = (
+            registry.entry_for(expand(template, {"POD_NAME": pod, "POD_UID": uid}))
+            for pod in pods
+        )
+        assert entry is not None and entry.is_family and again == entry
+        assert entry.id_prefix == f"{name}-"
+        assert (
+            registry.label_for(expand(template, {"POD_NAME": pods[0], "POD_UID": uid}))
+            == name
+        )
+    other = expand(
+        template, {**SAMPLE, "POD_NAME": "support-bot-7d9f-x2", "POD_UID": uid}
+    )
+    assert registry.entry_for(other) is None
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
