@@ -57,7 +57,8 @@ def _unreadable_files(tmp_path: pathlib.Path) -> dict[str, list[str]]:
             "identity.mode=verified",
             "identity.agent_id=",
             f"identity.agents={{support-bot: {missing}}}",
-            f"identity.issuers={json.dumps([{**issuer, 'jwks': {'keys': []}, 'jwks_file': ''}])}",  # noqa: E501
+            "identity.issuers="
+            + json.dumps([{**issuer, "jwks": {"keys": []}, "jwks_file": ""}]),
         ],
         "audit.redaction_key": [
             "audit.redact.context={card: hash}",
