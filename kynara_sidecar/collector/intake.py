@@ -49,7 +49,13 @@ A failure to archive or commit (the collector's own trouble, never the
 daemon's) does not acknowledge the last message: it is negatively
 acknowledged and comes again, completing the kept segment again; since the
 state was not committed, the segment then extends the same frontier and is
-accepted again, and the archive's put of it is idempotent. Any other
+accepted again, and the archive's put of it is idempotent. Nor does a
+commit that finds the frontier changed since the segment was judged (a
+``daemons clear`` in between: ``state.FrontierChanged``, logged at
+WARNING): the message comes again and is judged against the cleared
+frontier. The clear dropped the kept messages, so only a segment of one
+message completes again (a pull fetches the rest again from the frontier);
+the archive may keep the put of a segment not accepted then. Any other
 exception while handling a message is logged at ERROR with its traceback,
 counted (``failures{what="message"}``) and the message acknowledged: one
 message that trips the collector must not stop every daemon's collection.
@@ -113,7 +119,12 @@ from kynara_sidecar.audit.segments import checkpoint_to_proto
 from kynara_sidecar.collector.archive import Archive, ArchiveError, segment_key
 from kynara_sidecar.collector.metrics import UNREGISTERED, CollectorMetrics
 from kynara_sidecar.collector.registry import DaemonEntry, DaemonRegistry
-from kynara_sidecar.collector.state import CollectorState, HeldSegment, StateError
+from kynara_sidecar.collector.state import (
+    CollectorState,
+    FrontierChanged,
+    HeldSegment,
+    StateError,
+)
 from kynara_sidecar.collector.verifier import (
     AlertKind,
     Frontier,
@@ -361,6 +372,16 @@ class Intake:
             return None
         try:
             outcome = await asyncio.to_thread(self._settle, daemon, whole)
+        except FrontierChanged as err:
+            # A ``daemons clear`` came between judging and committing: not
+            # acknowledged, so the segment comes again and is judged
+            # against the cleared frontier.
+            log.warning(
+                "segment judged against a frontier cleared since; it comes again",
+                extra={"fields": {**_fields(daemon, whole), "error": str(err)}},
+            )
+            await message.nak()
+            return None
         except _OWN_FAILURES:
             self._metrics.failures.labels("archive_or_state").inc()
             log.exception(
@@ -597,19 +618,29 @@ class Intake:
         return outcome
 
     async def refuse(self, daemon_id: str, outcome: Outcome, evidence: bytes) -> None:
-        """Record a refusal found outside a segment (a pulled head).
+        """Record a refusal found outside a segment (a pulled head). One
+        judged against a frontier a ``daemons clear`` changed since is
+        dropped: the next poll checks the head against the new one.
 
         Raises:
             StateError: the state cannot be written.
         """
         async with self._lock:
-            await asyncio.to_thread(
-                self._state.commit,
-                daemon_id,
-                outcome,
-                time=self._now(),
-                evidence=evidence,
-            )
+            try:
+                await asyncio.to_thread(
+                    self._state.commit,
+                    daemon_id,
+                    outcome,
+                    time=self._now(),
+                    evidence=evidence,
+                )
+            except FrontierChanged as err:
+                log.warning(
+                    "daemon head judged against a frontier cleared since; "
+                    "checked again at the next poll",
+                    extra={"fields": {**_fields(daemon_id, None), "error": str(err)}},
+                )
+                return
             self._report(daemon_id, outcome, None)
 
     async def _finish(

@@ -44,13 +44,22 @@ The state is not exclusive to one process: LMDB serialises write
 transactions across processes through its lock file, and the collector
 reads a daemon's frontier afresh for every message and every poll, keeping
 none of it in memory. So ``kynara-collector daemons clear`` writes beside a
-running collector (``clear_refusal``): it changes only a refused frontier,
-in one write transaction, and the collector writes a frontier only from
-one that was not refused (an accepted segment or a new sticky refusal), so
-neither write can undo the other. ``daemons clear --take-on-new-log`` is
-such a clear too: it also ends the accepted log and names the log the
-daemon is taken on from next (``verifier``, "Taking on a daemon's log"),
-and the commit that takes it on logs it at info with the reason.
+running collector (``clear_refusal``): it changes only a refused frontier
+or one whose take-on waits, in one write transaction. The collector judges
+a segment against the frontier it read, then commits in another
+transaction; a clear may come in between (re-pointing a waiting take-on,
+say), and writing the judged outcome's frontier then would undo it. So
+``commit``, inside its write transaction, writes a frontier only while the
+stored one is still the one the outcome was judged against
+(``Outcome.judged``); otherwise it writes nothing and raises
+``FrontierChanged``, a ``StateError``: the intake does not acknowledge the
+message, which comes again and is judged against the new frontier (an
+accepted segment's archive put is then repeated or left behind; the put
+replaces the object whole). An alert that changes no frontier is committed
+whatever the frontier is now. ``daemons clear --take-on-new-log`` is such
+a clear too: it also ends the accepted log and names the log the daemon is
+taken on from next (``verifier``, "Taking on a daemon's log"), and the
+commit that takes it on logs it at info with the reason.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ __all__ = [
     "Alert",
     "ClearedRefusal",
     "CollectorState",
+    "FrontierChanged",
     "HeldSegment",
     "NotRefused",
     "StateError",
@@ -103,6 +113,11 @@ log = logging.getLogger("kynara.collector")
 
 class StateError(KynaraError):
     """The collector's state cannot be opened, read or written."""
+
+
+class FrontierChanged(StateError):
+    """``commit`` found the daemon's frontier changed since its outcome was
+    judged (a ``daemons clear`` in between): nothing was written."""
 
 
 class NotRefused(StateError):
@@ -283,8 +298,9 @@ class CollectorState:
         clear is completed after it. The alerts stay, for the record.
 
         With ``take_on_log`` (``--take-on-new-log``), the accepted log also
-        ends (it joins ``previous_logs``, so its segments are refused from
-        now on) and the daemon is taken on from that log when a segment of
+        ends (it joins ``previous_logs`` and ``ended_by_take_on``, so its
+        segments are refused from now on: alerted, never sticky) and the
+        daemon is taken on from that log when a segment of
         it arrives from 0 beginning with a ``chain_break`` (naming any log):
         the way back for a daemon whose old log was taken on first (a
         replay) or whose new chain names a log the collector never saw.
@@ -416,7 +432,16 @@ class CollectorState:
         the start of ``evidence``, the refused checkpoint's JSON as
         received; a duplicate changes nothing.
 
+        A frontier is written only while the stored one is still
+        ``outcome.judged``, the one the outcome was judged against (checked
+        in the same write transaction): a ``daemons clear`` since then
+        changed what the verdict rests on, and writing it would undo the
+        clear.
+
         Raises:
+            FrontierChanged: the stored frontier is no longer the one the
+                outcome was judged against; nothing was written (judge the
+                segment again).
             StateError: LMDB failed; nothing was written.
         """
         if outcome.verdict == Verdict.DUPLICATE or (
@@ -428,6 +453,8 @@ class CollectorState:
         token = daemon_token(daemon_id).encode()
         try:
             with self._env.begin(write=True) as txn:
+                if _writes_frontier(outcome):
+                    self._check_judged(txn, token, daemon_id, outcome)
                 if not keep_held:
                     txn.delete(token, db=self._dbs[b"held"])
                 if outcome.verdict == Verdict.ACCEPTED:
@@ -441,6 +468,28 @@ class CollectorState:
             ) from err
         if outcome.taken_on is not None:
             _log_taken_on(daemon_id, outcome.taken_on, outcome.frontier.tree_size)
+
+    def _check_judged(
+        self, txn: lmdb.Transaction, token: bytes, daemon_id: str, outcome: Outcome
+    ) -> None:
+        """Raise ``FrontierChanged`` unless the stored frontier is the one
+        ``outcome`` was judged against (None: not judged by the verifier,
+        nothing to compare)."""
+        if outcome.judged is None:
+            return
+        raw = txn.get(token, db=self._dbs[b"daemons"])
+        stored = (
+            Frontier(daemon_id=daemon_id)
+            if raw is None
+            else msgspec.json.decode(bytes(raw), type=Frontier)
+        )
+        if stored != outcome.judged:
+            raise FrontierChanged(
+                f"daemon {daemon_id!r}: its frontier in the collector state "
+                f"{self._path} changed since the segment was judged (a "
+                "`daemons clear` in between); nothing committed, the segment "
+                "is judged again against the new frontier"
+            )
 
     def _drop_held(self, daemon_id: str) -> None:
         try:
@@ -473,10 +522,11 @@ class CollectorState:
         time: str,
         evidence: bytes,
     ) -> None:
-        # Only a new sticky refusal changes the frontier. Any other leaves
-        # the one it was judged on, and writing that back could undo a
+        # Only a new sticky refusal changes the frontier (checked against
+        # the stored one first: ``_check_judged``). Any other leaves the one
+        # it was judged on, and writing that back could undo a
         # ``clear_refusal`` made since it was read.
-        if outcome.frontier.refused and outcome.kind not in NOT_STICKY:
+        if _writes_frontier(outcome):
             txn.put(
                 token, msgspec.json.encode(outcome.frontier), db=self._dbs[b"daemons"]
             )
@@ -502,6 +552,19 @@ class CollectorState:
             )
 
 
+def _writes_frontier(outcome: Outcome) -> bool:
+    """Whether committing ``outcome`` writes the daemon's frontier: an
+    accepted segment, or a new sticky refusal."""
+    if outcome.verdict == Verdict.ACCEPTED:
+        return True
+    return (
+        outcome.verdict == Verdict.REFUSED
+        and not outcome.sticky
+        and bool(outcome.frontier.refused)
+        and outcome.kind not in NOT_STICKY
+    )
+
+
 def _end_log(frontier: Frontier, take_on_log: str, reason: str) -> Frontier:
     """The cleared frontier with its accepted log ended and ``take_on_log``
     next (``clear_refusal``)."""
@@ -513,11 +576,14 @@ def _end_log(frontier: Frontier, take_on_log: str, reason: str) -> Frontier:
             + "); name the log it writes now; nothing cleared"
         )
     previous = list(frontier.previous_logs)
+    by_take_on = list(frontier.ended_by_take_on)
     if frontier.log_id not in previous:
         previous.append(frontier.log_id)
+        by_take_on.append(frontier.log_id)
     return msgspec.structs.replace(
         frontier,
         previous_logs=previous,
+        ended_by_take_on=by_take_on,
         take_on_log=take_on_log,
         take_on_reason=reason,
     )

@@ -30,12 +30,14 @@ segment is then, in order:
    and its first record is a ``chain_break`` naming the accepted log;
    otherwise two daemons share one daemon id (``duplicate_daemon``), unless
    it is the log an operator named to take the daemon on from (below). A
-   segment of a log in ``previous_logs`` is a ``duplicate_daemon``. For a
+   segment of a log in ``previous_logs`` (ended by a chain break or by an
+   operator's take-on) is a ``duplicate_daemon`` that is alerted but does
+   not stick: it cannot touch the current log's history. For a
    daemon of which nothing was accepted yet, any log that starts at 0 is
    taken on (one that starts later is a ``gap``); when its first record is
    a ``chain_break``, the log it names joins ``previous_logs`` as if
    accepted and ended, so a segment of that log sent later is a
-   ``duplicate_daemon``.
+   ``duplicate_daemon`` (not sticky).
 4. **Linked.** The chain hash walked from the accepted chain hash at ``p``
    over the records equals the checkpoint's (``bad_chain``).
 5. **Included and consistent.** The Merkle right edge at ``p`` (the
@@ -82,8 +84,11 @@ On first sight the collector cannot tell: the later log is not known yet
 clock), so no rule here refuses the old log; the operator, having
 investigated, names the log to take the daemon on from. The clear ends
 the accepted log (it joins ``previous_logs``) and records the log id and
-reason in the frontier (``take_on_log``, ``take_on_reason``); from then
-on a segment of the ended log is a ``duplicate_daemon`` (step 3), and a
+reason in the frontier (``take_on_log``, ``take_on_reason``, and the
+ended log in ``ended_by_take_on`` too, so an alert says how it ended);
+from then on a segment of the ended log is a ``duplicate_daemon`` (step 3),
+alerted each time and never sticky, so whoever replays old signed segments
+cannot lock the daemon out again after its take-on, and a
 segment of the named log is taken on as a new chain when it starts at 0
 with a ``chain_break`` (the log it names joins ``previous_logs`` too). A
 segment of the named log that starts later is a ``gap`` that does not
@@ -115,9 +120,12 @@ there, and add a step at the collector to every such take-on.
 
 NOTE: a refusal is sticky only when it rests on what the daemon signed
 (``fork``, ``rollback``, ``gap``, ``duplicate_daemon``) and something of
-the daemon was accepted before (save a ``gap`` of the log an operator named
-to take the daemon on from, above). Until then there is no accepted history
-for a later segment to heal, and a refused first segment leaves the
+the daemon was accepted before, save a ``gap`` of the log an operator named
+to take the daemon on from and a ``duplicate_daemon`` of a log the daemon
+ended (both above): ``duplicate_daemon`` sticks only where it means two
+writers of the current log (another log that is no new chain after it).
+Until something is accepted there is no accepted history for a later
+segment to heal, and a refused first segment leaves the
 frontier empty: the daemon is still taken on from a log that starts at 0
 (its new chain, or the same log sent from its start). Whoever can write
 to the central store can send anything under a daemon's name without its
@@ -270,8 +278,11 @@ class Frontier(msgspec.Struct, frozen=True, kw_only=True):
     # Keys trusted through verified key_rotation records: id -> raw key in
     # unpadded base64url.
     rotated_keys: dict[str, str] = {}
-    # Logs this daemon ended with a chain break, oldest first.
+    # Logs this daemon ended, oldest first: by a chain break, or by an
+    # operator's take-on (those also in ended_by_take_on).
     previous_logs: list[str] = []
+    # Those of previous_logs that ``daemons clear --take-on-new-log`` ended.
+    ended_by_take_on: list[str] = []
     # The alert kind that stopped acceptance; "" while in good standing.
     refused: str = ""
     refused_reason: str = ""
@@ -327,6 +338,11 @@ class Outcome(NamedTuple):
     # Set when an accepted segment took the daemon on from the log an
     # operator named (``Frontier.take_on_log``).
     taken_on: TakeOn | None = None
+    # The frontier the segment was judged against. The state writes
+    # ``frontier`` only while this is still the stored one: a ``daemons
+    # clear`` in between changed what the verdict rests on
+    # (``CollectorState.commit``).
+    judged: Frontier | None = None
 
 
 def trusted_keys(
@@ -345,7 +361,8 @@ class _Refusal(Exception):
         self.kind = kind
         self.message = message
         # False for a refusal that must not stop the daemon even though
-        # something of it was accepted (a take-on's log from its middle).
+        # something of it was accepted (a take-on's log from its middle, a
+        # segment of a log the daemon ended).
         self.sticky = sticky
 
 
@@ -548,7 +565,12 @@ def _start(
             )
         return genesis
     if cp.log_id in frontier.previous_logs:
-        raise _Refusal(AlertKind.DUPLICATE_DAEMON, _ended_message(frontier, cp))
+        # Alerted, never sticky: an ended log cannot touch the current
+        # log's history, and whoever holds its old signed segments (a store
+        # writer) could otherwise stop the daemon at will.
+        raise _Refusal(
+            AlertKind.DUPLICATE_DAEMON, _ended_message(frontier, cp), sticky=False
+        )
     if cp.log_id == frontier.take_on_log:
         if p != 0:
             raise _Refusal(
@@ -588,18 +610,22 @@ def _start(
 
 
 def _ended_message(frontier: Frontier, cp: CheckpointV1) -> str:
-    if cp.log_id == frontier.log_id:
-        # Ended by ``daemons clear --take-on-new-log`` (nothing else puts the
-        # current log in previous_logs).
-        return (
-            f"a segment of log {cp.log_id}, which an operator ended to take the "
-            f"daemon on from log {frontier.take_on_log or '(taken on since)'} "
-            f"({frontier.take_on_reason or 'daemons clear --take-on-new-log'}): "
-            "a replay of an old log, or two daemons write under one daemon id"
+    # A state from before ended_by_take_on was kept still tells the accepted
+    # log ended by a waiting take-on: nothing else ends the current log.
+    by_take_on = cp.log_id in frontier.ended_by_take_on or cp.log_id == frontier.log_id
+    how = "an operator's take-on" if by_take_on else "a chain break"
+    if frontier.take_on_log:
+        now = (
+            "while the daemon waits to be taken on from log "
+            f"{frontier.take_on_log} ("
+            f"{frontier.take_on_reason or 'daemons clear --take-on-new-log'})"
         )
+    else:
+        now = f"while log {frontier.log_id} is current"
     return (
-        f"a segment of log {cp.log_id}, which a chain break ended, while "
-        f"log {frontier.log_id} is current: two daemons write under one daemon id"
+        f"a segment of log {cp.log_id}, ended by {how}, {now}: a replay of an "
+        "old log's segments, or two daemons write under one daemon id "
+        "(alerted; the daemon's current log is still accepted)"
     )
 
 
@@ -699,7 +725,7 @@ def _accept(
     if start.taken_on:
         # The log the chain break names was ended too, accepted or not.
         named = _broken_log(segment) or ""
-        if _LOG_ID.fullmatch(named) and named not in previous:
+        if named != cp.log_id and _LOG_ID.fullmatch(named) and named not in previous:
             previous.append(named)
         taken_on = TakeOn(cp.log_id, named, tuple(previous), frontier.take_on_reason)
     elif not frontier.log_id:
@@ -733,6 +759,7 @@ def _accept(
         checkpoint=cp,
         nodes=tuple(nodes),
         taken_on=taken_on,
+        judged=frontier,
     )
 
 
@@ -744,7 +771,12 @@ def _refuse(frontier: Frontier, refusal: _Refusal, cp: CheckpointV1 | None) -> O
             frontier, refused=str(refusal.kind), refused_reason=refusal.message
         )
     return Outcome(
-        Verdict.REFUSED, refused, refusal.kind, refusal.message, checkpoint=cp
+        Verdict.REFUSED,
+        refused,
+        refusal.kind,
+        refusal.message,
+        checkpoint=cp,
+        judged=frontier,
     )
 
 
@@ -885,7 +917,7 @@ def check_duplicate(
                 f"again with record {seq} other than the accepted one",
             )
             return _refuse(frontier, refusal, cp)
-    return Outcome(Verdict.DUPLICATE, frontier, checkpoint=cp)
+    return Outcome(Verdict.DUPLICATE, frontier, checkpoint=cp, judged=frontier)
 
 
 def _sticky(frontier: Frontier, cp: CheckpointV1 | None) -> Outcome:
@@ -897,6 +929,7 @@ def _sticky(frontier: Frontier, cp: CheckpointV1 | None) -> Outcome:
         f"daemon refused since an earlier {kind}: {frontier.refused_reason}",
         checkpoint=cp,
         sticky=True,
+        judged=frontier,
     )
 
 

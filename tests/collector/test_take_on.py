@@ -162,17 +162,19 @@ def test_old_logs_sent_after_the_take_on_are_refused(tmp_path, state):
 
     (l0_next,) = feed(state, lineage.segments[0][1:], trusted)
     assert verdicts([l0_next]) == [DUPLICATE_DAEMON]
-    assert f"a segment of log {l0}, which a chain break ended" in l0_next.message
-    state.clear_refusal(ORIGIN)
+    assert f"log {l0}, ended by an operator's take-on" in l0_next.message
+    # Alerted, not sticky: no clear before the next one is judged.
     (l1_first,) = feed(state, lineage.segments[1][:1], trusted)
     assert verdicts([l1_first]) == [DUPLICATE_DAEMON]
-    assert f"a segment of log {l1}, which a chain break ended" in l1_first.message
+    assert f"log {l1}, ended by a chain break" in l1_first.message
     # The segment of L0 accepted before is still only a duplicate.
-    state.clear_refusal(ORIGIN)
     assert verdicts(feed(state, lineage.segments[0][:1], trusted)) == [
         (Verdict.DUPLICATE, None)
     ]
-    assert state.frontier(ORIGIN).tree_size == 5
+    assert (state.frontier(ORIGIN).tree_size, state.frontier(ORIGIN).refused) == (
+        5,
+        "",
+    )
 
 
 def test_ended_log_sent_while_the_take_on_waits_is_refused(tmp_path, state):
@@ -185,17 +187,13 @@ def test_ended_log_sent_while_the_take_on_waits_is_refused(tmp_path, state):
 
     # L0 5..8 extends what was accepted, but the operator ended L0.
     assert verdicts([outcome]) == [DUPLICATE_DAEMON]
-    assert f"which an operator ended to take the daemon on from log {l2}" in (
-        outcome.message
-    )
+    assert (
+        f"ended by an operator's take-on, while the daemon waits to be taken "
+        f"on from log {l2} ({REASON})"
+    ) in outcome.message
     frontier = state.frontier(ORIGIN)
-    assert (frontier.tree_size, frontier.refused, frontier.take_on_log) == (
-        4,
-        "duplicate_daemon",
-        l2,
-    )
-    # A plain clear of that refusal keeps the take-on waiting.
-    state.clear_refusal(ORIGIN)
+    # Alerted, not sticky: the take-on keeps waiting, no clear needed.
+    assert (frontier.tree_size, frontier.refused, frontier.take_on_log) == (4, "", l2)
     assert verdicts(feed(state, lineage.segments[2], trusted)) == [ACCEPTED] * 2
     assert state.frontier(ORIGIN).log_id == l2
 
@@ -259,7 +257,7 @@ def test_ended_log_cannot_be_named_again(tmp_path, state):
     lineage = _replayed(tmp_path, state)
     l0, _, l2 = lineage.ids
     state.clear_refusal(ORIGIN, take_on_log=l2, reason=REASON)
-    feed(state, lineage.segments[0][1:], lineage.log.trusted)  # refused again
+    feed(state, lineage.segments[0][1:], lineage.log.trusted)  # alerted
 
     with pytest.raises(
         StateError,
@@ -267,7 +265,7 @@ def test_ended_log_cannot_be_named_again(tmp_path, state):
     ):
         state.clear_refusal(ORIGIN, take_on_log=l0, reason=REASON)
 
-    assert state.frontier(ORIGIN).refused == "duplicate_daemon"
+    assert state.frontier(ORIGIN).take_on_log == l2
 
 
 def _clear_cli(config, *extra: str) -> subprocess.CompletedProcess:
