@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from kynara_sidecar._unique_keys import UniqueKeys
+from kynara_sidecar._unique_keys import load_yaml
 from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
 from kynara_sidecar.audit.redact import (
     MIN_REDACTION_KEY_BYTES,
@@ -44,7 +44,6 @@ __all__ = [
     "AdminCredentialConfig",
     "AdminListenerConfig",
     "AdminRole",
-    "AdminTlsConfig",
     "AgentListenerConfig",
     "ApprovalsConfig",
     "AuditConfig",
@@ -290,10 +289,6 @@ class TlsConfig(_FileSection):
         _check_pair(section, self.cert_file, self.key_file, "neither for no TLS")
         if self.enabled and files:
             load_certificate_pair(self.cert_file, self.key_file, section)
-
-
-# The name admin.tls had first.
-AdminTlsConfig = TlsConfig
 
 
 class HttpListenerConfig(_FileSection):
@@ -2094,17 +2089,13 @@ def _choices_hint(error: msgspec.ValidationError) -> str:
     return "; expected one of: " + ", ".join(str(m.value) for m in node)
 
 
-class _ConfigLoader(UniqueKeys, yaml.SafeLoader):
-    """YAML as ``yaml.safe_load`` reads it, except that a key given twice
-    in one mapping is refused: YAML would keep the last silently, so an
-    edit meant for one setting could be undone by a forgotten line below.
-    Keys brought in by a merge (``<<: *base``) may still be overridden.
-    Policy files are held to the same (``kynara_sidecar._unique_keys``)."""
-
-
 def _parse_yaml(text: str) -> Any:
-    """``text`` as YAML, refusing a key given twice in one mapping."""
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    """``text`` as YAML, refusing a key given twice in one mapping: YAML
+    would keep the last silently, so an edit meant for one setting could be
+    undone by a forgotten line below. Keys brought in by a merge
+    (``<<: *base``) may still be overridden. Policy files are read by the
+    same loader (``kynara_sidecar._unique_keys``)."""
+    return load_yaml(text)
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

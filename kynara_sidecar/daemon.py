@@ -128,7 +128,7 @@ from kynara_sidecar.server.ext_authz import ExtAuthzService
 from kynara_sidecar.server.fastpath import FastPathServer
 from kynara_sidecar.server.grpc_metrics import ServerMetrics
 from kynara_sidecar.server.http import build_http_app
-from kynara_sidecar.server.reviewers import ReviewerAuth
+from kynara_sidecar.server.reviewers import ReviewerAuth, admin_reviewers
 from kynara_sidecar.server.sync_service import SyncService
 from kynara_sidecar.server.tls import ServingCertificate
 from kynara_sidecar.sync import BundleEntry, open_store
@@ -1506,11 +1506,13 @@ class Daemon:
         # A reloaded config's files are not read (load_config's read_files):
         # this is where the admin secrets are, and kept apart from agents'.
         admin.check_apart(self.config.agent, self.config.identity)
-        table = AdminCredentials(admin.load_credentials())
+        loaded = admin.load_credentials()
+        table = AdminCredentials(loaded)
         if self._reviewer_auth is None:
             return table, None
-        config = msgspec.structs.replace(self.config, admin=admin)
-        return table, ReviewerAuth.from_config(config, clock=self.clock)
+        # Only its admin credentials are adopted: its issuers and agents,
+        # restart-only, are not read again.
+        return table, ReviewerAuth(admin_reviewers(admin, loaded), clock=self.clock)
 
     async def stop(self) -> None:
         """Drain and shut down in the documented order. Safe to call twice.

@@ -132,10 +132,6 @@ class Distribution(Collector):
         self._counts[bisect_left(self._bounds, value)] += 1
         self._sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
-
     def collect(self) -> Iterator[Metric]:
         counts = list(self._counts)
         buckets = []

@@ -687,9 +687,11 @@ class AuditWriter:
             results.append((item, appended[start:end], None))
             start = end
         _settle(results)
-        self._report(len(records), seconds)
+        if self._on_commit is not None:
+            _call_hook("on_commit", self._on_commit, len(records), seconds)
         if self._on_latency is not None:
-            self._report_latency([ended - item.queued for item in batch])
+            waits = [ended - item.queued for item in batch]
+            _call_hook("on_latency", self._on_latency, waits)
 
     def _sync(self) -> None:
         self._sync_due = None
@@ -752,23 +754,16 @@ class AuditWriter:
             results.append((item, None, copy))
         _settle(results)
 
-    def _report(self, size: int, seconds: float) -> None:
-        if self._on_commit is None:
-            return
-        try:
-            self._on_commit(size, seconds)
-        except Exception:
-            _log.exception(
-                "audit on_commit hook failed", extra={"fields": {"component": "audit"}}
-            )
 
-    def _report_latency(self, seconds: list[float]) -> None:
-        try:
-            self._on_latency(seconds)
-        except Exception:
-            _log.exception(
-                "audit on_latency hook failed", extra={"fields": {"component": "audit"}}
-            )
+def _call_hook(name: str, hook: Callable[..., None], *args: object) -> None:
+    """Call a metrics hook on the writer thread; a hook that raises is
+    logged and ignored (telemetry never fails a commit)."""
+    try:
+        hook(*args)
+    except Exception:
+        _log.exception(
+            f"audit {name} hook failed", extra={"fields": {"component": "audit"}}
+        )
 
 
 def make_seal(

@@ -50,7 +50,12 @@ import jwt
 
 from kynara_sidecar.approvals.eligibility import REVIEWER_ROLE
 from kynara_sidecar.approvals.model import Reviewer
-from kynara_sidecar.config import AdminRole, Config, IdentityMode
+from kynara_sidecar.config import (
+    AdminListenerConfig,
+    AdminRole,
+    Config,
+    IdentityMode,
+)
 from kynara_sidecar.errors import (
     ConfigError,
     IdentityInvalid,
@@ -64,6 +69,7 @@ from kynara_sidecar.server.admin import log_refusal
 
 __all__ = [
     "AdminReviewer",
+    "admin_reviewers",
     "ReviewerAuth",
     "ReviewerIssuer",
     "token_of",
@@ -134,6 +140,23 @@ def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2 and len(token) <= MAX_TOKEN_BYTES
+
+
+def admin_reviewers(
+    admin: AdminListenerConfig,
+    loaded: Mapping[str, tuple[bytes, frozenset[AdminRole]]],
+) -> dict[str, AdminReviewer]:
+    """The admin credentials as reviewers: ``loaded`` is
+    ``admin.load_credentials()``, read once by the caller."""
+    return {
+        name: AdminReviewer(
+            secret=secret,
+            roles=frozenset(str(role) for role in roles),
+            principal=admin.credentials[name].principal or name,
+            reviewer_roles=frozenset(admin.credentials[name].reviewer_roles),
+        )
+        for name, (secret, roles) in loaded.items()
+    }
 
 
 class ReviewerAuth:
@@ -228,16 +251,7 @@ class ReviewerAuth:
         Raises:
             ConfigError: a secret or JWKS cannot be read.
         """
-        loaded = config.admin.load_credentials()
-        credentials = {
-            name: AdminReviewer(
-                secret=secret,
-                roles=frozenset(str(role) for role in roles),
-                principal=config.admin.credentials[name].principal or name,
-                reviewer_roles=frozenset(config.admin.credentials[name].reviewer_roles),
-            )
-            for name, (secret, roles) in loaded.items()
-        }
+        credentials = admin_reviewers(config.admin, config.admin.load_credentials())
         issuers = [
             ReviewerIssuer(
                 issuer.load(f"approvals.reviewer_issuers[{i}]"), issuer.roles_claim

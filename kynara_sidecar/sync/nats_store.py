@@ -119,6 +119,7 @@ from kynara_sidecar.sync import (
     check_store_key,
     daemon_token,
 )
+from kynara_sidecar.sync._session import error_text
 
 __all__ = [
     "ACK_WAIT_SECONDS",
@@ -272,7 +273,7 @@ class NatsStore:
             async with asyncio.timeout(self.timeout):
                 return await call
         except _UNAVAILABLE as err:
-            reason = str(err) or type(err).__name__
+            reason = error_text(err)
             if isinstance(err, TimeoutError):
                 reason = f"no answer within {self.timeout} s ({self.timeout_key})"
             if self._refused:
@@ -576,7 +577,6 @@ class NatsStore:
 
     async def statuses(self) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:
-            await self._ensure()
             found = {}
             for key, value in sorted(await self._read_all(STATUS_BUCKET, ">")):
                 daemon_id = canonical_daemon_id(key)
@@ -859,12 +859,12 @@ class _KeyWatch:
                 _raise_if_cancelled()
                 continue
             except _UNAVAILABLE as err:
-                self._lost(str(err) or type(err).__name__)
+                self._lost(error_text(err))
             heard = loop.time()
             headers = message.headers or {}
             status = headers.get(_STATUS_HEADER)
             if status is not None:
-                delivered = await self._control(message, status, delivered)
+                await self._control(message, status, delivered)
                 continue
             sequence = message.metadata.sequence
             if sequence.consumer != delivered + 1:
@@ -882,7 +882,7 @@ class _KeyWatch:
                 initial = False
                 yield None
 
-    async def _control(self, message: Msg, status: str, delivered: int) -> int:
+    async def _control(self, message: Msg, status: str, delivered: int) -> None:
         """Answer a heartbeat or a flow control request; any other status
         (the consumer was deleted, say) ends the watch."""
         headers = message.headers or {}
@@ -897,7 +897,6 @@ class _KeyWatch:
         last = headers.get(_LAST_CONSUMER_HEADER)
         if last is not None and int(last) != delivered:
             self._lost(f"heartbeat after message {last}, last taken {delivered}")
-        return delivered
 
     def _lost(self, why: str) -> typing.NoReturn:
         raise StoreUnavailable(f"{self._store.url}: {self._what}: {why}")
