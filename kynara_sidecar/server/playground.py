@@ -1,0 +1,962 @@
+"""The playground: try a request against the policies, or an edited copy.
+
+Theory of operation. The playground is a page and a few JSON endpoints
+under ``/playground`` on the daemon's one HTTP stack (``server.http``). It
+is not a front door: nothing here goes through the decision pipeline. A
+what-if run parses a request in the shape ``kynara-sidecar explain`` reads
+(``policy_tests``), and calls ``engine.evaluate`` with ``explain=True``
+against either the active policies (read from the pipeline, never changed)
+or a set compiled from files the browser sent. Nothing is appended to the
+audit log, no approval is opened, no metric of decisions moves, and a live
+``Decide`` running at the same moment keeps deciding with the active set.
+Compiling and deciding run in a worker thread, at most ``MAX_RUNS`` at a
+time, so a large edited set cannot hold up the event loop that answers
+agents.
+
+Endpoints (all JSON but the page):
+
+    GET  /playground                  the page (signed in), else to sign-in
+    GET  /playground/api/policies     the active set's source files (a copy)
+    GET  /playground/api/tour         the guided tour's steps
+    POST /playground/api/evaluate     {request, files?} -> the decision
+    POST /playground/api/replay       {decision_id} -> recorded vs replayed
+
+``request`` is the text of a request file (YAML or JSON) as ``explain``
+reads it; its ``request.now`` may be left out, and the run then uses the
+daemon's clock, read once. ``files`` (``[{name, content}]``) replaces the
+whole set for this run; a file that does not load is a 400 naming the file
+and the location inside it, as the loader names them.
+
+Who may use it. A reviewer or an operator: in a browser, by signing in at
+``/playground/login`` with a reviewer's token (an admin secret with the
+reviewer role or a reviewer JWT, checked by the review page's
+``Authenticator``) or an admin secret with the operator role; from a script,
+with ``authorization: Bearer <secret>`` of an operator credential. The
+sign-in uses the review page's machinery (``review_page.SessionStore``,
+the same cookie flags, a per-session CSRF token, the same origin rules),
+in a store of its own: a playground session, which an operator may hold,
+never reviews an approval, and a review session is not a playground one.
+A POST with a session must come from this origin and carry the session's
+CSRF token in the ``x-kynara-csrf`` header; a bearer call needs neither
+(no browser adds a bearer header on its own). Anything else is 401 (no or
+an unknown credential) or 403 (a known one without the role, or a forged
+post), logged and counted.
+
+Every response under ``/playground`` carries a strict Content-Security-Policy
+(its one script and one style by hash, fetches to this origin only, no
+framing) and ``nosniff``, ``no-referrer``, ``no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import logging
+import pathlib
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+from aiohttp import web
+
+from kynara_sidecar import engine
+from kynara_sidecar._unique_keys import DuplicateKeyError
+from kynara_sidecar.approvals.model import Reviewer
+from kynara_sidecar.audit.chain import decode_record
+from kynara_sidecar.audit.record import AuditRecordV1, RecordKind, request_from_record
+from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.config import AdminRole
+from kynara_sidecar.decision import Decision, Duration, Timestamp, UInt64
+from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
+from kynara_sidecar.policy.loader import (
+    SUFFIXES,
+    LoadedPolicies,
+    check_expansion,
+    compile_documents,
+    decode_document,
+)
+
+# NOTE: the request file's own reader, so a pasted request means here what
+# it means to `kynara-sidecar explain`; policy_tests exposes it only as
+# load_request(path), and a what-if run has text, not a file.
+from kynara_sidecar.policy_tests import (
+    PolicyRequest,
+    _convert,
+    _decode_request,
+    _Loader,
+    _RequestFileDocument,
+    format_explanation,
+)
+from kynara_sidecar.replay import load_stored_policies
+from kynara_sidecar.server import _playground_html as pages
+from kynara_sidecar.server.admin import AdminCredentials
+from kynara_sidecar.server.review_page import TOKEN_BYTES, Authenticator, SessionStore
+
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "CSRF_HEADER",
+    "MAX_BODY_BYTES",
+    "MAX_FILES",
+    "MAX_REQUEST_CHARS",
+    "MAX_RUNS",
+    "PLAYGROUND_COOKIE",
+    "PLAYGROUND_PATH",
+    "TOUR",
+    "PlaygroundSources",
+    "TourStep",
+    "add_playground_routes",
+    "parse_request",
+]
+
+log = logging.getLogger("kynara.server")
+
+PLAYGROUND_PATH = "/playground"
+PLAYGROUND_COOKIE = "kynara_playground"
+LOGIN_COOKIE = "kynara_playground_login"
+CSRF_HEADER = "x-kynara-csrf"
+# A whole edited policy set travels in one body: the shipped examples are
+# a few KB, a large company's set a few MB. Past this it is refused (413)
+# before it is read.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# A request file is a handful of lines; this bounds what YAML parses.
+MAX_REQUEST_CHARS = 64 * 1024
+# Files of one edited set; a policy root with more is no what-if.
+MAX_FILES = 1000
+MAX_FILE_NAME_CHARS = 256
+# What-if runs at once: each compiles and explains in a worker thread;
+# more would take the cores the live decisions need. One past it is 429.
+MAX_RUNS = 2
+# As the review page: a reviewer JWT is far shorter.
+MAX_TOKEN_CHARS = 16_384
+# Long enough to paste a token into the sign-in form.
+LOGIN_FORM_SECONDS = 600
+# Decision ids are UUIDs; this bounds a pasted one.
+MAX_DECISION_ID_CHARS = 128
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; "
+    f"style-src '{pages.STYLE_HASH}'; "
+    f"script-src '{pages.SCRIPT_HASH}'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class PlaygroundSources:
+    """What the playground reads, each asked for at the moment of a run.
+
+    Attributes:
+        policies: the active policy set and directory (the pipeline's), or
+            None before one is active.
+        store: the audit log, for the active set's files and recorded
+            decisions; None when it is not open.
+        authenticate: a reviewer's token -> Reviewer (the review page's
+            ``Authenticator``).
+        operators: the admin credentials; those with the operator role may
+            use the playground.
+    """
+
+    policies: Callable[[], LoadedPolicies | None]
+    store: Callable[[], AuditStore | None]
+    authenticate: Authenticator
+    operators: AdminCredentials | None = None
+
+
+@dataclass(frozen=True)
+class TourStep:
+    """One step of the guided tour: a request over the shipped example
+    policies (config/policies), what it shows, and what it decides there."""
+
+    id: str
+    title: str
+    text: str
+    request: str
+    effect: str
+    reason_code: str
+
+
+def _tour_request(body: str) -> str:
+    return "request:\n" + "".join(f"  {line}\n" for line in body.strip().splitlines())
+
+
+# A Monday, 10:00 in Berlin: inside the CRM rule's business hours.
+_MONDAY = 'now: "2026-12-07T10:00:00+01:00"'
+TOUR: tuple[TourStep, ...] = (
+    TourStep(
+        "allow",
+        "An allow",
+        "alice (support) asks support-bot to refund 12.00. Both alice and the "
+        "agent hold a role that payments/refund-small allows, and the amount "
+        "is within its limit, so every principal of the chain is allowed.",
+        _tour_request(f"""
+{_MONDAY}
+chain: [alice, support-bot]
+action: payments.refund.issue
+resource: {{kind: payments.refund, id: rf-1, attributes: {{amount: 1200}}}}
+"""),
+        "allow",
+        "rule_allowed",
+    ),
+    TourStep(
+        "deny-by-rule",
+        "A deny by rule",
+        "The same refund from a blocked region: region-block/blocked-region "
+        "matches every action for every role, and an explicit deny beats "
+        "any allow.",
+        _tour_request(f"""
+{_MONDAY}
+chain: [alice, support-bot]
+action: payments.refund.issue
+resource: {{kind: payments.refund, id: rf-1, attributes: {{amount: 1200}}}}
+context: {{region: KP}}
+"""),
+        "deny",
+        "rule_denied",
+    ),
+    TourStep(
+        "no-rule-allows",
+        "No rule allows",
+        "erin is an employee, a role that grants nothing by itself: no rule "
+        "for refunds applies to her, so she is denied with no_rule_allows "
+        "even though the agent could refund.",
+        _tour_request(f"""
+{_MONDAY}
+chain: [erin, support-bot]
+action: payments.refund.issue
+resource: {{kind: payments.refund, id: rf-1, attributes: {{amount: 1200}}}}
+"""),
+        "deny",
+        "no_rule_allows",
+    ),
+    TourStep(
+        "agent-lacks-permission",
+        "A chain whose agent lacks permission",
+        "alice may refund, but readonly-bot only reads CRM contacts. Every "
+        "principal of the chain must be allowed on its own, so an agent "
+        "never gains what its user may do.",
+        _tour_request(f"""
+{_MONDAY}
+chain: [alice, readonly-bot]
+action: payments.refund.issue
+resource: {{kind: payments.refund, id: rf-1, attributes: {{amount: 1200}}}}
+"""),
+        "deny",
+        "no_rule_allows",
+    ),
+    TourStep(
+        "inactive-principal",
+        "An inactive principal",
+        "dave is in the directory but inactive: the chain is refused before "
+        "any rule runs, whatever his roles would allow.",
+        _tour_request(f"""
+{_MONDAY}
+chain: [dave, support-bot]
+action: payments.refund.issue
+resource: {{kind: payments.refund, id: rf-1, attributes: {{amount: 1200}}}}
+"""),
+        "deny",
+        "inactive_principal",
+    ),
+    TourStep(
+        "require-approval",
+        "A refund that needs approval",
+        "500.01 is over refund-small's limit and payments/refund-large asks "
+        "a reviewer to approve it (config/requests/refund-over-limit.yaml).",
+        _tour_request(f"""
+{_MONDAY}
+chain: [alice, support-bot]
+action: payments.refund.issue
+resource: {{kind: payments.refund, id: rf-1, attributes: {{amount: 50001}}}}
+context: {{region: DE}}
+"""),
+        "require_approval",
+        "approval_required",
+    ),
+    TourStep(
+        "business-hours",
+        "A time-dependent rule, inside its hours",
+        "crm/read-contacts-business-hours allows reading a contact Monday to "
+        "Friday, 09:00 to 16:59 in Berlin. At 10:00 on a Monday it holds.",
+        _tour_request(f"""
+{_MONDAY}
+chain: [bob, readonly-bot]
+action: crm.contact.read
+resource: {{kind: crm.contact, id: c-42}}
+"""),
+        "allow",
+        "rule_allowed",
+    ),
+    TourStep(
+        "after-hours",
+        "The same rule, after hours",
+        "The same read at 18:30 Berlin time: the condition is false, no "
+        "other rule allows it, so it is denied. Change now to try other "
+        "instants; the zone follows daylight saving.",
+        _tour_request("""
+now: "2026-12-07T18:30:00+01:00"
+chain: [bob, readonly-bot]
+action: crm.contact.read
+resource: {kind: crm.contact, id: c-42}
+"""),
+        "deny",
+        "no_rule_allows",
+    ),
+)
+
+
+# ------------------------------------------------------------ pure helpers
+
+
+def parse_request(text: str, now: Timestamp, *, name: str = "request") -> PolicyRequest:
+    """Read a request file's text (YAML or JSON) as ``explain`` reads the
+    file, with ``now`` as the instant when the request gives none.
+
+    Raises:
+        PolicyError: naming ``name`` and the location inside it: malformed
+            YAML, a key given twice, a missing or wrong field.
+    """
+    if len(text) > MAX_REQUEST_CHARS:
+        raise PolicyError(
+            f"expected a request of at most {MAX_REQUEST_CHARS} characters, "
+            f"got {len(text)}",
+            path=name,
+        )
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as err:
+        raise PolicyError(str(err), path=name) from err
+    except (yaml.YAMLError, ValueError) as err:
+        raise PolicyError(
+            f"expected valid YAML or JSON, got: {err}", path=name
+        ) from err
+    except RecursionError:
+        raise PolicyError(
+            "expected YAML nested less deeply than the parser's recursion limit",
+            path=name,
+        ) from None
+    check_expansion(raw, name)
+    if isinstance(raw, dict):
+        inner = raw.get("request")
+        if isinstance(inner, dict) and "now" not in inner:
+            inner["now"] = _datetime_of(now)
+    document = _convert(raw, _RequestFileDocument, name)
+    return _decode_request(document.request, name, "$.request")
+
+
+def _datetime_of(now: Timestamp) -> datetime.datetime:
+    moment = datetime.datetime.fromtimestamp(now.seconds, datetime.UTC)
+    return moment + datetime.timedelta(microseconds=now.nanos // 1000)
+
+
+def _rfc3339(now: Timestamp) -> str:
+    return _datetime_of(now).isoformat().replace("+00:00", "Z")
+
+
+def _edited_set(files: object) -> LoadedPolicies:
+    """Compile the files a browser sent: ``[{name, content}]``.
+
+    Raises:
+        PolicyError: a bad list or name, or a file that does not load
+            (naming it as the loader does).
+    """
+    if not isinstance(files, list) or not files:
+        raise PolicyError(
+            "expected files as a non-empty list of {name, content}", path="files"
+        )
+    if len(files) > MAX_FILES:
+        raise PolicyError(
+            f"expected at most {MAX_FILES} files, got {len(files)}", path="files"
+        )
+    documents, seen = [], set()
+    for i, item in enumerate(files):
+        where = f"files[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise PolicyError("expected {name, content} strings", path=where)
+        name, content = item["name"], item.get("content")
+        _check_file_name(name, where)
+        if not isinstance(content, str):
+            raise PolicyError("expected content as a string", path=name)
+        if name in seen:
+            raise PolicyError(
+                f"expected each file once, got {name!r} again", path=where
+            )
+        seen.add(name)
+        documents.append(decode_document(name, content.encode(), name=name))
+    return compile_documents(documents, root="edited copy")
+
+
+def _check_file_name(name: str, where: str) -> None:
+    path = pathlib.PurePosixPath(name)
+    if (
+        not name
+        or len(name) > MAX_FILE_NAME_CHARS
+        or path.is_absolute()
+        or any(part in ("", ".", "..") for part in name.split("/"))
+        or path.suffix not in SUFFIXES
+    ):
+        raise PolicyError(
+            f"expected a relative file name ending {', '.join(sorted(SUFFIXES))} "
+            f"of at most {MAX_FILE_NAME_CHARS} characters, without . or .. parts; "
+            f"got {name[:80]!r}",
+            path=where,
+        )
+
+
+def _decided(decision: Decision) -> dict[str, Any]:
+    out = msgspec.to_builtins(decision)
+    out["explained"] = format_explanation(decision)
+    return out
+
+
+def _decide(policies: LoadedPolicies, request: PolicyRequest) -> Decision:
+    return engine.evaluate(
+        policies.policy_set,
+        policies.directory,
+        request.request,
+        request.env,
+        explain=True,
+    )
+
+
+class _RequestDumper(yaml.SafeDumper):
+    """Writes a recorded request back as a request file, typed values as
+    the file's ``!uint`` and ``!timestamp`` tags."""
+
+
+_RequestDumper.add_representer(
+    UInt64, lambda dumper, value: dumper.represent_scalar("!uint", str(int(value)))
+)
+_RequestDumper.add_representer(
+    Timestamp,
+    lambda dumper, value: dumper.represent_scalar("!timestamp", _rfc3339(value)),
+)
+
+
+def _request_text(record: AuditRecordV1) -> str:
+    """The recorded request as a request file, for the editor; "" when a
+    value has no request-file form (bytes, a duration)."""
+    request, env = request_from_record(record)
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, bytes | Duration):
+            return False
+        if isinstance(value, dict):
+            return all(plain(item) for item in value.values())
+        if isinstance(value, list):
+            return all(plain(item) for item in value)
+        return True
+
+    if not plain(request.resource.attributes) or not plain(request.context):
+        return ""
+    body: dict[str, Any] = {
+        "now": env.now,
+        "chain": list(request.chain),
+        "action": request.action,
+        "resource": {
+            "kind": request.resource.kind,
+            "id": request.resource.id,
+            "attributes": request.resource.attributes,
+        },
+        "context": request.context,
+        "env": {
+            "environment": env.environment,
+            "region": env.region,
+            "labels": dict(env.labels),
+        },
+    }
+    return yaml.dump(
+        {"request": body}, Dumper=_RequestDumper, sort_keys=False, allow_unicode=True
+    )
+
+
+class _Refused(Exception):
+    """A JSON refusal: status and body."""
+
+    def __init__(self, status: int, error: str, **more: str):
+        super().__init__(error)
+        self.status = status
+        self.body = {"error": error, **{k: v for k, v in more.items() if v}}
+
+
+def _replay(store: AuditStore, decision_id: str) -> dict[str, Any]:
+    """A recorded decision and the same request decided again under the
+    policies its record cites (read from the log)."""
+    seq = store.find_decision(decision_id)
+    stored = None if seq is None else store.get(seq)
+    if stored is None:
+        raise _Refused(404, f"no decision with the id {decision_id!r} in the audit log")
+    record = decode_record(stored.record_bytes)
+    if record.kind != RecordKind.DECISION:
+        raise _Refused(404, f"record {seq} is not a decision")
+    try:
+        policies = load_stored_policies(
+            store, record.policy_revision, record.directory_revision
+        )
+        if policies is None:
+            raise _Refused(
+                409,
+                f"the audit log does not hold policy {record.policy_revision} "
+                f"and directory {record.directory_revision}, which decision "
+                f"{decision_id} cites",
+            )
+        request, env = request_from_record(record)
+        request_text = _request_text(record)
+    except (ValueError, PolicyError) as err:
+        raise _Refused(
+            422, f"decision {decision_id} cannot be replayed: {err}"
+        ) from err
+    replayed = engine.evaluate(
+        policies.policy_set, policies.directory, request, env, explain=True
+    )
+    recorded = {
+        "effect": record.decision,
+        "reason_code": record.reason_code,
+        "reason": record.reason,
+        "matched_rules": msgspec.to_builtins(record.matched_rules),
+        "policy_revision": record.policy_revision,
+        "directory_revision": record.directory_revision,
+        "time": record.time,
+        "seq": record.seq,
+    }
+    return {
+        "decision_id": decision_id,
+        "recorded": recorded,
+        "replayed": _decided(replayed),
+        "changed": replayed.effect.value != record.decision,
+        "request": request_text,
+    }
+
+
+def _same_origin(request: web.Request, origins: frozenset[str]) -> bool:
+    """The review page's rule: the Origin is this page's own (or a public
+    origin), else ``Sec-Fetch-Site: same-origin``; nothing else passes."""
+    own = f"{request.scheme}://{request.host}".lower()
+    origin = request.headers.get("Origin", "")
+    if origin and origin != "null":
+        return origin.lower() == own or origin.lower() in origins
+    return request.headers.get("Sec-Fetch-Site") == "same-origin"
+
+
+# ------------------------------------------------------------ the handlers
+
+
+class _Playground:
+    def __init__(
+        self,
+        sources: PlaygroundSources,
+        *,
+        title: str,
+        sessions: SessionStore,
+        secure_cookie: bool,
+        origins: frozenset[str],
+        clock: Callable[[], int],
+        on_refused: Callable[[str], None],
+    ):
+        self.sources = sources
+        self.title = title
+        self.sessions = sessions
+        self.secure_cookie = secure_cookie
+        self.origins = origins
+        self.clock = clock
+        self.on_refused = on_refused
+        self.running = 0
+
+    # -- who is asking
+
+    def _refuse(self, status: int, why: str, message: str) -> _Refused:
+        log.warning(
+            "refused playground call",
+            extra={"fields": {"component": "server", "why": why, "error": message}},
+        )
+        self.on_refused(why)
+        return _Refused(status, message)
+
+    def _caller(self, request: web.Request, *, posting: bool) -> str:
+        """Who is calling (for the log line), or raise the refusal."""
+        authorization = request.headers.get("authorization", "")
+        if authorization.strip():
+            return self._operator(authorization)
+        session = self.sessions.get(request.cookies.get(PLAYGROUND_COOKIE, ""))
+        if session is None:
+            raise self._refuse(
+                401,
+                "identity_invalid",
+                "expected a playground sign-in (/playground/login) or "
+                "'authorization: Bearer <secret>' of an operator credential",
+            )
+        if posting:
+            if not _same_origin(request, self.origins):
+                raise self._refuse(
+                    403, "origin", "this call was not sent from this page's origin"
+                )
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+                raise self._refuse(
+                    403,
+                    "csrf",
+                    f"expected the session's CSRF token in {CSRF_HEADER}; reload "
+                    "the page",
+                )
+        return session.reviewer.id
+
+    def _operator(self, authorization: str) -> str:
+        operators = self.sources.operators
+        try:
+            if operators is None:
+                raise IdentityInvalid(
+                    "expected an operator credential, but none is configured "
+                    "(admin.credentials)",
+                    field="authorization",
+                )
+            caller = operators.authenticate(authorization)
+            if AdminRole.OPERATOR not in caller.roles:
+                raise RoleMissing(
+                    f"expected a credential with the operator role for the "
+                    f"playground, got {caller.name!r} with roles "
+                    f"[{', '.join(sorted(caller.roles))}]",
+                    field="authorization",
+                )
+        except IdentityInvalid as err:
+            raise self._refuse(401, err.code.value, str(err)) from None
+        except RoleMissing as err:
+            raise self._refuse(403, err.code.value, str(err)) from None
+        return f"operator {caller.name}"
+
+    def _sign_in(self, token: str) -> Reviewer:
+        """A reviewer, or an operator as a playground-only reviewer.
+
+        Raises:
+            IdentityInvalid, RoleMissing: neither may use the playground.
+        """
+        try:
+            return self.sources.authenticate(token)
+        except (IdentityInvalid, RoleMissing) as refused:
+            operators = self.sources.operators
+            if operators is None:
+                raise
+            try:
+                caller = operators.authenticate(f"Bearer {token}")
+            except IdentityInvalid:
+                raise refused from None
+            if AdminRole.OPERATOR not in caller.roles:
+                raise
+            return Reviewer(
+                id=caller.name,
+                roles=frozenset({AdminRole.OPERATOR.value}),
+                credential=caller.name,
+            )
+
+    # -- sign in and out
+
+    def _html(self, text: str, status: int = 200) -> web.Response:
+        return web.Response(text=text, status=status, content_type="text/html")
+
+    def _login_page(self, error: str = "", status: int = 200) -> web.Response:
+        csrf = secrets.token_urlsafe(TOKEN_BYTES)
+        response = self._html(pages.render_login(self.title, csrf, error), status)
+        response.set_cookie(
+            LOGIN_COOKIE,
+            csrf,
+            max_age=LOGIN_FORM_SECONDS,
+            path=f"{PLAYGROUND_PATH}/login",
+            secure=self.secure_cookie,
+            httponly=True,
+            samesite="Strict",
+        )
+        return response
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        return self._login_page()
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        sent, token = form.get("csrf", ""), form.get("token", "")
+        expected = request.cookies.get(LOGIN_COOKIE, "")
+        if not isinstance(sent, str) or not isinstance(token, str):
+            sent, token = "", ""
+        if not _same_origin(request, self.origins) or not (
+            expected and hmac.compare_digest(sent.encode(), expected.encode())
+        ):
+            self.on_refused("csrf")
+            return self._login_page(
+                "The form was not sent from this page or its token is stale; "
+                "send it again.",
+                403,
+            )
+        token = token.strip()
+        try:
+            if not token or len(token) > MAX_TOKEN_CHARS:
+                raise IdentityInvalid(
+                    f"expected a token of 1..{MAX_TOKEN_CHARS} characters",
+                    field="token",
+                )
+            reviewer = self._sign_in(token)
+        except IdentityInvalid as err:
+            self.on_refused(err.code.value)
+            return self._login_page("That token is not a known credential.", 401)
+        except RoleMissing as err:
+            self.on_refused(err.code.value)
+            return self._login_page(
+                "That credential is valid but may not use the playground: it "
+                "needs the reviewer or the operator role.",
+                403,
+            )
+        self.sessions.close(request.cookies.get(PLAYGROUND_COOKIE, ""))
+        session_id, _ = self.sessions.open(reviewer)
+        log.info(
+            "signed in to playground",
+            extra={"fields": {"who": reviewer.id, "credential": reviewer.credential}},
+        )
+        response = web.HTTPSeeOther(PLAYGROUND_PATH)
+        response.set_cookie(
+            PLAYGROUND_COOKIE,
+            session_id,
+            max_age=self.sessions.session_seconds,
+            path=PLAYGROUND_PATH,
+            secure=self.secure_cookie,
+            httponly=True,
+            samesite="Strict",
+        )
+        response.del_cookie(LOGIN_COOKIE, path=f"{PLAYGROUND_PATH}/login")
+        raise response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        session_id = request.cookies.get(PLAYGROUND_COOKIE, "")
+        session = self.sessions.get(session_id)
+        sent = form.get("csrf", "")
+        if (
+            session is None
+            or not isinstance(sent, str)
+            or not _same_origin(request, self.origins)
+            or not hmac.compare_digest(sent.encode(), session.csrf.encode())
+        ):
+            self.on_refused("csrf")
+            return self._login_page("Sign-out refused: send it from the page.", 403)
+        self.sessions.close(session_id)
+        response = web.HTTPSeeOther(f"{PLAYGROUND_PATH}/login")
+        response.del_cookie(PLAYGROUND_COOKIE, path=PLAYGROUND_PATH)
+        raise response
+
+    # -- the page
+
+    async def page(self, request: web.Request) -> web.Response:
+        session = self.sessions.get(request.cookies.get(PLAYGROUND_COOKIE, ""))
+        if session is None:
+            raise web.HTTPSeeOther(f"{PLAYGROUND_PATH}/login")
+        return self._html(
+            pages.render_page(self.title, who=session.reviewer.id, csrf=session.csrf)
+        )
+
+    # -- JSON
+
+    async def _json_call(
+        self, request: web.Request, run: Callable[..., Any], *, posting: bool
+    ) -> web.Response:
+        try:
+            who = self._caller(request, posting=posting)
+            body = await self._body(request) if posting else None
+            result = await run(body)
+        except _Refused as refused:
+            return web.json_response(refused.body, status=refused.status)
+        log.debug(
+            "playground call",
+            extra={"fields": {"component": "server", "who": who, "path": request.path}},
+        )
+        return web.json_response(result)
+
+    async def _body(self, request: web.Request) -> Any:
+        length = request.content_length
+        if length is not None and length > MAX_BODY_BYTES:
+            raise _Refused(
+                413, f"expected a body of at most {MAX_BODY_BYTES} bytes, got {length}"
+            )
+        data = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(data) > MAX_BODY_BYTES:
+            raise _Refused(413, f"expected a body of at most {MAX_BODY_BYTES} bytes")
+        try:
+            body = msgspec.json.decode(data)
+        except msgspec.DecodeError as err:
+            raise _Refused(400, f"expected a JSON object, got: {err}") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "expected a JSON object")
+        return body
+
+    async def _in_worker(self, work: Callable[[], Any]) -> Any:
+        if self.running >= MAX_RUNS:
+            raise _Refused(
+                429, f"{MAX_RUNS} playground runs are in progress; try again"
+            )
+        self.running += 1
+        try:
+            return await asyncio.to_thread(work)
+        finally:
+            self.running -= 1
+
+    async def policies(self, request: web.Request) -> web.Response:
+        async def run(_body: object) -> dict[str, Any]:
+            active, store = self.sources.policies(), self.sources.store()
+            if active is None:
+                raise _Refused(503, "no policy set is active yet")
+            if store is None:
+                raise _Refused(503, "the audit log, which keeps the files, is not open")
+            return await self._in_worker(lambda: _active_files(store, active))
+
+        return await self._json_call(request, run, posting=False)
+
+    async def tour(self, request: web.Request) -> web.Response:
+        async def run(_body: object) -> dict[str, Any]:
+            return {"steps": [msgspec.to_builtins(step) for step in TOUR]}
+
+        return await self._json_call(request, run, posting=False)
+
+    async def evaluate(self, request: web.Request) -> web.Response:
+        async def run(body: Mapping[str, Any]) -> dict[str, Any]:
+            text, files = body.get("request"), body.get("files")
+            if not isinstance(text, str):
+                raise _Refused(400, "expected request as the text of a request file")
+            active = self.sources.policies()
+            if active is None and files is None:
+                raise _Refused(503, "no policy set is active yet")
+            now = Timestamp.from_nanos(self.clock())
+            return await self._in_worker(lambda: _what_if(text, files, active, now))
+
+        return await self._json_call(request, run, posting=True)
+
+    async def replay(self, request: web.Request) -> web.Response:
+        async def run(body: Mapping[str, Any]) -> dict[str, Any]:
+            decision_id = body.get("decision_id")
+            if (
+                not isinstance(decision_id, str)
+                or not decision_id.strip()
+                or len(decision_id) > MAX_DECISION_ID_CHARS
+            ):
+                raise _Refused(
+                    400,
+                    f"expected decision_id as 1..{MAX_DECISION_ID_CHARS} characters",
+                )
+            store = self.sources.store()
+            if store is None:
+                raise _Refused(503, "the audit log is not open")
+            return await self._in_worker(lambda: _replay(store, decision_id.strip()))
+
+        return await self._json_call(request, run, posting=True)
+
+
+def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
+    policy_revision = active.policy_set.revision
+    directory_revision = active.directory.revision
+    policy = store.get_policy_source("policy", policy_revision)
+    directory = store.get_policy_source("directory", directory_revision)
+    if policy is None or directory is None:
+        raise _Refused(
+            503,
+            f"the audit log does not hold the files of policy {policy_revision} "
+            f"and directory {directory_revision}",
+        )
+    files = {**policy.files, **directory.files}
+    return {
+        "policy_revision": policy_revision,
+        "directory_revision": directory_revision,
+        "files": [
+            {"name": name, "content": content.decode("utf-8", "replace")}
+            for name, content in sorted(files.items())
+        ],
+    }
+
+
+def _what_if(
+    text: str, files: object, active: LoadedPolicies | None, now: Timestamp
+) -> dict[str, Any]:
+    try:
+        request = parse_request(text, now)
+        edited = None if files is None else _edited_set(files)
+    except PolicyError as err:
+        raise _Refused(400, str(err), file=err.path, location=err.location) from None
+    out: dict[str, Any] = {
+        "now": _rfc3339(request.now),
+        "policies": "active" if edited is None else "edited",
+    }
+    chosen = edited if edited is not None else active
+    assert chosen is not None
+    out["decision"] = _decided(_decide(chosen, request))
+    if edited is not None and active is not None:
+        out["active_decision"] = _decided(_decide(active, request))
+    return out
+
+
+async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path == PLAYGROUND_PATH or request.path.startswith(
+        PLAYGROUND_PATH + "/"
+    ):
+        response.headers.update(_SECURITY_HEADERS)
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def add_playground_routes(
+    app: web.Application,
+    sources: PlaygroundSources,
+    *,
+    title: str,
+    session_seconds: int,
+    secure_cookie: bool = True,
+    public_urls: Iterable[str] = (),
+    clock: Callable[[], int] = time.time_ns,
+    on_refused: Callable[[str], None] = lambda _why: None,
+) -> SessionStore:
+    """Mount the playground under ``/playground`` of ``app``.
+
+    Args:
+        app: the HTTP stack's application (not yet started).
+        sources: the active policies, the audit log and who may sign in.
+        title: the site name in the header.
+        session_seconds: how long a sign-in lasts (as the review page's).
+        secure_cookie: mark cookies ``Secure`` (see ``add_review_routes``).
+        public_urls: base URLs the page is reached by behind a proxy; their
+            origins are accepted on POSTs besides the request's own.
+        clock: nanoseconds since the epoch: sessions, and the instant of a
+            run whose request gives none.
+        on_refused: told why each refused call or sign-in was refused, to
+            count it beside its log line.
+
+    Returns:
+        The playground's session store (its own: see the module docstring).
+    """
+    sessions = SessionStore(session_seconds, clock=clock)
+    playground = _Playground(
+        sources,
+        title=title,
+        sessions=sessions,
+        secure_cookie=secure_cookie,
+        origins=frozenset(_origin_of(url) for url in public_urls if url),
+        clock=clock,
+        on_refused=on_refused,
+    )
+    app.on_response_prepare.append(_secure_headers)
+    app.router.add_get(PLAYGROUND_PATH, playground.page)
+    app.router.add_get(f"{PLAYGROUND_PATH}/login", playground.login_form)
+    app.router.add_post(f"{PLAYGROUND_PATH}/login", playground.login)
+    app.router.add_post(f"{PLAYGROUND_PATH}/logout", playground.logout)
+    app.router.add_get(f"{PLAYGROUND_PATH}/api/policies", playground.policies)
+    app.router.add_get(f"{PLAYGROUND_PATH}/api/tour", playground.tour)
+    app.router.add_post(f"{PLAYGROUND_PATH}/api/evaluate", playground.evaluate)
+    app.router.add_post(f"{PLAYGROUND_PATH}/api/replay", playground.replay)
+    return sessions

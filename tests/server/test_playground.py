@@ -1,0 +1,424 @@
+"""The playground on a real daemon's HTTP stack: who may use it, what-if
+runs that equal the engine and change with edited policies, a recorded
+decision replayed by id, and an audit log that no playground call touches."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import pathlib
+from urllib.parse import urlencode
+
+import msgspec
+import pytest
+import yaml
+from kynara.v1 import decision_pb2 as pb
+from support import DEFAULT_NOW, REPO_ROOT, SHIPPED_POLICIES, small_refund
+
+from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.policy.loader import load_policies
+from kynara_sidecar.policy_tests import decide, load_request
+from kynara_sidecar.server.playground import (
+    CSRF_HEADER,
+    MAX_BODY_BYTES,
+    PLAYGROUND_COOKIE,
+    TOUR,
+    parse_request,
+)
+
+SECRETS = {
+    "ops": ("ops-operator-secret-0123456789", ["operator"]),
+    "rita": ("rita-reviewer-secret-012345678", ["reviewer"]),
+    "prom": ("prom-metrics-secret-0123456789", ["metrics"]),
+}
+REQUEST_FILE = REPO_ROOT / "config" / "requests" / "refund-over-limit.yaml"
+CALL_TIMEOUT = 30
+SMALL_REFUND = """\
+request:
+  now: "2026-12-07T10:00:00+01:00"
+  chain: [alice, support-bot]
+  action: payments.refund.issue
+  resource: {kind: payments.refund, id: rf_1, attributes: {amount: 1200}}
+"""
+
+
+@pytest.fixture
+def served(tmp_path, start_daemon):
+    credentials = {}
+    for name, (secret, roles) in SECRETS.items():
+        path = tmp_path / f"{name}.secret"
+        path.write_text(secret)
+        credentials[name] = {"secret_file": str(path), "roles": roles}
+    return start_daemon(
+        f"admin.socket={tmp_path / 'admin.sock'}",
+        f"admin.credentials={json.dumps(credentials)}",
+    )
+
+
+def call(running, method, path, body=None, headers=None, raw=None):
+    """(status, headers, parsed JSON or text) of one HTTP call."""
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", running.daemon.http_port, timeout=CALL_TIMEOUT
+    )
+    try:
+        sent = raw if raw is not None else None
+        if body is not None:
+            sent = json.dumps(body).encode()
+        connection.request(method, path, body=sent, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        kind = response.getheader("content-type", "")
+        parsed = json.loads(data) if "json" in kind else data.decode()
+        return response.status, response, parsed
+    finally:
+        connection.close()
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {SECRETS[name][0]}"}
+
+
+def evaluate(running, request: str, files=None, who: str = "ops"):
+    body = {"request": request} | ({"files": files} if files is not None else {})
+    return call(running, "POST", "/playground/api/evaluate", body, bearer(who))
+
+
+def record_count(running) -> int:
+    return running.daemon._store.head().seq
+
+
+def active_files(running) -> list[dict[str, str]]:
+    status, _, body = call(
+        running, "GET", "/playground/api/policies", None, bearer("ops")
+    )
+    assert status == 200, body
+    return body["files"]
+
+
+def edited(files, name: str, old: str, new: str) -> list[dict[str, str]]:
+    out = []
+    for file in files:
+        content = file["content"]
+        if file["name"] == name:
+            assert old in content
+            content = content.replace(old, new)
+        out.append({"name": file["name"], "content": content})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/playground/api/tour"),
+        ("GET", "/playground/api/policies"),
+        ("POST", "/playground/api/evaluate"),
+        ("POST", "/playground/api/replay"),
+    ],
+)
+def test_refuses_callers_without_a_reviewer_or_operator_credential(
+    served, method, path
+):
+    before = record_count(served)
+    body = {"request": SMALL_REFUND} if method == "POST" else None
+
+    nobody = call(served, method, path, body)
+    unknown = call(served, method, path, body, {"authorization": "Bearer nope-x"})
+    reviewer_bearer = call(served, method, path, body, bearer("rita"))
+    metrics_only = call(served, method, path, body, bearer("prom"))
+
+    assert nobody[0] == 401
+    assert unknown[0] == 401
+    assert "unknown" in unknown[2]["error"]
+    # A reviewer signs in on the page; as a bearer only operators pass.
+    assert reviewer_bearer[0] == 403
+    assert metrics_only[0] == 403
+    assert "operator role" in metrics_only[2]["error"]
+    assert record_count(served) == before
+
+
+def test_the_page_sends_a_visitor_without_a_session_to_sign_in(served):
+    status, response, _ = call(served, "GET", "/playground")
+
+    assert status == 303
+    assert response.getheader("location") == "/playground/login"
+    assert "script-src 'sha256-" in response.getheader("content-security-policy")
+
+
+def test_evaluate_equals_the_engine_with_the_full_explain_trace(served):
+    text = REQUEST_FILE.read_text()
+    expected = decide(
+        load_policies(SHIPPED_POLICIES), load_request(REQUEST_FILE), explain=True
+    )
+
+    status, _, body = evaluate(served, text)
+
+    assert status == 200, body
+    got = body["decision"]
+    assert got.pop("explained").startswith("decision: require_approval")
+    assert got == json.loads(msgspec.json.encode(expected))
+    assert got["explanation"]["principals"], "no trace"
+    assert body["policies"] == "active"
+    assert body["now"] == "2026-12-07T09:00:00Z"
+
+
+@pytest.mark.parametrize("step", TOUR, ids=[step.id for step in TOUR])
+def test_each_tour_step_decides_as_its_sentence_says(served, step):
+    status, _, body = evaluate(served, step.request)
+
+    assert status == 200, body
+    decision = body["decision"]
+    assert (decision["effect"], decision["reason_code"]) == (
+        step.effect,
+        step.reason_code,
+    )
+
+
+def test_a_request_without_now_is_decided_at_the_daemons_clock(served):
+    text = SMALL_REFUND.replace('  now: "2026-12-07T10:00:00+01:00"\n', "")
+
+    status, _, body = evaluate(served, text)
+
+    assert status == 200, body
+    assert body["now"] == DEFAULT_NOW
+    assert body["decision"]["effect"] == "allow"
+
+
+def test_an_edited_policy_changes_the_answer_and_the_live_one_stays(served):
+    files = edited(
+        active_files(served),
+        "payments.yaml",
+        "resource.attr.amount <= 50000",
+        "resource.attr.amount <= 100",
+    )
+
+    status, _, body = evaluate(served, SMALL_REFUND, files)
+    live = served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+
+    assert status == 200, body
+    assert body["policies"] == "edited"
+    assert body["decision"]["effect"] == "deny"
+    assert body["decision"]["reason_code"] == "no_rule_allows"
+    assert body["active_decision"]["effect"] == "allow"
+    assert body["decision"]["policy_revision"] != live.policy_revision
+    assert live.decision == pb.DECISION_ALLOW
+
+
+def test_a_bad_policy_file_is_a_400_naming_the_file_and_field(served):
+    files = edited(
+        active_files(served), "payments.yaml", "effect: allow", "effect: permit"
+    )
+
+    status, _, body = evaluate(served, SMALL_REFUND, files)
+
+    assert status == 400
+    assert body["file"] == "payments.yaml"
+    assert body["location"] == "$.rules[1].effect"
+    assert "permit" in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("files", "error"),
+    [
+        ([{"name": "../x.yaml", "content": ""}], "without . or .. parts"),
+        ([{"name": "x.txt", "content": ""}], "ending"),
+        ([], "non-empty list"),
+    ],
+)
+def test_bad_file_lists_are_refused(served, files, error):
+    status, _, body = evaluate(served, SMALL_REFUND, files)
+
+    assert status == 400
+    assert error in body["error"]
+
+
+def test_a_bad_request_is_a_400_naming_its_location(served):
+    text = SMALL_REFUND.replace("  chain: [alice, support-bot]\n", "")
+
+    status, _, body = evaluate(served, text)
+
+    assert status == 400
+    assert body["file"] == "request"
+    assert "chain" in body["error"]
+
+
+def test_an_oversized_body_is_refused_with_413(served):
+    raw = b'{"request": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+    status, _, body = call(
+        served, "POST", "/playground/api/evaluate", raw=raw, headers=bearer("ops")
+    )
+
+    assert status == 413
+    assert str(MAX_BODY_BYTES) in body["error"]
+
+
+def test_a_recorded_decision_is_replayed_by_id(served):
+    answer = served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+    before = record_count(served)
+
+    status, _, body = call(
+        served,
+        "POST",
+        "/playground/api/replay",
+        {"decision_id": answer.decision_id},
+        bearer("ops"),
+    )
+
+    assert status == 200, body
+    assert body["recorded"]["effect"] == "allow"
+    assert body["replayed"]["effect"] == "allow"
+    assert body["changed"] is False
+    assert body["replayed"]["policy_revision"] == answer.policy_revision
+    assert [r["rule"] for r in body["replayed"]["matched_rules"]] == [
+        r.rule for r in answer.matched_rules
+    ]
+    # Its request, as a request file, decides the same again.
+    again = parse_request(body["request"], Timestamp(0))
+    assert again.request.chain == ("alice", "support-bot")
+    assert again.request.resource.attributes == {"amount": 1200}
+    assert again.env.environment == "development"
+    assert record_count(served) == before
+
+
+def test_an_unknown_decision_id_is_404(served):
+    status, _, body = call(
+        served, "POST", "/playground/api/replay", {"decision_id": "nope"}, bearer("ops")
+    )
+
+    assert status == 404
+    assert "nope" in body["error"]
+
+
+def sign_in(running, token: str) -> str:
+    """Sign in through the form as a browser would; return the cookie."""
+    _, form, page = call(running, "GET", "/playground/login")
+    login_cookie = form.getheader("set-cookie").split(";", 1)[0]
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    origin = f"http://127.0.0.1:{running.daemon.http_port}"
+    status, response, _ = call(
+        running,
+        "POST",
+        "/playground/login",
+        raw=urlencode({"csrf": csrf, "token": token}).encode(),
+        headers={
+            "content-type": "application/x-www-form-urlencoded",
+            "cookie": login_cookie,
+            "origin": origin,
+        },
+    )
+    assert status == 303
+    cookie = response.getheader("set-cookie")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Path=/playground" in cookie
+    return cookie.split(";", 1)[0]
+
+
+def session_csrf(running, cookie: str) -> str:
+    status, _, page = call(running, "GET", "/playground", headers={"cookie": cookie})
+    assert status == 200
+    return page.split('name="kynara-csrf" content="', 1)[1].split('"', 1)[0]
+
+
+def test_a_signed_in_reviewer_posts_with_the_sessions_csrf_token(served):
+    cookie = sign_in(served, SECRETS["rita"][0])
+    assert cookie.startswith(PLAYGROUND_COOKIE + "=")
+    csrf = session_csrf(served, cookie)
+    origin = f"http://127.0.0.1:{served.daemon.http_port}"
+    body = {"request": SMALL_REFUND}
+
+    good = call(
+        served, "POST", "/playground/api/evaluate", body,
+        {"cookie": cookie, "origin": origin, CSRF_HEADER: csrf},
+    )  # fmt: skip
+    no_token = call(
+        served, "POST", "/playground/api/evaluate", body,
+        {"cookie": cookie, "origin": origin},
+    )  # fmt: skip
+    elsewhere = call(
+        served, "POST", "/playground/api/evaluate", body,
+        {"cookie": cookie, "origin": "http://evil.example", CSRF_HEADER: csrf},
+    )  # fmt: skip
+
+    assert good[0] == 200 and good[2]["decision"]["effect"] == "allow"
+    assert no_token[0] == 403 and "CSRF" in no_token[2]["error"]
+    assert elsewhere[0] == 403 and "origin" in elsewhere[2]["error"]
+
+
+def test_sign_in_refuses_a_metrics_only_credential(served):
+    _, form, page = call(served, "GET", "/playground/login")
+    login_cookie = form.getheader("set-cookie").split(";", 1)[0]
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+    status, _, text = call(
+        served,
+        "POST",
+        "/playground/login",
+        raw=urlencode({"csrf": csrf, "token": SECRETS["prom"][0]}).encode(),
+        headers={
+            "content-type": "application/x-www-form-urlencoded",
+            "cookie": login_cookie,
+            "origin": f"http://127.0.0.1:{served.daemon.http_port}",
+        },
+    )
+
+    assert status == 403
+    assert "reviewer or the operator role" in text
+
+
+def test_no_playground_call_adds_an_audit_record(served):
+    answer = served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+    before = record_count(served)
+    files = active_files(served)
+
+    for step in TOUR:
+        assert evaluate(served, step.request)[0] == 200
+        assert evaluate(served, step.request, files)[0] == 200
+    call(served, "GET", "/playground/api/tour", None, bearer("ops"))
+    call(
+        served,
+        "POST",
+        "/playground/api/replay",
+        {"decision_id": answer.decision_id},
+        bearer("ops"),
+    )
+
+    assert record_count(served) == before
+
+
+def test_the_tour_is_served_from_the_daemon(served):
+    status, _, body = call(served, "GET", "/playground/api/tour", None, bearer("ops"))
+
+    assert status == 200
+    assert [step["id"] for step in body["steps"]] == [step.id for step in TOUR]
+    assert {step["effect"] for step in body["steps"]} == {
+        "allow",
+        "deny",
+        "require_approval",
+    }
+
+
+def test_the_active_files_are_the_shipped_ones(served):
+    files = {file["name"]: file["content"] for file in active_files(served)}
+
+    shipped = {
+        path.relative_to(SHIPPED_POLICIES).as_posix(): path.read_text()
+        for path in pathlib.Path(SHIPPED_POLICIES).glob("*.yaml")
+    }
+    assert files == shipped
+    assert yaml.safe_load(files["directory.yaml"])["kind"] == "directory"
+
+
+def test_an_operator_signs_in_on_the_page_too(served):
+    cookie = sign_in(served, SECRETS["ops"][0])
+    csrf = session_csrf(served, cookie)
+
+    status, _, body = call(
+        served, "POST", "/playground/api/evaluate", {"request": SMALL_REFUND},
+        {
+            "cookie": cookie,
+            "origin": f"http://127.0.0.1:{served.daemon.http_port}",
+            CSRF_HEADER: csrf,
+        },
+    )  # fmt: skip
+
+    assert status == 200
+    assert body["decision"]["effect"] == "allow"
