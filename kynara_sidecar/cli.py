@@ -438,25 +438,32 @@ SYNC_NOW_TIMEOUT_SECONDS = 120.0
 
 def _add_sync_parser(commands: argparse._SubParsersAction) -> None:
     sync = commands.add_parser(
-        "sync", help="policy bundle sync on a running daemon (admin listener)"
+        "sync",
+        help="policy bundle and signed directory sync on a running daemon "
+        "(admin listener)",
     )
     kinds = sync.add_subparsers(dest="sync_command", required=True)
     now = kinds.add_parser(
         "now",
-        help="make the daemon fetch its bundle now; print the outcome as JSON",
+        help="make the daemon fetch its bundle (and signed directory) now; "
+        "print the outcome as JSON",
         description=(
             "Call SyncService.SyncNow on the daemon's admin listener (admin.socket, "
             "else admin.port from the config) with an operator credential. Prints "
             "{outcome, revision, previous_revision, error, digest}; exits 0 when "
             "the bundle was activated or unchanged, 1 when it was refused or the "
-            "source was unreachable."
+            "source was unreachable. With directory.store the signed directory "
+            "is synced first: a refused or unreachable directory makes the "
+            "outcome its own, and its error follows 'directory: '. Without "
+            "bundles (policy.source a directory) the outcome is the directory's."
         ),
     )
     _add_config_args(now)
     now.add_argument(
         "--force",
         action="store_true",
-        help="take a bundle created before the active one (a deliberate rollback)",
+        help="take a bundle or signed directory created before the active one "
+        "(a deliberate rollback)",
     )
     now.add_argument(
         "--credential-file",
@@ -1384,8 +1391,9 @@ def _sync(args: argparse.Namespace) -> int:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise ConfigError(
-                    f"the daemon at {target} follows no bundles (its policy.source "
-                    "is a directory; SIGHUP reloads it)"
+                    f"the daemon at {target} follows no bundles and no signed "
+                    "directory (its policy.source is a directory and directory.store "
+                    "is not set; SIGHUP reloads it)"
                 ) from None
             if (
                 err.code() == grpc.StatusCode.UNAVAILABLE

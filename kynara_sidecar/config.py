@@ -55,6 +55,7 @@ __all__ = [
     "LogFormat",
     "LogLevel",
     "METRICS_READERS",
+    "DirectoryConfig",
     "ExtAuthzConfig",
     "ExtAuthzRoute",
     "PathTemplate",
@@ -808,6 +809,40 @@ class PolicyConfig(_Section):
     def path(self) -> pathlib.Path:
         """The local directory or bundle file (meaningless for a store)."""
         return pathlib.Path(self.source.removeprefix("file://"))
+
+
+class DirectoryConfig(_Section):
+    """Where the directory comes from when a collector signs it.
+
+    Once ``store`` is set, the collector's signed directory wins over any
+    directory in the bundle or the policy files, and the daemon is not
+    ready until it has one.
+    """
+
+    # "" (the directory comes with the policies, as policy.source's directory
+    # file or the bundle's), or a central store whose signed directory the
+    # daemon follows, e.g. "nats://127.0.0.1:4222" (connected with
+    # sync.nats) or "dir:///srv/kynara-store".
+    store: str = ""
+    # Public keys (PEM or base64url files) of the collectors' directory keys
+    # (not the bundle keys); required when store is set, e.g.
+    # ["/etc/kynara/directory-signing.pub"].
+    trusted_keys: list[str] = []
+
+    def validate(self, section: str) -> None:
+        if problem := _store_url_problem(self.store):
+            raise ConfigError(f"{section}.store: {problem}")
+        if self.store and not is_store_url(self.store):
+            raise ConfigError(
+                f"{section}.store: expected dir://PATH or nats://HOST:PORT, "
+                f"got {self.store!r}"
+            )
+        if self.store and not self.trusted_keys:
+            raise ConfigError(
+                f"{section}.trusted_keys: expected the collector's directory "
+                f"public key file(s) when {section}.store is set "
+                f"({self.store!r}), got none"
+            )
 
 
 # What a store URL looks like, by scheme, for the message about one that
@@ -2010,6 +2045,7 @@ class Config(_Section):
     admin: AdminListenerConfig = msgspec.field(default_factory=AdminListenerConfig)
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    directory: DirectoryConfig = msgspec.field(default_factory=DirectoryConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     approvals: ApprovalsConfig = msgspec.field(default_factory=ApprovalsConfig)
@@ -2047,9 +2083,13 @@ class Config(_Section):
             )
 
     def _check_store_connection(self) -> None:
-        """sync.nats applies to the nats:// stores: sync.store and
-        policy.source, whichever are one."""
-        stores = [("sync.store", self.sync.store), ("policy.source", self.policy.store)]
+        """sync.nats applies to the nats:// stores: sync.store,
+        policy.source and directory.store, whichever are one."""
+        stores = [
+            ("sync.store", self.sync.store),
+            ("policy.source", self.policy.store),
+            ("directory.store", self.directory.store),
+        ]
         named = [(key, url) for key, url in stores if url]
         for key, url in named or [("sync.store", "")]:
             self.sync.nats.check_store("sync.nats", url, key)

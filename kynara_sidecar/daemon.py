@@ -49,6 +49,24 @@ its ``policy_activated`` marker, its source files and the ``active_bundle``
 pointer in one transaction. With no bundle at all the daemon is up but
 NOT_SERVING and Decide answers ``policy_not_ready``, until one activates.
 SIGHUP and the admin ``SyncService.SyncNow`` fetch once.
+
+The collector's signed directory (``directory.store``): a second
+``BundleFollower`` follows the store's signed directory updates, verified
+with ``directory.trusted_keys``. The active policies are then composed of
+two parts, the policy set (from the files or the bundle) and the signed
+directory compiled against it (roles the set does not define are kept,
+with a WARNING); the directory in the files or the bundle is not used. A
+new bundle is compiled with the current signed directory, a new directory
+against the current set, under one lock, and each activation commits, with
+its ``policy_activated`` marker naming both revisions, the directory's
+file (``policy_sets``, ``directory/<revision>``) and the update's bytes
+(the log's ``directories`` database, meta ``active_directory``). At start
+the kept update is verified again and restored first, so a restart with
+the store down decides at once. Until a signed directory is active the
+daemon is NOT_SERVING and Decide answers ``policy_not_ready``. A directory
+that lacks the daemon's agent is still activated (refusing it would also
+hold back a deactivation), with an ERROR that every decision is denied.
+SIGHUP and ``SyncNow`` sync the directory too.
 """
 
 from __future__ import annotations
@@ -87,6 +105,7 @@ from kynara_sidecar.audit.store import (
     AuditStore,
     StateChange,
     bundle_changes,
+    directory_changes,
     policy_set_changes,
 )
 from kynara_sidecar.audit.witness import Witness
@@ -113,6 +132,7 @@ from kynara_sidecar.errors import (
 )
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.pipeline import Pipeline
+from kynara_sidecar.policy.compiler import compile_directory
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
     compile_documents,
@@ -128,22 +148,28 @@ from kynara_sidecar.server.ext_authz import ExtAuthzService
 from kynara_sidecar.server.fastpath import FastPathServer
 from kynara_sidecar.server.grpc_metrics import ServerMetrics
 from kynara_sidecar.server.http import build_http_app
+from kynara_sidecar.server.playground import PlaygroundSources
 from kynara_sidecar.server.reviewers import ReviewerAuth, admin_reviewers
 from kynara_sidecar.server.sync_service import SyncService
 from kynara_sidecar.server.tls import ServingCertificate
 from kynara_sidecar.sync import BundleEntry, open_store
 from kynara_sidecar.sync._session import StoreSession
 from kynara_sidecar.sync.bundle import VerifiedBundle
+from kynara_sidecar.sync.directory import DIRECTORY_FILE, VerifiedDirectory
 from kynara_sidecar.sync.follower import (
     BundleFile,
     BundleFollower,
+    DirectorySource,
+    Followers,
     SyncOutcome,
+    directory_updates,
 )
 from kynara_sidecar.sync.shipper import BacklogGate, SegmentShipper
 from kynara_sidecar.sync.status import (
     DaemonStatusV1,
     StatusPublisher,
     daemon_status,
+    directory_status,
     policy_status,
 )
 
@@ -195,6 +221,25 @@ LIVE_SETTINGS = ("log.level", "log.format", "shutdown_grace_seconds")
 # removed or changed apply at once.
 ADMIN_CREDENTIALS = "admin.credentials"
 _ABSENT = object()
+
+
+class _PolicyBase(typing.NamedTuple):
+    """The policy part of what is active, as read from the files or
+    verified in a bundle, with the directory that came with it (used when
+    ``directory.store`` is not set)."""
+
+    policies: LoadedPolicies
+    policy_files: dict[str, bytes]
+    directory_files: dict[str, bytes]
+    # What else commits with each activation: a bundle's bundle_changes.
+    extra: list[StateChange]
+
+
+class _SignedDirectory(typing.NamedTuple):
+    """The collector's signed directory update, verified."""
+
+    verified: VerifiedDirectory
+    entry: BundleEntry
 
 
 def _changed_settings(old: object, new: object, key: str = "") -> list[str]:
@@ -329,6 +374,15 @@ class Daemon:
         self._origin = self.config.identity.daemon_id
         # Signed bundles only: what follows policy.source.
         self._follower: BundleFollower | None = None
+        # directory.store only: what follows it, and the signed directory
+        # the active policies are composed with (see _activate_parts).
+        self._directory_follower: BundleFollower | None = None
+        self._signed: _SignedDirectory | None = None
+        # The policy part the active policies are composed of.
+        self._base: _PolicyBase | None = None
+        # One composition at a time: a bundle and a directory arriving
+        # together must not each compose with the other's predecessor.
+        self._activation_lock = asyncio.Lock()
         # Health follows policy activation only once start decided it, and
         # never again once stop began.
         self._serving_reported = False
@@ -369,14 +423,14 @@ class Daemon:
             base = f"{scheme}://{host_port(http.host, self.http_port)}"
         return f"{base}/approvals/{approval_id}" if base else ""
 
-    def _load_policies(self) -> tuple[LoadedPolicies, list[StateChange]]:
-        """Load and compile the policies; also return the changes that keep
-        their source files in the log (``policy_sets``), from the very bytes
-        that were compiled."""
+    def _read_base(self) -> _PolicyBase:
+        """Load and compile the policy files, keeping the very bytes that
+        were compiled for the log (``policy_sets``)."""
         root = self.config.policy.path
         documents = read_documents(root)
         policies = compile_documents(documents, root=str(root))
-        self._check_agents(policies, str(root))
+        if self._directory_follower is None:
+            self._check_agents(policies, str(root))
         policy_files = {
             source.name: source.content
             for source in documents
@@ -387,25 +441,26 @@ class Daemon:
             for source in documents
             if source.name not in policy_files
         }
-        changes = policy_set_changes(
-            policies.policy_set.revision,
-            policy_files,
-            policies.directory.revision,
-            directory_files,
-        )
-        return policies, changes
+        return _PolicyBase(policies, policy_files, directory_files, [])
 
-    def _check_agents(self, policies: LoadedPolicies, where: str) -> None:
+    def _missing_agents(self, policies: LoadedPolicies) -> dict[str, str]:
+        """The configured agents the directory lacks: setting -> agent id."""
         identity = self.config.identity
         settings = {f"identity.agents.{agent}": agent for agent in identity.agents}
         settings = settings or {"identity.agent_id": identity.agent_id}
-        for setting, agent_id in settings.items():
-            if policies.directory.lookup(agent_id) is None:
-                raise PolicyError(
-                    f"{setting} {agent_id!r} is not in the directory, so every "
-                    "decision would be denied; add the agent or fix the setting",
-                    path=where,
-                )
+        return {
+            setting: agent_id
+            for setting, agent_id in settings.items()
+            if policies.directory.lookup(agent_id) is None
+        }
+
+    def _check_agents(self, policies: LoadedPolicies, where: str) -> None:
+        for setting, agent_id in self._missing_agents(policies).items():
+            raise PolicyError(
+                f"{setting} {agent_id!r} is not in the directory, so every "
+                "decision would be denied; add the agent or fix the setting",
+                path=where,
+            )
 
     def _bundle_follower(self) -> BundleFollower:
         """The follower of ``policy.source`` (a bundle file or a store).
@@ -441,17 +496,53 @@ class Daemon:
             max_clock_skew_seconds=cfg.sync.max_clock_skew_seconds,
         )
 
+    def _directory_follower_of(self) -> BundleFollower | None:
+        """The follower of ``directory.store``; None when it is not set.
+
+        Raises:
+            ConfigError: a trusted key cannot be loaded, or the store URL is
+                malformed.
+        """
+        cfg = self.config
+        if not cfg.directory.store:
+            return None
+        try:
+            trusted = load_trusted_keys(cfg.directory.trusted_keys)
+        except ConfigError as err:
+            raise ConfigError(f"directory.trusted_keys: {err}") from err
+        store = open_store(
+            cfg.directory.store,
+            timeout=cfg.sync.timeout_seconds,
+            poll_seconds=cfg.sync.poll_seconds,
+            nats=cfg.sync.nats.load("sync.nats"),
+        )
+        return BundleFollower(
+            DirectorySource(store),
+            trusted,
+            self._activate_directory,
+            self.metrics,
+            clock=self.clock,
+            poll_seconds=cfg.sync.poll_seconds,
+            retry_min_seconds=cfg.sync.retry_min_seconds,
+            retry_max_seconds=cfg.sync.retry_max_seconds,
+            on_outcome=lambda _: self._status_changed(),
+            max_clock_skew_seconds=cfg.sync.max_clock_skew_seconds,
+            followed=directory_updates(),
+        )
+
     async def _activate_bundle(
         self, verified: VerifiedBundle, entry: BundleEntry
     ) -> None:
-        """The follower's ``activate``: commit the bundle with its marker,
-        its source files and the ``active_bundle`` pointer, then serve it.
+        """The bundle follower's ``activate``: compose the bundle's set with
+        the directory (its own, or the signed one) and activate it.
 
         Raises:
-            PolicyError: the bundle's directory lacks a configured agent.
+            PolicyError: the bundle's directory lacks a configured agent
+                (when it is the one used).
             AuditUnavailable: the marker could not be committed.
         """
-        self._check_agents(verified.policies, f"bundle {verified.revision}")
+        if self._directory_follower is None:
+            self._check_agents(verified.policies, f"bundle {verified.revision}")
         policy_files: dict[str, bytes] = {}
         directory_files: dict[str, bytes] = {}
         for name, content in verified.files.items():
@@ -459,20 +550,163 @@ class Daemon:
             document = decode_document(name, content).document
             is_policy = isinstance(document, PolicyDocument)
             (policy_files if is_policy else directory_files)[name] = content
-        changes = policy_set_changes(
-            verified.revision,
+        base = _PolicyBase(
+            verified.policies,
             policy_files,
-            verified.directory_revision,
             directory_files,
+            bundle_changes(entry.digest, entry.data),
         )
-        changes += bundle_changes(entry.digest, entry.data)
-        await self._activate(verified.policies, changes)
+        await self._activate_parts(base=base)
+
+    async def _activate_directory(
+        self, verified: VerifiedDirectory, entry: BundleEntry
+    ) -> None:
+        """The directory follower's ``activate``: compile the signed
+        directory against the active policy set and activate the two.
+
+        Raises:
+            PolicyError: it does not compile (an attribute value that is no
+                typed value, say).
+            AuditUnavailable: the marker could not be committed.
+        """
+        await self._activate_parts(signed=_SignedDirectory(verified, entry))
+
+    async def _activate_parts(
+        self,
+        *,
+        base: _PolicyBase | None = None,
+        signed: _SignedDirectory | None = None,
+    ) -> None:
+        """Compose a new policy part or signed directory with the current
+        other part, commit the result with its marker and serve it.
+
+        A part that has nothing to be composed with yet (a bundle before the
+        first signed directory, or the other way round) is kept until the
+        other comes, and nothing is activated.
+
+        Raises:
+            PolicyError: the signed directory does not compile against the
+                set; nothing changed.
+            AuditUnavailable: the marker could not be committed; nothing
+                changed.
+        """
+        async with self._activation_lock:
+            base = base or self._base
+            signed = signed or self._signed
+            waiting = base is None or (
+                self._directory_follower is not None and signed is None
+            )
+            if waiting:
+                self._base, self._signed = base, signed
+                log.info(
+                    "policy part kept; waiting for the other",
+                    extra=_fields(
+                        component="policy",
+                        waiting_for="policies" if base is None else "directory",
+                        setting="policy.source" if base is None else "directory.store",
+                    ),
+                )
+                return
+            assert base is not None
+            policies, changes = await asyncio.to_thread(self._compose, base, signed)
+            await self._activate(policies, changes)
+            self._base, self._signed = base, signed
+            revision = policies.policy_set.revision
         if self._serving_reported and not self._stopping:
             status = self._health_status()
             if status == SERVING and not self._serving_logged:
-                log.info("serving", extra=_fields(policy_revision=verified.revision))
+                log.info("serving", extra=_fields(policy_revision=revision))
             self._serving_logged = status == SERVING
             await self._set_health(status)
+
+    def _compose(
+        self, base: _PolicyBase, signed: _SignedDirectory | None
+    ) -> tuple[LoadedPolicies, list[StateChange]]:
+        """The policies to activate and the changes that keep them in the
+        log: the base as it came, or its set with the signed directory."""
+        if signed is None:
+            policies = base.policies
+            directory_files = base.directory_files
+            extra = base.extra
+        else:
+            directory = compile_directory(
+                signed.verified.source,
+                base.policies.policy_set,
+                unknown_roles="keep",
+            )
+            policies = LoadedPolicies(base.policies.policy_set, directory)
+            directory_files = {DIRECTORY_FILE: signed.verified.content}
+            extra = base.extra + directory_changes(
+                signed.entry.digest, signed.entry.data
+            )
+            self._warn_directory(policies)
+        changes = policy_set_changes(
+            policies.policy_set.revision,
+            base.policy_files,
+            policies.directory.revision,
+            directory_files,
+        )
+        return policies, changes + extra
+
+    def _warn_directory(self, policies: LoadedPolicies) -> None:
+        """Say what a signed directory will do that its publisher may not
+        mean: roles the policies do not define, a configured agent missing."""
+        fields = {
+            "component": "policy",
+            "policy_revision": policies.policy_set.revision,
+            "directory_revision": policies.directory.revision,
+        }
+        unknown = sorted(policies.directory.unknown_roles)
+        if unknown:
+            log.warning(
+                "signed directory names roles the policies do not define; "
+                "each counts as itself only",
+                extra={"fields": {**fields, "roles": unknown}},
+            )
+        for setting, agent_id in self._missing_agents(policies).items():
+            log.error(
+                "agent not in the signed directory: every decision is denied",
+                extra={
+                    "fields": {
+                        **fields,
+                        "agent_id": agent_id,
+                        "setting": setting,
+                        "hint": "provision the agent on the collector, or fix "
+                        "the setting",
+                    }
+                },
+            )
+
+    async def _restore_directory(self) -> None:
+        """Take the signed directory this log last activated, verified
+        again with ``directory.trusted_keys`` (composed once the policies
+        are there).
+
+        Raises:
+            AuditUnavailable: it could not be read or committed.
+        """
+        follower = self._directory_follower
+        if follower is None:
+            return
+        assert self._store is not None
+        stored = await asyncio.to_thread(self._store.active_directory)
+        if stored is not None:
+            digest, data = stored
+            await follower.restore(BundleEntry(digest=digest, data=data))
+
+    async def _first_directory(self) -> None:
+        """Ask ``directory.store`` once when no directory was kept, so a
+        first start with the collector up serves at once (bounded by
+        ``sync.timeout_seconds`` when it is down)."""
+        follower = self._directory_follower
+        if follower is not None and follower.active is None:
+            await follower.sync_now()
+
+    def _followers(self) -> Followers | None:
+        """The followers as one, for SyncNow; None when there is none."""
+        if self._follower is None and self._directory_follower is None:
+            return None
+        return Followers(self._follower, self._directory_follower)
 
     async def _restore_bundle(self) -> None:
         """Serve the bundle this log last activated, then read a bundle file.
@@ -509,9 +743,9 @@ class Daemon:
             AuditUnavailable: the marker could not be committed; the
                 previously active set (if any) stays active.
         """
-        # TODO(#13): stored policy sets and bundles are kept forever; prune
-        # them with the segments whose records cite them, under the same
-        # retention rules as the records.
+        # TODO(#13): stored policy sets, bundles and directory updates are
+        # kept forever; prune them with the segments whose records cite
+        # them, under the same retention rules as the records.
         marker = msgspec.structs.replace(
             self._marker("policy_activated"),
             policy_revision=policies.policy_set.revision,
@@ -563,8 +797,8 @@ class Daemon:
                 extra=_fields(setting="identity.mode"),
             )
         self._loop = asyncio.get_running_loop()
-        policies: LoadedPolicies | None = None
-        changes: list[StateChange] = []
+        base: _PolicyBase | None = None
+        self._directory_follower = self._directory_follower_of()
         if cfg.policy.signed:
             self._follower = self._bundle_follower()
         else:
@@ -583,13 +817,13 @@ class Daemon:
                         "(dir:///path, nats://host:port) to verify bundles",
                     ),
                 )
-            policies, changes = self._load_policies()
+            base = self._read_base()
         keys = load_audit_keys(cfg.audit, create=True)
         # The socket lock comes first, so a daemon refused for a live socket
         # never touches its own audit path.
         try:
             self._lock_sockets()
-            await self._open_audit(policies, changes, keys)
+            await self._open_audit(base, keys)
             await self._start_sync()
             await self._start_webhook()
             await self._start_agent_listener()
@@ -607,18 +841,13 @@ class Daemon:
     def _start_following(self) -> None:
         # A bundle file is read at start and on SIGHUP; a store is followed.
         # With the log down no bundle could be activated: nothing to follow.
-        follower = self._follower
-        if follower is None or isinstance(follower.source, BundleFile):
+        if self._audit_problem is not None:
             return
-        if self._audit_problem is None:
-            follower.start()
+        for follower in (self._follower, self._directory_follower):
+            if follower is not None and not isinstance(follower.source, BundleFile):
+                follower.start()
 
-    async def _open_audit(
-        self,
-        policies: LoadedPolicies | None,
-        changes: list[StateChange],
-        keys: AuditKeys,
-    ) -> None:
+    async def _open_audit(self, base: _PolicyBase | None, keys: AuditKeys) -> None:
         """Open the log, check its tail, start the writer and self-check.
 
         A log that cannot be opened, fails its tail check or its start-up
@@ -679,15 +908,22 @@ class Daemon:
             # After the start marker: what the restart finds past its expiry
             # is recorded expired now, after the marker (verify's rule).
             self._book.start()
-            if policies is not None:
-                await self._activate(policies, changes)
+            # The kept signed directory first: the policies are then
+            # composed with it as soon as they are there.
+            await self._restore_directory()
+            if base is not None:
+                await self._activate_parts(base=base)
             else:
                 await self._restore_bundle()
+            await self._first_directory()
             self._update_usage()
         except AuditLogInUse:
             raise  # a second daemon on one log: configuration, not damage
         except AuditUnavailable as err:
-            await self._audit_down(err, policies)
+            # With directory.store the files' directory is not the one to
+            # use: nothing is active, and every decision learns why.
+            plain = base is not None and self._directory_follower is None
+            await self._audit_down(err, base.policies if plain else None)
 
     def _log_origin(self, store: AuditStore) -> str:
         """The origin this log's checkpoints name; the configured daemon id
@@ -863,12 +1099,21 @@ class Daemon:
         await self._set_health(status)
         self._serving_reported = True
         if self._audit_problem is None and status != SERVING:
-            log.error(
-                "no policy bundle active: answering policy_not_ready",
-                extra=_fields(
-                    source=self.config.policy.source, setting="policy.source"
-                ),
-            )
+            if self._base is not None:
+                log.error(
+                    "no signed directory active: answering policy_not_ready",
+                    extra=_fields(
+                        source=self.config.directory.store,
+                        setting="directory.store",
+                    ),
+                )
+            else:
+                log.error(
+                    "no policy bundle active: answering policy_not_ready",
+                    extra=_fields(
+                        source=self.config.policy.source, setting="policy.source"
+                    ),
+                )
         cfg = self.config
         self._serving_logged = status == SERVING
         log.info(
@@ -1137,7 +1382,7 @@ class Daemon:
         self._audit_service.register(server)
         # SyncNow with bundles to follow; ShipNow with segments to ship.
         SyncService(
-            self._follower,
+            self._followers(),  # type: ignore[arg-type]  # sync_now as one
             credentials,
             store=self.config.store,
             shipper=lambda: self._shipper,
@@ -1362,6 +1607,18 @@ class Daemon:
             readers = AdminCredentials.from_config(self.config.admin, self.metrics)
             self._admin_tables.append(readers)
             self._warn_unreadable_metrics()
+        # The playground: what-if runs on the engine alone, for reviewers
+        # and operators; the pipeline is only read for its active policies.
+        operators = readers
+        if operators is None:
+            operators = AdminCredentials.from_config(self.config.admin, self.metrics)
+            self._admin_tables.append(operators)
+        playground = PlaygroundSources(
+            policies=lambda: self._pipeline.policies if self._pipeline else None,
+            store=lambda: self._store,
+            authenticate=self._reviewers().authenticate,
+            operators=operators,
+        )
         app = build_http_app(
             self.metrics,
             self._book,
@@ -1370,6 +1627,7 @@ class Daemon:
             public_urls=[self.config.approvals.inbox_url],
             clock=self.clock,
             metrics_credentials=readers,
+            playground=playground,
         )
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
@@ -1402,15 +1660,20 @@ class Daemon:
         """
         if self._reload_config is not None and not await self._reload_settings():
             return False
+        synced = True
+        if self._directory_follower is not None:
+            result = await self._directory_follower.sync_now()
+            synced = result.outcome in (SyncOutcome.ACTIVATED, SyncOutcome.UNCHANGED)
         if self._follower is not None:
             result = await self._follower.sync_now()
             ok = result.outcome in (SyncOutcome.ACTIVATED, SyncOutcome.UNCHANGED)
+            ok = ok and synced
             self.metrics.policy_reloads.labels("ok" if ok else "error").inc()
             return ok
         try:
             # Compiling a large set takes a while; decisions go on meanwhile.
-            policies, changes = await asyncio.to_thread(self._load_policies)
-            await self._activate(policies, changes)
+            base = await asyncio.to_thread(self._read_base)
+            await self._activate_parts(base=base)
         except Exception as err:
             # Any failure, a loader bug included, keeps the active set.
             self.metrics.policy_reloads.labels("error").inc()
@@ -1424,8 +1687,8 @@ class Daemon:
                 ),
             )
             return False
-        self.metrics.policy_reloads.labels("ok").inc()
-        return True
+        self.metrics.policy_reloads.labels("ok" if synced else "error").inc()
+        return synced
 
     async def _reload_settings(self) -> bool:
         """Read the config again and apply what can change live; False
@@ -1553,13 +1816,16 @@ class Daemon:
         if self._audit_service is not None:
             # Its reads run on threads of their own; the store outlives them.
             await self._audit_service.close()
-        if self._follower is not None:
+        for follower in (self._follower, self._directory_follower):
+            if follower is None:
+                continue
             # Before the log closes: an activation appends to it.
             seconds = self._sync_stop_seconds(deadline)
-            if await self._follower.close(seconds):
-                log.info("bundle follower stopped", extra=_fields())
+            name = f"{follower.followed.noun} follower"
+            if await follower.close(seconds):
+                log.info(f"{name} stopped", extra=_fields())
             else:
-                _left_behind("bundle follower", seconds)
+                _left_behind(name, seconds)
         await self._close_audit(self._sync_stop_seconds(deadline))
         for handle in self._socket_locks:
             handle.close()
@@ -1694,6 +1960,9 @@ class Daemon:
             now_nanos=self.clock(),
             status_seconds=self.config.sync.status_seconds,
             policy=policy_status(self.config.policy.source, policies, self._follower),
+            directory=directory_status(
+                self.config.directory.store, self._directory_follower
+            ),
             audit=self._store,
             shipping=self._shipper.status if self._shipper else None,
         )

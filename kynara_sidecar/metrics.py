@@ -316,6 +316,18 @@ class Metrics:
             "unreachable); a refusal leaves the previous revision active.",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.directory_sync = Counter(
+            f"{PREFIX}_directory_sync",
+            "Signed directory syncs (directory.store), by outcome (activated, "
+            "unchanged, refused, unreachable); a refusal leaves the previous "
+            "directory active.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.directory_revision_info = Gauge(
+            f"{PREFIX}_directory_revision_info",
+            "The revision of the active signed directory (value is always 1).",
+            ["revision"], registry=r,
+        )  # fmt: skip
         self.policy_bundle_revision_info = Gauge(
             f"{PREFIX}_policy_bundle_revision_info",
             "The revision of the active signed bundle (value is always 1).",
@@ -394,6 +406,25 @@ class Metrics:
             f"{PREFIX}_policy_bundle_refusals",
             "Bundles not activated, by kind (a bundle problem, older, future, "
             "too_large, unusable, not_activated); the previous revision "
+            "stays active.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.directory_created_time = Gauge(
+            f"{PREFIX}_directory_created_timestamp_seconds",
+            "When the active signed directory was created by the collector "
+            "(its manifest's created, Unix seconds); time() minus it is how "
+            "far this daemon's directory is behind.",
+            registry=r,
+        )
+        self.directory_activated_time = Gauge(
+            f"{PREFIX}_directory_activated_timestamp_seconds",
+            "When the active signed directory was activated (Unix seconds).",
+            registry=r,
+        )
+        self.directory_refusals = Counter(
+            f"{PREFIX}_directory_refusals",
+            "Signed directories not activated, by kind (a directory problem, "
+            "older, future, too_large, not_activated); the previous one "
             "stays active.",
             ["kind"], registry=r,
         )  # fmt: skip
@@ -484,6 +515,23 @@ class Metrics:
 
     def count_bundle_refusal(self, kind: str) -> None:
         self.policy_bundle_refusals.labels(kind or OTHER).inc()
+
+    def count_directory_sync(self, outcome: str) -> None:
+        self.directory_sync.labels(outcome).inc()
+
+    def set_directory_revision(
+        self, revision: str, created: float | None = None
+    ) -> None:
+        """Publish the revision of the active signed directory, when it was
+        created (Unix seconds, when known) and that it was activated now."""
+        self.directory_revision_info.clear()
+        self.directory_revision_info.labels(revision).set(1)
+        if created is not None:
+            self.directory_created_time.set(created)
+        self.directory_activated_time.set(time.time())
+
+    def count_directory_refusal(self, kind: str) -> None:
+        self.directory_refusals.labels(kind or OTHER).inc()
 
     def action_label(self, action: str) -> str:
         return action if action in self._known_actions else OTHER_ACTION

@@ -50,6 +50,7 @@ from kynara_sidecar.audit.verify import format_report as format_verify_report
 from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Decision
 from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.compiler import compile_directory, compile_policy_set
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
     compile_documents,
@@ -154,9 +155,23 @@ def load_stored_policies(
     where = f"{store.path} policy_sets"
     documents = [
         decode_document(f"{where}/{name}", content, name=name)
-        for name, content in (*policy.files.items(), *directory.files.items())
+        for name, content in policy.files.items()
     ]
-    loaded = compile_documents(documents, root=where)
+    directories = [
+        decode_document(f"{where}/{name}", content, name=name)
+        for name, content in directory.files.items()
+    ]
+    if len(directories) != 1:
+        # As compile_documents says it, naming the files.
+        compile_documents(documents + directories, root=where)
+    policy_set = compile_policy_set(documents)
+    # A signed directory (directory.store) may name roles the set does not
+    # define, and was activated keeping them; a bundle's or the files'
+    # directory names none, so it compiles alike either way.
+    loaded = LoadedPolicies(
+        policy_set,
+        compile_directory(directories[0], policy_set, unknown_roles="keep"),
+    )
     got = (loaded.policy_set.revision, loaded.directory.revision)
     if got != (policy_revision, directory_revision):
         raise PolicyError(

@@ -16,10 +16,14 @@ directory; sequence numbers are 8-byte big-endian, starting at 1):
                b"shipped_tree_size" -> 8-byte tree size: the central store
                acknowledged every segment through it (``mark_shipped``)
                b"active_bundle" -> the digest of the bundle last activated
+               b"active_directory" -> the digest of the signed directory
+               update last activated
     policy_sets  b"policy/<revision>" or b"directory/<revision>" -> the
                source files of that revision (``PolicySource``, msgpack)
     bundles    digest (``sha256:`` + 64 hex, ASCII) -> a signed policy
                bundle's bytes, exactly as verified
+    directories  digest (as bundles) -> a signed directory update's bytes
+               (``directory.store``), exactly as verified
 
 Merkle tree (``merkle``): node (0, i) is the leaf hash of record i + 1 and
 node (l, i) the root of the perfect subtree over leaves [i*2^l, (i+1)*2^l).
@@ -43,7 +47,10 @@ that follows signed bundles commits each one it activates, and the meta
 ``active_bundle`` naming it, with its ``policy_activated`` marker
 (``bundle_changes``), so a restart with the central store down serves the
 last good bundle at once, verified again, and an export can show the very
-bytes the publisher signed.
+bytes the publisher signed. ``directories`` does the same for the signed
+directory updates a daemon with ``directory.store`` activates
+(``directory_changes``, meta ``active_directory``); the directory's file is
+kept in ``policy_sets`` under ``directory/<revision>`` as any other.
 
 One process writes: opening for writing takes an exclusive ``flock`` on
 ``writer.lock`` in the directory, so a second daemon on the same path is
@@ -92,6 +99,7 @@ __all__ = [
     "POLICY_SETS_DB",
     "Appended",
     "BUNDLES_DB",
+    "DIRECTORIES_DB",
     "AuditStore",
     "Durability",
     "Head",
@@ -100,6 +108,7 @@ __all__ = [
     "StateChange",
     "StoredRecord",
     "bundle_changes",
+    "directory_changes",
     "is_log_full",
     "lock_directory",
     "policy_set_changes",
@@ -123,18 +132,26 @@ POLICY_SETS_DB = b"policy_sets"
 _NODES_DB = b"nodes"
 _CHECKPOINTS_DB = b"checkpoints"
 BUNDLES_DB = b"bundles"
-_OPTIONAL_DBS = (POLICY_SETS_DB, _NODES_DB, _CHECKPOINTS_DB, BUNDLES_DB)
+DIRECTORIES_DB = b"directories"
+_OPTIONAL_DBS = (
+    POLICY_SETS_DB,
+    _NODES_DB,
+    _CHECKPOINTS_DB,
+    BUNDLES_DB,
+    DIRECTORIES_DB,
+)
 _KEY_LOG_ID = b"log_id"
 _KEY_SEAM = b"seam"
 _KEY_HEAD_CHECKPOINT = b"head_checkpoint"
 _KEY_SHIPPED = b"shipped_tree_size"
 _KEY_ACTIVE_BUNDLE = b"active_bundle"
+_KEY_ACTIVE_DIRECTORY = b"active_directory"
 # Written only if absent: see the module doc.
-_WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB})
+_WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB, DIRECTORIES_DB})
 # Internal databases state changes may write besides the caller's extra_dbs;
 # of meta only these keys: the head, log id and seam are the log's own.
-_STATE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB})
-_STATE_META_KEYS = frozenset({_KEY_ACTIVE_BUNDLE})
+_STATE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB, DIRECTORIES_DB})
+_STATE_META_KEYS = frozenset({_KEY_ACTIVE_BUNDLE, _KEY_ACTIVE_DIRECTORY})
 _POLICY_KEY_PREFIXES = {"policy": b"policy/", "directory": b"directory/"}
 
 Durability = Literal["durable", "deferred"]
@@ -237,6 +254,18 @@ def bundle_changes(digest: str, data: bytes) -> list[StateChange]:
     """
     key = digest.encode("ascii")
     return [(BUNDLES_DB, key, data), (b"meta", _KEY_ACTIVE_BUNDLE, key)]
+
+
+def directory_changes(digest: str, data: bytes) -> list[StateChange]:
+    """The state changes that keep an activated signed directory update in
+    the log and name it the active one (as ``bundle_changes`` for bundles).
+
+    Args:
+        digest: ``sha256:`` and 64 hex digits of SHA-256 over ``data``.
+        data: the update's bytes, as verified.
+    """
+    key = digest.encode("ascii")
+    return [(DIRECTORIES_DB, key, data), (b"meta", _KEY_ACTIVE_DIRECTORY, key)]
 
 
 def _seq_key(seq: int) -> bytes:
@@ -1035,19 +1064,40 @@ class AuditStore:
         Raises:
             AuditUnavailable: meta names a bundle the log does not hold.
         """
-        db = self._dbs.get(BUNDLES_DB)
+        return self._active(BUNDLES_DB, _KEY_ACTIVE_BUNDLE)
+
+    def active_directory(self) -> tuple[str, bytes] | None:
+        """The digest and bytes of the signed directory update last
+        activated, or ``None`` when this log never activated one.
+
+        Raises:
+            AuditUnavailable: meta names an update the log does not hold.
+        """
+        return self._active(DIRECTORIES_DB, _KEY_ACTIVE_DIRECTORY)
+
+    def _active(self, name: bytes, meta_key: bytes) -> tuple[str, bytes] | None:
+        db = self._dbs.get(name)
         with self._read() as txn:
-            digest = txn.get(_KEY_ACTIVE_BUNDLE, db=self._dbs[b"meta"])
+            digest = txn.get(meta_key, db=self._dbs[b"meta"])
             if digest is None:
                 return None
             data = None if db is None else txn.get(bytes(digest), db=db)
             digest = bytes(digest).decode("ascii", "replace")
             if data is None:
                 raise AuditUnavailable(
-                    f"audit log {self._path}: meta active_bundle names {digest}, "
-                    "which the bundles database does not hold"
+                    f"audit log {self._path}: meta {meta_key.decode()} names "
+                    f"{digest}, which the {name.decode()} database does not hold"
                 )
             return digest, bytes(data)
+
+    def get_directory(self, digest: str) -> bytes | None:
+        """The stored signed directory update with this digest, or ``None``."""
+        db = self._dbs.get(DIRECTORIES_DB)
+        if db is None:
+            return None
+        with self._read() as txn:
+            data = txn.get(digest.encode("ascii"), db=db)
+        return None if data is None else bytes(data)
 
     def get_bundle(self, digest: str) -> bytes | None:
         """The stored bundle with this digest, or ``None``."""

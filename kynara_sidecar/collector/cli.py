@@ -9,6 +9,9 @@ Examples:
         --reason "restored from backup; ticket OPS-12"
     kynara-collector daemons clear bot-7 --config collector.yaml \
         --reason "old log replayed first; OPS-13" --take-on-new-log LOG_ID
+    kynara-collector directory sync --config collector.yaml --once
+    kynara-collector directory sync --config collector.yaml --every 900
+    kynara-collector directory publish principals.yaml --config collector.yaml
 """
 
 from __future__ import annotations
@@ -80,7 +83,39 @@ def _build_parser() -> argparse.ArgumentParser:
         "log replayed first). LOG_ID: the refused checkpoint's log_id in the "
         "daemon's alerts, or what `kynara-sidecar new-chain` printed",
     )
-    for sub in (run, query, daemons, clear):
+    directory = commands.add_parser(
+        "directory", help="the directory from an identity provider"
+    )
+    directory_commands = directory.add_subparsers(
+        dest="directory_command", required=True
+    )
+    sync = directory_commands.add_parser(
+        "sync",
+        help="pull users and groups from the SCIM endpoint in directory.pull.url "
+        "into the collector's own SCIM endpoint",
+    )
+    when = sync.add_mutually_exclusive_group()
+    when.add_argument(
+        "--once",
+        action="store_true",
+        help="one run, even if directory.pull.interval_seconds is set",
+    )
+    when.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="a run every SECONDS until SIGTERM or SIGINT (default: "
+        "directory.pull.interval_seconds; unset, one run)",
+    )
+    publish = directory_commands.add_parser(
+        "publish",
+        help="sign a directory file (YAML or JSON, as a policy directory's "
+        "directory file) with directory.signing_key and make it the store's "
+        "current directory: a first import, or a fix by hand (SCIM, when "
+        "enabled, publishes over it on its next change)",
+    )
+    publish.add_argument("file", metavar="FILE", help="the directory file")
+    for sub in (run, query, daemons, clear, sync, publish):
         # ``daemons`` options come before or after ``clear``; what the
         # subcommand does not see keeps the value given before it.
         nested = sub is clear
@@ -205,7 +240,84 @@ def _clear(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "query": _query, "daemons": _daemons}
+def _directory(args: argparse.Namespace) -> int:
+    """``directory sync``: see kynara_sidecar.collector.dirsync."""
+    if args.directory_command == "publish":
+        return _directory_publish(args)
+    from kynara_sidecar.collector.dirsync import sync_command
+
+    config = load_collector_config(args.config, args.overrides)
+    return sync_command(config, once=args.once, every=args.every)
+
+
+def _directory_publish(args: argparse.Namespace) -> int:
+    """``directory publish FILE``: sign and publish a directory file."""
+    import asyncio
+
+    from kynara_sidecar.collector.config import load_directory_key
+    from kynara_sidecar.collector.directory import DirectoryPublisher
+    from kynara_sidecar.errors import ConfigError, PolicyError
+    from kynara_sidecar.policy.loader import decode_document
+    from kynara_sidecar.sync import open_store
+    from kynara_sidecar.sync.directory import directory_content
+
+    config = load_collector_config(args.config, args.overrides)
+    key = load_directory_key(config)
+    if not config.store.url:
+        raise ConfigError(
+            "store.url: expected the central store the daemons read the "
+            "directory from, got none"
+        )
+    try:
+        with open(args.file, "rb") as file:
+            raw = file.read()
+    except OSError as err:
+        raise ConfigError(f"{args.file}: cannot read directory file: {err}") from err
+    try:
+        source = decode_document(args.file, raw)
+    except PolicyError as err:
+        raise ConfigError(f"expected a directory file: {err}") from err
+    if source.document.kind != "directory":
+        raise ConfigError(
+            f"{args.file}: expected kind 'directory', got {source.document.kind!r}"
+        )
+    content = directory_content(
+        {
+            "id": entry.id,
+            "kind": entry.kind.value,
+            "roles": list(entry.roles),
+            "attributes": entry.attributes,
+            "active": entry.active,
+        }
+        for entry in source.document.principals
+    )
+    store = open_store(
+        config.store.url,
+        timeout=config.store.timeout_seconds,
+        poll_seconds=config.store.poll_seconds,
+        nats=config.store.nats.load("store.nats"),
+        timeout_key="store.timeout_seconds",
+    )
+
+    async def publish() -> str:
+        await store.connect()
+        try:
+            return await DirectoryPublisher(store, key).publish(content)
+        finally:
+            await store.close()
+
+    revision = asyncio.run(publish())
+    count = len(source.document.principals)
+    print(f"ok: directory {revision} ({count} principals) is current in {store.url}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "run": _run,
+    "query": _query,
+    "daemons": _daemons,
+    "directory": _directory,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

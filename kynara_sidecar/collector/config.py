@@ -35,12 +35,26 @@ Example::
       url: https://kynara.example.com
       credentials:
         carol: {secret_file: /run/secrets/carol, roles: [reviewer]}
+    scim:
+      enabled: true
+      credentials:
+        okta: {secret_file: /run/secrets/kynara-scim-okta}
+      group_roles:
+        Support Engineers: [support_agent]
+    directory:
+      signing_key: /etc/kynara-collector/directory.pem
+      pull:                              # `kynara-collector directory sync`
+        url: https://idp.example.com/scim/v2
+        token_file: /run/secrets/kynara-idp-scim
+        target_token_file: /run/secrets/kynara-scim-pull
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import urllib.parse
+from collections.abc import Collection
 
 import msgspec
 
@@ -65,6 +79,7 @@ from kynara_sidecar.config import (
     read_raw_config,
 )
 from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.policy.names import canonical_name
 from kynara_sidecar.sync import check_consumer_name, is_store_url
 
 __all__ = [
@@ -72,13 +87,18 @@ __all__ = [
     "CollectorConfig",
     "DEFAULT_CONFIG_ENV",
     "DaemonConfig",
+    "DirectoryConfig",
+    "DirectoryPullConfig",
     "HttpConfig",
     "InboxConfig",
     "PullConfig",
     "S3Config",
+    "ScimConfig",
+    "ScimCredentialConfig",
     "StateConfig",
     "StoreConfig",
     "load_collector_config",
+    "load_directory_key",
 ]
 
 DEFAULT_CONFIG_ENV = "KYNARA_COLLECTOR_CONFIG"
@@ -86,6 +106,8 @@ DEFAULT_CONSUMER = "kynara-collector"
 # The state holds a frontier per daemon and 64 bytes of Merkle nodes per
 # record: 1 GiB of address space covers some ten million records.
 DEFAULT_STATE_MAP_SIZE = 1 << 30
+# The SCIM store holds every User and Group (a few KiB each).
+DEFAULT_SCIM_MAP_SIZE = 1 << 30
 MIN_MAP_SIZE = 1 << 20
 # The roles an http.credentials entry may carry to be of use there.
 HTTP_ROLES = frozenset({AdminRole.OPERATOR, AdminRole.METRICS})
@@ -460,6 +482,244 @@ class InboxConfig(_Section):
             raise ConfigError(f"{section}.signing_key: {err}") from None
 
 
+# Bounds of directory.pull's schedule: more often than each second is push
+# in disguise (and meets an identity provider's rate limit); a day apart is
+# the slowest useful.
+MIN_PULL_INTERVAL_SECONDS = 1.0
+MAX_PULL_INTERVAL_SECONDS = 86_400.0
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a SCIM endpoint directory.pull talks to, or
+    None: http:// is accepted on loopback only (bearer tokens travel on it).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http:// or https:// URL, got {url!r}"
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        return (
+            f"expected https:// off loopback (bearer tokens travel on it), got {url!r}"
+        )
+    return None
+
+
+class DirectoryPullConfig(_Section):
+    """``kynara-collector directory sync``: users and groups pulled from an
+    identity provider's SCIM 2.0 endpoint (for one that does not push) and
+    written to the collector's own SCIM endpoint (``collector.dirsync``)."""
+
+    # The source's SCIM base URL, e.g. "https://idp.example.com/scim/v2";
+    # http:// on loopback only (the token travels on it).
+    url: str = ""
+    # File holding the bearer token the source accepts, e.g.
+    # "/run/secrets/kynara-idp-scim"; read before each run.
+    token_file: str = ""
+    # PEM certificates to trust for the source's https, e.g.
+    # "/etc/kynara-collector/idp-ca.pem"; "" trusts the system's.
+    ca_file: str = ""
+    # Seconds between runs when neither --once nor --every is given, e.g.
+    # 900; 0 runs once.
+    interval_seconds: float = 0.0
+    # The collector's SCIM endpoint, e.g. "https://127.0.0.1:9465/scim/v2";
+    # "" derives it from http.host and http.port (https with http.tls).
+    target_url: str = ""
+    # File holding a bearer secret of one of scim.credentials, e.g.
+    # "/run/secrets/kynara-scim-pull"; read before each run.
+    target_token_file: str = ""
+    # PEM certificates to trust for the target's https (http.tls), e.g.
+    # "/etc/kynara-collector/http-ca.pem"; "" trusts the system's.
+    target_ca_file: str = ""
+    # Resources asked for a page (SCIM count), e.g. 100.
+    page_size: int = 100
+    # Seconds a SCIM request may take, e.g. 30.
+    timeout_seconds: float = 30.0
+
+    def validate(self, section: str) -> None:
+        for key in ("url", "target_url"):
+            url = getattr(self, key)
+            problem = endpoint_url_problem(url) if url else None
+            if problem is not None:
+                raise ConfigError(f"{section}.{key}: {problem}")
+        if self.url and not self.token_file:
+            raise ConfigError(f"{section}.token_file: expected a path, got none")
+        if self.url and not self.target_token_file:
+            raise ConfigError(
+                f"{section}.target_token_file: expected a path (a secret of "
+                "scim.credentials on the target), got none"
+            )
+        if self.interval_seconds:
+            _check_range(
+                section,
+                "interval_seconds",
+                self.interval_seconds,
+                MIN_PULL_INTERVAL_SECONDS,
+                MAX_PULL_INTERVAL_SECONDS,
+            )
+        _check_range(section, "page_size", self.page_size, 1, 1000)
+        _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 300)
+
+
+class DirectoryConfig(_Section):
+    """The signed directory: the principals the collector publishes to the
+    central store (``sync.directory``), for daemons whose directory.store
+    names it; SCIM changes (``scim``) and ``kynara-collector directory
+    publish`` publish it."""
+
+    # Ed25519 private key file the directory is signed with (PKCS#8 PEM,
+    # mode 0600; `kynara-sidecar keygen` makes one), e.g.
+    # "/etc/kynara-collector/directory.pem"; daemons list its public half in
+    # directory.trusted_keys. Keep it apart from the offline bundle key: it
+    # signs only principals, never policies.
+    signing_key: str = ""
+    # Pulling from an identity provider that does not push, e.g. {url:
+    # https://idp.example.com/scim/v2, token_file: /run/secrets/idp,
+    # target_token_file: /run/secrets/kynara-scim-pull, interval_seconds: 900}.
+    pull: DirectoryPullConfig = msgspec.field(default_factory=DirectoryPullConfig)
+
+    def validate(self, section: str) -> None:
+        self.pull.validate(f"{section}.pull")
+
+
+def load_directory_key(config: CollectorConfig) -> SigningKey:
+    """The directory signing key ``directory.signing_key`` names.
+
+    Raises:
+        ConfigError: the setting is empty or the file cannot be loaded (the
+            message names the setting and the file).
+    """
+    path = config.directory.signing_key
+    if not path:
+        raise ConfigError(
+            "directory.signing_key: expected an Ed25519 key file (`kynara-sidecar "
+            "keygen` makes one), got none"
+        )
+    try:
+        return load_signing_key(path)
+    except ConfigError as err:
+        raise ConfigError(f"directory.signing_key: {err}") from None
+
+
+class ScimCredentialConfig(_Section):
+    """One SCIM client (an identity provider's connector): its bearer token."""
+
+    # File holding the bearer secret (at least 16 bytes, surrounding
+    # whitespace removed), e.g. "/run/secrets/kynara-scim-okta"; read at start.
+    secret_file: str = ""
+
+    def validate(self, section: str) -> None:
+        if not self.secret_file:
+            raise ConfigError(f"{section}.secret_file: expected a path, got none")
+
+
+class ScimConfig(_Section):
+    """The SCIM 2.0 service provider (``collector.scim``): identity providers
+    provision users, agents and groups under ``/scim/v2/`` on the collector's
+    HTTP listener, and each change is published as a signed directory
+    (``directory.signing_key``) to the central store (``store.url``).
+
+    The listener is ``http``'s: off loopback it needs ``http.tls`` (and
+    ``http.credentials``, which SCIM does not use: its callers hold
+    ``scim.credentials``).
+    """
+
+    # Serve it, e.g. true.
+    enabled: bool = False
+    # The SCIM store's LMDB environment (Users and Groups), e.g.
+    # "/var/lib/kynara-collector/scim".
+    path: str = "var/collector/scim"
+    # Its LMDB map size in bytes, e.g. 1073741824 (1 GiB).
+    map_size: int = DEFAULT_SCIM_MAP_SIZE
+    # SCIM clients by name, e.g. {okta: {secret_file:
+    # /run/secrets/kynara-scim-okta}}; each sends `Authorization: Bearer
+    # <secret>`. Secrets differ from each other and from http.credentials'.
+    credentials: dict[str, ScimCredentialConfig] = {}
+    # Group displayName -> the roles its direct members get, e.g.
+    # {"Support Engineers": [support_agent], "Finance": [finance_viewer]};
+    # a group not listed gives no role.
+    group_roles: dict[str, list[str]] = {}
+    # The URL IdPs reach the endpoint by, for Location headers and
+    # meta.location, e.g. "https://kynara.example.com/scim/v2"; "" takes the
+    # request's scheme and Host.
+    base_url: str = ""
+    # The most resources a search returns in one page (filter.maxResults),
+    # e.g. 200.
+    max_results: int = 200
+
+    def validate(self, section: str) -> None:
+        if not self.enabled:
+            return
+        if not self.path:
+            raise ConfigError(f"{section}.path: expected a directory, got none")
+        if self.map_size < MIN_MAP_SIZE:
+            raise ConfigError(
+                f"{section}.map_size: expected at least {MIN_MAP_SIZE}, "
+                f"got {self.map_size}"
+            )
+        if not self.credentials:
+            raise ConfigError(
+                f"{section}.credentials: expected at least one SCIM client, got "
+                "none: without one every SCIM request is refused"
+            )
+        for name, credential in self.credentials.items():
+            if not name:
+                raise ConfigError(f"{section}.credentials: expected names, got ''")
+            credential.validate(f"{section}.credentials.{name}")
+        for group, roles in self.group_roles.items():
+            for role in roles:
+                try:
+                    canonical_name(role)
+                except ValueError as err:
+                    raise ConfigError(
+                        f"{section}.group_roles.{group}: role {role!r}: {err}"
+                    ) from None
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{section}.base_url: expected an http:// or https:// URL, got "
+                f"{self.base_url!r}"
+            )
+        _check_range(section, "max_results", self.max_results, 1, 10_000)
+
+    def load_credentials(
+        self, section: str = "scim", others: Collection[bytes] = ()
+    ) -> dict[str, tuple[bytes, frozenset[AdminRole]]]:
+        """Read each client's secret (at least 16 bytes, none shared, none
+        one of ``others``: the http.credentials secrets), with no roles.
+
+        Raises:
+            ConfigError: a file cannot be read, a secret too short or shared.
+        """
+        loaded: dict[str, tuple[bytes, frozenset[AdminRole]]] = {}
+        for name, credential in self.credentials.items():
+            where = f"{section}.credentials.{name}"
+            secret = _read_secret(f"{where}.secret_file", credential.secret_file)
+            if any(secret == other for other, _ in loaded.values()):
+                raise ConfigError(f"{where}: expected its own secret, got a shared one")
+            if secret in others:
+                raise ConfigError(
+                    f"{where}: expected its own secret, got one of http.credentials"
+                )
+            loaded[name] = (secret, frozenset())
+        return loaded
+
+
+def _read_secret(where: str, path: str) -> bytes:
+    """A bearer secret from a file, whitespace removed, at least 16 bytes.
+
+    Raises:
+        ConfigError: unreadable or too short; names ``where``.
+    """
+    try:
+        secret = pathlib.Path(path).read_bytes().strip()
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read the secret: {err}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{where}: expected a secret of at least {MIN_SECRET_BYTES} bytes in "
+            f"{path}, got {len(secret)}"
+        )
+    return secret
+
+
 class CollectorConfig(_Section):
     """The whole collector configuration."""
 
@@ -473,10 +733,13 @@ class CollectorConfig(_Section):
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     inbox: InboxConfig = msgspec.field(default_factory=InboxConfig)
+    scim: ScimConfig = msgspec.field(default_factory=ScimConfig)
+    directory: DirectoryConfig = msgspec.field(default_factory=DirectoryConfig)
 
     def validate(self, section: str = "") -> None:
-        for name in ("store", "archive", "state", "http", "inbox"):
+        for name in ("store", "archive", "state", "http", "inbox", "scim", "directory"):
             getattr(self, name).validate(name)
+        self._check_scim()
         if self.inbox.enabled and not self.store.url:
             raise ConfigError(
                 "inbox.enabled: expected store.url too: the inbox reads the "
@@ -527,6 +790,26 @@ class CollectorConfig(_Section):
             if pull.daemon_id in seen:
                 raise ConfigError(f"{where}.daemon_id: {pull.daemon_id!r} pulled twice")
             seen.add(pull.daemon_id)
+
+    def _check_scim(self) -> None:
+        """SCIM needs HTTP, a store to publish to and a key to sign with."""
+        if not self.scim.enabled:
+            return
+        if self.http.port == -1:
+            raise ConfigError(
+                "scim.enabled: expected HTTP (http.port is -1): SCIM is served "
+                "on the collector's HTTP listener"
+            )
+        if not self.store.url:
+            raise ConfigError(
+                "scim.enabled: expected store.url too: each change is published "
+                "to the central store as a signed directory"
+            )
+        if not self.directory.signing_key:
+            raise ConfigError(
+                "scim.enabled: expected directory.signing_key too: each change "
+                "is published as a directory signed with that key"
+            )
 
     def _family_of(self, daemon_id: str) -> str:
         """The name of the family entry whose prefix matches ``daemon_id``,

@@ -17,6 +17,9 @@
   (``server.review_page`` over ``collector.inbox.FleetInbox``): reviewers
   sign in with their own credentials (``inbox.credentials``,
   ``inbox.reviewer_issuers``), never the query API's.
+- ``/scim/v2/...``: with ``scim.enabled``, the SCIM 2.0 service provider
+  (``collector.scim``, mounted by ``add_scim_routes``); its callers hold
+  ``scim.credentials``, never the query API's, and it answers SCIM errors.
 
 With ``http.credentials`` (which the listener needs, with ``http.tls``, to
 leave loopback) the query API and ``/metrics`` serve only a bearer secret

@@ -78,3 +78,20 @@ class CollectorMetrics:
             "csrf, or the sign-in's error code (identity_invalid, role_missing).",
             ["why"], registry=r,
         )  # fmt: skip
+        self.directory_revisions = Counter(
+            f"{PREFIX}_directory_revisions_published",
+            "Directory revisions the SCIM service published to the store (a "
+            "burst of changes publishes its newest state once).",
+            registry=r,
+        )  # fmt: skip
+        self.directory_publish_failures = Counter(
+            f"{PREFIX}_directory_publish_failures",
+            "Directory publishes that failed (retried with the newest content "
+            "after store.retry_seconds).",
+            registry=r,
+        )  # fmt: skip
+        self.scim_refusals = Counter(
+            f"{PREFIX}_scim_refusals",
+            "SCIM requests refused for a missing or unknown bearer token.",
+            registry=r,
+        )  # fmt: skip

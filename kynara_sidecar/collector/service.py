@@ -10,14 +10,20 @@ is logged, counted and reconnected after ``store.retry_seconds``. With
 the store, on a connection of its own, and serves its review page; the
 inbox lists the approvals of registered daemons only, checked against the
 same keys as their segments, and verifies again those it kept for a key
-not known yet once the intake accepts the rotation that adds it.
+not known yet once the intake accepts the rotation that adds it. With
+``scim.enabled`` it serves the SCIM service provider (``collector.scim``)
+on the HTTP listener, over its own LMDB store (``scim.path``), and a task
+publishes each change as a directory signed with ``directory.signing_key``
+to the store (``DirectoryPublisher``), retrying after
+``store.retry_seconds`` while the store is down.
 
 ``stop`` (SIGTERM or SIGINT under ``run``) goes in a fixed, logged order:
 stop taking messages (the door tasks are cancelled; a segment being
 settled finishes or, if cut short before its acknowledgement, comes again
-and is then a duplicate), stop HTTP, close the store connection and the
-state. A door that ends before ``stop`` (it never should) is logged at
-ERROR and counted (``failures{what="door"}``), and ``stop`` logs it again.
+and is then a duplicate), stop HTTP, close the store connection, the
+state and the SCIM store. A door that ends before ``stop`` (it never
+should) is logged at ERROR and counted (``failures{what="door"}``), and
+``stop`` logs it again.
 """
 
 from __future__ import annotations
@@ -34,12 +40,25 @@ from aiohttp import web
 
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.collector.archive import open_archive
-from kynara_sidecar.collector.config import CollectorConfig, InboxConfig
+from kynara_sidecar.collector.config import (
+    CollectorConfig,
+    InboxConfig,
+    load_directory_key,
+)
+from kynara_sidecar.collector.directory import DirectoryPublisher
 from kynara_sidecar.collector.http import add_inbox_routes, build_http_app
 from kynara_sidecar.collector.inbox import FleetInbox
 from kynara_sidecar.collector.intake import Intake
 from kynara_sidecar.collector.metrics import CollectorMetrics
 from kynara_sidecar.collector.pull import Puller
+from kynara_sidecar.collector.scim import (
+    AsyncScimStore,
+    DirectoryPublishing,
+    ScimEndpoint,
+    ScimStore,
+    add_scim_routes,
+    build_provider,
+)
 from kynara_sidecar.collector.state import CollectorState
 from kynara_sidecar.collector.verifier import trusted_keys
 from kynara_sidecar.config import AdminListenerConfig
@@ -51,6 +70,7 @@ from kynara_sidecar.server.reviewers import (
 )
 from kynara_sidecar.server.tls import ServingCertificate
 from kynara_sidecar.sync import StoreUnavailable, open_store
+from kynara_sidecar.sync.directory import directory_content
 
 __all__ = ["Collector"]
 
@@ -105,6 +125,22 @@ class Collector:
         )
         if config.inbox.enabled:
             self.inbox, self._reviewers = self._fleet_inbox()
+        self.scim_store: ScimStore | None = None
+        self.directory_publishing: DirectoryPublishing | None = None
+        self._scim: ScimEndpoint | None = None
+        self._directory_store: Any = None
+        self._directory_publisher: DirectoryPublisher | None = None
+        self._directory_connected = False
+        if config.scim.enabled:
+            http_secrets = (
+                [secret for secret, _ in config.http.load_credentials().values()]
+                if config.http.credentials
+                else []
+            )
+            self._scim_credentials = AdminCredentials(
+                config.scim.load_credentials(others=http_secrets)
+            )
+            self._directory_key = load_directory_key(config)
         self.http_port: int | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -129,12 +165,17 @@ class Collector:
             keys_added=self.inbox.keys_added if self.inbox is not None else None,
         )
         self._restore_gauges()
+        if config.scim.enabled:
+            await self._open_scim()
         if config.http.port != -1:
             await self._serve_http()
         if config.store.url:
             self._start_task(self._consume(), "store")
         if self.inbox is not None:
             self._start_task(self.inbox.run(self._stop), "inbox")
+        if self.directory_publishing is not None:
+            publishing = self.directory_publishing.run(self._stop)
+            self._start_task(publishing, "scim directory")
         for pull, secret, roots in zip(
             config.pull, self._secrets, self._roots, strict=True
         ):
@@ -152,9 +193,66 @@ class Collector:
                     "http_tls": self._certificate is not None,
                     "http_credentials": sorted(self.config.http.credentials),
                     "inbox": self.inbox.name if self.inbox else "",
+                    "scim": sorted(config.scim.credentials) if self._scim else [],
                 }
             },
         )
+
+    async def _open_scim(self) -> None:
+        """Open the SCIM store and build the endpoint and its publishing.
+
+        Raises:
+            ScimStoreError: the store cannot be opened or read.
+        """
+        scim = self.config.scim
+        provider = build_provider(scim.max_results)
+        store = await asyncio.to_thread(ScimStore, scim.path, provider, scim.map_size)
+        self.scim_store = store
+        group_roles = {name: tuple(roles) for name, roles in scim.group_roles.items()}
+        publishing = DirectoryPublishing(
+            lambda: directory_content(store.principals(group_roles)),
+            self._publish_directory,
+            retry_seconds=self.config.store.retry_seconds,
+            on_published=lambda _revision: self.metrics.directory_revisions.inc(),
+            on_failure=self.metrics.directory_publish_failures.inc,
+        )
+        self.directory_publishing = publishing
+        # One store and one publisher for the collector's life: `created`
+        # then strictly increases across every revision it publishes.
+        self._directory_store = open_store(
+            self.config.store.url,
+            timeout=self.config.store.timeout_seconds,
+            poll_seconds=self.config.store.poll_seconds,
+            nats=self.config.store.nats.load("store.nats"),
+            timeout_key="store.timeout_seconds",
+        )
+        self._directory_publisher = DirectoryPublisher(
+            self._directory_store, self._directory_key, clock=self.clock
+        )
+        self._scim = ScimEndpoint(
+            AsyncScimStore(store, publishing.changed),
+            provider,
+            self._scim_credentials,
+            base_url=scim.base_url,
+            on_refused=self.metrics.scim_refusals.inc,
+        )
+
+    async def _publish_directory(self, content: bytes) -> str:
+        """Publish directory content to the store, connecting first until a
+        connect succeeds (a ``nats://`` store reconnects by itself after)."""
+        assert self._directory_store is not None
+        assert self._directory_publisher is not None
+        if not self._directory_connected:
+            await self._directory_store.connect()
+            self._directory_connected = True
+        return await self._directory_publisher.publish(content)
+
+    async def _close_directory_store(self) -> None:
+        store, self._directory_store = self._directory_store, None
+        self._directory_publisher = None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.close()
 
     def _fleet_inbox(self) -> tuple[FleetInbox, ReviewerAuth]:
         """The fleet inbox and who may sign in to it.
@@ -275,6 +373,8 @@ class Collector:
                 self.clock,
                 self.metrics,
             )
+        if self._scim is not None:
+            add_scim_routes(app, self._scim)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         tls = self._certificate.ssl_context() if self._certificate else None
@@ -359,6 +459,11 @@ class Collector:
             log.info("stopping: http", extra={"fields": fields})
             await self._runner.cleanup()
             self._runner = None
+        await self._close_directory_store()
+        if self.scim_store is not None:
+            log.info("stopping: scim store", extra={"fields": fields})
+            self.scim_store.close()
+            self.scim_store = None
         if self.state is not None:
             log.info("stopping: state", extra={"fields": fields})
             self.state.close()

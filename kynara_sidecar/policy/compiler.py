@@ -30,7 +30,7 @@ import heapq
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -172,6 +172,10 @@ class Directory(msgspec.Struct, frozen=True):
 
     revision: str
     principals: Mapping[str, Principal]
+    # Roles principals hold that the policy set does not define, kept
+    # (``compile_directory(..., unknown_roles="keep")``); each counts as
+    # itself only. Empty when compiled with "refuse".
+    unknown_roles: frozenset[str] = frozenset()
 
     def lookup(self, principal_id: str) -> Principal | None:
         """The principal with this id, or None when the directory lacks it.
@@ -229,21 +233,38 @@ def compile_policy_set(documents: Sequence[SourceDocument]) -> PolicySet:
     )
 
 
-def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Directory:
+def compile_directory(
+    source: SourceDocument,
+    policy_set: PolicySet,
+    *,
+    unknown_roles: Literal["refuse", "keep"] = "refuse",
+) -> Directory:
     """Check and compile the directory against the roles the policies define.
 
     Args:
         source: The decoded directory file.
         policy_set: The set whose roles the principals may hold.
+        unknown_roles: What a role the set does not define does: "refuse"
+            (a directory shipped with the policies, where it is a typo) or
+            "keep" (a signed directory from the collector, whose group to
+            role table is configured apart from the policies: the role
+            counts as itself only, and the result's ``unknown_roles``
+            names it so the caller can warn; refusing would also hold back
+            a deactivation).
 
     Returns:
         The compiled directory.
 
     Raises:
         PolicyError: A principal id refused by ``canonical_name``, a
-            duplicate id (after NFC), an undefined role, or an attribute
-            value that is not a typed value.
+            duplicate id (after NFC), an undefined role (unless kept), or an
+            attribute value that is not a typed value.
     """
+    if unknown_roles not in ("refuse", "keep"):
+        raise ValueError(
+            f"unknown_roles: expected 'refuse' or 'keep', got {unknown_roles!r}"
+        )
+    unknown: set[str] = set()
     document = source.document
     if not isinstance(document, DirectoryDocument):
         raise PolicyError("expected a directory document", path=source.path)
@@ -266,6 +287,9 @@ def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Director
                 location=f"{where}.id",
             )
         for position, role in enumerate(entry.roles):
+            if unknown_roles == "keep" and role not in policy_set.roles:
+                unknown.add(role)
+                continue
             _require_role(
                 role, policy_set.roles, source.path, f"{where}.roles[{position}]"
             )
@@ -278,7 +302,11 @@ def compile_directory(source: SourceDocument, policy_set: PolicySet) -> Director
             active=entry.active,
             cel_attributes=to_cel_value(attributes),
         )
-    return Directory(compute_revision([source]), MappingProxyType(principals))
+    return Directory(
+        compute_revision([source]),
+        MappingProxyType(principals),
+        unknown_roles=frozenset(unknown),
+    )
 
 
 # --- roles ---------------------------------------------------------------------

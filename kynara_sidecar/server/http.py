@@ -1,4 +1,5 @@
-"""The daemon's one HTTP stack (aiohttp): ``/metrics`` and the review page.
+"""The daemon's one HTTP stack (aiohttp): ``/metrics``, the review page and
+the playground.
 
 Every page joins this one application, so one listener (``http.host`` and
 ``http.port``) serves Prometheus and reviewers alike.
@@ -10,7 +11,8 @@ or operator role, checked as on the admin listener (``server/admin.py``).
 No credential or an unknown one is answered 401 with ``WWW-Authenticate:
 Bearer``, a credential without either role 403; each refusal is logged
 (never with the secret) and counted in ``kynara_admin_refusals{code}``. The
-review page keeps its own reviewer sign-in.
+review page keeps its own reviewer sign-in; the playground
+(``server/playground.py``) signs in reviewers and operators.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kynara_sidecar.config import METRICS_READERS
 from kynara_sidecar.errors import IdentityInvalid, RoleMissing
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.server.admin import AdminCredentials
+from kynara_sidecar.server.playground import PlaygroundSources, add_playground_routes
 from kynara_sidecar.server.review_page import Authenticator, add_review_routes
 
 __all__ = ["DEFAULT_SESSION_SECONDS", "REVIEW_TITLE", "build_http_app"]
@@ -50,6 +53,7 @@ def build_http_app(
     public_urls: Iterable[str] = (),
     clock: Callable[[], int] = time.time_ns,
     metrics_credentials: AdminCredentials | None = None,
+    playground: PlaygroundSources | None = None,
 ) -> web.Application:
     """Return the application: ``/metrics``, and the review page under
     ``/approvals`` when both an inbox and an authenticator are given (see
@@ -57,7 +61,8 @@ def build_http_app(
 
     With ``metrics_credentials``, ``/metrics`` serves only a bearer secret
     of one of them that carries the metrics or operator role; without,
-    it serves anyone.
+    it serves anyone. With ``playground``, the playground is served under
+    ``/playground`` (see ``playground.add_playground_routes``).
     """
 
     async def serve_metrics(request: web.Request) -> web.Response:
@@ -79,6 +84,18 @@ def build_http_app(
             session_seconds=session_seconds,
             public_urls=public_urls,
             clock=clock,
+            on_refused=lambda why: metrics.review_page_refusals.labels(why).inc(),
+        )
+    if playground is not None:
+        add_playground_routes(
+            app,
+            playground,
+            title=title,
+            session_seconds=session_seconds,
+            public_urls=public_urls,
+            clock=clock,
+            # TODO(#12): counted with the review page's refusals (same whys);
+            # a counter of its own would tell the two pages apart.
             on_refused=lambda why: metrics.review_page_refusals.labels(why).inc(),
         )
     return app

@@ -6,6 +6,9 @@ What moves between a daemon and the centre:
 - **bundles in** (``bundle``): a policy directory signed offline by the
   policy publisher; a daemon verifies, compiles and swaps one in whole, or
   keeps the revision it has (``follower``);
+- **the directory in** (``directory``): the principals, signed online by
+  the collector's directory key (not the bundle key) and published on each
+  change, for daemons that follow it apart from the policies;
 - **segments out** (``shipper``): each sealed audit segment with its signed
   checkpoint, in order, marked shipped only once the store acknowledged it;
 - **status up** (``status``): what each daemon runs and how far behind its
@@ -59,6 +62,7 @@ from kynara_sidecar.errors import ConfigError, KynaraError
 
 __all__ = [
     "MAX_BUNDLE_BYTES",
+    "MAX_DIRECTORY_BYTES",
     "MAX_SEGMENT_MESSAGE_BYTES",
     "STORE_SCHEMES",
     "BundleEntry",
@@ -87,6 +91,9 @@ STORE_SCHEMES = ("dir", "nats")
 # A policy set is kilobytes to a few megabytes; a bundle far past that is
 # refused before it is read whole, from a file or a store.
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+# A signed directory update (``directory``): 100,000 principals with a few
+# attributes each take about 21 MB.
+MAX_DIRECTORY_BYTES = 64 * 1024 * 1024
 
 # Records carried by one segment message, at most (NATS's default
 # max_payload is 1 MiB; this leaves room for the checkpoint and framing).
@@ -240,6 +247,29 @@ class Store(Protocol):
         soon as the store tells (``nats``) or within ``poll_seconds``
         (``dir``). Ends by raising ``StoreUnavailable`` when the store is
         lost; the caller reconnects and watches again."""
+        ...
+
+    async def publish_directory(self, digest: str, data: bytes) -> None:
+        """Make ``data``, a signed directory update (``directory``) whose
+        ``follower.bundle_digest`` is ``digest``, the current directory. A
+        reader sees the old update or the new one, never part of one.
+
+        Raises:
+            ValueError: ``digest`` is not ``data``'s.
+            BundleTooLarge: ``data`` exceeds ``MAX_DIRECTORY_BYTES``.
+        """
+        ...
+
+    async def current_directory(self) -> BundleEntry | None:
+        """The current signed directory update, or None when none was ever
+        published."""
+        ...
+
+    def watch_directory(self) -> AsyncIterator[BundleEntry]:
+        """The current directory update (if any), then each newly published
+        one, as ``watch_bundles`` does for bundles. Ends by raising
+        ``StoreUnavailable`` when the store is lost (``nats``: also while no
+        directory was ever published); the caller watches again."""
         ...
 
     async def ship_segment(self, daemon_id: str, msg_id: str, data: bytes) -> bool:

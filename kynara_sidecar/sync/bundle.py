@@ -91,10 +91,13 @@ __all__ = [
     "VerifiedBundle",
     "build_bundle",
     "build_manifest",
+    "canonical_json",
     "inspect_bundle",
     "pack_bundle",
+    "pack_members",
     "read_bundle",
     "seconds_ahead",
+    "unpack_members",
     "verify_bundle",
     "write_bundle",
 ]
@@ -229,14 +232,16 @@ def pack_bundle(
     this is the step after it (and lets tests build the bundles a broken
     or hostile builder would).
     """
-    manifest_bytes = _canonical_json(manifest)
+    manifest_bytes = canonical_json(manifest)
     signature = encode_base64url(key.sign(manifest_bytes)).encode("ascii")
     members = {MANIFEST_NAME: manifest_bytes, SIGNATURE_NAME: signature}
     members.update({POLICY_PREFIX + name: content for name, content in files.items()})
-    return _pack(members)
+    return pack_members(members)
 
 
-def _pack(members: Mapping[str, bytes]) -> bytes:
+def pack_members(members: Mapping[str, bytes]) -> bytes:
+    """Pack ``members`` (name -> content) in the deterministic tar form
+    described above; shared with signed directory updates (``directory``)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name in sorted(members):
@@ -257,7 +262,8 @@ def _pack(members: Mapping[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _canonical_json(value: Mapping[str, Any]) -> bytes:
+def canonical_json(value: Mapping[str, Any]) -> bytes:
+    """``value`` as canonical JSON: sorted keys, no whitespace, UTF-8."""
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode()
@@ -304,14 +310,14 @@ def inspect_bundle(data: bytes) -> VerifiedBundle:
 def _verify(data: bytes, trusted: Mapping[str, PublicKey] | None) -> VerifiedBundle:
     if len(data) > MAX_BUNDLE_BYTES:
         raise BundleError(BundleProblem.TOO_LARGE, _too_large("bundle", len(data)))
-    members = _unpack(data)
+    members = unpack_members(data)
     manifest_bytes = _member(members, MANIFEST_NAME)
     signature_text = _member(members, SIGNATURE_NAME)
     manifest = _parse_manifest(manifest_bytes)
     if trusted is not None:
         _check_signature(manifest_bytes, signature_text, manifest["key_id"], trusted)
     files = _check_files(members, manifest["files"])
-    if _pack(members) != data:
+    if pack_members(members) != data:
         raise BundleError(
             BundleProblem.MALFORMED,
             "expected the canonical tar form (name order, zero mtime/uid/gid, "
@@ -345,7 +351,14 @@ def seconds_ahead(created: str, now: Timestamp) -> float:
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 
 
-def _unpack(data: bytes) -> dict[str, bytes]:
+def unpack_members(data: bytes) -> dict[str, bytes]:
+    """The members of a tar in the form ``pack_members`` writes, checked for
+    safe names and a whole archive (the packing itself is checked by
+    packing again).
+
+    Raises:
+        BundleError: ``malformed`` or ``unsafe_path``.
+    """
     members: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -432,7 +445,7 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
         for digest in files.values()
     ):
         raise malformed("expected files as a map of name to SHA-256 hex")
-    if _canonical_json(manifest) != data:
+    if canonical_json(manifest) != data:
         raise malformed("expected canonical JSON (sorted keys, no whitespace)")
     return manifest
 

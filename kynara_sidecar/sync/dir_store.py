@@ -14,6 +14,8 @@ its place would hide that)::
 
     bundles/sha256-<hex>            a bundle's bytes, write-once, by digest
     bundles/current                 "sha256:<hex>\\n": the current bundle
+    directory/sha256-<hex>          a signed directory update, by digest
+    directory/current               "sha256:<hex>\\n": the current one
     segments/<daemon>/<seq>.msg     one segment message: the message id on
                                     the first line, then the Segment bytes
     segments/<daemon>/ids/<sha256 of msg id>
@@ -30,7 +32,12 @@ its place would hide that)::
 ``<daemon>`` is ``daemon_token(daemon_id)``, ``<seq>`` 20 decimal digits
 from 1, in ship order. A bundle is published by writing its content file,
 then replacing ``current``; since content files are never removed, a
-reader that read ``current`` always finds the bundle it names.
+reader that read ``current`` always finds the bundle it names. A signed
+directory update (``sync.directory``) is published alike under
+``directory/``; since a collector publishes one on every change and each
+can be megabytes, publishing removes every update but the new one and the
+one it replaces, and a reader that finds the update ``current`` named
+already removed (two publishes behind) reads ``current`` again.
 
 A new segment message takes the next free ``<seq>`` with ``os.link``, which
 refuses to replace an existing name: two processes shipping for one
@@ -95,6 +102,7 @@ from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
     MAX_APPROVAL_BYTES,
     MAX_BUNDLE_BYTES,
+    MAX_DIRECTORY_BYTES,
     MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
@@ -300,6 +308,7 @@ class DirStore:
         self.timeout_key = timeout_key
         self.poll_seconds = poll_seconds
         self._bundles = self.root / "bundles"
+        self._directory = self.root / "directory"
         self._segments = self.root / "segments"
         self._consumers = self.root / "consumers"
         self._status = self.root / "status"
@@ -391,6 +400,7 @@ class DirStore:
             )
         for path in (
             self._bundles,
+            self._directory,
             self._segments,
             self._consumers,
             self._status,
@@ -412,45 +422,56 @@ class DirStore:
         await self._call("publish bundle", lambda: self._publish(digest, data))
         return digest
 
-    def _content_path(self, digest: str) -> pathlib.Path:
-        return self._bundles / digest.replace(":", "-", 1)
+    def _content_path(
+        self, digest: str, folder: pathlib.Path | None = None
+    ) -> pathlib.Path:
+        return (folder or self._bundles) / digest.replace(":", "-", 1)
 
-    def _publish(self, digest: str, data: bytes) -> None:
-        content = self._content_path(digest)
+    def _publish(
+        self, digest: str, data: bytes, folder: pathlib.Path | None = None
+    ) -> None:
+        folder = folder or self._bundles
+        content = self._content_path(digest, folder)
         if not content.exists():
             _write_atomic(content, data)
-        _write_atomic(self._bundles / "current", f"{digest}\n".encode())
+        _write_atomic(folder / "current", f"{digest}\n".encode())
 
     async def current_bundle(self) -> BundleEntry | None:
         return await self._call("read current bundle", self._current)
 
-    def _current_digest(self) -> str | None:
+    def _current_digest(self, folder: pathlib.Path | None = None) -> str | None:
+        folder = folder or self._bundles
         try:
-            raw = _read_file(self._bundles / "current", _MAX_POINTER_BYTES)
+            raw = _read_file(folder / "current", _MAX_POINTER_BYTES)
             text = raw.decode("ascii", errors="replace").strip()
         except FileNotFoundError:
-            if not self._bundles.is_dir():
+            if not folder.is_dir():
                 raise StoreUnavailable(
-                    f"{self.url}: {self._bundles} is missing (is the volume mounted?)"
+                    f"{self.url}: {folder} is missing (is the volume mounted?)"
                 ) from None
             return None
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
             raise StoreUnavailable(
-                f"{self.url}: {self._bundles / 'current'}: expected sha256:<hex>, "
+                f"{self.url}: {folder / 'current'}: expected sha256:<hex>, "
                 f"got {text[:80]!r}"
             )
         return text
 
-    def _current(self) -> BundleEntry | None:
-        digest = self._current_digest()
+    def _current(
+        self,
+        folder: pathlib.Path | None = None,
+        limit: int = MAX_BUNDLE_BYTES,
+        what: str = "a policy bundle",
+    ) -> BundleEntry | None:
+        folder = folder or self._bundles
+        digest = self._current_digest(folder)
         if digest is None:
             return None
-        path = self._content_path(digest)
-        data = _read_file(path, MAX_BUNDLE_BYTES)
-        if len(data) > MAX_BUNDLE_BYTES:
+        path = self._content_path(digest, folder)
+        data = _read_file(path, limit)
+        if len(data) > limit:
             raise BundleTooLarge(
-                f"{self.url}: {path}: larger than {MAX_BUNDLE_BYTES} bytes; "
-                "expected a policy bundle"
+                f"{self.url}: {path}: larger than {limit} bytes; expected {what}"
             )
         if _DIGEST_PREFIX + hashlib.sha256(data).hexdigest() != digest:
             raise StoreUnavailable(
@@ -470,6 +491,78 @@ class DirStore:
             digest = await self._call("read current bundle", self._current_digest)
             if digest is not None and digest != seen:
                 entry = await self._call("read current bundle", self._current)
+                if entry is not None:
+                    seen = entry.digest
+                    yield entry
+                    continue
+            await asyncio.sleep(self.poll_seconds)
+
+    # -- signed directory
+
+    async def publish_directory(self, digest: str, data: bytes) -> None:
+        """Make ``data`` (a signed directory update, whose ``bundle_digest``
+        is ``digest``) the current directory, and remove older updates but
+        the one it replaces.
+
+        Raises:
+            ValueError: ``digest`` is not ``data``'s digest.
+            BundleTooLarge: ``data`` is larger than ``MAX_DIRECTORY_BYTES``.
+        """
+        _check_digest(digest, data)
+        if len(data) > MAX_DIRECTORY_BYTES:
+            raise BundleTooLarge(
+                f"{self.url}: a directory update of {len(data)} bytes exceeds "
+                f"MAX_DIRECTORY_BYTES ({MAX_DIRECTORY_BYTES})"
+            )
+        await self._call(
+            "publish directory", lambda: self._publish_directory(digest, data)
+        )
+
+    def _publish_directory(self, digest: str, data: bytes) -> None:
+        previous = self._current_digest(self._directory)
+        self._publish(digest, data, self._directory)
+        keep = {
+            self._content_path(d, self._directory).name for d in (digest, previous) if d
+        }
+        for path in self._directory.iterdir():
+            if path.name.startswith("sha256-") and path.name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    async def current_directory(self) -> BundleEntry | None:
+        """The current signed directory update, or None when none was
+        published."""
+        return await self._call("read current directory", self._current_directory)
+
+    def _current_directory(self) -> BundleEntry | None:
+        # The update ``current`` names may be removed by a publish two
+        # updates on between reading the pointer and the file: read again.
+        for _ in range(3):
+            try:
+                return self._current(
+                    self._directory, MAX_DIRECTORY_BYTES, "a directory update"
+                )
+            except FileNotFoundError:
+                continue
+        return self._current(self._directory, MAX_DIRECTORY_BYTES, "a directory update")
+
+    async def watch_directory(self) -> AsyncIterator[BundleEntry]:
+        """The current signed directory update, then each new one, read
+        every poll_seconds.
+
+        Raises:
+            StoreUnavailable: the directory could not be read; the caller
+                connects and watches again.
+        """
+        seen: str | None = None
+        while True:
+            digest = await self._call(
+                "read current directory", lambda: self._current_digest(self._directory)
+            )
+            if digest is not None and digest != seen:
+                entry = await self._call(
+                    "read current directory", self._current_directory
+                )
                 if entry is not None:
                     seen = entry.digest
                     yield entry
@@ -830,6 +923,12 @@ def _oversized(path: pathlib.Path, limit: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(info.st_mode) and info.st_size > limit
+
+
+def _check_digest(digest: str, data: bytes) -> None:
+    got = _DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
+    if digest != got:
+        raise ValueError(f"expected digest {got} of the data, got {digest[:80]!r}")
 
 
 def _check_size(data: bytes, limit: int, what: str) -> None:

@@ -22,6 +22,16 @@ a file) goes through one path, under one lock, so two offers never race:
    that got this far is active; any earlier failure leaves the previous
    revision serving.
 
+The same machinery follows the collector's signed directory
+(``directory.store``): a ``BundleFollower`` made with ``DIRECTORY_UPDATES``
+over a ``DirectorySource`` verifies each directory update with
+``directory.trusted_keys``, checks its ``created`` in the same way, and
+hands it to the daemon's callback, which compiles it against the active
+policy set. Only the names differ: its outcomes count in
+``kynara_directory_sync_total``, its refusals in
+``kynara_directory_refusals_total``, and its log lines say "directory".
+``Followers`` runs both for SIGHUP and ``sync now``.
+
 Each offer ends in one ``SyncOutcome``: activated, unchanged, refused (the
 reason: the message naming the file and the rule, and a ``kind`` an alert
 can key on: the ``BundleProblem`` kind, ``older``, ``future``,
@@ -48,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -56,7 +67,7 @@ import pathlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -75,21 +86,25 @@ from kynara_sidecar.sync import (
 from kynara_sidecar.sync.bundle import (
     BundleError,
     BundleProblem,
-    VerifiedBundle,
     seconds_ahead,
     verify_bundle,
 )
 
 __all__ = [
+    "BUNDLES",
     "MAX_BUNDLE_FILE_BYTES",
     "ActiveBundle",
     "Activate",
     "BundleFile",
     "BundleFollower",
     "BundleSource",
+    "DirectorySource",
+    "Followed",
+    "Followers",
     "LastSync",
     "SyncOutcome",
     "bundle_digest",
+    "directory_updates",
 ]
 
 log = logging.getLogger("kynara.sync")
@@ -156,11 +171,92 @@ class BundleSource(Protocol):
     def watch_bundles(self) -> AsyncIterator[BundleEntry]: ...
 
 
-# Commits the bundle with its policy_activated marker and swaps it in.
-# Raises PolicyError or BundleError when the daemon refuses the bundle
-# itself (say its directory lacks the configured agent), any other
-# KynaraError when it could not activate it now (the audit log is down).
-Activate = Callable[[VerifiedBundle, BundleEntry], Awaitable[None]]
+# Commits the bundle (or directory update) with its policy_activated marker
+# and swaps it in. Raises PolicyError or the kind's verify error when the
+# daemon refuses it itself (say a bundle's directory lacks the configured
+# agent), any other KynaraError when it could not activate it now (the
+# audit log is down).
+Activate = Callable[[Any, BundleEntry], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Followed:
+    """What a follower follows: signed bundles, or signed directory updates.
+
+    Everything a ``BundleFollower`` does is the same for both but these:
+    how an entry is verified, what its errors are, the setting that lists
+    its trusted keys, the metrics it moves, and the word its log lines and
+    messages use.
+    """
+
+    # The word for one entry in logs and messages: "bundle", "directory".
+    noun: str
+    # (data, trusted keys) -> a verified value with ``revision`` and
+    # ``created``; raises ``error`` (whose ``kind`` names the problem).
+    verify: Callable[[bytes, Mapping[str, PublicKey]], Any]
+    error: type[KynaraError]
+    # The setting listing the publishers' public keys, for the hint on an
+    # unknown key.
+    trusted_setting: str
+    # The directory revision an active entry serves.
+    directory_revision: Callable[[Any], str]
+    count_sync: Callable[[Metrics, str], None]
+    count_refusal: Callable[[Metrics, str], None]
+    # (metrics, revision, created as Unix seconds or None).
+    set_active: Callable[[Metrics, str, float | None], None]
+
+
+BUNDLES = Followed(
+    noun="bundle",
+    verify=verify_bundle,
+    error=BundleError,
+    trusted_setting="policy.trusted_keys",
+    directory_revision=lambda verified: verified.directory_revision,
+    count_sync=lambda metrics, outcome: metrics.policy_sync.labels(outcome).inc(),
+    count_refusal=Metrics.count_bundle_refusal,
+    set_active=Metrics.set_bundle_revision,
+)
+
+
+def directory_updates() -> Followed:
+    """What a follower of ``directory.store`` follows: the collector's
+    signed directory updates (``sync.directory``)."""
+    # Imported here: sync.directory names its digests with bundle_digest,
+    # so importing it at the top would make the two modules a cycle.
+    from kynara_sidecar.sync.directory import DirectoryError, verify_directory_update
+
+    return Followed(
+        noun="directory",
+        verify=verify_directory_update,
+        error=DirectoryError,
+        trusted_setting="directory.trusted_keys",
+        directory_revision=lambda verified: verified.revision,
+        count_sync=Metrics.count_directory_sync,
+        count_refusal=Metrics.count_directory_refusal,
+        set_active=Metrics.set_directory_revision,
+    )
+
+
+class DirectorySource:
+    """A store's signed directory as a ``BundleSource``: what a follower
+    made with ``directory_updates()`` reads (``current_directory``,
+    ``watch_directory``)."""
+
+    def __init__(self, store: Any):
+        self._store = store
+        self.url: str = store.url
+
+    async def connect(self) -> None:
+        await self._store.connect()
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    async def current_bundle(self) -> BundleEntry | None:
+        return await self._store.current_directory()
+
+    def watch_bundles(self) -> AsyncIterator[BundleEntry]:
+        return self._store.watch_directory()
 
 
 def bundle_digest(data: bytes) -> str:
@@ -219,11 +315,14 @@ class _Refused(Exception):
 
 
 _TOO_LARGE = str(BundleProblem.TOO_LARGE)
-# A bundle error's kind -> what the daemon adds so an operator knows what
-# to change.
-_HINTS = {
-    BundleProblem.UNKNOWN_KEY: "; add its public key to policy.trusted_keys",
-}
+
+
+def _hint(followed: Followed, kind: str) -> str:
+    """What the daemon adds to a verify error so an operator knows what to
+    change."""
+    if kind == str(BundleProblem.UNKNOWN_KEY):
+        return f"; add its public key to {followed.trusted_setting}"
+    return ""
 
 
 def _sameness(sync: LastSync) -> tuple[object, ...]:
@@ -257,6 +356,9 @@ class BundleFollower:
             publish the daemon's status at once.
         max_clock_skew_seconds: how far a bundle's ``created`` may be ahead
             of ``clock`` (``sync.max_clock_skew_seconds``).
+        followed: what it follows: ``BUNDLES``, or ``directory_updates()``
+            over a ``DirectorySource`` (``trusted`` then holds the
+            directory keys).
     """
 
     def __init__(
@@ -272,8 +374,10 @@ class BundleFollower:
         retry_max_seconds: float = 30.0,
         on_outcome: Callable[[LastSync], None] | None = None,
         max_clock_skew_seconds: float = 300.0,
+        followed: Followed = BUNDLES,
     ):
         self.source = source
+        self.followed = followed
         self._max_skew = max_clock_skew_seconds
         self._on_outcome = on_outcome
         self._trusted = dict(trusted)
@@ -300,7 +404,9 @@ class BundleFollower:
     def start(self) -> None:
         """Follow the source in the background until ``close``."""
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="kynara-bundle-follower")
+            self._task = asyncio.create_task(
+                self._run(), name=f"kynara-{self.followed.noun}-follower"
+            )
 
     async def close(self, timeout: float | None = None) -> bool:
         """Stop following and close the source. Idempotent.
@@ -348,7 +454,8 @@ class BundleFollower:
                 )
             except _Refused as err:
                 log.error(
-                    "stored bundle refused; waiting for one from the source",
+                    f"stored {self.followed.noun} refused; waiting for one from "
+                    "the source",
                     extra=_fields(
                         error=str(err), kind=err.kind, source=self.source.url
                     ),
@@ -393,7 +500,7 @@ class BundleFollower:
                 return self._record(
                     SyncOutcome.UNCHANGED,
                     previous,
-                    f"{self.source.url} holds no bundle yet; publish one",
+                    f"{self.source.url} holds no {self.followed.noun} yet; publish one",
                 )
             if previous is not None and entry.digest == previous.digest:
                 return self._record(
@@ -420,8 +527,9 @@ class BundleFollower:
             self._set_active(verified, entry)
             return self._record(SyncOutcome.ACTIVATED, previous, digest=entry.digest)
 
-    async def _verify(self, entry: BundleEntry, origin: str) -> VerifiedBundle:
-        where = f"bundle {entry.digest} {origin}"
+    async def _verify(self, entry: BundleEntry, origin: str) -> Any:
+        followed = self.followed
+        where = f"{followed.noun} {entry.digest} {origin}"
         if bundle_digest(entry.data) != entry.digest:
             raise _Refused(
                 f"{where}: malformed: its bytes hash to {bundle_digest(entry.data)}, "
@@ -429,26 +537,28 @@ class BundleFollower:
                 str(BundleProblem.MALFORMED),
             )
         try:
-            return await asyncio.to_thread(verify_bundle, entry.data, self._trusted)
-        except BundleError as err:
-            hint = _HINTS.get(err.kind, "")
-            raise _Refused(f"{where}: {err}{hint}", str(err.kind)) from err
+            return await asyncio.to_thread(followed.verify, entry.data, self._trusted)
+        except followed.error as err:
+            kind = str(getattr(err, "kind", ""))
+            hint = _hint(followed, kind)
+            raise _Refused(f"{where}: {err}{hint}", kind) from err
 
-    def _check_created(self, verified: VerifiedBundle) -> None:
+    def _check_created(self, verified: Any) -> None:
         now = Timestamp.from_nanos(self._clock())
         try:
             ahead = seconds_ahead(verified.created, now)
         except ValueError as err:
             raise _Refused(
-                f"bundle of revision {verified.revision}: malformed: its "
-                f"manifest's created: {err}",
+                f"{self.followed.noun} of revision {verified.revision}: "
+                f"malformed: its manifest's created: {err}",
                 str(BundleProblem.MALFORMED),
             ) from None
         if ahead > self._max_skew:
             raise _Refused(
-                f"bundle of revision {verified.revision} was created in the "
-                f"future: created {verified.created}, {ahead:.0f}s ahead of this "
-                f"daemon's clock ({format_timestamp(now)}), more than "
+                f"{self.followed.noun} of revision {verified.revision} was "
+                f"created in the future: created {verified.created}, "
+                f"{ahead:.0f}s ahead of this daemon's clock "
+                f"({format_timestamp(now)}), more than "
                 f"sync.max_clock_skew_seconds ({self._max_skew:g}); fix the "
                 "publisher's clock (or this machine's) and publish it again",
                 "future",
@@ -457,7 +567,7 @@ class BundleFollower:
             )
 
     def _check_order(
-        self, verified: VerifiedBundle, previous: ActiveBundle | None, force: bool
+        self, verified: Any, previous: ActiveBundle | None, force: bool
     ) -> None:
         if previous is None or force:
             return
@@ -465,27 +575,26 @@ class BundleFollower:
             older = _instant(verified.created) < _instant(previous.created)
         except ValueError as err:
             raise _Refused(
-                f"bundle of revision {verified.revision}: malformed: its "
-                f"manifest's created: {err}",
+                f"{self.followed.noun} of revision {verified.revision}: "
+                f"malformed: its manifest's created: {err}",
                 str(BundleProblem.MALFORMED),
             ) from None
         if older:
             raise _Refused(
-                f"bundle of revision {verified.revision} (created "
+                f"{self.followed.noun} of revision {verified.revision} (created "
                 f"{verified.created}) is older than the active revision "
                 f"{previous.revision} (created {previous.created}); run "
                 "`kynara-sidecar sync now --force` to take it anyway",
                 "older",
             )
 
-    async def _call_activate(
-        self, verified: VerifiedBundle, entry: BundleEntry
-    ) -> None:
-        where = f"bundle {entry.digest} (revision {verified.revision})"
+    async def _call_activate(self, verified: Any, entry: BundleEntry) -> None:
+        where = f"{self.followed.noun} {entry.digest} (revision {verified.revision})"
         try:
             await self._activate(verified, entry)
-        except BundleError as err:
-            raise _Refused(f"{where}: {err}", str(err.kind)) from err
+        except (BundleError, self.followed.error) as err:
+            kind = str(getattr(err, "kind", "unusable"))
+            raise _Refused(f"{where}: {err}", kind) from err
         except PolicyError as err:
             raise _Refused(f"{where}: {err}", "unusable") from err
         except KynaraError as err:
@@ -494,14 +603,16 @@ class BundleFollower:
                 f"{where}: not activated: {err}", "not_activated", remember=False
             ) from err
 
-    def _set_active(self, verified: VerifiedBundle, entry: BundleEntry) -> None:
+    def _set_active(self, verified: Any, entry: BundleEntry) -> None:
         self.active = ActiveBundle(
             digest=entry.digest,
             revision=verified.revision,
-            directory_revision=verified.directory_revision,
+            directory_revision=self.followed.directory_revision(verified),
             created=verified.created,
         )
-        self._metrics.set_bundle_revision(verified.revision, _epoch(verified.created))
+        self.followed.set_active(
+            self._metrics, verified.revision, _epoch(verified.created)
+        )
 
     def _record(
         self,
@@ -522,36 +633,40 @@ class BundleFollower:
             kind=kind,
         )
         before, self.last_sync = self.last_sync, result
-        self._metrics.policy_sync.labels(str(outcome)).inc()
+        noun = self.followed.noun
+        self.followed.count_sync(self._metrics, str(outcome))
         if outcome is SyncOutcome.REFUSED:
-            self._metrics.count_bundle_refusal(kind)
+            self.followed.count_refusal(self._metrics, kind)
         changed = before is None or _sameness(before) != _sameness(result)
         if changed and self._on_outcome is not None:
             self._on_outcome(result)
+        revision_field = (
+            "policy_revision" if self.followed is BUNDLES else "directory_revision"
+        )
         fields = _fields(
             outcome=str(outcome),
             source=self.source.url,
-            policy_revision=result.revision,
             digest=digest,
+            **{revision_field: result.revision},
         )
         if outcome is SyncOutcome.REFUSED and changed:
             log.error(
-                "bundle refused; previous revision stays active",
+                f"{noun} refused; previous revision stays active",
                 extra={"fields": {**fields["fields"], "kind": kind, "error": error}},
             )
         elif outcome is SyncOutcome.REFUSED:
             # The same refusal again (a too-large bundle the loop retries):
             # logged once at ERROR while it lasts.
-            log.debug("bundle still refused", extra=fields)
+            log.debug(f"{noun} still refused", extra=fields)
         elif outcome is SyncOutcome.UNREACHABLE:
             log.warning(
-                "bundle source unreachable; serving what is active",
+                f"{noun} source unreachable; serving what is active",
                 extra={"fields": {**fields["fields"], "error": error}},
             )
         elif outcome is SyncOutcome.ACTIVATED:
-            log.info("bundle activated", extra=fields)
+            log.info(f"{noun} activated", extra=fields)
         else:
-            log.debug("bundle unchanged", extra=fields)
+            log.debug(f"{noun} unchanged", extra=fields)
         return result
 
     # ----------------------------------------------------------------- loop
@@ -569,7 +684,7 @@ class BundleFollower:
                 )
             except Exception as err:
                 # A bug must not end following for good: count it, retry.
-                log.exception("bundle follower failed", extra=_fields())
+                log.exception(f"{self.followed.noun} follower failed", extra=_fields())
                 self._lost = True
                 self._record(SyncOutcome.UNREACHABLE, self.active, repr(err))
             await self._pause()
@@ -596,7 +711,9 @@ class BundleFollower:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
-            raise StoreUnavailable(f"{self.source.url}: the bundle watch ended")
+            raise StoreUnavailable(
+                f"{self.source.url}: the {self.followed.noun} watch ended"
+            )
         finally:
             await _settle(tasks)
 
@@ -606,7 +723,10 @@ class BundleFollower:
             if self._lost:
                 self._lost = False
                 log.info(
-                    "watching bundles again", extra=_fields(source=self.source.url)
+                    f"watching {self.followed.noun} updates again"
+                    if self.followed is not BUNDLES
+                    else "watching bundles again",
+                    extra=_fields(source=self.source.url),
                 )
             await self._offer(entry, force=False, from_loop=True)
 
@@ -616,6 +736,72 @@ class BundleFollower:
             entry = await self.source.current_bundle()
             self._failures = 0
             await self._offer(entry, force=False, from_loop=True)
+
+
+# Which outcome of two a combined sync reports: the one an operator must
+# act on first.
+_OUTCOME_RANK = {
+    SyncOutcome.UNCHANGED: 0,
+    SyncOutcome.ACTIVATED: 1,
+    SyncOutcome.UNREACHABLE: 2,
+    SyncOutcome.REFUSED: 3,
+}
+
+
+class Followers:
+    """The daemon's followers as one, for SIGHUP and ``sync now``.
+
+    Args:
+        bundles: the follower of ``policy.source`` (None when the policies
+            are files).
+        directory: the follower of ``directory.store`` (None when the
+            directory comes with the policies).
+    """
+
+    def __init__(
+        self, bundles: BundleFollower | None, directory: BundleFollower | None
+    ):
+        self.bundles = bundles
+        self.directory = directory
+
+    async def sync_now(self, *, force: bool = False) -> LastSync:
+        """Sync the directory, then the bundle, once each.
+
+        Args:
+            force: take a bundle or directory older than the active one.
+
+        Returns:
+            With one follower, its outcome. With both, the bundle's, whose
+            outcome becomes the directory's when that one is worse (refused
+            before unreachable before activated), and whose ``error``
+            (``kind`` when the bundle has none) then tells the directory's
+            problem, prefixed "directory: ".
+        """
+        # TODO(#12): SyncNowResponse has no field of its own for the
+        # directory's outcome (protos/kynara/v1/sync.proto); until it does,
+        # the directory's problem travels in the bundle's error.
+        directory = bundles = None
+        if self.directory is not None:
+            directory = await self.directory.sync_now(force=force)
+        if self.bundles is not None:
+            bundles = await self.bundles.sync_now(force=force)
+        if bundles is None or directory is None:
+            result = bundles or directory
+            assert result is not None, "Followers needs at least one follower"
+            return result
+        if _OUTCOME_RANK[directory.outcome] <= _OUTCOME_RANK[bundles.outcome]:
+            return bundles
+        if directory.outcome is SyncOutcome.ACTIVATED:
+            return msgspec.structs.replace(bundles, outcome=directory.outcome)
+        error = "; ".join(
+            part for part in (bundles.error, f"directory: {directory.error}") if part
+        )
+        return msgspec.structs.replace(
+            bundles,
+            outcome=directory.outcome,
+            error=error,
+            kind=bundles.kind or directory.kind,
+        )
 
 
 async def _settle(

@@ -10,6 +10,22 @@ idempotent, so daemons racing to create the same thing all succeed):
   ``max_payload`` (1 MiB by default) is refused with ``BundleTooLarge``.
 - key-value bucket ``kynara_status``, key ``daemon_token(daemon_id)``: each
   daemon's status document.
+- key-value bucket ``kynara_directory``: the collector's signed directory
+  update (``sync.directory``), which can be tens of megabytes, so it goes
+  in chunks of at most the server's ``max_payload`` (less a margin) under
+  keys ``chunk.<slot>.<n>``, then key ``current`` names it: canonical JSON
+  ``{"v": 1, "digest", "size", "slot", "chunks"}``. The two slots, ``a``
+  and ``b``, alternate: a publish writes the slot ``current`` does not
+  name, so a reader of the current update is disturbed only by a second
+  publish while it reads, which it notices by the digest and reads
+  ``current`` again. The bucket holds at most two updates (and the
+  leftover chunks of a longer one). It is made by the first
+  ``publish_directory`` (the collector's), not by ``connect``, so users
+  that never read a directory (the bundle publisher, a daemon without
+  ``directory.store``) need no permission for it; until then a daemon
+  reads no directory, and its watch ends with ``StoreUnavailable`` and is
+  started again by the caller. ``watch_directory`` is a watch of
+  ``current``.
 - key-value bucket ``kynara_approvals``, key ``<daemon_token>.<approval
   id>``: each approval's latest published state; ``watch_approvals`` is a
   watch over the bucket.
@@ -52,11 +68,12 @@ request subjects ``$JS.API.<call>.<stream>``; a key-value put is a publish
 to ``$KV.<bucket>.<key>``). Every key-value watch and read of several keys
 creates its consumer with ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``
 (``_KeyWatch``), which the server refuses unless the consumer's filter is
-the one the subject names: so a daemon may watch only its own reviews and
-the current bundle. What a daemon's user can still learn of others: the
-keys of the status and approvals buckets (daemon tokens and approval ids,
-never their values), through the ``STREAM.INFO`` lookups ``connect``
-makes, whose request may ask for the stream's subjects.
+the one the subject names: so a daemon may watch only its own reviews,
+the current bundle and the current directory. What a daemon's user can
+still learn of others: the keys of the status and approvals buckets
+(daemon tokens and approval ids, never their values), through the
+``STREAM.INFO`` lookups ``connect`` makes, whose request may ask for the
+stream's subjects.
 ``publisher_permissions`` and ``collector_permissions`` list the other two
 users'. A refused publish or
 subscription gets no answer, only a notice on the connection: the call
@@ -81,6 +98,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import secrets
 import typing
@@ -107,6 +125,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
     MAX_APPROVAL_BYTES,
+    MAX_DIRECTORY_BYTES,
     MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
@@ -126,6 +145,7 @@ __all__ = [
     "APPROVALS_BUCKET",
     "REVIEWS_BUCKET",
     "BUNDLES_BUCKET",
+    "DIRECTORY_BUCKET",
     "CURRENT_KEY",
     "DUPLICATE_WINDOW_SECONDS",
     "MAX_ACK_PENDING",
@@ -140,6 +160,13 @@ __all__ = [
 ]
 
 BUNDLES_BUCKET = "kynara_bundles"
+DIRECTORY_BUCKET = "kynara_directory"
+DIRECTORY_SLOTS = ("a", "b")
+# Room left in a message for the key-value put's framing.
+_CHUNK_MARGIN = 4096
+# Reads of the current directory update before giving up when publishes
+# keep replacing it.
+_DIRECTORY_READS = 3
 STATUS_BUCKET = "kynara_status"
 APPROVALS_BUCKET = "kynara_approvals"
 REVIEWS_BUCKET = "kynara_reviews"
@@ -256,6 +283,7 @@ class NatsStore:
         self._status: KeyValue | None = None
         self._approvals: KeyValue | None = None
         self._reviews: KeyValue | None = None
+        self._directory: KeyValue | None = None
         self._lock: asyncio.Lock | None = None
 
     # -- connection
@@ -367,6 +395,7 @@ class NatsStore:
 
     async def _drop(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
+        self._directory = None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(*_UNAVAILABLE):
                 await nc.close()
@@ -474,6 +503,174 @@ class NatsStore:
             if update is not None:
                 data = update[1]
                 yield BundleEntry(digest=_digest(data), data=data)
+
+    # -- signed directory
+
+    async def _directory_bucket(self, *, create: bool) -> KeyValue | None:
+        """The directory bucket; None when it does not exist yet and
+        ``create`` is false (a daemon's user may not create it)."""
+        js = await self._ensure()
+        if self._directory is not None:
+            return self._directory
+        try:
+            self._directory = await js.key_value(DIRECTORY_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            if not create:
+                return None
+            self._directory = await self._bucket(js, DIRECTORY_BUCKET)
+        return self._directory
+
+    async def publish_directory(self, digest: str, data: bytes) -> None:
+        """Make ``data`` (a signed directory update whose ``bundle_digest``
+        is ``digest``) the current directory: its chunks into the slot not
+        in use, then ``current``.
+
+        Raises:
+            ValueError: ``digest`` is not ``data``'s digest.
+            BundleTooLarge: ``data`` is larger than ``MAX_DIRECTORY_BYTES``.
+            StoreUnavailable: the server is away or did not acknowledge.
+        """
+        if _digest(data) != digest:
+            raise ValueError(
+                f"expected digest {_digest(data)} of the data, got {digest[:80]!r}"
+            )
+        if len(data) > MAX_DIRECTORY_BYTES:
+            raise BundleTooLarge(
+                f"{self.url}: a directory update of {len(data)} bytes exceeds "
+                f"MAX_DIRECTORY_BYTES ({MAX_DIRECTORY_BYTES})"
+            )
+
+        async def publish() -> None:
+            bucket = await self._directory_bucket(create=True)
+            assert bucket is not None and self._nc is not None
+            pointer = await self._directory_pointer(bucket)
+            used = pointer["slot"] if pointer else DIRECTORY_SLOTS[1]
+            slot = DIRECTORY_SLOTS[1 - DIRECTORY_SLOTS.index(used)]
+            size = max(1, self._nc.max_payload - _CHUNK_MARGIN)
+            chunks = [data[start : start + size] for start in range(0, len(data), size)]
+            for index, chunk in enumerate(chunks or [b""]):
+                await bucket.put(f"chunk.{slot}.{index}", chunk)
+            await bucket.put(
+                CURRENT_KEY,
+                json.dumps(
+                    {
+                        "v": 1,
+                        "digest": digest,
+                        "size": len(data),
+                        "slot": slot,
+                        "chunks": max(1, len(chunks)),
+                    },
+                    sort_keys=True,
+                    separators=(",", ":"),
+                ).encode(),
+            )
+
+        await self._bounded(
+            "publish directory", publish(), f"$KV.{DIRECTORY_BUCKET}.{CURRENT_KEY}"
+        )
+
+    async def _directory_pointer(self, bucket: KeyValue) -> dict | None:
+        try:
+            entry = await bucket.get(CURRENT_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return self._parse_pointer(entry.value or b"")
+
+    def _parse_pointer(self, raw: bytes) -> dict:
+        where = f"{self.url}: {DIRECTORY_BUCKET}.{CURRENT_KEY}"
+        try:
+            pointer = json.loads(raw)
+        except ValueError as err:
+            raise StoreUnavailable(f"{where}: expected JSON, got: {err}") from None
+        fields = {"v", "digest", "size", "slot", "chunks"}
+        if (
+            not isinstance(pointer, dict)
+            or set(pointer) != fields
+            or pointer["v"] != 1
+            or pointer["slot"] not in DIRECTORY_SLOTS
+            or not isinstance(pointer["digest"], str)
+            or not isinstance(pointer["size"], int)
+            or not isinstance(pointer["chunks"], int)
+            or not 0 <= pointer["size"] <= MAX_DIRECTORY_BYTES
+            or not 1 <= pointer["chunks"] <= max(1, pointer["size"])
+        ):
+            raise StoreUnavailable(
+                f"{where}: expected {{v: 1, digest, size (at most "
+                f"{MAX_DIRECTORY_BYTES}), slot (a or b), chunks}}, got "
+                f"{raw[:200]!r}"
+            )
+        return pointer
+
+    async def _read_directory(
+        self, bucket: KeyValue, pointer: dict | None
+    ) -> BundleEntry | None:
+        """The update ``pointer`` (else ``current``) names, read again from
+        ``current`` while a publish replaces the slot being read."""
+        for _ in range(_DIRECTORY_READS):
+            if pointer is None:
+                pointer = await self._directory_pointer(bucket)
+                if pointer is None:
+                    return None
+            parts = []
+            for index in range(pointer["chunks"]):
+                try:
+                    entry = await bucket.get(f"chunk.{pointer['slot']}.{index}")
+                except nats.js.errors.KeyNotFoundError:
+                    break
+                parts.append(entry.value or b"")
+                if sum(map(len, parts)) > pointer["size"]:
+                    break
+            data = b"".join(parts)
+            if len(data) == pointer["size"] and _digest(data) == pointer["digest"]:
+                return BundleEntry(digest=pointer["digest"], data=data)
+            pointer = None
+        raise StoreUnavailable(
+            f"{self.url}: {DIRECTORY_BUCKET}: the directory update changed or was "
+            f"incomplete on each of {_DIRECTORY_READS} reads"
+        )
+
+    async def current_directory(self) -> BundleEntry | None:
+        """The current signed directory update, or None when none was
+        published (the bucket may not exist yet)."""
+
+        async def read() -> BundleEntry | None:
+            bucket = await self._directory_bucket(create=False)
+            if bucket is None:
+                return None
+            return await self._read_directory(bucket, None)
+
+        return await self._bounded("read current directory", read())
+
+    async def watch_directory(self) -> AsyncIterator[BundleEntry]:
+        """The current signed directory update, then each new one as the
+        server sends its ``current`` key.
+
+        Raises:
+            StoreUnavailable: the bucket does not exist yet (no directory
+                was ever published), the watch could not start, or the
+                connection was lost.
+        """
+        bucket = await self._bounded(
+            "watch directory", self._directory_bucket(create=False)
+        )
+        if bucket is None:
+            raise StoreUnavailable(
+                f"{self.url}: watch directory: bucket {DIRECTORY_BUCKET} does not "
+                "exist yet (no collector has published a directory)"
+            )
+        seen = ""
+        async for update in self._watch("directory", DIRECTORY_BUCKET, CURRENT_KEY):
+            if update is None:
+                continue
+            pointer = self._parse_pointer(update[1])
+            if pointer["digest"] == seen:
+                continue
+            entry = await self._bounded(
+                "read current directory", self._read_directory(bucket, pointer)
+            )
+            if entry is not None:
+                seen = entry.digest
+                yield entry
 
     # -- segments
 
@@ -922,13 +1119,24 @@ def _lookups() -> list[str]:
     return [f"$JS.API.STREAM.INFO.{stream}" for stream in streams]
 
 
+def _directory_reads() -> list[str]:
+    """Reading and watching the signed directory (``watch_directory``)."""
+    stream = f"KV_{DIRECTORY_BUCKET}"
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        *_watch_subjects(DIRECTORY_BUCKET, CURRENT_KEY),
+    ]
+
+
 def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]]:
     """The subjects a daemon's NATS user needs, for the server's
     ``permissions`` block: ``{"publish": [...], "subscribe": [...]}``.
 
     It may ship segments, write its status, put its approvals and drop its
     reviews under its own ``daemon_token`` only; look up the streams and
-    buckets; read and watch the current bundle; watch its own reviews
+    buckets; read and watch the current bundle and the current signed
+    directory (never publish one); watch its own reviews
     (a consumer filtered to its token: ``_KeyWatch``); and receive replies
     under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``) only. It may
     not publish a bundle, create or delete a stream, or read other
@@ -944,6 +1152,7 @@ def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]
         f"$JS.API.STREAM.MSG.GET.KV_{BUNDLES_BUCKET}",
         *_watch_subjects(BUNDLES_BUCKET, CURRENT_KEY),
         *_watch_subjects(REVIEWS_BUCKET, f"{token}.>"),
+        *_directory_reads(),
     ]
     return {"publish": publish, "subscribe": [f"{inbox_prefix}.>"]}
 
@@ -970,8 +1179,9 @@ def collector_permissions(inbox_prefix: str) -> dict[str, list[str]]:
     """The subjects the collector's NATS user needs: JetStream's API (it
     creates the stream, the buckets and its durable consumer, reads
     statuses and watches approvals), acknowledging segment messages,
-    putting and dropping reviews, and its own replies. It publishes no
-    bundle, segment, status or approval.
+    putting and dropping reviews, publishing the signed directory (it
+    creates its bucket), and its own replies. It publishes no bundle,
+    segment, status or approval.
 
     ``deny`` (publish) keeps it from the calls that would remove or change
     segment messages before it reads them: deleting, purging or updating
@@ -984,6 +1194,7 @@ def collector_permissions(inbox_prefix: str) -> dict[str, list[str]]:
             f"$JS.ACK.{stream}.>",
             "$JS.FC.>",
             f"$KV.{REVIEWS_BUCKET}.>",
+            f"$KV.{DIRECTORY_BUCKET}.>",
         ],
         "deny": [
             f"$JS.API.STREAM.DELETE.{stream}",

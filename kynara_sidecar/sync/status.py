@@ -44,6 +44,7 @@ __all__ = [
     "AuditStatusV1",
     "CheckpointStatusV1",
     "DaemonStatusV1",
+    "DirectoryStatusV1",
     "FleetRow",
     "LastSyncV1",
     "PolicyStatusV1",
@@ -52,6 +53,7 @@ __all__ = [
     "audit_status",
     "daemon_status",
     "decode_status",
+    "directory_status",
     "encode_status",
     "fleet_json",
     "fleet_rows",
@@ -94,6 +96,22 @@ class PolicyStatusV1(msgspec.Struct, kw_only=True):
     directory_revision: str = ""
     # The active bundle's digest, "" when policies come from a directory.
     bundle_digest: str = ""
+    last_sync: LastSyncV1 | None = None
+
+
+class DirectoryStatusV1(msgspec.Struct, kw_only=True):
+    """The collector's signed directory the daemon follows
+    (``directory.store``)."""
+
+    # directory.store.
+    source: str = ""
+    # The active signed directory's revision, "" before one is active.
+    revision: str = ""
+    # When the collector created it, RFC 3339 UTC; "" before one is active.
+    created: str = ""
+    # The digest of its signed update, "" before one is active.
+    digest: str = ""
+    # The last directory sync (its revision is the directory's).
     last_sync: LastSyncV1 | None = None
 
 
@@ -141,6 +159,8 @@ class DaemonStatusV1(msgspec.Struct, kw_only=True):
     # status stale past STALE_INTERVALS of these.
     status_seconds: float
     policy: PolicyStatusV1 = msgspec.field(default_factory=PolicyStatusV1)
+    # None when the directory comes with the policies (no directory.store).
+    directory: DirectoryStatusV1 | None = None
     audit: AuditStatusV1 = msgspec.field(default_factory=AuditStatusV1)
     # None when this daemon does not ship segments (sync.ship_segments off).
     shipping: ShippingStatusV1 | None = None
@@ -186,21 +206,42 @@ def policy_status(
     """The policy part of the status: the active revisions, and with signed
     bundles the active bundle and the follower's last sync."""
     active = follower.active if follower is not None else None
-    last = follower.last_sync if follower is not None else None
     return PolicyStatusV1(
         source=source,
         revision=policies.policy_set.revision if policies else "",
         directory_revision=policies.directory.revision if policies else "",
         bundle_digest=active.digest if active is not None else "",
-        last_sync=None
-        if last is None
-        else LastSyncV1(
-            time=last.time,
-            outcome=str(last.outcome),
-            error=last.error,
-            revision=last.revision,
-            kind=last.kind,
-        ),
+        last_sync=_last_sync(follower),
+    )
+
+
+def directory_status(
+    source: str, follower: BundleFollower | None
+) -> DirectoryStatusV1 | None:
+    """The signed directory part of the status: the follower's active
+    directory and last sync; None without ``directory.store``."""
+    if follower is None:
+        return None
+    active = follower.active
+    return DirectoryStatusV1(
+        source=source,
+        revision=active.revision if active is not None else "",
+        created=active.created if active is not None else "",
+        digest=active.digest if active is not None else "",
+        last_sync=_last_sync(follower),
+    )
+
+
+def _last_sync(follower: BundleFollower | None) -> LastSyncV1 | None:
+    last = follower.last_sync if follower is not None else None
+    if last is None:
+        return None
+    return LastSyncV1(
+        time=last.time,
+        outcome=str(last.outcome),
+        error=last.error,
+        revision=last.revision,
+        kind=last.kind,
     )
 
 
@@ -212,6 +253,7 @@ def daemon_status(
     policy: PolicyStatusV1,
     audit: AuditStore,
     shipping: ShippingStatusV1 | None,
+    directory: DirectoryStatusV1 | None = None,
 ) -> DaemonStatusV1:
     """The whole document, as of ``now_nanos``."""
     return DaemonStatusV1(
@@ -220,6 +262,7 @@ def daemon_status(
         time=format_timestamp(Timestamp.from_nanos(now_nanos)),
         status_seconds=status_seconds,
         policy=policy,
+        directory=directory,
         audit=audit_status(audit),
         shipping=shipping,
     )
@@ -431,7 +474,16 @@ def fleet_rows(documents: dict[str, bytes], now_nanos: int) -> list[FleetRow]:
     return sorted(rows, key=lambda row: (row.daemon_id, row.stored_under))
 
 
-_COLUMNS = ("DAEMON", "REVISION", "LAST SYNC", "HEAD", "CHECKPOINT", "BACKLOG", "AGE")
+_COLUMNS = (
+    "DAEMON",
+    "REVISION",
+    "LAST SYNC",
+    "DIRECTORY",
+    "HEAD",
+    "CHECKPOINT",
+    "BACKLOG",
+    "AGE",
+)
 # A revision is "sha256:" and 64 hex digits; 12 of them tell revisions apart.
 _SHORT_REVISION = len("sha256:") + 12
 
@@ -441,6 +493,20 @@ def _sync_cell(policy: PolicyStatusV1) -> str:
     if last is None:
         return "-"
     return f"{last.outcome}: {last.error}" if last.error else last.outcome
+
+
+def _directory_cell(directory: DirectoryStatusV1 | None) -> str:
+    """The signed directory's revision and created, and its last sync when
+    that one did not go well; "-" without directory.store."""
+    if directory is None:
+        return "-"
+    cell = "none yet"
+    if directory.revision:
+        cell = f"{directory.revision[:_SHORT_REVISION]} ({directory.created})"
+    last = directory.last_sync
+    if last is not None and last.error:
+        cell += f", {last.outcome}: {last.error}"
+    return cell
 
 
 def _backlog_cell(shipping: ShippingStatusV1 | None) -> str:
@@ -460,7 +526,7 @@ def _backlog_cell(shipping: ShippingStatusV1 | None) -> str:
 def _cells(row: FleetRow) -> tuple[str, ...]:
     status = row.status
     if status is None:
-        return (row.daemon_id, "-", row.error, "-", "-", "-", "-")
+        return (row.daemon_id, "-", row.error, "-", "-", "-", "-", "-")
     checkpoint = status.audit.latest_checkpoint
     age = f"{row.age_seconds:.0f}s" + (" STALE" if row.stale else "")
     name = row.daemon_id
@@ -470,6 +536,7 @@ def _cells(row: FleetRow) -> tuple[str, ...]:
         name,
         status.policy.revision[:_SHORT_REVISION] or "-",
         _sync_cell(status.policy),
+        _directory_cell(status.directory),
         str(status.audit.head),
         f"{checkpoint.tree_size} at {checkpoint.time}" if checkpoint else "-",
         _backlog_cell(status.shipping),

@@ -1,0 +1,768 @@
+"""The collector's SCIM 2.0 service provider: identity providers provision
+users, agents and groups, and each change becomes a directory revision.
+
+Served on the collector's HTTP listener under ``/scim/v2/`` (``/scim/``
+without the version works too, RFC 7644 §3.13), with ``scim.enabled``. The
+protocol is scim2-server's: each aiohttp request becomes a framework-free
+``ScimRequest``, an ``AsyncScimHandler`` answers it (filters, PATCH paths,
+ETags, sorting, paging, bulk and discovery are the library's), and its
+``ScimResponse`` goes back as is. Nothing here parses a filter or a path.
+
+Resources:
+
+- ``/Users``: core User with the enterprise extension and the Kynara
+  principal extension ``urn:kynara:params:scim:schemas:extension:principal:2.0:User``
+  (``kind``: "user" or "agent", default user; ``owner``: the team owning an
+  agent). An agent is a User with ``kind: agent``: an IdP that provisions
+  users provisions agents with the same connector, and groups hold both.
+- ``/Groups``: core Group; ``members`` name users by their SCIM id.
+
+Principals (what the directory holds, ``principals_of``): one per User,
+``id`` its ``userName`` (in NFC; a name the policy engine refuses, see
+``policy.names.canonical_name``, is answered 400 ``invalidValue`` naming
+``userName``), ``kind`` from the extension, ``active`` as given, ``roles``
+the union of ``scim.group_roles`` over the display names of the groups it
+is a direct member of, and ``attributes``: ``email`` (the primary email,
+else the first), ``display_name``, ``groups`` (sorted display names), the
+enterprise extension's ``employee_number``, ``cost_center``,
+``organization``, ``division``, ``department`` and ``manager`` (the
+manager's principal id), and ``owner``, each only when given. Nested
+groups give no roles; a member id that names no User is ignored.
+
+Storage (``ScimStore``): every resource in memory (scim2-server's
+``InMemoryStorage``: indexes, filters, uniqueness) and in an LMDB
+environment of its own (``scim.path``). A write is committed (and synced)
+before it is answered; a failed commit undoes the change in memory and is
+answered 500. ``meta`` (ids, created, lastModified, version) is stored, so
+ETags survive a restart; versions come from a counter kept in the same
+transaction. Passwords are never stored (``changePassword`` is not
+supported; a ``password`` sent is dropped).
+
+Publishing (``DirectoryPublishing``): after a committed write the newest
+directory content is handed to the injected ``publish`` (the collector's
+``DirectoryPublisher``) from a background task: the IdP is answered after
+the local commit, never after the store; a burst publishes the newest
+state, not every step; a failed publish is retried after ``retry_seconds``
+with whatever is newest then. At start the current content is published
+once, so a crash between a commit and its publication converges.
+
+Authentication: ``authorization: Bearer <secret>`` of one of
+``scim.credentials``, checked as the admin listener checks its own
+(``server.admin.AdminCredentials``: SHA-256 digests, constant time, every
+credential compared). A refusal is 401 with ``WWW-Authenticate: Bearer``
+and a SCIM Error body, logged at WARNING (never the secret) and counted.
+``/ServiceProviderConfig`` needs no credential (RFC 7644 §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import pathlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, cast
+
+import lmdb
+from aiohttp import web
+from pydantic import Field
+from scim2_models import (
+    URN,
+    AuthenticationScheme,
+    Bulk,
+    ChangePassword,
+    EnterpriseUser,
+    ETag,
+    Extension,
+    External,
+    Filter,
+    Group,
+    InvalidValueException,
+    Patch,
+    Reference,
+    Resource,
+    ResourceType,
+    ResponseParameters,
+    SCIMException,
+    ScimProvider,
+    SearchRequest,
+    ServiceProviderConfig,
+    Sort,
+    UnauthorizedException,
+    UniquenessException,
+    User,
+)
+from scim2_server.applications.base import VERSION_PREFIX, BaseApplication
+from scim2_server.handler import AsyncScimHandler
+from scim2_server.memory import InMemoryStorage
+from scim2_server.requests import ScimRequest
+from scim2_server.responses import ScimResponse
+from scim2_server.service import ScimService
+from scim2_server.storage import AsyncScimStorage, SearchPage
+
+from kynara_sidecar.errors import IdentityInvalid, KynaraError
+from kynara_sidecar.policy.names import canonical_name
+from kynara_sidecar.server.admin import AdminCredentials
+
+__all__ = [
+    "AsyncScimStore",
+    "KYNARA_EXTENSION",
+    "SCIM_PREFIX",
+    "DirectoryPublishing",
+    "KynaraPrincipal",
+    "ScimEndpoint",
+    "ScimStore",
+    "ScimStoreError",
+    "add_scim_routes",
+    "build_provider",
+    "principals_of",
+]
+
+log = logging.getLogger("kynara.collector")
+
+SCIM_PREFIX = "/scim"
+KYNARA_EXTENSION = "urn:kynara:params:scim:schemas:extension:principal:2.0:User"
+KINDS = ("user", "agent")
+# Bulk limits announced in ServiceProviderConfig (RFC 7644 §3.7.4).
+BULK_MAX_OPERATIONS = 100
+BULK_MAX_PAYLOAD_BYTES = 1 << 20
+_DBS = (b"resources", b"counters")
+_VERSION_KEY = b"version"
+# Enterprise extension attributes copied to a principal, by their model
+# names (the snake_case of employeeNumber, costCenter...).
+_ENTERPRISE_ATTRIBUTES = (
+    "employee_number",
+    "cost_center",
+    "organization",
+    "division",
+    "department",
+)
+
+
+class ScimStoreError(KynaraError):
+    """The SCIM store cannot be opened, read or written."""
+
+
+class KynaraPrincipal(Extension):
+    """What Kynara needs of a User beyond the core schema: whether it is a
+    person or an agent, and who owns an agent."""
+
+    __schema__ = URN(KYNARA_EXTENSION)
+
+    kind: str | None = Field(None, examples=list(KINDS))
+    """"user" (the default) or "agent"."""
+
+    owner: str | None = None
+    """The team owning an agent, e.g. "support-platform"."""
+
+
+BEARER_SCHEME = AuthenticationScheme(
+    type=AuthenticationScheme.Type.oauthbearertoken,
+    name="OAuth Bearer Token",
+    description="A bearer secret of one of the collector's scim.credentials",
+    spec_uri=Reference[External]("https://www.rfc-editor.org/rfc/rfc6750"),
+    primary=True,
+)
+
+
+def build_provider(max_results: int) -> ScimProvider:
+    """The service the collector describes: Users (enterprise and Kynara
+    extensions), Groups, and what it supports."""
+    config = ServiceProviderConfig(
+        patch=Patch(supported=True),
+        bulk=Bulk(
+            supported=True,
+            max_operations=BULK_MAX_OPERATIONS,
+            max_payload_size=BULK_MAX_PAYLOAD_BYTES,
+        ),
+        filter=Filter(supported=True, max_results=max_results),
+        change_password=ChangePassword(supported=False),
+        sort=Sort(supported=True),
+        etag=ETag(supported=True),
+        authentication_schemes=[BEARER_SCHEME],
+    )
+    return ScimProvider(
+        models=[User, EnterpriseUser, KynaraPrincipal, Group],
+        resource_types=[
+            ResourceType.from_resource(User[EnterpriseUser | KynaraPrincipal]),
+            ResourceType.from_resource(Group),
+        ],
+        config=config,
+    )
+
+
+def _principal_id(resource: Resource[Any]) -> str:
+    """The principal id of a User: its userName in NFC.
+
+    Raises:
+        InvalidValueException: a userName the policy engine refuses.
+    """
+    user_name = getattr(resource, "user_name", None)
+    try:
+        return canonical_name(user_name or "")
+    except ValueError as err:
+        raise InvalidValueException(
+            detail=f"userName {str(user_name)[:80]!r} is not a valid principal id: "
+            f"{err}"
+        ) from None
+
+
+def _extension(resource: Resource[Any], model: type[Extension]) -> Any:
+    try:
+        return resource[model]
+    except (KeyError, TypeError):
+        return None
+
+
+def _kind(resource: Resource[Any]) -> str:
+    """The principal kind of a User.
+
+    Raises:
+        InvalidValueException: a kind other than user or agent.
+    """
+    extension = _extension(resource, KynaraPrincipal)
+    kind = getattr(extension, "kind", None) or "user"
+    if kind not in KINDS:
+        raise InvalidValueException(
+            detail=f"{KYNARA_EXTENSION}:kind: expected one of {', '.join(KINDS)}, "
+            f"got {str(kind)[:80]!r}"
+        )
+    return kind
+
+
+def _email(user: Any) -> str | None:
+    emails = [e for e in (user.emails or []) if e.value]
+    primary = [e for e in emails if e.primary]
+    chosen = (primary or emails)[:1]
+    return str(chosen[0].value) if chosen else None
+
+
+def principals_of(
+    resources: Iterable[Resource[Any]], group_roles: Mapping[str, Iterable[str]]
+) -> list[dict[str, Any]]:
+    """The directory principals the stored Users and Groups stand for (the
+    module docstring gives the mapping), sorted by id."""
+    users = [r for r in resources if isinstance(r, User)]
+    groups = [r for r in resources if isinstance(r, Group)]
+    by_scim_id = {user.id: user for user in users}
+    member_of: dict[str, set[str]] = {}
+    for group in groups:
+        for member in group.members or []:
+            if member.value in by_scim_id and group.display_name:
+                member_of.setdefault(member.value, set()).add(group.display_name)
+    principals = []
+    for user in users:
+        try:
+            principal_id = _principal_id(user)
+            kind = _kind(user)
+        except InvalidValueException:
+            # Refused at write; one read from an older store is left out.
+            continue
+        names = sorted(member_of.get(cast(str, user.id), ()))
+        roles = sorted({role for name in names for role in group_roles.get(name, ())})
+        attributes: dict[str, Any] = {}
+        email = _email(user)
+        if email:
+            attributes["email"] = email
+        if user.display_name:
+            attributes["display_name"] = user.display_name
+        if names:
+            attributes["groups"] = names
+        enterprise = _extension(user, EnterpriseUser)
+        if enterprise is not None:
+            for name in _ENTERPRISE_ATTRIBUTES:
+                value = getattr(enterprise, name, None)
+                if value:
+                    attributes[name] = value
+            manager = by_scim_id.get(getattr(enterprise.manager, "value", None))
+            if manager is not None and manager.user_name:
+                with contextlib.suppress(InvalidValueException):
+                    attributes["manager"] = _principal_id(manager)
+        owner = getattr(_extension(user, KynaraPrincipal), "owner", None)
+        if owner:
+            attributes["owner"] = owner
+        principals.append(
+            {
+                "id": principal_id,
+                "kind": kind,
+                "roles": roles,
+                "attributes": attributes,
+                "active": user.active is not False,
+            }
+        )
+    principals.sort(key=lambda p: p["id"])
+    return principals
+
+
+class ScimStore(InMemoryStorage):
+    """scim2-server's in-memory storage, each write committed to LMDB first.
+
+    TODO(#12): every resource is held in memory and read back whole at
+    start (fine for tens of thousands of Users); a directory of millions
+    would need a storage that searches LMDB itself. A deleted User's id is
+    left in the members of its groups (RFC 7644 §3.6 lets the provider
+    choose; it names no principal and gives no role), and a User's
+    read-only ``groups`` is not filled in from group memberships.
+
+    Args:
+        path: the LMDB environment's directory (created if missing).
+        provider: the service's description, to read stored resources back.
+        map_size: LMDB map size in bytes.
+
+    Raises:
+        ScimStoreError: the environment cannot be opened or read.
+    """
+
+    def __init__(self, path: str | pathlib.Path, provider: ScimProvider, map_size: int):
+        super().__init__()
+        self._provider = provider
+        # Principal id -> the SCIM id of the User holding it.
+        self._principal_ids: dict[str, str] = {}
+        try:
+            pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(path), map_size=map_size, max_dbs=len(_DBS), subdir=True
+            )
+        except (OSError, lmdb.Error) as err:
+            raise ScimStoreError(f"scim.path {str(path)!r}: {err}") from None
+        try:
+            self._dbs = {name: self._env.open_db(name) for name in _DBS}
+            stored, last_version = self._load()
+        except (lmdb.Error, ValueError) as err:
+            self._env.close()
+            raise ScimStoreError(f"scim.path {str(path)!r}: {err}") from None
+        self._version = last_version
+        self.resources = stored
+
+    def _load(self) -> tuple[list[Resource[Any]], int]:
+        found: list[Resource[Any]] = []
+        with self._env.begin() as txn:
+            raw = txn.get(_VERSION_KEY, db=self._dbs[b"counters"])
+            last_version = int(raw) if raw else 0
+            for key, value in txn.cursor(db=self._dbs[b"resources"]):
+                type_name = bytes(key).decode().partition("/")[0]
+                model = self._provider.model_for(type_name)
+                if model is None:
+                    raise ScimStoreError(
+                        f"stored resource {bytes(key).decode()!r}: unknown "
+                        f"resource type {type_name!r}"
+                    )
+                with self._provider:
+                    found.append(model.model_validate(json.loads(bytes(value))))
+        return found, last_version
+
+    def close(self) -> None:
+        """Close the environment."""
+        self._env.close()
+
+    def next_version(self) -> str:
+        self._version += 1
+        return f'W/"{self._version}"'
+
+    # -- writes: the change in memory, then its commit; undone if the commit fails
+
+    def create(self, resource_type: ResourceType, resource: Resource[Any]):
+        with self.lock:
+            self._check_principal(resource)
+            version = self._version
+            created = super().create(resource_type, self._without_password(resource))
+            key = (created.meta.resource_type, created.id)
+            try:
+                self._commit(created)
+            except BaseException:
+                self._remove(key)
+                self._version = version
+                raise
+            return created
+
+    def update(
+        self,
+        resource_type: ResourceType,
+        resource: Resource[Any],
+        *,
+        expected_version: str | None = None,
+    ):
+        with self.lock:
+            before = self._stored(resource_type, resource.id)
+            self._check_principal(resource)
+            version = self._version
+            updated = super().update(
+                resource_type,
+                self._without_password(resource),
+                expected_version=expected_version,
+            )
+            try:
+                self._commit(updated)
+            except BaseException:
+                self._store(before, self._values_of(before))
+                self._version = version
+                raise
+            return updated
+
+    def delete(
+        self,
+        resource_type: ResourceType,
+        resource_id: str,
+        *,
+        expected_version: str | None = None,
+    ) -> None:
+        with self.lock:
+            before = self._stored(resource_type, resource_id)
+            super().delete(
+                resource_type, resource_id, expected_version=expected_version
+            )
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.delete(_key(before), db=self._dbs[b"resources"])
+            except BaseException:
+                self._store(before, self._values_of(before))
+                raise
+
+    def _commit(self, resource: Resource[Any]) -> None:
+        """Write a resource and the version counter in one synced transaction."""
+        body = json.dumps(resource.model_dump(mode="json")).encode()
+        with self._env.begin(write=True) as txn:
+            txn.put(_key(resource), body, db=self._dbs[b"resources"])
+            txn.put(
+                _VERSION_KEY, str(self._version).encode(), db=self._dbs[b"counters"]
+            )
+
+    @staticmethod
+    def _without_password(resource: Resource[Any]) -> Resource[Any]:
+        if getattr(resource, "password", None) is None:
+            return resource
+        copy = resource.model_copy(deep=True)
+        copy.password = None  # type: ignore[attr-defined]
+        return copy
+
+    def _check_principal(self, resource: Resource[Any]) -> None:
+        """Refuse a User that would not make a principal: a bad userName or
+        kind, or a userName equal in NFC to another User's."""
+        if not isinstance(resource, User):
+            return
+        principal_id = _principal_id(resource)
+        _kind(resource)
+        holder = self._principal_ids.get(principal_id)
+        if holder is not None and holder != resource.id:
+            raise UniquenessException(
+                detail=f"userName {str(resource.user_name)[:80]!r} is taken: "
+                "another User's userName is the same principal id"
+            )
+
+    def _store(self, resource: Resource[Any], values: dict[str, Any]) -> None:
+        super()._store(resource, values)
+        principal_id = _principal_id_or_none(resource)
+        if principal_id is not None:
+            self._principal_ids[principal_id] = cast(str, resource.id)
+
+    def _remove(self, key: tuple[str | None, str]) -> None:
+        stored = self._resources.get(key[0], {}).get(key[1])
+        principal_id = None if stored is None else _principal_id_or_none(stored)
+        if principal_id is not None and self._principal_ids.get(principal_id) == key[1]:
+            del self._principal_ids[principal_id]
+        super()._remove(key)
+
+    def principals(self, group_roles: Mapping[str, Iterable[str]]) -> list[dict]:
+        """The directory principals of what is stored now."""
+        with self.lock:
+            return principals_of(self.resources, group_roles)
+
+
+def _key(resource: Resource[Any]) -> bytes:
+    assert resource.meta is not None
+    return f"{resource.meta.resource_type}/{resource.id}".encode()
+
+
+def _principal_id_or_none(resource: Resource[Any]) -> str | None:
+    if not isinstance(resource, User):
+        return None
+    try:
+        return _principal_id(resource)
+    except InvalidValueException:
+        return None
+
+
+class AsyncScimStore(AsyncScimStorage):
+    """``ScimStore`` for the async handler: one SCIM operation at a time
+    (an ``asyncio.Lock`` held for the operation, so a PATCH's read and write
+    see no other write in between), each call on a worker thread (an LMDB
+    commit syncs to disk), and ``changed`` called after every write."""
+
+    def __init__(self, store: ScimStore, changed: Callable[[], None]):
+        self.store = store
+        self._changed = changed
+        self._lock = asyncio.Lock()
+
+    def operation(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return cast(contextlib.AbstractAsyncContextManager[None], self._lock)
+
+    async def get(
+        self,
+        resource_type: ResourceType,
+        resource_id: str,
+        *,
+        response_parameters: ResponseParameters[Any] | None = None,
+    ) -> Resource[Any]:
+        return await asyncio.to_thread(self.store.get, resource_type, resource_id)
+
+    async def search(
+        self,
+        resource_types: list[ResourceType],
+        search_request: SearchRequest[Any],
+        *,
+        position: Any = None,
+    ) -> SearchPage:
+        return await asyncio.to_thread(
+            self.store.search, resource_types, search_request, position=position
+        )
+
+    async def create(
+        self, resource_type: ResourceType, resource: Resource[Any]
+    ) -> Resource[Any]:
+        created = await self._write(self.store.create, resource_type, resource)
+        return created
+
+    async def update(
+        self,
+        resource_type: ResourceType,
+        resource: Resource[Any],
+        *,
+        expected_version: str | None = None,
+    ) -> Resource[Any]:
+        return await self._write(
+            self.store.update,
+            resource_type,
+            resource,
+            expected_version=expected_version,
+        )
+
+    async def delete(
+        self,
+        resource_type: ResourceType,
+        resource_id: str,
+        *,
+        expected_version: str | None = None,
+    ) -> None:
+        await self._write(
+            self.store.delete,
+            resource_type,
+            resource_id,
+            expected_version=expected_version,
+        )
+
+    async def _write(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # A failed commit raises (undone in memory; answered 500, logged by
+        # the endpoint): nothing changed, nothing to publish.
+        result = await asyncio.to_thread(call, *args, **kwargs)
+        self._changed()
+        return result
+
+
+class DirectoryPublishing:
+    """Hands the newest directory content to ``publish`` in the background.
+
+    Args:
+        content: the directory content of what is stored now (blocking; run
+            on a worker thread).
+        publish: publishes content, returning its revision (the collector's
+            ``DirectoryPublisher.publish``).
+        retry_seconds: the pause after a failed publish.
+        on_published: called with the revision after each content published.
+        on_failure: called after each failed publish.
+    """
+
+    def __init__(
+        self,
+        content: Callable[[], bytes],
+        publish: Callable[[bytes], Awaitable[str]],
+        *,
+        retry_seconds: float,
+        on_published: Callable[[str], None] = lambda revision: None,
+        on_failure: Callable[[], None] = lambda: None,
+    ):
+        self._content = content
+        self._publish = publish
+        self._retry_seconds = retry_seconds
+        self._on_published = on_published
+        self._on_failure = on_failure
+        self._dirty = asyncio.Event()
+        # Set at start: what is stored is published once, whatever the store
+        # holds (a crash may have come between a commit and its publication).
+        self._dirty.set()
+        self._published: bytes | None = None
+        self.revision = ""
+
+    def changed(self) -> None:
+        """A write was committed: publish the newest content soon."""
+        self._dirty.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set (it also ends on cancellation)."""
+        fields = {"component": "collector", "door": "scim directory"}
+        while not stop.is_set():
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                content = await asyncio.to_thread(self._content)
+            except Exception as err:
+                # A bug, not the store: retrying the same state would fail
+                # again, so the next change tries anew.
+                self._on_failure()
+                log.error(
+                    "directory content not built",
+                    exc_info=True,
+                    extra={
+                        "fields": {**fields, "error": f"{type(err).__name__}: {err}"}
+                    },
+                )
+                continue
+            if content == self._published:
+                continue
+            try:
+                revision = await self._publish(content)
+            except Exception as err:
+                self._on_failure()
+                log.warning(
+                    "directory not published; retrying",
+                    extra={
+                        "fields": {
+                            **fields,
+                            "error": f"{type(err).__name__}: {err}",
+                            "retry_seconds": self._retry_seconds,
+                        }
+                    },
+                )
+                self._dirty.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._retry_seconds)
+                continue
+            self._published = content
+            self.revision = revision
+            self._on_published(revision)
+            log.info(
+                "directory published",
+                extra={"fields": {**fields, "revision": revision}},
+            )
+
+
+class ScimEndpoint(BaseApplication):
+    """The SCIM protocol over the collector's HTTP: authentication, the
+    handler over the store, and the translation to and from aiohttp.
+
+    Args:
+        store: where resources live.
+        provider: the service's description (``build_provider``).
+        credentials: who may call (a name and no roles each).
+        base_url: the URL IdPs reach the endpoint by, ending in ``/scim/v2``;
+            "" takes the request's scheme and Host.
+        on_refused: called after each refused request.
+    """
+
+    def __init__(
+        self,
+        store: AsyncScimStore,
+        provider: ScimProvider,
+        credentials: AdminCredentials,
+        *,
+        base_url: str = "",
+        on_refused: Callable[[], None] = lambda: None,
+    ):
+        super().__init__(provider, ScimService(provider))
+        self.handler = AsyncScimHandler(self.service, store)
+        self._credentials = credentials
+        self._base_url = base_url.rstrip("/")
+        self._on_refused = on_refused
+
+    def check_auth(self, request: ScimRequest) -> None:
+        """Accept only a bearer secret of a configured credential."""
+        authorization = request.header("Authorization") or ""
+        try:
+            caller = self._credentials.authenticate(authorization)
+        except IdentityInvalid:
+            given = "an unknown one" if authorization.strip() else "none"
+            raise UnauthorizedException(
+                detail="expected 'Authorization: Bearer <secret>' of a SCIM "
+                f"client (scim.credentials), got {given}"
+            ) from None
+        request.subject = caller.name
+
+    def get_subject(self, request: ScimRequest) -> Any:
+        return request.subject
+
+    def www_challenge(self, authorization: str) -> str:
+        challenge = 'Bearer realm="kynara-scim"'
+        if authorization.strip():
+            challenge += ', error="invalid_token"'
+        return challenge
+
+    async def serve(self, request: web.Request) -> web.Response:
+        """Answer one aiohttp request under ``/scim``."""
+        tail = request.path.removeprefix(SCIM_PREFIX)
+        base_url = (
+            self._base_url
+            or f"{request.scheme}://{request.host}{SCIM_PREFIX}{VERSION_PREFIX}"
+        )
+        scim_request = ScimRequest(
+            method=request.method,
+            base_url=base_url,
+            path=self.split_path(tail or "/"),
+            query=dict(request.query),
+            headers=list(request.headers.items()),
+            body=await request.read(),
+        )
+        try:
+            if self.needs_auth(scim_request):
+                self.check_auth(scim_request)
+            response = await self.handler.handle(scim_request)
+        except Exception as exception:
+            response = self.handle_exception(scim_request, exception)
+            if isinstance(exception, UnauthorizedException):
+                authorization = scim_request.header("Authorization") or ""
+                response.headers["WWW-Authenticate"] = self.www_challenge(authorization)
+                self._on_refused()
+                log.warning(
+                    "scim request refused",
+                    extra={
+                        "fields": {
+                            "component": "collector",
+                            "call": f"{request.method} {request.path}"[:200],
+                            "status": 401,
+                            "peer": request.remote or "",
+                            "error": exception.detail,
+                        }
+                    },
+                )
+        response = self.finalize_response(scim_request, response)
+        return _web_response(response)
+
+    def handle_exception(
+        self, request: ScimRequest, exception: Exception
+    ) -> ScimResponse:
+        if not isinstance(exception, SCIMException):
+            log.error(
+                "scim request failed",
+                exc_info=exception,
+                extra={
+                    "fields": {
+                        "component": "collector",
+                        "call": f"{request.method} {request.path}"[:200],
+                        "error": f"{type(exception).__name__}: {exception}",
+                    }
+                },
+            )
+            return self.service.error_response(exception)
+        return super().handle_exception(request, exception)
+
+
+def _web_response(response: ScimResponse) -> web.Response:
+    body = None if response.body is None else json.dumps(response.body).encode()
+    return web.Response(
+        status=int(response.status), body=body, headers=response.headers
+    )
+
+
+def add_scim_routes(app: web.Application, endpoint: ScimEndpoint) -> None:
+    """Mount the SCIM endpoint under ``/scim`` on ``app``."""
+    app.router.add_route("*", SCIM_PREFIX, endpoint.serve)
+    app.router.add_route("*", SCIM_PREFIX + "/{tail:.*}", endpoint.serve)

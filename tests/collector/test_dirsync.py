@@ -1,0 +1,650 @@
+"""``kynara-collector directory sync`` end to end: an independent SCIM
+server as the identity provider (scim2-server's in-memory ASGI application
+under uvicorn on 127.0.0.1, seeded over HTTP), a running collector whose
+SCIM endpoint is the target, and the signed directory it publishes to its
+dir:// store read back and verified."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx2
+import pytest
+import uvicorn
+import yaml
+from scim2_models import ScimProvider, UnauthorizedException
+from scim2_server.applications.asgi import ASGIApplication
+from scim2_server.memory import AsyncInMemoryStorage, InMemoryStorage
+from scim2_server.requests import ScimRequest
+from scim2_server.utils import load_default_provider
+from support import free_port
+from tls_support import Authority, write_pair
+
+from kynara_sidecar.audit.keys import generate_key, save_signing_key
+from kynara_sidecar.collector.config import (
+    HttpConfig,
+    load_collector_config,
+)
+from kynara_sidecar.collector.dirsync import (
+    DirectorySyncError,
+    Endpoint,
+    config_endpoints,
+    default_target_url,
+    member_ids,
+    plan_resources,
+    run_schedule,
+    sync_command,
+    sync_directory,
+)
+from kynara_sidecar.collector.scim import KYNARA_EXTENSION, build_provider
+from kynara_sidecar.config import TlsConfig
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.sync import open_store
+from kynara_sidecar.sync.directory import verify_directory_update
+
+# Bounded waits on a condition, never a blind sleep.
+WAIT_SECONDS = 10.0
+SOURCE_TOKEN = "idp-source-token-0123456789"
+TARGET_TOKEN = "collector-scim-pull-0123456789"
+CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+ENTERPRISE_USER = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+GROUP_ROLES = {"Support Engineers": ["support_agent"], "Finance": ["finance_viewer"]}
+
+
+class _IdentityProvider(ASGIApplication):
+    """scim2-server's ASGI application behind a bearer token, noting the
+    query of each list request (to see the pages asked for)."""
+
+    def __init__(self, token: str, provider: ScimProvider):
+        super().__init__(AsyncInMemoryStorage(InMemoryStorage()), provider)
+        self.token = token
+        self.list_queries: list[dict[str, str]] = []
+
+    def check_auth(self, request: ScimRequest) -> None:
+        if request.header("Authorization") != f"Bearer {self.token}":
+            raise UnauthorizedException
+
+    async def dispatch_request(self, request: ScimRequest):
+        if request.method == "GET" and request.path in ("/Users", "/Groups"):
+            self.list_queries.append({"path": request.path, **request.query})
+        return await super().dispatch_request(request)
+
+
+class Source:
+    """The identity provider on 127.0.0.1 (uvicorn on a thread of its own),
+    seeded and changed over HTTP; stop() is idempotent."""
+
+    def __init__(self, provider: ScimProvider, token: str = SOURCE_TOKEN):
+        self.app = _IdentityProvider(token, provider)
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=0,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise AssertionError("the SCIM source never started")
+            time.sleep(0.01)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v2"
+        self.http = httpx2.Client(
+            base_url=self.url + "/",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=WAIT_SECONDS,
+        )
+
+    def _send(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        reply = self.http.request(method, path, json=body)
+        assert reply.status_code < 300, (method, path, reply.status_code, reply.text)
+        return reply.json() if reply.content else {}
+
+    def add_user(self, user_name: str, **attributes: Any) -> str:
+        body = {"schemas": [CORE_USER], "userName": user_name, "active": True}
+        return self._send("POST", "Users", {**body, **attributes})["id"]
+
+    def add_group(self, name: str, members: list[str]) -> str:
+        body = {
+            "schemas": [CORE_GROUP],
+            "displayName": name,
+            "members": [{"value": m} for m in members],
+        }
+        return self._send("POST", "Groups", body)["id"]
+
+    def change(self, kind: str, resource_id: str, **attributes: Any) -> None:
+        current = self._send("GET", f"{kind}/{resource_id}")
+        current.pop("meta", None)
+        self._send("PUT", f"{kind}/{resource_id}", {**current, **attributes})
+
+    def delete(self, kind: str, resource_id: str) -> None:
+        self._send("DELETE", f"{kind}/{resource_id}")
+
+    def stop(self) -> None:
+        self.http.close()
+        self._server.should_exit = True
+        self._thread.join(WAIT_SECONDS)
+
+
+@pytest.fixture
+def source(request):
+    """The identity provider: RFC 7643's schemas, or with ``kynara`` (an
+    indirect parameter) the collector's own (the Kynara extension too)."""
+    kynara = getattr(request, "param", "") == "kynara"
+    started = Source(build_provider(200) if kynara else load_default_provider())
+    yield started
+    started.stop()
+
+
+class Target:
+    """A running collector serving SCIM, and what it publishes."""
+
+    def __init__(
+        self,
+        running,
+        config_path: pathlib.Path,
+        key,
+        store_url: str,
+        ca_file: pathlib.Path | None = None,
+    ):
+        self.running = running
+        self.config_path = config_path
+        self.key = key
+        self.store_url = store_url
+        scheme = "https" if ca_file else "http"
+        port = running.collector.http_port
+        self.url = f"{scheme}://127.0.0.1:{port}/scim/v2"
+        self.http = httpx2.Client(
+            base_url=self.url + "/",
+            headers={"Authorization": f"Bearer {TARGET_TOKEN}"},
+            timeout=WAIT_SECONDS,
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
+        )
+
+    def resources(self, kind: str) -> list[dict[str, Any]]:
+        reply = self.http.get(kind, params={"count": 200})
+        assert reply.status_code == 200, reply.text
+        return reply.json().get("Resources", [])
+
+    def published(self) -> dict[str, dict[str, Any]]:
+        """The principals of the current signed directory, by id."""
+
+        async def read() -> bytes | None:
+            store = open_store(self.store_url)
+            await store.connect()
+            try:
+                entry = await store.current_directory()
+            finally:
+                await store.close()
+            return entry.data if entry is not None else None
+
+        data = asyncio.run(read())
+        if data is None:
+            return {}
+        verified = verify_directory_update(data, {self.key.key_id: self.key.public()})
+        principals = json.loads(verified.content)["principals"]
+        return {p["id"]: p for p in principals}
+
+    def wait_published(self, expected: dict[str, tuple[bool, list[str]]]) -> dict:
+        """Wait (bounded) until the directory holds exactly ``expected``:
+        principal id -> (active, roles)."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            found = self.published()
+            seen = {k: (p["active"], p["roles"]) for k, p in found.items()}
+            if seen == expected:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"published {seen}, expected {expected}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def target(tmp_path, start_collector, source):
+    """A collector with SCIM on a free loopback port, its directory.pull
+    naming ``source`` (the target derived from http.host and http.port)."""
+    made = _start_target(tmp_path, start_collector, source)
+    yield made
+    made.http.close()
+
+
+def _start_target(
+    tmp_path: pathlib.Path,
+    start_collector,
+    source: Source,
+    authority: Authority | None = None,
+) -> Target:
+    """The ``target`` fixture's collector; with ``authority``, http.tls on a
+    certificate it issued (its CA in tmp_path/ca.pem)."""
+    http: dict[str, Any] = {"port": free_port()}
+    ca_file = None
+    if authority is not None:
+        http["tls"] = write_pair(tmp_path, authority.issue()).settings()
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(authority.pem)
+    key = generate_key()
+    save_signing_key(key, tmp_path / "directory.pem")
+    (tmp_path / "source.token").write_text(SOURCE_TOKEN + "\n")
+    (tmp_path / "target.token").write_text(TARGET_TOKEN + "\n")
+    (tmp_path / "store").mkdir()
+    store_url = f"dir://{tmp_path / 'store'}"
+    config = {
+        "store": {"url": store_url, "poll_seconds": 0.05},
+        "archive": {"url": f"dir://{tmp_path / 'archive'}"},
+        "state": {"path": str(tmp_path / "state"), "map_size": 1 << 24},
+        "http": http,
+        "scim": {
+            "enabled": True,
+            "path": str(tmp_path / "scim"),
+            "map_size": 1 << 24,
+            "credentials": {"pull": {"secret_file": str(tmp_path / "target.token")}},
+            "group_roles": GROUP_ROLES,
+        },
+        "directory": {
+            "signing_key": str(tmp_path / "directory.pem"),
+            "pull": {
+                "url": source.url,
+                "token_file": str(tmp_path / "source.token"),
+                "target_token_file": str(tmp_path / "target.token"),
+                "page_size": 50,
+            },
+        },
+    }
+    path = tmp_path / "collector.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Target(start_collector(path), path, key, store_url, ca_file)
+
+
+def _sync(target: Target, *overrides: str) -> dict[str, int]:
+    """One run as the command makes it; the summary it printed."""
+    config = load_collector_config(target.config_path, list(overrides))
+    source, goal = config_endpoints(config)
+    pull = config.directory.pull
+    summary = asyncio.run(
+        sync_directory(
+            source, goal, page_size=pull.page_size, timeout=pull.timeout_seconds
+        )
+    )
+    return summary.as_dict()
+
+
+def _zero(**counts: int) -> dict[str, int]:
+    keys = ("users", "groups")
+    out = {f"{k}_{what}": 0 for k in keys for what in ("created", "updated", "deleted")}
+    return {**out, "members_unknown": 0, **counts}
+
+
+def _seed(source: Source) -> dict[str, str]:
+    ids = {
+        "alice": source.add_user("alice", displayName="Alice Liddell"),
+        "bob": source.add_user("bob"),
+        "carol": source.add_user(
+            "carol", emails=[{"value": "carol@example.com", "primary": True}]
+        ),
+    }
+    ids["support"] = source.add_group("Support Engineers", [ids["alice"], ids["bob"]])
+    ids["finance"] = source.add_group("Finance", [ids["carol"]])
+    return ids
+
+
+def test_first_sync_creates_all_and_a_second_changes_nothing(source, target, capsys):
+    _seed(source)
+
+    config = load_collector_config(target.config_path)
+    assert sync_command(config, once=True, every=None) == 0
+    first = json.loads(capsys.readouterr().out)
+    versions = {r["id"]: r["meta"]["version"] for r in target.resources("Users")}
+    second = _sync(target)
+
+    assert first == _zero(users_created=3, groups_created=2)
+    published = target.wait_published(
+        {
+            "alice": (True, ["support_agent"]),
+            "bob": (True, ["support_agent"]),
+            "carol": (True, ["finance_viewer"]),
+        }
+    )
+    assert published["carol"]["attributes"]["email"] == "carol@example.com"
+    assert published["alice"]["attributes"]["display_name"] == "Alice Liddell"
+    assert second == _zero()
+    assert {r["id"]: r["meta"]["version"] for r in target.resources("Users")} == (
+        versions
+    )
+
+
+def test_deactivated_removed_and_renamed_users_follow_the_source(source, target):
+    ids = _seed(source)
+    _sync(target)
+
+    source.change("Users", ids["alice"], active=False)
+    source.delete("Users", ids["bob"])
+    source.change("Users", ids["carol"], userName="carol.smith")
+    summary = _sync(target)
+
+    # scim2-server keeps a deleted user among a group's members: the source
+    # names a member it does not serve, which is left out. The target's
+    # group loses bob by the sync's replace unless its own delete took him
+    # out already.
+    assert summary["groups_updated"] in (0, 1)
+    assert summary == _zero(
+        users_updated=2,
+        users_deleted=1,
+        members_unknown=1,
+        groups_updated=summary["groups_updated"],
+    )
+    alice = next(r["id"] for r in target.resources("Users") if r["userName"] == "alice")
+    support = next(
+        r for r in target.resources("Groups") if r["displayName"] == "Support Engineers"
+    )
+    assert [m["value"] for m in support["members"]] == [alice]
+    target.wait_published(
+        {
+            "alice": (False, ["support_agent"]),
+            "carol.smith": (True, ["finance_viewer"]),
+        }
+    )
+    assert _sync(target) == _zero(members_unknown=1)
+
+
+def test_group_membership_changes_move_roles(source, target):
+    ids = _seed(source)
+    _sync(target)
+
+    source.change(
+        "Groups",
+        ids["support"],
+        members=[{"value": ids["bob"]}, {"value": ids["carol"]}],
+    )
+    source.delete("Groups", ids["finance"])
+    summary = _sync(target)
+
+    assert summary == _zero(groups_updated=1, groups_deleted=1)
+    target.wait_published(
+        {
+            "alice": (True, []),
+            "bob": (True, ["support_agent"]),
+            "carol": (True, ["support_agent"]),
+        }
+    )
+
+
+@pytest.mark.parametrize("source", ["kynara"], indirect=True)
+def test_agents_and_managers_come_across_with_their_extensions(source, target):
+    dana = source.add_user("dana")
+    source.add_user(
+        "refund-bot",
+        schemas=[CORE_USER, KYNARA_EXTENSION, ENTERPRISE_USER],
+        **{
+            KYNARA_EXTENSION: {"kind": "agent", "owner": "payments"},
+            ENTERPRISE_USER: {
+                "department": "Support",
+                "manager": {"value": dana, "$ref": f"{source.url}/Users/{dana}"},
+            },
+        },
+    )
+
+    first = _sync(target)
+    second = _sync(target)
+
+    assert first == _zero(users_created=2)
+    assert second == _zero()
+    bot = target.wait_published({"dana": (True, []), "refund-bot": (True, [])})[
+        "refund-bot"
+    ]
+    assert bot["kind"] == "agent"
+    assert bot["attributes"]["manager"] == "dana"
+    assert bot["attributes"]["department"] == "Support"
+    assert bot["attributes"]["owner"] == "payments"
+
+
+def test_more_users_than_a_page_are_read_page_by_page(source, target):
+    names = [f"user{i:02d}" for i in range(23)]
+    ids = [source.add_user(name) for name in names]
+    source.add_group("Support Engineers", ids[::2])
+
+    first = _sync(target, "directory.pull.page_size=5")
+    second = _sync(target, "directory.pull.page_size=5")
+
+    assert first == _zero(users_created=23, groups_created=1)
+    assert second == _zero()
+    assert sorted(r["userName"] for r in target.resources("Users")) == names
+    pages = [q for q in source.app.list_queries if q["path"] == "/Users"]
+    assert {q["count"] for q in pages} == {"5"}
+    # 23 users in pages of 5, read twice.
+    assert sorted(int(q["startIndex"]) for q in pages) == sorted([1, 6, 11, 16, 21] * 2)
+    target.wait_published(
+        {
+            name: (True, ["support_agent"] if i % 2 == 0 else [])
+            for i, name in enumerate(names)
+        }
+    )
+
+
+def test_resources_without_external_id_are_adopted_by_name_or_left_alone(
+    source, target
+):
+    source.add_user("alice")
+    pushed = {"schemas": [CORE_USER], "userName": "pushed-by-hand", "active": True}
+    twin = {"schemas": [CORE_USER], "userName": "ALICE", "active": True}
+    for body in (pushed, twin):
+        assert target.http.post("Users", json=body).status_code == 201
+
+    summary = _sync(target)
+
+    assert summary == _zero(users_updated=1)
+    by_name = {r["userName"]: r for r in target.resources("Users")}
+    assert set(by_name) == {"alice", "pushed-by-hand"}
+    assert "externalId" not in by_name["pushed-by-hand"]
+    assert by_name["alice"]["externalId"]
+
+
+def test_a_tls_target_is_trusted_through_target_ca_file(
+    tmp_path, start_collector, source
+):
+    made = _start_target(tmp_path, start_collector, source, Authority("http-ca"))
+    source.add_user("alice")
+
+    with pytest.raises(DirectorySyncError) as refused:
+        _sync(made)
+    trusted = _sync(made, f"directory.pull.target_ca_file={tmp_path / 'ca.pem'}")
+    made.http.close()
+
+    assert str(refused.value).startswith(
+        f"target {made.url}: discover the service failed: "
+    )
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+    assert trusted == _zero(users_created=1)
+
+
+def _command(config: pathlib.Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kynara_sidecar.collector.cli",
+            "directory",
+            "sync",
+            "--config",
+            str(config),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_a_bad_token_fails_naming_the_endpoint_and_the_scim_error(
+    source, target, tmp_path, side
+):
+    (tmp_path / f"{side}.token").write_text("not-the-token-0123456789")
+
+    process = _command(target.config_path, "--once")
+    stdout, stderr = process.communicate(timeout=60)
+
+    url = source.url if side == "source" else target.url
+    assert process.returncode == 1, stderr
+    assert stdout == ""
+    assert f"kynara-collector directory: {side} {url}: " in stderr
+    assert "failed: SCIM error 401" in stderr
+    assert target.resources("Users") == []
+
+
+def test_every_runs_until_sigterm_then_stops_cleanly(source, target):
+    _seed(source)
+    process = _command(target.config_path, "--every", "1")
+    synced = []
+    try:
+        for line in process.stderr:
+            entry = json.loads(line)
+            if entry["msg"] == "directory synced":
+                synced.append(entry)
+            if len(synced) == 2:
+                break
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=WAIT_SECONDS * 3)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(WAIT_SECONDS)
+
+    assert process.returncode == 0, rest
+    assert [e["users_created"] for e in synced] == [3, 0]
+    assert synced[0]["source"] == source.url
+    assert json.loads(rest.splitlines()[-1])["msg"] == "directory sync stopped"
+
+
+def test_a_failed_scheduled_run_is_logged_and_retried(source, target, caplog):
+    _seed(source)
+    good = config_endpoints(load_collector_config(target.config_path))
+    bad = (Endpoint("source", source.url, "wrong-token-0123456789"), good[1])
+    stop = asyncio.Event()
+    calls = []
+
+    def endpoints():
+        calls.append(len(calls))
+        if len(calls) == 3:
+            stop.set()
+        return bad if len(calls) == 1 else good
+
+    with caplog.at_level(logging.INFO, logger="kynara.collector"):
+        failed = asyncio.run(
+            run_schedule(endpoints, interval=0.01, page_size=10, timeout=10, stop=stop)
+        )
+
+    assert failed == 1
+    # The collector runs in this process too: its lines are left out.
+    records = [r for r in caplog.records if r.module == "dirsync"]
+    messages = [r.getMessage() for r in records]
+    assert messages[:3] == [
+        "directory sync started",
+        "directory sync failed",
+        "directory synced",
+    ]
+    assert messages[-1] == "directory sync stopped"
+    error = records[1].fields["error"]
+    assert error.startswith(f"source {source.url}: discover the service failed")
+    assert len(target.resources("Users")) == 3
+
+
+# -- planning and settings, no server ------------------------------------
+
+
+def test_plan_leaves_target_resources_without_external_id_alone():
+    def desired(user):
+        return {"userName": user["userName"], "externalId": user["id"]}
+
+    def same(resource):
+        return (resource["userName"], resource.get("externalId"))
+
+    target = [
+        {"id": "t1", "userName": "alice", "externalId": "s1"},
+        {"id": "t2", "userName": "gone", "externalId": "s9", "meta": {"version": "v2"}},
+        {"id": "t3", "userName": "pushed"},
+        {"id": "t4", "userName": "Bob"},
+    ]
+    source = [{"id": "s1", "userName": "alice"}, {"id": "s2", "userName": "bob"}]
+
+    plan = plan_resources("User", source, target, desired, same)
+
+    assert plan.create == []
+    assert plan.delete == [("t2", "v2")]
+    assert plan.replace == [({"userName": "bob", "externalId": "s2", "id": "t4"}, "")]
+    assert plan.matched == {"s1": "t1", "s2": "t4"}
+
+
+def test_members_are_translated_to_target_ids_and_unknown_ones_counted():
+    users = {"su1": "tu1", "su2": "tu2"}
+    groups = {"sg1": "tg1"}
+    members = [
+        {"value": "su2"},
+        {"value": "sg1", "type": "Group"},
+        {"value": "su1", "type": "User"},
+        {"value": "su1", "type": "Group"},  # a user named as a group
+        {"value": "gone"},
+    ]
+
+    translated, unknown = member_ids(members, users, groups)
+
+    assert translated == [
+        {"value": "tg1", "type": "Group"},
+        {"value": "tu1", "type": "User"},
+        {"value": "tu2", "type": "User"},
+    ]
+    assert unknown == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "url"),
+    [
+        ("url", "http://idp.example.com/scim/v2"),
+        ("target_url", "http://10.0.0.7:9465/scim/v2"),
+        ("url", "ftp://127.0.0.1/scim"),
+    ],
+)
+def test_plaintext_off_loopback_and_other_schemes_are_refused(tmp_path, key, url):
+    path = tmp_path / "collector.yaml"
+    pull = {"url": "https://idp.example.com/scim/v2", "token_file": "t"}
+    path.write_text(yaml.safe_dump({"directory": {"pull": {**pull, key: url}}}))
+
+    with pytest.raises(ConfigError, match=rf"directory\.pull\.{key}: expected"):
+        load_collector_config(path, ["directory.pull.target_token_file=t"])
+
+
+def test_the_target_defaults_to_the_collectors_own_endpoint():
+    tls = TlsConfig(cert_file="c.pem", key_file="k.pem")
+
+    assert default_target_url(HttpConfig(port=9465)) == (
+        "http://127.0.0.1:9465/scim/v2"
+    )
+    assert default_target_url(HttpConfig(host="::", port=443, tls=tls)) == (
+        "https://[::1]:443/scim/v2"
+    )
+    with pytest.raises(ConfigError, match=r"directory\.pull\.target_url: .*port is 0"):
+        default_target_url(HttpConfig(port=0))
+
+
+def test_every_outside_its_bounds_is_refused(tmp_path):
+    path = tmp_path / "collector.yaml"
+    path.write_text("{}")
+
+    with pytest.raises(ConfigError, match=r"--every: expected 1\.\.86400 seconds"):
+        sync_command(load_collector_config(path), once=False, every=0.5)

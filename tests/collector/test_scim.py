@@ -1,0 +1,584 @@
+"""The collector's SCIM 2.0 service provider, over its real HTTP listener on
+127.0.0.1, a real LMDB store and a dir:// central store: authentication,
+CRUD, filters, PATCH, paging, ETags, durability across a restart, and the
+signed directory each change publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from kynara_sidecar.audit.keys import generate_key, save_signing_key
+from kynara_sidecar.collector.config import load_collector_config
+from kynara_sidecar.collector.scim import KYNARA_EXTENSION
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.policy.loader import decode_document
+from kynara_sidecar.sync import open_store
+from kynara_sidecar.sync.directory import DIRECTORY_FILE, verify_directory_update
+
+from .test_collector import RunningCollector
+
+SECRET = "scim-okta-secret-0123456789abcdef"
+OTHER_SECRET = "scim-entra-secret-0123456789abcdef"
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+GROUP_ROLES = {"Support": ["support_agent"], "Finance": ["finance_viewer", "auditor"]}
+WAIT_SECONDS = 10.0
+CALL_TIMEOUT = 10.0
+
+
+class Scim:
+    """A SCIM collector and what its tests need: calls, the store, the key."""
+
+    def __init__(self, tmp_path: pathlib.Path, **scim: Any):
+        self.tmp_path = tmp_path
+        self.store_root = tmp_path / "store"
+        key_file = tmp_path / "directory.pem"
+        if not key_file.exists():
+            self.key = generate_key()
+            save_signing_key(self.key, key_file)
+        secret_file = tmp_path / "okta.secret"
+        secret_file.write_text(SECRET + "\n")
+        other_file = tmp_path / "entra.secret"
+        other_file.write_text(OTHER_SECRET + "\n")
+        config = {
+            "archive": {"url": f"dir://{tmp_path / 'archive'}"},
+            "state": {"path": str(tmp_path / "state"), "map_size": 1 << 26},
+            "http": {"port": 0},
+            "store": {
+                "url": f"dir://{self.store_root}",
+                "poll_seconds": 0.05,
+                "retry_seconds": 0.05,
+            },
+            "directory": {"signing_key": str(key_file)},
+            "scim": {
+                "enabled": True,
+                "path": str(tmp_path / "scim"),
+                "map_size": 1 << 26,
+                "credentials": {
+                    "okta": {"secret_file": str(secret_file)},
+                    "entra": {"secret_file": str(other_file)},
+                },
+                "group_roles": GROUP_ROLES,
+                **scim,
+            },
+        }
+        self.config_path = tmp_path / "collector.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.running: RunningCollector | None = None
+
+    def start(self) -> Scim:
+        self.running = RunningCollector(self.config_path)
+        return self
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.running.stop()
+
+    @property
+    def port(self) -> int:
+        assert self.running is not None
+        return self.running.collector.http_port
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = SECRET,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        """One request under /scim/v2; the JSON body decoded (None if empty)."""
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", self.port, timeout=CALL_TIMEOUT
+        )
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/scim+json"
+        try:
+            connection.request(method, "/scim/v2" + path, body=data, headers=sent)
+            reply = connection.getresponse()
+            raw = reply.read()
+            return (
+                reply.status,
+                {k.lower(): v for k, v in reply.getheaders()},
+                json.loads(raw) if raw else None,
+            )
+        finally:
+            connection.close()
+
+    def create_user(self, user_name: str, **fields: Any) -> dict:
+        schemas = [USER_SCHEMA] + [key for key in fields if key.startswith("urn:")]
+        status, _, body = self.call(
+            "POST", "/Users", {"schemas": schemas, "userName": user_name, **fields}
+        )
+        assert status == 201, body
+        return body
+
+    def create_group(self, name: str, members: list[str]) -> dict:
+        status, _, body = self.call(
+            "POST",
+            "/Groups",
+            {
+                "schemas": [GROUP_SCHEMA],
+                "displayName": name,
+                "members": [{"value": member} for member in members],
+            },
+        )
+        assert status == 201, body
+        return body
+
+    def patch(self, path: str, *operations: dict, **headers: str) -> tuple:
+        return self.call(
+            "PATCH",
+            path,
+            {"schemas": [PATCH_SCHEMA], "Operations": list(operations)},
+            headers=headers,
+        )
+
+    def published(self) -> dict[str, dict] | None:
+        """The principals of the directory in the store, by id, once
+        verified with the collector's key; None before any."""
+
+        async def read() -> bytes | None:
+            store = open_store(f"dir://{self.store_root}")
+            await store.connect()
+            try:
+                entry = await store.current_directory()
+            finally:
+                await store.close()
+            return None if entry is None else entry.data
+
+        if not self.store_root.is_dir():
+            return None
+        data = asyncio.run(read())
+        if data is None:
+            return None
+        public = self.key.public()
+        verified = verify_directory_update(data, {public.key_id: public})
+        document = decode_document(DIRECTORY_FILE, verified.content)
+        return {p.id: _principal(p) for p in document.document.principals}
+
+    def wait_published(self, condition, what: str) -> dict[str, dict]:
+        found = None
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            found = self.published()
+            if found is not None and condition(found):
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"the store never held {what}: {found}")
+
+    def metric(self, name: str) -> float:
+        status, body = self.running.get("/metrics")
+        assert status == 200
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+
+def _principal(document) -> dict:
+    return {
+        "kind": str(document.kind),
+        "roles": sorted(document.roles),
+        "attributes": dict(document.attributes),
+        "active": document.active,
+    }
+
+
+@pytest.fixture
+def scim(tmp_path):
+    """A running SCIM collector, its store root present; stopped at teardown."""
+    (tmp_path / "store").mkdir()
+    started = Scim(tmp_path).start()
+    yield started
+    started.stop()
+
+
+# --- authentication ------------------------------------------------------
+
+
+def test_requests_without_a_known_bearer_token_are_refused(scim, caplog):
+    caplog.set_level(logging.WARNING, logger="kynara.collector")
+    for token, challenge in (
+        (None, 'Bearer realm="kynara-scim"'),
+        ("not-a-secret-of-anyone-at-all", 'Bearer realm="kynara-scim", error='),
+    ):
+        status, headers, body = scim.call("GET", "/Users", token=token)
+        assert status == 401, body
+        assert headers["www-authenticate"].startswith(challenge)
+        assert body["schemas"] == [ERROR_SCHEMA]
+        assert body["status"] == "401"
+    status, headers, body = scim.call(
+        "GET", "/Users", token=None, headers={"Authorization": f"Basic {SECRET}"}
+    )
+    assert status == 401, body
+    assert scim.metric("kynara_collector_scim_refusals_total") == 3
+    refusals = [r for r in caplog.records if r.getMessage() == "scim request refused"]
+    assert len(refusals) == 3
+    assert SECRET not in caplog.text
+    # Either credential is served; the discovery of what is supported needs none.
+    assert scim.call("GET", "/Users", token=OTHER_SECRET)[0] == 200
+    status, _, config = scim.call("GET", "/ServiceProviderConfig", token=None)
+    assert status == 200
+    assert [s["type"] for s in config["authenticationSchemes"]] == ["oauthbearertoken"]
+    assert config["patch"]["supported"] and config["sort"]["supported"]
+    assert config["etag"]["supported"] and config["filter"]["maxResults"] == 200
+    assert not config["changePassword"]["supported"]
+    assert config["bulk"]["supported"] and config["bulk"]["maxOperations"] == 100
+
+
+def test_secrets_shared_with_http_credentials_are_refused(tmp_path):
+    setup = Scim(tmp_path)
+    config = yaml.safe_load(setup.config_path.read_text())
+    config["http"]["credentials"] = {
+        "ops": {"secret_file": str(tmp_path / "okta.secret"), "roles": ["operator"]}
+    }
+    setup.config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="scim.credentials.okta.*http.credentials"):
+        setup.start()
+
+
+def test_scim_without_a_directory_key_is_a_config_error(tmp_path):
+    setup = Scim(tmp_path)
+    config = yaml.safe_load(setup.config_path.read_text())
+    config["directory"]["signing_key"] = ""
+    setup.config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="scim.enabled.*directory.signing_key"):
+        load_collector_config(setup.config_path)
+
+
+# --- resources -------------------------------------------------------------
+
+
+def test_users_and_groups_are_created_read_and_filtered(scim):
+    alice = scim.create_user(
+        "alice",
+        emails=[{"value": "alice@example.com", "primary": True}],
+        **{ENTERPRISE: {"department": "Support"}},
+    )
+    bot = scim.create_user(
+        "triage-bot", **{KYNARA_EXTENSION: {"kind": "agent", "owner": "support"}}
+    )
+    carol = scim.create_user("carol", active=False)
+    group = scim.create_group("Support", [alice["id"], bot["id"]])
+
+    status, headers, got = scim.call("GET", f"/Users/{bot['id']}")
+    assert status == 200
+    assert got["userName"] == "triage-bot"
+    assert got[KYNARA_EXTENSION] == {"kind": "agent", "owner": "support"}
+    assert headers["etag"] == got["meta"]["version"]
+    assert got["meta"]["location"].endswith(f"/scim/v2/Users/{bot['id']}")
+
+    def found(path: str) -> list[str]:
+        status, _, body = scim.call("GET", path)
+        assert status == 200, body
+        return sorted(
+            r.get("userName") or r.get("displayName") for r in body["Resources"]
+        )
+
+    assert found("/Users?filter=userName%20eq%20%22alice%22") == ["alice"]
+    assert found("/Users?filter=active%20eq%20false") == ["carol"]
+    members_of_bot = f"/Groups?filter=members%5Bvalue%20eq%20%22{bot['id']}%22%5D"
+    assert found(members_of_bot) == ["Support"]
+    members_of_carol = f"/Groups?filter=members%5Bvalue%20eq%20%22{carol['id']}%22%5D"
+    assert found(members_of_carol) == []
+    status, _, got = scim.call("GET", f"/Groups/{group['id']}")
+    assert sorted(m["value"] for m in got["members"]) == sorted(
+        [alice["id"], bot["id"]]
+    )
+    # The unique userName: a second alice is a conflict.
+    status, _, body = scim.call(
+        "POST", "/Users", {"schemas": [USER_SCHEMA], "userName": "alice"}
+    )
+    assert status == 409, body
+    assert body["scimType"] == "uniqueness"
+
+
+@pytest.mark.parametrize(
+    ("user_name", "shown"),
+    [("al ice", "space"), ("p\u0430ypal", "Cyrillic"), ("zero\u200bwidth", "U+200B")],
+)
+def test_a_user_name_that_is_no_principal_id_is_refused(scim, user_name, shown):
+    status, _, body = scim.call(
+        "POST", "/Users", {"schemas": [USER_SCHEMA], "userName": user_name}
+    )
+    assert status == 400, body
+    assert body["scimType"] == "invalidValue"
+    assert "userName" in body["detail"] and shown in body["detail"]
+    assert scim.call("GET", "/Users")[2]["totalResults"] == 0
+
+
+def test_a_kind_other_than_user_or_agent_is_refused(scim):
+    status, _, body = scim.call(
+        "POST",
+        "/Users",
+        {
+            "schemas": [USER_SCHEMA, KYNARA_EXTENSION],
+            "userName": "robot",
+            KYNARA_EXTENSION: {"kind": "robot"},
+        },
+    )
+    assert status == 400, body
+    assert body["scimType"] == "invalidValue"
+    assert KYNARA_EXTENSION + ":kind" in body["detail"]
+
+
+def test_a_user_name_equal_in_nfc_to_another_is_a_conflict(scim):
+    scim.create_user("zo\u00eb")
+    status, _, body = scim.call(
+        "POST", "/Users", {"schemas": [USER_SCHEMA], "userName": "zoe\u0308"}
+    )
+    assert status == 409, body
+
+
+def test_patch_adds_and_removes_members_and_deactivates(scim):
+    alice = scim.create_user("alice")
+    bob = scim.create_user("bob")
+    group = scim.create_group("Support", [alice["id"]])
+    path = f"/Groups/{group['id']}"
+
+    status, _, body = scim.patch(
+        path, {"op": "add", "path": "members", "value": [{"value": bob["id"]}]}
+    )
+    assert status in (200, 204), body
+    members = sorted(m["value"] for m in scim.call("GET", path)[2]["members"])
+    assert members == sorted([alice["id"], bob["id"]])
+
+    status, _, body = scim.patch(
+        path, {"op": "remove", "path": f'members[value eq "{alice["id"]}"]'}
+    )
+    assert status in (200, 204), body
+    assert [m["value"] for m in scim.call("GET", path)[2]["members"]] == [bob["id"]]
+
+    status, _, body = scim.patch(
+        f"/Users/{bob['id']}", {"op": "replace", "path": "active", "value": False}
+    )
+    assert status in (200, 204), body
+    assert scim.call("GET", f"/Users/{bob['id']}")[2]["active"] is False
+
+
+def test_searches_are_paged(scim):
+    for name in ("erin", "alice", "dave", "bob", "carol"):
+        scim.create_user(name)
+    status, _, page = scim.call("GET", "/Users?sortBy=userName&startIndex=2&count=2")
+    assert status == 200, page
+    assert page["totalResults"] == 5
+    assert page["startIndex"] == 2 and page["itemsPerPage"] == 2
+    assert [r["userName"] for r in page["Resources"]] == ["bob", "carol"]
+    last = scim.call("GET", "/Users?sortBy=userName&startIndex=5&count=2")[2]
+    assert [r["userName"] for r in last["Resources"]] == ["erin"]
+
+
+def test_a_write_with_a_stale_etag_is_refused(scim):
+    alice = scim.create_user("alice")
+    path = f"/Users/{alice['id']}"
+    etag = scim.call("GET", path)[1]["etag"]
+    change = {"op": "replace", "path": "displayName", "value": "Alice"}
+
+    status, _, body = scim.patch(path, change, **{"If-Match": 'W/"999999"'})
+    assert status == 412, body
+    assert scim.call("GET", path)[2].get("displayName") is None
+
+    status, headers, _ = scim.patch(path, change, **{"If-Match": etag})
+    assert status in (200, 204)
+    assert headers["etag"] != etag
+    status, _, _ = scim.call("DELETE", path, headers={"If-Match": etag})
+    assert status == 412
+    assert scim.call("GET", path, headers={"If-None-Match": headers["etag"]})[0] == 304
+
+
+def test_resources_and_their_etags_survive_a_restart(tmp_path):
+    (tmp_path / "store").mkdir()
+    scim = Scim(tmp_path).start()
+    try:
+        alice = scim.create_user("alice", password="never-kept-anywhere-1")
+        group = scim.create_group("Support", [alice["id"]])
+        before = scim.call("GET", f"/Users/{alice['id']}")
+    finally:
+        scim.stop()
+    assert b"never-kept-anywhere-1" not in b"".join(
+        path.read_bytes() for path in (tmp_path / "scim").iterdir()
+    )
+
+    scim.start()
+    try:
+        after = scim.call("GET", f"/Users/{alice['id']}")
+        assert after[0] == 200
+        # A new port: the same resource at another location.
+        for _, _, body in (before, after):
+            body["meta"].pop("location")
+        assert after[2] == before[2]
+        assert after[1]["etag"] == before[1]["etag"]
+        assert (
+            scim.call("GET", f"/Groups/{group['id']}")[2]["members"][0]["value"]
+            == alice["id"]
+        )
+        # Versions go on from where they were: no ETag is handed out twice.
+        status, headers, _ = scim.patch(
+            f"/Users/{alice['id']}",
+            {"op": "replace", "path": "displayName", "value": "Alice"},
+        )
+        assert status in (200, 204)
+        versions = {before[1]["etag"], group["meta"]["version"], headers["etag"]}
+        assert len(versions) == 3
+        assert scim.wait_published(lambda p: "alice" in p, "alice")["alice"][
+            "roles"
+        ] == ["support_agent"]
+    finally:
+        scim.stop()
+
+
+# --- the published directory ---------------------------------------------
+
+
+def test_each_change_publishes_the_directory(scim):
+    alice = scim.create_user(
+        "alice",
+        displayName="Alice Liddell",
+        emails=[
+            {"value": "a@home.example", "type": "home"},
+            {"value": "alice@example.com", "primary": True},
+        ],
+        **{ENTERPRISE: {"department": "Support", "costCenter": "cc-7"}},
+    )
+    bot = scim.create_user(
+        "triage-bot",
+        **{KYNARA_EXTENSION: {"kind": "agent", "owner": "support-platform"}},
+    )
+    bob = scim.create_user("bob", emails=[{"value": "bob@example.com"}])
+    scim.create_group("Support", [alice["id"], bot["id"]])
+    scim.create_group("Finance", [alice["id"]])
+    scim.create_group("Unmapped", [bob["id"]])
+
+    principals = scim.wait_published(
+        lambda p: len(p) == 3 and p["bob"]["attributes"].get("groups"),
+        "three principals and their groups",
+    )
+    assert principals["alice"] == {
+        "kind": "user",
+        "roles": ["auditor", "finance_viewer", "support_agent"],
+        "attributes": {
+            "email": "alice@example.com",
+            "display_name": "Alice Liddell",
+            "department": "Support",
+            "cost_center": "cc-7",
+            "groups": ["Finance", "Support"],
+        },
+        "active": True,
+    }
+    assert principals["triage-bot"] == {
+        "kind": "agent",
+        "roles": ["support_agent"],
+        "attributes": {"groups": ["Support"], "owner": "support-platform"},
+        "active": True,
+    }
+    assert principals["bob"]["roles"] == []
+    assert principals["bob"]["attributes"] == {
+        "email": "bob@example.com",
+        "groups": ["Unmapped"],
+    }
+
+    scim.patch(
+        f"/Users/{alice['id']}", {"op": "replace", "path": "active", "value": False}
+    )
+    principals = scim.wait_published(
+        lambda p: not p["alice"]["active"], "alice inactive"
+    )
+    assert principals["alice"]["roles"] == [
+        "auditor",
+        "finance_viewer",
+        "support_agent",
+    ]
+
+    assert scim.call("DELETE", f"/Users/{bob['id']}")[0] == 204
+    principals = scim.wait_published(lambda p: "bob" not in p, "bob gone")
+    assert sorted(principals) == ["alice", "triage-bot"]
+    assert scim.metric("kynara_collector_directory_revisions_published_total") >= 3
+    assert scim.metric("kynara_collector_directory_publish_failures_total") == 0
+
+
+def test_changes_made_while_the_store_is_down_are_published_once_it_is_back(
+    tmp_path,
+):
+    scim = Scim(tmp_path).start()  # the store's root is missing: it is down
+    try:
+        alice = scim.create_user("alice")
+        scim.create_group("Support", [alice["id"]])
+        scim.patch(
+            f"/Users/{alice['id']}",
+            {"op": "replace", "path": "active", "value": False},
+        )
+        deadline = time.monotonic() + WAIT_SECONDS
+        while scim.metric("kynara_collector_directory_publish_failures_total") < 1:
+            assert time.monotonic() < deadline, "no publish was tried"
+            time.sleep(0.05)
+        assert scim.published() is None
+        scim.store_root.mkdir()
+        principals = scim.wait_published(
+            lambda p: "alice" in p and not p["alice"]["active"], "inactive alice"
+        )
+        assert principals["alice"]["roles"] == ["support_agent"]
+    finally:
+        scim.stop()
+
+
+def test_bulk_creates_a_user_and_a_group_naming_it(scim):
+    status, _, body = scim.call(
+        "POST",
+        "/Bulk",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+            "Operations": [
+                {
+                    "method": "POST",
+                    "path": "/Users",
+                    "bulkId": "u1",
+                    "data": {"schemas": [USER_SCHEMA], "userName": "dana"},
+                },
+                {
+                    "method": "POST",
+                    "path": "/Groups",
+                    "bulkId": "g1",
+                    "data": {
+                        "schemas": [GROUP_SCHEMA],
+                        "displayName": "Support",
+                        "members": [{"value": "bulkId:u1"}],
+                    },
+                },
+                {
+                    "method": "POST",
+                    "path": "/Users",
+                    "bulkId": "u2",
+                    "data": {"schemas": [USER_SCHEMA], "userName": "not valid"},
+                },
+            ],
+        },
+    )
+    assert status == 200, body
+    assert [op["status"] for op in body["Operations"]] == ["201", "201", "400"]
+    principals = scim.wait_published(lambda p: "dana" in p, "dana")
+    assert principals["dana"]["roles"] == ["support_agent"]
+
+
+def test_group_roles_must_be_role_names(tmp_path):
+    setup = Scim(tmp_path, group_roles={"Support": ["support agent"]})
+    with pytest.raises(ConfigError, match="scim.group_roles.Support: role"):
+        load_collector_config(setup.config_path)

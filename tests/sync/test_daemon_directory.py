@@ -1,0 +1,450 @@
+"""A real daemon following the collector's signed directory (directory.store).
+
+The daemon runs in-process on its own loop (``RunningDaemon``) over real
+LMDB; the store is a real dir:// directory or a real nats-server; updates
+are made with ``build_directory_update`` and a key of their own, and
+published through the store's own ``publish_directory``. ``sync now`` is
+the real CLI in a subprocess, calling the real admin listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kynara.v1 import decision_pb2 as pb
+from support import (
+    SHIPPED_POLICIES,
+    daemon_config,
+    error_of,
+    operator_admin,
+    operator_cli,
+    read_record,
+    small_refund,
+)
+
+from kynara_sidecar.audit.keys import SigningKey, generate_key, save_public_key
+from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.verify import verify_log
+from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.replay import load_stored_policies, replay_record
+from kynara_sidecar.sync import open_store
+from kynara_sidecar.sync.bundle import pack_members, unpack_members
+from kynara_sidecar.sync.directory import (
+    DIRECTORY_FILE,
+    SIGNATURE_NAME,
+    build_directory_update,
+    directory_content,
+)
+from kynara_sidecar.sync.follower import SyncOutcome, bundle_digest
+from kynara_sidecar.sync.status import encode_status, fleet_rows, format_fleet
+
+from ._bundles import BASE_SECONDS, public_key_file, signed
+
+SECRET = "operator-secret-0123456789abcdef"
+# Conditions are waited on, never slept for; this only bounds a broken run.
+WAIT_SECONDS = 10.0
+DIRECTORY_KEY = generate_key()
+OTHER_KEY = generate_key()
+# A role the collector's group table names that no shipped policy defines.
+SCIM_ONLY_ROLE = "scim_only"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def shipped_principals() -> list[dict]:
+    raw = yaml.safe_load((SHIPPED_POLICIES / "directory.yaml").read_text())
+    return [dict(principal) for principal in raw["principals"]]
+
+
+def principals(*, drop: tuple[str, ...] = (), **changes: dict) -> list[dict]:
+    """The shipped principals, less ``drop``, with ``changes`` by id, plus
+    zoe (a user only the signed directory has, with a role of the
+    collector's that the policies do not define)."""
+    zoe = {
+        "id": "zoe",
+        "kind": "user",
+        "roles": ["support", SCIM_ONLY_ROLE],
+        "attributes": {"team": "support", "email": "zoe@example.com"},
+    }
+    return [
+        {**principal, **changes.get(principal["id"], {})}
+        for principal in [*shipped_principals(), zoe]
+        if principal["id"] not in drop
+    ]
+
+
+def update(
+    seconds: int = 0, key: SigningKey = DIRECTORY_KEY, **kwargs: object
+) -> bytes:
+    """A signed update of ``principals(**kwargs)``, created ``seconds``
+    after the tests' base time (before both clocks)."""
+    content = directory_content(principals(**kwargs))
+    return build_directory_update(content, key, Timestamp(BASE_SECONDS + seconds, 0))
+
+
+def revision_in(data: bytes) -> str:
+    manifest = json.loads(unpack_members(data)["directory-update.json"])
+    return manifest["revision"]
+
+
+def publish(url: str, data: bytes) -> None:
+    """Make ``data`` the store's current directory, as the collector does."""
+
+    async def run() -> None:
+        store = open_store(url)
+        await store.connect()
+        try:
+            await store.publish_directory(bundle_digest(data), data)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def directory_overrides(tmp_path, store: str) -> list[str]:
+    key_file = tmp_path / "directory-key.pub"
+    if not key_file.exists():
+        save_public_key(DIRECTORY_KEY.public(), key_file)
+    return [
+        f"directory.store={store}",
+        f"directory.trusted_keys=[{key_file}]",
+        *operator_admin(tmp_path, SECRET),
+        "sync.poll_seconds=0.05",
+        "sync.retry_min_seconds=0.01",
+        "sync.retry_max_seconds=0.05",
+        "sync.ship_segments=false",
+    ]
+
+
+@pytest.fixture
+def dir_store(tmp_path) -> str:
+    root = tmp_path / "store"
+    root.mkdir()
+    return f"dir://{root}"
+
+
+def health(running) -> int:
+    with grpc.insecure_channel(running.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    return reply.status
+
+
+def decide(running, subject: str = "alice"):
+    request = small_refund()
+    del request.asserted_chain[:]
+    request.asserted_chain.append(subject)
+    return running.stub().Decide(request, timeout=5)
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def sync_now(tmp_path, *extra: str) -> tuple[int, dict]:
+    result = operator_cli(tmp_path, ("sync", "now"), *extra)
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def directory_synced(running, outcome: str) -> float:
+    value = running.daemon.metrics.registry.get_sample_value(
+        "kynara_directory_sync_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
+def bad_signature(data: bytes) -> bytes:
+    """The update with another update's signature in place of its own."""
+    members = unpack_members(data)
+    members[SIGNATURE_NAME] = unpack_members(update(seconds=99))[SIGNATURE_NAME]
+    return pack_members(members)
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_a_bundle_decides_with_the_signed_directory_not_its_own(
+    tmp_path, start_daemon, dir_store, caplog
+):
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(signed(tmp_path, "r1", seconds=0))
+    data = update(drop=("bob",))
+    publish(dir_store, data)
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    )
+
+    zoe = decide(running, "zoe")
+    bob = decide(running, "bob")
+
+    revision = revision_in(data)
+    assert health(running) == SERVING
+    assert (zoe.decision, zoe.directory_revision) == (pb.DECISION_ALLOW, revision)
+    assert bob.reason_code == "unknown_principal"
+    assert running.daemon._store.active_directory() == (bundle_digest(data), data)
+    stored = running.daemon._store.get_policy_source("directory", revision)
+    assert stored.files == {DIRECTORY_FILE: unpack_members(data)[DIRECTORY_FILE]}
+    record = read_record(running, running.daemon._store.head().seq)
+    assert record.directory_revision == revision
+    status = running.daemon._status_document().directory
+    assert (status.source, status.revision) == (dir_store, revision)
+    assert status.created and status.last_sync.revision == revision
+    assert directory_synced(running, "activated") == 1
+    warned = [r for r in caplog.records if "do not define" in r.getMessage()]
+    assert warned and warned[0].fields["roles"] == [SCIM_ONLY_ROLE]
+
+
+def test_a_new_bundle_is_compiled_with_the_current_signed_directory(
+    tmp_path, start_daemon, dir_store
+):
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(signed(tmp_path, "r1", seconds=0))
+    data = update()
+    publish(dir_store, data)
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    )
+    first = decide(running, "zoe").policy_revision
+    bundle.write_bytes(signed(tmp_path, "r2", seconds=60))
+
+    code, reply = sync_now(tmp_path)
+    after = decide(running, "zoe")
+
+    assert (code, reply["outcome"]) == (0, "activated")
+    assert after.policy_revision == reply["revision"] != first
+    assert after.directory_revision == revision_in(data)
+
+
+@pytest.mark.parametrize("backend", ["dir", "nats"])
+def test_a_deactivation_then_a_deletion_deny_at_once(
+    tmp_path, start_daemon, dir_store, request, backend
+):
+    url = dir_store if backend == "dir" else request.getfixturevalue("nats_server").url
+    publish(url, update(seconds=0))
+    running = start_daemon(*directory_overrides(tmp_path, url))
+    assert decide(running, "zoe").decision == pb.DECISION_ALLOW
+
+    publish(url, update(seconds=10, zoe={"active": False}))
+    wait_until(
+        lambda: decide(running, "zoe").reason_code == "inactive_principal",
+        "zoe's decisions to become inactive_principal",
+    )
+    # Once denied, never allowed again under that directory.
+    assert {decide(running, "zoe").reason_code for _ in range(5)} == {
+        "inactive_principal"
+    }
+    publish(url, update(seconds=20, drop=("zoe",)))
+    wait_until(
+        lambda: decide(running, "zoe").reason_code == "unknown_principal",
+        "zoe's decisions to become unknown_principal",
+    )
+
+    assert directory_synced(running, "activated") == 3
+
+
+BROKEN = {
+    "bad_signature": lambda: bad_signature(update(seconds=30, drop=("alice",))),
+    "unknown_key": lambda: update(seconds=30, key=OTHER_KEY, drop=("alice",)),
+    "older": lambda: update(seconds=-30, drop=("alice",)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_a_refused_directory_leaves_the_previous_one_active(
+    tmp_path, start_daemon, dir_store, kind
+):
+    data = update(seconds=0)
+    publish(dir_store, data)
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+    publish(dir_store, BROKEN[kind]())
+
+    code, reply = sync_now(tmp_path)
+
+    assert (code, reply["outcome"]) == (1, "refused")
+    assert kind in reply["error"]
+    assert reply["revision"] == reply["previous_revision"] == revision_in(data)
+    alice = decide(running, "alice")
+    assert alice.reason_code != "unknown_principal"
+    assert alice.directory_revision == revision_in(data)
+    last = running.daemon._directory_follower.last_sync
+    assert last.outcome is SyncOutcome.REFUSED and last.kind == kind
+
+
+def test_not_ready_until_the_first_signed_directory(tmp_path, start_daemon, dir_store):
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+
+    status = health(running)
+    code, metadata = error_of(lambda: decide(running))
+
+    assert status == NOT_SERVING
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert metadata["kynara-error-code"] == "policy_not_ready"
+    publish(dir_store, update())
+    wait_until(lambda: health(running) == SERVING, "SERVING after the publish")
+    assert decide(running, "zoe").directory_revision == revision_in(update())
+
+
+def test_a_restart_with_the_store_gone_decides_with_the_kept_directory(
+    tmp_path, start_daemon, dir_store
+):
+    data = update(drop=("bob",))
+    publish(dir_store, data)
+    first = start_daemon(*directory_overrides(tmp_path, dir_store))
+    assert decide(first, "zoe").directory_revision == revision_in(data)
+    first.stop()
+    shutil.rmtree(dir_store.removeprefix("dir://"))
+
+    second = start_daemon(*directory_overrides(tmp_path, dir_store))
+
+    assert health(second) == SERVING
+    assert decide(second, "zoe").directory_revision == revision_in(data)
+    assert decide(second, "bob").reason_code == "unknown_principal"
+
+
+def test_a_directory_without_the_agent_is_taken_and_denies_everything(
+    tmp_path, start_daemon, dir_store, caplog
+):
+    publish(dir_store, update(drop=("support-bot",)))
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+
+    reply = decide(running, "alice")
+
+    assert health(running) == SERVING
+    assert reply.reason_code == "unknown_principal"
+    assert reply.directory_revision == revision_in(update(drop=("support-bot",)))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.fields["agent_id"] for r in errors] == ["support-bot"]
+    assert "every decision is denied" in errors[0].getMessage()
+
+
+def test_replay_finds_a_record_decided_under_the_signed_directory(
+    tmp_path, start_daemon, dir_store
+):
+    publish(dir_store, update())
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+    answer = decide(running, "zoe")
+    seq = running.daemon._store.head().seq
+    record = read_record(running, seq)
+    running.stop()
+
+    store = AuditStore.open(tmp_path / "audit", readonly=True)
+    try:
+        policies = load_stored_policies(
+            store, record.policy_revision, record.directory_revision
+        )
+    finally:
+        store.close()
+
+    assert verify_log(tmp_path / "audit").ok
+    assert policies is not None
+    assert SCIM_ONLY_ROLE in policies.directory.unknown_roles
+    replayed = replay_record(record, policies)
+    assert str(replayed.effect) == record.decision == "allow"
+    assert record.directory_revision == answer.directory_revision
+
+
+def test_sync_now_force_takes_an_older_directory(tmp_path, start_daemon, dir_store):
+    publish(dir_store, update(seconds=0))
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+    older = update(seconds=-30, drop=("alice",))
+    publish(dir_store, older)
+
+    code, reply = sync_now(tmp_path, "--force")
+
+    assert (code, reply["outcome"]) == (0, "activated")
+    assert reply["revision"] == revision_in(older)
+    assert decide(running, "alice").reason_code == "unknown_principal"
+
+
+def test_sync_now_with_a_bundle_tells_a_refused_directory(
+    tmp_path, start_daemon, dir_store
+):
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(signed(tmp_path, "r1", seconds=0))
+    publish(dir_store, update(seconds=0))
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    )
+    policy_revision = decide(running, "zoe").policy_revision
+    publish(dir_store, update(seconds=30, key=OTHER_KEY))
+
+    code, reply = sync_now(tmp_path)
+
+    assert (code, reply["outcome"]) == (1, "refused")
+    assert reply["error"].startswith("directory: ")
+    assert "unknown_key" in reply["error"]
+    assert "directory.trusted_keys" in reply["error"]
+    assert reply["revision"] == policy_revision
+
+
+def test_fleet_status_shows_the_directory(tmp_path, start_daemon, dir_store):
+    data = update()
+    publish(dir_store, data)
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+    document = running.daemon._status_document()
+
+    table = format_fleet(
+        fleet_rows({document.daemon_id: encode_status(document)}, running.clock())
+    )
+
+    header, row = table.splitlines()
+    assert "DIRECTORY" in header.split("  ")
+    assert revision_in(data)[:19] in row
+    assert document.directory.created in row
+
+
+def test_sighup_recompiles_edited_policy_files_with_the_signed_directory(
+    tmp_path, start_daemon, dir_store
+):
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    data = update()
+    publish(dir_store, data)
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store), f"policy.source={policies}"
+    )
+    before = decide(running, "zoe").policy_revision
+    payments = policies / "payments.yaml"
+    payments.write_text(payments.read_text() + "# edited\n")
+
+    reloaded = running.call(running.daemon.reload())
+    after = decide(running, "zoe")
+
+    assert reloaded is True
+    assert after.policy_revision != before
+    assert after.directory_revision == revision_in(data)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["directory.store=dir:///srv/store"], r"directory\.trusted_keys: expected"),
+        (["directory.store=dir:/srv/store"], r"directory\.store: expected a store URL"),
+        (["directory.store=/srv/store"], r"directory\.store: expected dir://"),
+    ],
+)
+def test_a_directory_store_config_error_names_the_setting(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        daemon_config(tmp_path, *overrides)
