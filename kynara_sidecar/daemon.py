@@ -1618,6 +1618,9 @@ class Daemon:
             store=lambda: self._store,
             authenticate=self._reviewers().authenticate,
             operators=operators,
+            # What-if runs are decided in the env a live Decide gets.
+            env=self.config.env,
+            daemon_id=self.config.identity.daemon_id,
         )
         app = build_http_app(
             self.metrics,

@@ -262,6 +262,12 @@ class Metrics:
             "or the sign-in's error code (identity_invalid, role_missing).",
             ["why"], registry=r,
         )  # fmt: skip
+        self.playground_refusals = Counter(
+            f"{PREFIX}_playground_refusals",
+            "Playground calls and sign-ins refused, by why: origin, csrf, "
+            "or the credential's error code (identity_invalid, role_missing).",
+            ["why"], registry=r,
+        )  # fmt: skip
         self.approval_webhook_deliveries = Counter(
             f"{PREFIX}_approval_webhook_deliveries",
             "New-approval summaries for approvals.webhook.url, by outcome "

@@ -25,14 +25,17 @@ loader never reads those as policies) and ends ``.yaml`` or ``.yml``:
           shadow_decision: deny                 # optional
 
 An explain request file holds one ``request`` mapping of the same shape,
-at the top level. Values keep their YAML types (ints are int64); ``!uint 5``
-is a uint64, and an unquoted YAML timestamp or ``!timestamp "..."`` with an
-offset is a timestamp. A key given twice in one mapping is refused, naming
-the file, the key and both lines, as in policy files.
+at the top level; ``parse_request`` reads its text (the playground's pasted
+requests too), ``load_request`` the file. Values keep their YAML types (ints
+are int64); ``!uint 5`` is a uint64, and an unquoted YAML timestamp or
+``!timestamp "..."`` with an offset is a timestamp. A key given twice in one
+mapping is refused, naming the file, the key and both lines, as in policy
+files.
 
 Each test is decided by the engine exactly as the daemon would, with
-``env.now`` (and ``env``'s environment, region and labels) from the test
-and ``env.agent_id`` the chain's last principal.
+``env.now`` (and ``env``'s environment, region, labels and peer, the
+caller's address a daemon takes from the connection) from the test and
+``env.agent_id`` the chain's last principal.
 Reading files is the only I/O here; ``format_report`` and
 ``format_explanation`` return text for the CLI to print.
 """
@@ -86,6 +89,7 @@ __all__ = [
     "format_report",
     "load_request",
     "load_test_file",
+    "parse_request",
     "run_policy_tests",
     "run_tests",
 ]
@@ -164,9 +168,11 @@ class _ResourceDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
 
 class _EnvDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    environment: str = ""
-    region: str = ""
-    labels: dict[str, str] = {}
+    # UNSET: the file does not write it, so a caller's defaults may fill it.
+    environment: str | msgspec.UnsetType = msgspec.UNSET
+    region: str | msgspec.UnsetType = msgspec.UNSET
+    labels: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    peer: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class _RequestDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -290,30 +296,76 @@ def load_request(path: pathlib.Path) -> PolicyRequest:
         PolicyError: Unreadable or malformed YAML, a key given twice in one
             mapping, or a bad field (with its location).
     """
-    document = _convert(_read_yaml(path), _RequestFileDocument, str(path))
-    return _decode_request(document.request, str(path), "$.request")
+    return parse_request(_read_text(path), name=str(path))
+
+
+def parse_request(
+    text: str, *, name: str = "request", defaults: Env | None = None
+) -> PolicyRequest:
+    """Read the text of an explain request file (YAML or JSON).
+
+    Without ``defaults`` the text is read exactly as ``explain`` reads the
+    file: ``now`` is required and ``env`` is what the text writes (empty
+    fields otherwise). With ``defaults`` (a daemon's own env), a request
+    without ``now`` is decided at ``defaults.now``, each ``env`` field the
+    text leaves out (environment, region, labels, peer) is the default's,
+    and ``daemon_id`` is always the default's; a field the text writes wins,
+    ``labels`` as a whole. ``env.agent_id`` is the chain's last principal
+    either way.
+
+    Args:
+        text: the file's content.
+        name: how errors cite it (a path, or "request").
+        defaults: the env to fill from; None for the file alone.
+
+    Returns:
+        The request and the env it is decided in.
+
+    Raises:
+        PolicyError: naming ``name`` and the location inside it: malformed
+            YAML, a key given twice in one mapping, a missing or bad field.
+    """
+    raw = _parse_yaml(text, name)
+    if defaults is not None and isinstance(raw, dict):
+        inner = raw.get("request")
+        if isinstance(inner, dict) and "now" not in inner:
+            inner["now"] = _datetime_of(defaults.now)
+    document = _convert(raw, _RequestFileDocument, name)
+    return _decode_request(document.request, name, "$.request", defaults)
 
 
 def _read_yaml(path: pathlib.Path) -> Any:
+    return _parse_yaml(_read_text(path), str(path))
+
+
+def _read_text(path: pathlib.Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise PolicyError(
             f"expected a readable file, got {err}", path=str(path)
         ) from err
+
+
+def _parse_yaml(text: str, name: str) -> Any:
     try:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except DuplicateKeyError as err:
-        raise PolicyError(str(err), path=str(path)) from err
+        raise PolicyError(str(err), path=name) from err
     except (yaml.YAMLError, ValueError) as err:
-        raise PolicyError(f"expected valid YAML, got: {err}", path=str(path)) from err
+        raise PolicyError(f"expected valid YAML, got: {err}", path=name) from err
     except RecursionError:
         raise PolicyError(
             "expected YAML nested less deeply than the parser's recursion limit",
-            path=str(path),
+            path=name,
         ) from None
-    check_expansion(raw, str(path))
+    check_expansion(raw, name)
     return raw
+
+
+def _datetime_of(now: Timestamp) -> datetime.datetime:
+    moment = datetime.datetime.fromtimestamp(now.seconds, datetime.UTC)
+    return moment + datetime.timedelta(microseconds=now.nanos // 1000)
 
 
 # Allowed values named when a test file's enum field is wrong.
@@ -329,7 +381,9 @@ def _convert(raw: Any, target: type, path: str, *, prefix: str = "$") -> Any:
     return convert_document(raw, target, path, prefix=prefix, choices=_CHOICES)
 
 
-def _decode_request(raw: Any, path: str, where: str) -> PolicyRequest:
+def _decode_request(
+    raw: Any, path: str, where: str, defaults: Env | None = None
+) -> PolicyRequest:
     document = _convert(raw, _RequestDocument, path, prefix=where)
     _check_names(document, path, where)
     now = _instant(document.now, path, f"{where}.now")
@@ -347,12 +401,21 @@ def _decode_request(raw: Any, path: str, where: str) -> PolicyRequest:
         context=_typed(document.context, path, f"{where}.context"),
         request_id=document.request_id,
     )
+    base = defaults or Env(now)
+    written = document.env
+
+    def pick(field: str) -> Any:
+        value = getattr(written, field)
+        return getattr(base, field) if value is msgspec.UNSET else value
+
     env = Env(
         now=now,
+        daemon_id=base.daemon_id,
         agent_id=document.chain[-1],
-        environment=document.env.environment,
-        region=document.env.region,
-        labels=document.env.labels,
+        environment=pick("environment"),
+        region=pick("region"),
+        labels=pick("labels"),
+        peer=pick("peer"),
     )
     return PolicyRequest(env, request)
 

@@ -135,6 +135,19 @@ SCRIPT = r"""
       el.appendChild(list);
     }
   }
+  function envText(env) {
+    if (!env) return "";
+    const parts = [];
+    for (const key of ["environment", "region", "daemon_id", "agent_id", "peer"]) {
+      if (env[key]) parts.push(key + "=" + env[key]);
+    }
+    const labels = Object.keys(env.labels || {}).sort();
+    if (labels.length) {
+      parts.push("labels {" + labels.map((k) => k + ": " + env.labels[k])
+        .join(", ") + "}");
+    }
+    return parts.join(", ") || "empty";
+  }
   function render(result) {
     const decision = result.decision;
     const shown = $("decision");
@@ -144,6 +157,7 @@ SCRIPT = r"""
     put($("reason-code"), decision.reason_code);
     put($("reason"), decision.reason);
     put($("instant"), result.now);
+    put($("env-used"), envText(result.env));
     put($("policies-used"), result.policies === "edited" ?
       "your edited copy" : "the active policies");
     put($("policy-revision"), decision.policy_revision);
@@ -369,7 +383,9 @@ def render_page(site: str, *, who: str, csrf: str) -> str:
         '<textarea id="request" class="code" spellcheck="false" '
         f'aria-describedby="request-help">{_e(_EXAMPLE)}</textarea>'
         '<p id="request-help" class="muted">Without <code>now</code> the run '
-        "uses the daemon's clock, read once. The chain ends with the agent.</p>"
+        "uses the daemon's clock, read once. It is decided in the daemon's "
+        "<code>env</code>, as a live Decide is; what the request's own "
+        "<code>env</code> writes wins. The chain ends with the agent.</p>"
         "</section>"
         '<section aria-labelledby="policies-h"><h2 id="policies-h">Policies</h2>'
         "<fieldset><legend>Decide with</legend>"
@@ -388,6 +404,7 @@ def render_page(site: str, *, who: str, csrf: str) -> str:
         '<dt>Reason code</dt><dd id="reason-code"></dd>'
         '<dt>Reason</dt><dd id="reason"></dd>'
         '<dt>Instant</dt><dd id="instant"></dd>'
+        '<dt>Env</dt><dd id="env-used"></dd>'
         '<dt>Policies</dt><dd id="policies-used"></dd>'
         '<dt>Policy revision</dt><dd><code id="policy-revision"></code></dd></dl>'
         '<p id="active-compare" class="notice" hidden></p>'

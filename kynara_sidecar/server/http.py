@@ -11,8 +11,10 @@ or operator role, checked as on the admin listener (``server/admin.py``).
 No credential or an unknown one is answered 401 with ``WWW-Authenticate:
 Bearer``, a credential without either role 403; each refusal is logged
 (never with the secret) and counted in ``kynara_admin_refusals{code}``. The
-review page keeps its own reviewer sign-in; the playground
-(``server/playground.py``) signs in reviewers and operators.
+review page keeps its own reviewer sign-in (refusals counted in
+``kynara_review_page_refusals{why}``); the playground
+(``server/playground.py``) signs in reviewers and operators (refusals in
+``kynara_playground_refusals{why}``).
 """
 
 from __future__ import annotations
@@ -94,9 +96,7 @@ def build_http_app(
             session_seconds=session_seconds,
             public_urls=public_urls,
             clock=clock,
-            # TODO(#12): counted with the review page's refusals (same whys);
-            # a counter of its own would tell the two pages apart.
-            on_refused=lambda why: metrics.review_page_refusals.labels(why).inc(),
+            on_refused=lambda why: metrics.playground_refusals.labels(why).inc(),
         )
     return app
 

@@ -22,10 +22,17 @@ Endpoints (all JSON but the page):
     POST /playground/api/replay       {decision_id} -> recorded vs replayed
 
 ``request`` is the text of a request file (YAML or JSON) as ``explain``
-reads it; its ``request.now`` may be left out, and the run then uses the
-daemon's clock, read once. ``files`` (``[{name, content}]``) replaces the
-whole set for this run; a file that does not load is a 400 naming the file
-and the location inside it, as the loader names them.
+reads it (``policy_tests.parse_request``), decided in the env a live
+``Decide`` gets: the daemon's ``env`` section (environment, region, labels)
+and its ``identity.daemon_id``, ``env.agent_id`` the chain's last
+principal. ``request.now`` may be left out, and the run then uses the
+daemon's clock, read once. A field the request's own ``env`` writes wins
+over the daemon's (``labels`` as a whole, and ``peer``, which has no
+connection to come from here): a what-if may ask "and in staging?", and a
+replayed decision's request carries the env it was recorded with. The
+answer names the env it was decided in. ``files`` (``[{name, content}]``)
+replaces the whole set for this run; a file that does not load is a 400
+naming the file and the location inside it, as the loader names them.
 
 Who may use it. A reviewer or an operator: in a browser, by signing in at
 ``/playground/login`` with a reviewer's token (an admin secret with the
@@ -57,7 +64,7 @@ import pathlib
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,33 +73,24 @@ import yaml
 from aiohttp import web
 
 from kynara_sidecar import engine
-from kynara_sidecar._unique_keys import DuplicateKeyError
 from kynara_sidecar.approvals.model import Reviewer
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.record import AuditRecordV1, RecordKind, request_from_record
 from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.config import AdminRole
-from kynara_sidecar.decision import Decision, Duration, Timestamp, UInt64
+from kynara_sidecar.config import AdminRole, EnvConfig
+from kynara_sidecar.decision import Decision, Duration, Env, Timestamp, UInt64
 from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
 from kynara_sidecar.policy.loader import (
     SUFFIXES,
     LoadedPolicies,
-    check_expansion,
     compile_documents,
     decode_document,
 )
 
-# NOTE: the request file's own reader, so a pasted request means here what
-# it means to `kynara-sidecar explain`; policy_tests exposes it only as
-# load_request(path), and a what-if run has text, not a file.
-from kynara_sidecar.policy_tests import (
-    PolicyRequest,
-    _convert,
-    _decode_request,
-    _Loader,
-    _RequestFileDocument,
-    format_explanation,
-)
+# The request file's own reader, so a pasted request means here what it
+# means to `kynara-sidecar explain`.
+from kynara_sidecar.policy_tests import PolicyRequest, format_explanation
+from kynara_sidecar.policy_tests import parse_request as parse_request_text
 from kynara_sidecar.replay import load_stored_policies
 from kynara_sidecar.server import _playground_html as pages
 from kynara_sidecar.server.admin import AdminCredentials
@@ -168,12 +166,28 @@ class PlaygroundSources:
             ``Authenticator``).
         operators: the admin credentials; those with the operator role may
             use the playground.
+        env: the daemon's ``env`` section, which a live ``Decide`` is
+            decided in.
+        daemon_id: the daemon's ``identity.daemon_id`` (``env.daemon_id``).
     """
 
     policies: Callable[[], LoadedPolicies | None]
     store: Callable[[], AuditStore | None]
     authenticate: Authenticator
     operators: AdminCredentials | None = None
+    env: EnvConfig = field(default_factory=EnvConfig)
+    daemon_id: str = ""
+
+    def env_at(self, now: Timestamp) -> Env:
+        """The env a live ``Decide`` at ``now`` gets, as the pipeline builds
+        it; the agent and the peer come with each request."""
+        return Env(
+            now=now,
+            daemon_id=self.daemon_id,
+            environment=self.env.environment,
+            region=self.env.region,
+            labels=dict(self.env.labels),
+        )
 
 
 @dataclass(frozen=True)
@@ -321,13 +335,21 @@ resource: {kind: crm.contact, id: c-42}
 # ------------------------------------------------------------ pure helpers
 
 
-def parse_request(text: str, now: Timestamp, *, name: str = "request") -> PolicyRequest:
-    """Read a request file's text (YAML or JSON) as ``explain`` reads the
-    file, with ``now`` as the instant when the request gives none.
+def parse_request(
+    text: str, now: Timestamp | Env, *, name: str = "request"
+) -> PolicyRequest:
+    """Read a pasted request's text (YAML or JSON) as ``explain`` reads the
+    file (``policy_tests.parse_request``), in the daemon's env.
+
+    Args:
+        text: the request file's text, at most ``MAX_REQUEST_CHARS``.
+        now: the daemon's env (``PlaygroundSources.env_at``), or just the
+            instant for a request that gives none.
+        name: how errors cite the text.
 
     Raises:
-        PolicyError: naming ``name`` and the location inside it: malformed
-            YAML, a key given twice, a missing or wrong field.
+        PolicyError: naming ``name`` and the location inside it: too long,
+            malformed YAML, a key given twice, a missing or wrong field.
     """
     if len(text) > MAX_REQUEST_CHARS:
         raise PolicyError(
@@ -335,26 +357,8 @@ def parse_request(text: str, now: Timestamp, *, name: str = "request") -> Policy
             f"got {len(text)}",
             path=name,
         )
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
-    except DuplicateKeyError as err:
-        raise PolicyError(str(err), path=name) from err
-    except (yaml.YAMLError, ValueError) as err:
-        raise PolicyError(
-            f"expected valid YAML or JSON, got: {err}", path=name
-        ) from err
-    except RecursionError:
-        raise PolicyError(
-            "expected YAML nested less deeply than the parser's recursion limit",
-            path=name,
-        ) from None
-    check_expansion(raw, name)
-    if isinstance(raw, dict):
-        inner = raw.get("request")
-        if isinstance(inner, dict) and "now" not in inner:
-            inner["now"] = _datetime_of(now)
-    document = _convert(raw, _RequestFileDocument, name)
-    return _decode_request(document.request, name, "$.request")
+    defaults = now if isinstance(now, Env) else Env(now)
+    return parse_request_text(text, name=name, defaults=defaults)
 
 
 def _datetime_of(now: Timestamp) -> datetime.datetime:
@@ -476,6 +480,7 @@ def _request_text(record: AuditRecordV1) -> str:
             "environment": env.environment,
             "region": env.region,
             "labels": dict(env.labels),
+            **({"peer": env.peer} if env.peer else {}),
         },
     }
     return yaml.dump(
@@ -832,8 +837,8 @@ class _Playground:
             active = self.sources.policies()
             if active is None and files is None:
                 raise _Refused(503, "no policy set is active yet")
-            now = Timestamp.from_nanos(self.clock())
-            return await self._in_worker(lambda: _what_if(text, files, active, now))
+            env = self.sources.env_at(Timestamp.from_nanos(self.clock()))
+            return await self._in_worker(lambda: _what_if(text, files, active, env))
 
         return await self._json_call(request, run, posting=True)
 
@@ -880,15 +885,18 @@ def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
 
 
 def _what_if(
-    text: str, files: object, active: LoadedPolicies | None, now: Timestamp
+    text: str, files: object, active: LoadedPolicies | None, env: Env
 ) -> dict[str, Any]:
     try:
-        request = parse_request(text, now)
+        request = parse_request(text, env)
         edited = None if files is None else _edited_set(files)
     except PolicyError as err:
         raise _Refused(400, str(err), file=err.path, location=err.location) from None
+    decided_in = msgspec.to_builtins(request.env)
+    decided_in.pop("now")
     out: dict[str, Any] = {
         "now": _rfc3339(request.now),
+        "env": decided_in,
         "policies": "active" if edited is None else "edited",
     }
     chosen = edited if edited is not None else active

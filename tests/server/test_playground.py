@@ -7,6 +7,9 @@ from __future__ import annotations
 import http.client
 import json
 import pathlib
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
 import msgspec
@@ -15,14 +18,21 @@ import yaml
 from kynara.v1 import decision_pb2 as pb
 from support import DEFAULT_NOW, REPO_ROOT, SHIPPED_POLICIES, small_refund
 
-from kynara_sidecar.decision import Timestamp
+from kynara_sidecar import policy_tests
+from kynara_sidecar.decision import Env, Timestamp
+from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.loader import load_policies
 from kynara_sidecar.policy_tests import decide, load_request
+from kynara_sidecar.server import playground as playground_module
+from kynara_sidecar.server.http import build_http_app
 from kynara_sidecar.server.playground import (
     CSRF_HEADER,
     MAX_BODY_BYTES,
+    MAX_RUNS,
     PLAYGROUND_COOKIE,
     TOUR,
+    PlaygroundSources,
     parse_request,
 )
 
@@ -41,17 +51,62 @@ request:
   resource: {kind: payments.refund, id: rf_1, attributes: {amount: 1200}}
 """
 
+# A rule that holds only in the env this daemon is configured with.
+DAEMON_ID = "playground-daemon-1"
+ENV_POLICY = f"""\
+format_version: 1
+kind: policy
+name: reports
+rules:
+  - id: export-in-production
+    effect: allow
+    actions: [reports.export]
+    resources: [report]
+    roles: [support, support_agent]
+    condition: >-
+      env.environment == "production" && env.region == "eu-west-1"
+      && env.labels.team == "payments" && env.daemon_id == "{DAEMON_ID}"
+"""
+DAEMON_ENV = (
+    "env.environment=production",
+    "env.region=eu-west-1",
+    'env.labels={"team": "payments"}',
+    f"identity.daemon_id={DAEMON_ID}",
+)
+EXPORT = """\
+request:
+  now: "2026-12-07T10:00:00+01:00"
+  chain: [alice, support-bot]
+  action: reports.export
+  resource: {kind: report, id: r-1}
+"""
 
-@pytest.fixture
-def served(tmp_path, start_daemon):
+
+def admin_overrides(tmp_path) -> list[str]:
     credentials = {}
     for name, (secret, roles) in SECRETS.items():
         path = tmp_path / f"{name}.secret"
         path.write_text(secret)
         credentials[name] = {"secret_file": str(path), "roles": roles}
-    return start_daemon(
+    return [
         f"admin.socket={tmp_path / 'admin.sock'}",
         f"admin.credentials={json.dumps(credentials)}",
+    ]
+
+
+@pytest.fixture
+def served(tmp_path, start_daemon):
+    return start_daemon(*admin_overrides(tmp_path))
+
+
+@pytest.fixture
+def served_in_env(tmp_path, start_daemon):
+    """A daemon whose env section (and id) a policy's condition reads."""
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)
+    (policies / "reports.yaml").write_text(ENV_POLICY)
+    return start_daemon(
+        *admin_overrides(tmp_path), *DAEMON_ENV, f"policy.source={policies}"
     )
 
 
@@ -422,3 +477,165 @@ def test_an_operator_signs_in_on_the_page_too(served):
 
     assert status == 200
     assert body["decision"]["effect"] == "allow"
+
+
+# --- the daemon's env ---------------------------------------------------------
+
+
+def test_a_pasted_request_is_decided_in_the_daemons_env_as_decide_is(served_in_env):
+    live = served_in_env.stub().Decide(
+        pb.DecideRequest(
+            asserted_chain=["alice"],
+            action="reports.export",
+            resource=pb.Resource(kind="report", id="r-1"),
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    alone = policy_tests.parse_request(EXPORT)
+
+    status, _, body = evaluate(served_in_env, EXPORT)
+
+    assert status == 200, body
+    assert live.decision == pb.DECISION_ALLOW
+    assert body["decision"]["effect"] == "allow"
+    assert [r["rule"] for r in body["decision"]["matched_rules"]] == [
+        r.rule for r in live.matched_rules
+    ]
+    assert body["env"] == {
+        "daemon_id": DAEMON_ID,
+        "agent_id": "support-bot",
+        "environment": "production",
+        "region": "eu-west-1",
+        "labels": {"team": "payments"},
+        "peer": "",
+    }
+    # Read alone, as explain reads the file, the env is empty: no allow.
+    assert alone.env.environment == ""
+    assert decide(load_policies(SHIPPED_POLICIES), alone).effect == "deny"
+
+
+def test_what_the_requests_env_writes_wins_over_the_daemons(served_in_env):
+    staging = EXPORT + "  env: {environment: staging}\n"
+
+    status, _, body = evaluate(served_in_env, staging)
+
+    assert status == 200, body
+    assert body["decision"]["effect"] == "deny"
+    assert body["decision"]["reason_code"] == "no_rule_allows"
+    assert body["env"]["environment"] == "staging"
+    # The fields it leaves out are still the daemon's.
+    assert body["env"]["region"] == "eu-west-1"
+    assert body["env"]["daemon_id"] == DAEMON_ID
+
+
+def test_parse_request_reads_the_file_alone_or_fills_from_defaults():
+    daemon = Env(
+        Timestamp(1_800_000_000),
+        daemon_id="d-1",
+        environment="production",
+        region="eu-west-1",
+        labels={"team": "payments", "tier": "1"},
+    )
+    written = (
+        EXPORT.replace('  now: "2026-12-07T10:00:00+01:00"\n', "")
+        + "  env: {labels: {team: support}, peer: 'unix:/run/agent.sock'}\n"
+    )
+
+    filled = policy_tests.parse_request(written, defaults=daemon).env
+    with pytest.raises(PolicyError, match="now") as missing:
+        policy_tests.parse_request(written, name="req.yaml")
+
+    assert filled == Env(
+        Timestamp(1_800_000_000),
+        daemon_id="d-1",
+        agent_id="support-bot",
+        environment="production",
+        region="eu-west-1",
+        labels={"team": "support"},
+        peer="unix:/run/agent.sock",
+    )
+    assert missing.value.path == "req.yaml"
+
+
+def test_explain_reads_a_request_file_through_parse_request(tmp_path):
+    path = tmp_path / "req.yaml"
+    path.write_text(EXPORT + "  env: {environment: production}\n")
+
+    loaded = load_request(path)
+
+    assert loaded == policy_tests.parse_request(path.read_text())
+    assert loaded.env.environment == "production"
+    assert loaded.env.daemon_id == ""
+
+
+# --- refusals, limits, and no listener ------------------------------------------
+
+
+def test_refusals_are_counted_as_the_playgrounds_own(served):
+    registry = served.daemon.metrics.registry
+
+    def counted(name: str, why: str) -> float:
+        return registry.get_sample_value(name, {"why": why}) or 0.0
+
+    nobody = call(served, "GET", "/playground/api/tour")
+    reviewer_bearer = call(served, "GET", "/playground/api/tour", None, bearer("rita"))
+
+    assert (nobody[0], reviewer_bearer[0]) == (401, 403)
+    assert counted("kynara_playground_refusals_total", "identity_invalid") == 1
+    assert counted("kynara_playground_refusals_total", "role_missing") == 1
+    assert counted("kynara_review_page_refusals_total", "identity_invalid") == 0
+    assert counted("kynara_review_page_refusals_total", "role_missing") == 0
+
+
+def test_a_run_past_max_runs_is_refused_with_429(served, monkeypatch):
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    real = playground_module._what_if
+
+    def held(*args):
+        started.release()
+        release.wait(CALL_TIMEOUT)
+        return real(*args)
+
+    monkeypatch.setattr(playground_module, "_what_if", held)
+    with ThreadPoolExecutor(MAX_RUNS) as pool:
+        runs = [pool.submit(evaluate, served, SMALL_REFUND) for _ in range(MAX_RUNS)]
+        try:
+            for _ in range(MAX_RUNS):
+                assert started.acquire(timeout=CALL_TIMEOUT), "a run never started"
+            status, _, body = evaluate(served, SMALL_REFUND)
+        finally:
+            release.set()
+        finished = [run.result()[0] for run in runs]
+    after = evaluate(served, SMALL_REFUND)
+
+    assert status == 429
+    assert f"{MAX_RUNS} playground runs" in body["error"]
+    assert finished == [200] * MAX_RUNS
+    # The held runs gave their places back.
+    assert after[0] == 200
+
+
+def test_no_playground_is_served_without_the_http_listener(start_daemon):
+    running = start_daemon("http.port=-1")
+
+    live = running.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+
+    assert live.decision == pb.DECISION_ALLOW
+    assert running.daemon.http_port is None
+    assert running.daemon._http is None
+
+
+def test_the_http_app_has_playground_routes_only_when_given_its_sources():
+    sources = PlaygroundSources(
+        policies=lambda: None, store=lambda: None, authenticate=lambda token: None
+    )
+
+    without = build_http_app(Metrics())
+    with_sources = build_http_app(Metrics(), playground=sources)
+
+    def paths(app) -> set[str]:
+        return {resource.canonical for resource in app.router.resources()}
+
+    assert paths(without) == {"/metrics"}
+    assert "/playground/api/evaluate" in paths(with_sources)
