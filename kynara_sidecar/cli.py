@@ -450,12 +450,12 @@ def _add_sync_parser(commands: argparse._SubParsersAction) -> None:
         description=(
             "Call SyncService.SyncNow on the daemon's admin listener (admin.socket, "
             "else admin.port from the config) with an operator credential. Prints "
-            "{outcome, revision, previous_revision, error, digest}; exits 0 when "
-            "the bundle was activated or unchanged, 1 when it was refused or the "
-            "source was unreachable. With directory.store the signed directory "
-            "is synced first: a refused or unreachable directory makes the "
-            "outcome its own, and its error follows 'directory: '. Without "
-            "bundles (policy.source a directory) the outcome is the directory's."
+            "the bundle's {outcome, revision, previous_revision, error, digest} "
+            "and, when the daemon follows a signed directory (directory.store), "
+            "the directory's own under 'directory' (synced first); exits 0 when "
+            "each was activated or unchanged, 1 when either was refused or its "
+            "source unreachable. Without bundles (policy.source a directory) the "
+            "bundle's outcome is empty and only the directory counts."
         ),
     )
     _add_config_args(now)
@@ -1414,19 +1414,18 @@ def _sync(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"SyncNow at {target} failed: {err.code().name}: {err.details()}"
             ) from None
-    print(
-        json.dumps(
-            {
-                "outcome": reply.outcome,
-                "revision": reply.revision,
-                "previous_revision": reply.previous_revision,
-                "error": reply.error,
-                "digest": reply.digest,
-            },
-            indent=2,
-        )
-    )
-    return EXIT_OK if reply.outcome in ("activated", "unchanged") else EXIT_FAILED
+    fields = ("outcome", "revision", "previous_revision", "error", "digest")
+    shown: dict[str, object] = {name: getattr(reply, name) for name in fields}
+    # Bundles are followed unless the daemon said "" (policy files) while it
+    # follows a directory: then only the directory's outcome counts.
+    directory = reply.directory
+    good = ("activated", "unchanged")
+    ok = reply.outcome in good or (reply.outcome == "" and directory.configured)
+    if directory.configured:
+        shown["directory"] = {name: getattr(directory, name) for name in fields}
+        ok = ok and directory.outcome in good
+    print(json.dumps(shown, indent=2))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 # ShipNow waits --wait seconds for the store; the seal and the answer get

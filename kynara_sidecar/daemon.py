@@ -1382,7 +1382,7 @@ class Daemon:
         self._audit_service.register(server)
         # SyncNow with bundles to follow; ShipNow with segments to ship.
         SyncService(
-            self._followers(),  # type: ignore[arg-type]  # sync_now as one
+            self._followers(),
             credentials,
             store=self.config.store,
             shipper=lambda: self._shipper,

@@ -1,11 +1,15 @@
 """The admin listener's ``kynara.v1.SyncService``: sync with the central
 store now.
 
-``SyncNow`` is served only when the daemon follows signed bundles. Each
-call is authorized first (an ``operator`` credential, see ``admin``), then
-runs ``BundleFollower.sync_now``: the same path as the background loop and
+``SyncNow`` is served when the daemon follows signed bundles
+(``policy.source``), the collector's signed directory (``directory.store``),
+or both. Each call is authorized first (an ``operator`` credential, see
+``admin``), then runs ``Followers.sync_now``: the directory's follower,
+then the bundles', each on the same path as its background loop and
 SIGHUP, so the answer is the true outcome, and a refusal leaves the
-previous revision active.
+previous revision active. The bundle's outcome fills the response's own
+fields and the directory's its ``directory`` message, so a refused
+directory never hides how the bundle fared, nor the reverse.
 
 ``ShipNow`` seals the open audit segment and ships everything sealed,
 waiting a bounded time for the store's acknowledgement: what a Kubernetes
@@ -41,7 +45,7 @@ from kynara_sidecar.errors import (
 from kynara_sidecar.server.admin import AdminCredentials, authorization_of
 from kynara_sidecar.server.status import abort_with
 from kynara_sidecar.sync import StoreUnavailable
-from kynara_sidecar.sync.follower import BundleFollower
+from kynara_sidecar.sync.follower import Followers, LastSync
 from kynara_sidecar.sync.shipper import SegmentShipper
 
 __all__ = ["MAX_SHIP_WAIT_SECONDS", "SyncService"]
@@ -73,11 +77,13 @@ class NotAcknowledged(AuditUnavailable):
 
 class SyncService(sync_pb2_grpc.SyncServiceServicer):
     """Serves SyncService to operators: SyncNow over the daemon's bundle
-    follower, ShipNow over its segment shipper.
+    and directory followers, ShipNow over its segment shipper.
 
     Args:
-        follower: the daemon's follower of ``policy.source``; None when the
-            policies come from a directory (SyncNow is then UNIMPLEMENTED).
+        follower: the daemon's followers of ``policy.source`` and
+            ``directory.store``; None when it follows neither
+            (``policy.source`` is a directory of policy files and
+            ``directory.store`` is unset: SyncNow is then UNIMPLEMENTED).
         credentials: the admin credentials.
         store: the central store's URL ("" for none), for ShipNow's errors.
         shipper: returns the daemon's segment shipper, None while it ships
@@ -89,7 +95,7 @@ class SyncService(sync_pb2_grpc.SyncServiceServicer):
 
     def __init__(
         self,
-        follower: BundleFollower | None,
+        follower: Followers | None,
         credentials: AdminCredentials,
         *,
         store: str = "",
@@ -113,10 +119,12 @@ class SyncService(sync_pb2_grpc.SyncServiceServicer):
     ) -> pb.SyncNowResponse:
         follower = self._follower
         if follower is None:
-            # As before ShipNow joined the service: no bundles, no SyncNow.
+            # As before ShipNow joined the service: nothing followed, no
+            # SyncNow.
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
-                "this daemon follows no bundles: its policy.source is a directory",
+                "this daemon follows no bundles and no signed directory: its "
+                "policy.source is a directory and directory.store is not set",
             )
         try:
             self._credentials.authorize(
@@ -130,13 +138,13 @@ class SyncService(sync_pb2_grpc.SyncServiceServicer):
         except Exception as err:
             await self._internal(context, "SyncNow", err)
             raise AssertionError("unreachable: abort_with raises") from err
-        return pb.SyncNowResponse(
-            outcome=str(result.outcome),
-            revision=result.revision,
-            previous_revision=result.previous_revision,
-            error=result.error,
-            digest=result.digest,
+        bundle = {} if result.bundle is None else _sync_fields(result.bundle)
+        directory = (
+            pb.DirectorySync()
+            if result.directory is None
+            else pb.DirectorySync(configured=True, **_sync_fields(result.directory))
         )
+        return pb.SyncNowResponse(**bundle, directory=directory)
 
     async def ShipNow(  # noqa: N802 (gRPC method name)
         self, request: pb.ShipNowRequest, context: grpc.aio.ServicerContext
@@ -221,3 +229,15 @@ class SyncService(sync_pb2_grpc.SyncServiceServicer):
             extra={"fields": {"component": "server", "call": call}},
         )
         await abort_with(context, ServiceError("internal error; see its log"))
+
+
+def _sync_fields(sync: LastSync) -> dict[str, str]:
+    """One follower's outcome as the fields SyncNowResponse and
+    DirectorySync share."""
+    return {
+        "outcome": str(sync.outcome),
+        "revision": sync.revision,
+        "previous_revision": sync.previous_revision,
+        "error": sync.error,
+        "digest": sync.digest,
+    }

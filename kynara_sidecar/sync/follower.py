@@ -30,7 +30,7 @@ hands it to the daemon's callback, which compiles it against the active
 policy set. Only the names differ: its outcomes count in
 ``kynara_directory_sync_total``, its refusals in
 ``kynara_directory_refusals_total``, and its log lines say "directory".
-``Followers`` runs both for SIGHUP and ``sync now``.
+``Followers`` runs both for ``sync now``; SIGHUP syncs each in turn.
 
 Each offer ends in one ``SyncOutcome``: activated, unchanged, refused (the
 reason: the message naming the file and the rule, and a ``kind`` an alert
@@ -103,6 +103,7 @@ __all__ = [
     "Followers",
     "LastSync",
     "SyncOutcome",
+    "SyncedNow",
     "bundle_digest",
     "directory_updates",
 ]
@@ -738,18 +739,18 @@ class BundleFollower:
             await self._offer(entry, force=False, from_loop=True)
 
 
-# Which outcome of two a combined sync reports: the one an operator must
-# act on first.
-_OUTCOME_RANK = {
-    SyncOutcome.UNCHANGED: 0,
-    SyncOutcome.ACTIVATED: 1,
-    SyncOutcome.UNREACHABLE: 2,
-    SyncOutcome.REFUSED: 3,
-}
+class SyncedNow(msgspec.Struct, frozen=True):
+    """What ``Followers.sync_now`` did: each follower's outcome on its own,
+    None for the one the daemon does not run."""
+
+    # The bundle's sync (policy.source).
+    bundle: LastSync | None
+    # The signed directory's sync (directory.store).
+    directory: LastSync | None
 
 
 class Followers:
-    """The daemon's followers as one, for SIGHUP and ``sync now``.
+    """The daemon's followers as one, for ``sync now``.
 
     Args:
         bundles: the follower of ``policy.source`` (None when the policies
@@ -761,47 +762,29 @@ class Followers:
     def __init__(
         self, bundles: BundleFollower | None, directory: BundleFollower | None
     ):
+        assert bundles is not None or directory is not None, (
+            "Followers needs at least one follower"
+        )
         self.bundles = bundles
         self.directory = directory
 
-    async def sync_now(self, *, force: bool = False) -> LastSync:
+    async def sync_now(self, *, force: bool = False) -> SyncedNow:
         """Sync the directory, then the bundle, once each.
+
+        The directory goes first so that a bundle activated by the same
+        call compiles against the directory just taken. A refused or
+        unreachable directory does not stop the bundle's sync: each is
+        reported on its own.
 
         Args:
             force: take a bundle or directory older than the active one.
-
-        Returns:
-            With one follower, its outcome. With both, the bundle's, whose
-            outcome becomes the directory's when that one is worse (refused
-            before unreachable before activated), and whose ``error``
-            (``kind`` when the bundle has none) then tells the directory's
-            problem, prefixed "directory: ".
         """
-        # TODO(#12): SyncNowResponse has no field of its own for the
-        # directory's outcome (protos/kynara/v1/sync.proto); until it does,
-        # the directory's problem travels in the bundle's error.
         directory = bundles = None
         if self.directory is not None:
             directory = await self.directory.sync_now(force=force)
         if self.bundles is not None:
             bundles = await self.bundles.sync_now(force=force)
-        if bundles is None or directory is None:
-            result = bundles or directory
-            assert result is not None, "Followers needs at least one follower"
-            return result
-        if _OUTCOME_RANK[directory.outcome] <= _OUTCOME_RANK[bundles.outcome]:
-            return bundles
-        if directory.outcome is SyncOutcome.ACTIVATED:
-            return msgspec.structs.replace(bundles, outcome=directory.outcome)
-        error = "; ".join(
-            part for part in (bundles.error, f"directory: {directory.error}") if part
-        )
-        return msgspec.structs.replace(
-            bundles,
-            outcome=directory.outcome,
-            error=error,
-            kind=bundles.kind or directory.kind,
-        )
+        return SyncedNow(bundle=bundles, directory=directory)
 
 
 async def _settle(

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kynara.v1 import decision_pb2 as pb
+from kynara.v1 import sync_pb2, sync_pb2_grpc
 from support import (
     SHIPPED_POLICIES,
     daemon_config,
@@ -46,7 +47,7 @@ from kynara_sidecar.sync.directory import (
 from kynara_sidecar.sync.follower import SyncOutcome, bundle_digest
 from kynara_sidecar.sync.status import encode_status, fleet_rows, format_fleet
 
-from ._bundles import BASE_SECONDS, public_key_file, signed
+from ._bundles import BASE_SECONDS, public_key_file, signed, truncated
 
 SECRET = "operator-secret-0123456789abcdef"
 # Conditions are waited on, never slept for; this only bounds a broken run.
@@ -162,6 +163,28 @@ def sync_now(tmp_path, *extra: str) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout)
 
 
+def sync_now_grpc(tmp_path) -> sync_pb2.SyncNowResponse:
+    """SyncNow on the daemon's real admin socket, as the operator."""
+    with grpc.insecure_channel(f"unix://{tmp_path / 'admin.sock'}") as channel:
+        return sync_pb2_grpc.SyncServiceStub(channel).SyncNow(
+            sync_pb2.SyncNowRequest(),
+            metadata=[("authorization", f"Bearer {SECRET}")],
+            timeout=30,
+        )
+
+
+def with_bundle(tmp_path, dir_store: str) -> list[str]:
+    """Overrides for a daemon following a bundle file (r1) and the signed
+    directory in ``dir_store``."""
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(signed(tmp_path, "r1", seconds=0))
+    return [
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    ]
+
+
 def directory_synced(running, outcome: str) -> float:
     value = running.daemon.metrics.registry.get_sample_value(
         "kynara_directory_sync_total", {"outcome": outcome}
@@ -233,6 +256,13 @@ def test_a_new_bundle_is_compiled_with_the_current_signed_directory(
     assert (code, reply["outcome"]) == (0, "activated")
     assert after.policy_revision == reply["revision"] != first
     assert after.directory_revision == revision_in(data)
+    assert reply["directory"] == {
+        "outcome": "unchanged",
+        "revision": revision_in(data),
+        "previous_revision": revision_in(data),
+        "error": "",
+        "digest": bundle_digest(data),
+    }
 
 
 @pytest.mark.parametrize("backend", ["dir", "nats"])
@@ -280,9 +310,14 @@ def test_a_refused_directory_leaves_the_previous_one_active(
 
     code, reply = sync_now(tmp_path)
 
-    assert (code, reply["outcome"]) == (1, "refused")
-    assert kind in reply["error"]
-    assert reply["revision"] == reply["previous_revision"] == revision_in(data)
+    directory = reply["directory"]
+    assert (code, directory["outcome"]) == (1, "refused")
+    assert kind in directory["error"]
+    assert directory["revision"] == directory["previous_revision"]
+    assert directory["revision"] == revision_in(data)
+    assert directory["digest"] == bundle_digest(BROKEN[kind]())
+    # The policies are files: no bundle was synced, so its fields are empty.
+    assert (reply["outcome"], reply["revision"], reply["error"]) == ("", "", "")
     alice = decide(running, "alice")
     assert alice.reason_code != "unknown_principal"
     assert alice.directory_revision == revision_in(data)
@@ -371,32 +406,104 @@ def test_sync_now_force_takes_an_older_directory(tmp_path, start_daemon, dir_sto
 
     code, reply = sync_now(tmp_path, "--force")
 
-    assert (code, reply["outcome"]) == (0, "activated")
-    assert reply["revision"] == revision_in(older)
+    assert (code, reply["directory"]["outcome"]) == (0, "activated")
+    assert reply["directory"]["revision"] == revision_in(older)
+    assert reply["outcome"] == ""
     assert decide(running, "alice").reason_code == "unknown_principal"
 
 
-def test_sync_now_with_a_bundle_tells_a_refused_directory(
+def test_sync_now_with_a_bundle_reports_a_refused_directory_apart(
     tmp_path, start_daemon, dir_store
 ):
-    bundle = tmp_path / "policies.bundle"
-    bundle.write_bytes(signed(tmp_path, "r1", seconds=0))
-    publish(dir_store, update(seconds=0))
-    running = start_daemon(
-        *directory_overrides(tmp_path, dir_store),
-        f"policy.source={bundle}",
-        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
-    )
+    data = update(seconds=0)
+    publish(dir_store, data)
+    running = start_daemon(*with_bundle(tmp_path, dir_store))
     policy_revision = decide(running, "zoe").policy_revision
     publish(dir_store, update(seconds=30, key=OTHER_KEY))
 
     code, reply = sync_now(tmp_path)
+    answer = sync_now_grpc(tmp_path)
+
+    assert code == 1
+    assert (reply["outcome"], reply["error"]) == ("unchanged", "")
+    assert reply["revision"] == reply["previous_revision"] == policy_revision
+    directory = reply["directory"]
+    assert directory["outcome"] == "refused"
+    assert "unknown_key" in directory["error"]
+    assert "directory.trusted_keys" in directory["error"]
+    assert directory["revision"] == directory["previous_revision"]
+    assert directory["revision"] == revision_in(data)
+    assert (answer.outcome, answer.error, answer.revision) == (
+        "unchanged",
+        "",
+        policy_revision,
+    )
+    assert answer.directory.configured
+    assert answer.directory.outcome == "refused"
+    assert answer.directory.error == directory["error"]
+    assert answer.directory.revision == revision_in(data)
+
+
+def test_sync_now_reports_a_refused_bundle_beside_an_unchanged_directory(
+    tmp_path, start_daemon, dir_store
+):
+    data = update(seconds=0)
+    publish(dir_store, data)
+    running = start_daemon(*with_bundle(tmp_path, dir_store))
+    policy_revision = decide(running, "zoe").policy_revision
+    (tmp_path / "policies.bundle").write_bytes(truncated(tmp_path, seconds=60))
+
+    code, reply = sync_now(tmp_path)
 
     assert (code, reply["outcome"]) == (1, "refused")
-    assert reply["error"].startswith("directory: ")
-    assert "unknown_key" in reply["error"]
-    assert "directory.trusted_keys" in reply["error"]
+    assert "malformed" in reply["error"]
+    assert not reply["error"].startswith("directory")
     assert reply["revision"] == policy_revision
+    assert reply["directory"]["outcome"] == "unchanged"
+    assert reply["directory"]["error"] == ""
+    assert reply["directory"]["revision"] == revision_in(data)
+
+
+def test_sync_now_reports_an_unreachable_directory_beside_an_activated_bundle(
+    tmp_path, start_daemon, dir_store
+):
+    data = update(seconds=0)
+    publish(dir_store, data)
+    running = start_daemon(*with_bundle(tmp_path, dir_store))
+    first = decide(running, "zoe").policy_revision
+    (tmp_path / "policies.bundle").write_bytes(signed(tmp_path, "r2", seconds=60))
+    root = dir_store.removeprefix("dir://")
+    shutil.rmtree(root)
+
+    code, reply = sync_now(tmp_path)
+    after = decide(running, "zoe")
+
+    assert code == 1
+    assert reply["outcome"] == "activated" and reply["error"] == ""
+    assert after.policy_revision == reply["revision"] != first
+    directory = reply["directory"]
+    assert directory["outcome"] == "unreachable"
+    assert root in directory["error"]
+    assert directory["revision"] == after.directory_revision == revision_in(data)
+
+
+def test_sync_now_without_a_directory_store_shows_no_directory(tmp_path, start_daemon):
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(signed(tmp_path, "r1", seconds=0))
+    start_daemon(
+        *operator_admin(tmp_path, SECRET),
+        "sync.ship_segments=false",
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    )
+
+    code, reply = sync_now(tmp_path)
+    answer = sync_now_grpc(tmp_path)
+
+    assert (code, reply["outcome"]) == (0, "unchanged")
+    assert "directory" not in reply
+    assert not answer.directory.configured
+    assert answer.directory == sync_pb2.DirectorySync()
 
 
 def test_fleet_status_shows_the_directory(tmp_path, start_daemon, dir_store):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kynara/v1/sync.proto\x12\tkynara.v1\"&\n\x0eShipNowRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"y\n\x0fShipNowResponse\x12\x18\n\x10sealed_tree_size\x18\x01 \x01(\x04\x12\x18\n\x10shipped_segments\x18\x02 \x01(\r\x12\x17\n\x0f\x62\x61\x63klog_records\x18\x03 \x01(\x04\x12\x19\n\x11shipped_tree_size\x18\x04 \x01(\x04\"\x1f\n\x0eSyncNowRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\"n\n\x0fSyncNowResponse\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x19\n\x11previous_revision\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t2\x91\x01\n\x0bSyncService\x12@\n\x07SyncNow\x12\x19.kynara.v1.SyncNowRequest\x1a\x1a.kynara.v1.SyncNowResponse\x12@\n\x07ShipNow\x12\x19.kynara.v1.ShipNowRequest\x1a\x1a.kynara.v1.ShipNowResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kynara/v1/sync.proto\x12\tkynara.v1\"&\n\x0eShipNowRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"y\n\x0fShipNowResponse\x12\x18\n\x10sealed_tree_size\x18\x01 \x01(\x04\x12\x18\n\x10shipped_segments\x18\x02 \x01(\r\x12\x17\n\x0f\x62\x61\x63klog_records\x18\x03 \x01(\x04\x12\x19\n\x11shipped_tree_size\x18\x04 \x01(\x04\"\x1f\n\x0eSyncNowRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\"\x9b\x01\n\x0fSyncNowResponse\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x19\n\x11previous_revision\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12+\n\tdirectory\x18\x06 \x01(\x0b\x32\x18.kynara.v1.DirectorySync\"\x80\x01\n\rDirectorySync\x12\x12\n\nconfigured\x18\x01 \x01(\x08\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x19\n\x11previous_revision\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t2\x91\x01\n\x0bSyncService\x12@\n\x07SyncNow\x12\x19.kynara.v1.SyncNowRequest\x1a\x1a.kynara.v1.SyncNowResponse\x12@\n\x07ShipNow\x12\x19.kynara.v1.ShipNowRequest\x1a\x1a.kynara.v1.ShipNowResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHIPNOWRESPONSE']._serialized_end=196
   _globals['_SYNCNOWREQUEST']._serialized_start=198
   _globals['_SYNCNOWREQUEST']._serialized_end=229
-  _globals['_SYNCNOWRESPONSE']._serialized_start=231
-  _globals['_SYNCNOWRESPONSE']._serialized_end=341
-  _globals['_SYNCSERVICE']._serialized_start=344
-  _globals['_SYNCSERVICE']._serialized_end=489
+  _globals['_SYNCNOWRESPONSE']._serialized_start=232
+  _globals['_SYNCNOWRESPONSE']._serialized_end=387
+  _globals['_DIRECTORYSYNC']._serialized_start=390
+  _globals['_DIRECTORYSYNC']._serialized_end=518
+  _globals['_SYNCSERVICE']._serialized_start=521
+  _globals['_SYNCSERVICE']._serialized_end=666
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,6 @@
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -29,15 +29,33 @@ class SyncNowRequest(_message.Message):
     def __init__(self, force: bool = ...) -> None: ...
 
 class SyncNowResponse(_message.Message):
-    __slots__ = ("outcome", "revision", "previous_revision", "error", "digest")
+    __slots__ = ("outcome", "revision", "previous_revision", "error", "digest", "directory")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_REVISION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     outcome: str
     revision: str
     previous_revision: str
     error: str
     digest: str
-    def __init__(self, outcome: _Optional[str] = ..., revision: _Optional[str] = ..., previous_revision: _Optional[str] = ..., error: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+    directory: DirectorySync
+    def __init__(self, outcome: _Optional[str] = ..., revision: _Optional[str] = ..., previous_revision: _Optional[str] = ..., error: _Optional[str] = ..., digest: _Optional[str] = ..., directory: _Optional[_Union[DirectorySync, _Mapping]] = ...) -> None: ...
+
+class DirectorySync(_message.Message):
+    __slots__ = ("configured", "outcome", "revision", "previous_revision", "error", "digest")
+    CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_REVISION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    configured: bool
+    outcome: str
+    revision: str
+    previous_revision: str
+    error: str
+    digest: str
+    def __init__(self, configured: bool = ..., outcome: _Optional[str] = ..., revision: _Optional[str] = ..., previous_revision: _Optional[str] = ..., error: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...

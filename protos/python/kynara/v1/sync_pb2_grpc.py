@@ -52,7 +52,9 @@ class SyncServiceServicer(object):
     def SyncNow(self, request, context):
         """SyncNow reads the source's current bundle once and offers it: verified
         against the trusted keys, compiled, and activated whole, or refused
-        with the previous revision left active.
+        with the previous revision left active. With directory.store set, the
+        collector's signed directory is read and offered the same way first
+        (against directory.trusted_keys); each answers in fields of its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
