@@ -84,7 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "daemon's alerts, or what `kynara-sidecar new-chain` printed",
     )
     directory = commands.add_parser(
-        "directory", help="the directory from an identity provider"
+        "directory",
+        help="publish or sync the directory: sign a directory file into the "
+        "store, or pull users and groups from an identity provider",
     )
     directory_commands = directory.add_subparsers(
         dest="directory_command", required=True
@@ -241,7 +243,8 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _directory(args: argparse.Namespace) -> int:
-    """``directory sync``: see kynara_sidecar.collector.dirsync."""
+    """``directory publish`` or ``directory sync``: see ``_directory_publish``
+    and kynara_sidecar.collector.dirsync."""
     if args.directory_command == "publish":
         return _directory_publish(args)
     from kynara_sidecar.collector.dirsync import sync_command

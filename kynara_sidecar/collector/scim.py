@@ -15,7 +15,9 @@ Resources:
   (``kind``: "user" or "agent", default user; ``owner``: the team owning an
   agent). An agent is a User with ``kind: agent``: an IdP that provisions
   users provisions agents with the same connector, and groups hold both.
-- ``/Groups``: core Group; ``members`` name users by their SCIM id.
+- ``/Groups``: core Group; ``members`` name users by their SCIM id. A
+  User's read-only ``groups`` lists the Groups naming it (filled in on
+  read, never stored), and deleting a User takes it out of their members.
 
 Principals (what the directory holds, ``principals_of``): one per User,
 ``id`` its ``userName`` (in NFC; a name the policy engine refuses, see
@@ -43,7 +45,8 @@ directory content is handed to the injected ``publish`` (the collector's
 ``DirectoryPublisher``) from a background task: the IdP is answered after
 the local commit, never after the store; a burst publishes the newest
 state, not every step; a failed publish is retried after ``retry_seconds``
-with whatever is newest then. At start the current content is published
+with whatever is newest then (logged once while it fails alike, and once
+when it succeeds again). At start the current content is published
 once, so a crash between a commit and its publication converges.
 
 Authentication: ``authorization: Bearer <secret>`` of one of
@@ -78,6 +81,7 @@ from scim2_models import (
     External,
     Filter,
     Group,
+    GroupMembership,
     InvalidValueException,
     Patch,
     Reference,
@@ -129,6 +133,8 @@ BULK_MAX_OPERATIONS = 100
 BULK_MAX_PAYLOAD_BYTES = 1 << 20
 _DBS = (b"resources", b"counters")
 _VERSION_KEY = b"version"
+# A stored resource's key in the in-memory storage: (resource type, id).
+_Key = tuple[str | None, str]
 # Enterprise extension attributes copied to a principal, by their model
 # names (the snake_case of employeeNumber, costCenter...).
 _ENTERPRISE_ATTRIBUTES = (
@@ -298,12 +304,23 @@ def principals_of(
 class ScimStore(InMemoryStorage):
     """scim2-server's in-memory storage, each write committed to LMDB first.
 
+    Deleting a resource also removes its id from the ``members`` of every
+    Group naming it, in the same transaction (each such Group gets a new
+    version), as RFC 7644 §3.6 lets a provider do: no Group lists an id that
+    names nothing, and the change is one directory revision.
+
+    A User's read-only ``groups`` (RFC 7643 §4.1.2) is never stored: every
+    read (``get``, ``search`` and the answer to a write) fills it from the
+    Groups holding the User as a direct member, so it cannot go stale. A
+    client's ``groups`` is dropped on create and replace, and a PATCH of it
+    is refused by the library (400 ``mutability``).
+
     TODO(#12): every resource is held in memory and read back whole at
     start (fine for tens of thousands of Users); a directory of millions
-    would need a storage that searches LMDB itself. A deleted User's id is
-    left in the members of its groups (RFC 7644 §3.6 lets the provider
-    choose; it names no principal and gives no role), and a User's
-    read-only ``groups`` is not filled in from group memberships.
+    would need a storage that searches LMDB itself.
+    TODO(#12): a User's version (ETag) does not move when only its groups
+    change, so a conditional GET may answer 304 for a User whose ``groups``
+    differ; moving it would rewrite every member at each Group change.
 
     Args:
         path: the LMDB environment's directory (created if missing).
@@ -319,6 +336,8 @@ class ScimStore(InMemoryStorage):
         self._provider = provider
         # Principal id -> the SCIM id of the User holding it.
         self._principal_ids: dict[str, str] = {}
+        # Member id -> the keys of the Groups listing it in their members.
+        self._member_of: dict[str, set[_Key]] = {}
         try:
             pathlib.Path(path).mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(
@@ -366,15 +385,15 @@ class ScimStore(InMemoryStorage):
         with self.lock:
             self._check_principal(resource)
             version = self._version
-            created = super().create(resource_type, self._without_password(resource))
+            created = super().create(resource_type, self._as_stored(resource))
             key = (created.meta.resource_type, created.id)
             try:
-                self._commit(created)
+                self._commit([created])
             except BaseException:
                 self._remove(key)
                 self._version = version
                 raise
-            return created
+            return self._with_groups(created)
 
     def update(
         self,
@@ -389,16 +408,16 @@ class ScimStore(InMemoryStorage):
             version = self._version
             updated = super().update(
                 resource_type,
-                self._without_password(resource),
+                self._as_stored(resource),
                 expected_version=expected_version,
             )
             try:
-                self._commit(updated)
+                self._commit([updated])
             except BaseException:
                 self._store(before, self._values_of(before))
                 self._version = version
                 raise
-            return updated
+            return self._with_groups(updated)
 
     def delete(
         self,
@@ -409,32 +428,130 @@ class ScimStore(InMemoryStorage):
     ) -> None:
         with self.lock:
             before = self._stored(resource_type, resource_id)
+            holders = [
+                self._resources[key[0]][key[1]]
+                for key in sorted(
+                    self._member_of.get(resource_id, ()), key=lambda k: k[1]
+                )
+                if key != (resource_type.name, resource_id)
+            ]
+            version = self._version
             super().delete(
                 resource_type, resource_id, expected_version=expected_version
             )
+            left = [self._without_member(group, resource_id) for group in holders]
             try:
-                with self._env.begin(write=True) as txn:
-                    txn.delete(_key(before), db=self._dbs[b"resources"])
+                self._commit(left, deleted=before)
             except BaseException:
+                for group in holders:
+                    self._store(group, self._values_of(group))
                 self._store(before, self._values_of(before))
+                self._version = version
                 raise
 
-    def _commit(self, resource: Resource[Any]) -> None:
-        """Write a resource and the version counter in one synced transaction."""
-        body = json.dumps(resource.model_dump(mode="json")).encode()
+    def _without_member(self, group: Resource[Any], member_id: str) -> Resource[Any]:
+        """Store a new version of ``group`` without ``member_id`` in its
+        members (in memory; the caller commits it)."""
+        assert group.meta is not None
+        left = group.model_copy(deep=True)
+        members = [m for m in group.members or [] if m.value != member_id]
+        left.members = members or None  # type: ignore[attr-defined]
+        left.meta = group.meta.model_copy(
+            update={"last_modified": self.clock(), "version": self.next_version()}
+        )
+        self._store(left, self._values_of(left))
+        return left
+
+    def _commit(
+        self, resources: Iterable[Resource[Any]], deleted: Resource[Any] | None = None
+    ) -> None:
+        """Write resources, remove ``deleted`` and write the version counter,
+        in one synced transaction."""
+        bodies = [
+            (_key(r), json.dumps(r.model_dump(mode="json")).encode()) for r in resources
+        ]
         with self._env.begin(write=True) as txn:
-            txn.put(_key(resource), body, db=self._dbs[b"resources"])
+            if deleted is not None:
+                txn.delete(_key(deleted), db=self._dbs[b"resources"])
+            for key, body in bodies:
+                txn.put(key, body, db=self._dbs[b"resources"])
             txn.put(
                 _VERSION_KEY, str(self._version).encode(), db=self._dbs[b"counters"]
             )
 
     @staticmethod
-    def _without_password(resource: Resource[Any]) -> Resource[Any]:
-        if getattr(resource, "password", None) is None:
+    def _as_stored(resource: Resource[Any]) -> Resource[Any]:
+        """A resource without what is never stored: a User's password and
+        its read-only groups (filled in on each read)."""
+        if (
+            getattr(resource, "password", None) is None
+            and getattr(resource, "groups", None) is None
+        ):
             return resource
         copy = resource.model_copy(deep=True)
-        copy.password = None  # type: ignore[attr-defined]
+        for name in ("password", "groups"):
+            if getattr(copy, name, None) is not None:
+                setattr(copy, name, None)
         return copy
+
+    # -- reads: a User's groups filled in from the Groups listing it
+
+    def get(
+        self,
+        resource_type: ResourceType,
+        resource_id: str,
+        *,
+        response_parameters: ResponseParameters[Any] | None = None,
+    ) -> Resource[Any]:
+        with self.lock:
+            return self._with_groups(
+                super().get(
+                    resource_type, resource_id, response_parameters=response_parameters
+                )
+            )
+
+    def search(
+        self,
+        resource_types: list[ResourceType],
+        search_request: SearchRequest[Any],
+        *,
+        position: Any = None,
+    ) -> SearchPage:
+        with self.lock:
+            page = super().search(resource_types, search_request, position=position)
+            page.resources = [self._with_groups(r) for r in page.resources]
+            return page
+
+    def _candidates(
+        self, names: list[str | None], scim_filter: Any
+    ) -> list[Resource[Any]]:
+        found = super()._candidates(names, scim_filter)
+        if scim_filter is None or "groups" not in str(scim_filter).lower():
+            return found
+        # A filter on groups (e.g. groups[display eq "Support"]) matches what
+        # a read shows: copies with groups filled in, the stored ones intact.
+        return [self._with_groups(r.model_copy()) for r in found]
+
+    def _with_groups(self, resource: Resource[Any]) -> Resource[Any]:
+        """Fill a User's groups in place from current memberships, sorted
+        by display name (direct memberships only: only they give roles)."""
+        if not isinstance(resource, User):
+            return resource
+        groups = [
+            self._resources[key[0]][key[1]]
+            for key in self._member_of.get(cast(str, resource.id), ())
+        ]
+        groups.sort(key=lambda g: (g.display_name or "", cast(str, g.id)))
+        resource.groups = [
+            GroupMembership(
+                value=group.id,
+                display=group.display_name,
+                ref=f"Groups/{group.id}",
+                type="direct",
+            )
+            for group in groups
+        ] or None
+        return resource
 
     def _check_principal(self, resource: Resource[Any]) -> None:
         """Refuse a User that would not make a principal: a bad userName or
@@ -455,12 +572,19 @@ class ScimStore(InMemoryStorage):
         principal_id = _principal_id_or_none(resource)
         if principal_id is not None:
             self._principal_ids[principal_id] = cast(str, resource.id)
+        for member_id in _member_ids(resource):
+            self._member_of.setdefault(member_id, set()).add(_memory_key(resource))
 
-    def _remove(self, key: tuple[str | None, str]) -> None:
+    def _remove(self, key: _Key) -> None:
         stored = self._resources.get(key[0], {}).get(key[1])
         principal_id = None if stored is None else _principal_id_or_none(stored)
         if principal_id is not None and self._principal_ids.get(principal_id) == key[1]:
             del self._principal_ids[principal_id]
+        for member_id in _member_ids(stored):
+            holders = self._member_of.get(member_id, set())
+            holders.discard(key)
+            if not holders:
+                self._member_of.pop(member_id, None)
         super()._remove(key)
 
     def principals(self, group_roles: Mapping[str, Iterable[str]]) -> list[dict]:
@@ -472,6 +596,18 @@ class ScimStore(InMemoryStorage):
 def _key(resource: Resource[Any]) -> bytes:
     assert resource.meta is not None
     return f"{resource.meta.resource_type}/{resource.id}".encode()
+
+
+def _memory_key(resource: Resource[Any]) -> _Key:
+    assert resource.meta is not None
+    return resource.meta.resource_type, cast(str, resource.id)
+
+
+def _member_ids(resource: Resource[Any] | None) -> set[str]:
+    """The ids a Group lists in its members (none for anything else)."""
+    if not isinstance(resource, Group):
+        return set()
+    return {m.value for m in resource.members or [] if m.value}
 
 
 def _principal_id_or_none(resource: Resource[Any]) -> str | None:
@@ -570,6 +706,11 @@ class DirectoryPublishing:
         retry_seconds: the pause after a failed publish.
         on_published: called with the revision after each content published.
         on_failure: called after each failed publish.
+
+    A store that stays down is retried every ``retry_seconds`` and each try
+    is counted (``on_failure``), but logged at WARNING only when its error
+    differs from the previous try's (at DEBUG otherwise), and the first
+    publish after failures is logged once as "directory published again".
     """
 
     def __init__(
@@ -591,6 +732,11 @@ class DirectoryPublishing:
         # holds (a crash may have come between a commit and its publication).
         self._dirty.set()
         self._published: bytes | None = None
+        # The error of the failing publish and the failed tries in a row
+        # ("" and 0 while publishing works): a store down for an hour is
+        # one WARNING, not one per retry.
+        self._failing = ""
+        self._failures = 0
         self.revision = ""
 
     def changed(self) -> None:
@@ -622,17 +768,7 @@ class DirectoryPublishing:
             try:
                 revision = await self._publish(content)
             except Exception as err:
-                self._on_failure()
-                log.warning(
-                    "directory not published; retrying",
-                    extra={
-                        "fields": {
-                            **fields,
-                            "error": f"{type(err).__name__}: {err}",
-                            "retry_seconds": self._retry_seconds,
-                        }
-                    },
-                )
+                self._failed(f"{type(err).__name__}: {err}", fields)
                 self._dirty.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._retry_seconds)
@@ -640,10 +776,34 @@ class DirectoryPublishing:
             self._published = content
             self.revision = revision
             self._on_published(revision)
-            log.info(
-                "directory published",
-                extra={"fields": {**fields, "revision": revision}},
-            )
+            self._succeeded(revision, fields)
+
+    def _failed(self, error: str, fields: dict[str, Any]) -> None:
+        self._on_failure()
+        self._failures += 1
+        extra = {
+            "fields": {
+                **fields,
+                "error": error,
+                "failures": self._failures,
+                "retry_seconds": self._retry_seconds,
+            }
+        }
+        if error == self._failing:
+            log.debug("directory still not published", extra=extra)
+        else:
+            log.warning("directory not published; retrying", extra=extra)
+        self._failing = error
+
+    def _succeeded(self, revision: str, fields: dict[str, Any]) -> None:
+        extra = {"fields": {**fields, "revision": revision}}
+        if self._failures:
+            extra["fields"]["failures"] = self._failures
+            log.info("directory published again", extra=extra)
+        else:
+            log.info("directory published", extra=extra)
+        self._failing = ""
+        self._failures = 0
 
 
 class ScimEndpoint(BaseApplication):

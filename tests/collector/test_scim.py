@@ -16,13 +16,22 @@ from typing import Any
 import pytest
 import yaml
 
-from kynara_sidecar.audit.keys import generate_key, save_signing_key
+from kynara_sidecar.audit.keys import generate_key, load_signing_key, save_signing_key
 from kynara_sidecar.collector.config import load_collector_config
-from kynara_sidecar.collector.scim import KYNARA_EXTENSION
+from kynara_sidecar.collector.scim import (
+    KYNARA_EXTENSION,
+    DirectoryPublishing,
+    ScimStore,
+    build_provider,
+)
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.policy.loader import decode_document
 from kynara_sidecar.sync import open_store
-from kynara_sidecar.sync.directory import DIRECTORY_FILE, verify_directory_update
+from kynara_sidecar.sync.directory import (
+    DIRECTORY_FILE,
+    VerifiedDirectory,
+    verify_directory_update,
+)
 
 from .test_collector import RunningCollector
 
@@ -45,7 +54,10 @@ class Scim:
         self.tmp_path = tmp_path
         self.store_root = tmp_path / "store"
         key_file = tmp_path / "directory.pem"
-        if not key_file.exists():
+        if key_file.exists():
+            # A second Scim over the same directory: the collector's key.
+            self.key = load_signing_key(key_file)
+        else:
             self.key = generate_key()
             save_signing_key(self.key, key_file)
         secret_file = tmp_path / "okta.secret"
@@ -155,6 +167,15 @@ class Scim:
     def published(self) -> dict[str, dict] | None:
         """The principals of the directory in the store, by id, once
         verified with the collector's key; None before any."""
+        verified = self.verified()
+        if verified is None:
+            return None
+        document = decode_document(DIRECTORY_FILE, verified.content)
+        return {p.id: _principal(p) for p in document.document.principals}
+
+    def verified(self) -> VerifiedDirectory | None:
+        """The store's current directory, verified with the collector's key;
+        None before any."""
 
         async def read() -> bytes | None:
             store = open_store(f"dir://{self.store_root}")
@@ -171,9 +192,7 @@ class Scim:
         if data is None:
             return None
         public = self.key.public()
-        verified = verify_directory_update(data, {public.key_id: public})
-        document = decode_document(DIRECTORY_FILE, verified.content)
-        return {p.id: _principal(p) for p in document.document.principals}
+        return verify_directory_update(data, {public.key_id: public})
 
     def wait_published(self, condition, what: str) -> dict[str, dict]:
         found = None
@@ -418,13 +437,16 @@ def test_resources_and_their_etags_survive_a_restart(tmp_path):
         path.read_bytes() for path in (tmp_path / "scim").iterdir()
     )
 
-    scim.start()
+    # A new Scim over the same files: it reads the collector's key back.
+    scim = Scim(tmp_path).start()
     try:
         after = scim.call("GET", f"/Users/{alice['id']}")
         assert after[0] == 200
         # A new port: the same resource at another location.
         for _, _, body in (before, after):
             body["meta"].pop("location")
+            for membership in body["groups"]:
+                assert membership.pop("$ref").endswith(f"/Groups/{group['id']}")
         assert after[2] == before[2]
         assert after[1]["etag"] == before[1]["etag"]
         assert (
@@ -582,3 +604,241 @@ def test_group_roles_must_be_role_names(tmp_path):
     setup = Scim(tmp_path, group_roles={"Support": ["support agent"]})
     with pytest.raises(ConfigError, match="scim.group_roles.Support: role"):
         load_collector_config(setup.config_path)
+
+
+# --- memberships: a User's groups, and a deleted User leaving its groups ---
+
+
+def test_a_users_groups_are_filled_in_on_every_read_and_never_stored(tmp_path):
+    (tmp_path / "store").mkdir()
+    scim = Scim(tmp_path).start()
+    try:
+        alice = scim.create_user("alice")
+        bob = scim.create_user("bob")
+        support = scim.create_group("Support", [alice["id"]])
+        finance = scim.create_group("Finance", [alice["id"], bob["id"]])
+        path = f"/Users/{alice['id']}"
+
+        def groups(body: dict) -> list[tuple[str, str, str, str]]:
+            return [
+                (g["value"], g["display"], g["$ref"], g["type"])
+                for g in body.get("groups", [])
+            ]
+
+        base = f"http://127.0.0.1:{scim.port}/scim/v2/Groups/"
+        expected = [
+            (finance["id"], "Finance", base + finance["id"], "direct"),
+            (support["id"], "Support", base + support["id"], "direct"),
+        ]
+        status, _, got = scim.call("GET", path)
+        assert status == 200, got
+        assert groups(got) == expected
+        by_name = scim.call("GET", "/Users?filter=userName%20eq%20%22alice%22")[2]
+        assert groups(by_name["Resources"][0]) == expected
+        in_support = scim.call(
+            "GET", "/Users?filter=groups%5Bdisplay%20eq%20%22Support%22%5D"
+        )[2]
+        assert [r["userName"] for r in in_support["Resources"]] == ["alice"]
+        status, _, carol = scim.call(
+            "POST",
+            "/Users",
+            {
+                "schemas": [USER_SCHEMA],
+                "userName": "carol",
+                "groups": [{"value": support["id"], "display": "Support"}],
+            },
+        )
+        assert status == 201, carol
+        assert "groups" not in carol  # read-only: what the client sent is ignored
+
+        # A PATCH of groups is refused; a PUT's groups are ignored.
+        status, _, body = scim.patch(
+            f"/Users/{bob['id']}",
+            {"op": "add", "path": "groups", "value": [{"value": support["id"]}]},
+        )
+        assert status == 400, body
+        assert body["scimType"] == "mutability"
+        status, _, body = scim.call(
+            "PUT",
+            f"/Users/{bob['id']}",
+            {"schemas": [USER_SCHEMA], "userName": "bob", "groups": []},
+        )
+        assert status == 200, body
+        assert [g["display"] for g in body["groups"]] == ["Finance"]
+
+        # Memberships change on the Groups; the User's groups follow.
+        scim.patch(
+            f"/Groups/{support['id']}",
+            {"op": "replace", "path": "displayName", "value": "Helpdesk"},
+        )
+        scim.patch(
+            f"/Groups/{finance['id']}",
+            {"op": "remove", "path": f'members[value eq "{alice["id"]}"]'},
+        )
+        got = scim.call("GET", path)[2]
+        assert [(g["value"], g["display"]) for g in got["groups"]] == [
+            (support["id"], "Helpdesk")
+        ]
+        assert "groups" not in scim.call("GET", f"/Users/{carol['id']}")[2]
+    finally:
+        scim.stop()
+
+    store = ScimStore(tmp_path / "scim", build_provider(200), 1 << 26)
+    try:
+        users = [r for r in store.resources if r.meta.resource_type == "User"]
+        assert sorted(u.user_name for u in users) == ["alice", "bob", "carol"]
+        assert all(u.groups is None for u in users)
+    finally:
+        store.close()
+
+
+GROUPS_OF_BOB = ["Other", "Support"]
+
+
+def said(caplog, message: str) -> list[logging.LogRecord]:
+    """The records of the SCIM service's directory publishing with
+    ``message`` (the store's publisher logs under the same logger)."""
+    return [
+        r
+        for r in caplog.records
+        if r.getMessage() == message
+        and getattr(r, "fields", {}).get("door") == "scim directory"
+    ]
+
+
+def wait_said(caplog, message: str, revision: str) -> list[logging.LogRecord]:
+    """``said`` once a record of ``revision`` is among them: the store holds
+    a revision a moment before its publishing logs it."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        found = said(caplog, message)
+        if any(r.fields["revision"] == revision for r in found):
+            return found
+        assert time.monotonic() < deadline, f"{message} {revision}: never logged"
+        time.sleep(0.05)
+
+
+def test_deleting_a_user_removes_it_from_its_groups_in_one_change(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kynara.collector")
+    (tmp_path / "store").mkdir()
+    scim = Scim(tmp_path).start()
+    try:
+        alice = scim.create_user("alice")
+        bob = scim.create_user("bob")
+        support = scim.create_group("Support", [alice["id"], bob["id"]])
+        finance = scim.create_group("Finance", [alice["id"]])
+        other = scim.create_group("Other", [bob["id"]])
+        scim.wait_published(
+            lambda p: (
+                "bob" in p and p["bob"]["attributes"].get("groups") == GROUPS_OF_BOB
+            ),
+            "every change before the delete",
+        )
+        before = wait_said(caplog, "directory published", scim.verified().revision)
+
+        assert scim.call("DELETE", f"/Users/{alice['id']}")[0] == 204
+
+        _, headers, got = scim.call("GET", f"/Groups/{support['id']}")
+        assert [m["value"] for m in got["members"]] == [bob["id"]]
+        assert headers["etag"] != support["meta"]["version"]
+        assert got["meta"]["lastModified"] >= support["meta"]["lastModified"]
+        _, headers, got = scim.call("GET", f"/Groups/{finance['id']}")
+        assert "members" not in got
+        assert headers["etag"] != finance["meta"]["version"]
+        _, headers, _ = scim.call("GET", f"/Groups/{other['id']}")
+        assert headers["etag"] == other["meta"]["version"]  # not a holder
+        found = scim.call(
+            "GET", f"/Groups?filter=members%5Bvalue%20eq%20%22{alice['id']}%22%5D"
+        )[2]
+        assert found["totalResults"] == 0
+        principals = scim.wait_published(lambda p: "alice" not in p, "alice gone")
+        assert principals["bob"]["roles"] == ["support_agent"]
+        # The User and its memberships went in one change: one revision.
+        revision = scim.verified().revision
+        after = wait_said(caplog, "directory published", revision)
+        assert [r.fields["revision"] for r in after[len(before) :]] == [revision]
+        support_version = scim.call("GET", f"/Groups/{support['id']}")[1]["etag"]
+    finally:
+        scim.stop()
+
+    # Durable: the groups read back without alice, at their new versions.
+    scim = Scim(tmp_path).start()
+    try:
+        _, headers, got = scim.call("GET", f"/Groups/{support['id']}")
+        assert [m["value"] for m in got["members"]] == [bob["id"]]
+        assert headers["etag"] == support_version
+        assert "members" not in scim.call("GET", f"/Groups/{finance['id']}")[2]
+    finally:
+        scim.stop()
+
+
+# --- publishing while the store is down --------------------------------------
+
+
+def test_a_store_that_stays_down_is_logged_once_and_its_return_once(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="kynara.collector")
+    scim = Scim(tmp_path).start()  # the store's root is missing: it is down
+    try:
+        scim.create_user("alice")
+        deadline = time.monotonic() + WAIT_SECONDS
+        while scim.metric("kynara_collector_directory_publish_failures_total") < 5:
+            assert time.monotonic() < deadline, "publishing was not retried"
+            time.sleep(0.05)
+
+        assert [
+            r.levelno for r in said(caplog, "directory not published; retrying")
+        ] == [logging.WARNING]
+        assert len(said(caplog, "directory still not published")) >= 3
+        assert all(
+            r.levelno == logging.DEBUG
+            for r in said(caplog, "directory still not published")
+        )
+        scim.store_root.mkdir()
+        scim.wait_published(lambda p: "alice" in p, "alice")
+        again = wait_said(caplog, "directory published again", scim.verified().revision)
+        assert len(again) == 1 and again[0].levelno == logging.INFO
+        assert again[0].fields["failures"] >= 5
+        failures = scim.metric("kynara_collector_directory_publish_failures_total")
+        assert failures == again[0].fields["failures"]
+
+        scim.create_user("bob")
+        scim.wait_published(lambda p: "bob" in p, "bob")
+        assert len(said(caplog, "directory published again")) == 1
+        assert len(said(caplog, "directory not published; retrying")) == 1
+    finally:
+        scim.stop()
+
+
+def test_a_different_publish_error_is_logged_again(caplog):
+    caplog.set_level(logging.DEBUG, logger="kynara.collector")
+    errors = [OSError("disk full")] * 3 + [TimeoutError("no reply")] * 2
+    failures: list[None] = []
+    published: list[str] = []
+
+    async def publish(content: bytes) -> str:
+        if errors:
+            raise errors.pop(0)
+        return "rev-1"
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        publishing = DirectoryPublishing(
+            lambda: b"{}",
+            publish,
+            retry_seconds=0,
+            on_published=lambda revision: (published.append(revision), stop.set()),
+            on_failure=lambda: failures.append(None),
+        )
+        await asyncio.wait_for(publishing.run(stop), WAIT_SECONDS)
+
+    asyncio.run(run())
+
+    warned = [
+        r.fields["error"]
+        for r in caplog.records
+        if r.getMessage() == "directory not published; retrying"
+    ]
+    assert warned == ["OSError: disk full", "TimeoutError: no reply"]
+    assert len(failures) == 5 and published == ["rev-1"]
+    again = [r for r in caplog.records if r.getMessage() == "directory published again"]
+    assert [r.fields["failures"] for r in again] == [5]
