@@ -12,7 +12,12 @@ turns it into a ``Reviewer`` or refuses it. The page then opens a session:
 Path=/approvals``), kept server side in a bounded store under their SHA-256
 (a leaked store does not hand out live cookies), expiring after
 ``approvals.session_seconds``. The token itself is never stored. Signing
-out forgets the session.
+out forgets the session. A session never outlives its credential: one
+opened with a JWT ends at the token's ``exp`` if that comes sooner, and when
+a reload removes or changes an admin credential (its secret, roles or
+principal), the sessions opened with it end at once (the store follows the
+``Authenticator``'s ``ReviewerAuth``); the next request with such a cookie is
+sent to sign in, as after any expiry.
 
 Forged posts. Every POST must pass two checks before anything else runs:
 
@@ -49,7 +54,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, runtime_checkable
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
@@ -74,6 +79,7 @@ from kynara_sidecar.errors import (
     ServiceError,
 )
 from kynara_sidecar.server import _review_html as pages
+from kynara_sidecar.server.reviewers import token_expiry_ns
 
 __all__ = [
     "COOKIE_PATH",
@@ -83,6 +89,7 @@ __all__ = [
     "LOGIN_COOKIE",
     "SESSION_COOKIE",
     "Authenticator",
+    "CredentialWatch",
     "Flash",
     "Session",
     "SessionStore",
@@ -133,6 +140,14 @@ _NEXT_PATH = re.compile(r"/approvals(/[A-Za-z0-9_-]{1,128})?")
 _APPROVAL_ID = "{approval_id:[A-Za-z0-9_-]{1,128}}"
 
 
+@runtime_checkable
+class CredentialWatch(Protocol):
+    """Tells of admin credentials a reload removed or changed
+    (``ReviewerAuth.watch_credentials``), so sessions opened with them end."""
+
+    def watch_credentials(self, ended: Callable[[frozenset[str]], None]) -> None: ...
+
+
 class Authenticator(Protocol):
     """Turns a pasted token into a reviewer (``ReviewerAuth.authenticate``).
 
@@ -173,12 +188,12 @@ class SessionStore:
 
     Keyed by the SHA-256 of the cookie value; the value itself is only in
     the reviewer's browser. ``clock`` gives nanoseconds since the epoch.
-    """
 
-    # TODO(#12): a session keeps the reviewer and roles it was opened with
-    # until it expires: a credential removed from config, or a JWT past its
-    # exp, still reviews for up to session_seconds. Should a reload end the
-    # sessions of removed credentials, and a JWT's exp cap its session?
+    A session never outlives the credential it was opened with: one opened
+    with a JWT ends at the token's ``exp`` at the latest (``open``'s
+    ``not_after_ns``), and ``end_credentials`` ends those of admin
+    credentials a reload removed or changed (``follow``).
+    """
 
     def __init__(
         self,
@@ -198,21 +213,33 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, reviewer: Reviewer) -> tuple[str, Session]:
+    def open(
+        self, reviewer: Reviewer, *, not_after_ns: int | None = None
+    ) -> tuple[str, Session]:
         """Start a session for ``reviewer``; return its cookie value and it.
 
-        Prunes expired sessions first, then ends the oldest while full.
+        It lasts ``session_seconds``, or until ``not_after_ns`` (ns since
+        the epoch) if that comes first: the ``exp`` of the JWT it was opened
+        with (``reviewers.token_expiry_ns``). Prunes expired sessions first,
+        then ends the oldest while full.
         """
         now = self._clock()
         self._prune(now)
+        if len(self._sessions) >= self.max_sessions:
+            # Sessions capped by a token's exp may have expired behind
+            # younger ones: sweep them all before ending a live one.
+            self._sweep(now)
         while len(self._sessions) >= self.max_sessions:
             key, _ = self._sessions.popitem(last=False)
             self._flashes.pop(key, None)
         session_id = secrets.token_urlsafe(TOKEN_BYTES)
+        expires_ns = now + self.session_seconds * 1_000_000_000
+        if not_after_ns is not None:
+            expires_ns = min(expires_ns, not_after_ns)
         session = Session(
             reviewer=reviewer,
             csrf=secrets.token_urlsafe(TOKEN_BYTES),
-            expires_ns=now + self.session_seconds * 1_000_000_000,
+            expires_ns=expires_ns,
         )
         self._sessions[_key(session_id)] = session
         return session_id, session
@@ -236,6 +263,43 @@ class SessionStore:
         self._sessions.pop(key, None)
         self._flashes.pop(key, None)
 
+    def end_credentials(self, names: Iterable[str]) -> int:
+        """End every session opened with one of the admin credentials
+        ``names`` (``Reviewer.credential``); return how many ended.
+
+        Called when a reload removed or changed them (their secret, roles or
+        principal): the next request with such a cookie is treated as one
+        whose session expired. A JWT session whose issuer is spelled like
+        one of ``names`` ends too; its reviewer signs in again.
+        """
+        gone = frozenset(names)
+        ended = [
+            key
+            for key, session in self._sessions.items()
+            if session.reviewer.credential in gone
+        ]
+        for key in ended:
+            del self._sessions[key]
+            self._flashes.pop(key, None)
+        if ended:
+            log.info(
+                "sign-in sessions ended: their credential changed",
+                extra={"fields": {"credentials": sorted(gone), "sessions": len(ended)}},
+            )
+        return len(ended)
+
+    def follow(self, authenticate: object) -> bool:
+        """End sessions whenever the credentials behind ``authenticate``
+        change: when it is a ``CredentialWatch`` (``ReviewerAuth``) or a
+        bound method of one (``ReviewerAuth.authenticate``), watch it with
+        ``end_credentials``. Returns whether there was anything to watch (a
+        plain function has no reload to follow)."""
+        for source in (authenticate, getattr(authenticate, "__self__", None)):
+            if isinstance(source, CredentialWatch):
+                source.watch_credentials(self.end_credentials)
+                return True
+        return False
+
     def flash(
         self, session_id: str, approval_id: str, error: str, comment: str
     ) -> None:
@@ -256,9 +320,15 @@ class SessionStore:
         del self._flashes[key]
         return flash if flash.expires_ns > self._clock() else None
 
+    def _sweep(self, now: int) -> None:
+        for key in [k for k, s in self._sessions.items() if s.expires_ns <= now]:
+            del self._sessions[key]
+            self._flashes.pop(key, None)
+
     def _prune(self, now: int) -> None:
         # Sessions are appended in time order with one lifetime, so the
-        # expired ones are at the front.
+        # expired ones are at the front; one capped by a token's exp may
+        # expire sooner and is dropped when read, reached or swept.
         while self._sessions:
             key, session = next(iter(self._sessions.items()))
             if session.expires_ns > now:
@@ -422,7 +492,9 @@ class _ReviewPage:
             )
         # A new sign-in replaces the session this browser had, if any.
         self.sessions.close(request.cookies.get(SESSION_COOKIE, ""))
-        session_id, _ = self.sessions.open(reviewer)
+        session_id, session = self.sessions.open(
+            reviewer, not_after_ns=token_expiry_ns(token)
+        )
         log.info(
             "signed in to review page",
             extra={
@@ -433,7 +505,7 @@ class _ReviewPage:
         response.set_cookie(
             SESSION_COOKIE,
             session_id,
-            max_age=self.sessions.session_seconds,
+            max_age=_seconds_left(session, self.clock()),
             path=COOKIE_PATH,
             secure=self.secure_cookie,
             httponly=True,
@@ -622,6 +694,11 @@ _REFUSALS: dict[type[Exception], str] = {
 }
 
 
+def _seconds_left(session: Session, now_ns: int) -> int:
+    """The cookie's Max-Age: the session's remaining lifetime, at least 1."""
+    return max(1, -(-(session.expires_ns - now_ns) // 1_000_000_000))
+
+
 def _field(form: Mapping[str, object], name: str) -> str:
     # A file upload where text belongs counts as no value.
     value = form.get(name, "")
@@ -741,9 +818,12 @@ def add_review_routes(
             beside its log line.
 
     Returns:
-        The session store, for tests and for ending sessions.
+        The session store, for tests and for ending sessions. It follows
+        ``authenticate`` when that is ``ReviewerAuth.authenticate``: the
+        sessions of admin credentials a reload removes or changes end.
     """
     sessions = SessionStore(session_seconds, max_sessions=max_sessions, clock=clock)
+    sessions.follow(authenticate)
     page = _ReviewPage(
         inbox,
         authenticate,

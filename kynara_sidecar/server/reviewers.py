@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ __all__ = [
     "admin_reviewers",
     "ReviewerAuth",
     "ReviewerIssuer",
+    "token_expiry_ns",
     "token_of",
 ]
 
@@ -127,6 +129,28 @@ def token_of(authorization: str) -> str:
             field=CREDENTIAL_FIELD,
         )
     return token.strip()
+
+
+def token_expiry_ns(token: str) -> int | None:
+    """When a reviewer JWT expires (its ``exp``, in nanoseconds since the
+    epoch), or None for a token that is no JWT with a numeric ``exp`` (an
+    admin secret).
+
+    The claims are read without verifying them: call this only for a token
+    ``ReviewerAuth.authenticate`` has accepted (which requires ``exp``), to
+    end a sign-in session no later than the token it was opened with.
+    """
+    if not _looks_like_jwt(token):
+        return None
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    if not math.isfinite(exp):
+        return None
+    return int(exp * 1_000_000_000)
 
 
 def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
@@ -230,12 +254,35 @@ class ReviewerAuth:
         )
         self._clock = clock
         self._metrics = metrics
+        self._watchers: list[Callable[[frozenset[str]], None]] = []
 
-    def adopt_credentials(self, fresh: ReviewerAuth) -> None:
+    def adopt_credentials(self, fresh: ReviewerAuth) -> frozenset[str]:
         """Take ``fresh``'s admin credentials from now on (SIGHUP: a rotated
         secret file or a changed ``admin.credentials``); issuers and agents
-        stay as they are. One assignment, as ``AdminCredentials.adopt``."""
+        stay as they are. One assignment, as ``AdminCredentials.adopt``.
+
+        Returns the names of the credentials that were removed or changed
+        (secret, roles, principal or reviewer roles), after telling each
+        ``watch_credentials`` callback of them, so that a sign-in session
+        opened with one ends (``review_page.SessionStore.end_credentials``)
+        rather than outlive it. Unchanged credentials keep their sessions.
+        """
+        before = {name: credential for name, credential, _ in self._admin}
+        after = {name: credential for name, credential, _ in fresh._admin}
+        changed = frozenset(
+            name for name, credential in before.items() if after.get(name) != credential
+        )
         self._admin = fresh._admin
+        if changed:
+            for ended in self._watchers:
+                ended(changed)
+        return changed
+
+    def watch_credentials(self, ended: Callable[[frozenset[str]], None]) -> None:
+        """Call ``ended`` with the names of the admin credentials each
+        ``adopt_credentials`` removed or changed (never with an empty set).
+        The review page's and the playground's session stores watch here."""
+        self._watchers.append(ended)
 
     @classmethod
     def from_config(
