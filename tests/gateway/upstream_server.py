@@ -78,6 +78,12 @@ FAIL_CODE = -32050
 # Where --faulty tools write around the SDK: over stdio the wire (which
 # serve_stdio then leaves in place), over HTTP the process's log.
 WIRE_FD = 1
+# On SIGTERM over HTTP, how long open requests and streams (a 2026 client's
+# subscriptions/listen, a session's GET stream) may run before the server
+# closes them and exits. A listen stream never ends by itself, so without a
+# bound the server outlives its test's stop() and is SIGKILLed 10 s later;
+# either way the client sees the server gone, this way at once.
+SHUTDOWN_GRACE_SECONDS = 0.5
 
 
 def _string(description: str) -> dict[str, Any]:
@@ -405,7 +411,13 @@ def serve_http(
         app = _streams_after_announcing(app, upstream)
     if no_get_stream:
         app = _without_get_stream(app)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+    )
 
 
 def _streams_after_announcing(app: Any, upstream: Upstream) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -73,10 +73,35 @@ def drive(daemon: DaemonProcess) -> dict[str, Any]:
     return answers
 
 
-def test_every_line_is_json_with_the_fixed_fields(daemon_process):
-    answers = drive(daemon_process)
-    assert daemon_process.stop() == 0
-    lines = daemon_process.records()  # fails on a line that is not JSON
+class Driven(NamedTuple):
+    """A daemon that ``drive`` went through and that was then stopped."""
+
+    daemon: DaemonProcess
+    answers: dict[str, Any]
+    exit_code: int
+
+
+def run_driven(daemon: DaemonProcess) -> Driven:
+    """``drive`` the daemon, then stop it (also when driving failed)."""
+    try:
+        answers = drive(daemon)
+    finally:
+        exit_code = daemon.stop()
+    return Driven(daemon, answers, exit_code)
+
+
+@pytest.fixture(scope="module")
+def driven(tmp_path_factory) -> Driven:
+    """One daemon logging JSON (the default), driven and stopped, whose whole
+    log every test here reads: each test only reads, and a daemon of its
+    own would log the same lines, so one run serves them all."""
+    return run_driven(DaemonProcess(tmp_path_factory.mktemp("json")))
+
+
+def test_every_line_is_json_with_the_fixed_fields(driven):
+    answers = driven.answers
+    assert driven.exit_code == 0
+    lines = driven.daemon.records()  # fails on a line that is not JSON
 
     messages = [line["msg"] for line in lines]
     assert "serving" in messages and "stopped" in messages
@@ -95,9 +120,9 @@ def test_every_line_is_json_with_the_fixed_fields(daemon_process):
     assert policy[1]["policy_revision"] != policy[0]["policy_revision"]
 
 
-def test_lines_about_a_decision_carry_its_id(daemon_process):
-    answers = drive(daemon_process)
-    lines = daemon_process.records()
+def test_lines_about_a_decision_carry_its_id(driven):
+    answers = driven.answers
+    lines = driven.daemon.records()
 
     (opened,) = [line for line in lines if line["msg"] == "approval opened"]
     assert opened["decision_id"] == answers["approval"].decision_id
@@ -107,11 +132,8 @@ def test_lines_about_a_decision_carry_its_id(daemon_process):
     assert about_approvals and all("decision_id" in line for line in about_approvals)
 
 
-def test_request_payloads_never_reach_the_log(daemon_process):
-    drive(daemon_process)
-    daemon_process.stop()
-
-    text = daemon_process.log_path.read_text()
+def test_request_payloads_never_reach_the_log(driven):
+    text = driven.daemon.log_path.read_text()
     assert text.count("\n") > 10
     assert SECRET not in text
     # Nor the attribute's name as a key of some logged payload.
@@ -136,12 +158,12 @@ def parse_text(line: str) -> dict[str, Any]:
     return fields
 
 
-def test_log_format_text_gives_the_same_fields(tmp_path):
-    as_json = DaemonProcess(tmp_path / "json")
-    as_text = DaemonProcess(tmp_path / "text", post=("--log-format", "text"))
-    for daemon in (as_json, as_text):
-        drive(daemon)
-        assert daemon.stop() == 0
+def test_log_format_text_gives_the_same_fields(driven, tmp_path):
+    as_json = driven.daemon
+    as_text = run_driven(
+        DaemonProcess(tmp_path / "text", post=("--log-format", "text"))
+    ).daemon
+    assert (driven.exit_code, as_text.process.returncode) == (0, 0)
     json_lines = as_json.records()
     text_lines = [parse_text(line) for line in as_text.lines()]
 
