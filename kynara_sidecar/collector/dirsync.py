@@ -11,13 +11,23 @@ its SCIM endpoint (``directory.pull.target_token_file``).
 
 Theory of operation (one run, ``sync_directory``):
 
-1. Read every User and Group of the source and of the target, page by page
-   (``startIndex``/``count`` until ``totalResults``), never in one page.
+1. Read every User and Group of the source, and the target's Users, page
+   by page (``startIndex``/``count``), never in one page; the target's
+   Groups are read once its Users are written. What is read is taken as
+   the whole list (what it lacks is deleted), so a read that does not add
+   up fails the run before anything is written (``_Session.read_all``): a
+   ``totalResults`` missing, negative or above ``max_resources``, a page
+   larger than asked, a page that brings no resource not seen before while
+   fewer than ``totalResults`` were seen (``startIndex`` ignored, a page
+   empty too early), or more distinct resources than ``totalResults``. The
+   walk ends with a page that brings nothing new (the one past the end),
+   so a ``totalResults`` that says too few is caught too.
 2. Match: a target resource belongs to a source resource when its
    ``externalId`` is the source resource's ``id``. A target resource without
    an ``externalId`` is adopted by the source resource of the same
-   ``userName`` (Users, compared case-insensitively as SCIM does) or
-   ``displayName`` (Groups): it could not be created beside it anyway.
+   ``userName`` (Users, compared in NFC and case-folded, as the collector
+   compares them) or ``displayName`` (Groups): it could not be created
+   beside it anyway.
 3. Plan (``plan_resources``, pure): create what the target lacks, replace
    what differs (``If-Match`` with the version the target gave), delete a
    target resource whose ``externalId`` no source resource has any more: a
@@ -29,7 +39,19 @@ Theory of operation (one run, ``sync_directory``):
    away first: delete, replace, create, then replace what refers to a
    resource created in the run (a group member, an enterprise manager),
    now that it has a target id. Group member ids and managers are
-   translated from source ids to target ids.
+   translated from source ids to target ids. Users whose new ``userName``
+   another renamed user still holds (a swap, ``a1`` <-> ``b1``) are renamed
+   in an order that frees each name before it is taken, a cycle broken by
+   a temporary name (``<name>~<digits>``) taken for one write.
+5. A resource the target refuses (a SCIM 400, 404, 409, 412 or 413: a
+   ``userName`` it does not take, a name another holds) or that does not
+   fit the target's schema is skipped: logged (WARNING, the SCIM error in a
+   field), counted (``skipped``), and the run goes on with the others and
+   with the groups (a group gets the members that exist). Its target copy,
+   if any, stays as it is, except that a user the source made inactive is
+   deactivated there (only ``active`` written): a refused change must not
+   keep access open. The command then exits ``EXIT_PARTIAL`` (3), apart
+   from a failed run (1).
 
 Each write is one SCIM request, complete or not at all, and a run plans
 from what it reads, never from what an earlier run did: a run that fails
@@ -59,10 +81,12 @@ import dataclasses
 import json
 import logging
 import pathlib
+import secrets
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import unicodedata
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 import httpx2
@@ -79,16 +103,22 @@ from kynara_sidecar.collector.config import (
     endpoint_url_problem,
 )
 from kynara_sidecar.errors import ConfigError, ServiceError
+from kynara_sidecar.policy.names import canonical_name
 
 __all__ = [
+    "DEFAULT_MAX_RESOURCES",
+    "EXIT_PARTIAL",
     "DirectorySyncError",
     "Endpoint",
     "Plan",
+    "ResourceRefused",
     "SyncSummary",
     "check_interval",
     "config_endpoints",
     "default_target_url",
     "member_ids",
+    "name_key",
+    "order_renames",
     "plan_resources",
     "read_token",
     "run_schedule",
@@ -108,6 +138,17 @@ ENTERPRISE_USER = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 _NOT_COPIED = frozenset({"id", "meta", "externalId", "schemas", "groups", "password"})
 # Error text taken from a response is cut to this.
 _MAX_SHOWN = 300
+# Resources of one type one read takes at most (``directory.pull.
+# max_resources``): a source whose totalResults says more fails the run
+# rather than being read for hours. Each page must bring a resource not
+# seen before, so this bounds the pages too.
+DEFAULT_MAX_RESOURCES = 100_000
+# Exit status of a run that applied all but the resources the target
+# refused (``SyncSummary.skipped``); a failed run exits 1.
+EXIT_PARTIAL = 3
+# SCIM statuses that refuse one resource, not the run: the resource is
+# skipped and the run goes on. Others (401, 403, 429, 5xx) fail the run.
+_REFUSED_STATUSES = frozenset({400, 404, 409, 412, 413})
 
 T = TypeVar("T")
 
@@ -116,6 +157,11 @@ class DirectorySyncError(ServiceError):
     """A sync run failed; the message names the endpoint (source or target,
     and its URL), the request and the SCIM error. What was applied before
     stays applied; the next run finishes the rest."""
+
+
+class ResourceRefused(DirectorySyncError):
+    """The endpoint refused one resource (a status of ``_REFUSED_STATUSES``):
+    a write skips it; a read still fails the run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +193,9 @@ class SyncSummary:
     groups_deleted: int = 0
     # Group members the source names but does not serve (left out).
     members_unknown: int = 0
+    # Resources the target refused or that do not fit its schema: left as
+    # they are in the target, each logged with its error; the run is partial.
+    skipped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts by name, for the summary line and the log."""
@@ -155,7 +204,7 @@ class SyncSummary:
     @property
     def changed(self) -> int:
         """How many writes the run made."""
-        return sum(self.as_dict().values()) - self.members_unknown
+        return sum(self.as_dict().values()) - self.members_unknown - self.skipped
 
 
 @dataclasses.dataclass
@@ -178,10 +227,21 @@ class Plan:
 # -- the pure core: matching and planning ---------------------------------
 
 
+def name_key(user_name: str) -> str:
+    """A ``userName`` as the collector compares it: its NFC form (the
+    principal id, ``policy.names``) case-folded, as SCIM compares userNames;
+    two users with equal keys cannot both exist in the target."""
+    try:
+        name = canonical_name(user_name)
+    except ValueError:  # the target refuses it; still a key to compare
+        name = unicodedata.normalize("NFC", user_name)
+    return unicodedata.normalize("NFC", name.casefold())
+
+
 def _key(kind: str, resource: Mapping[str, Any]) -> str:
     """The name a resource without ``externalId`` is adopted by."""
     name = resource.get("userName" if kind == USER else "displayName") or ""
-    return name.casefold() if kind == USER else name
+    return name_key(name) if kind == USER else name
 
 
 def plan_resources(
@@ -190,6 +250,7 @@ def plan_resources(
     target: Iterable[Mapping[str, Any]],
     desired: Callable[[Mapping[str, Any]], dict[str, Any]],
     comparable: Callable[[Mapping[str, Any]], Any],
+    skip: Collection[str] = (),
 ) -> Plan:
     """Plan the writes that make ``target`` match ``source``.
 
@@ -201,6 +262,8 @@ def plan_resources(
             (``externalId`` set to the source id, no ``id``).
         comparable: a payload or a target resource -> a value equal for
             both exactly when no replace is needed.
+        skip: source ids that get no write: their target copy (if any) is
+            matched and kept as it is, never created, replaced or deleted.
 
     Returns:
         The plan; the inputs are not changed.
@@ -219,16 +282,18 @@ def plan_resources(
             by_name.setdefault(_key(kind, resource), resource)
     claimed: set[str] = set()
     for resource in source:
-        payload = desired(resource)
         found = by_external.get(resource["id"]) or by_name.pop(
             _key(kind, resource), None
         )
+        if found is not None:
+            claimed.add(found["id"])
+            plan.matched[resource["id"]] = found["id"]
+        if resource["id"] in skip:
+            continue
+        payload = desired(resource)
         if found is None:
             plan.create.append(payload)
-            continue
-        claimed.add(found["id"])
-        plan.matched[resource["id"]] = found["id"]
-        if comparable(payload) != comparable(found):
+        elif comparable(payload) != comparable(found):
             plan.replace.append(({**payload, "id": found["id"]}, _version(found)))
     for resource in [*by_external.values(), *unowned]:
         if resource["id"] not in claimed:
@@ -265,6 +330,77 @@ def group_comparable(resource: Mapping[str, Any]) -> tuple[Any, ...]:
     """What a group replace would change: its name, owner and member ids."""
     members = sorted(m.get("value") or "" for m in resource.get("members") or ())
     return (resource.get("displayName"), resource.get("externalId"), members)
+
+
+def order_renames(
+    replace: Iterable[dict[str, Any]],
+    names: Mapping[str, str],
+    temporary: Callable[[str], str],
+) -> list[tuple[dict[str, Any], bool]]:
+    """User replaces in an order where no write takes a ``userName`` that
+    another user still holds (the target would refuse it as taken).
+
+    A replace whose new name (``name_key``) another user holds waits until
+    that user's own replace frees it. When every one left waits (a swap,
+    ``a1`` <-> ``b1``, or a longer cycle), one whose current name another
+    waiting replace wants is first written under ``temporary(its current
+    name)``, which frees that name; its own replace comes later. A replace
+    waiting on a user that no write renames is left for the end (the target
+    refuses it: skipped).
+
+    Args:
+        replace: payloads (with the target ``id``), in their planned order.
+        names: target id -> current ``userName`` of every target user
+            (after the run's deletes).
+        temporary: a current userName -> a name no user holds.
+
+    Returns:
+        ``(payload, is_temporary)`` in write order: each planned payload
+        once, after a temporary copy of it (its ``userName`` replaced) when
+        one is needed.
+    """
+    current = dict(names)
+    holder = {name_key(name): rid for rid, name in current.items()}
+    pending = list(replace)
+    steps: list[tuple[dict[str, Any], bool]] = []
+
+    def take(payload: dict[str, Any], user_name: str) -> None:
+        rid = payload["id"]
+        old = name_key(current.get(rid, ""))
+        if holder.get(old) == rid:
+            del holder[old]
+        holder[name_key(user_name)] = rid
+        current[rid] = user_name
+
+    while pending:
+        waiting = []
+        for payload in pending:
+            held_by = holder.get(name_key(payload.get("userName") or ""))
+            if held_by is None or held_by == payload["id"]:
+                steps.append((payload, False))
+                take(payload, payload.get("userName") or "")
+            else:
+                waiting.append(payload)
+        if len(waiting) == len(pending):
+            wanted = {name_key(p.get("userName") or "") for p in waiting}
+            breaker = next(
+                (p for p in waiting if name_key(current.get(p["id"], "")) in wanted),
+                None,
+            )
+            if breaker is None:  # held by users no write renames
+                steps.extend((payload, False) for payload in waiting)
+                return steps
+            name = temporary(current.get(breaker["id"], ""))
+            steps.append(({**breaker, "userName": name}, True))
+            take(breaker, name)
+        pending = waiting
+    return steps
+
+
+def _temporary_name(user_name: str) -> str:
+    """A name for one write of a rename cycle: digits only are added, so a
+    name of one script stays a valid principal id."""
+    return f"{user_name}~{secrets.randbelow(10**12):012d}"
 
 
 # -- the shell: SCIM clients and the run ----------------------------------
@@ -320,7 +456,9 @@ class _Session:
 
     async def call(self, what: str, request: Awaitable[T]) -> T:
         """Await ``request``; a failure becomes a DirectorySyncError naming
-        the endpoint, ``what`` and the SCIM error."""
+        the endpoint, ``what`` and the SCIM error (ResourceRefused when the
+        status refuses the one resource)."""
+        error_type = DirectorySyncError
         try:
             return await request
         except SCIMException as err:
@@ -328,44 +466,96 @@ class _Session:
             scim_type = f" ({error.scim_type})" if error.scim_type else ""
             detail = error.detail or str(err)
             problem = f"SCIM error {error.status}{scim_type}: {detail}"
+            if error.status in _REFUSED_STATUSES:
+                error_type = ResourceRefused
         except SCIMClientException as err:
             notes = "; ".join(getattr(err, "__notes__", ()))
             problem = f"{err}{': ' + notes if notes else ''}"
         except (httpx2.HTTPError, pydantic.ValidationError, ValueError) as err:
             problem = f"{type(err).__name__}: {err}"
-        raise DirectorySyncError(
+        raise error_type(
             f"{self.endpoint}: {what} failed: {problem[:_MAX_SHOWN]}"
         ) from None
 
-    async def read_all(self, kind: str, page_size: int) -> list[dict[str, Any]]:
-        """Every resource of ``kind``, as JSON objects, page by page."""
+    async def read_all(
+        self, kind: str, page_size: int, max_resources: int
+    ) -> list[dict[str, Any]]:
+        """Every resource of ``kind``, as JSON objects, page by page.
+
+        The list is reconciled as the whole (what it lacks is deleted), so
+        pages that do not add up fail the read rather than return part of
+        it; the module docstring lists the checks. The walk ends with a
+        page bringing no resource not seen before once ``totalResults``
+        (the largest any page gave) are seen: the page past the end, which
+        also catches a ``totalResults`` saying too few.
+
+        Raises:
+            DirectorySyncError: a request failed or the pages do not add up
+                (names the request and what was wrong).
+        """
         model = self.model(kind)
         found: list[dict[str, Any]] = []
-        # A resource that moves between pages while they are read is seen
-        # twice (or missed: the next run picks it up); keep the first.
-        seen: set[str | None] = set()
+        seen: set[str] = set()
+        # The largest totalResults a page gave: a resource removed while the
+        # pages are read shifts the rest back, so one may be skipped over;
+        # the count then falls short and the run fails (the next reads again).
+        expected = 0
         start = 1
         while True:
+            what = f"GET /{kind}s?startIndex={start}&count={page_size}"
             page = await self.call(
-                f"GET /{kind}s?startIndex={start}&count={page_size}",
+                what,
                 self.scim.query(
                     model,
                     query_parameters=SearchRequest(start_index=start, count=page_size),
                 ),
             )
             resources = page.resources or []
-            found.extend(
-                r.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE)
-                for r in resources
-                if r.id not in seen
-            )
-            seen.update(r.id for r in resources)
+            total = page.total_results
+            # Resources not seen before (a repeat within the page counts once).
+            fresh = list({r.id: r for r in resources if r.id not in seen}.values())
+            problem = ""
+            if total is None or total < 0:
+                problem = f"expected totalResults (a count), got {total!r}"
+            elif total > max_resources:
+                problem = (
+                    f"totalResults {total} is above directory.pull.max_resources "
+                    f"({max_resources})"
+                )
+            elif len(resources) > page_size:
+                problem = (
+                    f"expected at most {page_size} resources (count), got "
+                    f"{len(resources)}"
+                )
+            elif any(not r.id for r in fresh):
+                problem = "expected every resource to have an id, got one without"
+            else:
+                expected = max(expected, total)
+                seen.update(r.id for r in fresh)
+                found.extend(
+                    r.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE)
+                    for r in fresh
+                )
+                if len(seen) > expected:
+                    problem = (
+                        f"got {len(seen)} distinct {kind}s, more than totalResults "
+                        f"({expected})"
+                    )
+                elif not fresh and len(seen) >= expected:
+                    return found
+                elif not fresh:
+                    problem = (
+                        f"got no {kind} not seen before ({len(resources)} on the "
+                        f"page) with {len(seen)} of totalResults {expected} read: "
+                        "the pages do not add up (startIndex not followed, or the "
+                        "list changed while it was read)"
+                    )
+            if problem:
+                raise DirectorySyncError(
+                    f"{self.endpoint}: {what} failed: {problem}; the list cannot "
+                    "be taken as complete"
+                )
             start += len(resources)
-            total = page.total_results or 0
-            # A page without resources ends the walk even if the total
-            # promised more (it changed under us): the next run reads again.
-            if not resources or start > total:
-                return found
 
     async def create(self, kind: str, payload: dict[str, Any]) -> tuple[str, str]:
         """POST ``payload``; the new resource's id and version."""
@@ -437,7 +627,7 @@ def _user_comparable(model: Any) -> Callable[[Mapping[str, Any]], Any]:
                 scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST
             )
         except pydantic.ValidationError as err:
-            raise DirectorySyncError(
+            raise ResourceRefused(
                 f"user {resource.get('userName')!r} (externalId "
                 f"{resource.get('externalId')!r}) does not fit the target's User "
                 f"schema: {str(err)[:_MAX_SHOWN]}"
@@ -453,44 +643,106 @@ def _user_comparable(model: Any) -> Callable[[Mapping[str, Any]], Any]:
 
 
 async def sync_directory(
-    source: Endpoint, target: Endpoint, *, page_size: int, timeout: float
+    source: Endpoint,
+    target: Endpoint,
+    *,
+    page_size: int,
+    timeout: float,
+    max_resources: int = DEFAULT_MAX_RESOURCES,
 ) -> SyncSummary:
     """Bring the target's Users and Groups to the source's (one run).
 
+    The source's Users and Groups and the target's Users are read before
+    anything is written, so a source whose pages do not add up fails the
+    run with the target untouched. The target's Groups are read after its
+    Users are written (deleting a user changes the groups holding it).
+
     Returns:
-        What changed in the target.
+        What changed in the target, and how many resources it refused
+        (``skipped``: a partial run).
 
     Raises:
-        DirectorySyncError: a request failed; names the endpoint, the request
-            and the SCIM error. The writes made before it stay (each is
-            whole); the next run finishes the rest.
+        DirectorySyncError: a request failed other than by refusing one
+            resource, or a list did not add up; names the endpoint, the
+            request and the SCIM error. The writes made before it stay (each
+            is whole); the next run finishes the rest.
         ConfigError: a CA file cannot be loaded.
     """
     async with _Session(source, timeout) as ours, _Session(target, timeout) as theirs:
-        summary = SyncSummary()
-        users = await _sync_users(ours, theirs, page_size, summary)
-        await _sync_groups(ours, theirs, page_size, users, summary)
-        return summary
+        source_users = await ours.read_all(USER, page_size, max_resources)
+        source_groups = await ours.read_all(GROUP, page_size, max_resources)
+        target_users = await theirs.read_all(USER, page_size, max_resources)
+        writer = _Writer(theirs, SyncSummary())
+        users = await _sync_users(writer, source_users, target_users)
+        target_groups = await theirs.read_all(GROUP, page_size, max_resources)
+        await _sync_groups(writer, source_groups, target_groups, users)
+        return writer.summary
+
+
+class _Writer:
+    """The target's writes of one run: a resource the target refuses is
+    skipped (logged, counted) instead of failing the run."""
+
+    def __init__(self, target: _Session, summary: SyncSummary):
+        self.target = target
+        self.summary = summary
+        # Source ids per kind that were refused: no further write this run.
+        self.refused: dict[str, set[str]] = {USER: set(), GROUP: set()}
+
+    async def write(
+        self,
+        kind: str,
+        resource: Mapping[str, Any],
+        request: Callable[[], Awaitable[T]],
+    ) -> tuple[bool, T | None]:
+        """Await ``request()``; ``(False, None)`` when the target refused
+        ``resource`` (a payload or a target resource), which is skipped."""
+        try:
+            return True, await request()
+        except ResourceRefused as err:
+            self.skip(kind, resource, err)
+            return False, None
+
+    def skip(self, kind: str, resource: Mapping[str, Any], err: Exception) -> None:
+        """Leave ``resource`` out of this run: log it with the error, count it."""
+        external = resource.get("externalId") or ""
+        if external:
+            self.refused[kind].add(external)
+        self.summary.skipped += 1
+        log.warning(
+            "directory sync skipped a resource",
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "resource_type": kind,
+                    "name": _name(kind, resource),
+                    "external_id": external,
+                    "target_id": resource.get("id") or "",
+                    "error": str(err),
+                }
+            },
+        )
 
 
 async def _sync_users(
-    source: _Session, target: _Session, page_size: int, summary: SyncSummary
+    writer: _Writer, sources: list[dict[str, Any]], targets: list[dict[str, Any]]
 ) -> dict[str, str]:
     """Reconcile the users; return source user id -> target user id."""
+    target = writer.target
     model = target.model(USER)
     core = str(model.__schema__)
     extensions = target.extensions(USER)
     users_url = target.endpoint.url.rstrip("/") + "/Users"
     users: dict[str, str] = {}
     (
-        summary.users_created,
-        summary.users_updated,
-        summary.users_deleted,
+        writer.summary.users_created,
+        writer.summary.users_updated,
+        writer.summary.users_deleted,
     ) = await _reconcile(
         USER,
-        target,
-        await source.read_all(USER, page_size),
-        await target.read_all(USER, page_size),
+        writer,
+        sources,
+        targets,
         lambda user: _user_payload(user, core, extensions, users, users_url),
         _user_comparable(model),
         users,
@@ -499,14 +751,14 @@ async def _sync_users(
 
 
 async def _sync_groups(
-    source: _Session,
-    target: _Session,
-    page_size: int,
+    writer: _Writer,
+    sources: list[dict[str, Any]],
+    targets: list[dict[str, Any]],
     users: Mapping[str, str],
-    summary: SyncSummary,
 ) -> None:
-    """Reconcile the groups, member ids translated to the target's."""
-    core = str(target.model(GROUP).__schema__)
+    """Reconcile the groups, member ids translated to the target's (a member
+    the target has no user for, refused or unknown, is left out)."""
+    core = str(writer.target.model(GROUP).__schema__)
     groups: dict[str, str] = {}
 
     def desired(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -518,75 +770,184 @@ async def _sync_groups(
             "members": members,
         }
 
-    source_groups = await source.read_all(GROUP, page_size)
+    summary = writer.summary
     (
         summary.groups_created,
         summary.groups_updated,
         summary.groups_deleted,
     ) = await _reconcile(
-        GROUP,
-        target,
-        source_groups,
-        await target.read_all(GROUP, page_size),
-        desired,
-        group_comparable,
-        groups,
+        GROUP, writer, sources, targets, desired, group_comparable, groups
     )
-    for group in source_groups:
-        _, unknown = member_ids(group.get("members") or (), users, groups)
+    # Refused resources are served by the source: not unknown members.
+    known_users = {**dict.fromkeys(writer.refused[USER], ""), **users}
+    known_groups = {**dict.fromkeys(writer.refused[GROUP], ""), **groups}
+    for group in sources:
+        _, unknown = member_ids(group.get("members") or (), known_users, known_groups)
         summary.members_unknown += unknown
 
 
 async def _reconcile(
     kind: str,
-    target: _Session,
+    writer: _Writer,
     sources: list[dict[str, Any]],
     targets: list[dict[str, Any]],
     desired: Callable[[Mapping[str, Any]], dict[str, Any]],
     comparable: Callable[[Mapping[str, Any]], Any],
     ids: dict[str, str],
 ) -> tuple[int, int, int]:
-    """Delete, replace, then create; then replace what refers to a resource
-    created in this run (a group member, a manager), now that it has an id.
+    """Delete, replace (user renames in an order that frees each name
+    first), then create; then replace what refers to a resource created in
+    this run (a group member, a manager), now that it has an id.
 
     ``ids`` (source id -> target id, which ``desired`` reads to translate
-    references) is filled as resources are matched and created. Returns
-    how many were created, updated and deleted.
+    references) is filled as resources are matched and created. A resource
+    the target refuses, or whose payload does not fit its schema, is
+    skipped (``writer.skip``). Returns how many were created, updated and
+    deleted.
     """
-    ids.update(plan_resources(kind, sources, targets, desired, comparable).matched)
-    plan = plan_resources(kind, sources, targets, desired, comparable)
+    target = writer.target
+    skip = writer.refused[kind]
+    for resource in sources:
+        try:
+            comparable(desired(resource))
+        except ResourceRefused as err:
+            writer.skip(kind, {**resource, "externalId": resource["id"]}, err)
+    # Matched first: ``desired`` translates references through ``ids``.
+    ids.update(
+        plan_resources(kind, sources, targets, desired, comparable, skip).matched
+    )
+    plan = plan_resources(kind, sources, targets, desired, comparable, skip)
+    current = {resource["id"]: resource for resource in targets}
+    deleted = 0
     for resource_id, version in plan.delete:
-        await target.delete(kind, resource_id, version)
-    versions: dict[str, str] = {}
-    for payload, version in plan.replace:
-        versions[payload["id"]] = await target.replace(kind, payload, version)
+        gone = current[resource_id]
+        done, _ = await writer.write(
+            kind,
+            gone,
+            lambda rid=resource_id, v=version: target.delete(kind, rid, v),
+        )
+        if done:
+            deleted += 1
+            del current[resource_id]
+    versions = {payload["id"]: version for payload, version in plan.replace}
+    updated: set[str] = set()
+    payloads = [payload for payload, _ in plan.replace]
+    if kind == USER:
+        names = {rid: r.get("userName") or "" for rid, r in current.items()}
+        steps = order_renames(payloads, names, _temporary_name)
+    else:
+        steps = [(payload, False) for payload in payloads]
+    for payload, temporary in steps:
+        if payload["externalId"] in skip:  # its temporary write was refused
+            continue
+        resource_id = payload["id"]
+        done, version = await writer.write(
+            kind,
+            payload,
+            lambda p=payload: target.replace(kind, p, versions[p["id"]]),
+        )
+        if done:
+            versions[resource_id] = version or ""
+            current[resource_id] = payload
+            if not temporary:
+                updated.add(resource_id)
+    if kind == USER:
+        updated |= await _deactivate_refused(writer, sources, current, ids, versions)
     by_id = {resource["id"]: resource for resource in sources}
-    created: dict[str, dict[str, Any]] = {}
+    created: set[str] = set()
     for planned in plan.create:
         # Built again: resources created earlier in this loop have ids now.
         payload = desired(by_id[planned["externalId"]])
-        resource_id, versions[resource_id] = await target.create(kind, payload)
-        ids[payload["externalId"]] = resource_id
-        created[resource_id] = payload
-    updated = {payload["id"] for payload, _ in plan.replace}
+        done, made = await writer.write(
+            kind, payload, lambda p=payload: target.create(kind, p)
+        )
+        if done and made is not None:
+            resource_id, versions[resource_id] = made
+            ids[payload["externalId"]] = resource_id
+            current[resource_id] = {**payload, "id": resource_id}
+            created.add(resource_id)
     if created:
-        now = [*targets, *({**p, "id": i} for i, p in created.items())]
-        for payload, version in plan_resources(
-            kind, sources, now, desired, comparable
-        ).replace:
+        again = plan_resources(
+            kind, sources, list(current.values()), desired, comparable, skip
+        )
+        for payload, _ in again.replace:
             resource_id = payload["id"]
-            version = versions.get(resource_id, version)
-            versions[resource_id] = await target.replace(kind, payload, version)
-            if resource_id not in created:
-                updated.add(resource_id)
-    return len(created), len(updated), len(plan.delete)
+            done, version = await writer.write(
+                kind,
+                payload,
+                lambda p=payload: target.replace(kind, p, versions.get(p["id"], "")),
+            )
+            if done:
+                versions[resource_id] = version or ""
+                if resource_id not in created:
+                    updated.add(resource_id)
+    return len(created), len(updated), deleted
+
+
+async def _deactivate_refused(
+    writer: _Writer,
+    sources: Iterable[Mapping[str, Any]],
+    current: dict[str, dict[str, Any]],
+    ids: Mapping[str, str],
+    versions: dict[str, str],
+) -> set[str]:
+    """Deactivate the target copy of each skipped user the source made
+    inactive: the change the target refused (a new userName it does not
+    take, say) must not keep access open. Only ``active`` is written, the
+    copy as the target has it otherwise. Returns the target ids written.
+    """
+    target = writer.target
+    written: set[str] = set()
+    for user in sources:
+        resource_id = ids.get(user["id"], "")
+        found = current.get(resource_id)
+        if (
+            user["id"] not in writer.refused[USER]
+            or user.get("active") is not False
+            or found is None
+            or found.get("active") is False
+        ):
+            continue
+        payload = {k: v for k, v in found.items() if k not in ("meta", "groups")}
+        payload["active"] = False
+        try:
+            version = await target.replace(USER, payload, versions.get(resource_id, ""))
+        except ResourceRefused as err:
+            log.error(
+                "directory sync could not deactivate a user",
+                extra={
+                    "fields": {
+                        "component": "collector",
+                        "name": _name(USER, found),
+                        "external_id": user["id"],
+                        "error": str(err),
+                    }
+                },
+            )
+            continue
+        versions[resource_id] = version
+        current[resource_id] = payload
+        written.add(resource_id)
+        log.warning(
+            "directory sync deactivated a skipped user",
+            extra={
+                "fields": {
+                    "component": "collector",
+                    "name": _name(USER, found),
+                    "external_id": user["id"],
+                }
+            },
+        )
+    return written
 
 
 # -- the schedule ----------------------------------------------------------
 
 
 def _log_run(summary: SyncSummary, source: Endpoint, target: Endpoint) -> None:
-    log.info(
+    """The run's summary; WARNING when it skipped resources (partial)."""
+    log.log(
+        logging.WARNING if summary.skipped else logging.INFO,
         "directory synced",
         extra={
             "fields": {
@@ -606,13 +967,15 @@ async def run_schedule(
     page_size: int,
     timeout: float,
     stop: asyncio.Event | None = None,
+    max_resources: int = DEFAULT_MAX_RESOURCES,
 ) -> int:
     """Run a sync every ``interval`` seconds until SIGTERM or SIGINT (or
     ``stop`` is set, for a caller that embeds the schedule).
 
     ``endpoints`` is called before each run, so a rotated token file is
     read afresh. A failed run is logged (ERROR, the error in a field) and
-    retried at the next tick. Returns the number of runs that failed.
+    retried at the next tick; a partial one (resources skipped) is logged
+    as a WARNING and counts as run. Returns the number of runs that failed.
     """
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -625,7 +988,9 @@ async def run_schedule(
     failed = 0
     try:
         while not stop.is_set():
-            if not await _scheduled_run(endpoints, stop, page_size, timeout):
+            if not await _scheduled_run(
+                endpoints, stop, page_size, timeout, max_resources
+            ):
                 failed += 1
             try:
                 await asyncio.wait_for(stop.wait(), interval)
@@ -646,13 +1011,20 @@ async def _scheduled_run(
     stop: asyncio.Event,
     page_size: int,
     timeout: float,
+    max_resources: int,
 ) -> bool:
     """One run of the schedule, cancelled if ``stop`` is set meanwhile;
     whether it did not fail."""
     try:
         source, target = endpoints()
         run = asyncio.create_task(
-            sync_directory(source, target, page_size=page_size, timeout=timeout)
+            sync_directory(
+                source,
+                target,
+                page_size=page_size,
+                timeout=timeout,
+                max_resources=max_resources,
+            )
         )
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -770,7 +1142,9 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
     (``--every``, else ``directory.pull.interval_seconds``) until SIGTERM.
 
     Returns:
-        0; a schedule's failed runs are logged, not returned.
+        0, or ``EXIT_PARTIAL`` when the one run skipped resources the target
+        refused; a schedule's failed and partial runs are logged, not
+        returned.
 
     Raises:
         DirectorySyncError: the one run failed (names endpoint and error).
@@ -779,6 +1153,9 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
     import uvloop
 
     pull = config.directory.pull
+    # TODO(#12): directory.pull.max_resources belongs in DirectoryPullConfig
+    # (collector/config.py, 1..10_000_000); until it is there the default holds.
+    max_resources = getattr(pull, "max_resources", DEFAULT_MAX_RESOURCES)
     interval = 0.0
     if every is not None:
         interval = check_interval(every, "--every")
@@ -792,16 +1169,21 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
                 interval=interval,
                 page_size=pull.page_size,
                 timeout=pull.timeout_seconds,
+                max_resources=max_resources,
             )
         )
         return 0
     source, target = config_endpoints(config)
     summary = uvloop.run(
         sync_directory(
-            source, target, page_size=pull.page_size, timeout=pull.timeout_seconds
+            source,
+            target,
+            page_size=pull.page_size,
+            timeout=pull.timeout_seconds,
+            max_resources=max_resources,
         )
     )
     _log_run(summary, source, target)
     sys.stdout.write(json.dumps(summary.as_dict(), sort_keys=True) + "\n")
     sys.stdout.flush()
-    return 0
+    return EXIT_PARTIAL if summary.skipped else 0

@@ -7,6 +7,7 @@ dir:// store read back and verified."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -37,11 +40,13 @@ from kynara_sidecar.collector.config import (
     load_collector_config,
 )
 from kynara_sidecar.collector.dirsync import (
+    EXIT_PARTIAL,
     DirectorySyncError,
     Endpoint,
     config_endpoints,
     default_target_url,
     member_ids,
+    order_renames,
     plan_resources,
     run_schedule,
     sync_command,
@@ -65,21 +70,45 @@ GROUP_ROLES = {"Support Engineers": ["support_agent"], "Finance": ["finance_view
 
 class _IdentityProvider(ASGIApplication):
     """scim2-server's ASGI application behind a bearer token, noting the
-    query of each list request (to see the pages asked for)."""
+    query of each list request (to see the pages asked for); ``paging``
+    alters the list answers of one path, as a source that pages wrongly."""
 
     def __init__(self, token: str, provider: ScimProvider):
         super().__init__(AsyncInMemoryStorage(InMemoryStorage()), provider)
         self.token = token
         self.list_queries: list[dict[str, str]] = []
+        self.paging: Paging | None = None
 
     def check_auth(self, request: ScimRequest) -> None:
         if request.header("Authorization") != f"Bearer {self.token}":
             raise UnauthorizedException
 
     async def dispatch_request(self, request: ScimRequest):
-        if request.method == "GET" and request.path in ("/Users", "/Groups"):
+        listing = request.method == "GET" and request.path in ("/Users", "/Groups")
+        if listing:
             self.list_queries.append({"path": request.path, **request.query})
-        return await super().dispatch_request(request)
+        paging = self.paging if listing else None
+        if paging is None or paging.path != request.path:
+            return await super().dispatch_request(request)
+        asked = dict(request.query)
+        query = paging.query(dict(asked))
+        response = await super().dispatch_request(
+            dataclasses.replace(request, query=query)
+        )
+        response.body = paging.body(asked, dict(response.body or {}))
+        return response
+
+
+@dataclasses.dataclass
+class Paging:
+    """How a source pages wrongly: the query it serves instead of the one
+    asked, and its answer altered (given the query asked)."""
+
+    path: str = "/Users"
+    query: Callable[[dict[str, str]], dict[str, str]] = lambda query: query
+    body: Callable[[dict[str, str], dict[str, Any]], dict[str, Any]] = (
+        lambda _asked, body: body
+    )
 
 
 class Source:
@@ -288,7 +317,7 @@ def _sync(target: Target, *overrides: str) -> dict[str, int]:
 def _zero(**counts: int) -> dict[str, int]:
     keys = ("users", "groups")
     out = {f"{k}_{what}": 0 for k in keys for what in ("created", "updated", "deleted")}
-    return {**out, "members_unknown": 0, **counts}
+    return {**out, "members_unknown": 0, "skipped": 0, **counts}
 
 
 def _seed(source: Source) -> dict[str, str]:
@@ -427,8 +456,10 @@ def test_more_users_than_a_page_are_read_page_by_page(source, target):
     assert sorted(r["userName"] for r in target.resources("Users")) == names
     pages = [q for q in source.app.list_queries if q["path"] == "/Users"]
     assert {q["count"] for q in pages} == {"5"}
-    # 23 users in pages of 5, read twice.
-    assert sorted(int(q["startIndex"]) for q in pages) == sorted([1, 6, 11, 16, 21] * 2)
+    # 23 users in pages of 5 and the empty page past the end, read twice.
+    assert sorted(int(q["startIndex"]) for q in pages) == sorted(
+        [1, 6, 11, 16, 21, 24] * 2
+    )
     target.wait_published(
         {
             name: (True, ["support_agent"] if i % 2 == 0 else [])
@@ -565,6 +596,181 @@ def test_a_failed_scheduled_run_is_logged_and_retried(source, target, caplog):
     assert len(target.resources("Users")) == 3
 
 
+# -- a source that pages wrongly, a target that refuses ------------------
+
+
+def _with(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**body, **changes}
+
+
+def _without_total(_asked, body):
+    body.pop("totalResults", None)
+    return body
+
+
+def _later_pages_empty(asked, body):
+    return body if asked.get("startIndex") == "1" else _with(body, Resources=[])
+
+
+WRONG_PAGING = {
+    "total_too_small": Paging(body=lambda _a, body: _with(body, totalResults=2)),
+    "start_index_ignored": Paging(query=lambda q: {**q, "startIndex": "1"}),
+    "second_page_empty": Paging(body=_later_pages_empty),
+    "total_missing": Paging(body=_without_total),
+    "total_negative": Paging(body=lambda _a, body: _with(body, totalResults=-1)),
+    "page_larger_than_asked": Paging(query=lambda q: {**q, "count": "4"}),
+    "groups_second_page_empty": Paging(path="/Groups", body=_later_pages_empty),
+}
+
+
+@pytest.mark.parametrize("paging", sorted(WRONG_PAGING))
+def test_a_source_that_pages_wrongly_fails_the_run_before_any_write(
+    source, target, paging
+):
+    names = [f"u{i}" for i in range(1, 6)]
+    ids = [source.add_user(name) for name in names]
+    for name in ("g1", "g2", "g3"):
+        source.add_group(name, ids[:2])
+    assert _sync(target, "directory.pull.page_size=2") == _zero(
+        users_created=5, groups_created=3
+    )
+    source.change("Users", ids[0], userName="u1-renamed")
+    source.app.paging = WRONG_PAGING[paging]
+    kind = source.app.paging.path
+
+    with pytest.raises(DirectorySyncError) as failed:
+        _sync(target, "directory.pull.page_size=2")
+
+    message = str(failed.value)
+    assert message.startswith(f"source {source.url}: GET {kind}?startIndex="), message
+    assert sorted(r["userName"] for r in target.resources("Users")) == names
+    assert len(target.resources("Groups")) == 3
+
+
+def test_a_source_ignoring_start_index_is_not_read_to_its_total(source, target):
+    for name in ("u1", "u2", "u3"):
+        source.add_user(name)
+    source.app.paging = Paging(
+        query=lambda q: {**q, "startIndex": "1"},
+        body=lambda _a, body: _with(body, totalResults=50_000),
+    )
+
+    with pytest.raises(DirectorySyncError) as failed:
+        _sync(target, "directory.pull.page_size=2")
+
+    assert "got no User not seen before" in str(failed.value)
+    assert [q["startIndex"] for q in source.app.list_queries] == ["1", "3"]
+    assert target.resources("Users") == []
+
+
+def test_a_source_listing_more_than_max_resources_fails_at_the_first_page(
+    source, target
+):
+    for name in ("u1", "u2", "u3"):
+        source.add_user(name)
+    config = load_collector_config(target.config_path)
+    ours, goal = config_endpoints(config)
+
+    with pytest.raises(DirectorySyncError) as failed:
+        asyncio.run(
+            sync_directory(ours, goal, page_size=2, timeout=10, max_resources=2)
+        )
+
+    assert "totalResults 3 is above directory.pull.max_resources (2)" in str(
+        failed.value
+    )
+    assert len(source.app.list_queries) == 1
+    assert target.resources("Users") == []
+
+
+def test_a_user_the_target_refuses_is_skipped_and_groups_still_apply(
+    source, target, capsys, caplog
+):
+    alice = source.add_user("alice")
+    john = source.add_user("John Smith")  # a space: no principal id
+    bob = source.add_user("bob")
+    support = source.add_group("Support Engineers", [alice, john, bob])
+    config = load_collector_config(target.config_path)
+
+    with caplog.at_level(logging.INFO, logger="kynara.collector"):
+        first_exit = sync_command(config, once=True, every=None)
+        first = json.loads(capsys.readouterr().out)
+        target.wait_published(
+            {"alice": (True, ["support_agent"]), "bob": (True, ["support_agent"])}
+        )
+        source.change("Groups", support, members=[{"value": alice}, {"value": john}])
+        second_exit = sync_command(config, once=True, every=None)
+        second = json.loads(capsys.readouterr().out)
+
+    assert first_exit == second_exit == EXIT_PARTIAL != 1
+    assert first == _zero(users_created=2, groups_created=1, skipped=1)
+    assert second == _zero(groups_updated=1, skipped=1)
+    target.wait_published({"alice": (True, ["support_agent"]), "bob": (True, [])})
+    skipped = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "directory sync skipped a resource"
+    ]
+    assert [r.levelname for r in skipped] == ["WARNING", "WARNING"]
+    for record in skipped:
+        assert record.fields["name"] == "John Smith"
+        assert record.fields["external_id"] == john
+        assert "SCIM error 400 (invalidValue)" in record.fields["error"]
+
+
+def test_a_refused_change_still_deactivates_a_user_the_source_made_inactive(
+    source, target
+):
+    carol = source.add_user("carol")
+    source.add_group("Finance", [carol])
+    _sync(target)
+
+    source.change("Users", carol, userName="Carol Smith", active=False)
+    summary = _sync(target)
+
+    assert summary == _zero(users_updated=1, skipped=1)
+    (user,) = target.resources("Users")
+    assert (user["userName"], user["active"]) == ("carol", False)
+    target.wait_published({"carol": (False, ["finance_viewer"])})
+
+
+def test_user_names_swapped_at_the_source_are_swapped_in_the_target(source, target):
+    first = source.add_user("a1")
+    second = source.add_user("b1")
+    source.add_group("Support Engineers", [first])
+    source.add_group("Finance", [second])
+    _sync(target)
+
+    source.change("Users", first, userName="tmp")
+    source.change("Users", second, userName="a1")
+    source.change("Users", first, userName="b1")
+    summary = _sync(target)
+
+    assert summary == _zero(users_updated=2)
+    by_external = {r["externalId"]: r["userName"] for r in target.resources("Users")}
+    assert by_external == {first: "b1", second: "a1"}
+    target.wait_published(
+        {"a1": (True, ["finance_viewer"]), "b1": (True, ["support_agent"])}
+    )
+    assert _sync(target) == _zero()
+
+
+def test_a_decomposed_source_name_adopts_the_composed_target_user(source, target):
+    composed = "zo\u00eb"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    source.add_user(decomposed)
+    pushed = {"schemas": [CORE_USER], "userName": composed, "active": True}
+    assert target.http.post("Users", json=pushed).status_code == 201
+
+    summary = _sync(target)
+
+    assert summary == _zero(users_updated=1)
+    (user,) = target.resources("Users")
+    assert user["externalId"]
+    target.wait_published({composed: (True, [])})
+
+
 # -- planning and settings, no server ------------------------------------
 
 
@@ -610,6 +816,45 @@ def test_members_are_translated_to_target_ids_and_unknown_ones_counted():
         {"value": "tu2", "type": "User"},
     ]
     assert unknown == 2
+
+
+def _renames(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"id": rid, "userName": name} for rid, name in pairs]
+
+
+def _temporary(name: str) -> str:
+    return f"{name}~tmp"
+
+
+def test_renames_are_ordered_to_free_each_name_before_it_is_taken():
+    names = {"t1": "a1", "t2": "b1", "t3": "c1", "t4": "d1", "t5": "x"}
+    # t1 -> t2 -> t3 -> t1 is a cycle; t4 takes a name t5 frees.
+    replace = _renames(("t1", "B1"), ("t2", "c1"), ("t3", "a1"), ("t4", "x"))
+    replace.append({"id": "t5", "userName": "y"})
+
+    steps = order_renames(replace, names, _temporary)
+
+    assert [(p["id"], p["userName"], temp) for p, temp in steps] == [
+        ("t5", "y", False),
+        ("t4", "x", False),
+        ("t1", "a1~tmp", True),
+        ("t3", "a1", False),
+        ("t2", "c1", False),
+        ("t1", "B1", False),
+    ]
+
+
+def test_a_case_only_rename_waits_for_no_one_and_a_taken_name_is_left_to_the_end():
+    names = {"t1": "alice", "t2": "bob", "t3": "carol"}
+    replace = _renames(("t2", "CAROL"), ("t1", "Alice"))
+
+    steps = order_renames(replace, names, _temporary)
+
+    # carol (t3) is not renamed: t2's write is the target's to refuse.
+    assert [(p["id"], p["userName"], temp) for p, temp in steps] == [
+        ("t1", "Alice", False),
+        ("t2", "CAROL", False),
+    ]
 
 
 @pytest.mark.parametrize(
