@@ -37,14 +37,16 @@ from kynara_sidecar.audit.redact import (
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.identity import SUPPORTED_ALGORITHMS, Issuer, parse_jwks
 from kynara_sidecar.policy.names import canonical_name, check_dotted_name
-from kynara_sidecar.server.tls import load_certificate_pair
+from kynara_sidecar.server.tls import load_certificate_pair, load_client_ca
 from kynara_sidecar.sync import STORE_SCHEMES, NatsConnection, is_store_url
 
 __all__ = [
     "AdminCredentialConfig",
     "AdminListenerConfig",
     "AdminRole",
+    "AgentCertificateConfig",
     "AgentListenerConfig",
+    "AgentTlsConfig",
     "ApprovalsConfig",
     "AuditConfig",
     "Config",
@@ -59,6 +61,7 @@ __all__ = [
     "ExtAuthzConfig",
     "ExtAuthzRoute",
     "PathTemplate",
+    "PlaygroundConfig",
     "GatewayConfig",
     "GatewayStdioConfig",
     "HealthListenerConfig",
@@ -213,7 +216,7 @@ def _check_loopback(section: str, key: str, host: str) -> None:
         )
 
 
-class AgentListenerConfig(_Section):
+class AgentListenerConfig(_FileSection):
     """Where agents reach the decision service."""
 
     # Unix socket for gRPC, e.g. "/run/kynara/agent.sock" (the SDK's default
@@ -225,17 +228,23 @@ class AgentListenerConfig(_Section):
     # Permission bits of the socket in octal, e.g. 0660: owner and group
     # may connect, so an agent container sharing the pod's group can.
     socket_mode: int = DEFAULT_SOCKET_MODE
-    # Loopback TCP host for gRPC, e.g. "127.0.0.1".
+    # TCP host for gRPC, e.g. "127.0.0.1"; a loopback address unless tls
+    # is set, then any (e.g. the pod address, for agents in other pods).
     host: str = "127.0.0.1"
     # Loopback TCP port for gRPC, e.g. 50151; 0 picks a free port; -1 disables.
     port: int = 50151
     # Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # TLS on the TCP port, requiring a client certificate (mutual TLS); the
+    # Unix sockets stay plaintext. See AgentTlsConfig.
+    tls: AgentTlsConfig = msgspec.field(default_factory=lambda: AgentTlsConfig())
 
-    def validate(self, section: str) -> None:
+    def validate(self, section: str, *, files: bool = True) -> None:
+        self.tls.validate(f"{section}.tls", files=files)
         if self.port != -1:
             _check_port(section, "port", self.port)
-            _check_loopback(section, "host", self.host)
+            if not self.tls.enabled:
+                _check_loopback(section, "host", self.host)
         if not self.socket and self.port == -1:
             raise ConfigError(f"{section}: expected a socket or a port, got neither")
         try:
@@ -290,6 +299,35 @@ class TlsConfig(_FileSection):
         _check_pair(section, self.cert_file, self.key_file, "neither for no TLS")
         if self.enabled and files:
             load_certificate_pair(self.cert_file, self.key_file, section)
+
+
+class AgentTlsConfig(TlsConfig):
+    """The agent listener's TLS (agent.tls): its serving certificate and the
+    CA whose client certificates it accepts. Every TLS client must present
+    a certificate that CA signed, or its handshake fails; in multi-agent
+    mode the certificate's URI SAN names the calling agent
+    (identity.agents.<id>.certificate_uri)."""
+
+    # PEM certificates of the CA(s) that sign agents' client certificates,
+    # e.g. "/run/secrets/kynara-agent-tls/ca.crt"; required with cert_file;
+    # re-read when it changes.
+    client_ca_file: str = ""
+
+    def validate(self, section: str, *, files: bool = True) -> None:
+        super().validate(section, files=files)
+        if self.enabled and not self.client_ca_file:
+            raise ConfigError(
+                f"{section}.client_ca_file: expected the CA that signs the agents' "
+                "client certificates with cert_file, got none (the agent port "
+                "requires a client certificate)"
+            )
+        if self.client_ca_file and not self.enabled:
+            raise ConfigError(
+                f"{section}.cert_file: expected the serving certificate with "
+                f"{section}.client_ca_file, got none"
+            )
+        if self.enabled and files:
+            load_client_ca(self.client_ca_file, section)
 
 
 class HttpListenerConfig(_FileSection):
@@ -644,6 +682,41 @@ def daemon_id_problem(daemon_id: str) -> str | None:
     )
 
 
+# A URI SAN with room for a SPIFFE ID (at most 2048 bytes by its spec).
+MAX_CERTIFICATE_URI_CHARS = 2048
+
+
+class AgentCertificateConfig(_Section):
+    """An agent that proves itself with a client certificate on agent.tls.
+
+    The certificate names the agent by a URI subject alternative name, as
+    service meshes issue them (a SPIFFE ID, e.g.
+    "spiffe://example.org/ns/shop/sa/billing-bot"); compared exactly, case
+    and all. Not the common name (deprecated for identities) nor a
+    fingerprint (it changes with every renewal).
+    """
+
+    # The URI SAN the agent's certificate carries, e.g.
+    # "spiffe://example.org/agent/billing-bot".
+    certificate_uri: str
+
+    def validate(self, section: str) -> None:
+        uri = self.certificate_uri
+        parts = urllib.parse.urlsplit(uri) if uri.isprintable() else None
+        if (
+            parts is None
+            or not parts.scheme
+            or not (parts.netloc or parts.path)
+            or any(c.isspace() for c in uri)
+            or len(uri) > MAX_CERTIFICATE_URI_CHARS
+        ):
+            raise ConfigError(
+                f"{section}.certificate_uri: expected an absolute URI of at most "
+                f"{MAX_CERTIFICATE_URI_CHARS} characters without spaces, e.g. "
+                f"'spiffe://example.org/agent/billing-bot', got {uri[:100]!r}"
+            )
+
+
 class IdentityConfig(_FileSection):
     """Who is asking."""
 
@@ -665,11 +738,13 @@ class IdentityConfig(_FileSection):
     # How far an issuer's clock may disagree with ours on exp and nbf,
     # in seconds, e.g. 30.
     max_clock_skew_seconds: int = DEFAULT_MAX_CLOCK_SKEW_SECONDS
-    # Multi-agent mode: agent id -> file holding its bearer secret, e.g.
-    # {support-bot: /run/secrets/support-bot}. Each caller sends
-    # `authorization: Bearer <secret>`; read at start.
-    # TODO(#12): client certificates (mTLS) as the other per-agent credential.
-    agents: dict[str, str] = {}
+    # Multi-agent mode: agent id -> its credential: a file holding its
+    # bearer secret, or {certificate_uri: <URI SAN>} for a client
+    # certificate on agent.tls, e.g. {support-bot: /run/secrets/support-bot,
+    # billing-bot: {certificate_uri: "spiffe://example.org/agent/billing-bot"}}.
+    # A secret's caller sends `authorization: Bearer <secret>` (read at
+    # start); on a TLS connection the client certificate names the agent.
+    agents: dict[str, str | AgentCertificateConfig] = {}
 
     def validate(self, section: str, *, files: bool = True) -> None:
         if self.daemon_id and (problem := daemon_id_problem(self.daemon_id)):
@@ -705,6 +780,7 @@ class IdentityConfig(_FileSection):
             self.load_agent_secrets(section)
         elif "" in self.agents:
             raise ConfigError(f"{section}.agents: expected agent ids, got ''")
+        self.agent_certificates(section)
 
     def _check_issuers(self, section: str) -> None:
         """Check the issuers' settings, reading no JWKS file.
@@ -740,10 +816,11 @@ class IdentityConfig(_FileSection):
         )
 
     def load_agent_secrets(self, section: str = "identity") -> dict[str, bytes]:
-        """Read each agent's bearer secret.
+        """Read the bearer secret of each agent that has one.
 
         Returns:
-            Agent id -> secret, surrounding whitespace removed.
+            Agent id -> secret, surrounding whitespace removed; agents with
+            a client certificate are left out.
 
         Raises:
             ConfigError: a file cannot be read, a secret is too short, or two
@@ -754,11 +831,37 @@ class IdentityConfig(_FileSection):
             where = f"{section}.agents.{agent}"
             if not agent:
                 raise ConfigError(f"{section}.agents: expected agent ids, got ''")
+            if not isinstance(path, str):
+                continue
             secret = _read_secret(where, path)
             if secret in secrets.values():
                 raise ConfigError(f"{where}: expected its own secret, got a shared one")
             secrets[agent] = secret
         return secrets
+
+    def agent_certificates(self, section: str = "identity") -> dict[str, str]:
+        """The agents that prove themselves with a client certificate.
+
+        Returns:
+            The certificate's URI SAN -> agent id.
+
+        Raises:
+            ConfigError: a malformed URI, or two agents with one URI.
+        """
+        agents: dict[str, str] = {}
+        for agent, credential in self.agents.items():
+            if isinstance(credential, str):
+                continue
+            where = f"{section}.agents.{agent}"
+            credential.validate(where)
+            other = agents.get(credential.certificate_uri)
+            if other is not None:
+                raise ConfigError(
+                    f"{where}.certificate_uri: expected its own URI, got "
+                    f"{credential.certificate_uri!r}, which names {other!r} too"
+                )
+            agents[credential.certificate_uri] = agent
+        return agents
 
 
 class PolicyConfig(_Section):
@@ -2036,6 +2139,37 @@ class LogConfig(_Section):
     format: LogFormat = LogFormat.JSON
 
 
+class PlaygroundConfig(_Section):
+    """Limits of one playground what-if run. Each run compiles and decides
+    in a process of its own, so an edited policy that builds a huge value
+    costs that process, never the daemon's memory or the live decisions'
+    time; past a limit the run is refused (422) naming the setting."""
+
+    # Address space of a run's process in MiB (RLIMIT_AS), e.g. 1024.
+    memory_mib: int = 1024
+    # CPU seconds a run's process may use (RLIMIT_CPU), e.g. 10.
+    cpu_seconds: int = 10
+    # Wall-clock seconds after which a run's process is killed, e.g. 15.
+    deadline_seconds: float = 15.0
+
+    def validate(self, section: str) -> None:
+        # The floor leaves room for the interpreter and the engine's modules.
+        if not 256 <= self.memory_mib <= 65536:
+            raise ConfigError(
+                f"{section}.memory_mib: expected 256..65536 MiB, got {self.memory_mib}"
+            )
+        if not 1 <= self.cpu_seconds <= 600:
+            raise ConfigError(
+                f"{section}.cpu_seconds: expected 1..600 seconds, "
+                f"got {self.cpu_seconds}"
+            )
+        if not 0 < self.deadline_seconds <= 600:
+            raise ConfigError(
+                f"{section}.deadline_seconds: expected 0 < seconds <= 600, "
+                f"got {self.deadline_seconds}"
+            )
+
+
 class Config(_Section):
     """The whole daemon configuration."""
 
@@ -2053,6 +2187,7 @@ class Config(_Section):
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     ext_authz: ExtAuthzConfig = msgspec.field(default_factory=ExtAuthzConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    playground: PlaygroundConfig = msgspec.field(default_factory=PlaygroundConfig)
     # Drain period on SIGTERM, in seconds, e.g. 10.
     shutdown_grace_seconds: float = 10.0
 
@@ -2076,6 +2211,7 @@ class Config(_Section):
         self.ext_authz.check_apart(self.agent, self.admin)
         self.approvals.check_apart(self.identity)
         self._check_stdio_agent()
+        self._check_agent_certificates()
         if not 0 < self.shutdown_grace_seconds <= 600:
             raise ConfigError(
                 "shutdown_grace_seconds: expected 0 < seconds <= 600, "
@@ -2094,6 +2230,21 @@ class Config(_Section):
         for key, url in named or [("sync.store", "")]:
             self.sync.nats.check_store("sync.nats", url, key)
 
+    def _check_agent_certificates(self) -> None:
+        """An agent named by certificate needs the agent listener's TLS
+        port to present it on."""
+        certificates = self.identity.agent_certificates()
+        if not certificates:
+            return
+        agent = next(iter(certificates.values()))
+        if not self.agent.tls.enabled or self.agent.port == -1:
+            raise ConfigError(
+                f"identity.agents.{agent}: expected agent.tls (cert_file, key_file, "
+                "client_ca_file) and agent.port for an agent with a client "
+                "certificate, got "
+                + ("agent.port -1" if self.agent.tls.enabled else "no agent.tls")
+            )
+
     def _check_stdio_agent(self) -> None:
         """gateway.stdio.agent_id names an agent this daemon serves: one of
         identity.agents (multi-agent mode), else identity.agent_id."""
@@ -2105,6 +2256,12 @@ class Config(_Section):
             raise ConfigError(
                 f"gateway.stdio.agent_id: expected one of identity.agents "
                 f"({', '.join(sorted(agents))}), got {agent!r}"
+            )
+        if agents and not isinstance(agents[agent], str):
+            raise ConfigError(
+                "gateway.stdio.agent_id: expected an agent with a bearer secret "
+                "(the gateway presents it), got "
+                f"{agent!r}, which has a client certificate"
             )
         if not agents and agent != self.identity.agent_id:
             raise ConfigError(

@@ -74,7 +74,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import pathlib
@@ -138,6 +140,7 @@ from kynara_sidecar.policy.loader import (
     compile_documents,
     decode_document,
     read_documents,
+    read_policy_documents,
 )
 from kynara_sidecar.policy.model import PolicyDocument
 from kynara_sidecar.server.admin import AdminCredentials
@@ -154,9 +157,10 @@ from kynara_sidecar.server.sync_service import SyncService
 from kynara_sidecar.server.tls import ServingCertificate
 from kynara_sidecar.sync import BundleEntry, open_store
 from kynara_sidecar.sync._session import StoreSession
-from kynara_sidecar.sync.bundle import VerifiedBundle
+from kynara_sidecar.sync.bundle import VerifiedBundle, verify_bundle
 from kynara_sidecar.sync.directory import DIRECTORY_FILE, VerifiedDirectory
 from kynara_sidecar.sync.follower import (
+    BUNDLES,
     BundleFile,
     BundleFollower,
     DirectorySource,
@@ -425,12 +429,30 @@ class Daemon:
 
     def _read_base(self) -> _PolicyBase:
         """Load and compile the policy files, keeping the very bytes that
-        were compiled for the log (``policy_sets``)."""
+        were compiled for the log (``policy_sets``).
+
+        With ``directory.store`` the files' directory file is not theirs to
+        give: it is left aside, parsed only to learn its kind, neither
+        validated nor compiled (absent is fine, a typo in it holds no reload
+        back), and each read says so in one INFO line."""
         root = self.config.policy.path
-        documents = read_documents(root)
-        policies = compile_documents(documents, root=str(root))
         if self._directory_follower is None:
+            documents = read_documents(root)
+            policies = compile_documents(documents, root=str(root))
             self._check_agents(policies, str(root))
+        else:
+            documents, ignored = read_policy_documents(root)
+            policies = compile_documents(documents, root=str(root), directory="ignored")
+            if ignored:
+                log.info(
+                    "directory file in the policies ignored: the directory is "
+                    "the signed one from directory.store",
+                    extra=_fields(
+                        component="policy",
+                        files=ignored,
+                        setting="directory.store",
+                    ),
+                )
         policy_files = {
             source.name: source.content
             for source in documents
@@ -483,6 +505,9 @@ class Daemon:
             )
         else:
             source = BundleFile(cfg.policy.path)
+        # With directory.store a bundle's directory is not used, so it is
+        # not compiled and may be absent; without, the bundle must hold one.
+        use = "ignored" if cfg.directory.store else "required"
         return BundleFollower(
             source,
             trusted,
@@ -494,6 +519,10 @@ class Daemon:
             retry_max_seconds=cfg.sync.retry_max_seconds,
             on_outcome=lambda _: self._status_changed(),
             max_clock_skew_seconds=cfg.sync.max_clock_skew_seconds,
+            followed=dataclasses.replace(
+                BUNDLES,
+                verify=functools.partial(verify_bundle, directory=use),
+            ),
         )
 
     def _directory_follower_of(self) -> BundleFollower | None:
@@ -1272,10 +1301,22 @@ class Daemon:
         server = self._new_server(
             ("grpc.max_receive_message_length", grpc_receive_limit(limit))
         )
-        self._decision_service = DecisionService(self._pipeline, limit)
+        tls = None
+        if cfg.tls.enabled and cfg.port != -1:
+            # Mutual TLS: a client certificate the CA signed, or no
+            # handshake; all three files re-read when they change.
+            tls = ServingCertificate(
+                cfg.tls.cert_file,
+                cfg.tls.key_file,
+                "agent.tls",
+                client_ca_file=cfg.tls.client_ca_file,
+            ).credentials()
+        self._decision_service = DecisionService(
+            self._pipeline, limit, client_certificates=tls is not None
+        )
         self._decision_service.register(server)
         await self._add_health(server)
-        self.tcp_port = self._bind_listener(server, cfg, "agent")
+        self.tcp_port = self._bind_listener(server, cfg, "agent", tls)
         # The fast path listens before gRPC serves, so an agent that saw
         # SERVING on health finds the fast socket too (and does not settle
         # on gRPC for want of it).
@@ -1621,6 +1662,7 @@ class Daemon:
             # What-if runs are decided in the env a live Decide gets.
             env=self.config.env,
             daemon_id=self.config.identity.daemon_id,
+            limits=self.config.playground,
         )
         app = build_http_app(
             self.metrics,

@@ -19,8 +19,12 @@ for who is asking:
   token already names it as its latest actor (an orchestrator's token may
   end with the agent it delegated to, or stop before it). With
   ``identity.agents`` the caller proves which agent it is with a bearer
-  secret (``AgentCredentials``) and the token's latest actor must be that
-  agent: one agent cannot spend a token minted for another.
+  secret or, on the agent listener's TLS port, a client certificate whose
+  URI SAN names it (``AgentCredentials``), and the token's latest actor must
+  be that agent: one agent cannot spend a token minted for another. On a
+  connection with a client certificate the certificate alone names the
+  agent: a bearer secret sent beside it is not consulted, and a certificate
+  naming no agent is refused as an unknown secret is.
 
 Every principal of the chain is then evaluated by the engine, which denies
 unknown and inactive ones; nothing here looks at the directory.
@@ -51,6 +55,7 @@ from kynara_sidecar.errors import ConfigError, IdentityInvalid
 __all__ = [
     "AgentCredentials",
     "Issuer",
+    "PeerCertificate",
     "MAX_DELEGATION_HOPS",
     "MAX_TOKEN_BYTES",
     "SUPPORTED_ALGORITHMS",
@@ -73,6 +78,9 @@ MAX_PRINCIPAL_LENGTH = 256
 
 _TOKEN_FIELD = "delegation_token"
 _CREDENTIAL_FIELD = "authorization"
+# Where a client certificate that names no agent is reported: no request
+# field carries it, the connection does.
+_CERTIFICATE_FIELD = "client_certificate"
 
 
 @dataclass(frozen=True)
@@ -415,34 +423,58 @@ def place_agent(
     return (*chain, agent)
 
 
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """The client certificate the caller's TLS handshake verified: set by a
+    front door from its connection, never from anything the request says."""
+
+    # Its URI subject alternative names, in the certificate's order.
+    uris: tuple[str, ...] = ()
+
+
 class AgentCredentials:
-    """Finds the calling agent from its bearer secret (multi-agent mode).
+    """Finds the calling agent from its bearer secret or its client
+    certificate (multi-agent mode).
 
     Args:
         secrets: agent id -> its bearer secret; secrets must differ.
+        certificates: a client certificate's URI SAN -> the agent it names.
     """
 
-    def __init__(self, secrets: Mapping[str, bytes]):
+    def __init__(
+        self,
+        secrets: Mapping[str, bytes],
+        certificates: Mapping[str, str] | None = None,
+    ):
         # Compare digests, so every comparison has the same length and the
         # time taken reveals neither a secret's length nor its prefix.
         self._digests = tuple(
             (agent, hashlib.sha256(secret).digest())
             for agent, secret in secrets.items()
         )
+        self._certificates = dict(certificates or {})
 
-    def authenticate(self, authorization: str) -> str:
-        """Return the agent whose secret the caller presented.
+    def authenticate(
+        self, authorization: str, certificate: PeerCertificate | None = None
+    ) -> str:
+        """Return the agent whose credential the caller presented: its
+        client certificate when the connection has one, else its secret.
 
         Args:
             authorization: the ``authorization`` metadata, ``Bearer <secret>``.
+            certificate: the connection's verified client certificate.
 
         Returns:
             The agent id.
 
         Raises:
             IdentityInvalid: on field ``authorization``: missing, not a
-                bearer credential, or no agent's secret.
+                bearer credential, or no agent's secret; on field
+                ``client_certificate``: a certificate naming no agent, or
+                more than one.
         """
+        if certificate is not None:
+            return self._certified(certificate)
         scheme, _, secret = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             # Never echo the value: without its scheme it may be the secret.
@@ -472,3 +504,24 @@ class AgentCredentials:
                 field=_CREDENTIAL_FIELD,
             )
         return found
+
+    def _certified(self, certificate: PeerCertificate) -> str:
+        named = {
+            self._certificates[uri]
+            for uri in certificate.uris
+            if uri in self._certificates
+        }
+        if len(named) == 1:
+            return named.pop()
+        # URIs are not secrets: naming them helps whoever issued the cert.
+        shown = ", ".join(repr(uri[:200]) for uri in certificate.uris[:4]) or "none"
+        raise IdentityInvalid(
+            "expected a client certificate whose URI SAN is one configured "
+            "agent's certificate_uri (identity.agents), got "
+            + (
+                f"one naming {len(named)} agents ({', '.join(sorted(named))})"
+                if named
+                else f"one naming no agent (URI SANs: {shown})"
+            ),
+            field=_CERTIFICATE_FIELD,
+        )

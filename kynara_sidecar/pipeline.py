@@ -90,7 +90,12 @@ from kynara_sidecar.errors import (
     ServiceError,
     ShuttingDown,
 )
-from kynara_sidecar.identity import AgentCredentials, TokenVerifier, place_agent
+from kynara_sidecar.identity import (
+    AgentCredentials,
+    PeerCertificate,
+    TokenVerifier,
+    place_agent,
+)
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.compiler import CompiledRule
 from kynara_sidecar.policy.loader import LoadedPolicies
@@ -130,6 +135,9 @@ class IncomingRequest(msgspec.Struct, frozen=True):
     # The caller's `authorization` metadata: multi-agent mode's bearer
     # secret, so never log a request whole.
     authorization: str = ""
+    # The client certificate the connection's TLS handshake verified (the
+    # agent listener's TLS port); in multi-agent mode it names the agent.
+    certificate: PeerCertificate | None = None
     # Ask the engine for an explanation; it rides back on the answer only
     # and is never stored in the audit record.
     explain: bool = False
@@ -294,7 +302,10 @@ class Pipeline:
                 config.identity.max_clock_skew_seconds,
             )
         if config.identity.agents:
-            self._credentials = AgentCredentials(config.identity.load_agent_secrets())
+            self._credentials = AgentCredentials(
+                config.identity.load_agent_secrets(),
+                config.identity.agent_certificates(),
+            )
         self._policies: LoadedPolicies | None = None
         # What the engine works out alike for every request under the
         # active policies; a new one per activation (engine.EvaluationCache).
@@ -327,15 +338,18 @@ class Pipeline:
             )
         return self._book
 
-    def agent_of(self, authorization: str) -> str:
-        """The calling agent: the one its credential names in multi-agent
-        mode, else ``identity.agent_id``.
+    def agent_of(
+        self, authorization: str, certificate: PeerCertificate | None = None
+    ) -> str:
+        """The calling agent: the one its credential (the connection's
+        client certificate, else the bearer secret in ``authorization``)
+        names in multi-agent mode, else ``identity.agent_id``.
 
         Raises:
             IdentityInvalid: no credential, or an unknown one (multi-agent).
         """
         if self._credentials is not None:
-            return self._credentials.authenticate(authorization)
+            return self._credentials.authenticate(authorization, certificate)
         return self._identity.agent_id
 
     def activate(self, policies: LoadedPolicies) -> None:
@@ -402,7 +416,9 @@ class Pipeline:
             # which agent presents it.
             agent = self._identity.agent_id
             if self._credentials is not None:
-                agent = self._credentials.authenticate(request.authorization)
+                agent = self._credentials.authenticate(
+                    request.authorization, request.certificate
+                )
             chain = self._verifier.verify(
                 request.delegation_token, now.seconds + now.nanos / 1_000_000_000
             )

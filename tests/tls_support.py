@@ -91,6 +91,25 @@ class Authority:
             cert.serial_number,
         )
 
+    def issue_client(self, *uris: str) -> tuple[bytes, bytes, int]:
+        """A client leaf whose subject alternative names are ``uris`` (URI
+        SANs, e.g. SPIFFE IDs): (cert PEM, key PEM, serial)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent")])
+        builder = self._builder(subject, key.public_key())
+        if uris:
+            names = [x509.UniformResourceIdentifier(uri) for uri in uris]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+        cert = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+            False,
+        ).sign(self.key, hashes.SHA256())
+        return (
+            cert.public_bytes(serialization.Encoding.PEM),
+            _key_pem(key),
+            cert.serial_number,
+        )
+
 
 def self_signed(*names: str) -> tuple[bytes, bytes, int]:
     """A self-signed leaf for ``names`` (DNS names or IP addresses): (cert

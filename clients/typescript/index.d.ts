@@ -213,6 +213,12 @@ export interface ClientOptions {
   timeoutMs?: number;
   /** This agent's bearer secret; default `$KYNARA_AGENT_SECRET_FILE`. */
   secretFile?: string;
+  /** This agent's client certificate (PEM, leaf first) for the daemon's TLS port (`agent.tls`, a `host:port` target); give keyFile with it. */
+  certFile?: string;
+  /** The client certificate's unencrypted PEM private key. */
+  keyFile?: string;
+  /** The CA certificate(s) that signed the daemon's serving certificate (PEM); default the system's roots. */
+  caFile?: string;
   /** The directory holding kynara/v1/decision.proto; default the package's copy, else the repository's protos/. */
   protoRoot?: string;
 }

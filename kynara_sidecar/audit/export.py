@@ -27,7 +27,11 @@ the records the daemon signed for:
    ``audit.previous_signing_key``); the source files of every policy and
    directory revision the records cite (``store.get_policy_source``), which
    a verifier hashes back to the revision; approval records are ordinary
-   records, listed in the manifest.
+   records, listed in the manifest. For a cited revision that arrived
+   signed, the signed bytes the log kept too (``directories``: the
+   collector's directory update; ``bundles``: the policy bundle), so an
+   auditor can check who signed the directory and policies a decision was
+   made under (``signed/``, ``verify_pack``).
 5. **A manifest and a script.** ``manifest.json`` states the pack's facts
    and the SHA-256 of every other file; ``verify_pack.py`` (this package's
    ``verify_pack`` module, copied) checks all of it with nothing but Python
@@ -55,7 +59,12 @@ from kynara_sidecar.audit.checkpoint import CheckpointV1, encode_checkpoint
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.record import parse_timestamp
 from kynara_sidecar.audit.startup import configured_public_keys
-from kynara_sidecar.audit.store import AuditStore, StoredRecord
+from kynara_sidecar.audit.store import (
+    BUNDLES_DB,
+    DIRECTORIES_DB,
+    AuditStore,
+    StoredRecord,
+)
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import KynaraError
 
@@ -251,6 +260,49 @@ def _policy_sets(
     return files, present, missing
 
 
+# ustar: a member's header is one 512-byte block, its size an octal field.
+_TAR_BLOCK = 512
+_TAR_SIZE = slice(124, 136)
+
+
+def _first_member_revision(view: memoryview) -> str:
+    """The ``revision`` in a signed update's manifest, its first tar member
+    (members are packed in name order: ``bundle.json`` and
+    ``directory-update.json`` come first); "" when it cannot be read."""
+    try:
+        size = int(bytes(view[_TAR_SIZE]).split(b"\0", 1)[0].strip() or b"0", 8)
+        raw = bytes(view[_TAR_BLOCK : _TAR_BLOCK + size])
+        revision = msgspec.json.decode(raw).get("revision", "")
+    except (ValueError, AttributeError, msgspec.DecodeError):
+        return ""
+    return revision if isinstance(revision, str) else ""
+
+
+def _signed_updates(
+    store: AuditStore, present: list[dict[str, str]]
+) -> tuple[dict[str, bytes], list[dict[str, str]]]:
+    """The signed bytes the log kept for each cited revision in the pack:
+    every stored directory update or bundle whose manifest names it."""
+    files: dict[str, bytes] = {}
+    entries: list[dict[str, str]] = []
+    wanted = {(entry["part"], entry["revision"]) for entry in present}
+    sources = (("directory", DIRECTORIES_DB), ("policy", BUNDLES_DB))
+    for part, db in sources:
+        if not any(p == part for p, _ in wanted):
+            continue
+        for digest, revision in store.scan_signed(db, _first_member_revision):
+            if (part, revision) not in wanted or not digest.startswith("sha256:"):
+                continue
+            get = store.get_directory if part == "directory" else store.get_bundle
+            data = get(digest)
+            if data is None or _sha256(data) != digest.removeprefix("sha256:"):
+                continue
+            name = f"{pack_format.SIGNED_DIR}/{part}/sha256-{_sha256(data)}.tar"
+            files[name] = data
+            entries.append({"file": name, "part": part, "revision": revision})
+    return files, sorted(entries, key=lambda e: (e["part"], e["file"]))
+
+
 def build_pack(
     store: AuditStore,
     start: Timestamp,
@@ -287,6 +339,7 @@ def build_pack(
         if record.get(f"{part}_revision")
     }
     policy_files, present, missing = _policy_sets(store, cited)
+    signed_files, signed = _signed_updates(store, present)
     key_entries = [
         {
             "file": f"{pack_format.KEYS_DIR}/{key_id.replace(':', '-')}.pem",
@@ -313,6 +366,7 @@ def build_pack(
         pack_format.SCRIPT_FILE: pathlib.Path(pack_format.__file__).read_bytes(),
         **key_files,
         **policy_files,
+        **signed_files,
     }
     approvals = [
         {
@@ -345,6 +399,8 @@ def build_pack(
         },
         "version": pack_format.PACK_VERSION,
     }
+    if signed:
+        manifest["signed"] = signed
     files[pack_format.MANIFEST_FILE] = pack_format.encode_manifest(manifest)
     summary = ExportSummary(
         span.base + 1,

@@ -1099,6 +1099,31 @@ class AuditStore:
             data = txn.get(digest.encode("ascii"), db=db)
         return None if data is None else bytes(data)
 
+    def scan_signed(
+        self, name: bytes, look: Callable[[memoryview], Any]
+    ) -> list[tuple[str, Any]]:
+        """``(digest, look(value))`` for every entry of ``bundles`` or
+        ``directories`` (``name``), in digest order, from one snapshot.
+
+        ``look`` sees each value in place (a memoryview valid only during
+        the call), so a caller reading a manifest at the front of each
+        update does not copy every update whole.
+
+        Raises:
+            ValueError: ``name`` is neither ``BUNDLES_DB`` nor
+                ``DIRECTORIES_DB``.
+        """
+        if name not in (BUNDLES_DB, DIRECTORIES_DB):
+            raise ValueError(f"expected bundles or directories, got {name!r}")
+        db = self._dbs.get(name)
+        if db is None:
+            return []
+        found = []
+        with self._env.begin(buffers=True) as txn:
+            for key, value in txn.cursor(db=db):
+                found.append((bytes(key).decode("ascii", "replace"), look(value)))
+        return found
+
     def get_bundle(self, digest: str) -> bytes | None:
         """The stored bundle with this digest, or ``None``."""
         db = self._dbs.get(BUNDLES_DB)

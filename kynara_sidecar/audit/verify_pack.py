@@ -37,6 +37,19 @@ What a pack holds
     The policy and directory source files the records cite; their revision
     (``sha256:`` over the sorted, length-prefixed names and contents) is
     recomputed here, so they are bound to the signed records that name it.
+``signed/<part>/sha256-<hex>.tar``
+    The signed bytes a cited revision arrived in, as the daemon kept them:
+    for ``directory``, the collector's signed directory update (members
+    ``directory-update.json``, its manifest; ``directory-update.sig``, the
+    Ed25519 signature of the manifest's exact bytes, unpadded base64url;
+    ``directory.json``); for ``policy``, the signed policy bundle
+    (``bundle.json``, ``bundle.sig``, ``policies/NAME``). The file name is
+    the SHA-256 of the bytes. Each is checked here: the hashes its manifest
+    states, that it carries exactly the cited revision's files, and its
+    signature under the trusted keys (the ``--trusted-key`` keys, else the
+    pack's: give the collector's directory key and the bundle key there
+    too). One whose key is not among them is reported as not checked, not
+    failed: a pack of a daemon that read unsigned policy files has none.
 ``export.json``
     What the operator asked for (the time range, the records left out
     because no checkpoint sealed them yet). A claim of the exporter, not
@@ -67,10 +80,12 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import io
 import json
 import pathlib
 import re
 import sys
+import tarfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -89,6 +104,8 @@ __all__ = [
     "PROOFS_FILE",
     "RECORDS_FILE",
     "SCRIPT_FILE",
+    "SIGNED_DIR",
+    "SIGNED_MEMBERS",
     "PackError",
     "PackReport",
     "REVISION_RE",
@@ -113,6 +130,14 @@ EXPORT_FILE = "export.json"
 SCRIPT_FILE = "verify_pack.py"
 KEYS_DIR = "keys"
 POLICY_SETS_DIR = "policy_sets"
+SIGNED_DIR = "signed"
+# The manifest and signature members of a signed update, by part.
+SIGNED_MEMBERS = {
+    "directory": ("directory-update.json", "directory-update.sig"),
+    "policy": ("bundle.json", "bundle.sig"),
+}
+DIRECTORY_CONTENT = "directory.json"
+BUNDLE_FILES_PREFIX = "policies/"
 
 HASH_SIZE = 32
 GENESIS_HASH = bytes(HASH_SIZE)
@@ -143,10 +168,18 @@ class PackError(Exception):
 class PackReport:
     """A pack that verified: what it holds and which keys vouched for it."""
 
-    def __init__(self, manifest: dict[str, Any], keys_from: str, signers: list[str]):
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        keys_from: str,
+        signers: list[str],
+        unchecked: list[str] | None = None,
+    ):
         self.manifest = manifest
         self.keys_from = keys_from
         self.signers = signers
+        # Signed updates whose signer is not among the trusted keys.
+        self.unchecked = unchecked or []
 
     def summary(self) -> str:
         m = self.manifest
@@ -156,8 +189,22 @@ class PackReport:
             f"(seq {records['first_seq']}..{records['last_seq']}), "
             f"{len(sizes['checkpoints'])} checkpoints (tree size {sizes['first']} "
             f"to {sizes['last']}), signed by {', '.join(self.signers)}; "
-            f"trusted keys from {self.keys_from}"
+            f"trusted keys from {self.keys_from}" + self._signed_summary()
         )
+
+    def _signed_summary(self) -> str:
+        signed = self.manifest.get("signed") or []
+        if not signed:
+            return ""
+        checked = len(signed) - len(self.unchecked)
+        text = f"; signed updates: {checked} of {len(signed)} checked"
+        if self.unchecked:
+            text += (
+                " (not checked, signer not trusted: "
+                + ", ".join(self.unchecked)
+                + "; pass its key with --trusted-key)"
+            )
+        return text
 
 
 # ------------------------------------------------------------ shared forms
@@ -689,6 +736,106 @@ def _verify_policy_sets(pack: pathlib.Path) -> list[dict]:
     return found
 
 
+def _tar_members(data: bytes, where: str) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                extracted = tar.extractfile(info) if info.isreg() else None
+                if extracted is None or info.name in members:
+                    raise PackError(
+                        "signed", f"{where}: unexpected member {info.name!r}"
+                    )
+                members[info.name] = extracted.read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise PackError("signed", f"{where}: not a tar archive: {err}") from None
+    return members
+
+
+def _signed_files(
+    part: str, members: dict[str, bytes], manifest: dict, where: str
+) -> dict[str, bytes]:
+    """The source files a signed update carries, checked against the
+    hashes its manifest states."""
+    name, signature = SIGNED_MEMBERS[part]
+    if part == "directory":
+        if set(members) != {name, signature, DIRECTORY_CONTENT}:
+            raise PackError("signed", f"{where}: members {sorted(members)}")
+        content = members[DIRECTORY_CONTENT]
+        if manifest.get("kind") != "directory" or manifest.get("sha256") != (
+            hashlib.sha256(content).hexdigest()
+        ):
+            raise PackError("signed", f"{where}: {DIRECTORY_CONTENT} hash mismatch")
+        return {DIRECTORY_CONTENT: content}
+    files = {
+        member[len(BUNDLE_FILES_PREFIX) :]: content
+        for member, content in members.items()
+        if member.startswith(BUNDLE_FILES_PREFIX)
+    }
+    listed = manifest.get("files")
+    others = set(members) - {BUNDLE_FILES_PREFIX + n for n in files}
+    if others != {name, signature} or not isinstance(listed, dict):
+        raise PackError("signed", f"{where}: members {sorted(members)}")
+    got = {n: hashlib.sha256(c).hexdigest() for n, c in files.items()}
+    if got != listed:
+        raise PackError("signed", f"{where}: files do not match bundle.json")
+    return files
+
+
+def _verify_signed(
+    pack: pathlib.Path, trusted: dict[str, Ed25519PublicKey]
+) -> tuple[list[dict], list[str]]:
+    """Check each signed update under signed/: its hashes, that it carries
+    the files of the revision it is filed for, and its signature when its
+    key is trusted. Returns the entries and the updates not checked."""
+    found, unchecked = [], []
+    for part in ("directory", "policy"):
+        directory = pack / SIGNED_DIR / part
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            where = f"{SIGNED_DIR}/{part}/{path.name}"
+            data = path.read_bytes()
+            if path.name != f"sha256-{hashlib.sha256(data).hexdigest()}.tar":
+                raise PackError("signed", f"{where}: name is not its SHA-256")
+            members = _tar_members(data, where)
+            name, signature_name = SIGNED_MEMBERS[part]
+            if name not in members or signature_name not in members:
+                raise PackError("signed", f"{where}: no {name} or {signature_name}")
+            manifest = _json(members[name], f"{where} {name}")
+            if (
+                not isinstance(manifest, dict)
+                or canonical_json(manifest) != (members[name])
+            ):
+                raise PackError("signed", f"{where}: {name} is not canonical JSON")
+            files = _signed_files(part, members, manifest, where)
+            revision = manifest.get("revision")
+            if not isinstance(revision, str) or not REVISION_RE.fullmatch(revision):
+                raise PackError("signed", f"{where}: revision {revision!r}")
+            kept = _policy_files(pack, revision_dir(part, revision))
+            carried = files if part == "directory" else {n: files.get(n) for n in kept}
+            if carried != kept:
+                raise PackError(
+                    "signed",
+                    f"{where}: does not carry the files of {part} {revision}",
+                )
+            key = trusted.get(manifest.get("key_id"))
+            if key is None:
+                unchecked.append(f"{where} ({manifest.get('key_id')})")
+            else:
+                try:
+                    signature = _b64url(members[signature_name].decode("ascii"))
+                    if len(signature) != SIGNATURE_SIZE:
+                        raise InvalidSignature
+                    key.verify(signature, members[name])
+                except (ValueError, InvalidSignature):
+                    raise PackError(
+                        "bad_signature",
+                        f"{where}: signature does not verify under "
+                        f"{manifest.get('key_id')}",
+                    ) from None
+            found.append({"file": where, "part": part, "revision": revision})
+    return found, unchecked
+
+
 def _facts(
     records: list[tuple[bytes, dict]],
     cps: list[dict],
@@ -791,9 +938,13 @@ def verify_pack(
     signers = _verify_signatures(cps, records, base, trusted, manifest)
     _verify_proofs(proofs, cps)
     policy_sets = _verify_policy_sets(pack)
+    signed, unchecked = _verify_signed(pack, trusted)
     facts = _facts(records, cps, base, key_entries, policy_sets)
+    if signed:
+        # Only when there are any, so packs made before them still verify.
+        facts["signed"] = signed
     _check_facts(manifest, facts)
-    return PackReport(manifest, keys_from, signers)
+    return PackReport(manifest, keys_from, signers, unchecked)
 
 
 def _given_key(path: pathlib.Path) -> tuple[str, Ed25519PublicKey]:

@@ -533,6 +533,16 @@ class DirectoryPullConfig(_Section):
     page_size: int = 100
     # Seconds a SCIM request may take, e.g. 30.
     timeout_seconds: float = 30.0
+    # Resources of one type (Users, Groups) a run reads at most, e.g.
+    # 100000: a listing whose totalResults says more fails the run at its
+    # first page instead of being read for hours.
+    max_resources: int = 100_000
+    # Port of the schedule's /metrics (--every or interval_seconds), e.g.
+    # 9466; 0 serves none. A run of its own (--once) serves none either.
+    metrics_port: int = 0
+    # Bind address of that /metrics, e.g. "127.0.0.1"; a loopback address
+    # (it has neither TLS nor credentials).
+    metrics_host: str = "127.0.0.1"
 
     def validate(self, section: str) -> None:
         for key in ("url", "target_url"):
@@ -557,6 +567,13 @@ class DirectoryPullConfig(_Section):
             )
         _check_range(section, "page_size", self.page_size, 1, 1000)
         _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 300)
+        _check_range(section, "max_resources", self.max_resources, 1, 10_000_000)
+        _check_range(section, "metrics_port", self.metrics_port, 0, 65535)
+        if not is_loopback(self.metrics_host):
+            raise ConfigError(
+                f"{section}.metrics_host: expected a loopback address (127.0.0.0/8 "
+                f"or ::1; /metrics has no TLS), got {self.metrics_host!r}"
+            )
 
 
 class DirectoryConfig(_Section):
@@ -644,6 +661,10 @@ class ScimConfig(_Section):
     # The most resources a search returns in one page (filter.maxResults),
     # e.g. 200.
     max_results: int = 200
+    # The most terms (comparisons, presence tests) a search filter may hold,
+    # GET ?filter= and POST .search alike; more is a 400 invalidFilter,
+    # e.g. 200. Each term is matched against every User, and IdPs send few.
+    max_filter_terms: int = 200
 
     def validate(self, section: str) -> None:
         if not self.enabled:
@@ -678,6 +699,7 @@ class ScimConfig(_Section):
                 f"{self.base_url!r}"
             )
         _check_range(section, "max_results", self.max_results, 1, 10_000)
+        _check_range(section, "max_filter_terms", self.max_filter_terms, 1, 10_000)
 
     def load_credentials(
         self, section: str = "scim", others: Collection[bytes] = ()

@@ -113,6 +113,7 @@ class DirectoryPublisher:
                 "directory published",
                 extra={
                     "fields": {
+                        "component": "collector",
                         "revision": self._last_revision,
                         "bytes": len(data),
                         "key_id": self._key.key_id,

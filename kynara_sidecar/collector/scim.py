@@ -37,8 +37,16 @@ environment of its own (``scim.path``). A write is committed (and synced)
 before it is answered; a failed commit undoes the change in memory and is
 answered 500. ``meta`` (ids, created, lastModified, version) is stored, so
 ETags survive a restart; versions come from a counter kept in the same
-transaction. Passwords are never stored (``changePassword`` is not
-supported; a ``password`` sent is dropped).
+transaction. A User's ETag also covers the groups it shows (``ScimStore``
+says how). Passwords are never stored (``changePassword`` is not
+supported; a ``password`` sent is dropped, and a PATCH of it alone is
+answered 204 with nothing changed). Writes go one at a time; reads wait
+for none of them and see the last committed state (``AsyncScimStore``).
+
+Limits: a search filter holds at most ``scim.max_filter_terms`` terms
+(counted before it is parsed; more is 400 ``invalidFilter`` naming the
+setting), and a body over the listener's ``client_max_size`` is a 413
+SCIM Error naming it.
 
 Publishing (``DirectoryPublishing``): after a committed write the newest
 directory content is handed to the injected ``publish`` (the collector's
@@ -54,18 +62,23 @@ Authentication: ``authorization: Bearer <secret>`` of one of
 (``server.admin.AdminCredentials``: SHA-256 digests, constant time, every
 credential compared). A refusal is 401 with ``WWW-Authenticate: Bearer``
 and a SCIM Error body, logged at WARNING (never the secret) and counted.
-``/ServiceProviderConfig`` needs no credential (RFC 7644 §4).
+``/ServiceProviderConfig`` needs no credential: it names the scheme a
+client must use. ``/Schemas`` and ``/ResourceTypes`` need one, as the
+resources do (RFC 7644 §4 allows either).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import json
 import logging
 import pathlib
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any, Union, cast
 
 import lmdb
 from aiohttp import web
@@ -82,13 +95,17 @@ from scim2_models import (
     Filter,
     Group,
     GroupMembership,
+    InvalidFilterException,
     InvalidValueException,
     Patch,
+    PayloadTooLargeException,
+    PreconditionFailedException,
     Reference,
     Resource,
     ResourceType,
     ResponseParameters,
     SCIMException,
+    ScimFilter,
     ScimProvider,
     SearchRequest,
     ServiceProviderConfig,
@@ -99,17 +116,19 @@ from scim2_models import (
 )
 from scim2_server.applications.base import VERSION_PREFIX, BaseApplication
 from scim2_server.handler import AsyncScimHandler
-from scim2_server.memory import InMemoryStorage
+from scim2_server.memory import InMemoryStorage, _page
 from scim2_server.requests import ScimRequest
 from scim2_server.responses import ScimResponse
 from scim2_server.service import ScimService
 from scim2_server.storage import AsyncScimStorage, SearchPage
+from scim2_server.utils import parametrize
 
 from kynara_sidecar.errors import IdentityInvalid, KynaraError
-from kynara_sidecar.policy.names import canonical_name
 from kynara_sidecar.server.admin import AdminCredentials
+from kynara_sidecar.sync.directory import canonical_principal_id
 
 __all__ = [
+    "DEFAULT_MAX_FILTER_TERMS",
     "AsyncScimStore",
     "KYNARA_EXTENSION",
     "SCIM_PREFIX",
@@ -131,6 +150,20 @@ KINDS = ("user", "agent")
 # Bulk limits announced in ServiceProviderConfig (RFC 7644 §3.7.4).
 BULK_MAX_OPERATIONS = 100
 BULK_MAX_PAYLOAD_BYTES = 1 << 20
+# The most comparisons a search filter may hold (scim.max_filter_terms): a
+# term costs a match against every candidate resource (measured about 20 µs
+# a term and a User), so an unbounded filter in a 1 MiB body held a search
+# for most of a minute. IdP connectors send one to a few terms.
+DEFAULT_MAX_FILTER_TERMS = 200
+# A filter's string literals (whose text may read "and"/"or") and its
+# logical operators: a well-formed filter has one term more than operators.
+_FILTER_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_FILTER_OPERATOR = re.compile(r"\b(?:and|or)\b", re.IGNORECASE)
+# Set while the handler serves a read (GET of a resource, a search): the
+# store's operation lock is for writes only (see AsyncScimStore.operation).
+_READING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "scim_reading", default=False
+)
 _DBS = (b"resources", b"counters")
 _VERSION_KEY = b"version"
 # A stored resource's key in the in-memory storage: (resource type, id).
@@ -198,6 +231,67 @@ def build_provider(max_results: int) -> ScimProvider:
     )
 
 
+def _filter_terms(text: str) -> int:
+    """The comparisons and presence tests of a search filter, counted on its
+    text before it is parsed (parsing 25,000 terms alone takes seconds): the
+    logical operators outside string literals, plus one."""
+    return len(_FILTER_OPERATOR.findall(_FILTER_STRING.sub('""', text))) + 1
+
+
+class _Service(ScimService):
+    """scim2-server's service, with a search filter's terms capped before
+    the filter is parsed (GET ``?filter=`` and POST ``.search`` alike)."""
+
+    def __init__(self, provider: ScimProvider, max_filter_terms: int):
+        super().__init__(provider)
+        self.max_filter_terms = max_filter_terms
+
+    def read_search(
+        self, resource_types: list[ResourceType], payload: Any
+    ) -> tuple[SearchRequest[Any], Any]:
+        """Refuse a filter of more than ``max_filter_terms`` terms (400
+        ``invalidFilter``), then read the search as the library does."""
+        filters = (
+            [v for k, v in payload.items() if str(k).casefold() == "filter"]
+            if isinstance(payload, dict)
+            else []
+        )
+        for text in filters:
+            terms = _filter_terms(text) if isinstance(text, str) else 0
+            if terms > self.max_filter_terms:
+                raise InvalidFilterException(
+                    detail=f"filter: expected at most {self.max_filter_terms} "
+                    f"terms (scim.max_filter_terms), got {terms}"
+                )
+        return super().read_search(resource_types, payload)
+
+
+class _Handler(AsyncScimHandler):
+    """scim2-server's handler, marking reads so that they do not wait on
+    the store's operation lock (``AsyncScimStore.operation``)."""
+
+    async def query(self, request: ScimRequest) -> ScimResponse:
+        token = _READING.set(True)
+        try:
+            return await super().query(request)
+        finally:
+            _READING.reset(token)
+
+    async def search(self, request: ScimRequest) -> ScimResponse:
+        token = _READING.set(True)
+        try:
+            return await super().search(request)
+        finally:
+            _READING.reset(token)
+
+    async def search_with_body(self, request: ScimRequest) -> ScimResponse:
+        token = _READING.set(True)
+        try:
+            return await super().search_with_body(request)
+        finally:
+            _READING.reset(token)
+
+
 def _principal_id(resource: Resource[Any]) -> str:
     """The principal id of a User: its userName in NFC.
 
@@ -206,7 +300,8 @@ def _principal_id(resource: Resource[Any]) -> str:
     """
     user_name = getattr(resource, "user_name", None)
     try:
-        return canonical_name(user_name or "")
+        # canonical_name and the length cap requests put on principal ids.
+        return canonical_principal_id(user_name or "")
     except ValueError as err:
         raise InvalidValueException(
             detail=f"userName {str(user_name)[:80]!r} is not a valid principal id: "
@@ -315,12 +410,22 @@ class ScimStore(InMemoryStorage):
     client's ``groups`` is dropped on create and replace, and a PATCH of it
     is refused by the library (400 ``mutability``).
 
-    TODO(#12): every resource is held in memory and read back whole at
+    A User's served version (``meta.version``, its ETag) is its stored
+    version and, when it is in groups, a digest of the groups it shows
+    (``W/"17.3f9c0a1b2d4e"``): it moves when a Group naming the User is
+    created, renamed, deleted or changes its members, without rewriting the
+    User. ``If-Match`` on a write compares against the served version.
+
+    Reads (``get``, ``search``) take ``lock`` only to take their candidates
+    and memberships; a search's filter is matched, sorted and paged after
+    the lock is let go. A write holds ``lock`` from its change in memory to
+    its commit (or its undo), and stored resources are never changed in
+    place (a write stores a new object), so what a read took under the lock
+    is one committed state, and a slow filter never holds up a write.
+
+    TODO(#13): every resource is held in memory and read back whole at
     start (fine for tens of thousands of Users); a directory of millions
     would need a storage that searches LMDB itself.
-    TODO(#12): a User's version (ETag) does not move when only its groups
-    change, so a conditional GET may answer 304 for a User whose ``groups``
-    differ; moving it would rewrite every member at each Group change.
 
     Args:
         path: the LMDB environment's directory (created if missing).
@@ -517,41 +622,65 @@ class ScimStore(InMemoryStorage):
         *,
         position: Any = None,
     ) -> SearchPage:
+        """The library's search (same candidates, matching and paging), with
+        the lock held only while the candidates and their memberships are
+        taken (the class docstring says why that is one committed state)."""
+        names = list(dict.fromkeys(rt.name for rt in resource_types))
+        scim_filter = search_request.filter
         with self.lock:
-            page = super().search(resource_types, search_request, position=position)
-            page.resources = [self._with_groups(r) for r in page.resources]
-            return page
+            candidates = self._candidates(names, scim_filter)
+            groups_of = {
+                cast(str, r.id): self._groups_of(cast(str, r.id))
+                for r in candidates
+                if isinstance(r, User)
+            }
+        if scim_filter is not None and "groups" in str(scim_filter).lower():
+            # A filter on groups (e.g. groups[display eq "Support"]) matches
+            # what a read shows: copies with groups filled in.
+            candidates = [
+                _filled(r.model_copy(), groups_of.get(cast(str, r.id), []))
+                for r in candidates
+            ]
+        if scim_filter is not None and not scim_filter.models and candidates:
+            models = tuple(dict.fromkeys(type(r) for r in candidates))
+            scim_filter = parametrize(ScimFilter, Union[models])(str(scim_filter))  # noqa: UP007
+        found = [r for r in candidates if scim_filter is None or scim_filter.match(r)]
+        page = _page(search_request, position, found)
+        page.resources = [
+            _filled(r.model_copy(deep=True), groups_of.get(cast(str, r.id), []))
+            for r in page.resources
+        ]
+        return page
 
-    def _candidates(
-        self, names: list[str | None], scim_filter: Any
-    ) -> list[Resource[Any]]:
-        found = super()._candidates(names, scim_filter)
-        if scim_filter is None or "groups" not in str(scim_filter).lower():
-            return found
-        # A filter on groups (e.g. groups[display eq "Support"]) matches what
-        # a read shows: copies with groups filled in, the stored ones intact.
-        return [self._with_groups(r.model_copy()) for r in found]
-
-    def _with_groups(self, resource: Resource[Any]) -> Resource[Any]:
-        """Fill a User's groups in place from current memberships, sorted
-        by display name (direct memberships only: only they give roles)."""
-        if not isinstance(resource, User):
-            return resource
+    def _groups_of(self, user_id: str) -> list[Resource[Any]]:
+        """The Groups naming ``user_id`` in their members, sorted by display
+        name (direct memberships only: only they give roles). Under lock."""
         groups = [
-            self._resources[key[0]][key[1]]
-            for key in self._member_of.get(cast(str, resource.id), ())
+            self._resources[key[0]][key[1]] for key in self._member_of.get(user_id, ())
         ]
         groups.sort(key=lambda g: (g.display_name or "", cast(str, g.id)))
-        resource.groups = [
-            GroupMembership(
-                value=group.id,
-                display=group.display_name,
-                ref=f"Groups/{group.id}",
-                type="direct",
+        return groups
+
+    def _with_groups(self, resource: Resource[Any]) -> Resource[Any]:
+        """Fill a User (a copy) with its current groups and served version."""
+        if not isinstance(resource, User):
+            return resource
+        return _filled(resource, self._groups_of(cast(str, resource.id)))
+
+    def _check_version(
+        self, resource: Resource[Any], expected_version: str | None
+    ) -> None:
+        """Refuse a write whose ``If-Match`` is not the served version (a
+        User's covers its groups)."""
+        if expected_version is None:
+            return
+        served = self._with_groups(resource.model_copy())
+        assert served.meta is not None
+        if served.meta.version != expected_version:
+            raise PreconditionFailedException(
+                detail=f"{served.meta.resource_type} {served.id!r} is at version "
+                f"{served.meta.version}, not {expected_version}"
             )
-            for group in groups
-        ] or None
-        return resource
 
     def _check_principal(self, resource: Resource[Any]) -> None:
         """Refuse a User that would not make a principal: a bad userName or
@@ -603,6 +732,30 @@ def _memory_key(resource: Resource[Any]) -> _Key:
     return resource.meta.resource_type, cast(str, resource.id)
 
 
+def _filled(resource: Resource[Any], groups: list[Resource[Any]]) -> Resource[Any]:
+    """Set a User's (a copy's) ``groups`` and its served version: the
+    stored version, and a digest of the groups it shows when it has any."""
+    if not isinstance(resource, User):
+        return resource
+    resource.groups = [
+        GroupMembership(
+            value=group.id,
+            display=group.display_name,
+            ref=f"Groups/{group.id}",
+            type="direct",
+        )
+        for group in groups
+    ] or None
+    if groups and resource.meta is not None and resource.meta.version:
+        shown = json.dumps([[g.id, g.display_name] for g in groups]).encode()
+        digest = hashlib.sha256(shown).hexdigest()[:12]
+        stored = resource.meta.version.removeprefix('W/"').removesuffix('"')
+        resource.meta = resource.meta.model_copy(
+            update={"version": f'W/"{stored}.{digest}"'}
+        )
+    return resource
+
+
 def _member_ids(resource: Resource[Any] | None) -> set[str]:
     """The ids a Group lists in its members (none for anything else)."""
     if not isinstance(resource, Group):
@@ -620,10 +773,16 @@ def _principal_id_or_none(resource: Resource[Any]) -> str | None:
 
 
 class AsyncScimStore(AsyncScimStorage):
-    """``ScimStore`` for the async handler: one SCIM operation at a time
-    (an ``asyncio.Lock`` held for the operation, so a PATCH's read and write
-    see no other write in between), each call on a worker thread (an LMDB
-    commit syncs to disk), and ``changed`` called after every write."""
+    """``ScimStore`` for the async handler: one writing SCIM operation at a
+    time (an ``asyncio.Lock`` held for the operation, so a PATCH's or a
+    replace's read and write see no other write in between), each call on a
+    worker thread (an LMDB commit syncs to disk), and ``changed`` called
+    after every write.
+
+    A read (GET of a resource, a search) takes no operation lock: it is one
+    call of ``ScimStore``, which sees a committed state by itself (its
+    docstring says how), so a slow search never holds up a write and a
+    held write never holds up a read."""
 
     def __init__(self, store: ScimStore, changed: Callable[[], None]):
         self.store = store
@@ -631,6 +790,8 @@ class AsyncScimStore(AsyncScimStorage):
         self._lock = asyncio.Lock()
 
     def operation(self) -> contextlib.AbstractAsyncContextManager[None]:
+        if _READING.get():
+            return contextlib.nullcontext()
         return cast(contextlib.AbstractAsyncContextManager[None], self._lock)
 
     async def get(
@@ -711,6 +872,8 @@ class DirectoryPublishing:
     is counted (``on_failure``), but logged at WARNING only when its error
     differs from the previous try's (at DEBUG otherwise), and the first
     publish after failures is logged once as "directory published again".
+    Each revision's INFO line is the publisher's ("directory published",
+    with its revision, size and key id); this one logs it at DEBUG only.
     """
 
     def __init__(
@@ -796,12 +959,14 @@ class DirectoryPublishing:
         self._failing = error
 
     def _succeeded(self, revision: str, fields: dict[str, Any]) -> None:
+        # The publisher logs each revision at INFO (with its size and key):
+        # here only the return after failures is news at INFO.
         extra = {"fields": {**fields, "revision": revision}}
         if self._failures:
             extra["fields"]["failures"] = self._failures
             log.info("directory published again", extra=extra)
         else:
-            log.info("directory published", extra=extra)
+            log.debug("directory published", extra=extra)
         self._failing = ""
         self._failures = 0
 
@@ -817,6 +982,11 @@ class ScimEndpoint(BaseApplication):
         base_url: the URL IdPs reach the endpoint by, ending in ``/scim/v2``;
             "" takes the request's scheme and Host.
         on_refused: called after each refused request.
+        max_filter_terms: the most terms a search filter may hold
+            (``scim.max_filter_terms``); more is a 400 ``invalidFilter``.
+
+    A body larger than the HTTP listener's ``client_max_size`` is answered
+    413 with a SCIM Error naming the limit, as every other SCIM error.
     """
 
     def __init__(
@@ -827,9 +997,10 @@ class ScimEndpoint(BaseApplication):
         *,
         base_url: str = "",
         on_refused: Callable[[], None] = lambda: None,
+        max_filter_terms: int = DEFAULT_MAX_FILTER_TERMS,
     ):
-        super().__init__(provider, ScimService(provider))
-        self.handler = AsyncScimHandler(self.service, store)
+        super().__init__(provider, _Service(provider, max_filter_terms))
+        self.handler = _Handler(self.service, store)
         self._credentials = credentials
         self._base_url = base_url.rstrip("/")
         self._on_refused = on_refused
@@ -869,8 +1040,17 @@ class ScimEndpoint(BaseApplication):
             path=self.split_path(tail or "/"),
             query=dict(request.query),
             headers=list(request.headers.items()),
-            body=await request.read(),
+            body=b"",
         )
+        try:
+            scim_request.body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            too_large = PayloadTooLargeException(
+                detail=f"request body larger than {request.client_max_size} "
+                "bytes, the most the collector's HTTP listener reads"
+            )
+            response = self.service.error_response(too_large)
+            return _web_response(self.finalize_response(scim_request, response))
         try:
             if self.needs_auth(scim_request):
                 self.check_auth(scim_request)

@@ -235,6 +235,7 @@ class Collector:
             self._scim_credentials,
             base_url=scim.base_url,
             on_refused=self.metrics.scim_refusals.inc,
+            max_filter_terms=scim.max_filter_terms,
         )
 
     async def _publish_directory(self, content: bytes) -> str:

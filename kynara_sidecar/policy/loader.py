@@ -26,7 +26,8 @@ from __future__ import annotations
 import pathlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -57,11 +58,13 @@ __all__ = [
     "convert_document",
     "SUFFIXES",
     "TEST_DIRECTORY",
+    "NO_DIRECTORY",
     "LoadedPolicies",
     "compile_documents",
     "decode_document",
     "load_policies",
     "read_documents",
+    "read_policy_documents",
 ]
 
 
@@ -134,6 +137,13 @@ _REWRITES: tuple[tuple[re.Pattern[str], _Rewrite], ...] = (
 )
 
 
+# The directory of a set compiled without one (``compile_documents(...,
+# directory="optional"|"ignored")``): no principal, revision "" (a bundle's
+# manifest then states ``directory_revision: ""``). A daemon never serves it:
+# with ``directory.store`` set it composes the set with the signed directory.
+NO_DIRECTORY = Directory(revision="", principals=MappingProxyType({}))
+
+
 class LoadedPolicies(msgspec.Struct, frozen=True):
     """A compiled policy set and the directory that shipped with it."""
 
@@ -170,11 +180,50 @@ def read_documents(root: pathlib.Path) -> list[SourceDocument]:
     Raises:
         PolicyError: For the first bad file, or a missing root.
     """
+    return [
+        decode_document(str(path), _read(path), name=path.relative_to(root).as_posix())
+        for path in _policy_paths(root)
+    ]
+
+
+def read_policy_documents(
+    root: pathlib.Path,
+) -> tuple[list[SourceDocument], list[str]]:
+    """Read every policy file under root, leaving its directory files aside.
+
+    For a daemon whose directory comes from elsewhere (a collector's signed
+    directory): a directory file in the policies is then not its directory,
+    so it is neither validated nor compiled, and a typo in it or its absence
+    holds nothing back. Each file is still parsed (YAML, JSON or TOML) to
+    learn its ``kind``, so one that does not parse at all is refused as
+    ``read_documents`` refuses it.
+
+    Returns:
+        The decoded policy documents in path order, and the paths of the
+        directory files left aside.
+
+    Raises:
+        PolicyError: For the first bad policy file, or a missing root.
+    """
+    documents: list[SourceDocument] = []
+    skipped: list[str] = []
+    for path in _policy_paths(root):
+        content = _read(path)
+        raw = _parse(str(path), content)
+        if isinstance(raw, dict) and raw.get("kind") == DocumentKind.DIRECTORY.value:
+            skipped.append(str(path))
+            continue
+        name = path.relative_to(root).as_posix()
+        documents.append(_validated(str(path), content, raw, name))
+    return documents, skipped
+
+
+def _policy_paths(root: pathlib.Path) -> list[pathlib.Path]:
     if not root.is_dir():
         raise PolicyError(
             "expected a directory of policy files, got nothing there", path=str(root)
         )
-    files = sorted(
+    return sorted(
         path
         for path in root.rglob("*")
         if path.suffix in SUFFIXES
@@ -182,10 +231,6 @@ def read_documents(root: pathlib.Path) -> list[SourceDocument]:
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
         and TEST_DIRECTORY not in path.relative_to(root).parts[:-1]
     )
-    return [
-        decode_document(str(path), _read(path), name=path.relative_to(root).as_posix())
-        for path in files
-    ]
 
 
 def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocument:
@@ -205,6 +250,11 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
             in one mapping, a wrong ``format_version`` or ``kind``, or a
             field that does not validate.
     """
+    return _validated(path, content, _parse(path, content), name)
+
+
+def _parse(path: str, content: bytes) -> Any:
+    """The file's decoded value, before any validation."""
     suffix = pathlib.PurePath(path).suffix
     if suffix not in _DECODERS:
         raise PolicyError(
@@ -227,6 +277,10 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
             "recursion limit",
             path=path,
         ) from None
+    return raw
+
+
+def _validated(path: str, content: bytes, raw: Any, name: str) -> SourceDocument:
     check_expansion(raw, path)
     document_type = _document_type(raw, path)
     _check_roles(raw, path)
@@ -237,20 +291,29 @@ def decode_document(path: str, content: bytes, *, name: str = "") -> SourceDocum
 
 
 def compile_documents(
-    documents: Sequence[SourceDocument], *, root: str = ""
+    documents: Sequence[SourceDocument],
+    *,
+    root: str = "",
+    directory: Literal["required", "optional", "ignored"] = "required",
 ) -> LoadedPolicies:
     """Compile decoded documents: every policy, and exactly one directory.
 
     Args:
         documents: Decoded policy and directory files.
         root: Where they came from, cited when the set as a whole is wrong.
+        directory: "required" (exactly one directory file), "optional" (a
+            bundle built for daemons that follow a signed directory may
+            carry none: the result's directory is then ``NO_DIRECTORY``) or
+            "ignored" (the caller's directory comes from elsewhere: directory
+            files are not compiled and the result's is ``NO_DIRECTORY``).
 
     Returns:
         The compiled policy set and directory.
 
     Raises:
-        PolicyError: No files, no directory file or more than one, or any
-            compile error (see ``compile_policy_set``, ``compile_directory``).
+        PolicyError: No files, no directory file (when required) or more
+            than one (unless ignored), or any compile error (see
+            ``compile_policy_set``, ``compile_directory``).
     """
     if not documents:
         raise PolicyError(
@@ -264,12 +327,15 @@ def compile_documents(
     for item in documents:
         is_policy = isinstance(item.document, PolicyDocument)
         (policies if is_policy else directories).append(item)
-    if len(directories) != 1:
+    without = directory == "ignored" or (directory == "optional" and not directories)
+    if len(directories) != 1 and not without:
         found = ", ".join(item.path for item in directories) or "none"
         raise PolicyError(
             f"expected exactly one directory file, got {found}", path=root
         )
     policy_set = compile_policy_set(policies)
+    if without:
+        return LoadedPolicies(policy_set, NO_DIRECTORY)
     return LoadedPolicies(policy_set, compile_directory(directories[0], policy_set))
 
 

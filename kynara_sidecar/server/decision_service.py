@@ -14,6 +14,13 @@ once and then each change, ending after approved, rejected, expired or used.
 It only reads: a client that ends its wait leaves the approval as it was.
 On shutdown open waits end with ``shutting_down`` rather than hold the
 listener open for the whole grace period.
+
+On the agent listener's TLS port (``agent.tls``) every connection has a
+client certificate the handshake verified; the service reads its URI SANs
+from the call's auth context (grpc's ``peer_uri`` property, which grpc
+fills from the verified peer certificate) and hands them to the pipeline,
+where in multi-agent mode they name the calling agent. Nothing in the
+request can stand in for them.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from kynara_sidecar.errors import (
     ServiceError,
     ShuttingDown,
 )
+from kynara_sidecar.identity import PeerCertificate
 from kynara_sidecar.pipeline import Answer, IncomingRequest, Pipeline
 from kynara_sidecar.server.approval_service import timestamp_of
 from kynara_sidecar.server.status import abort_with, error_to_proto
@@ -115,6 +123,17 @@ def _authorization(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def _certificate(context: grpc.aio.ServicerContext) -> PeerCertificate | None:
+    """The client certificate the call's TLS handshake verified, or None on
+    a connection without one (the Unix socket)."""
+    properties = context.auth_context()
+    if not properties.get("x509_pem_cert"):
+        return None
+    return PeerCertificate(
+        tuple(uri.decode("utf-8", "replace") for uri in properties.get("peer_uri", ()))
+    )
+
+
 def _decode(message_type, raw: bytes, field: str = ""):
     try:
         return message_type.FromString(raw)
@@ -135,6 +154,9 @@ class DecisionService:
         max_message_bytes: larger requests get ``request_too_large``.
         approvals: where WaitApproval watches approvals; default the
             pipeline's book (``Pipeline.approvals``).
+        client_certificates: the server serves TLS with client
+            certificates (``agent.tls``): read each call's certificate.
+            Without, no call's auth context is read.
     """
 
     def __init__(
@@ -142,8 +164,11 @@ class DecisionService:
         pipeline: Pipeline,
         max_message_bytes: int,
         approvals: ApprovalWatch | None = None,
+        *,
+        client_certificates: bool = False,
     ):
         self._pipeline = pipeline
+        self._client_certificates = client_certificates
         self._max_bytes = max_message_bytes
         self._approvals = approvals
         self._closing = asyncio.Event()
@@ -180,13 +205,22 @@ class DecisionService:
                 f"(agent.max_message_bytes), got {len(raw)}"
             )
 
+    def _certificate(self, context: grpc.aio.ServicerContext) -> PeerCertificate | None:
+        if not self._client_certificates:
+            return None
+        return _certificate(context)
+
     def _incoming(
-        self, raw: bytes, peer: str, authorization: str = ""
+        self,
+        raw: bytes,
+        peer: str,
+        authorization: str = "",
+        certificate: PeerCertificate | None = None,
     ) -> IncomingRequest:
         try:
             self._check_size(raw)
             incoming = request_from_proto(
-                _decode(pb.DecideRequest, raw), peer, authorization
+                _decode(pb.DecideRequest, raw), peer, authorization, certificate
             )
         except KynaraError as err:
             self._pipeline.refuse(err)
@@ -194,16 +228,25 @@ class DecisionService:
         return incoming
 
     async def _answer(
-        self, raw: bytes, peer: str, authorization: str = ""
+        self,
+        raw: bytes,
+        peer: str,
+        authorization: str = "",
+        certificate: PeerCertificate | None = None,
     ) -> pb.DecideResponse:
-        incoming = self._incoming(raw, peer, authorization)
+        incoming = self._incoming(raw, peer, authorization, certificate)
         return answer_to_proto(await self._pipeline.decide(incoming))
 
     async def Decide(  # noqa: N802 (gRPC method name)
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.DecideResponse:
         try:
-            return await self._answer(raw, context.peer(), _authorization(context))
+            return await self._answer(
+                raw,
+                context.peer(),
+                _authorization(context),
+                self._certificate(context),
+            )
         except KynaraError as err:
             await abort_with(context, err)
         except Exception:
@@ -233,13 +276,16 @@ class DecisionService:
             self._pipeline.refuse(err)
             await abort_with(context, err)
         peer, authorization = context.peer(), _authorization(context)
+        certificate = self._certificate(context)
         # Items are translated and decided each on its own; the records of
         # all decided items commit in one transaction, or none does.
         requests: dict[int, IncomingRequest] = {}
         outcomes: list[Answer | KynaraError | None] = [None] * len(frames)
         for index, frame in enumerate(frames):
             try:
-                requests[index] = self._incoming(frame, peer, authorization)
+                requests[index] = self._incoming(
+                    frame, peer, authorization, certificate
+                )
             except KynaraError as err:
                 outcomes[index] = err
         try:
@@ -257,16 +303,27 @@ class DecisionService:
             return self._approvals
         return self._pipeline.approvals
 
-    def _own_approval(self, raw: bytes, authorization: str) -> Approval:
+    def _own_approval(
+        self,
+        raw: bytes,
+        authorization: str,
+        certificate: PeerCertificate | None = None,
+    ) -> Approval:
         if self._closing.is_set():
             raise ShuttingDown("the daemon is shutting down; wait on another replica")
         self._check_size(raw)
         request = _decode(pb.WaitApprovalRequest, raw)
-        return self.own_approval(request.approval_id, authorization)
+        return self.own_approval(request.approval_id, authorization, certificate)
 
-    def own_approval(self, approval_id: str, authorization: str) -> Approval:
-        """The approval ``approval_id`` of the agent ``authorization`` names,
-        as it is now: what a wait begins with (every door's rule).
+    def own_approval(
+        self,
+        approval_id: str,
+        authorization: str,
+        certificate: PeerCertificate | None = None,
+    ) -> Approval:
+        """The approval ``approval_id`` of the agent ``authorization`` (or
+        the connection's client ``certificate``) names, as it is now: what a
+        wait begins with (every door's rule).
 
         Raises:
             ShuttingDown: the daemon is stopping (``close``).
@@ -282,7 +339,7 @@ class DecisionService:
             )
         # The caller's agent first: an unauthenticated caller learns nothing
         # of which ids exist.
-        agent = self._pipeline.agent_of(authorization)
+        agent = self._pipeline.agent_of(authorization, certificate)
         approval = self._book().get(approval_id)
         if approval is None or approval.agent_id != agent:
             raise NotFound(
@@ -295,7 +352,9 @@ class DecisionService:
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ApprovalUpdate]:
         try:
-            approval = self._own_approval(raw, _authorization(context))
+            approval = self._own_approval(
+                raw, _authorization(context), self._certificate(context)
+            )
         except KynaraError as err:
             self._pipeline.refuse(err)
             await abort_with(context, err)

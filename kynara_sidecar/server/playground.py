@@ -9,9 +9,23 @@ against either the active policies (read from the pipeline, never changed)
 or a set compiled from files the browser sent. Nothing is appended to the
 audit log, no approval is opened, no metric of decisions moves, and a live
 ``Decide`` running at the same moment keeps deciding with the active set.
-Compiling and deciding run in a worker thread, at most ``MAX_RUNS`` at a
-time, so a large edited set cannot hold up the event loop that answers
-agents.
+
+Isolation. A what-if run (parse, compile, decide, explain) runs in a
+process of its own, at most ``MAX_RUNS`` at a time: an edited condition can
+build a value of gigabytes in one CEL call (``replace`` on a replaced
+string), which no iteration budget stops, and in the daemon that would hold
+the interpreter's lock for seconds and take its memory. The process is
+forked from a fork server started once with the engine's modules loaded
+(the daemon itself, which runs gRPC's threads, is never forked); it gets
+the request, the edited files and the active set's stored files as
+msgspec bytes, limits its own address space (``playground.memory_mib``)
+and CPU time (``playground.cpu_seconds``), and answers msgspec bytes on a
+pipe. A worker thread waits for that answer; past
+``playground.deadline_seconds`` it kills the process by its PID. A run
+past any limit is a 422 naming the limit and its setting, and the event
+loop only awaits. Reading the active files and replaying a recorded
+decision stay in a worker thread: both run only sets that were active, on
+requests a live ``Decide`` has already decided.
 
 Endpoints (all JSON but the page):
 
@@ -32,7 +46,9 @@ connection to come from here): a what-if may ask "and in staging?", and a
 replayed decision's request carries the env it was recorded with. The
 answer names the env it was decided in. ``files`` (``[{name, content}]``)
 replaces the whole set for this run; a file that does not load is a 400
-naming the file and the location inside it, as the loader names them.
+naming the file and the location inside it, as the loader names them. A
+name the loader would never read as a policy (below a ``tests/``
+directory, a part starting with ``.``, a backslash) is a 400 naming it.
 
 Who may use it. A reviewer or an operator: in a browser, by signing in at
 ``/playground/login`` with a reviewer's token (an admin secret with the
@@ -60,11 +76,15 @@ import asyncio
 import datetime
 import hmac
 import logging
+import multiprocessing
 import pathlib
+import resource
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,12 +96,13 @@ from kynara_sidecar import engine
 from kynara_sidecar.approvals.model import Reviewer
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.record import AuditRecordV1, RecordKind, request_from_record
-from kynara_sidecar.audit.store import AuditStore
-from kynara_sidecar.config import AdminRole, EnvConfig
+from kynara_sidecar.audit.store import AuditStore, PolicySource
+from kynara_sidecar.config import AdminRole, EnvConfig, PlaygroundConfig
 from kynara_sidecar.decision import Decision, Duration, Env, Timestamp, UInt64
 from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
 from kynara_sidecar.policy.loader import (
     SUFFIXES,
+    TEST_DIRECTORY,
     LoadedPolicies,
     compile_documents,
     decode_document,
@@ -95,6 +116,7 @@ from kynara_sidecar.replay import load_stored_policies
 from kynara_sidecar.server import _playground_html as pages
 from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.review_page import TOKEN_BYTES, Authenticator, SessionStore
+from kynara_sidecar.server.reviewers import token_expiry_ns
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -127,8 +149,8 @@ MAX_REQUEST_CHARS = 64 * 1024
 # Files of one edited set; a policy root with more is no what-if.
 MAX_FILES = 1000
 MAX_FILE_NAME_CHARS = 256
-# What-if runs at once: each compiles and explains in a worker thread;
-# more would take the cores the live decisions need. One past it is 429.
+# What-if runs at once: each compiles and explains in a process of its
+# own; more would take the cores the live decisions need. One past it is 429.
 MAX_RUNS = 2
 # As the review page: a reviewer JWT is far shorter.
 MAX_TOKEN_CHARS = 16_384
@@ -169,6 +191,8 @@ class PlaygroundSources:
         env: the daemon's ``env`` section, which a live ``Decide`` is
             decided in.
         daemon_id: the daemon's ``identity.daemon_id`` (``env.daemon_id``).
+        limits: the ``playground`` section: each what-if run's memory, CPU
+            time and wall-clock deadline.
     """
 
     policies: Callable[[], LoadedPolicies | None]
@@ -177,6 +201,7 @@ class PlaygroundSources:
     operators: AdminCredentials | None = None
     env: EnvConfig = field(default_factory=EnvConfig)
     daemon_id: str = ""
+    limits: PlaygroundConfig = field(default_factory=PlaygroundConfig)
 
     def env_at(self, now: Timestamp) -> Env:
         """The env a live ``Decide`` at ``now`` gets, as the pipeline builds
@@ -370,12 +395,20 @@ def _rfc3339(now: Timestamp) -> str:
     return _datetime_of(now).isoformat().replace("+00:00", "Z")
 
 
-def _edited_set(files: object) -> LoadedPolicies:
-    """Compile the files a browser sent: ``[{name, content}]``.
+class _File(msgspec.Struct, frozen=True):
+    """One file of an edited set, as the browser sent it."""
+
+    name: str
+    content: str
+
+
+def _edited_files(files: object) -> list[_File]:
+    """Check the files a browser sent (``[{name, content}]``): the list's
+    shape and every name, before any process is started for them.
 
     Raises:
-        PolicyError: a bad list or name, or a file that does not load
-            (naming it as the loader does).
+        PolicyError: a bad list, item or name (see ``_check_file_name``), or
+            a name given twice.
     """
     if not isinstance(files, list) or not files:
         raise PolicyError(
@@ -385,7 +418,7 @@ def _edited_set(files: object) -> LoadedPolicies:
         raise PolicyError(
             f"expected at most {MAX_FILES} files, got {len(files)}", path="files"
         )
-    documents, seen = [], set()
+    checked, seen = [], set()
     for i, item in enumerate(files):
         where = f"files[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -399,11 +432,30 @@ def _edited_set(files: object) -> LoadedPolicies:
                 f"expected each file once, got {name!r} again", path=where
             )
         seen.add(name)
-        documents.append(decode_document(name, content.encode(), name=name))
+        checked.append(_File(name, content))
+    return checked
+
+
+def _edited_set(files: list[_File]) -> LoadedPolicies:
+    """Compile checked files (``_edited_files``) as one set.
+
+    Raises:
+        PolicyError: a file that does not load (naming it as the loader
+            does), or a set that does not compile.
+    """
+    documents = [
+        decode_document(file.name, file.content.encode(), name=file.name)
+        for file in files
+    ]
     return compile_documents(documents, root="edited copy")
 
 
 def _check_file_name(name: str, where: str) -> None:
+    """Refuse a name the policy loader would not read as a policy file.
+
+    Raises:
+        PolicyError: at ``where``, naming the file and why.
+    """
     path = pathlib.PurePosixPath(name)
     if (
         not name
@@ -416,6 +468,27 @@ def _check_file_name(name: str, where: str) -> None:
             f"expected a relative file name ending {', '.join(sorted(SUFFIXES))} "
             f"of at most {MAX_FILE_NAME_CHARS} characters, without . or .. parts; "
             f"got {name[:80]!r}",
+            path=where,
+        )
+    # The loader's own rules (``read_documents``): the daemon would never
+    # load such a file, so a what-if with it would answer for a set that
+    # cannot be deployed as sent.
+    if "\\" in name:
+        raise PolicyError(
+            f"expected '/' between the parts of a file name, got a backslash "
+            f"in {name[:80]!r}",
+            path=where,
+        )
+    if any(part.startswith(".") for part in path.parts):
+        raise PolicyError(
+            f"{name[:80]!r} has a part starting with '.': the daemon skips "
+            "such files (editor and ConfigMap leftovers) and never loads them",
+            path=where,
+        )
+    if TEST_DIRECTORY in path.parts[:-1]:
+        raise PolicyError(
+            f"{name[:80]!r} is below a {TEST_DIRECTORY}/ directory: such files "
+            "are policy tests (kynara-sidecar test), never loaded as policies",
             path=where,
         )
 
@@ -495,6 +568,13 @@ class _Refused(Exception):
         super().__init__(error)
         self.status = status
         self.body = {"error": error, **{k: v for k, v in more.items() if v}}
+
+    @classmethod
+    def of(cls, status: int, body: Mapping[str, Any]) -> _Refused:
+        """A refusal a what-if run's process answered."""
+        refused = cls(status, str(body.get("error", "")))
+        refused.body = dict(body)
+        return refused
 
 
 def _replay(store: AuditStore, decision_id: str) -> dict[str, Any]:
@@ -721,7 +801,9 @@ class _Playground:
                 403,
             )
         self.sessions.close(request.cookies.get(PLAYGROUND_COOKIE, ""))
-        session_id, _ = self.sessions.open(reviewer)
+        session_id, _ = self.sessions.open(
+            reviewer, not_after_ns=token_expiry_ns(token)
+        )
         log.info(
             "signed in to playground",
             extra={"fields": {"who": reviewer.id, "credential": reviewer.credential}},
@@ -790,9 +872,15 @@ class _Playground:
             raise _Refused(
                 413, f"expected a body of at most {MAX_BODY_BYTES} bytes, got {length}"
             )
-        data = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(data) > MAX_BODY_BYTES:
-            raise _Refused(413, f"expected a body of at most {MAX_BODY_BYTES} bytes")
+        # The whole body, as it arrives in chunks: one read returns only
+        # what has arrived so far.
+        data = bytearray()
+        async for chunk in request.content.iter_any():
+            data += chunk
+            if len(data) > MAX_BODY_BYTES:
+                raise _Refused(
+                    413, f"expected a body of at most {MAX_BODY_BYTES} bytes"
+                )
         try:
             body = msgspec.json.decode(data)
         except msgspec.DecodeError as err:
@@ -834,11 +922,21 @@ class _Playground:
             text, files = body.get("request"), body.get("files")
             if not isinstance(text, str):
                 raise _Refused(400, "expected request as the text of a request file")
+            try:
+                edited = None if files is None else _edited_files(files)
+            except PolicyError as err:
+                raise _Refused(
+                    400, str(err), file=err.path, location=err.location
+                ) from None
             active = self.sources.policies()
-            if active is None and files is None:
+            if active is None and edited is None:
                 raise _Refused(503, "no policy set is active yet")
             env = self.sources.env_at(Timestamp.from_nanos(self.clock()))
-            return await self._in_worker(lambda: _what_if(text, files, active, env))
+            job = _WhatIfJob(text, env, edited)
+            store, limits = self.sources.store(), self.sources.limits
+            return await self._in_worker(
+                lambda: _isolated_what_if(job, active, store, limits)
+            )
 
         return await self._json_call(request, run, posting=True)
 
@@ -860,6 +958,47 @@ class _Playground:
             return await self._in_worker(lambda: _replay(store, decision_id.strip()))
 
         return await self._json_call(request, run, posting=True)
+
+
+def _isolated_what_if(
+    job: _WhatIfJob,
+    active: LoadedPolicies | None,
+    store: AuditStore | None,
+    limits: PlaygroundConfig,
+) -> dict[str, Any]:
+    """Add the active set's stored files to ``job`` and run it in a process
+    of its own (``_run_isolated``); in a worker thread.
+
+    Raises:
+        _Refused: the active set's files are not at hand (503), or the run
+            was refused or went past a limit (its status and body).
+    """
+    if active is not None:
+        policy_revision = active.policy_set.revision
+        directory_revision = active.directory.revision
+        if store is None:
+            raise _Refused(
+                503, "the audit log, which keeps the active set's files, is not open"
+            )
+        policy = store.get_policy_source("policy", policy_revision)
+        directory = store.get_policy_source("directory", directory_revision)
+        if policy is None or directory is None:
+            raise _Refused(
+                503,
+                f"the audit log does not hold the files of policy {policy_revision} "
+                f"and directory {directory_revision}",
+            )
+        job = msgspec.structs.replace(
+            job,
+            policy_revision=policy_revision,
+            directory_revision=directory_revision,
+            policy=policy,
+            directory=directory,
+        )
+    status, body = _run_isolated(msgspec.msgpack.encode(job), limits)
+    if status != 200:
+        raise _Refused.of(status, body)
+    return body
 
 
 def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
@@ -885,8 +1024,11 @@ def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
 
 
 def _what_if(
-    text: str, files: object, active: LoadedPolicies | None, env: Env
+    text: str, files: list[_File] | None, active: LoadedPolicies | None, env: Env
 ) -> dict[str, Any]:
+    """Decide the pasted request under the edited files (checked by
+    ``_edited_files``) or the active set, and under the active set beside
+    the edited one; the answer of ``POST /playground/api/evaluate``."""
     try:
         request = parse_request(text, env)
         edited = None if files is None else _edited_set(files)
@@ -905,6 +1047,202 @@ def _what_if(
     if edited is not None and active is not None:
         out["active_decision"] = _decided(_decide(active, request))
     return out
+
+
+# ------------------------------------------------------------ isolated runs
+
+# Imported once by the fork server, so each run's process starts with the
+# engine, the loader and CEL loaded. ``kynara_sidecar.entry`` is what the
+# console script's main module imports, which each process runs again.
+_PRELOAD = [__name__, "kynara_sidecar.entry"]
+_RUN_SETTING = "playground"
+
+
+class _WhatIfJob(msgspec.Struct, frozen=True):
+    """One what-if run, as its process receives it.
+
+    ``policy`` and ``directory`` are the active set's stored files (under
+    the revisions named), compiled again in the run's process; None before
+    a set is active.
+    """
+
+    request: str
+    env: Env
+    files: list[_File] | None = None
+    policy_revision: str = ""
+    directory_revision: str = ""
+    policy: PolicySource | None = None
+    directory: PolicySource | None = None
+
+
+class _WhatIfAnswer(msgspec.Struct, frozen=True):
+    """A run's answer: the HTTP status and the JSON body."""
+
+    status: int
+    body: dict[str, Any]
+
+
+class _StoredSources:
+    """The two stored sources of the active set, read in the daemon, as
+    ``replay.load_stored_policies`` reads a store."""
+
+    path = "active set"
+
+    def __init__(self, job: _WhatIfJob):
+        self.job = job
+
+    def get_policy_source(self, part: str, revision: str) -> PolicySource | None:
+        if part == "policy" and revision == self.job.policy_revision:
+            return self.job.policy
+        if part == "directory" and revision == self.job.directory_revision:
+            return self.job.directory
+        return None
+
+
+def _what_if_job(job: _WhatIfJob) -> dict[str, Any]:
+    """Compile the active set from its stored files and run ``_what_if``."""
+    active = None
+    if job.policy is not None:
+        try:
+            active = load_stored_policies(
+                _StoredSources(job),  # type: ignore[arg-type]
+                job.policy_revision,
+                job.directory_revision,
+            )
+        except PolicyError as err:
+            raise _Refused(
+                503, f"the active set's stored files do not compile here: {err}"
+            ) from None
+    return _what_if(job.request, job.files, active, job.env)
+
+
+def _limit_process(kind: int, wanted: int) -> None:
+    """Lower one resource limit of this process to ``wanted`` (soft and
+    hard), never above a hard limit the daemon was started with."""
+    _soft, hard = resource.getrlimit(kind)
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    resource.setrlimit(kind, (wanted, wanted))
+
+
+def _answer_in_process(
+    job: bytes, memory_mib: int, cpu_seconds: int, answer: Connection
+) -> None:
+    """The body of a run's process: limit it, run the job, answer once.
+
+    A condition that needs more memory than ``memory_mib`` fails with
+    MemoryError (CEL's ``std::bad_alloc`` too) and is answered as such; one
+    past ``cpu_seconds`` gets SIGXCPU, which ends the process (the daemon
+    names the limit from the exit).
+    """
+    _limit_process(resource.RLIMIT_CORE, 0)
+    # Soft at the limit (SIGXCPU ends the process), hard a second later
+    # (SIGKILL) should anything catch SIGXCPU.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    cpu_hard = cpu_seconds + 1
+    if hard != resource.RLIM_INFINITY:
+        cpu_hard = min(cpu_hard, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_seconds, cpu_hard), cpu_hard))
+    _limit_process(resource.RLIMIT_AS, memory_mib * 1024 * 1024)
+    try:
+        status, body = 200, _what_if_job(msgspec.msgpack.decode(job, type=_WhatIfJob))
+    except _Refused as refused:
+        status, body = refused.status, refused.body
+    except MemoryError:
+        status, body = 422, {"error": _exceeded("memory", memory_mib)}
+    except Exception as err:  # noqa: BLE001 - answered, not lost with the process
+        failed = f"what-if run failed: {type(err).__name__}: {err}"
+        status, body = 500, {"error": failed}
+    answer.send_bytes(msgspec.msgpack.encode(_WhatIfAnswer(status, body)))
+    answer.close()
+
+
+_LIMITS = {
+    "memory": ("its memory limit of {} MiB", "memory_mib"),
+    "cpu": ("its CPU time limit of {} s", "cpu_seconds"),
+    "deadline": ("its wall-clock deadline of {:g} s", "deadline_seconds"),
+}
+
+
+def _exceeded(limit: str, value: float) -> str:
+    what, key = _LIMITS[limit]
+    return (
+        f"what-if run exceeded {what.format(value)} ({_RUN_SETTING}.{key}) and "
+        "was stopped; a condition that builds huge values (replace, repeated "
+        "concatenation) is the usual cause"
+    )
+
+
+def _process_context() -> Any:
+    """The fork-server context: each run's process is forked from a server
+    that imported ``_PRELOAD`` once, never from the daemon."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
+
+def _run_isolated(job: bytes, limits: PlaygroundConfig) -> tuple[int, dict[str, Any]]:
+    """Run one encoded ``_WhatIfJob`` in a process of its own, within
+    ``limits``; blocks a worker thread, never the event loop.
+
+    Returns:
+        The HTTP status and JSON body: the run's own, or a 422 naming the
+        limit it went past, or a 500 when its process ended unanswered.
+    """
+    context = _process_context()
+    ours, theirs = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_answer_in_process,
+        args=(job, limits.memory_mib, limits.cpu_seconds, theirs),
+        name="kynara-playground-run",
+        daemon=True,
+    )
+    try:
+        process.start()
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    data, late = None, False
+    try:
+        if ours.poll(limits.deadline_seconds):
+            try:
+                data = ours.recv_bytes()
+            except (EOFError, OSError):
+                pass  # ended without (all of) an answer: the exit code says why
+        else:
+            late = True
+    finally:
+        ours.close()
+        if late:
+            process.kill()
+        process.join(limits.deadline_seconds)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        exitcode = process.exitcode
+        process.close()
+    return _answer_of(data, late, exitcode, limits)
+
+
+def _answer_of(
+    data: bytes | None, late: bool, exitcode: int | None, limits: PlaygroundConfig
+) -> tuple[int, dict[str, Any]]:
+    """A run's status and body from what its process answered and how it
+    ended."""
+    if data is not None:
+        answer = msgspec.msgpack.decode(data, type=_WhatIfAnswer)
+        return answer.status, answer.body
+    if late:
+        return 422, {"error": _exceeded("deadline", limits.deadline_seconds)}
+    if exitcode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return 422, {"error": _exceeded("cpu", limits.cpu_seconds)}
+    return 500, {
+        "error": f"what-if run's process ended (exit code {exitcode}) without "
+        f"an answer; it may have gone past its memory limit of "
+        f"{limits.memory_mib} MiB ({_RUN_SETTING}.memory_mib)"
+    }
 
 
 async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -949,6 +1287,8 @@ def add_playground_routes(
         The playground's session store (its own: see the module docstring).
     """
     sessions = SessionStore(session_seconds, clock=clock)
+    # A reload that removes or changes a credential ends its sessions.
+    sessions.follow(sources.authenticate)
     playground = _Playground(
         sources,
         title=title,

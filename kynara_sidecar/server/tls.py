@@ -12,6 +12,11 @@ and long-lived) and parsed only when their bytes changed, so no renewal is
 missed however close together two writes fall. A renewed pair is served to
 the next connection without a restart; a broken one keeps the previous pair
 and is logged once.
+
+A gRPC listener given a client CA (the agent listener's
+``agent.tls.client_ca_file``) requires every client to present a
+certificate that CA signed; the CA file is watched with the pair, so a
+rotated CA bundle is trusted from the next handshake on.
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ from cryptography.hazmat.primitives import serialization
 
 from kynara_sidecar.errors import ConfigError
 
-__all__ = ["CertificatePair", "ServingCertificate", "load_certificate_pair"]
+__all__ = [
+    "CertificatePair",
+    "ServingCertificate",
+    "load_certificate_pair",
+    "load_client_ca",
+]
 
 log = logging.getLogger("kynara.server")
 
@@ -44,6 +54,9 @@ class CertificatePair(NamedTuple):
     key_pem: bytes
     # The leaf's serial number, for logs.
     serial: int
+    # PEM certificates of the CAs that sign client certificates; empty
+    # when clients are not asked for one.
+    client_ca_pem: bytes = b""
 
 
 def _read(where: str, path: str, what: str) -> bytes:
@@ -66,6 +79,29 @@ def load_certificate_pair(
     cert_pem = _read(f"{section}.cert_file", cert_file, "certificate")
     key_pem = _read(f"{section}.key_file", key_file, "private key")
     return _check_pair(cert_pem, key_pem, cert_file, key_file, section)
+
+
+def load_client_ca(ca_file: str, section: str = "agent.tls") -> bytes:
+    """Read ``ca_file``: the PEM certificates of the CAs whose client
+    certificates a listener accepts.
+
+    Raises:
+        ConfigError: the file cannot be read or holds no PEM certificate;
+            the message names ``section``'s ``client_ca_file``.
+    """
+    ca_pem = _read(f"{section}.client_ca_file", ca_file, "CA certificates")
+    return _check_ca(ca_pem, ca_file, section)
+
+
+def _check_ca(ca_pem: bytes, ca_file: str, section: str) -> bytes:
+    try:
+        x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as err:
+        raise ConfigError(
+            f"{section}.client_ca_file: expected PEM CA certificates in {ca_file}, "
+            f"got none readable ({err})"
+        ) from None
+    return ca_pem
 
 
 def _check_pair(
@@ -97,13 +133,10 @@ def _check_pair(
     return CertificatePair(cert_pem, key_pem, chain[0].serial_number)
 
 
-def _contents(paths: tuple[str, str]) -> tuple[bytes, bytes] | str:
+def _contents(paths: tuple[str, ...]) -> tuple[bytes, ...] | str:
     """The files' bytes, or why they cannot be read."""
     try:
-        return (
-            pathlib.Path(paths[0]).read_bytes(),
-            pathlib.Path(paths[1]).read_bytes(),
-        )
+        return tuple(pathlib.Path(path).read_bytes() for path in paths)
     except (OSError, ValueError) as err:
         return str(err)
 
@@ -113,9 +146,12 @@ class ServingCertificate:
 
     Thread safe: gRPC calls ``fetch`` from its own threads at each handshake.
 
+    With ``client_ca_file`` (gRPC only: ``credentials``), every client must
+    present a certificate that one of its CAs signed, or the handshake fails.
+
     Raises:
         ConfigError: at construction, the files do not hold a pair (see
-            ``load_certificate_pair``).
+            ``load_certificate_pair``) or the CA file no certificate.
     """
 
     def __init__(
@@ -124,14 +160,21 @@ class ServingCertificate:
         key_file: str,
         section: str = "admin.tls",
         listener: str = "",
+        *,
+        client_ca_file: str = "",
     ):
-        self._files = (cert_file, key_file)
+        self._files: tuple[str, ...] = (cert_file, key_file)
         self._section = section
-        # Which listener serves it, for logs: admin, http or collector.
+        # Which listener serves it, for logs: agent, admin, http or collector.
         self._listener = listener or section.split(".")[0]
         self._lock = threading.Lock()
         self._pair = load_certificate_pair(cert_file, key_file, section)
-        self._seen: tuple[bytes, bytes] | str = self._pair[:2]
+        if client_ca_file:
+            self._files += (client_ca_file,)
+            self._pair = self._pair._replace(
+                client_ca_pem=load_client_ca(client_ca_file, section)
+            )
+        self._seen: tuple[bytes, ...] | str = self._served_bytes(self._pair)
         self._context: ssl.SSLContext | None = None
 
     @property
@@ -142,7 +185,9 @@ class ServingCertificate:
     def credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials serving the pair, and each renewed one."""
         return grpc.dynamic_ssl_server_credentials(
-            self._configuration(self._pair), self.fetch
+            self._configuration(self._pair),
+            self.fetch,
+            require_client_authentication=bool(self._pair.client_ca_pem),
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -189,8 +234,11 @@ class ServingCertificate:
             try:
                 if isinstance(seen, str):
                     raise ConfigError(f"{self._section}: cannot read: {seen}")
-                pair = _check_pair(*seen, *self._files, self._section)
-                if pair[:2] == self._pair[:2]:
+                pair = _check_pair(*seen[:2], *self._files[:2], self._section)
+                if len(seen) > 2:
+                    ca = _check_ca(seen[2], self._files[2], self._section)
+                    pair = pair._replace(client_ca_pem=ca)
+                if self._served_bytes(pair) == self._served_bytes(self._pair):
                     return None
                 served = serve(pair)
             except ConfigError as err:
@@ -223,22 +271,28 @@ class ServingCertificate:
         """
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(*self._files)
+            context.load_cert_chain(*self._files[:2])
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(
                 f"{self._section}: cannot load the certificate and key: {err}"
             ) from None
-        if _contents(self._files) != pair[:2]:
+        if _contents(self._files[:2]) != pair[:2]:
             raise ConfigError(
                 f"{self._section}: the files changed while being loaded; "
                 "the next connection reads them again"
             )
         return context
 
+    def _served_bytes(self, pair: CertificatePair) -> tuple[bytes, ...]:
+        """What of ``pair`` the watched files hold, in their order."""
+        if len(self._files) > 2:
+            return (pair.cert_pem, pair.key_pem, pair.client_ca_pem)
+        return (pair.cert_pem, pair.key_pem)
+
     @staticmethod
     def _configuration(pair: CertificatePair) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
-            [(pair.key_pem, pair.cert_pem)]
+            [(pair.key_pem, pair.cert_pem)], pair.client_ca_pem or None
         )
 
     def _fields(self, **fields: object) -> dict[str, dict[str, object]]:

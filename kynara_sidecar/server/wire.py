@@ -23,6 +23,7 @@ from kynara_sidecar.decision import (
     Verdict,
 )
 from kynara_sidecar.errors import InvalidRequest
+from kynara_sidecar.identity import PeerCertificate
 from kynara_sidecar.pipeline import Answer, IncomingRequest
 
 __all__ = [
@@ -164,10 +165,14 @@ def value_from_proto(value: pb.Value, path: str, depth: int = 0) -> Any:
 
 
 def request_from_proto(
-    request: pb.DecideRequest, peer: str = "", authorization: str = ""
+    request: pb.DecideRequest,
+    peer: str = "",
+    authorization: str = "",
+    certificate: PeerCertificate | None = None,
 ) -> IncomingRequest:
     """Translate a ``DecideRequest`` into the pipeline's ``IncomingRequest``;
-    ``authorization`` is the call's credential (its metadata).
+    ``authorization`` is the call's credential (its metadata), and
+    ``certificate`` its connection's verified client certificate.
 
     Raises:
         InvalidRequest: naming the field path of the first malformed value.
@@ -186,6 +191,7 @@ def request_from_proto(
         request_id=request.request_id,
         peer=peer,
         authorization=authorization,
+        certificate=certificate,
         explain=request.explain,
         approval_id=request.approval_id,
     )

@@ -15,6 +15,14 @@ A bundle is an uncompressed POSIX (ustar) tar holding, in name order:
   the root. The prefix keeps a policy file called ``bundle.json`` apart
   from the manifest.
 
+A policy directory without a directory file makes a bundle without one:
+its manifest states ``directory_revision: ""`` (``loader.NO_DIRECTORY``).
+Such a bundle is for a fleet whose daemons follow the collector's signed
+directory (``directory.store``); a daemon without one refuses it, as it
+refuses a policy directory without a directory file. Such daemons do not
+compile a bundle's directory either (``verify_bundle(...,
+directory="ignored")``): its revision is still checked, from its bytes.
+
 Packing is deterministic: members in name order, every header with mtime
 0, uid and gid 0, no user or group names, mode 0644. The same files, key
 and creation time give the same bytes, and verifying exploits it: after
@@ -60,7 +68,7 @@ import pathlib
 import tarfile
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -73,6 +81,7 @@ from kynara_sidecar.audit.keys import (
 from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import ConfigError, KynaraError, PolicyError
+from kynara_sidecar.policy.compiler import compute_revision
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
     compile_documents,
@@ -111,6 +120,8 @@ _MANIFEST_FIELDS = frozenset(
     {"v", "revision", "directory_revision", "created", "files", "key_id"}
 )
 _SHA256_HEX_DIGITS = 64
+# How verifying treats a bundle's directory file (``verify_bundle``).
+DirectoryUse = Literal["optional", "required", "ignored"]
 
 
 class BundleProblem(enum.StrEnum):
@@ -171,8 +182,10 @@ def build_bundle(policy_dir: pathlib.Path, key: SigningKey, now: Timestamp) -> b
         bytes.
 
     Raises:
-        PolicyError: a file does not load or the set does not compile (a
-            bundle that cannot be activated is never built).
+        PolicyError: a file does not load, the set does not compile (a
+            bundle that cannot be activated is never built) or there is
+            more than one directory file (none makes a bundle without a
+            directory, module docstring).
         BundleTooLarge: the bundle would be larger than ``MAX_BUNDLE_BYTES``,
             which every daemon refuses.
     """
@@ -180,7 +193,7 @@ def build_bundle(policy_dir: pathlib.Path, key: SigningKey, now: Timestamp) -> b
     total = sum(len(document.content) for document in documents)
     if total > MAX_BUNDLE_BYTES:
         raise BundleTooLarge(_too_large(f"the files of {policy_dir}", total))
-    loaded = compile_documents(documents, root=str(policy_dir))
+    loaded = compile_documents(documents, root=str(policy_dir), directory="optional")
     files = {document.name: document.content for document in documents}
     manifest = build_manifest(
         files,
@@ -276,12 +289,22 @@ def _sha256(content: bytes) -> str:
 # ----------------------------------------------------------------- verify
 
 
-def verify_bundle(data: bytes, trusted: Mapping[str, PublicKey]) -> VerifiedBundle:
+def verify_bundle(
+    data: bytes,
+    trusted: Mapping[str, PublicKey],
+    *,
+    directory: DirectoryUse = "optional",
+) -> VerifiedBundle:
     """Check a bundle whole and compile it.
 
     Args:
         data: the bundle's bytes.
         trusted: key id -> public key, as ``load_trusted_keys`` returns.
+        directory: "optional" (a bundle without a directory file verifies,
+            its directory ``NO_DIRECTORY``), "required" (such a bundle is
+            refused as ``does_not_compile``: a daemon that takes its
+            directory from the bundle) or "ignored" (its directory file is
+            not compiled: a daemon that follows a signed directory).
 
     Returns:
         The verified bundle with its compiled policies.
@@ -290,7 +313,7 @@ def verify_bundle(data: bytes, trusted: Mapping[str, PublicKey]) -> VerifiedBund
         BundleError: the first problem found, its ``kind`` one of
             ``BundleProblem``; nothing is returned then.
     """
-    return _verify(data, trusted)
+    return _verify(data, trusted, directory)
 
 
 def inspect_bundle(data: bytes) -> VerifiedBundle:
@@ -304,10 +327,12 @@ def inspect_bundle(data: bytes) -> VerifiedBundle:
     Raises:
         BundleError: the first problem found, as ``verify_bundle`` would.
     """
-    return _verify(data, None)
+    return _verify(data, None, "optional")
 
 
-def _verify(data: bytes, trusted: Mapping[str, PublicKey] | None) -> VerifiedBundle:
+def _verify(
+    data: bytes, trusted: Mapping[str, PublicKey] | None, directory: DirectoryUse
+) -> VerifiedBundle:
     if len(data) > MAX_BUNDLE_BYTES:
         raise BundleError(BundleProblem.TOO_LARGE, _too_large("bundle", len(data)))
     members = unpack_members(data)
@@ -324,8 +349,8 @@ def _verify(data: bytes, trusted: Mapping[str, PublicKey] | None) -> VerifiedBun
             "mode 0644, no trailing bytes), got other bytes around the signed "
             "content",
         )
-    policies = _compile(files)
-    _check_revisions(manifest, policies)
+    policies, directory_revision = _compile(files, directory)
+    _check_revisions(manifest, policies.policy_set.revision, directory_revision)
     return VerifiedBundle(
         revision=manifest["revision"],
         directory_revision=manifest["directory_revision"],
@@ -518,10 +543,24 @@ def _check_files(
     return dict(sorted(files.items()))
 
 
-def _compile(files: Mapping[str, bytes]) -> LoadedPolicies:
+def _compile(
+    files: Mapping[str, bytes], directory: DirectoryUse
+) -> tuple[LoadedPolicies, str]:
+    """The compiled files and the revision of their directory file ("" for
+    none), computed from its bytes when it is not compiled."""
     try:
         documents = [decode_document(name, content) for name, content in files.items()]
-        return compile_documents(documents, root="bundle")
+        loaded = compile_documents(documents, root="bundle", directory=directory)
+        if directory != "ignored":
+            return loaded, loaded.directory.revision
+        directories = [item for item in documents if item.document.kind == "directory"]
+        if len(directories) > 1:
+            raise PolicyError(
+                "expected at most one directory file, got "
+                + ", ".join(item.path for item in directories),
+                path="bundle",
+            )
+        return loaded, compute_revision(directories) if directories else ""
     except PolicyError as err:
         # The policy error already names the file and the location in it.
         problem = BundleError(BundleProblem.DOES_NOT_COMPILE, str(err))
@@ -529,8 +568,10 @@ def _compile(files: Mapping[str, bytes]) -> LoadedPolicies:
         raise problem from err
 
 
-def _check_revisions(manifest: Mapping[str, Any], policies: LoadedPolicies) -> None:
-    got = (policies.policy_set.revision, policies.directory.revision)
+def _check_revisions(
+    manifest: Mapping[str, Any], policy_revision: str, directory_revision: str
+) -> None:
+    got = (policy_revision, directory_revision)
     stated = (manifest["revision"], manifest["directory_revision"])
     if got != stated:
         raise BundleError(

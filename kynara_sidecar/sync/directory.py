@@ -12,7 +12,9 @@ The content is ``directory.json`` (``DIRECTORY_FILE``): the canonical JSON
 (sorted keys, no whitespace, UTF-8, as ``bundle.canonical_json``) of
 ``{"format_version": 1, "kind": "directory", "principals": [...]}``, each
 principal ``{"id", "kind", "roles", "attributes", "active"}`` with all five
-fields, ids in Unicode NFC (``policy.names.canonical_name``), principals
+fields, ids in Unicode NFC (``policy.names.canonical_name``) of at most
+``MAX_NAME_LENGTH`` characters (the cap a request puts on the ids it names,
+so that no principal is provisioned that no request could name), principals
 sorted by id and roles sorted without repeats (``directory_content``). It
 is a directory file as the policy loader reads one, and its revision is
 ``compute_revision`` of that one file, so the audit log stores and cites it
@@ -90,7 +92,7 @@ from kynara_sidecar.policy.model import (
     PrincipalKind,
     SourceDocument,
 )
-from kynara_sidecar.policy.names import canonical_name, is_valid_name
+from kynara_sidecar.policy.names import MAX_NAME_LENGTH, canonical_name, is_valid_name
 from kynara_sidecar.sync import MAX_DIRECTORY_BYTES
 from kynara_sidecar.sync.bundle import (
     MANIFEST_NAME as BUNDLE_MANIFEST_NAME,
@@ -113,6 +115,7 @@ __all__ = [
     "VerifiedDirectory",
     "build_directory_update",
     "directory_content",
+    "canonical_principal_id",
     "directory_revision",
     "verify_directory_update",
 ]
@@ -219,6 +222,25 @@ def directory_content(principals: Iterable[Mapping[str, Any]]) -> bytes:
         raise _bad(f"expected JSON attribute values, got: {err}", "$") from None
 
 
+def canonical_principal_id(value: str) -> str:
+    """A principal id as a directory holds it: ``canonical_name`` (NFC,
+    no deceiving characters) and at most ``MAX_NAME_LENGTH`` characters,
+    the cap every request puts on the principal ids it names (``pipeline``),
+    so that no principal is provisioned that no request could ever name.
+
+    Raises:
+        ValueError: ``canonical_name`` refuses it, or it is too long (the
+            message names the cap).
+    """
+    name = canonical_name(value)
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"expected a principal id of 1..{MAX_NAME_LENGTH} characters (the "
+            f"cap on the ids a request names), got {len(name)} characters"
+        )
+    return name
+
+
 def _principal(principal: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(principal, Mapping):
         raise _bad(f"expected a mapping, got {type(principal).__name__}", where)
@@ -232,9 +254,11 @@ def _principal(principal: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(principal_id, str) or not principal_id:
         raise _bad(f"expected a non-empty string id, got {principal_id!r}", where)
     try:
-        principal_id = canonical_name(principal_id)
+        principal_id = canonical_principal_id(principal_id)
     except ValueError as err:
-        raise _bad(f"principal id {principal_id!r}: {err}", f"{where}.id") from None
+        raise _bad(
+            f"principal id {principal_id[:80]!r}: {err}", f"{where}.id"
+        ) from None
     kind = principal.get("kind")
     if kind not in _KINDS:
         raise _bad(f"expected kind 'agent' or 'user', got {kind!r}", f"{where}.kind")

@@ -33,7 +33,7 @@ from kynara_sidecar.audit.checkpoint import (
     sign_checkpoint,
 )
 from kynara_sidecar.audit.export import ExportError, export_pack, parse_time
-from kynara_sidecar.audit.keys import generate_key, save_public_key
+from kynara_sidecar.audit.keys import generate_key, load_public_key, save_public_key
 from kynara_sidecar.audit.record import (
     RECORD_VERSION,
     ApprovalEntry,
@@ -730,3 +730,155 @@ def test_the_script_imports_only_stdlib_and_cryptography():
     }
 
     assert imported - set(sys.stdlib_module_names) == {"cryptography"}
+
+
+# ------------------------------------------- signed directory updates, bundles
+
+
+@pytest.fixture(scope="module")
+def signed_run(tmp_path_factory):
+    """A daemon's log under a signed bundle and the collector's signed
+    directory (dir:// store), with a directory change mid-run."""
+    from sync._bundles import KEY, policy_dir, public_key_file
+    from sync.test_daemon_directory import (
+        DIRECTORY_KEY,
+        directory_overrides,
+        publish,
+        revision_in,
+        update,
+        wait_until,
+    )
+
+    from kynara_sidecar.sync.bundle import build_bundle
+
+    tmp = tmp_path_factory.mktemp("signed-run")
+    (tmp / "store").mkdir()
+    store = f"dir://{tmp / 'store'}"
+    bundle = tmp / "policies.bundle"
+    bundle.write_bytes(
+        build_bundle(policy_dir(tmp, "signed"), KEY, parse_time("2026-12-07T08:00:00Z"))
+    )
+    first, second = update(seconds=0), update(seconds=10, drop=("bob",))
+    publish(store, first)
+    key_path = tmp / "keys" / "audit-key.pem"
+    config = daemon_config(
+        tmp,
+        *directory_overrides(tmp, store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp)}]",
+        f"audit.signing_key={key_path}",
+        "audit.create_signing_key=true",
+        f"audit.witness_path={tmp / 'witness'}",
+        "audit.segment_records=4",
+    )
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    running = RunningDaemon(config, clock)
+    try:
+        stub = running.stub()
+        for minute in (0, 1, 2):
+            clock.set(f"2026-12-07T09:{minute:02d}:30Z")
+            stub.Decide(small_refund())
+        publish(store, second)
+        wait_until(
+            lambda: (
+                stub.Decide(small_refund()).directory_revision == revision_in(second)
+            ),
+            "the second directory",
+        )
+        for minute in (5, 6, 7):
+            clock.set(f"2026-12-07T09:{minute:02d}:30Z")
+            stub.Decide(small_refund())
+    finally:
+        running.stop()
+    keys = tmp / "publishers"
+    keys.mkdir()
+    save_public_key(DIRECTORY_KEY.public(), keys / "directory.pub")
+    save_public_key(KEY.public(), keys / "bundle.pub")
+    out = tmp / "pack"
+    export_pack(
+        tmp / "audit",
+        out,
+        parse_time("2026-12-07T09:00:00Z"),
+        parse_time("2026-12-07T10:00:00Z"),
+        [load_public_key(key_path.with_name("audit-key.pub"))],
+    )
+    return out, key_path.with_name("audit-key.pub"), keys, (first, second)
+
+
+def test_the_pack_holds_the_signed_update_of_each_cited_directory(signed_run):
+    from sync.test_daemon_directory import revision_in
+
+    pack, audit_key, keys, updates = signed_run
+    manifest = json.loads((pack / MANIFEST_FILE).read_bytes())
+    signed = manifest["signed"]
+
+    directories = [e for e in signed if e["part"] == "directory"]
+    assert sorted(e["revision"] for e in directories) == sorted(
+        revision_in(data) for data in updates
+    )
+    for entry in directories:
+        data = (pack / entry["file"]).read_bytes()
+        assert data in updates
+        assert entry["file"].endswith(hashlib.sha256(data).hexdigest() + ".tar")
+    bundles = [e for e in signed if e["part"] == "policy"]
+    assert len(bundles) == 1
+    assert all(e["file"] in manifest["files"] for e in signed)
+
+
+def test_signed_updates_are_checked_with_the_given_keys_and_reported_without(
+    signed_run, auditor_python
+):
+    pack, audit_key, keys, _ = signed_run
+    all_keys = (audit_key, keys / "directory.pub", keys / "bundle.pub")
+
+    only_audit = verify_pack(pack, [audit_key])
+    every = verify_pack(pack, all_keys)
+    code, text = run_script(auditor_python, pack, *all_keys)
+    cli = run_cli(
+        "verify-export",
+        pack,
+        *(arg for key in all_keys for arg in ("--trusted-key", key)),
+    )
+
+    assert len(only_audit.unchecked) == 3
+    assert "signed updates: 0 of 3 checked" in only_audit.summary()
+    assert "pass its key with --trusted-key" in only_audit.summary()
+    assert every.unchecked == []
+    assert "signed updates: 3 of 3 checked" in every.summary()
+    assert code == 0 and "3 of 3 checked" in text
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def test_a_forged_directory_update_fails_under_the_collectors_key(signed_run, tmp_path):
+    from sync.test_daemon_directory import OTHER_KEY
+
+    from kynara_sidecar.audit.keys import encode_base64url
+    from kynara_sidecar.sync.bundle import pack_members, unpack_members
+
+    pack = tmp_path / "pack"
+    shutil.copytree(signed_run[0], pack)
+    audit_key, keys = signed_run[1], signed_run[2]
+    manifest = json.loads((pack / MANIFEST_FILE).read_bytes())
+    entry = next(e for e in manifest["signed"] if e["part"] == "directory")
+    members = unpack_members((pack / entry["file"]).read_bytes())
+    # Signed by another key but naming the collector's key id.
+    members["directory-update.sig"] = encode_base64url(
+        OTHER_KEY.sign(members["directory-update.json"])
+    ).encode()
+    forged = pack_members(members)
+    (pack / entry["file"]).unlink()
+    entry["file"] = f"signed/directory/sha256-{hashlib.sha256(forged).hexdigest()}.tar"
+    (pack / entry["file"]).write_bytes(forged)
+    manifest["signed"] = sorted(
+        manifest["signed"], key=lambda e: (e["part"], e["file"])
+    )
+    (pack / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
+    reseal_manifest(pack)
+
+    with pytest.raises(PackError) as failed:
+        verify_pack(pack, [audit_key, keys / "directory.pub", keys / "bundle.pub"])
+    unchecked = verify_pack(pack, [audit_key])
+
+    assert failed.value.kind == "bad_signature"
+    assert entry["file"] in str(failed.value)
+    assert len(unchecked.unchecked) == 3

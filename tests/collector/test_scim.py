@@ -10,7 +10,9 @@ import http.client
 import json
 import logging
 import pathlib
+import threading
 import time
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -41,6 +43,7 @@ USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
+SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 GROUP_ROLES = {"Support": ["support_agent"], "Finance": ["finance_viewer", "auditor"]}
 WAIT_SECONDS = 10.0
@@ -696,8 +699,15 @@ GROUPS_OF_BOB = ["Other", "Support"]
 
 
 def said(caplog, message: str) -> list[logging.LogRecord]:
-    """The records of the SCIM service's directory publishing with
-    ``message`` (the store's publisher logs under the same logger)."""
+    """The records with ``message`` of the SCIM service's directory
+    publishing, and for "directory published" the publisher's INFO line
+    (the one line a revision gets at INFO, with its size and key)."""
+    if message == "directory published":
+        return [
+            r
+            for r in caplog.records
+            if r.getMessage() == message and r.levelno == logging.INFO
+        ]
     return [
         r
         for r in caplog.records
@@ -753,10 +763,15 @@ def test_deleting_a_user_removes_it_from_its_groups_in_one_change(tmp_path, capl
         assert found["totalResults"] == 0
         principals = scim.wait_published(lambda p: "alice" not in p, "alice gone")
         assert principals["bob"]["roles"] == ["support_agent"]
-        # The User and its memberships went in one change: one revision.
+        # The User and its memberships went in one change: one revision,
+        # logged once at INFO, with its size and the signing key.
         revision = scim.verified().revision
         after = wait_said(caplog, "directory published", revision)
         assert [r.fields["revision"] for r in after[len(before) :]] == [revision]
+        assert after[-1].fields["key_id"] == scim.key.key_id
+        assert after[-1].fields["bytes"] > 0
+        revisions = [r.fields["revision"] for r in after]
+        assert len(revisions) == len(set(revisions))
         support_version = scim.call("GET", f"/Groups/{support['id']}")[1]["etag"]
     finally:
         scim.stop()
@@ -842,3 +857,152 @@ def test_a_different_publish_error_is_logged_again(caplog):
     assert len(failures) == 5 and published == ["rev-1"]
     again = [r for r in caplog.records if r.getMessage() == "directory published again"]
     assert [r.fields["failures"] for r in again] == [5]
+
+
+# --- limits: filter terms, body size; reads beside a held write ----------------
+
+
+def test_a_filter_of_more_terms_than_the_cap_is_refused(tmp_path):
+    (tmp_path / "store").mkdir()
+    scim = Scim(tmp_path, max_filter_terms=3).start()
+    try:
+        scim.create_user("alice")
+        scim.create_user("bob")
+        three = 'userName eq "alice" or userName co "b" or userName eq "x or y"'
+        four = three + ' or userName eq "zed"'
+
+        status, _, body = scim.call(
+            "GET", "/Users?" + urllib.parse.urlencode({"filter": three})
+        )
+        assert status == 200, body
+        assert body["totalResults"] == 2
+        for method, path, sent in (
+            ("GET", "/Users?" + urllib.parse.urlencode({"filter": four}), None),
+            ("POST", "/Users/.search", {"schemas": [SEARCH_SCHEMA], "filter": four}),
+            ("POST", "/.search", {"schemas": [SEARCH_SCHEMA], "filter": four}),
+        ):
+            status, _, body = scim.call(method, path, sent)
+            assert status == 400, (path, body)
+            assert body["scimType"] == "invalidFilter"
+            assert "at most 3 terms (scim.max_filter_terms), got 4" in body["detail"]
+        status, _, body = scim.call(
+            "POST", "/Users/.search", {"schemas": [SEARCH_SCHEMA], "filter": three}
+        )
+        assert status == 200, body
+    finally:
+        scim.stop()
+
+
+def test_max_filter_terms_must_be_in_range(tmp_path):
+    with pytest.raises(ConfigError, match=r"scim.max_filter_terms: expected 1\.\."):
+        Scim(tmp_path, max_filter_terms=0).start()
+
+
+def test_a_read_is_answered_while_a_write_holds_the_operation_lock(scim):
+    alice = scim.create_user("alice")
+    collector = scim.running.collector
+    storage = collector._scim.handler.storage
+    held = threading.Event()
+    release: list[asyncio.Event] = []
+
+    async def hold() -> None:
+        release.append(asyncio.Event())
+        async with storage.operation():
+            held.set()
+            await release[0].wait()
+
+    holding = asyncio.run_coroutine_threadsafe(hold(), scim.running.loop)
+    assert held.wait(WAIT_SECONDS)
+    created: list[tuple] = []
+    writer = threading.Thread(
+        target=lambda: created.append(
+            scim.call("POST", "/Users", {"schemas": [USER_SCHEMA], "userName": "bob"})
+        )
+    )
+    try:
+        writer.start()
+
+        status, _, got = scim.call("GET", f"/Users/{alice['id']}")
+        assert status == 200
+        assert got["userName"] == "alice"
+        status, _, found = scim.call(
+            "POST",
+            "/Users/.search",
+            {"schemas": [SEARCH_SCHEMA], "filter": "userName pr"},
+        )
+        assert status == 200, found
+        assert [r["userName"] for r in found["Resources"]] == ["alice"]
+        assert not holding.done()
+        assert created == []  # the write waits for the operation lock
+    finally:
+        scim.running.loop.call_soon_threadsafe(release[0].set)
+        holding.result(WAIT_SECONDS)
+        writer.join(WAIT_SECONDS)
+    assert created[0][0] == 201
+
+
+def test_an_over_size_body_is_a_scim_error(scim):
+    connection = http.client.HTTPConnection("127.0.0.1", scim.port, timeout=30)
+    body = b"{" + b" " * (2 << 20) + b"}"
+    try:
+        connection.request(
+            "POST",
+            "/scim/v2/Users",
+            body=body,
+            headers={
+                "Authorization": f"Bearer {SECRET}",
+                "Content-Type": "application/scim+json",
+            },
+        )
+        reply = connection.getresponse()
+        got = json.loads(reply.read())
+    finally:
+        connection.close()
+
+    assert reply.status == 413
+    assert reply.getheader("Content-Type").startswith("application/scim+json")
+    assert got["schemas"] == [ERROR_SCHEMA]
+    assert got["status"] == "413"
+    assert "larger than 1048576 bytes" in got["detail"]
+
+
+# --- ETags of a User follow its groups ---------------------------------------------
+
+
+def test_a_users_etag_moves_with_its_groups(scim):
+    alice = scim.create_user("alice")
+    path = f"/Users/{alice['id']}"
+    alone = scim.call("GET", path)[1]["etag"]
+    assert scim.call("GET", path, headers={"If-None-Match": alone})[0] == 304
+
+    group = scim.create_group("Support", [alice["id"]])
+
+    status, headers, got = scim.call("GET", path, headers={"If-None-Match": alone})
+    assert status == 200
+    in_support = headers["etag"]
+    assert in_support != alone
+    assert got["meta"]["version"] == in_support
+    assert [g["display"] for g in got["groups"]] == ["Support"]
+    found = scim.call("GET", "/Users?filter=userName%20eq%20%22alice%22")[2]
+    assert found["Resources"][0]["meta"]["version"] == in_support
+    change = {"op": "replace", "path": "displayName", "value": "Alice"}
+    assert scim.patch(path, change, **{"If-Match": alone})[0] == 412
+
+    status, _, _ = scim.patch(
+        f"/Groups/{group['id']}",
+        {"op": "replace", "path": "displayName", "value": "Support Engineers"},
+    )
+    assert status in (200, 204)
+    renamed = scim.call("GET", path)[1]["etag"]
+    assert renamed not in (alone, in_support)
+    assert scim.patch(path, change, **{"If-Match": in_support})[0] == 412
+    status, headers, _ = scim.patch(path, change, **{"If-Match": renamed})
+    assert status in (200, 204)
+    assert headers["etag"] not in (alone, in_support, renamed)
+
+    assert scim.call("DELETE", f"/Groups/{group['id']}")[0] == 204
+    status, headers, got = scim.call("GET", path)
+    assert "groups" not in got
+    assert headers["etag"] == got["meta"]["version"]
+    assert scim.call("DELETE", path, headers={"If-Match": renamed})[0] == 412
+    assert scim.call("DELETE", path, headers={"If-Match": headers["etag"]})[0] == 204

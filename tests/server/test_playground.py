@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -19,8 +20,9 @@ from kynara.v1 import decision_pb2 as pb
 from support import DEFAULT_NOW, REPO_ROOT, SHIPPED_POLICIES, small_refund
 
 from kynara_sidecar import policy_tests
+from kynara_sidecar.config import PlaygroundConfig
 from kynara_sidecar.decision import Env, Timestamp
-from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.errors import ConfigError, PolicyError
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.loader import load_policies
 from kynara_sidecar.policy_tests import decide, load_request
@@ -277,6 +279,12 @@ def test_a_bad_policy_file_is_a_400_naming_the_file_and_field(served):
         ([{"name": "../x.yaml", "content": ""}], "without . or .. parts"),
         ([{"name": "x.txt", "content": ""}], "ending"),
         ([], "non-empty list"),
+        # The loader never reads these as policies (policy/loader.py).
+        ([{"name": "tests/x.yaml", "content": ""}], "below a tests/ directory"),
+        ([{"name": "a/tests/x.yaml", "content": ""}], "'a/tests/x.yaml' is below"),
+        ([{"name": ".x.yaml", "content": ""}], "part starting with '.'"),
+        ([{"name": "a/.git/x.yaml", "content": ""}], "'a/.git/x.yaml' has a part"),
+        ([{"name": "a\\b.yaml", "content": ""}], "backslash"),
     ],
 )
 def test_bad_file_lists_are_refused(served, files, error):
@@ -590,14 +598,14 @@ def test_refusals_are_counted_as_the_playgrounds_own(served):
 def test_a_run_past_max_runs_is_refused_with_429(served, monkeypatch):
     started = threading.Semaphore(0)
     release = threading.Event()
-    real = playground_module._what_if
+    real = playground_module._run_isolated
 
     def held(*args):
         started.release()
         release.wait(CALL_TIMEOUT)
         return real(*args)
 
-    monkeypatch.setattr(playground_module, "_what_if", held)
+    monkeypatch.setattr(playground_module, "_run_isolated", held)
     with ThreadPoolExecutor(MAX_RUNS) as pool:
         runs = [pool.submit(evaluate, served, SMALL_REFUND) for _ in range(MAX_RUNS)]
         try:
@@ -639,3 +647,128 @@ def test_the_http_app_has_playground_routes_only_when_given_its_sources():
 
     assert paths(without) == {"/metrics"}
     assert "/playground/api/evaluate" in paths(with_sources)
+
+
+# The breaker's condition: a 100-character literal, each replace x100, so
+# 10**10 characters after four; three build 10**8 (100 MB, about a second).
+HUNDRED = "a" * 100
+
+
+def huge_string_policy(replaces: int, times: int = 1) -> str:
+    built = f'"{HUNDRED}"' + f'.replace("a", "{HUNDRED}")' * replaces
+    condition = " + ".join([f"size({built})"] * times) + " > 0"
+    return f"""\
+format_version: 1
+kind: policy
+name: huge
+rules:
+  - id: huge-string
+    effect: allow
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support, support_agent]
+    condition: '{condition}'
+"""
+
+
+def with_file(files, name: str, content: str) -> list[dict[str, str]]:
+    return [*files, {"name": name, "content": content}]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM): the daemon under test
+    runs on a thread of it."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def test_a_condition_building_a_huge_string_is_stopped_in_its_own_process(served):
+    files = with_file(active_files(served), "huge.yaml", huge_string_policy(4))
+    peak_before = peak_rss_bytes()
+
+    lives = []
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(evaluate, served, SMALL_REFUND, files)
+        while not run.done():
+            lives.append(served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT))
+            time.sleep(0.02)
+        status, _, body = run.result()
+    lives.append(served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT))
+    peak_after = peak_rss_bytes()
+
+    assert status == 422, body
+    assert "memory limit of 1024 MiB (playground.memory_mib)" in body["error"]
+    assert all(live.decision == pb.DECISION_ALLOW for live in lives)
+    # 10**10 characters would be gigabytes; the daemon grew by none of it.
+    assert peak_after - peak_before < 256 * 1024 * 1024
+    # The daemon goes on answering what-if runs.
+    assert evaluate(served, SMALL_REFUND)[0] == 200
+
+
+def test_a_run_past_its_cpu_time_is_stopped_naming_the_setting(tmp_path, start_daemon):
+    running = start_daemon(*admin_overrides(tmp_path), "playground.cpu_seconds=1")
+    # Twelve strings of 100 MB, one at a time (under the memory limit): 0.3
+    # to 1.2 s of CPU each where measured, so seconds in all.
+    files = with_file(active_files(running), "huge.yaml", huge_string_policy(3, 12))
+
+    status, _, body = evaluate(running, SMALL_REFUND, files)
+    live = running.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+
+    assert status == 422, body
+    assert "CPU time limit of 1 s (playground.cpu_seconds)" in body["error"]
+    assert live.decision == pb.DECISION_ALLOW
+
+
+def test_a_run_past_its_deadline_is_killed_naming_the_setting(tmp_path, start_daemon):
+    running = start_daemon(
+        *admin_overrides(tmp_path), "playground.deadline_seconds=0.05"
+    )
+    files = with_file(active_files(running), "huge.yaml", huge_string_policy(3, 4))
+
+    status, _, body = evaluate(running, SMALL_REFUND, files)
+
+    assert status == 422, body
+    assert "deadline of 0.05 s (playground.deadline_seconds)" in body["error"]
+
+
+def test_a_body_of_a_megabyte_is_read_whole(served):
+    # A real client's body arrives in many chunks; each must be read.
+    comment = "# " + "x" * 1000 + "\n"
+    files = [
+        {"name": file["name"], "content": comment * 1000 + file["content"]}
+        if file["name"] == "payments.yaml"
+        else file
+        for file in edited(
+            active_files(served),
+            "payments.yaml",
+            "resource.attr.amount <= 50000",
+            "resource.attr.amount <= 100",
+        )
+    ]
+    sent = json.dumps({"request": SMALL_REFUND, "files": files}).encode()
+    assert 1_000_000 < len(sent) < MAX_BODY_BYTES
+
+    status, _, body = call(
+        served, "POST", "/playground/api/evaluate", raw=sent, headers=bearer("ops")
+    )
+
+    assert status == 200, body
+    assert body["decision"]["reason_code"] == "no_rule_allows"
+    assert body["active_decision"]["effect"] == "allow"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error"),
+    [
+        ("memory_mib", 16, "playground.memory_mib: expected 256..65536 MiB, got 16"),
+        ("cpu_seconds", 0, "playground.cpu_seconds: expected 1..600 seconds"),
+        ("deadline_seconds", 0.0, "playground.deadline_seconds: expected 0 <"),
+    ],
+)
+def test_playground_limits_are_checked_naming_the_key(key, value, error):
+    limits = msgspec.structs.replace(PlaygroundConfig(), **{key: value})
+
+    with pytest.raises(ConfigError, match=error):
+        limits.validate("playground")

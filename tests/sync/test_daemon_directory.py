@@ -10,6 +10,7 @@ the real CLI in a subprocess, calling the real admin listener.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import time
@@ -30,24 +31,51 @@ from support import (
     small_refund,
 )
 
-from kynara_sidecar.audit.keys import SigningKey, generate_key, save_public_key
+from kynara_sidecar.audit.keys import (
+    SigningKey,
+    encode_base64url,
+    generate_key,
+    save_public_key,
+)
+from kynara_sidecar.audit.record import format_timestamp
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import ConfigError
+from kynara_sidecar.policy.compiler import compute_revision
+from kynara_sidecar.policy.loader import decode_document
+from kynara_sidecar.policy.names import MAX_NAME_LENGTH
 from kynara_sidecar.replay import load_stored_policies, replay_record
 from kynara_sidecar.sync import open_store
-from kynara_sidecar.sync.bundle import pack_members, unpack_members
+from kynara_sidecar.sync.bundle import (
+    BundleError,
+    build_bundle,
+    build_manifest,
+    canonical_json,
+    pack_bundle,
+    pack_members,
+    unpack_members,
+    verify_bundle,
+)
 from kynara_sidecar.sync.directory import (
     DIRECTORY_FILE,
+    MANIFEST_NAME,
     SIGNATURE_NAME,
     build_directory_update,
     directory_content,
+    directory_revision,
 )
 from kynara_sidecar.sync.follower import SyncOutcome, bundle_digest
 from kynara_sidecar.sync.status import encode_status, fleet_rows, format_fleet
 
-from ._bundles import BASE_SECONDS, public_key_file, signed, truncated
+from ._bundles import (
+    BASE_SECONDS,
+    KEY,
+    policy_dir,
+    public_key_file,
+    signed,
+    truncated,
+)
 
 SECRET = "operator-secret-0123456789abcdef"
 # Conditions are waited on, never slept for; this only bounds a broken run.
@@ -555,3 +583,191 @@ def test_sighup_recompiles_edited_policy_files_with_the_signed_directory(
 def test_a_directory_store_config_error_names_the_setting(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         daemon_config(tmp_path, *overrides)
+
+
+# ---------------------------- the files' or bundle's directory with a store
+
+
+def test_the_policy_files_directory_is_ignored_with_a_directory_store(
+    tmp_path, start_daemon, dir_store, caplog
+):
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    files_directory = policies / "directory.yaml"
+    # A role no policy defines: a daemon reading this directory refuses it.
+    files_directory.write_text(
+        files_directory.read_text().replace("roles: [admin]", "roles: [admni]", 1)
+    )
+    data = update()
+    publish(dir_store, data)
+    caplog.set_level("INFO", logger="kynara.daemon")
+
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={policies}",
+    )
+    ignored = [r for r in caplog.records if "ignored" in r.getMessage()]
+    assert "roles: [admni]" in files_directory.read_text()
+    files_directory.unlink()
+    payments = policies / "payments.yaml"
+    payments.write_text(payments.read_text() + "# edited\n")
+    reloaded = running.call(running.daemon.reload())
+    zoe = decide(running, "zoe")
+
+    assert health(running) == SERVING
+    assert [r.levelname for r in ignored] == ["INFO"]
+    assert ignored[0].fields["files"] == [str(files_directory)]
+    assert reloaded is True
+    assert (zoe.decision, zoe.directory_revision) == (
+        pb.DECISION_ALLOW,
+        revision_in(data),
+    )
+    stored = running.daemon._store.get_policy_source("policy", zoe.policy_revision)
+    assert "directory.yaml" not in stored.files and "payments.yaml" in stored.files
+
+
+def test_without_a_directory_store_the_files_directory_is_still_required(
+    tmp_path, start_daemon
+):
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    running = start_daemon(f"policy.source={policies}")
+    before = decide(running, "alice")
+    (policies / "directory.yaml").unlink()
+
+    reloaded = running.call(running.daemon.reload())
+    after = decide(running, "alice")
+
+    assert reloaded is False
+    assert (after.decision, after.directory_revision) == (
+        before.decision,
+        before.directory_revision,
+    )
+
+
+def test_a_bundle_without_a_directory_serves_with_the_signed_one(
+    tmp_path, start_daemon, dir_store
+):
+    policies = policy_dir(tmp_path, "nodir")
+    (policies / "directory.yaml").unlink()
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(build_bundle(policies, KEY, Timestamp(BASE_SECONDS, 0)))
+    data = update()
+    publish(dir_store, data)
+
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    )
+    zoe = decide(running, "zoe")
+
+    assert health(running) == SERVING
+    assert (zoe.decision, zoe.directory_revision) == (
+        pb.DECISION_ALLOW,
+        revision_in(data),
+    )
+    assert running.daemon._follower.last_sync.outcome == SyncOutcome.ACTIVATED
+
+
+def test_a_bundles_directory_is_not_compiled_with_a_directory_store(
+    tmp_path, start_daemon, dir_store
+):
+    policies = policy_dir(tmp_path, "badrole")
+    files_directory = policies / "directory.yaml"
+    files_directory.write_text(
+        files_directory.read_text().replace("roles: [admin]", "roles: [admni]", 1)
+    )
+    bundle = tmp_path / "policies.bundle"
+    assert "roles: [admni]" in files_directory.read_text()
+    bundle.write_bytes(unbuildable_bundle(policies))
+    publish(dir_store, update())
+
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store),
+        f"policy.source={bundle}",
+        f"policy.trusted_keys=[{public_key_file(tmp_path)}]",
+    )
+
+    assert health(running) == SERVING
+    assert decide(running, "zoe").decision == pb.DECISION_ALLOW
+    with pytest.raises(BundleError, match="admni"):
+        verify_bundle(bundle.read_bytes(), {KEY.key_id: KEY.public()})
+
+
+def unbuildable_bundle(policies) -> bytes:
+    """The bundle ``build_bundle`` refuses to make of ``policies`` (its
+    directory does not compile), signed all the same."""
+    files = {
+        path.relative_to(policies).as_posix(): path.read_bytes()
+        for path in sorted(policies.rglob("*.yaml"))
+    }
+    documents = [decode_document(name, content) for name, content in files.items()]
+    policy_docs = [d for d in documents if d.document.kind == "policy"]
+    directory_docs = [d for d in documents if d.document.kind == "directory"]
+    manifest = build_manifest(
+        files,
+        revision=compute_revision(policy_docs),
+        directory_revision=compute_revision(directory_docs),
+        created=format_timestamp(Timestamp(BASE_SECONDS, 0)),
+        key_id=KEY.key_id,
+    )
+    return pack_bundle(files, manifest, KEY)
+
+
+# ------------------------------------------------ principal ids past the cap
+
+
+def test_a_signed_directory_with_an_id_past_the_request_cap_is_refused(
+    tmp_path, start_daemon, dir_store
+):
+    first = update()
+    publish(dir_store, first)
+    running = start_daemon(*directory_overrides(tmp_path, dir_store))
+    long_id = "u" * (MAX_NAME_LENGTH + 1)
+    publish(dir_store, resigned_with(long_id, seconds=10))
+
+    code, reply = sync_now(tmp_path)
+
+    directory = reply["directory"]
+    assert (code, directory["outcome"]) == (1, "refused")
+    assert "bad_content" in directory["error"]
+    assert f"1..{MAX_NAME_LENGTH} characters" in directory["error"]
+    assert decide(running, "zoe").directory_revision == revision_in(first)
+
+
+def resigned_with(principal_id: str, seconds: int) -> bytes:
+    """A directory update holding ``principal_id`` that a collector would
+    refuse to build, signed with the directory key all the same."""
+    content = directory_content(principals())
+    raw = json.loads(content)
+    raw["principals"].append(
+        {
+            "active": True,
+            "attributes": {},
+            "id": principal_id,
+            "kind": "user",
+            "roles": ["support"],
+        }
+    )
+    raw["principals"].sort(key=lambda principal: principal["id"])
+    content = json.dumps(
+        raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    manifest = canonical_json(
+        {
+            "v": 1,
+            "kind": "directory",
+            "revision": directory_revision(content),
+            "created": format_timestamp(Timestamp(BASE_SECONDS + seconds, 0)),
+            "key_id": DIRECTORY_KEY.key_id,
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }
+    )
+    return pack_members(
+        {
+            MANIFEST_NAME: manifest,
+            SIGNATURE_NAME: encode_base64url(DIRECTORY_KEY.sign(manifest)).encode(),
+            DIRECTORY_FILE: content,
+        }
+    )

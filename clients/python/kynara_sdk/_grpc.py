@@ -32,19 +32,35 @@ __all__ = ["AsyncGrpcTransport", "GrpcTransport"]
 class _Channel:
     # What both transports hold: grpcio's blocking channel to ``target``,
     # the DecisionService stub on it, the call timeout and the metadata
-    # (the agent's credential) sent with every call.
+    # (the agent's bearer credential) sent with every call. With ``tls``
+    # (CA PEM or None for the system's roots, key PEM, certificate PEM) the
+    # channel is TLS presenting that client certificate, the other
+    # per-agent credential; else plaintext (a Unix socket or loopback).
 
     name = "grpc"
 
     def __init__(
-        self, target: str, timeout: float, metadata: tuple[tuple[str, str], ...]
+        self,
+        target: str,
+        timeout: float,
+        metadata: tuple[tuple[str, str], ...],
+        tls: tuple[bytes | None, bytes, bytes] | None = None,
     ) -> None:
         self.target = target
         self._timeout = timeout
         self._metadata = metadata
-        # TODO(#12): client certificates as the other per-agent credential;
-        # only local insecure channels (Unix socket, loopback) are dialled.
-        self._channel = grpc.insecure_channel(target)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            ca_pem, key_pem, cert_pem = tls
+            self._channel = grpc.secure_channel(
+                target,
+                grpc.ssl_channel_credentials(
+                    root_certificates=ca_pem,
+                    private_key=key_pem,
+                    certificate_chain=cert_pem,
+                ),
+            )
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
 

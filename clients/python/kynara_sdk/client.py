@@ -16,6 +16,12 @@ one the client reads ``KYNARA_TARGET``, then falls back to
 ``DEFAULT_TARGET``. The rule that picks the transport is in
 ``kynara_sdk._target``: by default the fast path when its socket exists and
 takes the connection, else gRPC; settled once a call reached a daemon.
+
+A daemon serving several agents (``identity.agents``) knows each caller by
+its credential: a bearer secret (``secret_file``), sent with every call on
+any transport, or a client certificate (``cert_file``, ``key_file`` and the
+daemon's CA in ``ca_file``), presented in the TLS handshake of the daemon's
+TCP port (``agent.tls``); TLS is gRPC over TCP only.
 """
 
 from __future__ import annotations
@@ -77,6 +83,44 @@ def resolve_target(target: str | None = None) -> str:
     return target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
+def _read_pem(option: str, path: str) -> bytes:
+    try:
+        content = pathlib.Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{option}: cannot read {path}: {err}") from None
+    if b"-----BEGIN " not in content:
+        raise ValueError(f"{option}: expected PEM in {path}, got none")
+    return content
+
+
+def _tls(
+    target: str,
+    cert_file: str | None,
+    key_file: str | None,
+    ca_file: str | None,
+) -> tuple[bytes | None, bytes, bytes] | None:
+    # (CA PEM or None for the system's roots, key PEM, certificate PEM) for
+    # a TLS channel with a client certificate, or None without TLS.
+    if not (cert_file or key_file or ca_file):
+        return None
+    if not cert_file or not key_file:
+        missing = "key_file" if cert_file else "cert_file"
+        raise ValueError(
+            f"{missing}: expected a path with cert_file and key_file together"
+            " (the daemon's TLS port requires a client certificate), got none"
+        )
+    if target.startswith(("unix:", "unix-abstract:", "fast:")):
+        raise ValueError(
+            f"cert_file: TLS is for the daemon's TCP port (host:port), got the"
+            f" socket target {target!r}; a Unix socket carries no TLS"
+        )
+    return (
+        _read_pem("ca_file", ca_file) if ca_file else None,
+        _read_pem("key_file", key_file),
+        _read_pem("cert_file", cert_file),
+    )
+
+
 def _credential(secret_file: str | None) -> str | None:
     # The authorization value ("Bearer <secret>"), or None without a secret.
     path = secret_file or os.environ.get(SECRET_FILE_ENV)
@@ -98,11 +142,15 @@ class _Base:
         timeout: float,
         secret_file: str | None,
         transport: str | None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.timeout = _seconds(timeout)
         self.target = resolve_target(target)
         self._route: Route = route(self.target, transport)
         self._authorization = _credential(secret_file)
+        self._tls = _tls(self.target, cert_file, key_file, ca_file)
         # The transport settled on: the one whose call last reached a daemon
         # (auto settles on gRPC only where there is no fast socket).
         self._impl: Any = None
@@ -180,7 +228,7 @@ class _Base:
         metadata = (
             (("authorization", self._authorization),) if self._authorization else ()
         )
-        return kind(self._route.grpc_target, self.timeout, metadata)
+        return kind(self._route.grpc_target, self.timeout, metadata, self._tls)
 
     def _reached(self, impl: Any) -> None:
         """A call over ``impl`` reached a daemon: settle on it. Not on gRPC
@@ -237,11 +285,18 @@ class Client(_Base):
         transport: ``"auto"`` (the fast path when its socket exists and
             takes the connection, else gRPC), ``"fast"`` or ``"grpc"``;
             default ``$KYNARA_TRANSPORT`` (any case), then ``"auto"``.
+        cert_file, key_file: this agent's client certificate (PEM, leaf
+            first) and its unencrypted private key, for the daemon's TLS
+            port (``agent.tls``; a ``host:port`` target); both or neither.
+        ca_file: the CA certificate(s) that signed the daemon's serving
+            certificate, in PEM; default the system's roots.
 
     Raises:
         TypeError, ValueError: ``timeout`` is not a positive number, the
-            secret file cannot be read, or the transport does not suit the
-            target (a TCP target is gRPC only).
+            secret or a certificate file cannot be read, only one of
+            ``cert_file`` and ``key_file`` is given, TLS is asked of a Unix
+            socket target, or the transport does not suit the target (a TCP
+            target is gRPC only).
     """
 
     def __init__(
@@ -251,8 +306,13 @@ class Client(_Base):
         timeout: float = DEFAULT_TIMEOUT,
         secret_file: str | None = None,
         transport: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, secret_file, transport)
+        super().__init__(
+            target, timeout, secret_file, transport, cert_file, key_file, ca_file
+        )
         self._choosing = threading.Lock()
 
     def decide(
@@ -421,7 +481,8 @@ class AsyncClient(_Base):
     daemon too.
 
     Args:
-        target, timeout, secret_file, transport: as ``Client``.
+        target, timeout, secret_file, transport, cert_file, key_file,
+        ca_file: as ``Client``.
     """
 
     def __init__(
@@ -431,8 +492,13 @@ class AsyncClient(_Base):
         timeout: float = DEFAULT_TIMEOUT,
         secret_file: str | None = None,
         transport: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, secret_file, transport)
+        super().__init__(
+            target, timeout, secret_file, transport, cert_file, key_file, ca_file
+        )
 
     async def decide(
         self,

@@ -53,7 +53,15 @@ export const DEFAULT_APPROVAL_TIMEOUT_MS = 300_000;
  */
 export const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
-const CLIENT_OPTIONS = ['target', 'timeoutMs', 'secretFile', 'protoRoot'];
+const CLIENT_OPTIONS = [
+  'target',
+  'timeoutMs',
+  'secretFile',
+  'certFile',
+  'keyFile',
+  'caFile',
+  'protoRoot',
+];
 const DECIDE_OPTIONS = [
   'resourceKind',
   'resourceId',
@@ -195,6 +203,52 @@ function credential(secretFile) {
   return `Bearer ${secret}`;
 }
 
+function readPem(option, path) {
+  if (typeof path !== 'string' || !path) {
+    throw new TypeError(`${option}: expected a file path string, got ${describe(path)}`);
+  }
+  let content;
+  try {
+    content = readFileSync(path);
+  } catch (err) {
+    throw new Error(`${option}: cannot read ${path}: ${err.message}`);
+  }
+  if (!content.includes('-----BEGIN ')) {
+    throw new Error(`${option}: expected PEM in ${path}, got none`);
+  }
+  return content;
+}
+
+/**
+ * The channel credentials: TLS presenting this agent's client certificate
+ * when `certFile` and `keyFile` are given (the daemon's `agent.tls` port, the
+ * other per-agent credential), else plaintext (a Unix socket or loopback).
+ */
+function channelCredentials(target, options) {
+  const { certFile, keyFile, caFile } = options;
+  if (certFile === undefined && keyFile === undefined && caFile === undefined) {
+    return grpc.credentials.createInsecure();
+  }
+  if (certFile === undefined || keyFile === undefined) {
+    const missing = certFile === undefined ? 'certFile' : 'keyFile';
+    throw new TypeError(
+      `${missing}: expected a path with certFile and keyFile together` +
+        " (the daemon's TLS port requires a client certificate), got none",
+    );
+  }
+  if (target.startsWith('unix:') || target.startsWith('unix-abstract:')) {
+    throw new TypeError(
+      `certFile: TLS is for the daemon's TCP port (host:port), got the socket target` +
+        ` ${JSON.stringify(target)}; a Unix socket carries no TLS`,
+    );
+  }
+  return grpc.credentials.createSsl(
+    caFile === undefined ? null : readPem('caFile', caFile),
+    readPem('keyFile', keyFile),
+    readPem('certFile', certFile),
+  );
+}
+
 /** Asks a Kynara daemon whether an agent may act, over gRPC. */
 export class Client {
   /**
@@ -202,6 +256,11 @@ export class Client {
    * @param {string} [options.target] `unix:///path` or `host:port`
    * @param {number} [options.timeoutMs] per call
    * @param {string} [options.secretFile] this agent's bearer secret
+   * @param {string} [options.certFile] this agent's client certificate (PEM,
+   *   leaf first) for the daemon's TLS port (`agent.tls`); with keyFile
+   * @param {string} [options.keyFile] the certificate's unencrypted PEM key
+   * @param {string} [options.caFile] the CA that signed the daemon's serving
+   *   certificate (PEM); default the system's roots
    * @param {string} [options.protoRoot] the directory holding kynara/v1/*.proto;
    *   default the package's copy, else the repository's protos/
    */
@@ -217,9 +276,7 @@ export class Client {
       this._metadata.set('authorization', authorization);
     }
     const Service = decisionService(resolveProtoRoot(options.protoRoot));
-    // TODO(#12): client certificates as the other per-agent credential;
-    // only local insecure channels (Unix socket, loopback) are dialled.
-    this._stub = new Service(this.target, grpc.credentials.createInsecure());
+    this._stub = new Service(this.target, channelCredentials(this.target, options));
     this._closed = false;
     // Calls and streams in flight, cancelled by close().
     this._calls = new Set();

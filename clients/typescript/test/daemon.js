@@ -3,7 +3,7 @@
 // and carol as a reviewer on its admin socket so a test can approve or
 // reject with `kynara-sidecar approvals`.
 
-import { execFile, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -38,9 +38,11 @@ export function freePort() {
 
 /**
  * Start `kynara_sidecar.cli run` and wait until it answers on its Unix socket.
+ * `extraSettings(workdir)` returns more `--set` settings (after the defaults),
+ * written for the temp dir the daemon runs in.
  * Returns { unixTarget, tcpTarget, workdir, stop() }.
  */
-export async function startDaemon() {
+export async function startDaemon(extraSettings = () => []) {
   const workdir = mkdtempSync(join(tmpdir(), 'kynara-ts-'));
   const port = await freePort();
   const secretFile = join(workdir, 'carol.secret');
@@ -61,6 +63,7 @@ export async function startDaemon() {
     `audit.path=${join(workdir, 'audit')}`,
     `audit.signing_key=${join(workdir, 'keys', 'audit.pem')}`,
     `audit.witness_path=${join(workdir, 'witness')}`,
+    ...extraSettings(workdir),
   ];
   const argv = ['-m', 'kynara_sidecar.cli', 'run', '--config', 'config/kynara.yaml'];
   for (const setting of settings) {
@@ -125,6 +128,27 @@ function reviewerCli(args, adminSettings, secretFile) {
       resolve(JSON.parse(stdout));
     });
   });
+}
+
+/**
+ * Write test certificates into `directory` with the repository's
+ * tests/tls_support.py (a real CA): ca.crt, server.crt/.key for the loopback
+ * addresses, agent.crt/.key (a client certificate with the URI SAN `uri`)
+ * and stranger.crt/.key (the same URI, from another CA).
+ */
+export function writeCertificates(directory, uri) {
+  const script = `
+import pathlib, sys
+sys.path.insert(0, "tests")
+from tls_support import Authority, write_pair
+out, uri = pathlib.Path(sys.argv[1]), sys.argv[2]
+ca = Authority("kynara agents CA")
+(out / "ca.crt").write_bytes(ca.pem)
+write_pair(out, ca.issue(), "server")
+write_pair(out, ca.issue_client(uri), "agent")
+write_pair(out, Authority("another CA").issue_client(uri), "stranger")
+`;
+  execFileSync(PYTHON, ['-c', script, directory, uri], { cwd: REPO, timeout: CLI_TIMEOUT_MS });
 }
 
 async function waitAnswering(target, exited, stderr) {
