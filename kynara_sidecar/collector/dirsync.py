@@ -62,10 +62,14 @@ the next tick; SIGTERM or SIGINT stops the loop (a run in progress is
 cancelled: a write cut short is applied by the target or not, and the
 next run finishes either way).
 
-TODO(#12): a scheduled sync counts nothing in metrics (runs, failures,
-changes): it is a process of its own without an HTTP listener; its JSON
-log lines are what an operator alerts on until it gains one (or runs
-inside ``kynara-collector run``).
+Scheduled, with ``directory.pull.metrics_port`` set, the command serves
+``/metrics`` on ``directory.pull.metrics_host`` (loopback only: no TLS, no
+credentials): runs by outcome, resources written by kind and action, when
+the last run that did not fail ended and how long the last run took
+(``DirectorySyncMetrics``). Resources are counted per run, when it ends:
+a failed run counts as failed and its writes are not counted by action;
+the next run plans from what the target then holds and counts what it
+still had to write.
 
 NOTE: ``externalId`` is the source's id verbatim, so a target resource
 carrying an ``externalId`` that the source does not know is taken as
@@ -85,12 +89,15 @@ import secrets
 import signal
 import ssl
 import sys
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 import httpx2
 import pydantic
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from scim2_client import SCIMClientException
 from scim2_client.engines.httpx2 import AsyncSCIMClient
 from scim2_models import Context, SCIMException, SearchRequest
@@ -102,6 +109,7 @@ from kynara_sidecar.collector.config import (
     HttpConfig,
     endpoint_url_problem,
 )
+from kynara_sidecar.collector.metrics import DirectorySyncMetrics
 from kynara_sidecar.errors import ConfigError, ServiceError
 from kynara_sidecar.policy.names import canonical_name
 
@@ -122,6 +130,7 @@ __all__ = [
     "plan_resources",
     "read_token",
     "run_schedule",
+    "serve_metrics",
     "sync_command",
     "sync_directory",
 ]
@@ -196,10 +205,25 @@ class SyncSummary:
     # Resources the target refused or that do not fit its schema: left as
     # they are in the target, each logged with its error; the run is partial.
     skipped: int = 0
+    # ``skipped`` by resource type ("User", "Group"), for the metrics; left
+    # out of ``as_dict``.
+    skipped_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         """The counts by name, for the summary line and the log."""
-        return dataclasses.asdict(self)
+        counts = dataclasses.asdict(self)
+        del counts["skipped_by_kind"]
+        return counts
+
+    def written(self) -> dict[tuple[str, str], int]:
+        """The counts by (kind, action), as DirectorySyncMetrics labels them."""
+        out = {}
+        for kind, prefix in (("user", "users"), ("group", "groups")):
+            for action in ("created", "updated", "deleted"):
+                out[kind, action] = getattr(self, f"{prefix}_{action}")
+        out["user", "skipped"] = self.skipped_by_kind.get(USER, 0)
+        out["group", "skipped"] = self.skipped_by_kind.get(GROUP, 0)
+        return out
 
     @property
     def changed(self) -> int:
@@ -709,6 +733,8 @@ class _Writer:
         if external:
             self.refused[kind].add(external)
         self.summary.skipped += 1
+        by_kind = self.summary.skipped_by_kind
+        by_kind[kind] = by_kind.get(kind, 0) + 1
         log.warning(
             "directory sync skipped a resource",
             extra={
@@ -968,6 +994,7 @@ async def run_schedule(
     timeout: float,
     stop: asyncio.Event | None = None,
     max_resources: int = DEFAULT_MAX_RESOURCES,
+    metrics: DirectorySyncMetrics | None = None,
 ) -> int:
     """Run a sync every ``interval`` seconds until SIGTERM or SIGINT (or
     ``stop`` is set, for a caller that embeds the schedule).
@@ -975,7 +1002,8 @@ async def run_schedule(
     ``endpoints`` is called before each run, so a rotated token file is
     read afresh. A failed run is logged (ERROR, the error in a field) and
     retried at the next tick; a partial one (resources skipped) is logged
-    as a WARNING and counts as run. Returns the number of runs that failed.
+    as a WARNING and counts as run. Each run that ends is counted in
+    ``metrics`` when given. Returns the number of runs that failed.
     """
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -989,7 +1017,7 @@ async def run_schedule(
     try:
         while not stop.is_set():
             if not await _scheduled_run(
-                endpoints, stop, page_size, timeout, max_resources
+                endpoints, stop, page_size, timeout, max_resources, metrics
             ):
                 failed += 1
             try:
@@ -1012,9 +1040,19 @@ async def _scheduled_run(
     page_size: int,
     timeout: float,
     max_resources: int,
+    metrics: DirectorySyncMetrics | None = None,
 ) -> bool:
     """One run of the schedule, cancelled if ``stop`` is set meanwhile;
-    whether it did not fail."""
+    whether it did not fail. A run that ends (not cancelled) is counted in
+    ``metrics``."""
+    started = time.monotonic()
+
+    def count(outcome: str, summary: SyncSummary | None = None) -> None:
+        if metrics is not None:
+            written = summary.written() if summary is not None else None
+            seconds = time.monotonic() - started
+            metrics.count_run(outcome, seconds, time.time(), written)
+
     try:
         source, target = endpoints()
         run = asyncio.create_task(
@@ -1037,7 +1075,9 @@ async def _scheduled_run(
                 extra={"fields": {"component": "collector"}},
             )
             return True
-        _log_run(run.result(), source, target)
+        summary = run.result()
+        _log_run(summary, source, target)
+        count("partial" if summary.skipped else "ok", summary)
         return True
     except (DirectorySyncError, ConfigError) as err:
         log.error(
@@ -1048,7 +1088,42 @@ async def _scheduled_run(
         log.exception(
             "directory sync failed", extra={"fields": {"component": "collector"}}
         )
+    count("failed")
     return False
+
+
+async def serve_metrics(
+    metrics: DirectorySyncMetrics, host: str, port: int
+) -> web.AppRunner:
+    """Serve ``GET /metrics`` (Prometheus text) of ``metrics`` on
+    ``host``:``port``, a loopback address (``directory.pull.metrics_host``
+    is checked to be one: the listener has no TLS and no credentials).
+    The caller cleans the returned runner up.
+
+    Raises:
+        ConfigError: the address cannot be bound (names the setting).
+    """
+
+    async def scrape(_request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as err:
+        await runner.cleanup()
+        raise ConfigError(
+            f"{SECTION}.metrics_port: cannot listen on {host} port {port}: {err}"
+        ) from None
+    log.info(
+        "directory sync metrics listening",
+        extra={"fields": {"component": "collector", "host": host, "port": port}},
+    )
+    return runner
 
 
 def read_token(path: str, where: str) -> str:
@@ -1139,7 +1214,8 @@ def check_interval(seconds: float, where: str) -> float:
 def sync_command(config: CollectorConfig, *, once: bool, every: float | None) -> int:
     """``kynara-collector directory sync``: one run (``--once``, or no
     interval anywhere) printing its summary as a JSON line, or a schedule
-    (``--every``, else ``directory.pull.interval_seconds``) until SIGTERM.
+    (``--every``, else ``directory.pull.interval_seconds``) until SIGTERM,
+    serving ``/metrics`` when ``directory.pull.metrics_port`` is set.
 
     Returns:
         0, or ``EXIT_PARTIAL`` when the one run skipped resources the target
@@ -1153,9 +1229,7 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
     import uvloop
 
     pull = config.directory.pull
-    # TODO(#12): directory.pull.max_resources belongs in DirectoryPullConfig
-    # (collector/config.py, 1..10_000_000); until it is there the default holds.
-    max_resources = getattr(pull, "max_resources", DEFAULT_MAX_RESOURCES)
+    max_resources = pull.max_resources
     interval = 0.0
     if every is not None:
         interval = check_interval(every, "--every")
@@ -1163,15 +1237,28 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
         interval = pull.interval_seconds
     if interval:
         config_endpoints(config)  # a wrong setting fails the command at start
-        uvloop.run(
-            run_schedule(
-                lambda: config_endpoints(config),
-                interval=interval,
-                page_size=pull.page_size,
-                timeout=pull.timeout_seconds,
-                max_resources=max_resources,
-            )
-        )
+
+        async def schedule() -> None:
+            metrics = DirectorySyncMetrics() if pull.metrics_port else None
+            runner = None
+            if metrics is not None:
+                runner = await serve_metrics(
+                    metrics, pull.metrics_host, pull.metrics_port
+                )
+            try:
+                await run_schedule(
+                    lambda: config_endpoints(config),
+                    interval=interval,
+                    page_size=pull.page_size,
+                    timeout=pull.timeout_seconds,
+                    max_resources=max_resources,
+                    metrics=metrics,
+                )
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
+
+        uvloop.run(schedule())
         return 0
     source, target = config_endpoints(config)
     summary = uvloop.run(

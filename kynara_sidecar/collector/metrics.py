@@ -16,13 +16,25 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-__all__ = ["UNREGISTERED", "CollectorMetrics"]
+__all__ = [
+    "RESOURCE_ACTIONS",
+    "RESOURCE_KINDS",
+    "RUN_OUTCOMES",
+    "UNREGISTERED",
+    "CollectorMetrics",
+    "DirectorySyncMetrics",
+]
 
 PREFIX = "kynara_collector"
 # No `<name>_created` series beside each counter (prometheus-client's
 # default; a switch for the whole process), as for the daemon.
 disable_created_metrics()
 UNREGISTERED = "unregistered"
+# The label values of DirectorySyncMetrics, each series made at start so a
+# rate over it exists before the first change.
+RUN_OUTCOMES = ("ok", "partial", "failed")
+RESOURCE_KINDS = ("user", "group")
+RESOURCE_ACTIONS = ("created", "updated", "deleted", "skipped")
 
 
 class CollectorMetrics:
@@ -95,3 +107,65 @@ class CollectorMetrics:
             "SCIM requests refused for a missing or unknown bearer token.",
             registry=r,
         )  # fmt: skip
+
+
+class DirectorySyncMetrics:
+    """What a scheduled ``kynara-collector directory sync`` counts, served on
+    its own ``/metrics`` (``directory.pull.metrics_port``): the command is a
+    process of its own, apart from ``kynara-collector run``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        name = f"{PREFIX}_directory_sync"
+        self.runs = Counter(
+            f"{name}_runs",
+            "Directory sync runs, by outcome: ok (everything applied), "
+            "partial (applied all but resources the target refused), failed "
+            "(retried at the next tick). A run cut short by the stop is not "
+            "counted.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.resources = Counter(
+            f"{name}_resources",
+            "Target resources a directory sync wrote, by kind (user, group) "
+            "and action (created, updated, deleted), or skipped (refused by "
+            "the target, left as they are).",
+            ["kind", "action"], registry=r,
+        )  # fmt: skip
+        self.last_success = Gauge(
+            f"{name}_last_success_timestamp_seconds",
+            "When the last run that did not fail (ok or partial) ended, Unix "
+            "seconds; 0 before the first: time() - it is how stale the "
+            "directory may be.",
+            registry=r,
+        )  # fmt: skip
+        self.last_duration = Gauge(
+            f"{name}_last_duration_seconds",
+            "How long the last run took, failed ones too.",
+            registry=r,
+        )  # fmt: skip
+        for outcome in RUN_OUTCOMES:
+            self.runs.labels(outcome)
+        for kind in RESOURCE_KINDS:
+            for action in RESOURCE_ACTIONS:
+                self.resources.labels(kind, action)
+
+    def count_run(
+        self,
+        outcome: str,
+        seconds: float,
+        ended: float,
+        written: dict[tuple[str, str], int] | None = None,
+    ) -> None:
+        """Record one run: its outcome (one of ``RUN_OUTCOMES``), how long
+        it took, when it ended (Unix seconds), and the resources it wrote
+        by ``(kind, action)`` (label values of ``RESOURCE_KINDS`` and
+        ``RESOURCE_ACTIONS``; a failed run's writes are not known)."""
+        self.runs.labels(outcome).inc()
+        self.last_duration.set(seconds)
+        if outcome != "failed":
+            self.last_success.set(ended)
+        for (kind, action), count in (written or {}).items():
+            if count:
+                self.resources.labels(kind, action).inc(count)

@@ -26,6 +26,7 @@ import httpx2
 import pytest
 import uvicorn
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from scim2_models import ScimProvider, UnauthorizedException
 from scim2_server.applications.asgi import ASGIApplication
 from scim2_server.memory import AsyncInMemoryStorage, InMemoryStorage
@@ -52,6 +53,7 @@ from kynara_sidecar.collector.dirsync import (
     sync_command,
     sync_directory,
 )
+from kynara_sidecar.collector.metrics import DirectorySyncMetrics
 from kynara_sidecar.collector.scim import KYNARA_EXTENSION, build_provider
 from kynara_sidecar.config import TlsConfig
 from kynara_sidecar.errors import ConfigError
@@ -576,12 +578,24 @@ def test_a_failed_scheduled_run_is_logged_and_retried(source, target, caplog):
             stop.set()
         return bad if len(calls) == 1 else good
 
+    metrics = DirectorySyncMetrics()
+
     with caplog.at_level(logging.INFO, logger="kynara.collector"):
         failed = asyncio.run(
-            run_schedule(endpoints, interval=0.01, page_size=10, timeout=10, stop=stop)
+            run_schedule(
+                endpoints,
+                interval=0.01,
+                page_size=10,
+                timeout=10,
+                stop=stop,
+                metrics=metrics,
+            )
         )
 
     assert failed == 1
+    # The third run starts as the stop is set: cancelled, not counted.
+    assert _runs(metrics) == {"ok": 1, "partial": 0, "failed": 1}
+    assert _sample(metrics, "resources_total", kind="user", action="created") == 3
     # The collector runs in this process too: its lines are left out.
     records = [r for r in caplog.records if r.module == "dirsync"]
     messages = [r.getMessage() for r in records]
@@ -594,6 +608,143 @@ def test_a_failed_scheduled_run_is_logged_and_retried(source, target, caplog):
     error = records[1].fields["error"]
     assert error.startswith(f"source {source.url}: discover the service failed")
     assert len(target.resources("Users")) == 3
+
+
+def _sample(metrics: DirectorySyncMetrics, name: str, **labels: str) -> float | None:
+    full = f"kynara_collector_directory_sync_{name}"
+    return metrics.registry.get_sample_value(full, labels)
+
+
+def _runs(metrics: DirectorySyncMetrics) -> dict[str, float | None]:
+    return {
+        outcome: _sample(metrics, "runs_total", outcome=outcome)
+        for outcome in ("ok", "partial", "failed")
+    }
+
+
+def test_a_partial_scheduled_run_counts_what_it_skipped_by_kind(source, target):
+    source.add_user("alice")
+    source.add_user("John Smith")  # a space: no principal id
+    good = config_endpoints(load_collector_config(target.config_path))
+    stop = asyncio.Event()
+    calls = []
+
+    def endpoints():
+        calls.append(len(calls))
+        if len(calls) == 2:
+            stop.set()
+        return good
+
+    metrics = DirectorySyncMetrics()
+
+    asyncio.run(
+        run_schedule(
+            endpoints, interval=0.01, page_size=10, timeout=10, stop=stop,
+            metrics=metrics,
+        )
+    )  # fmt: skip
+
+    # The stop is set as the second run starts: it is cancelled, not counted.
+    assert _runs(metrics) == {"ok": 0, "partial": 1, "failed": 0}
+    written = {
+        (kind, action): _sample(metrics, "resources_total", kind=kind, action=action)
+        for kind in ("user", "group")
+        for action in ("created", "updated", "deleted", "skipped")
+    }
+    assert written == {
+        **dict.fromkeys(written, 0.0),
+        ("user", "created"): 1.0,
+        ("user", "skipped"): 1.0,
+    }
+    assert _sample(metrics, "last_success_timestamp_seconds") > 0
+    assert _sample(metrics, "last_duration_seconds") > 0
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a /metrics page, by name and sorted labels."""
+    reply = httpx2.get(url, timeout=WAIT_SECONDS)
+    assert reply.status_code == 200, reply.text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def test_every_serves_metrics_of_its_runs_on_loopback(source, target, tmp_path):
+    ids = _seed(source)
+    port = free_port()
+    config = tmp_path / "collector.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["directory"]["pull"]["metrics_port"] = port
+    config.write_text(yaml.safe_dump(settings))
+    url = f"http://127.0.0.1:{port}/metrics"
+    prefix = "kynara_collector_directory_sync"
+
+    def runs(samples, outcome: str) -> float:
+        return samples.get((f"{prefix}_runs_total", (("outcome", outcome),)), 0.0)
+
+    def written(samples, kind: str, action: str) -> float | None:
+        labels = (("action", action), ("kind", kind))
+        return samples.get((f"{prefix}_resources_total", labels))
+
+    def wait(condition: Callable[[dict], bool]) -> dict:
+        """Scrape until ``condition`` holds (bounded); the last scrape."""
+        deadline = time.monotonic() + WAIT_SECONDS * 3
+        while True:
+            try:
+                samples = _scrape(url)
+            except httpx2.TransportError:  # not listening yet
+                samples = {}
+            if samples and condition(samples):
+                return samples
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise AssertionError(f"never held; last scrape {samples}")
+            time.sleep(0.05)
+
+    process = _command(config, "--every", "1")
+    try:
+        first = wait(lambda s: runs(s, "ok") >= 1)
+        source.change("Users", ids["alice"], active=False)
+        second = wait(lambda s: written(s, "user", "updated") == 1)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=WAIT_SECONDS * 3)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(WAIT_SECONDS)
+
+    assert process.returncode == 0, rest
+    assert written(first, "user", "created") == 3
+    assert written(first, "group", "created") == 2
+    assert runs(second, "ok") >= 2
+    assert runs(second, "partial") == runs(second, "failed") == 0
+    assert {
+        (kind, action): written(second, kind, action)
+        for kind in ("user", "group")
+        for action in ("created", "updated", "deleted", "skipped")
+    } == {
+        ("user", "created"): 3,
+        ("user", "updated"): 1,
+        ("user", "deleted"): 0,
+        ("user", "skipped"): 0,
+        ("group", "created"): 2,
+        ("group", "updated"): 0,
+        ("group", "deleted"): 0,
+        ("group", "skipped"): 0,
+    }
+    ended = second[(f"{prefix}_last_success_timestamp_seconds", ())]
+    assert first[(f"{prefix}_last_success_timestamp_seconds", ())] < ended
+    assert ended <= time.time()
+    assert second[(f"{prefix}_last_duration_seconds", ())] > 0
+    assert not any(name.endswith("_created") for name, _ in second)
+    target.wait_published(
+        {
+            "alice": (False, ["support_agent"]),
+            "bob": (True, ["support_agent"]),
+            "carol": (True, ["finance_viewer"]),
+        }
+    )
 
 
 # -- a source that pages wrongly, a target that refuses ------------------
@@ -668,19 +819,37 @@ def test_a_source_listing_more_than_max_resources_fails_at_the_first_page(
 ):
     for name in ("u1", "u2", "u3"):
         source.add_user(name)
-    config = load_collector_config(target.config_path)
-    ours, goal = config_endpoints(config)
+    config = load_collector_config(
+        target.config_path,
+        ["directory.pull.max_resources=2", "directory.pull.page_size=2"],
+    )
 
     with pytest.raises(DirectorySyncError) as failed:
-        asyncio.run(
-            sync_directory(ours, goal, page_size=2, timeout=10, max_resources=2)
-        )
+        sync_command(config, once=True, every=None)
 
-    assert "totalResults 3 is above directory.pull.max_resources (2)" in str(
-        failed.value
+    assert str(failed.value).startswith(
+        f"source {source.url}: GET /Users?startIndex=1&count=2 failed: "
+        "totalResults 3 is above directory.pull.max_resources (2)"
     )
     assert len(source.app.list_queries) == 1
     assert target.resources("Users") == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("max_resources=0", r"max_resources: expected 1\.\.10000000, got 0"),
+        ("max_resources=10000001", r"max_resources: expected 1\.\.10000000"),
+        ("metrics_port=70000", r"metrics_port: expected 0\.\.65535"),
+        ("metrics_host=0.0.0.0", r"metrics_host: expected a loopback address"),
+    ],
+)
+def test_pull_settings_out_of_range_are_refused(tmp_path, setting, expected):
+    path = tmp_path / "collector.yaml"
+    path.write_text("{}")
+
+    with pytest.raises(ConfigError, match=rf"directory\.pull\.{expected}"):
+        load_collector_config(path, [f"directory.pull.{setting}"])
 
 
 def test_a_user_the_target_refuses_is_skipped_and_groups_still_apply(

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from support import REPO_ROOT
 
-from kynara_sidecar.collector.metrics import CollectorMetrics
+from kynara_sidecar.collector.metrics import CollectorMetrics, DirectorySyncMetrics
 from kynara_sidecar.decision import ConditionError
 from kynara_sidecar.metrics import OTHER, Metrics
 from kynara_sidecar.server.grpc_metrics import ServerMetrics, split_method
@@ -68,10 +68,27 @@ def test_catalog_covers_every_family_the_registry_exports():
     assert exported == {info.name for info in metrics.catalog()}
 
 
+def registry_catalog(registry) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Name -> (type, label names) of every family ``registry`` exports, its
+    labels as its samples carry them (every series made at start)."""
+    found = {}
+    for family in registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = dict.fromkeys(k for sample in family.samples for k in sample.labels)
+        found[name] = (family.type, tuple(labels))
+    return found
+
+
 def test_readme_lists_exactly_the_registry_with_its_labels():
+    """The table lists the daemon's registry and, apart, what a scheduled
+    ``kynara-collector directory sync`` serves (its own /metrics)."""
     listed = readme_metrics()
 
     catalog = {info.name: (info.type, info.labels) for info in full_metrics().catalog()}
+    dirsync = registry_catalog(DirectorySyncMetrics().registry)
+    assert set(dirsync).isdisjoint(catalog)
+    assert len(dirsync) == 4
+    catalog.update(dirsync)
 
     assert sorted(set(listed) - set(catalog)) == [], "listed, not exported"
     assert sorted(set(catalog) - set(listed)) == [], "exported, not listed"
@@ -113,6 +130,7 @@ def sample_names(registry) -> set[str]:
 def test_every_metric_the_docs_name_is_exported(doc):
     daemon = {info.name for info in full_metrics().catalog()}
     collector = exported_names(CollectorMetrics().registry)
+    collector |= exported_names(DirectorySyncMetrics().registry)
     text = (REPO_ROOT / doc).read_text()
 
     named = set(DOC_NAME.findall(text)) - NOT_METRICS
@@ -130,6 +148,8 @@ def test_no_created_series_is_exported():
     metrics.request_errors.labels("audit_unavailable").inc()
     collector = CollectorMetrics()
     collector.segments.labels("d-1", "accepted").inc()
+    dirsync = DirectorySyncMetrics()
+    dirsync.count_run("ok", 0.5, 1_700_000_000.0, {("user", "created"): 2})
     listed = set(readme_metrics())
 
     def family(sample_name: str) -> str:
@@ -140,11 +160,14 @@ def test_no_created_series_is_exported():
 
     names = sample_names(metrics.registry)
     collector_names = sample_names(collector.registry)
+    dirsync_names = sample_names(dirsync.registry)
 
     assert {"kynara_decisions_total", "kynara_request_errors_total"} <= names
     assert "kynara_collector_segments_total" in collector_names
-    assert [name for name in names | collector_names if name.endswith("_created")] == []
-    assert sorted({family(name) for name in names} - listed) == []
+    assert "kynara_collector_directory_sync_runs_total" in dirsync_names
+    every = names | collector_names | dirsync_names
+    assert [name for name in every if name.endswith("_created")] == []
+    assert sorted({family(name) for name in names | dirsync_names} - listed) == []
 
 
 def test_unknown_action_is_counted_as_other():
