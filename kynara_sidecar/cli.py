@@ -18,7 +18,8 @@ Examples:
     kynara-sidecar new-chain --config config/kynara.yaml
     kynara-sidecar export --config config/kynara.yaml \
         --from 2026-12-01T00:00:00Z --to 2026-12-31T23:59:59Z evidence/
-    kynara-sidecar verify-export evidence/ --trusted-key audit-key.pub
+    kynara-sidecar verify-export evidence/ --trusted-key audit-key.pub \
+        --publisher-key directory-key.pub --publisher-key bundle-key.pub
     kynara-sidecar bundle build config/policies --key bundle-key.pem --out b.tar
     kynara-sidecar bundle verify b.tar --trusted-key bundle-key.pub
     kynara-sidecar bundle publish b.tar --store nats://127.0.0.1:4222 \
@@ -368,7 +369,18 @@ def _add_export_parsers(commands: argparse._SubParsersAction) -> None:
     )
     verify_export.add_argument("pack", metavar="OUT", help="the pack directory")
     _add_trusted_keys(
-        verify_export, "a public key to trust instead of the pack's own; repeatable"
+        verify_export,
+        "an audit public key to trust for the checkpoints instead of the pack's "
+        "own; repeatable",
+    )
+    verify_export.add_argument(
+        "--publisher-key",
+        dest="publisher_keys",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a public key of a policy bundle or directory update signer; checks "
+        "only the pack's signed updates, never its checkpoints; repeatable",
     )
 
 
@@ -905,7 +917,7 @@ def _verify_export(args: argparse.Namespace) -> int:
     from kynara_sidecar.audit.verify_pack import PackError, verify_pack
 
     try:
-        report = verify_pack(args.pack, args.trusted_keys)
+        report = verify_pack(args.pack, args.trusted_keys, args.publisher_keys)
     except PackError as err:
         print(f"FAILED: {err}")
         return EXIT_FAILED
@@ -926,9 +938,9 @@ def _bundle(args: argparse.Namespace) -> int:
         verified = bundle.verify_bundle(data, {key.key_id: key.public()})
         bundle.write_bundle(args.out, data)
         print(
-            f"ok: wrote {args.out}: policy {verified.revision}, directory "
-            f"{verified.directory_revision}, {len(verified.files)} files, "
-            f"signed by {key.key_id}"
+            f"ok: wrote {args.out}: policy {verified.revision}, "
+            f"{_directory_text(verified.directory_revision)}, "
+            f"{len(verified.files)} files, signed by {key.key_id}"
         )
         return EXIT_OK
     if args.bundle_command == "publish":
@@ -936,12 +948,19 @@ def _bundle(args: argparse.Namespace) -> int:
     trusted = load_trusted_keys(args.trusted_keys)
     verified = _verify_bundle_file(bundle.read_bundle(args.bundle), trusted)
     print(
-        f"ok: {args.bundle}: policy {verified.revision}, directory "
-        f"{verified.directory_revision}, {len(verified.files)} files, created "
-        f"{verified.created}, signed by {verified.key_id}"
+        f"ok: {args.bundle}: policy {verified.revision}, "
+        f"{_directory_text(verified.directory_revision)}, "
+        f"{len(verified.files)} files, created {verified.created}, signed by "
+        f"{verified.key_id}"
     )
     _warn_if_future(verified.created)
     return EXIT_OK
+
+
+def _directory_text(revision: str) -> str:
+    """``directory <revision>``, or ``no directory`` for a bundle without a
+    directory file (its revision is empty), rather than a blank."""
+    return f"directory {revision}" if revision else "no directory"
 
 
 def _now() -> Timestamp:

@@ -1663,6 +1663,7 @@ class Daemon:
             env=self.config.env,
             daemon_id=self.config.identity.daemon_id,
             limits=self.config.playground,
+            signed_directory=bool(self.config.directory.store),
         )
         app = build_http_app(
             self.metrics,

@@ -336,3 +336,42 @@ def test_trusted_keys_beside_a_policy_directory_are_warned_unused(
     ]
     assert record.fields["setting"] == "policy.trusted_keys"
     assert "policy directory, read unsigned" in record.getMessage()
+
+
+def test_bundle_build_and_verify_say_no_directory_for_a_bundle_without_one(tmp_path):
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    (policies / "directory.yaml").unlink()
+    key = generate_key()
+    save_signing_key(key, tmp_path / "bundle-key.pem")
+    save_public_key(key.public(), tmp_path / "bundle-key.pub")
+    out = tmp_path / "b.tar"
+
+    built = run(
+        "bundle", "build", policies, "--key", tmp_path / "bundle-key.pem", "--out", out
+    )
+    verified = run(
+        "bundle", "verify", out, "--trusted-key", tmp_path / "bundle-key.pub"
+    )
+
+    for result in (built, verified):
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ", no directory, " in result.stdout
+        assert "directory ," not in result.stdout
+
+
+def test_bundle_verify_names_the_directory_revision_of_a_bundle_with_one(tmp_path):
+    key = generate_key()
+    save_signing_key(key, tmp_path / "bundle-key.pem")
+    save_public_key(key.public(), tmp_path / "bundle-key.pub")
+    out = tmp_path / "b.tar"
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+
+    run("bundle", "build", policies, "--key", tmp_path / "bundle-key.pem", "--out", out)
+    verified = run(
+        "bundle", "verify", out, "--trusted-key", tmp_path / "bundle-key.pub"
+    )
+
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert re.search(r", directory sha256:[0-9a-f]{64}, \d+ files", verified.stdout)

@@ -7,6 +7,9 @@ an auditor can check the pack without the Kynara sidecar. Prefer giving the
 key you obtained from the operator yourself (``--trusted-key FILE``, PEM or
 the raw key as 43 characters of unpadded base64url, repeatable) over the
 keys the pack carries: a pack's own keys prove only that someone signed it.
+The keys of whoever signed the policy bundles and directory updates are
+given apart (``--publisher-key FILE``, same forms, repeatable): they are
+never trusted for checkpoints, and audit keys never for signed updates.
 It prints ``ok: ...`` (exit 0) or the first problem found (exit 1).
 
 What a pack holds
@@ -46,9 +49,10 @@ What a pack holds
     (``bundle.json``, ``bundle.sig``, ``policies/NAME``). The file name is
     the SHA-256 of the bytes. Each is checked here: the hashes its manifest
     states, that it carries exactly the cited revision's files, and its
-    signature under the trusted keys (the ``--trusted-key`` keys, else the
-    pack's: give the collector's directory key and the bundle key there
-    too). One whose key is not among them is reported as not checked, not
+    signature under the ``--publisher-key`` keys only (the collector's
+    directory key, the bundle key), never under the audit keys, so a
+    publisher's key cannot vouch for checkpoints nor an audit key for
+    policies. One whose key is not given is reported as not checked, not
     failed: a pack of a daemon that read unsigned policy files has none.
 ``export.json``
     What the operator asked for (the time range, the records left out
@@ -178,7 +182,7 @@ class PackReport:
         self.manifest = manifest
         self.keys_from = keys_from
         self.signers = signers
-        # Signed updates whose signer is not among the trusted keys.
+        # Signed updates whose signer is not among the --publisher-key keys.
         self.unchecked = unchecked or []
 
     def summary(self) -> str:
@@ -200,9 +204,9 @@ class PackReport:
         text = f"; signed updates: {checked} of {len(signed)} checked"
         if self.unchecked:
             text += (
-                " (not checked, signer not trusted: "
+                " (not checked, signer not given: "
                 + ", ".join(self.unchecked)
-                + "; pass its key with --trusted-key)"
+                + "; pass its key with --publisher-key)"
             )
         return text
 
@@ -787,7 +791,8 @@ def _verify_signed(
 ) -> tuple[list[dict], list[str]]:
     """Check each signed update under signed/: its hashes, that it carries
     the files of the revision it is filed for, and its signature when its
-    key is trusted. Returns the entries and the updates not checked."""
+    key is among the publisher keys given. Returns the entries and the
+    updates not checked."""
     found, unchecked = [], []
     for part in ("directory", "policy"):
         directory = pack / SIGNED_DIR / part
@@ -900,14 +905,20 @@ def _check_facts(manifest: dict, facts: dict[str, Any]) -> None:
 
 
 def verify_pack(
-    pack: str | pathlib.Path, trusted_keys: Iterable[str | pathlib.Path] = ()
+    pack: str | pathlib.Path,
+    trusted_keys: Iterable[str | pathlib.Path] = (),
+    publisher_keys: Iterable[str | pathlib.Path] = (),
 ) -> PackReport:
     """Check a pack and return what verified, or raise at the first problem.
 
     Args:
         pack: the pack's directory.
-        trusted_keys: public key files (PEM or raw base64url) to trust instead
-            of the keys in the pack.
+        trusted_keys: public key files (PEM or raw base64url) to trust for
+            the checkpoints instead of the keys in the pack.
+        publisher_keys: public key files of the signers of policy bundles and
+            directory updates; only these check ``signed/`` (kept apart from
+            ``trusted_keys`` so neither kind of key vouches for the other's
+            objects). A signed update whose key is not given is not checked.
 
     Returns:
         The report of a pack that verified.
@@ -928,17 +939,20 @@ def verify_pack(
     pack_keys, key_entries = _pack_keys(pack)
     given = [pathlib.Path(path) for path in trusted_keys]
     if given:
-        trusted = dict(_given_key(path) for path in given)
+        trusted = dict(_given_key(path, "--trusted-key") for path in given)
         keys_from = "--trusted-key: " + ", ".join(sorted(trusted))
     else:
         trusted = pack_keys
         keys_from = "the pack (prefer --trusted-key): " + (
             ", ".join(sorted(trusted)) or "none"
         )
+    publishers = dict(
+        _given_key(pathlib.Path(path), "--publisher-key") for path in publisher_keys
+    )
     signers = _verify_signatures(cps, records, base, trusted, manifest)
     _verify_proofs(proofs, cps)
     policy_sets = _verify_policy_sets(pack)
-    signed, unchecked = _verify_signed(pack, trusted)
+    signed, unchecked = _verify_signed(pack, publishers)
     facts = _facts(records, cps, base, key_entries, policy_sets)
     if signed:
         # Only when there are any, so packs made before them still verify.
@@ -947,12 +961,12 @@ def verify_pack(
     return PackReport(manifest, keys_from, signers, unchecked)
 
 
-def _given_key(path: pathlib.Path) -> tuple[str, Ed25519PublicKey]:
+def _given_key(path: pathlib.Path, option: str) -> tuple[str, Ed25519PublicKey]:
     try:
         text = path.read_text("ascii")
     except (OSError, UnicodeDecodeError) as err:
-        raise PackError("key", f"--trusted-key {path}: cannot read: {err}") from None
-    return _load_key(text, f"--trusted-key {path}")
+        raise PackError("key", f"{option} {path}: cannot read: {err}") from None
+    return _load_key(text, f"{option} {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -971,12 +985,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         action="append",
         default=[],
-        help="a public key you trust (PEM or base64url); repeatable; when "
-        "given, the pack's own keys are not trusted",
+        help="an audit public key you trust for the checkpoints (PEM or "
+        "base64url); repeatable; when given, the pack's own keys are not trusted",
+    )
+    parser.add_argument(
+        "--publisher-key",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a public key of a policy bundle or directory update signer "
+        "(PEM or base64url); repeatable; checks only the signed updates",
     )
     args = parser.parse_args(argv)
     try:
-        report = verify_pack(args.pack, args.trusted_key)
+        report = verify_pack(args.pack, args.trusted_key, args.publisher_key)
     except PackError as err:
         print(f"FAILED: {err}")
         return 1

@@ -50,6 +50,16 @@ naming the file and the location inside it, as the loader names them. A
 name the loader would never read as a policy (below a ``tests/``
 directory, a part starting with ``.``, a backslash) is a 400 naming it.
 
+A daemon following the collector's signed directory (``directory.store``)
+decides with that directory, compiled against its policies keeping roles
+they do not define (``unknown_roles="keep"``), and reads no directory file
+of its own. A what-if there decides alike: the active signed directory with
+the active or the edited policies; an edited set needs no directory file,
+and one it carries is ignored, which the answer says
+(``directory_ignored``). The playground knows such a daemon by its audit
+log: the active directory is the signed update the log last activated (or
+there is none yet, ``NO_DIRECTORY``).
+
 Who may use it. A reviewer or an operator: in a browser, by signing in at
 ``/playground/login`` with a reviewer's token (an admin secret with the
 reviewer role or a reviewer JWT, checked by the review page's
@@ -100,13 +110,16 @@ from kynara_sidecar.audit.store import AuditStore, PolicySource
 from kynara_sidecar.config import AdminRole, EnvConfig, PlaygroundConfig
 from kynara_sidecar.decision import Decision, Duration, Env, Timestamp, UInt64
 from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
+from kynara_sidecar.policy.compiler import compile_directory
 from kynara_sidecar.policy.loader import (
     SUFFIXES,
     TEST_DIRECTORY,
     LoadedPolicies,
+    SourceDocument,
     compile_documents,
     decode_document,
 )
+from kynara_sidecar.policy.model import PolicyDocument
 
 # The request file's own reader, so a pasted request means here what it
 # means to `kynara-sidecar explain`.
@@ -193,6 +206,9 @@ class PlaygroundSources:
         daemon_id: the daemon's ``identity.daemon_id`` (``env.daemon_id``).
         limits: the ``playground`` section: each what-if run's memory, CPU
             time and wall-clock deadline.
+        signed_directory: the daemon decides with the collector's signed
+            directory (``directory.store``): edited sets are decided with the
+            active directory, their own directory file left aside.
     """
 
     policies: Callable[[], LoadedPolicies | None]
@@ -202,6 +218,7 @@ class PlaygroundSources:
     env: EnvConfig = field(default_factory=EnvConfig)
     daemon_id: str = ""
     limits: PlaygroundConfig = field(default_factory=PlaygroundConfig)
+    signed_directory: bool = False
 
     def env_at(self, now: Timestamp) -> Env:
         """The env a live ``Decide`` at ``now`` gets, as the pipeline builds
@@ -436,8 +453,21 @@ def _edited_files(files: object) -> list[_File]:
     return checked
 
 
-def _edited_set(files: list[_File]) -> LoadedPolicies:
+def _edited_set(
+    files: list[_File], signed: SourceDocument | None = None, *, follows: bool = False
+) -> tuple[LoadedPolicies, list[str]]:
     """Compile checked files (``_edited_files``) as one set.
+
+    Args:
+        files: the edited set.
+        signed: the active signed directory's file, when the daemon follows
+            one (``directory.store``); None with none yet.
+        follows: the daemon follows a signed directory: the set's own
+            directory files are left aside, as the daemon leaves its own,
+            and ``signed`` (kept unknown roles) is the set's directory.
+
+    Returns:
+        The compiled set, and the names of the directory files left aside.
 
     Raises:
         PolicyError: a file that does not load (naming it as the loader
@@ -447,7 +477,16 @@ def _edited_set(files: list[_File]) -> LoadedPolicies:
         decode_document(file.name, file.content.encode(), name=file.name)
         for file in files
     ]
-    return compile_documents(documents, root="edited copy")
+    if not follows:
+        return compile_documents(documents, root="edited copy"), []
+    ignored = sorted(
+        item.name for item in documents if not isinstance(item.document, PolicyDocument)
+    )
+    loaded = compile_documents(documents, root="edited copy", directory="ignored")
+    if signed is None:
+        return loaded, ignored
+    directory = compile_directory(signed, loaded.policy_set, unknown_roles="keep")
+    return LoadedPolicies(loaded.policy_set, directory), ignored
 
 
 def _check_file_name(name: str, where: str) -> None:
@@ -934,8 +973,9 @@ class _Playground:
             env = self.sources.env_at(Timestamp.from_nanos(self.clock()))
             job = _WhatIfJob(text, env, edited)
             store, limits = self.sources.store(), self.sources.limits
+            signed = self.sources.signed_directory
             return await self._in_worker(
-                lambda: _isolated_what_if(job, active, store, limits)
+                lambda: _isolated_what_if(job, active, store, limits, signed)
             )
 
         return await self._json_call(request, run, posting=True)
@@ -965,9 +1005,11 @@ def _isolated_what_if(
     active: LoadedPolicies | None,
     store: AuditStore | None,
     limits: PlaygroundConfig,
+    follows: bool,
 ) -> dict[str, Any]:
     """Add the active set's stored files to ``job`` and run it in a process
-    of its own (``_run_isolated``); in a worker thread.
+    of its own (``_run_isolated``); in a worker thread. ``follows``: the
+    daemon decides with a signed directory (``directory.store``).
 
     Raises:
         _Refused: the active set's files are not at hand (503), or the run
@@ -981,8 +1023,12 @@ def _isolated_what_if(
                 503, "the audit log, which keeps the active set's files, is not open"
             )
         policy = store.get_policy_source("policy", policy_revision)
-        directory = store.get_policy_source("directory", directory_revision)
-        if policy is None or directory is None:
+        directory = (
+            store.get_policy_source("directory", directory_revision)
+            if directory_revision
+            else None
+        )
+        if policy is None or (directory is None and directory_revision):
             raise _Refused(
                 503,
                 f"the audit log does not hold the files of policy {policy_revision} "
@@ -994,6 +1040,7 @@ def _isolated_what_if(
             directory_revision=directory_revision,
             policy=policy,
             directory=directory,
+            signed_directory=follows,
         )
     status, body = _run_isolated(msgspec.msgpack.encode(job), limits)
     if status != 200:
@@ -1005,14 +1052,20 @@ def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
     policy_revision = active.policy_set.revision
     directory_revision = active.directory.revision
     policy = store.get_policy_source("policy", policy_revision)
-    directory = store.get_policy_source("directory", directory_revision)
-    if policy is None or directory is None:
+    # No directory (NO_DIRECTORY) while a daemon following a signed one has
+    # none yet.
+    directory = (
+        store.get_policy_source("directory", directory_revision)
+        if directory_revision
+        else None
+    )
+    if policy is None or (directory is None and directory_revision):
         raise _Refused(
             503,
             f"the audit log does not hold the files of policy {policy_revision} "
             f"and directory {directory_revision}",
         )
-    files = {**policy.files, **directory.files}
+    files = {**policy.files, **(directory.files if directory else {})}
     return {
         "policy_revision": policy_revision,
         "directory_revision": directory_revision,
@@ -1024,14 +1077,27 @@ def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
 
 
 def _what_if(
-    text: str, files: list[_File] | None, active: LoadedPolicies | None, env: Env
+    text: str,
+    files: list[_File] | None,
+    active: LoadedPolicies | None,
+    env: Env,
+    signed: SourceDocument | None = None,
+    *,
+    follows: bool = False,
 ) -> dict[str, Any]:
     """Decide the pasted request under the edited files (checked by
     ``_edited_files``) or the active set, and under the active set beside
-    the edited one; the answer of ``POST /playground/api/evaluate``."""
+    the edited one; the answer of ``POST /playground/api/evaluate``.
+
+    With ``follows`` (the daemon follows a signed directory, ``signed`` its
+    active file) an edited set is decided with that directory, as the
+    daemon would, and its own directory files are named as ignored.
+    """
     try:
         request = parse_request(text, env)
-        edited = None if files is None else _edited_set(files)
+        edited, ignored = (
+            (None, []) if files is None else _edited_set(files, signed, follows=follows)
+        )
     except PolicyError as err:
         raise _Refused(400, str(err), file=err.path, location=err.location) from None
     decided_in = msgspec.to_builtins(request.env)
@@ -1041,6 +1107,17 @@ def _what_if(
         "env": decided_in,
         "policies": "active" if edited is None else "edited",
     }
+    if follows:
+        out["directory"] = "signed"
+    if ignored:
+        out["directory_ignored"] = {
+            "files": ignored,
+            "why": "this daemon follows the collector's signed directory "
+            "(directory.store) and reads no directory file of its own: the "
+            "edited set was decided with the active signed directory, "
+            + (active.directory.revision if active is not None else "none")
+            + ", as the daemon would decide it",
+        }
     chosen = edited if edited is not None else active
     assert chosen is not None
     out["decision"] = _decided(_decide(chosen, request))
@@ -1063,7 +1140,9 @@ class _WhatIfJob(msgspec.Struct, frozen=True):
 
     ``policy`` and ``directory`` are the active set's stored files (under
     the revisions named), compiled again in the run's process; None before
-    a set is active.
+    a set is active (``directory`` also while a daemon that follows a
+    signed directory has none yet). ``signed_directory``: the daemon
+    follows the collector's signed directory (``directory.store``).
     """
 
     request: str
@@ -1073,6 +1152,7 @@ class _WhatIfJob(msgspec.Struct, frozen=True):
     directory_revision: str = ""
     policy: PolicySource | None = None
     directory: PolicySource | None = None
+    signed_directory: bool = False
 
 
 class _WhatIfAnswer(msgspec.Struct, frozen=True):
@@ -1100,20 +1180,70 @@ class _StoredSources:
 
 
 def _what_if_job(job: _WhatIfJob) -> dict[str, Any]:
-    """Compile the active set from its stored files and run ``_what_if``."""
-    active = None
+    """Compile the active set from its stored files and run ``_what_if``.
+
+    The stored directory is compiled keeping roles the policies do not
+    define (``load_stored_policies``), as the daemon compiles a signed one;
+    a daemon following a signed directory with none yet has no directory.
+    """
+    active, signed = None, None
     if job.policy is not None:
         try:
-            active = load_stored_policies(
-                _StoredSources(job),  # type: ignore[arg-type]
-                job.policy_revision,
-                job.directory_revision,
-            )
+            if job.directory is None:
+                active = _without_directory(job)
+            else:
+                active = load_stored_policies(
+                    _StoredSources(job),  # type: ignore[arg-type]
+                    job.policy_revision,
+                    job.directory_revision,
+                )
+            if job.signed_directory and job.directory is not None:
+                signed = _directory_document(job.directory)
         except PolicyError as err:
             raise _Refused(
                 503, f"the active set's stored files do not compile here: {err}"
             ) from None
-    return _what_if(job.request, job.files, active, job.env)
+    return _what_if(
+        job.request, job.files, active, job.env, signed, follows=job.signed_directory
+    )
+
+
+def _without_directory(job: _WhatIfJob) -> LoadedPolicies:
+    """The active policies alone (``NO_DIRECTORY``), from their stored files.
+
+    Raises:
+        PolicyError: they do not compile, or not to their stored revision.
+    """
+    assert job.policy is not None
+    where = f"{_StoredSources.path} policy_sets"
+    documents = [
+        decode_document(f"{where}/{name}", content, name=name)
+        for name, content in job.policy.files.items()
+    ]
+    loaded = compile_documents(documents, root=where, directory="ignored")
+    if loaded.policy_set.revision != job.policy_revision:
+        raise PolicyError(
+            f"expected stored files to compile to policy {job.policy_revision}, "
+            f"got {loaded.policy_set.revision}",
+            path=where,
+        )
+    return loaded
+
+
+def _directory_document(source: PolicySource) -> SourceDocument:
+    """The one file of a stored signed directory, decoded.
+
+    Raises:
+        PolicyError: it holds other than one file, or that does not load.
+    """
+    if len(source.files) != 1:
+        raise PolicyError(
+            f"expected the signed directory as one file, got {sorted(source.files)}",
+            path=f"{_StoredSources.path} directory",
+        )
+    ((name, content),) = source.files.items()
+    where = f"{_StoredSources.path} policy_sets/{name}"
+    return decode_document(where, content, name=name)
 
 
 def _limit_process(kind: int, wanted: int) -> None:

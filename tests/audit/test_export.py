@@ -81,11 +81,13 @@ def auditor_python(tmp_path_factory) -> pathlib.Path:
 
 
 def run_script(
-    python: pathlib.Path, pack: pathlib.Path, *keys, script=None
+    python: pathlib.Path, pack: pathlib.Path, *keys, script=None, publishers=()
 ) -> tuple[int, str]:
     args = [python, script or pack / "verify_pack.py", pack]
     for key in keys:
         args += ["--trusted-key", key]
+    for key in publishers:
+        args += ["--publisher-key", key]
     # cwd outside the repository, so nothing of ours is importable by path.
     done = subprocess.run(args, capture_output=True, text=True, cwd=pack.parent)
     return done.returncode, done.stdout + done.stderr
@@ -825,28 +827,125 @@ def test_the_pack_holds_the_signed_update_of_each_cited_directory(signed_run):
     assert all(e["file"] in manifest["files"] for e in signed)
 
 
-def test_signed_updates_are_checked_with_the_given_keys_and_reported_without(
+def test_signed_updates_are_checked_with_the_publisher_keys_and_reported_without(
     signed_run, auditor_python
 ):
     pack, audit_key, keys, _ = signed_run
-    all_keys = (audit_key, keys / "directory.pub", keys / "bundle.pub")
+    publishers = (keys / "directory.pub", keys / "bundle.pub")
 
     only_audit = verify_pack(pack, [audit_key])
-    every = verify_pack(pack, all_keys)
-    code, text = run_script(auditor_python, pack, *all_keys)
+    every = verify_pack(pack, [audit_key], publishers)
+    code, text = run_script(auditor_python, pack, audit_key, publishers=publishers)
     cli = run_cli(
         "verify-export",
         pack,
-        *(arg for key in all_keys for arg in ("--trusted-key", key)),
+        "--trusted-key",
+        audit_key,
+        *(arg for key in publishers for arg in ("--publisher-key", key)),
     )
 
     assert len(only_audit.unchecked) == 3
     assert "signed updates: 0 of 3 checked" in only_audit.summary()
-    assert "pass its key with --trusted-key" in only_audit.summary()
+    assert "pass its key with --publisher-key" in only_audit.summary()
     assert every.unchecked == []
     assert "signed updates: 3 of 3 checked" in every.summary()
-    assert code == 0 and "3 of 3 checked" in text
+    assert code == 0 and "3 of 3 checked" in text, text
     assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "3 of 3 checked" in cli.stdout
+
+
+def test_publisher_keys_given_as_trusted_keys_check_no_signed_update(signed_run):
+    pack, audit_key, keys, _ = signed_run
+
+    # The old way of passing them: beside the audit key, as trusted keys.
+    report = verify_pack(pack, [audit_key, keys / "directory.pub", keys / "bundle.pub"])
+
+    assert len(report.unchecked) == 3
+    assert "signed updates: 0 of 3 checked" in report.summary()
+
+
+def test_a_directory_key_given_as_a_publisher_key_does_not_vouch_for_checkpoints(
+    signed_run, tmp_path, auditor_python
+):
+    from sync.test_daemon_directory import DIRECTORY_KEY
+
+    pack = tmp_path / "pack"
+    shutil.copytree(signed_run[0], pack)
+    audit_key, keys = signed_run[1], signed_run[2]
+    publishers = (keys / "directory.pub", keys / "bundle.pub")
+    # Checkpoints re-signed with the collector's directory key.
+    lines = (pack / "checkpoints.jsonl").read_bytes().split(b"\n")[:-1]
+    forged = []
+    for line in lines:
+        cp = decode_checkpoint(line)
+        forged.append(
+            encode_checkpoint(
+                sign_checkpoint(
+                    kind=cp.kind,
+                    origin=cp.origin,
+                    log_id=cp.log_id,
+                    tree_size=cp.tree_size,
+                    root=bytes.fromhex(cp.root),
+                    chain_hash=bytes.fromhex(cp.chain_hash),
+                    time=parse_timestamp(cp.time),
+                    key=DIRECTORY_KEY,
+                )
+            )
+        )
+    (pack / "checkpoints.jsonl").write_bytes(b"".join(f + b"\n" for f in forged))
+    reseal_manifest(pack)
+
+    with pytest.raises(PackError) as with_audit_key:
+        verify_pack(pack, [audit_key], publishers)
+    code, text = run_script(auditor_python, pack, audit_key, publishers=publishers)
+    cli = run_cli(
+        "verify-export",
+        pack,
+        "--trusted-key",
+        audit_key,
+        *(arg for key in publishers for arg in ("--publisher-key", key)),
+    )
+
+    assert with_audit_key.value.kind == "unknown_key"
+    assert DIRECTORY_KEY.key_id in str(with_audit_key.value)
+    assert code == 1 and text.startswith("FAILED: unknown_key: "), text
+    assert cli.returncode == 1 and cli.stdout.startswith("FAILED: unknown_key: ")
+    # It is only the separation that fails it: as a trusted key it would pass.
+    assert verify_pack(pack, [keys / "directory.pub"]).signers == [DIRECTORY_KEY.key_id]
+
+
+def test_an_audit_key_given_as_a_trusted_key_does_not_vouch_for_signed_updates(
+    signed_run, tmp_path
+):
+    from kynara_sidecar.audit.keys import load_signing_key
+    from kynara_sidecar.decision import Timestamp
+    from kynara_sidecar.sync.directory import build_directory_update
+
+    pack = tmp_path / "pack"
+    shutil.copytree(signed_run[0], pack)
+    audit_key, keys = signed_run[1], signed_run[2]
+    audit_signing = load_signing_key(audit_key.with_name("audit-key.pem"))
+    manifest = json.loads((pack / MANIFEST_FILE).read_bytes())
+    entry = next(e for e in manifest["signed"] if e["part"] == "directory")
+    kept = pack / "policy_sets" / "directory" / entry["revision"].replace(":", "-")
+    content = (kept / "directory.json").read_bytes()
+    # The same directory, signed by the daemon's audit key.
+    forged = build_directory_update(content, audit_signing, Timestamp(1_796_634_000, 0))
+    (pack / entry["file"]).unlink()
+    entry["file"] = f"signed/directory/sha256-{hashlib.sha256(forged).hexdigest()}.tar"
+    (pack / entry["file"]).write_bytes(forged)
+    manifest["signed"] = sorted(
+        manifest["signed"], key=lambda e: (e["part"], e["file"])
+    )
+    (pack / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
+    reseal_manifest(pack)
+
+    report = verify_pack(
+        pack, [audit_key], [keys / "directory.pub", keys / "bundle.pub"]
+    )
+
+    assert report.unchecked == [f"{entry['file']} ({audit_signing.key_id})"]
+    assert "signed updates: 2 of 3 checked" in report.summary()
 
 
 def test_a_forged_directory_update_fails_under_the_collectors_key(signed_run, tmp_path):
@@ -876,7 +975,7 @@ def test_a_forged_directory_update_fails_under_the_collectors_key(signed_run, tm
     reseal_manifest(pack)
 
     with pytest.raises(PackError) as failed:
-        verify_pack(pack, [audit_key, keys / "directory.pub", keys / "bundle.pub"])
+        verify_pack(pack, [audit_key], [keys / "directory.pub", keys / "bundle.pub"])
     unchecked = verify_pack(pack, [audit_key])
 
     assert failed.value.kind == "bad_signature"

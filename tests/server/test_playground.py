@@ -772,3 +772,122 @@ def test_playground_limits_are_checked_naming_the_key(key, value, error):
 
     with pytest.raises(ConfigError, match=error):
         limits.validate("playground")
+
+
+# ------------------------------------------ a daemon following a signed directory
+
+
+@pytest.fixture
+def served_signed(tmp_path, start_daemon):
+    """A daemon whose policy files have no directory file, following a
+    signed directory (dir:// store) that names zoe, with a role no policy
+    defines; returns the daemon and the directory's revision."""
+    from sync.test_daemon_directory import (
+        DIRECTORY_KEY,
+        publish,
+        revision_in,
+        update,
+    )
+
+    from kynara_sidecar.audit.keys import save_public_key
+
+    store = tmp_path / "store"
+    store.mkdir()
+    data = update()
+    publish(f"dir://{store}", data)
+    key_file = tmp_path / "directory-key.pub"
+    save_public_key(DIRECTORY_KEY.public(), key_file)
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    (policies / "directory.yaml").unlink()
+    running = start_daemon(
+        *admin_overrides(tmp_path),
+        f"policy.source={policies}",
+        f"directory.store=dir://{store}",
+        f"directory.trusted_keys=[{key_file}]",
+        "sync.poll_seconds=0.05",
+        "sync.ship_segments=false",
+    )
+    return running, revision_in(data)
+
+
+ZOE_REFUND = SMALL_REFUND.replace("[alice, support-bot]", "[zoe, support-bot]")
+
+
+def test_a_pasted_request_matches_decide_under_a_signed_directory(served_signed):
+    from sync.test_daemon_directory import SCIM_ONLY_ROLE
+
+    running, revision = served_signed
+    live = running.stub().Decide(
+        pb.DecideRequest(
+            asserted_chain=["zoe"],
+            action="payments.refund.issue",
+            resource=pb.Resource(
+                kind="payments.refund",
+                id="rf_1",
+                attributes={"amount": pb.Value(int_value=1200)},
+            ),
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+
+    status, _, body = evaluate(running, ZOE_REFUND)
+
+    assert live.directory_revision == revision
+    assert live.decision == pb.DECISION_ALLOW
+    assert status == 200, body
+    decision = body["decision"]
+    assert (decision["effect"], decision["reason_code"]) == ("allow", live.reason_code)
+    assert decision["directory_revision"] == revision
+    assert decision["policy_revision"] == live.policy_revision
+    assert [r["rule"] for r in decision["matched_rules"]] == [
+        r.rule for r in live.matched_rules
+    ]
+    assert body["directory"] == "signed"
+    assert SCIM_ONLY_ROLE in running.daemon._pipeline.policies.directory.unknown_roles
+
+
+def test_an_edited_set_without_a_directory_file_evaluates_with_the_signed_one(
+    served_signed,
+):
+    running, revision = served_signed
+    files = [
+        file
+        for file in edited(
+            active_files(running),
+            "payments.yaml",
+            "resource.attr.amount <= 50000",
+            "resource.attr.amount <= 100",
+        )
+        if file["name"] != "directory.json"
+    ]
+
+    status, _, body = evaluate(running, ZOE_REFUND, files)
+
+    assert status == 200, body
+    assert body["policies"] == "edited"
+    assert body["decision"]["effect"] == "deny"
+    assert body["decision"]["reason_code"] == "no_rule_allows"
+    assert body["decision"]["directory_revision"] == revision
+    assert body["active_decision"]["effect"] == "allow"
+    assert "directory_ignored" not in body
+
+
+def test_an_edited_sets_own_directory_file_is_ignored_and_said_so(served_signed):
+    running, revision = served_signed
+    # The shipped directory file, which has no zoe.
+    files = [
+        *(f for f in active_files(running) if f["name"] != "directory.json"),
+        {
+            "name": "directory.yaml",
+            "content": (SHIPPED_POLICIES / "directory.yaml").read_text(),
+        },
+    ]
+
+    status, _, body = evaluate(running, ZOE_REFUND, files)
+
+    assert status == 200, body
+    assert body["decision"]["effect"] == "allow"
+    assert body["decision"]["directory_revision"] == revision
+    assert body["directory_ignored"]["files"] == ["directory.yaml"]
+    assert "directory.store" in body["directory_ignored"]["why"]
