@@ -158,8 +158,11 @@ SCRIPT = r"""
     put($("reason"), decision.reason);
     put($("instant"), result.now);
     put($("env-used"), envText(result.env));
-    put($("policies-used"), result.policies === "edited" ?
-      "your edited copy" : "the active policies");
+    const ignored = result.directory_ignored;
+    put($("policies-used"), (result.policies === "edited" ?
+      "your edited copy" : "the active policies") + (ignored ?
+      "; its directory file " + ignored.files.join(", ") + " left aside: " +
+      ignored.why : ""));
     put($("policy-revision"), decision.policy_revision);
     ruleList($("matched-rules"), decision.matched_rules);
     const errors = $("condition-errors");

@@ -56,9 +56,9 @@ they do not define (``unknown_roles="keep"``), and reads no directory file
 of its own. A what-if there decides alike: the active signed directory with
 the active or the edited policies; an edited set needs no directory file,
 and one it carries is ignored, which the answer says
-(``directory_ignored``). The playground knows such a daemon by its audit
-log: the active directory is the signed update the log last activated (or
-there is none yet, ``NO_DIRECTORY``).
+(``directory_ignored``, shown beside "Policies" on the page). The daemon
+says it follows one (``PlaygroundSources.signed_directory``); until its
+first signed directory arrives there is none (``NO_DIRECTORY``).
 
 Who may use it. A reviewer or an operator: in a browser, by signing in at
 ``/playground/login`` with a reviewer's token (an admin secret with the
