@@ -20,7 +20,7 @@ import re
 import ssl
 import typing
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -81,7 +81,9 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_path_template",
+    "read_credential_secrets",
     "read_raw_config",
+    "read_secret",
 ]
 
 DEFAULT_CONFIG_ENV = "KYNARA_CONFIG"
@@ -491,14 +493,11 @@ class AdminListenerConfig(_FileSection):
                 that is too short, or two credentials sharing one.
         """
         self._check_credentials(section)
-        loaded: dict[str, tuple[bytes, frozenset[AdminRole]]] = {}
-        for name, credential in self.credentials.items():
-            where = f"{section}.credentials.{name}"
-            secret = _read_secret(f"{where}.secret_file", credential.secret_file)
-            if any(secret == other for other, _ in loaded.values()):
-                raise ConfigError(f"{where}: expected its own secret, got a shared one")
-            loaded[name] = (secret, frozenset(map(AdminRole, credential.roles)))
-        return loaded
+        secrets = read_credential_secrets(section, self.credentials)
+        return {
+            name: (secret, frozenset(map(AdminRole, self.credentials[name].roles)))
+            for name, secret in secrets.items()
+        }
 
     def _check_credentials(self, section: str) -> None:
         """Check each credential's settings, reading no secret file."""
@@ -588,7 +587,13 @@ def _check_pair(section: str, cert_file: str, key_file: str, otherwise: str) -> 
         )
 
 
-def _read_secret(where: str, path: str) -> bytes:
+def read_secret(where: str, path: str) -> bytes:
+    """A bearer secret from the file at ``path``, surrounding whitespace
+    removed, at least ``MIN_AGENT_SECRET_BYTES`` long.
+
+    Raises:
+        ConfigError: naming ``where``: unreadable, empty or too short.
+    """
     try:
         secret = pathlib.Path(path).read_bytes().strip()
     except (OSError, ValueError) as err:
@@ -604,6 +609,32 @@ def _read_secret(where: str, path: str) -> bytes:
             f"bytes in {path}, got {len(secret)}"
         )
     return secret
+
+
+def read_credential_secrets(
+    section: str, credentials: Mapping[str, Any], others: Collection[bytes] = ()
+) -> dict[str, bytes]:
+    """Read each credential's ``secret_file`` (``read_secret``), in order:
+    name -> secret. No two may share a secret, nor any be one of ``others``
+    (the ``http.credentials`` secrets, for a section whose callers must not
+    pass as those).
+
+    Raises:
+        ConfigError: naming ``<section>.credentials.<name>``: a file that
+            cannot be read, a secret too short, shared or one of ``others``.
+    """
+    loaded: dict[str, bytes] = {}
+    for name, credential in credentials.items():
+        where = f"{section}.credentials.{name}"
+        secret = read_secret(f"{where}.secret_file", credential.secret_file)
+        if secret in loaded.values():
+            raise ConfigError(f"{where}: expected its own secret, got a shared one")
+        if secret in others:
+            raise ConfigError(
+                f"{where}: expected its own secret, got one of http.credentials"
+            )
+        loaded[name] = secret
+    return loaded
 
 
 class IssuerConfig(_Section):
@@ -833,7 +864,7 @@ class IdentityConfig(_FileSection):
                 raise ConfigError(f"{section}.agents: expected agent ids, got ''")
             if not isinstance(path, str):
                 continue
-            secret = _read_secret(where, path)
+            secret = read_secret(where, path)
             if secret in secrets.values():
                 raise ConfigError(f"{where}: expected its own secret, got a shared one")
             secrets[agent] = secret
@@ -958,11 +989,25 @@ _STORE_FORMS = {
 
 def _store_url_problem(text: str) -> str | None:
     """Why ``text`` is a malformed store URL (a store scheme without the
-    ``//``), or None."""
+    ``//``, a ``nats://`` URL without a host, a ``dir://`` one without a
+    path), or None. Checked before the ``sync.nats`` settings, whose TLS
+    rule would otherwise take a missing host for one off loopback."""
     scheme, colon, rest = text.partition(":")
-    if not colon or scheme not in _STORE_FORMS or rest.startswith("//"):
+    if not colon or scheme not in _STORE_FORMS:
         return None
-    return f"expected a store URL, {_STORE_FORMS[scheme]}, got {text!r}"
+    if not rest.startswith("//"):
+        return f"expected a store URL, {_STORE_FORMS[scheme]}, got {text!r}"
+    if scheme == "dir" and rest == "//":
+        return f"the store URL {text!r} names no path; expected {_STORE_FORMS[scheme]}"
+    if scheme == "nats":
+        try:
+            host = urllib.parse.urlsplit(text).hostname
+        except ValueError as err:
+            return f"the store URL {text!r} cannot be read as a URL: {err}"
+        if not host:
+            expected = _STORE_FORMS[scheme]
+            return f"the store URL {text!r} names no host; expected {expected}"
+    return None
 
 
 # A subject token of an inbox prefix: what NATS allows in a subject, less
@@ -1089,7 +1134,7 @@ class NatsConnectionConfig(_FileSection):
             return ""
         where = f"{section}.{key}"
         try:
-            return _read_secret(where, path).decode()
+            return read_secret(where, path).decode()
         except UnicodeDecodeError:
             raise ConfigError(f"{where}: expected UTF-8 text in {path}") from None
 
@@ -1547,7 +1592,7 @@ class WebhookConfig(_FileSection):
                 f"{section}.attempts: expected 1..20, got {self.attempts}"
             )
         if self.secret_file and files:
-            _read_secret(f"{section}.secret_file", self.secret_file)
+            read_secret(f"{section}.secret_file", self.secret_file)
 
 
 class ApprovalsConfig(_FileSection):

@@ -85,7 +85,7 @@ import socket
 import threading
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 import msgspec
@@ -100,7 +100,7 @@ from kynara_sidecar.approvals.webhook import ApprovalWebhook
 from kynara_sidecar.audit import AuditSink, RefusingSink
 from kynara_sidecar.audit import verify as audit_verify
 from kynara_sidecar.audit.checkpoint import CheckpointError, CheckpointV1
-from kynara_sidecar.audit.keys import load_trusted_keys
+from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
 from kynara_sidecar.audit.record import AuditRecordV1, format_timestamp, marker_record
 from kynara_sidecar.audit.startup import AuditKeys, load_audit_keys, rotation_for
 from kynara_sidecar.audit.store import (
@@ -155,15 +155,18 @@ from kynara_sidecar.server.playground import PlaygroundSources
 from kynara_sidecar.server.reviewers import ReviewerAuth, admin_reviewers
 from kynara_sidecar.server.sync_service import SyncService
 from kynara_sidecar.server.tls import ServingCertificate
-from kynara_sidecar.sync import BundleEntry, open_store
+from kynara_sidecar.sync import BundleEntry, Store, open_store
 from kynara_sidecar.sync._session import StoreSession
 from kynara_sidecar.sync.bundle import VerifiedBundle, verify_bundle
 from kynara_sidecar.sync.directory import DIRECTORY_FILE, VerifiedDirectory
 from kynara_sidecar.sync.follower import (
     BUNDLES,
+    Activate,
     BundleFile,
     BundleFollower,
+    BundleSource,
     DirectorySource,
+    Followed,
     Followers,
     SyncOutcome,
     directory_updates,
@@ -305,6 +308,18 @@ async def _within(stop: typing.Awaitable[None], seconds: float) -> bool:
     if not task.cancelled() and task.exception() is not None:
         log.error("stop step failed", extra=_fields(error=repr(task.exception())))
     return True
+
+
+def _trusted_keys(setting: str, paths: list[str]) -> dict[str, PublicKey]:
+    """The public keys a follower trusts, from the files ``setting`` lists.
+
+    Raises:
+        ConfigError: naming ``setting``: a key file cannot be loaded.
+    """
+    try:
+        return load_trusted_keys(paths)
+    except ConfigError as err:
+        raise ConfigError(f"{setting}: {err}") from err
 
 
 def _left_behind(what: str, seconds: float) -> None:
@@ -492,34 +507,19 @@ class Daemon:
                 malformed.
         """
         cfg = self.config
-        try:
-            trusted = load_trusted_keys(cfg.policy.trusted_keys)
-        except ConfigError as err:
-            raise ConfigError(f"policy.trusted_keys: {err}") from err
+        trusted = _trusted_keys("policy.trusted_keys", cfg.policy.trusted_keys)
         if cfg.policy.store:
-            source = open_store(
-                cfg.policy.store,
-                timeout=cfg.sync.timeout_seconds,
-                poll_seconds=cfg.sync.poll_seconds,
-                nats=cfg.sync.nats.load("sync.nats"),
-            )
+            source = self._open_store(cfg.policy.store, "policy.source")
         else:
             source = BundleFile(cfg.policy.path)
         # With directory.store a bundle's directory is not used, so it is
         # not compiled and may be absent; without, the bundle must hold one.
         use = "ignored" if cfg.directory.store else "required"
-        return BundleFollower(
+        return self._new_follower(
             source,
             trusted,
             self._activate_bundle,
-            self.metrics,
-            clock=self.clock,
-            poll_seconds=cfg.sync.poll_seconds,
-            retry_min_seconds=cfg.sync.retry_min_seconds,
-            retry_max_seconds=cfg.sync.retry_max_seconds,
-            on_outcome=lambda _: self._status_changed(),
-            max_clock_skew_seconds=cfg.sync.max_clock_skew_seconds,
-            followed=dataclasses.replace(
+            dataclasses.replace(
                 BUNDLES,
                 verify=functools.partial(verify_bundle, directory=use),
             ),
@@ -535,28 +535,53 @@ class Daemon:
         cfg = self.config
         if not cfg.directory.store:
             return None
-        try:
-            trusted = load_trusted_keys(cfg.directory.trusted_keys)
-        except ConfigError as err:
-            raise ConfigError(f"directory.trusted_keys: {err}") from err
-        store = open_store(
-            cfg.directory.store,
-            timeout=cfg.sync.timeout_seconds,
-            poll_seconds=cfg.sync.poll_seconds,
-            nats=cfg.sync.nats.load("sync.nats"),
-        )
-        return BundleFollower(
-            DirectorySource(store),
+        trusted = _trusted_keys("directory.trusted_keys", cfg.directory.trusted_keys)
+        return self._new_follower(
+            DirectorySource(self._open_store(cfg.directory.store, "directory.store")),
             trusted,
             self._activate_directory,
+            directory_updates(),
+        )
+
+    def _open_store(self, url: str, setting: str) -> Store:
+        """A store of bundles or directory updates, with the ``sync``
+        section's timeout, poll interval and NATS settings; ``setting``
+        names where ``url`` came from, for the store's errors.
+
+        Raises:
+            ConfigError: the store URL is malformed.
+        """
+        sync = self.config.sync
+        return open_store(
+            url,
+            timeout=sync.timeout_seconds,
+            poll_seconds=sync.poll_seconds,
+            nats=sync.nats.load("sync.nats"),
+            setting=setting,
+        )
+
+    def _new_follower(
+        self,
+        source: BundleSource,
+        trusted: Mapping[str, PublicKey],
+        activate: Activate,
+        followed: Followed,
+    ) -> BundleFollower:
+        """A follower of ``source`` on the ``sync`` section's schedule and
+        clock-skew bound, whose every outcome updates the daemon's status."""
+        sync = self.config.sync
+        return BundleFollower(
+            source,
+            trusted,
+            activate,
             self.metrics,
             clock=self.clock,
-            poll_seconds=cfg.sync.poll_seconds,
-            retry_min_seconds=cfg.sync.retry_min_seconds,
-            retry_max_seconds=cfg.sync.retry_max_seconds,
+            poll_seconds=sync.poll_seconds,
+            retry_min_seconds=sync.retry_min_seconds,
+            retry_max_seconds=sync.retry_max_seconds,
             on_outcome=lambda _: self._status_changed(),
-            max_clock_skew_seconds=cfg.sync.max_clock_skew_seconds,
-            followed=directory_updates(),
+            max_clock_skew_seconds=sync.max_clock_skew_seconds,
+            followed=followed,
         )
 
     async def _activate_bundle(
@@ -1930,6 +1955,7 @@ class Daemon:
             timeout=sync.timeout_seconds,
             poll_seconds=sync.poll_seconds,
             nats=sync.nats.load("sync.nats"),
+            setting="sync.store" if sync.store else "policy.source",
         )
         self._session = StoreSession(store, sync.timeout_seconds)
         if sync.ship_segments:
@@ -1977,6 +2003,7 @@ class Daemon:
             timeout=sync.timeout_seconds,
             poll_seconds=sync.poll_seconds,
             nats=sync.nats.load("sync.nats"),
+            setting="sync.store" if sync.store else "policy.source",
         )
         self._fleet = FleetLink(
             self._book,

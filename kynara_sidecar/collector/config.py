@@ -76,7 +76,9 @@ from kynara_sidecar.config import (
     TlsConfig,
     daemon_id_problem,
     is_loopback,
+    read_credential_secrets,
     read_raw_config,
+    read_secret,
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.policy.names import canonical_name
@@ -111,8 +113,6 @@ DEFAULT_SCIM_MAP_SIZE = 1 << 30
 MIN_MAP_SIZE = 1 << 20
 # The roles an http.credentials entry may carry to be of use there.
 HTTP_ROLES = frozenset({AdminRole.OPERATOR, AdminRole.METRICS})
-# A bearer secret shorter than 128 bits could be guessed (as the daemon's).
-MIN_SECRET_BYTES = 16
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -123,6 +123,16 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 def _check_range(section: str, key: str, value: float, low: float, high: float):
     if not low <= value <= high:
         raise ConfigError(f"{section}.{key}: expected {low}..{high}, got {value}")
+
+
+def _check_lmdb(section: str, path: str, map_size: int) -> None:
+    """An LMDB database's ``path`` and ``map_size`` settings in ``section``."""
+    if not path:
+        raise ConfigError(f"{section}.path: expected a directory, got none")
+    if map_size < MIN_MAP_SIZE:
+        raise ConfigError(
+            f"{section}.map_size: expected at least {MIN_MAP_SIZE}, got {map_size}"
+        )
 
 
 class StoreConfig(_Section):
@@ -216,19 +226,9 @@ class PullConfig(_Section):
         """The bearer secret, whitespace removed.
 
         Raises:
-            ConfigError: unreadable, or shorter than 16 bytes.
+            ConfigError: unreadable, empty, or shorter than 16 bytes.
         """
-        where = f"{section}.credential_file"
-        try:
-            secret = pathlib.Path(self.credential_file).read_bytes().strip()
-        except OSError as err:
-            raise ConfigError(f"{where}: cannot read the secret: {err}") from None
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                f"{where}: expected a secret of at least {MIN_SECRET_BYTES} bytes, "
-                f"got {len(secret)}"
-            )
-        return secret
+        return read_secret(f"{section}.credential_file", self.credential_file)
 
     def load_roots(self, section: str) -> bytes | None:
         """The certificates to trust for TLS, or None for plaintext.
@@ -325,13 +325,7 @@ class StateConfig(_Section):
     map_size: int = DEFAULT_STATE_MAP_SIZE
 
     def validate(self, section: str) -> None:
-        if not self.path:
-            raise ConfigError(f"{section}.path: expected a directory, got none")
-        if self.map_size < MIN_MAP_SIZE:
-            raise ConfigError(
-                f"{section}.map_size: expected at least {MIN_MAP_SIZE}, "
-                f"got {self.map_size}"
-            )
+        _check_lmdb(section, self.path, self.map_size)
 
 
 class HttpConfig(_Section):
@@ -669,13 +663,7 @@ class ScimConfig(_Section):
     def validate(self, section: str) -> None:
         if not self.enabled:
             return
-        if not self.path:
-            raise ConfigError(f"{section}.path: expected a directory, got none")
-        if self.map_size < MIN_MAP_SIZE:
-            raise ConfigError(
-                f"{section}.map_size: expected at least {MIN_MAP_SIZE}, "
-                f"got {self.map_size}"
-            )
+        _check_lmdb(section, self.path, self.map_size)
         if not self.credentials:
             raise ConfigError(
                 f"{section}.credentials: expected at least one SCIM client, got "
@@ -710,36 +698,8 @@ class ScimConfig(_Section):
         Raises:
             ConfigError: a file cannot be read, a secret too short or shared.
         """
-        loaded: dict[str, tuple[bytes, frozenset[AdminRole]]] = {}
-        for name, credential in self.credentials.items():
-            where = f"{section}.credentials.{name}"
-            secret = _read_secret(f"{where}.secret_file", credential.secret_file)
-            if any(secret == other for other, _ in loaded.values()):
-                raise ConfigError(f"{where}: expected its own secret, got a shared one")
-            if secret in others:
-                raise ConfigError(
-                    f"{where}: expected its own secret, got one of http.credentials"
-                )
-            loaded[name] = (secret, frozenset())
-        return loaded
-
-
-def _read_secret(where: str, path: str) -> bytes:
-    """A bearer secret from a file, whitespace removed, at least 16 bytes.
-
-    Raises:
-        ConfigError: unreadable or too short; names ``where``.
-    """
-    try:
-        secret = pathlib.Path(path).read_bytes().strip()
-    except OSError as err:
-        raise ConfigError(f"{where}: cannot read the secret: {err}") from None
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{where}: expected a secret of at least {MIN_SECRET_BYTES} bytes in "
-            f"{path}, got {len(secret)}"
-        )
-    return secret
+        secrets = read_credential_secrets(section, self.credentials, others)
+        return {name: (secret, frozenset()) for name, secret in secrets.items()}
 
 
 class CollectorConfig(_Section):

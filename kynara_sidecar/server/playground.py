@@ -96,7 +96,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -128,7 +127,17 @@ from kynara_sidecar.policy_tests import parse_request as parse_request_text
 from kynara_sidecar.replay import load_stored_policies
 from kynara_sidecar.server import _playground_html as pages
 from kynara_sidecar.server.admin import AdminCredentials
-from kynara_sidecar.server.review_page import TOKEN_BYTES, Authenticator, SessionStore
+from kynara_sidecar.server.review_page import (
+    LOGIN_FORM_SECONDS,
+    MAX_TOKEN_CHARS,
+    TOKEN_BYTES,
+    Authenticator,
+    SessionStore,
+    add_security_headers,
+    origin_of,
+    same_origin,
+    set_strict_cookie,
+)
 from kynara_sidecar.server.reviewers import token_expiry_ns
 
 __all__ = [
@@ -165,10 +174,6 @@ MAX_FILE_NAME_CHARS = 256
 # What-if runs at once: each compiles and explains in a process of its
 # own; more would take the cores the live decisions need. One past it is 429.
 MAX_RUNS = 2
-# As the review page: a reviewer JWT is far shorter.
-MAX_TOKEN_CHARS = 16_384
-# Long enough to paste a token into the sign-in form.
-LOGIN_FORM_SECONDS = 600
 # Decision ids are UUIDs; this bounds a pasted one.
 MAX_DECISION_ID_CHARS = 128
 
@@ -179,13 +184,6 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
     "base-uri 'none'"
 )
-_SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-}
 
 
 @dataclass(frozen=True)
@@ -666,13 +664,10 @@ def _replay(store: AuditStore, decision_id: str) -> dict[str, Any]:
 
 
 def _same_origin(request: web.Request, origins: frozenset[str]) -> bool:
-    """The review page's rule: the Origin is this page's own (or a public
-    origin), else ``Sec-Fetch-Site: same-origin``; nothing else passes."""
-    own = f"{request.scheme}://{request.host}".lower()
-    origin = request.headers.get("Origin", "")
-    if origin and origin != "null":
-        return origin.lower() == own or origin.lower() in origins
-    return request.headers.get("Sec-Fetch-Site") == "same-origin"
+    """The review page's rule (``review_page.same_origin``): the Origin is
+    this page's own (or a public origin), else ``Sec-Fetch-Site:
+    same-origin``; nothing else passes, a Referer neither."""
+    return same_origin(request, origins, referer=False)
 
 
 # ------------------------------------------------------------ the handlers
@@ -792,14 +787,13 @@ class _Playground:
     def _login_page(self, error: str = "", status: int = 200) -> web.Response:
         csrf = secrets.token_urlsafe(TOKEN_BYTES)
         response = self._html(pages.render_login(self.title, csrf, error), status)
-        response.set_cookie(
+        set_strict_cookie(
+            response,
             LOGIN_COOKIE,
             csrf,
             max_age=LOGIN_FORM_SECONDS,
             path=f"{PLAYGROUND_PATH}/login",
             secure=self.secure_cookie,
-            httponly=True,
-            samesite="Strict",
         )
         return response
 
@@ -848,14 +842,13 @@ class _Playground:
             extra={"fields": {"who": reviewer.id, "credential": reviewer.credential}},
         )
         response = web.HTTPSeeOther(PLAYGROUND_PATH)
-        response.set_cookie(
+        set_strict_cookie(
+            response,
             PLAYGROUND_COOKIE,
             session_id,
             max_age=self.sessions.session_seconds,
             path=PLAYGROUND_PATH,
             secure=self.secure_cookie,
-            httponly=True,
-            samesite="Strict",
         )
         response.del_cookie(LOGIN_COOKIE, path=f"{PLAYGROUND_PATH}/login")
         raise response
@@ -1016,28 +1009,15 @@ def _isolated_what_if(
             was refused or went past a limit (its status and body).
     """
     if active is not None:
-        policy_revision = active.policy_set.revision
-        directory_revision = active.directory.revision
         if store is None:
             raise _Refused(
                 503, "the audit log, which keeps the active set's files, is not open"
             )
-        policy = store.get_policy_source("policy", policy_revision)
-        directory = (
-            store.get_policy_source("directory", directory_revision)
-            if directory_revision
-            else None
-        )
-        if policy is None or (directory is None and directory_revision):
-            raise _Refused(
-                503,
-                f"the audit log does not hold the files of policy {policy_revision} "
-                f"and directory {directory_revision}",
-            )
+        policy, directory = _stored_sources(store, active)
         job = msgspec.structs.replace(
             job,
-            policy_revision=policy_revision,
-            directory_revision=directory_revision,
+            policy_revision=active.policy_set.revision,
+            directory_revision=active.directory.revision,
             policy=policy,
             directory=directory,
             signed_directory=follows,
@@ -1048,12 +1028,19 @@ def _isolated_what_if(
     return body
 
 
-def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
+def _stored_sources(
+    store: AuditStore, active: LoadedPolicies
+) -> tuple[PolicySource, PolicySource | None]:
+    """The active set's stored files: its policies' and its directory's, the
+    latter None while a daemon following a signed directory has none yet
+    (``NO_DIRECTORY``).
+
+    Raises:
+        _Refused: 503, the audit log does not hold them.
+    """
     policy_revision = active.policy_set.revision
     directory_revision = active.directory.revision
     policy = store.get_policy_source("policy", policy_revision)
-    # No directory (NO_DIRECTORY) while a daemon following a signed one has
-    # none yet.
     directory = (
         store.get_policy_source("directory", directory_revision)
         if directory_revision
@@ -1065,10 +1052,15 @@ def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
             f"the audit log does not hold the files of policy {policy_revision} "
             f"and directory {directory_revision}",
         )
+    return policy, directory
+
+
+def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
+    policy, directory = _stored_sources(store, active)
     files = {**policy.files, **(directory.files if directory else {})}
     return {
-        "policy_revision": policy_revision,
-        "directory_revision": directory_revision,
+        "policy_revision": active.policy_set.revision,
+        "directory_revision": active.directory.revision,
         "files": [
             {"name": name, "content": content.decode("utf-8", "replace")}
             for name, content in sorted(files.items())
@@ -1375,18 +1367,6 @@ def _answer_of(
     }
 
 
-async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path == PLAYGROUND_PATH or request.path.startswith(
-        PLAYGROUND_PATH + "/"
-    ):
-        response.headers.update(_SECURITY_HEADERS)
-
-
-def _origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
-
-
 def add_playground_routes(
     app: web.Application,
     sources: PlaygroundSources,
@@ -1424,11 +1404,11 @@ def add_playground_routes(
         title=title,
         sessions=sessions,
         secure_cookie=secure_cookie,
-        origins=frozenset(_origin_of(url) for url in public_urls if url),
+        origins=frozenset(origin_of(url) for url in public_urls if url),
         clock=clock,
         on_refused=on_refused,
     )
-    app.on_response_prepare.append(_secure_headers)
+    add_security_headers(app, PLAYGROUND_PATH, CONTENT_SECURITY_POLICY)
     app.router.add_get(PLAYGROUND_PATH, playground.page)
     app.router.add_get(f"{PLAYGROUND_PATH}/login", playground.login_form)
     app.router.add_post(f"{PLAYGROUND_PATH}/login", playground.login)

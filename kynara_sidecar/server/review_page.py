@@ -94,6 +94,10 @@ __all__ = [
     "Session",
     "SessionStore",
     "add_review_routes",
+    "add_security_headers",
+    "origin_of",
+    "same_origin",
+    "set_strict_cookie",
 ]
 
 log = logging.getLogger("kynara.server")
@@ -127,13 +131,6 @@ CONTENT_SECURITY_POLICY = (
     f"style-src '{pages.STYLE_HASH}'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-_SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-}
 # Where sign-in may send the reviewer on: this page's own paths only, so the
 # ``next`` field cannot become an open redirect.
 _NEXT_PATH = re.compile(r"/approvals(/[A-Za-z0-9_-]{1,128})?")
@@ -378,26 +375,9 @@ class _ReviewPage:
         session = self.sessions.get(session_id)
         return None if session is None else (session_id, session)
 
-    def _same_origin(self, request: web.Request) -> bool:
-        own = f"{request.scheme}://{request.host}".lower()
-        origin = request.headers.get("Origin", "")
-        if origin and origin != "null":
-            return origin.lower() == own or origin.lower() in self.origins
-        site = request.headers.get("Sec-Fetch-Site")
-        if site is not None:
-            return site == "same-origin"
-        try:
-            referer = urlsplit(request.headers.get("Referer", ""))
-        except ValueError:  # an IPv6 netloc left open: no origin at all
-            return False
-        if referer.scheme and referer.netloc:
-            seen = f"{referer.scheme}://{referer.netloc}".lower()
-            return seen == own or seen in self.origins
-        return False
-
     def _forged(self, request: web.Request, form_csrf: str, expected: str) -> str:
         """Why a POST is refused as forged, or "" when it is not."""
-        if not self._same_origin(request):
+        if not same_origin(request, self.origins):
             log.warning(
                 "refused review page post",
                 extra={"fields": {"path": request.path, "why": "origin"}},
@@ -441,14 +421,13 @@ class _ReviewPage:
             self.title, csrf=csrf, next_path=next_path, error=error
         )
         response = self._html(page, status)
-        response.set_cookie(
+        set_strict_cookie(
+            response,
             LOGIN_COOKIE,
             csrf,
             max_age=LOGIN_FORM_SECONDS,
             path="/approvals/login",
             secure=self.secure_cookie,
-            httponly=True,
-            samesite="Strict",
         )
         return response
 
@@ -502,14 +481,13 @@ class _ReviewPage:
             },
         )
         response = web.HTTPSeeOther(next_path)
-        response.set_cookie(
+        set_strict_cookie(
+            response,
             SESSION_COOKIE,
             session_id,
             max_age=_seconds_left(session, self.clock()),
             path=COOKIE_PATH,
             secure=self.secure_cookie,
-            httponly=True,
-            samesite="Strict",
         )
         response.del_cookie(LOGIN_COOKIE, path="/approvals/login")
         raise response
@@ -606,7 +584,7 @@ class _ReviewPage:
         current = self._session(request)
         if current is None:
             # A forged post has no session either; say the same to both.
-            if not self._same_origin(request):
+            if not same_origin(request, self.origins):
                 return self._refuse(
                     "Review refused", self._forged(request, "", ""), 403
                 )
@@ -773,14 +751,92 @@ def _query_of(params: Mapping[str, str]) -> InboxQuery:
     )
 
 
-async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path == COOKIE_PATH or request.path.startswith(COOKIE_PATH + "/"):
-        response.headers.update(_SECURITY_HEADERS)
+# ------------------------------------------------- shared with the playground
+#
+# The playground (``server.playground``) signs in and checks posts with these
+# same pieces, under its own path, cookies and session store.
 
 
-def _origin_of(url: str) -> str:
+def same_origin(
+    request: web.Request, origins: frozenset[str], *, referer: bool = True
+) -> bool:
+    """Whether a POST comes from this page's own origin.
+
+    An ``Origin`` must be the request's own (``scheme://host``) or one of
+    ``origins`` (public origins behind a proxy); for ``Origin: null`` or none,
+    ``Sec-Fetch-Site: same-origin`` decides. A request with neither is judged
+    by its ``Referer``'s origin when ``referer`` allows; the playground passes
+    ``referer=False``, and nothing else passes there.
+    """
+    own = f"{request.scheme}://{request.host}".lower()
+    origin = request.headers.get("Origin", "")
+    if origin and origin != "null":
+        return origin.lower() == own or origin.lower() in origins
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None or not referer:
+        return site == "same-origin"
+    try:
+        sent_from = urlsplit(request.headers.get("Referer", ""))
+    except ValueError:  # an IPv6 netloc left open: no origin at all
+        return False
+    if sent_from.scheme and sent_from.netloc:
+        seen = f"{sent_from.scheme}://{sent_from.netloc}".lower()
+        return seen == own or seen in origins
+    return False
+
+
+def origin_of(url: str) -> str:
+    """A configured public URL's origin (``scheme://host[:port]``, lower
+    case), as ``same_origin`` compares it with a request's."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def set_strict_cookie(
+    response: web.StreamResponse,
+    name: str,
+    value: str,
+    *,
+    max_age: int,
+    path: str,
+    secure: bool,
+) -> None:
+    """Set a sign-in cookie as these pages set each of theirs: ``HttpOnly``
+    (no script reads it), ``SameSite=Strict`` (no other site's page sends
+    it), ``Secure`` when ``secure``, for ``max_age`` seconds, below
+    ``path`` only."""
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path=path,
+        secure=secure,
+        httponly=True,
+        samesite="Strict",
+    )
+
+
+def add_security_headers(
+    app: web.Application, path: str, content_security_policy: str
+) -> None:
+    """Give every response at or below ``path`` the page's headers: its
+    Content-Security-Policy, ``nosniff``, ``no-referrer``, no framing and
+    ``no-store``."""
+    headers = {
+        "Content-Security-Policy": content_security_policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-store",
+    }
+
+    async def secure_headers(
+        request: web.Request, response: web.StreamResponse
+    ) -> None:
+        if request.path == path or request.path.startswith(path + "/"):
+            response.headers.update(headers)
+
+    app.on_response_prepare.append(secure_headers)
 
 
 def add_review_routes(
@@ -830,11 +886,11 @@ def add_review_routes(
         title=title,
         secure_cookie=secure_cookie,
         sessions=sessions,
-        origins=frozenset(_origin_of(url) for url in public_urls if url),
+        origins=frozenset(origin_of(url) for url in public_urls if url),
         clock=clock,
         on_refused=on_refused,
     )
-    app.on_response_prepare.append(_secure_headers)
+    add_security_headers(app, COOKIE_PATH, CONTENT_SECURITY_POLICY)
     app.router.add_get("/approvals/login", page.login_form)
     app.router.add_post("/approvals/login", page.login)
     app.router.add_post("/approvals/logout", page.logout)

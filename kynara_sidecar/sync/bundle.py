@@ -101,9 +101,13 @@ __all__ = [
     "build_bundle",
     "build_manifest",
     "canonical_json",
+    "check_canonical_manifest",
+    "check_packing",
+    "check_signature",
     "inspect_bundle",
     "pack_bundle",
     "pack_members",
+    "parse_manifest_fields",
     "read_bundle",
     "seconds_ahead",
     "unpack_members",
@@ -340,15 +344,9 @@ def _verify(
     signature_text = _member(members, SIGNATURE_NAME)
     manifest = _parse_manifest(manifest_bytes)
     if trusted is not None:
-        _check_signature(manifest_bytes, signature_text, manifest["key_id"], trusted)
+        check_signature(manifest_bytes, signature_text, manifest["key_id"], trusted)
     files = _check_files(members, manifest["files"])
-    if pack_members(members) != data:
-        raise BundleError(
-            BundleProblem.MALFORMED,
-            "expected the canonical tar form (name order, zero mtime/uid/gid, "
-            "mode 0644, no trailing bytes), got other bytes around the signed "
-            "content",
-        )
+    check_packing(members, data)
     policies, directory_revision = _compile(files, directory)
     _check_revisions(manifest, policies.policy_set.revision, directory_revision)
     return VerifiedBundle(
@@ -449,44 +447,111 @@ def _member(members: Mapping[str, bytes], name: str) -> bytes:
 
 
 def _parse_manifest(data: bytes) -> dict[str, Any]:
-    def malformed(message: str) -> BundleError:
-        return BundleError(BundleProblem.MALFORMED, message, path=MANIFEST_NAME)
-
-    try:
-        manifest = json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise malformed(f"expected JSON, got: {err}") from None
-    if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_FIELDS:
-        got = sorted(manifest) if isinstance(manifest, dict) else type(manifest)
-        raise malformed(f"expected fields {sorted(_MANIFEST_FIELDS)}, got {got}")
-    if manifest["v"] != BUNDLE_VERSION or isinstance(manifest["v"], bool):
-        raise malformed(f"expected v {BUNDLE_VERSION}, got {manifest['v']!r}")
-    for field in _MANIFEST_FIELDS - {"v", "files"}:
-        if not isinstance(manifest[field], str):
-            raise malformed(f"expected {field} as a string, got {manifest[field]!r}")
+    manifest = parse_manifest_fields(
+        data,
+        name=MANIFEST_NAME,
+        fields=_MANIFEST_FIELDS,
+        version=BUNDLE_VERSION,
+        not_strings=frozenset({"files"}),
+    )
     files = manifest["files"]
     if not isinstance(files, dict) or not all(
         isinstance(digest, str) and len(digest) == _SHA256_HEX_DIGITS
         for digest in files.values()
     ):
-        raise malformed("expected files as a map of name to SHA-256 hex")
-    if canonical_json(manifest) != data:
-        raise malformed("expected canonical JSON (sorted keys, no whitespace)")
+        raise BundleError(
+            BundleProblem.MALFORMED,
+            "expected files as a map of name to SHA-256 hex",
+            path=MANIFEST_NAME,
+        )
+    check_canonical_manifest(manifest, data, name=MANIFEST_NAME)
     return manifest
 
 
-def _check_signature(
+# The steps signed directory updates (``directory``) verify with too; each
+# refusal is a BundleError, which ``directory`` names as its own problem.
+
+
+def parse_manifest_fields(
+    data: bytes,
+    *,
+    name: str,
+    fields: frozenset[str],
+    version: int,
+    not_strings: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The first checks of a signed manifest: it is a JSON object with
+    exactly ``fields``, ``v`` is ``version``, and every field but ``v`` and
+    ``not_strings`` is a string. The caller checks the rest, then
+    ``check_canonical_manifest``.
+
+    Raises:
+        BundleError: ``malformed``, at ``name``, saying which check failed.
+    """
+
+    def malformed(message: str) -> BundleError:
+        return BundleError(BundleProblem.MALFORMED, message, path=name)
+
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise malformed(f"expected JSON, got: {err}") from None
+    if not isinstance(manifest, dict) or set(manifest) != fields:
+        got = sorted(manifest) if isinstance(manifest, dict) else type(manifest)
+        raise malformed(f"expected fields {sorted(fields)}, got {got}")
+    if manifest["v"] != version or isinstance(manifest["v"], bool):
+        raise malformed(f"expected v {version}, got {manifest['v']!r}")
+    for field in sorted(fields - {"v"} - not_strings):
+        if not isinstance(manifest[field], str):
+            raise malformed(f"expected {field} as a string, got {manifest[field]!r}")
+    return manifest
+
+
+def check_canonical_manifest(
+    manifest: Mapping[str, Any], data: bytes, *, name: str
+) -> None:
+    """Refuse manifest bytes ``data`` that are not ``manifest``'s canonical
+    JSON, so that one signature stands for one byte string only.
+
+    Raises:
+        BundleError: ``malformed``, at ``name``.
+    """
+    if canonical_json(manifest) != data:
+        raise BundleError(
+            BundleProblem.MALFORMED,
+            "expected canonical JSON (sorted keys, no whitespace)",
+            path=name,
+        )
+
+
+def check_signature(
     manifest: bytes,
     signature_text: bytes,
     key_id: str,
     trusted: Mapping[str, PublicKey],
+    *,
+    names: tuple[str, str] = (MANIFEST_NAME, SIGNATURE_NAME),
+    keys: str = "trusted keys",
 ) -> None:
+    """Check that ``signature_text`` (unpadded base64url) is ``key_id``'s
+    Ed25519 signature of the exact ``manifest`` bytes, ``key_id`` being one
+    of ``trusted``.
+
+    Args:
+        names: the manifest's and the signature's member names, for errors.
+        keys: what ``trusted`` are, for the ``unknown_key`` error.
+
+    Raises:
+        BundleError: ``unknown_key``, ``malformed`` (no base64url) or
+            ``bad_signature``.
+    """
+    manifest_name, signature_name = names
     key = trusted.get(key_id)
     if key is None:
         known = ", ".join(sorted(trusted)) or "none"
         raise BundleError(
             BundleProblem.UNKNOWN_KEY,
-            f"signed by {key_id}, expected one of the trusted keys ({known})",
+            f"signed by {key_id}, expected one of the {keys} ({known})",
         )
     try:
         signature = decode_base64url(signature_text.decode("ascii"))
@@ -494,14 +559,30 @@ def _check_signature(
         raise BundleError(
             BundleProblem.MALFORMED,
             f"expected an unpadded base64url signature: {err}",
-            path=SIGNATURE_NAME,
+            path=signature_name,
         ) from None
     if not key.verify(manifest, signature):
         raise BundleError(
             BundleProblem.BAD_SIGNATURE,
-            f"expected a signature of {MANIFEST_NAME} by {key_id}, got one that "
+            f"expected a signature of {manifest_name} by {key_id}, got one that "
             "does not verify",
-            path=SIGNATURE_NAME,
+            path=signature_name,
+        )
+
+
+def check_packing(members: Mapping[str, bytes], data: bytes) -> None:
+    """Refuse ``data`` unless it is exactly ``pack_members(members)``: no
+    flipped header byte, padding or trailing byte around the signed content.
+
+    Raises:
+        BundleError: ``malformed``.
+    """
+    if pack_members(members) != data:
+        raise BundleError(
+            BundleProblem.MALFORMED,
+            "expected the canonical tar form (name order, zero mtime/uid/gid, "
+            "mode 0644, no trailing bytes), got other bytes around the signed "
+            "content",
         )
 
 

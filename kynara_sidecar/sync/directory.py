@@ -68,10 +68,11 @@ update's ``created`` is ahead of a clock.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -79,7 +80,6 @@ import msgspec
 from kynara_sidecar.audit.keys import (
     PublicKey,
     SigningKey,
-    decode_base64url,
     encode_base64url,
 )
 from kynara_sidecar.audit.record import format_timestamp, parse_timestamp
@@ -100,7 +100,11 @@ from kynara_sidecar.sync.bundle import (
 from kynara_sidecar.sync.bundle import (
     BundleError,
     canonical_json,
+    check_canonical_manifest,
+    check_packing,
+    check_signature,
     pack_members,
+    parse_manifest_fields,
     unpack_members,
 )
 
@@ -431,12 +435,8 @@ def verify_directory_update(
     """
     if len(data) > MAX_DIRECTORY_BYTES:
         raise DirectoryError(DirectoryProblem.TOO_LARGE, _too_large(len(data)))
-    try:
+    with _as_directory_error():
         members = unpack_members(data)
-    except BundleError as err:
-        raise DirectoryError(
-            DirectoryProblem(err.kind.value), err.detail, path=err.path
-        ) from None
     if BUNDLE_MANIFEST_NAME in members:
         raise DirectoryError(
             DirectoryProblem.WRONG_KIND,
@@ -455,7 +455,15 @@ def verify_directory_update(
         )
     manifest_bytes = members[MANIFEST_NAME]
     manifest = _parse_manifest(manifest_bytes)
-    _check_signature(manifest_bytes, members[SIGNATURE_NAME], manifest, trusted)
+    with _as_directory_error():
+        check_signature(
+            manifest_bytes,
+            members[SIGNATURE_NAME],
+            manifest["key_id"],
+            trusted,
+            names=(MANIFEST_NAME, SIGNATURE_NAME),
+            keys="trusted directory keys",
+        )
     content = members[DIRECTORY_FILE]
     digest = hashlib.sha256(content).hexdigest()
     if digest != manifest["sha256"]:
@@ -464,13 +472,8 @@ def verify_directory_update(
             f"expected SHA-256 {manifest['sha256']}, got {digest}",
             path=DIRECTORY_FILE,
         )
-    if pack_members(members) != data:
-        raise DirectoryError(
-            DirectoryProblem.MALFORMED,
-            "expected the canonical tar form (name order, zero mtime/uid/gid, "
-            "mode 0644, no trailing bytes), got other bytes around the signed "
-            "content",
-        )
+    with _as_directory_error():
+        check_packing(members, data)
     source = _decode_content(content)
     revision = compute_revision([source])
     if revision != manifest["revision"]:
@@ -488,22 +491,26 @@ def verify_directory_update(
     )
 
 
+@contextlib.contextmanager
+def _as_directory_error() -> Iterator[None]:
+    """Name a refusal of the steps shared with bundles (``bundle``) as the
+    same problem of a directory update."""
+    try:
+        yield
+    except BundleError as err:
+        raise DirectoryError(
+            DirectoryProblem(err.kind.value), err.detail, path=err.path
+        ) from None
+
+
 def _parse_manifest(data: bytes) -> dict[str, Any]:
     def malformed(message: str) -> DirectoryError:
         return DirectoryError(DirectoryProblem.MALFORMED, message, path=MANIFEST_NAME)
 
-    try:
-        manifest = json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise malformed(f"expected JSON, got: {err}") from None
-    if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_FIELDS:
-        got = sorted(manifest) if isinstance(manifest, dict) else type(manifest)
-        raise malformed(f"expected fields {sorted(_MANIFEST_FIELDS)}, got {got}")
-    if manifest["v"] != DIRECTORY_VERSION or isinstance(manifest["v"], bool):
-        raise malformed(f"expected v {DIRECTORY_VERSION}, got {manifest['v']!r}")
-    for field in _MANIFEST_FIELDS - {"v"}:
-        if not isinstance(manifest[field], str):
-            raise malformed(f"expected {field} as a string, got {manifest[field]!r}")
+    with _as_directory_error():
+        manifest = parse_manifest_fields(
+            data, name=MANIFEST_NAME, fields=_MANIFEST_FIELDS, version=DIRECTORY_VERSION
+        )
     if manifest["kind"] != "directory":
         raise malformed(f"expected kind 'directory', got {manifest['kind']!r}")
     digest = manifest["sha256"]
@@ -518,37 +525,6 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
             "expected created as format_timestamp writes it, got "
             f"{manifest['created']!r}"
         )
-    if canonical_json(manifest) != data:
-        raise malformed("expected canonical JSON (sorted keys, no whitespace)")
+    with _as_directory_error():
+        check_canonical_manifest(manifest, data, name=MANIFEST_NAME)
     return manifest
-
-
-def _check_signature(
-    manifest_bytes: bytes,
-    signature_text: bytes,
-    manifest: Mapping[str, Any],
-    trusted: Mapping[str, PublicKey],
-) -> None:
-    key_id = manifest["key_id"]
-    key = trusted.get(key_id)
-    if key is None:
-        known = ", ".join(sorted(trusted)) or "none"
-        raise DirectoryError(
-            DirectoryProblem.UNKNOWN_KEY,
-            f"signed by {key_id}, expected one of the trusted directory keys ({known})",
-        )
-    try:
-        signature = decode_base64url(signature_text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise DirectoryError(
-            DirectoryProblem.MALFORMED,
-            f"expected an unpadded base64url signature: {err}",
-            path=SIGNATURE_NAME,
-        ) from None
-    if not key.verify(manifest_bytes, signature):
-        raise DirectoryError(
-            DirectoryProblem.BAD_SIGNATURE,
-            f"expected a signature of {MANIFEST_NAME} by {key_id}, got one that "
-            "does not verify",
-            path=SIGNATURE_NAME,
-        )
