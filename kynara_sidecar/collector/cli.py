@@ -114,7 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="sign a directory file (YAML or JSON, as a policy directory's "
         "directory file) with directory.signing_key and make it the store's "
         "current directory: a first import, or a fix by hand (SCIM, when "
-        "enabled, publishes over it on its next change)",
+        "enabled, publishes over it at its next change; a restart without "
+        "one leaves it)",
     )
     publish.add_argument("file", metavar="FILE", help="the directory file")
     for sub in (run, query, daemons, clear, sync, publish):

@@ -39,14 +39,18 @@ Theory of operation (one run, ``sync_directory``):
    away first: delete, replace, create, then replace what refers to a
    resource created in the run (a group member, an enterprise manager),
    now that it has a target id. Group member ids and managers are
-   translated from source ids to target ids. Users whose new ``userName``
+   translated from source ids to target ids; a member already in the
+   target group keeps the ``type`` the target stored, or none
+   (``keep_member_types``: ``type`` is immutable, and many IdPs push
+   members without one). Users whose new ``userName``
    another renamed user still holds (a swap, ``a1`` <-> ``b1``) are renamed
    in an order that frees each name before it is taken, a cycle broken by
    a temporary name (``<name>~<digits>``) taken for one write.
 5. A resource the target refuses (a SCIM 400, 404, 409, 412 or 413: a
    ``userName`` it does not take, a name another holds) or that does not
-   fit the target's schema is skipped: logged (WARNING, the SCIM error in a
-   field), counted (``skipped``), and the run goes on with the others and
+   fit the target's schema is skipped: logged (WARNING, the SCIM status,
+   scimType and detail in fields, and where to fix it: ``refusal_remedy``),
+   counted (``skipped``), and the run goes on with the others and
    with the groups (a group gets the members that exist). Its target copy,
    if any, stays as it is, except that a user the source made inactive is
    deactivated there (only ``active`` written): a refused change must not
@@ -124,11 +128,13 @@ __all__ = [
     "check_interval",
     "config_endpoints",
     "default_target_url",
+    "keep_member_types",
     "member_ids",
     "name_key",
     "order_renames",
     "plan_resources",
     "read_token",
+    "refusal_remedy",
     "run_schedule",
     "serve_metrics",
     "sync_command",
@@ -170,7 +176,41 @@ class DirectorySyncError(ServiceError):
 
 class ResourceRefused(DirectorySyncError):
     """The endpoint refused one resource (a status of ``_REFUSED_STATUSES``):
-    a write skips it; a read still fails the run."""
+    a write skips it; a read still fails the run.
+
+    ``status``, ``scim_type`` and ``detail`` are the SCIM error's (0 and ""
+    for a payload that does not fit the target's schema, refused before it
+    is sent): a skipped resource's log line names them and what to fix
+    (``refusal_remedy``)."""
+
+    def __init__(
+        self, message: str, *, status: int = 0, scim_type: str = "", detail: str = ""
+    ):
+        super().__init__(message)
+        self.status = status
+        self.scim_type = scim_type
+        self.detail = detail
+
+
+def refusal_remedy(err: ResourceRefused) -> str:
+    """Where a refused write is to be fixed, from the SCIM error: a refusal
+    about what the target already holds (an immutable value, a name another
+    resource holds, a copy changed or gone meanwhile) is not the source's
+    to fix."""
+    if err.scim_type == "mutability":
+        return (
+            "the target's copy holds a value this write may not change (an "
+            "immutable attribute, see detail): correct or delete that copy in "
+            "the target; the next run writes or creates it again"
+        )
+    if err.scim_type == "uniqueness" or err.status == 409:
+        return (
+            "another resource in the target holds this name: rename or delete "
+            "it there, or set its externalId to this source id so the run owns it"
+        )
+    if err.status in (404, 412):
+        return "the target's copy changed during the run: the next run retries"
+    return "the target does not take the source's value: fix it at the source"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +225,9 @@ class Endpoint:
     token: str = dataclasses.field(repr=False)
     # PEM file of the certificates to trust for https, "" for the system's.
     ca_file: str = ""
+    # Added to the message of a 401 from this endpoint: where its token is
+    # to be accepted ("" for none).
+    unauthorized_hint: str = ""
 
     def __str__(self) -> str:
         return f"{self.role} {self.url}"
@@ -350,6 +393,30 @@ def member_ids(
     return [{"value": v, "type": out[v]} for v in sorted(out)], unknown
 
 
+def keep_member_types(
+    payload: Mapping[str, Any], stored: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A group replace ``payload`` whose members already in the ``stored``
+    target group carry its ``type`` as stored, or none.
+
+    ``members[].type`` is immutable (RFC 7643 §4.2): a target that stored a
+    member without one (many IdPs push only ``value``) refuses a replace
+    setting it (400 ``mutability``), and an omitted one keeps what is
+    stored. Members new to the group keep the type the payload gives."""
+    stored_types: dict[str, set[Any]] = {}
+    for member in stored.get("members") or ():
+        stored_types.setdefault(member.get("value") or "", set()).add(
+            member.get("type")
+        )
+    members = []
+    for member in payload.get("members") or ():
+        types = stored_types.get(member.get("value") or "")
+        if types is not None and types != {member.get("type")}:
+            member = {k: v for k, v in member.items() if k != "type"}
+        members.append(member)
+    return {**payload, "members": members}
+
+
 def group_comparable(resource: Mapping[str, Any]) -> tuple[Any, ...]:
     """What a group replace would change: its name, owner and member ids."""
     members = sorted(m.get("value") or "" for m in resource.get("members") or ())
@@ -450,6 +517,8 @@ class _Session:
             timeout=timeout,
         )
         self.scim = AsyncSCIMClient(self.http)
+        # Added to a 401's message (``Endpoint.unauthorized_hint``).
+        self.unauthorized_hint = endpoint.unauthorized_hint
 
     async def __aenter__(self) -> _Session:
         try:
@@ -482,7 +551,8 @@ class _Session:
         """Await ``request``; a failure becomes a DirectorySyncError naming
         the endpoint, ``what`` and the SCIM error (ResourceRefused when the
         status refuses the one resource)."""
-        error_type = DirectorySyncError
+        refusal: dict[str, Any] | None = None
+        status = 0
         try:
             return await request
         except SCIMException as err:
@@ -490,16 +560,24 @@ class _Session:
             scim_type = f" ({error.scim_type})" if error.scim_type else ""
             detail = error.detail or str(err)
             problem = f"SCIM error {error.status}{scim_type}: {detail}"
-            if error.status in _REFUSED_STATUSES:
-                error_type = ResourceRefused
+            status = int(error.status or 0)
+            if status in _REFUSED_STATUSES:
+                refusal = {
+                    "status": status,
+                    "scim_type": str(error.scim_type or ""),
+                    "detail": detail[:_MAX_SHOWN],
+                }
         except SCIMClientException as err:
             notes = "; ".join(getattr(err, "__notes__", ()))
             problem = f"{err}{': ' + notes if notes else ''}"
         except (httpx2.HTTPError, pydantic.ValidationError, ValueError) as err:
             problem = f"{type(err).__name__}: {err}"
-        raise error_type(
-            f"{self.endpoint}: {what} failed: {problem[:_MAX_SHOWN]}"
-        ) from None
+        message = f"{self.endpoint}: {what} failed: {problem[:_MAX_SHOWN]}"
+        if refusal is not None:
+            raise ResourceRefused(message, **refusal) from None
+        if status == 401 and self.unauthorized_hint:
+            message += f"; {self.unauthorized_hint}"
+        raise DirectorySyncError(message) from None
 
     async def read_all(
         self, kind: str, page_size: int, max_resources: int
@@ -654,7 +732,8 @@ def _user_comparable(model: Any) -> Callable[[Mapping[str, Any]], Any]:
             raise ResourceRefused(
                 f"user {resource.get('userName')!r} (externalId "
                 f"{resource.get('externalId')!r}) does not fit the target's User "
-                f"schema: {str(err)[:_MAX_SHOWN]}"
+                f"schema: {str(err)[:_MAX_SHOWN]}",
+                detail=str(err)[:_MAX_SHOWN],
             ) from None
         dumped.pop("schemas", None)
         dumped.pop("id", None)
@@ -727,8 +806,12 @@ class _Writer:
             self.skip(kind, resource, err)
             return False, None
 
-    def skip(self, kind: str, resource: Mapping[str, Any], err: Exception) -> None:
-        """Leave ``resource`` out of this run: log it with the error, count it."""
+    def skip(
+        self, kind: str, resource: Mapping[str, Any], err: ResourceRefused
+    ) -> None:
+        """Leave ``resource`` out of this run: log it with what the target
+        refused (the SCIM status, scimType and detail) and where to fix it
+        (``refusal_remedy``), count it."""
         external = resource.get("externalId") or ""
         if external:
             self.refused[kind].add(external)
@@ -744,6 +827,10 @@ class _Writer:
                     "name": _name(kind, resource),
                     "external_id": external,
                     "target_id": resource.get("id") or "",
+                    "status": err.status,
+                    "scim_type": err.scim_type,
+                    "detail": err.detail,
+                    "fix": refusal_remedy(err),
                     "error": str(err),
                 }
             },
@@ -867,6 +954,8 @@ async def _reconcile(
         if payload["externalId"] in skip:  # its temporary write was refused
             continue
         resource_id = payload["id"]
+        if kind == GROUP:
+            payload = keep_member_types(payload, current[resource_id])
         done, version = await writer.write(
             kind,
             payload,
@@ -898,6 +987,8 @@ async def _reconcile(
         )
         for payload, _ in again.replace:
             resource_id = payload["id"]
+            if kind == GROUP:
+                payload = keep_member_types(payload, current[resource_id])
             done, version = await writer.write(
                 kind,
                 payload,
@@ -905,6 +996,7 @@ async def _reconcile(
             )
             if done:
                 versions[resource_id] = version or ""
+                current[resource_id] = payload
                 if resource_id not in created:
                     updated.add(resource_id)
     return len(created), len(updated), deleted
@@ -1168,8 +1260,44 @@ def default_target_url(http: HttpConfig) -> str:
     return f"{scheme}://{host}:{http.port}{SCIM_PATH}"
 
 
+# Why the collector's own endpoint answers 401 to a token of this command.
+OWN_TARGET_HINT = (
+    f"the collector takes only the secrets of scim.credentials: add {SECTION}."
+    "target_token_file's secret to scim.credentials (as a secret_file of its "
+    "own) and restart the collector: secrets are read at start"
+)
+
+
+def _is_own_endpoint(config: CollectorConfig, target_url: str) -> bool:
+    """Whether ``target_url`` is the collector's own SCIM endpoint (the one
+    ``default_target_url`` derives from ``http``)."""
+    if not config.directory.pull.target_url:
+        return True
+    try:
+        own = default_target_url(config.http)
+    except ConfigError:
+        return False
+    return target_url.rstrip("/") == own
+
+
+def _scim_secrets(config: CollectorConfig) -> set[bytes] | None:
+    """The secrets of ``scim.credentials``, or None when they cannot be read
+    (the collector then does not start either; its own error says why)."""
+    try:
+        loaded = config.scim.load_credentials()
+    except ConfigError:
+        return None
+    return {secret for secret, _roles in loaded.values()}
+
+
 def config_endpoints(config: CollectorConfig) -> tuple[Endpoint, Endpoint]:
     """The source and the target of ``directory.pull``, tokens read now.
+
+    When the target is the collector's own endpoint (this command reads
+    the collector's config), a target token that is none of
+    ``scim.credentials``' secrets is logged at WARNING before any call (the
+    collector will answer 401), and a 401 from the target then names the
+    fix (``OWN_TARGET_HINT``).
 
     Raises:
         ConfigError: no source URL, a token file unreadable or empty, or a
@@ -1190,12 +1318,31 @@ def config_endpoints(config: CollectorConfig) -> tuple[Endpoint, Endpoint]:
         pull.url,
         read_token(pull.token_file, f"{SECTION}.token_file"),
         pull.ca_file,
+        unauthorized_hint=f"the source does not take {SECTION}.token_file's token",
     )
+    target_token = read_token(pull.target_token_file, f"{SECTION}.target_token_file")
+    hint = f"the target does not take {SECTION}.target_token_file's token"
+    if _is_own_endpoint(config, target_url):
+        hint = OWN_TARGET_HINT
+        known = _scim_secrets(config)
+        if known is not None and target_token.encode() not in known:
+            log.warning(
+                "directory sync target token is not a scim.credentials secret",
+                extra={
+                    "fields": {
+                        "component": "collector",
+                        "setting": f"{SECTION}.target_token_file",
+                        "target": target_url,
+                        "hint": OWN_TARGET_HINT,
+                    }
+                },
+            )
     target = Endpoint(
         "target",
         target_url,
-        read_token(pull.target_token_file, f"{SECTION}.target_token_file"),
+        target_token,
         pull.target_ca_file,
+        unauthorized_hint=hint,
     )
     return source, target
 

@@ -54,8 +54,14 @@ directory content is handed to the injected ``publish`` (the collector's
 the local commit, never after the store; a burst publishes the newest
 state, not every step; a failed publish is retried after ``retry_seconds``
 with whatever is newest then (logged once while it fails alike, and once
-when it succeeds again). At start the current content is published
-once, so a crash between a commit and its publication converges.
+when it succeeds again). The store counts its commits and records how
+many a publish covered, so at start the current content is published only
+when a commit may not have been (``ScimStore.unpublished``: a crash
+between a commit and its publication converges). A store that never
+committed, or whose every commit is published, publishes nothing at
+start: a directory published by hand (``kynara-collector directory
+publish``, a first import or a fix) stays until the next SCIM change,
+which publishes the SCIM content over it.
 
 Authentication: ``authorization: Bearer <secret>`` of one of
 ``scim.credentials``, checked as the admin listener checks its own
@@ -166,6 +172,10 @@ _READING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 _DBS = (b"resources", b"counters")
 _VERSION_KEY = b"version"
+# Committed writes, counted in each write's own transaction, and how many
+# of them the last publish covered (``ScimStore.unpublished``).
+_COMMITS_KEY = b"commits"
+_PUBLISHED_KEY = b"published"
 # A stored resource's key in the in-memory storage: (resource type, id).
 _Key = tuple[str | None, str]
 # Enterprise extension attributes copied to a principal, by their model
@@ -453,11 +463,26 @@ class ScimStore(InMemoryStorage):
         try:
             self._dbs = {name: self._env.open_db(name) for name in _DBS}
             stored, last_version = self._load()
+            self._commits, self._published = self._load_commits(last_version)
         except (lmdb.Error, ValueError) as err:
             self._env.close()
             raise ScimStoreError(f"scim.path {str(path)!r}: {err}") from None
         self._version = last_version
         self.resources = stored
+
+    def _load_commits(self, last_version: int) -> tuple[int, int]:
+        """The commit counter and how many commits the last publish covered.
+        A store written before commits were counted has no counter: its
+        version counter stands in (above 0 once anything was committed), and
+        none of it counts as published, so it is published once."""
+        counters = self._dbs[b"counters"]
+        with self._env.begin() as txn:
+            commits = txn.get(_COMMITS_KEY, db=counters)
+            published = txn.get(_PUBLISHED_KEY, db=counters)
+        return (
+            int(commits) if commits else last_version,
+            int(published) if published else 0,
+        )
 
     def _load(self) -> tuple[list[Resource[Any]], int]:
         found: list[Resource[Any]] = []
@@ -477,8 +502,50 @@ class ScimStore(InMemoryStorage):
         return found, last_version
 
     def close(self) -> None:
-        """Close the environment."""
-        self._env.close()
+        """Close the environment, once a write in progress on another thread
+        (a commit, ``mark_published``) is done: each holds ``lock``."""
+        with self.lock:
+            self._env.close()
+
+    # -- what was published: a start publishes only what was not
+
+    @property
+    def commits(self) -> int:
+        """How many writes were ever committed (kept in the store): read it
+        before building the content whose publication ``mark_published``
+        then records (a write's commit and its count are one transaction,
+        and content is built under ``lock``, so the content holds them)."""
+        return self._commits
+
+    @property
+    def unpublished(self) -> bool:
+        """Whether a committed write may not be in any published directory
+        (a crash or a store down between its commit and its publication).
+        False for a store that never committed a write: a SCIM collector
+        starting empty publishes nothing over a directory published by hand
+        (``kynara-collector directory publish``), and its first change
+        publishes over it."""
+        return self._commits > self._published
+
+    def mark_published(self, commits: int) -> None:
+        """Record (synced) that the first ``commits`` writes are published.
+
+        Raises:
+            ScimStoreError: the store cannot be written.
+        """
+        with self.lock:
+            if commits <= self._published:
+                return
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.put(
+                        _PUBLISHED_KEY,
+                        str(commits).encode(),
+                        db=self._dbs[b"counters"],
+                    )
+            except lmdb.Error as err:
+                raise ScimStoreError(f"scim store: {err}") from None
+            self._published = commits
 
     def next_version(self) -> str:
         self._version += 1
@@ -575,6 +642,7 @@ class ScimStore(InMemoryStorage):
         bodies = [
             (_key(r), json.dumps(r.model_dump(mode="json")).encode()) for r in resources
         ]
+        commits = self._commits + 1
         with self._env.begin(write=True) as txn:
             if deleted is not None:
                 txn.delete(_key(deleted), db=self._dbs[b"resources"])
@@ -583,6 +651,8 @@ class ScimStore(InMemoryStorage):
             txn.put(
                 _VERSION_KEY, str(self._version).encode(), db=self._dbs[b"counters"]
             )
+            txn.put(_COMMITS_KEY, str(commits).encode(), db=self._dbs[b"counters"])
+        self._commits = commits
 
     @staticmethod
     def _as_stored(resource: Resource[Any]) -> Resource[Any]:
@@ -867,6 +937,15 @@ class DirectoryPublishing:
         retry_seconds: the pause after a failed publish.
         on_published: called with the revision after each content published.
         on_failure: called after each failed publish.
+        publish_at_start: publish what is stored once at start, before any
+            change (``ScimStore.unpublished``: a commit may not have been
+            published before a crash); False waits for the first change,
+            so what the store holds (a directory published by hand) stays
+            until then.
+        commits: the store's commit count (``ScimStore.commits``), read
+            before each content is built.
+        mark_published: records that the commits counted are published
+            (``ScimStore.mark_published``; blocking, run on a worker thread).
 
     A store that stays down is retried every ``retry_seconds`` and each try
     is counted (``on_failure``), but logged at WARNING only when its error
@@ -884,16 +963,23 @@ class DirectoryPublishing:
         retry_seconds: float,
         on_published: Callable[[str], None] = lambda revision: None,
         on_failure: Callable[[], None] = lambda: None,
+        publish_at_start: bool = True,
+        commits: Callable[[], int] = lambda: 0,
+        mark_published: Callable[[int], None] = lambda commits: None,
     ):
         self._content = content
         self._publish = publish
         self._retry_seconds = retry_seconds
         self._on_published = on_published
         self._on_failure = on_failure
+        self._commits = commits
+        self._mark_published = mark_published
+        self.publish_at_start = publish_at_start
         self._dirty = asyncio.Event()
-        # Set at start: what is stored is published once, whatever the store
-        # holds (a crash may have come between a commit and its publication).
-        self._dirty.set()
+        if publish_at_start:
+            # What is stored is published once (a crash may have come between
+            # a commit and its publication).
+            self._dirty.set()
         self._published: bytes | None = None
         # The error of the failing publish and the failed tries in a row
         # ("" and 0 while publishing works): a store down for an hour is
@@ -912,6 +998,8 @@ class DirectoryPublishing:
         while not stop.is_set():
             await self._dirty.wait()
             self._dirty.clear()
+            # Read before the content is built: the content holds them all.
+            commits = self._commits()
             try:
                 content = await asyncio.to_thread(self._content)
             except Exception as err:
@@ -927,6 +1015,7 @@ class DirectoryPublishing:
                 )
                 continue
             if content == self._published:
+                await self._record(commits, fields)
                 continue
             try:
                 revision = await self._publish(content)
@@ -940,6 +1029,18 @@ class DirectoryPublishing:
             self.revision = revision
             self._on_published(revision)
             self._succeeded(revision, fields)
+            await self._record(commits, fields)
+
+    async def _record(self, commits: int, fields: dict[str, Any]) -> None:
+        """Record that ``commits`` are published; a failure is logged only
+        (the next start then publishes the same content again)."""
+        try:
+            await asyncio.to_thread(self._mark_published, commits)
+        except Exception as err:
+            log.warning(
+                "directory publication not recorded",
+                extra={"fields": {**fields, "error": f"{type(err).__name__}: {err}"}},
+            )
 
     def _failed(self, error: str, fields: dict[str, Any]) -> None:
         self._on_failure()

@@ -44,11 +44,14 @@ from kynara_sidecar.collector.dirsync import (
     EXIT_PARTIAL,
     DirectorySyncError,
     Endpoint,
+    ResourceRefused,
     config_endpoints,
     default_target_url,
+    keep_member_types,
     member_ids,
     order_renames,
     plan_resources,
+    refusal_remedy,
     run_schedule,
     sync_command,
     sync_directory,
@@ -524,13 +527,24 @@ def _command(config: pathlib.Path, *args: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("side", ["source", "target"])
+@pytest.mark.parametrize("case", ["source", "target", "target-not-restarted"])
 def test_a_bad_token_fails_naming_the_endpoint_and_the_scim_error(
-    source, target, tmp_path, side
+    source, target, tmp_path, case
 ):
-    (tmp_path / f"{side}.token").write_text("not-the-token-0123456789")
+    """A 401 names the endpoint and the SCIM error; from the collector's own
+    endpoint, the fix too, and a token in none of scim.credentials' files
+    is pointed out before any call ("target"). In "target-not-restarted"
+    the credential's file holds the token but the running collector read
+    an older secret at start."""
+    side = case.partition("-")[0]
+    args = ["--once"]
+    if case == "target":
+        (tmp_path / "other.token").write_text("not-the-token-0123456789")
+        args += ["--set", f"directory.pull.target_token_file={tmp_path}/other.token"]
+    else:
+        (tmp_path / f"{side}.token").write_text("not-the-token-0123456789")
 
-    process = _command(target.config_path, "--once")
+    process = _command(target.config_path, *args)
     stdout, stderr = process.communicate(timeout=60)
 
     url = source.url if side == "source" else target.url
@@ -539,6 +553,18 @@ def test_a_bad_token_fails_naming_the_endpoint_and_the_scim_error(
     assert f"kynara-collector directory: {side} {url}: " in stderr
     assert "failed: SCIM error 401" in stderr
     assert target.resources("Users") == []
+    warned = "directory sync target token is not a scim.credentials secret"
+    fix = "add directory.pull.target_token_file's secret to scim.credentials"
+    error_line = stderr.splitlines()[-1]
+    if case == "target":
+        assert stderr.index(warned) < stderr.index("SCIM error 401")
+    else:
+        assert warned not in stderr
+    if side == "target":
+        assert fix in error_line and "restart the collector" in error_line
+    else:
+        assert fix not in stderr
+        assert "the source does not take directory.pull.token_file's" in error_line
 
 
 def test_every_runs_until_sigterm_then_stops_cleanly(source, target):
@@ -885,6 +911,12 @@ def test_a_user_the_target_refuses_is_skipped_and_groups_still_apply(
         assert record.fields["name"] == "John Smith"
         assert record.fields["external_id"] == john
         assert "SCIM error 400 (invalidValue)" in record.fields["error"]
+        assert (record.fields["status"], record.fields["scim_type"]) == (
+            400,
+            "invalidValue",
+        )
+        assert "userName" in record.fields["detail"]
+        assert record.fields["fix"].endswith("fix it at the source")
 
 
 def test_a_refused_change_still_deactivates_a_user_the_source_made_inactive(
@@ -1062,3 +1094,82 @@ def test_every_outside_its_bounds_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--every: expected 1\.\.86400 seconds"):
         sync_command(load_collector_config(path), once=False, every=0.5)
+
+
+def test_a_pushed_group_without_member_types_is_adopted_and_loses_a_member(
+    source, target, caplog
+):
+    """Many IdPs push members without ``type``, which the target keeps as
+    stored (immutable): the sync's replace must not set it, or every run
+    is refused and a role revocation never happens."""
+    pushed = {}
+    for name in ("alice", "carol"):
+        body = {"schemas": [CORE_USER], "userName": name, "active": True}
+        reply = target.http.post("Users", json=body)
+        assert reply.status_code == 201, reply.text
+        pushed[name] = reply.json()["id"]
+    group = {
+        "schemas": [CORE_GROUP],
+        "displayName": "Finance",
+        "members": [{"value": pushed["alice"]}, {"value": pushed["carol"]}],
+    }
+    assert target.http.post("Groups", json=group).status_code == 201
+    target.wait_published(
+        {"alice": (True, ["finance_viewer"]), "carol": (True, ["finance_viewer"])}
+    )
+    alice = source.add_user("alice")
+    source.add_group("Finance", [alice])
+
+    with caplog.at_level(logging.WARNING, logger="kynara.collector"):
+        first = _sync(target)
+    second = _sync(target)
+
+    assert first == _zero(users_updated=1, groups_updated=1)
+    assert second == _zero()
+    assert [r.getMessage() for r in caplog.records] == []
+    (finance,) = target.resources("Groups")
+    assert [m["value"] for m in finance["members"]] == [pushed["alice"]]
+    target.wait_published({"alice": (True, ["finance_viewer"]), "carol": (True, [])})
+
+
+def test_member_types_the_target_stored_are_kept_and_new_members_typed():
+    stored = {
+        "members": [
+            {"value": "t-alice"},
+            {"value": "t-bob", "type": "User"},
+            {"value": "t-gone", "type": "User"},
+        ]
+    }
+    payload = {
+        "displayName": "Finance",
+        "members": [
+            {"value": "t-alice", "type": "User"},
+            {"value": "t-bob", "type": "User"},
+            {"value": "t-new", "type": "User"},
+        ],
+    }
+
+    kept = keep_member_types(payload, stored)
+
+    assert kept["members"] == [
+        {"value": "t-alice"},
+        {"value": "t-bob", "type": "User"},
+        {"value": "t-new", "type": "User"},
+    ]
+    assert payload["members"][0] == {"value": "t-alice", "type": "User"}
+
+
+@pytest.mark.parametrize(
+    ("status", "scim_type", "expected"),
+    [
+        (400, "mutability", "correct or delete that copy in the target"),
+        (409, "uniqueness", "another resource in the target holds this name"),
+        (412, "", "the next run retries"),
+        (400, "invalidValue", "fix it at the source"),
+        (0, "", "fix it at the source"),
+    ],
+)
+def test_a_refusal_says_where_to_fix_it(status, scim_type, expected):
+    refused = ResourceRefused("x", status=status, scim_type=scim_type, detail="d")
+
+    assert expected in refusal_remedy(refused)

@@ -10,6 +10,8 @@ import http.client
 import json
 import logging
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -1006,3 +1008,90 @@ def test_a_users_etag_moves_with_its_groups(scim):
     assert headers["etag"] == got["meta"]["version"]
     assert scim.call("DELETE", path, headers={"If-Match": renamed})[0] == 412
     assert scim.call("DELETE", path, headers={"If-Match": headers["etag"]})[0] == 204
+
+
+# --- a directory published by hand ------------------------------------------------
+
+
+def _publish_by_hand(scim: Scim, *principals: str) -> str:
+    """``kynara-collector directory publish`` of users named ``principals``
+    with the SCIM collector's config; the revision it published."""
+    directory = scim.tmp_path / "principals.yaml"
+    directory.write_text(
+        yaml.safe_dump(
+            {
+                "format_version": 1,
+                "kind": "directory",
+                "principals": [
+                    {"id": name, "kind": "user", "roles": ["support_agent"]}
+                    for name in principals
+                ],
+            }
+        )
+    )
+    command = [
+        sys.executable, "-m", "kynara_sidecar.collector.cli", "directory",
+        "publish", str(directory), "--config", str(scim.config_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    verified = scim.verified()
+    assert verified is not None
+    assert verified.revision in done.stdout
+    return verified.revision
+
+
+def test_an_empty_scim_store_keeps_a_hand_import_until_its_first_change(tmp_path):
+    (tmp_path / "store").mkdir()
+    scim = Scim(tmp_path)
+    imported = _publish_by_hand(scim, "ann", "bob")
+    scim.start()
+    try:
+        collector = scim.running.collector
+        assert collector.scim_store.unpublished is False
+        assert collector.directory_publishing.publish_at_start is False
+        assert scim.call("GET", "/Users")[0] == 200  # up and serving
+        assert scim.verified().revision == imported
+        assert sorted(scim.published()) == ["ann", "bob"]
+
+        scim.create_user("alice")
+
+        principals = scim.wait_published(lambda p: "alice" in p, "alice")
+        assert sorted(principals) == ["alice"]
+        assert scim.metric("kynara_collector_directory_revisions_published_total") == 1
+    finally:
+        scim.stop()
+
+
+def test_a_restart_publishes_only_what_was_not_published(tmp_path):
+    """A hand fix over a published SCIM directory survives a restart; a
+    commit whose publish failed (the store down) is published at the next
+    start."""
+    scim = Scim(tmp_path).start()  # the store's root is missing: it is down
+    try:
+        scim.create_user("alice")
+        deadline = time.monotonic() + WAIT_SECONDS
+        while scim.metric("kynara_collector_directory_publish_failures_total") < 1:
+            assert time.monotonic() < deadline, "no publish was tried"
+            time.sleep(0.05)
+    finally:
+        scim.stop()
+    scim.store_root.mkdir()
+    assert scim.published() is None
+
+    scim = Scim(tmp_path).start()
+    try:
+        assert scim.running.collector.directory_publishing.publish_at_start is True
+        scim.wait_published(lambda p: sorted(p) == ["alice"], "alice at start")
+    finally:
+        scim.stop()
+    fixed = _publish_by_hand(scim, "ann")
+
+    scim = Scim(tmp_path).start()
+    try:
+        assert scim.running.collector.scim_store.unpublished is False
+        assert scim.running.collector.directory_publishing.publish_at_start is False
+        assert scim.call("GET", "/Users")[0] == 200
+        assert scim.verified().revision == fixed
+    finally:
+        scim.stop()

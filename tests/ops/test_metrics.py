@@ -8,6 +8,7 @@ import re
 import grpc
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from support import REPO_ROOT
 
 from kynara_sidecar.collector.metrics import CollectorMetrics, DirectorySyncMetrics
@@ -79,16 +80,34 @@ def registry_catalog(registry) -> dict[str, tuple[str, tuple[str, ...]]]:
     return found
 
 
+def instrument_catalog(metrics) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Name -> (type, label names) of each instrument ``metrics`` holds as
+    an attribute: a labelled family with no series yet has its names too."""
+    found = {}
+    for instrument in vars(metrics).values():
+        if isinstance(instrument, MetricWrapperBase):
+            suffix = "_total" if instrument._type == "counter" else ""
+            labels = tuple(instrument._labelnames)
+            found[instrument._name + suffix] = (instrument._type, labels)
+    return found
+
+
 def test_readme_lists_exactly_the_registry_with_its_labels():
-    """The table lists the daemon's registry and, apart, what a scheduled
-    ``kynara-collector directory sync`` serves (its own /metrics)."""
+    """The tables list the daemon's registry and, apart, what the collector
+    serves and what a scheduled ``kynara-collector directory sync`` serves
+    (its own /metrics)."""
     listed = readme_metrics()
 
     catalog = {info.name: (info.type, info.labels) for info in full_metrics().catalog()}
     dirsync = registry_catalog(DirectorySyncMetrics().registry)
+    collector_metrics = CollectorMetrics()
+    collector = instrument_catalog(collector_metrics)
+    assert set(collector) == exported_names(collector_metrics.registry)
     assert set(dirsync).isdisjoint(catalog)
+    assert set(collector).isdisjoint(catalog) and set(collector).isdisjoint(dirsync)
     assert len(dirsync) == 4
     catalog.update(dirsync)
+    catalog.update(collector)
 
     assert sorted(set(listed) - set(catalog)) == [], "listed, not exported"
     assert sorted(set(catalog) - set(listed)) == [], "exported, not listed"
