@@ -1745,6 +1745,13 @@ def _fleet(args: argparse.Namespace) -> int:
         print(fleet_json(rows).decode())
     elif not rows:
         print(f"no daemon has published a status to {args.store} yet")
+        # As the daemon's _start_sync does: a status only with a store (and
+        # an open audit log), once it has started.
+        print(
+            "hint: a daemon publishes its status only when its sync.store (or "
+            "a store as its policy.source) names this store and its audit log "
+            "is open; its log says 'sync started' once it does"
+        )
     else:
         print(format_fleet(rows))
     bad = [row for row in rows if not row.ok]

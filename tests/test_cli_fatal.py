@@ -43,3 +43,29 @@ def test_with_text_logs_only_the_plain_line_is_written():
         f"kynara-sidecar run: {SHIPPED_CONFIG}: audit.map_size: expected at least "
         "65536 bytes, got 10"
     ]
+
+
+def test_a_trusted_key_file_that_is_no_key_is_named_but_never_printed(tmp_path):
+    password = tmp_path / "db-password"
+    password.write_text("hunter2-correct-horse\n")
+    (tmp_path / "store").mkdir()
+
+    failed = _run(
+        "--set",
+        "audit.map_size=16777216",
+        "--set",
+        f"audit.path={tmp_path / 'audit'}",
+        "--set",
+        f"directory.store=dir://{tmp_path / 'store'}",
+        "--set",
+        f"directory.trusted_keys=[{password}]",
+    )
+
+    *logged, plain = failed.stderr.splitlines()
+    (line,) = [json.loads(text) for text in logged if '"error_type"' in text]
+    assert failed.returncode == EXIT_FAILED
+    assert line["error"].startswith(
+        f"directory.trusted_keys: {password}: expected an Ed25519 public key"
+    )
+    assert "got a file of 22 bytes in neither form (content not shown)" in plain
+    assert "hunter2" not in failed.stderr and "hunter2" not in failed.stdout

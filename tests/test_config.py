@@ -76,6 +76,19 @@ def test_config_path_from_environment(monkeypatch):
         ),
         ("sync.store=dir:/srv", r"sync.store: expected a store URL, dir:///"),
         (
+            "directory.store=nats://",
+            r"^[^:]+: directory.store: the store URL 'nats://' names no host; "
+            r"expected nats://HOST:PORT$",
+        ),
+        (
+            "sync.store=nats://:4222",
+            r"sync.store: the store URL 'nats://:4222' names no host",
+        ),
+        (
+            "policy.source=dir://",
+            r"policy.source: the store URL 'dir://' names no path",
+        ),
+        (
             "sync.max_clock_skew_seconds=-1",
             r"sync.max_clock_skew_seconds: expected 0..86400, got -1",
         ),

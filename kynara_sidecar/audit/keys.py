@@ -28,6 +28,7 @@ import binascii
 import hashlib
 import os
 import pathlib
+import re
 import stat
 from collections.abc import Iterable
 
@@ -262,6 +263,14 @@ def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read private key file: {err}") from err
+    data = _read(path, "private key")
+    # A public key (mode 0644 by design) named where the private key goes
+    # is the likelier mistake than an open private key: say so first.
+    if _looks_public(data):
+        raise ConfigError(
+            f"{path}: this is a public key; expected the private key (made by "
+            f"keygen as NAME.pem beside NAME.pub){_private_beside(path)}"
+        )
     if mode & _PRIVATE_FORBIDDEN_BITS:
         raise ConfigError(
             f"{path}: private key permissions {mode:04o} are too open; expected "
@@ -269,12 +278,33 @@ def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
         )
     expected = "expected an unencrypted PKCS#8 PEM Ed25519 private key"
     try:
-        key = serialization.load_pem_private_key(_read(path, "private key"), None)
+        key = serialization.load_pem_private_key(data, None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ConfigError(f"{path}: {expected}: {err}") from err
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: {expected}, got a {type(key).__name__}")
     return SigningKey(key)
+
+
+def _looks_public(data: bytes) -> bool:
+    """Whether a private key file's ``data`` is a public key instead: PEM
+    labelled ``PUBLIC KEY``, or unpadded base64url of 32 bytes."""
+    if not data.isascii():
+        return False
+    text = data.decode("ascii").strip()
+    if text.startswith(_PEM_MARKER):
+        return _pem_label(text) == "PUBLIC KEY"
+    raw = _base64url_or_none(text)
+    return raw is not None and len(raw) == RAW_PUBLIC_KEY_SIZE
+
+
+def _private_beside(path: pathlib.Path) -> str:
+    """``"; e.g. DIR/NAME.pem"`` when ``path`` is named like keygen's
+    ``NAME.pub`` and that private key file exists, else ``""``."""
+    if path.suffix != ".pub":
+        return ""
+    private = path.with_suffix(".pem")
+    return f"; e.g. {private}" if private.is_file() else ""
 
 
 def parse_public_key(text: str, *, where: str = "public key") -> PublicKey:
@@ -286,43 +316,106 @@ def parse_public_key(text: str, *, where: str = "public key") -> PublicKey:
         where: names the source in error messages (a file, a config key).
 
     Raises:
-        ConfigError: ``text`` is neither form of an Ed25519 public key.
+        ConfigError: ``text`` is neither form of an Ed25519 public key. The
+            message describes what was found (its length, a PEM label) but
+            never quotes it: a key setting pointed at the wrong file (a
+            password, a private key) must not print that file in a log.
     """
+    return _parse_public_key(text, where, f"{len(text)} characters")
+
+
+def _parse_public_key(text: str, where: str, size: str) -> PublicKey:
+    """``parse_public_key``; ``size`` says how large the source is in the
+    error (``"120 characters"``, ``"a file of 120 bytes"``)."""
     text = text.strip()
     if text.startswith(_PEM_MARKER):
-        expected = "expected an Ed25519 public key PEM"
-        try:
-            key = serialization.load_pem_public_key(text.encode("ascii"))
-        except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as err:
-            raise ConfigError(f"{where}: {expected}: {err}") from err
+        label = _pem_label(text)
+        if label is not None and "PRIVATE KEY" in label:
+            raise ConfigError(
+                f"{where}: expected an Ed25519 public key, got a private key "
+                f"({size}, PEM {label!r}; content not shown): list the public "
+                "key (made by keygen as NAME.pub beside NAME.pem) and keep the "
+                "private key with its signer"
+            )
+        key = _pem_public_key(text)
         if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"{where}: {expected}, got a {type(key).__name__}")
+            if key is not None:
+                got = f"a {type(key).__name__}"
+            elif label:
+                got = f"PEM {label!r} that holds no readable key"
+            else:
+                got = "PEM without a readable header"
+            raise ConfigError(
+                f"{where}: expected an Ed25519 public key, {_PUBLIC_FORMS}; got "
+                f"{got} ({size}; content not shown)"
+            )
         return PublicKey(key)
-    try:
-        return PublicKey.from_raw(decode_base64url(text))
-    except ValueError as err:
+    # Decoded apart from the raise, so the error carries no exception (whose
+    # text quotes the input) as its context either.
+    raw = _base64url_or_none(text)
+    if raw is None:
         raise ConfigError(
-            f"{where}: expected an Ed25519 public key as PEM or as 43 characters "
-            f"of unpadded base64url: {err}"
-        ) from None
+            f"{where}: expected an Ed25519 public key, {_PUBLIC_FORMS}; got "
+            f"{size} in neither form (content not shown)"
+        )
+    if len(raw) != RAW_PUBLIC_KEY_SIZE:
+        raise ConfigError(
+            f"{where}: expected an Ed25519 public key, {_PUBLIC_FORMS}; got "
+            f"base64url of {len(raw)} bytes ({size}; content not shown)"
+        )
+    return PublicKey.from_raw(raw)
+
+
+# The forms a public key may take, for the errors of a malformed one.
+_PUBLIC_FORMS = (
+    "as PEM ('-----BEGIN PUBLIC KEY-----') or as unpadded base64url of "
+    f"{RAW_PUBLIC_KEY_SIZE} bytes (43 characters)"
+)
+# The label of a PEM block's first line; a label is no secret, and one
+# that is no label is not shown.
+_PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----")
+
+
+def _pem_public_key(text: str) -> object | None:
+    """The public key PEM ``text`` holds, of any algorithm, or None."""
+    try:
+        return serialization.load_pem_public_key(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm):
+        return None
+
+
+def _base64url_or_none(text: str) -> bytes | None:
+    """``decode_base64url(text)``, or None when it is no base64url."""
+    try:
+        return decode_base64url(text)
+    except ValueError:
+        return None
+
+
+def _pem_label(text: str) -> str | None:
+    """The label of the first PEM block in ``text`` (``"PUBLIC KEY"``), or
+    None when its first line is no PEM header."""
+    found = _PEM_LABEL.match(text)
+    return found.group(1) if found else None
 
 
 def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
     """Load a public key file (PEM or raw base64url).
 
     Raises:
-        ConfigError: the file cannot be read or holds no Ed25519 public key.
+        ConfigError: the file cannot be read or holds no Ed25519 public key;
+            the message names the file, its size and the forms expected,
+            never its content.
     """
     path = pathlib.Path(path)
     data = _read(path, "public key")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
+    size = f"a file of {len(data)} bytes"
+    if not data.isascii():
         raise ConfigError(
-            f"{path}: expected an Ed25519 public key as PEM or base64url text, "
-            "got non-ASCII bytes"
-        ) from None
-    return parse_public_key(text, where=str(path))
+            f"{path}: expected an Ed25519 public key, {_PUBLIC_FORMS}; got "
+            f"{size} that is not ASCII text (content not shown)"
+        )
+    return _parse_public_key(data.decode("ascii"), str(path), size)
 
 
 def load_trusted_keys(

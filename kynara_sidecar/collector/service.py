@@ -15,7 +15,8 @@ not known yet once the intake accepts the rotation that adds it. With
 on the HTTP listener, over its own LMDB store (``scim.path``), and a task
 publishes each change as a directory signed with ``directory.signing_key``
 to the store (``DirectoryPublisher``), retrying after
-``store.retry_seconds`` while the store is down.
+``store.retry_seconds`` while the store is down; at start only when a
+committed change may not have been published (``ScimStore.unpublished``).
 
 ``stop`` (SIGTERM or SIGINT under ``run``) goes in a fixed, logged order:
 stop taking messages (the door tasks are cancelled; a segment being
@@ -215,6 +216,11 @@ class Collector:
             retry_seconds=self.config.store.retry_seconds,
             on_published=lambda _revision: self.metrics.directory_revisions.inc(),
             on_failure=self.metrics.directory_publish_failures.inc,
+            # Never an empty (or old) directory over one published by hand
+            # when nothing changed in SCIM since its last publish.
+            publish_at_start=store.unpublished,
+            commits=lambda: store.commits,
+            mark_published=store.mark_published,
         )
         self.directory_publishing = publishing
         # One store and one publisher for the collector's life: `created`
@@ -225,6 +231,7 @@ class Collector:
             poll_seconds=self.config.store.poll_seconds,
             nats=self.config.store.nats.load("store.nats"),
             timeout_key="store.timeout_seconds",
+            setting="store.url",
         )
         self._directory_publisher = DirectoryPublisher(
             self._directory_store, self._directory_key, clock=self.clock
@@ -289,6 +296,7 @@ class Collector:
             poll_seconds=self.config.store.poll_seconds,
             nats=self.config.store.nats.load("store.nats"),
             timeout_key="store.timeout_seconds",
+            setting="store.url",
         )
         inbox = FleetInbox(
             store,
@@ -397,6 +405,7 @@ class Collector:
                 poll_seconds=store_config.poll_seconds,
                 nats=store_config.nats.load("store.nats"),
                 timeout_key="store.timeout_seconds",
+                setting="store.url",
             )
             try:
                 await store.connect()

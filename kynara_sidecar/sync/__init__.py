@@ -364,6 +364,7 @@ def open_store(
     poll_seconds: float = 1.0,
     nats: NatsConnection | None = None,
     timeout_key: str = "sync.timeout_seconds",
+    setting: str = "",
 ) -> Store:
     """The store ``url`` names, not yet connected.
 
@@ -377,6 +378,10 @@ def open_store(
         timeout_key: the setting ``timeout`` came from, which a call that
             runs out of it names (``store.timeout_seconds`` in the
             collector, ``--timeout`` in the CLI).
+        setting: the setting ``url`` came from (``sync.store``,
+            ``policy.source``, ``directory.store``, ``store.url``), which a
+            ``dir://`` store whose directory is missing names as the one to
+            fix; "" for "the setting that names it".
 
     Raises:
         ConfigError: an unknown scheme or a malformed URL.
@@ -392,7 +397,11 @@ def open_store(
         from kynara_sidecar.sync.dir_store import DirStore
 
         return DirStore(
-            url, timeout=timeout, poll_seconds=poll_seconds, timeout_key=timeout_key
+            url,
+            timeout=timeout,
+            poll_seconds=poll_seconds,
+            timeout_key=timeout_key,
+            setting=setting,
         )
     from kynara_sidecar.sync.nats_store import NatsStore
 

@@ -289,6 +289,9 @@ class DirStore:
             ``segments`` looks for new messages.
         timeout_key: the setting ``timeout`` came from, named when a call
             runs out of it (the collector's is ``store.timeout_seconds``).
+        setting: the setting ``url`` came from, named as the one to fix
+            when the directory is missing; "" for "the setting that names
+            it" (the same store may be opened for several settings).
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class DirStore:
         timeout: float = 5.0,
         poll_seconds: float = 1.0,
         timeout_key: str = "sync.timeout_seconds",
+        setting: str = "",
     ):
         scheme, sep, rest = url.partition("://")
         if scheme != "dir" or not sep or not rest:
@@ -306,6 +310,7 @@ class DirStore:
         self.root = pathlib.Path(rest)
         self.timeout = timeout
         self.timeout_key = timeout_key
+        self.setting = setting
         self.poll_seconds = poll_seconds
         self._bundles = self.root / "bundles"
         self._directory = self.root / "directory"
@@ -394,9 +399,10 @@ class DirStore:
 
     def _connect(self) -> None:
         if not self.root.is_dir():
+            fix = self.setting or "the setting that names it"
             raise StoreUnavailable(
                 f"{self.url}: {self.root} is not a directory (create it or mount "
-                f"the volume, or fix sync.store / policy.source)"
+                f"the volume, or fix {fix})"
             )
         for path in (
             self._bundles,

@@ -230,3 +230,97 @@ def test_keygen_names_a_bundle_key_pair_and_refuses_a_path_as_name(tmp_path):
     assert pathlike.returncode == 1
     assert "--name: expected a file name without a directory" in pathlike.stderr
     assert not (tmp_path.parent / "x.pem").exists()
+
+
+# -- a key setting pointed at the wrong file
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"hunter2-correct-horse\n",
+        b"-----BEGIN PUBLIC KEY-----\nhunter2-correct-horse\n-----END PUBLIC KEY-----",
+        "hunter2-\u00e9\n".encode(),
+        b"aHVudGVyMi1jb3JyZWN0LWhvcnNl\n",
+    ],
+    ids=["password", "pem-shaped", "not-ascii", "base64url-of-the-wrong-size"],
+)
+def test_trusted_key_file_that_is_no_key_is_named_never_shown(tmp_path, content):
+    path = tmp_path / "db-password"
+    path.write_bytes(content)
+
+    with pytest.raises(ConfigError) as caught:
+        load_trusted_keys([path])
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: expected an Ed25519 public key, as PEM")
+    assert f"a file of {len(content)} bytes" in message
+    assert "unpadded base64url of 32 bytes (43 characters)" in message
+    assert "hunter2" not in message and "aHVudGVy" not in message
+    # Nor in a traceback: no chained exception quotes the file.
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+def test_inline_key_that_is_no_key_is_described_never_shown():
+    with pytest.raises(ConfigError) as caught:
+        load_trusted_keys(inline=["hunter2-correct-horse"])
+
+    assert str(caught.value) == (
+        "inline key 0: expected an Ed25519 public key, as PEM ('-----BEGIN PUBLIC "
+        "KEY-----') or as unpadded base64url of 32 bytes (43 characters); got 21 "
+        "characters in neither form (content not shown)"
+    )
+
+
+def test_private_key_listed_as_a_trusted_key_is_named_private_never_shown(tmp_path):
+    path = tmp_path / "bundle-key.pem"
+    key = generate_key()
+    save_signing_key(key, path)
+    body = key.to_pem().decode().splitlines()[1]
+
+    with pytest.raises(ConfigError) as caught:
+        load_trusted_keys([path])
+
+    message = str(caught.value)
+    assert message == (
+        f"{path}: expected an Ed25519 public key, got a private key (a file of "
+        f"{path.stat().st_size} bytes, PEM 'PRIVATE KEY'; content not shown): list "
+        "the public key (made by keygen as NAME.pub beside NAME.pem) and keep the "
+        "private key with its signer"
+    )
+    assert body not in message
+
+
+@pytest.mark.parametrize("form", ["pem", "base64url"])
+def test_signing_key_pointed_at_a_public_key_says_so_before_permissions(tmp_path, form):
+    key = generate_key()
+    save_signing_key(key, tmp_path / "directory-key.pem")
+    path = tmp_path / "directory-key.pub"
+    if form == "pem":
+        save_public_key(key.public(), path)
+    else:
+        path.write_text(key.public().to_base64url() + "\n")
+    os.chmod(path, 0o644)
+
+    with pytest.raises(ConfigError) as caught:
+        load_signing_key(path)
+
+    assert str(caught.value) == (
+        f"{path}: this is a public key; expected the private key (made by keygen "
+        f"as NAME.pem beside NAME.pub); e.g. {tmp_path / 'directory-key.pem'}"
+    )
+
+
+def test_signing_key_pointed_at_a_public_key_without_its_pair_names_no_file(
+    tmp_path,
+):
+    path = tmp_path / "from-elsewhere.key"
+    save_public_key(generate_key().public(), path)
+
+    with pytest.raises(ConfigError) as caught:
+        load_signing_key(path)
+
+    assert str(caught.value) == (
+        f"{path}: this is a public key; expected the private key (made by keygen "
+        "as NAME.pem beside NAME.pub)"
+    )

@@ -16,7 +16,7 @@ import yaml
 from support import free_port
 
 from kynara_sidecar.audit.keys import generate_key, save_public_key
-from kynara_sidecar.collector.config import load_collector_config
+from kynara_sidecar.collector.config import load_collector_config, load_directory_key
 from kynara_sidecar.errors import ConfigError
 
 WAIT_SECONDS = 30.0
@@ -188,3 +188,20 @@ def _wait_http(url: str, process: subprocess.Popen) -> bytes:
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"collector never answered on {url}")
+
+
+def test_directory_signing_key_pointed_at_the_public_key_says_it_is_public(
+    tmp_path, key_file
+):
+    # keygen's pair: bot.pem beside bot.pub; the public one is mode 0644.
+    os.chmod(key_file, 0o644)
+    raw = {"directory": {"signing_key": key_file}}
+    config = load_collector_config(_write(tmp_path, raw))
+
+    with pytest.raises(ConfigError) as caught:
+        load_directory_key(config)
+
+    assert str(caught.value) == (
+        f"directory.signing_key: {key_file}: this is a public key; expected the "
+        "private key (made by keygen as NAME.pem beside NAME.pub)"
+    )

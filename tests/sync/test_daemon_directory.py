@@ -771,3 +771,18 @@ def resigned_with(principal_id: str, seconds: int) -> bytes:
             DIRECTORY_FILE: content,
         }
     )
+
+
+def test_a_missing_directory_store_names_directory_store_to_fix(tmp_path, start_daemon):
+    missing = tmp_path / "not-mounted"
+    running = start_daemon(*with_bundle(tmp_path, f"dir://{missing}"))
+
+    def unreachable() -> bool:
+        last = running.daemon._directory_follower.last_sync
+        return last is not None and last.outcome is SyncOutcome.UNREACHABLE
+
+    wait_until(unreachable, "the directory store reported unreachable")
+    error = running.daemon._directory_follower.last_sync.error
+    assert f"{missing} is not a directory" in error
+    assert error.endswith("or fix directory.store)")
+    assert health(running) == NOT_SERVING

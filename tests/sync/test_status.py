@@ -340,3 +340,17 @@ def test_a_status_put_that_times_out_at_stop_is_logged_with_a_reason(tmp_path, c
     assert line.fields["error_type"] == "StoreUnavailable"
     assert "no answer within the 0.2s a stop allows" in line.fields["error"]
     assert str(tmp_path / "central") in line.fields["error"]
+
+
+def test_fleet_status_of_an_empty_store_says_when_a_daemon_publishes(tmp_path):
+    url = f"dir://{tmp_path}"
+
+    out = fleet("--store", url)
+
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"no daemon has published a status to {url} yet",
+        "hint: a daemon publishes its status only when its sync.store (or a store "
+        "as its policy.source) names this store and its audit log is open; its log "
+        "says 'sync started' once it does",
+    ]

@@ -774,3 +774,25 @@ def test_dir_store_reads_only_regular_files_and_never_blocks_on_one(tmp_path, en
         assert "took longer" not in str(refused.value)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("setting", "fix"),
+    [
+        ("directory.store", "fix directory.store)"),
+        ("store.url", "fix store.url)"),
+        ("", "fix the setting that names it)"),
+    ],
+    ids=["directory-store", "collector", "unnamed"],
+)
+def test_dir_store_missing_names_the_setting_it_came_from(tmp_path, setting, fix):
+    missing = tmp_path / "not-mounted"
+    store = open_store(f"dir://{missing}", timeout=TIMEOUT, setting=setting)
+
+    with pytest.raises(StoreUnavailable) as caught:
+        asyncio.run(store.connect())
+
+    assert str(caught.value) == (
+        f"dir://{missing}: {missing} is not a directory (create it or mount the "
+        f"volume, or {fix}"
+    )
