@@ -84,6 +84,7 @@ __all__ = [
     "read_credential_secrets",
     "read_raw_config",
     "read_secret",
+    "store_url_problem",
 ]
 
 DEFAULT_CONFIG_ENV = "KYNARA_CONFIG"
@@ -911,7 +912,7 @@ class PolicyConfig(_Section):
     trusted_keys: list[str] = []
 
     def validate(self, section: str) -> None:
-        if problem := _store_url_problem(self.source):
+        if problem := store_url_problem(self.source):
             raise ConfigError(f"{section}.source: {problem}")
         scheme = self.source.split("://", 1)[0] if "://" in self.source else ""
         if scheme and scheme != "file" and scheme not in STORE_SCHEMES:
@@ -964,7 +965,7 @@ class DirectoryConfig(_Section):
     trusted_keys: list[str] = []
 
     def validate(self, section: str) -> None:
-        if problem := _store_url_problem(self.store):
+        if problem := store_url_problem(self.store):
             raise ConfigError(f"{section}.store: {problem}")
         if self.store and not is_store_url(self.store):
             raise ConfigError(
@@ -987,7 +988,7 @@ _STORE_FORMS = {
 }
 
 
-def _store_url_problem(text: str) -> str | None:
+def store_url_problem(text: str) -> str | None:
     """Why ``text`` is a malformed store URL (a store scheme without the
     ``//``, a ``nats://`` URL without a host, a ``dir://`` one without a
     path), or None. Checked before the ``sync.nats`` settings, whose TLS
@@ -1211,7 +1212,7 @@ class SyncConfig(_FileSection):
 
     def validate(self, section: str, *, files: bool = True) -> None:
         self.nats.validate(f"{section}.nats", files=files)
-        if problem := _store_url_problem(self.store):
+        if problem := store_url_problem(self.store):
             raise ConfigError(f"{section}.store: {problem}")
         if self.store and not is_store_url(self.store):
             raise ConfigError(

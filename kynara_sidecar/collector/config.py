@@ -79,6 +79,7 @@ from kynara_sidecar.config import (
     read_credential_secrets,
     read_raw_config,
     read_secret,
+    store_url_problem,
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.policy.names import canonical_name
@@ -156,6 +157,8 @@ class StoreConfig(_Section):
     nats: NatsConnectionConfig = msgspec.field(default_factory=NatsConnectionConfig)
 
     def validate(self, section: str) -> None:
+        if problem := store_url_problem(self.url):
+            raise ConfigError(f"{section}.url: {problem}")
         if self.url and not is_store_url(self.url):
             raise ConfigError(
                 f"{section}.url: expected dir://PATH or nats://HOST:PORT, "

@@ -44,6 +44,7 @@ def _pull(daemon_id: str, target: str) -> dict:
     [
         ({"stores": {}}, r"Object contains unknown field `stores`"),
         ({"store": {"url": "http://x"}}, r"store.url: expected dir://PATH or nats"),
+        ({"store": {"url": "nats://"}}, r"store.url: the store URL 'nats://' names no"),
         ({"store": {"consumer": "a b"}}, r"store.consumer: consumer name 'a b'"),
         ({"archive": {"url": "ftp://x"}}, r"archive.url: expected dir://PATH or s3"),
         ({"http": {"host": "0.0.0.0"}}, r"http.host: expected a loopback address"),
