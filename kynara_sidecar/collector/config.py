@@ -662,6 +662,12 @@ class ScimConfig(_Section):
     # GET ?filter= and POST .search alike; more is a 400 invalidFilter,
     # e.g. 200. Each term is matched against every User, and IdPs send few.
     max_filter_terms: int = 200
+    # The least time between two directory revisions, in seconds, e.g. 0.5.
+    # The first change after a quiet spell is published at once; changes
+    # within the interval after it go out together at its end, so a bulk
+    # import makes a few revisions, not one per user (each daemon keeps
+    # every revision it activates).
+    publish_interval_seconds: float = 0.5
 
     def validate(self, section: str) -> None:
         if not self.enabled:
@@ -691,6 +697,9 @@ class ScimConfig(_Section):
             )
         _check_range(section, "max_results", self.max_results, 1, 10_000)
         _check_range(section, "max_filter_terms", self.max_filter_terms, 1, 10_000)
+        _check_range(
+            section, "publish_interval_seconds", self.publish_interval_seconds, 0, 60
+        )
 
     def load_credentials(
         self, section: str = "scim", others: Collection[bytes] = ()

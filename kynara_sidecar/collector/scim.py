@@ -946,6 +946,10 @@ class DirectoryPublishing:
             before each content is built.
         mark_published: records that the commits counted are published
             (``ScimStore.mark_published``; blocking, run on a worker thread).
+        interval_seconds: the least time from one publish to the next
+            (``scim.publish_interval_seconds``): a change after a quiet spell
+            goes out at once, changes inside the interval together at its
+            end.
 
     A store that stays down is retried every ``retry_seconds`` and each try
     is counted (``on_failure``), but logged at WARNING only when its error
@@ -966,8 +970,12 @@ class DirectoryPublishing:
         publish_at_start: bool = True,
         commits: Callable[[], int] = lambda: 0,
         mark_published: Callable[[int], None] = lambda commits: None,
+        interval_seconds: float = 0.0,
     ):
         self._content = content
+        self._interval = interval_seconds
+        # When the next publish may start (the event loop's clock).
+        self._next_at = 0.0
         self._publish = publish
         self._retry_seconds = retry_seconds
         self._on_published = on_published
@@ -995,8 +1003,16 @@ class DirectoryPublishing:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set (it also ends on cancellation)."""
         fields = {"component": "collector", "door": "scim directory"}
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             await self._dirty.wait()
+            pause = self._next_at - loop.time()
+            if pause > 0:
+                # Changes in the meantime join this revision.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+                if stop.is_set():
+                    break
             self._dirty.clear()
             # Read before the content is built: the content holds them all.
             commits = self._commits()
@@ -1017,6 +1033,7 @@ class DirectoryPublishing:
             if content == self._published:
                 await self._record(commits, fields)
                 continue
+            self._next_at = loop.time() + self._interval
             try:
                 revision = await self._publish(content)
             except Exception as err:

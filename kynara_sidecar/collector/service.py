@@ -221,6 +221,7 @@ class Collector:
             publish_at_start=store.unpublished,
             commits=lambda: store.commits,
             mark_published=store.mark_published,
+            interval_seconds=self.config.scim.publish_interval_seconds,
         )
         self.directory_publishing = publishing
         # One store and one publisher for the collector's life: `created`
