@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import uvloop
@@ -51,7 +51,17 @@ from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.sync import open_store
 from kynara_sidecar.sync.bundle import build_bundle, verify_bundle
 
-__all__ = ["main", "measure_round", "summarize"]
+__all__ = [
+    "first_answer_where",
+    "main",
+    "measure_round",
+    "round_bundle",
+    "start_daemon",
+    "start_nats",
+    "stop_processes",
+    "summarize",
+    "wait_serving",
+]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED_POLICIES = REPO_ROOT / "config" / "policies"
@@ -101,8 +111,15 @@ def policy_dir(scratch: pathlib.Path, round_no: int) -> pathlib.Path:
 
 
 def start_daemon(
-    scratch: pathlib.Path, n: int, store: str, trusted: pathlib.Path
+    scratch: pathlib.Path,
+    n: int,
+    store: str,
+    trusted: pathlib.Path,
+    extra: Sequence[str] = (),
 ) -> tuple[subprocess.Popen, str]:
+    """Daemon ``n`` following ``store`` for its bundles, with its socket and
+    audit log under ``scratch``; ``extra`` settings (``section.key=value``)
+    come after the bench's own. Returns the process and its gRPC target."""
     home = scratch / f"daemon-{n}"
     home.mkdir()
     settings = [
@@ -118,6 +135,7 @@ def start_daemon(
         f"audit.witness_path={home / 'witness'}",
         "audit.map_size=67108864",
         "sync.ship_segments=false",
+        *extra,
     ]  # fmt: skip
     argv = [sys.executable, "-m", "kynara_sidecar.cli", "run",
             "--config", "config/kynara.yaml"]  # fmt: skip
@@ -161,18 +179,37 @@ async def wait_serving(targets: Sequence[str], processes) -> None:
         raise SystemExit(f"{len(pending)} daemon(s) did not serve in time")
 
 
-async def _first_answer_with(
-    stub, revision: str, started: float, probe_seconds: float
+async def first_answer_where(
+    stub,
+    accept: Callable[[pb.DecideResponse], bool],
+    what: str,
+    started: float,
+    probe_seconds: float,
 ) -> float:
+    """Seconds from ``started`` (a ``time.perf_counter()``) to the first
+    answer to ``probe_request()`` that ``accept`` takes, asking every
+    ``probe_seconds``; exits naming ``what`` after ``ROUND_TIMEOUT``."""
     request = probe_request()
     deadline = started + ROUND_TIMEOUT
     while time.perf_counter() < deadline:
         with contextlib.suppress(grpc.RpcError):
             reply = await stub.Decide(request, timeout=5)
-            if reply.policy_revision == revision:
+            if accept(reply):
                 return time.perf_counter() - started
         await asyncio.sleep(probe_seconds)
-    raise SystemExit(f"a daemon did not answer with {revision} in {ROUND_TIMEOUT} s")
+    raise SystemExit(f"a daemon did not answer with {what} in {ROUND_TIMEOUT} s")
+
+
+async def _first_answer_with(
+    stub, revision: str, started: float, probe_seconds: float
+) -> float:
+    return await first_answer_where(
+        stub,
+        lambda reply: reply.policy_revision == revision,
+        revision,
+        started,
+        probe_seconds,
+    )
 
 
 async def measure_round(
@@ -208,7 +245,7 @@ async def run_point(
     processes = []
     try:
         await store.connect()
-        await store.publish_bundle(_bundle(point, 0, key))
+        await store.publish_bundle(round_bundle(point, 0, key))
         started = [start_daemon(point, i, url, trusted) for i in range(n)]
         processes = [p for p, _ in started]
         targets = [t for _, t in started]
@@ -217,7 +254,7 @@ async def run_point(
         stubs = [decision_pb2_grpc.DecisionServiceStub(c) for c in channels]
         lasts = []
         for round_no in range(1, rounds + 1):
-            bundle = _bundle(point, round_no, key)
+            bundle = round_bundle(point, round_no, key)
             revision = verify_bundle(bundle, {key.key_id: key.public()}).revision
             times = await measure_round(store, stubs, bundle, revision, probe_seconds)
             lasts.append(max(times))
@@ -226,18 +263,24 @@ async def run_point(
         return lasts
     finally:
         await store.close()
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         nats.send_signal(signal.SIGTERM)
         nats.wait(timeout=30)
 
 
-def _bundle(scratch: pathlib.Path, round_no: int, key) -> bytes:
+def stop_processes(processes: Sequence[subprocess.Popen]) -> None:
+    """SIGTERM each, then wait for each (killed after 30 s)."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def round_bundle(scratch: pathlib.Path, round_no: int, key) -> bytes:
+    """A bundle of the shipped policies with a revision of round ``round_no``."""
     # Creation times must grow: a daemon refuses a bundle older than its own.
     now = Timestamp.from_nanos(time.time_ns())
     return build_bundle(policy_dir(scratch, round_no), key, now)
