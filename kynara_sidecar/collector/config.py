@@ -40,7 +40,7 @@ Example::
       credentials:
         okta: {secret_file: /run/secrets/kynara-scim-okta}
       group_roles:
-        Support Engineers: [support_agent]
+        Support Engineers: [support]
     directory:
       signing_key: /etc/kynara-collector/directory.pem
       pull:                              # `kynara-collector directory sync`
@@ -648,7 +648,7 @@ class ScimConfig(_Section):
     # <secret>`. Secrets differ from each other and from http.credentials'.
     credentials: dict[str, ScimCredentialConfig] = {}
     # Group displayName -> the roles its direct members get, e.g.
-    # {"Support Engineers": [support_agent], "Finance": [finance_viewer]};
+    # {"Support Engineers": [support], "Administrators": [admin]};
     # a group not listed gives no role.
     group_roles: dict[str, list[str]] = {}
     # The URL IdPs reach the endpoint by, for Location headers and

@@ -276,6 +276,9 @@ SCRIPT = r"""
       const data = await call("GET", "/playground/api/tour");
       const list = $("tour");
       clear(list);
+      const note = $("tour-note");
+      put(note, data.note || "");
+      note.hidden = !data.note;
       for (const step of data.steps) {
         const item = make("li");
         item.appendChild(make("h3", step.title));
@@ -379,6 +382,7 @@ def render_page(site: str, *, who: str, csrf: str) -> str:
         '<section aria-labelledby="tour-h"><h2 id="tour-h">Guided tour</h2>'
         "<p>Steps over the shipped example policies (config/policies); each "
         "loads a request and decides it with the active policies.</p>"
+        '<p id="tour-note" class="notice" hidden></p>'
         '<ol id="tour" class="tour"></ol></section>'
         '<section aria-labelledby="request-h"><h2 id="request-h">Request</h2>'
         '<label for="request">Request file (YAML or JSON), as '

@@ -247,6 +247,16 @@ def _tour_request(body: str) -> str:
     return "request:\n" + "".join(f"  {line}\n" for line in body.strip().splitlines())
 
 
+# Said with the tour on a daemon following the collector's signed directory
+# (directory.store), whose principals are not the shipped example's.
+TOUR_SIGNED_DIRECTORY_NOTE = (
+    "These steps were written for the shipped example directory "
+    "(config/policies/directory.yaml). This daemon decides with the "
+    "collector's signed directory (directory.store), so a step's answer "
+    "differs where that directory lacks, deactivates or gives other roles "
+    "to the principals the step names."
+)
+
 # A Monday, 10:00 in Berlin: inside the CRM rule's business hours.
 _MONDAY = 'now: "2026-12-07T10:00:00+01:00"'
 TOUR: tuple[TourStep, ...] = (
@@ -945,7 +955,14 @@ class _Playground:
 
     async def tour(self, request: web.Request) -> web.Response:
         async def run(_body: object) -> dict[str, Any]:
-            return {"steps": [msgspec.to_builtins(step) for step in TOUR]}
+            answer: dict[str, Any] = {
+                "steps": [msgspec.to_builtins(step) for step in TOUR]
+            }
+            if self.sources.signed_directory:
+                # The steps' texts and effects name the shipped directory's
+                # principals; a signed directory may lack or deactivate them.
+                answer["note"] = TOUR_SIGNED_DIRECTORY_NOTE
+            return answer
 
         return await self._json_call(request, run, posting=False)
 

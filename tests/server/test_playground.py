@@ -451,6 +451,7 @@ def test_the_tour_is_served_from_the_daemon(served):
     status, _, body = call(served, "GET", "/playground/api/tour", None, bearer("ops"))
 
     assert status == 200
+    assert "note" not in body
     assert [step["id"] for step in body["steps"]] == [step.id for step in TOUR]
     assert {step["effect"] for step in body["steps"]} == {
         "allow",
@@ -845,6 +846,9 @@ def test_a_pasted_request_matches_decide_under_a_signed_directory(served_signed)
     ]
     assert body["directory"] == "signed"
     assert SCIM_ONLY_ROLE in running.daemon._pipeline.policies.directory.unknown_roles
+    # The tour was written for the shipped directory, and says so here.
+    status, _, tour = call(running, "GET", "/playground/api/tour", None, bearer("ops"))
+    assert status == 200 and "directory.store" in tour["note"]
 
 
 def test_an_edited_set_without_a_directory_file_evaluates_with_the_signed_one(
