@@ -407,6 +407,9 @@ class Daemon:
         self._serving_reported = False
         self._serving_logged = False
         self._stopping = False
+        # While start restores the kept parts: a kept signed directory that
+        # does not compile with the policies is dropped, not fatal.
+        self._restoring = False
         # With a central store (Config.store): status up, segments out.
         self._session: StoreSession | None = None
         self._shipper: SegmentShipper | None = None
@@ -638,6 +641,11 @@ class Daemon:
         first signed directory, or the other way round) is kept until the
         other comes, and nothing is activated.
 
+        While start restores, a kept signed directory that does not compile
+        against the policies is dropped (logged at ERROR) and the policies
+        wait for a new one; later, a new policy part that the active signed
+        directory does not compile against is refused naming the directory.
+
         Raises:
             PolicyError: the signed directory does not compile against the
                 set; nothing changed.
@@ -645,6 +653,7 @@ class Daemon:
                 changed.
         """
         async with self._activation_lock:
+            base_given = base is not None
             base = base or self._base
             signed = signed or self._signed
             waiting = base is None or (
@@ -662,7 +671,20 @@ class Daemon:
                 )
                 return
             assert base is not None
-            policies, changes = await asyncio.to_thread(self._compose, base, signed)
+            try:
+                policies, changes = await asyncio.to_thread(self._compose, base, signed)
+            except PolicyError as err:
+                if signed is None or signed is not self._signed or not base_given:
+                    raise
+                # The kept signed directory is what no longer compiles.
+                if self._restoring:
+                    self._drop_kept_directory(base, signed, err)
+                    return
+                raise PolicyError(
+                    f"the active signed directory {signed.verified.revision} "
+                    f"does not compile against policy set "
+                    f"{base.policies.policy_set.revision}: {err}"
+                ) from err
             await self._activate(policies, changes)
             self._base, self._signed = base, signed
             revision = policies.policy_set.revision
@@ -672,6 +694,28 @@ class Daemon:
                 log.info("serving", extra=_fields(policy_revision=revision))
             self._serving_logged = status == SERVING
             await self._set_health(status)
+
+    def _drop_kept_directory(
+        self, base: _PolicyBase, signed: _SignedDirectory, err: PolicyError
+    ) -> None:
+        """At start: the signed directory kept from an earlier run does not
+        compile against the policies. Drop it, keep the policies, and wait
+        (not serving) for a new directory from ``directory.store``."""
+        log.error(
+            "kept signed directory does not compile against the policies; "
+            "dropped, waiting for a new one from the collector",
+            extra=_fields(
+                component="policy",
+                part="directory",
+                directory_revision=signed.verified.revision,
+                policy_revision=base.policies.policy_set.revision,
+                setting="directory.store",
+                error=str(err),
+            ),
+        )
+        self._base, self._signed = base, None
+        if self._directory_follower is not None:
+            self._directory_follower.forget()
 
     def _compose(
         self, base: _PolicyBase, signed: _SignedDirectory | None
@@ -964,11 +1008,15 @@ class Daemon:
             self._book.start()
             # The kept signed directory first: the policies are then
             # composed with it as soon as they are there.
-            await self._restore_directory()
-            if base is not None:
-                await self._activate_parts(base=base)
-            else:
-                await self._restore_bundle()
+            self._restoring = True
+            try:
+                await self._restore_directory()
+                if base is not None:
+                    await self._activate_parts(base=base)
+                else:
+                    await self._restore_bundle()
+            finally:
+                self._restoring = False
             await self._first_directory()
             self._update_usage()
         except AuditLogInUse:
@@ -1727,7 +1775,9 @@ class Daemon:
         ``LIVE_SETTINGS`` apply at once; any other key that changed needs a
         restart: one warning names them all, and the daemon keeps their
         previous values. With signed bundles, fetch the source's current
-        bundle once.
+        bundle once. With ``directory.store``, sync the signed directory
+        first; with policy files its failure is logged and counted in
+        ``kynara_directory_sync_total`` only, not as a failed reload.
         """
         if self._reload_config is not None and not await self._reload_settings():
             return False
@@ -1735,6 +1785,19 @@ class Daemon:
         if self._directory_follower is not None:
             result = await self._directory_follower.sync_now()
             synced = result.outcome in (SyncOutcome.ACTIVATED, SyncOutcome.UNCHANGED)
+            if not synced:
+                # Counted in kynara_directory_sync_total by the follower.
+                log.warning(
+                    "reload: the signed directory was not synced; the policies "
+                    "reload on their own",
+                    extra=_fields(
+                        component="policy",
+                        part="directory",
+                        outcome=str(result.outcome),
+                        error=result.error,
+                        source=self.config.directory.store,
+                    ),
+                )
         if self._follower is not None:
             result = await self._follower.sync_now()
             ok = result.outcome in (SyncOutcome.ACTIVATED, SyncOutcome.UNCHANGED)
@@ -1758,8 +1821,9 @@ class Daemon:
                 ),
             )
             return False
-        self.metrics.policy_reloads.labels("ok" if synced else "error").inc()
-        return synced
+        # The files activated: the directory's outcome is its own metric's.
+        self.metrics.policy_reloads.labels("ok").inc()
+        return True
 
     async def _reload_settings(self) -> bool:
         """Read the config again and apply what can change live; False

@@ -532,8 +532,7 @@ class Metrics:
         created (Unix seconds, when known) and that it was activated now."""
         self.directory_revision_info.clear()
         self.directory_revision_info.labels(revision).set(1)
-        if created is not None:
-            self.directory_created_time.set(created)
+        self.directory_created_time.set(float("nan") if created is None else created)
         self.directory_activated_time.set(time.time())
 
     def count_directory_refusal(self, kind: str) -> None:

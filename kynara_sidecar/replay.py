@@ -53,7 +53,6 @@ from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy.compiler import compile_directory, compile_policy_set
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
-    compile_documents,
     decode_document,
     load_policies,
 )
@@ -162,8 +161,12 @@ def load_stored_policies(
         for name, content in directory.files.items()
     ]
     if len(directories) != 1:
-        # As compile_documents says it, naming the files.
-        compile_documents(documents + directories, root=where)
+        names = ", ".join(sorted(directory.files)) or "none"
+        raise PolicyError(
+            f"expected exactly one directory file in stored directory "
+            f"{directory_revision}, got {len(directories)}: {names}",
+            path=where,
+        )
     policy_set = compile_policy_set(documents)
     # A signed directory (directory.store) may name roles the set does not
     # define, and was activated keeping them; a bundle's or the files'

@@ -389,3 +389,29 @@ def test_replay_warns_when_the_log_does_not_verify(start_daemon, policies):
 
     assert lines[0].startswith("warning: the log does not verify")
     assert f"record {reply.audit_sequence}: edited" in lines[0]
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_a_stored_directory_part_without_exactly_one_file_is_refused(tmp_path, count):
+    policy_files = {
+        path.name: path.read_bytes()
+        for path in sorted(SHIPPED_POLICIES.glob("*.yaml"))
+        if path.name != "directory.yaml"
+    }
+    directory = (SHIPPED_POLICIES / "directory.yaml").read_bytes()
+    directory_files = {f"directory-{n}.yaml": directory for n in range(count)}
+    changes = policy_set_changes(
+        "sha256:" + "1" * 64, policy_files, "sha256:" + "2" * 64, directory_files
+    )
+    store = AuditStore.open(tmp_path / "audit", map_size=1 << 24)
+    try:
+        store.append_batch([], changes)
+        with pytest.raises(PolicyError) as refused:
+            load_stored_policies(store, "sha256:" + "1" * 64, "sha256:" + "2" * 64)
+    finally:
+        store.close()
+
+    message = str(refused.value)
+    assert "expected exactly one directory file" in message
+    assert f"got {count}" in message
+    assert "sha256:" + "2" * 64 in message

@@ -493,9 +493,11 @@ def export_pack(
     _check_out(out)
     store = AuditStore.open(audit_path, readonly=True)
     try:
-        files, summary = build_pack(
-            store, start, stop, {key.key_id: key for key in keys}, request=request
-        )
+        # One snapshot for the whole pack while a daemon appends beside it.
+        with store.reading():
+            files, summary = build_pack(
+                store, start, stop, {key.key_id: key for key in keys}, request=request
+            )
     finally:
         store.close()
     write_pack(out, files)

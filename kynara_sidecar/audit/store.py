@@ -1103,7 +1103,9 @@ class AuditStore:
         self, name: bytes, look: Callable[[memoryview], Any]
     ) -> list[tuple[str, Any]]:
         """``(digest, look(value))`` for every entry of ``bundles`` or
-        ``directories`` (``name``), in digest order, from one snapshot.
+        ``directories`` (``name``), in digest order, from one snapshot:
+        the one ``reading()`` pinned when called inside it (so an export
+        sees the entries of the same moment as its records), else its own.
 
         ``look`` sees each value in place (a memoryview valid only during
         the call), so a caller reading a manifest at the front of each
@@ -1119,6 +1121,12 @@ class AuditStore:
         if db is None:
             return []
         found = []
+        pinned = getattr(self._pinned, "txn", None)
+        if pinned is not None:
+            # The pinned snapshot hands out copies; look still gets a view.
+            for key, value in pinned.cursor(db=db):
+                found.append((key.decode("ascii", "replace"), look(memoryview(value))))
+            return found
         with self._env.begin(buffers=True) as txn:
             for key, value in txn.cursor(db=db):
                 found.append((bytes(key).decode("ascii", "replace"), look(value)))

@@ -52,8 +52,9 @@ What a pack holds
     signature under the ``--publisher-key`` keys only (the collector's
     directory key, the bundle key), never under the audit keys, so a
     publisher's key cannot vouch for checkpoints nor an audit key for
-    policies. One whose key is not given is reported as not checked, not
-    failed: a pack of a daemon that read unsigned policy files has none.
+    policies. Without any ``--publisher-key`` they are reported as not
+    checked, not failed; once publisher keys are given, one signed under a
+    key id not among them fails the pack.
 ``export.json``
     What the operator asked for (the time range, the records left out
     because no checkpoint sealed them yet). A claim of the exporter, not
@@ -791,8 +792,10 @@ def _verify_signed(
 ) -> tuple[list[dict], list[str]]:
     """Check each signed update under signed/: its hashes, that it carries
     the files of the revision it is filed for, and its signature when its
-    key is among the publisher keys given. Returns the entries and the
-    updates not checked."""
+    key is among the publisher keys given. Once any publisher key is given,
+    an update signed under another key id fails (``unknown_key``); with none
+    given, every update is reported as not checked. Returns the entries and
+    the updates not checked."""
     found, unchecked = [], []
     for part in ("directory", "policy"):
         directory = pack / SIGNED_DIR / part
@@ -823,6 +826,15 @@ def _verify_signed(
                     f"{where}: does not carry the files of {part} {revision}",
                 )
             key = trusted.get(manifest.get("key_id"))
+            if key is None and trusted:
+                # Publisher keys were given: a signer outside them is a
+                # forgery until shown otherwise, not a gap in the evidence.
+                raise PackError(
+                    "unknown_key",
+                    f"{where} is signed by {manifest.get('key_id')}, which is "
+                    f"not among the --publisher-key keys "
+                    f"({', '.join(sorted(trusted))})",
+                )
             if key is None:
                 unchecked.append(f"{where} ({manifest.get('key_id')})")
             else:
@@ -918,7 +930,8 @@ def verify_pack(
         publisher_keys: public key files of the signers of policy bundles and
             directory updates; only these check ``signed/`` (kept apart from
             ``trusted_keys`` so neither kind of key vouches for the other's
-            objects). A signed update whose key is not given is not checked.
+            objects). With none given, signed updates are not checked;
+            with some given, one signed under another key id fails.
 
     Returns:
         The report of a pack that verified.

@@ -109,6 +109,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a run every SECONDS until SIGTERM or SIGINT (default: "
         "directory.pull.interval_seconds; unset, one run)",
     )
+    sync.add_argument(
+        "--force",
+        action="store_true",
+        help="let this one run delete more of the target's users than "
+        "directory.pull.max_delete_fraction allows",
+    )
     publish = directory_commands.add_parser(
         "publish",
         help="sign a directory file (YAML or JSON, as a policy directory's "
@@ -251,7 +257,7 @@ def _directory(args: argparse.Namespace) -> int:
     from kynara_sidecar.collector.dirsync import sync_command
 
     config = load_collector_config(args.config, args.overrides)
-    return sync_command(config, once=args.once, every=args.every)
+    return sync_command(config, once=args.once, every=args.every, force=args.force)
 
 
 def _directory_publish(args: argparse.Namespace) -> int:
@@ -301,6 +307,7 @@ def _directory_publish(args: argparse.Namespace) -> int:
         poll_seconds=config.store.poll_seconds,
         nats=config.store.nats.load("store.nats"),
         timeout_key="store.timeout_seconds",
+        setting="store.url",
     )
 
     async def publish() -> str:

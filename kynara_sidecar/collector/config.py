@@ -82,7 +82,7 @@ from kynara_sidecar.config import (
     store_url_problem,
 )
 from kynara_sidecar.errors import ConfigError
-from kynara_sidecar.policy.names import canonical_name
+from kynara_sidecar.policy.names import is_valid_name
 from kynara_sidecar.sync import check_consumer_name, is_store_url
 
 __all__ = [
@@ -534,6 +534,12 @@ class DirectoryPullConfig(_Section):
     # 100000: a listing whose totalResults says more fails the run at its
     # first page instead of being read for hours.
     max_resources: int = 100_000
+    # The largest share of the target's owned users (those with an
+    # externalId) one run may delete, e.g. 0.5: a source that answers with
+    # far too few users (a token of the wrong tenant) fails the run before
+    # any write instead of deleting them all; runs deleting 5 or fewer are
+    # never held back. `directory sync --force` lets one run through.
+    max_delete_fraction: float = 0.5
     # Port of the schedule's /metrics (--every or interval_seconds), e.g.
     # 9466; 0 serves none. A run of its own (--once) serves none either.
     metrics_port: int = 0
@@ -565,6 +571,7 @@ class DirectoryPullConfig(_Section):
         _check_range(section, "page_size", self.page_size, 1, 1000)
         _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 300)
         _check_range(section, "max_resources", self.max_resources, 1, 10_000_000)
+        _check_range(section, "max_delete_fraction", self.max_delete_fraction, 0, 1)
         _check_range(section, "metrics_port", self.metrics_port, 0, 65535)
         if not is_loopback(self.metrics_host):
             raise ConfigError(
@@ -684,12 +691,15 @@ class ScimConfig(_Section):
             credential.validate(f"{section}.credentials.{name}")
         for group, roles in self.group_roles.items():
             for role in roles:
-                try:
-                    canonical_name(role)
-                except ValueError as err:
+                # The rule the signed directory applies to every role: a role
+                # it refuses would fail every directory build, so nothing
+                # would be published while IdPs still get 2xx.
+                if not is_valid_name(role):
                     raise ConfigError(
-                        f"{section}.group_roles.{group}: role {role!r}: {err}"
-                    ) from None
+                        f"{section}.group_roles.{group}: role {role!r}: expected "
+                        "a role name of dot-separated [A-Za-z0-9_-] segments, "
+                        "e.g. support_agent"
+                    )
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{section}.base_url: expected an http:// or https:// URL, got "

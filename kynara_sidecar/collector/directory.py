@@ -10,10 +10,12 @@ Two rules keep daemons converging:
 - ``created`` strictly increases, even when the machine's clock steps back
   (a daemon takes only an update newer than the one it has): each update
   is created at the clock's time or one nanosecond after the last one,
-  whichever is later. The last one is what this publisher published, or,
-  before its first publish, the store's current update when it verifies
-  with this publisher's key (so a restarted collector continues where it
-  was rather than going back with its clock);
+  whichever is later. The last one is the later of what this publisher
+  published and the store's current update, read before every publish,
+  when it verifies with this publisher's key (so a restarted collector
+  continues where it was rather than going back with its clock, and a
+  hand publish from a machine whose clock is ahead does not make later
+  revisions look older to daemons);
 - content equal to the current one publishes nothing, so a SCIM request
   that changes no principal (or a restart) costs daemons nothing.
 
@@ -69,8 +71,9 @@ class DirectoryPublisher:
         self._key = key
         self._clock = clock
         self._lock = asyncio.Lock()
-        # Read from the store before the first publish.
-        self._loaded = False
+        # The store's current update last read (its digest), so one
+        # already read is not verified again.
+        self._seen_digest: str | None = None
         self._last_created = -1
         self._last_content: bytes | None = None
         self._last_revision = ""
@@ -94,8 +97,7 @@ class DirectoryPublisher:
                 the next call tries again.
         """
         async with self._lock:
-            if not self._loaded:
-                await self._load()
+            await self._refresh()
             if content == self._last_content:
                 return self._last_revision
             created = max(self._clock(), self._last_created + 1)
@@ -105,7 +107,9 @@ class DirectoryPublisher:
                 self._key,
                 Timestamp(created // _NANOS, created % _NANOS),
             )
-            await self._store.publish_directory(bundle_digest(data), data)
+            digest = bundle_digest(data)
+            await self._store.publish_directory(digest, data)
+            self._seen_digest = digest
             self._last_created = created
             self._last_content = content
             self._last_revision = directory_revision(content)
@@ -122,13 +126,14 @@ class DirectoryPublisher:
             )
             return self._last_revision
 
-    async def _load(self) -> None:
-        """Take the store's current update as the last one, when this key
-        signed it."""
+    async def _refresh(self) -> None:
+        """Take the store's current update as the last one when this key
+        signed it and it is newer than the last one (a hand publish, or
+        this publisher's own before a restart)."""
         entry = await self._store.current_directory()
-        self._loaded = True
-        if entry is None:
+        if entry is None or entry.digest == self._seen_digest:
             return
+        self._seen_digest = entry.digest
         trusted = {self._key.key_id: self._key.public()}
         try:
             current = await asyncio.to_thread(
@@ -136,12 +141,16 @@ class DirectoryPublisher:
             )
         except DirectoryError as err:
             # Another key's (a rotation) or damaged: publish over it.
+            self._last_content = None
             _log.warning(
                 "current directory not verified with this key; publishing anew",
                 extra={"fields": {"key_id": self._key.key_id, "error": str(err)}},
             )
             return
         moment = parse_timestamp(current.created)
-        self._last_created = moment.seconds * _NANOS + moment.nanos
+        created = moment.seconds * _NANOS + moment.nanos
+        if created <= self._last_created:
+            return
+        self._last_created = created
         self._last_content = current.content
         self._last_revision = current.revision

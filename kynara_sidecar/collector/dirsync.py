@@ -118,7 +118,9 @@ from kynara_sidecar.errors import ConfigError, ServiceError
 from kynara_sidecar.policy.names import canonical_name
 
 __all__ = [
+    "DEFAULT_MAX_DELETE_FRACTION",
     "DEFAULT_MAX_RESOURCES",
+    "MAX_DELETES_UNCHECKED",
     "EXIT_PARTIAL",
     "DirectorySyncError",
     "Endpoint",
@@ -158,6 +160,12 @@ _MAX_SHOWN = 300
 # rather than being read for hours. Each page must bring a resource not
 # seen before, so this bounds the pages too.
 DEFAULT_MAX_RESOURCES = 100_000
+# The largest share of the target's owned users one run may delete
+# (``directory.pull.max_delete_fraction``): a source answering with far
+# too few users (a wrong tenant's token) fails the run before any write.
+# A run deleting at most MAX_DELETES_UNCHECKED users is never held back.
+DEFAULT_MAX_DELETE_FRACTION = 0.5
+MAX_DELETES_UNCHECKED = 5
 # Exit status of a run that applied all but the resources the target
 # refused (``SyncSummary.skipped``); a failed run exits 1.
 EXIT_PARTIAL = 3
@@ -752,13 +760,18 @@ async def sync_directory(
     page_size: int,
     timeout: float,
     max_resources: int = DEFAULT_MAX_RESOURCES,
+    max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION,
+    force: bool = False,
 ) -> SyncSummary:
     """Bring the target's Users and Groups to the source's (one run).
 
     The source's Users and Groups and the target's Users are read before
     anything is written, so a source whose pages do not add up fails the
-    run with the target untouched. The target's Groups are read after its
-    Users are written (deleting a user changes the groups holding it).
+    run with the target untouched; so does one whose users would delete
+    more than ``max_delete_fraction`` of the target's owned users (and more
+    than ``MAX_DELETES_UNCHECKED``), unless ``force``. The target's Groups
+    are read after its Users are written (deleting a user changes the
+    groups holding it).
 
     Returns:
         What changed in the target, and how many resources it refused
@@ -775,11 +788,40 @@ async def sync_directory(
         source_users = await ours.read_all(USER, page_size, max_resources)
         source_groups = await ours.read_all(GROUP, page_size, max_resources)
         target_users = await theirs.read_all(USER, page_size, max_resources)
+        if not force:
+            _check_deletes(source_users, target_users, max_delete_fraction, target)
         writer = _Writer(theirs, SyncSummary())
         users = await _sync_users(writer, source_users, target_users)
         target_groups = await theirs.read_all(GROUP, page_size, max_resources)
         await _sync_groups(writer, source_groups, target_groups, users)
         return writer.summary
+
+
+def _check_deletes(
+    sources: list[dict[str, Any]],
+    targets: list[dict[str, Any]],
+    max_fraction: float,
+    target: Endpoint,
+) -> None:
+    """Fail the run when it would delete more than ``max_fraction`` of the
+    target's owned users (and more than ``MAX_DELETES_UNCHECKED``).
+
+    Raises:
+        DirectorySyncError: names the counts, the setting and ``--force``.
+    """
+    owned = sum(1 for user in targets if user.get("externalId"))
+    plan = plan_resources(USER, sources, targets, lambda _: {}, lambda _: None)
+    deletes = len(plan.delete)
+    if deletes <= MAX_DELETES_UNCHECKED or deletes <= max_fraction * owned:
+        return
+    raise DirectorySyncError(
+        f"target {target.url}: the run would delete {deletes} of its {owned} "
+        f"synced users, more than directory.pull.max_delete_fraction "
+        f"({max_fraction:g}) allows, with the source listing {len(sources)} "
+        "users; nothing was written. Check the source's token and tenant "
+        "(directory.pull.token_file), or run `kynara-collector directory sync "
+        "--once --force` if the deletes are meant"
+    )
 
 
 class _Writer:
@@ -1087,6 +1129,7 @@ async def run_schedule(
     stop: asyncio.Event | None = None,
     max_resources: int = DEFAULT_MAX_RESOURCES,
     metrics: DirectorySyncMetrics | None = None,
+    max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION,
 ) -> int:
     """Run a sync every ``interval`` seconds until SIGTERM or SIGINT (or
     ``stop`` is set, for a caller that embeds the schedule).
@@ -1109,7 +1152,13 @@ async def run_schedule(
     try:
         while not stop.is_set():
             if not await _scheduled_run(
-                endpoints, stop, page_size, timeout, max_resources, metrics
+                endpoints,
+                stop,
+                page_size,
+                timeout,
+                max_resources,
+                metrics,
+                max_delete_fraction,
             ):
                 failed += 1
             try:
@@ -1133,6 +1182,7 @@ async def _scheduled_run(
     timeout: float,
     max_resources: int,
     metrics: DirectorySyncMetrics | None = None,
+    max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION,
 ) -> bool:
     """One run of the schedule, cancelled if ``stop`` is set meanwhile;
     whether it did not fail. A run that ends (not cancelled) is counted in
@@ -1154,6 +1204,7 @@ async def _scheduled_run(
                 page_size=page_size,
                 timeout=timeout,
                 max_resources=max_resources,
+                max_delete_fraction=max_delete_fraction,
             )
         )
         stopping = asyncio.create_task(stop.wait())
@@ -1358,11 +1409,16 @@ def check_interval(seconds: float, where: str) -> float:
     return seconds
 
 
-def sync_command(config: CollectorConfig, *, once: bool, every: float | None) -> int:
+def sync_command(
+    config: CollectorConfig, *, once: bool, every: float | None, force: bool = False
+) -> int:
     """``kynara-collector directory sync``: one run (``--once``, or no
     interval anywhere) printing its summary as a JSON line, or a schedule
     (``--every``, else ``directory.pull.interval_seconds``) until SIGTERM,
     serving ``/metrics`` when ``directory.pull.metrics_port`` is set.
+    ``force`` lets the one run delete more than
+    ``directory.pull.max_delete_fraction`` allows; a schedule refuses it
+    (it would hold the guard off for every run).
 
     Returns:
         0, or ``EXIT_PARTIAL`` when the one run skipped resources the target
@@ -1382,6 +1438,11 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
         interval = check_interval(every, "--every")
     elif not once and pull.interval_seconds:
         interval = pull.interval_seconds
+    if interval and force:
+        raise ConfigError(
+            "--force: expected a single run (--once), not a schedule: it would "
+            "let every run delete past directory.pull.max_delete_fraction"
+        )
     if interval:
         config_endpoints(config)  # a wrong setting fails the command at start
 
@@ -1400,6 +1461,7 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
                     timeout=pull.timeout_seconds,
                     max_resources=max_resources,
                     metrics=metrics,
+                    max_delete_fraction=pull.max_delete_fraction,
                 )
             finally:
                 if runner is not None:
@@ -1415,6 +1477,8 @@ def sync_command(config: CollectorConfig, *, once: bool, every: float | None) ->
             page_size=pull.page_size,
             timeout=pull.timeout_seconds,
             max_resources=max_resources,
+            max_delete_fraction=pull.max_delete_fraction,
+            force=force,
         )
     )
     _log_run(summary, source, target)

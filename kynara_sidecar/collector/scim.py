@@ -131,7 +131,7 @@ from scim2_server.utils import parametrize
 
 from kynara_sidecar.errors import IdentityInvalid, KynaraError
 from kynara_sidecar.server.admin import AdminCredentials
-from kynara_sidecar.sync.directory import canonical_principal_id
+from kynara_sidecar.sync.directory import DirectoryError, canonical_principal_id
 
 __all__ = [
     "DEFAULT_MAX_FILTER_TERMS",
@@ -955,6 +955,10 @@ class DirectoryPublishing:
     is counted (``on_failure``), but logged at WARNING only when its error
     differs from the previous try's (at DEBUG otherwise), and the first
     publish after failures is logged once as "directory published again".
+    A ``DirectoryError`` from ``publish`` (content the signed directory
+    refuses, or an update over its size cap) is no outage: the same content
+    would fail again, so it is counted, logged at ERROR once per distinct
+    error, and not retried; the next change tries anew.
     Each revision's INFO line is the publisher's ("directory published",
     with its revision, size and key id); this one logs it at DEBUG only.
     """
@@ -994,6 +998,11 @@ class DirectoryPublishing:
         # one WARNING, not one per retry.
         self._failing = ""
         self._failures = 0
+        # The last DirectoryError logged, so a bad directory is one ERROR.
+        self._refused = ""
+        # True from a change being taken up until its content is published
+        # (or found published, or refused): what ``flush`` still owes.
+        self._attempting = False
         self.revision = ""
 
     def changed(self) -> None:
@@ -1014,6 +1023,7 @@ class DirectoryPublishing:
                 if stop.is_set():
                     break
             self._dirty.clear()
+            self._attempting = True
             # Read before the content is built: the content holds them all.
             commits = self._commits()
             try:
@@ -1021,6 +1031,7 @@ class DirectoryPublishing:
             except Exception as err:
                 # A bug, not the store: retrying the same state would fail
                 # again, so the next change tries anew.
+                self._attempting = False
                 self._on_failure()
                 log.error(
                     "directory content not built",
@@ -1031,22 +1042,77 @@ class DirectoryPublishing:
                 )
                 continue
             if content == self._published:
+                self._attempting = False
                 await self._record(commits, fields)
                 continue
             self._next_at = loop.time() + self._interval
             try:
                 revision = await self._publish(content)
+            except DirectoryError as err:
+                # Permanent for this content: wait for the next change.
+                self._attempting = False
+                self._directory_refused(err, fields)
+                continue
             except Exception as err:
                 self._failed(f"{type(err).__name__}: {err}", fields)
                 self._dirty.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._retry_seconds)
                 continue
-            self._published = content
-            self.revision = revision
-            self._on_published(revision)
-            self._succeeded(revision, fields)
+            self._attempting = False
+            self._done(content, revision, fields)
             await self._record(commits, fields)
+
+    async def flush(self) -> None:
+        """Publish the newest content once, now, when a change is not yet
+        published (one waiting out the interval or a retry, or one whose
+        publish was cancelled): the collector's stop calls it after ``run``
+        ended and HTTP is shut, so a write answered 2xx is not left
+        unpublished until the next start. One try; a failure is logged and
+        counted, and the next start publishes it (``ScimStore.unpublished``).
+        The caller bounds the time (``store.timeout_seconds``)."""
+        fields = {"component": "collector", "door": "scim directory"}
+        if not (self._dirty.is_set() or self._attempting):
+            return
+        self._dirty.clear()
+        commits = self._commits()
+        try:
+            content = await asyncio.to_thread(self._content)
+            if content != self._published:
+                revision = await self._publish(content)
+                self._done(content, revision, fields)
+        except DirectoryError as err:
+            self._directory_refused(err, fields)
+            return
+        except Exception as err:
+            self._on_failure()
+            log.warning(
+                "directory not published at stop; the next start publishes it",
+                extra={"fields": {**fields, "error": f"{type(err).__name__}: {err}"}},
+            )
+            return
+        finally:
+            self._attempting = False
+        await self._record(commits, fields)
+
+    def _done(self, content: bytes, revision: str, fields: dict[str, Any]) -> None:
+        self._published = content
+        self.revision = revision
+        self._refused = ""
+        self._on_published(revision)
+        self._succeeded(revision, fields)
+
+    def _directory_refused(self, err: DirectoryError, fields: dict[str, Any]) -> None:
+        self._on_failure()
+        error = f"{type(err).__name__}: {err}"
+        if error == self._refused:
+            log.debug("directory still refused", extra={"fields": fields})
+            return
+        self._refused = error
+        log.error(
+            "directory refused; not retried until the next change",
+            extra={"fields": {**fields, "error": error}},
+        )
 
     async def _record(self, commits: int, fields: dict[str, Any]) -> None:
         """Record that ``commits`` are published; a failure is logged only
@@ -1160,6 +1226,13 @@ class ScimEndpoint(BaseApplication):
             headers=list(request.headers.items()),
             body=b"",
         )
+        # The credential before the body: a caller without one gets its 401
+        # without the collector reading (up to client_max_size of) its body.
+        try:
+            if self.needs_auth(scim_request):
+                self.check_auth(scim_request)
+        except Exception as exception:
+            return self._error(request, scim_request, exception)
         try:
             scim_request.body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -1170,27 +1243,34 @@ class ScimEndpoint(BaseApplication):
             response = self.service.error_response(too_large)
             return _web_response(self.finalize_response(scim_request, response))
         try:
-            if self.needs_auth(scim_request):
-                self.check_auth(scim_request)
             response = await self.handler.handle(scim_request)
         except Exception as exception:
-            response = self.handle_exception(scim_request, exception)
-            if isinstance(exception, UnauthorizedException):
-                authorization = scim_request.header("Authorization") or ""
-                response.headers["WWW-Authenticate"] = self.www_challenge(authorization)
-                self._on_refused()
-                log.warning(
-                    "scim request refused",
-                    extra={
-                        "fields": {
-                            "component": "collector",
-                            "call": f"{request.method} {request.path}"[:200],
-                            "status": 401,
-                            "peer": request.remote or "",
-                            "error": exception.detail,
-                        }
-                    },
-                )
+            return self._error(request, scim_request, exception)
+        response = self.finalize_response(scim_request, response)
+        return _web_response(response)
+
+    def _error(
+        self, request: web.Request, scim_request: ScimRequest, exception: Exception
+    ) -> web.Response:
+        """The SCIM error answer to ``exception``; a refused credential is
+        also challenged, counted and logged."""
+        response = self.handle_exception(scim_request, exception)
+        if isinstance(exception, UnauthorizedException):
+            authorization = scim_request.header("Authorization") or ""
+            response.headers["WWW-Authenticate"] = self.www_challenge(authorization)
+            self._on_refused()
+            log.warning(
+                "scim request refused",
+                extra={
+                    "fields": {
+                        "component": "collector",
+                        "call": f"{request.method} {request.path}"[:200],
+                        "status": 401,
+                        "peer": request.remote or "",
+                        "error": exception.detail,
+                    }
+                },
+            )
         response = self.finalize_response(scim_request, response)
         return _web_response(response)
 

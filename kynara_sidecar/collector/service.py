@@ -256,6 +256,31 @@ class Collector:
             self._directory_connected = True
         return await self._directory_publisher.publish(content)
 
+    async def _flush_directory(self, fields: dict[str, Any]) -> None:
+        """Publish a SCIM change not yet published (waiting out the publish
+        interval, or answered during the stop) once, within
+        ``store.timeout_seconds``, so it reaches daemons now rather than at
+        the next start."""
+        publishing = self.directory_publishing
+        if publishing is None or self._directory_store is None:
+            return
+        log.info("stopping: directory", extra={"fields": fields})
+        try:
+            await asyncio.wait_for(
+                publishing.flush(), self.config.store.timeout_seconds
+            )
+        except TimeoutError:
+            log.warning(
+                "stopping: directory not published in time; the next start "
+                "publishes it",
+                extra={
+                    "fields": {
+                        **fields,
+                        "timeout_seconds": self.config.store.timeout_seconds,
+                    }
+                },
+            )
+
     async def _close_directory_store(self) -> None:
         store, self._directory_store = self._directory_store, None
         self._directory_publisher = None
@@ -440,6 +465,11 @@ class Collector:
         """Stop in order; idempotent."""
         self._stop.set()
         fields = {"component": "collector"}
+        # HTTP first: no write is answered after the last publish below.
+        if self._runner is not None:
+            log.info("stopping: http", extra={"fields": fields})
+            await self._runner.cleanup()
+            self._runner = None
         log.info("stopping: doors", extra={"fields": fields})
         for task in self._tasks:
             task.cancel()
@@ -466,10 +496,7 @@ class Collector:
                     },
                 )
         self._tasks.clear()
-        if self._runner is not None:
-            log.info("stopping: http", extra={"fields": fields})
-            await self._runner.cleanup()
-            self._runner = None
+        await self._flush_directory(fields)
         await self._close_directory_store()
         if self.scim_store is not None:
             log.info("stopping: scim store", extra={"fields": fields})

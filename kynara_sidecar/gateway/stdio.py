@@ -107,7 +107,7 @@ def stdio_caller(config: Config) -> Callable[[ServerRequestContext[Any, Any]], C
 
     Raises:
         ConfigError: multi-agent mode and ``gateway.stdio.agent_id`` names
-            none of ``identity.agents``.
+            none of ``identity.agents``, or one without a bearer secret.
     """
     identity = config.identity
     stdio = config.gateway.stdio
@@ -120,7 +120,15 @@ def stdio_caller(config: Config) -> Callable[[ServerRequestContext[Any, Any]], C
                 f"({', '.join(sorted(identity.agents))}) in multi-agent mode, "
                 f"got {agent!r}"
             )
-        secret = identity.load_agent_secrets()[agent]
+        secret = identity.load_agent_secrets().get(agent)
+        if secret is None:
+            # Config validation refuses this (``_check_stdio_agent``); kept
+            # for a config built without it.
+            raise ConfigError(
+                "gateway.stdio.agent_id: expected an agent with a bearer secret "
+                f"(the stdio gateway presents it), got {agent!r}, which has a "
+                "client certificate (identity.agents.<id>.certificate_uri)"
+            )
         authorization = f"Bearer {secret.decode()}"
     token_from = f"the environment variable {stdio.token_env}"
     if stdio.token_file:

@@ -225,6 +225,22 @@ SCRIPT = r"""
         block.appendChild(area);
         box.appendChild(block);
       });
+      // The signed directory decides every edited set as it stands: shown,
+      // not editable, and never sent with the edited files.
+      const signed = data.signed_directory ? data.signed_directory.files : [];
+      signed.forEach((file, i) => {
+        const block = make("div", undefined, "file-block");
+        const label = make("label", file.name + " (signed directory, read-only)");
+        label.htmlFor = "signed-" + i;
+        const area = make("textarea", undefined, "code");
+        area.id = "signed-" + i;
+        area.readOnly = true;
+        area.spellcheck = false;
+        area.value = file.content;
+        block.appendChild(label);
+        block.appendChild(area);
+        box.appendChild(block);
+      });
       put($("policy-info"), "A copy of policy " + data.policy_revision +
         " and directory " + data.directory_revision + ". Edits stay in this page.");
       $("use-edited").disabled = false;

@@ -23,9 +23,11 @@ and CPU time (``playground.cpu_seconds``), and answers msgspec bytes on a
 pipe. A worker thread waits for that answer; past
 ``playground.deadline_seconds`` it kills the process by its PID. A run
 past any limit is a 422 naming the limit and its setting, and the event
-loop only awaits. Reading the active files and replaying a recorded
-decision stay in a worker thread: both run only sets that were active, on
-requests a live ``Decide`` has already decided.
+loop only awaits. A replay of a recorded decision runs alike: the daemon
+reads the record and the stored files of the set it cites, the run's
+process compiles them and decides again. Each run's process lowers its
+priority (``NICENESS``) so runs yield the cores to live decisions. Reading
+the active files stays in a worker thread: it compiles nothing.
 
 Endpoints (all JSON but the page):
 
@@ -56,7 +58,10 @@ they do not define (``unknown_roles="keep"``), and reads no directory file
 of its own. A what-if there decides alike: the active signed directory with
 the active or the edited policies; an edited set needs no directory file,
 and one it carries is ignored, which the answer says
-(``directory_ignored``, shown beside "Policies" on the page). The daemon
+(``directory_ignored``, shown beside "Policies" on the page). The copy
+``/api/policies`` hands out there is the policies alone (``files``), the
+signed directory's file beside it, read-only (``signed_directory``), so an
+edited copy sent back as it is leaves nothing aside. The daemon
 says it follows one (``PlaygroundSources.signed_directory``); until its
 first signed directory arrives there is none (``NO_DIRECTORY``).
 
@@ -87,6 +92,7 @@ import datetime
 import hmac
 import logging
 import multiprocessing
+import os
 import pathlib
 import resource
 import secrets
@@ -131,11 +137,14 @@ from kynara_sidecar.server.review_page import (
     LOGIN_FORM_SECONDS,
     MAX_TOKEN_CHARS,
     TOKEN_BYTES,
+    TOKEN_EXPIRED,
     Authenticator,
     SessionStore,
     add_security_headers,
+    expired,
     origin_of,
     same_origin,
+    seconds_left,
     set_strict_cookie,
 )
 from kynara_sidecar.server.reviewers import token_expiry_ns
@@ -174,8 +183,16 @@ MAX_FILE_NAME_CHARS = 256
 # What-if runs at once: each compiles and explains in a process of its
 # own; more would take the cores the live decisions need. One past it is 429.
 MAX_RUNS = 2
+# A run's process's niceness (the most, lowest priority): it yields the
+# cores to the daemon's live decisions.
+NICENESS = 19
 # Decision ids are UUIDs; this bounds a pasted one.
 MAX_DECISION_ID_CHARS = 128
+# The body of a call that failed on other than a refusal; the daemon's log
+# holds what failed and where.
+INTERNAL_ERROR = "internal error; see the daemon's log"
+# The realm a bearer 401's WWW-Authenticate names.
+REALM = "kynara playground"
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; "
@@ -615,6 +632,8 @@ class _Refused(Exception):
         super().__init__(error)
         self.status = status
         self.body = {"error": error, **{k: v for k, v in more.items() if v}}
+        # Response headers, e.g. ``WWW-Authenticate`` on a bearer 401.
+        self.headers: dict[str, str] = {}
 
     @classmethod
     def of(cls, status: int, body: Mapping[str, Any]) -> _Refused:
@@ -624,9 +643,14 @@ class _Refused(Exception):
         return refused
 
 
-def _replay(store: AuditStore, decision_id: str) -> dict[str, Any]:
-    """A recorded decision and the same request decided again under the
-    policies its record cites (read from the log)."""
+def _replay_job(store: AuditStore, decision_id: str) -> _ReplayJob:
+    """The recorded decision ``decision_id`` and the stored files of the
+    set its record cites, read from the log in the daemon (a worker
+    thread) for a run's process to compile and decide again.
+
+    Raises:
+        _Refused: no such decision (404), or the log lacks its files (409).
+    """
     seq = store.find_decision(decision_id)
     stored = None if seq is None else store.get(seq)
     if stored is None:
@@ -634,22 +658,50 @@ def _replay(store: AuditStore, decision_id: str) -> dict[str, Any]:
     record = decode_record(stored.record_bytes)
     if record.kind != RecordKind.DECISION:
         raise _Refused(404, f"record {seq} is not a decision")
-    try:
-        policies = load_stored_policies(
-            store, record.policy_revision, record.directory_revision
+    policy = store.get_policy_source("policy", record.policy_revision)
+    # A decision taken before a signed directory arrived (``NO_DIRECTORY``)
+    # cites none: it is decided again with the policies alone.
+    directory = (
+        store.get_policy_source("directory", record.directory_revision)
+        if record.directory_revision
+        else None
+    )
+    if policy is None or (directory is None and record.directory_revision):
+        raise _Refused(
+            409,
+            f"the audit log does not hold policy {record.policy_revision} "
+            f"and directory {record.directory_revision}, which decision "
+            f"{decision_id} cites",
         )
-        if policies is None:
-            raise _Refused(
-                409,
-                f"the audit log does not hold policy {record.policy_revision} "
-                f"and directory {record.directory_revision}, which decision "
-                f"{decision_id} cites",
+    return _ReplayJob(
+        decision_id=decision_id,
+        record=record,
+        policy_revision=record.policy_revision,
+        directory_revision=record.directory_revision,
+        policy=policy,
+        directory=directory,
+    )
+
+
+def _replay(job: _ReplayJob) -> dict[str, Any]:
+    """A recorded decision and the same request decided again under the
+    policies its record cites; in a run's process."""
+    record = job.record
+    try:
+        if job.directory is None:
+            policies = _without_directory(job.policy, job.policy_revision)
+        else:
+            policies = load_stored_policies(
+                _StoredSources(job),  # type: ignore[arg-type]
+                job.policy_revision,
+                job.directory_revision,
             )
+        assert policies is not None  # both sources are in the job
         request, env = request_from_record(record)
         request_text = _request_text(record)
     except (ValueError, PolicyError) as err:
         raise _Refused(
-            422, f"decision {decision_id} cannot be replayed: {err}"
+            422, f"decision {job.decision_id} cannot be replayed: {err}"
         ) from err
     replayed = engine.evaluate(
         policies.policy_set, policies.directory, request, env, explain=True
@@ -665,12 +717,30 @@ def _replay(store: AuditStore, decision_id: str) -> dict[str, Any]:
         "seq": record.seq,
     }
     return {
-        "decision_id": decision_id,
+        "decision_id": job.decision_id,
         "recorded": recorded,
         "replayed": _decided(replayed),
         "changed": replayed.effect.value != record.decision,
         "request": request_text,
     }
+
+
+def _isolated_replay(
+    store: AuditStore, decision_id: str, limits: PlaygroundConfig
+) -> dict[str, Any]:
+    """Read the decision and its set's files, then compile and decide again
+    in a process of its own (``_run_isolated``), as a what-if runs: no
+    compile in the daemon, the run's limits and priority; in a worker
+    thread.
+
+    Raises:
+        _Refused: as ``_replay_job``, or the run's own refusal or limit.
+    """
+    job = _replay_job(store, decision_id)
+    status, body = _run_isolated(msgspec.msgpack.encode(job), limits)
+    if status != 200:
+        raise _Refused.of(status, body)
+    return body
 
 
 def _same_origin(request: web.Request, origins: frozenset[str]) -> bool:
@@ -721,12 +791,15 @@ class _Playground:
             return self._operator(authorization)
         session = self.sessions.get(request.cookies.get(PLAYGROUND_COOKIE, ""))
         if session is None:
-            raise self._refuse(
+            refused = self._refuse(
                 401,
                 "identity_invalid",
                 "expected a playground sign-in (/playground/login) or "
                 "'authorization: Bearer <secret>' of an operator credential",
             )
+            # RFC 6750 3.1: no credential was sent, so no error code.
+            refused.headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"'
+            raise refused
         if posting:
             if not _same_origin(request, self.origins):
                 raise self._refuse(
@@ -760,7 +833,13 @@ class _Playground:
                     field="authorization",
                 )
         except IdentityInvalid as err:
-            raise self._refuse(401, err.code.value, str(err)) from None
+            refused = self._refuse(401, err.code.value, str(err))
+            # RFC 6750: a bearer credential that does not pass says which
+            # scheme is expected.
+            refused.headers["WWW-Authenticate"] = (
+                f'Bearer realm="{REALM}", error="invalid_token"'
+            )
+            raise refused from None
         except RoleMissing as err:
             raise self._refuse(403, err.code.value, str(err)) from None
         return f"operator {caller.name}"
@@ -843,10 +922,14 @@ class _Playground:
                 "needs the reviewer or the operator role.",
                 403,
             )
+        not_after_ns = token_expiry_ns(token)
+        if expired(not_after_ns, self.clock()):
+            # Accepted within the clock skew but past its exp: a session
+            # opened with it would be over before the page loads.
+            self.on_refused(IdentityInvalid.code.value)
+            return self._login_page(TOKEN_EXPIRED, 401)
         self.sessions.close(request.cookies.get(PLAYGROUND_COOKIE, ""))
-        session_id, _ = self.sessions.open(
-            reviewer, not_after_ns=token_expiry_ns(token)
-        )
+        session_id, session = self.sessions.open(reviewer, not_after_ns=not_after_ns)
         log.info(
             "signed in to playground",
             extra={"fields": {"who": reviewer.id, "credential": reviewer.credential}},
@@ -856,7 +939,7 @@ class _Playground:
             response,
             PLAYGROUND_COOKIE,
             session_id,
-            max_age=self.sessions.session_seconds,
+            max_age=seconds_left(session, self.clock()),
             path=PLAYGROUND_PATH,
             secure=self.secure_cookie,
         )
@@ -901,7 +984,28 @@ class _Playground:
             body = await self._body(request) if posting else None
             result = await run(body)
         except _Refused as refused:
-            return web.json_response(refused.body, status=refused.status)
+            return web.json_response(
+                refused.body, status=refused.status, headers=refused.headers
+            )
+        except Exception as err:  # noqa: BLE001 - answered as JSON, logged in full
+            # A store that fails to read (LMDB), a record that does not
+            # decode, a run's process that does not start: the browser
+            # gets JSON it can show, the log gets what went wrong.
+            log.error(
+                "playground call failed",
+                exc_info=True,
+                extra={
+                    "fields": {
+                        "component": "server",
+                        "path": request.path,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                },
+            )
+            return web.json_response(
+                {"error": INTERNAL_ERROR},
+                status=500,
+            )
         log.debug(
             "playground call",
             extra={"fields": {"component": "server", "who": who, "path": request.path}},
@@ -949,7 +1053,10 @@ class _Playground:
                 raise _Refused(503, "no policy set is active yet")
             if store is None:
                 raise _Refused(503, "the audit log, which keeps the files, is not open")
-            return await self._in_worker(lambda: _active_files(store, active))
+            follows = self.sources.signed_directory
+            return await self._in_worker(
+                lambda: _active_files(store, active, follows=follows)
+            )
 
         return await self._json_call(request, run, posting=False)
 
@@ -1002,10 +1109,12 @@ class _Playground:
                     400,
                     f"expected decision_id as 1..{MAX_DECISION_ID_CHARS} characters",
                 )
-            store = self.sources.store()
+            store, limits = self.sources.store(), self.sources.limits
             if store is None:
                 raise _Refused(503, "the audit log is not open")
-            return await self._in_worker(lambda: _replay(store, decision_id.strip()))
+            return await self._in_worker(
+                lambda: _isolated_replay(store, decision_id.strip(), limits)
+            )
 
         return await self._json_call(request, run, posting=True)
 
@@ -1072,17 +1181,51 @@ def _stored_sources(
     return policy, directory
 
 
-def _active_files(store: AuditStore, active: LoadedPolicies) -> dict[str, Any]:
+def _file_entries(files: Mapping[str, bytes]) -> list[dict[str, str]]:
+    return [
+        {"name": name, "content": content.decode("utf-8", "replace")}
+        for name, content in sorted(files.items())
+    ]
+
+
+def _active_files(
+    store: AuditStore, active: LoadedPolicies, *, follows: bool = False
+) -> dict[str, Any]:
+    """The active set's files, the answer of ``GET /playground/api/policies``.
+
+    ``files`` is the editable copy. A daemon that follows a signed
+    directory (``follows``) decides every edited set with that directory
+    and leaves aside any directory file in it, so the signed directory's
+    files are answered apart, read-only (``signed_directory.files``), never
+    in ``files``.
+
+    Raises:
+        _Refused: 503, the log lacks the files, or two of them share a name.
+    """
     policy, directory = _stored_sources(store, active)
-    files = {**policy.files, **(directory.files if directory else {})}
-    return {
+    out: dict[str, Any] = {
         "policy_revision": active.policy_set.revision,
         "directory_revision": active.directory.revision,
-        "files": [
-            {"name": name, "content": content.decode("utf-8", "replace")}
-            for name, content in sorted(files.items())
-        ],
     }
+    if follows:
+        out["files"] = _file_entries(policy.files)
+        if directory is not None:
+            out["signed_directory"] = {
+                "files": _file_entries(directory.files),
+                "read_only": True,
+            }
+        return out
+    clash = sorted(set(policy.files) & set(directory.files if directory else ()))
+    if clash:
+        raise _Refused(
+            503,
+            f"the stored files of policy {active.policy_set.revision} and "
+            f"directory {active.directory.revision} both hold {clash}; the "
+            "copy would lose one of each",
+        )
+    files = {**policy.files, **(directory.files if directory else {})}
+    out["files"] = _file_entries(files)
+    return out
 
 
 def _what_if(
@@ -1144,7 +1287,7 @@ _PRELOAD = [__name__, "kynara_sidecar.entry"]
 _RUN_SETTING = "playground"
 
 
-class _WhatIfJob(msgspec.Struct, frozen=True):
+class _WhatIfJob(msgspec.Struct, frozen=True, tag="what_if"):
     """One what-if run, as its process receives it.
 
     ``policy`` and ``directory`` are the active set's stored files (under
@@ -1164,6 +1307,20 @@ class _WhatIfJob(msgspec.Struct, frozen=True):
     signed_directory: bool = False
 
 
+class _ReplayJob(msgspec.Struct, frozen=True, tag="replay"):
+    """One replay, as its process receives it: the decision's record, as
+    the daemon read it, and the stored files of the set it cites
+    (``directory`` None for a decision taken with no directory,
+    ``NO_DIRECTORY``)."""
+
+    decision_id: str
+    record: AuditRecordV1
+    policy_revision: str
+    directory_revision: str
+    policy: PolicySource
+    directory: PolicySource | None = None
+
+
 class _WhatIfAnswer(msgspec.Struct, frozen=True):
     """A run's answer: the HTTP status and the JSON body."""
 
@@ -1177,7 +1334,7 @@ class _StoredSources:
 
     path = "active set"
 
-    def __init__(self, job: _WhatIfJob):
+    def __init__(self, job: _WhatIfJob | _ReplayJob):
         self.job = job
 
     def get_policy_source(self, part: str, revision: str) -> PolicySource | None:
@@ -1199,7 +1356,7 @@ def _what_if_job(job: _WhatIfJob) -> dict[str, Any]:
     if job.policy is not None:
         try:
             if job.directory is None:
-                active = _without_directory(job)
+                active = _without_directory(job.policy, job.policy_revision)
             else:
                 active = load_stored_policies(
                     _StoredSources(job),  # type: ignore[arg-type]
@@ -1217,22 +1374,23 @@ def _what_if_job(job: _WhatIfJob) -> dict[str, Any]:
     )
 
 
-def _without_directory(job: _WhatIfJob) -> LoadedPolicies:
-    """The active policies alone (``NO_DIRECTORY``), from their stored files.
+def _without_directory(policy: PolicySource, revision: str) -> LoadedPolicies:
+    """Stored policies alone (``NO_DIRECTORY``): the active set's while a
+    daemon following a signed directory has none yet, or a replayed
+    decision's taken then.
 
     Raises:
         PolicyError: they do not compile, or not to their stored revision.
     """
-    assert job.policy is not None
     where = f"{_StoredSources.path} policy_sets"
     documents = [
         decode_document(f"{where}/{name}", content, name=name)
-        for name, content in job.policy.files.items()
+        for name, content in policy.files.items()
     ]
     loaded = compile_documents(documents, root=where, directory="ignored")
-    if loaded.policy_set.revision != job.policy_revision:
+    if loaded.policy_set.revision != revision:
         raise PolicyError(
-            f"expected stored files to compile to policy {job.policy_revision}, "
+            f"expected stored files to compile to policy {revision}, "
             f"got {loaded.policy_set.revision}",
             path=where,
         )
@@ -1274,6 +1432,9 @@ def _answer_in_process(
     past ``cpu_seconds`` gets SIGXCPU, which ends the process (the daemon
     names the limit from the exit).
     """
+    # Below live decisions: two runs at their CPU limit must not take the
+    # cores from the daemon's threads at equal priority.
+    os.nice(NICENESS)
     _limit_process(resource.RLIMIT_CORE, 0)
     # Soft at the limit (SIGXCPU ends the process), hard a second later
     # (SIGKILL) should anything catch SIGXCPU.
@@ -1284,7 +1445,11 @@ def _answer_in_process(
     resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_seconds, cpu_hard), cpu_hard))
     _limit_process(resource.RLIMIT_AS, memory_mib * 1024 * 1024)
     try:
-        status, body = 200, _what_if_job(msgspec.msgpack.decode(job, type=_WhatIfJob))
+        decoded = msgspec.msgpack.decode(job, type=_WhatIfJob | _ReplayJob)
+        if isinstance(decoded, _ReplayJob):
+            status, body = 200, _replay(decoded)
+        else:
+            status, body = 200, _what_if_job(decoded)
     except _Refused as refused:
         status, body = refused.status, refused.body
     except MemoryError:

@@ -119,6 +119,9 @@ FLASH_SECONDS = 300
 TOKEN_BYTES = 32
 # A reviewer JWT is far shorter; identity.MAX_TOKEN_BYTES bounds it again.
 MAX_TOKEN_CHARS = 16_384
+# The sign-in refusal for a JWT accepted within the clock skew but already
+# past its exp (the review page's and the playground's).
+TOKEN_EXPIRED = "That token has expired; sign in with a current one."
 MAX_FILTER_CHARS = 256
 MAX_SCORE = 100
 # "0100" is still a score; past this many digits it cannot be one.
@@ -469,11 +472,25 @@ class _ReviewPage:
                 "lacks the reviewer role (an agent's credential never has it).",
                 403,
             )
+        not_after_ns = token_expiry_ns(token)
+        if expired(not_after_ns, self.clock()):
+            # Accepted within the clock skew but past its exp: a session
+            # opened with it would be over before the page loads, a silent
+            # bounce back to this form.
+            log.warning(
+                "refused review page sign-in",
+                extra={
+                    "fields": {
+                        "code": IdentityInvalid.code.value,
+                        "error": "token has expired (its exp is past)",
+                    }
+                },
+            )
+            self.on_refused(IdentityInvalid.code.value)
+            return self._login_page(next_path, TOKEN_EXPIRED, 401)
         # A new sign-in replaces the session this browser had, if any.
         self.sessions.close(request.cookies.get(SESSION_COOKIE, ""))
-        session_id, session = self.sessions.open(
-            reviewer, not_after_ns=token_expiry_ns(token)
-        )
+        session_id, session = self.sessions.open(reviewer, not_after_ns=not_after_ns)
         log.info(
             "signed in to review page",
             extra={
@@ -485,7 +502,7 @@ class _ReviewPage:
             response,
             SESSION_COOKIE,
             session_id,
-            max_age=_seconds_left(session, self.clock()),
+            max_age=seconds_left(session, self.clock()),
             path=COOKIE_PATH,
             secure=self.secure_cookie,
         )
@@ -672,9 +689,16 @@ _REFUSALS: dict[type[Exception], str] = {
 }
 
 
-def _seconds_left(session: Session, now_ns: int) -> int:
+def seconds_left(session: Session, now_ns: int) -> int:
     """The cookie's Max-Age: the session's remaining lifetime, at least 1."""
     return max(1, -(-(session.expires_ns - now_ns) // 1_000_000_000))
+
+
+def expired(not_after_ns: int | None, now_ns: int) -> bool:
+    """A token's exp (``reviewers.token_expiry_ns``; None: it has none) is
+    already past at ``now_ns``: a sign-in with it is refused rather than
+    opening a session that is over at once."""
+    return not_after_ns is not None and not_after_ns <= now_ns
 
 
 def _field(form: Mapping[str, object], name: str) -> str:

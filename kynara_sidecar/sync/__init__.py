@@ -405,7 +405,13 @@ def open_store(
         )
     from kynara_sidecar.sync.nats_store import NatsStore
 
-    return NatsStore(url, timeout=timeout, connection=nats, timeout_key=timeout_key)
+    return NatsStore(
+        url,
+        timeout=timeout,
+        connection=nats,
+        timeout_key=timeout_key,
+        poll_seconds=poll_seconds,
+    )
 
 
 _PART = {"dir": "path", "nats": "host:port"}

@@ -192,6 +192,11 @@ class Followed:
 
     # The word for one entry in logs and messages: "bundle", "directory".
     noun: str
+    # The log field naming the revision a sync left active:
+    # "policy_revision" for bundles, "directory_revision" for directories.
+    revision_field: str
+    # The INFO line when the watch is back after the source was lost.
+    watching_again: str
     # (data, trusted keys) -> a verified value with ``revision`` and
     # ``created``; raises ``error`` (whose ``kind`` names the problem).
     verify: Callable[[bytes, Mapping[str, PublicKey]], Any]
@@ -209,6 +214,8 @@ class Followed:
 
 BUNDLES = Followed(
     noun="bundle",
+    revision_field="policy_revision",
+    watching_again="watching bundles again",
     verify=verify_bundle,
     error=BundleError,
     trusted_setting="policy.trusted_keys",
@@ -228,6 +235,8 @@ def directory_updates() -> Followed:
 
     return Followed(
         noun="directory",
+        revision_field="directory_revision",
+        watching_again="watching directory updates again",
         verify=verify_directory_update,
         error=DirectoryError,
         trusted_setting="directory.trusted_keys",
@@ -466,6 +475,12 @@ class BundleFollower:
             self._set_active(verified, entry)
         return True
 
+    def forget(self) -> None:
+        """Drop the active entry: the daemon could not use the one restored
+        (a kept signed directory that no longer compiles), so the source's
+        next entry, even the same one, is offered again."""
+        self.active = None
+
     # ---------------------------------------------------------------- syncs
 
     async def sync_now(self, *, force: bool = False) -> LastSync:
@@ -641,14 +656,13 @@ class BundleFollower:
         changed = before is None or _sameness(before) != _sameness(result)
         if changed and self._on_outcome is not None:
             self._on_outcome(result)
-        revision_field = (
-            "policy_revision" if self.followed is BUNDLES else "directory_revision"
-        )
+        # By field, not identity: the daemon follows a copy of BUNDLES
+        # (dataclasses.replace with its own verify).
         fields = _fields(
             outcome=str(outcome),
             source=self.source.url,
             digest=digest,
-            **{revision_field: result.revision},
+            **{self.followed.revision_field: result.revision},
         )
         if outcome is SyncOutcome.REFUSED and changed:
             log.error(
@@ -724,10 +738,7 @@ class BundleFollower:
             if self._lost:
                 self._lost = False
                 log.info(
-                    f"watching {self.followed.noun} updates again"
-                    if self.followed is not BUNDLES
-                    else "watching bundles again",
-                    extra=_fields(source=self.source.url),
+                    self.followed.watching_again, extra=_fields(source=self.source.url)
                 )
             await self._offer(entry, force=False, from_loop=True)
 
@@ -757,14 +768,19 @@ class Followers:
             are files).
         directory: the follower of ``directory.store`` (None when the
             directory comes with the policies).
+
+    Raises:
+        ValueError: both are None.
     """
 
     def __init__(
         self, bundles: BundleFollower | None, directory: BundleFollower | None
     ):
-        assert bundles is not None or directory is not None, (
-            "Followers needs at least one follower"
-        )
+        if bundles is None and directory is None:
+            raise ValueError(
+                "Followers needs at least one follower: bundles and directory "
+                "are both None"
+            )
         self.bundles = bundles
         self.directory = directory
 

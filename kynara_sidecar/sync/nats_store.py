@@ -256,6 +256,8 @@ class NatsStore:
         connection: TLS and credentials; None for plaintext without.
         timeout_key: the setting ``timeout`` came from, named when a call
             runs out of it (the collector's is ``store.timeout_seconds``).
+        poll_seconds: how often ``watch_directory`` asks again for a
+            directory bucket the collector has not created yet.
     """
 
     def __init__(
@@ -265,6 +267,7 @@ class NatsStore:
         timeout: float = 5.0,
         connection: NatsConnection | None = None,
         timeout_key: str = "sync.timeout_seconds",
+        poll_seconds: float = 1.0,
     ):
         scheme, sep, rest = url.partition("://")
         if scheme != "nats" or not sep or not rest:
@@ -272,6 +275,7 @@ class NatsStore:
         self.url = url
         self.timeout = timeout
         self.timeout_key = timeout_key
+        self.poll_seconds = poll_seconds
         self.connection = connection or NatsConnection()
         # The server's last "Permissions Violation" on this connection: a
         # refused publish or subscription gets no answer, only this notice,
@@ -645,19 +649,21 @@ class NatsStore:
         """The current signed directory update, then each new one as the
         server sends its ``current`` key.
 
+        Until the collector creates the bucket (its first publish) this
+        waits, asking again every ``poll_seconds``: no directory yet is not
+        an outage (``current_directory`` says None meanwhile).
+
         Raises:
-            StoreUnavailable: the bucket does not exist yet (no directory
-                was ever published), the watch could not start, or the
-                connection was lost.
+            StoreUnavailable: the watch could not start, or the connection
+                was lost.
         """
-        bucket = await self._bounded(
-            "watch directory", self._directory_bucket(create=False)
-        )
-        if bucket is None:
-            raise StoreUnavailable(
-                f"{self.url}: watch directory: bucket {DIRECTORY_BUCKET} does not "
-                "exist yet (no collector has published a directory)"
+        while True:
+            bucket = await self._bounded(
+                "watch directory", self._directory_bucket(create=False)
             )
+            if bucket is not None:
+                break
+            await asyncio.sleep(self.poll_seconds)
         seen = ""
         async for update in self._watch("directory", DIRECTORY_BUCKET, CURRENT_KEY):
             if update is None:

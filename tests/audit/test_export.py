@@ -914,8 +914,8 @@ def test_a_directory_key_given_as_a_publisher_key_does_not_vouch_for_checkpoints
     assert verify_pack(pack, [keys / "directory.pub"]).signers == [DIRECTORY_KEY.key_id]
 
 
-def test_an_audit_key_given_as_a_trusted_key_does_not_vouch_for_signed_updates(
-    signed_run, tmp_path
+def test_an_update_under_a_key_id_outside_the_publisher_keys_fails(
+    signed_run, tmp_path, auditor_python
 ):
     from kynara_sidecar.audit.keys import load_signing_key
     from kynara_sidecar.decision import Timestamp
@@ -940,12 +940,32 @@ def test_an_audit_key_given_as_a_trusted_key_does_not_vouch_for_signed_updates(
     (pack / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
     reseal_manifest(pack)
 
-    report = verify_pack(
-        pack, [audit_key], [keys / "directory.pub", keys / "bundle.pub"]
-    )
+    publishers = (keys / "directory.pub", keys / "bundle.pub")
 
-    assert report.unchecked == [f"{entry['file']} ({audit_signing.key_id})"]
-    assert "signed updates: 2 of 3 checked" in report.summary()
+    with pytest.raises(PackError) as failed:
+        verify_pack(pack, [audit_key], publishers)
+    code, text = run_script(auditor_python, pack, audit_key, publishers=publishers)
+    cli = run_cli(
+        "verify-export",
+        pack,
+        "--trusted-key",
+        audit_key,
+        *(arg for key in publishers for arg in ("--publisher-key", key)),
+    )
+    without_publishers = verify_pack(pack, [audit_key])
+
+    # The audit key does not vouch for it: with publisher keys given, a
+    # signer outside them is a failure, named, not a gap.
+    assert failed.value.kind == "unknown_key"
+    assert entry["file"] in str(failed.value)
+    assert audit_signing.key_id in str(failed.value)
+    assert code == 1 and text.startswith("FAILED: unknown_key: "), text
+    assert entry["file"] in text
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert cli.stdout.startswith("FAILED: unknown_key: ")
+    # Without any publisher key nothing is checked, and it is only reported.
+    assert len(without_publishers.unchecked) == 3
+    assert "signed updates: 0 of 3 checked" in without_publishers.summary()
 
 
 def test_a_forged_directory_update_fails_under_the_collectors_key(signed_run, tmp_path):
@@ -981,3 +1001,32 @@ def test_a_forged_directory_update_fails_under_the_collectors_key(signed_run, tm
     assert failed.value.kind == "bad_signature"
     assert entry["file"] in str(failed.value)
     assert len(unchecked.unchecked) == 3
+
+
+def test_scan_signed_inside_reading_sees_the_pinned_snapshot(tmp_path):
+    import threading
+
+    from kynara_sidecar.audit.store import DIRECTORIES_DB, directory_changes
+    from kynara_sidecar.sync.follower import bundle_digest
+
+    first, later = b"first update", b"later update"
+    store = AuditStore.open(tmp_path / "audit", map_size=1 << 24)
+    try:
+        store.append_batch([], directory_changes(bundle_digest(first), first))
+        with store.reading():
+            # Committed by another thread after the snapshot was pinned.
+            writer = threading.Thread(
+                target=store.append_batch,
+                args=([], directory_changes(bundle_digest(later), later)),
+            )
+            writer.start()
+            writer.join()
+            pinned = store.scan_signed(DIRECTORIES_DB, bytes)
+        after = store.scan_signed(DIRECTORIES_DB, bytes)
+    finally:
+        store.close()
+
+    assert pinned == [(bundle_digest(first), first)]
+    assert sorted(after) == sorted(
+        [(bundle_digest(first), first), (bundle_digest(later), later)]
+    )

@@ -170,9 +170,10 @@ def test_run_serves_until_sigterm_then_stops_cleanly(tmp_path, key_file):
     assert process.returncode == 0, stderr
     messages = [json.loads(line)["msg"] for line in stderr.splitlines()]
     assert any(m.startswith("SIGHUP ignored") for m in messages), messages
+    # HTTP first: no write is answered once the doors are stopping.
     assert messages[-4:] == [
-        "stopping: doors",
         "stopping: http",
+        "stopping: doors",
         "stopping: state",
         "collector stopped",
     ]

@@ -138,6 +138,31 @@ def test_a_restarted_publisher_continues_from_the_store(store):
     assert store.published == 2
 
 
+def test_a_hand_publish_created_ahead_of_the_clock_is_continued_from(store):
+    # A running publisher, then a hand publish from a machine whose clock
+    # is an hour ahead: the next revision is created after the hand one,
+    # so daemons do not take it for an older update.
+    ahead = NOW_NS + 3_600_000_000_000
+    running = DirectoryPublisher(store, KEY, clock=SteppingClock(NOW_NS))
+
+    async def scenario():
+        await running.publish(_content("a"))
+        await DirectoryPublisher(store, KEY, clock=SteppingClock(ahead)).publish(
+            _content("a", "b")
+        )
+        same = await running.publish(_content("a", "b"))
+        count_after_same = store.published
+        await running.publish(_content("a", "b", "c"))
+        return same, count_after_same, await _created_ns(store)
+
+    same, count_after_same, created = asyncio.run(scenario())
+
+    assert same == directory_revision(_content("a", "b"))
+    assert count_after_same == 2
+    assert created == ahead + 1
+    assert store.published == 3
+
+
 def test_a_directory_signed_by_another_key_is_published_over(store, caplog):
     other = generate_key()
     content = _content("a")
@@ -234,3 +259,28 @@ def test_the_cli_signs_and_publishes_a_directory_file(tmp_path):
     assert [p.id for p in verified.source.document.principals] == ["ann", "bob"]
     assert refused.returncode != 0
     assert str(bad) in refused.stderr and "kind" in refused.stderr
+
+
+def test_the_cli_names_store_url_when_the_store_directory_is_missing(tmp_path):
+    key_path = tmp_path / "directory.pem"
+    save_signing_key(KEY, key_path)
+    config = _config(tmp_path, signing_key=str(key_path))
+    directory = tmp_path / "principals.yaml"
+    directory.write_text(
+        "format_version: 1\nkind: directory\nprincipals: [{id: bob, kind: user}]\n"
+    )
+    missing = tmp_path / "no-such-store"
+
+    refused = _cli(
+        "directory",
+        "publish",
+        directory,
+        "--config",
+        config,
+        "--set",
+        f"store.url=dir://{missing}",
+    )
+
+    assert refused.returncode != 0
+    assert str(missing) in refused.stderr
+    assert "fix store.url" in refused.stderr

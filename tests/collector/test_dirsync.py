@@ -867,6 +867,7 @@ def test_a_source_listing_more_than_max_resources_fails_at_the_first_page(
         ("max_resources=0", r"max_resources: expected 1\.\.10000000, got 0"),
         ("max_resources=10000001", r"max_resources: expected 1\.\.10000000"),
         ("metrics_port=70000", r"metrics_port: expected 0\.\.65535"),
+        ("max_delete_fraction=1.5", r"max_delete_fraction: expected 0\.\.1, got"),
         ("metrics_host=0.0.0.0", r"metrics_host: expected a loopback address"),
     ],
 )
@@ -876,6 +877,54 @@ def test_pull_settings_out_of_range_are_refused(tmp_path, setting, expected):
 
     with pytest.raises(ConfigError, match=rf"directory\.pull\.{expected}"):
         load_collector_config(path, [f"directory.pull.{setting}"])
+
+
+def test_a_source_that_lost_most_users_fails_before_any_write_unless_forced(
+    source, target, capsys
+):
+    # Eight users synced, then the source answers with one (a wrong tenant's
+    # token, say): seven deletes are over half the owned users.
+    ids = [source.add_user(f"user{i}") for i in range(8)]
+    config = load_collector_config(target.config_path)
+    assert sync_command(config, once=True, every=None) == 0
+    capsys.readouterr()
+    for user_id in ids[1:]:
+        source.delete("Users", user_id)
+
+    with pytest.raises(DirectorySyncError) as refused:
+        sync_command(config, once=True, every=None)
+    kept = sorted(r["userName"] for r in target.resources("Users"))
+    with pytest.raises(ConfigError, match="--force: expected a single run"):
+        sync_command(config, once=False, every=60, force=True)
+    assert sync_command(config, once=True, every=None, force=True) == 0
+    forced = json.loads(capsys.readouterr().out)
+
+    message = str(refused.value)
+    assert "directory.pull.max_delete_fraction (0.5)" in message
+    assert "delete 7 of its 8 synced users" in message and "--force" in message
+    assert kept == [f"user{i}" for i in range(8)]
+    assert forced["users_deleted"] == 7
+    assert [r["userName"] for r in target.resources("Users")] == ["user0"]
+
+
+def test_a_run_deleting_a_handful_or_within_the_fraction_is_not_held_back(
+    source, target
+):
+    ids = [source.add_user(f"user{i}") for i in range(4)]
+    _sync(target)
+    for user_id in ids[1:]:
+        source.delete("Users", user_id)  # three of four: a handful
+    handful = _sync(target)
+    more = [source.add_user(f"more{i}") for i in range(11)]
+    _sync(target)
+    for user_id in more[:6]:
+        source.delete("Users", user_id)  # six of twelve: the fraction, not over
+
+    half = _sync(target)
+
+    assert handful["users_deleted"] == 3
+    assert half["users_deleted"] == 6
+    assert len(target.resources("Users")) == 6
 
 
 def test_a_user_the_target_refuses_is_skipped_and_groups_still_apply(

@@ -33,6 +33,8 @@ from kynara_sidecar.policy.loader import decode_document
 from kynara_sidecar.sync import open_store
 from kynara_sidecar.sync.directory import (
     DIRECTORY_FILE,
+    DirectoryError,
+    DirectoryProblem,
     VerifiedDirectory,
     verify_directory_update,
 )
@@ -547,8 +549,8 @@ def test_each_change_publishes_the_directory(scim):
 def test_a_burst_of_changes_makes_few_revisions(tmp_path):
     """The first change goes out at once; changes inside
     scim.publish_interval_seconds after it wait for its end and go out as
-    one revision (here the stop comes first, and the next start publishes
-    them: one revision for eleven users)."""
+    one revision (here the stop comes first and publishes them: one
+    revision for eleven users, in the store once stop() returns)."""
     (tmp_path / "store").mkdir()
     scim = Scim(tmp_path, publish_interval_seconds=30).start()
     try:
@@ -561,12 +563,14 @@ def test_a_burst_of_changes_makes_few_revisions(tmp_path):
         assert "burst-0" not in (scim.published() or {})
     finally:
         scim.stop()
-    # A clean stop ends the wait; a restart publishes what was not.
+    # A clean stop ends the wait by publishing the burst at once.
+    principals = scim.published() or {}
+    assert sorted(principals) == sorted(["first"] + [f"burst-{i}" for i in range(11)])
+    # Published and recorded: a restart has nothing to publish.
     scim = Scim(tmp_path, publish_interval_seconds=0).start()
     try:
-        principals = scim.wait_published(lambda p: len(p) == 12, "all twelve")
-        assert sorted(principals)[0] == "burst-0"
-        assert scim.metric("kynara_collector_directory_revisions_published_total") == 1
+        assert scim.metric("kynara_collector_directory_revisions_published_total") == 0
+        assert len(scim.published() or {}) == 12
     finally:
         scim.stop()
 
@@ -639,6 +643,17 @@ def test_bulk_creates_a_user_and_a_group_naming_it(scim):
 def test_group_roles_must_be_role_names(tmp_path):
     setup = Scim(tmp_path, group_roles={"Support": ["support agent"]})
     with pytest.raises(ConfigError, match="scim.group_roles.Support: role"):
+        load_collector_config(setup.config_path)
+
+
+@pytest.mark.parametrize("role", ["ingenieria:x", "ingeniería", "a..b"])
+def test_group_roles_take_only_names_the_signed_directory_takes(tmp_path, role):
+    # Each passes canonical_name but not the directory's role rule: taken,
+    # it would fail every directory build while IdPs still get 2xx.
+    setup = Scim(tmp_path, group_roles={"Eng": [role]})
+    with pytest.raises(
+        ConfigError, match=r"scim.group_roles.Eng: role .*\[A-Za-z0-9_-\]"
+    ):
         load_collector_config(setup.config_path)
 
 
@@ -892,6 +907,66 @@ def test_a_different_publish_error_is_logged_again(caplog):
     assert [r.fields["failures"] for r in again] == [5]
 
 
+def test_a_refused_directory_is_one_error_and_waits_for_the_next_change(caplog):
+    # A DirectoryError (here too_large) fails again for the same content:
+    # counted and logged once, never retried as an outage; a change tries
+    # anew and publishes.
+    caplog.set_level(logging.DEBUG, logger="kynara.collector")
+    refusal = DirectoryError(DirectoryProblem.TOO_LARGE, "over the cap")
+    calls: list[bytes] = []
+    failures: list[None] = []
+    contents = [b"big", b"big", b"small"]
+
+    async def publish(content: bytes) -> str:
+        calls.append(content)
+        if content == b"big":
+            raise refusal
+        return "rev-small"
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        publishing = DirectoryPublishing(
+            lambda: contents.pop(0),
+            publish,
+            retry_seconds=0,
+            on_published=lambda revision: stop.set(),
+            on_failure=lambda: failures.append(None),
+        )
+
+        async def tried(count: int) -> None:
+            while len(calls) < count:
+                await asyncio.sleep(0.01)
+            # Time for a retry, were there one (retry_seconds is 0).
+            await asyncio.sleep(0.2)
+
+        task = asyncio.create_task(publishing.run(stop))
+        await asyncio.wait_for(tried(1), WAIT_SECONDS)
+        # Not retried: one try, then waiting for a change.
+        assert calls == [b"big"] and not task.done()
+        publishing.changed()
+        await asyncio.wait_for(tried(2), WAIT_SECONDS)
+        assert calls == [b"big", b"big"]
+        publishing.changed()
+        await asyncio.wait_for(task, WAIT_SECONDS)
+        assert publishing.revision == "rev-small"
+
+    asyncio.run(run())
+
+    errors = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "directory refused; not retried until the next change"
+    ]
+    assert [r.levelno for r in errors] == [logging.ERROR]
+    assert "too_large" in errors[0].fields["error"]
+    assert len(failures) == 2
+    assert not [
+        r
+        for r in caplog.records
+        if r.getMessage() == "directory not published; retrying"
+    ]
+
+
 # --- limits: filter terms, body size; reads beside a held write ----------------
 
 
@@ -997,6 +1072,32 @@ def test_an_over_size_body_is_a_scim_error(scim):
     assert got["schemas"] == [ERROR_SCHEMA]
     assert got["status"] == "413"
     assert "larger than 1048576 bytes" in got["detail"]
+
+
+def test_the_credential_is_checked_before_the_body_is_read(scim):
+    # An over-size body without a credential: refused as unauthenticated
+    # (the body never read), not as too large.
+    connection = http.client.HTTPConnection("127.0.0.1", scim.port, timeout=30)
+    body = b"{" + b" " * (2 << 20) + b"}"
+    try:
+        connection.request(
+            "POST",
+            "/scim/v2/Users",
+            body=body,
+            headers={
+                "Authorization": "Bearer not-a-scim-secret",
+                "Content-Type": "application/scim+json",
+            },
+        )
+        reply = connection.getresponse()
+        got = json.loads(reply.read())
+    finally:
+        connection.close()
+
+    assert reply.status == 401, got
+    assert reply.getheader("WWW-Authenticate").startswith('Bearer realm="kynara-scim"')
+    assert got["status"] == "401"
+    assert scim.metric("kynara_collector_scim_refusals_total") >= 1
 
 
 # --- ETags of a User follow its groups ---------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import mcp_types as types
+import msgspec
 import pytest
 from gateway_support import (
     NARROWED,
@@ -433,3 +434,32 @@ def test_the_stdio_agent_must_be_one_of_identity_agents(setup):
         load_config(SHIPPED_CONFIG, overrides)
     assert "gateway.stdio.agent_id: expected one of identity.agents" in str(info.value)
     assert "'nobody-bot'" in str(info.value)
+
+
+def test_a_stdio_agent_with_a_client_certificate_is_refused_naming_the_key(setup):
+    """Config validation refuses it; ``stdio_caller`` refuses alike (not a
+    KeyError) for a config built without that validation."""
+    from kynara_sidecar.config import AgentCertificateConfig
+    from kynara_sidecar.gateway.stdio import stdio_caller
+
+    params = stdio_gateway_params(setup, _servers(setup), "reader-bot", token=None)
+    overrides = [a for a in params.args[5:] if a != "--set"]
+    config = load_config(SHIPPED_CONFIG, overrides)
+    identity = config.identity
+    agents = {
+        **identity.agents,
+        "reader-bot": AgentCertificateConfig(
+            certificate_uri="spiffe://example.org/agent/reader-bot"
+        ),
+    }
+    unchecked = msgspec.structs.replace(
+        config, identity=msgspec.structs.replace(identity, agents=agents)
+    )
+
+    with pytest.raises(ConfigError) as info:
+        stdio_caller(unchecked)
+
+    assert "gateway.stdio.agent_id: expected an agent with a bearer secret" in str(
+        info.value
+    )
+    assert "'reader-bot'" in str(info.value)

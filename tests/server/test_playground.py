@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import multiprocessing
 import pathlib
 import shutil
 import threading
@@ -20,6 +22,7 @@ from kynara.v1 import decision_pb2 as pb
 from support import DEFAULT_NOW, REPO_ROOT, SHIPPED_POLICIES, small_refund
 
 from kynara_sidecar import policy_tests
+from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.config import PlaygroundConfig
 from kynara_sidecar.decision import Env, Timestamp
 from kynara_sidecar.errors import ConfigError, PolicyError
@@ -184,8 +187,12 @@ def test_refuses_callers_without_a_reviewer_or_operator_credential(
     metrics_only = call(served, method, path, body, bearer("prom"))
 
     assert nobody[0] == 401
+    assert nobody[1].getheader("www-authenticate") == 'Bearer realm="kynara playground"'
     assert unknown[0] == 401
     assert "unknown" in unknown[2]["error"]
+    assert unknown[1].getheader("www-authenticate") == (
+        'Bearer realm="kynara playground", error="invalid_token"'
+    )
     # A reviewer signs in on the page; as a bearer only operators pass.
     assert reviewer_bearer[0] == 403
     assert metrics_only[0] == 403
@@ -895,3 +902,129 @@ def test_an_edited_sets_own_directory_file_is_ignored_and_said_so(served_signed)
     assert body["decision"]["directory_revision"] == revision
     assert body["directory_ignored"]["files"] == ["directory.yaml"]
     assert "directory.store" in body["directory_ignored"]["why"]
+
+
+def test_an_unexpected_failure_is_a_json_500_and_logged(served, monkeypatch, caplog):
+    """A store that fails to read (as LMDB may) is no refusal: the caller
+    gets JSON it can show, the log what failed and where."""
+
+    def broken(_self, _decision_id):
+        raise OSError("MDB_PANIC: the store failed to read")
+
+    monkeypatch.setattr(AuditStore, "find_decision", broken)
+    with caplog.at_level(logging.ERROR, logger=playground_module.log.name):
+        status, response, body = call(
+            served,
+            "POST",
+            "/playground/api/replay",
+            {"decision_id": "some-id"},
+            bearer("ops"),
+        )
+
+    assert status == 500
+    assert "json" in response.getheader("content-type")
+    assert body == {"error": "internal error; see the daemon's log"}
+    (failed,) = [
+        r for r in caplog.records if r.getMessage() == "playground call failed"
+    ]
+    assert failed.exc_info is not None
+    assert failed.fields["component"] == "server"
+    assert failed.fields["path"] == "/playground/api/replay"
+    assert "MDB_PANIC" in failed.fields["error"]
+
+
+def test_a_replay_compiles_and_decides_in_a_run_process(served, monkeypatch):
+    """The daemon reads the record and the files; the run's process
+    compiles and decides (under the run's limits), not the daemon."""
+    jobs = []
+    real = playground_module._run_isolated
+
+    def seen(job, limits):
+        jobs.append(msgspec.msgpack.decode(job, type=playground_module._ReplayJob))
+        return real(job, limits)
+
+    monkeypatch.setattr(playground_module, "_run_isolated", seen)
+    answer = served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+
+    status, _, body = call(
+        served,
+        "POST",
+        "/playground/api/replay",
+        {"decision_id": answer.decision_id},
+        bearer("ops"),
+    )
+
+    assert status == 200, body
+    assert body["replayed"]["effect"] == "allow"
+    assert [job.decision_id for job in jobs] == [answer.decision_id]
+    assert jobs[0].policy_revision == answer.policy_revision
+
+
+def test_a_run_process_lowers_its_priority(monkeypatch):
+    """_answer_in_process asks for the lowest priority, then runs."""
+    niced = []
+    monkeypatch.setattr(playground_module.os, "nice", niced.append)
+    monkeypatch.setattr(playground_module, "_limit_process", lambda *_: None)
+    monkeypatch.setattr(playground_module.resource, "setrlimit", lambda *_: None)
+    files = [
+        playground_module._File(path.name, path.read_text())
+        for path in sorted(pathlib.Path(SHIPPED_POLICIES).glob("*.yaml"))
+    ]
+    job = playground_module._WhatIfJob(SMALL_REFUND, Env(now=Timestamp(0)), files)
+    ours, theirs = multiprocessing.Pipe(duplex=False)
+
+    playground_module._answer_in_process(msgspec.msgpack.encode(job), 64, 1, theirs)
+
+    answer = msgspec.msgpack.decode(ours.recv_bytes())
+    ours.close()
+    assert niced == [19]
+    assert answer["status"] == 200, answer
+    assert answer["body"]["decision"]["effect"] == "allow"
+
+
+def test_a_decision_recorded_with_no_directory_is_replayed(served, monkeypatch):
+    """A record citing directory "" (a daemon following a signed directory
+    decided it before one arrived, ``NO_DIRECTORY``) is decided again with
+    its policies alone, as a what-if then is, not refused naming a blank
+    directory."""
+    real = playground_module.decode_record
+
+    def without_directory(data):
+        return msgspec.structs.replace(real(data), directory_revision="")
+
+    monkeypatch.setattr(playground_module, "decode_record", without_directory)
+    answer = served.stub().Decide(small_refund(), timeout=CALL_TIMEOUT)
+
+    status, _, body = call(
+        served,
+        "POST",
+        "/playground/api/replay",
+        {"decision_id": answer.decision_id},
+        bearer("ops"),
+    )
+
+    assert status == 200, body
+    assert body["recorded"]["directory_revision"] == ""
+    assert body["replayed"]["policy_revision"] == answer.policy_revision
+    assert body["replayed"]["directory_revision"] == ""
+
+
+def test_the_signed_directory_is_answered_apart_and_read_only(served_signed):
+    running, revision = served_signed
+
+    status, _, body = call(
+        running, "GET", "/playground/api/policies", None, bearer("ops")
+    )
+
+    assert status == 200, body
+    assert body["directory_revision"] == revision
+    names = [file["name"] for file in body["files"]]
+    assert "payments.yaml" in names
+    assert "directory.json" not in names
+    assert body["signed_directory"]["read_only"] is True
+    assert [f["name"] for f in body["signed_directory"]["files"]] == ["directory.json"]
+    # The editable copy, sent back as it is, leaves nothing aside.
+    status, _, decided = evaluate(running, ZOE_REFUND, body["files"])
+    assert status == 200, decided
+    assert "directory_ignored" not in decided
+    assert decided["decision"]["effect"] == "allow"

@@ -342,3 +342,92 @@ def test_a_playground_session_ends_at_the_tokens_exp_and_on_a_change(idp_key):
             return seen
 
     assert asyncio.run(run()) == [200, 200, 303, 200, 303]
+
+
+# ------------------------------------------ a token past exp within the skew
+
+
+def playground_over(auth: ReviewerAuth, clock: Clock) -> web.Application:
+    app = web.Application()
+    add_playground_routes(
+        app,
+        PlaygroundSources(
+            policies=lambda: None, store=lambda: None, authenticate=auth.authenticate
+        ),
+        title="Kynara test playground",
+        session_seconds=SESSION_SECONDS,
+        clock=clock,
+    )
+    return app
+
+
+async def post_sign_in(client: TestClient, path: str, cookie: str, token: str):
+    """POST the sign-in form at ``path`` (/approvals or /playground)."""
+    form = await client.get(f"{path}/login")
+    csrf = form.cookies[cookie].value
+    return await client.post(
+        f"{path}/login",
+        data={"token": token, "csrf": csrf, "next": path},
+        headers={
+            "Origin": str(client.make_url("/")).rstrip("/"),
+            "Cookie": f"{cookie}={csrf}",
+        },
+        allow_redirects=False,
+    )
+
+
+def test_a_token_past_exp_within_the_skew_is_refused_as_expired(idp_key):
+    """Accepted by the verifier (10 s skew) but 5 s past exp: a session
+    opened with it would be over at once, so both pages refuse it, naming
+    why, rather than bouncing the browser back to sign in."""
+
+    async def run():
+        clock = Clock()
+        keys = parse_jwks(jwks(idp_key), ["ES256"], "test")
+        issuer = Issuer(ISSUER, AUDIENCE, keys, frozenset({"ES256"}))
+        auth = ReviewerAuth(
+            {}, [ReviewerIssuer(issuer)], clock=clock, max_clock_skew_seconds=10
+        )
+        token = jwt_for(idp_key, NOW - 5)
+        assert auth.authenticate(token).id == "dana"  # within the skew
+        answers = []
+        async with page_over(auth, clock) as client:
+            answer = await post_sign_in(client, "/approvals", LOGIN_COOKIE, token)
+            answers.append((answer.status, await answer.text(), answer.cookies))
+        server = TestServer(playground_over(auth, clock), host="127.0.0.1")
+        async with TestClient(server, cookie_jar=DummyCookieJar()) as client:
+            answer = await post_sign_in(
+                client, "/playground", PLAYGROUND_LOGIN_COOKIE, token
+            )
+            answers.append((answer.status, await answer.text(), answer.cookies))
+        return answers
+
+    (review, playground) = asyncio.run(run())
+
+    assert review[0] == 401 and "token has expired" in review[1]
+    assert SESSION_COOKIE not in review[2]
+    assert playground[0] == 401 and "token has expired" in playground[1]
+    assert PLAYGROUND_COOKIE not in playground[2]
+
+
+def test_a_playground_cookie_lasts_the_sessions_remaining_seconds(idp_key):
+    async def run():
+        clock = Clock()
+        auth = reviewer_auth(idp_key, clock, rita=admin(RITA))
+        server = TestServer(playground_over(auth, clock), host="127.0.0.1")
+        async with TestClient(server, cookie_jar=DummyCookieJar()) as client:
+            jwt = await post_sign_in(
+                client,
+                "/playground",
+                PLAYGROUND_LOGIN_COOKIE,
+                jwt_for(idp_key, NOW + 90),
+            )
+            secret = await post_sign_in(
+                client, "/playground", PLAYGROUND_LOGIN_COOKIE, RITA.decode()
+            )
+            return jwt.cookies[PLAYGROUND_COOKIE], secret.cookies[PLAYGROUND_COOKIE]
+
+    jwt_cookie, secret_cookie = asyncio.run(run())
+
+    assert jwt_cookie["max-age"] == "90"
+    assert secret_cookie["max-age"] == str(SESSION_SECONDS)

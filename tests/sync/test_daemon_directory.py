@@ -38,7 +38,7 @@ from kynara_sidecar.audit.keys import (
     save_public_key,
 )
 from kynara_sidecar.audit.record import format_timestamp
-from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.store import AuditStore, directory_changes
 from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import ConfigError
@@ -73,6 +73,7 @@ from ._bundles import (
     KEY,
     policy_dir,
     public_key_file,
+    revision_of,
     signed,
     truncated,
 )
@@ -786,3 +787,150 @@ def test_a_missing_directory_store_names_directory_store_to_fix(tmp_path, start_
     assert f"{missing} is not a directory" in error
     assert error.endswith("or fix directory.store)")
     assert health(running) == NOT_SERVING
+
+
+# An attribute value this daemon's compiler refuses: every update the
+# verifier passes compiles today, so the refusal of a kept update (one an
+# earlier version took) is played by the compiler the daemon calls.
+LEGACY = "legacy-value"
+
+
+@pytest.fixture
+def legacy_refused(monkeypatch):
+    import kynara_sidecar.daemon as daemon_module
+    from kynara_sidecar.errors import PolicyError
+
+    real = daemon_module.compile_directory
+    # Policy set revisions no signed directory compiles against.
+    refused_sets: set[str] = set()
+
+    def compile_directory(source, policy_set, **kwargs):
+        if policy_set.revision in refused_sets:
+            raise PolicyError(
+                f"expected roles this directory can hold in {policy_set.revision}",
+                path=source.path,
+            )
+        for index, principal in enumerate(source.document.principals):
+            if principal.attributes.get("team") == LEGACY:
+                raise PolicyError(
+                    "expected a value this version compiles",
+                    path=source.path,
+                    location=f"$.principals[{index}].attributes.team",
+                )
+        return real(source, policy_set, **kwargs)
+
+    monkeypatch.setattr(daemon_module, "compile_directory", compile_directory)
+    return refused_sets
+
+
+def keep_as_active(tmp_path, data: bytes) -> None:
+    """Make ``data`` the signed directory the daemon's log names active."""
+    store = AuditStore.open(tmp_path / "audit")
+    try:
+        store.append_batch([], directory_changes(bundle_digest(data), data))
+    finally:
+        store.close()
+
+
+def test_a_kept_directory_that_no_longer_compiles_is_dropped_at_start(
+    tmp_path, start_daemon, dir_store, caplog, legacy_refused
+):
+    good = update(seconds=0)
+    publish(dir_store, good)
+    first = start_daemon(*directory_overrides(tmp_path, dir_store))
+    assert decide(first, "zoe").directory_revision == revision_in(good)
+    first.stop()
+    kept = update(seconds=5, alice={"attributes": {"team": LEGACY}})
+    keep_as_active(tmp_path, kept)
+    caplog.set_level("ERROR", logger="kynara")
+
+    second = start_daemon(*directory_overrides(tmp_path, dir_store))
+
+    # It started, dropped the kept directory and took the store's current
+    # one (older, but nothing is active to be older than).
+    (dropped,) = [
+        r for r in caplog.records if "kept signed directory" in r.getMessage()
+    ]
+    assert dropped.levelname == "ERROR"
+    assert dropped.fields["part"] == "directory"
+    assert dropped.fields["directory_revision"] == revision_in(kept)
+    assert "attributes.team" in dropped.fields["error"]
+    assert decide(second, "zoe").directory_revision == revision_in(good)
+    assert health(second) == SERVING
+
+
+def test_a_kept_directory_that_no_longer_compiles_waits_not_serving(
+    tmp_path, start_daemon, caplog, legacy_refused
+):
+    root = tmp_path / "store"
+    root.mkdir()
+    store_url = f"dir://{root}"
+    first = start_daemon(*directory_overrides(tmp_path, store_url))
+    first.stop()
+    kept = update(seconds=5, alice={"attributes": {"team": LEGACY}})
+    keep_as_active(tmp_path, kept)
+    caplog.set_level("ERROR", logger="kynara")
+
+    second = start_daemon(*directory_overrides(tmp_path, store_url))
+
+    assert any("kept signed directory" in r.getMessage() for r in caplog.records)
+    assert health(second) == NOT_SERVING
+    good = update(seconds=1)
+    publish(store_url, good)
+    wait_until(lambda: health(second) == SERVING, "the new directory")
+    assert decide(second, "zoe").directory_revision == revision_in(good)
+
+
+def test_a_refused_directory_at_reload_does_not_fail_the_policy_files_reload(
+    tmp_path, start_daemon, dir_store, caplog
+):
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    data = update()
+    publish(dir_store, data)
+    running = start_daemon(
+        *directory_overrides(tmp_path, dir_store), f"policy.source={policies}"
+    )
+    before = decide(running, "zoe").policy_revision
+    publish(dir_store, bad_signature(update(seconds=20)))
+    payments = policies / "payments.yaml"
+    payments.write_text(payments.read_text() + "# edited\n")
+    caplog.set_level("WARNING", logger="kynara.daemon")
+
+    reloaded = running.call(running.daemon.reload())
+    after = decide(running, "zoe")
+    registry = running.daemon.metrics.registry
+    reloads = {
+        result: registry.get_sample_value(
+            "kynara_policy_reloads_total", {"result": result}
+        )
+        for result in ("ok", "error")
+    }
+
+    assert reloaded is True
+    assert after.policy_revision != before
+    assert after.directory_revision == revision_in(data)
+    assert reloads["ok"] >= 1 and not reloads["error"], reloads
+    assert directory_synced(running, "refused") >= 1
+    (warned,) = [r for r in caplog.records if "not synced" in r.getMessage()]
+    assert warned.fields["part"] == "directory"
+    assert warned.fields["outcome"] == "refused"
+
+
+def test_a_bundle_the_active_directory_does_not_compile_against_names_it(
+    tmp_path, start_daemon, dir_store, legacy_refused
+):
+    data = update()
+    publish(dir_store, data)
+    running = start_daemon(*with_bundle(tmp_path, dir_store))
+    first = decide(running, "zoe").policy_revision
+    bundle = tmp_path / "policies.bundle"
+    bundle.write_bytes(signed(tmp_path, "r2", seconds=60))
+    legacy_refused.add(revision_of(policy_dir(tmp_path, "r2")))
+
+    result = running.call(running.daemon._follower.sync_now())
+
+    assert result.outcome is SyncOutcome.REFUSED
+    assert f"the active signed directory {revision_in(data)}" in result.error
+    assert "does not compile against policy set" in result.error
+    assert decide(running, "zoe").policy_revision == first

@@ -20,7 +20,7 @@ from kynara_sidecar.sync.directory import (
     verify_directory_update,
 )
 from kynara_sidecar.sync.follower import bundle_digest
-from kynara_sidecar.sync.nats_store import DIRECTORY_BUCKET
+from kynara_sidecar.sync.nats_store import DIRECTORY_BUCKET, NatsStore
 
 from .test_nats_auth import (  # noqa: F401 (fixtures)
     _store,
@@ -180,9 +180,6 @@ def test_nats_has_no_directory_bucket_until_the_first_publish(nats_server):
     async def scenario():
         async with opened(nats_server.url) as store:
             current = await store.current_directory()
-            with pytest.raises(StoreUnavailable, match=DIRECTORY_BUCKET):
-                async with contextlib.aclosing(store.watch_directory()) as updates:
-                    await anext(updates)
             js = store._js
             names = [info.config.name for info in await js.streams_info()]
         return current, names
@@ -191,6 +188,43 @@ def test_nats_has_no_directory_bucket_until_the_first_publish(nats_server):
 
     assert current is None
     assert f"KV_{DIRECTORY_BUCKET}" not in names
+
+
+class CountingNatsStore(NatsStore):
+    """The real store, counting its looks for the directory bucket."""
+
+    looks = 0
+
+    async def _directory_bucket(self, *, create: bool):
+        self.looks += 1
+        return await super()._directory_bucket(create=create)
+
+
+def test_a_watch_before_the_bucket_exists_waits_for_the_first_publish(nats_server):
+    data = _blob(1000, 7)
+
+    async def scenario():
+        reader = CountingNatsStore(nats_server.url, timeout=TIMEOUT, poll_seconds=POLL)
+        await reader.connect()
+        try:
+            async with (
+                opened(nats_server.url) as publisher,
+                contextlib.aclosing(reader.watch_directory()) as updates,
+            ):
+                first = asyncio.create_task(anext(updates))
+                while reader.looks < 3:
+                    await asyncio.sleep(POLL / 5)
+                # Asked again and again without raising: it waits quietly.
+                waiting = not first.done()
+                await publisher.publish_directory(bundle_digest(data), data)
+                return waiting, await first
+        finally:
+            await reader.close()
+
+    waiting, entry = asyncio.run(asyncio.wait_for(scenario(), BOUND))
+
+    assert waiting
+    assert (entry.digest, entry.data) == (bundle_digest(data), data)
 
 
 def test_a_daemon_reads_the_directory_and_cannot_publish_one(fleet_server, site):  # noqa: F811

@@ -7,6 +7,9 @@ the daemon does, so what the log keeps is checked too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import logging
 import pathlib
 import shutil
 import time
@@ -17,10 +20,13 @@ from kynara_sidecar.audit.record import marker_record
 from kynara_sidecar.audit.store import AuditStore, bundle_changes
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.sync import MAX_BUNDLE_BYTES, BundleEntry
+from kynara_sidecar.sync.bundle import verify_bundle
 from kynara_sidecar.sync.dir_store import DirStore
 from kynara_sidecar.sync.follower import (
+    BUNDLES,
     BundleFile,
     BundleFollower,
+    Followers,
     SyncOutcome,
     bundle_digest,
 )
@@ -46,7 +52,9 @@ WAIT_SECONDS = 10.0
 class Harness:
     """A follower, its store, its audit log and its metrics."""
 
-    def __init__(self, tmp_path: pathlib.Path, *, trusted=TRUSTED, store=None):
+    def __init__(
+        self, tmp_path: pathlib.Path, *, trusted=TRUSTED, store=None, followed=None
+    ):
         self.root = tmp_path / "store"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = store or CountingStore(f"dir://{self.root}", poll_seconds=0.05)
@@ -63,6 +71,7 @@ class Harness:
             retry_min_seconds=0.01,
             retry_max_seconds=0.05,
             on_outcome=lambda result: self.outcomes.append(str(result.outcome)),
+            **({} if followed is None else {"followed": followed}),
         )
 
     async def activate(self, verified, entry: BundleEntry) -> None:
@@ -527,3 +536,29 @@ def test_a_bundle_from_the_future_is_logged_once_while_the_loop_retries(
         run(tmp_path, scenario)
     kinds = [getattr(r, "fields", {}).get("kind") for r in caplog.records]
     assert kinds.count("future") == 1
+
+
+def test_a_copy_of_bundles_logs_its_revision_as_the_policy_revision(tmp_path, caplog):
+    # The daemon follows a copy of BUNDLES with its own verify, never
+    # BUNDLES itself: the log must still name the policy revision.
+    followed = dataclasses.replace(
+        BUNDLES, verify=functools.partial(verify_bundle, directory="required")
+    )
+    data = signed(tmp_path, "copy")
+
+    async def scenario(h: Harness):
+        await h.store.publish_bundle(data)
+        result = await h.follower.sync_now()
+        assert result.outcome is SyncOutcome.ACTIVATED
+
+    caplog.set_level(logging.INFO, logger="kynara")
+    run(tmp_path, scenario, followed=followed)
+    (record,) = [r for r in caplog.records if r.getMessage() == "bundle activated"]
+    fields = record.fields
+    assert fields["policy_revision"] == revision_of(policy_dir(tmp_path, "copy"))
+    assert "directory_revision" not in fields
+
+
+def test_followers_without_any_follower_is_a_value_error():
+    with pytest.raises(ValueError, match="at least one follower"):
+        Followers(None, None)
