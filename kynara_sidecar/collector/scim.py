@@ -704,9 +704,11 @@ class ScimStore(InMemoryStorage):
                 for r in candidates
                 if isinstance(r, User)
             }
-        if scim_filter is not None and "groups" in str(scim_filter).lower():
+        filled = scim_filter is not None and "groups" in str(scim_filter).lower()
+        if filled:
             # A filter on groups (e.g. groups[display eq "Support"]) matches
-            # what a read shows: copies with groups filled in.
+            # what a read shows: copies with groups filled in (once: a second
+            # fill would add the groups' digest to the version again).
             candidates = [
                 _filled(r.model_copy(), groups_of.get(cast(str, r.id), []))
                 for r in candidates
@@ -717,7 +719,9 @@ class ScimStore(InMemoryStorage):
         found = [r for r in candidates if scim_filter is None or scim_filter.match(r)]
         page = _page(search_request, position, found)
         page.resources = [
-            _filled(r.model_copy(deep=True), groups_of.get(cast(str, r.id), []))
+            r.model_copy(deep=True)
+            if filled
+            else _filled(r.model_copy(deep=True), groups_of.get(cast(str, r.id), []))
             for r in page.resources
         ]
         return page

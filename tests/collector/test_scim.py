@@ -690,6 +690,8 @@ def test_a_users_groups_are_filled_in_on_every_read_and_never_stored(tmp_path):
             "GET", "/Users?filter=groups%5Bdisplay%20eq%20%22Support%22%5D"
         )[2]
         assert [r["userName"] for r in in_support["Resources"]] == ["alice"]
+        # The same served version (ETag) as a read by id.
+        assert in_support["Resources"][0]["meta"] == got["meta"]
         status, _, carol = scim.call(
             "POST",
             "/Users",
