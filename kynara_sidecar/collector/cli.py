@@ -268,7 +268,6 @@ def _directory_publish(args: argparse.Namespace) -> int:
     from kynara_sidecar.collector.directory import DirectoryPublisher
     from kynara_sidecar.errors import ConfigError, PolicyError
     from kynara_sidecar.policy.loader import decode_document
-    from kynara_sidecar.sync import open_store
     from kynara_sidecar.sync.directory import directory_content
 
     config = load_collector_config(args.config, args.overrides)
@@ -301,14 +300,7 @@ def _directory_publish(args: argparse.Namespace) -> int:
         }
         for entry in source.document.principals
     )
-    store = open_store(
-        config.store.url,
-        timeout=config.store.timeout_seconds,
-        poll_seconds=config.store.poll_seconds,
-        nats=config.store.nats.load("store.nats"),
-        timeout_key="store.timeout_seconds",
-        setting="store.url",
-    )
+    store = config.store.open_store()
 
     async def publish() -> str:
         await store.connect()

@@ -83,7 +83,7 @@ from kynara_sidecar.config import (
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.policy.names import is_valid_name
-from kynara_sidecar.sync import check_consumer_name, is_store_url
+from kynara_sidecar.sync import Store, check_consumer_name, is_store_url, open_store
 
 __all__ = [
     "ArchiveConfig",
@@ -173,6 +173,18 @@ class StoreConfig(_Section):
         _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 300)
         _check_range(section, "poll_seconds", self.poll_seconds, 0.01, 3600)
         _check_range(section, "retry_seconds", self.retry_seconds, 0.01, 3600)
+
+    def open_store(self) -> Store:
+        """The store ``url`` names, not yet connected, as every part of the
+        collector opens it: its errors name the ``store`` keys."""
+        return open_store(
+            self.url,
+            timeout=self.timeout_seconds,
+            poll_seconds=self.poll_seconds,
+            nats=self.nats.load("store.nats"),
+            timeout_key="store.timeout_seconds",
+            setting="store.url",
+        )
 
 
 class PullConfig(_Section):

@@ -968,8 +968,11 @@ async def _reconcile(
         except ResourceRefused as err:
             writer.skip(kind, {**resource, "externalId": resource["id"]}, err)
     # Matched first: ``desired`` translates references through ``ids``.
+    # Matching needs no payloads, so this pass skips every source (none is
+    # built or compared twice).
+    every = {resource["id"] for resource in sources}
     ids.update(
-        plan_resources(kind, sources, targets, desired, comparable, skip).matched
+        plan_resources(kind, sources, targets, desired, comparable, every).matched
     )
     plan = plan_resources(kind, sources, targets, desired, comparable, skip)
     current = {resource["id"]: resource for resource in targets}

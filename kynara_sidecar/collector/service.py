@@ -70,7 +70,7 @@ from kynara_sidecar.server.reviewers import (
     ReviewerIssuer,
 )
 from kynara_sidecar.server.tls import ServingCertificate
-from kynara_sidecar.sync import StoreUnavailable, open_store
+from kynara_sidecar.sync import StoreUnavailable
 from kynara_sidecar.sync.directory import directory_content
 
 __all__ = ["Collector"]
@@ -226,14 +226,7 @@ class Collector:
         self.directory_publishing = publishing
         # One store and one publisher for the collector's life: `created`
         # then strictly increases across every revision it publishes.
-        self._directory_store = open_store(
-            self.config.store.url,
-            timeout=self.config.store.timeout_seconds,
-            poll_seconds=self.config.store.poll_seconds,
-            nats=self.config.store.nats.load("store.nats"),
-            timeout_key="store.timeout_seconds",
-            setting="store.url",
-        )
+        self._directory_store = self.config.store.open_store()
         self._directory_publisher = DirectoryPublisher(
             self._directory_store, self._directory_key, clock=self.clock
         )
@@ -316,14 +309,7 @@ class Collector:
             max_clock_skew_seconds=config.max_clock_skew_seconds,
             clock=self.clock,
         )
-        store = open_store(
-            self.config.store.url,
-            timeout=self.config.store.timeout_seconds,
-            poll_seconds=self.config.store.poll_seconds,
-            nats=self.config.store.nats.load("store.nats"),
-            timeout_key="store.timeout_seconds",
-            setting="store.url",
-        )
+        store = self.config.store.open_store()
         inbox = FleetInbox(
             store,
             name=config.name,
@@ -425,14 +411,7 @@ class Collector:
         fields = {"component": "collector", "store": store_config.url}
         assert self.intake is not None
         while not self._stop.is_set():
-            store = open_store(
-                store_config.url,
-                timeout=store_config.timeout_seconds,
-                poll_seconds=store_config.poll_seconds,
-                nats=store_config.nats.load("store.nats"),
-                timeout_key="store.timeout_seconds",
-                setting="store.url",
-            )
+            store = store_config.open_store()
             try:
                 await store.connect()
                 async for delivery in store.segments(store_config.consumer):

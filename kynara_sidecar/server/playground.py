@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hmac
 import logging
 import multiprocessing
@@ -658,21 +659,17 @@ def _replay_job(store: AuditStore, decision_id: str) -> _ReplayJob:
     record = decode_record(stored.record_bytes)
     if record.kind != RecordKind.DECISION:
         raise _Refused(404, f"record {seq} is not a decision")
-    policy = store.get_policy_source("policy", record.policy_revision)
     # A decision taken before a signed directory arrived (``NO_DIRECTORY``)
     # cites none: it is decided again with the policies alone.
-    directory = (
-        store.get_policy_source("directory", record.directory_revision)
-        if record.directory_revision
-        else None
-    )
-    if policy is None or (directory is None and record.directory_revision):
+    sources = _read_sources(store, record.policy_revision, record.directory_revision)
+    if sources is None:
         raise _Refused(
             409,
             f"the audit log does not hold policy {record.policy_revision} "
             f"and directory {record.directory_revision}, which decision "
             f"{decision_id} cites",
         )
+    policy, directory = sources
     return _ReplayJob(
         decision_id=decision_id,
         record=record,
@@ -688,15 +685,7 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
     policies its record cites; in a run's process."""
     record = job.record
     try:
-        if job.directory is None:
-            policies = _without_directory(job.policy, job.policy_revision)
-        else:
-            policies = load_stored_policies(
-                _StoredSources(job),  # type: ignore[arg-type]
-                job.policy_revision,
-                job.directory_revision,
-            )
-        assert policies is not None  # both sources are in the job
+        policies = _compile_stored(job)
         request, env = request_from_record(record)
         request_text = _request_text(record)
     except (ValueError, PolicyError) as err:
@@ -1166,6 +1155,21 @@ def _stored_sources(
     """
     policy_revision = active.policy_set.revision
     directory_revision = active.directory.revision
+    sources = _read_sources(store, policy_revision, directory_revision)
+    if sources is None:
+        raise _Refused(
+            503,
+            f"the audit log does not hold the files of policy {policy_revision} "
+            f"and directory {directory_revision}",
+        )
+    return sources
+
+
+def _read_sources(
+    store: AuditStore, policy_revision: str, directory_revision: str
+) -> tuple[PolicySource, PolicySource | None] | None:
+    """The stored files of a policy revision and a directory revision (None
+    for no directory, ``NO_DIRECTORY``), or None when the log lacks one."""
     policy = store.get_policy_source("policy", policy_revision)
     directory = (
         store.get_policy_source("directory", directory_revision)
@@ -1173,11 +1177,7 @@ def _stored_sources(
         else None
     )
     if policy is None or (directory is None and directory_revision):
-        raise _Refused(
-            503,
-            f"the audit log does not hold the files of policy {policy_revision} "
-            f"and directory {directory_revision}",
-        )
+        return None
     return policy, directory
 
 
@@ -1355,14 +1355,7 @@ def _what_if_job(job: _WhatIfJob) -> dict[str, Any]:
     active, signed = None, None
     if job.policy is not None:
         try:
-            if job.directory is None:
-                active = _without_directory(job.policy, job.policy_revision)
-            else:
-                active = load_stored_policies(
-                    _StoredSources(job),  # type: ignore[arg-type]
-                    job.policy_revision,
-                    job.directory_revision,
-                )
+            active = _compile_stored(job)
             if job.signed_directory and job.directory is not None:
                 signed = _directory_document(job.directory)
         except PolicyError as err:
@@ -1372,6 +1365,25 @@ def _what_if_job(job: _WhatIfJob) -> dict[str, Any]:
     return _what_if(
         job.request, job.files, active, job.env, signed, follows=job.signed_directory
     )
+
+
+def _compile_stored(job: _WhatIfJob | _ReplayJob) -> LoadedPolicies:
+    """Compile the set a job's stored files hold, as ``load_stored_policies``
+    compiles a store's, or its policies alone when it has no directory.
+
+    Raises:
+        PolicyError: they do not compile, or not to their stored revisions.
+    """
+    assert job.policy is not None  # callers send no job without policies
+    if job.directory is None:
+        return _without_directory(job.policy, job.policy_revision)
+    policies = load_stored_policies(
+        _StoredSources(job),  # type: ignore[arg-type]
+        job.policy_revision,
+        job.directory_revision,
+    )
+    assert policies is not None  # both sources are in the job
+    return policies
 
 
 def _without_directory(policy: PolicySource, revision: str) -> LoadedPolicies:
@@ -1477,9 +1489,11 @@ def _exceeded(limit: str, value: float) -> str:
     )
 
 
+@functools.cache
 def _process_context() -> Any:
     """The fork-server context: each run's process is forked from a server
-    that imported ``_PRELOAD`` once, never from the daemon."""
+    that imported ``_PRELOAD`` once, never from the daemon. Set up on the
+    first run, once."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     return context

@@ -228,7 +228,7 @@ class SessionStore:
         if len(self._sessions) >= self.max_sessions:
             # Sessions capped by a token's exp may have expired behind
             # younger ones: sweep them all before ending a live one.
-            self._sweep(now)
+            self._end_where(lambda session: session.expires_ns <= now)
         while len(self._sessions) >= self.max_sessions:
             key, _ = self._sessions.popitem(last=False)
             self._flashes.pop(key, None)
@@ -273,20 +273,13 @@ class SessionStore:
         one of ``names`` ends too; its reviewer signs in again.
         """
         gone = frozenset(names)
-        ended = [
-            key
-            for key, session in self._sessions.items()
-            if session.reviewer.credential in gone
-        ]
-        for key in ended:
-            del self._sessions[key]
-            self._flashes.pop(key, None)
+        ended = self._end_where(lambda session: session.reviewer.credential in gone)
         if ended:
             log.info(
                 "sign-in sessions ended: their credential changed",
-                extra={"fields": {"credentials": sorted(gone), "sessions": len(ended)}},
+                extra={"fields": {"credentials": sorted(gone), "sessions": ended}},
             )
-        return len(ended)
+        return ended
 
     def follow(self, authenticate: object) -> bool:
         """End sessions whenever the credentials behind ``authenticate``
@@ -320,10 +313,13 @@ class SessionStore:
         del self._flashes[key]
         return flash if flash.expires_ns > self._clock() else None
 
-    def _sweep(self, now: int) -> None:
-        for key in [k for k, s in self._sessions.items() if s.expires_ns <= now]:
+    def _end_where(self, ends: Callable[[Session], bool]) -> int:
+        """End every session ``ends`` picks, with its flash; return how many."""
+        ended = [key for key, session in self._sessions.items() if ends(session)]
+        for key in ended:
             del self._sessions[key]
             self._flashes.pop(key, None)
+        return len(ended)
 
     def _prune(self, now: int) -> None:
         # Sessions are appended in time order with one lifetime, so the

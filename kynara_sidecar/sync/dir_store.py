@@ -485,18 +485,28 @@ class DirStore:
             )
         return BundleEntry(digest=digest, data=data)
 
-    async def watch_bundles(self) -> AsyncIterator[BundleEntry]:
+    def watch_bundles(self) -> AsyncIterator[BundleEntry]:
         """The current bundle, then each new one, read every poll_seconds.
 
         Raises:
             StoreUnavailable: the directory could not be read; the caller
                 connects and watches again.
         """
+        return self._watch("read current bundle", self._bundles, self._current)
+
+    async def _watch(
+        self,
+        what: str,
+        folder: pathlib.Path,
+        read: Callable[[], BundleEntry | None],
+    ) -> AsyncIterator[BundleEntry]:
+        """``read``'s entry, then each new one ``folder/current`` names,
+        polled every poll_seconds (``watch_bundles``, ``watch_directory``)."""
         seen: str | None = None
         while True:
-            digest = await self._call("read current bundle", self._current_digest)
+            digest = await self._call(what, lambda: self._current_digest(folder))
             if digest is not None and digest != seen:
-                entry = await self._call("read current bundle", self._current)
+                entry = await self._call(what, read)
                 if entry is not None:
                     seen = entry.digest
                     yield entry
@@ -552,7 +562,7 @@ class DirStore:
                 continue
         return self._current(self._directory, MAX_DIRECTORY_BYTES, "a directory update")
 
-    async def watch_directory(self) -> AsyncIterator[BundleEntry]:
+    def watch_directory(self) -> AsyncIterator[BundleEntry]:
         """The current signed directory update, then each new one, read
         every poll_seconds.
 
@@ -560,20 +570,9 @@ class DirStore:
             StoreUnavailable: the directory could not be read; the caller
                 connects and watches again.
         """
-        seen: str | None = None
-        while True:
-            digest = await self._call(
-                "read current directory", lambda: self._current_digest(self._directory)
-            )
-            if digest is not None and digest != seen:
-                entry = await self._call(
-                    "read current directory", self._current_directory
-                )
-                if entry is not None:
-                    seen = entry.digest
-                    yield entry
-                    continue
-            await asyncio.sleep(self.poll_seconds)
+        return self._watch(
+            "read current directory", self._directory, self._current_directory
+        )
 
     # -- segments
 
