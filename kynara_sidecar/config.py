@@ -62,6 +62,7 @@ __all__ = [
     "ExtAuthzRoute",
     "PathTemplate",
     "PlaygroundConfig",
+    "LimitsConfig",
     "GatewayConfig",
     "GatewayStdioConfig",
     "HealthListenerConfig",
@@ -2216,6 +2217,30 @@ class PlaygroundConfig(_Section):
             )
 
 
+class LimitsConfig(_Section):
+    """How fleet-scope limits (``scope: fleet`` in a policy's ``limits``)
+    share counts through the central store (``sync.store``)."""
+
+    # A fleet limit has no value (its conditions fail closed) once the
+    # central store has not been heard from for this long, e.g. 30.
+    fleet_max_staleness_seconds: float = 30.0
+    # The longest this daemon's new counts wait before they are published
+    # for the other daemons, in seconds, e.g. 0.2.
+    fleet_publish_interval_seconds: float = 0.2
+
+    def validate(self, section: str) -> None:
+        if not 1 <= self.fleet_max_staleness_seconds <= 3600:
+            raise ConfigError(
+                f"{section}.fleet_max_staleness_seconds: expected 1..3600 "
+                f"seconds, got {self.fleet_max_staleness_seconds}"
+            )
+        if not 0 < self.fleet_publish_interval_seconds <= 60:
+            raise ConfigError(
+                f"{section}.fleet_publish_interval_seconds: expected 0 < seconds "
+                f"<= 60, got {self.fleet_publish_interval_seconds}"
+            )
+
+
 class Config(_Section):
     """The whole daemon configuration."""
 
@@ -2234,6 +2259,7 @@ class Config(_Section):
     ext_authz: ExtAuthzConfig = msgspec.field(default_factory=ExtAuthzConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     playground: PlaygroundConfig = msgspec.field(default_factory=PlaygroundConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     # Drain period on SIGTERM, in seconds, e.g. 10.
     shutdown_grace_seconds: float = 10.0
 

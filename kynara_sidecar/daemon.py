@@ -95,6 +95,9 @@ from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__, logs
 from kynara_sidecar.approvals.book import APPROVALS_DB, ApprovalBook
+from kynara_sidecar.audit.counters import LIMITS_DB
+from kynara_sidecar.limits.book import LimitBook
+from kynara_sidecar.policy.limits import window_start
 from kynara_sidecar.approvals.fleet import FleetLink
 from kynara_sidecar.approvals.webhook import ApprovalWebhook
 from kynara_sidecar.audit import AuditSink, RefusingSink
@@ -420,6 +423,8 @@ class Daemon:
         self._gate: BacklogGate | None = None
         # The approvals, kept in the audit log's LMDB environment.
         self._book: ApprovalBook | None = None
+        # The counted decisions of the declared limits, over the log.
+        self._limits: LimitBook | None = None
         # The MCP gateway (gateway.servers): its upstreams, the agent-facing
         # server, its HTTP listener and (`kynara-sidecar gateway`) stdio.
         self.gateway_port: int | None = None
@@ -959,7 +964,7 @@ class Daemon:
                 cfg.path,
                 map_size=cfg.map_size,
                 durability=str(cfg.durability),
-                extra_dbs=(APPROVALS_DB,),
+                extra_dbs=(APPROVALS_DB, LIMITS_DB),
             )
             log.info(
                 "audit log opened",
@@ -986,12 +991,15 @@ class Daemon:
                 metrics=self.metrics,
             )
             await asyncio.to_thread(self._book.load)
+            self._limits = LimitBook(self._store)
+            self.metrics.watch_limits(self._limits.size)
             self._pipeline = Pipeline(
                 self.config,
                 self._decision_sink(),
                 self.metrics,
                 self.clock,
                 book=self._book,
+                limits=self._limits,
             )
             if rotation is not None:
                 await self._writer.append(rotation)
@@ -1118,6 +1126,7 @@ class Daemon:
             witness=witness,
             on_checkpoint=self._on_checkpoint,
             retention_seconds=cfg.retention_days * 86_400,
+            keep_from=self._limits_keep_from,
             on_prune=self.metrics.audit_pruned_records.inc,
             retain_unshipped=self._ships_segments(),
         )
@@ -1132,6 +1141,21 @@ class Daemon:
         )
         self.metrics.watch_chain_head(lambda writer=self._writer: writer.size)
         self._writer.start()
+
+    def _limits_keep_from(self) -> int:
+        """Where retention must stop: the earliest instant an open window of
+        an active limit reaches back to (``verify`` recomputes counters from
+        the records there). Read on the writer thread."""
+        pipeline = self._pipeline
+        policies = pipeline.policies if pipeline is not None else None
+        if policies is None:
+            # Nothing active yet: the set about to be may declare limits.
+            return 1
+        limits = policies.policy_set.limits
+        if not limits:
+            return 0
+        now = self.clock()
+        return min(window_start(limit.window, now) for limit in limits.values())
 
     async def _seal_now(self) -> int:
         """Seal the open segment now (admin ``ShipNow``): a ``seal`` marker
@@ -1266,6 +1290,18 @@ class Daemon:
                 directory_revision=policies.directory.revision,
             ),
         )
+        limits = policies.policy_set.limits
+        self.metrics.set_limits((name, limit.scope) for name, limit in limits.items())
+        for name, limit in sorted(limits.items()):
+            log.info(
+                "limit active",
+                extra=_fields(
+                    component="policy",
+                    limit=name,
+                    scope=limit.scope,
+                    policy=limit.policy,
+                ),
+            )
 
     def _update_usage(self) -> None:
         used, size = self._store.usage()

@@ -76,6 +76,18 @@ request but its kind and action, so a combination seen before is answered
 with the same (frozen) Decision object; an explained decision is always
 built anew.
 
+Limits
+------
+The engine reads limits, never counts them. The caller (the pipeline)
+asks ``EvaluationCache.limits_for(kind, action)`` which limits the
+candidate rules' conditions read and which limits count such a decision,
+works out their values (``policy.limits``, ``kynara_sidecar.limits``) and
+passes them to ``evaluate(..., limits=...)``, bound as the variable
+``limits`` for conditions that read it. Those values differ per request,
+but they reach a decision only through the conditions' verdicts, which are
+computed per request; the plan's decisions are keyed by verdicts, so a
+cached decision is never reused across different limit values.
+
 ``matched_rules`` lists, per principal and in rule order, every deny and
 require_approval rule that held or errored and every allow rule that held;
 ``condition_errors`` lists every condition that errored. The engine reads
@@ -85,7 +97,7 @@ no clock and does no I/O: ``env.now`` is the instant of the request.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -105,13 +117,21 @@ from kynara_sidecar.decision import (
 from kynara_sidecar.errors import ReasonCode
 from kynara_sidecar.policy.compiler import CompiledRule, Directory, PolicySet
 from kynara_sidecar.policy.conditions import (
+    LIMITS_VARIABLE,
     ConditionFailure,
     prepare_activation,
     to_cel_value,
 )
+from kynara_sidecar.policy.limits import CompiledLimit
 from kynara_sidecar.policy.names import pattern_matches
 
-__all__ = ["DEFAULT_CACHE_ENTRIES", "EvaluationCache", "could_allow", "evaluate"]
+__all__ = [
+    "DEFAULT_CACHE_ENTRIES",
+    "EvaluationCache",
+    "LimitsFor",
+    "could_allow",
+    "evaluate",
+]
 
 # Entries per cache table: far more principals, chains and (kind, action)
 # pairs than a daemon's directory and agent produce, while a caller sending
@@ -184,6 +204,18 @@ class _Chain(msgspec.Struct, frozen=True):
     cel_chain: dict[str, Any]
 
 
+class LimitsFor(NamedTuple):
+    """The limits a decision of one (resource kind, action) involves, each
+    in name order: ``read`` by the conditions of its candidate rules (any
+    role, shadow rules too), ``counted`` those whose ``counts`` it is."""
+
+    read: tuple[CompiledLimit, ...]
+    counted: tuple[CompiledLimit, ...]
+
+
+_NO_LIMITS = LimitsFor((), ())
+
+
 class EvaluationCache:
     """What ``evaluate`` works out alike for every request under one policy
     set and directory (see "Caching" above).
@@ -216,6 +248,7 @@ class EvaluationCache:
         ] = {}
         self._needed: dict[tuple[str, str, frozenset[str]], frozenset[str]] = {}
         self._plans: dict[tuple[tuple[str, ...], str, str], _Plan] = {}
+        self._limits: dict[tuple[str, str], LimitsFor] = {}
         # (daemon_id, environment, region, labels) and their CEL values.
         self._env_key: tuple[str, str, str, Mapping[str, str]] | None = None
         self._env_cel: dict[str, Any] = {}
@@ -250,6 +283,30 @@ class EvaluationCache:
         if found is None:
             found = self.policy_set.candidate_rules(kind, action)
             _bounded_put(self._candidates, key, found, self._max)
+        return found
+
+    def limits_for(self, kind: str, action: str) -> LimitsFor:
+        """The limits a decision of ``action`` on ``kind`` reads and those
+        that count it (see ``LimitsFor``), looked up once per pair."""
+        declared = self.policy_set.limits
+        if not declared:
+            return _NO_LIMITS
+        key = (kind, action)
+        found = self._limits.get(key)
+        if found is None:
+            names = set()
+            for rule in self.candidates(kind, action):
+                if rule.condition is not None:
+                    names |= rule.condition.limits
+            found = LimitsFor(
+                read=tuple(declared[name] for name in sorted(names)),
+                counted=tuple(
+                    declared[name]
+                    for name in sorted(declared)
+                    if declared[name].counts(kind, action)
+                ),
+            )
+            _bounded_put(self._limits, key, found, self._max)
         return found
 
     def applying(
@@ -393,6 +450,7 @@ def evaluate(
     *,
     explain: bool = False,
     cache: EvaluationCache | None = None,
+    limits: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Decide a request against a policy set and a directory.
 
@@ -406,6 +464,11 @@ def evaluate(
         cache: What earlier decisions under this same policy set and
             directory worked out; one made for another pair is ignored.
             The decision is the same with or without it.
+        limits: The values of the limits this request can form, by name,
+            already through ``to_cel_value`` (see ``policy.conditions``);
+            bound as ``limits`` for the conditions that read it. A limit
+            missing here (or all of them, for None) makes a condition
+            reading it fail closed.
 
     Returns:
         The decision, with the resolved chain, matched rules, condition
@@ -440,6 +503,9 @@ def evaluate(
     kind, action = request.resource.kind, request.action
     plan = cache.plan(resolved_chain, request.chain, kind, action)
     shared = _shared_activation(request, env, resolved_chain, cache)
+    if not isinstance(shared, ConditionFailure):
+        # Bound only for the conditions that read it (``_activation``).
+        shared[LIMITS_VARIABLE] = {} if limits is None else dict(limits)
     # Verdicts of conditions that give every principal the same one.
     reused: dict[int, _Evaluated] = {}
     evaluations = []

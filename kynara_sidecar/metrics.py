@@ -250,6 +250,23 @@ class Metrics:
             "The active policy and directory revisions (value is always 1).",
             ["policy_revision", "directory_revision"], registry=r,
         )  # fmt: skip
+        self.limit_info = Gauge(
+            f"{PREFIX}_limit_info",
+            "Each declared limit of the active policies and its scope "
+            "(daemon: exact here; fleet: shared through the central store).",
+            ["limit", "scope"], registry=r,
+        )  # fmt: skip
+        self.limit_keys = Gauge(
+            f"{PREFIX}_limit_keys",
+            "Keys (users, agents, ...) with counted decisions in an open "
+            "window, held in memory.",
+            registry=r,
+        )
+        self.limit_events = Gauge(
+            f"{PREFIX}_limit_events",
+            "Counted decisions in open windows, held in memory.",
+            registry=r,
+        )
         self.admin_refusals = Counter(
             f"{PREFIX}_admin_refusals",
             "Admin listener calls and credentialed /metrics scrapes refused "
@@ -573,6 +590,17 @@ class Metrics:
     def watch_chain_head(self, size: Callable[[], int]) -> None:
         """Read the log's tree size at each scrape, not at each commit."""
         self.audit_chain_head.set_function(size)
+
+    def set_limits(self, scopes: Iterable[tuple[str, str]]) -> None:
+        """Publish the active limits, ``(name, scope)`` each."""
+        self.limit_info.clear()
+        for name, scope in scopes:
+            self.limit_info.labels(name, scope).set(1)
+
+    def watch_limits(self, size: Callable[[], tuple[int, int]]) -> None:
+        """Read the limit book's ``(keys, events)`` at each scrape."""
+        self.limit_keys.set_function(lambda: size()[0])
+        self.limit_events.set_function(lambda: size()[1])
 
     def watch_pending_approvals(self, pending: Callable[[], int]) -> None:
         """Read how many approvals are pending at each scrape."""

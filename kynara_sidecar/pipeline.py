@@ -61,10 +61,12 @@ from kynara_sidecar.approvals.model import (
 from kynara_sidecar.approvals.records import with_approval
 from kynara_sidecar.approvals.risk import score_risk
 from kynara_sidecar.audit import AuditSink
+from kynara_sidecar.audit.counters import LIMITS_DB, rows_of
 from kynara_sidecar.audit.record import (
     RECORD_VERSION,
     AuditRecordV1,
     GatewayEntry,
+    LimitEntry,
     RecordKind,
     format_timestamp,
     record_from_decision,
@@ -96,6 +98,8 @@ from kynara_sidecar.identity import (
     TokenVerifier,
     place_agent,
 )
+from kynara_sidecar.limits import check as limit_check
+from kynara_sidecar.limits.book import Counted, LimitBook
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy.compiler import CompiledRule
 from kynara_sidecar.policy.loader import LoadedPolicies
@@ -161,6 +165,8 @@ class Answer(msgspec.Struct, frozen=True):
     # it is after this answer; None when no approval of this agent is
     # concerned.
     approval: Approval | None = None
+    # What each limit read or counted was for this decision (its record's).
+    limits: dict[str, LimitEntry] = {}
 
 
 # Random bytes drawn from the OS at once, 16 per decision id: one system
@@ -273,6 +279,11 @@ class Pipeline:
         book: the daemon's approvals; without one (the audit log is down,
             so nothing is answered anyway) a require_approval decision
             carries no approval.
+        limits: the counted decisions of the declared limits; without one
+            (the audit log is down) a limit counts nothing and reads as
+            empty.
+        fleet: the other daemons' part of fleet-scope limits (the central
+            store); without it a fleet limit has no value and fails closed.
     """
 
     def __init__(
@@ -283,6 +294,8 @@ class Pipeline:
         clock: Callable[[], int] = time.time_ns,
         *,
         book: ApprovalBook | None = None,
+        limits: LimitBook | None = None,
+        fleet: limit_check.RemoteTally | None = None,
     ):
         self._identity = config.identity
         self._env = config.env
@@ -294,6 +307,8 @@ class Pipeline:
         self._clock = clock
         self._approvals_config = config.approvals
         self._book = book
+        self._limits = limits if limits is not None else LimitBook(None)
+        self._fleet = fleet
         self._verifier: TokenVerifier | None = None
         self._credentials: AgentCredentials | None = None
         if config.identity.mode is IdentityMode.VERIFIED:
@@ -359,6 +374,7 @@ class Pipeline:
         sees the new policies and directory.
         """
         self._cache = engine.EvaluationCache(policies.policy_set, policies.directory)
+        self._limits.activate(policies.policy_set.limits, self._clock())
         self._policies = policies
         self._metrics.set_policy(
             policies.policy_set.revision,
@@ -687,6 +703,12 @@ class Pipeline:
         return _answers(outcomes, appended, None)  # type: ignore[return-value]
 
     def _settle(self, prepared: Sequence[_Prepared], *, committed: bool) -> None:
+        counted = [c for p in prepared for c in p.counted]
+        if counted:
+            if committed:
+                self._limits.committed(counted)
+            else:
+                self._limits.aborted(counted)
         if self._book is None:
             return
         for p in prepared:
@@ -714,6 +736,7 @@ class Pipeline:
             context=request.context,
             request_id=request.request_id,
         )
+        looked = self._look_limits(policies, subject, now)
         evaluating = time.perf_counter()
         decision = engine.evaluate(
             policies.policy_set,
@@ -722,6 +745,7 @@ class Pipeline:
             env,
             explain=request.explain,
             cache=self._cache,
+            limits=looked.values,
         )
         self._metrics.count_evaluation(decision, time.perf_counter() - evaluating)
         decision_id = new_decision_id()
@@ -739,18 +763,15 @@ class Pipeline:
                 record, gateway=self._sealed(request.gateway, record)
             )
         book = self._book
-        if book is None:
-            return _Prepared(decision, decision_id, request.request_id, (record,))
         step = None
-        if decision.effect is Effect.REQUIRE_APPROVAL:
-            step = self._approval_step(
-                request, subject, env, decision, decision_id, record, policies
-            )
-        # After scoring: a decision does not make its own action usual.
-        book.note_action(env.agent_id, request.action)
-        if step is None:
-            return _Prepared(decision, decision_id, request.request_id, (record,))
-        if step.reason_code is not None:
+        if book is not None:
+            if decision.effect is Effect.REQUIRE_APPROVAL:
+                step = self._approval_step(
+                    request, subject, env, decision, decision_id, record, policies
+                )
+            # After scoring: a decision does not make its own action usual.
+            book.note_action(env.agent_id, request.action)
+        if step is not None and step.reason_code is not None:
             # A grant allows; every other reason an approval gives denies.
             effect = Effect.ALLOW if step.kind is StepKind.USED else Effect.DENY
             decision = msgspec.structs.replace(
@@ -765,10 +786,54 @@ class Pipeline:
                 reason_code=str(step.reason_code),
                 reason=step.reason,
             )
-        if step.approval is not None:
+        if step is not None and step.approval is not None:
             record = with_approval(record, step.approval)
+        counted: tuple[Counted, ...] = ()
+        if looked.entries:
+            # Last: nothing after this can fail before the records are
+            # queued, so what the book counted now is settled with them.
+            entries, counted = limit_check.count(
+                looked, decision.effect, decision_id, now.to_nanos(), self._limits
+            )
+            record = msgspec.structs.replace(record, limits=entries)
+        if step is None or book is None:
+            return _Prepared(
+                decision, decision_id, request.request_id, (record,), None, counted
+            )
         records = (record, *book.opened_records(step, record))
-        return _Prepared(decision, decision_id, request.request_id, records, step)
+        return _Prepared(
+            decision, decision_id, request.request_id, records, step, counted
+        )
+
+    def _look_limits(
+        self, policies: LoadedPolicies, subject: DecisionRequest, now: Timestamp
+    ) -> limit_check.Looked:
+        """The limits the request's candidate rules read and its action
+        counts, as the request finds them now."""
+        cache = self._cache
+        if cache is None or cache.policy_set is not policies.policy_set:
+            cache = engine.EvaluationCache(policies.policy_set, policies.directory)
+        read, counted = cache.limits_for(subject.resource.kind, subject.action)
+        if not read and not counted:
+            return limit_check.NOTHING
+        directory = policies.directory
+        attributes = {}
+        for role, principal_id in (
+            ("user", subject.chain[0]),
+            ("agent", subject.chain[-1]),
+        ):
+            principal = directory.lookup(principal_id)
+            attributes[role] = principal.attributes if principal is not None else {}
+        return limit_check.look(
+            read,
+            counted,
+            subject,
+            attributes,
+            now.to_nanos(),
+            self._limits,
+            redactor=self._redactor,
+            remote=self._fleet,
+        )
 
     def _sealed(self, entry: GatewayEntry, record: AuditRecordV1) -> GatewayEntry:
         """The door's entry as the record keeps it: when any resource
@@ -965,6 +1030,13 @@ def _writes(
     change: what one transaction commits for them."""
     records = [record for p in prepared for record in p.records]
     changes = [change for p in prepared if p.step for change in p.step.changes]
+    for p in prepared:
+        if p.counted:
+            # The limits' rows come from the decision record itself, in its
+            # transaction: the log and the counters cannot disagree.
+            changes.extend(
+                (LIMITS_DB, key, value) for key, value in rows_of(p.records[0])
+            )
     return records, changes
 
 
@@ -1016,6 +1088,8 @@ class _Prepared(NamedTuple):
     request_id: str
     records: tuple[AuditRecordV1, ...]
     step: Step | None = None
+    # What the limit book counted for it, settled with its records.
+    counted: tuple[Counted, ...] = ()
 
     def answer(self, appended: Appended) -> Answer:
         return Answer(
@@ -1025,4 +1099,5 @@ class _Prepared(NamedTuple):
             record_hash=appended.chain_hash.hex(),
             request_id=self.request_id,
             approval=self.step.approval if self.step else None,
+            limits=self.records[0].limits,
         )

@@ -66,6 +66,7 @@ __all__ = [
     "ConditionErrorEntry",
     "GatewayEntry",
     "KeyRotationEntry",
+    "LimitEntry",
     "MarkerEntry",
     "MatchedRuleEntry",
     "RecordKind",
@@ -228,6 +229,35 @@ class GatewayEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     args_digest: str = ""
 
 
+class LimitEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What one declared limit was for a decision, under its name in
+    ``AuditRecordV1.limits``.
+
+    ``count`` and ``sum`` are what the window held before this decision
+    (this daemon's counted decisions at or after ``window_start``, pending
+    ones included); ``remote_count`` and ``remote_sum`` the other daemons'
+    part of a fleet limit as last seen. ``counted`` says the decision added
+    ``amount`` to it (its row in the log's ``limits`` database is written in
+    the same transaction). ``sum``, ``ceiling``, ``amount`` and
+    ``remote_sum`` hold the ``encode_value`` JSON form (an int or a double).
+    ``error`` is why the limit had no value for this request (a key part
+    or the amount missing or of the wrong type): conditions reading it
+    failed closed, and nothing was counted.
+    """
+
+    key: str = ""
+    scope: str = "daemon"
+    window_start: str = ""
+    count: int = 0
+    sum: dict[str, Any] | None = None
+    ceiling: dict[str, Any] | None = None
+    counted: bool = False
+    amount: dict[str, Any] | None = None
+    remote_count: int = 0
+    remote_sum: dict[str, Any] | None = None
+    error: str = ""
+
+
 class MarkerEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A lifecycle event of the daemon: "start", "stop", "reload", ..."""
 
@@ -304,7 +334,8 @@ class AuditRecordV1(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The names of the risk factors that scored points; ``risk`` has them all.
     risk_factors: list[str] = []
     risk: RiskEntry | None = None
-    limits: dict[str, Any] = {}
+    # Limit name -> what it was for this decision (read or counted).
+    limits: dict[str, LimitEntry] = {}
     gateway: GatewayEntry | None = None
     # What became of the answer after it was decided, e.g. "cancelled".
     outcome: str = ""

@@ -231,6 +231,18 @@ class Redactor:
         redactions.sort(key=lambda path: path.startswith("$.resource"))
         return dict(context_out), dict(attrs_out), redactions
 
+    def covers(self, section: str, name: str) -> bool:
+        """Whether some rule of ``section`` ("context" or
+        "resource_attributes") would redact the entry ``name`` or part of
+        it, or an entry holding it: a value read from there must not reach
+        the record in the clear (a limit's key, say)."""
+        for rule, _ in self._rules.get(section, ()):
+            if rule == name or rule.startswith(name + ".") or name.startswith(
+                rule + "."
+            ):
+                return True
+        return False
+
     def seal_digest(self, digest: str) -> str:
         """A front door's digest of what it received (the MCP gateway's
         ``args_digest``) for a record from which arguments were redacted.

@@ -18,6 +18,8 @@ directory; sequence numbers are 8-byte big-endian, starting at 1):
                b"active_bundle" -> the digest of the bundle last activated
                b"active_directory" -> the digest of the signed directory
                update last activated
+               b"pruned_time" -> 8-byte nanoseconds since the epoch: the
+               latest time of any record pruned so far (``pruned_time``)
     policy_sets  b"policy/<revision>" or b"directory/<revision>" -> the
                source files of that revision (``PolicySource``, msgpack)
     bundles    digest (``sha256:`` + 64 hex, ASCII) -> a signed policy
@@ -34,6 +36,13 @@ seam that lets a pruned log still prove and verify what it kept.
 
 plus the caller's ``extra_dbs`` (approval state, say), which change in the
 same write transaction as the records that account for them.
+
+``limits`` (``audit.counters``) holds one row per decision a declared limit
+counted, derived from its record. It is an extra database the daemon names,
+and it is also opened whenever the file has it, named or not: a prune by
+any writer then deletes the rows of the records it drops (in the same
+transaction), and a read-only open (``verify``) can compare the rows with
+the records.
 
 ``policy_sets`` is content-addressed and write-once: a revision is the hash
 of its files, so a put never replaces a key that is already there. The
@@ -89,7 +98,8 @@ from kynara_sidecar.audit.checkpoint import (
     decode_checkpoint,
     encode_checkpoint,
 )
-from kynara_sidecar.audit.record import AuditRecordV1, RecordKind
+from kynara_sidecar.audit.counters import LIMITS_DB, rows_of
+from kynara_sidecar.audit.record import AuditRecordV1, RecordKind, parse_timestamp
 from kynara_sidecar.errors import AuditLogInUse, AuditUnavailable
 
 __all__ = [
@@ -146,6 +156,10 @@ _KEY_HEAD_CHECKPOINT = b"head_checkpoint"
 _KEY_SHIPPED = b"shipped_tree_size"
 _KEY_ACTIVE_BUNDLE = b"active_bundle"
 _KEY_ACTIVE_DIRECTORY = b"active_directory"
+_KEY_PRUNED_TIME = b"pruned_time"
+# Opened when the file has them, whether or not extra_dbs names them: see
+# the module doc (a prune must delete the rows of what it drops).
+_IF_PRESENT_DBS = (LIMITS_DB,)
 # Written only if absent: see the module doc.
 _WRITE_ONCE_DBS = frozenset({POLICY_SETS_DB, BUNDLES_DB, DIRECTORIES_DB})
 # Internal databases state changes may write besides the caller's extra_dbs;
@@ -915,6 +929,11 @@ class AuditStore:
         checkpoint (its root and chain hash) and the stored nodes are the
         seam from which the records kept still verify and prove.
 
+        In the same transaction, the ``limits`` rows of the dropped decision
+        records are deleted (when the log has that database), and meta
+        ``pruned_time`` moves to the latest time among the dropped records,
+        so ``verify`` knows which windows the kept records still cover.
+
         Returns:
             The number of records dropped.
 
@@ -932,20 +951,37 @@ class AuditStore:
                 f"got tree size {through}"
             )
         dbs = self._dbs
+        limits = dbs.get(LIMITS_DB)
         try:
             with self._env.begin(write=True) as txn:
+                latest = _pruned_time(txn.get(_KEY_PRUNED_TIME, db=dbs[b"meta"]))
                 for seq in range(seam + 1, through + 1):
                     key = _seq_key(seq)
                     data = txn.pop(key, db=dbs[b"records"])
                     txn.delete(key, db=dbs[b"chain"])
-                    decision_id = _decision_id(data).encode()
+                    record = _decoded(data)
+                    if record is None:
+                        continue
+                    latest = max(latest, _record_nanos(record))
+                    decision_id = record.decision_id.encode()
                     index = dbs[b"decisions"]
                     if decision_id and txn.get(decision_id, db=index) == key:
                         txn.delete(decision_id, db=index)
+                    if limits is not None:
+                        for row_key, _ in _rows(record):
+                            txn.delete(row_key, db=limits)
                 txn.put(_KEY_SEAM, _seq_key(through), db=dbs[b"meta"])
+                if latest:
+                    txn.put(_KEY_PRUNED_TIME, _seq_key(latest), db=dbs[b"meta"])
         except lmdb.Error as err:
             raise self._write_error(err) from err
         return through - seam
+
+    def pruned_time(self) -> int:
+        """The latest time (nanoseconds since the epoch) of any record pruned
+        so far; 0 when none was (or the log was pruned before it was kept).
+        A window opening after it is covered whole by the records kept."""
+        return _pruned_time(self._meta(_KEY_PRUNED_TIME))
 
     def head(self) -> Head:
         """The last record's seq and chain hash; ``Head(0, GENESIS_HASH)``
@@ -1000,6 +1036,39 @@ class AuditStore:
                 (bytes(key), bytes(value))
                 for key, value in txn.cursor(db=self._dbs[db])
             ]
+
+    def iter_state_from(
+        self, db: bytes, start: bytes, prefix: bytes = b""
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` of the extra database ``db`` from ``start`` on,
+        in key order, while keys begin with ``prefix``: one range of it
+        (a limit's rows of one window), not the whole database.
+
+        Reads one snapshot (the one ``reading()`` pinned, else its own),
+        held until the iterator is exhausted or closed: consume it on the
+        thread that started it, and close it (``contextlib.closing``) when
+        stopping early.
+
+        Raises:
+            ValueError: ``db`` is not among ``extra_dbs``, or ``start``
+                does not begin with ``prefix``.
+        """
+        if db not in self._extra:
+            raise ValueError(f"expected one of the extra_dbs, got {db!r}")
+        if not start.startswith(prefix):
+            raise ValueError(
+                f"range start {start[:48]!r} does not begin with its prefix "
+                f"{prefix[:48]!r}"
+            )
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs[db])
+            if not cursor.set_range(start):
+                return
+            for key, value in cursor:
+                key = bytes(key)
+                if not key.startswith(prefix):
+                    return
+                yield key, bytes(value)
 
     def get_policy_source(
         self, part: Literal["policy", "directory"], revision: str
@@ -1172,13 +1241,38 @@ class AuditStore:
             self._lock_fd = None
 
 
-def _decision_id(data: bytes | None) -> str:
+def _decoded(data: bytes | None) -> AuditRecordV1 | None:
     if data is None:
-        return ""
+        return None
     try:
-        return decode_record(bytes(data)).decision_id
+        return decode_record(bytes(data))
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return ""
+        return None
+
+
+def _record_nanos(record: AuditRecordV1) -> int:
+    try:
+        stamp = parse_timestamp(record.time)
+    except ValueError:
+        return 0
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _rows(record: AuditRecordV1) -> list[tuple[bytes, bytes]]:
+    # A record whose rows cannot be derived never had any written: the
+    # append that carried it derived them the same way.
+    try:
+        return rows_of(record)
+    except ValueError:
+        return []
+
+
+def _pruned_time(raw: bytes | None) -> int:
+    # A malformed value counts as none: verify then treats every window as
+    # reaching past the seam (not checkable) rather than trusting it.
+    if raw is None or len(raw) != _SEQ_SIZE:
+        return 0
+    return int.from_bytes(raw, "big")
 
 
 # ----------------------------------------------------------------- opening
@@ -1286,7 +1380,9 @@ def _open_env(
         return lmdb.open(
             path,
             map_size=map_size,
-            max_dbs=len(_CORE_DBS) + len(_OPTIONAL_DBS) + extra,
+            max_dbs=(
+                len(_CORE_DBS) + len(_OPTIONAL_DBS) + len(_IF_PRESENT_DBS) + extra
+            ),
             readonly=readonly,
             # Read-only opens still use the reader table in lock.mdb: with
             # lock=False a running writer could reuse pages being read.
@@ -1322,6 +1418,12 @@ def _open_dbs(
                 dbs[name] = env.open_db(name, create=not readonly)
             except lmdb.NotFoundError:
                 pass
+        for name in _IF_PRESENT_DBS:
+            if name not in dbs:
+                try:
+                    dbs[name] = env.open_db(name, create=False)
+                except lmdb.NotFoundError:
+                    pass
         if not readonly:
             _complete_evidence(env, dbs)
     except lmdb.NotFoundError as err:

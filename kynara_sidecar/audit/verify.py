@@ -108,6 +108,14 @@ seal signs it:
   less the keys the ``approval_requested`` record names as left out of the
   digest (``volatile_context``), must hash to the approved digest.
 
+The full walk also recomputes the limits (``check_limits``, with its own
+theory below): the ``limits`` rows equal the counted entries of the kept
+records, and each decision's seen ``count``/``sum`` equal what the records
+before it counted in its window. The first mismatch is the problem
+(``missing`` for a row not stored, else ``edited``), the next ones notes;
+a window reaching back past the latest pruned record is counted as not
+checkable, in a note.
+
 An approval opened before a pruning seam is not known to the walk, so an
 allow citing it is not checked for approval, expiry or binding (its second
 use still is), and neither is its resolution.
@@ -124,10 +132,12 @@ and the checkpoints are all of one snapshot.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import lmdb
@@ -140,6 +150,7 @@ from kynara_sidecar.audit.chain import (
     ProblemKind,
     VerifyReport,
     check_record,
+    decode_record,
 )
 from kynara_sidecar.audit.checkpoint import (
     CheckpointError,
@@ -147,11 +158,20 @@ from kynara_sidecar.audit.checkpoint import (
     CheckpointV1,
     verify_checkpoint,
 )
+from kynara_sidecar.audit.counters import (
+    LIMITS_DB,
+    counted_entries,
+    decode_row,
+    rows_of,
+)
 from kynara_sidecar.audit.keys import PublicKey
 from kynara_sidecar.audit.lineage import lineage_problem
 from kynara_sidecar.audit.record import (
+    AuditRecordV1,
     KeyRotationEntry,
+    LimitEntry,
     RecordKind,
+    decode_value,
     document_digest,
     parse_timestamp,
 )
@@ -164,10 +184,14 @@ from kynara_sidecar.policy.loader import decode_document
 
 __all__ = [
     "ChainProblem",
+    "LimitMismatch",
+    "LimitsReport",
     "ProblemKind",
     "VerifyReport",
     "WitnessError",
+    "check_limits",
     "format_report",
+    "recompute_totals",
     "verify_log",
     "verify_store",
 ]
@@ -332,6 +356,7 @@ def _verify(
         walk.check_head(stored_head)
         walk.check_beyond(pending)
         walk.check_policy_sets()
+        walk.check_limits()
         walk.check_witnessed(witness, require_witness)
     except _Stop as stop:
         problem: ChainProblem | None = stop.problem
@@ -626,6 +651,8 @@ class _Walk:
         self.cited: dict[tuple[_PolicyPart, str], int] = {}
         # Approval id -> what the walk has seen of it.
         self.approvals: dict[str, _ApprovalSeen] = {}
+        # The limits rows and seen values, recomputed (full walks only).
+        self.limits = _LimitsCheck(store) if full else None
 
     def learn(self, statements: list[_Statement]) -> None:
         """Note which sizes the log stores checkpoints at, and its heads."""
@@ -842,6 +869,8 @@ class _Walk:
         if self.full:
             self._cite(seq, record)
             self._check_approval(seq, record)
+        if self.limits is not None:
+            self.limits.record(seq, data, record)
         self.seq, self.prev_hash = seq, stored.chain_hash
         self.records += 1
 
@@ -1175,6 +1204,38 @@ class _Walk:
                     _POLICY_SET,
                 )
 
+    def check_limits(self) -> None:
+        """The limits rows and every decision's seen count and sum must be
+        what the records say (``check_limits``): the first mismatch is the
+        problem, the next ones are notes."""
+        if self.limits is None:
+            return
+        report = self.limits.finish()
+        if (
+            report.counted
+            or report.rows
+            or report.seen_checked
+            or (report.not_checkable)
+        ):
+            self.notes.append(_limits_note(report, self.limits.unknown_pruned))
+        if report.ok:
+            return
+        first, *more = report.mismatches
+        for mismatch in more[:_MAX_LIMIT_NOTES]:
+            self.notes.append(f"limits: {_mismatch_line(mismatch)}")
+        if len(more) > _MAX_LIMIT_NOTES:
+            self.notes.append(
+                f"limits: {len(more) - _MAX_LIMIT_NOTES} more mismatches not listed"
+            )
+        subject = "record" if first.kind in (SEEN_COUNT, SEEN_SUM) else _LIMITS_ROW
+        raise _stop(
+            first.seq,
+            _LIMIT_KINDS.get(first.kind, ProblemKind.EDITED),
+            f"{first.kind}: {first.message}"
+            + (f" ({len(report.mismatches)} limits mismatches in all)" if more else ""),
+            subject,
+        )
+
     def check_witnessed(self, witness: Witness | None, required: bool) -> None:
         """With ``required``, a witness that saw nothing of a signed log is
         a problem (a note already says so otherwise)."""
@@ -1338,3 +1399,483 @@ def _has_nodes(store: AuditStore) -> bool:
     except AuditUnavailable:
         return False
     return True
+
+
+# ---------------------------------------------------------------- limits
+#
+# The limits rows and the counts decisions saw, recomputed from the records.
+# A record's ``limits`` entries are the truth: each counted entry must have
+# its row (``counters.rows_of``), no other row may be stored, and each
+# entry's ``count``/``sum`` must be what the records before it (log order)
+# counted for the same limit and key at or after its ``window_start``. A
+# window opening at or before the latest pruned record's time may hold
+# pruned decisions: such an entry is counted as not checkable, not failed.
+# Ints are summed exactly; doubles give the exactly rounded sum of their
+# amounts, which is what ``math.fsum`` returns.
+
+# What a limits mismatch is.
+MISSING_ROW = "missing_row"
+EXTRA_ROW = "extra_row"
+ROW_DIFFERS = "row_differs"
+SEEN_COUNT = "seen_count"
+SEEN_SUM = "seen_sum"
+LIMIT_ENTRY = "limit_entry"
+_LIMIT_KINDS = {MISSING_ROW: ProblemKind.MISSING}
+_LIMITS_ROW = "limits row"
+# Further mismatches listed as notes after the first (the problem).
+_MAX_LIMIT_NOTES = 20
+# Doubles are summed as integers in units of the smallest subnormal
+# (2**-1074), which holds any finite double exactly.
+_DOUBLE_SHIFT = 1074
+# Later than any instant: every window "reaches back" past it.
+_ALWAYS = 1 << 63
+
+
+class LimitMismatch(msgspec.Struct, frozen=True):
+    """One way the limits rows or a record's seen values disagree with the
+    records: ``kind`` (``missing_row``, ``extra_row``, ``row_differs``,
+    ``seen_count``, ``seen_sum``, ``limit_entry``), the limit and key, the
+    record (``seq`` 0 when no retained record holds it) and decision id."""
+
+    kind: str
+    limit: str
+    key: str
+    seq: int
+    decision_id: str
+    message: str
+
+
+class LimitsReport(msgspec.Struct, frozen=True):
+    """What ``check_limits`` found. ``rows`` are the rows stored,
+    ``counted`` the counted entries of the retained records, ``seen_checked``
+    the entries whose seen values were recomputed, ``not_checkable`` those
+    whose window reaches back past what pruning kept."""
+
+    rows: int
+    counted: int
+    seen_checked: int
+    not_checkable: int
+    mismatches: tuple[LimitMismatch, ...] = ()
+    # Entries that saw more than the records before them hold: the daemon
+    # counts a decision the moment it is decided, and takes the count back
+    # when its commit is refused (a full log), so a decision in between saw
+    # it. More is never less safe; fewer would be a mismatch.
+    seen_above: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def check_limits(store: AuditStore) -> LimitsReport:
+    """Recompute the limits rows and every decision's seen counts and sums
+    from the retained records of an open log; list every mismatch.
+
+    One snapshot (``AuditStore.reading``). The chain is not checked here:
+    ``verify_store`` does both, and reports the first limits mismatch as
+    its problem when the chain is intact.
+
+    Raises:
+        AuditUnavailable: the log cannot be read.
+    """
+    with store.reading():
+        check = _LimitsCheck(store)
+        with contextlib.closing(store.iter_records(store.seam() + 1)) as records:
+            for stored in records:
+                check.record(
+                    stored.seq, stored.record_bytes, _parse(stored.record_bytes)
+                )
+        return check.finish()
+
+
+def recompute_totals(
+    store_or_records: AuditStore | Iterable[AuditRecordV1 | bytes],
+    since_nanos: int,
+) -> dict[tuple[str, str], tuple[int, int | float]]:
+    """What every ``(limit, key)`` counted at or after ``since_nanos``, from
+    the records alone: ``(count, sum)``, the sum an int when every amount is,
+    else ``math.fsum`` over the amounts in log order.
+
+    Args:
+        store_or_records: an open log (its retained records, one snapshot),
+            or records (``AuditRecordV1``, or stored bytes) in log order.
+        since_nanos: the instant, inclusive, in nanoseconds since the epoch.
+
+    Raises:
+        ValueError: a record counted with a malformed time or amount.
+        msgspec.DecodeError, msgspec.ValidationError: stored bytes are not
+            a v1 record.
+    """
+    amounts: dict[tuple[str, str], list[int | float]] = {}
+    for record in _records_of(store_or_records):
+        if not record.limits:
+            continue
+        if _record_nanos(record) < since_nanos:
+            continue
+        for name, entry in counted_entries(record):
+            amounts.setdefault((name, entry.key), []).append(_amount(name, entry))
+    totals: dict[tuple[str, str], tuple[int, int | float]] = {}
+    for where, values in amounts.items():
+        if all(isinstance(value, int) for value in values):
+            totals[where] = (len(values), sum(values))
+        else:
+            totals[where] = (len(values), math.fsum(values))
+    return totals
+
+
+def _records_of(
+    source: AuditStore | Iterable[AuditRecordV1 | bytes],
+) -> Iterator[AuditRecordV1]:
+    if isinstance(source, AuditStore):
+        with source.reading():
+            with contextlib.closing(source.iter_records(source.seam() + 1)) as rows:
+                for stored in rows:
+                    yield decode_record(stored.record_bytes)
+        return
+    for item in source:
+        yield decode_record(item) if isinstance(item, bytes) else item
+
+
+def _record_nanos(record: AuditRecordV1) -> int:
+    return _record_nanos_of(record.time)
+
+
+def _amount(name: str, entry: LimitEntry) -> int | float:
+    if entry.amount is None:
+        raise ValueError(f"limit {name!r} counted the decision with no amount")
+    amount = decode_value(entry.amount)
+    if isinstance(amount, bool) or not isinstance(amount, int | float):
+        raise ValueError(f"limit {name!r} counted a non-number {amount!r}")
+    return amount
+
+
+def _exact(value: int | float) -> tuple[int, int]:
+    # (int part, double part in units of 2**-1074): both sum exactly.
+    if isinstance(value, int):
+        return value, 0
+    numerator, denominator = value.as_integer_ratio()
+    return 0, numerator << (_DOUBLE_SHIFT - denominator.bit_length() + 1)
+
+
+class _History:
+    """The counted decisions of one (limit, key) so far, sorted by time,
+    with prefix sums so a window's count and sum are two bisections."""
+
+    __slots__ = ("doubles", "ints", "scaled", "times")
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        # Prefix sums over the sorted events: int amounts, double amounts
+        # (scaled), and how many amounts were doubles.
+        self.ints = [0]
+        self.scaled = [0]
+        self.doubles = [0]
+
+    def add(self, time: int, amount: int | float) -> None:
+        at = bisect.bisect_right(self.times, time)
+        whole, scaled = _exact(amount)
+        double = int(isinstance(amount, float))
+        self.times.insert(at, time)
+        if at == len(self.times) - 1:
+            self.ints.append(self.ints[-1] + whole)
+            self.scaled.append(self.scaled[-1] + scaled)
+            self.doubles.append(self.doubles[-1] + double)
+            return
+        # A clock that stepped back: the prefixes from here on move.
+        for prefix, part in ((self.ints, whole), (self.scaled, scaled)):
+            prefix.insert(at + 1, prefix[at] + part)
+            for i in range(at + 2, len(prefix)):
+                prefix[i] += part
+        self.doubles.insert(at + 1, self.doubles[at] + double)
+        for i in range(at + 2, len(self.doubles)):
+            self.doubles[i] += double
+
+    def since(self, start: int) -> tuple[int, int, int, int]:
+        """(count, int sum, scaled double sum, doubles) at or after start."""
+        at = bisect.bisect_left(self.times, start)
+        end = len(self.times)
+        return (
+            end - at,
+            self.ints[end] - self.ints[at],
+            self.scaled[end] - self.scaled[at],
+            self.doubles[end] - self.doubles[at],
+        )
+
+
+class _Expected(NamedTuple):
+    value: bytes
+    seq: int
+    limit: str
+    key: str
+    decision_id: str
+
+
+class _LimitsCheck:
+    """Fed every retained record in log order; ``finish`` compares rows."""
+
+    def __init__(self, store: AuditStore):
+        self.store = store
+        try:
+            seam = store.seam()
+        except AuditUnavailable:
+            # A garbage seam: the walk names it; no window is checkable.
+            seam = _ALWAYS
+        # Windows opening at or before this may hold pruned decisions.
+        pruned = store.pruned_time() if seam else -1
+        self.bound = pruned if pruned else _ALWAYS
+        self.unknown_pruned = bool(seam) and not pruned
+        self.expected: dict[bytes, _Expected] = {}
+        self.history: dict[tuple[str, str], _History] = {}
+        self.mismatches: list[LimitMismatch] = []
+        self.counted = 0
+        self.seen_checked = 0
+        self.not_checkable = 0
+        self.seen_above = 0
+
+    def _mismatch(
+        self, kind: str, limit: str, key: str, seq: int, decision_id: str, message: str
+    ) -> None:
+        self.mismatches.append(
+            LimitMismatch(kind, limit, key, seq, decision_id, message)
+        )
+
+    def record(self, seq: int, data: bytes, parsed: dict[str, Any]) -> None:
+        if not parsed.get("limits"):
+            return
+        decision_id = str(parsed.get("decision_id", ""))
+        try:
+            record = decode_record(data)
+            time = _record_nanos(record)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as err:
+            self._mismatch(
+                LIMIT_ENTRY,
+                "",
+                "",
+                seq,
+                decision_id,
+                f"its limits cannot be read: {err}",
+            )
+            return
+        for name, entry in record.limits.items():
+            if not entry.error:
+                self._check_seen(seq, record.decision_id, name, entry)
+        try:
+            rows = rows_of(record)
+        except ValueError as err:
+            self._mismatch(
+                LIMIT_ENTRY,
+                "",
+                "",
+                seq,
+                decision_id,
+                f"its limits rows cannot be derived: {err}",
+            )
+            return
+        for (row_key, row_value), (name, entry) in zip(
+            rows, counted_entries(record), strict=True
+        ):
+            self.counted += 1
+            self.expected[row_key] = _Expected(
+                row_value, seq, name, entry.key, record.decision_id
+            )
+            try:
+                amount = _amount(name, entry)
+            except ValueError as err:
+                self._mismatch(LIMIT_ENTRY, name, entry.key, seq, decision_id, str(err))
+                continue
+            history = self.history.setdefault((name, entry.key), _History())
+            history.add(time, amount)
+
+    def _check_seen(
+        self, seq: int, decision_id: str, name: str, entry: LimitEntry
+    ) -> None:
+        where = f"limit {name!r} key {entry.key!r}"
+        try:
+            start = _record_nanos_of(entry.window_start)
+            seen_sum = None if entry.sum is None else decode_value(entry.sum)
+        except ValueError as err:
+            self._mismatch(
+                LIMIT_ENTRY,
+                name,
+                entry.key,
+                seq,
+                decision_id,
+                f"{where}: its entry does not read: {err}",
+            )
+            return
+        if start <= self.bound:
+            self.not_checkable += 1
+            return
+        self.seen_checked += 1
+        history = self.history.get((name, entry.key))
+        count, whole, scaled, doubles = (
+            history.since(start) if history else (0, 0, 0, 0)
+        )
+        opened = f"since its window_start {entry.window_start}"
+        if entry.count > count and _not_below(seen_sum, whole, scaled, doubles):
+            self.seen_above += 1
+            return
+        if entry.count != count:
+            self._mismatch(
+                SEEN_COUNT,
+                name,
+                entry.key,
+                seq,
+                decision_id,
+                f"{where}: the decision saw count {entry.count}, but the records "
+                f"before it counted {count} {opened}",
+            )
+        if seen_sum is None:
+            return
+        if isinstance(seen_sum, float):
+            total: int | float = ((whole << _DOUBLE_SHIFT) + scaled) / (
+                1 << _DOUBLE_SHIFT
+            )
+            same = isinstance(seen_sum, float) and seen_sum == total
+        elif doubles:
+            total = ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
+            same = False
+        else:
+            total = whole
+            same = (
+                isinstance(seen_sum, int)
+                and not isinstance(seen_sum, bool)
+                and seen_sum == total
+            )
+        if not same:
+            self._mismatch(
+                SEEN_SUM,
+                name,
+                entry.key,
+                seq,
+                decision_id,
+                f"{where}: the decision saw sum {seen_sum!r}, but the records "
+                f"before it sum to {total!r} {opened}",
+            )
+
+    def finish(self) -> LimitsReport:
+        store, expected = self.store, dict(self.expected)
+        stored = store.iter_state(LIMITS_DB) if LIMITS_DB in store.extra_dbs else []
+        for raw_key, raw_value in stored:
+            want = expected.pop(raw_key, None)
+            if want is None:
+                self._extra(raw_key, raw_value)
+            elif raw_value != want.value and _row_meaning(
+                raw_key, raw_value
+            ) != _row_meaning(raw_key, want.value):
+                self._mismatch(
+                    ROW_DIFFERS,
+                    want.limit,
+                    want.key,
+                    want.seq,
+                    want.decision_id,
+                    f"limit {want.limit!r} key {want.key!r}: its row holds "
+                    f"{_row_text(raw_key, raw_value)}, the record counted "
+                    f"{_row_text(raw_key, want.value)}",
+                )
+        absent = (
+            "" if LIMITS_DB in store.extra_dbs else " (the log has no limits database)"
+        )
+        for want in expected.values():
+            self._mismatch(
+                MISSING_ROW,
+                want.limit,
+                want.key,
+                want.seq,
+                want.decision_id,
+                f"limit {want.limit!r} key {want.key!r}: the record counted "
+                f"decision {want.decision_id!r}, but its row is not stored{absent}",
+            )
+        return LimitsReport(
+            rows=len(stored),
+            counted=self.counted,
+            seen_checked=self.seen_checked,
+            not_checkable=self.not_checkable,
+            mismatches=tuple(sorted(self.mismatches, key=lambda m: m.seq)),
+            seen_above=self.seen_above,
+        )
+
+    def _extra(self, raw_key: bytes, raw_value: bytes) -> None:
+        try:
+            row = decode_row(raw_key, raw_value)
+        except ValueError as err:
+            self._mismatch(
+                EXTRA_ROW, "", "", 0, "", f"a stored row no record accounts for: {err}"
+            )
+            return
+        seq = self.store.find_decision(row.decision_id) or 0
+        held = (
+            f"record {seq} holds decision {row.decision_id!r} but did not count it so"
+            if seq
+            else f"no retained record holds decision {row.decision_id!r}"
+        )
+        self._mismatch(
+            EXTRA_ROW,
+            row.limit,
+            row.key,
+            seq,
+            row.decision_id,
+            f"limit {row.limit!r} key {row.key!r}: a stored row (amount "
+            f"{row.amount!r}) that no record counted: {held}",
+        )
+
+
+def _record_nanos_of(text: str) -> int:
+    stamp = parse_timestamp(text)
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _row_meaning(raw_key: bytes, raw_value: bytes) -> tuple[Any, ...] | None:
+    try:
+        row = decode_row(raw_key, raw_value)
+    except ValueError:
+        return None
+    return (row.key, type(row.amount), row.amount)
+
+
+def _row_text(raw_key: bytes, raw_value: bytes) -> str:
+    try:
+        row = decode_row(raw_key, raw_value)
+    except ValueError:
+        return f"{raw_value[:64]!r} (not a row)"
+    return f"key {row.key!r} amount {row.amount!r}"
+
+
+def _not_below(seen_sum: Any, whole: int, scaled: int, doubles: int) -> bool:
+    """Whether a seen sum is at least what the records sum to (a counting
+    limit, with no sum, passes)."""
+    if seen_sum is None:
+        return True
+    if isinstance(seen_sum, bool) or not isinstance(seen_sum, int | float):
+        return False
+    total = (
+        ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
+        if (doubles or isinstance(seen_sum, float))
+        else whole
+    )
+    return seen_sum >= total
+
+
+def _limits_note(report: LimitsReport, unknown_pruned: bool) -> str:
+    note = (
+        f"limits: {report.rows} rows stored for {report.counted} counted "
+        f"decisions; {report.seen_checked} seen counts recomputed from the "
+        f"records, {report.not_checkable} not checkable"
+    )
+    if report.not_checkable:
+        note += (
+            " (the log was pruned before it kept the latest pruned time)"
+            if unknown_pruned
+            else " (their window opens at or before a pruned record)"
+        )
+    if report.seen_above:
+        note += (
+            f"; {report.seen_above} saw more than the records before them hold "
+            "(counts of a decision whose commit was refused, taken back after)"
+        )
+    return note
+
+
+def _mismatch_line(mismatch: LimitMismatch) -> str:
+    where = f"record {mismatch.seq}" if mismatch.seq else "no record"
+    return f"{where}: {mismatch.kind}: {mismatch.message}"

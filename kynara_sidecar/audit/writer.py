@@ -77,6 +77,7 @@ stops the thread; the caller closes the store afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -84,6 +85,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
+
+import msgspec
 
 from kynara_sidecar.audit.chain import encode_unsequenced
 from kynara_sidecar.audit.checkpoint import (
@@ -159,6 +162,12 @@ class Sealing(NamedTuple):
     # With a central store taking segments: prune only what it acknowledged
     # (AuditStore.shipped()), however old the rest is.
     retain_unshipped: bool = False
+    # keep_from() -> nanoseconds since the epoch, on the writer thread: no
+    # segment holding a record at or after it is pruned, however old its
+    # checkpoint (the earliest open window of the active limits, whose
+    # counts verify recomputes from the records); 0 sets no bound. A
+    # keep_from that raises keeps every record for that round.
+    keep_from: Callable[[], int] | None = None
 
 
 _log = logging.getLogger("kynara.audit")
@@ -241,6 +250,9 @@ class AuditWriter:
         self._on_fatal = on_fatal
         # Whether the last commit failed for a full map (logged once per spell).
         self._full = False
+        # Checkpoint tree size -> the latest record time in the segment it
+        # ends (retention's keep_from bound); sealed segments never change.
+        self._segment_latest: dict[int, int] = {}
 
     @property
     def error(self) -> AuditUnavailable | None:
@@ -587,7 +599,9 @@ class AuditWriter:
 
     def _retain(self) -> None:
         # Prunes through min(the newest checkpoint past retention, what the
-        # central store acknowledged when shipping); never an unshipped record.
+        # central store acknowledged when shipping, the last segment whose
+        # records all precede keep_from); never an unshipped record, nor one
+        # inside an open window of a limit.
         sealing = self._sealing
         assert sealing is not None
         if not sealing.retention_seconds:
@@ -596,20 +610,27 @@ class AuditWriter:
         store = self._store
         through = 0
         try:
+            keep_from = sealing.keep_from() if sealing.keep_from is not None else 0
             shipped = store.shipped() if sealing.retain_unshipped else None
+            seam = store.seam()
             # A bounded step per seal keeps each prune transaction short.
-            candidates = list(
-                itertools.islice(store.iter_checkpoints(store.seam()), 16)
-            )
+            candidates = list(itertools.islice(store.iter_checkpoints(seam), 16))
+            after = seam
             for checkpoint in candidates:
                 if _nanos(checkpoint.time) >= cutoff:
                     break
                 if shipped is not None and checkpoint.tree_size > shipped:
                     break
-                through = checkpoint.tree_size
+                if keep_from and (
+                    self._latest_time(after, checkpoint.tree_size) >= keep_from
+                ):
+                    break
+                after = through = checkpoint.tree_size
             if not through:
                 return
             dropped = store.prune(through)
+            for size in [size for size in self._segment_latest if size <= through]:
+                del self._segment_latest[size]
         except Exception as err:
             _log.error(
                 "retention prune failed; records kept",
@@ -618,6 +639,28 @@ class AuditWriter:
             return
         if sealing.on_prune is not None:
             sealing.on_prune(dropped)
+
+    def _latest_time(self, after: int, through: int) -> int:
+        # The latest record time among records after..through (a segment):
+        # times need not rise with seq (a clock stepped back), so all are
+        # read, once per segment. A record whose time does not read keeps
+        # its segment (it counts as the latest possible).
+        latest = self._segment_latest.get(through)
+        if latest is not None:
+            return latest
+        latest = 0
+        with contextlib.closing(self._store.iter_records(after + 1)) as records:
+            for stored in records:
+                if stored.seq > through:
+                    break
+                try:
+                    stamp = _TIME_DECODER.decode(stored.record_bytes).time
+                    latest = max(latest, _nanos(stamp))
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    latest = _LATEST
+                    break
+        self._segment_latest[through] = latest
+        return latest
 
     def _finish(self) -> None:
         # At close: seal the open segment, then sign, keep and witness a head.
@@ -794,6 +837,16 @@ def make_seal(
         return checkpoint
 
     return seal
+
+
+class _Time(msgspec.Struct):
+    # A record's time alone: retention reads no more of it.
+    time: str
+
+
+_TIME_DECODER = msgspec.json.Decoder(_Time)
+# Later than any record's time: a segment holding an undatable record.
+_LATEST = 1 << 63
 
 
 def _nanos(rfc3339: str) -> int:

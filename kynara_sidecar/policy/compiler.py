@@ -2,12 +2,14 @@
 
 Compilation checks what the decoder cannot: unique policy names and rule
 ids, well-formed action and resource patterns, roles that exist, role
-inheritance without cycles, one definition per role, and CEL conditions
-(see ``conditions``). It resolves role inheritance and indexes the rules by
-(resource kind pattern, action pattern), so a lookup for a request touches
-only the rules that can apply: for kind ``a.b`` and action ``x.y`` it reads
-the buckets of every pair from ``candidate_patterns("a.b")`` and
-``candidate_patterns("x.y")``.
+inheritance without cycles, one definition per role, CEL conditions
+(see ``conditions``), the declared limits (see ``limits``: names unique
+across the set) and that every limit a condition reads as
+``limits.<name>`` is declared in some file of the set. It resolves role
+inheritance and indexes the rules by (resource kind pattern, action
+pattern), so a lookup for a request touches only the rules that can
+apply: for kind ``a.b`` and action ``x.y`` it reads the buckets of every
+pair from ``candidate_patterns("a.b")`` and ``candidate_patterns("x.y")``.
 
 What a lookup costs does not grow with the set: the buckets hold the rules
 themselves, grouped by kind pattern, so a request reads at most a dozen
@@ -41,6 +43,7 @@ from kynara_sidecar.policy.conditions import (
     compile_condition,
     to_cel_value,
 )
+from kynara_sidecar.policy.limits import CompiledLimit, compile_limits
 from kynara_sidecar.policy.model import (
     ApprovalDocument,
     DirectoryDocument,
@@ -115,6 +118,8 @@ class PolicySet(msgspec.Struct, frozen=True):
     action_names: frozenset[str] = frozenset()
     # ``index`` again, holding the rules and grouped by kind pattern.
     buckets: _Buckets = MappingProxyType({})
+    # Declared limit name -> limit, in name order (``policy.limits``).
+    limits: Mapping[str, CompiledLimit] = MappingProxyType({})
 
     def effective_roles(self, roles: Iterable[str]) -> frozenset[str]:
         """Resolve inheritance: the given roles and every role they inherit.
@@ -219,7 +224,8 @@ def compile_policy_set(documents: Sequence[SourceDocument]) -> PolicySet:
             raise PolicyError("expected a policy document", path=source.path)
     definitions = _collect_roles(ordered)
     roles = _resolve_roles(definitions)
-    rules = _compile_rules(ordered, frozenset(roles))
+    limits = compile_limits(ordered)
+    rules = _compile_rules(ordered, frozenset(roles), limits)
     index = _index(rules)
     return PolicySet(
         revision=compute_revision(ordered),
@@ -230,6 +236,7 @@ def compile_policy_set(documents: Sequence[SourceDocument]) -> PolicySet:
             action for rule in rules for action in rule.actions if is_valid_name(action)
         ),
         buckets=_buckets(index, rules),
+        limits=MappingProxyType(dict(limits)),
     )
 
 
@@ -382,7 +389,9 @@ def _require_role(
 
 
 def _compile_rules(
-    sources: Sequence[SourceDocument], roles: frozenset[str]
+    sources: Sequence[SourceDocument],
+    roles: frozenset[str],
+    limits: Mapping[str, CompiledLimit],
 ) -> tuple[CompiledRule, ...]:
     rules: list[CompiledRule] = []
     first_seen: dict[str, str] = {}
@@ -414,7 +423,14 @@ def _compile_rules(
             rule_ids.add(rule.id)
             rules.append(
                 _compile_rule(
-                    rule, document, source.path, where, roles, len(rules), conditions
+                    rule,
+                    document,
+                    source.path,
+                    where,
+                    roles,
+                    len(rules),
+                    conditions,
+                    limits,
                 )
             )
     return tuple(rules)
@@ -428,6 +444,7 @@ def _compile_rule(
     roles: frozenset[str],
     order: int,
     conditions: dict[str, Condition],
+    limits: Mapping[str, CompiledLimit],
 ) -> CompiledRule:
     # The rule id leads each message, as it does for conditions, so an
     # author finds the rule without counting list positions.
@@ -456,6 +473,14 @@ def _compile_rule(
                 rule.condition, path=path, location=f"{where}.condition", rule=rule.id
             )
             conditions[rule.condition] = condition
+        for name in sorted(condition.limits):
+            if name not in limits:
+                raise PolicyError(
+                    f"{cite} condition: expected a limit declared in a policy "
+                    f"file of the set, got limits.{name}",
+                    path=path,
+                    location=f"{where}.condition",
+                )
     if rule.approval is not None and rule.effect is not Effect.REQUIRE_APPROVAL:
         raise PolicyError(
             f"{cite} approval: expected only on a require_approval rule, "

@@ -35,7 +35,20 @@ with. A condition sees these variables; every map is ``map(string, dyn)``:
 ``env``        what the daemon knows: ``now`` (timestamp), ``daemon_id``,
                ``agent_id``, ``environment``, ``region``, ``labels`` (map),
                ``peer``
+``limits``     the declared limits this request can form, by name: ``count``
+               (int), ``sum`` (summing limits), ``ceiling``, ``remaining``,
+               ``exceeded`` (bool: counting this request passes the
+               ceiling) and ``window_start`` (timestamp); see
+               ``policy.limits``. A limit the request cannot form (a key
+               part or the amount missing or of the wrong type) is absent,
+               so a condition reading it errors and fails closed.
 =============  ==============================================================
+
+A condition reads a limit only as ``limits.<name>`` (``has(limits.<name>)``
+too); any other use of ``limits`` (``limits[x]``, ``limits`` alone) is a
+load error giving line and column, so the names a condition reads
+(``Condition.limits``) are known at load, where the compiler refuses a
+name no policy file declares.
 
 At load a condition is parsed and type-checked against those declarations,
 and its result must be ``bool`` (or ``dyn``, checked again per request). The
@@ -70,6 +83,7 @@ from kynara_sidecar.decision import Duration, Timestamp, UInt64
 from kynara_sidecar.errors import PolicyError
 
 __all__ = [
+    "LIMITS_VARIABLE",
     "TIME_ZONE_FUNCTIONS",
     "VARIABLES",
     "Condition",
@@ -90,7 +104,11 @@ VARIABLES: Mapping[str, cel.Type] = {
     "resource": _MAP,
     "context": _MAP,
     "env": _MAP,
+    "limits": _MAP,
 }
+
+# The variable holding the limits' values; read only by select.
+LIMITS_VARIABLE = "limits"
 
 # The timestamp accessors that take an optional time zone argument.
 TIME_ZONE_FUNCTIONS = frozenset(
@@ -144,19 +162,23 @@ class Condition:
             reuse a result across activations that differ only in variables
             not listed here (``principal``, from one principal of the chain
             to the next). Defaults to all of them, which claims nothing.
+        limits: The limit names the expression reads as
+            ``limits.<name>``, read from the checked expression at load.
     """
 
-    __slots__ = ("_expression", "source", "variables")
+    __slots__ = ("_expression", "limits", "source", "variables")
 
     def __init__(
         self,
         source: str,
         expression: cel.Expression,
         variables: frozenset[str] = frozenset(VARIABLES),
+        limits: frozenset[str] = frozenset(),
     ):
         self.source = source
         self._expression = expression
         self.variables = variables
+        self.limits = limits
 
     def __repr__(self) -> str:
         return f"Condition({self.source!r})"
@@ -232,8 +254,9 @@ def compile_condition(
 
     Raises:
         PolicyError: The text does not parse or type-check (the message
-            gives line and column), its result type is not bool, or a
-            timestamp, duration or time zone literal is invalid.
+            gives line and column), its result type is not bool, a
+            timestamp, duration or time zone literal is invalid, or it uses
+            ``limits`` other than as ``limits.<name>``.
     """
     prefix = f"rule {rule!r} condition: " if rule else "condition: "
 
@@ -269,7 +292,14 @@ def compile_condition(
     problem = _check_literals(source, expr, positions)
     if problem:
         raise refuse(problem)
-    return Condition(source, expression, _variables_named(expr))
+    names, misused = _limits_read(expr)
+    if misused:
+        line, column = _line_column(source, positions.get(misused[0], 0))
+        raise refuse(
+            "expected limits read as limits.<name>, got another use of limits "
+            f"at line {line} column {column}"
+        )
+    return Condition(source, expression, _variables_named(expr), names)
 
 
 def to_cel_value(value: Any) -> Any:
@@ -461,6 +491,58 @@ def _variables_named(expr: bytes) -> frozenset[str]:
     # variable. A comprehension variable spelt like one (``exists(principal,
     # ...)``) is counted too: that claims a dependency, never hides one.
     return frozenset(name for name in _identifiers(expr) if name in VARIABLES)
+
+
+_EXPR_SELECT = 5
+_SELECT_OPERAND, _SELECT_FIELD = 1, 2
+
+
+def _limits_read(expr: bytes) -> tuple[frozenset[str], list[int]]:
+    """The names read as ``limits.<name>``, and the node ids of every other
+    use of the identifier ``limits`` (a comprehension variable spelt so
+    included: refused, never mistaken)."""
+    names: set[str] = set()
+    misused: list[int] = []
+    _walk_limits(expr, names, misused)
+    return frozenset(names), misused
+
+
+def _walk_limits(expr: bytes, names: set[str], misused: list[int]) -> None:
+    node_id = 0
+    for field, value in _fields(expr):
+        if field == _EXPR_ID:
+            node_id = value
+        elif field == _EXPR_IDENT:
+            name = dict(_fields(value)).get(_IDENT_NAME, b"")
+            if name == LIMITS_VARIABLE.encode():
+                misused.append(node_id)
+        elif field == _EXPR_SELECT:
+            select = dict(_fields(value))
+            operand = select.get(_SELECT_OPERAND, b"")
+            if _ident_name(operand) == LIMITS_VARIABLE:
+                names.add(select.get(_SELECT_FIELD, b"").decode())
+            else:
+                _walk_limits(operand, names, misused)
+        elif field == _EXPR_CALL:
+            for call_field, child in _fields(value):
+                if call_field in (_CALL_TARGET, _CALL_ARGS):
+                    _walk_limits(child, names, misused)
+        elif field == _EXPR_STRUCT:
+            for entry in (v for f, v in _fields(value) if f == _STRUCT_ENTRIES):
+                for entry_field, child in _fields(entry):
+                    if entry_field in _ENTRY_CHILD_FIELDS:
+                        _walk_limits(child, names, misused)
+        elif field in _CHILD_FIELDS:
+            for child_field, child in _fields(value):
+                if child_field in _CHILD_FIELDS[field]:
+                    _walk_limits(child, names, misused)
+
+
+def _ident_name(expr: bytes) -> str:
+    for field, value in _fields(expr):
+        if field == _EXPR_IDENT:
+            return dict(_fields(value)).get(_IDENT_NAME, b"").decode()
+    return ""
 
 
 def _identifiers(expr: bytes) -> Iterator[str]:

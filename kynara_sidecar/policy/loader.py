@@ -46,6 +46,8 @@ from kynara_sidecar.policy.model import (
     DirectoryDocument,
     DocumentHeader,
     DocumentKind,
+    LimitDocument,
+    LimitScope,
     Mode,
     PolicyDocument,
     PrincipalKind,
@@ -284,6 +286,7 @@ def _validated(path: str, content: bytes, raw: Any, name: str) -> SourceDocument
     check_expansion(raw, path)
     document_type = _document_type(raw, path)
     _check_roles(raw, path)
+    _check_limits(raw, path)
     document = convert_document(raw, document_type, path)
     return SourceDocument(
         path=path, name=name or path, content=content, document=document
@@ -424,6 +427,21 @@ def _check_roles(raw: dict[str, Any], path: str) -> None:
         return
     for role, definition in roles.items():
         convert_document(definition, RoleDocument, path, prefix=f"$.roles.{role}")
+
+
+def _check_limits(raw: dict[str, Any], path: str) -> None:
+    # As roles: one by one, so an error names the limit (`$.limits.x.window`).
+    limits = raw.get("limits")
+    if not isinstance(limits, dict):
+        return
+    for name, definition in limits.items():
+        convert_document(
+            definition,
+            LimitDocument,
+            path,
+            prefix=f"$.limits.{name}",
+            choices={"scope": tuple(LimitScope)},
+        )
 
 
 def convert_document(

@@ -21,6 +21,9 @@ __all__ = [
     "DirectoryDocument",
     "DocumentHeader",
     "DocumentKind",
+    "LimitDocument",
+    "LimitScope",
+    "WindowDocument",
     "Mode",
     "PolicyDocument",
     "PrincipalDocument",
@@ -83,6 +86,50 @@ class ApprovalDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     risk: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
 
 
+class LimitScope(enum.StrEnum):
+    """Whose decisions a limit counts: this daemon's (exact), or every
+    daemon's sharing the central store (see ``limits.fleet``)."""
+
+    DAEMON = "daemon"
+    FLEET = "fleet"
+
+
+class WindowDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which decisions a limit's value covers: those of the last
+    ``rolling`` (a duration such as ``"24h"``, ``"7d"``), or those since the
+    start of the current ``calendar`` period (``hour``, ``day``, ``week``
+    from Monday, ``month``) in ``time_zone``. Exactly one of the two."""
+
+    rolling: str = ""
+    calendar: str = ""
+    time_zone: str = "UTC"
+
+
+class LimitDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A limit that remembers decisions: conditions read it as
+    ``limits.<name>``.
+
+    It counts the decisions of ``actions`` on ``resources`` (patterns as a
+    rule's) whose final effect is among ``decisions``, and with ``sum`` adds
+    up that request value (``context.<field>`` or ``resource.attr.<field>``)
+    over them; ``key`` says whose (``user``, ``agent``, ``chain``,
+    ``resource.id``, ``resource.kind``, ``context.<field>``,
+    ``resource.attr.<field>``, ``user.attr.<field>``,
+    ``agent.attr.<field>``), every part together. ``ceiling`` is the most
+    the window may hold: an int, or a float for a sum of doubles.
+    """
+
+    actions: NonEmpty
+    key: NonEmpty
+    window: WindowDocument
+    ceiling: int | float
+    resources: NonEmpty = ("*",)
+    decisions: NonEmpty = ("allow",)
+    sum: str = ""
+    scope: LimitScope = LimitScope.DAEMON
+    description: str = ""
+
+
 class RuleDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: Text
     effect: Effect
@@ -104,6 +151,8 @@ class PolicyDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     description: str = ""
     roles: dict[str, RoleDocument] = {}
     rules: tuple[RuleDocument, ...] = ()
+    # Limit name -> limit; names are unique across the policy set.
+    limits: dict[str, LimitDocument] = {}
 
 
 class PrincipalDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,0 +1,301 @@
+"""One request's limits: the values its conditions read, and what it counts.
+
+The pipeline calls ``look`` before the engine evaluates and ``count`` once
+the final effect is known (an approval may have turned require_approval
+into allow, or into deny). Both run on the event loop with nothing awaited
+between them and the book's ``add``, so no other request can slip between
+a limit's check and its count.
+
+A limit the request cannot form a value for (a key part or the amount
+missing or of the wrong type, a fleet limit whose central store is out of
+touch) is left out of the ``limits`` variable: a condition reading it
+errors, which fails closed, and the record's entry says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from kynara_sidecar.audit.record import (
+    LimitEntry,
+    decode_value,
+    encode_value,
+    format_timestamp,
+    parse_timestamp,
+)
+from kynara_sidecar.audit.redact import Redactor
+from kynara_sidecar.decision import DecisionRequest, Effect, Timestamp
+from kynara_sidecar.limits.book import Counted, LimitBook, Tally
+from kynara_sidecar.policy.conditions import to_cel_value
+from kynara_sidecar.policy.limits import (
+    CompiledLimit,
+    LimitProblem,
+    amount_of,
+    key_of,
+    window_start,
+)
+
+__all__ = ["NOTHING", "Looked", "RemoteTally", "count", "look", "recorded_values"]
+
+# remote(limit, key, start_nanos): the other daemons' part of a fleet
+# limit, or None when the central store has been out of touch too long.
+RemoteTally = Callable[[CompiledLimit, str, int], "Tally | None"]
+
+_SECTIONS = {"context": "context", "resource.attr": "resource_attributes"}
+_NO_STORE = "a fleet limit needs a central store (sync.store)"
+_OUT_OF_TOUCH = (
+    "a fleet limit needs the central store, which has not answered within "
+    "limits.fleet_max_staleness_seconds"
+)
+
+
+class _Formed(NamedTuple):
+    limit: CompiledLimit
+    key: str
+    # What this request adds when counted; None when the limit does not
+    # count its action.
+    amount: int | float | None
+
+
+class Looked(NamedTuple):
+    """A request's limits before it is decided."""
+
+    # For the engine: the CEL values of the limits conditions may read.
+    values: dict[str, Any]
+    # For the record: every limit read or counted, as it was.
+    entries: dict[str, LimitEntry]
+    # The counting limits the request formed a value for.
+    formed: tuple[_Formed, ...]
+
+
+NOTHING = Looked({}, {}, ())
+
+
+def look(
+    read: Sequence[CompiledLimit],
+    counted: Sequence[CompiledLimit],
+    request: DecisionRequest,
+    attributes: Mapping[str, Mapping[str, Any]],
+    now_nanos: int,
+    book: LimitBook,
+    *,
+    redactor: Redactor | None = None,
+    remote: RemoteTally | None = None,
+) -> Looked:
+    """The limits ``read`` (by some candidate rule's condition) and
+    ``counted`` (of this request's action) as the request finds them.
+
+    Args:
+        attributes: the directory attributes of ``"user"`` and ``"agent"``.
+        remote: the fleet's part of fleet limits; without it a fleet limit
+            has no value (it fails closed) rather than a local one.
+    """
+    if not read and not counted:
+        return NOTHING
+    counting = {limit.name for limit in counted}
+    values: dict[str, Any] = {}
+    entries: dict[str, LimitEntry] = {}
+    formed: list[_Formed] = []
+    for limit in _union(read, counted):
+        start = window_start(limit.window, now_nanos)
+        entry = LimitEntry(
+            scope=limit.scope,
+            window_start=format_timestamp(Timestamp.from_nanos(start)),
+            ceiling=encode_value(limit.ceiling),
+        )
+        key = _key(limit, request, attributes, redactor)
+        amount: int | float | LimitProblem | None = None
+        if limit.name in counting:
+            amount = amount_of(limit, request)
+        problem = next((p for p in (key, amount) if isinstance(p, LimitProblem)), None)
+        theirs: Tally | None = Tally(0, 0)
+        if problem is None and limit.scope == "fleet":
+            theirs = None if remote is None else remote(limit, key, start)  # type: ignore[arg-type]
+            if theirs is None:
+                problem = LimitProblem(_OUT_OF_TOUCH if remote else _NO_STORE)
+        if problem is not None:
+            entries[limit.name] = _with(
+                entry, key=key if isinstance(key, str) else "", error=problem.message
+            )
+            continue
+        assert isinstance(key, str) and theirs is not None
+        mine = book.tally(limit, key, start)
+        entries[limit.name] = _with(
+            entry,
+            key=key,
+            count=mine.count,
+            sum=encode_value(mine.sum) if limit.sums else None,
+            remote_count=theirs.count,
+            remote_sum=(
+                encode_value(theirs.sum)
+                if limit.sums and limit.scope == "fleet"
+                else None
+            ),
+        )
+        if limit.name in counting:
+            formed.append(_Formed(limit, key, amount))  # type: ignore[arg-type]
+        values[limit.name] = _cel_value(
+            limit, mine, theirs, start, amount if limit.name in counting else None
+        )
+    return Looked(values, entries, tuple(formed))
+
+
+def count(
+    looked: Looked,
+    effect: Effect,
+    decision_id: str,
+    now_nanos: int,
+    book: LimitBook,
+) -> tuple[dict[str, LimitEntry], tuple[Counted, ...]]:
+    """Count the decided request in every limit whose decisions include its
+    final ``effect``, in the book at once.
+
+    Returns:
+        The record's limit entries (those counted marked so) and what was
+        counted, for ``LimitBook.committed`` or ``aborted``.
+    """
+    if not looked.formed:
+        return looked.entries, ()
+    entries = dict(looked.entries)
+    counted = []
+    for limit, key, amount in looked.formed:
+        if effect not in limit.decisions or amount is None:
+            continue
+        counted.append(Counted(limit.name, key, now_nanos, amount, decision_id))
+        entries[limit.name] = _with(
+            entries[limit.name], counted=True, amount=encode_value(amount)
+        )
+    if counted:
+        book.add(counted)
+    return entries, tuple(counted)
+
+
+def recorded_values(
+    entries: Mapping[str, LimitEntry],
+    limits: Mapping[str, CompiledLimit],
+    request: DecisionRequest,
+) -> dict[str, Any]:
+    """The CEL ``limits`` values a recorded decision saw, for deciding it
+    again (replay, the playground) under ``limits``, a policy set's.
+
+    Counts and sums are the record's (``count + remote_count``, the sum
+    likewise), never the book's live ones: a replay decides on what the
+    decision saw. The ceiling is the given set's, and ``remaining`` and
+    ``exceeded`` are worked out again with it (``exceeded`` adds the
+    request's own contribution when the given limit counts its action).
+
+    Returns:
+        Limit name -> CEL value. A limit is absent (a condition reading it
+        fails closed, as it did live) when the record has no entry for it,
+        its entry has an ``error``, the given limit sums and the entry
+        holds no sum (or a double sum for an int ceiling), the given set
+        declares no such limit, or the request cannot form its amount.
+    """
+    values: dict[str, Any] = {}
+    for name, entry in entries.items():
+        limit = limits.get(name)
+        if limit is None or entry.error or not entry.window_start:
+            continue
+        try:
+            start = parse_timestamp(entry.window_start).to_nanos()
+            mine = Tally(entry.count, _recorded_sum(limit, entry.sum))
+            theirs = Tally(entry.remote_count, _recorded_sum(limit, entry.remote_sum))
+        except ValueError:
+            continue
+        if limit.sums and entry.sum is None:
+            continue
+        amount: int | float | LimitProblem | None = None
+        if limit.counts(request.resource.kind, request.action):
+            amount = amount_of(limit, request)
+            if isinstance(amount, LimitProblem):
+                continue
+        values[name] = _cel_value(limit, mine, theirs, start, amount)
+    return values
+
+
+def _recorded_sum(limit: CompiledLimit, recorded: dict[str, Any] | None) -> int | float:
+    """A recorded sum as ``limit`` would hold it (0 when none was kept).
+
+    Raises:
+        ValueError: not a number, or a double where the ceiling is an int.
+    """
+    if recorded is None or not limit.sums:
+        return 0
+    value = decode_value(recorded)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a recorded sum as a number, got {value!r}")
+    if isinstance(limit.ceiling, float):
+        return float(value)
+    if isinstance(value, float):
+        raise ValueError(f"expected an int sum for an int ceiling, got {value!r}")
+    return int(value)
+
+
+def _union(
+    read: Sequence[CompiledLimit], counted: Sequence[CompiledLimit]
+) -> list[CompiledLimit]:
+    if not counted:
+        return list(read)
+    if not read:
+        return list(counted)
+    by_name = {limit.name: limit for limit in (*read, *counted)}
+    return [by_name[name] for name in sorted(by_name)]
+
+
+def _key(
+    limit: CompiledLimit,
+    request: DecisionRequest,
+    attributes: Mapping[str, Mapping[str, Any]],
+    redactor: Redactor | None,
+) -> str | LimitProblem:
+    key = key_of(limit, request, attributes)
+    if isinstance(key, LimitProblem) or not redactor:
+        return key
+    redacted = [
+        f"{part.source}.{part.field}"
+        for part in limit.key
+        if part.source in _SECTIONS
+        and redactor.covers(_SECTIONS[part.source], part.field)
+    ]
+    if not redacted:
+        return key
+    # The key reaches the record and the log's rows: a redacted part stays
+    # out of both, as it stays out of the record's context.
+    sealed = redactor.seal_digest(key)
+    if not sealed:
+        return LimitProblem(
+            f"key part {redacted[0]} is dropped from records by audit.redact, and "
+            "with no audit.redaction_key to hash it the limit cannot be kept"
+        )
+    return sealed
+
+
+def _cel_value(
+    limit: CompiledLimit,
+    mine: Tally,
+    theirs: Tally,
+    start: int,
+    amount: int | float | None,
+) -> dict[str, Any]:
+    count = mine.count + theirs.count
+    value: dict[str, Any] = {
+        "count": count,
+        "ceiling": limit.ceiling,
+        "window_start": to_cel_value(Timestamp.from_nanos(start)),
+    }
+    if limit.sums:
+        total = mine.sum + theirs.sum
+        value["sum"] = total
+        held = total
+    else:
+        held = count
+    value["remaining"] = limit.ceiling - held
+    value["exceeded"] = held + (amount or 0) > limit.ceiling
+    return value
+
+
+def _with(entry: LimitEntry, **changes: Any) -> LimitEntry:
+    return msgspec.structs.replace(entry, **changes)

@@ -1,0 +1,423 @@
+"""Limits in the decision pipeline: real LMDB, the real writer, a settable
+clock; the check and the count as one step."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import shutil
+
+import msgspec
+import pytest
+from support import SHIPPED_POLICIES, SettableClock, daemon_config
+
+from kynara_sidecar.audit.chain import decode_record
+from kynara_sidecar.audit.counters import LIMITS_DB, decode_row, rows_of
+from kynara_sidecar.audit.record import decode_value
+from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.writer import AuditWriter
+from kynara_sidecar.decision import Effect, Resource
+from kynara_sidecar.errors import AuditUnavailable, KynaraError
+from kynara_sidecar.limits.book import LimitBook
+from kynara_sidecar.metrics import Metrics
+from kynara_sidecar.pipeline import IncomingRequest, Pipeline
+from kynara_sidecar.policy.loader import load_policies
+
+LIMITS = """\
+format_version: 1
+kind: policy
+name: refunds
+limits:
+  refunds_today:
+    description: five refunds per user per Berlin day
+    actions: [payments.refund.issue]
+    key: [user]
+    window: {calendar: day, time_zone: Europe/Berlin}
+    ceiling: %(daily_ceiling)s
+  refund_total:
+    actions: [payments.refund.issue]
+    sum: resource.attr.amount
+    key: [agent]
+    window: {rolling: 7d}
+    ceiling: 10000
+  per_customer:
+    actions: [payments.refund.issue]
+    key: [context.customer]
+    window: {rolling: 1h}
+    ceiling: 1000
+rules:
+  - id: refund
+    effect: allow
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support, support_agent]
+  - id: refunds-per-day
+    effect: %(daily_effect)s
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support, support_agent]
+    condition: limits.refunds_today.exceeded
+  - id: refund-total
+    effect: deny
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support, support_agent]
+    condition: limits.refund_total.exceeded
+  - id: per-customer
+    effect: deny
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support, support_agent]
+    condition: limits.per_customer.exceeded
+"""
+
+
+def policies_dir(
+    tmp_path: pathlib.Path, daily_effect: str = "deny", daily_ceiling: int = 5
+) -> pathlib.Path:
+    root = tmp_path / "policies"
+    root.mkdir(exist_ok=True)
+    for name in ("roles.yaml", "directory.yaml"):
+        shutil.copy(SHIPPED_POLICIES / name, root / name)
+    (root / "refunds.yaml").write_text(
+        LIMITS % {"daily_effect": daily_effect, "daily_ceiling": daily_ceiling}
+    )
+    return root
+
+
+def refund(
+    amount: int = 100, *, user: str = "alice", customer: str = "c1", rid: str = "rf"
+) -> IncomingRequest:
+    return IncomingRequest(
+        action="payments.refund.issue",
+        resource=Resource(
+            kind="payments.refund", id=rid, attributes={"amount": amount}
+        ),
+        context={"customer": customer},
+        asserted_chain=(user,),
+    )
+
+
+class Harness:
+    """A pipeline with its book and writer over one LMDB log; reopenable."""
+
+    def __init__(self, tmp_path: pathlib.Path, clock: SettableClock, policies):
+        self.config = daemon_config(tmp_path)
+        self.clock = clock
+        self.policies = policies
+        self.path = self.config.audit.path
+
+    async def __aenter__(self) -> Pipeline:
+        self.store = AuditStore.open(
+            self.path, map_size=self.config.audit.map_size, extra_dbs=(LIMITS_DB,)
+        )
+        self.writer = AuditWriter(self.store)
+        self.writer.start()
+        self.book = LimitBook(self.store)
+        pipeline = Pipeline(
+            self.config, self.writer, Metrics(), self.clock, limits=self.book
+        )
+        pipeline.activate(load_policies(self.policies))
+        return pipeline
+
+    async def __aexit__(self, *exc) -> None:
+        await self.writer.close()
+
+    def records(self):
+        return [decode_record(r.record_bytes) for r in self.store.iter_records()]
+
+    def rows(self):
+        return sorted(decode_row(k, v) for k, v in self.store.iter_state(LIMITS_DB))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def run(tmp_path, steps, *, daily_effect="deny", daily_ceiling=5):
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    harness = Harness(
+        tmp_path, clock, policies_dir(tmp_path, daily_effect, daily_ceiling)
+    )
+
+    async def go():
+        async with harness as pipeline:
+            return await steps(pipeline, clock)
+
+    try:
+        result = asyncio.run(go())
+        return result, harness.records(), harness.rows()
+    finally:
+        harness.close()
+
+
+def decisions(records):
+    return [r for r in records if r.kind == "decision"]
+
+
+def test_the_sixth_refund_of_a_day_is_denied_and_every_record_says_what_it_saw(
+    tmp_path,
+):
+    async def steps(pipeline, clock):
+        return [await pipeline.decide(refund(rid=f"rf{i}")) for i in range(6)]
+
+    answers, records, rows = run(tmp_path, steps)
+
+    assert [a.decision.effect for a in answers] == [Effect.ALLOW] * 5 + [Effect.DENY]
+    assert answers[-1].decision.reason_code.value == "rule_denied"
+    denying = [
+        m.rule for m in answers[-1].decision.matched_rules if m.effect is Effect.DENY
+    ]
+    assert denying == ["refunds-per-day"] * 2
+    seen = [r.limits["refunds_today"] for r in decisions(records)]
+    assert [e.count for e in seen] == [0, 1, 2, 3, 4, 5]
+    assert [e.counted for e in seen] == [True] * 5 + [False]
+    assert {e.key for e in seen} == {'["alice"]'}
+    # Local midnight in Berlin (CET) on 2026-12-07.
+    assert {e.window_start for e in seen} == {"2026-12-06T23:00:00Z"}
+    assert decode_value(seen[0].ceiling) == 5
+    # The rows are the counted entries of the records, nothing else.
+    expected = sorted(
+        decode_row(k, v) for r in decisions(records) for k, v in rows_of(r)
+    )
+    assert rows == expected
+    assert len([r for r in rows if r.limit == "refunds_today"]) == 5
+
+
+def test_a_rule_may_require_approval_past_the_ceiling_instead(tmp_path):
+    async def steps(pipeline, clock):
+        return [
+            (await pipeline.decide(refund(rid=f"rf{i}"))).decision.effect
+            for i in range(7)
+        ]
+
+    effects, records, _ = run(tmp_path, steps, daily_effect="require_approval")
+
+    assert effects == [Effect.ALLOW] * 5 + [Effect.REQUIRE_APPROVAL] * 2
+    # require_approval is not counted (decisions: [allow]): still five.
+    assert [r.limits["refunds_today"].count for r in decisions(records)][-2:] == [5, 5]
+
+
+@pytest.mark.parametrize(
+    ("first", "last_of_day", "next_day"),
+    [
+        # 2026-10-25 has 25 hours in Berlin (CEST -> CET at 03:00).
+        ("2026-10-24T22:00:00Z", "2026-10-25T22:59:59.999Z", "2026-10-25T23:00:00Z"),
+        # 2026-03-29 has 23 hours (CET -> CEST at 02:00).
+        ("2026-03-28T23:00:00Z", "2026-03-29T21:59:59.999Z", "2026-03-29T22:00:00Z"),
+    ],
+    ids=["25-hour-day", "23-hour-day"],
+)
+def test_the_window_resets_at_local_midnight_across_a_daylight_saving_change(
+    tmp_path, first, last_of_day, next_day
+):
+    async def steps(pipeline, clock):
+        clock.set(first)
+        early = [
+            (await pipeline.decide(refund(rid=f"a{i}"))).decision.effect
+            for i in range(5)
+        ]
+        clock.set(last_of_day)
+        late = (await pipeline.decide(refund(rid="late"))).decision.effect
+        clock.set(next_day)
+        fresh = (await pipeline.decide(refund(rid="fresh"))).decision.effect
+        return early, late, fresh
+
+    (early, late, fresh), records, _ = run(tmp_path, steps)
+
+    assert early == [Effect.ALLOW] * 5
+    assert late is Effect.DENY
+    assert fresh is Effect.ALLOW
+    starts = [r.limits["refunds_today"].window_start for r in decisions(records)]
+    assert starts[0] == first.replace(".000", "") and starts[-1] == next_day
+
+
+def test_two_requests_racing_for_the_last_unit_get_one_allow(tmp_path):
+    async def steps(pipeline, clock):
+        for i in range(4):
+            await pipeline.decide(refund(rid=f"rf{i}"))
+        together = await asyncio.gather(
+            pipeline.decide(refund(rid="x")), pipeline.decide(refund(rid="y"))
+        )
+        batch = await pipeline.decide_all([refund(rid="p"), refund(rid="q")])
+        return [a.decision.effect for a in together], batch
+
+    (together, batch), records, rows = run(tmp_path, steps)
+
+    assert sorted(together) == sorted([Effect.ALLOW, Effect.DENY])
+    assert [a.decision.effect for a in batch] == [Effect.DENY, Effect.DENY]
+    assert len([r for r in rows if r.limit == "refunds_today"]) == 5
+
+
+def test_a_running_total_under_a_thousand_concurrent_decisions_never_passes_its_ceiling(
+    tmp_path,
+):
+    amounts = [(i * 37) % 90 + 1 for i in range(1000)]
+
+    async def steps(pipeline, clock):
+        # Users differ so the daily count does not decide; the agent's
+        # weekly total (ceiling 10,000) does.
+        answers = await asyncio.gather(
+            *(
+                pipeline.decide(
+                    refund(
+                        amount,
+                        user=("alice", "bob")[i % 2],
+                        customer=f"c{i}",
+                        rid=f"r{i}",
+                    )
+                )
+                for i, amount in enumerate(amounts)
+            ),
+            return_exceptions=True,
+        )
+        return answers
+
+    answers, records, rows = run(tmp_path, steps, daily_ceiling=100_000)
+
+    allowed = [
+        amount
+        for amount, answer in zip(amounts, answers, strict=True)
+        if not isinstance(answer, BaseException)
+        and answer.decision.effect is Effect.ALLOW
+    ]
+    assert not [a for a in answers if isinstance(a, BaseException)]
+    assert sum(allowed) <= 10000
+    assert sum(allowed) > 10000 - 90
+    total_rows = [r for r in rows if r.limit == "refund_total"]
+    assert sum(r.amount for r in total_rows) == sum(allowed)
+    # Every decision saw exactly what the log held before it.
+    running = 0
+    for record in decisions(records):
+        entry = record.limits["refund_total"]
+        amount = decode_value(record.resource.attributes["amount"])
+        assert decode_value(entry.sum) == running
+        if entry.counted:
+            running += decode_value(entry.amount)
+        else:
+            # Denied only because this amount would pass the ceiling.
+            assert record.decision == "deny"
+            assert running + amount > 10000
+
+
+def test_a_request_that_cannot_form_the_key_fails_closed_and_says_why(tmp_path):
+    async def steps(pipeline, clock):
+        missing = msgspec.structs.replace(refund(), context={})
+        negative = refund(-5)
+        return await pipeline.decide(missing), await pipeline.decide(negative)
+
+    (missing, negative), records, rows = run(tmp_path, steps)
+
+    assert missing.decision.effect is Effect.DENY
+    assert missing.decision.reason_code.value == "condition_error"
+    first, second = decisions(records)
+    assert "customer" in first.limits["per_customer"].error
+    assert not first.limits["per_customer"].counted
+    assert negative.decision.effect is Effect.DENY
+    assert second.limits["refund_total"].error
+    assert not [r for r in rows if r.decision_id == negative.decision_id]
+
+
+def test_counts_taken_by_a_commit_that_failed_are_given_back(tmp_path):
+    async def steps(pipeline, clock):
+        for i in range(4):
+            await pipeline.decide(refund(rid=f"rf{i}"))
+        real = pipeline._writer
+
+        class Failing:
+            async def append_all(self, records, changes=(), **kw):
+                raise AuditUnavailable("disk full")
+
+        pipeline._writer = Failing()
+        with pytest.raises(AuditUnavailable):
+            await pipeline.decide(refund(rid="lost"))
+        pipeline._writer = real
+        return (await pipeline.decide(refund(rid="again"))).decision.effect
+
+    effect, records, rows = run(tmp_path, steps)
+
+    assert effect is Effect.ALLOW
+    assert [r.limits["refunds_today"].count for r in decisions(records)] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_counts_survive_a_restart_from_the_logs_rows(tmp_path):
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    harness = Harness(tmp_path, clock, policies_dir(tmp_path))
+
+    async def first():
+        async with harness as pipeline:
+            for i in range(3):
+                await pipeline.decide(refund(rid=f"rf{i}"))
+
+    async def second():
+        async with harness as pipeline:
+            answers = [await pipeline.decide(refund(rid=f"n{i}")) for i in range(3)]
+            return [a.decision.effect for a in answers]
+
+    try:
+        asyncio.run(first())
+    finally:
+        harness.close()
+    try:
+        effects = asyncio.run(second())
+    finally:
+        harness.close()
+    assert effects == [Effect.ALLOW, Effect.ALLOW, Effect.DENY]
+
+
+def test_errors_are_kynara_errors_not_counts(tmp_path):
+    async def steps(pipeline, clock):
+        bad = msgspec.structs.replace(refund(), action="Not A Name")
+        with pytest.raises(KynaraError):
+            await pipeline.decide(bad)
+        return (await pipeline.decide(refund())).decision.effect
+
+    effect, records, rows = run(tmp_path, steps)
+    assert effect is Effect.ALLOW
+    assert len([r for r in rows if r.limit == "refunds_today"]) == 1
+
+
+def test_a_decision_that_saw_a_count_later_taken_back_still_verifies(tmp_path):
+    from kynara_sidecar.audit.verify import check_limits
+
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    harness = Harness(tmp_path, clock, policies_dir(tmp_path))
+
+    async def go():
+        async with harness as pipeline:
+            real = pipeline._writer
+            calls = []
+
+            class FailsFirst:
+                async def append_all(self, records, changes=(), **kw):
+                    calls.append(records)
+                    if len(calls) == 1:
+                        await asyncio.sleep(0)
+                        raise AuditUnavailable("log full")
+                    return await real.append_all(records, changes, **kw)
+
+            pipeline._writer = FailsFirst()
+            return await asyncio.gather(
+                pipeline.decide(refund(rid="lost")),
+                pipeline.decide(refund(rid="kept")),
+                return_exceptions=True,
+            )
+
+    try:
+        lost, kept = asyncio.run(go())
+        report = check_limits(harness.store)
+        records = decisions(harness.records())
+    finally:
+        harness.close()
+    assert isinstance(lost, AuditUnavailable)
+    assert kept.decision.effect is Effect.ALLOW
+    # It saw the lost decision's count, which the log never held.
+    assert [r.limits["refunds_today"].count for r in records] == [1]
+    assert report.ok, report.mismatches
+    # One entry per limit the decision counted in: three.
+    assert report.seen_above == 3

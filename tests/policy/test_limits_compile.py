@@ -1,0 +1,254 @@
+"""Declared limits at load: every bad field refused naming file, place and
+what was expected; names unique across the set; conditions read only
+declared limits, and only as ``limits.<name>``."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from kynara_sidecar.decision import Effect
+from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.limits import CalendarUnit, KeyPart, Window
+from kynara_sidecar.policy.loader import compile_documents, decode_document
+
+NANOS_PER_HOUR = 3_600 * 10**9
+
+
+def policy(name: str, body: str) -> str:
+    return f"format_version: 1\nkind: policy\nname: {name}\n" + textwrap.dedent(body)
+
+
+def compile_texts(files: dict[str, str]):
+    sources = [decode_document(name, text.encode()) for name, text in files.items()]
+    return compile_documents(sources, directory="ignored").policy_set
+
+
+def limit(name: str = "cap", **fields: str) -> str:
+    body = {
+        "actions": "[pay.refund]",
+        "key": "[user]",
+        "window": "{rolling: 24h}",
+        "ceiling": "5",
+    }
+    body.update(fields)
+    lines = "".join(f"    {field}: {value}\n" for field, value in body.items())
+    return f"  {name}:\n{lines}"
+
+
+def one_limit(**fields: str) -> dict[str, str]:
+    return {"a.yaml": policy("p", "limits:\n" + limit(**fields))}
+
+
+def test_a_full_limit_compiles_to_what_it_declares():
+    text = policy(
+        "p",
+        """
+        limits:
+          refunds_today:
+            description: five a day
+            actions: [payments.refund.issue]
+            resources: [payments.*]
+            decisions: [allow, require_approval]
+            key: [user, context.shop, agent.attr.team]
+            window: {calendar: day, time_zone: Europe/Berlin}
+            ceiling: 5
+            scope: fleet
+          total:
+            actions: [payments.refund.issue]
+            sum: resource.attr.amount
+            key: [agent]
+            window: {rolling: 1w1d1h30m5s}
+            ceiling: 10000.5
+        """,
+    )
+    limits = compile_texts({"a.yaml": text}).limits
+    assert list(limits) == ["refunds_today", "total"]
+    today = limits["refunds_today"]
+    assert today.policy == "p"
+    assert today.decisions == frozenset({Effect.ALLOW, Effect.REQUIRE_APPROVAL})
+    assert today.key == (
+        KeyPart("user"),
+        KeyPart("context", "shop"),
+        KeyPart("agent.attr", "team"),
+    )
+    assert today.window == Window(calendar=CalendarUnit.DAY, time_zone="Europe/Berlin")
+    assert today.scope == "fleet" and today.ceiling == 5 and not today.sums
+    assert today.counts("payments.refund", "payments.refund.issue")
+    assert not today.counts("crm.contact", "payments.refund.issue")
+    assert not today.counts("payments.refund", "payments.refund.read")
+    total = limits["total"]
+    assert total.sums and (total.sum_source, total.sum_field) == (
+        "resource.attr",
+        "amount",
+    )
+    seconds = 8 * 86_400 + 3_600 + 1_800 + 5
+    assert total.window.rolling_nanos == seconds * 10**9
+    assert total.decisions == frozenset({Effect.ALLOW}) and total.resources == ("*",)
+    assert isinstance(total.ceiling, float) and total.scope == "daemon"
+
+
+@pytest.mark.parametrize(
+    ("fields", "location", "expected"),
+    [
+        ({"actions": "[pay*]"}, "actions[0]", "expected an action name"),
+        ({"actions": "[]"}, "actions", "expected a non-empty array"),
+        ({"resources": "[x, '*.y']"}, "resources[1]", "expected a resource kind name"),
+        (
+            {"decisions": "[allow, maybe]"},
+            "decisions[1]",
+            "'require_approval', got 'maybe'",
+        ),
+        ({"key": "[user, owner]"}, "key[1]", "context.<field>"),
+        ({"key": "[context.]"}, "key[0]", "got 'context.'"),
+        ({"key": "[user, user]"}, "key[1]", "expected each part once"),
+        ({"key": "[]"}, "key", "expected a non-empty array"),
+        (
+            {"sum": "user.attr.level"},
+            "sum",
+            "expected context.<field> or resource.attr",
+        ),
+        ({"window": "{rolling: 24h, calendar: day}"}, "window", "exactly one of"),
+        ({"window": "{}"}, "window", "exactly one of"),
+        ({"window": "{rolling: 0s}"}, "window.rolling", "1s..366d"),
+        ({"window": "{rolling: 367d}"}, "window.rolling", "1s..366d"),
+        ({"window": "{rolling: 30m1h}"}, "window.rolling", "largest first"),
+        ({"window": "{rolling: 1y}"}, "window.rolling", "got '1y'"),
+        (
+            {"window": "{rolling: 1h, time_zone: Europe/Berlin}"},
+            "window.time_zone",
+            "only with a calendar window",
+        ),
+        ({"window": "{calendar: year}"}, "window.calendar", "got 'year'"),
+        (
+            {"window": "{calendar: day, time_zone: Mars/Olympus}"},
+            "window.time_zone",
+            "expected an IANA time zone",
+        ),
+        (
+            {"window": "{calendar: day, time_zone: '+02:00'}"},
+            "window.time_zone",
+            "expected an IANA time zone",
+        ),
+        ({"window": "{calendar: day, zone: UTC}"}, "window", "unknown field 'zone'"),
+        ({"ceiling": "0"}, "ceiling", "above 0"),
+        ({"ceiling": "-3"}, "ceiling", "above 0"),
+        ({"ceiling": "5.0"}, "ceiling", "expected an int for a limit that counts"),
+        ({"ceiling": "true"}, "ceiling", "expected int | float, got bool"),
+        ({"ceiling": "'5'"}, "ceiling", "expected int | float, got str"),
+        ({"ceiling": "9223372036854775808"}, "ceiling", "2**63-1"),
+        ({"sum": "context.amount", "ceiling": ".nan"}, "ceiling", "finite number"),
+        ({"sum": "context.amount", "ceiling": ".inf"}, "ceiling", "finite number"),
+        ({"scope": "world"}, "scope", "expected one of 'daemon', 'fleet'"),
+        ({"colour": "red"}, "", "unknown field 'colour'"),
+    ],
+)
+def test_every_bad_field_is_refused_naming_file_place_and_expectation(
+    fields, location, expected
+):
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(one_limit(**fields))
+    where = "$.limits.cap" + (f".{location}" if location else "")
+    assert caught.value.path == "a.yaml"
+    assert caught.value.location == where
+    assert expected in str(caught.value)
+
+
+def test_a_missing_field_is_refused_naming_the_limit():
+    text = policy("p", "limits:\n  cap: {actions: [a.b], key: [user], ceiling: 1}\n")
+    with pytest.raises(
+        PolicyError, match=r"a\.yaml:\$\.limits\.cap: expected field 'window'"
+    ):
+        compile_texts({"a.yaml": text})
+
+
+@pytest.mark.parametrize("name", ["Cap", "9cap", "cap-x", "a" * 64, "in", "true"])
+def test_a_limit_name_that_cel_cannot_select_is_refused(name):
+    text = policy("p", "limits:\n" + limit(name=f"'{name}'"))
+    with pytest.raises(PolicyError) as caught:
+        compile_texts({"a.yaml": text})
+    assert caught.value.location == f"$.limits.{name}"
+    assert "limit name" in str(caught.value)
+
+
+def test_limit_names_are_unique_across_files():
+    files = {
+        "a.yaml": policy("p", "limits:\n" + limit()),
+        "b.yaml": policy("q", "limits:\n" + limit(ceiling="6")),
+    }
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(files)
+    assert str(caught.value) == (
+        "b.yaml:$.limits.cap: expected limit names unique across the set, "
+        "got 'cap', also declared in a.yaml"
+    )
+
+
+RULES = """
+roles: {r: {}}
+rules:
+  - id: ok
+    effect: allow
+    actions: [pay.refund]
+    resources: ["*"]
+    roles: [r]
+  - id: capped
+    effect: deny
+    actions: [pay.refund]
+    resources: ["*"]
+    roles: [r]
+    condition: {condition}
+"""
+
+
+def with_condition(condition: str) -> dict[str, str]:
+    body = RULES.replace("{condition}", condition)
+    return {
+        "a.yaml": policy("p", "limits:\n" + limit()),
+        "b.yaml": policy("q", body),
+    }
+
+
+def test_a_condition_reads_a_limit_declared_in_another_file():
+    rules = compile_texts(with_condition("limits.cap.exceeded")).rules
+    assert rules[1].condition.limits == frozenset({"cap"})
+    assert "limits" in rules[1].condition.variables
+    assert rules[0].condition is None
+
+
+def test_a_condition_naming_an_undeclared_limit_is_refused():
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(with_condition("limits.cap.exceeded || limits.caps.exceeded"))
+    assert str(caught.value) == (
+        "b.yaml:$.rules[1].condition: rule 'capped' condition: expected a limit "
+        "declared in a policy file of the set, got limits.caps"
+    )
+
+
+def test_has_on_a_limit_is_a_read():
+    rules = compile_texts(with_condition("'has(limits.cap) && limits.cap.count > 1'"))
+    assert rules.rules[1].condition.limits == frozenset({"cap"})
+
+
+@pytest.mark.parametrize(
+    ("condition", "column"),
+    [
+        ("'limits[\"cap\"].exceeded'", 1),
+        ("'size(limits) > 0'", 6),
+        ("'\"cap\" in limits'", 10),
+        ("'limits.cap.exceeded || limits.all(n, n == \"x\")'", 24),
+    ],
+)
+def test_any_other_use_of_limits_is_refused_with_line_and_column(condition, column):
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(with_condition(condition))
+    assert caught.value.location == "$.rules[1].condition"
+    assert (
+        f"expected limits read as limits.<name>, got another use of limits at "
+        f"line 1 column {column}" in str(caught.value)
+    )
+
+
+def test_a_set_without_limits_has_none():
+    assert dict(compile_texts({"a.yaml": policy("p", "")}).limits) == {}
