@@ -761,12 +761,19 @@ def _explain(args: argparse.Namespace) -> int:
     import pathlib
 
     from kynara_sidecar.policy.loader import load_policies
-    from kynara_sidecar.policy_tests import decide, format_explanation, load_request
+    from kynara_sidecar.policy_tests import (
+        decide,
+        format_explanation,
+        load_request,
+        look_limits,
+    )
 
     policies = args.policies or _client_config(args).policy.path
     loaded = load_policies(pathlib.Path(policies))
     request = load_request(pathlib.Path(args.request))
-    print(format_explanation(decide(loaded, request, explain=True)))
+    seen = look_limits(loaded, request)
+    decision = decide(loaded, request, explain=True, limits=seen)
+    print(format_explanation(decision, seen))
     return EXIT_OK
 
 

@@ -85,7 +85,7 @@ import socket
 import threading
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 import msgspec
@@ -95,14 +95,12 @@ from kynara.v1 import decision_pb2
 
 from kynara_sidecar import __version__, logs
 from kynara_sidecar.approvals.book import APPROVALS_DB, ApprovalBook
-from kynara_sidecar.audit.counters import LIMITS_DB
-from kynara_sidecar.limits.book import LimitBook
-from kynara_sidecar.policy.limits import window_start
 from kynara_sidecar.approvals.fleet import FleetLink
 from kynara_sidecar.approvals.webhook import ApprovalWebhook
 from kynara_sidecar.audit import AuditSink, RefusingSink
 from kynara_sidecar.audit import verify as audit_verify
 from kynara_sidecar.audit.checkpoint import CheckpointError, CheckpointV1
+from kynara_sidecar.audit.counters import LIMITS_DB
 from kynara_sidecar.audit.keys import PublicKey, load_trusted_keys
 from kynara_sidecar.audit.record import AuditRecordV1, format_timestamp, marker_record
 from kynara_sidecar.audit.startup import AuditKeys, load_audit_keys, rotation_for
@@ -135,9 +133,12 @@ from kynara_sidecar.errors import (
     ListenerError,
     PolicyError,
 )
+from kynara_sidecar.limits.book import Counted, LimitBook, Tally
+from kynara_sidecar.limits.fleet import FleetLimits
 from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.pipeline import Pipeline
 from kynara_sidecar.policy.compiler import compile_directory
+from kynara_sidecar.policy.limits import CompiledLimit, window_start
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
     compile_documents,
@@ -425,6 +426,8 @@ class Daemon:
         self._book: ApprovalBook | None = None
         # The counted decisions of the declared limits, over the log.
         self._limits: LimitBook | None = None
+        # Fleet-scope limits shared through the central store.
+        self._fleet_limits: FleetLimits | None = None
         # The MCP gateway (gateway.servers): its upstreams, the agent-facing
         # server, its HTTP listener and (`kynara-sidecar gateway`) stdio.
         self.gateway_port: int | None = None
@@ -846,9 +849,12 @@ class Daemon:
             AuditUnavailable: the marker could not be committed; the
                 previously active set (if any) stays active.
         """
-        # TODO(#13): stored policy sets, bundles and directory updates are
-        # kept forever; prune them with the segments whose records cite
-        # them, under the same retention rules as the records.
+        # NOTE: stored policy sets, bundles and directory updates are kept
+        # for the life of the log; retention prunes records only. They are
+        # content-addressed (``policy_sets``, one entry per distinct
+        # revision), so they grow with the revisions activated, never with
+        # decisions, and replay or export of any record kept still finds
+        # the set it cites.
         marker = msgspec.structs.replace(
             self._marker("policy_activated"),
             policy_revision=policies.policy_set.revision,
@@ -1000,6 +1006,8 @@ class Daemon:
                 self.clock,
                 book=self._book,
                 limits=self._limits,
+                fleet=self._fleet_tally if self.config.store else None,
+                on_counted=self._counted,
             )
             if rotation is not None:
                 await self._writer.append(rotation)
@@ -2074,6 +2082,7 @@ class Daemon:
         )
         self._status_publisher.start()
         await self._start_fleet()
+        await self._start_fleet_limits()
         log.info(
             "sync started",
             extra=_fields(store=cfg.store, ship_segments=sync.ship_segments),
@@ -2119,6 +2128,67 @@ class Daemon:
             metrics=self.metrics,
         )
         await self._fleet.start()
+
+    async def _start_fleet_limits(self) -> None:
+        """Share fleet-scope limits' counts through the central store, on a
+        connection of its own: this daemon's counted decisions out, the
+        others' in (``limits.fleet``)."""
+        cfg = self.config
+        if self._limits is None:
+            return
+        sync = cfg.sync
+        store = open_store(
+            cfg.store,
+            timeout=sync.timeout_seconds,
+            poll_seconds=sync.poll_seconds,
+            nats=sync.nats.load("sync.nats"),
+            setting="sync.store" if sync.store else "policy.source",
+        )
+        fleet = FleetLimits(
+            store,
+            cfg.identity.daemon_id,
+            max_staleness_seconds=cfg.limits.fleet_max_staleness_seconds,
+            publish_interval=cfg.limits.fleet_publish_interval_seconds,
+            clock=self.clock,
+        )
+        self._fleet_limits = fleet
+        policies = self.pipeline.policies
+        if policies is not None:
+            self._share_limits(policies)
+        self.pipeline.watch_policies(self._share_limits)
+        await fleet.start()
+
+    def _share_limits(self, policies: LoadedPolicies) -> None:
+        """A newly active set's fleet limits, with this daemon's counts of
+        them as the book holds them (read from the log)."""
+        fleet, book = self._fleet_limits, self._limits
+        if fleet is None or book is None:
+            return
+        limits = policies.policy_set.limits
+        fleet.activate(limits)
+        shared = [name for name, limit in limits.items() if limit.scope == "fleet"]
+        if shared:
+            fleet.seed(book.held(shared))
+
+    def _fleet_tally(self, limit: CompiledLimit, key: str, start: int) -> Tally | None:
+        """The other daemons' part of a fleet limit; None (the limit fails
+        closed) while fleet sharing is not running or the store is stale."""
+        fleet = self._fleet_limits
+        if fleet is None:
+            return None
+        try:
+            return fleet.remote(limit, key, start)
+        except KeyError:
+            return None
+
+    def _counted(self, counted: Sequence[Counted]) -> None:
+        if self._fleet_limits is not None:
+            self._fleet_limits.published(counted)
+
+    async def _stop_fleet_limits(self) -> None:
+        fleet, self._fleet_limits = self._fleet_limits, None
+        if fleet is not None:
+            await fleet.close()
 
     async def _stop_fleet(self, seconds: float) -> None:
         fleet, self._fleet = self._fleet, None
@@ -2189,6 +2259,7 @@ class Daemon:
     async def _close_audit(self, sync_seconds: float = MIN_SYNC_STOP_SECONDS) -> None:
         # Before the book and the writer: it records reviews through them.
         await self._stop_fleet(sync_seconds)
+        await self._stop_fleet_limits()
         if self._book is not None:
             # Before the writer: the expiry task appends to it.
             await self._book.close()

@@ -284,6 +284,8 @@ class Pipeline:
             empty.
         fleet: the other daemons' part of fleet-scope limits (the central
             store); without it a fleet limit has no value and fails closed.
+        on_counted: called on the loop with what the limits counted, once
+            the records carrying it committed (the fleet's share of it).
     """
 
     def __init__(
@@ -296,6 +298,7 @@ class Pipeline:
         book: ApprovalBook | None = None,
         limits: LimitBook | None = None,
         fleet: limit_check.RemoteTally | None = None,
+        on_counted: Callable[[Sequence[Counted]], None] | None = None,
     ):
         self._identity = config.identity
         self._env = config.env
@@ -309,6 +312,7 @@ class Pipeline:
         self._book = book
         self._limits = limits if limits is not None else LimitBook(None)
         self._fleet = fleet
+        self._on_counted = on_counted
         self._verifier: TokenVerifier | None = None
         self._credentials: AgentCredentials | None = None
         if config.identity.mode is IdentityMode.VERIFIED:
@@ -339,6 +343,11 @@ class Pipeline:
     @property
     def policies(self) -> LoadedPolicies | None:
         return self._policies
+
+    @property
+    def limits(self) -> LimitBook:
+        """The counted decisions of the declared limits."""
+        return self._limits
 
     @property
     def approvals(self) -> ApprovalBook:
@@ -707,6 +716,8 @@ class Pipeline:
         if counted:
             if committed:
                 self._limits.committed(counted)
+                if self._on_counted is not None:
+                    self._on_counted(counted)
             else:
                 self._limits.aborted(counted)
         if self._book is None:

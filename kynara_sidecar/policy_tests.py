@@ -24,6 +24,22 @@ loader never reads those as policies) and ends ``.yaml`` or ``.yml``:
             - payments/refund-small@alice       # for this principal only
           shadow_decision: deny                 # optional
 
+A request may give the values its limits see (``limits`` of the policy
+files), by limit name, ``count`` and/or ``sum`` (for a summing limit):
+
+.. code-block:: yaml
+
+          limits:
+            refunds_today: {count: 5}           # five counted already today
+            refund_total_week: {sum: 9000}
+
+A limit the request reads or counts and does not give is an empty window
+(count 0, sum 0), and the explanation says so; the window start and key
+are worked out from ``now`` and the request as the daemon would. A name
+the policies do not declare, a field other than ``count`` and ``sum``, or a
+``sum`` for a limit that counts decisions is refused, naming the file and
+the location.
+
 An explain request file holds one ``request`` mapping of the same shape,
 at the top level; ``parse_request`` reads its text (the playground's pasted
 requests too), ``load_request`` the file. Values keep their YAML types (ints
@@ -44,14 +60,20 @@ from __future__ import annotations
 
 import datetime
 import pathlib
-from collections.abc import Iterable, Sequence
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import yaml
 
 from kynara_sidecar import engine
 from kynara_sidecar._unique_keys import DuplicateKeyError, UniqueKeys
+from kynara_sidecar.audit.record import (
+    LimitEntry,
+    decode_value,
+    encode_value,
+    format_timestamp,
+)
 from kynara_sidecar.decision import (
     Decision,
     DecisionRequest,
@@ -65,6 +87,14 @@ from kynara_sidecar.decision import (
     Verdict,
 )
 from kynara_sidecar.errors import PolicyError, ReasonCode
+from kynara_sidecar.limits.check import recorded_values
+from kynara_sidecar.policy.limits import (
+    CompiledLimit,
+    LimitProblem,
+    amount_of,
+    key_of,
+    window_start,
+)
 from kynara_sidecar.policy.loader import (
     TEST_DIRECTORY,
     LoadedPolicies,
@@ -78,6 +108,8 @@ __all__ = [
     "find_policy_roots",
     "TEST_SUFFIXES",
     "Expectation",
+    "GivenLimit",
+    "LimitsSeen",
     "Mismatch",
     "PolicyRequest",
     "PolicyTest",
@@ -86,7 +118,10 @@ __all__ = [
     "decide",
     "find_test_files",
     "format_explanation",
+    "format_limit",
+    "format_limits",
     "format_report",
+    "look_limits",
     "load_request",
     "load_test_file",
     "parse_request",
@@ -104,11 +139,27 @@ Text = Annotated[str, msgspec.Meta(min_length=1)]
 # --- what the files say --------------------------------------------------------
 
 
+class GivenLimit(msgspec.Struct, frozen=True):
+    """What a request file says one limit's window holds before it; None
+    leaves that part at 0 (an empty window)."""
+
+    count: int | None = None
+    sum: int | float | None = None
+
+
 class PolicyRequest(msgspec.Struct, frozen=True):
-    """A request to decide, with the env (and its ``now``) it is decided in."""
+    """A request to decide, with the env (and its ``now``) it is decided in.
+
+    ``limits`` are the values the file gives its limits (``GivenLimit``);
+    ``path`` and ``location`` say where the request was written, for errors
+    about them found once the policies are known.
+    """
 
     env: Env
     request: DecisionRequest
+    limits: dict[str, GivenLimit] = {}
+    path: str = ""
+    location: str = ""
 
     @property
     def now(self) -> Timestamp:
@@ -175,6 +226,14 @@ class _EnvDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peer: str | msgspec.UnsetType = msgspec.UNSET
 
 
+_Amount = Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _GivenLimitDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    count: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    sum: _Amount | None = None
+
+
 class _RequestDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     now: Any
     chain: Annotated[tuple[Text, ...], msgspec.Meta(min_length=1)]
@@ -183,6 +242,9 @@ class _RequestDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context: dict[str, Any] = {}
     request_id: str = ""
     env: _EnvDocument = _EnvDocument()
+    # name -> _GivenLimitDocument, converted one by one so that an error
+    # names the limit.
+    limits: dict[str, Any] = {}
 
 
 class _TestDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -417,7 +479,13 @@ def _decode_request(
         labels=pick("labels"),
         peer=pick("peer"),
     )
-    return PolicyRequest(env, request)
+    given = {}
+    for name, item in document.limits.items():
+        found = _convert(
+            item, _GivenLimitDocument, path, prefix=f"{where}.limits.{name}"
+        )
+        given[name] = GivenLimit(found.count, found.sum)
+    return PolicyRequest(env, request, given, path, where)
 
 
 def _check_names(document: Any, path: str, where: str) -> None:
@@ -499,8 +567,131 @@ def _check_rule_citations(
 # --- running -------------------------------------------------------------------
 
 
+class LimitsSeen(NamedTuple):
+    """The limits a request read or counted, as it was decided with them."""
+
+    # Each limit read or counted, as a decision record keeps it (an entry
+    # with ``error`` had no value); given counts and sums in ``count``/``sum``.
+    entries: dict[str, LimitEntry]
+    # The CEL ``limits`` values the conditions saw.
+    values: dict[str, Any]
+    # Name -> where the values came from ("given", "not given: ...").
+    notes: dict[str, str]
+
+
+NO_LIMITS = LimitsSeen({}, {}, {})
+_NOT_GIVEN = "not given: as an empty window, count 0"
+_UNUSED = "given, but this request neither reads nor counts it"
+
+
+def look_limits(policies: LoadedPolicies, request: PolicyRequest) -> LimitsSeen:
+    """The limits ``request`` reads (by a candidate rule's condition) or
+    counts, with the values it gives them; the window start and key as the
+    daemon would work them out at the request's ``now``.
+
+    Raises:
+        PolicyError: naming the request's file and ``...limits.<name>``: a
+            limit the policies do not declare, a ``sum`` for a limit that
+            counts decisions, or a double ``sum`` where the ceiling is an int.
+    """
+    declared = policies.policy_set.limits
+    _check_given(request, declared)
+    subject = request.request
+    read, counted = engine.EvaluationCache(
+        policies.policy_set, policies.directory
+    ).limits_for(subject.resource.kind, subject.action)
+    involved = {limit.name: limit for limit in (*read, *counted)}
+    if not involved and not request.limits:
+        return NO_LIMITS
+    counting = {limit.name for limit in counted}
+    chain = subject.chain
+    attributes = {
+        role: getattr(policies.directory.lookup(principal), "attributes", {}) or {}
+        for role, principal in (("user", chain[0]), ("agent", chain[-1]))
+    }
+    now = request.env.now.to_nanos()
+    entries: dict[str, LimitEntry] = {}
+    notes = {name: _UNUSED for name in request.limits if name not in involved}
+    for name in sorted(involved):
+        limit = involved[name]
+        given = request.limits.get(name)
+        entry, note = _given_entry(
+            limit, subject, attributes, now, given, counting=name in counting
+        )
+        entries[name] = entry
+        notes[name] = note
+    return LimitsSeen(entries, recorded_values(entries, declared, subject), notes)
+
+
+def _check_given(request: PolicyRequest, declared: Mapping[str, CompiledLimit]) -> None:
+    for name, given in request.limits.items():
+        where = f"{request.location}.limits.{name}"
+        limit = declared.get(name)
+        if limit is None:
+            raise PolicyError(
+                f"expected a limit the policies declare "
+                f"({', '.join(declared) or 'none declared'}), got {name!r}",
+                path=request.path,
+                location=where,
+            )
+        if given.sum is None:
+            continue
+        if not limit.sums:
+            raise PolicyError(
+                f"limit {name!r} counts decisions and has no sum: expected count only",
+                path=request.path,
+                location=f"{where}.sum",
+            )
+        if isinstance(given.sum, float) and isinstance(limit.ceiling, int):
+            raise PolicyError(
+                f"limit {name!r} sums ints (its ceiling is an int): expected an "
+                f"int sum, got {given.sum!r}",
+                path=request.path,
+                location=f"{where}.sum",
+            )
+
+
+def _given_entry(
+    limit: CompiledLimit,
+    subject: DecisionRequest,
+    attributes: Mapping[str, Mapping[str, Any]],
+    now_nanos: int,
+    given: GivenLimit | None,
+    *,
+    counting: bool,
+) -> tuple[LimitEntry, str]:
+    """A limit's entry as a record would keep it, holding the given values."""
+    start = window_start(limit.window, now_nanos)
+    entry = LimitEntry(
+        scope=limit.scope,
+        window_start=format_timestamp(Timestamp.from_nanos(start)),
+        ceiling=encode_value(limit.ceiling),
+    )
+    key = key_of(limit, subject, attributes)
+    amount = amount_of(limit, subject) if counting else None
+    problem = next((p for p in (key, amount) if isinstance(p, LimitProblem)), None)
+    if problem is not None:
+        note = "given values unused: the request forms no value" if given else ""
+        return msgspec.structs.replace(
+            entry, key=key if isinstance(key, str) else "", error=problem.message
+        ), note
+    total = given.sum if given and given.sum is not None else 0
+    if isinstance(limit.ceiling, float):
+        total = float(total)
+    return msgspec.structs.replace(
+        entry,
+        key=key,
+        count=given.count if given and given.count is not None else 0,
+        sum=encode_value(total) if limit.sums else None,
+    ), ("given" if given else _NOT_GIVEN)
+
+
 def decide(
-    policies: LoadedPolicies, request: PolicyRequest, *, explain: bool = False
+    policies: LoadedPolicies,
+    request: PolicyRequest,
+    *,
+    explain: bool = False,
+    limits: LimitsSeen | None = None,
 ) -> Decision:
     """Decide a file's request as the daemon would, at the request's ``now``.
 
@@ -508,16 +699,24 @@ def decide(
         policies: The compiled policies and directory.
         request: The request and its instant.
         explain: Fill ``Decision.explanation``.
+        limits: The request's limits (``look_limits``), when worked out
+            already; else they are.
 
     Returns:
         The engine's decision.
+
+    Raises:
+        PolicyError: a given limit is refused (see ``look_limits``).
     """
+    if limits is None:
+        limits = look_limits(policies, request)
     return engine.evaluate(
         policies.policy_set,
         policies.directory,
         request.request,
         request.env,
         explain=explain,
+        limits=limits.values,
     )
 
 
@@ -641,11 +840,13 @@ _VERDICT_TEXT = {
 }
 
 
-def format_explanation(decision: Decision) -> str:
-    """The decision and, per principal, every traced rule, as text.
+def format_explanation(decision: Decision, limits: LimitsSeen | None = None) -> str:
+    """The decision, the limits it saw and, per principal, every traced
+    rule, as text.
 
     Args:
         decision: A decision made with ``explain=True``.
+        limits: The limits it was decided with (``look_limits``).
 
     Returns:
         Readable lines; a rule marked ``near miss`` matched on patterns or
@@ -657,6 +858,12 @@ def format_explanation(decision: Decision) -> str:
     ]
     if decision.shadow_effect is not None:
         lines.append(f"shadow decision: {decision.shadow_effect}")
+    if limits is not None and (limits.entries or limits.notes):
+        lines.append("limits:")
+        lines.extend(
+            f"  {line}"
+            for line in format_limits(limits.entries, limits.values, limits.notes)
+        )
     explanation = decision.explanation or Explanation("no explanation was asked for")
     for principal in explanation.principals:
         decided = f" by {principal.decided_by}" if principal.decided_by else ""
@@ -691,3 +898,49 @@ def _format_trace(trace: RuleTrace) -> str:
         verdict += f": {trace.error}"
     condition = f"\n      when {trace.condition}" if trace.condition else ""
     return f"{head}: patterns and roles match, {verdict}{condition}"
+
+
+def format_limits(
+    entries: Mapping[str, LimitEntry],
+    values: Mapping[str, Any],
+    notes: Mapping[str, str] | None = None,
+) -> list[str]:
+    """One line per limit (``format_limit``), in name order; a note for a
+    name with no entry (given but not involved) is its own line."""
+    notes = notes or {}
+    names = sorted({*entries, *notes})
+    return [
+        format_limit(name, entries[name], values.get(name), notes.get(name, ""))
+        if name in entries
+        else f"{name}: {notes[name]}"
+        for name in names
+    ]
+
+
+def format_limit(
+    name: str, entry: LimitEntry, value: Mapping[str, Any] | None, note: str = ""
+) -> str:
+    """A limit as a decision saw it: count, sum, ceiling, remaining,
+    exceeded, window start and key; or why it had no value (conditions
+    reading it failed closed). ``value`` is its CEL value, None when it
+    had none."""
+    tail = f" ({note})" if note else ""
+    if entry.error or value is None:
+        why = entry.error or "not recorded for this limit as declared now"
+        return f"{name}: no value, conditions reading it fail closed: {why}{tail}"
+    parts = [f"count {value['count']}"]
+    if entry.remote_count:
+        parts[0] += f" ({entry.count} here, {entry.remote_count} elsewhere)"
+    if "sum" in value:
+        parts.append(f"sum {value['sum']}")
+    parts += [
+        f"ceiling {value['ceiling']}",
+        f"remaining {value['remaining']}",
+        f"exceeded {str(value['exceeded']).lower()}",
+    ]
+    if entry.counted and entry.amount is not None:
+        parts.append(f"counted +{decode_value(entry.amount)}")
+    return (
+        f"{name}: {', '.join(parts)}; window start {entry.window_start}, "
+        f"key {entry.key}, scope {entry.scope}{tail}"
+    )

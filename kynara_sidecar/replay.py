@@ -17,6 +17,16 @@ Two baselines to compare the candidate's decision with:
                record whose set is not stored (or no longer compiles) is
                compared with its recorded decision instead, and said so.
 
+Limits. A record holds the values of every limit its decision read or
+counted (``AuditRecordV1.limits``), and a replay decides with those, never
+with the counts the log holds now: a refund that was the fifth of its day
+replays as the fifth (``limits.check.recorded_values``; the ceiling is the
+replaying set's, so a lowered ceiling shows what it would have denied). A
+candidate whose conditions read a limit the record has no value for (a
+limit new in the candidate, or one the record's set did not read for this
+action) fails closed there, as a live decision without the value would,
+and the change says which limit was not recorded.
+
 A record *would change* when the candidate's decision (allow, deny,
 require_approval) differs from the baseline's.
 NOTE: a reason that changes under the same decision is not counted; the
@@ -42,7 +52,9 @@ from kynara_sidecar import engine
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.record import (
     AuditRecordV1,
+    LimitEntry,
     RecordKind,
+    decode_value,
     request_from_record,
 )
 from kynara_sidecar.audit.store import AuditStore
@@ -50,6 +62,7 @@ from kynara_sidecar.audit.verify import format_report as format_verify_report
 from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Decision
 from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.limits.check import recorded_values
 from kynara_sidecar.policy.compiler import compile_directory, compile_policy_set
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
@@ -64,11 +77,13 @@ __all__ = [
     "ReplayReport",
     "UnavailableSet",
     "format_change",
+    "format_recorded_limit",
     "format_report",
     "load_stored_policies",
     "replay_log",
     "replay_main",
     "replay_record",
+    "unrecorded_limits",
 ]
 
 Baseline = Literal["recorded", "original"]
@@ -87,6 +102,11 @@ class ReplayChange(msgspec.Struct, frozen=True):
     old_reason_code: str
     new_decision: str
     new_reason_code: str
+    # The record's limits the candidate's conditions read, as recorded.
+    limits: dict[str, LimitEntry] = {}
+    # Limits the candidate's conditions read that the record holds no value
+    # for: conditions reading them failed closed.
+    unrecorded_limits: tuple[str, ...] = ()
 
 
 class UnavailableSet(msgspec.Struct, frozen=True):
@@ -103,21 +123,34 @@ class ReplayReport(msgspec.Struct):
     """What a replay found.
 
     ``replayed`` counts decision records evaluated against the candidate;
-    ``skipped`` lists ``(seq, why)`` for records that could not be rebuilt.
+    ``skipped`` lists ``(seq, why)`` for records that could not be rebuilt;
+    ``unrecorded`` counts, per limit, replayed records whose candidate
+    read it without a recorded value (changed or not).
     """
 
     replayed: int = 0
     changes: list[ReplayChange] = []
     unavailable: list[UnavailableSet] = []
     skipped: list[tuple[int, str]] = []
+    unrecorded: dict[str, int] = {}
 
 
-def replay_record(record: AuditRecordV1, policies: LoadedPolicies) -> Decision:
-    """Decide a recorded request again, with the record's own env.
+def replay_record(
+    record: AuditRecordV1,
+    policies: LoadedPolicies,
+    *,
+    explain: bool = False,
+    cache: engine.EvaluationCache | None = None,
+) -> Decision:
+    """Decide a recorded request again, with the record's own env and the
+    limit values it recorded (``limits.check.recorded_values``).
 
     Args:
         record: a ``decision`` record.
         policies: the policy set and directory to decide with.
+        explain: fill ``Decision.explanation``.
+        cache: an ``engine.EvaluationCache`` of ``policies``, kept across
+            records.
 
     Returns:
         The engine's decision.
@@ -127,7 +160,40 @@ def replay_record(record: AuditRecordV1, policies: LoadedPolicies) -> Decision:
             ``request_from_record``).
     """
     request, env = request_from_record(record)
-    return engine.evaluate(policies.policy_set, policies.directory, request, env)
+    values = recorded_values(record.limits, policies.policy_set.limits, request)
+    return engine.evaluate(
+        policies.policy_set,
+        policies.directory,
+        request,
+        env,
+        explain=explain,
+        cache=cache,
+        limits=values,
+    )
+
+
+def unrecorded_limits(
+    record: AuditRecordV1,
+    policies: LoadedPolicies,
+    cache: engine.EvaluationCache | None = None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Which limits the conditions of ``policies`` may read for the record's
+    request: those the record holds, and those it holds no entry for (a
+    replay fails closed there).
+
+    Returns:
+        ``(recorded, unrecorded)`` limit names, each in name order.
+    """
+    if not policies.policy_set.limits or record.resource is None:
+        return (), ()
+    if cache is None:
+        cache = engine.EvaluationCache(policies.policy_set, policies.directory)
+    read = cache.limits_for(record.resource.kind, record.action).read
+    names = [limit.name for limit in read]
+    return (
+        tuple(name for name in names if name in record.limits),
+        tuple(name for name in names if name not in record.limits),
+    )
 
 
 def load_stored_policies(
@@ -193,6 +259,14 @@ class _Originals:
         self._store = store
         self._sets: dict[_Revisions, LoadedPolicies | str] = {}
         self._misses: dict[_Revisions, int] = {}
+        self._caches: dict[_Revisions, engine.EvaluationCache] = {}
+
+    def cache(self, revisions: _Revisions, policies: LoadedPolicies):
+        found = self._caches.get(revisions)
+        if found is None:
+            found = engine.EvaluationCache(policies.policy_set, policies.directory)
+            self._caches[revisions] = found
+        return found
 
     def get(self, revisions: _Revisions) -> LoadedPolicies | None:
         found = self._sets.get(revisions)
@@ -240,17 +314,25 @@ def replay_log(
     if baseline not in BASELINES:
         raise ValueError(f"expected baseline one of {BASELINES}, got {baseline!r}")
     originals = _Originals(store) if baseline == "original" else None
+    cache = engine.EvaluationCache(candidate.policy_set, candidate.directory)
     report = ReplayReport()
     with contextlib.closing(store.iter_records()) as records:
         for stored in records:
-            change = _replay_one(stored.seq, stored.record_bytes, candidate, originals)
+            change = _replay_one(
+                stored.seq, stored.record_bytes, candidate, originals, cache
+            )
             if change is None:
                 continue
             if isinstance(change, str):
                 report.skipped.append((stored.seq, change))
                 continue
             report.replayed += 1
-            if change is not True:
+            unrecorded = (
+                change if isinstance(change, tuple) else change.unrecorded_limits
+            )
+            for name in unrecorded:
+                report.unrecorded[name] = report.unrecorded.get(name, 0) + 1
+            if isinstance(change, ReplayChange):
                 report.changes.append(change)
                 if on_change is not None:
                     on_change(change)
@@ -264,8 +346,11 @@ def _replay_one(
     data: bytes,
     candidate: LoadedPolicies,
     originals: _Originals | None,
-) -> ReplayChange | str | bool | None:
-    # None: not a decision; str: why it was skipped; True: unchanged.
+    cache: engine.EvaluationCache | None = None,
+) -> ReplayChange | tuple[str, ...] | str | None:
+    # None: not a decision; str: why it was skipped; a tuple: unchanged, and
+    # the limits it read unrecorded; a change whose decisions are equal
+    # never comes back.
     try:
         record = decode_record(data)
     except msgspec.MsgspecError as err:
@@ -273,17 +358,21 @@ def _replay_one(
     if record.kind != RecordKind.DECISION:
         return None
     try:
-        new = replay_record(record, candidate)
+        new = replay_record(record, candidate, cache=cache)
     except ValueError as err:
         return str(err)
+    recorded, unrecorded = unrecorded_limits(record, candidate, cache)
     old_decision, old_reason = record.decision, record.reason_code
     if originals is not None:
-        original = originals.get((record.policy_revision, record.directory_revision))
+        revisions = (record.policy_revision, record.directory_revision)
+        original = originals.get(revisions)
         if original is not None:
-            old = replay_record(record, original)
+            old = replay_record(
+                record, original, cache=originals.cache(revisions, original)
+            )
             old_decision, old_reason = str(old.effect), str(old.reason_code)
     if str(new.effect) == old_decision:
-        return True
+        return unrecorded
     return ReplayChange(
         seq=record.seq or seq,
         decision_id=record.decision_id,
@@ -292,16 +381,45 @@ def _replay_one(
         old_reason_code=old_reason,
         new_decision=str(new.effect),
         new_reason_code=str(new.reason_code),
+        limits={name: record.limits[name] for name in recorded},
+        unrecorded_limits=unrecorded,
     )
 
 
 def format_change(change: ReplayChange) -> str:
-    """One line: seq, decision id, action, old -> new decision and reasons."""
-    return (
+    """One line: seq, decision id, action, old -> new decision and reasons;
+    then the recorded limit values it was replayed with, and the limits
+    it read that the record has no value for."""
+    line = (
         f"seq {change.seq} {change.decision_id} {change.action}: "
         f"{change.old_decision} ({change.old_reason_code}) -> "
         f"{change.new_decision} ({change.new_reason_code})"
     )
+    seen = [format_recorded_limit(name, entry) for name, entry in change.limits.items()]
+    if seen:
+        line += f"; recorded limits: {'; '.join(seen)}"
+    if change.unrecorded_limits:
+        line += (
+            f"; not recorded, so failed closed: {', '.join(change.unrecorded_limits)}"
+        )
+    return line
+
+
+def format_recorded_limit(name: str, entry: LimitEntry) -> str:
+    """A limit as its record keeps it: count and sum (this daemon's and
+    the fleet's together), the ceiling of the set that decided, and the
+    window start; or why it had no value."""
+    if entry.error:
+        return f"{name} had no value ({entry.error})"
+    parts = [f"count {entry.count + entry.remote_count}"]
+    if entry.sum is not None:
+        total = decode_value(entry.sum)
+        if entry.remote_sum is not None:
+            total += decode_value(entry.remote_sum)
+        parts.append(f"sum {total}")
+    if entry.ceiling is not None:
+        parts.append(f"recorded ceiling {decode_value(entry.ceiling)}")
+    return f"{name} {', '.join(parts)} (window start {entry.window_start})"
 
 
 def format_report(report: ReplayReport) -> list[str]:
@@ -313,6 +431,11 @@ def format_report(report: ReplayReport) -> list[str]:
         f"directory {item.directory_revision} ({item.records} records compared "
         "with their recorded decision)"
         for item in report.unavailable
+    ]
+    lines += [
+        f"limit {name}: not recorded by {count} replayed records whose candidate "
+        "conditions read it; they failed closed"
+        for name, count in sorted(report.unrecorded.items())
     ]
     lines.append(
         f"{report.replayed} records replayed, {len(report.changes)} would change"

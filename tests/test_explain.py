@@ -264,3 +264,118 @@ def test_explanation_is_not_in_the_audit_record(daemon):
     stored = daemon.daemon._store.get(traced.audit_sequence).record_bytes
     assert b"explanation" not in stored
     assert b"not_evaluated" not in stored
+
+
+# --- limits -------------------------------------------------------------------
+
+
+def explain_cli(tmp_path, limits: str) -> subprocess.CompletedProcess:
+    from limits_support import limits_policies, request_with
+
+    policies = limits_policies(tmp_path / "policies")
+    path = tmp_path / "req.yaml"
+    path.write_text(request_with(limits))
+    return subprocess.run(
+        [*CLI, "explain", "--request", str(path), "--policies", str(policies)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("count", "first", "exceeded"),
+    [(4, "decision: allow (rule_allowed)", "false"), (5, "decision: deny", "true")],
+)
+def test_cli_explain_decides_with_the_given_count_and_lists_it(
+    tmp_path, count, first, exceeded
+):
+    result = explain_cli(tmp_path, f"{{refunds_today: {{count: {count}}}}}")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(first)
+    assert (
+        f"  refunds_today: count {count}, ceiling 5, remaining {5 - count}, "
+        f"exceeded {exceeded}; window start 2026-12-06T23:00:00Z, "
+        'key ["alice"], scope daemon (given)'
+    ) in lines
+
+
+def test_cli_explain_says_a_limit_not_given_is_an_empty_window(tmp_path):
+    result = explain_cli(tmp_path, "{refund_total_week: {sum: 9600}}")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "decision: deny (rule_denied)"
+    assert (
+        "  refund_total_week: count 0, sum 9600, ceiling 10000, remaining 400, "
+        "exceeded true; window start 2026-11-30T09:00:00Z, "
+        'key ["support-bot"], scope daemon (given)'
+    ) in lines
+    assert any(
+        line.startswith("  refunds_today: count 0, ceiling 5, remaining 5")
+        and line.endswith("(not given: as an empty window, count 0)")
+        for line in lines
+    ), lines
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (
+            "{refund_today: {count: 5}}",
+            "$.request.limits.refund_today: expected a limit the policies "
+            "declare (refund_total_week, refunds_today), got 'refund_today'",
+        ),
+        (
+            "{refunds_today: {total: 5}}",
+            "$.request.limits.refunds_today: expected only known fields, got "
+            "unknown field 'total'",
+        ),
+        (
+            "{refunds_today: {sum: 5}}",
+            "$.request.limits.refunds_today.sum: limit 'refunds_today' counts "
+            "decisions and has no sum",
+        ),
+    ],
+)
+def test_cli_explain_names_a_bad_limit_with_file_and_location(
+    tmp_path, limits, message
+):
+    result = explain_cli(tmp_path, limits)
+
+    assert result.returncode == 1
+    assert f"{tmp_path / 'req.yaml'}:{message}" in result.stderr
+
+
+def limited_refund(explain: bool) -> pb.DecideRequest:
+    return pb.DecideRequest(
+        asserted_chain=["alice"],
+        action="payments.refund.issue",
+        resource=pb.Resource(kind="payments.refund", id="rf-1"),
+        context={"amount": value_to_proto(500)},
+        explain=explain,
+    )
+
+
+def test_decide_with_explain_carries_the_limits_it_saw(start_daemon, tmp_path):
+    from limits_support import limits_policies
+
+    policies = limits_policies(tmp_path / "limited")
+    stub = start_daemon(f"policy.source={policies}").stub()
+    plain = [stub.Decide(limited_refund(False)) for _ in range(5)]
+
+    sixth = stub.Decide(limited_refund(True))
+
+    assert [reply.decision for reply in plain] == [pb.DECISION_ALLOW] * 5
+    assert all(not reply.limits for reply in plain)
+    assert sixth.decision == pb.DECISION_DENY
+    today = sixth.limits["refunds_today"]
+    assert (today.count, today.ceiling.int_value, today.key) == (5, 5, '["alice"]')
+    assert (today.scope, today.counted, today.error) == ("daemon", False, "")
+    assert not today.HasField("sum")
+    assert today.HasField("window_start")
+    week = sixth.limits["refund_total_week"]
+    assert (week.count, week.sum.int_value, week.ceiling.int_value) == (5, 2500, 10000)

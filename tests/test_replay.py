@@ -27,6 +27,8 @@ from kynara_sidecar.decision import DecisionRequest, Env, Resource, Timestamp, U
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy.loader import load_policies
 from kynara_sidecar.replay import (
+    format_change,
+    format_report,
     load_stored_policies,
     replay_log,
     replay_main,
@@ -415,3 +417,81 @@ def test_a_stored_directory_part_without_exactly_one_file_is_refused(tmp_path, c
     assert "expected exactly one directory file" in message
     assert f"got {count}" in message
     assert "sha256:" + "2" * 64 in message
+
+
+# ------------------------------------------------------------------ limits
+
+
+def limited_record(tmp_path, count: int, *, ceiling: int = 5) -> AuditRecordV1:
+    """A decision record of ``limits_support.REQUEST`` as a daemon would
+    have written it after ``count`` refunds by alice today."""
+    from limits_support import limits_policies, request_with
+
+    from kynara_sidecar.policy_tests import decide, look_limits, parse_request
+
+    loaded = load_policies(limits_policies(tmp_path / "recorded", ceiling=ceiling))
+    given = parse_request(request_with(f"{{refunds_today: {{count: {count}}}}}"))
+    seen = look_limits(loaded, given)
+    decision = decide(loaded, given, limits=seen)
+    record = record_from_decision(
+        request=given.request, env=given.env, decision=decision, decision_id="d-1"
+    )
+    return msgspec.structs.replace(record, limits=seen.entries)
+
+
+@pytest.mark.parametrize(("count", "effect"), [(4, "allow"), (5, "deny")])
+def test_replay_decides_with_the_recorded_count_not_the_live_one(
+    tmp_path, count, effect
+):
+    from limits_support import limits_policies
+
+    record = limited_record(tmp_path, count)
+    candidate = load_policies(limits_policies(tmp_path / "candidate"))
+
+    replayed = replay_record(record, candidate)
+
+    assert record.decision == effect
+    assert record.limits["refunds_today"].count == count
+    assert replayed.effect.value == effect
+
+
+def test_replay_uses_the_candidates_ceiling_with_the_recorded_count(tmp_path):
+    from limits_support import limits_policies
+
+    record = limited_record(tmp_path, 4)
+    lowered = load_policies(limits_policies(tmp_path / "lowered", ceiling=4))
+
+    replayed = replay_record(record, lowered)
+
+    assert (record.decision, replayed.effect.value) == ("allow", "deny")
+    assert "refunds-cap" in {rule.rule for rule in replayed.matched_rules}
+
+
+def test_a_limit_the_record_lacks_fails_closed_and_is_named(tmp_path):
+    from limits_support import limits_policies
+
+    record = limited_record(tmp_path, 0)
+    record = msgspec.structs.replace(
+        record,
+        limits={k: v for k, v in record.limits.items() if k != "refunds_today"},
+    )
+    candidate = load_policies(limits_policies(tmp_path / "candidate"))
+    store = AuditStore.open(tmp_path / "audit")
+    try:
+        store.append_batch([record])
+        report = replay_log(store, candidate)
+    finally:
+        store.close()
+
+    (change,) = report.changes
+    assert (change.old_decision, change.new_decision) == ("allow", "deny")
+    assert change.new_reason_code == "condition_error"
+    assert change.unrecorded_limits == ("refunds_today",)
+    assert report.unrecorded == {"refunds_today": 1}
+    text = format_change(change)
+    assert text.endswith("; not recorded, so failed closed: refunds_today")
+    assert "recorded limits: refund_total_week count 0, sum 0" in text
+    assert any(
+        line.startswith("limit refunds_today: not recorded by 1 replayed record")
+        for line in format_report(report)
+    )

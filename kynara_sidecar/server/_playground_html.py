@@ -171,6 +171,10 @@ SCRIPT = r"""
       errors.appendChild(make("li", cite(error) + ": " + error.message));
     }
     if (!errors.firstChild) errors.appendChild(make("li", "none"));
+    const limits = $("limits-seen");
+    clear(limits);
+    for (const line of decision.limits || []) limits.appendChild(make("li", line));
+    if (!limits.firstChild) limits.appendChild(make("li", "none read or counted"));
     const compare = $("active-compare");
     if (result.active_decision) {
       const active = result.active_decision;
@@ -274,6 +278,8 @@ SCRIPT = r"""
       row(table, "Matched rules", rec.matched_rules.map(cite).join(", ") || "none",
           rep.matched_rules.map(cite).join(", ") || "none");
       row(table, "Policy revision", rec.policy_revision, rep.policy_revision);
+      row(table, "Limits", rec.limits.join("; ") || "none",
+          rep.limits.join("; ") || "none");
       const changed = $("replay-changed");
       changed.dataset.changed = String(data.changed);
       put(changed, data.changed ?
@@ -433,6 +439,7 @@ def render_page(site: str, *, who: str, csrf: str) -> str:
         '<p id="active-compare" class="notice" hidden></p>'
         '<h3>Matched rules</h3><ul id="matched-rules"></ul>'
         '<h3>Condition errors</h3><ul id="condition-errors"></ul>'
+        '<h3>Limits seen</h3><ul id="limits-seen"></ul>'
         '<h3>Explain trace</h3><div id="trace"></div>'
         "<details><summary>As <code>kynara-sidecar explain</code> prints it"
         '</summary><pre id="explained"></pre></details></section>'

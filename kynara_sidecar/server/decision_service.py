@@ -15,6 +15,11 @@ It only reads: a client that ends its wait leaves the approval as it was.
 On shutdown open waits end with ``shutting_down`` rather than hold the
 listener open for the whole grace period.
 
+An answer to a request that asked ``explain`` also carries the limits the
+decision read or counted (``DecideResponse.limits``, from its record's
+entries); one that did not ask carries none, so the usual answer costs
+nothing more.
+
 On the agent listener's TLS port (``agent.tls``) every connection has a
 client certificate the handshake verified; the service reads its URI SANs
 from the call's auth context (grpc's ``peer_uri`` property, which grpc
@@ -28,14 +33,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 from kynara.v1 import decision_pb2 as pb
 
 from kynara_sidecar.approvals.model import FINAL_STATES, Approval, ApprovalState
+from kynara_sidecar.audit.record import LimitEntry, decode_value
 from kynara_sidecar.errors import (
     InvalidRequest,
     KynaraError,
@@ -57,6 +63,7 @@ __all__ = [
     "MAX_BATCH_ITEMS",
     "approval_update",
     "grpc_receive_limit",
+    "limits_to_proto",
 ]
 
 SERVICE_NAME = "kynara.v1.DecisionService"
@@ -107,6 +114,45 @@ def approval_update(approval: Approval) -> pb.ApprovalUpdate:
 def grpc_receive_limit(max_message_bytes: int) -> int:
     """The limit to give grpc for a configured ``agent.max_message_bytes``."""
     return max_message_bytes * 2 + RECEIVE_HEADROOM_BYTES
+
+
+def _number(encoded: Mapping[str, Any] | None) -> pb.Value | None:
+    """A limit's int or double (``encode_value`` form) as a typed Value."""
+    if encoded is None:
+        return None
+    value = decode_value(encoded)
+    if isinstance(value, float):
+        return pb.Value(double_value=value)
+    return pb.Value(int_value=value)
+
+
+def limits_to_proto(entries: Mapping[str, LimitEntry]) -> dict[str, pb.LimitSeen]:
+    """A decision record's limit entries as ``DecideResponse.limits``."""
+    return {
+        name: pb.LimitSeen(
+            count=entry.count,
+            sum=_number(entry.sum),
+            ceiling=_number(entry.ceiling),
+            remote_count=entry.remote_count,
+            remote_sum=_number(entry.remote_sum),
+            counted=entry.counted,
+            amount=_number(entry.amount),
+            window_start=timestamp_of(entry.window_start),
+            key=entry.key,
+            scope=entry.scope,
+            error=entry.error,
+        )
+        for name, entry in entries.items()
+    }
+
+
+def _response(answer: Answer) -> pb.DecideResponse:
+    response = answer_to_proto(answer)
+    # Explained answers only: the limits are part of the why.
+    if answer.limits and answer.decision.explanation is not None:
+        for name, seen in limits_to_proto(answer.limits).items():
+            response.limits[name].CopyFrom(seen)
+    return response
 
 
 def _internal_error() -> ServiceError:
@@ -235,7 +281,7 @@ class DecisionService:
         certificate: PeerCertificate | None = None,
     ) -> pb.DecideResponse:
         incoming = self._incoming(raw, peer, authorization, certificate)
-        return answer_to_proto(await self._pipeline.decide(incoming))
+        return _response(await self._pipeline.decide(incoming))
 
     async def Decide(  # noqa: N802 (gRPC method name)
         self, raw: bytes, context: grpc.aio.ServicerContext
@@ -256,7 +302,7 @@ class DecisionService:
         self, index: int, outcome: Answer | KynaraError
     ) -> pb.DecideBatchItem:
         if not isinstance(outcome, KynaraError):
-            return pb.DecideBatchItem(decision=answer_to_proto(outcome))
+            return pb.DecideBatchItem(decision=_response(outcome))
         error = error_to_proto(outcome)
         error.field = f"items[{index}]" + (f".{error.field}" if error.field else "")
         return pb.DecideBatchItem(error=error)

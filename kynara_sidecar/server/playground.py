@@ -108,14 +108,19 @@ import msgspec
 import yaml
 from aiohttp import web
 
-from kynara_sidecar import engine
 from kynara_sidecar.approvals.model import Reviewer
 from kynara_sidecar.audit.chain import decode_record
-from kynara_sidecar.audit.record import AuditRecordV1, RecordKind, request_from_record
+from kynara_sidecar.audit.record import (
+    AuditRecordV1,
+    RecordKind,
+    decode_value,
+    request_from_record,
+)
 from kynara_sidecar.audit.store import AuditStore, PolicySource
 from kynara_sidecar.config import AdminRole, EnvConfig, PlaygroundConfig
 from kynara_sidecar.decision import Decision, Duration, Env, Timestamp, UInt64
 from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
+from kynara_sidecar.limits.check import recorded_values
 from kynara_sidecar.policy.compiler import compile_directory
 from kynara_sidecar.policy.loader import (
     SUFFIXES,
@@ -129,9 +134,21 @@ from kynara_sidecar.policy.model import PolicyDocument
 
 # The request file's own reader, so a pasted request means here what it
 # means to `kynara-sidecar explain`.
-from kynara_sidecar.policy_tests import PolicyRequest, format_explanation
+from kynara_sidecar.policy_tests import (
+    LimitsSeen,
+    PolicyRequest,
+    format_explanation,
+    format_limits,
+    look_limits,
+)
+from kynara_sidecar.policy_tests import decide as decide_request
 from kynara_sidecar.policy_tests import parse_request as parse_request_text
-from kynara_sidecar.replay import load_stored_policies
+from kynara_sidecar.replay import (
+    format_recorded_limit,
+    load_stored_policies,
+    replay_record,
+    unrecorded_limits,
+)
 from kynara_sidecar.server import _playground_html as pages
 from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.review_page import (
@@ -558,20 +575,25 @@ def _check_file_name(name: str, where: str) -> None:
         )
 
 
-def _decided(decision: Decision) -> dict[str, Any]:
+def _decided(decision: Decision, limits: LimitsSeen | None = None) -> dict[str, Any]:
     out = msgspec.to_builtins(decision)
-    out["explained"] = format_explanation(decision)
+    out["explained"] = format_explanation(decision, limits)
+    # One line per limit the decision read or counted, as explain prints it.
+    out["limits"] = (
+        format_limits(limits.entries, limits.values, limits.notes) if limits else []
+    )
     return out
 
 
-def _decide(policies: LoadedPolicies, request: PolicyRequest) -> Decision:
-    return engine.evaluate(
-        policies.policy_set,
-        policies.directory,
-        request.request,
-        request.env,
-        explain=True,
-    )
+def _decide(policies: LoadedPolicies, request: PolicyRequest) -> dict[str, Any]:
+    """The request decided and explained, with the limit values it gives.
+
+    Raises:
+        PolicyError: a limit the request gives is refused (``look_limits``).
+    """
+    limits = look_limits(policies, request)
+    decision = decide_request(policies, request, explain=True, limits=limits)
+    return _decided(decision, limits)
 
 
 class _RequestDumper(yaml.SafeDumper):
@@ -604,6 +626,17 @@ def _request_text(record: AuditRecordV1) -> str:
 
     if not plain(request.resource.attributes) or not plain(request.context):
         return ""
+    # What its limits held, so the loaded request decides as it was decided.
+    limits: dict[str, Any] = {}
+    for name, entry in record.limits.items():
+        if entry.error:
+            continue
+        given: dict[str, Any] = {"count": entry.count + entry.remote_count}
+        if entry.sum is not None:
+            given["sum"] = decode_value(entry.sum) + (
+                decode_value(entry.remote_sum) if entry.remote_sum is not None else 0
+            )
+        limits[name] = given
     body: dict[str, Any] = {
         "now": env.now,
         "chain": list(request.chain),
@@ -620,6 +653,7 @@ def _request_text(record: AuditRecordV1) -> str:
             "labels": dict(env.labels),
             **({"peer": env.peer} if env.peer else {}),
         },
+        **({"limits": limits} if limits else {}),
     }
     return yaml.dump(
         {"request": body}, Dumper=_RequestDumper, sort_keys=False, allow_unicode=True
@@ -692,9 +726,9 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
         raise _Refused(
             422, f"decision {job.decision_id} cannot be replayed: {err}"
         ) from err
-    replayed = engine.evaluate(
-        policies.policy_set, policies.directory, request, env, explain=True
-    )
+    replayed = replay_record(record, policies, explain=True)
+    values = recorded_values(record.limits, policies.policy_set.limits, request)
+    _, unrecorded = unrecorded_limits(record, policies)
     recorded = {
         "effect": record.decision,
         "reason_code": record.reason_code,
@@ -704,11 +738,26 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
         "directory_revision": record.directory_revision,
         "time": record.time,
         "seq": record.seq,
+        # As the record keeps them: what the decision saw.
+        "limits": [
+            format_recorded_limit(name, entry)
+            for name, entry in sorted(record.limits.items())
+        ],
     }
+    out = _decided(replayed)
+    # Replayed with the recorded values, never the log's live counts.
+    out["limits"] = format_limits(
+        record.limits,
+        values,
+        {
+            name: "not recorded: conditions reading it failed closed"
+            for name in unrecorded
+        },
+    )
     return {
         "decision_id": job.decision_id,
         "recorded": recorded,
-        "replayed": _decided(replayed),
+        "replayed": out,
         "changed": replayed.effect.value != record.decision,
         "request": request_text,
     }
@@ -1272,9 +1321,16 @@ def _what_if(
         }
     chosen = edited if edited is not None else active
     assert chosen is not None
-    out["decision"] = _decided(_decide(chosen, request))
+    try:
+        out["decision"] = _decide(chosen, request)
+    except PolicyError as err:
+        raise _Refused(400, str(err), file=err.path, location=err.location) from None
     if edited is not None and active is not None:
-        out["active_decision"] = _decided(_decide(active, request))
+        try:
+            out["active_decision"] = _decide(active, request)
+        except PolicyError as err:
+            # A limit the edited set declares and the active one does not.
+            out["active_error"] = str(err)
     return out
 
 

@@ -17,14 +17,18 @@ What moves between a daemon and the centre:
   daemon opens, published (latest state wins) so that the collector's
   fleet inbox lists every daemon's; and each review made in that inbox,
   signed by the inbox's key, put for the daemon that asked, which verifies
-  and records it, then drops it from the store.
+  and records it, then drops it from the store;
+- **limit tallies across** (``limits.fleet``): each daemon's counted
+  decisions of fleet-scope limits still in their windows, one document per
+  daemon (latest wins), which every other daemon watches and adds to its
+  own counts.
 
 All of these go through one ``Store``, the contract below, with two
 implementations: ``dir://PATH`` (``dir_store``: a directory on one machine
 or a shared volume, written with atomic renames) and ``nats://HOST:PORT``
 (``nats_store``: NATS JetStream, key-value buckets for bundles, status,
-approvals and reviews, a stream for segments). ``open_store`` picks one by
-URL.
+approvals, reviews and limit tallies, a stream for segments).
+``open_store`` picks one by URL.
 
 Approvals and reviews are addressed by ``daemon_token(daemon_id)``, the
 approval id and (for a review) a review id; ids are store keys
@@ -69,6 +73,7 @@ __all__ = [
     "BundleTooLarge",
     "Delivery",
     "MAX_APPROVAL_BYTES",
+    "MAX_LIMIT_TALLIES_BYTES",
     "NatsConnection",
     "MAX_REVIEW_BYTES",
     "PublishedApproval",
@@ -106,6 +111,10 @@ MAX_APPROVAL_BYTES = 1024 * 1024
 # A signed review is a reviewer, a verdict, a comment of at most 2,000
 # characters and a signature.
 MAX_REVIEW_BYTES = 64 * 1024
+# One daemon's limit tallies document (``limits.fleet``): about 25 bytes per
+# counted decision still in its window; NATS's default max_payload is 1 MiB,
+# and a key-value value must fit in one message.
+MAX_LIMIT_TALLIES_BYTES = 1024 * 1024
 
 
 class StoreUnavailable(KynaraError):
@@ -348,6 +357,33 @@ class Store(Protocol):
     ) -> None:
         """Remove a review the daemon took (recorded or refused); dropping
         one that is gone is no error."""
+        ...
+
+    async def put_limit_tallies(self, daemon_id: str, data: bytes) -> None:
+        """Replace the daemon's limit tallies document (JSON bytes,
+        ``limits.fleet``): the latest put wins. Only the daemon itself
+        writes it (``nats``: its user may put its own key only).
+
+        Raises:
+            ValueError: ``data`` is larger than ``MAX_LIMIT_TALLIES_BYTES``
+                (or, ``nats``, the server's ``max_payload``): not an
+                outage, retrying the same document cannot help.
+        """
+        ...
+
+    async def limit_tallies(self) -> dict[str, bytes]:
+        """Every daemon's latest limit tallies document, by daemon id. An
+        entry whose name is no daemon token, or larger than
+        ``MAX_LIMIT_TALLIES_BYTES``, is skipped (logged)."""
+        ...
+
+    def watch_limit_tallies(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(daemon id, document) for every daemon's document, then for each
+        one put since, as soon as the store tells (``nats``) or within
+        ``poll_seconds`` (``dir``); a document removed from the store comes
+        as (daemon id, ``b""``). A document put twice between two looks
+        comes once, in its latest state. Ends by raising
+        ``StoreUnavailable`` when the store is lost."""
         ...
 
 

@@ -28,6 +28,8 @@ its place would hide that)::
                                     an approval's latest published state
     reviews/<daemon>/<approval id>.<review id>.json
                                     a signed review for that daemon to take
+    limits/<daemon>.json            the daemon's latest limit tallies
+                                    (``limits.fleet``)
 
 ``<daemon>`` is ``daemon_token(daemon_id)``, ``<seq>`` 20 decimal digits
 from 1, in ship order. A bundle is published by writing its content file,
@@ -78,7 +80,9 @@ and read with the same care: regular files only, never past
 and logged), names that are no daemon token or store key skipped and
 logged once per reader. A watch lists the directories every
 ``poll_seconds`` and reads only the files whose inode, size or time
-changed since it last looked (a put is a rename: a new inode).
+changed since it last looked (a put is a rename: a new inode). Limit
+tallies are written and read alike (``MAX_LIMIT_TALLIES_BYTES``), and
+watched the same way.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ from kynara_sidecar.sync import (
     MAX_APPROVAL_BYTES,
     MAX_BUNDLE_BYTES,
     MAX_DIRECTORY_BYTES,
+    MAX_LIMIT_TALLIES_BYTES,
     MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
@@ -319,6 +324,7 @@ class DirStore:
         self._status = self.root / "status"
         self._approvals = self.root / "approvals"
         self._reviews = self.root / "reviews"
+        self._limits = self.root / "limits"
         # Entries refused once by this store's readers: logged once each.
         self._refused: set[str] = set()
         # Per daemon token: the last seq this process knows of, so shipping
@@ -412,6 +418,7 @@ class DirStore:
             self._status,
             self._approvals,
             self._reviews,
+            self._limits,
         ):
             path.mkdir(exist_ok=True)
             if not os.access(path, os.W_OK | os.X_OK):
@@ -833,6 +840,87 @@ class DirStore:
             self._reviews / daemon_token(daemon_id) / f"{approval_id}.{review_id}.json"
         )
         await self._call(f"drop review {review_id}", lambda: _unlink_synced(path))
+
+    # -- limit tallies
+
+    async def put_limit_tallies(self, daemon_id: str, data: bytes) -> None:
+        _check_size(data, MAX_LIMIT_TALLIES_BYTES, "limit tallies document")
+        path = self._limits / f"{daemon_token(daemon_id)}.json"
+
+        def put() -> None:
+            if not self._limits.is_dir():
+                raise StoreUnavailable(
+                    f"{self.url}: {self._limits} is missing (is the volume mounted?)"
+                )
+            _write_atomic(path, data)
+
+        await self._call(f"write limit tallies of {daemon_id}", put)
+
+    async def limit_tallies(self) -> dict[str, bytes]:
+        return await self._call(
+            "read limit tallies",
+            lambda: dict(self._read_limit_tallies({}, None)),
+        )
+
+    async def watch_limit_tallies(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Every daemon's document, then each one put or removed since,
+        every poll_seconds (a removed one as ``b""``).
+
+        Raises:
+            StoreUnavailable: the directory could not be read.
+        """
+        seen: dict[pathlib.Path, tuple[int, int, int]] = {}
+        named: dict[pathlib.Path, str] = {}
+        while True:
+            found = await self._call(
+                "read limit tallies",
+                lambda: list(self._read_limit_tallies(seen, named)),
+            )
+            for entry in found:
+                yield entry
+            await asyncio.sleep(self.poll_seconds)
+
+    def _read_limit_tallies(
+        self,
+        seen: dict[pathlib.Path, tuple[int, int, int]],
+        named: dict[pathlib.Path, str] | None,
+    ) -> Iterator[tuple[str, bytes]]:
+        """(daemon id, document) of each file whose (inode, size, mtime)
+        is not in ``seen`` (updated); with ``named`` (path -> daemon id of
+        what was yielded), each file gone since as (daemon id, b"")."""
+        if not self._limits.is_dir():
+            raise StoreUnavailable(
+                f"{self.url}: {self._limits} is missing (is the volume mounted?)"
+            )
+        present = set()
+        for entry in sorted(os.scandir(self._limits), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            path = pathlib.Path(entry.path)
+            stem, dot, suffix = entry.name.rpartition(".")
+            daemon_id = canonical_daemon_id(stem) if dot and suffix == "json" else None
+            if daemon_id is None:
+                self._refuse("a limit tallies file not named by a daemon token", path)
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            present.add(path)
+            signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if seen.get(path) == signature:
+                continue
+            seen[path] = signature
+            data = self._read_entry(path, MAX_LIMIT_TALLIES_BYTES, "limit tallies")
+            if data is not None:
+                if named is not None:
+                    named[path] = daemon_id
+                yield daemon_id, data
+        if named is None:
+            return
+        for path in [p for p in named if p not in present]:
+            seen.pop(path, None)
+            yield named.pop(path), b""
 
     def _entries(
         self,

@@ -35,6 +35,12 @@ idempotent, so daemons racing to create the same thing all succeed):
   it), so a review reaches its daemon as soon as the server forwards
   it. ``drop_review`` deletes the key (a delete marker, which readers
   skip).
+- key-value bucket ``kynara_limits``, key ``daemon_token(daemon_id)``: each
+  daemon's limit tallies document (``limits.fleet``), values at most
+  ``MAX_LIMIT_TALLIES_BYTES`` (the bucket's ``max_value_size``, so the
+  server refuses a larger one from any writer); ``watch_limit_tallies`` is
+  a watch over the bucket, so a put reaches every other daemon as soon as
+  the server forwards it.
 - stream ``KYNARA_SEGMENTS``, subjects ``kynara.segments.<daemon_token>``,
   file storage: segment messages, each published with the ``Nats-Msg-Id``
   header so the server drops a resend within its duplicate window (an
@@ -73,7 +79,8 @@ the current bundle and the current directory. What a daemon's user can
 still learn of others: the keys of the status and approvals buckets
 (daemon tokens and approval ids, never their values), through the
 ``STREAM.INFO`` lookups ``connect`` makes, whose request may ask for the
-stream's subjects.
+stream's subjects. A daemon reads and watches every daemon's limit
+tallies (that is what they are for) but puts only its own key.
 ``publisher_permissions`` and ``collector_permissions`` list the other two
 users'. A refused publish or
 subscription gets no answer, only a notice on the connection: the call
@@ -126,6 +133,7 @@ from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
     MAX_APPROVAL_BYTES,
     MAX_DIRECTORY_BYTES,
+    MAX_LIMIT_TALLIES_BYTES,
     MAX_REVIEW_BYTES,
     BundleEntry,
     BundleTooLarge,
@@ -148,6 +156,7 @@ __all__ = [
     "DIRECTORY_BUCKET",
     "CURRENT_KEY",
     "DUPLICATE_WINDOW_SECONDS",
+    "LIMITS_BUCKET",
     "MAX_ACK_PENDING",
     "NAK_DELAY_SECONDS",
     "SEGMENT_SUBJECT_PREFIX",
@@ -170,6 +179,7 @@ _DIRECTORY_READS = 3
 STATUS_BUCKET = "kynara_status"
 APPROVALS_BUCKET = "kynara_approvals"
 REVIEWS_BUCKET = "kynara_reviews"
+LIMITS_BUCKET = "kynara_limits"
 CURRENT_KEY = "current"
 SEGMENTS_STREAM = "KYNARA_SEGMENTS"
 SEGMENT_SUBJECT_PREFIX = "kynara.segments."
@@ -287,6 +297,7 @@ class NatsStore:
         self._status: KeyValue | None = None
         self._approvals: KeyValue | None = None
         self._reviews: KeyValue | None = None
+        self._limits: KeyValue | None = None
         self._directory: KeyValue | None = None
         self._lock: asyncio.Lock | None = None
 
@@ -375,13 +386,21 @@ class NatsStore:
         self._status = await self._bucket(js, STATUS_BUCKET)
         self._approvals = await self._bucket(js, APPROVALS_BUCKET)
         self._reviews = await self._bucket(js, REVIEWS_BUCKET)
+        self._limits = await self._bucket(
+            js, LIMITS_BUCKET, max_value_size=MAX_LIMIT_TALLIES_BYTES
+        )
 
-    async def _bucket(self, js: JetStreamContext, name: str) -> KeyValue:
+    async def _bucket(
+        self, js: JetStreamContext, name: str, *, max_value_size: int | None = None
+    ) -> KeyValue:
         try:
             return await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             create = js.create_key_value(
-                bucket=name, history=1, storage=StorageType.FILE
+                bucket=name,
+                history=1,
+                storage=StorageType.FILE,
+                max_value_size=max_value_size,
             )
             await self._create(create, lambda: js.key_value(name))
             return await js.key_value(name)
@@ -923,6 +942,66 @@ class NatsStore:
 
         await self._bounded(f"drop review {review_id}", drop())
 
+    # -- limit tallies
+
+    async def put_limit_tallies(self, daemon_id: str, data: bytes) -> None:
+        """Replace the daemon's limit tallies document.
+
+        Raises:
+            ValueError: ``data`` is larger than ``MAX_LIMIT_TALLIES_BYTES``
+                or the server's ``max_payload``.
+            StoreUnavailable: the server is away, refused or did not
+                acknowledge.
+        """
+        _check_size(data, MAX_LIMIT_TALLIES_BYTES, "limit tallies document")
+        key = daemon_token(daemon_id)
+
+        async def put() -> None:
+            await self._ensure()
+            assert self._nc is not None and self._limits is not None
+            if len(data) > self._nc.max_payload:
+                raise ValueError(
+                    f"{self.url}: a limit tallies document of {len(data)} bytes "
+                    f"exceeds the server's max_payload of {self._nc.max_payload} "
+                    "bytes"
+                )
+            await self._limits.put(key, data)
+
+        await self._bounded(
+            f"write limit tallies of {daemon_id}",
+            put(),
+            f"$KV.{LIMITS_BUCKET}.{key}",
+        )
+
+    async def limit_tallies(self) -> dict[str, bytes]:
+        async def read() -> dict[str, bytes]:
+            found = {}
+            for key, value in sorted(await self._read_all(LIMITS_BUCKET, ">")):
+                daemon_id = _limit_tallies_owner(key, value)
+                if daemon_id is not None:
+                    found[daemon_id] = value
+            return found
+
+        return await self._bounded("read limit tallies", read())
+
+    async def watch_limit_tallies(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Every daemon's document, then each one put or removed since, as
+        the server sends it (a removed one as ``b""``).
+
+        Raises:
+            StoreUnavailable: could not start the watch, or the connection
+                was lost.
+        """
+        async for update in self._watch(
+            "limit tallies", LIMITS_BUCKET, ">", deletes=True
+        ):
+            if update is None:
+                continue
+            key, value, deleted = update
+            daemon_id = _limit_tallies_owner(key, b"" if deleted else value)
+            if daemon_id is not None:
+                yield daemon_id, b"" if deleted else value
+
     async def _read_all(self, bucket: str, keys: str) -> list[tuple[str, bytes]]:
         """(key, value) of every live key of ``bucket`` matching ``keys``,
         read with one watch (the client's ``keys(filters=...)`` matches
@@ -1120,7 +1199,13 @@ def _lookups() -> list[str]:
     """Looking up the stream and the buckets, as ``connect`` does."""
     streams = (SEGMENTS_STREAM,) + tuple(
         f"KV_{bucket}"
-        for bucket in (BUNDLES_BUCKET, STATUS_BUCKET, APPROVALS_BUCKET, REVIEWS_BUCKET)
+        for bucket in (
+            BUNDLES_BUCKET,
+            STATUS_BUCKET,
+            APPROVALS_BUCKET,
+            REVIEWS_BUCKET,
+            LIMITS_BUCKET,
+        )
     )
     return [f"$JS.API.STREAM.INFO.{stream}" for stream in streams]
 
@@ -1139,14 +1224,16 @@ def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]
     """The subjects a daemon's NATS user needs, for the server's
     ``permissions`` block: ``{"publish": [...], "subscribe": [...]}``.
 
-    It may ship segments, write its status, put its approvals and drop its
-    reviews under its own ``daemon_token`` only; look up the streams and
-    buckets; read and watch the current bundle and the current signed
-    directory (never publish one); watch its own reviews
-    (a consumer filtered to its token: ``_KeyWatch``); and receive replies
-    under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``) only. It may
-    not publish a bundle, create or delete a stream, or read other
-    daemons' approvals, reviews or status.
+    It may ship segments, write its status, put its approvals and limit
+    tallies and drop its reviews under its own ``daemon_token`` only; look
+    up the streams and buckets; read and watch the current bundle and the
+    current signed directory (never publish one); watch its own reviews
+    (a consumer filtered to its token: ``_KeyWatch``); read and watch every
+    daemon's limit tallies (fleet-scope limits add them up); and receive
+    replies under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``) only.
+    It may not publish a bundle, create or delete a stream, write another
+    daemon's limit tallies, or read other daemons' approvals, reviews or
+    status.
     """
     token = daemon_token(daemon_id)
     publish = [
@@ -1154,11 +1241,13 @@ def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]
         f"$KV.{STATUS_BUCKET}.{token}",
         f"$KV.{APPROVALS_BUCKET}.{token}.*",
         f"$KV.{REVIEWS_BUCKET}.{token}.*.*",
+        f"$KV.{LIMITS_BUCKET}.{token}",
         *_lookups(),
         f"$JS.API.STREAM.MSG.GET.KV_{BUNDLES_BUCKET}",
         *_watch_subjects(BUNDLES_BUCKET, CURRENT_KEY),
         *_watch_subjects(REVIEWS_BUCKET, f"{token}.>"),
         *_directory_reads(),
+        *_watch_subjects(LIMITS_BUCKET, ">"),
     ]
     return {"publish": publish, "subscribe": [f"{inbox_prefix}.>"]}
 
@@ -1245,6 +1334,19 @@ def _approval_of(key: str, value: bytes) -> PublishedApproval | None:
         _malformed(f"an approval over {MAX_APPROVAL_BYTES} bytes", key)
         return None
     return PublishedApproval(daemon_id, names[1], value)
+
+
+def _limit_tallies_owner(key: str, value: bytes) -> str | None:
+    """The daemon whose limit tallies ``key`` holds, else None (logged):
+    a key that is no daemon token, or a value too large."""
+    daemon_id = canonical_daemon_id(key)
+    if daemon_id is None:
+        _malformed("a limit tallies key that is no daemon token", key)
+        return None
+    if len(value) > MAX_LIMIT_TALLIES_BYTES:
+        _malformed(f"limit tallies over {MAX_LIMIT_TALLIES_BYTES} bytes", key)
+        return None
+    return daemon_id
 
 
 def _review_of(daemon_id: str, key: str, value: bytes) -> PublishedReview | None:

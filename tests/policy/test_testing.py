@@ -397,3 +397,62 @@ def test_a_request_may_set_the_daemon_env(tmp_path):
         {"team": "pay"},
     )
     assert env.agent_id == "support-bot"
+
+
+# --- limits given by a test ----------------------------------------------------
+
+LIMIT_TESTS = """\
+format_version: 1
+tests:
+  - name: the fifth refund today is allowed
+    request:
+      now: "2026-12-07T10:00:00+01:00"
+      chain: [alice, support-bot]
+      action: payments.refund.issue
+      resource: {kind: payments.refund, id: rf-1}
+      context: {amount: 500}
+      limits: {refunds_today: {count: 4}}
+    expect: {decision: allow}
+  - name: the sixth is denied
+    request:
+      now: "2026-12-07T10:00:00+01:00"
+      chain: [alice, support-bot]
+      action: payments.refund.issue
+      resource: {kind: payments.refund, id: rf-2}
+      context: {amount: 500}
+      limits: {refunds_today: {count: 5}, refund_total_week: {sum: 100}}
+    expect: {decision: deny, matched_rules: [refunds/refund, refunds/refunds-cap]}
+"""
+
+
+def limit_tests(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    import sys as _sys
+
+    _sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from limits_support import limits_policies
+
+    root = limits_policies(tmp_path / "policies")
+    (root / "tests").mkdir()
+    (root / "tests" / "refunds.yaml").write_text(text)
+    return root
+
+
+def test_a_test_gives_limit_counts_and_the_outcome_flips_with_them(tmp_path):
+    root = limit_tests(tmp_path, LIMIT_TESTS)
+
+    report = run_policy_tests(root)
+
+    assert report.passed, format_report(report)
+    assert [r.decision.effect for r in report.results] == [Effect.ALLOW, Effect.DENY]
+
+
+def test_a_test_giving_an_undeclared_limit_names_file_and_location(tmp_path):
+    root = limit_tests(tmp_path, LIMIT_TESTS.replace("{count: 5}", "{count: 5}, x: {}"))
+
+    with pytest.raises(PolicyError) as raised:
+        run_policy_tests(root)
+
+    assert str(raised.value) == (
+        f"{root / 'tests' / 'refunds.yaml'}:$.tests[1].request.limits.x: expected "
+        "a limit the policies declare (refund_total_week, refunds_today), got 'x'"
+    )

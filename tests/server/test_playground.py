@@ -219,6 +219,7 @@ def test_evaluate_equals_the_engine_with_the_full_explain_trace(served):
     assert status == 200, body
     got = body["decision"]
     assert got.pop("explained").startswith("decision: require_approval")
+    assert got.pop("limits") == []  # the shipped policies declare none
     assert got == json.loads(msgspec.json.encode(expected))
     assert got["explanation"]["principals"], "no trace"
     assert body["policies"] == "active"
@@ -579,7 +580,7 @@ def test_explain_reads_a_request_file_through_parse_request(tmp_path):
 
     loaded = load_request(path)
 
-    assert loaded == policy_tests.parse_request(path.read_text())
+    assert loaded == policy_tests.parse_request(path.read_text(), name=str(path))
     assert loaded.env.environment == "production"
     assert loaded.env.daemon_id == ""
 
@@ -1028,3 +1029,84 @@ def test_the_signed_directory_is_answered_apart_and_read_only(served_signed):
     assert status == 200, decided
     assert "directory_ignored" not in decided
     assert decided["decision"]["effect"] == "allow"
+
+
+# --- limits -------------------------------------------------------------------
+
+
+@pytest.fixture
+def served_limited(tmp_path, start_daemon):
+    """A daemon whose policies declare limits (``limits_support``)."""
+    from limits_support import limits_policies
+
+    policies = limits_policies(tmp_path / "limited")
+    return start_daemon(*admin_overrides(tmp_path), f"policy.source={policies}")
+
+
+@pytest.mark.parametrize(("count", "effect"), [(4, "allow"), (5, "deny")])
+def test_a_pasted_request_sets_its_limit_counts(served_limited, count, effect):
+    from limits_support import request_with
+
+    text = request_with(f"{{refunds_today: {{count: {count}}}}}")
+
+    status, _, body = evaluate(served_limited, text)
+
+    assert status == 200, body
+    decision = body["decision"]
+    assert decision["effect"] == effect
+    today = [line for line in decision["limits"] if line.startswith("refunds_today")]
+    assert today == [
+        f"refunds_today: count {count}, ceiling 5, remaining {5 - count}, exceeded "
+        f"{str(count == 5).lower()}; window start 2026-12-06T23:00:00Z, "
+        'key ["alice"], scope daemon (given)'
+    ]
+    assert "limits:" in decision["explained"]
+
+
+def test_a_pasted_request_giving_an_undeclared_limit_is_a_400(served_limited):
+    from limits_support import request_with
+
+    status, _, body = evaluate(served_limited, request_with("{nope: {count: 1}}"))
+
+    assert status == 400, body
+    assert body["location"] == "$.request.limits.nope"
+
+
+def test_a_replay_shows_the_recorded_limits_and_decides_with_them(served_limited):
+    stub = served_limited.stub()
+    refund = pb.DecideRequest(
+        asserted_chain=["alice"],
+        action="payments.refund.issue",
+        resource=pb.Resource(kind="payments.refund", id="rf-1"),
+        context={"amount": pb.Value(int_value=500)},
+    )
+    answers = [stub.Decide(refund, timeout=CALL_TIMEOUT) for _ in range(6)]
+    fifth, sixth = answers[4], answers[5]
+
+    replays = [
+        call(
+            served_limited,
+            "POST",
+            "/playground/api/replay",
+            {"decision_id": answer.decision_id},
+            bearer("ops"),
+        )
+        for answer in (fifth, sixth)
+    ]
+
+    (s5, _, b5), (s6, _, b6) = replays
+    assert (s5, s6) == (200, 200), (b5, b6)
+    # The sixth replays as denied though the log now holds six counted
+    # decisions, and the fifth as allowed: each with what it recorded.
+    assert (b5["replayed"]["effect"], b6["replayed"]["effect"]) == ("allow", "deny")
+    assert (b5["changed"], b6["changed"]) == (False, False)
+    assert any(
+        line.startswith("refunds_today count 5, recorded ceiling 5")
+        for line in b6["recorded"]["limits"]
+    ), b6["recorded"]["limits"]
+    assert any(
+        line.startswith("refunds_today: count 5, ceiling 5, remaining 0, exceeded true")
+        for line in b6["replayed"]["limits"]
+    ), b6["replayed"]["limits"]
+    # Its request, loaded into the editor, carries the recorded values.
+    assert "refunds_today:\n      count: 5" in b6["request"]

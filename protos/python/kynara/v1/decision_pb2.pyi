@@ -254,7 +254,14 @@ class ApprovalUpdate(_message.Message):
     def __init__(self, approval_id: _Optional[str] = ..., state: _Optional[str] = ..., approvals: _Optional[int] = ..., approvals_needed: _Optional[int] = ..., expires_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., reviewers: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("decision", "decision_id", "matched_rules", "reason_code", "reason", "policy_revision", "directory_revision", "audit_sequence", "record_hash", "approval", "condition_errors", "chain", "request_id", "explanation")
+    __slots__ = ("decision", "decision_id", "matched_rules", "reason_code", "reason", "policy_revision", "directory_revision", "audit_sequence", "record_hash", "approval", "condition_errors", "chain", "request_id", "explanation", "limits")
+    class LimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: LimitSeen
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[LimitSeen, _Mapping]] = ...) -> None: ...
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     MATCHED_RULES_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +276,7 @@ class DecideResponse(_message.Message):
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     decision_id: str
     matched_rules: _containers.RepeatedCompositeFieldContainer[MatchedRule]
@@ -283,7 +291,34 @@ class DecideResponse(_message.Message):
     chain: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     explanation: Explanation
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decision_id: _Optional[str] = ..., matched_rules: _Optional[_Iterable[_Union[MatchedRule, _Mapping]]] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., directory_revision: _Optional[str] = ..., audit_sequence: _Optional[int] = ..., record_hash: _Optional[str] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ..., condition_errors: _Optional[_Iterable[_Union[ConditionError, _Mapping]]] = ..., chain: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+    limits: _containers.MessageMap[str, LimitSeen]
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decision_id: _Optional[str] = ..., matched_rules: _Optional[_Iterable[_Union[MatchedRule, _Mapping]]] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., directory_revision: _Optional[str] = ..., audit_sequence: _Optional[int] = ..., record_hash: _Optional[str] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ..., condition_errors: _Optional[_Iterable[_Union[ConditionError, _Mapping]]] = ..., chain: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., limits: _Optional[_Mapping[str, LimitSeen]] = ...) -> None: ...
+
+class LimitSeen(_message.Message):
+    __slots__ = ("count", "sum", "ceiling", "remote_count", "remote_sum", "counted", "amount", "window_start", "key", "scope", "error")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    sum: Value
+    ceiling: Value
+    remote_count: int
+    remote_sum: Value
+    counted: bool
+    amount: Value
+    window_start: _timestamp_pb2.Timestamp
+    key: str
+    scope: str
+    error: str
+    def __init__(self, count: _Optional[int] = ..., sum: _Optional[_Union[Value, _Mapping]] = ..., ceiling: _Optional[_Union[Value, _Mapping]] = ..., remote_count: _Optional[int] = ..., remote_sum: _Optional[_Union[Value, _Mapping]] = ..., counted: bool = ..., amount: _Optional[_Union[Value, _Mapping]] = ..., window_start: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., key: _Optional[str] = ..., scope: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RuleTrace(_message.Message):
     __slots__ = ("policy", "rule", "effect", "action_matched", "resource_matched", "roles_matched", "verdict", "shadow", "condition", "error")

@@ -1,0 +1,533 @@
+"""Fleet-scope limits: each daemon's counted decisions, shared through the
+central store so that every daemon adds the others' to its own.
+
+A limit declared ``scope: fleet`` counts the decisions of every daemon
+that shares the store (one user, many agents). Each daemon keeps exact
+counts of its own decisions (``book``); what the others decided reaches it
+through the store:
+
+- **out**: after each commit the pipeline hands this daemon's counted
+  decisions of fleet limits to ``published``; at most every
+  ``publish_interval`` the daemon puts one document holding all of its own
+  decisions still in their windows (``Store.put_limit_tallies``, latest
+  wins), so a burst of decisions is one put, not one per decision;
+- **in**: a watch of every daemon's document (``watch_limit_tallies``)
+  keeps the latest one of each other daemon, indexed by (limit, key), and
+  ``remote`` sums the events of one key at or after a window's start.
+
+The document is canonical JSON (sorted keys, no spaces)::
+
+    {"v": 1, "daemon_id": "...", "published_at": <ns>,
+     "limits": {"<limit>": {"<key>": [[<time ns>, <amount>], ...]}}}
+
+Events in time order. An amount is a JSON integer for a limit with an
+int ceiling (so sums stay exact) and a JSON number with a fraction or
+exponent for a double one (``5.0``); a reader refuses an event whose
+amount is not of its limit's type. A daemon's own events come from
+``seed`` (the book's events at start, read from the log) and ``published``;
+each is known by its decision id, so a decision seeded and published both
+counts once.
+
+Consistency (the trade-off the README states): per-daemon counts are
+exact; fleet counts are eventually consistent. Two daemons deciding within
+the propagation delay (NATS: milliseconds; ``dir://``: its poll interval,
+plus ``publish_interval``) do not see each other's decisions, so the fleet
+can pass a ceiling by what the other daemons allowed in that delay. A
+daemon that has not heard from the store for ``max_staleness_seconds``
+has no remote part: ``remote`` answers None and the pipeline leaves the
+limit absent, so conditions reading it fail closed. "Heard" means the
+last successful read of every document, or a watch that has not reported
+a loss since (a NATS watch notices a lost connection within a fraction of
+a second and a silent one within about eleven seconds; a ``dir://`` watch
+within ``sync.timeout_seconds``); until the first read after ``start``
+the daemon has heard nothing.
+
+A document over the store's limit (``MAX_LIMIT_TALLIES_BYTES``) is not
+put: an ERROR (``kynara.limits``) and a publish error, every time it
+changes; the other daemons keep this daemon's last document, so their
+view of it goes stale (they under-count it) until it shrinks as events
+leave their windows. Nothing here raises into the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from kynara_sidecar.limits.book import Counted, Tally
+from kynara_sidecar.policy.limits import CalendarUnit, CompiledLimit, Window
+from kynara_sidecar.sync import Store, StoreUnavailable, retry_delay
+
+__all__ = ["DOCUMENT_VERSION", "FleetLimits", "decode_document", "encode_document"]
+
+_log = logging.getLogger("kynara.limits")
+
+DOCUMENT_VERSION = 1
+FLEET_SCOPE = "fleet"
+_SECOND = 1_000_000_000
+_HOUR = 3600 * _SECOND
+_DAY = 24 * _HOUR
+# The longest a calendar period can reach back from any instant in it, with
+# room for a daylight-saving hour and any zone's offset: own events are
+# kept (and published) this long, so every window start the pipeline can
+# ask for finds them (``remote`` filters by the exact start).
+_CALENDAR_REACH = {
+    CalendarUnit.HOUR: 2 * _HOUR,
+    CalendarUnit.DAY: 2 * _DAY,
+    CalendarUnit.WEEK: 8 * _DAY,
+    CalendarUnit.MONTH: 32 * _DAY,
+}
+# Reconnecting after a lost watch: doubling pauses within these bounds.
+_RETRY_MIN_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 10.0
+# Attacker-chosen names are cut to this in log lines.
+_MAX_LOGGED = 128
+
+Amount = int | float
+
+
+class _Document(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    v: int
+    daemon_id: str
+    published_at: int
+    limits: dict[str, dict[str, list[tuple[int, int | float]]]]
+
+
+def encode_document(
+    daemon_id: str,
+    published_at: int,
+    limits: Mapping[str, Mapping[str, Iterable[tuple[int, Amount]]]],
+) -> bytes:
+    """The canonical JSON of one daemon's document (see the module doc):
+    keys sorted, events in (time, amount) order."""
+    body = {
+        limit: {key: sorted(events) for key, events in keys.items()}
+        for limit, keys in limits.items()
+    }
+    return msgspec.json.encode(
+        {
+            "v": DOCUMENT_VERSION,
+            "daemon_id": daemon_id,
+            "published_at": published_at,
+            "limits": body,
+        },
+        order="sorted",
+    )
+
+
+def decode_document(data: bytes) -> _Document:
+    """The document ``data`` holds.
+
+    Raises:
+        ValueError: not a document of this version (naming what was wrong).
+    """
+    try:
+        document = msgspec.json.decode(data, type=_Document)
+    except msgspec.DecodeError as err:
+        raise ValueError(f"not a limit tallies document: {err}") from None
+    if document.v != DOCUMENT_VERSION:
+        raise ValueError(
+            f"limit tallies document version {document.v}: expected {DOCUMENT_VERSION}"
+        )
+    return document
+
+
+def _reach(window: Window) -> int:
+    """How far back (ns) from now this window's start can be."""
+    if window.rolling_nanos > 0:
+        return window.rolling_nanos
+    return _CALENDAR_REACH[CalendarUnit(window.calendar or CalendarUnit.MONTH)]
+
+
+class _Events:
+    """One daemon's events of one (limit, key): times ascending, and the
+    amounts in the same order."""
+
+    __slots__ = ("amounts", "times")
+
+    def __init__(self, events: list[tuple[int, Amount]]):
+        events.sort()
+        self.times = [t for t, _ in events]
+        self.amounts = [a for _, a in events]
+
+
+class FleetLimits:
+    """This daemon's side of fleet-scope limits; see the module doc.
+
+    Args:
+        store: the central store; each watch of it starts with
+            ``connect`` (idempotent).
+        daemon_id: this daemon's ``identity.daemon_id``; its own document
+            is put under it and ignored when read back.
+        max_staleness_seconds: past this long without hearing from the
+            store, ``remote`` answers None (fleet limits fail closed).
+        publish_interval: at most one put per this many seconds; the
+            decisions of a burst go in one document.
+        clock: ns since the epoch (``time.time_ns``), for windows,
+            ``published_at`` and staleness.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        daemon_id: str,
+        *,
+        max_staleness_seconds: float = 30.0,
+        publish_interval: float = 0.2,
+        clock: Callable[[], int] = time.time_ns,
+    ):
+        if max_staleness_seconds <= 0:
+            raise ValueError(
+                f"max_staleness_seconds {max_staleness_seconds}: expected > 0"
+            )
+        if publish_interval < 0:
+            raise ValueError(f"publish_interval {publish_interval}: expected >= 0")
+        self.store = store
+        self.daemon_id = daemon_id
+        self.max_staleness_nanos = int(max_staleness_seconds * _SECOND)
+        self.publish_interval = publish_interval
+        self.clock = clock
+        self._limits: dict[str, CompiledLimit] = {}
+        # Own events: (limit, key) -> decision id -> (time ns, amount).
+        self._own: dict[tuple[str, str], dict[str, tuple[int, Amount]]] = {}
+        # Other daemons' latest documents as read, and their index:
+        # (limit, key) -> daemon id -> events.
+        self._documents: dict[str, bytes] = {}
+        self._published_at: dict[str, int] = {}
+        self._index: dict[tuple[str, str], dict[str, _Events]] = {}
+        # Daemon id -> the (limit, key)s its document put in the index.
+        self._indexed: dict[str, list[tuple[str, str]]] = {}
+        # Staleness: a watch running without a loss reported counts as
+        # hearing now; otherwise the last time it did (None: never).
+        self._watching = False
+        self._heard: int | None = None
+        self._publish_errors = 0
+        self._refused_documents = 0
+        self._last_published: int | None = None
+        self._last_error = ""
+        self._dirty: asyncio.Event | None = None
+        # Whether the last put found the store connected (dir://: laid out).
+        self._connected = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- set-up
+
+    def activate(self, limits: Mapping[str, CompiledLimit]) -> None:
+        """Take the fleet-scope limits of a newly active policy set (others
+        in ``limits`` are ignored). Own events of limits no longer declared
+        are dropped, the other daemons' documents indexed again for the new
+        set, and the document put again. A limit whose window now reaches
+        further back needs ``seed`` again with the book's events."""
+        self._limits = {
+            name: limit
+            for name, limit in sorted(limits.items())
+            if limit.scope == FLEET_SCOPE
+        }
+        self._own = {
+            pair: events
+            for pair, events in self._own.items()
+            if pair[0] in self._limits
+        }
+        self._index.clear()
+        self._indexed.clear()
+        for daemon_id, data in list(self._documents.items()):
+            self._take(daemon_id, data, log=False)
+        self._mark()
+
+    def seed(self, counted: Iterable[Counted]) -> None:
+        """Take this daemon's counted decisions as the book holds them
+        (read from the log at start, or after ``activate`` brought a limit
+        whose window reaches further back); events of limits not active
+        here are ignored, one already known (by decision id) counts once."""
+        self._add(counted)
+
+    def published(self, counted: Iterable[Counted]) -> None:
+        """Decisions whose record committed: put them in the next document
+        (within ``publish_interval``). Called on the event loop."""
+        if self._add(counted):
+            self._mark()
+
+    def _add(self, counted: Iterable[Counted]) -> bool:
+        added = False
+        for entry in counted:
+            if entry.limit not in self._limits:
+                continue
+            events = self._own.setdefault((entry.limit, entry.key), {})
+            events[entry.decision_id] = (entry.time_nanos, entry.amount)
+            added = True
+        return added
+
+    def _mark(self) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
+
+    # -- running
+
+    async def start(self) -> None:
+        """Start publishing this daemon's document and watching the
+        others'. Returns at once: until the first read succeeds, ``remote``
+        answers None."""
+        if self._tasks:
+            return
+        self._dirty = asyncio.Event()
+        self._dirty.set()
+        self._tasks = [
+            asyncio.create_task(self._publish_loop(), name="kynara-fleet-publish"),
+            asyncio.create_task(self._watch_loop(), name="kynara-fleet-watch"),
+        ]
+
+    async def close(self) -> None:
+        """Stop both tasks, then put the document once more if it changed
+        since its last put (bounded by the store's timeout)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watching = False
+        if tasks and self._dirty is not None and self._dirty.is_set():
+            await self._publish_once()
+
+    async def _publish_loop(self) -> None:
+        assert self._dirty is not None
+        failures = 0
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if await self._publish_once():
+                failures = 0
+                await asyncio.sleep(self.publish_interval)
+            else:
+                failures += 1
+                await asyncio.sleep(
+                    max(
+                        self.publish_interval,
+                        retry_delay(
+                            failures,
+                            _RETRY_MIN_SECONDS,
+                            _RETRY_MAX_SECONDS,
+                            random.random(),
+                        ),
+                    )
+                )
+
+    async def _publish_once(self) -> bool:
+        """Put the document; whether it went (a failure marks it to go
+        again, a refusal for its size waits for the next change)."""
+        now = self.clock()
+        data = encode_document(self.daemon_id, now, self._current(now))
+        try:
+            if not self._connected:
+                await self.store.connect()
+                self._connected = True
+            await self.store.put_limit_tallies(self.daemon_id, data)
+        except StoreUnavailable as err:
+            self._connected = False
+            self._failed(str(err), logging.WARNING)
+            self._mark()
+            return False
+        except ValueError as err:
+            self._failed(
+                f"{err}: the other daemons keep this daemon's previous document "
+                "and under-count it until fewer decisions are in the windows",
+                logging.ERROR,
+            )
+            return False
+        self._last_published = now
+        return True
+
+    def _failed(self, error: str, level: int) -> None:
+        self._publish_errors += 1
+        self._last_error = error
+        _log.log(
+            level,
+            "limit tallies not published",
+            extra={"fields": {"store": self.store.url, "error": error}},
+        )
+
+    # TODO(#13): each put carries every own event still in its window, and
+    # each reader decodes the whole document again: about 60 ms to build
+    # and 50 ms to read 36,000 events (1 MB) here, on the event loop. A
+    # fleet with that many counted decisions per window per daemon needs
+    # per-key entries or deltas rather than one document.
+    def _current(self, now: int) -> dict[str, dict[str, list[tuple[int, Amount]]]]:
+        """Own events still in reach of their windows, dropping the rest."""
+        body: dict[str, dict[str, list[tuple[int, Amount]]]] = {}
+        for (name, key), events in list(self._own.items()):
+            oldest = now - _reach(self._limits[name].window)
+            for decision_id in [d for d, (t, _) in events.items() if t < oldest]:
+                del events[decision_id]
+            if not events:
+                del self._own[(name, key)]
+                continue
+            body.setdefault(name, {})[key] = list(events.values())
+        return body
+
+    async def _watch_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                # Idempotent; makes what is missing (dir://: the limits
+                # directory of a store an older version laid out).
+                await self.store.connect()
+                found = await self.store.limit_tallies()
+                self._heard = self.clock()
+                self._watching = True
+                failures = 0
+                self._replace(found)
+                async for daemon_id, data in self.store.watch_limit_tallies():
+                    self._heard = self.clock()
+                    self._take(daemon_id, data)
+                raise StoreUnavailable(f"{self.store.url}: the watch ended")
+            except StoreUnavailable as err:
+                if self._watching:
+                    self._heard = self.clock()
+                self._watching = False
+                failures += 1
+                _log.warning(
+                    "limit tallies watch lost",
+                    extra={"fields": {"store": self.store.url, "error": str(err)}},
+                )
+            await asyncio.sleep(
+                retry_delay(
+                    failures, _RETRY_MIN_SECONDS, _RETRY_MAX_SECONDS, random.random()
+                )
+            )
+
+    def _replace(self, found: Mapping[str, bytes]) -> None:
+        """Every daemon's document as one read found them: those gone are
+        forgotten."""
+        for daemon_id in [d for d in self._documents if d not in found]:
+            self._take(daemon_id, b"")
+        for daemon_id, data in found.items():
+            self._take(daemon_id, data)
+
+    def _take(self, daemon_id: str, data: bytes, *, log: bool = True) -> None:
+        """Index ``daemon_id``'s document ``data`` in place of its previous
+        one (``b""``: it was removed). This daemon's own is ignored."""
+        if daemon_id == self.daemon_id:
+            return
+        for pair in self._indexed.pop(daemon_id, ()):
+            daemons = self._index.get(pair)
+            if daemons is not None:
+                daemons.pop(daemon_id, None)
+                if not daemons:
+                    del self._index[pair]
+        if not data:
+            self._documents.pop(daemon_id, None)
+            self._published_at.pop(daemon_id, None)
+            return
+        self._documents[daemon_id] = data
+        try:
+            document = decode_document(data)
+            if document.daemon_id != daemon_id:
+                raise ValueError(
+                    f"it names daemon {document.daemon_id[:_MAX_LOGGED]!r}, "
+                    "not the one it is stored under"
+                )
+            indexed = self._index_document(daemon_id, document)
+        except ValueError as err:
+            if log:
+                self._refused_documents += 1
+                _log.error(
+                    "limit tallies document refused",
+                    extra={
+                        "fields": {
+                            "store": self.store.url,
+                            "daemon_id": daemon_id[:_MAX_LOGGED],
+                            "error": str(err)[: _MAX_LOGGED * 4],
+                        }
+                    },
+                )
+            return
+        self._published_at[daemon_id] = document.published_at
+        self._indexed[daemon_id] = indexed
+        for pair, events in indexed.items():
+            self._index.setdefault(pair, {})[daemon_id] = events
+
+    def _index_document(
+        self, daemon_id: str, document: _Document
+    ) -> dict[tuple[str, str], _Events]:
+        """The events of ``document`` for active fleet limits, by (limit,
+        key). Raises ValueError naming an event of the wrong type."""
+        indexed = {}
+        for name, keys in document.limits.items():
+            limit = self._limits.get(name)
+            if limit is None:
+                continue  # not declared here (yet): another policy revision
+            integral = isinstance(limit.ceiling, int)
+            for key, events in keys.items():
+                for time_nanos, amount in events:
+                    if isinstance(amount, int) != integral or not amount >= 0:
+                        raise ValueError(
+                            f"limit {name!r} key {key[:_MAX_LOGGED]!r}: amount "
+                            f"{amount!r} at {time_nanos}: expected a non-negative "
+                            f"{'integer' if integral else 'double'}"
+                        )
+                if events:
+                    indexed[(name, key)] = _Events(list(events))
+        return indexed
+
+    # -- reading
+
+    def remote(
+        self, limit: CompiledLimit | str, key: str, start_nanos: int
+    ) -> Tally | None:
+        """What the other daemons' latest documents hold for ``key`` of the
+        fleet limit ``limit`` at or after ``start_nanos``; None when this
+        daemon has not heard from the store within
+        ``max_staleness_seconds`` (the limit is then absent).
+
+        Raises:
+            KeyError: ``limit`` is no active fleet-scope limit.
+        """
+        name = limit if isinstance(limit, str) else limit.name
+        compiled = self._limits.get(name)
+        if compiled is None:
+            raise KeyError(f"limit {name!r}: no active fleet-scope limit")
+        if self.stale():
+            return None
+        count = 0
+        total: Amount = 0 if isinstance(compiled.ceiling, int) else 0.0
+        for events in self._index.get((name, key), {}).values():
+            first = bisect.bisect_left(events.times, start_nanos)
+            count += len(events.times) - first
+            total += sum(events.amounts[first:])
+        return Tally(count, total)
+
+    def stale(self) -> bool:
+        """Whether this daemon has not heard from the store within
+        ``max_staleness_seconds`` (or at all)."""
+        if self._watching:
+            return False
+        return (
+            self._heard is None or self.clock() - self._heard > self.max_staleness_nanos
+        )
+
+    def status(self) -> dict[str, Any]:
+        """For metrics and the daemon's status: other daemons whose
+        documents are held, when the store was last heard from (ns; None
+        never), whether fleet limits are stale (absent), publish errors,
+        documents refused, the last successful put (ns) and the last
+        publish error."""
+        watching = self._watching
+        return {
+            "fleet_limits": sorted(self._limits),
+            "daemons_seen": len(self._documents),
+            "last_heard_ns": self.clock() if watching else self._heard,
+            "watching": watching,
+            "stale": self.stale(),
+            "publish_errors": self._publish_errors,
+            "refused_documents": self._refused_documents,
+            "last_published_ns": self._last_published,
+            "last_publish_error": self._last_error,
+        }

@@ -1,0 +1,575 @@
+"""Fleet-scope limits through the central store: two ``FleetLimits`` as two
+daemons on one store see each other's counted decisions, over dir:// (a
+directory in tmp_path) and nats:// (a real nats-server on loopback).
+
+Waits are bounded (``BOUND``) and only catch a hang; nothing asserts how
+long anything took. Staleness is driven by a clock the test holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from kynara_sidecar.decision import Effect
+from kynara_sidecar.limits.book import Counted, Tally
+from kynara_sidecar.limits.fleet import (
+    FleetLimits,
+    decode_document,
+    encode_document,
+)
+from kynara_sidecar.policy.limits import CalendarUnit, CompiledLimit, KeyPart, Window
+from kynara_sidecar.sync import (
+    MAX_LIMIT_TALLIES_BYTES,
+    Store,
+    StoreUnavailable,
+    daemon_token,
+    open_store,
+)
+
+TIMEOUT = 1.0
+POLL = 0.05
+# Generous: a condition that should hold soon, waited for at most this.
+BOUND = 20.0
+SECOND = 1_000_000_000
+HOUR = 3600 * SECOND
+# An instant well inside any window the tests use.
+T0 = 1_750_000_000 * SECOND
+A, B, C = "daemon-a", "daemon-b", "daemon-c"
+KEY = '["u-1"]'
+
+
+def limit(
+    name: str = "refunds",
+    *,
+    ceiling: int | float = 5,
+    scope: str = "fleet",
+    window: Window | None = None,
+) -> CompiledLimit:
+    return CompiledLimit(
+        name=name,
+        policy="payments.yaml",
+        actions=("payments.refund.issue",),
+        resources=("*",),
+        decisions=frozenset({Effect.ALLOW}),
+        key=(KeyPart("user"),),
+        window=window or Window(rolling_nanos=24 * HOUR),
+        ceiling=ceiling,
+        scope=scope,
+        sum_source="context" if isinstance(ceiling, float) else "",
+        sum_field="amount" if isinstance(ceiling, float) else "",
+    )
+
+
+REFUNDS = limit()
+TOTAL = limit("refund_total", ceiling=1000.0)
+LOCAL = limit("local_only", scope="daemon")
+ACTIVE = {lim.name: lim for lim in (REFUNDS, TOTAL, LOCAL)}
+
+
+def counted(
+    decision: str, time_nanos: int, *, name: str = "refunds", key: str = KEY,
+    amount: int | float = 1,
+) -> Counted:  # fmt: skip
+    return Counted(name, key, time_nanos, amount, decision)
+
+
+class Clock:
+    """ns since the epoch, moved by the test."""
+
+    def __init__(self, now: int = T0):
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@dataclasses.dataclass
+class Backend:
+    kind: str
+    url: str
+    outage: Callable[[], None]
+    restore: Callable[[], None]
+
+    def open(self) -> Store:
+        return open_store(self.url, timeout=TIMEOUT, poll_seconds=POLL)
+
+
+@pytest.fixture(params=["dir", "nats"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "dir":
+        root = tmp_path / "store"
+        root.mkdir()
+        away = tmp_path / "store-away"
+        return Backend(
+            "dir",
+            f"dir://{root}",
+            outage=lambda: root.rename(away),
+            restore=lambda: away.rename(root),
+        )
+    server = request.getfixturevalue("nats_server")
+    return Backend("nats", server.url, outage=server.stop, restore=server.start)
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 120))
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    """Wait (at most BOUND seconds) until ``check()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {BOUND} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def daemon(
+    backend: Backend,
+    daemon_id: str,
+    clock: Clock,
+    *,
+    seed: list[Counted] = (),
+    limits=ACTIVE,
+    **kwargs,
+) -> AsyncIterator[FleetLimits]:
+    store = backend.open()
+    fleet = FleetLimits(store, daemon_id, clock=clock, publish_interval=0.01, **kwargs)
+    fleet.activate(limits)
+    fleet.seed(seed)
+    await fleet.start()
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+        await store.close()
+
+
+def remote_is(fleet: FleetLimits, expected: Tally, name="refunds", start=0):
+    return lambda: fleet.remote(name, KEY, start) == expected
+
+
+# -- the document
+
+
+def test_the_document_is_canonical_and_keeps_ints_and_doubles_apart():
+    data = encode_document(
+        A,
+        T0,
+        {
+            "total": {KEY: [(T0 + 2, 7.5), (T0 + 1, 5.0)]},
+            "count": {KEY: [(T0, 1), (T0 + 3, 2**62 + 1)]},
+        },
+    )
+    assert data == (
+        b'{"daemon_id":"daemon-a","limits":{"count":{"[\\"u-1\\"]":'
+        b"[[1750000000000000000,1],[1750000000000000003,4611686018427387905]]},"
+        b'"total":{"[\\"u-1\\"]":[[1750000000000000001,5.0],'
+        b'[1750000000000000002,7.5]]}},"published_at":1750000000000000000,"v":1}'
+    )
+    document = decode_document(data)
+    (_, big) = document.limits["count"][KEY][1]
+    assert big == 2**62 + 1 and isinstance(big, int)
+    (_, five) = document.limits["total"][KEY][0]
+    assert five == 5.0 and isinstance(five, float)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"[]", "not a limit tallies document"),
+        (b'{"v":2,"daemon_id":"a","published_at":1,"limits":{}}', "version 2"),
+        (
+            b'{"v":1,"daemon_id":"a","published_at":1,"limits":{},"x":1}',
+            "not a limit tallies document",
+        ),
+        (
+            b'{"v":1,"daemon_id":"a","published_at":1,"limits":{"l":{"k":[[1,true]]}}}',
+            "not a limit tallies document",
+        ),
+    ],
+)
+def test_a_document_of_another_shape_is_refused(data, match):
+    with pytest.raises(ValueError, match=match):
+        decode_document(data)
+
+
+# -- two daemons, one store
+
+
+def test_two_daemons_see_each_others_counts_and_not_their_own(backend):
+    clock = Clock()
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock) as a,
+            daemon(backend, B, clock) as b,
+        ):
+            await eventually(lambda: not a.stale() and not b.stale(), "both heard")
+            assert a.remote("refunds", KEY, 0) == Tally(0, 0)
+            a.published([counted("d1", T0 - 10), counted("d2", T0 - 5)])
+            b.published([counted("d3", T0 - 7)])
+            a.published([counted("d4", T0 - 1, name="refund_total", amount=12.5)])
+            await eventually(remote_is(b, Tally(2, 2)), "B sees A's two")
+            await eventually(remote_is(a, Tally(1, 1)), "A sees B's one")
+            await eventually(
+                remote_is(b, Tally(1, 12.5), "refund_total"), "B sees A's sum"
+            )
+            total = b.remote(TOTAL, KEY, 0)
+            assert isinstance(total.sum, float)
+            # The window: only events at or after its start count.
+            assert b.remote("refunds", KEY, T0 - 5) == Tally(1, 1)
+            assert b.remote("refunds", KEY, T0 - 4) == Tally(0, 0)
+            assert b.remote("refunds", '["u-2"]', 0) == Tally(0, 0)
+            # A daemon-scope limit is neither published nor asked for.
+            a.published([counted("d5", T0, name="local_only")])
+            with pytest.raises(KeyError, match="local_only"):
+                b.remote("local_only", KEY, 0)
+            assert b.status()["daemons_seen"] == 1
+            assert b.status()["publish_errors"] == 0
+
+    run(scenario())
+
+
+def test_a_decision_seeded_and_published_counts_once_and_old_ones_leave(backend):
+    clock = Clock()
+    old = T0 - 25 * HOUR  # past the 24 h window's reach
+
+    async def scenario():
+        seed = [counted("d1", T0 - 3), counted("d0", old)]
+        async with (
+            daemon(backend, A, clock, seed=seed) as a,
+            daemon(backend, B, clock) as b,
+        ):
+            await eventually(remote_is(b, Tally(1, 1)), "B sees A's seeded one")
+            a.published([counted("d1", T0 - 3), counted("d2", T0 - 2)])
+            await eventually(remote_is(b, Tally(2, 2)), "B sees d1 once, and d2")
+            # A day later, A's next document no longer holds them.
+            clock.now = T0 + 25 * HOUR
+            a.published([counted("d3", clock.now)])
+            await eventually(remote_is(b, Tally(1, 1)), "only d3 is left")
+
+    run(scenario())
+
+
+def test_a_restarted_daemon_publishes_what_its_book_seeds(backend):
+    clock = Clock()
+
+    async def scenario():
+        async with daemon(backend, B, clock) as b:
+            async with daemon(backend, A, clock) as a:
+                a.published([counted(f"d{i}", T0 - i) for i in range(1, 4)])
+                await eventually(remote_is(b, Tally(3, 3)), "B sees three")
+            # A's process is gone; B keeps its last document.
+            assert b.remote("refunds", KEY, 0) == Tally(3, 3)
+            seed = [counted(f"d{i}", T0 - i) for i in range(1, 6)]
+            async with daemon(backend, A, clock, seed=seed):
+                await eventually(remote_is(b, Tally(5, 5)), "B sees the seeded five")
+
+    run(scenario())
+
+
+def test_limits_no_longer_declared_leave_the_document(backend):
+    clock = Clock()
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock) as a,
+            daemon(backend, B, clock) as b,
+        ):
+            a.published(
+                [counted("d1", T0), counted("d2", T0, name="refund_total", amount=2.0)]
+            )
+            await eventually(remote_is(b, Tally(1, 1)), "B sees A's count")
+            await eventually(
+                remote_is(b, Tally(1, 2.0), "refund_total"), "B sees A's sum"
+            )
+            a.activate({"refund_total": TOTAL})
+            await eventually(remote_is(b, Tally(0, 0)), "A's count is gone")
+            assert b.remote("refund_total", KEY, 0) == Tally(1, 2.0)
+            # B, on the narrower set too, indexes only what it declares.
+            b.activate({"refund_total": TOTAL})
+            with pytest.raises(KeyError):
+                b.remote("refunds", KEY, 0)
+            assert b.remote("refund_total", KEY, 0) == Tally(1, 2.0)
+
+    run(scenario())
+
+
+def test_stale_after_the_store_goes_then_fresh_when_it_returns(backend):
+    clock = Clock()
+    stale_after = 30 * SECOND
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock, max_staleness_seconds=30.0) as a,
+            daemon(backend, B, clock, max_staleness_seconds=30.0) as b,
+        ):
+            a.published([counted("d1", T0)])
+            await eventually(remote_is(b, Tally(1, 1)), "B sees A's one")
+            backend.outage()
+            await eventually(lambda: not b.status()["watching"], "B notices")
+            # Within the grace, B still answers from what it has ...
+            assert b.remote("refunds", KEY, 0) == Tally(1, 1)
+            assert b.status()["stale"] is False
+            # ... past it, fleet limits are absent (fail closed).
+            clock.now += stale_after + 1
+            assert b.remote("refunds", KEY, 0) is None
+            assert b.status()["stale"] is True
+            # A's publishes fail meanwhile; they are counted, not raised.
+            a.published([counted("d2", clock.now)])
+            await eventually(lambda: a.status()["publish_errors"] > 0, "A fails")
+            backend.restore()
+            await eventually(lambda: not b.stale(), "B hears the store again")
+            await eventually(remote_is(b, Tally(2, 2)), "B sees A's second")
+
+    run(scenario())
+
+
+def test_never_heard_is_stale(tmp_path):
+    clock = Clock()
+
+    async def scenario():
+        missing = open_store(f"dir://{tmp_path / 'nowhere'}", timeout=TIMEOUT)
+        fleet = FleetLimits(missing, A, clock=clock)
+        fleet.activate(ACTIVE)
+        assert fleet.remote("refunds", KEY, 0) is None
+        await fleet.start()
+        try:
+            await eventually(lambda: fleet.status()["publish_errors"] > 0, "fails")
+            assert fleet.remote("refunds", KEY, 0) is None
+            assert fleet.status()["last_heard_ns"] is None
+        finally:
+            await fleet.close()
+
+    run(scenario())
+
+
+# -- bounded documents and foreign writers
+
+
+def test_a_document_too_large_is_not_put_and_others_keep_the_last(backend, caplog):
+    clock = Clock()
+    many = [counted(f"x{i}", T0 - i) for i in range(60_000)]
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock) as a,
+            daemon(backend, B, clock) as b,
+        ):
+            a.published([counted("d1", T0)])
+            await eventually(remote_is(b, Tally(1, 1)), "B sees A's one")
+            with caplog.at_level(logging.ERROR, logger="kynara.limits"):
+                a.published(many)
+                await eventually(
+                    lambda: (
+                        f"at most {MAX_LIMIT_TALLIES_BYTES}"
+                        in a.status()["last_publish_error"]
+                    ),
+                    "refused for its size",
+                )
+            assert b.remote("refunds", KEY, 0) == Tally(1, 1)
+
+    run(scenario())
+    refused = [
+        r for r in caplog.records if r.getMessage() == "limit tallies not published"
+    ]
+    assert refused and refused[0].levelno == logging.ERROR
+
+
+def test_a_foreign_or_malformed_document_is_refused_and_the_rest_counted(
+    tmp_path, caplog
+):
+    root = tmp_path / "store"
+    root.mkdir()
+    backend = Backend("dir", f"dir://{root}", lambda: None, lambda: None)
+    clock = Clock()
+    limits_dir = root / "limits"
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock) as a,
+            daemon(backend, B, clock) as b,
+        ):
+            a.published([counted("d1", T0)])
+            await eventually(remote_is(b, Tally(1, 1)), "B sees A's one")
+            # C's file claims to be A's; another is no JSON; a third has a
+            # double where the limit counts integers.
+            forged = encode_document(A, T0, {"refunds": {KEY: [(T0, 1)]}})
+            (limits_dir / f"{daemon_token(C)}.json").write_bytes(forged)
+            (limits_dir / f"{daemon_token('d-x')}.json").write_bytes(b"{")
+            (limits_dir / f"{daemon_token('d-y')}.json").write_bytes(
+                encode_document("d-y", T0, {"refunds": {KEY: [(T0, 1.0)]}})
+            )
+            (limits_dir / "not-a-token!.json").write_bytes(forged)
+            await eventually(
+                lambda: b.status()["refused_documents"] >= 3, "B refuses three"
+            )
+            assert b.remote("refunds", KEY, 0) == Tally(1, 1)
+
+    with caplog.at_level(logging.ERROR):
+        run(scenario())
+    refused = {
+        r.fields["daemon_id"]: r.fields["error"]
+        for r in caplog.records
+        if r.getMessage() == "limit tallies document refused"
+    }
+    assert "not the one it is stored under" in refused[C]
+    assert "not a limit tallies document" in refused["d-x"]
+    assert "expected a non-negative integer" in refused["d-y"]
+    # The store's reader skips a name that is no daemon token, and says so.
+    assert any(
+        "not named by a daemon token" in r.fields.get("error", "")
+        for r in caplog.records
+        if r.getMessage() == "malformed store entry"
+    )
+
+
+def test_a_removed_document_is_forgotten(tmp_path):
+    root = tmp_path / "store"
+    root.mkdir()
+    backend = Backend("dir", f"dir://{root}", lambda: None, lambda: None)
+    clock = Clock()
+
+    async def scenario():
+        async with daemon(backend, B, clock) as b:
+            async with daemon(backend, A, clock) as a:
+                a.published([counted("d1", T0)])
+                await eventually(remote_is(b, Tally(1, 1)), "B sees A's one")
+            (root / "limits" / f"{daemon_token(A)}.json").unlink()
+            await eventually(remote_is(b, Tally(0, 0)), "A's document is gone")
+            assert b.status()["daemons_seen"] == 0
+
+    run(scenario())
+
+
+def test_the_store_refuses_a_document_over_its_bound(backend):
+    async def scenario():
+        store = backend.open()
+        try:
+            await store.connect()
+            with pytest.raises(ValueError, match=str(MAX_LIMIT_TALLIES_BYTES)):
+                await store.put_limit_tallies(A, b"x" * (MAX_LIMIT_TALLIES_BYTES + 1))
+            await store.put_limit_tallies(A, b"{}")
+            await store.put_limit_tallies(B, b"[]")
+            await store.put_limit_tallies(A, b'{"v":1}')
+            assert await store.limit_tallies() == {A: b'{"v":1}', B: b"[]"}
+        finally:
+            await store.close()
+
+    run(scenario())
+
+
+def test_a_calendar_window_keeps_own_events_for_its_whole_period(backend):
+    clock = Clock()
+    month = limit("month", window=Window(calendar=CalendarUnit.MONTH, time_zone="UTC"))
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock, limits={"month": month}) as a,
+            daemon(backend, B, clock, limits={"month": month}) as b,
+        ):
+            a.published([counted("d1", T0 - 30 * 24 * HOUR, name="month")])
+            await eventually(remote_is(b, Tally(1, 1), "month"), "B sees it")
+
+    run(scenario())
+
+
+def test_status_says_what_the_lead_exports():
+    fleet = FleetLimits(open_store("dir:///nonexistent-kynara-store"), A)
+    fleet.activate(ACTIVE)
+    status = fleet.status()
+    assert status["fleet_limits"] == ["refund_total", "refunds"]
+    assert status["stale"] is True
+    assert status["daemons_seen"] == 0
+    assert status["publish_errors"] == 0
+    assert status["last_heard_ns"] is None
+
+
+def test_bad_settings_are_refused():
+    store = open_store("dir:///nonexistent-kynara-store")
+    with pytest.raises(ValueError, match="max_staleness_seconds"):
+        FleetLimits(store, A, max_staleness_seconds=0)
+    with pytest.raises(ValueError, match="publish_interval"):
+        FleetLimits(store, A, publish_interval=-1)
+
+
+# -- NATS permissions: a daemon writes only its own tallies
+
+
+@pytest.fixture
+def users_server(tmp_path):
+    """TLS and a user per daemon, limited as ``daemon_permissions`` says;
+    the collector's as ``collector_permissions`` says."""
+    from nats_support import NatsServer
+    from sync.test_nats_auth import Site, _user
+
+    from kynara_sidecar.sync.nats_store import (
+        collector_permissions,
+        daemon_permissions,
+    )
+
+    site = Site(tmp_path)
+    users = [
+        _user(
+            "collector",
+            site.password("collector"),
+            collector_permissions("_INBOX.collector"),
+        ),
+        _user("a", site.password("a"), daemon_permissions(A, "_INBOX.a")),
+        _user("b", site.password("b"), daemon_permissions(B, "_INBOX.b")),
+    ]
+    config = (
+        "jetstream {}\n"
+        + site.tls_block()
+        + f"authorization {{users: [{', '.join(users)}]}}\n"
+    )
+    server = NatsServer(tmp_path, config=config)
+    yield server, site
+    server.stop()
+
+
+def test_a_daemon_puts_only_its_own_tallies_and_reads_every_daemons(users_server):
+    server, site = users_server
+    clock = Clock()
+
+    def store_of(user: str) -> Store:
+        connection = site.connection(user).load("sync.nats")
+        return open_store(server.url, timeout=TIMEOUT, nats=connection)
+
+    async def scenario():
+        collector = store_of("collector")
+        await collector.connect()  # creates the stream and the buckets
+        store_a, store_b = store_of("a"), store_of("b")
+        a = FleetLimits(store_a, A, clock=clock, publish_interval=0.01)
+        b = FleetLimits(store_b, B, clock=clock, publish_interval=0.01)
+        try:
+            for fleet in (a, b):
+                fleet.activate(ACTIVE)
+                await fleet.start()
+            a.published([counted("d1", T0)])
+            b.published([counted("d2", T0), counted("d3", T0)])
+            await eventually(remote_is(b, Tally(1, 1)), "B reads A's")
+            await eventually(remote_is(a, Tally(2, 2)), "A reads B's")
+            assert a.status()["publish_errors"] == 0
+            forged = encode_document(B, T0, {"refunds": {KEY: []}})
+            with pytest.raises(StoreUnavailable, match="refused by the server"):
+                await store_a.put_limit_tallies(B, forged)
+            # B's document is still B's own.
+            assert decode_document((await collector.limit_tallies())[B]).limits == {
+                "refunds": {KEY: [(T0, 1), (T0, 1)]}
+            }
+        finally:
+            for fleet in (a, b):
+                await fleet.close()
+            for store in (store_a, store_b, collector):
+                await store.close()
+
+    run(scenario())
