@@ -430,9 +430,10 @@ class LimitBook:
         name = limit.name
         skipped = 0
         if self._store is not None:
-            # TODO(#13): the read runs on the loop (about 7 us a row, so a
-            # second for some 150,000 rows); a window holding millions of
-            # counts would want it read on a thread before activation.
+            # NOTE: the read runs on the loop, about 7 us a row (a second
+            # for some 150,000 counted decisions in one limit's window), at
+            # start and when a reload brings a new or longer window; a
+            # window holding millions would want it read on a thread.
             rows = self._store.iter_state_from(
                 LIMITS_DB, row_prefix(name, floor), name.encode() + b"\x00"
             )

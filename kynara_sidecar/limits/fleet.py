@@ -354,11 +354,10 @@ class FleetLimits:
             extra={"fields": {"store": self.store.url, "error": error}},
         )
 
-    # TODO(#13): each put carries every own event still in its window, and
-    # each reader decodes the whole document again: about 60 ms to build
-    # and 50 ms to read 36,000 events (1 MB) here, on the event loop. A
-    # fleet with that many counted decisions per window per daemon needs
-    # per-key entries or deltas rather than one document.
+    # NOTE: each put carries every own event still in its window, and each
+    # reader decodes the whole document again: about 60 ms to build and
+    # 50 ms to read 36,000 events (1 MB, the most a document may hold), on
+    # the event loop. Per-key entries or deltas would scale further.
     def _current(self, now: int) -> dict[str, dict[str, list[tuple[int, Amount]]]]:
         """Own events still in reach of their windows, dropping the rest."""
         body: dict[str, dict[str, list[tuple[int, Amount]]]] = {}
