@@ -804,7 +804,12 @@ class Pipeline:
             # Last: nothing after this can fail before the records are
             # queued, so what the book counted now is settled with them.
             entries, counted = limit_check.count(
-                looked, decision.effect, decision_id, now.to_nanos(), self._limits
+                looked,
+                decision.effect,
+                decision_id,
+                now.to_nanos(),
+                self._limits,
+                approved=step is not None and step.kind is StepKind.USED,
             )
             record = msgspec.structs.replace(record, limits=entries)
         if step is None or book is None:

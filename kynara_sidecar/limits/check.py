@@ -149,9 +149,12 @@ def count(
     decision_id: str,
     now_nanos: int,
     book: LimitBook,
+    *,
+    approved: bool = False,
 ) -> tuple[dict[str, LimitEntry], tuple[Counted, ...]]:
     """Count the decided request in every limit whose decisions include its
-    final ``effect``, in the book at once.
+    final ``effect`` (``approved``: an approval granted it), in the book at
+    once.
 
     Returns:
         The record's limit entries (those counted marked so) and what was
@@ -162,7 +165,7 @@ def count(
     entries = dict(looked.entries)
     counted = []
     for limit, key, amount in looked.formed:
-        if effect not in limit.decisions or amount is None:
+        if amount is None or not limit.counts_decision(effect, approved):
             continue
         counted.append(Counted(limit.name, key, now_nanos, amount, decision_id))
         entries[limit.name] = _with(

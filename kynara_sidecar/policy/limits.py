@@ -101,7 +101,9 @@ class KeyPart(msgspec.Struct, frozen=True):
 class CompiledLimit(msgspec.Struct, frozen=True):
     """A limit ready to use. ``sum_source``/``sum_field`` are empty for a
     counting limit; ``ceiling`` is an int, or a float when the limit sums
-    doubles. ``decisions`` are the final effects that count."""
+    doubles. ``decisions`` are the final effects that count; with
+    ``approved_only`` an allow counts only when an approval granted it
+    (``decisions: [approved]``: a prior approval, say)."""
 
     name: str
     policy: str
@@ -115,6 +117,7 @@ class CompiledLimit(msgspec.Struct, frozen=True):
     sum_source: str = ""
     sum_field: str = ""
     description: str = ""
+    approved_only: bool = False
 
     @property
     def sums(self) -> bool:
@@ -126,6 +129,13 @@ class CompiledLimit(msgspec.Struct, frozen=True):
         return any(pattern_matches(p, action) for p in self.actions) and any(
             pattern_matches(p, kind) for p in self.resources
         )
+
+    def counts_decision(self, effect: Effect, approved: bool) -> bool:
+        """Whether a decision with this final ``effect`` counts; ``approved``
+        says an approval granted it (reason ``approval_granted``)."""
+        if effect not in self.decisions:
+            return False
+        return approved or not (self.approved_only and effect is Effect.ALLOW)
 
 
 class LimitProblem(msgspec.Struct, frozen=True):
@@ -163,6 +173,8 @@ _MIN_ROLLING = NANOS_PER_SECOND
 _MAX_ROLLING = 366 * 86_400 * NANOS_PER_SECOND
 _INT64_MAX = 2**63 - 1
 _EFFECTS = {str(effect): effect for effect in Effect}
+# In ``decisions``: an allow that an approval granted, and no other.
+_APPROVED = "approved"
 
 
 def compile_limits(
@@ -235,13 +247,14 @@ def _compile_limit(
                 )
     decisions = set()
     for position, decision in enumerate(limit.decisions):
-        if decision not in _EFFECTS:
+        if decision not in _EFFECTS and decision != _APPROVED:
             raise refuse(
                 f"decisions[{position}]",
-                "decisions: expected 'allow', 'deny' or 'require_approval', "
-                f"got {decision!r}",
+                "decisions: expected 'allow', 'approved' (an allow an approval "
+                f"granted), 'deny' or 'require_approval', got {decision!r}",
             )
-        decisions.add(_EFFECTS[decision])
+        decisions.add(_EFFECTS.get(decision, Effect.ALLOW))
+    approved_only = _APPROVED in limit.decisions and "allow" not in limit.decisions
     key = []
     for position, text in enumerate(limit.key):
         part = _key_part(text)
@@ -296,6 +309,7 @@ def _compile_limit(
         sum_source=sum_source,
         sum_field=sum_field,
         description=limit.description,
+        approved_only=approved_only,
     )
 
 

@@ -252,3 +252,23 @@ def test_any_other_use_of_limits_is_refused_with_line_and_column(condition, colu
 
 def test_a_set_without_limits_has_none():
     assert dict(compile_texts({"a.yaml": policy("p", "")}).limits) == {}
+
+
+@pytest.mark.parametrize(
+    ("decisions", "plain_allow", "granted_allow", "approval_asked"),
+    [
+        ("[approved]", False, True, False),
+        ("[allow, approved]", True, True, False),
+        ("[allow]", True, True, False),
+        ("[approved, require_approval]", False, True, True),
+    ],
+)
+def test_approved_counts_only_allows_an_approval_granted(
+    decisions, plain_allow, granted_allow, approval_asked
+):
+    (compiled,) = compile_texts(one_limit(decisions=decisions)).limits.values()
+
+    assert compiled.counts_decision(Effect.ALLOW, approved=False) is plain_allow
+    assert compiled.counts_decision(Effect.ALLOW, approved=True) is granted_allow
+    assert compiled.counts_decision(Effect.REQUIRE_APPROVAL, False) is approval_asked
+    assert compiled.counts_decision(Effect.DENY, approved=False) is False
