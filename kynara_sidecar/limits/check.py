@@ -27,12 +27,13 @@ from kynara_sidecar.audit.record import (
     parse_timestamp,
 )
 from kynara_sidecar.audit.redact import Redactor
-from kynara_sidecar.decision import DecisionRequest, Effect, Timestamp
+from kynara_sidecar.decision import NANOS_PER_SECOND, DecisionRequest, Effect, Timestamp
 from kynara_sidecar.limits.book import Counted, LimitBook, Tally
 from kynara_sidecar.policy.conditions import to_cel_value
 from kynara_sidecar.policy.limits import (
     CompiledLimit,
     LimitProblem,
+    Window,
     amount_of,
     key_of,
     window_start,
@@ -100,45 +101,44 @@ def look(
     entries: dict[str, LimitEntry] = {}
     formed: list[_Formed] = []
     for limit in _union(read, counted):
-        start = window_start(limit.window, now_nanos)
-        entry = LimitEntry(
-            scope=limit.scope,
-            window_start=format_timestamp(Timestamp.from_nanos(start)),
-            ceiling=encode_value(limit.ceiling),
-        )
+        start, opened, opened_cel = _opening(limit.window, now_nanos)
+        ceiling = _ceiling(limit.ceiling)
         key = _key(limit, request, attributes, redactor)
         amount: int | float | LimitProblem | None = None
         if limit.name in counting:
             amount = amount_of(limit, request)
         problem = next((p for p in (key, amount) if isinstance(p, LimitProblem)), None)
-        theirs: Tally | None = Tally(0, 0)
+        theirs: Tally | None = _NONE_SEEN
         if problem is None and limit.scope == "fleet":
             theirs = None if remote is None else remote(limit, key, start)  # type: ignore[arg-type]
             if theirs is None:
                 problem = LimitProblem(_OUT_OF_TOUCH if remote else _NO_STORE)
         if problem is not None:
-            entries[limit.name] = _with(
-                entry, key=key if isinstance(key, str) else "", error=problem.message
+            entries[limit.name] = LimitEntry(
+                key=key if isinstance(key, str) else "",
+                scope=limit.scope,
+                window_start=opened,
+                ceiling=ceiling,
+                error=problem.message,
             )
             continue
         assert isinstance(key, str) and theirs is not None
         mine = book.tally(limit, key, start)
-        entries[limit.name] = _with(
-            entry,
+        fleet = limit.scope == "fleet"
+        entries[limit.name] = LimitEntry(
             key=key,
+            scope=limit.scope,
+            window_start=opened,
             count=mine.count,
             sum=encode_value(mine.sum) if limit.sums else None,
+            ceiling=ceiling,
             remote_count=theirs.count,
-            remote_sum=(
-                encode_value(theirs.sum)
-                if limit.sums and limit.scope == "fleet"
-                else None
-            ),
+            remote_sum=encode_value(theirs.sum) if limit.sums and fleet else None,
         )
         if limit.name in counting:
             formed.append(_Formed(limit, key, amount))  # type: ignore[arg-type]
         values[limit.name] = _cel_value(
-            limit, mine, theirs, start, amount if limit.name in counting else None
+            limit, mine, theirs, opened_cel, amount if limit.name in counting else None
         )
     return Looked(values, entries, tuple(formed))
 
@@ -215,7 +215,8 @@ def recorded_values(
             amount = amount_of(limit, request)
             if isinstance(amount, LimitProblem):
                 continue
-        values[name] = _cel_value(limit, mine, theirs, start, amount)
+        opened = to_cel_value(Timestamp.from_nanos(start))
+        values[name] = _cel_value(limit, mine, theirs, opened, amount)
     return values
 
 
@@ -280,14 +281,14 @@ def _cel_value(
     limit: CompiledLimit,
     mine: Tally,
     theirs: Tally,
-    start: int,
+    opened: Any,
     amount: int | float | None,
 ) -> dict[str, Any]:
     count = mine.count + theirs.count
     value: dict[str, Any] = {
         "count": count,
         "ceiling": limit.ceiling,
-        "window_start": to_cel_value(Timestamp.from_nanos(start)),
+        "window_start": opened,
     }
     if limit.sums:
         total = mine.sum + theirs.sum
@@ -298,6 +299,44 @@ def _cel_value(
     value["remaining"] = limit.ceiling - held
     value["exceeded"] = held + (amount or 0) > limit.ceiling
     return value
+
+
+_NONE_SEEN = Tally(0, 0)
+# Window -> (second, start, its text, its CEL value) of the last request:
+# a calendar period starts on a whole second, so every instant of one
+# second is in the same period; a rolling window moves with the clock.
+_openings: dict[Any, tuple[int, int, str, Any]] = {}
+_ceilings: dict[Any, dict[str, Any]] = {}
+# Bounds both tables: a policy set declares few windows and ceilings.
+_MEMO_ENTRIES = 1024
+
+
+def _opening(window: Window, now_nanos: int) -> tuple[int, str, Any]:
+    """Where the window holding ``now_nanos`` opened: the instant, its
+    record text and its CEL timestamp, worked out once a second for a
+    calendar window."""
+    second = now_nanos // NANOS_PER_SECOND
+    if not window.rolling_nanos:
+        found = _openings.get(window)
+        if found is not None and found[0] == second:
+            return found[1:]
+    start = window_start(window, now_nanos)
+    stamp = Timestamp.from_nanos(start)
+    opening = (start, format_timestamp(stamp), to_cel_value(stamp))
+    if not window.rolling_nanos:
+        if len(_openings) >= _MEMO_ENTRIES:
+            _openings.clear()
+        _openings[window] = (second, *opening)
+    return opening
+
+
+def _ceiling(ceiling: int | float) -> dict[str, Any]:
+    found = _ceilings.get((type(ceiling), ceiling))
+    if found is None:
+        if len(_ceilings) >= _MEMO_ENTRIES:
+            _ceilings.clear()
+        found = _ceilings[(type(ceiling), ceiling)] = encode_value(ceiling)
+    return found
 
 
 def _with(entry: LimitEntry, **changes: Any) -> LimitEntry:
