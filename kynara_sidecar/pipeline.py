@@ -699,6 +699,12 @@ class Pipeline:
                 outcomes.append(self._prepare(request))
             except KynaraError as err:
                 outcomes.append(err)
+            except BaseException:
+                # A bug: what the earlier items counted is taken back.
+                self._settle(
+                    [o for o in outcomes if isinstance(o, _Prepared)], committed=False
+                )
+                raise
         prepared = [o for o in outcomes if isinstance(o, _Prepared)]
         try:
             appended = await self._writer.append_all(*_writes(prepared))

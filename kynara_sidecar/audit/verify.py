@@ -1728,12 +1728,10 @@ class _LimitsCheck:
         if seen_sum is None:
             return
         if isinstance(seen_sum, float):
-            total: int | float = ((whole << _DOUBLE_SHIFT) + scaled) / (
-                1 << _DOUBLE_SHIFT
-            )
+            total: int | float = _rounded(whole, scaled)
             same = isinstance(seen_sum, float) and seen_sum == total
         elif doubles:
-            total = ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
+            total = _rounded(whole, scaled)
             same = False
         else:
             total = whole
@@ -1848,12 +1846,17 @@ def _not_below(seen_sum: Any, whole: int, scaled: int, doubles: int) -> bool:
         return True
     if isinstance(seen_sum, bool) or not isinstance(seen_sum, int | float):
         return False
-    total = (
-        ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
-        if (doubles or isinstance(seen_sum, float))
-        else whole
-    )
+    total = _rounded(whole, scaled) if doubles or isinstance(seen_sum, float) else whole
     return seen_sum >= total
+
+
+def _rounded(whole: int, scaled: int) -> float:
+    """The exact sum ``whole + scaled * 2**-1074`` rounded once to a double,
+    as the daemon's book rounds it (infinity past the largest double)."""
+    try:
+        return ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
+    except OverflowError:
+        return math.inf if whole > 0 else -math.inf
 
 
 def _limits_note(report: LimitsReport, unknown_pruned: bool) -> str:

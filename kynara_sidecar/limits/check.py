@@ -14,7 +14,9 @@ errors, which fails closed, and the record's entry says why.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import msgspec
@@ -291,16 +293,35 @@ def _cel_value(
         "window_start": opened,
     }
     if limit.sums:
-        total = mine.sum + theirs.sum
-        value["sum"] = total
-        held = total
+        held = mine.sum + theirs.sum
+        value["sum"] = _int64(held)
     else:
         held = count
-    value["remaining"] = limit.ceiling - held
-    value["exceeded"] = held + (amount or 0) > limit.ceiling
+    value["remaining"] = _int64(limit.ceiling - held)
+    value["exceeded"] = _over(held, amount or 0, limit.ceiling)
     return value
 
 
+def _int64(value: int | float) -> int | float:
+    """An int as CEL holds it: a sum past int64 (the log keeps it exact)
+    reads as the nearest int64, so a condition compares it rather than
+    failing on it, and no other limit's value is spoilt with it."""
+    if isinstance(value, int):
+        return min(max(value, _INT64_MIN), _INT64_MAX)
+    return value
+
+
+def _over(held: int | float, amount: int | float, ceiling: int | float) -> bool:
+    """Whether ``held + amount`` is over ``ceiling``, exactly: doubles are
+    compared as the fractions they are, not as their rounded sum."""
+    if isinstance(held, int) and isinstance(amount, int):
+        return held + amount > ceiling
+    if not all(math.isfinite(v) for v in (held, amount)):
+        return held + amount > ceiling
+    return Fraction(held) + Fraction(amount) > Fraction(ceiling)
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _NONE_SEEN = Tally(0, 0)
 # Window -> (second, start, its text, its CEL value) of the last request:
 # a calendar period starts on a whole second, so every instant of one

@@ -48,7 +48,6 @@ from kynara_sidecar.decision import (
     Duration,
     Effect,
     Timestamp,
-    UInt64,
 )
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy.model import LimitDocument, LimitScope, PolicyDocument
@@ -455,7 +454,8 @@ def key_of(
     attributes: Mapping[str, Mapping[str, Any]],
 ) -> str | LimitProblem:
     """The key's canonical text: a JSON array of the parts' values in order
-    (ids as strings; context and attribute values in ``encode_value`` form,
+    (ids as strings in NFC; context and attribute values as ``_scalar``
+    gives them: equal numbers alike whatever their type, text in NFC,
     scalars only). ``attributes`` holds the directory attributes of
     ``"user"`` and ``"agent"`` (as compiled, not CEL values)."""
     parts: list[Any] = []
@@ -477,7 +477,7 @@ def key_of(
                 return LimitProblem(
                     "key part resource.id: the request names no resource id"
                 )
-            parts.append(request.resource.id)
+            parts.append(_nfc(request.resource.id))
         else:
             if source == "context":
                 values: Mapping[str, Any] = request.context
@@ -509,23 +509,24 @@ def _nfc(text: str) -> str:
 
 
 def _scalar(value: Any) -> dict[str, Any] | None:
-    """A scalar in ``audit.record.encode_value`` form; None for another."""
+    """A scalar as a key part, in ``audit.record.encode_value`` form but for
+    what must not split one key into several: every number is one
+    ``number`` form (an int, uint or double that are equal, as CEL finds
+    ``7 == 7u == 7.0``, give the same text; ``-0.0`` is ``0``), and text is
+    in Unicode NFC, as names compare. None for a value that is no scalar or
+    no number (NaN, an infinity)."""
     if isinstance(value, bool):
         return {"bool": value}
-    if isinstance(value, UInt64):
-        return {"uint": str(int(value))}
     if isinstance(value, int):
-        return {"int": str(value)}
+        return {"number": str(int(value))}
     if isinstance(value, float):
-        if math.isfinite(value):
-            return {"double": value}
-        return {
-            "double": "NaN"
-            if math.isnan(value)
-            else ("Infinity" if value > 0 else "-Infinity")
-        }
+        if not math.isfinite(value):
+            return None
+        if value.is_integer():
+            return {"number": str(int(value))}
+        return {"number": repr(value)}
     if isinstance(value, str):
-        return {"string": value}
+        return {"string": _nfc(value)}
     if isinstance(value, bytes):
         return {"bytes": base64.b64encode(value).decode("ascii")}
     if isinstance(value, Timestamp):

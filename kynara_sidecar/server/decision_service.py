@@ -123,7 +123,12 @@ def _number(encoded: Mapping[str, Any] | None) -> pb.Value | None:
     value = decode_value(encoded)
     if isinstance(value, float):
         return pb.Value(double_value=value)
-    return pb.Value(int_value=value)
+    if -(2**63) <= value < 2**63:
+        return pb.Value(int_value=value)
+    if 0 <= value < 2**64:
+        return pb.Value(uint_value=value)
+    # A sum past both (the log keeps it exact): the nearest double.
+    return pb.Value(double_value=float(value))
 
 
 def limits_to_proto(entries: Mapping[str, LimitEntry]) -> dict[str, pb.LimitSeen]:
@@ -340,9 +345,12 @@ class DecisionService:
             await abort_with(context, _internal_error())
         for index, outcome in zip(requests, decided, strict=True):
             outcomes[index] = outcome
-        return pb.DecideBatchResponse(
-            items=[self._batch_item(i, o) for i, o in enumerate(outcomes)]
-        )
+        try:
+            return pb.DecideBatchResponse(
+                items=[self._batch_item(i, o) for i, o in enumerate(outcomes)]
+            )
+        except Exception:
+            await abort_with(context, _internal_error())
 
     def _book(self) -> ApprovalWatch:
         if self._approvals is not None:
