@@ -246,6 +246,10 @@ class LimitEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     """
 
     key: str = ""
+    # What the limit counted when this decision was decided (its
+    # definition's digest): counts under another definition of the same
+    # name are not added to this one.
+    counts: str = ""
     scope: str = "daemon"
     window_start: str = ""
     count: int = 0

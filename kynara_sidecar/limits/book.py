@@ -64,7 +64,14 @@ from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.policy import limits as policy_limits
 from kynara_sidecar.policy.limits import CompiledLimit
 
-__all__ = ["GRACE_NANOS", "SWEEP_EVERY_ADDS", "Counted", "LimitBook", "Tally"]
+__all__ = [
+    "GRACE_NANOS",
+    "SWEEP_EVERY_ADDS",
+    "Counted",
+    "LimitBook",
+    "LimitDamaged",
+    "Tally",
+]
 
 log = logging.getLogger("kynara.limits")
 
@@ -97,6 +104,15 @@ class Counted(NamedTuple):
     time_nanos: int
     amount: int | float
     decision_id: str
+    # The limit's definition digest (CompiledLimit.counts_id).
+    counts: str = ""
+
+
+class LimitDamaged(ValueError):
+    """The log's rows of a limit could not all be read: counting on
+    without them could let decisions past its ceiling, so the limit has no
+    value (its conditions fail closed) until the rows are repaired and the
+    daemon restarted (``kynara-sidecar verify`` names them)."""
 
 
 # (time nanos, decision id, amount): sorted by time, ties by decision id.
@@ -225,11 +241,13 @@ class _LimitState:
     """One limit's series by key, and the floor above which memory holds
     every event the log has for it."""
 
-    __slots__ = ("events", "floor", "ids", "keys", "limit")
+    __slots__ = ("damaged", "events", "floor", "ids", "keys", "limit")
 
     def __init__(self, limit: CompiledLimit, floor: int):
         self.limit = limit
         self.floor = floor
+        # Why the log's rows could not all be read, or "".
+        self.damaged = ""
         self.keys: dict[str, _Series] = {}
         # Decision id -> key, of every event held.
         self.ids: dict[str, str] = {}
@@ -304,7 +322,11 @@ class LimitBook:
         for name, limit in limits.items():
             start = policy_limits.window_start(limit.window, now_nanos)
             state = self._limits.get(name)
-            if state is None or start < state.floor:
+            if (
+                state is None
+                or start < state.floor
+                or state.limit.counts_id != limit.counts_id
+            ):
                 self._load(limit, start)
                 continue
             state.limit = limit
@@ -318,10 +340,15 @@ class LimitBook:
 
         A limit not activated yet is read from the log first; so is one
         whose memory does not reach back to ``start_nanos``.
+
+        Raises:
+            LimitDamaged: some of the limit's rows could not be read.
         """
         state = self._limits.get(limit.name)
         if state is None or (start_nanos < state.floor and self._store is not None):
             state = self._load(limit, start_nanos)
+        if state.damaged:
+            raise LimitDamaged(state.damaged)
         elif start_nanos - GRACE_NANOS > state.floor:
             state.floor = start_nanos - GRACE_NANOS
         series = state.keys.get(key)
@@ -445,6 +472,9 @@ class LimitBook:
                         skipped += 1
                         log.error("limits row not read: %s", err)
                         continue
+                    if row.counts != limit.counts_id:
+                        # Counted under another definition of this name.
+                        continue
                     if _amount_problem(row.amount) or row.decision_id in state.ids:
                         skipped += 1
                         continue
@@ -452,12 +482,17 @@ class LimitBook:
         for (limit_name, decision_id), item in self._pending.items():
             if (
                 limit_name == name
+                and item.counts == limit.counts_id
                 and decision_id not in state.ids
                 and item.time_nanos >= floor
             ):
                 state.insert(item.key, item.time_nanos, decision_id, item.amount)
         self._limits[name] = state
         if skipped:
+            state.damaged = (
+                f"{skipped} of its rows in the audit log's limits database could "
+                "not be read; run `kynara-sidecar verify` and restart"
+            )
             log.error(
                 "limit %r: %d rows of the log not counted (malformed, or a "
                 "decision counted twice): run `kynara-sidecar verify`",

@@ -30,7 +30,7 @@ from kynara_sidecar.audit.record import (
 )
 from kynara_sidecar.audit.redact import Redactor
 from kynara_sidecar.decision import NANOS_PER_SECOND, DecisionRequest, Effect, Timestamp
-from kynara_sidecar.limits.book import Counted, LimitBook, Tally
+from kynara_sidecar.limits.book import Counted, LimitBook, LimitDamaged, Tally
 from kynara_sidecar.policy.conditions import to_cel_value
 from kynara_sidecar.policy.limits import (
     CompiledLimit,
@@ -118,6 +118,7 @@ def look(
         if problem is not None:
             entries[limit.name] = LimitEntry(
                 key=key if isinstance(key, str) else "",
+                counts=limit.counts_id,
                 scope=limit.scope,
                 window_start=opened,
                 ceiling=ceiling,
@@ -125,10 +126,22 @@ def look(
             )
             continue
         assert isinstance(key, str) and theirs is not None
-        mine = book.tally(limit, key, start)
+        try:
+            mine = book.tally(limit, key, start)
+        except LimitDamaged as err:
+            entries[limit.name] = LimitEntry(
+                key=key,
+                counts=limit.counts_id,
+                scope=limit.scope,
+                window_start=opened,
+                ceiling=ceiling,
+                error=str(err),
+            )
+            continue
         fleet = limit.scope == "fleet"
         entries[limit.name] = LimitEntry(
             key=key,
+            counts=limit.counts_id,
             scope=limit.scope,
             window_start=opened,
             count=mine.count,
@@ -169,7 +182,9 @@ def count(
     for limit, key, amount in looked.formed:
         if amount is None or not limit.counts_decision(effect, approved):
             continue
-        counted.append(Counted(limit.name, key, now_nanos, amount, decision_id))
+        counted.append(
+            Counted(limit.name, key, now_nanos, amount, decision_id, limit.counts_id)
+        )
         entries[limit.name] = _with(
             entries[limit.name], counted=True, amount=encode_value(amount)
         )
@@ -195,7 +210,8 @@ def recorded_values(
     Returns:
         Limit name -> CEL value. A limit is absent (a condition reading it
         fails closed, as it did live) when the record has no entry for it,
-        its entry has an ``error``, the given limit sums and the entry
+        its entry has an ``error`` or was counted under another definition
+        of the name (``counts``), the given limit sums and the entry
         holds no sum (or a double sum for an int ceiling), the given set
         declares no such limit, or the request cannot form its amount.
     """
@@ -203,6 +219,10 @@ def recorded_values(
     for name, entry in entries.items():
         limit = limits.get(name)
         if limit is None or entry.error or not entry.window_start:
+            continue
+        if entry.counts and entry.counts != limit.counts_id:
+            # The given set counts something else under this name: what
+            # the record saw is no value of it.
             continue
         try:
             start = parse_timestamp(entry.window_start).to_nanos()

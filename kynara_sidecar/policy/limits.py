@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import datetime
 import enum
+import hashlib
 import math
 import re
 import unicodedata
@@ -117,6 +118,10 @@ class CompiledLimit(msgspec.Struct, frozen=True):
     sum_field: str = ""
     description: str = ""
     approved_only: bool = False
+    # What the limit counts (actions, resources, decisions, sum, key), as
+    # 16 hex digits: decisions counted under another definition of the same
+    # name are not this one's (``audit.counters`` rows carry it).
+    counts_id: str = ""
 
     @property
     def sums(self) -> bool:
@@ -295,6 +300,16 @@ def _compile_limit(
             "ceiling: expected a finite number above 0 and at most 2**63-1, "
             f"got {ceiling!r}",
         )
+    counts = _ENCODER.encode(
+        {
+            "actions": sorted(set(limit.actions)),
+            "resources": sorted(set(limit.resources)),
+            "decisions": sorted(str(d) for d in decisions),
+            "approved_only": approved_only,
+            "sum": [sum_source, sum_field],
+            "key": [[part.source, part.field] for part in key],
+        }
+    )
     return CompiledLimit(
         name=name,
         policy=policy,
@@ -309,6 +324,7 @@ def _compile_limit(
         sum_field=sum_field,
         description=limit.description,
         approved_only=approved_only,
+        counts_id=hashlib.sha256(counts).hexdigest()[:16],
     )
 
 

@@ -421,3 +421,79 @@ def test_a_decision_that_saw_a_count_later_taken_back_still_verifies(tmp_path):
     assert report.ok, report.mismatches
     # One entry per limit the decision counted in: three.
     assert report.seen_above == 3
+
+
+def test_a_limit_that_counts_something_else_under_its_name_starts_afresh(tmp_path):
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    root = policies_dir(tmp_path)
+    harness = Harness(tmp_path, clock, root)
+
+    async def go():
+        async with harness as pipeline:
+            for i in range(5):
+                await pipeline.decide(refund(rid=f"rf{i}"))
+            before = await pipeline.decide(refund(rid="sixth"))
+            # Same name, now a sum of amounts: the five counts are no sum.
+            text = (root / "refunds.yaml").read_text()
+            (root / "refunds.yaml").write_text(
+                text.replace(
+                    "    key: [user]\n",
+                    "    sum: resource.attr.amount\n    key: [user]\n",
+                    1,
+                ).replace("ceiling: 5\n", "ceiling: 1000\n", 1)
+            )
+            pipeline.activate(load_policies(root))
+            after = await pipeline.decide(refund(100, rid="summed"))
+            # And back: the five counted before are its own again.
+            (root / "refunds.yaml").write_text(text)
+            pipeline.activate(load_policies(root))
+            back = await pipeline.decide(refund(rid="again"))
+            return before, after, back
+
+    try:
+        before, after, back = asyncio.run(go())
+        records = decisions(harness.records())
+    finally:
+        harness.close()
+    assert before.decision.effect is Effect.DENY
+    summed = records[-2].limits["refunds_today"]
+    assert (summed.count, decode_value(summed.sum)) == (0, 0)
+    assert after.decision.effect is Effect.ALLOW
+    assert back.decision.effect is Effect.DENY
+    assert records[-1].limits["refunds_today"].count == 5
+    assert summed.counts != records[-1].limits["refunds_today"].counts
+
+
+def test_a_damaged_row_fails_the_limit_closed_after_a_restart(tmp_path):
+    import lmdb
+
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    harness = Harness(tmp_path, clock, policies_dir(tmp_path))
+
+    async def first():
+        async with harness as pipeline:
+            for i in range(5):
+                await pipeline.decide(refund(rid=f"rf{i}"))
+
+    async def second():
+        async with harness as pipeline:
+            return await pipeline.decide(refund(rid="sixth"))
+
+    try:
+        asyncio.run(first())
+    finally:
+        harness.close()
+    env = lmdb.open(str(harness.path), max_dbs=16, subdir=True)
+    with env.begin(write=True) as txn:
+        db = env.open_db(LIMITS_DB, txn=txn)
+        key = next(k for k, _ in txn.cursor(db) if k.startswith(b"refunds_today\x00"))
+        txn.put(key, b"{", db=db)
+    env.close()
+    try:
+        answer = asyncio.run(second())
+        record = decisions(harness.records())[-1]
+    finally:
+        harness.close()
+    assert answer.decision.effect is Effect.DENY
+    assert answer.decision.reason_code.value == "condition_error"
+    assert "could not be read" in record.limits["refunds_today"].error
