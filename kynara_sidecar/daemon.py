@@ -1310,6 +1310,16 @@ class Daemon:
                     policy=limit.policy,
                 ),
             )
+            if limit.scope == "fleet" and not self.config.store:
+                log.warning(
+                    "fleet limit without a central store: its conditions fail closed",
+                    extra=_fields(
+                        component="policy",
+                        limit=name,
+                        policy=limit.policy,
+                        setting="sync.store",
+                    ),
+                )
 
     def _update_usage(self) -> None:
         used, size = self._store.usage()
@@ -1444,6 +1454,7 @@ class Daemon:
                 cfg.fast_socket,
                 cfg.socket_mode,
                 limit,
+                idle_seconds=cfg.fast_idle_seconds,
             )
             try:
                 await fast_path.start()
@@ -2132,7 +2143,9 @@ class Daemon:
     async def _start_fleet_limits(self) -> None:
         """Share fleet-scope limits' counts through the central store, on a
         connection of its own: this daemon's counted decisions out, the
-        others' in (``limits.fleet``)."""
+        others' in (``limits.fleet``). Nothing connects until an active
+        set declares a fleet-scope limit (``_share_limits``): a daemon
+        without one needs no store permission for them."""
         cfg = self.config
         if self._limits is None:
             return
@@ -2156,11 +2169,11 @@ class Daemon:
         if policies is not None:
             self._share_limits(policies)
         self.pipeline.watch_policies(self._share_limits)
-        await fleet.start()
 
     def _share_limits(self, policies: LoadedPolicies) -> None:
         """A newly active set's fleet limits, with this daemon's counts of
-        them as the book holds them (read from the log)."""
+        them as the book holds them (read from the log); the first set
+        that declares one starts the sharing (on the event loop)."""
         fleet, book = self._fleet_limits, self._limits
         if fleet is None or book is None:
             return
@@ -2169,6 +2182,7 @@ class Daemon:
         shared = [name for name, limit in limits.items() if limit.scope == "fleet"]
         if shared:
             fleet.seed(book.held(shared))
+            fleet.launch()
 
     def _fleet_tally(self, limit: CompiledLimit, key: str, start: int) -> Tally | None:
         """The other daemons' part of a fleet limit; None (the limit fails
@@ -2185,10 +2199,10 @@ class Daemon:
         if self._fleet_limits is not None:
             self._fleet_limits.published(counted)
 
-    async def _stop_fleet_limits(self) -> None:
+    async def _stop_fleet_limits(self, seconds: float) -> None:
         fleet, self._fleet_limits = self._fleet_limits, None
-        if fleet is not None:
-            await fleet.close()
+        if fleet is not None and not await fleet.close(seconds):
+            _left_behind("fleet limits (tallies publisher and watch)", seconds)
 
     async def _stop_fleet(self, seconds: float) -> None:
         fleet, self._fleet = self._fleet, None
@@ -2259,7 +2273,7 @@ class Daemon:
     async def _close_audit(self, sync_seconds: float = MIN_SYNC_STOP_SECONDS) -> None:
         # Before the book and the writer: it records reviews through them.
         await self._stop_fleet(sync_seconds)
-        await self._stop_fleet_limits()
+        await self._stop_fleet_limits(sync_seconds)
         if self._book is not None:
             # Before the writer: the expiry task appends to it.
             await self._book.close()

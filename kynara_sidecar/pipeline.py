@@ -89,6 +89,7 @@ from kynara_sidecar.errors import (
     InvalidRequest,
     KynaraError,
     PolicyNotReady,
+    ReasonCode,
     ServiceError,
     ShuttingDown,
 )
@@ -765,6 +766,8 @@ class Pipeline:
             limits=looked.values,
         )
         self._metrics.count_evaluation(decision, time.perf_counter() - evaluating)
+        if looked.entries and decision.reason_code is ReasonCode.CONDITION_ERROR:
+            decision = _with_limit_problems(decision, looked)
         decision_id = new_decision_id()
         record = record_from_decision(
             request=subject,
@@ -1043,6 +1046,23 @@ class Pipeline:
 # Decisions whose asking rules _asking_rules keeps; a table that fills up
 # is cleared and refills.
 _ASKING_MEMO_ENTRIES = 1024
+
+
+def _with_limit_problems(
+    decision: engine.Decision, looked: limit_check.Looked
+) -> engine.Decision:
+    """A condition that failed on a limit the request formed no value for
+    says only that the key is missing; the reason says why it is."""
+    problems = [
+        f"limit {name} has no value: {entry.error}"
+        for name, entry in looked.entries.items()
+        if entry.error
+    ]
+    if not problems:
+        return decision
+    return msgspec.structs.replace(
+        decision, reason=f"{decision.reason} ({'; '.join(problems)})"
+    )
 
 
 def _writes(

@@ -55,6 +55,7 @@ from kynara_sidecar.audit.record import (
     LimitEntry,
     RecordKind,
     decode_value,
+    parse_timestamp,
     request_from_record,
 )
 from kynara_sidecar.audit.store import AuditStore
@@ -62,7 +63,7 @@ from kynara_sidecar.audit.verify import format_report as format_verify_report
 from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Decision
 from kynara_sidecar.errors import PolicyError
-from kynara_sidecar.limits.check import recorded_values
+from kynara_sidecar.limits.check import applies, recorded_values
 from kynara_sidecar.policy.compiler import compile_directory, compile_policy_set
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
@@ -160,7 +161,9 @@ def replay_record(
             ``request_from_record``).
     """
     request, env = request_from_record(record)
-    values = recorded_values(record.limits, policies.policy_set.limits, request)
+    values = recorded_values(
+        record.limits, policies.policy_set.limits, request, env.now.to_nanos()
+    )
     return engine.evaluate(
         policies.policy_set,
         policies.directory,
@@ -178,8 +181,9 @@ def unrecorded_limits(
     cache: engine.EvaluationCache | None = None,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Which limits the conditions of ``policies`` may read for the record's
-    request: those the record holds, and those it holds no entry for (a
-    replay fails closed there).
+    request: those the record holds a value of, and those it holds none
+    for (no entry, or one of a limit defined otherwise: another key, sum,
+    window or scope), where a replay fails closed.
 
     Returns:
         ``(recorded, unrecorded)`` limit names, each in name order.
@@ -189,10 +193,19 @@ def unrecorded_limits(
     if cache is None:
         cache = engine.EvaluationCache(policies.policy_set, policies.directory)
     read = cache.limits_for(record.resource.kind, record.action).read
-    names = [limit.name for limit in read]
+    try:
+        now = parse_timestamp(record.time).to_nanos()
+    except ValueError:
+        now = None
+    kept = {
+        limit.name
+        for limit in read
+        if limit.name in record.limits
+        and applies(record.limits[limit.name], limit, now)
+    }
     return (
-        tuple(name for name in names if name in record.limits),
-        tuple(name for name in names if name not in record.limits),
+        tuple(limit.name for limit in read if limit.name in kept),
+        tuple(limit.name for limit in read if limit.name not in kept),
     )
 
 

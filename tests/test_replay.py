@@ -495,3 +495,33 @@ def test_a_limit_the_record_lacks_fails_closed_and_is_named(tmp_path):
         line.startswith("limit refunds_today: not recorded by 1 replayed record")
         for line in format_report(report)
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("key: [user]", "key: [agent]"),
+        ("{calendar: day, time_zone: Europe/Berlin}", "{rolling: 1h}"),
+        ("ceiling: 5\n", "ceiling: 5\n    scope: fleet\n"),
+    ],
+    ids=["key", "window", "scope"],
+)
+def test_a_limit_defined_otherwise_is_not_replayed_with_the_recorded_count(
+    tmp_path, old, new
+):
+    from limits_support import limits_policies
+
+    record = limited_record(tmp_path, 5)
+    root = limits_policies(tmp_path / "candidate")
+    text = (root / "refunds.yaml").read_text()
+    assert old in text
+    (root / "refunds.yaml").write_text(text.replace(old, new, 1))
+    candidate = load_policies(root)
+    store = AuditStore.open(tmp_path / "audit")
+    try:
+        store.append_batch([record])
+        report = replay_log(store, candidate)
+    finally:
+        store.close()
+
+    assert report.unrecorded == {"refunds_today": 1}

@@ -41,7 +41,15 @@ from kynara_sidecar.policy.limits import (
     window_start,
 )
 
-__all__ = ["NOTHING", "Looked", "RemoteTally", "count", "look", "recorded_values"]
+__all__ = [
+    "NOTHING",
+    "Looked",
+    "RemoteTally",
+    "applies",
+    "count",
+    "look",
+    "recorded_values",
+]
 
 # remote(limit, key, start_nanos): the other daemons' part of a fleet
 # limit, or None when the central store has been out of touch too long.
@@ -197,6 +205,7 @@ def recorded_values(
     entries: Mapping[str, LimitEntry],
     limits: Mapping[str, CompiledLimit],
     request: DecisionRequest,
+    now_nanos: int | None = None,
 ) -> dict[str, Any]:
     """The CEL ``limits`` values a recorded decision saw, for deciding it
     again (replay, the playground) under ``limits``, a policy set's.
@@ -210,19 +219,18 @@ def recorded_values(
     Returns:
         Limit name -> CEL value. A limit is absent (a condition reading it
         fails closed, as it did live) when the record has no entry for it,
-        its entry has an ``error`` or was counted under another definition
-        of the name (``counts``), the given limit sums and the entry
-        holds no sum (or a double sum for an int ceiling), the given set
-        declares no such limit, or the request cannot form its amount.
+        its entry has an ``error`` or does not ``apply`` to the given limit
+        (counted otherwise, another scope or window), the given limit sums
+        and the entry holds no sum (or a double sum for an int ceiling), the
+        given set declares no such limit, or the request cannot form its
+        amount.
     """
     values: dict[str, Any] = {}
     for name, entry in entries.items():
         limit = limits.get(name)
         if limit is None or entry.error or not entry.window_start:
             continue
-        if entry.counts and entry.counts != limit.counts_id:
-            # The given set counts something else under this name: what
-            # the record saw is no value of it.
+        if not applies(entry, limit, now_nanos):
             continue
         try:
             start = parse_timestamp(entry.window_start).to_nanos()
@@ -269,6 +277,26 @@ def _union(
         return list(counted)
     by_name = {limit.name: limit for limit in (*read, *counted)}
     return [by_name[name] for name in sorted(by_name)]
+
+
+def applies(
+    entry: LimitEntry, limit: CompiledLimit, now_nanos: int | None = None
+) -> bool:
+    """Whether what a record saw of a limit is a value of ``limit`` as a
+    policy set defines it now: it counts the same (``counts``), in the same
+    scope, and (given the record's instant) its window opened where the
+    recorded one did. A changed key, sum, window or scope makes the recorded
+    count another limit's."""
+    if entry.counts and entry.counts != limit.counts_id:
+        return False
+    if entry.scope != limit.scope:
+        return False
+    if now_nanos is not None and entry.window_start:
+        opened = format_timestamp(
+            Timestamp.from_nanos(window_start(limit.window, now_nanos))
+        )
+        return opened == entry.window_start
+    return True
 
 
 def _key(

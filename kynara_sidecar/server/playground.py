@@ -727,7 +727,9 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
             422, f"decision {job.decision_id} cannot be replayed: {err}"
         ) from err
     replayed = replay_record(record, policies, explain=True)
-    values = recorded_values(record.limits, policies.policy_set.limits, request)
+    values = recorded_values(
+        record.limits, policies.policy_set.limits, request, env.now.to_nanos()
+    )
     _, unrecorded = unrecorded_limits(record, policies)
     recorded = {
         "effect": record.decision,

@@ -309,6 +309,9 @@ def test_a_request_that_cannot_form_the_key_fails_closed_and_says_why(tmp_path):
 
     assert missing.decision.effect is Effect.DENY
     assert missing.decision.reason_code.value == "condition_error"
+    assert "limit per_customer has no value: key part context.customer" in (
+        missing.decision.reason
+    )
     first, second = decisions(records)
     assert "customer" in first.limits["per_customer"].error
     assert not first.limits["per_customer"].counted
