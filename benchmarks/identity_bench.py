@@ -607,10 +607,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="the daemons' sync.poll_seconds (how often dir:// is read)",
     )
-    # TODO(#13): adding the large row's 10,000 users takes five to six minutes,
-    # as the collector rebuilds the whole directory after every SCIM write
-    # (kynara_sidecar.collector.scim.principals_of); the default stays the
-    # size the row is meant to show.
+    # NOTE: adding the large row's 10,000 users takes five to six minutes, as
+    # the collector rebuilds the whole directory after every SCIM write
+    # (kynara_sidecar.collector.scim.principals_of), so the row's setup grows
+    # with the square of its size; the default stays the size the row is
+    # meant to show (--large 0 leaves it out).
     parser.add_argument(
         "--large",
         type=int,

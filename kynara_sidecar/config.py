@@ -108,6 +108,13 @@ DEFAULT_MAX_BATCH = 256
 DEFAULT_SOCKET_MODE = 0o660
 # Unix socket paths are limited to 107 bytes by sockaddr_un.
 MAX_SOCKET_PATH_BYTES = 107
+# A fast path connection idle this long after its hello is closed, so one
+# an agent forgot does not hold a connection slot (agent.fast_idle_seconds).
+# Five minutes outlasts a model's longest turn between two tool calls, and
+# the SDK dials again (a hello, microseconds) when it finds one closed.
+DEFAULT_FAST_IDLE_SECONDS = 300.0
+# Beyond a day an idle timeout is no bound at all: 0 says "never" plainly.
+MAX_FAST_IDLE_SECONDS = 86_400.0
 MIN_MAP_SIZE = 64 * 1024
 # Clocks kept by NTP agree within a second; 30 s absorbs a lagging VM
 # without stretching a token's life much. A bound past 5 minutes would make
@@ -229,6 +236,10 @@ class AgentListenerConfig(_FileSection):
     # Unix socket for the fast path (framed MessagePack, protos/fastpath.md),
     # e.g. "/run/kynara/agent.fast.sock", with socket_mode; empty disables it.
     fast_socket: str = ""
+    # Seconds a fast path connection may stay idle after its hello (nothing
+    # in flight, nothing sent) before the daemon closes it, e.g. 300; it is
+    # closed within twice this. 0 never closes one.
+    fast_idle_seconds: float = DEFAULT_FAST_IDLE_SECONDS
     # Permission bits of the socket in octal, e.g. 0660: owner and group
     # may connect, so an agent container sharing the pod's group can.
     socket_mode: int = DEFAULT_SOCKET_MODE
@@ -270,6 +281,13 @@ class AgentListenerConfig(_FileSection):
                     f"{section}.fast_socket: expected a socket apart from "
                     f"{section}.socket, got the same path {self.socket!r}"
                 )
+        if self.fast_idle_seconds != 0 and not (
+            1 <= self.fast_idle_seconds <= MAX_FAST_IDLE_SECONDS
+        ):
+            raise ConfigError(
+                f"{section}.fast_idle_seconds: expected 0 (never) or "
+                f"1..{MAX_FAST_IDLE_SECONDS:g} seconds, got {self.fast_idle_seconds}"
+            )
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(
                 f"{section}.socket_mode: expected permission bits 0..0o777, "

@@ -1,8 +1,10 @@
 """Every metric the daemon exports, with one prefix and a description each.
 
 Labels are bounded: a decision's ``action`` label is the action itself only
-when the active policies name it exactly, and ``other`` otherwise, so an
-agent improvising action names cannot grow the series without limit.
+when the active policies name it exactly (the first
+``compiler.MAX_ACTION_LABELS`` such names of the set), and ``other``
+otherwise, so neither an agent improvising action names nor a huge policy
+set can grow the series without limit.
 Telemetry never fails a decision: callers record, and nothing here raises
 into the request path.
 

@@ -414,9 +414,17 @@ class FleetLink:
             taken = tuple(self._taken.get(approval_id, ()))
             data = encode_approval(approval, self._key, taken)
             if len(data) > MAX_APPROVAL_BYTES:
-                # TODO(#13): bound what a request may carry so that every
-                # approval fits; until then one this large stays off the
-                # fleet inbox (the daemon's own page still has it).
+                # NOTE: no bound at the request door makes every approval
+                # fit, as an approval's size is not a simple function of the
+                # request's: its resource and context are the record's typed
+                # JSON form (each value tagged with its type, bytes as
+                # base64, control characters escaped to six bytes each),
+                # beside up to MAX_TAKEN_PER_APPROVAL review ids and reviews
+                # of MAX_COMMENT_CHARS each; and each door has its own limit
+                # (agent.max_message_bytes, 64 KiB by default;
+                # gateway.max_message_bytes, 1 MiB).
+                # An approval past MAX_APPROVAL_BYTES (1 MiB) stays off the
+                # fleet inbox, logged; the daemon's own page still has it.
                 log.warning(
                     "approval too large for the central store; not published",
                     extra=_fields(

@@ -237,8 +237,10 @@ class Redactor:
         it, or an entry holding it: a value read from there must not reach
         the record in the clear (a limit's key, say)."""
         for rule, _ in self._rules.get(section, ()):
-            if rule == name or rule.startswith(name + ".") or name.startswith(
-                rule + "."
+            if (
+                rule == name
+                or rule.startswith(name + ".")
+                or name.startswith(rule + ".")
             ):
                 return True
         return False

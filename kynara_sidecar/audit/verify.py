@@ -111,8 +111,11 @@ seal signs it:
 The full walk also recomputes the limits (``check_limits``, with its own
 theory below): the ``limits`` rows equal the counted entries of the kept
 records, and each decision's seen ``count``/``sum`` equal what the records
-before it counted in its window. The first mismatch is the problem
-(``missing`` for a row not stored, else ``edited``), the next ones notes;
+before it counted in its window. A record whose seen values or entries are
+wrong (a decision made on a wrong count) comes before any row that is
+missing, added or changed: the first mismatch in that order is the problem
+(``missing`` for a row not stored, else ``edited``), headed ``record N`` or
+by the row's name, the next ones notes, with one note counting each kind;
 a window reaching back past the latest pruned record is counted as not
 checkable, in a note.
 
@@ -173,11 +176,13 @@ from kynara_sidecar.audit.record import (
     RecordKind,
     decode_value,
     document_digest,
+    format_timestamp,
     parse_timestamp,
 )
 from kynara_sidecar.audit.rotation import trusted_after
 from kynara_sidecar.audit.store import AuditStore, Head, StoredRecord
 from kynara_sidecar.audit.witness import HEAD_FILE, Witness, WitnessError
+from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import AuditUnavailable, PolicyError
 from kynara_sidecar.policy.compiler import compute_revision
 from kynara_sidecar.policy.loader import decode_document
@@ -441,8 +446,16 @@ def format_report(report: VerifyReport) -> str:
             first += f", from tree size {report.seam}"
     else:
         problem = report.problem
-        first = f"{problem.subject} {problem.seq}: {problem.kind}: {problem.message}"
+        first = f"{_place(problem)}: {problem.kind}: {problem.message}"
     return "\n".join([first, *(f"note: {note}" for note in report.notes)])
+
+
+def _place(problem: ChainProblem) -> str:
+    # A limits row is named by what it holds (limit, time, decision), not
+    # by a number: its record's seq is in the message.
+    if problem.subject.startswith(_LIMITS_ROW + " "):
+        return problem.subject
+    return f"{problem.subject} {problem.seq}"
 
 
 # ------------------------------------------------------------- statements
@@ -1221,19 +1234,19 @@ class _Walk:
         if report.ok:
             return
         first, *more = report.mismatches
+        self.notes.append(_kinds_note(report.mismatches))
         for mismatch in more[:_MAX_LIMIT_NOTES]:
             self.notes.append(f"limits: {_mismatch_line(mismatch)}")
         if len(more) > _MAX_LIMIT_NOTES:
             self.notes.append(
                 f"limits: {len(more) - _MAX_LIMIT_NOTES} more mismatches not listed"
             )
-        subject = "record" if first.kind in (SEEN_COUNT, SEEN_SUM) else _LIMITS_ROW
         raise _stop(
             first.seq,
             _LIMIT_KINDS.get(first.kind, ProblemKind.EDITED),
             f"{first.kind}: {first.message}"
             + (f" ({len(report.mismatches)} limits mismatches in all)" if more else ""),
-            subject,
+            first.row or "record",
         )
 
     def check_witnessed(self, witness: Witness | None, required: bool) -> None:
@@ -1407,9 +1420,12 @@ def _has_nodes(store: AuditStore) -> bool:
 # A record's ``limits`` entries are the truth: each counted entry must have
 # its row (``counters.rows_of``), no other row may be stored, and each
 # entry's ``count``/``sum`` must be what the records before it (log order)
-# counted for the same limit and key at or after its ``window_start``. A
-# window opening at or before the latest pruned record's time may hold
-# pruned decisions: such an entry is counted as not checkable, not failed.
+# counted for the same limit and key at or after its ``window_start``. An
+# entry naming what its limit counts (``counts``, the definition's digest)
+# sees only the decisions counted under that same definition; records
+# without it form their own group. A window opening at or before the
+# latest pruned record's time may hold pruned decisions: such an entry is
+# counted as not checkable, not failed.
 # Ints are summed exactly; doubles give the exactly rounded sum of their
 # amounts, which is what ``math.fsum`` returns.
 
@@ -1421,6 +1437,19 @@ SEEN_COUNT = "seen_count"
 SEEN_SUM = "seen_sum"
 LIMIT_ENTRY = "limit_entry"
 _LIMIT_KINDS = {MISSING_ROW: ProblemKind.MISSING}
+# The order mismatches are reported in: a decision made on a wrong count
+# (or a record whose limits do not read) first, then the rows, which only
+# repeat the records and are rebuilt from them.
+_MISMATCH_ORDER = (
+    SEEN_COUNT,
+    SEEN_SUM,
+    LIMIT_ENTRY,
+    MISSING_ROW,
+    ROW_DIFFERS,
+    EXTRA_ROW,
+)
+_RANK = {kind: rank for rank, kind in enumerate(_MISMATCH_ORDER)}
+_ROW_LEVEL = frozenset({MISSING_ROW, ROW_DIFFERS, EXTRA_ROW})
 _LIMITS_ROW = "limits row"
 # Further mismatches listed as notes after the first (the problem).
 _MAX_LIMIT_NOTES = 20
@@ -1435,7 +1464,10 @@ class LimitMismatch(msgspec.Struct, frozen=True):
     """One way the limits rows or a record's seen values disagree with the
     records: ``kind`` (``missing_row``, ``extra_row``, ``row_differs``,
     ``seen_count``, ``seen_sum``, ``limit_entry``), the limit and key, the
-    record (``seq`` 0 when no retained record holds it) and decision id."""
+    record (``seq`` 0 when no retained record holds it) and decision id.
+    ``row`` names the row of a row-level mismatch (``missing_row``,
+    ``extra_row``, ``row_differs``): ``limits row 'limit' <time> 'decision'``,
+    empty for a record-level one."""
 
     kind: str
     limit: str
@@ -1443,13 +1475,17 @@ class LimitMismatch(msgspec.Struct, frozen=True):
     seq: int
     decision_id: str
     message: str
+    row: str = ""
 
 
 class LimitsReport(msgspec.Struct, frozen=True):
     """What ``check_limits`` found. ``rows`` are the rows stored,
     ``counted`` the counted entries of the retained records, ``seen_checked``
     the entries whose seen values were recomputed, ``not_checkable`` those
-    whose window reaches back past what pruning kept."""
+    whose window reaches back past what pruning kept. ``mismatches`` come
+    record-level first (``seen_count``, ``seen_sum``, ``limit_entry``: a
+    decision made on a wrong count), by seq; then row-level ones by kind
+    (``missing_row``, ``row_differs``, ``extra_row``) and seq."""
 
     rows: int
     counted: int
@@ -1546,6 +1582,8 @@ def _amount(name: str, entry: LimitEntry) -> int | float:
     amount = decode_value(entry.amount)
     if isinstance(amount, bool) or not isinstance(amount, int | float):
         raise ValueError(f"limit {name!r} counted a non-number {amount!r}")
+    if isinstance(amount, float) and not math.isfinite(amount):
+        raise ValueError(f"limit {name!r} counted a non-finite amount {amount!r}")
     return amount
 
 
@@ -1625,7 +1663,9 @@ class _LimitsCheck:
         self.bound = pruned if pruned else _ALWAYS
         self.unknown_pruned = bool(seam) and not pruned
         self.expected: dict[bytes, _Expected] = {}
-        self.history: dict[tuple[str, str], _History] = {}
+        # By (limit, counts, key): what the limit counted, under which
+        # definition, for which key.
+        self.history: dict[tuple[str, str, str], _History] = {}
         self.mismatches: list[LimitMismatch] = []
         self.counted = 0
         self.seen_checked = 0
@@ -1633,10 +1673,17 @@ class _LimitsCheck:
         self.seen_above = 0
 
     def _mismatch(
-        self, kind: str, limit: str, key: str, seq: int, decision_id: str, message: str
+        self,
+        kind: str,
+        limit: str,
+        key: str,
+        seq: int,
+        decision_id: str,
+        message: str,
+        row: str = "",
     ) -> None:
         self.mismatches.append(
-            LimitMismatch(kind, limit, key, seq, decision_id, message)
+            LimitMismatch(kind, limit, key, seq, decision_id, message, row)
         )
 
     def record(self, seq: int, data: bytes, parsed: dict[str, Any]) -> None:
@@ -1683,8 +1730,8 @@ class _LimitsCheck:
             except ValueError as err:
                 self._mismatch(LIMIT_ENTRY, name, entry.key, seq, decision_id, str(err))
                 continue
-            history = self.history.setdefault((name, entry.key), _History())
-            history.add(time, amount)
+            group = (name, entry.counts, entry.key)
+            self.history.setdefault(group, _History()).add(time, amount)
 
     def _check_seen(
         self, seq: int, decision_id: str, name: str, entry: LimitEntry
@@ -1707,7 +1754,7 @@ class _LimitsCheck:
             self.not_checkable += 1
             return
         self.seen_checked += 1
-        history = self.history.get((name, entry.key))
+        history = self.history.get((name, entry.counts, entry.key))
         count, whole, scaled, doubles = (
             history.since(start) if history else (0, 0, 0, 0)
         )
@@ -1768,28 +1815,30 @@ class _LimitsCheck:
                     want.seq,
                     want.decision_id,
                     f"limit {want.limit!r} key {want.key!r}: its row holds "
-                    f"{_row_text(raw_key, raw_value)}, the record counted "
+                    f"{_row_text(raw_key, raw_value)}, record {want.seq} counted "
                     f"{_row_text(raw_key, want.value)}",
+                    _row_name(raw_key, want.value),
                 )
         absent = (
             "" if LIMITS_DB in store.extra_dbs else " (the log has no limits database)"
         )
-        for want in expected.values():
+        for raw_key, want in expected.items():
             self._mismatch(
                 MISSING_ROW,
                 want.limit,
                 want.key,
                 want.seq,
                 want.decision_id,
-                f"limit {want.limit!r} key {want.key!r}: the record counted "
+                f"limit {want.limit!r} key {want.key!r}: record {want.seq} counted "
                 f"decision {want.decision_id!r}, but its row is not stored{absent}",
+                _row_name(raw_key, want.value),
             )
         return LimitsReport(
             rows=len(stored),
             counted=self.counted,
             seen_checked=self.seen_checked,
             not_checkable=self.not_checkable,
-            mismatches=tuple(sorted(self.mismatches, key=lambda m: m.seq)),
+            mismatches=tuple(sorted(self.mismatches, key=_reported_order)),
             seen_above=self.seen_above,
         )
 
@@ -1798,7 +1847,13 @@ class _LimitsCheck:
             row = decode_row(raw_key, raw_value)
         except ValueError as err:
             self._mismatch(
-                EXTRA_ROW, "", "", 0, "", f"a stored row no record accounts for: {err}"
+                EXTRA_ROW,
+                "",
+                "",
+                0,
+                "",
+                f"a stored row no record accounts for: {err}",
+                _row_name(raw_key, raw_value),
             )
             return
         seq = self.store.find_decision(row.decision_id) or 0
@@ -1815,6 +1870,7 @@ class _LimitsCheck:
             row.decision_id,
             f"limit {row.limit!r} key {row.key!r}: a stored row (amount "
             f"{row.amount!r}) that no record counted: {held}",
+            _row_name(raw_key, raw_value),
         )
 
 
@@ -1823,12 +1879,22 @@ def _record_nanos_of(text: str) -> int:
     return stamp.seconds * 1_000_000_000 + stamp.nanos
 
 
+def _reported_order(mismatch: LimitMismatch) -> tuple[bool, int, int]:
+    # Record-level ones by seq (the earliest wrong decision first), then
+    # row-level ones by kind (a missing row would let a restarted daemon
+    # count too few) and seq.
+    rank = _RANK.get(mismatch.kind, 0)
+    if mismatch.kind in _ROW_LEVEL:
+        return True, rank, mismatch.seq
+    return False, mismatch.seq, rank
+
+
 def _row_meaning(raw_key: bytes, raw_value: bytes) -> tuple[Any, ...] | None:
     try:
         row = decode_row(raw_key, raw_value)
     except ValueError:
         return None
-    return (row.key, type(row.amount), row.amount)
+    return (row.key, type(row.amount), row.amount, row.counts)
 
 
 def _row_text(raw_key: bytes, raw_value: bytes) -> str:
@@ -1836,7 +1902,19 @@ def _row_text(raw_key: bytes, raw_value: bytes) -> str:
         row = decode_row(raw_key, raw_value)
     except ValueError:
         return f"{raw_value[:64]!r} (not a row)"
-    return f"key {row.key!r} amount {row.amount!r}"
+    counts = f" counts {row.counts!r}" if row.counts else ""
+    return f"key {row.key!r} amount {row.amount!r}{counts}"
+
+
+def _row_name(raw_key: bytes, raw_value: bytes) -> str:
+    """A row as the headline names it: ``limits row 'limit' <time>
+    'decision'`` (what its key holds), or its raw key when it does not read."""
+    try:
+        row = decode_row(raw_key, raw_value)
+        when = format_timestamp(Timestamp.from_nanos(row.time_nanos))
+    except ValueError:
+        return f"{_LIMITS_ROW} {raw_key[:64]!r}"
+    return f"{_LIMITS_ROW} {row.limit!r} {when} {row.decision_id!r}"
 
 
 def _not_below(seen_sum: Any, whole: int, scaled: int, doubles: int) -> bool:
@@ -1880,5 +1958,19 @@ def _limits_note(report: LimitsReport, unknown_pruned: bool) -> str:
 
 
 def _mismatch_line(mismatch: LimitMismatch) -> str:
-    where = f"record {mismatch.seq}" if mismatch.seq else "no record"
+    if mismatch.row:
+        where = mismatch.row
+    else:
+        where = f"record {mismatch.seq}" if mismatch.seq else "no record"
     return f"{where}: {mismatch.kind}: {mismatch.message}"
+
+
+def _kinds_note(mismatches: Iterable[LimitMismatch]) -> str:
+    """How many mismatches of each kind, in the order they are reported."""
+    counts: dict[str, int] = {}
+    for mismatch in mismatches:
+        counts[mismatch.kind] = counts.get(mismatch.kind, 0) + 1
+    listed = sorted(counts.items(), key=lambda item: _RANK.get(item[0], 0))
+    return "limits mismatches by kind: " + ", ".join(
+        f"{kind} {count}" for kind, count in listed
+    )

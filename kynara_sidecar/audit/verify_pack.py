@@ -72,8 +72,11 @@ base checkpoint's ``chain_hash`` (32 zero bytes at record 1), against each
 checkpoint; each checkpoint's Merkle root, recomputed from the compact range
 and the records (RFC 9162: leaf ``SHA-256(0x00 || record)``, node
 ``SHA-256(0x01 || left || right)``); each signature under the keys trusted
-at its tree size; the consistency proofs; the policy set revisions; and the
-manifest's facts. Record times come from the daemon host's clock.
+at its tree size; the consistency proofs; the policy set revisions; the
+manifest's facts; and the limits: each decision's seen ``count`` and ``sum``
+of a limit, recomputed from the pack's earlier records of the same limit,
+definition and key in its window (see the limits section below for which
+windows a pack can check). Record times come from the daemon host's clock.
 
 NOTE: nothing signs the manifest or ``export.json``; the signed checkpoints
 are the trust anchor, and every manifest fact, the origin and log id among
@@ -84,15 +87,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
+import datetime
 import hashlib
 import io
 import json
+import math
 import pathlib
 import re
 import sys
 import tarfile
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -102,6 +108,7 @@ __all__ = [
     "CHECKPOINTS_FILE",
     "EXPORT_FILE",
     "KEYS_DIR",
+    "LimitsChecked",
     "MANIFEST_FILE",
     "PACK_FORMAT",
     "PACK_VERSION",
@@ -179,12 +186,15 @@ class PackReport:
         keys_from: str,
         signers: list[str],
         unchecked: list[str] | None = None,
+        limits: LimitsChecked | None = None,
     ):
         self.manifest = manifest
         self.keys_from = keys_from
         self.signers = signers
         # Signed updates whose signer is not among the --publisher-key keys.
         self.unchecked = unchecked or []
+        # The decisions' seen limit values recomputed from the records.
+        self.limits = limits or LimitsChecked()
 
     def summary(self) -> str:
         m = self.manifest
@@ -194,7 +204,9 @@ class PackReport:
             f"(seq {records['first_seq']}..{records['last_seq']}), "
             f"{len(sizes['checkpoints'])} checkpoints (tree size {sizes['first']} "
             f"to {sizes['last']}), signed by {', '.join(self.signers)}; "
-            f"trusted keys from {self.keys_from}" + self._signed_summary()
+            f"trusted keys from {self.keys_from}"
+            + self._signed_summary()
+            + self.limits.summary()
         )
 
     def _signed_summary(self) -> str:
@@ -853,6 +865,237 @@ def _verify_signed(
     return found, unchecked
 
 
+# ------------------------------------------------------------------ limits
+#
+# A decision record's ``limits`` entries say what each limit held before the
+# decision (``count``, ``sum``: this daemon's decisions counted at or after
+# ``window_start``; a fleet limit's remote part is not in them) and whether
+# it counted this one (``counted``, ``amount``). They are recomputed here
+# from the pack's own records, earlier ones in log order, grouped by limit,
+# definition digest (``counts``; an entry without one is in the group of
+# those without) and key. That is possible only where the pack reaches back
+# to the window's opening: it starts at record 1, or its first record is
+# earlier than ``window_start`` (the records before the pack are no later
+# than its first). Other entries are "not checkable". Ints sum exactly;
+# doubles are summed exactly as integers in units of 2**-1074 and rounded
+# once, as the daemon rounds them.
+#
+# NOTE: a seen value higher than the records hold is a note, not a failure:
+# the daemon counts a decision the moment it is decided and takes it back
+# when its commit is refused (a full log), so a decision in between saw it.
+# A lower one means a decision was made on a count missing what it should
+# have held.
+#
+# NOTE: "no later than its first" assumes the daemon's clock did not step
+# back across the pack's first record; a record before the pack stamped
+# later than it, inside a window, would show as a lower seen count.
+
+# Doubles are summed as integers in units of the smallest subnormal
+# (2**-1074), which holds any finite double exactly.
+_DOUBLE_SHIFT = 1074
+_NANOS_PER_SECOND = 1_000_000_000
+_EPOCH = datetime.datetime(1970, 1, 1)
+_INT = re.compile(r"^-?[0-9]+$")
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class LimitsChecked(NamedTuple):
+    """What the limits check found in a pack that verified: ``checked``
+    seen values recomputed, ``not_checkable`` entries whose window opens
+    before the pack's first record, ``seen_above`` entries that saw more
+    than the records before them hold (a note, not a failure)."""
+
+    checked: int = 0
+    not_checkable: int = 0
+    seen_above: int = 0
+
+    def summary(self) -> str:
+        """``; limits: ...`` for the ok line, or "" when no record has limits."""
+        if not self.checked and not self.not_checkable:
+            return ""
+        text = (
+            f"; limits: {self.checked} seen counts recomputed from the pack's "
+            f"records, {self.not_checkable} not checkable"
+        )
+        if self.not_checkable:
+            text += " (their window opens before the pack's first record)"
+        if self.seen_above:
+            text += (
+                f", {self.seen_above} saw more than the records before them "
+                "hold (counts of a decision whose commit was refused, taken back)"
+            )
+        return text
+
+
+class _Events:
+    """The counted decisions of one (limit, counts, key) so far, sorted by
+    time, with prefix sums: a window's count and sum are two bisections."""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        # Prefix sums: int amounts, double amounts (scaled), doubles seen.
+        self.ints, self.scaled, self.doubles = [0], [0], [0]
+
+    def add(self, time: int, amount: int | float) -> None:
+        at = bisect.bisect_right(self.times, time)
+        self.times.insert(at, time)
+        if isinstance(amount, int):
+            parts = (amount, 0, 0)
+        else:
+            parts = (0, _scaled(amount), 1)
+        prefixes = (self.ints, self.scaled, self.doubles)
+        for prefix, part in zip(prefixes, parts, strict=True):
+            # At the end unless the clock stepped back: then the later
+            # prefixes move.
+            prefix.insert(at + 1, prefix[at] + part)
+            for i in range(at + 2, len(prefix)):
+                prefix[i] += part
+
+    def since(self, start: int) -> tuple[int, int, int, int]:
+        """(count, int sum, scaled double sum, doubles) at or after start."""
+        at, end = bisect.bisect_left(self.times, start), len(self.times)
+        return (
+            end - at,
+            self.ints[end] - self.ints[at],
+            self.scaled[end] - self.scaled[at],
+            self.doubles[end] - self.doubles[at],
+        )
+
+
+def _scaled(value: float) -> int:
+    numerator, denominator = value.as_integer_ratio()
+    return numerator << (_DOUBLE_SHIFT - denominator.bit_length() + 1)
+
+
+def _rounded(whole: int, scaled: int) -> float:
+    # The exact sum rounded once (int / int is correctly rounded).
+    try:
+        return ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
+    except OverflowError:
+        return math.inf if whole > 0 else -math.inf
+
+
+def _nanos(text: Any, where: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 UTC time as records hold it."""
+    if not isinstance(text, str) or not _TIME.fullmatch(text):
+        raise PackError(
+            "limits", f"{where}: expected an RFC 3339 UTC time, got {text!r}"
+        )
+    try:
+        moment = datetime.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError as err:
+        raise PackError("limits", f"{where}: {text!r}: {err}") from None
+    seconds = (moment - _EPOCH) // datetime.timedelta(seconds=1)
+    fraction = text[20:-1] if text[19] == "." else ""
+    return seconds * _NANOS_PER_SECOND + int(fraction.ljust(9, "0"))
+
+
+def _number(value: Any, where: str) -> int | float:
+    """An int or double in the records' typed form (``{"int": "5"}``,
+    ``{"double": 2.5}``)."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((tag, raw),) = value.items()
+        if tag in ("int", "uint") and isinstance(raw, str) and _INT.fullmatch(raw):
+            return int(raw)
+        if tag == "double" and isinstance(raw, str) and raw in _NONFINITE:
+            return _NONFINITE[raw]
+        if tag == "double" and isinstance(raw, int | float) and type(raw) is not bool:
+            return float(raw)
+    raise PackError("limits", f"{where}: expected an int or double, got {value!r}")
+
+
+def _entry_field(entry: dict, name: str, kind: type, default: Any, where: str) -> Any:
+    value = entry.get(name, default)
+    if type(value) is not kind:
+        raise PackError(
+            "limits", f"{where}: {name} must be a {kind.__name__}, got {value!r}"
+        )
+    return value
+
+
+def _check_limits(records: list[tuple[bytes, dict]], base: int) -> LimitsChecked:
+    """Recompute each decision's seen count and sum from the records before
+    it in the pack (see the section's note); raise at the first lower one.
+
+    Raises:
+        PackError: ``limits``: an entry that does not read, or a decision
+            that saw less than the pack's records before it counted.
+    """
+    first = None
+    if base and records:
+        first = _nanos(records[0][1].get("time"), f"record {base + 1}: time")
+    events: dict[tuple[str, str, str], _Events] = {}
+    checked = not_checkable = above = 0
+    for offset, (_, record) in enumerate(records):
+        limits = record.get("limits")
+        if not limits:
+            continue
+        seq = base + offset + 1
+        if not isinstance(limits, dict):
+            raise PackError("limits", f"record {seq}: limits must be an object")
+        time = _nanos(record.get("time"), f"record {seq}: time")
+        counted = []
+        for name in sorted(limits):
+            where = f"record {seq}: limit {name!r}"
+            entry = limits[name]
+            if not isinstance(entry, dict):
+                raise PackError("limits", f"{where}: expected an object")
+            if entry.get("error"):
+                continue  # it had no value, and counted nothing
+            key = _entry_field(entry, "key", str, "", where)
+            group = (name, _entry_field(entry, "counts", str, "", where), key)
+            where += f" key {key!r}"
+            start = _nanos(entry.get("window_start"), f"{where}: window_start")
+            if first is not None and start <= first:
+                not_checkable += 1
+            else:
+                checked += 1
+                held = events[group].since(start) if group in events else (0, 0, 0, 0)
+                above += _compare_seen(entry, held, where)
+            if _entry_field(entry, "counted", bool, False, where):
+                amount = _number(entry.get("amount"), f"{where}: amount")
+                if not math.isfinite(amount) or amount < 0:
+                    raise PackError("limits", f"{where}: counted amount {amount!r}")
+                counted.append((group, amount))
+        for group, amount in counted:
+            events.setdefault(group, _Events()).add(time, amount)
+    return LimitsChecked(checked, not_checkable, above)
+
+
+def _compare_seen(entry: dict, held: tuple[int, int, int, int], where: str) -> int:
+    """1 when the entry saw more than ``held`` (a note), 0 when the same.
+
+    Raises:
+        PackError: ``limits``: it saw less, or a sum of another kind.
+    """
+    count, whole, scaled, doubles = held
+    seen_count = _entry_field(entry, "count", int, 0, where)
+    raw_sum = entry.get("sum")
+    seen_sum = None if raw_sum is None else _number(raw_sum, f"{where}: sum")
+    opened = f"since its window_start {entry['window_start']}"
+    total: int | float = (
+        _rounded(whole, scaled) if doubles or isinstance(seen_sum, float) else whole
+    )
+    if seen_count > count and (seen_sum is None or seen_sum >= total):
+        return 1
+    if seen_count != count:
+        raise PackError(
+            "limits",
+            f"{where}: the decision saw count {seen_count}, but the pack's records "
+            f"before it counted {count} {opened}",
+        )
+    if seen_sum is None:
+        return 0
+    same = type(seen_sum) is type(total) and seen_sum == total
+    if not same:
+        raise PackError(
+            "limits",
+            f"{where}: the decision saw sum {seen_sum!r}, but the pack's records "
+            f"before it sum to {total!r} {opened}",
+        )
+    return 0
+
+
 def _facts(
     records: list[tuple[bytes, dict]],
     cps: list[dict],
@@ -971,7 +1214,8 @@ def verify_pack(
         # Only when there are any, so packs made before them still verify.
         facts["signed"] = signed
     _check_facts(manifest, facts)
-    return PackReport(manifest, keys_from, signers, unchecked)
+    limits = _check_limits(records, base)
+    return PackReport(manifest, keys_from, signers, unchecked, limits)
 
 
 def _given_key(path: pathlib.Path, option: str) -> tuple[str, Ed25519PublicKey]:

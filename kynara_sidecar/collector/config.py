@@ -184,6 +184,8 @@ class StoreConfig(_Section):
             nats=self.nats.load("store.nats"),
             timeout_key="store.timeout_seconds",
             setting="store.url",
+            # Daemons' users may look the fleet limits bucket up, not make it.
+            declares_limits=True,
         )
 
 
@@ -414,6 +416,16 @@ class HttpConfig(_Section):
         )
 
 
+# A final approval stays in the fleet inbox this long after it ended (its
+# expiry, or its resolution if later): a week covers a reviewer's look back
+# over the last few working days, as the daemon's own page shows recent
+# final ones; inbox.retention_seconds.
+DEFAULT_INBOX_RETENTION_SECONDS = 7 * 86_400
+# An hour at least (the inbox prunes hourly); a year at most.
+MIN_INBOX_RETENTION_SECONDS = 3_600
+MAX_INBOX_RETENTION_SECONDS = 366 * 86_400
+
+
 class InboxConfig(_Section):
     """The fleet inbox: every daemon's approvals (published to the central
     store) on the collector's review page, reviews signed and sent back."""
@@ -445,6 +457,10 @@ class InboxConfig(_Section):
     # Mark cookies Secure (browsers keep them from https and loopback
     # http only), e.g. true.
     secure_cookie: bool = True
+    # Seconds an approval stays listed after it ended (expired, or
+    # resolved if that came later), e.g. 604800 (a week); pending ones
+    # before their expiry always stay.
+    retention_seconds: int = DEFAULT_INBOX_RETENTION_SECONDS
 
     def validate(self, section: str) -> None:
         if not self.enabled:
@@ -477,6 +493,13 @@ class InboxConfig(_Section):
         _check_range(section, "session_seconds", self.session_seconds, 60, 604_800)
         _check_range(
             section, "max_clock_skew_seconds", self.max_clock_skew_seconds, 0, 600
+        )
+        _check_range(
+            section,
+            "retention_seconds",
+            self.retention_seconds,
+            MIN_INBOX_RETENTION_SECONDS,
+            MAX_INBOX_RETENTION_SECONDS,
         )
 
     def load_signing_key(self, section: str = "inbox") -> SigningKey:

@@ -55,9 +55,22 @@ the segment with its key came in. The kept
 approvals live in memory only: after a restart the watch reads every
 entry again, against the keys the collector's state holds by then.
 
-TODO(#13): the copy holds every approval published, final ones included,
-for as long as the collector runs; bound it, and prune final approvals
-from the store.
+Retention (``inbox.retention_seconds``, a week by default): an approval
+has ended at its ``expires_at``, or at its ``resolved_at`` when that is
+later; once it ended longer ago than the retention, it leaves the copy
+(with the reviews sent for it), checked every ``PRUNE_SECONDS``, so it
+overstays by at most that. Every state is judged by its own end when it
+comes: one that ended longer ago than the retention is verified and then
+not taken. A replay of an earlier state of a pruned approval ended no
+later than the state pruned (same expiry, no later resolution), so it
+never brings the approval back; nor do old entries come back when a
+restarted collector reads the whole store again.
+Pending approvals before their expiry always stay; one still pending a
+retention past its expiry (its daemon never published the expiry) goes
+like any other. NOTE: the entries stay in the store, whose API has no
+delete of an approval (``Store``: ``put_approval`` only); each daemon's
+entries grow by one per approval it opened, and a collector reads them
+all at start, taking in only those within the retention.
 """
 
 from __future__ import annotations
@@ -93,6 +106,7 @@ from kynara_sidecar.approvals.signed_review import (
 )
 from kynara_sidecar.audit.keys import PublicKey, SigningKey
 from kynara_sidecar.audit.record import format_timestamp
+from kynara_sidecar.collector.config import DEFAULT_INBOX_RETENTION_SECONDS
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
     ErrorCode,
@@ -104,6 +118,7 @@ from kynara_sidecar.sync._session import StoreSession
 __all__ = [
     "MAX_KEPT_BYTES_PER_DAEMON",
     "MAX_KEPT_PER_DAEMON",
+    "PRUNE_SECONDS",
     "FleetInbox",
     "ReviewNotSent",
 ]
@@ -123,6 +138,10 @@ _MAX_UNREGISTERED_LOGGED = 1000
 # accepted: ``may_keep``), so the whole is bounded by what was signed.
 MAX_KEPT_PER_DAEMON = 256
 MAX_KEPT_BYTES_PER_DAEMON = 2 << 20
+# How often approvals past the retention leave the copy: the retention is
+# hours to days, so an hour's overstay is small, and a pass walks every
+# approval held.
+PRUNE_SECONDS = 3_600.0
 # How far along its life a state is: a published state behind the held one
 # is a replay.
 _PROGRESS = {
@@ -165,6 +184,8 @@ class FleetInbox:
         on_entry: told of each store entry not listed as it came, by
             outcome (``skipped``, ``kept``, ``dropped``, ``unregistered``),
             to count it beside its log line.
+        retention_seconds: how long an approval stays listed after it
+            ended (``inbox.retention_seconds``; see the module doc).
     """
 
     def __init__(
@@ -179,6 +200,7 @@ class FleetInbox:
         retry_seconds: float,
         clock: Callable[[], int] = time.time_ns,
         on_entry: Callable[[str], None] = lambda _outcome: None,
+        retention_seconds: float = DEFAULT_INBOX_RETENTION_SECONDS,
     ):
         self._session = StoreSession(store, timeout)
         self.name = name
@@ -191,6 +213,12 @@ class FleetInbox:
         self._on_entry = on_entry
         # The verified published state of each approval.
         self._approvals: dict[str, Approval] = {}
+        # When each approval of the copy ended (nanoseconds): its expiry,
+        # or its resolution when later.
+        self._ends: dict[str, int] = {}
+        self._retention_nanos = int(retention_seconds * 1e9)
+        # Verified entries not taken since the last prune: past retention.
+        self._aged = 0
         # Reviews sent that its daemon has not taken yet, in sending order.
         self._sent: dict[str, tuple[_Sent, ...]] = {}
         # Per daemon: approvals signed with a key not known yet, the latest
@@ -202,12 +230,50 @@ class FleetInbox:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the copy up to date until ``stop`` is set: watch the
-        store's approvals, and after a failure watch again (logged)."""
+        store's approvals, and after a failure watch again (logged); prune
+        it every ``PRUNE_SECONDS``."""
+        pruner = asyncio.get_running_loop().create_task(
+            self._prune_loop(stop), name="fleet inbox prune"
+        )
         try:
             await self._watch(stop)
         finally:
             # Cancelled at the collector's stop, too: the connection closes.
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
             await self._session.close()
+
+    async def _prune_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PRUNE_SECONDS)
+            if not stop.is_set():
+                self.prune()
+
+    def prune(self) -> int:
+        """Drop from the copy every approval that ended longer ago than
+        the retention, with the reviews sent for it; the number dropped."""
+        cutoff = self._clock() - self._retention_nanos
+        old = [approval_id for approval_id, end in self._ends.items() if end < cutoff]
+        for approval_id in old:
+            self._forget(approval_id)
+        aged, self._aged = self._aged, 0
+        if old or aged:
+            log.info(
+                "fleet inbox: approvals past retention dropped",
+                extra=_fields(
+                    dropped=len(old),
+                    not_taken=aged,
+                    retention_seconds=self._retention_nanos / 1e9,
+                ),
+            )
+        return len(old)
+
+    def _forget(self, approval_id: str) -> None:
+        self._approvals.pop(approval_id, None)
+        self._ends.pop(approval_id, None)
+        self._sent.pop(approval_id, None)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         failing = False
@@ -236,13 +302,13 @@ class FleetInbox:
 
     def take(self, published: PublishedApproval) -> Approval | None:
         """Take one published approval into the copy; the approval, or None
-        when it was skipped (logged) or removed."""
+        when it was skipped (logged), removed, or ended longer ago than the
+        retention."""
         known = self._approvals.get(published.approval_id)
         if published.deleted:
             self._unkeep(published)
             if known is not None and known.daemon_id == published.daemon_id:
-                del self._approvals[published.approval_id]
-                self._sent.pop(published.approval_id, None)
+                self._forget(published.approval_id)
             return None
         keys = self._keys_of(published.daemon_id)
         if keys is None:
@@ -269,7 +335,9 @@ class FleetInbox:
             return None
         try:
             nanos_of(approval.created_at)
-            nanos_of(approval.expires_at)
+            end = nanos_of(approval.expires_at)
+            if approval.resolved_at:
+                end = max(end, nanos_of(approval.resolved_at))
         except ValueError as err:
             self._skip(published, f"a time that is no RFC 3339 UTC: {err}")
             return None
@@ -284,7 +352,15 @@ class FleetInbox:
                 f"{len(known.reviews)} reviews): a replay; kept the later one",
             )
             return None
+        if end < self._clock() - self._retention_nanos:
+            # Ended before the retention: pruned, or never taken (counted,
+            # logged with the next prune).
+            if known is not None:
+                self._forget(approval.id)
+            self._aged += 1
+            return None
         self._approvals[approval.id] = approval
+        self._ends[approval.id] = end
         sent = self._sent.get(approval.id)
         if sent is not None:
             recorded = {review.reviewer for review in approval.reviews}

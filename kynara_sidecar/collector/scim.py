@@ -433,9 +433,10 @@ class ScimStore(InMemoryStorage):
     place (a write stores a new object), so what a read took under the lock
     is one committed state, and a slow filter never holds up a write.
 
-    TODO(#13): every resource is held in memory and read back whole at
-    start (fine for tens of thousands of Users); a directory of millions
-    would need a storage that searches LMDB itself.
+    NOTE: every resource is held in memory and read back whole at start:
+    memory and start time grow with the Users and Groups stored (fine for
+    tens of thousands of Users); a directory of millions would need a
+    store that searches LMDB itself.
 
     Args:
         path: the LMDB environment's directory (created if missing).

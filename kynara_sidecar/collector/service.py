@@ -320,6 +320,7 @@ class Collector:
             retry_seconds=self.config.store.retry_seconds,
             clock=self.clock,
             on_entry=lambda outcome: self.metrics.inbox_entries.labels(outcome).inc(),
+            retention_seconds=config.retention_seconds,
         )
         return inbox, auth
 

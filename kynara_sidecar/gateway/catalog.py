@@ -430,8 +430,14 @@ class Catalog:
         request ``_meta`` (a progress token, say) is not passed on: the
         gateway relays no progress.
 
-        TODO(#13): an upstream's answer is read whole, however large;
-        ``gateway.max_message_bytes`` bounds only what agents send.
+        NOTE: an upstream's answer is read whole, however large;
+        ``gateway.max_message_bytes`` bounds only what agents send. The MCP
+        SDK reads it before the gateway sees it: over stdio its reader
+        joins chunks until a newline, with no bound; over streamable HTTP
+        a JSON answer is read whole (``response.aread()``), and an answer
+        sent as server-sent events is bounded per event only, by the
+        SDK's ``max_sse_event_size`` (1 MiB by default). Bounding the
+        rest needs a transport of the gateway's own in place of the SDK's.
 
         Raises:
             UpstreamError: the upstream answered a JSON-RPC error

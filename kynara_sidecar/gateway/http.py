@@ -147,10 +147,12 @@ class _Guard:
     that ended (deleted, idle, crashed) no longer counts against its agent;
     ``end_session`` ends one of them (a session opened past the cap).
 
-    TODO(#13): a second request with the JSON-RPC id of one still in flight
-    on the same session is passed on, and the SDK then leaves the first
-    unanswered; refusing it needs the session's in-flight ids, which only
-    the SDK's dispatcher knows (the same holds over stdio).
+    NOTE: a second request with the JSON-RPC id of one still in flight on
+    the same session is passed on, and the SDK then leaves the first
+    unanswered (the client's own doing: ids must be unique among its
+    requests in flight). Refusing it would need the session's in-flight
+    ids, which only the SDK's dispatcher knows; the same holds over stdio.
+    Each request is still authorized and audited on its own.
     """
 
     def __init__(

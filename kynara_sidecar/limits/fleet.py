@@ -57,7 +57,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -138,6 +138,28 @@ def decode_document(data: bytes) -> _Document:
             f"limit tallies document version {document.v}: expected {DOCUMENT_VERSION}"
         )
     return document
+
+
+def _raise_if_cancelled() -> None:
+    # A store call may swallow a cancellation (a NATS connect: Python
+    # 3.11's wait_for, gh-86296); the task still counts it, so a task
+    # ``close`` left behind ends here rather than putting or watching on.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _within(call: Awaitable[object], seconds: float) -> bool:
+    """Run ``call`` as a task for at most ``seconds``; whether it ended
+    (one still running is cancelled and left behind, not awaited)."""
+    task = asyncio.ensure_future(call)
+    _, pending = await asyncio.wait({task}, timeout=max(seconds, 0.0))
+    if pending:
+        task.cancel()
+        return False
+    with contextlib.suppress(Exception):
+        task.result()
+    return True
 
 
 def _reach(window: Window) -> int:
@@ -273,8 +295,14 @@ class FleetLimits:
 
     async def start(self) -> None:
         """Start publishing this daemon's document and watching the
-        others'. Returns at once: until the first read succeeds, ``remote``
-        answers None."""
+        others' (``launch``). Returns at once: until the first read
+        succeeds, ``remote`` answers None."""
+        self.launch()
+
+    def launch(self) -> None:
+        """``start`` from code running on the event loop that cannot await
+        (a policy activation's callback); idempotent. Nothing connects to
+        the store before this."""
         if self._tasks:
             return
         self._dirty = asyncio.Event()
@@ -284,23 +312,49 @@ class FleetLimits:
             asyncio.create_task(self._watch_loop(), name="kynara-fleet-watch"),
         ]
 
-    async def close(self) -> None:
-        """Stop both tasks, then put the document once more if it changed
-        since its last put (bounded by the store's timeout)."""
+    @property
+    def started(self) -> bool:
+        """Whether ``launch`` (or ``start``) ran and ``close`` did not."""
+        return bool(self._tasks)
+
+    async def close(self, seconds: float = 5.0) -> bool:
+        """Stop both tasks, put the document once more if it changed since
+        its last put, and close the store, all within ``seconds``; whether
+        everything finished in time.
+
+        A task that does not end when cancelled (a store call stuck where
+        cancelling cannot reach it, such as a NATS connect in progress) is
+        left behind after ``seconds``. The final put is made only when the
+        last one reached the store and both tasks ended: a store that is
+        down (or never connected) is not waited for again.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        stopped = True
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=seconds)
+            stopped = not pending
         self._watching = False
-        if tasks and self._dirty is not None and self._dirty.is_set():
-            await self._publish_once()
+        if (
+            stopped
+            and tasks
+            and self._connected
+            and self._dirty is not None
+            and self._dirty.is_set()
+        ):
+            stopped = await _within(self._publish_once(), deadline - loop.time())
+        if stopped:
+            stopped = await _within(self.store.close(), deadline - loop.time())
+        return stopped
 
     async def _publish_loop(self) -> None:
         assert self._dirty is not None
         failures = 0
         while True:
+            _raise_if_cancelled()
             await self._dirty.wait()
             self._dirty.clear()
             if await self._publish_once():
@@ -328,6 +382,7 @@ class FleetLimits:
         try:
             if not self._connected:
                 await self.store.connect()
+                _raise_if_cancelled()
                 self._connected = True
             await self.store.put_limit_tallies(self.daemon_id, data)
         except StoreUnavailable as err:
@@ -335,6 +390,10 @@ class FleetLimits:
             self._failed(str(err), logging.WARNING)
             self._mark()
             return False
+        except asyncio.CancelledError:
+            # Stopped mid-put: ``close`` puts it once more if it can.
+            self._mark()
+            raise
         except ValueError as err:
             self._failed(
                 f"{err}: the other daemons keep this daemon's previous document "
@@ -374,10 +433,12 @@ class FleetLimits:
     async def _watch_loop(self) -> None:
         failures = 0
         while True:
+            _raise_if_cancelled()
             try:
                 # Idempotent; makes what is missing (dir://: the limits
                 # directory of a store an older version laid out).
                 await self.store.connect()
+                _raise_if_cancelled()
                 found = await self.store.limit_tallies()
                 self._heard = self.clock()
                 self._watching = True

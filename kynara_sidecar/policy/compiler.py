@@ -5,7 +5,8 @@ ids, well-formed action and resource patterns, roles that exist, role
 inheritance without cycles, one definition per role, CEL conditions
 (see ``conditions``), the declared limits (see ``limits``: names unique
 across the set) and that every limit a condition reads as
-``limits.<name>`` is declared in some file of the set. It resolves role
+``limits.<name>`` is declared in some file of the set (and sums, where it
+reads ``limits.<name>.sum``). It resolves role
 inheritance and indexes the rules by (resource kind pattern, action
 pattern), so a lookup for a request touches only the rules that can
 apply: for kind ``a.b`` and action ``x.y`` it reads the buckets of every
@@ -62,6 +63,7 @@ from kynara_sidecar.policy.names import (
 
 __all__ = [
     "ANY_ROLE",
+    "MAX_ACTION_LABELS",
     "CompiledRule",
     "Directory",
     "PolicySet",
@@ -73,6 +75,12 @@ __all__ = [
 
 # In a rule's roles: any principal in the directory.
 ANY_ROLE = "*"
+# Actions that may be a metric's ``action`` label value (``action_names``):
+# each is a series per decision outcome that a scrape carries, so a set
+# naming tens of thousands of actions (69,263 in the generated 100,000-rule
+# set) would make every scrape that large. A thousand covers a hand-written
+# set whole; the rest count under ``other``.
+MAX_ACTION_LABELS = 1000
 
 _IndexKey = tuple[str, str]
 # Kind pattern -> action pattern -> the rules under that pair, in set order.
@@ -112,9 +120,9 @@ class PolicySet(msgspec.Struct, frozen=True):
     rules: tuple[CompiledRule, ...]
     roles: Mapping[str, frozenset[str]]
     index: Mapping[_IndexKey, tuple[int, ...]]
-    # The actions rules name exactly (not by pattern); bounds metric labels.
-    # TODO(#13): a bound that grows with the set: 69,263 names (so label
-    # values) in the generated 100,000-rule set; cap or choose them?
+    # The actions that may be metric label values: the first
+    # ``MAX_ACTION_LABELS`` distinct actions rules name exactly (not by
+    # pattern), in set order; any other action is labelled ``other``.
     action_names: frozenset[str] = frozenset()
     # ``index`` again, holding the rules and grouped by kind pattern.
     buckets: _Buckets = MappingProxyType({})
@@ -232,12 +240,23 @@ def compile_policy_set(documents: Sequence[SourceDocument]) -> PolicySet:
         rules=rules,
         roles=MappingProxyType(roles),
         index=MappingProxyType(index),
-        action_names=frozenset(
-            action for rule in rules for action in rule.actions if is_valid_name(action)
-        ),
+        action_names=_label_actions(rules),
         buckets=_buckets(index, rules),
         limits=MappingProxyType(dict(limits)),
     )
+
+
+def _label_actions(rules: Sequence[CompiledRule]) -> frozenset[str]:
+    """The first ``MAX_ACTION_LABELS`` distinct exact actions, in set order
+    (file name order, then rule order, then each rule's action order)."""
+    names: dict[str, None] = {}
+    for rule in rules:
+        for action in rule.actions:
+            if is_valid_name(action):
+                names[action] = None
+                if len(names) == MAX_ACTION_LABELS:
+                    return frozenset(names)
+    return frozenset(names)
 
 
 def compile_directory(
@@ -478,6 +497,15 @@ def _compile_rule(
                 raise PolicyError(
                     f"{cite} condition: expected a limit declared in a policy "
                     f"file of the set, got limits.{name}",
+                    path=path,
+                    location=f"{where}.condition",
+                )
+        for name, field in sorted(condition.limit_fields):
+            if field == "sum" and not limits[name].sums:
+                raise PolicyError(
+                    f"{cite} condition: expected .sum only on a limit that "
+                    f"declares sum, got limits.{name}.sum on limit {name!r}, "
+                    f"which counts decisions (read limits.{name}.count)",
                     path=path,
                     location=f"{where}.condition",
                 )

@@ -48,7 +48,13 @@ A condition reads a limit only as ``limits.<name>`` (``has(limits.<name>)``
 too); any other use of ``limits`` (``limits[x]``, ``limits`` alone) is a
 load error giving line and column, so the names a condition reads
 (``Condition.limits``) are known at load, where the compiler refuses a
-name no policy file declares.
+name no policy file declares. After ``limits.<name>`` comes one of
+``LIMIT_FIELDS`` or nothing (the limit as a whole value), in ``has()`` too;
+a misspelt field (``limits.x.exceded``), an index (``limits.x["count"]``)
+or a select on a field's value (``limits.x.exceeded.exceeded``) is a load
+error as well, since it would load and then fail every request. The
+(name, field) pairs read are ``Condition.limit_fields``, where the compiler
+refuses ``sum`` on a limit that counts decisions.
 
 At load a condition is parsed and type-checked against those declarations,
 and its result must be ``bool`` (or ``dyn``, checked again per request). The
@@ -70,7 +76,6 @@ from __future__ import annotations
 import datetime
 import re
 import unicodedata
-import zoneinfo
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -81,9 +86,11 @@ from google.protobuf import duration_pb2, timestamp_pb2, wrappers_pb2
 
 from kynara_sidecar.decision import Duration, Timestamp, UInt64
 from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.limits import is_iana_zone
 
 __all__ = [
     "LIMITS_VARIABLE",
+    "LIMIT_FIELDS",
     "TIME_ZONE_FUNCTIONS",
     "VARIABLES",
     "Condition",
@@ -109,6 +116,8 @@ VARIABLES: Mapping[str, cel.Type] = {
 
 # The variable holding the limits' values; read only by select.
 LIMITS_VARIABLE = "limits"
+# The fields of one limit's value (``sum`` on summing limits only).
+LIMIT_FIELDS = ("count", "sum", "ceiling", "remaining", "exceeded", "window_start")
 
 # The timestamp accessors that take an optional time zone argument.
 TIME_ZONE_FUNCTIONS = frozenset(
@@ -164,9 +173,13 @@ class Condition:
             to the next). Defaults to all of them, which claims nothing.
         limits: The limit names the expression reads as
             ``limits.<name>``, read from the checked expression at load.
+        limit_fields: The (name, field) pairs it reads: a field of
+            ``LIMIT_FIELDS``, or ``""`` for the limit as a whole value
+            (``has(limits.x)``, ``limits.x == ...``). Defaults to each name
+            of ``limits`` as a whole value.
     """
 
-    __slots__ = ("_expression", "limits", "source", "variables")
+    __slots__ = ("_expression", "limit_fields", "limits", "source", "variables")
 
     def __init__(
         self,
@@ -174,11 +187,17 @@ class Condition:
         expression: cel.Expression,
         variables: frozenset[str] = frozenset(VARIABLES),
         limits: frozenset[str] = frozenset(),
+        limit_fields: frozenset[tuple[str, str]] | None = None,
     ):
         self.source = source
         self._expression = expression
         self.variables = variables
         self.limits = limits
+        self.limit_fields = (
+            frozenset((name, "") for name in limits)
+            if limit_fields is None
+            else limit_fields
+        )
 
     def __repr__(self) -> str:
         return f"Condition({self.source!r})"
@@ -256,7 +275,8 @@ def compile_condition(
         PolicyError: The text does not parse or type-check (the message
             gives line and column), its result type is not bool, a
             timestamp, duration or time zone literal is invalid, or it uses
-            ``limits`` other than as ``limits.<name>``.
+            ``limits`` other than as ``limits.<name>`` followed by one of
+            ``LIMIT_FIELDS`` or nothing.
     """
     prefix = f"rule {rule!r} condition: " if rule else "condition: "
 
@@ -292,14 +312,21 @@ def compile_condition(
     problem = _check_literals(source, expr, positions)
     if problem:
         raise refuse(problem)
-    names, misused = _limits_read(expr)
-    if misused:
-        line, column = _line_column(source, positions.get(misused[0], 0))
-        raise refuse(
-            "expected limits read as limits.<name>, got another use of limits "
-            f"at line {line} column {column}"
+    read = _LimitsRead()
+    read.walk(expr)
+    if read.problems:
+        node_id, problem = min(
+            read.problems, key=lambda item: positions.get(item[0], 0)
         )
-    return Condition(source, expression, _variables_named(expr), names)
+        line, column = _line_column(source, positions.get(node_id, 0))
+        raise refuse(f"{problem} at line {line} column {column}")
+    return Condition(
+        source,
+        expression,
+        _variables_named(expr),
+        frozenset(name for name, _ in read.fields),
+        frozenset(read.fields),
+    )
 
 
 def to_cel_value(value: Any) -> Any:
@@ -406,13 +433,9 @@ def _probe(kind: str, literal: str) -> bool:
 
 
 def _is_time_zone(name: str) -> bool:
-    if _FIXED_OFFSET.fullmatch(name):
-        return True
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
+    # As a limit's window: a zone of the database, never one following the
+    # host's clock (``localtime``), where two daemons would disagree.
+    return bool(_FIXED_OFFSET.fullmatch(name)) or is_iana_zone(name)
 
 
 def _line_column(source: str, offset: int) -> tuple[int, int]:
@@ -497,45 +520,150 @@ _EXPR_SELECT = 5
 _SELECT_OPERAND, _SELECT_FIELD = 1, 2
 
 
-def _limits_read(expr: bytes) -> tuple[frozenset[str], list[int]]:
-    """The names read as ``limits.<name>``, and the node ids of every other
-    use of the identifier ``limits`` (a comprehension variable spelt so
-    included: refused, never mistaken)."""
-    names: set[str] = set()
-    misused: list[int] = []
-    _walk_limits(expr, names, misused)
-    return frozenset(names), misused
+_SELECT_TEST_ONLY = 3
+_INDEX = "_[_]"
+_LIMIT_FIELDS_TEXT = ", ".join(LIMIT_FIELDS[:-1]) + f" or {LIMIT_FIELDS[-1]}"
 
 
-def _walk_limits(expr: bytes, names: set[str], misused: list[int]) -> None:
-    node_id = 0
-    for field, value in _fields(expr):
-        if field == _EXPR_ID:
-            node_id = value
-        elif field == _EXPR_IDENT:
-            name = dict(_fields(value)).get(_IDENT_NAME, b"")
-            if name == LIMITS_VARIABLE.encode():
-                misused.append(node_id)
-        elif field == _EXPR_SELECT:
-            select = dict(_fields(value))
-            operand = select.get(_SELECT_OPERAND, b"")
-            if _ident_name(operand) == LIMITS_VARIABLE:
-                names.add(select.get(_SELECT_FIELD, b"").decode())
+class _LimitsRead:
+    """What a checked expression reads of ``limits``: (name, field) pairs
+    in ``fields`` (field ``""`` for a limit as a whole value), and in
+    ``problems`` (node id, message) for each use a request could only fail
+    on: ``limits`` other than selected (a comprehension variable spelt so
+    included: refused, never mistaken), a field a limit does not have, an
+    index on a limit, a select or index on a field's value. ``dyn(...)``
+    is looked through: it changes no value.
+
+    NOTE: a limit passed through a value first (``[limits.x][0].f``,
+    ``{"a": limits.x}.a.f``, a comprehension over a list of limits) is
+    only known as a whole-value read; telling its fields needs types the
+    checker does not have for ``map(string, dyn)``, so a misspelt field
+    there still fails each request (closed) rather than the load."""
+
+    def __init__(self) -> None:
+        self.fields: set[tuple[str, str]] = set()
+        self.problems: list[tuple[int, str]] = []
+
+    def walk(self, expr: bytes) -> None:
+        node_id = 0
+        for field, value in _fields(expr):
+            if field == _EXPR_ID:
+                node_id = value
+            elif field == _EXPR_IDENT:
+                if dict(_fields(value)).get(_IDENT_NAME, b"") == _LIMITS_NAME:
+                    self.problems.append(
+                        (
+                            node_id,
+                            "expected limits read as limits.<name>, got another "
+                            "use of limits",
+                        )
+                    )
+            elif field == _EXPR_SELECT:
+                self._select(node_id, dict(_fields(value)))
+            elif field == _EXPR_CALL:
+                self._call(node_id, value)
+            elif field == _EXPR_STRUCT:
+                for entry in (v for f, v in _fields(value) if f == _STRUCT_ENTRIES):
+                    for entry_field, child in _fields(entry):
+                        if entry_field in _ENTRY_CHILD_FIELDS:
+                            self.walk(child)
+            elif field in _CHILD_FIELDS:
+                for child_field, child in _fields(value):
+                    if child_field in _CHILD_FIELDS[field]:
+                        self.walk(child)
+
+    def _select(self, node_id: int, select: dict[int, Any]) -> None:
+        operand = select.get(_SELECT_OPERAND, b"")
+        selected = select.get(_SELECT_FIELD, b"").decode()
+        if _ident_name(operand) == LIMITS_VARIABLE:
+            self.fields.add((selected, ""))
+            return
+        path = _limit_path(operand)
+        if path is None:
+            self.walk(operand)
+        elif len(path) == 1:
+            name = path[0]
+            if selected in LIMIT_FIELDS:
+                self.fields.add((name, selected))
             else:
-                _walk_limits(operand, names, misused)
-        elif field == _EXPR_CALL:
+                self.problems.append(
+                    (
+                        node_id,
+                        f"expected a field of limits.{name} ({_LIMIT_FIELDS_TEXT}) "
+                        f"or none, got limits.{name}.{selected}",
+                    )
+                )
+        else:
+            name, limit_field = path
+            self.problems.append(
+                (
+                    node_id,
+                    f"expected nothing selected from limits.{name}.{limit_field} "
+                    f"(a value, not a map), got .{selected} after it",
+                )
+            )
+
+    def _call(self, node_id: int, call: bytes) -> None:
+        function = b""
+        children: list[bytes] = []
+        for call_field, child in _fields(call):
+            if call_field == _CALL_FUNCTION:
+                function = child
+            elif call_field in (_CALL_TARGET, _CALL_ARGS):
+                children.append(child)
+        if function.decode() == _INDEX and children:
+            path = _limit_path(children[0])
+            if path is not None:
+                what = "limits." + ".".join(path)
+                self.problems.append(
+                    (
+                        node_id,
+                        f"expected {what} read by field (limits.{path[0]}."
+                        f"exceeded), got an index on {what}"
+                        if len(path) == 1
+                        else f"expected no index on {what} (a value, not a "
+                        f"map), got one",
+                    )
+                )
+                children = children[1:]
+        for child in children:
+            self.walk(child)
+
+
+_LIMITS_NAME = LIMITS_VARIABLE.encode()
+
+
+def _limit_path(expr: bytes) -> tuple[str] | tuple[str, str] | None:
+    """``(name,)`` for ``limits.<name>``, ``(name, field)`` for
+    ``limits.<name>.<field>`` with a field of ``LIMIT_FIELDS``, either seen
+    through ``dyn(...)``; None for anything else (``has(...)`` included,
+    which is a bool)."""
+    for field, value in _fields(expr):
+        if field == _EXPR_SELECT:
+            select = dict(_fields(value))
+            if select.get(_SELECT_TEST_ONLY):
+                return None
+            operand = select.get(_SELECT_OPERAND, b"")
+            selected = select.get(_SELECT_FIELD, b"").decode()
+            if _ident_name(operand) == LIMITS_VARIABLE:
+                return (selected,)
+            inner = _limit_path(operand)
+            if inner is not None and len(inner) == 1 and selected in LIMIT_FIELDS:
+                return (inner[0], selected)
+            return None
+        if field == _EXPR_CALL:
+            function, target, args = b"", False, []
             for call_field, child in _fields(value):
-                if call_field in (_CALL_TARGET, _CALL_ARGS):
-                    _walk_limits(child, names, misused)
-        elif field == _EXPR_STRUCT:
-            for entry in (v for f, v in _fields(value) if f == _STRUCT_ENTRIES):
-                for entry_field, child in _fields(entry):
-                    if entry_field in _ENTRY_CHILD_FIELDS:
-                        _walk_limits(child, names, misused)
-        elif field in _CHILD_FIELDS:
-            for child_field, child in _fields(value):
-                if child_field in _CHILD_FIELDS[field]:
-                    _walk_limits(child, names, misused)
+                if call_field == _CALL_FUNCTION:
+                    function = child
+                elif call_field == _CALL_TARGET:
+                    target = True
+                elif call_field == _CALL_ARGS:
+                    args.append(child)
+            if function == b"dyn" and not target and len(args) == 1:
+                return _limit_path(args[0])
+            return None
+    return None
 
 
 def _ident_name(expr: bytes) -> str:

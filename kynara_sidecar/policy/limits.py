@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import datetime
 import enum
+import functools
 import hashlib
 import math
 import re
@@ -55,6 +56,7 @@ from kynara_sidecar.policy.model import LimitDocument, LimitScope, PolicyDocumen
 from kynara_sidecar.policy.names import is_valid_pattern, pattern_matches
 
 __all__ = [
+    "FIELD_TEXT",
     "MAX_KEY_LENGTH",
     "CalendarUnit",
     "CompiledLimit",
@@ -63,6 +65,7 @@ __all__ = [
     "Window",
     "amount_of",
     "compile_limits",
+    "is_iana_zone",
     "key_of",
     "window_start",
 ]
@@ -164,6 +167,16 @@ _PLAIN_SOURCES = ("user", "agent", "chain", "resource.id", "resource.kind")
 _FIELD_SOURCES = ("context", "resource.attr", "user.attr", "agent.attr")
 _SUM_SOURCES = ("context", "resource.attr")
 _MAX_FIELD = 128
+# A field after ``context.`` and the like names one map key, dots included
+# (no nesting). It may hold ASCII letters, digits and ``_ - . :`` only: no
+# blank, control or CEL operator character, so ``resource.attr.amount * 2``
+# or a trailing blank (which would name a key no request sends, and so fail
+# every request) is refused at load.
+_FIELD = re.compile(rf"[A-Za-z0-9_.:-]{{1,{_MAX_FIELD}}}")
+FIELD_TEXT = (
+    f"1..{_MAX_FIELD} ASCII letters, digits, '_', '-', '.' or ':' (no blank, "
+    "control or operator character)"
+)
 _DURATION_UNITS = {
     "w": 7 * 86_400,
     "d": 86_400,
@@ -267,7 +280,7 @@ def _compile_limit(
                 f"key[{position}]",
                 "key: expected user, agent, chain, resource.id, resource.kind, "
                 "context.<field>, resource.attr.<field>, user.attr.<field> or "
-                f"agent.attr.<field>, got {text!r}",
+                f"agent.attr.<field>, a field being {FIELD_TEXT}, got {text!r}",
             )
         if part in key:
             raise refuse(
@@ -280,8 +293,8 @@ def _compile_limit(
         if part is None or part.source not in _SUM_SOURCES:
             raise refuse(
                 "sum",
-                "sum: expected context.<field> or resource.attr.<field>, "
-                f"got {limit.sum!r}",
+                "sum: expected context.<field> or resource.attr.<field>, a "
+                f"field being {FIELD_TEXT}, got {limit.sum!r}",
             )
         sum_source, sum_field = part.source, part.field
     window = _window(limit, refuse)
@@ -336,7 +349,7 @@ def _key_part(text: str) -> KeyPart | None:
         if text.startswith(prefix):
             field = text[len(prefix) :]
             # The field is one map key, dots included: no nesting.
-            if 0 < len(field) <= _MAX_FIELD and field.isprintable():
+            if _FIELD.fullmatch(field):
                 return KeyPart(source, field)
             return None
     return None
@@ -371,15 +384,43 @@ def _window(limit: LimitDocument, refuse: Any) -> Window:
             "window.calendar: expected 'hour', 'day', 'week' or 'month', got "
             f"{window.calendar!r}",
         )
-    try:
-        zoneinfo.ZoneInfo(window.time_zone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    if not is_iana_zone(window.time_zone):
         raise refuse(
             "window.time_zone",
-            "window.time_zone: expected an IANA time zone such as "
-            f"'Europe/Berlin', got {window.time_zone!r}",
-        ) from None
+            "window.time_zone: expected an IANA time zone of the database "
+            "such as 'Europe/Berlin' (default 'UTC'), not 'localtime', "
+            "'posixrules' or 'Factory', which follow the host's clock or mean "
+            f"none, got {window.time_zone!r}",
+        )
     return Window(calendar=CalendarUnit(window.calendar), time_zone=window.time_zone)
+
+
+# Names the zone directory holds that are no zone of the IANA database: the
+# host's own local time (``localtime`` links to /etc/localtime, and
+# ``posixrules`` may follow it), so two hosts could open different days
+# under one name; and ``Factory``, a zone meaning "local time not set".
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+def is_iana_zone(name: str) -> bool:
+    """Whether ``name`` is a zone (or link) of the IANA time zone database
+    as installed (``zoneinfo.available_timezones``, which leaves out the
+    ``posix/`` and ``right/`` copies), other than ``localtime``,
+    ``posixrules`` and ``Factory``, and loads."""
+    if name in _NOT_ZONES or name not in _available_zones():
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+@functools.cache
+def _available_zones() -> frozenset[str]:
+    # Read once per process: listing the zone directory opens every file
+    # in it (about 600), some tens of milliseconds.
+    return frozenset(zoneinfo.available_timezones())
 
 
 def _parse_duration(text: str) -> int | None:

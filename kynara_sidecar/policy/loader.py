@@ -285,8 +285,8 @@ def _parse(path: str, content: bytes) -> Any:
 def _validated(path: str, content: bytes, raw: Any, name: str) -> SourceDocument:
     check_expansion(raw, path)
     document_type = _document_type(raw, path)
-    _check_roles(raw, path)
-    _check_limits(raw, path)
+    _check_roles(raw, path, content)
+    _check_limits(raw, path, content)
     document = convert_document(raw, document_type, path)
     return SourceDocument(
         path=path, name=name or path, content=content, document=document
@@ -419,21 +419,29 @@ def _document_type(raw: Any, path: str) -> type[PolicyDocument | DirectoryDocume
     return _DOCUMENT_TYPES[DocumentKind(header.kind)]
 
 
-def _check_roles(raw: dict[str, Any], path: str) -> None:
+def _check_roles(raw: dict[str, Any], path: str, content: bytes = b"") -> None:
     # Validated one by one first: msgspec reports a bad value inside a map
     # as `$.roles[...]`, losing the role's name.
     roles = raw.get("roles")
     if not isinstance(roles, dict):
         return
+    _check_names(roles, "roles", "a role name", path, content)
     for role, definition in roles.items():
         convert_document(definition, RoleDocument, path, prefix=f"$.roles.{role}")
 
 
-def _check_limits(raw: dict[str, Any], path: str) -> None:
+def _check_limits(raw: dict[str, Any], path: str, content: bytes = b"") -> None:
     # As roles: one by one, so an error names the limit (`$.limits.x.window`).
     limits = raw.get("limits")
     if not isinstance(limits, dict):
         return
+    _check_names(
+        limits,
+        "limits",
+        "a limit name (a CEL identifier such as refunds_today)",
+        path,
+        content,
+    )
     for name, definition in limits.items():
         convert_document(
             definition,
@@ -442,6 +450,62 @@ def _check_limits(raw: dict[str, Any], path: str) -> None:
             prefix=f"$.limits.{name}",
             choices={"scope": tuple(LimitScope)},
         )
+
+
+def _check_names(
+    mapping: dict[Any, Any], section: str, what: str, path: str, content: bytes
+) -> None:
+    """Refuse a key of ``mapping`` (the top-level ``section``) that is not
+    text, naming it as written: YAML reads an unquoted ``true``, ``yes``,
+    ``null``, ``~``, a number or a date as no string, and msgspec would say
+    only "expected str, got bool - at key in $.limits"."""
+    for name in mapping:
+        if isinstance(name, str):
+            continue
+        written, line = _written_key(content, section, name)
+        on_line = f" on line {line}" if line else ""
+        raise PolicyError(
+            f"expected {what} as text, got {_yaml_type(name)} {written!r}"
+            f"{on_line} (YAML reads an unquoted true, false, yes, no, on, off, "
+            "null, ~, number or date as no text)",
+            path=path,
+            location=f"$.{section}.{written}",
+        )
+
+
+def _yaml_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "float"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _written_key(content: bytes, section: str, name: Any) -> tuple[str, int]:
+    """The first key of the top-level mapping ``section`` that YAML does not
+    read as a string, as written, and its line (from 1); ``name`` in YAML's
+    spelling and line 0 when the text cannot tell."""
+    if name is None or isinstance(name, bool):
+        fallback = {None: "null", True: "true", False: "false"}[name]
+    else:
+        fallback = str(name)
+    try:
+        root = yaml.compose(content, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, ValueError):
+        return fallback, 0
+    if not isinstance(root, yaml.MappingNode):
+        return fallback, 0
+    for key_node, value_node in root.value:
+        if key_node.value != section or not isinstance(value_node, yaml.MappingNode):
+            continue
+        for name_node, _ in value_node.value:
+            if name_node.tag not in (_STR_TAG, _MERGE_TAG):
+                return str(name_node.value), name_node.start_mark.line + 1
+    return fallback, 0
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def convert_document(

@@ -44,6 +44,14 @@ hello after ``HELLO_TIMEOUT_SECONDS`` is closed; at most
 ``max_in_flight`` requests per connection (the hello's answer says how
 many); at most ``max_connections`` connections. A peer that stops reading
 its answers is not read from until it does (write flow control).
+
+Idle connections (``agent.fast_idle_seconds``): after the hello, a timer
+checks each connection every ``idle_seconds``. A connection that had
+nothing in flight at one check and sent nothing and had nothing in flight
+by the next is closed, without a message (no request of its is left to
+answer; a client dials again when it needs to). So a connection is closed
+after at least ``idle_seconds`` of quiet and at most twice that, and a
+read costs one attribute store rather than a timer's reset.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Protocol
 
 from kynara_sidecar.approvals.model import Approval
+from kynara_sidecar.config import DEFAULT_FAST_IDLE_SECONDS
 from kynara_sidecar.errors import (
     InvalidRequest,
     KynaraError,
@@ -109,16 +118,18 @@ HELLO_TIMEOUT_SECONDS = 5.0
 # The longest hello: a version list and a credential. Before it nobody is
 # known, so nobody may make the daemon hold a large frame.
 MAX_HELLO_BYTES = 16 * 1024
-# TODO(#13): an idle timeout after the hello (a connection with nothing in
-# flight that sends nothing still holds its slot until it closes).
 # Requests one connection may have in flight: far more than a client needs
 # to fill the group commit (a batch of 256 records), small enough that one
 # connection cannot hold the daemon's memory.
 DEFAULT_MAX_IN_FLIGHT = 1024
 # Connections at once: a sidecar serves the agents of one pod.
-# TODO(#13): a limit per peer uid rather than one for the socket, and a
-# code of its own for it (the ErrorCode catalogue has no "unavailable,
-# retry later" besides shutting_down): refused ones get `internal`.
+# NOTE: one limit for the socket, not one per peer uid: the daemon does not
+# read SO_PEERCRED, and the agents of one pod usually run as one uid, where
+# a per-uid limit is this limit; who may connect at all is the socket's
+# permission bits (agent.socket_mode). A refused connection gets
+# `internal` on stream 0: the ErrorCode catalogue has no "unavailable,
+# retry later" code besides shutting_down, and a new one is a change of
+# the wire contract.
 DEFAULT_MAX_CONNECTIONS = 256
 # Deadlines further out than this (about 24 days) are not armed: no call
 # waits that long, and event loop timers need not hold them.
@@ -177,6 +188,9 @@ class FastPathServer:
         max_message_bytes: longer payloads get ``request_too_large``.
         max_in_flight: requests per connection.
         max_connections: connections at once.
+        idle_seconds: a connection idle this long after its hello is closed
+            (within twice this); 0 never closes one
+            (``agent.fast_idle_seconds``).
     """
 
     def __init__(
@@ -189,6 +203,7 @@ class FastPathServer:
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_seconds: float = DEFAULT_FAST_IDLE_SECONDS,
     ):
         self.pipeline = pipeline
         self.waits = waits
@@ -198,6 +213,7 @@ class FastPathServer:
         self.max_in_flight = max_in_flight
         self._max_connections = max_connections
         self.hello_timeout = HELLO_TIMEOUT_SECONDS
+        self.idle_seconds = idle_seconds
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
@@ -311,6 +327,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._peer = "unix:"
         self._transport: asyncio.Transport | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # Something was read, or was in flight at the last idle check,
+        # since that check.
+        self._active = False
         self.streams: dict[int, _Stream] = {}
         # Groups whose commit has not returned: done when it has.
         self.groups: set[asyncio.Future[None]] = set()
@@ -362,6 +382,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         # The client went away: its requests are cancelled, as grpc cancels
         # the handlers of a call whose client left.
         for stream in self.streams.values():
@@ -396,6 +419,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        self._active = True
         self._out = []
         try:
             self._read_frames()
@@ -528,6 +552,32 @@ class _Connection(asyncio.BufferedProtocol):
             self._hello_timer = None
         self._authorization = hello.authorization
         self._write(encode_message(0, self._server.hello_answer))
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        idle = self._server.idle_seconds
+        if idle > 0 and not self._closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                idle, self._idle_check
+            )
+
+    def _idle_check(self) -> None:
+        """Close the connection when it was quiet since the last check
+        and had nothing in flight then or now; else check again later."""
+        self._idle_timer = None
+        if self._closed:
+            return
+        busy = bool(self.streams or self.groups)
+        if self._active or busy:
+            # In flight now: the next period does not count as quiet.
+            self._active = busy
+            self._arm_idle()
+            return
+        log.debug(
+            "idle fast path connection closed",
+            extra=_fields(peer=self._peer, idle_seconds=self._server.idle_seconds),
+        )
+        self.close()
 
     # ------------------------------------------------------------- requests
 

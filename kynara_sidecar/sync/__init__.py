@@ -401,6 +401,7 @@ def open_store(
     nats: NatsConnection | None = None,
     timeout_key: str = "sync.timeout_seconds",
     setting: str = "",
+    declares_limits: bool = False,
 ) -> Store:
     """The store ``url`` names, not yet connected.
 
@@ -418,6 +419,9 @@ def open_store(
             ``policy.source``, ``directory.store``, ``store.url``), which a
             ``dir://`` store whose directory is missing names as the one to
             fix; "" for "the setting that names it".
+        declares_limits: a ``nats://`` store's ``connect`` also makes the
+            fleet-scope limits bucket (the collector's, whose user may);
+            otherwise its first use does.
 
     Raises:
         ConfigError: an unknown scheme or a malformed URL.
@@ -447,6 +451,7 @@ def open_store(
         connection=nats,
         timeout_key=timeout_key,
         poll_seconds=poll_seconds,
+        declares_limits=declares_limits,
     )
 
 

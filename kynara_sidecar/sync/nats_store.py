@@ -1,7 +1,8 @@
 """``nats://HOST:PORT``: a central store on NATS JetStream, for a fleet.
 
-What lives where (``connect`` creates what is missing; creating is
-idempotent, so daemons racing to create the same thing all succeed):
+What lives where (``connect`` creates what is missing, but for the
+directory and limits buckets, made on first use; creating is idempotent,
+so daemons racing to create the same thing all succeed):
 
 - key-value bucket ``kynara_bundles``, key ``current``: the current bundle's
   bytes. ``watch_bundles`` is a key-value watch, so a publish reaches every
@@ -40,7 +41,14 @@ idempotent, so daemons racing to create the same thing all succeed):
   ``MAX_LIMIT_TALLIES_BYTES`` (the bucket's ``max_value_size``, so the
   server refuses a larger one from any writer); ``watch_limit_tallies`` is
   a watch over the bucket, so a put reaches every other daemon as soon as
-  the server forwards it.
+  the server forwards it. It is looked up (and made when missing) by the
+  first ``put_limit_tallies``, ``limit_tallies`` or
+  ``watch_limit_tallies``, not by ``connect``: a user that shares no
+  fleet-scope limit (the bundle publisher, a daemon whose policies declare
+  none, one of a deployment set up before fleet-scope limits) needs no
+  permission for it. The collector's store (``declares_limits``) makes it
+  at ``connect``, as it makes the others, since a daemon's user may look
+  it up but not create it.
 - stream ``KYNARA_SEGMENTS``, subjects ``kynara.segments.<daemon_token>``,
   file storage: segment messages, each published with the ``Nats-Msg-Id``
   header so the server drops a resend within its duplicate window (an
@@ -268,6 +276,9 @@ class NatsStore:
             runs out of it (the collector's is ``store.timeout_seconds``).
         poll_seconds: how often ``watch_directory`` asks again for a
             directory bucket the collector has not created yet.
+        declares_limits: ``connect`` also looks up the limits bucket and
+            makes it when missing (the collector's store, whose user may);
+            otherwise the first call on limit tallies does.
     """
 
     def __init__(
@@ -278,6 +289,7 @@ class NatsStore:
         connection: NatsConnection | None = None,
         timeout_key: str = "sync.timeout_seconds",
         poll_seconds: float = 1.0,
+        declares_limits: bool = False,
     ):
         scheme, sep, rest = url.partition("://")
         if scheme != "nats" or not sep or not rest:
@@ -286,6 +298,7 @@ class NatsStore:
         self.timeout = timeout
         self.timeout_key = timeout_key
         self.poll_seconds = poll_seconds
+        self.declares_limits = declares_limits
         self.connection = connection or NatsConnection()
         # The server's last "Permissions Violation" on this connection: a
         # refused publish or subscription gets no answer, only this notice,
@@ -330,7 +343,8 @@ class NatsStore:
 
     async def connect(self) -> None:
         """Connect (again, when the connection was lost) and create the
-        buckets and the stream when missing.
+        buckets and the stream when missing (the limits bucket only with
+        ``declares_limits``; the directory bucket never).
 
         Raises:
             StoreUnavailable: the server did not answer within ``timeout``
@@ -386,7 +400,11 @@ class NatsStore:
         self._status = await self._bucket(js, STATUS_BUCKET)
         self._approvals = await self._bucket(js, APPROVALS_BUCKET)
         self._reviews = await self._bucket(js, REVIEWS_BUCKET)
-        self._limits = await self._bucket(
+        if self.declares_limits:
+            self._limits = await self._limits_of(js)
+
+    async def _limits_of(self, js: JetStreamContext) -> KeyValue:
+        return await self._bucket(
             js, LIMITS_BUCKET, max_value_size=MAX_LIMIT_TALLIES_BYTES
         )
 
@@ -419,6 +437,7 @@ class NatsStore:
     async def _drop(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
         self._directory = None
+        self._limits = None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(*_UNAVAILABLE):
                 await nc.close()
@@ -944,6 +963,16 @@ class NatsStore:
 
     # -- limit tallies
 
+    async def _limits_bucket(self) -> KeyValue:
+        """The limits bucket, looked up on first use after a connect and
+        made when missing: a daemon whose user may not create it (the
+        shipped ``nats-server.conf``) finds it made by the collector, or
+        gets the server's refusal as StoreUnavailable."""
+        js = await self._ensure()
+        if self._limits is None:
+            self._limits = await self._limits_of(js)
+        return self._limits
+
     async def put_limit_tallies(self, daemon_id: str, data: bytes) -> None:
         """Replace the daemon's limit tallies document.
 
@@ -957,15 +986,15 @@ class NatsStore:
         key = daemon_token(daemon_id)
 
         async def put() -> None:
-            await self._ensure()
-            assert self._nc is not None and self._limits is not None
+            bucket = await self._limits_bucket()
+            assert self._nc is not None
             if len(data) > self._nc.max_payload:
                 raise ValueError(
                     f"{self.url}: a limit tallies document of {len(data)} bytes "
                     f"exceeds the server's max_payload of {self._nc.max_payload} "
                     "bytes"
                 )
-            await self._limits.put(key, data)
+            await bucket.put(key, data)
 
         await self._bounded(
             f"write limit tallies of {daemon_id}",
@@ -975,6 +1004,7 @@ class NatsStore:
 
     async def limit_tallies(self) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:
+            await self._limits_bucket()
             found = {}
             for key, value in sorted(await self._read_all(LIMITS_BUCKET, ">")):
                 daemon_id = _limit_tallies_owner(key, value)
@@ -992,6 +1022,7 @@ class NatsStore:
             StoreUnavailable: could not start the watch, or the connection
                 was lost.
         """
+        await self._bounded("watch limit tallies", self._limits_bucket())
         async for update in self._watch(
             "limit tallies", LIMITS_BUCKET, ">", deletes=True
         ):
@@ -1196,7 +1227,8 @@ def _watch_subjects(bucket: str, keys: str) -> list[str]:
 
 
 def _lookups() -> list[str]:
-    """Looking up the stream and the buckets, as ``connect`` does."""
+    """Looking up the stream and the buckets, as ``connect`` does (the
+    directory and limits buckets are looked up on first use)."""
     streams = (SEGMENTS_STREAM,) + tuple(
         f"KV_{bucket}"
         for bucket in (
@@ -1204,7 +1236,6 @@ def _lookups() -> list[str]:
             STATUS_BUCKET,
             APPROVALS_BUCKET,
             REVIEWS_BUCKET,
-            LIMITS_BUCKET,
         )
     )
     return [f"$JS.API.STREAM.INFO.{stream}" for stream in streams]
@@ -1217,6 +1248,18 @@ def _directory_reads() -> list[str]:
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
         *_watch_subjects(DIRECTORY_BUCKET, CURRENT_KEY),
+    ]
+
+
+def _limit_tallies(token: str) -> list[str]:
+    """Sharing fleet-scope limits (``limits.fleet``): looking the limits
+    bucket up, putting the daemon's own tallies, reading and watching
+    every daemon's. Only a daemon whose policies declare a fleet-scope
+    limit uses them; ``connect`` needs none of them."""
+    return [
+        f"$JS.API.STREAM.INFO.KV_{LIMITS_BUCKET}",
+        f"$KV.{LIMITS_BUCKET}.{token}",
+        *_watch_subjects(LIMITS_BUCKET, ">"),
     ]
 
 
@@ -1233,7 +1276,9 @@ def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]
     replies under ``inbox_prefix`` (its ``sync.nats.inbox_prefix``) only.
     It may not publish a bundle, create or delete a stream, write another
     daemon's limit tallies, or read other daemons' approvals, reviews or
-    status.
+    status. The limit tallies subjects (``_limit_tallies``) are used only
+    by a daemon whose policies declare a fleet-scope limit: without them a
+    daemon still connects, ships and takes reviews.
     """
     token = daemon_token(daemon_id)
     publish = [
@@ -1241,13 +1286,12 @@ def daemon_permissions(daemon_id: str, inbox_prefix: str) -> dict[str, list[str]
         f"$KV.{STATUS_BUCKET}.{token}",
         f"$KV.{APPROVALS_BUCKET}.{token}.*",
         f"$KV.{REVIEWS_BUCKET}.{token}.*.*",
-        f"$KV.{LIMITS_BUCKET}.{token}",
         *_lookups(),
         f"$JS.API.STREAM.MSG.GET.KV_{BUNDLES_BUCKET}",
         *_watch_subjects(BUNDLES_BUCKET, CURRENT_KEY),
         *_watch_subjects(REVIEWS_BUCKET, f"{token}.>"),
         *_directory_reads(),
-        *_watch_subjects(LIMITS_BUCKET, ">"),
+        *_limit_tallies(token),
     ]
     return {"publish": publish, "subscribe": [f"{inbox_prefix}.>"]}
 

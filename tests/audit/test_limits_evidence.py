@@ -4,14 +4,29 @@ the rows of what it drops, and verify recomputes rows and seen values."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
+import shutil
+import subprocess
+import sys
 
 import msgspec
+import pytest
+from kynara.v1 import decision_pb2 as pb
+from support import (
+    SHIPPED_POLICIES,
+    RunningDaemon,
+    SettableClock,
+    daemon_config,
+    small_refund,
+)
 
 from kynara_sidecar.audit.chain import ProblemKind
+from kynara_sidecar.audit.checkpoint import CheckpointKind, sign_checkpoint
 from kynara_sidecar.audit.counters import LIMITS_DB, row_value, rows_of
-from kynara_sidecar.audit.keys import generate_key
+from kynara_sidecar.audit.export import export_pack, parse_time
+from kynara_sidecar.audit.keys import generate_key, load_public_key
 from kynara_sidecar.audit.record import (
     RECORD_VERSION,
     AuditRecordV1,
@@ -19,6 +34,7 @@ from kynara_sidecar.audit.record import (
     RecordKind,
     encode_value,
     format_timestamp,
+    parse_timestamp,
 )
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import (
@@ -28,9 +44,11 @@ from kynara_sidecar.audit.verify import (
     SEEN_COUNT,
     SEEN_SUM,
     check_limits,
+    format_report,
     recompute_totals,
     verify_store,
 )
+from kynara_sidecar.audit.verify_pack import LimitsChecked, PackError, verify_pack
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
 from kynara_sidecar.decision import Timestamp
 
@@ -57,6 +75,9 @@ class Book:
         held = [a for t, a in self.events.get((limit, key), []) if t >= start]
         return len(held), held
 
+    def add(self, limit: str, key: str, time: int, amount: int | float) -> None:
+        self.events.setdefault((limit, key), []).append((time, amount))
+
     def decide(
         self,
         n: int,
@@ -66,16 +87,19 @@ class Book:
         *,
         window: int = HOUR,
         counted: bool = True,
+        counts: str = "",
     ) -> AuditRecordV1:
         """A decision record whose entries say what the book held before it
-        (a counting limit and a summing one over ``amount``)."""
+        (a counting limit and a summing one over ``amount``), under the
+        limits' definition ``counts``."""
         start = time - window
         limits = {}
         for name, value in (("refunds_hour", 1), ("refund_total", amount)):
-            count, held = self.seen(name, key, start)
+            count, held = self.seen(f"{name}/{counts}", key, start)
             total = math.fsum(held) if isinstance(value, float) else sum(held)
             limits[name] = LimitEntry(
                 key=key,
+                counts=counts,
                 window_start=_stamp(start),
                 count=count,
                 sum=encode_value(total) if name == "refund_total" else None,
@@ -84,7 +108,7 @@ class Book:
                 amount=encode_value(value) if counted else None,
             )
             if counted:
-                self.events.setdefault((name, key), []).append((time, value))
+                self.add(f"{name}/{counts}", key, time, value)
         return AuditRecordV1(
             v=RECORD_VERSION,
             kind=RecordKind.DECISION,
@@ -148,8 +172,13 @@ def test_a_deleted_row_is_reported_missing(open_store, tmp_path):
     assert _kinds(report) == [(MISSING_ROW, "refunds_hour", 3)]
     assert "dec-2" in report.mismatches[0].message
     assert verified.problem.kind == ProblemKind.MISSING
-    assert verified.problem.seq == 3 and verified.problem.subject == "limits row"
-    assert "refunds_hour" in verified.problem.message
+    assert verified.problem.seq == 3
+    # The row is named by what it holds; its record is in the message.
+    assert format_report(verified).splitlines()[0] == (
+        "limits row 'refunds_hour' 2026-12-04T09:00:02Z 'dec-2': missing: "
+        "missing_row: limit 'refunds_hour' key 'u1': record 3 counted decision "
+        "'dec-2', but its row is not stored"
+    )
 
 
 def test_a_changed_amount_and_an_added_row_are_reported(open_store):
@@ -175,8 +204,19 @@ def test_a_changed_amount_and_an_added_row_are_reported(open_store):
     assert "500" in differs.message and differs.decision_id == "dec-1"
     assert "dec-99" in next(m for m in report.mismatches if m.kind == EXTRA_ROW).message
     assert verified.problem.kind == ProblemKind.EDITED
-    assert verified.problem.message.startswith(EXTRA_ROW)
-    assert any(ROW_DIFFERS in note for note in verified.notes)
+    # Rows missing or changed come before one added; none is "limits row 0".
+    assert verified.problem.message.startswith(ROW_DIFFERS)
+    headline = format_report(verified).splitlines()[0]
+    assert headline.startswith(
+        "limits row 'refund_total' 2026-12-04T09:00:01Z 'dec-1': edited: "
+        "row_differs: limit 'refund_total' key 'u1': its row holds key 'u1' "
+        "amount 500, record 2 counted key 'u1' amount 5"
+    ), headline
+    assert (
+        "note: limits: limits row 'refund_total' 2026-12-04T09:00:04Z 'dec-99': "
+        "extra_row: " in format_report(verified)
+    )
+    assert "limits mismatches by kind: row_differs 1, extra_row 1" in verified.notes
 
 
 def test_a_wrong_seen_count_and_sum_are_reported_on_an_intact_chain(open_store):
@@ -200,6 +240,118 @@ def test_a_wrong_seen_count_and_sum_are_reported_on_an_intact_chain(open_store):
     assert count.decision_id == "dec-4" and count.key == "u1"
     assert verified.problem.seq == 5 and verified.problem.subject == "record"
     assert "2 limits mismatches" in verified.problem.message
+
+
+def test_a_wrong_count_is_the_problem_when_every_row_is_gone_too(open_store, tmp_path):
+    # 40 decisions, one of which (record 31) saw count 0 after 30 counted,
+    # then every row deleted: 80 rows missing, and one decision made on a
+    # wrong count, which must head the report, not hide past the notes.
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(40)]
+    records[30].limits["refunds_hour"].count = 0
+    _append(store, records)
+    store.close()
+    raw = RawLog(tmp_path / "log")
+    with raw.env.begin(write=True) as txn:
+        rows = raw.env.open_db(LIMITS_DB, txn=txn)
+        txn.drop(rows, delete=False)
+    raw.close()
+    store = open_store(readonly=True)
+
+    report = check_limits(store)
+    verified = verify_store(store, None, None)
+    lines = format_report(verified).splitlines()
+
+    assert report.mismatches[0].kind == SEEN_COUNT
+    assert [m.kind for m in report.mismatches[1:]] == [MISSING_ROW] * 80
+    assert [m.seq for m in report.mismatches[1:3]] == [1, 1]
+    assert verified.problem.subject == "record" and verified.problem.seq == 31
+    assert lines[0] == (
+        "record 31: edited: seen_count: limit 'refunds_hour' key 'u1': the "
+        "decision saw count 0, but the records before it counted 30 since its "
+        "window_start 2026-12-04T08:00:30Z (81 limits mismatches in all)"
+    )
+    assert "note: limits mismatches by kind: seen_count 1, missing_row 80" in lines
+    assert "note: limits: 60 more mismatches not listed" in lines
+    listed = [line for line in lines if "missing_row:" in line]
+    assert len(listed) == 20
+    assert listed[0].startswith("note: limits: limits row 'refund_total' ")
+
+
+def test_the_earliest_wrong_decision_comes_first_whatever_its_kind(open_store):
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(6)]
+    records[2].limits["refund_total"].sum = encode_value(4)
+    records[4].limits["refunds_hour"].count = 0
+    _append(store, records)
+    store.append_batch([], [(LIMITS_DB, rows_of(records[0])[0][0], None)])
+
+    report = check_limits(store)
+
+    assert [(m.kind, m.seq) for m in report.mismatches] == [
+        (SEEN_SUM, 3),
+        (SEEN_COUNT, 5),
+        (MISSING_ROW, 1),
+    ]
+
+
+def test_counts_under_another_definition_are_not_seen(open_store):
+    # Three under definition "a", then the limit changed what it counts
+    # ("b"): the next decisions see only what "b" counted; records without
+    # a definition digest are a group of their own.
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND, counts="a") for n in range(3)]
+    records += [book.decide(n, T0 + n * SECOND, counts="b") for n in range(3, 5)]
+    records += [book.decide(n, T0 + n * SECOND) for n in range(5, 7)]
+    _append(store, records)
+
+    report = check_limits(store)
+
+    assert report.ok, report.mismatches
+    assert [r.limits["refunds_hour"].count for r in records] == [0, 1, 2, 0, 1, 0, 1]
+    assert report.seen_checked == 14
+
+
+def test_a_decision_that_saw_another_definitions_counts_is_reported(open_store):
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND, counts="a") for n in range(3)]
+    records += [book.decide(n, T0 + n * SECOND, counts="b") for n in range(3, 5)]
+    # Under "a", it saw what "b" counted (2, 10) instead of its own (3, 15).
+    mixed = book.decide(5, T0 + 5 * SECOND, counts="b")
+    for entry in mixed.limits.values():
+        entry.counts = "a"
+    _append(store, [*records, mixed])
+
+    report = check_limits(store)
+
+    assert _kinds(report) == [
+        (SEEN_COUNT, "refund_total", 6),
+        (SEEN_COUNT, "refunds_hour", 6),
+        (SEEN_SUM, "refund_total", 6),
+    ]
+    hour = next(m for m in report.mismatches if m.limit == "refunds_hour")
+    assert hour.message == (
+        "limit 'refunds_hour' key 'u1': the decision saw count 2, but the "
+        "records before it counted 3 since its window_start 2026-12-04T08:00:05Z"
+    )
+
+
+def test_a_row_whose_definition_digest_changed_differs(open_store):
+    store, records = _log(open_store, counts="a")
+    (hour_key, _), _ = rows_of(records[1])
+    store.append_batch([], [(LIMITS_DB, hour_key, row_value("u1", 1, "forged"))])
+
+    report = check_limits(store)
+
+    assert _kinds(report) == [(ROW_DIFFERS, "refunds_hour", 2)]
+    assert "counts 'forged'" in report.mismatches[0].message
+    assert report.mismatches[0].row == (
+        "limits row 'refunds_hour' 2026-12-04T09:00:01Z 'dec-1'"
+    )
 
 
 def test_a_seen_count_edited_in_the_record_breaks_the_chain_first(open_store, tmp_path):
@@ -367,3 +519,266 @@ def test_verify_reads_the_rows_of_a_log_opened_read_only(open_store, tmp_path):
         assert check_limits(reader).rows == 12
     finally:
         reader.close()
+
+
+# ----------------------------------------------------------- evidence packs
+
+
+def _sealed_log(path, batches: list[list[AuditRecordV1]]):
+    """A log of ``batches``, each sealed into a segment with its rows; the
+    signing key."""
+    key = generate_key()
+    store = AuditStore.open(path, extra_dbs=(LIMITS_DB,))
+    try:
+        for batch in batches:
+
+            def seal(tree_size: int, root: bytes, chain: bytes):
+                return sign_checkpoint(
+                    kind=CheckpointKind.CHECKPOINT,
+                    origin=ORIGIN,
+                    log_id=store.log_id,
+                    tree_size=tree_size,
+                    root=root,
+                    chain_hash=chain,
+                    time=Timestamp.from_nanos(T0 + HOUR),
+                    key=key,
+                )
+
+            changes = [(LIMITS_DB, k, v) for r in batch for k, v in rows_of(r)]
+            store.append_batch(batch, changes, seal=seal)
+    finally:
+        store.close()
+    return key
+
+
+def _pack(tmp_path, batches, start=T0 - HOUR, stop=T0 + HOUR):
+    key = _sealed_log(tmp_path / "log", batches)
+    out = tmp_path / "pack"
+    export_pack(
+        tmp_path / "log",
+        out,
+        Timestamp.from_nanos(start),
+        Timestamp.from_nanos(stop),
+        [key.public()],
+    )
+    return out
+
+
+def test_a_pack_recomputes_the_seen_counts_of_its_decisions(tmp_path):
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(6)]
+    pack = _pack(tmp_path, [records[:3], records[3:]])
+
+    report = verify_pack(pack)
+
+    assert report.limits == LimitsChecked(checked=12, not_checkable=0, seen_above=0)
+    assert report.summary().endswith(
+        "; limits: 12 seen counts recomputed from the pack's records, 0 not checkable"
+    )
+
+
+def test_a_pack_holding_a_decision_made_on_a_wrong_count_fails(tmp_path):
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(6)]
+    records[4].limits["refunds_hour"].count = 1
+    pack = _pack(tmp_path, [records[:3], records[3:]])
+
+    with pytest.raises(PackError) as info:
+        verify_pack(pack)
+    script = subprocess.run(
+        [sys.executable, "-I", pack / "verify_pack.py", pack],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+
+    assert info.value.kind == "limits"
+    assert str(info.value) == (
+        "limits: record 5: limit 'refunds_hour' key 'u1': the decision saw count "
+        "1, but the pack's records before it counted 4 since its window_start "
+        "2026-12-04T08:00:04Z"
+    )
+    assert script.returncode == 1, script.stderr
+    assert script.stdout.startswith(f"FAILED: {info.value}"), script.stdout
+
+
+def test_a_pack_notes_a_seen_count_above_the_records(tmp_path):
+    # A decision whose commit was refused was seen by the next one.
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(4)]
+    records[3].limits["refunds_hour"].count = 4
+    records[3].limits["refund_total"].count = 4
+    records[3].limits["refund_total"].sum = encode_value(20)
+    pack = _pack(tmp_path, [records])
+
+    report = verify_pack(pack)
+
+    assert report.limits.seen_above == 2
+    assert "2 saw more than the records before them hold" in report.summary()
+
+
+def test_a_pack_checks_only_windows_it_reaches_back_to(tmp_path):
+    # Ten seconds apart, a 15-second window: each sees the one before. The
+    # pack starts at record 4 (09:00:30): windows opening at or before it
+    # may hold records the pack does not.
+    book = Book()
+    records = [
+        book.decide(n, T0 + n * 10 * SECOND, window=15 * SECOND) for n in range(9)
+    ]
+    lying = records[4]  # 09:00:40, window from 09:00:25: not checkable
+    lying.limits["refunds_hour"].count = 0
+    batches = [records[:3], records[3:6], records[6:]]
+    pack = _pack(tmp_path, batches, start=T0 + 30 * SECOND, stop=T0 + 90 * SECOND)
+
+    report = verify_pack(pack)
+
+    assert report.manifest["tree_sizes"]["first"] == 3
+    assert report.limits == LimitsChecked(checked=8, not_checkable=4, seen_above=0)
+    assert "4 not checkable (their window opens before the pack's first record)" in (
+        report.summary()
+    )
+
+
+def test_a_pack_starting_later_still_fails_a_checkable_wrong_count(tmp_path):
+    book = Book()
+    records = [
+        book.decide(n, T0 + n * 10 * SECOND, window=15 * SECOND) for n in range(9)
+    ]
+    records[5].limits["refunds_hour"].count = 0  # 09:00:50: sees 09:00:40
+    batches = [records[:3], records[3:6], records[6:]]
+    pack = _pack(tmp_path, batches, start=T0 + 30 * SECOND, stop=T0 + 90 * SECOND)
+
+    with pytest.raises(PackError, match=r"^limits: record 6: limit 'refunds_hour'"):
+        verify_pack(pack)
+
+
+def test_a_pack_sums_doubles_exactly(tmp_path):
+    rng = random.Random(13)
+    book = Book()
+    amounts = [rng.choice([0.1, 1e-9, 12345.678, 1e16, 0.3]) for _ in range(40)]
+    records = [
+        book.decide(n, T0 + n * SECOND, amount=a, window=24 * HOUR)
+        for n, a in enumerate(amounts)
+    ]
+    good = _pack(tmp_path / "good", [records[:20], records[20:]])
+    exact = math.fsum(amounts[:39])
+    # One unit in the last place below the exact sum.
+    records[39].limits["refund_total"].sum = encode_value(math.nextafter(exact, 0))
+    off = _pack(tmp_path / "off", [records[:20], records[20:]])
+
+    report = verify_pack(good)
+
+    assert report.limits.checked == 80
+    assert records[39].limits["refund_total"].count == 39
+    with pytest.raises(PackError, match=r"record 40: limit 'refund_total' .* sum"):
+        verify_pack(off)
+
+
+def test_a_pack_groups_counts_by_the_limits_definition(tmp_path):
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND, counts="a") for n in range(3)]
+    records += [book.decide(n, T0 + n * SECOND, counts="b") for n in range(3, 5)]
+    records += [book.decide(5, T0 + 5 * SECOND)]
+    wrong = book.decide(6, T0 + 6 * SECOND, counts="b")
+    for entry in wrong.limits.values():
+        entry.counts = "a"  # saw b's 2 where a counted 3
+    good = _pack(tmp_path / "good", [records])
+    bad = _pack(tmp_path / "bad", [[*records, wrong]])
+
+    report = verify_pack(good)
+
+    assert report.limits.checked == 12 and report.limits.seen_above == 0
+    with pytest.raises(PackError, match=r"record 7: .* saw count 2, .* counted 3"):
+        verify_pack(bad)
+
+
+REAL_LIMITS = """\
+format_version: 1
+kind: policy
+name: refund-limits
+limits:
+  refunds_hour:
+    actions: [payments.refund.issue]
+    key: [user]
+    window: {rolling: 1h}
+    ceiling: 100
+  refund_total:
+    actions: [payments.refund.issue]
+    sum: resource.attr.amount
+    key: [agent]
+    window: {rolling: 90s}
+    ceiling: 1000000
+rules:
+  - id: refunds-per-hour
+    effect: deny
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: ["*"]
+    condition: limits.refunds_hour.exceeded || limits.refund_total.exceeded
+"""
+
+
+def test_a_daemons_pack_recomputes_what_its_decisions_saw(tmp_path):
+    """A real daemon over gRPC: one refund a minute for 12 minutes, sealed
+    every 4 records; the whole pack checks every entry, a pack of the
+    later segments only the windows opening after its first record (the
+    90-second ones, from its third decision on)."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for path in SHIPPED_POLICIES.glob("*.yaml"):
+        shutil.copy(path, policies / path.name)
+    (policies / "refund-limits.yaml").write_text(REAL_LIMITS)
+    key_path = tmp_path / "keys" / "audit.pem"
+    config = daemon_config(
+        tmp_path,
+        f"policy.source={policies}",
+        "audit.create_signing_key=true",
+        "audit.segment_records=4",
+    )
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    running = RunningDaemon(config, clock)
+    try:
+        stub = running.stub()
+        for minute in range(12):
+            clock.set(f"2026-12-07T09:{minute:02d}:30Z")
+            assert stub.Decide(small_refund()).decision == pb.DECISION_ALLOW
+    finally:
+        running.stop()
+    public = load_public_key(key_path.with_suffix(".pub"))
+
+    def pack(name: str, start: str):
+        export_pack(
+            tmp_path / "audit",
+            tmp_path / name,
+            parse_time(start),
+            parse_time("2026-12-07T10:00:00Z"),
+            [public],
+        )
+        return verify_pack(tmp_path / name)
+
+    whole = pack("whole", "2026-12-07T09:00:00Z")
+    later = pack("later", "2026-12-07T09:09:30Z")
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "whole" / "records.jsonl").read_bytes().splitlines()
+    ]
+
+    decided = [r for r in records if r.get("limits")]
+    assert len(decided) == 12
+    assert decided[-1]["limits"]["refunds_hour"]["count"] == 11
+    assert decided[-1]["limits"]["refund_total"]["count"] == 1
+    assert decided[-1]["limits"]["refunds_hour"]["counts"]
+    assert whole.limits == LimitsChecked(checked=24, not_checkable=0, seen_above=0)
+    later_records = [
+        json.loads(line)
+        for line in (tmp_path / "later" / "records.jsonl").read_bytes().splitlines()
+    ]
+    first = parse_timestamp(later_records[0]["time"]).to_nanos()
+    opens = [
+        parse_timestamp(entry["window_start"]).to_nanos()
+        for record in later_records
+        for entry in record.get("limits", {}).values()
+    ]
+    assert later.manifest["tree_sizes"]["first"] > 0
+    assert later.limits.checked == sum(start > first for start in opens) > 0
+    assert later.limits.not_checkable == sum(start <= first for start in opens) > 0

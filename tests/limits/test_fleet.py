@@ -509,7 +509,7 @@ def users_server(tmp_path):
     """TLS and a user per daemon, limited as ``daemon_permissions`` says;
     the collector's as ``collector_permissions`` says."""
     from nats_support import NatsServer
-    from sync.test_nats_auth import Site, _user
+    from sync.test_nats_auth import Site, _secret, _user
 
     from kynara_sidecar.sync.nats_store import (
         collector_permissions,
@@ -517,6 +517,7 @@ def users_server(tmp_path):
     )
 
     site = Site(tmp_path)
+    site.passwords["c"] = _secret(site.dir, "c")
     users = [
         _user(
             "collector",
@@ -525,6 +526,10 @@ def users_server(tmp_path):
         ),
         _user("a", site.password("a"), daemon_permissions(A, "_INBOX.a")),
         _user("b", site.password("b"), daemon_permissions(B, "_INBOX.b")),
+        # A daemon of a deployment set up before fleet-scope limits.
+        _user(
+            "c", site.password("c"), without_limits(daemon_permissions(C, "_INBOX.c"))
+        ),
     ]
     config = (
         "jetstream {}\n"
@@ -536,18 +541,33 @@ def users_server(tmp_path):
     server.stop()
 
 
+def without_limits(permissions: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {
+        kind: [subject for subject in subjects if "kynara_limits" not in subject]
+        for kind, subjects in permissions.items()
+    }
+
+
+def store_of(server, site, user: str) -> Store:
+    """``user``'s store; the collector's makes the limits bucket at connect,
+    as the collector's configuration opens it."""
+    connection = site.connection(user).load("sync.nats")
+    return open_store(
+        server.url,
+        timeout=TIMEOUT,
+        nats=connection,
+        declares_limits=user == "collector",
+    )
+
+
 def test_a_daemon_puts_only_its_own_tallies_and_reads_every_daemons(users_server):
     server, site = users_server
     clock = Clock()
 
-    def store_of(user: str) -> Store:
-        connection = site.connection(user).load("sync.nats")
-        return open_store(server.url, timeout=TIMEOUT, nats=connection)
-
     async def scenario():
-        collector = store_of("collector")
+        collector = store_of(server, site, "collector")
         await collector.connect()  # creates the stream and the buckets
-        store_a, store_b = store_of("a"), store_of("b")
+        store_a, store_b = store_of(server, site, "a"), store_of(server, site, "b")
         a = FleetLimits(store_a, A, clock=clock, publish_interval=0.01)
         b = FleetLimits(store_b, B, clock=clock, publish_interval=0.01)
         try:
@@ -571,5 +591,204 @@ def test_a_daemon_puts_only_its_own_tallies_and_reads_every_daemons(users_server
                 await fleet.close()
             for store in (store_a, store_b, collector):
                 await store.close()
+
+    run(scenario())
+
+
+def test_a_daemon_without_limit_permissions_connects_ships_and_takes_reviews(
+    users_server,
+):
+    """A deployment set up before fleet-scope limits: the daemon's user has
+    no kynara_limits subject at all. Connecting, shipping, status,
+    approvals and reviews work as before; only the limit tallies calls are
+    refused, naming the subject."""
+    server, site = users_server
+
+    async def scenario():
+        collector = store_of(server, site, "collector")
+        await collector.connect()
+        await collector.put_review(C, "ap1", "rv1", b"review for c")
+        old = store_of(server, site, "c")
+        try:
+            await old.connect()
+            assert await old.ship_segment(C, "m1", b"segment") is True
+            await old.put_status(C, b"{}")
+            await old.put_approval(C, "ap1", b"approval")
+            watch = old.watch_reviews(C)
+            (review,) = await anext(watch)
+            await watch.aclose()
+            assert review.data == b"review for c"
+            await old.drop_review(C, "ap1", "rv1")
+            with pytest.raises(StoreUnavailable, match="refused by the server"):
+                await old.put_limit_tallies(C, b"{}")
+            with pytest.raises(StoreUnavailable, match="refused by the server"):
+                await old.limit_tallies()
+        finally:
+            await old.close()
+            await collector.close()
+
+    run(scenario())
+
+
+def test_without_the_collector_a_daemon_may_not_make_the_limits_bucket(
+    users_server,
+):
+    """Daemons' users may look the limits bucket up, not create it: with
+    no collector started the first put is refused (and says so), while
+    connecting needs no limits bucket at all."""
+    server, site = users_server
+
+    async def scenario():
+        # The collector's user, opened as a store that does not declare
+        # the limits bucket: the stream and the other buckets only.
+        others = open_store(
+            server.url,
+            timeout=TIMEOUT,
+            nats=site.connection("collector").load("store.nats"),
+        )
+        daemon_a = store_of(server, site, "a")
+        try:
+            await others.connect()
+            await daemon_a.connect()
+            with pytest.raises(StoreUnavailable, match="refused by the server"):
+                await daemon_a.put_limit_tallies(A, b"{}")
+            # The collector's store makes it; the same daemon then puts.
+            collector = store_of(server, site, "collector")
+            await collector.connect()
+            await collector.close()
+            await daemon_a.put_limit_tallies(A, b"{}")
+            assert await daemon_a.limit_tallies() == {A: b"{}"}
+        finally:
+            await daemon_a.close()
+            await others.close()
+
+    run(scenario())
+
+
+def test_an_open_server_makes_the_limits_bucket_on_first_use_only(nats_server):
+    """Without permissions a daemon's store makes the limits bucket itself,
+    on its first limit tallies call, never at connect."""
+
+    async def scenario():
+        import nats
+
+        store = open_store(nats_server.url, timeout=TIMEOUT)
+        client = await nats.connect(nats_server.url)
+        try:
+            await store.connect()
+            js = client.jetstream()
+            names = {info.config.name async for info in _streams(js)}
+            assert "KV_kynara_limits" not in names
+            assert "KV_kynara_reviews" in names
+            assert await store.limit_tallies() == {}
+            names = {info.config.name async for info in _streams(js)}
+            assert "KV_kynara_limits" in names
+        finally:
+            await client.close()
+            await store.close()
+
+    run(scenario())
+
+
+async def _streams(js):
+    for info in await js.streams_info():
+        yield info
+
+
+# -- stopping within a bound
+
+
+class StuckStore:
+    """A store whose connect hangs and, like a NATS connect in progress,
+    takes no notice of a cancellation until ``release``; or, with
+    ``down``, fails at once as an unreachable store does."""
+
+    url = "nats://stuck.invalid:4222"
+
+    def __init__(self, *, down: bool = False):
+        self.down = down
+        self.released = asyncio.Event()
+        self.connects = 0
+        self.puts = 0
+        self.closed = False
+
+    async def connect(self) -> None:
+        self.connects += 1
+        if self.down:
+            raise StoreUnavailable(f"{self.url}: connect: refused")
+        while not self.released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.released.wait()
+
+    async def put_limit_tallies(self, daemon_id: str, data: bytes) -> None:
+        self.puts += 1
+
+    async def limit_tallies(self) -> dict[str, bytes]:
+        return {}
+
+    async def watch_limit_tallies(self):
+        await asyncio.Event().wait()
+        yield "", b""
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_close_leaves_a_stuck_connect_behind_within_its_bound():
+    async def scenario():
+        store = StuckStore()
+        fleet = FleetLimits(store, A, publish_interval=0.01)
+        fleet.activate(ACTIVE)
+        fleet.launch()
+        fleet.published([counted("d1", T0)])
+        await eventually(lambda: store.connects == 2, "both tasks connecting")
+        assert await fleet.close(0.2) is False
+        assert not fleet.started
+        # The stuck connect let go: no final put, since the store never
+        # answered.
+        store.released.set()
+        await asyncio.sleep(0)
+        assert store.puts == 0
+
+    run(scenario())
+
+
+def test_close_skips_the_final_put_to_a_store_that_is_down():
+    async def scenario():
+        store = StuckStore(down=True)
+        fleet = FleetLimits(store, A, publish_interval=0.01)
+        fleet.activate(ACTIVE)
+        await fleet.start()
+        await eventually(lambda: fleet.status()["publish_errors"] >= 1, "a failure")
+        fleet.published([counted("d1", T0)])
+        connects = store.connects
+        assert await fleet.close(5.0) is True
+        assert store.puts == 0
+        assert store.connects == connects
+        assert store.closed
+
+    run(scenario())
+
+
+def test_close_puts_what_changed_since_the_last_put(tmp_path):
+    """A decision published right before the stop still reaches the store
+    (the final put), and the store is closed."""
+    root = tmp_path / "store"
+    root.mkdir()
+
+    async def scenario():
+        store = open_store(f"dir://{root}", timeout=TIMEOUT, poll_seconds=POLL)
+        fleet = FleetLimits(store, A, publish_interval=3600.0, clock=Clock())
+        fleet.activate(ACTIVE)
+        await fleet.start()
+        await eventually(
+            lambda: fleet.status()["last_published_ns"] is not None, "first put"
+        )
+        # The next put would wait out the publish interval: close makes it.
+        fleet.published([counted("d1", T0)])
+        assert await fleet.close(5.0) is True
+        reader = open_store(f"dir://{root}", timeout=TIMEOUT)
+        document = decode_document((await reader.limit_tallies())[A])
+        assert document.limits == {"refunds": {KEY: [(T0, 1)]}}
 
     run(scenario())

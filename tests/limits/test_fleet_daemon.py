@@ -4,6 +4,7 @@ closed."""
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import shutil
 import time
@@ -96,7 +97,9 @@ def test_two_daemons_share_a_fleet_limit_through_the_store(tmp_path):
     second = start(tmp_path, "pod-b", root, clock, *shared)
     try:
         a, b = first.stub(), second.stub()
-        assert [refund(a, f"a{i}").decision for i in range(2)] == [pb.DECISION_ALLOW] * 2
+        assert [refund(a, f"a{i}").decision for i in range(2)] == [
+            pb.DECISION_ALLOW
+        ] * 2
         deadline = time.monotonic() + WAIT_SECONDS
         while remote_count(second, clock) != 2:
             assert time.monotonic() < deadline, "pod-b never saw pod-a's two"
@@ -124,5 +127,47 @@ def test_a_fleet_limit_without_a_central_store_fails_closed(tmp_path):
         assert answer.reason_code == "condition_error"
         record = read_record(running, answer.audit_sequence)
         assert "central store" in record.limits["refunds_fleet"].error
+    finally:
+        running.stop()
+
+
+def _streams(url: str) -> set[str]:
+    async def names() -> set[str]:
+        import nats
+
+        client = await nats.connect(url)
+        try:
+            return {
+                info.config.name for info in await client.jetstream().streams_info()
+            }
+        finally:
+            await client.close()
+
+    return asyncio.run(asyncio.wait_for(names(), 30))
+
+
+def test_fleet_limits_connect_only_once_a_set_declares_one(tmp_path, nats_server):
+    """A daemon whose policies declare no fleet-scope limit never touches
+    the limits bucket (an open server would let it make one); a reload
+    that declares one starts the sharing, which makes it."""
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    root = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, root, ignore=shutil.ignore_patterns("tests"))
+    running = start(tmp_path, "pod-a", root, clock, f"sync.store={nats_server.url}")
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while "KV_kynara_status" not in _streams(nats_server.url):
+            assert time.monotonic() < deadline, "the daemon never connected"
+            time.sleep(0.05)
+        fleet = running.daemon._fleet_limits
+        assert fleet is not None and not fleet.started
+        assert "KV_kynara_limits" not in _streams(nats_server.url)
+
+        (root / "fleet-refunds.yaml").write_text(FLEET)
+        assert running.call(running.daemon.reload()) is True
+        assert fleet.started
+        while "KV_kynara_limits" not in _streams(nats_server.url):
+            assert time.monotonic() < deadline, "fleet sharing never used the store"
+            time.sleep(0.05)
     finally:
         running.stop()

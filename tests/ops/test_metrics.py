@@ -19,6 +19,7 @@ from kynara_sidecar.sync.nats_store import (
     APPROVALS_BUCKET,
     BUNDLES_BUCKET,
     DIRECTORY_BUCKET,
+    LIMITS_BUCKET,
     REVIEWS_BUCKET,
     STATUS_BUCKET,
 )
@@ -120,8 +121,8 @@ DOC_NAME = re.compile(r"\bkynara_[a-z0-9_]*[a-z0-9]")
 # kynara_* words in the docs that are not metrics: the NATS store's buckets
 # and the Python packages.
 NOT_METRICS = {
-    APPROVALS_BUCKET, BUNDLES_BUCKET, DIRECTORY_BUCKET, REVIEWS_BUCKET,
-    STATUS_BUCKET,
+    APPROVALS_BUCKET, BUNDLES_BUCKET, DIRECTORY_BUCKET, LIMITS_BUCKET,
+    REVIEWS_BUCKET, STATUS_BUCKET,
     "kynara_sidecar", "kynara_sdk",
 }  # fmt: skip
 DOCS = ["README.md", "config/kubernetes/README.md"]

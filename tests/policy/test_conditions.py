@@ -68,6 +68,16 @@ def compile_r1(source: str):
             "such as '+02:00', got 'Mars/Base' at line 1 column 18",
         ),
         (
+            'env.now.getHours("localtime") > 1',
+            "expected an IANA time zone such as 'Europe/Berlin' or a fixed offset "
+            "such as '+02:00', got 'localtime' at line 1 column 18",
+        ),
+        (
+            'env.now.getHours("Factory") > 1',
+            "expected an IANA time zone such as 'Europe/Berlin' or a fixed offset "
+            "such as '+02:00', got 'Factory' at line 1 column 18",
+        ),
+        (
             "context.ok &&\n"
             '  [1, 2].exists(h, env.now.getMinutes("europe/berlin") == h)',
             "expected an IANA time zone such as 'Europe/Berlin' or a fixed offset "

@@ -1,6 +1,8 @@
 """Declared limits at load: every bad field refused naming file, place and
 what was expected; names unique across the set; conditions read only
-declared limits, and only as ``limits.<name>``."""
+declared limits, only as ``limits.<name>`` and only their fields; fields of
+``sum`` and ``key`` without blanks or operators; calendar windows only in
+zones of the IANA database; a name YAML reads as no text named as written."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import textwrap
 
 import pytest
 
-from kynara_sidecar.decision import Effect
+from kynara_sidecar.decision import Effect, Timestamp
 from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.policy.conditions import to_cel_value
 from kynara_sidecar.policy.limits import CalendarUnit, KeyPart, Window
 from kynara_sidecar.policy.loader import compile_documents, decode_document
 
@@ -272,3 +275,233 @@ def test_approved_counts_only_allows_an_approval_granted(
     assert compiled.counts_decision(Effect.ALLOW, approved=True) is granted_allow
     assert compiled.counts_decision(Effect.REQUIRE_APPROVAL, False) is approval_asked
     assert compiled.counts_decision(Effect.DENY, approved=False) is False
+
+
+# --- what a condition may read of a limit ----------------------------------------
+
+FIELDS = "(count, sum, ceiling, remaining, exceeded or window_start) or none"
+
+
+@pytest.mark.parametrize(
+    ("condition", "column", "expected"),
+    [
+        (
+            "limits.cap.exceded",
+            11,
+            f"expected a field of limits.cap {FIELDS}, got limits.cap.exceded",
+        ),
+        (
+            "has(limits.cap.exceded)",
+            4,
+            f"expected a field of limits.cap {FIELDS}, got limits.cap.exceded",
+        ),
+        (
+            "'dyn(limits.cap).exceded'",
+            16,
+            f"expected a field of limits.cap {FIELDS}, got limits.cap.exceded",
+        ),
+        (
+            "'limits.cap.exceeded || limits.cap.Exceeded'",
+            34,
+            f"expected a field of limits.cap {FIELDS}, got limits.cap.Exceeded",
+        ),
+        (
+            "'limits.cap[\"exceeded\"]'",
+            11,
+            "expected limits.cap read by field (limits.cap.exceeded), got an "
+            "index on limits.cap",
+        ),
+        (
+            "limits.cap.exceeded.exceeded",
+            20,
+            "expected nothing selected from limits.cap.exceeded (a value, not a "
+            "map), got .exceeded after it",
+        ),
+        (
+            "has(limits.cap.count.x)",
+            4,
+            "expected nothing selected from limits.cap.count (a value, not a "
+            "map), got .x after it",
+        ),
+        (
+            "'limits.cap.count[0] > 1'",
+            17,
+            "expected no index on limits.cap.count (a value, not a map), got one",
+        ),
+    ],
+)
+def test_a_field_a_limit_does_not_have_is_refused_at_load(condition, column, expected):
+    # Each of these loaded before and then failed every request it met.
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(with_condition(condition))
+    assert str(caught.value) == (
+        f"b.yaml:$.rules[1].condition: rule 'capped' condition: {expected} at "
+        f"line 1 column {column}"
+    )
+
+
+def test_sum_of_a_limit_that_counts_decisions_is_refused():
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(with_condition("'limits.cap.sum > 3'"))
+    assert str(caught.value) == (
+        "b.yaml:$.rules[1].condition: rule 'capped' condition: expected .sum only "
+        "on a limit that declares sum, got limits.cap.sum on limit 'cap', which "
+        "counts decisions (read limits.cap.count)"
+    )
+
+
+def test_sum_of_a_summing_limit_is_read():
+    files = with_condition("'limits.cap.sum > 3 && !limits.cap.exceeded'")
+    files["a.yaml"] = policy("p", "limits:\n" + limit(sum="context.amount"))
+    condition = compile_texts(files).rules[1].condition
+    assert condition.limits == frozenset({"cap"})
+    assert condition.limit_fields == frozenset({("cap", "sum"), ("cap", "exceeded")})
+
+
+def test_known_fields_and_the_whole_limit_are_recorded_as_read():
+    source = (
+        "'has(limits.cap) && has(limits.cap.count) && limits.cap.count < 5"
+        " && limits.cap.remaining > 0 && limits.cap.ceiling == 5"
+        " && limits.cap.window_start <= env.now && !dyn(limits.cap).exceeded'"
+    )
+    condition = compile_texts(with_condition(source)).rules[1].condition
+    assert condition.limit_fields == frozenset(
+        {
+            ("cap", ""),
+            ("cap", "count"),
+            ("cap", "remaining"),
+            ("cap", "ceiling"),
+            ("cap", "window_start"),
+            ("cap", "exceeded"),
+        }
+    )
+    value = {
+        "count": 2,
+        "ceiling": 5,
+        "remaining": 3,
+        "exceeded": False,
+        "window_start": Timestamp(0, 0),
+    }
+    data = {"limits": {"cap": value}, "env": {"now": Timestamp(100, 0)}}
+    assert condition.evaluate({k: to_cel_value(v) for k, v in data.items()}) is True
+    # A request that cannot form the limit: has() says so, nothing errors.
+    data["limits"] = {}
+    assert condition.evaluate({k: to_cel_value(v) for k, v in data.items()}) is False
+
+
+# --- what a field of sum and key may hold ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "location", "got"),
+    [
+        ({"sum": "'resource.attr.amount * 2'"}, "sum", "'resource.attr.amount * 2'"),
+        ({"sum": "'resource.attr.amount '"}, "sum", "'resource.attr.amount '"),
+        ({"sum": "'context.a+b'"}, "sum", "'context.a+b'"),
+        ({"sum": '"context.amount\\t"'}, "sum", "'context.amount\\t'"),
+        ({"key": "[user, 'context.a b']"}, "key[1]", "'context.a b'"),
+        ({"key": "['user.attr.team)']"}, "key[0]", "'user.attr.team)'"),
+        ({"key": "['agent.attr.größe']"}, "key[0]", "'agent.attr.größe'"),
+        ({"key": f"[context.{'a' * 129}]"}, "key[0]", f"'context.{'a' * 129}'"),
+    ],
+)
+def test_a_field_with_blanks_or_operators_is_refused(fields, location, got):
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(one_limit(**fields))
+    assert caught.value.location == f"$.limits.cap.{location}"
+    message = str(caught.value)
+    assert (
+        "a field being 1..128 ASCII letters, digits, '_', '-', '.' or ':' (no "
+        "blank, control or operator character)" in message
+    )
+    assert message.endswith(f"got {got}")
+
+
+def test_a_field_of_letters_digits_and_marks_is_one_entry():
+    (compiled,) = compile_texts(
+        one_limit(
+            sum="context.order-total:EUR",
+            key=f"[resource.attr.a.b_9, user.attr.{'x' * 128}]",
+        )
+    ).limits.values()
+    assert (compiled.sum_source, compiled.sum_field) == ("context", "order-total:EUR")
+    assert compiled.key == (
+        KeyPart("resource.attr", "a.b_9"),
+        KeyPart("user.attr", "x" * 128),
+    )
+
+
+# --- time zones of calendar windows --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "localtime",
+        "posixrules",
+        "Factory",
+        "right/UTC",
+        "posix/Europe/Berlin",
+        "europe/berlin",
+        "/etc/localtime",
+        "../zoneinfo/UTC",
+        "",
+    ],
+)
+def test_a_zone_not_of_the_database_or_following_the_host_is_refused(zone):
+    with pytest.raises(PolicyError) as caught:
+        compile_texts(one_limit(window=f"{{calendar: day, time_zone: '{zone}'}}"))
+    assert str(caught.value) == (
+        "a.yaml:$.limits.cap.window.time_zone: limit 'cap' window.time_zone: "
+        "expected an IANA time zone of the database such as 'Europe/Berlin' "
+        "(default 'UTC'), not 'localtime', 'posixrules' or 'Factory', which "
+        f"follow the host's clock or mean none, got {zone!r}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("window", "zone"),
+    [
+        ("{calendar: day}", "UTC"),
+        ("{calendar: week, time_zone: Europe/Berlin}", "Europe/Berlin"),
+        ("{calendar: hour, time_zone: US/Eastern}", "US/Eastern"),
+        ("{calendar: month, time_zone: Etc/GMT-14}", "Etc/GMT-14"),
+    ],
+)
+def test_a_calendar_window_takes_a_database_zone_and_defaults_to_utc(window, zone):
+    (compiled,) = compile_texts(one_limit(window=window)).limits.values()
+    assert compiled.window.time_zone == zone
+
+
+# --- limit names YAML reads as no text ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "kind", "line"),
+    [
+        ("true", "bool", 5),
+        ("yes", "bool", 5),
+        ("null", "null", 5),
+        ("~", "null", 5),
+        ("5", "int", 5),
+        ("2026-01-01", "date", 5),
+    ],
+)
+def test_a_limit_name_yaml_reads_as_no_text_is_named_as_written(written, kind, line):
+    text = policy("p", "limits:\n" + limit(name=written))
+    with pytest.raises(PolicyError) as caught:
+        compile_texts({"a.yaml": text})
+    assert str(caught.value) == (
+        f"a.yaml:$.limits.{written}: expected a limit name (a CEL identifier "
+        f"such as refunds_today) as text, got {kind} {written!r} on line {line} "
+        "(YAML reads an unquoted true, false, yes, no, on, off, null, ~, number "
+        "or date as no text)"
+    )
+
+
+def test_the_first_name_not_text_is_named_after_good_ones():
+    text = policy("p", "limits:\n" + limit() + limit(name="'on'") + limit(name="off"))
+    with pytest.raises(PolicyError) as caught:
+        compile_texts({"a.yaml": text})
+    assert caught.value.location == "$.limits.off"
+    assert "got bool 'off' on line 15" in str(caught.value)

@@ -53,6 +53,13 @@ POLICY = HEAD + "roles: {c: {}}\n" + RULE % ""
         ),
         (
             "p.yaml",
+            HEAD + "roles:\n  sup: {}\n  Yes: {}",
+            "p.yaml:$.roles.Yes: expected a role name as text, got bool 'Yes' on "
+            "line 6 (YAML reads an unquoted true, false, yes, no, on, off, null, ~, "
+            "number or date as no text)",
+        ),
+        (
+            "p.yaml",
             HEAD + RULE % ", mode: dry-run",
             "p.yaml:$.rules[0].mode: expected one of 'enforce', 'shadow', got "
             "'dry-run'",

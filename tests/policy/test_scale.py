@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from kynara_sidecar.errors import PolicyError
+from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.policy import compiler, load_policies
 from kynara_sidecar.policy.loader import compile_documents, decode_document
 from kynara_sidecar.policy.names import is_valid_name, pattern_matches
@@ -162,6 +163,47 @@ def test_action_names_are_the_exact_actions_of_the_set():
     loaded = compile_json(json_policy("p", rules, {"r": {}}))
 
     assert loaded.policy_set.action_names == frozenset({"x.read", "y.write"})
+
+
+def test_action_names_stop_at_the_first_max_action_labels_in_set_order():
+    cap = compiler.MAX_ACTION_LABELS
+    # a.json comes before b.json: its actions are first, whatever the order
+    # the files are given in; a repeated action takes one place.
+    first = [rule(f"a{i}", actions=(f"a.n{i}", "a.n0", "a.*")) for i in range(cap - 2)]
+    later = [rule(f"b{i}", actions=(f"b.n{i}",)) for i in range(5)]
+    sources = [
+        decode_document("b.json", json.dumps(json_policy("b", later)).encode()),
+        decode_document("directory.json", json.dumps(DIRECTORY).encode()),
+        decode_document(
+            "a.json", json.dumps(json_policy("a", first, {"r": {}})).encode()
+        ),
+    ]
+
+    names = compile_documents(sources).policy_set.action_names
+
+    assert len(names) == cap
+    assert {f"a.n{i}" for i in range(cap - 2)} <= names
+    assert {"b.n0", "b.n1"} <= names
+    assert not names & {"b.n2", "b.n3", "b.n4", "a.*"}
+
+
+def test_an_action_past_the_label_cap_is_counted_as_other():
+    cap = compiler.MAX_ACTION_LABELS
+    rules = [rule(f"r{i}", actions=(f"x.n{i}",)) for i in range(cap + 1)]
+    loaded = compile_json(json_policy("p", rules, {"r": {}}))
+    metrics = Metrics()
+    metrics.set_policy("p", "d", loaded.policy_set.action_names)
+
+    metrics.count_decision("allow", "x.n0", 0.001)
+    metrics.count_decision("allow", f"x.n{cap}", 0.001)
+
+    sample = metrics.registry.get_sample_value
+    assert sample("kynara_decisions_total", {"decision": "allow", "action": "x.n0"})
+    assert sample("kynara_decisions_total", {"decision": "allow", "action": "other"})
+    assert (
+        sample("kynara_decisions_total", {"decision": "allow", "action": f"x.n{cap}"})
+        is None
+    )
 
 
 def test_compile_documents_finds_the_one_directory_among_many_files():

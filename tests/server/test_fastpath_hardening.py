@@ -10,6 +10,7 @@ import struct
 import threading
 from typing import Any
 
+import kynara_sdk
 import msgspec
 import pytest
 from support import daemon_config, read_record
@@ -22,7 +23,7 @@ from test_fastpath import (
 )
 
 from kynara_sidecar.errors import ConfigError
-from kynara_sidecar.server.fastpath import INITIAL_BUFFER_BYTES
+from kynara_sidecar.server.fastpath import INITIAL_BUFFER_BYTES, _Connection
 
 OPS = ("decide", "decide_batch", "wait_approval")
 
@@ -306,6 +307,100 @@ def test_connections_without_a_hello_are_closed_and_free_their_slot(daemon, fast
     assert "expected a hello within" in ends[0][1]["error"]["message"]
     assert all(c.closed() for c in idle)
     assert client.decide(refund())["ok"]["decision"] == "allow"
+
+
+def test_an_idle_connection_is_closed_after_its_hello_and_frees_its_slot(daemon, fast):
+    server = daemon.daemon._fast_path
+    server._max_connections = 1
+    server.idle_seconds = 0.2
+    idle = fast()
+    answered = idle.decide(refund())
+
+    end = idle.recv()  # nothing comes before the close
+    wait_until(lambda: not server._connections)
+    client = fast()
+
+    assert answered["ok"]["decision"] == "allow"
+    assert end is None
+    assert client.decide(refund())["ok"]["decision"] == "allow"
+
+
+def test_the_sdk_dials_again_after_an_idle_close(daemon):
+    server = daemon.daemon._fast_path
+    server.idle_seconds = 0.2
+    refund_call = {
+        "action": "payments.refund.issue",
+        "resource_kind": "payments.refund",
+        "user": "alice",
+        "attributes": {"amount": 1},
+    }
+
+    with kynara_sdk.Client(daemon.target, transport="fast") as client:
+        before = client.decide(**refund_call)
+        wait_until(lambda: not server._connections)
+        after = client.decide(**refund_call)
+
+    assert before.decision == after.decision == "allow"
+    assert after.audit_sequence > before.audit_sequence
+
+
+def test_a_connection_waiting_on_an_approval_is_not_idle(daemon, fast, monkeypatch):
+    server = daemon.daemon._fast_path
+    server.idle_seconds = 0.2
+    checks: list[bool] = []
+    real_check = _Connection._idle_check
+
+    def counted(connection: _Connection) -> None:
+        real_check(connection)
+        checks.append(connection._closed)
+
+    monkeypatch.setattr(_Connection, "_idle_check", counted)
+    client = fast()
+    approval_id = ask_approval(client)
+    client.request(3, "wait_approval", {"approval_id": approval_id})
+    first = client.answer(3)  # pending
+
+    wait_until(lambda: len(checks) >= 4)
+    (connection,) = server._connections
+    still_waiting = 3 in connection.streams
+    client.request(3, "cancel")
+    ended = client.answer(3)
+
+    assert first["update"]["state"] == "pending"
+    assert not any(checks)
+    assert still_waiting
+    assert ended["error"]["code"] == "cancelled"
+
+
+def test_fast_idle_seconds_of_0_arms_no_idle_check(start_daemon):
+    running = start_daemon("agent.fast_idle_seconds=0")
+    client = FastClient(running.config.agent.fast_socket)
+    client.decide(refund())
+    (connection,) = running.daemon._fast_path._connections
+
+    assert running.daemon._fast_path.idle_seconds == 0
+    assert connection._idle_timer is None
+    client.close()
+
+
+def test_the_configured_idle_timeout_reaches_the_fast_path(start_daemon):
+    running = start_daemon("agent.fast_idle_seconds=42")
+    client = FastClient(running.config.agent.fast_socket)
+    client.decide(refund())
+    (connection,) = running.daemon._fast_path._connections
+
+    assert running.daemon._fast_path.idle_seconds == 42
+    assert connection._idle_timer is not None
+    client.close()
+
+
+@pytest.mark.parametrize("seconds", ["-1", "0.5", "86401", ".nan", ".inf"])
+def test_fast_idle_seconds_is_bounded(tmp_path, seconds):
+    with pytest.raises(
+        ConfigError,
+        match=r"agent.fast_idle_seconds: expected 0 \(never\) or 1\.\.86400 seconds",
+    ):
+        daemon_config(tmp_path, f"agent.fast_idle_seconds={seconds}")
 
 
 def test_a_large_frame_grows_the_buffer_for_itself_only(start_daemon):
