@@ -503,7 +503,9 @@ class FleetLimits:
                     extra={
                         "fields": {
                             "store": self.store.url,
-                            "daemon_id": daemon_id[:_MAX_LOGGED],
+                            # Not "daemon_id": every line carries this
+                            # daemon's own under that name.
+                            "from_daemon": daemon_id[:_MAX_LOGGED],
                             "error": str(err)[: _MAX_LOGGED * 4],
                         }
                     },

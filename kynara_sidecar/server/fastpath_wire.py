@@ -35,7 +35,7 @@ import msgspec
 from msgspec.msgpack import Ext
 
 from kynara_sidecar.approvals.model import Approval, ApprovalState
-from kynara_sidecar.audit.record import parse_timestamp
+from kynara_sidecar.audit.record import decode_value, parse_timestamp
 from kynara_sidecar.decision import (
     ConditionError,
     Duration,
@@ -744,6 +744,56 @@ class DecisionV1(msgspec.Struct):
     request_id: str
     explanation: ExplanationV1 | msgspec.UnsetType = msgspec.UNSET
     approval: ApprovalV1 | msgspec.UnsetType = msgspec.UNSET
+    limits: dict[str, LimitSeenV1] | msgspec.UnsetType = msgspec.UNSET
+
+
+class LimitSeenV1(msgspec.Struct, omit_defaults=True):
+    """``kynara.v1.LimitSeen`` as a map: what a limit was for an explained
+    decision. Numbers are plain msgpack ints or floats (a sum past uint64,
+    which the log keeps exact, as the nearest float)."""
+
+    key: str
+    scope: str
+    count: int
+    ceiling: int | float
+    window_start: Ext | msgspec.UnsetType = msgspec.UNSET
+    sum: int | float | msgspec.UnsetType = msgspec.UNSET
+    remote_count: int = 0
+    remote_sum: int | float | msgspec.UnsetType = msgspec.UNSET
+    counted: bool = False
+    amount: int | float | msgspec.UnsetType = msgspec.UNSET
+    error: str = ""
+
+
+def _number(encoded: dict[str, Any] | None) -> int | float | msgspec.UnsetType:
+    if encoded is None:
+        return msgspec.UNSET
+    value = decode_value(encoded)
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return float(value)
+    return value
+
+
+def _limits(answer: Answer) -> dict[str, LimitSeenV1] | msgspec.UnsetType:
+    # Explained answers only, as on gRPC: the limits are part of the why.
+    if not answer.limits or answer.decision.explanation is None:
+        return msgspec.UNSET
+    return {
+        name: LimitSeenV1(
+            key=entry.key,
+            scope=entry.scope,
+            count=entry.count,
+            ceiling=_number(entry.ceiling) or 0,
+            window_start=_timestamp_ext(entry.window_start),
+            sum=_number(entry.sum),
+            remote_count=entry.remote_count,
+            remote_sum=_number(entry.remote_sum),
+            counted=entry.counted,
+            amount=_number(entry.amount),
+            error=entry.error,
+        )
+        for name, entry in answer.limits.items()
+    }
 
 
 def _matched(rule: MatchedRule) -> MatchedRuleV1:
@@ -821,6 +871,7 @@ def answer_map(answer: Answer) -> DecisionV1:
         request_id=answer.request_id,
         explanation=_explanation(answer),
         approval=_approval(answer.approval),
+        limits=_limits(answer),
     )
 
 

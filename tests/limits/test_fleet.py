@@ -417,7 +417,7 @@ def test_a_foreign_or_malformed_document_is_refused_and_the_rest_counted(
     with caplog.at_level(logging.ERROR):
         run(scenario())
     refused = {
-        r.fields["daemon_id"]: r.fields["error"]
+        r.fields["from_daemon"]: r.fields["error"]
         for r in caplog.records
         if r.getMessage() == "limit tallies document refused"
     }
