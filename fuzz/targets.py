@@ -166,9 +166,43 @@ def seed_inputs(target: str) -> list[bytes]:
         raw = msgspec.yaml.decode(path.read_bytes())
         seeds.append(bytes([0]) + path.read_bytes())
         seeds.append(bytes([1]) + msgspec.json.encode(raw))
+    seeds.append(bytes([0]) + _LIMITS_SEED)
     seeds.append(bytes([CONDITION_MODE]) + b'env.now.getHours("Europe/Berlin") < 17')
     seeds.append(bytes([CONDITION_MODE]) + b"resource.attr.amount <= 50000")
+    seeds.append(
+        bytes([CONDITION_MODE])
+        + b"limits.cap.exceeded || limits.total.sum + resource.attr.amount > 9"
+    )
     return seeds
+
+
+# A policy declaring limits of both kinds and windows, read by its rules.
+_LIMITS_SEED = b"""\
+format_version: 1
+kind: policy
+name: limits
+limits:
+  cap:
+    actions: [payments.refund.issue]
+    key: [user, context.shop]
+    window: {calendar: day, time_zone: Europe/Berlin}
+    ceiling: 5
+  total:
+    actions: [payments.*]
+    resources: [payments.refund]
+    decisions: [allow, approved]
+    sum: resource.attr.amount
+    key: [agent]
+    window: {rolling: 1w2d}
+    ceiling: 100000
+rules:
+  - id: cap
+    effect: deny
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support]
+    condition: limits.cap.exceeded || limits.total.remaining < 0
+"""
 
 
 def _valid_request() -> bytes:
