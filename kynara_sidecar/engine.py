@@ -207,7 +207,8 @@ class _Chain(msgspec.Struct, frozen=True):
 class LimitsFor(NamedTuple):
     """The limits a decision of one (resource kind, action) involves, each
     in name order: ``read`` by the conditions of its candidate rules (any
-    role, shadow rules too), ``counted`` those whose ``counts`` it is."""
+    role, shadow rules too), ``counted`` those that count a decision of
+    that action on that kind."""
 
     read: tuple[CompiledLimit, ...]
     counted: tuple[CompiledLimit, ...]

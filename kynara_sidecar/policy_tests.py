@@ -663,7 +663,7 @@ def _given_entry(
     """A limit's entry as a record would keep it, holding the given values."""
     start = window_start(limit.window, now_nanos)
     entry = LimitEntry(
-        counts=limit.counts_id,
+        definition=limit.definition,
         scope=limit.scope,
         window_start=format_timestamp(Timestamp.from_nanos(start)),
         ceiling=encode_value(limit.ceiling),

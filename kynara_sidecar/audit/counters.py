@@ -12,7 +12,7 @@ A row's key is the limit name, NUL, the decision's instant (8 bytes,
 big-endian nanoseconds since the epoch), the first 16 bytes of SHA-256 of
 the key text, and the decision id, so a window is one range read and the
 key stays within LMDB's 511 bytes whatever the key text's length. The
-value is canonical JSON: ``{"amount": <encode_value form>, "counts":
+value is canonical JSON: ``{"amount": <encode_value form>, "definition":
 <the limit's definition digest>, "key": text}``.
 """
 
@@ -57,8 +57,8 @@ class Row(NamedTuple):
     key: str
     amount: int | float
     decision_id: str
-    # The limit's definition digest when it counted (LimitEntry.counts).
-    counts: str = ""
+    # The limit's definition digest when it counted (LimitEntry.definition).
+    definition: str = ""
 
 
 class _Value(
@@ -66,7 +66,7 @@ class _Value(
 ):
     amount: dict[str, Any]
     key: str
-    counts: str = ""
+    definition: str = ""
 
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
@@ -83,8 +83,10 @@ def row_key(limit: str, time_nanos: int, key: str, decision_id: str) -> bytes:
     return row_prefix(limit, time_nanos) + digest + decision_id.encode()
 
 
-def row_value(key: str, amount: int | float, counts: str = "") -> bytes:
-    return _ENCODER.encode(_Value(amount=encode_value(amount), key=key, counts=counts))
+def row_value(key: str, amount: int | float, definition: str = "") -> bytes:
+    return _ENCODER.encode(
+        _Value(amount=encode_value(amount), key=key, definition=definition)
+    )
 
 
 def decode_row(raw_key: bytes, raw_value: bytes) -> Row:
@@ -109,7 +111,7 @@ def decode_row(raw_key: bytes, raw_value: bytes) -> Row:
         key=value.key,
         amount=amount,
         decision_id=rest[_TIME_SIZE + _KEY_DIGEST_SIZE :].decode(),
-        counts=value.counts,
+        definition=value.definition,
     )
 
 
@@ -138,7 +140,7 @@ def rows_of(record: AuditRecordV1) -> list[tuple[bytes, bytes]]:
         rows.append(
             (
                 row_key(name, nanos, entry.key, record.decision_id),
-                row_value(entry.key, amount, entry.counts),
+                row_value(entry.key, amount, entry.definition),
             )
         )
     return rows

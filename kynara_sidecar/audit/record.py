@@ -249,7 +249,7 @@ class LimitEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     # What the limit counted when this decision was decided (its
     # definition's digest): counts under another definition of the same
     # name are not added to this one.
-    counts: str = ""
+    definition: str = ""
     scope: str = "daemon"
     window_start: str = ""
     count: int = 0

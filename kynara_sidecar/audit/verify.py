@@ -1421,7 +1421,7 @@ def _has_nodes(store: AuditStore) -> bool:
 # its row (``counters.rows_of``), no other row may be stored, and each
 # entry's ``count``/``sum`` must be what the records before it (log order)
 # counted for the same limit and key at or after its ``window_start``. An
-# entry naming what its limit counts (``counts``, the definition's digest)
+# entry naming what its limit counts (``definition``, its digest)
 # sees only the decisions counted under that same definition; records
 # without it form their own group. A window opening at or before the
 # latest pruned record's time may hold pruned decisions: such an entry is
@@ -1663,7 +1663,7 @@ class _LimitsCheck:
         self.bound = pruned if pruned else _ALWAYS
         self.unknown_pruned = bool(seam) and not pruned
         self.expected: dict[bytes, _Expected] = {}
-        # By (limit, counts, key): what the limit counted, under which
+        # By (limit, definition, key): what the limit counted, under which
         # definition, for which key.
         self.history: dict[tuple[str, str, str], _History] = {}
         self.mismatches: list[LimitMismatch] = []
@@ -1730,7 +1730,7 @@ class _LimitsCheck:
             except ValueError as err:
                 self._mismatch(LIMIT_ENTRY, name, entry.key, seq, decision_id, str(err))
                 continue
-            group = (name, entry.counts, entry.key)
+            group = (name, entry.definition, entry.key)
             self.history.setdefault(group, _History()).add(time, amount)
 
     def _check_seen(
@@ -1754,7 +1754,7 @@ class _LimitsCheck:
             self.not_checkable += 1
             return
         self.seen_checked += 1
-        history = self.history.get((name, entry.counts, entry.key))
+        history = self.history.get((name, entry.definition, entry.key))
         count, whole, scaled, doubles = (
             history.since(start) if history else (0, 0, 0, 0)
         )
@@ -1894,7 +1894,7 @@ def _row_meaning(raw_key: bytes, raw_value: bytes) -> tuple[Any, ...] | None:
         row = decode_row(raw_key, raw_value)
     except ValueError:
         return None
-    return (row.key, type(row.amount), row.amount, row.counts)
+    return (row.key, type(row.amount), row.amount, row.definition)
 
 
 def _row_text(raw_key: bytes, raw_value: bytes) -> str:
@@ -1902,8 +1902,8 @@ def _row_text(raw_key: bytes, raw_value: bytes) -> str:
         row = decode_row(raw_key, raw_value)
     except ValueError:
         return f"{raw_value[:64]!r} (not a row)"
-    counts = f" counts {row.counts!r}" if row.counts else ""
-    return f"key {row.key!r} amount {row.amount!r}{counts}"
+    definition = f" definition {row.definition!r}" if row.definition else ""
+    return f"key {row.key!r} amount {row.amount!r}{definition}"
 
 
 def _row_name(raw_key: bytes, raw_value: bytes) -> str:

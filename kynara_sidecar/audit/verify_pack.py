@@ -872,7 +872,7 @@ def _verify_signed(
 # ``window_start``; a fleet limit's remote part is not in them) and whether
 # it counted this one (``counted``, ``amount``). They are recomputed here
 # from the pack's own records, earlier ones in log order, grouped by limit,
-# definition digest (``counts``; an entry without one is in the group of
+# definition digest (``definition``; an entry without one is in the group of
 # those without) and key. That is possible only where the pack reaches back
 # to the window's opening: it starts at record 1, or its first record is
 # earlier than ``window_start`` (the records before the pack are no later
@@ -928,7 +928,7 @@ class LimitsChecked(NamedTuple):
 
 
 class _Events:
-    """The counted decisions of one (limit, counts, key) so far, sorted by
+    """The counted decisions of one (limit, definition, key) so far, sorted by
     time, with prefix sums: a window's count and sum are two bisections."""
 
     def __init__(self) -> None:
@@ -1043,7 +1043,7 @@ def _check_limits(records: list[tuple[bytes, dict]], base: int) -> LimitsChecked
             if entry.get("error"):
                 continue  # it had no value, and counted nothing
             key = _entry_field(entry, "key", str, "", where)
-            group = (name, _entry_field(entry, "counts", str, "", where), key)
+            group = (name, _entry_field(entry, "definition", str, "", where), key)
             where += f" key {key!r}"
             start = _nanos(entry.get("window_start"), f"{where}: window_start")
             if first is not None and start <= first:

@@ -104,8 +104,8 @@ class Counted(NamedTuple):
     time_nanos: int
     amount: int | float
     decision_id: str
-    # The limit's definition digest (CompiledLimit.counts_id).
-    counts: str = ""
+    # The limit's definition digest (CompiledLimit.definition).
+    definition: str = ""
 
 
 class LimitDamaged(ValueError):
@@ -325,7 +325,7 @@ class LimitBook:
             if (
                 state is None
                 or start < state.floor
-                or state.limit.counts_id != limit.counts_id
+                or state.limit.definition != limit.definition
             ):
                 self._load(limit, start)
                 continue
@@ -472,7 +472,7 @@ class LimitBook:
                         skipped += 1
                         log.error("limits row not read: %s", err)
                         continue
-                    if row.counts != limit.counts_id:
+                    if row.definition != limit.definition:
                         # Counted under another definition of this name.
                         continue
                     if _amount_problem(row.amount) or row.decision_id in state.ids:
@@ -482,7 +482,7 @@ class LimitBook:
         for (limit_name, decision_id), item in self._pending.items():
             if (
                 limit_name == name
-                and item.counts == limit.counts_id
+                and item.definition == limit.definition
                 and decision_id not in state.ids
                 and item.time_nanos >= floor
             ):

@@ -126,7 +126,7 @@ def look(
         if problem is not None:
             entries[limit.name] = LimitEntry(
                 key=key if isinstance(key, str) else "",
-                counts=limit.counts_id,
+                definition=limit.definition,
                 scope=limit.scope,
                 window_start=opened,
                 ceiling=ceiling,
@@ -139,7 +139,7 @@ def look(
         except LimitDamaged as err:
             entries[limit.name] = LimitEntry(
                 key=key,
-                counts=limit.counts_id,
+                definition=limit.definition,
                 scope=limit.scope,
                 window_start=opened,
                 ceiling=ceiling,
@@ -149,7 +149,7 @@ def look(
         fleet = limit.scope == "fleet"
         entries[limit.name] = LimitEntry(
             key=key,
-            counts=limit.counts_id,
+            definition=limit.definition,
             scope=limit.scope,
             window_start=opened,
             count=mine.count,
@@ -191,7 +191,7 @@ def count(
         if amount is None or not limit.counts_decision(effect, approved):
             continue
         counted.append(
-            Counted(limit.name, key, now_nanos, amount, decision_id, limit.counts_id)
+            Counted(limit.name, key, now_nanos, amount, decision_id, limit.definition)
         )
         entries[limit.name] = _with(
             entries[limit.name], counted=True, amount=encode_value(amount)
@@ -283,11 +283,11 @@ def applies(
     entry: LimitEntry, limit: CompiledLimit, now_nanos: int | None = None
 ) -> bool:
     """Whether what a record saw of a limit is a value of ``limit`` as a
-    policy set defines it now: it counts the same (``counts``), in the same
+    policy set defines it now: it counts the same (``definition``), in the same
     scope, and (given the record's instant) its window opened where the
     recorded one did. A changed key, sum, window or scope makes the recorded
     count another limit's."""
-    if entry.counts and entry.counts != limit.counts_id:
+    if entry.definition and entry.definition != limit.definition:
         return False
     if entry.scope != limit.scope:
         return False

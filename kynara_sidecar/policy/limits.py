@@ -124,7 +124,7 @@ class CompiledLimit(msgspec.Struct, frozen=True):
     # What the limit counts (actions, resources, decisions, sum, key), as
     # 16 hex digits: decisions counted under another definition of the same
     # name are not this one's (``audit.counters`` rows carry it).
-    counts_id: str = ""
+    definition: str = ""
 
     @property
     def sums(self) -> bool:
@@ -313,7 +313,7 @@ def _compile_limit(
             "ceiling: expected a finite number above 0 and at most 2**63-1, "
             f"got {ceiling!r}",
         )
-    counts = _ENCODER.encode(
+    defined = _ENCODER.encode(
         {
             "actions": sorted(set(limit.actions)),
             "resources": sorted(set(limit.resources)),
@@ -337,7 +337,7 @@ def _compile_limit(
         sum_field=sum_field,
         description=limit.description,
         approved_only=approved_only,
-        counts_id=hashlib.sha256(counts).hexdigest()[:16],
+        definition=hashlib.sha256(defined).hexdigest()[:16],
     )
 
 

@@ -87,7 +87,7 @@ class Book:
         *,
         window: int = HOUR,
         counted: bool = True,
-        counts: str = "",
+        definition: str = "",
     ) -> AuditRecordV1:
         """A decision record whose entries say what the book held before it
         (a counting limit and a summing one over ``amount``), under the
@@ -95,11 +95,11 @@ class Book:
         start = time - window
         limits = {}
         for name, value in (("refunds_hour", 1), ("refund_total", amount)):
-            count, held = self.seen(f"{name}/{counts}", key, start)
+            count, held = self.seen(f"{name}/{definition}", key, start)
             total = math.fsum(held) if isinstance(value, float) else sum(held)
             limits[name] = LimitEntry(
                 key=key,
-                counts=counts,
+                definition=definition,
                 window_start=_stamp(start),
                 count=count,
                 sum=encode_value(total) if name == "refund_total" else None,
@@ -108,7 +108,7 @@ class Book:
                 amount=encode_value(value) if counted else None,
             )
             if counted:
-                self.add(f"{name}/{counts}", key, time, value)
+                self.add(f"{name}/{definition}", key, time, value)
         return AuditRecordV1(
             v=RECORD_VERSION,
             kind=RecordKind.DECISION,
@@ -303,8 +303,8 @@ def test_counts_under_another_definition_are_not_seen(open_store):
     # a definition digest are a group of their own.
     store = open_store(extra_dbs=(LIMITS_DB,))
     book = Book()
-    records = [book.decide(n, T0 + n * SECOND, counts="a") for n in range(3)]
-    records += [book.decide(n, T0 + n * SECOND, counts="b") for n in range(3, 5)]
+    records = [book.decide(n, T0 + n * SECOND, definition="a") for n in range(3)]
+    records += [book.decide(n, T0 + n * SECOND, definition="b") for n in range(3, 5)]
     records += [book.decide(n, T0 + n * SECOND) for n in range(5, 7)]
     _append(store, records)
 
@@ -318,12 +318,12 @@ def test_counts_under_another_definition_are_not_seen(open_store):
 def test_a_decision_that_saw_another_definitions_counts_is_reported(open_store):
     store = open_store(extra_dbs=(LIMITS_DB,))
     book = Book()
-    records = [book.decide(n, T0 + n * SECOND, counts="a") for n in range(3)]
-    records += [book.decide(n, T0 + n * SECOND, counts="b") for n in range(3, 5)]
+    records = [book.decide(n, T0 + n * SECOND, definition="a") for n in range(3)]
+    records += [book.decide(n, T0 + n * SECOND, definition="b") for n in range(3, 5)]
     # Under "a", it saw what "b" counted (2, 10) instead of its own (3, 15).
-    mixed = book.decide(5, T0 + 5 * SECOND, counts="b")
+    mixed = book.decide(5, T0 + 5 * SECOND, definition="b")
     for entry in mixed.limits.values():
-        entry.counts = "a"
+        entry.definition = "a"
     _append(store, [*records, mixed])
 
     report = check_limits(store)
@@ -341,14 +341,14 @@ def test_a_decision_that_saw_another_definitions_counts_is_reported(open_store):
 
 
 def test_a_row_whose_definition_digest_changed_differs(open_store):
-    store, records = _log(open_store, counts="a")
+    store, records = _log(open_store, definition="a")
     (hour_key, _), _ = rows_of(records[1])
     store.append_batch([], [(LIMITS_DB, hour_key, row_value("u1", 1, "forged"))])
 
     report = check_limits(store)
 
     assert _kinds(report) == [(ROW_DIFFERS, "refunds_hour", 2)]
-    assert "counts 'forged'" in report.mismatches[0].message
+    assert "definition 'forged'" in report.mismatches[0].message
     assert report.mismatches[0].row == (
         "limits row 'refunds_hour' 2026-12-04T09:00:01Z 'dec-1'"
     )
@@ -676,12 +676,12 @@ def test_a_pack_sums_doubles_exactly(tmp_path):
 
 def test_a_pack_groups_counts_by_the_limits_definition(tmp_path):
     book = Book()
-    records = [book.decide(n, T0 + n * SECOND, counts="a") for n in range(3)]
-    records += [book.decide(n, T0 + n * SECOND, counts="b") for n in range(3, 5)]
+    records = [book.decide(n, T0 + n * SECOND, definition="a") for n in range(3)]
+    records += [book.decide(n, T0 + n * SECOND, definition="b") for n in range(3, 5)]
     records += [book.decide(5, T0 + 5 * SECOND)]
-    wrong = book.decide(6, T0 + 6 * SECOND, counts="b")
+    wrong = book.decide(6, T0 + 6 * SECOND, definition="b")
     for entry in wrong.limits.values():
-        entry.counts = "a"  # saw b's 2 where a counted 3
+        entry.definition = "a"  # saw b's 2 where a counted 3
     good = _pack(tmp_path / "good", [records])
     bad = _pack(tmp_path / "bad", [[*records, wrong]])
 
@@ -767,7 +767,7 @@ def test_a_daemons_pack_recomputes_what_its_decisions_saw(tmp_path):
     assert len(decided) == 12
     assert decided[-1]["limits"]["refunds_hour"]["count"] == 11
     assert decided[-1]["limits"]["refund_total"]["count"] == 1
-    assert decided[-1]["limits"]["refunds_hour"]["counts"]
+    assert decided[-1]["limits"]["refunds_hour"]["definition"]
     assert whole.limits == LimitsChecked(checked=24, not_checkable=0, seen_above=0)
     later_records = [
         json.loads(line)

@@ -92,8 +92,10 @@ def test_a_sum_past_int64_reads_as_int64_and_spoils_no_other_limit():
     policies = loaded()
     book = LimitBook(None)
     big = 2**63 - 1
-    counts = policies.policy_set.limits["big"].counts_id
-    book.add(Counted("big", '["a"]', NOW - 10, big, f"d{i}", counts) for i in range(2))
+    definition = policies.policy_set.limits["big"].definition
+    book.add(
+        Counted("big", '["a"]', NOW - 10, big, f"d{i}", definition) for i in range(2)
+    )
     looked = look(policies, book, request())
 
     value = looked.values["big"]
@@ -115,8 +117,8 @@ def test_a_sum_past_int64_reads_as_int64_and_spoils_no_other_limit():
 def test_a_double_sum_at_its_ceiling_is_exceeded_by_the_smallest_amount():
     policies = loaded()
     book = LimitBook(None)
-    counts = policies.policy_set.limits["fine"].counts_id
-    book.add([Counted("fine", '["a"]', NOW - 10, 10.0, "d1", counts)])
+    definition = policies.policy_set.limits["fine"].definition
+    book.add([Counted("fine", '["a"]', NOW - 10, 10.0, "d1", definition)])
     looked = look(policies, book, request(cents=5e-324))
 
     assert looked.values["fine"]["sum"] == 10.0

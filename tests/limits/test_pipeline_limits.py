@@ -464,7 +464,7 @@ def test_a_limit_that_counts_something_else_under_its_name_starts_afresh(tmp_pat
     assert after.decision.effect is Effect.ALLOW
     assert back.decision.effect is Effect.DENY
     assert records[-1].limits["refunds_today"].count == 5
-    assert summed.counts != records[-1].limits["refunds_today"].counts
+    assert summed.definition != records[-1].limits["refunds_today"].definition
 
 
 def test_a_damaged_row_fails_the_limit_closed_after_a_restart(tmp_path):
