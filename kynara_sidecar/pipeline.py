@@ -657,9 +657,21 @@ class Pipeline:
         if not prepared:
             landed([], None)
             return
-        records, changes = _writes(prepared)
-        submit = getattr(self._writer, "submit", None)
+        self._commit(prepared, landed)
+
+    def _commit(
+        self,
+        prepared: Sequence[_Prepared],
+        landed: Callable[[list[Appended] | None, Exception | None], None],
+    ) -> None:
+        """Queue the records (and state changes) of ``prepared`` as one
+        transaction; ``landed(appended, None)`` or ``landed(None, error)`` is
+        called exactly once, on the loop, when it returned (or at once, when
+        it could not be queued). Whoever waits for it may be cancelled: what
+        ``landed`` settles follows the commit, not the caller."""
         try:
+            records, changes = _writes(prepared)
+            submit = getattr(self._writer, "submit", None)
             if submit is not None:
                 submit(records, changes, landed)
                 return
@@ -707,16 +719,26 @@ class Pipeline:
                 )
                 raise
         prepared = [o for o in outcomes if isinstance(o, _Prepared)]
-        try:
-            appended = await self._writer.append_all(*_writes(prepared))
-        except AuditUnavailable as err:
-            self._settle(prepared, committed=False)
-            return _answers(outcomes, None, err)  # type: ignore[return-value]
-        except BaseException:
-            self._settle(prepared, committed=False)
-            raise
-        self._settle(prepared, committed=True)
-        return _answers(outcomes, appended, None)  # type: ignore[return-value]
+        if not prepared:
+            return _answers(outcomes, [], None)  # type: ignore[return-value]
+        result: asyncio.Future[tuple[Any, Exception | None]]
+        result = asyncio.get_running_loop().create_future()
+
+        def landed(appended: list[Appended] | None, error: Exception | None) -> None:
+            # Settled with the commit, whether or not the caller still
+            # waits: a caller cancelled mid-commit leaves its record in the
+            # log, so its counts (and approval steps) must stay too.
+            self._settle(prepared, committed=error is None)
+            if not result.done():
+                result.set_result((appended, error))
+
+        self._commit(prepared, landed)
+        appended, error = await result
+        if error is None:
+            return _answers(outcomes, appended, None)  # type: ignore[return-value]
+        if isinstance(error, AuditUnavailable):
+            return _answers(outcomes, None, error)  # type: ignore[return-value]
+        raise error
 
     def _settle(self, prepared: Sequence[_Prepared], *, committed: bool) -> None:
         counted = [c for p in prepared for c in p.counted]
@@ -808,10 +830,15 @@ class Pipeline:
             )
         if step is not None and step.approval is not None:
             record = with_approval(record, step.approval)
+        # The approval's own records first: counting is the last step that
+        # could fail, so what the book counts is settled with the records.
+        opened = (
+            book.opened_records(step, record)
+            if step is not None and book is not None
+            else ()
+        )
         counted: tuple[Counted, ...] = ()
         if looked.entries:
-            # Last: nothing after this can fail before the records are
-            # queued, so what the book counted now is settled with them.
             entries, counted = limit_check.count(
                 looked,
                 decision.effect,
@@ -821,13 +848,13 @@ class Pipeline:
                 approved=step is not None and step.kind is StepKind.USED,
             )
             record = msgspec.structs.replace(record, limits=entries)
-        if step is None or book is None:
-            return _Prepared(
-                decision, decision_id, request.request_id, (record,), None, counted
-            )
-        records = (record, *book.opened_records(step, record))
         return _Prepared(
-            decision, decision_id, request.request_id, records, step, counted
+            decision,
+            decision_id,
+            request.request_id,
+            (record, *opened),
+            step,
+            counted,
         )
 
     def _look_limits(

@@ -116,39 +116,38 @@ def look(
         key = _key(limit, request, attributes, redactor)
         amount: int | float | LimitProblem | None = None
         if limit.name in counting:
-            amount = amount_of(limit, request)
+            amount = _amount(limit, request, redactor)
         problem = next((p for p in (key, amount) if isinstance(p, LimitProblem)), None)
+        if problem is None and limit.name in counting:
+            # Formed: the decision is counted if its effect counts, even
+            # when the limit has no value now (its store out of touch, its
+            # rows damaged), so no decision goes uncounted meanwhile.
+            formed.append(_Formed(limit, key, amount))  # type: ignore[arg-type]
+        mine: Tally | None = None
         theirs: Tally | None = _NONE_SEEN
-        if problem is None and limit.scope == "fleet":
-            theirs = None if remote is None else remote(limit, key, start)  # type: ignore[arg-type]
-            if theirs is None:
-                problem = LimitProblem(_OUT_OF_TOUCH if remote else _NO_STORE)
-        if problem is not None:
+        if problem is None:
+            assert isinstance(key, str)
+            if limit.scope == "fleet":
+                theirs = None if remote is None else remote(limit, key, start)
+                if theirs is None:
+                    problem = LimitProblem(_OUT_OF_TOUCH if remote else _NO_STORE)
+            try:
+                mine = book.tally(limit, key, start)
+            except LimitDamaged as err:
+                problem = problem or LimitProblem(str(err))
+        if problem is not None or mine is None or theirs is None:
             entries[limit.name] = LimitEntry(
                 key=key if isinstance(key, str) else "",
                 definition=limit.definition,
                 scope=limit.scope,
                 window_start=opened,
                 ceiling=ceiling,
-                error=problem.message,
-            )
-            continue
-        assert isinstance(key, str) and theirs is not None
-        try:
-            mine = book.tally(limit, key, start)
-        except LimitDamaged as err:
-            entries[limit.name] = LimitEntry(
-                key=key,
-                definition=limit.definition,
-                scope=limit.scope,
-                window_start=opened,
-                ceiling=ceiling,
-                error=str(err),
+                error=problem.message if problem else "",
             )
             continue
         fleet = limit.scope == "fleet"
         entries[limit.name] = LimitEntry(
-            key=key,
+            key=key,  # type: ignore[arg-type]
             definition=limit.definition,
             scope=limit.scope,
             window_start=opened,
@@ -158,8 +157,6 @@ def look(
             remote_count=theirs.count,
             remote_sum=encode_value(theirs.sum) if limit.sums and fleet else None,
         )
-        if limit.name in counting:
-            formed.append(_Formed(limit, key, amount))  # type: ignore[arg-type]
         values[limit.name] = _cel_value(
             limit, mine, theirs, opened_cel, amount if limit.name in counting else None
         )
@@ -299,6 +296,21 @@ def applies(
     return True
 
 
+def _amount(
+    limit: CompiledLimit, request: DecisionRequest, redactor: Redactor | None
+) -> int | float | LimitProblem:
+    """What the request adds to ``limit``; a problem when the limit sums a
+    value that audit.redact keeps out of records: the amount would reach
+    the record, the log's rows and the central store in the clear."""
+    if limit.sums and redactor and limit.sum_source in _SECTIONS:
+        if redactor.covers(_SECTIONS[limit.sum_source], limit.sum_field):
+            return LimitProblem(
+                f"sums {limit.sum_source}.{limit.sum_field}, which audit.redact "
+                "keeps out of records; a limit's amounts are kept in them"
+            )
+    return amount_of(limit, request)
+
+
 def _key(
     limit: CompiledLimit,
     request: DecisionRequest,
@@ -360,8 +372,9 @@ def _int64(value: int | float) -> int | float:
 
 
 def _over(held: int | float, amount: int | float, ceiling: int | float) -> bool:
-    """Whether ``held + amount`` is over ``ceiling``, exactly: doubles are
-    compared as the fractions they are, not as their rounded sum."""
+    """Whether ``held + amount`` is over ``ceiling``, with no rounding of
+    that addition (a double sum at the ceiling is exceeded by the smallest
+    amount); ``held`` itself is the book's correctly rounded sum."""
     if isinstance(held, int) and isinstance(amount, int):
         return held + amount > ceiling
     if not all(math.isfinite(v) for v in (held, amount)):

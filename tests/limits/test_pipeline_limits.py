@@ -101,8 +101,10 @@ def refund(
 class Harness:
     """A pipeline with its book and writer over one LMDB log; reopenable."""
 
-    def __init__(self, tmp_path: pathlib.Path, clock: SettableClock, policies):
-        self.config = daemon_config(tmp_path)
+    def __init__(
+        self, tmp_path: pathlib.Path, clock: SettableClock, policies, *overrides: str
+    ):
+        self.config = daemon_config(tmp_path, *overrides)
         self.clock = clock
         self.policies = policies
         self.path = self.config.audit.path
@@ -500,3 +502,113 @@ def test_a_damaged_row_fails_the_limit_closed_after_a_restart(tmp_path):
     assert answer.decision.effect is Effect.DENY
     assert answer.decision.reason_code.value == "condition_error"
     assert "could not be read" in record.limits["refunds_today"].error
+
+
+def test_a_caller_cancelled_mid_commit_keeps_its_count_as_its_record_stays(
+    tmp_path,
+):
+    async def steps(pipeline, clock):
+        for i in range(4):
+            await pipeline.decide(refund(rid=f"rf{i}"))
+        fifth = asyncio.ensure_future(pipeline.decide(refund(rid="cancelled")))
+        # Decided and queued: now the caller goes away mid-commit.
+        await asyncio.sleep(0)
+        fifth.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fifth
+        return (await pipeline.decide(refund(rid="sixth"))).decision.effect
+
+    sixth, records, rows = run(tmp_path, steps)
+
+    # The cancelled caller's record is in the log, so it counts.
+    assert [r.resource.id for r in decisions(records)][-2:] == ["cancelled", "sixth"]
+    assert sixth is Effect.DENY
+    assert len([r for r in rows if r.limit == "refunds_today"]) == 5
+
+
+def redacting(tmp_path, rule: str) -> Harness:
+    key_file = tmp_path / "redaction.key"
+    key_file.write_text("k" * 40)
+    return Harness(
+        tmp_path,
+        SettableClock("2026-12-07T09:00:00Z"),
+        policies_dir(tmp_path),
+        f"audit.redact={rule}",
+        f"audit.redaction_key={key_file}",
+    )
+
+
+def run_harness(harness: Harness, *requests: IncomingRequest):
+    async def go():
+        async with harness as pipeline:
+            return [await pipeline.decide(request) for request in requests]
+
+    try:
+        answers = asyncio.run(go())
+        records = decisions(harness.records())
+        raw = b"".join(r.record_bytes for r in harness.store.iter_records())
+        rows = harness.rows()
+    finally:
+        harness.close()
+    return answers, records, raw, rows
+
+
+def test_a_redacted_key_part_is_kept_sealed_everywhere(tmp_path):
+    harness = redacting(tmp_path, "{context: {customer: hash}}")
+    answers, records, raw, rows = run_harness(
+        harness, refund(customer="secret-customer"), refund(customer="secret-customer")
+    )
+
+    assert [a.decision.effect for a in answers] == [Effect.ALLOW, Effect.ALLOW]
+    customer = [r.limits["per_customer"] for r in records]
+    assert customer[0].key.startswith("hmac-sha256:")
+    assert customer[0].key == customer[1].key
+    assert [e.count for e in customer] == [0, 1]
+    assert b"secret-customer" not in raw
+    assert not any("secret-customer" in row.key for row in rows)
+
+
+def test_a_limit_summing_a_redacted_value_fails_closed(tmp_path):
+    harness = redacting(tmp_path, "{resource_attributes: {amount: hash}}")
+    answers, records, raw, rows = run_harness(harness, refund(4242))
+
+    total = records[0].limits["refund_total"]
+    assert "audit.redact" in total.error and total.amount is None
+    assert answers[0].decision.effect is Effect.DENY
+    assert answers[0].decision.reason_code.value == "condition_error"
+    assert b"4242" not in raw
+    assert not [row for row in rows if row.limit == "refund_total"]
+
+
+def test_a_limit_with_no_value_still_counts_what_it_counts(tmp_path):
+    root = policies_dir(tmp_path)
+    (root / "refunds.yaml").write_text(
+        """\
+format_version: 1
+kind: policy
+name: refunds
+limits:
+  fleet_refunds:
+    actions: [payments.refund.issue]
+    key: [user]
+    window: {rolling: 1d}
+    ceiling: 3
+    scope: fleet
+rules:
+  - id: refund
+    effect: allow
+    actions: [payments.refund.issue]
+    resources: [payments.refund]
+    roles: [support, support_agent]
+"""
+    )
+    harness = Harness(tmp_path, SettableClock("2026-12-07T09:00:00Z"), root)
+    # No central store: the fleet limit has no value, but no rule of the
+    # refund reads it; its decisions must still be counted for later.
+    answers, records, raw, rows = run_harness(harness, refund(rid="a"), refund(rid="b"))
+
+    assert [a.decision.effect for a in answers] == [Effect.ALLOW] * 2
+    entries = [r.limits["fleet_refunds"] for r in records]
+    assert all("central store" in e.error for e in entries)
+    assert [e.counted for e in entries] == [True, True]
+    assert len([r for r in rows if r.limit == "fleet_refunds"]) == 2
