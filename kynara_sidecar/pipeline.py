@@ -311,7 +311,7 @@ class Pipeline:
         self._clock = clock
         self._approvals_config = config.approvals
         self._book = book
-        self._limits = limits if limits is not None else LimitBook(None)
+        self._limit_book = limits if limits is not None else LimitBook(None)
         self._fleet = fleet
         self._on_counted = on_counted
         self._verifier: TokenVerifier | None = None
@@ -348,7 +348,7 @@ class Pipeline:
     @property
     def limits(self) -> LimitBook:
         """The counted decisions of the declared limits."""
-        return self._limits
+        return self._limit_book
 
     @property
     def approvals(self) -> ApprovalBook:
@@ -384,7 +384,7 @@ class Pipeline:
         sees the new policies and directory.
         """
         self._cache = engine.EvaluationCache(policies.policy_set, policies.directory)
-        self._limits.activate(policies.policy_set.limits, self._clock())
+        self._limit_book.activate(policies.policy_set.limits, self._clock())
         self._policies = policies
         self._metrics.set_policy(
             policies.policy_set.revision,
@@ -744,11 +744,11 @@ class Pipeline:
         counted = [c for p in prepared for c in p.counted]
         if counted:
             if committed:
-                self._limits.committed(counted)
+                self._limit_book.committed(counted)
                 if self._on_counted is not None:
                     self._on_counted(counted)
             else:
-                self._limits.aborted(counted)
+                self._limit_book.aborted(counted)
         if self._book is None:
             return
         for p in prepared:
@@ -844,7 +844,7 @@ class Pipeline:
                 decision.effect,
                 decision_id,
                 now.to_nanos(),
-                self._limits,
+                self._limit_book,
                 approved=step is not None and step.kind is StepKind.USED,
             )
             record = msgspec.structs.replace(record, limits=entries)
@@ -882,7 +882,7 @@ class Pipeline:
             subject,
             attributes,
             now.to_nanos(),
-            self._limits,
+            self._limit_book,
             redactor=self._redactor,
             remote=self._fleet,
         )
