@@ -2165,6 +2165,8 @@ class Daemon:
             clock=self.clock,
         )
         self._fleet_limits = fleet
+        # Stale only once sharing runs: a set with no fleet limit needs none.
+        self.metrics.watch_fleet_limits(lambda: fleet.started and fleet.stale())
         policies = self.pipeline.policies
         if policies is not None:
             self._share_limits(policies)

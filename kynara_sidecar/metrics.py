@@ -269,6 +269,12 @@ class Metrics:
             "Counted decisions in open windows, held in memory.",
             registry=r,
         )
+        self.limit_fleet_stale = Gauge(
+            f"{PREFIX}_limit_fleet_stale",
+            "1 while fleet-scope limits have no value because the central "
+            "store has not been heard from (their conditions fail closed).",
+            registry=r,
+        )
         self.admin_refusals = Counter(
             f"{PREFIX}_admin_refusals",
             "Admin listener calls and credentialed /metrics scrapes refused "
@@ -603,6 +609,10 @@ class Metrics:
         """Read the limit book's ``(keys, events)`` at each scrape."""
         self.limit_keys.set_function(lambda: size()[0])
         self.limit_events.set_function(lambda: size()[1])
+
+    def watch_fleet_limits(self, stale: Callable[[], bool]) -> None:
+        """Read at each scrape whether fleet-scope limits are stale."""
+        self.limit_fleet_stale.set_function(lambda: float(stale()))
 
     def watch_pending_approvals(self, pending: Callable[[], int]) -> None:
         """Read how many approvals are pending at each scrape."""

@@ -135,7 +135,6 @@ and the checkpoints are all of one snapshot.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 import os
@@ -181,6 +180,12 @@ from kynara_sidecar.audit.record import (
 )
 from kynara_sidecar.audit.rotation import trusted_after
 from kynara_sidecar.audit.store import AuditStore, Head, StoredRecord
+from kynara_sidecar.audit.verify_pack import (
+    SeenAbove,
+    SeenValues,
+    compare_seen,
+    exact_sum,
+)
 from kynara_sidecar.audit.witness import HEAD_FILE, Witness, WitnessError
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import AuditUnavailable, PolicyError
@@ -1426,8 +1431,20 @@ def _has_nodes(store: AuditStore) -> bool:
 # without it form their own group. A window opening at or before the
 # latest pruned record's time may hold pruned decisions: such an entry is
 # counted as not checkable, not failed.
-# Ints are summed exactly; doubles give the exactly rounded sum of their
-# amounts, which is what ``math.fsum`` returns.
+# The history per (limit, definition, key), the exact sums (ints exactly;
+# doubles the exactly rounded sum of their amounts, which is what
+# ``math.fsum`` returns) and the comparison of seen values are
+# ``verify_pack``'s (``SeenValues``, ``compare_seen``): the offline pack
+# check and this one recompute alike.
+#
+# NOTE: an entry that saw more than the records before it hold is a note
+# (``seen_above``, naming the first), never a mismatch, even when the same
+# excess shows at later records of the same limit, definition and key with
+# the same records in their windows: every decision made while a refused
+# commit ran saw its counts, and those decisions share the writer's next
+# commit (which it tries after a full log), so an honest log can show one
+# excess at any number of later records; the records do not say when the
+# refused counts were taken back.
 
 # What a limits mismatch is.
 MISSING_ROW = "missing_row"
@@ -1453,9 +1470,6 @@ _ROW_LEVEL = frozenset({MISSING_ROW, ROW_DIFFERS, EXTRA_ROW})
 _LIMITS_ROW = "limits row"
 # Further mismatches listed as notes after the first (the problem).
 _MAX_LIMIT_NOTES = 20
-# Doubles are summed as integers in units of the smallest subnormal
-# (2**-1074), which holds any finite double exactly.
-_DOUBLE_SHIFT = 1074
 # Later than any instant: every window "reaches back" past it.
 _ALWAYS = 1 << 63
 
@@ -1497,6 +1511,8 @@ class LimitsReport(msgspec.Struct, frozen=True):
     # when its commit is refused (a full log), so a decision in between saw
     # it. More is never less safe; fewer would be a mismatch.
     seen_above: int = 0
+    # The first of them: its record's seq, the limit and key.
+    first_above: SeenAbove | None = None
 
     @property
     def ok(self) -> bool:
@@ -1530,7 +1546,8 @@ def recompute_totals(
 ) -> dict[tuple[str, str], tuple[int, int | float]]:
     """What every ``(limit, key)`` counted at or after ``since_nanos``, from
     the records alone: ``(count, sum)``, the sum an int when every amount is,
-    else ``math.fsum`` over the amounts in log order.
+    else the exact sum of the amounts rounded once (``math.fsum``'s value;
+    infinity where ``math.fsum`` would overflow).
 
     Args:
         store_or_records: an open log (its retained records, one snapshot),
@@ -1552,10 +1569,7 @@ def recompute_totals(
             amounts.setdefault((name, entry.key), []).append(_amount(name, entry))
     totals: dict[tuple[str, str], tuple[int, int | float]] = {}
     for where, values in amounts.items():
-        if all(isinstance(value, int) for value in values):
-            totals[where] = (len(values), sum(values))
-        else:
-            totals[where] = (len(values), math.fsum(values))
+        totals[where] = (len(values), exact_sum(values))
     return totals
 
 
@@ -1587,59 +1601,6 @@ def _amount(name: str, entry: LimitEntry) -> int | float:
     return amount
 
 
-def _exact(value: int | float) -> tuple[int, int]:
-    # (int part, double part in units of 2**-1074): both sum exactly.
-    if isinstance(value, int):
-        return value, 0
-    numerator, denominator = value.as_integer_ratio()
-    return 0, numerator << (_DOUBLE_SHIFT - denominator.bit_length() + 1)
-
-
-class _History:
-    """The counted decisions of one (limit, key) so far, sorted by time,
-    with prefix sums so a window's count and sum are two bisections."""
-
-    __slots__ = ("doubles", "ints", "scaled", "times")
-
-    def __init__(self) -> None:
-        self.times: list[int] = []
-        # Prefix sums over the sorted events: int amounts, double amounts
-        # (scaled), and how many amounts were doubles.
-        self.ints = [0]
-        self.scaled = [0]
-        self.doubles = [0]
-
-    def add(self, time: int, amount: int | float) -> None:
-        at = bisect.bisect_right(self.times, time)
-        whole, scaled = _exact(amount)
-        double = int(isinstance(amount, float))
-        self.times.insert(at, time)
-        if at == len(self.times) - 1:
-            self.ints.append(self.ints[-1] + whole)
-            self.scaled.append(self.scaled[-1] + scaled)
-            self.doubles.append(self.doubles[-1] + double)
-            return
-        # A clock that stepped back: the prefixes from here on move.
-        for prefix, part in ((self.ints, whole), (self.scaled, scaled)):
-            prefix.insert(at + 1, prefix[at] + part)
-            for i in range(at + 2, len(prefix)):
-                prefix[i] += part
-        self.doubles.insert(at + 1, self.doubles[at] + double)
-        for i in range(at + 2, len(self.doubles)):
-            self.doubles[i] += double
-
-    def since(self, start: int) -> tuple[int, int, int, int]:
-        """(count, int sum, scaled double sum, doubles) at or after start."""
-        at = bisect.bisect_left(self.times, start)
-        end = len(self.times)
-        return (
-            end - at,
-            self.ints[end] - self.ints[at],
-            self.scaled[end] - self.scaled[at],
-            self.doubles[end] - self.doubles[at],
-        )
-
-
 class _Expected(NamedTuple):
     value: bytes
     seq: int
@@ -1665,12 +1626,13 @@ class _LimitsCheck:
         self.expected: dict[bytes, _Expected] = {}
         # By (limit, definition, key): what the limit counted, under which
         # definition, for which key.
-        self.history: dict[tuple[str, str, str], _History] = {}
+        self.seen = SeenValues()
         self.mismatches: list[LimitMismatch] = []
         self.counted = 0
         self.seen_checked = 0
         self.not_checkable = 0
         self.seen_above = 0
+        self.first_above: SeenAbove | None = None
 
     def _mismatch(
         self,
@@ -1730,8 +1692,7 @@ class _LimitsCheck:
             except ValueError as err:
                 self._mismatch(LIMIT_ENTRY, name, entry.key, seq, decision_id, str(err))
                 continue
-            group = (name, entry.definition, entry.key)
-            self.history.setdefault(group, _History()).add(time, amount)
+            self.seen.add(name, entry.definition, entry.key, time, amount)
 
     def _check_seen(
         self, seq: int, decision_id: str, name: str, entry: LimitEntry
@@ -1754,15 +1715,15 @@ class _LimitsCheck:
             self.not_checkable += 1
             return
         self.seen_checked += 1
-        history = self.history.get((name, entry.definition, entry.key))
-        count, whole, scaled, doubles = (
-            history.since(start) if history else (0, 0, 0, 0)
-        )
+        held = self.seen.held(name, entry.definition, entry.key, start)
+        found = compare_seen(entry.count, seen_sum, held)
         opened = f"since its window_start {entry.window_start}"
-        if entry.count > count and _not_below(seen_sum, whole, scaled, doubles):
+        if found.above:
             self.seen_above += 1
+            if self.first_above is None:
+                self.first_above = SeenAbove(seq, name, entry.key)
             return
-        if entry.count != count:
+        if found.count_differs:
             self._mismatch(
                 SEEN_COUNT,
                 name,
@@ -1770,24 +1731,9 @@ class _LimitsCheck:
                 seq,
                 decision_id,
                 f"{where}: the decision saw count {entry.count}, but the records "
-                f"before it counted {count} {opened}",
+                f"before it counted {held.count} {opened}",
             )
-        if seen_sum is None:
-            return
-        if isinstance(seen_sum, float):
-            total: int | float = _rounded(whole, scaled)
-            same = isinstance(seen_sum, float) and seen_sum == total
-        elif doubles:
-            total = _rounded(whole, scaled)
-            same = False
-        else:
-            total = whole
-            same = (
-                isinstance(seen_sum, int)
-                and not isinstance(seen_sum, bool)
-                and seen_sum == total
-            )
-        if not same:
+        if found.sum_differs:
             self._mismatch(
                 SEEN_SUM,
                 name,
@@ -1795,7 +1741,7 @@ class _LimitsCheck:
                 seq,
                 decision_id,
                 f"{where}: the decision saw sum {seen_sum!r}, but the records "
-                f"before it sum to {total!r} {opened}",
+                f"before it sum to {found.total!r} {opened}",
             )
 
     def finish(self) -> LimitsReport:
@@ -1840,6 +1786,7 @@ class _LimitsCheck:
             not_checkable=self.not_checkable,
             mismatches=tuple(sorted(self.mismatches, key=_reported_order)),
             seen_above=self.seen_above,
+            first_above=self.first_above,
         )
 
     def _extra(self, raw_key: bytes, raw_value: bytes) -> None:
@@ -1917,26 +1864,6 @@ def _row_name(raw_key: bytes, raw_value: bytes) -> str:
     return f"{_LIMITS_ROW} {row.limit!r} {when} {row.decision_id!r}"
 
 
-def _not_below(seen_sum: Any, whole: int, scaled: int, doubles: int) -> bool:
-    """Whether a seen sum is at least what the records sum to (a counting
-    limit, with no sum, passes)."""
-    if seen_sum is None:
-        return True
-    if isinstance(seen_sum, bool) or not isinstance(seen_sum, int | float):
-        return False
-    total = _rounded(whole, scaled) if doubles or isinstance(seen_sum, float) else whole
-    return seen_sum >= total
-
-
-def _rounded(whole: int, scaled: int) -> float:
-    """The exact sum ``whole + scaled * 2**-1074`` rounded once to a double,
-    as the daemon's book rounds it (infinity past the largest double)."""
-    try:
-        return ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
-    except OverflowError:
-        return math.inf if whole > 0 else -math.inf
-
-
 def _limits_note(report: LimitsReport, unknown_pruned: bool) -> str:
     note = (
         f"limits: {report.rows} rows stored for {report.counted} counted "
@@ -1952,7 +1879,9 @@ def _limits_note(report: LimitsReport, unknown_pruned: bool) -> str:
     if report.seen_above:
         note += (
             f"; {report.seen_above} saw more than the records before them hold "
-            "(counts of a decision whose commit was refused, taken back after)"
+            "(counts of a decision whose commit was refused, taken back after"
+            + (f"; {report.first_above.text()}" if report.first_above else "")
+            + ")"
         )
     return note
 

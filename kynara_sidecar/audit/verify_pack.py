@@ -106,7 +106,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = [
     "CHECKPOINTS_FILE",
+    "DOUBLE_SHIFT",
     "EXPORT_FILE",
+    "Held",
     "KEYS_DIR",
     "LimitsChecked",
     "MANIFEST_FILE",
@@ -121,13 +123,22 @@ __all__ = [
     "PackError",
     "PackReport",
     "REVISION_RE",
+    "SeenAbove",
+    "SeenCompared",
+    "SeenHistory",
+    "SeenValues",
     "canonical_json",
+    "compare_seen",
     "compute_revision",
+    "double_units",
     "encode_manifest",
+    "exact_parts",
+    "exact_sum",
     "key_id_of",
     "main",
     "public_key_pem",
     "revision_dir",
+    "rounded_sum",
     "time_range",
     "verify_pack",
 ]
@@ -880,34 +891,246 @@ def _verify_signed(
 # doubles are summed exactly as integers in units of 2**-1074 and rounded
 # once, as the daemon rounds them.
 #
-# NOTE: a seen value higher than the records hold is a note, not a failure:
-# the daemon counts a decision the moment it is decided and takes it back
-# when its commit is refused (a full log), so a decision in between saw it.
-# A lower one means a decision was made on a count missing what it should
-# have held.
+# NOTE: a seen value higher than the records hold is a note, not a failure
+# (the summary names the first such record and limit): the daemon counts a
+# decision the moment it is decided and takes it back when its commit is
+# refused (a full log), so a decision in between saw it. A lower one means
+# a decision was made on a count missing what it should have held. Nor is
+# an excess that persists at later records of the same limit, definition
+# and key a failure: every decision made while the refused commit ran saw
+# it, and they share the writer's next commit (it tries again after a full
+# log), so any number of later records may show the same excess; the
+# records do not say when the refused count was taken back.
 #
 # NOTE: "no later than its first" assumes the daemon's clock did not step
 # back across the pack's first record; a record before the pack stamped
 # later than it, inside a window, would show as a lower seen count.
 
 # Doubles are summed as integers in units of the smallest subnormal
-# (2**-1074), which holds any finite double exactly.
-_DOUBLE_SHIFT = 1074
+# (2**-1074), which holds any finite double exactly: ``exact_parts`` splits
+# an amount into an int part and such units, both summed as Python ints,
+# and ``rounded_sum`` rounds the exact total once. The daemon's book
+# (``kynara_sidecar.limits.book``) and ``kynara-sidecar verify`` use these
+# same helpers, so the three cannot round differently.
+DOUBLE_SHIFT = 1074
+_DOUBLE_ONE = 1 << DOUBLE_SHIFT
 _NANOS_PER_SECOND = 1_000_000_000
 _EPOCH = datetime.datetime(1970, 1, 1)
 _INT = re.compile(r"^-?[0-9]+$")
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
+def double_units(value: float) -> int:
+    """A finite double as the exact integer count of 2**-1074 it is.
+
+    Raises:
+        OverflowError, ValueError: ``value`` is infinite or NaN.
+    """
+    numerator, denominator = value.as_integer_ratio()
+    # The denominator is a power of two no larger than 2**1074.
+    return numerator << (DOUBLE_SHIFT - denominator.bit_length() + 1)
+
+
+def exact_parts(amount: int | float) -> tuple[int, int]:
+    """``(int part, double part in units of 2**-1074)`` of a finite amount:
+    an int is all int part, a double all units; both sum exactly."""
+    if isinstance(amount, float):
+        return 0, double_units(amount)
+    return amount, 0
+
+
+def rounded_sum(whole: int, units: int) -> float:
+    """The exact ``whole + units * 2**-1074`` rounded once to the nearest
+    double (ties to even), as ``math.fsum`` rounds; past the largest double
+    it is infinity of the sum's sign (where ``math.fsum`` raises)."""
+    if not units:
+        try:
+            return float(whole)  # correctly rounded, as below, and cheaper
+        except OverflowError:
+            return math.inf if whole > 0 else -math.inf
+    numerator = (whole << DOUBLE_SHIFT) + units if whole else units
+    try:
+        # int / int is correctly rounded: one rounding of the exact sum.
+        return numerator / _DOUBLE_ONE
+    except OverflowError:
+        return math.inf if numerator > 0 else -math.inf
+
+
+def exact_sum(amounts: Iterable[int | float]) -> int | float:
+    """The sum of finite amounts: an int when every amount is an int (and
+    for none), else the exact sum rounded once (``rounded_sum``)."""
+    whole = units = doubles = 0
+    for amount in amounts:
+        if isinstance(amount, float):
+            units += double_units(amount)
+            doubles += 1
+        else:
+            whole += amount
+    return rounded_sum(whole, units) if doubles else whole
+
+
+class Held(NamedTuple):
+    """What earlier records counted in a window: ``count``, the int amounts'
+    sum ``whole``, the double amounts' exact sum in ``units`` of 2**-1074,
+    and how many amounts were ``doubles``."""
+
+    count: int = 0
+    whole: int = 0
+    units: int = 0
+    doubles: int = 0
+
+    def total(self, as_double: bool = False) -> int | float:
+        """The sum: an int while every amount was an int and ``as_double``
+        is not asked, else the exact sum rounded once."""
+        if self.doubles or as_double:
+            return rounded_sum(self.whole, self.units)
+        return self.whole
+
+
+class SeenCompared(NamedTuple):
+    """How a decision's seen count and sum compare with what the records
+    before it hold (``compare_seen``). ``above``: it saw a higher count and
+    a sum no lower (a note, see the limits section); otherwise
+    ``count_differs``/``sum_differs`` say what does not match. ``total``
+    is what the records sum to, in the kind the seen sum has (a double
+    when it is one, or when any amount was)."""
+
+    above: bool
+    count_differs: bool
+    sum_differs: bool
+    total: int | float
+
+
+def compare_seen(seen_count: int, seen_sum: Any, held: Held) -> SeenCompared:
+    """Compare what a decision saw (``seen_sum`` None for a counting limit)
+    with ``held``. A sum must be of the same kind (int or double) and equal;
+    a bool or a value of another type is never equal."""
+    total = held.total(isinstance(seen_sum, float))
+    # An int subclass (a uint) is an int; a bool is no number.
+    kind = (
+        None
+        if isinstance(seen_sum, bool)
+        else float
+        if isinstance(seen_sum, float)
+        else int
+        if isinstance(seen_sum, int)
+        else None
+    )
+    if seen_count > held.count and (
+        seen_sum is None or (kind is not None and seen_sum >= total)
+    ):
+        return SeenCompared(True, False, False, total)
+    sum_differs = seen_sum is not None and not (
+        kind is type(total) and seen_sum == total
+    )
+    return SeenCompared(False, seen_count != held.count, sum_differs, total)
+
+
+class SeenHistory:
+    """The counted decisions of one (limit, definition, key) so far, sorted
+    by time, with prefix sums (count, int sum, double units, doubles), so a
+    window's ``Held`` is two bisections. Events come in log order, mostly
+    in time order: one from a clock that stepped back is inserted in its
+    place and moves the prefixes after it."""
+
+    __slots__ = ("doubles", "ints", "times", "units")
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.ints = [0]
+        self.units = [0]
+        self.doubles = [0]
+
+    def add(self, time: int, amount: int | float) -> None:
+        """Count a finite amount at ``time`` (nanoseconds)."""
+        whole, units = exact_parts(amount)
+        double = int(isinstance(amount, float))
+        at = bisect.bisect_right(self.times, time)
+        self.times.insert(at, time)
+        prefixes = ((self.ints, whole), (self.units, units), (self.doubles, double))
+        if at == len(self.times) - 1:
+            for prefix, part in prefixes:
+                prefix.append(prefix[-1] + part)
+            return
+        for prefix, part in prefixes:
+            prefix.insert(at + 1, prefix[at] + part)
+            for i in range(at + 2, len(prefix)):
+                prefix[i] += part
+
+    def since(self, start: int) -> Held:
+        """What was counted at or after ``start`` (inclusive)."""
+        at, end = bisect.bisect_left(self.times, start), len(self.times)
+        return Held(
+            end - at,
+            self.ints[end] - self.ints[at],
+            self.units[end] - self.units[at],
+            self.doubles[end] - self.doubles[at],
+        )
+
+
+class SeenValues:
+    """Every (limit, definition, key)'s ``SeenHistory``: what ``verify``
+    and this script recompute a decision's seen values from."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str, str], SeenHistory] = {}
+
+    def held(self, limit: str, definition: str, key: str, start: int) -> Held:
+        """What the group counted at or after ``start``."""
+        history = self.groups.get((limit, definition, key))
+        return history.since(start) if history is not None else Held()
+
+    def add(
+        self, limit: str, definition: str, key: str, time: int, amount: int | float
+    ) -> None:
+        """Count a decision of the group, once its record has been checked
+        (a record never sees its own count)."""
+        group = (limit, definition, key)
+        history = self.groups.get(group)
+        if history is None:
+            history = self.groups[group] = SeenHistory()
+        history.add(time, amount)
+
+    def compare(
+        self,
+        limit: str,
+        definition: str,
+        key: str,
+        start: int,
+        seen_count: int,
+        seen_sum: Any,
+    ) -> SeenCompared:
+        """``compare_seen`` against what the group holds since ``start``."""
+        return compare_seen(
+            seen_count, seen_sum, self.held(limit, definition, key, start)
+        )
+
+
+class SeenAbove(NamedTuple):
+    """The first entry that saw more than the records before it hold:
+    its record's ``seq``, the ``limit`` and the ``key``."""
+
+    seq: int
+    limit: str
+    key: str
+
+    def text(self) -> str:
+        return f"the first at record {self.seq}, limit {self.limit!r} key {self.key!r}"
+
+
 class LimitsChecked(NamedTuple):
     """What the limits check found in a pack that verified: ``checked``
     seen values recomputed, ``not_checkable`` entries whose window opens
     before the pack's first record, ``seen_above`` entries that saw more
-    than the records before them hold (a note, not a failure)."""
+    than the records before them hold (a note, not a failure), the first
+    of them ``first_above``."""
 
     checked: int = 0
     not_checkable: int = 0
     seen_above: int = 0
+    first_above: SeenAbove | None = None
 
     def summary(self) -> str:
         """``; limits: ...`` for the ok line, or "" when no record has limits."""
@@ -922,57 +1145,11 @@ class LimitsChecked(NamedTuple):
         if self.seen_above:
             text += (
                 f", {self.seen_above} saw more than the records before them "
-                "hold (counts of a decision whose commit was refused, taken back)"
+                "hold (counts of a decision whose commit was refused, taken back"
+                + (f"; {self.first_above.text()}" if self.first_above else "")
+                + ")"
             )
         return text
-
-
-class _Events:
-    """The counted decisions of one (limit, definition, key) so far, sorted by
-    time, with prefix sums: a window's count and sum are two bisections."""
-
-    def __init__(self) -> None:
-        self.times: list[int] = []
-        # Prefix sums: int amounts, double amounts (scaled), doubles seen.
-        self.ints, self.scaled, self.doubles = [0], [0], [0]
-
-    def add(self, time: int, amount: int | float) -> None:
-        at = bisect.bisect_right(self.times, time)
-        self.times.insert(at, time)
-        if isinstance(amount, int):
-            parts = (amount, 0, 0)
-        else:
-            parts = (0, _scaled(amount), 1)
-        prefixes = (self.ints, self.scaled, self.doubles)
-        for prefix, part in zip(prefixes, parts, strict=True):
-            # At the end unless the clock stepped back: then the later
-            # prefixes move.
-            prefix.insert(at + 1, prefix[at] + part)
-            for i in range(at + 2, len(prefix)):
-                prefix[i] += part
-
-    def since(self, start: int) -> tuple[int, int, int, int]:
-        """(count, int sum, scaled double sum, doubles) at or after start."""
-        at, end = bisect.bisect_left(self.times, start), len(self.times)
-        return (
-            end - at,
-            self.ints[end] - self.ints[at],
-            self.scaled[end] - self.scaled[at],
-            self.doubles[end] - self.doubles[at],
-        )
-
-
-def _scaled(value: float) -> int:
-    numerator, denominator = value.as_integer_ratio()
-    return numerator << (_DOUBLE_SHIFT - denominator.bit_length() + 1)
-
-
-def _rounded(whole: int, scaled: int) -> float:
-    # The exact sum rounded once (int / int is correctly rounded).
-    try:
-        return ((whole << _DOUBLE_SHIFT) + scaled) / (1 << _DOUBLE_SHIFT)
-    except OverflowError:
-        return math.inf if whole > 0 else -math.inf
 
 
 def _nanos(text: Any, where: str) -> int:
@@ -1024,8 +1201,9 @@ def _check_limits(records: list[tuple[bytes, dict]], base: int) -> LimitsChecked
     first = None
     if base and records:
         first = _nanos(records[0][1].get("time"), f"record {base + 1}: time")
-    events: dict[tuple[str, str, str], _Events] = {}
+    seen = SeenValues()
     checked = not_checkable = above = 0
+    first_above: SeenAbove | None = None
     for offset, (_, record) in enumerate(records):
         limits = record.get("limits")
         if not limits:
@@ -1050,50 +1228,53 @@ def _check_limits(records: list[tuple[bytes, dict]], base: int) -> LimitsChecked
                 not_checkable += 1
             else:
                 checked += 1
-                held = events[group].since(start) if group in events else (0, 0, 0, 0)
-                above += _compare_seen(entry, held, where)
+                if _compare_seen(entry, seen, group, start, where):
+                    above += 1
+                    first_above = first_above or SeenAbove(seq, name, key)
             if _entry_field(entry, "counted", bool, False, where):
                 amount = _number(entry.get("amount"), f"{where}: amount")
                 if not math.isfinite(amount) or amount < 0:
                     raise PackError("limits", f"{where}: counted amount {amount!r}")
                 counted.append((group, amount))
         for group, amount in counted:
-            events.setdefault(group, _Events()).add(time, amount)
-    return LimitsChecked(checked, not_checkable, above)
+            seen.add(*group, time, amount)
+    return LimitsChecked(checked, not_checkable, above, first_above)
 
 
-def _compare_seen(entry: dict, held: tuple[int, int, int, int], where: str) -> int:
-    """1 when the entry saw more than ``held`` (a note), 0 when the same.
+def _compare_seen(
+    entry: dict,
+    seen: SeenValues,
+    group: tuple[str, str, str],
+    start: int,
+    where: str,
+) -> bool:
+    """True when the entry saw more than its group holds (a note), False
+    when the same.
 
     Raises:
         PackError: ``limits``: it saw less, or a sum of another kind.
     """
-    count, whole, scaled, doubles = held
     seen_count = _entry_field(entry, "count", int, 0, where)
     raw_sum = entry.get("sum")
     seen_sum = None if raw_sum is None else _number(raw_sum, f"{where}: sum")
+    held = seen.held(*group, start)
+    found = compare_seen(seen_count, seen_sum, held)
     opened = f"since its window_start {entry['window_start']}"
-    total: int | float = (
-        _rounded(whole, scaled) if doubles or isinstance(seen_sum, float) else whole
-    )
-    if seen_count > count and (seen_sum is None or seen_sum >= total):
-        return 1
-    if seen_count != count:
+    if found.above:
+        return True
+    if found.count_differs:
         raise PackError(
             "limits",
             f"{where}: the decision saw count {seen_count}, but the pack's records "
-            f"before it counted {count} {opened}",
+            f"before it counted {held.count} {opened}",
         )
-    if seen_sum is None:
-        return 0
-    same = type(seen_sum) is type(total) and seen_sum == total
-    if not same:
+    if found.sum_differs:
         raise PackError(
             "limits",
             f"{where}: the decision saw sum {seen_sum!r}, but the pack's records "
-            f"before it sum to {total!r} {opened}",
+            f"before it sum to {found.total!r} {opened}",
         )
-    return 0
+    return False
 
 
 def _facts(

@@ -37,7 +37,10 @@ decision counted twice by one limit is refused (``ValueError``).
 Sums are exact: an int sum stays a Python int; a double sum is kept as an
 exact integer multiple of 2**-1074 (every double is one) and rounded once
 when asked, which is what ``math.fsum`` of the same amounts gives (the
-correctly rounded exact sum), however many were added and taken away.
+correctly rounded exact sum; infinity past the largest double), however
+many were added and taken away. The units and the rounding are
+``audit.verify_pack``'s (``double_units``, ``rounded_sum``), the ones
+``verify`` and the pack check recompute seen sums with.
 
 Memory: keys whose events all lie before their limit's floor are removed
 by a sweep, run on ``activate`` and after every ``max(SWEEP_EVERY_ADDS,
@@ -61,6 +64,7 @@ from typing import NamedTuple
 
 from kynara_sidecar.audit.counters import LIMITS_DB, decode_row, row_prefix
 from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.verify_pack import double_units, rounded_sum
 from kynara_sidecar.policy import limits as policy_limits
 from kynara_sidecar.policy.limits import CompiledLimit
 
@@ -82,10 +86,6 @@ GRACE_NANOS = 10 * 1_000_000_000
 # A sweep for keys left with no events runs at most once per this many
 # adds (or per as many adds as keys held, if more).
 SWEEP_EVERY_ADDS = 4096
-
-# Every finite double is an integer multiple of 2**-1074.
-_SHIFT = 1074
-_ONE = 1 << _SHIFT
 
 
 class Tally(NamedTuple):
@@ -117,12 +117,6 @@ class LimitDamaged(ValueError):
 
 # (time nanos, decision id, amount): sorted by time, ties by decision id.
 _Event = tuple[int, str, int | float]
-
-
-def _scaled(amount: float) -> int:
-    """``amount`` as an exact integer count of 2**-1074."""
-    numerator, denominator = amount.as_integer_ratio()
-    return numerator * (_ONE // denominator)
 
 
 def _amount_problem(amount: object) -> str:
@@ -159,7 +153,7 @@ class _Series:
     def _take(self, amount: int | float, sign: int) -> None:
         self.count += sign
         if isinstance(amount, float):
-            self.scaled_sum += sign * _scaled(amount)
+            self.scaled_sum += sign * double_units(amount)
             self.floats += sign
         else:
             self.int_sum += sign * amount
@@ -227,14 +221,8 @@ class _Series:
             return Tally(self.count, self.count)
         if not self.floats and not isinstance(limit.ceiling, float):
             return Tally(self.count, self.int_sum)
-        if not self.scaled_sum:
-            return Tally(self.count, float(self.int_sum))
-        try:
-            # int / int rounds correctly: one rounding of the exact sum.
-            value = ((self.int_sum << _SHIFT) + self.scaled_sum) / _ONE
-        except OverflowError:
-            value = math.inf
-        return Tally(self.count, value)
+        # One rounding of the exact sum, as verify and the pack check round.
+        return Tally(self.count, rounded_sum(self.int_sum, self.scaled_sum))
 
 
 class _LimitState:
@@ -439,7 +427,14 @@ class LimitBook:
                 continue
             for key, series in sorted(state.keys.items()):
                 found.extend(
-                    Counted(name, key, time_nanos, amount, decision_id)
+                    Counted(
+                        name,
+                        key,
+                        time_nanos,
+                        amount,
+                        decision_id,
+                        state.limit.definition,
+                    )
                     for time_nanos, decision_id, amount in series.events[series.lo :]
                     if time_nanos >= state.floor
                 )

@@ -17,8 +17,9 @@ through the store:
 
 The document is canonical JSON (sorted keys, no spaces)::
 
-    {"v": 1, "daemon_id": "...", "published_at": <ns>,
-     "limits": {"<limit>": {"<key>": [[<time ns>, <amount>], ...]}}}
+    {"v": 2, "daemon_id": "...", "published_at": <ns>,
+     "limits": {"<limit>": {"definition": "<digest>",
+                            "keys": {"<key>": [[<time ns>, <amount>], ...]}}}}
 
 Events in time order. An amount is a JSON integer for a limit with an
 int ceiling (so sums stay exact) and a JSON number with a fraction or
@@ -26,7 +27,26 @@ exponent for a double one (``5.0``); a reader refuses an event whose
 amount is not of its limit's type. A daemon's own events come from
 ``seed`` (the book's events at start, read from the log) and ``published``;
 each is known by its decision id, so a decision seeded and published both
-counts once.
+counts once. Own events stay in the document while a reader can still ask
+for them: from their limit's window start (``window_start`` at the
+publisher's clock) less ``GRACE_NANOS``, for clocks a moment apart.
+
+Definitions. A limit's decisions belong to its name and to what it counts
+(``CompiledLimit.definition``): a limit redefined under its name starts
+afresh. Each limit in the document carries the definition its events were
+counted under; a reader counts a limit's events only where that is the
+definition it has active itself, and skips the limit otherwise (counting
+nothing from it: while a redefinition rolls out, the daemons on either
+side count only each other's of their own definition). On ``activate`` a
+daemon drops its own events of a definition no longer active, and
+``published`` ignores a decision counted under another definition than
+the active one (one that committed across the activation).
+
+Sums. A remote sum of doubles is exact, rounded once: amounts are added as
+integers in units of 2**-1074 (``audit.verify_pack.DOUBLE_SHIFT``) and
+the total rounded once by ``verify_pack.rounded_sum``, the helpers the book
+and ``verify`` use too, so it does not depend on how many events or
+daemons it was added from.
 
 Consistency (the trade-off the README states): per-daemon counts are
 exact; fleet counts are eventually consistent. Two daemons deciding within
@@ -55,6 +75,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -62,29 +83,19 @@ from typing import Any
 
 import msgspec
 
-from kynara_sidecar.limits.book import Counted, Tally
-from kynara_sidecar.policy.limits import CalendarUnit, CompiledLimit, Window
+from kynara_sidecar.audit.verify_pack import DOUBLE_SHIFT, rounded_sum
+from kynara_sidecar.limits.book import GRACE_NANOS, Counted, Tally
+from kynara_sidecar.policy.limits import CompiledLimit, window_start
 from kynara_sidecar.sync import Store, StoreUnavailable, retry_delay
 
 __all__ = ["DOCUMENT_VERSION", "FleetLimits", "decode_document", "encode_document"]
 
 _log = logging.getLogger("kynara.limits")
 
-DOCUMENT_VERSION = 1
+# 2: each limit carries its definition (1 had none, and is refused).
+DOCUMENT_VERSION = 2
 FLEET_SCOPE = "fleet"
 _SECOND = 1_000_000_000
-_HOUR = 3600 * _SECOND
-_DAY = 24 * _HOUR
-# The longest a calendar period can reach back from any instant in it, with
-# room for a daylight-saving hour and any zone's offset: own events are
-# kept (and published) this long, so every window start the pipeline can
-# ask for finds them (``remote`` filters by the exact start).
-_CALENDAR_REACH = {
-    CalendarUnit.HOUR: 2 * _HOUR,
-    CalendarUnit.DAY: 2 * _DAY,
-    CalendarUnit.WEEK: 8 * _DAY,
-    CalendarUnit.MONTH: 32 * _DAY,
-}
 # Reconnecting after a lost watch: doubling pauses within these bounds.
 _RETRY_MIN_SECONDS = 0.5
 _RETRY_MAX_SECONDS = 10.0
@@ -92,25 +103,34 @@ _RETRY_MAX_SECONDS = 10.0
 _MAX_LOGGED = 128
 
 Amount = int | float
+# One limit as ``encode_document`` takes it: (definition, key -> events).
+Published = tuple[str, Mapping[str, Iterable[tuple[int, Amount]]]]
+
+
+class _Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    definition: str
+    keys: dict[str, list[tuple[int, int | float]]]
 
 
 class _Document(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     v: int
     daemon_id: str
     published_at: int
-    limits: dict[str, dict[str, list[tuple[int, int | float]]]]
+    limits: dict[str, _Limit]
 
 
 def encode_document(
-    daemon_id: str,
-    published_at: int,
-    limits: Mapping[str, Mapping[str, Iterable[tuple[int, Amount]]]],
+    daemon_id: str, published_at: int, limits: Mapping[str, Published]
 ) -> bytes:
     """The canonical JSON of one daemon's document (see the module doc):
-    keys sorted, events in (time, amount) order."""
+    ``limits`` maps each limit to (its definition, key -> events); keys
+    sorted, events in (time, amount) order."""
     body = {
-        limit: {key: sorted(events) for key, events in keys.items()}
-        for limit, keys in limits.items()
+        limit: {
+            "definition": definition,
+            "keys": {key: sorted(events) for key, events in keys.items()},
+        }
+        for limit, (definition, keys) in limits.items()
     }
     return msgspec.json.encode(
         {
@@ -162,23 +182,43 @@ async def _within(call: Awaitable[object], seconds: float) -> bool:
     return True
 
 
-def _reach(window: Window) -> int:
-    """How far back (ns) from now this window's start can be."""
-    if window.rolling_nanos > 0:
-        return window.rolling_nanos
-    return _CALENDAR_REACH[CalendarUnit(window.calendar or CalendarUnit.MONTH)]
-
-
 class _Events:
     """One daemon's events of one (limit, key): times ascending, and the
-    amounts in the same order."""
+    prefix sums of their amounts in the same order, so the sum of a window
+    is one subtraction and exact. Ints are summed as they are; doubles as
+    integers in units of 2**-``shift``, the finest power of two among them
+    (every double is an integer multiple of it), which keeps each prefix a
+    few words long where 2**-1074 would make it some 1,100 bits."""
 
-    __slots__ = ("amounts", "times")
+    __slots__ = ("integral", "prefix", "shift", "times")
 
-    def __init__(self, events: list[tuple[int, Amount]]):
+    def __init__(self, events: list[tuple[int, Amount]], integral: bool):
         events.sort()
         self.times = [t for t, _ in events]
-        self.amounts = [a for _, a in events]
+        self.prefix = [0]
+        self.integral = integral
+        self.shift = 0
+        total = 0
+        if integral:
+            for _, amount in events:
+                total += amount
+                self.prefix.append(total)  # type: ignore[arg-type]
+            return
+        ratios = [float(amount).as_integer_ratio() for _, amount in events]
+        # Each denominator is a power of two: 2**(bit_length - 1).
+        self.shift = max((d.bit_length() - 1 for _, d in ratios), default=0)
+        for numerator, denominator in ratios:
+            total += numerator << (self.shift - denominator.bit_length() + 1)
+            self.prefix.append(total)
+
+    def since(self, start_nanos: int) -> tuple[int, int]:
+        """(count, sum) at or after ``start_nanos``: the sum an int, or for
+        doubles in units of 2**-DOUBLE_SHIFT."""
+        first = bisect.bisect_left(self.times, start_nanos)
+        held = self.prefix[-1] - self.prefix[first]
+        if not self.integral:
+            held <<= DOUBLE_SHIFT - self.shift
+        return len(self.times) - first, held
 
 
 class FleetLimits:
@@ -218,8 +258,9 @@ class FleetLimits:
         self.publish_interval = publish_interval
         self.clock = clock
         self._limits: dict[str, CompiledLimit] = {}
-        # Own events: (limit, key) -> decision id -> (time ns, amount).
-        self._own: dict[tuple[str, str], dict[str, tuple[int, Amount]]] = {}
+        # Own events: (limit, definition, key) -> decision id -> (time ns,
+        # amount); only the active definition's are kept.
+        self._own: dict[tuple[str, str, str], dict[str, tuple[int, Amount]]] = {}
         # Other daemons' latest documents as read, and their index:
         # (limit, key) -> daemon id -> events.
         self._documents: dict[str, bytes] = {}
@@ -227,6 +268,9 @@ class FleetLimits:
         self._index: dict[tuple[str, str], dict[str, _Events]] = {}
         # Daemon id -> the (limit, key)s its document put in the index.
         self._indexed: dict[str, list[tuple[str, str]]] = {}
+        # Daemon id -> limit -> the other definition its document holds
+        # that limit under (its events not counted here).
+        self._defined_otherwise: dict[str, dict[str, str]] = {}
         # Staleness: a watch running without a loss reported counts as
         # hearing now; otherwise the last time it did (None: never).
         self._watching = False
@@ -244,22 +288,24 @@ class FleetLimits:
 
     def activate(self, limits: Mapping[str, CompiledLimit]) -> None:
         """Take the fleet-scope limits of a newly active policy set (others
-        in ``limits`` are ignored). Own events of limits no longer declared
-        are dropped, the other daemons' documents indexed again for the new
-        set, and the document put again. A limit whose window now reaches
-        further back needs ``seed`` again with the book's events."""
+        in ``limits`` are ignored). Own events of limits no longer declared,
+        or counted under another definition than the new one, are dropped,
+        the other daemons' documents indexed again for the new set, and the
+        document put again. A limit whose window now reaches further back,
+        or that was redefined, needs ``seed`` again with the book's events."""
         self._limits = {
             name: limit
             for name, limit in sorted(limits.items())
             if limit.scope == FLEET_SCOPE
         }
         self._own = {
-            pair: events
-            for pair, events in self._own.items()
-            if pair[0] in self._limits
+            (name, definition, key): events
+            for (name, definition, key), events in self._own.items()
+            if name in self._limits and self._limits[name].definition == definition
         }
         self._index.clear()
         self._indexed.clear()
+        self._defined_otherwise.clear()
         for daemon_id, data in list(self._documents.items()):
             self._take(daemon_id, data, log=False)
         self._mark()
@@ -267,22 +313,36 @@ class FleetLimits:
     def seed(self, counted: Iterable[Counted]) -> None:
         """Take this daemon's counted decisions as the book holds them
         (read from the log at start, or after ``activate`` brought a limit
-        whose window reaches further back); events of limits not active
-        here are ignored, one already known (by decision id) counts once."""
-        self._add(counted)
+        whose window reaches further back or a new definition); events of
+        limits not active here, or of another definition, are ignored, one
+        already known (by decision id) counts once.
+
+        An event without a definition (``LimitBook.held`` gives none) is
+        taken as the active one's: the book holds only the active
+        definition's events once activated, as it is before this is called.
+        """
+        self._add(counted, assume_active=True)
 
     def published(self, counted: Iterable[Counted]) -> None:
         """Decisions whose record committed: put them in the next document
-        (within ``publish_interval``). Called on the event loop."""
-        if self._add(counted):
+        (within ``publish_interval``). Called on the event loop. A decision
+        counted under another definition than the active one (made before
+        an activation that redefined its limit) is ignored."""
+        if self._add(counted, assume_active=False):
             self._mark()
 
-    def _add(self, counted: Iterable[Counted]) -> bool:
+    def _add(self, counted: Iterable[Counted], *, assume_active: bool) -> bool:
         added = False
         for entry in counted:
-            if entry.limit not in self._limits:
+            limit = self._limits.get(entry.limit)
+            if limit is None:
                 continue
-            events = self._own.setdefault((entry.limit, entry.key), {})
+            definition = entry.definition
+            if assume_active and not definition:
+                definition = limit.definition
+            if definition != limit.definition:
+                continue
+            events = self._own.setdefault((entry.limit, definition, entry.key), {})
             events[entry.decision_id] = (entry.time_nanos, entry.amount)
             added = True
         return added
@@ -417,17 +477,24 @@ class FleetLimits:
     # reader decodes the whole document again: about 60 ms to build and
     # 50 ms to read 36,000 events (1 MB, the most a document may hold), on
     # the event loop. Per-key entries or deltas would scale further.
-    def _current(self, now: int) -> dict[str, dict[str, list[tuple[int, Amount]]]]:
-        """Own events still in reach of their windows, dropping the rest."""
-        body: dict[str, dict[str, list[tuple[int, Amount]]]] = {}
-        for (name, key), events in list(self._own.items()):
-            oldest = now - _reach(self._limits[name].window)
-            for decision_id in [d for d, (t, _) in events.items() if t < oldest]:
+    def _current(self, now: int) -> dict[str, Published]:
+        """Own events still in their windows (from each limit's window
+        start at ``now`` less ``GRACE_NANOS``), dropping the rest, by
+        limit: (definition, key -> events)."""
+        body: dict[str, tuple[str, dict[str, list[tuple[int, Amount]]]]] = {}
+        oldest: dict[str, int] = {}
+        for (name, definition, key), events in list(self._own.items()):
+            if name not in oldest:
+                start = window_start(self._limits[name].window, now)
+                oldest[name] = start - GRACE_NANOS
+            cut = oldest[name]
+            for decision_id in [d for d, (t, _) in events.items() if t < cut]:
                 del events[decision_id]
             if not events:
-                del self._own[(name, key)]
+                del self._own[(name, definition, key)]
                 continue
-            body.setdefault(name, {})[key] = list(events.values())
+            keys = body.setdefault(name, (definition, {}))[1]
+            keys[key] = list(events.values())
         return body
 
     async def _watch_loop(self) -> None:
@@ -485,6 +552,7 @@ class FleetLimits:
         if not data:
             self._documents.pop(daemon_id, None)
             self._published_at.pop(daemon_id, None)
+            self._defined_otherwise.pop(daemon_id, None)
             return
         self._documents[daemon_id] = data
         try:
@@ -515,19 +583,57 @@ class FleetLimits:
         self._indexed[daemon_id] = indexed
         for pair, events in indexed.items():
             self._index.setdefault(pair, {})[daemon_id] = events
+        self._note_definitions(daemon_id, document, log=log)
+
+    def _note_definitions(
+        self, daemon_id: str, document: _Document, *, log: bool
+    ) -> None:
+        """Keep which active limits ``daemon_id``'s document holds under
+        another definition (not counted here); a WARNING when that changes."""
+        otherwise = {
+            name: entry.definition
+            for name, entry in document.limits.items()
+            if name in self._limits
+            and entry.definition != self._limits[name].definition
+        }
+        before = self._defined_otherwise.get(daemon_id, {})
+        if otherwise:
+            self._defined_otherwise[daemon_id] = otherwise
+        else:
+            self._defined_otherwise.pop(daemon_id, None)
+        changed = {n: d for n, d in otherwise.items() if before.get(n) != d}
+        if not log or not changed:
+            return
+        for name, definition in sorted(changed.items()):
+            _log.warning(
+                "fleet limit defined otherwise by another daemon: its counts "
+                "of it are not added",
+                extra={
+                    "fields": {
+                        "store": self.store.url,
+                        "from_daemon": daemon_id[:_MAX_LOGGED],
+                        "limit": name,
+                        "their_definition": definition[:_MAX_LOGGED],
+                        "definition": self._limits[name].definition,
+                    }
+                },
+            )
 
     def _index_document(
         self, daemon_id: str, document: _Document
     ) -> dict[tuple[str, str], _Events]:
-        """The events of ``document`` for active fleet limits, by (limit,
-        key). Raises ValueError naming an event of the wrong type."""
+        """The events of ``document`` for active fleet limits defined as
+        they are here, by (limit, key); a limit under another definition is
+        skipped. Raises ValueError naming an event of the wrong type."""
         indexed = {}
-        for name, keys in document.limits.items():
+        for name, entry in document.limits.items():
             limit = self._limits.get(name)
             if limit is None:
                 continue  # not declared here (yet): another policy revision
+            if entry.definition != limit.definition:
+                continue  # counts something else: none of it is this one's
             integral = isinstance(limit.ceiling, int)
-            for key, events in keys.items():
+            for key, events in entry.keys.items():
                 for time_nanos, amount in events:
                     if isinstance(amount, int) != integral or not amount >= 0:
                         raise ValueError(
@@ -535,8 +641,13 @@ class FleetLimits:
                             f"{amount!r} at {time_nanos}: expected a non-negative "
                             f"{'integer' if integral else 'double'}"
                         )
+                    if not integral and not math.isfinite(amount):
+                        raise ValueError(
+                            f"limit {name!r} key {key[:_MAX_LOGGED]!r}: amount "
+                            f"{amount!r} at {time_nanos}: expected a finite double"
+                        )
                 if events:
-                    indexed[(name, key)] = _Events(list(events))
+                    indexed[(name, key)] = _Events(list(events), integral)
         return indexed
 
     # -- reading
@@ -545,26 +656,34 @@ class FleetLimits:
         self, limit: CompiledLimit | str, key: str, start_nanos: int
     ) -> Tally | None:
         """What the other daemons' latest documents hold for ``key`` of the
-        fleet limit ``limit`` at or after ``start_nanos``; None when this
-        daemon has not heard from the store within
-        ``max_staleness_seconds`` (the limit is then absent).
+        fleet limit ``limit`` at or after ``start_nanos``, counted under its
+        active definition; None when this daemon has not heard from the
+        store within ``max_staleness_seconds`` (the limit is then absent).
+        A sum of doubles is the exact sum rounded once.
 
         Raises:
-            KeyError: ``limit`` is no active fleet-scope limit.
+            KeyError: ``limit`` is no active fleet-scope limit, or (a
+                ``CompiledLimit``) is defined otherwise than the active one.
         """
         name = limit if isinstance(limit, str) else limit.name
         compiled = self._limits.get(name)
         if compiled is None:
             raise KeyError(f"limit {name!r}: no active fleet-scope limit")
+        if not isinstance(limit, str) and limit.definition != compiled.definition:
+            raise KeyError(
+                f"limit {name!r}: definition {limit.definition!r}, the active "
+                f"one is {compiled.definition!r}"
+            )
         if self.stale():
             return None
-        count = 0
-        total: Amount = 0 if isinstance(compiled.ceiling, int) else 0.0
+        count = total = 0
         for events in self._index.get((name, key), {}).values():
-            first = bisect.bisect_left(events.times, start_nanos)
-            count += len(events.times) - first
-            total += sum(events.amounts[first:])
-        return Tally(count, total)
+            held, amount = events.since(start_nanos)
+            count += held
+            total += amount
+        if isinstance(compiled.ceiling, int):
+            return Tally(count, total)
+        return Tally(count, rounded_sum(0, total))
 
     def stale(self) -> bool:
         """Whether this daemon has not heard from the store within
@@ -579,12 +698,14 @@ class FleetLimits:
         """For metrics and the daemon's status: other daemons whose
         documents are held, when the store was last heard from (ns; None
         never), whether fleet limits are stale (absent), publish errors,
-        documents refused, the last successful put (ns) and the last
-        publish error."""
+        documents refused, the last successful put (ns), the last publish
+        error, and how many (daemon, limit) pairs are held under another
+        definition than the active one (not counted)."""
         watching = self._watching
         return {
             "fleet_limits": sorted(self._limits),
             "daemons_seen": len(self._documents),
+            "defined_otherwise": sum(map(len, self._defined_otherwise.values())),
             "last_heard_ns": self.clock() if watching else self._heard,
             "watching": watching,
             "stale": self.stale(),

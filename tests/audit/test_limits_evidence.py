@@ -10,10 +10,13 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 
+import lmdb
 import msgspec
 import pytest
 from kynara.v1 import decision_pb2 as pb
+from limits.test_pipeline_limits import Harness, decisions, policies_dir, refund
 from support import (
     SHIPPED_POLICIES,
     RunningDaemon,
@@ -32,6 +35,8 @@ from kynara_sidecar.audit.record import (
     AuditRecordV1,
     LimitEntry,
     RecordKind,
+    UInt64,
+    decode_value,
     encode_value,
     format_timestamp,
     parse_timestamp,
@@ -48,9 +53,17 @@ from kynara_sidecar.audit.verify import (
     recompute_totals,
     verify_store,
 )
-from kynara_sidecar.audit.verify_pack import LimitsChecked, PackError, verify_pack
+from kynara_sidecar.audit.verify_pack import (
+    Held,
+    LimitsChecked,
+    PackError,
+    SeenAbove,
+    compare_seen,
+    verify_pack,
+)
 from kynara_sidecar.audit.writer import AuditWriter, Sealing
-from kynara_sidecar.decision import Timestamp
+from kynara_sidecar.decision import Effect, Timestamp
+from kynara_sidecar.errors import AuditUnavailable
 
 from ._support import RawLog
 
@@ -63,6 +76,15 @@ HOUR = 3600 * SECOND
 
 def _stamp(nanos: int) -> str:
     return format_timestamp(Timestamp.from_nanos(nanos))
+
+
+def _fsum(amounts: list[float]) -> float:
+    """``math.fsum``, or the infinity the daemon's book answers where the
+    exact sum is past the largest double (and fsum raises)."""
+    try:
+        return math.fsum(amounts)
+    except OverflowError:
+        return math.inf
 
 
 class Book:
@@ -96,7 +118,7 @@ class Book:
         limits = {}
         for name, value in (("refunds_hour", 1), ("refund_total", amount)):
             count, held = self.seen(f"{name}/{definition}", key, start)
-            total = math.fsum(held) if isinstance(value, float) else sum(held)
+            total = _fsum(held) if isinstance(value, float) else sum(held)
             limits[name] = LimitEntry(
                 key=key,
                 definition=definition,
@@ -404,6 +426,151 @@ def test_double_sums_compare_exactly_with_fsum(open_store):
     assert totals[("refunds_hour", "u1")] == (60, 60)
 
 
+# Subnormals, the largest doubles (two of them sum past the largest double:
+# the book answers infinity), and a huge amount sliding out of a short
+# window beside tiny ones (what is left must not be a rounding residue).
+AWKWARD = [5e-324, 1.7976931348623157e308, 1.7976931348623157e308, 5e-324]
+AWKWARD += [1.0, 1e308, 5e-324, 0.1, 2.2250738585072014e-308, 0.2, 1e16, 0.3]
+
+
+def test_awkward_double_sums_verify_in_the_log_and_in_a_pack(open_store, tmp_path):
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    book = Book()
+    # A day's window, then a 2.5-second one: each sees the two before it.
+    records = [
+        book.decide(n, T0 + n * SECOND, amount=a, window=24 * HOUR)
+        for n, a in enumerate(AWKWARD)
+    ]
+    records += [
+        book.decide(n, T0 + n * SECOND, amount=a, window=2 * SECOND + SECOND // 2)
+        for n, a in enumerate(AWKWARD, start=len(AWKWARD))
+    ]
+    _append(store, records)
+    seen = [decode_value(r.limits["refund_total"].sum) for r in records]
+
+    report = check_limits(store)
+    totals = recompute_totals(store, T0)
+    tail = recompute_totals(store, T0 + 20 * SECOND)
+    pack = _pack(tmp_path / "p", [records[:10], records[10:]])
+
+    assert math.inf in seen and 5e-324 in seen and 0.1 + 0.2 not in seen
+    assert report.ok, report.mismatches
+    assert report.seen_checked == 2 * len(records)
+    # math.fsum raises here; the exact sum is past the largest double.
+    assert totals[("refund_total", "u1")] == (24, math.inf)
+    assert tail[("refund_total", "u1")] == (4, math.fsum(AWKWARD[8:]))
+    assert verify_pack(pack).limits.checked == 2 * len(records)
+
+
+def test_a_seen_count_above_the_records_is_a_note_naming_the_first(open_store):
+    # Two decisions saw a count the log never held (one decision whose
+    # commit was refused): a note naming the first, not a mismatch.
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(6)]
+    for record in records[3:5]:
+        record.limits["refunds_hour"].count += 1
+    _append(store, records)
+
+    report = check_limits(store)
+    verified = verify_store(store, None, None)
+
+    assert report.ok, report.mismatches
+    assert (report.seen_above, report.first_above) == (
+        2,
+        SeenAbove(4, "refunds_hour", "u1"),
+    )
+    assert verified.ok, verified.problem
+    assert any(
+        note.endswith(
+            "; 2 saw more than the records before them hold (counts of a "
+            "decision whose commit was refused, taken back after; the first at "
+            "record 4, limit 'refunds_hour' key 'u1')"
+        )
+        for note in verified.notes
+    ), verified.notes
+
+
+def test_decisions_made_during_a_refused_commit_all_see_its_count(tmp_path):
+    """The real writer: a commit refused for a full log while two more
+    decisions are made; they share the next commit, which succeeds. Both
+    saw the refused decision's count, the second with the first's record in
+    the same window as well: an excess that persists at a later record is
+    what an honest log shows, so it stays a note."""
+    clock = SettableClock("2026-12-07T09:00:00Z")
+    harness = Harness(tmp_path, clock, policies_dir(tmp_path))
+    taken, release = threading.Event(), threading.Event()
+
+    async def go():
+        async with harness as pipeline:
+            real = harness.store.append_batch
+
+            def append_batch(records, changes=(), **options):
+                if not taken.is_set():
+                    taken.set()
+                    release.wait(30)
+                    full = AuditUnavailable("audit log: map full")
+                    full.__cause__ = lmdb.MapFullError("MDB_MAP_FULL")
+                    raise full
+                return real(records, changes, **options)
+
+            harness.store.append_batch = append_batch
+            lost = asyncio.ensure_future(pipeline.decide(refund(rid="lost")))
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, taken.wait, 30)
+            kept = [
+                asyncio.ensure_future(pipeline.decide(refund(rid=f"kept{i}")))
+                for i in range(2)
+            ]
+            await asyncio.sleep(0)
+            release.set()
+            return await asyncio.gather(lost, *kept, return_exceptions=True)
+
+    try:
+        lost, *kept = asyncio.run(go())
+        del harness.store.append_batch
+        report = check_limits(harness.store)
+        records = decisions(harness.records())
+    finally:
+        release.set()
+        harness.close()
+    assert isinstance(lost, AuditUnavailable)
+    assert [answer.decision.effect for answer in kept] == [Effect.ALLOW] * 2
+    seen = [r.limits["refunds_today"] for r in records]
+    # The log holds 0, then 1 before them; each saw one more.
+    assert [e.count for e in seen] == [1, 2]
+    assert seen[0].window_start == seen[1].window_start
+    assert report.ok, report.mismatches
+    # Three limits counted each of the two decisions.
+    assert report.seen_above == 6
+    assert report.first_above is not None and report.first_above.seq == 1
+
+
+@pytest.mark.parametrize(
+    ("count", "seen_sum", "held", "expected"),
+    [
+        # (above, count differs, sum differs, total)
+        (2, 10, Held(2, 10), (False, False, False, 10)),
+        (2, UInt64(10), Held(2, 10), (False, False, False, 10)),
+        (2, True, Held(2, 1), (False, False, True, 1)),
+        (2, 10, Held(2, 10, 0, 1), (False, False, True, 10.0)),
+        (2, 10.0, Held(2, 10), (False, False, False, 10.0)),
+        (2, math.nan, Held(2, 10), (False, False, True, 10.0)),
+        (3, 15, Held(2, 10), (True, False, False, 10)),
+        (3, 5, Held(2, 10), (False, True, True, 10)),
+        (3, None, Held(2, 10), (True, False, False, 10)),
+        (1, None, Held(2, 10), (False, True, False, 10)),
+    ],
+)
+def test_seen_values_compare_by_kind_and_value(count, seen_sum, held, expected):
+    found = compare_seen(count, seen_sum, held)
+    assert (*found[:3], type(found.total), found.total) == (
+        *expected[:3],
+        type(expected[3]),
+        expected[3],
+    )
+
+
 def test_recompute_totals_takes_records_since_an_instant(open_store):
     book = Book()
     records = [
@@ -614,7 +781,12 @@ def test_a_pack_notes_a_seen_count_above_the_records(tmp_path):
     report = verify_pack(pack)
 
     assert report.limits.seen_above == 2
-    assert "2 saw more than the records before them hold" in report.summary()
+    assert report.limits.first_above == SeenAbove(4, "refund_total", "u1")
+    assert report.summary().endswith(
+        ", 2 saw more than the records before them hold (counts of a decision "
+        "whose commit was refused, taken back; the first at record 4, limit "
+        "'refund_total' key 'u1')"
+    )
 
 
 def test_a_pack_checks_only_windows_it_reaches_back_to(tmp_path):

@@ -6,11 +6,15 @@ sums, and a random walk checked against a recount from scratch."""
 from __future__ import annotations
 
 import contextlib
+import fractions
 import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kynara_sidecar.audit import verify_pack
 from kynara_sidecar.audit.counters import LIMITS_DB, row_prefix, rows_of
 from kynara_sidecar.audit.record import (
     AuditRecordV1,
@@ -19,6 +23,7 @@ from kynara_sidecar.audit.record import (
     format_timestamp,
 )
 from kynara_sidecar.audit.store import AuditStore
+from kynara_sidecar.audit.verify import recompute_totals
 from kynara_sidecar.decision import Effect, Timestamp
 from kynara_sidecar.limits import book as book_module
 from kynara_sidecar.limits.book import GRACE_NANOS, Counted, LimitBook, Tally
@@ -369,6 +374,126 @@ def test_sums_of_ints_stay_ints(store):
     assert book.tally(as_double, "k", T0) == Tally(2, float(2 * big + 1))
     assert type(book.tally(as_double, "nobody", T0).sum) is float
     assert book.tally(_limit(), "k", T0) == Tally(2, 2)
+
+
+# One exact sum everywhere: the book, verify (``recompute_totals``), the
+# pack check (``verify_pack.SeenValues``) and ``math.fsum`` agree on any
+# amounts, the book also after the window slid past some of them.
+
+# Doubles a naive running sum gets wrong: subnormals, the largest doubles
+# (whose sum overflows), values far apart in scale (one in the window with
+# tiny ones, then sliding out: a cancellation).
+_AWKWARD = [
+    5e-324,
+    2.2250738585072014e-308,
+    1.7976931348623157e308,
+    1e308,
+    1e16,
+    2.0**53,
+    1.0,
+    0.1,
+    0.3,
+    0.0,
+]
+_DOUBLES = st.one_of(
+    st.sampled_from(_AWKWARD),
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+)
+_AMOUNTS = st.one_of(
+    st.lists(_DOUBLES, max_size=25).map(lambda a: (a, 1e300)),
+    st.lists(st.integers(0, 2**63 - 1), max_size=25).map(lambda a: (a, 10)),
+    # Ints a double limit holds as rows counted before it became one; fsum
+    # is exact on them only up to 2**53.
+    st.lists(st.one_of(st.integers(0, 2**53), _DOUBLES), max_size=25).map(
+        lambda a: (a, 1e300)
+    ),
+)
+
+
+def _fsum(amounts: list) -> float:
+    """``math.fsum``, or the infinity it cannot return past the largest double."""
+    try:
+        return math.fsum(amounts)
+    except OverflowError:
+        return math.inf
+
+
+@settings(max_examples=300, deadline=None)
+@given(_AMOUNTS, st.data())
+def test_book_verify_pack_and_fsum_sum_alike(amounts_and_ceiling, data):
+    amounts, ceiling = amounts_and_ceiling
+    cut = data.draw(st.integers(0, len(amounts)), label="cut")
+    limit = _limit(sums=True, ceiling=ceiling)
+    as_double = isinstance(ceiling, float)
+    book = LimitBook(None)
+    book.activate({"refunds": limit}, T0)
+    book.add(
+        Counted("refunds", "k", T0 + i, amount, f"d{i}")
+        for i, amount in enumerate(amounts)
+    )
+    records = [
+        _record(f"d{i}", T0 + i, {"refunds": ("k", amount)})
+        for i, amount in enumerate(amounts)
+    ]
+    seen = verify_pack.SeenValues()
+    for i, amount in enumerate(amounts):
+        seen.add("refunds", "", "k", T0 + i, amount)
+
+    for start, held in ((T0, amounts), (T0 + cut, amounts[cut:]), (T0, amounts)):
+        if as_double:
+            expected = (
+                _fsum(held)
+                if all(isinstance(a, float) or a <= 2**53 for a in held)
+                else float(sum(held))
+            )
+        else:
+            expected = sum(held)
+        tally = book.tally(limit, "k", start)
+        totals = recompute_totals(records, start).get(("refunds", "k"), (0, 0))
+        recomputed = seen.held("refunds", "", "k", start)
+        sums = {
+            "book": tally.sum,
+            "verify": float(totals[1]) if as_double else totals[1],
+            "verify_pack": recomputed.total(as_double),
+            "exact_sum": verify_pack.exact_sum(held),
+        }
+        if as_double:
+            sums["exact_sum"] = float(sums["exact_sum"])
+        assert {name: (type(v), v) for name, v in sums.items()} == {
+            name: (type(expected), expected) for name in sums
+        }, (start - T0, held)
+        assert tally.count == totals[0] == recomputed.count == len(held)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.sampled_from(_AWKWARD + [-a for a in _AWKWARD]),
+            st.integers(-(2**70), 2**70),
+        ),
+        max_size=25,
+    )
+)
+def test_the_exact_sum_of_signed_amounts_is_rounded_once(amounts):
+    # Signed amounts cancel; the one rounding is of the exact rational sum
+    # (where fsum may raise on an intermediate overflow instead).
+    exact = sum((fractions.Fraction(a) for a in amounts), fractions.Fraction(0))
+    whole = units = 0
+    for amount in amounts:
+        part, scaled = verify_pack.exact_parts(amount)
+        whole, units = whole + part, units + scaled
+    try:
+        expected: int | float = float(exact)
+    except OverflowError:
+        expected = math.inf if exact > 0 else -math.inf
+    if all(isinstance(a, int) for a in amounts):
+        expected = int(exact)
+    got = verify_pack.exact_sum(amounts)
+    assert (type(got), got) == (type(expected), expected)
+    rounded = verify_pack.rounded_sum(whole, units)
+    assert rounded == (float(expected) if isinstance(expected, int) else expected)
 
 
 # ------------------------------------------------------------------- memory

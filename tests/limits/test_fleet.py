@@ -12,18 +12,28 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
+import random
+import textwrap
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from kynara_sidecar.decision import Effect
-from kynara_sidecar.limits.book import Counted, Tally
+from kynara_sidecar.limits.book import GRACE_NANOS, Counted, Tally
 from kynara_sidecar.limits.fleet import (
     FleetLimits,
     decode_document,
     encode_document,
 )
-from kynara_sidecar.policy.limits import CalendarUnit, CompiledLimit, KeyPart, Window
+from kynara_sidecar.policy import loader
+from kynara_sidecar.policy.limits import (
+    CalendarUnit,
+    CompiledLimit,
+    KeyPart,
+    Window,
+    window_start,
+)
 from kynara_sidecar.sync import (
     MAX_LIMIT_TALLIES_BYTES,
     Store,
@@ -63,6 +73,7 @@ def limit(
         scope=scope,
         sum_source="context" if isinstance(ceiling, float) else "",
         sum_field="amount" if isinstance(ceiling, float) else "",
+        definition=f"def-{name}",
     )
 
 
@@ -74,9 +85,28 @@ ACTIVE = {lim.name: lim for lim in (REFUNDS, TOTAL, LOCAL)}
 
 def counted(
     decision: str, time_nanos: int, *, name: str = "refunds", key: str = KEY,
-    amount: int | float = 1,
+    amount: int | float = 1, definition: str | None = None,
 ) -> Counted:  # fmt: skip
-    return Counted(name, key, time_nanos, amount, decision)
+    """One counted decision, under ``limit(name)``'s definition unless
+    ``definition`` says otherwise."""
+    if definition is None:
+        definition = f"def-{name}"
+    return Counted(name, key, time_nanos, amount, decision, definition)
+
+
+def compiled(body: str) -> dict[str, CompiledLimit]:
+    """The limits of a policy file whose ``limits:`` is ``body``, compiled
+    as the daemon compiles them (so each has its real definition)."""
+    policy = "format_version: 1\nkind: policy\nname: payments\nlimits:\n"
+    policy += textwrap.indent(textwrap.dedent(body), "  ")
+    directory = "format_version: 1\nkind: directory\nprincipals: []\n"
+    loaded = loader.compile_documents(
+        [
+            loader.decode_document("payments.yaml", policy.encode()),
+            loader.decode_document("directory.yaml", directory.encode()),
+        ]
+    )
+    return dict(loaded.policy_set.limits)
 
 
 class Clock:
@@ -164,20 +194,23 @@ def test_the_document_is_canonical_and_keeps_ints_and_doubles_apart():
         A,
         T0,
         {
-            "total": {KEY: [(T0 + 2, 7.5), (T0 + 1, 5.0)]},
-            "count": {KEY: [(T0, 1), (T0 + 3, 2**62 + 1)]},
+            "total": ("d2", {KEY: [(T0 + 2, 7.5), (T0 + 1, 5.0)]}),
+            "count": ("d1", {KEY: [(T0, 1), (T0 + 3, 2**62 + 1)]}),
         },
     )
     assert data == (
-        b'{"daemon_id":"daemon-a","limits":{"count":{"[\\"u-1\\"]":'
-        b"[[1750000000000000000,1],[1750000000000000003,4611686018427387905]]},"
-        b'"total":{"[\\"u-1\\"]":[[1750000000000000001,5.0],'
-        b'[1750000000000000002,7.5]]}},"published_at":1750000000000000000,"v":1}'
+        b'{"daemon_id":"daemon-a","limits":{"count":{"definition":"d1","keys":'
+        b'{"[\\"u-1\\"]":'
+        b"[[1750000000000000000,1],[1750000000000000003,4611686018427387905]]}},"
+        b'"total":{"definition":"d2","keys":{"[\\"u-1\\"]":'
+        b"[[1750000000000000001,5.0],[1750000000000000002,7.5]]}}},"
+        b'"published_at":1750000000000000000,"v":2}'
     )
     document = decode_document(data)
-    (_, big) = document.limits["count"][KEY][1]
+    assert document.limits["count"].definition == "d1"
+    (_, big) = document.limits["count"].keys[KEY][1]
     assert big == 2**62 + 1 and isinstance(big, int)
-    (_, five) = document.limits["total"][KEY][0]
+    (_, five) = document.limits["total"].keys[KEY][0]
     assert five == 5.0 and isinstance(five, float)
 
 
@@ -185,13 +218,25 @@ def test_the_document_is_canonical_and_keeps_ints_and_doubles_apart():
     "data, match",
     [
         (b"[]", "not a limit tallies document"),
-        (b'{"v":2,"daemon_id":"a","published_at":1,"limits":{}}', "version 2"),
+        (b'{"v":3,"daemon_id":"a","published_at":1,"limits":{}}', "version 3"),
+        # Version 1 held no definitions: its counts could be of anything.
         (
-            b'{"v":1,"daemon_id":"a","published_at":1,"limits":{},"x":1}',
+            b'{"v":1,"daemon_id":"a","published_at":1,"limits":{"l":{"k":[[1,1]]}}}',
+            "not a limit tallies document",
+        ),
+        (b'{"v":1,"daemon_id":"a","published_at":1,"limits":{}}', "version 1"),
+        (
+            b'{"v":2,"daemon_id":"a","published_at":1,"limits":{},"x":1}',
             "not a limit tallies document",
         ),
         (
-            b'{"v":1,"daemon_id":"a","published_at":1,"limits":{"l":{"k":[[1,true]]}}}',
+            b'{"v":2,"daemon_id":"a","published_at":1,'
+            b'"limits":{"l":{"definition":"d","keys":{"k":[[1,true]]}}}}',
+            "not a limit tallies document",
+        ),
+        (
+            b'{"v":2,"daemon_id":"a","published_at":1,'
+            b'"limits":{"l":{"keys":{"k":[[1,1]]}}}}',
             "not a limit tallies document",
         ),
     ],
@@ -303,6 +348,184 @@ def test_limits_no_longer_declared_leave_the_document(backend):
     run(scenario())
 
 
+REFUNDS_TOTAL = """\
+refunds:
+  actions: [payments.refund.issue]
+  sum: {sum}
+  key: [{key}]
+  scope: fleet
+  window: {{rolling: {window}}}
+  ceiling: {ceiling}
+"""
+
+
+def refunds_total(
+    *, key="user", sum="context.amount", window="24h", ceiling="1000.0"
+) -> dict[str, CompiledLimit]:
+    return compiled(
+        REFUNDS_TOTAL.format(key=key, sum=sum, window=window, ceiling=ceiling)
+    )
+
+
+@pytest.mark.parametrize(
+    "change", [{"key": "agent"}, {"sum": "resource.attr.amount"}], ids=["key", "sum"]
+)
+def test_a_redefined_limit_counts_none_of_the_other_definitions_decisions(
+    backend, change, caplog
+):
+    """B redefines the limit under its name (another key or sum): while A
+    keeps the first definition, neither adds the other's decisions; B
+    back on the first definition, each adds the other's again."""
+    clock = Clock()
+    first, second = refunds_total(), refunds_total(**change)
+    old, new = first["refunds"].definition, second["refunds"].definition
+    assert old != new
+
+    def spent(decision, at, amount, definition):
+        return Counted("refunds", KEY, at, amount, decision, definition)
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock, limits=first) as a,
+            daemon(backend, B, clock, limits=first) as b,
+        ):
+            a.published([spent("a1", T0 - 3, 2.5, old)])
+            b.published([spent("b1", T0 - 2, 4.0, old)])
+            await eventually(remote_is(b, Tally(1, 2.5)), "B adds A's")
+            await eventually(remote_is(a, Tally(1, 4.0)), "A adds B's")
+
+            b.activate(second)
+            b.seed([])  # B's book holds nothing of the new definition
+            # A decision of the old definition committing after the
+            # activation is not the new one's.
+            b.published([spent("b0", T0 - 1, 16.0, old)])
+            b.published([spent("b2", T0 - 1, 8.0, new)])
+            await eventually(
+                lambda: a.status()["defined_otherwise"] == 1, "A holds B's as other"
+            )
+            assert b.status()["defined_otherwise"] == 1
+            assert a.remote(first["refunds"], KEY, 0) == Tally(0, 0.0)
+            assert b.remote(second["refunds"], KEY, 0) == Tally(0, 0.0)
+            reader = backend.open()
+            try:
+                held = decode_document((await reader.limit_tallies())[B])
+            finally:
+                await reader.close()
+            assert held.limits["refunds"].definition == new
+            assert held.limits["refunds"].keys == {KEY: [(T0 - 1, 8.0)]}
+            # A request still on the first definition gets no remote part
+            # of the second's from B.
+            with pytest.raises(KeyError, match="definition"):
+                b.remote(first["refunds"], KEY, 0)
+
+            # Back to the first definition: B's book gives its decisions
+            # of it again (without a definition, as ``LimitBook.held`` does).
+            b.activate(first)
+            b.seed([Counted("refunds", KEY, T0 - 2, 4.0, "b1")])
+            await eventually(remote_is(a, Tally(1, 4.0)), "A adds B's again")
+            assert b.remote(first["refunds"], KEY, 0) == Tally(1, 2.5)
+            assert a.status()["defined_otherwise"] == 0
+            assert b.status()["defined_otherwise"] == 0
+
+    with caplog.at_level(logging.WARNING, logger="kynara.limits"):
+        run(scenario())
+    noticed = [
+        r.fields
+        for r in caplog.records
+        if r.getMessage().startswith("fleet limit defined otherwise")
+    ]
+    assert {
+        "from_daemon": B,
+        "limit": "refunds",
+        "their_definition": new,
+        "definition": old,
+    }.items() <= noticed[0].items()
+
+
+def test_a_window_or_ceiling_changed_keeps_the_definition_and_the_counts(tmp_path):
+    """What a limit counts is unchanged when only its window and ceiling
+    differ: the two daemons add each other's decisions."""
+    root = tmp_path / "store"
+    root.mkdir()
+    backend = Backend("dir", f"dir://{root}", lambda: None, lambda: None)
+    clock = Clock()
+    first = refunds_total()
+    other = refunds_total(window="48h", ceiling="2000.0")
+    definition = first["refunds"].definition
+    assert other["refunds"].definition == definition
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock, limits=first) as a,
+            daemon(backend, B, clock, limits=other) as b,
+        ):
+            a.published([Counted("refunds", KEY, T0, 2.5, "a1", definition)])
+            b.published([Counted("refunds", KEY, T0, 1.5, "b1", definition)])
+            await eventually(remote_is(b, Tally(1, 2.5)), "B adds A's")
+            await eventually(remote_is(a, Tally(1, 1.5)), "A adds B's")
+            assert a.status()["defined_otherwise"] == 0
+
+    run(scenario())
+
+
+def test_a_remote_sum_of_doubles_is_exact_and_rounded_once(tmp_path):
+    """B's remote sum of what A and C hold is the correctly rounded sum of
+    every amount (``math.fsum``), at any window start: absorbed small
+    amounts, tenths, subnormals, huge values and random ones."""
+    root = tmp_path / "store"
+    root.mkdir()
+    backend = Backend("dir", f"dir://{root}", lambda: None, lambda: None)
+    clock = Clock()
+    rng = random.Random(13)
+    amounts = {
+        "absorbed": [1e16, 1.0, 1.0, 1.0, 1.0],
+        "tenths": [0.1] * 10,
+        "subnormal": [5e-324, 5e-324, 2.2250738585072014e-308, 1e-310],
+        "huge": [1e300, 1e284, 1.0, 1e-300],
+    }
+    for case in range(40):
+        amounts[f"random-{case}"] = [
+            rng.random() * 2.0 ** rng.randint(-1074, 1000)
+            for _ in range(rng.randint(1, 30))
+        ]
+    # A plain left-to-right sum is not correctly rounded here.
+    assert sum(amounts["absorbed"]) != math.fsum(amounts["absorbed"])
+    assert sum(amounts["tenths"]) != math.fsum(amounts["tenths"])
+
+    def events(publisher: int) -> list[Counted]:
+        return [
+            counted(f"{name}-{i}", T0 - i, name="refund_total", key=name, amount=amount)
+            for name, values in amounts.items()
+            for i, amount in enumerate(values)
+            if i % 2 == publisher
+        ]
+
+    def sums(fleet: FleetLimits, start: int) -> dict[str, Tally]:
+        return {name: fleet.remote(TOTAL, name, start) for name in amounts}
+
+    def expected(start: int) -> dict[str, Tally]:
+        return {
+            name: Tally(len(held), math.fsum(held))
+            for name, values in amounts.items()
+            for held in [[a for i, a in enumerate(values) if T0 - i >= start]]
+        }
+
+    async def scenario():
+        async with (
+            daemon(backend, A, clock) as a,
+            daemon(backend, C, clock) as c,
+            daemon(backend, B, clock) as b,
+        ):
+            a.published(events(0))
+            c.published(events(1))
+            await eventually(lambda: sums(b, 0) == expected(0), "B sums A's and C's")
+            for start in (T0 - 3, T0 - 1, T0):
+                assert sums(b, start) == expected(start)
+            assert all(isinstance(t.sum, float) for t in sums(b, 0).values())
+
+    run(scenario())
+
+
 def test_stale_after_the_store_goes_then_fresh_when_it_returns(backend):
     clock = Clock()
     stale_after = 30 * SECOND
@@ -402,11 +625,12 @@ def test_a_foreign_or_malformed_document_is_refused_and_the_rest_counted(
             await eventually(remote_is(b, Tally(1, 1)), "B sees A's one")
             # C's file claims to be A's; another is no JSON; a third has a
             # double where the limit counts integers.
-            forged = encode_document(A, T0, {"refunds": {KEY: [(T0, 1)]}})
+            refunds = REFUNDS.definition
+            forged = encode_document(A, T0, {"refunds": (refunds, {KEY: [(T0, 1)]})})
             (limits_dir / f"{daemon_token(C)}.json").write_bytes(forged)
             (limits_dir / f"{daemon_token('d-x')}.json").write_bytes(b"{")
             (limits_dir / f"{daemon_token('d-y')}.json").write_bytes(
-                encode_document("d-y", T0, {"refunds": {KEY: [(T0, 1.0)]}})
+                encode_document("d-y", T0, {"refunds": (refunds, {KEY: [(T0, 1.0)]})})
             )
             (limits_dir / "not-a-token!.json").write_bytes(forged)
             await eventually(
@@ -467,17 +691,48 @@ def test_the_store_refuses_a_document_over_its_bound(backend):
     run(scenario())
 
 
-def test_a_calendar_window_keeps_own_events_for_its_whole_period(backend):
+@pytest.mark.parametrize(
+    "window",
+    [
+        Window(calendar=CalendarUnit.MONTH, time_zone="UTC"),
+        Window(calendar=CalendarUnit.DAY, time_zone="Europe/Berlin"),
+        Window(calendar=CalendarUnit.WEEK, time_zone="Pacific/Kiritimati"),
+        Window(rolling_nanos=24 * HOUR),
+    ],
+    ids=["month", "berlin-day", "kiritimati-week", "rolling"],
+)
+def test_own_events_stay_published_from_their_window_start_less_the_grace(
+    tmp_path, window
+):
+    """A daemon's document keeps an own event while its window (as
+    ``window_start`` opens it at the publisher's clock, less the grace for
+    clocks a moment apart) holds it, and not one moment longer."""
+    root = tmp_path / "store"
+    root.mkdir()
+    backend = Backend("dir", f"dir://{root}", lambda: None, lambda: None)
     clock = Clock()
-    month = limit("month", window=Window(calendar=CalendarUnit.MONTH, time_zone="UTC"))
+    period = limit("period", window=window)
+    start = window_start(window, T0)
 
     async def scenario():
         async with (
-            daemon(backend, A, clock, limits={"month": month}) as a,
-            daemon(backend, B, clock, limits={"month": month}) as b,
+            daemon(backend, A, clock, limits={"period": period}) as a,
+            daemon(backend, B, clock, limits={"period": period}) as b,
         ):
-            a.published([counted("d1", T0 - 30 * 24 * HOUR, name="month")])
-            await eventually(remote_is(b, Tally(1, 1), "month"), "B sees it")
+            a.published(
+                [
+                    counted("in", start, name="period"),
+                    counted("grace", start - GRACE_NANOS, name="period"),
+                    counted("out", start - GRACE_NANOS - 1, name="period"),
+                    counted("now", T0, name="period"),
+                ]
+            )
+            await eventually(remote_is(b, Tally(3, 3), "period"), "B sees three")
+            # The one left out stays out (not merely late).
+            a.published([counted("later", T0 + 1, name="period")])
+            await eventually(remote_is(b, Tally(4, 4), "period"), "B sees four")
+            # Within the window, B counts only what its start holds.
+            assert b.remote("period", KEY, start) == Tally(3, 3)
 
     run(scenario())
 
@@ -579,13 +834,12 @@ def test_a_daemon_puts_only_its_own_tallies_and_reads_every_daemons(users_server
             await eventually(remote_is(b, Tally(1, 1)), "B reads A's")
             await eventually(remote_is(a, Tally(2, 2)), "A reads B's")
             assert a.status()["publish_errors"] == 0
-            forged = encode_document(B, T0, {"refunds": {KEY: []}})
+            forged = encode_document(B, T0, {"refunds": ("", {KEY: []})})
             with pytest.raises(StoreUnavailable, match="refused by the server"):
                 await store_a.put_limit_tallies(B, forged)
             # B's document is still B's own.
-            assert decode_document((await collector.limit_tallies())[B]).limits == {
-                "refunds": {KEY: [(T0, 1), (T0, 1)]}
-            }
+            document = decode_document((await collector.limit_tallies())[B])
+            assert document.limits["refunds"].keys == {KEY: [(T0, 1), (T0, 1)]}
         finally:
             for fleet in (a, b):
                 await fleet.close()
@@ -789,6 +1043,7 @@ def test_close_puts_what_changed_since_the_last_put(tmp_path):
         assert await fleet.close(5.0) is True
         reader = open_store(f"dir://{root}", timeout=TIMEOUT)
         document = decode_document((await reader.limit_tallies())[A])
-        assert document.limits == {"refunds": {KEY: [(T0, 1)]}}
+        assert document.limits["refunds"].keys == {KEY: [(T0, 1)]}
+        assert document.limits["refunds"].definition == REFUNDS.definition
 
     run(scenario())

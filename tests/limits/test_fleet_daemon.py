@@ -104,6 +104,8 @@ def test_two_daemons_share_a_fleet_limit_through_the_store(tmp_path):
         while remote_count(second, clock) != 2:
             assert time.monotonic() < deadline, "pod-b never saw pod-a's two"
             time.sleep(0.05)
+        stale = second.daemon.metrics.limit_fleet_stale.collect()[0].samples[0]
+        assert stale.value == 0
         third = refund(b, "b1")
         fourth = refund(b, "b2")
         assert third.decision == pb.DECISION_ALLOW
