@@ -554,6 +554,14 @@ class Daemon:
             directory_updates(),
         )
 
+    def _central_store(self) -> Store:
+        """A connection of its own to ``Config.store`` (sync.store, else a
+        store policy.source names)."""
+        sync = self.config.sync
+        return self._open_store(
+            self.config.store, "sync.store" if sync.store else "policy.source"
+        )
+
     def _open_store(self, url: str, setting: str) -> Store:
         """A store of bundles or directory updates, with the ``sync``
         section's timeout, poll interval and NATS settings; ``setting``
@@ -2069,13 +2077,7 @@ class Daemon:
         if not cfg.store or self._store is None or self._audit_problem is not None:
             return
         sync = cfg.sync
-        store = open_store(
-            cfg.store,
-            timeout=sync.timeout_seconds,
-            poll_seconds=sync.poll_seconds,
-            nats=sync.nats.load("sync.nats"),
-            setting="sync.store" if sync.store else "policy.source",
-        )
+        store = self._central_store()
         self._session = StoreSession(store, sync.timeout_seconds)
         if sync.ship_segments:
             self._shipper = SegmentShipper(
@@ -2118,13 +2120,7 @@ class Daemon:
                     "inbox.signing_key, public half)",
                 ),
             )
-        store = open_store(
-            cfg.store,
-            timeout=sync.timeout_seconds,
-            poll_seconds=sync.poll_seconds,
-            nats=sync.nats.load("sync.nats"),
-            setting="sync.store" if sync.store else "policy.source",
-        )
+        store = self._central_store()
         self._fleet = FleetLink(
             self._book,
             store,
@@ -2149,14 +2145,7 @@ class Daemon:
         cfg = self.config
         if self._limits is None:
             return
-        sync = cfg.sync
-        store = open_store(
-            cfg.store,
-            timeout=sync.timeout_seconds,
-            poll_seconds=sync.poll_seconds,
-            nats=sync.nats.load("sync.nats"),
-            setting="sync.store" if sync.store else "policy.source",
-        )
+        store = self._central_store()
         fleet = FleetLimits(
             store,
             cfg.identity.daemon_id,
