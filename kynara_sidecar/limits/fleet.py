@@ -73,7 +73,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -278,6 +280,13 @@ class FleetLimits:
         self._publish_errors = 0
         self._refused_documents = 0
         self._last_published: int | None = None
+        # Digests of this daemon's own latest puts, and when it launched: a
+        # document under its id that it did not put, published since, is
+        # another daemon using its id (each overwrites the other, and
+        # neither sees the other's counts).
+        self._puts: collections.deque[bytes] = collections.deque(maxlen=16)
+        self._launched: int | None = None
+        self._impostor: int | None = None
         self._last_error = ""
         self._dirty: asyncio.Event | None = None
         # Whether the last put found the store connected (dir://: laid out).
@@ -365,6 +374,7 @@ class FleetLimits:
         the store before this."""
         if self._tasks:
             return
+        self._launched = self.clock()
         self._dirty = asyncio.Event()
         self._dirty.set()
         self._tasks = [
@@ -439,6 +449,7 @@ class FleetLimits:
         again, a refusal for its size waits for the next change)."""
         now = self.clock()
         data = encode_document(self.daemon_id, now, self._current(now))
+        self._puts.append(hashlib.sha256(data).digest())
         try:
             if not self._connected:
                 await self.store.connect()
@@ -540,8 +551,9 @@ class FleetLimits:
 
     def _take(self, daemon_id: str, data: bytes, *, log: bool = True) -> None:
         """Index ``daemon_id``'s document ``data`` in place of its previous
-        one (``b""``: it was removed). This daemon's own is ignored."""
+        one (``b""``: it was removed). This daemon's own is not indexed."""
         if daemon_id == self.daemon_id:
+            self._check_own(data)
             return
         for pair in self._indexed.pop(daemon_id, ()):
             daemons = self._index.get(pair)
@@ -685,9 +697,37 @@ class FleetLimits:
             return Tally(count, total)
         return Tally(count, rounded_sum(0, total))
 
+    def _check_own(self, data: bytes) -> None:
+        """A document under this daemon's id that it did not put, published
+        since it launched: another daemon runs with the same
+        ``identity.daemon_id``; fleet limits fail closed for a while."""
+        if not data or hashlib.sha256(data).digest() in self._puts:
+            return
+        try:
+            published = decode_document(data).published_at
+        except ValueError:
+            published = self.clock()
+        if self._launched is None or published < self._launched:
+            return  # this daemon's own from before it started
+        if self._impostor is None:
+            _log.error(
+                "another daemon puts limit tallies under this daemon's id: "
+                "fleet limits fail closed (identity.daemon_id must be unique)",
+                extra={
+                    "fields": {"store": self.store.url, "setting": "identity.daemon_id"}
+                },
+            )
+        self._impostor = self.clock()
+
     def stale(self) -> bool:
         """Whether this daemon has not heard from the store within
-        ``max_staleness_seconds`` (or at all)."""
+        ``max_staleness_seconds`` (or at all), or another daemon put a
+        document under its id within that time."""
+        now = self.clock()
+        if self._impostor is not None:
+            if now - self._impostor <= self.max_staleness_nanos:
+                return True
+            self._impostor = None
         if self._watching:
             return False
         return (

@@ -121,9 +121,10 @@ class CompiledLimit(msgspec.Struct, frozen=True):
     sum_field: str = ""
     description: str = ""
     approved_only: bool = False
-    # What the limit counts (actions, resources, decisions, sum, key), as
-    # 16 hex digits: decisions counted under another definition of the same
-    # name are not this one's (``audit.counters`` rows carry it).
+    # What the limit counts (actions, resources, decisions, its sum and
+    # whether that adds ints or doubles, key), as 16 hex digits: decisions
+    # counted under another definition of the same name are not this one's
+    # (``audit.counters`` rows carry it).
     definition: str = ""
 
     @property
@@ -320,6 +321,8 @@ def _compile_limit(
             "decisions": sorted(str(d) for d in decisions),
             "approved_only": approved_only,
             "sum": [sum_source, sum_field],
+            # What a sum adds up: ints (an int ceiling) or doubles.
+            "sums": "" if not sum_source else type(ceiling).__name__,
             "key": [[part.source, part.field] for part in key],
         }
     )

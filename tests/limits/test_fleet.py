@@ -283,6 +283,31 @@ def test_two_daemons_see_each_others_counts_and_not_their_own(backend):
     run(scenario())
 
 
+def test_two_daemons_with_one_id_fail_fleet_limits_closed(tmp_path, caplog):
+    root = tmp_path / "store"
+    root.mkdir()
+    backend = Backend("dir", f"dir://{root}", outage=lambda: None, restore=lambda: None)
+    clock = Clock()
+
+    async def scenario():
+        async with daemon(backend, A, clock) as first:
+            await eventually(lambda: not first.stale(), "heard")
+            first.published([counted("d1", T0 - 10)])
+            clock.now += 1
+            async with daemon(backend, A, clock) as second:
+                second.published([counted("d2", T0 - 5)])
+                clock.now += 1
+                first.published([counted("d3", T0 - 3)])
+                # Each overwrites the other's document and never sees the
+                # other's counts: both must stop trusting fleet limits.
+                await eventually(first.stale, "the first noticed the other")
+                await eventually(second.stale, "the second noticed the other")
+                assert first.remote("refunds", KEY, 0) is None
+
+    run(scenario())
+    assert "another daemon puts limit tallies" in caplog.text
+
+
 def test_a_decision_seeded_and_published_counts_once_and_old_ones_leave(backend):
     clock = Clock()
     old = T0 - 25 * HOUR  # past the 24 h window's reach

@@ -505,3 +505,20 @@ def test_the_first_name_not_text_is_named_after_good_ones():
         compile_texts({"a.yaml": text})
     assert caught.value.location == "$.limits.off"
     assert "got bool 'off' on line 15" in str(caught.value)
+
+
+def test_a_definition_changes_with_what_is_counted_not_with_window_or_ceiling():
+    def definition(**fields: str) -> str:
+        base = {"sum": "resource.attr.amount", "ceiling": "1000"}
+        (compiled,) = compile_texts(one_limit(**(base | fields))).limits.values()
+        return compiled.definition
+
+    same = definition()
+    assert definition(ceiling="5000") == same
+    assert definition(window="{calendar: day}") == same
+    assert definition(scope="fleet") == same
+    # Adding up doubles instead of ints is another sum.
+    assert definition(ceiling="1000.0") != same
+    assert definition(key="[agent]") != same
+    assert definition(sum="context.amount") != same
+    assert definition(decisions="[allow, deny]") != same
