@@ -301,7 +301,14 @@ def test_two_daemons_with_one_id_fail_fleet_limits_closed(tmp_path, caplog):
                 # Each overwrites the other's document and never sees the
                 # other's counts: both must stop trusting fleet limits.
                 await eventually(first.stale, "the first noticed the other")
-                await eventually(second.stale, "the second noticed the other")
+                more = iter(range(10_000))
+
+                def second_noticed() -> bool:
+                    # The first keeps deciding, so its puts keep coming.
+                    first.published([counted(f"e{next(more)}", T0 - 2)])
+                    return second.stale()
+
+                await eventually(second_noticed, "the second noticed the other")
                 assert first.remote("refunds", KEY, 0) is None
 
     run(scenario())
