@@ -15,7 +15,6 @@ the daemon stops with SIGTERM and ``kynara-sidecar verify`` passes.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import time
 
 import pytest
@@ -27,7 +26,8 @@ from fault_helpers import (
     log_problems,
     verify_cli,
 )
-from support import SHIPPED_POLICIES, small_refund
+from limits_support import policy_dir, refund_limits
+from support import small_refund
 
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.counters import LIMITS_DB, decode_row, rows_of
@@ -35,36 +35,6 @@ from kynara_sidecar.audit.record import AuditRecordV1, decode_value, parse_times
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import check_limits, recompute_totals
 
-LIMITS = """\
-format_version: 1
-kind: policy
-name: refund-limits
-limits:
-  refunds_per_user:
-    actions: [payments.refund.issue]
-    key: [user]
-    window: {rolling: 1d}
-    ceiling: 1000000000
-  refund_total:
-    actions: [payments.refund.issue]
-    sum: resource.attr.amount
-    key: [agent]
-    window: {rolling: 7d}
-    ceiling: 1000000000000
-rules:
-  - id: refunds-per-user
-    effect: deny
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refunds_per_user.exceeded
-  - id: refund-total
-    effect: deny
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refund_total.exceeded
-"""
 COUNT, TOTAL = "refunds_per_user", "refund_total"
 ALICE, SUPPORT_BOT = '["alice"]', '["support-bot"]'
 # The kill moments, seconds of load after the daemon serves: early in the
@@ -79,11 +49,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def policies(root: pathlib.Path) -> pathlib.Path:
-    root.mkdir()
-    for path in SHIPPED_POLICIES.glob("*.yaml"):
-        shutil.copy(path, root / path.name)
-    (root / "refund-limits.yaml").write_text(LIMITS)
-    return root
+    """The shipped policies plus a count per user over a rolling day and a
+    week's total per agent, both with ceilings no burst reaches: every
+    allowed refund counts in both."""
+    limits = refund_limits(
+        count=COUNT,
+        window="{rolling: 1d}",
+        ceiling=1_000_000_000,
+        count_rule="refunds-per-user",
+        total=TOTAL,
+        total_ceiling=1_000_000_000_000,
+    )
+    return policy_dir(root, {"refund-limits.yaml": limits})
 
 
 def nanos(text: str) -> int:

@@ -6,18 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import shutil
 import time
 
 from kynara.v1 import decision_pb2 as pb
-from support import (
-    SHIPPED_POLICIES,
-    RunningDaemon,
-    SettableClock,
-    daemon_config,
-    read_record,
-    value_to_proto,
-)
+from limits_support import policy_dir, refund_request
+from support import RunningDaemon, SettableClock, daemon_config, read_record
 
 from kynara_sidecar.audit.record import decode_value
 
@@ -45,10 +38,7 @@ WAIT_SECONDS = 20.0
 
 
 def policies(tmp_path: pathlib.Path) -> pathlib.Path:
-    root = tmp_path / "policies"
-    shutil.copytree(SHIPPED_POLICIES, root, ignore=shutil.ignore_patterns("tests"))
-    (root / "fleet-refunds.yaml").write_text(FLEET)
-    return root
+    return policy_dir(tmp_path / "policies", {"fleet-refunds.yaml": FLEET})
 
 
 def start(tmp_path: pathlib.Path, name: str, root, clock, *overrides: str):
@@ -66,16 +56,7 @@ def start(tmp_path: pathlib.Path, name: str, root, clock, *overrides: str):
 
 
 def refund(stub, rid: str):
-    request = pb.DecideRequest(
-        action="payments.refund.issue",
-        resource=pb.Resource(
-            kind="payments.refund",
-            id=rid,
-            attributes={"amount": value_to_proto(100)},
-        ),
-        asserted_chain=["alice"],
-    )
-    return stub.Decide(request, timeout=10)
+    return stub.Decide(refund_request(rid, 100), timeout=10)
 
 
 def remote_count(running: RunningDaemon, clock: SettableClock) -> int | None:
@@ -153,8 +134,7 @@ def test_fleet_limits_connect_only_once_a_set_declares_one(tmp_path, nats_server
     the limits bucket (an open server would let it make one); a reload
     that declares one starts the sharing, which makes it."""
     clock = SettableClock("2026-12-07T09:00:00Z")
-    root = tmp_path / "policies"
-    shutil.copytree(SHIPPED_POLICIES, root, ignore=shutil.ignore_patterns("tests"))
+    root = policy_dir(tmp_path / "policies")
     running = start(tmp_path, "pod-a", root, clock, f"sync.store={nats_server.url}")
     try:
         deadline = time.monotonic() + WAIT_SECONDS

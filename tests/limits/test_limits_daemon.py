@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import pathlib
-import shutil
 import urllib.parse
 
 import grpc
@@ -21,14 +20,8 @@ import pytest
 from fault_helpers import CALL_TIMEOUT, verify_cli
 from kynara.v1 import decision_pb2 as pb
 from kynara.v1 import decision_pb2_grpc
-from support import (
-    SHIPPED_POLICIES,
-    RunningDaemon,
-    SettableClock,
-    daemon_config,
-    read_record,
-    value_to_proto,
-)
+from limits_support import policy_dir, refund_limits, refund_request
+from support import RunningDaemon, read_record
 
 from kynara_sidecar.approvals.model import Reviewer, Verdict
 from kynara_sidecar.audit.chain import decode_record
@@ -42,38 +35,6 @@ from kynara_sidecar.audit.record import AuditRecordV1, decode_value
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import check_limits, recompute_totals
 
-LIMITS = """\
-format_version: 1
-kind: policy
-name: refund-limits
-limits:
-  refunds_today:
-    description: at most five refunds per user per calendar day in Berlin
-    actions: [payments.refund.issue]
-    key: [user]
-    window: {calendar: day, time_zone: Europe/Berlin}
-    ceiling: %(daily)s
-  refund_total_week:
-    description: refunded amounts per agent over a rolling week
-    actions: [payments.refund.issue]
-    sum: resource.attr.amount
-    key: [agent]
-    window: {rolling: 7d}
-    ceiling: %(total)s
-rules:
-  - id: refunds-per-day
-    effect: %(effect)s
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refunds_today.exceeded
-  - id: refund-total
-    effect: deny
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refund_total_week.exceeded
-"""
 DAILY = "refunds_today"
 TOTAL = "refund_total_week"
 TOTAL_CEILING = 10_000
@@ -84,59 +45,20 @@ CHANNELS = 8
 CONCURRENT = 1000
 
 
-def limits_policies(
-    root: pathlib.Path,
-    *,
-    effect: str = "deny",
-    daily: int = 5,
-    total: int = TOTAL_CEILING,
-) -> pathlib.Path:
-    """The shipped policy files with ``refund-limits.yaml`` beside them."""
-    root.mkdir(parents=True, exist_ok=True)
-    for path in SHIPPED_POLICIES.glob("*.yaml"):
-        shutil.copy(path, root / path.name)
-    (root / "refund-limits.yaml").write_text(
-        LIMITS % {"effect": effect, "daily": daily, "total": total}
-    )
-    return root
-
-
-def refund(
-    refund_id: str, amount: int = 1200, *, user: str = "alice", approval_id: str = ""
-) -> pb.DecideRequest:
-    return pb.DecideRequest(
-        asserted_chain=[user],
-        action="payments.refund.issue",
-        resource=pb.Resource(
-            kind="payments.refund",
-            id=refund_id,
-            attributes={"amount": value_to_proto(amount)},
-        ),
-        approval_id=approval_id,
-    )
-
-
 @pytest.fixture
-def clock() -> SettableClock:
-    return SettableClock()
-
-
-@pytest.fixture
-def start(tmp_path, clock):
-    """Call with policy options; returns a RunningDaemon on those policies,
+def start(tmp_path, start_daemon):
+    """Call with ``refund_limits`` options (and config overrides); returns a
+    RunningDaemon on the shipped policies plus ``refund-limits.yaml``,
     stopped at teardown."""
-    started: list[RunningDaemon] = []
 
-    def run(*overrides: str, **options) -> RunningDaemon:
-        policies = limits_policies(tmp_path / "policies", **options)
-        config = daemon_config(tmp_path, f"policy.source={policies}", *overrides)
-        running = RunningDaemon(config, clock)
-        started.append(running)
-        return running
+    def run(
+        *overrides: str, total_ceiling: int = TOTAL_CEILING, **options
+    ) -> RunningDaemon:
+        limits = refund_limits(total_ceiling=total_ceiling, **options)
+        policies = policy_dir(tmp_path / "policies", {"refund-limits.yaml": limits})
+        return start_daemon(f"policy.source={policies}", *overrides)
 
-    yield run
-    for running in reversed(started):
-        running.stop()
+    return run
 
 
 def stored_records(audit: pathlib.Path) -> list[AuditRecordV1]:
@@ -157,12 +79,14 @@ def test_the_sixth_refund_of_a_day_is_denied_over_grpc_and_records_say_what_was_
     running = start()
     stub = running.stub()
 
-    answers = [stub.Decide(refund(f"rf{i}"), timeout=CALL_TIMEOUT) for i in range(6)]
+    answers = [
+        stub.Decide(refund_request(f"rf{i}"), timeout=CALL_TIMEOUT) for i in range(6)
+    ]
     # The seventh asks for an explanation: its answer carries what it saw.
-    explained = refund("rf6")
+    explained = refund_request("rf6")
     explained.explain = True
     answers.append(stub.Decide(explained, timeout=CALL_TIMEOUT))
-    bob = stub.Decide(refund("rf-bob", user="bob"), timeout=CALL_TIMEOUT)
+    bob = stub.Decide(refund_request("rf-bob", user="bob"), timeout=CALL_TIMEOUT)
 
     assert [a.decision for a in answers] == [pb.DECISION_ALLOW] * 5 + [
         pb.DECISION_DENY
@@ -205,15 +129,15 @@ def test_past_the_ceiling_a_require_approval_rule_pauses_and_its_grant_is_counte
     running = start(effect="require_approval")
     stub = running.stub()
     for i in range(5):
-        stub.Decide(refund(f"rf{i}"), timeout=CALL_TIMEOUT)
+        stub.Decide(refund_request(f"rf{i}"), timeout=CALL_TIMEOUT)
 
-    asked = stub.Decide(refund("rf5"), timeout=CALL_TIMEOUT)
+    asked = stub.Decide(refund_request("rf5"), timeout=CALL_TIMEOUT)
     book = running.daemon.pipeline.approvals
     running.call(book.review(asked.approval.id, CAROL, Verdict.APPROVE, "ok"))
     used = stub.Decide(
-        refund("rf5", approval_id=asked.approval.id), timeout=CALL_TIMEOUT
+        refund_request("rf5", approval_id=asked.approval.id), timeout=CALL_TIMEOUT
     )
-    seventh = stub.Decide(refund("rf6"), timeout=CALL_TIMEOUT)
+    seventh = stub.Decide(refund_request("rf6"), timeout=CALL_TIMEOUT)
 
     assert asked.decision == pb.DECISION_REQUIRE_APPROVAL
     assert asked.reason_code == "approval_required"
@@ -261,15 +185,19 @@ def test_the_day_resets_at_berlin_midnight_across_a_daylight_saving_change(
     start, clock, first, before_midnight, midnight
 ):
     # A weekly total that the twelve refunds of 1,200 cannot reach.
-    running = start(total=1_000_000)
+    running = start(total_ceiling=1_000_000)
     stub = running.stub()
 
     clock.set(first)
-    early = [stub.Decide(refund(f"a{i}"), timeout=CALL_TIMEOUT) for i in range(5)]
+    early = [
+        stub.Decide(refund_request(f"a{i}"), timeout=CALL_TIMEOUT) for i in range(5)
+    ]
     clock.set(before_midnight)
-    late = stub.Decide(refund("late"), timeout=CALL_TIMEOUT)
+    late = stub.Decide(refund_request("late"), timeout=CALL_TIMEOUT)
     clock.set(midnight)
-    fresh = [stub.Decide(refund(f"b{i}"), timeout=CALL_TIMEOUT) for i in range(6)]
+    fresh = [
+        stub.Decide(refund_request(f"b{i}"), timeout=CALL_TIMEOUT) for i in range(6)
+    ]
 
     assert [a.decision for a in early] == [pb.DECISION_ALLOW] * 5
     assert late.decision == pb.DECISION_DENY
@@ -313,10 +241,10 @@ def _decide_all(
 def test_a_running_total_under_1000_concurrent_grpc_decisions_never_passes_its_ceiling(
     tmp_path, start, clock
 ):
-    running = start(daily=100_000)
+    running = start(ceiling=100_000)
     amounts = [(i * 37) % 90 + 1 for i in range(CONCURRENT)]
     requests = [
-        refund(f"r{i}", amount, user=("alice", "bob")[i % 2])
+        refund_request(f"r{i}", amount, user=("alice", "bob")[i % 2])
         for i, amount in enumerate(amounts)
     ]
 

@@ -4,60 +4,25 @@ the same limit."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
 
 import msgspec
 import pytest
 from kynara.v1 import decision_pb2 as pb
-from support import (
-    SHIPPED_POLICIES,
-    RunningDaemon,
-    SettableClock,
-    daemon_config,
-    fast_refund,
-    small_refund,
-)
+from limits_support import policy_dir, refund_limits
+from support import fast_refund, small_refund
 
-LIMITS = """\
-format_version: 1
-kind: policy
-name: refund-limits
-limits:
-  refunds_today:
-    actions: [payments.refund.issue]
-    key: [user]
-    window: {calendar: day, time_zone: Europe/Berlin}
-    ceiling: 3
-  refunded:
-    actions: [payments.refund.issue]
-    sum: resource.attr.amount
-    key: [agent]
-    window: {rolling: 7d}
-    ceiling: 100000
-rules:
-  - id: refunds-per-day
-    effect: deny
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refunds_today.exceeded || limits.refunded.exceeded
-"""
 HEADER = struct.Struct(">II")
 
 
 @pytest.fixture
-def running(tmp_path):
-    root = tmp_path / "policies"
-    shutil.copytree(SHIPPED_POLICIES, root, ignore=shutil.ignore_patterns("tests"))
-    (root / "refund-limits.yaml").write_text(LIMITS)
-    daemon = RunningDaemon(
-        daemon_config(tmp_path, f"policy.source={root}"),
-        SettableClock("2026-12-07T09:00:00Z"),
-    )
-    yield daemon
-    daemon.stop()
+def running(tmp_path, start_daemon):
+    """The shipped policies plus three refunds a Berlin day per user and a
+    week's total the refunds here stay below."""
+    limits = refund_limits(ceiling=3, total="refunded", total_ceiling=100_000)
+    root = policy_dir(tmp_path / "policies", {"refund-limits.yaml": limits})
+    return start_daemon(f"policy.source={root}")
 
 
 def fast_decide(path: str, request: dict) -> dict:

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import shutil
 
 import msgspec
 import pytest
-from support import SHIPPED_POLICIES, SettableClock, daemon_config
+from limits_support import (
+    ALLOW_REFUNDS,
+    ROLES_AND_DIRECTORY,
+    deny_rule,
+    policy_dir,
+    refund_limits,
+)
+from support import SettableClock, daemon_config
 
 from kynara_sidecar.audit.chain import decode_record
 from kynara_sidecar.audit.counters import LIMITS_DB, decode_row, rows_of
@@ -23,66 +29,35 @@ from kynara_sidecar.metrics import Metrics
 from kynara_sidecar.pipeline import IncomingRequest, Pipeline
 from kynara_sidecar.policy.loader import load_policies
 
-LIMITS = """\
-format_version: 1
-kind: policy
-name: refunds
-limits:
-  refunds_today:
-    description: five refunds per user per Berlin day
-    actions: [payments.refund.issue]
-    key: [user]
-    window: {calendar: day, time_zone: Europe/Berlin}
-    ceiling: %(daily_ceiling)s
-  refund_total:
-    actions: [payments.refund.issue]
-    sum: resource.attr.amount
-    key: [agent]
-    window: {rolling: 7d}
-    ceiling: 10000
+# A count per customer beside the day's count and the week's total, so a
+# request without the customer cannot form one of its keys.
+PER_CUSTOMER = """\
   per_customer:
     actions: [payments.refund.issue]
     key: [context.customer]
     window: {rolling: 1h}
     ceiling: 1000
-rules:
-  - id: refund
-    effect: allow
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-  - id: refunds-per-day
-    effect: %(daily_effect)s
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refunds_today.exceeded
-  - id: refund-total
-    effect: deny
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.refund_total.exceeded
-  - id: per-customer
-    effect: deny
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
-    condition: limits.per_customer.exceeded
 """
 
 
 def policies_dir(
     tmp_path: pathlib.Path, daily_effect: str = "deny", daily_ceiling: int = 5
 ) -> pathlib.Path:
-    root = tmp_path / "policies"
-    root.mkdir(exist_ok=True)
-    for name in ("roles.yaml", "directory.yaml"):
-        shutil.copy(SHIPPED_POLICIES / name, root / name)
-    (root / "refunds.yaml").write_text(
-        LIMITS % {"daily_effect": daily_effect, "daily_ceiling": daily_ceiling}
+    """The shipped roles and directory with ``refunds.yaml``: refunds
+    allowed, then limited per day (``daily_effect`` past
+    ``daily_ceiling``), by a week's total and per customer."""
+    refunds = refund_limits(
+        name="refunds",
+        ceiling=daily_ceiling,
+        effect=daily_effect,
+        total="refund_total",
+        allow=True,
+        more_limits=PER_CUSTOMER,
+        more_rules=deny_rule("per-customer", "per_customer"),
     )
-    return root
+    return policy_dir(
+        tmp_path / "policies", {"refunds.yaml": refunds}, shipped=ROLES_AND_DIRECTORY
+    )
 
 
 def refund(
@@ -581,8 +556,7 @@ def test_a_limit_summing_a_redacted_value_fails_closed(tmp_path):
 
 
 def test_a_limit_with_no_value_still_counts_what_it_counts(tmp_path):
-    root = policies_dir(tmp_path)
-    (root / "refunds.yaml").write_text(
+    fleet_only = (
         """\
 format_version: 1
 kind: policy
@@ -595,12 +569,13 @@ limits:
     ceiling: 3
     scope: fleet
 rules:
-  - id: refund
-    effect: allow
-    actions: [payments.refund.issue]
-    resources: [payments.refund]
-    roles: [support, support_agent]
 """
+        + ALLOW_REFUNDS
+    )
+    root = policy_dir(
+        tmp_path / "policies",
+        {"refunds.yaml": fleet_only},
+        shipped=ROLES_AND_DIRECTORY,
     )
     harness = Harness(tmp_path, SettableClock("2026-12-07T09:00:00Z"), root)
     # No central store: the fleet limit has no value, but no rule of the

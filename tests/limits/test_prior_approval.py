@@ -4,17 +4,10 @@ over real gRPC with a reviewer approving through the daemon's book."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from kynara.v1 import decision_pb2 as pb
-from support import (
-    SHIPPED_POLICIES,
-    RunningDaemon,
-    SettableClock,
-    daemon_config,
-    read_record,
-)
+from limits_support import policy_dir
+from support import read_record
 
 from kynara_sidecar.approvals.model import Reviewer, Verdict
 
@@ -53,14 +46,9 @@ CAROL = Reviewer(id="carol", roles=frozenset({"reviewer"}))
 
 
 @pytest.fixture
-def running(tmp_path):
-    root = tmp_path / "policies"
-    shutil.copytree(SHIPPED_POLICIES, root, ignore=shutil.ignore_patterns("tests"))
-    (root / "changes.yaml").write_text(CHANGES)
-    clock = SettableClock("2026-12-07T09:00:00Z")
-    daemon = RunningDaemon(daemon_config(tmp_path, f"policy.source={root}"), clock)
-    yield daemon
-    daemon.stop()
+def running(tmp_path, start_daemon):
+    root = policy_dir(tmp_path / "policies", {"changes.yaml": CHANGES})
+    return start_daemon(f"policy.source={root}")
 
 
 def ask(stub, action: str, change: str, approval_id: str = "") -> pb.DecideResponse:
