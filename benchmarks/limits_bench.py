@@ -113,12 +113,10 @@ LOAD_COLUMNS = (
 
 
 def limits_file(count: int) -> str:
-    """``refund-limits.yaml`` with the first ``count`` of LIMITS, each with
-    a rule that denies past its ceiling."""
+    """``refund-limits.yaml`` with the first ``count`` (at least 1) of
+    LIMITS, each with a rule that denies past its ceiling."""
     names = list(LIMITS)[:count]
-    lines = ["format_version: 1", "kind: policy", "name: refund-limits"]
-    if names:
-        lines.append("limits:")
+    lines = ["format_version: 1", "kind: policy", "name: refund-limits", "limits:"]
     for name in names:
         lines += [
             f"  {name}:",
@@ -126,7 +124,7 @@ def limits_file(count: int) -> str:
             f"    {LIMITS[name]}",
             f"    ceiling: {CEILING}",
         ]
-    lines.append("rules:" if names else "rules: []")
+    lines.append("rules:")
     for name in names:
         lines += [
             f"  - id: {name.replace('_', '-')}-cap",
@@ -223,7 +221,7 @@ def fill(store: AuditStore, limits, rows: int, now: int) -> int:
             (
                 LIMITS_DB,
                 row_key(limit.name, at, key, f"dec_{i:08d}"),
-                row_value(key, amount),
+                row_value(key, amount, limit.definition),
             )
         )
         if len(changes) == FILL_BATCH:

@@ -2235,27 +2235,44 @@ class PlaygroundConfig(_Section):
             )
 
 
+# How long a fleet limit keeps its value without word from the central
+# store: the default rides out a store restart or a reconnect of the watch;
+# under a second an ordinary pause would fail fleet limits closed, and past
+# an hour the other daemons' counts say little about the window.
+DEFAULT_FLEET_MAX_STALENESS_SECONDS = 30.0
+MIN_FLEET_MAX_STALENESS_SECONDS = 1.0
+MAX_FLEET_MAX_STALENESS_SECONDS = 3600.0
+# How long new counts wait to be published: the default gathers the counts
+# of many decisions into one write while the other daemons see them within
+# a fraction of a second; past a minute they would decide on counts that
+# old.
+DEFAULT_FLEET_PUBLISH_INTERVAL_SECONDS = 0.2
+MAX_FLEET_PUBLISH_INTERVAL_SECONDS = 60.0
+
+
 class LimitsConfig(_Section):
     """How fleet-scope limits (``scope: fleet`` in a policy's ``limits``)
     share counts through the central store (``sync.store``)."""
 
     # A fleet limit has no value (its conditions fail closed) once the
     # central store has not been heard from for this long, e.g. 30.
-    fleet_max_staleness_seconds: float = 30.0
+    fleet_max_staleness_seconds: float = DEFAULT_FLEET_MAX_STALENESS_SECONDS
     # The longest this daemon's new counts wait before they are published
     # for the other daemons, in seconds, e.g. 0.2.
-    fleet_publish_interval_seconds: float = 0.2
+    fleet_publish_interval_seconds: float = DEFAULT_FLEET_PUBLISH_INTERVAL_SECONDS
 
     def validate(self, section: str) -> None:
-        if not 1 <= self.fleet_max_staleness_seconds <= 3600:
+        low, high = MIN_FLEET_MAX_STALENESS_SECONDS, MAX_FLEET_MAX_STALENESS_SECONDS
+        if not low <= self.fleet_max_staleness_seconds <= high:
             raise ConfigError(
-                f"{section}.fleet_max_staleness_seconds: expected 1..3600 "
+                f"{section}.fleet_max_staleness_seconds: expected {low:g}..{high:g} "
                 f"seconds, got {self.fleet_max_staleness_seconds}"
             )
-        if not 0 < self.fleet_publish_interval_seconds <= 60:
+        high = MAX_FLEET_PUBLISH_INTERVAL_SECONDS
+        if not 0 < self.fleet_publish_interval_seconds <= high:
             raise ConfigError(
                 f"{section}.fleet_publish_interval_seconds: expected 0 < seconds "
-                f"<= 60, got {self.fleet_publish_interval_seconds}"
+                f"<= {high:g}, got {self.fleet_publish_interval_seconds}"
             )
 
 

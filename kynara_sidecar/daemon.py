@@ -146,7 +146,7 @@ from kynara_sidecar.policy.loader import (
     read_documents,
     read_policy_documents,
 )
-from kynara_sidecar.policy.model import PolicyDocument
+from kynara_sidecar.policy.model import LimitScope, PolicyDocument
 from kynara_sidecar.server.admin import AdminCredentials
 from kynara_sidecar.server.approval_service import ApprovalService
 from kynara_sidecar.server.audit_service import MAX_ADMIN_REQUEST_BYTES, AuditService
@@ -297,6 +297,9 @@ _LAST_CANCEL_SECONDS = 0.1
 # Once the daemon stopped: how long tasks it left behind and the worker
 # threads get to end before the process exits without them.
 _LOOP_CLOSE_SECONDS = 1.0
+# Retention's keep_from that keeps every record (each is stamped at or after
+# it); 0 would set no bound at all.
+_KEEP_EVERY_RECORD = 1
 _WORKER_PREFIX = "kynara-worker"
 
 
@@ -1166,7 +1169,7 @@ class Daemon:
         policies = pipeline.policies if pipeline is not None else None
         if policies is None:
             # Nothing active yet: the set about to be may declare limits.
-            return 1
+            return _KEEP_EVERY_RECORD
         limits = policies.policy_set.limits
         if not limits:
             return 0
@@ -1318,7 +1321,7 @@ class Daemon:
                     policy=limit.policy,
                 ),
             )
-            if limit.scope == "fleet" and not self.config.store:
+            if limit.scope == LimitScope.FLEET and not self.config.store:
                 log.warning(
                     "fleet limit without a central store: its conditions fail closed",
                     extra=_fields(
@@ -2170,14 +2173,18 @@ class Daemon:
             return
         limits = policies.policy_set.limits
         fleet.activate(limits)
-        shared = [name for name, limit in limits.items() if limit.scope == "fleet"]
+        shared = [
+            name for name, limit in limits.items() if limit.scope == LimitScope.FLEET
+        ]
         if shared:
             fleet.seed(book.held(shared))
             fleet.launch()
 
     def _fleet_tally(self, limit: CompiledLimit, key: str, start: int) -> Tally | None:
         """The other daemons' part of a fleet limit; None (the limit fails
-        closed) while fleet sharing is not running or the store is stale."""
+        closed) while fleet sharing is not running, the store is stale, or
+        the limit is not an active fleet limit or is defined otherwise than
+        the active one of its name (``FleetLimits.remote``'s KeyError)."""
         fleet = self._fleet_limits
         if fleet is None:
             return None

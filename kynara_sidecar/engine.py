@@ -505,8 +505,14 @@ def evaluate(
     plan = cache.plan(resolved_chain, request.chain, kind, action)
     shared = _shared_activation(request, env, resolved_chain, cache)
     if not isinstance(shared, ConditionFailure):
-        # Bound only for the conditions that read it (``_activation``).
-        shared[LIMITS_VARIABLE] = {} if limits is None else dict(limits)
+        # Bound only for the conditions that read it (``_activation``); a
+        # caller's dict as it is (built per request, not changed after).
+        if not limits:
+            shared[LIMITS_VARIABLE] = _NO_LIMIT_VALUES
+        else:
+            shared[LIMITS_VARIABLE] = (
+                limits if isinstance(limits, dict) else dict(limits)
+            )
     # Verdicts of conditions that give every principal the same one.
     reused: dict[int, _Evaluated] = {}
     evaluations = []
@@ -660,6 +666,10 @@ def _refuse_chain(chain: Sequence[PrincipalRef]) -> tuple[ReasonCode, str] | Non
                 f"a {expected} (a user first, then agents)",
             )
     return None
+
+
+# The ``limits`` of a request that forms none (never changed).
+_NO_LIMIT_VALUES: dict[str, Any] = {}
 
 
 def _shared_activation(

@@ -281,8 +281,8 @@ class Pipeline:
             so nothing is answered anyway) a require_approval decision
             carries no approval.
         limits: the counted decisions of the declared limits; without one
-            (the audit log is down) a limit counts nothing and reads as
-            empty.
+            (tests, no audit log) the pipeline keeps its own in memory
+            (``LimitBook(None)``), which count until the daemon stops.
         fleet: the other daemons' part of fleet-scope limits (the central
             store); without it a fleet limit has no value and fails closed.
         on_counted: called on the loop with what the limits counted, once
@@ -383,8 +383,10 @@ class Pipeline:
         The engine's cache starts afresh with it, so the very next decision
         sees the new policies and directory.
         """
-        self._cache = engine.EvaluationCache(policies.policy_set, policies.directory)
+        # The book first: should it fail, neither the cache nor the
+        # policies change, so the cache is always the active set's.
         self._limit_book.activate(policies.policy_set.limits, self._clock())
+        self._cache = engine.EvaluationCache(policies.policy_set, policies.directory)
         self._policies = policies
         self._metrics.set_policy(
             policies.policy_set.revision,
@@ -830,8 +832,9 @@ class Pipeline:
             )
         if step is not None and step.approval is not None:
             record = with_approval(record, step.approval)
-        # The approval's own records first: counting is the last step that
-        # could fail, so what the book counts is settled with the records.
+        # The approval's records are built before counting: counting is the
+        # last step that could fail, so what the book counts is settled with
+        # the records it goes out in.
         opened = (
             book.opened_records(step, record)
             if step is not None and book is not None
@@ -863,24 +866,17 @@ class Pipeline:
         """The limits the request's candidate rules read and its action
         counts, as the request finds them now."""
         cache = self._cache
-        if cache is None or cache.policy_set is not policies.policy_set:
-            cache = engine.EvaluationCache(policies.policy_set, policies.directory)
+        # ``activate`` sets the cache with the policies, and nothing is
+        # awaited between reading them and this.
+        assert cache is not None and cache.policy_set is policies.policy_set
         read, counted = cache.limits_for(subject.resource.kind, subject.action)
         if not read and not counted:
             return limit_check.NOTHING
-        directory = policies.directory
-        attributes = {}
-        for role, principal_id in (
-            ("user", subject.chain[0]),
-            ("agent", subject.chain[-1]),
-        ):
-            principal = directory.lookup(principal_id)
-            attributes[role] = principal.attributes if principal is not None else {}
         return limit_check.look(
             read,
             counted,
             subject,
-            attributes,
+            limit_check.key_attributes(policies.directory, subject.chain),
             now.to_nanos(),
             self._limit_book,
             redactor=self._redactor,
@@ -1079,11 +1075,12 @@ def _with_limit_problems(
     decision: engine.Decision, looked: limit_check.Looked
 ) -> engine.Decision:
     """A condition that failed on a limit the request formed no value for
-    says only that the key is missing; the reason says why it is."""
+    says only that the key is missing; the reason says why it is, for the
+    limits a condition reads (one only counted errs in no condition)."""
     problems = [
         f"limit {name} has no value: {entry.error}"
         for name, entry in looked.entries.items()
-        if entry.error
+        if entry.error and name in looked.read
     ]
     if not problems:
         return decision

@@ -87,7 +87,7 @@ from kynara_sidecar.decision import (
     Verdict,
 )
 from kynara_sidecar.errors import PolicyError, ReasonCode
-from kynara_sidecar.limits.check import recorded_values
+from kynara_sidecar.limits.check import key_attributes, limit_entry, recorded_values
 from kynara_sidecar.policy.limits import (
     CompiledLimit,
     LimitProblem,
@@ -111,6 +111,7 @@ __all__ = [
     "GivenLimit",
     "LimitsSeen",
     "Mismatch",
+    "NO_LIMITS",
     "PolicyRequest",
     "PolicyTest",
     "PolicyTestReport",
@@ -604,11 +605,7 @@ def look_limits(policies: LoadedPolicies, request: PolicyRequest) -> LimitsSeen:
     if not involved and not request.limits:
         return NO_LIMITS
     counting = {limit.name for limit in counted}
-    chain = subject.chain
-    attributes = {
-        role: getattr(policies.directory.lookup(principal), "attributes", {}) or {}
-        for role, principal in (("user", chain[0]), ("agent", chain[-1]))
-    }
+    attributes = key_attributes(policies.directory, subject.chain)
     now = request.env.now.to_nanos()
     entries: dict[str, LimitEntry] = {}
     notes = {name: _UNUSED for name in request.limits if name not in involved}
@@ -661,27 +658,27 @@ def _given_entry(
     counting: bool,
 ) -> tuple[LimitEntry, str]:
     """A limit's entry as a record would keep it, holding the given values."""
-    start = window_start(limit.window, now_nanos)
-    entry = LimitEntry(
-        definition=limit.definition,
-        scope=limit.scope,
-        window_start=format_timestamp(Timestamp.from_nanos(start)),
-        ceiling=encode_value(limit.ceiling),
+    opened = format_timestamp(
+        Timestamp.from_nanos(window_start(limit.window, now_nanos))
     )
     key = key_of(limit, subject, attributes)
     amount = amount_of(limit, subject) if counting else None
     problem = next((p for p in (key, amount) if isinstance(p, LimitProblem)), None)
     if problem is not None:
         note = "given values unused: the request forms no value" if given else ""
-        return msgspec.structs.replace(
-            entry, key=key if isinstance(key, str) else "", error=problem.message
+        return limit_entry(
+            limit,
+            opened,
+            key if isinstance(key, str) else "",
+            error=problem.message,
         ), note
     total = given.sum if given and given.sum is not None else 0
     if isinstance(limit.ceiling, float):
         total = float(total)
-    return msgspec.structs.replace(
-        entry,
-        key=key,
+    return limit_entry(
+        limit,
+        opened,
+        key,  # type: ignore[arg-type]
         count=given.count if given and given.count is not None else 0,
         sum=encode_value(total) if limit.sums else None,
     ), ("given" if given else _NOT_GIVEN)

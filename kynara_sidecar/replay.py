@@ -43,8 +43,8 @@ import contextlib
 import os
 import pathlib
 import sys
-from collections.abc import Callable
-from typing import Literal, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TextIO
 
 import msgspec
 
@@ -55,7 +55,6 @@ from kynara_sidecar.audit.record import (
     LimitEntry,
     RecordKind,
     decode_value,
-    parse_timestamp,
     request_from_record,
 )
 from kynara_sidecar.audit.store import AuditStore
@@ -63,7 +62,7 @@ from kynara_sidecar.audit.verify import format_report as format_verify_report
 from kynara_sidecar.audit.verify import verify_log
 from kynara_sidecar.decision import Decision
 from kynara_sidecar.errors import PolicyError
-from kynara_sidecar.limits.check import applies, recorded_values
+from kynara_sidecar.limits.check import recorded_values
 from kynara_sidecar.policy.compiler import compile_directory, compile_policy_set
 from kynara_sidecar.policy.loader import (
     LoadedPolicies,
@@ -81,6 +80,7 @@ __all__ = [
     "format_recorded_limit",
     "format_report",
     "load_stored_policies",
+    "record_limit_values",
     "replay_log",
     "replay_main",
     "replay_record",
@@ -106,7 +106,7 @@ class ReplayChange(msgspec.Struct, frozen=True):
     # The record's limits the candidate's conditions read, as recorded.
     limits: dict[str, LimitEntry] = {}
     # Limits the candidate's conditions read that the record holds no value
-    # for: conditions reading them failed closed.
+    # for (``record_limit_values``): conditions reading them failed closed.
     unrecorded_limits: tuple[str, ...] = ()
 
 
@@ -136,15 +136,33 @@ class ReplayReport(msgspec.Struct):
     unrecorded: dict[str, int] = {}
 
 
+def record_limit_values(
+    record: AuditRecordV1, policies: LoadedPolicies
+) -> dict[str, Any]:
+    """The CEL ``limits`` values the record holds for the limits of
+    ``policies`` (``limits.check.recorded_values``): what a replay under
+    them decides with.
+
+    Raises:
+        ValueError: the record cannot be rebuilt into a request (see
+            ``request_from_record``).
+    """
+    request, env = request_from_record(record)
+    return recorded_values(
+        record.limits, policies.policy_set.limits, request, env.now.to_nanos()
+    )
+
+
 def replay_record(
     record: AuditRecordV1,
     policies: LoadedPolicies,
     *,
     explain: bool = False,
     cache: engine.EvaluationCache | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Decide a recorded request again, with the record's own env and the
-    limit values it recorded (``limits.check.recorded_values``).
+    limit values it recorded (``record_limit_values``).
 
     Args:
         record: a ``decision`` record.
@@ -152,6 +170,8 @@ def replay_record(
         explain: fill ``Decision.explanation``.
         cache: an ``engine.EvaluationCache`` of ``policies``, kept across
             records.
+        values: ``record_limit_values(record, policies)``, when the caller
+            has it already.
 
     Returns:
         The engine's decision.
@@ -161,9 +181,8 @@ def replay_record(
             ``request_from_record``).
     """
     request, env = request_from_record(record)
-    values = recorded_values(
-        record.limits, policies.policy_set.limits, request, env.now.to_nanos()
-    )
+    if values is None:
+        values = record_limit_values(record, policies)
     return engine.evaluate(
         policies.policy_set,
         policies.directory,
@@ -179,33 +198,31 @@ def unrecorded_limits(
     record: AuditRecordV1,
     policies: LoadedPolicies,
     cache: engine.EvaluationCache | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Which limits the conditions of ``policies`` may read for the record's
-    request: those the record holds a value of, and those it holds none
-    for (no entry, or one of a limit defined otherwise: another key, sum,
-    window or scope), where a replay fails closed.
+    request: those the record holds a value of (``record_limit_values``,
+    or ``values`` when given), and those it holds none for (no entry, an
+    entry with an error, or one of a limit defined otherwise: another key,
+    sum, window or scope), where a replay fails closed.
 
     Returns:
         ``(recorded, unrecorded)`` limit names, each in name order.
+
+    Raises:
+        ValueError: ``values`` not given, and the record cannot be rebuilt
+            into a request.
     """
     if not policies.policy_set.limits or record.resource is None:
         return (), ()
     if cache is None:
         cache = engine.EvaluationCache(policies.policy_set, policies.directory)
     read = cache.limits_for(record.resource.kind, record.action).read
-    try:
-        now = parse_timestamp(record.time).to_nanos()
-    except ValueError:
-        now = None
-    kept = {
-        limit.name
-        for limit in read
-        if limit.name in record.limits
-        and applies(record.limits[limit.name], limit, now)
-    }
+    if values is None:
+        values = record_limit_values(record, policies)
     return (
-        tuple(limit.name for limit in read if limit.name in kept),
-        tuple(limit.name for limit in read if limit.name not in kept),
+        tuple(limit.name for limit in read if limit.name in values),
+        tuple(limit.name for limit in read if limit.name not in values),
     )
 
 
@@ -274,7 +291,9 @@ class _Originals:
         self._misses: dict[_Revisions, int] = {}
         self._caches: dict[_Revisions, engine.EvaluationCache] = {}
 
-    def cache(self, revisions: _Revisions, policies: LoadedPolicies):
+    def cache(
+        self, revisions: _Revisions, policies: LoadedPolicies
+    ) -> engine.EvaluationCache:
         found = self._caches.get(revisions)
         if found is None:
             found = engine.EvaluationCache(policies.policy_set, policies.directory)
@@ -371,10 +390,11 @@ def _replay_one(
     if record.kind != RecordKind.DECISION:
         return None
     try:
-        new = replay_record(record, candidate, cache=cache)
+        values = record_limit_values(record, candidate)
+        new = replay_record(record, candidate, cache=cache, values=values)
     except ValueError as err:
         return str(err)
-    recorded, unrecorded = unrecorded_limits(record, candidate, cache)
+    recorded, unrecorded = unrecorded_limits(record, candidate, cache, values)
     old_decision, old_reason = record.decision, record.reason_code
     if originals is not None:
         revisions = (record.policy_revision, record.directory_revision)
@@ -419,9 +439,10 @@ def format_change(change: ReplayChange) -> str:
 
 
 def format_recorded_limit(name: str, entry: LimitEntry) -> str:
-    """A limit as its record keeps it: count and sum (this daemon's and
-    the fleet's together), the ceiling of the set that decided, and the
-    window start; or why it had no value."""
+    """A limit as its record keeps it, for a line of ``format_change``:
+    count and sum (this daemon's and the fleet's together), the ceiling of
+    the set that decided, and the window start. (The playground shows
+    limits as ``policy_tests.format_limit`` does, with their CEL values.)"""
     if entry.error:
         return f"{name} had no value ({entry.error})"
     parts = [f"count {entry.count + entry.remote_count}"]

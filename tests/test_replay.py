@@ -13,6 +13,7 @@ import pytest
 from cases_loader import load_cases
 from fault_helpers import DaemonProcess
 from kynara.v1 import decision_pb2 as pb
+from limits_support import limits_policies, request_with
 from support import SHIPPED_POLICIES, small_refund
 
 from kynara_sidecar import engine
@@ -26,6 +27,7 @@ from kynara_sidecar.audit.store import AuditStore, policy_set_changes
 from kynara_sidecar.decision import DecisionRequest, Env, Resource, Timestamp, UInt64
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.policy.loader import load_policies
+from kynara_sidecar.policy_tests import decide, look_limits, parse_request
 from kynara_sidecar.replay import (
     format_change,
     format_report,
@@ -33,6 +35,7 @@ from kynara_sidecar.replay import (
     replay_log,
     replay_main,
     replay_record,
+    unrecorded_limits,
 )
 
 CASES = load_cases()
@@ -425,10 +428,6 @@ def test_a_stored_directory_part_without_exactly_one_file_is_refused(tmp_path, c
 def limited_record(tmp_path, count: int, *, ceiling: int = 5) -> AuditRecordV1:
     """A decision record of ``limits_support.REQUEST`` as a daemon would
     have written it after ``count`` refunds by alice today."""
-    from limits_support import limits_policies, request_with
-
-    from kynara_sidecar.policy_tests import decide, look_limits, parse_request
-
     loaded = load_policies(limits_policies(tmp_path / "recorded", ceiling=ceiling))
     given = parse_request(request_with(f"{{refunds_today: {{count: {count}}}}}"))
     seen = look_limits(loaded, given)
@@ -443,8 +442,6 @@ def limited_record(tmp_path, count: int, *, ceiling: int = 5) -> AuditRecordV1:
 def test_replay_decides_with_the_recorded_count_not_the_live_one(
     tmp_path, count, effect
 ):
-    from limits_support import limits_policies
-
     record = limited_record(tmp_path, count)
     candidate = load_policies(limits_policies(tmp_path / "candidate"))
 
@@ -456,8 +453,6 @@ def test_replay_decides_with_the_recorded_count_not_the_live_one(
 
 
 def test_replay_uses_the_candidates_ceiling_with_the_recorded_count(tmp_path):
-    from limits_support import limits_policies
-
     record = limited_record(tmp_path, 4)
     lowered = load_policies(limits_policies(tmp_path / "lowered", ceiling=4))
 
@@ -468,8 +463,6 @@ def test_replay_uses_the_candidates_ceiling_with_the_recorded_count(tmp_path):
 
 
 def test_a_limit_the_record_lacks_fails_closed_and_is_named(tmp_path):
-    from limits_support import limits_policies
-
     record = limited_record(tmp_path, 0)
     record = msgspec.structs.replace(
         record,
@@ -497,6 +490,25 @@ def test_a_limit_the_record_lacks_fails_closed_and_is_named(tmp_path):
     )
 
 
+def test_a_limit_recorded_with_an_error_is_named_unrecorded(tmp_path):
+    """An entry that says why the decision had no value is no value to
+    replay with: the limit is unrecorded, as one with no entry."""
+    record = limited_record(tmp_path, 0)
+    errored = msgspec.structs.replace(
+        record.limits["refunds_today"], error="the central store is out of touch"
+    )
+    record = msgspec.structs.replace(
+        record, limits={**record.limits, "refunds_today": errored}
+    )
+    candidate = load_policies(limits_policies(tmp_path / "candidate"))
+
+    recorded, unrecorded = unrecorded_limits(record, candidate)
+
+    assert "refunds_today" in unrecorded
+    assert "refunds_today" not in recorded
+    assert "refund_total_week" in recorded
+
+
 @pytest.mark.parametrize(
     ("old", "new"),
     [
@@ -509,8 +521,6 @@ def test_a_limit_the_record_lacks_fails_closed_and_is_named(tmp_path):
 def test_a_limit_defined_otherwise_is_not_replayed_with_the_recorded_count(
     tmp_path, old, new
 ):
-    from limits_support import limits_policies
-
     record = limited_record(tmp_path, 5)
     root = limits_policies(tmp_path / "candidate")
     text = (root / "refunds.yaml").read_text()

@@ -421,8 +421,9 @@ class FleetLink:
                 # base64, control characters escaped to six bytes each),
                 # beside up to MAX_TAKEN_PER_APPROVAL review ids and reviews
                 # of MAX_COMMENT_CHARS each; and each door has its own limit
-                # (agent.max_message_bytes, 64 KiB by default;
-                # gateway.max_message_bytes, 1 MiB).
+                # (agent.max_message_bytes, 64 KiB by default, also the fast
+                # path's; gateway.max_message_bytes, 1 MiB;
+                # ext_authz.max_message_bytes, 1 MiB + 64 KiB).
                 # An approval past MAX_APPROVAL_BYTES (1 MiB) stays off the
                 # fleet inbox, logged; the daemon's own page still has it.
                 log.warning(

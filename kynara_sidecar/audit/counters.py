@@ -79,11 +79,17 @@ def row_prefix(limit: str, time_nanos: int = 0) -> bytes:
 
 
 def row_key(limit: str, time_nanos: int, key: str, decision_id: str) -> bytes:
+    """The LMDB key of the row of ``decision_id`` counted by ``limit`` for
+    ``key`` at ``time_nanos``: rows of one limit sort by time, and the key
+    text is only digested, so any key text fits (see the module's note)."""
     digest = hashlib.sha256(key.encode()).digest()[:_KEY_DIGEST_SIZE]
     return row_prefix(limit, time_nanos) + digest + decision_id.encode()
 
 
 def row_value(key: str, amount: int | float, definition: str = "") -> bytes:
+    """The row's value: canonical JSON of the key text (which its key holds
+    only as a digest), the amount counted and the limit's definition
+    digest, so a row reads back whole (``decode_row``)."""
     return _ENCODER.encode(
         _Value(amount=encode_value(amount), key=key, definition=definition)
     )
@@ -130,8 +136,7 @@ def rows_of(record: AuditRecordV1) -> list[tuple[bytes, bytes]]:
     """
     if not record.limits:
         return []
-    stamp = parse_timestamp(record.time)
-    nanos = stamp.seconds * 1_000_000_000 + stamp.nanos
+    nanos = parse_timestamp(record.time).to_nanos()
     rows = []
     for name, entry in counted_entries(record):
         if entry.amount is None:

@@ -240,9 +240,15 @@ class LimitEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     ``amount`` to it (its row in the log's ``limits`` database is written in
     the same transaction). ``sum``, ``ceiling``, ``amount`` and
     ``remote_sum`` hold the ``encode_value`` JSON form (an int or a double).
-    ``error`` is why the limit had no value for this request (a key part
-    or the amount missing or of the wrong type): conditions reading it
-    failed closed, and nothing was counted.
+    ``error`` is why the limit had no value for this request: a key part
+    or the amount missing, of the wrong type, or kept out of records by
+    audit.redact with no redaction key to seal it; a summed field that
+    audit.redact keeps out of records; a fleet limit with no central store,
+    or its central store out of touch; the limit's rows in the log damaged.
+    Conditions reading it failed closed. Where the key and amount were
+    formed (the store or rows problems) the decision may still be
+    ``counted``, so no decision goes uncounted meanwhile; otherwise nothing
+    was counted.
     """
 
     key: str = ""

@@ -286,6 +286,12 @@ def _seq_key(seq: int) -> bytes:
     return seq.to_bytes(_SEQ_SIZE, "big")
 
 
+def _time_key(nanos: int) -> bytes:
+    """A time (nanoseconds since the epoch) as the meta values hold it:
+    eight bytes big-endian, as a sequence number (``_pruned_time`` reads it)."""
+    return nanos.to_bytes(_SEQ_SIZE, "big")
+
+
 def _node_key(level: int, index: int) -> bytes:
     return bytes((level,)) + index.to_bytes(_SEQ_SIZE, "big")
 
@@ -972,7 +978,7 @@ class AuditStore:
                             txn.delete(row_key, db=limits)
                 txn.put(_KEY_SEAM, _seq_key(through), db=dbs[b"meta"])
                 if latest:
-                    txn.put(_KEY_PRUNED_TIME, _seq_key(latest), db=dbs[b"meta"])
+                    txn.put(_KEY_PRUNED_TIME, _time_key(latest), db=dbs[b"meta"])
         except lmdb.Error as err:
             raise self._write_error(err) from err
         return through - seam
@@ -1252,10 +1258,9 @@ def _decoded(data: bytes | None) -> AuditRecordV1 | None:
 
 def _record_nanos(record: AuditRecordV1) -> int:
     try:
-        stamp = parse_timestamp(record.time)
+        return parse_timestamp(record.time).to_nanos()
     except ValueError:
         return 0
-    return stamp.seconds * 1_000_000_000 + stamp.nanos
 
 
 def _rows(record: AuditRecordV1) -> list[tuple[bytes, bytes]]:

@@ -185,6 +185,7 @@ from kynara_sidecar.audit.verify_pack import (
     SeenValues,
     compare_seen,
     exact_sum,
+    seen_above_text,
 )
 from kynara_sidecar.audit.witness import HEAD_FILE, Witness, WitnessError
 from kynara_sidecar.decision import Timestamp
@@ -1229,12 +1230,7 @@ class _Walk:
         if self.limits is None:
             return
         report = self.limits.finish()
-        if (
-            report.counted
-            or report.rows
-            or report.seen_checked
-            or (report.not_checkable)
-        ):
+        if report.counted or report.rows or report.seen_checked or report.not_checkable:
             self.notes.append(_limits_note(report, self.limits.unknown_pruned))
         if report.ok:
             return
@@ -1438,13 +1434,8 @@ def _has_nodes(store: AuditStore) -> bool:
 # check and this one recompute alike.
 #
 # NOTE: an entry that saw more than the records before it hold is a note
-# (``seen_above``, naming the first), never a mismatch, even when the same
-# excess shows at later records of the same limit, definition and key with
-# the same records in their windows: every decision made while a refused
-# commit ran saw its counts, and those decisions share the writer's next
-# commit (which it tries after a full log), so an honest log can show one
-# excess at any number of later records; the records do not say when the
-# refused counts were taken back.
+# (``seen_above``, naming the first), never a mismatch: why is
+# ``verify_pack``'s NOTE on seen values (a refused commit's counts).
 
 # What a limits mismatch is.
 MISSING_ROW = "missing_row"
@@ -1506,10 +1497,8 @@ class LimitsReport(msgspec.Struct, frozen=True):
     seen_checked: int
     not_checkable: int
     mismatches: tuple[LimitMismatch, ...] = ()
-    # Entries that saw more than the records before them hold: the daemon
-    # counts a decision the moment it is decided, and takes the count back
-    # when its commit is refused (a full log), so a decision in between saw
-    # it. More is never less safe; fewer would be a mismatch.
+    # Entries that saw more than the records before them hold: a note, not
+    # a mismatch (``verify_pack``'s NOTE on seen values says why).
     seen_above: int = 0
     # The first of them: its record's seq, the limit and key.
     first_above: SeenAbove | None = None
@@ -1543,11 +1532,14 @@ def check_limits(store: AuditStore) -> LimitsReport:
 def recompute_totals(
     store_or_records: AuditStore | Iterable[AuditRecordV1 | bytes],
     since_nanos: int,
-) -> dict[tuple[str, str], tuple[int, int | float]]:
-    """What every ``(limit, key)`` counted at or after ``since_nanos``, from
-    the records alone: ``(count, sum)``, the sum an int when every amount is,
-    else the exact sum of the amounts rounded once (``math.fsum``'s value;
-    infinity where ``math.fsum`` would overflow).
+) -> dict[tuple[str, str, str], tuple[int, int | float]]:
+    """What every ``(limit, definition, key)`` counted at or after
+    ``since_nanos``, from the records alone: ``(count, sum)``, the sum an
+    int when every amount is, else the exact sum of the amounts rounded once
+    (``math.fsum``'s value; infinity where ``math.fsum`` would overflow).
+    Grouped by definition as the book and ``check_limits`` group: a limit
+    whose definition changed counts afresh (records without one form their
+    own group, definition "").
 
     Args:
         store_or_records: an open log (its retained records, one snapshot),
@@ -1559,15 +1551,16 @@ def recompute_totals(
         msgspec.DecodeError, msgspec.ValidationError: stored bytes are not
             a v1 record.
     """
-    amounts: dict[tuple[str, str], list[int | float]] = {}
+    amounts: dict[tuple[str, str, str], list[int | float]] = {}
     for record in _records_of(store_or_records):
         if not record.limits:
             continue
         if _record_nanos(record) < since_nanos:
             continue
         for name, entry in counted_entries(record):
-            amounts.setdefault((name, entry.key), []).append(_amount(name, entry))
-    totals: dict[tuple[str, str], tuple[int, int | float]] = {}
+            group = (name, entry.definition, entry.key)
+            amounts.setdefault(group, []).append(_amount(name, entry))
+    totals: dict[tuple[str, str, str], tuple[int, int | float]] = {}
     for where, values in amounts.items():
         totals[where] = (len(values), exact_sum(values))
     return totals
@@ -1591,13 +1584,22 @@ def _record_nanos(record: AuditRecordV1) -> int:
 
 
 def _amount(name: str, entry: LimitEntry) -> int | float:
+    """A counted entry's amount: a finite number of at least 0, as the book
+    counts and ``verify_pack`` accepts (a negative one would lower a sum
+    below what the decisions counted)."""
     if entry.amount is None:
         raise ValueError(f"limit {name!r} counted the decision with no amount")
     amount = decode_value(entry.amount)
-    if isinstance(amount, bool) or not isinstance(amount, int | float):
-        raise ValueError(f"limit {name!r} counted a non-number {amount!r}")
-    if isinstance(amount, float) and not math.isfinite(amount):
-        raise ValueError(f"limit {name!r} counted a non-finite amount {amount!r}")
+    if (
+        isinstance(amount, bool)
+        or not isinstance(amount, int | float)
+        or not math.isfinite(amount)
+        or amount < 0
+    ):
+        raise ValueError(
+            f"limit {name!r} counted amount {amount!r}; expected a finite number "
+            "of at least 0"
+        )
     return amount
 
 
@@ -1822,8 +1824,7 @@ class _LimitsCheck:
 
 
 def _record_nanos_of(text: str) -> int:
-    stamp = parse_timestamp(text)
-    return stamp.seconds * 1_000_000_000 + stamp.nanos
+    return parse_timestamp(text).to_nanos()
 
 
 def _reported_order(mismatch: LimitMismatch) -> tuple[bool, int, int]:
@@ -1877,12 +1878,7 @@ def _limits_note(report: LimitsReport, unknown_pruned: bool) -> str:
             else " (their window opens at or before a pruned record)"
         )
     if report.seen_above:
-        note += (
-            f"; {report.seen_above} saw more than the records before them hold "
-            "(counts of a decision whose commit was refused, taken back after"
-            + (f"; {report.first_above.text()}" if report.first_above else "")
-            + ")"
-        )
+        note += "; " + seen_above_text(report.seen_above, report.first_above)
     return note
 
 

@@ -139,6 +139,7 @@ __all__ = [
     "public_key_pem",
     "revision_dir",
     "rounded_sum",
+    "seen_above_text",
     "time_range",
     "verify_pack",
 ]
@@ -1093,20 +1094,6 @@ class SeenValues:
             history = self.groups[group] = SeenHistory()
         history.add(time, amount)
 
-    def compare(
-        self,
-        limit: str,
-        definition: str,
-        key: str,
-        start: int,
-        seen_count: int,
-        seen_sum: Any,
-    ) -> SeenCompared:
-        """``compare_seen`` against what the group holds since ``start``."""
-        return compare_seen(
-            seen_count, seen_sum, self.held(limit, definition, key, start)
-        )
-
 
 class SeenAbove(NamedTuple):
     """The first entry that saw more than the records before it hold:
@@ -1120,12 +1107,23 @@ class SeenAbove(NamedTuple):
         return f"the first at record {self.seq}, limit {self.limit!r} key {self.key!r}"
 
 
+def seen_above_text(count: int, first: SeenAbove | None) -> str:
+    """How many entries saw more than the records before them hold, and the
+    first of them, as both verifiers' notes say it (why that is a note and
+    not a failure: the NOTE above the limits check)."""
+    text = (
+        f"{count} saw more than the records before them hold (counts of a "
+        "decision whose commit was refused, then taken back)"
+    )
+    return text + (f"; {first.text()}" if first else "")
+
+
 class LimitsChecked(NamedTuple):
     """What the limits check found in a pack that verified: ``checked``
     seen values recomputed, ``not_checkable`` entries whose window opens
     before the pack's first record, ``seen_above`` entries that saw more
-    than the records before them hold (a note, not a failure), the first
-    of them ``first_above``."""
+    than the records before them hold (a note, not a failure: see the NOTE
+    above), the first of them ``first_above``."""
 
     checked: int = 0
     not_checkable: int = 0
@@ -1143,12 +1141,7 @@ class LimitsChecked(NamedTuple):
         if self.not_checkable:
             text += " (their window opens before the pack's first record)"
         if self.seen_above:
-            text += (
-                f", {self.seen_above} saw more than the records before them "
-                "hold (counts of a decision whose commit was refused, taken back"
-                + (f"; {self.first_above.text()}" if self.first_above else "")
-                + ")"
-            )
+            text += ", " + seen_above_text(self.seen_above, self.first_above)
         return text
 
 
@@ -1218,23 +1211,29 @@ def _check_limits(records: list[tuple[bytes, dict]], base: int) -> LimitsChecked
             entry = limits[name]
             if not isinstance(entry, dict):
                 raise PackError("limits", f"{where}: expected an object")
-            if entry.get("error"):
-                continue  # it had no value, and counted nothing
             key = _entry_field(entry, "key", str, "", where)
             group = (name, _entry_field(entry, "definition", str, "", where), key)
             where += f" key {key!r}"
-            start = _nanos(entry.get("window_start"), f"{where}: window_start")
-            if first is not None and start <= first:
-                not_checkable += 1
-            else:
-                checked += 1
-                if _compare_seen(entry, seen, group, start, where):
-                    above += 1
-                    first_above = first_above or SeenAbove(seq, name, key)
+            # An entry with an error had no value, so there is nothing to
+            # compare; it may still have been counted (its store out of
+            # touch, its rows damaged), and later decisions saw that.
+            if not entry.get("error"):
+                start = _nanos(entry.get("window_start"), f"{where}: window_start")
+                if first is not None and start <= first:
+                    not_checkable += 1
+                else:
+                    checked += 1
+                    if _compare_seen(entry, seen, group, start, where):
+                        above += 1
+                        first_above = first_above or SeenAbove(seq, name, key)
             if _entry_field(entry, "counted", bool, False, where):
                 amount = _number(entry.get("amount"), f"{where}: amount")
                 if not math.isfinite(amount) or amount < 0:
-                    raise PackError("limits", f"{where}: counted amount {amount!r}")
+                    raise PackError(
+                        "limits",
+                        f"{where}: counted amount {amount!r}; expected a finite "
+                        "number of at least 0",
+                    )
                 counted.append((group, amount))
         for group, amount in counted:
             seen.add(*group, time, amount)

@@ -617,7 +617,7 @@ class AuditWriter:
             candidates = list(itertools.islice(store.iter_checkpoints(seam), 16))
             after = seam
             for checkpoint in candidates:
-                if _nanos(checkpoint.time) >= cutoff:
+                if parse_timestamp(checkpoint.time).to_nanos() >= cutoff:
                     break
                 if shipped is not None and checkpoint.tree_size > shipped:
                     break
@@ -655,7 +655,7 @@ class AuditWriter:
                     break
                 try:
                     stamp = _TIME_DECODER.decode(stored.record_bytes).time
-                    latest = max(latest, _nanos(stamp))
+                    latest = max(latest, parse_timestamp(stamp).to_nanos())
                 except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                     latest = _LATEST
                     break
@@ -847,11 +847,6 @@ class _Time(msgspec.Struct):
 _TIME_DECODER = msgspec.json.Decoder(_Time)
 # Later than any record's time: a segment holding an undatable record.
 _LATEST = 1 << 63
-
-
-def _nanos(rfc3339: str) -> int:
-    stamp = parse_timestamp(rfc3339)
-    return stamp.seconds * 1_000_000_000 + stamp.nanos
 
 
 def _as_unavailable(err: Exception, path: str) -> AuditUnavailable:

@@ -421,8 +421,13 @@ class HttpConfig(_Section):
 # over the last few working days, as the daemon's own page shows recent
 # final ones; inbox.retention_seconds.
 DEFAULT_INBOX_RETENTION_SECONDS = 7 * 86_400
-# An hour at least (the inbox prunes hourly); a year at most.
-MIN_INBOX_RETENTION_SECONDS = 3_600
+# How often the fleet inbox drops approvals past the retention (its
+# PRUNE_SECONDS): the retention is hours to days, so an hour's overstay is
+# small, and a pass walks every approval held.
+INBOX_PRUNE_SECONDS = 3_600
+# One prune interval at least (an approval overstays by up to one); a year
+# at most.
+MIN_INBOX_RETENTION_SECONDS = INBOX_PRUNE_SECONDS
 MAX_INBOX_RETENTION_SECONDS = 366 * 86_400
 
 

@@ -106,7 +106,10 @@ from kynara_sidecar.approvals.signed_review import (
 )
 from kynara_sidecar.audit.keys import PublicKey, SigningKey
 from kynara_sidecar.audit.record import format_timestamp
-from kynara_sidecar.collector.config import DEFAULT_INBOX_RETENTION_SECONDS
+from kynara_sidecar.collector.config import (
+    DEFAULT_INBOX_RETENTION_SECONDS,
+    INBOX_PRUNE_SECONDS,
+)
 from kynara_sidecar.decision import Timestamp
 from kynara_sidecar.errors import (
     ErrorCode,
@@ -138,10 +141,9 @@ _MAX_UNREGISTERED_LOGGED = 1000
 # accepted: ``may_keep``), so the whole is bounded by what was signed.
 MAX_KEPT_PER_DAEMON = 256
 MAX_KEPT_BYTES_PER_DAEMON = 2 << 20
-# How often approvals past the retention leave the copy: the retention is
-# hours to days, so an hour's overstay is small, and a pass walks every
-# approval held.
-PRUNE_SECONDS = 3_600.0
+# How often approvals past the retention leave the copy (why an hour:
+# INBOX_PRUNE_SECONDS, which also bounds the retention from below).
+PRUNE_SECONDS = float(INBOX_PRUNE_SECONDS)
 # How far along its life a state is: a published state behind the held one
 # is a replay.
 _PROGRESS = {
@@ -182,8 +184,9 @@ class FleetInbox:
         retry_seconds: the pause before watching again after a failure.
         clock: nanoseconds since the epoch.
         on_entry: told of each store entry not listed as it came, by
-            outcome (``skipped``, ``kept``, ``dropped``, ``unregistered``),
-            to count it beside its log line.
+            outcome (``skipped``, ``kept``, ``dropped``, ``unregistered``,
+            ``past_retention``), to count it beside its log line (of
+            ``past_retention``, the next prune's).
         retention_seconds: how long an approval stays listed after it
             ended (``inbox.retention_seconds``; see the module doc).
     """
@@ -245,10 +248,14 @@ class FleetInbox:
             await self._session.close()
 
     async def _prune_loop(self, stop: asyncio.Event) -> None:
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the
+        # cancellation ``run`` sends at stop (gh-86296), and ``run`` then
+        # waits on this loop for ever.
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), PRUNE_SECONDS)
-            if not stop.is_set():
+            try:
+                async with asyncio.timeout(PRUNE_SECONDS):
+                    await stop.wait()
+            except TimeoutError:
                 self.prune()
 
     def prune(self) -> int:
@@ -358,6 +365,7 @@ class FleetInbox:
             if known is not None:
                 self._forget(approval.id)
             self._aged += 1
+            self._on_entry("past_retention")
             return None
         self._approvals[approval.id] = approval
         self._ends[approval.id] = end

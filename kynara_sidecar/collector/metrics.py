@@ -81,7 +81,8 @@ class CollectorMetrics:
             f"{PREFIX}_inbox_entries",
             "Fleet inbox store entries not listed as they came, by outcome: "
             "skipped (malformed or a bad signature), kept (a key not known "
-            "yet), dropped (kept past the per-daemon bound), unregistered.",
+            "yet), dropped (kept past the per-daemon bound), unregistered, "
+            "past_retention (ended longer ago than inbox.retention_seconds).",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.inbox_page_refusals = Counter(

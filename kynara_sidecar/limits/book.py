@@ -65,6 +65,7 @@ from typing import NamedTuple
 from kynara_sidecar.audit.counters import LIMITS_DB, decode_row, row_prefix
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify_pack import double_units, rounded_sum
+from kynara_sidecar.decision import NANOS_PER_SECOND
 from kynara_sidecar.policy import limits as policy_limits
 from kynara_sidecar.policy.limits import CompiledLimit
 
@@ -82,7 +83,7 @@ log = logging.getLogger("kynara.limits")
 # How far below the latest window start a limit's events stay in memory:
 # a tally up to this much earlier (requests whose clocks were read a moment
 # apart, a small clock step back) is answered without reading the log.
-GRACE_NANOS = 10 * 1_000_000_000
+GRACE_NANOS = 10 * NANOS_PER_SECOND
 # A sweep for keys left with no events runs at most once per this many
 # adds (or per as many adds as keys held, if more).
 SWEEP_EVERY_ADDS = 4096
@@ -104,15 +105,18 @@ class Counted(NamedTuple):
     time_nanos: int
     amount: int | float
     decision_id: str
-    # The limit's definition digest (CompiledLimit.definition).
-    definition: str = ""
+    # The limit's definition digest (CompiledLimit.definition): a count
+    # belongs to the definition it was made under (see ``activate``).
+    definition: str
 
 
 class LimitDamaged(ValueError):
-    """The log's rows of a limit could not all be read: counting on
-    without them could let decisions past its ceiling, so the limit has no
-    value (its conditions fail closed) until the rows are repaired and the
-    daemon restarted (``kynara-sidecar verify`` names them)."""
+    """Some of the log's rows of a limit could not be counted (malformed,
+    an amount that is not a finite non-negative number, or a decision
+    counted twice): counting on without them could let decisions past its
+    ceiling, so the limit has no value (its conditions fail closed) until
+    the rows are repaired and the daemon restarted (``kynara-sidecar
+    verify`` names them)."""
 
 
 # (time nanos, decision id, amount): sorted by time, ties by decision id.
@@ -465,7 +469,10 @@ class LimitBook:
                         row = decode_row(raw_key, raw_value)
                     except ValueError as err:
                         skipped += 1
-                        log.error("limits row not read: %s", err)
+                        log.error(
+                            "limits row not read",
+                            extra={"fields": {"limit": name, "error": str(err)}},
+                        )
                         continue
                     if row.definition != limit.definition:
                         # Counted under another definition of this name.
@@ -486,7 +493,8 @@ class LimitBook:
         if skipped:
             state.damaged = (
                 f"{skipped} of its rows in the audit log's limits database could "
-                "not be read; run `kynara-sidecar verify` and restart"
+                "not be counted (malformed, a bad amount, or a decision counted "
+                "twice); run `kynara-sidecar verify` and restart"
             )
             log.error(
                 "limit %r: %d rows of the log not counted (malformed, or a "

@@ -31,6 +31,7 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.redact import Redactor
 from kynara_sidecar.decision import NANOS_PER_SECOND, DecisionRequest, Effect, Timestamp
 from kynara_sidecar.limits.book import Counted, LimitBook, LimitDamaged, Tally
+from kynara_sidecar.policy.compiler import Directory
 from kynara_sidecar.policy.conditions import to_cel_value
 from kynara_sidecar.policy.limits import (
     CompiledLimit,
@@ -40,6 +41,7 @@ from kynara_sidecar.policy.limits import (
     key_of,
     window_start,
 )
+from kynara_sidecar.policy.model import LimitScope
 
 __all__ = [
     "NOTHING",
@@ -47,6 +49,8 @@ __all__ = [
     "RemoteTally",
     "applies",
     "count",
+    "key_attributes",
+    "limit_entry",
     "look",
     "recorded_values",
 ]
@@ -56,7 +60,7 @@ __all__ = [
 RemoteTally = Callable[[CompiledLimit, str, int], "Tally | None"]
 
 _SECTIONS = {"context": "context", "resource.attr": "resource_attributes"}
-_NO_STORE = "a fleet limit needs a central store (sync.store)"
+_NO_STORE = "a fleet limit needs a central store (sync.store, or a store policy.source)"
 _OUT_OF_TOUCH = (
     "a fleet limit needs the central store, which has not answered within "
     "limits.fleet_max_staleness_seconds"
@@ -80,9 +84,12 @@ class Looked(NamedTuple):
     entries: dict[str, LimitEntry]
     # The counting limits the request formed a value for.
     formed: tuple[_Formed, ...]
+    # The names of the limits some candidate rule's condition reads (the
+    # others in ``entries`` are only counted).
+    read: frozenset[str]
 
 
-NOTHING = Looked({}, {}, ())
+NOTHING = Looked({}, {}, (), frozenset())
 
 
 def look(
@@ -112,7 +119,6 @@ def look(
     formed: list[_Formed] = []
     for limit in _union(read, counted):
         start, opened, opened_cel = _opening(limit.window, now_nanos)
-        ceiling = _ceiling(limit.ceiling)
         key = _key(limit, request, attributes, redactor)
         amount: int | float | LimitProblem | None = None
         if limit.name in counting:
@@ -127,7 +133,7 @@ def look(
         theirs: Tally | None = _NONE_SEEN
         if problem is None:
             assert isinstance(key, str)
-            if limit.scope == "fleet":
+            if limit.scope == LimitScope.FLEET:
                 theirs = None if remote is None else remote(limit, key, start)
                 if theirs is None:
                     problem = LimitProblem(_OUT_OF_TOUCH if remote else _NO_STORE)
@@ -136,31 +142,59 @@ def look(
             except LimitDamaged as err:
                 problem = problem or LimitProblem(str(err))
         if problem is not None or mine is None or theirs is None:
-            entries[limit.name] = LimitEntry(
-                key=key if isinstance(key, str) else "",
-                definition=limit.definition,
-                scope=limit.scope,
-                window_start=opened,
-                ceiling=ceiling,
+            entries[limit.name] = limit_entry(
+                limit,
+                opened,
+                key if isinstance(key, str) else "",
                 error=problem.message if problem else "",
             )
             continue
-        fleet = limit.scope == "fleet"
-        entries[limit.name] = LimitEntry(
-            key=key,  # type: ignore[arg-type]
-            definition=limit.definition,
-            scope=limit.scope,
-            window_start=opened,
+        fleet = limit.scope == LimitScope.FLEET
+        entries[limit.name] = limit_entry(
+            limit,
+            opened,
+            key,  # type: ignore[arg-type]
             count=mine.count,
             sum=encode_value(mine.sum) if limit.sums else None,
-            ceiling=ceiling,
             remote_count=theirs.count,
             remote_sum=encode_value(theirs.sum) if limit.sums and fleet else None,
         )
         values[limit.name] = _cel_value(
             limit, mine, theirs, opened_cel, amount if limit.name in counting else None
         )
-    return Looked(values, entries, tuple(formed))
+    return Looked(
+        values, entries, tuple(formed), frozenset(limit.name for limit in read)
+    )
+
+
+def key_attributes(
+    directory: Directory, chain: Sequence[str]
+) -> dict[str, Mapping[str, Any]]:
+    """The directory attributes a limit's key parts read: ``"user"`` (the
+    chain's first principal) and ``"agent"`` (its last); a principal the
+    directory does not hold has none."""
+    attributes: dict[str, Mapping[str, Any]] = {}
+    for role, principal_id in (("user", chain[0]), ("agent", chain[-1])):
+        principal = directory.lookup(principal_id)
+        attributes[role] = principal.attributes if principal is not None else {}
+    return attributes
+
+
+def limit_entry(
+    limit: CompiledLimit, window_start: str, key: str, **values: Any
+) -> LimitEntry:
+    """A record's entry for ``limit`` in the window opening at
+    ``window_start`` (its record text) for ``key`` ("" when the request
+    formed none): the limit's definition, scope and ceiling, and ``values``
+    (``count``, ``sum``, ``error`` and the rest of ``LimitEntry``)."""
+    return LimitEntry(
+        key=key,
+        definition=limit.definition,
+        scope=limit.scope,
+        window_start=window_start,
+        ceiling=_ceiling(limit.ceiling),
+        **values,
+    )
 
 
 def count(
@@ -284,7 +318,7 @@ def applies(
     scope, and (given the record's instant) its window opened where the
     recorded one did. A changed key, sum, window or scope makes the recorded
     count another limit's."""
-    if entry.definition and entry.definition != limit.definition:
+    if entry.definition != limit.definition:
         return False
     if entry.scope != limit.scope:
         return False
@@ -413,12 +447,14 @@ def _opening(window: Window, now_nanos: int) -> tuple[int, str, Any]:
 
 
 def _ceiling(ceiling: int | float) -> dict[str, Any]:
+    """The ceiling's record form, encoded once per ceiling; each entry gets
+    its own copy, so no entry's change reaches another's."""
     found = _ceilings.get((type(ceiling), ceiling))
     if found is None:
         if len(_ceilings) >= _MEMO_ENTRIES:
             _ceilings.clear()
         found = _ceilings[(type(ceiling), ceiling)] = encode_value(ceiling)
-    return found
+    return dict(found)
 
 
 def _with(entry: LimitEntry, **changes: Any) -> LimitEntry:

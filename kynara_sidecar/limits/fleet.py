@@ -59,7 +59,7 @@ limit absent, so conditions reading it fail closed. "Heard" means the
 last successful read of every document, or a watch that has not reported
 a loss since (a NATS watch notices a lost connection within a fraction of
 a second and a silent one within about eleven seconds; a ``dir://`` watch
-within ``sync.timeout_seconds``); until the first read after ``start``
+within ``sync.timeout_seconds``); until the first read after ``launch``
 the daemon has heard nothing.
 
 A document over the store's limit (``MAX_LIMIT_TALLIES_BYTES``) is not
@@ -86,8 +86,10 @@ from typing import Any
 import msgspec
 
 from kynara_sidecar.audit.verify_pack import DOUBLE_SHIFT, rounded_sum
+from kynara_sidecar.decision import NANOS_PER_SECOND
 from kynara_sidecar.limits.book import GRACE_NANOS, Counted, Tally
 from kynara_sidecar.policy.limits import CompiledLimit, window_start
+from kynara_sidecar.policy.model import LimitScope
 from kynara_sidecar.sync import Store, StoreUnavailable, retry_delay
 
 __all__ = ["DOCUMENT_VERSION", "FleetLimits", "decode_document", "encode_document"]
@@ -96,8 +98,6 @@ _log = logging.getLogger("kynara.limits")
 
 # 2: each limit carries its definition (1 had none, and is refused).
 DOCUMENT_VERSION = 2
-FLEET_SCOPE = "fleet"
-_SECOND = 1_000_000_000
 # Reconnecting after a lost watch: doubling pauses within these bounds.
 _RETRY_MIN_SECONDS = 0.5
 _RETRY_MAX_SECONDS = 10.0
@@ -256,7 +256,7 @@ class FleetLimits:
             raise ValueError(f"publish_interval {publish_interval}: expected >= 0")
         self.store = store
         self.daemon_id = daemon_id
-        self.max_staleness_nanos = int(max_staleness_seconds * _SECOND)
+        self.max_staleness_nanos = int(max_staleness_seconds * NANOS_PER_SECOND)
         self.publish_interval = publish_interval
         self.clock = clock
         self._limits: dict[str, CompiledLimit] = {}
@@ -266,7 +266,6 @@ class FleetLimits:
         # Other daemons' latest documents as read, and their index:
         # (limit, key) -> daemon id -> events.
         self._documents: dict[str, bytes] = {}
-        self._published_at: dict[str, int] = {}
         self._index: dict[tuple[str, str], dict[str, _Events]] = {}
         # Daemon id -> the (limit, key)s its document put in the index.
         self._indexed: dict[str, list[tuple[str, str]]] = {}
@@ -305,7 +304,7 @@ class FleetLimits:
         self._limits = {
             name: limit
             for name, limit in sorted(limits.items())
-            if limit.scope == FLEET_SCOPE
+            if limit.scope == LimitScope.FLEET
         }
         self._own = {
             (name, definition, key): events
@@ -324,34 +323,26 @@ class FleetLimits:
         (read from the log at start, or after ``activate`` brought a limit
         whose window reaches further back or a new definition); events of
         limits not active here, or of another definition, are ignored, one
-        already known (by decision id) counts once.
-
-        An event without a definition (``LimitBook.held`` gives none) is
-        taken as the active one's: the book holds only the active
-        definition's events once activated, as it is before this is called.
-        """
-        self._add(counted, assume_active=True)
+        already known (by decision id) counts once."""
+        self._add(counted)
 
     def published(self, counted: Iterable[Counted]) -> None:
         """Decisions whose record committed: put them in the next document
         (within ``publish_interval``). Called on the event loop. A decision
         counted under another definition than the active one (made before
         an activation that redefined its limit) is ignored."""
-        if self._add(counted, assume_active=False):
+        if self._add(counted):
             self._mark()
 
-    def _add(self, counted: Iterable[Counted], *, assume_active: bool) -> bool:
+    def _add(self, counted: Iterable[Counted]) -> bool:
         added = False
         for entry in counted:
             limit = self._limits.get(entry.limit)
-            if limit is None:
+            if limit is None or entry.definition != limit.definition:
                 continue
-            definition = entry.definition
-            if assume_active and not definition:
-                definition = limit.definition
-            if definition != limit.definition:
-                continue
-            events = self._own.setdefault((entry.limit, definition, entry.key), {})
+            events = self._own.setdefault(
+                (entry.limit, entry.definition, entry.key), {}
+            )
             events[entry.decision_id] = (entry.time_nanos, entry.amount)
             added = True
         return added
@@ -362,15 +353,11 @@ class FleetLimits:
 
     # -- running
 
-    async def start(self) -> None:
-        """Start publishing this daemon's document and watching the
-        others' (``launch``). Returns at once: until the first read
-        succeeds, ``remote`` answers None."""
-        self.launch()
-
     def launch(self) -> None:
-        """``start`` from code running on the event loop that cannot await
-        (a policy activation's callback); idempotent. Nothing connects to
+        """Start publishing this daemon's document and watching the
+        others'; called on the event loop (a policy activation's callback
+        too, which cannot await), idempotent. Returns at once: until the
+        first read succeeds, ``remote`` answers None. Nothing connects to
         the store before this."""
         if self._tasks:
             return
@@ -384,7 +371,7 @@ class FleetLimits:
 
     @property
     def started(self) -> bool:
-        """Whether ``launch`` (or ``start``) ran and ``close`` did not."""
+        """Whether ``launch`` ran and ``close`` did not."""
         return bool(self._tasks)
 
     async def close(self, seconds: float = 5.0) -> bool:
@@ -486,8 +473,9 @@ class FleetLimits:
 
     # NOTE: each put carries every own event still in its window, and each
     # reader decodes the whole document again: about 60 ms to build and
-    # 50 ms to read 36,000 events (1 MB, the most a document may hold), on
-    # the event loop. Per-key entries or deltas would scale further.
+    # 50 ms to read 36,000 events (1 MiB, the most a document may hold, at
+    # about 29 bytes an event; see sync.MAX_LIMIT_TALLIES_BYTES), on the
+    # event loop. Per-key entries or deltas would scale further.
     def _current(self, now: int) -> dict[str, Published]:
         """Own events still in their windows (from each limit's window
         start at ``now`` less ``GRACE_NANOS``), dropping the rest, by
@@ -563,7 +551,6 @@ class FleetLimits:
                     del self._index[pair]
         if not data:
             self._documents.pop(daemon_id, None)
-            self._published_at.pop(daemon_id, None)
             self._defined_otherwise.pop(daemon_id, None)
             return
         self._documents[daemon_id] = data
@@ -591,7 +578,6 @@ class FleetLimits:
                     },
                 )
             return
-        self._published_at[daemon_id] = document.published_at
         self._indexed[daemon_id] = indexed
         for pair, events in indexed.items():
             self._index.setdefault(pair, {})[daemon_id] = events
@@ -730,9 +716,7 @@ class FleetLimits:
             self._impostor = None
         if self._watching:
             return False
-        return (
-            self._heard is None or self.clock() - self._heard > self.max_staleness_nanos
-        )
+        return self._heard is None or now - self._heard > self.max_staleness_nanos
 
     def status(self) -> dict[str, Any]:
         """For metrics and the daemon's status: other daemons whose

@@ -459,10 +459,21 @@ _EXPR_CALL = 6
 _CONST_STRING = 6
 _CALL_TARGET, _CALL_FUNCTION, _CALL_ARGS = 1, 2, 3
 _STRUCT_ENTRIES = 2
+_EXPR_SELECT = 5
+_SELECT_OPERAND, _SELECT_FIELD, _SELECT_TEST_ONLY = 1, 2, 3
+_EXPR_LIST = 7
+_LIST_ELEMENTS = 1
 _EXPR_STRUCT = 8
-# Expr kind -> fields of that message holding child Exprs (select, list,
-# comprehension); struct entries hold them at map_key and value.
-_CHILD_FIELDS = {5: (1,), 7: (1,), 9: (2, 4, 5, 6, 7)}
+_EXPR_COMPREHENSION = 9
+# Expr kind -> fields of that message holding child Exprs: a select's
+# operand, a list's elements, a comprehension's iter_range, accu_init,
+# loop_condition, loop_step and result. Struct entries hold them at
+# map_key and value.
+_CHILD_FIELDS = {
+    _EXPR_SELECT: (_SELECT_OPERAND,),
+    _EXPR_LIST: (_LIST_ELEMENTS,),
+    _EXPR_COMPREHENSION: (2, 4, 5, 6, 7),
+}
 _ENTRY_CHILD_FIELDS = (3, 4)
 
 
@@ -516,11 +527,6 @@ def _variables_named(expr: bytes) -> frozenset[str]:
     return frozenset(name for name in _identifiers(expr) if name in VARIABLES)
 
 
-_EXPR_SELECT = 5
-_SELECT_OPERAND, _SELECT_FIELD = 1, 2
-
-
-_SELECT_TEST_ONLY = 3
 _INDEX = "_[_]"
 _LIMIT_FIELDS_TEXT = ", ".join(LIMIT_FIELDS[:-1]) + f" or {LIMIT_FIELDS[-1]}"
 
@@ -550,7 +556,7 @@ class _LimitsRead:
             if field == _EXPR_ID:
                 node_id = value
             elif field == _EXPR_IDENT:
-                if dict(_fields(value)).get(_IDENT_NAME, b"") == _LIMITS_NAME:
+                if _ident_text(value) == LIMITS_VARIABLE:
                     self.problems.append(
                         (
                             node_id,
@@ -630,9 +636,6 @@ class _LimitsRead:
             self.walk(child)
 
 
-_LIMITS_NAME = LIMITS_VARIABLE.encode()
-
-
 def _limit_path(expr: bytes) -> tuple[str] | tuple[str, str] | None:
     """``(name,)`` for ``limits.<name>``, ``(name, field)`` for
     ``limits.<name>.<field>`` with a field of ``LIMIT_FIELDS``, either seen
@@ -667,10 +670,16 @@ def _limit_path(expr: bytes) -> tuple[str] | tuple[str, str] | None:
 
 
 def _ident_name(expr: bytes) -> str:
+    """The name ``expr`` is, when it is an identifier; else ""."""
     for field, value in _fields(expr):
         if field == _EXPR_IDENT:
-            return dict(_fields(value)).get(_IDENT_NAME, b"").decode()
+            return _ident_text(value)
     return ""
+
+
+def _ident_text(ident: bytes) -> str:
+    """The name of an ``Expr.Ident`` message."""
+    return dict(_fields(ident)).get(_IDENT_NAME, b"").decode()
 
 
 def _identifiers(expr: bytes) -> Iterator[str]:

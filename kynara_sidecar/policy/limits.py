@@ -20,9 +20,10 @@ starts at the change (01:00 local), the first instant with that date.
 
 Keys. A key's text is the canonical JSON array (compact, as msgspec
 writes it) of its parts in declared order: principal ids and the resource
-kind and id as strings (NFC, as the directory compares ids), ``chain`` as
-an array of ids, and a context or attribute value in the audit log's
-typed form (``{"int": "5"}``, ``{"string": "a"}``; see
+id as strings (NFC, as the directory compares ids), the resource kind as
+it is (a dotted ASCII name: ``pipeline.validate_request`` refuses any
+other), ``chain`` as an array of ids, and a context or attribute value
+in the audit log's typed form (``{"int": "5"}``, ``{"string": "a"}``; see
 ``audit.record.encode_value``). That form is written here again, for
 scalars only, because ``policy`` sits below ``audit`` and may not import
 it; ``tests/policy/test_limit_keys.py`` checks the two agree.
@@ -514,7 +515,8 @@ def key_of(
     attributes: Mapping[str, Mapping[str, Any]],
 ) -> str | LimitProblem:
     """The key's canonical text: a JSON array of the parts' values in order
-    (ids as strings in NFC; context and attribute values as ``_scalar``
+    (ids as strings in NFC, the resource kind, an ASCII name, as it is;
+    context and attribute values as ``_scalar``
     gives them: equal numbers alike whatever their type, text in NFC,
     scalars only). ``attributes`` holds the directory attributes of
     ``"user"`` and ``"agent"`` (as compiled, not CEL values)."""

@@ -419,7 +419,7 @@ def _document_type(raw: Any, path: str) -> type[PolicyDocument | DirectoryDocume
     return _DOCUMENT_TYPES[DocumentKind(header.kind)]
 
 
-def _check_roles(raw: dict[str, Any], path: str, content: bytes = b"") -> None:
+def _check_roles(raw: dict[str, Any], path: str, content: bytes) -> None:
     # Validated one by one first: msgspec reports a bad value inside a map
     # as `$.roles[...]`, losing the role's name.
     roles = raw.get("roles")
@@ -430,7 +430,7 @@ def _check_roles(raw: dict[str, Any], path: str, content: bytes = b"") -> None:
         convert_document(definition, RoleDocument, path, prefix=f"$.roles.{role}")
 
 
-def _check_limits(raw: dict[str, Any], path: str, content: bytes = b"") -> None:
+def _check_limits(raw: dict[str, Any], path: str, content: bytes) -> None:
     # As roles: one by one, so an error names the limit (`$.limits.x.window`).
     limits = raw.get("limits")
     if not isinstance(limits, dict):

@@ -23,7 +23,6 @@ __all__ = [
     "DocumentKind",
     "LimitDocument",
     "LimitScope",
-    "WindowDocument",
     "Mode",
     "PolicyDocument",
     "PrincipalDocument",
@@ -31,6 +30,7 @@ __all__ = [
     "RoleDocument",
     "RuleDocument",
     "SourceDocument",
+    "WindowDocument",
 ]
 
 # The only format this daemon reads; a new version gets a new number.

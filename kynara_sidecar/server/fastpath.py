@@ -569,7 +569,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         busy = bool(self.streams or self.groups)
         if self._active or busy:
-            # In flight now: the next period does not count as quiet.
+            # Read from since the last check, or in flight now: not quiet.
+            # What is in flight now also keeps the next period from counting
+            # as quiet, however long it runs.
             self._active = busy
             self._arm_idle()
             return

@@ -755,7 +755,7 @@ class LimitSeenV1(msgspec.Struct, omit_defaults=True):
     key: str
     scope: str
     count: int
-    ceiling: int | float
+    ceiling: int | float | msgspec.UnsetType = msgspec.UNSET
     window_start: Ext | msgspec.UnsetType = msgspec.UNSET
     sum: int | float | msgspec.UnsetType = msgspec.UNSET
     remote_count: int = 0
@@ -783,7 +783,7 @@ def _limits(answer: Answer) -> dict[str, LimitSeenV1] | msgspec.UnsetType:
             key=entry.key,
             scope=entry.scope,
             count=entry.count,
-            ceiling=_number(entry.ceiling) or 0,
+            ceiling=_number(entry.ceiling),
             window_start=_timestamp_ext(entry.window_start),
             sum=_number(entry.sum),
             remote_count=entry.remote_count,

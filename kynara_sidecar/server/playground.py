@@ -120,7 +120,6 @@ from kynara_sidecar.audit.store import AuditStore, PolicySource
 from kynara_sidecar.config import AdminRole, EnvConfig, PlaygroundConfig
 from kynara_sidecar.decision import Decision, Duration, Env, Timestamp, UInt64
 from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
-from kynara_sidecar.limits.check import recorded_values
 from kynara_sidecar.policy.compiler import compile_directory
 from kynara_sidecar.policy.loader import (
     SUFFIXES,
@@ -144,8 +143,8 @@ from kynara_sidecar.policy_tests import (
 from kynara_sidecar.policy_tests import decide as decide_request
 from kynara_sidecar.policy_tests import parse_request as parse_request_text
 from kynara_sidecar.replay import (
-    format_recorded_limit,
     load_stored_policies,
+    record_limit_values,
     replay_record,
     unrecorded_limits,
 )
@@ -720,17 +719,15 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
     record = job.record
     try:
         policies = _compile_stored(job)
-        request, env = request_from_record(record)
+        # Rebuilds the request: a record that cannot be is refused here.
+        values = record_limit_values(record, policies)
         request_text = _request_text(record)
     except (ValueError, PolicyError) as err:
         raise _Refused(
             422, f"decision {job.decision_id} cannot be replayed: {err}"
         ) from err
-    replayed = replay_record(record, policies, explain=True)
-    values = recorded_values(
-        record.limits, policies.policy_set.limits, request, env.now.to_nanos()
-    )
-    _, unrecorded = unrecorded_limits(record, policies)
+    replayed = replay_record(record, policies, explain=True, values=values)
+    _, unrecorded = unrecorded_limits(record, policies, values=values)
     recorded = {
         "effect": record.decision,
         "reason_code": record.reason_code,
@@ -740,11 +737,9 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
         "directory_revision": record.directory_revision,
         "time": record.time,
         "seq": record.seq,
-        # As the record keeps them: what the decision saw.
-        "limits": [
-            format_recorded_limit(name, entry)
-            for name, entry in sorted(record.limits.items())
-        ],
+        # As the record keeps them (the same set's ceilings): what the
+        # decision saw, in the replayed column's form.
+        "limits": format_limits(record.limits, values),
     }
     out = _decided(replayed)
     # Replayed with the recorded values, never the log's live counts.

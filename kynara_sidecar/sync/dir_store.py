@@ -452,17 +452,25 @@ class DirStore:
     async def current_bundle(self) -> BundleEntry | None:
         return await self._call("read current bundle", self._current)
 
+    def _require_dir(self, path: pathlib.Path) -> None:
+        """Raise ``StoreUnavailable`` when ``path``, one of the store's
+        folders, is not there: a store never recreates its own folders, so
+        an unmounted volume is reported rather than written around."""
+        if not path.is_dir():
+            raise StoreUnavailable(
+                f"{self.url}: {path} is missing (is the volume mounted?)"
+            )
+
     def _current_digest(self, folder: pathlib.Path | None = None) -> str | None:
         folder = folder or self._bundles
         try:
             raw = _read_file(folder / "current", _MAX_POINTER_BYTES)
-            text = raw.decode("ascii", errors="replace").strip()
         except FileNotFoundError:
-            if not folder.is_dir():
-                raise StoreUnavailable(
-                    f"{self.url}: {folder} is missing (is the volume mounted?)"
-                ) from None
+            raw = None
+        if raw is None:
+            self._require_dir(folder)
             return None
+        text = raw.decode("ascii", errors="replace").strip()
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
             raise StoreUnavailable(
                 f"{self.url}: {folder / 'current'}: expected sha256:<hex>, "
@@ -598,10 +606,7 @@ class DirStore:
         directory = self._segments / token
         tail = self._tails.get(token)
         if tail is None:
-            if not self._segments.is_dir():
-                raise StoreUnavailable(
-                    f"{self.url}: {self._segments} is missing (is the volume mounted?)"
-                )
+            self._require_dir(self._segments)
             # Never parents=True: that would recreate a missing root.
             directory.mkdir(exist_ok=True)
             (directory / "ids").mkdir(exist_ok=True)
@@ -722,10 +727,7 @@ class DirStore:
     def _put_in(
         self, base: pathlib.Path, daemon_id: str, name: str, data: bytes
     ) -> None:
-        if not base.is_dir():
-            raise StoreUnavailable(
-                f"{self.url}: {base} is missing (is the volume mounted?)"
-            )
+        self._require_dir(base)
         directory = base / daemon_token(daemon_id)
         if not directory.is_dir():
             # Never parents=True: that would recreate a missing root.
@@ -848,10 +850,7 @@ class DirStore:
         path = self._limits / f"{daemon_token(daemon_id)}.json"
 
         def put() -> None:
-            if not self._limits.is_dir():
-                raise StoreUnavailable(
-                    f"{self.url}: {self._limits} is missing (is the volume mounted?)"
-                )
+            self._require_dir(self._limits)
             _write_atomic(path, data)
 
         await self._call(f"write limit tallies of {daemon_id}", put)
@@ -888,10 +887,7 @@ class DirStore:
         """(daemon id, document) of each file whose (inode, size, mtime)
         is not in ``seen`` (updated); with ``named`` (path -> daemon id of
         what was yielded), each file gone since as (daemon id, b"")."""
-        if not self._limits.is_dir():
-            raise StoreUnavailable(
-                f"{self.url}: {self._limits} is missing (is the volume mounted?)"
-            )
+        self._require_dir(self._limits)
         present = set()
         for entry in sorted(os.scandir(self._limits), key=lambda e: e.name):
             if entry.name.startswith("."):
@@ -933,10 +929,7 @@ class DirStore:
         """(daemon id, path, the name's key parts, (inode, size, mtime)) of
         every entry named ``<key>[.<key>].json`` under ``base/<daemon>``;
         ``drop_bad``: a file with another name is removed once logged."""
-        if not base.is_dir():
-            raise StoreUnavailable(
-                f"{self.url}: {base} is missing (is the volume mounted?)"
-            )
+        self._require_dir(base)
         tokens = [only] if only is not None else sorted(os.listdir(base))
         for token in tokens:
             if token.startswith("."):

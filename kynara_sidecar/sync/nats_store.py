@@ -1029,9 +1029,10 @@ class NatsStore:
             if update is None:
                 continue
             key, value, deleted = update
-            daemon_id = _limit_tallies_owner(key, b"" if deleted else value)
+            document = b"" if deleted else value
+            daemon_id = _limit_tallies_owner(key, document)
             if daemon_id is not None:
-                yield daemon_id, b"" if deleted else value
+                yield daemon_id, document
 
     async def _read_all(self, bucket: str, keys: str) -> list[tuple[str, bytes]]:
         """(key, value) of every live key of ``bucket`` matching ``keys``,

@@ -44,6 +44,7 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import (
     EXTRA_ROW,
+    LIMIT_ENTRY,
     MISSING_ROW,
     ROW_DIFFERS,
     SEEN_COUNT,
@@ -331,10 +332,39 @@ def test_counts_under_another_definition_are_not_seen(open_store):
     _append(store, records)
 
     report = check_limits(store)
+    totals = recompute_totals(store, T0)
 
     assert report.ok, report.mismatches
     assert [r.limits["refunds_hour"].count for r in records] == [0, 1, 2, 0, 1, 0, 1]
     assert report.seen_checked == 14
+    # The totals group alike: one (limit, definition, key) each.
+    assert {k: v for k, v in totals.items() if k[0] == "refunds_hour"} == {
+        ("refunds_hour", "a", "u1"): (3, 3),
+        ("refunds_hour", "b", "u1"): (2, 2),
+        ("refunds_hour", "", "u1"): (2, 2),
+    }
+
+
+def test_a_negative_counted_amount_is_refused_naming_the_range(open_store, tmp_path):
+    # The book never counts a negative amount; a record that says it did
+    # would lower the sum below what the decisions counted.
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(3)]
+    records[1].limits["refund_total"].amount = encode_value(-5)
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    _append(store, records)
+    expected = "limit 'refund_total' counted amount -5; expected a finite number"
+
+    report = check_limits(store)
+
+    assert [(m.kind, m.limit, m.seq) for m in report.mismatches] == [
+        (LIMIT_ENTRY, "refund_total", 2)
+    ]
+    assert report.mismatches[0].message.startswith(expected)
+    with pytest.raises(ValueError, match=expected):
+        recompute_totals(records, T0)
+    with pytest.raises(PackError, match="counted amount -5; expected a finite"):
+        verify_pack(_pack(tmp_path / "p", [records]))
 
 
 def test_a_decision_that_saw_another_definitions_counts_is_reported(open_store):
@@ -422,8 +452,8 @@ def test_double_sums_compare_exactly_with_fsum(open_store):
     totals = recompute_totals(store, T0)
 
     assert report.ok, report.mismatches
-    assert totals[("refund_total", "u1")] == (60, math.fsum(amounts))
-    assert totals[("refunds_hour", "u1")] == (60, 60)
+    assert totals[("refund_total", "", "u1")] == (60, math.fsum(amounts))
+    assert totals[("refunds_hour", "", "u1")] == (60, 60)
 
 
 # Subnormals, the largest doubles (two of them sum past the largest double:
@@ -457,8 +487,8 @@ def test_awkward_double_sums_verify_in_the_log_and_in_a_pack(open_store, tmp_pat
     assert report.ok, report.mismatches
     assert report.seen_checked == 2 * len(records)
     # math.fsum raises here; the exact sum is past the largest double.
-    assert totals[("refund_total", "u1")] == (24, math.inf)
-    assert tail[("refund_total", "u1")] == (4, math.fsum(AWKWARD[8:]))
+    assert totals[("refund_total", "", "u1")] == (24, math.inf)
+    assert tail[("refund_total", "", "u1")] == (4, math.fsum(AWKWARD[8:]))
     assert verify_pack(pack).limits.checked == 2 * len(records)
 
 
@@ -484,8 +514,8 @@ def test_a_seen_count_above_the_records_is_a_note_naming_the_first(open_store):
     assert any(
         note.endswith(
             "; 2 saw more than the records before them hold (counts of a "
-            "decision whose commit was refused, taken back after; the first at "
-            "record 4, limit 'refunds_hour' key 'u1')"
+            "decision whose commit was refused, then taken back); the first at "
+            "record 4, limit 'refunds_hour' key 'u1'"
         )
         for note in verified.notes
     ), verified.notes
@@ -581,12 +611,12 @@ def test_recompute_totals_takes_records_since_an_instant(open_store):
     from_bytes = recompute_totals([msgspec.json.encode(r) for r in records], 0)
 
     assert totals == {
-        ("refunds_hour", "u0"): (2, 2),
-        ("refunds_hour", "u1"): (2, 2),
-        ("refund_total", "u0"): (2, 6),
-        ("refund_total", "u1"): (2, 8),
+        ("refunds_hour", "", "u0"): (2, 2),
+        ("refunds_hour", "", "u1"): (2, 2),
+        ("refund_total", "", "u0"): (2, 6),
+        ("refund_total", "", "u1"): (2, 8),
     }
-    assert from_bytes[("refund_total", "u1")] == (3, 9)
+    assert from_bytes[("refund_total", "", "u1")] == (3, 9)
 
 
 def test_an_uncounted_read_is_checked_but_makes_no_row(open_store):
@@ -784,8 +814,8 @@ def test_a_pack_notes_a_seen_count_above_the_records(tmp_path):
     assert report.limits.first_above == SeenAbove(4, "refund_total", "u1")
     assert report.summary().endswith(
         ", 2 saw more than the records before them hold (counts of a decision "
-        "whose commit was refused, taken back; the first at record 4, limit "
-        "'refund_total' key 'u1')"
+        "whose commit was refused, then taken back); the first at record 4, "
+        "limit 'refund_total' key 'u1'"
     )
 
 
@@ -862,6 +892,23 @@ def test_a_pack_groups_counts_by_the_limits_definition(tmp_path):
     assert report.limits.checked == 12 and report.limits.seen_above == 0
     with pytest.raises(PackError, match=r"record 7: .* saw count 2, .* counted 3"):
         verify_pack(bad)
+
+
+def test_an_entry_counted_with_an_error_is_held_by_both_checks(open_store, tmp_path):
+    # Its rows damaged (or a fleet store out of touch) the limit had no
+    # value, yet the decision was counted: the next one saw it.
+    book = Book()
+    records = [book.decide(n, T0 + n * SECOND) for n in range(3)]
+    records[1].limits["refund_total"].error = "some of the limit's rows are damaged"
+    store = open_store(extra_dbs=(LIMITS_DB,))
+    _append(store, records)
+
+    report = check_limits(store)
+    pack = verify_pack(_pack(tmp_path / "p", [records]))
+
+    assert report.ok, report.mismatches
+    assert (report.seen_checked, report.seen_above) == (5, 0)
+    assert pack.limits == LimitsChecked(checked=5, not_checkable=0, seen_above=0)
 
 
 REAL_LIMITS = """\

@@ -25,9 +25,14 @@ from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import open_store
 
 from .test_collector import dir_store
-from .test_inbox_rotation import ORIGIN, _approval, _approved, _entry, _inbox, fleet
-
-__all__ = ["fleet"]  # the collector fixture, for the wiring test
+from .test_inbox_rotation import (
+    ORIGIN,
+    _approval,
+    _approved,
+    _entry,
+    _inbox,
+    running_fleet,
+)
 
 HOUR = 3600
 SECOND_NS = 1_000_000_000
@@ -59,7 +64,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def inbox(tmp_path: pathlib.Path, key, clock) -> FleetInbox:
+def outcomes() -> list[str]:
+    """What the inbox told its ``on_entry`` of, in order."""
+    return []
+
+
+@pytest.fixture
+def inbox(tmp_path: pathlib.Path, key, clock, outcomes) -> FleetInbox:
     return FleetInbox(
         open_store(dir_store(tmp_path), timeout=2),
         name="fleet",
@@ -70,6 +81,7 @@ def inbox(tmp_path: pathlib.Path, key, clock) -> FleetInbox:
         timeout=2,
         retry_seconds=0.1,
         clock=clock,
+        on_entry=outcomes.append,
         retention_seconds=HOUR,
     )
 
@@ -130,7 +142,7 @@ def test_a_pending_approval_stays_until_a_retention_past_its_expiry(inbox, key, 
     assert inbox.get(pending.id) is None
 
 
-def test_a_pruned_approval_does_not_come_back(inbox, key, clock, caplog):
+def test_a_pruned_approval_does_not_come_back(inbox, key, clock, caplog, outcomes):
     earlier = _approval("b", expires_at=ENDED)
     ended = _rejected("b")
     inbox.take(_entry(ended, key))
@@ -146,9 +158,10 @@ def test_a_pruned_approval_does_not_come_back(inbox, key, clock, caplog):
     assert inbox.get(ended.id) is None
     (line,) = [r for r in caplog.records if "past retention" in r.getMessage()]
     assert (line.fields["dropped"], line.fields["not_taken"]) == (0, 2)
+    assert outcomes == ["past_retention"] * 2
 
 
-def test_entries_past_the_retention_are_not_taken_at_start(inbox, key, clock):
+def test_entries_past_the_retention_are_not_taken_at_start(inbox, key, clock, outcomes):
     clock.now = ENDED_NS + 2 * HOUR * SECOND_NS
     old, recent = _rejected("o"), _approval("n")
 
@@ -156,6 +169,7 @@ def test_entries_past_the_retention_are_not_taken_at_start(inbox, key, clock):
 
     assert taken == [None, recent]
     assert [a.id for a in inbox.list(InboxQuery(state=None))] == [recent.id]
+    assert outcomes == ["past_retention"]
 
 
 def test_the_running_inbox_prunes_on_its_own(inbox, key, clock, monkeypatch):
@@ -208,9 +222,9 @@ def test_retention_seconds_defaults_to_a_week():
     assert DEFAULT_INBOX_RETENTION_SECONDS == 7 * 86_400
 
 
-def test_the_collector_hands_its_retention_to_the_inbox(fleet):
-    collector, _, _ = fleet
+def test_the_collector_hands_its_retention_to_the_inbox(tmp_path):
+    # Two hours: neither the config's default nor the inbox's own.
+    with running_fleet(tmp_path, retention_seconds=2 * HOUR) as (collector, _, _):
+        retention = _inbox(collector)._retention_nanos
 
-    retention = _inbox(collector)._retention_nanos
-
-    assert retention == DEFAULT_INBOX_RETENTION_SECONDS * SECOND_NS
+    assert retention == 2 * HOUR * SECOND_NS

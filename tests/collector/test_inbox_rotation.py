@@ -7,6 +7,7 @@ approvals; and the inbox's bounds on what it keeps, fed by hand."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import time
 
@@ -128,6 +129,14 @@ def _wait_for(condition, what: str):
 def fleet(tmp_path: pathlib.Path):
     """A collector with the fleet inbox over a dir:// store, that took in a
     4-record log of ORIGIN; returns (collector, store url, log)."""
+    with running_fleet(tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_fleet(tmp_path: pathlib.Path, **inbox: object):
+    """The collector of ``fleet``, with ``inbox`` added to its inbox
+    settings; stopped at the end."""
     log = write_log(tmp_path / "log", 4, segment=4)
     store_url = dir_store(tmp_path)
     inbox_key = tmp_path / "inbox.pem"
@@ -146,6 +155,7 @@ def fleet(tmp_path: pathlib.Path):
                     "roles": ["reviewer"],
                 }
             },
+            **inbox,
         },
     )
     ship(store_url, log.path)

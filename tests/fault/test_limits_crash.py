@@ -128,7 +128,8 @@ def probe_sees_the_log(daemon: DaemonProcess, audit: pathlib.Path, rid: str):
     for name, key in ((COUNT, ALICE), (TOTAL, SUPPORT_BOT)):
         entry = probe.limits[name]
         since = nanos(entry.window_start)
-        count, total = recompute_totals(before, since).get((name, key), (0, 0))
+        group = (name, entry.definition, key)
+        count, total = recompute_totals(before, since).get(group, (0, 0))
         assert entry.key == key
         assert entry.count == count, f"{rid}: {name} saw {entry.count}, log {count}"
         if name == TOTAL:

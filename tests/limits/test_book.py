@@ -56,6 +56,13 @@ def _limit(
     )
 
 
+def _counted(
+    limit: str, key: str, time_nanos: int, amount: int | float, decision_id: str
+) -> Counted:
+    """A count of one of ``_limit``'s limits, which carry no definition."""
+    return Counted(limit, key, time_nanos, amount, decision_id, "")
+
+
 def _record(decision_id: str, time_nanos: int, counted: dict) -> AuditRecordV1:
     """A decision record whose limits (name -> (key, amount)) counted it."""
     return AuditRecordV1(
@@ -153,7 +160,7 @@ def test_a_fresh_book_reads_what_an_earlier_one_committed(store):
     limit = _limit()
     first = LimitBook(store)
     first.activate({"refunds": limit}, T0)
-    counted = [Counted("refunds", '["u"]', T0 + i, 1, f"d{i}") for i in range(3)]
+    counted = [_counted("refunds", '["u"]', T0 + i, 1, f"d{i}") for i in range(3)]
     first.add(counted)
     for item in counted[:2]:
         _commit(store, item.decision_id, item.time_nanos, {"refunds": ('["u"]', 1)})
@@ -169,7 +176,7 @@ def test_a_fresh_book_reads_what_an_earlier_one_committed(store):
 def test_activate_drops_limits_no_longer_declared(store):
     book = LimitBook(store)
     book.activate({"a": _limit("a"), "b": _limit("b")}, T0)
-    book.add([Counted("a", "k", T0, 1, "d1"), Counted("b", "k", T0, 1, "d1")])
+    book.add([_counted("a", "k", T0, 1, "d1"), _counted("b", "k", T0, 1, "d1")])
     assert book.size() == (2, 2)
     book.activate({"b": _limit("b")}, T0)
     assert book.size() == (1, 1)
@@ -183,7 +190,7 @@ def test_a_window_that_moves_forgets_what_left_it(store):
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
     book.add(
-        [Counted("refunds", "k", T0 + i * 60 * SECOND, 1, f"d{i}") for i in range(10)]
+        [_counted("refunds", "k", T0 + i * 60 * SECOND, 1, f"d{i}") for i in range(10)]
     )
     for minutes in range(0, 10):
         start = T0 + minutes * 60 * SECOND
@@ -199,7 +206,7 @@ def test_a_start_slightly_earlier_is_answered_from_memory(store):
     limit = _limit()
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
-    book.add([Counted("refunds", "k", T0 + i * SECOND, 1, f"d{i}") for i in range(10)])
+    book.add([_counted("refunds", "k", T0 + i * SECOND, 1, f"d{i}") for i in range(10)])
     assert book.tally(limit, "k", T0 + 8 * SECOND) == Tally(2, 2)
     # Requests answered out of order: an earlier start within the grace.
     assert book.tally(limit, "k", T0 + 3 * SECOND) == Tally(7, 7)
@@ -211,11 +218,11 @@ def test_a_clock_step_back_inserts_in_time_order(store):
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
     times = [T0 + 50, T0 + 40, T0 + 60, T0 + 10, T0 + 60]
-    book.add([Counted("refunds", "k", t, i + 1, f"d{i}") for i, t in enumerate(times)])
+    book.add([_counted("refunds", "k", t, i + 1, f"d{i}") for i, t in enumerate(times)])
     assert book.tally(limit, "k", T0) == Tally(5, 15)
     assert book.tally(limit, "k", T0 + 41) == Tally(3, 9)
     assert book.tally(limit, "k", T0 + 60) == Tally(2, 8)
-    book.aborted([Counted("refunds", "k", T0 + 40, 2, "d1")])
+    book.aborted([_counted("refunds", "k", T0 + 40, 2, "d1")])
     assert book.tally(limit, "k", T0) == Tally(4, 13)
 
 
@@ -228,11 +235,11 @@ def test_a_start_below_the_floor_rereads_the_log(store):
     assert book.tally(limit, "k", T0 + 4 * HOUR) == Tally(2, 2)
     assert book.size() == (1, 2)
     # A pending count beside the log's rows survives the reread.
-    book.add([Counted("refunds", "k", T0 + 5 * HOUR + 1, 1, "p")])
+    book.add([_counted("refunds", "k", T0 + 5 * HOUR + 1, 1, "p")])
     # The clock stepped back an hour and a half: more than the grace.
     assert book.tally(limit, "k", T0 + 2 * HOUR + HOUR // 2) == Tally(4, 4)
     assert book.tally(limit, "k", T0) == Tally(7, 7)
-    book.aborted([Counted("refunds", "k", T0 + 5 * HOUR + 1, 1, "p")])
+    book.aborted([_counted("refunds", "k", T0 + 5 * HOUR + 1, 1, "p")])
     assert book.tally(limit, "k", T0) == Tally(6, 6)
 
 
@@ -243,12 +250,12 @@ def test_a_window_that_grows_on_activate_is_read_again(store):
     book = LimitBook(store)
     book.activate({"refunds": short}, T0)
     assert book.tally(short, "k", T0 - HOUR) == Tally(1, 1)
-    book.add([Counted("refunds", "k", T0 + 1, 1, "p")])
+    book.add([_counted("refunds", "k", T0 + 1, 1, "p")])
     book.activate({"refunds": long}, T0 + 2)
     assert book.tally(long, "k", T0 + 2 - 7 * 24 * HOUR) == Tally(6, 6)
     # Still pending after the reread: an abort takes it back.
     assert book.pending() == 1
-    book.aborted([Counted("refunds", "k", T0 + 1, 1, "p")])
+    book.aborted([_counted("refunds", "k", T0 + 1, 1, "p")])
     assert book.tally(long, "k", T0 + 2 - 7 * 24 * HOUR) == Tally(5, 5)
     # Shrunk again: nothing read, the old events forgotten.
     book.activate({"refunds": short}, T0 + 3)
@@ -259,7 +266,7 @@ def test_a_pending_count_committed_before_a_reread_is_counted_once(store):
     limit = _limit()
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
-    item = Counted("refunds", "k", T0 + 1, 1, "d1")
+    item = _counted("refunds", "k", T0 + 1, 1, "d1")
     book.add([item])
     # The writer committed it; committed() has not been called yet.
     _commit(store, "d1", T0 + 1, {"refunds": ("k", 1)})
@@ -284,8 +291,8 @@ def test_pending_counts_count_and_an_abort_takes_exactly_them_back(store):
     limit = _limit()
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
-    first = [Counted("refunds", "k", T0 + 1, 1, "d1")]
-    second = [Counted("refunds", "k", T0 + 2, 1, "d2")]
+    first = [_counted("refunds", "k", T0 + 1, 1, "d1")]
+    second = [_counted("refunds", "k", T0 + 2, 1, "d2")]
     book.add(first)
     book.add(second)
     assert book.tally(limit, "k", T0) == Tally(2, 2)
@@ -305,16 +312,19 @@ def test_a_decision_counted_twice_by_one_limit_is_refused(store):
     book.activate({"refunds": _limit()}, T0)
     with pytest.raises(ValueError, match="'refunds', decision 'd1'.*already"):
         book.add(
-            [Counted("refunds", "k", T0, 1, "d1"), Counted("refunds", "j", T0, 1, "d1")]
+            [
+                _counted("refunds", "k", T0, 1, "d1"),
+                _counted("refunds", "j", T0, 1, "d1"),
+            ]
         )
     assert book.size() == (1, 1)  # nothing of the refused batch
-    book.add([Counted("refunds", "k", T0 + 1, 1, "d1")])
+    book.add([_counted("refunds", "k", T0 + 1, 1, "d1")])
     with pytest.raises(ValueError, match="already"):
-        book.add([Counted("refunds", "k", T0 + 2, 1, "d1")])
+        book.add([_counted("refunds", "k", T0 + 2, 1, "d1")])
     with pytest.raises(ValueError, match="already"):
-        book.add([Counted("refunds", "j", T0 + 2, 1, "logged")])
+        book.add([_counted("refunds", "j", T0 + 2, 1, "logged")])
     # Another limit may count the same decision.
-    book.add([Counted("other", "k", T0 + 1, 1, "d1")])
+    book.add([_counted("other", "k", T0 + 1, 1, "d1")])
 
 
 @pytest.mark.parametrize(
@@ -330,7 +340,7 @@ def test_a_decision_counted_twice_by_one_limit_is_refused(store):
 def test_a_bad_amount_is_refused(amount, message):
     book = LimitBook(None)
     with pytest.raises(ValueError, match=message):
-        book.add([Counted("refunds", "k", T0, amount, "d1")])
+        book.add([_counted("refunds", "k", T0, amount, "d1")])
     assert book.pending() == 0
 
 
@@ -346,7 +356,7 @@ def test_sums_of_doubles_are_exact(store):
     book.activate({"refunds": limit}, T0 + 100)
     book.add(
         [
-            Counted("refunds", "k", T0 + 10 + i, amount, f"d{i}")
+            _counted("refunds", "k", T0 + 10 + i, amount, f"d{i}")
             for i, amount in enumerate(amounts[5:])
         ]
     )
@@ -354,7 +364,7 @@ def test_sums_of_doubles_are_exact(store):
     assert got.count == len(amounts)
     assert got.sum == math.fsum(amounts) and type(got.sum) is float
     # Taking amounts away leaves no rounding residue.
-    book.aborted([Counted("refunds", "k", T0 + 15, 1e16, "d5")])
+    book.aborted([_counted("refunds", "k", T0 + 15, 1e16, "d5")])
     rest = amounts[:10] + amounts[11:]
     assert book.tally(limit, "k", T0).sum == math.fsum(rest)
     assert book.tally(limit, "k", T0 + 11).sum == math.fsum(rest[6:])
@@ -366,7 +376,7 @@ def test_sums_of_ints_stay_ints(store):
     _commit(store, "r", T0, {"refunds": ("k", big)})
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
-    book.add([Counted("refunds", "k", T0 + 1, big + 1, "d")])
+    book.add([_counted("refunds", "k", T0 + 1, big + 1, "d")])
     got = book.tally(limit, "k", T0)
     assert got == Tally(2, 2 * big + 1) and type(got.sum) is int
     # A double limit over int amounts answers a double; a counting one its count.
@@ -428,7 +438,7 @@ def test_book_verify_pack_and_fsum_sum_alike(amounts_and_ceiling, data):
     book = LimitBook(None)
     book.activate({"refunds": limit}, T0)
     book.add(
-        Counted("refunds", "k", T0 + i, amount, f"d{i}")
+        _counted("refunds", "k", T0 + i, amount, f"d{i}")
         for i, amount in enumerate(amounts)
     )
     records = [
@@ -449,7 +459,7 @@ def test_book_verify_pack_and_fsum_sum_alike(amounts_and_ceiling, data):
         else:
             expected = sum(held)
         tally = book.tally(limit, "k", start)
-        totals = recompute_totals(records, start).get(("refunds", "k"), (0, 0))
+        totals = recompute_totals(records, start).get(("refunds", "", "k"), (0, 0))
         recomputed = seen.held("refunds", "", "k", start)
         sums = {
             "book": tally.sum,
@@ -504,7 +514,7 @@ def test_keys_that_left_the_window_are_swept(store, monkeypatch):
     limit = _limit(window=HOUR)
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
-    book.add([Counted("refunds", f"user{i}", T0, 1, f"old{i}") for i in range(5000)])
+    book.add([_counted("refunds", f"user{i}", T0, 1, f"old{i}") for i in range(5000)])
     assert book.size() == (5000, 5000)
     later = T0 + 2 * HOUR
     # One key is asked about: its own old events go at once; the floor moves.
@@ -512,7 +522,10 @@ def test_keys_that_left_the_window_are_swept(store, monkeypatch):
     # As many adds as keys held: a sweep, without a tally of the old keys.
     for i in range(51):
         book.add(
-            [Counted("refunds", "fresh", later + j, 1, f"n{i}-{j}") for j in range(100)]
+            [
+                _counted("refunds", "fresh", later + j, 1, f"n{i}-{j}")
+                for j in range(100)
+            ]
         )
     assert book.size() == (1, 5100)
     assert book.tally(limit, "fresh", later - HOUR) == Tally(5100, 5100)
@@ -522,8 +535,8 @@ def test_activate_sweeps_keys_out_of_the_window(store):
     limit = _limit(window=HOUR)
     book = LimitBook(store)
     book.activate({"refunds": limit}, T0)
-    book.add([Counted("refunds", f"user{i}", T0, 1, f"d{i}") for i in range(300)])
-    book.add([Counted("refunds", "late", T0 + HOUR, 1, "late")])
+    book.add([_counted("refunds", f"user{i}", T0, 1, f"d{i}") for i in range(300)])
+    book.add([_counted("refunds", "late", T0 + HOUR, 1, "late")])
     book.activate({"refunds": limit}, T0 + HOUR + GRACE_NANOS + 1)
     assert book.size() == (1, 1)
 
@@ -532,11 +545,11 @@ def test_a_book_without_a_log_keeps_counts_in_memory():
     limit = _limit()
     book = LimitBook(None)
     # Counted before the limit was ever asked about: still counted.
-    book.add([Counted("refunds", "k", T0, 1, "d1")])
+    book.add([_counted("refunds", "k", T0, 1, "d1")])
     assert book.tally(limit, "k", T0) == Tally(1, 1)
-    book.add([Counted("refunds", "k", T0 + 1, 1, "d2")])
+    book.add([_counted("refunds", "k", T0 + 1, 1, "d2")])
     assert book.tally(limit, "k", T0) == Tally(2, 2)
-    book.aborted([Counted("refunds", "k", T0, 1, "d1")])
+    book.aborted([_counted("refunds", "k", T0, 1, "d1")])
     assert book.tally(limit, "k", T0) == Tally(1, 1)
 
 
@@ -575,7 +588,7 @@ def test_random_adds_aborts_and_tallies_match_a_recount(store, seed):
                     if name == "doubles"
                     else 1
                 )
-                counted.append(Counted(name, rng.choice(keys), now, amount, decision))
+                counted.append(_counted(name, rng.choice(keys), now, amount, decision))
             book.add(counted)
             for item in counted:
                 truth[item.limit][decision] = (item.key, now, item.amount)
@@ -638,10 +651,10 @@ def test_held_lists_the_counts_in_memory(store):
     _commit(store, "logged", T0, {"a": ("k", 1)})
     book = LimitBook(store)
     book.activate({"a": _limit("a"), "b": _limit("b")}, T0)
-    book.add([Counted("a", "j", T0 + 1, 1, "p"), Counted("b", "k", T0 + 1, 1, "p")])
+    book.add([_counted("a", "j", T0 + 1, 1, "p"), _counted("b", "k", T0 + 1, 1, "p")])
     assert book.held(["a", "missing"]) == [
-        Counted("a", "j", T0 + 1, 1, "p"),
-        Counted("a", "k", T0, 1, "logged"),
+        _counted("a", "j", T0 + 1, 1, "p"),
+        _counted("a", "k", T0, 1, "logged"),
     ]
-    book.aborted([Counted("a", "j", T0 + 1, 1, "p")])
+    book.aborted([_counted("a", "j", T0 + 1, 1, "p")])
     assert [c.decision_id for c in book.held(["a", "b"])] == ["logged", "p"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import textwrap
 
+import msgspec
+
 from kynara_sidecar import engine
 from kynara_sidecar.audit.record import encode_value
 from kynara_sidecar.decision import DecisionRequest, Effect, Env, Resource, Timestamp
@@ -131,3 +133,26 @@ def test_the_answer_carries_any_recorded_sum_as_a_typed_value():
     assert _number(encode_value(2**63)).uint_value == 2**63
     assert _number(encode_value(2**64 + 1)).double_value == float(2**64)
     assert _number(encode_value(1.5)).double_value == 1.5
+
+
+def test_each_entry_holds_its_own_ceiling():
+    """Entries of one ceiling do not share its record form: a change to
+    one (a record being built) reaches no other."""
+    policies = loaded()
+    book = LimitBook(None)
+    first = look(policies, book, request()).entries["few"]
+    first.ceiling["int"] = "999"
+    second = look(policies, book, request()).entries["few"]
+
+    assert second.ceiling == encode_value(3)
+
+
+def test_an_entry_without_the_limits_definition_does_not_apply():
+    """A recorded entry counts for a limit only under its definition; one
+    without any is no value of a defined limit."""
+    policies = loaded()
+    limit = policies.policy_set.limits["few"]
+    entry = look(policies, LimitBook(None), request()).entries["few"]
+
+    assert check.applies(entry, limit)
+    assert not check.applies(msgspec.structs.replace(entry, definition=""), limit)

@@ -174,7 +174,7 @@ async def daemon(
     fleet = FleetLimits(store, daemon_id, clock=clock, publish_interval=0.01, **kwargs)
     fleet.activate(limits)
     fleet.seed(seed)
-    await fleet.start()
+    fleet.launch()
     try:
         yield fleet
     finally:
@@ -451,9 +451,9 @@ def test_a_redefined_limit_counts_none_of_the_other_definitions_decisions(
                 b.remote(first["refunds"], KEY, 0)
 
             # Back to the first definition: B's book gives its decisions
-            # of it again (without a definition, as ``LimitBook.held`` does).
+            # of it again (``LimitBook.held``).
             b.activate(first)
-            b.seed([Counted("refunds", KEY, T0 - 2, 4.0, "b1")])
+            b.seed([spent("b1", T0 - 2, 4.0, old)])
             await eventually(remote_is(a, Tally(1, 4.0)), "A adds B's again")
             assert b.remote(first["refunds"], KEY, 0) == Tally(1, 2.5)
             assert a.status()["defined_otherwise"] == 0
@@ -596,7 +596,7 @@ def test_never_heard_is_stale(tmp_path):
         fleet = FleetLimits(missing, A, clock=clock)
         fleet.activate(ACTIVE)
         assert fleet.remote("refunds", KEY, 0) is None
-        await fleet.start()
+        fleet.launch()
         try:
             await eventually(lambda: fleet.status()["publish_errors"] > 0, "fails")
             assert fleet.remote("refunds", KEY, 0) is None
@@ -860,7 +860,7 @@ def test_a_daemon_puts_only_its_own_tallies_and_reads_every_daemons(users_server
         try:
             for fleet in (a, b):
                 fleet.activate(ACTIVE)
-                await fleet.start()
+                fleet.launch()
             a.published([counted("d1", T0)])
             b.published([counted("d2", T0), counted("d3", T0)])
             await eventually(remote_is(b, Tally(1, 1)), "B reads A's")
@@ -1044,7 +1044,7 @@ def test_close_skips_the_final_put_to_a_store_that_is_down():
         store = StuckStore(down=True)
         fleet = FleetLimits(store, A, publish_interval=0.01)
         fleet.activate(ACTIVE)
-        await fleet.start()
+        fleet.launch()
         await eventually(lambda: fleet.status()["publish_errors"] >= 1, "a failure")
         fleet.published([counted("d1", T0)])
         connects = store.connects
@@ -1066,7 +1066,7 @@ def test_close_puts_what_changed_since_the_last_put(tmp_path):
         store = open_store(f"dir://{root}", timeout=TIMEOUT, poll_seconds=POLL)
         fleet = FleetLimits(store, A, publish_interval=3600.0, clock=Clock())
         fleet.activate(ACTIVE)
-        await fleet.start()
+        fleet.launch()
         await eventually(
             lambda: fleet.status()["last_published_ns"] is not None, "first put"
         )

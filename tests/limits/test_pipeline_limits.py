@@ -297,6 +297,38 @@ def test_a_request_that_cannot_form_the_key_fails_closed_and_says_why(tmp_path):
     assert not [r for r in rows if r.decision_id == negative.decision_id]
 
 
+def test_a_reason_names_only_the_limits_a_condition_reads(tmp_path):
+    """A limit only counted (no condition reads it) that has no value is
+    in the record, not in the reason of a condition that failed on
+    another limit."""
+    counted_only = PER_CUSTOMER.replace("per_customer", "customer_tally", 1)
+    refunds = refund_limits(
+        name="refunds",
+        total="refund_total",
+        allow=True,
+        more_limits=PER_CUSTOMER + counted_only,
+        more_rules=deny_rule("per-customer", "per_customer"),
+    )
+    policies = policy_dir(
+        tmp_path / "policies", {"refunds.yaml": refunds}, shipped=ROLES_AND_DIRECTORY
+    )
+    harness = Harness(tmp_path, SettableClock("2026-12-07T09:00:00Z"), policies)
+
+    async def go():
+        async with harness as pipeline:
+            return await pipeline.decide(msgspec.structs.replace(refund(), context={}))
+
+    try:
+        answer = asyncio.run(go())
+        (record,) = decisions(harness.records())
+    finally:
+        harness.close()
+    assert answer.decision.reason_code.value == "condition_error"
+    assert "limit per_customer has no value" in answer.decision.reason
+    assert "customer" in record.limits["customer_tally"].error
+    assert "customer_tally" not in answer.decision.reason
+
+
 def test_counts_taken_by_a_commit_that_failed_are_given_back(tmp_path):
     async def steps(pipeline, clock):
         for i in range(4):
@@ -476,7 +508,7 @@ def test_a_damaged_row_fails_the_limit_closed_after_a_restart(tmp_path):
         harness.close()
     assert answer.decision.effect is Effect.DENY
     assert answer.decision.reason_code.value == "condition_error"
-    assert "could not be read" in record.limits["refunds_today"].error
+    assert "could not be counted" in record.limits["refunds_today"].error
 
 
 def test_a_caller_cancelled_mid_commit_keeps_its_count_as_its_record_stays(
@@ -501,15 +533,19 @@ def test_a_caller_cancelled_mid_commit_keeps_its_count_as_its_record_stays(
     assert len([r for r in rows if r.limit == "refunds_today"]) == 5
 
 
-def redacting(tmp_path, rule: str) -> Harness:
-    key_file = tmp_path / "redaction.key"
-    key_file.write_text("k" * 40)
+def redacting(tmp_path, rule: str, *, key: bool = True) -> Harness:
+    """A harness whose ``audit.redact`` is ``rule``, with a redaction key
+    unless ``key`` is False (then ``rule`` may only drop)."""
+    overrides = [f"audit.redact={rule}"]
+    if key:
+        key_file = tmp_path / "redaction.key"
+        key_file.write_text("k" * 40)
+        overrides.append(f"audit.redaction_key={key_file}")
     return Harness(
         tmp_path,
         SettableClock("2026-12-07T09:00:00Z"),
         policies_dir(tmp_path),
-        f"audit.redact={rule}",
-        f"audit.redaction_key={key_file}",
+        *overrides,
     )
 
 
@@ -528,8 +564,15 @@ def run_harness(harness: Harness, *requests: IncomingRequest):
     return answers, records, raw, rows
 
 
-def test_a_redacted_key_part_is_kept_sealed_everywhere(tmp_path):
-    harness = redacting(tmp_path, "{context: {customer: hash}}")
+@pytest.mark.parametrize(
+    "rule",
+    ["{context: {customer: hash}}", "{context: {customer: drop, note: hash}}"],
+    ids=["hashed", "dropped"],
+)
+def test_a_redacted_key_part_is_kept_sealed_everywhere(tmp_path, rule):
+    # With a redaction key (read when some rule hashes), a dropped key part
+    # is sealed as a hashed one is.
+    harness = redacting(tmp_path, rule)
     answers, records, raw, rows = run_harness(
         harness, refund(customer="secret-customer"), refund(customer="secret-customer")
     )
@@ -541,6 +584,21 @@ def test_a_redacted_key_part_is_kept_sealed_everywhere(tmp_path):
     assert [e.count for e in customer] == [0, 1]
     assert b"secret-customer" not in raw
     assert not any("secret-customer" in row.key for row in rows)
+
+
+def test_a_key_part_dropped_with_no_redaction_key_fails_the_limit_closed(tmp_path):
+    harness = redacting(tmp_path, "{context: {customer: drop}}", key=False)
+    answers, records, raw, rows = run_harness(harness, refund(customer="secret-c"))
+
+    customer = records[0].limits["per_customer"]
+    assert "key part context.customer is dropped from records by audit.redact" in (
+        customer.error
+    )
+    assert customer.key == "" and not customer.counted
+    assert answers[0].decision.effect is Effect.DENY
+    assert answers[0].decision.reason_code.value == "condition_error"
+    assert b"secret-c" not in raw
+    assert not [row for row in rows if row.limit == "per_customer"]
 
 
 def test_a_limit_summing_a_redacted_value_fails_closed(tmp_path):

@@ -29,18 +29,25 @@ OPS = ("decide", "decide_batch", "wait_approval")
 
 
 @pytest.fixture
-def fast(daemon):
-    """Connect ``FastClient``s to the daemon; closed at teardown."""
+def fast_to():
+    """Connect ``FastClient``s to a running daemon's fast socket; closed at
+    teardown, so a test that fails midway leaves no socket open."""
     clients: list[FastClient] = []
 
-    def connect(**options) -> FastClient:
-        client = FastClient(daemon.config.agent.fast_socket, **options)
+    def connect(running, **options) -> FastClient:
+        client = FastClient(running.config.agent.fast_socket, **options)
         clients.append(client)
         return client
 
     yield connect
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def fast(daemon, fast_to):
+    """Connect ``FastClient``s to the daemon; closed at teardown."""
+    return lambda **options: fast_to(daemon, **options)
 
 
 def frame(stream: int, message: Any) -> bytes:
@@ -372,26 +379,24 @@ def test_a_connection_waiting_on_an_approval_is_not_idle(daemon, fast, monkeypat
     assert ended["error"]["code"] == "cancelled"
 
 
-def test_fast_idle_seconds_of_0_arms_no_idle_check(start_daemon):
+def test_fast_idle_seconds_of_0_arms_no_idle_check(start_daemon, fast_to):
     running = start_daemon("agent.fast_idle_seconds=0")
-    client = FastClient(running.config.agent.fast_socket)
+    client = fast_to(running)
     client.decide(refund())
     (connection,) = running.daemon._fast_path._connections
 
     assert running.daemon._fast_path.idle_seconds == 0
     assert connection._idle_timer is None
-    client.close()
 
 
-def test_the_configured_idle_timeout_reaches_the_fast_path(start_daemon):
+def test_the_configured_idle_timeout_reaches_the_fast_path(start_daemon, fast_to):
     running = start_daemon("agent.fast_idle_seconds=42")
-    client = FastClient(running.config.agent.fast_socket)
+    client = fast_to(running)
     client.decide(refund())
     (connection,) = running.daemon._fast_path._connections
 
     assert running.daemon._fast_path.idle_seconds == 42
     assert connection._idle_timer is not None
-    client.close()
 
 
 @pytest.mark.parametrize("seconds", ["-1", "0.5", "86401", ".nan", ".inf"])
@@ -403,9 +408,9 @@ def test_fast_idle_seconds_is_bounded(tmp_path, seconds):
         daemon_config(tmp_path, f"agent.fast_idle_seconds={seconds}")
 
 
-def test_a_large_frame_grows_the_buffer_for_itself_only(start_daemon):
+def test_a_large_frame_grows_the_buffer_for_itself_only(start_daemon, fast_to):
     running = start_daemon(f"agent.max_message_bytes={8 * 1024 * 1024}")
-    client = FastClient(running.config.agent.fast_socket)
+    client = fast_to(running)
     (connection,) = running.daemon._fast_path._connections
     idle_size = len(connection._buffer)
     blob = b"x" * (2 * 1024 * 1024)
@@ -418,15 +423,14 @@ def test_a_large_frame_grows_the_buffer_for_itself_only(start_daemon):
     assert "ok" in large or large["error"]["code"] != "request_too_large"
     assert after_large == INITIAL_BUFFER_BYTES
     assert small["ok"]["decision"] == "allow"
-    client.close()
 
 
-def test_a_header_alone_does_not_make_the_daemon_hold_the_frame(start_daemon):
+def test_a_header_alone_does_not_make_the_daemon_hold_the_frame(start_daemon, fast_to):
     # A few bytes announcing the largest frame: the buffer grows with the
     # bytes that came, not with what the header announced.
     limit = 64 * 1024 * 1024
     running = start_daemon(f"agent.max_message_bytes={limit}")
-    client = FastClient(running.config.agent.fast_socket)
+    client = fast_to(running)
     (connection,) = running.daemon._fast_path._connections
 
     client.sock.sendall(HEADER.pack(limit - 1, 1) + b"\x81")
@@ -435,12 +439,11 @@ def test_a_header_alone_does_not_make_the_daemon_hold_the_frame(start_daemon):
     size = len(connection._buffer)
 
     assert size < 2 * 1024 * 1024
-    client.close()
 
 
-def test_a_hello_longer_than_16_kib_is_refused_before_it_is_read(start_daemon):
+def test_a_hello_longer_than_16_kib_is_refused_before_it_is_read(start_daemon, fast_to):
     running = start_daemon(f"agent.max_message_bytes={8 * 1024 * 1024}")
-    client = FastClient(running.config.agent.fast_socket, hello=False)
+    client = fast_to(running, hello=False)
 
     client.sock.sendall(HEADER.pack(8 * 1024 * 1024, 0) + b"\x81")
     stream, answer = client.recv()
@@ -448,12 +451,13 @@ def test_a_hello_longer_than_16_kib_is_refused_before_it_is_read(start_daemon):
     assert stream == 0
     assert answer["error"]["code"] == "request_too_large"
     assert client.closed()
-    client.close()
 
 
-def test_frames_split_at_every_byte_around_a_large_one_are_read_whole(start_daemon):
+def test_frames_split_at_every_byte_around_a_large_one_are_read_whole(
+    start_daemon, fast_to
+):
     running = start_daemon(f"agent.max_message_bytes={1024 * 1024}")
-    client = FastClient(running.config.agent.fast_socket)
+    client = fast_to(running)
     stream_of = {1: "small", 2: "large", 3: "small-after"}
     data = b"".join(
         frame(s, {"op": "decide", "request": refund(blob=b"y" * 300_000)})
@@ -467,7 +471,6 @@ def test_frames_split_at_every_byte_around_a_large_one_are_read_whole(start_daem
     answers = {s: client.answer(s) for s in stream_of}
 
     assert all("ok" in a for a in answers.values()), answers
-    client.close()
 
 
 @pytest.mark.parametrize("size", [64 * 1024 * 1024 + 1, 2**31])
@@ -549,9 +552,9 @@ def test_a_missing_or_unknown_op_names_op_and_lists_the_ops(daemon, fast, messag
     assert got in error["message"]
 
 
-def test_an_oversized_first_frame_is_refused_on_stream_0(start_daemon):
+def test_an_oversized_first_frame_is_refused_on_stream_0(start_daemon, fast_to):
     running = start_daemon("agent.max_message_bytes=4096")
-    client = FastClient(running.config.agent.fast_socket, hello=False)
+    client = fast_to(running, hello=False)
 
     client.send_frame(7, b"\x80" * 5000)
     answered_on, message = client.recv()
@@ -559,4 +562,3 @@ def test_an_oversized_first_frame_is_refused_on_stream_0(start_daemon):
     assert answered_on == 0
     assert message["error"]["code"] == "request_too_large"
     assert client.closed()
-    client.close()

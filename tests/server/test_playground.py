@@ -1101,7 +1101,7 @@ def test_a_replay_shows_the_recorded_limits_and_decides_with_them(served_limited
     assert (b5["replayed"]["effect"], b6["replayed"]["effect"]) == ("allow", "deny")
     assert (b5["changed"], b6["changed"]) == (False, False)
     assert any(
-        line.startswith("refunds_today count 5, recorded ceiling 5")
+        line.startswith("refunds_today: count 5, ceiling 5, remaining 0, exceeded true")
         for line in b6["recorded"]["limits"]
     ), b6["recorded"]["limits"]
     assert any(
