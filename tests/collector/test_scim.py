@@ -30,7 +30,7 @@ from kynara_sidecar.collector.scim import (
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.policy.loader import decode_document
-from kynara_sidecar.sync import open_store
+from kynara_sidecar.sync import StoreUnavailable, open_store
 from kynara_sidecar.sync.directory import (
     DIRECTORY_FILE,
     DirectoryError,
@@ -205,7 +205,13 @@ class Scim:
         found = None
         deadline = time.monotonic() + WAIT_SECONDS
         while time.monotonic() < deadline:
-            found = self.published()
+            try:
+                found = self.published()
+            except StoreUnavailable:
+                # Read while publishes replaced the update it named, as a
+                # daemon's follower may; it reads again, and so does this.
+                time.sleep(0.05)
+                continue
             if found is not None and condition(found):
                 return found
             time.sleep(0.05)
