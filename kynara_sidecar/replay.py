@@ -60,7 +60,7 @@ from kynara_sidecar.audit.record import (
 from kynara_sidecar.audit.store import AuditStore
 from kynara_sidecar.audit.verify import format_report as format_verify_report
 from kynara_sidecar.audit.verify import verify_log
-from kynara_sidecar.decision import Decision
+from kynara_sidecar.decision import Decision, DecisionRequest, Env
 from kynara_sidecar.errors import PolicyError
 from kynara_sidecar.limits.check import recorded_values
 from kynara_sidecar.policy.compiler import compile_directory, compile_policy_set
@@ -148,6 +148,16 @@ def record_limit_values(
             ``request_from_record``).
     """
     request, env = request_from_record(record)
+    return _recorded_values(record, policies, request, env)
+
+
+def _recorded_values(
+    record: AuditRecordV1,
+    policies: LoadedPolicies,
+    request: DecisionRequest,
+    env: Env,
+) -> dict[str, Any]:
+    """``record_limit_values`` for a request already rebuilt from it."""
     return recorded_values(
         record.limits, policies.policy_set.limits, request, env.now.to_nanos()
     )
@@ -182,7 +192,7 @@ def replay_record(
     """
     request, env = request_from_record(record)
     if values is None:
-        values = record_limit_values(record, policies)
+        values = _recorded_values(record, policies, request, env)
     return engine.evaluate(
         policies.policy_set,
         policies.directory,

@@ -1555,7 +1555,7 @@ def recompute_totals(
     for record in _records_of(store_or_records):
         if not record.limits:
             continue
-        if _record_nanos(record) < since_nanos:
+        if parse_timestamp(record.time).to_nanos() < since_nanos:
             continue
         for name, entry in counted_entries(record):
             group = (name, entry.definition, entry.key)
@@ -1577,10 +1577,6 @@ def _records_of(
         return
     for item in source:
         yield decode_record(item) if isinstance(item, bytes) else item
-
-
-def _record_nanos(record: AuditRecordV1) -> int:
-    return _record_nanos_of(record.time)
 
 
 def _amount(name: str, entry: LimitEntry) -> int | float:
@@ -1656,7 +1652,7 @@ class _LimitsCheck:
         decision_id = str(parsed.get("decision_id", ""))
         try:
             record = decode_record(data)
-            time = _record_nanos(record)
+            time = parse_timestamp(record.time).to_nanos()
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as err:
             self._mismatch(
                 LIMIT_ENTRY,
@@ -1701,7 +1697,7 @@ class _LimitsCheck:
     ) -> None:
         where = f"limit {name!r} key {entry.key!r}"
         try:
-            start = _record_nanos_of(entry.window_start)
+            start = parse_timestamp(entry.window_start).to_nanos()
             seen_sum = None if entry.sum is None else decode_value(entry.sum)
         except ValueError as err:
             self._mismatch(
@@ -1821,10 +1817,6 @@ class _LimitsCheck:
             f"{row.amount!r}) that no record counted: {held}",
             _row_name(raw_key, raw_value),
         )
-
-
-def _record_nanos_of(text: str) -> int:
-    return parse_timestamp(text).to_nanos()
 
 
 def _reported_order(mismatch: LimitMismatch) -> tuple[bool, int, int]:

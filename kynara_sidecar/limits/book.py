@@ -344,14 +344,9 @@ class LimitBook:
         elif start_nanos - GRACE_NANOS > state.floor:
             state.floor = start_nanos - GRACE_NANOS
         series = state.keys.get(key)
-        if series is None:
-            return (
-                _EMPTY_SUM
-                if limit.sums and isinstance(limit.ceiling, float)
-                else _EMPTY
-            )
-        state.trim(key, series)
-        if key not in state.keys:
+        if series is not None:
+            state.trim(key, series)
+        if series is None or key not in state.keys:
             return (
                 _EMPTY_SUM
                 if limit.sums and isinstance(limit.ceiling, float)
