@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from nats_support import NatsServer
+from store_support import Backend
 from support import RunningDaemon, SettableClock, daemon_config
 
 
@@ -43,3 +44,21 @@ def nats_server(tmp_path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["dir", "nats"])
+def backend(request, tmp_path) -> Backend:
+    """A directory store (its outage: the directory moved away) and a NATS
+    one (its outage: the server stopped)."""
+    if request.param == "dir":
+        root = tmp_path / "store"
+        root.mkdir()
+        away = tmp_path / "store-away"
+        return Backend(
+            "dir",
+            f"dir://{root}",
+            outage=lambda: root.rename(away),
+            restore=lambda: away.rename(root),
+        )
+    server = request.getfixturevalue("nats_server")
+    return Backend("nats", server.url, outage=server.stop, restore=server.start)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import pathlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from store_support import POLL, TIMEOUT, Backend
 
 from kynara_sidecar.sync import (
     MAX_APPROVAL_BYTES,
@@ -27,8 +27,6 @@ from kynara_sidecar.sync import (
     open_store,
 )
 
-TIMEOUT = 1.0
-POLL = 0.05
 # Generous: a condition that should hold at once, waited for at most this.
 BOUND = 15.0
 
@@ -36,30 +34,6 @@ APR_1 = "apr_" + "a" * 26
 APR_2 = "apr_" + "b" * 26
 REV_1 = "rev_" + "c" * 26
 REV_2 = "rev_" + "d" * 26
-
-
-@dataclasses.dataclass
-class Backend:
-    kind: str
-    url: str
-    outage: Callable[[], None]
-    restore: Callable[[], None]
-
-
-@pytest.fixture(params=["dir", "nats"])
-def backend(request, tmp_path) -> Backend:
-    if request.param == "dir":
-        root = tmp_path / "store"
-        root.mkdir()
-        away = tmp_path / "store-away"
-        return Backend(
-            "dir",
-            f"dir://{root}",
-            outage=lambda: root.rename(away),
-            restore=lambda: away.rename(root),
-        )
-    server = request.getfixturevalue("nats_server")
-    return Backend("nats", server.url, outage=server.stop, restore=server.start)
 
 
 @contextlib.asynccontextmanager

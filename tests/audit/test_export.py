@@ -185,6 +185,18 @@ def real_run(tmp_path_factory):
     return tmp, key_path
 
 
+def verify_export(pack: pathlib.Path, trusted_key, publishers=()):
+    """``kynara verify-export`` of ``pack`` with one trusted key and the
+    publisher keys given."""
+    return run_cli(
+        "verify-export",
+        pack,
+        "--trusted-key",
+        trusted_key,
+        *(arg for key in publishers for arg in ("--publisher-key", key)),
+    )
+
+
 def export_real(real_run, out: pathlib.Path, start: str, stop: str):
     tmp, key_path = real_run
     return run_cli(
@@ -836,13 +848,7 @@ def test_signed_updates_are_checked_with_the_publisher_keys_and_reported_without
     only_audit = verify_pack(pack, [audit_key])
     every = verify_pack(pack, [audit_key], publishers)
     code, text = run_script(auditor_python, pack, audit_key, publishers=publishers)
-    cli = run_cli(
-        "verify-export",
-        pack,
-        "--trusted-key",
-        audit_key,
-        *(arg for key in publishers for arg in ("--publisher-key", key)),
-    )
+    cli = verify_export(pack, audit_key, publishers)
 
     assert len(only_audit.unchecked) == 3
     assert "signed updates: 0 of 3 checked" in only_audit.summary()
@@ -898,13 +904,7 @@ def test_a_directory_key_given_as_a_publisher_key_does_not_vouch_for_checkpoints
     with pytest.raises(PackError) as with_audit_key:
         verify_pack(pack, [audit_key], publishers)
     code, text = run_script(auditor_python, pack, audit_key, publishers=publishers)
-    cli = run_cli(
-        "verify-export",
-        pack,
-        "--trusted-key",
-        audit_key,
-        *(arg for key in publishers for arg in ("--publisher-key", key)),
-    )
+    cli = verify_export(pack, audit_key, publishers)
 
     assert with_audit_key.value.kind == "unknown_key"
     assert DIRECTORY_KEY.key_id in str(with_audit_key.value)
@@ -945,13 +945,7 @@ def test_an_update_under_a_key_id_outside_the_publisher_keys_fails(
     with pytest.raises(PackError) as failed:
         verify_pack(pack, [audit_key], publishers)
     code, text = run_script(auditor_python, pack, audit_key, publishers=publishers)
-    cli = run_cli(
-        "verify-export",
-        pack,
-        "--trusted-key",
-        audit_key,
-        *(arg for key in publishers for arg in ("--publisher-key", key)),
-    )
+    cli = verify_export(pack, audit_key, publishers)
     without_publishers = verify_pack(pack, [audit_key])
 
     # The audit key does not vouch for it: with publisher keys given, a

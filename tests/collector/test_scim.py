@@ -1057,7 +1057,9 @@ def test_a_read_is_answered_while_a_write_holds_the_operation_lock(scim):
     assert created[0][0] == 201
 
 
-def test_an_over_size_body_is_a_scim_error(scim):
+def post_over_size(scim, authorization: str):
+    """POST a User body of 2 MiB (over the 1 MiB bound) with
+    ``authorization``; the reply and its JSON body."""
     connection = http.client.HTTPConnection("127.0.0.1", scim.port, timeout=30)
     body = b"{" + b" " * (2 << 20) + b"}"
     try:
@@ -1066,14 +1068,18 @@ def test_an_over_size_body_is_a_scim_error(scim):
             "/scim/v2/Users",
             body=body,
             headers={
-                "Authorization": f"Bearer {SECRET}",
+                "Authorization": authorization,
                 "Content-Type": "application/scim+json",
             },
         )
         reply = connection.getresponse()
-        got = json.loads(reply.read())
+        return reply, json.loads(reply.read())
     finally:
         connection.close()
+
+
+def test_an_over_size_body_is_a_scim_error(scim):
+    reply, got = post_over_size(scim, f"Bearer {SECRET}")
 
     assert reply.status == 413
     assert reply.getheader("Content-Type").startswith("application/scim+json")
@@ -1085,22 +1091,7 @@ def test_an_over_size_body_is_a_scim_error(scim):
 def test_the_credential_is_checked_before_the_body_is_read(scim):
     # An over-size body without a credential: refused as unauthenticated
     # (the body never read), not as too large.
-    connection = http.client.HTTPConnection("127.0.0.1", scim.port, timeout=30)
-    body = b"{" + b" " * (2 << 20) + b"}"
-    try:
-        connection.request(
-            "POST",
-            "/scim/v2/Users",
-            body=body,
-            headers={
-                "Authorization": "Bearer not-a-scim-secret",
-                "Content-Type": "application/scim+json",
-            },
-        )
-        reply = connection.getresponse()
-        got = json.loads(reply.read())
-    finally:
-        connection.close()
+    reply, got = post_over_size(scim, "Bearer not-a-scim-secret")
 
     assert reply.status == 401, got
     assert reply.getheader("WWW-Authenticate").startswith('Bearer realm="kynara-scim"')

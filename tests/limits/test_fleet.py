@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import random
@@ -18,6 +17,7 @@ import textwrap
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from store_support import POLL, TIMEOUT, Backend
 
 from kynara_sidecar.decision import Effect
 from kynara_sidecar.limits.book import GRACE_NANOS, Counted, Tally
@@ -42,8 +42,6 @@ from kynara_sidecar.sync import (
     open_store,
 )
 
-TIMEOUT = 1.0
-POLL = 0.05
 # Generous: a condition that should hold soon, waited for at most this.
 BOUND = 20.0
 SECOND = 1_000_000_000
@@ -117,33 +115,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
-
-
-@dataclasses.dataclass
-class Backend:
-    kind: str
-    url: str
-    outage: Callable[[], None]
-    restore: Callable[[], None]
-
-    def open(self) -> Store:
-        return open_store(self.url, timeout=TIMEOUT, poll_seconds=POLL)
-
-
-@pytest.fixture(params=["dir", "nats"])
-def backend(request, tmp_path) -> Backend:
-    if request.param == "dir":
-        root = tmp_path / "store"
-        root.mkdir()
-        away = tmp_path / "store-away"
-        return Backend(
-            "dir",
-            f"dir://{root}",
-            outage=lambda: root.rename(away),
-            restore=lambda: away.rename(root),
-        )
-    server = request.getfixturevalue("nats_server")
-    return Backend("nats", server.url, outage=server.stop, restore=server.start)
 
 
 def run(coroutine):

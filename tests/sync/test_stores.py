@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import os
 import pathlib
@@ -20,6 +19,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from store_support import POLL, TIMEOUT, Backend
 
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
@@ -33,38 +33,9 @@ from kynara_sidecar.sync import (
 )
 from kynara_sidecar.sync.dir_store import MAX_OUTSTANDING_CALLS, DirStore
 
-# Short, so an outage shows quickly; the bounds below only catch a hang.
-TIMEOUT = 1.0
-POLL = 0.05
+# The bounds below only catch a hang.
 # Generous: a condition that should hold at once, waited for at most this.
 BOUND = 15.0
-
-
-@dataclasses.dataclass
-class Backend:
-    kind: str
-    url: str
-    outage: Callable[[], None]
-    restore: Callable[[], None]
-
-    def open(self, timeout: float = TIMEOUT) -> Store:
-        return open_store(self.url, timeout=timeout, poll_seconds=POLL)
-
-
-@pytest.fixture(params=["dir", "nats"])
-def backend(request, tmp_path) -> Backend:
-    if request.param == "dir":
-        root = tmp_path / "store"
-        root.mkdir()
-        away = tmp_path / "store-away"
-        return Backend(
-            "dir",
-            f"dir://{root}",
-            outage=lambda: root.rename(away),
-            restore=lambda: away.rename(root),
-        )
-    server = request.getfixturevalue("nats_server")
-    return Backend("nats", server.url, outage=server.stop, restore=server.start)
 
 
 @contextlib.asynccontextmanager
