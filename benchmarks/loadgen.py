@@ -680,7 +680,11 @@ class _OpenLoop:
 
 
 async def _sleep_until(instant_ns: int) -> None:
-    await asyncio.sleep(max(0, instant_ns - time.perf_counter_ns()) / 1e9)
+    # The event loop's timers may wake up to a millisecond early (uvloop
+    # rounds to whole milliseconds); what follows must run at or after
+    # the instant, so sleep again until the clock has passed it.
+    while (left := instant_ns - time.perf_counter_ns()) > 0:
+        await asyncio.sleep(left / 1e9)
 
 
 async def open_loop(
