@@ -1008,6 +1008,9 @@ class DirectoryPublishing:
         # True from a change being taken up until its content is published
         # (or found published, or refused): what ``flush`` still owes.
         self._attempting = False
+        # The store call of the latest publish: the stop cancels ``run``,
+        # not the call, and ``flush`` waits for it before publishing anew.
+        self._inflight: asyncio.Future[str] | None = None
         self.revision = ""
 
     def changed(self) -> None:
@@ -1052,7 +1055,7 @@ class DirectoryPublishing:
                 continue
             self._next_at = loop.time() + self._interval
             try:
-                revision = await self._publish(content)
+                revision = await self._publish_once(content)
             except DirectoryError as err:
                 # Permanent for this content: wait for the next change.
                 self._attempting = False
@@ -1068,6 +1071,13 @@ class DirectoryPublishing:
             self._done(content, revision, fields)
             await self._record(commits, fields)
 
+    async def _publish_once(self, content: bytes) -> str:
+        """Publish ``content``; cancelling the caller leaves the store call
+        running, for ``flush`` to wait out (two publishes at once could
+        leave the store's current update older than the newest)."""
+        self._inflight = asyncio.ensure_future(self._publish(content))
+        return await asyncio.shield(self._inflight)
+
     async def flush(self) -> None:
         """Publish the newest content once, now, when a change is not yet
         published (one waiting out the interval or a retry, or one whose
@@ -1080,11 +1090,14 @@ class DirectoryPublishing:
         if not (self._dirty.is_set() or self._attempting):
             return
         self._dirty.clear()
+        if self._inflight is not None:
+            # Its outcome is moot: the newest content is published below.
+            await asyncio.wait([self._inflight])
         commits = self._commits()
         try:
             content = await asyncio.to_thread(self._content)
             if content != self._published:
-                revision = await self._publish(content)
+                revision = await self._publish_once(content)
                 self._done(content, revision, fields)
         except DirectoryError as err:
             self._directory_refused(err, fields)

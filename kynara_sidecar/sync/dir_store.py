@@ -39,7 +39,11 @@ directory update (``sync.directory``) is published alike under
 ``directory/``; since a collector publishes one on every change and each
 can be megabytes, publishing removes every update but the new one and the
 one it replaces, and a reader that finds the update ``current`` named
-already removed (two publishes behind) reads ``current`` again.
+already removed (two publishes behind) reads ``current`` again. Publishes
+hold ``directory/.publish.lock`` (``flock``) from reading ``current`` to
+the last removal: two publishers at once (a collector's stop and the
+publish it interrupted, a hand ``directory publish`` beside a running
+collector) would otherwise each remove the update the other just named.
 
 A new segment message takes the next free ``<seq>`` with ``os.link``, which
 refuses to replace an existing name: two processes shipping for one
@@ -91,6 +95,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -180,6 +185,18 @@ def _write_temp(directory: pathlib.Path, data: bytes) -> pathlib.Path:
         raise
     os.close(fd)
     return pathlib.Path(name)
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing); one
+    holder at a time across threads and processes, each opening its own."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
@@ -550,6 +567,11 @@ class DirStore:
         )
 
     def _publish_directory(self, digest: str, data: bytes) -> None:
+        self._require_dir(self._directory)
+        with _locked(self._directory / ".publish.lock"):
+            self._replace_directory(digest, data)
+
+    def _replace_directory(self, digest: str, data: bytes) -> None:
         previous = self._current_digest(self._directory)
         self._publish(digest, data, self._directory)
         keep = {

@@ -6,6 +6,7 @@ signed directory each change publishes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -913,6 +914,48 @@ def test_a_different_publish_error_is_logged_again(caplog):
     assert len(failures) == 5 and published == ["rev-1"]
     again = [r for r in caplog.records if r.getMessage() == "directory published again"]
     assert [r.fields["failures"] for r in again] == [5]
+
+
+def test_the_stops_flush_waits_for_the_publish_it_interrupted():
+    # The stop cancels the publishing task, not its store call; a flush
+    # publishing beside that call would be two writers on one store, and
+    # the older content could land last.
+    contents = [b"old", b"new"]
+    started: list[bytes] = []
+    finished: list[bytes] = []
+
+    async def run() -> None:
+        release = asyncio.Event()
+
+        async def publish(content: bytes) -> str:
+            started.append(content)
+            if content == b"old":
+                await release.wait()
+            finished.append(content)
+            return content.decode()
+
+        stop = asyncio.Event()
+        publishing = DirectoryPublishing(
+            lambda: contents.pop(0), publish, retry_seconds=0
+        )
+        task = asyncio.create_task(publishing.run(stop))
+        while not started:
+            await asyncio.sleep(0.01)
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        flushing = asyncio.create_task(publishing.flush())
+        await asyncio.sleep(0.2)
+        # The flush waits: nothing new has started while "old" is held.
+        assert started == [b"old"] and not flushing.done()
+        release.set()
+        await asyncio.wait_for(flushing, WAIT_SECONDS)
+        assert publishing.revision == "new"
+
+    asyncio.run(run())
+
+    assert finished == [b"old", b"new"]
 
 
 def test_a_refused_directory_is_one_error_and_waits_for_the_next_change(caplog):

@@ -170,10 +170,59 @@ def test_dir_store_keeps_only_the_current_update_and_the_one_before(tmp_path):
 
     kept = sorted(path.name for path in (root / "directory").iterdir())
     expected = sorted(
-        ["current"] + [bundle_digest(data).replace(":", "-") for data in blobs[2:]]
+        [".publish.lock", "current"]
+        + [bundle_digest(data).replace(":", "-") for data in blobs[2:]]
     )
     assert kept == expected
     assert current.data == blobs[3]
+
+
+def test_two_publishers_at_once_never_leave_current_naming_a_removed_update(
+    tmp_path,
+):
+    # Two stores on one root, as a collector's stop beside the publish it
+    # interrupted, or a hand publish beside a running collector: each
+    # publish removes all but its own update and the one it read as
+    # current, so unserialised, one removes what the other just named.
+    root = tmp_path / "store"
+    root.mkdir()
+    rounds = 60
+    blobs = [[_blob(20_000, 1000 * side + n) for n in range(rounds)] for side in (0, 1)]
+    failures: list[str] = []
+
+    async def scenario():
+        async with opened(f"dir://{root}") as one, opened(f"dir://{root}") as two:
+
+            async def publisher(store, mine) -> None:
+                for data in mine:
+                    await store.publish_directory(bundle_digest(data), data)
+
+            async def reader() -> None:
+                while not done.is_set():
+                    try:
+                        await one.current_directory()
+                    except StoreUnavailable as err:
+                        failures.append(str(err))
+                    await asyncio.sleep(0)
+
+            done = asyncio.Event()
+            watching = asyncio.create_task(reader())
+            for n in range(rounds):
+                await asyncio.gather(
+                    publisher(one, blobs[0][n : n + 1]),
+                    publisher(two, blobs[1][n : n + 1]),
+                )
+                pointer = (root / "directory" / "current").read_text().strip()
+                if not (root / "directory" / pointer.replace(":", "-")).is_file():
+                    failures.append(f"round {n}: current names removed {pointer}")
+            done.set()
+            await watching
+            return await two.current_directory()
+
+    current = asyncio.run(scenario())
+
+    assert failures == []
+    assert current.data in (blobs[0][-1], blobs[1][-1])
 
 
 def test_nats_has_no_directory_bucket_until_the_first_publish(nats_server):
