@@ -83,7 +83,13 @@ from kynara_sidecar.config import (
 )
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.policy.names import is_valid_name
-from kynara_sidecar.sync import Store, check_consumer_name, is_store_url, open_store
+from kynara_sidecar.sync import (
+    ACK_WAIT_SECONDS,
+    Store,
+    check_consumer_name,
+    is_store_url,
+    open_store,
+)
 
 __all__ = [
     "ArchiveConfig",
@@ -151,6 +157,12 @@ class StoreConfig(_Section):
     poll_seconds: float = 1.0
     # Seconds to wait before reconnecting after the store was lost, e.g. 2.
     retry_seconds: float = 2.0
+    # Seconds a nats:// server waits for the acknowledgement of a segment
+    # message before delivering it again, e.g. 30: longer than verifying and
+    # archiving one message takes. A message whose delivery or
+    # acknowledgement a server crash or network cut lost comes again only
+    # after this long, and the consumer waits for it (one in flight).
+    ack_wait_seconds: float = ACK_WAIT_SECONDS
     # TLS and credentials for a nats:// store, as the daemon's sync.nats, e.g.
     # {ca_file: /etc/kynara-collector/nats-ca.crt, user: collector,
     #  password_file: /run/secrets/kynara-collector-nats}.
@@ -173,6 +185,7 @@ class StoreConfig(_Section):
         _check_range(section, "timeout_seconds", self.timeout_seconds, 0.1, 300)
         _check_range(section, "poll_seconds", self.poll_seconds, 0.01, 3600)
         _check_range(section, "retry_seconds", self.retry_seconds, 0.01, 3600)
+        _check_range(section, "ack_wait_seconds", self.ack_wait_seconds, 1, 3600)
 
     def open_store(self) -> Store:
         """The store ``url`` names, not yet connected, as every part of the
@@ -186,6 +199,7 @@ class StoreConfig(_Section):
             setting="store.url",
             # Daemons' users may look the fleet limits bucket up, not make it.
             declares_limits=True,
+            ack_wait_seconds=self.ack_wait_seconds,
         )
 
 

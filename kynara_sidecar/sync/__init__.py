@@ -65,6 +65,7 @@ from kynara.v1.audit_pb2 import Segment
 from kynara_sidecar.errors import ConfigError, KynaraError
 
 __all__ = [
+    "ACK_WAIT_SECONDS",
     "MAX_BUNDLE_BYTES",
     "MAX_DIRECTORY_BYTES",
     "MAX_SEGMENT_MESSAGE_BYTES",
@@ -116,6 +117,11 @@ MAX_REVIEW_BYTES = 64 * 1024
 # 48 with one to a key), some 36,000 in 1 MiB; NATS's default max_payload is
 # 1 MiB, and a key-value value must fit in one message.
 MAX_LIMIT_TALLIES_BYTES = 1024 * 1024
+# How long a nats:// server waits for the segment consumer's acknowledgement
+# before delivering a message again, unless the collector sets it
+# (store.ack_wait_seconds): longer than verifying and archiving one segment
+# message (at most MAX_SEGMENT_MESSAGE_BYTES) takes.
+ACK_WAIT_SECONDS = 30.0
 
 
 class StoreUnavailable(KynaraError):
@@ -403,6 +409,7 @@ def open_store(
     timeout_key: str = "sync.timeout_seconds",
     setting: str = "",
     declares_limits: bool = False,
+    ack_wait_seconds: float = ACK_WAIT_SECONDS,
 ) -> Store:
     """The store ``url`` names, not yet connected.
 
@@ -423,6 +430,11 @@ def open_store(
         declares_limits: a ``nats://`` store's ``connect`` also makes the
             fleet-scope limits bucket (the collector's, whose user may);
             otherwise its first use does.
+        ack_wait_seconds: how long a ``nats://`` server waits for the
+            segment consumer's acknowledgement before delivering a message
+            again (the collector's ``store.ack_wait_seconds``). ``dir://``
+            delivers again only to a new consumer iterator, so it has no
+            such wait.
 
     Raises:
         ConfigError: an unknown scheme or a malformed URL.
@@ -453,6 +465,7 @@ def open_store(
         timeout_key=timeout_key,
         poll_seconds=poll_seconds,
         declares_limits=declares_limits,
+        ack_wait_seconds=ack_wait_seconds,
     )
 
 

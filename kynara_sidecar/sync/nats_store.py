@@ -67,8 +67,10 @@ A call in flight when the connection drops fails when its timeout runs out.
 
 Delivery is at least once. A server that crashes (rather than stops) may
 lose a consumer's last acknowledgements, which it writes lazily: those
-messages come again once ``ACK_WAIT_SECONDS`` has passed, and since one
-message at a time is in flight, the consumer waits that long. The
+messages come again once the ack wait has passed (``ACK_WAIT_SECONDS``,
+or the collector's ``store.ack_wait_seconds``), and since one message at a
+time is in flight, the consumer waits that long; so does a consumer whose
+connection was cut while a message was on its way to it. The
 collector recognises them by message id and checkpoint as already taken.
 Shipped messages survive a crash of the server process (written to its
 file store before the acknowledgement), and so does duplicate detection;
@@ -139,6 +141,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from kynara_sidecar.errors import ConfigError
 from kynara_sidecar.sync import (
+    ACK_WAIT_SECONDS,
     MAX_APPROVAL_BYTES,
     MAX_DIRECTORY_BYTES,
     MAX_LIMIT_TALLIES_BYTES,
@@ -194,9 +197,6 @@ SEGMENT_SUBJECT_PREFIX = "kynara.segments."
 # A daemon retries an unacknowledged segment for as long as the centre is
 # away; an hour covers the outages it rides out without a restart.
 DUPLICATE_WINDOW_SECONDS = 3600.0
-# How long the server waits for a consumer's ack before delivering again:
-# long enough to verify and archive one segment message (at most 512 KiB).
-ACK_WAIT_SECONDS = 30.0
 # NOTE: one message in flight per consumer keeps each daemon's messages in
 # ship order even across nak'd and redelivered messages and consumer
 # restarts; JetStream redelivers a pending message only after its ack wait,
@@ -290,6 +290,7 @@ class NatsStore:
         timeout_key: str = "sync.timeout_seconds",
         poll_seconds: float = 1.0,
         declares_limits: bool = False,
+        ack_wait_seconds: float = ACK_WAIT_SECONDS,
     ):
         scheme, sep, rest = url.partition("://")
         if scheme != "nats" or not sep or not rest:
@@ -299,6 +300,7 @@ class NatsStore:
         self.timeout_key = timeout_key
         self.poll_seconds = poll_seconds
         self.declares_limits = declares_limits
+        self.ack_wait_seconds = ack_wait_seconds
         self.connection = connection or NatsConnection()
         # The server's last "Permissions Violation" on this connection: a
         # refused publish or subscription gets no answer, only this notice,
@@ -752,16 +754,19 @@ class NatsStore:
         async def subscribe() -> JetStreamContext.PullSubscription:
             js = await self._ensure()
             config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                filter_subject=SEGMENT_SUBJECT_PREFIX + "*",
                 ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT_SECONDS,
+                ack_wait=self.ack_wait_seconds,
                 deliver_policy=DeliverPolicy.ALL,
                 max_ack_pending=MAX_ACK_PENDING,
             )
+            # Creates the consumer, or updates one that exists: the ack
+            # wait is a setting, and the server keeps what it was made with.
+            await js.add_consumer(SEGMENTS_STREAM, config)
             return await js.pull_subscribe(
-                SEGMENT_SUBJECT_PREFIX + "*",
-                durable=name,
-                stream=SEGMENTS_STREAM,
-                config=config,
+                SEGMENT_SUBJECT_PREFIX + "*", durable=name, stream=SEGMENTS_STREAM
             )
 
         subscription = await self._bounded(f"open consumer {name}", subscribe())

@@ -46,6 +46,10 @@ def _pull(daemon_id: str, target: str) -> dict:
         ({"store": {"url": "http://x"}}, r"store.url: expected dir://PATH or nats"),
         ({"store": {"url": "nats://"}}, r"store.url: the store URL 'nats://' names no"),
         ({"store": {"consumer": "a b"}}, r"store.consumer: consumer name 'a b'"),
+        (
+            {"store": {"ack_wait_seconds": 0.5}},
+            r"store.ack_wait_seconds: expected 1..3600, got 0.5",
+        ),
         ({"archive": {"url": "ftp://x"}}, r"archive.url: expected dir://PATH or s3"),
         ({"http": {"host": "0.0.0.0"}}, r"http.host: expected a loopback address"),
         ({"daemons": {"bot": {}}}, r"daemons.bot.public_keys: expected a key file"),

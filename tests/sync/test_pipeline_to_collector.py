@@ -59,9 +59,12 @@ pytestmark = pytest.mark.slow
 # Bounds on waiting for a condition; met in seconds here, the bound only
 # stops a broken run from hanging.
 WAIT_SECONDS = 60.0
-# A crashed nats-server may have lost the collector's last acknowledgement:
-# that message comes again after the consumer's ack wait (30 s), so waits
-# after a SIGKILL of the server allow for it.
+# A crashed nats-server may have lost the collector's last acknowledgement
+# (or the message on its way): that message comes again after the
+# consumer's ack wait, so waits after a SIGKILL of the server allow for it.
+# Shorter than the default 30 s, so such a test waits seconds, not half a
+# minute; still far longer than taking one message takes.
+ACK_WAIT_SECONDS = 5
 AFTER_CRASH_SECONDS = 90.0
 COLLECTOR_START_SECONDS = 30.0
 # Fast retries, so outages in these tests end quickly.
@@ -138,6 +141,7 @@ class CollectorProcess:
                         "poll_seconds": 0.05,
                         "retry_seconds": 0.1,
                         "timeout_seconds": 2,
+                        "ack_wait_seconds": ACK_WAIT_SECONDS,
                     },
                     "daemons": {
                         daemon_id: {"public_keys": [str(p) for p in files]}

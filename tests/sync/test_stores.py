@@ -32,6 +32,7 @@ from kynara_sidecar.sync import (
     open_store,
 )
 from kynara_sidecar.sync.dir_store import MAX_OUTSTANDING_CALLS, DirStore
+from kynara_sidecar.sync.nats_store import SEGMENTS_STREAM
 
 # The bounds below only catch a hang.
 # Generous: a condition that should hold at once, waited for at most this.
@@ -417,6 +418,7 @@ def test_dir_store_resend_after_a_crash_before_the_id_marker_is_a_duplicate(
 SHIP_SCRIPT = """
 import asyncio, sys
 from kynara_sidecar.sync.dir_store import MAX_OUTSTANDING_CALLS, DirStore
+from kynara_sidecar.sync.nats_store import SEGMENTS_STREAM
 
 async def main(url, daemon, prefix, count):
     store = DirStore(url, timeout=30)
@@ -537,6 +539,41 @@ def test_nats_consumer_position_survives_a_clean_server_restart(nats_server):
 
     assert [d.msg_id for d in first] == ["log.1.1"]
     assert [d.msg_id for d in rest] == ["log.2.2", "log.3.3"]
+
+
+def test_nats_consumer_takes_the_ack_wait_it_is_opened_with(nats_server):
+    # A delivery lost with its connection comes again only after the ack
+    # wait, so it is the collector's setting; the server keeps what a
+    # consumer was made with, so opening with another wait updates it.
+    async def ack_wait(store) -> float:
+        info = await store._js.consumer_info(SEGMENTS_STREAM, "collector")
+        return info.config.ack_wait
+
+    async def scenario():
+        quick = open_store(nats_server.url, timeout=TIMEOUT, ack_wait_seconds=1)
+        await quick.connect()
+        await quick.ship_segment("d1", "log.1.1", b"1")
+        async with contextlib.aclosing(quick.segments("collector")) as deliveries:
+            unacknowledged = await asyncio.wait_for(anext(deliveries), BOUND)
+        made = await ack_wait(quick)
+        # Never acknowledged: it comes again once the second has passed.
+        again = await take(quick, "collector", 1)
+        await quick.close()
+        slow = open_store(nats_server.url, timeout=TIMEOUT, ack_wait_seconds=45)
+        await slow.connect()
+        await slow.ship_segment("d1", "log.2.2", b"2")
+        rest = await take(slow, "collector", 1)
+        updated = await ack_wait(slow)
+        await slow.close()
+        return unacknowledged, made, again, rest, updated
+
+    unacknowledged, made, again, rest, updated = asyncio.run(scenario())
+
+    assert unacknowledged.msg_id == "log.1.1"
+    assert made == 1
+    assert [d.msg_id for d in again] == ["log.1.1"]
+    assert [d.msg_id for d in rest] == ["log.2.2"]
+    assert updated == 45
 
 
 # -- entries a store writer without a daemon key can make (F1, F6)
