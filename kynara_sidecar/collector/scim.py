@@ -931,6 +931,11 @@ class AsyncScimStore(AsyncScimStorage):
         return result
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class DirectoryPublishing:
     """Hands the newest directory content to ``publish`` in the background.
 
@@ -1076,7 +1081,16 @@ class DirectoryPublishing:
         running, for ``flush`` to wait out (two publishes at once could
         leave the store's current update older than the newest)."""
         self._inflight = asyncio.ensure_future(self._publish(content))
+        # Its error is the caller's; once the caller is cancelled nobody
+        # reads it, and asyncio would log it as never retrieved.
+        self._inflight.add_done_callback(_retrieved)
         return await asyncio.shield(self._inflight)
+
+    def abandon(self) -> None:
+        """Cancel the store call in flight: the stop's time for ``flush``
+        ran out, and nothing may publish after the collector stopped."""
+        if self._inflight is not None:
+            self._inflight.cancel()
 
     async def flush(self) -> None:
         """Publish the newest content once, now, when a change is not yet

@@ -263,6 +263,7 @@ class Collector:
                 publishing.flush(), self.config.store.timeout_seconds
             )
         except TimeoutError:
+            publishing.abandon()
             log.warning(
                 "stopping: directory not published in time; the next start "
                 "publishes it",

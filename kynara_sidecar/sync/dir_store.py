@@ -44,6 +44,8 @@ hold ``directory/.publish.lock`` (``flock``) from reading ``current`` to
 the last removal: two publishers at once (a collector's stop and the
 publish it interrupted, a hand ``directory publish`` beside a running
 collector) would otherwise each remove the update the other just named.
+A publish waits for the lock at most half its timeout, then fails with
+``StoreUnavailable`` naming it.
 
 A new segment message takes the next free ``<seq>`` with ``os.link``, which
 refuses to replace an existing name: two processes shipping for one
@@ -104,6 +106,7 @@ import re
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
@@ -148,6 +151,9 @@ _MAX_STATUS_BYTES = 1024 * 1024
 # past this many, a hung mount fails new calls at once rather than pile up
 # threads.
 MAX_OUTSTANDING_CALLS = 16
+# How often a directory publish tries the publish lock another holds: a
+# publish takes milliseconds, and the call's timeout bounds the wait.
+_LOCK_POLL_SECONDS = 0.01
 _SEQ_DIGITS = 20
 _MESSAGE = re.compile(r"^(\d{20})\.msg$")
 _TMP_PREFIX = ".tmp-"
@@ -188,12 +194,36 @@ def _write_temp(directory: pathlib.Path, data: bytes) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _locked(path: pathlib.Path) -> Iterator[None]:
+def _locked(path: pathlib.Path, seconds: float, url: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing); one
-    holder at a time across threads and processes, each opening its own."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    holder at a time across threads and processes, each opening its own.
+
+    Waits at most ``seconds``: a holder that is stopped (SIGSTOP, a frozen
+    container) must not leave this thread blocked, counted against
+    MAX_OUTSTANDING_CALLS, and writing long after its caller gave up.
+
+    Raises:
+        StoreUnavailable: another publisher held the lock all that time.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        # Made by another user (a hand publish as root): replacing and
+        # removing updates needs only the folder's write permission, and a
+        # lock taken through a read-only descriptor serves as well.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"{url}: {path} was held by another publisher for {seconds:g} s"
+                    ) from None
+                time.sleep(_LOCK_POLL_SECONDS)
         yield
     finally:
         os.close(fd)
@@ -568,7 +598,10 @@ class DirStore:
 
     def _publish_directory(self, digest: str, data: bytes) -> None:
         self._require_dir(self._directory)
-        with _locked(self._directory / ".publish.lock"):
+        # Half the call's time, so its own error, naming the lock, is the
+        # one the caller sees.
+        lock = self._directory / ".publish.lock"
+        with _locked(lock, self.timeout / 2, self.url):
             self._replace_directory(digest, data)
 
     def _replace_directory(self, digest: str, data: bytes) -> None:

@@ -764,6 +764,8 @@ class NatsStore:
             )
             # Creates the consumer, or updates one that exists: the ack
             # wait is a setting, and the server keeps what it was made with.
+            # The consumer is the collector's: what an operator changed on
+            # it by hand (max_deliver, a description) is reset here.
             await js.add_consumer(SEGMENTS_STREAM, config)
             return await js.pull_subscribe(
                 SEGMENT_SUBJECT_PREFIX + "*", durable=name, stream=SEGMENTS_STREAM

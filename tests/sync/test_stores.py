@@ -418,7 +418,6 @@ def test_dir_store_resend_after_a_crash_before_the_id_marker_is_a_duplicate(
 SHIP_SCRIPT = """
 import asyncio, sys
 from kynara_sidecar.sync.dir_store import MAX_OUTSTANDING_CALLS, DirStore
-from kynara_sidecar.sync.nats_store import SEGMENTS_STREAM
 
 async def main(url, daemon, prefix, count):
     store = DirStore(url, timeout=30)
