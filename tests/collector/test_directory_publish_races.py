@@ -25,7 +25,7 @@ from kynara_sidecar.collector.scim import DirectoryPublishing
 from kynara_sidecar.sync import StoreUnavailable
 from kynara_sidecar.sync.dir_store import _OUTSTANDING, MAX_OUTSTANDING_CALLS, DirStore
 
-from .test_scim import Scim
+from .test_scim import Scim, stopped_mid_publish
 
 # Bounds that only stop a broken run from hanging.
 BOUND = 15.0
@@ -78,14 +78,7 @@ def test_an_interrupted_publish_that_fails_leaves_no_unretrieved_exception():
         publishing = DirectoryPublishing(
             lambda: contents.pop(0), publish, retry_seconds=0
         )
-        stop = asyncio.Event()
-        task = asyncio.create_task(publishing.run(stop))
-        while not started:
-            await asyncio.sleep(0.005)
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stopped_mid_publish(publishing, started)
         await asyncio.wait_for(publishing.flush(), BOUND)
         return publishing.revision
 

@@ -916,6 +916,22 @@ def test_a_different_publish_error_is_logged_again(caplog):
     assert [r.fields["failures"] for r in again] == [5]
 
 
+async def stopped_mid_publish(
+    publishing: DirectoryPublishing, started: list[bytes]
+) -> None:
+    """Run ``publishing`` until its first publish has started (``publish``
+    appends to ``started``), then stop it as the collector's stop does:
+    set the stop event and cancel the task."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(publishing.run(stop))
+    while not started:
+        await asyncio.sleep(0.005)
+    stop.set()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def test_the_stops_flush_waits_for_the_publish_it_interrupted():
     # The stop cancels the publishing task, not its store call; a flush
     # publishing beside that call would be two writers on one store, and
@@ -934,17 +950,10 @@ def test_the_stops_flush_waits_for_the_publish_it_interrupted():
             finished.append(content)
             return content.decode()
 
-        stop = asyncio.Event()
         publishing = DirectoryPublishing(
             lambda: contents.pop(0), publish, retry_seconds=0
         )
-        task = asyncio.create_task(publishing.run(stop))
-        while not started:
-            await asyncio.sleep(0.01)
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stopped_mid_publish(publishing, started)
         flushing = asyncio.create_task(publishing.flush())
         await asyncio.sleep(0.2)
         # The flush waits: nothing new has started while "old" is held.
