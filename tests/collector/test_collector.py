@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.request
 
 import grpc
@@ -80,10 +81,33 @@ class RunningCollector:
             return
         try:
             self.call(self.collector.stop())
+        except TimeoutError:
+            raise AssertionError(
+                f"the collector's stop did not end in time:\n{self._where()}"
+            ) from None
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
-            self.loop.close()
+            if not self._thread.is_alive():
+                self.loop.close()
+
+    def _where(self) -> str:
+        """Where the loop's thread is, and where each of its tasks waits:
+        what a stop that does not end is waiting for."""
+        frame = sys._current_frames().get(self._thread.ident or 0)
+        lines = ["loop thread:\n", *traceback.format_stack(frame)] if frame else []
+        for task in asyncio.all_tasks(self.loop):
+            lines.append(f"task {task.get_name()}:\n")
+            awaited = task.get_coro()
+            while awaited is not None:
+                frame = getattr(awaited, "cr_frame", None)
+                if frame is not None:
+                    code = frame.f_code
+                    lines.append(
+                        f"  {code.co_filename}:{frame.f_lineno} {code.co_name}\n"
+                    )
+                awaited = getattr(awaited, "cr_await", None)
+        return "".join(lines)
 
 
 def write_config(tmp_path: pathlib.Path, log, **sections) -> pathlib.Path:
