@@ -767,9 +767,8 @@ class NatsStore:
             # The consumer is the collector's: what an operator changed on
             # it by hand (max_deliver, a description) is reset here.
             await js.add_consumer(SEGMENTS_STREAM, config)
-            return await js.pull_subscribe(
-                SEGMENT_SUBJECT_PREFIX + "*", durable=name, stream=SEGMENTS_STREAM
-            )
+            # Bound to it as it is: no second lookup of what was just made.
+            return await js.pull_subscribe_bind(durable=name, stream=SEGMENTS_STREAM)
 
         subscription = await self._bounded(f"open consumer {name}", subscribe())
         wait = min(self.timeout, 2.0)
