@@ -2171,11 +2171,7 @@ class Daemon:
         fleet, book = self._fleet_limits, self._limits
         if fleet is None or book is None:
             return
-        limits = policies.policy_set.limits
-        fleet.activate(limits)
-        shared = [
-            name for name, limit in limits.items() if limit.scope == LimitScope.FLEET
-        ]
+        shared = fleet.activate(policies.policy_set.limits)
         if shared:
             fleet.seed(book.held(shared))
             fleet.launch()

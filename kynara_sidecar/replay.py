@@ -137,27 +137,20 @@ class ReplayReport(msgspec.Struct):
 
 
 def record_limit_values(
-    record: AuditRecordV1, policies: LoadedPolicies
+    record: AuditRecordV1,
+    policies: LoadedPolicies,
+    rebuilt: tuple[DecisionRequest, Env] | None = None,
 ) -> dict[str, Any]:
     """The CEL ``limits`` values the record holds for the limits of
     ``policies`` (``limits.check.recorded_values``): what a replay under
-    them decides with.
+    them decides with. ``rebuilt``: ``request_from_record(record)``, when
+    the caller has it already.
 
     Raises:
         ValueError: the record cannot be rebuilt into a request (see
             ``request_from_record``).
     """
-    request, env = request_from_record(record)
-    return _recorded_values(record, policies, request, env)
-
-
-def _recorded_values(
-    record: AuditRecordV1,
-    policies: LoadedPolicies,
-    request: DecisionRequest,
-    env: Env,
-) -> dict[str, Any]:
-    """``record_limit_values`` for a request already rebuilt from it."""
+    request, env = rebuilt or request_from_record(record)
     return recorded_values(
         record.limits, policies.policy_set.limits, request, env.now.to_nanos()
     )
@@ -170,6 +163,7 @@ def replay_record(
     explain: bool = False,
     cache: engine.EvaluationCache | None = None,
     values: Mapping[str, Any] | None = None,
+    rebuilt: tuple[DecisionRequest, Env] | None = None,
 ) -> Decision:
     """Decide a recorded request again, with the record's own env and the
     limit values it recorded (``record_limit_values``).
@@ -182,6 +176,8 @@ def replay_record(
             records.
         values: ``record_limit_values(record, policies)``, when the caller
             has it already.
+        rebuilt: ``request_from_record(record)``, when the caller has it
+            already.
 
     Returns:
         The engine's decision.
@@ -190,9 +186,9 @@ def replay_record(
         ValueError: the record cannot be rebuilt into a request (see
             ``request_from_record``).
     """
-    request, env = request_from_record(record)
+    request, env = rebuilt = rebuilt or request_from_record(record)
     if values is None:
-        values = _recorded_values(record, policies, request, env)
+        values = record_limit_values(record, policies, rebuilt)
     return engine.evaluate(
         policies.policy_set,
         policies.directory,
@@ -400,8 +396,11 @@ def _replay_one(
     if record.kind != RecordKind.DECISION:
         return None
     try:
-        values = record_limit_values(record, candidate)
-        new = replay_record(record, candidate, cache=cache, values=values)
+        rebuilt = request_from_record(record)
+        values = record_limit_values(record, candidate, rebuilt)
+        new = replay_record(
+            record, candidate, cache=cache, values=values, rebuilt=rebuilt
+        )
     except ValueError as err:
         return str(err)
     recorded, unrecorded = unrecorded_limits(record, candidate, cache, values)
@@ -411,7 +410,10 @@ def _replay_one(
         original = originals.get(revisions)
         if original is not None:
             old = replay_record(
-                record, original, cache=originals.cache(revisions, original)
+                record,
+                original,
+                cache=originals.cache(revisions, original),
+                rebuilt=rebuilt,
             )
             old_decision, old_reason = str(old.effect), str(old.reason_code)
     if str(new.effect) == old_decision:

@@ -289,7 +289,7 @@ def _seq_key(seq: int) -> bytes:
 def _time_key(nanos: int) -> bytes:
     """A time (nanoseconds since the epoch) as the meta values hold it:
     eight bytes big-endian, as a sequence number (``_pruned_time`` reads it)."""
-    return nanos.to_bytes(_SEQ_SIZE, "big")
+    return _seq_key(nanos)
 
 
 def _node_key(level: int, index: int) -> bytes:

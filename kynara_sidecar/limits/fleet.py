@@ -86,6 +86,10 @@ from typing import Any
 import msgspec
 
 from kynara_sidecar.audit.verify_pack import DOUBLE_SHIFT, rounded_sum
+from kynara_sidecar.config import (
+    DEFAULT_FLEET_MAX_STALENESS_SECONDS,
+    DEFAULT_FLEET_PUBLISH_INTERVAL_SECONDS,
+)
 from kynara_sidecar.decision import NANOS_PER_SECOND
 from kynara_sidecar.limits.book import GRACE_NANOS, Counted, Tally
 from kynara_sidecar.policy.limits import CompiledLimit, window_start
@@ -244,8 +248,8 @@ class FleetLimits:
         store: Store,
         daemon_id: str,
         *,
-        max_staleness_seconds: float = 30.0,
-        publish_interval: float = 0.2,
+        max_staleness_seconds: float = DEFAULT_FLEET_MAX_STALENESS_SECONDS,
+        publish_interval: float = DEFAULT_FLEET_PUBLISH_INTERVAL_SECONDS,
         clock: Callable[[], int] = time.time_ns,
     ):
         if max_staleness_seconds <= 0:
@@ -294,13 +298,14 @@ class FleetLimits:
 
     # -- set-up
 
-    def activate(self, limits: Mapping[str, CompiledLimit]) -> None:
+    def activate(self, limits: Mapping[str, CompiledLimit]) -> list[str]:
         """Take the fleet-scope limits of a newly active policy set (others
-        in ``limits`` are ignored). Own events of limits no longer declared,
-        or counted under another definition than the new one, are dropped,
-        the other daemons' documents indexed again for the new set, and the
-        document put again. A limit whose window now reaches further back,
-        or that was redefined, needs ``seed`` again with the book's events."""
+        in ``limits`` are ignored) and return their names. Own events of
+        limits no longer declared, or counted under another definition than
+        the new one, are dropped, the other daemons' documents indexed again
+        for the new set, and the document put again. A limit whose window
+        now reaches further back, or that was redefined, needs ``seed`` again
+        with the book's events."""
         self._limits = {
             name: limit
             for name, limit in sorted(limits.items())
@@ -317,6 +322,7 @@ class FleetLimits:
         for daemon_id, data in list(self._documents.items()):
             self._take(daemon_id, data, log=False)
         self._mark()
+        return list(self._limits)
 
     def seed(self, counted: Iterable[Counted]) -> None:
         """Take this daemon's counted decisions as the book holds them

@@ -685,9 +685,7 @@ def _ident_text(ident: bytes) -> str:
 def _identifiers(expr: bytes) -> Iterator[str]:
     for field, value in _fields(expr):
         if field == _EXPR_IDENT:
-            for ident_field, name in _fields(value):
-                if ident_field == _IDENT_NAME:
-                    yield name.decode()
+            yield _ident_text(value)
         elif field == _EXPR_CALL:
             for call_field, child in _fields(value):
                 if call_field in (_CALL_TARGET, _CALL_ARGS):

@@ -118,7 +118,14 @@ from kynara_sidecar.audit.record import (
 )
 from kynara_sidecar.audit.store import AuditStore, PolicySource
 from kynara_sidecar.config import AdminRole, EnvConfig, PlaygroundConfig
-from kynara_sidecar.decision import Decision, Duration, Env, Timestamp, UInt64
+from kynara_sidecar.decision import (
+    Decision,
+    DecisionRequest,
+    Duration,
+    Env,
+    Timestamp,
+    UInt64,
+)
 from kynara_sidecar.errors import IdentityInvalid, PolicyError, RoleMissing
 from kynara_sidecar.policy.compiler import compile_directory
 from kynara_sidecar.policy.loader import (
@@ -609,10 +616,11 @@ _RequestDumper.add_representer(
 )
 
 
-def _request_text(record: AuditRecordV1) -> str:
-    """The recorded request as a request file, for the editor; "" when a
-    value has no request-file form (bytes, a duration)."""
-    request, env = request_from_record(record)
+def _request_text(record: AuditRecordV1, rebuilt: tuple[DecisionRequest, Env]) -> str:
+    """The recorded request (``rebuilt``: ``request_from_record(record)``)
+    as a request file, for the editor; "" when a value has no request-file
+    form (bytes, a duration)."""
+    request, env = rebuilt
 
     def plain(value: Any) -> bool:
         if isinstance(value, bytes | Duration):
@@ -719,14 +727,17 @@ def _replay(job: _ReplayJob) -> dict[str, Any]:
     record = job.record
     try:
         policies = _compile_stored(job)
-        # Rebuilds the request: a record that cannot be is refused here.
-        values = record_limit_values(record, policies)
-        request_text = _request_text(record)
+        # A record that cannot be rebuilt into a request is refused here.
+        rebuilt = request_from_record(record)
+        values = record_limit_values(record, policies, rebuilt)
+        request_text = _request_text(record, rebuilt)
     except (ValueError, PolicyError) as err:
         raise _Refused(
             422, f"decision {job.decision_id} cannot be replayed: {err}"
         ) from err
-    replayed = replay_record(record, policies, explain=True, values=values)
+    replayed = replay_record(
+        record, policies, explain=True, values=values, rebuilt=rebuilt
+    )
     _, unrecorded = unrecorded_limits(record, policies, values=values)
     recorded = {
         "effect": record.decision,
