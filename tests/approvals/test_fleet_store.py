@@ -38,7 +38,7 @@ REV_2 = "rev_" + "d" * 26
 
 @contextlib.asynccontextmanager
 async def opened(backend: Backend) -> AsyncIterator[Store]:
-    store = open_store(backend.url, timeout=TIMEOUT, poll_seconds=POLL)
+    store = backend.open()
     await store.connect()
     try:
         yield store

@@ -457,7 +457,7 @@ def test_verify_export_agrees_with_the_script(
         reseal_manifest(pack_copy)
 
     script = run_script(auditor_python, pack_copy, real_key)
-    cli = run_cli("verify-export", pack_copy, "--trusted-key", real_key)
+    cli = verify_export(pack_copy, real_key)
 
     assert (cli.returncode, first_line(cli.stdout)) == (
         script[0],

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import fcntl
 import gc
-import hashlib
 import os
 import pathlib
 import shutil
@@ -24,15 +23,12 @@ import yaml
 from kynara_sidecar.collector.scim import DirectoryPublishing
 from kynara_sidecar.sync import StoreUnavailable
 from kynara_sidecar.sync.dir_store import _OUTSTANDING, MAX_OUTSTANDING_CALLS, DirStore
+from kynara_sidecar.sync.follower import bundle_digest
 
 from .test_scim import Scim, stopped_mid_publish
 
 # Bounds that only stop a broken run from hanging.
 BOUND = 15.0
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @contextlib.contextmanager
@@ -105,7 +101,7 @@ def test_a_held_publish_lock_does_not_stop_the_stores_other_calls(tmp_path):
             for n in range(MAX_OUTSTANDING_CALLS):
                 data = b"update %d" % n
                 with contextlib.suppress(StoreUnavailable):
-                    await store.publish_directory(_digest(data), data)
+                    await store.publish_directory(bundle_digest(data), data)
             try:
                 await store.ship_segment("d1", "log.1.1", b"records")
                 refused = ""
@@ -140,7 +136,7 @@ def test_a_lock_file_another_user_made_does_not_stop_publishing():
 
         async def by_root() -> None:
             data = b"by hand"
-            await DirStore(f"dir://{root}").publish_directory(_digest(data), data)
+            await DirStore(f"dir://{root}").publish_directory(bundle_digest(data), data)
 
         asyncio.run(by_root())
         script = (
@@ -163,7 +159,7 @@ def test_a_lock_file_another_user_made_does_not_stop_publishing():
         shutil.rmtree(base, ignore_errors=True)
 
     assert done.returncode == 0, done.stderr[-400:]
-    assert current == _digest(b"by the collector")
+    assert current == bundle_digest(b"by the collector")
 
 
 def test_the_collectors_stop_beside_a_held_lock_leaves_no_stray_task(tmp_path):
