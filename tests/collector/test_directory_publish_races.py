@@ -17,8 +17,8 @@ import sys
 import tempfile
 import time
 
-import pytest
 import yaml
+from support import NOBODY, as_nobody
 
 from kynara_sidecar.collector.scim import DirectoryPublishing
 from kynara_sidecar.sync import StoreUnavailable
@@ -117,22 +117,19 @@ def test_a_held_publish_lock_does_not_stop_the_stores_other_calls(tmp_path):
     assert refused == ""
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="needs root and setpriv to publish as two users",
-)
 def test_a_lock_file_another_user_made_does_not_stop_publishing():
     # A hand `directory publish` as root makes directory/.publish.lock
     # (0644, root's); the collector's own user may still replace `current`
     # and remove updates (they need only the folder's write permission),
     # and so publish: it locks through a read-only descriptor.
+    nobody = as_nobody()
     base = pathlib.Path(tempfile.mkdtemp(prefix="r13c-"))
     try:
         base.chmod(0o755)
         root = base / "store"
         (root / "directory").mkdir(parents=True)
         root.chmod(0o755)
-        os.chown(root / "directory", 65534, 65534)
+        os.chown(root / "directory", NOBODY, NOBODY)
 
         async def by_root() -> None:
             data = b"by hand"
@@ -148,8 +145,7 @@ def test_a_lock_file_another_user_made_does_not_stop_publishing():
             "asyncio.run(store.publish_directory(digest, data))\n"
         )
         done = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            + [sys.executable, "-c", script, f"dir://{root}"],
+            [*nobody, sys.executable, "-c", script, f"dir://{root}"],
             capture_output=True,
             text=True,
             timeout=BOUND,
